@@ -1,0 +1,16 @@
+"""tempme_fast: TempMe video token merging for open_clip ViTs, with Triton kernels for the merge ops.
+
+    import open_clip, tempme_fast
+    model = open_clip.create_model("ViT-B-32-quickgelu", pretrained="openai")
+    tempme_fast.apply_tempme(model)                 # the released 12-frame ViT-B/32 schedule
+    video_emb = model.encode_video(video, mask)     # video [B, 12, 3, 224, 224] -> [B, 512]
+"""
+from . import ops
+from .config import TempMeConfig
+from .model import TempMeSettings, apply_tempme, encode_video, remove_tempme
+from .schedule import LayerPlan, TokenSchedule, token_schedule
+
+__version__ = "0.1.0"
+
+__all__ = ["LayerPlan", "TempMeConfig", "TempMeSettings", "TokenSchedule", "apply_tempme", "encode_video",
+           "ops", "remove_tempme", "token_schedule"]

@@ -1,0 +1,123 @@
+"""The ``tempme`` command: ``bench`` (the main job), ``schedule``, and ``eval``."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+from typing import List, Optional
+
+import torch
+
+from .config import TempMeConfig
+
+
+def _config_from_args(args) -> TempMeConfig:
+    return TempMeConfig(frames=args.frames, imgme_r=args.imgme_r, clip_layers=tuple(args.clip_layers),
+                        clip_groups=tuple(args.clip_groups), cross_ratio=args.cross_ratio,
+                        intra_ratio=args.intra_ratio)
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TempMeConfig()
+    group = parser.add_argument_group("TempMe schedule (defaults: the released ViT-B/32 schedule)")
+    group.add_argument("--frames", type=int, default=d.frames, help="frames per video")
+    group.add_argument("--imgme-r", type=int, default=d.imgme_r, help="tokens merged per frame per layer")
+    group.add_argument("--clip-layers", type=int, nargs="*", default=list(d.clip_layers))
+    group.add_argument("--clip-groups", type=int, nargs="*", default=list(d.clip_groups))
+    group.add_argument("--cross-ratio", type=float, default=d.cross_ratio)
+    group.add_argument("--intra-ratio", type=float, default=d.intra_ratio)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def _cmd_bench(args) -> int:
+    from .bench import DTYPES, bench_model, default_backends, format_table, rows_as_dicts
+    from .loading import create_model
+
+    device = _resolve_device(args.device)
+    dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    dtype = DTYPES[dtype_name]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = _config_from_args(args)
+    backends = args.backends or default_backends(device)
+    model = create_model(args.model, args.pretrained, device=str(device), dtype=dtype)
+    rows = bench_model(model, config, batch=args.batch, device=device, dtype=dtype, backends=backends,
+                       repeats=args.repeats, warmup=args.warmup, progress=not args.no_progress)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"{args.model}, {config.frames} frames, batch {args.batch} videos, {dtype_name}, {device_name} "
+          f"({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(format_table(rows))
+    if args.json:
+        record = {
+            "command": "tempme " + " ".join(sys.argv[1:]),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": args.model, "pretrained": args.pretrained, "frames": config.frames,
+            "batch": args.batch, "dtype": dtype_name, "device": device_name, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+            "rows": rows_as_dicts(rows),
+        }
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=2)
+    return 0
+
+
+def _cmd_schedule(args) -> int:
+    from .schedule import token_schedule
+
+    print(token_schedule(_config_from_args(args), args.depth, args.tokens_per_frame).describe())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tempme", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="time unmerged open_clip against TempMe on each backend")
+    bench.add_argument("--model", default="ViT-B-32-quickgelu",
+                       help="open_clip model name or a JSON model config file")
+    bench.add_argument("--pretrained", default=None,
+                       help="open_clip pretrained tag or local checkpoint file (default: random weights)")
+    bench.add_argument("--batch", type=int, default=2, help="videos per batch")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    bench.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                       help="default: fp16 on CUDA, fp32 on CPU")
+    bench.add_argument("--backends", nargs="+", choices=("torch", "triton", "auto"), default=None,
+                       help="TempMe backends to time (default: torch, plus triton on CUDA)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs per variant")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first")
+    bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
+
+    sched = sub.add_parser("schedule", help="print the token schedule of a config")
+    sched.add_argument("--depth", type=int, default=12, help="transformer layers")
+    sched.add_argument("--tokens-per-frame", type=int, default=50, help="1 + patches (50: ViT-B/32 at 224)")
+    _add_config_arguments(sched)
+    sched.set_defaults(func=_cmd_schedule)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as err:
+        parser.exit(2, f"tempme {args.command}: error: {err}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""TempMe's video encoder over an open_clip ``VisionTransformer``: stem, merging blocks, head.
+
+Each piece is a plain function of the visual tower's own modules and an explicit state, so the
+forward can be compiled, checkpointed, and measured layer by layer (the FLOPs report does that).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .schedule import LayerPlan
+
+
+class ClipState(NamedTuple):
+    """What one block hands the next.
+
+    Attributes:
+        x: ``[B * F, N, D]`` tokens, clips of one video adjacent.
+        size: ``[B * F, N, 1]`` float32, original patches each token stands for.
+        protected: class tokens at the front of every clip.
+    """
+
+    x: torch.Tensor
+    size: torch.Tensor
+    protected: int
+
+
+class EncoderOptions(NamedTuple):
+    """Per-call switches of the encoder that are not part of the merge schedule."""
+
+    backend: str = "auto"
+    prop_attn: bool = True
+    attention: str = "sdpa"
+
+
+def embed_frames(visual: nn.Module, frames: torch.Tensor) -> ClipState:
+    """Patch embedding, class token, position embedding and ``ln_pre``: ``[M, 3, H, W]`` -> state."""
+    x = visual.conv1(frames.to(visual.conv1.weight.dtype))
+    x = x.flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+    x = visual.patch_dropout(x)
+    x = visual.ln_pre(x)
+    size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=torch.float32)
+    return ClipState(x, size, 1)
+
+
+def _self_attention(attn: nn.MultiheadAttention, h: torch.Tensor, size: Optional[torch.Tensor],
+                    impl: str):
+    """Multi-head self-attention with open_clip's weights; returns ``(out [B', N, D], keys [B', N, d])``.
+
+    The keys averaged over heads are the merge metric of every merge after attention.
+    """
+    b, n, d = h.shape
+    heads = attn.num_heads
+    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    out = ops.attention(q, k, v, size, impl=impl)
+    out = F.linear(out.transpose(1, 2).reshape(b, n, d), attn.out_proj.weight, attn.out_proj.bias)
+    return out, k.mean(dim=1)
+
+
+def _merge(x, size, metric, r, protected, backend):
+    plan = ops.match(metric, r, protected, backend=backend)
+    return ops.merge(x, size, plan, backend=backend)
+
+
+def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos: Optional[torch.Tensor],
+                  options: EncoderOptions) -> ClipState:
+    """One residual block with TempMe's joins and merges, as ``plan`` (from the schedule) says.
+
+    Args:
+        block: an open_clip ``ResidualAttentionBlock``.
+        state: ``plan.clips_in`` clips per video of ``plan.tokens_in`` tokens.
+        frame_pos: ``[1, plan.clips_in, 1, D]`` temporal position embedding of a joining layer, or None.
+    """
+    x, size, c = state
+    if plan.group > 1:
+        # The cross-clip metric is the block's input before the temporal embedding is added.
+        metric = ops.join_clips(x.detach(), plan.group, c, backend=options.backend)
+        pos = frame_pos.to(x.dtype) if frame_pos is not None else None
+        x = ops.join_clips(x, plan.group, c, pos, backend=options.backend)
+        size = ops.join_clips(size, plan.group, c, backend=options.backend)
+        c *= plan.group
+        if plan.r_cross:
+            x, size = _merge(x, size, metric, plan.r_cross, c, options.backend)
+    attn_size = size if options.prop_attn else None
+    out, keys = _self_attention(block.attn, block.ln_1(x), attn_size, options.attention)
+    x = x + block.ls_1(out)
+    if plan.r:
+        x, size = _merge(x, size, keys, plan.r, c, options.backend)
+    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return ClipState(x, size, c)
+
+
+def frame_features(visual: nn.Module, state: ClipState, videos: int) -> torch.Tensor:
+    """Each frame's class token through ``ln_post`` and the projection: ``[B, T, E]``.
+
+    After the joins, a clip's class tokens are its frames' class tokens in frame order, and clips of
+    a video are adjacent, so flattening clips and class tokens gives the frames in order.
+    """
+    cls = state.x[:, :state.protected].reshape(videos, -1, state.x.shape[-1])
+    return visual.ln_post(cls) @ visual.proj
+
+
+def pool_frames(features: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """L2-normalise each frame feature ``[B, T, E]`` and average over the valid frames -> ``[B, E]``."""
+    features = F.normalize(features, dim=-1)
+    if mask is None:
+        return features.mean(dim=1)
+    weights = mask.to(features.dtype).unsqueeze(-1)
+    return (features * weights).sum(dim=1) / weights.sum(dim=1)

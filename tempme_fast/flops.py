@@ -1,0 +1,133 @@
+"""FLOPs per video, total and per layer: measured with ``FlopCounterMode`` and derived from the schedule.
+
+``torch.utils.flop_counter.FlopCounterMode`` counts nothing for some attention paths: SDPA's CPU
+kernel and ``nn.MultiheadAttention``'s inference fast path (``_native_multi_head_attention``).
+:data:`ATTENTION_FLOPS` adds formulas for them, so measured counts include attention everywhere.
+Convention: one multiply-add is 2 FLOPs (as ``FlopCounterMode``); LayerNorm, softmax, GELU and the
+merge's gathers are not counted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .encoder import block_forward, embed_frames, frame_features
+from .model import encoder_options
+from .ops.reference import split_sizes
+from .schedule import TokenSchedule
+
+aten = torch.ops.aten
+
+
+def _sdpa_fwd(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    b, h, n, d = query_shape
+    m, dv = key_shape[-2], value_shape[-1]
+    return 2 * b * h * n * m * d + 2 * b * h * n * m * dv
+
+
+def _sdpa_bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    # Recompute q k^T, then dV, dP, dQ and dK: five matmuls of the forward's size each.
+    b, h, n, d = query_shape
+    m = key_shape[-2]
+    return 5 * 2 * b * h * n * m * d
+
+
+def _native_mha(query_shape, key_shape, value_shape, embed_dim, num_heads, *args, **kwargs) -> int:
+    b, n, d = query_shape
+    return 2 * b * n * d * 3 * d + 4 * b * n * n * d + 2 * b * n * d * d
+
+
+ATTENTION_FLOPS: Dict[object, Callable] = {}
+for _name, _fn in (("_scaled_dot_product_flash_attention_for_cpu", _sdpa_fwd),
+                   ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_bwd),
+                   ("_native_multi_head_attention", _native_mha)):
+    if hasattr(aten, _name):
+        ATTENTION_FLOPS[getattr(aten, _name)] = _fn
+
+
+def flop_counter() -> FlopCounterMode:
+    """A ``FlopCounterMode`` that also counts the attention paths PyTorch leaves out."""
+    return FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS)
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    """FLOPs of encoding one video."""
+
+    stem: float
+    layers: List[float]
+    head: float
+
+    @property
+    def total(self) -> float:
+        return self.stem + sum(self.layers) + self.head
+
+    @property
+    def gflops(self) -> float:
+        return self.total / 1e9
+
+
+def analytic_flops(schedule: TokenSchedule, width: int, mlp_width: int, heads: int, patch_size: int,
+                   embed_dim: int, in_chans: int = 3) -> FlopsReport:
+    """FLOPs per video from the token schedule and the ViT's sizes (same convention as measured)."""
+    frames, patches = schedule.frames, schedule.tokens_per_frame - 1
+    head_dim = width // heads
+    stem = frames * 2 * patches * width * in_chans * patch_size * patch_size
+    layers = []
+    for p in schedule.layers:
+        per_clip = 0
+        if p.r_cross:
+            na, nb = split_sizes(p.tokens_joined, p.protected_out)
+            per_clip += 2 * na * nb * width  # cross-clip metric: the hidden states
+        n = p.tokens_attn
+        per_clip += 2 * n * width * 3 * width + 4 * n * n * width + 2 * n * width * width
+        if p.r:
+            na, nb = split_sizes(n, p.protected_out)
+            per_clip += 2 * na * nb * head_dim  # key metric, averaged over heads
+        per_clip += 4 * p.tokens_out * width * mlp_width
+        layers.append(float(per_clip * p.clips_out))
+    head = frames * 2 * width * embed_dim
+    return FlopsReport(float(stem), layers, float(head))
+
+
+def model_flops(model: torch.nn.Module) -> FlopsReport:
+    """Analytic FLOPs per video of a model patched by ``apply_tempme``."""
+    visual = model.visual
+    block = visual.transformer.resblocks[0]
+    return analytic_flops(model.tempme.schedule, width=visual.conv1.weight.shape[0],
+                          mlp_width=block.mlp.c_fc.weight.shape[0], heads=block.attn.num_heads,
+                          patch_size=visual.conv1.weight.shape[-1], embed_dim=visual.proj.shape[1])
+
+
+@torch.no_grad()
+def measure_flops(model: torch.nn.Module, video: Optional[torch.Tensor] = None) -> FlopsReport:
+    """Count FLOPs per video by running the patched model's encoder piece by piece.
+
+    Args:
+        model: patched by ``apply_tempme``; the unmerged config runs the same block loop, so its
+            count is open_clip's per-frame count.
+        video: ``[B, T, 3, H, W]`` to run (default: one random video on the model's device).
+    """
+    visual = model.visual
+    if video is None:
+        ref = visual.conv1.weight
+        video = torch.randn(1, model.tempme.config.frames, 3, *visual.image_size, device=ref.device,
+                            dtype=ref.dtype)
+    videos = video.shape[0]
+    options = encoder_options(model)
+    frame_pos = getattr(visual, "tempme_frame_pos", {})
+    with flop_counter() as counter:
+        state = embed_frames(visual, video.flatten(0, 1))
+    stem = counter.get_total_flops()
+    layers = []
+    for block, plan in zip(visual.transformer.resblocks, model.tempme.schedule.layers):
+        pos = frame_pos[str(plan.layer)] if str(plan.layer) in frame_pos else None
+        with flop_counter() as counter:
+            state = block_forward(block, state, plan, pos, options)
+        layers.append(counter.get_total_flops() / videos)
+    with flop_counter() as counter:
+        frame_features(visual, state, videos)
+    return FlopsReport(stem / videos, layers, counter.get_total_flops() / videos)

@@ -1,0 +1,185 @@
+"""Pure-PyTorch TempMe ops: the oracle every fast path is checked against.
+
+Written to be read next to ``TEMPME_SPEC.md``: one function per step, no fusion, no tricks.
+Shapes: ``B'`` is clips in the batch (videos x clips per video), ``N`` tokens per clip,
+``c`` protected (class) tokens at the front of every clip.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+class MergePlan(NamedTuple):
+    """Which tokens one bipartite merge removes, and where they go.
+
+    Indices count inside set A (``merged``, ``kept``) or set B (``dst``); ``split_positions``
+    maps them to token positions. All index tensors are int64.
+
+    Attributes:
+        merged: ``[B', r]`` A tokens merged away, highest score first.
+        dst: ``[B', r]`` the B token each merged A token joins.
+        kept: ``[B', Na - r]`` A tokens kept, increasing.
+        tokens: ``N``, tokens per clip before the merge.
+        protected: ``c``, class tokens at the front, never merged.
+    """
+
+    merged: torch.Tensor
+    dst: torch.Tensor
+    kept: torch.Tensor
+    tokens: int
+    protected: int
+
+    @property
+    def r(self) -> int:
+        return self.merged.shape[-1]
+
+
+def split_sizes(tokens: int, protected: int) -> Tuple[int, int]:
+    """``(Na, Nb)``: A holds the unprotected tokens at even positions, B those at odd positions."""
+    patches = tokens - protected
+    a_first = protected % 2  # first patch index that falls on an even position
+    na = (patches - a_first + 1) // 2
+    return na, patches - na
+
+
+def split_positions(tokens: int, protected: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token positions of set A and set B (class tokens included in the count).
+
+    The spec splits the patches by alternation starting from the patches' own index 0; that is
+    the same as putting a token in A when its position in the whole sequence is even.
+    """
+    a_start = protected + protected % 2
+    b_start = protected + 1 - protected % 2
+    return (torch.arange(a_start, tokens, 2, device=device),
+            torch.arange(b_start, tokens, 2, device=device))
+
+
+def max_r(tokens: int, protected: int) -> int:
+    """The most tokens one merge may remove: half of the unprotected tokens."""
+    return (tokens - protected) // 2
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def best_match(metric: torch.Tensor, protected: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For every A token, its best cosine similarity to a B token and that B token's index.
+
+    Args:
+        metric: ``[B', N, C]`` any float dtype; compared in float32 (float64 stays float64).
+        protected: ``c``, class tokens at the front that take no part.
+    Returns:
+        ``scores [B', Na]`` (float32, or float64 for float64 input) and ``dst [B', Na]`` int64;
+        on ties the lowest B index wins.
+    """
+    a_pos, b_pos = split_positions(metric.shape[1], protected, metric.device)
+    metric = metric.to(_compute_dtype(metric.dtype))
+    # Dividing by max(norm, tiny) equals plain division for every non-zero vector and keeps an
+    # all-zero metric row finite (score 0) instead of NaN.
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
+    scores = metric[:, a_pos] @ metric[:, b_pos].transpose(1, 2)
+    best, dst = scores.max(dim=-1)  # torch.max returns the first maximal index on ties
+    return best, dst
+
+
+def match(metric: torch.Tensor, r: int, protected: int) -> MergePlan:
+    """Bipartite soft matching: choose the ``r`` A tokens to merge and their destinations.
+
+    Args:
+        metric: ``[B', N, C]``.
+        r: tokens to remove, ``0 <= r <= (N - c) // 2``.
+        protected: ``c``.
+    """
+    with torch.no_grad():
+        scores, dst = best_match(metric, protected)
+        # Highest score first; a stable sort keeps the lower A index first on ties.
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+        merged = order[:, :r]
+        kept = order[:, r:].sort(dim=-1).values
+        return MergePlan(merged, dst.gather(1, merged), kept, metric.shape[1], protected)
+
+
+def merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted merge of ``x`` by ``plan``; differentiable in ``x``.
+
+    Args:
+        x: ``[B', N, D]``.
+        size: ``[B', N]`` or ``[B', N, 1]``, tokens each token stands for.
+    Returns:
+        ``x [B', N - r, D]`` in ``x``'s dtype and ``size`` in ``size``'s layout and dtype. Output
+        order: class tokens, kept A tokens (increasing), then every B token in order.
+    """
+    squeeze = size.dim() == 2
+    size3 = size.unsqueeze(-1) if squeeze else size
+    c, d = plan.protected, x.shape[-1]
+    a_pos, b_pos = split_positions(plan.tokens, c, x.device)
+    work = _compute_dtype(x.dtype)
+    xw, sw = x.to(work), size3.to(work)
+    xa, xb = xw[:, a_pos], xw[:, b_pos]
+    sa, sb = sw[:, a_pos], sw[:, b_pos]
+
+    def take(t, idx):
+        return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+    kept_x = take(xa, plan.kept)
+    src_s = take(sa, plan.merged)
+    dst_idx = plan.dst.unsqueeze(-1)
+    b_sum = (xb * sb).scatter_add(1, dst_idx.expand(-1, -1, d), take(xa, plan.merged) * src_s)
+    b_size = sb.scatter_add(1, dst_idx, src_s)
+    out_x = torch.cat([xw[:, :c], kept_x, b_sum / b_size], dim=1).to(x.dtype)
+    out_s = torch.cat([sw[:, :c], take(sa, plan.kept), b_size], dim=1).to(size.dtype)
+    return out_x, (out_s.squeeze(-1) if squeeze else out_s)
+
+
+def join_clips(x: torch.Tensor, group: int, protected: int,
+               frame_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Join every ``group`` adjacent clips of a video into one clip.
+
+    Args:
+        x: ``[B * F, N, ...]``, clips of the same video adjacent; any trailing shape (tokens,
+            sizes or metric all join the same way).
+        group: ``g``, clips per join; ``F`` must be divisible by it.
+        protected: ``c``, class tokens per clip before the join.
+        frame_pos: optional ``[1, F, 1, D]`` temporal position embedding; token of clip ``k`` (of
+            its video, before joining) gets ``frame_pos[0, k]``. Needs ``x`` of shape ``[B*F, N, D]``.
+    Returns:
+        ``[B * F / g, g * N, ...]``: the ``g * c`` class tokens (in clip order), then clip 0's
+        patches, clip 1's patches, ...
+    """
+    n, rest = x.shape[1], x.shape[2:]
+    if frame_pos is not None:
+        clips = frame_pos.shape[1]
+        x = (x.reshape(-1, clips, n, *rest) + frame_pos).reshape(-1, n, *rest)
+    x = x.reshape(-1, group, n, *rest)
+    cls = x[:, :, :protected].reshape(x.shape[0], group * protected, *rest)
+    patches = x[:, :, protected:].reshape(x.shape[0], group * (n - protected), *rest)
+    return torch.cat([cls, patches], dim=1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Optional[torch.Tensor],
+              impl: str = "sdpa") -> torch.Tensor:
+    """(Proportional) attention ``softmax(q k^T / sqrt(d) + log(size)) v``.
+
+    Args:
+        q, k, v: ``[B', H, N, d]``.
+        size: ``[B', N]`` or ``[B', N, 1]`` or None (plain attention).
+        impl: ``"sdpa"`` runs ``scaled_dot_product_attention`` with the log-size bias as its float
+            mask, so PyTorch's fused kernels stay in use; ``"eager"`` writes out the softmax as the
+            released TempMe code does (kept for benchmarks).
+    """
+    bias = None
+    if size is not None:
+        bias = size.reshape(size.shape[0], 1, 1, -1).log().to(q.dtype)
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    if impl == "eager":
+        logits = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        return logits.softmax(dim=-1) @ v
+    raise ValueError(f"impl={impl!r} is not an attention implementation; valid: 'sdpa', 'eager'")

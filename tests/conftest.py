@@ -1,0 +1,25 @@
+"""Test setup shared by every test module.
+
+Without a GPU, Triton kernels run in its interpreter, which reads TRITON_INTERPRET when triton is
+first imported: set it here, before any test module imports tempme_fast's Triton ops.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def device() -> str:
+    """Where kernels run: the GPU if there is one, else the CPU under the Triton interpreter."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)

@@ -1,0 +1,58 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tempme_fast.cli import main
+
+TINY_JSON = {
+    "embed_dim": 24,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+}
+TINY_ARGS = ["--frames", "4", "--imgme-r", "1", "--clip-layers", "2", "3", "--clip-groups", "2", "2"]
+
+
+@pytest.fixture
+def tiny_model_file(tmp_path):
+    path = tmp_path / "tiny-vit.json"
+    path.write_text(json.dumps(TINY_JSON))
+    return str(path)
+
+
+def test_bench_on_a_tiny_model(tiny_model_file, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", tiny_model_file, "--batch", "2", "--repeats", "2", "--no-progress",
+                 "--json", str(out), *TINY_ARGS]) == 0
+    table = capsys.readouterr().out
+    assert "open_clip (unmerged)" in table and "TempMe" in table and "speed-up" in table
+    record = json.loads(out.read_text())
+    unmerged, tempme = record["rows"]
+    assert unmerged["tokens_per_video"] == 4 * 17 and tempme["tokens_per_video"] < unmerged["tokens_per_video"]
+    assert tempme["gflops_per_video"] < unmerged["gflops_per_video"]
+    assert tempme["backend"] == "torch" and unmerged["speedup"] == 1.0
+    assert all(r["latency_ms"] > 0 and r["peak_mem_mb"] > 0 for r in record["rows"])
+    assert record["config"]["clip_layers"] == [2, 3]
+
+
+def test_schedule_command(capsys):
+    assert main(["schedule"]) == 0
+    assert "97 tokens per video (unmerged: 600)" in capsys.readouterr().out
+
+
+def test_bad_arguments_exit_with_a_message(tiny_model_file, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["bench", "--model", tiny_model_file, "--frames", "10", "--no-progress"])
+    assert err.value.code == 2
+    assert "frames=10 is not divisible by the clip groups (2, 2, 3)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", "no-such-model", "--no-progress", *TINY_ARGS])
+    assert "model='no-such-model' is not an open_clip model name" in capsys.readouterr().err
+
+
+def test_module_entry_point():
+    result = subprocess.run([sys.executable, "-m", "tempme_fast", "schedule", "--tokens-per-frame", "197"],
+                            capture_output=True, text=True, check=True)
+    assert "layer  8  clipme" in result.stdout
