@@ -1,4 +1,4 @@
-"""The ``tempme`` command: ``bench`` (the main job), ``schedule``, and ``eval``."""
+"""The ``tempme`` command: ``bench`` (the main job), ``eval``, ``train`` and ``schedule``."""
 from __future__ import annotations
 
 import argparse
@@ -13,13 +13,13 @@ import torch
 from .config import TempMeConfig
 
 
-def _config_from_args(args) -> TempMeConfig:
+def config_from_args(args) -> TempMeConfig:
     return TempMeConfig(frames=args.frames, imgme_r=args.imgme_r, clip_layers=tuple(args.clip_layers),
                         clip_groups=tuple(args.clip_groups), cross_ratio=args.cross_ratio,
                         intra_ratio=args.intra_ratio)
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     d = TempMeConfig()
     group = parser.add_argument_group("TempMe schedule (defaults: the released ViT-B/32 schedule)")
     group.add_argument("--frames", type=int, default=d.frames, help="frames per video")
@@ -30,25 +30,16 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--intra-ratio", type=float, default=d.intra_ratio)
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available; use --device cpu")
-    return device
-
-
 def _cmd_bench(args) -> int:
     from .bench import DTYPES, bench_model, default_backends, format_table, rows_as_dicts
-    from .loading import create_model
+    from .loading import create_model, resolve_device
 
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[dtype_name]
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = _config_from_args(args)
+    config = config_from_args(args)
     backends = args.backends or default_backends(device)
     model = create_model(args.model, args.pretrained, device=str(device), dtype=dtype)
     rows = bench_model(model, config, batch=args.batch, device=device, dtype=dtype, backends=backends,
@@ -75,7 +66,7 @@ def _cmd_bench(args) -> int:
 def _cmd_schedule(args) -> int:
     from .schedule import token_schedule
 
-    print(token_schedule(_config_from_args(args), args.depth, args.tokens_per_frame).describe())
+    print(token_schedule(config_from_args(args), args.depth, args.tokens_per_frame).describe())
     return 0
 
 
@@ -99,13 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_config_arguments(bench)
+    add_config_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
+
+    from .retrieval.cli import add_eval_arguments, run_eval
+
+    evaluate = sub.add_parser("eval", help="text-video retrieval metrics (MSR-VTT 1k-A or your own CSV/JSONL)")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=run_eval)
 
     sched = sub.add_parser("schedule", help="print the token schedule of a config")
     sched.add_argument("--depth", type=int, default=12, help="transformer layers")
     sched.add_argument("--tokens-per-frame", type=int, default=50, help="1 + patches (50: ViT-B/32 at 224)")
-    _add_config_arguments(sched)
+    add_config_arguments(sched)
     sched.set_defaults(func=_cmd_schedule)
     return parser
 

@@ -8,6 +8,16 @@ from typing import Optional
 import torch
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when there is a GPU, else CPU), ``cpu``, ``cuda`` or ``cuda:N``, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available; use --device cpu")
+    return device
+
+
 def create_model(model: str, pretrained: Optional[str] = None, device: str = "cpu",
                  dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """An open_clip CLIP model in eval mode.
@@ -32,5 +42,8 @@ def create_model(model: str, pretrained: Optional[str] = None, device: str = "cp
                          f"nor a .json model config file")
     if pretrained and os.path.sep in pretrained and not os.path.isfile(pretrained):
         raise ValueError(f"pretrained={pretrained!r} is neither an open_clip tag nor an existing file")
-    net = open_clip.create_model(name, pretrained=pretrained or None, device=device)
+    # OpenAI's weights were trained with QuickGELU; open_clip only warns when the model name lacks it.
+    quick_gelu = bool(pretrained and not os.path.isfile(pretrained)
+                      and open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+    net = open_clip.create_model(name, pretrained=pretrained or None, device=device, force_quick_gelu=quick_gelu)
     return net.to(dtype=dtype).eval()

@@ -1,0 +1,196 @@
+"""Whole-encoder benchmarks: unmerged open_clip against TempMe on each path, inference and training.
+
+Variants (those that cannot run on the device are skipped):
+  open_clip          per-frame CLIP through open_clip's own forward (its own attention)
+  open_clip+graph    the same, captured in a CUDA graph
+  tempme-eager       reference TempMe with explicit-softmax attention, as the released code runs it
+  tempme-torch       reference TempMe (PyTorch merge ops, SDPA attention)
+  tempme-triton      TempMe on the Triton merge ops
+  tempme-triton+graph    the same, captured in a CUDA graph
+  tempme-triton+compile  the same under torch.compile (opt-in: --compile)
+
+    python -m benchmarks.bench_model --out bench-out                       # GPU
+    python -m benchmarks.bench_model --device cpu --models ViT-B-32 --batches 2 --modes infer
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
+from tempme_fast.bench import peak_memory_mb
+from tempme_fast.cli import add_config_arguments, config_from_args
+from tempme_fast.encoder import block_forward, embed_frames
+from tempme_fast.flops import model_flops
+from tempme_fast.loading import create_model
+from tempme_fast.model import encoder_options
+
+from .common import DTYPES, environment, measure_ms, print_table, write_results
+
+VARIANTS = ("open_clip", "open_clip+graph", "tempme-eager", "tempme-torch", "tempme-triton", "tempme-triton+graph",
+            "tempme-triton+compile")
+
+
+def _setting(variant: str, config: TempMeConfig):
+    """(config, backend, attention) of a variant."""
+    if variant.startswith("open_clip"):
+        return TempMeConfig.unmerged(config.frames), "torch", "sdpa"
+    backend = "triton" if "triton" in variant else "torch"
+    return config, backend, "eager" if variant == "tempme-eager" else "sdpa"
+
+
+def runnable(variant: str, mode: str, device: torch.device, compile_: bool) -> bool:
+    if ("graph" in variant or "triton" in variant) and device.type != "cuda":
+        return False
+    if mode == "train" and ("graph" in variant or "compile" in variant):
+        return False
+    return compile_ or "compile" not in variant
+
+
+def cuda_graph(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """Capture ``fn`` (fixed inputs) in a CUDA graph after a few warm-up runs on a side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
+def layer_times_ms(model: torch.nn.Module, video: torch.Tensor) -> List[float]:
+    """Milliseconds of the stem and of each block of a patched model (median of 5 runs, synchronised)."""
+    visual, device = model.visual, video.device
+    options = encoder_options(model)
+    frame_pos = getattr(visual, "tempme_frame_pos", {})
+    runs = []
+    with torch.inference_mode():
+        for _ in range(6):
+            times = []
+            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+            sync()
+            t0 = time.perf_counter()
+            state = embed_frames(visual, video.flatten(0, 1))
+            sync()
+            times.append(time.perf_counter() - t0)
+            for block, plan in zip(visual.transformer.resblocks, model.tempme.schedule.layers):
+                pos = frame_pos[str(plan.layer)] if str(plan.layer) in frame_pos else None
+                t0 = time.perf_counter()
+                state = block_forward(block, state, plan, pos, options)
+                sync()
+                times.append(time.perf_counter() - t0)
+            runs.append(times)
+    runs = runs[1:]  # the first run warms up
+    return [sorted(r[i] for r in runs)[len(runs) // 2] * 1e3 for i in range(len(runs[0]))]
+
+
+def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: torch.Tensor,
+                  rep_ms: float) -> Dict[str, object]:
+    config, backend, attention = _setting(variant, config)
+    apply_tempme(model, config, backend=backend, attention=attention)
+    try:
+        if mode == "infer":
+            model.eval()
+            encode = torch.compile(model.encode_video) if "compile" in variant else model.encode_video
+
+            def step():
+                with torch.inference_mode():
+                    return encode(video)
+            fn = cuda_graph(step) if "graph" in variant else step
+        else:
+            model.train()
+
+            def fn():
+                model.zero_grad(set_to_none=True)
+                model.encode_video(video).float().square().sum().backward()
+        timing = measure_ms(fn, video.device, rep_ms=rep_ms)
+        batch = video.shape[0]
+        return {"variant": variant, "mode": mode, **timing, "videos_per_s": batch / (timing["ms"] * 1e-3),
+                "peak_mib": peak_memory_mb(fn, video.device), "gflops_per_video": model_flops(model).gflops,
+                "tokens_per_video": model.tempme.schedule.output_tokens}
+    finally:
+        model.zero_grad(set_to_none=True)
+        remove_tempme(model)
+
+
+def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, config: TempMeConfig = TempMeConfig()):
+    frames = config.frames
+    rows, layer_rows = [], []
+    for name in models:
+        base = create_model(name)
+        for dtype_name in dtypes:
+            model = base.to(device=device, dtype=DTYPES[dtype_name])
+            for batch in batches:
+                g = torch.Generator().manual_seed(batch)
+                video = torch.randn(batch, frames, 3, *model.visual.image_size, generator=g)
+                video = video.to(device=device, dtype=DTYPES[dtype_name])
+                for mode in modes:
+                    group = []
+                    for variant in variants:
+                        if not runnable(variant, mode, device, compile_):
+                            continue
+                        row = {"model": name, "dtype": dtype_name, "batch": batch, "frames": frames}
+                        row.update(bench_variant(model, config, variant, mode, video, rep_ms))
+                        group.append(row)
+                    for row in group:
+                        row["speedup_vs_open_clip"] = group[0]["ms"] / row["ms"]
+                    rows += group
+                # Time per layer, at the largest batch only: unmerged through the block loop vs TempMe.
+                if batch == max(batches):
+                    for label, config, backend in (("unmerged", TempMeConfig.unmerged(frames), "torch"),
+                                                   ("tempme", config,
+                                                    "triton" if device.type == "cuda" else "torch")):
+                        apply_tempme(model, config, backend=backend)
+                        try:
+                            times = layer_times_ms(model, video)
+                        finally:
+                            remove_tempme(model)
+                        for layer, ms in enumerate(times):
+                            layer_rows.append({"model": name, "dtype": dtype_name, "batch": batch, "variant": label,
+                                               "layer": "stem" if layer == 0 else layer - 1, "ms": ms})
+        del base
+    return rows, layer_rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-B-16"],
+                        help="open_clip model names or JSON model configs")
+    parser.add_argument("--batches", nargs="+", type=int, default=None, help="default: 1 16 (CUDA), 2 (CPU)")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None, help="default: fp16 (CUDA), fp32 (CPU)")
+    parser.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling)")
+    parser.add_argument("--rep-ms", type=float, default=200)
+    parser.add_argument("--out", default=None, help="folder for bench_model.json/.csv and bench_layers.json/.csv")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    batches = args.batches or ([1, 16] if cuda else [2])
+    dtypes = args.dtypes or (["fp16"] if cuda else ["fp32"])
+    rows, layer_rows = run(device, args.models, batches, dtypes, args.modes, args.variants, args.compile,
+                           args.rep_ms, config_from_args(args))
+    env = environment(device)
+    print(f"# video encoders on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
+    print_table(rows, ["model", "dtype", "batch", "mode", "variant", "ms", "ms_p20", "ms_p80", "videos_per_s",
+                       "peak_mib", "gflops_per_video", "tokens_per_video", "speedup_vs_open_clip"])
+    if args.out:
+        write_results(args.out, "bench_model", env, rows)
+        write_results(args.out, "bench_layers", env, layer_rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""Merge-op benchmarks: Triton against the PyTorch reference (eager and ``torch.compile``).
+
+Ops: ``best_match``, ``match`` (best match + plan), ``merge`` forward and backward, and the whole merge
+step (match + merge). Shapes come from the token schedule (``common.merge_shapes``). Each row reports
+the median time with its 20th-80th percentile spread, the bytes the op must move at the least (each
+input read once, each output written once), the achieved GB/s and, on a GPU, the fraction of the
+measured device-to-device copy bandwidth.
+
+    python -m benchmarks.bench_ops --out bench-out                      # GPU sweep
+    python -m benchmarks.bench_ops --device cpu --models ViT-B-32 --batches 1 --dtypes fp32  # CPU
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from tempme_fast import ops
+from tempme_fast.ops import reference
+
+from .common import DTYPES, MergeShape, copy_bandwidth_gbs, environment, measure_ms, merge_shapes, print_table, \
+    write_results
+
+OPS = ("best_match", "match", "merge_fwd", "merge_bwd", "step_fwd", "step_fwdbwd")
+
+
+def op_bytes(op: str, s: MergeShape, elt: int) -> int:
+    """Fewest bytes ``op`` must move for shape ``s`` with ``elt``-byte activations."""
+    na, _ = ops.split_sizes(s.tokens, s.protected)
+    metric = s.rows * s.tokens * s.channels * elt
+    plan = s.rows * (na + s.r) * 8  # merged, dst (r each) and kept (Na - r), int64
+    x_in, x_out = s.rows * s.tokens * s.width * elt, s.rows * (s.tokens - s.r) * s.width * elt
+    sizes = s.rows * (2 * s.tokens - s.r) * 4
+    table = {
+        "best_match": metric + s.rows * na * (4 + 8),
+        "match": metric + plan,
+        "merge_fwd": x_in + plan + sizes + x_out,
+        "merge_bwd": x_out + plan + sizes + x_in,
+        "step_fwd": metric + x_in + sizes + x_out,
+        "step_fwdbwd": metric + 2 * (x_in + x_out) + sizes + plan,
+    }
+    return table[op]
+
+
+def make_inputs(s: MergeShape, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    metric = torch.randn(s.rows, s.tokens, s.channels, device=device, dtype=dtype, generator=g)
+    x = torch.randn(s.rows, s.tokens, s.width, device=device, dtype=dtype, generator=g)
+    size = torch.randint(1, 5, (s.rows, s.tokens, 1), device=device, generator=g).float()
+    return metric, x, size
+
+
+def op_fn(op: str, impl: str, s: MergeShape, metric, x, size, compiled: Dict) -> Callable[[], object]:
+    """A zero-argument callable running ``op`` with implementation ``impl`` on the given inputs."""
+    backend = "triton" if impl == "triton" else "torch"
+    if impl == "torch.compile":
+        key = (op, s.tokens, s.protected, s.r)
+        if key not in compiled:
+            if op in ("best_match",):
+                compiled[key] = torch.compile(lambda m: reference.best_match(m, s.protected))
+            elif op == "match":
+                compiled[key] = torch.compile(lambda m: tuple(reference.match(m, s.r, s.protected))[:3])
+            else:
+                def step(m, xx, sz):
+                    return reference.merge(xx, sz, reference.match(m, s.r, s.protected))
+                compiled[key] = torch.compile(step)
+        fn = compiled[key]
+    plan = ops.match(metric, s.r, s.protected, backend=backend)
+    if op == "best_match":
+        return (lambda: fn(metric)) if impl == "torch.compile" else \
+            (lambda: ops.best_match(metric, s.protected, backend=backend))
+    if op == "match":
+        return (lambda: fn(metric)) if impl == "torch.compile" else \
+            (lambda: ops.match(metric, s.r, s.protected, backend=backend))
+    if op == "merge_fwd":
+        return lambda: ops.merge(x, size, plan, backend=backend)
+    if op == "step_fwd":
+        if impl == "torch.compile":
+            return lambda: fn(metric, x, size)
+        return lambda: ops.merge(x, size, ops.match(metric, s.r, s.protected, backend=backend), backend=backend)
+    xg = x.detach().requires_grad_(True)
+    grad = torch.randn(s.rows, s.tokens - s.r, s.width, device=x.device, dtype=x.dtype)
+    if op == "merge_bwd":
+        out, _ = ops.merge(xg, size, plan, backend=backend)
+        return lambda: torch.autograd.grad(out, xg, grad, retain_graph=True)
+
+    def fwdbwd():  # step_fwdbwd
+        if impl == "torch.compile":
+            out, _ = fn(metric, xg, size)
+        else:
+            out, _ = ops.merge(xg, size, ops.match(metric, s.r, s.protected, backend=backend), backend=backend)
+        return torch.autograd.grad(out, xg, grad)
+    return fwdbwd
+
+
+def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_at: Optional[str] = None,
+        rep_ms: float = 100) -> List[Dict[str, object]]:
+    """Time every (shape, dtype, op, impl); ``compile_at`` ("ViT-B-16:32:fp16") limits torch.compile rows."""
+    bandwidth = copy_bandwidth_gbs(device) if device.type == "cuda" else None
+    compiled: Dict = {}
+    rows = []
+    for model in models:
+        for batch in batches:
+            for s in merge_shapes(model, batch):
+                for dtype_name in dtypes:
+                    dtype = DTYPES[dtype_name]
+                    metric, x, size = make_inputs(s, dtype, device)
+                    for op in op_names:
+                        base_ms = None
+                        for impl in impls:
+                            if impl == "torch.compile":
+                                if op in ("merge_fwd", "merge_bwd"):
+                                    continue  # the compiled rows time whole graphs: match and step
+                                if compile_at and compile_at != f"{model}:{batch}:{dtype_name}":
+                                    continue
+                            timing = measure_ms(op_fn(op, impl, s, metric, x, size, compiled), device, rep_ms=rep_ms)
+                            nbytes = op_bytes(op, s, x.element_size())
+                            row = {"model": model, "batch": batch, "layer": s.layer, "stage": s.stage,
+                                   "rows": s.rows, "tokens": s.tokens, "r": s.r, "dtype": dtype_name, "op": op,
+                                   "impl": impl, **timing, "bytes": nbytes,
+                                   "gbs": nbytes / (timing["ms"] * 1e-3) / 1e9}
+                            if bandwidth:
+                                row["copy_gbs"] = bandwidth
+                                row["frac_copy_bw"] = row["gbs"] / bandwidth
+                            if impl == "torch":
+                                base_ms = timing["ms"]
+                            row["speedup_vs_torch"] = base_ms / timing["ms"] if base_ms else None
+                            rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-B-16"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 128])
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["fp16"])
+    parser.add_argument("--impls", nargs="+", choices=("torch", "triton", "torch.compile"), default=None)
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    parser.add_argument("--compile-at", default="ViT-B-16:32:fp16",
+                        help="only time torch.compile at this model:batch:dtype ('' for everywhere)")
+    parser.add_argument("--rep-ms", type=float, default=100)
+    parser.add_argument("--out", default=None, help="folder for bench_ops.json / .csv")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    impls = args.impls or (["torch", "triton", "torch.compile"] if device.type == "cuda" else ["torch"])
+    rows = run(device, args.models, args.batches, args.dtypes, impls, args.ops, args.compile_at or None, args.rep_ms)
+    env = environment(device)
+    print(f"# merge ops on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
+    print_table(rows, ["model", "batch", "layer", "stage", "dtype", "op", "impl", "ms", "ms_p20", "ms_p80",
+                       "gbs", "frac_copy_bw", "speedup_vs_torch"])
+    if args.out:
+        write_results(args.out, "bench_ops", env, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""Training-step benchmark: unmerged per-frame CLIP against TempMe, LoRA and full fine-tuning.
+
+One step = forward of both towers, symmetric InfoNCE, backward, AdamW step (``tempme_fast.train.train_step``),
+on random videos and captions. Memory is the peak above what was allocated before (weights and optimiser
+state; gradients freed), from ``tempme_fast.bench.peak_memory_mb`` (CUDA allocator stats; on the CPU,
+live tensors): for the whole step, and for forward + backward alone (activations and gradients, without
+the optimiser's parameter-sized temporaries, which dominate a full fine-tuning step at small batches).
+
+    python -m benchmarks.bench_train --device cpu --threads 2 --json bench-train-cpu.json
+    python -m benchmarks.bench_train --precision bf16 --batch 32 --json bench-train-gpu.json      # GPU
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+from datetime import datetime, timezone
+from typing import List
+
+import torch
+
+from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
+from tempme_fast.bench import default_backends, peak_memory_mb, time_calls
+from tempme_fast.lora import add_lora, mark_trainable
+from tempme_fast.train import (PRECISIONS, VideoTextForward, contrastive_loss, make_optimizer, set_grad_checkpointing,
+                               train_step)
+
+
+def _batch(model, batch: int, frames: int, context: int, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    size = model.visual.image_size[0]
+    video = torch.randn(batch, frames, 3, size, size, generator=g)
+    vocab = model.token_embedding.num_embeddings
+    tokens = torch.randint(1, vocab - 1, (batch, context), generator=g)
+    tokens[:, context - 1] = vocab - 1  # EOT
+    return video.to(device), tokens.to(device), torch.ones(batch, frames, dtype=torch.bool, device=device)
+
+
+def bench(args) -> List[dict]:
+    from tempme_fast.loading import create_model
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    autocast = PRECISIONS[args.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    backends = args.backends or default_backends(device)
+    variants = [("unmerged", TempMeConfig.unmerged(args.frames), "torch")]
+    variants += [("TempMe", TempMeConfig(frames=args.frames), b) for b in backends]
+    rows = []
+    for mode in args.modes:
+        torch.manual_seed(0)
+        model = create_model(args.model, None, device=str(device), dtype=torch.float32).train()
+        if mode == "lora":
+            add_lora(model, rank=8)
+        batch = _batch(model, args.batch, args.frames, args.context_length, device)
+        for name, config, backend in variants:
+            apply_tempme(model, config, backend=backend)
+            try:
+                trainable = mark_trainable(model, mode)
+                set_grad_checkpointing(model, args.grad_checkpointing)
+                opt = make_optimizer(model, lr=1e-5)
+
+                def step():
+                    return train_step(model, batch, opt, scaler=scaler, autocast_dtype=autocast)
+
+                def forward_backward():
+                    amp = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+                    with amp:
+                        outputs = VideoTextForward.encode(model, *batch)
+                    contrastive_loss(*outputs).backward()
+
+                times = time_calls(step, device, args.repeats, args.warmup)
+                opt.zero_grad(set_to_none=True)
+                memory = peak_memory_mb(step, device)
+                opt.zero_grad(set_to_none=True)
+                activations = peak_memory_mb(forward_backward, device)
+                opt.zero_grad(set_to_none=True)
+            finally:
+                remove_tempme(model)
+            median = statistics.median(times)
+            rows.append({"mode": mode, "variant": name, "backend": backend if config.merges else "-",
+                         "trainable_params": trainable, "step_ms": median, "step_min_ms": min(times),
+                         "step_max_ms": max(times), "videos_per_s": args.batch / (median / 1e3),
+                         "peak_mem_mb": memory, "fwd_bwd_mem_mb": activations})
+            print(f"  {mode:4s} {name:8s} {rows[-1]['backend']:6s} {median:9.1f} ms  {memory:8.0f} MiB step  "
+                  f"{activations:8.0f} MiB fwd+bwd", flush=True)
+        del model, opt
+    for row in rows:
+        base = next(r for r in rows if r["mode"] == row["mode"] and r["variant"] == "unmerged")
+        row["speedup"] = base["step_ms"] / row["step_ms"]
+        row["memory_ratio"] = row["peak_mem_mb"] / base["peak_mem_mb"]
+        row["fwd_bwd_memory_ratio"] = row["fwd_bwd_mem_mb"] / base["fwd_bwd_mem_mb"]
+    return rows
+
+
+def format_table(rows: List[dict]) -> str:
+    header = ("mode", "variant", "backend", "trainable", "step ms (min-max)", "videos/s", "speed-up",
+              "step peak MiB", "vs unmerged", "fwd+bwd MiB", "vs unmerged")
+    lines = [header]
+    for r in rows:
+        lines.append((r["mode"], r["variant"], r["backend"], f"{r['trainable_params']:,}",
+                      f"{r['step_ms']:.0f} ({r['step_min_ms']:.0f}-{r['step_max_ms']:.0f})",
+                      f"{r['videos_per_s']:.2f}", f"{r['speedup']:.2f}x", f"{r['peak_mem_mb']:.0f}",
+                      f"{100 * r['memory_ratio']:.0f}%", f"{r['fwd_bwd_mem_mb']:.0f}",
+                      f"{100 * r['fwd_bwd_memory_ratio']:.0f}%"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-32-quickgelu", help="open_clip model (random weights)")
+    parser.add_argument("--frames", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=2, help="videos (and captions) per step")
+    parser.add_argument("--context-length", type=int, default=32, help="caption tokens (zero-padded to 77)")
+    parser.add_argument("--modes", nargs="+", choices=("lora", "full"), default=["lora", "full"])
+    parser.add_argument("--backends", nargs="+", choices=("torch", "triton"), default=None,
+                        help="TempMe backends (default: torch, plus triton on CUDA)")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast precision")
+    parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--json", default=None, metavar="PATH")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    print(f"{args.model}, {args.frames} frames, batch {args.batch}, {args.precision}, {name} "
+          f"({torch.get_num_threads()} threads), torch {torch.__version__}", flush=True)
+    rows = bench(args)
+    print(format_table(rows))
+    if args.json:
+        record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name,
+                  "threads": torch.get_num_threads(), "torch": torch.__version__, "args": vars(args), "rows": rows}
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""What every benchmark here shares: shapes from the token schedule, timing, environment, output files."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+from tempme_fast import TempMeConfig, token_schedule
+
+# (depth, tokens per frame, width, heads) of the CLIP ViTs the op shapes are taken from, at 224 px.
+VIT_GEOMETRY = {"ViT-B-32": (12, 50, 768, 12), "ViT-B-16": (12, 197, 768, 12)}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class MergeShape:
+    """One merge as TempMe runs it: ``rows`` clips of ``tokens`` tokens, metric width ``channels``."""
+
+    model: str
+    batch: int
+    layer: int
+    stage: str  # "imgme" (layer 0), "cross" (after a join) or "intra" (after attention)
+    rows: int
+    tokens: int
+    protected: int
+    channels: int
+    width: int
+    r: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} B{self.batch} L{self.layer} {self.stage}"
+
+
+def merge_shapes(model: str, batch: int, config: TempMeConfig = TempMeConfig()) -> List[MergeShape]:
+    """The first image-merging layer's merge and every joining layer's two merges, from the schedule."""
+    depth, tokens, width, heads = VIT_GEOMETRY[model]
+    schedule = token_schedule(config, depth, tokens)
+    shapes = []
+    for p in schedule.layers:
+        if p.layer == 0 and p.r:
+            shapes.append(MergeShape(model, batch, p.layer, "imgme", batch * p.clips_out, p.tokens_attn,
+                                     p.protected_out, width // heads, width, p.r))
+        if p.group > 1:
+            if p.r_cross:
+                shapes.append(MergeShape(model, batch, p.layer, "cross", batch * p.clips_out, p.tokens_joined,
+                                         p.protected_out, width, width, p.r_cross))
+            if p.r:
+                shapes.append(MergeShape(model, batch, p.layer, "intra", batch * p.clips_out, p.tokens_attn,
+                                         p.protected_out, width // heads, width, p.r))
+    return shapes
+
+
+def measure_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float = 25, rep_ms: float = 100,
+               min_reps: int = 3) -> Dict[str, float]:
+    """Median and 20th/80th percentile milliseconds of ``fn`` after warm-up.
+
+    CUDA: ``triton.testing.do_bench`` (CUDA events, cache flushed between runs). CPU: wall clock.
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        median, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return {"ms": median, "ms_p20": p20, "ms_p80": p80}
+    fn()  # warm-up: first-call costs (compilation, allocator growth) stay out of the numbers
+    t0 = time.perf_counter()
+    fn()
+    first = (time.perf_counter() - t0) * 1e3
+    reps = max(min_reps, int(rep_ms / max(first, 1e-3)))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) >= 2 else [times[0]] * 4
+    return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[-1]}
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    timing = measure_ms(lambda: dst.copy_(src), device, rep_ms=200)
+    return 2 * src.numel() * 4 / (timing["ms"] * 1e-3) / 1e9
+
+
+def environment(device: torch.device) -> Dict[str, object]:
+    """Device, versions and date, for labelling every figure."""
+    info = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        import open_clip
+        info["open_clip"] = open_clip.__version__
+    except (ImportError, AttributeError):
+        info["open_clip"] = None
+    return info
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def write_results(out_dir: str, name: str, env: Dict[str, object], rows: Sequence[Dict[str, object]]) -> None:
+    """``<name>.json`` (environment + rows) and ``<name>.csv`` (rows) in ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump({"environment": env, "rows": list(rows)}, f, indent=1)
+    if rows:
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def print_table(rows: Sequence[Dict[str, object]], columns: Sequence[str]) -> None:
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))

@@ -1,0 +1,121 @@
+"""PNG plots from the benchmark JSON files: speed-up vs batch, time per layer, tokens per layer.
+
+    python -m benchmarks.plots bench-out      # reads bench-out/*.json, writes bench-out/*.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import defaultdict
+
+from tempme_fast import TempMeConfig, token_schedule
+
+from .common import VIT_GEOMETRY
+
+
+def _load(folder, name):
+    path = os.path.join(folder, f"{name}.json")
+    if not os.path.exists(path):
+        return None, []
+    with open(path) as f:
+        record = json.load(f)
+    return record["environment"], record["rows"]
+
+
+def _label(env):
+    return f"{env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date'][:10]}"
+
+
+def plot_all(folder: str) -> list:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+
+    def save(fig, name):
+        path = os.path.join(folder, name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    # Tokens per layer, straight from the schedule.
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for model, (depth, tokens, _, _) in VIT_GEOMETRY.items():
+        s = token_schedule(TempMeConfig(), depth, tokens)
+        per_video = [s.frames * tokens] + [p.clips_out * p.tokens_out for p in s.layers]
+        ax.plot(range(-1, depth), per_video, marker="o", label=f"{model} TempMe")
+        ax.axhline(s.frames * tokens, linestyle=":", color=ax.lines[-1].get_color())
+    ax.set(xlabel="layer (-1: input)", ylabel="tokens per video", yscale="log",
+           title="Tokens per video after each layer (12 frames; dotted: unmerged)")
+    ax.legend()
+    save(fig, "tokens_per_layer.png")
+
+    env, rows = _load(folder, "bench_ops")
+    if rows:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        curves = defaultdict(dict)
+        for r in rows:
+            if r["op"] == "step_fwd" and r["impl"] != "torch" and r["dtype"] == "fp16" and r.get("speedup_vs_torch"):
+                curves[(r["model"], r["stage"] + str(r["layer"]), r["impl"])][r["batch"]] = r["speedup_vs_torch"]
+        for (model, stage, impl), points in sorted(curves.items()):
+            if impl == "triton":
+                xs = sorted(points)
+                ax.plot(xs, [points[x] for x in xs], marker="o", label=f"{model} {stage}")
+        ax.set(xscale="log", xlabel="videos per batch", ylabel="speed-up over PyTorch reference",
+               title="Merge step (match + merge), Triton, fp16")
+        ax.axhline(1, color="grey", linewidth=0.8)
+        ax.legend(fontsize=7, ncol=2)
+        fig.text(0.01, 0.01, _label(env), fontsize=6)
+        save(fig, "speedup_ops_vs_batch.png")
+
+    env, rows = _load(folder, "bench_model")
+    if rows:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        curves = defaultdict(dict)
+        for r in rows:
+            if r["mode"] == "infer" and r["variant"] != "open_clip":
+                curves[(r["model"], r["variant"])][r["batch"]] = r["speedup_vs_open_clip"]
+        for (model, variant), points in sorted(curves.items()):
+            xs = sorted(points)
+            ax.plot(xs, [points[x] for x in xs], marker="o", label=f"{model} {variant}")
+        ax.set(xscale="log", xlabel="videos per batch", ylabel="throughput / unmerged open_clip",
+               title="Video encoding, inference, 12 frames")
+        ax.axhline(1, color="grey", linewidth=0.8)
+        ax.legend(fontsize=7)
+        fig.text(0.01, 0.01, _label(env), fontsize=6)
+        save(fig, "speedup_model_vs_batch.png")
+
+    env, rows = _load(folder, "bench_layers")
+    if rows:
+        models = sorted({(r["model"], r["batch"], r["dtype"]) for r in rows})
+        fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 3.5), squeeze=False)
+        for ax, (model, batch, dtype) in zip(axes[0], models):
+            for variant in ("unmerged", "tempme"):
+                pts = [r for r in rows if (r["model"], r["batch"], r["dtype"], r["variant"]) == (model, batch, dtype, variant)]
+                ax.plot([str(r["layer"]) for r in pts], [r["ms"] for r in pts], marker="o", label=variant)
+            ax.set(xlabel="layer", ylabel="ms", title=f"{model}, {batch} videos, {dtype}: time per layer")
+            ax.legend()
+        fig.text(0.01, 0.01, _label(env), fontsize=6)
+        save(fig, "time_per_layer.png")
+    return written
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder")
+    args = parser.parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return 0
+    for path in plot_all(args.folder):
+        print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
