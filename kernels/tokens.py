@@ -1,0 +1,21 @@
+"""Where a token of a (possibly joined) clip lives in memory.
+
+A ClipMe join turns ``GROUP`` adjacent clips of ``N_IN`` tokens (``C_IN`` class tokens each) into
+one clip: the ``GROUP * C_IN`` class tokens in clip order, then clip 0's patches, clip 1's, ...
+(``reference.join_clips``). Rather than copy the clips into that order, the kernels read the
+unjoined tensor through this mapping; with ``GROUP = 1`` it is the identity.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _joined_token(row, pos, GROUP, C_IN, N_IN):
+    """Token ``pos`` of joined clip ``row`` -> ``(clip, token)`` of the unjoined input, both int64."""
+    n_cls = GROUP * C_IN
+    is_cls = pos < n_cls
+    patch = pos - n_cls
+    per_clip = N_IN - C_IN
+    k = tl.where(is_cls, pos // tl.maximum(C_IN, 1), patch // per_clip)
+    t = tl.where(is_cls, pos - k * C_IN, C_IN + patch - k * per_clip)
+    return row * GROUP + k.to(tl.int64), t.to(tl.int64)

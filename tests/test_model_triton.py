@@ -1,0 +1,55 @@
+"""The whole model on the Triton backend equals the torch backend (interpreter without a GPU)."""
+import open_clip
+import pytest
+import torch
+
+from tempme_fast import TempMeConfig, apply_tempme
+from tiny import TINY_CONFIG, tiny_clip, video
+
+pytestmark = pytest.mark.interpreter
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def _encode_both(model, v, mask=None):
+    with torch.no_grad():
+        apply_tempme(model, model.tempme.config, backend="torch")
+        want = model.encode_video(v, mask)
+        apply_tempme(model, model.tempme.config, backend="triton")
+        got = model.encode_video(v, mask)
+    return got, want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_tiny_model_triton_equals_torch(device, dtype):
+    model = apply_tempme(tiny_clip(), TINY_CONFIG).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for p in model.visual.tempme_frame_pos.values():
+            p.normal_()
+    v = video(3, 4).to(device=device, dtype=dtype)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], device=device)
+    got, want = _encode_both(model, v, mask)
+    err = ((got.float() - want.float()).norm(dim=-1) / want.float().norm(dim=-1)).max().item()
+    assert err < TOLERANCE[dtype]
+
+
+def test_tiny_model_triton_gradients_equal_torch(device):
+    grads = {}
+    for backend in ("torch", "triton"):
+        model = apply_tempme(tiny_clip(), TINY_CONFIG, backend=backend).to(device).train()
+        with torch.no_grad():
+            for p in model.visual.tempme_frame_pos.values():
+                p.normal_()
+        model.encode_video(video(2, 4).to(device)).square().sum().backward()
+        grads[backend] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["torch"].keys() == grads["triton"].keys()
+    for name, g in grads["torch"].items():
+        torch.testing.assert_close(grads["triton"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_vit_b32_two_videos_triton_equals_torch(device):
+    model = apply_tempme(open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval(),
+                         TempMeConfig()).to(device)
+    got, want = _encode_both(model, video(2, 12, image_size=224).to(device))
+    assert ((got - want).norm(dim=-1) / want.norm(dim=-1)).max() < 1e-4

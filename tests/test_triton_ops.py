@@ -1,0 +1,588 @@
+"""Triton merge ops against the PyTorch reference, small shapes, runnable in Triton's interpreter.
+
+Without a GPU, conftest.py sets TRITON_INTERPRET=1 before triton is imported and the kernels run
+on CPU tensors; with one, the same tests run compiled kernels on CUDA tensors.
+Every output buffer the launchers allocate is filled with NaN (indices with a sentinel) first,
+so an element a kernel never writes fails the comparison.
+"""
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tempme_fast import ops
+from tempme_fast.ops import reference as ref
+from tempme_fast.ops import triton_ops
+
+pytestmark = pytest.mark.interpreter
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# (atol, rtol) of a merged value or gradient against float64: one rounding to the dtype on store.
+VALUE_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3),
+             torch.float64: (1e-12, 1e-12)}
+# Scores accumulate in fp32 whatever the input dtype.
+SCORE_TOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5, torch.float64: 1e-12}
+# Score gaps below this count as ties when drawing "tie-free" inputs: 100x the fp32 error.
+TIE_GAP = 1e-5
+INT_SENTINEL = -(2 ** 40)
+
+
+@pytest.fixture(autouse=True)
+def nan_outputs(monkeypatch):
+    def new_output(shape, dtype, device):
+        if dtype.is_floating_point:
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, INT_SENTINEL if dtype == torch.int64 else -(2 ** 30), dtype=dtype, device=device)
+
+    monkeypatch.setattr(triton_ops, "_new_output", new_output)
+
+
+@pytest.fixture(params=["tiles16", "gpu-tiles"])
+def tiling(request, monkeypatch):
+    """Several tiles per clip in the interpreter, which otherwise gives a program a whole clip.
+
+    ``tiles16``: every tile 16 wide, so each multi-tile loop runs many times. ``gpu-tiles``: the
+    launchers believe they are on a GPU, so the GPU's tile sizes and its fp16 ``tl.dot`` path run.
+    """
+    if request.param == "tiles16":
+        monkeypatch.setattr(triton_ops, "INTERPRETER_BLOCK", 16)
+    else:
+        monkeypatch.setattr(triton_ops, "_interpreting", lambda: False)
+    return request.param
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases: every (N, c) pair with at least two patches, every dtype; B', D and layout rotate so
+# each value of each shows up without a full cartesian product.
+# ---------------------------------------------------------------------------------------------
+
+TOKENS = (7, 10, 50, 197)
+PROTECTED = (1, 2, 12)
+
+
+def _cases():
+    rows, widths = itertools.cycle((1, 3)), itertools.cycle((8, 64, 96))
+    layouts = itertools.cycle(("contiguous", "transposed", "sliced"))
+    cases = []
+    for n, c in itertools.product(TOKENS, PROTECTED):
+        if n - c < 2:
+            continue
+        for name, dtype in DTYPES.items():
+            b, d, layout = next(rows), next(widths), next(layouts)
+            cases.append(pytest.param(b, n, c, d, dtype, layout, id=f"B{b}-N{n}-c{c}-D{d}-{name}-{layout}"))
+    return cases
+
+
+def make_tokens(b, n, d, dtype, layout, device, generator):
+    """A ``[b, n, d]`` tensor with the given memory layout (values do not depend on the layout)."""
+    x = torch.randn(b, n, d, generator=generator).to(dtype)
+    if layout == "transposed":  # token-major memory: stride(0) < stride(1)
+        return x.transpose(0, 1).contiguous().to(device).transpose(0, 1)
+    if layout == "sliced":  # channel stride 2, as a view into a wider buffer
+        wide = torch.zeros(b, n, 2 * d, dtype=dtype)
+        wide[..., ::2] = x
+        return wide.to(device)[..., ::2]
+    return x.to(device)
+
+
+def similarity64(metric, protected):
+    """Float64 cosine similarities ``[B', Na, Nb]``, as the reference computes them."""
+    a_pos, b_pos = ref.split_positions(metric.shape[1], protected, metric.device)
+    m = metric.double()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    return m[:, a_pos] @ m[:, b_pos].transpose(1, 2)
+
+
+def tie_free_metric(b, n, c, d, dtype, layout, device, seed=0, group=1):
+    """A random metric whose best matches and score ranking have no near-ties (gaps > TIE_GAP).
+
+    With ``group > 1`` the ties are checked on the joined clips (``reference.join_clips``).
+    """
+    for attempt in range(200):
+        g = torch.Generator().manual_seed(seed * 1000 + attempt)
+        metric = make_tokens(b, n, d, dtype, layout, device, g)
+        sim = similarity64(ref.join_clips(metric.cpu(), group, c), c * group)
+        top2 = sim.topk(min(2, sim.shape[-1]), dim=-1).values
+        best_gap = (top2[..., 0] - top2[..., -1]) if sim.shape[-1] > 1 else torch.ones_like(top2[..., 0])
+        ranked = top2[..., 0].sort(dim=-1).values
+        rank_gap = ranked.diff(dim=-1)
+        if best_gap.min() > TIE_GAP and (rank_gap.numel() == 0 or rank_gap.min() > TIE_GAP):
+            return metric
+    raise AssertionError(f"no tie-free metric found for {(b, n, c, d)}")
+
+
+def random_plan(b, n, c, r, device, generator, hub=False):
+    """A valid plan with arbitrary (not score-derived) choices; ``hub`` sends everything to 2 B tokens."""
+    na, nb = ref.split_sizes(n, c)
+    perm = torch.stack([torch.randperm(na, generator=generator) for _ in range(b)])
+    merged, kept = perm[:, :r], perm[:, r:].sort(dim=-1).values
+    dst = torch.randint(0, min(nb, 2) if hub else nb, (b, r), generator=generator)
+    return ref.MergePlan(merged.to(device), dst.to(device), kept.to(device), n, c)
+
+
+def plan_from_scores(scores, dst, r):
+    """The reference's ranking (``reference.match``) applied to given scores."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    merged = order[:, :r]
+    return merged, dst.gather(1, merged), order[:, r:].sort(dim=-1).values
+
+
+def assert_close(actual, expected, dtype, what):
+    atol, rtol = VALUE_TOL[dtype]
+    assert not actual.isnan().any(), f"{what}: NaN (an output element was never written)"
+    diff = (actual.double().cpu() - expected.double().cpu()).abs()
+    bound = atol + rtol * expected.double().cpu().abs()
+    assert (diff <= bound).all(), f"{what}: max abs diff {diff.max().item():.3g} (atol {atol}, rtol {rtol})"
+
+
+# ---------------------------------------------------------------------------------------------
+# best_match
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("b, n, c, d, dtype, layout", _cases())
+def test_best_match(b, n, c, d, dtype, layout, device):
+    metric = tie_free_metric(b, n, c, d, dtype, layout, device)
+    scores, dst = ops.best_match(metric, c, backend="triton")
+    ref_scores, ref_dst = ref.best_match(metric.cpu().double(), c)
+    assert scores.dtype == torch.float32 and dst.dtype == torch.int64
+    assert torch.equal(dst.cpu(), ref_dst)
+    diff = (scores.double().cpu() - ref_scores).abs().max().item()
+    assert diff <= SCORE_TOL[dtype], f"max abs score diff {diff:.3g}"
+
+
+def test_best_match_float64(device):
+    metric = tie_free_metric(3, 50, 1, 8, torch.float64, "contiguous", device)
+    scores, dst = ops.best_match(metric, 1, backend="triton")
+    ref_scores, ref_dst = ref.best_match(metric.cpu(), 1)
+    assert scores.dtype == torch.float64
+    assert torch.equal(dst.cpu(), ref_dst)
+    assert (scores.cpu() - ref_scores).abs().max() <= SCORE_TOL[torch.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_best_match_ties_and_zero_rows(dtype, device):
+    """Duplicated tokens make exact ties (lowest B index wins); all-zero rows score 0 against all."""
+    g = torch.Generator().manual_seed(1)
+    n, c = 41, 1
+    # A tokens (even positions) copy one of 3 vectors, B tokens one of 4 others: duplicates tie
+    # exactly in any implementation, distinct vectors are far apart.
+    pool = torch.randn(7, 16, generator=g)
+    pick = torch.where(torch.arange(n) % 2 == 0, torch.randint(0, 3, (2, n), generator=g),
+                       torch.randint(3, 7, (2, n), generator=g))
+    metric = pool[pick].to(dtype)
+    metric[0, 4] = 0  # A token 1 (odd c: A tokens sit at even positions) with zero norm
+    metric[1, 3] = 0  # B token 1 with zero norm
+    metric = metric.to(device)
+    scores, dst = triton_ops.best_match(metric, c)
+    ref_scores, ref_dst = ref.best_match(metric.cpu(), c)
+    assert torch.equal(dst.cpu(), ref_dst)
+    assert (scores.cpu() - ref_scores).abs().max() <= SCORE_TOL[dtype]
+    assert scores[0, 1].item() == 0.0 and dst[0, 1].item() == 0
+    # The duplicated scores tie exactly, so the ranking's tie rule is exercised too.
+    plan = triton_ops.match(metric, 15, c)
+    expected = ref.match(metric.cpu(), 15, c)
+    for name in ("merged", "dst", "kept"):
+        assert torch.equal(getattr(plan, name).cpu(), getattr(expected, name)), name
+
+
+# ---------------------------------------------------------------------------------------------
+# match
+# ---------------------------------------------------------------------------------------------
+
+def _match_cases():
+    cases = []
+    for param in _cases():
+        b, n, c, d, dtype, layout = param.values
+        for r in sorted({0, 1, ref.max_r(n, c)}):
+            cases.append(pytest.param(b, n, c, d, dtype, layout, r, id=f"{param.id}-r{r}"))
+    return cases
+
+
+@pytest.mark.parametrize("b, n, c, d, dtype, layout, r", _match_cases())
+def test_match(b, n, c, d, dtype, layout, r, device):
+    metric = tie_free_metric(b, n, c, d, dtype, layout, device, seed=r)
+    plan = ops.match(metric, r, c, backend="triton")
+    expected = ref.match(metric.cpu().double(), r, c)
+    assert (plan.tokens, plan.protected, plan.r) == (n, c, r)
+    for name in ("merged", "dst", "kept"):
+        got = getattr(plan, name)
+        assert got.dtype == torch.int64, name
+        assert torch.equal(got.cpu(), getattr(expected, name)), name
+
+
+@pytest.mark.parametrize("na, r, levels", [(1, 0, 3), (1, 1, 3), (17, 8, 3), (98, 49, 5), (98, 97, 2), (300, 150, 7)],
+                         ids=lambda v: str(v))
+def test_match_plan_ties(na, r, levels, device):
+    """Scores drawn from a few levels: most comparisons tie, lower A index must come first."""
+    g = torch.Generator().manual_seed(na + r)
+    scores = (torch.randint(0, levels, (3, na), generator=g) / levels).float()
+    dst = torch.randint(0, 1000, (3, na), generator=g)
+    merged, merged_dst, kept = triton_ops.match_plan_forward(scores.to(device), dst.to(device), r)
+    for got, want in zip((merged, merged_dst, kept), plan_from_scores(scores, dst, r)):
+        assert torch.equal(got.cpu(), want)
+
+
+# ---------------------------------------------------------------------------------------------
+# merge
+# ---------------------------------------------------------------------------------------------
+
+def _merge_cases():
+    cases = []
+    size_kinds = itertools.cycle(("BN1-fp32", "BN-fp32", "BN1-xdtype"))
+    for param in _cases():
+        b, n, c, d, dtype, layout = param.values
+        for r in sorted({1, ref.max_r(n, c)}):
+            kind = next(size_kinds)
+            cases.append(pytest.param(b, n, c, d, dtype, layout, r, kind, id=f"{param.id}-r{r}-size{kind}"))
+    return cases
+
+
+def _sizes(b, n, kind, dtype, device, generator):
+    size = torch.randint(1, 5, (b, n, 1), generator=generator).to(torch.float32)
+    if kind.endswith("xdtype"):
+        size = size.to(dtype)
+    if kind.startswith("BN-"):
+        size = size[..., 0]
+    return size.to(device)
+
+
+def _check_merge(x, size, plan, dtype, generator):
+    """Forward values, sizes and the gradient for a random upstream gradient, against float64."""
+    x = x.detach().requires_grad_()
+    out, size_out = ops.merge(x, size, plan, backend="triton")
+    x64 = x.detach().cpu().double().requires_grad_()
+    plan64 = ref.MergePlan(*(t.cpu() for t in plan[:3]), plan.tokens, plan.protected)
+    ref_out, ref_size = ref.merge(x64, size.cpu().double(), plan64)
+    assert out.dtype == x.dtype and out.shape == ref_out.shape
+    assert size_out.dtype == size.dtype and size_out.shape == ref_size.shape
+    assert_close(out, ref_out, x.dtype, "merged x")
+    assert_close(size_out, ref_size, size.dtype, "merged size")
+    grad = torch.randn(out.shape, generator=generator).to(x.dtype)
+    out.backward(grad.to(out.device))
+    ref_out.backward(grad.double())
+    assert_close(x.grad, x64.grad, x.dtype, "grad x")
+
+
+@pytest.mark.parametrize("b, n, c, d, dtype, layout, r, size_kind", _merge_cases())
+def test_merge(b, n, c, d, dtype, layout, r, size_kind, device):
+    g = torch.Generator().manual_seed(n * 100 + r)
+    x = make_tokens(b, n, d, dtype, layout, device, g)
+    size = _sizes(b, n, size_kind, dtype, device, g)
+    _check_merge(x, size, random_plan(b, n, c, r, device, g), dtype, g)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_merge_hub(dtype, device):
+    """Many A tokens into the same two B tokens: each B token sums a long list of sources."""
+    g = torch.Generator().manual_seed(7)
+    x = make_tokens(2, 197, 64, dtype, "contiguous", device, g)
+    size = _sizes(2, 197, "BN1-fp32", dtype, device, g)
+    _check_merge(x, size, random_plan(2, 197, 1, 98, device, g, hub=True), dtype, g)
+
+
+def test_merge_r0_reorders(device):
+    """r = 0 (which ops.merge short-circuits) still gives the reference's token order."""
+    g = torch.Generator().manual_seed(3)
+    x = make_tokens(3, 10, 8, torch.float32, "sliced", device, g)
+    size = _sizes(3, 10, "BN-fp32", torch.float32, device, g)
+    plan = random_plan(3, 10, 2, 0, device, g)
+    out, size_out = triton_ops.merge(x, size, plan)
+    ref_out, ref_size = ref.merge(x.cpu().double(), size.cpu(), ref.MergePlan(*(t.cpu() for t in plan[:3]), 10, 2))
+    # Nothing merges, so every token is copied bit for bit (the reference's (x * s) / s may round).
+    assert torch.equal(out.cpu(), ref_out.float()) and torch.equal(size_out.cpu(), ref_size)
+
+
+def test_merge_gradcheck(device):
+    # Small: every gradcheck evaluation is a kernel launch in the interpreter.
+    g = torch.Generator().manual_seed(5)
+    n, c = 8, 1
+    x = torch.randn(2, n, 2, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    size = torch.randint(1, 4, (2, n), generator=g).double().to(device)
+    plan = random_plan(2, n, c, 3, device, g, hub=True)
+    assert torch.autograd.gradcheck(lambda t: triton_ops.merge(t, size, plan)[0], (x,))
+
+
+# ---------------------------------------------------------------------------------------------
+# join_merge: the ClipMe join fused into the cross-clip merge
+# ---------------------------------------------------------------------------------------------
+
+def _join_cases():
+    cases = []
+    shapes = [(4, 2, 10, 1, 8), (6, 3, 17, 1, 16), (4, 2, 25, 2, 24), (3, 3, 9, 0, 8)]  # (F, g, N, c, D)
+    layouts = itertools.cycle(("contiguous", "transposed", "sliced"))
+    for (f, grp, n, c, d), (name, dtype) in itertools.product(shapes, DTYPES.items()):
+        layout = next(layouts)
+        for r in sorted({0, 1, ref.max_r(n * grp, c * grp)}):
+            cases.append(pytest.param(f, grp, n, c, d, dtype, layout, r,
+                                      id=f"B2-F{f}-g{grp}-N{n}-c{c}-D{d}-{name}-{layout}-r{r}"))
+    return cases
+
+
+def _reference_join_merge(x, size, group, protected, r, frame_pos):
+    """The unfused composition ``join_merge`` replaces, in float64."""
+    joined = ref.join_clips(x, group, protected, frame_pos)
+    metric = ref.join_clips(x.detach(), group, protected)
+    plan = ref.match(metric, r, protected * group)
+    return ref.merge(joined, ref.join_clips(size, group, protected), plan)
+
+
+@pytest.mark.parametrize("f, group, n, c, d, dtype, layout, r", _join_cases())
+def test_join_merge(f, group, n, c, d, dtype, layout, r, device):
+    x = tie_free_metric(2 * f, n, c, d, dtype, layout, device, seed=r, group=group).requires_grad_()
+    g = torch.Generator().manual_seed(f * n + r)
+    size = _sizes(2 * f, n, "BN1-fp32", dtype, device, g)
+    frame_pos = (0.1 * torch.randn(1, f, 1, d, generator=g)).to(dtype).to(device).requires_grad_()
+    out, size_out = triton_ops.join_merge(x, size, group, c, r, frame_pos)
+    x64 = x.detach().cpu().double().requires_grad_()
+    pos64 = frame_pos.detach().cpu().double().requires_grad_()
+    ref_out, ref_size = _reference_join_merge(x64, size.cpu().double(), group, c, r, pos64)
+    assert out.shape == ref_out.shape and out.dtype == dtype
+    assert_close(out, ref_out, dtype, "merged x")
+    assert_close(size_out, ref_size, torch.float32, "merged size")
+    grad = torch.randn(out.shape, generator=g).to(dtype)
+    gx, gpos = torch.autograd.grad(out, (x, frame_pos), grad.to(device))
+    ref_gx, ref_gpos = torch.autograd.grad(ref_out, (x64, pos64), grad.double())
+    assert_close(gx, ref_gx, dtype, "grad x")
+    # E[k]'s gradient sums the 2 * n gradients of its tokens, each rounded once: a random walk.
+    atol, rtol = VALUE_TOL[dtype]
+    torch.testing.assert_close(gpos.cpu().double(), ref_gpos, atol=4 * atol * (2 * n) ** 0.5, rtol=rtol)
+
+
+def test_join_merge_without_pos(device):
+    x = tie_free_metric(4, 12, 1, 8, torch.float32, "contiguous", device, group=2)
+    size = torch.ones(4, 12, device=device)
+    out, size_out = triton_ops.join_merge(x, size, 2, 1, 7)
+    ref_out, ref_size = _reference_join_merge(x.cpu().double(), size.cpu().double(), 2, 1, 7, None)
+    assert_close(out, ref_out, torch.float32, "merged x")
+    assert_close(size_out, ref_size, torch.float32, "merged size")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(group=3), "group=3"),
+    (dict(r=12), "r=12"),
+    (dict(frame_pos=torch.zeros(1, 3, 1, 8)), "frame_pos"),
+    (dict(size=torch.ones(4, 11)), "size"),
+], ids=["group", "r", "frame_pos", "size"])
+def test_join_merge_errors(kwargs, message):
+    args = dict(x=torch.zeros(4, 12, 8), size=torch.ones(4, 12), group=2, protected=1, r=11,
+                frame_pos=torch.zeros(1, 2, 1, 8)) | kwargs
+    with pytest.raises(ValueError, match=message):
+        triton_ops.join_merge(**args)
+
+
+def test_join_merge_gradcheck(device):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 4, 2, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    frame_pos = torch.randn(1, 2, 1, 2, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    size = torch.randint(1, 4, (4, 4, 1), generator=g).double().to(device)
+    # The plan is fixed (matching is not differentiable, and the perturbed x must not re-plan).
+    merged, dst, kept = torch.ops.tempme.match(x.detach(), 3, 1, 2)
+    assert torch.autograd.gradcheck(
+        lambda t, p: triton_ops.MergeFunction.apply(t, size, merged, dst, kept, 1, 2, p)[0], (x, frame_pos))
+
+
+# ---------------------------------------------------------------------------------------------
+# Several tiles per clip (the GPU's tiling, walked in the interpreter)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, c, d, r", [(131, 1, 40, 65), (50, 12, 150, 19), (67, 2, 24, 1)],
+                         ids=lambda v: str(v))
+def test_multi_tile(n, c, d, r, tiling, device):
+    metric = tie_free_metric(2, n, c, d, torch.float16, "transposed", device, seed=11)
+    scores, dst = triton_ops.best_match(metric, c)
+    ref_scores, ref_dst = ref.best_match(metric.cpu().double(), c)
+    assert torch.equal(dst.cpu(), ref_dst)
+    assert (scores.double().cpu() - ref_scores).abs().max() <= SCORE_TOL[torch.float16]
+    plan = triton_ops.match(metric, r, c)
+    expected = ref.match(metric.cpu().double(), r, c)
+    for name in ("merged", "dst", "kept"):
+        assert torch.equal(getattr(plan, name).cpu(), getattr(expected, name)), name
+    g = torch.Generator().manual_seed(2)
+    x = make_tokens(2, n, d, torch.bfloat16, "sliced", device, g)
+    _check_merge(x, _sizes(2, n, "BN1-fp32", torch.bfloat16, device, g), random_plan(2, n, c, r, device, g, hub=True),
+                 torch.bfloat16, g)
+
+
+def test_join_merge_multi_tile(tiling, device):
+    # fp16: x is also the metric, and the interpreter's bf16 tl.dot (the GPU path) is broken.
+    x = tie_free_metric(8, 25, 1, 40, torch.float16, "sliced", device, seed=3, group=2).requires_grad_()
+    g = torch.Generator().manual_seed(12)
+    size = _sizes(8, 25, "BN-fp32", torch.float16, device, g)
+    frame_pos = torch.randn(1, 4, 1, 40, generator=g).to(torch.float16).to(device).requires_grad_()
+    out, size_out = triton_ops.join_merge(x, size, 2, 1, 20, frame_pos)
+    x64 = x.detach().cpu().double().requires_grad_()
+    ref_out, ref_size = _reference_join_merge(x64, size.cpu().double(), 2, 1, 20, frame_pos.detach().cpu().double())
+    assert_close(out, ref_out, torch.float16, "merged x")
+    assert_close(size_out, ref_size, torch.float32, "merged size")
+    grad = torch.randn(out.shape, generator=g).to(torch.float16)
+    (gx,) = torch.autograd.grad(out, x, grad.to(device))
+    (ref_gx,) = torch.autograd.grad(ref_out, x64, grad.double())
+    assert_close(gx, ref_gx, torch.float16, "grad x")
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism, custom ops, torch.compile
+# ---------------------------------------------------------------------------------------------
+
+def test_deterministic(device):
+    g = torch.Generator().manual_seed(9)
+    metric = make_tokens(3, 197, 64, torch.float16, "contiguous", device, g)
+    x = make_tokens(3, 197, 96, torch.float32, "contiguous", device, g)
+    size = _sizes(3, 197, "BN1-fp32", torch.float32, device, g)
+    grad = torch.randn(3, 197 - 60, 96, generator=g).to(device)
+    runs = []
+    for _ in range(2):
+        plan = triton_ops.match(metric, 60, 1)
+        xr = x.clone().requires_grad_()
+        out, size_out = triton_ops.merge(xr, size, plan)
+        out.backward(grad)
+        runs.append((plan.merged, plan.dst, plan.kept, out, size_out, xr.grad))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_opcheck(device):
+    g = torch.Generator().manual_seed(4)
+    metric = make_tokens(2, 20, 8, torch.float32, "contiguous", device, g)
+    x = make_tokens(2, 20, 8, torch.float32, "contiguous", device, g)
+    size = _sizes(2, 20, "BN1-fp32", torch.float32, device, g)
+    plan = random_plan(2, 20, 1, 5, device, g)
+    torch.library.opcheck(torch.ops.tempme.best_match, (metric, 1))
+    torch.library.opcheck(torch.ops.tempme.match, (metric, 5, 1))
+    torch.library.opcheck(torch.ops.tempme.merge_fwd, (x, size, plan.merged, plan.dst, plan.kept, 1))
+    out, _, b_size = torch.ops.tempme.merge_fwd(x, size, plan.merged, plan.dst, plan.kept, 1)
+    torch.library.opcheck(torch.ops.tempme.merge_bwd,
+                          (torch.randn_like(out), size, b_size, plan.merged, plan.dst, plan.kept, 1, 20))
+    # The joined form: 4 clips of 10 tokens read as 2 clips of 20, plus a position embedding.
+    joined = tuple(t.reshape(4, 10, *t.shape[2:]) for t in (metric, x, size))
+    frame_pos = torch.randn(1, 2, 1, 8, generator=g).to(device)
+    torch.library.opcheck(torch.ops.tempme.match, (joined[0], 5, 1, 2))
+    torch.library.opcheck(torch.ops.tempme.merge_fwd,
+                          (joined[1], joined[2], plan.merged, plan.dst, plan.kept, 1, 2, frame_pos))
+
+
+def test_compile_fullgraph(device):
+    """match+merge, join_merge, match+merge compile as one graph; eager results and gradients.
+
+    On the CPU this uses the ``aot_eager`` backend: it traces through Dynamo, the fake kernels and
+    AOTAutograd just like inductor does, without inductor's half-minute C++ build.
+    """
+    def two_merges(metric, x, size, frame_pos):
+        plan = ops.match(metric, 5, 1, backend="triton")
+        x, size = ops.merge(x, size, plan, backend="triton")
+        x, size = triton_ops.join_merge(x, size, 2, 1, 4, frame_pos)
+        plan = ops.match(x, 3, 2, backend="triton")
+        x, size = ops.merge(x, size, plan, backend="triton")
+        return x * 2, size
+
+    torch._dynamo.reset()
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    compiled = torch.compile(two_merges, fullgraph=True, backend=backend)
+    g = torch.Generator().manual_seed(8)
+    metric = make_tokens(4, 20, 8, torch.float32, "contiguous", device, g)
+    x = make_tokens(4, 20, 8, torch.float32, "contiguous", device, g).requires_grad_()
+    size = _sizes(4, 20, "BN1-fp32", torch.float32, device, g)
+    frame_pos = torch.randn(1, 2, 1, 8, generator=g).to(device).requires_grad_()
+    results = []
+    for fn in (compiled, two_merges):
+        out, size_out = fn(metric, x, size, frame_pos)
+        grads = torch.autograd.grad(out.square().sum(), (x, frame_pos))
+        results.append((out, size_out) + grads)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU code path compiles (no GPU needed)
+# ---------------------------------------------------------------------------------------------
+
+def _compile_for_gpu(arch: int, quick: bool = False) -> int:
+    """Compile every kernel as the launchers would launch it on a GPU, down to a cubin for ``sm_<arch>``.
+
+    Runs in a process without TRITON_INTERPRET: the launchers are called with CPU tensors while
+    each kernel is replaced by a recorder, then the recorded launches go through Triton's full
+    compiler. This catches what the interpreter lets through (types, loop-carried values, tl.dot
+    shapes, the fp16/bf16 tensor-core path). ``quick``: the bf16 launches only. Returns how many
+    distinct kernel variants compiled.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    types = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+             torch.int32: "i32", torch.int64: "i64"}
+    launches = {}
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def record(*args, **kwargs):
+                kernel, names = self.kernel, self.kernel.arg_names
+                bound = dict(zip(names, args)) | kwargs
+                fixed = {names[i] if isinstance(i, int) else i for i in kernel.do_not_specialize}
+                signature, constexprs = {}, {}
+                for param, name in zip(kernel.params, names):
+                    value = bound[name]
+                    if param.is_constexpr or (type(value) is int and value == 1 and name not in fixed):
+                        signature[name], constexprs[name] = "constexpr", value  # as a launch specialises
+                    elif isinstance(value, torch.Tensor):
+                        signature[name] = "*" + types[value.dtype]
+                    else:
+                        signature[name] = "i32"
+                key = (kernel.fn.__name__, str(signature), str(constexprs))
+                launches[key] = (kernel, signature, constexprs)
+            return record
+
+    kernels = {name: getattr(triton_ops, name) for name in (
+        "_best_match_fwd_kernel", "_match_plan_kernel", "_merge_index_kernel", "_merge_fwd_kernel", "_merge_bwd_kernel")}
+    for name, kernel in kernels.items():
+        setattr(triton_ops, name, Recorder(kernel))
+    try:
+        _launch_all(quick)
+    finally:
+        for name, kernel in kernels.items():
+            setattr(triton_ops, name, kernel)
+    for kernel, signature, constexprs in launches.values():
+        triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                       target=GPUTarget("cuda", arch, 32))
+    return len(launches)
+
+
+def _launch_all(quick: bool) -> None:
+    i64 = torch.int64
+    merged, dst, kept = torch.empty(4, 60, dtype=i64), torch.empty(4, 60, dtype=i64), torch.empty(4, 136, dtype=i64)
+    dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+    for dtype in dtypes:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        triton_ops.best_match_forward(torch.empty(8, 197, 64, dtype=dtype), 1, group=2)
+        triton_ops.match_plan_forward(torch.empty(8, 98, dtype=acc), torch.empty(8, 98, dtype=i64), 20)
+        triton_ops.merge_forward(torch.empty(8, 197, 768, dtype=dtype), torch.empty(8, 197, 1), merged, dst, kept,
+                                 1, 2, torch.empty(1, 4, 1, 768, dtype=dtype))
+        triton_ops.merge_backward(torch.empty(4, 334, 768, dtype=dtype), torch.empty(8, 197, 1),
+                                  torch.empty(4, 197, dtype=acc), merged, dst, kept, 1, 197, 2)
+        if not quick:  # the plain (unjoined) merge, sizes [B', N] in x's dtype
+            triton_ops.merge_forward(torch.empty(4, 394, 768, dtype=dtype), torch.empty(4, 394, dtype=dtype),
+                                     merged, dst, kept, 2)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_gpu(tmp_path):
+    """The kernels as launched on an H100 (sm_90) on bf16 tensors (tensor-core tl.dot) compile to cubins.
+
+    ``_compile_for_gpu(90)`` (or 80), run by hand, also covers the fp32 launches.
+    """
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the other tests compile and run the kernels for real")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import test_triton_ops as t; "
+              "print('compiled', t._compile_for_gpu(90, quick=True))")
+    done = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.split() == ["compiled", "5"], done.stdout
