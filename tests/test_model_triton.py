@@ -53,3 +53,13 @@ def test_vit_b32_two_videos_triton_equals_torch(device):
                          TempMeConfig()).to(device)
     got, want = _encode_both(model, video(2, 12, image_size=224).to(device))
     assert ((got - want).norm(dim=-1) / want.norm(dim=-1)).max() < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_whole_model_compiles_without_graph_breaks(device, backend):
+    model = apply_tempme(tiny_clip(), TINY_CONFIG, backend=backend).to(device)
+    v = video(2, 4).to(device)
+    # aot_eager traces the whole forward (fullgraph: any graph break fails) without inductor's C++ build.
+    compiled = torch.compile(model.encode_video, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(v), model.encode_video(v), rtol=1e-4, atol=1e-5)
