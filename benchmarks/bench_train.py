@@ -85,7 +85,6 @@ def bench(args) -> List[dict]:
                          "peak_mem_mb": memory, "fwd_bwd_mem_mb": activations})
             print(f"  {mode:4s} {name:8s} {rows[-1]['backend']:6s} {median:9.1f} ms  {memory:8.0f} MiB step  "
                   f"{activations:8.0f} MiB fwd+bwd", flush=True)
-        del model, opt
     for row in rows:
         base = next(r for r in rows if r["mode"] == row["mode"] and r["variant"] == "unmerged")
         row["speedup"] = base["step_ms"] / row["step_ms"]

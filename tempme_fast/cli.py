@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=run_eval)
 
+    from .train_cli import add_train_arguments, run_train
+
+    train = sub.add_parser("train", help="fine-tune with TempMe (LoRA or full), on one GPU or many (torchrun)")
+    add_train_arguments(train)
+    train.set_defaults(func=run_train)
+
     sched = sub.add_parser("schedule", help="print the token schedule of a config")
     sched.add_argument("--depth", type=int, default=12, help="transformer layers")
     sched.add_argument("--tokens-per-frame", type=int, default=50, help="1 + patches (50: ViT-B/32 at 224)")

@@ -1,0 +1,228 @@
+"""``tempme train``: fine-tune a TempMe model on text-video pairs (LoRA or full), one process or many.
+
+    tempme train --data data/MSRVTT --model ViT-B-32-quickgelu --pretrained openai --output runs/b32
+    torchrun --nproc_per_node 8 -m tempme_fast train --data data/MSRVTT ... --output runs/b32
+    tempme train --synthetic 64 --batch-size 8 --epochs 1 --output /tmp/smoke     # no dataset needed
+
+Writes ``<output>/last.pt`` (resumable training state; ``--resume auto`` continues it),
+``<output>/train_log.jsonl`` and, at the end, ``<output>/model.pt``: the state dict with LoRA merged
+into the weights, which ``tempme eval --checkpoint`` loads; in LoRA mode also ``<output>/lora.pt``
+(LoRA + temporal position embeddings only, :func:`tempme_fast.lora.load_lora`).
+
+``--batch-size`` is the global batch (the similarity matrix is ``batch x batch``); each of the
+``torchrun`` processes takes ``batch / world_size`` of it.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SCHEDULE_OPTIONS = ("imgme_r", "clip_layers", "clip_groups", "cross_ratio", "intra_ratio")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option of ``tempme train``: the retrieval data options, ``--synthetic``, model and recipe."""
+    from .retrieval.cli import add_data_arguments
+    from .train import DEFAULT_LR, PRECISIONS
+
+    add_data_arguments(parser)
+    # --data is required for evaluation; here --synthetic may replace it (checked in run_train).
+    for action in parser._actions:
+        if action.dest == "data":
+            action.required = False
+    parser.set_defaults(split="train", batch_size=128)
+    g = parser.add_argument_group("synthetic data")
+    g.add_argument("--synthetic", type=_positive_int, default=None, metavar="N",
+                   help="train on N random video-caption pairs instead of --data (smoke runs, benchmarks)")
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="ViT-B-32-quickgelu",
+                   help="open_clip model name or a JSON model config file (OpenAI weights need a -quickgelu name)")
+    g.add_argument("--pretrained", default=None,
+                   help="open_clip pretrained tag (openai) or local weights file; default: random weights")
+    g.add_argument("--official-checkpoint", default=None, metavar="FILE",
+                   help="start from a checkpoint of the released TempMe code (tempme_fast.official)")
+    g.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
+                   help="TempMe's released merge schedule (--no-merge: train per-frame CLIP, the baseline)")
+    g.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="merge ops backend")
+    g.add_argument("--imgme-r", type=int, default=None, help="override: tokens merged per frame per layer")
+    g.add_argument("--clip-layers", type=int, nargs="+", default=None, help="override: layers that join clips")
+    g.add_argument("--clip-groups", type=int, nargs="+", default=None, help="override: clips joined per layer")
+    g.add_argument("--cross-ratio", type=float, default=None, help="override: share removed when clips join")
+    g.add_argument("--intra-ratio", type=float, default=None, help="override: share removed inside a clip")
+    g.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK when CUDA is available)")
+
+    g = parser.add_argument_group("training (defaults: the TempMe recipe)")
+    g.add_argument("--mode", choices=("lora", "full"), default="lora",
+                   help="lora: LoRA on q/k/v of both towers + temporal position embeddings; full: every weight")
+    g.add_argument("--lora-rank", type=_positive_int, default=8, help="LoRA rank")
+    g.add_argument("--lora-scale", type=float, default=1.0, help="LoRA delta multiplier (1: the released code)")
+    g.add_argument("--epochs", type=_positive_int, default=5)
+    g.add_argument("--lr", type=_positive_float, default=None,
+                   help=f"peak learning rate (default {DEFAULT_LR['lora']} for lora, {DEFAULT_LR['full']} for full)")
+    g.add_argument("--weight-decay", type=float, default=0.2, help="AdamW weight decay (matrices only)")
+    g.add_argument("--warmup", type=float, default=0.1, help="share of the steps spent in linear warm-up")
+    g.add_argument("--grad-clip", type=_positive_float, default=None, help="clip the gradient norm to this")
+    g.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
+                   help="autocast precision (default: bf16 on CUDA, fp32 on CPU); fp16 uses a grad scaler")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--seed", type=int, default=0, help="seeds the model init, data order and RNGs")
+
+    g = parser.add_argument_group("output")
+    g.add_argument("--output", default=None, metavar="DIR",
+                   help="folder for last.pt, train_log.jsonl, model.pt, lora.pt (default: nothing saved)")
+    g.add_argument("--save-every", type=_positive_int, default=None, metavar="STEPS",
+                   help="checkpoint every this many steps (every epoch end is saved anyway)")
+    g.add_argument("--resume", default=None, metavar="FILE",
+                   help="continue from a checkpoint; 'auto': <output>/last.pt if it exists")
+    g.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps in all")
+    g.add_argument("--log-every", type=_positive_int, default=10, help="log a line every this many steps")
+    g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def _build_model(args, device: torch.device) -> torch.nn.Module:
+    from . import TempMeConfig, apply_tempme
+    from .loading import create_model
+
+    model = create_model(args.model, args.pretrained, device="cpu", dtype=torch.float32)
+    if args.merge:
+        overrides = {k: getattr(args, k) for k in _SCHEDULE_OPTIONS if getattr(args, k) is not None}
+        for k in ("clip_layers", "clip_groups"):
+            if k in overrides:
+                overrides[k] = tuple(overrides[k])
+        config = TempMeConfig(frames=args.frames, **overrides)
+    else:
+        config = TempMeConfig.unmerged(args.frames)
+    apply_tempme(model, config, backend=args.backend)
+    if args.official_checkpoint:
+        from .official import load_official_checkpoint
+        load_official_checkpoint(model, args.official_checkpoint, strict=True)
+    return model.to(device)
+
+
+def _build_data(args, model, rank: int, world: int):
+    from .train import SyntheticPairs
+
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    if args.synthetic is not None:
+        return SyntheticPairs(args.synthetic, args.batch_size, args.frames, model.visual.image_size[0],
+                              args.context_length, model.token_embedding.num_embeddings, args.seed, rank, world)
+    import open_clip
+    from torch.utils.data.distributed import DistributedSampler
+
+    from .retrieval.data import PairDataset, load_split, make_loader
+    from .retrieval.video import VideoProcessor
+
+    split = load_split(args.data, args.split, args.data_format, args.videos, args.train_list)
+    split = split.limit(args.max_videos)
+    if not split.captions:
+        raise ValueError(f"--data {args.data}: the {args.split} split has no captions")
+    name = args.model[:-len(".json")].rsplit("/", 1)[-1] if args.model.endswith(".json") else args.model
+    fps = None if args.sample_fps == 0 else args.sample_fps
+    dataset = PairDataset(split, VideoProcessor.for_model(model, args.frames, fps), open_clip.get_tokenizer(name),
+                          args.context_length, captions="all", seed=args.seed)
+    if len(dataset) < args.batch_size:
+        raise ValueError(f"--data {args.data}: {len(dataset)} captions, fewer than one batch of {args.batch_size}")
+    # A DistributedSampler (also for one process) orders every epoch by seed + epoch: exact resumes.
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    return make_loader(dataset, args.batch_size // world, args.workers, sampler=sampler, drop_last=True,
+                       pin_memory=torch.cuda.is_available())
+
+
+def run_train(args) -> int:
+    """Run ``tempme train`` with parsed ``args``; returns the exit status (0 ok, 2 bad input)."""
+    from . import distributed
+    from .lora import merge_lora, save_lora
+    from .train import TrainConfig, Trainer
+
+    if (args.data is None) == (args.synthetic is None):
+        print("tempme train: error: give exactly one of --data PATH and --synthetic N", file=sys.stderr)
+        return 2
+    if not logging.getLogger().handlers:
+        # Our progress lines at INFO; other libraries (open_clip's model creation) only from WARNING.
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("tempme_fast").setLevel(logging.INFO)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        device = None if args.device == "auto" else args.device
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA GPU is available; use --device cpu")
+        info = distributed.init_distributed(device=device)
+    except (ValueError, RuntimeError) as err:
+        print(f"tempme train: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        _seed_everything(args.seed)
+        precision = args.precision or ("bf16" if info.device.type == "cuda" else "fp32")
+        config = TrainConfig(mode=args.mode, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                             warmup=args.warmup, grad_clip=args.grad_clip, precision=precision,
+                             grad_checkpointing=args.grad_checkpointing, lora_rank=args.lora_rank,
+                             lora_scale=args.lora_scale, log_every=args.log_every, save_every=args.save_every,
+                             max_steps=args.max_steps)
+        if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
+            raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint")
+        if args.resume == "auto" and not args.output:
+            raise ValueError("--resume auto needs --output (it resumes <output>/last.pt)")
+        model = _build_model(args, info.device)
+        data = _build_data(args, model, info.rank, info.world_size)
+        trainer = Trainer(model, data, config, output_dir=args.output, progress=not args.no_progress,
+                          resume=args.resume)
+        if info.rank == 0:
+            total = sum(p.numel() for p in model.parameters())
+            print(f"tempme train: {args.model}, mode={args.mode}, {trainer.trainable:,} of {total:,} parameters "
+                  f"trainable, {trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch), global batch "
+                  f"{args.batch_size} on {info.world_size} process(es), {precision}, device {info.device}")
+        history = trainer.fit()
+        if info.rank == 0 and history:
+            last = history[-1]
+            print(f"tempme train: step {last['step']}/{trainer.total_steps}, loss {last['loss']:.4f}")
+        if info.rank == 0 and args.output:
+            if args.mode == "lora":
+                save_lora(model, os.path.join(args.output, "lora.pt"))
+                merge_lora(model)
+            from .train import atomic_save
+            atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                        os.path.join(args.output, "model.pt"))
+            print(f"tempme train: wrote {os.path.join(args.output, 'model.pt')} (LoRA merged; "
+                  f"tempme eval --checkpoint loads it)")
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"tempme train: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.cleanup()
+    return 0

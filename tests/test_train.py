@@ -1,0 +1,281 @@
+"""Loss, training step, Trainer (exact resume, atomic checkpoints), mixed precision, the CLI, Triton grads."""
+import argparse
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from tempme_fast import apply_tempme
+from tempme_fast.lora import add_lora, lora_layers, mark_trainable
+from tempme_fast.train import (SyntheticPairs, TrainConfig, Trainer, atomic_save, contrastive_loss, cosine_schedule,
+                               make_optimizer, train_step, unpack_batch)
+from tiny import TINY_CONFIG, tiny_clip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matrices: thread start-up costs more than the work on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _pairs(n=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    videos = torch.randn(n, 4, 3, 32, 32, generator=g)
+    tokens = torch.randint(1, 999, (n, 16), generator=g)
+    tokens[:, 10] = 999  # EOT: the highest id, where CLIP's text pooling reads
+    tokens[:, 11:] = 0
+    return videos, tokens
+
+
+def _model(mode="lora", backend="torch", seed=0):
+    model = apply_tempme(tiny_clip(seed=seed), TINY_CONFIG, backend=backend).train()
+    if mode == "lora":
+        add_lora(model, rank=4)
+        g = torch.Generator().manual_seed(11)
+        with torch.no_grad():  # non-zero B and frame_pos, so every trainable weight gets a gradient
+            for lora in lora_layers(model).values():
+                lora.lora_b.copy_(0.1 * torch.randn(lora.lora_b.shape, generator=g))
+            for p in model.visual.tempme_frame_pos.values():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    mark_trainable(model, mode)
+    return model
+
+
+def test_contrastive_loss_by_hand():
+    g = torch.Generator().manual_seed(0)
+    v, t = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    scale = torch.tensor(2.0)
+    logits = scale.exp() * F.normalize(t, dim=-1) @ F.normalize(v, dim=-1).T
+    log_t2v = logits.log_softmax(dim=1).diagonal()
+    log_v2t = logits.log_softmax(dim=0).diagonal()
+    want = -(log_t2v.mean() + log_v2t.mean()) / 2
+    torch.testing.assert_close(contrastive_loss(3 * v, t, scale), want)
+    assert contrastive_loss(v, v, torch.tensor(5.0)) < 0.1  # perfect pairs, sharp temperature
+    with pytest.raises(ValueError, match="must both be"):
+        contrastive_loss(v, t[:4], scale)
+
+
+def test_cosine_schedule_warmup_then_decay():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = cosine_schedule(opt, total_steps=10, warmup_steps=2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.05
+
+
+@pytest.mark.parametrize("mode, lr", [("lora", 1e-2), ("full", 1e-3)])
+def test_a_few_steps_reduce_the_loss(mode, lr):
+    torch.manual_seed(0)
+    model = _model(mode)
+    opt = make_optimizer(model, lr=lr, weight_decay=0.0)
+    batch = _pairs(6)
+    losses = [train_step(model, batch, opt).loss for _ in range(8)]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_weight_decay_groups():
+    model = _model("full")
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.2)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert any(p is model.logit_scale for p in no_decay["params"])
+
+
+def test_batch_layouts_and_short_tokens():
+    model = _model()
+    videos, tokens = _pairs(3)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    a = train_step(model, (videos, tokens), opt).loss
+    b = train_step(model, {"video": videos, "tokens": tokens, "mask": mask}, opt).loss
+    # Tokens shorter than the text context are zero-padded: same features, as CLIP attends causally.
+    c = train_step(model, (videos, tokens[:, :12], mask), opt).loss
+    assert a == b == pytest.approx(c, rel=1e-6)
+    with pytest.raises(TypeError, match=r"batch must be \(video, tokens\)"):
+        unpack_batch([videos])
+    with pytest.raises(ValueError, match=r"tokens must be a \[B, L\] tensor with B=3"):
+        unpack_batch((videos, tokens[:2]))
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    def grads(checkpointing):
+        model = _model()
+        model.set_grad_checkpointing(checkpointing)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        loss = train_step(model, _pairs(3), opt).loss
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (l0, g0), (l1, g1) = grads(False), grads(True)
+    assert l0 == l1 and g0.keys() == g1.keys() and len(g0) == 12
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_mixed_precision_step(dtype):
+    model = _model()
+    opt = make_optimizer(model, lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for _ in range(30):  # fp16: the scaler skips steps (inf gradients) until its scale fits
+        result = train_step(model, _pairs(3), opt, scaler=scaler, autocast_dtype=dtype, grad_clip=1.0)
+        if torch.isfinite(torch.tensor(result.grad_norm)):
+            break
+    assert torch.isfinite(torch.tensor(result.loss)) and result.grad_norm > 0
+    fp32 = train_step(_model(), _pairs(3), torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)).loss
+    assert result.loss == pytest.approx(fp32, rel=0.05)
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert len(changed) == len(before) and all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def _resume_run(tmp_path, stop_at=None, resume=False):
+    """2 epochs of 4 batches from a shuffling DataLoader (its order comes from the global RNG)."""
+    torch.manual_seed(123)
+    model = _model()
+    videos, tokens = _pairs(8)
+    data = DataLoader(TensorDataset(videos, tokens), batch_size=2, shuffle=True)
+    config = TrainConfig(epochs=2, lr=5e-3, warmup=0.25, save_every=1, max_steps=stop_at)
+    trainer = Trainer(model, data, config, output_dir=str(tmp_path), progress=False,
+                      resume="auto" if resume else None)
+    history = trainer.fit()
+    return trainer, history
+
+
+def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(tmp_path):
+    full, full_history = _resume_run(tmp_path / "full")
+    assert [r["step"] for r in full_history] == list(range(1, 9)) and full.epoch == 2
+    _, first = _resume_run(tmp_path / "cut", stop_at=5)  # stops mid-epoch, as a killed run
+    assert [r["step"] for r in first] == [1, 2, 3, 4, 5]
+    resumed, rest = _resume_run(tmp_path / "cut", resume=True)
+    assert [r["step"] for r in rest] == [6, 7, 8]
+    # bitwise: same data order, optimiser moments, schedule and RNG
+    assert [r["loss"] for r in first + rest] == [r["loss"] for r in full_history]
+    assert [r["lr"] for r in first + rest] == [r["lr"] for r in full_history]
+    for (n, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(p, q), n
+    log = [json.loads(line) for line in open(tmp_path / "cut" / "train_log.jsonl")]
+    assert [r["step"] for r in log] == list(range(1, 9))
+    assert sorted(os.listdir(tmp_path / "cut")) == ["last.pt", "train_log.jsonl"]
+
+
+def test_resume_refuses_another_run(tmp_path):
+    _resume_run(tmp_path, stop_at=2)
+    with pytest.raises(ValueError, match="mode='lora'"):
+        Trainer(_model("full"), [_pairs(2)] * 4, TrainConfig(mode="full", epochs=2), output_dir=str(tmp_path),
+                progress=False, resume="auto")
+
+
+def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"a": torch.ones(2)}, path)
+    with pytest.raises(Exception):
+        atomic_save({"a": lambda: None}, path)  # a lambda cannot be pickled
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    assert torch.equal(torch.load(path)["a"], torch.ones(2))
+
+
+def test_train_config_errors():
+    with pytest.raises(ValueError, match="mode='half' is not one of"):
+        TrainConfig(mode="half")
+    with pytest.raises(ValueError, match=r"warmup=1.5 must be in \[0, 1\)"):
+        TrainConfig(warmup=1.5)
+    assert TrainConfig().lr == 6e-4 and TrainConfig(mode="full").lr == 1e-5
+    with pytest.raises(TypeError, match="apply_tempme"):
+        Trainer(tiny_clip(), [_pairs(2)], progress=False)
+
+
+def test_synthetic_pairs_shard_the_global_batch():
+    one = SyntheticPairs(8, 4, frames=2, image_size=8, context_length=6, vocab_size=50, seed=3)
+    halves = [SyntheticPairs(8, 4, frames=2, image_size=8, context_length=6, vocab_size=50, seed=3, rank=r,
+                             world_size=2) for r in range(2)]
+    for d in (one, *halves):
+        d.set_epoch(1)
+    for whole, a, b in zip(one, *halves):
+        assert torch.equal(whole[0], torch.cat([a[0], b[0]])) and torch.equal(whole[1], torch.cat([a[1], b[1]]))
+    tokens = next(iter(one))[1]
+    assert (tokens.argmax(dim=1) == (tokens == 49).int().argmax(dim=1)).all()  # EOT is the largest id
+
+
+def test_triton_backend_gradients_equal_torch():
+    pytest.importorskip("triton")
+    try:
+        import tempme_fast.ops.triton_ops  # noqa: F401
+    except Exception as exc:  # the Triton ops are optional
+        pytest.skip(f"Triton ops unavailable: {exc}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    grads = {}
+    for backend in ("torch", "triton"):
+        model = _model("full", backend=backend).to(device)
+        add_lora(model, rank=2)
+        with torch.no_grad():
+            for lora in lora_layers(model).values():
+                lora.lora_b.normal_(0, 0.1, generator=torch.Generator(device).manual_seed(0))
+        mark_trainable(model, "full")
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss = train_step(model, _pairs(2), opt).loss
+        grads[backend] = loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    (lt, gt), (lk, gk) = grads["torch"], grads["triton"]
+    assert lt == pytest.approx(lk, rel=1e-5)
+    assert gt.keys() == gk.keys() and any("lora_a" in n for n in gt) and "visual.tempme_frame_pos.2" in gt
+    for n in gt:
+        torch.testing.assert_close(gk[n], gt[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+TINY_JSON = {
+    "embed_dim": 24, "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def _cli(argv):
+    from tempme_fast.train_cli import add_train_arguments, run_train
+    parser = argparse.ArgumentParser(prog="tempme train")
+    add_train_arguments(parser)
+    return run_train(parser.parse_args(argv))
+
+
+def test_cli_trains_on_synthetic_data_and_resumes(tmp_path, capsys):
+    config = tmp_path / "tiny-train.json"
+    config.write_text(json.dumps(TINY_JSON))
+    out = tmp_path / "run"
+    args = ["--model", str(config), "--synthetic", "8", "--batch-size", "4", "--frames", "4", "--epochs", "2",
+            "--context-length", "12", "--imgme-r", "1", "--clip-layers", "2", "3", "--clip-groups", "2", "2",
+            "--lr", "1e-3", "--output", str(out), "--no-progress", "--backend", "torch"]
+    assert _cli(args + ["--max-steps", "3"]) == 0
+    assert "trainable" in capsys.readouterr().out
+    assert _cli(args + ["--resume", "auto"]) == 0
+    log = [json.loads(line) for line in open(out / "train_log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert sorted(os.listdir(out)) == ["last.pt", "lora.pt", "model.pt", "train_log.jsonl"]
+    # model.pt is a plain state dict (LoRA merged) that `tempme eval --checkpoint` loads
+    from tempme_fast.loading import create_model
+    from tempme_fast.retrieval.cli import load_checkpoint
+    model = apply_tempme(create_model(str(config)), TINY_CONFIG.replace(cross_ratio=0.3, intra_ratio=0.1))
+    load_checkpoint(model, str(out / "model.pt"))
+
+
+def test_cli_needs_data_or_synthetic(capsys):
+    assert _cli(["--epochs", "1"]) == 2
+    assert "exactly one of --data PATH and --synthetic N" in capsys.readouterr().err
+
+
+def test_trainer_skips_batches_without_readable_videos():
+    videos, tokens = _pairs(4)
+    good = {"video": videos[:2], "tokens": tokens[:2], "mask": torch.ones(2, 4, dtype=torch.bool)}
+    broken = {"index": torch.zeros(0, dtype=torch.long), "video_id": [], "path": [],
+              "skipped": [{"index": 0, "video_id": "v0", "path": "v0.mp4", "reason": "corrupt"}]}
+    trainer = Trainer(_model(), [good, broken, good], TrainConfig(epochs=1), progress=False)
+    history = trainer.fit()
+    assert [r["step"] for r in history] == [1, 2] and trainer.epoch == 1
