@@ -1,4 +1,4 @@
-"""The ``tempme`` command: ``bench`` (the main job), ``eval``, ``train`` and ``schedule``."""
+"""The ``tempme`` command: ``bench`` (the main job), ``eval``, ``train``, ``visualize`` and ``schedule``."""
 from __future__ import annotations
 
 import argparse
@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune with TempMe (LoRA or full), on one GPU or many (torchrun)")
     add_train_arguments(train)
     train.set_defaults(func=run_train)
+
+    from .visualize import add_visualize_arguments, run_visualize
+
+    vis = sub.add_parser("visualize", help="draw which patches of which frames merged into each final token")
+    add_visualize_arguments(vis)
+    vis.set_defaults(func=run_visualize)
 
     sched = sub.add_parser("schedule", help="print the token schedule of a config")
     sched.add_argument("--depth", type=int, default=12, help="transformer layers")

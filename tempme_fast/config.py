@@ -71,6 +71,10 @@ class TempMeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {value!r}")
+        for name in ("frame_pos", "prop_attn"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
         if self.frames < 1:
             raise ValueError(f"frames={self.frames} must be at least 1")
         if self.imgme_r < 0:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import ops, tracking
 from .schedule import LayerPlan
 
 
@@ -22,11 +22,14 @@ class ClipState(NamedTuple):
         x: ``[B * F, N, D]`` tokens, clips of one video adjacent.
         size: ``[B * F, N, 1]`` float32, original patches each token stands for.
         protected: class tokens at the front of every clip.
+        sources: None (the default: no tracking, no cost), or ``[B, T * (1 + P)]`` int64, the
+            token now holding every original token of the video (see :mod:`tempme_fast.tracking`).
     """
 
     x: torch.Tensor
     size: torch.Tensor
     protected: int
+    sources: Optional[torch.Tensor] = None
 
 
 class EncoderOptions(NamedTuple):
@@ -37,8 +40,11 @@ class EncoderOptions(NamedTuple):
     attention: str = "sdpa"
 
 
-def embed_frames(visual: nn.Module, frames: torch.Tensor) -> ClipState:
-    """Patch embedding, class token, position embedding and ``ln_pre``: ``[M, 3, H, W]`` -> state."""
+def embed_frames(visual: nn.Module, frames: torch.Tensor, track_videos: Optional[int] = None) -> ClipState:
+    """Patch embedding, class token, position embedding and ``ln_pre``: ``[M, 3, H, W]`` -> state.
+
+    ``track_videos=B`` (``M = B * T``) starts source tracking; None leaves it off.
+    """
     x = visual.conv1(frames.to(visual.conv1.weight.dtype))
     x = x.flatten(2).transpose(1, 2)
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
@@ -46,7 +52,10 @@ def embed_frames(visual: nn.Module, frames: torch.Tensor) -> ClipState:
     x = visual.patch_dropout(x)
     x = visual.ln_pre(x)
     size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=torch.float32)
-    return ClipState(x, size, 1)
+    sources = None
+    if track_videos is not None:
+        sources = tracking.initial_sources(track_videos, x.shape[0] // track_videos, x.shape[1], x.device)
+    return ClipState(x, size, 1, sources)
 
 
 def _self_attention(attn: nn.MultiheadAttention, h: torch.Tensor, size: Optional[torch.Tensor],
@@ -64,9 +73,12 @@ def _self_attention(attn: nn.MultiheadAttention, h: torch.Tensor, size: Optional
     return out, k.mean(dim=1)
 
 
-def _merge(x, size, metric, r, protected, backend):
+def _merge(x, size, sources, metric, r, protected, backend):
     plan = ops.match(metric, r, protected, backend=backend)
-    return ops.merge(x, size, plan, backend=backend)
+    x, size = ops.merge(x, size, plan, backend=backend)
+    if sources is not None:
+        sources = tracking.merge_sources(sources, plan)
+    return x, size, sources
 
 
 def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos: Optional[torch.Tensor],
@@ -78,23 +90,22 @@ def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos
         state: ``plan.clips_in`` clips per video of ``plan.tokens_in`` tokens.
         frame_pos: ``[1, plan.clips_in, 1, D]`` temporal position embedding of a joining layer, or None.
     """
-    x, size, c = state
+    x, size, c, sources = state
     if plan.group > 1:
-        # The cross-clip metric is the block's input before the temporal embedding is added.
-        metric = ops.join_clips(x.detach(), plan.group, c, backend=options.backend)
         pos = frame_pos.to(x.dtype) if frame_pos is not None else None
-        x = ops.join_clips(x, plan.group, c, pos, backend=options.backend)
-        size = ops.join_clips(size, plan.group, c, backend=options.backend)
+        if sources is not None:
+            sources = tracking.join_sources(sources, x.shape[0] // sources.shape[0], x.shape[1], c, plan.group)
+        x, size, cross = ops.join_merge(x, size, plan.group, c, plan.r_cross, pos, backend=options.backend)
         c *= plan.group
-        if plan.r_cross:
-            x, size = _merge(x, size, metric, plan.r_cross, c, options.backend)
+        if sources is not None and plan.r_cross:
+            sources = tracking.merge_sources(sources, cross)
     attn_size = size if options.prop_attn else None
     out, keys = _self_attention(block.attn, block.ln_1(x), attn_size, options.attention)
     x = x + block.ls_1(out)
     if plan.r:
-        x, size = _merge(x, size, keys, plan.r, c, options.backend)
+        x, size, sources = _merge(x, size, sources, keys, plan.r, c, options.backend)
     x = x + block.ls_2(block.mlp(block.ln_2(x)))
-    return ClipState(x, size, c)
+    return ClipState(x, size, c, sources)
 
 
 def frame_features(visual: nn.Module, state: ClipState, videos: int) -> torch.Tensor:
@@ -108,9 +119,13 @@ def frame_features(visual: nn.Module, state: ClipState, videos: int) -> torch.Te
 
 
 def pool_frames(features: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """L2-normalise each frame feature ``[B, T, E]`` and average over the valid frames -> ``[B, E]``."""
+    """L2-normalise each frame feature ``[B, T, E]`` and average over the valid frames -> ``[B, E]``.
+
+    ``mask [B, T]``: a frame is valid where it is non-zero (True); the others get weight exactly 0.
+    """
     features = F.normalize(features, dim=-1)
     if mask is None:
         return features.mean(dim=1)
-    weights = mask.to(features.dtype).unsqueeze(-1)
-    return (features * weights).sum(dim=1) / weights.sum(dim=1)
+    valid = (mask != 0).unsqueeze(-1)
+    total = torch.where(valid, features, torch.zeros((), dtype=features.dtype, device=features.device)).sum(dim=1)
+    return total / valid.sum(dim=1).to(features.dtype)

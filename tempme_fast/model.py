@@ -1,8 +1,9 @@
 """Patch an open_clip CLIP model so it encodes videos with TempMe, and undo the patch."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Dict, Optional, Type
+from typing import Dict, Optional, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -11,7 +12,8 @@ from torch.utils.checkpoint import checkpoint
 from . import ops
 from .config import TempMeConfig
 from .encoder import ClipState, EncoderOptions, block_forward, embed_frames, frame_features, pool_frames
-from .schedule import TokenSchedule, token_schedule
+from .schedule import IMGME, TokenSchedule, token_schedule
+from .tracking import SourceMap, initial_sources, source_map
 
 ATTENTION_IMPLS = ("sdpa", "eager")
 
@@ -24,6 +26,7 @@ class TempMeSettings:
     schedule: TokenSchedule
     backend: str
     attention: str
+    check_finite: bool = False
 
 
 def vit_geometry(visual: nn.Module):
@@ -61,22 +64,22 @@ def _tempme_class(cls: Type[nn.Module]) -> Type[nn.Module]:
 
 
 class _TempMeMixin:
-    def encode_video(self, video: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                     normalize: bool = False) -> torch.Tensor:
+    def encode_video(self, video: torch.Tensor, mask: Optional[torch.Tensor] = None, normalize: bool = False,
+                     *, check_finite: Optional[bool] = None, return_sources: bool = False):
         """Encode ``video [B, T, 3, H, W]`` (optional frame mask ``[B, T]``) to ``[B, embed_dim]``.
 
-        The embedding is the mean of the L2-normalised frame features over the valid frames (padded
-        frames still take part in the joined clips' attention, as in the released model).
-        ``normalize=True`` also L2-normalises that mean.
+        See :func:`tempme_fast.model.encode_video` for the arguments, the checks and how padded
+        frames are treated (they take part in the joined clips' attention; only the final average
+        leaves them out).
         """
-        return encode_video(self, video, mask, normalize)
+        return encode_video(self, video, mask, normalize, check_finite=check_finite, return_sources=return_sources)
 
 
 _CLASSES: Dict[type, type] = {}
 
 
 def apply_tempme(model: nn.Module, config: Optional[TempMeConfig] = None, backend: str = "auto",
-                 attention: str = "sdpa") -> nn.Module:
+                 attention: str = "sdpa", check_finite: bool = False) -> nn.Module:
     """Patch an open_clip ``CLIP`` model in place so ``model.encode_video`` runs TempMe.
 
     Args:
@@ -85,6 +88,13 @@ def apply_tempme(model: nn.Module, config: Optional[TempMeConfig] = None, backen
             ``TempMeConfig.unmerged(frames)`` gives the per-frame CLIP baseline through the same API.
         backend: merge ops backend, ``"torch"``, ``"triton"`` or ``"auto"``.
         attention: ``"sdpa"`` (fused kernels) or ``"eager"`` (explicit softmax, as the released code).
+        check_finite: make ``encode_video`` refuse videos holding NaN or Inf by default (a host
+            synchronisation per call; off by default, ``encode_video(check_finite=...)`` overrides it).
+    Raises:
+        TypeError / ValueError: a model TempMe cannot patch (not an open_clip ViT with a class
+            token, patch dropout, an unsupported dtype), a config that does not fit the model
+            (joins past its last layer). An ``imgme_r`` that a layer cannot honour is clamped, as the
+            spec says, with a :class:`ScheduleClampWarning`.
     Returns:
         ``model``, now with ``encode_video``, ``model.tempme`` (the settings) and, when the config
         adds them, temporal position embeddings ``model.visual.tempme_frame_pos[str(layer)]`` of
@@ -98,12 +108,18 @@ def apply_tempme(model: nn.Module, config: Optional[TempMeConfig] = None, backen
         raise ValueError(f"backend={backend!r} is not one of {ops.BACKENDS}")
     if attention not in ATTENTION_IMPLS:
         raise ValueError(f"attention={attention!r} is not one of {ATTENTION_IMPLS}")
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
     visual = getattr(model, "visual", None)
     if visual is None:
         raise TypeError(f"model is a {type(model).__name__} without .visual; pass an open_clip CLIP model")
     depth, tokens = vit_geometry(visual)
+    dtype = visual.conv1.weight.dtype
+    if dtype not in ops.FLOAT_DTYPES:
+        raise TypeError(f"model.visual has dtype {dtype}; valid: float32, float16, bfloat16, float64")
     schedule = token_schedule(config, depth, tokens)
-    settings = TempMeSettings(config, schedule, backend, attention)
+    _warn_if_imgme_r_clamps(config, schedule)
+    settings = TempMeSettings(config, schedule, backend, attention, check_finite)
 
     current = getattr(model, "tempme", None)
     if isinstance(current, TempMeSettings):
@@ -125,6 +141,30 @@ def apply_tempme(model: nn.Module, config: Optional[TempMeConfig] = None, backen
     return model
 
 
+class ScheduleClampWarning(UserWarning):
+    """``imgme_r`` asks some layer for more tokens than a frame has left; that layer removes fewer."""
+
+
+def _warn_if_imgme_r_clamps(config: TempMeConfig, schedule: TokenSchedule) -> None:
+    """Warn when the spec's clamp (at most half of a clip's unprotected tokens per merge) cuts ``imgme_r``.
+
+    The clamp is part of TempMe (it lets the released 12-layer schedule run on any ViT), so the
+    model runs; but the token counts then differ from ``imgme_r`` times the layers, which a user
+    who wrote that ``imgme_r`` should hear about. Make it an error with
+    ``warnings.simplefilter("error", ScheduleClampWarning)``.
+    """
+    imgme = [p for p in schedule.layers if p.kind == IMGME]
+    short = next((p for p in imgme if p.r < config.imgme_r), None)
+    if short is None:
+        return
+    largest = (schedule.tokens_per_frame - imgme[0].protected_in) // (len(imgme) + 1)
+    warnings.warn(
+        f"imgme_r={config.imgme_r} removes more tokens than the frames have: at layer {short.layer} a frame "
+        f"has {short.tokens_in} tokens ({short.protected_in} class), so that merge removes only {short.r}; "
+        f"with {len(imgme)} image-merging layer(s) of {schedule.tokens_per_frame} tokens per frame, "
+        f"imgme_r <= {largest} is never clamped", ScheduleClampWarning, stacklevel=3)
+
+
 def remove_tempme(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_tempme`: the original class, no ``encode_video``, no added parameters."""
     if not isinstance(getattr(model, "tempme", None), TempMeSettings):
@@ -136,8 +176,14 @@ def remove_tempme(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_video(model: nn.Module, video: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-    """Validate ``encode_video``'s inputs; raises ``ValueError``/``TypeError`` naming the argument."""
+def check_video(model: nn.Module, video: torch.Tensor, mask: Optional[torch.Tensor],
+                check_finite: bool = False) -> None:
+    """Validate ``encode_video``'s inputs; raises ``ValueError``/``TypeError`` naming the argument.
+
+    Shapes, dtypes and devices cost nothing. The mask's values (0/1, at least one valid frame per
+    video) are read back to the host once, except while compiling or capturing a CUDA graph;
+    ``check_finite=True`` adds one more read-back to look for NaN and Inf in ``video``.
+    """
     settings: TempMeSettings = model.tempme
     if not isinstance(video, torch.Tensor):
         raise TypeError(f"video must be a torch.Tensor, got {type(video).__name__}")
@@ -153,37 +199,89 @@ def check_video(model: nn.Module, video: torch.Tensor, mask: Optional[torch.Tens
     if ch != 3 or (h, w) != image_size:
         raise ValueError(f"video frames are {ch}x{h}x{w} but the model takes 3x{image_size[0]}x{image_size[1]}")
     if not video.is_floating_point():
-        raise TypeError(f"video has dtype {video.dtype}; give preprocessed float frames")
-    if video.device != model.visual.conv1.weight.device:
-        raise ValueError(f"video is on {video.device} but the model is on {model.visual.conv1.weight.device}")
+        raise TypeError(f"video has dtype {video.dtype}; give preprocessed float frames (float32, float16, "
+                        f"bfloat16 or float64)")
+    model_device = model.visual.conv1.weight.device
+    if video.device != model_device:
+        raise ValueError(f"video is on {video.device} but the model is on {model_device}")
+    if settings.config.merges:
+        ops.resolve_backend(settings.backend, video)  # e.g. backend='triton' for a CPU tensor
+    checking = not torch.compiler.is_compiling() and not (
+        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (b, t):
             raise ValueError(f"mask must be a tensor of shape [B, T] = [{b}, {t}], got "
                              f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+        if mask.is_complex():
+            raise TypeError(f"mask has dtype {mask.dtype}; give bool (True = real frame) or 0/1 integers")
         if mask.device != video.device:
             raise ValueError(f"mask is on {mask.device} but video is on {video.device}")
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        if not torch.compiler.is_compiling() and not capturing and not bool((mask != 0).any(dim=1).all()):
-            raise ValueError("mask has a video with no valid frame; every video needs at least one")
+        if checking:
+            valid = mask != 0
+            binary = (mask == 0) | (mask == 1)  # always true for bool masks
+            each_has_one, is_binary = torch.stack([valid.any(dim=1).all(), binary.all()]).tolist()
+            if not is_binary:
+                raise ValueError(f"mask holds values other than 0 and 1 (dtype {mask.dtype}); give bool "
+                                 f"(True = real frame, False = padding) or 0/1 values")
+            if not each_has_one:
+                raise ValueError("mask has a video with no valid frame; every video needs at least one")
+    if check_finite and checking:
+        ops.assert_finite("video", video)
 
 
 def encode_video(model: nn.Module, video: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                 normalize: bool = False) -> torch.Tensor:
-    """See ``encode_video`` on a patched model."""
-    check_video(model, video, mask)
+                 normalize: bool = False, *, check_finite: Optional[bool] = None,
+                 return_sources: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, SourceMap]]:
+    """Encode videos with TempMe: ``video [B, T, 3, H, W]`` -> ``[B, embed_dim]``.
+
+    Args:
+        model: patched by :func:`apply_tempme`.
+        video: CLIP-preprocessed frames, any float dtype (cast to the model's), any strides; ``T``
+            must equal ``config.frames`` and ``H x W`` the model's image size.
+        mask: optional ``[B, T]``, bool (True = real frame) or 0/1 values, at least one real frame
+            per video.
+        normalize: L2-normalise the returned embedding.
+        check_finite: refuse a video holding NaN or Inf (a host synchronisation); default: what
+            ``apply_tempme(check_finite=...)`` chose (off).
+        return_sources: also return a :class:`~tempme_fast.tracking.SourceMap`, which final token
+            every original token of every frame ended in. Off by default, and then nothing of it
+            is computed.
+
+    Returns:
+        The embedding ``[B, embed_dim]`` in the model's dtype, or ``(embedding, sources)`` with
+        ``return_sources=True``.
+
+    Padded frames: the embedding is the mean of the L2-normalised class-token features of the
+    frames the mask marks valid, and a padded frame gets weight exactly zero in that mean. Padded
+    frames are still encoded with the rest of their video, as in the released TempMe model: from
+    the first ClipMe layer on they share joined clips with real frames, so real frames attend to
+    their tokens and merge with them. What a padded frame holds (zeros, a repeated frame) therefore
+    changes its video's embedding slightly; pad the same way at training and test time (the
+    retrieval loaders pad with zero frames at the end). A video's embedding never depends on the
+    other videos in the batch.
+    """
     settings: TempMeSettings = model.tempme
+    check_finite = settings.check_finite if check_finite is None else check_finite
+    check_video(model, video, mask, check_finite)
     visual = model.visual
     b, t = video.shape[:2]
     frames = video.flatten(0, 1)
+    sources = None
     if not settings.config.merges:
         # Per-frame CLIP through open_clip's own forward (its own attention path).
         features = visual(frames.to(visual.conv1.weight.dtype))
         features = (features[0] if isinstance(features, tuple) else features).view(b, t, -1)
+        if return_sources:
+            tokens = settings.schedule.tokens_per_frame
+            sources = source_map(initial_sources(b, t, tokens, video.device), t, t, tokens, 1)
     else:
-        state = run_blocks(model, embed_frames(visual, frames))
+        state = run_blocks(model, embed_frames(visual, frames, track_videos=b if return_sources else None))
         features = frame_features(visual, state, b)
+        if return_sources:
+            sources = source_map(state.sources, t, state.x.shape[0] // b, state.x.shape[1], state.protected)
     pooled = pool_frames(features, mask)
-    return torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
+    pooled = torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
+    return (pooled, sources) if return_sources else pooled
 
 
 def encoder_options(model: nn.Module) -> EncoderOptions:

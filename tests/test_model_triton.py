@@ -63,3 +63,18 @@ def test_whole_model_compiles_without_graph_breaks(device, backend):
     compiled = torch.compile(model.encode_video, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
     with torch.no_grad():
         torch.testing.assert_close(compiled(v), model.encode_video(v), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [TINY_CONFIG.replace(cross_ratio=0.0), TINY_CONFIG.replace(intra_ratio=0.0)],
+                         ids=["no-cross-merge", "no-intra-merge"])
+def test_joins_without_a_merge_keep_token_order(device, config):
+    """A join that removes nothing is a plain join on both backends (no merge-order shuffle)."""
+    model = apply_tempme(tiny_clip(), config).to(device)
+    v = video(2, 4).to(device)
+    with torch.no_grad():
+        apply_tempme(model, config, backend="torch")
+        want, want_sources = model.encode_video(v, return_sources=True)
+        apply_tempme(model, config, backend="triton")
+        got, got_sources = model.encode_video(v, return_sources=True)
+    assert torch.equal(got_sources.assignment, want_sources.assignment)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -125,10 +125,11 @@ def test_tempme_eval_end_to_end(msrvtt, tiny_config, tmp_path, capsys):
     out = tmp_path / "result.json"
     code = run_eval(eval_args("--data", str(msrvtt), "--model", tiny_config, "--workers", "0",
                               "--batch-size", "2", "--dsl", "--json", str(out), "--no-progress"))
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     with capsys.disabled():
         print("\n" + printed)
-    assert code == 0
+    assert code == 0, captured.err
     for text in ("text-to-video", "video-to-text", "(DSL)", "R@1", "R@5", "R@10", "MdR", "MnR", "R-Sum",
                  "GFLOPs/video", "videos/s", "video7022"):
         assert text in printed

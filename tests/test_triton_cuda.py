@@ -121,7 +121,7 @@ def test_join_merge(f, n, c, group, r, dtype):
     plan = ops.match(joined, r, c * group, backend="triton")
     assert torch.equal(merged, plan.merged) and torch.equal(dst, plan.dst) and torch.equal(kept, plan.kept)
 
-    out, size_out = triton_ops.join_merge(x, size, group, c, r, frame_pos)
+    out, size_out, _ = triton_ops.join_merge(x, size, group, c, r, frame_pos)
     x64 = x.detach().double().requires_grad_()
     pos64 = frame_pos.detach().double().requires_grad_()
     ref_out, ref_size = ref.merge(ref.join_clips(x64, group, c, pos64), ref.join_clips(size.double(), group, c), plan)

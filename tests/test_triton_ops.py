@@ -335,7 +335,7 @@ def test_join_merge(f, group, n, c, d, dtype, layout, r, device):
     g = torch.Generator().manual_seed(f * n + r)
     size = _sizes(2 * f, n, "BN1-fp32", dtype, device, g)
     frame_pos = (0.1 * torch.randn(1, f, 1, d, generator=g)).to(dtype).to(device).requires_grad_()
-    out, size_out = triton_ops.join_merge(x, size, group, c, r, frame_pos)
+    out, size_out, _ = triton_ops.join_merge(x, size, group, c, r, frame_pos)
     x64 = x.detach().cpu().double().requires_grad_()
     pos64 = frame_pos.detach().cpu().double().requires_grad_()
     ref_out, ref_size = _reference_join_merge(x64, size.cpu().double(), group, c, r, pos64)
@@ -354,7 +354,7 @@ def test_join_merge(f, group, n, c, d, dtype, layout, r, device):
 def test_join_merge_without_pos(device):
     x = tie_free_metric(4, 12, 1, 8, torch.float32, "contiguous", device, group=2)
     size = torch.ones(4, 12, device=device)
-    out, size_out = triton_ops.join_merge(x, size, 2, 1, 7)
+    out, size_out, _ = triton_ops.join_merge(x, size, 2, 1, 7)
     ref_out, ref_size = _reference_join_merge(x.cpu().double(), size.cpu().double(), 2, 1, 7, None)
     assert_close(out, ref_out, torch.float32, "merged x")
     assert_close(size_out, ref_size, torch.float32, "merged size")
@@ -412,7 +412,7 @@ def test_join_merge_multi_tile(tiling, device):
     g = torch.Generator().manual_seed(12)
     size = _sizes(8, 25, "BN-fp32", torch.float16, device, g)
     frame_pos = torch.randn(1, 4, 1, 40, generator=g).to(torch.float16).to(device).requires_grad_()
-    out, size_out = triton_ops.join_merge(x, size, 2, 1, 20, frame_pos)
+    out, size_out, _ = triton_ops.join_merge(x, size, 2, 1, 20, frame_pos)
     x64 = x.detach().cpu().double().requires_grad_()
     ref_out, ref_size = _reference_join_merge(x64, size.cpu().double(), 2, 1, 20, frame_pos.detach().cpu().double())
     assert_close(out, ref_out, torch.float16, "merged x")
@@ -473,7 +473,7 @@ def test_compile_fullgraph(device):
     def two_merges(metric, x, size, frame_pos):
         plan = ops.match(metric, 5, 1, backend="triton")
         x, size = ops.merge(x, size, plan, backend="triton")
-        x, size = triton_ops.join_merge(x, size, 2, 1, 4, frame_pos)
+        x, size, _ = triton_ops.join_merge(x, size, 2, 1, 4, frame_pos)
         plan = ops.match(x, 3, 2, backend="triton")
         x, size = ops.merge(x, size, plan, backend="triton")
         return x * 2, size

@@ -131,7 +131,9 @@ def merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> Tuple[torch.T
     dst_idx = plan.dst.unsqueeze(-1)
     b_sum = (xb * sb).scatter_add(1, dst_idx.expand(-1, -1, d), take(xa, plan.merged) * src_s)
     b_size = sb.scatter_add(1, dst_idx, src_s)
-    out_x = torch.cat([xw[:, :c], kept_x, b_sum / b_size], dim=1).to(x.dtype)
+    # A B token nothing merged into keeps its value exactly (not (size * x) / size, one rounding off).
+    b_new = torch.where(b_size > sb, b_sum / b_size, xb)
+    out_x = torch.cat([xw[:, :c], kept_x, b_new], dim=1).to(x.dtype)
     out_s = torch.cat([sw[:, :c], take(sa, plan.kept), b_size], dim=1).to(size.dtype)
     return out_x, (out_s.squeeze(-1) if squeeze else out_s)
 

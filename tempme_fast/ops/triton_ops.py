@@ -314,7 +314,7 @@ def merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> Tuple[torch.T
 
 
 def join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, r: int,
-               frame_pos: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+               frame_pos: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, MergePlan]:
     """ClipMe's join and cross-clip merge in one pass, never writing the joined clips.
 
     Equal to ``reference.merge(join_clips(x, group, protected, frame_pos), join_clips(size, ...),
@@ -328,12 +328,14 @@ def join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, 
         r: tokens removed from each joined clip, ``0 <= r <= (N - protected) * g // 2``.
         frame_pos: optional ``[1, F, 1, D]`` temporal position embedding.
     Returns:
-        ``x [B * F / g, g * N - r, D]`` in x's dtype (also when ``frame_pos`` has another dtype)
-        and ``size`` in its layout and dtype. Differentiable in ``x`` and ``frame_pos``.
+        ``x [B * F / g, g * N - r, D]`` in x's dtype (also when ``frame_pos`` has another dtype),
+        ``size`` in its layout and dtype, and the :class:`MergePlan` on the joined clips (as
+        ``reference.match`` would give it). Differentiable in ``x`` and ``frame_pos``.
     """
     _check_join(x, size, group, protected, r, frame_pos)
     merged, dst, kept = torch.ops.tempme.match(x.detach(), r, protected, group)
-    return MergeFunction.apply(x, size.detach(), merged, dst, kept, protected, group, frame_pos)
+    out, size_out = MergeFunction.apply(x, size.detach(), merged, dst, kept, protected, group, frame_pos)
+    return out, size_out, MergePlan(merged, dst, kept, x.shape[1] * group, protected * group)
 
 
 def _check_join(x, size, group, protected, r, frame_pos) -> None:

@@ -1,0 +1,293 @@
+"""``tempme visualize``: draw a video's frames with every final token's region coloured.
+
+Each final token of the encoder gets one colour, the same in every frame, so a token that
+gathered patches of several frames (a ClipMe merge) shows up as one colour spread over those
+frames. Thin dark lines separate patches held by different tokens. By default only tokens that
+hold two or more patches are filled; ``--all-tokens`` fills the single-patch ones too.
+
+Drawing uses Pillow (installed with open_clip's torchvision); nothing else is needed.
+"""
+from __future__ import annotations
+
+import argparse
+import colorsys
+import re
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+__all__ = ["IMAGE_SUFFIXES", "add_visualize_arguments", "draw_merges", "load_frames", "run_visualize",
+           "token_colours", "visualize"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames in
+# ---------------------------------------------------------------------------------------------
+
+def _natural_key(path: Path):
+    # frame_2.png before frame_10.png
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+
+
+def load_frames(path: str, frames: int, fps: Optional[float] = 1.0) -> List["PIL.Image.Image"]:  # noqa: F821
+    """The RGB frames the encoder will see, at most ``frames`` of them, in time order.
+
+    ``path`` is a video file (decoded and sampled by :mod:`tempme_fast.retrieval.video`: ``fps``
+    frames per second, then uniformly down to ``frames``; ``fps=None`` samples uniformly over the
+    whole video) or a folder of images (``IMAGE_SUFFIXES``, in natural name order, sampled
+    uniformly down to ``frames``).
+    """
+    from PIL import Image
+
+    from .retrieval.video import VideoDecodeError, read_frames, uniform_indices
+
+    p = Path(path)
+    if p.is_dir():
+        files = sorted((f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()),
+                       key=_natural_key)
+        if not files:
+            raise ValueError(f"{path}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        images = []
+        for i in uniform_indices(len(files), frames):
+            try:
+                with Image.open(files[i]) as image:
+                    images.append(image.convert("RGB"))
+            except OSError as exc:
+                raise ValueError(f"{files[i]}: not a readable image ({exc})") from None
+        return images
+    if not p.exists():
+        raise ValueError(f"{path}: no such video file or frame folder")
+    try:
+        return read_frames(str(p), frames, fps)
+    except VideoDecodeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _preprocess(model: torch.nn.Module, images: Sequence, frames: int):
+    """``(video [1, T, 3, H, W], mask [1, T], shown [n, H, W, 3] uint8)``: what the model sees.
+
+    ``shown`` is the transformed frames turned back into pixels (resize, crop, de-normalise), so
+    the patch grid drawn over them is the one the model used.
+    """
+    from open_clip.model import get_model_preprocess_cfg
+
+    from .retrieval.video import clip_transform
+
+    transform = clip_transform(model)
+    tensors = torch.stack([transform(image) for image in images])
+    cfg = get_model_preprocess_cfg(model)
+    mean = torch.tensor(cfg.get("mean") or (0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.get("std") or (0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+    shown = ((tensors * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    video = torch.zeros((1, frames, *tensors.shape[1:]), dtype=torch.float32)
+    video[0, :len(images)] = tensors
+    mask = torch.zeros(1, frames, dtype=torch.bool)
+    mask[0, :len(images)] = True
+    return video, mask, shown
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing
+# ---------------------------------------------------------------------------------------------
+
+def token_colours(tokens: int) -> np.ndarray:
+    """``[tokens, 3]`` uint8 RGB: hues a golden-ratio step apart, so tokens with near indices differ."""
+    colours = np.empty((tokens, 3), dtype=np.uint8)
+    for k in range(tokens):
+        hue = (k * 0.6180339887) % 1.0
+        saturation = (0.95, 0.65)[k % 2]
+        value = (1.0, 0.85, 0.7)[k % 3]
+        colours[k] = [round(255 * c) for c in colorsys.hsv_to_rgb(hue, saturation, value)]
+    return colours
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return ImageFont.load_default()
+
+
+def draw_merges(images: np.ndarray, grid: np.ndarray, sizes: np.ndarray, *, columns: Optional[int] = None,
+                alpha: float = 0.55, all_tokens: bool = False, caption: str = "", scale: int = 1):
+    """Draw frames with each final token's patches coloured; returns a ``PIL.Image``.
+
+    Args:
+        images: ``[n, H, W, 3]`` uint8, the frames as the model saw them.
+        grid: ``[n, H_p, W_p]`` int, the final token of every patch (``SourceMap.patch_grid()``).
+        sizes: ``[tokens]`` int, patches (and class tokens) each final token holds.
+        columns: frames per row (default: up to 6).
+        alpha: opacity of the colour fill, in ``[0, 1]``.
+        all_tokens: also fill tokens that hold a single patch.
+        caption: text under the grid.
+        scale: integer upscaling of every frame (nearest neighbour), for small images.
+    """
+    from PIL import Image, ImageDraw
+
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha} must be in [0, 1]")
+    n, height, width = images.shape[:3]
+    if grid.shape[0] != n or height % grid.shape[1] or width % grid.shape[2]:
+        raise ValueError(f"grid {grid.shape} does not tile {n} frames of {height}x{width} pixels")
+    columns = columns or min(n, 6)
+    if columns < 1:
+        raise ValueError(f"columns={columns} must be >= 1")
+    rows = -(-n // columns)
+    ph, pw = height // grid.shape[1], width // grid.shape[2]
+    colours = token_colours(len(sizes))
+    filled = sizes >= (1 if all_tokens else 2)
+
+    tile_h, tile_w = height * scale, width * scale
+    pad, label_h = 6, 18
+    font = _font(13)
+    lines = caption.splitlines() if caption else []
+    caption_h = 18 * len(lines) + (pad if lines else 0)
+    canvas = Image.new("RGB", (columns * (tile_w + pad) + pad, rows * (tile_h + label_h + pad) + pad + caption_h),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    for f in range(n):
+        # Per-pixel token ids: the patch grid blown up to the frame's pixels.
+        ids = np.repeat(np.repeat(grid[f], ph, axis=0), pw, axis=1)
+        pixels = images[f].astype(np.float32)
+        fill = filled[ids]
+        pixels[fill] = (1 - alpha) * pixels[fill] + alpha * colours[ids[fill]].astype(np.float32)
+        # Dark lines where the token changes between neighbouring patches.
+        edge = np.zeros(ids.shape, dtype=bool)
+        edge[:, 1:] |= ids[:, 1:] != ids[:, :-1]
+        edge[1:, :] |= ids[1:, :] != ids[:-1, :]
+        pixels[edge] = 0.35 * pixels[edge]
+        tile = Image.fromarray(pixels.round().astype(np.uint8))
+        if scale != 1:
+            tile = tile.resize((tile_w, tile_h), Image.NEAREST)
+        r, c = divmod(f, columns)
+        x0, y0 = pad + c * (tile_w + pad), pad + r * (tile_h + label_h + pad)
+        draw.text((x0, y0), f"frame {f}", fill="black", font=font)
+        canvas.paste(tile, (x0, y0 + label_h))
+    y = rows * (tile_h + label_h + pad) + pad
+    for line in lines:
+        draw.text((pad, y), line, fill="black", font=font)
+        y += 18
+    return canvas
+
+
+def _caption(model_name: str, sources, shown_frames: int, weights: str, config) -> str:
+    """Two lines: the model, its weights and schedule; tokens in and out, and how many were merged."""
+    sizes = sources.sizes()[0]
+    sizes[sources.is_class_token()] = 0
+    grid = sources.patch_grid()[0, :shown_frames].flatten(1)
+    spans = [int((grid == k).any(dim=1).sum()) for k in range(sources.tokens)]
+    original = sources.assignment.shape[1] * sources.assignment.shape[2]
+    merged = int((sizes >= 2).sum())
+    across = sum(1 for k in range(sources.tokens) if spans[k] >= 2)
+    return (f"{model_name}, {weights}; TempMe imgme_r={config.imgme_r}, joins of {list(config.clip_groups)} at "
+            f"layers {list(config.clip_layers)}\n"
+            f"{config.frames} frames: {original} tokens in, {sources.tokens} out. Coloured: the {merged} final tokens "
+            f"holding 2+ patches, one colour per token in every frame it reaches ({across} span several frames); "
+            f"uncoloured patches are tokens of their own.")
+
+
+def _trace(model: torch.nn.Module, images: Sequence):
+    """``(shown [n, H, W, 3] uint8, grid [n, H_p, W_p], sources)`` for frames ``images``."""
+    from .tracking import trace_sources
+
+    frames = model.tempme.config.frames
+    if not 1 <= len(images) <= frames:
+        raise ValueError(f"got {len(images)} frames; give 1 to frames={frames}")
+    video, mask, shown = _preprocess(model, images, frames)
+    weight = model.visual.conv1.weight
+    sources = trace_sources(model, video.to(device=weight.device, dtype=weight.dtype), mask.to(weight.device))
+    grid = sources.patch_grid(tuple(model.visual.grid_size))[0, :len(images)].cpu().numpy()
+    return shown, grid, sources
+
+
+def visualize(model: torch.nn.Module, images: Sequence, *, columns: Optional[int] = None, alpha: float = 0.55,
+              all_tokens: bool = False, caption: str = ""):
+    """Trace where ``images`` (RGB ``PIL.Image`` frames, 1 to ``config.frames`` of them; fewer are
+    padded with zero frames) go in the TempMe-patched ``model`` and draw it.
+
+    Returns:
+        ``(picture, sources)``: a ``PIL.Image`` and the :class:`~tempme_fast.tracking.SourceMap`
+        of the (one-video) batch.
+    """
+    shown, grid, sources = _trace(model, images)
+    picture = draw_merges(shown, grid, sources.sizes()[0].cpu().numpy(), columns=columns, alpha=alpha,
+                          all_tokens=all_tokens, caption=caption)
+    return picture, sources
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option of ``tempme visualize`` (the schedule's knobs from ``add_config_arguments``)."""
+    from .cli import add_config_arguments
+
+    parser.add_argument("source", metavar="VIDEO_OR_FRAMES",
+                        help="a video file (decoded with PyAV) or a folder of frame images")
+    parser.add_argument("--out", default="merges.png", help="where to write the picture (PNG)")
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="ViT-B-32-quickgelu", help="open_clip model name or a JSON model config")
+    g.add_argument("--pretrained", default=None,
+                   help="open_clip pretrained tag (openai) or local weights file; default: random weights")
+    g.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="state dict of a TempMe-patched model or a LoRA adapter (as tempme eval)")
+    g.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="merge ops backend")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random weights (without --pretrained)")
+    g = parser.add_argument_group("frames and drawing")
+    g.add_argument("--sample-fps", type=float, default=1.0,
+                   help="frames per second sampled from a video before uniform subsampling to --frames; "
+                        "0 samples --frames uniformly over the whole video")
+    g.add_argument("--columns", type=int, default=None, help="frames per row (default: up to 6)")
+    g.add_argument("--alpha", type=float, default=0.55, help="opacity of the token colours, 0..1")
+    g.add_argument("--all-tokens", action="store_true", help="also colour tokens that hold a single patch")
+    add_config_arguments(parser)
+
+
+def run_visualize(args) -> int:
+    """``tempme visualize``: read frames, run the patched model with source tracking, write the PNG."""
+    from . import apply_tempme
+    from .cli import config_from_args
+    from .loading import create_model, resolve_device
+
+    if args.sample_fps < 0:
+        raise ValueError(f"--sample-fps {args.sample_fps} must be >= 0 (0: uniform over the whole video)")
+    if not str(args.out).lower().endswith(".png"):
+        raise ValueError(f"--out {args.out}: write a .png file")
+    config = config_from_args(args)
+    images = load_frames(args.source, config.frames, args.sample_fps or None)
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    model = create_model(args.model, args.pretrained, device="cpu")
+    apply_tempme(model, config, backend=args.backend)
+    if args.checkpoint:
+        from .retrieval.cli import load_checkpoint
+
+        load_checkpoint(model, args.checkpoint)
+    model = model.to(device).eval()
+    shown, grid, sources = _trace(model, images)
+    if args.checkpoint:
+        weights = f"weights from {Path(args.checkpoint).name}"
+    elif args.pretrained:
+        weights = f"{args.pretrained} weights"
+    else:
+        weights = f"RANDOM weights (seed {args.seed}, untrained)"
+    caption = _caption(Path(args.model).stem if args.model.endswith(".json") else args.model, sources, len(images),
+                       weights, config)
+    picture = draw_merges(shown, grid, sources.sizes()[0].cpu().numpy(), columns=args.columns, alpha=args.alpha,
+                          all_tokens=args.all_tokens, caption=caption)
+    out = Path(args.out)
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True)
+    picture.save(out)
+    padded = config.frames - len(images)
+    print(f"wrote {out}: {len(images)} frame(s){f' (+{padded} padded)' if padded else ''}, "
+          f"{sources.assignment.shape[1] * sources.assignment.shape[2]} tokens -> {sources.tokens} final tokens")
+    return 0

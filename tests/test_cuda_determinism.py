@@ -1,0 +1,119 @@
+"""Bit-for-bit repeatability on a GPU at the real sizes (ViT-B/32 and ViT-B/16 shapes): skipped without CUDA.
+
+- The Triton merge ops, forward and backward, at the shapes the model meets (including hub plans
+  where many A tokens merge into one B token): identical across runs, with no special setting.
+- The whole encoder's forward on the Triton backend: identical across runs, with no special setting.
+- The whole encoder's forward and backward on either backend: identical across runs under
+  ``torch.use_deterministic_algorithms(True)`` and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (checked in a
+  fresh process, since cuBLAS reads that variable when it starts). Without them, PyTorch's fused
+  attention backward and the torch backend's ``scatter_add`` may reorder float sums.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tempme_fast import TempMeConfig, apply_tempme, ops
+from tempme_fast.ops import reference as ref
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# (clips, tokens, protected, metric width, r): a per-frame merge of ViT-B/16 at 32 videos x 12 frames, the
+# three cross-clip merges after its joins, and the last intra-clip merge.
+SHAPES = [
+    pytest.param(384, 197, 1, 64, 2, id="B384-N197-c1-r2"),
+    pytest.param(192, 362, 2, 768, 108, id="B192-N362-c2-r108"),
+    pytest.param(96, 458, 4, 768, 137, id="B96-N458-c4-r137"),
+    pytest.param(32, 867, 12, 768, 260, id="B32-N867-c12-r260"),
+    pytest.param(32, 547, 12, 64, 54, id="B32-N547-c12-r54"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("b, n, c, ch, r", SHAPES)
+def test_triton_ops_repeat_at_real_sizes(b, n, c, ch, r, dtype):
+    g = torch.Generator(device="cuda").manual_seed(n)
+    metric = torch.randn(b, n, ch, device="cuda", generator=g).to(dtype)
+    x = torch.randn(b, n, 768, device="cuda", generator=g).to(dtype)
+    size = torch.randint(1, 600, (b, n, 1), device="cuda", generator=g).float()
+    upstream = torch.randn(b, n - r, 768, device="cuda", generator=g).to(dtype)
+    na, _ = ref.split_sizes(n, c)
+    # Every merged A token into B token 0 or 1: long sums whose order would show in the last bits.
+    hub = ref.MergePlan(torch.arange(r, device="cuda").expand(b, -1), (torch.arange(r, device="cuda") % 2).expand(b, -1),
+                        torch.arange(r, na, device="cuda").expand(b, -1), n, c)
+
+    def run():
+        plan = ops.match(metric, r, c, backend="triton")
+        results = [*plan[:3], *ops.best_match(metric, c, backend="triton")]
+        for p in (plan, hub):
+            xr = x.clone().requires_grad_()
+            out, out_size = ops.merge(xr, size, p, backend="triton")
+            out.backward(upstream)
+            results += [out, out_size, xr.grad]
+        torch.cuda.synchronize()
+        return results
+
+    first = run()
+    for _ in range(2):
+        for a, b_ in zip(first, run()):
+            assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_triton_encoder_forward_repeats_at_real_size(dtype):
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).to("cuda", dtype).eval()
+    apply_tempme(model, TempMeConfig(), backend="triton")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    video = torch.randn(16, 12, 3, 224, 224, device="cuda", generator=g).to(dtype)
+    with torch.no_grad():
+        first = model.encode_video(video)
+        for _ in range(3):
+            assert torch.equal(model.encode_video(video), first)
+
+
+_DETERMINISTIC_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch, open_clip
+    from tempme_fast import TempMeConfig, apply_tempme
+
+    torch.use_deterministic_algorithms(True)
+    backend, dtype = sys.argv[1], getattr(torch, sys.argv[2])
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).to("cuda", dtype).train()
+    apply_tempme(model, TempMeConfig(), backend=backend)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    video = torch.randn(8, 12, 3, 224, 224, device="cuda", generator=g).to(dtype)
+    upstream = torch.randn(8, 512, device="cuda", generator=g).to(dtype)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        emb = model.encode_video(video)
+        emb.backward(upstream)
+        torch.cuda.synchronize()
+        return [emb.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    first = run()
+    for _ in range(2):
+        for i, (a, b) in enumerate(zip(first, run())):
+            assert torch.equal(a, b), f"tensor {i} differs"
+    print("bitwise-identical")
+""")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_encoder_forward_backward_repeat_in_deterministic_mode(backend, dtype, tmp_path):
+    env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8")
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", _DETERMINISTIC_SCRIPT, backend, dtype], env=env,
+                          capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "bitwise-identical" in done.stdout

@@ -1,0 +1,142 @@
+"""``tempme visualize``: frames in (a video file or an image folder), one PNG out, tokens coloured consistently."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tempme_fast.retrieval.video import write_video
+from tempme_fast.visualize import add_visualize_arguments, draw_merges, load_frames, run_visualize, token_colours
+
+TINY_JSON = {
+    "embed_dim": 24,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+}
+TINY_ARGS = ["--frames", "4", "--imgme-r", "1", "--clip-layers", "2", "3", "--clip-groups", "2", "2"]
+
+
+def _frames(count, size=32):
+    """A red square moving right over a grey background."""
+    frames = []
+    for i in range(count):
+        image = np.full((size, size, 3), 120, dtype=np.uint8)
+        image[8:16, 2 + 4 * i:10 + 4 * i] = (220, 30, 30)
+        frames.append(image)
+    return frames
+
+
+def _args(*argv):
+    parser = argparse.ArgumentParser()
+    add_visualize_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.fixture
+def tiny_model_file(tmp_path):
+    path = tmp_path / "tiny-vis.json"
+    path.write_text(json.dumps(TINY_JSON))
+    return str(path)
+
+
+def test_draw_merges_colours_each_token_the_same_in_every_frame():
+    images = np.full((2, 16, 16, 3), 100, dtype=np.uint8)
+    # 2 frames of 2x2 patches (8 px): token 3 spans both frames, tokens 0, 1 and 4 hold one patch each.
+    grid = np.array([[[3, 3], [0, 5]], [[3, 1], [4, 5]]])
+    sizes = np.array([1, 1, 1, 3, 1, 2])
+    alpha = 0.5
+    picture = np.asarray(draw_merges(images, grid, sizes, columns=2, alpha=alpha))
+    colours = token_colours(6)
+    pad, label = 6, 18
+
+    def pixel(frame, row, col):  # a pixel inside patch (row, col), away from its edges
+        x0 = pad + frame * (16 + pad)
+        return picture[pad + label + row * 8 + 4, x0 + col * 8 + 4].astype(int)
+
+    blend = lambda k: np.round(0.5 * 100 + alpha * colours[k]).astype(int)  # noqa: E731
+    assert (pixel(0, 0, 0) == blend(3)).all() and (pixel(0, 0, 1) == blend(3)).all()
+    assert (pixel(1, 0, 0) == blend(3)).all()  # the same token, the same colour, in the other frame
+    assert (pixel(0, 1, 1) == blend(5)).all() and (pixel(1, 1, 1) == blend(5)).all()
+    for frame, row, col in [(0, 1, 0), (1, 0, 1), (1, 1, 0)]:  # single-patch tokens: not filled
+        assert (pixel(frame, row, col) == 100).all()
+    # A darkened line where the token changes (between patch (1,0) and (1,1) of frame 0).
+    assert (picture[pad + label + 12, pad + 8] < 100).all()
+    everything = np.asarray(draw_merges(images, grid, sizes, columns=2, alpha=alpha, all_tokens=True))
+    assert (everything[pad + label + 12, pad + 4] == blend(0)).all()
+    with pytest.raises(ValueError, match="alpha=1.5 must be in"):
+        draw_merges(images, grid, sizes, alpha=1.5)
+    with pytest.raises(ValueError, match="does not tile"):
+        draw_merges(images, grid[:1], sizes)
+
+
+def test_token_colours_are_distinct_and_stable():
+    colours = token_colours(97)
+    assert colours.shape == (97, 3) and colours.dtype == np.uint8
+    assert len({tuple(c) for c in colours}) == 97
+    assert np.array_equal(colours[:10], token_colours(10))
+
+
+def test_visualize_a_video_file(tmp_path, tiny_model_file, capsys):
+    video = write_video(str(tmp_path / "moving.mp4"), _frames(6), fps=1)
+    out = tmp_path / "pics" / "merges.png"
+    assert run_visualize(_args(video, "--out", str(out), "--model", tiny_model_file, "--backend", "torch",
+                               *TINY_ARGS)) == 0
+    assert "4 frame(s), 68 tokens -> 25 final tokens" in capsys.readouterr().out
+    picture = Image.open(out)
+    # 4 frames in one row of 32 px tiles, with labels and a two-line caption.
+    assert picture.size == (4 * (32 + 6) + 6, 32 + 18 + 6 + 6 + 2 * 18 + 6)
+
+
+def test_visualize_a_frame_folder_with_padding(tmp_path, tiny_model_file, capsys):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, image in enumerate(_frames(3)):  # natural order: frame_2 before frame_10
+        Image.fromarray(image).save(folder / f"frame_{[1, 2, 10][i]}.png")
+    (folder / "notes.txt").write_text("not a frame")
+    assert [np.asarray(f)[12, 4 + 4 * i].tolist() for i, f in enumerate(load_frames(str(folder), 4))] == \
+        [[220, 30, 30]] * 3
+    out = tmp_path / "m.png"
+    assert run_visualize(_args(str(folder), "--out", str(out), "--model", tiny_model_file, "--columns", "2",
+                               "--all-tokens", *TINY_ARGS)) == 0
+    assert "3 frame(s) (+1 padded)" in capsys.readouterr().out
+    assert Image.open(out).size[0] == 2 * (32 + 6) + 6
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["missing.mp4"], "no such video file or frame folder"),
+    (["EMPTY"], "the folder holds no images"),
+    (["VIDEO", "--out", "x.jpg"], "--out x.jpg: write a .png file"),
+    (["VIDEO", "--sample-fps", "-1"], "--sample-fps -1.0 must be >= 0"),
+    (["NOT_A_VIDEO"], "cannot open"),
+    (["VIDEO", "--frames", "5"], "frames=5 is not divisible by the clip groups (2, 2)"),
+])
+def test_visualize_errors(tmp_path, tiny_model_file, argv, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk.mp4").write_bytes(b"not a video at all")
+    video = write_video(str(tmp_path / "v.mp4"), _frames(4), fps=1)
+    names = {"EMPTY": str(tmp_path / "empty"), "VIDEO": video, "NOT_A_VIDEO": str(tmp_path / "junk.mp4"),
+             "missing.mp4": str(tmp_path / "missing.mp4")}
+    argv = [names.get(a, a) for a in argv]
+    # The case's own options come last, so they override the defaults before them.
+    args = _args(argv[0], "--model", tiny_model_file, "--out", str(tmp_path / "o.png"), *TINY_ARGS, *argv[1:])
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        run_visualize(args)
+
+
+def test_visualize_loads_a_checkpoint(tmp_path, tiny_model_file):
+    """--checkpoint goes through tempme eval's loader: a state dict of a patched model, frame_pos included."""
+    from tempme_fast import apply_tempme
+    from tempme_fast.cli import config_from_args
+    from tempme_fast.loading import create_model
+
+    args = _args("unused", *TINY_ARGS)
+    model = apply_tempme(create_model(tiny_model_file), config_from_args(args))
+    with torch.no_grad():
+        model.visual.tempme_frame_pos["2"].fill_(0.5)
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    video = write_video(str(tmp_path / "v.mp4"), _frames(4), fps=1)
+    assert run_visualize(_args(video, "--out", str(tmp_path / "o.png"), "--model", tiny_model_file,
+                               "--checkpoint", str(tmp_path / "ckpt.pt"), *TINY_ARGS)) == 0
