@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Sequence
 import torch
 
 from tempme_fast import TempMeConfig, token_schedule
+from tempme_fast.bench import cpu_name
 
 # (depth, tokens per frame, width, heads) of the CLIP ViTs the op shapes are taken from, at 224 px.
 VIT_GEOMETRY = {"ViT-B-32": (12, 50, 768, 12), "ViT-B-16": (12, 197, 768, 12)}
@@ -110,17 +111,6 @@ def environment(device: torch.device) -> Dict[str, object]:
     except (ImportError, AttributeError):
         info["open_clip"] = None
     return info
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def write_results(out_dir: str, name: str, env: Dict[str, object], rows: Sequence[Dict[str, object]]) -> None:

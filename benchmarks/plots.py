@@ -54,16 +54,15 @@ def plot_all(folder: str) -> list:
     save(fig, "tokens_per_layer.png")
 
     env, rows = _load(folder, "bench_ops")
-    if rows:
+    curves = defaultdict(dict)
+    for r in rows:
+        if r["op"] == "step_fwd" and r["impl"] == "triton" and r["dtype"] == "fp16" and r.get("speedup_vs_torch"):
+            curves[(r["model"], r["stage"] + str(r["layer"]))][r["batch"]] = r["speedup_vs_torch"]
+    if curves:  # Triton rows exist only from a GPU run
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        curves = defaultdict(dict)
-        for r in rows:
-            if r["op"] == "step_fwd" and r["impl"] != "torch" and r["dtype"] == "fp16" and r.get("speedup_vs_torch"):
-                curves[(r["model"], r["stage"] + str(r["layer"]), r["impl"])][r["batch"]] = r["speedup_vs_torch"]
-        for (model, stage, impl), points in sorted(curves.items()):
-            if impl == "triton":
-                xs = sorted(points)
-                ax.plot(xs, [points[x] for x in xs], marker="o", label=f"{model} {stage}")
+        for (model, stage), points in sorted(curves.items()):
+            xs = sorted(points)
+            ax.plot(xs, [points[x] for x in xs], marker="o", label=f"{model} {stage}")
         ax.set(xscale="log", xlabel="videos per batch", ylabel="speed-up over PyTorch reference",
                title="Merge step (match + merge), Triton, fp16")
         ax.axhline(1, color="grey", linewidth=0.8)

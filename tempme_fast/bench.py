@@ -1,6 +1,7 @@
 """``tempme bench``: unmerged open_clip against TempMe on each backend, measured in one run."""
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 import weakref
@@ -61,6 +62,18 @@ class _LiveTensorBytes(TorchDispatchMode):
                     self.peak = max(self.peak, self.live)
                     weakref.finalize(t, self._release, key, nbytes)
         return out
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:

@@ -31,7 +31,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import DTYPES, bench_model, default_backends, format_table, rows_as_dicts
+    from .bench import DTYPES, bench_model, cpu_name, default_backends, format_table, rows_as_dicts
     from .loading import create_model, resolve_device
 
     device = resolve_device(args.device)
@@ -44,7 +44,7 @@ def _cmd_bench(args) -> int:
     model = create_model(args.model, args.pretrained, device=str(device), dtype=dtype)
     rows = bench_model(model, config, batch=args.batch, device=device, dtype=dtype, backends=backends,
                        repeats=args.repeats, warmup=args.warmup, progress=not args.no_progress)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"{args.model}, {config.frames} frames, batch {args.batch} videos, {dtype_name}, {device_name} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}")
     print(format_table(rows))

@@ -24,16 +24,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SCHEDULE_OPTIONS = ("imgme_r", "clip_layers", "clip_groups", "cross_ratio", "intra_ratio")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
-
-
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -43,7 +33,7 @@ def _positive_float(text: str) -> float:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Every option of ``tempme train``: the retrieval data options, ``--synthetic``, model and recipe."""
-    from .retrieval.cli import add_data_arguments
+    from .retrieval.cli import _positive_int, add_data_arguments
     from .train import DEFAULT_LR, PRECISIONS
 
     add_data_arguments(parser)
@@ -114,19 +104,12 @@ def _seed_everything(seed: int) -> None:
 
 
 def _build_model(args, device: torch.device) -> torch.nn.Module:
-    from . import TempMeConfig, apply_tempme
+    from . import apply_tempme
     from .loading import create_model
+    from .retrieval.cli import tempme_config
 
     model = create_model(args.model, args.pretrained, device="cpu", dtype=torch.float32)
-    if args.merge:
-        overrides = {k: getattr(args, k) for k in _SCHEDULE_OPTIONS if getattr(args, k) is not None}
-        for k in ("clip_layers", "clip_groups"):
-            if k in overrides:
-                overrides[k] = tuple(overrides[k])
-        config = TempMeConfig(frames=args.frames, **overrides)
-    else:
-        config = TempMeConfig.unmerged(args.frames)
-    apply_tempme(model, config, backend=args.backend)
+    apply_tempme(model, tempme_config(args), backend=args.backend)
     if args.official_checkpoint:
         from .official import load_official_checkpoint
         load_official_checkpoint(model, args.official_checkpoint, strict=True)

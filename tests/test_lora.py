@@ -11,13 +11,7 @@ from tempme_fast.lora import (add_lora, count_parameters, has_lora, load_lora, l
 from tiny import TINY_CONFIG, tiny_clip, video
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: thread start-up costs more than the work on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokens(batch=3, seed=2):

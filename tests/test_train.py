@@ -15,13 +15,7 @@ from tempme_fast.train import (SyntheticPairs, TrainConfig, Trainer, atomic_save
 from tiny import TINY_CONFIG, tiny_clip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: thread start-up costs more than the work on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pairs(n=8, seed=1):

@@ -151,7 +151,7 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
 _SCHEDULE_OPTIONS = ("imgme_r", "clip_layers", "clip_groups", "cross_ratio", "intra_ratio")
 
 
-def _tempme_config(args):
+def tempme_config(args):
     """The released schedule for ``args.frames`` (``--no-merge``: the unmerged baseline).
 
     A parser that also defines schedule options (``imgme_r``, ``clip_layers``, ``clip_groups``,
@@ -176,7 +176,7 @@ def build_model(args) -> torch.nn.Module:
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     model = create_model(args.model, args.pretrained, device="cpu", dtype=torch.float32)
-    config = _tempme_config(args)
+    config = tempme_config(args)
     tempme_fast.apply_tempme(model, config, backend=args.backend)
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint)
