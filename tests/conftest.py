@@ -3,6 +3,7 @@
 Without a GPU, Triton kernels run in its interpreter, which reads TRITON_INTERPRET when triton is
 first imported: set it here, before any test module imports tempme_fast's Triton ops.
 """
+import json
 import os
 
 import pytest
@@ -16,6 +17,16 @@ if not torch.cuda.is_available():
 def device() -> str:
     """Where kernels run: the GPU if there is one, else the CPU under the Triton interpreter."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def tiny_model_file(tmp_path) -> str:
+    """Path of the tiny model's open_clip JSON config (tests/tiny.py), for the command-line tools."""
+    from tiny import TINY_JSON
+
+    path = tmp_path / "tiny-vit.json"
+    path.write_text(json.dumps(TINY_JSON))
+    return str(path)
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 import json
 
 from benchmarks import bench_model, bench_ops
-from test_cli import TINY_ARGS, tiny_model_file  # noqa: F401  (fixture)
+from tiny import TINY_ARGS
 
 
 def test_bench_ops_smoke(tmp_path, capsys):
@@ -14,7 +14,7 @@ def test_bench_ops_smoke(tmp_path, capsys):
     assert (tmp_path / "bench_ops.csv").exists() and "merge_fwd" in capsys.readouterr().out
 
 
-def test_bench_model_smoke(tmp_path, tiny_model_file):  # noqa: F811
+def test_bench_model_smoke(tmp_path, tiny_model_file):
     assert bench_model.main(["--device", "cpu", "--models", tiny_model_file, "--batches", "2", "--rep-ms", "1",
                              "--out", str(tmp_path), *TINY_ARGS]) == 0
     record = json.loads((tmp_path / "bench_model.json").read_text())

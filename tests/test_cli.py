@@ -5,21 +5,8 @@ import sys
 import pytest
 
 from tempme_fast.cli import main
+from tiny import TINY_ARGS
 
-TINY_JSON = {
-    "embed_dim": 24,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
-}
-TINY_ARGS = ["--frames", "4", "--imgme-r", "1", "--clip-layers", "2", "3", "--clip-groups", "2", "2"]
-
-
-@pytest.fixture
-def tiny_model_file(tmp_path):
-    path = tmp_path / "tiny-vit.json"
-    path.write_text(json.dumps(TINY_JSON))
-    return str(path)
 
 
 def test_bench_on_a_tiny_model(tiny_model_file, tmp_path, capsys):

@@ -201,38 +201,6 @@ def test_synthetic_pairs_shard_the_global_batch():
     assert (tokens.argmax(dim=1) == (tokens == 49).int().argmax(dim=1)).all()  # EOT is the largest id
 
 
-def test_triton_backend_gradients_equal_torch():
-    pytest.importorskip("triton")
-    try:
-        import tempme_fast.ops.triton_ops  # noqa: F401
-    except Exception as exc:  # the Triton ops are optional
-        pytest.skip(f"Triton ops unavailable: {exc}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    grads = {}
-    for backend in ("torch", "triton"):
-        model = _model("full", backend=backend).to(device)
-        add_lora(model, rank=2)
-        with torch.no_grad():
-            for lora in lora_layers(model).values():
-                lora.lora_b.normal_(0, 0.1, generator=torch.Generator(device).manual_seed(0))
-        mark_trainable(model, "full")
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        loss = train_step(model, _pairs(2), opt).loss
-        grads[backend] = loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    (lt, gt), (lk, gk) = grads["torch"], grads["triton"]
-    assert lt == pytest.approx(lk, rel=1e-5)
-    assert gt.keys() == gk.keys() and any("lora_a" in n for n in gt) and "visual.tempme_frame_pos.2" in gt
-    for n in gt:
-        torch.testing.assert_close(gk[n], gt[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
-
-
-TINY_JSON = {
-    "embed_dim": 24, "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
-}
-
-
 def _cli(argv):
     from tempme_fast.train_cli import add_train_arguments, run_train
     parser = argparse.ArgumentParser(prog="tempme train")
@@ -240,11 +208,9 @@ def _cli(argv):
     return run_train(parser.parse_args(argv))
 
 
-def test_cli_trains_on_synthetic_data_and_resumes(tmp_path, capsys):
-    config = tmp_path / "tiny-train.json"
-    config.write_text(json.dumps(TINY_JSON))
+def test_cli_trains_on_synthetic_data_and_resumes(tmp_path, tiny_model_file, capsys):
     out = tmp_path / "run"
-    args = ["--model", str(config), "--synthetic", "8", "--batch-size", "4", "--frames", "4", "--epochs", "2",
+    args = ["--model", tiny_model_file, "--synthetic", "8", "--batch-size", "4", "--frames", "4", "--epochs", "2",
             "--context-length", "12", "--imgme-r", "1", "--clip-layers", "2", "3", "--clip-groups", "2", "2",
             "--lr", "1e-3", "--output", str(out), "--no-progress", "--backend", "torch"]
     assert _cli(args + ["--max-steps", "3"]) == 0
@@ -256,7 +222,7 @@ def test_cli_trains_on_synthetic_data_and_resumes(tmp_path, capsys):
     # model.pt is a plain state dict (LoRA merged) that `tempme eval --checkpoint` loads
     from tempme_fast.loading import create_model
     from tempme_fast.retrieval.cli import load_checkpoint
-    model = apply_tempme(create_model(str(config)), TINY_CONFIG.replace(cross_ratio=0.3, intra_ratio=0.1))
+    model = apply_tempme(create_model(tiny_model_file), TINY_CONFIG.replace(cross_ratio=0.3, intra_ratio=0.1))
     load_checkpoint(model, str(out / "model.pt"))
 
 
@@ -273,3 +239,24 @@ def test_trainer_skips_batches_without_readable_videos():
     trainer = Trainer(_model(), [good, broken, good], TrainConfig(epochs=1), progress=False)
     history = trainer.fit()
     assert [r["step"] for r in history] == [1, 2] and trainer.epoch == 1
+
+
+@pytest.mark.interpreter
+def test_triton_backend_gradients_equal_torch(device):
+    """LoRA on both towers, a whole train step: every parameter gradient equal across backends."""
+    grads = {}
+    for backend in ("torch", "triton"):
+        model = _model("full", backend=backend).to(device)
+        add_lora(model, rank=2)
+        with torch.no_grad():
+            for lora in lora_layers(model).values():
+                lora.lora_b.normal_(0, 0.1, generator=torch.Generator(device).manual_seed(0))
+        mark_trainable(model, "full")
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss = train_step(model, _pairs(2), opt).loss
+        grads[backend] = loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    (lt, gt), (lk, gk) = grads["torch"], grads["triton"]
+    assert lt == pytest.approx(lk, rel=1e-5)
+    assert gt.keys() == gk.keys() and any("lora_a" in n for n in gt) and "visual.tempme_frame_pos.2" in gt
+    for n in gt:
+        torch.testing.assert_close(gk[n], gt[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")

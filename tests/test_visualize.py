@@ -1,6 +1,5 @@
 """``tempme visualize``: frames in (a video file or an image folder), one PNG out, tokens coloured consistently."""
 import argparse
-import json
 
 import numpy as np
 import pytest
@@ -10,13 +9,7 @@ from PIL import Image
 from tempme_fast.retrieval.video import write_video
 from tempme_fast.visualize import add_visualize_arguments, draw_merges, load_frames, run_visualize, token_colours
 
-TINY_JSON = {
-    "embed_dim": 24,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
-}
-TINY_ARGS = ["--frames", "4", "--imgme-r", "1", "--clip-layers", "2", "3", "--clip-groups", "2", "2"]
+from tiny import TINY_ARGS
 
 
 def _frames(count, size=32):
@@ -33,13 +26,6 @@ def _args(*argv):
     parser = argparse.ArgumentParser()
     add_visualize_arguments(parser)
     return parser.parse_args(list(argv))
-
-
-@pytest.fixture
-def tiny_model_file(tmp_path):
-    path = tmp_path / "tiny-vis.json"
-    path.write_text(json.dumps(TINY_JSON))
-    return str(path)
 
 
 def test_draw_merges_colours_each_token_the_same_in_every_frame():

@@ -4,6 +4,15 @@ import torch
 
 from tempme_fast import TempMeConfig
 
+# The tiny model as an open_clip JSON model config (for the command-line tools) and TINY_CONFIG's options.
+TINY_JSON = {
+    "embed_dim": 24,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+}
+TINY_ARGS = ["--frames", "4", "--imgme-r", "1", "--clip-layers", "2", "3", "--clip-groups", "2", "2"]
+
 # 4 layers, width 64, 2 heads, 32x32 images in 8x8 patches: 17 tokens per frame.
 TINY_CONFIG = TempMeConfig(frames=4, imgme_r=1, clip_layers=(2, 3), clip_groups=(2, 2), cross_ratio=0.3,
                            intra_ratio=0.1)

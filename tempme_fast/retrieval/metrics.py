@@ -94,25 +94,26 @@ def _rank(scores: np.ndarray, match: np.ndarray, ties: str) -> np.ndarray:
     return 1 + (ahead & others).sum(axis=1)
 
 
+def _matches(sim, text_to_video, ties: str):
+    """``(sim, match)``: the checked similarity matrix and a bool matrix marking each caption's video."""
+    _check_ties(ties)
+    sim = _as_matrix(sim)
+    match = np.zeros(sim.shape, dtype=bool)
+    match[np.arange(sim.shape[0]), _as_targets(text_to_video, sim)] = True
+    return sim, match
+
+
 def text_to_video_ranks(sim, text_to_video: Optional[Sequence[int]] = None,
                         ties: str = "pessimistic") -> np.ndarray:
     """``[num_texts]`` 1-based rank of each caption's video among all videos."""
-    _check_ties(ties)
-    sim = _as_matrix(sim)
-    targets = _as_targets(text_to_video, sim)
-    match = np.zeros(sim.shape, dtype=bool)
-    match[np.arange(sim.shape[0]), targets] = True
+    sim, match = _matches(sim, text_to_video, ties)
     return _rank(sim, match, ties)
 
 
 def video_to_text_ranks(sim, text_to_video: Optional[Sequence[int]] = None,
                         ties: str = "pessimistic") -> np.ndarray:
     """``[num_videos]`` 1-based rank of each video's best-ranked caption among all captions."""
-    _check_ties(ties)
-    sim = _as_matrix(sim)
-    targets = _as_targets(text_to_video, sim)
-    match = np.zeros(sim.shape, dtype=bool)
-    match[np.arange(sim.shape[0]), targets] = True
+    sim, match = _matches(sim, text_to_video, ties)
     return _rank(sim.T, match.T, ties)
 
 
