@@ -26,7 +26,7 @@ from tempme_fast.cli import add_config_arguments, config_from_args
 from tempme_fast.encoder import block_forward, embed_frames
 from tempme_fast.flops import model_flops
 from tempme_fast.loading import create_model
-from tempme_fast.model import encoder_options
+from tempme_fast.model import encoder_options, layer_steps
 
 from .common import DTYPES, environment, measure_ms, print_table, write_results
 
@@ -72,7 +72,6 @@ def layer_times_ms(model: torch.nn.Module, video: torch.Tensor) -> List[float]:
     """Milliseconds of the stem and of each block of a patched model (median of 5 runs, synchronised)."""
     visual, device = model.visual, video.device
     options = encoder_options(model)
-    frame_pos = getattr(visual, "tempme_frame_pos", {})
     runs = []
     with torch.inference_mode():
         for _ in range(6):
@@ -83,8 +82,7 @@ def layer_times_ms(model: torch.nn.Module, video: torch.Tensor) -> List[float]:
             state = embed_frames(visual, video.flatten(0, 1))
             sync()
             times.append(time.perf_counter() - t0)
-            for block, plan in zip(visual.transformer.resblocks, model.tempme.schedule.layers):
-                pos = frame_pos[str(plan.layer)] if str(plan.layer) in frame_pos else None
+            for block, plan, pos in layer_steps(model):
                 t0 = time.perf_counter()
                 state = block_forward(block, state, plan, pos, options)
                 sync()

@@ -15,7 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .encoder import block_forward, embed_frames, frame_features
-from .model import encoder_options
+from .model import encoder_options, layer_steps
 from .ops.reference import split_sizes
 from .schedule import TokenSchedule
 
@@ -118,13 +118,11 @@ def measure_flops(model: torch.nn.Module, video: Optional[torch.Tensor] = None) 
                             dtype=ref.dtype)
     videos = video.shape[0]
     options = encoder_options(model)
-    frame_pos = getattr(visual, "tempme_frame_pos", {})
     with flop_counter() as counter:
         state = embed_frames(visual, video.flatten(0, 1))
     stem = counter.get_total_flops()
     layers = []
-    for block, plan in zip(visual.transformer.resblocks, model.tempme.schedule.layers):
-        pos = frame_pos[str(plan.layer)] if str(plan.layer) in frame_pos else None
+    for block, plan, pos in layer_steps(model):
         with flop_counter() as counter:
             state = block_forward(block, state, plan, pos, options)
         layers.append(counter.get_total_flops() / videos)

@@ -289,14 +289,20 @@ def encoder_options(model: nn.Module) -> EncoderOptions:
     return EncoderOptions(settings.backend, settings.config.prop_attn, settings.attention)
 
 
+def layer_steps(model: nn.Module):
+    """``(block, plan, frame_pos)`` of every layer of a patched model, in order; ``frame_pos`` is the
+    layer's temporal position embedding, or None where it has none."""
+    frame_pos = getattr(model.visual, "tempme_frame_pos", {})
+    for block, plan in zip(model.visual.transformer.resblocks, model.tempme.schedule.layers):
+        yield block, plan, frame_pos[str(plan.layer)] if str(plan.layer) in frame_pos else None
+
+
 def run_blocks(model: nn.Module, state: ClipState) -> ClipState:
     """Every transformer block of ``model.visual`` with TempMe's schedule."""
     visual = model.visual
     options = encoder_options(model)
-    frame_pos = getattr(visual, "tempme_frame_pos", {})
     use_checkpoint = visual.transformer.grad_checkpointing and torch.is_grad_enabled()
-    for block, plan in zip(visual.transformer.resblocks, model.tempme.schedule.layers):
-        pos = frame_pos[str(plan.layer)] if str(plan.layer) in frame_pos else None
+    for block, plan, pos in layer_steps(model):
         if use_checkpoint:
             state = checkpoint(block_forward, block, state, plan, pos, options, use_reentrant=False)
         else:
