@@ -47,9 +47,10 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR
 
 # 1. Correctness on the GPU: the CUDA module at real sizes, then the kernel and model tests compiled for
 #    the GPU (the same tests run in the interpreter on CPU-only machines).
-stage cuda_tests 120 "$py" -m pytest -q -p no:cacheprovider tests/test_triton_cuda.py --junitxml "$out/cuda_tests.xml"
-stage kernel_tests 150 "$py" -m pytest -q -p no:cacheprovider -x tests/test_triton_ops.py tests/test_model.py \
-    tests/test_reference_ops.py --junitxml "$out/kernel_tests.xml"
+stage cuda_tests 150 "$py" -m pytest -q -p no:cacheprovider tests/test_triton_cuda.py tests/test_cuda_determinism.py \
+    --junitxml "$out/cuda_tests.xml"
+stage kernel_tests 150 "$py" -m pytest -q -p no:cacheprovider tests/test_triton_ops.py tests/test_model_triton.py \
+    --junitxml "$out/kernel_tests.xml"
 # 2. Merge ops: fp16 over every batch and both models; bf16 and fp32 at the headline shape.
 stage bench_ops 120 "$py" -m benchmarks.bench_ops --out "$out" --rep-ms 40
 stage bench_ops_dtypes 60 "$py" -m benchmarks.bench_ops --out "$out/dtypes" --models ViT-B-16 --batches 32 \
