@@ -121,7 +121,13 @@ def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: t
         remove_tempme(model)
 
 
-def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, config: TempMeConfig = TempMeConfig()):
+def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, config: TempMeConfig = TempMeConfig(),
+        on_progress=None):
+    """Rows of every (model, dtype, batch, mode, variant), and per-layer times at the largest batch.
+
+    ``on_progress(rows, layer_rows)`` is called after every batch, so a run stopped by a time limit
+    keeps what it measured.
+    """
     frames = config.frames
     rows, layer_rows = [], []
     for name in models:
@@ -156,6 +162,8 @@ def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, conf
                         for layer, ms in enumerate(times):
                             layer_rows.append({"model": name, "dtype": dtype_name, "batch": batch, "variant": label,
                                                "layer": "stem" if layer == 0 else layer - 1, "ms": ms})
+                if on_progress:
+                    on_progress(rows, layer_rows)
         del base
     return rows, layer_rows
 
@@ -178,15 +186,17 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     batches = args.batches or ([1, 16] if cuda else [2])
     dtypes = args.dtypes or (["fp16"] if cuda else ["fp32"])
-    rows, layer_rows = run(device, args.models, batches, dtypes, args.modes, args.variants, args.compile,
-                           args.rep_ms, config_from_args(args))
     env = environment(device)
+
+    def save(rows, layer_rows):
+        write_results(args.out, "bench_model", env, rows)
+        write_results(args.out, "bench_layers", env, layer_rows)
+
+    rows, layer_rows = run(device, args.models, batches, dtypes, args.modes, args.variants, args.compile,
+                           args.rep_ms, config_from_args(args), on_progress=save if args.out else None)
     print(f"# video encoders on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print_table(rows, ["model", "dtype", "batch", "mode", "variant", "ms", "ms_p20", "ms_p80", "videos_per_s",
                        "peak_mib", "gflops_per_video", "tokens_per_video", "speedup_vs_open_clip"])
-    if args.out:
-        write_results(args.out, "bench_model", env, rows)
-        write_results(args.out, "bench_layers", env, layer_rows)
     return 0
 
 

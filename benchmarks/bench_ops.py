@@ -95,8 +95,12 @@ def op_fn(op: str, impl: str, s: MergeShape, metric, x, size, compiled: Dict) ->
 
 
 def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_at: Optional[str] = None,
-        rep_ms: float = 100) -> List[Dict[str, object]]:
-    """Time every (shape, dtype, op, impl); ``compile_at`` ("ViT-B-16:32:fp16") limits torch.compile rows."""
+        rep_ms: float = 100, on_progress: Optional[Callable[[List[Dict[str, object]]], None]] = None
+        ) -> List[Dict[str, object]]:
+    """Time every (shape, dtype, op, impl); ``compile_at`` ("ViT-B-16:32:fp16") limits torch.compile rows.
+
+    ``on_progress(rows)`` is called after every shape, so a run stopped by a time limit keeps its rows.
+    """
     bandwidth = copy_bandwidth_gbs(device) if device.type == "cuda" else None
     compiled: Dict = {}
     rows = []
@@ -127,6 +131,8 @@ def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_
                                 base_ms = timing["ms"]
                             row["speedup_vs_torch"] = base_ms / timing["ms"] if base_ms else None
                             rows.append(row)
+                if on_progress:
+                    on_progress(rows)
     return rows
 
 
@@ -145,13 +151,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     impls = args.impls or (["torch", "triton", "torch.compile"] if device.type == "cuda" else ["torch"])
-    rows = run(device, args.models, args.batches, args.dtypes, impls, args.ops, args.compile_at or None, args.rep_ms)
     env = environment(device)
+    save = (lambda rows: write_results(args.out, "bench_ops", env, rows)) if args.out else None
+    rows = run(device, args.models, args.batches, args.dtypes, impls, args.ops, args.compile_at or None, args.rep_ms,
+               on_progress=save)
     print(f"# merge ops on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print_table(rows, ["model", "batch", "layer", "stage", "dtype", "op", "impl", "ms", "ms_p20", "ms_p80",
                        "gbs", "frac_copy_bw", "speedup_vs_torch"])
-    if args.out:
-        write_results(args.out, "bench_ops", env, rows)
     return 0
 
 
