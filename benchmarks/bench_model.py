@@ -25,10 +25,10 @@ from tempme_fast.bench import peak_memory_mb
 from tempme_fast.cli import add_config_arguments, config_from_args
 from tempme_fast.encoder import block_forward, embed_frames
 from tempme_fast.flops import model_flops
-from tempme_fast.loading import create_model
+from tempme_fast.loading import DTYPES, create_model, default_dtype_name
 from tempme_fast.model import encoder_options, layer_steps
 
-from .common import DTYPES, environment, measure_ms, print_table, write_results
+from .common import environment, measure_ms, print_table, write_results
 
 VARIANTS = ("open_clip", "open_clip+graph", "tempme-eager", "tempme-torch", "tempme-triton", "tempme-triton+graph",
             "tempme-triton+compile")
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     batches = args.batches or ([1, 16] if cuda else [2])
-    dtypes = args.dtypes or (["fp16"] if cuda else ["fp32"])
+    dtypes = args.dtypes or [default_dtype_name(device)]
     env = environment(device)
 
     def save(rows, layer_rows):

@@ -17,9 +17,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from tempme_fast import ops
+from tempme_fast.loading import DTYPES
 from tempme_fast.ops import reference
 
-from .common import DTYPES, MergeShape, copy_bandwidth_gbs, environment, measure_ms, merge_shapes, print_table, \
+from .common import MergeShape, copy_bandwidth_gbs, environment, measure_ms, merge_shapes, print_table, \
     write_results
 
 OPS = ("best_match", "match", "merge_fwd", "merge_bwd", "step_fwd", "step_fwdbwd")

@@ -18,7 +18,6 @@ from tempme_fast.bench import cpu_name
 
 # (depth, tokens per frame, width, heads) of the CLIP ViTs the op shapes are taken from, at 224 px.
 VIT_GEOMETRY = {"ViT-B-32": (12, 50, 768, 12), "ViT-B-16": (12, 197, 768, 12)}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

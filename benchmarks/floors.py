@@ -7,9 +7,10 @@ from __future__ import annotations
 import argparse
 
 from tempme_fast import ops
+from tempme_fast.loading import DTYPES
 
 from .bench_ops import op_bytes
-from .common import DTYPES, merge_shapes
+from .common import merge_shapes
 
 OPS = ("best_match", "match", "merge_fwd", "merge_bwd", "step_fwd")
 

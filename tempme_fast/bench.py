@@ -16,8 +16,6 @@ from .config import TempMeConfig
 from .flops import model_flops
 from .model import apply_tempme, remove_tempme
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 @dataclass
 class BenchRow:

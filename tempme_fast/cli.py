@@ -31,11 +31,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import DTYPES, bench_model, cpu_name, default_backends, format_table, rows_as_dicts
-    from .loading import create_model, resolve_device
+    from .bench import bench_model, cpu_name, default_backends, format_table, rows_as_dicts
+    from .loading import DTYPES, create_model, default_dtype_name, resolve_device
 
     device = resolve_device(args.device)
-    dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    dtype_name = args.dtype or default_dtype_name(device)
     dtype = DTYPES[dtype_name]
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -8,6 +8,15 @@ from typing import Optional
 import torch
 
 
+# The activation dtypes the command-line tools take, by their short names.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_dtype_name(device: torch.device) -> str:
+    """Half precision on a GPU, float32 on the CPU."""
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` (CUDA when there is a GPU, else CPU), ``cpu``, ``cuda`` or ``cuda:N``, checked."""
     if name == "auto":

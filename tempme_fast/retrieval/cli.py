@@ -18,13 +18,11 @@ from pathlib import Path
 
 import torch
 
-from ..loading import resolve_device
+from ..loading import DTYPES, default_dtype_name, resolve_device
 from .data import MSRVTT_TRAIN_LIST, load_split
 from .video import DEFAULT_FPS, DEFAULT_FRAMES, VideoProcessor
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _positive_int(text: str) -> int:
@@ -174,7 +172,7 @@ def build_model(args) -> torch.nn.Module:
     from tempme_fast.loading import create_model
 
     device = resolve_device(args.device)
-    dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    dtype = DTYPES[args.dtype or default_dtype_name(device)]
     model = create_model(args.model, args.pretrained, device="cpu", dtype=torch.float32)
     config = tempme_config(args)
     tempme_fast.apply_tempme(model, config, backend=args.backend)
