@@ -53,39 +53,35 @@ def plot_all(folder: str) -> list:
     ax.legend()
     save(fig, "tokens_per_layer.png")
 
+    def speedup_vs_batch(curves, env, ylabel, title, name):
+        """One line per key of ``curves`` ({label: {batch: speed-up}}), log batch axis."""
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for label, points in sorted(curves.items()):
+            xs = sorted(points)
+            ax.plot(xs, [points[x] for x in xs], marker="o", label=label)
+        ax.set(xscale="log", xlabel="videos per batch", ylabel=ylabel, title=title)
+        ax.axhline(1, color="grey", linewidth=0.8)
+        ax.legend(fontsize=7, ncol=2 if len(curves) > 6 else 1)
+        fig.text(0.01, 0.01, _label(env), fontsize=6)
+        save(fig, name)
+
     env, rows = _load(folder, "bench_ops")
     curves = defaultdict(dict)
     for r in rows:
         if r["op"] == "step_fwd" and r["impl"] == "triton" and r["dtype"] == "fp16" and r.get("speedup_vs_torch"):
-            curves[(r["model"], r["stage"] + str(r["layer"]))][r["batch"]] = r["speedup_vs_torch"]
+            curves[f"{r['model']} {r['stage']}{r['layer']}"][r["batch"]] = r["speedup_vs_torch"]
     if curves:  # Triton rows exist only from a GPU run
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for (model, stage), points in sorted(curves.items()):
-            xs = sorted(points)
-            ax.plot(xs, [points[x] for x in xs], marker="o", label=f"{model} {stage}")
-        ax.set(xscale="log", xlabel="videos per batch", ylabel="speed-up over PyTorch reference",
-               title="Merge step (match + merge), Triton, fp16")
-        ax.axhline(1, color="grey", linewidth=0.8)
-        ax.legend(fontsize=7, ncol=2)
-        fig.text(0.01, 0.01, _label(env), fontsize=6)
-        save(fig, "speedup_ops_vs_batch.png")
+        speedup_vs_batch(curves, env, "speed-up over PyTorch reference", "Merge step (match + merge), Triton, fp16",
+                         "speedup_ops_vs_batch.png")
 
     env, rows = _load(folder, "bench_model")
-    if rows:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        curves = defaultdict(dict)
-        for r in rows:
-            if r["mode"] == "infer" and r["variant"] != "open_clip":
-                curves[(r["model"], r["variant"])][r["batch"]] = r["speedup_vs_open_clip"]
-        for (model, variant), points in sorted(curves.items()):
-            xs = sorted(points)
-            ax.plot(xs, [points[x] for x in xs], marker="o", label=f"{model} {variant}")
-        ax.set(xscale="log", xlabel="videos per batch", ylabel="throughput / unmerged open_clip",
-               title="Video encoding, inference, 12 frames")
-        ax.axhline(1, color="grey", linewidth=0.8)
-        ax.legend(fontsize=7)
-        fig.text(0.01, 0.01, _label(env), fontsize=6)
-        save(fig, "speedup_model_vs_batch.png")
+    curves = defaultdict(dict)
+    for r in rows:
+        if r["mode"] == "infer" and r["variant"] != "open_clip":
+            curves[f"{r['model']} {r['variant']}"][r["batch"]] = r["speedup_vs_open_clip"]
+    if curves:
+        speedup_vs_batch(curves, env, "throughput / unmerged open_clip", "Video encoding, inference, 12 frames",
+                         "speedup_model_vs_batch.png")
 
     env, rows = _load(folder, "bench_layers")
     if rows:
