@@ -7,6 +7,8 @@ position of ``i``; no sort, no host round trip, one program per clip.
 import triton
 import triton.language as tl
 
+from .rank import _stable_rank
+
 
 @triton.jit(do_not_specialize=["NA", "R"])
 def _match_plan_kernel(
@@ -29,14 +31,7 @@ def _match_plan_kernel(
         offs_i = i0 + tl.arange(0, BLOCK_I)
         mask_i = offs_i < NA
         s_i = tl.load(scores_row + offs_i, mask=mask_i, other=0.0)
-        rank = tl.zeros([BLOCK_I], dtype=tl.int32)
-        for j0 in range(0, NA, BLOCK_J):
-            offs_j = j0 + tl.arange(0, BLOCK_J)
-            mask_j = offs_j < NA
-            s_j = tl.load(scores_row + offs_j, mask=mask_j, other=0.0)
-            tie = (s_j[None, :] == s_i[:, None]) & (offs_j[None, :] < offs_i[:, None])
-            ahead = (s_j[None, :] > s_i[:, None]) | tie
-            rank += tl.sum((ahead & mask_j[None, :]).to(tl.int32), axis=1)
+        rank = _stable_rank(scores_row, NA, s_i, offs_i, BLOCK_J, True)
         is_merged = (rank < R) & mask_i
         is_kept = (rank >= R) & mask_i
         dst = tl.load(dst_ptr + row * NA + offs_i, mask=is_merged, other=0)

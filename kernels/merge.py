@@ -15,6 +15,7 @@ position embedding of each token's source clip on the fly, so the joined copy is
 import triton
 import triton.language as tl
 
+from .rank import _stable_rank
 from .tokens import _joined_token
 
 
@@ -35,14 +36,7 @@ def _merge_index_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < R
         d_k = tl.load(dst_row + offs_k, mask=mask_k, other=0)
-        pos = tl.zeros([BLOCK_K], dtype=tl.int32)
-        for l0 in range(0, R, BLOCK_K):
-            offs_l = l0 + tl.arange(0, BLOCK_K)
-            mask_l = offs_l < R
-            d_l = tl.load(dst_row + offs_l, mask=mask_l, other=0)
-            tie = (d_l[None, :] == d_k[:, None]) & (offs_l[None, :] < offs_k[:, None])
-            ahead = (d_l[None, :] < d_k[:, None]) | tie
-            pos += tl.sum((ahead & mask_l[None, :]).to(tl.int32), axis=1)
+        pos = _stable_rank(dst_row, R, d_k, offs_k, BLOCK_K, False)
         a = tl.load(merged_ptr + row * R + offs_k, mask=mask_k, other=0)
         tl.store(src_ptr + row * R + pos, a.to(tl.int32), mask=mask_k)
     for j0 in range(0, NB + 1, BLOCK_J):
