@@ -104,6 +104,15 @@ def assert_finite(name: str, t: torch.Tensor) -> None:
                          f"{name}[{', '.join(map(str, first))}]; every value must be finite")
 
 
+def _check_size(size: torch.Tensor, x: torch.Tensor, rows: str) -> None:
+    """``size`` is a tensor of shape ``[rows, N]`` or ``[rows, N, 1]`` matching ``x [rows, N, D]``."""
+    if not isinstance(size, torch.Tensor):
+        raise TypeError(f"size must be a torch.Tensor, got {type(size).__name__}")
+    if size.shape[:2] != x.shape[:2] or size.dim() not in (2, 3) or (size.dim() == 3 and size.shape[2] != 1):
+        raise ValueError(f"size must have shape [{rows}, N] or [{rows}, N, 1] matching x {tuple(x.shape)}, "
+                         f"got {tuple(size.shape)}")
+
+
 def _check_plan(plan, rows: int, tokens: int) -> None:
     """``plan`` is a :class:`MergePlan` whose index tensors fit ``rows`` clips of ``tokens`` tokens.
 
@@ -189,11 +198,7 @@ def merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, backend: str = "
     if not isinstance(plan, MergePlan):
         raise TypeError(f"plan must be a MergePlan from tempme_fast.ops.match, got {type(plan).__name__}")
     _check_tokens("x", x, plan.protected)
-    if not isinstance(size, torch.Tensor):
-        raise TypeError(f"size must be a torch.Tensor, got {type(size).__name__}")
-    if size.shape[:2] != x.shape[:2] or size.dim() not in (2, 3) or (size.dim() == 3 and size.shape[2] != 1):
-        raise ValueError(f"size must have shape [B', N] or [B', N, 1] matching x {tuple(x.shape)}, "
-                         f"got {tuple(size.shape)}")
+    _check_size(size, x, "B'")
     if size.dtype not in FLOAT_DTYPES:
         raise TypeError(f"size has dtype {size.dtype}; valid: float32 (recommended), float64, float16, bfloat16")
     _check_plan(plan, x.shape[0], x.shape[1])
@@ -277,10 +282,7 @@ def join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, 
     the kernel, so the joined clips and the joined metric are never written.
     """
     _check_tokens("x", x, 0)  # protected is checked against the joined clip below (by _check_join and r)
-    if not isinstance(size, torch.Tensor) or size.shape[:2] != x.shape[:2] or size.dim() not in (2, 3) \
-            or (size.dim() == 3 and size.shape[2] != 1):
-        raise ValueError(f"size must have shape [B * F, N] or [B * F, N, 1] matching x {tuple(x.shape)}, got "
-                         f"{tuple(size.shape) if isinstance(size, torch.Tensor) else type(size).__name__}")
+    _check_size(size, x, "B * F")
     _check_int("group", group, 1)
     _check_int("r", r, 0, max_r(x.shape[1] * group, protected * group),
                f" (half the unprotected tokens of a joined clip of {group} x {x.shape[1]} tokens)")
