@@ -93,3 +93,12 @@ def unmerge_groups(y, groups_per_row, tokens):
             for p in g:
                 out[b, p] = y[b, o].double()
     return out
+
+
+def unmerge_groups_differentiable(y, groups_per_row, tokens):
+    """:func:`unmerge_groups` built with ``torch.stack`` so gradients flow."""
+    rows = []
+    for b, groups in enumerate(groups_per_row):
+        where = {p: o for o, g in enumerate(groups) for p in g}
+        rows.append(torch.stack([y[b, where[p]] for p in range(tokens)]))
+    return torch.stack(rows)
