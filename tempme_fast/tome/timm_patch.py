@@ -55,7 +55,7 @@ def timm_attention(attn: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor
     head_dim = getattr(attn, "head_dim", c // heads)
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     q, k, v = attn.qkv(x).reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = getattr(attn, "q_norm", nn.Identity())(q), getattr(attn, "k_norm", nn.Identity())(k)  # timm >= 0.9
     bias = None if size is None else size.reshape(b, 1, 1, n).log().to(q.dtype)
     dropout = attn.attn_drop.p if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=attn.scale)
