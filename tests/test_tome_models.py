@@ -186,3 +186,17 @@ def test_patch_timm_refuses_what_it_cannot_patch():
         patch_timm(model, r=-2)
     with pytest.raises(ValueError, match="not patched"):
         unpatch_timm(model)
+
+
+def test_apply_tome_trains_with_gradient_checkpointing(one_thread):
+    model = tiny_clip()
+    images = _images()
+    apply_tome(model, 3)
+    model.encode_image(images).square().sum().backward()
+    want = {n: p.grad.clone() for n, p in model.visual.named_parameters()}
+    model.zero_grad()
+    model.visual.set_grad_checkpointing(True)
+    model.encode_image(images).square().sum().backward()
+    for name, p in model.visual.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert want["conv1.weight"].abs().max() > 0

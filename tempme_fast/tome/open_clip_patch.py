@@ -15,6 +15,7 @@ from typing import Dict, Optional, Tuple, Type
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..encoder import EncoderOptions, block_forward, embed_frames
@@ -118,8 +119,12 @@ def tome_forward(visual: nn.Module, images: torch.Tensor):
         raise ValueError(f"images must have shape [B, 3, H, W], got {got}")
     state = embed_frames(visual, images, track_videos=images.shape[0] if settings.trace_source else None)
     options = EncoderOptions(settings.backend, settings.prop_attn, "sdpa")
+    use_checkpoint = getattr(visual.transformer, "grad_checkpointing", False) and torch.is_grad_enabled()
     for block, plan in zip(visual.transformer.resblocks, settings.layers):
-        state = block_forward(block, state, plan, None, options)
+        if use_checkpoint:
+            state = checkpoint(block_forward, block, state, plan, None, options, use_reentrant=False)
+        else:
+            state = block_forward(block, state, plan, None, options)
     if settings.trace_source:
         visual.tome_source = source_matrix(state.sources, state.x.shape[1])
     pooled, tokens = _pool(visual, state.x)
