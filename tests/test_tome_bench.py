@@ -6,7 +6,7 @@ from tempme_fast.cli import main
 
 def test_bench_image_rows(tiny_model_file, tmp_path, capsys, one_thread):
     out = tmp_path / "image.json"
-    assert main(["bench", "--image", "--model", tiny_model_file, "--batch", "2", "--repeats", "2", "--warmup", "0",
+    assert main(["bench", "--image", "--model", tiny_model_file, "--device", "cpu", "--batch", "2", "--repeats", "2", "--warmup", "0",
                  "--tome-r", "2", "4", "--no-progress", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "images/s" in table and "tokens/image" in table and "ToMe r=4" in table
