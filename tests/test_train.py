@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from kit import HALF_DTYPES, parametrize_dtypes
 from tempme_fast import apply_tempme
-from tempme_fast.lora import add_lora, lora_layers, mark_trainable
 from tempme_fast.checkpoint import atomic_save
+from tempme_fast.lora import add_lora, lora_layers, mark_trainable
 from tempme_fast.retrieval import SyntheticPairs
 from tempme_fast.train import contrastive_loss, cosine_schedule, make_optimizer, train_step, unpack_batch
 from tempme_fast.trainer import TrainConfig, Trainer
@@ -118,7 +119,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(g0[n], g1[n], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@parametrize_dtypes(HALF_DTYPES)
 def test_mixed_precision_step(dtype):
     model = _model()
     opt = make_optimizer(model, lr=1e-3)
