@@ -73,22 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_cmd_bench)
 
     from .retrieval.cli import add_eval_arguments, run_eval
-
-    evaluate = sub.add_parser("eval", help="text-video retrieval metrics (MSR-VTT 1k-A or your own CSV/JSONL)")
-    add_eval_arguments(evaluate)
-    evaluate.set_defaults(func=run_eval)
-
     from .train_cli import add_train_arguments, run_train
-
-    train = sub.add_parser("train", help="fine-tune with TempMe (LoRA or full), on one GPU or many (torchrun)")
-    add_train_arguments(train)
-    train.set_defaults(func=run_train)
-
     from .visualize import add_visualize_arguments, run_visualize
 
-    vis = sub.add_parser("visualize", help="draw which patches of which frames merged into each final token")
-    add_visualize_arguments(vis)
-    vis.set_defaults(func=run_visualize)
+    for name, summary, add_arguments, run in (
+            ("eval", "text-video retrieval metrics (MSR-VTT 1k-A or your own CSV/JSONL)", add_eval_arguments,
+             run_eval),
+            ("train", "fine-tune with TempMe (LoRA or full), on one GPU or many (torchrun)", add_train_arguments,
+             run_train),
+            ("visualize", "draw which patches of which frames merged into each final token", add_visualize_arguments,
+             run_visualize)):
+        command = sub.add_parser(name, help=summary)
+        add_arguments(command)
+        command.set_defaults(func=run)
 
     sched = sub.add_parser("schedule", help="print the token schedule of a config")
     sched.add_argument("--depth", type=int, default=12, help="transformer layers")
