@@ -3,20 +3,17 @@ import pytest
 import torch
 
 import tome_twin as twin
+from kit import ALL_DTYPES, assert_close, fill_outputs_with_nan, parametrize_dtypes
 from tempme_fast import tome
 from tempme_fast.tome import tempme_compat
 
 BACKENDS = ["torch", "triton"]
-# Per-dtype tolerances of a merged value against the float64 twin (sums run in float32).
-TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 TOME_CASES = [(False, False), (True, False), (True, True)]
 
 
-def _close(got, want, dtype, what=""):
-    tol = TOL[dtype]
-    err = (got.double() - want).abs().max().item() if got.numel() else 0.0
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert err <= tol * (1 + want.abs().max().item()), f"{what}: max abs error {err} > {tol}"
+def _close(got, want, dtype, what="value"):
+    """The ops' per-dtype tolerance of a merged value against the float64 twin (kit.VALUE_TOL)."""
+    assert_close(got, want, dtype, what)
 
 
 def _inputs(rows, tokens, channels, dtype, seed, device):
@@ -34,13 +31,9 @@ def backend(request):
 
 @pytest.fixture(autouse=True)
 def nan_outputs(monkeypatch):
-    """Kernel outputs start as NaN (indices as -2**30): an element a kernel never writes fails the test."""
+    """Kernel outputs start as NaN: an element a kernel never writes fails the test."""
     from tempme_fast.ops import triton_ops
-
-    def new_output(shape, dtype, device):
-        fill = float("nan") if dtype.is_floating_point else -(2 ** 30)
-        return torch.full(shape, fill, dtype=dtype, device=device)
-    monkeypatch.setattr(triton_ops, "_new_output", new_output)
+    fill_outputs_with_nan(monkeypatch, triton_ops)
 
 
 @pytest.mark.parametrize("class_token", [False, True])
@@ -74,8 +67,7 @@ def test_bipartite_modes_match_twin(backend, device, class_token, distill_token,
 
 
 @pytest.mark.parametrize("class_token,distill_token", TOME_CASES, ids=["plain", "cls", "cls+dist"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
-                         ids=lambda d: str(d).split(".")[-1])
+@parametrize_dtypes(ALL_DTYPES)
 def test_merge_wavg_values_and_gradients(backend, device, class_token, distill_token, dtype):
     tokens, r = 11, 4
     metric, x, size = _inputs(3, tokens, 7, dtype, 3, device)
