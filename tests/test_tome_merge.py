@@ -222,3 +222,27 @@ def test_triton_backend_refuses_cpu_outside_the_interpreter(monkeypatch):
         pytest.skip("a CUDA machine")
     with pytest.raises(ValueError, match="backend='triton'"):
         tome.bipartite_soft_matching(torch.randn(1, 8, 4), 2, backend="triton")
+
+
+@pytest.mark.parametrize("backend_name,examples", [("torch", 40), ("triton", 8)])
+def test_random_shapes_match_twin(backend_name, examples, device):
+    """Any N, r (clamped or not), protected tokens and channel count: values, sizes and round trips."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=examples, deadline=None, derandomize=True)
+    @given(rows=st.integers(1, 3), tokens=st.integers(2, 24), r=st.integers(-2, 14), case=st.sampled_from(TOME_CASES),
+           channels=st.integers(1, 9), seed=st.integers(0, 2 ** 16))
+    def check(rows, tokens, r, case, channels, seed):
+        class_token, distill_token = case
+        if int(class_token) + int(distill_token) > tokens - 2:
+            return
+        metric, x, size = _inputs(rows, tokens, channels, torch.float32, seed, device)
+        merge, unmerge = tome.bipartite_soft_matching(metric, r, class_token, distill_token, backend=backend_name)
+        groups = [twin.tome_groups(metric[b].cpu(), r, class_token, distill_token) for b in range(rows)]
+        y, s = tome.merge_wavg(merge, x, size)
+        want_y, want_s = twin.wavg_groups(x.cpu(), size.cpu(), groups)
+        _close(y.cpu(), want_y, torch.float32, "wavg")
+        _close(s.cpu(), want_s, torch.float32, "size")
+        _close(unmerge(y).cpu(), twin.unmerge_groups(y.cpu(), groups, tokens), torch.float32, "unmerge")
+    check()
