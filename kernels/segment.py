@@ -13,8 +13,9 @@ merged into is copied, not divided.
 
 Compiled for sm_90 (triton 3.8, fp16 rows, BLOCK_T=32, BLOCK_D=128, D and the token strides divisible
 by 16): 96 registers for the sum and mean, 128 for the weighted average, no spills, and the feature
-rows load as ``ld.global.v4``. Sizes and source indices are loaded once per tile, outside the
-feature loop, except the per-source sizes of the weighted average, which each feature tile rereads.
+rows load as ``ld.global.v4``. A row's own index, size and divisor are loaded once per tile, outside
+the feature loop; the sources' indices (and sizes, for the weighted average) are reread by every
+feature tile (6 tiles at D=768), small cached loads next to the feature rows.
 """
 import triton
 import triton.language as tl
