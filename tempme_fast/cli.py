@@ -15,6 +15,9 @@ from .ops import BACKENDS
 
 
 def _cmd_bench(args) -> int:
+    if args.image:
+        from .tome.bench import run_image_bench
+        return run_image_bench(args)
     from .bench import bench_model, cpu_name, default_backends, format_table, rows_as_dicts
     from .loading import DTYPES, create_model, default_dtype_name, resolve_device
 
@@ -69,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument("--image", action="store_true",
+                       help="time encode_image, unmerged against ToMe (--tome-r); --batch counts images")
+    bench.add_argument("--tome-r", type=int, nargs="+", default=[8, 16], help="ToMe r values for --image")
     add_config_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
 
