@@ -1,13 +1,11 @@
 """What every benchmark here shares: shapes from the token schedule, timing, environment, output files."""
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -17,6 +15,8 @@ import torch
 
 from tempme_fast import TempMeConfig, token_schedule
 from tempme_fast.bench import cpu_name
+
+from .rowlog import RowLog, add_row_log_arguments, read_records, read_rows  # noqa: F401 (the benchmarks' one import)
 
 # (depth, tokens per frame, width, heads) of the CLIP ViTs the op shapes are taken from, at 224 px.
 VIT_GEOMETRY = {"ViT-B-32": (12, 50, 768, 12), "ViT-B-16": (12, 197, 768, 12)}
@@ -125,58 +125,6 @@ def write_results(out_dir: str, name: str, env: Dict[str, object], rows: Sequenc
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
-
-
-class RowLog:
-    """Appends rows to a JSON-lines file the moment they are measured, so a run cut short keeps them.
-
-    The first line a process writes holds the environment and its command line; every row after it
-    carries ``bench`` (which script) and ``tag`` (which part of a suite run) so several benchmarks can
-    share one file. Each line is flushed and synced to disk before the next measurement starts.
-    """
-
-    def __init__(self, path: Optional[str], bench: str, env: Dict[str, object], tag: str = ""):
-        self.bench, self.tag, self.rows = bench, tag, []
-        self._file = None
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self._file = open(path, "a")
-            self._append({"bench": bench, "tag": tag, "environment": env, "argv": sys.argv})
-
-    def _append(self, record: Dict[str, object]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def __call__(self, row: Dict[str, object], bench: Optional[str] = None) -> Dict[str, object]:
-        """Keep ``row`` (and append it to the file, if there is one); returns it."""
-        self.rows.append(row)
-        if self._file:
-            self._append({"bench": bench or self.bench, "tag": self.tag, **row})
-        return row
-
-
-def add_row_log_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--jsonl", default=None, metavar="PATH",
-                        help="append every row to this JSON-lines file as soon as it is measured")
-    parser.add_argument("--tag", default="", help="label stored in every JSON-lines row (e.g. a suite stage)")
-
-
-def read_records(path: str) -> List[Dict[str, object]]:
-    """Every line of a JSON-lines file written by ``RowLog``; a last line cut off by a killed process is skipped."""
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
-def read_rows(path: str, bench: Optional[str] = None) -> List[Dict[str, object]]:
-    """Rows of a ``RowLog`` file (environment lines left out), optionally of one bench only."""
-    return [r for r in read_records(path) if "environment" not in r and (bench is None or r.get("bench") == bench)]
 
 
 class Compiled:

@@ -44,25 +44,29 @@ site=$(mktemp -d)
 ln -s "$PWD/kernels" "$site/tempme_kernels"
 export PYTHONPATH="$PWD:$site:${PYTHONPATH:-}"
 log() { echo "[setup] $*" | tee -a "$out/suite.log"; }
-if "$py" -c "import open_clip" 2>/dev/null; then
-    log "open_clip already importable"
-elif compgen -G "$wheels/*.whl" >/dev/null; then
-    if "$py" -m pip --version >/dev/null 2>&1 && "$py" -m pip install -q --no-index --no-deps --no-compile \
-            --no-cache-dir --target "$site" "$wheels"/*.whl >>"$out/suite.log" 2>&1; then
-        log "installed with pip into $site: $(cd "$wheels" && echo *.whl)"
-    else
-        # A wheel is a zip of the files to put on the path: pure-Python ones need nothing more.
-        "$py" - "$site" "$wheels"/*.whl <<'PY' && log "pip unusable: unzipped into $site: $(cd "$wheels" && echo *.whl)"
+have_open_clip() {  # prints where open_clip comes from; fails when it does not import
+    "$py" -c "import open_clip; print('[setup] open_clip', open_clip.__version__, 'from', open_clip.__file__)" \
+        2>>"$out/suite.log" | tee -a "$out/suite.log"
+    return "${PIPESTATUS[0]}"
+}
+if ! have_open_clip; then
+    if compgen -G "$wheels/*.whl" >/dev/null; then
+        if "$py" -m pip --version >/dev/null 2>&1 && "$py" -m pip install -q --no-index --no-deps --no-compile \
+                --no-cache-dir --target "$site" "$wheels"/*.whl >>"$out/suite.log" 2>&1; then
+            log "installed with pip into $site: $(cd "$wheels" && echo *.whl)"
+        else
+            # A wheel is a zip of the files to put on the path: pure-Python ones need nothing more.
+            "$py" - "$site" "$wheels"/*.whl <<'PY' && log "pip unusable: unzipped into $site: $(cd "$wheels" && echo *.whl)"
 import sys, zipfile
 for wheel in sys.argv[2:]:
     zipfile.ZipFile(wheel).extractall(sys.argv[1])
 PY
+        fi
+        have_open_clip || log "open_clip still does not import: the whole-model stages will fail"
+    else
+        log "open_clip is missing and $wheels holds no wheels: the whole-model stages will fail"
     fi
-else
-    log "open_clip is missing and $wheels holds no wheels: the whole-model stages will fail"
 fi
-"$py" -c "import open_clip; print('[setup] open_clip', open_clip.__version__, 'from', open_clip.__file__)" 2>&1 \
-    | tee -a "$out/suite.log"
 
 args=("$out" --deadline $((start + budget)) --budget "$budget")
 [ -z "$archive" ] || args+=(--archive "$archive")

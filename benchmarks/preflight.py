@@ -18,7 +18,7 @@ import sysconfig
 from typing import Dict, List, Tuple
 
 PACKAGES = ("torch", "triton", "open_clip", "torchvision", "timm", "numpy", "matplotlib", "pytest", "hypothesis",
-            "PIL", "ftfy", "wcwidth", "av")
+            "PIL", "ftfy", "wcwidth", "regex", "huggingface_hub", "safetensors", "av")
 
 
 def _run(argv: List[str]) -> str:
