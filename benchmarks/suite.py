@@ -104,9 +104,9 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         Stage("train_step", bench("bench_train", "train", "--model", "ViT-B-16", "--batch", "32" if gpu else "2",
                                   "--precision", "bf16" if gpu else "fp32", "--repeats", "5"), 90),
         Stage("kernel_tests", pytest("tests/test_triton_ops.py", "tests/test_model_triton.py"), 150),
-        Stage("other_tests", pytest("tests", "--ignore", "tests/test_triton_cuda.py",
-                                    "--ignore", "tests/test_cuda_determinism.py", "--ignore", "tests/test_triton_ops.py",
-                                    "--ignore", "tests/test_model_triton.py"), 240),
+        Stage("other_tests", pytest("tests", *[f"--ignore=tests/{name}.py" for name in
+                                               ("test_triton_cuda", "test_cuda_determinism", "test_triton_ops",
+                                                "test_model_triton")]), 240),
         Stage("plots", [python, "-m", "benchmarks.plots", out, "--to", os.path.join(out, "plots")], 30, final=True),
     ]
 

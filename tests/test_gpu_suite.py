@@ -158,3 +158,30 @@ def test_gpu_suite_sh_refuses_a_bad_budget(tmp_path):
     done = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_suite.sh"), "--budget", "-5",
                            str(tmp_path / "o")], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "--budget -5" in done.stderr
+
+
+def test_report_tables_come_from_the_archive(tmp_path, capsys):
+    from benchmarks import report
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "environment.txt").write_text("gpu 0: NVIDIA H100 80GB HBM3, sm_90\ntorch: 2.11.0 at /x\n")
+    (out / "stages.jsonl").write_text(json.dumps({"stage": "ops_headline", "outcome": "timeout", "rc": -15,
+                                                  "seconds": 60.2, "limit_s": 60}) + "\n")
+    ops = RowLog(str(out / "rows.jsonl"), "bench_ops", {"device": "H100"}, "headline")
+    ops({"op": "copy", "impl": "torch", "copy_gbs": 2950.0})
+    ops({"model": "ViT-B-16", "batch": 32, "op": "step_fwd", "impl": "triton", "ms": 0.25, "compiled": False,
+         "speedup_vs_torch": 6.5})
+    (out / "tests.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"event": "start"}, {"nodeid": "tests/a.py::t1", "outcome": "passed"},
+        {"nodeid": "tests/a.py::t2", "outcome": "failed", "reason": "x"}]) + "\n")
+    archive = tmp_path / "run.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(out, arcname="run")
+    assert report.main([str(archive)]) == 0
+    text = capsys.readouterr().out
+    assert "Card: NVIDIA H100 80GB HBM3, sm_90" in text
+    assert "| ops_headline | timeout | -15 | 60.2 | 60 |" in text
+    assert "2950 GB/s (headline)" in text
+    assert "| headline | ViT-B-16 | 32 | - | - | - | step_fwd | triton | False | 0.25 |" in text
+    assert "| tests/a.py | 1 | 1 |" in text and "- tests/a.py::t2: failed" in text
