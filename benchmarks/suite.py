@@ -176,6 +176,9 @@ def run_stage(stage: Stage, limit: float, log) -> dict:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             rc = proc.wait()
+    except BaseException:  # the suite itself is stopping (SIGTERM, Ctrl-C): its stage stops with it
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     reader.join(timeout=5)
     if outcome == "ok" and rc != 0:
         outcome = "failed"
@@ -191,6 +194,8 @@ def run_suite(out: str, stages: Sequence[Stage], deadline: float, archive: Optio
     os.makedirs(out, exist_ok=True)
     archiver = Archiver(out, archive, every)
     status = 0
+    # Stopped from outside (SIGTERM), the suite still stops its stage and writes the archive a last time.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         with open(os.path.join(out, "suite.log"), "ab") as log, \
                 open(os.path.join(out, "stages.jsonl"), "a") as stages_file:
@@ -218,6 +223,7 @@ def run_suite(out: str, stages: Sequence[Stage], deadline: float, archive: Optio
                 status |= record["outcome"] != "ok"
                 archiver.snapshot()
     finally:
+        signal.signal(signal.SIGTERM, previous)
         archiver.close()
     return int(status)
 

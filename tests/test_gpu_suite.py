@@ -5,6 +5,7 @@ checked for shape only.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -18,12 +19,12 @@ from benchmarks.suite import ROOT, Archiver, Stage, gpu_stages, run_suite
 
 # A benchmark that never ends: one row every 50 ms through the real row log.
 SLOW_ROWS = """
-import sys, time
+import os, sys, time
 from benchmarks.rowlog import RowLog
 log = RowLog(sys.argv[1], "stub", {"device": "stub"}, "slow")
 i = 0
 while True:
-    log({"i": i}); i += 1; time.sleep(0.05)
+    log({"i": i, "pid": os.getpid()}); i += 1; time.sleep(0.05)
 """
 
 
@@ -185,3 +186,25 @@ def test_report_tables_come_from_the_archive(tmp_path, capsys):
     assert "2950 GB/s (headline)" in text
     assert "| headline | ViT-B-16 | 32 | - | - | - | step_fwd | triton | False | 0.25 |" in text
     assert "| tests/a.py | 1 | 1 |" in text and "- tests/a.py::t2: failed" in text
+
+
+def test_a_suite_stopped_from_outside_stops_its_stage_and_archives_a_last_time(tmp_path):
+    out, archive = tmp_path / "out", tmp_path / "a.tar.gz"
+    driver = (
+        "import sys\n"
+        "from benchmarks.suite import Stage, run_suite\n"
+        f"stage = Stage('slow', [sys.executable, '-c', {SLOW_ROWS!r}, {str(out / 'rows.jsonl')!r}], cap=100)\n"
+        f"run_suite({str(out)!r}, [stage], deadline=1e12, archive={str(archive)!r}, every=1000)\n")
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=ROOT)
+    rows = out / "rows.jsonl"
+    for _ in range(600):  # the stub's first rows, then stop the suite
+        time.sleep(0.05)
+        if rows.exists() and len(rows.read_text().splitlines()) >= 3:
+            break
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    kept = [json.loads(line) for line in _members(archive)["out/rows.jsonl"].splitlines()[1:]]
+    assert len(kept) >= 2  # only the last snapshot (every=1000 s) can hold them
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):  # the stage went down with the suite
+        os.kill(kept[0]["pid"], 0)
