@@ -178,6 +178,7 @@ def run_stage(stage: Stage, limit: float, log) -> dict:
             rc = proc.wait()
     except BaseException:  # the suite itself is stopping (SIGTERM, Ctrl-C): its stage stops with it
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         raise
     reader.join(timeout=5)
     if outcome == "ok" and rc != 0:
