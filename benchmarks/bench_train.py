@@ -23,6 +23,7 @@ import torch
 
 from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
 from tempme_fast.bench import default_backends, peak_memory_mb, time_calls
+from tempme_fast.cli import add_config_arguments, config_from_args
 from tempme_fast.lora import add_lora, mark_trainable
 from tempme_fast.train import (PRECISIONS, VideoTextForward, contrastive_loss, make_optimizer, set_grad_checkpointing,
                                train_step)
@@ -51,7 +52,7 @@ def bench(args, log: Optional[RowLog] = None) -> List[dict]:
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     backends = args.backends or default_backends(device)
     variants = [("unmerged", TempMeConfig.unmerged(args.frames), "torch")]
-    variants += [("TempMe", TempMeConfig(frames=args.frames), b) for b in backends]
+    variants += [("TempMe", config_from_args(args), b) for b in backends]
     rows = []
     for mode in args.modes:
         torch.manual_seed(0)
@@ -117,8 +118,8 @@ def format_table(rows: List[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="ViT-B-32-quickgelu", help="open_clip model (random weights)")
-    parser.add_argument("--frames", type=int, default=12)
+    parser.add_argument("--model", default="ViT-B-32-quickgelu",
+                        help="open_clip model name or JSON model config (random weights)")
     parser.add_argument("--batch", type=int, default=2, help="videos (and captions) per step")
     parser.add_argument("--context-length", type=int, default=32, help="caption tokens (zero-padded to 77)")
     parser.add_argument("--modes", nargs="+", choices=("lora", "full"), default=["lora", "full"])
@@ -132,6 +133,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--json", default=None, metavar="PATH", help="all rows in one JSON file, at the end")
     add_row_log_arguments(parser)
+    add_config_arguments(parser)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

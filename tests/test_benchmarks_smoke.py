@@ -46,3 +46,17 @@ def test_bench_model_smoke(tmp_path, tiny_model_file):
     assert len(layers) == 2 * 5  # stem + 4 blocks, unmerged and TempMe
     lines = read_records(str(tmp_path / "rows.jsonl"))
     assert [r["bench"] for r in lines[1:]] == ["bench_model"] * 6 + ["bench_layers"] * 10
+
+
+def test_bench_train_smoke(tmp_path, tiny_model_file):
+    from benchmarks import bench_train
+
+    path = tmp_path / "rows.jsonl"
+    assert bench_train.main(["--device", "cpu", "--model", tiny_model_file, "--batch", "2", "--context-length", "8",
+                             "--modes", "lora", "--repeats", "1", "--warmup", "0", "--jsonl", str(path),
+                             "--tag", "train", *TINY_ARGS]) == 0
+    env, *rows = read_records(str(path))
+    assert env["bench"] == "bench_train" and env["environment"]["torch"]
+    assert [(r["mode"], r["variant"], r["backend"]) for r in rows] == [("lora", "unmerged", "-"),
+                                                                       ("lora", "TempMe", "torch")]
+    assert rows[0]["speedup"] == 1.0 and rows[1]["step_ms"] > 0 and rows[1]["peak_mem_mb"] > 0
