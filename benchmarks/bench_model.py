@@ -28,7 +28,8 @@ from tempme_fast.flops import model_flops
 from tempme_fast.loading import DTYPES, create_model, default_dtype_name
 from tempme_fast.model import encoder_options, layer_steps
 
-from .common import Compiled, RowLog, add_row_log_arguments, environment, measure_ms, print_table, write_results
+from .common import Compiled, RowLog, add_row_log_arguments, environment, failure, measure_ms, print_table, \
+    write_results
 
 VARIANTS = ("open_clip", "open_clip+graph", "tempme-eager", "tempme-torch", "tempme-triton", "tempme-triton+graph",
             "tempme-triton+compile")
@@ -164,7 +165,11 @@ def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, conf
                         if not runnable(variant, mode, device, compile_):
                             continue
                         row = {"model": name, "dtype": dtype_name, "batch": batch, "frames": frames}
-                        row.update(bench_variant(model, config, variant, mode, video, rep_ms, compile_backend))
+                        try:
+                            row.update(bench_variant(model, config, variant, mode, video, rep_ms, compile_backend))
+                        except Exception as e:  # noqa: BLE001 (recorded in the row; the next variant runs)
+                            rows.append(log({**row, "variant": variant, "mode": mode, **failure(e)}))
+                            continue
                         if variant == "open_clip":
                             base_ms = row["ms"]
                         row["speedup_vs_open_clip"] = base_ms / row["ms"] if base_ms else None
@@ -178,6 +183,10 @@ def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, conf
                         apply_tempme(model, layer_config, backend=backend)
                         try:
                             times = layer_times_ms(model, video)
+                        except Exception as e:  # noqa: BLE001 (recorded; the next batch runs)
+                            layer_rows.append(log({"model": name, "dtype": dtype_name, "batch": batch,
+                                                   "variant": label, **failure(e)}, bench="bench_layers"))
+                            times = []
                         finally:
                             remove_tempme(model)
                         for layer, ms in enumerate(times):
@@ -220,8 +229,8 @@ def main(argv=None) -> int:
     print(f"# video encoders on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print_table(rows, ["model", "dtype", "batch", "mode", "variant", "ms", "ms_p20", "ms_p80", "videos_per_s",
                        "peak_mib", "gflops_per_video", "tokens_per_video", "speedup_vs_open_clip",
-                       "flops_bound_speedup", "compiled"])
-    return 0
+                       "flops_bound_speedup", "compiled", "error"])
+    return int(any("error" in r for r in rows + layer_rows))
 
 
 if __name__ == "__main__":

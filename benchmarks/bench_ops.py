@@ -21,7 +21,7 @@ from tempme_fast.loading import DTYPES
 from tempme_fast.ops import reference
 
 from .common import Compiled, MergeShape, RowLog, add_row_log_arguments, copy_bandwidth_gbs, environment, \
-    measure_ms, merge_shapes, print_table, write_results
+    failure, measure_ms, merge_shapes, print_table, write_results
 
 OPS = ("best_match", "match", "merge_fwd", "merge_bwd", "step_fwd", "step_fwdbwd")
 
@@ -125,13 +125,17 @@ def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_
                                     continue  # the compiled rows time whole graphs: match and step
                                 if compile_at and compile_at != f"{model}:{batch}:{dtype_name}":
                                     continue
-                            fn, compiled = op_fn(op, impl, s, metric, x, size, compile_backend)
-                            timing = measure_ms(fn, device, rep_ms=rep_ms)
-                            nbytes = op_bytes(op, s, x.element_size())
                             row = {"model": model, "batch": batch, "layer": s.layer, "stage": s.stage,
                                    "rows": s.rows, "tokens": s.tokens, "r": s.r, "dtype": dtype_name, "op": op,
-                                   "impl": impl, **timing, "bytes": nbytes,
-                                   "gbs": nbytes / (timing["ms"] * 1e-3) / 1e9}
+                                   "impl": impl}
+                            try:
+                                fn, compiled = op_fn(op, impl, s, metric, x, size, compile_backend)
+                                timing = measure_ms(fn, device, rep_ms=rep_ms)
+                            except Exception as e:  # noqa: BLE001 (recorded in the row; the next case runs)
+                                log({**row, **failure(e)})
+                                continue
+                            nbytes = op_bytes(op, s, x.element_size())
+                            row.update(timing, bytes=nbytes, gbs=nbytes / (timing["ms"] * 1e-3) / 1e9)
                             row.update(compiled.record() if compiled else {"compiled": False})
                             if bandwidth:
                                 row["copy_gbs"] = bandwidth
@@ -168,8 +172,8 @@ def main(argv=None) -> int:
     print(f"# merge ops on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print_table([r for r in rows if r["op"] != "copy"],
                 ["model", "batch", "layer", "stage", "dtype", "op", "impl", "ms", "ms_p20", "ms_p80", "gbs",
-                 "frac_copy_bw", "speedup_vs_torch", "compiled"])
-    return 0
+                 "frac_copy_bw", "speedup_vs_torch", "compiled", "error"])
+    return int(any("error" in r for r in rows))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Dict, List, Optional, Sequence
@@ -125,6 +126,13 @@ def write_results(out_dir: str, name: str, env: Dict[str, object], rows: Sequenc
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
+
+
+def failure(error: BaseException) -> Dict[str, object]:
+    """What a row records of a measurement that raised (printed in full to the log), so one failing case
+    (out of memory, a failed graph capture or compile) costs its own row, not the rest of the run."""
+    traceback.print_exc()
+    return {"error": f"{type(error).__name__}: {error}"[:500]}
 
 
 class Compiled:

@@ -60,3 +60,20 @@ def test_bench_train_smoke(tmp_path, tiny_model_file):
     assert [(r["mode"], r["variant"], r["backend"]) for r in rows] == [("lora", "unmerged", "-"),
                                                                        ("lora", "TempMe", "torch")]
     assert rows[0]["speedup"] == 1.0 and rows[1]["step_ms"] > 0 and rows[1]["peak_mem_mb"] > 0
+
+
+def test_a_failing_case_costs_only_its_own_row(tmp_path, monkeypatch):
+    real = bench_ops.op_fn
+
+    def op_fn(op, *args):
+        if op == "match":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(op, *args)
+    monkeypatch.setattr(bench_ops, "op_fn", op_fn)
+    assert bench_ops.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
+                           "--ops", "match", "merge_fwd", "--rep-ms", "1", "--jsonl", str(tmp_path / "r.jsonl")]) == 1
+    rows = read_records(str(tmp_path / "r.jsonl"))[1:]
+    assert [r["op"] for r in rows] == ["match", "merge_fwd"] * 7
+    assert all(r["error"] == "RuntimeError: CUDA out of memory (simulated)" and "ms" not in r
+               for r in rows if r["op"] == "match")
+    assert all("error" not in r and r["ms"] > 0 for r in rows if r["op"] == "merge_fwd")
