@@ -8,11 +8,12 @@
 from . import ops
 from .config import TempMeConfig
 from .lora import add_lora, mark_trainable, merge_lora
-from .model import ScheduleClampWarning, TempMeSettings, apply_tempme, encode_video, remove_tempme
+from .model import ScheduleClampWarning, TempMeSettings, apply_tempme, encode_video, remove_tempme, trace_sources
 from .official import load_official_checkpoint
 from .schedule import LayerPlan, TokenSchedule, token_schedule
-from .tracking import SourceMap, trace_sources
-from .train import TrainConfig, Trainer, train_step
+from .tracking import SourceMap
+from .train import train_step
+from .trainer import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 

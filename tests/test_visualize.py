@@ -122,7 +122,7 @@ def test_visualize_errors(tmp_path, tiny_model_file, argv, message):
 def test_visualize_loads_a_checkpoint(tmp_path, tiny_model_file):
     """--checkpoint goes through tempme eval's loader: a state dict of a patched model, frame_pos included."""
     from tempme_fast import apply_tempme
-    from tempme_fast.cli import config_from_args
+    from tempme_fast.arguments import config_from_args
     from tempme_fast.loading import create_model
 
     args = _args("unused", *TINY_ARGS)
