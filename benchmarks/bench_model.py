@@ -22,7 +22,7 @@ import torch
 
 from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
 from tempme_fast.bench import peak_memory_mb
-from tempme_fast.cli import add_config_arguments, config_from_args
+from tempme_fast.arguments import add_config_arguments, config_from_args
 from tempme_fast.encoder import block_forward, embed_frames
 from tempme_fast.flops import model_flops
 from tempme_fast.loading import DTYPES, create_model, default_dtype_name

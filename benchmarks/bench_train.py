@@ -23,7 +23,7 @@ import torch
 
 from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
 from tempme_fast.bench import default_backends, peak_memory_mb, time_calls
-from tempme_fast.cli import add_config_arguments, config_from_args
+from tempme_fast.arguments import add_config_arguments, config_from_args
 from tempme_fast.lora import add_lora, mark_trainable
 from tempme_fast.train import (PRECISIONS, VideoTextForward, contrastive_loss, make_optimizer, set_grad_checkpointing,
                                train_step)
