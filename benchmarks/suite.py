@@ -31,7 +31,7 @@ import sys
 import tarfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +46,6 @@ class Stage:
     argv: List[str]
     cap: float
     final: bool = False  # its time is kept back from the stages before it (the plots come out regardless)
-    env: dict = field(default_factory=dict)
 
 
 def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> List[Stage]:
@@ -162,7 +161,7 @@ def run_stage(stage: Stage, limit: float, log) -> dict:
     """Run ``stage`` for at most ``limit`` seconds; its output goes to ``log`` and to stdout."""
     t0 = time.monotonic()
     proc = subprocess.Popen(stage.argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, **stage.env})
+                            start_new_session=True)
     reader = threading.Thread(target=_copy_output, args=(proc.stdout, log), daemon=True)
     reader.start()
     outcome = "ok"
