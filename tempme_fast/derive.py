@@ -147,11 +147,17 @@ def costed(geometry: ViTGeometry, config: TempMeConfig) -> Candidate:
 
 
 def budget_ladder(geometry: ViTGeometry, frames: int) -> List[Candidate]:
-    """Derived schedules from the lightest merging to the strongest, predicted FLOPs non-increasing."""
+    """Derived schedules from the lightest merging to the strongest, predicted FLOPs strictly falling."""
     top = max_removal(geometry, frames)
     rungs = [derived_config(geometry, frames, removed) for removed in range(top + 1)]
     rungs += [derived_config(geometry, frames, top, step) for step in range(1, RATIO_STEPS + 1)]
-    return [costed(geometry, config) for config in rungs]
+    ladder: List[Candidate] = []
+    for config in rungs:
+        candidate = costed(geometry, config)
+        # Once the spec's clamp caps a merge, a higher ratio can leave the tokens as they were: skip it.
+        if not ladder or candidate.ratio < ladder[-1].ratio:
+            ladder.append(candidate)
+    return ladder
 
 
 def _check_ratio(flops_ratio) -> None:
@@ -192,3 +198,19 @@ def budget_candidate(geometry: ViTGeometry, frames: int, flops_ratio: float) -> 
         f"flops_ratio={flops_ratio} cannot be met at {frames} frames on this model ({geometry.depth} layers, "
         f"{geometry.tokens_per_frame} tokens per frame): the cheapest derived schedule costs "
         f"{ladder[-1].ratio:.3f} of the unmerged FLOPs (valid: {ladder[-1].ratio:.3f} <= flops_ratio <= 1)")
+
+
+def add_budget_argument(parser) -> None:
+    """``--budget RATIO``: derive the schedule from the model and frame count within that FLOPs share."""
+    parser.add_argument("--budget", type=float, default=None, metavar="RATIO",
+                        help="derive the schedule for --model and --frames whose predicted GFLOPs are the "
+                             "largest at most RATIO of the unmerged model's (in (0, 1]), instead of the "
+                             "schedule options")
+
+
+def config_for_args(model_or_name, args) -> Optional[TempMeConfig]:
+    """The budget schedule of parsed ``args`` (``args.budget``, ``args.frames``), or None without ``--budget``."""
+    budget = getattr(args, "budget", None)
+    if budget is None:
+        return None
+    return derive_config(model_or_name, frames=args.frames, flops_ratio=budget)
