@@ -53,7 +53,7 @@ class TempMeConfig:
         # Frozen dataclass: normalise lists to tuples through object.__setattr__.
         object.__setattr__(self, "clip_layers", _as_int_tuple("clip_layers", self.clip_layers))
         object.__setattr__(self, "clip_groups", _as_int_tuple("clip_groups", self.clip_groups))
-        if not isinstance(self.imgme_r, int):
+        if isinstance(self.imgme_r, (list, tuple)):
             object.__setattr__(self, "imgme_r", _as_int_tuple("imgme_r", self.imgme_r))
         self._validate()
 
@@ -101,7 +101,7 @@ class TempMeConfig:
     def _validate(self):
         if isinstance(self.frames, bool) or not isinstance(self.frames, int):
             raise TypeError(f"frames must be an int, got {self.frames!r}")
-        if isinstance(self.imgme_r, bool):
+        if isinstance(self.imgme_r, bool) or not isinstance(self.imgme_r, (int, tuple)):
             raise TypeError(f"imgme_r must be an int or a tuple of ints, got {self.imgme_r!r}")
         for name in ("frame_pos", "prop_attn"):
             value = getattr(self, name)
