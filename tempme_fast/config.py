@@ -24,6 +24,8 @@ class TempMeConfig:
 
     The defaults are the released ViT-B/32 schedule: 12 frames, 2 tokens merged per frame in
     every layer before the first join, clips joined at layers 8, 9 and 10 in groups of 2, 2 and 3.
+    ``TempMeConfig.for_model(model_or_name, frames=12, flops_ratio=None)`` derives a schedule for
+    other models, frame counts and FLOPs budgets (:func:`tempme_fast.derive.derive_config`).
 
     Attributes:
         frames: frames per video (``T``).
@@ -56,24 +58,6 @@ class TempMeConfig:
         if isinstance(self.imgme_r, (list, tuple)):
             object.__setattr__(self, "imgme_r", _as_int_tuple("imgme_r", self.imgme_r))
         self._validate()
-
-    @classmethod
-    def for_model(cls, model_or_name, frames: int = 12, flops_ratio=None) -> "TempMeConfig":
-        """A schedule for any open_clip ViT with a class token and any frame count from 1 to 128.
-
-        The released schedule for ViT-B/32 at 12 frames; otherwise one derived by the rules of
-        :func:`tempme_fast.derive.derive_config` (joins of 2 or 3 clips in the last layers, ImgMe
-        keeping the released share of each frame's tokens). ``flops_ratio`` (in (0, 1]) instead
-        picks the derived schedule whose predicted FLOPs per video are the largest not above that
-        share of the unmerged model's, and raises ``ValueError`` when no derived schedule is that cheap.
-
-        Args:
-            model_or_name: an open_clip model, an open_clip model name (``"ViT-B-16"``) or the path
-                of an open_clip JSON model config.
-        """
-        from .derive import derive_config
-
-        return derive_config(model_or_name, frames=frames, flops_ratio=flops_ratio)
 
     @classmethod
     def unmerged(cls, frames: int = 12) -> "TempMeConfig":

@@ -200,6 +200,12 @@ def budget_candidate(geometry: ViTGeometry, frames: int, flops_ratio: float) -> 
         f"{ladder[-1].ratio:.3f} of the unmerged FLOPs (valid: {ladder[-1].ratio:.3f} <= flops_ratio <= 1)")
 
 
+# ``TempMeConfig.for_model`` is derive_config. config.py cannot import this module (it needs the token
+# schedule and the FLOPs, which import config), so the method is attached here, and the package's
+# __init__ imports this module: whoever imports tempme_fast or any of its modules gets it.
+TempMeConfig.for_model = staticmethod(derive_config)
+
+
 def add_budget_argument(parser) -> None:
     """``--budget RATIO``: derive the schedule from the model and frame count within that FLOPs share."""
     parser.add_argument("--budget", type=float, default=None, metavar="RATIO",
