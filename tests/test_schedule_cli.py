@@ -41,7 +41,7 @@ def test_errors_exit_with_a_message(capsys, argv, message):
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_config_for_args_helper():
+def test_config_for_args_reads_budget_and_frames():
     import argparse
 
     parser = argparse.ArgumentParser()
