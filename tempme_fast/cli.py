@@ -10,7 +10,10 @@ from typing import List, Optional
 
 import torch
 
-from .arguments import add_config_arguments, add_dtype_argument, add_model_arguments, config_from_args
+from .arguments import (SCHEDULE_OPTIONS, add_config_arguments, add_dtype_argument, add_model_arguments,
+                        config_from_args)
+from .config import TempMeConfig
+from .derive import add_budget_argument
 from .ops import BACKENDS
 
 
@@ -51,9 +54,25 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_schedule(args) -> int:
-    from .schedule import token_schedule
+    import dataclasses
 
-    print(token_schedule(config_from_args(args), args.depth, args.tokens_per_frame).describe())
+    from .derive import costed
+    from .geometry import ViTGeometry
+
+    geometry = ViTGeometry.from_name(args.model)
+    sizes = {k: v for k, v in (("depth", args.depth), ("tokens_per_frame", args.tokens_per_frame)) if v}
+    geometry = dataclasses.replace(geometry, **sizes)
+    knobs = {k: getattr(args, k) for k in SCHEDULE_OPTIONS if getattr(args, k) is not None}
+    if knobs and args.budget is not None:
+        raise ValueError(f"--budget derives the schedule; leave out --{', --'.join(k.replace('_', '-') for k in knobs)}")
+    if knobs:  # a hand-written schedule
+        config = config_from_args(args)
+    else:
+        config = TempMeConfig.for_model(geometry, frames=args.frames, flops_ratio=args.budget)
+    plan = costed(geometry, config)
+    print(plan.schedule.describe())
+    print(f"GFLOPs per video: {plan.gflops:.1f} (unmerged: {plan.unmerged_gflops:.1f}), ratio {plan.ratio:.3f}, "
+          f"speed-up bound {plan.bound:.2f}x")
     return 0
 
 
@@ -93,9 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(command)
         command.set_defaults(func=run)
 
-    sched = sub.add_parser("schedule", help="print the token schedule of a config")
-    sched.add_argument("--depth", type=int, default=12, help="transformer layers")
-    sched.add_argument("--tokens-per-frame", type=int, default=50, help="1 + patches (50: ViT-B/32 at 224)")
+    sched = sub.add_parser("schedule", help="print a schedule's layer table, GFLOPs and speed-up bound")
+    sched.add_argument("--model", default="ViT-B-32-quickgelu",
+                       help="open_clip model name or JSON model config (sizes only, nothing is built)")
+    sched.add_argument("--depth", type=int, default=None, help="override the model's layers")
+    sched.add_argument("--tokens-per-frame", type=int, default=None, help="override 1 + patches (197: ViT-B/16)")
+    add_budget_argument(sched)
     add_config_arguments(sched)
     sched.set_defaults(func=_cmd_schedule)
     return parser

@@ -154,7 +154,7 @@ def _warn_if_imgme_r_clamps(config: TempMeConfig, schedule: TokenSchedule) -> No
     ``warnings.simplefilter("error", ScheduleClampWarning)``.
     """
     imgme = [p for p in schedule.layers if p.kind == IMGME]
-    short = next((p for p in imgme if p.r < config.imgme_r), None)
+    short = next((p for p in imgme if p.r < config.imgme_r_at(p.layer)), None)
     if short is None:
         return
     largest = (schedule.tokens_per_frame - imgme[0].protected_in) // (len(imgme) + 1)
