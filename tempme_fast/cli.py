@@ -13,7 +13,6 @@ import torch
 from .arguments import (SCHEDULE_OPTIONS, add_config_arguments, add_dtype_argument, add_model_arguments,
                         config_from_args)
 from .config import TempMeConfig
-from .derive import add_budget_argument
 from .ops import BACKENDS
 
 
@@ -62,11 +61,8 @@ def _cmd_schedule(args) -> int:
     geometry = ViTGeometry.from_name(args.model)
     sizes = {k: v for k, v in (("depth", args.depth), ("tokens_per_frame", args.tokens_per_frame)) if v}
     geometry = dataclasses.replace(geometry, **sizes)
-    knobs = {k: getattr(args, k) for k in SCHEDULE_OPTIONS if getattr(args, k) is not None}
-    if knobs and args.budget is not None:
-        raise ValueError(f"--budget derives the schedule; leave out --{', --'.join(k.replace('_', '-') for k in knobs)}")
-    if knobs:  # a hand-written schedule
-        config = config_from_args(args)
+    if any(getattr(args, k) is not None for k in SCHEDULE_OPTIONS):
+        config = config_from_args(args)  # a hand-written schedule (refused together with --budget)
     else:
         config = TempMeConfig.for_model(geometry, frames=args.frames, flops_ratio=args.budget)
     plan = costed(geometry, config)
@@ -117,7 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="open_clip model name or JSON model config (sizes only, nothing is built)")
     sched.add_argument("--depth", type=int, default=None, help="override the model's layers")
     sched.add_argument("--tokens-per-frame", type=int, default=None, help="override 1 + patches (197: ViT-B/16)")
-    add_budget_argument(sched)
     add_config_arguments(sched)
     sched.set_defaults(func=_cmd_schedule)
     return parser
