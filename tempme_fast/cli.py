@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(command)
         command.set_defaults(func=run)
 
+    from .index.cli import register as register_index
+
+    register_index(sub)
+
     sched = sub.add_parser("schedule", help="print the token schedule of a config")
     sched.add_argument("--depth", type=int, default=12, help="transformer layers")
     sched.add_argument("--tokens-per-frame", type=int, default=50, help="1 + patches (50: ViT-B/32 at 224)")
