@@ -132,6 +132,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_search(args) -> int:
+    from ..retrieval.video import VideoDecodeError
     from . import store
     from .search import VideoIndex
     from .spec import IndexSpec
@@ -154,6 +155,9 @@ def run_search(args) -> int:
                                 device=args.device, dtype=args.dtype, **options)
         hits = index.search_text(args.query, args.k) if args.query is not None else \
             index.search_video(args.like, args.k)
+    except VideoDecodeError as err:
+        print(f"tempme search: error: --like {err.path}: {err.reason}", file=sys.stderr)
+        return 2
     except (FaissMissing, ValueError, TypeError, FileNotFoundError) as err:
         print(f"tempme search: error: {err}", file=sys.stderr)
         return 2

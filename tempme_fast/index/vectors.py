@@ -91,7 +91,7 @@ class VectorSearch:
             index.cp.seed = seed
             index.train(self.vectors)
             index.nprobe = min(nprobe, nlist)
-            index.quantizer_keepalive = quantizer  # the IVF index only borrows its quantizer
+            self._quantizer = quantizer  # the IVF index only borrows its quantizer: keep it alive
         index.add(self.vectors)
         return index
 
