@@ -78,14 +78,14 @@ def test_resume_after_a_kill_between_shard_files(built, tmp_path, monkeypatch):
     # A writer killed mid-write leaves a temporary file: a dead writer's is removed, never read.
     dead = subprocess.Popen(["true"])
     dead.wait()
-    (shards / f".r0000-000001.jsonl.tmp-{dead.pid}").write_text('{"path": "half a li')
+    (shards / f".r0000-000001.jsonl.{dead.pid}.tmp").write_text('{"path": "half a li')
     first = load_contents(str(out))  # the committed shard: broken.mp4 and clip0.mp4, in path order
     assert [r["path"] for r in first.records] == good[:1] and len(first.failed) == 1
 
     summary = build_index(str(videos), str(out), _spec(model), resume=True, batch_size=2, workers=0,
                           shard_size=2, progress=False)
     assert (summary["already"], summary["indexed"], summary["failed"]) == (2, 4, 0)
-    assert not [n for n in os.listdir(shards) if ".tmp-" in n]
+    assert not [n for n in os.listdir(shards) if n.endswith(".tmp")]
     got, want = vectors_by_path(out), vectors_by_path(reference)
     assert sorted(got) == sorted(want) == good
     for path in good:

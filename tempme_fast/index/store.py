@@ -25,6 +25,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from ..checkpoint import atomic_write
 from .spec import IndexSpec, SpecMismatch, check_same_encoder
 
 FORMAT = "tempme-video-index"
@@ -35,18 +36,8 @@ _SHARD_RE = re.compile(r"^r(\d{4})-(\d{6})\.jsonl$")
 
 
 def _atomic_write(path: str, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, rename it to ``path``."""
-    tmp = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    # One place to patch in tests that simulate a kill between two files.
+    atomic_write(path, write)
 
 
 def _json_bytes(obj) -> bytes:
@@ -124,8 +115,8 @@ def recorded_paths(path: str) -> Dict[str, str]:
 def remove_stale_temporaries(path: str) -> int:
     """Delete the temporary files of writers that no longer run (killed mid-write); returns how many."""
     removed = 0
-    for tmp in glob.glob(os.path.join(path, SHARDS, ".*.tmp-*")):
-        pid = tmp.rsplit("-", 1)[-1]
+    for tmp in glob.glob(os.path.join(path, SHARDS, ".*.*.tmp")):
+        pid = tmp[:-len(".tmp")].rsplit(".", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
             os.remove(tmp)
             removed += 1
