@@ -117,6 +117,22 @@ def test_faiss_kinds_against_brute_force():
         VectorSearch(vectors, "ivf", nlist=5000)
 
 
+def test_built_indexes_are_cached(built, tmp_path):
+    pytest.importorskip("faiss")
+    vectors, queries = _unit(800, 16), _unit(5, 16, seed=3)
+    cache = str(tmp_path / "hnsw.faiss")
+    first = VectorSearch(vectors, "hnsw", cache=cache).search(queries, 5)
+    again = VectorSearch(vectors, "hnsw", cache=cache)
+    assert again.index.ntotal == 800
+    for a, b in zip(first, again.search(queries, 5)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="holds 800 vectors, not 10"):
+        VectorSearch(vectors[:10], "hnsw", cache=cache)
+    videos, index, model, good = built
+    hits = VideoIndex.open(str(index), "ivf", nlist=1).search_video(good[2], 2)
+    assert hits[0].path == good[2] and len(list((index / "search").glob("ivf-*.faiss"))) == 1
+
+
 def test_without_faiss(built, monkeypatch, capsys):
     videos, index, model, good = built
     monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` fail

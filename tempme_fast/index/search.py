@@ -70,6 +70,8 @@ class VideoIndex:
         if not contents.records:
             raise ValueError(f"the index at {path} holds no readable video ({len(contents.failed)} failed); "
                              f"nothing to search")
+        if kind != "exact":
+            search_options.setdefault("cache", store.search_cache_path(path, kind, search_options))
         index = cls(path, contents, VectorSearch(contents.vectors, kind, **search_options), backend, device,
                     dtype)
         if model is not None:

@@ -16,6 +16,7 @@ half-written is ever read. A video whose manifest line exists, readable or not, 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -232,3 +233,23 @@ def index_size_bytes(path: str) -> Tuple[int, int]:
         if os.path.exists(npy):
             emb += os.path.getsize(npy)
     return emb, man
+
+
+def search_cache_path(path: str, kind: str, options: dict) -> Optional[str]:
+    """Where the built ``kind`` search index of these shards and ``options`` is kept.
+
+    The name hashes the committed manifests (names and sizes) and the options, so an index that
+    grew, or other options, get a new file; older files of the same kind are removed.
+    """
+    key = json.dumps([[os.path.basename(m), os.path.getsize(m)] for m in manifests(path)] + [kind, options],
+                     sort_keys=True, default=str)
+    folder = os.path.join(path, "search")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:  # a read-only index is still searchable; the index is then rebuilt per query
+        return None
+    name = os.path.join(folder, f"{kind}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.faiss")
+    for old in glob.glob(os.path.join(folder, f"{kind}-*.faiss")):
+        if old != name:
+            os.remove(old)
+    return name

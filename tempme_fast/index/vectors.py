@@ -13,9 +13,12 @@ IVF and HNSW need FAISS (``pip install faiss-cpu``, or ``pip install tempme-fast
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import numpy as np
+
+from ..train import atomic_write
 
 KINDS = ("exact", "ivf", "hnsw")
 FAISS_HINT = "pip install faiss-cpu (or: pip install 'tempme-fast[search]')"
@@ -46,13 +49,17 @@ class VectorSearch:
     Args:
         kind: ``exact``, ``ivf`` or ``hnsw`` (see the module docstring).
         nlist, nprobe: IVF cells and cells scanned per query (defaults: :func:`default_nlist`, 16).
+        train_size: vectors the IVF k-means trains on, drawn at random (default: all, at most
+            ``64 * nlist``; k-means costs ``train_size * nlist * D`` per iteration).
         hnsw_m, ef_search: HNSW links per vector and search beam width.
         use_faiss: False forces the NumPy path for exact search (None: FAISS when installed).
+        cache: a file for the built IVF/HNSW index: read when it exists, else written after the
+            build (the caller names it so that it changes when the vectors or options do).
     """
 
     def __init__(self, vectors: np.ndarray, kind: str = "exact", *, nlist: Optional[int] = None,
-                 nprobe: int = 16, hnsw_m: int = 32, ef_search: int = 128, use_faiss: Optional[bool] = None,
-                 seed: int = 0):
+                 nprobe: int = 16, train_size: Optional[int] = None, hnsw_m: int = 32, ef_search: int = 128,
+                 use_faiss: Optional[bool] = None, seed: int = 0, cache: Optional[str] = None):
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} is not one of {KINDS}")
         vectors = np.asarray(vectors)
@@ -68,14 +75,21 @@ class VectorSearch:
                                f"Exact search (kind='exact', --index exact) works without it")
         self.faiss = faiss
         self.index = None
-        if faiss is not None:
-            self.index = self._build(faiss, kind, nlist, nprobe, hnsw_m, ef_search, seed)
+        if faiss is not None and kind != "exact" and cache and os.path.isfile(cache):
+            self.index = faiss.deserialize_index(np.fromfile(cache, dtype=np.uint8))
+        elif faiss is not None:
+            self.index = self._build(faiss, kind, nlist, nprobe, train_size, hnsw_m, ef_search, seed)
+            if kind != "exact" and cache:
+                atomic_write(cache, lambda f: f.write(faiss.serialize_index(self.index).tobytes()))
+        if self.index is not None and self.index.ntotal != len(self.vectors):
+            raise ValueError(f"cached index {cache} holds {self.index.ntotal} vectors, not {len(self.vectors)}; "
+                             f"delete it")
 
     @property
     def backend(self) -> str:
         return "numpy" if self.index is None else f"faiss {type(self.index).__name__}"
 
-    def _build(self, faiss, kind, nlist, nprobe, hnsw_m, ef_search, seed):
+    def _build(self, faiss, kind, nlist, nprobe, train_size, hnsw_m, ef_search, seed):
         n, d = self.vectors.shape
         if kind == "exact":
             index = faiss.IndexFlatIP(d)
@@ -89,7 +103,9 @@ class VectorSearch:
             quantizer = faiss.IndexFlatIP(d)
             index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
             index.cp.seed = seed
-            index.train(self.vectors)
+            train_size = min(n, train_size or 64 * nlist)
+            sample = np.random.default_rng(seed).choice(n, train_size, replace=False) if train_size < n else slice(None)
+            index.train(self.vectors[sample])
             index.nprobe = min(nprobe, nlist)
             self._quantizer = quantizer  # the IVF index only borrows its quantizer: keep it alive
         index.add(self.vectors)
