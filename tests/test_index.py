@@ -2,8 +2,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -93,6 +95,31 @@ def test_resume_after_a_kill_between_shard_files(built, tmp_path, monkeypatch):
     # Run to completion: a further resume has nothing left to do.
     again = build_index(str(videos), str(out), _spec(model), resume=True, workers=0, progress=False)
     assert (again["already"], again["indexed"], again["shards"]) == (6, 0, [])
+
+
+def test_resume_after_sigkill(built, tmp_path):
+    """A real kill: SIGKILL once the first shard is committed, then --resume completes the index."""
+    videos, reference, model, good = built
+    out = tmp_path / "index"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    argv = [sys.executable, "-m", "tempme_fast", *index_argv(videos, out, model, "--shard-size", "1",
+                                                             "--batch-size", "1")]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not store.manifests(str(out)) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed = len(store.manifests(str(out)))
+    assert committed >= 1
+    done = subprocess.run(argv + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"{committed} already in the index" in done.stdout
+    got, want = vectors_by_path(out), vectors_by_path(reference)
+    assert sorted(got) == sorted(want)
+    for path in want:
+        np.testing.assert_allclose(got[path], want[path], atol=FP16_ATOL, rtol=0)
 
 
 def test_adding_videos_encodes_only_the_new_ones(built, tmp_path, capsys):

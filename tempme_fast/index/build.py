@@ -134,7 +134,7 @@ def build_index(videos, out: str, spec: Optional[IndexSpec] = None, *, model: Op
     _check_positive("batch_size", batch_size)
     _check_positive("workers", workers, 0)
     spec = (spec or IndexSpec()).resolved()
-    env_rank, env_world, _ = launch_rank()
+    env_rank, env_world, local_rank = launch_rank()
     rank = env_rank if rank is None else rank
     world_size = env_world if world_size is None else world_size
     paths = list_videos(videos) if isinstance(videos, (str, os.PathLike)) else \
@@ -144,10 +144,12 @@ def build_index(videos, out: str, spec: Optional[IndexSpec] = None, *, model: Op
     share = rank_share(paths, rank, world_size)
 
     store.prepare_dir(out)
-    existing = store.manifests(out)
+    # Only this rank's own shards count here: the other processes of the same launch may already have
+    # committed theirs, and there is no collective to agree on "before".
+    existing = store.manifests(out, rank)
     if existing and not resume:
-        raise ValueError(f"--out {out} already holds an index ({len(existing)} shard(s)); pass --resume "
-                         f"(resume=True) to continue it or add videos, or choose another folder")
+        raise ValueError(f"--out {out} already holds an index ({len(existing)} shard(s) of process {rank}); "
+                         f"pass --resume (resume=True) to continue it or add videos, or choose another folder")
     if os.path.isfile(os.path.join(out, store.HEADER)):
         store.write_header(out, spec, store.read_header(out)["embed_dim"])  # refuses another encoder early
     store.remove_stale_temporaries(out)
@@ -155,6 +157,8 @@ def build_index(videos, out: str, spec: Optional[IndexSpec] = None, *, model: Op
     todo = [p for p in share if p not in recorded]
 
     if model is None:
+        if device == "auto" and world_size > 1 and torch.cuda.is_available():
+            device = f"cuda:{local_rank % torch.cuda.device_count()}"  # one GPU per process
         model = load_encoder(spec, backend=backend, device=device, dtype=dtype)
     store.write_header(out, spec, embed_dim(model))
     weight = model.visual.conv1.weight

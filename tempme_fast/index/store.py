@@ -93,9 +93,10 @@ def write_header(path: str, spec: IndexSpec, dim: int) -> None:
     _atomic_write(os.path.join(path, HEADER), lambda f: f.write(_json_bytes(data)))
 
 
-def manifests(path: str) -> List[str]:
-    """Committed shard manifests of the index at ``path``, in name order (rank, then counter)."""
-    found = glob.glob(os.path.join(path, SHARDS, "r*-*.jsonl"))
+def manifests(path: str, rank: Optional[int] = None) -> List[str]:
+    """Committed shard manifests of the index at ``path`` (of one writer ``rank`` only when given), in
+    name order (rank, then counter)."""
+    found = glob.glob(os.path.join(path, SHARDS, "r*-*.jsonl" if rank is None else f"r{rank:04d}-*.jsonl"))
     return sorted(p for p in found if _SHARD_RE.match(os.path.basename(p)))
 
 
@@ -143,8 +144,7 @@ class ShardWriter:
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
             raise ValueError(f"shard_size={shard_size!r} must be a positive int (videos per shard)")
         self.path, self.rank, self.shard_size = path, rank, shard_size
-        own = [int(_SHARD_RE.match(os.path.basename(m)).group(2)) for m in manifests(path)
-               if int(_SHARD_RE.match(os.path.basename(m)).group(1)) == rank]
+        own = [int(_SHARD_RE.match(os.path.basename(m)).group(2)) for m in manifests(path, rank)]
         self.next_shard = max(own, default=-1) + 1
         self.records: List[dict] = []
         self.vectors: List[np.ndarray] = []
