@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("av")
 
-from index_helpers import SCHEDULE_ARGS, built, index_argv, make_collection, make_video, vectors_by_path  # noqa: F401
+from index_helpers import built, index_argv, make_video, vectors_by_path  # noqa: F401 (built: a fixture)
 from tempme_fast.cli import main
 from tempme_fast.index import IndexSpec, build_index, list_videos, load_contents, load_encoder, rank_share
 from tempme_fast.index import store

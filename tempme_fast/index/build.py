@@ -16,7 +16,6 @@ import os
 import time
 from typing import List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset

@@ -127,7 +127,8 @@ class VectorSearch:
 
 def brute_force(vectors: np.ndarray, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` inner products, best first; ties by lower id. The reference every kind is tested against."""
-    scores = queries.astype(np.float32) @ vectors.astype(np.float32).T  # [Q, N]
+    # asarray, not astype: float32 vectors (the VectorSearch copy) must not be copied at every query.
+    scores = np.asarray(queries, dtype=np.float32) @ np.asarray(vectors, dtype=np.float32).T  # [Q, N]
     k = min(k, scores.shape[1])
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     top_scores = np.take_along_axis(scores, top, axis=1)
