@@ -111,15 +111,16 @@ def query_rows(args) -> list:
         vectors = clustered_unit(n, args.dim, 1, centres)
         queries = clustered_unit(args.queries, args.dim, 2, centres)
         _, exact_ids = brute_force(vectors, queries, 10)
-        variants = [("exact", "numpy", {"use_faiss": False})]
-        if faiss_module() is not None:
-            variants.append(("exact", "faiss", {}))
-            nlist = args.nlist or default_nlist(n)
-            variants.append(("ivf", "faiss", {"nlist": nlist, "nprobe": args.nprobe,
-                                              "train_size": min(n, args.ivf_train_per_list * nlist)}))
-            if n <= args.hnsw_max:
-                variants.append(("hnsw", "faiss", {}))
-        for kind, lib, options in variants:
+        nlist = args.nlist or default_nlist(n)
+        variants = {"exact-numpy": ("exact", "numpy", {"use_faiss": False}),
+                    "exact-faiss": ("exact", "faiss", {}),
+                    "ivf": ("ivf", "faiss", {"nlist": nlist, "nprobe": args.nprobe,
+                                             "train_size": min(n, args.ivf_train_per_list * nlist)}),
+                    "hnsw": ("hnsw", "faiss", {})}
+        for name in args.variants:
+            kind, lib, options = variants[name]
+            if lib == "faiss" and faiss_module() is None or kind == "hnsw" and n > args.hnsw_max:
+                continue
             start = time.perf_counter()
             search = VectorSearch(vectors, kind, **options)
             build = time.perf_counter() - start
@@ -159,6 +160,8 @@ def main(argv=None) -> None:
     p.add_argument("--nlist", type=int, default=None, help="IVF cells (default about 4 sqrt(N))")
     p.add_argument("--nprobe", type=int, default=16)
     p.add_argument("--ivf-train-per-list", type=int, default=40, help="IVF k-means training vectors per cell")
+    p.add_argument("--variants", nargs="+", default=["exact-numpy", "exact-faiss", "ivf", "hnsw"],
+                   choices=["exact-numpy", "exact-faiss", "ivf", "hnsw"])
     p.add_argument("--hnsw-max", type=int, default=100_000, help="largest collection to build HNSW for")
     p.add_argument("--skip-pipeline", action="store_true")
     p.add_argument("--out", default=None)
