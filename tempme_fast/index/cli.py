@@ -16,27 +16,17 @@ import dataclasses
 import json
 import sys
 
-from ..loading import DTYPES
-
-_SCHEDULE = (("--imgme-r", int), ("--clip-layers", int), ("--clip-groups", int), ("--cross-ratio", float),
-             ("--intra-ratio", float))
-
-
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is not an integer >= {minimum}")
-        return value
-    return parse
+from ..arguments import (SCHEDULE_OPTIONS, add_config_arguments, add_dtype_argument, add_merge_argument,
+                         add_model_arguments, config_from_args, non_negative_int, positive_int)
+from ..retrieval.video import DEFAULT_FPS
+from .vectors import KINDS
 
 
-def _runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("where the encoder runs (not recorded in the index)")
-    g.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="merge ops backend")
-    g.add_argument("--device", default="auto",
-                   help="auto (cuda:LOCAL_RANK under torchrun when there is a GPU), cpu, cuda, cuda:N")
-    g.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+def _runtime_arguments(group) -> None:
+    add_model_arguments(group, checkpoint_help="fine-tuned TempMe state dict or LoRA adapter, loaded after "
+                                               "patching",
+                        device_help="auto (cuda:LOCAL_RANK under torchrun when there is a GPU), cpu, cuda, cuda:N")
+    add_dtype_argument(group)
 
 
 def add_index_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,42 +36,32 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run or add new videos to an existing index; only "
                              "videos the index does not record yet are encoded")
-    g = parser.add_argument_group("encoder (recorded in the index; queries must match it)")
-    g.add_argument("--model", default="ViT-B-32-quickgelu", help="open_clip model name or JSON model config")
-    g.add_argument("--pretrained", default=None, help="open_clip pretrained tag or weights file "
-                                                      "(default: random weights, for trials only)")
-    g.add_argument("--checkpoint", default=None, metavar="FILE",
-                   help="fine-tuned TempMe state dict or LoRA adapter, loaded after patching")
-    g.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
-                   help="TempMe merging (--no-merge: per-frame CLIP)")
-    g.add_argument("--frames", type=_count(1), default=12, help="frames per video")
-    g.add_argument("--sample-fps", type=float, default=1.0,
+    g = parser.add_argument_group("encoder (model, weights, schedule and sampling are recorded in the index; "
+                                  "queries must match them)")
+    _runtime_arguments(g)
+    add_merge_argument(g)
+    g.add_argument("--sample-fps", type=float, default=DEFAULT_FPS,
                    help="sampling rate before uniform subsampling to --frames (0: uniform over the video)")
-    g.add_argument("--context-length", type=_count(1), default=32, help="text tokens per query")
-    for flag, kind in _SCHEDULE:
-        nargs = "+" if flag in ("--clip-layers", "--clip-groups") else None
-        g.add_argument(flag, type=kind, nargs=nargs, default=None, help="override the released schedule")
+    g.add_argument("--context-length", type=positive_int, default=32, help="text tokens per query")
+    add_config_arguments(parser)
     g = parser.add_argument_group("throughput")
-    g.add_argument("--batch-size", type=_count(1), default=8, help="videos per encoder call")
-    g.add_argument("--workers", type=_count(0), default=4, help="decoding worker processes (0: main process)")
-    g.add_argument("--shard-size", type=_count(1), default=1000,
+    g.add_argument("--batch-size", type=positive_int, default=8, help="videos per encoder call")
+    g.add_argument("--workers", type=non_negative_int, default=4,
+                   help="decoding worker processes (0: main process)")
+    g.add_argument("--shard-size", type=positive_int, default=1000,
                    help="videos per shard: what a killed run can lose at most")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--json", default=None, metavar="PATH", help="also write the run's summary as JSON")
-    _runtime_arguments(parser)
 
 
 def spec_from_args(args):
-    from tempme_fast.retrieval.cli import tempme_config
-
     from .spec import IndexSpec
 
     if args.sample_fps < 0:
         raise ValueError(f"--sample-fps {args.sample_fps} must be >= 0 (0: uniform sampling)")
-    names = [flag[2:].replace("-", "_") for flag, _ in _SCHEDULE]
-    if not args.merge and any(getattr(args, n) is not None for n in names):
+    if not args.merge and any(getattr(args, n) is not None for n in SCHEDULE_OPTIONS):
         raise ValueError("--no-merge takes no schedule options (--imgme-r, --clip-layers, ...)")
-    config = tempme_config(args)  # the released schedule, with any overrides; validated
+    config = config_from_args(args)  # the released schedule, with any overrides; validated
     as_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
     return IndexSpec(model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, merge=args.merge,
                      config=as_dict, frames=args.frames, fps=args.sample_fps or None,
@@ -116,19 +96,17 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("index", metavar="INDEX_DIR", help="a folder built by `tempme index`")
     parser.add_argument("query", nargs="?", default=None, help="what to look for, in words")
     parser.add_argument("--like", default=None, metavar="VIDEO", help="query by a video file instead of text")
-    parser.add_argument("-k", type=_count(1), default=10, help="results to return")
-    parser.add_argument("--index-type", choices=("exact", "ivf", "hnsw"), default="exact",
+    parser.add_argument("-k", type=positive_int, default=10, help="results to return")
+    parser.add_argument("--index-type", choices=KINDS, default="exact",
                         help="exact inner product (default), or FAISS IVF / HNSW for large collections")
-    parser.add_argument("--nlist", type=_count(1), default=None, help="IVF cells (default about 4 sqrt(N))")
-    parser.add_argument("--nprobe", type=_count(1), default=16, help="IVF cells scanned per query")
-    parser.add_argument("--hnsw-m", type=_count(2), default=32, help="HNSW links per vector")
-    parser.add_argument("--ef-search", type=_count(1), default=128, help="HNSW search beam width")
-    g = parser.add_argument_group("encoder (default: the index's own; a different one is refused)")
-    g.add_argument("--model", default=None)
-    g.add_argument("--pretrained", default=None)
-    g.add_argument("--checkpoint", default=None, metavar="FILE")
+    parser.add_argument("--nlist", type=positive_int, default=None, help="IVF cells (default about 4 sqrt(N))")
+    parser.add_argument("--nprobe", type=positive_int, default=16, help="IVF cells scanned per query")
+    parser.add_argument("--hnsw-m", type=positive_int, default=32, help="HNSW links per vector")
+    parser.add_argument("--ef-search", type=positive_int, default=128, help="HNSW search beam width")
     parser.add_argument("--json", action="store_true", help="print the results as JSON lines")
-    _runtime_arguments(parser)
+    _runtime_arguments(parser.add_argument_group("encoder (model, weights and checkpoint default to the index's "
+                                                 "own; naming different ones is refused)"))
+    parser.set_defaults(model=None)
 
 
 def run_search(args) -> int:

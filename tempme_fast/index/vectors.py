@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..train import atomic_write
+from ..checkpoint import atomic_write
 
 KINDS = ("exact", "ivf", "hnsw")
 FAISS_HINT = "pip install faiss-cpu (or: pip install 'tempme-fast[search]')"
