@@ -97,6 +97,7 @@ def test_resume_after_a_kill_between_shard_files(built, tmp_path, monkeypatch):
     assert (again["already"], again["indexed"], again["shards"]) == (6, 0, [])
 
 
+@pytest.mark.slow  # two command-line runs in fresh processes
 def test_resume_after_sigkill(built, tmp_path):
     """A real kill: SIGKILL once the first shard is committed, then --resume completes the index."""
     videos, reference, model, good = built
@@ -134,6 +135,7 @@ def test_adding_videos_encodes_only_the_new_ones(built, tmp_path, capsys):
     assert len(load_contents(str(out)).records) == 6 and len(store.manifests(str(out))) == 2
 
 
+@pytest.mark.slow  # two command-line runs in fresh processes
 def test_two_processes_split_the_work(built, tmp_path):
     """RANK/WORLD_SIZE as torchrun sets them: disjoint shards whose union is the single-process index."""
     videos, reference, model, good = built
