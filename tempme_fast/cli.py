@@ -1,4 +1,5 @@
-"""The ``tempme`` command: ``bench`` (the main job), ``eval``, ``train``, ``visualize`` and ``schedule``."""
+"""The ``tempme`` command: ``bench`` (the main job), ``eval``, ``train``, ``visualize``, ``index``, ``search``
+and ``schedule``."""
 from __future__ import annotations
 
 import argparse
