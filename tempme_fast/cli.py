@@ -1,4 +1,5 @@
-"""The ``tempme`` command: ``bench`` (the main job), ``eval``, ``train``, ``visualize`` and ``schedule``."""
+"""The ``tempme`` command: ``bench`` (the main job), ``eval``, ``train``, ``visualize``, ``index``, ``search``
+and ``schedule``."""
 from __future__ import annotations
 
 import argparse
@@ -107,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=summary)
         add_arguments(command)
         command.set_defaults(func=run)
+
+    from .index.cli import register as register_index
+
+    register_index(sub)
 
     sched = sub.add_parser("schedule", help="print a schedule's layer table, GFLOPs and speed-up bound")
     sched.add_argument("--model", default="ViT-B-32-quickgelu",
