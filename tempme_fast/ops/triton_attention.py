@@ -21,17 +21,22 @@ import triton
 from tempme_kernels.attention import _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel, _attention_fwd_kernel
 
 __all__ = ["AttentionFunction", "DTYPES", "KERNEL_VARIANTS", "KernelVariant", "attention", "attention_backward",
-           "attention_forward", "block_config"]
+           "attention_forward", "block_config", "codegen_args", "gpu_warps"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 
-# Tile sizes (queries, keys) on a GPU per padded head dim, chosen so that no variant spills at
-# 4 warps on sm_80/sm_90 (ptxas -v; see KERNEL_VARIANTS). Fixed, not autotuned: N changes at
-# every layer, and a tuner keyed on it would re-tune per layer.
+# Tile sizes (queries, keys) on a GPU per padded head dim, chosen so that no variant spills on
+# sm_80/sm_90 (ptxas -v; see KERNEL_VARIANTS). Fixed, not autotuned: N changes at every layer,
+# and a tuner keyed on it would re-tune per layer.
 GPU_FWD_BLOCKS = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (64, 32)}
 GPU_BWD_BLOCKS = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (32, 32)}
-GPU_WARPS = 4
+
+
+def gpu_warps(block_d: int, backward: bool) -> int:
+    """Warps per program: 8 for the backward at 128 channels, whose two ``[32, 128]`` float32
+    accumulators (dK, dV) spill on sm_80 at 4 warps; 4 elsewhere."""
+    return 8 if backward and block_d == 128 else 4
 GPU_STAGES = 2
 # The interpreter pays per program and per op, not per lane: one tile covers up to this many
 # tokens. Tests shrink it to walk the multi-tile loops.
@@ -59,8 +64,8 @@ def _constexprs(q: torch.Tensor) -> dict:
             "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}
 
 
-def _launch_options() -> dict:
-    return {} if _interpreting() else {"num_warps": GPU_WARPS, "num_stages": GPU_STAGES}
+def _launch_options(block_d: int, backward: bool) -> dict:
+    return {} if _interpreting() else {"num_warps": gpu_warps(block_d, backward), "num_stages": GPU_STAGES}
 
 
 def _new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
@@ -101,7 +106,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: O
         q, k, v, bias_t, out, lse, tokens, heads,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], stride_bb, stride_bn, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,
-        **_constexprs(q), **_launch_options(),
+        **_constexprs(q), **_launch_options(block_d, False),
     )
     return out.transpose(1, 2), lse
 
@@ -129,7 +134,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     bias_t, stride_bb, stride_bn = _bias_args(bias, q)
     out = out.transpose(1, 2)  # the [B', N, H, d] buffer the forward wrote
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-                  HAS_BIAS=bias is not None, **_constexprs(q), **_launch_options())
+                  HAS_BIAS=bias is not None, **_constexprs(q), **_launch_options(block_d, True))
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], stride_bb, stride_bn, *grad_out.stride()[:3],
                scale * LOG2E, scale)
     _attention_bwd_dq_kernel[(triton.cdiv(tokens, block_m), rows * heads)](
@@ -232,3 +237,34 @@ def _variants() -> List[KernelVariant]:
 
 
 KERNEL_VARIANTS: Tuple[KernelVariant, ...] = tuple(_variants())
+
+
+def codegen_args(variant: KernelVariant) -> Tuple[object, dict, dict, dict]:
+    """``(kernel, signature, constexprs, attrs)`` to compile ``variant`` ahead of time with
+    ``triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget(...))``.
+
+    Pointers and the token/batch/head strides carry the divisible-by-16 hint they get at run time
+    from the encoder's q/k/v (views of one projection whose widths are multiples of 16); ``N`` is
+    not specialised (``do_not_specialize``), as at run time.
+    """
+    kernel = {k.fn.__name__: k for k in (_attention_fwd_kernel, _attention_bwd_dq_kernel,
+                                         _attention_bwd_dkdv_kernel)}[variant.kernel]
+    element = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[variant.dtype]
+    float_ptrs = ("lse_ptr", "delta_ptr", "dbias_ptr", "bias_ptr")
+    constexprs = {"HEAD_DIM": variant.head_dim, "BLOCK_D": variant.block_d, "BLOCK_M": variant.block_m,
+                  "BLOCK_N": variant.block_n, "HAS_BIAS": True, "BIAS_GRAD": True, "DOT_FP32": False,
+                  "PRECISION": "tf32", "stride_bn": 1}
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in float_ptrs else element
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("QK_SCALE", "SM_SCALE"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride_") and name != "stride_bb":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return kernel, signature, {k: v for k, v in constexprs.items() if k in kernel.arg_names}, attrs
