@@ -248,3 +248,42 @@ def test_cuda_fold_runs_on_the_flash_kernel(dtype):
         with pytest.raises(RuntimeError):  # the float mask is refused by the flash kernel
             F.scaled_dot_product_attention(q, k, v, attn_mask=size.view(8, 1, 1, 197).log().to(dtype))
     assert_close_to(got, truth(q, k, v, size, grad), dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark row and floors
+# ---------------------------------------------------------------------------------------------
+
+def test_attention_shapes_follow_the_schedule():
+    from benchmarks.bench_attention import attention_shapes
+
+    # ViT-B/32, 12 frames: layer 1 is the first with a bias (layer 0 merges after its attention),
+    # then the joined layers 8, 9, 10 (tokens per clip from the spec: 48, 62, 118).
+    shapes = attention_shapes("ViT-B-32", 2)
+    assert [(s.layer, s.rows, s.tokens) for s in shapes] == [(1, 24, 48), (8, 12, 48), (9, 6, 62), (10, 2, 118)]
+
+
+def test_bench_attention_writes_json_lines(tmp_path, capsys):
+    import json
+
+    from benchmarks import bench_attention
+
+    out = tmp_path / "attention.jsonl"
+    assert bench_attention.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
+                                 "--impls", "sdpa", "fold", "--modes", "fwd", "--rep-ms", "1",
+                                 "--jsonl", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["impl"] for r in rows} == {"sdpa", "fold"} and len(rows) == 2 * 4
+    assert all(r["ms"] > 0 and r["bench"] == "attention" and r["device"] for r in rows)
+    assert "fold" in capsys.readouterr().out
+
+
+def test_attention_floors_bias_vector_moves_what_plain_attention_moves():
+    from benchmarks.floors import attention_bytes, attention_table
+
+    args = (192, 12, 195, 64, 2)  # ViT-B/16 layer 1 at 16 videos, fp16
+    plain = attention_bytes("none", *args)
+    assert plain == 4 * 192 * 12 * 195 * 64 * 2
+    assert attention_bytes("vector", *args) == plain + 192 * 195 * 4
+    assert attention_bytes("fold", *args) > 2 * plain and attention_bytes("mask", *args) > 1.5 * plain
+    assert "| L1 | 192 x 195 |" in attention_table("ViT-B-16", 16, "fp16", 3.0e12, 7.9e14)
