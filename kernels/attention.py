@@ -9,10 +9,10 @@ of queries, walks the keys tile by tile and keeps the running maximum and sum of
 the ``N x N`` logits never reach memory. Exponentials are taken base 2 (``exp2``, one instruction
 on the GPU): logits are scaled by ``log2(e)`` and the saved log-sum-exp is in that base too.
 
-Backward recomputes the probabilities from the saved log-sum-exp. It runs as two passes with no
-atomics, so its results repeat bit for bit: ``_attention_bwd_dq_kernel`` (one program per query
-tile; it also writes ``delta = rowsum(dO * O)``) and then ``_attention_bwd_dkdv_kernel`` (one program
-per key tile, summing over all queries itself). The bias gradient is the column sum of ``dS``,
+Backward recomputes the probabilities from the saved log-sum-exp. ``_attention_bwd_kernel`` runs
+as two launches with no atomics, so its results repeat bit for bit: the dQ pass (``DKDV=False``, one
+program per query tile; it also writes ``delta = rowsum(dO * O)``) and then the dK/dV pass
+(``DKDV=True``, one program per key tile, summing over all queries itself). The bias gradient is the column sum of ``dS``,
 written per head and summed over heads by the host.
 
 Head dims that are not a power of two (48, 80, 96) are padded to ``BLOCK_D`` with masked loads.
@@ -48,6 +48,17 @@ def _key_bias(bias_ptr, offs_n, stride_bn, N, HAS_BIAS: tl.constexpr):
     else:
         b = tl.zeros(offs_n.shape, dtype=tl.float32)
     return tl.where(valid, b, float("-inf"))
+
+
+@triton.jit
+def _key_tiles(q, k_base, v_base, bias_base, offs_n, offs_d, stride_kn, stride_vn, stride_bn, N, QK_SCALE,
+               HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """K and V tiles of keys ``offs_n`` and the logits of queries ``q`` against them (log2 units, bias
+    added, ``-inf`` past the last key)."""
+    k = _tile(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM)
+    v = _tile(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM)
+    s = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * QK_SCALE
+    return k, v, s + _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS)[None, :]
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -88,11 +99,8 @@ def _attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        k = _tile(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM)
-        v = _tile(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM)
-        s = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * QK_SCALE
-        s += _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS)[None, :]
+        _, v, s = _key_tiles(q, k_base, v_base, bias_base, start + tl.arange(0, BLOCK_N), offs_d, stride_kn,
+                             stride_vn, stride_bn, N, QK_SCALE, HEAD_DIM, HAS_BIAS, DOT_FP32, PRECISION)
         # Every query sees key 0 in the first tile, so m_new is finite from there on.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -109,77 +117,19 @@ def _attention_fwd_kernel(
 
 
 @triton.jit(do_not_specialize=["N"])
-def _attention_bwd_dq_kernel(
+def _attention_bwd_kernel(
     q_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
     k_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
     v_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
     bias_ptr,  # [B', N] float32 (read only if HAS_BIAS)
-    out_ptr,  # [B', N, H, HEAD_DIM] contiguous: the forward's output
+    out_ptr,  # [B', N, H, HEAD_DIM] contiguous: the forward's output (dQ pass)
     do_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride: gradient of the output
     lse_ptr,  # [B', H, N] float32: the forward's log-sum-exp (log2 units)
-    delta_ptr,  # [B', H, N] float32 out: rowsum(dO * O), read by the dK/dV pass
-    dq_ptr,  # [B', H, N, HEAD_DIM] contiguous out
-    N,
-    H,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_bb, stride_bn,
-    stride_db, stride_dh, stride_dn,
-    QK_SCALE,  # softmax scale times log2(e)
-    SM_SCALE,  # softmax scale
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < N
-    q = _tile(q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, HEAD_DIM)
-    do = _tile(do_ptr + b * stride_db + h * stride_dh, offs_m, offs_d, stride_dn, N, HEAD_DIM)
-    o = _tile(out_ptr + b * N * H * HEAD_DIM + h * HEAD_DIM, offs_m, offs_d, H * HEAD_DIM, N, HEAD_DIM)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-    tl.store(delta_ptr + bh.to(tl.int64) * N + offs_m, delta, mask=mask_m)
-    lse = tl.load(lse_ptr + bh.to(tl.int64) * N + offs_m, mask=mask_m, other=0.0)
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    bias_base = bias_ptr + b * stride_bb
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(0, N, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        k = _tile(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM)
-        v = _tile(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM)
-        s = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * QK_SCALE
-        s += _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS)[None, :]
-        p = tl.exp2(s - lse[:, None])
-        dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, DOT_FP32, PRECISION)
-    dq_rows = dq_ptr + bh.to(tl.int64) * N * HEAD_DIM + offs_m.to(tl.int64) * HEAD_DIM
-    tl.store(dq_rows[:, None] + offs_d[None, :], (dq * SM_SCALE).to(dq_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & (offs_d < HEAD_DIM)[None, :])
-
-
-@triton.jit(do_not_specialize=["N"])
-def _attention_bwd_dkdv_kernel(
-    q_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
-    k_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
-    v_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
-    bias_ptr,  # [B', N] float32 (read only if HAS_BIAS)
-    do_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride: gradient of the output
-    lse_ptr,  # [B', H, N] float32: the forward's log-sum-exp (log2 units)
-    delta_ptr,  # [B', H, N] float32: rowsum(dO * O) from the dQ pass
-    dk_ptr,  # [B', H, N, HEAD_DIM] contiguous out
-    dv_ptr,  # [B', H, N, HEAD_DIM] contiguous out
-    dbias_ptr,  # [B', H, N] float32 out: this head's share of the bias gradient (if BIAS_GRAD)
+    delta_ptr,  # [B', H, N] float32: rowsum(dO * O), written by the dQ pass, read by the dK/dV pass
+    dq_ptr,  # [B', H, N, HEAD_DIM] contiguous out (dQ pass)
+    dk_ptr,  # [B', H, N, HEAD_DIM] contiguous out (dK/dV pass)
+    dv_ptr,  # [B', H, N, HEAD_DIM] contiguous out (dK/dV pass)
+    dbias_ptr,  # [B', H, N] float32 out: this head's share of the bias gradient (dK/dV pass, if BIAS_GRAD)
     N,
     H,
     stride_qb, stride_qh, stride_qn,
@@ -195,45 +145,70 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
+    DKDV: tl.constexpr,  # False: the dQ pass (one program per query tile); True: the dK/dV pass (per key tile)
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < N
-    k = _tile(k_ptr + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, N, HEAD_DIM)
-    v = _tile(v_ptr + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, N, HEAD_DIM)
-    key_bias = _key_bias(bias_ptr + b * stride_bb, offs_n, stride_bn, N, HAS_BIAS)
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    do_base = do_ptr + b * stride_db + h * stride_dh
+    mask_d = offs_d < HEAD_DIM
     row_base = bh.to(tl.int64) * N
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dbias = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for start in range(0, N, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    do_base = do_ptr + b * stride_db + h * stride_dh
+    bias_base = bias_ptr + b * stride_bb
+    if not DKDV:
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
         q = _tile(q_base, offs_m, offs_d, stride_qn, N, HEAD_DIM)
         do = _tile(do_base, offs_m, offs_d, stride_dn, N, HEAD_DIM)
-        # Padding queries get lse = +inf, so their probabilities are exactly 0.
-        lse = tl.load(lse_ptr + row_base + offs_m, mask=mask_m, other=float("inf"))
-        delta = tl.load(delta_ptr + row_base + offs_m, mask=mask_m, other=0.0)
-        # Transposed tiles (keys x queries), so every product below reduces over a loaded axis.
-        s_t = _dot(k, tl.trans(q), DOT_FP32, PRECISION) * QK_SCALE + key_bias[:, None]
-        p_t = tl.exp2(s_t - lse[None, :])
-        dv += _dot(p_t.to(do.dtype), do, DOT_FP32, PRECISION)
-        dp_t = _dot(v, tl.trans(do), DOT_FP32, PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += _dot(ds_t.to(q.dtype), q, DOT_FP32, PRECISION)
+        o = _tile(out_ptr + b * N * H * HEAD_DIM + h * HEAD_DIM, offs_m, offs_d, H * HEAD_DIM, N, HEAD_DIM)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        tl.store(delta_ptr + row_base + offs_m, delta, mask=mask_m)
+        lse = tl.load(lse_ptr + row_base + offs_m, mask=mask_m, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            k, v, s = _key_tiles(q, k_base, v_base, bias_base, start + tl.arange(0, BLOCK_N), offs_d, stride_kn,
+                                 stride_vn, stride_bn, N, QK_SCALE, HEAD_DIM, HAS_BIAS, DOT_FP32, PRECISION)
+            p = tl.exp2(s - lse[:, None])
+            dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, DOT_FP32, PRECISION)
+        rows = (row_base + offs_m.to(tl.int64)) * HEAD_DIM
+        tl.store(dq_ptr + rows[:, None] + offs_d[None, :], (dq * SM_SCALE).to(dq_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_d[None, :])
+    else:
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        k = _tile(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM)
+        v = _tile(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM)
+        key_bias = _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dbias = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, N, BLOCK_M):
+            offs_m = start + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < N
+            q = _tile(q_base, offs_m, offs_d, stride_qn, N, HEAD_DIM)
+            do = _tile(do_base, offs_m, offs_d, stride_dn, N, HEAD_DIM)
+            # Padding queries get lse = +inf, so their probabilities are exactly 0.
+            lse = tl.load(lse_ptr + row_base + offs_m, mask=mask_m, other=float("inf"))
+            delta = tl.load(delta_ptr + row_base + offs_m, mask=mask_m, other=0.0)
+            # Transposed tiles (keys x queries), so every product below reduces over a loaded axis.
+            s_t = _dot(k, tl.trans(q), DOT_FP32, PRECISION) * QK_SCALE + key_bias[:, None]
+            p_t = tl.exp2(s_t - lse[None, :])
+            dv += _dot(p_t.to(do.dtype), do, DOT_FP32, PRECISION)
+            dp_t = _dot(v, tl.trans(do), DOT_FP32, PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += _dot(ds_t.to(q.dtype), q, DOT_FP32, PRECISION)
+            if BIAS_GRAD:
+                dbias += tl.sum(ds_t, axis=1)
+        rows = (row_base + offs_n.to(tl.int64)) * HEAD_DIM
+        mask = mask_n[:, None] & mask_d[None, :]
+        tl.store(dk_ptr + rows[:, None] + offs_d[None, :], (dk * SM_SCALE).to(dk_ptr.dtype.element_ty), mask=mask)
+        tl.store(dv_ptr + rows[:, None] + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
         if BIAS_GRAD:
-            dbias += tl.sum(ds_t, axis=1)
-    rows = row_base * HEAD_DIM + offs_n.to(tl.int64) * HEAD_DIM
-    mask = mask_n[:, None] & (offs_d < HEAD_DIM)[None, :]
-    tl.store(dk_ptr + rows[:, None] + offs_d[None, :], (dk * SM_SCALE).to(dk_ptr.dtype.element_ty), mask=mask)
-    tl.store(dv_ptr + rows[:, None] + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
-    if BIAS_GRAD:
-        tl.store(dbias_ptr + row_base + offs_n, dbias, mask=mask_n)
+            tl.store(dbias_ptr + row_base + offs_n, dbias, mask=mask_n)

@@ -18,7 +18,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 import triton
 
-from tempme_kernels.attention import _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel, _attention_fwd_kernel
+from tempme_kernels.attention import _attention_bwd_kernel, _attention_fwd_kernel
 
 __all__ = ["AttentionFunction", "DTYPES", "KERNEL_VARIANTS", "KernelVariant", "attention", "attention_backward",
            "attention_forward", "block_config", "codegen_args", "gpu_warps"]
@@ -133,15 +133,15 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     scale = 1.0 / math.sqrt(head_dim)
     bias_t, stride_bb, stride_bn = _bias_args(bias, q)
     out = out.transpose(1, 2)  # the [B', N, H, d] buffer the forward wrote
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-                  HAS_BIAS=bias is not None, **_constexprs(q), **_launch_options(block_d, True))
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,
+                  BIAS_GRAD=bias_grad, **_constexprs(q), **_launch_options(block_d, True))
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], stride_bb, stride_bn, *grad_out.stride()[:3],
                scale * LOG2E, scale)
-    _attention_bwd_dq_kernel[(triton.cdiv(tokens, block_m), rows * heads)](
-        q, k, v, bias_t, out, grad_out, lse, delta, dq, tokens, heads, *strides, **common)
-    _attention_bwd_dkdv_kernel[(triton.cdiv(tokens, block_n), rows * heads)](
-        q, k, v, bias_t, grad_out, lse, delta, dk, dv, dbias if bias_grad else delta, tokens, heads, *strides,
-        BIAS_GRAD=bias_grad, **common)
+    args = (q, k, v, bias_t, out, grad_out, lse, delta, dq, dk, dv, dbias if bias_grad else delta, tokens, heads,
+            *strides)
+    # The dQ pass writes delta, which the dK/dV pass reads: two launches in stream order.
+    _attention_bwd_kernel[(triton.cdiv(tokens, block_m), rows * heads)](*args, DKDV=False, **common)
+    _attention_bwd_kernel[(triton.cdiv(tokens, block_n), rows * heads)](*args, DKDV=True, **common)
     return dq, dk, dv, dbias
 
 
@@ -204,8 +204,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[
 # ---------------------------------------------------------------------------------------------
 
 class KernelVariant(NamedTuple):
-    """One compiled form of a kernel: its name, the dtype and head dim it runs, the tile sizes and
-    the token count of an open_clip ViT layer it was listed for (N is not specialised)."""
+    """One compiled form of a kernel: its name, the dtype and head dim it runs, the tile sizes, the
+    token count of an open_clip ViT layer it was listed for (N is not specialised) and the pass."""
 
     kernel: str
     dtype: str
@@ -215,6 +215,7 @@ class KernelVariant(NamedTuple):
     block_n: int
     tokens: int
     model: str
+    dkdv: bool  # the backward kernel's dK/dV pass (DKDV=True) rather than its dQ pass
 
 
 # (model, head dim, a token count its layers see: the unmerged frame, and a joined clip).
@@ -230,9 +231,9 @@ def _variants() -> List[KernelVariant]:
         for dtype in ("fp16", "bf16"):
             fm, fn = GPU_FWD_BLOCKS[block_d]
             bm, bn = GPU_BWD_BLOCKS[block_d]
-            rows += [KernelVariant("_attention_fwd_kernel", dtype, head_dim, block_d, fm, fn, tokens, model),
-                     KernelVariant("_attention_bwd_dq_kernel", dtype, head_dim, block_d, bm, bn, tokens, model),
-                     KernelVariant("_attention_bwd_dkdv_kernel", dtype, head_dim, block_d, bm, bn, tokens, model)]
+            rows += [KernelVariant("_attention_fwd_kernel", dtype, head_dim, block_d, fm, fn, tokens, model, False),
+                     KernelVariant("_attention_bwd_kernel", dtype, head_dim, block_d, bm, bn, tokens, model, False),
+                     KernelVariant("_attention_bwd_kernel", dtype, head_dim, block_d, bm, bn, tokens, model, True)]
     return rows
 
 
@@ -247,12 +248,11 @@ def codegen_args(variant: KernelVariant) -> Tuple[object, dict, dict, dict]:
     from the encoder's q/k/v (views of one projection whose widths are multiples of 16); ``N`` is
     not specialised (``do_not_specialize``), as at run time.
     """
-    kernel = {k.fn.__name__: k for k in (_attention_fwd_kernel, _attention_bwd_dq_kernel,
-                                         _attention_bwd_dkdv_kernel)}[variant.kernel]
+    kernel = {k.fn.__name__: k for k in (_attention_fwd_kernel, _attention_bwd_kernel)}[variant.kernel]
     element = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[variant.dtype]
     float_ptrs = ("lse_ptr", "delta_ptr", "dbias_ptr", "bias_ptr")
     constexprs = {"HEAD_DIM": variant.head_dim, "BLOCK_D": variant.block_d, "BLOCK_M": variant.block_m,
-                  "BLOCK_N": variant.block_n, "HAS_BIAS": True, "BIAS_GRAD": True, "DOT_FP32": False,
+                  "BLOCK_N": variant.block_n, "HAS_BIAS": True, "BIAS_GRAD": True, "DKDV": variant.dkdv, "DOT_FP32": False,
                   "PRECISION": "tf32", "stride_bn": 1}
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
