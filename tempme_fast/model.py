@@ -88,7 +88,7 @@ def apply_tempme(model: nn.Module, config: Optional[TempMeConfig] = None, backen
             ``TempMeConfig.unmerged(frames)`` gives the per-frame CLIP baseline through the same API.
         backend: merge ops backend, ``"torch"``, ``"triton"`` or ``"auto"``.
         attention: proportional attention implementation, one of ``ops.ATTENTION_IMPLS``: ``"auto"``
-            (Triton kernel on the Triton backend, SDPA otherwise), ``"triton"``, ``"fold"`` (bias folded
+            (Triton kernel for CUDA tensors on the Triton backend, SDPA otherwise), ``"triton"``, ``"fold"`` (bias folded
             into the dot product for SDPA's flash kernels), ``"sdpa"`` (bias as a float mask) or
             ``"eager"`` (explicit softmax, as the released code).
         check_finite: make ``encode_video`` refuse videos holding NaN or Inf by default (a host

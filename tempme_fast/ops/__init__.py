@@ -336,4 +336,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Optional[
         raise TypeError(f"impl='triton' needs q, k, v of one dtype among float16, bfloat16, float32; got "
                         f"{q.dtype}, {k.dtype}, {v.dtype} (use impl='sdpa' or 'fold')")
     on_triton = resolve_backend("triton" if impl == "triton" else backend, q) == "triton"
-    return attention_impl.attention(q, k, v, size, impl, on_triton)
+    # "auto" takes the kernel on a GPU only: in the interpreter it is right but slow.
+    return attention_impl.attention(q, k, v, size, impl, on_triton and q.is_cuda)

@@ -15,9 +15,9 @@ candidates here avoid the mask:
 - ``"sdpa"`` (the bias as a float mask) and ``"eager"`` (explicit softmax, as the released code):
   the reference paths.
 
-``"auto"`` (the default) takes ``"triton"`` where the merge backend resolves to Triton (CUDA
-tensors, or ``backend="triton"`` in the interpreter) for float16/bfloat16/float32, and ``"sdpa"``
-otherwise. This default is provisional, chosen without a GPU timing: see ``BENCHMARKS.md``.
+``"auto"`` (the default) takes ``"triton"`` for CUDA tensors where the merge backend resolves to
+Triton, in float16/bfloat16/float32, and ``"sdpa"`` otherwise (also in the interpreter, where the
+kernel is right but slow; ``impl="triton"`` runs it there). This default is provisional, chosen without a GPU timing: see ``BENCHMARKS.md``.
 Without sizes (every size 1: the first layer, or before any merge) no bias is passed at all, and
 ``"auto"``, ``"sdpa"`` and ``"fold"`` run plain SDPA, whose flash kernel is then allowed.
 """
@@ -82,7 +82,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Optional[
               triton_backend: bool) -> torch.Tensor:
     """Run ``impl`` (one of :data:`IMPLS`) on validated inputs (``tempme_fast.ops.attention`` checks them).
 
-    ``triton_backend``: whether the merge backend resolved to Triton for these tensors.
+    ``triton_backend``: whether the merge backend resolved to Triton for these tensors on a GPU.
     """
     impl = choose(impl, q, size, triton_backend)
     if impl in ("sdpa", "eager"):
