@@ -33,11 +33,12 @@ GPU_FWD_BLOCKS = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (64, 32)}
 GPU_BWD_BLOCKS = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (32, 32)}
 
 
-def gpu_warps(block_d: int, backward: bool) -> int:
-    """Warps per program: 8 for the backward at 128 channels, whose two ``[32, 128]`` float32
-    accumulators (dK, dV) spill on sm_80 at 4 warps; 4 elsewhere."""
-    return 8 if backward and block_d == 128 else 4
+def gpu_warps(block_d: int, backward: bool, fp32: bool = False) -> int:
+    """Warps per program: 8 at 128 channels for the backward (its two ``[32, 128]`` float32
+    accumulators, dK and dV, spill on sm_80 at 4 warps) and for float32 inputs; 4 elsewhere."""
+    return 8 if block_d == 128 and (backward or fp32) else 4
 GPU_STAGES = 2
+FP32_BLOCK = 32
 # The interpreter pays per program and per op, not per lane: one tile covers up to this many
 # tokens. Tests shrink it to walk the multi-tile loops.
 INTERPRETER_BLOCK = 128
@@ -47,14 +48,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def block_config(head_dim: int, tokens: int, backward: bool = False) -> Tuple[int, int, int]:
+def block_config(head_dim: int, tokens: int, backward: bool = False, fp32: bool = False) -> Tuple[int, int, int]:
     """``(BLOCK_D, BLOCK_M, BLOCK_N)``: head dim padded to a power of two (at least 16, ``tl.dot``'s
-    smallest tile), and the query and key tile sizes."""
+    smallest tile), and the query and key tile sizes (at most 32, or 16 at 128 channels, for float32
+    inputs, whose full-precision products take more registers: 64 x 64 spills on sm_90)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if _interpreting():
         block = max(16, min(triton.next_power_of_2(max(tokens, 1)), INTERPRETER_BLOCK))
         return block_d, block, block
     block_m, block_n = (GPU_BWD_BLOCKS if backward else GPU_FWD_BLOCKS)[block_d]
+    if fp32:
+        cap = FP32_BLOCK if block_d < 128 else FP32_BLOCK // 2
+        block_m, block_n = min(block_m, cap), min(block_n, cap)
     return block_d, block_m, block_n
 
 
@@ -64,8 +69,8 @@ def _constexprs(q: torch.Tensor) -> dict:
             "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}
 
 
-def _launch_options(block_d: int, backward: bool) -> dict:
-    return {} if _interpreting() else {"num_warps": gpu_warps(block_d, backward), "num_stages": GPU_STAGES}
+def _launch_options(block_d: int, backward: bool, fp32: bool) -> dict:
+    return {} if _interpreting() else {"num_warps": gpu_warps(block_d, backward, fp32), "num_stages": GPU_STAGES}
 
 
 def _new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
@@ -99,14 +104,14 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: O
     rows, heads, tokens, head_dim = q.shape
     out = _new_output((rows, tokens, heads, head_dim), q.dtype, q.device)
     lse = _new_output((rows, heads, tokens), torch.float32, q.device)
-    block_d, block_m, block_n = block_config(head_dim, tokens)
+    block_d, block_m, block_n = block_config(head_dim, tokens, fp32=q.dtype == torch.float32)
     scale = 1.0 / math.sqrt(head_dim)
     bias_t, stride_bb, stride_bn = _bias_args(bias, q)
     _attention_fwd_kernel[(triton.cdiv(tokens, block_m), rows * heads)](
         q, k, v, bias_t, out, lse, tokens, heads,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], stride_bb, stride_bn, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,
-        **_constexprs(q), **_launch_options(block_d, False),
+        **_constexprs(q), **_launch_options(block_d, False, q.dtype == torch.float32),
     )
     return out.transpose(1, 2), lse
 
@@ -129,12 +134,12 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     dq, dk, dv = (_new_output((rows, heads, tokens, head_dim), q.dtype, q.device) for _ in range(3))
     delta = _new_output((rows, heads, tokens), torch.float32, q.device)
     dbias = _new_output((rows, heads, tokens) if bias_grad else (0,), torch.float32, q.device)
-    block_d, block_m, block_n = block_config(head_dim, tokens, backward=True)
+    block_d, block_m, block_n = block_config(head_dim, tokens, backward=True, fp32=q.dtype == torch.float32)
     scale = 1.0 / math.sqrt(head_dim)
     bias_t, stride_bb, stride_bn = _bias_args(bias, q)
     out = out.transpose(1, 2)  # the [B', N, H, d] buffer the forward wrote
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,
-                  BIAS_GRAD=bias_grad, **_constexprs(q), **_launch_options(block_d, True))
+                  BIAS_GRAD=bias_grad, **_constexprs(q), **_launch_options(block_d, True, q.dtype == torch.float32))
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], stride_bb, stride_bn, *grad_out.stride()[:3],
                scale * LOG2E, scale)
     args = (q, k, v, bias_t, out, grad_out, lse, delta, dq, dk, dv, dbias if bias_grad else delta, tokens, heads,
