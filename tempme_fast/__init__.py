@@ -8,14 +8,16 @@
 from . import ops
 from .config import TempMeConfig
 from .lora import add_lora, mark_trainable, merge_lora
-from .model import ScheduleClampWarning, TempMeSettings, apply_tempme, encode_video, remove_tempme
+from .model import ScheduleClampWarning, TempMeSettings, apply_tempme, encode_video, remove_tempme, trace_sources
 from .official import load_official_checkpoint
 from .schedule import LayerPlan, TokenSchedule, token_schedule
-from .tracking import SourceMap, trace_sources
-from .train import TrainConfig, Trainer, train_step
+from .tome import apply_tome, remove_tome
+from .tracking import SourceMap
+from .train import train_step
+from .trainer import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
 __all__ = ["LayerPlan", "ScheduleClampWarning", "SourceMap", "TempMeConfig", "TempMeSettings", "TokenSchedule", "TrainConfig", "Trainer", "add_lora",
-           "apply_tempme", "encode_video", "load_official_checkpoint", "mark_trainable", "merge_lora", "ops",
-           "remove_tempme", "token_schedule", "trace_sources", "train_step"]
+           "apply_tempme", "apply_tome", "encode_video", "load_official_checkpoint", "mark_trainable", "merge_lora", "ops",
+           "remove_tempme", "remove_tome", "token_schedule", "trace_sources", "train_step"]

@@ -10,27 +10,14 @@ from typing import List, Optional
 
 import torch
 
-from .config import TempMeConfig
-
-
-def config_from_args(args) -> TempMeConfig:
-    return TempMeConfig(frames=args.frames, imgme_r=args.imgme_r, clip_layers=tuple(args.clip_layers),
-                        clip_groups=tuple(args.clip_groups), cross_ratio=args.cross_ratio,
-                        intra_ratio=args.intra_ratio)
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    d = TempMeConfig()
-    group = parser.add_argument_group("TempMe schedule (defaults: the released ViT-B/32 schedule)")
-    group.add_argument("--frames", type=int, default=d.frames, help="frames per video")
-    group.add_argument("--imgme-r", type=int, default=d.imgme_r, help="tokens merged per frame per layer")
-    group.add_argument("--clip-layers", type=int, nargs="*", default=list(d.clip_layers))
-    group.add_argument("--clip-groups", type=int, nargs="*", default=list(d.clip_groups))
-    group.add_argument("--cross-ratio", type=float, default=d.cross_ratio)
-    group.add_argument("--intra-ratio", type=float, default=d.intra_ratio)
+from .arguments import add_config_arguments, add_dtype_argument, add_model_arguments, config_from_args
+from .ops import BACKENDS
 
 
 def _cmd_bench(args) -> int:
+    if args.image:
+        from .tome.bench import run_image_bench
+        return run_image_bench(args)
     from .bench import bench_model, cpu_name, default_backends, format_table, rows_as_dicts
     from .loading import DTYPES, create_model, default_dtype_name, resolve_device
 
@@ -75,41 +62,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="time unmerged open_clip against TempMe on each backend")
-    bench.add_argument("--model", default="ViT-B-32-quickgelu",
-                       help="open_clip model name or a JSON model config file")
-    bench.add_argument("--pretrained", default=None,
-                       help="open_clip pretrained tag or local checkpoint file (default: random weights)")
+    add_model_arguments(bench, backend=False)
+    add_dtype_argument(bench)
     bench.add_argument("--batch", type=int, default=2, help="videos per batch")
-    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    bench.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
-                       help="default: fp16 on CUDA, fp32 on CPU")
-    bench.add_argument("--backends", nargs="+", choices=("torch", "triton", "auto"), default=None,
+    bench.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
                        help="TempMe backends to time (default: torch, plus triton on CUDA)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per variant")
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first")
     bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument("--image", action="store_true",
+                       help="time encode_image, unmerged against ToMe (--tome-r); --batch counts images")
+    bench.add_argument("--tome-r", type=int, nargs="+", default=[8, 16], help="ToMe r values for --image")
     add_config_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
 
     from .retrieval.cli import add_eval_arguments, run_eval
-
-    evaluate = sub.add_parser("eval", help="text-video retrieval metrics (MSR-VTT 1k-A or your own CSV/JSONL)")
-    add_eval_arguments(evaluate)
-    evaluate.set_defaults(func=run_eval)
-
     from .train_cli import add_train_arguments, run_train
-
-    train = sub.add_parser("train", help="fine-tune with TempMe (LoRA or full), on one GPU or many (torchrun)")
-    add_train_arguments(train)
-    train.set_defaults(func=run_train)
-
     from .visualize import add_visualize_arguments, run_visualize
 
-    vis = sub.add_parser("visualize", help="draw which patches of which frames merged into each final token")
-    add_visualize_arguments(vis)
-    vis.set_defaults(func=run_visualize)
+    for name, summary, add_arguments, run in (
+            ("eval", "text-video retrieval metrics (MSR-VTT 1k-A or your own CSV/JSONL)", add_eval_arguments,
+             run_eval),
+            ("train", "fine-tune with TempMe (LoRA or full), on one GPU or many (torchrun)", add_train_arguments,
+             run_train),
+            ("visualize", "draw which patches of which frames merged into each final token", add_visualize_arguments,
+             run_visualize)):
+        command = sub.add_parser(name, help=summary)
+        add_arguments(command)
+        command.set_defaults(func=run)
 
     sched = sub.add_parser("schedule", help="print the token schedule of a config")
     sched.add_argument("--depth", type=int, default=12, help="transformer layers")

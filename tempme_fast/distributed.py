@@ -114,21 +114,21 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _AllGather.apply(x)
 
 
-def wrap_ddp(model: nn.Module, find_unused_parameters: bool = False, **kwargs) -> nn.Module:
-    """``DistributedDataParallel`` around :class:`tempme_fast.train.VideoTextForward` of ``model``.
+def wrap_ddp(module: nn.Module, find_unused_parameters: bool = False, **kwargs) -> nn.Module:
+    """``DistributedDataParallel`` around ``module``, on the device of its parameters.
 
-    Set ``requires_grad`` (:func:`tempme_fast.lora.mark_trainable`) before wrapping: DDP registers
-    the trainable parameters once.
+    For training a TempMe CLIP, wrap :class:`tempme_fast.train.VideoTextForward` of it: DDP
+    synchronises the gradients of what runs inside the wrapped ``forward``, and CLIP's own ``forward``
+    encodes images. Set ``requires_grad`` (:func:`tempme_fast.lora.mark_trainable`) before wrapping:
+    DDP registers the trainable parameters once.
     """
     from torch.nn.parallel import DistributedDataParallel
-
-    from .train import VideoTextForward
 
     if not is_distributed():
         raise RuntimeError("wrap_ddp needs an initialised process group with more than one process "
                            "(init_distributed under torchrun)")
-    device = next(model.parameters()).device
+    device = next(module.parameters()).device
     device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else None
-    return DistributedDataParallel(VideoTextForward(model), device_ids=device_ids,
-                                   find_unused_parameters=find_unused_parameters, **kwargs)
+    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused_parameters,
+                                   **kwargs)

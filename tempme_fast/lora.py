@@ -42,6 +42,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .checkpoint import atomic_save
+
 TOWERS = ("visual", "text")
 MODES = ("lora", "full")
 LORA_FORMAT = "tempme_fast.lora"
@@ -282,8 +284,6 @@ def save_lora(model: nn.Module, path) -> None:
     config = lora_config(model)
     if config is None:
         raise ValueError("model has no LoRA to save (add_lora adds it)")
-    from .train import atomic_save
-
     state = {k: v.detach().cpu() for k, v in lora_state_dict(model).items()}
     atomic_save({"format": LORA_FORMAT, "version": 1, "lora": config, "state_dict": state}, path)
 

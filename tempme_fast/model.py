@@ -287,6 +287,17 @@ def encode_video(model: nn.Module, video: torch.Tensor, mask: Optional[torch.Ten
     return (pooled, sources) if return_sources else pooled
 
 
+def trace_sources(model: nn.Module, video: torch.Tensor, mask: Optional[torch.Tensor] = None) -> SourceMap:
+    """Run the patched ``model`` on ``video [B, T, 3, H, W]`` and return where every original token went.
+
+    The same as ``model.encode_video(video, mask, return_sources=True)[1]``, without gradients. The
+    mask does not change the merges (padded frames take part in them); it is validated only.
+    """
+    with torch.no_grad():
+        _, sources = encode_video(model, video, mask, return_sources=True)
+    return sources
+
+
 def encoder_options(model: nn.Module) -> EncoderOptions:
     settings: TempMeSettings = model.tempme
     return EncoderOptions(settings.backend, settings.config.prop_attn, settings.attention)

@@ -1,7 +1,7 @@
 """Source tracking: which original (frame, token) every final token of the TempMe encoder stands for.
 
 Off by default and free when off: the encoder carries a source map in ``ClipState.sources`` only
-when one is asked for (``encode_video(..., return_sources=True)`` or :func:`trace_sources`).
+when one is asked for (``encode_video(..., return_sources=True)`` or :func:`tempme_fast.model.trace_sources`).
 
 The map while the encoder runs is ``sources [B, T * (1 + P)]`` int64, one entry per original
 token of a video: original token ``p`` of frame ``t`` (``p = 0`` is the class token) is entry
@@ -22,7 +22,7 @@ import torch
 from .ops import reference
 from .ops.reference import MergePlan, split_positions
 
-__all__ = ["SourceMap", "initial_sources", "join_sources", "merge_sources", "trace_sources"]
+__all__ = ["SourceMap", "initial_sources", "join_sources", "merge_sources", "source_map"]
 
 
 def initial_sources(videos: int, frames: int, tokens_per_frame: int, device=None) -> torch.Tensor:
@@ -135,16 +135,3 @@ class SourceMap(NamedTuple):
 def source_map(sources: torch.Tensor, frames: int, clips: int, tokens_per_clip: int, protected: int) -> SourceMap:
     """Wrap the encoder's final ``sources [B, T * (1 + P)]`` as a :class:`SourceMap`."""
     return SourceMap(sources.view(sources.shape[0], frames, -1), clips, tokens_per_clip, protected)
-
-
-def trace_sources(model: torch.nn.Module, video: torch.Tensor, mask: Optional[torch.Tensor] = None) -> SourceMap:
-    """Run the patched ``model`` on ``video [B, T, 3, H, W]`` and return where every original token went.
-
-    The same as ``model.encode_video(video, mask, return_sources=True)[1]``, without gradients. The
-    mask does not change the merges (padded frames take part in them); it is validated only.
-    """
-    from .model import encode_video
-
-    with torch.no_grad():
-        _, sources = encode_video(model, video, mask, return_sources=True)
-    return sources

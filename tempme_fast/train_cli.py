@@ -22,20 +22,15 @@ import sys
 
 import torch
 
-log = logging.getLogger(__name__)
+from .arguments import (add_config_arguments, add_data_arguments, add_merge_argument, add_model_arguments,
+                        config_from_args, positive_float, positive_int)
+from .train import DEFAULT_LR, PRECISIONS
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
-    return value
+log = logging.getLogger(__name__)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Every option of ``tempme train``: the retrieval data options, ``--synthetic``, model and recipe."""
-    from .retrieval.cli import _positive_int, add_data_arguments
-    from .train import DEFAULT_LR, PRECISIONS
-
     add_data_arguments(parser)
     # --data is required for evaluation; here --synthetic may replace it (checked in run_train).
     for action in parser._actions:
@@ -43,38 +38,28 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             action.required = False
     parser.set_defaults(split="train", batch_size=128)
     g = parser.add_argument_group("synthetic data")
-    g.add_argument("--synthetic", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--synthetic", type=positive_int, default=None, metavar="N",
                    help="train on N random video-caption pairs instead of --data (smoke runs, benchmarks)")
 
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="ViT-B-32-quickgelu",
-                   help="open_clip model name or a JSON model config file (OpenAI weights need a -quickgelu name)")
-    g.add_argument("--pretrained", default=None,
-                   help="open_clip pretrained tag (openai) or local weights file; default: random weights")
+    add_model_arguments(g, device_help="auto, cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK when CUDA is "
+                                       "available)")
     g.add_argument("--official-checkpoint", default=None, metavar="FILE",
                    help="start from a checkpoint of the released TempMe code (tempme_fast.official)")
-    g.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
-                   help="TempMe's released merge schedule (--no-merge: train per-frame CLIP, the baseline)")
-    g.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="merge ops backend")
-    g.add_argument("--imgme-r", type=int, default=None, help="override: tokens merged per frame per layer")
-    g.add_argument("--clip-layers", type=int, nargs="+", default=None, help="override: layers that join clips")
-    g.add_argument("--clip-groups", type=int, nargs="+", default=None, help="override: clips joined per layer")
-    g.add_argument("--cross-ratio", type=float, default=None, help="override: share removed when clips join")
-    g.add_argument("--intra-ratio", type=float, default=None, help="override: share removed inside a clip")
-    g.add_argument("--device", default="auto",
-                   help="auto, cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK when CUDA is available)")
+    add_merge_argument(g, baseline="train per-frame CLIP, the baseline")
+    add_config_arguments(parser, frames=False)
 
     g = parser.add_argument_group("training (defaults: the TempMe recipe)")
     g.add_argument("--mode", choices=("lora", "full"), default="lora",
                    help="lora: LoRA on q/k/v of both towers + temporal position embeddings; full: every weight")
-    g.add_argument("--lora-rank", type=_positive_int, default=8, help="LoRA rank")
+    g.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank")
     g.add_argument("--lora-scale", type=float, default=1.0, help="LoRA delta multiplier (1: the released code)")
-    g.add_argument("--epochs", type=_positive_int, default=5)
-    g.add_argument("--lr", type=_positive_float, default=None,
+    g.add_argument("--epochs", type=positive_int, default=5)
+    g.add_argument("--lr", type=positive_float, default=None,
                    help=f"peak learning rate (default {DEFAULT_LR['lora']} for lora, {DEFAULT_LR['full']} for full)")
     g.add_argument("--weight-decay", type=float, default=0.2, help="AdamW weight decay (matrices only)")
     g.add_argument("--warmup", type=float, default=0.1, help="share of the steps spent in linear warm-up")
-    g.add_argument("--grad-clip", type=_positive_float, default=None, help="clip the gradient norm to this")
+    g.add_argument("--grad-clip", type=positive_float, default=None, help="clip the gradient norm to this")
     g.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                    help="autocast precision (default: bf16 on CUDA, fp32 on CPU); fp16 uses a grad scaler")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
@@ -83,13 +68,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("output")
     g.add_argument("--output", default=None, metavar="DIR",
                    help="folder for last.pt, train_log.jsonl, model.pt, lora.pt (default: nothing saved)")
-    g.add_argument("--save-every", type=_positive_int, default=None, metavar="STEPS",
+    g.add_argument("--save-every", type=positive_int, default=None, metavar="STEPS",
                    help="checkpoint every this many steps (every epoch end is saved anyway)")
     g.add_argument("--resume", default=None, metavar="FILE",
                    help="continue from a checkpoint; 'auto': <output>/last.pt if it exists")
-    g.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps in all")
-    g.add_argument("--log-every", type=_positive_int, default=10, help="log a line every this many steps")
-    g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
+    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in all")
+    g.add_argument("--log-every", type=positive_int, default=10, help="log a line every this many steps")
+    g.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -104,12 +89,10 @@ def _seed_everything(seed: int) -> None:
 
 
 def _build_model(args, device: torch.device) -> torch.nn.Module:
-    from . import apply_tempme
     from .loading import create_model
-    from .retrieval.cli import tempme_config
-
+    from .model import apply_tempme
     model = create_model(args.model, args.pretrained, device="cpu", dtype=torch.float32)
-    apply_tempme(model, tempme_config(args), backend=args.backend)
+    apply_tempme(model, config_from_args(args), backend=args.backend)
     if args.official_checkpoint:
         from .official import load_official_checkpoint
         load_official_checkpoint(model, args.official_checkpoint, strict=True)
@@ -117,7 +100,7 @@ def _build_model(args, device: torch.device) -> torch.nn.Module:
 
 
 def _build_data(args, model, rank: int, world: int):
-    from .train import SyntheticPairs
+    from .retrieval.synthetic import SyntheticPairs
 
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
@@ -150,7 +133,7 @@ def run_train(args) -> int:
     """Run ``tempme train`` with parsed ``args``; returns the exit status (0 ok, 2 bad input)."""
     from . import distributed
     from .lora import merge_lora, save_lora
-    from .train import TrainConfig, Trainer
+    from .trainer import TrainConfig, Trainer
 
     if (args.data is None) == (args.synthetic is None):
         print("tempme train: error: give exactly one of --data PATH and --synthetic N", file=sys.stderr)
@@ -198,7 +181,7 @@ def run_train(args) -> int:
             if args.mode == "lora":
                 save_lora(model, os.path.join(args.output, "lora.pt"))
                 merge_lora(model)
-            from .train import atomic_save
+            from .checkpoint import atomic_save
             atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()},
                         os.path.join(args.output, "model.pt"))
             print(f"tempme train: wrote {os.path.join(args.output, 'model.pt')} (LoRA merged; "

@@ -194,7 +194,7 @@ def _caption(model_name: str, sources, shown_frames: int, weights: str, config) 
 
 def _trace(model: torch.nn.Module, images: Sequence):
     """``(shown [n, H, W, 3] uint8, grid [n, H_p, W_p], sources)`` for frames ``images``."""
-    from .tracking import trace_sources
+    from .model import trace_sources
 
     frames = model.tempme.config.frames
     if not 1 <= len(images) <= frames:
@@ -227,19 +227,14 @@ def visualize(model: torch.nn.Module, images: Sequence, *, columns: Optional[int
 
 def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
     """Every option of ``tempme visualize`` (the schedule's knobs from ``add_config_arguments``)."""
-    from .cli import add_config_arguments
+    from .arguments import add_config_arguments, add_model_arguments
 
     parser.add_argument("source", metavar="VIDEO_OR_FRAMES",
                         help="a video file (decoded with PyAV) or a folder of frame images")
     parser.add_argument("--out", default="merges.png", help="where to write the picture (PNG)")
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="ViT-B-32-quickgelu", help="open_clip model name or a JSON model config")
-    g.add_argument("--pretrained", default=None,
-                   help="open_clip pretrained tag (openai) or local weights file; default: random weights")
-    g.add_argument("--checkpoint", default=None, metavar="FILE",
-                   help="state dict of a TempMe-patched model or a LoRA adapter (as tempme eval)")
-    g.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="merge ops backend")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    add_model_arguments(g, checkpoint_help="state dict of a TempMe-patched model or a LoRA adapter (as tempme eval)",
+                        device_default="cpu", device_help="cpu, cuda, cuda:N or auto")
     g.add_argument("--seed", type=int, default=0, help="seed of the random weights (without --pretrained)")
     g = parser.add_argument_group("frames and drawing")
     g.add_argument("--sample-fps", type=float, default=1.0,
@@ -253,9 +248,9 @@ def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_visualize(args) -> int:
     """``tempme visualize``: read frames, run the patched model with source tracking, write the PNG."""
-    from . import apply_tempme
-    from .cli import config_from_args
-    from .loading import create_model, resolve_device
+    from .arguments import config_from_args
+    from .loading import create_model, load_checkpoint, resolve_device
+    from .model import apply_tempme
 
     if args.sample_fps < 0:
         raise ValueError(f"--sample-fps {args.sample_fps} must be >= 0 (0: uniform over the whole video)")
@@ -268,8 +263,6 @@ def run_visualize(args) -> int:
     model = create_model(args.model, args.pretrained, device="cpu")
     apply_tempme(model, config, backend=args.backend)
     if args.checkpoint:
-        from .retrieval.cli import load_checkpoint
-
         load_checkpoint(model, args.checkpoint)
     model = model.to(device).eval()
     shown, grid, sources = _trace(model, images)

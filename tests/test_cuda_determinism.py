@@ -16,31 +16,22 @@ import textwrap
 import pytest
 import torch
 
+from kit import HALF_DTYPES, REAL_SHAPES, REAL_WIDTH, parametrize_dtypes
 from tempme_fast import TempMeConfig, apply_tempme, ops
 from tempme_fast.ops import reference as ref
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# (clips, tokens, protected, metric width, r): a per-frame merge of ViT-B/16 at 32 videos x 12 frames, the
-# three cross-clip merges after its joins, and the last intra-clip merge.
-SHAPES = [
-    pytest.param(384, 197, 1, 64, 2, id="B384-N197-c1-r2"),
-    pytest.param(192, 362, 2, 768, 108, id="B192-N362-c2-r108"),
-    pytest.param(96, 458, 4, 768, 137, id="B96-N458-c4-r137"),
-    pytest.param(32, 867, 12, 768, 260, id="B32-N867-c12-r260"),
-    pytest.param(32, 547, 12, 64, 54, id="B32-N547-c12-r54"),
-]
 
 
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("b, n, c, ch, r", SHAPES)
+@parametrize_dtypes()
+@pytest.mark.parametrize("b, n, c, ch, r", REAL_SHAPES)
 def test_triton_ops_repeat_at_real_sizes(b, n, c, ch, r, dtype):
     g = torch.Generator(device="cuda").manual_seed(n)
     metric = torch.randn(b, n, ch, device="cuda", generator=g).to(dtype)
-    x = torch.randn(b, n, 768, device="cuda", generator=g).to(dtype)
+    x = torch.randn(b, n, REAL_WIDTH, device="cuda", generator=g).to(dtype)
     size = torch.randint(1, 600, (b, n, 1), device="cuda", generator=g).float()
-    upstream = torch.randn(b, n - r, 768, device="cuda", generator=g).to(dtype)
+    upstream = torch.randn(b, n - r, REAL_WIDTH, device="cuda", generator=g).to(dtype)
     na, _ = ref.split_sizes(n, c)
     # Every merged A token into B token 0 or 1: long sums whose order would show in the last bits.
     hub = ref.MergePlan(torch.arange(r, device="cuda").expand(b, -1), (torch.arange(r, device="cuda") % 2).expand(b, -1),
@@ -63,7 +54,7 @@ def test_triton_ops_repeat_at_real_sizes(b, n, c, ch, r, dtype):
             assert torch.equal(a, b_)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@parametrize_dtypes(HALF_DTYPES)
 def test_triton_encoder_forward_repeats_at_real_size(dtype):
     import open_clip
 

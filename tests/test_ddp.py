@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from tempme_fast import apply_tempme
 from tempme_fast.distributed import all_gather_with_grad, cleanup, init_distributed, wrap_ddp
 from tempme_fast.lora import add_lora, lora_layers, mark_trainable
-from tempme_fast.train import train_step
+from tempme_fast.train import VideoTextForward, train_step
 from tiny import TINY_CONFIG, tiny_clip
 
 # Rank 0 takes 3 pairs, rank 1 takes 2: uneven shares exercise the padded gather.
@@ -67,7 +67,7 @@ def _worker(rank, world, port, out_dir):
         out["gather"] = gathered.detach(), x.grad
         videos, tokens = _pairs()
         for mode in MODES:
-            out[mode] = _step(wrap_ddp(_model(mode)), (videos[SHARES[rank]], tokens[SHARES[rank]]))
+            out[mode] = _step(wrap_ddp(VideoTextForward(_model(mode))), (videos[SHARES[rank]], tokens[SHARES[rank]]))
     finally:
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         cleanup()

@@ -16,6 +16,7 @@ are checked on a GPU by ``test_cuda_determinism.py``. What holds where (also in 
 import pytest
 import torch
 
+from kit import parametrize_dtypes
 from tempme_fast import apply_tempme, ops
 from tempme_fast.ops import reference as ref
 from tempme_fast.ops import triton_ops
@@ -58,7 +59,7 @@ def test_encoder_forward_and_backward_repeat_bit_for_bit(backend, device):
     _assert_bitwise(_run_model(model, v, mask), _run_model(model, v, mask))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@parametrize_dtypes()
 def test_triton_ops_repeat_bit_for_bit_over_many_tiles(dtype, monkeypatch, device):
     """16-wide tiles walk every multi-tile loop; a hub plan sends 12 A tokens into 2 B tokens, where a
     sum in any other order would round differently."""

@@ -5,6 +5,7 @@ import open_clip
 import pytest
 import torch
 
+from kit import HALF_DTYPES, parametrize_dtypes
 from spec_tempme import encode_video_spec
 from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
 from tempme_fast.encoder import embed_frames, frame_features
@@ -131,7 +132,7 @@ def test_state_dict_round_trip():
         torch.testing.assert_close(fresh.encode_video(v), model.encode_video(v), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@parametrize_dtypes(HALF_DTYPES)
 def test_half_precision_close_to_fp32(dtype):
     model = apply_tempme(tiny_clip(), TINY_CONFIG)
     v = video(2, 4)

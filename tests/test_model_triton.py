@@ -3,6 +3,7 @@ import open_clip
 import pytest
 import torch
 
+from kit import parametrize_dtypes
 from tempme_fast import TempMeConfig, apply_tempme
 from tiny import TINY_CONFIG, tiny_clip, video
 
@@ -20,7 +21,7 @@ def _encode_both(model, v, mask=None):
     return got, want
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@parametrize_dtypes()
 def test_tiny_model_triton_equals_torch(device, dtype):
     model = apply_tempme(tiny_clip(), TINY_CONFIG).to(device=device, dtype=dtype)
     with torch.no_grad():

@@ -10,6 +10,7 @@ squared norm (bfloat16 and float32 inputs only; float16 cannot hold them).
 import pytest
 import torch
 
+from kit import DTYPES, HALF_DTYPES, VALUE_TOL
 from tempme_fast import TempMeConfig, apply_tempme, ops
 from tempme_fast.encoder import ClipState, EncoderOptions, block_forward, embed_frames
 from tempme_fast.model import run_blocks
@@ -20,9 +21,13 @@ from tiny import TINY_CONFIG, tiny_clip, video
 pytestmark = pytest.mark.interpreter
 
 BACKENDS = ["torch", "triton"]
-HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
-# One rounding of the result to the dtype, relative to the result's magnitude.
-REL_TOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6}
+
+
+def rel_tol(dtype: torch.dtype) -> float:
+    """One rounding of the result to the dtype, relative to the result's magnitude."""
+    return VALUE_TOL[dtype][1]
+
+
 SCALES = {torch.float16: [1e-2, 1.0, 3e4], torch.bfloat16: [1e-6, 1.0, 1e4, 1e15]}
 
 
@@ -49,9 +54,9 @@ def _outcome(plan):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", HALF)
+@pytest.mark.parametrize("name", HALF_DTYPES)
 def test_half_metric_with_large_activations_keeps_the_merge_order(name, backend):
-    dtype = HALF[name]
+    dtype = HALF_DTYPES[name]
     n, c, r = 50, 1, 12
     base = _tie_free_metric(2, n, c, r, 64, dtype, seed=1)
     for scale in SCALES[dtype]:
@@ -74,7 +79,7 @@ def test_half_metric_with_large_activations_keeps_the_merge_order(name, backend)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name, magnitude", [("fp16", 3e4), ("bf16", 1e30), ("fp32", 1e30)])
 def test_merge_of_600_patch_tokens_does_not_overflow(name, magnitude, backend):
-    dtype = {"fp32": torch.float32, **HALF}[name]
+    dtype = DTYPES[name]
     g = torch.Generator().manual_seed(3)
     n, c, r = 197, 1, 98
     x = ((torch.rand(2, n, 48, generator=g) * 2 - 1) * magnitude).to(dtype)
@@ -93,13 +98,13 @@ def test_merge_of_600_patch_tokens_does_not_overflow(name, magnitude, backend):
     assert out_size.max() > 600 * 10
     # Error relative to the inputs' magnitude: the merged values are averages of terms that big.
     err = ((out.double() - want).abs().max() / magnitude).item()
-    assert err <= {torch.float32: 1e-5}.get(dtype, REL_TOL[dtype]), err
+    assert err <= rel_tol(dtype), err
     assert torch.equal(out[:, :, 0], torch.full_like(out[:, :, 0], top))  # a merge of equal values
 
 
-@pytest.mark.parametrize("name", HALF)
+@pytest.mark.parametrize("name", HALF_DTYPES)
 def test_proportional_attention_with_large_sizes(name):
-    dtype = HALF[name]
+    dtype = HALF_DTYPES[name]
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, 2, 97, 32, generator=g) * 4 for _ in range(3))
     size = torch.randint(1, 40, (2, 97, 1), generator=g).float()
@@ -108,7 +113,7 @@ def test_proportional_attention_with_large_sizes(name):
     got = ops.attention(q.to(dtype), k.to(dtype), v.to(dtype), size)
     assert torch.isfinite(got).all()
     err = (got.double() - want).abs().max().item()
-    assert err <= 30 * REL_TOL[dtype] * want.abs().max().item(), err
+    assert err <= 30 * rel_tol(dtype) * want.abs().max().item(), err
 
 
 def _big_state(dtype, seed=5):
@@ -121,9 +126,9 @@ def _big_state(dtype, seed=5):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", HALF)
+@pytest.mark.parametrize("name", HALF_DTYPES)
 def test_clipme_block_in_half_precision_matches_fp32(name, backend):
-    dtype = HALF[name]
+    dtype = HALF_DTYPES[name]
     model = tiny_clip()
     block = model.visual.transformer.resblocks[3]
     plan = LayerPlan(layer=3, kind="clipme", clips_in=2, tokens_in=17, protected_in=1, group=2, r_cross=10, r=2)
@@ -139,14 +144,14 @@ def test_clipme_block_in_half_precision_matches_fp32(name, backend):
     # The cross-clip plan is made on the input itself, which is exact in every dtype; so the sizes
     # above agree token for token. The values carry a few roundings of magnitude 2e3.
     err = ((got.x.double() - want.x).abs().max() / want.x.abs().max()).item()
-    assert err <= 4 * REL_TOL[dtype], err
+    assert err <= 4 * rel_tol(dtype), err
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", HALF)
+@pytest.mark.parametrize("name", HALF_DTYPES)
 def test_half_precision_encoder_with_large_activations(name, backend):
     """ln_pre scaled up 1000x: the residual stream runs at ~1e3 through every merge."""
-    dtype = HALF[name]
+    dtype = HALF_DTYPES[name]
     model = tiny_clip()
     with torch.no_grad():
         model.visual.ln_pre.weight.mul_(1e3)

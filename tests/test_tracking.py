@@ -9,7 +9,7 @@ the size-weighted mean of the embedded tokens the map says it holds).
 import pytest
 import torch
 
-from tempme_fast import TempMeConfig, apply_tempme, ops, tracking
+from tempme_fast import TempMeConfig, apply_tempme, ops, trace_sources, tracking
 from tempme_fast.encoder import embed_frames
 from tempme_fast.model import run_blocks
 from tempme_fast.ops import reference as ref
@@ -138,9 +138,9 @@ def test_trace_sources_and_batch_independence():
     v = video(5, 4, seed=9)
     mask = torch.ones(5, 4, dtype=torch.bool)
     mask[2, 3] = False
-    together = tracking.trace_sources(model, v, mask)
+    together = trace_sources(model, v, mask)
     for i in range(5):
-        alone = tracking.trace_sources(model, v[i:i + 1])
+        alone = trace_sources(model, v[i:i + 1])
         assert torch.equal(alone.assignment[0], together.assignment[i])
     grid = together.patch_grid()
     assert grid.shape == (5, 4, 4, 4)

@@ -8,10 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from kit import HALF_DTYPES, parametrize_dtypes
 from tempme_fast import apply_tempme
+from tempme_fast.checkpoint import atomic_save
 from tempme_fast.lora import add_lora, lora_layers, mark_trainable
-from tempme_fast.train import (SyntheticPairs, TrainConfig, Trainer, atomic_save, contrastive_loss, cosine_schedule,
-                               make_optimizer, train_step, unpack_batch)
+from tempme_fast.retrieval import SyntheticPairs
+from tempme_fast.train import contrastive_loss, cosine_schedule, make_optimizer, train_step, unpack_batch
+from tempme_fast.trainer import TrainConfig, Trainer
 from tiny import TINY_CONFIG, tiny_clip
 
 
@@ -116,7 +119,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(g0[n], g1[n], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@parametrize_dtypes(HALF_DTYPES)
 def test_mixed_precision_step(dtype):
     model = _model()
     opt = make_optimizer(model, lr=1e-3)
@@ -221,7 +224,7 @@ def test_cli_trains_on_synthetic_data_and_resumes(tmp_path, tiny_model_file, cap
     assert sorted(os.listdir(out)) == ["last.pt", "lora.pt", "model.pt", "train_log.jsonl"]
     # model.pt is a plain state dict (LoRA merged) that `tempme eval --checkpoint` loads
     from tempme_fast.loading import create_model
-    from tempme_fast.retrieval.cli import load_checkpoint
+    from tempme_fast.loading import load_checkpoint
     model = apply_tempme(create_model(tiny_model_file), TINY_CONFIG.replace(cross_ratio=0.3, intra_ratio=0.1))
     load_checkpoint(model, str(out / "model.pt"))
 

@@ -38,12 +38,18 @@ class MergePlan(NamedTuple):
         return self.merged.shape[-1]
 
 
+def split_starts(protected: int) -> Tuple[int, int]:
+    """``(a_start, b_start)``: the positions of the first A and the first B token; each set then
+    takes every second position. A starts at the first even position past the class tokens."""
+    a_first = protected % 2
+    return protected + a_first, protected + 1 - a_first
+
+
 def split_sizes(tokens: int, protected: int) -> Tuple[int, int]:
     """``(Na, Nb)``: A holds the unprotected tokens at even positions, B those at odd positions."""
-    patches = tokens - protected
-    a_first = protected % 2  # first patch index that falls on an even position
-    na = (patches - a_first + 1) // 2
-    return na, patches - na
+    a_start, _ = split_starts(protected)
+    na = (tokens - a_start + 1) // 2
+    return na, tokens - protected - na
 
 
 def split_positions(tokens: int, protected: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -52,8 +58,7 @@ def split_positions(tokens: int, protected: int, device=None) -> Tuple[torch.Ten
     The spec splits the patches by alternation starting from the patches' own index 0; that is
     the same as putting a token in A when its position in the whole sequence is even.
     """
-    a_start = protected + protected % 2
-    b_start = protected + 1 - protected % 2
+    a_start, b_start = split_starts(protected)
     return (torch.arange(a_start, tokens, 2, device=device),
             torch.arange(b_start, tokens, 2, device=device))
 
@@ -63,7 +68,8 @@ def max_r(tokens: int, protected: int) -> int:
     return (tokens - protected) // 2
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops compute in for inputs of ``dtype``: float64 stays float64, the rest float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -78,7 +84,7 @@ def best_match(metric: torch.Tensor, protected: int) -> Tuple[torch.Tensor, torc
         on ties the lowest B index wins.
     """
     a_pos, b_pos = split_positions(metric.shape[1], protected, metric.device)
-    metric = metric.to(_compute_dtype(metric.dtype))
+    metric = metric.to(accumulation_dtype(metric.dtype))
     # Dividing by max(norm, tiny) equals plain division for every non-zero vector and keeps an
     # all-zero metric row finite (score 0) instead of NaN.
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
@@ -118,7 +124,7 @@ def merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> Tuple[torch.T
     size3 = size.unsqueeze(-1) if squeeze else size
     c, d = plan.protected, x.shape[-1]
     a_pos, b_pos = split_positions(plan.tokens, c, x.device)
-    work = _compute_dtype(x.dtype)
+    work = accumulation_dtype(x.dtype)
     xw, sw = x.to(work), size3.to(work)
     xa, xb = xw[:, a_pos], xw[:, b_pos]
     sa, sb = sw[:, a_pos], sw[:, b_pos]

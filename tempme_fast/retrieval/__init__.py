@@ -12,9 +12,10 @@ from .data import (Caption, PairDataset, RetrievalSplit, VideoDataset, collate, 
 from .evaluate import NoReadableVideos, evaluate_retrieval, format_results
 from .metrics import (dual_softmax, rank_metrics, retrieval_metrics, text_to_video_ranks,
                       video_to_text_ranks)
+from .synthetic import SyntheticPairs
 from .video import VideoDecodeError, VideoProcessor, clip_transform, read_frames, sample_frame_indices
 
-__all__ = ["Caption", "NoReadableVideos", "PairDataset", "RetrievalSplit", "VideoDataset", "VideoDecodeError",
+__all__ = ["Caption", "NoReadableVideos", "PairDataset", "RetrievalSplit", "SyntheticPairs", "VideoDataset", "VideoDecodeError",
            "VideoProcessor", "clip_transform", "collate", "dual_softmax", "evaluate_retrieval",
            "format_results", "load_generic", "load_msrvtt", "load_split", "make_loader", "rank_metrics",
            "read_frames", "retrieval_metrics", "sample_frame_indices", "text_to_video_ranks",

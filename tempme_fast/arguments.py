@@ -1,0 +1,134 @@
+"""The command-line options the ``tempme`` commands share, and the one way they become a TempMeConfig.
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser.add_argument_group("model"))    # --model --pretrained --device --backend
+    add_config_arguments(parser)                               # --frames and the schedule's knobs
+    config = config_from_args(parser.parse_args())             # honours --merge / --no-merge
+
+Every schedule knob defaults to None, meaning "the released value" (:class:`TempMeConfig`'s default),
+so a command line names only what it changes.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+from .config import TempMeConfig
+from .loading import DTYPES
+from .ops import BACKENDS
+from .retrieval.data import MSRVTT_TRAIN_LIST
+from .retrieval.video import DEFAULT_FPS, DEFAULT_FRAMES
+
+__all__ = ["SCHEDULE_OPTIONS", "add_config_arguments", "add_data_arguments", "add_dtype_argument",
+           "add_merge_argument", "add_model_arguments", "config_from_args", "non_negative_int", "positive_float",
+           "positive_int"]
+
+# The TempMeConfig fields a command line may override (``frames`` comes with the data or --frames).
+SCHEDULE_OPTIONS = ("imgme_r", "clip_layers", "clip_groups", "cross_ratio", "intra_ratio")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not an integer >= 0")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
+def add_model_arguments(group, *, checkpoint_help: Optional[str] = None, device_default: str = "auto",
+                        device_help: str = "auto, cpu, cuda, cuda:N", backend: bool = True) -> None:
+    """``--model``, ``--pretrained``, ``--device``, ``--backend`` (unless ``backend=False``: a command
+    that takes several) and, given its help, ``--checkpoint``."""
+    group.add_argument("--model", default="ViT-B-32-quickgelu",
+                       help="open_clip model name or a JSON model config file (OpenAI weights need a "
+                            "-quickgelu name)")
+    group.add_argument("--pretrained", default=None,
+                       help="open_clip pretrained tag (openai) or local weights file; default: random weights")
+    if checkpoint_help is not None:
+        group.add_argument("--checkpoint", default=None, metavar="FILE", help=checkpoint_help)
+    group.add_argument("--device", default=device_default, help=device_help)
+    if backend:
+        group.add_argument("--backend", choices=BACKENDS, default="auto", help="merge ops backend")
+
+
+def add_dtype_argument(group) -> None:
+    group.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+
+
+def add_merge_argument(group, baseline: str = "per-frame CLIP, the baseline") -> None:
+    group.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
+                       help=f"TempMe's released merge schedule (--no-merge: {baseline})")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, frames: bool = True) -> None:
+    """The schedule's knobs (``--imgme-r``, ``--clip-layers``, ...), and ``--frames`` unless the data
+    options already define it."""
+    d = TempMeConfig()
+    group = parser.add_argument_group("TempMe schedule (defaults: the released ViT-B/32 schedule)")
+    if frames:
+        group.add_argument("--frames", type=positive_int, default=d.frames, help="frames per video")
+    group.add_argument("--imgme-r", type=int, default=None,
+                       help=f"tokens merged per frame per layer (default {d.imgme_r})")
+    group.add_argument("--clip-layers", type=int, nargs="*", default=None,
+                       help=f"layers that join clips (default {' '.join(map(str, d.clip_layers))}; none: no joins)")
+    group.add_argument("--clip-groups", type=int, nargs="*", default=None,
+                       help=f"clips joined at each of those layers (default {' '.join(map(str, d.clip_groups))})")
+    group.add_argument("--cross-ratio", type=float, default=None,
+                       help=f"share of tokens removed when clips join (default {d.cross_ratio})")
+    group.add_argument("--intra-ratio", type=float, default=None,
+                       help=f"share of tokens removed inside a clip (default {d.intra_ratio})")
+
+
+def config_from_args(args: argparse.Namespace) -> TempMeConfig:
+    """The released schedule for ``args.frames`` with the knobs the command line set.
+
+    ``--no-merge`` (``args.merge`` False) gives the unmerged baseline, whatever the knobs; a parser
+    without ``--merge`` always merges. Knobs that are None or absent keep the released value.
+    """
+    if not getattr(args, "merge", True):
+        return TempMeConfig.unmerged(args.frames)
+    overrides = {k: getattr(args, k) for k in SCHEDULE_OPTIONS if getattr(args, k, None) is not None}
+    for k in ("clip_layers", "clip_groups"):
+        if k in overrides:
+            overrides[k] = tuple(overrides[k])
+    return TempMeConfig(frames=args.frames, **overrides)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options that pick the data and turn it into model inputs (shared by ``eval`` and ``train``)."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", required=True, metavar="PATH",
+                   help="an MSR-VTT folder (CLIP4Clip layout: MSRVTT_JSFUSION_test.csv, MSRVTT_data.json, "
+                        "MSRVTT_train.9k.csv, videos/) or a .csv/.jsonl of video_path,caption")
+    g.add_argument("--data-format", choices=("auto", "msrvtt", "generic"), default="auto",
+                   help="auto: a folder is MSR-VTT, a file is the generic layout")
+    g.add_argument("--split", choices=("test", "train"), default="test",
+                   help="MSR-VTT split: test = 1k-A (MSRVTT_JSFUSION_test.csv), train = --train-list")
+    g.add_argument("--train-list", default=MSRVTT_TRAIN_LIST, help="MSR-VTT training video list")
+    g.add_argument("--videos", default=None, metavar="DIR",
+                   help="video folder (MSR-VTT default: the first of <data>/videos/all, <data>/videos, "
+                        "<data>/MSRVTT_Videos, <data>/MSRVTT/videos/all holding video*.mp4); for the "
+                        "generic layout, the base of relative paths")
+    g.add_argument("--frames", type=positive_int, default=DEFAULT_FRAMES, help="frames per video")
+    g.add_argument("--sample-fps", type=float, default=DEFAULT_FPS,
+                   help="frames per second to sample before uniform subsampling to --frames; "
+                        "0 samples --frames uniformly over the whole video")
+    g.add_argument("--context-length", type=positive_int, default=32, help="text tokens per caption")
+    g.add_argument("--batch-size", type=positive_int, default=16, help="videos per batch")
+    g.add_argument("--workers", type=non_negative_int, default=4,
+                   help="DataLoader worker processes decoding videos (0: in the main process)")
+    g.add_argument("--max-videos", type=positive_int, default=None,
+                   help="use only the first N videos (smoke runs; metrics then are not comparable)")

@@ -1,0 +1,67 @@
+"""Checkpoint files that survive a crash, and the random-number states a resumed run restores.
+
+Both serve every writer of checkpoints (the trainer, :func:`tempme_fast.lora.save_lora`, ``tempme train``)
+without importing any of them.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+__all__ = ["atomic_save", "rng_state", "set_rng_state"]
+
+
+def atomic_save(obj, path) -> None:
+    """``torch.save`` to a temporary file in the target's folder, fsync, then ``os.replace``.
+
+    A crash at any point leaves the previous file or the new one, never a truncated one.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def rng_state() -> dict:
+    """The torch, CUDA (when present), Python and numpy RNG states, as plain values and tensors."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:  # numpy is a dependency, but its state is optional here
+        return state
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # Plain Python values, so checkpoints load with torch.load(weights_only=True).
+    state["numpy"] = (name, keys.tolist(), int(pos), int(has_gauss), float(cached))
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))

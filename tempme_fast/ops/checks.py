@@ -1,0 +1,193 @@
+"""Input checks of the op boundary: one function per op, shared by both backends.
+
+Each reads shapes, dtypes and devices only, never values, so it costs no host synchronisation;
+:func:`assert_finite` is the one exception, run only on request. A wrong input raises a
+``ValueError`` or ``TypeError`` that names the argument and the valid range.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .reference import MergePlan, max_r, split_sizes
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+__all__ = ["FLOAT_DTYPES", "assert_finite", "check_attention", "check_int", "check_join", "check_join_merge",
+           "check_merge", "check_metric", "check_plan", "check_r", "check_size", "check_tokens"]
+
+
+def check_int(name: str, value, low: int, high: Optional[int] = None, what: str = "") -> None:
+    """``value`` is an int in ``[low, high]`` (no upper bound when ``high`` is None)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low or (high is not None and value > high):
+        valid = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name}={value} must be {'in ' if high is not None else ''}{valid}{what}")
+
+
+def check_tokens(name: str, t: torch.Tensor, protected: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 3:
+        raise ValueError(f"{name} must have shape [B', N, C] (3 dims), got {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; valid: float32, float16, bfloat16, float64")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(t.shape)}); give at least one clip")
+    if t.shape[2] == 0:
+        raise ValueError(f"{name} has no channels (shape {tuple(t.shape)}); give C >= 1")
+    if isinstance(protected, bool) or not isinstance(protected, int):
+        raise TypeError(f"protected must be an int, got {protected!r}")
+    if not 0 <= protected <= t.shape[1] - 2:
+        raise ValueError(f"protected={protected} must be in [0, N - 2] = [0, {t.shape[1] - 2}] for "
+                         f"{name} with N={t.shape[1]} tokens (at least one A and one B token)")
+
+
+def assert_finite(name: str, t: torch.Tensor) -> None:
+    """Raise ``ValueError`` if ``t`` holds a NaN or an infinity, naming ``name`` and the first bad index.
+
+    Reads a flag back to the host (a synchronisation on CUDA): call it when debugging or validating
+    data, not on the hot path. The ops and ``encode_video`` call it with ``check_finite=True``.
+    """
+    if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.is_complex()):
+        return
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        count = int(bad.sum())
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        value = t[first].item()
+        raise ValueError(f"{name} holds {count} non-finite value(s) (NaN or Inf), the first {value} at "
+                         f"{name}[{', '.join(map(str, first))}]; every value must be finite")
+
+
+def check_size(size: torch.Tensor, x: torch.Tensor, rows: str) -> None:
+    """``size`` is a tensor of shape ``[rows, N]`` or ``[rows, N, 1]`` matching ``x [rows, N, D]``."""
+    if not isinstance(size, torch.Tensor):
+        raise TypeError(f"size must be a torch.Tensor, got {type(size).__name__}")
+    if size.shape[:2] != x.shape[:2] or size.dim() not in (2, 3) or (size.dim() == 3 and size.shape[2] != 1):
+        raise ValueError(f"size must have shape [{rows}, N] or [{rows}, N, 1] matching x {tuple(x.shape)}, "
+                         f"got {tuple(size.shape)}")
+
+
+def check_plan(plan, rows: int, tokens: int) -> None:
+    """``plan`` is a :class:`MergePlan` whose index tensors fit ``rows`` clips of ``tokens`` tokens.
+
+    Shapes and dtypes only; the index values are trusted (checking them would read them back).
+    """
+    if not isinstance(plan, MergePlan):
+        raise TypeError(f"plan must be a MergePlan from tempme_fast.ops.match, got {type(plan).__name__}")
+    if plan.tokens != tokens or plan.merged.dim() != 2 or plan.merged.shape[0] != rows:
+        raise ValueError(f"plan was made for [B'={plan.merged.shape[0]}, N={plan.tokens}] but x has "
+                         f"B'={rows}, N={tokens}")
+    check_int("plan.protected", plan.protected, 0, tokens - 2, f" for N={tokens}")
+    na, _ = split_sizes(tokens, plan.protected)
+    r = plan.merged.shape[1]
+    expected = {"merged": (rows, r), "dst": (rows, r), "kept": (rows, na - r)}
+    for field, shape in expected.items():
+        t = getattr(plan, field)
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or tuple(t.shape) != shape:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"plan.{field} must be an int64 tensor of shape {list(shape)} (B', "
+                             f"{'r' if field != 'kept' else 'Na - r'}) for N={tokens}, "
+                             f"protected={plan.protected}; got {got}")
+
+
+def check_join(x: torch.Tensor, group: int, protected: int, frame_pos: Optional[torch.Tensor]) -> None:
+    """Shape checks of a clip join (nothing is read from the device)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape [B * F, N, ...] (at least 2 dims), got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}); give at least one clip")
+    check_int("group", group, 1)
+    if x.shape[0] % group:
+        raise ValueError(f"cannot join groups of {group} clips: the batch holds {x.shape[0]} clips "
+                         f"(group must divide it)")
+    check_int("protected", protected, 0, x.shape[1], f" for x with N={x.shape[1]} tokens")
+    if frame_pos is not None:
+        if not isinstance(frame_pos, torch.Tensor):
+            raise TypeError(f"frame_pos must be a torch.Tensor or None, got {type(frame_pos).__name__}")
+        clips = frame_pos.shape[1] if frame_pos.dim() == 4 else 0
+        if (x.dim() != 3 or frame_pos.dim() != 4 or frame_pos.shape[0] != 1 or frame_pos.shape[2] != 1
+                or frame_pos.shape[3] != x.shape[2] or clips == 0 or clips % group or x.shape[0] % clips):
+            raise ValueError(f"frame_pos must have shape [1, F, 1, D] for x [B * F, N, D] = "
+                             f"{list(x.shape)}, with F clips per video a multiple of group={group} that "
+                             f"divides the {x.shape[0]} clips; got {tuple(frame_pos.shape)}")
+        if frame_pos.device != x.device:
+            raise ValueError(f"frame_pos is on {frame_pos.device} but x is on {x.device}")
+
+
+def check_metric(metric: torch.Tensor, protected: int, check_finite: bool) -> None:
+    """The metric of a match; with ``check_finite`` also its values."""
+    check_tokens("metric", metric, protected)
+    if check_finite:
+        assert_finite("metric", metric)
+
+
+def check_r(r, tokens: int, protected: int) -> None:
+    """``r`` is an int in ``[0, (N - protected) // 2]``: one merge removes at most half the patches."""
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r must be an int, got {r!r}")
+    limit = max_r(tokens, protected)
+    if not 0 <= r <= limit:
+        raise ValueError(f"r={r} must be in [0, (N - protected) // 2] = [0, {limit}] for N={tokens}, "
+                         f"protected={protected}")
+
+
+def check_merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, check_finite: bool) -> None:
+    """Inputs of :func:`tempme_fast.ops.merge`; with ``check_finite`` also their values."""
+    if not isinstance(plan, MergePlan):
+        raise TypeError(f"plan must be a MergePlan from tempme_fast.ops.match, got {type(plan).__name__}")
+    check_tokens("x", x, plan.protected)
+    check_size(size, x, "B'")
+    if size.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"size has dtype {size.dtype}; valid: float32 (recommended), float64, float16, bfloat16")
+    check_plan(plan, x.shape[0], x.shape[1])
+    devices = {x.device, size.device, plan.merged.device, plan.dst.device, plan.kept.device}
+    if len(devices) > 1:
+        raise ValueError(f"x ({x.device}), size ({size.device}) and plan ({plan.merged.device}) must be "
+                         f"on one device")
+    if check_finite:
+        assert_finite("x", x)
+        assert_finite("size", size)
+        if not bool((size > 0).all()):
+            raise ValueError(f"size holds {int((size <= 0).sum())} value(s) <= 0; every size (original "
+                             f"tokens a token stands for) must be positive")
+
+
+def check_join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, r: int,
+                     frame_pos: Optional[torch.Tensor], check_finite: bool) -> None:
+    """Inputs of :func:`tempme_fast.ops.join_merge`; with ``check_finite`` also the values of ``x``."""
+    check_tokens("x", x, 0)  # protected is checked against the joined clip below (by check_join and r)
+    check_size(size, x, "B * F")
+    check_int("group", group, 1)
+    check_int("r", r, 0, max_r(x.shape[1] * group, protected * group),
+              f" (half the unprotected tokens of a joined clip of {group} x {x.shape[1]} tokens)")
+    if check_finite:
+        assert_finite("x", x)
+    check_join(x, group, protected, frame_pos)
+
+
+def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Optional[torch.Tensor]) -> None:
+    """``q, k, v [B', H, N, d]`` that agree, and ``size`` ``[B', N]`` / ``[B', N, 1]`` or None, on one device."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape [B', H, N, d] (4 dims), got {tuple(t.shape)}")
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must agree: "
+                         f"[B', H, N, d] with k and v sharing N and q and k sharing d")
+    if size is not None:
+        if not isinstance(size, torch.Tensor):
+            raise TypeError(f"size must be a torch.Tensor or None, got {type(size).__name__}")
+        if (size.dim() not in (2, 3) or size.shape[:2] != (k.shape[0], k.shape[2])
+                or (size.dim() == 3 and size.shape[2] != 1)):
+            raise ValueError(f"size must have shape [B', N] or [B', N, 1] = [{k.shape[0]}, {k.shape[2]}(, 1)] "
+                             f"for k {tuple(k.shape)}, got {tuple(size.shape)}")
+    devices = {t.device for t in (q, k, v) + ((size,) if size is not None else ())}
+    if len(devices) > 1:
+        raise ValueError(f"q, k, v and size must be on one device, got {sorted(map(str, devices))}")

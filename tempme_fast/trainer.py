@@ -1,0 +1,329 @@
+"""The resumable training loop: :class:`TrainConfig` (the recipe) and :class:`Trainer`.
+
+    model = apply_tempme(open_clip.create_model("ViT-B-32-quickgelu", pretrained="openai"))
+    trainer = Trainer(model, batches, TrainConfig(mode="lora"), output_dir="runs/b32")
+    trainer.fit()                      # AdamW, cosine with warm-up, checkpoints in runs/b32/last.pt
+
+``batches`` is any iterable of ``(video [B, T, 3, H, W], tokens [B, L])`` or
+``(video, tokens, mask [B, T])`` tuples, or of dicts with keys ``video``, ``tokens`` and optional
+``mask`` (what :func:`tempme_fast.retrieval.make_loader` yields); it is iterated once per epoch.
+For a run that resumes exactly, the batches of epoch ``e`` must depend only on ``e`` and the RNG
+state at the start of the epoch (a list, a ``DataLoader`` with a seeded or ``set_epoch`` sampler, or
+a callable ``epoch -> iterable``).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import distributed
+from .checkpoint import atomic_save, rng_state, set_rng_state
+from .lora import MODES, add_lora, has_lora, load_lora_state_dict, lora_config, lora_state_dict, mark_trainable
+from .train import (DEFAULT_LR, PRECISIONS, VideoTextForward, cosine_schedule, make_optimizer, set_grad_checkpointing,
+                    train_step, unpack_batch)
+
+log = logging.getLogger(__name__)
+
+# Kept as written by earlier releases, so their checkpoints still resume.
+CHECKPOINT_FORMAT = "tempme_fast.train"
+
+__all__ = ["CHECKPOINT_FORMAT", "TrainConfig", "Trainer"]
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe. Defaults: the TempMe paper's (AdamW, lr 6e-4 for LoRA, weight decay
+    0.2, cosine schedule with 10% warm-up, 5 epochs); its batch of 128 is the data's business.
+
+    Attributes:
+        mode: ``"lora"`` (LoRA rank ``lora_rank`` on q/k/v of both towers plus the temporal position
+            embeddings train) or ``"full"`` (every weight trains).
+        lr: peak learning rate; None: 6e-4 for LoRA, 1e-5 for full fine-tuning (ours; the paper
+            gives only the LoRA value).
+        warmup: share of the total steps spent warming up linearly.
+        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast and a grad scaler).
+        save_every: also checkpoint every this many steps (every epoch end is saved anyway).
+        steps_per_epoch: needed when the data has no ``len``.
+        max_steps: stop after this many steps in all (the schedule still spans every epoch); for
+            smoke runs and tests.
+    """
+
+    mode: str = "lora"
+    epochs: int = 5
+    lr: Optional[float] = None
+    weight_decay: float = 0.2
+    warmup: float = 0.1
+    betas: Tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: Optional[float] = None
+    precision: str = "fp32"
+    grad_checkpointing: bool = False
+    lora_rank: int = 8
+    lora_scale: float = 1.0
+    log_every: int = 10
+    save_every: Optional[int] = None
+    steps_per_epoch: Optional[int] = None
+    max_steps: Optional[int] = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not one of {tuple(PRECISIONS)}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.mode]
+        checks = [("epochs", self.epochs >= 1), ("lr", self.lr > 0), ("weight_decay", self.weight_decay >= 0),
+                  ("warmup", 0 <= self.warmup < 1), ("log_every", self.log_every >= 1),
+                  ("save_every", self.save_every is None or self.save_every >= 1),
+                  ("steps_per_epoch", self.steps_per_epoch is None or self.steps_per_epoch >= 1),
+                  ("max_steps", self.max_steps is None or self.max_steps >= 1),
+                  ("grad_clip", self.grad_clip is None or self.grad_clip > 0), ("lora_rank", self.lora_rank >= 1)]
+        valid = {"epochs": ">= 1", "lr": "> 0", "weight_decay": ">= 0", "warmup": "in [0, 1)", "log_every": ">= 1",
+                 "save_every": ">= 1 or None", "steps_per_epoch": ">= 1 or None", "max_steps": ">= 1 or None",
+                 "grad_clip": "> 0 or None", "lora_rank": ">= 1"}
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be {valid[name]}")
+        self.betas = tuple(self.betas)
+
+
+class Trainer:
+    """Fine-tunes a TempMe-patched CLIP on text-video pairs; resumable from its checkpoints.
+
+    Args:
+        model: patched by :func:`tempme_fast.apply_tempme`, on its training device, float32
+            weights (mixed precision is autocast). In LoRA mode LoRA is added when missing.
+        data: batches as the module docstring says, or a callable ``epoch -> iterable``.
+        config: the recipe.
+        output_dir: where ``last.pt`` (checkpoint) and ``train_log.jsonl`` go; None saves nothing.
+        progress: a tqdm progress bar (on the first process only).
+        resume: a checkpoint path to continue from (``"auto"``: ``output_dir/last.pt`` if present).
+    Under ``torch.distributed`` (see :mod:`tempme_fast.distributed`) the model is wrapped in DDP,
+    the loss covers every process's batch and only rank 0 writes files. Each process's ``data``
+    must yield its own shard.
+    """
+
+    CHECKPOINT = "last.pt"
+    LOG = "train_log.jsonl"
+
+    def __init__(self, model: nn.Module, data, config: Optional[TrainConfig] = None,
+                 output_dir: Optional[str] = None, progress: bool = True, resume: Optional[str] = None):
+        self.config = config = config or TrainConfig()
+        if not hasattr(model, "encode_video"):
+            raise TypeError(f"model is a {type(model).__name__} without encode_video; call "
+                            f"tempme_fast.apply_tempme(model) first")
+        self.model = model
+        self.data = data
+        self.output_dir = output_dir
+        self.progress = progress
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        if config.mode == "lora" and not has_lora(model):
+            add_lora(model, rank=config.lora_rank, scale=config.lora_scale)
+        self.trainable = mark_trainable(model, config.mode)
+        set_grad_checkpointing(model, config.grad_checkpointing)
+        self.device = next(model.parameters()).device
+        self.forward_model = distributed.wrap_ddp(VideoTextForward(model)) if self.world_size > 1 else model
+        self.optimizer = make_optimizer(model, config.lr, config.weight_decay, config.betas, config.eps)
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.scheduler = cosine_schedule(self.optimizer, self.total_steps, int(config.warmup * self.total_steps))
+        self.autocast_dtype = PRECISIONS[config.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.step = self.epoch = self.step_in_epoch = 0
+        self.history: List[dict] = []
+        self._epoch_rng: Optional[dict] = None
+        self._resume_rng: Optional[dict] = None
+        if resume == "auto":
+            auto = os.path.join(output_dir, self.CHECKPOINT) if output_dir else None
+            resume = auto if auto and os.path.isfile(auto) else None
+        if resume:
+            self.load_checkpoint(resume)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _steps_per_epoch(self) -> int:
+        if self.config.steps_per_epoch is not None:
+            return self.config.steps_per_epoch
+        data = self.data(0) if callable(self.data) and not hasattr(self.data, "__iter__") else self.data
+        try:
+            n = len(data)
+        except TypeError:
+            raise ValueError("data has no len(); give TrainConfig(steps_per_epoch=...)") from None
+        if n < 1:
+            raise ValueError("data yields no batch (len(data) == 0)")
+        return n
+
+    def _epoch_iter(self, epoch: int) -> Iterator:
+        data = self.data
+        if callable(data) and not hasattr(data, "__iter__"):
+            return iter(data(epoch))
+        for holder in (data, getattr(data, "sampler", None), getattr(data, "batch_sampler", None)):
+            if hasattr(holder, "set_epoch"):
+                holder.set_epoch(epoch)
+        return iter(data)
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _model_state(self) -> Dict[str, torch.Tensor]:
+        # LoRA mode: the frozen CLIP weights never change, the run rebuilds them from their source.
+        state = lora_state_dict(self.model) if self.config.mode == "lora" else self.model.state_dict()
+        return {k: v.detach().cpu() for k, v in state.items()}
+
+    def checkpoint_state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "version": 1, "config": asdict(self.config),
+            "lora": lora_config(self.model), "tempme": asdict(self.model.tempme.config),
+            "model": self._model_state(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "total_steps": self.total_steps, "rng": rng_state(), "epoch_rng": self._epoch_rng,
+            "world_size": self.world_size,
+        }
+
+    def save_checkpoint(self, path: Optional[str] = None) -> Optional[str]:
+        """Write the full training state atomically (rank 0); returns the path."""
+        path = path or (os.path.join(self.output_dir, self.CHECKPOINT) if self.output_dir else None)
+        if path is None:
+            return None
+        if self.is_main:
+            atomic_save(self.checkpoint_state(), path)
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore model, optimiser, scheduler, scaler, step counters and RNG states."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a checkpoint written by tempme_fast.trainer.Trainer")
+        if state["config"]["mode"] != self.config.mode:
+            raise ValueError(f"{path} was trained with mode={state['config']['mode']!r}, this run has "
+                             f"mode={self.config.mode!r}")
+        if state["total_steps"] != self.total_steps:
+            raise ValueError(f"{path} plans {state['total_steps']} steps, this run {self.total_steps}: the data, "
+                             f"batch size or epochs differ")
+        if state["tempme"] != asdict(self.model.tempme.config):
+            raise ValueError(f"{path} was trained with TempMeConfig {state['tempme']}, the model has "
+                             f"{asdict(self.model.tempme.config)}")
+        if self.config.mode == "lora":
+            if state["lora"] != lora_config(self.model):
+                raise ValueError(f"{path} has LoRA {state['lora']}, the model {lora_config(self.model)}")
+            load_lora_state_dict(self.model, state["model"], strict=True)
+        else:
+            self.model.load_state_dict(state["model"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self._epoch_rng, self._resume_rng = state["epoch_rng"], state["rng"]
+        if self.is_main and self.output_dir and os.path.isfile(os.path.join(self.output_dir, self.LOG)):
+            # A killed run may have logged steps past its last checkpoint; they will be run again.
+            path = os.path.join(self.output_dir, self.LOG)
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self.step]
+            with open(path, "w") as f:
+                f.writelines(kept)
+        if self.is_main:
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
+                     self.step_in_epoch)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if not self.is_main:
+            return
+        if record["step"] % self.config.log_every == 0 or record["step"] == self.total_steps:
+            log.info("step %d/%d epoch %d loss %.4f lr %.3g %.1f videos/s", record["step"], self.total_steps,
+                     record["epoch"], record["loss"], record["lr"], record["videos_per_s"])
+        if self.output_dir:
+            os.makedirs(self.output_dir, exist_ok=True)
+            with open(os.path.join(self.output_dir, self.LOG), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _usable(self, batch) -> bool:
+        """False for a batch whose videos all failed to decode (the retrieval loaders drop them);
+        every process skips together, so the gather in the loss never waits on a missing rank."""
+        size = 0 if isinstance(batch, dict) and "video" not in batch else len(unpack_batch(batch)[0])
+        if isinstance(batch, dict) and batch.get("skipped") and self.is_main:
+            log.warning("skipped %d unreadable video(s), e.g. %s", len(batch["skipped"]), batch["skipped"][0])
+        if self.world_size > 1:
+            flag = torch.tensor([size], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            size = int(flag)
+        if size == 0 and self.is_main:
+            log.warning("batch %d of epoch %d has no readable video on some process; skipped", self.step_in_epoch,
+                        self.epoch)
+        return size > 0
+
+    def _open_epoch(self) -> Iterator:
+        """The current epoch's batches, positioned after those a resumed checkpoint had consumed."""
+        if self.step_in_epoch == 0:
+            self._epoch_rng = rng_state()
+            return self._epoch_iter(self.epoch)
+        # Resuming mid-epoch: replay the epoch's data order from its starting RNG, then the saved RNG.
+        set_rng_state(self._epoch_rng)
+        batches = self._epoch_iter(self.epoch)
+        for _ in range(self.step_in_epoch):
+            if next(batches, None) is None:
+                raise ValueError(f"the data of epoch {self.epoch} has fewer than the {self.step_in_epoch} "
+                                 f"batches the checkpoint had consumed")
+        set_rng_state(self._resume_rng)
+        return batches
+
+    def _run_epoch(self, batches: Iterator, stop_at: int, bar) -> None:
+        config = self.config
+        while self.step_in_epoch < self.steps_per_epoch and self.step < stop_at:
+            batch = next(batches, None)
+            if batch is None:
+                break
+            if not self._usable(batch):
+                self.step_in_epoch += 1
+                continue
+            t0 = time.perf_counter()
+            result = train_step(self.forward_model, batch, self.optimizer, self.scaler, self.autocast_dtype,
+                                self.scheduler, config.grad_clip)
+            seconds = time.perf_counter() - t0
+            self.step += 1
+            self.step_in_epoch += 1
+            record = {"step": self.step, "epoch": self.epoch, "loss": result.loss, "lr": result.lr,
+                      "videos_per_s": result.batch_size * self.world_size / seconds, "seconds": seconds}
+            self._log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", vps=f"{record['videos_per_s']:.1f}",
+                            refresh=False)
+            if config.save_every and self.step % config.save_every == 0:
+                self.save_checkpoint()
+
+    def fit(self) -> List[dict]:
+        """Train until the last epoch (or ``max_steps``); returns the per-step records
+        ``{"step", "epoch", "loss", "lr", "videos_per_s", "seconds"}`` of this call."""
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        stop_at = min(self.total_steps, self.config.max_steps or self.total_steps)
+        self.model.train()
+        start = len(self.history)
+        bar = tqdm(total=stop_at, initial=self.step, desc="train", unit="step",
+                   disable=not (self.progress and self.is_main))
+        # Log lines go through tqdm.write, so they do not tear the progress bar.
+        redirect = logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext()
+        with redirect, contextlib.closing(bar):
+            while self.epoch < self.config.epochs and self.step < stop_at:
+                self._run_epoch(self._open_epoch(), stop_at, bar)
+                # The epoch is over unless max_steps cut it short.
+                if self.step_in_epoch >= self.steps_per_epoch or self.step < stop_at:
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                self.save_checkpoint()
+        return self.history[start:]

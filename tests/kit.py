@@ -1,0 +1,72 @@
+"""What the op and model tests share: the dtypes, their tolerances, NaN-filled outputs, one closeness
+check and the real-size shapes.
+
+    from kit import DTYPES, VALUE_TOL, assert_close, parametrize_dtypes
+"""
+from typing import Dict
+
+import pytest
+import torch
+
+# The activation dtypes the fast paths serve, by the short names the test ids use.
+DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+HALF_DTYPES: Dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# float64 too: the reference ops keep it (the oracle's dtype).
+ALL_DTYPES: Dict[str, torch.dtype] = {**DTYPES, "fp64": torch.float64}
+
+# (atol, rtol) of a merged value or gradient against float64: one rounding to the dtype on store, plus
+# the fp32 sums of many sources into one token in a different order (which decides the fp32 bound).
+VALUE_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3),
+             torch.float64: (1e-12, 1e-12)}
+# Cosine scores accumulate in fp32 whatever the input dtype (float64 stays float64).
+SCORE_TOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5, torch.float64: 1e-12}
+
+# What a fresh integer output holds before a kernel writes it: far outside every valid index.
+INT_SENTINEL = -(2 ** 40)
+INT32_SENTINEL = -(2 ** 30)
+
+# (clips, tokens per clip, protected, metric width, r) of ViT-B/16 at 32 videos x 12 frames: a per-frame
+# merge on the key metric, the three cross-clip merges after its joins, and the last intra-clip merge.
+REAL_SHAPES = [
+    pytest.param(384, 197, 1, 64, 2, id="B384-N197-c1-C64-r2"),
+    pytest.param(192, 362, 2, 768, 108, id="B192-N362-c2-C768-r108"),
+    pytest.param(96, 458, 4, 768, 137, id="B96-N458-c4-C768-r137"),
+    pytest.param(32, 867, 12, 768, 260, id="B32-N867-c12-C768-r260"),
+    pytest.param(32, 547, 12, 64, 54, id="B32-N547-c12-C64-r54"),
+]
+# The hidden width of those models.
+REAL_WIDTH = 768
+
+
+def parametrize_dtypes(table: Dict[str, torch.dtype] = DTYPES, name: str = "dtype"):
+    """``@pytest.mark.parametrize`` over the dtypes of ``table``, ids by their short names."""
+    return pytest.mark.parametrize(name, list(table.values()), ids=list(table))
+
+
+def nan_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A fresh buffer that no correct result matches: NaN for floats, a far negative sentinel for ints.
+
+    Patched over a launcher's output allocator, it makes an element the kernel never wrote fail the
+    comparison instead of passing on whatever ``torch.empty`` happened to hold.
+    """
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, INT_SENTINEL if dtype == torch.int64 else INT32_SENTINEL, dtype=dtype, device=device)
+
+
+def fill_outputs_with_nan(monkeypatch, module, allocator: str = "_new_output") -> None:
+    """Make ``module.<allocator>(shape, dtype, device)`` return :func:`nan_output` for this test."""
+    monkeypatch.setattr(module, allocator, nan_output)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """Every element within ``atol + rtol * |expected|`` of :data:`VALUE_TOL` for ``dtype``, and no NaN.
+
+    Compared in float64 on the CPU; the message gives the max abs difference and the bounds.
+    """
+    atol, rtol = VALUE_TOL[dtype]
+    assert not actual.isnan().any(), f"{what}: NaN (an output element was never written)"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = (actual.double().cpu() - expected.double().cpu()).abs()
+    bound = atol + rtol * expected.double().cpu().abs()
+    assert (diff <= bound).all(), f"{what}: max abs diff {diff.max().item():.3g} (atol {atol}, rtol {rtol})"
