@@ -40,7 +40,9 @@ def _setting(variant: str, config: TempMeConfig):
     if variant.startswith("open_clip"):
         return TempMeConfig.unmerged(config.frames), "torch", "sdpa"
     backend = "triton" if "triton" in variant else "torch"
-    return config, backend, "eager" if variant == "tempme-eager" else "sdpa"
+    # Triton variants take the default attention ("auto": the bias-vector Triton kernel on CUDA).
+    attention = "eager" if variant == "tempme-eager" else "auto" if backend == "triton" else "sdpa"
+    return config, backend, attention
 
 
 def runnable(variant: str, mode: str, device: torch.device, compile_: bool) -> bool:

@@ -74,6 +74,9 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         # Headline: every merge op at the ViT-B/16 32-video shapes, reference against Triton.
         Stage("ops_headline", bench("bench_ops", "headline", "--models", "ViT-B-16", "--batches", "32",
                                     "--dtypes", "fp16" if gpu else "fp32", "--impls", *fast, "--rep-ms", "40"), 60),
+        Stage("attention", [python, "-m", "benchmarks.bench_attention", "--device", device, "--jsonl", rows,
+                            "--models", "ViT-B-16", "--batches", "16", "--dtypes", "fp16" if gpu else "fp32",
+                            "--rep-ms", "40"], 60),
         Stage("cuda_tests", pytest("tests/test_triton_cuda.py", "tests/test_cuda_determinism.py"), 100),
         # Sweeps. The compiled reference, compiled afresh per shape, at the headline shapes.
         Stage("ops_compiled", bench("bench_ops", "compiled", "--models", "ViT-B-16", "--batches", "32",
@@ -102,10 +105,11 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
                                      "--rep-ms", "100"), 150),
         Stage("train_step", bench("bench_train", "train", "--model", "ViT-B-16", "--batch", "32" if gpu else "2",
                                   "--precision", "bf16" if gpu else "fp32", "--repeats", "5"), 90),
-        Stage("kernel_tests", pytest("tests/test_triton_ops.py", "tests/test_model_triton.py"), 150),
+        Stage("kernel_tests", pytest("tests/test_triton_ops.py", "tests/test_model_triton.py",
+                                       "tests/test_attention.py"), 150),
         Stage("other_tests", pytest("tests", *[f"--ignore=tests/{name}.py" for name in
                                                ("test_triton_cuda", "test_cuda_determinism", "test_triton_ops",
-                                                "test_model_triton")]), 240),
+                                                "test_model_triton", "test_attention")]), 240),
         Stage("plots", [python, "-m", "benchmarks.plots", out, "--to", os.path.join(out, "plots")], 30, final=True),
     ]
 
