@@ -49,9 +49,25 @@ for _name, _fn in (("_scaled_dot_product_flash_attention_for_cpu", _sdpa_fwd),
         ATTENTION_FLOPS[getattr(aten, _name)] = _fn
 
 
+def _tempme_attention_flops() -> Dict[object, Callable]:
+    """Formulas for the Triton attention ops of ``tempme_fast.ops.triton_attention``
+    (their arguments start as SDPA's: ``q, k, v`` and ``grad_out, q, k, v``)."""
+    try:
+        from .ops import triton_attention  # noqa: F401  registers the ops, if triton is installed
+    except ImportError:
+        return {}
+    found = {}
+    for name, fn in (("attention_fwd", _sdpa_fwd), ("attention_bwd", _sdpa_bwd)):
+        try:
+            found[getattr(torch.ops.tempme, name)] = fn
+        except (AttributeError, RuntimeError):  # not registered: triton not imported, nothing to count
+            pass
+    return found
+
+
 def flop_counter() -> FlopCounterMode:
     """A ``FlopCounterMode`` that also counts the attention paths PyTorch leaves out."""
-    return FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS)
+    return FlopCounterMode(display=False, custom_mapping={**ATTENTION_FLOPS, **_tempme_attention_flops()})
 
 
 @dataclass(frozen=True)
