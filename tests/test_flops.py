@@ -2,7 +2,7 @@ import open_clip
 import pytest
 import torch
 
-from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
+from tempme_fast import TempMeConfig, apply_tempme, ops, remove_tempme
 from tempme_fast.flops import flop_counter, measure_flops, model_flops
 from tiny import TINY_CONFIG, tiny_clip
 
@@ -64,9 +64,6 @@ def test_sdpa_on_cpu_is_counted():
 
 def test_triton_attention_is_counted_as_sdpa():
     """The Triton attention ops count the FLOPs of the SDPA path they replace, forward and backward."""
-    from tempme_fast import ops
-    from tempme_fast.flops import flop_counter
-
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, 9, 16, requires_grad=True) for _ in range(3))
     size = torch.rand(2, 9) + 1
