@@ -64,17 +64,26 @@ def _new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-_COUNTERS: Dict[torch.device, torch.Tensor] = {}
+_SCRATCH: Dict[torch.device, Tuple[torch.Tensor, int]] = {}
+_COUNTER_BYTES = 4096  # room for 1024 int32 clip counters at the front of the scratch; the partials follow
 
 
-def _counters(device: torch.device, rows: int) -> torch.Tensor:
-    """Per-clip arrival counters of the match kernel: zero, and left zero by every launch, so one
-    buffer per device serves all launches on a stream (no allocation or clearing per step)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < rows:
-        buf = torch.zeros(max(rows, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+def _match_scratch(device: torch.device, rows: int, part_shape: Tuple[int, ...], dtype: torch.dtype
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(count [>= rows] int32, part [part_shape] dtype)`` for the match kernel, from one buffer kept
+    per device: its counters are zero and every launch leaves them zero, and its partials are
+    written before they are read, so a step allocates nothing here once the buffer is large enough
+    (launches on one stream run one after another, so they never share it at the same time)."""
+    part_bytes = dtype.itemsize * int(torch.Size(part_shape).numel())
+    buf, counter_bytes = _SCRATCH.get(device, (None, 0))
+    if buf is None or 4 * rows > counter_bytes or buf.numel() < counter_bytes + part_bytes:
+        # The counters stay zero only where no partials were ever written: grow both together.
+        counter_bytes = max(_COUNTER_BYTES, triton.cdiv(4 * rows, 256) * 256)  # partials 256-byte aligned
+        buf = torch.zeros(counter_bytes + 2 * part_bytes, dtype=torch.uint8, device=device)
+        _SCRATCH[device] = buf, counter_bytes
+    count = buf[:counter_bytes].view(torch.int32)
+    part = buf[counter_bytes:counter_bytes + part_bytes].view(dtype).view(part_shape)
+    return count, part
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -137,17 +146,17 @@ def _launch_match(metric: torch.Tensor, protected: int, group: int, r: int, plan
     tiles = _match_tiles(rows, na, nb, channels, metric.dtype)
     splits, a_blocks = tiles.pop("SPLITS"), tiles.pop("A_BLOCKS")
     i64 = dict(dtype=torch.int64, device=metric.device)
+    count, part = _match_scratch(metric.device, rows, (rows, splits, 2, na), acc)
     if plan:
         outs = (_new_output((rows, r), **i64), _new_output((rows, r), **i64), _new_output((rows, na - r), **i64))
-        part = _new_output((rows, splits, 2, na), acc, metric.device)
         scores, dst = part, outs[0]  # not written
+        merged, merged_dst, kept = outs
     else:
         scores, dst = _new_output((rows, na), acc, metric.device), _new_output((rows, na), **i64)
         outs = (scores, dst)
-        part = scores if splits == 1 else _new_output((rows, splits, 2, na), acc, metric.device)
-    merged, merged_dst, kept = outs if plan else (dst, dst, dst)
+        merged = merged_dst = kept = dst  # not written
     _best_match_fwd_kernel[(a_blocks * splits, rows)](
-        metric, part, scores, dst, merged, merged_dst, kept, _counters(metric.device, rows),
+        metric, part, scores, dst, merged, merged_dst, kept, count,
         na, nb, r, channels, a_start, b_start, group, protected, metric.shape[1], tiles.pop("B_PER"), splits,
         metric.stride(0), metric.stride(1), metric.stride(2),
         TINY=torch.finfo(acc).tiny, PLAN=plan, **tiles,
