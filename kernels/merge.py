@@ -52,7 +52,11 @@ def _count_sources(dst_row, R, j, BLOCK_K: tl.constexpr):
     return lo, count
 
 
-@triton.jit(do_not_specialize=["N_OUT", "C", "NK", "R", "NB", "A_START", "B_START", "N_IN", "stride_wb"])
+# Only the counts that change from layer to layer are left unspecialised, and the size strides
+# (sizes are read one per token, never as vectors): D and the x strides keep their divisibility
+# by 16, which is what lets the compiler emit 128-bit loads and stores along the features.
+@triton.jit(do_not_specialize=["N_OUT", "C", "NK", "R", "NB", "A_START", "B_START", "N_IN", "stride_sb",
+                               "stride_wb"])
 def _merge_fwd_kernel(
     x_ptr,  # [B' * GROUP, N_IN, D] any strides (a clip of N = GROUP * N_IN tokens)
     size_ptr,  # [B' * GROUP, N_IN] or [B' * GROUP, N_IN, 1] any strides
@@ -144,7 +148,8 @@ def _merge_fwd_kernel(
     tl.store(out_rows[:, None] + offs_d[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["N", "C", "NK", "R", "NB", "A_START", "B_START", "N_IN", "stride_wb", "TILES"])
+@triton.jit(do_not_specialize=["N", "C", "NK", "R", "NB", "A_START", "B_START", "N_IN", "TILES", "stride_sb",
+                               "stride_wb"])
 def _merge_bwd_kernel(
     grad_out_ptr,  # [B', N - r, D] any strides
     size_ptr,  # [B' * GROUP, N_IN] or [B' * GROUP, N_IN, 1] any strides

@@ -26,7 +26,6 @@ import os
 from typing import Dict, Optional, Tuple
 
 import torch
-import triton
 
 from tempme_kernels.best_match import _best_match_fwd_kernel
 from tempme_kernels.match import _match_plan_kernel
@@ -41,8 +40,9 @@ __all__ = ["MergeFunction", "best_match", "best_match_forward", "join_merge", "m
 # program and per op, not per lane: there a program takes a whole clip. Tests shrink
 # INTERPRETER_BLOCK to walk the multi-tile and multi-program paths that a GPU takes.
 INTERPRETER_BLOCK = 1024
-# The GPU tiles. A merge program holds a BLOCK_T x BLOCK_D fp32 tile per operand (32 registers a
-# thread at 4 warps); a match program a 64 x 64 fp32 score tile. Both leave room to spare: no spills.
+# The GPU tiles. A merge program holds a BLOCK_T x BLOCK_D fp32 tile per operand (16 registers a
+# thread at 8 warps); a match program a 64 x 64 fp32 score tile (8 warps: 64 registers a thread).
+# benchmarks/codegen.py checks the result: no spills at any shape the schedules launch.
 GPU_BLOCK_TOKENS = 32
 GPU_BLOCK_MATCH = 64
 GPU_BLOCK_CHANNELS = 128
@@ -54,9 +54,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Host arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are JIT functions whose
+# call from Python costs microseconds each, a measurable share of a merge step's host time.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
 def _block(n: int, gpu_cap: int, floor: int = 16) -> int:
     cap = INTERPRETER_BLOCK if _interpreting() else gpu_cap
-    return max(floor, min(triton.next_power_of_2(max(n, 1)), max(cap, floor)))
+    return max(floor, min(_next_power_of_2(n), max(cap, floor)))
 
 
 def _new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
@@ -78,7 +88,7 @@ def _match_scratch(device: torch.device, rows: int, part_shape: Tuple[int, ...],
     buf, counter_bytes = _SCRATCH.get(device, (None, 0))
     if buf is None or 4 * rows > counter_bytes or buf.numel() < counter_bytes + part_bytes:
         # The counters stay zero only where no partials were ever written: grow both together.
-        counter_bytes = max(_COUNTER_BYTES, triton.cdiv(4 * rows, 256) * 256)  # partials 256-byte aligned
+        counter_bytes = max(_COUNTER_BYTES, _cdiv(4 * rows, 256) * 256)  # partials 256-byte aligned
         buf = torch.zeros(counter_bytes + 2 * part_bytes, dtype=torch.uint8, device=device)
         _SCRATCH[device] = buf, counter_bytes
     count = buf[:counter_bytes].view(torch.int32)
@@ -116,11 +126,11 @@ def _match_tiles(rows: int, na: int, nb: int, channels: int, dtype: torch.dtype)
         dot_mode, cap = 0, GPU_BLOCK_MATCH
     block_a, block_b = _block(na, cap), _block(nb, cap)
     block_c = min(_block(channels, cap), 16 if dot_mode == 2 else 64)
-    a_blocks = triton.cdiv(na, block_a)
-    splits = max(1, min(triton.cdiv(nb, block_b), GPU_FILL // (rows * a_blocks)))
-    b_per = triton.cdiv(triton.cdiv(nb, splits), block_b) * block_b
+    a_blocks = _cdiv(na, block_a)
+    splits = max(1, min(_cdiv(nb, block_b), GPU_FILL // (rows * a_blocks)))
+    b_per = _cdiv(_cdiv(nb, splits), block_b) * block_b
     return dict(BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_C=block_c, DOT_MODE=dot_mode,
-                SPLITS=triton.cdiv(nb, b_per), B_PER=b_per, A_BLOCKS=a_blocks, num_warps=4)
+                SPLITS=_cdiv(nb, b_per), B_PER=b_per, A_BLOCKS=a_blocks, num_warps=8)
 
 
 def _merge_tiles(rows: int, tokens: int, width: int) -> Dict[str, int]:
@@ -129,9 +139,10 @@ def _merge_tiles(rows: int, tokens: int, width: int) -> Dict[str, int]:
     grid would not fill the GPU."""
     block_d = _block(width, GPU_BLOCK_CHANNELS, floor=1)
     block_t = _block(tokens, GPU_BLOCK_TOKENS, floor=1)
-    if not _interpreting() and rows * triton.cdiv(tokens, block_t) * triton.cdiv(width, block_d) < GPU_FILL:
+    if not _interpreting() and rows * _cdiv(tokens, block_t) * _cdiv(width, block_d) < GPU_FILL:
         block_t = max(8, min(block_t, 16))
-    return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+    # 8 warps for a 32 x 128 tile: at 4, a join's merge (positions, embedding) spills on sm_90.
+    return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=8 if block_t * block_d >= 4096 else 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +243,7 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
     work = _new_output((rows, nb + r), _accumulation_dtype(x.dtype), x.device)
     pos = x if frame_pos is None else frame_pos.reshape(frame_pos.shape[1], width).contiguous()
     tiles = _merge_tiles(rows, n_out, width)
-    grid = (triton.cdiv(width, tiles["BLOCK_D"]), triton.cdiv(n_out, tiles["BLOCK_T"]), rows)
+    grid = (_cdiv(width, tiles["BLOCK_D"]), _cdiv(n_out, tiles["BLOCK_T"]), rows)
     _merge_fwd_kernel[grid](
         x, size, pos, merged, dst, kept, out, size_out, work,
         n_out, c, nk, r, nb, width, a_start, b_start, group, protected, x.shape[1], pos.shape[0],
@@ -261,9 +272,9 @@ def merge_backward(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Ten
         b_size = b_size.contiguous()
     grad_x = _new_output((rows * group, tokens_in, width), grad_out.dtype, grad_out.device)
     tiles = _merge_tiles(rows, tokens, width)
-    n_tiles = triton.cdiv(tokens, tiles["BLOCK_T"])
+    n_tiles = _cdiv(tokens, tiles["BLOCK_T"])
     pos_part = _new_output((rows, n_tiles, group, width) if pos_grad else (0,), b_size.dtype, grad_out.device)
-    _merge_bwd_kernel[(triton.cdiv(width, tiles["BLOCK_D"]), n_tiles, rows)](
+    _merge_bwd_kernel[(_cdiv(width, tiles["BLOCK_D"]), n_tiles, rows)](
         grad_out, size, merged, dst, kept, b_size, grad_x, pos_part,
         tokens, c, nk, r, nb, width, a_start, b_start, group, protected, tokens_in, n_tiles,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), size.stride(0), size.stride(1),
@@ -329,7 +340,7 @@ def _merge_bwd_op(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Tens
 @_merge_bwd_op.register_fake
 def _(grad_out, size, b_size, merged, dst, kept, protected, tokens_in, group=1, pos_grad=False):
     rows, _, width = grad_out.shape
-    n_tiles = triton.cdiv(tokens_in * group, _merge_tiles(rows, tokens_in * group, width)["BLOCK_T"])
+    n_tiles = _cdiv(tokens_in * group, _merge_tiles(rows, tokens_in * group, width)["BLOCK_T"])
     return (grad_out.new_empty((rows * group, tokens_in, width)),
             b_size.new_empty((rows, n_tiles, group, width) if pos_grad else (0,)))
 
