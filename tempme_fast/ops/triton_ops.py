@@ -124,7 +124,11 @@ def _match_tiles(rows: int, na: int, nb: int, channels: int, dtype: torch.dtype)
         dot_mode, cap = 1, GPU_BLOCK_MATCH  # the interpreter's bf16 tl.dot is wrong (triton 3.8): fp32
     else:
         dot_mode, cap = 0, GPU_BLOCK_MATCH
-    block_a, block_b = _block(na, cap), _block(nb, cap)
+    if _interpreting() or dot_mode == 2:
+        block_a, block_b = _block(na, cap), _block(nb, cap)
+    else:
+        # Full 64 x 64 tiles even for short clips: 32- and 16-wide tiles make ptxas spill (sm_90).
+        block_a = block_b = cap
     block_c = min(_block(channels, cap), 16 if dot_mode == 2 else 64)
     a_blocks = _cdiv(na, block_a)
     splits = max(1, min(_cdiv(nb, block_b), GPU_FILL // (rows * a_blocks)))
