@@ -148,14 +148,20 @@ def run_step(step: Step, dtype: torch.dtype, device: str = "meta", backward: boo
 # Compiling a recorded launch for a GPU that is not here
 # ---------------------------------------------------------------------------------------------
 
+_BINDERS: Dict[tuple, tuple] = {}
+
+
 def _binder(kernel, target):
     """``(backend, binder)`` of a Triton JIT function for ``target``: the same specialisation
     (pointer alignment, divisibility by 16, ints equal to 1) that a launch on that GPU applies."""
     from triton.compiler.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    backend = make_backend(target)
-    return backend, create_function_from_signature(kernel.signature, kernel.params, backend)
+    key = (id(kernel), target.arch)
+    if key not in _BINDERS:
+        backend = make_backend(target)
+        _BINDERS[key] = backend, create_function_from_signature(kernel.signature, kernel.params, backend)
+    return _BINDERS[key]
 
 
 def variant_key(launch: Launch, arch: int):

@@ -7,6 +7,7 @@
 """
 from . import ops
 from .config import TempMeConfig
+from .graphs import GraphedVideoEncoder
 from .lora import add_lora, mark_trainable, merge_lora
 from .model import ScheduleClampWarning, TempMeSettings, apply_tempme, encode_video, remove_tempme
 from .official import load_official_checkpoint
@@ -16,6 +17,6 @@ from .train import TrainConfig, Trainer, train_step
 
 __version__ = "0.1.0"
 
-__all__ = ["LayerPlan", "ScheduleClampWarning", "SourceMap", "TempMeConfig", "TempMeSettings", "TokenSchedule", "TrainConfig", "Trainer", "add_lora",
+__all__ = ["GraphedVideoEncoder", "LayerPlan", "ScheduleClampWarning", "SourceMap", "TempMeConfig", "TempMeSettings", "TokenSchedule", "TrainConfig", "Trainer", "add_lora",
            "apply_tempme", "encode_video", "load_official_checkpoint", "mark_trainable", "merge_lora", "ops",
            "remove_tempme", "token_schedule", "trace_sources", "train_step"]
