@@ -52,6 +52,28 @@ def _count_sources(dst_row, R, j, BLOCK_K: tl.constexpr):
     return lo, count
 
 
+@triton.jit(do_not_specialize=["R", "NB"])
+def _merge_index_kernel(
+    merged_ptr,  # [B', r] int64 contiguous: merged A tokens
+    dst_ptr,  # [B', r] int64 contiguous: their destinations (< NB)
+    src_ptr,  # [B', r] int32 out: merged A tokens sorted by (destination, rank)
+    offsets_ptr,  # [B', NB + 1] int32 out: src[offsets[j]:offsets[j + 1]] merge into destination j
+    R,
+    NB,
+    BLOCK_K: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    """The merge forward's grouping on its own, written out (one program per row), for ops that
+    reduce by destination outside ``_merge_fwd_kernel``."""
+    row = tl.program_id(0).to(tl.int64)
+    dst_row = dst_ptr + row * R
+    _group_sources(dst_row, merged_ptr + row * R, src_ptr + row * R, R, 0, NB, BLOCK_K)
+    for j0 in range(0, NB + 1, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        lo, _ = _count_sources(dst_row, R, offs_j, BLOCK_K)
+        tl.store(offsets_ptr + row * (NB + 1) + offs_j, lo, mask=offs_j < NB + 1)
+
+
 # Only the counts that change from layer to layer are left unspecialised, and the size strides
 # (sizes are read one per token, never as vectors): D and the x strides keep their divisibility
 # by 16, which is what lets the compiler emit 128-bit loads and stores along the features.

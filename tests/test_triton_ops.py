@@ -497,3 +497,18 @@ def test_compile_fullgraph(device):
         results.append((out, size_out) + grads)
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("rows, r, nb", [(3, 17, 9), (2, 40, 5), (1, 1, 1), (2, 0, 4)], ids=str)
+def test_merge_index_is_a_stable_sort_by_destination(rows, r, nb, device, monkeypatch):
+    """The grouping that merge_forward fuses, written out: src sorted by (destination, rank), offsets
+    the start of each destination's run."""
+    monkeypatch.setattr(triton_ops, "INTERPRETER_BLOCK", 16)
+    g = torch.Generator().manual_seed(rows * 100 + r)
+    dst = torch.randint(0, nb, (rows, r), generator=g)
+    merged = torch.stack([torch.randperm(50, generator=g)[:r] for _ in range(rows)])
+    src, offsets = triton_ops.merge_index(merged.to(device), dst.to(device), nb)
+    order = torch.sort(dst, dim=1, stable=True).indices
+    assert torch.equal(src.cpu().long(), merged.gather(1, order))
+    starts = torch.stack([torch.searchsorted(torch.sort(d).values, torch.arange(nb + 1)) for d in dst])
+    assert torch.equal(offsets.cpu().long(), starts)

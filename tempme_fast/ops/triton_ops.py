@@ -29,12 +29,12 @@ import torch
 
 from tempme_kernels.best_match import _best_match_fwd_kernel
 from tempme_kernels.match import _match_plan_kernel
-from tempme_kernels.merge import _merge_bwd_kernel, _merge_fwd_kernel
+from tempme_kernels.merge import _merge_bwd_kernel, _merge_fwd_kernel, _merge_index_kernel
 
 from .reference import MergePlan, split_sizes
 
 __all__ = ["MergeFunction", "best_match", "best_match_forward", "join_merge", "match", "match_forward",
-           "match_plan_forward", "merge", "merge_backward", "merge_forward"]
+           "match_plan_forward", "merge", "merge_backward", "merge_forward", "merge_index"]
 
 # Largest tile (tokens, or channels) one program handles in the interpreter, which pays per
 # program and per op, not per lane: there a program takes a whole clip. Tests shrink
@@ -217,6 +217,21 @@ def match_plan_forward(scores: torch.Tensor, dst: torch.Tensor, r: int
     kept = _new_output((rows, na - r), torch.int64, scores.device)
     _match_plan_kernel[(rows,)](scores, dst, merged, merged_dst, kept, na, r, BLOCK=_block(na, GPU_BLOCK_MATCH))
     return merged, merged_dst, kept
+
+
+def merge_index(merged: torch.Tensor, dst: torch.Tensor, nb: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Group merged tokens by destination: ``src [B', r]`` int32 and ``offsets [B', nb + 1]`` int32.
+
+    ``src[b, offsets[b, j]:offsets[b, j + 1]]`` are the tokens merging into destination ``j``, in rank
+    order. :func:`merge_forward` does this grouping inside its own launch; this writes it out.
+    """
+    merged, dst = merged.contiguous(), dst.contiguous()
+    rows, r = merged.shape
+    src = _new_output((rows, r), torch.int32, merged.device)
+    offsets = _new_output((rows, nb + 1), torch.int32, merged.device)
+    _merge_index_kernel[(rows,)](merged, dst, src, offsets, r, nb, BLOCK_K=_block(r, GPU_BLOCK_MATCH),
+                                 BLOCK_J=_block(nb + 1, GPU_BLOCK_MATCH))
+    return src, offsets
 
 
 def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor,
