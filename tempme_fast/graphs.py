@@ -11,6 +11,7 @@ static input buffers before each replay.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -68,6 +69,10 @@ class GraphedVideoEncoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(self.graph):
             self.out = self._forward()
+        # The match kernel's scratch buffer (kept per device by the Triton ops) is baked into the
+        # graph: hold it, so that a later eager call with larger shapes, which replaces it, cannot free it.
+        triton_ops = sys.modules.get("tempme_fast.ops.triton_ops")
+        self._scratch = dict(triton_ops._SCRATCH) if triton_ops is not None else {}
 
     def _forward(self) -> torch.Tensor:
         return encode_video(self.model, self.video, self.mask, self.normalize)
