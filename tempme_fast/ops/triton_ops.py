@@ -129,7 +129,10 @@ def _match_tiles(rows: int, na: int, nb: int, channels: int, dtype: torch.dtype)
     else:
         # Full 64 x 64 tiles even for short clips: 32- and 16-wide tiles make ptxas spill (sm_90).
         block_a = block_b = cap
-    block_c = min(_block(channels, cap), 16 if dot_mode == 2 else 64)
+    # fp32 products (input_precision="ieee") run on the FMA units, not the tensor cores: 64-wide channel
+    # chunks spill on sm_80 (404 B), 16-wide ones fit in 128 registers on sm_80 and sm_90.
+    fp32_on_gpu = dtype == torch.float32 and not _interpreting()
+    block_c = min(_block(channels, cap), 16 if dot_mode == 2 or fp32_on_gpu else 64)
     a_blocks = _cdiv(na, block_a)
     splits = max(1, min(_cdiv(nb, block_b), GPU_FILL // (rows * a_blocks)))
     b_per = _cdiv(_cdiv(nb, splits), block_b) * block_b
