@@ -73,6 +73,7 @@ def test_check_fails_on_a_spill(monkeypatch, capsys):
 def test_access_widths_are_read_from_ptx():
     from benchmarks.codegen import ACCESS
 
-    ptx = "ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n@%p1 st.global.b16 [%rd2], %rs1;\nld.global.b64 %rd3, [%rd4];"
+    ptx = ("ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n@%p1 st.global.b16 [%rd2], %rs1;\n"
+           "ld.global.b64 %rd3, [%rd4];")
     widths = [(int(bits) * int(vec or 1), bool(vec)) for _, vec, _, bits in ACCESS.findall(ptx)]
     assert widths == [(128, True), (16, False), (64, False)]

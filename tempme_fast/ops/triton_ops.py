@@ -41,7 +41,8 @@ __all__ = ["MergeFunction", "best_match", "best_match_forward", "join_merge", "m
 # INTERPRETER_BLOCK to walk the multi-tile and multi-program paths that a GPU takes.
 INTERPRETER_BLOCK = 1024
 # The GPU tiles. A merge program holds a BLOCK_T x BLOCK_D fp32 tile per operand (16 registers a
-# thread at 8 warps); a match program a 64 x 64 fp32 score tile (8 warps: 64 registers a thread).
+# thread at 8 warps; fp32 features take 64-wide slices); a match program a 64 x 64 fp32 score tile
+# (8 warps: 64 registers a thread).
 # benchmarks/codegen.py checks the result: no spills at any shape the schedules launch.
 GPU_BLOCK_TOKENS = 32
 GPU_BLOCK_MATCH = 64
@@ -140,16 +141,17 @@ def _match_tiles(rows: int, na: int, nb: int, channels: int, dtype: torch.dtype)
                 SPLITS=_cdiv(nb, b_per), B_PER=b_per, A_BLOCKS=a_blocks, num_warps=8)
 
 
-def _merge_tiles(rows: int, tokens: int, width: int) -> Dict[str, int]:
+def _merge_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[str, int]:
     """Token tile, feature slice and warps of the merge kernels. A program covers one feature slice,
     so its per-token work (indices, sizes, sources) is done once; smaller token tiles when the
-    grid would not fill the GPU."""
-    block_d = _block(width, GPU_BLOCK_CHANNELS, floor=1)
+    grid would not fill the GPU. 4-byte features take 64-wide slices (the bytes of a 16-bit
+    128-wide one): 128-wide fp32 slices spill on sm_90."""
+    block_d = _block(width, GPU_BLOCK_CHANNELS if itemsize <= 2 else GPU_BLOCK_CHANNELS // 2, floor=1)
     block_t = _block(tokens, GPU_BLOCK_TOKENS, floor=1)
     if not _interpreting() and rows * _cdiv(tokens, block_t) * _cdiv(width, block_d) < GPU_FILL:
         block_t = max(8, min(block_t, 16))
-    # 8 warps for a 32 x 128 tile: at 4, a join's merge (positions, embedding) spills on sm_90.
-    return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=8 if block_t * block_d >= 4096 else 4)
+    # 8 warps for 32-token tiles: at 4, a join's merge (positions, embedding) spills on sm_90.
+    return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=8 if block_t >= 32 else 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +266,7 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
     size_out = _new_output((rows, n_out) + tuple(size.shape[2:]), size.dtype, x.device)
     work = _new_output((rows, nb + r), _accumulation_dtype(x.dtype), x.device)
     pos = x if frame_pos is None else frame_pos.reshape(frame_pos.shape[1], width).contiguous()
-    tiles = _merge_tiles(rows, n_out, width)
+    tiles = _merge_tiles(rows, n_out, width, x.dtype.itemsize)
     grid = (_cdiv(width, tiles["BLOCK_D"]), _cdiv(n_out, tiles["BLOCK_T"]), rows)
     _merge_fwd_kernel[grid](
         x, size, pos, merged, dst, kept, out, size_out, work,
@@ -293,7 +295,7 @@ def merge_backward(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Ten
     if b_size.stride(1) != 1:
         b_size = b_size.contiguous()
     grad_x = _new_output((rows * group, tokens_in, width), grad_out.dtype, grad_out.device)
-    tiles = _merge_tiles(rows, tokens, width)
+    tiles = _merge_tiles(rows, tokens, width, grad_out.dtype.itemsize)
     n_tiles = _cdiv(tokens, tiles["BLOCK_T"])
     pos_part = _new_output((rows, n_tiles, group, width) if pos_grad else (0,), b_size.dtype, grad_out.device)
     _merge_bwd_kernel[(_cdiv(width, tiles["BLOCK_D"]), n_tiles, rows)](
@@ -362,7 +364,8 @@ def _merge_bwd_op(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Tens
 @_merge_bwd_op.register_fake
 def _(grad_out, size, b_size, merged, dst, kept, protected, tokens_in, group=1, pos_grad=False):
     rows, _, width = grad_out.shape
-    n_tiles = _cdiv(tokens_in * group, _merge_tiles(rows, tokens_in * group, width)["BLOCK_T"])
+    tiles = _merge_tiles(rows, tokens_in * group, width, grad_out.dtype.itemsize)
+    n_tiles = _cdiv(tokens_in * group, tiles["BLOCK_T"])
     return (grad_out.new_empty((rows * group, tokens_in, width)),
             b_size.new_empty((rows, n_tiles, group, width) if pos_grad else (0,)))
 
