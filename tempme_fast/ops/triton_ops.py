@@ -31,7 +31,7 @@ from tempme_kernels.best_match import _best_match_fwd_kernel
 from tempme_kernels.match import _match_plan_kernel
 from tempme_kernels.merge import _merge_bwd_kernel, _merge_fwd_kernel, _merge_index_kernel
 
-from .reference import MergePlan, split_sizes
+from .reference import MergePlan, accumulation_dtype, split_sizes, split_starts
 
 __all__ = ["MergeFunction", "best_match", "best_match_forward", "join_merge", "match", "match_forward",
            "match_plan_forward", "merge", "merge_backward", "merge_forward", "merge_index"]
@@ -97,14 +97,9 @@ def _match_scratch(device: torch.device, rows: int, part_shape: Tuple[int, ...],
     return count, part
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _positions(tokens: int, protected: int) -> Tuple[int, int, int, int]:
     """``(Na, Nb, A_START, B_START)``: A token ``i`` sits at ``A_START + 2 i``, B token ``j`` at ``B_START + 2 j``."""
-    na, nb = split_sizes(tokens, protected)
-    return na, nb, protected + protected % 2, protected + 1 - protected % 2
+    return (*split_sizes(tokens, protected), *split_starts(protected))
 
 
 def _joined_shape(t: torch.Tensor, protected: int, group: int) -> Tuple[int, int, int]:
@@ -162,7 +157,7 @@ def _launch_match(metric: torch.Tensor, protected: int, group: int, r: int, plan
     rows, tokens, c = _joined_shape(metric, protected, group)
     channels = metric.shape[2]
     na, nb, a_start, b_start = _positions(tokens, c)
-    acc = _accumulation_dtype(metric.dtype)
+    acc = accumulation_dtype(metric.dtype)
     tiles = _match_tiles(rows, na, nb, channels, metric.dtype)
     splits, a_blocks = tiles.pop("SPLITS"), tiles.pop("A_BLOCKS")
     i64 = dict(dtype=torch.int64, device=metric.device)
@@ -264,7 +259,7 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
     merged, dst, kept = merged.contiguous(), dst.contiguous(), kept.contiguous()
     out = _new_output((rows, n_out, width), x.dtype, x.device)
     size_out = _new_output((rows, n_out) + tuple(size.shape[2:]), size.dtype, x.device)
-    work = _new_output((rows, nb + r), _accumulation_dtype(x.dtype), x.device)
+    work = _new_output((rows, nb + r), accumulation_dtype(x.dtype), x.device)
     pos = x if frame_pos is None else frame_pos.reshape(frame_pos.shape[1], width).contiguous()
     tiles = _merge_tiles(rows, n_out, width, x.dtype.itemsize)
     grid = (_cdiv(width, tiles["BLOCK_D"]), _cdiv(n_out, tiles["BLOCK_T"]), rows)
@@ -320,7 +315,7 @@ def _best_match_op(metric: torch.Tensor, protected: int, group: int = 1) -> Tupl
 def _(metric, protected, group=1):
     rows, tokens, c = _joined_shape(metric, protected, group)
     na, _ = split_sizes(tokens, c)
-    return (metric.new_empty((rows, na), dtype=_accumulation_dtype(metric.dtype)),
+    return (metric.new_empty((rows, na), dtype=accumulation_dtype(metric.dtype)),
             metric.new_empty((rows, na), dtype=torch.int64))
 
 
@@ -350,7 +345,7 @@ def _(x, size, merged, dst, kept, protected, group=1, frame_pos=None):
     rows, tokens, c = _joined_shape(x, protected, group)
     n_out = tokens - merged.shape[1]
     _, nb = split_sizes(tokens, c)
-    work = x.new_empty((rows, nb + merged.shape[1]), dtype=_accumulation_dtype(x.dtype))
+    work = x.new_empty((rows, nb + merged.shape[1]), dtype=accumulation_dtype(x.dtype))
     return x.new_empty((rows, n_out, x.shape[2])), size.new_empty((rows, n_out) + tuple(size.shape[2:])), work[:, :nb]
 
 
