@@ -14,27 +14,17 @@ from tempme_fast import ops
 from tempme_fast.ops import reference as ref
 from tempme_fast.ops import triton_ops
 
+from kit import DTYPES, SCORE_TOL, VALUE_TOL, assert_close, fill_outputs_with_nan
+
 pytestmark = pytest.mark.interpreter
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# (atol, rtol) of a merged value or gradient against float64: one rounding to the dtype on store.
-VALUE_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3),
-             torch.float64: (1e-12, 1e-12)}
-# Scores accumulate in fp32 whatever the input dtype.
-SCORE_TOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5, torch.float64: 1e-12}
 # Score gaps below this count as ties when drawing "tie-free" inputs: 100x the fp32 error.
 TIE_GAP = 1e-5
-INT_SENTINEL = -(2 ** 40)
 
 
 @pytest.fixture(autouse=True)
 def nan_outputs(monkeypatch):
-    def new_output(shape, dtype, device):
-        if dtype.is_floating_point:
-            return torch.full(shape, float("nan"), dtype=dtype, device=device)
-        return torch.full(shape, INT_SENTINEL if dtype == torch.int64 else -(2 ** 30), dtype=dtype, device=device)
-
-    monkeypatch.setattr(triton_ops, "_new_output", new_output)
+    fill_outputs_with_nan(monkeypatch, triton_ops)
 
 
 @pytest.fixture(params=["tiles16", "gpu-tiles"])
@@ -125,14 +115,6 @@ def plan_from_scores(scores, dst, r):
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     merged = order[:, :r]
     return merged, dst.gather(1, merged), order[:, r:].sort(dim=-1).values
-
-
-def assert_close(actual, expected, dtype, what):
-    atol, rtol = VALUE_TOL[dtype]
-    assert not actual.isnan().any(), f"{what}: NaN (an output element was never written)"
-    diff = (actual.double().cpu() - expected.double().cpu()).abs()
-    bound = atol + rtol * expected.double().cpu().abs()
-    assert (diff <= bound).all(), f"{what}: max abs diff {diff.max().item():.3g} (atol {atol}, rtol {rtol})"
 
 
 # ---------------------------------------------------------------------------------------------
