@@ -10,7 +10,9 @@ from typing import List, Optional
 
 import torch
 
-from .arguments import add_config_arguments, add_dtype_argument, add_model_arguments, config_from_args
+from .arguments import (Parser, add_config_arguments, add_dtype_argument, add_model_arguments, add_threads_argument,
+                        apply_threads, config_from_args, non_negative_int, positive_int)
+from .errors import TempMeError
 from .ops import BACKENDS
 
 
@@ -18,12 +20,15 @@ def _cmd_bench(args) -> int:
     from .bench import bench_model, cpu_name, default_backends, format_table, rows_as_dicts
     from .loading import DTYPES, create_model, default_dtype_name, resolve_device
 
+    from .outputs import prepare_output_file
+
     device = resolve_device(args.device)
     dtype_name = args.dtype or default_dtype_name(device)
     dtype = DTYPES[dtype_name]
-    if args.threads:
-        torch.set_num_threads(args.threads)
     config = config_from_args(args)
+    if args.json:
+        prepare_output_file(args.json, "--json")
+    apply_threads(args.threads)
     backends = args.backends or default_backends(device)
     model = create_model(args.model, args.pretrained, device=str(device), dtype=dtype)
     rows = bench_model(model, config, batch=args.batch, device=device, dtype=dtype, backends=backends,
@@ -55,18 +60,18 @@ def _cmd_schedule(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tempme", description=__doc__)
+    parser = Parser(prog="tempme", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="time unmerged open_clip against TempMe on each backend")
     add_model_arguments(bench, backend=False)
     add_dtype_argument(bench)
-    bench.add_argument("--batch", type=int, default=2, help="videos per batch")
+    bench.add_argument("--batch", type=positive_int, default=2, help="videos per batch")
     bench.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
                        help="TempMe backends to time (default: torch, plus triton on CUDA)")
-    bench.add_argument("--repeats", type=int, default=3, help="timed runs per variant")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first")
-    bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    bench.add_argument("--repeats", type=positive_int, default=3, help="timed runs per variant")
+    bench.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per variant first")
+    add_threads_argument(bench)
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_arguments(bench)
@@ -100,8 +105,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as err:
-        parser.exit(2, f"tempme {args.command}: error: {err}\n")
+    except TempMeError as err:
+        # Input the user can fix: one line. Anything else is a bug and keeps its traceback.
+        message = " ".join(str(err).split("\n"))
+        parser.exit(2, f"tempme {args.command}: error: {message}\n")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .errors import ConfigError
 from .checkpoint import atomic_save, rng_state, set_rng_state
 from .lora import MODES, add_lora, has_lora, load_lora_state_dict, lora_config, lora_state_dict, mark_trainable
 from .train import (DEFAULT_LR, PRECISIONS, VideoTextForward, cosine_schedule, make_optimizer, set_grad_checkpointing,
@@ -75,9 +76,9 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
+            raise ConfigError(f"mode={self.mode!r} is not one of {MODES}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} is not one of {tuple(PRECISIONS)}")
+            raise ConfigError(f"precision={self.precision!r} is not one of {tuple(PRECISIONS)}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.mode]
         checks = [("epochs", self.epochs >= 1), ("lr", self.lr > 0), ("weight_decay", self.weight_decay >= 0),
@@ -91,7 +92,7 @@ class TrainConfig:
                  "grad_clip": "> 0 or None", "lora_rank": ">= 1"}
         for name, ok in checks:
             if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be {valid[name]}")
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be {valid[name]}")
         self.betas = tuple(self.betas)
 
 
@@ -205,19 +206,19 @@ class Trainer:
         """Restore model, optimiser, scheduler, scaler, step counters and RNG states."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a checkpoint written by tempme_fast.trainer.Trainer")
+            raise ConfigError(f"{path} is not a checkpoint written by tempme_fast.trainer.Trainer")
         if state["config"]["mode"] != self.config.mode:
-            raise ValueError(f"{path} was trained with mode={state['config']['mode']!r}, this run has "
+            raise ConfigError(f"{path} was trained with mode={state['config']['mode']!r}, this run has "
                              f"mode={self.config.mode!r}")
         if state["total_steps"] != self.total_steps:
-            raise ValueError(f"{path} plans {state['total_steps']} steps, this run {self.total_steps}: the data, "
+            raise ConfigError(f"{path} plans {state['total_steps']} steps, this run {self.total_steps}: the data, "
                              f"batch size or epochs differ")
         if state["tempme"] != asdict(self.model.tempme.config):
-            raise ValueError(f"{path} was trained with TempMeConfig {state['tempme']}, the model has "
+            raise ConfigError(f"{path} was trained with TempMeConfig {state['tempme']}, the model has "
                              f"{asdict(self.model.tempme.config)}")
         if self.config.mode == "lora":
             if state["lora"] != lora_config(self.model):
-                raise ValueError(f"{path} has LoRA {state['lora']}, the model {lora_config(self.model)}")
+                raise ConfigError(f"{path} has LoRA {state['lora']}, the model {lora_config(self.model)}")
             load_lora_state_dict(self.model, state["model"], strict=True)
         else:
             self.model.load_state_dict(state["model"], strict=True)

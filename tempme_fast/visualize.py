@@ -249,16 +249,20 @@ def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
 def run_visualize(args) -> int:
     """``tempme visualize``: read frames, run the patched model with source tracking, write the PNG."""
     from .arguments import config_from_args
+    from .errors import ConfigError, as_config_error
     from .loading import create_model, load_checkpoint, resolve_device
     from .model import apply_tempme
+    from .outputs import prepare_output_file
 
     if args.sample_fps < 0:
-        raise ValueError(f"--sample-fps {args.sample_fps} must be >= 0 (0: uniform over the whole video)")
+        raise ConfigError(f"--sample-fps {args.sample_fps} must be >= 0 (0: uniform over the whole video)")
     if not str(args.out).lower().endswith(".png"):
-        raise ValueError(f"--out {args.out}: write a .png file")
+        raise ConfigError(f"--out {args.out}: write a .png file")
+    prepare_output_file(args.out, "--out")
     config = config_from_args(args)
-    images = load_frames(args.source, config.frames, args.sample_fps or None)
     device = resolve_device(args.device)
+    with as_config_error(args.source):
+        images = load_frames(args.source, config.frames, args.sample_fps or None)
     torch.manual_seed(args.seed)
     model = create_model(args.model, args.pretrained, device="cpu")
     apply_tempme(model, config, backend=args.backend)
@@ -277,8 +281,6 @@ def run_visualize(args) -> int:
     picture = draw_merges(shown, grid, sources.sizes()[0].cpu().numpy(), columns=args.columns, alpha=args.alpha,
                           all_tokens=args.all_tokens, caption=caption)
     out = Path(args.out)
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True)
     picture.save(out)
     padded = config.frames - len(images)
     print(f"wrote {out}: {len(images)} frame(s){f' (+{padded} padded)' if padded else ''}, "

@@ -36,7 +36,7 @@ def test_bad_arguments_exit_with_a_message(tiny_model_file, capsys):
     assert "frames=10 is not divisible by the clip groups (2, 2, 3)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--model", "no-such-model", "--no-progress", *TINY_ARGS])
-    assert "model='no-such-model' is not an open_clip model name" in capsys.readouterr().err
+    assert "--model 'no-such-model' is not an open_clip model name" in capsys.readouterr().err
 
 
 def test_module_entry_point():
