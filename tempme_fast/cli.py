@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command as typed, for messages that repeat it (how to resume a run)
     try:
         return args.func(args)
     except TempMeError as err:

@@ -4,7 +4,9 @@
     torchrun --nproc_per_node 8 -m tempme_fast train --data data/MSRVTT ... --output runs/b32
     tempme train --synthetic 64 --batch-size 8 --epochs 1 --output /tmp/smoke     # no dataset needed
 
-Writes ``<output>/last.pt`` (resumable training state; ``--resume auto`` continues it),
+Writes into ``--output`` (default: a new ``runs/train-<date>-<time>`` folder, named in the first line)
+``<output>/last.pt`` (resumable training state, every ``--save-every`` steps, at each epoch end and on
+Ctrl-C; ``--resume auto`` continues it),
 ``<output>/train_log.jsonl`` and, at the end, ``<output>/model.pt``: the state dict with LoRA merged
 into the weights, which ``tempme eval --checkpoint`` loads; in LoRA mode also ``<output>/lora.pt``
 (LoRA + temporal position embeddings only, :func:`tempme_fast.lora.load_lora`).
@@ -18,13 +20,17 @@ import argparse
 import logging
 import os
 import random
+import shlex
 
 import torch
 
 from .arguments import (add_config_arguments, add_data_arguments, add_merge_argument, add_model_arguments,
-                        add_threads_argument, apply_threads, config_from_args, positive_float, positive_int)
+                        add_threads_argument, apply_threads, config_from_args, non_negative_int, positive_float,
+                        positive_int)
 from .errors import ConfigError, as_config_error
+from .outputs import plural
 from .train import DEFAULT_LR, PRECISIONS
+from .trainer import DEFAULT_SAVE_EVERY
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +73,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("output")
     g.add_argument("--output", default=None, metavar="DIR",
-                   help="folder for last.pt, train_log.jsonl, model.pt, lora.pt (default: nothing saved)")
-    g.add_argument("--save-every", type=positive_int, default=None, metavar="STEPS",
-                   help="checkpoint every this many steps (every epoch end is saved anyway)")
+                   help="folder for last.pt, train_log.jsonl, model.pt, lora.pt (default: a new "
+                        "runs/train-<date>-<time>)")
+    g.add_argument("--save-every", type=non_negative_int, default=DEFAULT_SAVE_EVERY, metavar="STEPS",
+                   help="checkpoint every this many steps (default %(default)s; 0: only at epoch ends, which "
+                        "are saved anyway, as is a run stopped with Ctrl-C)")
     g.add_argument("--resume", default=None, metavar="FILE",
                    help="continue from a checkpoint; 'auto': <output>/last.pt if it exists")
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in all")
@@ -143,14 +151,14 @@ def _train_config(args, precision: str):
     return TrainConfig(mode=args.mode, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                        warmup=args.warmup, grad_clip=args.grad_clip, precision=precision,
                        grad_checkpointing=args.grad_checkpointing, lora_rank=args.lora_rank,
-                       lora_scale=args.lora_scale, log_every=args.log_every, save_every=args.save_every,
+                       lora_scale=args.lora_scale, log_every=args.log_every, save_every=args.save_every or None,
                        max_steps=args.max_steps)
 
 
 def _check_arguments(args) -> None:
     """Everything that can be checked before a model is built or a process group formed."""
     from .loading import resolve_device
-    from .outputs import prepare_output_dir
+    from .outputs import default_run_dir, prepare_output_dir
 
     if (args.data is None) == (args.synthetic is None):
         raise ConfigError("give exactly one of --data PATH and --synthetic N")
@@ -162,12 +170,29 @@ def _check_arguments(args) -> None:
         raise ConfigError(f"--resume {args.resume}: no such checkpoint (or 'auto': <output>/last.pt)")
     if args.resume == "auto" and not args.output:
         raise ConfigError("--resume auto needs --output (it resumes <output>/last.pt)")
-    if args.output:
-        prepare_output_dir(args.output, "--output")
+    if args.output is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("under torchrun give --output DIR: every process must write to the same folder")
+    if args.output is None:
+        args.output = default_run_dir("train")
+        print(f"tempme train: writing to {args.output} (no --output given)")
+    prepare_output_dir(args.output, "--output")
+
+
+def _resume_command(args) -> str:
+    """The command line that continues this run (the one typed, when known, with its output and
+    ``--resume auto``)."""
+    argv = list(getattr(args, "argv", None) or ["train", "..."])
+    for option in ("--output", "--resume"):
+        while option in argv:
+            i = argv.index(option)
+            del argv[i:i + 2]
+        argv = [a for a in argv if not a.startswith(option + "=")]
+    return "tempme " + " ".join(shlex.quote(a) for a in argv + ["--output", args.output, "--resume", "auto"])
 
 
 def run_train(args) -> int:
-    """Run ``tempme train`` with parsed ``args``; returns 0. Bad input raises
+    """Run ``tempme train`` with parsed ``args``; returns 0 (130 when stopped by Ctrl-C, after writing
+    the checkpoint and the command that resumes it). Bad input raises
     :class:`tempme_fast.errors.ConfigError` before any work starts (``tempme`` exits with 2)."""
     from . import distributed
     from .lora import merge_lora, save_lora
@@ -184,6 +209,9 @@ def run_train(args) -> int:
         _seed_everything(args.seed)
         precision = args.precision or ("bf16" if info.device.type == "cuda" else "fp32")
         config = _train_config(args, precision)
+        if not args.pretrained and not args.official_checkpoint and info.rank == 0:
+            log.warning("training from RANDOM weights (no --pretrained or --official-checkpoint): fine for a "
+                        "smoke test, not for a useful model; e.g. --pretrained openai")
         model = _build_model(args, info.device)
         data = _build_data(args, model, info.rank, info.world_size)
         trainer = Trainer(model, data, config, output_dir=args.output, progress=not args.no_progress,
@@ -192,12 +220,20 @@ def run_train(args) -> int:
             total = sum(p.numel() for p in model.parameters())
             print(f"tempme train: {args.model}, mode={args.mode}, {trainer.trainable:,} of {total:,} parameters "
                   f"trainable, {trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch), global batch "
-                  f"{args.batch_size} on {info.world_size} process(es), {precision}, device {info.device}")
+                  f"{args.batch_size} on {plural(info.world_size, 'process', 'processes')}, {precision}, device {info.device}")
         history = trainer.fit()
         if info.rank == 0 and history:
             last = history[-1]
             print(f"tempme train: step {last['step']}/{trainer.total_steps}, loss {last['loss']:.4f}")
-        if info.rank == 0 and args.output:
+        if info.rank == 0 and trainer.skipped_batches:
+            print(f"tempme train: skipped {plural(trainer.skipped_batches, 'batch', 'batches')} with fewer than "
+                  f"2 readable pairs")
+        if trainer.interrupted:
+            if info.rank == 0:
+                print(f"tempme train: stopped by Ctrl-C at step {trainer.step}/{trainer.total_steps}; checkpoint "
+                      f"{os.path.join(args.output, trainer.CHECKPOINT)}; continue with:\n  {_resume_command(args)}")
+            return 130
+        if info.rank == 0:
             if args.mode == "lora":
                 save_lora(model, os.path.join(args.output, "lora.pt"))
                 merge_lora(model)
