@@ -53,9 +53,15 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_schedule(args) -> int:
+    from .loading import vit_shape
     from .schedule import token_schedule
 
-    print(token_schedule(config_from_args(args), args.depth, args.tokens_per_frame).describe())
+    config = config_from_args(args)
+    depth, tokens = args.depth, args.tokens_per_frame
+    if depth is None or tokens is None:
+        model_depth, model_tokens = vit_shape(args.model)
+        depth, tokens = depth or model_depth, tokens or model_tokens
+    print(token_schedule(config, depth, tokens).describe())
     return 0
 
 
@@ -67,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(bench, backend=False)
     add_dtype_argument(bench)
     bench.add_argument("--batch", type=positive_int, default=2, help="videos per batch")
-    bench.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
-                       help="TempMe backends to time (default: torch, plus triton on CUDA)")
+    bench.add_argument("--backends", "--backend", nargs="+", choices=BACKENDS, default=None,
+                       help="TempMe backends to time, one or more (default: torch, plus triton on CUDA)")
     bench.add_argument("--repeats", type=positive_int, default=3, help="timed runs per variant")
     bench.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per variant first")
     add_threads_argument(bench)
@@ -93,8 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=run)
 
     sched = sub.add_parser("schedule", help="print the token schedule of a config")
-    sched.add_argument("--depth", type=int, default=12, help="transformer layers")
-    sched.add_argument("--tokens-per-frame", type=int, default=50, help="1 + patches (50: ViT-B/32 at 224)")
+    sched.add_argument("--model", default="ViT-B-32-quickgelu",
+                       help="open_clip model name or JSON model config whose depth and patches to use")
+    sched.add_argument("--depth", type=positive_int, default=None, help="transformer layers (default: --model's)")
+    sched.add_argument("--tokens-per-frame", type=positive_int, default=None,
+                       help="1 + patches per frame (default: --model's; 50 for ViT-B/32 at 224)")
     add_config_arguments(sched)
     sched.set_defaults(func=_cmd_schedule)
     return parser

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -73,6 +73,37 @@ def check_model_config(name: str, vision: dict) -> None:
                                     f"token; {need}")
 
 
+def resolve_model(model: str) -> Tuple[str, Optional[Path], dict]:
+    """``(name, JSON path or None, vision config)`` of ``--model``, refused unless TempMe can patch it.
+
+    Reads configs only: nothing is built or downloaded.
+    """
+    import open_clip
+
+    name, path = model, None
+    if model.endswith(".json"):
+        path = Path(model)
+        if not path.is_file():
+            raise ConfigError(f"--model {model}: looks like a JSON config but no such file exists")
+        name = path.stem
+    elif name not in open_clip.list_models():
+        raise ConfigError(f"--model {model!r} is not an open_clip model name (see open_clip.list_models()) "
+                          f"nor a .json model config file")
+    vision = _vision_config(name, path)
+    check_model_config(name, vision)
+    return name, path, vision
+
+
+def vit_shape(model: str) -> Tuple[int, int]:
+    """``(depth, tokens_per_frame)`` of ``--model`` from its config: layers, and 1 + patches per frame."""
+    _, _, vision = resolve_model(model)
+    size, patch = vision.get("image_size", 224), vision.get("patch_size")
+    height, width = (size, size) if isinstance(size, int) else size
+    if not patch or not vision.get("layers"):
+        raise UnsupportedModelError(f"--model {model}: its config gives no layers/patch_size of a ViT")
+    return int(vision["layers"]), 1 + (height // patch) * (width // patch)
+
+
 def create_model(model: str, pretrained: Optional[str] = None, device: str = "cpu",
                  dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """An open_clip CLIP model in eval mode.
@@ -88,16 +119,7 @@ def create_model(model: str, pretrained: Optional[str] = None, device: str = "cp
     from .model import vit_geometry
     from .weights import check_pretrained, is_weights_file
 
-    name, path = model, None
-    if model.endswith(".json"):
-        path = Path(model)
-        if not path.is_file():
-            raise ConfigError(f"--model {model}: looks like a JSON config but no such file exists")
-        name = path.stem
-    elif name not in open_clip.list_models():
-        raise ConfigError(f"--model {model!r} is not an open_clip model name (see open_clip.list_models()) "
-                          f"nor a .json model config file")
-    check_model_config(name, _vision_config(name, path))
+    name, path, _ = resolve_model(model)
     if path is not None:
         open_clip.add_model_config(path)
     if pretrained:

@@ -66,8 +66,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.2, help="AdamW weight decay (matrices only)")
     g.add_argument("--warmup", type=float, default=0.1, help="share of the steps spent in linear warm-up")
     g.add_argument("--grad-clip", type=positive_float, default=None, help="clip the gradient norm to this")
-    g.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
-                   help="autocast precision (default: bf16 on CUDA, fp32 on CPU); fp16 uses a grad scaler")
+    g.add_argument("--precision", "--dtype", choices=tuple(PRECISIONS), default=None,
+                   help="compute dtype: autocast over fp32 weights (default: bf16 on CUDA, fp32 on CPU, where "
+                        "bf16 autocast is many times slower); fp16 uses a grad scaler")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--seed", type=int, default=0, help="seeds the model init, data order and RNGs")
 

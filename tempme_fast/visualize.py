@@ -227,7 +227,7 @@ def visualize(model: torch.nn.Module, images: Sequence, *, columns: Optional[int
 
 def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
     """Every option of ``tempme visualize`` (the schedule's knobs from ``add_config_arguments``)."""
-    from .arguments import add_config_arguments, add_model_arguments
+    from .arguments import add_config_arguments, add_dtype_argument, add_model_arguments
 
     parser.add_argument("source", metavar="VIDEO_OR_FRAMES",
                         help="a video file (decoded with PyAV) or a folder of frame images")
@@ -235,6 +235,7 @@ def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     add_model_arguments(g, checkpoint_help="state dict of a TempMe-patched model or a LoRA adapter (as tempme eval)",
                         device_default="cpu", device_help="cpu, cuda, cuda:N or auto")
+    add_dtype_argument(g)
     g.add_argument("--seed", type=int, default=0, help="seed of the random weights (without --pretrained)")
     g = parser.add_argument_group("frames and drawing")
     g.add_argument("--sample-fps", type=float, default=1.0,
@@ -250,7 +251,7 @@ def run_visualize(args) -> int:
     """``tempme visualize``: read frames, run the patched model with source tracking, write the PNG."""
     from .arguments import config_from_args
     from .errors import ConfigError, as_config_error
-    from .loading import create_model, load_checkpoint, resolve_device
+    from .loading import DTYPES, create_model, default_dtype_name, load_checkpoint, resolve_device
     from .model import apply_tempme
     from .outputs import prepare_output_file
 
@@ -268,7 +269,7 @@ def run_visualize(args) -> int:
     apply_tempme(model, config, backend=args.backend)
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint)
-    model = model.to(device).eval()
+    model = model.to(device=device, dtype=DTYPES[args.dtype or default_dtype_name(device)]).eval()
     shown, grid, sources = _trace(model, images)
     if args.checkpoint:
         weights = f"weights from {Path(args.checkpoint).name}"
