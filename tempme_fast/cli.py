@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -16,11 +17,18 @@ from .errors import TempMeError
 from .ops import BACKENDS
 
 
-def _cmd_bench(args) -> int:
-    from .bench import bench_model, cpu_name, default_backends, format_table, rows_as_dicts
-    from .loading import DTYPES, create_model, default_dtype_name, resolve_device
+def _load_average() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on Windows
+        return None
 
-    from .outputs import prepare_output_file
+
+def _cmd_bench(args) -> int:
+    from .bench import (bench_model, cpu_name, default_backends, format_table, noise_warnings, rows_as_dicts,
+                        schedule_name)
+    from .loading import DTYPES, create_model, default_dtype_name, resolve_device
+    from .outputs import plural, prepare_output_file
 
     device = resolve_device(args.device)
     dtype_name = args.dtype or default_dtype_name(device)
@@ -28,21 +36,32 @@ def _cmd_bench(args) -> int:
     config = config_from_args(args)
     if args.json:
         prepare_output_file(args.json, "--json")
-    apply_threads(args.threads)
+    threads = apply_threads(args.threads)
     backends = args.backends or default_backends(device)
     model = create_model(args.model, args.pretrained, device=str(device), dtype=dtype)
+    load_before = _load_average()
     rows = bench_model(model, config, batch=args.batch, device=device, dtype=dtype, backends=backends,
                        repeats=args.repeats, warmup=args.warmup, progress=not args.no_progress)
+    load_after = _load_average()
+    host_threads = 1 if device.type == "cuda" else threads
+    warnings = noise_warnings(rows, host_threads, load_before, load_after, os.cpu_count())
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    print(f"{args.model}, {config.frames} frames, batch {args.batch} videos, {dtype_name}, {device_name} "
-          f"({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(f"{args.model}, {schedule_name(config)}, {config.frames} frames, batch of "
+          f"{plural(args.batch, 'video')}, {dtype_name}, {device_name} ({plural(threads, 'thread')}), "
+          f"torch {torch.__version__}; variants interleaved, {plural(args.repeats, 'repetition')}")
     print(format_table(rows))
+    print("speed-up: median of the per-repetition ratios to unmerged (their min-max); FLOPs bound: unmerged "
+          "GFLOPs / variant GFLOPs")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         record = {
-            "command": "tempme " + " ".join(sys.argv[1:]),
+            "command": "tempme " + " ".join(args.argv),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": args.model, "pretrained": args.pretrained, "frames": config.frames,
-            "batch": args.batch, "dtype": dtype_name, "device": device_name, "threads": torch.get_num_threads(),
+            "model": args.model, "pretrained": args.pretrained, "schedule": schedule_name(config),
+            "frames": config.frames, "batch": args.batch, "dtype": dtype_name, "device": device_name,
+            "threads": threads, "repeats": args.repeats, "cpu_count": os.cpu_count(),
+            "load_average": {"before": load_before, "after": load_after}, "warnings": warnings,
             "torch": torch.__version__, "python": platform.python_version(),
             "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
             "rows": rows_as_dicts(rows),
@@ -75,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=positive_int, default=2, help="videos per batch")
     bench.add_argument("--backends", "--backend", nargs="+", choices=BACKENDS, default=None,
                        help="TempMe backends to time, one or more (default: torch, plus triton on CUDA)")
-    bench.add_argument("--repeats", type=positive_int, default=3, help="timed runs per variant")
+    bench.add_argument("--repeats", type=positive_int, default=5,
+                       help="repetitions; each times every variant once, in alternating order")
     bench.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per variant first")
     add_threads_argument(bench)
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
