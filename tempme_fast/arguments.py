@@ -86,8 +86,8 @@ def add_model_arguments(group, *, checkpoint_help: Optional[str] = None, device_
     """``--model``, ``--pretrained``, ``--device``, ``--backend`` (unless ``backend=False``: a command
     that takes several) and, given its help, ``--checkpoint``."""
     group.add_argument("--model", default="ViT-B-32-quickgelu",
-                       help="open_clip model name or a JSON model config file (OpenAI weights need a "
-                            "-quickgelu name)")
+                       help="open_clip model name or a JSON model config file (with --pretrained openai, "
+                            "QuickGELU is used whatever the name says)")
     group.add_argument("--pretrained", default=None,
                        help="open_clip pretrained tag (openai) or local weights file; default: random weights")
     if checkpoint_help is not None:

@@ -125,3 +125,19 @@ def test_error_types():
     with pytest.raises(KeyError):
         with errors.as_config_error("--data x"):
             raise KeyError("a bug")
+
+
+def test_refusals_of_built_models_say_what_pools():
+    """The model check of a built model (a model that did not come through --model) says what is wrong."""
+    import open_clip
+
+    from tempme_fast import apply_tempme
+
+    vision = open_clip.model.CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=8, image_size=32,
+                                           attentional_pool=True)
+    text = open_clip.model.CLIPTextCfg(context_length=16, vocab_size=1000, width=32, heads=2, layers=1)
+    coca_like = open_clip.CLIP(embed_dim=24, vision_cfg=vision, text_cfg=text)
+    with pytest.raises(errors.UnsupportedModelError) as err:
+        apply_tempme(coca_like)
+    assert "attentional pooling (as CoCa does), not the class token" in str(err.value)
+    assert "pool_type" not in str(err.value)

@@ -73,7 +73,7 @@ def _interrupt_at(monkeypatch, step):
     monkeypatch.setattr(trainer_module, "train_step", step_then_ctrl_c)
 
 
-def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_path, monkeypatch):
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_path, monkeypatch, caplog):
     data = [_pairs(2, seed) for seed in range(4)]
     whole = Trainer(_model(), data, TrainConfig(epochs=1), progress=False).fit()
     _interrupt_at(monkeypatch, 2)
@@ -82,8 +82,10 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_pa
     assert cut.interrupted and [r["step"] for r in first] == [1, 2]
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2
     monkeypatch.undo()
-    rest = Trainer(_model(), data, TrainConfig(epochs=1), output_dir=str(tmp_path), progress=False,
-                   resume="auto").fit()
+    with caplog.at_level(logging.INFO, logger="tempme_fast"):
+        rest = Trainer(_model(), data, TrainConfig(epochs=1), output_dir=str(tmp_path), progress=False,
+                       resume="auto").fit()
+    assert f"resumed from checkpoint {tmp_path / 'last.pt'} at step 2" in caplog.text
     assert [r["loss"] for r in first + rest] == [r["loss"] for r in whole]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
 
@@ -97,6 +99,13 @@ def test_cli_ctrl_c_prints_how_to_resume(tiny_model_file, tmp_path, monkeypatch,
     command = text.split("continue with:\n", 1)[1].strip()
     assert command.startswith("tempme train --model") and command.endswith(f"--output {out} --resume auto")
     assert not (out / "model.pt").exists()
+    # The training state is not a model file: eval says which files to pass instead.
+    from tempme_fast.errors import ConfigError
+    from tempme_fast.loading import create_model, load_checkpoint
+    from tempme_fast.model import apply_tempme
+    from tiny import TINY_CONFIG
+    with pytest.raises(ConfigError, match=r"resumable training state .* model file .*model.pt or the LoRA file"):
+        load_checkpoint(apply_tempme(create_model(tiny_model_file), TINY_CONFIG), str(out / "last.pt"))
     monkeypatch.undo()
     assert main(command.split()[1:]) == 0
     log = [json.loads(line) for line in open(out / "train_log.jsonl")]
