@@ -16,19 +16,20 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
 from tempme_fast.bench import peak_memory_mb
-from tempme_fast.cli import add_config_arguments, config_from_args
+from tempme_fast.arguments import add_config_arguments, config_from_args
 from tempme_fast.encoder import block_forward, embed_frames
 from tempme_fast.flops import model_flops
 from tempme_fast.loading import DTYPES, create_model, default_dtype_name
 from tempme_fast.model import encoder_options, layer_steps
 
-from .common import environment, measure_ms, print_table, write_results
+from .common import Compiled, RowLog, add_row_log_arguments, environment, failure, measure_ms, print_table, \
+    write_results
 
 VARIANTS = ("open_clip", "open_clip+graph", "tempme-eager", "tempme-torch", "tempme-triton", "tempme-triton+graph",
             "tempme-triton+compile")
@@ -39,7 +40,9 @@ def _setting(variant: str, config: TempMeConfig):
     if variant.startswith("open_clip"):
         return TempMeConfig.unmerged(config.frames), "torch", "sdpa"
     backend = "triton" if "triton" in variant else "torch"
-    return config, backend, "eager" if variant == "tempme-eager" else "sdpa"
+    # Triton variants take the default attention ("auto": the bias-vector Triton kernel on CUDA).
+    attention = "eager" if variant == "tempme-eager" else "auto" if backend == "triton" else "sdpa"
+    return config, backend, attention
 
 
 def runnable(variant: str, mode: str, device: torch.device, compile_: bool) -> bool:
@@ -93,13 +96,18 @@ def layer_times_ms(model: torch.nn.Module, video: torch.Tensor) -> List[float]:
 
 
 def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: torch.Tensor,
-                  rep_ms: float) -> Dict[str, object]:
+                  rep_ms: float, compile_backend: str = "inductor") -> Dict[str, object]:
+    """One row: timing, throughput, memory, FLOPs and tokens of ``variant``; ``compiled`` says whether
+    a torch.compile variant really ran a compiled graph (compiled afresh for this model and batch)."""
     config, backend, attention = _setting(variant, config)
     apply_tempme(model, config, backend=backend, attention=attention)
+    compiled = None
     try:
         if mode == "infer":
             model.eval()
-            encode = torch.compile(model.encode_video) if "compile" in variant else model.encode_video
+            if "compile" in variant:
+                compiled = Compiled(model.encode_video, compile_backend)
+            encode = compiled or model.encode_video
 
             def step():
                 with torch.inference_mode():
@@ -115,23 +123,38 @@ def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: t
         batch = video.shape[0]
         return {"variant": variant, "mode": mode, **timing, "videos_per_s": batch / (timing["ms"] * 1e-3),
                 "peak_mib": peak_memory_mb(fn, video.device), "gflops_per_video": model_flops(model).gflops,
-                "tokens_per_video": model.tempme.schedule.output_tokens}
+                "tokens_per_video": model.tempme.schedule.output_tokens,
+                **(compiled.record() if compiled else {"compiled": False})}
     finally:
         model.zero_grad(set_to_none=True)
         remove_tempme(model)
 
 
+def unmerged_gflops(model, frames: int) -> float:
+    """GFLOPs per video of per-frame CLIP: the numerator of every row's FLOPs bound."""
+    apply_tempme(model, TempMeConfig.unmerged(frames))
+    try:
+        return model_flops(model).gflops
+    finally:
+        remove_tempme(model)
+
+
 def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, config: TempMeConfig = TempMeConfig(),
-        on_progress=None):
+        log: Optional[RowLog] = None, compile_backend: str = "inductor", layer_times: bool = True):
     """Rows of every (model, dtype, batch, mode, variant), and per-layer times at the largest batch.
 
-    ``on_progress(rows, layer_rows)`` is called after every batch, so a run stopped by a time limit
-    keeps what it measured.
+    Every row goes to ``log`` (bench ``bench_model``; per-layer rows ``bench_layers``) as soon as it is
+    measured, so a run stopped by a time limit keeps it. Beside the measured ``speedup_vs_open_clip``
+    each row gives ``flops_bound_speedup``: unmerged FLOPs over the variant's, the most that removing
+    tokens alone can gain.
     """
+    log = log or RowLog(None, "bench_model", {})
     frames = config.frames
+    variants = sorted(variants, key=VARIANTS.index)  # open_clip first: the other rows' speed-ups need it
     rows, layer_rows = [], []
     for name in models:
         base = create_model(name)
+        bound_num = unmerged_gflops(base, frames)
         for dtype_name in dtypes:
             model = base.to(device=device, dtype=DTYPES[dtype_name])
             for batch in batches:
@@ -139,31 +162,39 @@ def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, conf
                 video = torch.randn(batch, frames, 3, *model.visual.image_size, generator=g)
                 video = video.to(device=device, dtype=DTYPES[dtype_name])
                 for mode in modes:
-                    group = []
+                    base_ms = None
                     for variant in variants:
                         if not runnable(variant, mode, device, compile_):
                             continue
                         row = {"model": name, "dtype": dtype_name, "batch": batch, "frames": frames}
-                        row.update(bench_variant(model, config, variant, mode, video, rep_ms))
-                        group.append(row)
-                    for row in group:
-                        row["speedup_vs_open_clip"] = group[0]["ms"] / row["ms"]
-                    rows += group
+                        try:
+                            row.update(bench_variant(model, config, variant, mode, video, rep_ms, compile_backend))
+                        except Exception as e:  # noqa: BLE001 (recorded in the row; the next variant runs)
+                            rows.append(log({**row, "variant": variant, "mode": mode, **failure(e)}))
+                            continue
+                        if variant == "open_clip":
+                            base_ms = row["ms"]
+                        row["speedup_vs_open_clip"] = base_ms / row["ms"] if base_ms else None
+                        row["flops_bound_speedup"] = bound_num / row["gflops_per_video"]
+                        rows.append(log(row))
                 # Time per layer, at the largest batch only: unmerged through the block loop vs TempMe.
-                if batch == max(batches):
-                    for label, config, backend in (("unmerged", TempMeConfig.unmerged(frames), "torch"),
-                                                   ("tempme", config,
-                                                    "triton" if device.type == "cuda" else "torch")):
-                        apply_tempme(model, config, backend=backend)
+                if layer_times and batch == max(batches):
+                    for label, layer_config, backend in (("unmerged", TempMeConfig.unmerged(frames), "torch"),
+                                                         ("tempme", config,
+                                                          "triton" if device.type == "cuda" else "torch")):
+                        apply_tempme(model, layer_config, backend=backend)
                         try:
                             times = layer_times_ms(model, video)
+                        except Exception as e:  # noqa: BLE001 (recorded; the next batch runs)
+                            layer_rows.append(log({"model": name, "dtype": dtype_name, "batch": batch,
+                                                   "variant": label, **failure(e)}, bench="bench_layers"))
+                            times = []
                         finally:
                             remove_tempme(model)
                         for layer, ms in enumerate(times):
-                            layer_rows.append({"model": name, "dtype": dtype_name, "batch": batch, "variant": label,
-                                               "layer": "stem" if layer == 0 else layer - 1, "ms": ms})
-                if on_progress:
-                    on_progress(rows, layer_rows)
+                            layer_rows.append(log({"model": name, "dtype": dtype_name, "batch": batch,
+                                                   "variant": label, "layer": "stem" if layer == 0 else layer - 1,
+                                                   "ms": ms}, bench="bench_layers"))
         del base
     return rows, layer_rows
 
@@ -178,8 +209,12 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
+    parser.add_argument("--no-layer-times", action="store_true", help="skip the per-layer times")
     parser.add_argument("--rep-ms", type=float, default=200)
-    parser.add_argument("--out", default=None, help="folder for bench_model.json/.csv and bench_layers.json/.csv")
+    parser.add_argument("--out", default=None,
+                        help="folder for bench_model.json/.csv and bench_layers.json/.csv, written at the end")
+    add_row_log_arguments(parser)
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -187,17 +222,17 @@ def main(argv=None) -> int:
     batches = args.batches or ([1, 16] if cuda else [2])
     dtypes = args.dtypes or [default_dtype_name(device)]
     env = environment(device)
-
-    def save(rows, layer_rows):
+    rows, layer_rows = run(device, args.models, batches, dtypes, args.modes, args.variants, args.compile,
+                           args.rep_ms, config_from_args(args), RowLog(args.jsonl, "bench_model", env, args.tag),
+                           args.compile_backend, not args.no_layer_times)
+    if args.out:
         write_results(args.out, "bench_model", env, rows)
         write_results(args.out, "bench_layers", env, layer_rows)
-
-    rows, layer_rows = run(device, args.models, batches, dtypes, args.modes, args.variants, args.compile,
-                           args.rep_ms, config_from_args(args), on_progress=save if args.out else None)
     print(f"# video encoders on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print_table(rows, ["model", "dtype", "batch", "mode", "variant", "ms", "ms_p20", "ms_p80", "videos_per_s",
-                       "peak_mib", "gflops_per_video", "tokens_per_video", "speedup_vs_open_clip"])
-    return 0
+                       "peak_mib", "gflops_per_video", "tokens_per_video", "speedup_vs_open_clip",
+                       "flops_bound_speedup", "compiled", "error"])
+    return int(any("error" in r for r in rows + layer_rows))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ measured device-to-device copy bandwidth.
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -20,8 +20,8 @@ from tempme_fast import ops
 from tempme_fast.loading import DTYPES
 from tempme_fast.ops import reference
 
-from .common import MergeShape, copy_bandwidth_gbs, environment, measure_ms, merge_shapes, print_table, \
-    write_results
+from .common import Compiled, MergeShape, RowLog, add_row_log_arguments, copy_bandwidth_gbs, environment, \
+    failure, measure_ms, merge_shapes, print_table, write_results
 
 OPS = ("best_match", "match", "merge_fwd", "merge_bwd", "step_fwd", "step_fwdbwd")
 
@@ -52,59 +52,65 @@ def make_inputs(s: MergeShape, dtype: torch.dtype, device: torch.device, seed: i
     return metric, x, size
 
 
-def op_fn(op: str, impl: str, s: MergeShape, metric, x, size, compiled: Dict) -> Callable[[], object]:
-    """A zero-argument callable running ``op`` with implementation ``impl`` on the given inputs."""
+def op_fn(op: str, impl: str, s: MergeShape, metric, x, size, compile_backend: str = "inductor"
+          ) -> Tuple[Callable[[], object], Optional[Compiled]]:
+    """A zero-argument callable running ``op`` with implementation ``impl`` on the given inputs.
+
+    For ``torch.compile`` also the ``Compiled`` wrapper (compiled afresh for this shape: time it before
+    the next call of this function resets the compile cache), whose graph count goes in the row.
+    """
     backend = "triton" if impl == "triton" else "torch"
+    compiled = None
     if impl == "torch.compile":
-        key = (op, s.tokens, s.protected, s.r)
-        if key not in compiled:
-            if op in ("best_match",):
-                compiled[key] = torch.compile(lambda m: reference.best_match(m, s.protected))
-            elif op == "match":
-                compiled[key] = torch.compile(lambda m: tuple(reference.match(m, s.r, s.protected))[:3])
-            else:
-                def step(m, xx, sz):
-                    return reference.merge(xx, sz, reference.match(m, s.r, s.protected))
-                compiled[key] = torch.compile(step)
-        fn = compiled[key]
+        if op == "best_match":
+            compiled = Compiled(lambda m: reference.best_match(m, s.protected), compile_backend)
+        elif op == "match":
+            compiled = Compiled(lambda m: tuple(reference.match(m, s.r, s.protected))[:3], compile_backend)
+        else:
+            compiled = Compiled(lambda m, xx, sz: reference.merge(xx, sz, reference.match(m, s.r, s.protected)),
+                                compile_backend)
+    fn = compiled
     plan = ops.match(metric, s.r, s.protected, backend=backend)
     if op == "best_match":
-        return (lambda: fn(metric)) if impl == "torch.compile" else \
-            (lambda: ops.best_match(metric, s.protected, backend=backend))
+        return ((lambda: fn(metric)) if fn else (lambda: ops.best_match(metric, s.protected, backend=backend))), fn
     if op == "match":
-        return (lambda: fn(metric)) if impl == "torch.compile" else \
-            (lambda: ops.match(metric, s.r, s.protected, backend=backend))
+        return ((lambda: fn(metric)) if fn else (lambda: ops.match(metric, s.r, s.protected, backend=backend))), fn
     if op == "merge_fwd":
-        return lambda: ops.merge(x, size, plan, backend=backend)
+        return (lambda: ops.merge(x, size, plan, backend=backend)), fn
     if op == "step_fwd":
-        if impl == "torch.compile":
-            return lambda: fn(metric, x, size)
-        return lambda: ops.merge(x, size, ops.match(metric, s.r, s.protected, backend=backend), backend=backend)
+        if fn:
+            return (lambda: fn(metric, x, size)), fn
+        return (lambda: ops.merge(x, size, ops.match(metric, s.r, s.protected, backend=backend), backend=backend)), fn
     xg = x.detach().requires_grad_(True)
     grad = torch.randn(s.rows, s.tokens - s.r, s.width, device=x.device, dtype=x.dtype)
     if op == "merge_bwd":
         out, _ = ops.merge(xg, size, plan, backend=backend)
-        return lambda: torch.autograd.grad(out, xg, grad, retain_graph=True)
+        return (lambda: torch.autograd.grad(out, xg, grad, retain_graph=True)), fn
 
     def fwdbwd():  # step_fwdbwd
-        if impl == "torch.compile":
+        if fn:
             out, _ = fn(metric, xg, size)
         else:
             out, _ = ops.merge(xg, size, ops.match(metric, s.r, s.protected, backend=backend), backend=backend)
         return torch.autograd.grad(out, xg, grad)
-    return fwdbwd
+    return fwdbwd, fn
 
 
 def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_at: Optional[str] = None,
-        rep_ms: float = 100, on_progress: Optional[Callable[[List[Dict[str, object]]], None]] = None
+        rep_ms: float = 100, log: Optional[RowLog] = None, compile_backend: str = "inductor"
         ) -> List[Dict[str, object]]:
     """Time every (shape, dtype, op, impl); ``compile_at`` ("ViT-B-16:32:fp16") limits torch.compile rows.
 
-    ``on_progress(rows)`` is called after every shape, so a run stopped by a time limit keeps its rows.
+    Each row goes to ``log`` as soon as it is measured, so a run stopped by a time limit keeps it. On a
+    GPU the first row is the device-to-device copy bandwidth measured in this run; every bandwidth row
+    is compared with it.
     """
-    bandwidth = copy_bandwidth_gbs(device) if device.type == "cuda" else None
-    compiled: Dict = {}
-    rows = []
+    log = log or RowLog(None, "bench_ops", {})
+    bandwidth = None
+    if device.type == "cuda":
+        bandwidth = copy_bandwidth_gbs(device)
+        log({"op": "copy", "impl": "torch", "copy_gbs": bandwidth})
+    start = len(log.rows)
     for model in models:
         for batch in batches:
             for s in merge_shapes(model, batch):
@@ -119,22 +125,26 @@ def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_
                                     continue  # the compiled rows time whole graphs: match and step
                                 if compile_at and compile_at != f"{model}:{batch}:{dtype_name}":
                                     continue
-                            timing = measure_ms(op_fn(op, impl, s, metric, x, size, compiled), device, rep_ms=rep_ms)
-                            nbytes = op_bytes(op, s, x.element_size())
                             row = {"model": model, "batch": batch, "layer": s.layer, "stage": s.stage,
                                    "rows": s.rows, "tokens": s.tokens, "r": s.r, "dtype": dtype_name, "op": op,
-                                   "impl": impl, **timing, "bytes": nbytes,
-                                   "gbs": nbytes / (timing["ms"] * 1e-3) / 1e9}
+                                   "impl": impl}
+                            try:
+                                fn, compiled = op_fn(op, impl, s, metric, x, size, compile_backend)
+                                timing = measure_ms(fn, device, rep_ms=rep_ms)
+                            except Exception as e:  # noqa: BLE001 (recorded in the row; the next case runs)
+                                log({**row, **failure(e)})
+                                continue
+                            nbytes = op_bytes(op, s, x.element_size())
+                            row.update(timing, bytes=nbytes, gbs=nbytes / (timing["ms"] * 1e-3) / 1e9)
+                            row.update(compiled.record() if compiled else {"compiled": False})
                             if bandwidth:
                                 row["copy_gbs"] = bandwidth
                                 row["frac_copy_bw"] = row["gbs"] / bandwidth
                             if impl == "torch":
                                 base_ms = timing["ms"]
                             row["speedup_vs_torch"] = base_ms / timing["ms"] if base_ms else None
-                            rows.append(row)
-                if on_progress:
-                    on_progress(rows)
-    return rows
+                            log(row)
+    return log.rows[start:]
 
 
 def main(argv=None) -> int:
@@ -147,19 +157,23 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--compile-at", default="ViT-B-16:32:fp16",
                         help="only time torch.compile at this model:batch:dtype ('' for everywhere)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
     parser.add_argument("--rep-ms", type=float, default=100)
-    parser.add_argument("--out", default=None, help="folder for bench_ops.json / .csv")
+    parser.add_argument("--out", default=None, help="folder for bench_ops.json / .csv, written at the end")
+    add_row_log_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     impls = args.impls or (["torch", "triton", "torch.compile"] if device.type == "cuda" else ["torch"])
     env = environment(device)
-    save = (lambda rows: write_results(args.out, "bench_ops", env, rows)) if args.out else None
     rows = run(device, args.models, args.batches, args.dtypes, impls, args.ops, args.compile_at or None, args.rep_ms,
-               on_progress=save)
+               RowLog(args.jsonl, "bench_ops", env, args.tag), args.compile_backend)
+    if args.out:
+        write_results(args.out, "bench_ops", env, rows)
     print(f"# merge ops on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
-    print_table(rows, ["model", "batch", "layer", "stage", "dtype", "op", "impl", "ms", "ms_p20", "ms_p80",
-                       "gbs", "frac_copy_bw", "speedup_vs_torch"])
-    return 0
+    print_table([r for r in rows if r["op"] != "copy"],
+                ["model", "batch", "layer", "stage", "dtype", "op", "impl", "ms", "ms_p20", "ms_p80", "gbs",
+                 "frac_copy_bw", "speedup_vs_torch", "compiled", "error"])
+    return int(any("error" in r for r in rows))
 
 
 if __name__ == "__main__":

@@ -17,15 +17,18 @@ import json
 import platform
 import statistics
 from datetime import datetime, timezone
-from typing import List
+from typing import List, Optional
 
 import torch
 
 from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
 from tempme_fast.bench import default_backends, peak_memory_mb, time_calls
+from tempme_fast.arguments import add_config_arguments, config_from_args
 from tempme_fast.lora import add_lora, mark_trainable
 from tempme_fast.train import (PRECISIONS, VideoTextForward, contrastive_loss, make_optimizer, set_grad_checkpointing,
                                train_step)
+
+from .common import RowLog, add_row_log_arguments, environment
 
 
 def _batch(model, batch: int, frames: int, context: int, device, seed: int = 0):
@@ -38,15 +41,18 @@ def _batch(model, batch: int, frames: int, context: int, device, seed: int = 0):
     return video.to(device), tokens.to(device), torch.ones(batch, frames, dtype=torch.bool, device=device)
 
 
-def bench(args) -> List[dict]:
+def bench(args, log: Optional[RowLog] = None) -> List[dict]:
+    """One row per (mode, variant), each handed to ``log`` as soon as it is measured."""
     from tempme_fast.loading import create_model
+
+    log = log or RowLog(None, "bench_train", {})
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     autocast = PRECISIONS[args.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     backends = args.backends or default_backends(device)
     variants = [("unmerged", TempMeConfig.unmerged(args.frames), "torch")]
-    variants += [("TempMe", TempMeConfig(frames=args.frames), b) for b in backends]
+    variants += [("TempMe", config_from_args(args), b) for b in backends]
     rows = []
     for mode in args.modes:
         torch.manual_seed(0)
@@ -79,17 +85,18 @@ def bench(args) -> List[dict]:
             finally:
                 remove_tempme(model)
             median = statistics.median(times)
-            rows.append({"mode": mode, "variant": name, "backend": backend if config.merges else "-",
-                         "trainable_params": trainable, "step_ms": median, "step_min_ms": min(times),
-                         "step_max_ms": max(times), "videos_per_s": args.batch / (median / 1e3),
-                         "peak_mem_mb": memory, "fwd_bwd_mem_mb": activations})
+            row = {"mode": mode, "variant": name, "backend": backend if config.merges else "-",
+                   "precision": args.precision, "batch": args.batch, "model": args.model,
+                   "trainable_params": trainable, "step_ms": median, "step_min_ms": min(times),
+                   "step_max_ms": max(times), "videos_per_s": args.batch / (median / 1e3),
+                   "peak_mem_mb": memory, "fwd_bwd_mem_mb": activations}
+            base = next(r for r in rows + [row] if r["mode"] == mode and r["variant"] == "unmerged")
+            row["speedup"] = base["step_ms"] / row["step_ms"]
+            row["memory_ratio"] = row["peak_mem_mb"] / base["peak_mem_mb"]
+            row["fwd_bwd_memory_ratio"] = row["fwd_bwd_mem_mb"] / base["fwd_bwd_mem_mb"]
+            rows.append(log(row))
             print(f"  {mode:4s} {name:8s} {rows[-1]['backend']:6s} {median:9.1f} ms  {memory:8.0f} MiB step  "
                   f"{activations:8.0f} MiB fwd+bwd", flush=True)
-    for row in rows:
-        base = next(r for r in rows if r["mode"] == row["mode"] and r["variant"] == "unmerged")
-        row["speedup"] = base["step_ms"] / row["step_ms"]
-        row["memory_ratio"] = row["peak_mem_mb"] / base["peak_mem_mb"]
-        row["fwd_bwd_memory_ratio"] = row["fwd_bwd_mem_mb"] / base["fwd_bwd_mem_mb"]
     return rows
 
 
@@ -111,8 +118,8 @@ def format_table(rows: List[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="ViT-B-32-quickgelu", help="open_clip model (random weights)")
-    parser.add_argument("--frames", type=int, default=12)
+    parser.add_argument("--model", default="ViT-B-32-quickgelu",
+                        help="open_clip model name or JSON model config (random weights)")
     parser.add_argument("--batch", type=int, default=2, help="videos (and captions) per step")
     parser.add_argument("--context-length", type=int, default=32, help="caption tokens (zero-padded to 77)")
     parser.add_argument("--modes", nargs="+", choices=("lora", "full"), default=["lora", "full"])
@@ -124,7 +131,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--json", default=None, metavar="PATH")
+    parser.add_argument("--json", default=None, metavar="PATH", help="all rows in one JSON file, at the end")
+    add_row_log_arguments(parser)
+    add_config_arguments(parser)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,7 +141,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     print(f"{args.model}, {args.frames} frames, batch {args.batch}, {args.precision}, {name} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}", flush=True)
-    rows = bench(args)
+    rows = bench(args, RowLog(args.jsonl, "bench_train", environment(device), args.tag))
     print(format_table(rows))
     if args.json:
         record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name,

@@ -7,14 +7,17 @@ import os
 import platform
 import statistics
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from tempme_fast import TempMeConfig, token_schedule
 from tempme_fast.bench import cpu_name
+
+from .rowlog import RowLog, add_row_log_arguments, read_records, read_rows  # noqa: F401 (the benchmarks' one import)
 
 # (depth, tokens per frame, width, heads) of the CLIP ViTs the op shapes are taken from, at 224 px.
 VIT_GEOMETRY = {"ViT-B-32": (12, 50, 768, 12), "ViT-B-16": (12, 197, 768, 12)}
@@ -123,6 +126,43 @@ def write_results(out_dir: str, name: str, env: Dict[str, object], rows: Sequenc
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
+
+
+def failure(error: BaseException) -> Dict[str, object]:
+    """What a row records of a measurement that raised (printed in full to the log), so one failing case
+    (out of memory, a failed graph capture or compile) costs its own row, not the rest of the run."""
+    traceback.print_exc()
+    return {"error": f"{type(error).__name__}: {error}"[:500]}
+
+
+class Compiled:
+    """``torch.compile`` of ``fn`` for one shape, counting the graphs it really compiles.
+
+    Dynamo keys its cache on the code object, so functions made by one ``lambda`` or method share it;
+    past the recompile limit (8) it would silently run them eagerly, and from a second shape on it would
+    compile a dynamic-shape graph. A reset and ``dynamic=False`` give every shape its own static graph,
+    and the graph count tells a row whether it ran compiled (0 graphs: it did not; more than 1: graph
+    breaks or recompiles).
+    """
+
+    def __init__(self, fn: Callable, backend: str = "inductor"):
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        self.graphs = 0
+        inner = torch._dynamo.lookup_backend(backend)
+
+        def counting(gm, example_inputs):
+            self.graphs += 1
+            return inner(gm, example_inputs)
+        self.backend = backend
+        self._fn = torch.compile(fn, backend=counting, dynamic=False)
+
+    def __call__(self, *args):
+        return self._fn(*args)
+
+    def record(self) -> Dict[str, object]:
+        return {"compiled": self.graphs > 0, "compiled_graphs": self.graphs, "compile_backend": self.backend}
 
 
 def print_table(rows: Sequence[Dict[str, object]], columns: Sequence[str]) -> None:

@@ -1,65 +1,76 @@
 #!/usr/bin/env bash
-# One run on a CUDA machine (at most about 9.5 minutes, each stage capped; about 6 expected on an H100): the CUDA correctness tests, then the merge-op
-# and whole-model benchmarks, then the plots. Every result lands in OUTDIR.
+# One run on a CUDA machine within one time budget: the headline figures first, then the CUDA tests and
+# the sweeps (benchmarks/suite.py lists the stages). Every result is appended to OUTDIR as it is made;
+# with --archive, PATH is kept a current .tar.gz of OUTDIR during the run and at its end.
 #
-#   bash benchmarks/gpu_suite.sh OUTDIR [WHEELS_DIR]
+#   bash benchmarks/gpu_suite.sh [--budget SECONDS] [--archive PATH] [--wheels DIR] [suite options] OUTDIR
 #
-# Where open_clip is not installed and pip cannot reach an index, put its wheels (open_clip_torch, ftfy,
-# wcwidth; timm/huggingface_hub if missing) in WHEELS_DIR (default .whl): they are installed into a
-# private folder, nothing else on the machine changes. Each stage has its own time limit and a failing
-# stage does not stop the next; the exit status is non-zero if any stage failed.
+#   --budget SECONDS  the whole run, setup included (default 540); each stage gets what remains
+#   --archive PATH    .tar.gz of OUTDIR, outside it (the one file to carry back)
+#   --wheels DIR      open_clip's wheels for a machine without a package index (default .whl; make them
+#                     with benchmarks/fetch_wheels.sh): installed into a private folder with pip, or by
+#                     unzipping them where pip is unusable; nothing else on the machine changes
+#   other options (--device cpu, --only STAGE..., --every SECONDS, --list) go to benchmarks/suite.py
+#
+# The exit status is non-zero if any stage failed, ran out of time or was skipped.
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_suite.sh OUTDIR [WHEELS_DIR]}
-wheels=${2:-.whl}
+start=$(date +%s)
+budget=540 archive="" wheels=.whl out="" extra=()
+while [ $# -gt 0 ]; do
+    case $1 in
+        --budget) budget=${2:?--budget needs seconds}; shift 2 ;;
+        --archive) archive=${2:?--archive needs a path}; shift 2 ;;
+        --wheels) wheels=${2:?--wheels needs a folder}; shift 2 ;;
+        --only) extra+=("$1"); shift; while [ $# -gt 1 ] && [[ $1 != --* ]]; do extra+=("$1"); shift; done ;;
+        --list) extra+=("$1"); shift ;;
+        --*) extra+=("$1" "${2:?$1 needs a value}"); shift 2 ;;
+        *) if [ -z "$out" ]; then out=$1; else wheels=$1; fi; shift ;;
+    esac
+done
+[ -n "$out" ] || { echo "usage: benchmarks/gpu_suite.sh [--budget SECONDS] [--archive PATH] [--wheels DIR] OUTDIR" >&2; exit 2; }
+[[ $budget =~ ^[0-9]+$ ]] && [ "$budget" -gt 0 ] || { echo "--budget $budget: give a whole number of seconds > 0" >&2; exit 2; }
+[ -z "$archive" ] || archive=$(cd "$(dirname "$archive")" 2>/dev/null && pwd)/$(basename "$archive") \
+    || { echo "--archive $archive: its folder does not exist" >&2; exit 2; }
+case $wheels in /*) ;; *) wheels=$PWD/$wheels ;; esac
+mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+# Kernels compile for the GPU: the interpreter setting of a CPU test machine must not leak in.
+unset TRITON_INTERPRET
 
 # The package runs from the source tree: the kernels folder is imported as tempme_kernels.
 site=$(mktemp -d)
 ln -s "$PWD/kernels" "$site/tempme_kernels"
 export PYTHONPATH="$PWD:$site:${PYTHONPATH:-}"
-if ! "$py" -c "import open_clip" 2>/dev/null; then
-    if compgen -G "$wheels/*.whl" >/dev/null; then
-        "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheels"/*.whl
-    fi
-    "$py" -c "import open_clip" || { echo "open_clip is missing and no wheels were found in $wheels"; exit 1; }
-fi
-"$py" - <<'PY' | tee "$out/environment.txt"
-import torch, triton, open_clip
-print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__,
-      "| open_clip", open_clip.__version__)
-PY
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv >> "$out/environment.txt" 2>/dev/null
-
-failed=0
-stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/NAME.log
-    local name=$1 limit=$2; shift 2
-    echo "=== $name (limit ${limit}s)"
-    local t0=$SECONDS
-    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
-    local rc=${PIPESTATUS[0]}
-    echo "=== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$out/stages.txt"
-    [ "$rc" -eq 0 ] || failed=1
+log() { echo "[setup] $*" | tee -a "$out/suite.log"; }
+have_open_clip() {  # prints where open_clip comes from; fails when it does not import
+    "$py" -c "import open_clip; print('[setup] open_clip', open_clip.__version__, 'from', open_clip.__file__)" \
+        2>>"$out/suite.log" | tee -a "$out/suite.log"
+    return "${PIPESTATUS[0]}"
 }
+if ! have_open_clip; then
+    if compgen -G "$wheels/*.whl" >/dev/null; then
+        if "$py" -m pip --version >/dev/null 2>&1 && "$py" -m pip install -q --no-index --no-deps --no-compile \
+                --no-cache-dir --target "$site" "$wheels"/*.whl >>"$out/suite.log" 2>&1; then
+            log "installed with pip into $site: $(cd "$wheels" && echo *.whl)"
+        else
+            # A wheel is a zip of the files to put on the path: pure-Python ones need nothing more.
+            "$py" - "$site" "$wheels"/*.whl <<'PY' && log "pip unusable: unzipped into $site: $(cd "$wheels" && echo *.whl)"
+import sys, zipfile
+for wheel in sys.argv[2:]:
+    zipfile.ZipFile(wheel).extractall(sys.argv[1])
+PY
+        fi
+        have_open_clip || log "open_clip still does not import: the whole-model stages will fail"
+    else
+        log "open_clip is missing and $wheels holds no wheels: the whole-model stages will fail"
+    fi
+fi
 
-# 1. Correctness on the GPU: the CUDA module at real sizes, then the kernel and model tests compiled for
-#    the GPU (the same tests run in the interpreter on CPU-only machines).
-stage cuda_tests 100 "$py" -m pytest -q -p no:cacheprovider tests/test_triton_cuda.py tests/test_cuda_determinism.py \
-    --junitxml "$out/cuda_tests.xml"
-stage kernel_tests 100 "$py" -m pytest -q -p no:cacheprovider tests/test_triton_ops.py tests/test_model_triton.py \
-    --junitxml "$out/kernel_tests.xml"
-# 2. Merge ops: fp16 over every batch and both models; bf16 and fp32 at the headline shape.
-stage bench_ops 90 "$py" -m benchmarks.bench_ops --out "$out" --rep-ms 40
-stage bench_ops_dtypes 40 "$py" -m benchmarks.bench_ops --out "$out/dtypes" --models ViT-B-16 --batches 32 \
-    --dtypes bf16 fp32 --impls torch triton --rep-ms 40
-# 3. Whole encoders: latency at 1 video, throughput at 16; inference and a training step.
-stage bench_model 110 "$py" -m benchmarks.bench_model --out "$out" --batches 1 16 --rep-ms 100
-stage bench_compile 90 "$py" -m benchmarks.bench_model --out "$out/compile" --models ViT-B-16 --batches 1 16 \
-    --modes infer --variants open_clip tempme-triton tempme-triton+compile --compile --rep-ms 100
-# 4. Plots.
-stage plots 30 "$py" -m benchmarks.plots "$out"
-cat "$out/stages.txt"
-exit $failed
+args=("$out" --deadline $((start + budget)) --budget "$budget")
+[ -z "$archive" ] || args+=(--archive "$archive")
+"$py" -m benchmarks.suite "${args[@]}" "${extra[@]}"
+rc=$?
+rm -rf "$site"
+exit $rc

@@ -1,6 +1,7 @@
-"""PNG plots from the benchmark JSON files: speed-up vs batch, time per layer, tokens per layer.
+"""PNG plots from the benchmark results: speed-up vs batch, time per layer, tokens per layer.
 
-    python -m benchmarks.plots bench-out      # reads bench-out/*.json, writes bench-out/*.png
+    python -m benchmarks.plots bench-out      # reads bench-out/rows.jsonl or bench-out/*.json, writes PNGs there
+    python -m benchmarks.plots suite-out --to suite-out/plots
 """
 from __future__ import annotations
 
@@ -11,10 +12,21 @@ from collections import defaultdict
 
 from tempme_fast import TempMeConfig, token_schedule
 
-from .common import VIT_GEOMETRY
+from .common import VIT_GEOMETRY, read_records
+
+ROWS_FILE = "rows.jsonl"  # what the suite writes: every benchmark's rows, appended as measured
 
 
 def _load(folder, name):
+    """(environment, rows) of benchmark ``name``: from ``rows.jsonl`` if the folder has one, else ``<name>.json``."""
+    lines = os.path.join(folder, ROWS_FILE)
+    if os.path.exists(lines):
+        records = read_records(lines)
+        rows = [r for r in records if r.get("bench") == name and "environment" not in r]
+        # Per-layer rows come from bench_model's process: its environment line labels them too.
+        envs = [r["environment"] for r in records if "environment" in r]
+        own = [r["environment"] for r in records if "environment" in r and r.get("bench") == name]
+        return (own or envs or [None])[0], rows
     path = os.path.join(folder, f"{name}.json")
     if not os.path.exists(path):
         return None, []
@@ -24,18 +36,22 @@ def _load(folder, name):
 
 
 def _label(env):
+    if not env:
+        return ""
     return f"{env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date'][:10]}"
 
 
-def plot_all(folder: str) -> list:
+def plot_all(folder: str, to: str = None) -> list:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
+    to = to or folder
+    os.makedirs(to, exist_ok=True)
 
     def save(fig, name):
-        path = os.path.join(folder, name)
+        path = os.path.join(to, name)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -77,7 +93,7 @@ def plot_all(folder: str) -> list:
     env, rows = _load(folder, "bench_model")
     curves = defaultdict(dict)
     for r in rows:
-        if r["mode"] == "infer" and r["variant"] != "open_clip":
+        if r["mode"] == "infer" and r["variant"] != "open_clip" and r.get("speedup_vs_open_clip"):
             curves[f"{r['model']} {r['variant']}"][r["batch"]] = r["speedup_vs_open_clip"]
     if curves:
         speedup_vs_batch(curves, env, "throughput / unmerged open_clip", "Video encoding, inference, 12 frames",
@@ -101,13 +117,14 @@ def plot_all(folder: str) -> list:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder")
+    parser.add_argument("--to", default=None, help="folder for the PNGs (default: the input folder)")
     args = parser.parse_args(argv)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return 0
-    for path in plot_all(args.folder):
+    for path in plot_all(args.folder, args.to):
         print("wrote", path)
     return 0
 

@@ -18,7 +18,9 @@ from typing import Optional
 import torch
 
 from .config import TempMeConfig
-from .loading import DTYPES
+from .derive import add_budget_argument, derive_config
+from .errors import ConfigError, as_config_error
+from .loading import DTYPES, resolve_model
 from .ops import BACKENDS
 from .retrieval.data import MSRVTT_TRAIN_LIST
 from .retrieval.video import DEFAULT_FPS, DEFAULT_FRAMES
@@ -123,17 +125,28 @@ def add_config_arguments(parser: argparse.ArgumentParser, frames: bool = True) -
                        help=f"share of tokens removed when clips join (default {d.cross_ratio})")
     group.add_argument("--intra-ratio", type=float, default=None,
                        help=f"share of tokens removed inside a clip (default {d.intra_ratio})")
+    add_budget_argument(group)
 
 
 def config_from_args(args: argparse.Namespace) -> TempMeConfig:
     """The released schedule for ``args.frames`` with the knobs the command line set.
 
     ``--no-merge`` (``args.merge`` False) gives the unmerged baseline, whatever the knobs; a parser
-    without ``--merge`` always merges. Knobs that are None or absent keep the released value.
+    without ``--merge`` always merges. ``--budget`` derives the schedule for ``args.model`` instead
+    (:meth:`TempMeConfig.for_model`) and cannot be combined with a knob. Knobs that are None or
+    absent keep the released value.
     """
     if not getattr(args, "merge", True):
         return TempMeConfig.unmerged(args.frames)
     overrides = {k: getattr(args, k) for k in SCHEDULE_OPTIONS if getattr(args, k, None) is not None}
+    budget = getattr(args, "budget", None)
+    if budget is not None:
+        if overrides:
+            names = ", ".join("--" + k.replace("_", "-") for k in overrides)
+            raise ConfigError(f"--budget derives the schedule; leave out {names}")
+        resolve_model(args.model)  # a model TempMe cannot patch is refused as such, before any sizes are read
+        with as_config_error(f"--budget {budget}"):
+            return derive_config(args.model, frames=args.frames, flops_ratio=budget)
     for k in ("clip_layers", "clip_groups"):
         if k in overrides:
             overrides[k] = tuple(overrides[k])

@@ -1,4 +1,4 @@
-"""Checkpoint files that survive a crash, and the random-number states a resumed run restores.
+"""Files (checkpoints, index shards) that survive a crash, and the random-number states a resumed run restores.
 
 Both serve every writer of checkpoints (the trainer, :func:`tempme_fast.lora.save_lora`, ``tempme train``)
 without importing any of them.
@@ -10,7 +10,7 @@ import random
 
 import torch
 
-__all__ = ["atomic_save", "rng_state", "set_rng_state"]
+__all__ = ["atomic_save", "atomic_write", "rng_state", "set_rng_state"]
 
 
 def atomic_save(obj, path) -> None:
@@ -18,13 +18,18 @@ def atomic_save(obj, path) -> None:
 
     A crash at any point leaves the previous file or the new one, never a truncated one.
     """
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path, write) -> None:
+    """Call ``write(file)`` on ``.<name>.<pid>.tmp`` beside ``path``, fsync, then ``os.replace`` it to ``path``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

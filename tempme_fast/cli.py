@@ -1,4 +1,5 @@
-"""The ``tempme`` command: ``bench`` (the main job), ``eval``, ``train``, ``visualize`` and ``schedule``."""
+"""The ``tempme`` command: ``bench`` (the main job), ``eval``, ``train``, ``visualize``, ``index``, ``search``
+and ``schedule``."""
 from __future__ import annotations
 
 import argparse
@@ -11,9 +12,10 @@ from typing import List, Optional
 
 import torch
 
-from .arguments import (Parser, add_config_arguments, add_dtype_argument, add_model_arguments, add_threads_argument,
-                        apply_threads, config_from_args, non_negative_int, positive_int)
-from .errors import TempMeError
+from .arguments import (SCHEDULE_OPTIONS, Parser, add_config_arguments, add_dtype_argument, add_model_arguments,
+                        add_threads_argument, apply_threads, config_from_args, non_negative_int, positive_int)
+from .config import TempMeConfig
+from .errors import TempMeError, as_config_error
 from .ops import BACKENDS
 
 
@@ -31,11 +33,14 @@ def _cmd_bench(args) -> int:
     from .outputs import plural, prepare_output_file
 
     device = resolve_device(args.device)
+    if args.json:
+        prepare_output_file(args.json, "--json")
+    if args.image:
+        from .tome.bench import run_image_bench
+        return run_image_bench(args)
     dtype_name = args.dtype or default_dtype_name(device)
     dtype = DTYPES[dtype_name]
     config = config_from_args(args)
-    if args.json:
-        prepare_output_file(args.json, "--json")
     threads = apply_threads(args.threads)
     backends = args.backends or default_backends(device)
     model = create_model(args.model, args.pretrained, device=str(device), dtype=dtype)
@@ -72,15 +77,27 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_schedule(args) -> int:
-    from .loading import vit_shape
-    from .schedule import token_schedule
+    import dataclasses
 
-    config = config_from_args(args)
-    depth, tokens = args.depth, args.tokens_per_frame
-    if depth is None or tokens is None:
-        model_depth, model_tokens = vit_shape(args.model)
-        depth, tokens = depth or model_depth, tokens or model_tokens
-    print(token_schedule(config, depth, tokens).describe())
+    from .derive import costed
+    from .geometry import ViTGeometry
+
+    from .loading import resolve_model
+
+    resolve_model(args.model)  # refuses what TempMe cannot patch, in one line
+    geometry = ViTGeometry.from_name(args.model)
+    sizes = {k: v for k, v in (("depth", args.depth), ("tokens_per_frame", args.tokens_per_frame)) if v}
+    geometry = dataclasses.replace(geometry, **sizes)
+    if any(getattr(args, k) is not None for k in SCHEDULE_OPTIONS):
+        config = config_from_args(args)  # a hand-written schedule (refused together with --budget)
+    else:
+        with as_config_error(""):  # derive's messages name frames / flops_ratio and their valid range
+            config = TempMeConfig.for_model(geometry, frames=args.frames, flops_ratio=args.budget)
+    with as_config_error(""):  # a hand-written schedule that does not fit the model
+        plan = costed(geometry, config)
+    print(plan.schedule.describe())
+    print(f"GFLOPs per video: {plan.gflops:.1f} (unmerged: {plan.unmerged_gflops:.1f}), ratio {plan.ratio:.3f}, "
+          f"speed-up bound {plan.bound:.2f}x")
     return 0
 
 
@@ -100,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads_argument(bench)
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument("--image", action="store_true",
+                       help="time encode_image, unmerged against ToMe (--tome-r); --batch counts images")
+    bench.add_argument("--tome-r", type=int, nargs="+", default=[8, 16], help="ToMe r values for --image")
     add_config_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
 
@@ -118,12 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(command)
         command.set_defaults(func=run)
 
-    sched = sub.add_parser("schedule", help="print the token schedule of a config")
+    from .index.cli import register as register_index
+
+    register_index(sub)
+
+    sched = sub.add_parser("schedule", help="print a schedule's layer table, GFLOPs and speed-up bound")
     sched.add_argument("--model", default="ViT-B-32-quickgelu",
-                       help="open_clip model name or JSON model config whose depth and patches to use")
-    sched.add_argument("--depth", type=positive_int, default=None, help="transformer layers (default: --model's)")
+                       help="open_clip model name or JSON model config (sizes only, nothing is built)")
+    sched.add_argument("--depth", type=positive_int, default=None, help="override the model's layers")
     sched.add_argument("--tokens-per-frame", type=positive_int, default=None,
-                       help="1 + patches per frame (default: --model's; 50 for ViT-B/32 at 224)")
+                       help="override 1 + patches (197: ViT-B/16)")
     add_config_arguments(sched)
     sched.set_defaults(func=_cmd_schedule)
     return parser

@@ -24,12 +24,15 @@ class ClipState(NamedTuple):
         protected: class tokens at the front of every clip.
         sources: None (the default: no tracking, no cost), or ``[B, T * (1 + P)]`` int64, the
             token now holding every original token of the video (see :mod:`tempme_fast.tracking`).
+        merged: False while every size is still 1, known from the schedule without reading
+            ``size``; attention then gets no bias. True (the safe default) when unknown.
     """
 
     x: torch.Tensor
     size: torch.Tensor
     protected: int
     sources: Optional[torch.Tensor] = None
+    merged: bool = True
 
 
 class EncoderOptions(NamedTuple):
@@ -37,7 +40,7 @@ class EncoderOptions(NamedTuple):
 
     backend: str = "auto"
     prop_attn: bool = True
-    attention: str = "sdpa"
+    attention: str = "auto"
 
 
 def embed_frames(visual: nn.Module, frames: torch.Tensor, track_videos: Optional[int] = None) -> ClipState:
@@ -55,11 +58,11 @@ def embed_frames(visual: nn.Module, frames: torch.Tensor, track_videos: Optional
     sources = None
     if track_videos is not None:
         sources = tracking.initial_sources(track_videos, x.shape[0] // track_videos, x.shape[1], x.device)
-    return ClipState(x, size, 1, sources)
+    return ClipState(x, size, 1, sources, merged=False)
 
 
 def _self_attention(attn: nn.MultiheadAttention, h: torch.Tensor, size: Optional[torch.Tensor],
-                    impl: str):
+                    impl: str, backend: str):
     """Multi-head self-attention with open_clip's weights; returns ``(out [B', N, D], keys [B', N, d])``.
 
     The keys averaged over heads are the merge metric of every merge after attention.
@@ -68,7 +71,7 @@ def _self_attention(attn: nn.MultiheadAttention, h: torch.Tensor, size: Optional
     heads = attn.num_heads
     qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
     q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    out = ops.attention(q, k, v, size, impl=impl)
+    out = ops.attention(q, k, v, size, impl=impl, backend=backend)
     out = F.linear(out.transpose(1, 2).reshape(b, n, d), attn.out_proj.weight, attn.out_proj.bias)
     return out, k.mean(dim=1)
 
@@ -90,7 +93,7 @@ def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos
         state: ``plan.clips_in`` clips per video of ``plan.tokens_in`` tokens.
         frame_pos: ``[1, plan.clips_in, 1, D]`` temporal position embedding of a joining layer, or None.
     """
-    x, size, c, sources = state
+    x, size, c, sources, merged = state
     if plan.group > 1:
         pos = frame_pos.to(x.dtype) if frame_pos is not None else None
         if sources is not None:
@@ -99,13 +102,14 @@ def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos
         c *= plan.group
         if sources is not None and plan.r_cross:
             sources = tracking.merge_sources(sources, cross)
-    attn_size = size if options.prop_attn else None
-    out, keys = _self_attention(block.attn, block.ln_1(x), attn_size, options.attention)
+    merged = merged or plan.r_cross > 0
+    attn_size = size if options.prop_attn and merged else None
+    out, keys = _self_attention(block.attn, block.ln_1(x), attn_size, options.attention, options.backend)
     x = x + block.ls_1(out)
     if plan.r:
         x, size, sources = _merge(x, size, sources, keys, plan.r, c, options.backend)
     x = x + block.ls_2(block.mlp(block.ln_2(x)))
-    return ClipState(x, size, c, sources)
+    return ClipState(x, size, c, sources, merged or plan.r > 0)
 
 
 def frame_features(visual: nn.Module, state: ClipState, videos: int) -> torch.Tensor:

@@ -40,7 +40,8 @@ class WeightsUnavailableError(ConfigError):
 @contextlib.contextmanager
 def as_config_error(what: str,
                     kinds: Tuple[Type[BaseException], ...] = (ValueError, FileNotFoundError)) -> Iterator[None]:
-    """Turn ``kinds`` raised inside the block into a :class:`ConfigError` prefixed with ``what``.
+    """Turn ``kinds`` raised inside the block into a :class:`ConfigError` prefixed with ``what``
+    (no prefix when ``what`` is empty: the message already names the option).
 
     For steps whose only input is a user's file or option (reading a data layout, loading a
     checkpoint): there a ``ValueError`` means the file is wrong, not the code.
@@ -51,4 +52,4 @@ def as_config_error(what: str,
         raise
     except kinds as err:
         text = str(err)
-        raise ConfigError(text if text.startswith(what) else f"{what}: {text}") from err
+        raise ConfigError(text if not what or text.startswith(what) else f"{what}: {text}") from err

@@ -15,6 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .encoder import block_forward, embed_frames, frame_features
+from .geometry import ViTGeometry
 from .model import encoder_options, layer_steps
 from .ops.reference import split_sizes
 from .schedule import TokenSchedule
@@ -48,9 +49,25 @@ for _name, _fn in (("_scaled_dot_product_flash_attention_for_cpu", _sdpa_fwd),
         ATTENTION_FLOPS[getattr(aten, _name)] = _fn
 
 
+def _tempme_attention_flops() -> Dict[object, Callable]:
+    """Formulas for the Triton attention ops of ``tempme_fast.ops.triton_attention``
+    (their arguments start as SDPA's: ``q, k, v`` and ``grad_out, q, k, v``)."""
+    try:
+        from .ops import triton_attention  # noqa: F401  registers the ops, if triton is installed
+    except ImportError:
+        return {}
+    found = {}
+    for name, fn in (("attention_fwd", _sdpa_fwd), ("attention_bwd", _sdpa_bwd)):
+        try:
+            found[getattr(torch.ops.tempme, name)] = fn
+        except (AttributeError, RuntimeError):  # not registered: triton not imported, nothing to count
+            pass
+    return found
+
+
 def flop_counter() -> FlopCounterMode:
     """A ``FlopCounterMode`` that also counts the attention paths PyTorch leaves out."""
-    return FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS)
+    return FlopCounterMode(display=False, custom_mapping={**ATTENTION_FLOPS, **_tempme_attention_flops()})
 
 
 @dataclass(frozen=True)
@@ -93,13 +110,16 @@ def analytic_flops(schedule: TokenSchedule, width: int, mlp_width: int, heads: i
     return FlopsReport(float(stem), layers, float(head))
 
 
+def schedule_flops(schedule: TokenSchedule, geometry: ViTGeometry) -> FlopsReport:
+    """FLOPs per video of ``schedule`` on a ViT of the sizes ``geometry`` (no model needed)."""
+    return analytic_flops(schedule, width=geometry.width, mlp_width=geometry.mlp_width, heads=geometry.heads,
+                          patch_size=geometry.patch_size, embed_dim=geometry.embed_dim,
+                          in_chans=geometry.in_chans)
+
+
 def model_flops(model: torch.nn.Module) -> FlopsReport:
     """Analytic FLOPs per video of a model patched by ``apply_tempme``."""
-    visual = model.visual
-    block = visual.transformer.resblocks[0]
-    return analytic_flops(model.tempme.schedule, width=visual.conv1.weight.shape[0],
-                          mlp_width=block.mlp.c_fc.weight.shape[0], heads=block.attn.num_heads,
-                          patch_size=visual.conv1.weight.shape[-1], embed_dim=visual.proj.shape[1])
+    return schedule_flops(model.tempme.schedule, ViTGeometry.from_model(model))
 
 
 @torch.no_grad()

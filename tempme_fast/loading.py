@@ -94,16 +94,6 @@ def resolve_model(model: str) -> Tuple[str, Optional[Path], dict]:
     return name, path, vision
 
 
-def vit_shape(model: str) -> Tuple[int, int]:
-    """``(depth, tokens_per_frame)`` of ``--model`` from its config: layers, and 1 + patches per frame."""
-    _, _, vision = resolve_model(model)
-    size, patch = vision.get("image_size", 224), vision.get("patch_size")
-    height, width = (size, size) if isinstance(size, int) else size
-    if not patch or not vision.get("layers"):
-        raise UnsupportedModelError(f"--model {model}: its config gives no layers/patch_size of a ViT")
-    return int(vision["layers"]), 1 + (height // patch) * (width // patch)
-
-
 def create_model(model: str, pretrained: Optional[str] = None, device: str = "cpu",
                  dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """An open_clip CLIP model in eval mode.

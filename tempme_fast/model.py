@@ -16,7 +16,7 @@ from .encoder import ClipState, EncoderOptions, block_forward, embed_frames, fra
 from .schedule import IMGME, TokenSchedule, token_schedule
 from .tracking import SourceMap, initial_sources, source_map
 
-ATTENTION_IMPLS = ("sdpa", "eager")
+ATTENTION_IMPLS = ops.ATTENTION_IMPLS
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ _CLASSES: Dict[type, type] = {}
 
 
 def apply_tempme(model: nn.Module, config: Optional[TempMeConfig] = None, backend: str = "auto",
-                 attention: str = "sdpa", check_finite: bool = False) -> nn.Module:
+                 attention: str = "auto", check_finite: bool = False) -> nn.Module:
     """Patch an open_clip ``CLIP`` model in place so ``model.encode_video`` runs TempMe.
 
     Args:
@@ -92,7 +92,10 @@ def apply_tempme(model: nn.Module, config: Optional[TempMeConfig] = None, backen
         config: the merge schedule (default: the released ViT-B/32 one, 12 frames).
             ``TempMeConfig.unmerged(frames)`` gives the per-frame CLIP baseline through the same API.
         backend: merge ops backend, ``"torch"``, ``"triton"`` or ``"auto"``.
-        attention: ``"sdpa"`` (fused kernels) or ``"eager"`` (explicit softmax, as the released code).
+        attention: proportional attention implementation, one of ``ops.ATTENTION_IMPLS``: ``"auto"``
+            (Triton kernel for CUDA tensors on the Triton backend, SDPA otherwise), ``"triton"``, ``"fold"`` (bias folded
+            into the dot product for SDPA's flash kernels), ``"sdpa"`` (bias as a float mask) or
+            ``"eager"`` (explicit softmax, as the released code).
         check_finite: make ``encode_video`` refuse videos holding NaN or Inf by default (a host
             synchronisation per call; off by default, ``encode_video(check_finite=...)`` overrides it).
     Raises:
@@ -159,7 +162,7 @@ def _warn_if_imgme_r_clamps(config: TempMeConfig, schedule: TokenSchedule) -> No
     ``warnings.simplefilter("error", ScheduleClampWarning)``.
     """
     imgme = [p for p in schedule.layers if p.kind == IMGME]
-    short = next((p for p in imgme if p.r < config.imgme_r), None)
+    short = next((p for p in imgme if p.r < config.imgme_r_at(p.layer)), None)
     if short is None:
         return
     largest = (schedule.tokens_per_frame - imgme[0].protected_in) // (len(imgme) + 1)

@@ -136,7 +136,7 @@ def token_schedule(config: TempMeConfig, depth: int, tokens_per_frame: int,
         group, r_cross = 1, 0
         if layer < first_join:
             kind = IMGME
-            r = _clamp(config.imgme_r, tokens, protected)
+            r = _clamp(config.imgme_r_at(layer), tokens, protected)
         else:
             if layer in joins:
                 kind, group = CLIPME, joins[layer]

@@ -102,7 +102,8 @@ def encode_video_spec(model, video, config, mask=None):
                 a, keys = _attention(block, block.ln_1(x), size, config.prop_attn)
                 x = x + block.ls_1(a)
                 if layer < first_join:
-                    r = min(config.imgme_r, (x.shape[0] - c) // 2)
+                    asked = config.imgme_r if isinstance(config.imgme_r, int) else config.imgme_r[layer]
+                    r = min(asked, (x.shape[0] - c) // 2)
                 elif "r1" in clip:
                     total, limit = clip.pop("r1")
                     r = min(int(total * config.intra_ratio), limit // 2)

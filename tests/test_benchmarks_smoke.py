@@ -2,24 +2,78 @@
 import json
 
 from benchmarks import bench_model, bench_ops
+from benchmarks.rowlog import read_records
 from tiny import TINY_ARGS
 
 
 def test_bench_ops_smoke(tmp_path, capsys):
     assert bench_ops.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
-                           "--ops", "match", "merge_fwd", "step_fwdbwd", "--rep-ms", "1", "--out", str(tmp_path)]) == 0
+                           "--ops", "match", "merge_fwd", "step_fwdbwd", "--rep-ms", "1", "--out", str(tmp_path),
+                           "--jsonl", str(tmp_path / "rows.jsonl"), "--tag", "smoke"]) == 0
     rows = json.loads((tmp_path / "bench_ops.json").read_text())["rows"]
     assert {r["stage"] for r in rows} == {"imgme", "cross", "intra"}
-    assert all(r["ms"] > 0 and r["gbs"] > 0 and r["impl"] == "torch" for r in rows)
+    assert all(r["ms"] > 0 and r["gbs"] > 0 and r["impl"] == "torch" and r["compiled"] is False for r in rows)
     assert (tmp_path / "bench_ops.csv").exists() and "merge_fwd" in capsys.readouterr().out
+    # The JSON-lines file holds the same rows, tagged, after one environment line.
+    env, *lines = read_records(str(tmp_path / "rows.jsonl"))
+    assert env["environment"]["torch"] and env["tag"] == "smoke"
+    assert [{k: v for k, v in r.items() if k not in ("bench", "tag")} for r in lines] == rows
+
+
+def test_bench_ops_marks_each_compiled_row(tmp_path):
+    """The compiled reference is compiled per shape (Dynamo's eager backend here, for speed)."""
+    assert bench_ops.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
+                           "--ops", "match", "--impls", "torch", "torch.compile", "--compile-at", "",
+                           "--compile-backend", "eager", "--rep-ms", "1", "--jsonl", str(tmp_path / "r.jsonl")]) == 0
+    rows = read_records(str(tmp_path / "r.jsonl"))[1:]
+    compiled = [r for r in rows if r["impl"] == "torch.compile"]
+    assert len(compiled) == 7 and all(r["compiled"] and r["compiled_graphs"] == 1 for r in compiled)
 
 
 def test_bench_model_smoke(tmp_path, tiny_model_file):
     assert bench_model.main(["--device", "cpu", "--models", tiny_model_file, "--batches", "2", "--rep-ms", "1",
-                             "--out", str(tmp_path), *TINY_ARGS]) == 0
+                             "--out", str(tmp_path), "--jsonl", str(tmp_path / "rows.jsonl"), *TINY_ARGS]) == 0
     record = json.loads((tmp_path / "bench_model.json").read_text())
     variants = {(r["mode"], r["variant"]) for r in record["rows"]}
     assert variants == {(m, v) for m in ("infer", "train") for v in ("open_clip", "tempme-eager", "tempme-torch")}
     assert record["environment"]["torch"]
+    for r in record["rows"]:  # the FLOPs bound beside the measured speed-up
+        assert r["speedup_vs_open_clip"] > 0 and r["compiled"] is False
+        assert r["flops_bound_speedup"] == (1.0 if r["variant"] == "open_clip" else
+                                            record["rows"][0]["gflops_per_video"] / r["gflops_per_video"])
+    assert any(r["flops_bound_speedup"] > 1 for r in record["rows"])
     layers = json.loads((tmp_path / "bench_layers.json").read_text())["rows"]
     assert len(layers) == 2 * 5  # stem + 4 blocks, unmerged and TempMe
+    lines = read_records(str(tmp_path / "rows.jsonl"))
+    assert [r["bench"] for r in lines[1:]] == ["bench_model"] * 6 + ["bench_layers"] * 10
+
+
+def test_bench_train_smoke(tmp_path, tiny_model_file):
+    from benchmarks import bench_train
+
+    path = tmp_path / "rows.jsonl"
+    assert bench_train.main(["--device", "cpu", "--model", tiny_model_file, "--batch", "2", "--context-length", "8",
+                             "--modes", "lora", "--repeats", "1", "--warmup", "0", "--jsonl", str(path),
+                             "--tag", "train", *TINY_ARGS]) == 0
+    env, *rows = read_records(str(path))
+    assert env["bench"] == "bench_train" and env["environment"]["torch"]
+    assert [(r["mode"], r["variant"], r["backend"]) for r in rows] == [("lora", "unmerged", "-"),
+                                                                       ("lora", "TempMe", "torch")]
+    assert rows[0]["speedup"] == 1.0 and rows[1]["step_ms"] > 0 and rows[1]["peak_mem_mb"] > 0
+
+
+def test_a_failing_case_costs_only_its_own_row(tmp_path, monkeypatch):
+    real = bench_ops.op_fn
+
+    def op_fn(op, *args):
+        if op == "match":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(op, *args)
+    monkeypatch.setattr(bench_ops, "op_fn", op_fn)
+    assert bench_ops.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
+                           "--ops", "match", "merge_fwd", "--rep-ms", "1", "--jsonl", str(tmp_path / "r.jsonl")]) == 1
+    rows = read_records(str(tmp_path / "r.jsonl"))[1:]
+    assert [r["op"] for r in rows] == ["match", "merge_fwd"] * 7
+    assert all(r["error"] == "RuntimeError: CUDA out of memory (simulated)" and "ms" not in r
+               for r in rows if r["op"] == "match")
+    assert all("error" not in r and r["ms"] > 0 for r in rows if r["op"] == "merge_fwd")

@@ -2,7 +2,7 @@ import open_clip
 import pytest
 import torch
 
-from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
+from tempme_fast import TempMeConfig, apply_tempme, ops, remove_tempme
 from tempme_fast.flops import flop_counter, measure_flops, model_flops
 from tiny import TINY_CONFIG, tiny_clip
 
@@ -60,3 +60,16 @@ def test_sdpa_on_cpu_is_counted():
     with flop_counter() as counter:
         torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(2, 1, 1, 10))
     assert counter.get_total_flops() == 4 * 2 * 3 * 10 * 10 * 8
+
+
+def test_triton_attention_is_counted_as_sdpa():
+    """The Triton attention ops count the FLOPs of the SDPA path they replace, forward and backward."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 9, 16, requires_grad=True) for _ in range(3))
+    size = torch.rand(2, 9) + 1
+    counts = {}
+    for impl in ("sdpa", "triton"):
+        with flop_counter() as counter:
+            ops.attention(q, k, v, size, impl=impl).sum().backward()
+        counts[impl] = counter.get_total_flops()
+    assert counts["sdpa"] > 0 and counts["triton"] == counts["sdpa"]

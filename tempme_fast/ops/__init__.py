@@ -19,15 +19,16 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import reference
+from . import attention_impl, reference
+from .attention_impl import IMPLS as ATTENTION_IMPLS
 from .checks import (FLOAT_DTYPES, assert_finite, check_attention, check_join, check_join_merge, check_merge,
                      check_metric, check_r)
 from .reference import MergePlan, max_r, split_positions, split_sizes
 
 BACKENDS = ("torch", "triton", "auto")
 
-__all__ = ["BACKENDS", "FLOAT_DTYPES", "MergePlan", "assert_finite", "attention", "best_match", "join_clips",
-           "join_merge", "match", "max_r", "merge", "resolve_backend", "split_positions", "split_sizes",
+__all__ = ["ATTENTION_IMPLS", "BACKENDS", "FLOAT_DTYPES", "MergePlan", "assert_finite", "attention", "best_match",
+           "join_clips", "join_merge", "match", "max_r", "merge", "resolve_backend", "split_positions", "split_sizes",
            "triton_available"]
 
 
@@ -171,10 +172,20 @@ def join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, 
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Optional[torch.Tensor] = None,
-              impl: str = "sdpa") -> torch.Tensor:
+              impl: str = "auto", backend: str = "auto") -> torch.Tensor:
     """Proportional attention on ``[B', H, N, d]`` (see :func:`reference.attention`).
 
-    ``size`` is ``[B', N]`` or ``[B', N, 1]`` of positive sizes, or None for plain attention.
+    ``size`` is ``[B', N]`` or ``[B', N, 1]`` of positive sizes, or None for plain attention (pass
+    None where every size is 1: no bias lets SDPA use its flash kernel). ``impl`` is one of
+    ``ATTENTION_IMPLS`` (see :mod:`.attention_impl`); ``"auto"`` follows ``backend``.
     """
     check_attention(q, k, v, size)
-    return reference.attention(q, k, v, size, impl)
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"impl={impl!r} is not an attention implementation; valid: {ATTENTION_IMPLS}")
+    if impl == "triton" and (q.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+                             or k.dtype != q.dtype or v.dtype != q.dtype):
+        raise TypeError(f"impl='triton' needs q, k, v of one dtype among float16, bfloat16, float32; got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype} (use impl='sdpa' or 'fold')")
+    on_triton = resolve_backend("triton" if impl == "triton" else backend, q) == "triton"
+    # "auto" takes the kernel on a GPU only: in the interpreter it is right but slow.
+    return attention_impl.attention(q, k, v, size, impl, on_triton and q.is_cuda)

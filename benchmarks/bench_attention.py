@@ -1,0 +1,129 @@
+"""Proportional attention, one row per candidate: the float mask, the folded bias, the Triton kernel.
+
+Shapes are the attention layers of the token schedule (``attention_shapes``): the first layer with a
+bias (after the first merge) and every joining layer. Each row is written as one JSON line (``--jsonl``)
+with the median time and its 20th-80th percentile spread, forward (``fwd``) or forward + backward
+(``fwdbwd``). ``sdpa-nobias`` is plain SDPA without any bias: what the flash kernel gives, a floor.
+
+    python -m benchmarks.bench_attention --jsonl attention.jsonl                 # GPU
+    python -m benchmarks.bench_attention --device cpu --batches 1 --dtypes fp32  # CPU: just runs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Dict, List
+
+import torch
+
+from tempme_fast import TempMeConfig, ops, token_schedule
+from tempme_fast.loading import DTYPES
+
+from .common import VIT_GEOMETRY, environment, measure_ms, print_table
+
+IMPLS = ("sdpa", "fold", "triton", "sdpa-nobias", "eager")
+MODES = ("fwd", "fwdbwd")
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """One attention layer as TempMe runs it: ``rows`` clips of ``tokens`` tokens, ``heads`` x ``head_dim``."""
+
+    model: str
+    batch: int
+    layer: int
+    rows: int
+    tokens: int
+    heads: int
+    head_dim: int
+
+
+def attention_shapes(model: str, batch: int, config: TempMeConfig = TempMeConfig()) -> List[AttentionShape]:
+    """The first layer whose attention has a bias, and every joining layer, from the schedule."""
+    depth, tokens, width, heads = VIT_GEOMETRY[model]
+    shapes, merged, biased_before = [], False, False
+    for p in token_schedule(config, depth, tokens).layers:
+        biased = merged or p.r_cross > 0  # as the encoder decides (ClipState.merged)
+        if biased and (not biased_before or p.group > 1):
+            shapes.append(AttentionShape(model, batch, p.layer, batch * p.clips_out, p.tokens_attn, heads,
+                                         width // heads))
+        biased_before, merged = biased, biased or p.r > 0
+    return shapes
+
+
+def make_inputs(s: AttentionShape, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """q, k, v as the encoder makes them (views of one ``[B', N, 3, H, d]`` projection), sizes, a gradient."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    qkv = torch.randn(s.rows, s.tokens, 3, s.heads, s.head_dim, device=device, dtype=dtype, generator=g)
+    size = torch.randint(1, 8, (s.rows, s.tokens, 1), device=device, generator=g).float()
+    grad = torch.randn(s.rows, s.heads, s.tokens, s.head_dim, device=device, dtype=dtype, generator=g)
+    return qkv, size, grad
+
+
+def attention_fn(impl: str, mode: str, qkv: torch.Tensor, size: torch.Tensor, grad: torch.Tensor):
+    """A zero-argument callable running ``impl`` once (``mode`` ``fwd`` or ``fwdbwd``)."""
+    backend = "triton" if impl == "triton" else "torch"
+    name, bias = ("sdpa", None) if impl == "sdpa-nobias" else (impl, size)
+    leaf = qkv.detach().requires_grad_(mode == "fwdbwd")
+
+    def run():
+        q, k, v = leaf.permute(2, 0, 3, 1, 4).unbind(0)
+        out = ops.attention(q, k, v, bias, impl=name, backend=backend)
+        if mode == "fwdbwd":
+            torch.autograd.grad(out, leaf, grad)
+        return out
+    return run
+
+
+def available_impls(device: torch.device) -> List[str]:
+    on_triton = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return [i for i in IMPLS if i != "triton" or (on_triton and ops.triton_available())]
+
+
+def run(device: torch.device, models, batches, dtypes, impls, modes, rep_ms: float = 100) -> List[Dict[str, object]]:
+    rows = []
+    for model in models:
+        for batch in batches:
+            for s in attention_shapes(model, batch):
+                for dtype_name in dtypes:
+                    qkv, size, grad = make_inputs(s, DTYPES[dtype_name], device)
+                    for mode in modes:
+                        base = None
+                        for impl in impls:
+                            timing = measure_ms(attention_fn(impl, mode, qkv, size, grad), device, rep_ms=rep_ms)
+                            base = timing["ms"] if impl == "sdpa" else base
+                            rows.append({**asdict(s), "dtype": dtype_name, "mode": mode, "impl": impl, **timing,
+                                         "speedup_vs_mask": base / timing["ms"] if base else None})
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", nargs="+", choices=VIT_GEOMETRY, default=["ViT-B-16"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["fp16", "bf16"])
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=None,
+                        help="default: all that run here (triton needs CUDA or TRITON_INTERPRET=1)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--rep-ms", type=float, default=100)
+    parser.add_argument("--jsonl", default=None, help="append one JSON line per row to this file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    env = environment(device)
+    rows = run(device, args.models, args.batches, args.dtypes, args.impls or available_impls(device), args.modes,
+               args.rep_ms)
+    if args.jsonl:
+        with open(args.jsonl, "a") as f:
+            for row in rows:
+                f.write(json.dumps({"bench": "attention", **env, **row}) + "\n")
+    print(f"# proportional attention on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
+    print_table(rows, ["model", "batch", "layer", "rows", "tokens", "dtype", "mode", "impl", "ms", "ms_p20", "ms_p80",
+                       "speedup_vs_mask"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

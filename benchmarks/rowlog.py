@@ -1,0 +1,63 @@
+"""Rows kept as they are measured: one JSON line each, flushed and synced before the next measurement.
+
+No torch import here, so a process that only writes or reads rows starts in a fraction of a second.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+
+class RowLog:
+    """Appends rows to a JSON-lines file the moment they are measured, so a run cut short keeps them.
+
+    The first line a process writes holds the environment and its command line; every row after it
+    carries ``bench`` (which script) and ``tag`` (which part of a suite run) so several benchmarks can
+    share one file. Each line is flushed and synced to disk before the next measurement starts.
+    """
+
+    def __init__(self, path: Optional[str], bench: str, env: Dict[str, object], tag: str = ""):
+        self.bench, self.tag, self.rows = bench, tag, []
+        self._file = None
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._file = open(path, "a")
+            self._append({"bench": bench, "tag": tag, "environment": env, "argv": sys.argv})
+
+    def _append(self, record: Dict[str, object]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def __call__(self, row: Dict[str, object], bench: Optional[str] = None) -> Dict[str, object]:
+        """Keep ``row`` (and append it to the file, if there is one); returns it."""
+        self.rows.append(row)
+        if self._file:
+            self._append({"bench": bench or self.bench, "tag": self.tag, **row})
+        return row
+
+
+def add_row_log_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--jsonl", default=None, metavar="PATH",
+                        help="append every row to this JSON-lines file as soon as it is measured")
+    parser.add_argument("--tag", default="", help="label stored in every JSON-lines row (e.g. a suite stage)")
+
+
+def read_records(path: str) -> List[Dict[str, object]]:
+    """Every line of a JSON-lines file written by ``RowLog``; a last line cut off by a killed process is skipped."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def read_rows(path: str, bench: Optional[str] = None) -> List[Dict[str, object]]:
+    """Rows of a ``RowLog`` file (environment lines left out), optionally of one bench only."""
+    return [r for r in read_records(path) if "environment" not in r and (bench is None or r.get("bench") == bench)]

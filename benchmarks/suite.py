@@ -1,0 +1,269 @@
+"""The GPU suite's stages, run against one overall deadline, with every result kept as it is made.
+
+``gpu_suite.sh`` prepares the machine (open_clip from wheels, ``PYTHONPATH``) and runs this. Stages run in
+order of importance: the headline figures first (whole encoder at 1 and 16 videos; the merge step at
+the ViT-B/16 32-video shapes), the CUDA tests, then the sweeps. Each stage gets what remains of the
+budget (at most its cap), less the time kept for the stages marked ``final`` (the plots). A stage that
+runs out of time is stopped (SIGTERM to its process group, SIGKILL 10 s later); every row it measured
+is already on disk, because the benchmarks and the pytest plugin append one JSON line per result.
+
+Output folder (few files; ``--archive`` keeps a ``.tar.gz`` of it up to date every ``--every`` seconds,
+after each stage and at the end, so the archive is the one file to carry back):
+
+    environment.txt   the preflight: card, driver, Python, torch, triton, C compiler, Python.h, packages
+    rows.jsonl        every benchmark row (fields ``bench`` and ``tag`` say which script and stage)
+    tests.jsonl       one line per finished test
+    stages.jsonl      per stage: command, time limit, seconds taken, exit status, outcome
+    suite.log         everything the stages printed
+    plots/            PNG figures drawn from rows.jsonl
+
+    python -m benchmarks.suite OUTDIR --budget 540 --archive results.tar.gz
+    python -m benchmarks.suite OUTDIR --budget 60 --device cpu      # the same stages on a CPU, for a dry run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STOP_GRACE_S = 10  # between SIGTERM and SIGKILL of a stage that ran out of time
+
+
+@dataclass
+class Stage:
+    """One command of the suite: it may run at most ``cap`` seconds, and never past the deadline."""
+
+    name: str
+    argv: List[str]
+    cap: float
+    final: bool = False  # its time is kept back from the stages before it (the plots come out regardless)
+
+
+def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> List[Stage]:
+    """The suite, most important first. ``device="cpu"`` runs the same scripts on the CPU paths only."""
+    rows, tests = os.path.join(out, "rows.jsonl"), os.path.join(out, "tests.jsonl")
+    gpu = device == "cuda"
+    fast = ["torch", "triton"] if gpu else ["torch"]
+    # On a CPU dry run the compiled rows use Dynamo's eager backend: the bookkeeping runs, in seconds.
+    compile_backend = "inductor" if gpu else "eager"
+
+    def bench(script, tag, *args):
+        return [python, "-m", f"benchmarks.{script}", "--device", device, "--jsonl", rows, "--tag", tag, *args]
+
+    def pytest(*files):
+        return [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "benchmarks.testlog",
+                "--results-jsonl", tests, *files]
+
+    headline_variants = ["open_clip", "open_clip+graph", "tempme-eager", "tempme-torch", "tempme-triton",
+                         "tempme-triton+graph"]
+    return [
+        Stage("preflight", [python, "-m", "benchmarks.preflight", os.path.join(out, "environment.txt")], 60),
+        # Headline: whole encoder, both models, 1 and 16 videos, fp16 inference, every eager path.
+        Stage("model_headline", bench("bench_model", "headline", "--models", "ViT-B-32", "ViT-B-16",
+                                      "--batches", "1", "16", "--dtypes", "fp16" if gpu else "fp32",
+                                      "--modes", "infer", "--variants", *headline_variants, "--rep-ms", "100"), 170),
+        # Headline: every merge op at the ViT-B/16 32-video shapes, reference against Triton.
+        Stage("ops_headline", bench("bench_ops", "headline", "--models", "ViT-B-16", "--batches", "32",
+                                    "--dtypes", "fp16" if gpu else "fp32", "--impls", *fast, "--rep-ms", "40"), 60),
+        Stage("attention", [python, "-m", "benchmarks.bench_attention", "--device", device, "--jsonl", rows,
+                            "--models", "ViT-B-16", "--batches", "16", "--dtypes", "fp16" if gpu else "fp32",
+                            "--rep-ms", "40"], 60),
+        Stage("cuda_tests", pytest("tests/test_triton_cuda.py", "tests/test_cuda_determinism.py"), 100),
+        # Sweeps. The compiled reference, compiled afresh per shape, at the headline shapes.
+        Stage("ops_compiled", bench("bench_ops", "compiled", "--models", "ViT-B-16", "--batches", "32",
+                                    "--dtypes", "fp16" if gpu else "fp32", "--impls", "torch", "torch.compile",
+                                    "--ops", "step_fwd", "match", "--compile-at", "",
+                                    "--compile-backend", compile_backend, "--rep-ms", "40"), 120),
+        Stage("ops_batches", bench("bench_ops", "batches", "--models", "ViT-B-32", "ViT-B-16",
+                                   "--batches", "1", "8", "128", "--dtypes", "fp16" if gpu else "fp32",
+                                   "--impls", *fast, "--ops", "step_fwd", "merge_fwd", "merge_bwd", "step_fwdbwd",
+                                   "--rep-ms", "30"), 90),
+        Stage("ops_dtypes", bench("bench_ops", "dtypes", "--models", "ViT-B-16", "--batches", "32",
+                                  "--dtypes", "bf16", "fp32", "--impls", *fast, "--rep-ms", "30"), 45),
+        Stage("model_sweep", bench("bench_model", "sweep", "--models", "ViT-B-32", "ViT-B-16", "--batches", "4", "64",
+                                   "--dtypes", "fp16" if gpu else "fp32", "--modes", "infer",
+                                   "--variants", "open_clip", "tempme-torch", "tempme-triton", "tempme-triton+graph",
+                                   "--no-layer-times", "--rep-ms", "100"), 100),
+        # Forward + backward of the vision tower alone (bench_train below times the whole training step).
+        Stage("model_train", bench("bench_model", "train", "--models", "ViT-B-32", "ViT-B-16", "--batches", "1", "16",
+                                   "--dtypes", "fp16" if gpu else "fp32", "--modes", "train",
+                                   "--variants", "open_clip", "tempme-eager", "tempme-torch", "tempme-triton",
+                                   "--no-layer-times", "--rep-ms", "100"), 100),
+        Stage("model_compile", bench("bench_model", "compile", "--models", "ViT-B-16", "--batches", "1", "16",
+                                     "--dtypes", "fp16" if gpu else "fp32", "--modes", "infer",
+                                     "--variants", "open_clip", "tempme-triton", "tempme-triton+compile",
+                                     "--compile", "--compile-backend", compile_backend, "--no-layer-times",
+                                     "--rep-ms", "100"), 150),
+        Stage("train_step", bench("bench_train", "train", "--model", "ViT-B-16", "--batch", "32" if gpu else "2",
+                                  "--precision", "bf16" if gpu else "fp32", "--repeats", "5"), 90),
+        Stage("kernel_tests", pytest("tests/test_triton_ops.py", "tests/test_model_triton.py",
+                                       "tests/test_attention.py"), 150),
+        Stage("other_tests", pytest("tests", *[f"--ignore=tests/{name}.py" for name in
+                                               ("test_triton_cuda", "test_cuda_determinism", "test_triton_ops",
+                                                "test_model_triton", "test_attention")]), 240),
+        Stage("plots", [python, "-m", "benchmarks.plots", out, "--to", os.path.join(out, "plots")], 30, final=True),
+    ]
+
+
+class Archiver:
+    """Keeps ``path`` a ``.tar.gz`` of ``folder``: every ``every`` seconds in a thread, and on ``snapshot()``.
+
+    Each snapshot is written beside ``path`` and renamed over it, so ``path`` is always a whole archive.
+    """
+
+    def __init__(self, folder: str, path: Optional[str], every: float = 15):
+        self.folder, self.path, self.every = folder, path, every
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+
+    def snapshot(self) -> None:
+        if not self.path:
+            return
+        with self._lock:
+            part = self.path + ".part"
+            try:
+                with tarfile.open(part, "w:gz") as tar:
+                    tar.add(self.folder, arcname=os.path.basename(os.path.normpath(self.folder)))
+                os.replace(part, self.path)
+            except OSError as e:  # a file vanishing mid-snapshot: the next snapshot gets it
+                print(f"[suite] archive snapshot failed: {e}", flush=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self.snapshot()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self.snapshot()
+
+
+def _copy_output(pipe, log) -> None:
+    for line in iter(pipe.readline, b""):
+        log.write(line)
+        log.flush()
+        sys.stdout.buffer.write(line)
+        sys.stdout.flush()
+
+
+def run_stage(stage: Stage, limit: float, log) -> dict:
+    """Run ``stage`` for at most ``limit`` seconds; its output goes to ``log`` and to stdout."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(stage.argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    reader = threading.Thread(target=_copy_output, args=(proc.stdout, log), daemon=True)
+    reader.start()
+    outcome = "ok"
+    try:
+        rc = proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        outcome = "timeout"
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait()
+    except BaseException:  # the suite itself is stopping (SIGTERM, Ctrl-C): its stage stops with it
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    reader.join(timeout=5)
+    if outcome == "ok" and rc != 0:
+        outcome = "failed"
+    return {"rc": rc, "outcome": outcome, "seconds": round(time.monotonic() - t0, 1)}
+
+
+def run_suite(out: str, stages: Sequence[Stage], deadline: float, archive: Optional[str] = None,
+              every: float = 15, min_stage_s: float = 5) -> int:
+    """Run ``stages`` in order until the wall-clock ``deadline`` (``time.time()`` seconds).
+
+    Returns 0 when every stage finished with exit status 0, else 1 (failed, stopped or skipped stages).
+    """
+    os.makedirs(out, exist_ok=True)
+    archiver = Archiver(out, archive, every)
+    status = 0
+    # Stopped from outside (SIGTERM), the suite still stops its stage and writes the archive a last time.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        with open(os.path.join(out, "suite.log"), "ab") as log, \
+                open(os.path.join(out, "stages.jsonl"), "a") as stages_file:
+            for i, stage in enumerate(stages):
+                kept_back = 0 if stage.final else sum(s.cap for s in stages[i + 1:] if s.final)
+                remaining = deadline - time.time()
+                limit = min(stage.cap, remaining - kept_back)
+                record = {"stage": stage.name, "argv": stage.argv, "cap_s": stage.cap,
+                          "limit_s": round(limit, 1), "start": round(time.time(), 1)}
+                if limit < min_stage_s:
+                    record.update(outcome="skipped", rc=None, seconds=0.0,
+                                  reason=f"{max(remaining, 0):.0f} s left of the budget")
+                else:
+                    header = f"=== {stage.name} (limit {limit:.0f} s of {remaining:.0f} s left)\n"
+                    log.write(header.encode())
+                    log.flush()
+                    print(header, end="", flush=True)
+                    record.update(run_stage(stage, limit, log))
+                line = f"=== {stage.name}: {record['outcome']} (exit {record['rc']}) after {record['seconds']} s\n"
+                log.write(line.encode())
+                log.flush()
+                print(line, end="", flush=True)
+                stages_file.write(json.dumps(record) + "\n")
+                stages_file.flush()
+                status |= record["outcome"] != "ok"
+                archiver.snapshot()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        archiver.close()
+    return int(status)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="output folder (created; rows are appended to what is there)")
+    parser.add_argument("--budget", type=float, default=540, help="seconds for the whole suite (default 540)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="wall-clock end as Unix seconds (overrides --budget; set by gpu_suite.sh at its start)")
+    parser.add_argument("--archive", default=None, metavar="PATH", help=".tar.gz of the output folder, kept current")
+    parser.add_argument("--every", type=float, default=15, help="seconds between archive snapshots")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--only", nargs="+", default=None, metavar="STAGE", help="run these stages only")
+    parser.add_argument("--list", action="store_true", help="print the stages and exit")
+    args = parser.parse_args(argv)
+    if args.budget <= 0:
+        parser.error(f"--budget {args.budget} must be > 0 seconds")
+    out = os.path.abspath(args.out)
+    if args.archive and os.path.abspath(args.archive).startswith(out + os.sep):
+        parser.error(f"--archive {args.archive} must be outside the output folder {args.out}")
+    stages = gpu_stages(out, args.device)
+    if args.only:
+        unknown = sorted(set(args.only) - {s.name for s in stages})
+        if unknown:
+            parser.error(f"--only: unknown stage(s) {unknown}; valid: {[s.name for s in stages]}")
+        stages = [s for s in stages if s.name in args.only]
+    if args.list:
+        for s in stages:
+            print(f"{s.name:15s} cap {s.cap:4.0f} s  {' '.join(s.argv)}")
+        return 0
+    if args.device == "cuda":
+        os.environ.pop("TRITON_INTERPRET", None)  # kernels compile for the GPU, never in the interpreter
+    deadline = args.deadline if args.deadline is not None else time.time() + args.budget
+    return run_suite(out, stages, deadline, args.archive, args.every)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

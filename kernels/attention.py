@@ -1,0 +1,214 @@
+"""Flash attention with a per-key additive bias vector (proportional attention), forward and backward.
+
+Twin: ``tempme_fast.ops.reference.attention``: ``softmax(q k^T * scale + bias[key]) v`` with
+``bias = log(size)``. The bias is one float per key, so it is read as a ``[B', N]`` vector instead
+of a materialised ``[B', 1, N, N]`` or ``[B', 1, 1, N]`` mask.
+
+Online softmax (FlashAttention, Dao et al. 2022; FlashAttention-2, Dao 2023): a program owns a tile
+of queries, walks the keys tile by tile and keeps the running maximum and sum of exponentials, so
+the ``N x N`` logits never reach memory. Exponentials are taken base 2 (``exp2``, one instruction
+on the GPU): logits are scaled by ``log2(e)`` and the saved log-sum-exp is in that base too.
+
+Backward recomputes the probabilities from the saved log-sum-exp. ``_attention_bwd_kernel`` runs
+as two launches with no atomics, so its results repeat bit for bit: the dQ pass (``DKDV=False``, one
+program per query tile; it also writes ``delta = rowsum(dO * O)``) and then the dK/dV pass
+(``DKDV=True``, one program per key tile, summing over all queries itself). The bias gradient is the column sum of ``dS``,
+written per head and summed over heads by the host.
+
+Head dims that are not a power of two (48, 80, 96) are padded to ``BLOCK_D`` with masked loads.
+Every ``tl.dot`` accumulates in float32.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """``a @ b`` accumulated in float32. ``DOT_FP32`` casts 16-bit operands first: the interpreter's
+    bf16 ``tl.dot`` is wrong (triton 3.8); on a GPU the operands go to the tensor cores as they are."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _tile(ptr, offs_t, offs_d, stride_t, N, HEAD_DIM: tl.constexpr):
+    """Load rows ``offs_t`` (``< N``) and channels ``offs_d`` (``< HEAD_DIM``) of a unit-stride tile, 0 elsewhere."""
+    mask = (offs_t < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    return tl.load(ptr + offs_t.to(tl.int64)[:, None] * stride_t + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _key_bias(bias_ptr, offs_n, stride_bn, N, HAS_BIAS: tl.constexpr):
+    """Bias of keys ``offs_n`` in log2 units; ``-inf`` past the last key, so padding gets no weight."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    valid = offs_n < N
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_n * stride_bn, mask=valid, other=0.0).to(tl.float32) * LOG2E
+    else:
+        b = tl.zeros(offs_n.shape, dtype=tl.float32)
+    return tl.where(valid, b, float("-inf"))
+
+
+@triton.jit
+def _key_tiles(q, k_base, v_base, bias_base, offs_n, offs_d, stride_kn, stride_vn, stride_bn, N, QK_SCALE,
+               HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """K and V tiles of keys ``offs_n`` and the logits of queries ``q`` against them (log2 units, bias
+    added, ``-inf`` past the last key)."""
+    k = _tile(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM)
+    v = _tile(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM)
+    s = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * QK_SCALE
+    return k, v, s + _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS)[None, :]
+
+
+@triton.jit(do_not_specialize=["N"])
+def _attention_fwd_kernel(
+    q_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
+    k_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
+    v_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
+    bias_ptr,  # [B', N] float32 log(size) of every key (read only if HAS_BIAS)
+    out_ptr,  # [B', N, H, HEAD_DIM] contiguous (returned as a [B', H, N, HEAD_DIM] view)
+    lse_ptr,  # [B', H, N] float32 out: log2 of the sum of exp2 of each query's logits (log2 units)
+    N,
+    H,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bn,
+    QK_SCALE,  # softmax scale times log2(e)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # Query tiles of one (clip, head) are adjacent in the grid, so their K and V stay in L2.
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _tile(q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, HEAD_DIM)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    bias_base = bias_ptr + b * stride_bb
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        _, v, s = _key_tiles(q, k_base, v_base, bias_base, start + tl.arange(0, BLOCK_N), offs_d, stride_kn,
+                             stride_vn, stride_bn, N, QK_SCALE, HEAD_DIM, HAS_BIAS, DOT_FP32, PRECISION)
+        # Every query sees key 0 in the first tile, so m_new is finite from there on.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32, PRECISION)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    mask_m = offs_m < N
+    tl.store(lse_ptr + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+    out_rows = out_ptr + ((b * N + offs_m.to(tl.int64)) * H + h) * HEAD_DIM
+    tl.store(out_rows[:, None] + offs_d[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit(do_not_specialize=["N"])
+def _attention_bwd_kernel(
+    q_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
+    k_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
+    v_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
+    bias_ptr,  # [B', N] float32 (read only if HAS_BIAS)
+    out_ptr,  # [B', N, H, HEAD_DIM] contiguous: the forward's output (dQ pass)
+    do_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride: gradient of the output
+    lse_ptr,  # [B', H, N] float32: the forward's log-sum-exp (log2 units)
+    delta_ptr,  # [B', H, N] float32: rowsum(dO * O), written by the dQ pass, read by the dK/dV pass
+    dq_ptr,  # [B', H, N, HEAD_DIM] contiguous out (dQ pass)
+    dk_ptr,  # [B', H, N, HEAD_DIM] contiguous out (dK/dV pass)
+    dv_ptr,  # [B', H, N, HEAD_DIM] contiguous out (dK/dV pass)
+    dbias_ptr,  # [B', H, N] float32 out: this head's share of the bias gradient (dK/dV pass, if BIAS_GRAD)
+    N,
+    H,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bn,
+    stride_db, stride_dh, stride_dn,
+    QK_SCALE,  # softmax scale times log2(e)
+    SM_SCALE,  # softmax scale
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
+    DKDV: tl.constexpr,  # False: the dQ pass (one program per query tile); True: the dK/dV pass (per key tile)
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    row_base = bh.to(tl.int64) * N
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    do_base = do_ptr + b * stride_db + h * stride_dh
+    bias_base = bias_ptr + b * stride_bb
+    if not DKDV:
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        q = _tile(q_base, offs_m, offs_d, stride_qn, N, HEAD_DIM)
+        do = _tile(do_base, offs_m, offs_d, stride_dn, N, HEAD_DIM)
+        o = _tile(out_ptr + b * N * H * HEAD_DIM + h * HEAD_DIM, offs_m, offs_d, H * HEAD_DIM, N, HEAD_DIM)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        tl.store(delta_ptr + row_base + offs_m, delta, mask=mask_m)
+        lse = tl.load(lse_ptr + row_base + offs_m, mask=mask_m, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            k, v, s = _key_tiles(q, k_base, v_base, bias_base, start + tl.arange(0, BLOCK_N), offs_d, stride_kn,
+                                 stride_vn, stride_bn, N, QK_SCALE, HEAD_DIM, HAS_BIAS, DOT_FP32, PRECISION)
+            p = tl.exp2(s - lse[:, None])
+            dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, DOT_FP32, PRECISION)
+        rows = (row_base + offs_m.to(tl.int64)) * HEAD_DIM
+        tl.store(dq_ptr + rows[:, None] + offs_d[None, :], (dq * SM_SCALE).to(dq_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_d[None, :])
+    else:
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        k = _tile(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM)
+        v = _tile(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM)
+        key_bias = _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dbias = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, N, BLOCK_M):
+            offs_m = start + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < N
+            q = _tile(q_base, offs_m, offs_d, stride_qn, N, HEAD_DIM)
+            do = _tile(do_base, offs_m, offs_d, stride_dn, N, HEAD_DIM)
+            # Padding queries get lse = +inf, so their probabilities are exactly 0.
+            lse = tl.load(lse_ptr + row_base + offs_m, mask=mask_m, other=float("inf"))
+            delta = tl.load(delta_ptr + row_base + offs_m, mask=mask_m, other=0.0)
+            # Transposed tiles (keys x queries), so every product below reduces over a loaded axis.
+            s_t = _dot(k, tl.trans(q), DOT_FP32, PRECISION) * QK_SCALE + key_bias[:, None]
+            p_t = tl.exp2(s_t - lse[None, :])
+            dv += _dot(p_t.to(do.dtype), do, DOT_FP32, PRECISION)
+            dp_t = _dot(v, tl.trans(do), DOT_FP32, PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += _dot(ds_t.to(q.dtype), q, DOT_FP32, PRECISION)
+            if BIAS_GRAD:
+                dbias += tl.sum(ds_t, axis=1)
+        rows = (row_base + offs_n.to(tl.int64)) * HEAD_DIM
+        mask = mask_n[:, None] & mask_d[None, :]
+        tl.store(dk_ptr + rows[:, None] + offs_d[None, :], (dk * SM_SCALE).to(dk_ptr.dtype.element_ty), mask=mask)
+        tl.store(dv_ptr + rows[:, None] + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
+        if BIAS_GRAD:
+            tl.store(dbias_ptr + row_base + offs_n, dbias, mask=mask_n)

@@ -1,0 +1,160 @@
+"""``tempme index`` and ``tempme search``: build a searchable index of your videos, then query it.
+
+    tempme index my_videos/ --out my_index --pretrained openai --workers 4
+    tempme index my_videos/ --out my_index --pretrained openai --resume      # continue, or add new videos
+    torchrun --nproc_per_node 8 -m tempme_fast index my_videos/ --out my_index --pretrained openai
+    tempme search my_index "a dog catches a frisbee" -k 10
+    tempme search my_index --like my_videos/frisbee.mp4 -k 5
+
+Both return 0 on success, 2 on bad input (with a message naming the option), 1 when ``index``
+could read no video at all.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from ..arguments import (SCHEDULE_OPTIONS, add_config_arguments, add_dtype_argument, add_merge_argument,
+                         add_model_arguments, config_from_args, non_negative_int, positive_int)
+from ..retrieval.video import DEFAULT_FPS
+from .vectors import KINDS
+
+
+def _runtime_arguments(group) -> None:
+    add_model_arguments(group, checkpoint_help="fine-tuned TempMe state dict or LoRA adapter, loaded after "
+                                               "patching",
+                        device_help="auto (cuda:LOCAL_RANK under torchrun when there is a GPU), cpu, cuda, cuda:N")
+    add_dtype_argument(group)
+
+
+def add_index_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("videos", help="a folder (searched recursively for .mp4 .webm .avi .mkv .mov) or a "
+                                       "list: .txt (one path per line), .csv or .jsonl with video_path")
+    parser.add_argument("--out", required=True, metavar="INDEX_DIR", help="the index folder")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run or add new videos to an existing index; only "
+                             "videos the index does not record yet are encoded")
+    g = parser.add_argument_group("encoder (model, weights, schedule and sampling are recorded in the index; "
+                                  "queries must match them)")
+    _runtime_arguments(g)
+    add_merge_argument(g)
+    g.add_argument("--sample-fps", type=float, default=DEFAULT_FPS,
+                   help="sampling rate before uniform subsampling to --frames (0: uniform over the video)")
+    g.add_argument("--context-length", type=positive_int, default=32, help="text tokens per query")
+    add_config_arguments(parser)
+    g = parser.add_argument_group("throughput")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="videos per encoder call")
+    g.add_argument("--workers", type=non_negative_int, default=4,
+                   help="decoding worker processes (0: main process)")
+    g.add_argument("--shard-size", type=positive_int, default=1000,
+                   help="videos per shard: what a killed run can lose at most")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--json", default=None, metavar="PATH", help="also write the run's summary as JSON")
+
+
+def spec_from_args(args):
+    from .spec import IndexSpec
+
+    if args.sample_fps < 0:
+        raise ValueError(f"--sample-fps {args.sample_fps} must be >= 0 (0: uniform sampling)")
+    if not args.merge and any(getattr(args, n) is not None for n in SCHEDULE_OPTIONS):
+        raise ValueError("--no-merge takes no schedule options (--imgme-r, --clip-layers, ...)")
+    config = config_from_args(args)  # the released schedule, with any overrides; validated
+    as_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+    return IndexSpec(model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, merge=args.merge,
+                     config=as_dict, frames=args.frames, fps=args.sample_fps or None,
+                     context_length=args.context_length)
+
+
+def run_index(args) -> int:
+    from .build import build_index
+
+    try:
+        summary = build_index(args.videos, args.out, spec_from_args(args), resume=args.resume,
+                              batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size,
+                              backend=args.backend, device=args.device, dtype=args.dtype,
+                              progress=not args.no_progress)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"tempme index: error: {err}", file=sys.stderr)
+        return 2
+    rate = summary["videos_per_s"]
+    where = "" if summary["world_size"] == 1 else f"rank {summary['rank']}/{summary['world_size']}: "
+    print(f"{where}{summary['indexed']} video(s) indexed, {summary['failed']} unreadable (recorded with "
+          f"their reason), {summary['already']} already in the index; {summary['share']} of {summary['total']} "
+          f"listed | {'n/a' if rate is None else f'{rate:.2f}'} videos/s | decode {summary['decode_s']:.1f} s "
+          f"(worker time), encode {summary['encode_s']:.1f} s, waiting for decoded videos "
+          f"{summary['wait_s']:.1f} s of {summary['wall_s']:.1f} s -> {args.out}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 1 if summary["failed"] and not summary["indexed"] and not summary["already"] else 0
+
+
+def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", metavar="INDEX_DIR", help="a folder built by `tempme index`")
+    parser.add_argument("query", nargs="?", default=None, help="what to look for, in words")
+    parser.add_argument("--like", default=None, metavar="VIDEO", help="query by a video file instead of text")
+    parser.add_argument("-k", type=positive_int, default=10, help="results to return")
+    parser.add_argument("--index-type", choices=KINDS, default="exact",
+                        help="exact inner product (default), or FAISS IVF / HNSW for large collections")
+    parser.add_argument("--nlist", type=positive_int, default=None, help="IVF cells (default about 4 sqrt(N))")
+    parser.add_argument("--nprobe", type=positive_int, default=16, help="IVF cells scanned per query")
+    parser.add_argument("--hnsw-m", type=positive_int, default=32, help="HNSW links per vector")
+    parser.add_argument("--ef-search", type=positive_int, default=128, help="HNSW search beam width")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON lines")
+    _runtime_arguments(parser.add_argument_group("encoder (model, weights and checkpoint default to the index's "
+                                                 "own; naming different ones is refused)"))
+    parser.set_defaults(model=None)
+
+
+def run_search(args) -> int:
+    from ..retrieval.video import VideoDecodeError
+    from . import store
+    from .search import VideoIndex
+    from .spec import IndexSpec
+    from .vectors import FAISS_HINT, FaissMissing, faiss_module
+
+    try:
+        if (args.query is None) == (args.like is None):
+            raise ValueError("give either a text query or --like VIDEO (exactly one)")
+        index_spec = IndexSpec.from_json(store.read_header(args.index)["spec"])
+        given = {k: getattr(args, k) for k in ("model", "pretrained", "checkpoint") if getattr(args, k)}
+        if "checkpoint" in given:
+            given["checkpoint_sha256"] = None  # hash the file the caller named
+        query_spec = dataclasses.replace(index_spec, **given)
+        if faiss_module() is None and args.index_type == "exact":
+            print(f"note: FAISS is not installed; exact search runs in NumPy. For faster search and the IVF/HNSW "
+                  f"indexes: {FAISS_HINT}", file=sys.stderr)
+        options = {"nlist": args.nlist, "nprobe": args.nprobe} if args.index_type == "ivf" else \
+            {"hnsw_m": args.hnsw_m, "ef_search": args.ef_search} if args.index_type == "hnsw" else {}
+        index = VideoIndex.open(args.index, args.index_type, query_spec=query_spec, backend=args.backend,
+                                device=args.device, dtype=args.dtype, **options)
+        hits = index.search_text(args.query, args.k) if args.query is not None else \
+            index.search_video(args.like, args.k)
+    except VideoDecodeError as err:
+        print(f"tempme search: error: --like {err.path}: {err.reason}", file=sys.stderr)
+        return 2
+    except (FaissMissing, ValueError, TypeError, FileNotFoundError) as err:
+        print(f"tempme search: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        for hit in hits:
+            print(json.dumps(hit.as_dict()))
+        return 0
+    print(f"{'rank':>4}  {'score':>7}  path")
+    for hit in hits:
+        print(f"{hit.rank:>4}  {hit.score:>7.4f}  {hit.path}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``index`` and ``search`` to the ``tempme`` command's subparsers."""
+    index = subparsers.add_parser("index", help="encode a folder or list of videos into a searchable index "
+                                                "(resumable; several processes under torchrun)")
+    add_index_arguments(index)
+    index.set_defaults(func=run_index)
+    search = subparsers.add_parser("search", help="search a video index by text or by an example video")
+    add_search_arguments(search)
+    search.set_defaults(func=run_search)

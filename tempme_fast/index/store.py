@@ -1,0 +1,255 @@
+"""The on-disk index: a header, then shards of fp16 embeddings, each committed by its manifest.
+
+Layout of ``INDEX_DIR``::
+
+    index.json                       format, version, the encoder (IndexSpec), embedding width
+    shards/r0000-000000.npy          [n_ok, D] float16, L2-normalised video embeddings
+    shards/r0000-000000.jsonl        one line per video of the shard, in order:
+                                     {"path", "status": "ok"|"error", "row", "duration", "frames", "reason"}
+
+``r0000`` is the writing process's rank, ``000000`` its shard counter. Every file is written under a
+temporary name and renamed into place (atomic on one file system); the manifest is renamed last,
+so a shard exists only once its manifest does. A run killed at any point leaves at most an orphan
+``.npy`` or temporary file, which readers ignore and the next run overwrites or removes: nothing
+half-written is ever read. A video whose manifest line exists, readable or not, is not encoded again.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+
+from ..checkpoint import atomic_write
+from .spec import IndexSpec, SpecMismatch, check_same_encoder
+
+FORMAT = "tempme-video-index"
+VERSION = 1
+HEADER = "index.json"
+SHARDS = "shards"
+_SHARD_RE = re.compile(r"^r(\d{4})-(\d{6})\.jsonl$")
+
+
+def _atomic_write(path: str, write) -> None:
+    # One place to patch in tests that simulate a kill between two files.
+    atomic_write(path, write)
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def prepare_dir(path: str) -> None:
+    """Create ``path/shards`` and prove it writable, or raise a ValueError that names ``--out``."""
+    shards = os.path.join(path, SHARDS)
+    try:
+        os.makedirs(shards, exist_ok=True)
+        probe = os.path.join(shards, f".write-test-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as exc:
+        raise ValueError(f"--out {path}: cannot write the index there ({exc.strerror or exc}); choose a "
+                         f"writable folder") from None
+
+
+def read_header(path: str) -> dict:
+    """The parsed ``index.json`` of the index at ``path``; a clear error when there is none."""
+    header = os.path.join(path, HEADER)
+    if not os.path.isfile(header):
+        raise FileNotFoundError(f"{path} is not a video index (no {HEADER}); build one with `tempme index`")
+    with open(header) as f:
+        data = json.load(f)
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{header}: format {data.get('format')!r} is not {FORMAT!r}")
+    if data.get("version") != VERSION:
+        raise ValueError(f"{header}: version {data.get('version')} is not supported (this library reads "
+                         f"version {VERSION})")
+    return data
+
+
+def write_header(path: str, spec: IndexSpec, dim: int) -> None:
+    """Write ``index.json``, or check that an existing one describes the same encoder.
+
+    Every rank of a multi-process run calls this; all write identical content, so whichever rename
+    lands last changes nothing.
+    """
+    spec = spec.resolved()
+    if os.path.isfile(os.path.join(path, HEADER)):
+        old = read_header(path)
+        check_same_encoder(IndexSpec.from_json(old["spec"]), spec, f"the index at {path}")
+        if old["embed_dim"] != dim:
+            raise SpecMismatch(f"the index at {path} holds {old['embed_dim']}-d embeddings, the model makes "
+                               f"{dim}-d ones")
+        return
+    data = {"format": FORMAT, "version": VERSION, "spec": spec.to_json(), "embed_dim": int(dim),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    _atomic_write(os.path.join(path, HEADER), lambda f: f.write(_json_bytes(data)))
+
+
+def manifests(path: str, rank: Optional[int] = None) -> List[str]:
+    """Committed shard manifests of the index at ``path`` (of one writer ``rank`` only when given), in
+    name order (rank, then counter)."""
+    found = glob.glob(os.path.join(path, SHARDS, "r*-*.jsonl" if rank is None else f"r{rank:04d}-*.jsonl"))
+    return sorted(p for p in found if _SHARD_RE.match(os.path.basename(p)))
+
+
+def read_manifest(manifest: str) -> List[dict]:
+    with open(manifest) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def recorded_paths(path: str) -> Dict[str, str]:
+    """``video path -> status`` of every video already in a committed shard."""
+    done: Dict[str, str] = {}
+    for manifest in manifests(path):
+        for row in read_manifest(manifest):
+            done.setdefault(row["path"], row["status"])
+    return done
+
+
+def remove_stale_temporaries(path: str) -> int:
+    """Delete the temporary files of writers that no longer run (killed mid-write); returns how many."""
+    removed = 0
+    for tmp in glob.glob(os.path.join(path, SHARDS, ".*.*.tmp")):
+        pid = tmp[:-len(".tmp")].rsplit(".", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            os.remove(tmp)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ShardWriter:
+    """Collects ``(record, embedding)`` pairs of one rank and commits them ``shard_size`` videos at a time."""
+
+    def __init__(self, path: str, rank: int = 0, shard_size: int = 1000):
+        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+            raise ValueError(f"shard_size={shard_size!r} must be a positive int (videos per shard)")
+        self.path, self.rank, self.shard_size = path, rank, shard_size
+        own = [int(_SHARD_RE.match(os.path.basename(m)).group(2)) for m in manifests(path, rank)]
+        self.next_shard = max(own, default=-1) + 1
+        self.records: List[dict] = []
+        self.vectors: List[np.ndarray] = []
+        self.written: List[str] = []
+
+    def add(self, records: Iterable[dict], vectors: Optional[np.ndarray]) -> None:
+        """Queue a batch: ``records`` in order; ``vectors [n_ok, D]`` for those with status ``ok``."""
+        records = list(records)
+        ok = sum(r["status"] == "ok" for r in records)
+        if ok != (0 if vectors is None else len(vectors)):
+            raise ValueError(f"{ok} readable video(s) but {0 if vectors is None else len(vectors)} embeddings")
+        self.records.extend(records)
+        if ok:
+            self.vectors.append(np.asarray(vectors, dtype=np.float16))
+        if len(self.records) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> Optional[str]:
+        """Commit what is queued as one shard; returns its manifest path (None when nothing is queued)."""
+        if not self.records:
+            return None
+        name = os.path.join(self.path, SHARDS, f"r{self.rank:04d}-{self.next_shard:06d}")
+        vectors = np.concatenate(self.vectors) if self.vectors else None
+        rows, row = [], 0
+        for record in self.records:
+            record = dict(record)
+            record["row"] = row if record["status"] == "ok" else None
+            row += record["status"] == "ok"
+            rows.append(record)
+        if vectors is not None:
+            _atomic_write(name + ".npy", lambda f: np.save(f, vectors))
+        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
+        _atomic_write(name + ".jsonl", lambda f: f.write(lines))  # the commit point
+        self.records, self.vectors = [], []
+        self.next_shard += 1
+        self.written.append(name + ".jsonl")
+        return name + ".jsonl"
+
+
+@dataclass
+class IndexContents:
+    """Every readable video of an index: ``vectors [N, D] float16`` and one record per row."""
+
+    header: dict
+    vectors: np.ndarray
+    records: List[dict]
+    failed: List[dict]
+
+    @property
+    def spec(self) -> IndexSpec:
+        return IndexSpec.from_json(self.header["spec"])
+
+
+def load_contents(path: str) -> IndexContents:
+    """Read the header and every committed shard (manifest order); each path is counted once."""
+    header = read_header(path)
+    dim = header["embed_dim"]
+    chunks: List[np.ndarray] = []
+    records: List[dict] = []
+    failed: List[dict] = []
+    seen = set()
+    for manifest in manifests(path):
+        rows = read_manifest(manifest)
+        ok = [r for r in rows if r["status"] == "ok"]
+        vectors = np.zeros((0, dim), np.float16)
+        if ok:
+            vectors = np.load(manifest[:-len(".jsonl")] + ".npy")
+        if vectors.shape != (len(ok), dim):
+            raise ValueError(f"{manifest}: {len(ok)} readable videos but the shard holds vectors of shape "
+                             f"{vectors.shape} (expected ({len(ok)}, {dim})); the index is damaged")
+        keep = [i for i, r in enumerate(ok) if r["path"] not in seen]
+        seen.update(r["path"] for r in rows)
+        chunks.append(vectors[keep])
+        records.extend(ok[i] for i in keep)
+        failed.extend(r for r in rows if r["status"] != "ok")
+    vectors = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float16)
+    return IndexContents(header, vectors, records, failed)
+
+
+def index_size_bytes(path: str) -> Tuple[int, int]:
+    """``(bytes of embeddings, bytes of manifests)`` of the committed shards."""
+    emb = man = 0
+    for manifest in manifests(path):
+        man += os.path.getsize(manifest)
+        npy = manifest[:-len(".jsonl")] + ".npy"
+        if os.path.exists(npy):
+            emb += os.path.getsize(npy)
+    return emb, man
+
+
+def search_cache_path(path: str, kind: str, options: dict) -> Optional[str]:
+    """Where the built ``kind`` search index of these shards and ``options`` is kept.
+
+    The name hashes the committed manifests (names and sizes) and the options, so an index that
+    grew, or other options, get a new file; older files of the same kind are removed.
+    """
+    key = json.dumps([[os.path.basename(m), os.path.getsize(m)] for m in manifests(path)] + [kind, options],
+                     sort_keys=True, default=str)
+    folder = os.path.join(path, "search")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:  # a read-only index is still searchable; the index is then rebuilt per query
+        return None
+    name = os.path.join(folder, f"{kind}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.faiss")
+    for old in glob.glob(os.path.join(folder, f"{kind}-*.faiss")):
+        if old != name:
+            os.remove(old)
+    return name

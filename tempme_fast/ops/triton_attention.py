@@ -1,0 +1,275 @@
+"""Triton backend of proportional attention: launchers, custom ops, the autograd function.
+
+Layering (as ``triton_ops`` for the merge ops): the kernels live in ``tempme_kernels.attention``;
+here are the launchers ``attention_forward`` / ``attention_backward``, the custom ops
+``tempme::attention_fwd`` and ``tempme::attention_bwd`` (with fake implementations, so
+``torch.compile(fullgraph=True)`` traces through them), ``AttentionFunction``, and
+``attention(q, k, v, bias)``, which ``tempme_fast.ops.attention_impl`` dispatches to (inputs are
+validated at ``tempme_fast.ops.attention``).
+
+The output is written in ``[B', N, H, d]`` memory order and returned as a ``[B', H, N, d]`` view:
+the encoder's next step (``out.transpose(1, 2).reshape(B', N, H * d)``) is then free.
+``KERNEL_VARIANTS`` lists the compile-time variants at open_clip's shapes for the codegen report.
+"""
+import math
+import os
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+import triton
+
+from tempme_kernels.attention import _attention_bwd_kernel, _attention_fwd_kernel
+
+__all__ = ["AttentionFunction", "DTYPES", "KERNEL_VARIANTS", "KernelVariant", "attention", "attention_backward",
+           "attention_forward", "block_config", "codegen_args", "gpu_warps"]
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+
+# Tile sizes (queries, keys) on a GPU per padded head dim, chosen so that no variant spills on
+# sm_80/sm_90 (ptxas -v; see KERNEL_VARIANTS). Fixed, not autotuned: N changes at every layer,
+# and a tuner keyed on it would re-tune per layer.
+GPU_FWD_BLOCKS = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (64, 32)}
+GPU_BWD_BLOCKS = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (32, 32)}
+
+
+def gpu_warps(block_d: int, backward: bool, fp32: bool = False) -> int:
+    """Warps per program: 8 at 128 channels for the backward (its two ``[32, 128]`` float32
+    accumulators, dK and dV, spill on sm_80 at 4 warps) and for float32 inputs; 4 elsewhere."""
+    return 8 if block_d == 128 and (backward or fp32) else 4
+GPU_STAGES = 2
+FP32_BLOCK = 32
+# The interpreter pays per program and per op, not per lane: one tile covers up to this many
+# tokens. Tests shrink it to walk the multi-tile loops.
+INTERPRETER_BLOCK = 128
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def block_config(head_dim: int, tokens: int, backward: bool = False, fp32: bool = False) -> Tuple[int, int, int]:
+    """``(BLOCK_D, BLOCK_M, BLOCK_N)``: head dim padded to a power of two (at least 16, ``tl.dot``'s
+    smallest tile), and the query and key tile sizes (at most 32, or 16 at 128 channels, for float32
+    inputs, whose full-precision products take more registers: 64 x 64 spills on sm_90)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if _interpreting():
+        block = max(16, min(triton.next_power_of_2(max(tokens, 1)), INTERPRETER_BLOCK))
+        return block_d, block, block
+    block_m, block_n = (GPU_BWD_BLOCKS if backward else GPU_FWD_BLOCKS)[block_d]
+    if fp32:
+        cap = FP32_BLOCK if block_d < 128 else FP32_BLOCK // 2
+        block_m, block_n = min(block_m, cap), min(block_n, cap)
+    return block_d, block_m, block_n
+
+
+def _constexprs(q: torch.Tensor) -> dict:
+    # Full-precision products for float32 inputs (the reference does not use TF32 either).
+    return {"DOT_FP32": _interpreting() and q.dtype != torch.float32,
+            "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}
+
+
+def _launch_options(block_d: int, backward: bool, fp32: bool) -> dict:
+    return {} if _interpreting() else {"num_warps": gpu_warps(block_d, backward, fp32), "num_stages": GPU_STAGES}
+
+
+def _new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Every output buffer comes from here (tests fill it with NaN to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
+    # Vector loads need contiguous channels; the encoder's q/k/v (views of one q|k|v projection) have them.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _bias_args(bias: Optional[torch.Tensor], q: torch.Tensor):
+    if bias is None:
+        return q, 0, 0  # never read (HAS_BIAS=False); any pointer will do
+    return bias, bias.stride(0), bias.stride(1)
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(q k^T / sqrt(d) + bias) v``.
+
+    Args:
+        q, k, v: ``[B', H, N, d]`` float16/bfloat16/float32, one dtype, any strides.
+        bias: ``[B', N]`` float32 (``log(size)``), or None for plain attention.
+    Returns:
+        ``out [B', H, N, d]`` in q's dtype (a view of a ``[B', N, H, d]`` buffer) and
+        ``lse [B', H, N]`` float32, each query's log-sum-exp in log2 units (for the backward).
+    """
+    q, k, v = (_unit_channel_stride(t) for t in (q, k, v))
+    rows, heads, tokens, head_dim = q.shape
+    out = _new_output((rows, tokens, heads, head_dim), q.dtype, q.device)
+    lse = _new_output((rows, heads, tokens), torch.float32, q.device)
+    block_d, block_m, block_n = block_config(head_dim, tokens, fp32=q.dtype == torch.float32)
+    scale = 1.0 / math.sqrt(head_dim)
+    bias_t, stride_bb, stride_bn = _bias_args(bias, q)
+    _attention_fwd_kernel[(triton.cdiv(tokens, block_m), rows * heads)](
+        q, k, v, bias_t, out, lse, tokens, heads,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], stride_bb, stride_bn, scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,
+        **_constexprs(q), **_launch_options(block_d, False, q.dtype == torch.float32),
+    )
+    return out.transpose(1, 2), lse
+
+
+def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, bias_grad: bool
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`attention_forward`.
+
+    Args:
+        grad_out: ``[B', H, N, d]`` any strides; out, lse: what the forward returned.
+        bias_grad: also compute the bias gradient.
+    Returns:
+        ``dq, dk, dv`` (``[B', H, N, d]``, contiguous, q's dtype) and ``dbias [B', H, N]`` float32,
+        each head's share of the bias gradient (sum over dim 1 for ``[B', N]``), or an empty
+        tensor when ``bias_grad`` is False.
+    """
+    q, k, v, grad_out = (_unit_channel_stride(t) for t in (q, k, v, grad_out))
+    rows, heads, tokens, head_dim = q.shape
+    dq, dk, dv = (_new_output((rows, heads, tokens, head_dim), q.dtype, q.device) for _ in range(3))
+    delta = _new_output((rows, heads, tokens), torch.float32, q.device)
+    dbias = _new_output((rows, heads, tokens) if bias_grad else (0,), torch.float32, q.device)
+    block_d, block_m, block_n = block_config(head_dim, tokens, backward=True, fp32=q.dtype == torch.float32)
+    scale = 1.0 / math.sqrt(head_dim)
+    bias_t, stride_bb, stride_bn = _bias_args(bias, q)
+    out = out.transpose(1, 2)  # the [B', N, H, d] buffer the forward wrote
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,
+                  BIAS_GRAD=bias_grad, **_constexprs(q), **_launch_options(block_d, True, q.dtype == torch.float32))
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], stride_bb, stride_bn, *grad_out.stride()[:3],
+               scale * LOG2E, scale)
+    args = (q, k, v, bias_t, out, grad_out, lse, delta, dq, dk, dv, dbias if bias_grad else delta, tokens, heads,
+            *strides)
+    # The dQ pass writes delta, which the dK/dV pass reads: two launches in stream order.
+    _attention_bwd_kernel[(triton.cdiv(tokens, block_m), rows * heads)](*args, DKDV=False, **common)
+    _attention_bwd_kernel[(triton.cdiv(tokens, block_n), rows * heads)](*args, DKDV=True, **common)
+    return dq, dk, dv, dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops and autograd
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("tempme::attention_fwd", mutates_args=())
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, bias)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, bias):
+    rows, heads, tokens, head_dim = q.shape
+    return (q.new_empty((rows, tokens, heads, head_dim)).transpose(1, 2),
+            q.new_empty((rows, heads, tokens), dtype=torch.float32))
+
+
+@torch.library.custom_op("tempme::attention_bwd", mutates_args=())
+def _attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, bias_grad: bool
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(grad_out, q, k, v, bias, out, lse, bias_grad)
+
+
+@_attention_bwd_op.register_fake
+def _(grad_out, q, k, v, bias, out, lse, bias_grad):
+    rows, heads, tokens, _ = q.shape
+    return (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape),
+            q.new_empty((rows, heads, tokens) if bias_grad else (0,), dtype=torch.float32))
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Attention with a per-key bias, differentiable in ``q``, ``k``, ``v`` and ``bias``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias):
+        out, lse = torch.ops.tempme.attention_fwd(q, k, v, bias)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = torch.ops.tempme.attention_bwd(grad_out, q, k, v, bias, out, lse, bias_grad)
+        # Summing the heads' shares here (torch's reduction) keeps the kernels free of atomics.
+        return dq, dk, dv, (dbias.sum(dim=1) if bias_grad else None)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) + bias) v`` on ``[B', H, N, d]`` with ``bias [B', N]`` float32 or None."""
+    return AttentionFunction.apply(q, k, v, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile-time variants, for the codegen report
+# ---------------------------------------------------------------------------------------------
+
+class KernelVariant(NamedTuple):
+    """One compiled form of a kernel: its name, the dtype and head dim it runs, the tile sizes, the
+    token count of an open_clip ViT layer it was listed for (N is not specialised) and the pass."""
+
+    kernel: str
+    dtype: str
+    head_dim: int
+    block_d: int
+    block_m: int
+    block_n: int
+    tokens: int
+    model: str
+    dkdv: bool  # the backward kernel's dK/dV pass (DKDV=True) rather than its dQ pass
+
+
+# (model, head dim, a token count its layers see: the unmerged frame, and a joined clip).
+_SHAPES = (("ViT-B/32", 64, 50), ("ViT-B/16", 64, 197), ("ViT-B/16 joined", 64, 394), ("ViT-L/14", 64, 257),
+           ("ViT-H/14", 80, 257), ("ViT-g/14 (d=88 -> 128)", 88, 257), ("d=32", 32, 197), ("d=48", 48, 197),
+           ("d=96", 96, 197), ("d=128", 128, 197))
+
+
+def _variants() -> List[KernelVariant]:
+    rows = []
+    for model, head_dim, tokens in _SHAPES:
+        block_d = max(16, triton.next_power_of_2(head_dim))
+        for dtype in ("fp16", "bf16"):
+            fm, fn = GPU_FWD_BLOCKS[block_d]
+            bm, bn = GPU_BWD_BLOCKS[block_d]
+            rows += [KernelVariant("_attention_fwd_kernel", dtype, head_dim, block_d, fm, fn, tokens, model, False),
+                     KernelVariant("_attention_bwd_kernel", dtype, head_dim, block_d, bm, bn, tokens, model, False),
+                     KernelVariant("_attention_bwd_kernel", dtype, head_dim, block_d, bm, bn, tokens, model, True)]
+    return rows
+
+
+KERNEL_VARIANTS: Tuple[KernelVariant, ...] = tuple(_variants())
+
+
+def codegen_args(variant: KernelVariant) -> Tuple[object, dict, dict, dict]:
+    """``(kernel, signature, constexprs, attrs)`` to compile ``variant`` ahead of time with
+    ``triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget(...))``.
+
+    Pointers and the token/batch/head strides carry the divisible-by-16 hint they get at run time
+    from the encoder's q/k/v (views of one projection whose widths are multiples of 16); ``N`` is
+    not specialised (``do_not_specialize``), as at run time.
+    """
+    kernel = {k.fn.__name__: k for k in (_attention_fwd_kernel, _attention_bwd_kernel)}[variant.kernel]
+    element = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[variant.dtype]
+    float_ptrs = ("lse_ptr", "delta_ptr", "dbias_ptr", "bias_ptr")
+    constexprs = {"HEAD_DIM": variant.head_dim, "BLOCK_D": variant.block_d, "BLOCK_M": variant.block_m,
+                  "BLOCK_N": variant.block_n, "HAS_BIAS": True, "BIAS_GRAD": True, "DKDV": variant.dkdv, "DOT_FP32": False,
+                  "PRECISION": "tf32", "stride_bn": 1}
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in float_ptrs else element
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("QK_SCALE", "SM_SCALE"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride_") and name != "stride_bb":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return kernel, signature, {k: v for k, v in constexprs.items() if k in kernel.arg_names}, attrs

@@ -1,0 +1,113 @@
+"""``tempme bench --image``: images/s of an open_clip image tower, unmerged against ToMe.
+
+The rows are ``tempme_fast.bench.BenchRow`` (per image where those say per video) and print in
+``tempme bench``'s table. Repeats are interleaved: one timed call of every variant per round, so a
+load change on a shared machine hits all variants alike rather than one of them.
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Dict, List, Sequence
+
+import torch
+
+from ..bench import BenchRow, format_table, peak_memory_mb, time_calls
+from ..flops import flop_counter
+from .open_clip_patch import apply_tome, remove_tome, tome_tokens
+
+
+def _variants(r_values: Sequence[int], backends: Sequence[str]):
+    yield "open_clip (unmerged)", None, "-"
+    for r in r_values:
+        for backend in backends:
+            yield f"ToMe r={r}", r, backend
+
+
+def _set(model, r, backend):
+    if r is None:
+        if tome_tokens(model) is not None:
+            remove_tome(model)
+    else:
+        apply_tome(model, r, backend=backend)
+
+
+def bench_images(model: torch.nn.Module, r_values: Sequence[int], *, batch: int, device: torch.device,
+                 dtype: torch.dtype, backends: Sequence[str], repeats: int = 3, warmup: int = 1,
+                 seed: int = 0) -> List[BenchRow]:
+    """Time ``model.encode_image`` unmerged and with ToMe at each ``r`` and backend, same random images.
+
+    Returns one row per variant (``tokens_per_video`` = tokens per image after the last block,
+    ``videos_per_s`` = images/s). The model is left unpatched.
+    """
+    if batch < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"batch={batch} and repeats={repeats} must be >= 1, warmup={warmup} >= 0")
+    model = model.to(device=device, dtype=dtype).eval()
+    size = model.visual.image_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    images = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+    variants = list(_variants(r_values, backends))
+
+    def run():
+        with torch.inference_mode():
+            return model.encode_image(images)
+
+    times: Dict[int, List[float]] = {i: [] for i in range(len(variants))}
+    for i, (_, r, backend) in enumerate(variants):
+        _set(model, r, backend)
+        time_calls(run, device, 0, warmup)
+    for _ in range(repeats):
+        for i, (_, r, backend) in enumerate(variants):
+            _set(model, r, backend)
+            times[i] += time_calls(run, device, 1, 0)
+    rows = []
+    for i, (name, r, backend) in enumerate(variants):
+        _set(model, r, backend)
+        with flop_counter() as counter, torch.inference_mode():
+            model.encode_image(images[:1])
+        tokens = tome_tokens(model) or model.visual.positional_embedding.shape[0]
+        median = statistics.median(times[i])
+        rows.append(BenchRow(name=name, backend=backend, tokens_per_video=tokens,
+                             gflops_per_video=counter.get_total_flops() / 1e9, latency_ms=median,
+                             latency_min_ms=min(times[i]), latency_max_ms=max(times[i]),
+                             videos_per_s=batch / (median / 1e3), peak_mem_mb=peak_memory_mb(run, device)))
+    _set(model, None, "-")
+    for row in rows:
+        row.speedup = row.videos_per_s / rows[0].videos_per_s
+    return rows
+
+
+def format_image_table(rows: Sequence[BenchRow]) -> str:
+    """``tempme bench``'s table, its per-video headers read per image."""
+    header, rest = format_table(rows).split("\n", 1)
+    return header.replace("tokens/video", "tokens/image").replace("GFLOPs/video", "GFLOPs/image").replace(
+        "videos/s", "images/s") + "\n" + rest
+
+
+def run_image_bench(args) -> int:
+    """``tempme bench --image``: the bench command's model, device, dtype, batch and repeat options,
+    with ``--tome-r`` (r values, default 8 and 16) in place of the TempMe schedule; ``--batch`` counts images."""
+    import json
+    import sys
+
+    from ..bench import cpu_name, default_backends
+    from ..loading import DTYPES, create_model, default_dtype_name, resolve_device
+
+    device = resolve_device(args.device)
+    dtype_name = args.dtype or default_dtype_name(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = create_model(args.model, args.pretrained, device=str(device), dtype=DTYPES[dtype_name])
+    rows = bench_images(model, args.tome_r, batch=args.batch, device=device, dtype=DTYPES[dtype_name],
+                        backends=args.backends or default_backends(device), repeats=args.repeats, warmup=args.warmup)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    load = " ".join(f"{v:.2f}" for v in __import__("os").getloadavg())
+    print(f"{args.model}, batch {args.batch} images, {dtype_name}, {where} ({torch.get_num_threads()} threads), "
+          f"torch {torch.__version__}, load average {load}")
+    print(format_image_table(rows))
+    if args.json:
+        from ..bench import rows_as_dicts
+        with open(args.json, "w") as f:
+            json.dump({"command": "tempme " + " ".join(sys.argv[1:]), "model": args.model, "batch": args.batch,
+                       "dtype": dtype_name, "device": where, "load_average": load, "rows": rows_as_dicts(rows)},
+                      f, indent=2)
+    return 0

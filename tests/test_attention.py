@@ -1,0 +1,289 @@
+"""Proportional attention: the Triton kernel and the folded-bias SDPA path against the reference.
+
+Truth is ``reference.attention(..., "eager")`` in float64; every candidate runs in the test dtype
+and is compared, forward and every gradient (q, k, v and size), with a tolerance per dtype.
+Without a GPU the kernel runs in Triton's interpreter; the ``cuda`` tests repeat the comparison at
+real ViT shapes and check that the folded path runs on SDPA's flash kernel.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tempme_fast import apply_tempme, encoder, ops
+from tempme_fast.ops import attention_impl, reference, triton_attention
+from tiny import TINY_CONFIG, tiny_clip, video
+
+# Max-abs error allowed, relative to the largest reference value of the same tensor.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CANDIDATES = ("triton", "fold")
+
+
+@pytest.fixture
+def nan_outputs(monkeypatch):
+    """Kernel outputs start as NaN, so an element the kernel never writes fails the comparison."""
+    def new_output(shape, dtype, device):
+        if dtype.is_floating_point:
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.empty(shape, dtype=dtype, device=device)
+    monkeypatch.setattr(triton_attention, "_new_output", new_output)
+
+
+def make_inputs(rows, heads, tokens, head_dim, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(rows, heads, tokens, head_dim, generator=g).to(device=device, dtype=dtype)
+               for _ in range(3))
+    # Sizes up to 30 give biases up to log(30) = 3.4: enough to move the softmax well away from plain attention.
+    size = torch.randint(1, 31, (rows, tokens, 1), generator=g).float().to(device)
+    grad = torch.randn(rows, heads, tokens, head_dim, generator=g).to(device=device, dtype=dtype)
+    return q, k, v, size, grad
+
+
+def forward_backward(fn, q, k, v, size, grad):
+    """``fn``'s output and the gradients of ``(out * grad).sum()`` for q, k, v and size (if not None)."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    size = None if size is None else size.detach().requires_grad_()
+    out = fn(*leaves, size)
+    out.backward(grad)
+    return [out.detach()] + [t.grad for t in leaves] + ([] if size is None else [size.grad])
+
+
+def truth(q, k, v, size, grad):
+    return forward_backward(lambda *a: reference.attention(*a, "eager"), *(t.double() for t in (q, k, v)),
+                            None if size is None else size.double(), grad.double())
+
+
+def assert_close_to(got, want, dtype, names=("out", "dq", "dk", "dv", "dsize")):
+    for name, a, b in zip(names, got, want):
+        assert not a.isnan().any(), f"{name}: NaN (an element was never written)"
+        err = (a.double() - b).abs().max().item()
+        scale = b.abs().max().item()
+        # The floor: where the true gradient is 0 (one token: dq = dk = 0), rounding leaves a trace.
+        assert err <= TOLERANCE[dtype] * max(scale, 0.1), f"{name}: max abs error {err:.3g} (largest {scale:.3g})"
+
+
+def candidate(impl, backend="triton"):
+    return lambda q, k, v, size: ops.attention(q, k, v, size, impl=impl, backend=backend)
+
+
+SHAPES = [(2, 3, 17, 64), (1, 2, 1, 64), (2, 2, 50, 80), (1, 1, 197, 64), (3, 1, 33, 32), (1, 2, 40, 48),
+          (1, 1, 24, 96), (1, 1, 20, 128), (1, 2, 9, 8)]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("impl", CANDIDATES)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"B{b}-H{h}-N{n}-D{d}" for b, h, n, d in SHAPES])
+def test_candidate_equals_reference(device, nan_outputs, impl, dtype, shape):
+    q, k, v, size, grad = make_inputs(*shape, dtype, device)
+    assert_close_to(forward_backward(candidate(impl), q, k, v, size, grad), truth(q, k, v, size, grad), dtype)
+
+
+@pytest.mark.interpreter
+def test_sizes_matter_more_than_the_tolerance(device):
+    """The comparisons above could not pass with the bias ignored."""
+    q, k, v, size, grad = make_inputs(2, 2, 17, 64, torch.float16, device)
+    with_bias = candidate("triton")(q, k, v, size)
+    without = candidate("triton")(q, k, v, None)
+    assert (with_bias - without).abs().max() > 100 * TOLERANCE[torch.float16]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_kernel_without_bias_equals_plain_attention(device, nan_outputs, dtype):
+    q, k, v, _, grad = make_inputs(2, 2, 19, 64, dtype, device)
+    got = forward_backward(lambda q, k, v, s: triton_attention.attention(q, k, v, None), q, k, v, None, grad)
+    assert_close_to(got, truth(q, k, v, None, grad), dtype)
+
+
+@pytest.mark.interpreter
+def test_kernel_walks_many_tiles(device, nan_outputs, monkeypatch):
+    """Tiles of 16 tokens: the online softmax and both backward passes loop over 4 tiles of 50 tokens."""
+    monkeypatch.setattr(triton_attention, "INTERPRETER_BLOCK", 16)
+    if device == "cuda":
+        monkeypatch.setattr(triton_attention, "GPU_FWD_BLOCKS", {64: (16, 16)})
+        monkeypatch.setattr(triton_attention, "GPU_BWD_BLOCKS", {64: (16, 16)})
+    q, k, v, size, grad = make_inputs(2, 2, 50, 64, torch.float32, device)
+    assert_close_to(forward_backward(candidate("triton"), q, k, v, size, grad), truth(q, k, v, size, grad),
+                    torch.float32)
+
+
+@pytest.mark.interpreter
+def test_kernel_reads_the_encoders_strided_views(device):
+    """q, k, v as the encoder makes them: views of one ``[B', N, 3, H, d]`` projection."""
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, 21, 3, 2, 32, generator=g).to(device).requires_grad_()
+    size = torch.randint(1, 9, (2, 21), generator=g).float().to(device)
+    grads = []
+    for impl in ("triton", "sdpa"):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = ops.attention(q, k, v, size, impl=impl, backend="triton" if impl == "triton" else "torch")
+        (grad_qkv,) = torch.autograd.grad(out.square().sum(), qkv)
+        grads.append((out, grad_qkv))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpreter
+def test_kernel_backward_repeats_bit_for_bit(device):
+    q, k, v, size, grad = make_inputs(2, 2, 37, 64, torch.float16, device)
+    first = forward_backward(candidate("triton"), q, k, v, size, grad)
+    second = forward_backward(candidate("triton"), q, k, v, size, grad)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_auto_chooses_by_backend_and_bias():
+    q = torch.zeros(1, 1, 4, 8)
+    size = torch.ones(1, 4)
+    assert attention_impl.choose("auto", q, size, triton_backend=True) == attention_impl.FAST_IMPL
+    assert attention_impl.choose("auto", q, None, triton_backend=True) == "sdpa"  # no bias: SDPA's flash kernel
+    assert attention_impl.choose("auto", q, size, triton_backend=False) == "sdpa"
+    assert attention_impl.choose("auto", q.double(), size, triton_backend=True) == "sdpa"
+    assert attention_impl.choose("fold", q, size, triton_backend=False) == "fold"
+
+
+@pytest.mark.parametrize("head_dim, width", [(64, 72), (80, 88), (6, 8), (32, 40), (128, 136)])
+def test_folded_width_is_a_multiple_of_eight_with_room_for_the_bias(head_dim, width):
+    assert attention_impl.folded_width(head_dim) == width
+
+
+def test_fold_keeps_the_bias_to_float32_precision_in_bfloat16():
+    """The bias rides on two bfloat16 channels; one would round log(size) * 8 to a step of 1/8."""
+    q, k, v, size, _ = make_inputs(1, 1, 12, 64, torch.float32, "cpu")
+    size = size * 1.37  # biases that bfloat16 cannot hold exactly
+    ones = torch.ones_like(q)
+    got = attention_impl.folded_attention(ones.bfloat16(), k.bfloat16() * 0, v.bfloat16(), size)
+    want = reference.attention(ones.double(), k.double() * 0, v.bfloat16().double(), size.double(), "eager")
+    assert (got.double() - want).abs().max() < 1e-2
+
+
+def test_bad_attention_arguments_are_refused():
+    q = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="impl='flash' is not an attention implementation; valid"):
+        ops.attention(q, q, q, None, impl="flash")
+    with pytest.raises(TypeError, match="impl='triton' needs q, k, v of one dtype"):
+        ops.attention(q.double(), q.double(), q.double(), None, impl="triton")
+    with pytest.raises(ValueError, match="attention='flash' is not one of"):
+        apply_tempme(tiny_clip(), TINY_CONFIG, attention="flash")
+
+
+def test_unmerged_layers_get_no_bias(monkeypatch):
+    """Attention gets sizes only once a merge has happened (from the schedule, no size is read)."""
+    seen = []
+    real = ops.attention
+
+    def spy(q, k, v, size=None, impl="auto", backend="auto"):
+        seen.append(size is not None)
+        return real(q, k, v, size, impl=impl, backend=backend)
+
+    monkeypatch.setattr(encoder.ops, "attention", spy)
+    # Layer 0 merges after its attention; with imgme_r = 0 the first merge is layer 2's cross-clip merge.
+    for config, expected in ((TINY_CONFIG, [False, True, True, True]),
+                             (TINY_CONFIG.replace(imgme_r=0), [False, False, True, True]),
+                             (TINY_CONFIG.replace(prop_attn=False), [False] * 4)):
+        seen.clear()
+        model = apply_tempme(tiny_clip(), config, backend="torch")
+        with torch.no_grad():
+            model.encode_video(video(1, 4))
+        assert seen == expected, config
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("impl", CANDIDATES)
+def test_whole_model_with_each_candidate_equals_mask_attention(device, impl):
+    backend = "triton" if impl == "triton" else "torch"
+    results = {}
+    for attention in (impl, "sdpa"):
+        model = apply_tempme(tiny_clip(), TINY_CONFIG, backend=backend, attention=attention).to(device).train()
+        emb = model.encode_video(video(2, 4).to(device))
+        emb.square().sum().backward()
+        results[attention] = emb.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    (got, got_grads), (want, want_grads) = results[impl], results["sdpa"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got_grads.keys() == want_grads.keys()
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.interpreter
+def test_triton_attention_compiles_without_graph_breaks(device):
+    q, k, v, size, _ = make_inputs(1, 2, 17, 32, torch.float32, device)
+    fn = torch.compile(candidate("triton"), fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    torch.testing.assert_close(fn(q, k, v, size), candidate("triton")(q, k, v, size), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU, at real shapes
+# ---------------------------------------------------------------------------------------------
+
+# (clips, heads, tokens, head dim): ViT-B/16 frame, a joined ViT-B/16 clip, ViT-L/14, ViT-H/14, ViT-B/32.
+CUDA_SHAPES = [(16, 12, 197, 64), (8, 12, 394, 64), (8, 16, 257, 64), (4, 16, 257, 80), (32, 12, 50, 64)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", CANDIDATES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=[f"B{b}-H{h}-N{n}-D{d}" for b, h, n, d in CUDA_SHAPES])
+def test_cuda_candidate_equals_reference(nan_outputs, impl, dtype, shape):
+    q, k, v, size, grad = make_inputs(*shape, dtype, "cuda")
+    want = forward_backward(lambda *a: reference.attention(*a, "sdpa"), *(t.float() for t in (q, k, v)), size,
+                            grad.float())
+    got = forward_backward(candidate(impl), q, k, v, size, grad)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dsize"), got, want):
+        assert not a.isnan().any(), name
+        err = (a.float() - b).abs().max().item()
+        assert err <= TOLERANCE[dtype] * max(b.abs().max().item(), 1e-3), f"{name}: {err:.3g}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_fold_runs_on_the_flash_kernel(dtype):
+    """The point of the fold: SDPA accepts it with only the FlashAttention backend enabled."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v, size, grad = make_inputs(8, 12, 197, 64, dtype, "cuda")
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        got = forward_backward(candidate("fold"), q, k, v, size, grad)
+        with pytest.raises(RuntimeError):  # the float mask is refused by the flash kernel
+            F.scaled_dot_product_attention(q, k, v, attn_mask=size.view(8, 1, 1, 197).log().to(dtype))
+    assert_close_to(got, truth(q, k, v, size, grad), dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark row and floors
+# ---------------------------------------------------------------------------------------------
+
+def test_attention_shapes_follow_the_schedule():
+    from benchmarks.bench_attention import attention_shapes
+
+    # ViT-B/32, 12 frames: layer 1 is the first with a bias (layer 0 merges after its attention),
+    # then the joined layers 8, 9, 10 (tokens per clip from the spec: 48, 62, 118).
+    shapes = attention_shapes("ViT-B-32", 2)
+    assert [(s.layer, s.rows, s.tokens) for s in shapes] == [(1, 24, 48), (8, 12, 48), (9, 6, 62), (10, 2, 118)]
+
+
+def test_bench_attention_writes_json_lines(tmp_path, capsys):
+    import json
+
+    from benchmarks import bench_attention
+
+    out = tmp_path / "attention.jsonl"
+    assert bench_attention.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
+                                 "--impls", "sdpa", "fold", "--modes", "fwd", "--rep-ms", "1",
+                                 "--jsonl", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["impl"] for r in rows} == {"sdpa", "fold"} and len(rows) == 2 * 4
+    assert all(r["ms"] > 0 and r["bench"] == "attention" and r["device"] for r in rows)
+    assert "fold" in capsys.readouterr().out
+
+
+def test_attention_floors_bias_vector_moves_what_plain_attention_moves():
+    from benchmarks.floors import attention_bytes, attention_table
+
+    args = (192, 12, 195, 64, 2)  # ViT-B/16 layer 1 at 16 videos, fp16
+    plain = attention_bytes("none", *args)
+    assert plain == 4 * 192 * 12 * 195 * 64 * 2
+    assert attention_bytes("vector", *args) == plain + 192 * 195 * 4
+    assert attention_bytes("fold", *args) > 2 * plain and attention_bytes("mask", *args) > 1.5 * plain
+    assert "| L1 | 192 x 195 |" in attention_table("ViT-B-16", 16, "fp16", 3.0e12, 7.9e14)

@@ -1,0 +1,210 @@
+"""The GPU suite's machinery on a CPU: one deadline, rows kept as measured, an archive that holds them.
+
+The stages here are stubs (a few lines of Python) so the tests take seconds; the real stage list is
+checked for shape only.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+from benchmarks.common import Compiled
+from benchmarks.rowlog import RowLog, read_rows
+from benchmarks.suite import ROOT, Archiver, Stage, gpu_stages, run_suite
+
+# A benchmark that never ends: one row every 50 ms through the real row log.
+SLOW_ROWS = """
+import os, sys, time
+from benchmarks.rowlog import RowLog
+log = RowLog(sys.argv[1], "stub", {"device": "stub"}, "slow")
+i = 0
+while True:
+    log({"i": i, "pid": os.getpid()}); i += 1; time.sleep(0.05)
+"""
+
+
+def _members(archive):
+    with tarfile.open(archive) as tar:
+        return {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
+
+
+def test_a_stage_stopped_by_the_deadline_keeps_its_rows_in_the_archive(tmp_path):
+    out, archive = tmp_path / "out", tmp_path / "suite.tar.gz"
+    rows = str(out / "rows.jsonl")
+    stages = [
+        Stage("slow", [sys.executable, "-c", SLOW_ROWS, rows], cap=100),
+        Stage("never", [sys.executable, "-c", "print('unreachable')"], cap=100),
+        Stage("last", [sys.executable, "-c", "print('plots here')"], cap=1.5, final=True),
+    ]
+    t0 = time.time()
+    status = run_suite(str(out), stages, deadline=t0 + 5, archive=str(archive), every=0.5, min_stage_s=0.5)
+    elapsed = time.time() - t0
+    assert status == 1
+    assert elapsed < 5 + 2  # the deadline holds: the final stage's time was kept back from the slow one
+    files = _members(archive)
+    assert set(files) == {"out/rows.jsonl", "out/stages.jsonl", "out/suite.log"}
+    kept = [json.loads(line) for line in files["out/rows.jsonl"].splitlines()]
+    assert kept[0]["environment"] == {"device": "stub"}
+    assert [r["i"] for r in kept[1:]] == list(range(len(kept) - 1)) and len(kept) > 3
+    assert all(r["bench"] == "stub" and r["tag"] == "slow" for r in kept[1:])
+    stages_run = [json.loads(line) for line in files["out/stages.jsonl"].splitlines()]
+    assert [(s["stage"], s["outcome"]) for s in stages_run] == [("slow", "timeout"), ("never", "skipped"),
+                                                                ("last", "ok")]
+    assert 3.0 < stages_run[0]["limit_s"] <= 3.5  # 5 s less the 1.5 s kept for the final stage
+    assert "plots here" in files["out/suite.log"] and "unreachable" not in files["out/suite.log"]
+    assert not os.path.exists(str(archive) + ".part")
+
+
+def test_the_archive_is_current_while_a_stage_runs(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    archive = str(tmp_path / "a.tar.gz")
+    log = RowLog(str(out / "rows.jsonl"), "stub", {})
+    archiver = Archiver(str(out), archive, every=0.05)
+    try:
+        log({"i": 0})
+        for _ in range(100):  # up to 5 s for a snapshot that holds the row
+            time.sleep(0.05)
+            if os.path.exists(archive) and '"i": 0' in _members(archive).get("out/rows.jsonl", ""):
+                break
+        else:
+            pytest.fail("no snapshot of the archive holds the row written before it")
+    finally:
+        archiver.close()
+
+
+def test_a_cut_off_last_line_is_skipped(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    log = RowLog(str(path), "bench_ops", {"device": "x"}, "t")
+    log({"ms": 1.0})
+    with open(path, "a") as f:
+        f.write('{"bench": "bench_ops", "ms": 2')  # a process killed mid-write
+    assert read_rows(str(path)) == [{"bench": "bench_ops", "tag": "t", "ms": 1.0}]
+    assert read_rows(str(path), "bench_model") == []
+
+
+def test_each_shape_compiles_afresh_past_the_recompile_limit():
+    """Nine shapes through functions of one code object: without a reset, Dynamo stops compiling at 8."""
+    import torch
+
+    for n in range(1, 10):
+        compiled = Compiled(lambda t: t * 2 + 1, backend="eager")
+        assert torch.equal(compiled(torch.ones(n)), torch.full((n,), 3.0))
+        assert compiled.record() == {"compiled": True, "compiled_graphs": 1, "compile_backend": "eager"}
+
+
+def test_pytest_results_are_written_one_line_per_test(tmp_path):
+    (tmp_path / "test_stub.py").write_text(
+        "import pytest\n"
+        "def test_ok(): pass\n"
+        "def test_bad(): assert 1 == 2, 'one is not two'\n"
+        "@pytest.mark.skip(reason='not here')\n"
+        "def test_skipped(): pass\n"
+        "@pytest.fixture\n"
+        "def broken(): raise RuntimeError('setup broke')\n"
+        "def test_setup_error(broken): pass\n")
+    results = tmp_path / "tests.jsonl"
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "benchmarks.testlog",
+                    "--results-jsonl", str(results), "test_stub.py"], cwd=tmp_path, env=env, capture_output=True,
+                   timeout=120)
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert lines[0]["event"] == "start" and lines[-1]["event"] == "finish"
+    outcomes = {r["nodeid"].split("::")[1]: r["outcome"] for r in lines[1:-1]}
+    assert outcomes == {"test_ok": "passed", "test_bad": "failed", "test_skipped": "skipped",
+                        "test_setup_error": "error"}
+    assert "one is not two" in next(r["reason"] for r in lines if r.get("nodeid", "").endswith("test_bad"))
+    assert lines[-1]["counts"] == {"passed": 1, "failed": 1, "skipped": 1, "error": 1}
+
+
+def test_the_stage_list_puts_the_headline_first_and_plots_last(tmp_path):
+    stages = gpu_stages(str(tmp_path))
+    names = [s.name for s in stages]
+    assert names[:4] == ["preflight", "model_headline", "ops_headline", "cuda_tests"]
+    assert names[-1] == "plots" and stages[-1].final and not any(s.final for s in stages[:-1])
+    headline = stages[1].argv
+    assert headline[headline.index("--batches") + 1:headline.index("--batches") + 3] == ["1", "16"]
+    assert {"tempme-eager", "tempme-torch", "tempme-triton", "tempme-triton+graph"} <= set(headline)
+    for s in stages:
+        if "benchmarks.bench_" in " ".join(s.argv):
+            assert s.argv[s.argv.index("--jsonl") + 1] == str(tmp_path / "rows.jsonl")
+    cpu = gpu_stages(str(tmp_path), device="cpu")
+    assert all("triton" not in s.argv for s in cpu)  # no Triton impl asked for where it would be interpreted
+
+
+@pytest.mark.slow
+def test_gpu_suite_sh_runs_a_stage_and_archives(tmp_path):
+    """The shell wrapper end to end: options, setup lines, one real stage (the preflight), the archive."""
+    out, archive = tmp_path / "out", tmp_path / "r.tar.gz"
+    env = {**os.environ, "PYTHON": sys.executable, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_suite.sh"), "--budget", "300",
+                           "--archive", str(archive), "--device", "cpu", "--only", "preflight", str(out)],
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    files = _members(archive)
+    facts = files["out/environment.txt"]
+    for key in ("python:", "torch:", "triton:", "C compiler:", "Python.h:", "torchvision:", "timm:",
+                "triton launch:"):
+        assert key in facts
+    assert "$TRITON_INTERPRET: unset" in facts  # the wrapper clears it
+    assert "[setup] open_clip" in files["out/suite.log"]
+
+
+def test_gpu_suite_sh_refuses_a_bad_budget(tmp_path):
+    done = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_suite.sh"), "--budget", "-5",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "--budget -5" in done.stderr
+
+
+def test_report_tables_come_from_the_archive(tmp_path, capsys):
+    from benchmarks import report
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "environment.txt").write_text("gpu 0: NVIDIA H100 80GB HBM3, sm_90\ntorch: 2.11.0 at /x\n")
+    (out / "stages.jsonl").write_text(json.dumps({"stage": "ops_headline", "outcome": "timeout", "rc": -15,
+                                                  "seconds": 60.2, "limit_s": 60}) + "\n")
+    ops = RowLog(str(out / "rows.jsonl"), "bench_ops", {"device": "H100"}, "headline")
+    ops({"op": "copy", "impl": "torch", "copy_gbs": 2950.0})
+    ops({"model": "ViT-B-16", "batch": 32, "op": "step_fwd", "impl": "triton", "ms": 0.25, "compiled": False,
+         "speedup_vs_torch": 6.5})
+    (out / "tests.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"event": "start"}, {"nodeid": "tests/a.py::t1", "outcome": "passed"},
+        {"nodeid": "tests/a.py::t2", "outcome": "failed", "reason": "x"}]) + "\n")
+    archive = tmp_path / "run.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(out, arcname="run")
+    assert report.main([str(archive)]) == 0
+    text = capsys.readouterr().out
+    assert "Card: NVIDIA H100 80GB HBM3, sm_90" in text
+    assert "| ops_headline | timeout | -15 | 60.2 | 60 |" in text
+    assert "2950 GB/s (headline)" in text
+    assert "| headline | ViT-B-16 | 32 | - | - | - | step_fwd | triton | False | 0.25 |" in text
+    assert "| tests/a.py | 1 | 1 |" in text and "- tests/a.py::t2: failed" in text
+
+
+def test_a_suite_stopped_from_outside_stops_its_stage_and_archives_a_last_time(tmp_path):
+    out, archive = tmp_path / "out", tmp_path / "a.tar.gz"
+    driver = (
+        "import sys\n"
+        "from benchmarks.suite import Stage, run_suite\n"
+        f"stage = Stage('slow', [sys.executable, '-c', {SLOW_ROWS!r}, {str(out / 'rows.jsonl')!r}], cap=100)\n"
+        f"run_suite({str(out)!r}, [stage], deadline=1e12, archive={str(archive)!r}, every=1000)\n")
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=ROOT)
+    rows = out / "rows.jsonl"
+    for _ in range(600):  # the stub's first rows, then stop the suite
+        time.sleep(0.05)
+        if rows.exists() and len(rows.read_text().splitlines()) >= 3:
+            break
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    kept = [json.loads(line) for line in _members(archive)["out/rows.jsonl"].splitlines()[1:]]
+    assert len(kept) >= 2  # only the last snapshot (every=1000 s) can hold them
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):  # the stage went down with the suite
+        os.kill(kept[0]["pid"], 0)

@@ -1,0 +1,230 @@
+"""`tempme index`: shards and manifests, resume after a kill, growing an index, two processes, bad input."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("av")
+
+from index_helpers import built, index_argv, make_video, vectors_by_path  # noqa: F401 (built: a fixture)
+from tempme_fast.cli import main
+from tempme_fast.index import IndexSpec, build_index, list_videos, load_contents, load_encoder, rank_share
+from tempme_fast.index import store
+from tempme_fast.retrieval.video import VideoProcessor
+
+# Stored embeddings are fp16: a unit vector's entries round by at most 2^-11 relative, < 1e-3 absolute.
+FP16_ATOL = 1e-3
+
+
+def _spec(model):
+    return IndexSpec(model=model, frames=4, config={"frames": 4, "imgme_r": 1, "clip_layers": [2, 3],
+                                                    "clip_groups": [2, 2], "cross_ratio": 0.3,
+                                                    "intra_ratio": 0.1, "frame_pos": True, "prop_attn": True})
+
+
+def test_index_records_every_video(built):
+    videos, out, model, good = built
+    header = json.loads((out / "index.json").read_text())
+    assert header["embed_dim"] == 24 and header["spec"]["model"] == os.path.abspath(model)
+    assert header["spec"]["config"]["clip_layers"] == [2, 3] and header["spec"]["frames"] == 4
+    rows = [r for m in store.manifests(str(out)) for r in store.read_manifest(m)]
+    assert sorted(r["path"] for r in rows if r["status"] == "ok") == good
+    (bad,) = [r for r in rows if r["status"] != "ok"]
+    assert bad["path"].endswith("broken.mp4") and bad["reason"] and bad["row"] is None
+    assert all(r["frames"] == 4 and r["duration"] == pytest.approx(5.0, abs=0.6) for r in rows if r["status"] == "ok")
+    assert not any(r["path"].endswith(".txt") for r in rows)
+
+    # The stored vectors are the model's own embeddings of those files, L2-normalised, in fp16.
+    contents = load_contents(str(out))
+    assert contents.vectors.dtype == np.float16 and contents.vectors.shape == (5, 24)
+    encoder = load_encoder(contents.spec)
+    processor = VideoProcessor.for_model(encoder, 4, 1.0)
+    for i, record in enumerate(contents.records):
+        video, mask = processor(record["path"])
+        with torch.no_grad():
+            expected = F.normalize(encoder.encode_video(video[None], mask[None]), dim=-1)[0].numpy()
+        np.testing.assert_allclose(contents.vectors[i].astype(np.float32), expected, atol=FP16_ATOL, rtol=0)
+    # Different videos give different vectors (a test on identical vectors could not catch a mix-up).
+    sims = contents.vectors.astype(np.float32) @ contents.vectors.astype(np.float32).T
+    assert np.all(sims[~np.eye(5, dtype=bool)] < 0.9995)
+
+
+def test_resume_after_a_kill_between_shard_files(built, tmp_path, monkeypatch):
+    """Killed after a shard's vectors but before its manifest: the resumed run redoes just that shard."""
+    videos, reference, model, good = built
+    out = tmp_path / "index"
+    real_write = store._atomic_write
+    manifests_written = []
+
+    def dies_on_second_manifest(path, write):
+        if path.endswith(".jsonl"):
+            if len(manifests_written) == 1:
+                raise KeyboardInterrupt("killed")
+            manifests_written.append(path)
+        real_write(path, write)
+
+    monkeypatch.setattr(store, "_atomic_write", dies_on_second_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(str(videos), str(out), _spec(model), batch_size=1, workers=0, shard_size=2, progress=False)
+    monkeypatch.setattr(store, "_atomic_write", real_write)
+    shards = out / "shards"
+    assert sorted(os.listdir(shards)) == ["r0000-000000.jsonl", "r0000-000000.npy", "r0000-000001.npy"]
+    # A writer killed mid-write leaves a temporary file: a dead writer's is removed, never read.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (shards / f".r0000-000001.jsonl.{dead.pid}.tmp").write_text('{"path": "half a li')
+    first = load_contents(str(out))  # the committed shard: broken.mp4 and clip0.mp4, in path order
+    assert [r["path"] for r in first.records] == good[:1] and len(first.failed) == 1
+
+    summary = build_index(str(videos), str(out), _spec(model), resume=True, batch_size=2, workers=0,
+                          shard_size=2, progress=False)
+    assert (summary["already"], summary["indexed"], summary["failed"]) == (2, 4, 0)
+    assert not [n for n in os.listdir(shards) if n.endswith(".tmp")]
+    got, want = vectors_by_path(out), vectors_by_path(reference)
+    assert sorted(got) == sorted(want) == good
+    for path in good:
+        np.testing.assert_allclose(got[path], want[path], atol=FP16_ATOL, rtol=0)
+    # Run to completion: a further resume has nothing left to do.
+    again = build_index(str(videos), str(out), _spec(model), resume=True, workers=0, progress=False)
+    assert (again["already"], again["indexed"], again["shards"]) == (6, 0, [])
+
+
+@pytest.mark.slow  # two command-line runs in fresh processes
+def test_resume_after_sigkill(built, tmp_path):
+    """A real kill: SIGKILL once the first shard is committed, then --resume completes the index."""
+    videos, reference, model, good = built
+    out = tmp_path / "index"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    argv = [sys.executable, "-m", "tempme_fast", *index_argv(videos, out, model, "--shard-size", "1",
+                                                             "--batch-size", "1")]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not store.manifests(str(out)) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed = len(store.manifests(str(out)))
+    assert committed >= 1
+    done = subprocess.run(argv + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"{committed} already in the index" in done.stdout
+    got, want = vectors_by_path(out), vectors_by_path(reference)
+    assert sorted(got) == sorted(want)
+    for path in want:
+        np.testing.assert_allclose(got[path], want[path], atol=FP16_ATOL, rtol=0)
+
+
+def test_adding_videos_encodes_only_the_new_ones(built, tmp_path, capsys):
+    videos, reference, model, good = built
+    out = tmp_path / "index"
+    shutil.copytree(reference, out)
+    later = make_video(tmp_path / "later.mp4", seed=11)
+    listing = tmp_path / "videos.txt"  # the indexed folder's files and one new video
+    listing.write_text("\n".join(list_videos(str(videos)) + [later]) + "\n")
+    assert main(index_argv(listing, out, model, "--resume")) == 0
+    assert "1 video(s) indexed, 0 unreadable (recorded with their reason), 6 already" in capsys.readouterr().out
+    assert len(load_contents(str(out)).records) == 6 and len(store.manifests(str(out))) == 2
+
+
+@pytest.mark.slow  # two command-line runs in fresh processes
+def test_two_processes_split_the_work(built, tmp_path):
+    """RANK/WORLD_SIZE as torchrun sets them: disjoint shards whose union is the single-process index."""
+    videos, reference, model, good = built
+    out = tmp_path / "index"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", PYTHONPATH=root,
+                   OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "tempme_fast", *index_argv(videos, out, model)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for rank, (p, (stdout, stderr)) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, stderr
+        assert f"rank {rank}/2" in stdout
+    by_rank = [[r["path"] for m in store.manifests(str(out)) if os.path.basename(m).startswith(f"r000{k}-")
+                for r in store.read_manifest(m)] for k in range(2)]
+    assert by_rank[0] and by_rank[1] and not set(by_rank[0]) & set(by_rank[1])
+    got, want = vectors_by_path(out), vectors_by_path(reference)
+    assert sorted(got) == sorted(want)
+    for path in want:
+        np.testing.assert_allclose(got[path], want[path], atol=FP16_ATOL, rtol=0)
+    assert len(load_contents(str(out)).failed) == 1
+
+
+def test_bad_inputs_are_refused_with_a_reason(built, tmp_path, capsys):
+    videos, reference, model, good = built
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(index_argv(empty, tmp_path / "a", model)) == 2
+    assert "holds no video files" in capsys.readouterr().err
+    assert main(index_argv(tmp_path / "nowhere", tmp_path / "a", model)) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+    copy = tmp_path / "index"
+    shutil.copytree(reference, copy)
+    assert main(index_argv(videos, copy, model)) == 2
+    assert "--resume" in capsys.readouterr().err
+    # Growing an index with another encoder would mix embedding spaces.
+    assert main(["index", str(videos), "--out", str(copy), "--model", model, "--frames", "4", "--no-merge",
+                 "--resume", "--workers", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "another encoder" in err and "merge: index True, requested False" in err
+
+
+def test_out_that_cannot_be_written(built, tmp_path, capsys):
+    videos, reference, model, good = built
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(index_argv(videos, blocker / "index", model)) == 2
+    err = capsys.readouterr().err
+    assert f"--out {blocker / 'index'}" in err and "cannot write" in err
+
+
+def test_list_files_and_folders(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("b.mp4", "a.MKV", "sub/c.webm", ".hidden.mp4", "readme.md"):
+        (tmp_path / name).write_bytes(b"x")
+    assert list_videos(str(tmp_path)) == [str(tmp_path / n) for n in ("a.MKV", "b.mp4", "sub/c.webm")]
+    (tmp_path / "list.txt").write_text("# my clips\nb.mp4\n\nsub/c.webm\nb.mp4\n/elsewhere/x.mp4\n")
+    assert list_videos(str(tmp_path / "list.txt")) == [str(tmp_path / "b.mp4"), str(tmp_path / "sub/c.webm"),
+                                                       "/elsewhere/x.mp4"]
+    (tmp_path / "list.csv").write_text("video_path,caption\nb.mp4,hi\n")
+    assert list_videos(str(tmp_path / "list.csv")) == [str(tmp_path / "b.mp4")]
+    (tmp_path / "list.jsonl").write_text(json.dumps({"video_path": "sub/c.webm"}) + "\n")
+    assert list_videos(str(tmp_path / "list.jsonl")) == [str(tmp_path / "sub/c.webm")]
+    (tmp_path / "bad.csv").write_text("path\nb.mp4\n")
+    with pytest.raises(ValueError, match="video_path"):
+        list_videos(str(tmp_path / "bad.csv"))
+    with pytest.raises(ValueError, match="neither a folder nor a video list"):
+        list_videos(str(tmp_path / "readme.md"))
+
+
+@pytest.mark.parametrize("count", [0, 1, 5, 17])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_rank_shares_are_disjoint_and_complete(count, world):
+    paths = [f"v{i}.mp4" for i in range(count)]
+    shares = [rank_share(paths, r, world) for r in range(world)]
+    assert sorted(p for s in shares for p in s) == sorted(paths)
+    assert sum(len(s) for s in shares) == count
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert shares == [rank_share(list(paths), r, world) for r in range(world)]
+
+
+def test_rank_share_errors(monkeypatch):
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        rank_share([], 2, 2)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    from tempme_fast.index.sources import launch_rank
+
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        launch_rank()

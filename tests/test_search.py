@@ -1,0 +1,165 @@
+"""`tempme search`: queries by video and by text against brute force, FAISS kinds, no FAISS, refusals."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("av")
+
+from index_helpers import built  # noqa: F401
+from tempme_fast.cli import main
+from tempme_fast.index import (FaissMissing, SpecMismatch, VectorSearch, VideoIndex, brute_force, load_contents,
+                               load_encoder, search_index)
+
+FP16_ATOL = 1e-3  # stored vectors are fp16
+
+
+def _search_json(capsys, *argv):
+    assert main(["search", *argv, "--json"]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_a_video_finds_itself_first(built, capsys):
+    videos, index, model, good = built
+    for path in (good[0], good[3]):
+        hits = _search_json(capsys, str(index), "--like", path, "-k", "3")
+        assert [h["rank"] for h in hits] == [1, 2, 3]
+        assert hits[0]["path"] == path and hits[0]["score"] == pytest.approx(1.0, abs=FP16_ATOL)
+        assert hits[0]["frames"] == 4 and hits[1]["score"] < hits[0]["score"] - 2 * FP16_ATOL
+
+
+def test_text_query_scores_equal_brute_force(built, capsys):
+    import open_clip
+
+    videos, index, model, good = built
+    query = "a dog catches a frisbee"
+    contents = load_contents(str(index))
+    encoder = load_encoder(contents.spec)
+    tokens = open_clip.get_tokenizer("ViT-B-32")([query], context_length=32)
+    with torch.no_grad():
+        text = F.normalize(encoder.encode_text(tokens), dim=-1)[0].numpy()
+    scores = contents.vectors.astype(np.float32) @ text
+    order = np.argsort(-scores, kind="stable")[:3]
+
+    hits = search_index(str(index), query, k=3)
+    assert [h.rank for h in hits] == [1, 2, 3]
+    assert [h.path for h in hits] == [contents.records[i]["path"] for i in order]
+    np.testing.assert_allclose([h.score for h in hits], scores[order], atol=1e-5, rtol=0)
+    printed = _search_json(capsys, str(index), query, "-k", "3")
+    assert [(h["path"], h["rank"]) for h in printed] == [(h.path, h.rank) for h in hits]
+    np.testing.assert_allclose([h["score"] for h in printed], [h.score for h in hits], atol=1e-6)
+    # More results asked than videos exist: all of them, ranked.
+    assert [h.rank for h in search_index(str(index), query, k=50)] == [1, 2, 3, 4, 5]
+    assert main(["search", str(index), query, "-k", "2"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["rank", "score", "path"] and len(table) == 3
+
+
+def test_a_different_encoder_is_refused(built, capsys):
+    import open_clip
+
+    videos, index, model, good = built
+    assert main(["search", str(index), "a dog", "--model", "ViT-B-32"]) == 2
+    err = capsys.readouterr().err
+    assert "another encoder" in err and "ViT-B-32" in err and "model: index" in err
+    other = open_clip.CLIP(embed_dim=16, vision_cfg=open_clip.model.CLIPVisionCfg(layers=1, width=32, patch_size=8,
+                                                                                  image_size=32, head_width=32),
+                           text_cfg=open_clip.model.CLIPTextCfg(context_length=32, width=32, heads=2, layers=1))
+    with pytest.raises(SpecMismatch, match="16-d embeddings but the index .* holds 24-d"):
+        VideoIndex.open(str(index), model=other)
+
+
+def test_search_input_errors(built, tmp_path, capsys):
+    videos, index, model, good = built
+    assert main(["search", str(index)]) == 2
+    assert "exactly one" in capsys.readouterr().err
+    assert main(["search", str(index), "a dog", "--like", good[0]]) == 2
+    assert "exactly one" in capsys.readouterr().err
+    assert main(["search", str(tmp_path), "a dog"]) == 2
+    assert "not a video index" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["search", str(index), "a dog", "-k", "0"])
+    assert main(["search", str(index), "--like", str(tmp_path / "missing.mp4")]) == 2
+    assert "missing.mp4" in capsys.readouterr().err
+
+
+def _unit(n, d, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((20, d))
+    x = centres[rng.integers(0, 20, n)] + 0.3 * rng.standard_normal((n, d))  # clustered, like real embeddings
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_brute_force_orders_by_score_then_id():
+    vectors = np.array([[1, 0], [0, 1], [1, 0], [0.6, 0.8]], np.float32)
+    scores, ids = brute_force(vectors, np.array([[1, 0]], np.float32), 3)
+    assert ids.tolist() == [[0, 2, 3]] and scores[0].tolist() == pytest.approx([1, 1, 0.6])
+
+
+def test_faiss_kinds_against_brute_force():
+    pytest.importorskip("faiss")
+    vectors, queries = _unit(3000, 32), _unit(20, 32, seed=1)
+    want_scores, want_ids = brute_force(vectors, queries, 10)
+    scores, ids = VectorSearch(vectors, "exact").search(queries, 10)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    assert (ids == want_ids).mean() > 0.99  # only near-ties may swap
+    ivf = VectorSearch(vectors, "ivf", nlist=16, nprobe=16)  # every cell scanned: exact
+    scores, ids = ivf.search(queries, 10)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    for kind, options in (("ivf", {"nprobe": 4}), ("hnsw", {})):
+        _, ids = VectorSearch(vectors, kind, **options).search(queries, 10)
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, want_ids)])
+        assert recall > 0.8, (kind, recall)
+    with pytest.raises(ValueError, match="nlist=5000"):
+        VectorSearch(vectors, "ivf", nlist=5000)
+
+
+def test_built_indexes_are_cached(built, tmp_path):
+    pytest.importorskip("faiss")
+    vectors, queries = _unit(800, 16), _unit(5, 16, seed=3)
+    cache = str(tmp_path / "hnsw.faiss")
+    first = VectorSearch(vectors, "hnsw", cache=cache).search(queries, 5)
+    again = VectorSearch(vectors, "hnsw", cache=cache)
+    assert again.index.ntotal == 800
+    for a, b in zip(first, again.search(queries, 5)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="holds 800 vectors, not 10"):
+        VectorSearch(vectors[:10], "hnsw", cache=cache)
+    videos, index, model, good = built
+    hits = VideoIndex.open(str(index), "ivf", nlist=1).search_video(good[2], 2)
+    assert hits[0].path == good[2] and len(list((index / "search").glob("ivf-*.faiss"))) == 1
+
+
+def test_without_faiss(built, monkeypatch, capsys):
+    videos, index, model, good = built
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` fail
+    vectors, queries = _unit(500, 16), _unit(3, 16, seed=2)
+    exact = VectorSearch(vectors, "exact")
+    assert exact.backend == "numpy"
+    for got, want in zip(exact.search(queries, 7), brute_force(vectors, queries, 7)):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(FaissMissing, match="pip install faiss-cpu"):
+        VectorSearch(vectors, "hnsw")
+    hits = _search_json(capsys, str(index), "--like", good[1], "-k", "2")
+    assert hits[0]["path"] == good[1]
+    assert main(["search", str(index), "a dog", "--index-type", "ivf"]) == 2
+    err = capsys.readouterr().err
+    assert "IVF index needs FAISS" in err and "pip install faiss-cpu" in err
+    assert main(["search", str(index), "a dog", "-k", "1"]) == 0
+    assert "FAISS is not installed; exact search runs in NumPy" in capsys.readouterr().err
+
+
+def test_vector_search_errors():
+    vectors = _unit(10, 8)
+    with pytest.raises(ValueError, match="kind='flat'"):
+        VectorSearch(vectors, "flat")
+    with pytest.raises(ValueError, match="non-empty"):
+        VectorSearch(vectors[:0])
+    search = VectorSearch(vectors, use_faiss=False)
+    with pytest.raises(ValueError, match="k=0"):
+        search.search(vectors[:1], 0)
+    with pytest.raises(ValueError, match="8-d"):
+        search.search(np.zeros((1, 4), np.float32), 1)
