@@ -64,7 +64,7 @@ def test_cli_warns_on_a_loaded_machine(tiny_model_file, monkeypatch, capsys):
 
     monkeypatch.setattr("os.getloadavg", lambda: (64.0, 64.0, 64.0))
     assert main(["bench", "--model", tiny_model_file, "--batch", "1", "--repeats", "1", "--warmup", "0",
-                 "--threads", "1", "--no-progress", *TINY_ARGS]) == 0
+                 "--threads", "1", "--device", "cpu", "--no-progress", *TINY_ARGS]) == 0
     captured = capsys.readouterr()
     assert "batch of 1 video," in captured.out and "(1 thread)" in captured.out
     assert "warning: load average 64.0 from other processes exceeds" in captured.err

@@ -86,8 +86,9 @@ def test_unreachable_download_host_fails_fast(monkeypatch, tmp_path):
 def test_output_paths_are_made_or_refused_before_the_run(tiny_model_file, tmp_path, capsys):
     deep = tmp_path / "a" / "b" / "bench.json"
     assert main(["bench", "--model", tiny_model_file, "--batch", "1", "--repeats", "1", "--warmup", "0",
-                 "--no-progress", "--json", str(deep), *TINY_ARGS]) == 0
+                 "--device", "cpu", "--no-progress", "--json", str(deep), *TINY_ARGS]) == 0
     assert json.loads(deep.read_text())["batch"] == 1
+    capsys.readouterr()
     blocker = tmp_path / "file"
     blocker.write_text("")
     for command, argv, says in (("bench", ["--json", str(blocker / "x.json")], "cannot create the folder"),

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _train_argv(model_file, *extra):
     return ["train", "--model", model_file, "--synthetic", "8", "--batch-size", "2", "--epochs", "1",
-            "--context-length", "12", "--no-progress", "--backend", "torch", *TINY_ARGS, *extra]
+            "--context-length", "12", "--no-progress", "--backend", "torch", "--device", "cpu", *TINY_ARGS, *extra]
 
 
 def test_default_run_folder_is_named_first_and_keeps_the_model(tiny_model_file, tmp_path, monkeypatch, capsys,
