@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 
-from .errors import ConfigError, UnsupportedModelError
+from .errors import ConfigError, UnsupportedModelError, as_config_error
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,11 @@ def _vision_config(name: str, path: Optional[Path]) -> dict:
     import open_clip
 
     if path is not None:
-        with open(path) as f:
-            return json.load(f).get("vision_cfg") or {}
+        with open(path) as f, as_config_error(f"--model {path}: not a JSON model config"):
+            config = json.load(f)
+        if not isinstance(config, dict):
+            raise ConfigError(f"--model {path}: not a JSON model config (expected an object with vision_cfg)")
+        return config.get("vision_cfg") or {}
     return (open_clip.get_model_config(name) or {}).get("vision_cfg") or {}
 
 
@@ -129,7 +133,7 @@ def _unwrap_state_dict(obj, path: str) -> dict:
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ConfigError(f"--checkpoint {path}: expected a state dict (name -> tensor), got "
-                         f"{type(obj).__name__}")
+                          f"{type(obj).__name__}")
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
@@ -146,7 +150,10 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
         raise ConfigError(f"--checkpoint {path}: no such file")
     from .trainer import CHECKPOINT_FORMAT
 
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ConfigError(f"--checkpoint {path}: not a file torch.load can read ({str(err).splitlines()[0]})") from err
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         folder = os.path.dirname(path) or "."
         raise ConfigError(f"--checkpoint {path} is a resumable training state (tempme train --resume takes it); "
@@ -169,13 +176,13 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
             hint = (" (LoRA weights: save the adapter with tempme_fast.lora.save_lora, or call "
                     "tempme_fast.lora.merge_lora(model) before saving the state dict)")
         raise ConfigError(f"--checkpoint {path}: {len(unexpected)} key(s) the model does not have, e.g. "
-                         f"{unexpected[:3]}{hint}")
+                          f"{unexpected[:3]}{hint}")
     wrong = [k for k in state if tuple(state[k].shape) != tuple(own[k].shape)]
     if wrong:
         k = wrong[0]
         raise ConfigError(f"--checkpoint {path}: {len(wrong)} shape mismatch(es), e.g. {k}: checkpoint "
-                         f"{tuple(state[k].shape)} vs model {tuple(own[k].shape)} (another --model or "
-                         f"--frames?)")
+                          f"{tuple(state[k].shape)} vs model {tuple(own[k].shape)} (another --model or "
+                          f"--frames?)")
     missing = [k for k in own if k not in state]
     model.load_state_dict(state, strict=False)
     if missing:

@@ -142,3 +142,18 @@ def test_refusals_of_built_models_say_what_pools():
         apply_tempme(coca_like)
     assert "attentional pooling (as CoCa does), not the class token" in str(err.value)
     assert "pool_type" not in str(err.value)
+
+
+def test_bad_model_and_checkpoint_files(tmp_path):
+    from tempme_fast.loading import create_model, load_checkpoint
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(errors.ConfigError, match="broken.json: not a JSON model config"):
+        create_model(str(broken))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(errors.ConfigError, match="garbage.pt: not a file torch.load can read"):
+        load_checkpoint(None, str(garbage))
+    with pytest.raises(errors.ConfigError, match="no such file"):
+        load_checkpoint(None, str(tmp_path / "missing.pt"))
