@@ -275,12 +275,11 @@ class Trainer:
             log.warning("skipped %d unreadable video(s), e.g. %s", len(batch["skipped"]), batch["skipped"][0])
         smallest = total = size
         if self.world_size > 1:
-            sizes = torch.tensor([size, -size], device=self.device)
-            torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MIN)
-            smallest = int(sizes[0])
-            total = torch.tensor([size], device=self.device)
-            torch.distributed.all_reduce(total)
-            total = int(total)
+            smallest_t = torch.tensor([size], device=self.device)
+            total_t = torch.tensor([size], device=self.device)
+            torch.distributed.all_reduce(smallest_t, op=torch.distributed.ReduceOp.MIN)
+            torch.distributed.all_reduce(total_t)
+            smallest, total = int(smallest_t), int(total_t)
         if smallest > 0 and total >= MIN_PAIRS:
             return True
         self.skipped_batches += 1

@@ -89,3 +89,18 @@ def test_a_parser_without_merge_always_merges():
     add_config_arguments(parser)
     args = parser.parse_args(["--frames", "6", "--clip-groups", "2", "3", "--clip-layers", "8", "9"])
     assert config_from_args(args) == TempMeConfig(frames=6, clip_layers=(8, 9), clip_groups=(2, 3))
+
+
+def test_threads_past_the_cores_warn(monkeypatch):
+    import torch
+
+    from tempme_fast import arguments
+
+    monkeypatch.setattr(arguments.os, "cpu_count", lambda: 1)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.warns(UserWarning, match="--threads 2 exceeds the 1 CPU core;"):
+            assert arguments.apply_threads(2) == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert arguments.apply_threads(None) == threads
