@@ -157,3 +157,11 @@ def test_bad_model_and_checkpoint_files(tmp_path):
         load_checkpoint(None, str(garbage))
     with pytest.raises(errors.ConfigError, match="no such file"):
         load_checkpoint(None, str(tmp_path / "missing.pt"))
+
+
+def test_probe_of_an_unreachable_host_is_bounded():
+    from tempme_fast import weights
+
+    start = time.perf_counter()
+    reason = weights._reachable("tempme-weights.invalid", timeout=2.0)  # .invalid never resolves
+    assert reason and time.perf_counter() - start < 4.0
