@@ -1,29 +1,60 @@
-"""Best cosine match of every set-A token in set B, without writing the A x B score matrix.
+"""Best cosine match of every set-A token in set B, without writing the A x B score matrix; and,
+in the same launch, the merge plan.
 
-Twin: ``tempme_fast.ops.reference.best_match``. Tokens are addressed by position: A token ``i``
-sits at ``A_START + 2 * i`` and B token ``j`` at ``B_START + 2 * j`` of its clip, so the kernel
-reads the metric in place through its strides (no split, no normalised copy). With ``GROUP > 1``
-the clip is the join of ``GROUP`` input clips, read through ``_joined_token`` without copying.
+Twin: ``tempme_fast.ops.reference.best_match`` (and ``reference.match`` with ``PLAN``). Tokens are
+addressed by position: A token ``i`` sits at ``A_START + 2 * i`` and B token ``j`` at
+``B_START + 2 * j`` of its clip, so the kernel reads the metric in place through its strides (no
+split, no normalised copy). With ``GROUP > 1`` the clip is the join of ``GROUP`` input clips, read
+through ``_joined_token`` without copying.
+
+Work split: a clip's A tokens are cut into blocks and its B tokens into ``SPLITS`` ranges, one
+program per (A block, B range), so a single clip at a late layer still fills many SMs. Each
+program writes its partial (best, argmax) to ``part``. The last program of a clip to finish
+(counted in ``count``; which program that is varies, what it computes does not) combines the
+ranges in increasing B order, so ties keep the lowest B index as in the reference, and with
+``PLAN`` goes on to write the clip's merge plan (``_plan_row``). It then resets its counter, so
+``count`` stays zero between launches and needs no clearing.
 """
 import triton
 import triton.language as tl
 
+from .match import _plan_row
 from .tokens import _joined_token
 
 
-@triton.jit(do_not_specialize=["NA", "NB", "C", "A_START", "B_START", "GROUP", "C_IN", "N_IN", "stride_mb"])
+@triton.jit
+def _dot_tile(a, b, DOT_MODE: tl.constexpr, ACC: tl.constexpr):
+    """``a [BA, BC] @ b [BB, BC]^T`` accumulated in ``ACC``."""
+    if DOT_MODE == 0:
+        # fp16/bf16 products are exact in fp32 and the tensor cores accumulate in fp32.
+        return tl.dot(a, tl.trans(b))
+    elif DOT_MODE == 1:
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+    else:
+        return tl.sum(a.to(ACC)[:, None, :] * b.to(ACC)[None, :, :], axis=2)
+
+
+@triton.jit(do_not_specialize=["NA", "NB", "R", "A_START", "B_START", "N_IN", "B_PER", "SPLITS"])
 def _best_match_fwd_kernel(
     metric_ptr,  # [B' * GROUP, N_IN, C] any float dtype, any strides (a clip of N = GROUP * N_IN tokens)
-    scores_ptr,  # [B', Na] float32 (float64 for a float64 metric) contiguous out: best cosine similarity
-    dst_ptr,  # [B', Na] int64 contiguous out: B index of the best match
+    part_ptr,  # [B', SPLITS, 2, Na] float32 (float64 for a float64 metric) scratch: per-range best, argmax
+    scores_ptr,  # [B', Na] part's dtype, contiguous out: best cosine similarity (unused with PLAN)
+    dst_ptr,  # [B', Na] int64 contiguous out: B index of the best match (unused with PLAN)
+    merged_ptr,  # [B', R] int64 out with PLAN: merged A tokens, highest score first
+    merged_dst_ptr,  # [B', R] int64 out with PLAN: their B tokens
+    kept_ptr,  # [B', Na - R] int64 out with PLAN: kept A tokens, increasing
+    count_ptr,  # [>= B'] int32, zero on entry and on exit: finished programs per clip
     NA,
     NB,
+    R,
     C,
     A_START,
     B_START,
     GROUP,
     C_IN,
     N_IN,
+    B_PER,  # B tokens per range, a multiple of BLOCK_B
+    SPLITS,  # B ranges per clip: programs along axis 0 = A blocks x SPLITS
     stride_mb,
     stride_mn,
     stride_mc,
@@ -32,10 +63,13 @@ def _best_match_fwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     DOT_MODE: tl.constexpr,  # 0: tl.dot on the input dtype, 1: tl.dot in fp32, 2: broadcast-sum (fp64)
+    PLAN: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    ACC = scores_ptr.dtype.element_ty
-    offs_a = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
+    # Axis 0 runs fastest: the programs of one clip run side by side and share its B tokens in L2.
+    split = tl.program_id(0) % SPLITS
+    row = tl.program_id(1).to(tl.int64)
+    ACC: tl.constexpr = part_ptr.dtype.element_ty
+    offs_a = (tl.program_id(0) // SPLITS) * BLOCK_A + tl.arange(0, BLOCK_A)
     mask_a = offs_a < NA
     a_clip, a_tok = _joined_token(row, A_START + 2 * offs_a, GROUP, C_IN, N_IN)
     a_rows = metric_ptr + a_clip * stride_mb + a_tok * stride_mn
@@ -51,9 +85,10 @@ def _best_match_fwd_kernel(
 
     best = tl.full([BLOCK_A], float("-inf"), dtype=ACC)
     best_j = tl.zeros([BLOCK_A], dtype=tl.int32)
-    for b0 in range(0, NB, BLOCK_B):
+    b_end = tl.minimum(split * B_PER + B_PER, NB)
+    for b0 in range(split * B_PER, b_end, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < NB
+        mask_b = offs_b < b_end
         b_clip, b_tok = _joined_token(row, B_START + 2 * offs_b, GROUP, C_IN, N_IN)
         b_rows = metric_ptr + b_clip * stride_mb + b_tok * stride_mn
         dots = tl.zeros([BLOCK_A, BLOCK_B], dtype=ACC)
@@ -63,13 +98,7 @@ def _best_match_fwd_kernel(
             mask_c = offs_c[None, :] < C
             a = tl.load(a_rows[:, None] + offs_c[None, :] * stride_mc, mask=mask_a[:, None] & mask_c, other=0.0)
             b = tl.load(b_rows[:, None] + offs_c[None, :] * stride_mc, mask=mask_b[:, None] & mask_c, other=0.0)
-            if DOT_MODE == 0:
-                # fp16/bf16 products are exact in fp32 and the tensor cores accumulate in fp32.
-                dots += tl.dot(a, tl.trans(b))
-            elif DOT_MODE == 1:
-                dots += tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
-            else:
-                dots += tl.sum(a.to(ACC)[:, None, :] * b.to(ACC)[None, :, :], axis=2)
+            dots += _dot_tile(a, b, DOT_MODE, ACC)
             bf = b.to(ACC)
             sq_b += tl.sum(bf * bf, axis=1)
         inv_b = 1.0 / tl.maximum(tl.sqrt(sq_b), TINY)
@@ -82,5 +111,44 @@ def _best_match_fwd_kernel(
         best = tl.where(better, block_best, best)
         best_j = tl.where(better, block_j, best_j)
 
-    tl.store(scores_ptr + row * NA + offs_a, best, mask=mask_a)
-    tl.store(dst_ptr + row * NA + offs_a, best_j.to(tl.int64), mask=mask_a)
+    if (SPLITS == 1) and (not PLAN):
+        tl.store(scores_ptr + row * NA + offs_a, best, mask=mask_a)
+        tl.store(dst_ptr + row * NA + offs_a, best_j.to(tl.int64), mask=mask_a)
+    else:
+        # The argmax travels as a float: exact for any B index below 2^24.
+        part_row = part_ptr + row * SPLITS * 2 * NA
+        tl.store(part_row + split * 2 * NA + offs_a, best, mask=mask_a)
+        tl.store(part_row + split * 2 * NA + NA + offs_a, best_j.to(ACC), mask=mask_a)
+        # Every thread's stores are done before one thread publishes them (release, GPU scope).
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu")
+        if done == tl.num_programs(0) - 1:
+            tl.store(count_ptr + row, 0)
+            _combine_ranges(part_row, scores_ptr + row * NA, dst_ptr + row * NA, NA, SPLITS, BLOCK_A, PLAN)
+            if PLAN:
+                tl.debug_barrier()  # the combined row is read back by every thread below
+                _plan_row(part_row, part_row + NA, merged_ptr + row * R, merged_dst_ptr + row * R,
+                          kept_ptr + row * (NA - R), NA, R, BLOCK_A)
+
+
+@triton.jit
+def _combine_ranges(part_row, scores_row, dst_row, NA, SPLITS, BLOCK: tl.constexpr, IN_PLACE: tl.constexpr):
+    """Best over the ``SPLITS`` B ranges of one clip, lower range first on ties. Written to range
+    0's slot of ``part_row`` (``IN_PLACE``, for the plan) or to ``scores_row`` / ``dst_row``."""
+    for i0 in range(0, NA, BLOCK):
+        offs_i = i0 + tl.arange(0, BLOCK)
+        mask_i = offs_i < NA
+        best = tl.load(part_row + offs_i, mask=mask_i, other=0.0, cache_modifier=".cg")
+        best_j = tl.load(part_row + NA + offs_i, mask=mask_i, other=0.0, cache_modifier=".cg")
+        for s in range(1, SPLITS):
+            v = tl.load(part_row + s * 2 * NA + offs_i, mask=mask_i, other=0.0, cache_modifier=".cg")
+            j = tl.load(part_row + s * 2 * NA + NA + offs_i, mask=mask_i, other=0.0, cache_modifier=".cg")
+            better = v > best
+            best = tl.where(better, v, best)
+            best_j = tl.where(better, j, best_j)
+        if IN_PLACE:
+            tl.store(part_row + offs_i, best, mask=mask_i)
+            tl.store(part_row + NA + offs_i, best_j, mask=mask_i)
+        else:
+            tl.store(scores_row + offs_i, best, mask=mask_i)
+            tl.store(dst_row + offs_i, best_j.to(tl.int64), mask=mask_i)

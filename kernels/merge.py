@@ -2,11 +2,17 @@
 
 Twin: ``tempme_fast.ops.reference.merge``. The reference scatter-adds the merged A tokens into
 their B tokens; a scatter-add in parallel needs atomics and its float sums would change from run
-to run. Instead ``_merge_index_kernel`` groups the merged A tokens by destination (a counting
-sort, ties kept in rank order), so every B token gathers its sources itself in a fixed order.
+to run. Instead the forward groups the merged A tokens by destination (``_group_sources``: a
+counting sort, ties kept in rank order), so every B token gathers its sources itself in a fixed
+order, in the same launch as the merge.
 
 Output order (as the spec): the ``c`` class tokens, the kept A tokens, then every B token.
 A token ``i`` sits at position ``A_START + 2 * i`` of its clip, B token ``j`` at ``B_START + 2 * j``.
+
+Both kernels give each program one tile of tokens and one ``BLOCK_D`` slice of the features
+(grid: feature slices fastest, then token tiles, then clips), so the per-token work (indices,
+sizes, sources) is done once per program, not once per feature chunk, and a single clip still
+spreads over many SMs.
 
 With ``GROUP > 1`` the clip being merged is the ClipMe join of ``GROUP`` input clips: the kernels
 read (and the backward writes) the unjoined tensors through ``_joined_token`` and add the temporal
@@ -19,48 +25,71 @@ from .rank import _stable_rank
 from .tokens import _joined_token
 
 
+@triton.jit
+def _group_sources(dst_row, merged_row, src_row, R, j_first, j_end, BLOCK_K: tl.constexpr):
+    """Sort the merged A tokens whose B token is in ``[j_first, j_end)`` by (B token, rank) into
+    ``src_row`` (as floats: exact integers), at the places a sort of all ``R`` would give them."""
+    for k0 in range(0, R, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        d_k = tl.load(dst_row + offs_k, mask=offs_k < R, other=0)
+        mine = (offs_k < R) & (d_k >= j_first) & (d_k < j_end)
+        pos = _stable_rank(dst_row, R, d_k, offs_k, BLOCK_K, False)
+        a = tl.load(merged_row + offs_k, mask=mine, other=0)
+        tl.store(src_row + pos, a.to(src_row.dtype.element_ty), mask=mine)
+
+
+@triton.jit
+def _count_sources(dst_row, R, j, BLOCK_K: tl.constexpr):
+    """``(lo, count)`` per B token ``j``: its sources sit at ``src[lo:lo + count]`` of the sorted list."""
+    lo = j * 0
+    count = j * 0
+    for k0 in range(0, R, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        d_k = tl.load(dst_row + offs_k, mask=offs_k < R, other=-1)
+        valid = (offs_k < R)[None, :]
+        lo += tl.sum(((d_k[None, :] < j[:, None]) & valid).to(tl.int32), axis=1)
+        count += tl.sum(((d_k[None, :] == j[:, None]) & valid).to(tl.int32), axis=1)
+    return lo, count
+
+
 @triton.jit(do_not_specialize=["R", "NB"])
 def _merge_index_kernel(
     merged_ptr,  # [B', r] int64 contiguous: merged A tokens
-    dst_ptr,  # [B', r] int64 contiguous: their B tokens
-    src_ptr,  # [B', r] int32 out: merged A tokens sorted by (B token, rank)
-    offsets_ptr,  # [B', Nb + 1] int32 out: src[offsets[j]:offsets[j + 1]] merge into B token j
+    dst_ptr,  # [B', r] int64 contiguous: their destinations (< NB)
+    src_ptr,  # [B', r] int32 out: merged A tokens sorted by (destination, rank)
+    offsets_ptr,  # [B', NB + 1] int32 out: src[offsets[j]:offsets[j + 1]] merge into destination j
     R,
     NB,
     BLOCK_K: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
+    """The merge forward's grouping on its own, written out (one program per row), for ops that
+    reduce by destination outside ``_merge_fwd_kernel``."""
     row = tl.program_id(0).to(tl.int64)
     dst_row = dst_ptr + row * R
-    for k0 in range(0, R, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < R
-        d_k = tl.load(dst_row + offs_k, mask=mask_k, other=0)
-        pos = _stable_rank(dst_row, R, d_k, offs_k, BLOCK_K, False)
-        a = tl.load(merged_ptr + row * R + offs_k, mask=mask_k, other=0)
-        tl.store(src_ptr + row * R + pos, a.to(tl.int32), mask=mask_k)
+    _group_sources(dst_row, merged_ptr + row * R, src_ptr + row * R, R, 0, NB, BLOCK_K)
     for j0 in range(0, NB + 1, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
-        before = tl.zeros([BLOCK_J], dtype=tl.int32)
-        for k0 in range(0, R, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            d_k = tl.load(dst_row + offs_k, mask=offs_k < R, other=NB + 1)
-            before += tl.sum((d_k[None, :] < offs_j[:, None]).to(tl.int32), axis=1)
-        tl.store(offsets_ptr + row * (NB + 1) + offs_j, before, mask=offs_j < NB + 1)
+        lo, _ = _count_sources(dst_row, R, offs_j, BLOCK_K)
+        tl.store(offsets_ptr + row * (NB + 1) + offs_j, lo, mask=offs_j < NB + 1)
 
 
-@triton.jit(do_not_specialize=["N_OUT", "C", "NK", "R", "NB", "D", "A_START", "B_START", "GROUP", "C_IN",
-                               "N_IN", "CLIPS", "stride_xb", "stride_sb"])
+# Only the counts that change from layer to layer are left unspecialised, and the size strides
+# (sizes are read one per token, never as vectors): D and the x strides keep their divisibility
+# by 16, which is what lets the compiler emit 128-bit loads and stores along the features.
+@triton.jit(do_not_specialize=["N_OUT", "C", "NK", "R", "NB", "A_START", "B_START", "N_IN", "stride_sb",
+                               "stride_wb"])
 def _merge_fwd_kernel(
     x_ptr,  # [B' * GROUP, N_IN, D] any strides (a clip of N = GROUP * N_IN tokens)
     size_ptr,  # [B' * GROUP, N_IN] or [B' * GROUP, N_IN, 1] any strides
     pos_ptr,  # [CLIPS, D] temporal position embedding added to x (read only if HAS_POS)
+    merged_ptr,  # [B', r] int64 contiguous: merged A tokens, rank order
+    dst_ptr,  # [B', r] int64 contiguous: their B tokens
     kept_ptr,  # [B', Na - r] int64 contiguous: kept A tokens, increasing
-    src_ptr,  # [B', r] int32: merged A tokens grouped by B token (from _merge_index_kernel)
-    offsets_ptr,  # [B', Nb + 1] int32: src[offsets[j]:offsets[j + 1]] merge into B token j
     out_ptr,  # [B', N - r, D] contiguous
     size_out_ptr,  # [B', N - r] contiguous, size's dtype
-    b_size_ptr,  # [B', Nb] float32 (float64 for float64 x): merged size of every B token, for backward
+    work_ptr,  # [B', Nb + r] float32 (float64 for float64 x): merged size of every B token (out, for the
+    #            backward), then the merged A tokens sorted by B token (scratch)
     N_OUT,
     C,
     NK,
@@ -79,13 +108,16 @@ def _merge_fwd_kernel(
     stride_sb,
     stride_sn,
     stride_pc,
+    stride_wb,
     HAS_POS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    ACC = b_size_ptr.dtype.element_ty
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row = tl.program_id(2).to(tl.int64)
+    ACC = work_ptr.dtype.element_ty
+    t0 = tl.program_id(1) * BLOCK_T
+    offs_t = t0 + tl.arange(0, BLOCK_T)
     mask_t = offs_t < N_OUT
     is_kept = (offs_t >= C) & (offs_t < C + NK)
     is_b = (offs_t >= C + NK) & mask_t
@@ -93,61 +125,62 @@ def _merge_fwd_kernel(
     kept = tl.load(kept_ptr + row * NK + (offs_t - C), mask=is_kept, other=0)
     pos = tl.where(offs_t < C, offs_t, tl.where(is_kept, A_START + 2 * kept, B_START + 2 * j))
     clip, tok = _joined_token(row, tl.where(mask_t, pos, 0), GROUP, C_IN, N_IN)
-    lo = tl.load(offsets_ptr + row * (NB + 1) + j, mask=is_b, other=0)
-    count = tl.load(offsets_ptr + row * (NB + 1) + j + 1, mask=is_b, other=0) - lo
-    max_count = tl.max(count, axis=0)
-    src_row = src_ptr + row * R + lo
 
+    # Sources of this tile's B tokens, grouped by destination into the scratch, then read back.
+    dst_row = dst_ptr + row * R
+    src_row = work_ptr + row * stride_wb + NB
+    j_first = t0 - C - NK
+    if j_first + BLOCK_T > 0:
+        _group_sources(dst_row, merged_ptr + row * R, src_row, R, j_first, j_first + BLOCK_T, BLOCK_K)
+    tl.debug_barrier()  # the scratch written above is read by other threads of this program
+    lo, count = _count_sources(dst_row, R, tl.where(is_b, j, -1), BLOCK_K)
+    max_count = tl.max(count, axis=0)
+
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask = mask_t[:, None] & mask_d[None, :]
     s_self = tl.load(size_ptr + clip * stride_sb + tok * stride_sn, mask=mask_t, other=1).to(ACC)
+    x_self = tl.load((x_ptr + clip * stride_xb + tok * stride_xn)[:, None] + offs_d[None, :] * stride_xd,
+                     mask=mask, other=0.0).to(ACC)
+    if HAS_POS:
+        x_self += tl.load((pos_ptr + (clip % CLIPS) * stride_pc)[:, None] + offs_d[None, :],
+                          mask=mask, other=0.0).to(ACC)
     s_total = s_self
+    acc = x_self * s_self[:, None]
     for t in range(0, max_count):
         has = t < count
-        a = tl.load(src_row + t, mask=has, other=0)
+        a = tl.load(src_row + lo + t, mask=has, other=0).to(tl.int32)
         a_clip, a_tok = _joined_token(row, A_START + 2 * a, GROUP, C_IN, N_IN)
-        s_total += tl.load(size_ptr + a_clip * stride_sb + a_tok * stride_sn, mask=has, other=0).to(ACC)
-    tl.store(size_out_ptr + row * N_OUT + offs_t, s_total.to(size_out_ptr.dtype.element_ty), mask=mask_t)
-    tl.store(b_size_ptr + row * NB + j, s_total, mask=is_b)
-
-    x_rows = x_ptr + clip * stride_xb + tok * stride_xn
-    pos_rows = pos_ptr + (clip % CLIPS) * stride_pc
-    out_rows = out_ptr + row * N_OUT * D + offs_t.to(tl.int64) * D
-    merged_into = count > 0
-    divisor = tl.where(merged_into, s_total, 1.0)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        mask = mask_t[:, None] & mask_d[None, :]
-        x_self = tl.load(x_rows[:, None] + offs_d[None, :] * stride_xd, mask=mask, other=0.0).to(ACC)
+        s = tl.load(size_ptr + a_clip * stride_sb + a_tok * stride_sn, mask=has, other=0).to(ACC)
+        mask_a = has[:, None] & mask_d[None, :]
+        xa = tl.load((x_ptr + a_clip * stride_xb + a_tok * stride_xn)[:, None] + offs_d[None, :] * stride_xd,
+                     mask=mask_a, other=0.0).to(ACC)
         if HAS_POS:
-            x_self += tl.load(pos_rows[:, None] + offs_d[None, :], mask=mask, other=0.0).to(ACC)
-        acc = x_self * s_self[:, None]
-        for t in range(0, max_count):
-            has = t < count
-            a = tl.load(src_row + t, mask=has, other=0)
-            a_clip, a_tok = _joined_token(row, A_START + 2 * a, GROUP, C_IN, N_IN)
-            s = tl.load(size_ptr + a_clip * stride_sb + a_tok * stride_sn, mask=has, other=0).to(ACC)
-            mask_a = has[:, None] & mask_d[None, :]
-            xa = tl.load(x_ptr + (a_clip * stride_xb + a_tok * stride_xn)[:, None] + offs_d[None, :] * stride_xd,
-                         mask=mask_a, other=0.0).to(ACC)
-            if HAS_POS:
-                xa += tl.load(pos_ptr + ((a_clip % CLIPS) * stride_pc)[:, None] + offs_d[None, :],
-                              mask=mask_a, other=0.0).to(ACC)
-            acc += xa * s[:, None]
-        # Tokens nothing merged into (class, kept, untouched B) are copied, not divided.
-        y = tl.where(merged_into[:, None], acc / divisor[:, None], x_self)
-        tl.store(out_rows[:, None] + offs_d[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+            xa += tl.load((pos_ptr + (a_clip % CLIPS) * stride_pc)[:, None] + offs_d[None, :],
+                          mask=mask_a, other=0.0).to(ACC)
+        acc += xa * s[:, None]
+        s_total += s
+    if tl.program_id(0) == 0:
+        tl.store(size_out_ptr + row * N_OUT + offs_t, s_total.to(size_out_ptr.dtype.element_ty), mask=mask_t)
+        tl.store(work_ptr + row * stride_wb + j, s_total, mask=is_b)
+    # Tokens nothing merged into (class, kept, untouched B) are copied, not divided.
+    merged_into = count > 0
+    y = tl.where(merged_into[:, None], acc / tl.where(merged_into, s_total, 1.0)[:, None], x_self)
+    out_rows = out_ptr + row * N_OUT * D + offs_t.to(tl.int64) * D
+    tl.store(out_rows[:, None] + offs_d[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["N", "C", "NK", "R", "NB", "D", "A_START", "B_START", "GROUP", "C_IN", "N_IN",
-                               "stride_gb", "stride_sb"])
+@triton.jit(do_not_specialize=["N", "C", "NK", "R", "NB", "A_START", "B_START", "N_IN", "TILES", "stride_sb",
+                               "stride_wb"])
 def _merge_bwd_kernel(
     grad_out_ptr,  # [B', N - r, D] any strides
     size_ptr,  # [B' * GROUP, N_IN] or [B' * GROUP, N_IN, 1] any strides
     merged_ptr,  # [B', r] int64 contiguous
     dst_ptr,  # [B', r] int64 contiguous
     kept_ptr,  # [B', Na - r] int64 contiguous
-    b_size_ptr,  # [B', Nb] float32/float64: merged size of every B token (from the forward)
+    b_size_ptr,  # [B', Nb] float32/float64, row stride stride_wb: merged size of every B token (forward)
     grad_x_ptr,  # [B' * GROUP, N_IN, D] contiguous out
+    pos_part_ptr,  # [B', TILES, GROUP, D] b_size's dtype out if POS_GRAD: grad_x summed per tile and clip
     N,
     C,
     NK,
@@ -159,17 +192,20 @@ def _merge_bwd_kernel(
     GROUP,
     C_IN,
     N_IN,
+    TILES,
     stride_gb,
     stride_gn,
     stride_gd,
     stride_sb,
     stride_sn,
+    stride_wb,
+    POS_GRAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # Work item q covers one input token, in the order class | kept | B | merged: the items are a
     # permutation of the N input tokens, so every grad_x row is written exactly once, by a gather.
-    row = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(2).to(tl.int64)
     ACC = b_size_ptr.dtype.element_ty
     offs_q = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_q = offs_q < N
@@ -188,15 +224,23 @@ def _merge_bwd_kernel(
     out_pos = tl.where(is_merged, C + NK + dst, offs_q).to(tl.int64)
     weighted = is_b | is_merged
     s = tl.load(size_ptr + clip * stride_sb + tok * stride_sn, mask=weighted, other=1).to(ACC)
-    s_total = tl.load(b_size_ptr + row * NB + j, mask=weighted, other=1)
+    s_total = tl.load(b_size_ptr + row * stride_wb + j, mask=weighted, other=1)
     # s / s_total is exactly 1 for a B token nothing merged into, matching the forward's copy.
     w = tl.where(weighted, s / tl.where(weighted, s_total, 1.0), 1.0)
 
-    g_row = grad_out_ptr + row * stride_gb
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask = mask_q[:, None] & mask_d[None, :]
+    g = tl.load((grad_out_ptr + row * stride_gb + out_pos * stride_gn)[:, None] + offs_d[None, :] * stride_gd,
+                mask=mask, other=0.0)
+    g = tl.where(weighted[:, None], g.to(ACC) * w[:, None], g.to(ACC))
     gx_rows = grad_x_ptr + (clip * N_IN + tok) * D
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask = mask_q[:, None] & (offs_d[None, :] < D)
-        g = tl.load(g_row + out_pos[:, None] * stride_gn + offs_d[None, :] * stride_gd, mask=mask, other=0.0)
-        g = tl.where(weighted[:, None], g.to(ACC) * w[:, None], g.to(ACC))
-        tl.store(gx_rows[:, None] + offs_d[None, :], g.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    tl.store(gx_rows[:, None] + offs_d[None, :], g.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    if POS_GRAD:
+        # The position embedding of clip k was added to every token of clip k: its gradient is the
+        # sum of their gradients. A tile spans at most a few clips; each gets its partial sum here
+        # and the host adds the partials (TILES x fewer rows than grad_x, no atomics).
+        part = pos_part_ptr + ((row * TILES + tl.program_id(1)) * GROUP) * D
+        for k in range(0, GROUP):
+            in_k = mask_q & (clip == row * GROUP + k)
+            tl.store(part + k * D + offs_d, tl.sum(tl.where(in_k[:, None], g, 0.0), axis=0), mask=mask_d)

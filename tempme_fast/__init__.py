@@ -8,6 +8,7 @@
 from . import derive, ops  # derive attaches TempMeConfig.for_model
 from .config import TempMeConfig
 from .geometry import ViTGeometry
+from .graphs import GraphedVideoEncoder
 from .lora import add_lora, mark_trainable, merge_lora
 from .model import ScheduleClampWarning, TempMeSettings, apply_tempme, encode_video, remove_tempme, trace_sources
 from .official import load_official_checkpoint
@@ -19,6 +20,7 @@ from .trainer import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
-__all__ = ["LayerPlan", "ScheduleClampWarning", "SourceMap", "TempMeConfig", "TempMeSettings", "TokenSchedule", "TrainConfig", "Trainer", "ViTGeometry", "add_lora",
-           "apply_tempme", "apply_tome", "derive", "encode_video", "load_official_checkpoint", "mark_trainable", "merge_lora", "ops",
-           "remove_tempme", "remove_tome", "token_schedule", "trace_sources", "train_step"]
+__all__ = ["GraphedVideoEncoder", "LayerPlan", "ScheduleClampWarning", "SourceMap", "TempMeConfig", "TempMeSettings",
+           "TokenSchedule", "TrainConfig", "Trainer", "ViTGeometry", "add_lora", "apply_tempme", "apply_tome", "derive",
+           "encode_video", "load_official_checkpoint", "mark_trainable", "merge_lora", "ops", "remove_tempme",
+           "remove_tome", "token_schedule", "trace_sources", "train_step"]

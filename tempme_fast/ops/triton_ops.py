@@ -1,12 +1,17 @@
 """Triton backend of the merge ops: host launchers, the merge autograd function, torch custom ops.
 
 Layering (as Liger-Kernel): the ``@triton.jit`` kernels live in ``tempme_kernels``; this module has
-plain launchers (``best_match_forward``, ``match_plan_forward``, ``merge_index``, ``merge_forward``,
-``merge_backward``), the custom ops ``tempme::best_match``, ``tempme::match``, ``tempme::merge_fwd``
-and ``tempme::merge_bwd`` (each with a fake implementation, so ``torch.compile(fullgraph=True)``
-traces through them), the ``MergeFunction`` autograd function, and the functions that
-``tempme_fast.ops`` dispatches to: ``best_match``, ``match`` and ``merge`` (inputs validated at that
-boundary), plus ``join_merge``, the ClipMe join and cross-clip merge in one pass.
+plain launchers (``best_match_forward``, ``match_forward``, ``match_plan_forward``,
+``merge_forward``, ``merge_backward``), the custom ops ``tempme::best_match``, ``tempme::match``,
+``tempme::merge_fwd`` and ``tempme::merge_bwd`` (each with a fake implementation, so
+``torch.compile(fullgraph=True)`` traces through them), the ``MergeFunction`` autograd function, and
+the functions that ``tempme_fast.ops`` dispatches to: ``best_match``, ``match`` and ``merge`` (inputs
+validated at that boundary), plus ``join_merge``, the ClipMe join and cross-clip merge in one pass.
+
+A merge step is two launches: the match (best match and plan, ``match_forward``) and the merge
+(grouping of sources by destination and the weighted sum, ``merge_forward``), with one workspace
+allocation each; the backward is one launch. Tile sizes and warps come from a fixed table of the
+shape (``_match_tiles``, ``_merge_tiles``), so results repeat bit for bit.
 
 Every launcher takes ``group``: with ``group = g > 1`` its token tensors are the unjoined clips
 ``[B' * g, N_in, ...]`` and it works on the joined clips ``[B', g * N_in, ...]`` of
@@ -18,52 +23,83 @@ alone, and every data-dependent loop bound is computed inside a kernel, so a for
 these ops can be captured in a CUDA graph.
 """
 import os
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
-import triton
 
 from tempme_kernels.best_match import _best_match_fwd_kernel
 from tempme_kernels.match import _match_plan_kernel
 from tempme_kernels.merge import _merge_bwd_kernel, _merge_fwd_kernel, _merge_index_kernel
 
-from .reference import MergePlan, max_r, split_sizes
+from .reference import MergePlan, accumulation_dtype, split_sizes, split_starts
 
-__all__ = ["MergeFunction", "best_match", "best_match_forward", "join_merge", "match", "match_plan_forward",
-           "merge", "merge_backward", "merge_forward", "merge_index"]
+__all__ = ["MergeFunction", "best_match", "best_match_forward", "join_merge", "match", "match_forward",
+           "match_plan_forward", "merge", "merge_backward", "merge_forward", "merge_index"]
 
-# Largest tile (tokens, or channels) one program handles. The interpreter pays per program and
-# per op, not per lane, so there a program takes a whole clip; on a GPU small tiles spread one
-# clip over many SMs and keep the registers in check. Tests shrink INTERPRETER_BLOCK to walk the
-# multi-tile loops.
+# Largest tile (tokens, or channels) one program handles in the interpreter, which pays per
+# program and per op, not per lane: there a program takes a whole clip. Tests shrink
+# INTERPRETER_BLOCK to walk the multi-tile and multi-program paths that a GPU takes.
 INTERPRETER_BLOCK = 1024
+# The GPU tiles. A merge program holds a BLOCK_T x BLOCK_D fp32 tile per operand (16 registers a
+# thread at 8 warps; fp32 features take 64-wide slices); a match program a 64 x 64 fp32 score tile
+# (8 warps: 64 registers a thread).
+# benchmarks/codegen.py checks the result: no spills at any shape the schedules launch.
 GPU_BLOCK_TOKENS = 32
 GPU_BLOCK_MATCH = 64
 GPU_BLOCK_CHANNELS = 128
+# Programs that keep a large GPU busy (2 per SM of an H100): below it, work is split further.
+GPU_FILL = 264
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Host arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are JIT functions whose
+# call from Python costs microseconds each, a measurable share of a merge step's host time.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
 def _block(n: int, gpu_cap: int, floor: int = 16) -> int:
     cap = INTERPRETER_BLOCK if _interpreting() else gpu_cap
-    return max(floor, min(triton.next_power_of_2(max(n, 1)), max(cap, floor)))
+    return max(floor, min(_next_power_of_2(n), max(cap, floor)))
 
 
 def _new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """Every output buffer comes from here (tests fill it with NaN to catch unwritten elements)."""
+    """Every output and workspace buffer comes from here (tests fill it with NaN to catch unwritten elements)."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+_SCRATCH: Dict[torch.device, Tuple[torch.Tensor, int]] = {}
+_COUNTER_BYTES = 4096  # room for 1024 int32 clip counters at the front of the scratch; the partials follow
+
+
+def _match_scratch(device: torch.device, rows: int, part_shape: Tuple[int, ...], dtype: torch.dtype
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(count [>= rows] int32, part [part_shape] dtype)`` for the match kernel, from one buffer kept
+    per device: its counters are zero and every launch leaves them zero, and its partials are
+    written before they are read, so a step allocates nothing here once the buffer is large enough
+    (launches on one stream run one after another, so they never share it at the same time)."""
+    part_bytes = dtype.itemsize * int(torch.Size(part_shape).numel())
+    buf, counter_bytes = _SCRATCH.get(device, (None, 0))
+    if buf is None or 4 * rows > counter_bytes or buf.numel() < counter_bytes + part_bytes:
+        # The counters stay zero only where no partials were ever written: grow both together.
+        counter_bytes = max(_COUNTER_BYTES, _cdiv(4 * rows, 256) * 256)  # partials 256-byte aligned
+        buf = torch.zeros(counter_bytes + 2 * part_bytes, dtype=torch.uint8, device=device)
+        _SCRATCH[device] = buf, counter_bytes
+    count = buf[:counter_bytes].view(torch.int32)
+    part = buf[counter_bytes:counter_bytes + part_bytes].view(dtype).view(part_shape)
+    return count, part
 
 
 def _positions(tokens: int, protected: int) -> Tuple[int, int, int, int]:
     """``(Na, Nb, A_START, B_START)``: A token ``i`` sits at ``A_START + 2 i``, B token ``j`` at ``B_START + 2 j``."""
-    na, nb = split_sizes(tokens, protected)
-    return na, nb, protected + protected % 2, protected + 1 - protected % 2
+    return (*split_sizes(tokens, protected), *split_starts(protected))
 
 
 def _joined_shape(t: torch.Tensor, protected: int, group: int) -> Tuple[int, int, int]:
@@ -72,11 +108,79 @@ def _joined_shape(t: torch.Tensor, protected: int, group: int) -> Tuple[int, int
 
 
 # ---------------------------------------------------------------------------------------------
+# Tiles per shape: a fixed table, no autotuning, so the same shape always runs the same code
+# ---------------------------------------------------------------------------------------------
+
+def _match_tiles(rows: int, na: int, nb: int, channels: int, dtype: torch.dtype) -> Dict[str, int]:
+    """Tiles, B ranges and warps of the match kernel. Few clips (late layers, batch 1) split each
+    clip's B tokens into ranges so that about ``GPU_FILL`` programs run."""
+    if dtype == torch.float64:
+        dot_mode, cap = 2, 16  # no tl.dot: a broadcast-sum over small tiles
+    elif dtype == torch.float32 or _interpreting():
+        dot_mode, cap = 1, GPU_BLOCK_MATCH  # the interpreter's bf16 tl.dot is wrong (triton 3.8): fp32
+    else:
+        dot_mode, cap = 0, GPU_BLOCK_MATCH
+    if _interpreting() or dot_mode == 2:
+        block_a, block_b = _block(na, cap), _block(nb, cap)
+    else:
+        # Full 64 x 64 tiles even for short clips: 32- and 16-wide tiles make ptxas spill (sm_90).
+        block_a = block_b = cap
+    # fp32 products (input_precision="ieee") run on the FMA units, not the tensor cores: 64-wide channel
+    # chunks spill on sm_80 (404 B), 16-wide ones fit in 128 registers on sm_80 and sm_90.
+    fp32_on_gpu = dtype == torch.float32 and not _interpreting()
+    block_c = min(_block(channels, cap), 16 if dot_mode == 2 or fp32_on_gpu else 64)
+    a_blocks = _cdiv(na, block_a)
+    splits = max(1, min(_cdiv(nb, block_b), GPU_FILL // (rows * a_blocks)))
+    b_per = _cdiv(_cdiv(nb, splits), block_b) * block_b
+    return dict(BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_C=block_c, DOT_MODE=dot_mode,
+                SPLITS=_cdiv(nb, b_per), B_PER=b_per, A_BLOCKS=a_blocks, num_warps=8)
+
+
+def _merge_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[str, int]:
+    """Token tile, feature slice and warps of the merge kernels. A program covers one feature slice,
+    so its per-token work (indices, sizes, sources) is done once; smaller token tiles when the
+    grid would not fill the GPU. 4-byte features take 64-wide slices (the bytes of a 16-bit
+    128-wide one): 128-wide fp32 slices spill on sm_90."""
+    block_d = _block(width, GPU_BLOCK_CHANNELS if itemsize <= 2 else GPU_BLOCK_CHANNELS // 2, floor=1)
+    block_t = _block(tokens, GPU_BLOCK_TOKENS, floor=1)
+    if not _interpreting() and rows * _cdiv(tokens, block_t) * _cdiv(width, block_d) < GPU_FILL:
+        block_t = max(8, min(block_t, 16))
+    # 8 warps for 32-token tiles: at 4, a join's merge (positions, embedding) spills on sm_90.
+    return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=8 if block_t >= 32 else 4)
+
+
+# ---------------------------------------------------------------------------------------------
 # Host launchers
 # ---------------------------------------------------------------------------------------------
 
+def _launch_match(metric: torch.Tensor, protected: int, group: int, r: int, plan: bool):
+    rows, tokens, c = _joined_shape(metric, protected, group)
+    channels = metric.shape[2]
+    na, nb, a_start, b_start = _positions(tokens, c)
+    acc = accumulation_dtype(metric.dtype)
+    tiles = _match_tiles(rows, na, nb, channels, metric.dtype)
+    splits, a_blocks = tiles.pop("SPLITS"), tiles.pop("A_BLOCKS")
+    i64 = dict(dtype=torch.int64, device=metric.device)
+    count, part = _match_scratch(metric.device, rows, (rows, splits, 2, na), acc)
+    if plan:
+        outs = (_new_output((rows, r), **i64), _new_output((rows, r), **i64), _new_output((rows, na - r), **i64))
+        scores, dst = part, outs[0]  # not written
+        merged, merged_dst, kept = outs
+    else:
+        scores, dst = _new_output((rows, na), acc, metric.device), _new_output((rows, na), **i64)
+        outs = (scores, dst)
+        merged = merged_dst = kept = dst  # not written
+    _best_match_fwd_kernel[(a_blocks * splits, rows)](
+        metric, part, scores, dst, merged, merged_dst, kept, count,
+        na, nb, r, channels, a_start, b_start, group, protected, metric.shape[1], tiles.pop("B_PER"), splits,
+        metric.stride(0), metric.stride(1), metric.stride(2),
+        TINY=torch.finfo(acc).tiny, PLAN=plan, **tiles,
+    )
+    return outs
+
+
 def best_match_forward(metric: torch.Tensor, protected: int, group: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Best cosine match in B for every A token.
+    """Best cosine match in B for every A token (one launch).
 
     Args:
         metric: ``[B' * group, N_in, C]`` float16/bfloat16/float32/float64, any strides.
@@ -86,31 +190,19 @@ def best_match_forward(metric: torch.Tensor, protected: int, group: int = 1) -> 
         ``scores [B', Na]`` float32 (float64 for float64 input), ``dst [B', Na]`` int64, for the
         joined clips of ``N = group * N_in`` tokens.
     """
-    rows, tokens, c = _joined_shape(metric, protected, group)
-    channels = metric.shape[2]
-    na, nb, a_start, b_start = _positions(tokens, c)
-    acc = _accumulation_dtype(metric.dtype)
-    scores = _new_output((rows, na), acc, metric.device)
-    dst = _new_output((rows, na), torch.int64, metric.device)
-    if acc == torch.float64:
-        dot_mode, cap = 2, 16  # no tl.dot: a broadcast-sum over small tiles
-    elif metric.dtype == torch.float32 or _interpreting():
-        dot_mode, cap = 1, GPU_BLOCK_MATCH  # the interpreter's bf16 tl.dot is wrong (triton 3.8): fp32
-    else:
-        dot_mode, cap = 0, GPU_BLOCK_MATCH
-    block_a, block_b = _block(na, cap), _block(nb, cap)
-    block_c = min(_block(channels, cap), 16 if dot_mode == 2 else 64)
-    _best_match_fwd_kernel[(rows, triton.cdiv(na, block_a))](
-        metric, scores, dst, na, nb, channels, a_start, b_start, group, protected, metric.shape[1],
-        metric.stride(0), metric.stride(1), metric.stride(2),
-        TINY=torch.finfo(acc).tiny, BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_C=block_c, DOT_MODE=dot_mode,
-    )
-    return scores, dst
+    return _launch_match(metric, protected, group, 0, plan=False)
+
+
+def match_forward(metric: torch.Tensor, r: int, protected: int, group: int = 1
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best match and merge plan in one launch: ``merged [B', r]``, ``merged_dst [B', r]``,
+    ``kept [B', Na - r]``, int64, as :func:`match_plan_forward` of :func:`best_match_forward`."""
+    return _launch_match(metric, protected, group, r, plan=True)
 
 
 def match_plan_forward(scores: torch.Tensor, dst: torch.Tensor, r: int
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The merge plan from best-match scores.
+    """The merge plan from best-match scores (the plan stage of :func:`match_forward`, on its own).
 
     Args:
         scores: ``[B', Na]`` float32/float64; dst: ``[B', Na]`` int64; r: ``0 <= r <= Na``.
@@ -123,31 +215,29 @@ def match_plan_forward(scores: torch.Tensor, dst: torch.Tensor, r: int
     merged = _new_output((rows, r), torch.int64, scores.device)
     merged_dst = _new_output((rows, r), torch.int64, scores.device)
     kept = _new_output((rows, na - r), torch.int64, scores.device)
-    block = _block(na, GPU_BLOCK_MATCH)
-    _match_plan_kernel[(rows,)](scores, dst, merged, merged_dst, kept, na, r, BLOCK_I=block, BLOCK_J=block)
+    _match_plan_kernel[(rows,)](scores, dst, merged, merged_dst, kept, na, r, BLOCK=_block(na, GPU_BLOCK_MATCH))
     return merged, merged_dst, kept
 
 
 def merge_index(merged: torch.Tensor, dst: torch.Tensor, nb: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Group merged A tokens by destination: ``src [B', r]`` int32 and ``offsets [B', Nb + 1]`` int32.
+    """Group merged tokens by destination: ``src [B', r]`` int32 and ``offsets [B', nb + 1]`` int32.
 
-    ``src[b, offsets[b, j]:offsets[b, j + 1]]`` are the A tokens merging into B token ``j``, in rank order.
+    ``src[b, offsets[b, j]:offsets[b, j + 1]]`` are the tokens merging into destination ``j``, in rank
+    order. :func:`merge_forward` does this grouping inside its own launch; this writes it out.
     """
     merged, dst = merged.contiguous(), dst.contiguous()
     rows, r = merged.shape
     src = _new_output((rows, r), torch.int32, merged.device)
     offsets = _new_output((rows, nb + 1), torch.int32, merged.device)
-    _merge_index_kernel[(rows,)](
-        merged, dst, src, offsets, r, nb,
-        BLOCK_K=_block(r, GPU_BLOCK_MATCH), BLOCK_J=_block(nb + 1, GPU_BLOCK_MATCH),
-    )
+    _merge_index_kernel[(rows,)](merged, dst, src, offsets, r, nb, BLOCK_K=_block(r, GPU_BLOCK_MATCH),
+                                 BLOCK_J=_block(nb + 1, GPU_BLOCK_MATCH))
     return src, offsets
 
 
 def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor,
                   kept: torch.Tensor, protected: int, group: int = 1, frame_pos: Optional[torch.Tensor] = None
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Size-weighted merge (of the joined clips when ``group > 1``).
+    """Size-weighted merge (of the joined clips when ``group > 1``), one launch.
 
     Args:
         x: ``[B' * group, N_in, D]`` any float dtype and strides.
@@ -158,49 +248,58 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
             clip ``k`` of its video (``F`` clips per video in ``x``) before merging.
     Returns:
         ``x [B', N - r, D]`` (x's dtype), ``size`` (size's layout and dtype) and ``b_size [B', Nb]``
-        float32 (float64 for float64 x), the merged size of every B token, for the backward.
+        float32 (float64 for float64 x), the merged size of every B token, for the backward (a
+        view into the step's workspace, row stride ``Nb + r``).
     """
     rows, tokens, c = _joined_shape(x, protected, group)
     width = x.shape[2]
     r, nk = merged.shape[1], kept.shape[1]
     _, nb, a_start, b_start = _positions(tokens, c)
     n_out = tokens - r
-    kept = kept.contiguous()
-    src, offsets = merge_index(merged, dst, nb)
+    merged, dst, kept = merged.contiguous(), dst.contiguous(), kept.contiguous()
     out = _new_output((rows, n_out, width), x.dtype, x.device)
     size_out = _new_output((rows, n_out) + tuple(size.shape[2:]), size.dtype, x.device)
-    b_size = _new_output((rows, nb), _accumulation_dtype(x.dtype), x.device)
+    work = _new_output((rows, nb + r), accumulation_dtype(x.dtype), x.device)
     pos = x if frame_pos is None else frame_pos.reshape(frame_pos.shape[1], width).contiguous()
-    block_t = _block(n_out, GPU_BLOCK_TOKENS, floor=1)
-    block_d = _block(width, GPU_BLOCK_CHANNELS, floor=1)
-    _merge_fwd_kernel[(rows, triton.cdiv(n_out, block_t))](
-        x, size, pos, kept, src, offsets, out, size_out, b_size,
+    tiles = _merge_tiles(rows, n_out, width, x.dtype.itemsize)
+    grid = (_cdiv(width, tiles["BLOCK_D"]), _cdiv(n_out, tiles["BLOCK_T"]), rows)
+    _merge_fwd_kernel[grid](
+        x, size, pos, merged, dst, kept, out, size_out, work,
         n_out, c, nk, r, nb, width, a_start, b_start, group, protected, x.shape[1], pos.shape[0],
-        x.stride(0), x.stride(1), x.stride(2), size.stride(0), size.stride(1), pos.stride(0),
-        HAS_POS=frame_pos is not None, BLOCK_T=block_t, BLOCK_D=block_d,
+        x.stride(0), x.stride(1), x.stride(2), size.stride(0), size.stride(1), pos.stride(0), nb + r,
+        HAS_POS=frame_pos is not None, BLOCK_K=_block(r, GPU_BLOCK_MATCH), **tiles,
     )
-    return out, size_out, b_size
+    return out, size_out, work[:, :nb]
 
 
 def merge_backward(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Tensor, merged: torch.Tensor,
-                   dst: torch.Tensor, kept: torch.Tensor, protected: int, tokens_in: int, group: int = 1
-                   ) -> torch.Tensor:
-    """Gradient of :func:`merge_forward` with respect to ``x``: ``[B' * group, tokens_in, D]``, grad_out's dtype."""
+                   dst: torch.Tensor, kept: torch.Tensor, protected: int, tokens_in: int, group: int = 1,
+                   pos_grad: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of :func:`merge_forward` with respect to ``x``, one launch.
+
+    Returns ``grad_x [B' * group, tokens_in, D]`` in grad_out's dtype and, with ``pos_grad``,
+    ``pos_part [B', tiles, group, D]`` (b_size's dtype): grad_x summed over each token tile per source
+    clip, whose sum over clips of a video and tiles is the position embedding's gradient (otherwise
+    an empty tensor).
+    """
     rows, _, width = grad_out.shape
     tokens, c = tokens_in * group, protected * group
     r, nk = merged.shape[1], kept.shape[1]
     _, nb, a_start, b_start = _positions(tokens, c)
     merged, dst, kept = merged.contiguous(), dst.contiguous(), kept.contiguous()
+    if b_size.stride(1) != 1:
+        b_size = b_size.contiguous()
     grad_x = _new_output((rows * group, tokens_in, width), grad_out.dtype, grad_out.device)
-    block_t = _block(tokens, GPU_BLOCK_TOKENS, floor=1)
-    block_d = _block(width, GPU_BLOCK_CHANNELS, floor=1)
-    _merge_bwd_kernel[(rows, triton.cdiv(tokens, block_t))](
-        grad_out, size, merged, dst, kept, b_size, grad_x,
-        tokens, c, nk, r, nb, width, a_start, b_start, group, protected, tokens_in,
+    tiles = _merge_tiles(rows, tokens, width, grad_out.dtype.itemsize)
+    n_tiles = _cdiv(tokens, tiles["BLOCK_T"])
+    pos_part = _new_output((rows, n_tiles, group, width) if pos_grad else (0,), b_size.dtype, grad_out.device)
+    _merge_bwd_kernel[(_cdiv(width, tiles["BLOCK_D"]), n_tiles, rows)](
+        grad_out, size, merged, dst, kept, b_size, grad_x, pos_part,
+        tokens, c, nk, r, nb, width, a_start, b_start, group, protected, tokens_in, n_tiles,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), size.stride(0), size.stride(1),
-        BLOCK_T=block_t, BLOCK_D=block_d,
+        b_size.stride(0), POS_GRAD=pos_grad, **tiles,
     )
-    return grad_x
+    return grad_x, pos_part
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,15 +315,14 @@ def _best_match_op(metric: torch.Tensor, protected: int, group: int = 1) -> Tupl
 def _(metric, protected, group=1):
     rows, tokens, c = _joined_shape(metric, protected, group)
     na, _ = split_sizes(tokens, c)
-    return (metric.new_empty((rows, na), dtype=_accumulation_dtype(metric.dtype)),
+    return (metric.new_empty((rows, na), dtype=accumulation_dtype(metric.dtype)),
             metric.new_empty((rows, na), dtype=torch.int64))
 
 
 @torch.library.custom_op("tempme::match", mutates_args=())
 def _match_op(metric: torch.Tensor, r: int, protected: int, group: int = 1
               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    scores, dst = best_match_forward(metric, protected, group)
-    return match_plan_forward(scores, dst, r)
+    return match_forward(metric, r, protected, group)
 
 
 @_match_op.register_fake
@@ -247,20 +345,24 @@ def _(x, size, merged, dst, kept, protected, group=1, frame_pos=None):
     rows, tokens, c = _joined_shape(x, protected, group)
     n_out = tokens - merged.shape[1]
     _, nb = split_sizes(tokens, c)
-    return (x.new_empty((rows, n_out, x.shape[2])), size.new_empty((rows, n_out) + tuple(size.shape[2:])),
-            x.new_empty((rows, nb), dtype=_accumulation_dtype(x.dtype)))
+    work = x.new_empty((rows, nb + merged.shape[1]), dtype=accumulation_dtype(x.dtype))
+    return x.new_empty((rows, n_out, x.shape[2])), size.new_empty((rows, n_out) + tuple(size.shape[2:])), work[:, :nb]
 
 
 @torch.library.custom_op("tempme::merge_bwd", mutates_args=())
 def _merge_bwd_op(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Tensor, merged: torch.Tensor,
-                  dst: torch.Tensor, kept: torch.Tensor, protected: int, tokens_in: int, group: int = 1
-                  ) -> torch.Tensor:
-    return merge_backward(grad_out, size, b_size, merged, dst, kept, protected, tokens_in, group)
+                  dst: torch.Tensor, kept: torch.Tensor, protected: int, tokens_in: int, group: int = 1,
+                  pos_grad: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    return merge_backward(grad_out, size, b_size, merged, dst, kept, protected, tokens_in, group, pos_grad)
 
 
 @_merge_bwd_op.register_fake
-def _(grad_out, size, b_size, merged, dst, kept, protected, tokens_in, group=1):
-    return grad_out.new_empty((grad_out.shape[0] * group, tokens_in, grad_out.shape[2]))
+def _(grad_out, size, b_size, merged, dst, kept, protected, tokens_in, group=1, pos_grad=False):
+    rows, _, width = grad_out.shape
+    tiles = _merge_tiles(rows, tokens_in * group, width, grad_out.dtype.itemsize)
+    n_tiles = _cdiv(tokens_in * group, tiles["BLOCK_T"])
+    return (grad_out.new_empty((rows * group, tokens_in, width)),
+            b_size.new_empty((rows, n_tiles, group, width) if pos_grad else (0,)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,15 +387,17 @@ class MergeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_size_out):
         size, b_size, merged, dst, kept = ctx.saved_tensors
-        grad_x = torch.ops.tempme.merge_bwd(grad_out, size, b_size, merged, dst, kept, ctx.protected,
-                                            ctx.tokens_in, ctx.group)
+        pos_grad = ctx.pos_shape is not None and ctx.needs_input_grad[7]
+        grad_x, pos_part = torch.ops.tempme.merge_bwd(grad_out, size, b_size, merged, dst, kept, ctx.protected,
+                                                      ctx.tokens_in, ctx.group, pos_grad)
         grad_pos = None
-        if ctx.pos_shape is not None and ctx.needs_input_grad[7]:
+        if pos_grad:
             shape, dtype = ctx.pos_shape
-            # Every token of clip k got E[k] added, so E[k]'s gradient sums those tokens' gradients
-            # (torch's reduction: deterministic, no atomics).
-            grad_pos = grad_x.reshape(-1, shape[1], ctx.tokens_in, grad_x.shape[-1]).sum(
-                dim=(0, 2), dtype=torch.float32).to(dtype).reshape(shape)
+            # pos_part [B', tiles, g, D] holds per-tile sums for clip (row * g + k); a video's F / g
+            # joined rows are adjacent, so clip k of the video is (row % (F / g)) * g + k.
+            rows, tiles, group, width = pos_part.shape
+            grad_pos = pos_part.reshape(-1, shape[1] // group, tiles, group, width).sum(dim=(0, 2))
+            grad_pos = grad_pos.reshape(shape).to(dtype)
         return grad_x, None, None, None, None, None, None, grad_pos
 
 
@@ -332,34 +436,8 @@ def join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, 
         ``size`` in its layout and dtype, and the :class:`MergePlan` on the joined clips (as
         ``reference.match`` would give it). Differentiable in ``x`` and ``frame_pos``.
     """
-    _check_join(x, size, group, protected, r, frame_pos)
+    if size.device != x.device:  # the rest is validated by tempme_fast.ops.join_merge
+        raise ValueError(f"size is on {size.device} but x is on {x.device}; both must be on one device")
     merged, dst, kept = torch.ops.tempme.match(x.detach(), r, protected, group)
     out, size_out = MergeFunction.apply(x, size.detach(), merged, dst, kept, protected, group, frame_pos)
     return out, size_out, MergePlan(merged, dst, kept, x.shape[1] * group, protected * group)
-
-
-def _check_join(x, size, group, protected, r, frame_pos) -> None:
-    """Shape checks only: nothing is read back from the device."""
-    if x.dim() != 3 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise ValueError(f"x must be a float tensor [B * F, N, D], got {x.dtype} {tuple(x.shape)}")
-    if isinstance(group, bool) or not isinstance(group, int) or group < 1 or x.shape[0] % group:
-        raise ValueError(f"group={group!r} must be a positive int dividing the {x.shape[0]} clips of x")
-    if not 0 <= protected <= x.shape[1] - 2:
-        raise ValueError(f"protected={protected} must be in [0, N - 2] = [0, {x.shape[1] - 2}] for N={x.shape[1]}")
-    limit = max_r(x.shape[1] * group, protected * group)
-    if not 0 <= r <= limit:
-        raise ValueError(f"r={r} must be in [0, {limit}]: half the unprotected tokens of a joined clip of "
-                         f"{group} x {x.shape[1]} tokens")
-    if size.shape[:2] != x.shape[:2] or size.dim() not in (2, 3) or (size.dim() == 3 and size.shape[2] != 1):
-        raise ValueError(f"size must have shape [B * F, N] or [B * F, N, 1] matching x {tuple(x.shape)}, "
-                         f"got {tuple(size.shape)}")
-    if frame_pos is not None:
-        clips = frame_pos.shape[1] if frame_pos.dim() == 4 else 0
-        if (frame_pos.dim() != 4 or frame_pos.shape[0] != 1 or frame_pos.shape[2] != 1
-                or frame_pos.shape[3] != x.shape[2] or clips % group or x.shape[0] % max(clips, 1)):
-            raise ValueError(f"frame_pos must have shape [1, F, 1, {x.shape[2]}] with F clips per video, F "
-                             f"divisible by group={group} and dividing the {x.shape[0]} clips of x; got "
-                             f"{tuple(frame_pos.shape)}")
-    devices = {x.device, size.device} | ({frame_pos.device} if frame_pos is not None else set())
-    if len(devices) > 1:
-        raise ValueError(f"x, size and frame_pos must be on one device, got {sorted(map(str, devices))}")

@@ -1,0 +1,344 @@
+"""What the compiler makes of the merge kernels on Hopper and Ampere, without a GPU.
+
+``python -m benchmarks.codegen`` runs every merge step of the ViT-B/32, ViT-B/16 and ViT-L/14
+schedules (batch 1 and 32; fp16, bf16, fp32; forward and backward) through the Triton launchers
+with the launches recorded instead of run (meta tensors: no memory, no device), compiles each
+distinct kernel variant for sm_90 and sm_80 with Triton's ``GPUTarget``, runs ``ptxas -v`` on the
+PTX, and prints per variant: programs at batch 1 and 32, registers, spill bytes, shared memory,
+the widest global load/store and the count of scalar 16-bit global accesses; then, per merge
+step, kernel launches and buffer allocations, and the launchers' host time.
+
+``--check`` exits non-zero on a spill, on a scalar 16-bit global access in a kernel that moves
+16-bit features, or on more than 2 forward launches per merge step (``tests/test_codegen.py``
+runs it on a subset). Run it without ``TRITON_INTERPRET`` (the interpreter replaces the kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from tempme_fast import TempMeConfig, token_schedule
+
+# (depth, tokens per frame, width, heads) at 224 px.
+GEOMETRY = {"ViT-B-32": (12, 50, 768, 12), "ViT-B-16": (12, 197, 768, 12), "ViT-L-14": (24, 257, 1024, 16)}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+ARCHS = (90, 80)
+KERNELS = ("_best_match_fwd_kernel", "_merge_fwd_kernel", "_merge_bwd_kernel")
+# ld/st.global with an optional vector width and an element type: the access width in bits.
+ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.([bfsu])(8|16|32|64)\b")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One merge of a schedule: ``rows`` clips of ``tokens`` tokens (``group`` unjoined clips each
+    for a cross-clip merge, which reads ``x`` as its metric and adds the frame embedding)."""
+
+    model: str
+    batch: int
+    layer: int
+    stage: str
+    rows: int
+    tokens: int
+    protected: int
+    group: int
+    channels: int
+    width: int
+    r: int
+
+
+def schedule_steps(model: str, batch: int, config: TempMeConfig = TempMeConfig()) -> List[Step]:
+    """Every merge the schedule runs, in order, with the shapes the model passes to the ops."""
+    depth, tokens, width, heads = GEOMETRY[model]
+    steps = []
+    for p in token_schedule(config, depth, tokens).layers:
+        if p.group > 1 and p.r_cross:
+            steps.append(Step(model, batch, p.layer, "cross", batch * p.clips_in, p.tokens_in, p.protected_in,
+                              p.group, width, width, p.r_cross))
+        if p.r:
+            steps.append(Step(model, batch, p.layer, p.kind, batch * p.clips_out, p.tokens_attn, p.protected_out,
+                              1, width // heads, width, p.r))
+    return steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording launches
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Launch:
+    kernel: object
+    grid: Tuple[int, ...]
+    args: tuple
+    kwargs: dict
+
+
+class Recorder:
+    """Replaces each kernel's ``run`` (what ``kernel[grid](...)`` calls) and ``_new_output`` of the
+    launchers: launches and allocations are recorded, nothing runs."""
+
+    def __init__(self):
+        self.launches: List[Launch] = []
+        self.allocations = 0
+
+    @contextlib.contextmanager
+    def active(self):
+        from tempme_fast.ops import triton_ops
+
+        saved = {name: getattr(triton_ops, name).run for name in KERNELS}
+        new_output, interpreting = triton_ops._new_output, triton_ops._interpreting
+
+        def recorder(kernel):
+            def run(*args, grid, warmup=False, **kwargs):
+                grid = grid(kwargs) if callable(grid) else grid
+                self.launches.append(Launch(kernel, tuple(grid) + (1,) * (3 - len(grid)), args, kwargs))
+            return run
+
+        def counted_output(shape, dtype, device):
+            self.allocations += 1
+            return new_output(shape, dtype, device)
+
+        for name in KERNELS:
+            kernel = getattr(triton_ops, name)
+            kernel.run = recorder(kernel)
+        triton_ops._new_output, triton_ops._interpreting = counted_output, lambda: False
+        try:
+            yield self
+        finally:
+            for name, run in saved.items():
+                getattr(triton_ops, name).run = run
+            triton_ops._new_output, triton_ops._interpreting = new_output, interpreting
+
+
+def step_inputs(step: Step, dtype: torch.dtype, device: str = "meta"):
+    """``(metric, x, size, frame_pos)`` as the model passes them (frame_pos only for a join)."""
+    clips = step.rows * step.group
+    x = torch.empty(clips, step.tokens, step.width, dtype=dtype, device=device)
+    size = torch.empty(clips, step.tokens, 1, dtype=torch.float32, device=device)
+    if step.group > 1:
+        frame_pos = torch.empty(1, clips // step.batch, 1, step.width, dtype=dtype, device=device)
+        return x, x, size, frame_pos
+    metric = torch.empty(clips, step.tokens, step.channels, dtype=dtype, device=device)
+    return metric, x, size, None
+
+
+def run_step(step: Step, dtype: torch.dtype, device: str = "meta", backward: bool = True):
+    """The launcher calls of one merge step (match, merge and, optionally, the merge's backward)."""
+    from tempme_fast.ops import triton_ops
+
+    metric, x, size, frame_pos = step_inputs(step, dtype, device)
+    merged, dst, kept = triton_ops.match_forward(metric, step.r, step.protected, step.group)
+    out, _, b_size = triton_ops.merge_forward(x, size, merged, dst, kept, step.protected, step.group, frame_pos)
+    if backward:
+        triton_ops.merge_backward(torch.empty_like(out), size, b_size, merged, dst, kept, step.protected,
+                                  step.tokens, step.group, pos_grad=frame_pos is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling a recorded launch for a GPU that is not here
+# ---------------------------------------------------------------------------------------------
+
+_BINDERS: Dict[tuple, tuple] = {}
+
+
+def _binder(kernel, target):
+    """``(backend, binder)`` of a Triton JIT function for ``target``: the same specialisation
+    (pointer alignment, divisibility by 16, ints equal to 1) that a launch on that GPU applies."""
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    key = (id(kernel), target.arch)
+    if key not in _BINDERS:
+        backend = make_backend(target)
+        _BINDERS[key] = backend, create_function_from_signature(kernel.signature, kernel.params, backend)
+    return _BINDERS[key]
+
+
+def variant_key(launch: Launch, arch: int):
+    """What makes two launches compile to the same binary (as Triton's own cache key)."""
+    from triton.backends.compiler import GPUTarget
+
+    backend, binder = _binder(launch.kernel, GPUTarget("cuda", arch, 32))
+    _, specialization, options = binder(*launch.args, **launch.kwargs)
+    return launch.kernel.fn.__name__, str(specialization), str(options)
+
+
+def compile_launch(launch: Launch, arch: int):
+    """The compiled kernel (PTX, cubin, metadata) of a recorded launch for ``sm_<arch>``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    backend, binder = _binder(launch.kernel, target)
+    bound, specialization, options = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = launch.kernel._pack_args(backend, launch.kwargs, bound,
+                                                                     specialization, options)
+    return triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=target,
+                          options=options.__dict__)
+
+
+def _ptxas() -> str:
+    import triton
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return bundled if os.path.exists(bundled) else "ptxas"
+
+
+def ptx_stats(ptx: str, arch: int) -> Dict[str, int]:
+    """Registers and spill bytes (``ptxas -v``), widest global access in bits and scalar 16-bit accesses."""
+    suffix = "a" if arch == 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        done = subprocess.run([_ptxas(), "-v", f"--gpu-name=sm_{arch}{suffix}", path, "-o", os.path.join(tmp, "k.o")],
+                              capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"ptxas failed for sm_{arch}: {done.stderr[-2000:]}")
+    regs = re.search(r"Used (\d+) registers", done.stderr)
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", done.stderr)]
+    widest, scalar16 = 0, 0
+    for _, vec, _, bits in ACCESS.findall(ptx):
+        width = int(bits) * int(vec or 1)
+        widest = max(widest, width)
+        scalar16 += int(bits) == 16 and not vec
+    return {"regs": int(regs.group(1)) if regs else 0, "spill": sum(spills), "widest": widest,
+            "scalar16": scalar16}
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+
+def collect(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[str]):
+    """``(variants, steps)``: each distinct launch with the programs it runs per batch, and per
+    merge step its forward/backward launches and allocations."""
+    variants: Dict[tuple, dict] = {}
+    steps = []
+    for model in models:
+        for batch in batches:
+            for dname in dtypes:
+                for step in schedule_steps(model, batch):
+                    fwd = Recorder()
+                    with fwd.active():
+                        run_step(step, DTYPES[dname], backward=False)
+                    rec = Recorder()
+                    with rec.active():
+                        run_step(step, DTYPES[dname])
+                    steps.append({"step": step, "dtype": dname, "fwd_launches": len(fwd.launches),
+                                  "bwd_launches": len(rec.launches) - len(fwd.launches),
+                                  "allocations": fwd.allocations})
+                    for launch in rec.launches:
+                        key = (dname,) + variant_key(launch, ARCHS[0])
+                        v = variants.setdefault(key, {"launch": launch, "dtype": dname, "programs": defaultdict(list),
+                                                      "stages": set()})
+                        v["programs"][batch].append(launch.grid[0] * launch.grid[1] * launch.grid[2])
+                        v["stages"].add(f"{model.replace('ViT-', '')} L{step.layer} {step.stage}")
+    return variants, steps
+
+
+def describe(launch: Launch) -> str:
+    """The constexprs and specialised sizes that tell variants apart."""
+    names = launch.kernel.arg_names
+    bound = dict(zip(names, launch.args)) | launch.kwargs
+    keys = [k for k in ("C", "D", "GROUP", "HAS_POS", "POS_GRAD", "PLAN", "DOT_MODE", "BLOCK_A", "BLOCK_B", "BLOCK_C",
+                        "BLOCK_T", "BLOCK_D", "num_warps") if k in bound]
+    return " ".join(f"{k}={int(bound[k]) if isinstance(bound[k], bool) else bound[k]}" for k in keys)
+
+
+def host_us_per_step(step: Step, dtype: torch.dtype, repeats: int = 200) -> float:
+    """Microseconds of launcher Python per forward step (match + merge) with the launches stubbed
+    out: the host cost this library adds on top of Triton's own launch path."""
+    rec = Recorder()
+    with rec.active():
+        inputs = step_inputs(step, dtype, "cpu" if step.rows * step.tokens * step.width < 1 << 24 else "meta")
+        from tempme_fast.ops import triton_ops
+
+        def fwd():
+            metric, x, size, frame_pos = inputs
+            merged, dst, kept = triton_ops.match_forward(metric, step.r, step.protected, step.group)
+            triton_ops.merge_forward(x, size, merged, dst, kept, step.protected, step.group, frame_pos)
+
+        fwd()
+        best = float("inf")
+        for _ in range(5):  # the fastest of 5 rounds: other processes on the host only add time
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                fwd()
+            best = min(best, (time.perf_counter() - t0) / repeats * 1e6)
+        return best
+
+
+def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout) -> List[str]:
+    """Print the tables; return the failures that ``--check`` exits on."""
+    variants, steps = collect(models, batches, dtypes)
+    failures = []
+    print("| kernel | dtype | variant | used at | programs B1 | programs B32 | sm | regs | spill B | smem B "
+          "| widest access | scalar 16-bit |", file=out)
+    print("|---" * 12 + "|", file=out)
+    for key, v in sorted(variants.items(), key=lambda kv: (kv[0][1], kv[0][0], describe(kv[1]["launch"]))):
+        launch = v["launch"]
+        name = launch.kernel.fn.__name__
+        progs = {b: (f"{min(p)}-{max(p)}" if min(p) != max(p) else str(p[0])) for b, p in v["programs"].items()}
+        stages = sorted(v["stages"])
+        used = stages[0] + (f" +{len(stages) - 1}" if len(stages) > 1 else "")
+        for arch in archs:
+            compiled = compile_launch(launch, arch)
+            stats = ptx_stats(compiled.asm["ptx"], arch)
+            smem = compiled.metadata.shared
+            print(f"| {name} | {v['dtype']} | {describe(launch)} | {used} | {progs.get(1, '-')} | {progs.get(32, '-')} "
+                  f"| sm_{arch} | {stats['regs']} | {stats['spill']} | {smem} | {stats['widest']} bit "
+                  f"| {stats['scalar16']} |", file=out, flush=True)
+            label = f"{name} {v['dtype']} [{describe(launch)}] sm_{arch}"
+            if stats["spill"]:
+                failures.append(f"{label}: {stats['spill']} bytes of spills")
+            if v["dtype"] in ("fp16", "bf16") and stats["scalar16"]:
+                failures.append(f"{label}: {stats['scalar16']} scalar 16-bit global accesses")
+    print(file=out)
+    print("| model | batch | dtype | merges | fwd launches / step | bwd launches / step | fwd allocations / step "
+          "| host us / fwd step |", file=out)
+    print("|---" * 8 + "|", file=out)
+    grouped = defaultdict(list)
+    for s in steps:
+        grouped[(s["step"].model, s["step"].batch, s["dtype"])].append(s)
+    for (model, batch, dname), rows in grouped.items():
+        fwd = max(s["fwd_launches"] for s in rows)
+        bwd = max(s["bwd_launches"] for s in rows)
+        allocs = max(s["allocations"] for s in rows)
+        host = sum(host_us_per_step(s["step"], DTYPES[dname], 50) for s in rows) / len(rows)
+        print(f"| {model} | {batch} | {dname} | {len(rows)} | {fwd} | {bwd} | {allocs} | {host:.0f} |", file=out)
+        if fwd > 2:
+            failures.append(f"{model} batch {batch} {dname}: {fwd} forward launches per merge step (at most 2)")
+    return failures
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.codegen", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(GEOMETRY), choices=list(GEOMETRY))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--archs", nargs="+", type=int, default=list(ARCHS), choices=list(ARCHS))
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 on spills, scalar 16-bit global accesses or > 2 forward launches per step")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles")
+    failures = report(args.models, args.batches, args.dtypes, args.archs)
+    for f in failures:
+        print("FAIL", f, file=sys.stderr)
+    return 1 if args.check and failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

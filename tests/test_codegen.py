@@ -1,0 +1,79 @@
+"""The merge kernels as compiled for an H100 (sm_90): no spills, 128-bit feature traffic, at most
+two forward launches per merge step. No GPU needed: ``benchmarks.codegen`` compiles the launches
+the ViT-B/32 schedule makes (batch 1 and 32) with Triton's ``GPUTarget`` and reads ``ptxas -v`` and
+the PTX. ``python -m benchmarks.codegen`` covers every model, dtype and sm_80 as well.
+"""
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _codegen(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    # A process of its own: TRITON_INTERPRET (set by conftest.py) swaps the kernels for the interpreter's.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "benchmarks.codegen", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def vit_b32_report():
+    pytest.importorskip("triton")
+    from triton.runtime import jit
+
+    if not hasattr(jit, "create_function_from_signature") or not hasattr(jit.JITFunction, "_pack_args"):
+        pytest.skip("this Triton lacks the binder API benchmarks.codegen compiles through")
+    return _codegen("--models", "ViT-B-32", "--dtypes", "bf16", "--archs", "90", "--check")
+
+
+def test_no_spills_no_scalar_16bit_access_two_forward_launches(vit_b32_report):
+    done = vit_b32_report
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| _")]
+    kernels = {row[0].strip() for row in rows}
+    assert kernels == {"_best_match_fwd_kernel", "_merge_fwd_kernel", "_merge_bwd_kernel"}, kernels
+    for row in rows:
+        spill, widest, scalar16 = row[8].strip(), row[10].strip(), row[11].strip()
+        assert spill == "0" and scalar16 == "0" and widest == "128 bit", row
+    steps = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ViT-B-32")]
+    assert {int(s[1]) for s in steps} == {1, 32}
+    for s in steps:
+        assert int(s[4]) <= 2 and int(s[5]) == 1, s  # forward and backward launches per merge step
+
+
+def test_check_fails_on_a_spill(monkeypatch, capsys):
+    """``--check`` is not a rubber stamp: a spill reported by ptxas fails it."""
+    from benchmarks import codegen
+
+    monkeypatch.setattr(codegen, "collect", lambda *a: ({}, []))
+    assert codegen.report(["ViT-B-32"], [1], ["bf16"]) == []
+
+    kernel = SimpleNamespace(fn=SimpleNamespace(__name__="_merge_fwd_kernel"), arg_names=["D"])
+    launch = codegen.Launch(kernel, (6, 1, 1), (768,), {})
+    variant = {"launch": launch, "dtype": "bf16", "programs": {1: [6]}, "stages": {"B-32 L0 imgme"}}
+    step = {"step": codegen.schedule_steps("ViT-B-32", 1)[0], "dtype": "bf16", "fwd_launches": 3,
+            "bwd_launches": 1, "allocations": 4}
+    monkeypatch.setattr(codegen, "collect", lambda *a: ({("bf16", "k"): variant}, [step]))
+    monkeypatch.setattr(codegen, "compile_launch", lambda launch, arch: type(
+        "Compiled", (), {"asm": {"ptx": ""}, "metadata": type("M", (), {"shared": 0})}))
+    monkeypatch.setattr(codegen, "ptx_stats", lambda ptx, arch: {"regs": 255, "spill": 8, "widest": 16,
+                                                                 "scalar16": 3})
+    monkeypatch.setattr(codegen, "host_us_per_step", lambda *a: 1.0)
+    failures = codegen.report(["ViT-B-32"], [1], ["bf16"], archs=(90,))
+    assert any("spills" in f for f in failures)
+    assert any("scalar 16-bit" in f for f in failures)
+    assert any("3 forward launches" in f for f in failures)
+
+
+def test_access_widths_are_read_from_ptx():
+    from benchmarks.codegen import ACCESS
+
+    ptx = ("ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n@%p1 st.global.b16 [%rd2], %rs1;\n"
+           "ld.global.b64 %rd3, [%rd4];")
+    widths = [(int(bits) * int(vec or 1), bool(vec)) for _, vec, _, bits in ACCESS.findall(ptx)]
+    assert widths == [(128, True), (16, False), (64, False)]
