@@ -11,21 +11,55 @@ so a command line names only what it changes.
 from __future__ import annotations
 
 import argparse
+import os
+import warnings
 from typing import Optional
+
+import torch
 
 from .config import TempMeConfig
 from .derive import add_budget_argument, derive_config
-from .loading import DTYPES
+from .errors import ConfigError, as_config_error
+from .loading import DTYPES, resolve_model
 from .ops import BACKENDS
 from .retrieval.data import MSRVTT_TRAIN_LIST
 from .retrieval.video import DEFAULT_FPS, DEFAULT_FRAMES
 
-__all__ = ["SCHEDULE_OPTIONS", "add_config_arguments", "add_data_arguments", "add_dtype_argument",
-           "add_merge_argument", "add_model_arguments", "config_from_args", "non_negative_int", "positive_float",
-           "positive_int"]
+__all__ = ["Parser", "SCHEDULE_OPTIONS", "add_config_arguments", "add_data_arguments", "add_dtype_argument",
+           "add_merge_argument", "add_model_arguments", "add_threads_argument", "apply_threads", "config_from_args",
+           "default_workers", "non_negative_int", "positive_float", "positive_int"]
 
 # The TempMeConfig fields a command line may override (``frames`` comes with the data or --frames).
 SCHEDULE_OPTIONS = ("imgme_r", "clip_layers", "clip_groups", "cross_ratio", "intra_ratio")
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (the usage block is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def default_workers() -> int:
+    """Video-decoding worker processes for this machine: one core per worker, one core left for the
+    main process, at most 3 (``min(4, cores) - 1``); 0 decodes in the main process."""
+    return max(0, min(4, os.cpu_count() or 1) - 1)
+
+
+def add_threads_argument(group) -> None:
+    group.add_argument("--threads", type=positive_int, default=None,
+                       help="CPU threads for torch (default: torch's choice, usually one per core)")
+
+
+def apply_threads(threads: Optional[int]) -> int:
+    """Set torch's CPU threads when given (warning past the core count); returns the count in use."""
+    if threads:
+        cores = os.cpu_count() or 1
+        if threads > cores:
+            warnings.warn(f"--threads {threads} exceeds the {cores} CPU core{'s' if cores > 1 else ''}; "
+                          f"the threads will compete for them", stacklevel=2)
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def positive_int(text: str) -> int:
@@ -54,8 +88,8 @@ def add_model_arguments(group, *, checkpoint_help: Optional[str] = None, device_
     """``--model``, ``--pretrained``, ``--device``, ``--backend`` (unless ``backend=False``: a command
     that takes several) and, given its help, ``--checkpoint``."""
     group.add_argument("--model", default="ViT-B-32-quickgelu",
-                       help="open_clip model name or a JSON model config file (OpenAI weights need a "
-                            "-quickgelu name)")
+                       help="open_clip model name or a JSON model config file (with --pretrained openai, "
+                            "QuickGELU is used whatever the name says)")
     group.add_argument("--pretrained", default=None,
                        help="open_clip pretrained tag (openai) or local weights file; default: random weights")
     if checkpoint_help is not None:
@@ -109,8 +143,10 @@ def config_from_args(args: argparse.Namespace) -> TempMeConfig:
     if budget is not None:
         if overrides:
             names = ", ".join("--" + k.replace("_", "-") for k in overrides)
-            raise ValueError(f"--budget derives the schedule; leave out {names}")
-        return derive_config(args.model, frames=args.frames, flops_ratio=budget)
+            raise ConfigError(f"--budget derives the schedule; leave out {names}")
+        resolve_model(args.model)  # a model TempMe cannot patch is refused as such, before any sizes are read
+        with as_config_error(f"--budget {budget}"):
+            return derive_config(args.model, frames=args.frames, flops_ratio=budget)
     for k in ("clip_layers", "clip_groups"):
         if k in overrides:
             overrides[k] = tuple(overrides[k])
@@ -138,7 +174,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         "0 samples --frames uniformly over the whole video")
     g.add_argument("--context-length", type=positive_int, default=32, help="text tokens per caption")
     g.add_argument("--batch-size", type=positive_int, default=16, help="videos per batch")
-    g.add_argument("--workers", type=non_negative_int, default=4,
-                   help="DataLoader worker processes decoding videos (0: in the main process)")
+    g.add_argument("--workers", type=non_negative_int, default=default_workers(),
+                   help="DataLoader worker processes decoding videos (0: in the main process; default: "
+                        "min(4, CPU cores) - 1, here %(default)s)")
     g.add_argument("--max-videos", type=positive_int, default=None,
                    help="use only the first N videos (smoke runs; metrics then are not comparable)")

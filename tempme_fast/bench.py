@@ -1,6 +1,12 @@
-"""``tempme bench``: unmerged open_clip against TempMe on each backend, measured in one run."""
+"""``tempme bench``: unmerged open_clip against TempMe on each backend, measured in one run.
+
+The variants take turns, one call each per repetition in alternating order, and the speed-up is
+the median of per-repetition ratios with its range: on a shared machine, load that comes and goes
+then slows every variant alike instead of whichever was being timed as a block.
+"""
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
 import time
@@ -13,13 +19,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .config import TempMeConfig
+from .errors import ConfigError
 from .flops import model_flops
-from .model import apply_tempme, remove_tempme
+from .model import apply_tempme, remove_tempme, vit_geometry
+from .outputs import plural
 
 
 @dataclass
 class BenchRow:
-    """One measured configuration. Times are per batch; memory is above the model's weights."""
+    """One measured configuration. Times are per batch; memory is above the model's weights.
+
+    ``speedup`` is the median over repetitions of (unmerged time / this variant's time) measured
+    back to back in the same repetition; ``speedup_min``/``speedup_max`` bound those ratios and
+    ``speedup_q1``/``speedup_q3`` are their quartiles. ``flops_bound`` is unmerged GFLOPs / this
+    variant's GFLOPs: the speed-up if time followed FLOPs.
+    """
 
     name: str
     backend: str
@@ -31,6 +45,11 @@ class BenchRow:
     videos_per_s: float
     peak_mem_mb: float
     speedup: float = 1.0
+    speedup_min: float = 1.0
+    speedup_max: float = 1.0
+    speedup_q1: float = 1.0
+    speedup_q3: float = 1.0
+    flops_bound: float = 1.0
 
 
 class _LiveTensorBytes(TorchDispatchMode):
@@ -120,58 +139,142 @@ def default_backends(device: torch.device) -> List[str]:
     return ["torch", "triton"] if device.type == "cuda" and triton_available() else ["torch"]
 
 
+def _quartiles(values: Sequence[float]):
+    """(min, first quartile, median, third quartile, max); quartiles by linear interpolation."""
+    ordered = sorted(values)
+
+    def at(q):
+        pos = q * (len(ordered) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(ordered) - 1)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+    return ordered[0], at(0.25), at(0.5), at(0.75), ordered[-1]
+
+
 def bench_model(model: torch.nn.Module, config: TempMeConfig, *, batch: int, device: torch.device,
-                dtype: torch.dtype, backends: Sequence[str], repeats: int = 3, warmup: int = 1,
+                dtype: torch.dtype, backends: Sequence[str], repeats: int = 5, warmup: int = 1,
                 progress: bool = True, seed: int = 0) -> List[BenchRow]:
     """Time ``model`` unmerged and with ``config`` on each backend, on the same random videos.
 
-    The model is patched and unpatched in turn and left as it came.
+    The variants are interleaved: every repetition times each variant once, in the opposite order
+    to the repetition before (A B, B A, A B, ...), so load that comes and goes on a shared machine
+    lands on all of them alike; the speed-up is the median of the per-repetition ratios. The model
+    is patched and unpatched for every call (outside the timed region) and left as it came.
     """
     from tqdm.auto import tqdm
 
     if batch < 1:
-        raise ValueError(f"batch={batch} must be at least 1")
+        raise ConfigError(f"batch={batch} must be at least 1")
     if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
+        raise ConfigError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
+    vit_geometry(model.visual)  # refuse a model TempMe cannot patch before reading its image size
     model = model.to(device=device, dtype=dtype).eval()
     generator = torch.Generator().manual_seed(seed)
     video = torch.randn(batch, config.frames, 3, *model.visual.image_size, generator=generator)
     video = video.to(device=device, dtype=dtype)
     variants = [("open_clip (unmerged)", TempMeConfig.unmerged(config.frames), "torch")]
     variants += [("TempMe", config, backend) for backend in backends]
-    rows = []
-    bar = tqdm(total=len(variants) * (repeats + warmup), desc="bench", unit="run", disable=not progress)
-    for name, cfg, backend in variants:
-        apply_tempme(model, cfg, backend=backend)
-        try:
-            def run():
-                with torch.inference_mode():
-                    return model.encode_video(video)
 
-            times = time_calls(run, device, repeats, warmup, tick=bar.update)
-            median = statistics.median(times)
+    def run():
+        with torch.inference_mode():
+            return model.encode_video(video)
+
+    def patched(i):
+        return _patched(model, variants[i][1], variants[i][2])
+
+    bar = tqdm(total=len(variants) * (repeats + warmup), desc="bench", unit="run", disable=not progress)
+    times: List[List[float]] = [[] for _ in variants]
+    for i in range(len(variants)):
+        with patched(i):
+            time_calls(run, device, 0, warmup, tick=bar.update)
+    order = list(range(len(variants)))
+    for rep in range(repeats):
+        for i in (order if rep % 2 == 0 else order[::-1]):
+            with patched(i):
+                times[i] += time_calls(run, device, 1, 0)
+            bar.update()
+    bar.close()
+    rows = []
+    for i, (name, cfg, backend) in enumerate(variants):
+        with patched(i):
+            median = statistics.median(times[i])
             rows.append(BenchRow(
                 name=name, backend=backend if cfg.merges else "-",
                 tokens_per_video=model.tempme.schedule.output_tokens,
                 gflops_per_video=model_flops(model).gflops,
-                latency_ms=median, latency_min_ms=min(times), latency_max_ms=max(times),
+                latency_ms=median, latency_min_ms=min(times[i]), latency_max_ms=max(times[i]),
                 videos_per_s=batch / (median / 1e3), peak_mem_mb=peak_memory_mb(run, device)))
-        finally:
-            remove_tempme(model)
-    bar.close()
-    for row in rows:
-        row.speedup = row.videos_per_s / rows[0].videos_per_s
+    for row, row_times in zip(rows, times):
+        ratios = [base / t for base, t in zip(times[0], row_times)]
+        (row.speedup_min, row.speedup_q1, row.speedup, row.speedup_q3, row.speedup_max) = _quartiles(ratios)
+        row.flops_bound = rows[0].gflops_per_video / row.gflops_per_video
     return rows
+
+
+@contextlib.contextmanager
+def _patched(model: torch.nn.Module, config: TempMeConfig, backend: str):
+    """The model patched with ``config`` inside the block, unpatched after."""
+    apply_tempme(model, config, backend=backend)
+    try:
+        yield model
+    finally:
+        remove_tempme(model)
+
+
+# A spread of the per-repetition speed-ups wider than this share of their median earns a warning.
+WIDE_SPREAD = 0.10
+
+
+def noise_warnings(rows: Sequence[BenchRow], threads: int, load_before: Optional[float],
+                   load_after: Optional[float], cores: Optional[int]) -> List[str]:
+    """Why the speed-ups of ``rows`` may not be what a quiet machine gives, one sentence each.
+
+    Args:
+        threads: CPU threads the timed runs used (1 on a GPU: the host thread).
+        load_before, load_after: 1-minute load averages (``os.getloadavg()[0]``) before and after
+            the runs, None where the platform has none. The run's own threads raise ``load_after``,
+            so the other processes' share is estimated as ``max(before, after - threads)``.
+        cores: CPU cores of the machine.
+    """
+    out = []
+    for row in rows[1:]:
+        spread = (row.speedup_max - row.speedup_min) / row.speedup
+        if spread > WIDE_SPREAD:
+            out.append(f"{row.name} ({row.backend}): the per-repetition speed-ups range over "
+                       f"{row.speedup_min:.2f}-{row.speedup_max:.2f}x ({spread:.0%} of the median); the machine "
+                       f"was noisy: rerun with more --repeats on a quiet machine")
+    if load_before is not None and cores:
+        others = max(load_before, (load_after if load_after is not None else load_before) - threads)
+        free = cores - threads
+        if others > free:
+            out.append(f"load average {others:.1f} from other processes exceeds the {plural(free, 'core')} this run "
+                       f"left free ({plural(cores, 'core')}, {plural(threads, 'thread')} used): the timings are "
+                       f"contended; the speed-up may not hold on a quiet machine")
+    return out
+
+
+def schedule_name(config: TempMeConfig) -> str:
+    """``"released schedule"`` or ``"custom schedule (imgme_r=1, clip_layers=(2, 3))"``: what differs
+    from the released one at the same frame count."""
+    # The released values are the field defaults (a released config may not exist at these frames).
+    fields = TempMeConfig.__dataclass_fields__
+    changed = [f"{k}={getattr(config, k)}" for k, f in fields.items()
+               if k != "frames" and getattr(config, k) != f.default]
+    if not config.merges:
+        return "no merging"
+    return "released schedule" if not changed else f"custom schedule ({', '.join(changed)})"
 
 
 def format_table(rows: Sequence[BenchRow]) -> str:
     header = ("variant", "backend", "tokens/video", "GFLOPs/video", "latency ms (min-max)",
-              "videos/s", "peak MiB", "speed-up")
+              "videos/s", "peak MiB", "speed-up (min-max)", "FLOPs bound")
     lines = [header]
     for r in rows:
         lines.append((r.name, r.backend, str(r.tokens_per_video), f"{r.gflops_per_video:.1f}",
                       f"{r.latency_ms:.1f} ({r.latency_min_ms:.1f}-{r.latency_max_ms:.1f})",
-                      f"{r.videos_per_s:.2f}", f"{r.peak_mem_mb:.0f}", f"{r.speedup:.2f}x"))
+                      f"{r.videos_per_s:.2f}", f"{r.peak_mem_mb:.0f}",
+                      f"{r.speedup:.2f}x ({r.speedup_min:.2f}-{r.speedup_max:.2f})", f"{r.flops_bound:.2f}x"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -11,39 +12,61 @@ from typing import List, Optional
 
 import torch
 
-from .arguments import (SCHEDULE_OPTIONS, add_config_arguments, add_dtype_argument, add_model_arguments,
-                        config_from_args)
+from .arguments import (SCHEDULE_OPTIONS, Parser, add_config_arguments, add_dtype_argument, add_model_arguments,
+                        add_threads_argument, apply_threads, config_from_args, non_negative_int, positive_int)
 from .config import TempMeConfig
+from .errors import TempMeError, as_config_error
 from .ops import BACKENDS
 
 
+def _load_average() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on Windows
+        return None
+
+
 def _cmd_bench(args) -> int:
+    from .bench import (bench_model, cpu_name, default_backends, format_table, noise_warnings, rows_as_dicts,
+                        schedule_name)
+    from .loading import DTYPES, create_model, default_dtype_name, resolve_device
+    from .outputs import plural, prepare_output_file
+
+    device = resolve_device(args.device)
+    if args.json:
+        prepare_output_file(args.json, "--json")
     if args.image:
         from .tome.bench import run_image_bench
         return run_image_bench(args)
-    from .bench import bench_model, cpu_name, default_backends, format_table, rows_as_dicts
-    from .loading import DTYPES, create_model, default_dtype_name, resolve_device
-
-    device = resolve_device(args.device)
     dtype_name = args.dtype or default_dtype_name(device)
     dtype = DTYPES[dtype_name]
-    if args.threads:
-        torch.set_num_threads(args.threads)
     config = config_from_args(args)
+    threads = apply_threads(args.threads)
     backends = args.backends or default_backends(device)
     model = create_model(args.model, args.pretrained, device=str(device), dtype=dtype)
+    load_before = _load_average()
     rows = bench_model(model, config, batch=args.batch, device=device, dtype=dtype, backends=backends,
                        repeats=args.repeats, warmup=args.warmup, progress=not args.no_progress)
+    load_after = _load_average()
+    host_threads = 1 if device.type == "cuda" else threads
+    warnings = noise_warnings(rows, host_threads, load_before, load_after, os.cpu_count())
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    print(f"{args.model}, {config.frames} frames, batch {args.batch} videos, {dtype_name}, {device_name} "
-          f"({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(f"{args.model}, {schedule_name(config)}, {config.frames} frames, batch of "
+          f"{plural(args.batch, 'video')}, {dtype_name}, {device_name} ({plural(threads, 'thread')}), "
+          f"torch {torch.__version__}; variants interleaved, {plural(args.repeats, 'repetition')}")
     print(format_table(rows))
+    print("speed-up: median of the per-repetition ratios to unmerged (their min-max); FLOPs bound: unmerged "
+          "GFLOPs / variant GFLOPs")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         record = {
-            "command": "tempme " + " ".join(sys.argv[1:]),
+            "command": "tempme " + " ".join(args.argv),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": args.model, "pretrained": args.pretrained, "frames": config.frames,
-            "batch": args.batch, "dtype": dtype_name, "device": device_name, "threads": torch.get_num_threads(),
+            "model": args.model, "pretrained": args.pretrained, "schedule": schedule_name(config),
+            "frames": config.frames, "batch": args.batch, "dtype": dtype_name, "device": device_name,
+            "threads": threads, "repeats": args.repeats, "cpu_count": os.cpu_count(),
+            "load_average": {"before": load_before, "after": load_after}, "warnings": warnings,
             "torch": torch.__version__, "python": platform.python_version(),
             "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
             "rows": rows_as_dicts(rows),
@@ -59,14 +82,19 @@ def _cmd_schedule(args) -> int:
     from .derive import costed
     from .geometry import ViTGeometry
 
+    from .loading import resolve_model
+
+    resolve_model(args.model)  # refuses what TempMe cannot patch, in one line
     geometry = ViTGeometry.from_name(args.model)
     sizes = {k: v for k, v in (("depth", args.depth), ("tokens_per_frame", args.tokens_per_frame)) if v}
     geometry = dataclasses.replace(geometry, **sizes)
     if any(getattr(args, k) is not None for k in SCHEDULE_OPTIONS):
         config = config_from_args(args)  # a hand-written schedule (refused together with --budget)
     else:
-        config = TempMeConfig.for_model(geometry, frames=args.frames, flops_ratio=args.budget)
-    plan = costed(geometry, config)
+        with as_config_error(""):  # derive's messages name frames / flops_ratio and their valid range
+            config = TempMeConfig.for_model(geometry, frames=args.frames, flops_ratio=args.budget)
+    with as_config_error(""):  # a hand-written schedule that does not fit the model
+        plan = costed(geometry, config)
     print(plan.schedule.describe())
     print(f"GFLOPs per video: {plan.gflops:.1f} (unmerged: {plan.unmerged_gflops:.1f}), ratio {plan.ratio:.3f}, "
           f"speed-up bound {plan.bound:.2f}x")
@@ -74,18 +102,19 @@ def _cmd_schedule(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tempme", description=__doc__)
+    parser = Parser(prog="tempme", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="time unmerged open_clip against TempMe on each backend")
     add_model_arguments(bench, backend=False)
     add_dtype_argument(bench)
-    bench.add_argument("--batch", type=int, default=2, help="videos per batch")
-    bench.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
-                       help="TempMe backends to time (default: torch, plus triton on CUDA)")
-    bench.add_argument("--repeats", type=int, default=3, help="timed runs per variant")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first")
-    bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    bench.add_argument("--batch", type=positive_int, default=2, help="videos per batch")
+    bench.add_argument("--backends", "--backend", nargs="+", choices=BACKENDS, default=None,
+                       help="TempMe backends to time, one or more (default: torch, plus triton on CUDA)")
+    bench.add_argument("--repeats", type=positive_int, default=5,
+                       help="repetitions; each times every variant once, in alternating order")
+    bench.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per variant first")
+    add_threads_argument(bench)
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.add_argument("--image", action="store_true",
@@ -116,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     sched = sub.add_parser("schedule", help="print a schedule's layer table, GFLOPs and speed-up bound")
     sched.add_argument("--model", default="ViT-B-32-quickgelu",
                        help="open_clip model name or JSON model config (sizes only, nothing is built)")
-    sched.add_argument("--depth", type=int, default=None, help="override the model's layers")
-    sched.add_argument("--tokens-per-frame", type=int, default=None, help="override 1 + patches (197: ViT-B/16)")
+    sched.add_argument("--depth", type=positive_int, default=None, help="override the model's layers")
+    sched.add_argument("--tokens-per-frame", type=positive_int, default=None,
+                       help="override 1 + patches (197: ViT-B/16)")
     add_config_arguments(sched)
     sched.set_defaults(func=_cmd_schedule)
     return parser
@@ -125,11 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command as typed, for messages that repeat it (how to resume a run)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as err:
-        parser.exit(2, f"tempme {args.command}: error: {err}\n")
+    except TempMeError as err:
+        # Input the user can fix: one line. Anything else is a bug and keeps its traceback.
+        message = " ".join(str(err).split("\n"))
+        parser.exit(2, f"tempme {args.command}: error: {message}\n")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Tuple, Union
 
+from .errors import ConfigError
+
 
 def _as_int_tuple(name: str, value) -> Tuple[int, ...]:
     try:
@@ -92,32 +94,32 @@ class TempMeConfig:
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
         if self.frames < 1:
-            raise ValueError(f"frames={self.frames} must be at least 1")
+            raise ConfigError(f"frames={self.frames} must be at least 1")
         if any(r < 0 for r in self._imgme_values()):
-            raise ValueError(f"imgme_r={self.imgme_r} must be >= 0 (0 merges nothing per frame)")
+            raise ConfigError(f"imgme_r={self.imgme_r} must be >= 0 (0 merges nothing per frame)")
         for name in ("cross_ratio", "intra_ratio"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise TypeError(f"{name} must be a finite float, got {value!r}")
             if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name}={value} must be in [0, 1)")
+                raise ConfigError(f"{name}={value} must be in [0, 1)")
         if len(self.clip_layers) != len(self.clip_groups):
-            raise ValueError(
+            raise ConfigError(
                 f"clip_layers={self.clip_layers} and clip_groups={self.clip_groups} must have the same "
                 f"length: one group size per joining layer")
         if any(layer < 0 for layer in self.clip_layers):
-            raise ValueError(f"clip_layers={self.clip_layers} must be >= 0 (0-indexed layers)")
+            raise ConfigError(f"clip_layers={self.clip_layers} must be >= 0 (0-indexed layers)")
         if any(b <= a for a, b in zip(self.clip_layers, self.clip_layers[1:])):
-            raise ValueError(f"clip_layers={self.clip_layers} must be strictly increasing")
+            raise ConfigError(f"clip_layers={self.clip_layers} must be strictly increasing")
         if any(g < 2 for g in self.clip_groups):
-            raise ValueError(f"clip_groups={self.clip_groups} must all be >= 2 (a join takes 2 or more clips)")
+            raise ConfigError(f"clip_groups={self.clip_groups} must all be >= 2 (a join takes 2 or more clips)")
         product = math.prod(self.clip_groups)
         if self.frames % product:
-            raise ValueError(
+            raise ConfigError(
                 f"frames={self.frames} is not divisible by the clip groups {self.clip_groups} whose "
                 f"product is {product}")
         if not isinstance(self.imgme_r, int) and self.clip_layers and len(self.imgme_r) != self.clip_layers[0]:
-            raise ValueError(
+            raise ConfigError(
                 f"imgme_r={self.imgme_r} has {len(self.imgme_r)} entries, but clip_layers={self.clip_layers} "
                 f"leaves {self.clip_layers[0]} image-merging layer(s) (0..{self.clip_layers[0] - 1}): give "
                 f"one r per image-merging layer")
@@ -125,10 +127,10 @@ class TempMeConfig:
     def validate_for(self, depth: int) -> None:
         """Check this config against a transformer of ``depth`` layers."""
         if self.clip_layers and self.clip_layers[-1] >= depth:
-            raise ValueError(
+            raise ConfigError(
                 f"clip_layers={self.clip_layers} reaches layer {self.clip_layers[-1]}, but the model has "
                 f"{depth} layers (valid: 0..{depth - 1})")
         if not isinstance(self.imgme_r, int) and not self.clip_layers and len(self.imgme_r) != depth:
-            raise ValueError(
+            raise ConfigError(
                 f"imgme_r={self.imgme_r} has {len(self.imgme_r)} entries, but without clip_layers every one of "
                 f"the model's {depth} layers merges images: give {depth} values")

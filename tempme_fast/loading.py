@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+
+from .errors import ConfigError, UnsupportedModelError, as_config_error
 
 log = logging.getLogger(__name__)
 
@@ -21,12 +24,78 @@ def default_dtype_name(device: torch.device) -> str:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` (CUDA when there is a GPU, else CPU), ``cpu``, ``cuda`` or ``cuda:N``, checked."""
+    valid = "valid: auto, cpu, cuda, cuda:N"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available; use --device cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device; {valid}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: TempMe runs on cpu or cuda; {valid}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {name}: no CUDA GPU is available; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"--device {name}: this machine has {count} GPU{'s' if count > 1 else ''} "
+                              f"(cuda:0 to cuda:{count - 1})")
     return device
+
+
+def _vision_config(name: str, path: Optional[Path]) -> dict:
+    import json
+
+    import open_clip
+
+    if path is not None:
+        with open(path) as f, as_config_error(f"--model {path}: not a JSON model config"):
+            config = json.load(f)
+        if not isinstance(config, dict):
+            raise ConfigError(f"--model {path}: not a JSON model config (expected an object with vision_cfg)")
+        return config.get("vision_cfg") or {}
+    return (open_clip.get_model_config(name) or {}).get("vision_cfg") or {}
+
+
+def check_model_config(name: str, vision: dict) -> None:
+    """Refuse, from its config alone, a model TempMe cannot patch, before any weights are read.
+
+    ``vision`` is the ``vision_cfg`` of an open_clip model config; the built model is checked again
+    by :func:`tempme_fast.model.vit_geometry`.
+    """
+    need = "TempMe needs a ViT with a class token (e.g. ViT-B-32-quickgelu, ViT-B-16, ViT-L-14)"
+    if isinstance(vision.get("layers"), (list, tuple)):
+        raise UnsupportedModelError(f"--model {name} is a ResNet, not a ViT with a class token; {need}")
+    if vision.get("timm_model_name"):
+        raise UnsupportedModelError(f"--model {name} uses a timm vision tower ({vision['timm_model_name']}), not "
+                                    f"open_clip's own ViT; {need}")
+    if vision.get("attentional_pool"):
+        raise UnsupportedModelError(f"--model {name} pools its tokens with attentional pooling (as CoCa does), "
+                                    f"not the class token; {need}")
+    if vision.get("pool_type", "tok") != "tok":
+        raise UnsupportedModelError(f"--model {name} pools with pool_type={vision['pool_type']!r}, not the class "
+                                    f"token; {need}")
+
+
+def resolve_model(model: str) -> Tuple[str, Optional[Path], dict]:
+    """``(name, JSON path or None, vision config)`` of ``--model``, refused unless TempMe can patch it.
+
+    Reads configs only: nothing is built or downloaded.
+    """
+    import open_clip
+
+    name, path = model, None
+    if model.endswith(".json"):
+        path = Path(model)
+        if not path.is_file():
+            raise ConfigError(f"--model {model}: looks like a JSON config but no such file exists")
+        name = path.stem
+    elif name not in open_clip.list_models():
+        raise ConfigError(f"--model {model!r} is not an open_clip model name (see open_clip.list_models()) "
+                          f"nor a .json model config file")
+    vision = _vision_config(name, path)
+    check_model_config(name, vision)
+    return name, path, vision
 
 
 def create_model(model: str, pretrained: Optional[str] = None, device: str = "cpu",
@@ -41,22 +110,19 @@ def create_model(model: str, pretrained: Optional[str] = None, device: str = "cp
     """
     import open_clip
 
-    name = model
-    if model.endswith(".json"):
-        path = Path(model)
-        if not path.is_file():
-            raise ValueError(f"model={model!r} looks like a JSON config but no such file exists")
+    from .model import vit_geometry
+    from .weights import check_pretrained, is_weights_file
+
+    name, path, _ = resolve_model(model)
+    if path is not None:
         open_clip.add_model_config(path)
-        name = path.stem
-    elif name not in open_clip.list_models():
-        raise ValueError(f"model={model!r} is not an open_clip model name (see open_clip.list_models()) "
-                         f"nor a .json model config file")
-    if pretrained and os.path.sep in pretrained and not os.path.isfile(pretrained):
-        raise ValueError(f"pretrained={pretrained!r} is neither an open_clip tag nor an existing file")
+    if pretrained:
+        check_pretrained(name, pretrained)
     # OpenAI's weights were trained with QuickGELU; open_clip only warns when the model name lacks it.
-    quick_gelu = bool(pretrained and not os.path.isfile(pretrained)
+    quick_gelu = bool(pretrained and not is_weights_file(pretrained)
                       and open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
     net = open_clip.create_model(name, pretrained=pretrained or None, device=device, force_quick_gelu=quick_gelu)
+    vit_geometry(net.visual)
     return net.to(dtype=dtype).eval()
 
 
@@ -66,8 +132,8 @@ def _unwrap_state_dict(obj, path: str) -> dict:
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"--checkpoint {path}: expected a state dict (name -> tensor), got "
-                         f"{type(obj).__name__}")
+        raise ConfigError(f"--checkpoint {path}: expected a state dict (name -> tensor), got "
+                          f"{type(obj).__name__}")
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
@@ -80,7 +146,19 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
     or a LoRA adapter written by ``tempme_fast.lora.save_lora``, which is loaded and merged into the
     weights (``--pretrained`` then supplies the base weights).
     """
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--checkpoint {path}: no such file")
+    from .trainer import CHECKPOINT_FORMAT
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ConfigError(f"--checkpoint {path}: not a file torch.load can read ({str(err).splitlines()[0]})") from err
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        folder = os.path.dirname(path) or "."
+        raise ConfigError(f"--checkpoint {path} is a resumable training state (tempme train --resume takes it); "
+                          f"pass the model file {os.path.join(folder, 'model.pt')} or the LoRA file "
+                          f"{os.path.join(folder, 'lora.pt')} the run wrote")
     if isinstance(obj, dict) and isinstance(obj.get("format"), str) and "lora" in obj["format"]:
         from . import lora
 
@@ -91,20 +169,20 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
     own = model.state_dict()
     unexpected = [k for k in state if k not in own]
     if unexpected:
-        hint = ""
+        hint = " (pass the model.pt or lora.pt that tempme train writes, or a state dict of a patched model)"
         if any("tempme_frame_pos" in k for k in unexpected):
             hint = " (TempMe temporal position embeddings: evaluate with --merge)"
         elif any("lora" in k.lower() or "parametrizations" in k for k in unexpected):
             hint = (" (LoRA weights: save the adapter with tempme_fast.lora.save_lora, or call "
                     "tempme_fast.lora.merge_lora(model) before saving the state dict)")
-        raise ValueError(f"--checkpoint {path}: {len(unexpected)} key(s) the model does not have, e.g. "
-                         f"{unexpected[:3]}{hint}")
+        raise ConfigError(f"--checkpoint {path}: {len(unexpected)} key(s) the model does not have, e.g. "
+                          f"{unexpected[:3]}{hint}")
     wrong = [k for k in state if tuple(state[k].shape) != tuple(own[k].shape)]
     if wrong:
         k = wrong[0]
-        raise ValueError(f"--checkpoint {path}: {len(wrong)} shape mismatch(es), e.g. {k}: checkpoint "
-                         f"{tuple(state[k].shape)} vs model {tuple(own[k].shape)} (another --model or "
-                         f"--frames?)")
+        raise ConfigError(f"--checkpoint {path}: {len(wrong)} shape mismatch(es), e.g. {k}: checkpoint "
+                          f"{tuple(state[k].shape)} vs model {tuple(own[k].shape)} (another --model or "
+                          f"--frames?)")
     missing = [k for k in own if k not in state]
     model.load_state_dict(state, strict=False)
     if missing:

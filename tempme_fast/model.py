@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .config import TempMeConfig
+from .errors import UnsupportedModelError
 from .encoder import ClipState, EncoderOptions, block_forward, embed_frames, frame_features, pool_frames
 from .schedule import IMGME, TokenSchedule, token_schedule
 from .tracking import SourceMap, initial_sources, source_map
@@ -32,27 +33,31 @@ class TempMeSettings:
 def vit_geometry(visual: nn.Module):
     """``(depth, tokens_per_frame)`` of an open_clip ``VisionTransformer``, or a clear error why not."""
     name = type(visual).__name__
+    need = "TempMe needs an open_clip VisionTransformer with a class token (ViT-B/32, B/16, L/14, ...)"
     for attr in ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_post", "proj"):
         if not hasattr(visual, attr):
-            raise TypeError(f"model.visual is a {name} without '{attr}': TempMe needs an open_clip "
-                            f"VisionTransformer with a class token (ViT-B/32, B/16, L/14, ...)")
-    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
-        raise TypeError(f"model.visual pools with pool_type={getattr(visual, 'pool_type', None)!r} / "
-                        f"attentional pooling; TempMe needs class-token pooling (pool_type='tok')")
+            raise UnsupportedModelError(f"model.visual is a {name} without '{attr}', not a ViT with a class token; "
+                                        f"{need}")
+    if getattr(visual, "attn_pool", None) is not None:
+        raise UnsupportedModelError(f"model.visual pools its tokens with attentional pooling (as CoCa does), not "
+                                    f"the class token; {need}")
+    if getattr(visual, "pool_type", "tok") != "tok":
+        raise UnsupportedModelError(f"model.visual pools with pool_type={visual.pool_type!r}; TempMe needs "
+                                    f"class-token pooling (pool_type='tok')")
     if visual.proj is None:
-        raise TypeError("model.visual has no projection (proj is None); TempMe needs the CLIP head")
+        raise UnsupportedModelError("model.visual has no projection (proj is None); TempMe needs the CLIP head")
     if not isinstance(visual.patch_dropout, nn.Identity):
-        raise ValueError("model.visual uses patch dropout; TempMe's token schedule needs every patch. "
-                         "Build the model with patch_dropout=0")
+        raise UnsupportedModelError("model.visual uses patch dropout; TempMe's token schedule needs every patch. "
+                                    "Build the model with patch_dropout=0")
     blocks = visual.transformer.resblocks
     for i, block in enumerate(blocks):
         attn = getattr(block, "attn", None)
         if not isinstance(attn, nn.MultiheadAttention) or not getattr(attn, "_qkv_same_embed_dim", False):
-            raise TypeError(f"block {i} is a {type(block).__name__} with attention "
-                            f"{type(attn).__name__}; TempMe supports open_clip's ResidualAttentionBlock "
-                            f"(nn.MultiheadAttention with a fused q/k/v projection)")
+            raise UnsupportedModelError(f"block {i} is a {type(block).__name__} with attention "
+                                        f"{type(attn).__name__}; TempMe supports open_clip's ResidualAttentionBlock "
+                                        f"(nn.MultiheadAttention with a fused q/k/v projection)")
     if not getattr(visual.transformer, "batch_first", True):
-        raise TypeError("model.visual.transformer is not batch_first; use open_clip >= 2.24")
+        raise UnsupportedModelError("model.visual.transformer is not batch_first; use open_clip >= 2.24")
     return len(blocks), visual.positional_embedding.shape[0]
 
 

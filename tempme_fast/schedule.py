@@ -94,13 +94,15 @@ class TokenSchedule:
         """One line per layer, e.g. ``layer  8  clipme  12 clips x 34 -> join 2: 68 -> 48 -> 44``."""
         lines = []
         for p in self.layers:
-            text = f"layer {p.layer:2d}  {p.kind:6s}  {p.clips_in:2d} clips x {p.tokens_in:3d}"
+            clips = "clips" if p.clips_in != 1 else "clip "
+            text = f"layer {p.layer:2d}  {p.kind:6s}  {p.clips_in:2d} {clips} x {p.tokens_in:3d}"
             if p.group > 1:
                 text += f" -> join {p.group}: {p.tokens_joined} -> {p.tokens_attn}"
             if p.r:
                 text += f" -> {p.tokens_out}"
             lines.append(text)
-        lines.append(f"output: {self.output_clips} clip(s) x {self.output_tokens_per_clip} tokens = "
+        clips = "clip" if self.output_clips == 1 else "clips"
+        lines.append(f"output: {self.output_clips} {clips} x {self.output_tokens_per_clip} tokens = "
                      f"{self.output_tokens} tokens per video (unmerged: {self.frames * self.tokens_per_frame})")
         return "\n".join(lines)
 

@@ -4,7 +4,9 @@
     torchrun --nproc_per_node 8 -m tempme_fast train --data data/MSRVTT ... --output runs/b32
     tempme train --synthetic 64 --batch-size 8 --epochs 1 --output /tmp/smoke     # no dataset needed
 
-Writes ``<output>/last.pt`` (resumable training state; ``--resume auto`` continues it),
+Writes into ``--output`` (default: a new ``runs/train-<date>-<time>`` folder, named in the first line)
+``<output>/last.pt`` (resumable training state, every ``--save-every`` steps, at each epoch end and on
+Ctrl-C; ``--resume auto`` continues it),
 ``<output>/train_log.jsonl`` and, at the end, ``<output>/model.pt``: the state dict with LoRA merged
 into the weights, which ``tempme eval --checkpoint`` loads; in LoRA mode also ``<output>/lora.pt``
 (LoRA + temporal position embeddings only, :func:`tempme_fast.lora.load_lora`).
@@ -18,13 +20,17 @@ import argparse
 import logging
 import os
 import random
-import sys
+import shlex
 
 import torch
 
 from .arguments import (add_config_arguments, add_data_arguments, add_merge_argument, add_model_arguments,
-                        config_from_args, positive_float, positive_int)
+                        add_threads_argument, apply_threads, config_from_args, non_negative_int, positive_float,
+                        positive_int)
+from .errors import ConfigError, as_config_error
+from .outputs import plural
 from .train import DEFAULT_LR, PRECISIONS
+from .trainer import DEFAULT_SAVE_EVERY
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +66,24 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.2, help="AdamW weight decay (matrices only)")
     g.add_argument("--warmup", type=float, default=0.1, help="share of the steps spent in linear warm-up")
     g.add_argument("--grad-clip", type=positive_float, default=None, help="clip the gradient norm to this")
-    g.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
-                   help="autocast precision (default: bf16 on CUDA, fp32 on CPU); fp16 uses a grad scaler")
+    g.add_argument("--precision", "--dtype", choices=tuple(PRECISIONS), default=None,
+                   help="compute dtype: autocast over fp32 weights (default: bf16 on CUDA, fp32 on CPU, where "
+                        "bf16 autocast is many times slower); fp16 uses a grad scaler")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--seed", type=int, default=0, help="seeds the model init, data order and RNGs")
 
     g = parser.add_argument_group("output")
     g.add_argument("--output", default=None, metavar="DIR",
-                   help="folder for last.pt, train_log.jsonl, model.pt, lora.pt (default: nothing saved)")
-    g.add_argument("--save-every", type=positive_int, default=None, metavar="STEPS",
-                   help="checkpoint every this many steps (every epoch end is saved anyway)")
+                   help="folder for last.pt, train_log.jsonl, model.pt, lora.pt (default: a new "
+                        "runs/train-<date>-<time>)")
+    g.add_argument("--save-every", type=non_negative_int, default=DEFAULT_SAVE_EVERY, metavar="STEPS",
+                   help="checkpoint every this many steps (default %(default)s; 0: only at epoch ends, which "
+                        "are saved anyway, as is a run stopped with Ctrl-C)")
     g.add_argument("--resume", default=None, metavar="FILE",
                    help="continue from a checkpoint; 'auto': <output>/last.pt if it exists")
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in all")
     g.add_argument("--log-every", type=positive_int, default=10, help="log a line every this many steps")
-    g.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
+    add_threads_argument(g)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -103,7 +112,7 @@ def _build_data(args, model, rank: int, world: int):
     from .retrieval.synthetic import SyntheticPairs
 
     if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+        raise ConfigError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     if args.synthetic is not None:
         return SyntheticPairs(args.synthetic, args.batch_size, args.frames, model.visual.image_size[0],
                               args.context_length, model.token_embedding.num_embeddings, args.seed, rank, world)
@@ -113,57 +122,97 @@ def _build_data(args, model, rank: int, world: int):
     from .retrieval.data import PairDataset, load_split, make_loader
     from .retrieval.video import VideoProcessor
 
-    split = load_split(args.data, args.split, args.data_format, args.videos, args.train_list)
+    with as_config_error(f"--data {args.data}"):
+        split = load_split(args.data, args.split, args.data_format, args.videos, args.train_list)
     split = split.limit(args.max_videos)
     if not split.captions:
-        raise ValueError(f"--data {args.data}: the {args.split} split has no captions")
+        raise ConfigError(f"--data {args.data}: the {args.split} split has no captions")
     name = args.model[:-len(".json")].rsplit("/", 1)[-1] if args.model.endswith(".json") else args.model
     fps = None if args.sample_fps == 0 else args.sample_fps
     dataset = PairDataset(split, VideoProcessor.for_model(model, args.frames, fps), open_clip.get_tokenizer(name),
                           args.context_length, captions="all", seed=args.seed)
     if len(dataset) < args.batch_size:
-        raise ValueError(f"--data {args.data}: {len(dataset)} captions, fewer than one batch of {args.batch_size}")
+        raise ConfigError(f"--data {args.data}: {len(dataset)} captions, fewer than one batch of {args.batch_size}")
     # A DistributedSampler (also for one process) orders every epoch by seed + epoch: exact resumes.
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     return make_loader(dataset, args.batch_size // world, args.workers, sampler=sampler, drop_last=True,
                        pin_memory=torch.cuda.is_available())
 
 
-def run_train(args) -> int:
-    """Run ``tempme train`` with parsed ``args``; returns the exit status (0 ok, 2 bad input)."""
-    from . import distributed
-    from .lora import merge_lora, save_lora
-    from .trainer import TrainConfig, Trainer
-
-    if (args.data is None) == (args.synthetic is None):
-        print("tempme train: error: give exactly one of --data PATH and --synthetic N", file=sys.stderr)
-        return 2
+def _setup_logging() -> None:
     if not logging.getLogger().handlers:
         # Our progress lines at INFO; other libraries (open_clip's model creation) only from WARNING.
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("tempme_fast").setLevel(logging.INFO)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+
+
+def _train_config(args, precision: str):
+    from .trainer import TrainConfig
+
+    return TrainConfig(mode=args.mode, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                       warmup=args.warmup, grad_clip=args.grad_clip, precision=precision,
+                       grad_checkpointing=args.grad_checkpointing, lora_rank=args.lora_rank,
+                       lora_scale=args.lora_scale, log_every=args.log_every, save_every=args.save_every or None,
+                       max_steps=args.max_steps)
+
+
+def _check_arguments(args) -> None:
+    """Everything that can be checked before a model is built or a process group formed."""
+    from .loading import resolve_device
+    from .outputs import default_run_dir, prepare_output_dir
+
+    if (args.data is None) == (args.synthetic is None):
+        raise ConfigError("give exactly one of --data PATH and --synthetic N")
+    if args.device != "auto":
+        resolve_device(args.device)
+    config_from_args(args)
+    _train_config(args, args.precision or "fp32")
+    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
+        raise ConfigError(f"--resume {args.resume}: no such checkpoint (or 'auto': <output>/last.pt)")
+    if args.resume == "auto" and not args.output:
+        raise ConfigError("--resume auto needs --output (it resumes <output>/last.pt)")
+    if args.output is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("under torchrun give --output DIR: every process must write to the same folder")
+    if args.output is None:
+        args.output = default_run_dir("train")
+        print(f"tempme train: writing to {args.output} (no --output given)")
+    prepare_output_dir(args.output, "--output")
+
+
+def _resume_command(args) -> str:
+    """The command line that continues this run (the one typed, when known, with its output and
+    ``--resume auto``)."""
+    argv = list(getattr(args, "argv", None) or ["train", "..."])
+    for option in ("--output", "--resume"):
+        while option in argv:
+            i = argv.index(option)
+            del argv[i:i + 2]
+        argv = [a for a in argv if not a.startswith(option + "=")]
+    return "tempme " + " ".join(shlex.quote(a) for a in argv + ["--output", args.output, "--resume", "auto"])
+
+
+def run_train(args) -> int:
+    """Run ``tempme train`` with parsed ``args``; returns 0 (130 when stopped by Ctrl-C, after writing
+    the checkpoint and the command that resumes it). Bad input raises
+    :class:`tempme_fast.errors.ConfigError` before any work starts (``tempme`` exits with 2)."""
+    from . import distributed
+    from .lora import merge_lora, save_lora
+    from .trainer import Trainer
+
+    _check_arguments(args)
+    _setup_logging()
+    apply_threads(args.threads)
     try:
-        device = None if args.device == "auto" else args.device
-        if device and device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: no CUDA GPU is available; use --device cpu")
-        info = distributed.init_distributed(device=device)
-    except (ValueError, RuntimeError) as err:
-        print(f"tempme train: error: {err}", file=sys.stderr)
-        return 2
+        info = distributed.init_distributed(device=None if args.device == "auto" else args.device)
+    except RuntimeError as err:  # a launch without torchrun's variables
+        raise ConfigError(f"torch.distributed: {err}") from err
     try:
         _seed_everything(args.seed)
         precision = args.precision or ("bf16" if info.device.type == "cuda" else "fp32")
-        config = TrainConfig(mode=args.mode, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                             warmup=args.warmup, grad_clip=args.grad_clip, precision=precision,
-                             grad_checkpointing=args.grad_checkpointing, lora_rank=args.lora_rank,
-                             lora_scale=args.lora_scale, log_every=args.log_every, save_every=args.save_every,
-                             max_steps=args.max_steps)
-        if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
-            raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint")
-        if args.resume == "auto" and not args.output:
-            raise ValueError("--resume auto needs --output (it resumes <output>/last.pt)")
+        config = _train_config(args, precision)
+        if not args.pretrained and not args.official_checkpoint and info.rank == 0:
+            log.warning("training from RANDOM weights (no --pretrained or --official-checkpoint): fine for a "
+                        "smoke test, not for a useful model; e.g. --pretrained openai")
         model = _build_model(args, info.device)
         data = _build_data(args, model, info.rank, info.world_size)
         trainer = Trainer(model, data, config, output_dir=args.output, progress=not args.no_progress,
@@ -172,12 +221,20 @@ def run_train(args) -> int:
             total = sum(p.numel() for p in model.parameters())
             print(f"tempme train: {args.model}, mode={args.mode}, {trainer.trainable:,} of {total:,} parameters "
                   f"trainable, {trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch), global batch "
-                  f"{args.batch_size} on {info.world_size} process(es), {precision}, device {info.device}")
+                  f"{args.batch_size} on {plural(info.world_size, 'process', 'processes')}, {precision}, device {info.device}")
         history = trainer.fit()
         if info.rank == 0 and history:
             last = history[-1]
             print(f"tempme train: step {last['step']}/{trainer.total_steps}, loss {last['loss']:.4f}")
-        if info.rank == 0 and args.output:
+        if info.rank == 0 and trainer.skipped_batches:
+            print(f"tempme train: skipped {plural(trainer.skipped_batches, 'batch', 'batches')} with fewer than "
+                  f"2 readable pairs")
+        if trainer.interrupted:
+            if info.rank == 0:
+                print(f"tempme train: stopped by Ctrl-C at step {trainer.step}/{trainer.total_steps}; checkpoint "
+                      f"{os.path.join(args.output, trainer.CHECKPOINT)}; continue with:\n  {_resume_command(args)}")
+            return 130
+        if info.rank == 0:
             if args.mode == "lora":
                 save_lora(model, os.path.join(args.output, "lora.pt"))
                 merge_lora(model)
@@ -186,9 +243,6 @@ def run_train(args) -> int:
                         os.path.join(args.output, "model.pt"))
             print(f"tempme train: wrote {os.path.join(args.output, 'model.pt')} (LoRA merged; "
                   f"tempme eval --checkpoint loads it)")
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        print(f"tempme train: error: {err}", file=sys.stderr)
-        return 2
     finally:
         distributed.cleanup()
     return 0

@@ -17,6 +17,8 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .errors import ConfigError
 from .checkpoint import atomic_save, rng_state, set_rng_state
 from .lora import MODES, add_lora, has_lora, load_lora_state_dict, lora_config, lora_state_dict, mark_trainable
 from .train import (DEFAULT_LR, PRECISIONS, VideoTextForward, cosine_schedule, make_optimizer, set_grad_checkpointing,
@@ -34,8 +37,13 @@ log = logging.getLogger(__name__)
 
 # Kept as written by earlier releases, so their checkpoints still resume.
 CHECKPOINT_FORMAT = "tempme_fast.train"
+# Steps between checkpoints by default: at most this much work is lost to a crash (LoRA checkpoints are a
+# few MB; a full ViT-B/32 one with its AdamW state about 1.8 GB).
+DEFAULT_SAVE_EVERY = 200
+# The contrastive loss of a batch of one pair is 0 whatever the weights: nothing to learn from it.
+MIN_PAIRS = 2
 
-__all__ = ["CHECKPOINT_FORMAT", "TrainConfig", "Trainer"]
+__all__ = ["CHECKPOINT_FORMAT", "DEFAULT_SAVE_EVERY", "MIN_PAIRS", "TrainConfig", "Trainer"]
 
 
 @dataclass
@@ -50,7 +58,8 @@ class TrainConfig:
             gives only the LoRA value).
         warmup: share of the total steps spent warming up linearly.
         precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast and a grad scaler).
-        save_every: also checkpoint every this many steps (every epoch end is saved anyway).
+        save_every: also checkpoint every this many steps (default 200; None: only at epoch ends,
+            which are saved anyway).
         steps_per_epoch: needed when the data has no ``len``.
         max_steps: stop after this many steps in all (the schedule still spans every epoch); for
             smoke runs and tests.
@@ -69,15 +78,15 @@ class TrainConfig:
     lora_rank: int = 8
     lora_scale: float = 1.0
     log_every: int = 10
-    save_every: Optional[int] = None
+    save_every: Optional[int] = DEFAULT_SAVE_EVERY
     steps_per_epoch: Optional[int] = None
     max_steps: Optional[int] = None
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
+            raise ConfigError(f"mode={self.mode!r} is not one of {MODES}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} is not one of {tuple(PRECISIONS)}")
+            raise ConfigError(f"precision={self.precision!r} is not one of {tuple(PRECISIONS)}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.mode]
         checks = [("epochs", self.epochs >= 1), ("lr", self.lr > 0), ("weight_decay", self.weight_decay >= 0),
@@ -91,7 +100,7 @@ class TrainConfig:
                  "grad_clip": "> 0 or None", "lora_rank": ">= 1"}
         for name, ok in checks:
             if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be {valid[name]}")
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be {valid[name]}")
         self.betas = tuple(self.betas)
 
 
@@ -138,6 +147,11 @@ class Trainer:
         self.autocast_dtype = PRECISIONS[config.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.step = self.epoch = self.step_in_epoch = 0
+        # Batches left out because fewer than MIN_PAIRS of their pairs were readable (all processes).
+        self.skipped_batches = 0
+        # Set when fit() stopped early on Ctrl-C (SIGINT) after writing a checkpoint.
+        self.interrupted = False
+        self._stop_requested = False
         self.history: List[dict] = []
         self._epoch_rng: Optional[dict] = None
         self._resume_rng: Optional[dict] = None
@@ -187,7 +201,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "total_steps": self.total_steps, "rng": rng_state(), "epoch_rng": self._epoch_rng,
-            "world_size": self.world_size,
+            "world_size": self.world_size, "skipped_batches": self.skipped_batches,
         }
 
     def save_checkpoint(self, path: Optional[str] = None) -> Optional[str]:
@@ -205,19 +219,19 @@ class Trainer:
         """Restore model, optimiser, scheduler, scaler, step counters and RNG states."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a checkpoint written by tempme_fast.trainer.Trainer")
+            raise ConfigError(f"{path} is not a checkpoint written by tempme_fast.trainer.Trainer")
         if state["config"]["mode"] != self.config.mode:
-            raise ValueError(f"{path} was trained with mode={state['config']['mode']!r}, this run has "
+            raise ConfigError(f"{path} was trained with mode={state['config']['mode']!r}, this run has "
                              f"mode={self.config.mode!r}")
         if state["total_steps"] != self.total_steps:
-            raise ValueError(f"{path} plans {state['total_steps']} steps, this run {self.total_steps}: the data, "
+            raise ConfigError(f"{path} plans {state['total_steps']} steps, this run {self.total_steps}: the data, "
                              f"batch size or epochs differ")
         if state["tempme"] != asdict(self.model.tempme.config):
-            raise ValueError(f"{path} was trained with TempMeConfig {state['tempme']}, the model has "
+            raise ConfigError(f"{path} was trained with TempMeConfig {state['tempme']}, the model has "
                              f"{asdict(self.model.tempme.config)}")
         if self.config.mode == "lora":
             if state["lora"] != lora_config(self.model):
-                raise ValueError(f"{path} has LoRA {state['lora']}, the model {lora_config(self.model)}")
+                raise ConfigError(f"{path} has LoRA {state['lora']}, the model {lora_config(self.model)}")
             load_lora_state_dict(self.model, state["model"], strict=True)
         else:
             self.model.load_state_dict(state["model"], strict=True)
@@ -226,15 +240,16 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self._epoch_rng, self._resume_rng = state["epoch_rng"], state["rng"]
-        if self.is_main and self.output_dir and os.path.isfile(os.path.join(self.output_dir, self.LOG)):
+        self.skipped_batches = state.get("skipped_batches", 0)
+        log_path = os.path.join(self.output_dir, self.LOG) if self.output_dir else None
+        if self.is_main and log_path and os.path.isfile(log_path):
             # A killed run may have logged steps past its last checkpoint; they will be run again.
-            path = os.path.join(self.output_dir, self.LOG)
-            with open(path) as f:
+            with open(log_path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self.step]
-            with open(path, "w") as f:
+            with open(log_path, "w") as f:
                 f.writelines(kept)
         if self.is_main:
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
+            log.info("resumed from checkpoint %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
                      self.step_in_epoch)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -252,19 +267,58 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def _usable(self, batch) -> bool:
-        """False for a batch whose videos all failed to decode (the retrieval loaders drop them);
-        every process skips together, so the gather in the loss never waits on a missing rank."""
+        """False for a batch with fewer than ``MIN_PAIRS`` readable pairs in all, or none on some
+        process (the retrieval loaders drop videos that fail to decode). Every process decides
+        alike, so the gather in the loss never waits on a rank that skipped."""
         size = 0 if isinstance(batch, dict) and "video" not in batch else len(unpack_batch(batch)[0])
         if isinstance(batch, dict) and batch.get("skipped") and self.is_main:
             log.warning("skipped %d unreadable video(s), e.g. %s", len(batch["skipped"]), batch["skipped"][0])
+        smallest = total = size
         if self.world_size > 1:
-            flag = torch.tensor([size], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            size = int(flag)
-        if size == 0 and self.is_main:
-            log.warning("batch %d of epoch %d has no readable video on some process; skipped", self.step_in_epoch,
-                        self.epoch)
-        return size > 0
+            smallest_t = torch.tensor([size], device=self.device)
+            total_t = torch.tensor([size], device=self.device)
+            torch.distributed.all_reduce(smallest_t, op=torch.distributed.ReduceOp.MIN)
+            torch.distributed.all_reduce(total_t)
+            smallest, total = int(smallest_t), int(total_t)
+        if smallest > 0 and total >= MIN_PAIRS:
+            return True
+        self.skipped_batches += 1
+        if self.is_main:
+            log.warning("batch %d of epoch %d skipped: %d readable pair(s)%s, a contrastive step needs %d "
+                        "(%d batch(es) skipped so far)", self.step_in_epoch, self.epoch, total,
+                        " (none on some process)" if smallest == 0 and total else "", MIN_PAIRS,
+                        self.skipped_batches)
+        return False
+
+    def _stop_agreed(self) -> bool:
+        """Whether a Ctrl-C asked to stop, on any process (all stop at the same step)."""
+        stop = self._stop_requested
+        if self.world_size > 1:
+            flag = torch.tensor([int(stop)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag)
+        return stop
+
+    @contextlib.contextmanager
+    def _stop_on_interrupt(self):
+        """The first Ctrl-C lets the current step finish, then :meth:`fit` checkpoints and returns;
+        a second one interrupts at once. Only the main thread can take signals."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            if self.is_main:
+                log.warning("Ctrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to quit now)")
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def _open_epoch(self) -> Iterator:
         """The current epoch's batches, positioned after those a resumed checkpoint had consumed."""
@@ -284,6 +338,9 @@ class Trainer:
     def _run_epoch(self, batches: Iterator, stop_at: int, bar) -> None:
         config = self.config
         while self.step_in_epoch < self.steps_per_epoch and self.step < stop_at:
+            if self._stop_agreed():
+                self.interrupted = True
+                return
             batch = next(batches, None)
             if batch is None:
                 break
@@ -307,7 +364,11 @@ class Trainer:
 
     def fit(self) -> List[dict]:
         """Train until the last epoch (or ``max_steps``); returns the per-step records
-        ``{"step", "epoch", "loss", "lr", "videos_per_s", "seconds"}`` of this call."""
+        ``{"step", "epoch", "loss", "lr", "videos_per_s", "seconds"}`` of this call.
+
+        Ctrl-C (SIGINT) ends the current step, writes the checkpoint (with an ``output_dir``), sets
+        :attr:`interrupted` and returns; ``resume="auto"`` continues from there exactly.
+        """
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -318,9 +379,13 @@ class Trainer:
                    disable=not (self.progress and self.is_main))
         # Log lines go through tqdm.write, so they do not tear the progress bar.
         redirect = logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext()
-        with redirect, contextlib.closing(bar):
+        self._stop_requested = self.interrupted = False
+        with redirect, contextlib.closing(bar), self._stop_on_interrupt():
             while self.epoch < self.config.epochs and self.step < stop_at:
                 self._run_epoch(self._open_epoch(), stop_at, bar)
+                if self.interrupted:
+                    self.save_checkpoint()
+                    break
                 # The epoch is over unless max_steps cut it short.
                 if self.step_in_epoch >= self.steps_per_epoch or self.step < stop_at:
                     self.epoch += 1

@@ -227,7 +227,7 @@ def visualize(model: torch.nn.Module, images: Sequence, *, columns: Optional[int
 
 def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
     """Every option of ``tempme visualize`` (the schedule's knobs from ``add_config_arguments``)."""
-    from .arguments import add_config_arguments, add_model_arguments
+    from .arguments import add_config_arguments, add_dtype_argument, add_model_arguments
 
     parser.add_argument("source", metavar="VIDEO_OR_FRAMES",
                         help="a video file (decoded with PyAV) or a folder of frame images")
@@ -235,6 +235,7 @@ def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     add_model_arguments(g, checkpoint_help="state dict of a TempMe-patched model or a LoRA adapter (as tempme eval)",
                         device_default="cpu", device_help="cpu, cuda, cuda:N or auto")
+    add_dtype_argument(g)
     g.add_argument("--seed", type=int, default=0, help="seed of the random weights (without --pretrained)")
     g = parser.add_argument_group("frames and drawing")
     g.add_argument("--sample-fps", type=float, default=1.0,
@@ -249,22 +250,26 @@ def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
 def run_visualize(args) -> int:
     """``tempme visualize``: read frames, run the patched model with source tracking, write the PNG."""
     from .arguments import config_from_args
-    from .loading import create_model, load_checkpoint, resolve_device
+    from .errors import ConfigError, as_config_error
+    from .loading import DTYPES, create_model, default_dtype_name, load_checkpoint, resolve_device
     from .model import apply_tempme
+    from .outputs import prepare_output_file
 
     if args.sample_fps < 0:
-        raise ValueError(f"--sample-fps {args.sample_fps} must be >= 0 (0: uniform over the whole video)")
+        raise ConfigError(f"--sample-fps {args.sample_fps} must be >= 0 (0: uniform over the whole video)")
     if not str(args.out).lower().endswith(".png"):
-        raise ValueError(f"--out {args.out}: write a .png file")
+        raise ConfigError(f"--out {args.out}: write a .png file")
+    prepare_output_file(args.out, "--out")
     config = config_from_args(args)
-    images = load_frames(args.source, config.frames, args.sample_fps or None)
     device = resolve_device(args.device)
+    with as_config_error(args.source):
+        images = load_frames(args.source, config.frames, args.sample_fps or None)
     torch.manual_seed(args.seed)
     model = create_model(args.model, args.pretrained, device="cpu")
     apply_tempme(model, config, backend=args.backend)
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint)
-    model = model.to(device).eval()
+    model = model.to(device=device, dtype=DTYPES[args.dtype or default_dtype_name(device)]).eval()
     shown, grid, sources = _trace(model, images)
     if args.checkpoint:
         weights = f"weights from {Path(args.checkpoint).name}"
@@ -277,8 +282,6 @@ def run_visualize(args) -> int:
     picture = draw_merges(shown, grid, sources.sizes()[0].cpu().numpy(), columns=args.columns, alpha=args.alpha,
                           all_tokens=args.all_tokens, caption=caption)
     out = Path(args.out)
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True)
     picture.save(out)
     padded = config.frames - len(images)
     print(f"wrote {out}: {len(images)} frame(s){f' (+{padded} padded)' if padded else ''}, "

@@ -22,13 +22,31 @@ def _subparser(command) -> argparse.ArgumentParser:
 
 @pytest.mark.parametrize("command", ["bench", "eval", "train", "visualize"])
 def test_model_options_are_shared(command):
-    options = {a.dest: a for a in _subparser(command)._actions}
-    for dest in ("model", "pretrained", "device", "imgme_r", "clip_layers", "clip_groups", "cross_ratio",
-                 "intra_ratio", "frames"):
-        assert dest in options, (command, dest)
-    backends = options["backends" if command == "bench" else "backend"]
-    assert tuple(backends.choices) == ops.BACKENDS
-    assert options["model"].default == "ViT-B-32-quickgelu"
+    options = {s: a for a in _subparser(command)._actions for s in a.option_strings}
+    for option in ("--model", "--pretrained", "--device", "--dtype", "--backend", "--imgme-r", "--clip-layers",
+                   "--clip-groups", "--cross-ratio", "--intra-ratio", "--frames"):
+        assert option in options, (command, option)
+    assert tuple(options["--backend"].choices) == ops.BACKENDS
+    assert set(options["--dtype"].choices) == {"fp32", "fp16", "bf16"}
+    assert options["--model"].default == "ViT-B-32-quickgelu"
+
+
+def test_schedule_takes_the_model(capsys):
+    from tempme_fast.cli import main
+
+    assert main(["schedule", "--model", "ViT-B-16"]) == 0
+    assert "(unmerged: 2364)" in capsys.readouterr().out  # 12 frames x (1 + 14 * 14)
+    assert main(["schedule", "--model", "ViT-B-16", "--depth", "12", "--tokens-per-frame", "50"]) == 0
+    assert "97 tokens per video (unmerged: 600)" in capsys.readouterr().out
+
+
+def test_workers_default_fits_the_machine(monkeypatch):
+    from tempme_fast import arguments
+
+    for cores, workers in ((None, 0), (1, 0), (2, 1), (4, 3), (64, 3)):
+        monkeypatch.setattr(arguments.os, "cpu_count", lambda: cores)
+        assert arguments.default_workers() == workers
+    assert _parse("eval").workers <= max(0, (__import__("os").cpu_count() or 1) - 1)
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -71,3 +89,18 @@ def test_a_parser_without_merge_always_merges():
     add_config_arguments(parser)
     args = parser.parse_args(["--frames", "6", "--clip-groups", "2", "3", "--clip-layers", "8", "9"])
     assert config_from_args(args) == TempMeConfig(frames=6, clip_layers=(8, 9), clip_groups=(2, 3))
+
+
+def test_threads_past_the_cores_warn(monkeypatch):
+    import torch
+
+    from tempme_fast import arguments
+
+    monkeypatch.setattr(arguments.os, "cpu_count", lambda: 1)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.warns(UserWarning, match="--threads 2 exceeds the 1 CPU core;"):
+            assert arguments.apply_threads(2) == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert arguments.apply_threads(None) == threads

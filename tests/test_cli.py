@@ -14,12 +14,16 @@ def test_bench_on_a_tiny_model(tiny_model_file, tmp_path, capsys):
     assert main(["bench", "--model", tiny_model_file, "--batch", "2", "--repeats", "2", "--no-progress",
                  "--json", str(out), *TINY_ARGS]) == 0
     table = capsys.readouterr().out
-    assert "open_clip (unmerged)" in table and "TempMe" in table and "speed-up" in table
+    assert "open_clip (unmerged)" in table and "TempMe" in table and "speed-up (min-max)" in table
+    header = table.splitlines()[0]
+    assert "custom schedule (imgme_r=1" in header and "batch of 2 videos" in header and "FLOPs bound" in table
     record = json.loads(out.read_text())
     unmerged, tempme = record["rows"]
     assert unmerged["tokens_per_video"] == 4 * 17 and tempme["tokens_per_video"] < unmerged["tokens_per_video"]
     assert tempme["gflops_per_video"] < unmerged["gflops_per_video"]
     assert tempme["backend"] == "torch" and unmerged["speedup"] == 1.0
+    assert tempme["speedup_min"] <= tempme["speedup"] <= tempme["speedup_max"] and tempme["flops_bound"] > 1
+    assert isinstance(record["warnings"], list) and record["repeats"] == 2
     assert all(r["latency_ms"] > 0 and r["peak_mem_mb"] > 0 for r in record["rows"])
     assert record["config"]["clip_layers"] == [2, 3]
 
@@ -36,7 +40,7 @@ def test_bad_arguments_exit_with_a_message(tiny_model_file, capsys):
     assert "frames=10 is not divisible by the clip groups (2, 2, 3)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--model", "no-such-model", "--no-progress", *TINY_ARGS])
-    assert "model='no-such-model' is not an open_clip model name" in capsys.readouterr().err
+    assert "--model 'no-such-model' is not an open_clip model name" in capsys.readouterr().err
 
 
 def test_module_entry_point():

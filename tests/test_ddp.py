@@ -113,3 +113,43 @@ def test_ddp_equals_one_process_on_the_combined_batch(ranks, mode):
         for n, p in single["params"].items():
             scale = single["grads"][n].abs().max().item()
             torch.testing.assert_close(got["params"][n], p, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{n}: {m}")
+
+
+def _trainer_worker(rank, world, port, out_dir):
+    """Two processes that disagree: one has no readable video in a batch, one alone got Ctrl-C."""
+    from tempme_fast.trainer import TrainConfig, Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    init_distributed(device="cpu")
+    out = {}
+    try:
+        videos, tokens = _pairs(4)
+        pairs = [(videos[i:j], tokens[i:j]) for i, j in ((0, 1), (1, 2), (0, 2), (2, 4))]
+        unreadable = {"index": torch.zeros(0, dtype=torch.long), "video_id": [], "path": [],
+                      "skipped": [{"index": 0, "video_id": "v", "path": "v.mp4", "reason": "corrupt"}]}
+        # Batch 1: one pair on each process, two in all (trains); batches 2 and 3: none on one process.
+        own = [pairs[0], pairs[1], unreadable, pairs[2], pairs[3]] if rank == 0 else \
+            [pairs[1], unreadable, pairs[0], pairs[2], pairs[3]]
+
+        def batches(epoch):
+            for i, batch in enumerate(own):
+                if rank == 0 and i == 3:
+                    trainer._stop_requested = True  # as a Ctrl-C reaching this process only
+                yield batch
+
+        trainer = Trainer(_model("lora"), batches, TrainConfig(epochs=1, steps_per_epoch=5), progress=False)
+        history = trainer.fit()
+        out = {"steps": [r["step"] for r in history], "skipped": trainer.skipped_batches,
+               "interrupted": trainer.interrupted}
+    finally:
+        torch.save(out, os.path.join(out_dir, f"trainer{rank}.pt"))
+        cleanup()
+
+
+def test_processes_skip_and_stop_together(tmp_path):
+    mp.spawn(_trainer_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        out = torch.load(tmp_path / f"trainer{rank}.pt")
+        assert out == {"steps": [1, 2], "skipped": 2, "interrupted": True}, rank

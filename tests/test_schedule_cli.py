@@ -15,7 +15,7 @@ def _run(capsys, *argv):
 def test_budget_schedule_prints_table_ratio_and_bound(capsys):
     out = _run(capsys, "--model", "ViT-B-16", "--frames", "32", "--budget", "0.45")
     assert "layer  6  clipme  32 clips x 103 -> join 2: 206 -> 145 -> 131" in out
-    assert "1 clip(s) x 301 tokens = 301 tokens per video (unmerged: 6304)" in out
+    assert "1 clip x 301 tokens = 301 tokens per video (unmerged: 6304)" in out
     ratio, bound = re.search(r"ratio (\d\.\d+), speed-up bound (\d+\.\d+)x", out).groups()
     assert float(ratio) <= 0.45 and float(bound) == pytest.approx(1 / float(ratio), abs=0.01)
     assert re.search(r"GFLOPs per video: 505\.\d \(unmerged: 1124\.\d\)", out)
@@ -32,7 +32,8 @@ def test_default_is_the_released_schedule_and_options_override_it(capsys):
     (["--budget", "0.1"], r"flops_ratio=0.1 cannot be met .* \(valid: 0.430 <= flops_ratio <= 1\)"),
     (["--budget", "0.5", "--imgme-r", "3"], "--budget derives the schedule; leave out --imgme-r"),
     (["--frames", "200"], r"frames=200 is outside .*valid: 1..128"),
-    (["--model", "RN50"], "timm or ResNet image tower"),
+    (["--model", "RN50"], "RN50 is a ResNet, not a ViT with a class token"),
+    (["--clip-layers", "12", "--clip-groups", "12"], r"clip_layers=\(12,\) reaches layer 12"),
 ])
 def test_errors_exit_with_a_message(capsys, argv, message):
     with pytest.raises(SystemExit) as err:

@@ -3,7 +3,8 @@
     tempme eval --data data/MSRVTT --model ViT-B-32-quickgelu --pretrained openai \\
         --checkpoint runs/tempme_b32.pt --json results.json
 
-``run_eval`` returns the exit status: 0 on success, 1 when no video could be read, 2 on bad input.
+``run_eval`` returns the exit status: 0 on success, 1 when no video could be read; bad input raises
+:class:`tempme_fast.errors.ConfigError` (the ``tempme`` command prints it and exits with 2).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 
 from ..arguments import (add_config_arguments, add_data_arguments, add_dtype_argument, add_merge_argument,
                          add_model_arguments, config_from_args, positive_int)
+from ..errors import ConfigError, as_config_error
 from ..loading import DTYPES, create_model, default_dtype_name, load_checkpoint, resolve_device
 from ..model import apply_tempme
 from .data import load_split
@@ -79,18 +81,26 @@ def _tokenizer(model_name: str):
 
 def run_eval(args) -> int:
     """Run ``tempme eval`` with parsed ``args``; prints the table, writes ``--json``; returns the exit status."""
+    from ..outputs import prepare_output_file
     from .evaluate import NoReadableVideos, evaluate_retrieval, format_results
 
+    if args.sample_fps < 0:
+        raise ConfigError(f"--sample-fps {args.sample_fps} must be >= 0 (0: uniform over the whole video)")
+    resolve_device(args.device)
+    config_from_args(args)
+    if args.json:
+        prepare_output_file(args.json, "--json")
+    with as_config_error(f"--data {args.data}"):
+        split = load_split(args.data, args.split, args.data_format, args.videos, args.train_list)
+    split = split.limit(args.max_videos)
+    if not split.videos:
+        raise ConfigError(f"--data {args.data}: the split has no videos")
+    missing = split.missing_videos()
+    if len(missing) == len(split.videos):
+        raise ConfigError(f"--data {args.data}: none of the {len(missing)} video files exists, e.g. "
+                          f"{split.videos[missing[0]]}; check --data / --videos")
     try:
         fps = None if args.sample_fps == 0 else args.sample_fps
-        split = load_split(args.data, args.split, args.data_format, args.videos, args.train_list)
-        split = split.limit(args.max_videos)
-        if not split.videos:
-            raise ValueError(f"--data {args.data}: the split has no videos")
-        missing = split.missing_videos()
-        if len(missing) == len(split.videos):
-            raise FileNotFoundError(f"none of the {len(missing)} video files exists, e.g. "
-                                    f"{split.videos[missing[0]]}; check --data / --videos")
         model = build_model(args)
         processor = VideoProcessor.for_model(model, args.frames, fps)
         tokenizer = _tokenizer(Path(args.model).stem if args.model.endswith(".json") else args.model)
@@ -98,9 +108,6 @@ def run_eval(args) -> int:
                                     batch_size=args.batch_size, text_batch_size=args.text_batch_size,
                                     workers=args.workers, dsl=args.dsl, dsl_temperature=args.dsl_temperature,
                                     ties=args.ties, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"tempme eval: error: {err}", file=sys.stderr)
-        return 2
     except NoReadableVideos as err:
         print(f"tempme eval: error: {err}", file=sys.stderr)
         return 1

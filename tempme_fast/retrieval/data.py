@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import random
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -386,6 +387,12 @@ def collate(items: List[dict]) -> dict:
     return batch
 
 
+def _ignore_ctrl_c(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group. The main process decides what it means (the trainer
+    # finishes its step and checkpoints); a worker that died of it would fail the next batch instead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, batch_size: int, workers: int = 0, shuffle: bool = False,
                 drop_last: bool = False, pin_memory: bool = False, **kwargs) -> DataLoader:
     """A DataLoader with :func:`collate`, which skips unreadable videos instead of failing."""
@@ -396,6 +403,7 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int = 0, shuffle: bo
     if workers > 0:
         kwargs.setdefault("persistent_workers", False)
         kwargs.setdefault("prefetch_factor", 2)
+        kwargs.setdefault("worker_init_fn", _ignore_ctrl_c)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                       collate_fn=collate, drop_last=drop_last, pin_memory=pin_memory, **kwargs)
 

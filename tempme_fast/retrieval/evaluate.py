@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
 from .data import RetrievalSplit, VideoDataset, make_loader, pad_tokens, report_skipped, tokenize
 from .metrics import TIES, retrieval_metrics
 from .video import VideoProcessor
@@ -107,7 +108,7 @@ def encode_texts(model: torch.nn.Module, texts: Sequence[str], tokenizer: Callab
     model_length = getattr(model, "context_length", None)
     causal = getattr(model, "attn_mask", None) is not None
     if model_length is not None and context_length > model_length:
-        raise ValueError(f"context_length={context_length} exceeds the text tower's {model_length} positions")
+        raise ConfigError(f"context_length={context_length} exceeds the text tower's {model_length} positions")
     out = []
     for start in tqdm(range(0, len(texts), batch_size), unit="batch", desc="encode captions",
                       disable=not progress):
@@ -156,9 +157,9 @@ def evaluate_retrieval(model: torch.nn.Module, split: RetrievalSplit, processor:
     """
     _check_model(model)
     if ties not in TIES:
-        raise ValueError(f"ties={ties!r} is not one of {TIES}")
+        raise ConfigError(f"ties={ties!r} is not one of {TIES}")
     if dsl and not (isinstance(dsl_temperature, (int, float)) and dsl_temperature > 0):
-        raise ValueError(f"dsl_temperature={dsl_temperature!r} must be a positive number (100 is standard)")
+        raise ConfigError(f"dsl_temperature={dsl_temperature!r} must be a positive number (100 is standard)")
     was_training = model.training
     model.eval()
     try:

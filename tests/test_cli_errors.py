@@ -1,0 +1,167 @@
+"""Mistakes a user makes on the command line end in one line on stderr and exit status 2, before
+any work; bugs keep their traceback."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tempme_fast import errors
+from tempme_fast.cli import main
+from tiny import TINY_ARGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*argv, env=None, timeout=120):
+    """``python -m tempme_fast ARGV`` in a fresh process: what a user sees."""
+    environ = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "tempme_fast", *argv], capture_output=True, text=True,
+                          env=environ, timeout=timeout, cwd=ROOT)
+
+
+def _one_line_error(result, command, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"tempme {command}: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_subprocess_device_threads_and_resnet():
+    _one_line_error(_run("bench", "--device", "gpu"), "bench", "--device 'gpu' is not a device",
+                    "valid: auto, cpu, cuda, cuda:N")
+    _one_line_error(_run("bench", "--threads", "-2"), "bench", "--threads: -2 is not a positive integer")
+    # The model is refused from its config, before anything reads it or downloads weights for it.
+    _one_line_error(_run("bench", "--model", "RN50", "--pretrained", "openai"), "bench",
+                    "RN50 is a ResNet, not a ViT with a class token")
+
+
+def test_subprocess_offline_pretrained_fails_fast(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HOME": str(tmp_path)}
+    start = time.perf_counter()
+    result = _run("eval", "--data", "nowhere.csv", "--pretrained", "openai", env=env)
+    _one_line_error(result, "eval", "--data nowhere.csv")
+    result = _run("bench", "--pretrained", "openai", env=env)
+    _one_line_error(result, "bench", "not in the Hugging Face cache", "HF_HUB_OFFLINE",
+                    "--pretrained path/to/weights.pt")
+    # No download attempt, hence no timeout: only the two start-ups of the interpreter.
+    assert time.perf_counter() - start < 100
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--pretrained", "opeanai"], ["'opeanai' is not an open_clip tag of ViT-B-32-quickgelu", "openai",
+                                   "local weights file"]),
+    (["--pretrained", "no/such/weights.pt"], ["no/such/weights.pt: no such file"]),
+    (["--model", "coca_ViT-B-32"], ["attentional pooling (as CoCa does), not the class token"]),
+    (["--model", "ViT-B-16-SigLIP"], ["timm vision tower"]),
+    (["--device", "cuda:7"], ["--device cuda:7"]),
+    (["--frames", "10"], ["frames=10 is not divisible by the clip groups (2, 2, 3)"]),
+], ids=["tag", "file", "coca", "timm", "gpu-index", "frames"])
+def test_bench_errors_in_one_line(argv, fragments, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--no-progress", *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tempme bench: error: ")
+    for fragment in fragments:
+        assert fragment in err
+
+
+def test_unreachable_download_host_fails_fast(monkeypatch, tmp_path):
+    """Not offline by setting, but the host does not answer: the probe says so, no download starts."""
+    from tempme_fast import weights
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(weights, "_hf_cached", lambda hub: None)
+    monkeypatch.setattr(weights, "_reachable", lambda host, *a, **k: f"{host}: Name or service not known")
+    with pytest.raises(errors.WeightsUnavailableError, match="cannot be reached .*Name or service not known"):
+        weights.check_pretrained("ViT-B-32-quickgelu", "openai")
+    monkeypatch.setattr(weights, "_hf_cached", lambda hub: "/cache/weights.bin")
+    weights.check_pretrained("ViT-B-32-quickgelu", "openai")  # cached: no probe, no error
+
+
+def test_output_paths_are_made_or_refused_before_the_run(tiny_model_file, tmp_path, capsys):
+    deep = tmp_path / "a" / "b" / "bench.json"
+    assert main(["bench", "--model", tiny_model_file, "--batch", "1", "--repeats", "1", "--warmup", "0",
+                 "--device", "cpu", "--no-progress", "--json", str(deep), *TINY_ARGS]) == 0
+    assert json.loads(deep.read_text())["batch"] == 1
+    capsys.readouterr()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for command, argv, says in (("bench", ["--json", str(blocker / "x.json")], "cannot create the folder"),
+                                ("bench", ["--json", str(tmp_path)], "is a folder; give a file path"),
+                                ("eval", ["--data", "d.csv", "--json", str(blocker / "x.json")],
+                                 "cannot create the folder"),
+                                ("train", ["--synthetic", "4", "--output", str(blocker)], "is a file; give a folder")):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--model", tiny_model_file, *argv])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err and f"tempme {command}: error: " in err
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only input errors become one line: any other exception propagates."""
+    import tempme_fast.bench as bench
+
+    def broken(*args, **kwargs):
+        raise TypeError("Value after * must be an iterable, not int")
+
+    monkeypatch.setattr(bench, "bench_model", broken)
+    monkeypatch.setattr("tempme_fast.loading.create_model", lambda *a, **k: None)
+    with pytest.raises(TypeError, match="iterable"):
+        main(["bench", "--no-progress"])
+
+
+def test_error_types():
+    assert issubclass(errors.ConfigError, ValueError)
+    assert issubclass(errors.UnsupportedModelError, TypeError) and issubclass(errors.UnsupportedModelError,
+                                                                              errors.TempMeError)
+    with pytest.raises(errors.ConfigError, match=r"^--data x: boom$"):
+        with errors.as_config_error("--data x"):
+            raise ValueError("boom")
+    with pytest.raises(KeyError):
+        with errors.as_config_error("--data x"):
+            raise KeyError("a bug")
+
+
+def test_refusals_of_built_models_say_what_pools():
+    """The model check of a built model (a model that did not come through --model) says what is wrong."""
+    import open_clip
+
+    from tempme_fast import apply_tempme
+
+    vision = open_clip.model.CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=8, image_size=32,
+                                           attentional_pool=True)
+    text = open_clip.model.CLIPTextCfg(context_length=16, vocab_size=1000, width=32, heads=2, layers=1)
+    coca_like = open_clip.CLIP(embed_dim=24, vision_cfg=vision, text_cfg=text)
+    with pytest.raises(errors.UnsupportedModelError) as err:
+        apply_tempme(coca_like)
+    assert "attentional pooling (as CoCa does), not the class token" in str(err.value)
+    assert "pool_type" not in str(err.value)
+
+
+def test_bad_model_and_checkpoint_files(tmp_path):
+    from tempme_fast.loading import create_model, load_checkpoint
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(errors.ConfigError, match="broken.json: not a JSON model config"):
+        create_model(str(broken))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(errors.ConfigError, match="garbage.pt: not a file torch.load can read"):
+        load_checkpoint(None, str(garbage))
+    with pytest.raises(errors.ConfigError, match="no such file"):
+        load_checkpoint(None, str(tmp_path / "missing.pt"))
+
+
+def test_probe_of_an_unreachable_host_is_bounded():
+    from tempme_fast import weights
+
+    start = time.perf_counter()
+    reason = weights._reachable("tempme-weights.invalid", timeout=2.0)  # .invalid never resolves
+    assert reason and time.perf_counter() - start < 4.0

@@ -1,0 +1,112 @@
+"""No lost work in training: a default run folder, periodic checkpoints, skipped degenerate
+batches, a checkpoint and a resume command on Ctrl-C, a warning on random weights."""
+import json
+import logging
+import os
+import signal
+
+import pytest
+import torch
+
+from tempme_fast.cli import main
+from tempme_fast.trainer import DEFAULT_SAVE_EVERY, TrainConfig, Trainer
+from test_train import _model, _pairs
+from tiny import TINY_ARGS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _train_argv(model_file, *extra):
+    return ["train", "--model", model_file, "--synthetic", "8", "--batch-size", "2", "--epochs", "1",
+            "--context-length", "12", "--no-progress", "--backend", "torch", "--device", "cpu", *TINY_ARGS, *extra]
+
+
+def test_default_run_folder_is_named_first_and_keeps_the_model(tiny_model_file, tmp_path, monkeypatch, capsys,
+                                                                 caplog):
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="tempme_fast"):
+        assert main(_train_argv(tiny_model_file, "--max-steps", "1")) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("tempme train: writing to runs/train-")
+    folder = first.split("writing to ", 1)[1].split(" ", 1)[0]
+    assert {"model.pt", "lora.pt", "last.pt"} <= set(os.listdir(tmp_path / folder))
+    assert "RANDOM weights" in caplog.text
+
+
+def _batch(n, seed=1):
+    videos, tokens = _pairs(n, seed)
+    return {"video": videos, "tokens": tokens, "mask": torch.ones(n, 4, dtype=torch.bool)}
+
+
+def test_batches_with_fewer_than_two_pairs_are_skipped_and_counted(caplog):
+    # One pair gives loss 0 whatever the weights; it must not count as a step.
+    data = [_batch(2), _batch(1), _batch(3), _batch(1)]
+    trainer = Trainer(_model(), data, TrainConfig(epochs=1), progress=False)
+    with caplog.at_level(logging.WARNING, logger="tempme_fast"):
+        history = trainer.fit()
+    assert [r["step"] for r in history] == [1, 2] and all(r["loss"] > 0 for r in history)
+    assert trainer.skipped_batches == 2 and "1 readable pair(s), a contrastive step needs 2" in caplog.text
+
+
+def test_checkpoints_every_n_steps_by_default(tmp_path, monkeypatch):
+    assert TrainConfig().save_every == DEFAULT_SAVE_EVERY
+    saved = []
+    monkeypatch.setattr(Trainer, "save_checkpoint", lambda self, path=None: saved.append(self.step))
+    Trainer(_model(), [_pairs(2)] * 5, TrainConfig(epochs=1, save_every=2), output_dir=str(tmp_path),
+            progress=False).fit()
+    assert saved == [2, 4, 5]  # every 2 steps, then the epoch end
+
+
+def _interrupt_at(monkeypatch, step):
+    """Deliver a real SIGINT to this process during train step ``step``."""
+    import tempme_fast.trainer as trainer_module
+
+    calls = []
+    real = trainer_module.train_step
+
+    def step_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_step", step_then_ctrl_c)
+
+
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_path, monkeypatch, caplog):
+    data = [_pairs(2, seed) for seed in range(4)]
+    whole = Trainer(_model(), data, TrainConfig(epochs=1), progress=False).fit()
+    _interrupt_at(monkeypatch, 2)
+    cut = Trainer(_model(), data, TrainConfig(epochs=1), output_dir=str(tmp_path), progress=False)
+    first = cut.fit()
+    assert cut.interrupted and [r["step"] for r in first] == [1, 2]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO, logger="tempme_fast"):
+        rest = Trainer(_model(), data, TrainConfig(epochs=1), output_dir=str(tmp_path), progress=False,
+                       resume="auto").fit()
+    assert f"resumed from checkpoint {tmp_path / 'last.pt'} at step 2" in caplog.text
+    assert [r["loss"] for r in first + rest] == [r["loss"] for r in whole]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_cli_ctrl_c_prints_how_to_resume(tiny_model_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _interrupt_at(monkeypatch, 1)
+    assert main(_train_argv(tiny_model_file, "--output", str(out))) == 130
+    text = capsys.readouterr().out
+    assert f"checkpoint {out / 'last.pt'}" in text and "stopped by Ctrl-C at step 1/4" in text
+    command = text.split("continue with:\n", 1)[1].strip()
+    assert command.startswith("tempme train --model") and command.endswith(f"--output {out} --resume auto")
+    assert not (out / "model.pt").exists()
+    # The training state is not a model file: eval says which files to pass instead.
+    from tempme_fast.errors import ConfigError
+    from tempme_fast.loading import create_model, load_checkpoint
+    from tempme_fast.model import apply_tempme
+    from tiny import TINY_CONFIG
+    with pytest.raises(ConfigError, match=r"resumable training state .* model file .*model.pt or the LoRA file"):
+        load_checkpoint(apply_tempme(create_model(tiny_model_file), TINY_CONFIG), str(out / "last.pt"))
+    monkeypatch.undo()
+    assert main(command.split()[1:]) == 0
+    log = [json.loads(line) for line in open(out / "train_log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and (out / "model.pt").exists()
