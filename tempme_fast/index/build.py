@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
 from ..retrieval.video import VideoDecodeError, VideoProcessor
 from . import store
 from .sources import launch_rank, list_videos, rank_share
@@ -105,7 +106,7 @@ class _Timer:
 
 def _check_positive(name: str, value, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+        raise ConfigError(f"{name}={value!r} must be an int >= {minimum}")
 
 
 @torch.no_grad()
@@ -139,7 +140,7 @@ def build_index(videos, out: str, spec: Optional[IndexSpec] = None, *, model: Op
     paths = list_videos(videos) if isinstance(videos, (str, os.PathLike)) else \
         list(dict.fromkeys(os.path.abspath(os.fspath(p)) for p in videos))
     if not paths:
-        raise ValueError("videos: the list is empty")
+        raise ConfigError("videos: the list is empty")
     share = rank_share(paths, rank, world_size)
 
     store.prepare_dir(out)
@@ -147,7 +148,7 @@ def build_index(videos, out: str, spec: Optional[IndexSpec] = None, *, model: Op
     # committed theirs, and there is no collective to agree on "before".
     existing = store.manifests(out, rank)
     if existing and not resume:
-        raise ValueError(f"--out {out} already holds an index ({len(existing)} shard(s) of process {rank}); "
+        raise ConfigError(f"--out {out} already holds an index ({len(existing)} shard(s) of process {rank}); "
                          f"pass --resume (resume=True) to continue it or add videos, or choose another folder")
     if os.path.isfile(os.path.join(out, store.HEADER)):
         store.write_header(out, spec, store.read_header(out)["embed_dim"])  # refuses another encoder early

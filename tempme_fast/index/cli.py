@@ -18,6 +18,7 @@ import sys
 
 from ..arguments import (SCHEDULE_OPTIONS, add_config_arguments, add_dtype_argument, add_merge_argument,
                          add_model_arguments, config_from_args, non_negative_int, positive_int)
+from ..errors import ConfigError
 from ..retrieval.video import DEFAULT_FPS
 from .vectors import KINDS
 
@@ -58,9 +59,9 @@ def spec_from_args(args):
     from .spec import IndexSpec
 
     if args.sample_fps < 0:
-        raise ValueError(f"--sample-fps {args.sample_fps} must be >= 0 (0: uniform sampling)")
+        raise ConfigError(f"--sample-fps {args.sample_fps} must be >= 0 (0: uniform sampling)")
     if not args.merge and any(getattr(args, n) is not None for n in SCHEDULE_OPTIONS):
-        raise ValueError("--no-merge takes no schedule options (--imgme-r, --clip-layers, ...)")
+        raise ConfigError("--no-merge takes no schedule options (--imgme-r, --clip-layers, ...)")
     config = config_from_args(args)  # the released schedule, with any overrides; validated
     as_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
     return IndexSpec(model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, merge=args.merge,
@@ -71,14 +72,11 @@ def spec_from_args(args):
 def run_index(args) -> int:
     from .build import build_index
 
-    try:
-        summary = build_index(args.videos, args.out, spec_from_args(args), resume=args.resume,
-                              batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size,
-                              backend=args.backend, device=args.device, dtype=args.dtype,
-                              progress=not args.no_progress)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"tempme index: error: {err}", file=sys.stderr)
-        return 2
+    # Input errors are ConfigErrors, which the tempme command prints in one line (exit 2).
+    summary = build_index(args.videos, args.out, spec_from_args(args), resume=args.resume,
+                          batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size,
+                          backend=args.backend, device=args.device, dtype=args.dtype,
+                          progress=not args.no_progress)
     rate = summary["videos_per_s"]
     where = "" if summary["world_size"] == 1 else f"rank {summary['rank']}/{summary['world_size']}: "
     print(f"{where}{summary['indexed']} video(s) indexed, {summary['failed']} unreadable (recorded with "
@@ -118,7 +116,7 @@ def run_search(args) -> int:
 
     try:
         if (args.query is None) == (args.like is None):
-            raise ValueError("give either a text query or --like VIDEO (exactly one)")
+            raise ConfigError("give either a text query or --like VIDEO (exactly one)")
         index_spec = IndexSpec.from_json(store.read_header(args.index)["spec"])
         given = {k: getattr(args, k) for k in ("model", "pretrained", "checkpoint") if getattr(args, k)}
         if "checkpoint" in given:
@@ -134,11 +132,9 @@ def run_search(args) -> int:
         hits = index.search_text(args.query, args.k) if args.query is not None else \
             index.search_video(args.like, args.k)
     except VideoDecodeError as err:
-        print(f"tempme search: error: --like {err.path}: {err.reason}", file=sys.stderr)
-        return 2
-    except (FaissMissing, ValueError, TypeError, FileNotFoundError) as err:
-        print(f"tempme search: error: {err}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--like {err.path}: {err.reason}") from err
+    except FaissMissing as err:
+        raise ConfigError(str(err)) from err
     if args.json:
         for hit in hits:
             print(json.dumps(hit.as_dict()))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from . import store
 from .spec import TEXT_FIELDS, IndexSpec, SpecMismatch, check_same_encoder, embed_dim, load_encoder
 from .vectors import VectorSearch
@@ -68,7 +69,7 @@ class VideoIndex:
         if query_spec is not None:
             check_same_encoder(contents.spec, query_spec, f"the index at {path}", TEXT_FIELDS)
         if not contents.records:
-            raise ValueError(f"the index at {path} holds no readable video ({len(contents.failed)} failed); "
+            raise ConfigError(f"the index at {path} holds no readable video ({len(contents.failed)} failed); "
                              f"nothing to search")
         if kind != "exact":
             search_options.setdefault("cache", store.search_cache_path(path, kind, search_options))
@@ -136,7 +137,7 @@ class VideoIndex:
 
     def search_text(self, text: str, k: int = 10) -> List[SearchHit]:
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"text={text!r} must be a non-empty string")
+            raise ConfigError(f"text={text!r} must be a non-empty string")
         return self.search_vectors(self.encode_text([text]), k)[0]
 
     def search_video(self, path: str, k: int = 10) -> List[SearchHit]:
@@ -147,6 +148,6 @@ def search_index(path: str, text: Optional[str] = None, *, like: Optional[str] =
                  kind: str = "exact", **options) -> List[SearchHit]:
     """One query on the index at ``path``: by ``text`` or by the video file ``like`` (exactly one)."""
     if (text is None) == (like is None):
-        raise ValueError("pass exactly one of text (a description) and like (a video file)")
+        raise ConfigError("pass exactly one of text (a description) and like (a video file)")
     index = VideoIndex.open(path, kind, **options)
     return index.search_text(text, k) if text is not None else index.search_video(like, k)

@@ -6,6 +6,7 @@ import json
 import os
 from typing import List, Sequence, Tuple
 
+from ..errors import ConfigError
 from ..retrieval.data import VIDEO_EXTENSIONS
 
 LIST_SUFFIXES = (".txt", ".lst", ".csv", ".jsonl", ".ndjson")
@@ -27,7 +28,7 @@ def _from_list(path: str) -> List[str]:
         if suffix == ".csv":
             reader = csv.DictReader(f)
             if "video_path" not in (reader.fieldnames or []):
-                raise ValueError(f"{path}: a CSV list needs a 'video_path' column, found {reader.fieldnames}")
+                raise ConfigError(f"{path}: a CSV list needs a 'video_path' column, found {reader.fieldnames}")
             entries = [row["video_path"] for row in reader]
         elif suffix in (".jsonl", ".ndjson"):
             entries = []
@@ -35,7 +36,7 @@ def _from_list(path: str) -> List[str]:
                 if line.strip():
                     row = json.loads(line)
                     if not isinstance(row, dict) or "video_path" not in row:
-                        raise ValueError(f"{path}:{line_no}: each line must be an object with 'video_path'")
+                        raise ConfigError(f"{path}:{line_no}: each line must be an object with 'video_path'")
                     entries.append(row["video_path"])
         else:
             entries = [line for line in f if not line.lstrip().startswith("#")]
@@ -58,15 +59,15 @@ def list_videos(source: str) -> List[str]:
         what = f"folder {source} holds no video files (looked for {', '.join(VIDEO_EXTENSIONS)}, recursively)"
     elif os.path.isfile(source):
         if not source.lower().endswith(LIST_SUFFIXES):
-            raise ValueError(f"{source} is neither a folder nor a video list ({', '.join(LIST_SUFFIXES)})")
+            raise ConfigError(f"{source} is neither a folder nor a video list ({', '.join(LIST_SUFFIXES)})")
         paths = _from_list(source)
         what = f"list {source} names no videos"
     else:
-        raise ValueError(f"{source} does not exist; pass a folder of videos or a list file "
+        raise ConfigError(f"{source} does not exist; pass a folder of videos or a list file "
                          f"({', '.join(LIST_SUFFIXES)})")
     paths = list(dict.fromkeys(os.path.abspath(p) for p in paths))
     if not paths:
-        raise ValueError(what)
+        raise ConfigError(what)
     return paths
 
 
@@ -80,7 +81,7 @@ def rank_share(paths: Sequence[str], rank: int, world_size: int) -> List[str]:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {value!r}")
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank}, world_size={world_size}: need world_size >= 1 and 0 <= rank < "
+        raise ConfigError(f"rank={rank}, world_size={world_size}: need world_size >= 1 and 0 <= rank < "
                          f"world_size")
     return list(paths[rank::world_size])
 
@@ -92,6 +93,6 @@ def launch_rank() -> Tuple[int, int, int]:
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
     except ValueError:
-        raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+        raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
     rank_share([], rank, world)  # validates the pair
     return rank, world, local

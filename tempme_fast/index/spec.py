@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ..config import TempMeConfig
+from ..errors import ConfigError
 from ..retrieval.video import DEFAULT_FPS, DEFAULT_FRAMES
 
 # Fields a text query must share with the index (the text tower does not see the video schedule).
@@ -67,11 +68,11 @@ class IndexSpec:
         """This spec with the schedule spelled out and the checkpoint hashed (what gets stored)."""
         config = self.tempme_config()
         if config.frames != self.frames:
-            raise ValueError(f"config frames={config.frames} differs from frames={self.frames}")
+            raise ConfigError(f"config frames={config.frames} differs from frames={self.frames}")
         digest = self.checkpoint_sha256
         if self.checkpoint is not None and digest is None:
             if not os.path.isfile(self.checkpoint):
-                raise ValueError(f"checkpoint={self.checkpoint!r} is not a file")
+                raise ConfigError(f"checkpoint={self.checkpoint!r} is not a file")
             digest = file_sha256(self.checkpoint)
         as_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
         # A JSON model config is named by where it lies: absolute, so queries from anywhere find it.
@@ -94,7 +95,7 @@ class IndexSpec:
         return [(n, getattr(a, n), getattr(b, n)) for n in names if getattr(a, n) != getattr(b, n)]
 
 
-class SpecMismatch(ValueError):
+class SpecMismatch(ConfigError):
     """A query or an added batch of videos would use another encoder than the index was built with."""
 
 

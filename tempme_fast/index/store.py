@@ -27,6 +27,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from ..checkpoint import atomic_write
+from ..errors import ConfigError
 from .spec import IndexSpec, SpecMismatch, check_same_encoder
 
 FORMAT = "tempme-video-index"
@@ -55,7 +56,7 @@ def prepare_dir(path: str) -> None:
             f.write(b"ok")
         os.remove(probe)
     except OSError as exc:
-        raise ValueError(f"--out {path}: cannot write the index there ({exc.strerror or exc}); choose a "
+        raise ConfigError(f"--out {path}: cannot write the index there ({exc.strerror or exc}); choose a "
                          f"writable folder") from None
 
 
@@ -63,13 +64,13 @@ def read_header(path: str) -> dict:
     """The parsed ``index.json`` of the index at ``path``; a clear error when there is none."""
     header = os.path.join(path, HEADER)
     if not os.path.isfile(header):
-        raise FileNotFoundError(f"{path} is not a video index (no {HEADER}); build one with `tempme index`")
+        raise ConfigError(f"{path} is not a video index (no {HEADER}); build one with `tempme index`")
     with open(header) as f:
         data = json.load(f)
     if data.get("format") != FORMAT:
-        raise ValueError(f"{header}: format {data.get('format')!r} is not {FORMAT!r}")
+        raise ConfigError(f"{header}: format {data.get('format')!r} is not {FORMAT!r}")
     if data.get("version") != VERSION:
-        raise ValueError(f"{header}: version {data.get('version')} is not supported (this library reads "
+        raise ConfigError(f"{header}: version {data.get('version')} is not supported (this library reads "
                          f"version {VERSION})")
     return data
 
@@ -142,7 +143,7 @@ class ShardWriter:
 
     def __init__(self, path: str, rank: int = 0, shard_size: int = 1000):
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-            raise ValueError(f"shard_size={shard_size!r} must be a positive int (videos per shard)")
+            raise ConfigError(f"shard_size={shard_size!r} must be a positive int (videos per shard)")
         self.path, self.rank, self.shard_size = path, rank, shard_size
         own = [int(_SHARD_RE.match(os.path.basename(m)).group(2)) for m in manifests(path, rank)]
         self.next_shard = max(own, default=-1) + 1
@@ -155,7 +156,7 @@ class ShardWriter:
         records = list(records)
         ok = sum(r["status"] == "ok" for r in records)
         if ok != (0 if vectors is None else len(vectors)):
-            raise ValueError(f"{ok} readable video(s) but {0 if vectors is None else len(vectors)} embeddings")
+            raise ConfigError(f"{ok} readable video(s) but {0 if vectors is None else len(vectors)} embeddings")
         self.records.extend(records)
         if ok:
             self.vectors.append(np.asarray(vectors, dtype=np.float16))
@@ -213,7 +214,7 @@ def load_contents(path: str) -> IndexContents:
         if ok:
             vectors = np.load(manifest[:-len(".jsonl")] + ".npy")
         if vectors.shape != (len(ok), dim):
-            raise ValueError(f"{manifest}: {len(ok)} readable videos but the shard holds vectors of shape "
+            raise ConfigError(f"{manifest}: {len(ok)} readable videos but the shard holds vectors of shape "
                              f"{vectors.shape} (expected ({len(ok)}, {dim})); the index is damaged")
         keep = [i for i, r in enumerate(ok) if r["path"] not in seen]
         seen.update(r["path"] for r in rows)

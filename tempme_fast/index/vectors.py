@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from ..checkpoint import atomic_write
+from ..errors import ConfigError
 
 KINDS = ("exact", "ivf", "hnsw")
 FAISS_HINT = "pip install faiss-cpu (or: pip install 'tempme-fast[search]')"
@@ -61,10 +62,10 @@ class VectorSearch:
                  nprobe: int = 16, train_size: Optional[int] = None, hnsw_m: int = 32, ef_search: int = 128,
                  use_faiss: Optional[bool] = None, seed: int = 0, cache: Optional[str] = None):
         if kind not in KINDS:
-            raise ValueError(f"kind={kind!r} is not one of {KINDS}")
+            raise ConfigError(f"kind={kind!r} is not one of {KINDS}")
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[0] == 0:
-            raise ValueError(f"vectors must be a non-empty [N, D] array, got shape {vectors.shape}")
+            raise ConfigError(f"vectors must be a non-empty [N, D] array, got shape {vectors.shape}")
         self.kind, self.dim = kind, vectors.shape[1]
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         faiss = faiss_module() if use_faiss is not False else None
@@ -82,7 +83,7 @@ class VectorSearch:
             if kind != "exact" and cache:
                 atomic_write(cache, lambda f: f.write(faiss.serialize_index(self.index).tobytes()))
         if self.index is not None and self.index.ntotal != len(self.vectors):
-            raise ValueError(f"cached index {cache} holds {self.index.ntotal} vectors, not {len(self.vectors)}; "
+            raise ConfigError(f"cached index {cache} holds {self.index.ntotal} vectors, not {len(self.vectors)}; "
                              f"delete it")
 
     @property
@@ -99,7 +100,7 @@ class VectorSearch:
         else:
             nlist = nlist or default_nlist(n)
             if not 1 <= nlist <= n:
-                raise ValueError(f"nlist={nlist} must be between 1 and the number of vectors ({n})")
+                raise ConfigError(f"nlist={nlist} must be between 1 and the number of vectors ({n})")
             quantizer = faiss.IndexFlatIP(d)
             index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
             index.cp.seed = seed
@@ -114,10 +115,10 @@ class VectorSearch:
     def search(self, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
         """``(scores [Q, k'], ids [Q, k'])`` best first, ``k' = min(k, N)``; ids index the vectors."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k={k!r} must be a positive int (results per query)")
+            raise ConfigError(f"k={k!r} must be a positive int (results per query)")
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"queries have shape {queries.shape}; the index holds {self.dim}-d vectors")
+            raise ConfigError(f"queries have shape {queries.shape}; the index holds {self.dim}-d vectors")
         k = min(k, len(self.vectors))
         if self.index is None:
             return brute_force(self.vectors, queries, k)

@@ -6,6 +6,7 @@ load change on a shared machine hits all variants alike rather than one of them.
 """
 from __future__ import annotations
 
+import os
 import statistics
 from typing import Dict, List, Sequence
 
@@ -13,6 +14,7 @@ import torch
 
 from ..bench import BenchRow, format_table, peak_memory_mb, time_calls
 from ..flops import flop_counter
+from ..outputs import plural
 from .open_clip_patch import apply_tome, remove_tome, tome_tokens
 
 
@@ -100,8 +102,9 @@ def run_image_bench(args) -> int:
     rows = bench_images(model, args.tome_r, batch=args.batch, device=device, dtype=DTYPES[dtype_name],
                         backends=args.backends or default_backends(device), repeats=args.repeats, warmup=args.warmup)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    load = " ".join(f"{v:.2f}" for v in __import__("os").getloadavg())
-    print(f"{args.model}, batch {args.batch} images, {dtype_name}, {where} ({torch.get_num_threads()} threads), "
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"{args.model}, batch of {plural(args.batch, 'image')}, {dtype_name}, {where} "
+          f"({plural(torch.get_num_threads(), 'thread')}), "
           f"torch {torch.__version__}, load average {load}")
     print(format_image_table(rows))
     if args.json:
