@@ -71,3 +71,13 @@ def vectors_by_path(index_dir):
 
     contents = load_contents(str(index_dir))
     return {r["path"]: contents.vectors[i].astype(np.float32) for i, r in enumerate(contents.records)}
+
+
+def refused(argv) -> bool:
+    """Whether ``tempme ARGV`` stops on an input error: one line on stderr, exit status 2."""
+    from tempme_fast.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    return stop.value.code == 2
+

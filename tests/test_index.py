@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("av")
 
-from index_helpers import built, index_argv, make_video, vectors_by_path  # noqa: F401 (built: a fixture)
+from index_helpers import built, index_argv, make_video, refused, vectors_by_path  # noqa: F401 (built: a fixture)
 from tempme_fast.cli import main
 from tempme_fast.index import IndexSpec, build_index, list_videos, load_contents, load_encoder, rank_share
 from tempme_fast.index import store
@@ -165,18 +165,18 @@ def test_bad_inputs_are_refused_with_a_reason(built, tmp_path, capsys):
     videos, reference, model, good = built
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(index_argv(empty, tmp_path / "a", model)) == 2
+    assert refused(index_argv(empty, tmp_path / "a", model))
     assert "holds no video files" in capsys.readouterr().err
-    assert main(index_argv(tmp_path / "nowhere", tmp_path / "a", model)) == 2
+    assert refused(index_argv(tmp_path / "nowhere", tmp_path / "a", model))
     assert "does not exist" in capsys.readouterr().err
 
     copy = tmp_path / "index"
     shutil.copytree(reference, copy)
-    assert main(index_argv(videos, copy, model)) == 2
+    assert refused(index_argv(videos, copy, model))
     assert "--resume" in capsys.readouterr().err
     # Growing an index with another encoder would mix embedding spaces.
-    assert main(["index", str(videos), "--out", str(copy), "--model", model, "--frames", "4", "--no-merge",
-                 "--resume", "--workers", "0", "--no-progress"]) == 2
+    assert refused(["index", str(videos), "--out", str(copy), "--model", model, "--frames", "4", "--no-merge",
+                    "--resume", "--workers", "0", "--no-progress"])
     err = capsys.readouterr().err
     assert "another encoder" in err and "merge: index True, requested False" in err
 
@@ -185,7 +185,7 @@ def test_out_that_cannot_be_written(built, tmp_path, capsys):
     videos, reference, model, good = built
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    assert main(index_argv(videos, blocker / "index", model)) == 2
+    assert refused(index_argv(videos, blocker / "index", model))
     err = capsys.readouterr().err
     assert f"--out {blocker / 'index'}" in err and "cannot write" in err
 
