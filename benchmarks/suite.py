@@ -74,10 +74,12 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         # Headline: every merge op at the ViT-B/16 32-video shapes, reference against Triton.
         Stage("ops_headline", bench("bench_ops", "headline", "--models", "ViT-B-16", "--batches", "32",
                                     "--dtypes", "fp16" if gpu else "fp32", "--impls", *fast, "--rep-ms", "40"), 60),
+        Stage("cuda_tests", pytest("tests/test_triton_cuda.py", "tests/test_cuda_determinism.py",
+                                     "tests/test_graphs.py"), 100),
+        # The proportional-attention candidates (mask, fold, Triton kernel) at ViT-B/16's shapes.
         Stage("attention", [python, "-m", "benchmarks.bench_attention", "--device", device, "--jsonl", rows,
                             "--models", "ViT-B-16", "--batches", "16", "--dtypes", "fp16" if gpu else "fp32",
                             "--rep-ms", "40"], 60),
-        Stage("cuda_tests", pytest("tests/test_triton_cuda.py", "tests/test_cuda_determinism.py"), 100),
         # Sweeps. The compiled reference, compiled afresh per shape, at the headline shapes.
         Stage("ops_compiled", bench("bench_ops", "compiled", "--models", "ViT-B-16", "--batches", "32",
                                     "--dtypes", "fp16" if gpu else "fp32", "--impls", "torch", "torch.compile",
@@ -108,8 +110,8 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         Stage("kernel_tests", pytest("tests/test_triton_ops.py", "tests/test_model_triton.py",
                                        "tests/test_attention.py"), 150),
         Stage("other_tests", pytest("tests", *[f"--ignore=tests/{name}.py" for name in
-                                               ("test_triton_cuda", "test_cuda_determinism", "test_triton_ops",
-                                                "test_model_triton", "test_attention")]), 240),
+                                               ("test_triton_cuda", "test_cuda_determinism", "test_graphs",
+                                                "test_triton_ops", "test_model_triton", "test_attention")]), 240),
         Stage("plots", [python, "-m", "benchmarks.plots", out, "--to", os.path.join(out, "plots")], 30, final=True),
     ]
 
