@@ -76,12 +76,25 @@ def _self_attention(attn: nn.MultiheadAttention, h: torch.Tensor, size: Optional
     return out, k.mean(dim=1)
 
 
-def _merge(x, size, sources, metric, r, protected, backend):
+def _fusable_norm(norm: nn.Module) -> bool:
+    """A LayerNorm over the last dim with weight and bias (open_clip's LayerNorm and LayerNormFp32),
+    which :func:`ops.merge_norm` computes; any other norm runs as its module after the merge."""
+    return (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and norm.weight is not None
+            and norm.bias is not None)
+
+
+def _merge_then_norm(x, size, sources, metric, r, protected, norm: nn.Module, backend):
+    """The merge after attention, then the block's ``ln_2`` of its output: ``(x, size, sources, ln)``.
+    A LayerNorm goes into the merge op (one pass over the merged tokens on the Triton backend)."""
     plan = ops.match(metric, r, protected, backend=backend)
-    x, size = ops.merge(x, size, plan, backend=backend)
+    if _fusable_norm(norm):
+        x, size, ln = ops.merge_norm(x, size, plan, norm.weight, norm.bias, norm.eps, backend=backend)
+    else:
+        x, size = ops.merge(x, size, plan, backend=backend)
+        ln = norm(x)
     if sources is not None:
         sources = tracking.merge_sources(sources, plan)
-    return x, size, sources
+    return x, size, sources, ln
 
 
 def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos: Optional[torch.Tensor],
@@ -107,8 +120,10 @@ def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos
     out, keys = _self_attention(block.attn, block.ln_1(x), attn_size, options.attention, options.backend)
     x = x + block.ls_1(out)
     if plan.r:
-        x, size, sources = _merge(x, size, sources, keys, plan.r, c, options.backend)
-    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        x, size, sources, h = _merge_then_norm(x, size, sources, keys, plan.r, c, block.ln_2, options.backend)
+    else:
+        h = block.ln_2(x)
+    x = x + block.ls_2(block.mlp(h))
     return ClipState(x, size, c, sources, merged or plan.r > 0)
 
 

@@ -22,13 +22,13 @@ import torch
 from . import attention_impl, reference
 from .attention_impl import IMPLS as ATTENTION_IMPLS
 from .checks import (FLOAT_DTYPES, assert_finite, check_attention, check_join, check_join_merge, check_merge,
-                     check_metric, check_r)
+                     check_metric, check_norm, check_r)
 from .reference import MergePlan, max_r, split_positions, split_sizes
 
 BACKENDS = ("torch", "triton", "auto")
 
 __all__ = ["ATTENTION_IMPLS", "BACKENDS", "FLOAT_DTYPES", "MergePlan", "assert_finite", "attention", "best_match",
-           "join_clips", "join_merge", "match", "max_r", "merge", "resolve_backend", "split_positions", "split_sizes",
+           "join_clips", "join_merge", "match", "max_r", "merge", "merge_norm", "resolve_backend", "split_positions", "split_sizes",
            "triton_available"]
 
 
@@ -119,6 +119,32 @@ def merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, backend: str = "
     if resolve_backend(backend, x) == "triton":
         return _triton_ops().merge(x, size, plan)
     return reference.merge(x, size, plan)
+
+
+def merge_norm(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, weight: torch.Tensor, bias: torch.Tensor,
+               eps: float, backend: str = "auto", *, check_finite: bool = False
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`merge`, then the LayerNorm of the merged tokens (the block's ``ln_2``), one op.
+
+    Args:
+        x, size, plan, check_finite: as :func:`merge`.
+        weight, bias: ``[D]`` float LayerNorm parameters on x's device; eps: its epsilon, ``> 0``.
+    Returns:
+        ``(x [B', N - r, D], size, ln [B', N - r, D])``: ``ln`` is ``layer_norm(x)`` computed in
+        float32 (float64 for float64 ``x``) and rounded to x's dtype (see
+        :func:`reference.layer_norm`). Differentiable in ``x``, ``weight`` and ``bias``.
+
+    The Triton backend writes ``ln`` from the merge kernel's output stage, so the merged tokens are
+    not read back by a separate LayerNorm.
+    """
+    check_merge(x, size, plan, check_finite)
+    check_norm(weight, bias, eps, x)
+    triton = resolve_backend(backend, x) == "triton"
+    if plan.r == 0:
+        return x, size, reference.layer_norm(x, weight, bias, eps)
+    if triton:
+        return _triton_ops().merge_norm(x, size, plan, weight, bias, eps)
+    return reference.merge_norm(x, size, plan, weight, bias, eps)
 
 
 def join_clips(x: torch.Tensor, group: int, protected: int, frame_pos: Optional[torch.Tensor] = None,

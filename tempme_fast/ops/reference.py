@@ -144,6 +144,27 @@ def merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> Tuple[torch.T
     return out_x, (out_s.squeeze(-1) if squeeze else out_s)
 
 
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim, computed in the accumulation dtype and rounded once to ``x``'s dtype.
+
+    ``x [..., D]``; ``weight``, ``bias`` ``[D]`` of any float dtype. Equal to open_clip's
+    ``LayerNormFp32``, and to its ``LayerNorm`` up to the last rounding of 16-bit inputs.
+    """
+    work = accumulation_dtype(x.dtype)
+    return F.layer_norm(x.to(work), (x.shape[-1],), weight.to(work), bias.to(work), eps).to(x.dtype)
+
+
+def merge_norm(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, weight: torch.Tensor, bias: torch.Tensor,
+               eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`merge`, then :func:`layer_norm` of the merged tokens (the block's ``ln_2``).
+
+    Returns ``(x [B', N - r, D], size, ln [B', N - r, D])``, ``ln`` in ``x``'s dtype; differentiable
+    in ``x``, ``weight`` and ``bias``.
+    """
+    x, size = merge(x, size, plan)
+    return x, size, layer_norm(x, weight, bias, eps)
+
+
 def join_clips(x: torch.Tensor, group: int, protected: int,
                frame_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Join every ``group`` adjacent clips of a video into one clip.
