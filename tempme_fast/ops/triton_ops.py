@@ -12,8 +12,9 @@ implementation, so ``torch.compile(fullgraph=True)`` traces through them), the `
 A merge step is two launches: the match (best match and plan, ``match_forward``) and the merge
 (grouping of sources by destination and the weighted sum, ``merge_forward``), with one workspace
 allocation each; the backward is one launch. ``merge_norm`` is the same two launches, its merge
-launch also writing the LayerNorm of the merged tokens (``_merge_norm_tiles``). Tile sizes and warps come from a fixed table of the
-shape (``_match_tiles``, ``_merge_tiles``), so results repeat bit for bit.
+launch also writing the LayerNorm of the merged tokens. Tile sizes and warps come from a fixed
+table of the shape (``_match_tiles``, ``_merge_tiles``, ``_merge_norm_tiles``), so results repeat
+bit for bit.
 
 Every launcher takes ``group``: with ``group = g > 1`` its token tensors are the unjoined clips
 ``[B' * g, N_in, ...]`` and it works on the joined clips ``[B', g * N_in, ...]`` of
