@@ -181,3 +181,51 @@ def test_merge_norm_opcheck_and_compile(device):
         results.append((out, size_out) + torch.autograd.grad(out.square().sum(), leaves))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("f, group, n, c, d, r, dtype", [
+    (4, 2, 50, 1, 64, 30, torch.float32), (6, 3, 21, 2, 32, 12, torch.float16), (2, 2, 17, 4, 768, 9, torch.bfloat16),
+], ids=["F4-g2-N50-D64-fp32", "F6-g3-N21-D32-fp16", "F2-g2-N17-c4-D768-bf16"])
+def test_join_merge_norm_matches_reference(f, group, n, c, d, r, dtype, device):
+    """ClipMe's join, cross-clip merge and ``ln_1`` in one op: values and every gradient."""
+    g = torch.Generator().manual_seed(f * n + d)
+    x = make_tokens(2 * f, n, d, dtype, "contiguous", device, g)
+    size = _sizes(2 * f, n, "BN1-fp32", dtype, device, g)
+    frame_pos = torch.randn(1, f, 1, d, generator=g).to(dtype)
+    weight, bias = _norm_params(d, dtype, device, g)
+    out_shape = (2 * f // group, n * group - r, d)
+    upstream = [torch.randn(out_shape, generator=g).to(dtype) for _ in range(2)]
+    grads, results = {}, {}
+    for backend, dev in (("triton", device), ("torch", "cpu")):
+        leaves = [t.detach().to(dev).requires_grad_() for t in (x, frame_pos, weight, bias)]
+        out, size_out, ln, plan = ops.join_merge_norm(leaves[0], size.to(dev), group, c, r, leaves[2], leaves[3],
+                                                      1e-5, leaves[1], backend=backend)
+        torch.autograd.backward((out, ln), [t.to(dev) for t in upstream])
+        results[backend] = [t.detach().cpu() for t in (out, size_out, ln, plan.merged, plan.dst)]
+        grads[backend] = [t.grad.cpu() for t in leaves]
+    got_x, got_size, got_ln, got_merged, got_dst = results["triton"]
+    assert torch.equal(got_merged, results["torch"][3]) and torch.equal(got_dst, results["torch"][4])
+    atol, rtol = NORM_TOL[dtype]
+    assert not got_ln.isnan().any()
+    torch.testing.assert_close(got_ln, ref.layer_norm(got_x, weight.cpu(), bias.cpu(), 1e-5), atol=atol, rtol=rtol)
+    torch.testing.assert_close(got_x, results["torch"][0], atol=atol, rtol=rtol)
+    torch.testing.assert_close(got_size, results["torch"][1])
+    atol, rtol = GRAD_TOL[dtype]
+    for name, got, want in zip(("x", "frame_pos", "weight", "bias"), grads["triton"], grads["torch"]):
+        torch.testing.assert_close(got, want, atol=atol * want.abs().max().item(), rtol=rtol, msg=f"grad {name}")
+
+
+def test_join_merge_norm_gradcheck(device):
+    g = torch.Generator().manual_seed(6)
+    d = 4
+    x = torch.randn(4, 6, d, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    size = torch.randint(1, 4, (4, 6), generator=g).double().to(device)
+    frame_pos = torch.randn(1, 2, 1, d, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    weight = torch.randn(d, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    bias = torch.randn(d, generator=g, dtype=torch.float64).to(device).requires_grad_()
+
+    def fn(t, pos, w, b_):
+        out, _, ln, _ = triton_ops.join_merge_norm(t, size, 2, 1, 4, pos, (w, b_, 1e-5))
+        return out, ln
+
+    assert torch.autograd.gradcheck(fn, (x, frame_pos, weight, bias))

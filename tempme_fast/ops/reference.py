@@ -190,6 +190,30 @@ def join_clips(x: torch.Tensor, group: int, protected: int,
     return torch.cat([cls, patches], dim=1)
 
 
+def join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, r: int,
+               frame_pos: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, MergePlan]:
+    """ClipMe's join and cross-clip merge: :func:`join_clips` of ``x`` (with ``frame_pos``) and
+    ``size``, then :func:`merge` by :func:`match` on the joined hidden states without ``frame_pos``.
+
+    Returns ``(x [B * F / g, g * N - r, D], size, plan)``; ``r = 0`` is the plain join.
+    """
+    joined = join_clips(x, group, protected, frame_pos)
+    joined_size = join_clips(size, group, protected)
+    plan = match(join_clips(x.detach(), group, protected), r, protected * group)
+    if r == 0:
+        return joined, joined_size, plan
+    return (*merge(joined, joined_size, plan), plan)
+
+
+def join_merge_norm(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, r: int,
+                    weight: torch.Tensor, bias: torch.Tensor, eps: float, frame_pos: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, MergePlan]:
+    """:func:`join_merge`, then :func:`layer_norm` of its output (the block's ``ln_1``):
+    ``(x, size, ln, plan)``."""
+    x, size, plan = join_merge(x, size, group, protected, r, frame_pos)
+    return x, size, layer_norm(x, weight, bias, eps), plan
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Optional[torch.Tensor],
               impl: str = "sdpa") -> torch.Tensor:
     """(Proportional) attention ``softmax(q k^T / sqrt(d) + log(size)) v``.

@@ -37,7 +37,7 @@ from tempme_kernels.merge import _merge_bwd_kernel, _merge_fwd_kernel, _merge_in
 from .reference import MergePlan, accumulation_dtype, split_sizes, split_starts
 
 __all__ = ["MergeFunction", "MergeNormFunction", "best_match", "best_match_forward", "join_merge",
-           "layer_norm_backward", "match", "match_forward", "match_plan_forward", "merge", "merge_backward",
+           "join_merge_norm", "layer_norm_backward", "match", "match_forward", "match_plan_forward", "merge", "merge_backward",
            "merge_forward", "merge_index", "merge_norm"]
 
 # Largest tile (tokens, or channels) one program handles in the interpreter, which pays per
@@ -379,14 +379,15 @@ def _merge_fwd_fake(x, size, merged, dst, kept, protected, group=1, frame_pos=No
 
 @torch.library.custom_op("tempme::merge_norm_fwd", mutates_args=())
 def _merge_norm_fwd_op(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor,
-                       kept: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, protected: int
+                       kept: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, protected: int,
+                       group: int = 1, frame_pos: Optional[torch.Tensor] = None
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return merge_forward(x, size, merged, dst, kept, protected, norm=(weight, bias, eps))
+    return merge_forward(x, size, merged, dst, kept, protected, group, frame_pos, norm=(weight, bias, eps))
 
 
 @_merge_norm_fwd_op.register_fake
-def _(x, size, merged, dst, kept, weight, bias, eps, protected):
-    out, size_out, b_size = _merge_fwd_fake(x, size, merged, dst, kept, protected)
+def _(x, size, merged, dst, kept, weight, bias, eps, protected, group=1, frame_pos=None):
+    out, size_out, b_size = _merge_fwd_fake(x, size, merged, dst, kept, protected, group, frame_pos)
     return out, size_out, b_size, torch.empty_like(out)
 
 
@@ -410,6 +411,19 @@ def _(grad_out, size, b_size, merged, dst, kept, protected, tokens_in, group=1, 
 # Autograd and the functions tempme_fast.ops dispatches to
 # ---------------------------------------------------------------------------------------------
 
+def _pos_grad(pos_part: torch.Tensor, pos_shape) -> Optional[torch.Tensor]:
+    """The position embedding's gradient from the merge backward's per-tile partial sums, or None
+    when ``pos_shape`` (``(shape, dtype)`` of ``frame_pos``) is None."""
+    if pos_shape is None:
+        return None
+    shape, dtype = pos_shape
+    # pos_part [B', tiles, g, D] holds per-tile sums for clip (row * g + k); a video's F / g
+    # joined rows are adjacent, so clip k of the video is (row % (F / g)) * g + k.
+    rows, tiles, group, width = pos_part.shape
+    grad_pos = pos_part.reshape(-1, shape[1] // group, tiles, group, width).sum(dim=(0, 2))
+    return grad_pos.reshape(shape).to(dtype)
+
+
 class MergeFunction(torch.autograd.Function):
     """Size-weighted merge (optionally of joined clips plus a position embedding).
 
@@ -431,15 +445,7 @@ class MergeFunction(torch.autograd.Function):
         pos_grad = ctx.pos_shape is not None and ctx.needs_input_grad[7]
         grad_x, pos_part = torch.ops.tempme.merge_bwd(grad_out, size, b_size, merged, dst, kept, ctx.protected,
                                                       ctx.tokens_in, ctx.group, pos_grad)
-        grad_pos = None
-        if pos_grad:
-            shape, dtype = ctx.pos_shape
-            # pos_part [B', tiles, g, D] holds per-tile sums for clip (row * g + k); a video's F / g
-            # joined rows are adjacent, so clip k of the video is (row % (F / g)) * g + k.
-            rows, tiles, group, width = pos_part.shape
-            grad_pos = pos_part.reshape(-1, shape[1] // group, tiles, group, width).sum(dim=(0, 2))
-            grad_pos = grad_pos.reshape(shape).to(dtype)
-        return grad_x, None, None, None, None, None, None, grad_pos
+        return grad_x, None, None, None, None, None, None, _pos_grad(pos_part, ctx.pos_shape if pos_grad else None)
 
 
 def layer_norm_backward(grad_ln: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
@@ -463,19 +469,21 @@ def layer_norm_backward(grad_ln: torch.Tensor, x: torch.Tensor, weight: torch.Te
 
 
 class MergeNormFunction(torch.autograd.Function):
-    """Size-weighted merge and the LayerNorm of its output, forward in one launch.
+    """Size-weighted merge (optionally of joined clips plus a position embedding) and the
+    LayerNorm of its output, forward in one launch.
 
     The backward composes: the LayerNorm's gradient (in torch, from the saved merged tokens) is
     added to the merged tokens' own gradient, which then goes through the merge's backward kernel.
-    Differentiable in ``x``, ``weight`` and ``bias``.
+    Differentiable in ``x``, ``frame_pos``, ``weight`` and ``bias``.
     """
 
     @staticmethod
-    def forward(ctx, x, size, merged, dst, kept, protected: int, weight, bias, eps: float):
+    def forward(ctx, x, size, merged, dst, kept, protected: int, group: int, frame_pos, weight, bias, eps: float):
         out, size_out, b_size, ln = torch.ops.tempme.merge_norm_fwd(x, size, merged, dst, kept, weight, bias, eps,
-                                                                    protected)
+                                                                    protected, group, frame_pos)
         ctx.save_for_backward(size, b_size, merged, dst, kept, out, weight)
-        ctx.protected, ctx.tokens_in, ctx.eps = protected, x.shape[1], eps
+        ctx.protected, ctx.group, ctx.tokens_in, ctx.eps = protected, group, x.shape[1], eps
+        ctx.pos_shape = None if frame_pos is None else (frame_pos.shape, frame_pos.dtype)
         ctx.mark_non_differentiable(size_out)
         return out, size_out, ln
 
@@ -486,10 +494,11 @@ class MergeNormFunction(torch.autograd.Function):
         if grad_ln is not None:
             grad_norm_in, grad_w, grad_b = layer_norm_backward(grad_ln, out, weight, ctx.eps)
             grad_out = grad_norm_in if grad_out is None else grad_out + grad_norm_in
-        grad_out = grad_out.to(out.dtype)
-        grad_x, _ = torch.ops.tempme.merge_bwd(grad_out, size, b_size, merged, dst, kept, ctx.protected,
-                                               ctx.tokens_in, 1, False)
-        return grad_x, None, None, None, None, None, grad_w, grad_b, None
+        pos_grad = ctx.pos_shape is not None and ctx.needs_input_grad[7]
+        grad_x, pos_part = torch.ops.tempme.merge_bwd(grad_out.to(out.dtype), size, b_size, merged, dst, kept,
+                                                      ctx.protected, ctx.tokens_in, ctx.group, pos_grad)
+        grad_pos = _pos_grad(pos_part, ctx.pos_shape if pos_grad else None)
+        return grad_x, None, None, None, None, None, None, grad_pos, grad_w, grad_b, None
 
 
 def best_match(metric: torch.Tensor, protected: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -511,8 +520,8 @@ def merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> Tuple[torch.T
 def merge_norm(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, weight: torch.Tensor, bias: torch.Tensor,
                eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x [B', N - r, D], size, layer_norm(x))`` merged by ``plan``, as ``reference.merge_norm``."""
-    return MergeNormFunction.apply(x, size.detach(), plan.merged, plan.dst, plan.kept, plan.protected, weight, bias,
-                                   float(eps))
+    return MergeNormFunction.apply(x, size.detach(), plan.merged, plan.dst, plan.kept, plan.protected, 1, None,
+                                   weight, bias, float(eps))
 
 
 def join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, r: int,
@@ -534,8 +543,23 @@ def join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, 
         ``size`` in its layout and dtype, and the :class:`MergePlan` on the joined clips (as
         ``reference.match`` would give it). Differentiable in ``x`` and ``frame_pos``.
     """
+    out, size_out, _, plan = join_merge_norm(x, size, group, protected, r, frame_pos)
+    return out, size_out, plan
+
+
+def join_merge_norm(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, r: int,
+                    frame_pos: Optional[torch.Tensor] = None,
+                    norm: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], MergePlan]:
+    """:func:`join_merge` and, with ``norm = (weight, bias, eps)``, the LayerNorm of its output
+    (the block's ``ln_1``) from the same launch: ``(x, size, ln or None, plan)``."""
     if size.device != x.device:  # the rest is validated by tempme_fast.ops.join_merge
         raise ValueError(f"size is on {size.device} but x is on {x.device}; both must be on one device")
     merged, dst, kept = torch.ops.tempme.match(x.detach(), r, protected, group)
-    out, size_out = MergeFunction.apply(x, size.detach(), merged, dst, kept, protected, group, frame_pos)
-    return out, size_out, MergePlan(merged, dst, kept, x.shape[1] * group, protected * group)
+    plan = MergePlan(merged, dst, kept, x.shape[1] * group, protected * group)
+    if norm is None:
+        out, size_out = MergeFunction.apply(x, size.detach(), merged, dst, kept, protected, group, frame_pos)
+        return out, size_out, None, plan
+    out, size_out, ln = MergeNormFunction.apply(x, size.detach(), merged, dst, kept, protected, group, frame_pos,
+                                                norm[0], norm[1], float(norm[2]))
+    return out, size_out, ln, plan
