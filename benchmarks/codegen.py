@@ -6,8 +6,8 @@ with the launches recorded instead of run (meta tensors: no memory, no device), 
 distinct kernel variant for sm_90 and sm_80 with Triton's ``GPUTarget``, runs ``ptxas -v`` on the
 PTX, and prints per variant: programs at batch 1 and 32, registers, spill bytes, shared memory,
 the widest global load/store and the count of scalar 16-bit global accesses; then, per merge
-step, kernel launches and buffer allocations, and the launchers' host time. A merge after
-attention runs as the model runs it, with the block's LayerNorm in its merge launch (``NORM=1``).
+step, kernel launches and buffer allocations, and the launchers' host time. Every merge
+runs as the model runs it, with the LayerNorm that follows it in its merge launch (``NORM=1``).
 
 ``--check`` exits non-zero on a spill, on a scalar 16-bit global access in a kernel that moves
 16-bit features, or on more than 2 forward launches per merge step (``tests/test_codegen.py``
@@ -135,15 +135,13 @@ def step_inputs(step: Step, dtype: torch.dtype, device: str = "meta"):
 
 def forward_step(step: Step, inputs):
     """The forward launcher calls of one merge step as the model makes them: the match, then the
-    merge; a merge after attention also writes the block's ``ln_2`` (``ops.merge_norm``), a
-    cross-clip merge does not. Returns ``(out, b_size, plan)``."""
+    merge, which also writes the LayerNorm that follows it (``ln_2`` after a merge after attention,
+    ``ln_1`` after a cross-clip merge). Returns ``(out, b_size, plan)``."""
     from tempme_fast.ops import triton_ops
 
     metric, x, size, frame_pos = inputs
     merged, dst, kept = triton_ops.match_forward(metric, step.r, step.protected, step.group)
-    norm = None
-    if step.group == 1:
-        norm = (torch.empty(step.width, dtype=x.dtype, device=x.device),) * 2 + (1e-5,)
+    norm = (torch.empty(step.width, dtype=x.dtype, device=x.device),) * 2 + (1e-5,)
     out, _, b_size = triton_ops.merge_forward(x, size, merged, dst, kept, step.protected, step.group, frame_pos,
                                               norm)[:3]
     return out, b_size, (merged, dst, kept)
