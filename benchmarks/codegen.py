@@ -267,8 +267,8 @@ def describe(launch: Launch) -> str:
     """The constexprs and specialised sizes that tell variants apart."""
     names = launch.kernel.arg_names
     bound = dict(zip(names, launch.args)) | launch.kwargs
-    keys = [k for k in ("C", "D", "GROUP", "HAS_POS", "NORM", "POS_GRAD", "PLAN", "DOT_MODE", "BLOCK_A", "BLOCK_B", "BLOCK_C",
-                        "BLOCK_T", "BLOCK_D", "num_warps") if k in bound]
+    keys = [k for k in ("C", "D", "GROUP", "HAS_POS", "NORM", "POS_GRAD", "PLAN", "DOT_MODE", "BLOCK_A", "BLOCK_B",
+                        "BLOCK_C", "BLOCK_T", "BLOCK_D", "num_warps") if k in bound]
     return " ".join(f"{k}={int(bound[k]) if isinstance(bound[k], bool) else bound[k]}" for k in keys)
 
 

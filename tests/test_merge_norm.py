@@ -11,7 +11,8 @@ from torch import nn
 from tempme_fast import ops
 from tempme_fast.ops import reference as ref
 from tempme_fast.ops import triton_ops
-from test_triton_ops import DTYPES, _sizes, assert_close, make_tokens, nan_outputs, random_plan, tiling  # noqa: F401
+# nan_outputs and tiling are fixtures: imported, pytest finds them in this module too.
+from test_triton_ops import DTYPES, _sizes, assert_close, make_tokens, nan_outputs, random_plan, tiling  # noqa: F401,F811
 
 pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("nan_outputs")]
 

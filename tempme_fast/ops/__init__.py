@@ -28,8 +28,8 @@ from .reference import MergePlan, max_r, split_positions, split_sizes
 BACKENDS = ("torch", "triton", "auto")
 
 __all__ = ["ATTENTION_IMPLS", "BACKENDS", "FLOAT_DTYPES", "MergePlan", "assert_finite", "attention", "best_match",
-           "join_clips", "join_merge", "join_merge_norm", "match", "max_r", "merge", "merge_norm", "resolve_backend", "split_positions",
-           "split_sizes", "triton_available"]
+           "join_clips", "join_merge", "join_merge_norm", "match", "max_r", "merge", "merge_norm", "resolve_backend",
+           "split_positions", "split_sizes", "triton_available"]
 
 
 def triton_available() -> bool:

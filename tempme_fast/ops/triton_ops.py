@@ -37,8 +37,8 @@ from tempme_kernels.merge import _merge_bwd_kernel, _merge_fwd_kernel, _merge_in
 from .reference import MergePlan, accumulation_dtype, split_sizes, split_starts
 
 __all__ = ["MergeFunction", "MergeNormFunction", "best_match", "best_match_forward", "join_merge",
-           "join_merge_norm", "layer_norm_backward", "match", "match_forward", "match_plan_forward", "merge", "merge_backward",
-           "merge_forward", "merge_index", "merge_norm"]
+           "join_merge_norm", "layer_norm_backward", "match", "match_forward", "match_plan_forward", "merge",
+           "merge_backward", "merge_forward", "merge_index", "merge_norm"]
 
 # Largest tile (tokens, or channels) one program handles in the interpreter, which pays per
 # program and per op, not per lane: there a program takes a whole clip. Tests shrink
