@@ -6,7 +6,8 @@ with the launches recorded instead of run (meta tensors: no memory, no device), 
 distinct kernel variant for sm_90 and sm_80 with Triton's ``GPUTarget``, runs ``ptxas -v`` on the
 PTX, and prints per variant: programs at batch 1 and 32, registers, spill bytes, shared memory,
 the widest global load/store and the count of scalar 16-bit global accesses; then, per merge
-step, kernel launches and buffer allocations, and the launchers' host time.
+step, kernel launches and buffer allocations, and the launchers' host time. Every merge
+runs as the model runs it, with the LayerNorm that follows it in its merge launch (``NORM=1``).
 
 ``--check`` exits non-zero on a spill, on a scalar 16-bit global access in a kernel that moves
 16-bit features, or on more than 2 forward launches per merge step (``tests/test_codegen.py``
@@ -132,13 +133,27 @@ def step_inputs(step: Step, dtype: torch.dtype, device: str = "meta"):
     return metric, x, size, None
 
 
+def forward_step(step: Step, inputs):
+    """The forward launcher calls of one merge step as the model makes them: the match, then the
+    merge, which also writes the LayerNorm that follows it (``ln_2`` after a merge after attention,
+    ``ln_1`` after a cross-clip merge). Returns ``(out, b_size, plan)``."""
+    from tempme_fast.ops import triton_ops
+
+    metric, x, size, frame_pos = inputs
+    merged, dst, kept = triton_ops.match_forward(metric, step.r, step.protected, step.group)
+    norm = (torch.empty(step.width, dtype=x.dtype, device=x.device),) * 2 + (1e-5,)
+    out, _, b_size = triton_ops.merge_forward(x, size, merged, dst, kept, step.protected, step.group, frame_pos,
+                                              norm)[:3]
+    return out, b_size, (merged, dst, kept)
+
+
 def run_step(step: Step, dtype: torch.dtype, device: str = "meta", backward: bool = True):
     """The launcher calls of one merge step (match, merge and, optionally, the merge's backward)."""
     from tempme_fast.ops import triton_ops
 
-    metric, x, size, frame_pos = step_inputs(step, dtype, device)
-    merged, dst, kept = triton_ops.match_forward(metric, step.r, step.protected, step.group)
-    out, _, b_size = triton_ops.merge_forward(x, size, merged, dst, kept, step.protected, step.group, frame_pos)
+    inputs = step_inputs(step, dtype, device)
+    out, b_size, (merged, dst, kept) = forward_step(step, inputs)
+    _, _, size, frame_pos = inputs
     if backward:
         triton_ops.merge_backward(torch.empty_like(out), size, b_size, merged, dst, kept, step.protected,
                                   step.tokens, step.group, pos_grad=frame_pos is not None)
@@ -252,8 +267,8 @@ def describe(launch: Launch) -> str:
     """The constexprs and specialised sizes that tell variants apart."""
     names = launch.kernel.arg_names
     bound = dict(zip(names, launch.args)) | launch.kwargs
-    keys = [k for k in ("C", "D", "GROUP", "HAS_POS", "POS_GRAD", "PLAN", "DOT_MODE", "BLOCK_A", "BLOCK_B", "BLOCK_C",
-                        "BLOCK_T", "BLOCK_D", "num_warps") if k in bound]
+    keys = [k for k in ("C", "D", "GROUP", "HAS_POS", "NORM", "POS_GRAD", "PLAN", "DOT_MODE", "BLOCK_A", "BLOCK_B",
+                        "BLOCK_C", "BLOCK_T", "BLOCK_D", "num_warps") if k in bound]
     return " ".join(f"{k}={int(bound[k]) if isinstance(bound[k], bool) else bound[k]}" for k in keys)
 
 
@@ -263,12 +278,9 @@ def host_us_per_step(step: Step, dtype: torch.dtype, repeats: int = 200) -> floa
     rec = Recorder()
     with rec.active():
         inputs = step_inputs(step, dtype, "cpu" if step.rows * step.tokens * step.width < 1 << 24 else "meta")
-        from tempme_fast.ops import triton_ops
 
         def fwd():
-            metric, x, size, frame_pos = inputs
-            merged, dst, kept = triton_ops.match_forward(metric, step.r, step.protected, step.group)
-            triton_ops.merge_forward(x, size, merged, dst, kept, step.protected, step.group, frame_pos)
+            forward_step(step, inputs)
 
         fwd()
         best = float("inf")

@@ -12,7 +12,8 @@ A token ``i`` sits at position ``A_START + 2 * i`` of its clip, B token ``j`` at
 Both kernels give each program one tile of tokens and one ``BLOCK_D`` slice of the features
 (grid: feature slices fastest, then token tiles, then clips), so the per-token work (indices,
 sizes, sources) is done once per program, not once per feature chunk, and a single clip still
-spreads over many SMs.
+spreads over many SMs. With ``NORM`` the forward also writes the LayerNorm of its output (the
+block's ``ln_2``, twin ``reference.merge_norm``); its programs then span all features of a token.
 
 With ``GROUP > 1`` the clip being merged is the ClipMe join of ``GROUP`` input clips: the kernels
 read (and the backward writes) the unjoined tensors through ``_joined_token`` and add the temporal
@@ -90,6 +91,10 @@ def _merge_fwd_kernel(
     size_out_ptr,  # [B', N - r] contiguous, size's dtype
     work_ptr,  # [B', Nb + r] float32 (float64 for float64 x): merged size of every B token (out, for the
     #            backward), then the merged A tokens sorted by B token (scratch)
+    ln_w_ptr,  # [D] LayerNorm weight (read only if NORM)
+    ln_b_ptr,  # [D] LayerNorm bias (read only if NORM)
+    ln_ptr,  # [B', N - r, D] contiguous out if NORM: layer_norm(out)
+    EPS,
     N_OUT,
     C,
     NK,
@@ -110,6 +115,7 @@ def _merge_fwd_kernel(
     stride_pc,
     stride_wb,
     HAS_POS: tl.constexpr,
+    NORM: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -167,7 +173,21 @@ def _merge_fwd_kernel(
     merged_into = count > 0
     y = tl.where(merged_into[:, None], acc / tl.where(merged_into, s_total, 1.0)[:, None], x_self)
     out_rows = out_ptr + row * N_OUT * D + offs_t.to(tl.int64) * D
-    tl.store(out_rows[:, None] + offs_d[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    y = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_rows[:, None] + offs_d[None, :], y, mask=mask)
+    if NORM:
+        # The launcher gives a NORM program whole feature rows (BLOCK_D >= D, one feature slice), so
+        # the LayerNorm of the merged tokens needs no second read of them. It normalises the rounded
+        # output, as a LayerNorm reading it back would.
+        yf = tl.where(mask, y.to(ACC), 0.0)
+        mean = tl.sum(yf, axis=1) / D
+        centred = tl.where(mask, yf - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + EPS)
+        w = tl.load(ln_w_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+        b = tl.load(ln_b_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+        ln = centred * rstd[:, None] * w[None, :] + b[None, :]
+        ln_rows = ln_ptr + row * N_OUT * D + offs_t.to(tl.int64) * D
+        tl.store(ln_rows[:, None] + offs_d[None, :], ln.to(ln_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["N", "C", "NK", "R", "NB", "A_START", "B_START", "N_IN", "TILES", "stride_sb",

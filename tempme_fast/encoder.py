@@ -76,12 +76,35 @@ def _self_attention(attn: nn.MultiheadAttention, h: torch.Tensor, size: Optional
     return out, k.mean(dim=1)
 
 
-def _merge(x, size, sources, metric, r, protected, backend):
+def _fusable_norm(norm: nn.Module) -> bool:
+    """A LayerNorm over the last dim with weight and bias (open_clip's LayerNorm and LayerNormFp32),
+    which :func:`ops.merge_norm` computes; any other norm runs as its module after the merge."""
+    return (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and norm.weight is not None
+            and norm.bias is not None)
+
+
+def _merge_then_norm(x, size, sources, metric, r, protected, norm: nn.Module, backend):
+    """The merge after attention, then the block's ``ln_2`` of its output: ``(x, size, sources, ln)``.
+    A LayerNorm goes into the merge op (one pass over the merged tokens on the Triton backend)."""
     plan = ops.match(metric, r, protected, backend=backend)
-    x, size = ops.merge(x, size, plan, backend=backend)
+    if _fusable_norm(norm):
+        x, size, ln = ops.merge_norm(x, size, plan, norm.weight, norm.bias, norm.eps, backend=backend)
+    else:
+        x, size = ops.merge(x, size, plan, backend=backend)
+        ln = norm(x)
     if sources is not None:
         sources = tracking.merge_sources(sources, plan)
-    return x, size, sources
+    return x, size, sources, ln
+
+
+def _join_then_norm(x, size, group, protected, r, frame_pos, norm: nn.Module, backend):
+    """ClipMe's join and cross-clip merge, then the block's ``ln_1`` of its output:
+    ``(x, size, ln, plan)``. A LayerNorm goes into the join's merge op, as in :func:`_merge_then_norm`."""
+    if _fusable_norm(norm):
+        return ops.join_merge_norm(x, size, group, protected, r, norm.weight, norm.bias, norm.eps, frame_pos,
+                                   backend=backend)
+    x, size, plan = ops.join_merge(x, size, group, protected, r, frame_pos, backend=backend)
+    return x, size, norm(x), plan
 
 
 def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos: Optional[torch.Tensor],
@@ -98,17 +121,21 @@ def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos
         pos = frame_pos.to(x.dtype) if frame_pos is not None else None
         if sources is not None:
             sources = tracking.join_sources(sources, x.shape[0] // sources.shape[0], x.shape[1], c, plan.group)
-        x, size, cross = ops.join_merge(x, size, plan.group, c, plan.r_cross, pos, backend=options.backend)
+        x, size, h, cross = _join_then_norm(x, size, plan.group, c, plan.r_cross, pos, block.ln_1, options.backend)
         c *= plan.group
         if sources is not None and plan.r_cross:
             sources = tracking.merge_sources(sources, cross)
+    else:
+        h = block.ln_1(x)
     merged = merged or plan.r_cross > 0
     attn_size = size if options.prop_attn and merged else None
-    out, keys = _self_attention(block.attn, block.ln_1(x), attn_size, options.attention, options.backend)
+    out, keys = _self_attention(block.attn, h, attn_size, options.attention, options.backend)
     x = x + block.ls_1(out)
     if plan.r:
-        x, size, sources = _merge(x, size, sources, keys, plan.r, c, options.backend)
-    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        x, size, sources, h = _merge_then_norm(x, size, sources, keys, plan.r, c, block.ln_2, options.backend)
+    else:
+        h = block.ln_2(x)
+    x = x + block.ls_2(block.mlp(h))
     return ClipState(x, size, c, sources, merged or plan.r > 0)
 
 

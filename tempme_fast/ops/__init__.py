@@ -22,14 +22,14 @@ import torch
 from . import attention_impl, reference
 from .attention_impl import IMPLS as ATTENTION_IMPLS
 from .checks import (FLOAT_DTYPES, assert_finite, check_attention, check_join, check_join_merge, check_merge,
-                     check_metric, check_r)
+                     check_metric, check_norm, check_r)
 from .reference import MergePlan, max_r, split_positions, split_sizes
 
 BACKENDS = ("torch", "triton", "auto")
 
 __all__ = ["ATTENTION_IMPLS", "BACKENDS", "FLOAT_DTYPES", "MergePlan", "assert_finite", "attention", "best_match",
-           "join_clips", "join_merge", "match", "max_r", "merge", "resolve_backend", "split_positions", "split_sizes",
-           "triton_available"]
+           "join_clips", "join_merge", "join_merge_norm", "match", "max_r", "merge", "merge_norm", "resolve_backend",
+           "split_positions", "split_sizes", "triton_available"]
 
 
 def triton_available() -> bool:
@@ -121,6 +121,32 @@ def merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, backend: str = "
     return reference.merge(x, size, plan)
 
 
+def merge_norm(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, weight: torch.Tensor, bias: torch.Tensor,
+               eps: float, backend: str = "auto", *, check_finite: bool = False
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`merge`, then the LayerNorm of the merged tokens (the block's ``ln_2``), one op.
+
+    Args:
+        x, size, plan, check_finite: as :func:`merge`.
+        weight, bias: ``[D]`` float LayerNorm parameters on x's device; eps: its epsilon, ``> 0``.
+    Returns:
+        ``(x [B', N - r, D], size, ln [B', N - r, D])``: ``ln`` is ``layer_norm(x)`` computed in
+        float32 (float64 for float64 ``x``) and rounded to x's dtype (see
+        :func:`reference.layer_norm`). Differentiable in ``x``, ``weight`` and ``bias``.
+
+    The Triton backend writes ``ln`` from the merge kernel's output stage, so the merged tokens are
+    not read back by a separate LayerNorm.
+    """
+    check_merge(x, size, plan, check_finite)
+    check_norm(weight, bias, eps, x)
+    triton = resolve_backend(backend, x) == "triton"
+    if plan.r == 0:
+        return x, size, reference.layer_norm(x, weight, bias, eps)
+    if triton:
+        return _triton_ops().merge_norm(x, size, plan, weight, bias, eps)
+    return reference.merge_norm(x, size, plan, weight, bias, eps)
+
+
 def join_clips(x: torch.Tensor, group: int, protected: int, frame_pos: Optional[torch.Tensor] = None,
                backend: str = "auto") -> torch.Tensor:
     """Join every ``group`` adjacent clips into one (see :func:`reference.join_clips`).
@@ -162,13 +188,29 @@ def join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, 
     # r = 0 is a plain join: no merge, so no reordering into the merge's output order either.
     if r > 0 and triton:
         return _triton_ops().join_merge(x, size, group, protected, r, frame_pos)
-    joined = reference.join_clips(x, group, protected, frame_pos)
-    joined_size = reference.join_clips(size, group, protected)
-    # The metric of the cross-clip merge is the hidden states without frame_pos.
-    plan = reference.match(reference.join_clips(x.detach(), group, protected), r, protected * group)
-    if r == 0:
-        return joined, joined_size, plan
-    return (*reference.merge(joined, joined_size, plan), plan)
+    return reference.join_merge(x, size, group, protected, r, frame_pos)
+
+
+def join_merge_norm(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, r: int, weight: torch.Tensor,
+                    bias: torch.Tensor, eps: float, frame_pos: Optional[torch.Tensor] = None, backend: str = "auto",
+                    *, check_finite: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, MergePlan]:
+    """:func:`join_merge`, then the LayerNorm of its output (the block's ``ln_1``), one op.
+
+    Args:
+        x, size, group, protected, r, frame_pos, check_finite: as :func:`join_merge`.
+        weight, bias: ``[D]`` float LayerNorm parameters on x's device; eps: its epsilon, ``> 0``.
+    Returns:
+        ``(x, size, ln, plan)``: ``ln`` as :func:`merge_norm` computes it. Differentiable in ``x``,
+        ``frame_pos``, ``weight`` and ``bias``. On the Triton backend (``r > 0``) the merge launch
+        writes ``ln`` too.
+    """
+    check_join_merge(x, size, group, protected, r, frame_pos, check_finite)
+    check_norm(weight, bias, eps, x)
+    if r > 0 and resolve_backend(backend, x) == "triton":
+        out, size_out, ln, plan = _triton_ops().join_merge_norm(x, size, group, protected, r, frame_pos,
+                                                                (weight, bias, eps))
+        return out, size_out, ln, plan
+    return reference.join_merge_norm(x, size, group, protected, r, weight, bias, eps, frame_pos)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Optional[torch.Tensor] = None,

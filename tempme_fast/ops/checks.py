@@ -15,7 +15,7 @@ from .reference import MergePlan, max_r, split_sizes
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 __all__ = ["FLOAT_DTYPES", "assert_finite", "check_attention", "check_int", "check_join", "check_join_merge",
-           "check_merge", "check_metric", "check_plan", "check_r", "check_size", "check_tokens"]
+           "check_merge", "check_metric", "check_norm", "check_plan", "check_r", "check_size", "check_tokens"]
 
 
 def check_int(name: str, value, low: int, high: Optional[int] = None, what: str = "") -> None:
@@ -156,6 +156,22 @@ def check_merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, check_fini
         if not bool((size > 0).all()):
             raise ValueError(f"size holds {int((size <= 0).sum())} value(s) <= 0; every size (original "
                              f"tokens a token stands for) must be positive")
+
+
+def check_norm(weight: torch.Tensor, bias: torch.Tensor, eps: float, x: torch.Tensor) -> None:
+    """LayerNorm parameters for ``x [B', N, D]``: ``weight`` and ``bias`` float ``[D]`` on x's device, ``eps > 0``."""
+    width = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape [D] = [{width}], got {type(t).__name__}")
+        if tuple(t.shape) != (width,):
+            raise ValueError(f"{name} must have shape [D] = [{width}] (the features of x), got {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; valid: float32, float16, bfloat16, float64")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; both must be on one device")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps={eps!r} must be a positive float (LayerNorm's variance epsilon, e.g. 1e-5)")
 
 
 def check_join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, r: int,

@@ -144,6 +144,27 @@ def merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> Tuple[torch.T
     return out_x, (out_s.squeeze(-1) if squeeze else out_s)
 
 
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim, computed in the accumulation dtype and rounded once to ``x``'s dtype.
+
+    ``x [..., D]``; ``weight``, ``bias`` ``[D]`` of any float dtype. Equal to open_clip's
+    ``LayerNormFp32``, and to its ``LayerNorm`` up to the last rounding of 16-bit inputs.
+    """
+    work = accumulation_dtype(x.dtype)
+    return F.layer_norm(x.to(work), (x.shape[-1],), weight.to(work), bias.to(work), eps).to(x.dtype)
+
+
+def merge_norm(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, weight: torch.Tensor, bias: torch.Tensor,
+               eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`merge`, then :func:`layer_norm` of the merged tokens (the block's ``ln_2``).
+
+    Returns ``(x [B', N - r, D], size, ln [B', N - r, D])``, ``ln`` in ``x``'s dtype; differentiable
+    in ``x``, ``weight`` and ``bias``.
+    """
+    x, size = merge(x, size, plan)
+    return x, size, layer_norm(x, weight, bias, eps)
+
+
 def join_clips(x: torch.Tensor, group: int, protected: int,
                frame_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Join every ``group`` adjacent clips of a video into one clip.
@@ -167,6 +188,30 @@ def join_clips(x: torch.Tensor, group: int, protected: int,
     cls = x[:, :, :protected].reshape(x.shape[0], group * protected, *rest)
     patches = x[:, :, protected:].reshape(x.shape[0], group * (n - protected), *rest)
     return torch.cat([cls, patches], dim=1)
+
+
+def join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, r: int,
+               frame_pos: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, MergePlan]:
+    """ClipMe's join and cross-clip merge: :func:`join_clips` of ``x`` (with ``frame_pos``) and
+    ``size``, then :func:`merge` by :func:`match` on the joined hidden states without ``frame_pos``.
+
+    Returns ``(x [B * F / g, g * N - r, D], size, plan)``; ``r = 0`` is the plain join.
+    """
+    joined = join_clips(x, group, protected, frame_pos)
+    joined_size = join_clips(size, group, protected)
+    plan = match(join_clips(x.detach(), group, protected), r, protected * group)
+    if r == 0:
+        return joined, joined_size, plan
+    return (*merge(joined, joined_size, plan), plan)
+
+
+def join_merge_norm(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, r: int,
+                    weight: torch.Tensor, bias: torch.Tensor, eps: float, frame_pos: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, MergePlan]:
+    """:func:`join_merge`, then :func:`layer_norm` of its output (the block's ``ln_1``):
+    ``(x, size, ln, plan)``."""
+    x, size, plan = join_merge(x, size, group, protected, r, frame_pos)
+    return x, size, layer_norm(x, weight, bias, eps), plan
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Optional[torch.Tensor],

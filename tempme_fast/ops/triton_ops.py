@@ -3,15 +3,18 @@
 Layering (as Liger-Kernel): the ``@triton.jit`` kernels live in ``tempme_kernels``; this module has
 plain launchers (``best_match_forward``, ``match_forward``, ``match_plan_forward``,
 ``merge_forward``, ``merge_backward``), the custom ops ``tempme::best_match``, ``tempme::match``,
-``tempme::merge_fwd`` and ``tempme::merge_bwd`` (each with a fake implementation, so
-``torch.compile(fullgraph=True)`` traces through them), the ``MergeFunction`` autograd function, and
-the functions that ``tempme_fast.ops`` dispatches to: ``best_match``, ``match`` and ``merge`` (inputs
-validated at that boundary), plus ``join_merge``, the ClipMe join and cross-clip merge in one pass.
+``tempme::merge_fwd``, ``tempme::merge_norm_fwd`` and ``tempme::merge_bwd`` (each with a fake
+implementation, so ``torch.compile(fullgraph=True)`` traces through them), the ``MergeFunction`` and
+``MergeNormFunction`` autograd functions, and the functions that ``tempme_fast.ops`` dispatches to:
+``best_match``, ``match``, ``merge`` and ``merge_norm`` (inputs validated at that boundary), plus
+``join_merge``, the ClipMe join and cross-clip merge in one pass.
 
 A merge step is two launches: the match (best match and plan, ``match_forward``) and the merge
 (grouping of sources by destination and the weighted sum, ``merge_forward``), with one workspace
-allocation each; the backward is one launch. Tile sizes and warps come from a fixed table of the
-shape (``_match_tiles``, ``_merge_tiles``), so results repeat bit for bit.
+allocation each; the backward is one launch. ``merge_norm`` is the same two launches, its merge
+launch also writing the LayerNorm of the merged tokens. Tile sizes and warps come from a fixed
+table of the shape (``_match_tiles``, ``_merge_tiles``, ``_merge_norm_tiles``), so results repeat
+bit for bit.
 
 Every launcher takes ``group``: with ``group = g > 1`` its token tensors are the unjoined clips
 ``[B' * g, N_in, ...]`` and it works on the joined clips ``[B', g * N_in, ...]`` of
@@ -33,8 +36,9 @@ from tempme_kernels.merge import _merge_bwd_kernel, _merge_fwd_kernel, _merge_in
 
 from .reference import MergePlan, accumulation_dtype, split_sizes, split_starts
 
-__all__ = ["MergeFunction", "best_match", "best_match_forward", "join_merge", "match", "match_forward",
-           "match_plan_forward", "merge", "merge_backward", "merge_forward", "merge_index"]
+__all__ = ["MergeFunction", "MergeNormFunction", "best_match", "best_match_forward", "join_merge",
+           "join_merge_norm", "layer_norm_backward", "match", "match_forward", "match_plan_forward", "merge",
+           "merge_backward", "merge_forward", "merge_index", "merge_norm"]
 
 # Largest tile (tokens, or channels) one program handles in the interpreter, which pays per
 # program and per op, not per lane: there a program takes a whole clip. Tests shrink
@@ -47,6 +51,8 @@ INTERPRETER_BLOCK = 1024
 GPU_BLOCK_TOKENS = 32
 GPU_BLOCK_MATCH = 64
 GPU_BLOCK_CHANNELS = 128
+# Elements of a merge-and-LayerNorm program's tile on a GPU (tokens x all features).
+NORM_TILE_ELEMENTS = 4096
 # Programs that keep a large GPU busy (2 per SM of an H100): below it, work is split further.
 GPU_FILL = 264
 
@@ -149,6 +155,16 @@ def _merge_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[str,
     return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=8 if block_t >= 32 else 4)
 
 
+def _merge_norm_tiles(rows: int, tokens: int, width: int) -> Dict[str, int]:
+    """Tiles of the merge forward that also writes the LayerNorm: a program spans every feature of
+    its tokens (one slice of ``next_power_of_2(D)``), so its token tile shrinks to keep the tile at
+    about 4096 elements (32 fp32 registers a thread per operand at 4 warps)."""
+    block_d = _next_power_of_2(width)
+    cap = INTERPRETER_BLOCK if _interpreting() else max(1, NORM_TILE_ELEMENTS // block_d)
+    block_t = max(1, min(_next_power_of_2(tokens), cap))
+    return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+
+
 # ---------------------------------------------------------------------------------------------
 # Host launchers
 # ---------------------------------------------------------------------------------------------
@@ -235,8 +251,9 @@ def merge_index(merged: torch.Tensor, dst: torch.Tensor, nb: int) -> Tuple[torch
 
 
 def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor,
-                  kept: torch.Tensor, protected: int, group: int = 1, frame_pos: Optional[torch.Tensor] = None
-                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  kept: torch.Tensor, protected: int, group: int = 1, frame_pos: Optional[torch.Tensor] = None,
+                  norm: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None
+                  ) -> Tuple[torch.Tensor, ...]:
     """Size-weighted merge (of the joined clips when ``group > 1``), one launch.
 
     Args:
@@ -246,10 +263,13 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
         protected: class tokens per clip of ``x``.
         frame_pos: optional ``[1, F, 1, D]`` temporal position embedding, added to every token of
             clip ``k`` of its video (``F`` clips per video in ``x``) before merging.
+        norm: optional ``(weight [D], bias [D], eps)`` of a LayerNorm applied to the merged tokens
+            in the same launch (``reference.merge_norm``).
     Returns:
         ``x [B', N - r, D]`` (x's dtype), ``size`` (size's layout and dtype) and ``b_size [B', Nb]``
         float32 (float64 for float64 x), the merged size of every B token, for the backward (a
-        view into the step's workspace, row stride ``Nb + r``).
+        view into the step's workspace, row stride ``Nb + r``); with ``norm``, then
+        ``ln [B', N - r, D]`` in x's dtype.
     """
     rows, tokens, c = _joined_shape(x, protected, group)
     width = x.shape[2]
@@ -261,14 +281,22 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
     size_out = _new_output((rows, n_out) + tuple(size.shape[2:]), size.dtype, x.device)
     work = _new_output((rows, nb + r), accumulation_dtype(x.dtype), x.device)
     pos = x if frame_pos is None else frame_pos.reshape(frame_pos.shape[1], width).contiguous()
-    tiles = _merge_tiles(rows, n_out, width, x.dtype.itemsize)
+    if norm is None:
+        ln, ln_w, ln_b, eps = out, out, out, 0.0  # not read, not written
+        tiles = _merge_tiles(rows, n_out, width, x.dtype.itemsize)
+    else:
+        ln_w, ln_b, eps = norm[0].contiguous(), norm[1].contiguous(), float(norm[2])
+        ln = _new_output((rows, n_out, width), x.dtype, x.device)
+        tiles = _merge_norm_tiles(rows, n_out, width)
     grid = (_cdiv(width, tiles["BLOCK_D"]), _cdiv(n_out, tiles["BLOCK_T"]), rows)
     _merge_fwd_kernel[grid](
-        x, size, pos, merged, dst, kept, out, size_out, work,
+        x, size, pos, merged, dst, kept, out, size_out, work, ln_w, ln_b, ln, eps,
         n_out, c, nk, r, nb, width, a_start, b_start, group, protected, x.shape[1], pos.shape[0],
         x.stride(0), x.stride(1), x.stride(2), size.stride(0), size.stride(1), pos.stride(0), nb + r,
-        HAS_POS=frame_pos is not None, BLOCK_K=_block(r, GPU_BLOCK_MATCH), **tiles,
+        HAS_POS=frame_pos is not None, NORM=norm is not None, BLOCK_K=_block(r, GPU_BLOCK_MATCH), **tiles,
     )
+    if norm is not None:
+        return out, size_out, work[:, :nb], ln
     return out, size_out, work[:, :nb]
 
 
@@ -341,12 +369,26 @@ def _merge_fwd_op(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
 
 
 @_merge_fwd_op.register_fake
-def _(x, size, merged, dst, kept, protected, group=1, frame_pos=None):
+def _merge_fwd_fake(x, size, merged, dst, kept, protected, group=1, frame_pos=None):
     rows, tokens, c = _joined_shape(x, protected, group)
     n_out = tokens - merged.shape[1]
     _, nb = split_sizes(tokens, c)
     work = x.new_empty((rows, nb + merged.shape[1]), dtype=accumulation_dtype(x.dtype))
     return x.new_empty((rows, n_out, x.shape[2])), size.new_empty((rows, n_out) + tuple(size.shape[2:])), work[:, :nb]
+
+
+@torch.library.custom_op("tempme::merge_norm_fwd", mutates_args=())
+def _merge_norm_fwd_op(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor,
+                       kept: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, protected: int,
+                       group: int = 1, frame_pos: Optional[torch.Tensor] = None
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return merge_forward(x, size, merged, dst, kept, protected, group, frame_pos, norm=(weight, bias, eps))
+
+
+@_merge_norm_fwd_op.register_fake
+def _(x, size, merged, dst, kept, weight, bias, eps, protected, group=1, frame_pos=None):
+    out, size_out, b_size = _merge_fwd_fake(x, size, merged, dst, kept, protected, group, frame_pos)
+    return out, size_out, b_size, torch.empty_like(out)
 
 
 @torch.library.custom_op("tempme::merge_bwd", mutates_args=())
@@ -369,6 +411,19 @@ def _(grad_out, size, b_size, merged, dst, kept, protected, tokens_in, group=1, 
 # Autograd and the functions tempme_fast.ops dispatches to
 # ---------------------------------------------------------------------------------------------
 
+def _pos_grad(pos_part: torch.Tensor, pos_shape) -> Optional[torch.Tensor]:
+    """The position embedding's gradient from the merge backward's per-tile partial sums, or None
+    when ``pos_shape`` (``(shape, dtype)`` of ``frame_pos``) is None."""
+    if pos_shape is None:
+        return None
+    shape, dtype = pos_shape
+    # pos_part [B', tiles, g, D] holds per-tile sums for clip (row * g + k); a video's F / g
+    # joined rows are adjacent, so clip k of the video is (row % (F / g)) * g + k.
+    rows, tiles, group, width = pos_part.shape
+    grad_pos = pos_part.reshape(-1, shape[1] // group, tiles, group, width).sum(dim=(0, 2))
+    return grad_pos.reshape(shape).to(dtype)
+
+
 class MergeFunction(torch.autograd.Function):
     """Size-weighted merge (optionally of joined clips plus a position embedding).
 
@@ -390,15 +445,60 @@ class MergeFunction(torch.autograd.Function):
         pos_grad = ctx.pos_shape is not None and ctx.needs_input_grad[7]
         grad_x, pos_part = torch.ops.tempme.merge_bwd(grad_out, size, b_size, merged, dst, kept, ctx.protected,
                                                       ctx.tokens_in, ctx.group, pos_grad)
-        grad_pos = None
-        if pos_grad:
-            shape, dtype = ctx.pos_shape
-            # pos_part [B', tiles, g, D] holds per-tile sums for clip (row * g + k); a video's F / g
-            # joined rows are adjacent, so clip k of the video is (row % (F / g)) * g + k.
-            rows, tiles, group, width = pos_part.shape
-            grad_pos = pos_part.reshape(-1, shape[1] // group, tiles, group, width).sum(dim=(0, 2))
-            grad_pos = grad_pos.reshape(shape).to(dtype)
-        return grad_x, None, None, None, None, None, None, grad_pos
+        return grad_x, None, None, None, None, None, None, _pos_grad(pos_part, ctx.pos_shape if pos_grad else None)
+
+
+def layer_norm_backward(grad_ln: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``reference.layer_norm(x, weight, bias, eps)`` from ``grad_ln``, in torch.
+
+    ``x`` is the saved LayerNorm input ``[B', N, D]``: its statistics are recomputed (a read of ``x``
+    in the backward, instead of a saved ``[B', N, 2]`` that the forward kernel would have to write).
+    Returns ``(grad_x, grad_weight, grad_bias)``: grad_x in the accumulation dtype, the others in
+    weight's dtype.
+    """
+    work = accumulation_dtype(x.dtype)
+    xw, g = x.to(work), grad_ln.to(work)
+    mean = xw.mean(dim=-1, keepdim=True)
+    rstd = torch.rsqrt(xw.var(dim=-1, unbiased=False, keepdim=True) + eps)
+    xhat = (xw - mean) * rstd
+    gxhat = g * weight.to(work)
+    grad_x = rstd * (gxhat - gxhat.mean(dim=-1, keepdim=True) - xhat * (gxhat * xhat).mean(dim=-1, keepdim=True))
+    dims = tuple(range(x.dim() - 1))
+    return grad_x, (g * xhat).sum(dim=dims).to(weight.dtype), g.sum(dim=dims).to(weight.dtype)
+
+
+class MergeNormFunction(torch.autograd.Function):
+    """Size-weighted merge (optionally of joined clips plus a position embedding) and the
+    LayerNorm of its output, forward in one launch.
+
+    The backward composes: the LayerNorm's gradient (in torch, from the saved merged tokens) is
+    added to the merged tokens' own gradient, which then goes through the merge's backward kernel.
+    Differentiable in ``x``, ``frame_pos``, ``weight`` and ``bias``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, size, merged, dst, kept, protected: int, group: int, frame_pos, weight, bias, eps: float):
+        out, size_out, b_size, ln = torch.ops.tempme.merge_norm_fwd(x, size, merged, dst, kept, weight, bias, eps,
+                                                                    protected, group, frame_pos)
+        ctx.save_for_backward(size, b_size, merged, dst, kept, out, weight)
+        ctx.protected, ctx.group, ctx.tokens_in, ctx.eps = protected, group, x.shape[1], eps
+        ctx.pos_shape = None if frame_pos is None else (frame_pos.shape, frame_pos.dtype)
+        ctx.mark_non_differentiable(size_out)
+        return out, size_out, ln
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_size_out, grad_ln):
+        size, b_size, merged, dst, kept, out, weight = ctx.saved_tensors
+        grad_w = grad_b = None
+        if grad_ln is not None:
+            grad_norm_in, grad_w, grad_b = layer_norm_backward(grad_ln, out, weight, ctx.eps)
+            grad_out = grad_norm_in if grad_out is None else grad_out + grad_norm_in
+        pos_grad = ctx.pos_shape is not None and ctx.needs_input_grad[7]
+        grad_x, pos_part = torch.ops.tempme.merge_bwd(grad_out.to(out.dtype), size, b_size, merged, dst, kept,
+                                                      ctx.protected, ctx.tokens_in, ctx.group, pos_grad)
+        grad_pos = _pos_grad(pos_part, ctx.pos_shape if pos_grad else None)
+        return grad_x, None, None, None, None, None, None, grad_pos, grad_w, grad_b, None
 
 
 def best_match(metric: torch.Tensor, protected: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -415,6 +515,13 @@ def match(metric: torch.Tensor, r: int, protected: int) -> MergePlan:
 def merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(x [B', N - r, D], size)`` merged by ``plan``; differentiable in ``x``."""
     return MergeFunction.apply(x, size.detach(), plan.merged, plan.dst, plan.kept, plan.protected, 1, None)
+
+
+def merge_norm(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, weight: torch.Tensor, bias: torch.Tensor,
+               eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x [B', N - r, D], size, layer_norm(x))`` merged by ``plan``, as ``reference.merge_norm``."""
+    return MergeNormFunction.apply(x, size.detach(), plan.merged, plan.dst, plan.kept, plan.protected, 1, None,
+                                   weight, bias, float(eps))
 
 
 def join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, r: int,
@@ -436,8 +543,23 @@ def join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, 
         ``size`` in its layout and dtype, and the :class:`MergePlan` on the joined clips (as
         ``reference.match`` would give it). Differentiable in ``x`` and ``frame_pos``.
     """
+    out, size_out, _, plan = join_merge_norm(x, size, group, protected, r, frame_pos)
+    return out, size_out, plan
+
+
+def join_merge_norm(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, r: int,
+                    frame_pos: Optional[torch.Tensor] = None,
+                    norm: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], MergePlan]:
+    """:func:`join_merge` and, with ``norm = (weight, bias, eps)``, the LayerNorm of its output
+    (the block's ``ln_1``) from the same launch: ``(x, size, ln or None, plan)``."""
     if size.device != x.device:  # the rest is validated by tempme_fast.ops.join_merge
         raise ValueError(f"size is on {size.device} but x is on {x.device}; both must be on one device")
     merged, dst, kept = torch.ops.tempme.match(x.detach(), r, protected, group)
-    out, size_out = MergeFunction.apply(x, size.detach(), merged, dst, kept, protected, group, frame_pos)
-    return out, size_out, MergePlan(merged, dst, kept, x.shape[1] * group, protected * group)
+    plan = MergePlan(merged, dst, kept, x.shape[1] * group, protected * group)
+    if norm is None:
+        out, size_out = MergeFunction.apply(x, size.detach(), merged, dst, kept, protected, group, frame_pos)
+        return out, size_out, None, plan
+    out, size_out, ln = MergeNormFunction.apply(x, size.detach(), merged, dst, kept, protected, group, frame_pos,
+                                                norm[0], norm[1], float(norm[2]))
+    return out, size_out, ln, plan
