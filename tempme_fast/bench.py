@@ -224,6 +224,9 @@ def _patched(model: torch.nn.Module, config: TempMeConfig, backend: str):
 
 # A spread of the per-repetition speed-ups wider than this share of their median earns a warning.
 WIDE_SPREAD = 0.10
+# Other processes' load (in cores) beyond the cores a run leaves free that still counts as quiet:
+# a shell, an editor or a load average still decaying from a run just before.
+LOAD_SLACK = 0.5
 
 
 def noise_warnings(rows: Sequence[BenchRow], threads: int, load_before: Optional[float],
@@ -234,7 +237,8 @@ def noise_warnings(rows: Sequence[BenchRow], threads: int, load_before: Optional
         threads: CPU threads the timed runs used (1 on a GPU: the host thread).
         load_before, load_after: 1-minute load averages (``os.getloadavg()[0]``) before and after
             the runs, None where the platform has none. The run's own threads raise ``load_after``,
-            so the other processes' share is estimated as ``max(before, after - threads)``.
+            so the other processes' share is estimated as ``max(before, after - threads)``; it warns
+            when that exceeds the cores the run leaves free by more than :data:`LOAD_SLACK`.
         cores: CPU cores of the machine.
     """
     out = []
@@ -247,7 +251,7 @@ def noise_warnings(rows: Sequence[BenchRow], threads: int, load_before: Optional
     if load_before is not None and cores:
         others = max(load_before, (load_after if load_after is not None else load_before) - threads)
         free = cores - threads
-        if others > free:
+        if others > free + LOAD_SLACK:
             out.append(f"load average {others:.1f} from other processes exceeds the {plural(free, 'core')} this run "
                        f"left free ({plural(cores, 'core')}, {plural(threads, 'thread')} used): the timings are "
                        f"contended; the speed-up may not hold on a quiet machine")
