@@ -205,11 +205,19 @@ def bench_model(model: torch.nn.Module, config: TempMeConfig, *, batch: int, dev
                 gflops_per_video=model_flops(model).gflops,
                 latency_ms=median, latency_min_ms=min(times[i]), latency_max_ms=max(times[i]),
                 videos_per_s=batch / (median / 1e3), peak_mem_mb=peak_memory_mb(run, device)))
+    set_speedups(rows, times)
+    return rows
+
+
+def set_speedups(rows: Sequence[BenchRow], times: Sequence[Sequence[float]]) -> None:
+    """Fill each row's speed-up statistics and FLOPs bound against ``rows[0]`` (the unmerged model).
+
+    ``times[i][k]`` is variant ``i``'s time in repetition ``k``; the ratios pair the same repetition.
+    """
     for row, row_times in zip(rows, times):
         ratios = [base / t for base, t in zip(times[0], row_times)]
         (row.speedup_min, row.speedup_q1, row.speedup, row.speedup_q3, row.speedup_max) = _quartiles(ratios)
         row.flops_bound = rows[0].gflops_per_video / row.gflops_per_video
-    return rows
 
 
 @contextlib.contextmanager

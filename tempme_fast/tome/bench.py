@@ -12,7 +12,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..bench import BenchRow, format_table, peak_memory_mb, time_calls
+from ..bench import BenchRow, format_table, peak_memory_mb, set_speedups, time_calls
 from ..flops import flop_counter
 from ..outputs import plural
 from .open_clip_patch import apply_tome, remove_tome, tome_tokens
@@ -73,8 +73,7 @@ def bench_images(model: torch.nn.Module, r_values: Sequence[int], *, batch: int,
                              latency_min_ms=min(times[i]), latency_max_ms=max(times[i]),
                              videos_per_s=batch / (median / 1e3), peak_mem_mb=peak_memory_mb(run, device)))
     _set(model, None, "-")
-    for row in rows:
-        row.speedup = row.videos_per_s / rows[0].videos_per_s
+    set_speedups(rows, [times[i] for i in range(len(variants))])
     return rows
 
 
