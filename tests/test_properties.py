@@ -88,7 +88,8 @@ def _check_against_oracle(x, size, metric, plan, out, out_size, dtype, exact_unt
         want, want_size = _merge_clip(x[i].double(), size[i, :, 0].double(), metric[i].double(), r, c)
         assert torch.equal(out_size[i, :, 0].double(), want_size)  # small integers: exact
         err = (out[i].double() - want).abs().max().item()
-        atol, rtol = VALUE_TOL[dtype]
+        # fp32 here: a few sources per token, so tighter than the kit's bound for many-source sums.
+        atol, rtol = (2e-6, 2e-6) if dtype == torch.float32 else VALUE_TOL[dtype]
         assert err <= atol + rtol * want.abs().max().item(), err
         assert torch.equal(out[i, :c], x[i, :c])
         assert torch.equal(out[i, c:c + nk], x[i, a_pos[plan.kept[i]]])
