@@ -102,7 +102,7 @@ def _cmd_schedule(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="tempme", description=__doc__)
+    parser = Parser(prog="tempme", description=__doc__.replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="time unmerged open_clip against TempMe on each backend")
