@@ -31,8 +31,10 @@ import torch
 
 from tempme_fast import TempMeConfig, token_schedule
 
-# (depth, tokens per frame, width, heads) at 224 px.
-GEOMETRY = {"ViT-B-32": (12, 50, 768, 12), "ViT-B-16": (12, 197, 768, 12), "ViT-L-14": (24, 257, 1024, 16)}
+from .common import VIT_GEOMETRY
+
+# The benchmarks' (depth, tokens per frame, width, heads), plus ViT-L/14: compiling needs no model.
+GEOMETRY = {**VIT_GEOMETRY, "ViT-L-14": (24, 257, 1024, 16)}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ARCHS = (90, 80)
 KERNELS = ("_best_match_fwd_kernel", "_merge_fwd_kernel", "_merge_bwd_kernel")
