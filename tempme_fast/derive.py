@@ -212,11 +212,3 @@ def add_budget_argument(parser) -> None:
                         help="derive the schedule for --model and --frames whose predicted GFLOPs are the "
                              "largest at most RATIO of the unmerged model's (in (0, 1]), instead of the "
                              "schedule options")
-
-
-def config_for_args(model_or_name, args) -> Optional[TempMeConfig]:
-    """The budget schedule of parsed ``args`` (``args.budget``, ``args.frames``), or None without ``--budget``."""
-    budget = getattr(args, "budget", None)
-    if budget is None:
-        return None
-    return derive_config(model_or_name, frames=args.frames, flops_ratio=budget)

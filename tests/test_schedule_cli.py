@@ -3,8 +3,9 @@ import re
 
 import pytest
 
+from tempme_fast import TempMeConfig
+from tempme_fast.arguments import add_config_arguments, config_from_args
 from tempme_fast.cli import main
-from tempme_fast.derive import add_budget_argument, config_for_args
 
 
 def _run(capsys, *argv):
@@ -42,12 +43,12 @@ def test_errors_exit_with_a_message(capsys, argv, message):
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_config_for_args_reads_budget_and_frames():
+def test_config_from_args_reads_budget_and_frames():
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--frames", type=int, default=12)
-    add_budget_argument(parser)
-    assert config_for_args("ViT-B-32", parser.parse_args([])) is None
-    config = config_for_args("ViT-B-32", parser.parse_args(["--frames", "16", "--budget", "0.5"]))
+    parser.add_argument("--model", default="ViT-B-32")
+    add_config_arguments(parser)
+    assert config_from_args(parser.parse_args([])) == TempMeConfig()
+    config = config_from_args(parser.parse_args(["--frames", "16", "--budget", "0.5"]))
     assert config.frames == 16 and config.clip_groups == (2, 2, 2, 2)
