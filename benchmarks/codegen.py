@@ -30,12 +30,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from tempme_fast import TempMeConfig, token_schedule
+from tempme_fast.loading import DTYPES
 
 from .common import VIT_GEOMETRY
 
 # The benchmarks' (depth, tokens per frame, width, heads), plus ViT-L/14: compiling needs no model.
 GEOMETRY = {**VIT_GEOMETRY, "ViT-L-14": (24, 257, 1024, 16)}
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ARCHS = (90, 80)
 KERNELS = ("_best_match_fwd_kernel", "_merge_fwd_kernel", "_merge_bwd_kernel")
 # ld/st.global with an optional vector width and an element type: the access width in bits.
