@@ -15,7 +15,7 @@ import torch
 from .arguments import (SCHEDULE_OPTIONS, Parser, add_config_arguments, add_dtype_argument, add_model_arguments,
                         add_threads_argument, apply_threads, config_from_args, non_negative_int, positive_int)
 from .config import TempMeConfig
-from .errors import TempMeError, as_config_error
+from .errors import ConfigError, TempMeError, as_config_error
 from .ops import BACKENDS
 
 
@@ -35,6 +35,9 @@ def _cmd_bench(args) -> int:
     device = resolve_device(args.device)
     if args.json:
         prepare_output_file(args.json, "--json")
+    if args.cuda_graph and (args.image or device.type != "cuda"):
+        raise ConfigError("--cuda-graph times video encoders on a CUDA device: "
+                          + ("not with --image" if args.image else f"the device is {device}; pass --device cuda"))
     if args.image:
         from .tome.bench import run_image_bench
         return run_image_bench(args)
@@ -46,14 +49,16 @@ def _cmd_bench(args) -> int:
     model = create_model(args.model, args.pretrained, device=str(device), dtype=dtype)
     load_before = _load_average()
     rows = bench_model(model, config, batch=args.batch, device=device, dtype=dtype, backends=backends,
-                       repeats=args.repeats, warmup=args.warmup, progress=not args.no_progress)
+                       repeats=args.repeats, warmup=args.warmup, progress=not args.no_progress,
+                       cuda_graph=args.cuda_graph)
     load_after = _load_average()
     host_threads = 1 if device.type == "cuda" else threads
     warnings = noise_warnings(rows, host_threads, load_before, load_after, os.cpu_count())
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"{args.model}, {schedule_name(config)}, {config.frames} frames, batch of "
           f"{plural(args.batch, 'video')}, {dtype_name}, {device_name} ({plural(threads, 'thread')}), "
-          f"torch {torch.__version__}; variants interleaved, {plural(args.repeats, 'repetition')}")
+          f"torch {torch.__version__}; variants interleaved, {plural(args.repeats, 'repetition')}"
+          + ("; every variant replayed from a CUDA graph" if args.cuda_graph else ""))
     print(format_table(rows))
     print("speed-up: median of the per-repetition ratios to unmerged (their min-max); FLOPs bound: unmerged "
           "GFLOPs / variant GFLOPs")
@@ -65,7 +70,7 @@ def _cmd_bench(args) -> int:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "model": args.model, "pretrained": args.pretrained, "schedule": schedule_name(config),
             "frames": config.frames, "batch": args.batch, "dtype": dtype_name, "device": device_name,
-            "threads": threads, "repeats": args.repeats, "cpu_count": os.cpu_count(),
+            "threads": threads, "repeats": args.repeats, "cuda_graph": args.cuda_graph, "cpu_count": os.cpu_count(),
             "load_average": {"before": load_before, "after": load_after}, "warnings": warnings,
             "torch": torch.__version__, "python": platform.python_version(),
             "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
@@ -115,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="repetitions; each times every variant once, in alternating order")
     bench.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per variant first")
     add_threads_argument(bench)
+    bench.add_argument("--cuda-graph", action="store_true",
+                       help="time every variant replayed from a CUDA graph (CUDA only): the latency without the "
+                            "host's launch cost, as tempme_fast.GraphedVideoEncoder serves it")
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.add_argument("--image", action="store_true",

@@ -59,7 +59,10 @@ def test_subprocess_offline_pretrained_fails_fast(tmp_path):
     (["--model", "ViT-B-16-SigLIP"], ["timm vision tower"]),
     (["--device", "cuda:7"], ["--device cuda:7"]),
     (["--frames", "10"], ["frames=10 is not divisible by the clip groups (2, 2, 3)"]),
-], ids=["tag", "file", "coca", "timm", "gpu-index", "frames"])
+    (["--device", "cpu", "--cuda-graph"], ["--cuda-graph times video encoders on a CUDA device",
+                                           "the device is cpu"]),
+    (["--device", "cpu", "--cuda-graph", "--image"], ["--cuda-graph", "not with --image"]),
+], ids=["tag", "file", "coca", "timm", "gpu-index", "frames", "graph-cpu", "graph-image"])
 def test_bench_errors_in_one_line(argv, fragments, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "--no-progress", *argv])

@@ -32,3 +32,17 @@ def test_graph_equals_eager(batch, masked, dtype):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="captured shape"):
         encoder(torch.zeros(batch + 1, TINY_CONFIG.frames, 3, 32, 32, device="cuda", dtype=dtype), mask)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_replays_every_variant_from_a_graph():
+    """``tempme bench --cuda-graph``: both variants timed from graphs, the model left unpatched."""
+    from tempme_fast.bench import bench_model
+
+    model = tiny_clip().to(device="cuda", dtype=torch.float16)
+    rows = bench_model(model, TINY_CONFIG, batch=2, device=torch.device("cuda"), dtype=torch.float16,
+                       backends=["triton"], repeats=2, progress=False, cuda_graph=True)
+    assert [row.backend for row in rows] == ["-", "triton"]
+    assert all(row.latency_ms > 0 for row in rows)
+    assert not hasattr(model, "tempme")
