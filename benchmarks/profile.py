@@ -33,12 +33,15 @@ from tempme_fast.loading import DTYPES, create_model, default_dtype_name
 from .bench_model import _setting
 from .common import RowLog, add_row_log_arguments, environment, failure, print_table
 from .devicetime import kernel_us
+from .report import profile_columns, profile_table
 
 # Kernel (or, on a CPU, aten op) name patterns of each group, tried in this order; the last group takes the rest.
+# Attention before GEMM (cutlass attention kernels carry GEMM words), GEMM before merge/match (cuBLAS names
+# carry "segment").
 GROUPS: Tuple[Tuple[str, str], ...] = (
     ("attention", r"attention|attn|flash|fmha|sdpa|softmax"),
+    ("GEMM", r"gemm|convolution|cudnn|cutlass|xmma|cublas|nvjet|matmul|addmm|\bmm\b|aten::mm|bmm|linear|sm\d+_"),
     ("merge/match", r"match|merge|segment|scatter|gather|index|sort|topk|argsort|cumsum"),
-    ("GEMM", r"gemm|conv|cudnn|cutlass|xmma|cublas|nvjet|matmul|addmm|\bmm\b|aten::mm|bmm|linear|sm\d+_"),
     ("LayerNorm", r"layer_norm|layernorm|LayerNorm"),
 )
 OTHER = "elementwise/other"
@@ -155,23 +158,6 @@ def run(device: torch.device, cases: Sequence[Tuple[str, int]], dtypes: Sequence
     return log.rows[start:]
 
 
-def forward_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
-    """One row per profiled case: its forward summary with each group's milliseconds as a column."""
-    table: Dict[tuple, Dict[str, object]] = {}
-    for r in rows:
-        key = tuple(r.get(k) for k in ("model", "batch", "dtype", "variant"))
-        entry = table.setdefault(key, {k: r.get(k) for k in ("model", "batch", "dtype", "variant")})
-        if r.get("kind") == "forward":
-            entry.update({k: r.get(k) for k in ("wall_ms", "kernel_ms", "host_ms", "launches", "error") if k in r})
-        elif r.get("kind") == "group":
-            entry[f"{r['group']} ms"] = r["us"] / 1e3
-    return list(table.values())
-
-
-TABLE_COLUMNS = ["model", "batch", "dtype", "variant", "wall_ms", "kernel_ms", "host_ms", "launches"] + \
-    [f"{g} ms" for g, _ in GROUPS] + [f"{OTHER} ms"]
-
-
 def _case(text: str) -> Tuple[str, int]:
     name, _, batch = text.rpartition(":")
     if not name or not batch.isdigit() or int(batch) < 1:
@@ -207,7 +193,8 @@ def main(argv=None) -> int:
           f"{env['date']} ({'kernel device time' if cuda else 'aten ops, self CPU time'})")
     print_table([r for r in rows if r["kind"] == "kernel"], ["model", "batch", "variant", "name", "group", "calls", "us"])
     print()
-    print_table(forward_table(rows), TABLE_COLUMNS + ["error"])
+    table = profile_table(rows)
+    print_table(table, [c for c in profile_columns(table) if c != "run"] + ["error"])
     return int(any("error" in r for r in rows))
 
 
