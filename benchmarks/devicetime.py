@@ -83,7 +83,8 @@ def kernel_us(events) -> Dict[str, List[float]]:
 
     kernels: Dict[str, List[float]] = {}
     for e in events:
-        if e.device_type != DeviceType.CPU:
+        # A user annotation on the device spans kernels already counted: it would count them twice.
+        if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False):
             kernels.setdefault(e.name, []).append(e.time_range.elapsed_us())
     return kernels
 
