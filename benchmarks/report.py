@@ -27,6 +27,7 @@ ATTENTION_COLUMNS = ["run", "model", "batch", "layer", "rows", "tokens", "dtype"
                      "host_bound", "speedup_vs_mask", "speedup_vs_mask_eager"]
 MODEL_COLUMNS = ["run", "tag", "model", "dtype", "batch", "mode", "variant", "compiled", "ms", "videos_per_s",
                  "peak_mib", "speedup_vs_open_clip", "flops_bound_speedup"]
+LAYER_COLUMNS = ["run", "model", "dtype", "batch", "variant", "layer", "ms", "device_ms", "host_bound"]
 TRAIN_COLUMNS = ["run", "model", "batch", "precision", "mode", "variant", "backend", "step_ms", "speedup",
                  "peak_mem_mb", "memory_ratio"]
 CASE_KEYS = ("model", "batch", "dtype", "variant")
@@ -154,6 +155,10 @@ def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequen
     if model:
         section("Whole encoder", "`+graph` variants are replayed from a CUDA graph: the device time of the "
                 "whole forward.", markdown(model, MODEL_COLUMNS))
+    layers = [r for r in rows if r.get("bench") == "bench_layers"]
+    if layers:
+        section("Time per layer", "`ms`: synchronised after each block (host included); `device_ms`: the block "
+                "replayed from a CUDA graph on the inputs a real forward gives it.", markdown(layers, LAYER_COLUMNS))
     train = [r for r in rows if r.get("bench") == "bench_train"]
     if train:
         section("Training step", "", markdown(train, TRAIN_COLUMNS))

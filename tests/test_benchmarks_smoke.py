@@ -48,6 +48,7 @@ def test_bench_model_smoke(tmp_path, tiny_model_file):
     assert any(r["flops_bound_speedup"] > 1 for r in record["rows"])
     layers = json.loads((tmp_path / "bench_layers.json").read_text())["rows"]
     assert len(layers) == 2 * 5  # stem + 4 blocks, unmerged and TempMe
+    assert all(r["ms"] > 0 and "device_ms" not in r and "host_bound" not in r for r in layers)  # no GPU here
     lines = read_records(str(tmp_path / "rows.jsonl"))
     assert [r["bench"] for r in lines[1:]] == ["bench_model"] * 6 + ["bench_layers"] * 10
 
