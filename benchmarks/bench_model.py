@@ -133,7 +133,7 @@ def layer_device_ms(model: torch.nn.Module, video: torch.Tensor, rep_ms: float =
     first = inputs(0)
     columns = []
     for layer in range(len(steps) + 1):
-        held = first[layer] if layer else first[0]
+        held = first[layer]  # the frames, or the state the block receives
         nbytes = held.nbytes if layer == 0 else held.x.nbytes + held.size.nbytes
         try:
             columns.append(device_ms(lambda i, layer=layer: piece(layer, i), nbytes, video.device, rep_ms))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from benchmarks import bench_attention, profile
-from benchmarks.devicetime import basis_ms, device_ms, graph_calls, host_columns, input_sets, speedups
+from benchmarks.devicetime import basis_ms, device_ms, graph_calls, host_columns, input_sets, kernel_us, speedups
 from benchmarks.rowlog import read_records
 from tiny import TINY_ARGS
 
@@ -134,3 +134,17 @@ def test_profile_refuses_bad_arguments(capsys):
 def test_profile_rows_are_json():
     kernels, groups, forward = profile.summarise({"aten::mm": (1.0, 5.0)}, wall=0.01)
     json.dumps(kernels + groups + [forward])
+
+
+def test_kernel_sums_count_device_kernels_once():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(name, device_type, us, annotation=False):
+        return SimpleNamespace(name=name, device_type=device_type, is_user_annotation=annotation,
+                               time_range=SimpleNamespace(elapsed_us=lambda: us))
+    events = [event("aten::mm", DeviceType.CPU, 50.0), event("gemm", DeviceType.CUDA, 7.0),
+              event("gemm", DeviceType.CUDA, 9.0), event("_merge_fwd_kernel", DeviceType.CUDA, 3.0),
+              event("my_region", DeviceType.CUDA, 19.0, annotation=True)]  # spans the kernels above
+    assert kernel_us(events) == {"gemm": [7.0, 9.0], "_merge_fwd_kernel": [3.0]}
