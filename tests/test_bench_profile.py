@@ -148,3 +148,93 @@ def test_kernel_sums_count_device_kernels_once():
               event("gemm", DeviceType.CUDA, 9.0), event("_merge_fwd_kernel", DeviceType.CUDA, 3.0),
               event("my_region", DeviceType.CUDA, 19.0, annotation=True)]  # spans the kernels above
     assert kernel_us(events) == {"gemm": [7.0, 9.0], "_merge_fwd_kernel": [3.0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU: the graph replay measures the device, the fallback works, the benchmarks fill the columns
+# ---------------------------------------------------------------------------------------------
+
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_time_of_a_large_copy_is_its_eager_time():
+    from benchmarks.common import measure_ms
+
+    def make(i):
+        src = torch.randn(64 << 20, device="cuda")  # 256 MB: the copy is bound by memory, not the host
+        dst = torch.empty_like(src)
+        return lambda: dst.copy_(src)
+    timing = device_ms(make, 256 << 20, CUDA, rep_ms=50)
+    assert timing["device_basis"] == "graph" and timing["device_sets"] == 1 and timing["device_calls"] == 16
+    eager = measure_ms(make(0), CUDA, rep_ms=50)["ms"]
+    assert 0.75 < eager / timing["device_ms"] < 1.33
+    assert host_columns(eager, timing)["host_bound"] is False
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_time_of_many_tiny_launches_is_far_below_their_eager_time():
+    from benchmarks.common import measure_ms
+
+    def make(i):
+        x = torch.randn(1024, device="cuda")
+
+        def run():
+            y = x
+            for _ in range(30):  # 30 launches of a few microseconds each
+                y = y * 1.0001 + 1
+            return y
+        return run
+    timing = device_ms(make, 4096 + 4096, CUDA, rep_ms=20)
+    assert timing["device_basis"] == "graph" and timing["device_sets"] == 64 and timing["device_calls"] == 64
+    eager = measure_ms(make(0), CUDA, rep_ms=20)["ms"]
+    assert host_columns(eager, timing)["host_bound"] is True, (eager, timing)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_call_that_cannot_be_captured_falls_back_to_its_kernels():
+    def make(i):
+        x = torch.randn(4096, device="cuda")
+        return lambda: (x * 2).sum().item()  # a host synchronisation: no graph can hold it
+    timing = device_ms(make, 4 * 4096, CUDA, rep_ms=10)
+    assert timing["device_basis"] == "kernels" and timing["device_capture_error"]
+    assert 0 < timing["device_ms"] < 1.0
+    torch.cuda.synchronize()  # the failed capture left the device usable
+    assert torch.ones(3, device="cuda").sum().item() == 3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_ops_and_attention_fill_device_columns_on_a_gpu():
+    from benchmarks import bench_ops
+
+    rows = bench_ops.run(CUDA, ["ViT-B-32"], [1], ["fp16"], ["torch", "triton"], ["merge_fwd", "merge_bwd"], rep_ms=5)
+    assert len(rows) == 7 * 2 * 2 and not any("error" in r or "device_error" in r for r in rows)
+    for r in rows:
+        assert r["device_ms"] > 0 and r["device_basis"] in ("graph", "kernels") and isinstance(r["host_bound"], bool)
+        assert r["gbs"] == pytest.approx(r["bytes"] / (r["device_ms"] * 1e-3) / 1e9)
+        assert r["speedup_vs_torch_eager"] == pytest.approx(
+            next(b["ms"] for b in rows if b["impl"] == "torch" and b["op"] == r["op"] and b["layer"] == r["layer"]
+                 and b["stage"] == r["stage"]) / r["ms"])
+    attention = bench_attention.run(CUDA, ["ViT-B-32"], [1], ["fp16"], ["sdpa", "triton"], ["fwd", "fwdbwd"], rep_ms=5)
+    assert all(r["device_ms"] > 0 and r["speedup_vs_mask"] > 0 for r in attention), attention
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_profile_on_a_gpu_sees_the_merge_kernels_and_the_host_share(tiny_model_file):
+    from tiny import TINY_CONFIG
+
+    rows = profile.run(CUDA, [(tiny_model_file, 2)], ["fp16"], ["open_clip", "tempme-triton"], forwards=2,
+                       repeats=3, config=TINY_CONFIG)
+    forward = {r["variant"]: r for r in rows if r["kind"] == "forward"}
+    assert set(forward) == {"open_clip", "tempme-triton"} and not any("error" in r for r in forward.values())
+    for r in forward.values():
+        assert 0 < r["kernel_ms"] < r["wall_ms"] and r["launches"] > 10
+    groups = {(r["variant"], r["group"]): r["us"] for r in rows if r["kind"] == "group"}
+    assert groups[("tempme-triton", "merge/match")] > groups[("open_clip", "merge/match")]
+    merge_kernels = {r["variant"] for r in rows if r["kind"] == "kernel" and "_merge_fwd_kernel" in r["name"]}
+    assert merge_kernels == {"tempme-triton"}
+    assert groups[("tempme-triton", "GEMM")] > 0 and groups[("tempme-triton", "attention")] > 0
