@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu_suite.sh [--budget SECONDS] [--archive PATH] [--wheels DIR] [suite options] OUTDIR
 #
-#   --budget SECONDS  the whole run, setup included (default 540); each stage gets what remains
+#   --budget SECONDS  the whole run, setup included (default 420, as benchmarks/suite.py); each stage gets what remains
 #   --archive PATH    .tar.gz of OUTDIR, outside it (the one file to carry back)
 #   --wheels DIR      open_clip's wheels for a machine without a package index (default .whl; make them
 #                     with benchmarks/fetch_wheels.sh): installed into a private folder with pip, or by
@@ -19,7 +19,7 @@
 # The exit status is non-zero if any stage failed, ran out of time or was skipped.
 set -uo pipefail
 start=$(date +%s)
-budget=540 archive="" wheels=.whl out="" extra=()
+budget=420 archive="" wheels=.whl out="" extra=()
 while [ $# -gt 0 ]; do
     case $1 in
         --budget) budget=${2:?--budget needs seconds}; shift 2 ;;

@@ -93,7 +93,8 @@ def summarise(times: Dict[str, Tuple[float, float]], wall: float, top: int = TOP
               ) -> Tuple[List[Dict[str, object]], List[Dict[str, object]], Dict[str, object]]:
     """Kernel rows (the ``top`` costliest, then ``(others)``), group rows and the forward's summary row."""
     ranked = sorted(times.items(), key=lambda kv: -kv[1][1])
-    kernels = [{"kind": "kernel", "name": n[:160], "group": group_of(n), "calls": c, "us": us} for n, (c, us) in ranked[:top]]
+    kernels = [{"kind": "kernel", "name": n[:160], "group": group_of(n), "calls": c, "us": us}
+               for n, (c, us) in ranked[:top]]
     rest = ranked[top:]
     if rest:
         kernels.append({"kind": "kernel", "name": "(others)", "group": OTHER, "calls": sum(c for _, (c, _) in rest),
@@ -191,7 +192,8 @@ def main(argv=None) -> int:
                RowLog(args.jsonl, "profile", env, args.tag))
     print(f"# where the forward's time goes on {env['device']}, torch {env['torch']}, triton {env['triton']}, "
           f"{env['date']} ({'kernel device time' if cuda else 'aten ops, self CPU time'})")
-    print_table([r for r in rows if r["kind"] == "kernel"], ["model", "batch", "variant", "name", "group", "calls", "us"])
+    print_table([r for r in rows if r["kind"] == "kernel"],
+                ["model", "batch", "variant", "name", "group", "calls", "us"])
     print()
     table = profile_table(rows)
     print_table(table, [c for c in profile_columns(table) if c != "run"] + ["error"])

@@ -15,7 +15,8 @@ import pytest
 
 from benchmarks.common import Compiled
 from benchmarks.rowlog import RowLog, read_rows
-from benchmarks.suite import ROOT, Archiver, Stage, gpu_stages, plan_text, run_suite, select_stages
+from benchmarks.suite import DEFAULT_BUDGET_S, ROOT, Archiver, Stage, gpu_stages, plan_text, run_suite, \
+    select_stages
 from benchmarks.suite import main as suite_main
 
 # A benchmark that never ends: one row every 50 ms through the real row log.
@@ -140,8 +141,8 @@ def test_the_stage_list_puts_the_headline_first_then_the_profile_and_the_tests_t
         if "benchmarks.bench_" in " ".join(s.argv) or "benchmarks.profile" in s.argv:
             assert s.argv[s.argv.index("--jsonl") + 1] == str(tmp_path / "rows.jsonl")
         assert 0 < s.expect <= s.cap  # every stage has a measured or estimated duration within its limit
-    # A first call of about 7.5 minutes is expected to finish everything up to the cut-off CUDA tests.
-    assert sum(s.expect for s in stages[:7]) + stages[-1].expect <= 450
+    # A first call with the default budget is expected to finish everything up to the cut-off CUDA tests.
+    assert sum(s.expect for s in stages[:7]) + stages[-1].expect <= DEFAULT_BUDGET_S
     cpu = gpu_stages(str(tmp_path), device="cpu")
     assert all("triton" not in s.argv for s in cpu)  # no Triton impl asked for where it would be interpreted
 
@@ -284,7 +285,8 @@ def test_report_joins_the_calls_of_a_session_with_device_columns_and_the_profile
     _suite_folder(tmp_path / "call2", "NVIDIA H200, sm_90",
                   [{"stage": "profile", "outcome": "ok", "rc": 0, "seconds": 30.0, "limit_s": 70}],
                   [("bench_ops", ops_row)] + [("profile", r) for r in profile],
-                  [{"nodeid": "tests/a.py::t1", "outcome": "passed"}, {"nodeid": "tests/b.py::t2", "outcome": "passed"}])
+                  [{"nodeid": "tests/a.py::t1", "outcome": "passed"},
+                   {"nodeid": "tests/b.py::t2", "outcome": "passed"}])
     assert report.main([str(tmp_path / "call1"), str(tmp_path / "call2"), "--markdown"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("## GPU results: NVIDIA H200, sm_90\n")
