@@ -128,7 +128,8 @@ def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequen
             cards.append(card)
             torch_version, triton_version = (facts.get(k, "?").split(" ")[0] for k in ("torch", "triton"))
             out.append(f"{run.name}: Card: {card}; nvidia-smi: {facts.get('nvidia-smi', '?')}; "
-                       f"torch {torch_version}, triton {triton_version}; triton launch: {facts.get('triton launch', '?')}")
+                       f"torch {torch_version}, triton {triton_version}; "
+                       f"triton launch: {facts.get('triton launch', '?')}")
     if as_markdown:
         out.insert(0, f"## GPU results: {cards[0] if cards else 'card not recorded'}\n")
     stages = [s for run in runs for s in run.stages]
