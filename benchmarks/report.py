@@ -73,8 +73,19 @@ def load(folder: str, name: str) -> Run:
             run.facts = dict(line.rstrip("\n").split(": ", 1) for line in f if ": " in line)
     run.stages = [{"run": name, **s} for s in _read(folder, "stages.jsonl")]
     run.rows = [{"run": name, **r} for r in _read(folder, "rows.jsonl") if "environment" not in r]
+    if run.facts.get("gpu 0"):
+        run.rows = [_eager_speedups_relabelled(r) for r in run.rows]
     run.tests = [t for t in _read(folder, "tests.jsonl") if "nodeid" in t]
     return run
+
+
+def _eager_speedups_relabelled(row: Dict[str, object]) -> Dict[str, object]:
+    """A GPU row written before device times were measured: its speed-up came from eager times, so it
+    belongs in the ``_eager`` column, and the device speed-up is unknown."""
+    for name in ("speedup_vs_torch", "speedup_vs_mask"):
+        if name in row and f"{name}_eager" not in row and "device_ms" not in row:
+            row = {**row, name: None, f"{name}_eager": row[name]}
+    return row
 
 
 def profile_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
@@ -144,8 +155,9 @@ def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequen
             f"{r['copy_gbs']:.0f} GB/s ({r['run']}, {r['tag']})" for r in copy)]
     device_note = ("`ms`: as called, host included (events around each eager call); `device_ms`: the GPU's "
                    "own time, replayed from a CUDA graph over inputs that exceed L2; `host_bound`: eager time "
-                   "over 1.5x device time. Bandwidth and speed-ups come from `device_ms` where measured, the "
-                   "`_eager` speed-ups from `ms`; a dash: not measured in that run.")
+                   "over 1.5x device time. Speed-ups come from `device_ms`, the `_eager` ones from `ms`; bandwidth "
+                   "from `device_ms` where the row has one, else (runs before device timing) from `ms`; a dash: "
+                   "not measured in that run.")
     ops = [r for r in rows if r.get("bench") == "bench_ops" and r.get("op") != "copy"]
     if ops:
         section("Merge ops", device_note, markdown(ops, OPS_COLUMNS))
