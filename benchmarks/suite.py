@@ -311,9 +311,13 @@ def main(argv=None) -> int:
         for s in stages:
             print(f"{s.name:15s} cap {s.cap:4.0f} s  {' '.join(s.argv)}")
     deadline = args.deadline if args.deadline is not None else time.time() + args.budget
-    print(plan_text(stages, deadline - time.time()), flush=True)
+    plan = plan_text(stages, deadline - time.time())
+    print(plan, flush=True)
     if args.list:
         return 0
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "suite.log"), "a") as log:  # the plan travels with the results
+        log.write(plan + "\n")
     if args.device == "cuda":
         os.environ.pop("TRITON_INTERPRET", None)  # kernels compile for the GPU, never in the interpreter
     return run_suite(out, stages, deadline, args.archive, args.every)
