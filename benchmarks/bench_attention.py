@@ -3,7 +3,12 @@
 Shapes are the attention layers of the token schedule (``attention_shapes``): the first layer with a
 bias (after the first merge) and every joining layer. Each row is written as one JSON line (``--jsonl``)
 with the median time and its 20th-80th percentile spread, forward (``fwd``) or forward + backward
-(``fwdbwd``). ``sdpa-nobias`` is plain SDPA without any bias: what the flash kernel gives, a floor.
+(``fwdbwd``), appended as soon as it is measured. ``sdpa-nobias`` is plain SDPA without any bias: what
+the flash kernel gives, a floor.
+
+On a GPU each case is also replayed from a CUDA graph over input sets that exceed the L2 cache
+(``device_ms``, see ``devicetime``): ``speedup_vs_mask`` comes from it, ``speedup_vs_mask_eager`` from
+the eager times, and ``host_bound`` marks a row whose eager time is well above its device time.
 
     python -m benchmarks.bench_attention --jsonl attention.jsonl                 # GPU
     python -m benchmarks.bench_attention --device cpu --batches 1 --dtypes fp32  # CPU: just runs
@@ -21,7 +26,8 @@ import torch
 from tempme_fast import TempMeConfig, ops, token_schedule
 from tempme_fast.loading import DTYPES
 
-from .common import VIT_GEOMETRY, environment, measure_ms, print_table
+from .common import VIT_GEOMETRY, environment, failure, measure_ms, print_table
+from .devicetime import device_ms, host_columns, speedups
 
 IMPLS = ("sdpa", "fold", "triton", "sdpa-nobias", "eager")
 MODES = ("fwd", "fwdbwd")
@@ -82,20 +88,48 @@ def available_impls(device: torch.device) -> List[str]:
     return [i for i in IMPLS if i != "triton" or (on_triton and ops.triton_available())]
 
 
-def run(device: torch.device, models, batches, dtypes, impls, modes, rep_ms: float = 100) -> List[Dict[str, object]]:
+def set_bytes(s: AttentionShape, dtype: torch.dtype) -> int:
+    """Bytes of one input set: q, k, v, the sizes and the upstream gradient."""
+    elt = torch.tensor([], dtype=dtype).element_size()
+    return s.rows * s.tokens * (4 * s.heads * s.head_dim * elt + 4)
+
+
+def time_case(impl: str, mode: str, s: AttentionShape, dtype: torch.dtype, device: torch.device,
+              rep_ms: float) -> Dict[str, object]:
+    """Eager timing of one case and, on a GPU, its device time over fresh input sets (a failure there
+    costs only the device columns)."""
+    timing = measure_ms(attention_fn(impl, mode, *make_inputs(s, dtype, device)), device, rep_ms=rep_ms)
+    try:
+        timing.update(device_ms(lambda i: attention_fn(impl, mode, *make_inputs(s, dtype, device, seed=1 + i)),
+                                set_bytes(s, dtype), device, rep_ms))
+    except Exception as e:  # noqa: BLE001 (the eager figure stands)
+        timing["device_error"] = failure(e)["error"]
+    return {**timing, **host_columns(timing["ms"], timing)}
+
+
+def run(device: torch.device, models, batches, dtypes, impls, modes, rep_ms: float = 100,
+        sink=None) -> List[Dict[str, object]]:
+    """Rows of every (shape, dtype, mode, impl); each is passed to ``sink`` as soon as it is measured."""
     rows = []
     for model in models:
         for batch in batches:
             for s in attention_shapes(model, batch):
                 for dtype_name in dtypes:
-                    qkv, size, grad = make_inputs(s, DTYPES[dtype_name], device)
                     for mode in modes:
                         base = None
                         for impl in impls:
-                            timing = measure_ms(attention_fn(impl, mode, qkv, size, grad), device, rep_ms=rep_ms)
-                            base = timing["ms"] if impl == "sdpa" else base
-                            rows.append({**asdict(s), "dtype": dtype_name, "mode": mode, "impl": impl, **timing,
-                                         "speedup_vs_mask": base / timing["ms"] if base else None})
+                            row = {**asdict(s), "dtype": dtype_name, "mode": mode, "impl": impl}
+                            try:
+                                row.update(time_case(impl, mode, s, DTYPES[dtype_name], device, rep_ms))
+                            except Exception as e:  # noqa: BLE001 (recorded in the row; the next case runs)
+                                row.update(failure(e))
+                            base = row if impl == "sdpa" and "ms" in row else base
+                            if "ms" in row:
+                                row.update(speedups(row, base, device, "speedup_vs_mask") if base else
+                                           {"speedup_vs_mask": None})
+                            rows.append(row)
+                            if sink:
+                                sink(row)
     return rows
 
 
@@ -113,16 +147,22 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     env = environment(device)
-    rows = run(device, args.models, args.batches, args.dtypes, args.impls or available_impls(device), args.modes,
-               args.rep_ms)
-    if args.jsonl:
-        with open(args.jsonl, "a") as f:
-            for row in rows:
-                f.write(json.dumps({"bench": "attention", **env, **row}) + "\n")
+    out = open(args.jsonl, "a") if args.jsonl else None
+
+    def sink(row):  # every row on disk before the next is measured: a run cut short keeps it
+        out.write(json.dumps({"bench": "attention", **env, **row}) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    try:
+        rows = run(device, args.models, args.batches, args.dtypes, args.impls or available_impls(device),
+                   args.modes, args.rep_ms, sink if out else None)
+    finally:
+        if out:
+            out.close()
     print(f"# proportional attention on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print_table(rows, ["model", "batch", "layer", "rows", "tokens", "dtype", "mode", "impl", "ms", "ms_p20", "ms_p80",
-                       "speedup_vs_mask"])
-    return 0
+                       "device_ms", "host_bound", "speedup_vs_mask", "speedup_vs_mask_eager", "error", "device_error"])
+    return int(any("error" in r for r in rows))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from tempme_fast.model import encoder_options, layer_steps
 
 from .common import Compiled, RowLog, add_row_log_arguments, environment, failure, measure_ms, print_table, \
     write_results
+from .devicetime import device_ms, host_columns
 
 VARIANTS = ("open_clip", "open_clip+graph", "tempme-eager", "tempme-torch", "tempme-triton", "tempme-triton+graph",
             "tempme-triton+compile")
@@ -93,6 +94,52 @@ def layer_times_ms(model: torch.nn.Module, video: torch.Tensor) -> List[float]:
             runs.append(times)
     runs = runs[1:]  # the first run warms up
     return [sorted(r[i] for r in runs)[len(runs) // 2] * 1e3 for i in range(len(runs[0]))]
+
+
+def layer_device_ms(model: torch.nn.Module, video: torch.Tensor, rep_ms: float = 20) -> List[Dict[str, object]]:
+    """The device-time columns of the stem and of each block (``devicetime.device_ms``); empty on a CPU.
+
+    ``layer_times_ms`` synchronises after every block, so a block whose kernels take less than its
+    launches shows its host time there. Here each piece is replayed from a CUDA graph on the inputs it
+    meets in a real forward of fresh random videos (as many as it takes to exceed the L2 cache).
+    """
+    if video.device.type != "cuda":
+        return []
+    visual, options, steps = model.visual, encoder_options(model), list(layer_steps(model))
+    frames = video.flatten(0, 1)
+    sets: Dict[int, List[object]] = {}  # set -> [frames, state before block 0, state before block 1, ...]
+
+    def inputs(i: int) -> List[object]:
+        if i not in sets:
+            g = torch.Generator(device=video.device).manual_seed(1000 + i)
+            f = torch.randn(frames.shape, device=video.device, generator=g).to(frames.dtype)
+            with torch.inference_mode():
+                states = [embed_frames(visual, f)]
+                for block, plan, pos in steps[:-1]:
+                    states.append(block_forward(block, states[-1], plan, pos, options))
+            sets[i] = [f] + states
+        return sets[i]
+
+    def piece(layer: int, i: int):
+        args = inputs(i)
+
+        def run():
+            with torch.inference_mode():
+                if layer == 0:
+                    return embed_frames(visual, args[0])
+                block, plan, pos = steps[layer - 1]
+                return block_forward(block, args[layer], plan, pos, options)
+        return run
+    first = inputs(0)
+    columns = []
+    for layer in range(len(steps) + 1):
+        held = first[layer]  # the frames, or the state the block receives
+        nbytes = held.nbytes if layer == 0 else held.x.nbytes + held.size.nbytes
+        try:
+            columns.append(device_ms(lambda i, layer=layer: piece(layer, i), nbytes, video.device, rep_ms))
+        except Exception as e:  # noqa: BLE001 (the host-timed figure stands)
+            columns.append({"device_error": failure(e)["error"]})
+    return columns
 
 
 def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: torch.Tensor,
@@ -185,6 +232,7 @@ def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, conf
                         apply_tempme(model, layer_config, backend=backend)
                         try:
                             times = layer_times_ms(model, video)
+                            device_cols = layer_device_ms(model, video)
                         except Exception as e:  # noqa: BLE001 (recorded; the next batch runs)
                             layer_rows.append(log({"model": name, "dtype": dtype_name, "batch": batch,
                                                    "variant": label, **failure(e)}, bench="bench_layers"))
@@ -192,9 +240,11 @@ def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, conf
                         finally:
                             remove_tempme(model)
                         for layer, ms in enumerate(times):
+                            extra = device_cols[layer] if device_cols else {}
                             layer_rows.append(log({"model": name, "dtype": dtype_name, "batch": batch,
                                                    "variant": label, "layer": "stem" if layer == 0 else layer - 1,
-                                                   "ms": ms}, bench="bench_layers"))
+                                                   "ms": ms, **extra, **host_columns(ms, extra)},
+                                                  bench="bench_layers"))
         del base
     return rows, layer_rows
 

@@ -6,6 +6,12 @@ the median time with its 20th-80th percentile spread, the bytes the op must move
 input read once, each output written once), the achieved GB/s and, on a GPU, the fraction of the
 measured device-to-device copy bandwidth.
 
+On a GPU every case is timed twice: as called (``ms``: host work included) and replayed from a CUDA
+graph over input sets that exceed the L2 cache (``device_ms``: the GPU's own time, see
+``devicetime``). Bandwidth and ``speedup_vs_torch`` come from the device time there, the eager
+speed-up is ``speedup_vs_torch_eager``, and ``host_bound`` marks rows whose eager time is well above the
+device time. On a CPU the wall time is the device time and those columns are absent.
+
     python -m benchmarks.bench_ops --out bench-out                      # GPU sweep
     python -m benchmarks.bench_ops --device cpu --models ViT-B-32 --batches 1 --dtypes fp32  # CPU
 """
@@ -22,6 +28,7 @@ from tempme_fast.ops import reference
 
 from .common import Compiled, MergeShape, RowLog, add_row_log_arguments, copy_bandwidth_gbs, environment, \
     failure, measure_ms, merge_shapes, print_table, write_results
+from .devicetime import basis_ms, device_ms, host_columns, speedups
 
 OPS = ("best_match", "match", "merge_fwd", "merge_bwd", "step_fwd", "step_fwdbwd")
 
@@ -52,16 +59,16 @@ def make_inputs(s: MergeShape, dtype: torch.dtype, device: torch.device, seed: i
     return metric, x, size
 
 
-def op_fn(op: str, impl: str, s: MergeShape, metric, x, size, compile_backend: str = "inductor"
-          ) -> Tuple[Callable[[], object], Optional[Compiled]]:
+def op_fn(op: str, impl: str, s: MergeShape, metric, x, size, compile_backend: str = "inductor",
+          compiled: Optional[Compiled] = None) -> Tuple[Callable[[], object], Optional[Compiled]]:
     """A zero-argument callable running ``op`` with implementation ``impl`` on the given inputs.
 
-    For ``torch.compile`` also the ``Compiled`` wrapper (compiled afresh for this shape: time it before
-    the next call of this function resets the compile cache), whose graph count goes in the row.
+    For ``torch.compile`` also the ``Compiled`` wrapper (compiled afresh for this shape unless
+    ``compiled``, made by an earlier call for the same shape and op, is given: time it before the next
+    fresh one resets the compile cache), whose graph count goes in the row.
     """
     backend = "triton" if impl == "triton" else "torch"
-    compiled = None
-    if impl == "torch.compile":
+    if impl == "torch.compile" and compiled is None:
         if op == "best_match":
             compiled = Compiled(lambda m: reference.best_match(m, s.protected), compile_backend)
         elif op == "match":
@@ -96,6 +103,34 @@ def op_fn(op: str, impl: str, s: MergeShape, metric, x, size, compile_backend: s
     return fwdbwd, fn
 
 
+def device_row(op: str, impl: str, s: MergeShape, dtype: torch.dtype, device: torch.device,
+               compiled: Optional[Compiled], compile_backend: str, rep_ms: float) -> Dict[str, object]:
+    """The device-time columns of one case (none on a CPU), over fresh random input sets; a failure
+    costs only these columns (``device_error``), not the eager figure already measured."""
+    if device.type != "cuda":
+        return {}
+
+    def make(i: int):
+        return op_fn(op, impl, s, *make_inputs(s, dtype, device, seed=1 + i), compile_backend, compiled)[0]
+    elt = torch.tensor([], dtype=dtype).element_size()
+    # One set: metric, x, sizes and the upstream gradient of the backward ops.
+    set_bytes = s.rows * s.tokens * ((s.channels + s.width) * elt + 4) + s.rows * (s.tokens - s.r) * s.width * elt
+    try:
+        timing = device_ms(make, set_bytes, device, rep_ms)
+    except Exception as e:  # noqa: BLE001 (the eager row stands; the device figure is marked missing)
+        return {"device_error": failure(e)["error"]}
+    return timing
+
+
+def bandwidth_columns(nbytes: int, ms: Optional[float], copy_gbs: Optional[float]) -> Dict[str, object]:
+    """``gbs`` (and, given the run's copy bandwidth, ``frac_copy_bw``) from ``ms``; None without a time."""
+    gbs = nbytes / (ms * 1e-3) / 1e9 if ms else None
+    out = {"gbs": gbs}
+    if copy_gbs:
+        out.update(copy_gbs=copy_gbs, frac_copy_bw=gbs / copy_gbs if gbs else None)
+    return out
+
+
 def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_at: Optional[str] = None,
         rep_ms: float = 100, log: Optional[RowLog] = None, compile_backend: str = "inductor"
         ) -> List[Dict[str, object]]:
@@ -118,7 +153,7 @@ def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_
                     dtype = DTYPES[dtype_name]
                     metric, x, size = make_inputs(s, dtype, device)
                     for op in op_names:
-                        base_ms = None
+                        base = None
                         for impl in impls:
                             if impl == "torch.compile":
                                 if op in ("merge_fwd", "merge_bwd"):
@@ -130,19 +165,19 @@ def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_
                                    "impl": impl}
                             try:
                                 fn, compiled = op_fn(op, impl, s, metric, x, size, compile_backend)
-                                timing = measure_ms(fn, device, rep_ms=rep_ms)
+                                row.update(measure_ms(fn, device, rep_ms=rep_ms))
                             except Exception as e:  # noqa: BLE001 (recorded in the row; the next case runs)
                                 log({**row, **failure(e)})
                                 continue
-                            nbytes = op_bytes(op, s, x.element_size())
-                            row.update(timing, bytes=nbytes, gbs=nbytes / (timing["ms"] * 1e-3) / 1e9)
+                            row.update(device_row(op, impl, s, dtype, device, compiled, compile_backend, rep_ms))
+                            row.update(host_columns(row["ms"], row))
                             row.update(compiled.record() if compiled else {"compiled": False})
-                            if bandwidth:
-                                row["copy_gbs"] = bandwidth
-                                row["frac_copy_bw"] = row["gbs"] / bandwidth
+                            nbytes = op_bytes(op, s, x.element_size())
+                            row.update(bytes=nbytes, **bandwidth_columns(nbytes, basis_ms(row, device), bandwidth))
                             if impl == "torch":
-                                base_ms = timing["ms"]
-                            row["speedup_vs_torch"] = base_ms / timing["ms"] if base_ms else None
+                                base = row
+                            row.update(speedups(row, base, device, "speedup_vs_torch") if base else
+                                       {"speedup_vs_torch": None})
                             log(row)
     return log.rows[start:]
 
@@ -171,8 +206,8 @@ def main(argv=None) -> int:
         write_results(args.out, "bench_ops", env, rows)
     print(f"# merge ops on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print_table([r for r in rows if r["op"] != "copy"],
-                ["model", "batch", "layer", "stage", "dtype", "op", "impl", "ms", "ms_p20", "ms_p80", "gbs",
-                 "frac_copy_bw", "speedup_vs_torch", "compiled", "error"])
+                ["model", "batch", "layer", "stage", "dtype", "op", "impl", "ms", "device_ms", "host_bound", "gbs",
+                 "frac_copy_bw", "speedup_vs_torch", "speedup_vs_torch_eager", "compiled", "error", "device_error"])
     return int(any("error" in r for r in rows))
 
 

@@ -64,9 +64,11 @@ def merge_shapes(model: str, batch: int, config: TempMeConfig = TempMeConfig()) 
 
 def measure_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float = 25, rep_ms: float = 100,
                min_reps: int = 3) -> Dict[str, float]:
-    """Median and 20th/80th percentile milliseconds of ``fn`` after warm-up.
+    """Median and 20th/80th percentile milliseconds of ``fn`` after warm-up, as called.
 
-    CUDA: ``triton.testing.do_bench`` (CUDA events, cache flushed between runs). CPU: wall clock.
+    CUDA: ``triton.testing.do_bench`` (CUDA events, cache flushed between runs): the host's work between
+    launches is included, so a small op shows its launch path; ``devicetime.device_ms`` gives the GPU's own
+    time. CPU: wall clock.
     """
     if device.type == "cuda":
         import triton.testing

@@ -5,23 +5,27 @@
 #
 #   bash benchmarks/gpu_suite.sh [--budget SECONDS] [--archive PATH] [--wheels DIR] [suite options] OUTDIR
 #
-#   --budget SECONDS  the whole run, setup included (default 540); each stage gets what remains
+#   --budget SECONDS  the whole run, setup included (default 420, as benchmarks/suite.py); each stage gets what remains
 #   --archive PATH    .tar.gz of OUTDIR, outside it (the one file to carry back)
 #   --wheels DIR      open_clip's wheels for a machine without a package index (default .whl; make them
 #                     with benchmarks/fetch_wheels.sh): installed into a private folder with pip, or by
 #                     unzipping them where pip is unusable; nothing else on the machine changes
-#   other options (--device cpu, --only STAGE..., --every SECONDS, --list) go to benchmarks/suite.py
+#   other options (--device cpu, --only STAGE..., --skip STAGE..., --every SECONDS, --list) go to
+#                     benchmarks/suite.py, which prints its plan (expected seconds per stage) against the budget
+#
+# A session with two calls of about 7 minutes each: the first call as it is, the second with
+# --skip naming the stages the first one finished (its stages.jsonl says which).
 #
 # The exit status is non-zero if any stage failed, ran out of time or was skipped.
 set -uo pipefail
 start=$(date +%s)
-budget=540 archive="" wheels=.whl out="" extra=()
+budget=420 archive="" wheels=.whl out="" extra=()
 while [ $# -gt 0 ]; do
     case $1 in
         --budget) budget=${2:?--budget needs seconds}; shift 2 ;;
         --archive) archive=${2:?--archive needs a path}; shift 2 ;;
         --wheels) wheels=${2:?--wheels needs a folder}; shift 2 ;;
-        --only) extra+=("$1"); shift; while [ $# -gt 1 ] && [[ $1 != --* ]]; do extra+=("$1"); shift; done ;;
+        --only|--skip) extra+=("$1"); shift; while [ $# -gt 1 ] && [[ $1 != --* ]]; do extra+=("$1"); shift; done ;;
         --list) extra+=("$1"); shift ;;
         --*) extra+=("$1" "${2:?$1 needs a value}"); shift 2 ;;
         *) if [ -z "$out" ]; then out=$1; else wheels=$1; fi; shift ;;

@@ -83,12 +83,14 @@ def plot_all(folder: str, to: str = None) -> list:
 
     env, rows = _load(folder, "bench_ops")
     curves = defaultdict(dict)
+    # Rows with a device time give the device speed-up; older rows only the one as called (host included).
+    basis = "device time" if any("device_ms" in r for r in rows) else "as called"
     for r in rows:
         if r["op"] == "step_fwd" and r["impl"] == "triton" and r["dtype"] == "fp16" and r.get("speedup_vs_torch"):
             curves[f"{r['model']} {r['stage']}{r['layer']}"][r["batch"]] = r["speedup_vs_torch"]
     if curves:  # Triton rows exist only from a GPU run
-        speedup_vs_batch(curves, env, "speed-up over PyTorch reference", "Merge step (match + merge), Triton, fp16",
-                         "speedup_ops_vs_batch.png")
+        speedup_vs_batch(curves, env, f"speed-up over PyTorch reference ({basis})",
+                         "Merge step (match + merge), Triton, fp16", "speedup_ops_vs_batch.png")
 
     env, rows = _load(folder, "bench_model")
     curves = defaultdict(dict)

@@ -1,11 +1,13 @@
-"""Markdown tables from a suite run: what each stage did, the headline rows, the tests' outcome.
+"""Markdown tables from suite runs: what each stage did, the measured rows, where the time goes, the tests.
 
-Reads the output folder of ``benchmarks/suite.py`` or the ``.tar.gz`` archive of one, and prints the
-tables BENCHMARKS.md's GPU section is filled from. It invents nothing: a stage cut short shows as such,
-and a figure that was not measured is left out.
+Reads one or more output folders of ``benchmarks/suite.py`` (or ``.tar.gz`` archives of them: a session's
+calls, each with its own folder) and prints the tables BENCHMARKS.md's GPU section is filled from. Op and
+attention rows show the eager time (``ms``, host included) beside the device time (``device_ms``, from
+CUDA graph replays) where the run measured it. It invents nothing: a stage cut short shows as such, and
+a figure that was not measured is a dash.
 
     python -m benchmarks.report results/gpu-suite.tar.gz
-    python -m benchmarks.report /tmp/gpu-suite
+    python -m benchmarks.report benchmarks/results/gpu-h200 benchmarks/results/gpu-h200/run2 --markdown
 """
 from __future__ import annotations
 
@@ -14,9 +16,33 @@ import os
 import tarfile
 import tempfile
 from collections import Counter, defaultdict
-from typing import Dict, List
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
 
 from .rowlog import read_records
+
+OPS_COLUMNS = ["run", "tag", "model", "batch", "dtype", "layer", "stage", "op", "impl", "compiled", "ms", "device_ms",
+               "host_bound", "gbs", "frac_copy_bw", "speedup_vs_torch", "speedup_vs_torch_eager"]
+ATTENTION_COLUMNS = ["run", "model", "batch", "layer", "rows", "tokens", "dtype", "mode", "impl", "ms", "device_ms",
+                     "host_bound", "speedup_vs_mask", "speedup_vs_mask_eager"]
+MODEL_COLUMNS = ["run", "tag", "model", "dtype", "batch", "mode", "variant", "compiled", "ms", "videos_per_s",
+                 "peak_mib", "speedup_vs_open_clip", "flops_bound_speedup"]
+LAYER_COLUMNS = ["run", "model", "dtype", "batch", "variant", "layer", "ms", "device_ms", "host_bound"]
+TRAIN_COLUMNS = ["run", "model", "batch", "precision", "mode", "variant", "backend", "step_ms", "speedup",
+                 "peak_mem_mb", "memory_ratio"]
+CASE_KEYS = ("model", "batch", "dtype", "variant")
+KERNELS_PER_CASE = 8
+
+
+@dataclass
+class Run:
+    """What one suite output folder holds."""
+
+    name: str
+    facts: Dict[str, str] = field(default_factory=dict)
+    stages: List[Dict[str, object]] = field(default_factory=list)
+    rows: List[Dict[str, object]] = field(default_factory=list)
+    tests: List[Dict[str, object]] = field(default_factory=list)
 
 
 def _fmt(v) -> str:
@@ -27,7 +53,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def markdown(rows: List[Dict[str, object]], columns: List[str]) -> str:
+def markdown(rows: Sequence[Dict[str, object]], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
@@ -38,68 +64,164 @@ def _read(folder: str, name: str) -> List[Dict[str, object]]:
     return read_records(path) if os.path.exists(path) else []
 
 
-def report(folder: str) -> str:
-    out = []
+def load(folder: str, name: str) -> Run:
+    """The run in ``folder``, labelled ``name`` in every row."""
+    run = Run(name)
     env_path = os.path.join(folder, "environment.txt")
     if os.path.exists(env_path):
         with open(env_path) as f:
-            facts = dict(line.rstrip("\n").split(": ", 1) for line in f if ": " in line)
-        card = facts.get("gpu 0", f"none (cuda available: {facts.get('cuda available', '?')})")
-        out.append(f"Card: {card}; nvidia-smi: {facts.get('nvidia-smi', '?')}; "
-                   f"torch {facts.get('torch', '?').split(' ')[0]}, triton {facts.get('triton', '?').split(' ')[0]}; "
-                   f"triton launch: {facts.get('triton launch', '?')}")
-    stages = _read(folder, "stages.jsonl")
+            run.facts = dict(line.rstrip("\n").split(": ", 1) for line in f if ": " in line)
+    run.stages = [{"run": name, **s} for s in _read(folder, "stages.jsonl")]
+    run.rows = [{"run": name, **r} for r in _read(folder, "rows.jsonl") if "environment" not in r]
+    if run.facts.get("gpu 0"):
+        run.rows = [_eager_speedups_relabelled(r) for r in run.rows]
+    run.tests = [t for t in _read(folder, "tests.jsonl") if "nodeid" in t]
+    return run
+
+
+def _eager_speedups_relabelled(row: Dict[str, object]) -> Dict[str, object]:
+    """A GPU row written before device times were measured: its speed-up came from eager times, so it
+    belongs in the ``_eager`` column, and the device speed-up is unknown."""
+    for name in ("speedup_vs_torch", "speedup_vs_mask"):
+        if name in row and f"{name}_eager" not in row and "device_ms" not in row:
+            row = {**row, name: None, f"{name}_eager": row[name]}
+    return row
+
+
+def profile_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+    """One row per profiled case (model, batch, dtype, variant): its forward summary, and each group's
+    milliseconds per forward as a column ``<group> ms``."""
+    table: Dict[tuple, Dict[str, object]] = {}
+    for r in rows:
+        entry = table.setdefault(tuple(r.get(k) for k in ("run",) + CASE_KEYS),
+                                 {k: r.get(k) for k in ("run",) + CASE_KEYS})
+        if r.get("kind") == "forward":
+            entry.update({k: r[k] for k in ("wall_ms", "kernel_ms", "host_ms", "launches", "error") if k in r})
+        elif r.get("kind") == "group":
+            entry[f"{r['group']} ms"] = r["us"] / 1e3
+    return list(table.values())
+
+
+def profile_columns(table: Sequence[Dict[str, object]]) -> List[str]:
+    groups = list(dict.fromkeys(k for r in table for k in r if k.endswith(" ms")))
+    return ["run", *CASE_KEYS, "wall_ms", "kernel_ms", "host_ms", "launches", *groups]
+
+
+def _tests_table(runs: Sequence[Run]):
+    """Per file, the count of each outcome; a test run in several calls counts once, by its last outcome."""
+    last: Dict[str, str] = {}
+    for run in runs:
+        for t in run.tests:
+            last[t["nodeid"]] = t["outcome"]
+    per_file: Dict[str, Counter] = defaultdict(Counter)
+    for nodeid, outcome in last.items():
+        per_file[nodeid.split("::")[0]][outcome] += 1
+    kinds = sorted({k for c in per_file.values() for k in c})
+    table = [{"file": f, **c} for f, c in sorted(per_file.items())]
+    failed = [f"- {n}: {o}" for n, o in last.items() if o in ("failed", "error")]
+    return table, ["file"] + kinds, failed
+
+
+def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequence[str]] = None) -> str:
+    """The tables of ``runs``; with ``as_markdown``, headed and explained for BENCHMARKS.md's GPU section.
+    ``tags`` keeps only the rows of those suite stages (rows without a tag, such as attention's, stay)."""
+    out: List[str] = []
+
+    def section(title: str, note: str, body: str) -> None:
+        out.extend(["", f"### {title}" if as_markdown else f"{title}:"] + ([note] if as_markdown and note else [])
+                   + ["", body])
+
+    cards = []
+    for run in runs:
+        facts = run.facts
+        if facts:
+            card = facts.get("gpu 0", f"none (cuda available: {facts.get('cuda available', '?')})")
+            cards.append(card)
+            torch_version, triton_version = (facts.get(k, "?").split(" ")[0] for k in ("torch", "triton"))
+            out.append(f"{run.name}: Card: {card}; nvidia-smi: {facts.get('nvidia-smi', '?')}; "
+                       f"torch {torch_version}, triton {triton_version}; "
+                       f"triton launch: {facts.get('triton launch', '?')}")
+    if as_markdown:
+        out.insert(0, f"## GPU results: {cards[0] if cards else 'card not recorded'}\n")
+    stages = [s for run in runs for s in run.stages]
     if stages:
-        out += ["", "Stages:", "", markdown(stages, ["stage", "outcome", "rc", "seconds", "limit_s"])]
-    records = _read(folder, "rows.jsonl")
-    rows = [r for r in records if "environment" not in r]
+        section("Stages", "Each call's stages: `timeout` was cut off at its limit (its rows are kept), "
+                "`skipped` found no time left.", markdown(stages, ["run", "stage", "outcome", "rc", "seconds",
+                                                                   "limit_s"]))
+    rows = [r for run in runs for r in run.rows if not tags or r.get("tag") in (None, "", *tags)]
     copy = [r for r in rows if r.get("op") == "copy"]
     if copy:
-        out += ["", "Copy bandwidth measured in the run: " + ", ".join(f"{r['copy_gbs']:.0f} GB/s ({r['tag']})"
-                                                                      for r in copy)]
+        out += ["", "Copy bandwidth measured in the run: " + ", ".join(
+            f"{r['copy_gbs']:.0f} GB/s ({r['run']}, {r['tag']})" for r in copy)]
+    device_note = ("`ms`: as called, host included (events around each eager call); `device_ms`: the GPU's "
+                   "own time, replayed from a CUDA graph over inputs that exceed L2; `host_bound`: eager time "
+                   "over 1.5x device time. Speed-ups come from `device_ms`, the `_eager` ones from `ms`; bandwidth "
+                   "from `device_ms` where the row has one, else (runs before device timing) from `ms`; a dash: "
+                   "not measured in that run.")
     ops = [r for r in rows if r.get("bench") == "bench_ops" and r.get("op") != "copy"]
     if ops:
-        out += ["", "Merge ops:", "", markdown(ops, ["tag", "model", "batch", "dtype", "layer", "stage", "op", "impl",
-                                                     "compiled", "ms", "ms_p20", "ms_p80", "gbs", "frac_copy_bw",
-                                                     "speedup_vs_torch"])]
+        section("Merge ops", device_note, markdown(ops, OPS_COLUMNS))
+    attention = [r for r in rows if r.get("bench") == "attention"]
+    if attention:
+        section("Proportional attention", device_note, markdown(attention, ATTENTION_COLUMNS))
     model = [r for r in rows if r.get("bench") == "bench_model"]
     if model:
-        out += ["", "Whole encoder:", "", markdown(model, ["tag", "model", "dtype", "batch", "mode", "variant",
-                                                           "compiled", "ms", "videos_per_s", "peak_mib",
-                                                           "speedup_vs_open_clip", "flops_bound_speedup"])]
+        section("Whole encoder", "`+graph` variants are replayed from a CUDA graph: the device time of the "
+                "whole forward.", markdown(model, MODEL_COLUMNS))
+    layers = [r for r in rows if r.get("bench") == "bench_layers"]
+    if layers:
+        section("Time per layer", "`ms`: synchronised after each block (host included); `device_ms`: the block "
+                "replayed from a CUDA graph on the inputs a real forward gives it.", markdown(layers, LAYER_COLUMNS))
     train = [r for r in rows if r.get("bench") == "bench_train"]
     if train:
-        out += ["", "Training step:", "", markdown(train, ["model", "batch", "precision", "mode", "variant",
-                                                          "backend", "step_ms", "speedup", "peak_mem_mb",
-                                                          "memory_ratio"])]
-    tests = [t for t in _read(folder, "tests.jsonl") if "nodeid" in t]
-    if tests:
-        per_file: Dict[str, Counter] = defaultdict(Counter)
-        for t in tests:
-            per_file[t["nodeid"].split("::")[0]][t["outcome"]] += 1
-        kinds = sorted({k for c in per_file.values() for k in c})
-        table = [{"file": f, **c} for f, c in sorted(per_file.items())]
-        out += ["", "Tests:", "", markdown(table, ["file"] + kinds)]
-        failed = [t for t in tests if t["outcome"] in ("failed", "error")]
-        out += [f"- {t['nodeid']}: {t['outcome']}" for t in failed]
-    return "\n".join(out) + "\n"
+        section("Training step", "", markdown(train, TRAIN_COLUMNS))
+    profiled = [r for r in rows if r.get("bench") == "profile"]
+    if profiled:
+        table = profile_table(profiled)
+        section("Where the forward's time goes", "`wall_ms`: one synchronised forward; `kernel_ms`: the sum of "
+                "its kernels' device time (torch.profiler); `host_ms`: their difference, the time the GPU waits "
+                "for the host; group columns: kernel ms per forward.", markdown(table, profile_columns(table)))
+        top = []
+        for case in table:
+            kernels = [r for r in profiled if r.get("kind") == "kernel"
+                       and all(r.get(k) == case.get(k) for k in ("run",) + CASE_KEYS)]
+            top += sorted(kernels, key=lambda r: -r["us"])[:KERNELS_PER_CASE]
+        if top:
+            section("Costliest kernels per forward", "", markdown(top, ["run", *CASE_KEYS, "name", "group", "calls",
+                                                                        "us"]))
+    if any(run.tests for run in runs):
+        table, columns, failed = _tests_table(runs)
+        section("Tests", "Per file, each test counted once, by its last outcome over the calls.",
+                "\n".join([markdown(table, columns)] + failed))
+    return "\n".join(out).lstrip("\n") + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="suite output folder or its .tar.gz archive")
+    parser.add_argument("sources", nargs="+", help="suite output folders or their .tar.gz archives (one per call)")
+    parser.add_argument("--markdown", action="store_true", help="headed, explained tables for BENCHMARKS.md")
+    parser.add_argument("--tags", nargs="+", default=None, metavar="TAG",
+                        help="only the rows of these suite stages' tags (e.g. headline profile)")
     args = parser.parse_args(argv)
-    if os.path.isdir(args.source):
-        print(report(args.source), end="")
-        return 0
-    if not tarfile.is_tarfile(args.source):
-        parser.error(f"source {args.source}: neither a folder nor a .tar.gz archive")
-    with tempfile.TemporaryDirectory() as tmp, tarfile.open(args.source) as tar:
-        tar.extractall(tmp, filter="data")
-        entries = os.listdir(tmp)
-        if len(entries) != 1:
-            parser.error(f"source {args.source}: expected one folder in the archive, found {entries}")
-        print(report(os.path.join(tmp, entries[0])), end="")
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = []
+        for i, source in enumerate(args.sources):
+            folder = source
+            if not os.path.isdir(source):
+                if not os.path.exists(source) or not tarfile.is_tarfile(source):
+                    parser.error(f"source {source}: neither a folder nor a .tar.gz archive")
+                target = os.path.join(tmp, str(i))
+                with tarfile.open(source) as tar:
+                    tar.extractall(target, filter="data")
+                entries = os.listdir(target)
+                if len(entries) != 1:
+                    parser.error(f"source {source}: expected one folder in the archive, found {entries}")
+                folder = os.path.join(target, entries[0])
+            name = os.path.basename(os.path.normpath(folder))
+            if any(run.name == name for run in runs):  # two calls' folders of one name stay apart
+                name = f"{name}#{i + 1}"
+            runs.append(load(folder, name))
+        print(report(runs, args.markdown, args.tags), end="")
     return 0
 
 

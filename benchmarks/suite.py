@@ -1,9 +1,13 @@
 """The GPU suite's stages, run against one overall deadline, with every result kept as it is made.
 
 ``gpu_suite.sh`` prepares the machine (open_clip from wheels, ``PYTHONPATH``) and runs this. Stages run in
-order of importance: the headline figures first (whole encoder at 1 and 16 videos; the merge step at
-the ViT-B/16 32-video shapes), the CUDA tests, then the sweeps. Each stage gets what remains of the
-budget (at most its cap), less the time kept for the stages marked ``final`` (the plots). A stage that
+order of importance: the headline figures first (whole encoder at 1 and 16 videos; the merge ops at
+the ViT-B/16 32-video shapes and the attention candidates, each timed eagerly and from a CUDA graph),
+the profile of where a forward's time goes, the CUDA tests, then the sweeps. Each stage gets what
+remains of the budget (at most its cap), less the time kept for the stages marked ``final`` (the plots).
+The plan printed at the start sets each stage's expected seconds (from the H200 run) against the
+budget; a session with two calls runs the first with the default order and the second with ``--skip``
+naming the stages the first finished. A stage that
 runs out of time is stopped (SIGTERM to its process group, SIGKILL 10 s later); every row it measured
 is already on disk, because the benchmarks and the pytest plugin append one JSON line per result.
 
@@ -17,7 +21,8 @@ after each stage and at the end, so the archive is the one file to carry back):
     suite.log         everything the stages printed
     plots/            PNG figures drawn from rows.jsonl
 
-    python -m benchmarks.suite OUTDIR --budget 540 --archive results.tar.gz
+    python -m benchmarks.suite OUTDIR --budget 420 --archive results.tar.gz
+    python -m benchmarks.suite OUTDIR2 --budget 420 --skip preflight model_headline ops_headline attention profile
     python -m benchmarks.suite OUTDIR --budget 60 --device cpu      # the same stages on a CPU, for a dry run
 """
 from __future__ import annotations
@@ -36,6 +41,8 @@ from typing import List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STOP_GRACE_S = 10  # between SIGTERM and SIGKILL of a stage that ran out of time
+# One of two calls in a lease of 15 minutes of device time, which also pays for the machine's start.
+DEFAULT_BUDGET_S = 420
 
 
 @dataclass
@@ -46,6 +53,7 @@ class Stage:
     argv: List[str]
     cap: float
     final: bool = False  # its time is kept back from the stages before it (the plots come out regardless)
+    expect: float = 0.0  # seconds it is expected to take, for the plan printed at the start
 
 
 def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> List[Stage]:
@@ -65,55 +73,96 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
 
     headline_variants = ["open_clip", "open_clip+graph", "tempme-eager", "tempme-torch", "tempme-triton",
                          "tempme-triton+graph"]
+    dtype = "fp16" if gpu else "fp32"
+    # cap: the most a stage may take; expect: what it took on the H200 with empty caches (suite run of
+    # benchmarks/results/gpu-h200, device timing added where it now runs), or an estimate where it never ran.
     return [
-        Stage("preflight", [python, "-m", "benchmarks.preflight", os.path.join(out, "environment.txt")], 60),
+        Stage("preflight", [python, "-m", "benchmarks.preflight", os.path.join(out, "environment.txt")], 40, expect=20),
         # Headline: whole encoder, both models, 1 and 16 videos, fp16 inference, every eager path.
         Stage("model_headline", bench("bench_model", "headline", "--models", "ViT-B-32", "ViT-B-16",
-                                      "--batches", "1", "16", "--dtypes", "fp16" if gpu else "fp32",
-                                      "--modes", "infer", "--variants", *headline_variants, "--rep-ms", "100"), 170),
-        # Headline: every merge op at the ViT-B/16 32-video shapes, reference against Triton.
+                                      "--batches", "1", "16", "--dtypes", dtype, "--modes", "infer",
+                                      "--variants", *headline_variants, "--rep-ms", "100"), 100, expect=55),
+        # Headline: every merge op at the ViT-B/16 32-video shapes, reference against Triton, eager and device.
         Stage("ops_headline", bench("bench_ops", "headline", "--models", "ViT-B-16", "--batches", "32",
-                                    "--dtypes", "fp16" if gpu else "fp32", "--impls", *fast, "--rep-ms", "40"), 60),
-        Stage("cuda_tests", pytest("tests/test_triton_cuda.py", "tests/test_cuda_determinism.py",
-                                     "tests/test_graphs.py"), 100),
+                                    "--dtypes", dtype, "--impls", *fast, "--rep-ms", "30"), 80, expect=50),
         # The proportional-attention candidates (mask, fold, Triton kernel) at ViT-B/16's shapes.
         Stage("attention", [python, "-m", "benchmarks.bench_attention", "--device", device, "--jsonl", rows,
-                            "--models", "ViT-B-16", "--batches", "16", "--dtypes", "fp16" if gpu else "fp32",
-                            "--rep-ms", "40"], 60),
+                            "--models", "ViT-B-16", "--batches", "16", "--dtypes", dtype, "--rep-ms", "25"],
+              80, expect=55),
+        # Where the forward's time goes: kernels by group against the wall time.
+        Stage("profile", bench("profile", "profile", "--cases", "ViT-B-16:16", "ViT-B-32:1", "--dtypes", dtype),
+              70, expect=35),
+        # The CUDA tests that the first run never reached, then those it cut short.
+        # test_bench_profile.py checks this suite's own device timing and profile on the GPU.
+        Stage("model_tests", pytest("tests/test_graphs.py", "tests/test_model_triton.py", "tests/test_attention.py",
+                                    "tests/test_bench_profile.py"), 150, expect=105),
+        Stage("cuda_tests", pytest("tests/test_triton_cuda.py", "tests/test_cuda_determinism.py"), 130, expect=90),
+        Stage("kernel_tests", pytest("tests/test_triton_ops.py"), 170, expect=135),
         # Sweeps. The compiled reference, compiled afresh per shape, at the headline shapes.
-        Stage("ops_compiled", bench("bench_ops", "compiled", "--models", "ViT-B-16", "--batches", "32",
-                                    "--dtypes", "fp16" if gpu else "fp32", "--impls", "torch", "torch.compile",
-                                    "--ops", "step_fwd", "match", "--compile-at", "",
-                                    "--compile-backend", compile_backend, "--rep-ms", "40"), 120),
         Stage("ops_batches", bench("bench_ops", "batches", "--models", "ViT-B-32", "ViT-B-16",
-                                   "--batches", "1", "8", "128", "--dtypes", "fp16" if gpu else "fp32",
+                                   "--batches", "1", "8", "128", "--dtypes", dtype,
                                    "--impls", *fast, "--ops", "step_fwd", "merge_fwd", "merge_bwd", "step_fwdbwd",
-                                   "--rep-ms", "30"), 90),
+                                   "--rep-ms", "25"), 120, expect=90),
         Stage("ops_dtypes", bench("bench_ops", "dtypes", "--models", "ViT-B-16", "--batches", "32",
-                                  "--dtypes", "bf16", "fp32", "--impls", *fast, "--rep-ms", "30"), 45),
+                                  "--dtypes", "bf16", "fp32", "--impls", *fast, "--rep-ms", "25"), 80, expect=50),
         Stage("model_sweep", bench("bench_model", "sweep", "--models", "ViT-B-32", "ViT-B-16", "--batches", "4", "64",
-                                   "--dtypes", "fp16" if gpu else "fp32", "--modes", "infer",
+                                   "--dtypes", dtype, "--modes", "infer",
                                    "--variants", "open_clip", "tempme-torch", "tempme-triton", "tempme-triton+graph",
-                                   "--no-layer-times", "--rep-ms", "100"), 100),
+                                   "--no-layer-times", "--rep-ms", "100"), 70, expect=36),
         # Forward + backward of the vision tower alone (bench_train below times the whole training step).
         Stage("model_train", bench("bench_model", "train", "--models", "ViT-B-32", "ViT-B-16", "--batches", "1", "16",
-                                   "--dtypes", "fp16" if gpu else "fp32", "--modes", "train",
+                                   "--dtypes", dtype, "--modes", "train",
                                    "--variants", "open_clip", "tempme-eager", "tempme-torch", "tempme-triton",
-                                   "--no-layer-times", "--rep-ms", "100"), 100),
+                                   "--no-layer-times", "--rep-ms", "100"), 75, expect=41),
+        Stage("ops_compiled", bench("bench_ops", "compiled", "--models", "ViT-B-16", "--batches", "32",
+                                    "--dtypes", dtype, "--impls", "torch", "torch.compile",
+                                    "--ops", "step_fwd", "match", "--compile-at", "",
+                                    "--compile-backend", compile_backend, "--rep-ms", "25"), 200, expect=180),
         Stage("model_compile", bench("bench_model", "compile", "--models", "ViT-B-16", "--batches", "1", "16",
-                                     "--dtypes", "fp16" if gpu else "fp32", "--modes", "infer",
+                                     "--dtypes", dtype, "--modes", "infer",
                                      "--variants", "open_clip", "tempme-triton", "tempme-triton+compile",
                                      "--compile", "--compile-backend", compile_backend, "--no-layer-times",
-                                     "--rep-ms", "100"), 150),
+                                     "--rep-ms", "100"), 150, expect=120),
         Stage("train_step", bench("bench_train", "train", "--model", "ViT-B-16", "--batch", "32" if gpu else "2",
-                                  "--precision", "bf16" if gpu else "fp32", "--repeats", "5"), 90),
-        Stage("kernel_tests", pytest("tests/test_triton_ops.py", "tests/test_model_triton.py",
-                                       "tests/test_attention.py"), 150),
+                                  "--precision", "bf16" if gpu else "fp32", "--repeats", "5"), 90, expect=60),
         Stage("other_tests", pytest("tests", *[f"--ignore=tests/{name}.py" for name in
                                                ("test_triton_cuda", "test_cuda_determinism", "test_graphs",
-                                                "test_triton_ops", "test_model_triton", "test_attention")]), 240),
-        Stage("plots", [python, "-m", "benchmarks.plots", out, "--to", os.path.join(out, "plots")], 30, final=True),
+                                                "test_triton_ops", "test_model_triton", "test_attention",
+                                                "test_bench_profile")]),
+              240, expect=240),
+        Stage("plots", [python, "-m", "benchmarks.plots", out, "--to", os.path.join(out, "plots")], 20, final=True,
+              expect=7),
     ]
+
+
+def plan_text(stages: Sequence[Stage], budget: float) -> str:
+    """The stages with their caps and expected seconds, and which are expected to fit in ``budget``."""
+    lines = [f"{'stage':15s} {'cap s':>6s} {'expect s':>8s} {'by then':>8s}"]
+    reserve = sum(s.expect for s in stages if s.final)
+    elapsed = 0.0
+    for s in stages:
+        if s.final:  # its time is kept back: it runs whatever came before
+            lines.append(f"{s.name:15s} {s.cap:6.0f} {s.expect:8.0f} {'':8s}  kept back")
+            continue
+        elapsed += s.expect
+        fits = elapsed + reserve <= budget
+        lines.append(f"{s.name:15s} {s.cap:6.0f} {s.expect:8.0f} {elapsed:8.0f}  {'' if fits else 'past the budget'}")
+    total, caps = sum(s.expect for s in stages), sum(s.cap for s in stages)
+    lines.append(f"plan: {total:.0f} s expected, {caps:.0f} s of caps, against a budget of {budget:.0f} s"
+                 + ("" if total <= budget else
+                    f": {total - budget:.0f} s over; the stages past the budget are expected not to run"))
+    return "\n".join(lines)
+
+
+def select_stages(stages: Sequence[Stage], only: Optional[Sequence[str]] = None,
+                  skip: Optional[Sequence[str]] = None) -> List[Stage]:
+    """The stages named by ``only`` (all if None), less those named by ``skip``, in the suite's order."""
+    names = [s.name for s in stages]
+    for option, given in (("--only", only), ("--skip", skip)):
+        unknown = sorted(set(given or ()) - set(names))
+        if unknown:
+            raise ValueError(f"{option}: unknown stage(s) {unknown}; valid: {names}")
+    return [s for s in stages if (only is None or s.name in only) and s.name not in (skip or ())]
 
 
 class Archiver:
@@ -237,13 +286,16 @@ def run_suite(out: str, stages: Sequence[Stage], deadline: float, archive: Optio
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="output folder (created; rows are appended to what is there)")
-    parser.add_argument("--budget", type=float, default=540, help="seconds for the whole suite (default 540)")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
+                        help=f"seconds for the whole suite (default {DEFAULT_BUDGET_S})")
     parser.add_argument("--deadline", type=float, default=None,
                         help="wall-clock end as Unix seconds (overrides --budget; set by gpu_suite.sh at its start)")
     parser.add_argument("--archive", default=None, metavar="PATH", help=".tar.gz of the output folder, kept current")
     parser.add_argument("--every", type=float, default=15, help="seconds between archive snapshots")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--only", nargs="+", default=None, metavar="STAGE", help="run these stages only")
+    parser.add_argument("--skip", nargs="+", default=None, metavar="STAGE",
+                        help="leave these stages out (e.g. those a first call finished)")
     parser.add_argument("--list", action="store_true", help="print the stages and exit")
     args = parser.parse_args(argv)
     if args.budget <= 0:
@@ -251,19 +303,23 @@ def main(argv=None) -> int:
     out = os.path.abspath(args.out)
     if args.archive and os.path.abspath(args.archive).startswith(out + os.sep):
         parser.error(f"--archive {args.archive} must be outside the output folder {args.out}")
-    stages = gpu_stages(out, args.device)
-    if args.only:
-        unknown = sorted(set(args.only) - {s.name for s in stages})
-        if unknown:
-            parser.error(f"--only: unknown stage(s) {unknown}; valid: {[s.name for s in stages]}")
-        stages = [s for s in stages if s.name in args.only]
+    try:
+        stages = select_stages(gpu_stages(out, args.device), args.only, args.skip)
+    except ValueError as e:
+        parser.error(str(e))
     if args.list:
         for s in stages:
             print(f"{s.name:15s} cap {s.cap:4.0f} s  {' '.join(s.argv)}")
+    deadline = args.deadline if args.deadline is not None else time.time() + args.budget
+    plan = plan_text(stages, deadline - time.time())
+    print(plan, flush=True)
+    if args.list:
         return 0
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "suite.log"), "a") as log:  # the plan travels with the results
+        log.write(plan + "\n")
     if args.device == "cuda":
         os.environ.pop("TRITON_INTERPRET", None)  # kernels compile for the GPU, never in the interpreter
-    deadline = args.deadline if args.deadline is not None else time.time() + args.budget
     return run_suite(out, stages, deadline, args.archive, args.every)
 
 

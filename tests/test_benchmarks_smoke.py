@@ -13,6 +13,10 @@ def test_bench_ops_smoke(tmp_path, capsys):
     rows = json.loads((tmp_path / "bench_ops.json").read_text())["rows"]
     assert {r["stage"] for r in rows} == {"imgme", "cross", "intra"}
     assert all(r["ms"] > 0 and r["gbs"] > 0 and r["impl"] == "torch" and r["compiled"] is False for r in rows)
+    # On a CPU the wall time is the device time: no device-time columns, rather than copies of the wall time.
+    for key in ("device_ms", "host_bound", "eager_over_device", "speedup_vs_torch_eager", "device_error"):
+        assert not any(key in r for r in rows)
+    assert all(r["speedup_vs_torch"] == 1.0 for r in rows)
     assert (tmp_path / "bench_ops.csv").exists() and "merge_fwd" in capsys.readouterr().out
     # The JSON-lines file holds the same rows, tagged, after one environment line.
     env, *lines = read_records(str(tmp_path / "rows.jsonl"))
@@ -44,6 +48,7 @@ def test_bench_model_smoke(tmp_path, tiny_model_file):
     assert any(r["flops_bound_speedup"] > 1 for r in record["rows"])
     layers = json.loads((tmp_path / "bench_layers.json").read_text())["rows"]
     assert len(layers) == 2 * 5  # stem + 4 blocks, unmerged and TempMe
+    assert all(r["ms"] > 0 and "device_ms" not in r and "host_bound" not in r for r in layers)  # no GPU here
     lines = read_records(str(tmp_path / "rows.jsonl"))
     assert [r["bench"] for r in lines[1:]] == ["bench_model"] * 6 + ["bench_layers"] * 10
 

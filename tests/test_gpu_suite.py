@@ -15,7 +15,9 @@ import pytest
 
 from benchmarks.common import Compiled
 from benchmarks.rowlog import RowLog, read_rows
-from benchmarks.suite import ROOT, Archiver, Stage, gpu_stages, run_suite
+from benchmarks.suite import DEFAULT_BUDGET_S, ROOT, Archiver, Stage, gpu_stages, plan_text, run_suite, \
+    select_stages
+from benchmarks.suite import main as suite_main
 
 # A benchmark that never ends: one row every 50 ms through the real row log.
 SLOW_ROWS = """
@@ -122,19 +124,62 @@ def test_pytest_results_are_written_one_line_per_test(tmp_path):
     assert lines[-1]["counts"] == {"passed": 1, "failed": 1, "skipped": 1, "error": 1}
 
 
-def test_the_stage_list_puts_the_headline_first_and_plots_last(tmp_path):
+def test_the_stage_list_puts_the_headline_first_then_the_profile_and_the_tests_that_never_ran(tmp_path):
     stages = gpu_stages(str(tmp_path))
     names = [s.name for s in stages]
-    assert names[:4] == ["preflight", "model_headline", "ops_headline", "cuda_tests"]
+    assert names[:7] == ["preflight", "model_headline", "ops_headline", "attention", "profile", "model_tests",
+                         "cuda_tests"]
     assert names[-1] == "plots" and stages[-1].final and not any(s.final for s in stages[:-1])
     headline = stages[1].argv
     assert headline[headline.index("--batches") + 1:headline.index("--batches") + 3] == ["1", "16"]
     assert {"tempme-eager", "tempme-torch", "tempme-triton", "tempme-triton+graph"} <= set(headline)
+    profile = stages[4].argv
+    assert profile[profile.index("--cases") + 1:profile.index("--cases") + 3] == ["ViT-B-16:16", "ViT-B-32:1"]
+    # The test files the first H200 run never reached come right after the profile.
+    assert {"tests/test_graphs.py", "tests/test_model_triton.py", "tests/test_attention.py"} <= set(stages[5].argv)
     for s in stages:
-        if "benchmarks.bench_" in " ".join(s.argv):
+        if "benchmarks.bench_" in " ".join(s.argv) or "benchmarks.profile" in s.argv:
             assert s.argv[s.argv.index("--jsonl") + 1] == str(tmp_path / "rows.jsonl")
+        assert 0 < s.expect <= s.cap  # every stage has a measured or estimated duration within its limit
+    # A first call with the default budget is expected to finish everything up to the cut-off CUDA tests.
+    assert sum(s.expect for s in stages[:7]) + stages[-1].expect <= DEFAULT_BUDGET_S
     cpu = gpu_stages(str(tmp_path), device="cpu")
     assert all("triton" not in s.argv for s in cpu)  # no Triton impl asked for where it would be interpreted
+
+
+def test_only_and_skip_pick_stages_and_refuse_unknown_names(tmp_path):
+    stages = gpu_stages(str(tmp_path))
+    picked = select_stages(stages, skip=["preflight", "model_headline", "plots"])
+    assert [s.name for s in picked] == [s.name for s in stages if s.name not in ("preflight", "model_headline",
+                                                                                  "plots")]
+    assert [s.name for s in select_stages(stages, only=["plots", "profile"], skip=["plots"])] == ["profile"]
+    with pytest.raises(ValueError, match=r"--skip: unknown stage\(s\) \['nope'\]; valid: \['preflight'"):
+        select_stages(stages, skip=["nope"])
+    with pytest.raises(ValueError, match="--only: unknown"):
+        select_stages(stages, only=["profile", "bogus"])
+
+
+def test_the_plan_sets_expected_seconds_against_the_budget():
+    stages = [Stage("a", [], cap=100, expect=60), Stage("b", [], cap=100, expect=50),
+              Stage("c", [], cap=100, expect=30), Stage("plots", [], cap=20, final=True, expect=10)]
+    text = plan_text(stages, budget=125)
+    lines = {line.split()[0]: line for line in text.splitlines()[1:-1]}
+    assert "past the budget" not in lines["a"] and "past the budget" not in lines["b"]  # 60 + 50 + 10 kept back
+    assert "past the budget" in lines["c"]
+    assert "kept back" in lines["plots"]
+    assert text.splitlines()[-1] == ("plan: 150 s expected, 320 s of caps, against a budget of 125 s: 25 s over; "
+                                     "the stages past the budget are expected not to run")
+    assert plan_text(stages, budget=150).splitlines()[-1].endswith("against a budget of 150 s")
+
+
+def test_the_suite_prints_its_plan_and_skips(tmp_path, capsys):
+    assert suite_main([str(tmp_path / "o"), "--list", "--budget", "450", "--skip", "other_tests"]) == 0
+    text = capsys.readouterr().out
+    assert "profile " in text and "other_tests" not in text
+    assert "against a budget of 45" in text  # 450 s less the moment it took to get there
+    with pytest.raises(SystemExit):
+        suite_main([str(tmp_path / "o"), "--list", "--skip", "nope"])
+    assert "--skip: unknown stage(s) ['nope']" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -182,9 +227,11 @@ def test_report_tables_come_from_the_archive(tmp_path, capsys):
     assert report.main([str(archive)]) == 0
     text = capsys.readouterr().out
     assert "Card: NVIDIA H100 80GB HBM3, sm_90" in text
-    assert "| ops_headline | timeout | -15 | 60.2 | 60 |" in text
-    assert "2950 GB/s (headline)" in text
-    assert "| headline | ViT-B-16 | 32 | - | - | - | step_fwd | triton | False | 0.25 |" in text
+    assert "| run | ops_headline | timeout | -15 | 60.2 | 60 |" in text
+    assert "2950 GB/s (run, headline)" in text
+    # Written before device times existed, on a GPU: its speed-up was the eager one.
+    assert "| run | headline | ViT-B-16 | 32 | - | - | - | step_fwd | triton | False | 0.25 | - | - | - | - | - " \
+           "| 6.5 |" in text
     assert "| tests/a.py | 1 | 1 |" in text and "- tests/a.py::t2: failed" in text
 
 
@@ -208,3 +255,63 @@ def test_a_suite_stopped_from_outside_stops_its_stage_and_archives_a_last_time(t
     time.sleep(0.2)
     with pytest.raises(ProcessLookupError):  # the stage went down with the suite
         os.kill(kept[0]["pid"], 0)
+
+
+def _suite_folder(path, card, stages, rows, tests):
+    path.mkdir()
+    (path / "environment.txt").write_text(f"gpu 0: {card}\ntorch: 2.11.0 at /x\n")
+    (path / "stages.jsonl").write_text("".join(json.dumps(s) + "\n" for s in stages))
+    log = RowLog(str(path / "rows.jsonl"), "bench_ops", {"device": card}, "headline")
+    for bench, row in rows:
+        log(row, bench=bench)
+    (path / "tests.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tests))
+
+
+def test_report_joins_the_calls_of_a_session_with_device_columns_and_the_profile(tmp_path, capsys):
+    from benchmarks import report
+
+    ops_row = {"model": "ViT-B-16", "batch": 32, "dtype": "fp16", "layer": 10, "stage": "cross", "op": "merge_fwd",
+               "impl": "triton", "compiled": False, "ms": 0.6, "device_ms": 0.05, "host_bound": True, "gbs": 2000.0,
+               "frac_copy_bw": 0.5, "speedup_vs_torch": 3.0, "speedup_vs_torch_eager": 1.5}
+    # A row written before device times existed: its speed-up is the eager one.
+    old_row = {k: v for k, v in ops_row.items() if not k.startswith(("device", "host", "speedup_vs_torch_"))}
+    profile = [{"model": "ViT-B-32", "batch": 1, "dtype": "fp16", "variant": "tempme-triton", **r} for r in (
+        {"kind": "kernel", "name": "_merge_fwd_kernel", "group": "merge/match", "calls": 15.0, "us": 90.0},
+        {"kind": "kernel", "name": "sm90_xmma_gemm", "group": "GEMM", "calls": 48.0, "us": 400.0},
+        {"kind": "group", "group": "GEMM", "calls": 48.0, "us": 400.0, "share": 0.8},
+        {"kind": "group", "group": "merge/match", "calls": 15.0, "us": 90.0, "share": 0.2},
+        {"kind": "forward", "wall_ms": 18.2, "kernel_ms": 0.49, "host_ms": 17.71, "launches": 63.0})]
+    _suite_folder(tmp_path / "call1", "NVIDIA H200, sm_90",
+                  [{"stage": "cuda_tests", "outcome": "timeout", "rc": -15, "seconds": 100.2, "limit_s": 100}],
+                  [("bench_ops", old_row)],
+                  [{"nodeid": "tests/a.py::t1", "outcome": "failed", "reason": "x"}])
+    _suite_folder(tmp_path / "call2", "NVIDIA H200, sm_90",
+                  [{"stage": "profile", "outcome": "ok", "rc": 0, "seconds": 30.0, "limit_s": 70}],
+                  [("bench_ops", ops_row)] + [("profile", r) for r in profile],
+                  [{"nodeid": "tests/a.py::t1", "outcome": "passed"},
+                   {"nodeid": "tests/b.py::t2", "outcome": "passed"}])
+    assert report.main([str(tmp_path / "call1"), str(tmp_path / "call2"), "--markdown"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("## GPU results: NVIDIA H200, sm_90\n")
+    assert "| call1 | cuda_tests | timeout | -15 | 100 | 100 |" in text and "| call2 | profile | ok |" in text
+    # The first call's row has no device time: dashes, never a number made up from the eager time.
+    assert "| call1 | headline | ViT-B-16 | 32 | fp16 | 10 | cross | merge_fwd | triton | False | 0.6 | - | - " \
+           "| 2e+03 | 0.5 | - | 3 |" in text
+    assert "| call2 | headline | ViT-B-16 | 32 | fp16 | 10 | cross | merge_fwd | triton | False | 0.6 | 0.05 | True " \
+           "| 2e+03 | 0.5 | 3 | 1.5 |" in text
+    assert "### Where the forward's time goes" in text
+    assert "| call2 | ViT-B-32 | 1 | fp16 | tempme-triton | 18.2 | 0.49 | 17.7 | 63 | 0.4 | 0.09 |" in text
+    assert "| call2 | ViT-B-32 | 1 | fp16 | tempme-triton | sm90_xmma_gemm | GEMM | 48 | 400 |" in text
+    # A test that failed in the first call and passed in the second counts once, as passed.
+    assert "| tests/a.py | 1 |" in text and "| tests/b.py | 1 |" in text and "t1: failed" not in text
+    assert report.main([str(tmp_path / "call1"), "--tags", "compiled"]) == 0
+    assert "Merge ops" not in capsys.readouterr().out
+
+
+def test_report_refuses_a_source_that_is_neither_folder_nor_archive(tmp_path, capsys):
+    from benchmarks import report
+
+    (tmp_path / "x.txt").write_text("not an archive")
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "x.txt")])
+    assert "neither a folder nor a .tar.gz archive" in capsys.readouterr().err

@@ -1,0 +1,204 @@
+"""Where a forward's time goes: per-kernel device time, grouped, against the forward's wall time.
+
+``torch.profiler`` (CUDA activity on a GPU) records a few inference forwards of the unmerged open_clip
+encoder and of TempMe (Triton merge ops, default attention). Rows, appended as measured (``--jsonl``):
+
+- ``kind: kernel``: one per kernel name (the 30 costliest; the rest in one ``(others)`` row):
+  ``calls`` and ``us`` per forward, and its ``group``;
+- ``kind: group``: the kernels summed by group: GEMM, attention, merge/match, LayerNorm, elementwise/other;
+- ``kind: forward``: ``wall_ms`` (a synchronised forward, median, no profiler), ``kernel_ms`` (the sum of
+  the kernels' own time per forward), ``host_ms`` = their difference: the time the GPU waits for the
+  host, and ``launches`` per forward.
+
+On a CPU there are no kernels: the rows hold the aten ops' own CPU time (``self`` time, children
+excluded) and ``kernel_ms`` is their sum, so the difference is the Python and dispatch time around them.
+
+    python -m benchmarks.profile --jsonl rows.jsonl                              # GPU: ViT-B/16 x16, ViT-B/32 x1
+    python -m benchmarks.profile --device cpu --models ViT-B-32 --batches 1 --dtypes fp32
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
+from tempme_fast.arguments import add_config_arguments, config_from_args
+from tempme_fast.loading import DTYPES, create_model, default_dtype_name
+
+from .bench_model import _setting
+from .common import RowLog, add_row_log_arguments, environment, failure, print_table
+from .devicetime import kernel_us
+from .report import profile_columns, profile_table
+
+# Kernel (or, on a CPU, aten op) name patterns of each group, tried in this order; the last group takes the rest.
+# Attention before GEMM (cutlass attention kernels carry GEMM words), GEMM before merge/match (cuBLAS names
+# carry "segment").
+GROUPS: Tuple[Tuple[str, str], ...] = (
+    ("attention", r"attention|attn|flash|fmha|sdpa|softmax"),
+    ("GEMM", r"gemm|convolution|cudnn|cutlass|xmma|cublas|nvjet|matmul|addmm|\bmm\b|aten::mm|bmm|linear|sm\d+_"),
+    ("merge/match", r"match|merge|segment|scatter|gather|index|sort|topk|argsort|cumsum"),
+    ("LayerNorm", r"layer_norm|layernorm|LayerNorm"),
+)
+OTHER = "elementwise/other"
+TOP_KERNELS = 30
+
+
+def group_of(name: str) -> str:
+    """The group a kernel or op name belongs to (``GROUPS``, else ``elementwise/other``)."""
+    for group, pattern in GROUPS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return group
+    return OTHER
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median milliseconds of a synchronised call of ``fn`` (host and device together, no profiler)."""
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def op_times_us(fn: Callable[[], object], device: torch.device, forwards: int) -> Dict[str, Tuple[float, float]]:
+    """``{name: (calls, us)}`` per forward: kernels' device time on a GPU, aten ops' self CPU time on a CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(forwards):
+            fn()
+        _sync(device)
+    if device.type == "cuda":
+        found = kernel_us(prof.events())
+        return {name: (len(us) / forwards, sum(us) / forwards) for name, us in found.items()}
+    return {e.key: (e.count / forwards, e.self_cpu_time_total / forwards) for e in prof.key_averages()
+            if e.self_cpu_time_total > 0}
+
+
+def summarise(times: Dict[str, Tuple[float, float]], wall: float, top: int = TOP_KERNELS
+              ) -> Tuple[List[Dict[str, object]], List[Dict[str, object]], Dict[str, object]]:
+    """Kernel rows (the ``top`` costliest, then ``(others)``), group rows and the forward's summary row."""
+    ranked = sorted(times.items(), key=lambda kv: -kv[1][1])
+    kernels = [{"kind": "kernel", "name": n[:160], "group": group_of(n), "calls": c, "us": us}
+               for n, (c, us) in ranked[:top]]
+    rest = ranked[top:]
+    if rest:
+        kernels.append({"kind": "kernel", "name": "(others)", "group": OTHER, "calls": sum(c for _, (c, _) in rest),
+                        "us": sum(us for _, (_, us) in rest), "names": len(rest)})
+    total_us = sum(us for _, (_, us) in ranked)
+    groups = []
+    for group in [g for g, _ in GROUPS] + [OTHER]:
+        members = [(c, us) for n, (c, us) in ranked if group_of(n) == group]
+        us = sum(u for _, u in members)
+        groups.append({"kind": "group", "group": group, "calls": sum(c for c, _ in members), "us": us,
+                       "share": us / total_us if total_us else None})
+    kernel_ms = total_us / 1e3
+    forward = {"kind": "forward", "wall_ms": wall, "kernel_ms": kernel_ms, "host_ms": wall - kernel_ms,
+               "host_share": (wall - kernel_ms) / wall if wall > 0 else None,
+               "launches": sum(c for _, (c, _) in ranked)}
+    return kernels, groups, forward
+
+
+def profile_variant(model, config: TempMeConfig, variant: str, video: torch.Tensor, forwards: int,
+                    repeats: int) -> Tuple[List[Dict[str, object]], List[Dict[str, object]], Dict[str, object]]:
+    """Kernel, group and forward rows of ``variant`` (``bench_model``'s names) on ``video``."""
+    config, backend, attention = _setting(variant, config)
+    apply_tempme(model, config, backend=backend, attention=attention)
+    try:
+        model.eval()
+
+        def forward():
+            with torch.inference_mode():
+                return model.encode_video(video)
+        for _ in range(3):  # warm-up: compilation, autotuning, allocator growth stay out
+            forward()
+        wall = wall_ms(forward, video.device, repeats)
+        return summarise(op_times_us(forward, video.device, forwards), wall)
+    finally:
+        remove_tempme(model)
+
+
+def run(device: torch.device, cases: Sequence[Tuple[str, int]], dtypes: Sequence[str], variants: Sequence[str],
+        forwards: int = 3, repeats: int = 10, config: TempMeConfig = TempMeConfig(),
+        log: Optional[RowLog] = None) -> List[Dict[str, object]]:
+    """Rows for every (model, batch) of ``cases``, dtype and variant; each goes to ``log`` when measured."""
+    log = log or RowLog(None, "profile", {})
+    start = len(log.rows)
+    models = {}
+    for name, batch in cases:
+        if name not in models:
+            models[name] = create_model(name)
+        for dtype_name in dtypes:
+            model = models[name].to(device=device, dtype=DTYPES[dtype_name])
+            g = torch.Generator().manual_seed(batch)
+            video = torch.randn(batch, config.frames, 3, *model.visual.image_size, generator=g)
+            video = video.to(device=device, dtype=DTYPES[dtype_name])
+            for variant in variants:
+                key = {"model": name, "batch": batch, "dtype": dtype_name, "variant": variant}
+                try:
+                    kernels, groups, forward = profile_variant(model, config, variant, video, forwards, repeats)
+                except Exception as e:  # noqa: BLE001 (recorded in the row; the next case runs)
+                    log({**key, "kind": "forward", **failure(e)})
+                    continue
+                for row in kernels + groups + [forward]:
+                    log({**key, **row})
+    return log.rows[start:]
+
+
+def _case(text: str) -> Tuple[str, int]:
+    name, _, batch = text.rpartition(":")
+    if not name or not batch.isdigit() or int(batch) < 1:
+        raise argparse.ArgumentTypeError(f"case {text!r}: give MODEL:BATCH with BATCH >= 1, e.g. ViT-B-16:16")
+    return name, int(batch)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cases", nargs="+", type=_case, default=None, metavar="MODEL:BATCH",
+                        help="open_clip model name (or JSON config) and videos; default ViT-B-16:16 ViT-B-32:1")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None, help="default: fp16 (CUDA), fp32 (CPU)")
+    parser.add_argument("--variants", nargs="+", choices=("open_clip", "tempme-torch", "tempme-triton"), default=None,
+                        help="default: open_clip and tempme-triton (CUDA), tempme-torch (CPU)")
+    parser.add_argument("--forwards", type=int, default=3, help="forwards under the profiler (default 3)")
+    parser.add_argument("--repeats", type=int, default=10, help="synchronised forwards for the wall time")
+    add_row_log_arguments(parser)
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.forwards < 1 or args.repeats < 1:
+        parser.error(f"--forwards {args.forwards} and --repeats {args.repeats} must be >= 1")
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    variants = args.variants or ["open_clip", "tempme-triton" if cuda else "tempme-torch"]
+    if not cuda and "tempme-triton" in variants:
+        parser.error("--variants tempme-triton needs --device cuda (the merge kernels do not run eagerly on a CPU)")
+    env = environment(device)
+    rows = run(device, args.cases or [("ViT-B-16", 16), ("ViT-B-32", 1)], args.dtypes or [default_dtype_name(device)],
+               variants, args.forwards, args.repeats, config_from_args(args),
+               RowLog(args.jsonl, "profile", env, args.tag))
+    print(f"# where the forward's time goes on {env['device']}, torch {env['torch']}, triton {env['triton']}, "
+          f"{env['date']} ({'kernel device time' if cuda else 'aten ops, self CPU time'})")
+    print_table([r for r in rows if r["kind"] == "kernel"],
+                ["model", "batch", "variant", "name", "group", "calls", "us"])
+    print()
+    table = profile_table(rows)
+    print_table(table, [c for c in profile_columns(table) if c != "run"] + ["error"])
+    return int(any("error" in r for r in rows))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
