@@ -78,6 +78,8 @@ class _OpCounter(TorchDispatchMode):
     are when the launcher is called directly).
     """
 
+    sees_eager_path = True  # the Triton ops run as without a mode (tempme_fast.ops.eager)
+
     def __init__(self, counts: Counts):
         super().__init__()
         self.counts = counts
@@ -118,9 +120,9 @@ def gpu_like(counts: Optional[Counts] = None) -> Iterator[None]:
     kernels = _kernels()
     saved_runs = [k.__dict__.get("run") for k in kernels]
     saved = [(triton_ops, "_interpreting"), (triton_attention, "_interpreting"), (ops, "resolve_backend"),
-             (attention_impl, "attention")]
+             (attention_impl, "attention"), (attention_impl, "self_attention")]
     originals = [getattr(m, n) for m, n in saved]
-    resolve, attend = ops.resolve_backend, attention_impl.attention
+    resolve, attend, self_attend = ops.resolve_backend, attention_impl.attention, attention_impl.self_attention
 
     def stub(kernel):
         name = kernel.fn.__name__
@@ -135,9 +137,13 @@ def gpu_like(counts: Optional[Counts] = None) -> Iterator[None]:
     def gpu_attention(q, k, v, size, impl, triton_backend):
         return attend(q, k, v, size, impl, True)
 
+    def gpu_self_attention(qkv, heads, size, impl, triton_backend, keys):
+        return self_attend(qkv, heads, size, impl, True, keys)
+
     for k in kernels:
         k.run = stub(k)
-    for (module, name), value in zip(saved, (lambda: False, lambda: False, gpu_resolve, gpu_attention)):
+    for (module, name), value in zip(saved, (lambda: False, lambda: False, gpu_resolve, gpu_attention,
+                                                 gpu_self_attention)):
         setattr(module, name, value)
     try:
         yield
