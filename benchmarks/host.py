@@ -63,6 +63,7 @@ class Counts:
     launches: Counter = field(default_factory=Counter)
     allocations: int = 0
     host_us: float = 0.0
+    calls: List[tuple] = field(default_factory=list)  # (kernel, grid, args, kwargs) of every launch
 
     def row(self) -> Dict[str, object]:
         return {"aten_ops": sum(self.aten.values()), "custom_ops": sum(self.custom.values()),
@@ -121,14 +122,15 @@ def gpu_like(counts: Optional[Counts] = None) -> Iterator[None]:
     saved_runs = [k.__dict__.get("run") for k in kernels]
     saved = [(triton_ops, "_interpreting"), (triton_attention, "_interpreting"), (ops, "resolve_backend"),
              (attention_impl, "attention"), (attention_impl, "self_attention")]
-    originals = [getattr(m, n) for m, n in saved]
-    resolve, attend, self_attend = ops.resolve_backend, attention_impl.attention, attention_impl.self_attention
+    originals = [getattr(m, n, None) for m, n in saved]  # (self_attention: absent from older versions)
+    resolve, attend, self_attend = originals[2:]
 
     def stub(kernel):
         name = kernel.fn.__name__
 
         def run(*args, grid, warmup=False, **kwargs):
             counts.launches[name] += 1
+            counts.calls.append((kernel, grid, args, kwargs))
         return run
 
     def gpu_resolve(backend, tensor):
@@ -154,7 +156,10 @@ def gpu_like(counts: Optional[Counts] = None) -> Iterator[None]:
             else:
                 k.run = run
         for (module, name), value in zip(saved, originals):
-            setattr(module, name, value)
+            if value is None:
+                delattr(module, name)
+            else:
+                setattr(module, name, value)
 
 
 def count(fn: Callable[[], object], counts: Optional[Counts] = None) -> Counts:
@@ -163,9 +168,58 @@ def count(fn: Callable[[], object], counts: Optional[Counts] = None) -> Counts:
     with gpu_like(counts):
         fn()  # warm-up: imports, caches, the match scratch buffer
         counts.launches.clear()
+        counts.calls.clear()
         with _OpCounter(counts):
             fn()
     return counts
+
+
+def triton_run_us(calls: Sequence[tuple], arch: int = 90, repeats: int = 20) -> float:
+    """Microseconds of Triton's own launch path (``JITFunction.run``) for ``calls``, on this CPU.
+
+    Replays what ``run`` does in Python before its final C launcher call, for an sm_``arch``
+    target: the per-launch options, the argument binder (specialisation of every argument), the
+    cache key, the kernel-cache lookup, the global-value check and the grid. Left out: the driver's
+    current device and stream (two cheap C calls) and the launch itself (the C launcher, which needs
+    a GPU). Not available in the interpreter, whose kernels have no binder.
+    """
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binders, key_caches, prepared = {}, {}, []
+    for kernel, grid, args, kwargs in calls:
+        if id(kernel) not in binders:
+            binders[id(kernel)] = create_function_from_signature(kernel.signature, kernel.params, backend)
+            key_caches[id(kernel)] = {}
+        prepared.append((kernel, binders[id(kernel)], key_caches[id(kernel)], grid, args, kwargs))
+    kernel_cache: Dict[object, object] = {}
+
+    def replay():
+        for kernel, binder, key_cache, grid, args, kwargs in prepared:
+            kwargs = dict(kwargs)
+            kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
+            kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+            for hook in kernel.pre_run_hooks:
+                hook(*args, **kwargs)
+            bound, specialization, options = binder(*args, **kwargs)
+            key = compute_cache_key(key_cache, specialization, options)
+            kernel_cache.get(key)
+            for (name, _), (val, globals_dict) in kernel.used_global_vals.items():
+                globals_dict.get(name)
+            grid = grid(bound) if callable(grid) else grid
+            _ = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, *bound.values())
+
+    replay()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            replay()
+        best = min(best, (time.perf_counter() - t0) / repeats * 1e6)
+    return best
 
 
 def host_us(fn: Callable[[], object], repeats: int = 20, rounds: int = 5) -> float:
@@ -278,6 +332,12 @@ def step_counts(step: MergeStep, width: int = 768, heads: int = 12, dtype: torch
     return counts
 
 
+def _interpreter() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _top(counter: Counter, n: int = 14) -> str:
     return ", ".join(f"{k} {v}" for k, v in counter.most_common(n))
 
@@ -296,6 +356,9 @@ def report(models: Sequence[str] = MODELS, dtype_name: str = "fp16", out=sys.std
         if fwd.custom:
             print(f"  custom ops: {_top(fwd.custom)}", file=out)
         print(f"  launches: {_top(fwd.launches)}", file=out)
+        if not _interpreter():
+            print(f"  Triton's launch path (JITFunction.run up to its C launcher, sm_90): "
+                  f"{triton_run_us(fwd.calls):.0f} us per forward", file=out)
         print("| layer | stage | clips x tokens | r | grad | aten ops | custom ops | launches | allocations "
               "| host us |", file=out)
         print("|---" * 10 + "|", file=out)

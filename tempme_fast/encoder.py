@@ -48,17 +48,22 @@ def embed_frames(visual: nn.Module, frames: torch.Tensor, track_videos: Optional
 
     ``track_videos=B`` (``M = B * T``) starts source tracking; None leaves it off.
     """
-    x = visual.conv1(frames.to(visual.conv1.weight.dtype))
+    x = visual.conv1(_cast(frames, visual.conv1.weight.dtype))
     x = x.flatten(2).transpose(1, 2)
-    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+    cls = _cast(visual.class_embedding, x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + _cast(visual.positional_embedding, x.dtype)
     x = visual.patch_dropout(x)
-    x = visual.ln_pre(x)
+    x = _layer_norm(visual.ln_pre, x)
     size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=torch.float32)
     sources = None
     if track_videos is not None:
         sources = tracking.initial_sources(track_videos, x.shape[0] // track_videos, x.shape[1], x.device)
     return ClipState(x, size, 1, sources, merged=False)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # A .to() that changes nothing is still an aten op: host time on every forward.
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _self_attention(attn: nn.MultiheadAttention, h: torch.Tensor, size: Optional[torch.Tensor],
@@ -125,7 +130,7 @@ def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos
     """
     x, size, c, sources, merged = state
     if plan.group > 1:
-        pos = frame_pos if frame_pos is None or frame_pos.dtype == x.dtype else frame_pos.to(x.dtype)
+        pos = frame_pos if frame_pos is None else _cast(frame_pos, x.dtype)
         if sources is not None:
             sources = tracking.join_sources(sources, x.shape[0] // sources.shape[0], x.shape[1], c, plan.group)
         x, size, h, cross = _join_then_norm(x, size, plan.group, c, plan.r_cross, pos, block.ln_1, options.backend)
@@ -153,7 +158,7 @@ def frame_features(visual: nn.Module, state: ClipState, videos: int) -> torch.Te
     a video are adjacent, so flattening clips and class tokens gives the frames in order.
     """
     cls = state.x[:, :state.protected].reshape(videos, -1, state.x.shape[-1])
-    return visual.ln_post(cls) @ visual.proj
+    return _layer_norm(visual.ln_post, cls) @ visual.proj
 
 
 def pool_frames(features: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
