@@ -85,3 +85,15 @@ def test_bad_inputs_name_the_argument():
         ops.self_attention(qkv, 2, impl="flash")
     with pytest.raises(TypeError, match="impl='triton' needs qkv of one dtype among"):
         ops.self_attention(qkv.double(), 2, impl="triton")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows, tokens", [(192, 195), (96, 254), (16, 607)], ids=lambda v: str(v))
+def test_triton_token_major_equals_the_split_at_vit_b16_shapes(rows, tokens):
+    """The compiled kernel at the ViT-B/16 16-video shapes: token-major strides (a batch stride of
+    N * 3D, a token stride of 3D) give the bits the heads-first views give."""
+    qkv, size = inputs(rows, tokens, 12, 64, torch.float16, "cuda")
+    with torch.inference_mode():
+        out, keys = ops.self_attention(qkv, 12, size, keys=True)
+        want_out, want_keys = by_split(qkv, 12, size, "triton", "auto")
+    assert torch.equal(out, want_out) and torch.equal(keys, want_keys)
