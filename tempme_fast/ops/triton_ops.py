@@ -111,6 +111,8 @@ def _match_scratch(device: torch.device, rows: int, part_shape: Tuple[int, ...],
         _SCRATCH_VIEWS.clear()  # views of the old buffer, whose counters may not be zero any more
     count = buf[:counter_bytes].view(torch.int32)
     part = buf[counter_bytes:counter_bytes + part_bytes].view(dtype).view(part_shape)
+    if len(_SCRATCH_VIEWS) >= 256:  # many shapes (varying batch sizes): keep the cache small
+        _SCRATCH_VIEWS.clear()
     _SCRATCH_VIEWS[(device, rows, part_shape, dtype)] = count, part
     return count, part
 
