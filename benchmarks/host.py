@@ -6,9 +6,9 @@ work. This module measures that cost here, on CPU tensors, with every Triton lau
 stub at ``kernel.run`` (what ``kernel[grid](...)`` calls), so neither the interpreter nor a device
 adds time. The launchers, tile tables and attention choices run as on CUDA (GPU tiles,
 ``attention="auto"`` taking the Triton kernel where the model passes sizes). A whole forward runs
-on a narrow twin of the model (same depth, patches and token schedule, 16 channels) so that the
-CPU's arithmetic stays small; a merge step runs at the real width (it does no arithmetic on the
-host).
+on a narrow twin of the model (same depth, patches and token schedule, 16 channels; timed in
+float32) so that the CPU's arithmetic stays small; a merge step runs at the real width (it does no
+arithmetic on the host).
 
 ``python -m benchmarks.host`` prints, for ViT-B/32 and ViT-B/16 at one video (default config,
 fp16, inference mode), per forward and per merge step: aten ops dispatched outside the kernels
@@ -17,7 +17,9 @@ microseconds with the launches stubbed. :func:`forward_counts` and :func:`step_c
 ``tests/test_host.py`` checks against its budgets.
 
 Triton's own launch path (``JITFunction.run``: argument binding, specialisation, cache lookup)
-is not in these microseconds: it needs a GPU driver. See ``BENCHMARKS.md`` ("Host cost").
+is not in these microseconds (it needs a GPU driver); :func:`triton_run_us` replays its Python
+part for the recorded launches instead. See ``BENCHMARKS.md`` ("Host cost of the eager Triton
+forward").
 """
 from __future__ import annotations
 
