@@ -84,10 +84,10 @@ def check_plan(plan, rows: int, tokens: int) -> None:
     check_int("plan.protected", plan.protected, 0, tokens - 2, f" for N={tokens}")
     na, _ = split_sizes(tokens, plan.protected)
     r = plan.merged.shape[1]
-    expected = {"merged": (rows, r), "dst": (rows, r), "kept": (rows, na - r)}
-    for field, shape in expected.items():
-        t = getattr(plan, field)
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or tuple(t.shape) != shape:
+    # (torch.Size compares equal to a tuple: no conversion, this runs at every merge.)
+    for field, t, shape in (("merged", plan.merged, (rows, r)), ("dst", plan.dst, (rows, r)),
+                            ("kept", plan.kept, (rows, na - r))):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.shape != shape:
             got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"plan.{field} must be an int64 tensor of shape {list(shape)} (B', "
                              f"{'r' if field != 'kept' else 'Na - r'}) for N={tokens}, "
@@ -146,8 +146,8 @@ def check_merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, check_fini
     if size.dtype not in FLOAT_DTYPES:
         raise TypeError(f"size has dtype {size.dtype}; valid: float32 (recommended), float64, float16, bfloat16")
     check_plan(plan, x.shape[0], x.shape[1])
-    devices = {x.device, size.device, plan.merged.device, plan.dst.device, plan.kept.device}
-    if len(devices) > 1:
+    device = x.device
+    if not device == size.device == plan.merged.device == plan.dst.device == plan.kept.device:
         raise ValueError(f"x ({x.device}), size ({size.device}) and plan ({plan.merged.device}) must be "
                          f"on one device")
     if check_finite:
