@@ -48,12 +48,12 @@ def embed_frames(visual: nn.Module, frames: torch.Tensor, track_videos: Optional
 
     ``track_videos=B`` (``M = B * T``) starts source tracking; None leaves it off.
     """
-    x = visual.conv1(frames.to(visual.conv1.weight.dtype))
+    x = visual.conv1(_cast(frames, visual.conv1.weight.dtype))
     x = x.flatten(2).transpose(1, 2)
-    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+    cls = _cast(visual.class_embedding, x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + _cast(visual.positional_embedding, x.dtype)
     x = visual.patch_dropout(x)
-    x = visual.ln_pre(x)
+    x = _layer_norm(visual.ln_pre, x)
     size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=torch.float32)
     sources = None
     if track_videos is not None:
@@ -61,19 +61,21 @@ def embed_frames(visual: nn.Module, frames: torch.Tensor, track_videos: Optional
     return ClipState(x, size, 1, sources, merged=False)
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # A .to() that changes nothing is still an aten op: host time on every forward.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _self_attention(attn: nn.MultiheadAttention, h: torch.Tensor, size: Optional[torch.Tensor],
-                    impl: str, backend: str):
-    """Multi-head self-attention with open_clip's weights; returns ``(out [B', N, D], keys [B', N, d])``.
+                    impl: str, backend: str, keys: bool):
+    """Multi-head self-attention with open_clip's weights; returns ``(out [B', N, D], keys [B', N, d])``
+    (keys None unless asked for).
 
     The keys averaged over heads are the merge metric of every merge after attention.
     """
-    b, n, d = h.shape
-    heads = attn.num_heads
     qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
-    q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    out = ops.attention(q, k, v, size, impl=impl, backend=backend)
-    out = F.linear(out.transpose(1, 2).reshape(b, n, d), attn.out_proj.weight, attn.out_proj.bias)
-    return out, k.mean(dim=1)
+    out, metric = ops.self_attention(qkv, attn.num_heads, size, impl=impl, backend=backend, keys=keys)
+    return F.linear(out, attn.out_proj.weight, attn.out_proj.bias), metric
 
 
 def _fusable_norm(norm: nn.Module) -> bool:
@@ -81,6 +83,16 @@ def _fusable_norm(norm: nn.Module) -> bool:
     which :func:`ops.merge_norm` computes; any other norm runs as its module after the merge."""
     return (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and norm.weight is not None
             and norm.bias is not None)
+
+
+def _layer_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)``. open_clip's ``LayerNorm`` casts its result back to x's dtype even when it already
+    has it; that cast is an aten op of host time per block, so it is skipped where it changes nothing."""
+    kind = type(norm)
+    if kind is nn.LayerNorm or (kind.__name__ == "LayerNorm" and kind.__module__ == "open_clip.transformer"):
+        out = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+    return norm(x)
 
 
 def _merge_then_norm(x, size, sources, metric, r, protected, norm: nn.Module, backend):
@@ -118,7 +130,7 @@ def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos
     """
     x, size, c, sources, merged = state
     if plan.group > 1:
-        pos = frame_pos.to(x.dtype) if frame_pos is not None else None
+        pos = frame_pos if frame_pos is None else _cast(frame_pos, x.dtype)
         if sources is not None:
             sources = tracking.join_sources(sources, x.shape[0] // sources.shape[0], x.shape[1], c, plan.group)
         x, size, h, cross = _join_then_norm(x, size, plan.group, c, plan.r_cross, pos, block.ln_1, options.backend)
@@ -126,15 +138,15 @@ def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos
         if sources is not None and plan.r_cross:
             sources = tracking.merge_sources(sources, cross)
     else:
-        h = block.ln_1(x)
+        h = _layer_norm(block.ln_1, x)
     merged = merged or plan.r_cross > 0
     attn_size = size if options.prop_attn and merged else None
-    out, keys = _self_attention(block.attn, h, attn_size, options.attention, options.backend)
+    out, keys = _self_attention(block.attn, h, attn_size, options.attention, options.backend, plan.r > 0)
     x = x + block.ls_1(out)
     if plan.r:
         x, size, sources, h = _merge_then_norm(x, size, sources, keys, plan.r, c, block.ln_2, options.backend)
     else:
-        h = block.ln_2(x)
+        h = _layer_norm(block.ln_2, x)
     x = x + block.ls_2(block.mlp(h))
     return ClipState(x, size, c, sources, merged or plan.r > 0)
 
@@ -146,7 +158,7 @@ def frame_features(visual: nn.Module, state: ClipState, videos: int) -> torch.Te
     a video are adjacent, so flattening clips and class tokens gives the frames in order.
     """
     cls = state.x[:, :state.protected].reshape(videos, -1, state.x.shape[-1])
-    return visual.ln_post(cls) @ visual.proj
+    return _layer_norm(visual.ln_post, cls) @ visual.proj
 
 
 def pool_frames(features: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

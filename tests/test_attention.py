@@ -171,13 +171,13 @@ def test_bad_attention_arguments_are_refused():
 def test_unmerged_layers_get_no_bias(monkeypatch):
     """Attention gets sizes only once a merge has happened (from the schedule, no size is read)."""
     seen = []
-    real = ops.attention
+    real = ops.self_attention
 
-    def spy(q, k, v, size=None, impl="auto", backend="auto"):
+    def spy(qkv, heads, size=None, impl="auto", backend="auto", *, keys=False):
         seen.append(size is not None)
-        return real(q, k, v, size, impl=impl, backend=backend)
+        return real(qkv, heads, size, impl=impl, backend=backend, keys=keys)
 
-    monkeypatch.setattr(encoder.ops, "attention", spy)
+    monkeypatch.setattr(encoder.ops, "self_attention", spy)
     # Layer 0 merges after its attention; with imgme_r = 0 the first merge is layer 2's cross-clip merge.
     for config, expected in ((TINY_CONFIG, [False, True, True, True]),
                              (TINY_CONFIG.replace(imgme_r=0), [False, False, True, True]),

@@ -22,14 +22,14 @@ import torch
 from . import attention_impl, reference
 from .attention_impl import IMPLS as ATTENTION_IMPLS
 from .checks import (FLOAT_DTYPES, assert_finite, check_attention, check_join, check_join_merge, check_merge,
-                     check_metric, check_norm, check_r)
+                     check_metric, check_norm, check_r, check_self_attention)
 from .reference import MergePlan, max_r, split_positions, split_sizes
 
 BACKENDS = ("torch", "triton", "auto")
 
 __all__ = ["ATTENTION_IMPLS", "BACKENDS", "FLOAT_DTYPES", "MergePlan", "assert_finite", "attention", "best_match",
            "join_clips", "join_merge", "join_merge_norm", "match", "max_r", "merge", "merge_norm", "resolve_backend",
-           "split_positions", "split_sizes", "triton_available"]
+           "self_attention", "split_positions", "split_sizes", "triton_available"]
 
 
 def triton_available() -> bool:
@@ -222,12 +222,36 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Optional[
     ``ATTENTION_IMPLS`` (see :mod:`.attention_impl`); ``"auto"`` follows ``backend``.
     """
     check_attention(q, k, v, size)
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"impl={impl!r} is not an attention implementation; valid: {ATTENTION_IMPLS}")
-    if impl == "triton" and (q.dtype not in (torch.float16, torch.bfloat16, torch.float32)
-                             or k.dtype != q.dtype or v.dtype != q.dtype):
-        raise TypeError(f"impl='triton' needs q, k, v of one dtype among float16, bfloat16, float32; got "
-                        f"{q.dtype}, {k.dtype}, {v.dtype} (use impl='sdpa' or 'fold')")
+    _check_attention_impl(impl, (q.dtype, k.dtype, v.dtype), "q, k, v")
     on_triton = resolve_backend("triton" if impl == "triton" else backend, q) == "triton"
     # "auto" takes the kernel on a GPU only: in the interpreter it is right but slow.
     return attention_impl.attention(q, k, v, size, impl, on_triton and q.is_cuda)
+
+
+def self_attention(qkv: torch.Tensor, heads: int, size: Optional[torch.Tensor] = None, impl: str = "auto",
+                   backend: str = "auto", *, keys: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Multi-head proportional self-attention from a packed ``q | k | v`` projection.
+
+    Args:
+        qkv: ``[B', N, 3 * D]``, as ``nn.MultiheadAttention``'s ``in_proj`` writes it (``heads``
+            heads of ``d = D / heads`` channels in each of q, k and v).
+        size, impl, backend: as :func:`attention`.
+        keys: also return the keys averaged over heads (the merge metric).
+    Returns:
+        ``(out [B', N, D], keys [B', N, d] or None)``: ``out`` is :func:`attention` of the heads,
+        concatenated in head order. Equal to splitting ``qkv`` into ``[B', H, N, d]`` tensors and
+        calling :func:`attention`; on the Triton kernel the split and the concatenation are free.
+    """
+    check_self_attention(qkv, heads, size)
+    _check_attention_impl(impl, (qkv.dtype,), "qkv")
+    on_triton = resolve_backend("triton" if impl == "triton" else backend, qkv) == "triton"
+    return attention_impl.self_attention(qkv, heads, size, impl, on_triton and qkv.is_cuda, keys)
+
+
+def _check_attention_impl(impl: str, dtypes, names: str) -> None:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"impl={impl!r} is not an attention implementation; valid: {ATTENTION_IMPLS}")
+    if impl == "triton" and (dtypes[0] not in (torch.float16, torch.bfloat16, torch.float32)
+                             or any(d != dtypes[0] for d in dtypes)):
+        raise TypeError(f"impl='triton' needs {names} of one dtype among float16, bfloat16, float32; got "
+                        f"{', '.join(map(str, dtypes))} (use impl='sdpa' or 'fold')")

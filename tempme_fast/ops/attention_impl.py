@@ -24,7 +24,7 @@ Without sizes (every size 1: the first layer, or before any merge) no bias is pa
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -91,5 +91,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Optional[
         return F.scaled_dot_product_attention(q, k, v) if size is None else folded_attention(q, k, v, size)
     from . import triton_attention  # lazily: importing triton is slow and it is absent on some platforms
 
-    bias = None if size is None else size.reshape(size.shape[0], -1).to(torch.float32).log()
-    return triton_attention.attention(q, k, v, bias)
+    return triton_attention.attention(q, k, v, log_bias(size))
+
+
+def log_bias(size: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The Triton kernel's bias: ``log(size)`` in float32, in size's own ``[B', N(, 1)]`` shape (the
+    kernel reads it through its strides, so no reshape), or None."""
+    if size is None:
+        return None
+    return (size if size.dtype == torch.float32 else size.to(torch.float32)).log()
+
+
+def self_attention(qkv: torch.Tensor, heads: int, size: Optional[torch.Tensor], impl: str, triton_backend: bool,
+                   keys: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Multi-head attention from the packed projection, on validated inputs (see
+    ``tempme_fast.ops.self_attention``): ``(out [B', N, D], keys averaged over heads [B', N, d] or None)``.
+
+    The Triton kernel reads q, k and v as token-major views of ``qkv`` and writes the heads
+    concatenated, so the layout changes around the other implementations are not needed there.
+    """
+    rows, tokens, width = qkv.shape
+    width //= 3
+    if choose(impl, qkv, size, triton_backend) == "triton":
+        from . import triton_attention
+
+        q, k, v = qkv.view(rows, tokens, 3, heads, width // heads).unbind(2)  # [B', N, H, d] each
+        out = triton_attention.attention(q, k, v, log_bias(size), token_major=True)
+        return out, (k.mean(dim=2) if keys else None)
+    q, k, v = qkv.view(rows, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [B', H, N, d]
+    out = attention(q, k, v, size, impl, triton_backend)
+    return out.transpose(1, 2).reshape(rows, tokens, width), (k.mean(dim=1) if keys else None)

@@ -15,7 +15,7 @@ from .reference import MergePlan, max_r, split_sizes
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 __all__ = ["FLOAT_DTYPES", "assert_finite", "check_attention", "check_int", "check_join", "check_join_merge",
-           "check_merge", "check_metric", "check_norm", "check_plan", "check_r", "check_size", "check_tokens"]
+           "check_merge", "check_metric", "check_norm", "check_plan", "check_r", "check_self_attention", "check_size", "check_tokens"]
 
 
 def check_int(name: str, value, low: int, high: Optional[int] = None, what: str = "") -> None:
@@ -84,10 +84,10 @@ def check_plan(plan, rows: int, tokens: int) -> None:
     check_int("plan.protected", plan.protected, 0, tokens - 2, f" for N={tokens}")
     na, _ = split_sizes(tokens, plan.protected)
     r = plan.merged.shape[1]
-    expected = {"merged": (rows, r), "dst": (rows, r), "kept": (rows, na - r)}
-    for field, shape in expected.items():
-        t = getattr(plan, field)
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or tuple(t.shape) != shape:
+    # (torch.Size compares equal to a tuple: no conversion, this runs at every merge.)
+    for field, t, shape in (("merged", plan.merged, (rows, r)), ("dst", plan.dst, (rows, r)),
+                            ("kept", plan.kept, (rows, na - r))):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.shape != shape:
             got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"plan.{field} must be an int64 tensor of shape {list(shape)} (B', "
                              f"{'r' if field != 'kept' else 'Na - r'}) for N={tokens}, "
@@ -146,8 +146,8 @@ def check_merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, check_fini
     if size.dtype not in FLOAT_DTYPES:
         raise TypeError(f"size has dtype {size.dtype}; valid: float32 (recommended), float64, float16, bfloat16")
     check_plan(plan, x.shape[0], x.shape[1])
-    devices = {x.device, size.device, plan.merged.device, plan.dst.device, plan.kept.device}
-    if len(devices) > 1:
+    device = x.device
+    if not device == size.device == plan.merged.device == plan.dst.device == plan.kept.device:
         raise ValueError(f"x ({x.device}), size ({size.device}) and plan ({plan.merged.device}) must be "
                          f"on one device")
     if check_finite:
@@ -197,13 +197,31 @@ def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Opt
     if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must agree: "
                          f"[B', H, N, d] with k and v sharing N and q and k sharing d")
-    if size is not None:
-        if not isinstance(size, torch.Tensor):
-            raise TypeError(f"size must be a torch.Tensor or None, got {type(size).__name__}")
-        if (size.dim() not in (2, 3) or size.shape[:2] != (k.shape[0], k.shape[2])
-                or (size.dim() == 3 and size.shape[2] != 1)):
-            raise ValueError(f"size must have shape [B', N] or [B', N, 1] = [{k.shape[0]}, {k.shape[2]}(, 1)] "
-                             f"for k {tuple(k.shape)}, got {tuple(size.shape)}")
+    _check_attention_size(size, k.shape[0], k.shape[2], f"k {tuple(k.shape)}")
     devices = {t.device for t in (q, k, v) + ((size,) if size is not None else ())}
     if len(devices) > 1:
         raise ValueError(f"q, k, v and size must be on one device, got {sorted(map(str, devices))}")
+
+
+def _check_attention_size(size: Optional[torch.Tensor], rows: int, tokens: int, of: str) -> None:
+    if size is None:
+        return
+    if not isinstance(size, torch.Tensor):
+        raise TypeError(f"size must be a torch.Tensor or None, got {type(size).__name__}")
+    if size.dim() not in (2, 3) or size.shape[:2] != (rows, tokens) or (size.dim() == 3 and size.shape[2] != 1):
+        raise ValueError(f"size must have shape [B', N] or [B', N, 1] = [{rows}, {tokens}(, 1)] for {of}, "
+                         f"got {tuple(size.shape)}")
+
+
+def check_self_attention(qkv: torch.Tensor, heads: int, size: Optional[torch.Tensor]) -> None:
+    """``qkv [B', N, 3 * D]`` (the packed q | k | v projection, ``D`` divisible by ``heads``) and
+    ``size`` ``[B', N]`` / ``[B', N, 1]`` or None, on one device."""
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    check_int("heads", heads, 1)
+    if qkv.dim() != 3 or qkv.shape[2] % (3 * heads):
+        raise ValueError(f"qkv must have shape [B', N, 3 * D] with D divisible by heads={heads}, got "
+                         f"{tuple(qkv.shape)}")
+    _check_attention_size(size, qkv.shape[0], qkv.shape[1], f"qkv {tuple(qkv.shape)}")
+    if size is not None and size.device != qkv.device:
+        raise ValueError(f"size is on {size.device} but qkv is on {qkv.device}; both must be on one device")

@@ -20,6 +20,8 @@ import triton
 
 from tempme_kernels.attention import _attention_bwd_kernel, _attention_fwd_kernel
 
+from .eager import needs_grad, use_custom_ops
+
 __all__ = ["AttentionFunction", "DTYPES", "KERNEL_VARIANTS", "KernelVariant", "attention", "attention_backward",
            "attention_forward", "block_config", "codegen_args", "gpu_warps"]
 
@@ -89,31 +91,44 @@ def _bias_args(bias: Optional[torch.Tensor], q: torch.Tensor):
     return bias, bias.stride(0), bias.stride(1)
 
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+def _heads_first_strides(t: torch.Tensor, token_major: bool) -> Tuple[int, int, int]:
+    """(batch, head, token) strides of ``t``, given as ``[B', H, N, d]`` or (``token_major``) ``[B', N, H, d]``."""
+    return (t.stride(0), t.stride(2), t.stride(1)) if token_major else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                      token_major: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """``softmax(q k^T / sqrt(d) + bias) v``.
 
     Args:
-        q, k, v: ``[B', H, N, d]`` float16/bfloat16/float32, one dtype, any strides.
-        bias: ``[B', N]`` float32 (``log(size)``), or None for plain attention.
+        q, k, v: ``[B', H, N, d]`` float16/bfloat16/float32, one dtype, any strides; with
+            ``token_major``, ``[B', N, H, d]`` (as the views of a packed q | k | v projection).
+        bias: ``[B', N]`` or ``[B', N, 1]`` float32 (``log(size)``), or None for plain attention.
     Returns:
-        ``out [B', H, N, d]`` in q's dtype (a view of a ``[B', N, H, d]`` buffer) and
-        ``lse [B', H, N]`` float32, each query's log-sum-exp in log2 units (for the backward).
+        ``out [B', H, N, d]`` in q's dtype (a view of a ``[B', N, H, d]`` buffer), or with
+        ``token_major`` that buffer as ``[B', N, H * d]`` (the heads concatenated, as the output
+        projection takes them); and ``lse [B', H, N]`` float32, each query's log-sum-exp in log2
+        units (for the backward).
     """
     q, k, v = (_unit_channel_stride(t) for t in (q, k, v))
-    rows, heads, tokens, head_dim = q.shape
-    out = _new_output((rows, tokens, heads, head_dim), q.dtype, q.device)
+    if token_major:
+        rows, tokens, heads, head_dim = q.shape
+    else:
+        rows, heads, tokens, head_dim = q.shape
+    out = _new_output((rows, tokens, heads * head_dim) if token_major else (rows, tokens, heads, head_dim), q.dtype,
+                      q.device)
     lse = _new_output((rows, heads, tokens), torch.float32, q.device)
     block_d, block_m, block_n = block_config(head_dim, tokens, fp32=q.dtype == torch.float32)
     scale = 1.0 / math.sqrt(head_dim)
     bias_t, stride_bb, stride_bn = _bias_args(bias, q)
     _attention_fwd_kernel[(triton.cdiv(tokens, block_m), rows * heads)](
         q, k, v, bias_t, out, lse, tokens, heads,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], stride_bb, stride_bn, scale * LOG2E,
+        *_heads_first_strides(q, token_major), *_heads_first_strides(k, token_major),
+        *_heads_first_strides(v, token_major), stride_bb, stride_bn, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,
         **_constexprs(q), **_launch_options(block_d, False, q.dtype == torch.float32),
     )
-    return out.transpose(1, 2), lse
+    return (out if token_major else out.transpose(1, 2)), lse
 
 
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -186,7 +201,8 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias):
-        out, lse = torch.ops.tempme.attention_fwd(q, k, v, bias)
+        out, lse = torch.ops.tempme.attention_fwd(q, k, v, bias) if use_custom_ops() else attention_forward(q, k, v,
+                                                                                                          bias)
         ctx.save_for_backward(q, k, v, bias, out, lse)
         return out
 
@@ -194,14 +210,30 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, bias, out, lse = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = torch.ops.tempme.attention_bwd(grad_out, q, k, v, bias, out, lse, bias_grad)
+        backward = torch.ops.tempme.attention_bwd if use_custom_ops() else attention_backward
+        dq, dk, dv, dbias = backward(grad_out, q, k, v, bias, out, lse, bias_grad)
         # Summing the heads' shares here (torch's reduction) keeps the kernels free of atomics.
-        return dq, dk, dv, (dbias.sum(dim=1) if bias_grad else None)
+        return dq, dk, dv, (dbias.sum(dim=1).view(bias.shape) if bias_grad else None)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(d) + bias) v`` on ``[B', H, N, d]`` with ``bias [B', N]`` float32 or None."""
-    return AttentionFunction.apply(q, k, v, bias)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+              token_major: bool = False) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) + bias) v`` with ``bias [B', N]`` or ``[B', N, 1]`` float32, or None.
+
+    ``q, k, v``: ``[B', H, N, d]``, returning ``[B', H, N, d]``; or with ``token_major``
+    ``[B', N, H, d]``, returning ``[B', N, H * d]``. Without a gradient to track, an eager call is
+    the launcher alone (no autograd node, no custom-op dispatch, no layout changes).
+    """
+    grad = needs_grad(q, k, v, bias)
+    if token_major and (grad or use_custom_ops()):
+        # The autograd function and the custom ops take [B', H, N, d].
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias)
+        return out.transpose(1, 2).flatten(2)
+    if grad:
+        return AttentionFunction.apply(q, k, v, bias)
+    if use_custom_ops():
+        return torch.ops.tempme.attention_fwd(q, k, v, bias)[0]
+    return attention_forward(q, k, v, bias, token_major)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,10 @@ implementation, so ``torch.compile(fullgraph=True)`` traces through them), the `
 ``best_match``, ``match``, ``merge`` and ``merge_norm`` (inputs validated at that boundary), plus
 ``join_merge``, the ClipMe join and cross-clip merge in one pass.
 
+An eager call runs the launchers directly and uses an autograd function only where a gradient can
+flow; the custom ops are taken while ``torch.compile`` traces or a dispatch mode watches
+(:mod:`.eager` says why).
+
 A merge step is two launches: the match (best match and plan, ``match_forward``) and the merge
 (grouping of sources by destination and the weighted sum, ``merge_forward``), with one workspace
 allocation each; the backward is one launch. ``merge_norm`` is the same two launches, its merge
@@ -34,6 +38,7 @@ from tempme_kernels.best_match import _best_match_fwd_kernel
 from tempme_kernels.match import _match_plan_kernel
 from tempme_kernels.merge import _merge_bwd_kernel, _merge_fwd_kernel, _merge_index_kernel
 
+from .eager import detached, needs_grad, use_custom_ops
 from .reference import MergePlan, accumulation_dtype, split_sizes, split_starts
 
 __all__ = ["MergeFunction", "MergeNormFunction", "best_match", "best_match_forward", "join_merge",
@@ -82,6 +87,8 @@ def _new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 _SCRATCH: Dict[torch.device, Tuple[torch.Tensor, int]] = {}
+# Views of the scratch by (device, rows, partials' shape, dtype): a schedule asks for the same few each forward.
+_SCRATCH_VIEWS: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 _COUNTER_BYTES = 4096  # room for 1024 int32 clip counters at the front of the scratch; the partials follow
 
 
@@ -91,6 +98,9 @@ def _match_scratch(device: torch.device, rows: int, part_shape: Tuple[int, ...],
     per device: its counters are zero and every launch leaves them zero, and its partials are
     written before they are read, so a step allocates nothing here once the buffer is large enough
     (launches on one stream run one after another, so they never share it at the same time)."""
+    views = _SCRATCH_VIEWS.get((device, rows, part_shape, dtype))
+    if views is not None:  # the same views as last time: slicing and viewing are aten ops of host time
+        return views
     part_bytes = dtype.itemsize * int(torch.Size(part_shape).numel())
     buf, counter_bytes = _SCRATCH.get(device, (None, 0))
     if buf is None or 4 * rows > counter_bytes or buf.numel() < counter_bytes + part_bytes:
@@ -98,8 +108,12 @@ def _match_scratch(device: torch.device, rows: int, part_shape: Tuple[int, ...],
         counter_bytes = max(_COUNTER_BYTES, _cdiv(4 * rows, 256) * 256)  # partials 256-byte aligned
         buf = torch.zeros(counter_bytes + 2 * part_bytes, dtype=torch.uint8, device=device)
         _SCRATCH[device] = buf, counter_bytes
+        _SCRATCH_VIEWS.clear()  # views of the old buffer, whose counters may not be zero any more
     count = buf[:counter_bytes].view(torch.int32)
     part = buf[counter_bytes:counter_bytes + part_bytes].view(dtype).view(part_shape)
+    if len(_SCRATCH_VIEWS) >= 256:  # many shapes (varying batch sizes): keep the cache small
+        _SCRATCH_VIEWS.clear()
+    _SCRATCH_VIEWS[(device, rows, part_shape, dtype)] = count, part
     return count, part
 
 
@@ -411,6 +425,34 @@ def _(grad_out, size, b_size, merged, dst, kept, protected, tokens_in, group=1, 
 # Autograd and the functions tempme_fast.ops dispatches to
 # ---------------------------------------------------------------------------------------------
 
+def _merge_fwd(x, size, merged, dst, kept, protected: int, group: int, frame_pos):
+    if use_custom_ops():
+        return torch.ops.tempme.merge_fwd(x, size, merged, dst, kept, protected, group, frame_pos)
+    return merge_forward(x, size, merged, dst, kept, protected, group, frame_pos)
+
+
+def _merge_norm_fwd(x, size, merged, dst, kept, weight, bias, eps: float, protected: int, group: int, frame_pos):
+    if use_custom_ops():
+        return torch.ops.tempme.merge_norm_fwd(x, size, merged, dst, kept, weight, bias, eps, protected, group,
+                                               frame_pos)
+    return merge_forward(x, size, merged, dst, kept, protected, group, frame_pos, norm=(weight, bias, eps))
+
+
+def _merge_bwd(grad_out, size, b_size, merged, dst, kept, protected: int, tokens_in: int, group: int,
+               pos_grad: bool):
+    if use_custom_ops():
+        return torch.ops.tempme.merge_bwd(grad_out, size, b_size, merged, dst, kept, protected, tokens_in, group,
+                                          pos_grad)
+    return merge_backward(grad_out, size, b_size, merged, dst, kept, protected, tokens_in, group, pos_grad)
+
+
+def _match(metric: torch.Tensor, r: int, protected: int, group: int = 1):
+    metric = detached(metric)
+    if use_custom_ops():
+        return torch.ops.tempme.match(metric, r, protected, group)
+    return match_forward(metric, r, protected, group)
+
+
 def _pos_grad(pos_part: torch.Tensor, pos_shape) -> Optional[torch.Tensor]:
     """The position embedding's gradient from the merge backward's per-tile partial sums, or None
     when ``pos_shape`` (``(shape, dtype)`` of ``frame_pos``) is None."""
@@ -432,7 +474,7 @@ class MergeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, size, merged, dst, kept, protected: int, group: int, frame_pos):
-        out, size_out, b_size = torch.ops.tempme.merge_fwd(x, size, merged, dst, kept, protected, group, frame_pos)
+        out, size_out, b_size = _merge_fwd(x, size, merged, dst, kept, protected, group, frame_pos)
         ctx.save_for_backward(size, b_size, merged, dst, kept)
         ctx.protected, ctx.group, ctx.tokens_in = protected, group, x.shape[1]
         ctx.pos_shape = None if frame_pos is None else (frame_pos.shape, frame_pos.dtype)
@@ -443,8 +485,8 @@ class MergeFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_size_out):
         size, b_size, merged, dst, kept = ctx.saved_tensors
         pos_grad = ctx.pos_shape is not None and ctx.needs_input_grad[7]
-        grad_x, pos_part = torch.ops.tempme.merge_bwd(grad_out, size, b_size, merged, dst, kept, ctx.protected,
-                                                      ctx.tokens_in, ctx.group, pos_grad)
+        grad_x, pos_part = _merge_bwd(grad_out, size, b_size, merged, dst, kept, ctx.protected, ctx.tokens_in,
+                                      ctx.group, pos_grad)
         return grad_x, None, None, None, None, None, None, _pos_grad(pos_part, ctx.pos_shape if pos_grad else None)
 
 
@@ -479,8 +521,8 @@ class MergeNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, size, merged, dst, kept, protected: int, group: int, frame_pos, weight, bias, eps: float):
-        out, size_out, b_size, ln = torch.ops.tempme.merge_norm_fwd(x, size, merged, dst, kept, weight, bias, eps,
-                                                                    protected, group, frame_pos)
+        out, size_out, b_size, ln = _merge_norm_fwd(x, size, merged, dst, kept, weight, bias, eps, protected, group,
+                                                    frame_pos)
         ctx.save_for_backward(size, b_size, merged, dst, kept, out, weight)
         ctx.protected, ctx.group, ctx.tokens_in, ctx.eps = protected, group, x.shape[1], eps
         ctx.pos_shape = None if frame_pos is None else (frame_pos.shape, frame_pos.dtype)
@@ -495,33 +537,53 @@ class MergeNormFunction(torch.autograd.Function):
             grad_norm_in, grad_w, grad_b = layer_norm_backward(grad_ln, out, weight, ctx.eps)
             grad_out = grad_norm_in if grad_out is None else grad_out + grad_norm_in
         pos_grad = ctx.pos_shape is not None and ctx.needs_input_grad[7]
-        grad_x, pos_part = torch.ops.tempme.merge_bwd(grad_out.to(out.dtype), size, b_size, merged, dst, kept,
-                                                      ctx.protected, ctx.tokens_in, ctx.group, pos_grad)
+        grad_x, pos_part = _merge_bwd(grad_out.to(out.dtype), size, b_size, merged, dst, kept, ctx.protected,
+                                      ctx.tokens_in, ctx.group, pos_grad)
         grad_pos = _pos_grad(pos_part, ctx.pos_shape if pos_grad else None)
         return grad_x, None, None, None, None, None, None, grad_pos, grad_w, grad_b, None
 
 
+def _merge_autograd(x, size, merged, dst, kept, protected: int, group: int, frame_pos):
+    """:class:`MergeFunction` where a gradient can flow; otherwise its forward alone, without a graph node."""
+    if needs_grad(x, frame_pos):
+        return MergeFunction.apply(x, detached(size), merged, dst, kept, protected, group, frame_pos)
+    return _merge_fwd(x, size, merged, dst, kept, protected, group, frame_pos)[:2]
+
+
+def _merge_norm_autograd(x, size, merged, dst, kept, protected: int, group: int, frame_pos, weight, bias,
+                         eps: float):
+    """:class:`MergeNormFunction` where a gradient can flow; otherwise its forward alone."""
+    if needs_grad(x, frame_pos, weight, bias):
+        return MergeNormFunction.apply(x, detached(size), merged, dst, kept, protected, group, frame_pos, weight,
+                                       bias, eps)
+    out, size_out, _, ln = _merge_norm_fwd(x, size, merged, dst, kept, weight, bias, eps, protected, group,
+                                           frame_pos)
+    return out, size_out, ln
+
+
 def best_match(metric: torch.Tensor, protected: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``scores [B', Na]`` float32 (float64 for float64 metric), ``dst [B', Na]`` int64."""
-    return torch.ops.tempme.best_match(metric, protected)
+    if use_custom_ops():
+        return torch.ops.tempme.best_match(metric, protected)
+    return best_match_forward(metric, protected)
 
 
 def match(metric: torch.Tensor, r: int, protected: int) -> MergePlan:
     """The :class:`MergePlan` that removes ``r`` tokens, index for index equal to ``reference.match``."""
-    merged, dst, kept = torch.ops.tempme.match(metric.detach(), r, protected)
+    merged, dst, kept = _match(metric, r, protected)
     return MergePlan(merged, dst, kept, metric.shape[1], protected)
 
 
 def merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(x [B', N - r, D], size)`` merged by ``plan``; differentiable in ``x``."""
-    return MergeFunction.apply(x, size.detach(), plan.merged, plan.dst, plan.kept, plan.protected, 1, None)
+    return _merge_autograd(x, size, plan.merged, plan.dst, plan.kept, plan.protected, 1, None)
 
 
 def merge_norm(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, weight: torch.Tensor, bias: torch.Tensor,
                eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x [B', N - r, D], size, layer_norm(x))`` merged by ``plan``, as ``reference.merge_norm``."""
-    return MergeNormFunction.apply(x, size.detach(), plan.merged, plan.dst, plan.kept, plan.protected, 1, None,
-                                   weight, bias, float(eps))
+    return _merge_norm_autograd(x, size, plan.merged, plan.dst, plan.kept, plan.protected, 1, None, weight, bias,
+                                float(eps))
 
 
 def join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, r: int,
@@ -555,11 +617,11 @@ def join_merge_norm(x: torch.Tensor, size: torch.Tensor, group: int, protected: 
     (the block's ``ln_1``) from the same launch: ``(x, size, ln or None, plan)``."""
     if size.device != x.device:  # the rest is validated by tempme_fast.ops.join_merge
         raise ValueError(f"size is on {size.device} but x is on {x.device}; both must be on one device")
-    merged, dst, kept = torch.ops.tempme.match(x.detach(), r, protected, group)
+    merged, dst, kept = _match(x, r, protected, group)
     plan = MergePlan(merged, dst, kept, x.shape[1] * group, protected * group)
     if norm is None:
-        out, size_out = MergeFunction.apply(x, size.detach(), merged, dst, kept, protected, group, frame_pos)
+        out, size_out = _merge_autograd(x, size, merged, dst, kept, protected, group, frame_pos)
         return out, size_out, None, plan
-    out, size_out, ln = MergeNormFunction.apply(x, size.detach(), merged, dst, kept, protected, group, frame_pos,
-                                                norm[0], norm[1], float(norm[2]))
+    out, size_out, ln = _merge_norm_autograd(x, size, merged, dst, kept, protected, group, frame_pos, norm[0],
+                                             norm[1], float(norm[2]))
     return out, size_out, ln, plan

@@ -1,0 +1,45 @@
+"""When the Triton ops can skip PyTorch's machinery, and when they must go through it.
+
+On a fast GPU at small batch the forward waits on the host, where a ``torch.library`` custom-op
+call (schema parsing, dispatch, fake-tensor bookkeeping) costs several aten ops' worth of time
+and an ``autograd.Function`` adds a graph node even when nothing needs a gradient. So an eager
+call runs the host launchers directly, and only these cases go through the custom ops:
+
+- ``torch.compile`` tracing (it must see the ops with their fake implementations);
+- a ``TorchDispatchMode`` on the stack (FLOP counting, fake tensors, tracing): there a custom op
+  is one op with a known meaning, while a launcher would hand a fake tensor to a Triton kernel.
+  A mode that sets ``sees_eager_path = True`` (the host-cost counter of ``benchmarks/host.py``)
+  watches the eager path instead.
+
+The autograd functions are used only when a gradient can flow (:func:`needs_grad`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack, is_in_torch_dispatch_mode
+
+__all__ = ["detached", "needs_grad", "use_custom_ops"]
+
+
+def use_custom_ops() -> bool:
+    """Whether a Triton op must be called through its ``torch.library`` custom op."""
+    if torch.compiler.is_compiling():
+        return True
+    if not is_in_torch_dispatch_mode():
+        return False
+    stack = _get_current_dispatch_mode_stack()
+    # An empty user stack with the flag set: only an infrastructure mode (fake tensors, tracing) is on.
+    return not stack or any(not getattr(mode, "sees_eager_path", False) for mode in stack)
+
+
+def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd must record an op on ``tensors`` (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def detached(t: torch.Tensor) -> torch.Tensor:
+    """``t.detach()`` where it matters: a tensor that requires no gradient is returned as is (a
+    ``detach`` is an aten op, host time on every call)."""
+    return t.detach() if t.requires_grad else t

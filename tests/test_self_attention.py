@@ -1,0 +1,99 @@
+"""``ops.self_attention``: attention from the packed q | k | v projection, as the encoder calls it.
+
+It must equal splitting the projection into ``[B', H, N, d]`` heads, :func:`ops.attention` and
+concatenating the heads again, bit for bit: the Triton kernel reads the same elements through
+token-major strides, and every other implementation runs that very split.
+"""
+import pytest
+import torch
+
+from tempme_fast import ops
+from tempme_fast.ops import triton_attention
+from kit import DTYPES
+
+
+def split_heads(qkv: torch.Tensor, heads: int):
+    rows, tokens, width = qkv.shape
+    return qkv.view(rows, tokens, 3, heads, width // 3 // heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def by_split(qkv, heads, size, impl, backend):
+    """The same attention through ``ops.attention`` on ``[B', H, N, d]`` heads: ``(out [B', N, D], keys)``."""
+    q, k, v = split_heads(qkv, heads)
+    out = ops.attention(q, k, v, size, impl=impl, backend=backend)
+    return out.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1), k.mean(dim=1)
+
+
+def inputs(rows, tokens, heads, head_dim, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(rows, tokens, 3 * heads * head_dim, generator=g).to(device=device, dtype=dtype)
+    size = torch.randint(1, 31, (rows, tokens, 1), generator=g).float().to(device)
+    return qkv, size
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "fold"])
+@pytest.mark.parametrize("with_size", [False, True], ids=["plain", "sizes"])
+def test_reference_impls_equal_the_split(impl, with_size):
+    qkv, size = inputs(3, 13, 2, 16, torch.float32, "cpu")
+    size = size if with_size else None
+    out, keys = ops.self_attention(qkv, 2, size, impl=impl, backend="torch", keys=True)
+    want_out, want_keys = by_split(qkv, 2, size, impl, "torch")
+    assert torch.equal(out, want_out) and torch.equal(keys, want_keys)
+    assert ops.self_attention(qkv, 2, size, impl=impl, backend="torch")[1] is None
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=list(DTYPES))
+@pytest.mark.parametrize("rows, tokens, heads, head_dim", [(2, 37, 3, 16), (1, 50, 2, 64)],
+                         ids=lambda v: str(v))
+def test_triton_token_major_equals_the_split(device, dtype, rows, tokens, heads, head_dim, monkeypatch):
+    """Forward: bit for bit (one kernel, the same elements). Backward: gradients of qkv and size equal."""
+    def new_output(shape, dt, dev):  # an element the kernel never writes shows up as NaN
+        return torch.full(shape, float("nan"), dtype=dt, device=dev) if dt.is_floating_point else torch.empty(
+            shape, dtype=dt, device=dev)
+    monkeypatch.setattr(triton_attention, "_new_output", new_output)
+    qkv, size = inputs(rows, tokens, heads, head_dim, dtype, device)
+    with torch.no_grad():
+        out, keys = ops.self_attention(qkv, heads, size, impl="triton", backend="triton", keys=True)
+        want_out, want_keys = by_split(qkv, heads, size, "triton", "triton")
+    assert not out.isnan().any()
+    assert torch.equal(out, want_out) and torch.equal(keys, want_keys)
+
+    grads = []
+    for fn in (lambda a, s: ops.self_attention(a, heads, s, impl="triton", backend="triton")[0],
+               lambda a, s: by_split(a, heads, s, "triton", "triton")[0]):
+        leaf, s = qkv.detach().requires_grad_(), size.detach().requires_grad_()
+        fn(leaf, s).backward(torch.ones_like(out))
+        grads.append((leaf.grad, s.grad))
+    assert s.grad.shape == size.shape
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_bad_inputs_name_the_argument():
+    qkv = torch.randn(2, 5, 48)
+    with pytest.raises(ValueError, match=r"qkv must have shape \[B', N, 3 \* D\] with D divisible by heads=5"):
+        ops.self_attention(qkv, 5)
+    with pytest.raises(ValueError, match="qkv must have shape"):
+        ops.self_attention(qkv[0], 2)
+    with pytest.raises(TypeError, match="qkv must be a torch.Tensor"):
+        ops.self_attention(qkv.tolist(), 2)
+    with pytest.raises(ValueError, match="heads=0 must be >= 1"):
+        ops.self_attention(qkv, 0)
+    with pytest.raises(ValueError, match=r"size must have shape \[B', N\] or \[B', N, 1\] = \[2, 5\(, 1\)\]"):
+        ops.self_attention(qkv, 2, torch.ones(2, 4))
+    with pytest.raises(ValueError, match="impl='flash' is not an attention implementation"):
+        ops.self_attention(qkv, 2, impl="flash")
+    with pytest.raises(TypeError, match="impl='triton' needs qkv of one dtype among"):
+        ops.self_attention(qkv.double(), 2, impl="triton")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows, tokens", [(192, 195), (96, 254), (16, 607)], ids=lambda v: str(v))
+def test_triton_token_major_equals_the_split_at_vit_b16_shapes(rows, tokens):
+    """The compiled kernel at the ViT-B/16 16-video shapes: token-major strides (a batch stride of
+    N * 3D, a token stride of 3D) give the bits the heads-first views give."""
+    qkv, size = inputs(rows, tokens, 12, 64, torch.float16, "cuda")
+    with torch.inference_mode():
+        out, keys = ops.self_attention(qkv, 12, size, keys=True)
+        want_out, want_keys = by_split(qkv, 12, size, "triton", "auto")
+    assert torch.equal(out, want_out) and torch.equal(keys, want_keys)
