@@ -60,9 +60,12 @@ def _tile_sources(dst_row, merged_row, src_row, R, j, lo, BLOCK_K: tl.constexpr)
         hit = (d_k[None, :] == j[:, None]) & valid[None, :]
         hits = hit.to(tl.int32)
         slot = lo[:, None] + seen[:, None] + tl.cumsum(hits, axis=1) - 1
-        a = tl.load(merged_row + offs_k, mask=valid, other=0)
-        # Each merged token has one destination: at most one row of ``hit`` is set in its column.
-        tl.store(src_row + slot, (a[None, :] + 0 * slot).to(src_row.dtype.element_ty), mask=hit)
+        # Each merged token has one destination, so at most one row of its column is set: the
+        # column sums are its slot and whether it belongs to the tile (one store per token).
+        slot_k = tl.sum(tl.where(hit, slot, 0), axis=0)
+        mine = tl.sum(hits, axis=0) > 0
+        a = tl.load(merged_row + offs_k, mask=mine, other=0)
+        tl.store(src_row + slot_k, a.to(src_row.dtype.element_ty), mask=mine)
         seen += tl.sum(hits, axis=1)
 
 
