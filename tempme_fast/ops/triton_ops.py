@@ -55,6 +55,9 @@ GPU_BLOCK_CHANNELS = 128
 NORM_TILE_ELEMENTS = 4096
 # (token, merged token) pairs a thread compares in one step of a merge program's grouping on a GPU.
 GROUPING_PAIRS_PER_THREAD = 8
+# Longest row whose plan is sorted in registers (one int64 key a token); longer rows, and float64
+# scores, are ranked by counting instead (kernels/match.py).
+PLAN_SORT_LIMIT = 2048
 # Programs that keep a large GPU busy (2 per SM of an H100): below it, work is split further.
 GPU_FILL = 264
 
@@ -144,6 +147,12 @@ def _match_tiles(rows: int, na: int, nb: int, channels: int, dtype: torch.dtype)
                 SPLITS=_cdiv(nb, b_per), B_PER=b_per, A_BLOCKS=a_blocks, num_warps=8)
 
 
+def _plan_sort_block(na: int, scores_dtype: torch.dtype) -> int:
+    """``SORT_BLOCK`` of the plan: the sort width for float32 scores, 0 (count) otherwise."""
+    width = _next_power_of_2(na)
+    return width if scores_dtype == torch.float32 and width <= PLAN_SORT_LIMIT else 0
+
+
 def _merge_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[str, int]:
     """Token tile, feature slice and warps of the merge kernels. A program covers one feature slice,
     so its per-token work (indices, sizes, sources) is done once; smaller token tiles when the
@@ -202,7 +211,7 @@ def _launch_match(metric: torch.Tensor, protected: int, group: int, r: int, plan
         metric, part, scores, dst, merged, merged_dst, kept, count,
         na, nb, r, channels, a_start, b_start, group, protected, metric.shape[1], tiles.pop("B_PER"), splits,
         metric.stride(0), metric.stride(1), metric.stride(2),
-        TINY=torch.finfo(acc).tiny, PLAN=plan, **tiles,
+        TINY=torch.finfo(acc).tiny, PLAN=plan, SORT_BLOCK=_plan_sort_block(na, acc) if plan else 0, **tiles,
     )
     return outs
 
@@ -243,7 +252,8 @@ def match_plan_forward(scores: torch.Tensor, dst: torch.Tensor, r: int
     merged = _new_output((rows, r), torch.int64, scores.device)
     merged_dst = _new_output((rows, r), torch.int64, scores.device)
     kept = _new_output((rows, na - r), torch.int64, scores.device)
-    _match_plan_kernel[(rows,)](scores, dst, merged, merged_dst, kept, na, r, BLOCK=_block(na, GPU_BLOCK_MATCH))
+    _match_plan_kernel[(rows,)](scores, dst, merged, merged_dst, kept, na, r, BLOCK=_block(na, GPU_BLOCK_MATCH),
+                                SORT_BLOCK=_plan_sort_block(na, scores.dtype))
     return merged, merged_dst, kept
 
 
@@ -308,8 +318,8 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
         x, size, pos, merged, dst, kept, out, size_out, work, ln_w, ln_b, ln, eps,
         n_out, c, nk, r, nb, width, a_start, b_start, group, protected, x.shape[1], pos.shape[0],
         x.stride(0), x.stride(1), x.stride(2), size.stride(0), size.stride(1), pos.stride(0), nb + r,
-        HAS_POS=frame_pos is not None, NORM=norm is not None, BLOCK_K=_source_block(r, tiles["BLOCK_T"], tiles["num_warps"]),
-        **tiles,
+        HAS_POS=frame_pos is not None, NORM=norm is not None,
+        BLOCK_K=_source_block(r, tiles["BLOCK_T"], tiles["num_warps"]), **tiles,
     )
     if norm is not None:
         return out, size_out, work[:, :nb], ln
