@@ -210,6 +210,38 @@ def test_match_plan_ties(na, r, levels, device):
         assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.parametrize("plan", ["sorted", "counted"])
+@pytest.mark.parametrize("na, r", [(5, 2), (64, 30), (130, 129), (257, 100)], ids=lambda v: str(v))
+def test_match_plan_signs_zeros_and_extremes(na, r, plan, device, monkeypatch):
+    """The sorted plan's int64 keys order negative scores, -0.0 against 0.0 (equal, so lower index
+    first), subnormals and the largest floats as the reference's float sort does; the counted plan
+    (float64 scores, long rows) agrees on the same rows."""
+    if plan == "counted":
+        monkeypatch.setattr(triton_ops, "PLAN_SORT_LIMIT", 0)
+        monkeypatch.setattr(triton_ops, "INTERPRETER_BLOCK", 16)
+    g = torch.Generator().manual_seed(na * 7 + r)
+    tiny = torch.finfo(torch.float32).tiny
+    big = torch.finfo(torch.float32).max
+    levels = torch.tensor([-big, -1.5, -1.0, -tiny / 4, -0.0, 0.0, tiny / 4, tiny, 0.25, 1.0, big])
+    scores = levels[torch.randint(0, len(levels), (3, na), generator=g)]
+    dst = torch.randint(0, 500, (3, na), generator=g)
+    merged, merged_dst, kept = triton_ops.match_plan_forward(scores.to(device), dst.to(device), r)
+    for got, want in zip((merged, merged_dst, kept), plan_from_scores(scores, dst, r)):
+        assert torch.equal(got.cpu(), want)
+
+
+def test_match_counted_plan_equals_reference(device, monkeypatch):
+    """The match kernel's plan by counting (its path for float64 metrics and long rows), walked in
+    16-wide steps, on a float32 metric."""
+    monkeypatch.setattr(triton_ops, "PLAN_SORT_LIMIT", 0)
+    monkeypatch.setattr(triton_ops, "INTERPRETER_BLOCK", 16)
+    metric = tie_free_metric(2, 75, 2, 24, torch.float32, "contiguous", device, seed=5)
+    plan = triton_ops.match(metric, 30, 2)
+    expected = ref.match(metric.cpu().double(), 30, 2)
+    for name in ("merged", "dst", "kept"):
+        assert torch.equal(getattr(plan, name).cpu(), getattr(expected, name)), name
+
+
 # ---------------------------------------------------------------------------------------------
 # merge
 # ---------------------------------------------------------------------------------------------
@@ -481,10 +513,11 @@ def test_compile_fullgraph(device):
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("rows, r, nb", [(3, 17, 9), (2, 40, 5), (1, 1, 1), (2, 0, 4)], ids=str)
+@pytest.mark.parametrize("rows, r, nb", [(3, 17, 9), (2, 40, 5), (1, 1, 1), (2, 0, 4), (2, 45, 40)], ids=str)
 def test_merge_index_is_a_stable_sort_by_destination(rows, r, nb, device, monkeypatch):
     """The grouping that merge_forward fuses, written out: src sorted by (destination, rank), offsets
-    the start of each destination's run."""
+    the start of each destination's run. With 41 offsets and 16-wide blocks, three programs each
+    group their own destinations (the last one writes ``offsets[nb] = r``)."""
     monkeypatch.setattr(triton_ops, "INTERPRETER_BLOCK", 16)
     g = torch.Generator().manual_seed(rows * 100 + r)
     dst = torch.randint(0, nb, (rows, r), generator=g)
