@@ -424,6 +424,21 @@ def test_multi_tile(n, c, d, r, tiling, device):
                  torch.bfloat16, g)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_merge_wide_feature_slices(dtype, device, monkeypatch):
+    """With programs to spare, the forward's GPU tiling doubles its feature slice (256 wide for fp16,
+    128 for fp32): here forced by a GPU that 1 program fills, on a clip of 3 token tiles whose
+    merged tokens all go to two B tokens."""
+    monkeypatch.setattr(triton_ops, "_interpreting", lambda: False)
+    monkeypatch.setattr(triton_ops, "GPU_FILL", 1)
+    width = 256 if dtype == torch.float16 else 128
+    assert triton_ops._merge_fwd_tiles(2, 80, width, dtype.itemsize)["BLOCK_D"] == width
+    g = torch.Generator().manual_seed(21)
+    x = make_tokens(2, 101, width, dtype, "contiguous", device, g)
+    _check_merge(x, _sizes(2, 101, "BN1-fp32", dtype, device, g), random_plan(2, 101, 1, 21, device, g, hub=True),
+                 dtype, g)
+
+
 def test_join_merge_multi_tile(tiling, device):
     # fp16: x is also the metric, and the interpreter's bf16 tl.dot (the GPU path) is broken.
     x = tie_free_metric(8, 25, 1, 40, torch.float16, "sliced", device, seed=3, group=2).requires_grad_()

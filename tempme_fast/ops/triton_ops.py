@@ -166,6 +166,19 @@ def _merge_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[str,
     return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=8 if block_t >= 32 else 4)
 
 
+def _merge_fwd_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[str, int]:
+    """``_merge_tiles`` for the merge forward: with programs to spare (4 x ``GPU_FILL`` at twice the
+    slice), twice as wide a feature slice. A forward program's time is a chain of dependent loads
+    (its grouping, then one gather per source), not its bytes: a wider slice halves the programs
+    that repeat the chain."""
+    tiles = _merge_tiles(rows, tokens, width, itemsize)
+    wide = 2 * tiles["BLOCK_D"]
+    programs = rows * _cdiv(tokens, tiles["BLOCK_T"]) * _cdiv(width, wide)
+    if not _interpreting() and wide <= width and programs >= 4 * GPU_FILL:
+        tiles["BLOCK_D"] = wide
+    return tiles
+
+
 def _source_block(r: int, block_t: int, num_warps: int) -> int:
     """Merged tokens per step of a merge program's grouping, whose steps compare ``BLOCK_T x
     BLOCK_K`` pairs: about ``GROUPING_PAIRS_PER_THREAD`` a thread, so a narrow token tile walks
@@ -308,7 +321,7 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
     pos = x if frame_pos is None else frame_pos.reshape(frame_pos.shape[1], width).contiguous()
     if norm is None:
         ln, ln_w, ln_b, eps = out, out, out, 0.0  # not read, not written
-        tiles = _merge_tiles(rows, n_out, width, x.dtype.itemsize)
+        tiles = _merge_fwd_tiles(rows, n_out, width, x.dtype.itemsize)
     else:
         ln_w, ln_b, eps = norm[0].contiguous(), norm[1].contiguous(), float(norm[2])
         ln = _new_output((rows, n_out, width), x.dtype, x.device)
