@@ -219,6 +219,9 @@ def test_match_plan_signs_zeros_and_extremes(na, r, plan, device, monkeypatch):
     if plan == "counted":
         monkeypatch.setattr(triton_ops, "PLAN_SORT_LIMIT", 0)
         monkeypatch.setattr(triton_ops, "INTERPRETER_BLOCK", 16)
+    else:
+        monkeypatch.setattr(triton_ops, "PLAN_SORT_MIN", 1)
+    assert (triton_ops._plan_sort_block(na, torch.float32) > 0) == (plan == "sorted")
     g = torch.Generator().manual_seed(na * 7 + r)
     tiny = torch.finfo(torch.float32).tiny
     big = torch.finfo(torch.float32).max
@@ -230,10 +233,14 @@ def test_match_plan_signs_zeros_and_extremes(na, r, plan, device, monkeypatch):
         assert torch.equal(got.cpu(), want)
 
 
-def test_match_counted_plan_equals_reference(device, monkeypatch):
-    """The match kernel's plan by counting (its path for float64 metrics and long rows), walked in
-    16-wide steps, on a float32 metric."""
-    monkeypatch.setattr(triton_ops, "PLAN_SORT_LIMIT", 0)
+@pytest.mark.parametrize("path", ["sorted", "counted"])
+def test_match_plan_paths_equal_reference(path, device, monkeypatch):
+    """The match kernel's plan in its last program per clip, by either path: sorted (forced here
+    on a short row) and counted (float64 metrics, short and long rows), walked in 16-wide steps."""
+    if path == "counted":
+        monkeypatch.setattr(triton_ops, "PLAN_SORT_LIMIT", 0)
+    else:
+        monkeypatch.setattr(triton_ops, "PLAN_SORT_MIN", 1)
     monkeypatch.setattr(triton_ops, "INTERPRETER_BLOCK", 16)
     metric = tie_free_metric(2, 75, 2, 24, torch.float32, "contiguous", device, seed=5)
     plan = triton_ops.match(metric, 30, 2)

@@ -55,8 +55,12 @@ GPU_BLOCK_CHANNELS = 128
 NORM_TILE_ELEMENTS = 4096
 # (token, merged token) pairs a thread compares in one step of a merge program's grouping on a GPU.
 GROUPING_PAIRS_PER_THREAD = 8
-# Longest row whose plan is sorted in registers (one int64 key a token); longer rows, and float64
-# scores, are ranked by counting instead (kernels/match.py).
+# Rows whose plan is sorted in registers (one int64 key a token, kernels/match.py): from
+# PLAN_SORT_MIN A tokens, where counting takes (Na / 64)^2 + Na / 64 >= 12 steps that each load and
+# reduce a 64 x 64 tile (about 3 us each on an H200 at the end of a ViT-B/16 join's match), against
+# Na' (Na' + 1) register-only compare-exchange stages of two bitonic sorts (Na' = log2 of the padded
+# row); up to PLAN_SORT_LIMIT. Shorter and longer rows, and float64 scores, count.
+PLAN_SORT_MIN = 129
 PLAN_SORT_LIMIT = 2048
 # Programs that keep a large GPU busy (2 per SM of an H100): below it, work is split further.
 GPU_FILL = 264
@@ -148,9 +152,11 @@ def _match_tiles(rows: int, na: int, nb: int, channels: int, dtype: torch.dtype)
 
 
 def _plan_sort_block(na: int, scores_dtype: torch.dtype) -> int:
-    """``SORT_BLOCK`` of the plan: the sort width for float32 scores, 0 (count) otherwise."""
+    """``SORT_BLOCK`` of the plan: the sort width for float32 scores of ``PLAN_SORT_MIN`` to
+    ``PLAN_SORT_LIMIT`` A tokens, 0 (count) otherwise."""
     width = _next_power_of_2(na)
-    return width if scores_dtype == torch.float32 and width <= PLAN_SORT_LIMIT else 0
+    sort = scores_dtype == torch.float32 and PLAN_SORT_MIN <= na and width <= PLAN_SORT_LIMIT
+    return width if sort else 0
 
 
 def _merge_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[str, int]:
