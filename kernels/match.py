@@ -6,12 +6,14 @@ is one launch); ``_match_plan_kernel`` runs it alone, one program per clip.
 
 The plan of a clip is a sort of its ``Na`` scores, and it runs in one program after the clip's
 last score is known, so its length is on the critical path of the match. ``_plan_row`` sorts
-the whole row in registers (``tl.sort``, a bitonic network: ``O(log^2 Na)`` steps): each A token
+the whole row in registers (``tl.sort``, a bitonic network: ``O(log^2 Na)`` stages): each A token
 becomes one int64 key, its score's bits made order-preserving above ``2^32 - 1 - i``, so the keys
 are distinct and their descending order is the reference's order (higher score first, lower
-index first on ties). Float64 scores do not fit such a key next to an index: they take
-``_plan_row_counting``, where each A token finds its rank by counting,
-``rank_i = #{j : s_j > s_i or (s_j == s_i and j < i)}`` (``(Na / BLOCK)^2`` steps).
+index first on ties). Float64 scores do not fit such a key next to an index, and a short row is
+ranked in a few steps anyway: those take ``_plan_row_counting``, where each A token finds its rank
+by counting, ``rank_i = #{j : s_j > s_i or (s_j == s_i and j < i)}`` (``(Na / BLOCK)^2`` steps,
+each loading and reducing a ``BLOCK x BLOCK`` tile). The launcher picks the path
+(``tempme_fast.ops.triton_ops.PLAN_SORT_MIN``).
 """
 import triton
 import triton.language as tl
@@ -94,7 +96,7 @@ def _match_plan_kernel(
     NA,
     R,
     BLOCK: tl.constexpr,
-    SORT_BLOCK: tl.constexpr,  # next_power_of_2(Na) for float32 scores; 0: count (float64, or a long row)
+    SORT_BLOCK: tl.constexpr,  # sort width, next_power_of_2(Na); 0: count (float64, short or very long rows)
 ):
     row = tl.program_id(0).to(tl.int64)
     _plan_row(scores_ptr + row * NA, dst_ptr + row * NA, merged_ptr + row * R, merged_dst_ptr + row * R,
