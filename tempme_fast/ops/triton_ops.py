@@ -180,19 +180,22 @@ def _merge_fwd_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[
     tiles = _merge_tiles(rows, tokens, width, itemsize)
     wide = 2 * tiles["BLOCK_D"]
     programs = rows * _cdiv(tokens, tiles["BLOCK_T"]) * _cdiv(width, wide)
-    if not _interpreting() and wide <= width and programs >= 4 * GPU_FILL:
+    # 16-bit features only: a 128-wide fp32 slice spills on sm_80 (32 B at the ViT-B/16 joins).
+    if not _interpreting() and itemsize <= 2 and wide <= width and programs >= 4 * GPU_FILL:
         tiles["BLOCK_D"] = wide
     return tiles
 
 
-def _source_block(r: int, block_t: int, num_warps: int) -> int:
+def _source_block(r: int, block_t: int, num_warps: int, itemsize: int = 2) -> int:
     """Merged tokens per step of a merge program's grouping, whose steps compare ``BLOCK_T x
-    BLOCK_K`` pairs: about ``GROUPING_PAIRS_PER_THREAD`` a thread, so a narrow token tile walks
-    the destinations in fewer, wider steps (more a thread raises the registers: 16 took a
-    16-token, 4-warp join merge from 79 to 156 on sm_90)."""
+    BLOCK_K`` pairs: about ``GROUPING_PAIRS_PER_THREAD`` a thread (half that for features wider
+    than 16 bits), so a narrow token tile walks the destinations in fewer, wider steps. More a
+    thread raises the registers: 16 took a 16-token, 4-warp join merge from 79 to 156 on sm_90,
+    and 8 spill 16 B in a 16-token fp32 merge on sm_80."""
     if _interpreting():
         return _block(r, INTERPRETER_BLOCK)
-    return _block(r, max(16, GROUPING_PAIRS_PER_THREAD * 32 * num_warps // block_t))
+    pairs = GROUPING_PAIRS_PER_THREAD if itemsize <= 2 else GROUPING_PAIRS_PER_THREAD // 2
+    return _block(r, max(16, pairs * 32 * num_warps // block_t))
 
 
 def _merge_norm_tiles(rows: int, tokens: int, width: int) -> Dict[str, int]:
@@ -338,7 +341,7 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
         n_out, c, nk, r, nb, width, a_start, b_start, group, protected, x.shape[1], pos.shape[0],
         x.stride(0), x.stride(1), x.stride(2), size.stride(0), size.stride(1), pos.stride(0), nb + r,
         HAS_POS=frame_pos is not None, NORM=norm is not None,
-        BLOCK_K=_source_block(r, tiles["BLOCK_T"], tiles["num_warps"]), **tiles,
+        BLOCK_K=_source_block(r, tiles["BLOCK_T"], tiles["num_warps"], x.dtype.itemsize), **tiles,
     )
     if norm is not None:
         return out, size_out, work[:, :nb], ln
