@@ -188,13 +188,14 @@ def _merge_fwd_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[
 
 def _source_block(r: int, block_t: int, num_warps: int, itemsize: int = 2) -> int:
     """Merged tokens per step of a merge program's grouping, whose steps compare ``BLOCK_T x
-    BLOCK_K`` pairs: about ``GROUPING_PAIRS_PER_THREAD`` a thread (half that for features wider
-    than 16 bits), so a narrow token tile walks the destinations in fewer, wider steps. More a
+    BLOCK_K`` pairs: about ``GROUPING_PAIRS_PER_THREAD`` a thread (half that for 32-bit features
+    at 4 warps), so a narrow token tile walks the destinations in fewer, wider steps. More a
     thread raises the registers: 16 took a 16-token, 4-warp join merge from 79 to 156 on sm_90,
-    and 8 spill 16 B in a 16-token fp32 merge on sm_80."""
+    and 8 spill 16 B in a 16-token, 4-warp fp32 merge on sm_80."""
     if _interpreting():
         return _block(r, INTERPRETER_BLOCK)
-    pairs = GROUPING_PAIRS_PER_THREAD if itemsize <= 2 else GROUPING_PAIRS_PER_THREAD // 2
+    halve = itemsize > 2 and num_warps < 8
+    pairs = GROUPING_PAIRS_PER_THREAD // 2 if halve else GROUPING_PAIRS_PER_THREAD
     return _block(r, max(16, pairs * 32 * num_warps // block_t))
 
 
