@@ -323,7 +323,7 @@ def critical_path_table(steps, out=sys.stdout) -> None:
         plan = f"sort {m['sort_stages']} stages" if m["sort_stages"] else f"count {m['count']}"
         programs = [launch.grid[0] * launch.grid[1] * launch.grid[2] for launch in (match, merge)]
         print(f"| {step.model} | {step.batch} | {s['dtype']} | {step.layer} | {step.stage} "
-              f"| {step.rows} x {step.tokens * step.group}, {step.r} | {programs[0]} "
+              f"| {step.rows // step.group} x {step.tokens * step.group}, {step.r} | {programs[0]} "
               f"| {m['main']} + {m['combine']} + {plan} | {programs[1]} | {serial_steps(merge)['grouping']} |",
               file=out)
 
