@@ -253,7 +253,8 @@ def collect(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[str]
                     rec = Recorder()
                     with rec.active():
                         run_step(step, DTYPES[dname])
-                    steps.append({"step": step, "dtype": dname, "fwd_launches": len(fwd.launches),
+                    steps.append({"step": step, "dtype": dname, "launches": fwd.launches,
+                                  "fwd_launches": len(fwd.launches),
                                   "bwd_launches": len(rec.launches) - len(fwd.launches),
                                   "allocations": fwd.allocations})
                     for launch in rec.launches:
@@ -265,13 +266,66 @@ def collect(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[str]
     return variants, steps
 
 
+def bound_args(launch: Launch) -> dict:
+    """The launch's arguments by name, constexprs and launch options included."""
+    return dict(zip(launch.kernel.arg_names, launch.args)) | launch.kwargs
+
+
 def describe(launch: Launch) -> str:
     """The constexprs and specialised sizes that tell variants apart."""
-    names = launch.kernel.arg_names
-    bound = dict(zip(names, launch.args)) | launch.kwargs
+    bound = bound_args(launch)
     keys = [k for k in ("C", "D", "GROUP", "HAS_POS", "NORM", "POS_GRAD", "PLAN", "DOT_MODE", "BLOCK_A", "BLOCK_B",
                         "BLOCK_C", "BLOCK_T", "BLOCK_D", "num_warps") if k in bound]
     return " ".join(f"{k}={int(bound[k]) if isinstance(bound[k], bool) else bound[k]}" for k in keys)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def serial_steps(launch: Launch) -> Dict[str, int]:
+    """The loop trips on the longest path through one program of a forward launch, read off the
+    kernels' loops: the critical-path model of ``BENCHMARKS.md``.
+
+    Best match: ``main`` steps of every program (channel chunks for the A norms, then B blocks x
+    channel chunks), then in the last program of each clip ``combine`` (A blocks x B ranges) and the
+    plan: ``sort_stages`` compare-exchange stages of two bitonic sorts held in registers, or
+    ``count`` steps (A blocks squared) when the plan counts. Merge forward: ``grouping`` steps of a
+    program holding B tokens (two passes over the r destinations); its gather loop adds the most
+    sources of one B token in the tile, which depends on the plan.
+    """
+    bound = bound_args(launch)
+    name = launch.kernel.fn.__name__
+    if name == "_best_match_fwd_kernel":
+        a_blocks = _cdiv(bound["NA"], bound["BLOCK_A"])
+        main = _cdiv(bound["C"], bound["BLOCK_C"]) * (1 + _cdiv(bound["B_PER"], bound["BLOCK_B"]))
+        out = {"main": main, "combine": a_blocks * bound["SPLITS"] if bound["PLAN"] else 0}
+        levels = bound["SORT_BLOCK"].bit_length() - 1
+        out["sort_stages"] = levels * (levels + 1) if bound["PLAN"] and bound["SORT_BLOCK"] else 0
+        out["count"] = a_blocks * a_blocks if bound["PLAN"] and not bound["SORT_BLOCK"] else 0
+        return out
+    if name == "_merge_fwd_kernel":
+        return {"grouping": 2 * _cdiv(bound["R"], bound["BLOCK_K"])}
+    return {}
+
+
+def critical_path_table(steps, out=sys.stdout) -> None:
+    """Per merge step: programs and serial steps of the match and merge launches."""
+    print("| model | batch | dtype | layer | stage | rows x tokens, r | match programs | match steps (main + combine "
+          "+ plan) | merge programs | merge grouping steps |", file=out)
+    print("|---" * 10 + "|", file=out)
+    for s in steps:
+        if len(s.get("launches", ())) < 2:
+            continue  # a step recorded without its match and merge launches has no path to show
+        step = s["step"]
+        match, merge = s["launches"][0], s["launches"][-1]
+        m = serial_steps(match)
+        plan = f"sort {m['sort_stages']} stages" if m["sort_stages"] else f"count {m['count']}"
+        programs = [launch.grid[0] * launch.grid[1] * launch.grid[2] for launch in (match, merge)]
+        print(f"| {step.model} | {step.batch} | {s['dtype']} | {step.layer} | {step.stage} "
+              f"| {step.rows // step.group} x {step.tokens * step.group}, {step.r} | {programs[0]} "
+              f"| {m['main']} + {m['combine']} + {plan} | {programs[1]} | {serial_steps(merge)['grouping']} |",
+              file=out)
 
 
 def host_us_per_step(step: Step, dtype: torch.dtype, repeats: int = 200) -> float:
@@ -334,6 +388,8 @@ def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout) -> List[str]:
         print(f"| {model} | {batch} | {dname} | {len(rows)} | {fwd} | {bwd} | {allocs} | {host:.0f} |", file=out)
         if fwd > 2:
             failures.append(f"{model} batch {batch} {dname}: {fwd} forward launches per merge step (at most 2)")
+    print(file=out)
+    critical_path_table(steps, out)
     return failures
 
 

@@ -64,6 +64,7 @@ def _best_match_fwd_kernel(
     BLOCK_C: tl.constexpr,
     DOT_MODE: tl.constexpr,  # 0: tl.dot on the input dtype, 1: tl.dot in fp32, 2: broadcast-sum (fp64)
     PLAN: tl.constexpr,
+    SORT_BLOCK: tl.constexpr,  # the plan's sort width, next_power_of_2(Na); 0: the plan counts (match.py)
 ):
     # Axis 0 runs fastest: the programs of one clip run side by side and share its B tokens in L2.
     split = tl.program_id(0) % SPLITS
@@ -128,7 +129,7 @@ def _best_match_fwd_kernel(
             if PLAN:
                 tl.debug_barrier()  # the combined row is read back by every thread below
                 _plan_row(part_row, part_row + NA, merged_ptr + row * R, merged_dst_ptr + row * R,
-                          kept_ptr + row * (NA - R), NA, R, BLOCK_A)
+                          kept_ptr + row * (NA - R), NA, R, BLOCK_A, SORT_BLOCK)
 
 
 @triton.jit

@@ -1,10 +1,19 @@
 """The merge plan from best-match scores: which A tokens merge, where to, which stay.
 
-Twin: ``tempme_fast.ops.reference.match`` (a stable descending sort). Here each A token finds its
-rank by counting, ``rank_i = #{j : s_j > s_i or (s_j == s_i and j < i)}``, which is that sort's
-position of ``i``; no sort and no host round trip. ``_plan_row`` is the plan of one clip: the
-best-match kernel runs it in the last program of each clip (so a merge step's match is one
-launch); ``_match_plan_kernel`` runs it alone, one program per clip.
+Twin: ``tempme_fast.ops.reference.match`` (a stable descending sort). ``_plan_row`` is the plan of
+one clip: the best-match kernel runs it in the last program of each clip (so a merge step's match
+is one launch); ``_match_plan_kernel`` runs it alone, one program per clip.
+
+The plan of a clip is a sort of its ``Na`` scores, and it runs in one program after the clip's
+last score is known, so its length is on the critical path of the match. ``_plan_row`` sorts
+the whole row in registers (``tl.sort``, a bitonic network: ``O(log^2 Na)`` stages): each A token
+becomes one int64 key, its score's bits made order-preserving above ``2^32 - 1 - i``, so the keys
+are distinct and their descending order is the reference's order (higher score first, lower
+index first on ties). Float64 scores do not fit such a key next to an index, and a short row is
+ranked in a few steps anyway: those take ``_plan_row_counting``, where each A token finds its rank
+by counting, ``rank_i = #{j : s_j > s_i or (s_j == s_i and j < i)}`` (``(Na / BLOCK)^2`` steps,
+each loading and reducing a ``BLOCK x BLOCK`` tile). The launcher picks the path
+(``tempme_fast.ops.triton_ops.PLAN_SORT_MIN``).
 """
 import triton
 import triton.language as tl
@@ -13,7 +22,7 @@ from .rank import _stable_rank
 
 
 @triton.jit
-def _plan_row(scores_row, dst_row, merged_row, merged_dst_row, kept_row, NA, R, BLOCK: tl.constexpr):
+def _plan_row_counting(scores_row, dst_row, merged_row, merged_dst_row, kept_row, NA, R, BLOCK: tl.constexpr):
     """Plan of one clip from its ``NA`` scores and best B tokens (``dst_row``: any int or float
     dtype holding integers); writes ``R`` merged A tokens (rank order) with their B tokens and the
     ``NA - R`` kept A tokens (increasing), all int64."""
@@ -35,6 +44,48 @@ def _plan_row(scores_row, dst_row, merged_row, merged_dst_row, kept_row, NA, R, 
         kept_base += tl.sum(is_kept.to(tl.int32), axis=0)
 
 
+@triton.jit
+def _descending_key(s, i):
+    """int64 key of score ``s`` (float32) at index ``i``: larger for a higher score, and for a
+    lower index among equal scores. ``-0.0`` counts as ``0.0``, as in a float comparison."""
+    bits = tl.where(s == 0.0, 0.0, s).to(tl.int32, bitcast=True)
+    # A negative float's magnitude bits grow as it falls: flipped, its bits order as signed ints.
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return ordered.to(tl.int64) * 4294967296 + (4294967295 - i.to(tl.int64))
+
+
+@triton.jit
+def _plan_row_sorted(scores_row, dst_row, merged_row, merged_dst_row, kept_row, NA, R, SORT_BLOCK: tl.constexpr):
+    """``_plan_row`` for float32 scores by sorting the row's keys in registers (``Na <= SORT_BLOCK``)."""
+    offs = tl.arange(0, SORT_BLOCK)
+    valid = offs < NA
+    s = tl.load(scores_row + offs, mask=valid, other=0.0)
+    # Padding sorts last: the smallest int64, below every real key.
+    key = tl.where(valid, _descending_key(s, offs), -4611686018427387904 * 2)
+    key = tl.sort(key, descending=True)
+    idx = (4294967295 - (key & 4294967295)).to(tl.int32)
+    is_merged = offs < R
+    dst = tl.load(dst_row + idx, mask=is_merged, other=0).to(tl.int64)
+    tl.store(merged_row + offs, idx.to(tl.int64), mask=is_merged)
+    tl.store(merged_dst_row + offs, dst, mask=is_merged)
+    # The kept tokens are the rest of the sorted row, wanted in increasing index: sort them again.
+    kept = tl.sort(tl.where(valid & (offs >= R), idx, 2147483647), descending=False)
+    tl.store(kept_row + offs, kept.to(tl.int64), mask=offs < NA - R)
+
+
+@triton.jit
+def _plan_row(scores_row, dst_row, merged_row, merged_dst_row, kept_row, NA, R, BLOCK: tl.constexpr,
+              SORT_BLOCK: tl.constexpr):
+    """Plan of one clip from its ``NA`` scores and best B tokens (``dst_row``: any int or float
+    dtype holding integers); writes ``R`` merged A tokens (rank order) with their B tokens and the
+    ``NA - R`` kept A tokens (increasing), all int64. Sorted in registers when ``SORT_BLOCK > 0``,
+    else counted in ``BLOCK``-wide steps."""
+    if SORT_BLOCK > 0:
+        _plan_row_sorted(scores_row, dst_row, merged_row, merged_dst_row, kept_row, NA, R, SORT_BLOCK)
+    else:
+        _plan_row_counting(scores_row, dst_row, merged_row, merged_dst_row, kept_row, NA, R, BLOCK)
+
+
 @triton.jit(do_not_specialize=["NA", "R"])
 def _match_plan_kernel(
     scores_ptr,  # [B', Na] float32/float64 contiguous: best-match score of every A token
@@ -45,7 +96,8 @@ def _match_plan_kernel(
     NA,
     R,
     BLOCK: tl.constexpr,
+    SORT_BLOCK: tl.constexpr,  # sort width, next_power_of_2(Na); 0: count (float64, short or very long rows)
 ):
     row = tl.program_id(0).to(tl.int64)
     _plan_row(scores_ptr + row * NA, dst_ptr + row * NA, merged_ptr + row * R, merged_dst_ptr + row * R,
-              kept_ptr + row * (NA - R), NA, R, BLOCK)
+              kept_ptr + row * (NA - R), NA, R, BLOCK, SORT_BLOCK)

@@ -22,35 +22,51 @@ position embedding of each token's source clip on the fly, so the joined copy is
 import triton
 import triton.language as tl
 
-from .rank import _stable_rank
 from .tokens import _joined_token
 
 
 @triton.jit
-def _group_sources(dst_row, merged_row, src_row, R, j_first, j_end, BLOCK_K: tl.constexpr):
-    """Sort the merged A tokens whose B token is in ``[j_first, j_end)`` by (B token, rank) into
-    ``src_row`` (as floats: exact integers), at the places a sort of all ``R`` would give them."""
+def _tile_counts(dst_row, R, j, j_first, BLOCK_K: tl.constexpr):
+    """``(lo, count)`` per B token ``j`` of one tile (``j_first`` is the tile's first B index, ``j``
+    increasing by one along the tile, entries that are no B token may hold anything that no
+    destination equals): its sources sit at ``src[lo:lo + count]`` of the merged tokens sorted by
+    (destination, rank). One pass over the ``R`` destinations, ``R / BLOCK_K`` steps of
+    ``BLOCK_T x BLOCK_K``: each tile counts only its own tokens, and ``lo`` is the count of
+    destinations below the tile plus a prefix sum along the tile."""
+    count = j * 0
+    below = tl.sum(count, axis=0)
     for k0 in range(0, R, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        d_k = tl.load(dst_row + offs_k, mask=offs_k < R, other=0)
-        mine = (offs_k < R) & (d_k >= j_first) & (d_k < j_end)
-        pos = _stable_rank(dst_row, R, d_k, offs_k, BLOCK_K, False)
-        a = tl.load(merged_row + offs_k, mask=mine, other=0)
-        tl.store(src_row + pos, a.to(src_row.dtype.element_ty), mask=mine)
+        valid = offs_k < R
+        d_k = tl.load(dst_row + offs_k, mask=valid, other=0)
+        below += tl.sum((valid & (d_k < j_first)).to(tl.int32), axis=0)
+        count += tl.sum(((d_k[None, :] == j[:, None]) & valid[None, :]).to(tl.int32), axis=1)
+    lo = below + tl.cumsum(count, axis=0) - count
+    return lo, count
 
 
 @triton.jit
-def _count_sources(dst_row, R, j, BLOCK_K: tl.constexpr):
-    """``(lo, count)`` per B token ``j``: its sources sit at ``src[lo:lo + count]`` of the sorted list."""
-    lo = j * 0
-    count = j * 0
+def _tile_sources(dst_row, merged_row, src_row, R, j, lo, BLOCK_K: tl.constexpr):
+    """Writes the merged A tokens whose destination is one of this tile's B tokens ``j`` to
+    ``src_row[lo_j + t]`` (``lo`` from ``_tile_counts``; ``t``: the source's place among those of
+    ``j`` in rank order, i.e. in the order of ``merged_row``), as floats or ints of
+    ``src_row``'s dtype (exact integers). A second pass of ``R / BLOCK_K`` steps: a running
+    count along the merged tokens numbers each destination's sources."""
+    seen = j * 0
     for k0 in range(0, R, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        d_k = tl.load(dst_row + offs_k, mask=offs_k < R, other=-1)
-        valid = (offs_k < R)[None, :]
-        lo += tl.sum(((d_k[None, :] < j[:, None]) & valid).to(tl.int32), axis=1)
-        count += tl.sum(((d_k[None, :] == j[:, None]) & valid).to(tl.int32), axis=1)
-    return lo, count
+        valid = offs_k < R
+        d_k = tl.load(dst_row + offs_k, mask=valid, other=-1)
+        hit = (d_k[None, :] == j[:, None]) & valid[None, :]
+        hits = hit.to(tl.int32)
+        slot = lo[:, None] + seen[:, None] + tl.cumsum(hits, axis=1) - 1
+        # Each merged token has one destination, so at most one row of its column is set: the
+        # column sums are its slot and whether it belongs to the tile (one store per token).
+        slot_k = tl.sum(tl.where(hit, slot, 0), axis=0)
+        mine = tl.sum(hits, axis=0) > 0
+        a = tl.load(merged_row + offs_k, mask=mine, other=0)
+        tl.store(src_row + slot_k, a.to(src_row.dtype.element_ty), mask=mine)
+        seen += tl.sum(hits, axis=1)
 
 
 @triton.jit(do_not_specialize=["R", "NB"])
@@ -64,15 +80,16 @@ def _merge_index_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
-    """The merge forward's grouping on its own, written out (one program per row), for ops that
-    reduce by destination outside ``_merge_fwd_kernel``."""
-    row = tl.program_id(0).to(tl.int64)
+    """The merge forward's grouping on its own, written out, for ops that reduce by destination
+    outside ``_merge_fwd_kernel``. One program per (``BLOCK_J`` destinations, row): each writes
+    the offsets of its destinations and places their sources (grid: destination blocks fastest)."""
+    row = tl.program_id(1).to(tl.int64)
+    j_first = tl.program_id(0) * BLOCK_J
+    offs_j = j_first + tl.arange(0, BLOCK_J)
     dst_row = dst_ptr + row * R
-    _group_sources(dst_row, merged_ptr + row * R, src_ptr + row * R, R, 0, NB, BLOCK_K)
-    for j0 in range(0, NB + 1, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        lo, _ = _count_sources(dst_row, R, offs_j, BLOCK_K)
-        tl.store(offsets_ptr + row * (NB + 1) + offs_j, lo, mask=offs_j < NB + 1)
+    lo, _ = _tile_counts(dst_row, R, offs_j, j_first, BLOCK_K)
+    tl.store(offsets_ptr + row * (NB + 1) + offs_j, lo, mask=offs_j < NB + 1)
+    _tile_sources(dst_row, merged_ptr + row * R, src_ptr + row * R, R, offs_j, lo, BLOCK_K)
 
 
 # Only the counts that change from layer to layer are left unspecialised, and the size strides
@@ -133,13 +150,18 @@ def _merge_fwd_kernel(
     clip, tok = _joined_token(row, tl.where(mask_t, pos, 0), GROUP, C_IN, N_IN)
 
     # Sources of this tile's B tokens, grouped by destination into the scratch, then read back.
+    # Only the tile's own B tokens are counted and placed (two passes over the R destinations);
+    # the feature slices of a tile write the same values to the same places.
     dst_row = dst_ptr + row * R
     src_row = work_ptr + row * stride_wb + NB
     j_first = t0 - C - NK
+    j_tile = tl.where(is_b, j, -1)
+    lo = j * 0
+    count = j * 0
     if j_first + BLOCK_T > 0:
-        _group_sources(dst_row, merged_ptr + row * R, src_row, R, j_first, j_first + BLOCK_T, BLOCK_K)
+        lo, count = _tile_counts(dst_row, R, j_tile, j_first, BLOCK_K)
+        _tile_sources(dst_row, merged_ptr + row * R, src_row, R, j_tile, lo, BLOCK_K)
     tl.debug_barrier()  # the scratch written above is read by other threads of this program
-    lo, count = _count_sources(dst_row, R, tl.where(is_b, j, -1), BLOCK_K)
     max_count = tl.max(count, axis=0)
 
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)

@@ -1,9 +1,8 @@
 """Positions in a stable sort, found by counting instead of sorting (one program per row).
 
-Both the merge plan (A tokens by descending score) and the merge's grouping of sources by
-destination (merged A tokens by ascending B index) need each element's place in a stable sort of
-a short row; counting the elements that come first costs ``n^2 / BLOCK`` vector steps and no
-synchronisation.
+The merge plan of a short row, or of float64 scores (A tokens by descending score,
+``match._plan_row_counting``), needs each element's place in a stable sort of the row; counting
+the elements that come first costs ``n^2 / BLOCK`` vector steps and no synchronisation.
 """
 import triton
 import triton.language as tl

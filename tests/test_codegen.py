@@ -44,10 +44,20 @@ def test_no_spills_no_scalar_16bit_access_two_forward_launches(vit_b32_report):
     for row in rows:
         spill, widest, scalar16 = row[8].strip(), row[10].strip(), row[11].strip()
         assert spill == "0" and scalar16 == "0" and widest == "128 bit", row
-    steps = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ViT-B-32")]
+    tables = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ViT-B-32")]
+    steps = [row for row in tables if len(row) == 8]
     assert {int(s[1]) for s in steps} == {1, 32}
     for s in steps:
         assert int(s[4]) <= 2 and int(s[5]) == 1, s  # forward and backward launches per merge step
+    # The critical path per merge step. ViT-B/32's clips hold at most 84 A tokens: their plans count, in
+    # at most 2 x 2 + 2 steps (longer rows sort). A merge program's grouping is two passes over the r
+    # destinations (r <= 50 here: a few steps, not (r / 64)^2 per program).
+    paths = [row for row in tables if len(row) == 10]
+    assert len(paths) == 2 * 15, len(paths)
+    for p in paths:
+        plan, steps = p[7].split("+")[-1].split()[0], int(p[7].split()[-1])
+        assert plan == "count" and steps <= 6, p
+        assert 2 <= int(p[9]) <= 8, p
 
 
 def test_check_fails_on_a_spill(monkeypatch, capsys):

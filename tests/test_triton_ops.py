@@ -210,6 +210,45 @@ def test_match_plan_ties(na, r, levels, device):
         assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.parametrize("plan", ["sorted", "counted"])
+@pytest.mark.parametrize("na, r", [(5, 2), (64, 30), (130, 129), (257, 100)], ids=lambda v: str(v))
+def test_match_plan_signs_zeros_and_extremes(na, r, plan, device, monkeypatch):
+    """The sorted plan's int64 keys order negative scores, -0.0 against 0.0 (equal, so lower index
+    first), subnormals and the largest floats as the reference's float sort does; the counted plan
+    (float64 scores, long rows) agrees on the same rows."""
+    if plan == "counted":
+        monkeypatch.setattr(triton_ops, "PLAN_SORT_LIMIT", 0)
+        monkeypatch.setattr(triton_ops, "INTERPRETER_BLOCK", 16)
+    else:
+        monkeypatch.setattr(triton_ops, "PLAN_SORT_MIN", 1)
+    assert (triton_ops._plan_sort_block(na, torch.float32) > 0) == (plan == "sorted")
+    g = torch.Generator().manual_seed(na * 7 + r)
+    tiny = torch.finfo(torch.float32).tiny
+    big = torch.finfo(torch.float32).max
+    levels = torch.tensor([-big, -1.5, -1.0, -tiny / 4, -0.0, 0.0, tiny / 4, tiny, 0.25, 1.0, big])
+    scores = levels[torch.randint(0, len(levels), (3, na), generator=g)]
+    dst = torch.randint(0, 500, (3, na), generator=g)
+    merged, merged_dst, kept = triton_ops.match_plan_forward(scores.to(device), dst.to(device), r)
+    for got, want in zip((merged, merged_dst, kept), plan_from_scores(scores, dst, r)):
+        assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("path", ["sorted", "counted"])
+def test_match_plan_paths_equal_reference(path, device, monkeypatch):
+    """The match kernel's plan in its last program per clip, by either path: sorted (forced here
+    on a short row) and counted (float64 metrics, short and long rows), walked in 16-wide steps."""
+    if path == "counted":
+        monkeypatch.setattr(triton_ops, "PLAN_SORT_LIMIT", 0)
+    else:
+        monkeypatch.setattr(triton_ops, "PLAN_SORT_MIN", 1)
+    monkeypatch.setattr(triton_ops, "INTERPRETER_BLOCK", 16)
+    metric = tie_free_metric(2, 75, 2, 24, torch.float32, "contiguous", device, seed=5)
+    plan = triton_ops.match(metric, 30, 2)
+    expected = ref.match(metric.cpu().double(), 30, 2)
+    for name in ("merged", "dst", "kept"):
+        assert torch.equal(getattr(plan, name).cpu(), getattr(expected, name)), name
+
+
 # ---------------------------------------------------------------------------------------------
 # merge
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +431,21 @@ def test_multi_tile(n, c, d, r, tiling, device):
                  torch.bfloat16, g)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_merge_wide_feature_slices(dtype, device, monkeypatch):
+    """With programs to spare, the forward's GPU tiling doubles its feature slice to 256 for 16-bit
+    features (not for fp32, whose 128-wide slice spills on sm_80): here forced by a GPU that 1
+    program fills, on clips of 3 token tiles whose merged tokens all go to two B tokens."""
+    monkeypatch.setattr(triton_ops, "_interpreting", lambda: False)
+    monkeypatch.setattr(triton_ops, "GPU_FILL", 1)
+    assert triton_ops._merge_fwd_tiles(2, 80, 256, dtype.itemsize)["BLOCK_D"] == 256
+    assert triton_ops._merge_fwd_tiles(2, 80, 256, 4)["BLOCK_D"] == 64
+    g = torch.Generator().manual_seed(21)
+    x = make_tokens(2, 101, 256, dtype, "contiguous", device, g)
+    _check_merge(x, _sizes(2, 101, "BN1-fp32", dtype, device, g), random_plan(2, 101, 1, 21, device, g, hub=True),
+                 dtype, g)
+
+
 def test_join_merge_multi_tile(tiling, device):
     # fp16: x is also the metric, and the interpreter's bf16 tl.dot (the GPU path) is broken.
     x = tie_free_metric(8, 25, 1, 40, torch.float16, "sliced", device, seed=3, group=2).requires_grad_()
@@ -481,10 +535,11 @@ def test_compile_fullgraph(device):
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("rows, r, nb", [(3, 17, 9), (2, 40, 5), (1, 1, 1), (2, 0, 4)], ids=str)
+@pytest.mark.parametrize("rows, r, nb", [(3, 17, 9), (2, 40, 5), (1, 1, 1), (2, 0, 4), (2, 45, 40)], ids=str)
 def test_merge_index_is_a_stable_sort_by_destination(rows, r, nb, device, monkeypatch):
     """The grouping that merge_forward fuses, written out: src sorted by (destination, rank), offsets
-    the start of each destination's run."""
+    the start of each destination's run. With 41 offsets and 16-wide blocks, three programs each
+    group their own destinations (the last one writes ``offsets[nb] = r``)."""
     monkeypatch.setattr(triton_ops, "INTERPRETER_BLOCK", 16)
     g = torch.Generator().manual_seed(rows * 100 + r)
     dst = torch.randint(0, nb, (rows, r), generator=g)

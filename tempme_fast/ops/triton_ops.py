@@ -58,6 +58,15 @@ GPU_BLOCK_MATCH = 64
 GPU_BLOCK_CHANNELS = 128
 # Elements of a merge-and-LayerNorm program's tile on a GPU (tokens x all features).
 NORM_TILE_ELEMENTS = 4096
+# (token, merged token) pairs a thread compares in one step of a merge program's grouping on a GPU.
+GROUPING_PAIRS_PER_THREAD = 8
+# Rows whose plan is sorted in registers (one int64 key a token, kernels/match.py): from
+# PLAN_SORT_MIN A tokens, where counting takes (Na / 64)^2 + Na / 64 >= 12 steps that each load and
+# reduce a 64 x 64 tile (about 3 us each on an H200 at the end of a ViT-B/16 join's match), against
+# Na' (Na' + 1) register-only compare-exchange stages of two bitonic sorts (Na' = log2 of the padded
+# row); up to PLAN_SORT_LIMIT. Shorter and longer rows, and float64 scores, count.
+PLAN_SORT_MIN = 129
+PLAN_SORT_LIMIT = 2048
 # Programs that keep a large GPU busy (2 per SM of an H100): below it, work is split further.
 GPU_FILL = 264
 
@@ -156,6 +165,14 @@ def _match_tiles(rows: int, na: int, nb: int, channels: int, dtype: torch.dtype)
                 SPLITS=_cdiv(nb, b_per), B_PER=b_per, A_BLOCKS=a_blocks, num_warps=8)
 
 
+def _plan_sort_block(na: int, scores_dtype: torch.dtype) -> int:
+    """``SORT_BLOCK`` of the plan: the sort width for float32 scores of ``PLAN_SORT_MIN`` to
+    ``PLAN_SORT_LIMIT`` A tokens, 0 (count) otherwise."""
+    width = _next_power_of_2(na)
+    sort = scores_dtype == torch.float32 and PLAN_SORT_MIN <= na and width <= PLAN_SORT_LIMIT
+    return width if sort else 0
+
+
 def _merge_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[str, int]:
     """Token tile, feature slice and warps of the merge kernels. A program covers one feature slice,
     so its per-token work (indices, sizes, sources) is done once; smaller token tiles when the
@@ -169,14 +186,42 @@ def _merge_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[str,
     return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=8 if block_t >= 32 else 4)
 
 
-def _merge_norm_tiles(rows: int, tokens: int, width: int) -> Dict[str, int]:
+def _merge_fwd_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[str, int]:
+    """``_merge_tiles`` for the merge forward: with programs to spare (4 x ``GPU_FILL`` at twice the
+    slice), twice as wide a feature slice. A forward program's time is a chain of dependent loads
+    (its grouping, then one gather per source), not its bytes: a wider slice halves the programs
+    that repeat the chain."""
+    tiles = _merge_tiles(rows, tokens, width, itemsize)
+    wide = 2 * tiles["BLOCK_D"]
+    programs = rows * _cdiv(tokens, tiles["BLOCK_T"]) * _cdiv(width, wide)
+    # 16-bit features only: a 128-wide fp32 slice spills on sm_80 (32 B at the ViT-B/16 joins).
+    if not _interpreting() and itemsize <= 2 and wide <= width and programs >= 4 * GPU_FILL:
+        tiles["BLOCK_D"] = wide
+    return tiles
+
+
+def _source_block(r: int, block_t: int, num_warps: int, itemsize: int = 2) -> int:
+    """Merged tokens per step of a merge program's grouping, whose steps compare ``BLOCK_T x
+    BLOCK_K`` pairs: about ``GROUPING_PAIRS_PER_THREAD`` a thread (half that for 32-bit features
+    at 4 warps), so a narrow token tile walks the destinations in fewer, wider steps. More a
+    thread raises the registers: 16 took a 16-token, 4-warp join merge from 79 to 156 on sm_90,
+    and 8 spill 16 B in a 16-token, 4-warp fp32 merge on sm_80."""
+    if _interpreting():
+        return _block(r, INTERPRETER_BLOCK)
+    halve = itemsize > 2 and num_warps < 8
+    pairs = GROUPING_PAIRS_PER_THREAD // 2 if halve else GROUPING_PAIRS_PER_THREAD
+    return _block(r, max(16, pairs * 32 * num_warps // block_t))
+
+
+def _merge_norm_tiles(rows: int, tokens: int, width: int, itemsize: int = 2) -> Dict[str, int]:
     """Tiles of the merge forward that also writes the LayerNorm: a program spans every feature of
     its tokens (one slice of ``next_power_of_2(D)``), so its token tile shrinks to keep the tile at
-    about 4096 elements (32 fp32 registers a thread per operand at 4 warps)."""
+    about 4096 elements (32 fp32 registers a thread per operand at 4 warps). 32-bit features take
+    8 warps: at 4 the image-merging variant sat at 128 registers and spilled 8 B on sm_90."""
     block_d = _next_power_of_2(width)
     cap = INTERPRETER_BLOCK if _interpreting() else max(1, NORM_TILE_ELEMENTS // block_d)
     block_t = max(1, min(_next_power_of_2(tokens), cap))
-    return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+    return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4 if itemsize <= 2 else 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +249,7 @@ def _launch_match(metric: torch.Tensor, protected: int, group: int, r: int, plan
         metric, part, scores, dst, merged, merged_dst, kept, count,
         na, nb, r, channels, a_start, b_start, group, protected, metric.shape[1], tiles.pop("B_PER"), splits,
         metric.stride(0), metric.stride(1), metric.stride(2),
-        TINY=torch.finfo(acc).tiny, PLAN=plan, **tiles,
+        TINY=torch.finfo(acc).tiny, PLAN=plan, SORT_BLOCK=_plan_sort_block(na, acc) if plan else 0, **tiles,
     )
     return outs
 
@@ -245,7 +290,8 @@ def match_plan_forward(scores: torch.Tensor, dst: torch.Tensor, r: int
     merged = _new_output((rows, r), torch.int64, scores.device)
     merged_dst = _new_output((rows, r), torch.int64, scores.device)
     kept = _new_output((rows, na - r), torch.int64, scores.device)
-    _match_plan_kernel[(rows,)](scores, dst, merged, merged_dst, kept, na, r, BLOCK=_block(na, GPU_BLOCK_MATCH))
+    _match_plan_kernel[(rows,)](scores, dst, merged, merged_dst, kept, na, r, BLOCK=_block(na, GPU_BLOCK_MATCH),
+                                SORT_BLOCK=_plan_sort_block(na, scores.dtype))
     return merged, merged_dst, kept
 
 
@@ -253,14 +299,17 @@ def merge_index(merged: torch.Tensor, dst: torch.Tensor, nb: int) -> Tuple[torch
     """Group merged tokens by destination: ``src [B', r]`` int32 and ``offsets [B', nb + 1]`` int32.
 
     ``src[b, offsets[b, j]:offsets[b, j + 1]]`` are the tokens merging into destination ``j``, in rank
-    order. :func:`merge_forward` does this grouping inside its own launch; this writes it out.
+    order. :func:`merge_forward` does this grouping inside its own launch; this writes it out,
+    one program per (destination block, row).
     """
     merged, dst = merged.contiguous(), dst.contiguous()
     rows, r = merged.shape
     src = _new_output((rows, r), torch.int32, merged.device)
     offsets = _new_output((rows, nb + 1), torch.int32, merged.device)
-    _merge_index_kernel[(rows,)](merged, dst, src, offsets, r, nb, BLOCK_K=_block(r, GPU_BLOCK_MATCH),
-                                 BLOCK_J=_block(nb + 1, GPU_BLOCK_MATCH))
+    block_j = _block(nb + 1, GPU_BLOCK_TOKENS)
+    _merge_index_kernel[(_cdiv(nb + 1, block_j), rows)](merged, dst, src, offsets, r, nb,
+                                                        BLOCK_K=_source_block(r, block_j, 4), BLOCK_J=block_j,
+                                                        num_warps=4)
     return src, offsets
 
 
@@ -297,17 +346,18 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
     pos = x if frame_pos is None else frame_pos.reshape(frame_pos.shape[1], width).contiguous()
     if norm is None:
         ln, ln_w, ln_b, eps = out, out, out, 0.0  # not read, not written
-        tiles = _merge_tiles(rows, n_out, width, x.dtype.itemsize)
+        tiles = _merge_fwd_tiles(rows, n_out, width, x.dtype.itemsize)
     else:
         ln_w, ln_b, eps = norm[0].contiguous(), norm[1].contiguous(), float(norm[2])
         ln = _new_output((rows, n_out, width), x.dtype, x.device)
-        tiles = _merge_norm_tiles(rows, n_out, width)
+        tiles = _merge_norm_tiles(rows, n_out, width, x.dtype.itemsize)
     grid = (_cdiv(width, tiles["BLOCK_D"]), _cdiv(n_out, tiles["BLOCK_T"]), rows)
     _merge_fwd_kernel[grid](
         x, size, pos, merged, dst, kept, out, size_out, work, ln_w, ln_b, ln, eps,
         n_out, c, nk, r, nb, width, a_start, b_start, group, protected, x.shape[1], pos.shape[0],
         x.stride(0), x.stride(1), x.stride(2), size.stride(0), size.stride(1), pos.stride(0), nb + r,
-        HAS_POS=frame_pos is not None, NORM=norm is not None, BLOCK_K=_block(r, GPU_BLOCK_MATCH), **tiles,
+        HAS_POS=frame_pos is not None, NORM=norm is not None,
+        BLOCK_K=_source_block(r, tiles["BLOCK_T"], tiles["num_warps"], x.dtype.itemsize), **tiles,
     )
     if norm is not None:
         return out, size_out, work[:, :nb], ln
