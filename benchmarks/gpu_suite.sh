@@ -13,7 +13,7 @@
 #   other options (--device cpu, --only STAGE..., --skip STAGE..., --every SECONDS, --list) go to
 #                     benchmarks/suite.py, which prints its plan (expected seconds per stage) against the budget
 #
-# A session with two calls of about 7 minutes each: the first call as it is, the second with
+# A measurement split into two calls of about 7 minutes each: the first call as it is, the second with
 # --skip naming the stages the first one finished (its stages.jsonl says which).
 #
 # The exit status is non-zero if any stage failed, ran out of time or was skipped.

@@ -1,6 +1,6 @@
 """Markdown tables from suite runs: what each stage did, the measured rows, where the time goes, the tests.
 
-Reads one or more output folders of ``benchmarks/suite.py`` (or ``.tar.gz`` archives of them: a session's
+Reads one or more output folders of ``benchmarks/suite.py`` (or ``.tar.gz`` archives of them: one measurement's
 calls, each with its own folder) and prints the tables BENCHMARKS.md's GPU section is filled from. Op and
 attention rows show the eager time (``ms``, host included) beside the device time (``device_ms``, from
 CUDA graph replays) where the run measured it. It invents nothing: a stage cut short shows as such, and

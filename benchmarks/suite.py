@@ -6,7 +6,7 @@ the ViT-B/16 32-video shapes and the attention candidates, each timed eagerly an
 the profile of where a forward's time goes, the CUDA tests, then the sweeps. Each stage gets what
 remains of the budget (at most its cap), less the time kept for the stages marked ``final`` (the plots).
 The plan printed at the start sets each stage's expected seconds (from the H200 run) against the
-budget; a session with two calls runs the first with the default order and the second with ``--skip``
+budget; a measurement split into two calls runs the first with the default order and the second with ``--skip``
 naming the stages the first finished. A stage that
 runs out of time is stopped (SIGTERM to its process group, SIGKILL 10 s later); every row it measured
 is already on disk, because the benchmarks and the pytest plugin append one JSON line per result.
