@@ -15,12 +15,14 @@ The autograd functions are used only when a gradient can flow (:func:`needs_grad
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack, is_in_torch_dispatch_mode
 
-__all__ = ["detached", "needs_grad", "use_custom_ops"]
+__all__ = ["custom_op_or", "detached", "needs_grad", "use_custom_ops"]
+
+T = TypeVar("T")
 
 
 def use_custom_ops() -> bool:
@@ -32,6 +34,16 @@ def use_custom_ops() -> bool:
     stack = _get_current_dispatch_mode_stack()
     # An empty user stack with the flag set: only an infrastructure mode (fake tensors, tracing) is on.
     return not stack or any(not getattr(mode, "sees_eager_path", False) for mode in stack)
+
+
+def custom_op_or(launcher: Callable[..., T], name: str) -> Callable[..., T]:
+    """``launcher`` where an eager call may skip the dispatcher, else the custom op ``tempme::name``
+    that wraps it (:func:`use_custom_ops` decides on every call); both take the same positional
+    arguments."""
+    def call(*args):
+        return getattr(torch.ops.tempme, name)(*args) if use_custom_ops() else launcher(*args)
+    call.__name__ = call.__qualname__ = f"{name}_call"
+    return call
 
 
 def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:

@@ -20,7 +20,7 @@ import triton
 
 from tempme_kernels.attention import _attention_bwd_kernel, _attention_fwd_kernel
 
-from .eager import needs_grad, use_custom_ops
+from .eager import custom_op_or, needs_grad, use_custom_ops
 
 __all__ = ["AttentionFunction", "DTYPES", "KERNEL_VARIANTS", "KernelVariant", "attention", "attention_backward",
            "attention_forward", "block_config", "codegen_args", "gpu_warps"]
@@ -196,13 +196,16 @@ def _(grad_out, q, k, v, bias, out, lse, bias_grad):
             q.new_empty((rows, heads, tokens) if bias_grad else (0,), dtype=torch.float32))
 
 
+_attention_fwd = custom_op_or(attention_forward, "attention_fwd")
+_attention_bwd = custom_op_or(attention_backward, "attention_bwd")
+
+
 class AttentionFunction(torch.autograd.Function):
     """Attention with a per-key bias, differentiable in ``q``, ``k``, ``v`` and ``bias``."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias):
-        out, lse = torch.ops.tempme.attention_fwd(q, k, v, bias) if use_custom_ops() else attention_forward(q, k, v,
-                                                                                                          bias)
+        out, lse = _attention_fwd(q, k, v, bias)
         ctx.save_for_backward(q, k, v, bias, out, lse)
         return out
 
@@ -210,8 +213,7 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, bias, out, lse = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        backward = torch.ops.tempme.attention_bwd if use_custom_ops() else attention_backward
-        dq, dk, dv, dbias = backward(grad_out, q, k, v, bias, out, lse, bias_grad)
+        dq, dk, dv, dbias = _attention_bwd(grad_out, q, k, v, bias, out, lse, bias_grad)
         # Summing the heads' shares here (torch's reduction) keeps the kernels free of atomics.
         return dq, dk, dv, (dbias.sum(dim=1).view(bias.shape) if bias_grad else None)
 

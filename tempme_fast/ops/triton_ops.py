@@ -38,12 +38,12 @@ from tempme_kernels.best_match import _best_match_fwd_kernel
 from tempme_kernels.match import _match_plan_kernel
 from tempme_kernels.merge import _merge_bwd_kernel, _merge_fwd_kernel, _merge_index_kernel
 
-from .eager import detached, needs_grad, use_custom_ops
+from .eager import custom_op_or, detached, needs_grad
 from .reference import MergePlan, accumulation_dtype, split_sizes, split_starts
 
 __all__ = ["MergeFunction", "MergeNormFunction", "best_match", "best_match_forward", "join_merge",
            "join_merge_norm", "layer_norm_backward", "match", "match_forward", "match_plan_forward", "merge",
-           "merge_backward", "merge_forward", "merge_index", "merge_norm"]
+           "merge_backward", "merge_forward", "merge_index", "merge_norm", "merge_norm_forward"]
 
 # Largest tile (tokens, or channels) one program handles in the interpreter, which pays per
 # program and per op, not per lane: there a program takes a whole clip. Tests shrink
@@ -364,6 +364,13 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
     return out, size_out, work[:, :nb]
 
 
+def merge_norm_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor,
+                       kept: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, protected: int,
+                       group: int = 1, frame_pos: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+    """:func:`merge_forward` with ``norm=(weight, bias, eps)``, in the argument order of ``tempme::merge_norm_fwd``."""
+    return merge_forward(x, size, merged, dst, kept, protected, group, frame_pos, norm=(weight, bias, eps))
+
+
 def merge_backward(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Tensor, merged: torch.Tensor,
                    dst: torch.Tensor, kept: torch.Tensor, protected: int, tokens_in: int, group: int = 1,
                    pos_grad: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -446,7 +453,7 @@ def _merge_norm_fwd_op(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor
                        kept: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, protected: int,
                        group: int = 1, frame_pos: Optional[torch.Tensor] = None
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return merge_forward(x, size, merged, dst, kept, protected, group, frame_pos, norm=(weight, bias, eps))
+    return merge_norm_forward(x, size, merged, dst, kept, weight, bias, eps, protected, group, frame_pos)
 
 
 @_merge_norm_fwd_op.register_fake
@@ -475,32 +482,17 @@ def _(grad_out, size, b_size, merged, dst, kept, protected, tokens_in, group=1, 
 # Autograd and the functions tempme_fast.ops dispatches to
 # ---------------------------------------------------------------------------------------------
 
-def _merge_fwd(x, size, merged, dst, kept, protected: int, group: int, frame_pos):
-    if use_custom_ops():
-        return torch.ops.tempme.merge_fwd(x, size, merged, dst, kept, protected, group, frame_pos)
-    return merge_forward(x, size, merged, dst, kept, protected, group, frame_pos)
-
-
-def _merge_norm_fwd(x, size, merged, dst, kept, weight, bias, eps: float, protected: int, group: int, frame_pos):
-    if use_custom_ops():
-        return torch.ops.tempme.merge_norm_fwd(x, size, merged, dst, kept, weight, bias, eps, protected, group,
-                                               frame_pos)
-    return merge_forward(x, size, merged, dst, kept, protected, group, frame_pos, norm=(weight, bias, eps))
-
-
-def _merge_bwd(grad_out, size, b_size, merged, dst, kept, protected: int, tokens_in: int, group: int,
-               pos_grad: bool):
-    if use_custom_ops():
-        return torch.ops.tempme.merge_bwd(grad_out, size, b_size, merged, dst, kept, protected, tokens_in, group,
-                                          pos_grad)
-    return merge_backward(grad_out, size, b_size, merged, dst, kept, protected, tokens_in, group, pos_grad)
+# Each launcher with its custom op: the launcher in eager calls, the op where torch.compile or a
+# dispatch mode must see it (tempme_fast.ops.eager).
+_best_match_call = custom_op_or(best_match_forward, "best_match")
+_match_call = custom_op_or(match_forward, "match")
+_merge_fwd = custom_op_or(merge_forward, "merge_fwd")
+_merge_norm_fwd = custom_op_or(merge_norm_forward, "merge_norm_fwd")
+_merge_bwd = custom_op_or(merge_backward, "merge_bwd")
 
 
 def _match(metric: torch.Tensor, r: int, protected: int, group: int = 1):
-    metric = detached(metric)
-    if use_custom_ops():
-        return torch.ops.tempme.match(metric, r, protected, group)
-    return match_forward(metric, r, protected, group)
+    return _match_call(detached(metric), r, protected, group)
 
 
 def _pos_grad(pos_part: torch.Tensor, pos_shape) -> Optional[torch.Tensor]:
@@ -613,9 +605,7 @@ def _merge_norm_autograd(x, size, merged, dst, kept, protected: int, group: int,
 
 def best_match(metric: torch.Tensor, protected: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``scores [B', Na]`` float32 (float64 for float64 metric), ``dst [B', Na]`` int64."""
-    if use_custom_ops():
-        return torch.ops.tempme.best_match(metric, protected)
-    return best_match_forward(metric, protected)
+    return _best_match_call(metric, protected)
 
 
 def match(metric: torch.Tensor, r: int, protected: int) -> MergePlan:
