@@ -28,7 +28,7 @@ from tempme_fast.ops import reference
 
 from .common import Compiled, MergeShape, RowLog, add_row_log_arguments, copy_bandwidth_gbs, environment, \
     failure, measure_ms, merge_shapes, print_table, write_results
-from .devicetime import basis_ms, device_ms, host_columns, speedups
+from .devicetime import basis_ms, device_columns, host_columns, speedups
 
 OPS = ("best_match", "match", "merge_fwd", "merge_bwd", "step_fwd", "step_fwdbwd")
 
@@ -115,11 +115,7 @@ def device_row(op: str, impl: str, s: MergeShape, dtype: torch.dtype, device: to
     elt = torch.tensor([], dtype=dtype).element_size()
     # One set: metric, x, sizes and the upstream gradient of the backward ops.
     set_bytes = s.rows * s.tokens * ((s.channels + s.width) * elt + 4) + s.rows * (s.tokens - s.r) * s.width * elt
-    try:
-        timing = device_ms(make, set_bytes, device, rep_ms)
-    except Exception as e:  # noqa: BLE001 (the eager row stands; the device figure is marked missing)
-        return {"device_error": failure(e)["error"]}
-    return timing
+    return device_columns(make, set_bytes, device, rep_ms)
 
 
 def bandwidth_columns(nbytes: int, ms: Optional[float], copy_gbs: Optional[float]) -> Dict[str, object]:

@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
+from .common import failure
+
 MAX_SETS = 64  # input sets cycled through in one graph
 MIN_CALLS = 16  # calls per graph, so that one replay's launch cost is spread thin
 HOST_BOUND_RATIO = 1.5  # eager time over device time above which a row is called host-bound
@@ -136,6 +138,16 @@ def device_ms(make: Callable[[int], Callable[[], object]], set_bytes: int, devic
                         **info, "device_calls": len(fns)}
     finally:
         torch.cuda.current_stream(device).wait_stream(stream)
+
+
+def device_columns(make: Callable[[int], Callable[[], object]], set_bytes: int, device: torch.device,
+                   rep_ms: float = 100) -> Dict[str, object]:
+    """:func:`device_ms`, or ``{"device_error": ...}`` where it raises: a row's eager figure, already
+    measured, stands without its device columns."""
+    try:
+        return device_ms(make, set_bytes, device, rep_ms)
+    except Exception as e:  # noqa: BLE001 (recorded in the row)
+        return {"device_error": failure(e)["error"]}
 
 
 def host_columns(eager_ms: float, timing: Dict[str, object]) -> Dict[str, object]:
