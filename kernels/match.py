@@ -33,7 +33,7 @@ def _plan_row_counting(scores_row, dst_row, merged_row, merged_dst_row, kept_row
         offs_i = i0 + tl.arange(0, BLOCK)
         mask_i = offs_i < NA
         s_i = tl.load(scores_row + offs_i, mask=mask_i, other=0.0)
-        rank = _stable_rank(scores_row, NA, s_i, offs_i, BLOCK, True)
+        rank = _stable_rank(scores_row, NA, s_i, offs_i, BLOCK)
         is_merged = (rank < R) & mask_i
         is_kept = (rank >= R) & mask_i
         dst = tl.load(dst_row + offs_i, mask=is_merged, other=0).to(tl.int64)
