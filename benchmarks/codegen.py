@@ -1,13 +1,16 @@
-"""What the compiler makes of the merge kernels on Hopper and Ampere, without a GPU.
+"""What the compiler makes of the merge and attention kernels on Hopper and Ampere, without a GPU.
 
 ``python -m benchmarks.codegen`` runs every merge step of the ViT-B/32, ViT-B/16 and ViT-L/14
-schedules (batch 1 and 32; fp16, bf16, fp32; forward and backward) through the Triton launchers
-with the launches recorded instead of run (meta tensors: no memory, no device), compiles each
-distinct kernel variant for sm_90 and sm_80 with Triton's ``GPUTarget``, runs ``ptxas -v`` on the
-PTX, and prints per variant: programs at batch 1 and 32, registers, spill bytes, shared memory,
-the widest global load/store and the count of scalar 16-bit global accesses; then, per merge
-step, kernel launches and buffer allocations, and the launchers' host time. Every merge
-runs as the model runs it, with the LayerNorm that follows it in its merge launch (``NORM=1``).
+schedules (batch 1 and 32; fp16, bf16, fp32; forward and backward), and every layer's attention,
+through the Triton launchers with the launches recorded instead of run (meta tensors: no memory,
+no device), compiles each distinct kernel variant for sm_90 and sm_80 with Triton's ``GPUTarget``,
+runs ``ptxas -v`` on the PTX, and prints the toolchain, then per variant: programs at batch 1 and
+32, registers, spill bytes, shared memory, the widest global load/store and the count of scalar
+16-bit global accesses; then, per merge step, kernel launches and buffer allocations, and the
+launchers' host time. Every merge runs as the model runs it, with the LayerNorm that follows it in
+its merge launch (``NORM=1``); attention runs on token-major views of the packed projection, with
+the size bias from the first merge on, at every layer of the schedules and at the head dims of
+larger open_clip ViTs (``OTHER_HEAD_DIMS``). ``--kernels merge`` or ``--kernels attention`` narrows it.
 
 ``--check`` exits non-zero on a spill, on a scalar 16-bit global access in a kernel that moves
 16-bit features, or on more than 2 forward launches per merge step (``tests/test_codegen.py``
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import re
 import subprocess
@@ -32,12 +36,15 @@ import torch
 from tempme_fast import TempMeConfig, token_schedule
 from tempme_fast.loading import DTYPES
 
+from .bench_attention import AttentionShape
 from .common import VIT_GEOMETRY
 
 # The benchmarks' (depth, tokens per frame, width, heads), plus ViT-L/14: compiling needs no model.
 GEOMETRY = {**VIT_GEOMETRY, "ViT-L-14": (24, 257, 1024, 16)}
 ARCHS = (90, 80)
-KERNELS = ("_best_match_fwd_kernel", "_merge_fwd_kernel", "_merge_bwd_kernel")
+# The kernels each launcher module runs; a Recorder stubs one module's at a time.
+KERNELS = {"triton_ops": ("_best_match_fwd_kernel", "_merge_fwd_kernel", "_merge_bwd_kernel"),
+           "triton_attention": ("_attention_fwd_kernel", "_attention_bwd_kernel")}
 # ld/st.global with an optional vector width and an element type: the access width in bits.
 ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.([bfsu])(8|16|32|64)\b")
 
@@ -88,18 +95,20 @@ class Launch:
 
 class Recorder:
     """Replaces each kernel's ``run`` (what ``kernel[grid](...)`` calls) and ``_new_output`` of the
-    launchers: launches and allocations are recorded, nothing runs."""
+    launchers in ``tempme_fast.ops.<module>`` (``triton_ops``: the merges, ``triton_attention``):
+    launches and allocations are recorded, nothing runs."""
 
-    def __init__(self):
+    def __init__(self, module: str = "triton_ops"):
+        self.module = module
         self.launches: List[Launch] = []
         self.allocations = 0
 
     @contextlib.contextmanager
     def active(self):
-        from tempme_fast.ops import triton_ops
-
-        saved = {name: getattr(triton_ops, name).run for name in KERNELS}
-        new_output, interpreting = triton_ops._new_output, triton_ops._interpreting
+        launchers = importlib.import_module(f"tempme_fast.ops.{self.module}")
+        names = KERNELS[self.module]
+        saved = {name: getattr(launchers, name).run for name in names}
+        new_output, interpreting = launchers._new_output, launchers._interpreting
 
         def recorder(kernel):
             def run(*args, grid, warmup=False, **kwargs):
@@ -111,16 +120,16 @@ class Recorder:
             self.allocations += 1
             return new_output(shape, dtype, device)
 
-        for name in KERNELS:
-            kernel = getattr(triton_ops, name)
+        for name in names:
+            kernel = getattr(launchers, name)
             kernel.run = recorder(kernel)
-        triton_ops._new_output, triton_ops._interpreting = counted_output, lambda: False
+        launchers._new_output, launchers._interpreting = counted_output, lambda: False
         try:
             yield self
         finally:
             for name, run in saved.items():
-                getattr(triton_ops, name).run = run
-            triton_ops._new_output, triton_ops._interpreting = new_output, interpreting
+                getattr(launchers, name).run = run
+            launchers._new_output, launchers._interpreting = new_output, interpreting
 
 
 def step_inputs(step: Step, dtype: torch.dtype, device: str = "meta"):
@@ -159,6 +168,54 @@ def run_step(step: Step, dtype: torch.dtype, device: str = "meta", backward: boo
     if backward:
         triton_ops.merge_backward(torch.empty_like(out), size, b_size, merged, dst, kept, step.protected,
                                   step.tokens, step.group, pos_grad=frame_pos is not None)
+
+
+# Head dims of other open_clip ViTs (ViT-B and ViT-L have 64): each compiled at one layer of a 224 px
+# frame at patch 14, 16 heads, with the size bias.
+OTHER_HEAD_DIMS = {72: "SO400M", 80: "ViT-H", 88: "ViT-g", 104: "ViT-bigG"}
+
+
+# An attention layer as the launchers see it, and whether it has the size bias.
+AttentionStep = Tuple[AttentionShape, bool]
+
+
+def head_dim_steps(batch: int, frames: int = 12) -> List[AttentionStep]:
+    """One biased attention per head dim of ``OTHER_HEAD_DIMS``, ``batch`` videos of ``frames`` frames."""
+    return [(AttentionShape(f"d={d} ({name})", batch, 0, batch * frames, 257, 16, d), True)
+            for d, name in OTHER_HEAD_DIMS.items()]
+
+
+def attention_steps(model: str, batch: int, config: TempMeConfig = TempMeConfig()) -> List[AttentionStep]:
+    """Every layer's attention as the encoder runs it (``encoder.block_forward``): after the
+    layer's join and cross-clip merge, with the bias from the first merge on."""
+    depth, tokens, width, heads = GEOMETRY[model]
+    steps, merged = [], False
+    for p in token_schedule(config, depth, tokens).layers:
+        merged = merged or p.r_cross > 0
+        shape = AttentionShape(model, batch, p.layer, batch * p.clips_out, p.tokens_attn, heads, width // heads)
+        steps.append((shape, config.prop_attn and merged))
+        merged = merged or p.r > 0
+    return steps
+
+
+def run_attention(step: AttentionStep, dtype: torch.dtype, device: str = "meta", backward: bool = True):
+    """The attention launcher calls of one layer: the inference forward on token-major views of the
+    packed q | k | v projection (``ops.self_attention``: the kernel reads the sizes and takes their
+    log) and, optionally, the training forward and backward as the autograd function calls them
+    (``[B', H, N, d]`` views, ``log(size)`` as the bias, no bias gradient: size needs none)."""
+    from tempme_fast.ops import triton_attention
+
+    s, biased = step
+    shape = (s.rows, s.tokens, s.heads, s.head_dim)
+    qkv = torch.empty(s.rows, s.tokens, 3 * s.heads * s.head_dim, dtype=dtype, device=device)
+    q, k, v = qkv.view(s.rows, s.tokens, 3, s.heads, s.head_dim).unbind(2)
+    bias = torch.empty(s.rows, s.tokens, 1, dtype=torch.float32, device=device) if biased else None
+    triton_attention.attention_forward(q, k, v, bias, token_major=True, log_bias=biased)
+    if backward:
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out, lse = triton_attention.attention_forward(q, k, v, bias)
+        grad_out = torch.empty(shape, dtype=dtype, device=device).transpose(1, 2)
+        triton_attention.attention_backward(grad_out, q, k, v, bias, out, lse, bias_grad=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,15 +295,27 @@ def ptx_stats(ptx: str, arch: int) -> Dict[str, int]:
 # The report
 # ---------------------------------------------------------------------------------------------
 
-def collect(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[str]):
+def collect(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[str],
+            kernels: Sequence[str] = ("merge", "attention")):
     """``(variants, steps)``: each distinct launch with the programs it runs per batch, and per
-    merge step its forward/backward launches and allocations."""
+    merge step its forward/backward launches and allocations. ``kernels``: the merge steps'
+    kernels, the attention's (every layer, forward and backward), or both."""
     variants: Dict[tuple, dict] = {}
     steps = []
+
+    def add(launches, batch, dname, stage):
+        for launch in launches:
+            key = (dname,) + variant_key(launch, ARCHS[0])
+            v = variants.setdefault(key, {"launch": launch, "dtype": dname, "programs": defaultdict(list),
+                                          "stages": set()})
+            v["programs"][batch].append(launch.grid[0] * launch.grid[1] * launch.grid[2])
+            v["stages"].add(stage)
+
     for model in models:
+        short = model.replace("ViT-", "")
         for batch in batches:
             for dname in dtypes:
-                for step in schedule_steps(model, batch):
+                for step in schedule_steps(model, batch) if "merge" in kernels else ():
                     fwd = Recorder()
                     with fwd.active():
                         run_step(step, DTYPES[dname], backward=False)
@@ -257,13 +326,21 @@ def collect(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[str]
                                   "fwd_launches": len(fwd.launches),
                                   "bwd_launches": len(rec.launches) - len(fwd.launches),
                                   "allocations": fwd.allocations})
-                    for launch in rec.launches:
-                        key = (dname,) + variant_key(launch, ARCHS[0])
-                        v = variants.setdefault(key, {"launch": launch, "dtype": dname, "programs": defaultdict(list),
-                                                      "stages": set()})
-                        v["programs"][batch].append(launch.grid[0] * launch.grid[1] * launch.grid[2])
-                        v["stages"].add(f"{model.replace('ViT-', '')} L{step.layer} {step.stage}")
+                    add(rec.launches, batch, dname, f"{short} L{step.layer} {step.stage}")
+                for att in attention_steps(model, batch) if "attention" in kernels else ():
+                    add(attention_launches(att, dname), batch, dname, f"{short} L{att[0].layer} attn")
+    for batch in batches:
+        for dname in dtypes:
+            for att in head_dim_steps(batch) if "attention" in kernels else ():
+                add(attention_launches(att, dname), batch, dname, att[0].model)
     return variants, steps
+
+
+def attention_launches(step: AttentionStep, dname: str) -> List[Launch]:
+    rec = Recorder("triton_attention")
+    with rec.active():
+        run_attention(step, DTYPES[dname])
+    return rec.launches
 
 
 def bound_args(launch: Launch) -> dict:
@@ -274,8 +351,9 @@ def bound_args(launch: Launch) -> dict:
 def describe(launch: Launch) -> str:
     """The constexprs and specialised sizes that tell variants apart."""
     bound = bound_args(launch)
-    keys = [k for k in ("C", "D", "GROUP", "HAS_POS", "NORM", "POS_GRAD", "PLAN", "DOT_MODE", "BLOCK_A", "BLOCK_B",
-                        "BLOCK_C", "BLOCK_T", "BLOCK_D", "num_warps") if k in bound]
+    keys = [k for k in ("C", "D", "GROUP", "HAS_POS", "NORM", "POS_GRAD", "PLAN", "DOT_MODE", "HEAD_DIM",
+                        "HAS_BIAS", "LOG_BIAS", "BIAS_GRAD", "DKDV", "BLOCK_A", "BLOCK_B", "BLOCK_C", "BLOCK_M",
+                        "BLOCK_N", "BLOCK_T", "BLOCK_D", "num_warps") if k in bound]
     return " ".join(f"{k}={int(bound[k]) if isinstance(bound[k], bool) else bound[k]}" for k in keys)
 
 
@@ -288,18 +366,21 @@ def serial_steps(launch: Launch) -> Dict[str, int]:
     kernels' loops: the critical-path model of ``BENCHMARKS.md``.
 
     Best match: ``main`` steps of every program (channel chunks for the A norms, then B blocks x
-    channel chunks), then in the last program of each clip ``combine`` (A blocks x B ranges) and the
-    plan: ``sort_stages`` compare-exchange stages of two bitonic sorts held in registers, or
-    ``count`` steps (A blocks squared) when the plan counts. Merge forward: ``grouping`` steps of a
-    program holding B tokens (two passes over the r destinations); its gather loop adds the most
-    sources of one B token in the tile, which depends on the plan.
+    channel chunks), then in the last program of each clip ``combine`` (A blocks x B ranges /
+    ``RANGES_PER_STEP``) and the plan: ``sort_stages`` compare-exchange stages of two bitonic sorts
+    held in registers, or ``count`` steps (A blocks squared) when the plan counts. Merge forward:
+    ``grouping`` steps of a program holding B tokens (two passes over the r destinations); its
+    gather loop adds the most sources of one B token in the tile, which depends on the plan.
     """
+    from tempme_kernels.best_match import RANGES_PER_STEP
+
     bound = bound_args(launch)
     name = launch.kernel.fn.__name__
     if name == "_best_match_fwd_kernel":
         a_blocks = _cdiv(bound["NA"], bound["BLOCK_A"])
         main = _cdiv(bound["C"], bound["BLOCK_C"]) * (1 + _cdiv(bound["B_PER"], bound["BLOCK_B"]))
-        out = {"main": main, "combine": a_blocks * bound["SPLITS"] if bound["PLAN"] else 0}
+        combine = a_blocks * _cdiv(bound["SPLITS"], int(RANGES_PER_STEP))
+        out = {"main": main, "combine": combine if bound["PLAN"] else 0}
         levels = bound["SORT_BLOCK"].bit_length() - 1
         out["sort_stages"] = levels * (levels + 1) if bound["PLAN"] and bound["SORT_BLOCK"] else 0
         out["count"] = a_blocks * a_blocks if bound["PLAN"] and not bound["SORT_BLOCK"] else 0
@@ -348,9 +429,23 @@ def host_us_per_step(step: Step, dtype: torch.dtype, repeats: int = 200) -> floa
         return best
 
 
-def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout) -> List[str]:
+def toolchain() -> str:
+    """The versions that decide the code: Triton, its ptxas, torch."""
+    import triton
+
+    path = _ptxas()
+    done = subprocess.run([path, "--version"], capture_output=True, text=True)
+    ptxas = re.search(r"release ([\d.]+)", done.stdout)
+    where = "bundled with triton" if path.startswith(os.path.dirname(triton.__file__)) else path
+    return (f"triton {triton.__version__}, ptxas {ptxas.group(1) if ptxas else 'unknown'} ({where}), "
+            f"torch {torch.__version__}")
+
+
+def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout, kernels=("merge", "attention")) -> List[str]:
     """Print the tables; return the failures that ``--check`` exits on."""
-    variants, steps = collect(models, batches, dtypes)
+    print(f"Compiled with {toolchain()}", file=out)
+    print(file=out)
+    variants, steps = collect(models, batches, dtypes, kernels)
     failures = []
     print("| kernel | dtype | variant | used at | programs B1 | programs B32 | sm | regs | spill B | smem B "
           "| widest access | scalar 16-bit |", file=out)
@@ -374,6 +469,8 @@ def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout) -> List[str]:
             if v["dtype"] in ("fp16", "bf16") and stats["scalar16"]:
                 failures.append(f"{label}: {stats['scalar16']} scalar 16-bit global accesses")
     print(file=out)
+    if not steps:
+        return failures
     print("| model | batch | dtype | merges | fwd launches / step | bwd launches / step | fwd allocations / step "
           "| host us / fwd step |", file=out)
     print("|---" * 8 + "|", file=out)
@@ -399,12 +496,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--archs", nargs="+", type=int, default=list(ARCHS), choices=list(ARCHS))
+    parser.add_argument("--kernels", nargs="+", default=["merge", "attention"], choices=["merge", "attention"],
+                        help="the merge steps' kernels, the attention kernels (every layer's), or both (default)")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 on spills, scalar 16-bit global accesses or > 2 forward launches per step")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles")
-    failures = report(args.models, args.batches, args.dtypes, args.archs)
+    failures = report(args.models, args.batches, args.dtypes, args.archs, kernels=args.kernels)
     for f in failures:
         print("FAIL", f, file=sys.stderr)
     return 1 if args.check and failures else 0

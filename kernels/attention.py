@@ -12,11 +12,14 @@ on the GPU): logits are scaled by ``log2(e)`` and the saved log-sum-exp is in th
 Backward recomputes the probabilities from the saved log-sum-exp. ``_attention_bwd_kernel`` runs
 as two launches with no atomics, so its results repeat bit for bit: the dQ pass (``DKDV=False``, one
 program per query tile; it also writes ``delta = rowsum(dO * O)``) and then the dK/dV pass
-(``DKDV=True``, one program per key tile, summing over all queries itself). The bias gradient is the column sum of ``dS``,
-written per head and summed over heads by the host.
+(``DKDV=True``, one program per key tile, summing over all queries itself). The bias gradient is
+the column sum of ``dS``, written per head and summed over heads by the host.
 
-Head dims that are not a power of two (48, 80, 96) are padded to ``BLOCK_D`` with masked loads.
-Every ``tl.dot`` accumulates in float32.
+Head dims that are not a power of two (48, 72, 80, 88, 96, 104) are padded to ``BLOCK_D`` with
+masked loads. ``HEAD_ALIGN`` is a power of two that divides every head stride (in elements): the
+head dim itself for q, k and v read as views of one packed projection. Triton proves only
+divisibility by 16 of an integer argument, so without it the head offset of a head dim of 72, 88
+or 104 would make every q, k, v and dO load a scalar one. Every ``tl.dot`` accumulates in float32.
 """
 import triton
 import triton.language as tl
@@ -39,11 +42,14 @@ def _tile(ptr, offs_t, offs_d, stride_t, N, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _key_bias(bias_ptr, offs_n, stride_bn, N, HAS_BIAS: tl.constexpr):
-    """Bias of keys ``offs_n`` in log2 units; ``-inf`` past the last key, so padding gets no weight."""
+def _key_bias(bias_ptr, offs_n, stride_bn, N, HAS_BIAS: tl.constexpr, LOG_BIAS: tl.constexpr):
+    """Bias of keys ``offs_n`` in log2 units; ``-inf`` past the last key, so padding gets no weight.
+    With ``LOG_BIAS`` the kernel reads the sizes and takes their log itself."""
     LOG2E: tl.constexpr = 1.4426950408889634
     valid = offs_n < N
-    if HAS_BIAS:
+    if HAS_BIAS and LOG_BIAS:
+        b = tl.log2(tl.load(bias_ptr + offs_n * stride_bn, mask=valid, other=1.0).to(tl.float32))
+    elif HAS_BIAS:
         b = tl.load(bias_ptr + offs_n * stride_bn, mask=valid, other=0.0).to(tl.float32) * LOG2E
     else:
         b = tl.zeros(offs_n.shape, dtype=tl.float32)
@@ -52,13 +58,14 @@ def _key_bias(bias_ptr, offs_n, stride_bn, N, HAS_BIAS: tl.constexpr):
 
 @triton.jit
 def _key_tiles(q, k_base, v_base, bias_base, offs_n, offs_d, stride_kn, stride_vn, stride_bn, N, QK_SCALE,
-               HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+               HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, LOG_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+               PRECISION: tl.constexpr):
     """K and V tiles of keys ``offs_n`` and the logits of queries ``q`` against them (log2 units, bias
     added, ``-inf`` past the last key)."""
     k = _tile(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM)
     v = _tile(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM)
     s = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * QK_SCALE
-    return k, v, s + _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS)[None, :]
+    return k, v, s + _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS, LOG_BIAS)[None, :]
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -66,7 +73,7 @@ def _attention_fwd_kernel(
     q_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
     k_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
     v_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
-    bias_ptr,  # [B', N] float32 log(size) of every key (read only if HAS_BIAS)
+    bias_ptr,  # [B', N] float32 log(size) of every key, or with LOG_BIAS size, any float (read only if HAS_BIAS)
     out_ptr,  # [B', N, H, HEAD_DIM] contiguous (returned as a [B', H, N, HEAD_DIM] view)
     lse_ptr,  # [B', H, N] float32 out: log2 of the sum of exp2 of each query's logits (log2 units)
     N,
@@ -81,8 +88,10 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    LOG_BIAS: tl.constexpr,  # bias_ptr holds the sizes: their log is taken here (inference: one op fewer)
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
+    HEAD_ALIGN: tl.constexpr,  # a power of two dividing stride_qh, stride_kh and stride_vh
 ):
     # Query tiles of one (clip, head) are adjacent in the grid, so their K and V stay in L2.
     bh = tl.program_id(1)
@@ -90,9 +99,10 @@ def _attention_fwd_kernel(
     h = (bh % H).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _tile(q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, HEAD_DIM)
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
+    q = _tile(q_ptr + b * stride_qb + tl.multiple_of(h * stride_qh, HEAD_ALIGN), offs_m, offs_d, stride_qn, N,
+              HEAD_DIM)
+    k_base = k_ptr + b * stride_kb + tl.multiple_of(h * stride_kh, HEAD_ALIGN)
+    v_base = v_ptr + b * stride_vb + tl.multiple_of(h * stride_vh, HEAD_ALIGN)
     bias_base = bias_ptr + b * stride_bb
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -100,7 +110,7 @@ def _attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         _, v, s = _key_tiles(q, k_base, v_base, bias_base, start + tl.arange(0, BLOCK_N), offs_d, stride_kn,
-                             stride_vn, stride_bn, N, QK_SCALE, HEAD_DIM, HAS_BIAS, DOT_FP32, PRECISION)
+                             stride_vn, stride_bn, N, QK_SCALE, HEAD_DIM, HAS_BIAS, LOG_BIAS, DOT_FP32, PRECISION)
         # Every query sees key 0 in the first tile, so m_new is finite from there on.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -148,6 +158,7 @@ def _attention_bwd_kernel(
     DKDV: tl.constexpr,  # False: the dQ pass (one program per query tile); True: the dK/dV pass (per key tile)
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
+    HEAD_ALIGN: tl.constexpr,  # a power of two dividing stride_qh, stride_kh, stride_vh and stride_dh
 ):
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -155,10 +166,10 @@ def _attention_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     row_base = bh.to(tl.int64) * N
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    do_base = do_ptr + b * stride_db + h * stride_dh
+    q_base = q_ptr + b * stride_qb + tl.multiple_of(h * stride_qh, HEAD_ALIGN)
+    k_base = k_ptr + b * stride_kb + tl.multiple_of(h * stride_kh, HEAD_ALIGN)
+    v_base = v_ptr + b * stride_vb + tl.multiple_of(h * stride_vh, HEAD_ALIGN)
+    do_base = do_ptr + b * stride_db + tl.multiple_of(h * stride_dh, HEAD_ALIGN)
     bias_base = bias_ptr + b * stride_bb
     if not DKDV:
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -172,7 +183,7 @@ def _attention_bwd_kernel(
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             k, v, s = _key_tiles(q, k_base, v_base, bias_base, start + tl.arange(0, BLOCK_N), offs_d, stride_kn,
-                                 stride_vn, stride_bn, N, QK_SCALE, HEAD_DIM, HAS_BIAS, DOT_FP32, PRECISION)
+                                 stride_vn, stride_bn, N, QK_SCALE, HEAD_DIM, HAS_BIAS, False, DOT_FP32, PRECISION)
             p = tl.exp2(s - lse[:, None])
             dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
             ds = p * (dp - delta[:, None])
@@ -185,7 +196,7 @@ def _attention_bwd_kernel(
         mask_n = offs_n < N
         k = _tile(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM)
         v = _tile(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM)
-        key_bias = _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS)
+        key_bias = _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS, False)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dbias = tl.zeros([BLOCK_N], dtype=tl.float32)

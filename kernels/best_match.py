@@ -132,21 +132,38 @@ def _best_match_fwd_kernel(
                           kept_ptr + row * (NA - R), NA, R, BLOCK_A, SORT_BLOCK)
 
 
+# B ranges that one step of the combine reads: a [RANGES_PER_STEP, BLOCK_A] tile of partial results.
+RANGES_PER_STEP = tl.constexpr(8)
+
+
 @triton.jit
 def _combine_ranges(part_row, scores_row, dst_row, NA, SPLITS, BLOCK: tl.constexpr, IN_PLACE: tl.constexpr):
     """Best over the ``SPLITS`` B ranges of one clip, lower range first on ties. Written to range
-    0's slot of ``part_row`` (``IN_PLACE``, for the plan) or to ``scores_row`` / ``dst_row``."""
+    0's slot of ``part_row`` (``IN_PLACE``, for the plan) or to ``scores_row`` / ``dst_row``.
+
+    It runs in one program after the clip's last range is done, so its steps are on the critical
+    path: each step loads ``RANGES_PER_STEP`` ranges of ``BLOCK`` A tokens at once and reduces them
+    (the best value, then the lowest range holding it): ``(Na / BLOCK) x (SPLITS / RANGES_PER_STEP)``
+    steps."""
+    ACC: tl.constexpr = part_row.dtype.element_ty
     for i0 in range(0, NA, BLOCK):
         offs_i = i0 + tl.arange(0, BLOCK)
         mask_i = offs_i < NA
-        best = tl.load(part_row + offs_i, mask=mask_i, other=0.0, cache_modifier=".cg")
-        best_j = tl.load(part_row + NA + offs_i, mask=mask_i, other=0.0, cache_modifier=".cg")
-        for s in range(1, SPLITS):
-            v = tl.load(part_row + s * 2 * NA + offs_i, mask=mask_i, other=0.0, cache_modifier=".cg")
-            j = tl.load(part_row + s * 2 * NA + NA + offs_i, mask=mask_i, other=0.0, cache_modifier=".cg")
-            better = v > best
-            best = tl.where(better, v, best)
-            best_j = tl.where(better, j, best_j)
+        best = tl.full([BLOCK], float("-inf"), dtype=ACC)
+        best_j = tl.zeros([BLOCK], dtype=ACC)
+        for s0 in range(0, SPLITS, RANGES_PER_STEP):
+            offs_s = s0 + tl.arange(0, RANGES_PER_STEP)
+            mask = (offs_s[:, None] < SPLITS) & mask_i[None, :]
+            ptrs = part_row + offs_s[:, None] * 2 * NA + offs_i[None, :]
+            v = tl.load(ptrs, mask=mask, other=float("-inf"), cache_modifier=".cg")
+            j = tl.load(ptrs + NA, mask=mask, other=0.0, cache_modifier=".cg")
+            top = tl.max(v, axis=0)
+            first = tl.min(tl.where(v == top[None, :], offs_s[:, None], SPLITS + RANGES_PER_STEP), axis=0)
+            top_j = tl.sum(tl.where(offs_s[:, None] == first[None, :], j, 0.0), axis=0)
+            # Strictly greater: on a tie the earlier ranges, hence the lower B index, keep the match.
+            better = top > best
+            best = tl.where(better, top, best)
+            best_j = tl.where(better, top_j, best_j)
         if IN_PLACE:
             tl.store(part_row + offs_i, best, mask=mask_i)
             tl.store(part_row + NA + offs_i, best_j, mask=mask_i)

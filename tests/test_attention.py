@@ -80,6 +80,23 @@ def test_candidate_equals_reference(device, nan_outputs, impl, dtype, shape):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("size_dtype", [torch.float32, torch.float16], ids=["size-fp32", "size-fp16"])
+def test_inference_takes_the_log_in_the_kernel(device, nan_outputs, dtype, size_dtype, monkeypatch):
+    """Without a gradient to track, the kernel reads the sizes and takes their log itself (no bias
+    tensor, no log op): the reference's output within the dtype's tolerance."""
+    calls = []
+    launcher = triton_attention.attention_forward
+    monkeypatch.setattr(triton_attention, "attention_forward",
+                        lambda *a, **kw: calls.append(kw.get("log_bias")) or launcher(*a, **kw))
+    q, k, v, size, grad = make_inputs(2, 3, 41, 64, dtype, device, seed=4)
+    with torch.no_grad():
+        out = candidate("triton")(q, k, v, size.to(size_dtype))
+    assert calls == [True]
+    assert_close_to([out], truth(q, k, v, size, grad)[:1], dtype)
+
+
+@pytest.mark.interpreter
 def test_sizes_matter_more_than_the_tolerance(device):
     """The comparisons above could not pass with the bias ignored."""
     q, k, v, size, grad = make_inputs(2, 2, 17, 64, torch.float16, device)

@@ -1,7 +1,7 @@
-"""The merge kernels as compiled for an H100 (sm_90): no spills, 128-bit feature traffic, at most
-two forward launches per merge step. No GPU needed: ``benchmarks.codegen`` compiles the launches
-the ViT-B/32 schedule makes (batch 1 and 32) with Triton's ``GPUTarget`` and reads ``ptxas -v`` and
-the PTX. ``python -m benchmarks.codegen`` covers every model, dtype and sm_80 as well.
+"""The merge and attention kernels as compiled for an H100 (sm_90): no spills, 128-bit feature
+traffic, at most two forward launches per merge step. No GPU needed: ``benchmarks.codegen``
+compiles the launches the ViT-B/32 schedule makes (batch 1 and 32) with Triton's ``GPUTarget`` and
+reads ``ptxas -v`` and the PTX. ``python -m benchmarks.codegen`` covers every model, dtype and sm_80 as well.
 """
 import os
 import subprocess
@@ -36,11 +36,24 @@ def test_no_spills_no_scalar_16bit_access_two_forward_launches(vit_b32_report):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| _")]
     kernels = {row[0].strip() for row in rows}
-    assert kernels == {"_best_match_fwd_kernel", "_merge_fwd_kernel", "_merge_bwd_kernel"}, kernels
+    assert kernels == {"_best_match_fwd_kernel", "_merge_fwd_kernel", "_merge_bwd_kernel", "_attention_fwd_kernel",
+                       "_attention_bwd_kernel"}, kernels
+    assert done.stdout.startswith("Compiled with triton "), done.stdout[:200]
     # The model's merges write the LayerNorm that follows them: those variants are the ones compiled.
     fwd_variants = [row[2] for row in rows if row[0].strip() == "_merge_fwd_kernel"]
     assert fwd_variants and all("NORM=1" in v for v in fwd_variants), fwd_variants
     assert any("GROUP=2" in v and "HAS_POS=1" in v for v in fwd_variants), fwd_variants
+    # Attention: layer 0 runs without the size bias, every later layer with it; forward, dQ and dK/dV passes.
+    attention = {(row[0].strip(), row[2].split("HAS_BIAS=")[1][0], "DKDV=1" in row[2]) for row in rows
+                 if row[0].strip().startswith("_attention")}
+    assert attention == {(k, b, p) for k, p in (("_attention_fwd_kernel", False), ("_attention_bwd_kernel", False),
+                                                 ("_attention_bwd_kernel", True)) for b in "01"}, attention
+    # Inference takes log(size) in the kernel; training passes the bias.
+    forwards = {row[2].split("LOG_BIAS=")[1][0] for row in rows if row[0].strip() == "_attention_fwd_kernel"}
+    assert forwards == {"0", "1"}, forwards
+    # Larger ViTs' head dims, 72, 88 and 104 among them: head strides that are multiples of 8, not 16.
+    head_dims = {row[3].strip().split()[0] for row in rows if row[3].strip().startswith("d=")}
+    assert head_dims == {"d=72", "d=80", "d=88", "d=104"}, head_dims
     for row in rows:
         spill, widest, scalar16 = row[8].strip(), row[10].strip(), row[11].strip()
         assert spill == "0" and scalar16 == "0" and widest == "128 bit", row

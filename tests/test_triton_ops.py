@@ -413,7 +413,7 @@ def test_join_merge_gradcheck(device):
 # Several tiles per clip (the GPU's tiling, walked in the interpreter)
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n, c, d, r", [(131, 1, 40, 65), (50, 12, 150, 19), (67, 2, 24, 1)],
+@pytest.mark.parametrize("n, c, d, r", [(131, 1, 40, 65), (50, 12, 150, 19), (67, 2, 24, 1), (307, 1, 16, 40)],
                          ids=lambda v: str(v))
 def test_multi_tile(n, c, d, r, tiling, device):
     metric = tie_free_metric(2, n, c, d, torch.float16, "transposed", device, seed=11)

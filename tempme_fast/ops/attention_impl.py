@@ -6,7 +6,8 @@ CUDA, so every merging layer would fall back to the memory-efficient or math ker
 candidates here avoid the mask:
 
 - ``"triton"``: a flash-attention kernel that reads the bias as a ``[B', N]`` vector
-  (``tempme_kernels.attention``, launched by :mod:`.triton_attention`).
+  (``tempme_kernels.attention``, launched by :mod:`.triton_attention`); without a gradient to
+  track it reads the sizes and takes their log itself.
 - ``"fold"``: the bias folded into the dot product. ``q`` gets extra channels of ones and ``k`` the
   bias times ``sqrt(d)``, so ``q' k'^T / sqrt(d) = q k^T / sqrt(d) + bias`` with the scale passed
   explicitly; the head dim is padded with zeros to a multiple of 8, and ``v`` with it, so SDPA's
@@ -91,15 +92,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Optional[
         return F.scaled_dot_product_attention(q, k, v) if size is None else folded_attention(q, k, v, size)
     from . import triton_attention  # lazily: importing triton is slow and it is absent on some platforms
 
-    return triton_attention.attention(q, k, v, log_bias(size))
-
-
-def log_bias(size: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The Triton kernel's bias: ``log(size)`` in float32, in size's own ``[B', N(, 1)]`` shape (the
-    kernel reads it through its strides, so no reshape), or None."""
-    if size is None:
-        return None
-    return (size if size.dtype == torch.float32 else size.to(torch.float32)).log()
+    return triton_attention.sized_attention(q, k, v, size)
 
 
 def self_attention(qkv: torch.Tensor, heads: int, size: Optional[torch.Tensor], impl: str, triton_backend: bool,
@@ -116,7 +109,7 @@ def self_attention(qkv: torch.Tensor, heads: int, size: Optional[torch.Tensor], 
         from . import triton_attention
 
         q, k, v = qkv.view(rows, tokens, 3, heads, width // heads).unbind(2)  # [B', N, H, d] each
-        out = triton_attention.attention(q, k, v, log_bias(size), token_major=True)
+        out = triton_attention.sized_attention(q, k, v, size, token_major=True)
         return out, (k.mean(dim=2) if keys else None)
     q, k, v = qkv.view(rows, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [B', H, N, d]
     out = attention(q, k, v, size, impl, triton_backend)

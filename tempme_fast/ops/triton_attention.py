@@ -9,11 +9,11 @@ validated at ``tempme_fast.ops.attention``).
 
 The output is written in ``[B', N, H, d]`` memory order and returned as a ``[B', H, N, d]`` view:
 the encoder's next step (``out.transpose(1, 2).reshape(B', N, H * d)``) is then free.
-``KERNEL_VARIANTS`` lists the compile-time variants at open_clip's shapes for the codegen report.
+``python -m benchmarks.codegen`` compiles every variant the launchers make at open_clip's shapes.
 """
 import math
 import os
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -22,23 +22,31 @@ from tempme_kernels.attention import _attention_bwd_kernel, _attention_fwd_kerne
 
 from .eager import custom_op_or, needs_grad, use_custom_ops
 
-__all__ = ["AttentionFunction", "DTYPES", "KERNEL_VARIANTS", "KernelVariant", "attention", "attention_backward",
-           "attention_forward", "block_config", "codegen_args", "gpu_warps"]
+__all__ = ["AttentionFunction", "DTYPES", "attention", "attention_backward", "attention_forward", "block_config",
+           "gpu_warps", "sized_attention"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 
 # Tile sizes (queries, keys) on a GPU per padded head dim, chosen so that no variant spills on
-# sm_80/sm_90 (ptxas -v; see KERNEL_VARIANTS). Fixed, not autotuned: N changes at every layer,
+# sm_80/sm_90 (ptxas -v; see benchmarks/codegen.py). Fixed, not autotuned: N changes at every layer,
 # and a tuner keyed on it would re-tune per layer.
 GPU_FWD_BLOCKS = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (64, 32)}
 GPU_BWD_BLOCKS = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (32, 32)}
+# The dK/dV pass holds a key tile and walks the queries in tiles of at most this many: with 64, its
+# fp16/bf16 program at 64 channels sits at 255 registers and spills 12 B on sm_80 (triton 3.6's ptxas).
+DKDV_QUERY_BLOCK = 32
 
 
-def gpu_warps(block_d: int, backward: bool, fp32: bool = False) -> int:
-    """Warps per program: 8 at 128 channels for the backward (its two ``[32, 128]`` float32
-    accumulators, dK and dV, spill on sm_80 at 4 warps) and for float32 inputs; 4 elsewhere."""
-    return 8 if block_d == 128 and (backward or fp32) else 4
+def gpu_warps(block_d: int, fp32: bool = False) -> int:
+    """Warps per program: 8 at 128 channels and for float32 inputs, 4 elsewhere. At 4 warps, ptxas
+    spills (``python -m benchmarks.codegen``): the backward at 128 channels on sm_80 (its two
+    ``[32, 128]`` float32 accumulators, dK and dV), the 16-bit forward at head dims 72, 88 and 104
+    on sm_80 (255 registers), and with triton 3.6 the float32 dK/dV pass (about 1 KB, sm_80 and
+    sm_90) and the float32 forward at 64 channels (sm_90)."""
+    return 8 if block_d == 128 or fp32 else 4
+
+
 GPU_STAGES = 2
 FP32_BLOCK = 32
 # The interpreter pays per program and per op, not per lane: one tile covers up to this many
@@ -71,8 +79,8 @@ def _constexprs(q: torch.Tensor) -> dict:
             "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}
 
 
-def _launch_options(block_d: int, backward: bool, fp32: bool) -> dict:
-    return {} if _interpreting() else {"num_warps": gpu_warps(block_d, backward, fp32), "num_stages": GPU_STAGES}
+def _launch_options(block_d: int, fp32: bool) -> dict:
+    return {} if _interpreting() else {"num_warps": gpu_warps(block_d, fp32), "num_stages": GPU_STAGES}
 
 
 def _new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
@@ -91,19 +99,26 @@ def _bias_args(bias: Optional[torch.Tensor], q: torch.Tensor):
     return bias, bias.stride(0), bias.stride(1)
 
 
+def _head_align(*head_strides: int) -> int:
+    """``HEAD_ALIGN``: the largest power of two up to 16 that divides every head stride."""
+    return math.gcd(16, *head_strides)
+
+
 def _heads_first_strides(t: torch.Tensor, token_major: bool) -> Tuple[int, int, int]:
     """(batch, head, token) strides of ``t``, given as ``[B', H, N, d]`` or (``token_major``) ``[B', N, H, d]``."""
     return (t.stride(0), t.stride(2), t.stride(1)) if token_major else (t.stride(0), t.stride(1), t.stride(2))
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                      token_major: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                      token_major: bool = False, log_bias: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """``softmax(q k^T / sqrt(d) + bias) v``.
 
     Args:
         q, k, v: ``[B', H, N, d]`` float16/bfloat16/float32, one dtype, any strides; with
             ``token_major``, ``[B', N, H, d]`` (as the views of a packed q | k | v projection).
         bias: ``[B', N]`` or ``[B', N, 1]`` float32 (``log(size)``), or None for plain attention.
+        log_bias: ``bias`` holds the sizes themselves (any float dtype, positive): the kernel takes
+            their log.
     Returns:
         ``out [B', H, N, d]`` in q's dtype (a view of a ``[B', N, H, d]`` buffer), or with
         ``token_major`` that buffer as ``[B', N, H * d]`` (the heads concatenated, as the output
@@ -121,12 +136,12 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: O
     block_d, block_m, block_n = block_config(head_dim, tokens, fp32=q.dtype == torch.float32)
     scale = 1.0 / math.sqrt(head_dim)
     bias_t, stride_bb, stride_bn = _bias_args(bias, q)
+    strides = [_heads_first_strides(t, token_major) for t in (q, k, v)]
     _attention_fwd_kernel[(triton.cdiv(tokens, block_m), rows * heads)](
-        q, k, v, bias_t, out, lse, tokens, heads,
-        *_heads_first_strides(q, token_major), *_heads_first_strides(k, token_major),
-        *_heads_first_strides(v, token_major), stride_bb, stride_bn, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,
-        **_constexprs(q), **_launch_options(block_d, False, q.dtype == torch.float32),
+        q, k, v, bias_t, out, lse, tokens, heads, *strides[0], *strides[1], *strides[2], stride_bb, stride_bn,
+        scale * LOG2E, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,
+        LOG_BIAS=log_bias, HEAD_ALIGN=_head_align(*(s[1] for s in strides)), **_constexprs(q),
+        **_launch_options(block_d, q.dtype == torch.float32),
     )
     return (out if token_major else out.transpose(1, 2)), lse
 
@@ -154,13 +169,15 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     bias_t, stride_bb, stride_bn = _bias_args(bias, q)
     out = out.transpose(1, 2)  # the [B', N, H, d] buffer the forward wrote
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,
-                  BIAS_GRAD=bias_grad, **_constexprs(q), **_launch_options(block_d, True, q.dtype == torch.float32))
+                  BIAS_GRAD=bias_grad, HEAD_ALIGN=_head_align(*(t.stride(1) for t in (q, k, v, grad_out))),
+                  **_constexprs(q), **_launch_options(block_d, q.dtype == torch.float32))
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], stride_bb, stride_bn, *grad_out.stride()[:3],
                scale * LOG2E, scale)
     args = (q, k, v, bias_t, out, grad_out, lse, delta, dq, dk, dv, dbias if bias_grad else delta, tokens, heads,
             *strides)
     # The dQ pass writes delta, which the dK/dV pass reads: two launches in stream order.
     _attention_bwd_kernel[(triton.cdiv(tokens, block_m), rows * heads)](*args, DKDV=False, **common)
+    common["BLOCK_M"] = min(block_m, DKDV_QUERY_BLOCK)
     _attention_bwd_kernel[(triton.cdiv(tokens, block_n), rows * heads)](*args, DKDV=True, **common)
     return dq, dk, dv, dbias
 
@@ -238,72 +255,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[
     return attention_forward(q, k, v, bias, token_major)[0]
 
 
-# ---------------------------------------------------------------------------------------------
-# Compile-time variants, for the codegen report
-# ---------------------------------------------------------------------------------------------
+def sized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Optional[torch.Tensor],
+                    token_major: bool = False) -> torch.Tensor:
+    """Proportional attention: :func:`attention` with ``bias = log(size)`` (``size [B', N]`` or
+    ``[B', N, 1]``, any float dtype), or plain attention for ``size=None``.
 
-class KernelVariant(NamedTuple):
-    """One compiled form of a kernel: its name, the dtype and head dim it runs, the tile sizes, the
-    token count of an open_clip ViT layer it was listed for (N is not specialised) and the pass."""
-
-    kernel: str
-    dtype: str
-    head_dim: int
-    block_d: int
-    block_m: int
-    block_n: int
-    tokens: int
-    model: str
-    dkdv: bool  # the backward kernel's dK/dV pass (DKDV=True) rather than its dQ pass
-
-
-# (model, head dim, a token count its layers see: the unmerged frame, and a joined clip).
-_SHAPES = (("ViT-B/32", 64, 50), ("ViT-B/16", 64, 197), ("ViT-B/16 joined", 64, 394), ("ViT-L/14", 64, 257),
-           ("ViT-H/14", 80, 257), ("ViT-g/14 (d=88 -> 128)", 88, 257), ("d=32", 32, 197), ("d=48", 48, 197),
-           ("d=96", 96, 197), ("d=128", 128, 197))
-
-
-def _variants() -> List[KernelVariant]:
-    rows = []
-    for model, head_dim, tokens in _SHAPES:
-        block_d = max(16, triton.next_power_of_2(head_dim))
-        for dtype in ("fp16", "bf16"):
-            fm, fn = GPU_FWD_BLOCKS[block_d]
-            bm, bn = GPU_BWD_BLOCKS[block_d]
-            rows += [KernelVariant("_attention_fwd_kernel", dtype, head_dim, block_d, fm, fn, tokens, model, False),
-                     KernelVariant("_attention_bwd_kernel", dtype, head_dim, block_d, bm, bn, tokens, model, False),
-                     KernelVariant("_attention_bwd_kernel", dtype, head_dim, block_d, bm, bn, tokens, model, True)]
-    return rows
-
-
-KERNEL_VARIANTS: Tuple[KernelVariant, ...] = tuple(_variants())
-
-
-def codegen_args(variant: KernelVariant) -> Tuple[object, dict, dict, dict]:
-    """``(kernel, signature, constexprs, attrs)`` to compile ``variant`` ahead of time with
-    ``triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget(...))``.
-
-    Pointers and the token/batch/head strides carry the divisible-by-16 hint they get at run time
-    from the encoder's q/k/v (views of one projection whose widths are multiples of 16); ``N`` is
-    not specialised (``do_not_specialize``), as at run time.
+    An eager call without a gradient to track hands the sizes to the kernel, which takes their log
+    as it reads them: no ``log`` kernel and no bias tensor per layer. Otherwise (autograd, custom
+    ops) the bias is ``log(size)`` in float32, in size's own shape (read through its strides).
     """
-    kernel = {k.fn.__name__: k for k in (_attention_fwd_kernel, _attention_bwd_kernel)}[variant.kernel]
-    element = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[variant.dtype]
-    float_ptrs = ("lse_ptr", "delta_ptr", "dbias_ptr", "bias_ptr")
-    constexprs = {"HEAD_DIM": variant.head_dim, "BLOCK_D": variant.block_d, "BLOCK_M": variant.block_m,
-                  "BLOCK_N": variant.block_n, "HAS_BIAS": True, "BIAS_GRAD": True, "DKDV": variant.dkdv, "DOT_FP32": False,
-                  "PRECISION": "tf32", "stride_bn": 1}
-    signature, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in float_ptrs else element
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("QK_SCALE", "SM_SCALE"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if name.startswith("stride_") and name != "stride_bb":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return kernel, signature, {k: v for k, v in constexprs.items() if k in kernel.arg_names}, attrs
+    if size is None:
+        return attention(q, k, v, None, token_major)
+    if not needs_grad(q, k, v, size) and not use_custom_ops():
+        return attention_forward(q, k, v, size, token_major, log_bias=True)[0]
+    return attention(q, k, v, (size if size.dtype == torch.float32 else size.to(torch.float32)).log(), token_major)

@@ -149,20 +149,22 @@ def _match_tiles(rows: int, na: int, nb: int, channels: int, dtype: torch.dtype)
         dot_mode, cap = 1, GPU_BLOCK_MATCH  # the interpreter's bf16 tl.dot is wrong (triton 3.8): fp32
     else:
         dot_mode, cap = 0, GPU_BLOCK_MATCH
+    fp32_on_gpu = dtype == torch.float32 and not _interpreting()
     if _interpreting() or dot_mode == 2:
         block_a, block_b = _block(na, cap), _block(nb, cap)
     else:
         # Full 64 x 64 tiles even for short clips: 32- and 16-wide tiles make ptxas spill (sm_90).
-        block_a = block_b = cap
+        # fp32 takes 64 x 32 tiles at 4 warps: at 8 warps, 64 x 64 spills 20 B on sm_90 with triton
+        # 3.6's ptxas and 64 x 32 16-28 B with triton 3.8's (sm_80 and sm_90).
+        block_a, block_b = cap, cap // 2 if fp32_on_gpu else cap
     # fp32 products (input_precision="ieee") run on the FMA units, not the tensor cores: 64-wide channel
     # chunks spill on sm_80 (404 B), 16-wide ones fit in 128 registers on sm_80 and sm_90.
-    fp32_on_gpu = dtype == torch.float32 and not _interpreting()
     block_c = min(_block(channels, cap), 16 if dot_mode == 2 or fp32_on_gpu else 64)
     a_blocks = _cdiv(na, block_a)
     splits = max(1, min(_cdiv(nb, block_b), GPU_FILL // (rows * a_blocks)))
     b_per = _cdiv(_cdiv(nb, splits), block_b) * block_b
     return dict(BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_C=block_c, DOT_MODE=dot_mode,
-                SPLITS=_cdiv(nb, b_per), B_PER=b_per, A_BLOCKS=a_blocks, num_warps=8)
+                SPLITS=_cdiv(nb, b_per), B_PER=b_per, A_BLOCKS=a_blocks, num_warps=4 if fp32_on_gpu else 8)
 
 
 def _plan_sort_block(na: int, scores_dtype: torch.dtype) -> int:
@@ -213,15 +215,20 @@ def _source_block(r: int, block_t: int, num_warps: int, itemsize: int = 2) -> in
     return _block(r, max(16, pairs * 32 * num_warps // block_t))
 
 
-def _merge_norm_tiles(rows: int, tokens: int, width: int, itemsize: int = 2) -> Dict[str, int]:
+def _merge_norm_tiles(rows: int, tokens: int, width: int, itemsize: int, has_pos: bool) -> Dict[str, int]:
     """Tiles of the merge forward that also writes the LayerNorm: a program spans every feature of
     its tokens (one slice of ``next_power_of_2(D)``), so its token tile shrinks to keep the tile at
-    about 4096 elements (32 fp32 registers a thread per operand at 4 warps). 32-bit features take
-    8 warps: at 4 the image-merging variant sat at 128 registers and spilled 8 B on sm_90."""
+    about 4096 elements (32 fp32 registers a thread per operand at 4 warps, 16 at 8).
+
+    Warps: where these programs spill, ptxas has held them at 4 programs an SM (128 registers a
+    thread at 4 warps, 64 at 8) and spilled a few bytes rather than take more. 8 warps for 32-bit
+    features (at 4 the image merge spilled 8 B on sm_90) and for joins, which add the position
+    embedding (12 B on sm_80 and sm_90 at 4, triton 3.6's ptxas); 4 for the other 16-bit merges
+    (at 8 the bf16 ones spilled 10 B on sm_80 with that ptxas)."""
     block_d = _next_power_of_2(width)
     cap = INTERPRETER_BLOCK if _interpreting() else max(1, NORM_TILE_ELEMENTS // block_d)
     block_t = max(1, min(_next_power_of_2(tokens), cap))
-    return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4 if itemsize <= 2 else 8)
+    return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=8 if itemsize > 2 or has_pos else 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +357,7 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
     else:
         ln_w, ln_b, eps = norm[0].contiguous(), norm[1].contiguous(), float(norm[2])
         ln = _new_output((rows, n_out, width), x.dtype, x.device)
-        tiles = _merge_norm_tiles(rows, n_out, width, x.dtype.itemsize)
+        tiles = _merge_norm_tiles(rows, n_out, width, x.dtype.itemsize, frame_pos is not None)
     grid = (_cdiv(width, tiles["BLOCK_D"]), _cdiv(n_out, tiles["BLOCK_T"]), rows)
     _merge_fwd_kernel[grid](
         x, size, pos, merged, dst, kept, out, size_out, work, ln_w, ln_b, ln, eps,
