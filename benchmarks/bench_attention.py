@@ -19,12 +19,13 @@ import argparse
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
 from tempme_fast import TempMeConfig, ops, token_schedule
 from tempme_fast.loading import DTYPES
+from tempme_fast.schedule import LayerPlan
 
 from .common import VIT_GEOMETRY, environment, failure, measure_ms, print_table
 from .devicetime import device_columns, host_columns, speedups
@@ -46,16 +47,29 @@ class AttentionShape:
     head_dim: int
 
 
+def layer_attentions(model: str, batch: int, config: TempMeConfig = TempMeConfig(), geometry=VIT_GEOMETRY
+                     ) -> List[Tuple[LayerPlan, AttentionShape, bool]]:
+    """Every layer's attention as the encoder runs it: the layer's plan, the attention's shape, and
+    whether a merge has run before it (the layer's own cross-clip merge included), as the encoder
+    decides it (``ClipState.merged``): from there on sizes differ and proportional attention has a bias.
+    ``geometry``: ``{model: (depth, tokens per frame, width, heads)}``."""
+    depth, tokens, width, heads = geometry[model]
+    layers, merged = [], False
+    for p in token_schedule(config, depth, tokens).layers:
+        merged = merged or p.r_cross > 0
+        layers.append((p, AttentionShape(model, batch, p.layer, batch * p.clips_out, p.tokens_attn, heads,
+                                         width // heads), merged))
+        merged = merged or p.r > 0
+    return layers
+
+
 def attention_shapes(model: str, batch: int, config: TempMeConfig = TempMeConfig()) -> List[AttentionShape]:
     """The first layer whose attention has a bias, and every joining layer, from the schedule."""
-    depth, tokens, width, heads = VIT_GEOMETRY[model]
-    shapes, merged, biased_before = [], False, False
-    for p in token_schedule(config, depth, tokens).layers:
-        biased = merged or p.r_cross > 0  # as the encoder decides (ClipState.merged)
+    shapes, biased_before = [], False
+    for p, shape, biased in layer_attentions(model, batch, config):
         if biased and (not biased_before or p.group > 1):
-            shapes.append(AttentionShape(model, batch, p.layer, batch * p.clips_out, p.tokens_attn, heads,
-                                         width // heads))
-        biased_before, merged = biased, biased or p.r > 0
+            shapes.append(shape)
+        biased_before = biased
     return shapes
 
 

@@ -36,7 +36,7 @@ import torch
 from tempme_fast import TempMeConfig, token_schedule
 from tempme_fast.loading import DTYPES
 
-from .bench_attention import AttentionShape
+from .bench_attention import AttentionShape, layer_attentions
 from .common import VIT_GEOMETRY
 
 # The benchmarks' (depth, tokens per frame, width, heads), plus ViT-L/14: compiling needs no model.
@@ -188,14 +188,8 @@ def head_dim_steps(batch: int, frames: int = 12) -> List[AttentionStep]:
 def attention_steps(model: str, batch: int, config: TempMeConfig = TempMeConfig()) -> List[AttentionStep]:
     """Every layer's attention as the encoder runs it (``encoder.block_forward``): after the
     layer's join and cross-clip merge, with the bias from the first merge on."""
-    depth, tokens, width, heads = GEOMETRY[model]
-    steps, merged = [], False
-    for p in token_schedule(config, depth, tokens).layers:
-        merged = merged or p.r_cross > 0
-        shape = AttentionShape(model, batch, p.layer, batch * p.clips_out, p.tokens_attn, heads, width // heads)
-        steps.append((shape, config.prop_attn and merged))
-        merged = merged or p.r > 0
-    return steps
+    return [(shape, config.prop_attn and merged)
+            for _, shape, merged in layer_attentions(model, batch, config, GEOMETRY)]
 
 
 def run_attention(step: AttentionStep, dtype: torch.dtype, device: str = "meta", backward: bool = True):
@@ -357,10 +351,6 @@ def describe(launch: Launch) -> str:
     return " ".join(f"{k}={int(bound[k]) if isinstance(bound[k], bool) else bound[k]}" for k in keys)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def serial_steps(launch: Launch) -> Dict[str, int]:
     """The loop trips on the longest path through one program of a forward launch, read off the
     kernels' loops: the critical-path model of ``BENCHMARKS.md``.
@@ -372,6 +362,7 @@ def serial_steps(launch: Launch) -> Dict[str, int]:
     ``grouping`` steps of a program holding B tokens (two passes over the r destinations); its
     gather loop adds the most sources of one B token in the tile, which depends on the plan.
     """
+    from tempme_fast.ops.triton_ops import _cdiv
     from tempme_kernels.best_match import RANGES_PER_STEP
 
     bound = bound_args(launch)

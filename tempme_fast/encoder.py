@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops, tracking
+from .ops.eager import cast
 from .schedule import LayerPlan
 
 
@@ -48,10 +49,10 @@ def embed_frames(visual: nn.Module, frames: torch.Tensor, track_videos: Optional
 
     ``track_videos=B`` (``M = B * T``) starts source tracking; None leaves it off.
     """
-    x = visual.conv1(_cast(frames, visual.conv1.weight.dtype))
+    x = visual.conv1(cast(frames, visual.conv1.weight.dtype))
     x = x.flatten(2).transpose(1, 2)
-    cls = _cast(visual.class_embedding, x.dtype).expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1) + _cast(visual.positional_embedding, x.dtype)
+    cls = cast(visual.class_embedding, x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + cast(visual.positional_embedding, x.dtype)
     x = visual.patch_dropout(x)
     x = _layer_norm(visual.ln_pre, x)
     size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=torch.float32)
@@ -59,11 +60,6 @@ def embed_frames(visual: nn.Module, frames: torch.Tensor, track_videos: Optional
     if track_videos is not None:
         sources = tracking.initial_sources(track_videos, x.shape[0] // track_videos, x.shape[1], x.device)
     return ClipState(x, size, 1, sources, merged=False)
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # A .to() that changes nothing is still an aten op: host time on every forward.
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _self_attention(attn: nn.MultiheadAttention, h: torch.Tensor, size: Optional[torch.Tensor],
@@ -91,7 +87,7 @@ def _layer_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     kind = type(norm)
     if kind is nn.LayerNorm or (kind.__name__ == "LayerNorm" and kind.__module__ == "open_clip.transformer"):
         out = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        return out if out.dtype == x.dtype else out.to(x.dtype)
+        return cast(out, x.dtype)
     return norm(x)
 
 
@@ -130,7 +126,7 @@ def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos
     """
     x, size, c, sources, merged = state
     if plan.group > 1:
-        pos = frame_pos if frame_pos is None else _cast(frame_pos, x.dtype)
+        pos = frame_pos if frame_pos is None else cast(frame_pos, x.dtype)
         if sources is not None:
             sources = tracking.join_sources(sources, x.shape[0] // sources.shape[0], x.shape[1], c, plan.group)
         x, size, h, cross = _join_then_norm(x, size, plan.group, c, plan.r_cross, pos, block.ln_1, options.backend)

@@ -20,7 +20,7 @@ from typing import Callable, Optional, TypeVar
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack, is_in_torch_dispatch_mode
 
-__all__ = ["custom_op_or", "detached", "needs_grad", "use_custom_ops"]
+__all__ = ["cast", "custom_op_or", "detached", "needs_grad", "use_custom_ops"]
 
 T = TypeVar("T")
 
@@ -55,3 +55,9 @@ def detached(t: torch.Tensor) -> torch.Tensor:
     """``t.detach()`` where it matters: a tensor that requires no gradient is returned as is (a
     ``detach`` is an aten op, host time on every call)."""
     return t.detach() if t.requires_grad else t
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` where it changes something: a ``.to`` that changes nothing is still an aten op,
+    host time on every call."""
+    return t if t.dtype == dtype else t.to(dtype)

@@ -20,7 +20,7 @@ import triton
 
 from tempme_kernels.attention import _attention_bwd_kernel, _attention_fwd_kernel
 
-from .eager import custom_op_or, needs_grad, use_custom_ops
+from .eager import cast, custom_op_or, needs_grad, use_custom_ops
 
 __all__ = ["AttentionFunction", "DTYPES", "attention", "attention_backward", "attention_forward", "block_config",
            "gpu_warps", "sized_attention"]
@@ -268,4 +268,4 @@ def sized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Opt
         return attention(q, k, v, None, token_major)
     if not needs_grad(q, k, v, size) and not use_custom_ops():
         return attention_forward(q, k, v, size, token_major, log_bias=True)[0]
-    return attention(q, k, v, (size if size.dtype == torch.float32 else size.to(torch.float32)).log(), token_major)
+    return attention(q, k, v, cast(size, torch.float32).log(), token_major)
