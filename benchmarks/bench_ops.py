@@ -1,7 +1,8 @@
 """Merge-op benchmarks: Triton against the PyTorch reference (eager and ``torch.compile``).
 
-Ops: ``best_match``, ``match`` (best match + plan), ``merge`` forward and backward, and the whole merge
-step (match + merge). Shapes come from the token schedule (``common.merge_shapes``). Each row reports
+Ops: ``best_match``, ``match`` (best match + plan), ``merge`` forward and backward, the whole merge
+step (match + merge), and the step as the encoder runs it after attention (``step_norm_fwd``: the
+residual add, match, merge and ``ln_2``; fused into the merge launch on Triton). Shapes come from the token schedule (``common.merge_shapes``). Each row reports
 the median time with its 20th-80th percentile spread, the bytes the op must move at the least (each
 input read once, each output written once), the achieved GB/s and, on a GPU, the fraction of the
 measured device-to-device copy bandwidth.
@@ -30,7 +31,9 @@ from .common import Compiled, MergeShape, RowLog, add_row_log_arguments, copy_ba
     failure, measure_ms, merge_shapes, print_table, write_results
 from .devicetime import basis_ms, device_columns, host_columns, speedups
 
-OPS = ("best_match", "match", "merge_fwd", "merge_bwd", "step_fwd", "step_fwdbwd")
+OPS = ("best_match", "match", "merge_fwd", "merge_bwd", "step_fwd", "step_norm_fwd", "step_fwdbwd")
+# LayerNorm epsilon of the step_norm_fwd rows (open_clip's).
+NORM_EPS = 1e-5
 
 
 def op_bytes(op: str, s: MergeShape, elt: int) -> int:
@@ -46,6 +49,9 @@ def op_bytes(op: str, s: MergeShape, elt: int) -> int:
         "merge_fwd": x_in + plan + sizes + x_out,
         "merge_bwd": x_out + plan + sizes + x_in,
         "step_fwd": metric + x_in + sizes + x_out,
+        # The model's step after attention: x and the attention's output read, the merged tokens and
+        # their LayerNorm written, the LayerNorm's weight and bias read.
+        "step_norm_fwd": metric + 2 * x_in + sizes + 2 * x_out + 2 * s.width * elt,
         "step_fwdbwd": metric + 2 * (x_in + x_out) + sizes + plan,
     }
     return table[op]
@@ -68,6 +74,8 @@ def op_fn(op: str, impl: str, s: MergeShape, metric, x, size, compile_backend: s
     fresh one resets the compile cache), whose graph count goes in the row.
     """
     backend = "triton" if impl == "triton" else "torch"
+    if op == "step_norm_fwd":
+        return step_norm_fn(backend, impl, s, metric, x, size, compile_backend, compiled)
     if impl == "torch.compile" and compiled is None:
         if op == "best_match":
             compiled = Compiled(lambda m: reference.best_match(m, s.protected), compile_backend)
@@ -101,6 +109,26 @@ def op_fn(op: str, impl: str, s: MergeShape, metric, x, size, compile_backend: s
             out, _ = ops.merge(xg, size, ops.match(metric, s.r, s.protected, backend=backend), backend=backend)
         return torch.autograd.grad(out, xg, grad)
     return fwdbwd, fn
+
+
+def step_norm_fn(backend: str, impl: str, s: MergeShape, metric, x, size, compile_backend: str,
+                 compiled: Optional[Compiled]) -> Tuple[Callable[[], object], Optional[Compiled]]:
+    """``op_fn`` of ``step_norm_fwd``: the encoder's step after attention, ``x + out`` merged and the
+    ``ln_2`` of the result (``ops.merge_norm(..., residual=out)``: one merge launch on Triton; an add,
+    the merge and a LayerNorm on the reference). ``out`` is ``x`` rolled by one token."""
+    residual = x.roll(1, dims=1)
+    weight = torch.ones(s.width, device=x.device, dtype=x.dtype)
+    bias = torch.zeros(s.width, device=x.device, dtype=x.dtype)
+    if impl == "torch.compile":
+        compiled = compiled or Compiled(
+            lambda m, xx, sz, res: reference.merge_norm(xx, sz, reference.match(m, s.r, s.protected), weight, bias,
+                                                        NORM_EPS, residual=res), compile_backend)
+        return (lambda: compiled(metric, x, size, residual)), compiled
+
+    def step():
+        plan = ops.match(metric, s.r, s.protected, backend=backend)
+        return ops.merge_norm(x, size, plan, weight, bias, NORM_EPS, backend=backend, residual=residual)
+    return step, None
 
 
 def device_row(op: str, impl: str, s: MergeShape, dtype: torch.dtype, device: torch.device,
@@ -149,6 +177,8 @@ def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_
                     dtype = DTYPES[dtype_name]
                     metric, x, size = make_inputs(s, dtype, device)
                     for op in op_names:
+                        if op == "step_norm_fwd" and s.stage == "cross":
+                            continue  # a join's merge has no residual add before it (join_merge_norm)
                         base = None
                         for impl in impls:
                             if impl == "torch.compile":

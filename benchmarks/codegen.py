@@ -147,14 +147,16 @@ def step_inputs(step: Step, dtype: torch.dtype, device: str = "meta"):
 def forward_step(step: Step, inputs):
     """The forward launcher calls of one merge step as the model makes them: the match, then the
     merge, which also writes the LayerNorm that follows it (``ln_2`` after a merge after attention,
-    ``ln_1`` after a cross-clip merge). Returns ``(out, b_size, plan)``."""
+    ``ln_1`` after a cross-clip merge); a merge after attention also adds the attention's residual
+    as it reads ``x``. Returns ``(out, b_size, plan)``."""
     from tempme_fast.ops import triton_ops
 
     metric, x, size, frame_pos = inputs
     merged, dst, kept = triton_ops.match_forward(metric, step.r, step.protected, step.group)
     norm = (torch.empty(step.width, dtype=x.dtype, device=x.device),) * 2 + (1e-5,)
+    residual = torch.empty_like(x) if step.group == 1 else None
     out, _, b_size = triton_ops.merge_forward(x, size, merged, dst, kept, step.protected, step.group, frame_pos,
-                                              norm)[:3]
+                                              norm, residual)[:3]
     return out, b_size, (merged, dst, kept)
 
 
@@ -345,7 +347,7 @@ def bound_args(launch: Launch) -> dict:
 def describe(launch: Launch) -> str:
     """The constexprs and specialised sizes that tell variants apart."""
     bound = bound_args(launch)
-    keys = [k for k in ("C", "D", "GROUP", "HAS_POS", "NORM", "POS_GRAD", "PLAN", "DOT_MODE", "HEAD_DIM",
+    keys = [k for k in ("C", "D", "GROUP", "HAS_RES", "HAS_POS", "NORM", "POS_GRAD", "PLAN", "DOT_MODE", "HEAD_DIM",
                         "HAS_BIAS", "LOG_BIAS", "BIAS_GRAD", "DKDV", "BLOCK_A", "BLOCK_B", "BLOCK_C", "BLOCK_M",
                         "BLOCK_N", "BLOCK_T", "BLOCK_D", "num_warps") if k in bound]
     return " ".join(f"{k}={int(bound[k]) if isinstance(bound[k], bool) else bound[k]}" for k in keys)

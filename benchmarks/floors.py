@@ -1,7 +1,7 @@
 """Lower bounds on merge-op time from bytes moved and FLOPs, as a Markdown table.
 
     python -m benchmarks.floors --model ViT-B-16 --batch 32 --dtype fp16 --bandwidth 3.0e12 --flops 7.9e14
-    python -m benchmarks.floors --model ViT-B-16 --batch 16 --norm   # + the merge-and-LayerNorm table
+    python -m benchmarks.floors --model ViT-B-16 --batch 16 --norm   # + the add, merge and LayerNorm table
 """
 from __future__ import annotations
 
@@ -43,55 +43,65 @@ def block_flops_per_token(tokens: int, width: int) -> int:
     return 24 * width * width + 4 * tokens * width
 
 
-def norm_step_bytes(s: MergeShape, elt: int, fused: bool) -> int:
-    """Fewest bytes of a post-attention merge step and the ``ln_2`` after it (forward).
+# How a post-attention merge step runs with the residual add before it and the ln_2 after it.
+NORM_VARIANTS = ("unfused", "fused", "fused_add")
 
-    Unfused: the step (``op_bytes('step_fwd')``), then a LayerNorm that reads the merged tokens and
-    writes its output. Fused (``ops.merge_norm`` on Triton): the merge launch writes both outputs,
-    so the merged tokens are not read back. The LayerNorm's weight and bias are read either way.
+
+def norm_step_bytes(s: MergeShape, elt: int, variant: str) -> int:
+    """Fewest bytes of a post-attention merge step with the residual add before it and the ``ln_2``
+    after it (forward), for one of :data:`NORM_VARIANTS`.
+
+    ``unfused``: the add (reads ``x`` and the attention's output, writes their sum), the step
+    (``op_bytes('step_fwd')``), then a LayerNorm that reads the merged tokens and writes its output.
+    ``fused`` (``ops.merge_norm`` on Triton): the merge launch writes both outputs, so the merged
+    tokens are not read back. ``fused_add`` (``ops.merge_norm(residual=)``): the merge launch also
+    reads ``x`` and the attention's output itself, so their sum is neither written nor read back.
+    The LayerNorm's weight and bias are read in every variant.
     """
+    if variant not in NORM_VARIANTS:
+        raise ValueError(f"variant={variant!r} is not one of {NORM_VARIANTS}")
+    x_in = s.rows * s.tokens * s.width * elt
     merged = s.rows * (s.tokens - s.r) * s.width * elt
-    params = 2 * s.width * elt
-    return op_bytes("step_fwd", s, elt) + merged + params + (0 if fused else merged)
+    fused_add = op_bytes("step_norm_fwd", s, elt)  # the encoder's step: bench_ops times it
+    return {"unfused": fused_add + 2 * x_in + merged, "fused": fused_add + 2 * x_in, "fused_add": fused_add}[variant]
 
 
 def norm_table(model: str, batch: int, dtype: str, bandwidth: float, flops: float, config=None) -> str:
-    """Every post-attention merge of the schedule with its ``ln_2``: bytes before and after the
-    fusion, and the compute the merge saves (this layer's MLP, and every later block, for the
-    removed tokens) at ``flops``."""
+    """Every post-attention merge of the schedule with the residual add before it and its ``ln_2``:
+    bytes of each of :data:`NORM_VARIANTS`, the merge's own price (over the add and ``ln_2`` that the
+    block runs without a merge), and the compute the merge saves (this layer's MLP, and every later
+    block, for the removed tokens) at ``flops``."""
     from tempme_fast import TempMeConfig, token_schedule
 
     depth, tokens, width, heads = VIT_GEOMETRY[model]
     elt = DTYPES[dtype].itemsize
     layers = token_schedule(config or TempMeConfig(), depth, tokens).layers
-    lines = [f"| merge + ln_2 ({model}, {batch} videos, {dtype}) | rows x tokens | r | unfused | fused | saved "
-             "| merge's cost over ln_2 alone: unfused, fused | compute saved: this MLP "
-             "| compute saved: to the last layer |", "|" + "---|" * 9]
-    total = {False: 0, True: 0}
+    lines = [f"| add + merge + ln_2 ({model}, {batch} videos, {dtype}) | rows x tokens | r | unfused | merge + ln_2 "
+             "fused | add + merge + ln_2 fused | merge's price over add + ln_2 alone: unfused, fused, fused with add "
+             "| compute saved: this MLP | compute saved: to the last layer |", "|" + "---|" * 9]
+    total = dict.fromkeys(NORM_VARIANTS, 0)
     for i, p in enumerate(layers):
         if not p.r:
             continue
         s = MergeShape(model, batch, p.layer, p.kind, batch * p.clips_out, p.tokens_attn, p.protected_out,
                        width // heads, width, p.r)
         cells = []
-        for fused in (False, True):
-            b = norm_step_bytes(s, elt, fused)
-            total[fused] += b
+        for variant in NORM_VARIANTS:
+            b = norm_step_bytes(s, elt, variant)
+            total[variant] += b
             cells.append(f"{b / 1e6:.1f} MB, {b / bandwidth * 1e6:.1f} us")
-        saved = norm_step_bytes(s, elt, False) - norm_step_bytes(s, elt, True)
-        # Without the merge the block would still run ln_2: read x, write its output.
-        alone = 2 * s.rows * s.tokens * s.width * elt + 2 * s.width * elt
-        extra = [(norm_step_bytes(s, elt, fused) - alone) / bandwidth * 1e6 for fused in (False, True)]
+        # Without the merge the block still adds the residual (read two, write one) and runs ln_2
+        # (read x, write its output).
+        x_bytes = s.rows * s.tokens * s.width * elt
+        alone = 5 * x_bytes + 2 * s.width * elt
+        price = ", ".join(f"{(norm_step_bytes(s, elt, v) - alone) / bandwidth * 1e6:.1f} us" for v in NORM_VARIANTS)
         removed = s.rows * s.r  # tokens; a later join keeps their count (a clip's tokens stay its tokens)
         mlp = removed * 16 * width * width
         later = mlp + sum(removed * block_flops_per_token(q.tokens_attn, width) for q in layers[i + 1:])
-        lines.append(f"| L{p.layer} {p.kind} | {s.rows} x {s.tokens} | {s.r} | {cells[0]} | {cells[1]} "
-                     f"| {saved / 1e6:.1f} MB, {saved / bandwidth * 1e6:.1f} us "
-                     f"| {extra[0]:.1f} us, {extra[1]:.1f} us | {mlp / flops * 1e6:.1f} us "
-                     f"| {later / flops * 1e6:.1f} us |")
-    lines.append(f"| forward total | | | {total[False] / 1e9:.2f} GB, {total[False] / bandwidth * 1e3:.2f} ms "
-                 f"| {total[True] / 1e9:.2f} GB, {total[True] / bandwidth * 1e3:.2f} ms "
-                 f"| {(total[False] - total[True]) / 1e9:.2f} GB | | | |")
+        lines.append(f"| L{p.layer} {p.kind} | {s.rows} x {s.tokens} | {s.r} | " + " | ".join(cells)
+                     + f" | {price} | {mlp / flops * 1e6:.1f} us | {later / flops * 1e6:.1f} us |")
+    lines.append("| forward total | | | " + " | ".join(
+        f"{total[v] / 1e9:.2f} GB, {total[v] / bandwidth * 1e3:.2f} ms" for v in NORM_VARIANTS) + " | | | |")
     return "\n".join(lines)
 
 
@@ -145,7 +155,8 @@ def main(argv=None) -> int:
     parser.add_argument("--flops", type=float, default=7.9e14, help="FLOP/s of 16-bit matrix products")
     parser.add_argument("--attention", action="store_true", help="also the attention layers' table")
     parser.add_argument("--norm", action="store_true",
-                        help="also every post-attention merge with its ln_2, unfused and fused (ops.merge_norm)")
+                        help="also every post-attention merge with the residual add and ln_2 around it, unfused and "
+                             "fused (ops.merge_norm, with and without residual=)")
     args = parser.parse_args(argv)
     print(table(args.model, args.batch, args.dtype, args.bandwidth, args.flops))
     if args.norm:

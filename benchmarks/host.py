@@ -322,9 +322,10 @@ def step_counts(step: MergeStep, width: int = 768, heads: int = 12, dtype: torch
             return encoder._join_then_norm(x, size, step.group, step.protected, step.r, pos, norm, "auto")
     else:
         keys = torch.empty(step.clips, step.tokens, width // heads, dtype=dtype, device="cpu")
+        residual = torch.empty_like(x)
 
         def run():
-            return encoder._merge_then_norm(x, size, None, keys, step.r, step.protected, norm, "auto")
+            return encoder._merge_then_norm(x, residual, size, None, keys, step.r, step.protected, norm, "auto")
 
     def call():
         with contextlib.nullcontext() if grad else torch.inference_mode():

@@ -15,6 +15,9 @@ sizes, sources) is done once per program, not once per feature chunk, and a sing
 spreads over many SMs. With ``NORM`` the forward also writes the LayerNorm of its output (the
 block's ``ln_2``, twin ``reference.merge_norm``); its programs then span all features of a token.
 
+With ``HAS_RES`` the forward merges ``x + residual`` (the block's residual add after attention),
+reading both and rounding their sum to x's dtype as the add would, so the sum is never written.
+
 With ``GROUP > 1`` the clip being merged is the ClipMe join of ``GROUP`` input clips: the kernels
 read (and the backward writes) the unjoined tensors through ``_joined_token`` and add the temporal
 position embedding of each token's source clip on the fly, so the joined copy is never written.
@@ -92,6 +95,23 @@ def _merge_index_kernel(
     _tile_sources(dst_row, merged_ptr + row * R, src_ptr + row * R, R, offs_j, lo, BLOCK_K)
 
 
+@triton.jit
+def _token_rows(x_ptr, res_ptr, clip, tok, offs_d, mask, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn,
+                stride_rd, HAS_RES: tl.constexpr):
+    """Feature slice ``offs_d`` of tokens ``(clip, tok)`` of ``x``, or of ``x + residual`` rounded to
+    x's dtype (``HAS_RES``: as ``torch.add`` computes it, in float32 for 16-bit inputs)."""
+    x = tl.load((x_ptr + clip * stride_xb + tok * stride_xn)[:, None] + offs_d[None, :] * stride_xd, mask=mask,
+                other=0.0)
+    if HAS_RES:
+        res = tl.load((res_ptr + clip * stride_rb + tok * stride_rn)[:, None] + offs_d[None, :] * stride_rd,
+                      mask=mask, other=0.0)
+        if x.dtype == tl.float64:
+            x = x + res
+        else:
+            x = (x.to(tl.float32) + res.to(tl.float32)).to(x.dtype)
+    return x
+
+
 # Only the counts that change from layer to layer are left unspecialised, and the size strides
 # (sizes are read one per token, never as vectors): D and the x strides keep their divisibility
 # by 16, which is what lets the compiler emit 128-bit loads and stores along the features.
@@ -99,6 +119,7 @@ def _merge_index_kernel(
                                "stride_wb"])
 def _merge_fwd_kernel(
     x_ptr,  # [B' * GROUP, N_IN, D] any strides (a clip of N = GROUP * N_IN tokens)
+    res_ptr,  # x's shape and dtype, any strides: added to x (read only if HAS_RES)
     size_ptr,  # [B' * GROUP, N_IN] or [B' * GROUP, N_IN, 1] any strides
     pos_ptr,  # [CLIPS, D] temporal position embedding added to x (read only if HAS_POS)
     merged_ptr,  # [B', r] int64 contiguous: merged A tokens, rank order
@@ -127,10 +148,14 @@ def _merge_fwd_kernel(
     stride_xb,
     stride_xn,
     stride_xd,
+    stride_rb,
+    stride_rn,
+    stride_rd,
     stride_sb,
     stride_sn,
     stride_pc,
     stride_wb,
+    HAS_RES: tl.constexpr,
     HAS_POS: tl.constexpr,
     NORM: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -168,8 +193,8 @@ def _merge_fwd_kernel(
     mask_d = offs_d < D
     mask = mask_t[:, None] & mask_d[None, :]
     s_self = tl.load(size_ptr + clip * stride_sb + tok * stride_sn, mask=mask_t, other=1).to(ACC)
-    x_self = tl.load((x_ptr + clip * stride_xb + tok * stride_xn)[:, None] + offs_d[None, :] * stride_xd,
-                     mask=mask, other=0.0).to(ACC)
+    x_self = _token_rows(x_ptr, res_ptr, clip, tok, offs_d, mask, stride_xb, stride_xn, stride_xd, stride_rb,
+                         stride_rn, stride_rd, HAS_RES).to(ACC)
     if HAS_POS:
         x_self += tl.load((pos_ptr + (clip % CLIPS) * stride_pc)[:, None] + offs_d[None, :],
                           mask=mask, other=0.0).to(ACC)
@@ -181,8 +206,8 @@ def _merge_fwd_kernel(
         a_clip, a_tok = _joined_token(row, A_START + 2 * a, GROUP, C_IN, N_IN)
         s = tl.load(size_ptr + a_clip * stride_sb + a_tok * stride_sn, mask=has, other=0).to(ACC)
         mask_a = has[:, None] & mask_d[None, :]
-        xa = tl.load((x_ptr + a_clip * stride_xb + a_tok * stride_xn)[:, None] + offs_d[None, :] * stride_xd,
-                     mask=mask_a, other=0.0).to(ACC)
+        xa = _token_rows(x_ptr, res_ptr, a_clip, a_tok, offs_d, mask_a, stride_xb, stride_xn, stride_xd, stride_rb,
+                         stride_rn, stride_rd, HAS_RES).to(ACC)
         if HAS_POS:
             xa += tl.load((pos_ptr + (a_clip % CLIPS) * stride_pc)[:, None] + offs_d[None, :],
                           mask=mask_a, other=0.0).to(ACC)

@@ -91,14 +91,16 @@ def _layer_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm(x)
 
 
-def _merge_then_norm(x, size, sources, metric, r, protected, norm: nn.Module, backend):
-    """The merge after attention, then the block's ``ln_2`` of its output: ``(x, size, sources, ln)``.
-    A LayerNorm goes into the merge op (one pass over the merged tokens on the Triton backend)."""
+def _merge_then_norm(x, residual, size, sources, metric, r, protected, norm: nn.Module, backend):
+    """The residual add after attention (``x + residual``), the merge, then the block's ``ln_2`` of
+    its output: ``(x, size, sources, ln)``. A LayerNorm goes into the merge op with the add (one
+    pass over the merged tokens on the Triton backend, which never writes the sum)."""
     plan = ops.match(metric, r, protected, backend=backend)
     if _fusable_norm(norm):
-        x, size, ln = ops.merge_norm(x, size, plan, norm.weight, norm.bias, norm.eps, backend=backend)
+        x, size, ln = ops.merge_norm(x, size, plan, norm.weight, norm.bias, norm.eps, backend=backend,
+                                     residual=residual)
     else:
-        x, size = ops.merge(x, size, plan, backend=backend)
+        x, size = ops.merge(x + residual, size, plan, backend=backend)
         ln = norm(x)
     if sources is not None:
         sources = tracking.merge_sources(sources, plan)
@@ -138,10 +140,11 @@ def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos
     merged = merged or plan.r_cross > 0
     attn_size = size if options.prop_attn and merged else None
     out, keys = _self_attention(block.attn, h, attn_size, options.attention, options.backend, plan.r > 0)
-    x = x + block.ls_1(out)
     if plan.r:
-        x, size, sources, h = _merge_then_norm(x, size, sources, keys, plan.r, c, block.ln_2, options.backend)
+        x, size, sources, h = _merge_then_norm(x, block.ls_1(out), size, sources, keys, plan.r, c, block.ln_2,
+                                               options.backend)
     else:
+        x = x + block.ls_1(out)
         h = _layer_norm(block.ln_2, x)
     x = x + block.ls_2(block.mlp(h))
     return ClipState(x, size, c, sources, merged or plan.r > 0)

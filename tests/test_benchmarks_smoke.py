@@ -2,6 +2,7 @@
 import json
 
 from benchmarks import bench_model, bench_ops
+from benchmarks.common import merge_shapes
 from benchmarks.rowlog import read_records
 from tiny import TINY_ARGS
 
@@ -32,6 +33,23 @@ def test_bench_ops_marks_each_compiled_row(tmp_path):
     rows = read_records(str(tmp_path / "r.jsonl"))[1:]
     compiled = [r for r in rows if r["impl"] == "torch.compile"]
     assert len(compiled) == 7 and all(r["compiled"] and r["compiled_graphs"] == 1 for r in compiled)
+
+
+def test_bench_ops_times_the_encoders_step_after_attention(tmp_path):
+    """``step_norm_fwd`` (residual add, merge, ln_2) runs at every merge after attention, compiled too,
+    and not at a join's merge, which has no residual add before it."""
+    assert bench_ops.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
+                           "--ops", "step_fwd", "step_norm_fwd", "--impls", "torch", "torch.compile",
+                           "--compile-at", "", "--compile-backend", "eager", "--rep-ms", "1",
+                           "--jsonl", str(tmp_path / "r.jsonl")]) == 0
+    rows = [r for r in read_records(str(tmp_path / "r.jsonl"))[1:] if r["op"] == "step_norm_fwd"]
+    after_attention = [s for s in merge_shapes("ViT-B-32", 1) if s.stage != "cross"]
+    assert {r["stage"] for r in rows} == {"imgme", "intra"} and len(rows) == 2 * len(after_attention)
+    assert all(r["ms"] > 0 and r["gbs"] > 0 for r in rows)
+    step = {(r["layer"], r["stage"]): r["bytes"] for r in read_records(str(tmp_path / "r.jsonl"))[1:]
+            if r["op"] == "step_fwd" and r["impl"] == "torch"}
+    for r in rows:  # one more read of x (the residual), the LayerNorm written, its weight and bias read
+        assert r["bytes"] > step[(r["layer"], r["stage"])]
 
 
 def test_bench_model_smoke(tmp_path, tiny_model_file):

@@ -1,16 +1,30 @@
-"""benchmarks.floors: the merge + LayerNorm bytes, before and after the fusion."""
+"""benchmarks.floors: the add + merge + LayerNorm bytes, before and after each fusion."""
+import pytest
+
 from benchmarks import floors
 from benchmarks.common import MergeShape
 
+SHAPE = MergeShape("ViT-B-16", 16, 0, "imgme", 192, 197, 1, 64, 768, 2)
 
-def test_fusion_saves_one_read_of_the_merged_tokens():
-    s = MergeShape("ViT-B-16", 16, 0, "imgme", 192, 197, 1, 64, 768, 2)
-    saved = floors.norm_step_bytes(s, 2, fused=False) - floors.norm_step_bytes(s, 2, fused=True)
+
+def test_norm_fusion_saves_one_read_of_the_merged_tokens():
+    saved = floors.norm_step_bytes(SHAPE, 2, "unfused") - floors.norm_step_bytes(SHAPE, 2, "fused")
     assert saved == 192 * 195 * 768 * 2
+
+
+def test_add_fusion_saves_the_sum_written_and_read_back():
+    saved = floors.norm_step_bytes(SHAPE, 2, "fused") - floors.norm_step_bytes(SHAPE, 2, "fused_add")
+    assert saved == 2 * 192 * 197 * 768 * 2
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match="variant='fast' is not one of"):
+        floors.norm_step_bytes(SHAPE, 2, "fast")
 
 
 def test_norm_table_covers_every_merge_after_attention():
     text = floors.norm_table("ViT-B-16", 16, "fp16", 3.0e12, 7.9e14)
     rows = [line for line in text.splitlines() if line.startswith("| L")]
     assert [r.split("|")[1].split()[0] for r in rows] == [f"L{i}" for i in range(12)]
-    assert "| L0 imgme | 192 x 197 | 2 | 235.8 MB, 78.6 us | 178.3 MB, 59.4 us | 57.5 MB, 19.2 us |" in text
+    assert ("| L0 imgme | 192 x 197 | 2 | 410.1 MB, 136.7 us | 352.6 MB, 117.5 us | 236.4 MB, 78.8 us "
+            "| 39.9 us, 20.7 us, -18.0 us | 4.6 us | 84.8 us |") in text

@@ -62,28 +62,61 @@ def test_merge_norm_matches_reference(b, n, c, d, r, dtype, layout, device):
                                atol=atol, rtol=rtol, msg="ln")
 
 
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_merge_norm_gradients_match_reference(dtype, device):
-    """A random upstream gradient on both outputs: the gradients of x, weight and bias."""
-    g = torch.Generator().manual_seed(11)
-    b, n, c, d, r = 2, 50, 1, 64, 20
+def _residual_case(seed, b, n, c, d, r, dtype, device, residual_layout="contiguous"):
+    """``(x, residual, size, plan, weight, bias)`` of a merge step after attention (a hub plan)."""
+    g = torch.Generator().manual_seed(seed)
     x = make_tokens(b, n, d, dtype, "contiguous", device, g)
+    residual = make_tokens(b, n, d, dtype, residual_layout, device, g)
     size = _sizes(b, n, "BN1-fp32", dtype, device, g)
     plan = random_plan(b, n, c, r, device, g, hub=True)
-    weight, bias = _norm_params(d, dtype, device, g)
-    grad_x_out = torch.randn(b, n - r, d, generator=g).to(dtype)
-    grad_ln = torch.randn(b, n - r, d, generator=g).to(dtype)
+    return (x, residual, size, plan) + _norm_params(d, dtype, device, g)
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["x", "x+residual"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_merge_norm_gradients_match_reference(dtype, with_residual, device):
+    """A random upstream gradient on both outputs: the gradients of x, weight, bias and (with a
+    residual) the residual, whose gradient is x's (they are summed first)."""
+    b, n, c, d, r = 2, 50, 1, 64, 20
+    x, residual, size, plan, weight, bias = _residual_case(11, b, n, c, d, r, dtype, device)
+    g = torch.Generator().manual_seed(1)
+    upstream = [torch.randn(b, n - r, d, generator=g).to(dtype) for _ in range(2)]
+    names = ("x", "weight", "bias") + (("residual",) if with_residual else ())
     grads = {}
     for backend, dev in (("triton", device), ("torch", "cpu")):
-        leaves = [t.detach().to(dev).requires_grad_() for t in (x, weight, bias)]
+        leaves = [t.detach().to(dev).requires_grad_() for t in (x, weight, bias, residual)[:len(names)]]
         plan_dev = ref.MergePlan(*(t.to(dev) for t in plan[:3]), n, c)
-        out, _, ln = ops.merge_norm(leaves[0], size.to(dev), plan_dev, leaves[1], leaves[2], 1e-5, backend=backend)
-        torch.autograd.backward((out, ln), (grad_x_out.to(dev), grad_ln.to(dev)))
+        out, _, ln = ops.merge_norm(leaves[0], size.to(dev), plan_dev, leaves[1], leaves[2], 1e-5, backend=backend,
+                                    residual=leaves[3] if with_residual else None)
+        torch.autograd.backward((out, ln), [t.to(dev) for t in upstream])
         grads[backend] = [t.grad.cpu() for t in leaves]
+    if with_residual:
+        assert torch.equal(grads["triton"][0], grads["triton"][3])
     atol, rtol = GRAD_TOL[dtype]
-    for name, got, want in zip(("x", "weight", "bias"), grads["triton"], grads["torch"]):
+    for name, got, want in zip(names, grads["triton"], grads["torch"]):
         assert got.dtype == dtype and not got.isnan().any(), name
         torch.testing.assert_close(got, want, atol=atol * want.abs().max().item(), rtol=rtol, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_merge_norm_with_residual_is_the_merge_of_the_sum(dtype, device):
+    """``residual=`` merges ``x + residual`` (read in place, any strides): bit for bit what merging
+    the sum computed by torch gives, on both backends."""
+    b, n, c, d, r = 3, 50, 1, 96, 17
+    x, residual, size, plan, weight, bias = _residual_case(21, b, n, c, d, r, dtype, device, "transposed")
+    for backend in ("triton", "torch"):
+        got = ops.merge_norm(x, size, plan, weight, bias, 1e-5, backend=backend, residual=residual)
+        want = ops.merge_norm(x + residual, size, plan, weight, bias, 1e-5, backend=backend)
+        for name, a, e in zip(("x", "size", "ln"), got, want):
+            if backend == "triton" and dtype == torch.bfloat16 and not a.is_cuda:
+                # Triton's interpreter truncates float32 -> bfloat16 (a GPU and torch round to
+                # nearest even), so its sum may sit one bfloat16 step below torch's.
+                torch.testing.assert_close(a, e, atol=2e-2, rtol=2 ** -7, msg=f"{backend}: {name}")
+            else:
+                assert torch.equal(a, e), f"{backend}: {name}"
+    r0 = ops.merge_norm(x, size, random_plan(b, n, c, 0, device, torch.Generator()), weight, bias, 1e-5,
+                        backend="triton", residual=residual)
+    assert torch.equal(r0[0], x + residual) and r0[1] is size
 
 
 def test_merge_norm_gradcheck(device):
@@ -100,6 +133,13 @@ def test_merge_norm_gradcheck(device):
         return out, ln
 
     assert torch.autograd.gradcheck(both, (x, weight, bias))
+    residual = torch.randn(2, n, d, generator=g, dtype=torch.float64).to(device).requires_grad_()
+
+    def with_residual(t, res, w):
+        out, _, ln = triton_ops.merge_norm(t, size, plan, w, bias, 1e-5, residual=res)
+        return out, ln
+
+    assert torch.autograd.gradcheck(with_residual, (x, residual, weight))
 
 
 def test_merge_norm_multi_tile(tiling, device):
@@ -147,7 +187,11 @@ def test_merge_norm_r0_is_a_layernorm(device):
     (dict(bias=torch.ones(16, dtype=torch.int32)), "bias has dtype"),
     (dict(weight=None), "weight must be a torch.Tensor"),
     (dict(eps=0.0), "eps=0.0 must be a positive float"),
-], ids=["weight-shape", "bias-dtype", "weight-none", "eps-zero"])
+    (dict(residual=torch.ones(2, 10, 15)), "residual must have x's shape"),
+    (dict(residual=torch.ones(2, 10, 16, dtype=torch.float64)), "residual has dtype"),
+    (dict(residual=1.0), "residual must be None or a torch.Tensor"),
+], ids=["weight-shape", "bias-dtype", "weight-none", "eps-zero", "residual-shape", "residual-dtype",
+        "residual-float"])
 def test_merge_norm_errors(change, message):
     g = torch.Generator().manual_seed(0)
     args = dict(x=torch.randn(2, 10, 16), size=torch.ones(2, 10), plan=random_plan(2, 10, 1, 2, "cpu", g),
@@ -166,10 +210,12 @@ def test_merge_norm_opcheck_and_compile(device):
     weight, bias = _norm_params(8, torch.float32, device, g)
     torch.library.opcheck(torch.ops.tempme.merge_norm_fwd,
                           (x, size, plan.merged, plan.dst, plan.kept, weight, bias, 1e-5, 1))
+    torch.library.opcheck(torch.ops.tempme.merge_norm_fwd,
+                          (x, size, plan.merged, plan.dst, plan.kept, weight, bias, 1e-5, 1, 1, None, x.flip(1)))
 
     def block_tail(metric, x, size, weight, bias):
         plan = ops.match(metric, 5, 1, backend="triton")
-        x, size, ln = ops.merge_norm(x, size, plan, weight, bias, 1e-5, backend="triton")
+        x, size, ln = ops.merge_norm(x, size, plan, weight, bias, 1e-5, backend="triton", residual=x.sin())
         return x + ln.square(), size
 
     torch._dynamo.reset()

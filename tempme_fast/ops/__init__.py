@@ -22,7 +22,7 @@ import torch
 from . import attention_impl, reference
 from .attention_impl import IMPLS as ATTENTION_IMPLS
 from .checks import (FLOAT_DTYPES, assert_finite, check_attention, check_join, check_join_merge, check_merge,
-                     check_metric, check_norm, check_r, check_self_attention)
+                     check_metric, check_norm, check_r, check_residual, check_self_attention)
 from .reference import MergePlan, max_r, split_positions, split_sizes
 
 BACKENDS = ("torch", "triton", "auto")
@@ -122,29 +122,35 @@ def merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, backend: str = "
 
 
 def merge_norm(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, weight: torch.Tensor, bias: torch.Tensor,
-               eps: float, backend: str = "auto", *, check_finite: bool = False
-               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               eps: float, backend: str = "auto", *, residual: Optional[torch.Tensor] = None,
+               check_finite: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`merge`, then the LayerNorm of the merged tokens (the block's ``ln_2``), one op.
 
     Args:
         x, size, plan, check_finite: as :func:`merge`.
         weight, bias: ``[D]`` float LayerNorm parameters on x's device; eps: its epsilon, ``> 0``.
+        residual: optional tensor of x's shape, dtype and device, any strides: merge
+            ``x + residual`` (the block's residual add after attention, ``x + attn(ln_1(x))``).
     Returns:
         ``(x [B', N - r, D], size, ln [B', N - r, D])``: ``ln`` is ``layer_norm(x)`` computed in
         float32 (float64 for float64 ``x``) and rounded to x's dtype (see
-        :func:`reference.layer_norm`). Differentiable in ``x``, ``weight`` and ``bias``.
+        :func:`reference.layer_norm`). Differentiable in ``x``, ``weight``, ``bias`` and ``residual``.
 
     The Triton backend writes ``ln`` from the merge kernel's output stage, so the merged tokens are
-    not read back by a separate LayerNorm.
+    not read back by a separate LayerNorm; it reads ``x`` and ``residual`` and adds them as it
+    merges, so their sum is not written either.
     """
     check_merge(x, size, plan, check_finite)
     check_norm(weight, bias, eps, x)
+    check_residual(residual, x, check_finite)
     triton = resolve_backend(backend, x) == "triton"
     if plan.r == 0:
+        if residual is not None:
+            x = x + residual
         return x, size, reference.layer_norm(x, weight, bias, eps)
     if triton:
-        return _triton_ops().merge_norm(x, size, plan, weight, bias, eps)
-    return reference.merge_norm(x, size, plan, weight, bias, eps)
+        return _triton_ops().merge_norm(x, size, plan, weight, bias, eps, residual)
+    return reference.merge_norm(x, size, plan, weight, bias, eps, residual)
 
 
 def join_clips(x: torch.Tensor, group: int, protected: int, frame_pos: Optional[torch.Tensor] = None,

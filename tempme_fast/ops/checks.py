@@ -174,6 +174,23 @@ def check_norm(weight: torch.Tensor, bias: torch.Tensor, eps: float, x: torch.Te
         raise ValueError(f"eps={eps!r} must be a positive float (LayerNorm's variance epsilon, e.g. 1e-5)")
 
 
+def check_residual(residual: Optional[torch.Tensor], x: torch.Tensor, check_finite: bool) -> None:
+    """An optional ``residual`` added to ``x``: a tensor of x's shape, dtype and device."""
+    if residual is None:
+        return
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be None or a torch.Tensor of x's shape {tuple(x.shape)}, got "
+                        f"{type(residual).__name__}")
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"residual has dtype {residual.dtype} but x has {x.dtype}; both must have one dtype")
+    if residual.device != x.device:
+        raise ValueError(f"residual is on {residual.device} but x is on {x.device}; both must be on one device")
+    if check_finite:
+        assert_finite("residual", residual)
+
+
 def check_join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, r: int,
                      frame_pos: Optional[torch.Tensor], check_finite: bool) -> None:
     """Inputs of :func:`tempme_fast.ops.join_merge`; with ``check_finite`` also the values of ``x``."""

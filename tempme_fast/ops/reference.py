@@ -155,12 +155,15 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 def merge_norm(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, weight: torch.Tensor, bias: torch.Tensor,
-               eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`merge`, then :func:`layer_norm` of the merged tokens (the block's ``ln_2``).
+               eps: float, residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`merge` (of ``x + residual`` with a residual: the block's residual add before it),
+    then :func:`layer_norm` of the merged tokens (the block's ``ln_2``).
 
     Returns ``(x [B', N - r, D], size, ln [B', N - r, D])``, ``ln`` in ``x``'s dtype; differentiable
-    in ``x``, ``weight`` and ``bias``.
+    in ``x``, ``weight``, ``bias`` and ``residual``.
     """
+    if residual is not None:
+        x = x + residual
     x, size = merge(x, size, plan)
     return x, size, layer_norm(x, weight, bias, eps)
 

@@ -16,7 +16,8 @@ flow; the custom ops are taken while ``torch.compile`` traces or a dispatch mode
 A merge step is two launches: the match (best match and plan, ``match_forward``) and the merge
 (grouping of sources by destination and the weighted sum, ``merge_forward``), with one workspace
 allocation each; the backward is one launch. ``merge_norm`` is the same two launches, its merge
-launch also writing the LayerNorm of the merged tokens. Tile sizes and warps come from a fixed
+launch also writing the LayerNorm of the merged tokens (and, given a residual, reading ``x`` and the
+residual and merging their sum). Tile sizes and warps come from a fixed
 table of the shape (``_match_tiles``, ``_merge_tiles``, ``_merge_norm_tiles``), so results repeat
 bit for bit.
 
@@ -322,8 +323,8 @@ def merge_index(merged: torch.Tensor, dst: torch.Tensor, nb: int) -> Tuple[torch
 
 def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor,
                   kept: torch.Tensor, protected: int, group: int = 1, frame_pos: Optional[torch.Tensor] = None,
-                  norm: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None
-                  ) -> Tuple[torch.Tensor, ...]:
+                  norm: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
+                  residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
     """Size-weighted merge (of the joined clips when ``group > 1``), one launch.
 
     Args:
@@ -335,6 +336,8 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
             clip ``k`` of its video (``F`` clips per video in ``x``) before merging.
         norm: optional ``(weight [D], bias [D], eps)`` of a LayerNorm applied to the merged tokens
             in the same launch (``reference.merge_norm``).
+        residual: optional tensor of x's shape and dtype (any strides): the launch merges
+            ``x + residual``, read from both, never written.
     Returns:
         ``x [B', N - r, D]`` (x's dtype), ``size`` (size's layout and dtype) and ``b_size [B', Nb]``
         float32 (float64 for float64 x), the merged size of every B token, for the backward (a
@@ -359,11 +362,13 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
         ln = _new_output((rows, n_out, width), x.dtype, x.device)
         tiles = _merge_norm_tiles(rows, n_out, width, x.dtype.itemsize, frame_pos is not None)
     grid = (_cdiv(width, tiles["BLOCK_D"]), _cdiv(n_out, tiles["BLOCK_T"]), rows)
+    res = x if residual is None else residual  # not read without a residual
     _merge_fwd_kernel[grid](
-        x, size, pos, merged, dst, kept, out, size_out, work, ln_w, ln_b, ln, eps,
+        x, res, size, pos, merged, dst, kept, out, size_out, work, ln_w, ln_b, ln, eps,
         n_out, c, nk, r, nb, width, a_start, b_start, group, protected, x.shape[1], pos.shape[0],
-        x.stride(0), x.stride(1), x.stride(2), size.stride(0), size.stride(1), pos.stride(0), nb + r,
-        HAS_POS=frame_pos is not None, NORM=norm is not None,
+        x.stride(0), x.stride(1), x.stride(2), res.stride(0), res.stride(1), res.stride(2),
+        size.stride(0), size.stride(1), pos.stride(0), nb + r,
+        HAS_RES=residual is not None, HAS_POS=frame_pos is not None, NORM=norm is not None,
         BLOCK_K=_source_block(r, tiles["BLOCK_T"], tiles["num_warps"], x.dtype.itemsize), **tiles,
     )
     if norm is not None:
@@ -373,9 +378,11 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
 
 def merge_norm_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor,
                        kept: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, protected: int,
-                       group: int = 1, frame_pos: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+                       group: int = 1, frame_pos: Optional[torch.Tensor] = None,
+                       residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
     """:func:`merge_forward` with ``norm=(weight, bias, eps)``, in the argument order of ``tempme::merge_norm_fwd``."""
-    return merge_forward(x, size, merged, dst, kept, protected, group, frame_pos, norm=(weight, bias, eps))
+    return merge_forward(x, size, merged, dst, kept, protected, group, frame_pos, norm=(weight, bias, eps),
+                         residual=residual)
 
 
 def merge_backward(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Tensor, merged: torch.Tensor,
@@ -458,13 +465,14 @@ def _merge_fwd_fake(x, size, merged, dst, kept, protected, group=1, frame_pos=No
 @torch.library.custom_op("tempme::merge_norm_fwd", mutates_args=())
 def _merge_norm_fwd_op(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor,
                        kept: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, protected: int,
-                       group: int = 1, frame_pos: Optional[torch.Tensor] = None
+                       group: int = 1, frame_pos: Optional[torch.Tensor] = None,
+                       residual: Optional[torch.Tensor] = None
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return merge_norm_forward(x, size, merged, dst, kept, weight, bias, eps, protected, group, frame_pos)
+    return merge_norm_forward(x, size, merged, dst, kept, weight, bias, eps, protected, group, frame_pos, residual)
 
 
 @_merge_norm_fwd_op.register_fake
-def _(x, size, merged, dst, kept, weight, bias, eps, protected, group=1, frame_pos=None):
+def _(x, size, merged, dst, kept, weight, bias, eps, protected, group=1, frame_pos=None, residual=None):
     out, size_out, b_size = _merge_fwd_fake(x, size, merged, dst, kept, protected, group, frame_pos)
     return out, size_out, b_size, torch.empty_like(out)
 
@@ -560,18 +568,20 @@ def layer_norm_backward(grad_ln: torch.Tensor, x: torch.Tensor, weight: torch.Te
 
 
 class MergeNormFunction(torch.autograd.Function):
-    """Size-weighted merge (optionally of joined clips plus a position embedding) and the
-    LayerNorm of its output, forward in one launch.
+    """Size-weighted merge (optionally of joined clips plus a position embedding, or of ``x`` plus a
+    residual) and the LayerNorm of its output, forward in one launch.
 
     The backward composes: the LayerNorm's gradient (in torch, from the saved merged tokens) is
     added to the merged tokens' own gradient, which then goes through the merge's backward kernel.
-    Differentiable in ``x``, ``frame_pos``, ``weight`` and ``bias``.
+    Differentiable in ``x``, ``frame_pos``, ``weight``, ``bias`` and ``residual`` (whose gradient
+    is x's: they are summed before the merge).
     """
 
     @staticmethod
-    def forward(ctx, x, size, merged, dst, kept, protected: int, group: int, frame_pos, weight, bias, eps: float):
+    def forward(ctx, x, size, merged, dst, kept, protected: int, group: int, frame_pos, weight, bias, eps: float,
+                residual=None):
         out, size_out, b_size, ln = _merge_norm_fwd(x, size, merged, dst, kept, weight, bias, eps, protected, group,
-                                                    frame_pos)
+                                                    frame_pos, residual)
         ctx.save_for_backward(size, b_size, merged, dst, kept, out, weight)
         ctx.protected, ctx.group, ctx.tokens_in, ctx.eps = protected, group, x.shape[1], eps
         ctx.pos_shape = None if frame_pos is None else (frame_pos.shape, frame_pos.dtype)
@@ -589,7 +599,8 @@ class MergeNormFunction(torch.autograd.Function):
         grad_x, pos_part = _merge_bwd(grad_out.to(out.dtype), size, b_size, merged, dst, kept, ctx.protected,
                                       ctx.tokens_in, ctx.group, pos_grad)
         grad_pos = _pos_grad(pos_part, ctx.pos_shape if pos_grad else None)
-        return grad_x, None, None, None, None, None, None, grad_pos, grad_w, grad_b, None
+        grad_res = grad_x if ctx.needs_input_grad[11] else None  # x + residual was merged: the same gradient
+        return grad_x, None, None, None, None, None, None, grad_pos, grad_w, grad_b, None, grad_res
 
 
 def _merge_autograd(x, size, merged, dst, kept, protected: int, group: int, frame_pos):
@@ -600,13 +611,13 @@ def _merge_autograd(x, size, merged, dst, kept, protected: int, group: int, fram
 
 
 def _merge_norm_autograd(x, size, merged, dst, kept, protected: int, group: int, frame_pos, weight, bias,
-                         eps: float):
+                         eps: float, residual=None):
     """:class:`MergeNormFunction` where a gradient can flow; otherwise its forward alone."""
-    if needs_grad(x, frame_pos, weight, bias):
+    if needs_grad(x, frame_pos, weight, bias, residual):
         return MergeNormFunction.apply(x, detached(size), merged, dst, kept, protected, group, frame_pos, weight,
-                                       bias, eps)
+                                       bias, eps, residual)
     out, size_out, _, ln = _merge_norm_fwd(x, size, merged, dst, kept, weight, bias, eps, protected, group,
-                                           frame_pos)
+                                           frame_pos, residual)
     return out, size_out, ln
 
 
@@ -627,10 +638,11 @@ def merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> Tuple[torch.T
 
 
 def merge_norm(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, weight: torch.Tensor, bias: torch.Tensor,
-               eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(x [B', N - r, D], size, layer_norm(x))`` merged by ``plan``, as ``reference.merge_norm``."""
+               eps: float, residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x [B', N - r, D], size, layer_norm(x))`` merged by ``plan`` (``x + residual`` with a
+    residual), as ``reference.merge_norm``."""
     return _merge_norm_autograd(x, size, plan.merged, plan.dst, plan.kept, plan.protected, 1, None, weight, bias,
-                                float(eps))
+                                float(eps), residual)
 
 
 def join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, r: int,
