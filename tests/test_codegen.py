@@ -43,6 +43,8 @@ def test_no_spills_no_scalar_16bit_access_two_forward_launches(vit_b32_report):
     fwd_variants = [row[2] for row in rows if row[0].strip() == "_merge_fwd_kernel"]
     assert fwd_variants and all("NORM=1" in v for v in fwd_variants), fwd_variants
     assert any("GROUP=2" in v and "HAS_POS=1" in v for v in fwd_variants), fwd_variants
+    # A merge after attention also adds the attention's residual as it reads x; a join's merge does not.
+    assert all(("HAS_RES=1" in v) == ("GROUP=1" in v) for v in fwd_variants), fwd_variants
     # Attention: layer 0 runs without the size bias, every later layer with it; forward, dQ and dK/dV passes.
     attention = {(row[0].strip(), row[2].split("HAS_BIAS=")[1][0], "DKDV=1" in row[2]) for row in rows
                  if row[0].strip().startswith("_attention")}
