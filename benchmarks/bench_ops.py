@@ -1,11 +1,11 @@
 """Merge-op benchmarks: Triton against the PyTorch reference (eager and ``torch.compile``).
 
-Ops: ``best_match``, ``match`` (best match + plan), ``merge`` forward and backward, the whole merge
-step (match + merge), and the step as the encoder runs it after attention (``step_norm_fwd``: the
-residual add, match, merge and ``ln_2``; fused into the merge launch on Triton). Shapes come from the token schedule (``common.merge_shapes``). Each row reports
-the median time with its 20th-80th percentile spread, the bytes the op must move at the least (each
-input read once, each output written once), the achieved GB/s and, on a GPU, the fraction of the
-measured device-to-device copy bandwidth.
+Ops: ``best_match``, ``match`` (best match + plan), ``merge`` forward and backward, the whole merge step
+(match + merge), and the step as the encoder runs it after attention (``step_norm_fwd``: the residual
+add, match, merge and ``ln_2``; fused into the merge launch on Triton). Shapes come from the token
+schedule (``common.merge_shapes``). Each row reports the median time with its 20th-80th percentile
+spread, the bytes the op must move at the least (each input read once, each output written once), the
+achieved GB/s and, on a GPU, the fraction of the measured device-to-device copy bandwidth.
 
 On a GPU every case is timed twice: as called (``ms``: host work included) and replayed from a CUDA
 graph over input sets that exceed the L2 cache (``device_ms``: the GPU's own time, see

@@ -51,12 +51,11 @@ def norm_step_bytes(s: MergeShape, elt: int, variant: str) -> int:
     """Fewest bytes of a post-attention merge step with the residual add before it and the ``ln_2``
     after it (forward), for one of :data:`NORM_VARIANTS`.
 
-    ``unfused``: the add (reads ``x`` and the attention's output, writes their sum), the step
-    (``op_bytes('step_fwd')``), then a LayerNorm that reads the merged tokens and writes its output.
-    ``fused`` (``ops.merge_norm`` on Triton): the merge launch writes both outputs, so the merged
-    tokens are not read back. ``fused_add`` (``ops.merge_norm(residual=)``): the merge launch also
-    reads ``x`` and the attention's output itself, so their sum is neither written nor read back.
-    The LayerNorm's weight and bias are read in every variant.
+    ``fused_add`` (``ops.merge_norm(residual=)``, ``op_bytes('step_norm_fwd')``): the merge launch
+    reads ``x`` and the attention's output and writes the merged tokens and their LayerNorm.
+    ``fused`` (``ops.merge_norm`` after a separate add): the add also writes the sum (read two, write
+    one) that the merge then reads. ``unfused``: a LayerNorm after the merge also reads the merged
+    tokens back. The LayerNorm's weight and bias are read in every variant.
     """
     if variant not in NORM_VARIANTS:
         raise ValueError(f"variant={variant!r} is not one of {NORM_VARIANTS}")
