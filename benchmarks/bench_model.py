@@ -6,6 +6,7 @@ Variants (those that cannot run on the device are skipped):
   tempme-eager       reference TempMe with explicit-softmax attention, as the released code runs it
   tempme-torch       reference TempMe (PyTorch merge ops, SDPA attention)
   tempme-triton      TempMe on the Triton merge ops
+  tempme-triton-jit  the same, every kernel launched through Triton's JITFunction.run (no cached launch)
   tempme-triton+graph    the same, captured in a CUDA graph
   tempme-triton+compile  the same under torch.compile (opt-in: --compile)
 
@@ -27,13 +28,14 @@ from tempme_fast.encoder import block_forward, embed_frames
 from tempme_fast.flops import model_flops
 from tempme_fast.loading import DTYPES, create_model, default_dtype_name
 from tempme_fast.model import encoder_options, layer_steps
+from tempme_fast.ops import launch
 
 from .common import Compiled, RowLog, add_row_log_arguments, environment, failure, measure_ms, print_table, \
     write_results
 from .devicetime import device_columns, host_columns
 
-VARIANTS = ("open_clip", "open_clip+graph", "tempme-eager", "tempme-torch", "tempme-triton", "tempme-triton+graph",
-            "tempme-triton+compile")
+VARIANTS = ("open_clip", "open_clip+graph", "tempme-eager", "tempme-torch", "tempme-triton", "tempme-triton-jit",
+            "tempme-triton+graph", "tempme-triton+compile")
 
 
 def _setting(variant: str, config: TempMeConfig):
@@ -146,6 +148,7 @@ def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: t
     config, backend, attention = _setting(variant, config)
     apply_tempme(model, config, backend=backend, attention=attention)
     compiled = None
+    launch.CACHED = not variant.endswith("-jit")
     try:
         if mode == "infer":
             model.eval()
@@ -170,6 +173,7 @@ def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: t
                 "tokens_per_video": model.tempme.schedule.output_tokens,
                 **(compiled.record() if compiled else {"compiled": False})}
     finally:
+        launch.CACHED = True
         model.zero_grad(set_to_none=True)
         remove_tempme(model)
 

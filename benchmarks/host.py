@@ -17,9 +17,11 @@ microseconds with the launches stubbed. :func:`forward_counts` and :func:`step_c
 ``tests/test_host.py`` checks against its budgets.
 
 Triton's own launch path (``JITFunction.run``: argument binding, specialisation, cache lookup)
-is not in these microseconds (it needs a GPU driver); :func:`triton_run_us` replays its Python
-part for the recorded launches instead. See ``BENCHMARKS.md`` ("Host cost of the eager Triton
-forward").
+is not in these microseconds. :func:`fake_device` runs it for real on a stand-in sm_90 device up to
+the compiled kernel's C launcher: :func:`launch_us` times the recorded launches through it and
+through ``tempme_fast.ops.launch``, and ``--launch-check`` (:func:`launch_mismatches`) checks that
+the two hand the same compiled kernel the same arguments. See ``BENCHMARKS.md`` ("Host cost of the
+eager Triton forward").
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import argparse
 import contextlib
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -41,7 +43,7 @@ from tempme_fast.loading import DTYPES
 from .common import VIT_GEOMETRY
 
 MODELS = ("ViT-B-32", "ViT-B-16")
-KERNEL_MODULES = ("best_match", "match", "merge", "attention")
+KERNEL_MODULES = ("best_match", "match", "merge", "attention", "segment")
 
 
 def _kernels() -> List[object]:
@@ -176,52 +178,189 @@ def count(fn: Callable[[], object], counts: Optional[Counts] = None) -> Counts:
     return counts
 
 
-def triton_run_us(calls: Sequence[tuple], arch: int = 90, repeats: int = 20) -> float:
-    """Microseconds of Triton's own launch path (``JITFunction.run``) for ``calls``, on this CPU.
+class _Compiled:
+    """Stands in for Triton's ``CompiledKernel`` on :func:`fake_device`: its launcher records."""
 
-    Replays what ``run`` does in Python before its final C launcher call, for an sm_``arch``
-    target: the per-launch options, the argument binder (specialisation of every argument), the
-    cache key, the kernel-cache lookup, the global-value check and the grid. Left out: the driver's
-    current device and stream (two cheap C calls) and the launch itself (the C launcher, which needs
-    a GPU). Not available in the interpreter, whose kernels have no binder.
+    def __init__(self, name: str, key: str, log: Optional[list]):
+        self.name, self.key, self.log = name, key, log
+        self.function = object()  # the loaded kernel's handle
+        self.packed_metadata = (name,)
+        self.run = self._launch  # what CompiledKernel.run returns: the C launcher
+
+    def _launch(self, *launch):
+        if self.log is not None:
+            self.log.append((self, launch))
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+
+class _Driver:
+    """The part of Triton's active driver that its launch path asks: device, stream, target."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int) -> int:
+        return 0x5EED
+
+    def get_current_target(self):
+        return self.target
+
+
+@contextlib.contextmanager
+def fake_device(log: Optional[list] = None, arch: int = 90, binds: Optional[Counter] = None) -> Iterator[None]:
+    """Triton's launch path as on an sm_``arch`` GPU, on this CPU, up to the compiled kernel's launcher.
+
+    Inside, ``kernel[grid](...)`` runs ``JITFunction.run`` itself (binding, specialisation, cache key,
+    lookup); a kernel is "compiled" to a stand-in per Triton cache key, whose launcher appends
+    ``(stand-in, launch arguments)`` to ``log`` (when given) and runs nothing. ``binds`` counts the
+    calls of each kernel's argument binder (Triton's per-launch work that a cached launch skips).
+    Needs real ``JITFunction`` kernels: not under ``TRITON_INTERPRET=1``.
     """
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import make_backend
-    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+    from triton.runtime.driver import driver
 
-    backend = make_backend(GPUTarget("cuda", arch, 32))
-    binders, key_caches, prepared = {}, {}, []
+    from tempme_fast.ops import launch
+
+    kernels = _kernels()
+    if any(not hasattr(k, "device_caches") for k in kernels):
+        raise RuntimeError("fake_device needs compiled Triton kernels: unset TRITON_INTERPRET")
+    previous = driver._active
+    saved = [(k.device_caches, k.__dict__.get("_do_compile")) for k in kernels]
+
+    def caches(kernel):
+        def create():
+            cache, key_cache, target, backend, binder = kernel.create_binder()
+            if binds is None:
+                return cache, key_cache, target, backend, binder
+
+            def counted(*args, **kwargs):
+                binds[kernel.fn.__name__] += 1
+                return binder(*args, **kwargs)
+            return cache, key_cache, target, backend, counted
+        return create
+
+    def compiler(kernel):
+        def do_compile(key, signature, device, constexprs, options, attrs, warmup):
+            kernel.cache_key  # as compiling does: hashes the source and records the globals it reads
+            compiled = _Compiled(kernel.fn.__name__, key, log)
+            kernel.device_caches[device][0][key] = compiled
+            return compiled
+        return do_compile
+
+    driver.set_active(_Driver(arch))
+    for k in kernels:
+        k.device_caches = defaultdict(caches(k))
+        k._do_compile = compiler(k)
+    launch.clear_cache()
+    try:
+        yield
+    finally:
+        launch.clear_cache()
+        driver._active = previous
+        for k, (device_caches, do_compile) in zip(kernels, saved):
+            k.device_caches = device_caches
+            if do_compile is None:
+                del k._do_compile
+            else:
+                k._do_compile = do_compile
+
+
+def _replay(calls: Sequence[tuple], cached: bool) -> None:
+    from tempme_fast.ops.launch import launch
+
     for kernel, grid, args, kwargs in calls:
-        if id(kernel) not in binders:
-            binders[id(kernel)] = create_function_from_signature(kernel.signature, kernel.params, backend)
-            key_caches[id(kernel)] = {}
-        prepared.append((kernel, binders[id(kernel)], key_caches[id(kernel)], grid, args, kwargs))
-    kernel_cache: Dict[object, object] = {}
+        if cached:
+            launch(kernel, grid, *args, **kwargs)
+        else:
+            kernel[grid](*args, **kwargs)
 
-    def replay():
-        for kernel, binder, key_cache, grid, args, kwargs in prepared:
-            kwargs = dict(kwargs)
-            kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
-            kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-            for hook in kernel.pre_run_hooks:
-                hook(*args, **kwargs)
-            bound, specialization, options = binder(*args, **kwargs)
-            key = compute_cache_key(key_cache, specialization, options)
-            kernel_cache.get(key)
-            for (name, _), (val, globals_dict) in kernel.used_global_vals.items():
-                globals_dict.get(name)
-            grid = grid(bound) if callable(grid) else grid
-            _ = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, *bound.values())
 
-    replay()
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            replay()
-        best = min(best, (time.perf_counter() - t0) / repeats * 1e6)
+def launch_us(calls: Sequence[tuple], arch: int = 90, repeats: int = 20, rounds: int = 5) -> Dict[str, float]:
+    """Host microseconds of launching ``calls`` (``(kernel, grid, args, kwargs)``, as recorded by
+    :func:`count`) on :func:`fake_device`, through Triton's ``JITFunction.run`` (``"triton"``) and through
+    ``tempme_fast.ops.launch`` once every variant is known (``"cached"``): rounds of ``repeats`` replays,
+    the two alternating, the best round of each. Left out of both: the C launcher and the driver's
+    launch (they need a GPU)."""
+    best = {"triton": float("inf"), "cached": float("inf")}
+    with fake_device(arch=arch):
+        for path in best:
+            _replay(calls, path == "cached")
+        for _ in range(rounds):
+            for path in best:
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    _replay(calls, path == "cached")
+                best[path] = min(best[path], (time.perf_counter() - t0) / repeats * 1e6)
     return best
+
+
+def _same_launch(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y if isinstance(x, torch.Tensor) else type(x) is type(y) and x == y
+                                    for x, y in zip(a, b))
+
+
+def launch_mismatches(calls: Sequence[tuple], arch: int = 90) -> Dict[str, object]:
+    """Launch ``calls`` through Triton's path, then twice through ``tempme_fast.ops.launch``, on
+    :func:`fake_device`, and compare what reaches the compiled kernels' launchers.
+
+    Returns ``launches`` (per pass), ``variants`` (distinct Triton cache keys), ``mismatches``
+    (descriptions of the cached launches whose compiled kernel or arguments differ from Triton's),
+    and Triton's binder calls in the first and second pass through ``launch`` (``binds_first``:
+    one per variant that ``launch`` tells apart; ``binds_second``: 0 when every launch of a known
+    variant skips Triton's path).
+    """
+    log, binds = [], Counter()
+    with fake_device(log, arch, binds):
+        _replay(calls, cached=False)
+        expected, log[:] = log[:], []
+        binds.clear()
+        _replay(calls, cached=True)
+        first = sum(binds.values())
+        _replay(calls, cached=True)
+        got = log[:]
+    mismatches = []
+    for i, ((want_kernel, want), (got_kernel, launch)) in enumerate(zip(expected + expected, got)):
+        if got_kernel is not want_kernel or not _same_launch(want, launch):
+            mismatches.append(f"launch {i % len(calls)} ({want_kernel.name}): compiled "
+                              f"{'same' if got_kernel is want_kernel else 'different'}, arguments "
+                              f"{'same' if _same_launch(want, launch) else 'different'}")
+    if len(got) != 2 * len(expected):
+        mismatches.append(f"{len(got)} launches reached the launchers, expected {2 * len(expected)}")
+    return {"launches": len(calls), "variants": len({id(k) for k, _ in expected}), "mismatches": mismatches,
+            "binds_first": first, "binds_second": sum(binds.values()) - first}
+
+
+def launch_check_calls() -> List[tuple]:
+    """Launches that a cached launch must tell apart: ViT-B/32 and ViT-B/16 inference forwards (fp16),
+    a ViT-B/32 training forward and backward (float32), and one merge step whose inputs differ only
+    in their address modulo 16 or their dtype (fp16, bf16) from one another."""
+    from tempme_fast import encoder
+
+    calls = []
+    for name in MODELS:
+        calls += count(_encode(name, torch.float16, 1)).calls
+    model = narrow_model("ViT-B-32", torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    video = torch.randn(1, model.tempme.config.frames, 3, *model.visual.image_size)
+    calls += count(lambda: model.encode_video(video).sum().backward()).calls
+    step = next(s for s in merge_steps("ViT-B-32") if s.stage == "intra" and s.layer == 8)
+    for dtype, offset in ((torch.float16, 0), (torch.float16, 1), (torch.bfloat16, 0), (torch.float16, 8)):
+        shape = (step.clips, step.tokens, 768)
+        x = torch.zeros(step.clips * step.tokens * 768 + offset, dtype=dtype)[offset:].view(shape)
+        size = torch.ones(step.clips, step.tokens, 1)
+        keys = torch.randn(step.clips, step.tokens, 64, dtype=dtype)
+        norm = torch.nn.LayerNorm(768, dtype=dtype)
+        with torch.inference_mode():
+            calls += count(lambda: encoder._merge_then_norm(x, torch.zeros_like(x), size, None, keys, step.r,
+                                                            step.protected, norm, "auto")).calls
+    return calls
 
 
 def host_us(fn: Callable[[], object], repeats: int = 20, rounds: int = 5) -> float:
@@ -360,8 +499,9 @@ def report(models: Sequence[str] = MODELS, dtype_name: str = "fp16", out=sys.std
             print(f"  custom ops: {_top(fwd.custom)}", file=out)
         print(f"  launches: {_top(fwd.launches)}", file=out)
         if not _interpreter():
-            print(f"  Triton's launch path (JITFunction.run up to its C launcher, sm_90): "
-                  f"{triton_run_us(fwd.calls):.0f} us per forward", file=out)
+            us = launch_us(fwd.calls)
+            print(f"  launch path up to the C launcher (sm_90): Triton's JITFunction.run {us['triton']:.0f} us "
+                  f"per forward, tempme_fast.ops.launch {us['cached']:.0f} us", file=out)
         print("| layer | stage | clips x tokens | r | grad | aten ops | custom ops | launches | allocations "
               "| host us |", file=out)
         print("|---" * 10 + "|", file=out)
@@ -384,8 +524,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.host", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    parser.add_argument("--launch-check", action="store_true",
+                        help="compare tempme_fast.ops.launch with Triton's launch path on a stand-in sm_90 "
+                             "device (launch_mismatches); exit 1 on any difference")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.launch_check:
+        result = launch_mismatches(launch_check_calls())
+        print(f"launches {result['launches']}, Triton variants {result['variants']}, binder calls through "
+              f"launch: first pass {result['binds_first']}, second pass {result['binds_second']}, "
+              f"mismatches {len(result['mismatches'])}")
+        for line in result["mismatches"][:20]:
+            print("  " + line)
+        return 1 if result["mismatches"] or result["binds_second"] else 0
     report(args.models, args.dtype)
     return 0
 

@@ -106,10 +106,11 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
                                    "--rep-ms", "25"), 120, expect=90),
         Stage("ops_dtypes", bench("bench_ops", "dtypes", "--models", "ViT-B-16", "--batches", "32",
                                   "--dtypes", "bf16", "fp32", "--impls", *fast, "--rep-ms", "25"), 80, expect=50),
+        # tempme-triton-jit: the eager forward with Triton's own launch path, against tempme_fast.ops.launch's.
         Stage("model_sweep", bench("bench_model", "sweep", "--models", "ViT-B-32", "ViT-B-16", "--batches", "4", "64",
                                    "--dtypes", dtype, "--modes", "infer",
-                                   "--variants", "open_clip", "tempme-torch", "tempme-triton", "tempme-triton+graph",
-                                   "--no-layer-times", "--rep-ms", "100"), 70, expect=36),
+                                   "--variants", "open_clip", "tempme-torch", "tempme-triton", "tempme-triton-jit",
+                                   "tempme-triton+graph", "--no-layer-times", "--rep-ms", "100"), 75, expect=40),
         # Forward + backward of the vision tower alone (bench_train below times the whole training step).
         Stage("model_train", bench("bench_model", "train", "--models", "ViT-B-32", "ViT-B-16", "--batches", "1", "16",
                                    "--dtypes", dtype, "--modes", "train",

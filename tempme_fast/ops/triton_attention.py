@@ -21,6 +21,7 @@ import triton
 from tempme_kernels.attention import _attention_bwd_kernel, _attention_fwd_kernel
 
 from .eager import cast, custom_op_or, needs_grad, use_custom_ops
+from .launch import launch
 
 __all__ = ["AttentionFunction", "DTYPES", "attention", "attention_backward", "attention_forward", "block_config",
            "gpu_warps", "sized_attention"]
@@ -137,7 +138,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: O
     scale = 1.0 / math.sqrt(head_dim)
     bias_t, stride_bb, stride_bn = _bias_args(bias, q)
     strides = [_heads_first_strides(t, token_major) for t in (q, k, v)]
-    _attention_fwd_kernel[(triton.cdiv(tokens, block_m), rows * heads)](
+    launch(_attention_fwd_kernel, (triton.cdiv(tokens, block_m), rows * heads),
         q, k, v, bias_t, out, lse, tokens, heads, *strides[0], *strides[1], *strides[2], stride_bb, stride_bn,
         scale * LOG2E, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,
         LOG_BIAS=log_bias, HEAD_ALIGN=_head_align(*(s[1] for s in strides)), **_constexprs(q),
@@ -176,9 +177,9 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     args = (q, k, v, bias_t, out, grad_out, lse, delta, dq, dk, dv, dbias if bias_grad else delta, tokens, heads,
             *strides)
     # The dQ pass writes delta, which the dK/dV pass reads: two launches in stream order.
-    _attention_bwd_kernel[(triton.cdiv(tokens, block_m), rows * heads)](*args, DKDV=False, **common)
+    launch(_attention_bwd_kernel, (triton.cdiv(tokens, block_m), rows * heads), *args, DKDV=False, **common)
     common["BLOCK_M"] = min(block_m, DKDV_QUERY_BLOCK)
-    _attention_bwd_kernel[(triton.cdiv(tokens, block_n), rows * heads)](*args, DKDV=True, **common)
+    launch(_attention_bwd_kernel, (triton.cdiv(tokens, block_n), rows * heads), *args, DKDV=True, **common)
     return dq, dk, dv, dbias
 
 

@@ -40,6 +40,7 @@ from tempme_kernels.match import _match_plan_kernel
 from tempme_kernels.merge import _merge_bwd_kernel, _merge_fwd_kernel, _merge_index_kernel
 
 from .eager import custom_op_or, detached, needs_grad
+from .launch import launch
 from .reference import MergePlan, accumulation_dtype, split_sizes, split_starts
 
 __all__ = ["MergeFunction", "MergeNormFunction", "best_match", "best_match_forward", "join_merge",
@@ -253,7 +254,7 @@ def _launch_match(metric: torch.Tensor, protected: int, group: int, r: int, plan
         scores, dst = _new_output((rows, na), acc, metric.device), _new_output((rows, na), **i64)
         outs = (scores, dst)
         merged = merged_dst = kept = dst  # not written
-    _best_match_fwd_kernel[(a_blocks * splits, rows)](
+    launch(_best_match_fwd_kernel, (a_blocks * splits, rows),
         metric, part, scores, dst, merged, merged_dst, kept, count,
         na, nb, r, channels, a_start, b_start, group, protected, metric.shape[1], tiles.pop("B_PER"), splits,
         metric.stride(0), metric.stride(1), metric.stride(2),
@@ -298,8 +299,8 @@ def match_plan_forward(scores: torch.Tensor, dst: torch.Tensor, r: int
     merged = _new_output((rows, r), torch.int64, scores.device)
     merged_dst = _new_output((rows, r), torch.int64, scores.device)
     kept = _new_output((rows, na - r), torch.int64, scores.device)
-    _match_plan_kernel[(rows,)](scores, dst, merged, merged_dst, kept, na, r, BLOCK=_block(na, GPU_BLOCK_MATCH),
-                                SORT_BLOCK=_plan_sort_block(na, scores.dtype))
+    launch(_match_plan_kernel, (rows,), scores, dst, merged, merged_dst, kept, na, r,
+           BLOCK=_block(na, GPU_BLOCK_MATCH), SORT_BLOCK=_plan_sort_block(na, scores.dtype))
     return merged, merged_dst, kept
 
 
@@ -315,9 +316,8 @@ def merge_index(merged: torch.Tensor, dst: torch.Tensor, nb: int) -> Tuple[torch
     src = _new_output((rows, r), torch.int32, merged.device)
     offsets = _new_output((rows, nb + 1), torch.int32, merged.device)
     block_j = _block(nb + 1, GPU_BLOCK_TOKENS)
-    _merge_index_kernel[(_cdiv(nb + 1, block_j), rows)](merged, dst, src, offsets, r, nb,
-                                                        BLOCK_K=_source_block(r, block_j, 4), BLOCK_J=block_j,
-                                                        num_warps=4)
+    launch(_merge_index_kernel, (_cdiv(nb + 1, block_j), rows), merged, dst, src, offsets, r, nb,
+           BLOCK_K=_source_block(r, block_j, 4), BLOCK_J=block_j, num_warps=4)
     return src, offsets
 
 
@@ -363,7 +363,7 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
         tiles = _merge_norm_tiles(rows, n_out, width, x.dtype.itemsize, frame_pos is not None)
     grid = (_cdiv(width, tiles["BLOCK_D"]), _cdiv(n_out, tiles["BLOCK_T"]), rows)
     res = x if residual is None else residual  # not read without a residual
-    _merge_fwd_kernel[grid](
+    launch(_merge_fwd_kernel, grid,
         x, res, size, pos, merged, dst, kept, out, size_out, work, ln_w, ln_b, ln, eps,
         n_out, c, nk, r, nb, width, a_start, b_start, group, protected, x.shape[1], pos.shape[0],
         x.stride(0), x.stride(1), x.stride(2), res.stride(0), res.stride(1), res.stride(2),
@@ -406,7 +406,7 @@ def merge_backward(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Ten
     tiles = _merge_tiles(rows, tokens, width, grad_out.dtype.itemsize)
     n_tiles = _cdiv(tokens, tiles["BLOCK_T"])
     pos_part = _new_output((rows, n_tiles, group, width) if pos_grad else (0,), b_size.dtype, grad_out.device)
-    _merge_bwd_kernel[(_cdiv(width, tiles["BLOCK_D"]), n_tiles, rows)](
+    launch(_merge_bwd_kernel, (_cdiv(width, tiles["BLOCK_D"]), n_tiles, rows),
         grad_out, size, merged, dst, kept, b_size, grad_x, pos_part,
         tokens, c, nk, r, nb, width, a_start, b_start, group, protected, tokens_in, n_tiles,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), size.stride(0), size.stride(1),

@@ -16,6 +16,7 @@ import triton
 from tempme_kernels.segment import MEAN, SUM, WAVG, _segment_reduce_fwd_kernel
 
 from ..ops import triton_ops
+from ..ops.launch import launch
 from ..ops.triton_ops import _block, merge_index
 from .reference import TokenMerge, work_dtype
 
@@ -46,7 +47,7 @@ def segment_reduce_forward(x: torch.Tensor, size: Optional[torch.Tensor], m: Tok
     block_t = _block(n_out, triton_ops.GPU_BLOCK_TOKENS, floor=1)
     block_d = _block(width, triton_ops.GPU_BLOCK_CHANNELS, floor=1)
     acc = triton.language.float64 if x.dtype == torch.float64 else triton.language.float32
-    _segment_reduce_fwd_kernel[(rows, triton.cdiv(n_out, block_t))](
+    launch(_segment_reduce_fwd_kernel, (rows, triton.cdiv(n_out, block_t)),
         x, s_arg, m.out_pos.contiguous(), src, offsets, out, out if size_out is None else size_out,
         n_out, m.r, width, x.stride(0), x.stride(1), x.stride(2), *s_strides,
         MODE=mode, ACC=acc, BLOCK_T=block_t, BLOCK_D=block_d,
