@@ -1,7 +1,10 @@
 """What a benchmark machine has, written before anything is measured: the card and its driver, Python,
 torch, triton, the C compiler and ``Python.h`` (Triton builds its kernel launchers with them), and the
 packages the tests and benchmarks import. On a GPU it also compiles and launches one tiny Triton kernel,
-so a machine that cannot build launchers is found in seconds, not after the first stage times out.
+so a machine that cannot build launchers is found in seconds, not after the first stage times out, and
+launches it through ``tempme_fast.ops.launch`` both ways ("cached launch": the result, and the host
+microseconds per launch of Triton's path and of the cached one). When that line does not start with
+"ok", ``benchmarks.suite`` runs the later stages with ``TEMPME_FAST_CACHED_LAUNCH=0``.
 
     python -m benchmarks.preflight environment.txt
 """
@@ -76,6 +79,18 @@ def gpu_facts() -> Dict[str, str]:
     return facts
 
 
+def _add_one_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _add_one(x_ptr, n, BLOCK: tl.constexpr):  # x_ptr: [n] fp32
+        offs = tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=mask) + 1.0, mask=mask)
+    return _add_one
+
+
 def triton_launch() -> str:
     """Compile and run a one-block Triton kernel on the GPU: proves the compiler, ptxas and launcher work."""
     import torch
@@ -83,21 +98,50 @@ def triton_launch() -> str:
     if not torch.cuda.is_available():
         return "skipped (no CUDA device)"
     try:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def _add_one(x_ptr, n, BLOCK: tl.constexpr):  # x_ptr: [n] fp32
-            offs = tl.arange(0, BLOCK)
-            mask = offs < n
-            tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=mask) + 1.0, mask=mask)
-
         x = torch.zeros(100, device="cuda")
-        _add_one[(1,)](x, 100, BLOCK=128)
+        _add_one_kernel()[(1,)](x, 100, BLOCK=128)
         torch.cuda.synchronize()
         return "ok" if bool((x == 1).all()) else "WRONG RESULT"
     except Exception as e:  # the point is to record why it fails
         return f"FAILED ({type(e).__name__}: {str(e)[:500]})"
+
+
+def cached_launch(launches: int = 2000) -> str:
+    """``tempme_fast.ops.launch`` on the GPU: the same one-block kernel launched through Triton's path and
+    through the cached one (all but the first launch of the variant skip Triton's binding), the result
+    checked, and the host microseconds per launch of each path (a kernel this small is bound by them).
+    "ok" starts the line only when every launch added its one."""
+    import time
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return "skipped (no CUDA device)"
+    try:
+        from tempme_fast.ops import launch
+    except Exception as e:  # the point is to record why it fails
+        return f"FAILED ({type(e).__name__}: {str(e)[:500]})"
+    try:
+        kernel, x = _add_one_kernel(), torch.zeros(100, device="cuda")
+        us = {}
+        for cached in (False, True, False, True):
+            launch.CACHED = cached
+            for _ in range(10):
+                launch.launch(kernel, (1,), x, 100, BLOCK=128)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(launches):
+                launch.launch(kernel, (1,), x, 100, BLOCK=128)
+            torch.cuda.synchronize()
+            us[cached] = min(us.get(cached, float("inf")), (time.perf_counter() - t0) / launches * 1e6)
+        expected = 4 * (launches + 10)
+        if not bool((x == expected).all()):
+            return f"WRONG RESULT (x = {x[0].item():.0f}, expected {expected})"
+        return f"ok (host us per launch: Triton's path {us[False]:.1f}, cached {us[True]:.1f})"
+    except Exception as e:  # the point is to record why it fails
+        return f"FAILED ({type(e).__name__}: {str(e)[:500]})"
+    finally:
+        launch.CACHED = True
 
 
 def collect() -> List[Tuple[str, str]]:
@@ -109,6 +153,7 @@ def collect() -> List[Tuple[str, str]]:
     for var in ("TRITON_INTERPRET", "TRITON_CACHE_DIR", "CUDA_VISIBLE_DEVICES", "PYTHONPATH"):
         facts.append((f"${var}", os.environ.get(var, "unset")))
     facts.append(("triton launch", triton_launch()))
+    facts.append(("cached launch", cached_launch()))
     return facts
 
 

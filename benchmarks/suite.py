@@ -14,7 +14,8 @@ is already on disk, because the benchmarks and the pytest plugin append one JSON
 Output folder (few files; ``--archive`` keeps a ``.tar.gz`` of it up to date every ``--every`` seconds,
 after each stage and at the end, so the archive is the one file to carry back):
 
-    environment.txt   the preflight: card, driver, Python, torch, triton, C compiler, Python.h, packages
+    environment.txt   the preflight: card, driver, Python, torch, triton, C compiler, Python.h, packages,
+                      and the cached launch (when not "ok", the later stages run with TEMPME_FAST_CACHED_LAUNCH=0)
     rows.jsonl        every benchmark row (fields ``bench`` and ``tag`` say which script and stage)
     tests.jsonl       one line per finished test
     stages.jsonl      per stage: command, time limit, seconds taken, exit status, outcome
@@ -242,6 +243,20 @@ def run_stage(stage: Stage, limit: float, log) -> dict:
     return {"rc": rc, "outcome": outcome, "seconds": round(time.monotonic() - t0, 1)}
 
 
+def _fall_back_from_cached_launch(out: str, log) -> None:
+    """After the preflight: unless its "cached launch" line says "ok" (or "skipped", on a CPU), the later
+    stages launch every kernel through Triton's own path (``TEMPME_FAST_CACHED_LAUNCH=0``)."""
+    path = os.path.join(out, "environment.txt")
+    lines = open(path).read().splitlines() if os.path.exists(path) else []
+    found = next((line.split(": ", 1)[1] for line in lines if line.startswith("cached launch: ")), "")
+    if not found.startswith(("ok", "skipped")):
+        os.environ["TEMPME_FAST_CACHED_LAUNCH"] = "0"
+        line = f"=== cached launch not ok ({found or 'no preflight line'}): TEMPME_FAST_CACHED_LAUNCH=0 from here\n"
+        log.write(line.encode())
+        log.flush()
+        print(line, end="", flush=True)
+
+
 def run_suite(out: str, stages: Sequence[Stage], deadline: float, archive: Optional[str] = None,
               every: float = 15, min_stage_s: float = 5) -> int:
     """Run ``stages`` in order until the wall-clock ``deadline`` (``time.time()`` seconds).
@@ -278,6 +293,8 @@ def run_suite(out: str, stages: Sequence[Stage], deadline: float, archive: Optio
                 stages_file.write(json.dumps(record) + "\n")
                 stages_file.flush()
                 status |= record["outcome"] != "ok"
+                if stage.name == "preflight":
+                    _fall_back_from_cached_launch(out, log)
                 archiver.snapshot()
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -315,3 +315,21 @@ def test_report_refuses_a_source_that_is_neither_folder_nor_archive(tmp_path, ca
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "x.txt")])
     assert "neither a folder nor a .tar.gz archive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, fallback", [("ok (host us per launch: Triton's path 9.0, cached 4.0)", False),
+                                            ("skipped (no CUDA device)", False),
+                                            ("WRONG RESULT (x = 7, expected 8040)", True)])
+def test_a_preflight_without_a_working_cached_launch_sends_later_stages_through_triton(tmp_path, monkeypatch, line,
+                                                                                       fallback):
+    monkeypatch.setenv("TEMPME_FAST_CACHED_LAUNCH", "1")  # restored after the test, whatever the suite sets
+    out = tmp_path / "out"
+    env_file = str(out / "environment.txt")
+    write = f"open({env_file!r}, 'w').write('triton launch: ok\\ncached launch: ' + {line!r} + '\\n')"
+    seen = "import os; print('launch env', os.environ.get('TEMPME_FAST_CACHED_LAUNCH'))"
+    stages = [Stage("preflight", [sys.executable, "-c", write], cap=30),
+              Stage("next", [sys.executable, "-c", seen], cap=30)]
+    assert run_suite(str(out), stages, deadline=time.time() + 60, min_stage_s=0.5) == 0
+    log = (out / "suite.log").read_text()
+    assert ("launch env 0" in log) == fallback and ("launch env 1" in log) != fallback
+    assert ("TEMPME_FAST_CACHED_LAUNCH=0 from here" in log) == fallback

@@ -14,8 +14,10 @@ arguments ``JITFunction.run`` passes it (every parameter in order, then the laun
 Triton's path is taken unchanged when the kernel is not a ``JITFunction`` (the interpreter), when
 its ``run`` is replaced on the instance (a stub or an instrumenting wrapper), when it has
 pre-run hooks, when a stage-inspection hook is set, when a global the kernel read at compile
-time has changed (Triton then raises its own error), and while :data:`CACHED` is False.
+time has changed (Triton then raises its own error), and while :data:`CACHED` is False (its initial
+value is False when the environment sets ``TEMPME_FAST_CACHED_LAUNCH=0``).
 """
+import os
 from typing import Dict, Sequence
 
 import torch
@@ -23,7 +25,7 @@ import torch
 __all__ = ["CACHED", "MAX_ENTRIES", "clear_cache", "launch"]
 
 # Off: every launch goes through kernel[grid](...), as without this module.
-CACHED = True
+CACHED = os.environ.get("TEMPME_FAST_CACHED_LAUNCH", "1") != "0"
 # Distinct (kernel, shapes, alignments, ...) variants kept; the cache is cleared when full.
 MAX_ENTRIES = 4096
 
