@@ -6,8 +6,10 @@ divisible by 16), builds a string key and looks the compiled kernel up: about 20
 2-core CPU before the driver sees it, against about 10 us here (``benchmarks.host``, BENCHMARKS.md).
 :func:`launch` keys its own cache on what that specialisation is a function of: every tensor's
 dtype and address modulo 16, every other argument's type and value, the keywords (constexprs and
-launch options) and Triton's debug and instrumentation switches. That key is finer than Triton's,
-so a hit always finds the kernel Triton would have chosen. A miss goes through ``kernel[grid]`` (compiling if needed) and
+launch options, by value and type) and Triton's debug and instrumentation switches. That key is
+finer than Triton's, so a hit always finds the kernel Triton would have chosen. (Keys compare values
+with ``==``: a float constexpr of 0.0 and one of -0.0 would share a variant. The kernels here have
+no float constexpr that could be either.) A miss goes through ``kernel[grid]`` (compiling if needed) and
 keeps the compiled kernel it returns; a hit calls that kernel's launcher directly, with the
 arguments ``JITFunction.run`` passes it (every parameter in order, then the launch hooks).
 
@@ -85,7 +87,8 @@ def launch(kernel, grid: Sequence[int], *args, **meta) -> None:
     tensors, scalars = args[:n], args[n:]
     try:
         key = (kernel_id, device, *[t.data_ptr() & 15 for t in tensors], *[t.dtype for t in tensors], *scalars,
-               *map(type, scalars), *meta.items(), knobs.runtime.debug, knobs.compilation.instrumentation_mode)
+               *map(type, scalars), *meta.items(), *map(type, meta.values()), knobs.runtime.debug,
+               knobs.compilation.instrumentation_mode)
         entry = _CACHE.get(key)
     except (AttributeError, TypeError):  # a non-tensor where a tensor was, or an unhashable argument
         kernel[grid](*args, **meta)
