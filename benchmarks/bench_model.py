@@ -148,7 +148,9 @@ def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: t
     config, backend, attention = _setting(variant, config)
     apply_tempme(model, config, backend=backend, attention=attention)
     compiled = None
-    launch.CACHED = not variant.endswith("-jit")
+    cached = launch.CACHED  # off already under TEMPME_FAST_CACHED_LAUNCH=0 (the suite's fallback)
+    if variant.endswith("-jit"):
+        launch.CACHED = False
     try:
         if mode == "infer":
             model.eval()
@@ -173,7 +175,7 @@ def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: t
                 "tokens_per_video": model.tempme.schedule.output_tokens,
                 **(compiled.record() if compiled else {"compiled": False})}
     finally:
-        launch.CACHED = True
+        launch.CACHED = cached
         model.zero_grad(set_to_none=True)
         remove_tempme(model)
 

@@ -121,6 +121,7 @@ def cached_launch(launches: int = 2000) -> str:
         from tempme_fast.ops import launch
     except Exception as e:  # the point is to record why it fails
         return f"FAILED ({type(e).__name__}: {str(e)[:500]})"
+    previous = launch.CACHED
     try:
         kernel, x = _add_one_kernel(), torch.zeros(100, device="cuda")
         us = {}
@@ -141,7 +142,7 @@ def cached_launch(launches: int = 2000) -> str:
     except Exception as e:  # the point is to record why it fails
         return f"FAILED ({type(e).__name__}: {str(e)[:500]})"
     finally:
-        launch.CACHED = True
+        launch.CACHED = previous
 
 
 def collect() -> List[Tuple[str, str]]:

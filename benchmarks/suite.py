@@ -243,6 +243,13 @@ def run_stage(stage: Stage, limit: float, log) -> dict:
     return {"rc": rc, "outcome": outcome, "seconds": round(time.monotonic() - t0, 1)}
 
 
+def _say(log, line: str) -> None:
+    """``line`` into the suite's log and onto stdout, at once."""
+    log.write(line.encode())
+    log.flush()
+    print(line, end="", flush=True)
+
+
 def _fall_back_from_cached_launch(out: str, log) -> None:
     """After the preflight: unless its "cached launch" line says "ok" (or "skipped", on a CPU), the later
     stages launch every kernel through Triton's own path (``TEMPME_FAST_CACHED_LAUNCH=0``)."""
@@ -251,10 +258,7 @@ def _fall_back_from_cached_launch(out: str, log) -> None:
     found = next((line.split(": ", 1)[1] for line in lines if line.startswith("cached launch: ")), "")
     if not found.startswith(("ok", "skipped")):
         os.environ["TEMPME_FAST_CACHED_LAUNCH"] = "0"
-        line = f"=== cached launch not ok ({found or 'no preflight line'}): TEMPME_FAST_CACHED_LAUNCH=0 from here\n"
-        log.write(line.encode())
-        log.flush()
-        print(line, end="", flush=True)
+        _say(log, f"=== cached launch not ok ({found or 'no preflight line'}): TEMPME_FAST_CACHED_LAUNCH=0 from here\n")
 
 
 def run_suite(out: str, stages: Sequence[Stage], deadline: float, archive: Optional[str] = None,
@@ -281,15 +285,9 @@ def run_suite(out: str, stages: Sequence[Stage], deadline: float, archive: Optio
                     record.update(outcome="skipped", rc=None, seconds=0.0,
                                   reason=f"{max(remaining, 0):.0f} s left of the budget")
                 else:
-                    header = f"=== {stage.name} (limit {limit:.0f} s of {remaining:.0f} s left)\n"
-                    log.write(header.encode())
-                    log.flush()
-                    print(header, end="", flush=True)
+                    _say(log, f"=== {stage.name} (limit {limit:.0f} s of {remaining:.0f} s left)\n")
                     record.update(run_stage(stage, limit, log))
-                line = f"=== {stage.name}: {record['outcome']} (exit {record['rc']}) after {record['seconds']} s\n"
-                log.write(line.encode())
-                log.flush()
-                print(line, end="", flush=True)
+                _say(log, f"=== {stage.name}: {record['outcome']} (exit {record['rc']}) after {record['seconds']} s\n")
                 stages_file.write(json.dumps(record) + "\n")
                 stages_file.flush()
                 status |= record["outcome"] != "ok"

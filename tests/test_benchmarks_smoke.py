@@ -4,7 +4,7 @@ import json
 from benchmarks import bench_model, bench_ops
 from benchmarks.common import merge_shapes
 from benchmarks.rowlog import read_records
-from tiny import TINY_ARGS
+from tiny import TINY_ARGS, TINY_CONFIG, tiny_clip, video
 
 
 def test_bench_ops_smoke(tmp_path, capsys):
@@ -100,3 +100,15 @@ def test_a_failing_case_costs_only_its_own_row(tmp_path, monkeypatch):
     assert all(r["error"] == "RuntimeError: CUDA out of memory (simulated)" and "ms" not in r
                for r in rows if r["op"] == "match")
     assert all("error" not in r and r["ms"] > 0 for r in rows if r["op"] == "merge_fwd")
+
+
+def test_bench_model_leaves_the_launch_switch_as_it_found_it(monkeypatch):
+    # The suite's fallback (TEMPME_FAST_CACHED_LAUNCH=0) turns the cached launch off for a whole stage:
+    # a variant must not turn it back on, and the -jit variant's own switch must not outlive it.
+    from tempme_fast.ops import launch
+
+    model, clip = tiny_clip(), video(1, TINY_CONFIG.frames)
+    for before in (False, True):
+        monkeypatch.setattr(launch, "CACHED", before)
+        bench_model.bench_variant(model, TINY_CONFIG, "tempme-torch", "infer", clip, rep_ms=1)
+        assert launch.CACHED is before

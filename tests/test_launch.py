@@ -95,7 +95,7 @@ def test_cached_launch_equals_tritons_launch_on_a_gpu():
     size = torch.rand(4, 50, 1, device="cuda") + 0.5
     # The same shapes at an address that is not 16-byte aligned: another compiled variant.
     shifted = torch.empty(x.numel() + 1, device="cuda", dtype=torch.float16)[1:].view_as(x).copy_(x)
-    outputs = {}
+    outputs, previous = {}, launch.CACHED
     for cached in (False, True, True):
         launch.CACHED = cached
         launch.clear_cache()
@@ -109,7 +109,7 @@ def test_cached_launch_equals_tritons_launch_on_a_gpu():
             if cached:
                 assert launch._CACHE, "no launch was cached"
         finally:
-            launch.CACHED = True
+            launch.CACHED = previous
     reference = outputs[False][0]
     for runs in outputs[True]:
         for got, want in zip(runs, reference):
