@@ -19,7 +19,7 @@ import argparse
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -36,7 +36,8 @@ MODES = ("fwd", "fwdbwd")
 
 @dataclass(frozen=True)
 class AttentionShape:
-    """One attention layer as TempMe runs it: ``rows`` clips of ``tokens`` tokens, ``heads`` x ``head_dim``."""
+    """One attention layer as TempMe runs it: ``rows`` clips of ``tokens`` tokens, ``heads`` x ``head_dim``;
+    ``queries``: the class tokens alone query the keys (a trimmed last block), None: every token."""
 
     model: str
     batch: int
@@ -45,6 +46,7 @@ class AttentionShape:
     tokens: int
     heads: int
     head_dim: int
+    queries: Optional[int] = None
 
 
 def layer_attentions(model: str, batch: int, config: TempMeConfig = TempMeConfig(), geometry=VIT_GEOMETRY

@@ -16,6 +16,7 @@ Variants (those that cannot run on the device are skipped):
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -24,10 +25,10 @@ import torch
 from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
 from tempme_fast.bench import peak_memory_mb
 from tempme_fast.arguments import add_config_arguments, config_from_args
-from tempme_fast.encoder import block_forward, embed_frames
+from tempme_fast.encoder import block_forward, class_block_forward, embed_frames
 from tempme_fast.flops import model_flops
 from tempme_fast.loading import DTYPES, create_model, default_dtype_name
-from tempme_fast.model import encoder_options, layer_steps
+from tempme_fast.model import block_function, encoder_options, layer_steps
 from tempme_fast.ops import launch
 
 from .common import Compiled, RowLog, add_row_log_arguments, environment, failure, measure_ms, print_table, \
@@ -39,13 +40,14 @@ VARIANTS = ("open_clip", "open_clip+graph", "tempme-eager", "tempme-torch", "tem
 
 
 def _setting(variant: str, config: TempMeConfig):
-    """(config, backend, attention) of a variant."""
+    """(config, backend, attention, trim_last_block) of a variant. The released-style ``tempme-eager``
+    runs every block in full, as the released code does; the others trim the last block (the default)."""
     if variant.startswith("open_clip"):
-        return TempMeConfig.unmerged(config.frames), "torch", "sdpa"
+        return TempMeConfig.unmerged(config.frames), "torch", "sdpa", True
     backend = "triton" if "triton" in variant else "torch"
     # Triton variants take the default attention ("auto": the bias-vector Triton kernel on CUDA).
     attention = "eager" if variant == "tempme-eager" else "auto" if backend == "triton" else "sdpa"
-    return config, backend, attention
+    return config, backend, attention, variant != "tempme-eager"
 
 
 def runnable(variant: str, mode: str, device: torch.device, compile_: bool) -> bool:
@@ -88,14 +90,36 @@ def layer_times_ms(model: torch.nn.Module, video: torch.Tensor) -> List[float]:
             state = embed_frames(visual, video.flatten(0, 1))
             sync()
             times.append(time.perf_counter() - t0)
-            for block, plan, pos in layer_steps(model):
+            for i, (block, plan, pos) in enumerate(layer_steps(model)):
                 t0 = time.perf_counter()
-                state = block_forward(block, state, plan, pos, options)
+                state = block_function(model, i, state)(block, state, plan, pos, options)
                 sync()
                 times.append(time.perf_counter() - t0)
             runs.append(times)
     runs = runs[1:]  # the first run warms up
     return [sorted(r[i] for r in runs)[len(runs) // 2] * 1e3 for i in range(len(runs[0]))]
+
+
+def last_block_ms(model: torch.nn.Module, video: torch.Tensor, rep_ms: float = 100, rounds: int = 3
+                  ) -> Dict[str, float]:
+    """The last block of a patched model in full (``encoder.block_forward``) and trimmed to its class
+    tokens (``encoder.class_block_forward``), on the state a real forward hands it: each timed
+    ``rounds`` times in alternation (``measure_ms``), the median of each one's rounds."""
+    visual, options, steps = model.visual, encoder_options(model), list(layer_steps(model))
+    with torch.inference_mode():
+        state = embed_frames(visual, video.flatten(0, 1))
+        for block, plan, pos in steps[:-1]:
+            state = block_forward(block, state, plan, pos, options)
+    block, plan, pos = steps[-1]
+    times: Dict[str, List[float]] = {"full": [], "trimmed": []}
+    for _ in range(rounds):
+        for name, forward in (("full", block_forward), ("trimmed", class_block_forward)):
+            def run(forward=forward):
+                with torch.inference_mode():
+                    return forward(block, state, plan, pos, options)
+            times[name].append(measure_ms(run, video.device, rep_ms=rep_ms)["ms"])
+    full, trimmed = (statistics.median(times[k]) for k in ("full", "trimmed"))
+    return {"layer": len(steps) - 1, "full_ms": full, "trimmed_ms": trimmed, "speedup": full / trimmed}
 
 
 def layer_device_ms(model: torch.nn.Module, video: torch.Tensor, rep_ms: float = 20) -> List[Dict[str, object]]:
@@ -130,7 +154,7 @@ def layer_device_ms(model: torch.nn.Module, video: torch.Tensor, rep_ms: float =
                 if layer == 0:
                     return embed_frames(visual, args[0])
                 block, plan, pos = steps[layer - 1]
-                return block_forward(block, args[layer], plan, pos, options)
+                return block_function(model, layer - 1, args[layer])(block, args[layer], plan, pos, options)
         return run
     first = inputs(0)
     columns = []
@@ -145,8 +169,8 @@ def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: t
                   rep_ms: float, compile_backend: str = "inductor") -> Dict[str, object]:
     """One row: timing, throughput, memory, FLOPs and tokens of ``variant``; ``compiled`` says whether
     a torch.compile variant really ran a compiled graph (compiled afresh for this model and batch)."""
-    config, backend, attention = _setting(variant, config)
-    apply_tempme(model, config, backend=backend, attention=attention)
+    config, backend, attention, trim = _setting(variant, config)
+    apply_tempme(model, config, backend=backend, attention=attention, trim_last_block=trim)
     compiled = None
     cached = launch.CACHED  # off already under TEMPME_FAST_CACHED_LAUNCH=0 (the suite's fallback)
     if variant.endswith("-jit"):
@@ -172,6 +196,7 @@ def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: t
         batch = video.shape[0]
         return {"variant": variant, "mode": mode, **timing, "videos_per_s": batch / (timing["ms"] * 1e-3),
                 "peak_mib": peak_memory_mb(fn, video.device), "gflops_per_video": model_flops(model).gflops,
+                "gflops_executed": model_flops(model, executed=True).gflops,
                 "tokens_per_video": model.tempme.schedule.output_tokens,
                 **(compiled.record() if compiled else {"compiled": False})}
     finally:
@@ -193,8 +218,9 @@ def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, conf
         log: Optional[RowLog] = None, compile_backend: str = "inductor", layer_times: bool = True):
     """Rows of every (model, dtype, batch, mode, variant), and per-layer times at the largest batch.
 
-    Every row goes to ``log`` (bench ``bench_model``; per-layer rows ``bench_layers``) as soon as it is
-    measured, so a run stopped by a time limit keeps it. Beside the measured ``speedup_vs_open_clip``
+    Every row goes to ``log`` (bench ``bench_model``; per-layer rows ``bench_layers``; the last block in
+    full and trimmed, ``bench_last_block``) as soon as it is measured, so a run stopped by a time limit
+    keeps it. Beside the measured ``speedup_vs_open_clip``
     each row gives ``flops_bound_speedup``: unmerged FLOPs over the variant's, the most that removing
     tokens alone can gain.
     """
@@ -236,6 +262,9 @@ def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, conf
                         try:
                             times = layer_times_ms(model, video)
                             device_cols = layer_device_ms(model, video)
+                            if layer_config.merges:  # one more row: the last block in full and trimmed
+                                log({"model": name, "dtype": dtype_name, "batch": batch,
+                                     **last_block_ms(model, video)}, bench="bench_last_block")
                         except Exception as e:  # noqa: BLE001 (recorded; the next batch runs)
                             layer_rows.append(log({"model": name, "dtype": dtype_name, "batch": batch,
                                                    "variant": label, **failure(e)}, bench="bench_layers"))

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -189,28 +189,37 @@ def head_dim_steps(batch: int, frames: int = 12) -> List[AttentionStep]:
 
 def attention_steps(model: str, batch: int, config: TempMeConfig = TempMeConfig()) -> List[AttentionStep]:
     """Every layer's attention as the encoder runs it (``encoder.block_forward``): after the
-    layer's join and cross-clip merge, with the bias from the first merge on."""
-    return [(shape, config.prop_attn and merged)
-            for _, shape, merged in layer_attentions(model, batch, config, GEOMETRY)]
+    layer's join and cross-clip merge, with the bias from the first merge on; and the last layer's
+    again as a trimmed last block runs it (``encoder.class_block_forward``: the class tokens query)."""
+    layers = layer_attentions(model, batch, config, GEOMETRY)
+    steps = [(shape, config.prop_attn and merged) for _, shape, merged in layers]
+    plan, shape, merged = layers[-1]
+    return steps + [(replace(shape, queries=plan.protected_out), config.prop_attn and merged)]
 
 
 def run_attention(step: AttentionStep, dtype: torch.dtype, device: str = "meta", backward: bool = True):
     """The attention launcher calls of one layer: the inference forward on token-major views of the
     packed q | k | v projection (``ops.self_attention``: the kernel reads the sizes and takes their
     log) and, optionally, the training forward and backward as the autograd function calls them
-    (``[B', H, N, d]`` views, ``log(size)`` as the bias, no bias gradient: size needs none)."""
+    (``[B', H, N, d]`` views, ``log(size)`` as the bias, no bias gradient: size needs none). A
+    class-token step (``queries``) reads q from its own projection and k, v from the packed k | v
+    one (``ops.query_attention``, as ``encoder.class_block_forward`` calls it)."""
     from tempme_fast.ops import triton_attention
 
     s, biased = step
-    shape = (s.rows, s.tokens, s.heads, s.head_dim)
-    qkv = torch.empty(s.rows, s.tokens, 3 * s.heads * s.head_dim, dtype=dtype, device=device)
-    q, k, v = qkv.view(s.rows, s.tokens, 3, s.heads, s.head_dim).unbind(2)
     bias = torch.empty(s.rows, s.tokens, 1, dtype=torch.float32, device=device) if biased else None
+    if s.queries:
+        q = torch.empty(s.rows, s.queries, s.heads, s.head_dim, dtype=dtype, device=device)
+        kv = torch.empty(s.rows, s.tokens, 2 * s.heads * s.head_dim, dtype=dtype, device=device)
+        k, v = kv.view(s.rows, s.tokens, 2, s.heads, s.head_dim).unbind(2)
+    else:
+        qkv = torch.empty(s.rows, s.tokens, 3 * s.heads * s.head_dim, dtype=dtype, device=device)
+        q, k, v = qkv.view(s.rows, s.tokens, 3, s.heads, s.head_dim).unbind(2)
     triton_attention.attention_forward(q, k, v, bias, token_major=True, log_bias=biased)
     if backward:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out, lse = triton_attention.attention_forward(q, k, v, bias)
-        grad_out = torch.empty(shape, dtype=dtype, device=device).transpose(1, 2)
+        grad_out = torch.empty(s.rows, q.shape[2], s.heads, s.head_dim, dtype=dtype, device=device).transpose(1, 2)
         triton_attention.attention_backward(grad_out, q, k, v, bias, out, lse, bias_grad=False)
 
 
@@ -324,7 +333,8 @@ def collect(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[str]
                                   "allocations": fwd.allocations})
                     add(rec.launches, batch, dname, f"{short} L{step.layer} {step.stage}")
                 for att in attention_steps(model, batch) if "attention" in kernels else ():
-                    add(attention_launches(att, dname), batch, dname, f"{short} L{att[0].layer} attn")
+                    kind = "class attn" if att[0].queries else "attn"
+                    add(attention_launches(att, dname), batch, dname, f"{short} L{att[0].layer} {kind}")
     for batch in batches:
         for dname in dtypes:
             for att in head_dim_steps(batch) if "attention" in kernels else ():

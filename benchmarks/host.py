@@ -125,9 +125,10 @@ def gpu_like(counts: Optional[Counts] = None) -> Iterator[None]:
     kernels = _kernels()
     saved_runs = [k.__dict__.get("run") for k in kernels]
     saved = [(triton_ops, "_interpreting"), (triton_attention, "_interpreting"), (ops, "resolve_backend"),
-             (attention_impl, "attention"), (attention_impl, "self_attention")]
-    originals = [getattr(m, n, None) for m, n in saved]  # (self_attention: absent from older versions)
-    resolve, attend, self_attend = originals[2:]
+             (attention_impl, "attention"), (attention_impl, "self_attention"), (attention_impl, "query_attention")]
+    # (self_attention and query_attention: absent from older versions)
+    originals = [getattr(m, n, None) for m, n in saved]
+    resolve, attend, self_attend, query_attend = originals[2:]
 
     def stub(kernel):
         name = kernel.fn.__name__
@@ -146,11 +147,15 @@ def gpu_like(counts: Optional[Counts] = None) -> Iterator[None]:
     def gpu_self_attention(qkv, heads, size, impl, triton_backend, keys):
         return self_attend(qkv, heads, size, impl, True, keys)
 
+    def gpu_query_attention(q, kv, heads, size, impl, triton_backend):
+        return query_attend(q, kv, heads, size, impl, True)
+
     for k in kernels:
         k.run = stub(k)
-    for (module, name), value in zip(saved, (lambda: False, lambda: False, gpu_resolve, gpu_attention,
-                                                 gpu_self_attention)):
-        setattr(module, name, value)
+    for (module, name), value, original in zip(saved, (lambda: False, lambda: False, gpu_resolve, gpu_attention,
+                                                       gpu_self_attention, gpu_query_attention), originals):
+        if original is not None:
+            setattr(module, name, value)
     try:
         yield
     finally:
@@ -160,9 +165,7 @@ def gpu_like(counts: Optional[Counts] = None) -> Iterator[None]:
             else:
                 k.run = run
         for (module, name), value in zip(saved, originals):
-            if value is None:
-                delattr(module, name)
-            else:
+            if value is not None:
                 setattr(module, name, value)
 
 

@@ -116,8 +116,8 @@ def summarise(times: Dict[str, Tuple[float, float]], wall: float, top: int = TOP
 def profile_variant(model, config: TempMeConfig, variant: str, video: torch.Tensor, forwards: int,
                     repeats: int) -> Tuple[List[Dict[str, object]], List[Dict[str, object]], Dict[str, object]]:
     """Kernel, group and forward rows of ``variant`` (``bench_model``'s names) on ``video``."""
-    config, backend, attention = _setting(variant, config)
-    apply_tempme(model, config, backend=backend, attention=attention)
+    config, backend, attention, trim = _setting(variant, config)
+    apply_tempme(model, config, backend=backend, attention=attention, trim_last_block=trim)
     try:
         model.eval()
 

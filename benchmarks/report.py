@@ -28,6 +28,7 @@ ATTENTION_COLUMNS = ["run", "model", "batch", "layer", "rows", "tokens", "dtype"
 MODEL_COLUMNS = ["run", "tag", "model", "dtype", "batch", "mode", "variant", "compiled", "ms", "videos_per_s",
                  "peak_mib", "speedup_vs_open_clip", "flops_bound_speedup"]
 LAYER_COLUMNS = ["run", "model", "dtype", "batch", "variant", "layer", "ms", "device_ms", "host_bound"]
+LAST_BLOCK_COLUMNS = ["run", "model", "dtype", "batch", "layer", "full_ms", "trimmed_ms", "speedup"]
 TRAIN_COLUMNS = ["run", "model", "batch", "precision", "mode", "variant", "backend", "step_ms", "speedup",
                  "peak_mem_mb", "memory_ratio"]
 CASE_KEYS = ("model", "batch", "dtype", "variant")
@@ -172,6 +173,11 @@ def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequen
     if layers:
         section("Time per layer", "`ms`: synchronised after each block (host included); `device_ms`: the block "
                 "replayed from a CUDA graph on the inputs a real forward gives it.", markdown(layers, LAYER_COLUMNS))
+    last = [r for r in rows if r.get("bench") == "bench_last_block"]
+    if last:
+        section("Last block, in full and trimmed to its class tokens", "`full_ms`: every token through the block "
+                "(as the released code); `trimmed_ms`: the class tokens alone (the default); eager calls, host "
+                "included.", markdown(last, LAST_BLOCK_COLUMNS))
     train = [r for r in rows if r.get("bench") == "bench_train"]
     if train:
         section("Training step", "", markdown(train, TRAIN_COLUMNS))

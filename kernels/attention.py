@@ -15,6 +15,9 @@ program per query tile; it also writes ``delta = rowsum(dO * O)``) and then the 
 (``DKDV=True``, one program per key tile, summing over all queries itself). The bias gradient is
 the column sum of ``dS``, written per head and summed over heads by the host.
 
+The queries (``M`` a clip) and the keys (``N``) may differ in number: a block whose later layers read
+only some tokens' outputs (the class tokens of the last block) asks for those queries alone.
+
 Head dims that are not a power of two (48, 72, 80, 88, 96, 104) are padded to ``BLOCK_D`` with
 masked loads. ``HEAD_ALIGN`` is a power of two that divides every head stride (in elements): the
 head dim itself for q, k and v read as views of one packed projection. Triton proves only
@@ -68,15 +71,16 @@ def _key_tiles(q, k_base, v_base, bias_base, offs_n, offs_d, stride_kn, stride_v
     return k, v, s + _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS, LOG_BIAS)[None, :]
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["M", "N"])
 def _attention_fwd_kernel(
-    q_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
+    q_ptr,  # [B', H, M, HEAD_DIM] any strides, unit channel stride
     k_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
     v_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
     bias_ptr,  # [B', N] float32 log(size) of every key, or with LOG_BIAS size, any float (read only if HAS_BIAS)
-    out_ptr,  # [B', N, H, HEAD_DIM] contiguous (returned as a [B', H, N, HEAD_DIM] view)
-    lse_ptr,  # [B', H, N] float32 out: log2 of the sum of exp2 of each query's logits (log2 units)
-    N,
+    out_ptr,  # [B', M, H, HEAD_DIM] contiguous (returned as a [B', H, M, HEAD_DIM] view)
+    lse_ptr,  # [B', H, M] float32 out: log2 of the sum of exp2 of each query's logits (log2 units)
+    M,  # queries
+    N,  # keys
     H,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -99,7 +103,7 @@ def _attention_fwd_kernel(
     h = (bh % H).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _tile(q_ptr + b * stride_qb + tl.multiple_of(h * stride_qh, HEAD_ALIGN), offs_m, offs_d, stride_qn, N,
+    q = _tile(q_ptr + b * stride_qb + tl.multiple_of(h * stride_qh, HEAD_ALIGN), offs_m, offs_d, stride_qn, M,
               HEAD_DIM)
     k_base = k_ptr + b * stride_kb + tl.multiple_of(h * stride_kh, HEAD_ALIGN)
     v_base = v_ptr + b * stride_vb + tl.multiple_of(h * stride_vh, HEAD_ALIGN)
@@ -119,28 +123,29 @@ def _attention_fwd_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32, PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
-    mask_m = offs_m < N
-    tl.store(lse_ptr + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
-    out_rows = out_ptr + ((b * N + offs_m.to(tl.int64)) * H + h) * HEAD_DIM
+    mask_m = offs_m < M
+    tl.store(lse_ptr + bh.to(tl.int64) * M + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+    out_rows = out_ptr + ((b * M + offs_m.to(tl.int64)) * H + h) * HEAD_DIM
     tl.store(out_rows[:, None] + offs_d[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask_m[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["M", "N"])
 def _attention_bwd_kernel(
-    q_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
+    q_ptr,  # [B', H, M, HEAD_DIM] any strides, unit channel stride
     k_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
     v_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
     bias_ptr,  # [B', N] float32 (read only if HAS_BIAS)
-    out_ptr,  # [B', N, H, HEAD_DIM] contiguous: the forward's output (dQ pass)
-    do_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride: gradient of the output
-    lse_ptr,  # [B', H, N] float32: the forward's log-sum-exp (log2 units)
-    delta_ptr,  # [B', H, N] float32: rowsum(dO * O), written by the dQ pass, read by the dK/dV pass
-    dq_ptr,  # [B', H, N, HEAD_DIM] contiguous out (dQ pass)
+    out_ptr,  # [B', M, H, HEAD_DIM] contiguous: the forward's output (dQ pass)
+    do_ptr,  # [B', H, M, HEAD_DIM] any strides, unit channel stride: gradient of the output
+    lse_ptr,  # [B', H, M] float32: the forward's log-sum-exp (log2 units)
+    delta_ptr,  # [B', H, M] float32: rowsum(dO * O), written by the dQ pass, read by the dK/dV pass
+    dq_ptr,  # [B', H, M, HEAD_DIM] contiguous out (dQ pass)
     dk_ptr,  # [B', H, N, HEAD_DIM] contiguous out (dK/dV pass)
     dv_ptr,  # [B', H, N, HEAD_DIM] contiguous out (dK/dV pass)
     dbias_ptr,  # [B', H, N] float32 out: this head's share of the bias gradient (dK/dV pass, if BIAS_GRAD)
-    N,
+    M,  # queries
+    N,  # keys
     H,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -165,7 +170,8 @@ def _attention_bwd_kernel(
     h = (bh % H).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    row_base = bh.to(tl.int64) * N
+    query_base = bh.to(tl.int64) * M  # row of this (clip, head) in lse, delta and dQ
+    key_base = bh.to(tl.int64) * N  # in dK, dV and the bias gradient
     q_base = q_ptr + b * stride_qb + tl.multiple_of(h * stride_qh, HEAD_ALIGN)
     k_base = k_ptr + b * stride_kb + tl.multiple_of(h * stride_kh, HEAD_ALIGN)
     v_base = v_ptr + b * stride_vb + tl.multiple_of(h * stride_vh, HEAD_ALIGN)
@@ -173,13 +179,13 @@ def _attention_bwd_kernel(
     bias_base = bias_ptr + b * stride_bb
     if not DKDV:
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < N
-        q = _tile(q_base, offs_m, offs_d, stride_qn, N, HEAD_DIM)
-        do = _tile(do_base, offs_m, offs_d, stride_dn, N, HEAD_DIM)
-        o = _tile(out_ptr + b * N * H * HEAD_DIM + h * HEAD_DIM, offs_m, offs_d, H * HEAD_DIM, N, HEAD_DIM)
+        mask_m = offs_m < M
+        q = _tile(q_base, offs_m, offs_d, stride_qn, M, HEAD_DIM)
+        do = _tile(do_base, offs_m, offs_d, stride_dn, M, HEAD_DIM)
+        o = _tile(out_ptr + b * M * H * HEAD_DIM + h * HEAD_DIM, offs_m, offs_d, H * HEAD_DIM, M, HEAD_DIM)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-        tl.store(delta_ptr + row_base + offs_m, delta, mask=mask_m)
-        lse = tl.load(lse_ptr + row_base + offs_m, mask=mask_m, other=0.0)
+        tl.store(delta_ptr + query_base + offs_m, delta, mask=mask_m)
+        lse = tl.load(lse_ptr + query_base + offs_m, mask=mask_m, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             k, v, s = _key_tiles(q, k_base, v_base, bias_base, start + tl.arange(0, BLOCK_N), offs_d, stride_kn,
@@ -188,7 +194,7 @@ def _attention_bwd_kernel(
             dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
             ds = p * (dp - delta[:, None])
             dq += _dot(ds.to(k.dtype), k, DOT_FP32, PRECISION)
-        rows = (row_base + offs_m.to(tl.int64)) * HEAD_DIM
+        rows = (query_base + offs_m.to(tl.int64)) * HEAD_DIM
         tl.store(dq_ptr + rows[:, None] + offs_d[None, :], (dq * SM_SCALE).to(dq_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_d[None, :])
     else:
@@ -200,14 +206,14 @@ def _attention_bwd_kernel(
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dbias = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for start in range(0, N, BLOCK_M):
+        for start in range(0, M, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < N
-            q = _tile(q_base, offs_m, offs_d, stride_qn, N, HEAD_DIM)
-            do = _tile(do_base, offs_m, offs_d, stride_dn, N, HEAD_DIM)
+            mask_m = offs_m < M
+            q = _tile(q_base, offs_m, offs_d, stride_qn, M, HEAD_DIM)
+            do = _tile(do_base, offs_m, offs_d, stride_dn, M, HEAD_DIM)
             # Padding queries get lse = +inf, so their probabilities are exactly 0.
-            lse = tl.load(lse_ptr + row_base + offs_m, mask=mask_m, other=float("inf"))
-            delta = tl.load(delta_ptr + row_base + offs_m, mask=mask_m, other=0.0)
+            lse = tl.load(lse_ptr + query_base + offs_m, mask=mask_m, other=float("inf"))
+            delta = tl.load(delta_ptr + query_base + offs_m, mask=mask_m, other=0.0)
             # Transposed tiles (keys x queries), so every product below reduces over a loaded axis.
             s_t = _dot(k, tl.trans(q), DOT_FP32, PRECISION) * QK_SCALE + key_bias[:, None]
             p_t = tl.exp2(s_t - lse[None, :])
@@ -217,9 +223,9 @@ def _attention_bwd_kernel(
             dk += _dot(ds_t.to(q.dtype), q, DOT_FP32, PRECISION)
             if BIAS_GRAD:
                 dbias += tl.sum(ds_t, axis=1)
-        rows = (row_base + offs_n.to(tl.int64)) * HEAD_DIM
+        rows = (key_base + offs_n.to(tl.int64)) * HEAD_DIM
         mask = mask_n[:, None] & mask_d[None, :]
         tl.store(dk_ptr + rows[:, None] + offs_d[None, :], (dk * SM_SCALE).to(dk_ptr.dtype.element_ty), mask=mask)
         tl.store(dv_ptr + rows[:, None] + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
         if BIAS_GRAD:
-            tl.store(dbias_ptr + row_base + offs_n, dbias, mask=mask_n)
+            tl.store(dbias_ptr + key_base + offs_n, dbias, mask=mask_n)

@@ -32,7 +32,8 @@ class BenchRow:
     ``speedup`` is the median over repetitions of (unmerged time / this variant's time) measured
     back to back in the same repetition; ``speedup_min``/``speedup_max`` bound those ratios and
     ``speedup_q1``/``speedup_q3`` are their quartiles. ``flops_bound`` is unmerged GFLOPs / this
-    variant's GFLOPs: the speed-up if time followed FLOPs.
+    variant's GFLOPs: the speed-up if time followed FLOPs. ``gflops_per_video`` is TempMe's count
+    (every block in full); ``gflops_executed`` what the variant runs (less with the last block trimmed).
     """
 
     name: str
@@ -50,6 +51,7 @@ class BenchRow:
     speedup_q1: float = 1.0
     speedup_q3: float = 1.0
     flops_bound: float = 1.0
+    gflops_executed: Optional[float] = None
 
 
 class _LiveTensorBytes(TorchDispatchMode):
@@ -154,8 +156,13 @@ def _quartiles(values: Sequence[float]):
 
 def bench_model(model: torch.nn.Module, config: TempMeConfig, *, batch: int, device: torch.device,
                 dtype: torch.dtype, backends: Sequence[str], repeats: int = 5, warmup: int = 1,
-                progress: bool = True, seed: int = 0, cuda_graph: bool = False) -> List[BenchRow]:
+                progress: bool = True, seed: int = 0, cuda_graph: bool = False,
+                full_last_block: bool = False) -> List[BenchRow]:
     """Time ``model`` unmerged and with ``config`` on each backend, on the same random videos.
+
+    TempMe runs as ``apply_tempme`` does by default (the last block trimmed to its class tokens);
+    ``full_last_block`` adds a row per backend with every token through the last block, as the
+    released code runs it.
 
     With ``cuda_graph`` (CUDA only) every variant, unmerged included, is timed as replays of its
     forward captured in a CUDA graph (:class:`tempme_fast.GraphedVideoEncoder`, captured afresh
@@ -180,15 +187,17 @@ def bench_model(model: torch.nn.Module, config: TempMeConfig, *, batch: int, dev
     generator = torch.Generator().manual_seed(seed)
     video = torch.randn(batch, config.frames, 3, *model.visual.image_size, generator=generator)
     video = video.to(device=device, dtype=dtype)
-    variants = [("open_clip (unmerged)", TempMeConfig.unmerged(config.frames), "torch")]
-    variants += [("TempMe", config, backend) for backend in backends]
+    variants = [("open_clip (unmerged)", TempMeConfig.unmerged(config.frames), "torch", True)]
+    variants += [("TempMe", config, backend, True) for backend in backends]
+    if full_last_block and config.merges:
+        variants += [("TempMe, full last block", config, backend, False) for backend in backends]
 
     def run():
         with torch.inference_mode():
             return model.encode_video(video)
 
     def patched(i):
-        return _patched(model, variants[i][1], variants[i][2])
+        return _patched(model, *variants[i][1:])
 
     def timed(count: int, warm: int, tick=None) -> List[float]:
         """``time_calls`` of the patched-in variant: eager, or replays of a graph captured now."""
@@ -211,14 +220,14 @@ def bench_model(model: torch.nn.Module, config: TempMeConfig, *, batch: int, dev
             bar.update()
     bar.close()
     rows = []
-    for i, (name, cfg, backend) in enumerate(variants):
+    for i, (name, cfg, backend, _) in enumerate(variants):
         with patched(i):
             median = statistics.median(times[i])
             rows.append(BenchRow(
                 name=name, backend=backend if cfg.merges else "-",
                 tokens_per_video=model.tempme.schedule.output_tokens,
                 gflops_per_video=model_flops(model).gflops,
-                latency_ms=median, latency_min_ms=min(times[i]), latency_max_ms=max(times[i]),
+                gflops_executed=model_flops(model, executed=True).gflops, latency_ms=median, latency_min_ms=min(times[i]), latency_max_ms=max(times[i]),
                 videos_per_s=batch / (median / 1e3), peak_mem_mb=peak_memory_mb(run, device)))
     set_speedups(rows, times)
     return rows
@@ -236,9 +245,9 @@ def set_speedups(rows: Sequence[BenchRow], times: Sequence[Sequence[float]]) -> 
 
 
 @contextlib.contextmanager
-def _patched(model: torch.nn.Module, config: TempMeConfig, backend: str):
+def _patched(model: torch.nn.Module, config: TempMeConfig, backend: str, trim_last_block: bool = True):
     """The model patched with ``config`` inside the block, unpatched after."""
-    apply_tempme(model, config, backend=backend)
+    apply_tempme(model, config, backend=backend, trim_last_block=trim_last_block)
     try:
         yield model
     finally:

@@ -117,15 +117,10 @@ def _join_then_norm(x, size, group, protected, r, frame_pos, norm: nn.Module, ba
     return x, size, norm(x), plan
 
 
-def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos: Optional[torch.Tensor],
-                  options: EncoderOptions) -> ClipState:
-    """One residual block with TempMe's joins and merges, as ``plan`` (from the schedule) says.
-
-    Args:
-        block: an open_clip ``ResidualAttentionBlock``.
-        state: ``plan.clips_in`` clips per video of ``plan.tokens_in`` tokens.
-        frame_pos: ``[1, plan.clips_in, 1, D]`` temporal position embedding of a joining layer, or None.
-    """
+def _block_input(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos: Optional[torch.Tensor],
+                 options: EncoderOptions):
+    """A block up to its attention: ClipMe's join and cross-clip merge where ``plan`` has one, and
+    ``ln_1``. Returns ``(x, size, protected, sources, merged, h)`` with ``h = ln_1(x)``."""
     x, size, c, sources, merged = state
     if plan.group > 1:
         pos = frame_pos if frame_pos is None else cast(frame_pos, x.dtype)
@@ -137,7 +132,19 @@ def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos
             sources = tracking.merge_sources(sources, cross)
     else:
         h = _layer_norm(block.ln_1, x)
-    merged = merged or plan.r_cross > 0
+    return x, size, c, sources, merged or plan.r_cross > 0, h
+
+
+def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos: Optional[torch.Tensor],
+                  options: EncoderOptions) -> ClipState:
+    """One residual block with TempMe's joins and merges, as ``plan`` (from the schedule) says.
+
+    Args:
+        block: an open_clip ``ResidualAttentionBlock``.
+        state: ``plan.clips_in`` clips per video of ``plan.tokens_in`` tokens.
+        frame_pos: ``[1, plan.clips_in, 1, D]`` temporal position embedding of a joining layer, or None.
+    """
+    x, size, c, sources, merged, h = _block_input(block, state, plan, frame_pos, options)
     attn_size = size if options.prop_attn and merged else None
     out, keys = _self_attention(block.attn, h, attn_size, options.attention, options.backend, plan.r > 0)
     if plan.r:
@@ -148,6 +155,43 @@ def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos
         h = _layer_norm(block.ln_2, x)
     x = x + block.ls_2(block.mlp(h))
     return ClipState(x, size, c, sources, merged or plan.r > 0)
+
+
+def class_block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos: Optional[torch.Tensor],
+                        options: EncoderOptions) -> ClipState:
+    """The last block as the video feature reads it: only the class tokens leave it.
+
+    :func:`frame_features` reads nothing but the class tokens of the last block's output, and a
+    class token's output depends on the other tokens only as keys and values of its attention. So
+    this block runs the join and ``ln_1`` on every token (they make the keys and values), and the
+    query projection, attention, output projection, ``ln_2`` and MLP on the class tokens alone; the
+    merge after attention (it never moves a class token) is left out. The class tokens come out as
+    :func:`block_forward`'s do, up to rounding.
+
+    Returns:
+        A state holding the ``plan.protected_out`` class tokens of every clip (``x [B', c, D]``,
+        their sizes), without source tracking: to track sources run :func:`block_forward`.
+    """
+    if state.sources is not None:
+        raise ValueError("class_block_forward does not track sources (state.sources is set); use block_forward")
+    x, size, c, _, merged, h = _block_input(block, state, plan, frame_pos, options)
+    attn_size = size if options.prop_attn and merged else None
+    x = x[:, :c] + block.ls_1(_class_attention(block.attn, h, c, attn_size, options.attention, options.backend))
+    x = x + block.ls_2(block.mlp(_layer_norm(block.ln_2, x)))
+    return ClipState(x, size[:, :c], c, None, merged or plan.r > 0)
+
+
+def _class_attention(attn: nn.MultiheadAttention, h: torch.Tensor, c: int, size: Optional[torch.Tensor], impl: str,
+                     backend: str) -> torch.Tensor:
+    """Attention of the first ``c`` tokens of every clip of ``h [B', N, D]`` over all ``N``, with
+    open_clip's weights: ``[B', c, D]``. Only those ``c`` rows are projected to queries."""
+    width = h.shape[-1]
+    weight_q, weight_kv = attn.in_proj_weight.split([width, 2 * width])
+    bias_q, bias_kv = (None, None) if attn.in_proj_bias is None else attn.in_proj_bias.split([width, 2 * width])
+    q = F.linear(h[:, :c], weight_q, bias_q)
+    kv = F.linear(h, weight_kv, bias_kv)
+    out = ops.query_attention(q, kv, attn.num_heads, size, impl=impl, backend=backend)
+    return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
 
 
 def frame_features(visual: nn.Module, state: ClipState, videos: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .encoder import block_forward, embed_frames, frame_features
 from .geometry import ViTGeometry
-from .model import encoder_options, layer_steps
+from .model import block_function, encoder_options, layer_steps
 from .ops.reference import split_sizes
 from .schedule import TokenSchedule
 
@@ -88,18 +88,30 @@ class FlopsReport:
 
 
 def analytic_flops(schedule: TokenSchedule, width: int, mlp_width: int, heads: int, patch_size: int,
-                   embed_dim: int, in_chans: int = 3) -> FlopsReport:
-    """FLOPs per video from the token schedule and the ViT's sizes (same convention as measured)."""
+                   embed_dim: int, in_chans: int = 3, class_last: bool = False) -> FlopsReport:
+    """FLOPs per video from the token schedule and the ViT's sizes (same convention as measured).
+
+    ``class_last``: count the last block as :func:`~tempme_fast.encoder.class_block_forward` runs it
+    (keys and values of every token; queries, attention rows, output projection and MLP of the class
+    tokens only; no merge after attention). False (the default) counts every block in full, as
+    TempMe's own FLOPs figures do.
+    """
     frames, patches = schedule.frames, schedule.tokens_per_frame - 1
     head_dim = width // heads
     stem = frames * 2 * patches * width * in_chans * patch_size * patch_size
     layers = []
-    for p in schedule.layers:
+    for i, p in enumerate(schedule.layers):
         per_clip = 0
         if p.r_cross:
             na, nb = split_sizes(p.tokens_joined, p.protected_out)
             per_clip += 2 * na * nb * width  # cross-clip metric: the hidden states
         n = p.tokens_attn
+        if class_last and i == len(schedule.layers) - 1:
+            c = p.protected_out
+            per_clip += 2 * n * width * 2 * width + 2 * c * width * width  # keys and values of all, queries of c
+            per_clip += 4 * c * n * width + 2 * c * width * width + 4 * c * width * mlp_width
+            layers.append(float(per_clip * p.clips_out))
+            continue
         per_clip += 2 * n * width * 3 * width + 4 * n * n * width + 2 * n * width * width
         if p.r:
             na, nb = split_sizes(n, p.protected_out)
@@ -110,26 +122,32 @@ def analytic_flops(schedule: TokenSchedule, width: int, mlp_width: int, heads: i
     return FlopsReport(float(stem), layers, float(head))
 
 
-def schedule_flops(schedule: TokenSchedule, geometry: ViTGeometry) -> FlopsReport:
-    """FLOPs per video of ``schedule`` on a ViT of the sizes ``geometry`` (no model needed)."""
+def schedule_flops(schedule: TokenSchedule, geometry: ViTGeometry, class_last: bool = False) -> FlopsReport:
+    """FLOPs per video of ``schedule`` on a ViT of the sizes ``geometry`` (no model needed);
+    ``class_last`` as :func:`analytic_flops`."""
     return analytic_flops(schedule, width=geometry.width, mlp_width=geometry.mlp_width, heads=geometry.heads,
                           patch_size=geometry.patch_size, embed_dim=geometry.embed_dim,
-                          in_chans=geometry.in_chans)
+                          in_chans=geometry.in_chans, class_last=class_last)
 
 
-def model_flops(model: torch.nn.Module) -> FlopsReport:
-    """Analytic FLOPs per video of a model patched by ``apply_tempme``."""
-    return schedule_flops(model.tempme.schedule, ViTGeometry.from_model(model))
+def model_flops(model: torch.nn.Module, executed: bool = False) -> FlopsReport:
+    """Analytic FLOPs per video of a model patched by ``apply_tempme``: TempMe's count (every block in
+    full), or with ``executed`` what ``encode_video`` runs (the last block trimmed to its class tokens
+    when ``apply_tempme(trim_last_block=True)``, the default)."""
+    class_last = executed and model.tempme.trim_last_block and bool(model.tempme.config.merges)
+    return schedule_flops(model.tempme.schedule, ViTGeometry.from_model(model), class_last=class_last)
 
 
 @torch.no_grad()
-def measure_flops(model: torch.nn.Module, video: Optional[torch.Tensor] = None) -> FlopsReport:
+def measure_flops(model: torch.nn.Module, video: Optional[torch.Tensor] = None, executed: bool = False) -> FlopsReport:
     """Count FLOPs per video by running the patched model's encoder piece by piece.
 
     Args:
         model: patched by ``apply_tempme``; the unmerged config runs the same block loop, so its
             count is open_clip's per-frame count.
         video: ``[B, T, 3, H, W]`` to run (default: one random video on the model's device).
+        executed: run the blocks as ``encode_video`` does (the last one trimmed to its class tokens
+            where the model says so); False runs every block in full, TempMe's count.
     """
     visual = model.visual
     if video is None:
@@ -142,9 +160,10 @@ def measure_flops(model: torch.nn.Module, video: Optional[torch.Tensor] = None) 
         state = embed_frames(visual, video.flatten(0, 1))
     stem = counter.get_total_flops()
     layers = []
-    for block, plan, pos in layer_steps(model):
+    for i, (block, plan, pos) in enumerate(layer_steps(model)):
+        forward = block_function(model, i, state) if executed and model.tempme.config.merges else block_forward
         with flop_counter() as counter:
-            state = block_forward(block, state, plan, pos, options)
+            state = forward(block, state, plan, pos, options)
         layers.append(counter.get_total_flops() / videos)
     with flop_counter() as counter:
         frame_features(visual, state, videos)

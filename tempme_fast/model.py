@@ -12,7 +12,8 @@ from torch.utils.checkpoint import checkpoint
 from . import ops
 from .config import TempMeConfig
 from .errors import UnsupportedModelError
-from .encoder import ClipState, EncoderOptions, block_forward, embed_frames, frame_features, pool_frames
+from .encoder import (ClipState, EncoderOptions, block_forward, class_block_forward, embed_frames, frame_features,
+                      pool_frames)
 from .schedule import IMGME, TokenSchedule, token_schedule
 from .tracking import SourceMap, initial_sources, source_map
 
@@ -28,6 +29,7 @@ class TempMeSettings:
     backend: str
     attention: str
     check_finite: bool = False
+    trim_last_block: bool = True
 
 
 def vit_geometry(visual: nn.Module):
@@ -84,7 +86,7 @@ _CLASSES: Dict[type, type] = {}
 
 
 def apply_tempme(model: nn.Module, config: Optional[TempMeConfig] = None, backend: str = "auto",
-                 attention: str = "auto", check_finite: bool = False) -> nn.Module:
+                 attention: str = "auto", check_finite: bool = False, trim_last_block: bool = True) -> nn.Module:
     """Patch an open_clip ``CLIP`` model in place so ``model.encode_video`` runs TempMe.
 
     Args:
@@ -98,6 +100,11 @@ def apply_tempme(model: nn.Module, config: Optional[TempMeConfig] = None, backen
             ``"eager"`` (explicit softmax, as the released code).
         check_finite: make ``encode_video`` refuse videos holding NaN or Inf by default (a host
             synchronisation per call; off by default, ``encode_video(check_finite=...)`` overrides it).
+        trim_last_block: the last block computes only what the video feature reads, its class
+            tokens (queries, output projection, MLP; no merge after its attention); every token still
+            makes its keys and values. The embedding is the same up to rounding, for fewer FLOPs
+            than the schedule's (``flops.model_flops(model, executed=True)``). False runs every token
+            through it, as the released code does. ``return_sources=True`` always runs it in full.
     Raises:
         TypeError / ValueError: a model TempMe cannot patch (not an open_clip ViT with a class
             token, patch dropout, an unsupported dtype), a config that does not fit the model
@@ -118,6 +125,8 @@ def apply_tempme(model: nn.Module, config: Optional[TempMeConfig] = None, backen
         raise ValueError(f"attention={attention!r} is not one of {ATTENTION_IMPLS}")
     if not isinstance(check_finite, bool):
         raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
+    if not isinstance(trim_last_block, bool):
+        raise TypeError(f"trim_last_block must be a bool, got {trim_last_block!r}")
     visual = getattr(model, "visual", None)
     if visual is None:
         raise TypeError(f"model is a {type(model).__name__} without .visual; pass an open_clip CLIP model")
@@ -127,14 +136,14 @@ def apply_tempme(model: nn.Module, config: Optional[TempMeConfig] = None, backen
         raise TypeError(f"model.visual has dtype {dtype}; valid: float32, float16, bfloat16, float64")
     schedule = token_schedule(config, depth, tokens)
     _warn_if_imgme_r_clamps(config, schedule)
-    settings = TempMeSettings(config, schedule, backend, attention, check_finite)
+    settings = TempMeSettings(config, schedule, backend, attention, check_finite, trim_last_block)
 
     current = getattr(model, "tempme", None)
     if isinstance(current, TempMeSettings):
         if current.config != config:
             raise ValueError("model is already patched with a different TempMeConfig; call "
                              "remove_tempme(model) first (that drops its temporal position embeddings)")
-        model.tempme = settings  # same schedule: only the backend or attention changes
+        model.tempme = settings  # same schedule: only the backend, attention or switches change
         return model
 
     if config.frame_pos and config.clip_layers:
@@ -253,7 +262,9 @@ def encode_video(model: nn.Module, video: torch.Tensor, mask: Optional[torch.Ten
             ``apply_tempme(check_finite=...)`` chose (off).
         return_sources: also return a :class:`~tempme_fast.tracking.SourceMap`, which final token
             every original token of every frame ended in. Off by default, and then nothing of it
-            is computed.
+            is computed. With it the last block runs in full (its merge places the final tokens),
+            so where ``apply_tempme(trim_last_block=True)`` the embedding can differ from the
+            untracked one by rounding.
 
     Returns:
         The embedding ``[B, embed_dim]`` in the model's dtype, or ``(embedding, sources)`` with
@@ -316,14 +327,26 @@ def layer_steps(model: nn.Module):
         yield block, plan, frame_pos[str(plan.layer)] if str(plan.layer) in frame_pos else None
 
 
+def block_function(model: nn.Module, layer: int, state: ClipState):
+    """What layer ``layer`` of a patched model runs on ``state``: :func:`~tempme_fast.encoder.class_block_forward`
+    for the last layer when the model trims it (``apply_tempme(trim_last_block=True)``) and nothing
+    tracks sources, :func:`~tempme_fast.encoder.block_forward` otherwise."""
+    last = layer == len(model.tempme.schedule.layers) - 1
+    if last and model.tempme.trim_last_block and state.sources is None:
+        return class_block_forward
+    return block_forward
+
+
 def run_blocks(model: nn.Module, state: ClipState) -> ClipState:
-    """Every transformer block of ``model.visual`` with TempMe's schedule."""
+    """Every transformer block of ``model.visual`` with TempMe's schedule (each layer runs
+    :func:`block_function`'s choice: the last one trimmed to its class tokens by default)."""
     visual = model.visual
     options = encoder_options(model)
     use_checkpoint = visual.transformer.grad_checkpointing and torch.is_grad_enabled()
-    for block, plan, pos in layer_steps(model):
+    for i, (block, plan, pos) in enumerate(layer_steps(model)):
+        forward = block_function(model, i, state)
         if use_checkpoint:
-            state = checkpoint(block_forward, block, state, plan, pos, options, use_reentrant=False)
+            state = checkpoint(forward, block, state, plan, pos, options, use_reentrant=False)
         else:
-            state = block_forward(block, state, plan, pos, options)
+            state = forward(block, state, plan, pos, options)
     return state

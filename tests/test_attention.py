@@ -29,13 +29,16 @@ def nan_outputs(monkeypatch):
     monkeypatch.setattr(triton_attention, "_new_output", new_output)
 
 
-def make_inputs(rows, heads, tokens, head_dim, dtype, device, seed=0):
+def make_inputs(rows, heads, tokens, head_dim, dtype, device, seed=0, queries=None):
+    """q ``[rows, heads, queries, d]`` (``queries`` defaults to ``tokens``), k, v ``[rows, heads, tokens, d]``,
+    the keys' sizes and an output gradient."""
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(rows, heads, tokens, head_dim, generator=g).to(device=device, dtype=dtype)
-               for _ in range(3))
+    queries = tokens if queries is None else queries
+    q, k, v = (torch.randn(rows, heads, n, head_dim, generator=g).to(device=device, dtype=dtype)
+               for n in (queries, tokens, tokens))
     # Sizes up to 30 give biases up to log(30) = 3.4: enough to move the softmax well away from plain attention.
     size = torch.randint(1, 31, (rows, tokens, 1), generator=g).float().to(device)
-    grad = torch.randn(rows, heads, tokens, head_dim, generator=g).to(device=device, dtype=dtype)
+    grad = torch.randn(rows, heads, queries, head_dim, generator=g).to(device=device, dtype=dtype)
     return q, k, v, size, grad
 
 
@@ -77,6 +80,74 @@ SHAPES = [(2, 3, 17, 64), (1, 2, 1, 64), (2, 2, 50, 80), (1, 1, 197, 64), (3, 1,
 def test_candidate_equals_reference(device, nan_outputs, impl, dtype, shape):
     q, k, v, size, grad = make_inputs(*shape, dtype, device)
     assert_close_to(forward_backward(candidate(impl), q, k, v, size, grad), truth(q, k, v, size, grad), dtype)
+
+
+# (rows, heads, queries, keys, head dim): fewer queries than keys (a last block's class tokens), more,
+# one query, and queries and keys over several interpreter tiles.
+CROSS_SHAPES = [(2, 3, 5, 17, 64), (1, 2, 12, 50, 80), (2, 2, 40, 9, 32), (1, 1, 1, 70, 64), (2, 1, 3, 197, 64)]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("impl", CANDIDATES + ("sdpa",))
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", CROSS_SHAPES, ids=[f"B{b}-H{h}-M{m}-N{n}-D{d}" for b, h, m, n, d in CROSS_SHAPES])
+def test_fewer_or_more_queries_than_keys(device, nan_outputs, impl, dtype, shape):
+    """``M`` queries against ``N`` keys, forward and every gradient (the kernel once read only ``M`` keys)."""
+    rows, heads, queries, keys, head_dim = shape
+    q, k, v, size, grad = make_inputs(rows, heads, keys, head_dim, dtype, device, seed=7, queries=queries)
+    assert_close_to(forward_backward(candidate(impl), q, k, v, size, grad), truth(q, k, v, size, grad), dtype)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("impl", CANDIDATES + ("sdpa", "eager"))
+def test_query_attention_equals_attention_of_its_heads(device, impl):
+    """``ops.query_attention(q, kv, heads)``: the packed projections split into heads, ``ops.attention``,
+    heads concatenated; forward and the gradients of q, kv and size."""
+    g = torch.Generator().manual_seed(9)
+    rows, queries, tokens, heads, head_dim = 2, 3, 21, 2, 32
+    q = torch.randn(rows, queries, heads * head_dim, generator=g).to(device).requires_grad_()
+    kv = torch.randn(rows, tokens, 2 * heads * head_dim, generator=g).to(device).requires_grad_()
+    size = (torch.randint(1, 9, (rows, tokens), generator=g).float().to(device)).requires_grad_()
+    results = []
+    for fn in (lambda: ops.query_attention(q, kv, heads, size, impl=impl, backend="triton"),
+               lambda: ops.attention(q.view(rows, queries, heads, head_dim).transpose(1, 2),
+                                     *kv.view(rows, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0),
+                                     size, impl="eager", backend="torch").transpose(1, 2).flatten(2)):
+        out = fn()
+        results.append([out, *torch.autograd.grad(out.square().sum(), (q, kv, size))])
+    assert results[0][0].shape == (rows, queries, heads * head_dim)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: (torch.randn(2, 3, 64), torch.randn(2, 9, 64), 2), ValueError, r"kv must have shape \[B', N, 2 \* D\]"),
+    (lambda: (torch.randn(2, 3, 64), torch.randn(3, 9, 128), 2), ValueError, "kv must have shape"),
+    (lambda: (torch.randn(2, 3, 63), torch.randn(2, 9, 126), 2), ValueError, "divisible by heads=2"),
+    (lambda: (torch.randn(2, 3, 64), torch.randn(2, 9, 128).half(), 2), TypeError, "kv has dtype"),
+    (lambda: (torch.randn(2, 3, 64), torch.randn(2, 9, 128), 0), ValueError, "heads"),
+])
+def test_query_attention_refuses_bad_arguments(make, error, message):
+    q, kv, heads = make()
+    with pytest.raises(error, match=message):
+        ops.query_attention(q, kv, heads)
+    with pytest.raises(ValueError, match="size must have shape"):
+        ops.query_attention(torch.randn(2, 3, 64), torch.randn(2, 9, 128), 2, torch.ones(2, 3))
+
+
+@pytest.mark.interpreter
+def test_fewer_queries_than_keys_over_many_tiles(device, nan_outputs, monkeypatch):
+    """16-token tiles: 2 query tiles against 5 key tiles (the forward, dQ and dK/dV loops), and the
+    inference forward that takes the log in the kernel."""
+    monkeypatch.setattr(triton_attention, "INTERPRETER_BLOCK", 16)
+    if device == "cuda":
+        monkeypatch.setattr(triton_attention, "GPU_FWD_BLOCKS", {64: (16, 16)})
+        monkeypatch.setattr(triton_attention, "GPU_BWD_BLOCKS", {64: (16, 16)})
+    q, k, v, size, grad = make_inputs(2, 2, 70, 64, torch.float32, device, seed=8, queries=20)
+    want = truth(q, k, v, size, grad)
+    assert_close_to(forward_backward(candidate("triton"), q, k, v, size, grad), want, torch.float32)
+    with torch.no_grad():
+        assert_close_to([candidate("triton")(q, k, v, size)], want[:1], torch.float32)
 
 
 @pytest.mark.interpreter
@@ -188,13 +259,18 @@ def test_bad_attention_arguments_are_refused():
 def test_unmerged_layers_get_no_bias(monkeypatch):
     """Attention gets sizes only once a merge has happened (from the schedule, no size is read)."""
     seen = []
-    real = ops.self_attention
+    real, real_query = ops.self_attention, ops.query_attention
 
     def spy(qkv, heads, size=None, impl="auto", backend="auto", *, keys=False):
         seen.append(size is not None)
         return real(qkv, heads, size, impl=impl, backend=backend, keys=keys)
 
+    def query_spy(q, kv, heads, size=None, impl="auto", backend="auto"):  # the trimmed last block
+        seen.append(size is not None)
+        return real_query(q, kv, heads, size, impl=impl, backend=backend)
+
     monkeypatch.setattr(encoder.ops, "self_attention", spy)
+    monkeypatch.setattr(encoder.ops, "query_attention", query_spy)
     # Layer 0 merges after its attention; with imgme_r = 0 the first merge is layer 2's cross-clip merge.
     for config, expected in ((TINY_CONFIG, [False, True, True, True]),
                              (TINY_CONFIG.replace(imgme_r=0), [False, False, True, True]),
@@ -236,6 +312,8 @@ def test_triton_attention_compiles_without_graph_breaks(device):
 
 # (clips, heads, tokens, head dim): ViT-B/16 frame, a joined ViT-B/16 clip, ViT-L/14, ViT-H/14, ViT-B/32.
 CUDA_SHAPES = [(16, 12, 197, 64), (8, 12, 394, 64), (8, 16, 257, 64), (4, 16, 257, 80), (32, 12, 50, 64)]
+# The last block's class queries: ViT-B/16 and ViT-B/32 after the joins (12 class tokens a clip), ViT-L/14.
+CUDA_CLASS_SHAPES = [(16, 12, 12, 547, 64), (32, 12, 12, 107, 64), (8, 16, 12, 700, 64)]
 
 
 @pytest.mark.cuda
@@ -243,14 +321,28 @@ CUDA_SHAPES = [(16, 12, 197, 64), (8, 12, 394, 64), (8, 16, 257, 64), (4, 16, 25
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=[f"B{b}-H{h}-N{n}-D{d}" for b, h, n, d in CUDA_SHAPES])
 def test_cuda_candidate_equals_reference(nan_outputs, impl, dtype, shape):
-    q, k, v, size, grad = make_inputs(*shape, dtype, "cuda")
+    assert_cuda_candidate_matches(impl, *make_inputs(*shape, dtype, "cuda"))
+
+
+def assert_cuda_candidate_matches(impl, q, k, v, size, grad):
+    """``impl`` against float32 SDPA with the mask, forward and every gradient, at q's dtype's tolerance."""
     want = forward_backward(lambda *a: reference.attention(*a, "sdpa"), *(t.float() for t in (q, k, v)), size,
                             grad.float())
     got = forward_backward(candidate(impl), q, k, v, size, grad)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dsize"), got, want):
         assert not a.isnan().any(), name
         err = (a.float() - b).abs().max().item()
-        assert err <= TOLERANCE[dtype] * max(b.abs().max().item(), 1e-3), f"{name}: {err:.3g}"
+        assert err <= TOLERANCE[q.dtype] * max(b.abs().max().item(), 1e-3), f"{name}: {err:.3g}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", CANDIDATES)
+@pytest.mark.parametrize("shape", CUDA_CLASS_SHAPES, ids=[f"B{b}-H{h}-M{m}-N{n}-D{d}"
+                                                          for b, h, m, n, d in CUDA_CLASS_SHAPES])
+def test_cuda_class_queries_equal_reference(nan_outputs, impl, shape):
+    rows, heads, queries, keys, head_dim = shape
+    assert_cuda_candidate_matches(impl, *make_inputs(rows, heads, keys, head_dim, torch.float16, "cuda",
+                                                     queries=queries))
 
 
 @pytest.mark.cuda

@@ -68,7 +68,10 @@ def test_bench_model_smoke(tmp_path, tiny_model_file):
     assert len(layers) == 2 * 5  # stem + 4 blocks, unmerged and TempMe
     assert all(r["ms"] > 0 and "device_ms" not in r and "host_bound" not in r for r in layers)  # no GPU here
     lines = read_records(str(tmp_path / "rows.jsonl"))
-    assert [r["bench"] for r in lines[1:]] == ["bench_model"] * 6 + ["bench_layers"] * 10
+    assert [r["bench"] for r in lines[1:]] == ["bench_model"] * 6 + ["bench_layers"] * 5 + ["bench_last_block"] \
+        + ["bench_layers"] * 5
+    last = lines[-6]  # logged after TempMe's per-layer times were taken, before they were logged
+    assert last["layer"] == 3 and last["full_ms"] > 0 and last["trimmed_ms"] > 0
 
 
 def test_bench_train_smoke(tmp_path, tiny_model_file):

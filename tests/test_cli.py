@@ -26,6 +26,17 @@ def test_bench_on_a_tiny_model(tiny_model_file, tmp_path, capsys):
     assert isinstance(record["warnings"], list) and record["repeats"] == 2
     assert all(r["latency_ms"] > 0 and r["peak_mem_mb"] > 0 for r in record["rows"])
     assert record["config"]["clip_layers"] == [2, 3]
+    # TempMe's count, and what the trimmed last block runs
+    assert tempme["gflops_executed"] < tempme["gflops_per_video"]
+    assert unmerged["gflops_executed"] == unmerged["gflops_per_video"]
+    assert "last block computes only the class tokens" in table
+
+
+def test_bench_times_the_full_last_block_on_request(tiny_model_file, capsys):
+    assert main(["bench", "--model", tiny_model_file, "--batch", "1", "--repeats", "1", "--warmup", "0",
+                 "--no-progress", "--full-last-block", *TINY_ARGS]) == 0
+    rows = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines()]
+    assert "TempMe" in rows and "TempMe, full last block" in rows
 
 
 def test_schedule_command(capsys):

@@ -51,12 +51,16 @@ def _check_partition(sources: tracking.SourceMap, frames: int, tokens_per_frame:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_sources_partition_and_match_the_merged_sizes(name):
     config = CONFIGS[name]
-    model = apply_tempme(tiny_clip(), config, backend="torch")
+    model = apply_tempme(tiny_clip(), config, backend="torch", trim_last_block=False)
     v = video(3, config.frames)
     with torch.no_grad():
         emb, sources = model.encode_video(v, return_sources=True)
         plain = model.encode_video(v)
+        # The default trims the last block to its class tokens; tracking runs it in full.
+        trimmed = apply_tempme(model, config, backend="torch").encode_video(v)
+        apply_tempme(model, config, backend="torch", trim_last_block=False)
     assert torch.equal(emb, plain)  # tracking does not touch the computation
+    torch.testing.assert_close(trimmed, plain, rtol=1e-5, atol=1e-6)
     _check_partition(sources, config.frames, 17)
     schedule = model.tempme.schedule
     assert (sources.clips, sources.tokens_per_clip) == (schedule.output_clips, schedule.output_tokens_per_clip)

@@ -22,14 +22,14 @@ import torch
 from . import attention_impl, reference
 from .attention_impl import IMPLS as ATTENTION_IMPLS
 from .checks import (FLOAT_DTYPES, assert_finite, check_attention, check_join, check_join_merge, check_merge,
-                     check_metric, check_norm, check_r, check_residual, check_self_attention)
+                     check_metric, check_norm, check_query_attention, check_r, check_residual, check_self_attention)
 from .reference import MergePlan, max_r, split_positions, split_sizes
 
 BACKENDS = ("torch", "triton", "auto")
 
 __all__ = ["ATTENTION_IMPLS", "BACKENDS", "FLOAT_DTYPES", "MergePlan", "assert_finite", "attention", "best_match",
-           "join_clips", "join_merge", "join_merge_norm", "match", "max_r", "merge", "merge_norm", "resolve_backend",
-           "self_attention", "split_positions", "split_sizes", "triton_available"]
+           "join_clips", "join_merge", "join_merge_norm", "match", "max_r", "merge", "merge_norm", "query_attention",
+           "resolve_backend", "self_attention", "split_positions", "split_sizes", "triton_available"]
 
 
 def triton_available() -> bool:
@@ -221,9 +221,10 @@ def join_merge_norm(x: torch.Tensor, size: torch.Tensor, group: int, protected: 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Optional[torch.Tensor] = None,
               impl: str = "auto", backend: str = "auto") -> torch.Tensor:
-    """Proportional attention on ``[B', H, N, d]`` (see :func:`reference.attention`).
+    """Proportional attention: ``q [B', H, M, d]`` over ``k, v [B', H, N, d]`` (``M`` may differ from ``N``)
+    -> ``[B', H, M, d]`` (see :func:`reference.attention`).
 
-    ``size`` is ``[B', N]`` or ``[B', N, 1]`` of positive sizes, or None for plain attention (pass
+    ``size`` is ``[B', N]`` or ``[B', N, 1]`` of the keys' positive sizes, or None for plain attention (pass
     None where every size is 1: no bias lets SDPA use its flash kernel). ``impl`` is one of
     ``ATTENTION_IMPLS`` (see :mod:`.attention_impl`); ``"auto"`` follows ``backend``.
     """
@@ -252,6 +253,26 @@ def self_attention(qkv: torch.Tensor, heads: int, size: Optional[torch.Tensor] =
     _check_attention_impl(impl, (qkv.dtype,), "qkv")
     on_triton = resolve_backend("triton" if impl == "triton" else backend, qkv) == "triton"
     return attention_impl.self_attention(qkv, heads, size, impl, on_triton and qkv.is_cuda, keys)
+
+
+def query_attention(q: torch.Tensor, kv: torch.Tensor, heads: int, size: Optional[torch.Tensor] = None,
+                    impl: str = "auto", backend: str = "auto") -> torch.Tensor:
+    """Multi-head proportional attention of ``M`` queries over ``N`` tokens' packed keys and values.
+
+    Args:
+        q: ``[B', M, D]``, the queries' projection (``heads`` heads of ``d = D / heads`` channels).
+        kv: ``[B', N, 2 * D]``, the keys' and values' projection packed as ``k | v`` (rows ``D:`` of
+            ``nn.MultiheadAttention``'s ``in_proj``), q's dtype.
+        size, impl, backend: as :func:`attention` (``size`` of the ``N`` keys).
+    Returns:
+        ``[B', M, D]``: :func:`attention` of the heads, concatenated in head order. On the Triton
+        kernel the head split and the concatenation are free. The encoder's trimmed last block
+        (only the class tokens query) calls it.
+    """
+    check_query_attention(q, kv, heads, size)
+    _check_attention_impl(impl, (q.dtype,), "q and kv")
+    on_triton = resolve_backend("triton" if impl == "triton" else backend, q) == "triton"
+    return attention_impl.query_attention(q, kv, heads, size, impl, on_triton and q.is_cuda)
 
 
 def _check_attention_impl(impl: str, dtypes, names: str) -> None:

@@ -44,26 +44,27 @@ def folded_width(head_dim: int) -> int:
 
 
 def folded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
-    """Proportional attention as plain SDPA on ``[B', H, N, folded_width(d)]`` inputs.
+    """Proportional attention as plain SDPA on ``[B', H, *, folded_width(d)]`` inputs.
 
     Args:
-        q, k, v: ``[B', H, N, d]`` any float dtype.
-        size: ``[B', N]`` or ``[B', N, 1]`` positive sizes, any float dtype.
+        q: ``[B', H, M, d]``; k, v: ``[B', H, N, d]``; any float dtype.
+        size: ``[B', N]`` or ``[B', N, 1]`` positive sizes of the keys, any float dtype.
     Returns:
-        ``[B', H, N, d]`` in q's dtype; differentiable in ``q``, ``k``, ``v`` and ``size``.
+        ``[B', H, M, d]`` in q's dtype; differentiable in ``q``, ``k``, ``v`` and ``size``.
     """
-    rows, heads, tokens, head_dim = q.shape
+    rows, heads, queries, head_dim = q.shape
+    keys = k.shape[2]
     width = folded_width(head_dim)
-    bias = size.reshape(rows, 1, tokens, 1).to(torch.float32 if q.dtype != torch.float64 else q.dtype)
+    bias = size.reshape(rows, 1, keys, 1).to(torch.float32 if q.dtype != torch.float64 else q.dtype)
     bias = bias.log() * math.sqrt(head_dim)
     high = bias.to(q.dtype)
     # Differentiable on purpose: d(low)/d(bias) = 0, so the bias gradient flows through `high` once.
     low = (bias - high.to(bias.dtype)).to(q.dtype)
     pad = width - head_dim - BIAS_CHANNELS
-    shape = (rows, heads, tokens)
-    q_f = torch.cat([q, q.new_ones(1, 1, 1, 1).expand(*shape, BIAS_CHANNELS), q.new_zeros(1, 1, 1, 1).expand(*shape, pad)],
-                    dim=-1)
-    k_f = torch.cat([k, high.expand(*shape, 1), low.expand(*shape, 1), k.new_zeros(1, 1, 1, 1).expand(*shape, pad)],
+    q_shape, k_shape = (rows, heads, queries), (rows, heads, keys)
+    q_f = torch.cat([q, q.new_ones(1, 1, 1, 1).expand(*q_shape, BIAS_CHANNELS),
+                     q.new_zeros(1, 1, 1, 1).expand(*q_shape, pad)], dim=-1)
+    k_f = torch.cat([k, high.expand(*k_shape, 1), low.expand(*k_shape, 1), k.new_zeros(1, 1, 1, 1).expand(*k_shape, pad)],
                     dim=-1)
     v_f = F.pad(v, (0, width - head_dim))
     out = F.scaled_dot_product_attention(q_f, k_f, v_f, scale=1.0 / math.sqrt(head_dim))
@@ -114,3 +115,20 @@ def self_attention(qkv: torch.Tensor, heads: int, size: Optional[torch.Tensor], 
     q, k, v = qkv.view(rows, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [B', H, N, d]
     out = attention(q, k, v, size, impl, triton_backend)
     return out.transpose(1, 2).reshape(rows, tokens, width), (k.mean(dim=1) if keys else None)
+
+
+def query_attention(q: torch.Tensor, kv: torch.Tensor, heads: int, size: Optional[torch.Tensor], impl: str,
+                    triton_backend: bool) -> torch.Tensor:
+    """Multi-head attention of ``q [B', M, D]`` over the packed ``kv [B', N, 2 * D]``, on validated inputs
+    (see ``tempme_fast.ops.query_attention``): ``[B', M, D]``, the heads concatenated. The Triton kernel
+    reads token-major views of both and writes that layout itself."""
+    rows, queries, width = q.shape
+    tokens, head_dim = kv.shape[1], width // heads
+    if choose(impl, q, size, triton_backend) == "triton":
+        from . import triton_attention
+
+        k, v = kv.view(rows, tokens, 2, heads, head_dim).unbind(2)  # [B', N, H, d] each
+        return triton_attention.sized_attention(q.view(rows, queries, heads, head_dim), k, v, size, token_major=True)
+    k, v = kv.view(rows, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [B', H, N, d]
+    out = attention(q.view(rows, queries, heads, head_dim).transpose(1, 2), k, v, size, impl, triton_backend)
+    return out.transpose(1, 2).reshape(rows, queries, width)

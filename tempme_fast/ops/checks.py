@@ -242,3 +242,23 @@ def check_self_attention(qkv: torch.Tensor, heads: int, size: Optional[torch.Ten
     _check_attention_size(size, qkv.shape[0], qkv.shape[1], f"qkv {tuple(qkv.shape)}")
     if size is not None and size.device != qkv.device:
         raise ValueError(f"size is on {size.device} but qkv is on {qkv.device}; both must be on one device")
+
+
+def check_query_attention(q: torch.Tensor, kv: torch.Tensor, heads: int, size: Optional[torch.Tensor]) -> None:
+    """``q [B', M, D]`` (``D`` divisible by ``heads``), ``kv [B', N, 2 * D]`` (the packed k | v projection)
+    of q's dtype, and ``size`` ``[B', N]`` / ``[B', N, 1]`` or None, on one device."""
+    for name, t in (("q", q), ("kv", kv)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_int("heads", heads, 1)
+    if q.dim() != 3 or q.shape[2] % heads:
+        raise ValueError(f"q must have shape [B', M, D] with D divisible by heads={heads}, got {tuple(q.shape)}")
+    if kv.dim() != 3 or kv.shape[0] != q.shape[0] or kv.shape[2] != 2 * q.shape[2]:
+        raise ValueError(f"kv must have shape [B', N, 2 * D] = [{q.shape[0]}, N, {2 * q.shape[2]}] for q "
+                         f"{tuple(q.shape)}, got {tuple(kv.shape)}")
+    if kv.dtype != q.dtype:
+        raise TypeError(f"kv has dtype {kv.dtype} but q has {q.dtype}; both must have one dtype")
+    _check_attention_size(size, kv.shape[0], kv.shape[1], f"kv {tuple(kv.shape)}")
+    devices = {t.device for t in (q, kv) + ((size,) if size is not None else ())}
+    if len(devices) > 1:
+        raise ValueError(f"q, kv and size must be on one device, got {sorted(map(str, devices))}")

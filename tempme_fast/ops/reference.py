@@ -222,8 +222,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Optional[
     """(Proportional) attention ``softmax(q k^T / sqrt(d) + log(size)) v``.
 
     Args:
-        q, k, v: ``[B', H, N, d]``.
-        size: ``[B', N]`` or ``[B', N, 1]`` or None (plain attention).
+        q: ``[B', H, M, d]``; k, v: ``[B', H, N, d]``.
+        size: ``[B', N]`` or ``[B', N, 1]``, the keys' sizes, or None (plain attention).
         impl: ``"sdpa"`` runs ``scaled_dot_product_attention`` with the log-size bias as its float
             mask, so PyTorch's fused kernels stay in use; ``"eager"`` writes out the softmax as the
             released TempMe code does (kept for benchmarks).

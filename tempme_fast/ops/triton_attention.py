@@ -115,34 +115,37 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: O
     """``softmax(q k^T / sqrt(d) + bias) v``.
 
     Args:
-        q, k, v: ``[B', H, N, d]`` float16/bfloat16/float32, one dtype, any strides; with
-            ``token_major``, ``[B', N, H, d]`` (as the views of a packed q | k | v projection).
-        bias: ``[B', N]`` or ``[B', N, 1]`` float32 (``log(size)``), or None for plain attention.
+        q: ``[B', H, M, d]``; k, v: ``[B', H, N, d]`` (``M`` queries, ``N`` keys); float16/bfloat16/float32,
+            one dtype, any strides; with ``token_major``, ``[B', M, H, d]`` and ``[B', N, H, d]`` (as the
+            views of a packed q | k | v projection).
+        bias: ``[B', N]`` or ``[B', N, 1]`` float32 (``log(size)`` of every key), or None for plain attention.
         log_bias: ``bias`` holds the sizes themselves (any float dtype, positive): the kernel takes
             their log.
     Returns:
-        ``out [B', H, N, d]`` in q's dtype (a view of a ``[B', N, H, d]`` buffer), or with
-        ``token_major`` that buffer as ``[B', N, H * d]`` (the heads concatenated, as the output
-        projection takes them); and ``lse [B', H, N]`` float32, each query's log-sum-exp in log2
+        ``out [B', H, M, d]`` in q's dtype (a view of a ``[B', M, H, d]`` buffer), or with
+        ``token_major`` that buffer as ``[B', M, H * d]`` (the heads concatenated, as the output
+        projection takes them); and ``lse [B', H, M]`` float32, each query's log-sum-exp in log2
         units (for the backward).
     """
     q, k, v = (_unit_channel_stride(t) for t in (q, k, v))
     if token_major:
-        rows, tokens, heads, head_dim = q.shape
+        rows, queries, heads, head_dim = q.shape
+        keys = k.shape[1]
     else:
-        rows, heads, tokens, head_dim = q.shape
-    out = _new_output((rows, tokens, heads * head_dim) if token_major else (rows, tokens, heads, head_dim), q.dtype,
-                      q.device)
-    lse = _new_output((rows, heads, tokens), torch.float32, q.device)
-    block_d, block_m, block_n = block_config(head_dim, tokens, fp32=q.dtype == torch.float32)
+        rows, heads, queries, head_dim = q.shape
+        keys = k.shape[2]
+    out = _new_output((rows, queries, heads * head_dim) if token_major else (rows, queries, heads, head_dim),
+                      q.dtype, q.device)
+    lse = _new_output((rows, heads, queries), torch.float32, q.device)
+    block_d, block_m, block_n = block_config(head_dim, max(queries, keys), fp32=q.dtype == torch.float32)
     scale = 1.0 / math.sqrt(head_dim)
     bias_t, stride_bb, stride_bn = _bias_args(bias, q)
     strides = [_heads_first_strides(t, token_major) for t in (q, k, v)]
-    launch(_attention_fwd_kernel, (triton.cdiv(tokens, block_m), rows * heads),
-        q, k, v, bias_t, out, lse, tokens, heads, *strides[0], *strides[1], *strides[2], stride_bb, stride_bn,
-        scale * LOG2E, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,
-        LOG_BIAS=log_bias, HEAD_ALIGN=_head_align(*(s[1] for s in strides)), **_constexprs(q),
-        **_launch_options(block_d, q.dtype == torch.float32),
+    launch(_attention_fwd_kernel, (triton.cdiv(queries, block_m), rows * heads),
+        q, k, v, bias_t, out, lse, queries, keys, heads, *strides[0], *strides[1], *strides[2], stride_bb,
+        stride_bn, scale * LOG2E, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_BIAS=bias is not None, LOG_BIAS=log_bias, HEAD_ALIGN=_head_align(*(s[1] for s in strides)),
+        **_constexprs(q), **_launch_options(block_d, q.dtype == torch.float32),
     )
     return (out if token_major else out.transpose(1, 2)), lse
 
@@ -153,33 +156,36 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     """Gradients of :func:`attention_forward`.
 
     Args:
-        grad_out: ``[B', H, N, d]`` any strides; out, lse: what the forward returned.
+        grad_out: ``[B', H, M, d]`` any strides; out, lse: what the forward returned.
         bias_grad: also compute the bias gradient.
     Returns:
-        ``dq, dk, dv`` (``[B', H, N, d]``, contiguous, q's dtype) and ``dbias [B', H, N]`` float32,
-        each head's share of the bias gradient (sum over dim 1 for ``[B', N]``), or an empty
-        tensor when ``bias_grad`` is False.
+        ``dq`` (``[B', H, M, d]``), ``dk, dv`` (``[B', H, N, d]``), contiguous, q's dtype, and
+        ``dbias [B', H, N]`` float32, each head's share of the bias gradient (sum over dim 1 for
+        ``[B', N]``), or an empty tensor when ``bias_grad`` is False.
     """
     q, k, v, grad_out = (_unit_channel_stride(t) for t in (q, k, v, grad_out))
-    rows, heads, tokens, head_dim = q.shape
-    dq, dk, dv = (_new_output((rows, heads, tokens, head_dim), q.dtype, q.device) for _ in range(3))
-    delta = _new_output((rows, heads, tokens), torch.float32, q.device)
-    dbias = _new_output((rows, heads, tokens) if bias_grad else (0,), torch.float32, q.device)
-    block_d, block_m, block_n = block_config(head_dim, tokens, backward=True, fp32=q.dtype == torch.float32)
+    rows, heads, queries, head_dim = q.shape
+    keys = k.shape[2]
+    dq = _new_output((rows, heads, queries, head_dim), q.dtype, q.device)
+    dk, dv = (_new_output((rows, heads, keys, head_dim), q.dtype, q.device) for _ in range(2))
+    delta = _new_output((rows, heads, queries), torch.float32, q.device)
+    dbias = _new_output((rows, heads, keys) if bias_grad else (0,), torch.float32, q.device)
+    block_d, block_m, block_n = block_config(head_dim, max(queries, keys), backward=True,
+                                             fp32=q.dtype == torch.float32)
     scale = 1.0 / math.sqrt(head_dim)
     bias_t, stride_bb, stride_bn = _bias_args(bias, q)
-    out = out.transpose(1, 2)  # the [B', N, H, d] buffer the forward wrote
+    out = out.transpose(1, 2)  # the [B', M, H, d] buffer the forward wrote
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,
                   BIAS_GRAD=bias_grad, HEAD_ALIGN=_head_align(*(t.stride(1) for t in (q, k, v, grad_out))),
                   **_constexprs(q), **_launch_options(block_d, q.dtype == torch.float32))
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], stride_bb, stride_bn, *grad_out.stride()[:3],
                scale * LOG2E, scale)
-    args = (q, k, v, bias_t, out, grad_out, lse, delta, dq, dk, dv, dbias if bias_grad else delta, tokens, heads,
-            *strides)
+    args = (q, k, v, bias_t, out, grad_out, lse, delta, dq, dk, dv, dbias if bias_grad else delta, queries, keys,
+            heads, *strides)
     # The dQ pass writes delta, which the dK/dV pass reads: two launches in stream order.
-    launch(_attention_bwd_kernel, (triton.cdiv(tokens, block_m), rows * heads), *args, DKDV=False, **common)
+    launch(_attention_bwd_kernel, (triton.cdiv(queries, block_m), rows * heads), *args, DKDV=False, **common)
     common["BLOCK_M"] = min(block_m, DKDV_QUERY_BLOCK)
-    launch(_attention_bwd_kernel, (triton.cdiv(tokens, block_n), rows * heads), *args, DKDV=True, **common)
+    launch(_attention_bwd_kernel, (triton.cdiv(keys, block_n), rows * heads), *args, DKDV=True, **common)
     return dq, dk, dv, dbias
 
 
@@ -209,9 +215,9 @@ def _attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 
 @_attention_bwd_op.register_fake
 def _(grad_out, q, k, v, bias, out, lse, bias_grad):
-    rows, heads, tokens, _ = q.shape
-    return (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape),
-            q.new_empty((rows, heads, tokens) if bias_grad else (0,), dtype=torch.float32))
+    rows, heads, keys, _ = k.shape
+    return (q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(k.shape),
+            q.new_empty((rows, heads, keys) if bias_grad else (0,), dtype=torch.float32))
 
 
 _attention_fwd = custom_op_or(attention_forward, "attention_fwd")
@@ -240,8 +246,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[
               token_major: bool = False) -> torch.Tensor:
     """``softmax(q k^T / sqrt(d) + bias) v`` with ``bias [B', N]`` or ``[B', N, 1]`` float32, or None.
 
-    ``q, k, v``: ``[B', H, N, d]``, returning ``[B', H, N, d]``; or with ``token_major``
-    ``[B', N, H, d]``, returning ``[B', N, H * d]``. Without a gradient to track, an eager call is
+    ``q [B', H, M, d]``, ``k, v [B', H, N, d]``, returning ``[B', H, M, d]``; or with ``token_major``
+    ``[B', M, H, d]`` and ``[B', N, H, d]``, returning ``[B', M, H * d]``. Without a gradient to track, an eager call is
     the launcher alone (no autograd node, no custom-op dispatch, no layout changes).
     """
     grad = needs_grad(q, k, v, bias)
