@@ -200,9 +200,9 @@ def attention_steps(model: str, batch: int, config: TempMeConfig = TempMeConfig(
 def run_attention(step: AttentionStep, dtype: torch.dtype, device: str = "meta", backward: bool = True):
     """The attention launcher calls of one layer: the inference forward on token-major views of the
     packed q | k | v projection (``ops.self_attention``: the kernel reads the sizes and takes their
-    log) and, optionally, the training forward and backward as the autograd function calls them
-    (``[B', H, N, d]`` views, ``log(size)`` as the bias, no bias gradient: size needs none). A
-    class-token step (``queries``) reads q from its own projection and k, v from the packed k | v
+    log, and writes no log-sum-exp) and, optionally, the training forward and backward as the
+    autograd function calls them (``[B', H, N, d]`` views, ``log(size)`` as the bias, no bias
+    gradient: size needs none). A class-token step (``queries``) reads q from its own projection and k, v from the packed k | v
     one (``ops.query_attention``, as ``encoder.class_block_forward`` calls it)."""
     from tempme_fast.ops import triton_attention
 
@@ -215,7 +215,7 @@ def run_attention(step: AttentionStep, dtype: torch.dtype, device: str = "meta",
     else:
         qkv = torch.empty(s.rows, s.tokens, 3 * s.heads * s.head_dim, dtype=dtype, device=device)
         q, k, v = qkv.view(s.rows, s.tokens, 3, s.heads, s.head_dim).unbind(2)
-    triton_attention.attention_forward(q, k, v, bias, token_major=True, log_bias=biased)
+    triton_attention.attention_forward(q, k, v, bias, token_major=True, log_bias=biased, keep_lse=False)
     if backward:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out, lse = triton_attention.attention_forward(q, k, v, bias)
@@ -358,8 +358,8 @@ def describe(launch: Launch) -> str:
     """The constexprs and specialised sizes that tell variants apart."""
     bound = bound_args(launch)
     keys = [k for k in ("C", "D", "GROUP", "HAS_RES", "HAS_POS", "NORM", "POS_GRAD", "PLAN", "DOT_MODE", "HEAD_DIM",
-                        "HAS_BIAS", "LOG_BIAS", "BIAS_GRAD", "DKDV", "BLOCK_A", "BLOCK_B", "BLOCK_C", "BLOCK_M",
-                        "BLOCK_N", "BLOCK_T", "BLOCK_D", "num_warps") if k in bound]
+                        "HAS_BIAS", "LOG_BIAS", "STORE_LSE", "BIAS_GRAD", "DKDV", "BLOCK_A", "BLOCK_B", "BLOCK_C",
+                        "BLOCK_M", "BLOCK_N", "BLOCK_T", "BLOCK_D", "num_warps") if k in bound]
     return " ".join(f"{k}={int(bound[k]) if isinstance(bound[k], bool) else bound[k]}" for k in keys)
 
 

@@ -78,7 +78,7 @@ def _attention_fwd_kernel(
     v_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
     bias_ptr,  # [B', N] float32 log(size) of every key, or with LOG_BIAS size, any float (read only if HAS_BIAS)
     out_ptr,  # [B', M, H, HEAD_DIM] contiguous (returned as a [B', H, M, HEAD_DIM] view)
-    lse_ptr,  # [B', H, M] float32 out: log2 of the sum of exp2 of each query's logits (log2 units)
+    lse_ptr,  # [B', H, M] float32 out (if STORE_LSE): log2 of the sum of exp2 of each query's logits (log2 units)
     M,  # queries
     N,  # keys
     H,
@@ -93,6 +93,7 @@ def _attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     LOG_BIAS: tl.constexpr,  # bias_ptr holds the sizes: their log is taken here (inference: one op fewer)
+    STORE_LSE: tl.constexpr,  # write lse (for a backward); inference passes False and no lse buffer
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
     HEAD_ALIGN: tl.constexpr,  # a power of two dividing stride_qh, stride_kh and stride_vh
@@ -124,7 +125,8 @@ def _attention_fwd_kernel(
         m_i = m_new
     acc = acc / l_i[:, None]
     mask_m = offs_m < M
-    tl.store(lse_ptr + bh.to(tl.int64) * M + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+    if STORE_LSE:
+        tl.store(lse_ptr + bh.to(tl.int64) * M + offs_m, m_i + tl.log2(l_i), mask=mask_m)
     out_rows = out_ptr + ((b * M + offs_m.to(tl.int64)) * H + h) * HEAD_DIM
     tl.store(out_rows[:, None] + offs_d[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask_m[:, None] & (offs_d < HEAD_DIM)[None, :])

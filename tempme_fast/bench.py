@@ -227,7 +227,8 @@ def bench_model(model: torch.nn.Module, config: TempMeConfig, *, batch: int, dev
                 name=name, backend=backend if cfg.merges else "-",
                 tokens_per_video=model.tempme.schedule.output_tokens,
                 gflops_per_video=model_flops(model).gflops,
-                gflops_executed=model_flops(model, executed=True).gflops, latency_ms=median, latency_min_ms=min(times[i]), latency_max_ms=max(times[i]),
+                gflops_executed=model_flops(model, executed=True).gflops, latency_ms=median,
+                latency_min_ms=min(times[i]), latency_max_ms=max(times[i]),
                 videos_per_s=batch / (median / 1e3), peak_mem_mb=peak_memory_mb(run, device)))
     set_speedups(rows, times)
     return rows

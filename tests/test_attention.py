@@ -155,16 +155,23 @@ def test_fewer_queries_than_keys_over_many_tiles(device, nan_outputs, monkeypatc
 @pytest.mark.parametrize("size_dtype", [torch.float32, torch.float16], ids=["size-fp32", "size-fp16"])
 def test_inference_takes_the_log_in_the_kernel(device, nan_outputs, dtype, size_dtype, monkeypatch):
     """Without a gradient to track, the kernel reads the sizes and takes their log itself (no bias
-    tensor, no log op): the reference's output within the dtype's tolerance."""
-    calls = []
+    tensor, no log op) and writes no log-sum-exp: the reference's output within the dtype's tolerance."""
+    calls, lses = [], []
     launcher = triton_attention.attention_forward
-    monkeypatch.setattr(triton_attention, "attention_forward",
-                        lambda *a, **kw: calls.append(kw.get("log_bias")) or launcher(*a, **kw))
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("log_bias"), kwargs.get("keep_lse")))
+        out, lse = launcher(*args, **kwargs)
+        lses.append(lse)
+        return out, lse
+    monkeypatch.setattr(triton_attention, "attention_forward", spy)
     q, k, v, size, grad = make_inputs(2, 3, 41, 64, dtype, device, seed=4)
     with torch.no_grad():
         out = candidate("triton")(q, k, v, size.to(size_dtype))
-    assert calls == [True]
+        plain = candidate("triton")(q, k, v, None)
+    assert calls == [(True, False), (None, False)] and lses == [None, None]
     assert_close_to([out], truth(q, k, v, size, grad)[:1], dtype)
+    assert_close_to([plain], truth(q, k, v, None, grad)[:1], dtype)
 
 
 @pytest.mark.interpreter

@@ -64,8 +64,8 @@ def folded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: to
     q_shape, k_shape = (rows, heads, queries), (rows, heads, keys)
     q_f = torch.cat([q, q.new_ones(1, 1, 1, 1).expand(*q_shape, BIAS_CHANNELS),
                      q.new_zeros(1, 1, 1, 1).expand(*q_shape, pad)], dim=-1)
-    k_f = torch.cat([k, high.expand(*k_shape, 1), low.expand(*k_shape, 1), k.new_zeros(1, 1, 1, 1).expand(*k_shape, pad)],
-                    dim=-1)
+    k_f = torch.cat([k, high.expand(*k_shape, 1), low.expand(*k_shape, 1),
+                     k.new_zeros(1, 1, 1, 1).expand(*k_shape, pad)], dim=-1)
     v_f = F.pad(v, (0, width - head_dim))
     out = F.scaled_dot_product_attention(q_f, k_f, v_f, scale=1.0 / math.sqrt(head_dim))
     return out[..., :head_dim]

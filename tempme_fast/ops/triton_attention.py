@@ -111,7 +111,8 @@ def _heads_first_strides(t: torch.Tensor, token_major: bool) -> Tuple[int, int, 
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                      token_major: bool = False, log_bias: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                      token_major: bool = False, log_bias: bool = False, keep_lse: bool = True
+                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``softmax(q k^T / sqrt(d) + bias) v``.
 
     Args:
@@ -121,11 +122,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: O
         bias: ``[B', N]`` or ``[B', N, 1]`` float32 (``log(size)`` of every key), or None for plain attention.
         log_bias: ``bias`` holds the sizes themselves (any float dtype, positive): the kernel takes
             their log.
+        keep_lse: write the log-sum-exp the backward needs; False (inference) neither allocates
+            nor writes it.
     Returns:
         ``out [B', H, M, d]`` in q's dtype (a view of a ``[B', M, H, d]`` buffer), or with
         ``token_major`` that buffer as ``[B', M, H * d]`` (the heads concatenated, as the output
         projection takes them); and ``lse [B', H, M]`` float32, each query's log-sum-exp in log2
-        units (for the backward).
+        units (for the backward), or None without ``keep_lse``.
     """
     q, k, v = (_unit_channel_stride(t) for t in (q, k, v))
     if token_major:
@@ -136,15 +139,16 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: O
         keys = k.shape[2]
     out = _new_output((rows, queries, heads * head_dim) if token_major else (rows, queries, heads, head_dim),
                       q.dtype, q.device)
-    lse = _new_output((rows, heads, queries), torch.float32, q.device)
+    lse = _new_output((rows, heads, queries), torch.float32, q.device) if keep_lse else None
     block_d, block_m, block_n = block_config(head_dim, max(queries, keys), fp32=q.dtype == torch.float32)
     scale = 1.0 / math.sqrt(head_dim)
     bias_t, stride_bb, stride_bn = _bias_args(bias, q)
     strides = [_heads_first_strides(t, token_major) for t in (q, k, v)]
     launch(_attention_fwd_kernel, (triton.cdiv(queries, block_m), rows * heads),
-        q, k, v, bias_t, out, lse, queries, keys, heads, *strides[0], *strides[1], *strides[2], stride_bb,
-        stride_bn, scale * LOG2E, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_BIAS=bias is not None, LOG_BIAS=log_bias, HEAD_ALIGN=_head_align(*(s[1] for s in strides)),
+        q, k, v, bias_t, out, out if lse is None else lse, queries, keys, heads, *strides[0], *strides[1],
+        *strides[2], stride_bb, stride_bn, scale * LOG2E, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
+        BLOCK_N=block_n, HAS_BIAS=bias is not None, LOG_BIAS=log_bias, STORE_LSE=keep_lse,
+        HEAD_ALIGN=_head_align(*(s[1] for s in strides)),
         **_constexprs(q), **_launch_options(block_d, q.dtype == torch.float32),
     )
     return (out if token_major else out.transpose(1, 2)), lse
@@ -259,7 +263,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[
         return AttentionFunction.apply(q, k, v, bias)
     if use_custom_ops():
         return torch.ops.tempme.attention_fwd(q, k, v, bias)[0]
-    return attention_forward(q, k, v, bias, token_major)[0]
+    return attention_forward(q, k, v, bias, token_major, keep_lse=False)[0]
 
 
 def sized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Optional[torch.Tensor],
@@ -274,5 +278,5 @@ def sized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Opt
     if size is None:
         return attention(q, k, v, None, token_major)
     if not needs_grad(q, k, v, size) and not use_custom_ops():
-        return attention_forward(q, k, v, size, token_major, log_bias=True)[0]
+        return attention_forward(q, k, v, size, token_major, log_bias=True, keep_lse=False)[0]
     return attention(q, k, v, cast(size, torch.float32).log(), token_major)
