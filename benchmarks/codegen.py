@@ -202,8 +202,8 @@ def run_attention(step: AttentionStep, dtype: torch.dtype, device: str = "meta",
     packed q | k | v projection (``ops.self_attention``: the kernel reads the sizes and takes their
     log, and writes no log-sum-exp) and, optionally, the training forward and backward as the
     autograd function calls them (``[B', H, N, d]`` views, ``log(size)`` as the bias, no bias
-    gradient: size needs none). A class-token step (``queries``) reads q from its own projection and k, v from the packed k | v
-    one (``ops.query_attention``, as ``encoder.class_block_forward`` calls it)."""
+    gradient: size needs none). A class-token step (``queries``) reads q from its own projection and
+    k, v from the packed k | v one (``ops.query_attention``, as ``encoder.class_block_forward`` calls it)."""
     from tempme_fast.ops import triton_attention
 
     s, biased = step

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .encoder import block_forward, embed_frames, frame_features
 from .geometry import ViTGeometry
-from .model import block_function, encoder_options, layer_steps
+from .model import block_function, encoder_options, layer_steps, trims_last_block
 from .ops.reference import split_sizes
 from .schedule import TokenSchedule
 
@@ -134,7 +134,7 @@ def model_flops(model: torch.nn.Module, executed: bool = False) -> FlopsReport:
     """Analytic FLOPs per video of a model patched by ``apply_tempme``: TempMe's count (every block in
     full), or with ``executed`` what ``encode_video`` runs (the last block trimmed to its class tokens
     when ``apply_tempme(trim_last_block=True)``, the default)."""
-    class_last = executed and model.tempme.trim_last_block and bool(model.tempme.config.merges)
+    class_last = executed and trims_last_block(model)
     return schedule_flops(model.tempme.schedule, ViTGeometry.from_model(model), class_last=class_last)
 
 
@@ -161,7 +161,7 @@ def measure_flops(model: torch.nn.Module, video: Optional[torch.Tensor] = None, 
     stem = counter.get_total_flops()
     layers = []
     for i, (block, plan, pos) in enumerate(layer_steps(model)):
-        forward = block_function(model, i, state) if executed and model.tempme.config.merges else block_forward
+        forward = block_function(model, i, state) if executed else block_forward
         with flop_counter() as counter:
             state = forward(block, state, plan, pos, options)
         layers.append(counter.get_total_flops() / videos)

@@ -327,12 +327,19 @@ def layer_steps(model: nn.Module):
         yield block, plan, frame_pos[str(plan.layer)] if str(plan.layer) in frame_pos else None
 
 
+def trims_last_block(model: nn.Module) -> bool:
+    """Whether ``encode_video`` runs a patched model's last block trimmed to its class tokens:
+    ``apply_tempme(trim_last_block=True)`` with a config that merges (the unmerged config runs
+    open_clip's own forward, every block in full)."""
+    return model.tempme.trim_last_block and bool(model.tempme.config.merges)
+
+
 def block_function(model: nn.Module, layer: int, state: ClipState):
     """What layer ``layer`` of a patched model runs on ``state``: :func:`~tempme_fast.encoder.class_block_forward`
-    for the last layer when the model trims it (``apply_tempme(trim_last_block=True)``) and nothing
-    tracks sources, :func:`~tempme_fast.encoder.block_forward` otherwise."""
+    for the last layer when the model trims it (:func:`trims_last_block`) and nothing tracks sources,
+    :func:`~tempme_fast.encoder.block_forward` otherwise."""
     last = layer == len(model.tempme.schedule.layers) - 1
-    if last and model.tempme.trim_last_block and state.sources is None:
+    if last and trims_last_block(model) and state.sources is None:
         return class_block_forward
     return block_forward
 

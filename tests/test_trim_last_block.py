@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tempme_fast import TempMeConfig, apply_tempme, ops
-from tempme_fast.encoder import class_block_forward, embed_frames
+from tempme_fast.encoder import block_forward, class_block_forward, embed_frames
 from tempme_fast.flops import measure_flops, model_flops
-from tempme_fast.model import run_blocks
+from tempme_fast.model import block_function, run_blocks
 from tiny import TINY_CONFIG, tiny_clip, video
 
 CONFIGS = {
@@ -116,6 +116,16 @@ def test_executed_flops_count_the_trimmed_block():
     assert model_flops(full, executed=True).total == tempme.total  # nothing trimmed
     assert measure_flops(trimmed, executed=True).total == pytest.approx(executed.total, rel=1e-9)
     assert measure_flops(trimmed).total == pytest.approx(tempme.total, rel=1e-9)
+
+
+def test_the_unmerged_config_runs_its_last_block_in_full():
+    """Its encode_video is open_clip's forward, so the block loop (bench_model's per-layer baseline,
+    the FLOPs count) keeps every block in full too."""
+    model = apply_tempme(tiny_clip(), TempMeConfig.unmerged(4), backend="torch")
+    state = embed_frames(model.visual, video(1, 4).flatten(0, 1))
+    assert block_function(model, len(model.tempme.schedule.layers) - 1, state) is block_forward
+    assert model_flops(model, executed=True).total == model_flops(model).total
+    assert measure_flops(model, executed=True).total == pytest.approx(measure_flops(model).total, rel=1e-9)
 
 
 def test_trim_last_block_must_be_a_bool():
