@@ -14,7 +14,8 @@
 #                     benchmarks/suite.py, which prints its plan (expected seconds per stage) against the budget
 #
 # A measurement split into two calls of about 7 minutes each: the first call as it is, the second with
-# --skip naming the stages the first one finished (its stages.jsonl says which).
+# --skip naming the stages the first one finished (its stages.jsonl says which), less preflight and warm:
+# a fresh machine has an empty Triton cache, and on the same machine warm only finds what is cached.
 #
 # The exit status is non-zero if any stage failed, ran out of time or was skipped.
 set -uo pipefail

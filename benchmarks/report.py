@@ -29,6 +29,7 @@ MODEL_COLUMNS = ["run", "tag", "model", "dtype", "batch", "mode", "variant", "co
                  "peak_mib", "speedup_vs_open_clip", "flops_bound_speedup"]
 LAYER_COLUMNS = ["run", "model", "dtype", "batch", "variant", "layer", "ms", "device_ms", "host_bound"]
 LAST_BLOCK_COLUMNS = ["run", "model", "dtype", "batch", "layer", "full_ms", "trimmed_ms", "speedup"]
+WARM_COLUMNS = ["run", "arch", "jobs", "variants", "compiled", "cache_hits", "failed", "seconds", "compile_s", "stubs"]
 TRAIN_COLUMNS = ["run", "model", "batch", "precision", "mode", "variant", "backend", "step_ms", "speedup",
                  "peak_mem_mb", "memory_ratio"]
 CASE_KEYS = ("model", "batch", "dtype", "variant")
@@ -147,9 +148,13 @@ def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequen
     stages = [s for run in runs for s in run.stages]
     if stages:
         section("Stages", "Each call's stages: `timeout` was cut off at its limit (its rows are kept), "
-                "`skipped` found no time left.", markdown(stages, ["run", "stage", "outcome", "rc", "seconds",
-                                                                   "limit_s"]))
+                "`skipped` found no time left; `triton_cache_new`: entries the stage added to Triton's cache "
+                "(kernel variants it compiled, launcher stubs it built).",
+                markdown(stages, ["run", "stage", "outcome", "rc", "seconds", "limit_s", "triton_cache_new"]))
     rows = [r for run in runs for r in run.rows if not tags or r.get("tag") in (None, "", *tags)]
+    warmed = [r for r in rows if r.get("bench") == "warm"]
+    if warmed:
+        section("Kernels compiled ahead (`benchmarks.warm`)", "", markdown(warmed, WARM_COLUMNS))
     copy = [r for r in rows if r.get("op") == "copy"]
     if copy:
         out += ["", "Copy bandwidth measured in the run: " + ", ".join(

@@ -1,6 +1,8 @@
 """The GPU suite's stages, run against one overall deadline, with every result kept as it is made.
 
-``gpu_suite.sh`` prepares the machine (open_clip from wheels, ``PYTHONPATH``) and runs this. Stages run in
+``gpu_suite.sh`` prepares the machine (open_clip from wheels, ``PYTHONPATH``) and runs this. After the
+preflight, ``warm`` compiles on every core the Triton kernel variants that the benchmarks will launch
+(:mod:`benchmarks.warm`), so that they do not compile one at a time inside timed stages. Stages run in
 order of importance: the headline figures first (whole encoder at 1 and 16 videos; the merge ops at
 the ViT-B/16 32-video shapes and the attention candidates, each timed eagerly and from a CUDA graph),
 the profile of where a forward's time goes, the CUDA tests, then the sweeps. Each stage gets what
@@ -18,7 +20,8 @@ after each stage and at the end, so the archive is the one file to carry back):
                       and the cached launch (when not "ok", the later stages run with TEMPME_FAST_CACHED_LAUNCH=0)
     rows.jsonl        every benchmark row (fields ``bench`` and ``tag`` say which script and stage)
     tests.jsonl       one line per finished test
-    stages.jsonl      per stage: command, time limit, seconds taken, exit status, outcome
+    stages.jsonl      per stage: command, time limit, seconds taken, exit status, outcome, and the entries
+                      it added to Triton's on-disk cache (``triton_cache_new``: kernels compiled, launcher stubs)
     suite.log         everything the stages printed
     plots/            PNG figures drawn from rows.jsonl
 
@@ -44,6 +47,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STOP_GRACE_S = 10  # between SIGTERM and SIGKILL of a stage that ran out of time
 # One of two calls in a lease of 15 minutes of device time, which also pays for the machine's start.
 DEFAULT_BUDGET_S = 420
+# The CUDA test that benchmarks.warm compiles what the real launches look up (run with the CUDA tests).
+WARM_TEST = "tests/test_warm.py::test_after_warming_the_real_launches_compile_nothing"
 
 
 @dataclass
@@ -79,6 +84,11 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
     # benchmarks/results/gpu-h200, device timing added where it now runs), or an estimate where it never ran.
     return [
         Stage("preflight", [python, "-m", "benchmarks.preflight", os.path.join(out, "environment.txt")], 40, expect=20),
+        # Every Triton variant the benchmarks below launch, compiled on all cores into Triton's cache first
+        # (the stages' expected seconds still include their own compiles: measured before this stage).
+        *([Stage("warm", [python, "-m", "benchmarks.warm", "--models", "ViT-B-32", "ViT-B-16",
+                          "--batches", "1", "16", "32", "4", "64", "8", "128", "--dtypes", "fp16", "bf16", "fp32",
+                          "--jsonl", rows, "--tag", "warm"], 90, expect=35)] if gpu else []),
         # Headline: whole encoder, both models, 1 and 16 videos, fp16 inference, every eager path.
         Stage("model_headline", bench("bench_model", "headline", "--models", "ViT-B-32", "ViT-B-16",
                                       "--batches", "1", "16", "--dtypes", dtype, "--modes", "infer",
@@ -98,7 +108,9 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         # test_bench_profile.py checks this suite's own device timing and profile on the GPU.
         Stage("model_tests", pytest("tests/test_graphs.py", "tests/test_model_triton.py", "tests/test_attention.py",
                                     "tests/test_self_attention.py", "tests/test_bench_profile.py"), 150, expect=105),
-        Stage("cuda_tests", pytest("tests/test_triton_cuda.py", "tests/test_cuda_determinism.py"), 130, expect=90),
+        # With the check that the warm-up compiled what the real launches look up.
+        Stage("cuda_tests", pytest("tests/test_triton_cuda.py", "tests/test_cuda_determinism.py", WARM_TEST), 130,
+              expect=90),
         Stage("kernel_tests", pytest("tests/test_triton_ops.py"), 170, expect=135),
         # Sweeps. The compiled reference, compiled afresh per shape, at the headline shapes.
         Stage("ops_batches", bench("bench_ops", "batches", "--models", "ViT-B-32", "ViT-B-16",
@@ -131,7 +143,8 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         Stage("other_tests", pytest("tests", *[f"--ignore=tests/{name}.py" for name in
                                                ("test_triton_cuda", "test_cuda_determinism", "test_graphs",
                                                 "test_triton_ops", "test_model_triton", "test_attention",
-                                                "test_self_attention", "test_bench_profile")]),
+                                                "test_self_attention", "test_bench_profile")],
+                                    "--deselect", WARM_TEST),
               240, expect=240),
         Stage("plots", [python, "-m", "benchmarks.plots", out, "--to", os.path.join(out, "plots")], 20, final=True,
               expect=7),
@@ -261,6 +274,17 @@ def _fall_back_from_cached_launch(out: str, log) -> None:
         _say(log, f"=== cached launch not ok ({found or 'no preflight line'}): TEMPME_FAST_CACHED_LAUNCH=0 from here\n")
 
 
+def triton_cache_entries() -> Optional[int]:
+    """Entries in Triton's on-disk cache (one per compiled kernel variant or launcher stub), or None
+    without one. The folder is Triton's default unless ``TRITON_CACHE_DIR`` or ``TRITON_HOME`` moves it."""
+    folder = os.environ.get("TRITON_CACHE_DIR") or os.path.join(
+        os.environ.get("TRITON_HOME") or os.path.expanduser("~"), ".triton", "cache")
+    try:
+        return len(os.listdir(folder))
+    except OSError:
+        return None
+
+
 def run_suite(out: str, stages: Sequence[Stage], deadline: float, archive: Optional[str] = None,
               every: float = 15, min_stage_s: float = 5) -> int:
     """Run ``stages`` in order until the wall-clock ``deadline`` (``time.time()`` seconds).
@@ -286,7 +310,10 @@ def run_suite(out: str, stages: Sequence[Stage], deadline: float, archive: Optio
                                   reason=f"{max(remaining, 0):.0f} s left of the budget")
                 else:
                     _say(log, f"=== {stage.name} (limit {limit:.0f} s of {remaining:.0f} s left)\n")
+                    cached = triton_cache_entries()
                     record.update(run_stage(stage, limit, log))
+                    after = triton_cache_entries()
+                    record["triton_cache_new"] = None if after is None else after - (cached or 0)
                 _say(log, f"=== {stage.name}: {record['outcome']} (exit {record['rc']}) after {record['seconds']} s\n")
                 stages_file.write(json.dumps(record) + "\n")
                 stages_file.flush()

@@ -16,7 +16,7 @@ import pytest
 from benchmarks.common import Compiled
 from benchmarks.rowlog import RowLog, read_rows
 from benchmarks.suite import DEFAULT_BUDGET_S, ROOT, Archiver, Stage, gpu_stages, plan_text, run_suite, \
-    select_stages
+    select_stages, triton_cache_entries
 from benchmarks.suite import main as suite_main
 
 # A benchmark that never ends: one row every 50 ms through the real row log.
@@ -60,6 +60,20 @@ def test_a_stage_stopped_by_the_deadline_keeps_its_rows_in_the_archive(tmp_path)
     assert 3.0 < stages_run[0]["limit_s"] <= 3.5  # 5 s less the 1.5 s kept for the final stage
     assert "plots here" in files["out/suite.log"] and "unreachable" not in files["out/suite.log"]
     assert not os.path.exists(str(archive) + ".part")
+
+
+def test_each_stage_records_what_it_added_to_the_triton_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "triton-cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    add = "import os, sys; [os.makedirs(os.path.join(sys.argv[1], f'k{i}')) for i in range(int(sys.argv[2]))]"
+    stages = [Stage("three", [sys.executable, "-c", add, str(cache), "3"], cap=30),
+              Stage("none", [sys.executable, "-c", "pass"], cap=30)]
+    out = tmp_path / "out"
+    assert run_suite(str(out), stages, deadline=time.time() + 60, min_stage_s=0.5) == 0
+    records = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
+    assert [r["triton_cache_new"] for r in records] == [3, 0]
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "absent"))
+    assert triton_cache_entries() is None
 
 
 def test_the_archive_is_current_while_a_stage_runs(tmp_path):
@@ -127,24 +141,34 @@ def test_pytest_results_are_written_one_line_per_test(tmp_path):
 def test_the_stage_list_puts_the_headline_first_then_the_profile_and_the_tests_that_never_ran(tmp_path):
     stages = gpu_stages(str(tmp_path))
     names = [s.name for s in stages]
-    assert names[:7] == ["preflight", "model_headline", "ops_headline", "attention", "profile", "model_tests",
-                         "cuda_tests"]
+    assert names[:8] == ["preflight", "warm", "model_headline", "ops_headline", "attention", "profile",
+                         "model_tests", "cuda_tests"]
     assert names[-1] == "plots" and stages[-1].final and not any(s.final for s in stages[:-1])
-    headline = stages[1].argv
+    # The warm-up compiles what the benchmarks launch: every model, batch and dtype they run.
+    warm = stages[1].argv
+    values = lambda argv, option: argv[argv.index(option) + 1:next(  # noqa: E731
+        (i for i in range(argv.index(option) + 1, len(argv)) if argv[i].startswith("--")), len(argv))]
+    for s in stages:
+        if "benchmarks.bench_model" in s.argv or "benchmarks.bench_ops" in s.argv:
+            assert set(values(s.argv, "--models")) <= set(values(warm, "--models")), s.name
+            assert set(values(s.argv, "--batches")) <= set(values(warm, "--batches")), s.name
+            assert set(values(s.argv, "--dtypes")) <= set(values(warm, "--dtypes")), s.name
+    headline = stages[2].argv
     assert headline[headline.index("--batches") + 1:headline.index("--batches") + 3] == ["1", "16"]
     assert {"tempme-eager", "tempme-torch", "tempme-triton", "tempme-triton+graph"} <= set(headline)
-    profile = stages[4].argv
+    profile = stages[5].argv
     assert profile[profile.index("--cases") + 1:profile.index("--cases") + 3] == ["ViT-B-16:16", "ViT-B-32:1"]
     # The test files the first H200 run never reached come right after the profile.
-    assert {"tests/test_graphs.py", "tests/test_model_triton.py", "tests/test_attention.py"} <= set(stages[5].argv)
+    assert {"tests/test_graphs.py", "tests/test_model_triton.py", "tests/test_attention.py"} <= set(stages[6].argv)
     for s in stages:
-        if "benchmarks.bench_" in " ".join(s.argv) or "benchmarks.profile" in s.argv:
+        if "benchmarks.bench_" in " ".join(s.argv) or "benchmarks.profile" in s.argv or "benchmarks.warm" in s.argv:
             assert s.argv[s.argv.index("--jsonl") + 1] == str(tmp_path / "rows.jsonl")
         assert 0 < s.expect <= s.cap  # every stage has a measured or estimated duration within its limit
-    # A first call with the default budget is expected to finish everything up to the cut-off CUDA tests.
+    # A first call with the default budget is expected to finish everything up to the CUDA tests after the profile.
     assert sum(s.expect for s in stages[:7]) + stages[-1].expect <= DEFAULT_BUDGET_S
     cpu = gpu_stages(str(tmp_path), device="cpu")
     assert all("triton" not in s.argv for s in cpu)  # no Triton impl asked for where it would be interpreted
+    assert "warm" not in [s.name for s in cpu]  # nothing to compile for on a CPU
 
 
 def test_only_and_skip_pick_stages_and_refuse_unknown_names(tmp_path):
@@ -286,14 +310,21 @@ def test_report_joins_the_calls_of_a_session_with_device_columns_and_the_profile
                   [("bench_ops", old_row)],
                   [{"nodeid": "tests/a.py::t1", "outcome": "failed", "reason": "x"}])
     _suite_folder(tmp_path / "call2", "NVIDIA H200, sm_90",
-                  [{"stage": "profile", "outcome": "ok", "rc": 0, "seconds": 30.0, "limit_s": 70}],
-                  [("bench_ops", ops_row)] + [("profile", r) for r in profile],
+                  [{"stage": "warm", "outcome": "ok", "rc": 0, "seconds": 21.0, "limit_s": 90,
+                    "triton_cache_new": 374},
+                   {"stage": "profile", "outcome": "ok", "rc": 0, "seconds": 30.0, "limit_s": 70,
+                    "triton_cache_new": 2}],
+                  [("warm", {"arch": 90, "jobs": 16, "variants": 187, "compiled": 187, "cache_hits": 0, "failed": 0,
+                             "seconds": 20.5, "compile_s": 240.0, "stubs": True})]
+                  + [("bench_ops", ops_row)] + [("profile", r) for r in profile],
                   [{"nodeid": "tests/a.py::t1", "outcome": "passed"},
                    {"nodeid": "tests/b.py::t2", "outcome": "passed"}])
     assert report.main([str(tmp_path / "call1"), str(tmp_path / "call2"), "--markdown"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("## GPU results: NVIDIA H200, sm_90\n")
-    assert "| call1 | cuda_tests | timeout | -15 | 100 | 100 |" in text and "| call2 | profile | ok |" in text
+    assert "| call1 | cuda_tests | timeout | -15 | 100 | 100 | - |" in text
+    assert "| call2 | warm | ok | 0 | 21 | 90 | 374 |" in text and "| call2 | profile | ok | 0 | 30 | 70 | 2 |" in text
+    assert "| call2 | 90 | 16 | 187 | 187 | 0 | 0 | 20.5 | 240 | True |" in text
     # The first call's row has no device time: dashes, never a number made up from the eager time.
     assert "| call1 | headline | ViT-B-16 | 32 | fp16 | 10 | cross | merge_fwd | triton | False | 0.6 | - | - " \
            "| 2e+03 | 0.5 | - | 3 |" in text

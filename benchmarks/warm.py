@@ -1,0 +1,262 @@
+"""Compile the Triton kernel variants that the benchmarks will launch, before they launch them, on every core.
+
+With an empty Triton cache, the first launch of each kernel variant (one set of dtypes, alignments,
+divisibilities and constexprs) compiles it: about 1-1.5 s of one CPU core for these kernels, plus a
+C launcher stub built with the system compiler. Inside a benchmark that time is serial and counted
+against the stage's time limit. Here the variants are found without running anything: the
+launches are recorded on meta tensors, as :mod:`benchmarks.codegen` records them, and every
+distinct one is compiled by a pool of processes into Triton's own on-disk cache. Those are the
+keys the launches will look up, because the compile call is the one ``JITFunction.run`` makes,
+from the same binder (``python -m benchmarks.host --launch-check`` checks that codegen's records
+match the real launches). On a CUDA machine each worker also builds the variant's launcher stub.
+
+Recorded:
+
+- ``model``: every merge step of the schedules (the match, then the merge with the LayerNorm
+  after it, forward and backward) and every layer's attention (inference, training forward and
+  backward), as the encoder runs them;
+- ``ops``: what ``benchmarks.bench_ops`` calls on top of that (best match alone, the merge without
+  a LayerNorm and its backward, at its shapes);
+- ``attention``: ``benchmarks.bench_attention``'s Triton calls (``[B', H, N, d]`` views, forward,
+  and forward with backward).
+
+Variants are compiled in the order given (dtypes, then models, then batches), so a run stopped
+early has compiled the first ones. A variant that fails to compile is counted and left to fail
+where it launches.
+
+    python -m benchmarks.warm --models ViT-B-32 ViT-B-16 --batches 1 16 32 --dtypes fp16 --jobs 16
+    python -m benchmarks.warm --models ViT-B-32 --batches 1 --dtypes fp16 --arch 90   # no GPU: compile only
+
+Run it without ``TRITON_INTERPRET`` (the interpreter replaces the kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, Optional, Sequence
+
+SETS = ("model", "ops", "attention")
+
+
+def record_launches(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[str],
+                    sets: Sequence[str] = SETS) -> list:
+    """The launches (``codegen.Launch``) of ``sets`` in that order: dtypes, then models, then batches."""
+    from tempme_fast.loading import DTYPES
+
+    from . import codegen
+    from .bench_attention import attention_shapes
+    from .common import VIT_GEOMETRY, merge_shapes
+
+    merges, attention = codegen.Recorder("triton_ops"), codegen.Recorder("triton_attention")
+    attention.launches = merges.launches  # one list: the order of the calls
+    with merges.active(), attention.active():
+        for name in dtypes:
+            dtype = DTYPES[name]
+            for model in models:
+                for batch in batches:
+                    if "model" in sets:
+                        for step in codegen.schedule_steps(model, batch):
+                            codegen.run_step(step, dtype)
+                        for step in codegen.attention_steps(model, batch):
+                            codegen.run_attention(step, dtype)
+                    if model not in VIT_GEOMETRY:  # the op benchmarks have the ViT-B shapes only
+                        continue
+                    if "ops" in sets:
+                        for shape in merge_shapes(model, batch):
+                            _bench_ops_calls(shape, dtype)
+                    if "attention" in sets:
+                        for shape in attention_shapes(model, batch):
+                            _bench_attention_calls(shape, dtype)
+    return merges.launches
+
+
+def _bench_ops_calls(s, dtype) -> None:
+    """``bench_ops``' Triton launcher calls at one shape: best match alone, and the merge without a
+    LayerNorm forward and backward (the match and the merge with one are the model's)."""
+    import torch
+
+    from tempme_fast.ops import triton_ops
+
+    metric = torch.empty(s.rows, s.tokens, s.channels, dtype=dtype, device="meta")
+    x = torch.empty(s.rows, s.tokens, s.width, dtype=dtype, device="meta")
+    size = torch.empty(s.rows, s.tokens, 1, dtype=torch.float32, device="meta")
+    triton_ops.best_match_forward(metric, s.protected)
+    merged, dst, kept = triton_ops.match_forward(metric, s.r, s.protected)
+    out, _, b_size = triton_ops.merge_forward(x, size, merged, dst, kept, s.protected)
+    triton_ops.merge_backward(torch.empty_like(out), size, b_size, merged, dst, kept, s.protected, s.tokens)
+
+
+def _bench_attention_calls(s, dtype) -> None:
+    """``bench_attention``'s Triton calls at one shape: q, k, v as ``[B', H, N, d]`` views of one
+    projection, with sizes; forward alone, then forward and backward."""
+    import torch
+
+    from tempme_fast.ops import triton_attention
+
+    size = torch.empty(s.rows, s.tokens, 1, dtype=torch.float32, device="meta")
+    for grad in (False, True):
+        qkv = torch.empty(s.rows, s.tokens, 3, s.heads, s.head_dim, dtype=dtype, device="meta",
+                          requires_grad=grad)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = triton_attention.sized_attention(q, k, v, size)
+        if grad:
+            torch.autograd.grad(out, qkv, torch.empty_like(out))
+
+
+def distinct(launches: list, arch: int) -> list:
+    """The first launch of every distinct compiled variant for ``sm_<arch>``, in order."""
+    from . import codegen
+
+    seen, kept = set(), []
+    for launch in launches:
+        key = codegen.variant_key(launch, arch)
+        if key not in seen:
+            seen.add(key)
+            kept.append(launch)
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling, in worker processes that each record the same list
+# ---------------------------------------------------------------------------------------------
+
+_WORK: Dict[str, object] = {}
+
+
+def _prepare(spec: tuple) -> None:
+    """Worker initializer: the variant list of ``spec = (models, batches, dtypes, sets, arch, stubs)``."""
+    models, batches, dtypes, sets, arch, stubs = spec
+    _WORK.update(launches=distinct(record_launches(models, batches, dtypes, sets), arch), arch=arch, stubs=stubs)
+
+
+def _compile(index: int) -> dict:
+    """Compile variant ``index`` of the worker's list (and its launcher stub); what happened."""
+    from triton import knobs
+
+    from . import codegen
+
+    launch = _WORK["launches"][index]
+    hits = []
+    previous = knobs.compilation.listener
+    knobs.compilation.listener = lambda **info: hits.append(bool(info.get("cache_hit")))
+    t0 = time.perf_counter()
+    result = {"index": index, "kernel": launch.kernel.fn.__name__}
+    try:
+        compiled = codegen.compile_launch(launch, _WORK["arch"])
+        result.update(ok=True, cache_hit=bool(hits) and all(hits))
+    except Exception as e:  # noqa: BLE001 (counted; the launch itself will report it)
+        compiled = None
+        result.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+    finally:
+        knobs.compilation.listener = previous
+    if compiled is not None and _WORK["stubs"]:
+        # The kernel is cached whatever happens here: a stub that fails is built again at the launch.
+        try:
+            from triton.runtime.driver import driver
+
+            driver.active.launcher_cls(compiled.src, compiled.metadata)
+        except Exception as e:  # noqa: BLE001
+            result["stub_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def warm(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[str], sets: Sequence[str] = SETS,
+         arch: Optional[int] = None, jobs: Optional[int] = None, stubs: Optional[bool] = None) -> dict:
+    """Compile every variant into Triton's cache; returns counts and times.
+
+    ``arch``: compute capability as an int (90 for sm_90); default the current CUDA device's.
+    ``jobs``: worker processes (default: every core; 1 compiles in this process).
+    ``stubs``: also build the launcher stubs (default: when compiling for the current CUDA device).
+    """
+    import torch
+
+    here = None
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        here = 10 * major + minor
+    if arch is None:
+        if here is None:
+            raise ValueError("arch: no CUDA device here; give the compute capability to compile for (e.g. 90)")
+        arch = here
+    stubs = (arch == here) if stubs is None else stubs
+    jobs = jobs or os.cpu_count() or 1
+    t0 = time.perf_counter()
+    spec = (tuple(models), tuple(batches), tuple(dtypes), tuple(sets), arch, stubs)
+    _prepare(spec)
+    launches = _WORK["launches"]
+    recorded_s = time.perf_counter() - t0
+    if jobs == 1 or len(launches) <= 1:
+        results = [_compile(i) for i in range(len(launches))]
+    else:
+        # Spawned, not forked: the parent may hold a CUDA context, and each worker needs its own process state.
+        with ProcessPoolExecutor(min(jobs, len(launches)), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_prepare, initargs=(spec,)) as pool:
+            results = list(pool.map(_compile, range(len(launches))))
+    failed = [r for r in results if not r["ok"]]
+    return {"arch": arch, "jobs": jobs, "stubs": stubs, "variants": len(launches),
+            "cache_hits": sum(r["ok"] and r["cache_hit"] for r in results),
+            "compiled": sum(r["ok"] and not r["cache_hit"] for r in results), "failed": len(failed),
+            "errors": [f"{r['kernel']}: {r['error']}" for r in failed[:5]],
+            "stubs_failed": sum("stub_error" in r for r in results),
+            "stub_errors": sorted({r["stub_error"] for r in results if "stub_error" in r})[:3],
+            "by_kernel": dict(Counter(r["kernel"] for r in results)),
+            "compile_s": round(sum(r["seconds"] for r in results), 2), "record_s": round(recorded_s, 2),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-B-16"],
+                        choices=["ViT-B-32", "ViT-B-16", "ViT-L-14"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 32])
+    parser.add_argument("--dtypes", nargs="+", default=["fp16"], choices=["fp16", "bf16", "fp32"])
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS,
+                        help="which callers' launches to compile (default: all)")
+    parser.add_argument("--arch", type=int, default=None,
+                        help="compute capability to compile for, e.g. 90 or 80 (default: this CUDA device's)")
+    parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per core)")
+    parser.add_argument("--jsonl", default=None, metavar="PATH", help="append the summary row to this file")
+    parser.add_argument("--tag", default="", help="label stored in the JSON-lines row")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("TRITON_INTERPRET=1 replaces the kernels with the interpreter's: unset it to compile")
+    if any(b < 1 for b in args.batches):
+        parser.error(f"--batches {args.batches}: every batch must be >= 1")
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs {args.jobs} must be >= 1")
+    if args.arch is not None and args.arch < 70:
+        parser.error(f"--arch {args.arch}: give a compute capability of 70 or more as an int (90 for sm_90)")
+    try:
+        summary = warm(args.models, args.batches, args.dtypes, args.sets, args.arch, args.jobs)
+    except ValueError as e:
+        parser.error(str(e))
+    print(f"warm: {summary['variants']} variants for sm_{summary['arch']} "
+          f"({', '.join(f'{k} {v}' for k, v in sorted(summary['by_kernel'].items()))}): "
+          f"{summary['compiled']} compiled, {summary['cache_hits']} already cached, {summary['failed']} failed; "
+          f"{summary['seconds']:.1f} s with {summary['jobs']} jobs "
+          f"({summary['compile_s']:.1f} s of compiling, launcher stubs {'built' if summary['stubs'] else 'not built'})",
+          flush=True)
+    for error in summary["errors"]:
+        print(f"warm: failed: {error}", file=sys.stderr)
+    if summary["stubs_failed"]:
+        print(f"warm: {summary['stubs_failed']} launcher stubs not built (built at their first launch instead): "
+              + "; ".join(summary["stub_errors"]), file=sys.stderr)
+    if args.jsonl:
+        import torch
+
+        from .common import RowLog, environment
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        RowLog(args.jsonl, "warm", environment(device), args.tag)({**summary, "models": args.models,
+                                                                   "batches": args.batches, "dtypes": args.dtypes})
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
