@@ -10,7 +10,8 @@ runs ``ptxas -v`` on the PTX, and prints the toolchain, then per variant: progra
 launchers' host time. Every merge runs as the model runs it, with the LayerNorm that follows it in
 its merge launch (``NORM=1``); attention runs on token-major views of the packed projection, with
 the size bias from the first merge on, at every layer of the schedules and at the head dims of
-larger open_clip ViTs (``OTHER_HEAD_DIMS``). ``--kernels merge`` or ``--kernels attention`` narrows it.
+larger open_clip ViTs (``OTHER_HEAD_DIMS``); every residual add that takes the LayerNorm after it
+(``ops.add_norm``) runs at its shape and layout. ``--kernels merge``, ``attention`` or ``norm`` narrows it.
 
 ``--check`` exits non-zero on a spill, on a scalar 16-bit global access in a kernel that moves
 16-bit features, or on more than 2 forward launches per merge step (``tests/test_codegen.py``
@@ -44,7 +45,8 @@ GEOMETRY = {**VIT_GEOMETRY, "ViT-L-14": (24, 257, 1024, 16)}
 ARCHS = (90, 80)
 # The kernels each launcher module runs; a Recorder stubs one module's at a time.
 KERNELS = {"triton_ops": ("_best_match_fwd_kernel", "_merge_fwd_kernel", "_merge_bwd_kernel"),
-           "triton_attention": ("_attention_fwd_kernel", "_attention_bwd_kernel")}
+           "triton_attention": ("_attention_fwd_kernel", "_attention_bwd_kernel"),
+           "triton_norm": ("_add_norm_fwd_kernel",)}
 # ld/st.global with an optional vector width and an element type: the access width in bits.
 ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.([bfsu])(8|16|32|64)\b")
 
@@ -223,6 +225,53 @@ def run_attention(step: AttentionStep, dtype: torch.dtype, device: str = "meta",
         triton_attention.attention_backward(grad_out, q, k, v, bias, out, lse, bias_grad=False)
 
 
+@dataclass(frozen=True)
+class NormStep:
+    """One residual add with the LayerNorm after it (``ops.add_norm``) as the encoder runs it: ``rows``
+    clips of ``tokens`` tokens; ``view_of`` tokens per clip when ``x`` is the first ``tokens`` of a
+    longer clip (the trimmed last block's class tokens), else 0."""
+
+    model: str
+    batch: int
+    layer: int
+    what: str
+    rows: int
+    tokens: int
+    width: int
+    view_of: int = 0
+
+
+def norm_steps(model: str, batch: int, config: TempMeConfig = TempMeConfig()) -> List[NormStep]:
+    """Every ``ops.add_norm`` of a forward (``model.run_blocks``): each block's MLP residual with the next
+    block's ``ln_1`` unless that block joins clips, and in the trimmed last block the class tokens'
+    attention residual with ``ln_2`` and their MLP residual with ``ln_post``."""
+    depth, tokens, width, heads = GEOMETRY[model]
+    layers = token_schedule(config, depth, tokens).layers
+    steps = [NormStep(model, batch, p.layer, "mlp+ln_1", batch * p.clips_out, p.tokens_out, width)
+             for p, after in zip(layers, layers[1:]) if after.group == 1]
+    last = layers[-1]
+    c = last.protected_out
+    return steps + [NormStep(model, batch, last.layer, "attn+ln_2", batch * last.clips_out, c, width, last.tokens_attn),
+                    NormStep(model, batch, last.layer, "mlp+ln_post", batch * last.clips_out, c, width)]
+
+
+def run_norm(step: NormStep, dtype: torch.dtype, device: str = "meta") -> None:
+    """The launcher call of one fused residual add and LayerNorm, on the layouts the encoder passes."""
+    from tempme_fast.ops import triton_norm
+
+    x = torch.empty(step.rows, step.view_of or step.tokens, step.width, dtype=dtype, device=device)[:, :step.tokens]
+    residual = torch.empty(step.rows, step.tokens, step.width, dtype=dtype, device=device)
+    weight = torch.empty(step.width, dtype=dtype, device=device)
+    triton_norm.add_norm_forward(x, residual, weight, weight, 1e-5)
+
+
+def norm_launches(step: NormStep, dname: str) -> List["Launch"]:
+    rec = Recorder("triton_norm")
+    with rec.active():
+        run_norm(step, DTYPES[dname])
+    return rec.launches
+
+
 # ---------------------------------------------------------------------------------------------
 # Compiling a recorded launch for a GPU that is not here
 # ---------------------------------------------------------------------------------------------
@@ -301,10 +350,10 @@ def ptx_stats(ptx: str, arch: int) -> Dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 
 def collect(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[str],
-            kernels: Sequence[str] = ("merge", "attention")):
+            kernels: Sequence[str] = ("merge", "attention", "norm")):
     """``(variants, steps)``: each distinct launch with the programs it runs per batch, and per
-    merge step its forward/backward launches and allocations. ``kernels``: the merge steps'
-    kernels, the attention's (every layer, forward and backward), or both."""
+    merge step its forward/backward launches and allocations. ``kernels``: any of the merge steps'
+    kernels, the attention's (every layer, forward and backward) and the fused residual adds'."""
     variants: Dict[tuple, dict] = {}
     steps = []
 
@@ -335,6 +384,8 @@ def collect(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[str]
                 for att in attention_steps(model, batch) if "attention" in kernels else ():
                     kind = "class attn" if att[0].queries else "attn"
                     add(attention_launches(att, dname), batch, dname, f"{short} L{att[0].layer} {kind}")
+                for norm in norm_steps(model, batch) if "norm" in kernels else ():
+                    add(norm_launches(norm, dname), batch, dname, f"{short} L{norm.layer} {norm.what}")
     for batch in batches:
         for dname in dtypes:
             for att in head_dim_steps(batch) if "attention" in kernels else ():
@@ -444,7 +495,8 @@ def toolchain() -> str:
             f"torch {torch.__version__}")
 
 
-def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout, kernels=("merge", "attention")) -> List[str]:
+def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout, kernels=("merge", "attention", "norm")
+           ) -> List[str]:
     """Print the tables; return the failures that ``--check`` exits on."""
     print(f"Compiled with {toolchain()}", file=out)
     print(file=out)
@@ -499,8 +551,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--archs", nargs="+", type=int, default=list(ARCHS), choices=list(ARCHS))
-    parser.add_argument("--kernels", nargs="+", default=["merge", "attention"], choices=["merge", "attention"],
-                        help="the merge steps' kernels, the attention kernels (every layer's), or both (default)")
+    parser.add_argument("--kernels", nargs="+", default=["merge", "attention", "norm"],
+                        choices=["merge", "attention", "norm"],
+                        help="the merge steps' kernels, the attention kernels (every layer's), the residual adds "
+                             "fused with the LayerNorm after them; default: all")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 on spills, scalar 16-bit global accesses or > 2 forward launches per step")
     args = parser.parse_args(argv)

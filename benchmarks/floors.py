@@ -2,6 +2,7 @@
 
     python -m benchmarks.floors --model ViT-B-16 --batch 32 --dtype fp16 --bandwidth 3.0e12 --flops 7.9e14
     python -m benchmarks.floors --model ViT-B-16 --batch 16 --norm   # + the add, merge and LayerNorm table
+    python -m benchmarks.floors --model ViT-B-16 --batch 16 --add-norm   # + the residual adds with their LayerNorm
 """
 from __future__ import annotations
 
@@ -145,6 +146,30 @@ def attention_table(model: str, batch: int, dtype: str, bandwidth: float, flops:
     return "\n".join(lines)
 
 
+def add_norm_table(model: str, batch: int, dtype: str, bandwidth: float) -> str:
+    """Bytes and time floors of every residual add that takes the LayerNorm after it (``ops.add_norm``):
+    the add and the LayerNorm as two ops (read x and the residual, write the sum; read it back, write
+    its LayerNorm) against one (read both, write both); the LayerNorm's weight and bias left out."""
+    from .codegen import norm_steps
+
+    elt = DTYPES[dtype].itemsize
+    lines = [f"| add + LayerNorm ({model}, {batch} videos, {dtype}) | clips x tokens | two ops | one op "
+             "(ops.add_norm) | saved |", "|---|---|---|---|---|"]
+    totals = [0, 0]
+    for s in norm_steps(model, batch):
+        one = s.rows * s.tokens * s.width * elt
+        two_ops, fused = 5 * one, 4 * one
+        totals[0] += two_ops
+        totals[1] += fused
+        lines.append(f"| L{s.layer} {s.what} | {s.rows} x {s.tokens} | {two_ops / 1e6:.1f} MB, "
+                     f"{two_ops / bandwidth * 1e6:.1f} us | {fused / 1e6:.1f} MB, {fused / bandwidth * 1e6:.1f} us "
+                     f"| {one / bandwidth * 1e6:.1f} us |")
+    lines.append(f"| forward total ({len(lines) - 2} ops) | | {totals[0] / 1e6:.1f} MB, "
+                 f"{totals[0] / bandwidth * 1e6:.1f} us | {totals[1] / 1e6:.1f} MB, "
+                 f"{totals[1] / bandwidth * 1e6:.1f} us | {(totals[0] - totals[1]) / bandwidth * 1e6:.1f} us |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-16")
@@ -156,8 +181,17 @@ def main(argv=None) -> int:
     parser.add_argument("--norm", action="store_true",
                         help="also every post-attention merge with the residual add and ln_2 around it, unfused and "
                              "fused (ops.merge_norm, with and without residual=)")
+    parser.add_argument("--add-norm", action="store_true",
+                        help="also every residual add that takes the LayerNorm after it, as two ops and as one")
     args = parser.parse_args(argv)
+    if args.model not in VIT_GEOMETRY:
+        parser.error(f"--model {args.model}: valid: {sorted(VIT_GEOMETRY)}")
+    if args.batch < 1:
+        parser.error(f"--batch {args.batch} must be >= 1")
     print(table(args.model, args.batch, args.dtype, args.bandwidth, args.flops))
+    if args.add_norm:
+        print()
+        print(add_norm_table(args.model, args.batch, args.dtype, args.bandwidth))
     if args.norm:
         print()
         print(norm_table(args.model, args.batch, args.dtype, args.bandwidth, args.flops))

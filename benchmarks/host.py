@@ -43,7 +43,7 @@ from tempme_fast.loading import DTYPES
 from .common import VIT_GEOMETRY
 
 MODELS = ("ViT-B-32", "ViT-B-16")
-KERNEL_MODULES = ("best_match", "match", "merge", "attention", "segment")
+KERNEL_MODULES = ("best_match", "match", "merge", "norm", "attention", "segment")
 
 
 def _kernels() -> List[object]:

@@ -109,8 +109,8 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         Stage("model_tests", pytest("tests/test_graphs.py", "tests/test_model_triton.py", "tests/test_attention.py",
                                     "tests/test_self_attention.py", "tests/test_bench_profile.py"), 150, expect=105),
         # With the check that the warm-up compiled what the real launches look up.
-        Stage("cuda_tests", pytest("tests/test_triton_cuda.py", "tests/test_cuda_determinism.py", WARM_TEST), 130,
-              expect=90),
+        Stage("cuda_tests", pytest("tests/test_triton_cuda.py", "tests/test_cuda_determinism.py",
+                                   "tests/test_add_norm.py", WARM_TEST), 130, expect=90),
         Stage("kernel_tests", pytest("tests/test_triton_ops.py"), 170, expect=135),
         # Sweeps. The compiled reference, compiled afresh per shape, at the headline shapes.
         Stage("ops_batches", bench("bench_ops", "batches", "--models", "ViT-B-32", "ViT-B-16",
@@ -143,7 +143,7 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         Stage("other_tests", pytest("tests", *[f"--ignore=tests/{name}.py" for name in
                                                ("test_triton_cuda", "test_cuda_determinism", "test_graphs",
                                                 "test_triton_ops", "test_model_triton", "test_attention",
-                                                "test_self_attention", "test_bench_profile")],
+                                                "test_self_attention", "test_bench_profile", "test_add_norm")],
                                     "--deselect", WARM_TEST),
               240, expect=240),
         Stage("plots", [python, "-m", "benchmarks.plots", out, "--to", os.path.join(out, "plots")], 20, final=True,

@@ -13,8 +13,8 @@ match the real launches). On a CUDA machine each worker also builds the variant'
 Recorded:
 
 - ``model``: every merge step of the schedules (the match, then the merge with the LayerNorm
-  after it, forward and backward) and every layer's attention (inference, training forward and
-  backward), as the encoder runs them;
+  after it, forward and backward), every layer's attention (inference, training forward and
+  backward) and every residual add fused with the LayerNorm after it, as the encoder runs them;
 - ``ops``: what ``benchmarks.bench_ops`` calls on top of that (best match alone, the merge without
   a LayerNorm and its backward, at its shapes);
 - ``attention``: ``benchmarks.bench_attention``'s Triton calls (``[B', H, N, d]`` views, forward,
@@ -52,9 +52,9 @@ def record_launches(models: Sequence[str], batches: Sequence[int], dtypes: Seque
     from .bench_attention import attention_shapes
     from .common import VIT_GEOMETRY, merge_shapes
 
-    merges, attention = codegen.Recorder("triton_ops"), codegen.Recorder("triton_attention")
-    attention.launches = merges.launches  # one list: the order of the calls
-    with merges.active(), attention.active():
+    merges, attention, norms = (codegen.Recorder(m) for m in ("triton_ops", "triton_attention", "triton_norm"))
+    attention.launches = norms.launches = merges.launches  # one list: the order of the calls
+    with merges.active(), attention.active(), norms.active():
         for name in dtypes:
             dtype = DTYPES[name]
             for model in models:
@@ -64,6 +64,8 @@ def record_launches(models: Sequence[str], batches: Sequence[int], dtypes: Seque
                             codegen.run_step(step, dtype)
                         for step in codegen.attention_steps(model, batch):
                             codegen.run_attention(step, dtype)
+                        for step in codegen.norm_steps(model, batch):
+                            codegen.run_norm(step, dtype)
                     if model not in VIT_GEOMETRY:  # the op benchmarks have the ViT-B shapes only
                         continue
                     if "ops" in sets:

@@ -25,7 +25,8 @@ position embedding of each token's source clip on the fly, so the joined copy is
 import triton
 import triton.language as tl
 
-from .tokens import _joined_token
+from .norm import _norm_rows
+from .tokens import _joined_token, _token_rows
 
 
 @triton.jit
@@ -93,23 +94,6 @@ def _merge_index_kernel(
     lo, _ = _tile_counts(dst_row, R, offs_j, j_first, BLOCK_K)
     tl.store(offsets_ptr + row * (NB + 1) + offs_j, lo, mask=offs_j < NB + 1)
     _tile_sources(dst_row, merged_ptr + row * R, src_ptr + row * R, R, offs_j, lo, BLOCK_K)
-
-
-@triton.jit
-def _token_rows(x_ptr, res_ptr, clip, tok, offs_d, mask, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn,
-                stride_rd, HAS_RES: tl.constexpr):
-    """Feature slice ``offs_d`` of tokens ``(clip, tok)`` of ``x``, or of ``x + residual`` rounded to
-    x's dtype (``HAS_RES``: as ``torch.add`` computes it, in float32 for 16-bit inputs)."""
-    x = tl.load((x_ptr + clip * stride_xb + tok * stride_xn)[:, None] + offs_d[None, :] * stride_xd, mask=mask,
-                other=0.0)
-    if HAS_RES:
-        res = tl.load((res_ptr + clip * stride_rb + tok * stride_rn)[:, None] + offs_d[None, :] * stride_rd,
-                      mask=mask, other=0.0)
-        if x.dtype == tl.float64:
-            x = x + res
-        else:
-            x = (x.to(tl.float32) + res.to(tl.float32)).to(x.dtype)
-    return x
 
 
 # Only the counts that change from layer to layer are left unspecialised, and the size strides
@@ -226,13 +210,7 @@ def _merge_fwd_kernel(
         # The launcher gives a NORM program whole feature rows (BLOCK_D >= D, one feature slice), so
         # the LayerNorm of the merged tokens needs no second read of them. It normalises the rounded
         # output, as a LayerNorm reading it back would.
-        yf = tl.where(mask, y.to(ACC), 0.0)
-        mean = tl.sum(yf, axis=1) / D
-        centred = tl.where(mask, yf - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + EPS)
-        w = tl.load(ln_w_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
-        b = tl.load(ln_b_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
-        ln = centred * rstd[:, None] * w[None, :] + b[None, :]
+        ln = _norm_rows(y, mask, offs_d, mask_d, ln_w_ptr, ln_b_ptr, D, EPS, ACC)
         ln_rows = ln_ptr + row * N_OUT * D + offs_t.to(tl.int64) * D
         tl.store(ln_rows[:, None] + offs_d[None, :], ln.to(ln_ptr.dtype.element_ty), mask=mask)
 

@@ -3,7 +3,8 @@
 A ClipMe join turns ``GROUP`` adjacent clips of ``N_IN`` tokens (``C_IN`` class tokens each) into
 one clip: the ``GROUP * C_IN`` class tokens in clip order, then clip 0's patches, clip 1's, ...
 (``reference.join_clips``). Rather than copy the clips into that order, the kernels read the
-unjoined tensor through this mapping; with ``GROUP = 1`` it is the identity.
+unjoined tensor through this mapping; with ``GROUP = 1`` it is the identity. ``_token_rows`` loads
+the features of such tokens, optionally with a residual added.
 """
 import triton
 import triton.language as tl
@@ -19,3 +20,20 @@ def _joined_token(row, pos, GROUP, C_IN, N_IN):
     k = tl.where(is_cls, pos // tl.maximum(C_IN, 1), patch // per_clip)
     t = tl.where(is_cls, pos - k * C_IN, C_IN + patch - k * per_clip)
     return row * GROUP + k.to(tl.int64), t.to(tl.int64)
+
+
+@triton.jit
+def _token_rows(x_ptr, res_ptr, clip, tok, offs_d, mask, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn,
+                stride_rd, HAS_RES: tl.constexpr):
+    """Feature slice ``offs_d`` of tokens ``(clip, tok)`` of ``x``, or of ``x + residual`` rounded to
+    x's dtype (``HAS_RES``: as ``torch.add`` computes it, in float32 for 16-bit inputs)."""
+    x = tl.load((x_ptr + clip * stride_xb + tok * stride_xn)[:, None] + offs_d[None, :] * stride_xd, mask=mask,
+                other=0.0)
+    if HAS_RES:
+        res = tl.load((res_ptr + clip * stride_rb + tok * stride_rn)[:, None] + offs_d[None, :] * stride_rd,
+                      mask=mask, other=0.0)
+        if x.dtype == tl.float64:
+            x = x + res
+        else:
+            x = (x.to(tl.float32) + res.to(tl.float32)).to(x.dtype)
+    return x

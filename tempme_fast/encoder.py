@@ -5,7 +5,7 @@ forward can be compiled, checkpointed, and measured layer by layer (the FLOPs re
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,10 @@ class ClipState(NamedTuple):
             token now holding every original token of the video (see :mod:`tempme_fast.tracking`).
         merged: False while every size is still 1, known from the schedule without reading
             ``size``; attention then gets no bias. True (the safe default) when unknown.
+        normed: None, or ``(norm, norm(x))`` when the block that wrote ``x`` also applied the
+            LayerNorm that reads it next (:func:`ops.add_norm`: its residual add and that
+            LayerNorm in one op; see :func:`block_forward`'s ``next_norm``). Read only by a
+            consumer whose LayerNorm is that very module.
     """
 
     x: torch.Tensor
@@ -34,6 +38,7 @@ class ClipState(NamedTuple):
     protected: int
     sources: Optional[torch.Tensor] = None
     merged: bool = True
+    normed: Optional[Tuple[nn.Module, torch.Tensor]] = None
 
 
 class EncoderOptions(NamedTuple):
@@ -91,6 +96,29 @@ def _layer_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm(x)
 
 
+def _normed(state: ClipState, norm: nn.Module) -> Optional[torch.Tensor]:
+    """``norm(state.x)`` if the block that wrote the state computed it already, else None."""
+    return state.normed[1] if state.normed is not None and state.normed[0] is norm else None
+
+
+def _add_then_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.Module, backend: str):
+    """``(x + residual, norm(x + residual))``: one op (``ops.add_norm``) for a LayerNorm with weight
+    and bias, the add and the module otherwise."""
+    if _fusable_norm(norm):
+        return ops.add_norm(x, residual, norm.weight, norm.bias, norm.eps, backend=backend)
+    x = x + residual
+    return x, norm(x)
+
+
+def _block_output(x: torch.Tensor, residual: torch.Tensor, next_norm: Optional[nn.Module], backend: str):
+    """A block's last residual add, ``x + residual``, and the state's ``normed``: with a fusable
+    ``next_norm`` (the LayerNorm that reads the output next) it comes from the same op."""
+    if next_norm is None or not _fusable_norm(next_norm):
+        return x + residual, None
+    x, ln = _add_then_norm(x, residual, next_norm, backend)
+    return x, (next_norm, ln)
+
+
 def _merge_then_norm(x, residual, size, sources, metric, r, protected, norm: nn.Module, backend):
     """The residual add after attention (``x + residual``), the merge, then the block's ``ln_2`` of
     its output: ``(x, size, sources, ln)``. A LayerNorm goes into the merge op with the add (one
@@ -120,8 +148,9 @@ def _join_then_norm(x, size, group, protected, r, frame_pos, norm: nn.Module, ba
 def _block_input(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos: Optional[torch.Tensor],
                  options: EncoderOptions):
     """A block up to its attention: ClipMe's join and cross-clip merge where ``plan`` has one, and
-    ``ln_1``. Returns ``(x, size, protected, sources, merged, h)`` with ``h = ln_1(x)``."""
-    x, size, c, sources, merged = state
+    ``ln_1`` (taken from ``state.normed`` where the block before computed it). Returns ``(x, size,
+    protected, sources, merged, h)`` with ``h = ln_1(x)``."""
+    x, size, c, sources, merged, _ = state
     if plan.group > 1:
         pos = frame_pos if frame_pos is None else cast(frame_pos, x.dtype)
         if sources is not None:
@@ -131,18 +160,23 @@ def _block_input(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos:
         if sources is not None and plan.r_cross:
             sources = tracking.merge_sources(sources, cross)
     else:
-        h = _layer_norm(block.ln_1, x)
+        h = _normed(state, block.ln_1)
+        if h is None:
+            h = _layer_norm(block.ln_1, x)
     return x, size, c, sources, merged or plan.r_cross > 0, h
 
 
 def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos: Optional[torch.Tensor],
-                  options: EncoderOptions) -> ClipState:
+                  options: EncoderOptions, next_norm: Optional[nn.Module] = None) -> ClipState:
     """One residual block with TempMe's joins and merges, as ``plan`` (from the schedule) says.
 
     Args:
         block: an open_clip ``ResidualAttentionBlock``.
         state: ``plan.clips_in`` clips per video of ``plan.tokens_in`` tokens.
         frame_pos: ``[1, plan.clips_in, 1, D]`` temporal position embedding of a joining layer, or None.
+        next_norm: the LayerNorm that reads this block's output next (the next block's ``ln_1``,
+            when that block joins no clips), or None. A LayerNorm with weight and bias is applied
+            in the op of the block's last residual add and handed on in ``state.normed``.
     """
     x, size, c, sources, merged, h = _block_input(block, state, plan, frame_pos, options)
     attn_size = size if options.prop_attn and merged else None
@@ -153,12 +187,12 @@ def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos
     else:
         x = x + block.ls_1(out)
         h = _layer_norm(block.ln_2, x)
-    x = x + block.ls_2(block.mlp(h))
-    return ClipState(x, size, c, sources, merged or plan.r > 0)
+    x, normed = _block_output(x, block.ls_2(block.mlp(h)), next_norm, options.backend)
+    return ClipState(x, size, c, sources, merged or plan.r > 0, normed)
 
 
 def class_block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos: Optional[torch.Tensor],
-                        options: EncoderOptions) -> ClipState:
+                        options: EncoderOptions, next_norm: Optional[nn.Module] = None) -> ClipState:
     """The last block as the video feature reads it: only the class tokens leave it.
 
     :func:`frame_features` reads nothing but the class tokens of the last block's output, and a
@@ -171,14 +205,16 @@ def class_block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, fra
     Returns:
         A state holding the ``plan.protected_out`` class tokens of every clip (``x [B', c, D]``,
         their sizes), without source tracking: to track sources run :func:`block_forward`.
+        ``next_norm`` (``ln_post``, read by :func:`frame_features`) is as in :func:`block_forward`.
     """
     if state.sources is not None:
         raise ValueError("class_block_forward does not track sources (state.sources is set); use block_forward")
     x, size, c, _, merged, h = _block_input(block, state, plan, frame_pos, options)
     attn_size = size if options.prop_attn and merged else None
-    x = x[:, :c] + block.ls_1(_class_attention(block.attn, h, c, attn_size, options.attention, options.backend))
-    x = x + block.ls_2(block.mlp(_layer_norm(block.ln_2, x)))
-    return ClipState(x, size[:, :c], c, None, merged or plan.r > 0)
+    out = block.ls_1(_class_attention(block.attn, h, c, attn_size, options.attention, options.backend))
+    x, h = _add_then_norm(x[:, :c], out, block.ln_2, options.backend)
+    x, normed = _block_output(x, block.ls_2(block.mlp(h)), next_norm, options.backend)
+    return ClipState(x, size[:, :c], c, None, merged or plan.r > 0, normed)
 
 
 def _class_attention(attn: nn.MultiheadAttention, h: torch.Tensor, c: int, size: Optional[torch.Tensor], impl: str,
@@ -200,6 +236,9 @@ def frame_features(visual: nn.Module, state: ClipState, videos: int) -> torch.Te
     After the joins, a clip's class tokens are its frames' class tokens in frame order, and clips of
     a video are adjacent, so flattening clips and class tokens gives the frames in order.
     """
+    normed = _normed(state, visual.ln_post)
+    if normed is not None:  # the last block applied ln_post with its residual add
+        return normed[:, :state.protected].reshape(videos, -1, state.x.shape[-1]) @ visual.proj
     cls = state.x[:, :state.protected].reshape(videos, -1, state.x.shape[-1])
     return _layer_norm(visual.ln_post, cls) @ visual.proj
 

@@ -344,9 +344,22 @@ def block_function(model: nn.Module, layer: int, state: ClipState):
     return block_forward
 
 
+def next_norm(model: nn.Module, layer: int, forward) -> Optional[nn.Module]:
+    """The LayerNorm that reads the output of layer ``layer`` (run by ``forward``) next, for the block
+    to apply with its last residual add (``ops.add_norm``), or None: the next block's ``ln_1`` unless
+    that block joins clips (its cross-clip merge reads the sum itself); after the last block,
+    ``ln_post`` when the block is trimmed to the class tokens that :func:`encoder.frame_features` reads."""
+    layers = model.tempme.schedule.layers
+    if layer + 1 < len(layers):
+        return model.visual.transformer.resblocks[layer + 1].ln_1 if layers[layer + 1].group == 1 else None
+    return model.visual.ln_post if forward is class_block_forward else None
+
+
 def run_blocks(model: nn.Module, state: ClipState) -> ClipState:
     """Every transformer block of ``model.visual`` with TempMe's schedule (each layer runs
-    :func:`block_function`'s choice: the last one trimmed to its class tokens by default)."""
+    :func:`block_function`'s choice: the last one trimmed to its class tokens by default). Each block
+    applies the LayerNorm that reads its output (:func:`next_norm`) in its last residual add, except
+    under gradient checkpointing, where a state holding it would be kept for every block."""
     visual = model.visual
     options = encoder_options(model)
     use_checkpoint = visual.transformer.grad_checkpointing and torch.is_grad_enabled()
@@ -355,5 +368,5 @@ def run_blocks(model: nn.Module, state: ClipState) -> ClipState:
         if use_checkpoint:
             state = checkpoint(forward, block, state, plan, pos, options, use_reentrant=False)
         else:
-            state = forward(block, state, plan, pos, options)
+            state = forward(block, state, plan, pos, options, next_norm(model, i, forward))
     return state

@@ -28,3 +28,13 @@ def test_norm_table_covers_every_merge_after_attention():
     assert [r.split("|")[1].split()[0] for r in rows] == [f"L{i}" for i in range(12)]
     assert ("| L0 imgme | 192 x 197 | 2 | 410.1 MB, 136.7 us | 352.6 MB, 117.5 us | 236.4 MB, 78.8 us "
             "| 39.9 us, 20.7 us, -18.0 us | 4.6 us | 84.8 us |") in text
+
+
+def test_add_norm_table_saves_one_read_per_fused_add():
+    """Every ops.add_norm of the forward (the MLP residuals not before a join, the last block's two):
+    one op saves the read of the sum that a separate LayerNorm makes."""
+    text = floors.add_norm_table("ViT-B-16", 16, "fp16", 3.0e12)
+    rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| L")]
+    assert rows == [f"L{i} mlp+ln_1" for i in (0, 1, 2, 3, 4, 5, 6, 10)] + ["L11 attn+ln_2", "L11 mlp+ln_post"]
+    assert "| L0 mlp+ln_1 | 192 x 195 | 287.5 MB, 95.8 us | 230.0 MB, 76.7 us | 19.2 us |" in text
+    assert "| forward total (10 ops) | | 2021.0 MB, 673.7 us | 1616.8 MB, 538.9 us | 134.7 us |" in text

@@ -21,13 +21,15 @@ import torch
 
 from . import attention_impl, reference
 from .attention_impl import IMPLS as ATTENTION_IMPLS
-from .checks import (FLOAT_DTYPES, assert_finite, check_attention, check_join, check_join_merge, check_merge,
-                     check_metric, check_norm, check_query_attention, check_r, check_residual, check_self_attention)
+from .checks import (FLOAT_DTYPES, assert_finite, check_add_norm, check_attention, check_join, check_join_merge,
+                     check_merge, check_metric, check_norm, check_query_attention, check_r, check_residual,
+                     check_self_attention)
 from .reference import MergePlan, max_r, split_positions, split_sizes
 
 BACKENDS = ("torch", "triton", "auto")
 
-__all__ = ["ATTENTION_IMPLS", "BACKENDS", "FLOAT_DTYPES", "MergePlan", "assert_finite", "attention", "best_match",
+__all__ = ["ATTENTION_IMPLS", "BACKENDS", "FLOAT_DTYPES", "MergePlan", "add_norm", "assert_finite", "attention",
+           "best_match",
            "join_clips", "join_merge", "join_merge_norm", "match", "max_r", "merge", "merge_norm", "query_attention",
            "resolve_backend", "self_attention", "split_positions", "split_sizes", "triton_available"]
 
@@ -151,6 +153,34 @@ def merge_norm(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, weight: tor
     if triton:
         return _triton_ops().merge_norm(x, size, plan, weight, bias, eps, residual)
     return reference.merge_norm(x, size, plan, weight, bias, eps, residual)
+
+
+def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+             backend: str = "auto", *, check_finite: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A residual add and the LayerNorm after it, one op: ``(x + residual, layer_norm(x + residual))``.
+
+    Where the model uses it: a block's output ``x + mlp(ln_2(x))`` and the next block's ``ln_1`` of
+    it (when that block joins no clips), and the trimmed last block's class tokens into its ``ln_2``
+    and into ``ln_post``.
+
+    Args:
+        x: ``[B', N, D]`` float tensor, any strides; residual: x's shape, dtype and device, any strides.
+        weight, bias: ``[D]`` float LayerNorm parameters on x's device; eps: its epsilon, ``> 0``.
+        check_finite: also refuse ``x`` or ``residual`` holding NaN or Inf (a host synchronisation).
+    Returns:
+        ``(sum, ln)``, both ``[B', N, D]`` in x's dtype: the sum as ``x + residual`` gives it, ``ln``
+        as :func:`reference.layer_norm` (float32 arithmetic, float64 for float64 ``x``, one
+        rounding). Differentiable in ``x``, ``residual``, ``weight`` and ``bias``.
+
+    The Triton backend reads ``x`` and ``residual`` once and writes both outputs, in one launch;
+    the sum is not read back by a separate LayerNorm.
+    """
+    check_add_norm(x, residual, weight, bias, eps, check_finite)
+    if resolve_backend(backend, x) == "triton":
+        from . import triton_norm
+
+        return triton_norm.add_norm(x, residual, weight, bias, eps)
+    return reference.add_norm(x, residual, weight, bias, eps)
 
 
 def join_clips(x: torch.Tensor, group: int, protected: int, frame_pos: Optional[torch.Tensor] = None,

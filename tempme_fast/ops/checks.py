@@ -191,6 +191,26 @@ def check_residual(residual: Optional[torch.Tensor], x: torch.Tensor, check_fini
         assert_finite("residual", residual)
 
 
+def check_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                   check_finite: bool) -> None:
+    """Inputs of :func:`tempme_fast.ops.add_norm`: ``x [B', N, D]`` float with at least one token and
+    one feature, ``residual`` of x's shape, dtype and device, LayerNorm parameters for ``D``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape [B', N, D] (3 dims), got {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; valid: float32, float16, bfloat16, float64")
+    if x.numel() == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)}); give B', N and D >= 1")
+    if residual is None:
+        raise TypeError(f"residual must be a torch.Tensor of x's shape {tuple(x.shape)}, got None")
+    check_residual(residual, x, check_finite)
+    check_norm(weight, bias, eps, x)
+    if check_finite:
+        assert_finite("x", x)
+
+
 def check_join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, r: int,
                      frame_pos: Optional[torch.Tensor], check_finite: bool) -> None:
     """Inputs of :func:`tempme_fast.ops.join_merge`; with ``check_finite`` also the values of ``x``."""

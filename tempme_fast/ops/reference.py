@@ -154,6 +154,14 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return F.layer_norm(x.to(work), (x.shape[-1],), weight.to(work), bias.to(work), eps).to(x.dtype)
 
 
+def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The block's residual add and the LayerNorm after it: ``(x + residual, layer_norm(x + residual))``,
+    both in ``x``'s dtype (see :func:`layer_norm`); differentiable in every tensor argument."""
+    x = x + residual
+    return x, layer_norm(x, weight, bias, eps)
+
+
 def merge_norm(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, weight: torch.Tensor, bias: torch.Tensor,
                eps: float, residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`merge` (of ``x + residual`` with a residual: the block's residual add before it),

@@ -1,0 +1,64 @@
+"""LayerNorm over whole feature rows, and the residual add before it fused with it.
+
+Twin: ``tempme_fast.ops.reference.add_norm`` (and ``reference.layer_norm``). A transformer block
+ends with ``x + mlp(ln_2(x))`` and the next block starts with ``ln_1`` of that sum: as two ops the
+sum is written, then read back by the LayerNorm. ``_add_norm_fwd_kernel`` reads ``x`` and the
+residual once and writes both the sum and its LayerNorm. ``_norm_rows`` is the LayerNorm itself,
+shared with the merge kernel's output stage (``kernels/merge.py``, ``NORM``).
+"""
+import triton
+import triton.language as tl
+
+from .tokens import _token_rows
+
+
+@triton.jit
+def _norm_rows(y, mask, offs_d, mask_d, w_ptr, b_ptr, D, EPS, ACC: tl.constexpr):
+    """LayerNorm of the rows of ``y [BLOCK_T, BLOCK_D]`` (every feature of each row, ``BLOCK_D >= D``),
+    in ``ACC``: it normalises ``y`` as given (already rounded to the stored dtype, as a LayerNorm
+    reading it back would)."""
+    yf = tl.where(mask, y.to(ACC), 0.0)
+    mean = tl.sum(yf, axis=1) / D
+    centred = tl.where(mask, yf - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + EPS)
+    w = tl.load(w_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    b = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    return centred * rstd[:, None] * w[None, :] + b[None, :]
+
+
+# The row count and the tokens per clip change from layer to layer; D and the strides keep their
+# divisibility by 16, which lets the compiler emit 128-bit loads and stores along the features.
+@triton.jit(do_not_specialize=["ROWS", "N"])
+def _add_norm_fwd_kernel(
+    x_ptr,  # [B', N, D] any strides
+    res_ptr,  # [B', N, D] any strides: added to x
+    w_ptr,  # [D] LayerNorm weight
+    b_ptr,  # [D] LayerNorm bias
+    sum_ptr,  # [B', N, D] contiguous out: x + residual, rounded to x's dtype
+    ln_ptr,  # [B', N, D] contiguous out: layer_norm(sum)
+    ROWS,  # B' * N
+    N,
+    D,
+    stride_xb,
+    stride_xn,
+    stride_xd,
+    stride_rb,
+    stride_rn,
+    stride_rd,
+    EPS,
+    ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One program per ``BLOCK_T`` tokens (of all clips, in order), each with all ``D`` features."""
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask = (offs_t < ROWS)[:, None] & mask_d[None, :]
+    clip, tok = offs_t // N, offs_t % N
+    y = _token_rows(x_ptr, res_ptr, clip, tok, offs_d, mask, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn,
+                    stride_rd, True)
+    out = (offs_t * D)[:, None] + offs_d[None, :]
+    tl.store(sum_ptr + out, y, mask=mask)
+    ln = _norm_rows(y, mask, offs_d, mask_d, w_ptr, b_ptr, D, EPS, ACC)
+    tl.store(ln_ptr + out, ln.to(ln_ptr.dtype.element_ty), mask=mask)

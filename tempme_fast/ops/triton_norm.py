@@ -1,0 +1,109 @@
+"""Triton backend of ``ops.add_norm``: the residual add and the LayerNorm after it, in one launch.
+
+A block ends with ``x + mlp(ln_2(x))`` and the next block begins with ``ln_1`` of that sum; the last
+block's class tokens go from ``x + attn`` to ``ln_2`` and from ``x + mlp`` to ``ln_post``. Two ops
+there write the sum and read it back; ``_add_norm_fwd_kernel`` (``tempme_kernels.norm``) reads
+``x`` and the residual once and writes the sum and its LayerNorm. The backward is torch: the
+LayerNorm's gradient from the saved sum (``triton_ops.layer_norm_backward``) plus the sum's own
+gradient, which is also the gradient of ``x`` and of the residual.
+
+As in :mod:`.triton_ops`: an eager call runs the launcher directly and uses the autograd function
+only where a gradient can flow; ``tempme::add_norm_fwd`` (with a fake implementation) is taken
+while ``torch.compile`` traces or a dispatch mode watches. The tile (tokens x every feature) and
+the warps come from the shape alone, so results repeat bit for bit.
+"""
+from typing import Dict, Tuple
+
+import torch
+import triton.language as tl
+
+from tempme_kernels.norm import _add_norm_fwd_kernel
+
+from . import triton_ops
+from .eager import custom_op_or, needs_grad
+from .launch import launch
+
+__all__ = ["AddNormFunction", "add_norm", "add_norm_forward"]
+
+
+def _interpreting() -> bool:
+    return triton_ops._interpreting()
+
+
+def _new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    return triton_ops._new_output(shape, dtype, device)
+
+
+def _add_norm_tiles(tokens: int, width: int, itemsize: int) -> Dict[str, int]:
+    """A program takes ``BLOCK_T`` tokens with all their features: about ``NORM_TILE_ELEMENTS`` a
+    tile on a GPU, as the merge kernel's LayerNorm stage (8 warps for 32-bit features)."""
+    block_d = triton_ops._next_power_of_2(width)
+    cap = triton_ops.INTERPRETER_BLOCK if _interpreting() else max(1, triton_ops.NORM_TILE_ELEMENTS // block_d)
+    block_t = max(1, min(triton_ops._next_power_of_2(tokens), cap))
+    return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=8 if itemsize > 2 else 4)
+
+
+def add_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x + residual, layer_norm(x + residual))``, one launch.
+
+    Args:
+        x, residual: ``[B', N, D]``, one float dtype, any strides.
+        weight, bias: ``[D]`` LayerNorm parameters, any float dtype; eps: its epsilon.
+    Returns:
+        Both ``[B', N, D]`` contiguous in x's dtype: the sum rounded as ``torch.add`` rounds it,
+        and its LayerNorm computed in float32 (float64 for float64 x) and rounded once.
+    """
+    rows, tokens, width = x.shape
+    out = _new_output((rows, tokens, width), x.dtype, x.device)
+    ln = _new_output((rows, tokens, width), x.dtype, x.device)
+    tiles = _add_norm_tiles(rows * tokens, width, x.dtype.itemsize)
+    launch(_add_norm_fwd_kernel, (triton_ops._cdiv(rows * tokens, tiles["BLOCK_T"]),),
+           x, residual, weight.contiguous(), bias.contiguous(), out, ln, rows * tokens, tokens, width,
+           x.stride(0), x.stride(1), x.stride(2), residual.stride(0), residual.stride(1), residual.stride(2),
+           float(eps), ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, **tiles)
+    return out, ln
+
+
+@torch.library.custom_op("tempme::add_norm_fwd", mutates_args=())
+def _add_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    return add_norm_forward(x, residual, weight, bias, eps)
+
+
+@_add_norm_fwd_op.register_fake
+def _(x, residual, weight, bias, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+_add_norm_fwd = custom_op_or(add_norm_forward, "add_norm_fwd")
+
+
+class AddNormFunction(torch.autograd.Function):
+    """``(x + residual, layer_norm(x + residual))``, differentiable in ``x``, ``residual``, ``weight``
+    and ``bias``; ``x`` and ``residual`` get the same gradient."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps: float):
+        out, ln = _add_norm_fwd(x, residual, weight, bias, eps)
+        ctx.save_for_backward(out, weight)
+        ctx.eps = eps
+        return out, ln
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_ln):
+        out, weight = ctx.saved_tensors
+        grad, grad_w, grad_b = grad_out, None, None
+        if grad_ln is not None:
+            grad_norm_in, grad_w, grad_b = triton_ops.layer_norm_backward(grad_ln, out, weight, ctx.eps)
+            grad = grad_norm_in if grad is None else grad + grad_norm_in
+        grad = None if grad is None else grad.to(out.dtype)
+        return grad, grad, grad_w, grad_b, None
+
+
+def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:class:`AddNormFunction` where a gradient can flow; otherwise its forward alone, without a graph node."""
+    if needs_grad(x, residual, weight, bias):
+        return AddNormFunction.apply(x, residual, weight, bias, float(eps))
+    return _add_norm_fwd(x, residual, weight, bias, float(eps))
