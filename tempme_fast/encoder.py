@@ -101,19 +101,26 @@ def _normed(state: ClipState, norm: nn.Module) -> Optional[torch.Tensor]:
     return state.normed[1] if state.normed is not None and state.normed[0] is norm else None
 
 
+def _fusable_add(x: torch.Tensor, residual: torch.Tensor) -> bool:
+    """Whether ``x + residual`` can go into a fused op, which keeps x's dtype. Not when the add would
+    promote: LayerScale's float32 scale on a 16-bit branch under autocast makes the residual float32,
+    and the add then carries the stream on in float32, as open_clip's block does."""
+    return residual.dtype == x.dtype
+
+
 def _add_then_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.Module, backend: str):
     """``(x + residual, norm(x + residual))``: one op (``ops.add_norm``) for a LayerNorm with weight
     and bias, the add and the module otherwise."""
-    if _fusable_norm(norm):
+    if _fusable_norm(norm) and _fusable_add(x, residual):
         return ops.add_norm(x, residual, norm.weight, norm.bias, norm.eps, backend=backend)
     x = x + residual
-    return x, norm(x)
+    return x, _layer_norm(norm, x)
 
 
 def _block_output(x: torch.Tensor, residual: torch.Tensor, next_norm: Optional[nn.Module], backend: str):
     """A block's last residual add, ``x + residual``, and the state's ``normed``: with a fusable
     ``next_norm`` (the LayerNorm that reads the output next) it comes from the same op."""
-    if next_norm is None or not _fusable_norm(next_norm):
+    if next_norm is None or not _fusable_norm(next_norm) or not _fusable_add(x, residual):
         return x + residual, None
     x, ln = _add_then_norm(x, residual, next_norm, backend)
     return x, (next_norm, ln)
@@ -124,11 +131,13 @@ def _merge_then_norm(x, residual, size, sources, metric, r, protected, norm: nn.
     its output: ``(x, size, sources, ln)``. A LayerNorm goes into the merge op with the add (one
     pass over the merged tokens on the Triton backend, which never writes the sum)."""
     plan = ops.match(metric, r, protected, backend=backend)
+    if not _fusable_add(x, residual):
+        x, residual = x + residual, None
     if _fusable_norm(norm):
         x, size, ln = ops.merge_norm(x, size, plan, norm.weight, norm.bias, norm.eps, backend=backend,
                                      residual=residual)
     else:
-        x, size = ops.merge(x + residual, size, plan, backend=backend)
+        x, size = ops.merge(x if residual is None else x + residual, size, plan, backend=backend)
         ln = norm(x)
     if sources is not None:
         sources = tracking.merge_sources(sources, plan)

@@ -254,3 +254,19 @@ def test_gradient_checkpointing_keeps_no_normed_state(device):
         out = model.encode_video(v)
         grads.append(torch.autograd.grad(out.square().sum(), model.visual.transformer.resblocks[0].ln_1.weight)[0])
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_layer_scale_under_autocast_keeps_the_promoting_add(backend):
+    """LayerScale's float32 scale on a bfloat16 branch (CPU autocast) makes the residual float32: the add
+    then promotes, as open_clip's block does, so it is not fused (a fused op keeps x's dtype); the
+    embedding stays that of the float32 model up to bfloat16 rounding."""
+    model = apply_tempme(tiny_clip(ls_init_value=0.5), TINY_CONFIG, backend=backend)
+    v = video(2, 4)
+    with torch.no_grad():
+        want = model.encode_video(v)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model.encode_video(v)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    cosine = torch.nn.functional.cosine_similarity(got.float(), want, dim=-1)
+    assert (cosine > 0.99).all(), cosine
