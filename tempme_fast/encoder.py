@@ -122,7 +122,7 @@ def _block_output(x: torch.Tensor, residual: torch.Tensor, next_norm: Optional[n
     ``next_norm`` (the LayerNorm that reads the output next) it comes from the same op."""
     if next_norm is None or not _fusable_norm(next_norm) or not _fusable_add(x, residual):
         return x + residual, None
-    x, ln = _add_then_norm(x, residual, next_norm, backend)
+    x, ln = ops.add_norm(x, residual, next_norm.weight, next_norm.bias, next_norm.eps, backend=backend)
     return x, (next_norm, ln)
 
 

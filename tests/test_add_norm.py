@@ -17,22 +17,10 @@ from tempme_fast.ops import triton_norm, triton_ops
 from tiny import TINY_CONFIG, tiny_clip, video
 # nan_outputs and tiling are fixtures: imported, pytest finds them in this module too.
 from test_triton_ops import DTYPES, make_tokens, nan_outputs, tiling  # noqa: F401,F811
+# The LayerNorm and gradient tolerances, and the parameters, of merge_norm's tests: the same LayerNorm.
+from test_merge_norm import GRAD_TOL, NORM_TOL, _norm_params
 
 pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("nan_outputs")]
-
-# (atol, rtol) of the LayerNorm against reference.layer_norm of the same sum: both compute in fp32 and
-# round once; the sums may associate differently (a last-place flip).
-NORM_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2),
-            torch.float64: (1e-12, 1e-12)}
-# (atol, rtol) of gradients against the reference twin run by autograd in the same dtype.
-GRAD_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (8e-2, 5e-2)}
-
-
-def _params(d, dtype, device, generator):
-    weight = (1 + 0.5 * torch.randn(d, generator=generator)).to(dtype).to(device)
-    bias = (0.5 * torch.randn(d, generator=generator)).to(dtype).to(device)
-    return weight, bias
-
 
 def _check_sum(got, x, residual, what):
     want = x + residual
@@ -61,7 +49,7 @@ def test_add_norm_matches_reference(b, n, d, dtype, layout, device):
     g = torch.Generator().manual_seed(b * n + d)
     x = make_tokens(b, n, d, dtype, layout, device, g)
     residual = make_tokens(b, n, d, dtype, "contiguous" if layout != "contiguous" else "transposed", device, g)
-    weight, bias = _params(d, dtype, device, g)
+    weight, bias = _norm_params(d, dtype, device, g)
     out, ln = ops.add_norm(x, residual, weight, bias, 1e-5, backend="triton")
     assert out.dtype == ln.dtype == dtype and out.shape == ln.shape == (b, n, d)
     assert out.is_contiguous() and ln.is_contiguous()
@@ -80,7 +68,7 @@ def test_add_norm_many_programs(tiling, device):
     g = torch.Generator().manual_seed(2)
     x = make_tokens(3, 29, 200, torch.float32, "transposed", device, g)
     residual = make_tokens(3, 29, 200, torch.float32, "sliced", device, g)
-    weight, bias = _params(200, torch.float32, device, g)
+    weight, bias = _norm_params(200, torch.float32, device, g)
     out, ln = triton_norm.add_norm(x, residual, weight, bias, 1e-6)
     assert torch.equal(out, x + residual)
     torch.testing.assert_close(ln.cpu(), ref.layer_norm(out.cpu(), weight.cpu(), bias.cpu(), 1e-6), atol=2e-5,
@@ -104,7 +92,7 @@ def test_add_norm_gradients_match_reference(dtype, device):
     b, n, d = 2, 13, 64
     g = torch.Generator().manual_seed(11)
     tensors = [make_tokens(b, n, d, dtype, "contiguous", "cpu", g), make_tokens(b, n, d, dtype, "contiguous", "cpu", g),
-               *_params(d, dtype, "cpu", g)]
+               *_norm_params(d, dtype, "cpu", g)]
     upstream = [torch.randn(b, n, d, generator=g).to(dtype) for _ in range(2)]
     grads = {}
     for backend, dev in (("triton", device), ("torch", "cpu")):
@@ -137,7 +125,7 @@ def test_add_norm_compiles_in_one_graph(device):
     """The custom op passes opcheck, and add_norm traces in one graph with eager's values and gradients."""
     g = torch.Generator().manual_seed(4)
     x, residual = (make_tokens(2, 9, 16, torch.float32, "contiguous", device, g) for _ in range(2))
-    weight, bias = _params(16, torch.float32, device, g)
+    weight, bias = _norm_params(16, torch.float32, device, g)
     torch.library.opcheck(torch.ops.tempme.add_norm_fwd, (x, residual, weight, bias, 1e-5))
 
     def tail(x, residual, weight, bias):

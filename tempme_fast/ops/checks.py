@@ -27,13 +27,18 @@ def check_int(name: str, value, low: int, high: Optional[int] = None, what: str 
         raise ValueError(f"{name}={value} must be {'in ' if high is not None else ''}{valid}{what}")
 
 
-def check_tokens(name: str, t: torch.Tensor, protected: int) -> None:
+def _check_float_3d(name: str, t: torch.Tensor, shape: str) -> None:
+    """``t`` a float tensor of 3 dims, named ``shape`` in the message (``"[B', N, C]"``)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 3:
-        raise ValueError(f"{name} must have shape [B', N, C] (3 dims), got {tuple(t.shape)}")
+        raise ValueError(f"{name} must have shape {shape} (3 dims), got {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; valid: float32, float16, bfloat16, float64")
+
+
+def check_tokens(name: str, t: torch.Tensor, protected: int) -> None:
+    _check_float_3d(name, t, "[B', N, C]")
     if t.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch (shape {tuple(t.shape)}); give at least one clip")
     if t.shape[2] == 0:
@@ -195,12 +200,7 @@ def check_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
                    check_finite: bool) -> None:
     """Inputs of :func:`tempme_fast.ops.add_norm`: ``x [B', N, D]`` float with at least one token and
     one feature, ``residual`` of x's shape, dtype and device, LayerNorm parameters for ``D``."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3:
-        raise ValueError(f"x must have shape [B', N, D] (3 dims), got {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x has dtype {x.dtype}; valid: float32, float16, bfloat16, float64")
+    _check_float_3d("x", x, "[B', N, D]")
     if x.numel() == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)}); give B', N and D >= 1")
     if residual is None:
