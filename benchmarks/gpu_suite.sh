@@ -26,7 +26,8 @@ while [ $# -gt 0 ]; do
         --budget) budget=${2:?--budget needs seconds}; shift 2 ;;
         --archive) archive=${2:?--archive needs a path}; shift 2 ;;
         --wheels) wheels=${2:?--wheels needs a folder}; shift 2 ;;
-        --only|--skip) extra+=("$1"); shift; while [ $# -gt 1 ] && [[ $1 != --* ]]; do extra+=("$1"); shift; done ;;
+        # Stage names are lower-case words: a path (OUTDIR, the wheels) after them is not taken for one.
+        --only|--skip) extra+=("$1"); shift; while [ $# -gt 0 ] && [[ $1 =~ ^[a-z_]+$ ]]; do extra+=("$1"); shift; done ;;
         --list) extra+=("$1"); shift ;;
         --*) extra+=("$1" "${2:?$1 needs a value}"); shift 2 ;;
         *) if [ -z "$out" ]; then out=$1; else wheels=$1; fi; shift ;;

@@ -49,6 +49,9 @@ STOP_GRACE_S = 10  # between SIGTERM and SIGKILL of a stage that ran out of time
 DEFAULT_BUDGET_S = 420
 # The CUDA test that benchmarks.warm compiles what the real launches look up (run with the CUDA tests).
 WARM_TEST = "tests/test_warm.py::test_after_warming_the_real_launches_compile_nothing"
+# Processes per test stage on a GPU machine (16 cores): a test's time there is mostly compiling its
+# Triton variants, which takes one core (benchmarks.shards).
+TEST_SHARDS = 4
 
 
 @dataclass
@@ -74,8 +77,10 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         return [python, "-m", f"benchmarks.{script}", "--device", device, "--jsonl", rows, "--tag", tag, *args]
 
     def pytest(*files):
-        return [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "benchmarks.testlog",
-                "--results-jsonl", tests, *files]
+        args = ["-q", "-p", "no:cacheprovider", "-p", "benchmarks.testlog", "--results-jsonl", tests, *files]
+        if gpu:  # compiling a test's kernels takes one core: TEST_SHARDS processes share the tests
+            return [python, "-m", "benchmarks.shards", str(TEST_SHARDS), "--", *args]
+        return [python, "-m", "pytest", *args]
 
     headline_variants = ["open_clip", "open_clip+graph", "tempme-eager", "tempme-torch", "tempme-triton",
                          "tempme-triton+graph"]

@@ -40,6 +40,12 @@ def one_thread():
 
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    # Tests marked ``interpreter`` run Triton kernels on CPU tensors: on a GPU machine they need
+    # TRITON_INTERPRET=1 set before the run (the CPU test machines set it above).
+    skip_interpreter = pytest.mark.skip(reason="runs Triton on CPU tensors: needs TRITON_INTERPRET=1")
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+        if "interpreter" in item.keywords and not interpreting:
+            item.add_marker(skip_interpreter)

@@ -188,7 +188,8 @@ def _unfused_forward(model, v):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_encoder_with_add_norm_equals_its_unfused_blocks(backend, device):
     """Fused (the default) against the blocks run without ``next_norm``: in float32 the torch backend is
-    the same arithmetic (bit for bit), the Triton one the same up to rounding."""
+    the same arithmetic (bit for bit on the CPU; on CUDA the library may pick another LayerNorm or matmul
+    kernel for another layout, which rounds differently), the Triton one the same up to rounding."""
     model = apply_tempme(tiny_clip(), TINY_CONFIG, backend=backend).to(device)
     v = video(2, 4).to(device)
     with torch.no_grad():
@@ -196,7 +197,7 @@ def test_encoder_with_add_norm_equals_its_unfused_blocks(backend, device):
         assert state.normed is not None and state.normed[0] is model.visual.ln_post
         fused = frame_features(model.visual, state, 2)
         unfused = _unfused_forward(model, v)
-    if backend == "torch":
+    if backend == "torch" and device == "cpu":
         assert torch.equal(fused, unfused)
     else:
         torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-5)
@@ -245,15 +246,15 @@ def test_gradient_checkpointing_keeps_no_normed_state(device):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_layer_scale_under_autocast_keeps_the_promoting_add(backend):
-    """LayerScale's float32 scale on a bfloat16 branch (CPU autocast) makes the residual float32: the add
+def test_layer_scale_under_autocast_keeps_the_promoting_add(backend, device):
+    """LayerScale's float32 scale on a bfloat16 branch (autocast) makes the residual float32: the add
     then promotes, as open_clip's block does, so it is not fused (a fused op keeps x's dtype); the
     embedding stays that of the float32 model up to bfloat16 rounding."""
-    model = apply_tempme(tiny_clip(ls_init_value=0.5), TINY_CONFIG, backend=backend)
-    v = video(2, 4)
+    model = apply_tempme(tiny_clip(ls_init_value=0.5), TINY_CONFIG, backend=backend).to(device)
+    v = video(2, 4).to(device)
     with torch.no_grad():
         want = model.encode_video(v)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             got = model.encode_video(v)
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
     cosine = torch.nn.functional.cosine_similarity(got.float(), want, dim=-1)

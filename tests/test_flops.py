@@ -62,6 +62,7 @@ def test_sdpa_on_cpu_is_counted():
     assert counter.get_total_flops() == 4 * 2 * 3 * 10 * 10 * 8
 
 
+@pytest.mark.interpreter
 def test_triton_attention_is_counted_as_sdpa():
     """The Triton attention ops count the FLOPs of the SDPA path they replace, forward and backward."""
     torch.manual_seed(0)

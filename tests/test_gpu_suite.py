@@ -224,6 +224,24 @@ def test_gpu_suite_sh_runs_a_stage_and_archives(tmp_path):
     assert "[setup] open_clip" in files["out/suite.log"]
 
 
+@pytest.mark.parametrize("order", ["out-first", "out-last", "wheels-after-out"])
+def test_gpu_suite_sh_takes_stage_names_only_after_only(tmp_path, order):
+    """--only and --skip take the lower-case words after them, never OUTDIR or the wheels folder: OUTDIR
+    after --only once became a stage name, and a last stage name the wheels folder."""
+    out, wheels = str(tmp_path / "out"), str(tmp_path / "wheels")
+    only = ["--only", "preflight", "plots"]
+    argv = {"out-first": [out, *only], "out-last": [*only, out],
+            "wheels-after-out": [*only, out, wheels]}[order]
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_suite.sh"), "--device", "cpu", "--list",
+                           *argv], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    words = [line.split() for line in done.stdout.splitlines()]
+    listed = [w[0] for w in words if w[1:2] == ["cap"] and w[0] != "stage"]  # not the plan's header
+    assert listed == ["preflight", "plots"]
+    assert os.path.isdir(out)
+
+
 def test_gpu_suite_sh_refuses_a_bad_budget(tmp_path):
     done = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_suite.sh"), "--budget", "-5",
                            str(tmp_path / "o")], capture_output=True, text=True, timeout=30)

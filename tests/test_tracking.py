@@ -94,6 +94,7 @@ def test_identity_blocks_make_every_token_the_mean_of_its_sources():
     torch.testing.assert_close(state.x.reshape(2, -1, 64), sums / counts, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.interpreter
 def test_both_backends_track_the_same_sources():
     model = apply_tempme(tiny_clip().double(), TINY_CONFIG, backend="torch")
     v = video(1, 4, seed=7).double()
@@ -106,6 +107,7 @@ def test_both_backends_track_the_same_sources():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("n, c, r, group", [(9, 1, 3, 1), (10, 2, 4, 1), (7, 0, 3, 1), (6, 1, 3, 2), (5, 2, 2, 3)],
                          ids=lambda v: str(v))
+@pytest.mark.interpreter
 def test_merge_and_join_follow_the_ops_on_one_hot_rows(n, c, r, group, backend):
     """Carry the identity matrix through ``ops.join_clips`` and ``ops.merge``: merged one-hot rows times
     the merged size are the 0/1 source matrix that ``join_sources``/``merge_sources`` describe."""

@@ -237,6 +237,7 @@ def test_op_value_checks_on_request(backend):
     _raises(ValueError, "size holds 1 value(s) <= 0", lambda: ops.merge(X, size, plan, backend=backend, check_finite=True))
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("layout", ["transposed", "channel-stride-3", "expanded-batch"])
 def test_non_contiguous_ops_give_the_contiguous_answer(backend, layout):

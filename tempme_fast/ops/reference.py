@@ -63,6 +63,14 @@ def split_positions(tokens: int, protected: int, device=None) -> Tuple[torch.Ten
             torch.arange(b_start, tokens, 2, device=device))
 
 
+def split_slices(protected: int) -> Tuple[slice, slice]:
+    """Sets A and B as slices of the token axis: ``x[:, a]`` is ``x[:, split_positions(...)[0]]`` as a
+    strided view (no gather, and direct indexing for a compiler: torch.compile's inductor (torch 2.11,
+    CUDA) failed on the wrapped gather indices that the index tensors give inside a concatenation)."""
+    a_start, b_start = split_starts(protected)
+    return slice(a_start, None, 2), slice(b_start, None, 2)
+
+
 def max_r(tokens: int, protected: int) -> int:
     """The most tokens one merge may remove: half of the unprotected tokens."""
     return (tokens - protected) // 2
@@ -83,12 +91,12 @@ def best_match(metric: torch.Tensor, protected: int) -> Tuple[torch.Tensor, torc
         ``scores [B', Na]`` (float32, or float64 for float64 input) and ``dst [B', Na]`` int64;
         on ties the lowest B index wins.
     """
-    a_pos, b_pos = split_positions(metric.shape[1], protected, metric.device)
+    a_set, b_set = split_slices(protected)
     metric = metric.to(accumulation_dtype(metric.dtype))
     # Dividing by max(norm, tiny) equals plain division for every non-zero vector and keeps an
     # all-zero metric row finite (score 0) instead of NaN.
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
-    scores = metric[:, a_pos] @ metric[:, b_pos].transpose(1, 2)
+    scores = metric[:, a_set] @ metric[:, b_set].transpose(1, 2)
     best, dst = scores.max(dim=-1)  # torch.max returns the first maximal index on ties
     return best, dst
 
@@ -123,11 +131,11 @@ def merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> Tuple[torch.T
     squeeze = size.dim() == 2
     size3 = size.unsqueeze(-1) if squeeze else size
     c, d = plan.protected, x.shape[-1]
-    a_pos, b_pos = split_positions(plan.tokens, c, x.device)
+    a_set, b_set = split_slices(c)
     work = accumulation_dtype(x.dtype)
     xw, sw = x.to(work), size3.to(work)
-    xa, xb = xw[:, a_pos], xw[:, b_pos]
-    sa, sb = sw[:, a_pos], sw[:, b_pos]
+    xa, xb = xw[:, a_set], xw[:, b_set]
+    sa, sb = sw[:, a_set], sw[:, b_set]
 
     def take(t, idx):
         return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
