@@ -16,6 +16,7 @@ the eager times, and ``host_bound`` marks a row whose eager time is well above i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ import torch
 
 from tempme_fast import TempMeConfig, ops, token_schedule
 from tempme_fast.loading import DTYPES
+from tempme_fast.ops import triton_attention
 from tempme_fast.schedule import LayerPlan
 
 from .common import VIT_GEOMETRY, environment, failure, measure_ms, print_table
@@ -84,15 +86,48 @@ def make_inputs(s: AttentionShape, dtype: torch.dtype, device: torch.device, see
     return qkv, size, grad
 
 
+def parse_tiles(spec: str) -> Tuple[int, int, int, int]:
+    """``"BMxBNxWxS"`` (query tile, key tile, warps, stages) as four ints; a ValueError naming the option."""
+    parts = spec.split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--fwd-tiles {spec!r}: give BMxBNxWxS, four positive whole numbers, e.g. 128x64x8x3")
+    block_m, block_n, warps, stages = (int(p) for p in parts)
+    for name, value in (("BM", block_m), ("BN", block_n), ("W", warps)):
+        if value & (value - 1):
+            raise ValueError(f"--fwd-tiles {spec!r}: {name}={value} must be a power of two")
+    return block_m, block_n, warps, stages
+
+
+@contextlib.contextmanager
+def forward_tiles(spec: Optional[str]):
+    """The Triton attention forward with the tiles, warps and stages of ``spec`` (None: the library's)."""
+    if spec is None:
+        yield
+        return
+    block_m, block_n, warps, stages = parse_tiles(spec)
+    blocks, options = dict(triton_attention.GPU_FWD_BLOCKS), triton_attention._launch_options
+    triton_attention.GPU_FWD_BLOCKS.update({d: (block_m, block_n) for d in blocks})
+    triton_attention._launch_options = lambda block_d, fp32: (
+        {} if triton_attention._interpreting() else {"num_warps": warps, "num_stages": stages})
+    try:
+        yield
+    finally:
+        triton_attention.GPU_FWD_BLOCKS.update(blocks)
+        triton_attention._launch_options = options
+
+
 def attention_fn(impl: str, mode: str, qkv: torch.Tensor, size: torch.Tensor, grad: torch.Tensor):
-    """A zero-argument callable running ``impl`` once (``mode`` ``fwd`` or ``fwdbwd``)."""
+    """A zero-argument callable running ``impl`` once (``mode`` ``fwd`` or ``fwdbwd``). ``triton:SPEC``
+    is the Triton kernel with the forward tiles of ``SPEC`` (:func:`forward_tiles`)."""
+    impl, _, tiles = impl.partition(":")
     backend = "triton" if impl == "triton" else "torch"
     name, bias = ("sdpa", None) if impl == "sdpa-nobias" else (impl, size)
     leaf = qkv.detach().requires_grad_(mode == "fwdbwd")
 
     def run():
         q, k, v = leaf.permute(2, 0, 3, 1, 4).unbind(0)
-        out = ops.attention(q, k, v, bias, impl=name, backend=backend)
+        with forward_tiles(tiles or None):
+            out = ops.attention(q, k, v, bias, impl=name, backend=backend)
         if mode == "fwdbwd":
             torch.autograd.grad(out, leaf, grad)
         return out
@@ -157,7 +192,18 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--rep-ms", type=float, default=100)
     parser.add_argument("--jsonl", default=None, help="append one JSON line per row to this file")
+    parser.add_argument("--fwd-tiles", nargs="+", default=None, metavar="BMxBNxWxS",
+                        help="time the Triton forward with these query and key tiles, warps and stages (rows "
+                             "'triton:SPEC'), beside SDPA with the mask and without a bias; forward only")
     args = parser.parse_args(argv)
+    impls, modes = args.impls or None, args.modes
+    if args.fwd_tiles:
+        try:
+            for spec in args.fwd_tiles:
+                parse_tiles(spec)
+        except ValueError as e:
+            parser.error(str(e))
+        impls, modes = ["sdpa", "sdpa-nobias", *(f"triton:{spec}" for spec in args.fwd_tiles)], ["fwd"]
     device = torch.device(args.device)
     env = environment(device)
     out = open(args.jsonl, "a") if args.jsonl else None
@@ -167,8 +213,8 @@ def main(argv=None) -> int:
         out.flush()
         os.fsync(out.fileno())
     try:
-        rows = run(device, args.models, args.batches, args.dtypes, args.impls or available_impls(device),
-                   args.modes, args.rep_ms, sink if out else None)
+        rows = run(device, args.models, args.batches, args.dtypes, impls or available_impls(device),
+                   modes, args.rep_ms, sink if out else None)
     finally:
         if out:
             out.close()

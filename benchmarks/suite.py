@@ -52,6 +52,10 @@ WARM_TEST = "tests/test_warm.py::test_after_warming_the_real_launches_compile_no
 # Processes per test stage on a GPU machine (16 cores): a test's time there is mostly compiling its
 # Triton variants, which takes one core (benchmarks.shards).
 TEST_SHARDS = 4
+# Forward tiles of the Triton attention timed by the attention_tiles stage (query tile x key tile x warps
+# x stages); the first is the library's.
+ATTENTION_TILES = ["64x64x4x2", "64x64x4x3", "64x128x4x2", "64x32x4x2", "128x64x4x2", "128x64x8x2", "128x64x8x3",
+                   "128x128x8x2"]
 
 
 @dataclass
@@ -117,6 +121,11 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         Stage("cuda_tests", pytest("tests/test_triton_cuda.py", "tests/test_cuda_determinism.py",
                                    "tests/test_add_norm.py", WARM_TEST), 130, expect=90),
         Stage("kernel_tests", pytest("tests/test_triton_ops.py"), 170, expect=135),
+        # The Triton attention forward took 2.2-2.3x flash attention's time on the H200 at its library
+        # tiles (64 x 64, 4 warps, 2 stages, chosen without a GPU): these candidates at the real shapes.
+        Stage("attention_tiles", [python, "-m", "benchmarks.bench_attention", "--device", device, "--jsonl", rows,
+                                  "--models", "ViT-B-16", "--batches", "16", "--dtypes", dtype, "--rep-ms", "25",
+                                  "--fwd-tiles", *ATTENTION_TILES], 90, expect=50),
         # Sweeps. The compiled reference, compiled afresh per shape, at the headline shapes.
         Stage("ops_batches", bench("bench_ops", "batches", "--models", "ViT-B-32", "ViT-B-16",
                                    "--batches", "1", "8", "128", "--dtypes", dtype,

@@ -394,6 +394,35 @@ def test_bench_attention_writes_json_lines(tmp_path, capsys):
     assert "fold" in capsys.readouterr().out
 
 
+def test_bench_attention_sweeps_forward_tiles(tmp_path):
+    """--fwd-tiles times the Triton forward per tile spec (rows ``triton:SPEC``) beside SDPA with the mask
+    and without a bias; the library's tiles and launch options are back afterwards."""
+    import json
+
+    from benchmarks import bench_attention
+    from tempme_fast.ops import triton_attention
+
+    blocks, options = dict(triton_attention.GPU_FWD_BLOCKS), triton_attention._launch_options
+    out = tmp_path / "tiles.jsonl"
+    assert bench_attention.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
+                                 "--fwd-tiles", "128x64x8x3", "--rep-ms", "1", "--jsonl", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["impl"] for r in rows} == {"sdpa", "sdpa-nobias", "triton:128x64x8x3"}
+    assert {r["mode"] for r in rows} == {"fwd"} and all(r["ms"] > 0 for r in rows)
+    assert triton_attention.GPU_FWD_BLOCKS == blocks and triton_attention._launch_options is options
+    with bench_attention.forward_tiles("128x32x8x3"):
+        assert set(triton_attention.GPU_FWD_BLOCKS.values()) == {(128, 32)}
+    assert triton_attention.GPU_FWD_BLOCKS == blocks
+
+
+@pytest.mark.parametrize("spec", ["128x64x8", "128x64x8x0", "96x64x8x2", "axbxcxd"])
+def test_bench_attention_refuses_bad_tiles(spec):
+    from benchmarks import bench_attention
+
+    with pytest.raises(ValueError, match="--fwd-tiles"):
+        bench_attention.parse_tiles(spec)
+
+
 def test_attention_floors_bias_vector_moves_what_plain_attention_moves():
     from benchmarks.floors import attention_bytes, attention_table
 
