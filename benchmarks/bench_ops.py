@@ -15,17 +15,23 @@ device time. On a CPU the wall time is the device time and those columns are abs
 
     python -m benchmarks.bench_ops --out bench-out                      # GPU sweep
     python -m benchmarks.bench_ops --device cpu --models ViT-B-32 --batches 1 --dtypes fp32  # CPU
+
+``--tiles SPEC...`` adds rows ``triton:SPEC``: the Triton ops with other tiles than the library's table
+(``merge:BTxBDxW``: the merge forward's token tile, feature slice and warps; ``match:BAxBBxBCxW-P``: the
+match's A, B and channel tiles, warps and products, ``P`` one of ``native`` (16-bit tl.dot), ``ieee``
+(float32 FMA), ``tf32x3``), to choose that table from measurements.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from tempme_fast import ops
 from tempme_fast.loading import DTYPES
-from tempme_fast.ops import reference
+from tempme_fast.ops import reference, triton_ops
 
 from .common import Compiled, MergeShape, RowLog, add_row_log_arguments, copy_bandwidth_gbs, environment, \
     failure, measure_ms, merge_shapes, print_table, write_results
@@ -34,6 +40,49 @@ from .devicetime import basis_ms, device_columns, host_columns, speedups
 OPS = ("best_match", "match", "merge_fwd", "merge_bwd", "step_fwd", "step_norm_fwd", "step_fwdbwd")
 # LayerNorm epsilon of the step_norm_fwd rows (open_clip's).
 NORM_EPS = 1e-5
+DOT_MODES = {"native": 0, "ieee": 1, "tf32x3": 3}  # the match kernel's DOT_MODE per product kind
+
+
+def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
+    """``"merge:BTxBDxW"`` or ``"match:BAxBBxBCxW-P"`` as (op, launch parameters); a ValueError naming
+    ``--tiles`` otherwise."""
+    kind, _, rest = spec.partition(":")
+    sizes, _, product = rest.partition("-")
+    parts = sizes.split("x")
+    fail = f"--tiles {spec!r}: give merge:BTxBDxW or match:BAxBBxBCxW-P (P: {', '.join(DOT_MODES)})"
+    if kind == "merge" and len(parts) == 3 and not product and all(p.isdigit() for p in parts):
+        values = dict(zip(("BLOCK_T", "BLOCK_D", "num_warps"), map(int, parts)))
+    elif kind == "match" and len(parts) == 4 and all(p.isdigit() for p in parts) and product in DOT_MODES:
+        values = dict(zip(("BLOCK_A", "BLOCK_B", "BLOCK_C", "num_warps"), map(int, parts)))
+        values["DOT_MODE"] = DOT_MODES[product]
+    else:
+        raise ValueError(fail)
+    for name, value in values.items():
+        if name != "DOT_MODE" and (value < 1 or value & (value - 1)):
+            raise ValueError(f"--tiles {spec!r}: {name}={value} must be a power of two")
+    return kind, values
+
+
+@contextlib.contextmanager
+def op_tiles(spec: Optional[str]):
+    """The Triton ops with the tiles of ``spec`` (:func:`parse_tiles`; None: the library's table)."""
+    if spec is None:
+        yield
+        return
+    kind, values = parse_tiles(spec)
+    name = "_merge_fwd_tiles" if kind == "merge" else "_match_tiles"
+    original = getattr(triton_ops, name)
+    if kind == "merge":
+        def tiles(rows, tokens, width, itemsize):
+            return dict(values)
+    else:
+        def tiles(rows, na, nb, channels, dtype):
+            return dict(values, **triton_ops._match_split(rows, na, nb, values["BLOCK_A"], values["BLOCK_B"]))
+    setattr(triton_ops, name, tiles)
+    try:
+        yield
+    finally:
+        setattr(triton_ops, name, original)
 
 
 def op_bytes(op: str, s: MergeShape, elt: int) -> int:
@@ -73,6 +122,15 @@ def op_fn(op: str, impl: str, s: MergeShape, metric, x, size, compile_backend: s
     ``compiled``, made by an earlier call for the same shape and op, is given: time it before the next
     fresh one resets the compile cache), whose graph count goes in the row.
     """
+    if impl.startswith("triton:"):
+        spec = impl.split(":", 1)[1]
+        with op_tiles(spec):  # the plan that op_fn makes ahead of a merge too
+            fn, _ = op_fn(op, "triton", s, metric, x, size, compile_backend)
+
+        def tiled():
+            with op_tiles(spec):
+                return fn()
+        return tiled, None
     backend = "triton" if impl == "triton" else "torch"
     if op == "step_norm_fwd":
         return step_norm_fn(backend, impl, s, metric, x, size, compile_backend, compiled)
@@ -221,10 +279,19 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
     parser.add_argument("--rep-ms", type=float, default=100)
     parser.add_argument("--out", default=None, help="folder for bench_ops.json / .csv, written at the end")
+    parser.add_argument("--tiles", nargs="+", default=[], metavar="SPEC",
+                        help="also time the Triton ops with these tiles (rows 'triton:SPEC'): merge:BTxBDxW or "
+                             "match:BAxBBxBCxW-P, P one of " + ", ".join(DOT_MODES))
     add_row_log_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    try:
+        for spec in args.tiles:
+            parse_tiles(spec)
+    except ValueError as e:
+        parser.error(str(e))
     impls = args.impls or (["torch", "triton", "torch.compile"] if device.type == "cuda" else ["torch"])
+    impls = [*impls, *(f"triton:{spec}" for spec in args.tiles)]
     env = environment(device)
     rows = run(device, args.models, args.batches, args.dtypes, impls, args.ops, args.compile_at or None, args.rep_ms,
                RowLog(args.jsonl, "bench_ops", env, args.tag), args.compile_backend)

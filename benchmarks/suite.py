@@ -54,8 +54,18 @@ WARM_TEST = "tests/test_warm.py::test_after_warming_the_real_launches_compile_no
 TEST_SHARDS = 4
 # Forward tiles of the Triton attention timed by the attention_tiles stage (query tile x key tile x warps
 # x stages); the first is the library's.
+# Merge forward (token tile x feature slice x warps; the first is the library's at most 32-video shapes)
+# and float32 match (A x B x channel tiles x warps - products; the first is the library's, the second its
+# float32-product tiles before, timed in the H200's second run) candidates.
+MERGE_TILES = ["merge:32x256x8", "merge:32x128x8", "merge:32x128x4", "merge:16x256x4", "merge:16x128x4",
+               "merge:8x256x4", "merge:64x128x8", "merge:4x1024x4"]
+MATCH_TILES = ["match:64x32x16x4-tf32x3", "match:64x32x16x4-ieee", "match:64x64x16x8-ieee", "match:64x32x64x4-ieee",
+               "match:64x64x32x8-tf32x3", "match:64x64x64x8-tf32x3"]
 ATTENTION_TILES = ["64x64x4x2", "64x64x4x3", "64x128x4x2", "64x32x4x2", "128x64x4x2", "128x64x8x2", "128x64x8x3",
                    "128x128x8x2"]
+# Where each sweep runs (model, batch, dtype) and its candidates; benchmarks.warm compiles them ahead.
+TILE_SWEEPS = {"attention": ("ViT-B-16", 16, "fp16", ATTENTION_TILES), "merge": ("ViT-B-16", 32, "fp16", MERGE_TILES),
+               "match": ("ViT-B-16", 32, "fp32", MATCH_TILES)}
 
 
 @dataclass
@@ -85,6 +95,10 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         if gpu:  # compiling a test's kernels takes one core: TEST_SHARDS processes share the tests
             return [python, "-m", "benchmarks.shards", str(TEST_SHARDS), "--", *args]
         return [python, "-m", "pytest", *args]
+
+    def sweep(kind):  # --models, --batches and --dtypes of a tile sweep
+        model, batch, sweep_dtype, _ = TILE_SWEEPS[kind]
+        return ["--models", model, "--batches", str(batch), "--dtypes", sweep_dtype]
 
     headline_variants = ["open_clip", "open_clip+graph", "tempme-eager", "tempme-torch", "tempme-triton",
                          "tempme-triton+graph"]
@@ -122,10 +136,16 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
                                    "tests/test_add_norm.py", WARM_TEST), 130, expect=90),
         Stage("kernel_tests", pytest("tests/test_triton_ops.py"), 170, expect=135),
         # The Triton attention forward took 2.2-2.3x flash attention's time on the H200 at its library
-        # tiles (64 x 64, 4 warps, 2 stages, chosen without a GPU): these candidates at the real shapes.
-        Stage("attention_tiles", [python, "-m", "benchmarks.bench_attention", "--device", device, "--jsonl", rows,
-                                  "--models", "ViT-B-16", "--batches", "16", "--dtypes", dtype, "--rep-ms", "25",
-                                  "--fwd-tiles", *ATTENTION_TILES], 90, expect=50),
+        # tiles (64 x 64, 4 warps, 2 stages, chosen without a GPU); the merge forward reached 0.15-0.40 of
+        # the copy bandwidth, and the float32 match 0.28x-1.23x the reference: candidates at the real shapes.
+        *([Stage("attention_tiles", [python, "-m", "benchmarks.bench_attention", "--device", device, "--jsonl", rows,
+                                     *sweep("attention"), "--rep-ms", "25", "--fwd-tiles", *ATTENTION_TILES],
+                 90, expect=50),
+           Stage("merge_tiles", bench("bench_ops", "merge_tiles", *sweep("merge"), "--impls", "triton",
+                                      "--ops", "merge_fwd", "--tiles", *MERGE_TILES, "--rep-ms", "25"), 90, expect=60),
+           Stage("match_tiles", bench("bench_ops", "match_tiles", *sweep("match"), "--impls", *fast,
+                                      "--ops", "best_match", "--tiles", *MATCH_TILES, "--rep-ms", "25"), 90, expect=60)]
+          if gpu else []),  # Triton's tiles: nothing to sweep in the interpreter
         # Sweeps. The compiled reference, compiled afresh per shape, at the headline shapes.
         Stage("ops_batches", bench("bench_ops", "batches", "--models", "ViT-B-32", "ViT-B-16",
                                    "--batches", "1", "8", "128", "--dtypes", dtype,

@@ -18,7 +18,9 @@ Recorded:
 - ``ops``: what ``benchmarks.bench_ops`` calls on top of that (best match alone, the merge without
   a LayerNorm and its backward, at its shapes);
 - ``attention``: ``benchmarks.bench_attention``'s Triton calls (``[B', H, N, d]`` views, forward,
-  and forward with backward).
+  and forward with backward);
+- ``tiles``: the GPU suite's tile sweeps (``benchmarks.suite.TILE_SWEEPS``): the attention forward, the
+  merge forward and the match with each candidate's tiles, at the one model, batch and dtype of each sweep.
 
 Variants are compiled in the order given (dtypes, then models, then batches), so a run stopped
 early has compiled the first ones. A variant that fails to compile is counted and left to fail
@@ -40,7 +42,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, Optional, Sequence
 
-SETS = ("model", "ops", "attention")
+SETS = ("model", "ops", "attention", "tiles")
 
 
 def record_launches(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[str],
@@ -74,7 +76,47 @@ def record_launches(models: Sequence[str], batches: Sequence[int], dtypes: Seque
                     if "attention" in sets:
                         for shape in attention_shapes(model, batch):
                             _bench_attention_calls(shape, dtype)
+                    if "tiles" in sets:
+                        _tile_sweep_calls(model, batch, name)
     return merges.launches
+
+
+def _tile_sweep_calls(model: str, batch: int, dtype_name: str) -> None:
+    """The suite's tile sweeps that run at (model, batch, dtype): each candidate's Triton calls."""
+    import torch
+
+    from tempme_fast.loading import DTYPES
+    from tempme_fast.ops import triton_attention, triton_ops
+
+    from .bench_attention import attention_shapes, forward_tiles
+    from .bench_ops import op_tiles
+    from .common import merge_shapes
+    from .suite import TILE_SWEEPS
+
+    dtype = DTYPES[dtype_name]
+    for kind, (at_model, at_batch, at_dtype, specs) in TILE_SWEEPS.items():
+        if (at_model, at_batch, at_dtype) != (model, batch, dtype_name):
+            continue
+        if kind == "attention":
+            for s in attention_shapes(model, batch):
+                size = torch.empty(s.rows, s.tokens, 1, dtype=torch.float32, device="meta")
+                q, k, v = torch.empty(s.rows, s.tokens, 3, s.heads, s.head_dim, dtype=dtype,
+                                      device="meta").permute(2, 0, 3, 1, 4).unbind(0)
+                for spec in specs:
+                    with forward_tiles(spec):
+                        triton_attention.sized_attention(q, k, v, size)
+            continue
+        for s in merge_shapes(model, batch):
+            metric = torch.empty(s.rows, s.tokens, s.channels, dtype=dtype, device="meta")
+            x = torch.empty(s.rows, s.tokens, s.width, dtype=dtype, device="meta")
+            size = torch.empty(s.rows, s.tokens, 1, dtype=torch.float32, device="meta")
+            merged, dst, kept = triton_ops.match_forward(metric, s.r, s.protected)
+            for spec in specs:
+                with op_tiles(spec):
+                    if kind == "merge":
+                        triton_ops.merge_forward(x, size, merged, dst, kept, s.protected)
+                    else:
+                        triton_ops.best_match_forward(metric, s.protected)
 
 
 def _bench_ops_calls(s, dtype) -> None:

@@ -30,6 +30,10 @@ def _dot_tile(a, b, DOT_MODE: tl.constexpr, ACC: tl.constexpr):
         return tl.dot(a, tl.trans(b))
     elif DOT_MODE == 1:
         return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+    elif DOT_MODE == 3:
+        # Three TF32 products (the operands split into high and low parts) on the tensor cores: close
+        # to float32 products; a candidate for float32 metrics (benchmarks.bench_ops --tiles).
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="tf32x3")
     else:
         return tl.sum(a.to(ACC)[:, None, :] * b.to(ACC)[None, :, :], axis=2)
 
@@ -62,7 +66,7 @@ def _best_match_fwd_kernel(
     BLOCK_A: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    DOT_MODE: tl.constexpr,  # 0: tl.dot on the input dtype, 1: tl.dot in fp32, 2: broadcast-sum (fp64)
+    DOT_MODE: tl.constexpr,  # 0: tl.dot on the input dtype, 1: tl.dot in fp32, 2: broadcast-sum (fp64), 3: tf32x3
     PLAN: tl.constexpr,
     SORT_BLOCK: tl.constexpr,  # the plan's sort width, next_power_of_2(Na); 0: the plan counts (match.py)
 ):

@@ -115,3 +115,40 @@ def test_bench_model_leaves_the_launch_switch_as_it_found_it(monkeypatch):
         monkeypatch.setattr(launch, "CACHED", before)
         bench_model.bench_variant(model, TINY_CONFIG, "tempme-torch", "infer", clip, rep_ms=1)
         assert launch.CACHED is before
+
+
+def test_bench_ops_tiles_give_the_library_result(one_thread):
+    """Every tile spec of ``--tiles`` computes what the library's tiles compute (Triton interpreter):
+    the same plan, and the same merged tokens up to float32 rounding."""
+    import pytest
+    import torch
+
+    from tempme_fast import ops
+    from tempme_fast.ops import triton_ops
+
+    g = torch.Generator().manual_seed(5)
+    metric, x = torch.randn(3, 41, 16, generator=g), torch.randn(3, 41, 24, generator=g)
+    size = torch.randint(1, 4, (3, 41, 1), generator=g).float()
+    want_plan = ops.match(metric, 7, 1, backend="torch")
+    want = ops.merge(x, size, want_plan, backend="torch")
+    originals = triton_ops._match_tiles, triton_ops._merge_fwd_tiles
+    for spec in ("match:16x16x16x4-ieee", "match:16x32x8x4-tf32x3", "merge:8x16x4", "merge:16x32x4"):
+        with bench_ops.op_tiles(spec):
+            plan = ops.match(metric, 7, 1, backend="triton")
+            got = ops.merge(x, size, plan, backend="triton")
+        for field in ("merged", "dst", "kept"):
+            assert torch.equal(getattr(plan, field), getattr(want_plan, field)), (spec, field)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (triton_ops._match_tiles, triton_ops._merge_fwd_tiles) == originals
+    for bad in ("merge:8x16", "match:16x16x16x4", "match:16x16x16x4-tf32", "merge:12x16x4", "attn:8x8x8"):
+        with pytest.raises(ValueError, match="--tiles"):
+            bench_ops.parse_tiles(bad)
+
+
+def test_bench_ops_tiles_rows(tmp_path):
+    assert bench_ops.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
+                           "--ops", "merge_fwd", "--impls", "torch", "--tiles", "merge:64x1024x4", "--rep-ms", "1",
+                           "--jsonl", str(tmp_path / "r.jsonl")]) == 0
+    rows = read_records(str(tmp_path / "r.jsonl"))[1:]
+    assert {r["impl"] for r in rows} == {"torch", "triton:merge:64x1024x4"} and len(rows) == 14
+    assert all(r["speedup_vs_torch"] > 0 for r in rows)

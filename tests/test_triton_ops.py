@@ -431,6 +431,21 @@ def test_multi_tile(n, c, d, r, tiling, device):
                  torch.bfloat16, g)
 
 
+def test_float32_match_products_on_a_gpu(monkeypatch):
+    """A float32 metric's match takes tf32x3 products on a GPU (DOT_MODE 3), float32 FMA products with
+    FP32_PRODUCTS="ieee" (1), at the same tiles; 16-bit metrics keep their own products; a bad setting
+    is named."""
+    monkeypatch.setattr(triton_ops, "_interpreting", lambda: False)
+    tiles = triton_ops._match_tiles(32, 433, 433, 768, torch.float32)
+    assert tiles["DOT_MODE"] == 3 and (tiles["BLOCK_A"], tiles["BLOCK_B"], tiles["BLOCK_C"]) == (64, 32, 16)
+    assert triton_ops._match_tiles(32, 433, 433, 768, torch.float16)["DOT_MODE"] == 0
+    monkeypatch.setattr(triton_ops, "FP32_PRODUCTS", "ieee")
+    assert triton_ops._match_tiles(32, 433, 433, 768, torch.float32) == dict(tiles, DOT_MODE=1)
+    monkeypatch.setattr(triton_ops, "FP32_PRODUCTS", "tf32")
+    with pytest.raises(ValueError, match="FP32_PRODUCTS='tf32'"):
+        triton_ops._match_tiles(32, 433, 433, 768, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_merge_wide_feature_slices(dtype, device, monkeypatch):
     """With programs to spare, the forward's GPU tiling doubles its feature slice to 256 for 16-bit

@@ -72,6 +72,35 @@ def test_records_the_model_the_op_and_the_attention_benchmarks_launches(binder_a
     assert out["again"] == every["keys"]
 
 
+TILES = """
+import json
+from collections import Counter
+from benchmarks import suite, warm
+out = {}
+for kind, (model, batch, dtype, specs) in suite.TILE_SWEEPS.items():
+    kept = warm.distinct(warm.record_launches([model], [batch], [dtype], ["tiles"]), 90)
+    out[kind] = [len(specs), dict(Counter(l.kernel.fn.__name__ for l in kept))]
+out["elsewhere"] = len(warm.record_launches(["ViT-B-32"], [1], ["fp16"], ["tiles"]))
+print(json.dumps(out))
+"""
+
+
+def test_records_each_tile_sweep_candidate(binder_api, tmp_path):
+    """The ``tiles`` set compiles every candidate of the suite's tile sweeps at the sweep's shapes (and
+    nothing at other shapes): one attention forward variant per candidate, at least one merge and one
+    match variant per candidate (the merge sweep's plans come from the library's match)."""
+    done = _python(TILES, tmp_path / "cache")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.splitlines()[-1])
+    specs, kernels = out["attention"]
+    assert kernels == {"_attention_fwd_kernel": specs}
+    specs, kernels = out["merge"]
+    assert set(kernels) == {"_merge_fwd_kernel", "_best_match_fwd_kernel"} and kernels["_merge_fwd_kernel"] >= specs
+    specs, kernels = out["match"]
+    assert set(kernels) == {"_best_match_fwd_kernel"} and kernels["_best_match_fwd_kernel"] >= specs
+    assert out["elsewhere"] == 0
+
+
 def test_compiles_into_the_triton_cache_and_a_second_run_finds_every_variant(binder_api, tmp_path):
     cache, rows = tmp_path / "cache", tmp_path / "rows.jsonl"
     args = ["-m", "benchmarks.warm", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32", "--sets", "ops",

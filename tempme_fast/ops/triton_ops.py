@@ -71,6 +71,12 @@ PLAN_SORT_MIN = 129
 PLAN_SORT_LIMIT = 2048
 # Programs that keep a large GPU busy (2 per SM of an H100): below it, work is split further.
 GPU_FILL = 264
+# Products of a float32 metric's match on a GPU: "tf32x3" (three TF32 products of the operands' high and
+# low parts, on the tensor cores; within about 1e-7 of float32 products on unit vectors) or "ieee"
+# (float32 products on the FMA units). With "ieee" the H200 ran the match at the layer-10 join of
+# ViT-B/16 (32 videos, 768 channels) at about 5 TFLOP/s, 0.28x the float32 reference's matmul.
+FP32_PRODUCTS = "tf32x3"
+_FP32_DOT_MODES = {"ieee": 1, "tf32x3": 3}
 
 
 def _interpreting() -> bool:
@@ -145,13 +151,17 @@ def _joined_shape(t: torch.Tensor, protected: int, group: int) -> Tuple[int, int
 def _match_tiles(rows: int, na: int, nb: int, channels: int, dtype: torch.dtype) -> Dict[str, int]:
     """Tiles, B ranges and warps of the match kernel. Few clips (late layers, batch 1) split each
     clip's B tokens into ranges so that about ``GPU_FILL`` programs run."""
+    fp32_on_gpu = dtype == torch.float32 and not _interpreting()
     if dtype == torch.float64:
         dot_mode, cap = 2, 16  # no tl.dot: a broadcast-sum over small tiles
+    elif fp32_on_gpu:
+        if FP32_PRODUCTS not in _FP32_DOT_MODES:
+            raise ValueError(f"triton_ops.FP32_PRODUCTS={FP32_PRODUCTS!r} is not one of {sorted(_FP32_DOT_MODES)}")
+        dot_mode, cap = _FP32_DOT_MODES[FP32_PRODUCTS], GPU_BLOCK_MATCH
     elif dtype == torch.float32 or _interpreting():
         dot_mode, cap = 1, GPU_BLOCK_MATCH  # the interpreter's bf16 tl.dot is wrong (triton 3.8): fp32
     else:
         dot_mode, cap = 0, GPU_BLOCK_MATCH
-    fp32_on_gpu = dtype == torch.float32 and not _interpreting()
     if _interpreting() or dot_mode == 2:
         block_a, block_b = _block(na, cap), _block(nb, cap)
     else:
@@ -160,13 +170,20 @@ def _match_tiles(rows: int, na: int, nb: int, channels: int, dtype: torch.dtype)
         # 3.6's ptxas and 64 x 32 16-28 B with triton 3.8's (sm_80 and sm_90).
         block_a, block_b = cap, cap // 2 if fp32_on_gpu else cap
     # fp32 products (input_precision="ieee") run on the FMA units, not the tensor cores: 64-wide channel
-    # chunks spill on sm_80 (404 B), 16-wide ones fit in 128 registers on sm_80 and sm_90.
+    # chunks spill on sm_80 (404 B), 16-wide ones fit in 128 registers on sm_80 and sm_90. tf32x3
+    # products keep these tiles: 84-188 registers, no spill (sm_80, sm_90; triton 3.6 and 3.8).
     block_c = min(_block(channels, cap), 16 if dot_mode == 2 or fp32_on_gpu else 64)
+    return dict(BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_C=block_c, DOT_MODE=dot_mode,
+                **_match_split(rows, na, nb, block_a, block_b), num_warps=4 if fp32_on_gpu else 8)
+
+
+def _match_split(rows: int, na: int, nb: int, block_a: int, block_b: int) -> Dict[str, int]:
+    """``A_BLOCKS``, and the B ranges (``SPLITS`` of ``B_PER`` tokens) that bring the match's programs
+    to about ``GPU_FILL`` when there are few clips."""
     a_blocks = _cdiv(na, block_a)
     splits = max(1, min(_cdiv(nb, block_b), GPU_FILL // (rows * a_blocks)))
     b_per = _cdiv(_cdiv(nb, splits), block_b) * block_b
-    return dict(BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_C=block_c, DOT_MODE=dot_mode,
-                SPLITS=_cdiv(nb, b_per), B_PER=b_per, A_BLOCKS=a_blocks, num_warps=4 if fp32_on_gpu else 8)
+    return dict(SPLITS=_cdiv(nb, b_per), B_PER=b_per, A_BLOCKS=a_blocks)
 
 
 def _plan_sort_block(na: int, scores_dtype: torch.dtype) -> int:
