@@ -11,7 +11,9 @@
 #                     with benchmarks/fetch_wheels.sh): installed into a private folder with pip, or by
 #                     unzipping them where pip is unusable; nothing else on the machine changes
 #   other options (--device cpu, --only STAGE..., --skip STAGE..., --every SECONDS, --list) go to
-#                     benchmarks/suite.py, which prints its plan (expected seconds per stage) against the budget
+#                     benchmarks/suite.py, which prints its plan (expected seconds per stage) against the budget;
+#                     --only and --skip take the lower-case words after them (stage names), so OUTDIR and the
+#                     wheels folder may come before or after them when they are paths (/tmp/out, .whl)
 #
 # A measurement split into two calls of about 7 minutes each: the first call as it is, the second with
 # --skip naming the stages the first one finished (its stages.jsonl says which), less preflight and warm:
