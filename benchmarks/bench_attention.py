@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -86,6 +87,7 @@ def make_inputs(s: AttentionShape, dtype: torch.dtype, device: torch.device, see
     return qkv, size, grad
 
 
+@functools.lru_cache(maxsize=None)  # parsed once, not at every timed call
 def parse_tiles(spec: str) -> Tuple[int, int, int, int]:
     """``"BMxBNxWxS"`` (query tile, key tile, warps, stages) as four ints; a ValueError naming the option."""
     parts = spec.split("x")
@@ -196,7 +198,7 @@ def main(argv=None) -> int:
                         help="time the Triton forward with these query and key tiles, warps and stages (rows "
                              "'triton:SPEC'), beside SDPA with the mask and without a bias; forward only")
     args = parser.parse_args(argv)
-    impls, modes = args.impls or None, args.modes
+    impls, modes = args.impls, args.modes
     if args.fwd_tiles:
         try:
             for spec in args.fwd_tiles:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -40,7 +41,8 @@ from .devicetime import basis_ms, device_columns, host_columns, speedups
 OPS = ("best_match", "match", "merge_fwd", "merge_bwd", "step_fwd", "step_norm_fwd", "step_fwdbwd")
 # LayerNorm epsilon of the step_norm_fwd rows (open_clip's).
 NORM_EPS = 1e-5
-DOT_MODES = {"native": 0, "ieee": 1, "tf32x3": 3}  # the match kernel's DOT_MODE per product kind
+# The match kernel's DOT_MODE per product kind: 16-bit tl.dot, and the float32 ones the library knows.
+DOT_MODES = {"native": 0, **triton_ops._FP32_DOT_MODES}
 
 
 def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
@@ -63,21 +65,28 @@ def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
     return kind, values
 
 
+@functools.lru_cache(maxsize=None)  # made once per spec, not at every timed call
+def _tile_table(spec: str) -> Tuple[str, Callable[..., Dict[str, int]]]:
+    """The ``triton_ops`` tile function that ``spec`` replaces, and its replacement."""
+    kind, values = parse_tiles(spec)
+    if kind == "merge":
+        def tiles(rows, tokens, width, itemsize):
+            return dict(values)
+        return "_merge_fwd_tiles", tiles
+
+    def tiles(rows, na, nb, channels, dtype):
+        return dict(values, **triton_ops._match_split(rows, na, nb, values["BLOCK_A"], values["BLOCK_B"]))
+    return "_match_tiles", tiles
+
+
 @contextlib.contextmanager
 def op_tiles(spec: Optional[str]):
     """The Triton ops with the tiles of ``spec`` (:func:`parse_tiles`; None: the library's table)."""
     if spec is None:
         yield
         return
-    kind, values = parse_tiles(spec)
-    name = "_merge_fwd_tiles" if kind == "merge" else "_match_tiles"
+    name, tiles = _tile_table(spec)
     original = getattr(triton_ops, name)
-    if kind == "merge":
-        def tiles(rows, tokens, width, itemsize):
-            return dict(values)
-    else:
-        def tiles(rows, na, nb, channels, dtype):
-            return dict(values, **triton_ops._match_split(rows, na, nb, values["BLOCK_A"], values["BLOCK_B"]))
     setattr(triton_ops, name, tiles)
     try:
         yield

@@ -52,8 +52,6 @@ WARM_TEST = "tests/test_warm.py::test_after_warming_the_real_launches_compile_no
 # Processes per test stage on a GPU machine (16 cores): a test's time there is mostly compiling its
 # Triton variants, which takes one core (benchmarks.shards).
 TEST_SHARDS = 4
-# Forward tiles of the Triton attention timed by the attention_tiles stage (query tile x key tile x warps
-# x stages); the first is the library's.
 # Merge forward (token tile x feature slice x warps; the first is the library's at most 32-video shapes)
 # and float32 match (A x B x channel tiles x warps - products; the first is the library's, the second its
 # float32-product tiles before, timed in the H200's second run) candidates.
@@ -61,6 +59,8 @@ MERGE_TILES = ["merge:32x256x8", "merge:32x128x8", "merge:32x128x4", "merge:16x2
                "merge:8x256x4", "merge:64x128x8", "merge:4x1024x4"]
 MATCH_TILES = ["match:64x32x16x4-tf32x3", "match:64x32x16x4-ieee", "match:64x64x16x8-ieee", "match:64x32x64x4-ieee",
                "match:64x64x32x8-tf32x3", "match:64x64x64x8-tf32x3"]
+# Forward tiles of the Triton attention timed by the attention_tiles stage (query tile x key tile x warps
+# x stages); the first is the library's.
 ATTENTION_TILES = ["64x64x4x2", "64x64x4x3", "64x128x4x2", "64x32x4x2", "128x64x4x2", "128x64x8x2", "128x64x8x3",
                    "128x128x8x2"]
 # Where each sweep runs (model, batch, dtype) and its candidates; benchmarks.warm compiles them ahead.

@@ -110,9 +110,10 @@ def _tile_sweep_calls(model: str, batch: int, dtype_name: str) -> None:
             metric = torch.empty(s.rows, s.tokens, s.channels, dtype=dtype, device="meta")
             x = torch.empty(s.rows, s.tokens, s.width, dtype=dtype, device="meta")
             size = torch.empty(s.rows, s.tokens, 1, dtype=torch.float32, device="meta")
-            merged, dst, kept = triton_ops.match_forward(metric, s.r, s.protected)
             for spec in specs:
                 with op_tiles(spec):
+                    # As bench_ops.op_fn: the plan first, under the candidate's tiles too.
+                    merged, dst, kept = triton_ops.match_forward(metric, s.r, s.protected)
                     if kind == "merge":
                         triton_ops.merge_forward(x, size, merged, dst, kept, s.protected)
                     else:

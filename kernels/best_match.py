@@ -32,7 +32,7 @@ def _dot_tile(a, b, DOT_MODE: tl.constexpr, ACC: tl.constexpr):
         return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
     elif DOT_MODE == 3:
         # Three TF32 products (the operands split into high and low parts) on the tensor cores: close
-        # to float32 products; a candidate for float32 metrics (benchmarks.bench_ops --tiles).
+        # to float32 products; float32 metrics on a GPU (triton_ops.FP32_PRODUCTS).
         return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="tf32x3")
     else:
         return tl.sum(a.to(ACC)[:, None, :] * b.to(ACC)[None, :, :], axis=2)
