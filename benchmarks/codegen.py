@@ -154,11 +154,11 @@ def forward_step(step: Step, inputs):
     from tempme_fast.ops import triton_ops
 
     metric, x, size, frame_pos = inputs
-    merged, dst, kept = triton_ops.match_forward(metric, step.r, step.protected, step.group)
+    merged, dst, kept, src, offsets = triton_ops.match_forward(metric, step.r, step.protected, step.group)
     norm = (torch.empty(step.width, dtype=x.dtype, device=x.device),) * 2 + (1e-5,)
     residual = torch.empty_like(x) if step.group == 1 else None
     out, _, b_size = triton_ops.merge_forward(x, size, merged, dst, kept, step.protected, step.group, frame_pos,
-                                              norm, residual)[:3]
+                                              src, offsets, norm, residual)[:3]
     return out, b_size, (merged, dst, kept)
 
 
@@ -415,39 +415,43 @@ def describe(launch: Launch) -> str:
 
 
 def serial_steps(launch: Launch) -> Dict[str, int]:
-    """The loop trips on the longest path through one program of a forward launch, read off the
-    kernels' loops: the critical-path model of ``BENCHMARKS.md``.
+    """The loop trips on the longest path through one program of the match launch, read off the
+    kernel's loops: the critical-path model of ``BENCHMARKS.md``.
 
-    Best match: ``main`` steps of every program (channel chunks for the A norms, then B blocks x
-    channel chunks), then in the last program of each clip ``combine`` (A blocks x B ranges /
+    ``main`` steps of every program (channel chunks for the A norms, then B blocks x channel
+    chunks), then in the last program of each clip ``combine`` (A blocks x B ranges /
     ``RANGES_PER_STEP``) and the plan: ``sort_stages`` compare-exchange stages of two bitonic sorts
-    held in registers, or ``count`` steps (A blocks squared) when the plan counts. Merge forward:
-    ``grouping`` steps of a program holding B tokens (two passes over the r destinations); its
-    gather loop adds the most sources of one B token in the tile, which depends on the plan.
+    held in registers, or ``count`` steps (A blocks squared) when the plan counts; then the
+    grouping by destination: ``group_stages`` of one sort of the ``r + Nb + 1`` keys, or
+    ``group_count`` steps (destination blocks x two passes over the r merged tokens). A merge
+    program has no loop but its gather, whose trips (the most sources of one B token in its
+    tile) depend on the plan.
     """
     from tempme_fast.ops.triton_ops import _cdiv
     from tempme_kernels.best_match import RANGES_PER_STEP
 
     bound = bound_args(launch)
-    name = launch.kernel.fn.__name__
-    if name == "_best_match_fwd_kernel":
-        a_blocks = _cdiv(bound["NA"], bound["BLOCK_A"])
-        main = _cdiv(bound["C"], bound["BLOCK_C"]) * (1 + _cdiv(bound["B_PER"], bound["BLOCK_B"]))
-        combine = a_blocks * _cdiv(bound["SPLITS"], int(RANGES_PER_STEP))
-        out = {"main": main, "combine": combine if bound["PLAN"] else 0}
-        levels = bound["SORT_BLOCK"].bit_length() - 1
-        out["sort_stages"] = levels * (levels + 1) if bound["PLAN"] and bound["SORT_BLOCK"] else 0
-        out["count"] = a_blocks * a_blocks if bound["PLAN"] and not bound["SORT_BLOCK"] else 0
-        return out
-    if name == "_merge_fwd_kernel":
-        return {"grouping": 2 * _cdiv(bound["R"], bound["BLOCK_K"])}
-    return {}
+    if launch.kernel.fn.__name__ != "_best_match_fwd_kernel":
+        return {}
+    plan = bound["PLAN"]
+    a_blocks = _cdiv(bound["NA"], bound["BLOCK_A"])
+    main = _cdiv(bound["C"], bound["BLOCK_C"]) * (1 + _cdiv(bound["B_PER"], bound["BLOCK_B"]))
+    combine = a_blocks * _cdiv(bound["SPLITS"], int(RANGES_PER_STEP))
+    out = {"main": main, "combine": combine if plan else 0}
+    levels = bound["SORT_BLOCK"].bit_length() - 1
+    out["sort_stages"] = levels * (levels + 1) if plan and bound["SORT_BLOCK"] else 0
+    out["count"] = a_blocks * a_blocks if plan and not bound["SORT_BLOCK"] else 0
+    levels = bound["GROUP_BLOCK"].bit_length() - 1
+    out["group_stages"] = levels * (levels + 1) // 2 if plan and bound["GROUP_BLOCK"] else 0
+    out["group_count"] = (_cdiv(bound["NB"] + 1, bound["BLOCK_A"]) * 2 * _cdiv(bound["R"], bound["BLOCK_A"])
+                          if plan and not bound["GROUP_BLOCK"] else 0)
+    return out
 
 
 def critical_path_table(steps, out=sys.stdout) -> None:
-    """Per merge step: programs and serial steps of the match and merge launches."""
+    """Per merge step: programs of the match and merge launches, and the serial steps of the match."""
     print("| model | batch | dtype | layer | stage | rows x tokens, r | match programs | match steps (main + combine "
-          "+ plan) | merge programs | merge grouping steps |", file=out)
+          "+ plan) | merge programs | grouping (in the match) |", file=out)
     print("|---" * 10 + "|", file=out)
     for s in steps:
         if len(s.get("launches", ())) < 2:
@@ -456,11 +460,11 @@ def critical_path_table(steps, out=sys.stdout) -> None:
         match, merge = s["launches"][0], s["launches"][-1]
         m = serial_steps(match)
         plan = f"sort {m['sort_stages']} stages" if m["sort_stages"] else f"count {m['count']}"
+        grouping = f"sort {m['group_stages']} stages" if m["group_stages"] else f"count {m['group_count']}"
         programs = [launch.grid[0] * launch.grid[1] * launch.grid[2] for launch in (match, merge)]
         print(f"| {step.model} | {step.batch} | {s['dtype']} | {step.layer} | {step.stage} "
               f"| {step.rows // step.group} x {step.tokens * step.group}, {step.r} | {programs[0]} "
-              f"| {m['main']} + {m['combine']} + {plan} | {programs[1]} | {serial_steps(merge)['grouping']} |",
-              file=out)
+              f"| {m['main']} + {m['combine']} + {plan} | {programs[1]} | {grouping} |", file=out)
 
 
 def host_us_per_step(step: Step, dtype: torch.dtype, repeats: int = 200) -> float:

@@ -113,9 +113,9 @@ def _tile_sweep_calls(model: str, batch: int, dtype_name: str) -> None:
             for spec in specs:
                 with op_tiles(spec):
                     # As bench_ops.op_fn: the plan first, under the candidate's tiles too.
-                    merged, dst, kept = triton_ops.match_forward(metric, s.r, s.protected)
+                    merged, dst, kept, src, offsets = triton_ops.match_forward(metric, s.r, s.protected)
                     if kind == "merge":
-                        triton_ops.merge_forward(x, size, merged, dst, kept, s.protected)
+                        triton_ops.merge_forward(x, size, merged, dst, kept, s.protected, 1, None, src, offsets)
                     else:
                         triton_ops.best_match_forward(metric, s.protected)
 
@@ -131,8 +131,8 @@ def _bench_ops_calls(s, dtype) -> None:
     x = torch.empty(s.rows, s.tokens, s.width, dtype=dtype, device="meta")
     size = torch.empty(s.rows, s.tokens, 1, dtype=torch.float32, device="meta")
     triton_ops.best_match_forward(metric, s.protected)
-    merged, dst, kept = triton_ops.match_forward(metric, s.r, s.protected)
-    out, _, b_size = triton_ops.merge_forward(x, size, merged, dst, kept, s.protected)
+    merged, dst, kept, src, offsets = triton_ops.match_forward(metric, s.r, s.protected)
+    out, _, b_size = triton_ops.merge_forward(x, size, merged, dst, kept, s.protected, 1, None, src, offsets)
     triton_ops.merge_backward(torch.empty_like(out), size, b_size, merged, dst, kept, s.protected, s.tokens)
 
 

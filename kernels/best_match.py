@@ -13,7 +13,9 @@ program writes its partial (best, argmax) to ``part``. The last program of a cli
 (counted in ``count``; which program that is varies, what it computes does not) combines the
 ranges in increasing B order, so ties keep the lowest B index as in the reference, and with
 ``PLAN`` goes on to write the clip's merge plan (``_plan_row``). It then resets its counter, so
-``count`` stays zero between launches and needs no clearing.
+``count`` stays zero between launches and needs no clearing. With ``PLAN`` that program also
+writes the plan's merged tokens grouped by destination (``src``, ``offsets``), which the merge
+reads instead of grouping them in every one of its programs.
 """
 import triton
 import triton.language as tl
@@ -38,15 +40,15 @@ def _dot_tile(a, b, DOT_MODE: tl.constexpr, ACC: tl.constexpr):
         return tl.sum(a.to(ACC)[:, None, :] * b.to(ACC)[None, :, :], axis=2)
 
 
-@triton.jit(do_not_specialize=["NA", "NB", "R", "A_START", "B_START", "N_IN", "B_PER", "SPLITS"])
+@triton.jit(do_not_specialize=["NA", "NB", "R", "A_START", "B_START", "N_IN", "B_PER", "SPLITS", "PLAN_STRIDE"])
 def _best_match_fwd_kernel(
     metric_ptr,  # [B' * GROUP, N_IN, C] any float dtype, any strides (a clip of N = GROUP * N_IN tokens)
     part_ptr,  # [B', SPLITS, 2, Na] float32 (float64 for a float64 metric) scratch: per-range best, argmax
     scores_ptr,  # [B', Na] part's dtype, contiguous out: best cosine similarity (unused with PLAN)
     dst_ptr,  # [B', Na] int64 contiguous out: B index of the best match (unused with PLAN)
-    merged_ptr,  # [B', R] int64 out with PLAN: merged A tokens, highest score first
-    merged_dst_ptr,  # [B', R] int64 out with PLAN: their B tokens
-    kept_ptr,  # [B', Na - R] int64 out with PLAN: kept A tokens, increasing
+    plan_ptr,  # [B', PLAN_STRIDE] int64 out with PLAN, per row: merged A tokens, highest score first (R) |
+    #            their B tokens (R) | kept A tokens, increasing (Na - R) | merged A tokens sorted by
+    #            (B token, rank) (R) | offsets (NB + 1): src[offsets[j]:offsets[j + 1]] merge into B token j
     count_ptr,  # [>= B'] int32, zero on entry and on exit: finished programs per clip
     NA,
     NB,
@@ -59,6 +61,7 @@ def _best_match_fwd_kernel(
     N_IN,
     B_PER,  # B tokens per range, a multiple of BLOCK_B
     SPLITS,  # B ranges per clip: programs along axis 0 = A blocks x SPLITS
+    PLAN_STRIDE,  # >= 2 R + NA + NB + 1
     stride_mb,
     stride_mn,
     stride_mc,
@@ -69,6 +72,7 @@ def _best_match_fwd_kernel(
     DOT_MODE: tl.constexpr,  # 0: tl.dot on the input dtype, 1: tl.dot in fp32, 2: broadcast-sum (fp64), 3: tf32x3
     PLAN: tl.constexpr,
     SORT_BLOCK: tl.constexpr,  # the plan's sort width, next_power_of_2(Na); 0: the plan counts (match.py)
+    GROUP_BLOCK: tl.constexpr,  # the grouping's sort width, next_power_of_2(R + NB + 1); 0: it counts (group.py)
 ):
     # Axis 0 runs fastest: the programs of one clip run side by side and share its B tokens in L2.
     split = tl.program_id(0) % SPLITS
@@ -132,8 +136,9 @@ def _best_match_fwd_kernel(
             _combine_ranges(part_row, scores_ptr + row * NA, dst_ptr + row * NA, NA, SPLITS, BLOCK_A, PLAN)
             if PLAN:
                 tl.debug_barrier()  # the combined row is read back by every thread below
-                _plan_row(part_row, part_row + NA, merged_ptr + row * R, merged_dst_ptr + row * R,
-                          kept_ptr + row * (NA - R), NA, R, BLOCK_A, SORT_BLOCK)
+                plan_row = plan_ptr + row * PLAN_STRIDE
+                _plan_row(part_row, part_row + NA, plan_row, plan_row + R, plan_row + 2 * R, plan_row + R + NA,
+                          plan_row + 2 * R + NA, NA, NB, R, BLOCK_A, SORT_BLOCK, True, GROUP_BLOCK)
 
 
 # B ranges that one step of the combine reads: a [RANGES_PER_STEP, BLOCK_A] tile of partial results.

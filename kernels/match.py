@@ -2,7 +2,8 @@
 
 Twin: ``tempme_fast.ops.reference.match`` (a stable descending sort). ``_plan_row`` is the plan of
 one clip: the best-match kernel runs it in the last program of each clip (so a merge step's match
-is one launch); ``_match_plan_kernel`` runs it alone, one program per clip.
+is one launch, and there also groups the merged tokens by destination for the merge, ``group.py``);
+``_match_plan_kernel`` runs it alone, one program per clip.
 
 The plan of a clip is a sort of its ``Na`` scores, and it runs in one program after the clip's
 last score is known, so its length is on the critical path of the match. ``_plan_row`` sorts
@@ -18,6 +19,7 @@ each loading and reducing a ``BLOCK x BLOCK`` tile). The launcher picks the path
 import triton
 import triton.language as tl
 
+from .group import _group_row
 from .rank import _stable_rank
 
 
@@ -74,16 +76,20 @@ def _plan_row_sorted(scores_row, dst_row, merged_row, merged_dst_row, kept_row, 
 
 
 @triton.jit
-def _plan_row(scores_row, dst_row, merged_row, merged_dst_row, kept_row, NA, R, BLOCK: tl.constexpr,
-              SORT_BLOCK: tl.constexpr):
+def _plan_row(scores_row, dst_row, merged_row, merged_dst_row, kept_row, src_row, offsets_row, NA, NB, R,
+              BLOCK: tl.constexpr, SORT_BLOCK: tl.constexpr, GROUPING: tl.constexpr, GROUP_BLOCK: tl.constexpr):
     """Plan of one clip from its ``NA`` scores and best B tokens (``dst_row``: any int or float
     dtype holding integers); writes ``R`` merged A tokens (rank order) with their B tokens and the
     ``NA - R`` kept A tokens (increasing), all int64. Sorted in registers when ``SORT_BLOCK > 0``,
-    else counted in ``BLOCK``-wide steps."""
+    else counted in ``BLOCK``-wide steps. With ``GROUPING`` it then writes the merged tokens
+    grouped by destination (``group._group_row``: ``src_row [R]``, ``offsets_row [NB + 1]``)."""
     if SORT_BLOCK > 0:
         _plan_row_sorted(scores_row, dst_row, merged_row, merged_dst_row, kept_row, NA, R, SORT_BLOCK)
     else:
         _plan_row_counting(scores_row, dst_row, merged_row, merged_dst_row, kept_row, NA, R, BLOCK)
+    if GROUPING:
+        tl.debug_barrier()  # the plan written above is read back by other threads of this program
+        _group_row(merged_row, merged_dst_row, src_row, offsets_row, R, NB, GROUP_BLOCK, BLOCK, BLOCK)
 
 
 @triton.jit(do_not_specialize=["NA", "R"])
@@ -100,4 +106,4 @@ def _match_plan_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     _plan_row(scores_ptr + row * NA, dst_ptr + row * NA, merged_ptr + row * R, merged_dst_ptr + row * R,
-              kept_ptr + row * (NA - R), NA, R, BLOCK, SORT_BLOCK)
+              kept_ptr + row * (NA - R), merged_ptr, merged_ptr, NA, 0, R, BLOCK, SORT_BLOCK, False, 0)

@@ -2,9 +2,9 @@
 
 Twin: ``tempme_fast.ops.reference.merge``. The reference scatter-adds the merged A tokens into
 their B tokens; a scatter-add in parallel needs atomics and its float sums would change from run
-to run. Instead the forward groups the merged A tokens by destination (``_group_sources``: a
-counting sort, ties kept in rank order), so every B token gathers its sources itself in a fixed
-order, in the same launch as the merge.
+to run. Instead the merged A tokens come grouped by destination (``group.py``: ``src`` sorted by
+(destination, rank), ``offsets``; the match kernel writes them with the plan), so every B token
+gathers its sources itself, in a fixed order.
 
 Output order (as the spec): the ``c`` class tokens, the kept A tokens, then every B token.
 A token ``i`` sits at position ``A_START + 2 * i`` of its clip, B token ``j`` at ``B_START + 2 * j``.
@@ -25,94 +25,47 @@ position embedding of each token's source clip on the fly, so the joined copy is
 import triton
 import triton.language as tl
 
+from .group import _group_block
 from .norm import _norm_rows
 from .tokens import _joined_token, _token_rows
-
-
-@triton.jit
-def _tile_counts(dst_row, R, j, j_first, BLOCK_K: tl.constexpr):
-    """``(lo, count)`` per B token ``j`` of one tile (``j_first`` is the tile's first B index, ``j``
-    increasing by one along the tile, entries that are no B token may hold anything that no
-    destination equals): its sources sit at ``src[lo:lo + count]`` of the merged tokens sorted by
-    (destination, rank). One pass over the ``R`` destinations, ``R / BLOCK_K`` steps of
-    ``BLOCK_T x BLOCK_K``: each tile counts only its own tokens, and ``lo`` is the count of
-    destinations below the tile plus a prefix sum along the tile."""
-    count = j * 0
-    below = tl.sum(count, axis=0)
-    for k0 in range(0, R, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        valid = offs_k < R
-        d_k = tl.load(dst_row + offs_k, mask=valid, other=0)
-        below += tl.sum((valid & (d_k < j_first)).to(tl.int32), axis=0)
-        count += tl.sum(((d_k[None, :] == j[:, None]) & valid[None, :]).to(tl.int32), axis=1)
-    lo = below + tl.cumsum(count, axis=0) - count
-    return lo, count
-
-
-@triton.jit
-def _tile_sources(dst_row, merged_row, src_row, R, j, lo, BLOCK_K: tl.constexpr):
-    """Writes the merged A tokens whose destination is one of this tile's B tokens ``j`` to
-    ``src_row[lo_j + t]`` (``lo`` from ``_tile_counts``; ``t``: the source's place among those of
-    ``j`` in rank order, i.e. in the order of ``merged_row``), as floats or ints of
-    ``src_row``'s dtype (exact integers). A second pass of ``R / BLOCK_K`` steps: a running
-    count along the merged tokens numbers each destination's sources."""
-    seen = j * 0
-    for k0 in range(0, R, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        valid = offs_k < R
-        d_k = tl.load(dst_row + offs_k, mask=valid, other=-1)
-        hit = (d_k[None, :] == j[:, None]) & valid[None, :]
-        hits = hit.to(tl.int32)
-        slot = lo[:, None] + seen[:, None] + tl.cumsum(hits, axis=1) - 1
-        # Each merged token has one destination, so at most one row of its column is set: the
-        # column sums are its slot and whether it belongs to the tile (one store per token).
-        slot_k = tl.sum(tl.where(hit, slot, 0), axis=0)
-        mine = tl.sum(hits, axis=0) > 0
-        a = tl.load(merged_row + offs_k, mask=mine, other=0)
-        tl.store(src_row + slot_k, a.to(src_row.dtype.element_ty), mask=mine)
-        seen += tl.sum(hits, axis=1)
 
 
 @triton.jit(do_not_specialize=["R", "NB"])
 def _merge_index_kernel(
     merged_ptr,  # [B', r] int64 contiguous: merged A tokens
     dst_ptr,  # [B', r] int64 contiguous: their destinations (< NB)
-    src_ptr,  # [B', r] int32 out: merged A tokens sorted by (destination, rank)
-    offsets_ptr,  # [B', NB + 1] int32 out: src[offsets[j]:offsets[j + 1]] merge into destination j
+    src_ptr,  # [B', r] int32/int64 out: merged A tokens sorted by (destination, rank)
+    offsets_ptr,  # [B', NB + 1] src's dtype out: src[offsets[j]:offsets[j + 1]] merge into destination j
     R,
     NB,
     BLOCK_K: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
-    """The merge forward's grouping on its own, written out, for ops that reduce by destination
-    outside ``_merge_fwd_kernel``. One program per (``BLOCK_J`` destinations, row): each writes
-    the offsets of its destinations and places their sources (grid: destination blocks fastest)."""
+    """The grouping of merged tokens by destination on its own, for a plan that does not carry it
+    (the match kernel writes it with the plan) and for ops that reduce by destination outside
+    ``_merge_fwd_kernel``. One program per (``BLOCK_J`` destinations, row): each writes the
+    offsets of its destinations and places their sources (grid: destination blocks fastest)."""
     row = tl.program_id(1).to(tl.int64)
-    j_first = tl.program_id(0) * BLOCK_J
-    offs_j = j_first + tl.arange(0, BLOCK_J)
-    dst_row = dst_ptr + row * R
-    lo, _ = _tile_counts(dst_row, R, offs_j, j_first, BLOCK_K)
-    tl.store(offsets_ptr + row * (NB + 1) + offs_j, lo, mask=offs_j < NB + 1)
-    _tile_sources(dst_row, merged_ptr + row * R, src_ptr + row * R, R, offs_j, lo, BLOCK_K)
+    _group_block(merged_ptr + row * R, dst_ptr + row * R, src_ptr + row * R, offsets_ptr + row * (NB + 1), R, NB,
+                 tl.program_id(0) * BLOCK_J, BLOCK_J, BLOCK_K)
 
 
 # Only the counts that change from layer to layer are left unspecialised, and the size strides
 # (sizes are read one per token, never as vectors): D and the x strides keep their divisibility
 # by 16, which is what lets the compiler emit 128-bit loads and stores along the features.
-@triton.jit(do_not_specialize=["N_OUT", "C", "NK", "R", "NB", "A_START", "B_START", "N_IN", "stride_sb",
-                               "stride_wb"])
+@triton.jit(do_not_specialize=["N_OUT", "C", "NK", "R", "NB", "A_START", "B_START", "N_IN", "stride_sb", "stride_kb",
+                               "stride_gb", "stride_ob"])
 def _merge_fwd_kernel(
     x_ptr,  # [B' * GROUP, N_IN, D] any strides (a clip of N = GROUP * N_IN tokens)
     res_ptr,  # x's shape and dtype, any strides: added to x (read only if HAS_RES)
     size_ptr,  # [B' * GROUP, N_IN] or [B' * GROUP, N_IN, 1] any strides
     pos_ptr,  # [CLIPS, D] temporal position embedding added to x (read only if HAS_POS)
-    merged_ptr,  # [B', r] int64 contiguous: merged A tokens, rank order
-    dst_ptr,  # [B', r] int64 contiguous: their B tokens
-    kept_ptr,  # [B', Na - r] int64 contiguous: kept A tokens, increasing
+    kept_ptr,  # [B', Na - r] int64, row stride stride_kb: kept A tokens, increasing
+    src_ptr,  # [B', r] int64, row stride stride_gb: merged A tokens sorted by (B token, rank)
+    offsets_ptr,  # [B', Nb + 1] int64, row stride stride_ob: src[offsets[j]:offsets[j + 1]] merge into B token j
     out_ptr,  # [B', N - r, D] contiguous
     size_out_ptr,  # [B', N - r] contiguous, size's dtype
-    work_ptr,  # [B', Nb + r] float32 (float64 for float64 x): merged size of every B token (out, for the
-    #            backward), then the merged A tokens sorted by B token (scratch)
+    b_size_ptr,  # [B', Nb] float32 (float64 for float64 x) out: merged size of every B token, for the backward
     ln_w_ptr,  # [D] LayerNorm weight (read only if NORM)
     ln_b_ptr,  # [D] LayerNorm bias (read only if NORM)
     ln_ptr,  # [B', N - r, D] contiguous out if NORM: layer_norm(out)
@@ -138,40 +91,31 @@ def _merge_fwd_kernel(
     stride_sb,
     stride_sn,
     stride_pc,
-    stride_wb,
+    stride_kb,
+    stride_gb,
+    stride_ob,
     HAS_RES: tl.constexpr,
     HAS_POS: tl.constexpr,
     NORM: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(2).to(tl.int64)
-    ACC = work_ptr.dtype.element_ty
-    t0 = tl.program_id(1) * BLOCK_T
-    offs_t = t0 + tl.arange(0, BLOCK_T)
+    ACC = b_size_ptr.dtype.element_ty
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < N_OUT
     is_kept = (offs_t >= C) & (offs_t < C + NK)
     is_b = (offs_t >= C + NK) & mask_t
     j = offs_t - C - NK
-    kept = tl.load(kept_ptr + row * NK + (offs_t - C), mask=is_kept, other=0)
+    kept = tl.load(kept_ptr + row * stride_kb + (offs_t - C), mask=is_kept, other=0)
     pos = tl.where(offs_t < C, offs_t, tl.where(is_kept, A_START + 2 * kept, B_START + 2 * j))
     clip, tok = _joined_token(row, tl.where(mask_t, pos, 0), GROUP, C_IN, N_IN)
-
-    # Sources of this tile's B tokens, grouped by destination into the scratch, then read back.
-    # Only the tile's own B tokens are counted and placed (two passes over the R destinations);
-    # the feature slices of a tile write the same values to the same places.
-    dst_row = dst_ptr + row * R
-    src_row = work_ptr + row * stride_wb + NB
-    j_first = t0 - C - NK
-    j_tile = tl.where(is_b, j, -1)
-    lo = j * 0
-    count = j * 0
-    if j_first + BLOCK_T > 0:
-        lo, count = _tile_counts(dst_row, R, j_tile, j_first, BLOCK_K)
-        _tile_sources(dst_row, merged_ptr + row * R, src_row, R, j_tile, lo, BLOCK_K)
-    tl.debug_barrier()  # the scratch written above is read by other threads of this program
+    # The sources of B token j: src[lo:lo + count], in rank order.
+    offsets_row = offsets_ptr + row * stride_ob
+    lo = tl.load(offsets_row + j, mask=is_b, other=0).to(tl.int32)
+    count = tl.load(offsets_row + j + 1, mask=is_b, other=0).to(tl.int32) - lo
     max_count = tl.max(count, axis=0)
+    src_row = src_ptr + row * stride_gb
 
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
@@ -184,6 +128,8 @@ def _merge_fwd_kernel(
                           mask=mask, other=0.0).to(ACC)
     s_total = s_self
     acc = x_self * s_self[:, None]
+    # (Loading each source's index one step ahead, to overlap it with the previous source's rows,
+    # cost 14-28 registers on sm_90 and spilled 16-40 B in fp32 joins: the index load is an L2 hit.)
     for t in range(0, max_count):
         has = t < count
         a = tl.load(src_row + lo + t, mask=has, other=0).to(tl.int32)
@@ -199,7 +145,7 @@ def _merge_fwd_kernel(
         s_total += s
     if tl.program_id(0) == 0:
         tl.store(size_out_ptr + row * N_OUT + offs_t, s_total.to(size_out_ptr.dtype.element_ty), mask=mask_t)
-        tl.store(work_ptr + row * stride_wb + j, s_total, mask=is_b)
+        tl.store(b_size_ptr + row * NB + j, s_total, mask=is_b)
     # Tokens nothing merged into (class, kept, untouched B) are copied, not divided.
     merged_into = count > 0
     y = tl.where(merged_into[:, None], acc / tl.where(merged_into, s_total, 1.0)[:, None], x_self)
@@ -216,13 +162,13 @@ def _merge_fwd_kernel(
 
 
 @triton.jit(do_not_specialize=["N", "C", "NK", "R", "NB", "A_START", "B_START", "N_IN", "TILES", "stride_sb",
-                               "stride_wb"])
+                               "stride_wb", "stride_mb", "stride_db", "stride_kb"])
 def _merge_bwd_kernel(
     grad_out_ptr,  # [B', N - r, D] any strides
     size_ptr,  # [B' * GROUP, N_IN] or [B' * GROUP, N_IN, 1] any strides
-    merged_ptr,  # [B', r] int64 contiguous
-    dst_ptr,  # [B', r] int64 contiguous
-    kept_ptr,  # [B', Na - r] int64 contiguous
+    merged_ptr,  # [B', r] int64, row stride stride_mb
+    dst_ptr,  # [B', r] int64, row stride stride_db
+    kept_ptr,  # [B', Na - r] int64, row stride stride_kb
     b_size_ptr,  # [B', Nb] float32/float64, row stride stride_wb: merged size of every B token (forward)
     grad_x_ptr,  # [B' * GROUP, N_IN, D] contiguous out
     pos_part_ptr,  # [B', TILES, GROUP, D] b_size's dtype out if POS_GRAD: grad_x summed per tile and clip
@@ -244,6 +190,9 @@ def _merge_bwd_kernel(
     stride_sb,
     stride_sn,
     stride_wb,
+    stride_mb,
+    stride_db,
+    stride_kb,
     POS_GRAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -258,9 +207,9 @@ def _merge_bwd_kernel(
     is_b = (offs_q >= C + NK) & (offs_q < C + NK + NB)
     is_merged = (offs_q >= C + NK + NB) & mask_q
     k = offs_q - C - NK - NB
-    kept = tl.load(kept_ptr + row * NK + (offs_q - C), mask=is_kept, other=0)
-    merged = tl.load(merged_ptr + row * R + k, mask=is_merged, other=0)
-    dst = tl.load(dst_ptr + row * R + k, mask=is_merged, other=0)
+    kept = tl.load(kept_ptr + row * stride_kb + (offs_q - C), mask=is_kept, other=0)
+    merged = tl.load(merged_ptr + row * stride_mb + k, mask=is_merged, other=0)
+    dst = tl.load(dst_ptr + row * stride_db + k, mask=is_merged, other=0)
     j = tl.where(is_merged, dst, offs_q - C - NK)  # the B token whose merged value the item feeds
     in_pos = tl.where(offs_q < C, offs_q,
                       tl.where(is_kept, A_START + 2 * kept,

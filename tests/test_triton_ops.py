@@ -196,6 +196,16 @@ def test_match(b, n, c, d, dtype, layout, r, device):
         got = getattr(plan, name)
         assert got.dtype == torch.int64, name
         assert torch.equal(got.cpu(), getattr(expected, name)), name
+    _check_grouping(plan, expected)
+
+
+def _check_grouping(plan, expected):
+    """The grouping by destination that the match writes with the plan equals the reference's."""
+    _, nb = ref.split_sizes(expected.tokens, expected.protected)
+    src, offsets = ref.group_sources(expected.merged, expected.dst, nb)
+    assert plan.src.dtype == plan.offsets.dtype == torch.int64
+    assert torch.equal(plan.src.cpu(), src), "src"
+    assert torch.equal(plan.offsets.cpu(), offsets), "offsets"
 
 
 @pytest.mark.parametrize("na, r, levels", [(1, 0, 3), (1, 1, 3), (17, 8, 3), (98, 49, 5), (98, 97, 2), (300, 150, 7)],
@@ -233,20 +243,51 @@ def test_match_plan_signs_zeros_and_extremes(na, r, plan, device, monkeypatch):
         assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.parametrize("grouping", ["sorted", "counted"])
 @pytest.mark.parametrize("path", ["sorted", "counted"])
-def test_match_plan_paths_equal_reference(path, device, monkeypatch):
+def test_match_plan_paths_equal_reference(path, grouping, device, monkeypatch):
     """The match kernel's plan in its last program per clip, by either path: sorted (forced here
-    on a short row) and counted (float64 metrics, short and long rows), walked in 16-wide steps."""
+    on a short row) and counted (float64 metrics, short and long rows), walked in 16-wide steps;
+    then its grouping by destination, sorted or (rows too wide to sort) counted in 16 x 16 tiles."""
     if path == "counted":
         monkeypatch.setattr(triton_ops, "PLAN_SORT_LIMIT", 0)
     else:
         monkeypatch.setattr(triton_ops, "PLAN_SORT_MIN", 1)
+    if grouping == "counted":
+        monkeypatch.setattr(triton_ops, "GROUP_SORT_LIMIT", 0)
     monkeypatch.setattr(triton_ops, "INTERPRETER_BLOCK", 16)
+    assert (triton_ops._group_block_width(30, 37, 36) > 0) == (grouping == "sorted")
     metric = tie_free_metric(2, 75, 2, 24, torch.float32, "contiguous", device, seed=5)
     plan = triton_ops.match(metric, 30, 2)
     expected = ref.match(metric.cpu().double(), 30, 2)
     for name in ("merged", "dst", "kept"):
         assert torch.equal(getattr(plan, name).cpu(), getattr(expected, name)), name
+    _check_grouping(plan, expected)
+
+
+@pytest.mark.parametrize("grouping", ["sorted", "counted"])
+def test_match_grouping_of_a_hub(grouping, device, monkeypatch):
+    """Every A token's best match is B token 0 (one destination takes all r sources, in rank
+    order) and the other B tokens take none: the grouping's longest run and its empty runs."""
+    if grouping == "counted":
+        monkeypatch.setattr(triton_ops, "GROUP_SORT_LIMIT", 0)
+        monkeypatch.setattr(triton_ops, "INTERPRETER_BLOCK", 16)
+    n, c, d = 41, 1, 24
+    metric = torch.zeros(2, n, d)
+    metric[:, 0, 1] = 1.0  # the class token
+    a_pos, b_pos = ref.split_positions(n, c)
+    metric[:, a_pos, 0] = 1.0
+    metric[:, a_pos, 2] = torch.arange(len(a_pos)) * 0.01 + torch.arange(2)[:, None] * 0.003  # distinct scores
+    metric[:, b_pos[0], 0] = 1.0
+    metric[:, b_pos[1:], 0] = -1.0
+    metric[:, b_pos[1:], 3 + torch.arange(len(b_pos) - 1) % (d - 3)] = 1.0
+    metric = metric.to(device)
+    plan = triton_ops.match(metric, 17, c)
+    expected = ref.match(metric.cpu().double(), 17, c)
+    assert torch.equal(expected.dst, torch.zeros_like(expected.dst))
+    for name in ("merged", "dst", "kept"):
+        assert torch.equal(getattr(plan, name).cpu(), getattr(expected, name)), name
+    _check_grouping(plan, expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +400,8 @@ def test_join_merge(f, group, n, c, d, dtype, layout, r, device):
     g = torch.Generator().manual_seed(f * n + r)
     size = _sizes(2 * f, n, "BN1-fp32", dtype, device, g)
     frame_pos = (0.1 * torch.randn(1, f, 1, d, generator=g)).to(dtype).to(device).requires_grad_()
-    out, size_out, _ = triton_ops.join_merge(x, size, group, c, r, frame_pos)
+    out, size_out, plan = triton_ops.join_merge(x, size, group, c, r, frame_pos)
+    _check_grouping(plan, ref.match(ref.join_clips(x.detach().cpu().double(), group, c), r, c * group))
     x64 = x.detach().cpu().double().requires_grad_()
     pos64 = frame_pos.detach().cpu().double().requires_grad_()
     ref_out, ref_size = _reference_join_merge(x64, size.cpu().double(), group, c, r, pos64)
@@ -404,9 +446,10 @@ def test_join_merge_gradcheck(device):
     frame_pos = torch.randn(1, 2, 1, 2, generator=g, dtype=torch.float64).to(device).requires_grad_()
     size = torch.randint(1, 4, (4, 4, 1), generator=g).double().to(device)
     # The plan is fixed (matching is not differentiable, and the perturbed x must not re-plan).
-    merged, dst, kept = torch.ops.tempme.match(x.detach(), 3, 1, 2)
+    merged, dst, kept, src, offsets = triton_ops.match_forward(x.detach(), 3, 1, 2)
     assert torch.autograd.gradcheck(
-        lambda t, p: triton_ops.MergeFunction.apply(t, size, merged, dst, kept, 1, 2, p)[0], (x, frame_pos))
+        lambda t, p: triton_ops.MergeFunction.apply(t, size, merged, dst, kept, 1, 2, p, src, offsets)[0],
+        (x, frame_pos))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,6 +560,9 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.tempme.match, (joined[0], 5, 1, 2))
     torch.library.opcheck(torch.ops.tempme.merge_fwd,
                           (joined[1], joined[2], plan.merged, plan.dst, plan.kept, 1, 2, frame_pos))
+    # With the grouping that the match writes (views of its one buffer).
+    grouped = triton_ops.match(metric, 5, 1)
+    torch.library.opcheck(torch.ops.tempme.merge_fwd, (x, size, *grouped[:3], 1, 1, None, *grouped[5:]))
 
 
 def test_compile_fullgraph(device):

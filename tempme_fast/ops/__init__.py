@@ -92,6 +92,10 @@ def match(metric: torch.Tensor, r: int, protected: int, backend: str = "auto", *
         protected: class tokens at the front, never merged, ``0 <= protected <= N - 2``.
         check_finite: also refuse a metric holding NaN or Inf (a host synchronisation). A NaN
             metric has no well-defined ranking, so the two backends may plan differently.
+    Returns:
+        A :class:`MergePlan`. The Triton backend's also carries ``src`` and ``offsets``, the merged
+        tokens grouped by destination, written in the same launch; its Triton merge then reads them
+        instead of grouping the tokens itself. Its index tensors are row views of one buffer.
     """
     check_metric(metric, protected, check_finite)
     check_r(r, metric.shape[1], protected)

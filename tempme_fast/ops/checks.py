@@ -87,16 +87,21 @@ def check_plan(plan, rows: int, tokens: int) -> None:
         raise ValueError(f"plan was made for [B'={plan.merged.shape[0]}, N={plan.tokens}] but x has "
                          f"B'={rows}, N={tokens}")
     check_int("plan.protected", plan.protected, 0, tokens - 2, f" for N={tokens}")
-    na, _ = split_sizes(tokens, plan.protected)
+    na, nb = split_sizes(tokens, plan.protected)
     r = plan.merged.shape[1]
+    fields = [("merged", plan.merged, (rows, r), "r"), ("dst", plan.dst, (rows, r), "r"),
+              ("kept", plan.kept, (rows, na - r), "Na - r")]
+    if (plan.src is None) != (plan.offsets is None):
+        raise ValueError("plan.src and plan.offsets must both be given (the grouping of tempme_fast.ops.match) "
+                         "or both be None")
+    if plan.src is not None:
+        fields += [("src", plan.src, (rows, r), "r"), ("offsets", plan.offsets, (rows, nb + 1), "Nb + 1")]
     # (torch.Size compares equal to a tuple: no conversion, this runs at every merge.)
-    for field, t, shape in (("merged", plan.merged, (rows, r)), ("dst", plan.dst, (rows, r)),
-                            ("kept", plan.kept, (rows, na - r))):
+    for field, t, shape, width in fields:
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.shape != shape:
             got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"plan.{field} must be an int64 tensor of shape {list(shape)} (B', "
-                             f"{'r' if field != 'kept' else 'Na - r'}) for N={tokens}, "
-                             f"protected={plan.protected}; got {got}")
+            raise ValueError(f"plan.{field} must be an int64 tensor of shape {list(shape)} (B', {width}) for "
+                             f"N={tokens}, protected={plan.protected}; got {got}")
 
 
 def check_join(x: torch.Tensor, group: int, protected: int, frame_pos: Optional[torch.Tensor]) -> None:
@@ -152,7 +157,8 @@ def check_merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, check_fini
         raise TypeError(f"size has dtype {size.dtype}; valid: float32 (recommended), float64, float16, bfloat16")
     check_plan(plan, x.shape[0], x.shape[1])
     device = x.device
-    if not device == size.device == plan.merged.device == plan.dst.device == plan.kept.device:
+    on_device = device == size.device == plan.merged.device == plan.dst.device == plan.kept.device
+    if not on_device or (plan.src is not None and not device == plan.src.device == plan.offsets.device):
         raise ValueError(f"x ({x.device}), size ({size.device}) and plan ({plan.merged.device}) must be "
                          f"on one device")
     if check_finite:

@@ -25,6 +25,10 @@ class MergePlan(NamedTuple):
         kept: ``[B', Na - r]`` A tokens kept, increasing.
         tokens: ``N``, tokens per clip before the merge.
         protected: ``c``, class tokens at the front, never merged.
+        src, offsets: optional ``[B', r]`` and ``[B', Nb + 1]`` int64, the merged tokens grouped by
+            destination (:func:`group_sources`), written by the Triton match in the same launch as
+            the plan so that the Triton merge need not group them itself; None otherwise (the
+            reference merge never reads them).
     """
 
     merged: torch.Tensor
@@ -32,6 +36,8 @@ class MergePlan(NamedTuple):
     kept: torch.Tensor
     tokens: int
     protected: int
+    src: Optional[torch.Tensor] = None
+    offsets: Optional[torch.Tensor] = None
 
     @property
     def r(self) -> int:
@@ -116,6 +122,19 @@ def match(metric: torch.Tensor, r: int, protected: int) -> MergePlan:
         merged = order[:, :r]
         kept = order[:, r:].sort(dim=-1).values
         return MergePlan(merged, dst.gather(1, merged), kept, metric.shape[1], protected)
+
+
+def group_sources(merged: torch.Tensor, dst: torch.Tensor, nb: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The merged tokens grouped by destination: ``(src [B', r], offsets [B', nb + 1])``, int64.
+
+    ``src[b, offsets[b, j]:offsets[b, j + 1]]`` are the A tokens merging into B token ``j``, in
+    rank order (the order of ``merged``).
+    """
+    order = torch.sort(dst, dim=-1, stable=True).indices
+    counts = torch.zeros(dst.shape[0], nb, dtype=torch.int64, device=dst.device)
+    counts.scatter_add_(1, dst, torch.ones_like(dst))
+    offsets = F.pad(counts.cumsum(dim=-1), (1, 0))
+    return merged.gather(1, order), offsets
 
 
 def merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -13,9 +13,10 @@ An eager call runs the launchers directly and uses an autograd function only whe
 flow; the custom ops are taken while ``torch.compile`` traces or a dispatch mode watches
 (:mod:`.eager` says why).
 
-A merge step is two launches: the match (best match and plan, ``match_forward``) and the merge
-(grouping of sources by destination and the weighted sum, ``merge_forward``), with one workspace
-allocation each; the backward is one launch. ``merge_norm`` is the same two launches, its merge
+A merge step is two launches: the match (best match, plan, and the plan's merged tokens grouped by
+destination, ``match_forward``, all in one allocated buffer) and the merge (each output token
+gathers its grouped sources, ``merge_forward``, whose one workspace is the merged B tokens' sizes
+kept for the backward); the backward is one launch. ``merge_norm`` is the same two launches, its merge
 launch also writing the LayerNorm of the merged tokens (and, given a residual, reading ``x`` and the
 residual and merging their sum). Tile sizes and warps come from a fixed
 table of the shape (``_match_tiles``, ``_merge_tiles``, ``_merge_norm_tiles``), so results repeat
@@ -44,7 +45,8 @@ from .launch import launch
 from .reference import MergePlan, accumulation_dtype, split_sizes, split_starts
 
 __all__ = ["MergeFunction", "MergeNormFunction", "best_match", "best_match_forward", "join_merge",
-           "join_merge_norm", "layer_norm_backward", "match", "match_forward", "match_plan_forward", "merge",
+           "join_merge_norm", "layer_norm_backward", "match", "match_buffer_forward", "match_forward",
+           "match_plan_forward", "merge",
            "merge_backward", "merge_forward", "merge_index", "merge_norm", "merge_norm_forward"]
 
 # Largest tile (tokens, or channels) one program handles in the interpreter, which pays per
@@ -60,7 +62,7 @@ GPU_BLOCK_MATCH = 64
 GPU_BLOCK_CHANNELS = 128
 # Elements of a merge-and-LayerNorm program's tile on a GPU (tokens x all features).
 NORM_TILE_ELEMENTS = 4096
-# (token, merged token) pairs a thread compares in one step of a merge program's grouping on a GPU.
+# (destination, merged token) pairs a thread compares in one step of merge_index's grouping on a GPU.
 GROUPING_PAIRS_PER_THREAD = 8
 # Rows whose plan is sorted in registers (one int64 key a token, kernels/match.py): from
 # PLAN_SORT_MIN A tokens, where counting takes (Na / 64)^2 + Na / 64 >= 12 steps that each load and
@@ -69,6 +71,9 @@ GROUPING_PAIRS_PER_THREAD = 8
 # row); up to PLAN_SORT_LIMIT. Shorter and longer rows, and float64 scores, count.
 PLAN_SORT_MIN = 129
 PLAN_SORT_LIMIT = 2048
+# The plan's grouping by destination is sorted in registers up to this many keys (r + Nb + 1: 918 at
+# ViT-L/14's widest join), counted in 64 x 64 tiles beyond (kernels/group.py).
+GROUP_SORT_LIMIT = 2048
 # Programs that keep a large GPU busy (2 per SM of an H100): below it, work is split further.
 GPU_FILL = 264
 # Products of a float32 metric's match on a GPU: "tf32x3" (three TF32 products of the operands' high and
@@ -218,20 +223,19 @@ def _merge_fwd_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[
     # 16-bit features only: a 128-wide fp32 slice spills on sm_80 (32 B at the ViT-B/16 joins).
     if not _interpreting() and itemsize <= 2 and wide <= width and programs >= 4 * GPU_FILL:
         tiles["BLOCK_D"] = wide
+    elif itemsize <= 2 and tiles["BLOCK_T"] >= 32:
+        # 32 x 128 16-bit tiles at 8 warps: ptxas holds them at 80 registers and spills 8-16 B of
+        # bf16 on sm_80; at 4 warps, 122-143 registers, no spill (the same elements in flight an SM).
+        tiles["num_warps"] = 4
     return tiles
 
 
-def _source_block(r: int, block_t: int, num_warps: int, itemsize: int = 2) -> int:
-    """Merged tokens per step of a merge program's grouping, whose steps compare ``BLOCK_T x
-    BLOCK_K`` pairs: about ``GROUPING_PAIRS_PER_THREAD`` a thread (half that for 32-bit features
-    at 4 warps), so a narrow token tile walks the destinations in fewer, wider steps. More a
-    thread raises the registers: 16 took a 16-token, 4-warp join merge from 79 to 156 on sm_90,
-    and 8 spill 16 B in a 16-token, 4-warp fp32 merge on sm_80."""
+def _source_block(r: int, block_j: int) -> int:
+    """Merged tokens per step of :func:`merge_index`'s grouping, whose 4-warp programs compare
+    ``BLOCK_J x BLOCK_K`` pairs a step: about ``GROUPING_PAIRS_PER_THREAD`` a thread."""
     if _interpreting():
         return _block(r, INTERPRETER_BLOCK)
-    halve = itemsize > 2 and num_warps < 8
-    pairs = GROUPING_PAIRS_PER_THREAD // 2 if halve else GROUPING_PAIRS_PER_THREAD
-    return _block(r, max(16, pairs * 32 * num_warps // block_t))
+    return _block(r, max(16, GROUPING_PAIRS_PER_THREAD * 32 * 4 // block_j))
 
 
 def _merge_norm_tiles(rows: int, tokens: int, width: int, itemsize: int, has_pos: bool) -> Dict[str, int]:
@@ -254,6 +258,30 @@ def _merge_norm_tiles(rows: int, tokens: int, width: int, itemsize: int, has_pos
 # Host launchers
 # ---------------------------------------------------------------------------------------------
 
+def _plan_widths(r: int, na: int, nb: int) -> Tuple[int, ...]:
+    """Widths of a plan buffer row's parts: merged, dst, kept, src, offsets (:func:`_plan_views`)."""
+    return r, r, na - r, r, nb + 1
+
+
+def _plan_views(buf: torch.Tensor, r: int, na: int, nb: int) -> Tuple[torch.Tensor, ...]:
+    """``(merged [B', r], dst [B', r], kept [B', Na - r], src [B', r], offsets [B', Nb + 1])``: the
+    int64 parts of the rows of one plan buffer ``[B', 2 r + Na + Nb + 1]`` (one allocation a merge
+    step, one ``split`` op: rows of unit stride, row stride the buffer's)."""
+    return buf.split_with_sizes(_plan_widths(r, na, nb), 1)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit stride along its last dim (the kernels take any row stride)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _group_block_width(r: int, na: int, nb: int) -> int:
+    """``GROUP_BLOCK`` of the grouping: the sort width for up to ``GROUP_SORT_LIMIT`` keys, 0 (count)
+    for wider rows and for indices that do not fit the sort's keys (``kernels/group.py``)."""
+    width = _next_power_of_2(r + nb + 1)
+    return width if width <= GROUP_SORT_LIMIT and na < 65536 and r < 32768 else 0
+
+
 def _launch_match(metric: torch.Tensor, protected: int, group: int, r: int, plan: bool):
     rows, tokens, c = _joined_shape(metric, protected, group)
     channels = metric.shape[2]
@@ -261,23 +289,22 @@ def _launch_match(metric: torch.Tensor, protected: int, group: int, r: int, plan
     acc = accumulation_dtype(metric.dtype)
     tiles = _match_tiles(rows, na, nb, channels, metric.dtype)
     splits, a_blocks = tiles.pop("SPLITS"), tiles.pop("A_BLOCKS")
-    i64 = dict(dtype=torch.int64, device=metric.device)
     count, part = _match_scratch(metric.device, rows, (rows, splits, 2, na), acc)
     if plan:
-        outs = (_new_output((rows, r), **i64), _new_output((rows, r), **i64), _new_output((rows, na - r), **i64))
-        scores, dst = part, outs[0]  # not written
-        merged, merged_dst, kept = outs
+        out = _new_output((rows, sum(_plan_widths(r, na, nb))), torch.int64, metric.device)
+        scores, dst = part, out  # not written
     else:
-        scores, dst = _new_output((rows, na), acc, metric.device), _new_output((rows, na), **i64)
-        outs = (scores, dst)
-        merged = merged_dst = kept = dst  # not written
+        scores, dst = _new_output((rows, na), acc, metric.device), _new_output((rows, na), torch.int64, metric.device)
+        out = (scores, dst)
+    plan_rows = out if plan else dst  # not written without a plan
     launch(_best_match_fwd_kernel, (a_blocks * splits, rows),
-        metric, part, scores, dst, merged, merged_dst, kept, count,
+        metric, part, scores, dst, plan_rows, count,
         na, nb, r, channels, a_start, b_start, group, protected, metric.shape[1], tiles.pop("B_PER"), splits,
-        metric.stride(0), metric.stride(1), metric.stride(2),
-        TINY=torch.finfo(acc).tiny, PLAN=plan, SORT_BLOCK=_plan_sort_block(na, acc) if plan else 0, **tiles,
+        plan_rows.shape[1], metric.stride(0), metric.stride(1), metric.stride(2),
+        TINY=torch.finfo(acc).tiny, PLAN=plan, SORT_BLOCK=_plan_sort_block(na, acc) if plan else 0,
+        GROUP_BLOCK=_group_block_width(r, na, nb) if plan else 0, **tiles,
     )
-    return outs
+    return out
 
 
 def best_match_forward(metric: torch.Tensor, protected: int, group: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -294,11 +321,23 @@ def best_match_forward(metric: torch.Tensor, protected: int, group: int = 1) -> 
     return _launch_match(metric, protected, group, 0, plan=False)
 
 
-def match_forward(metric: torch.Tensor, r: int, protected: int, group: int = 1
-                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best match and merge plan in one launch: ``merged [B', r]``, ``merged_dst [B', r]``,
-    ``kept [B', Na - r]``, int64, as :func:`match_plan_forward` of :func:`best_match_forward`."""
+def match_buffer_forward(metric: torch.Tensor, r: int, protected: int, group: int = 1) -> torch.Tensor:
+    """Best match, merge plan and the plan's grouping by destination in one launch, written to one
+    int64 buffer ``[B', 2 r + Na + Nb + 1]`` (one allocation); :func:`match_forward` gives its parts."""
     return _launch_match(metric, protected, group, r, plan=True)
+
+
+def _split_plan(buf: torch.Tensor, metric: torch.Tensor, r: int, protected: int, group: int) -> Tuple[torch.Tensor, ...]:
+    _, tokens, c = _joined_shape(metric, protected, group)
+    return _plan_views(buf, r, *split_sizes(tokens, c))
+
+
+def match_forward(metric: torch.Tensor, r: int, protected: int, group: int = 1) -> Tuple[torch.Tensor, ...]:
+    """Best match and merge plan in one launch: ``merged [B', r]``, ``merged_dst [B', r]``,
+    ``kept [B', Na - r]``, as :func:`match_plan_forward` of :func:`best_match_forward`, then the
+    merged tokens grouped by destination, ``src [B', r]`` and ``offsets [B', Nb + 1]``
+    (``reference.group_sources``); all int64, views of the rows of one buffer."""
+    return _split_plan(match_buffer_forward(metric, r, protected, group), metric, r, protected, group)
 
 
 def match_plan_forward(scores: torch.Tensor, dst: torch.Tensor, r: int
@@ -321,25 +360,28 @@ def match_plan_forward(scores: torch.Tensor, dst: torch.Tensor, r: int
     return merged, merged_dst, kept
 
 
-def merge_index(merged: torch.Tensor, dst: torch.Tensor, nb: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Group merged tokens by destination: ``src [B', r]`` int32 and ``offsets [B', nb + 1]`` int32.
+def merge_index(merged: torch.Tensor, dst: torch.Tensor, nb: int, dtype: torch.dtype = torch.int32
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Group merged tokens by destination: ``src [B', r]`` and ``offsets [B', nb + 1]``, both ``dtype``
+    (int32 or int64), as ``reference.group_sources``.
 
     ``src[b, offsets[b, j]:offsets[b, j + 1]]`` are the tokens merging into destination ``j``, in rank
-    order. :func:`merge_forward` does this grouping inside its own launch; this writes it out,
+    order. :func:`match_forward` writes this grouping with the plan; this writes it for any plan,
     one program per (destination block, row).
     """
     merged, dst = merged.contiguous(), dst.contiguous()
     rows, r = merged.shape
-    src = _new_output((rows, r), torch.int32, merged.device)
-    offsets = _new_output((rows, nb + 1), torch.int32, merged.device)
+    src = _new_output((rows, r), dtype, merged.device)
+    offsets = _new_output((rows, nb + 1), dtype, merged.device)
     block_j = _block(nb + 1, GPU_BLOCK_TOKENS)
     launch(_merge_index_kernel, (_cdiv(nb + 1, block_j), rows), merged, dst, src, offsets, r, nb,
-           BLOCK_K=_source_block(r, block_j, 4), BLOCK_J=block_j, num_warps=4)
+           BLOCK_K=_source_block(r, block_j), BLOCK_J=block_j, num_warps=4)
     return src, offsets
 
 
 def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor,
                   kept: torch.Tensor, protected: int, group: int = 1, frame_pos: Optional[torch.Tensor] = None,
+                  src: Optional[torch.Tensor] = None, offsets: Optional[torch.Tensor] = None,
                   norm: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
                   residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
     """Size-weighted merge (of the joined clips when ``group > 1``), one launch.
@@ -351,25 +393,29 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
         protected: class tokens per clip of ``x``.
         frame_pos: optional ``[1, F, 1, D]`` temporal position embedding, added to every token of
             clip ``k`` of its video (``F`` clips per video in ``x``) before merging.
+        src, offsets: the plan's merged tokens grouped by destination, ``[B', r]`` and
+            ``[B', Nb + 1]`` int64 (from :func:`match_forward`); without them a launch of
+            :func:`merge_index` groups them first.
         norm: optional ``(weight [D], bias [D], eps)`` of a LayerNorm applied to the merged tokens
             in the same launch (``reference.merge_norm``).
         residual: optional tensor of x's shape and dtype (any strides): the launch merges
             ``x + residual``, read from both, never written.
     Returns:
         ``x [B', N - r, D]`` (x's dtype), ``size`` (size's layout and dtype) and ``b_size [B', Nb]``
-        float32 (float64 for float64 x), the merged size of every B token, for the backward (a
-        view into the step's workspace, row stride ``Nb + r``); with ``norm``, then
-        ``ln [B', N - r, D]`` in x's dtype.
+        float32 (float64 for float64 x), the merged size of every B token, for the backward; with
+        ``norm``, then ``ln [B', N - r, D]`` in x's dtype.
     """
     rows, tokens, c = _joined_shape(x, protected, group)
     width = x.shape[2]
     r, nk = merged.shape[1], kept.shape[1]
     _, nb, a_start, b_start = _positions(tokens, c)
     n_out = tokens - r
-    merged, dst, kept = merged.contiguous(), dst.contiguous(), kept.contiguous()
+    if src is None or offsets is None:
+        src, offsets = merge_index(merged, dst, nb, torch.int64)
+    kept, src, offsets = _rows(kept), _rows(src), _rows(offsets)
     out = _new_output((rows, n_out, width), x.dtype, x.device)
     size_out = _new_output((rows, n_out) + tuple(size.shape[2:]), size.dtype, x.device)
-    work = _new_output((rows, nb + r), accumulation_dtype(x.dtype), x.device)
+    b_size = _new_output((rows, nb), accumulation_dtype(x.dtype), x.device)
     pos = x if frame_pos is None else frame_pos.reshape(frame_pos.shape[1], width).contiguous()
     if norm is None:
         ln, ln_w, ln_b, eps = out, out, out, 0.0  # not read, not written
@@ -381,25 +427,25 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
     grid = (_cdiv(width, tiles["BLOCK_D"]), _cdiv(n_out, tiles["BLOCK_T"]), rows)
     res = x if residual is None else residual  # not read without a residual
     launch(_merge_fwd_kernel, grid,
-        x, res, size, pos, merged, dst, kept, out, size_out, work, ln_w, ln_b, ln, eps,
+        x, res, size, pos, kept, src, offsets, out, size_out, b_size, ln_w, ln_b, ln, eps,
         n_out, c, nk, r, nb, width, a_start, b_start, group, protected, x.shape[1], pos.shape[0],
         x.stride(0), x.stride(1), x.stride(2), res.stride(0), res.stride(1), res.stride(2),
-        size.stride(0), size.stride(1), pos.stride(0), nb + r,
-        HAS_RES=residual is not None, HAS_POS=frame_pos is not None, NORM=norm is not None,
-        BLOCK_K=_source_block(r, tiles["BLOCK_T"], tiles["num_warps"], x.dtype.itemsize), **tiles,
+        size.stride(0), size.stride(1), pos.stride(0), kept.stride(0), src.stride(0), offsets.stride(0),
+        HAS_RES=residual is not None, HAS_POS=frame_pos is not None, NORM=norm is not None, **tiles,
     )
     if norm is not None:
-        return out, size_out, work[:, :nb], ln
-    return out, size_out, work[:, :nb]
+        return out, size_out, b_size, ln
+    return out, size_out, b_size
 
 
 def merge_norm_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor,
                        kept: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, protected: int,
                        group: int = 1, frame_pos: Optional[torch.Tensor] = None,
-                       residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+                       residual: Optional[torch.Tensor] = None, src: Optional[torch.Tensor] = None,
+                       offsets: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
     """:func:`merge_forward` with ``norm=(weight, bias, eps)``, in the argument order of ``tempme::merge_norm_fwd``."""
-    return merge_forward(x, size, merged, dst, kept, protected, group, frame_pos, norm=(weight, bias, eps),
-                         residual=residual)
+    return merge_forward(x, size, merged, dst, kept, protected, group, frame_pos, src, offsets,
+                         norm=(weight, bias, eps), residual=residual)
 
 
 def merge_backward(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Tensor, merged: torch.Tensor,
@@ -416,9 +462,7 @@ def merge_backward(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Ten
     tokens, c = tokens_in * group, protected * group
     r, nk = merged.shape[1], kept.shape[1]
     _, nb, a_start, b_start = _positions(tokens, c)
-    merged, dst, kept = merged.contiguous(), dst.contiguous(), kept.contiguous()
-    if b_size.stride(1) != 1:
-        b_size = b_size.contiguous()
+    merged, dst, kept, b_size = _rows(merged), _rows(dst), _rows(kept), _rows(b_size)
     grad_x = _new_output((rows * group, tokens_in, width), grad_out.dtype, grad_out.device)
     tiles = _merge_tiles(rows, tokens, width, grad_out.dtype.itemsize)
     n_tiles = _cdiv(tokens, tiles["BLOCK_T"])
@@ -427,7 +471,7 @@ def merge_backward(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Ten
         grad_out, size, merged, dst, kept, b_size, grad_x, pos_part,
         tokens, c, nk, r, nb, width, a_start, b_start, group, protected, tokens_in, n_tiles,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), size.stride(0), size.stride(1),
-        b_size.stride(0), POS_GRAD=pos_grad, **tiles,
+        b_size.stride(0), merged.stride(0), dst.stride(0), kept.stride(0), POS_GRAD=pos_grad, **tiles,
     )
     return grad_x, pos_part
 
@@ -450,46 +494,48 @@ def _(metric, protected, group=1):
 
 
 @torch.library.custom_op("tempme::match", mutates_args=())
-def _match_op(metric: torch.Tensor, r: int, protected: int, group: int = 1
-              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return match_forward(metric, r, protected, group)
+def _match_op(metric: torch.Tensor, r: int, protected: int, group: int = 1) -> torch.Tensor:
+    # One buffer: a custom op's outputs may not alias one another, so the parts are taken outside.
+    return match_buffer_forward(metric, r, protected, group)
 
 
 @_match_op.register_fake
 def _(metric, r, protected, group=1):
     rows, tokens, c = _joined_shape(metric, protected, group)
-    na, _ = split_sizes(tokens, c)
-    return (metric.new_empty((rows, r), dtype=torch.int64), metric.new_empty((rows, r), dtype=torch.int64),
-            metric.new_empty((rows, na - r), dtype=torch.int64))
+    return metric.new_empty((rows, sum(_plan_widths(r, *split_sizes(tokens, c)))), dtype=torch.int64)
 
 
 @torch.library.custom_op("tempme::merge_fwd", mutates_args=())
 def _merge_fwd_op(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor,
-                  kept: torch.Tensor, protected: int, group: int = 1, frame_pos: Optional[torch.Tensor] = None
+                  kept: torch.Tensor, protected: int, group: int = 1, frame_pos: Optional[torch.Tensor] = None,
+                  src: Optional[torch.Tensor] = None, offsets: Optional[torch.Tensor] = None
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return merge_forward(x, size, merged, dst, kept, protected, group, frame_pos)
+    return merge_forward(x, size, merged, dst, kept, protected, group, frame_pos, src, offsets)
 
 
 @_merge_fwd_op.register_fake
-def _merge_fwd_fake(x, size, merged, dst, kept, protected, group=1, frame_pos=None):
+def _merge_fwd_fake(x, size, merged, dst, kept, protected, group=1, frame_pos=None, src=None, offsets=None):
     rows, tokens, c = _joined_shape(x, protected, group)
     n_out = tokens - merged.shape[1]
     _, nb = split_sizes(tokens, c)
-    work = x.new_empty((rows, nb + merged.shape[1]), dtype=accumulation_dtype(x.dtype))
-    return x.new_empty((rows, n_out, x.shape[2])), size.new_empty((rows, n_out) + tuple(size.shape[2:])), work[:, :nb]
+    return (x.new_empty((rows, n_out, x.shape[2])), size.new_empty((rows, n_out) + tuple(size.shape[2:])),
+            x.new_empty((rows, nb), dtype=accumulation_dtype(x.dtype)))
 
 
 @torch.library.custom_op("tempme::merge_norm_fwd", mutates_args=())
 def _merge_norm_fwd_op(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor,
                        kept: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, protected: int,
                        group: int = 1, frame_pos: Optional[torch.Tensor] = None,
-                       residual: Optional[torch.Tensor] = None
+                       residual: Optional[torch.Tensor] = None, src: Optional[torch.Tensor] = None,
+                       offsets: Optional[torch.Tensor] = None
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return merge_norm_forward(x, size, merged, dst, kept, weight, bias, eps, protected, group, frame_pos, residual)
+    return merge_norm_forward(x, size, merged, dst, kept, weight, bias, eps, protected, group, frame_pos, residual,
+                              src, offsets)
 
 
 @_merge_norm_fwd_op.register_fake
-def _(x, size, merged, dst, kept, weight, bias, eps, protected, group=1, frame_pos=None, residual=None):
+def _(x, size, merged, dst, kept, weight, bias, eps, protected, group=1, frame_pos=None, residual=None, src=None,
+      offsets=None):
     out, size_out, b_size = _merge_fwd_fake(x, size, merged, dst, kept, protected, group, frame_pos)
     return out, size_out, b_size, torch.empty_like(out)
 
@@ -517,14 +563,17 @@ def _(grad_out, size, b_size, merged, dst, kept, protected, tokens_in, group=1, 
 # Each launcher with its custom op: the launcher in eager calls, the op where torch.compile or a
 # dispatch mode must see it (tempme_fast.ops.eager).
 _best_match_call = custom_op_or(best_match_forward, "best_match")
-_match_call = custom_op_or(match_forward, "match")
+_match_call = custom_op_or(match_buffer_forward, "match")
 _merge_fwd = custom_op_or(merge_forward, "merge_fwd")
 _merge_norm_fwd = custom_op_or(merge_norm_forward, "merge_norm_fwd")
 _merge_bwd = custom_op_or(merge_backward, "merge_bwd")
 
 
-def _match(metric: torch.Tensor, r: int, protected: int, group: int = 1):
-    return _match_call(detached(metric), r, protected, group)
+def _match(metric: torch.Tensor, r: int, protected: int, group: int = 1) -> MergePlan:
+    """The :class:`MergePlan` of the (joined) clips, with its grouping by destination."""
+    buf = _match_call(detached(metric), r, protected, group)
+    merged, dst, kept, src, offsets = _split_plan(buf, metric, r, protected, group)
+    return MergePlan(merged, dst, kept, metric.shape[1] * group, protected * group, src, offsets)
 
 
 def _pos_grad(pos_part: torch.Tensor, pos_shape) -> Optional[torch.Tensor]:
@@ -547,8 +596,8 @@ class MergeFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, size, merged, dst, kept, protected: int, group: int, frame_pos):
-        out, size_out, b_size = _merge_fwd(x, size, merged, dst, kept, protected, group, frame_pos)
+    def forward(ctx, x, size, merged, dst, kept, protected: int, group: int, frame_pos, src, offsets):
+        out, size_out, b_size = _merge_fwd(x, size, merged, dst, kept, protected, group, frame_pos, src, offsets)
         ctx.save_for_backward(size, b_size, merged, dst, kept)
         ctx.protected, ctx.group, ctx.tokens_in = protected, group, x.shape[1]
         ctx.pos_shape = None if frame_pos is None else (frame_pos.shape, frame_pos.dtype)
@@ -561,7 +610,8 @@ class MergeFunction(torch.autograd.Function):
         pos_grad = ctx.pos_shape is not None and ctx.needs_input_grad[7]
         grad_x, pos_part = _merge_bwd(grad_out, size, b_size, merged, dst, kept, ctx.protected, ctx.tokens_in,
                                       ctx.group, pos_grad)
-        return grad_x, None, None, None, None, None, None, _pos_grad(pos_part, ctx.pos_shape if pos_grad else None)
+        return (grad_x, None, None, None, None, None, None, _pos_grad(pos_part, ctx.pos_shape if pos_grad else None),
+                None, None)
 
 
 def layer_norm_backward(grad_ln: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
@@ -596,9 +646,9 @@ class MergeNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, size, merged, dst, kept, protected: int, group: int, frame_pos, weight, bias, eps: float,
-                residual=None):
+                residual, src, offsets):
         out, size_out, b_size, ln = _merge_norm_fwd(x, size, merged, dst, kept, weight, bias, eps, protected, group,
-                                                    frame_pos, residual)
+                                                    frame_pos, residual, src, offsets)
         ctx.save_for_backward(size, b_size, merged, dst, kept, out, weight)
         ctx.protected, ctx.group, ctx.tokens_in, ctx.eps = protected, group, x.shape[1], eps
         ctx.pos_shape = None if frame_pos is None else (frame_pos.shape, frame_pos.dtype)
@@ -617,24 +667,26 @@ class MergeNormFunction(torch.autograd.Function):
                                       ctx.tokens_in, ctx.group, pos_grad)
         grad_pos = _pos_grad(pos_part, ctx.pos_shape if pos_grad else None)
         grad_res = grad_x if ctx.needs_input_grad[11] else None  # x + residual was merged: the same gradient
-        return grad_x, None, None, None, None, None, None, grad_pos, grad_w, grad_b, None, grad_res
+        return grad_x, None, None, None, None, None, None, grad_pos, grad_w, grad_b, None, grad_res, None, None
 
 
-def _merge_autograd(x, size, merged, dst, kept, protected: int, group: int, frame_pos):
-    """:class:`MergeFunction` where a gradient can flow; otherwise its forward alone, without a graph node."""
+def _merge_autograd(x, size, plan: MergePlan, group: int, frame_pos):
+    """:class:`MergeFunction` where a gradient can flow; otherwise its forward alone, without a graph node.
+    ``plan`` is on the joined clips; ``group`` clips of ``x`` form one."""
+    args = (plan.merged, plan.dst, plan.kept, plan.protected // group, group, frame_pos, plan.src, plan.offsets)
     if needs_grad(x, frame_pos):
-        return MergeFunction.apply(x, detached(size), merged, dst, kept, protected, group, frame_pos)
-    return _merge_fwd(x, size, merged, dst, kept, protected, group, frame_pos)[:2]
+        return MergeFunction.apply(x, detached(size), *args)
+    return _merge_fwd(x, size, *args)[:2]
 
 
-def _merge_norm_autograd(x, size, merged, dst, kept, protected: int, group: int, frame_pos, weight, bias,
-                         eps: float, residual=None):
+def _merge_norm_autograd(x, size, plan: MergePlan, group: int, frame_pos, weight, bias, eps: float, residual=None):
     """:class:`MergeNormFunction` where a gradient can flow; otherwise its forward alone."""
+    c = plan.protected // group
     if needs_grad(x, frame_pos, weight, bias, residual):
-        return MergeNormFunction.apply(x, detached(size), merged, dst, kept, protected, group, frame_pos, weight,
-                                       bias, eps, residual)
-    out, size_out, _, ln = _merge_norm_fwd(x, size, merged, dst, kept, weight, bias, eps, protected, group,
-                                           frame_pos, residual)
+        return MergeNormFunction.apply(x, detached(size), plan.merged, plan.dst, plan.kept, c, group, frame_pos,
+                                       weight, bias, eps, residual, plan.src, plan.offsets)
+    out, size_out, _, ln = _merge_norm_fwd(x, size, plan.merged, plan.dst, plan.kept, weight, bias, eps, c, group,
+                                           frame_pos, residual, plan.src, plan.offsets)
     return out, size_out, ln
 
 
@@ -644,22 +696,21 @@ def best_match(metric: torch.Tensor, protected: int) -> Tuple[torch.Tensor, torc
 
 
 def match(metric: torch.Tensor, r: int, protected: int) -> MergePlan:
-    """The :class:`MergePlan` that removes ``r`` tokens, index for index equal to ``reference.match``."""
-    merged, dst, kept = _match(metric, r, protected)
-    return MergePlan(merged, dst, kept, metric.shape[1], protected)
+    """The :class:`MergePlan` that removes ``r`` tokens, index for index equal to ``reference.match``
+    (and, in ``src`` and ``offsets``, its grouping by destination, for :func:`merge`)."""
+    return _match(metric, r, protected)
 
 
 def merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(x [B', N - r, D], size)`` merged by ``plan``; differentiable in ``x``."""
-    return _merge_autograd(x, size, plan.merged, plan.dst, plan.kept, plan.protected, 1, None)
+    return _merge_autograd(x, size, plan, 1, None)
 
 
 def merge_norm(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, weight: torch.Tensor, bias: torch.Tensor,
                eps: float, residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x [B', N - r, D], size, layer_norm(x))`` merged by ``plan`` (``x + residual`` with a
     residual), as ``reference.merge_norm``."""
-    return _merge_norm_autograd(x, size, plan.merged, plan.dst, plan.kept, plan.protected, 1, None, weight, bias,
-                                float(eps), residual)
+    return _merge_norm_autograd(x, size, plan, 1, None, weight, bias, float(eps), residual)
 
 
 def join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, r: int,
@@ -693,11 +744,9 @@ def join_merge_norm(x: torch.Tensor, size: torch.Tensor, group: int, protected: 
     (the block's ``ln_1``) from the same launch: ``(x, size, ln or None, plan)``."""
     if size.device != x.device:  # the rest is validated by tempme_fast.ops.join_merge
         raise ValueError(f"size is on {size.device} but x is on {x.device}; both must be on one device")
-    merged, dst, kept = _match(x, r, protected, group)
-    plan = MergePlan(merged, dst, kept, x.shape[1] * group, protected * group)
+    plan = _match(x, r, protected, group)
     if norm is None:
-        out, size_out = _merge_autograd(x, size, merged, dst, kept, protected, group, frame_pos)
+        out, size_out = _merge_autograd(x, size, plan, group, frame_pos)
         return out, size_out, None, plan
-    out, size_out, ln = _merge_norm_autograd(x, size, merged, dst, kept, protected, group, frame_pos, norm[0],
-                                             norm[1], float(norm[2]))
+    out, size_out, ln = _merge_norm_autograd(x, size, plan, group, frame_pos, norm[0], norm[1], float(norm[2]))
     return out, size_out, ln, plan

@@ -169,22 +169,24 @@ def bipartite_plan(metric: torch.Tensor, r: int, protected: int, kept_by_score: 
     if r <= 0:
         return _nothing(backend)
     tokens = metric.shape[1]
-    scores, dst = ops.best_match(metric, protected, backend=backend)
+    plan = None
     if not kept_by_score and ops.resolve_backend(backend, metric) == "triton":
-        from ..ops.triton_ops import match_plan_forward
-        merged, merged_dst, kept = match_plan_forward(scores, dst, r)
+        # Best match, plan and the grouping that the Triton merge reads: one launch.
+        plan = ops.match(metric, r, protected, backend="triton")
+        merged, merged_dst, kept = plan.merged, plan.dst, plan.kept
     else:
+        scores, dst = ops.best_match(metric, protected, backend=backend)
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
         merged, kept = order[:, :r], order[:, r:]
         merged_dst = dst.gather(1, merged)
         if not kept_by_score:
             kept = kept.sort(dim=-1).values
+            plan = MergePlan(merged, merged_dst, kept, tokens, protected)
     a_pos, b_pos = split_positions(tokens, protected, metric.device)
     rows = metric.shape[0]
     out_pos = torch.cat([torch.arange(protected, device=metric.device).expand(rows, -1), a_pos[kept],
                          b_pos.expand(rows, -1)], dim=1)
     m = TokenMerge(out_pos, a_pos[merged], protected + kept.shape[1] + merged_dst, tokens)
-    plan = None if kept_by_score else MergePlan(merged, merged_dst, kept, tokens, protected)
     return Merge(m, backend, tokens, plan), Unmerge(m)
 
 
