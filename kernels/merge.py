@@ -53,7 +53,7 @@ def _merge_index_kernel(
 # Only the counts that change from layer to layer are left unspecialised, and the size strides
 # (sizes are read one per token, never as vectors): D and the x strides keep their divisibility
 # by 16, which is what lets the compiler emit 128-bit loads and stores along the features.
-@triton.jit(do_not_specialize=["N_OUT", "C", "NK", "R", "NB", "A_START", "B_START", "N_IN", "stride_sb", "stride_kb",
+@triton.jit(do_not_specialize=["N_OUT", "C", "NK", "NB", "A_START", "B_START", "N_IN", "stride_sb", "stride_kb",
                                "stride_gb", "stride_ob"])
 def _merge_fwd_kernel(
     x_ptr,  # [B' * GROUP, N_IN, D] any strides (a clip of N = GROUP * N_IN tokens)
@@ -73,7 +73,6 @@ def _merge_fwd_kernel(
     N_OUT,
     C,
     NK,
-    R,
     NB,
     D,
     A_START,
@@ -161,7 +160,7 @@ def _merge_fwd_kernel(
         tl.store(ln_rows[:, None] + offs_d[None, :], ln.to(ln_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["N", "C", "NK", "R", "NB", "A_START", "B_START", "N_IN", "TILES", "stride_sb",
+@triton.jit(do_not_specialize=["N", "C", "NK", "NB", "A_START", "B_START", "N_IN", "TILES", "stride_sb",
                                "stride_wb", "stride_mb", "stride_db", "stride_kb"])
 def _merge_bwd_kernel(
     grad_out_ptr,  # [B', N - r, D] any strides
@@ -175,7 +174,6 @@ def _merge_bwd_kernel(
     N,
     C,
     NK,
-    R,
     NB,
     D,
     A_START,

@@ -428,7 +428,7 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
     res = x if residual is None else residual  # not read without a residual
     launch(_merge_fwd_kernel, grid,
         x, res, size, pos, kept, src, offsets, out, size_out, b_size, ln_w, ln_b, ln, eps,
-        n_out, c, nk, r, nb, width, a_start, b_start, group, protected, x.shape[1], pos.shape[0],
+        n_out, c, nk, nb, width, a_start, b_start, group, protected, x.shape[1], pos.shape[0],
         x.stride(0), x.stride(1), x.stride(2), res.stride(0), res.stride(1), res.stride(2),
         size.stride(0), size.stride(1), pos.stride(0), kept.stride(0), src.stride(0), offsets.stride(0),
         HAS_RES=residual is not None, HAS_POS=frame_pos is not None, NORM=norm is not None, **tiles,
@@ -460,7 +460,7 @@ def merge_backward(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Ten
     """
     rows, _, width = grad_out.shape
     tokens, c = tokens_in * group, protected * group
-    r, nk = merged.shape[1], kept.shape[1]
+    nk = kept.shape[1]
     _, nb, a_start, b_start = _positions(tokens, c)
     merged, dst, kept, b_size = _rows(merged), _rows(dst), _rows(kept), _rows(b_size)
     grad_x = _new_output((rows * group, tokens_in, width), grad_out.dtype, grad_out.device)
@@ -469,7 +469,7 @@ def merge_backward(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Ten
     pos_part = _new_output((rows, n_tiles, group, width) if pos_grad else (0,), b_size.dtype, grad_out.device)
     launch(_merge_bwd_kernel, (_cdiv(width, tiles["BLOCK_D"]), n_tiles, rows),
         grad_out, size, merged, dst, kept, b_size, grad_x, pos_part,
-        tokens, c, nk, r, nb, width, a_start, b_start, group, protected, tokens_in, n_tiles,
+        tokens, c, nk, nb, width, a_start, b_start, group, protected, tokens_in, n_tiles,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), size.stride(0), size.stride(1),
         b_size.stride(0), merged.stride(0), dst.stride(0), kept.stride(0), POS_GRAD=pos_grad, **tiles,
     )
