@@ -14,8 +14,8 @@ larger open_clip ViTs (``OTHER_HEAD_DIMS``); every residual add that takes the L
 (``ops.add_norm``) runs at its shape and layout. ``--kernels merge``, ``attention`` or ``norm`` narrows it.
 
 ``--check`` exits non-zero on a spill, on a scalar 16-bit global access in a kernel that moves
-16-bit features, or on more than 2 forward launches per merge step (``tests/test_codegen.py``
-runs it on a subset). Run it without ``TRITON_INTERPRET`` (the interpreter replaces the kernels).
+16-bit features, on more than 2 forward launches per merge step, or on more than one allocation
+per forward merge step besides its outputs (``tests/test_codegen.py`` runs it on a subset). Run it without ``TRITON_INTERPRET`` (the interpreter replaces the kernels).
 """
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ from .common import VIT_GEOMETRY
 # The benchmarks' (depth, tokens per frame, width, heads), plus ViT-L/14: compiling needs no model.
 GEOMETRY = {**VIT_GEOMETRY, "ViT-L-14": (24, 257, 1024, 16)}
 ARCHS = (90, 80)
+# What a forward merge step returns (merged tokens, their sizes, the LayerNorm after them): every other
+# allocation of the step is workspace, of which --check allows one (the plan).
+STEP_OUTPUTS = 3
 # The kernels each launcher module runs; a Recorder stubs one module's at a time.
 KERNELS = {"triton_ops": ("_best_match_fwd_kernel", "_merge_fwd_kernel", "_merge_bwd_kernel"),
            "triton_attention": ("_attention_fwd_kernel", "_attention_bwd_kernel"),
@@ -157,9 +160,9 @@ def forward_step(step: Step, inputs):
     merged, dst, kept, src, offsets = triton_ops.match_forward(metric, step.r, step.protected, step.group)
     norm = (torch.empty(step.width, dtype=x.dtype, device=x.device),) * 2 + (1e-5,)
     residual = torch.empty_like(x) if step.group == 1 else None
-    out, _, b_size = triton_ops.merge_forward(x, size, merged, dst, kept, step.protected, step.group, frame_pos,
-                                              src, offsets, norm, residual)[:3]
-    return out, b_size, (merged, dst, kept)
+    out, size_out, b_size = triton_ops.merge_forward(x, size, merged, dst, kept, step.protected, step.group,
+                                                     frame_pos, src, offsets, norm, residual)[:3]
+    return out, triton_ops.merged_b_sizes(size_out, b_size, offsets.shape[1] - 1), (merged, dst, kept)
 
 
 def run_step(step: Step, dtype: torch.dtype, device: str = "meta", backward: bool = True):
@@ -420,8 +423,9 @@ def serial_steps(launch: Launch) -> Dict[str, int]:
 
     ``main`` steps of every program (channel chunks for the A norms, then B blocks x channel
     chunks), then in the last program of each clip ``combine`` (A blocks x B ranges /
-    ``RANGES_PER_STEP``) and the plan: ``sort_stages`` compare-exchange stages of two bitonic sorts
-    held in registers, or ``count`` steps (A blocks squared) when the plan counts; then the
+    ``RANGES_PER_STEP``) and the plan: ``sort_stages`` compare-exchange stages of one bitonic sort
+    held in registers (the kept tokens then take one max and one prefix sum, not counted), or
+    ``count`` steps (A blocks squared) when the plan counts; then the
     grouping by destination: ``group_stages`` of one sort of the ``r + Nb + 1`` keys, or
     ``group_count`` steps (destination blocks x two passes over the r merged tokens). A merge
     program has no loop but its gather, whose trips (the most sources of one B token in its
@@ -439,7 +443,7 @@ def serial_steps(launch: Launch) -> Dict[str, int]:
     combine = a_blocks * _cdiv(bound["SPLITS"], int(RANGES_PER_STEP))
     out = {"main": main, "combine": combine if plan else 0}
     levels = bound["SORT_BLOCK"].bit_length() - 1
-    out["sort_stages"] = levels * (levels + 1) if plan and bound["SORT_BLOCK"] else 0
+    out["sort_stages"] = levels * (levels + 1) // 2 if plan and bound["SORT_BLOCK"] else 0
     out["count"] = a_blocks * a_blocks if plan and not bound["SORT_BLOCK"] else 0
     levels = bound["GROUP_BLOCK"].bit_length() - 1
     out["group_stages"] = levels * (levels + 1) // 2 if plan and bound["GROUP_BLOCK"] else 0
@@ -544,6 +548,9 @@ def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout, kernels=("merge
         print(f"| {model} | {batch} | {dname} | {len(rows)} | {fwd} | {bwd} | {allocs} | {host:.0f} |", file=out)
         if fwd > 2:
             failures.append(f"{model} batch {batch} {dname}: {fwd} forward launches per merge step (at most 2)")
+        if allocs > STEP_OUTPUTS + 1:
+            failures.append(f"{model} batch {batch} {dname}: {allocs} allocations per forward merge step (at most "
+                            f"{STEP_OUTPUTS + 1}: its {STEP_OUTPUTS} outputs and one workspace)")
     print(file=out)
     critical_path_table(steps, out)
     return failures

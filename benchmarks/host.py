@@ -102,11 +102,13 @@ class _OpCounter(TorchDispatchMode):
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
         self.counts.aten[func.overloadpacket.__name__] += 1
-        # An output without alias information in the schema is new memory (not a view, not in place).
+        # An output without alias information in the schema is new memory (not a view, not in place);
+        # one with no elements takes none (the caching allocator is not called for zero bytes).
         fresh = [r.alias_info is None for r in func._schema.returns]
         outs = out if isinstance(out, (tuple, list)) else (out,)
         for is_fresh, o in zip(fresh, outs):
-            self.counts.allocations += sum(1 for t in tree_leaves(o) if is_fresh and isinstance(t, torch.Tensor))
+            self.counts.allocations += sum(1 for t in tree_leaves(o)
+                                           if is_fresh and isinstance(t, torch.Tensor) and t.numel() > 0)
         return out
 
 

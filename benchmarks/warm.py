@@ -132,7 +132,8 @@ def _bench_ops_calls(s, dtype) -> None:
     size = torch.empty(s.rows, s.tokens, 1, dtype=torch.float32, device="meta")
     triton_ops.best_match_forward(metric, s.protected)
     merged, dst, kept, src, offsets = triton_ops.match_forward(metric, s.r, s.protected)
-    out, _, b_size = triton_ops.merge_forward(x, size, merged, dst, kept, s.protected, 1, None, src, offsets)
+    out, size_out, b_size = triton_ops.merge_forward(x, size, merged, dst, kept, s.protected, 1, None, src, offsets)
+    b_size = triton_ops.merged_b_sizes(size_out, b_size, offsets.shape[1] - 1)
     triton_ops.merge_backward(torch.empty_like(out), size, b_size, merged, dst, kept, s.protected, s.tokens)
 
 

@@ -7,7 +7,7 @@ clip's destinations, and sums them in a fixed order (no atomics, the same sums o
 
 Two ways to write it for one clip:
 - ``_group_row_sorted``: one sort in registers of the ``R`` merged tokens together with one query
-  per destination ``j`` (``j << 32``, which sorts before every source of ``j``). A source's place
+  per destination ``j`` (``j << 16``, which sorts before every source of ``j``). A source's place
   in the sorted row, less the queries before it, is its slot in ``src``; a query's place, less
   the queries before it, is ``offsets[j]``. ``log2(w)^2`` register stages for a row of
   ``w = next_power_of_2(R + NB + 1)``.
@@ -84,24 +84,26 @@ def _group_rows_counted(merged_row, dst_row, src_row, offsets_row, R, NB, BLOCK_
 
 @triton.jit
 def _group_row_sorted(merged_row, dst_row, src_row, offsets_row, R, NB, GROUP_BLOCK: tl.constexpr):
-    """The grouping of one clip by one sort of ``R + NB + 1 <= GROUP_BLOCK`` int64 keys.
+    """The grouping of one clip by one sort of ``R + NB + 1 <= GROUP_BLOCK`` int32 keys.
 
-    A source (rank ``k``, A token ``a``, destination ``d``) is ``d << 32 | (k + 1) << 16 | a``,
-    the query of destination ``j`` is ``j << 32``; keys are distinct, so the sort is the same on
-    every run. Needs ``R < 2^15`` and A tokens below ``2^16`` (the launcher checks)."""
+    A source (rank ``k``, destination ``d``) is ``d << 16 | (k + 1)``, the query of destination
+    ``j`` is ``j << 16``; keys are distinct, so the sort is the same on every run. The A token
+    does not ride in the key (32-bit keys sort in half the registers and shuffles of 64-bit ones):
+    a source's rank finds it in ``merged_row`` after the sort. Needs ``R < 2^16 - 1`` and
+    ``NB < 2^15 - 1`` (the launcher checks)."""
     offs = tl.arange(0, GROUP_BLOCK)
     is_src = offs < R
     is_query = (offs >= R) & (offs < R + NB + 1)
-    a = tl.load(merged_row + offs, mask=is_src, other=0).to(tl.int64)
-    d = tl.load(dst_row + offs, mask=is_src, other=0).to(tl.int64)
-    key = tl.where(is_src, d * 4294967296 + (offs.to(tl.int64) + 1) * 65536 + a,
-                   (offs - R).to(tl.int64) * 4294967296)
-    key = tl.sort(tl.where(is_src | is_query, key, 9223372036854775807), descending=False)
-    j = (key >> 32).to(tl.int32)
-    low = (key & 4294967295).to(tl.int32)
+    d = tl.load(dst_row + offs, mask=is_src, other=0).to(tl.int32)
+    key = tl.where(is_src, d * 65536 + offs + 1, (offs - R) * 65536)
+    key = tl.sort(tl.where(is_src | is_query, key, 2147483647), descending=False)
+    j = key >> 16
+    low = key & 65535  # the source's rank + 1; 0 for a query
     live = offs < R + NB + 1  # padding sorts last
+    is_source = live & (low != 0)
+    a = tl.load(merged_row + low - 1, mask=is_source, other=0)
     # Before a source of destination j sort the queries 0..j: its slot is its place less j + 1.
-    tl.store(src_row + offs - j - 1, (low & 65535).to(src_row.dtype.element_ty), mask=live & (low != 0))
+    tl.store(src_row + offs - j - 1, a.to(src_row.dtype.element_ty), mask=is_source)
     # Before the query of j sort the queries 0..j-1 and the sources of destinations below j.
     tl.store(offsets_row + j, (offs - j).to(offsets_row.dtype.element_ty), mask=live & (low == 0))
 

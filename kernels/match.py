@@ -70,9 +70,13 @@ def _plan_row_sorted(scores_row, dst_row, merged_row, merged_dst_row, kept_row, 
     dst = tl.load(dst_row + idx, mask=is_merged, other=0).to(tl.int64)
     tl.store(merged_row + offs, idx.to(tl.int64), mask=is_merged)
     tl.store(merged_dst_row + offs, dst, mask=is_merged)
-    # The kept tokens are the rest of the sorted row, wanted in increasing index: sort them again.
-    kept = tl.sort(tl.where(valid & (offs >= R), idx, 2147483647), descending=False)
-    tl.store(kept_row + offs, kept.to(tl.int64), mask=offs < NA - R)
+    # The kept tokens, wanted in increasing index, need no second sort: the keys are distinct, so
+    # an A token is kept exactly when its key is below the R-th highest, and a prefix sum over the
+    # row in index order places them.
+    threshold = tl.max(tl.where(offs == R - 1, key, -4611686018427387904 * 2), axis=0)
+    is_kept = valid & ((_descending_key(s, offs) < threshold) | (R == 0))
+    place = tl.cumsum(is_kept.to(tl.int32), axis=0) - 1
+    tl.store(kept_row + place, offs.to(tl.int64), mask=is_kept)
 
 
 @triton.jit

@@ -52,9 +52,11 @@ def _merge_index_kernel(
 
 # Only the counts that change from layer to layer are left unspecialised, and the size strides
 # (sizes are read one per token, never as vectors): D and the x strides keep their divisibility
-# by 16, which is what lets the compiler emit 128-bit loads and stores along the features.
-@triton.jit(do_not_specialize=["N_OUT", "C", "NK", "NB", "A_START", "B_START", "N_IN", "stride_sb", "stride_kb",
-                               "stride_gb", "stride_ob"])
+# by 16, which is what lets the compiler emit 128-bit loads and stores along the features. CLIPS
+# too: specialised to 1 (one video, no position embedding), triton 3.6's sm_90 code for the
+# 16-bit merge after attention spilled 16 B, where the unspecialised kernel does not.
+@triton.jit(do_not_specialize=["N_OUT", "C", "NK", "NB", "A_START", "B_START", "N_IN", "CLIPS", "stride_sb",
+                               "stride_kb", "stride_gb", "stride_ob"])
 def _merge_fwd_kernel(
     x_ptr,  # [B' * GROUP, N_IN, D] any strides (a clip of N = GROUP * N_IN tokens)
     res_ptr,  # x's shape and dtype, any strides: added to x (read only if HAS_RES)
@@ -65,7 +67,8 @@ def _merge_fwd_kernel(
     offsets_ptr,  # [B', Nb + 1] int64, row stride stride_ob: src[offsets[j]:offsets[j + 1]] merge into B token j
     out_ptr,  # [B', N - r, D] contiguous
     size_out_ptr,  # [B', N - r] contiguous, size's dtype
-    b_size_ptr,  # [B', Nb] float32 (float64 for float64 x) out: merged size of every B token, for the backward
+    b_size_ptr,  # [B', Nb] float32 (float64 for float64 x) out if B_SIZES: merged size of every B token, for the
+    #              backward (without B_SIZES only its dtype is read: size_out is then the accumulation dtype)
     ln_w_ptr,  # [D] LayerNorm weight (read only if NORM)
     ln_b_ptr,  # [D] LayerNorm bias (read only if NORM)
     ln_ptr,  # [B', N - r, D] contiguous out if NORM: layer_norm(out)
@@ -96,6 +99,7 @@ def _merge_fwd_kernel(
     HAS_RES: tl.constexpr,
     HAS_POS: tl.constexpr,
     NORM: tl.constexpr,
+    B_SIZES: tl.constexpr,  # write b_size; without it the backward reads the B tokens' sizes from size_out
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -144,7 +148,8 @@ def _merge_fwd_kernel(
         s_total += s
     if tl.program_id(0) == 0:
         tl.store(size_out_ptr + row * N_OUT + offs_t, s_total.to(size_out_ptr.dtype.element_ty), mask=mask_t)
-        tl.store(b_size_ptr + row * NB + j, s_total, mask=is_b)
+        if B_SIZES:
+            tl.store(b_size_ptr + row * NB + j, s_total, mask=is_b)
     # Tokens nothing merged into (class, kept, untouched B) are copied, not divided.
     merged_into = count > 0
     y = tl.where(merged_into[:, None], acc / tl.where(merged_into, s_total, 1.0)[:, None], x_self)

@@ -64,6 +64,7 @@ def test_no_spills_no_scalar_16bit_access_two_forward_launches(vit_b32_report):
     assert {int(s[1]) for s in steps} == {1, 32}
     for s in steps:
         assert int(s[4]) <= 2 and int(s[5]) == 1, s  # forward and backward launches per merge step
+        assert int(s[6]) == 4, s  # allocations per forward step: merged tokens, sizes, LayerNorm; the plan
     # The critical path per merge step. ViT-B/32's clips hold at most 84 A tokens: their plans count, in
     # at most 2 x 2 + 2 steps (longer rows sort). The grouping by destination is one sort in the match's
     # last program of a clip, of r + Nb + 1 <= 256 keys here (at most 8 x 9 / 2 = 36 stages); the merge
@@ -88,7 +89,7 @@ def test_check_fails_on_a_spill(monkeypatch, capsys):
     launch = codegen.Launch(kernel, (6, 1, 1), (768,), {})
     variant = {"launch": launch, "dtype": "bf16", "programs": {1: [6]}, "stages": {"B-32 L0 imgme"}}
     step = {"step": codegen.schedule_steps("ViT-B-32", 1)[0], "dtype": "bf16", "fwd_launches": 3,
-            "bwd_launches": 1, "allocations": 4}
+            "bwd_launches": 1, "allocations": 5}
     monkeypatch.setattr(codegen, "collect", lambda *a: ({("bf16", "k"): variant}, [step]))
     monkeypatch.setattr(codegen, "compile_launch", lambda launch, arch: type(
         "Compiled", (), {"asm": {"ptx": ""}, "metadata": type("M", (), {"shared": 0})}))
@@ -99,6 +100,7 @@ def test_check_fails_on_a_spill(monkeypatch, capsys):
     assert any("spills" in f for f in failures)
     assert any("scalar 16-bit" in f for f in failures)
     assert any("3 forward launches" in f for f in failures)
+    assert any("5 allocations per forward merge step" in f for f in failures)
 
 
 def test_access_widths_are_read_from_ptx():

@@ -221,7 +221,8 @@ def test_match_plan_ties(na, r, levels, device):
 
 
 @pytest.mark.parametrize("plan", ["sorted", "counted"])
-@pytest.mark.parametrize("na, r", [(5, 2), (64, 30), (130, 129), (257, 100)], ids=lambda v: str(v))
+@pytest.mark.parametrize("na, r", [(5, 2), (20, 0), (20, 20), (64, 30), (130, 129), (257, 100)],
+                         ids=lambda v: str(v))
 def test_match_plan_signs_zeros_and_extremes(na, r, plan, device, monkeypatch):
     """The sorted plan's int64 keys order negative scores, -0.0 against 0.0 (equal, so lower index
     first), subnormals and the largest floats as the reference's float sort does; the counted plan
@@ -256,7 +257,7 @@ def test_match_plan_paths_equal_reference(path, grouping, device, monkeypatch):
     if grouping == "counted":
         monkeypatch.setattr(triton_ops, "GROUP_SORT_LIMIT", 0)
     monkeypatch.setattr(triton_ops, "INTERPRETER_BLOCK", 16)
-    assert (triton_ops._group_block_width(30, 37, 36) > 0) == (grouping == "sorted")
+    assert (triton_ops._group_block_width(30, 36) > 0) == (grouping == "sorted")
     metric = tie_free_metric(2, 75, 2, 24, torch.float32, "contiguous", device, seed=5)
     plan = triton_ops.match(metric, 30, 2)
     expected = ref.match(metric.cpu().double(), 30, 2)
@@ -551,9 +552,18 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.tempme.best_match, (metric, 1))
     torch.library.opcheck(torch.ops.tempme.match, (metric, 5, 1))
     torch.library.opcheck(torch.ops.tempme.merge_fwd, (x, size, plan.merged, plan.dst, plan.kept, 1))
-    out, _, b_size = torch.ops.tempme.merge_fwd(x, size, plan.merged, plan.dst, plan.kept, 1)
+    out, size_out, b_size = torch.ops.tempme.merge_fwd(x, size, plan.merged, plan.dst, plan.kept, 1)
+    assert b_size.numel() == 0  # float32 sizes: the B tokens' merged sizes are size_out's last Nb
+    b_size = triton_ops.merged_b_sizes(size_out, b_size, ref.split_sizes(20, 1)[1])
     torch.library.opcheck(torch.ops.tempme.merge_bwd,
                           (torch.randn_like(out), size, b_size, plan.merged, plan.dst, plan.kept, 1, 20))
+    # Sizes in another dtype than the accumulation's: the forward writes them apart.
+    half_size = size.half()
+    torch.library.opcheck(torch.ops.tempme.merge_fwd, (x, half_size, plan.merged, plan.dst, plan.kept, 1))
+    _, _, b_size = torch.ops.tempme.merge_fwd(x, half_size, plan.merged, plan.dst, plan.kept, 1)
+    assert b_size.shape == (2, ref.split_sizes(20, 1)[1]) and b_size.dtype == torch.float32
+    torch.library.opcheck(torch.ops.tempme.merge_bwd,
+                          (torch.randn_like(out), half_size, b_size, plan.merged, plan.dst, plan.kept, 1, 20))
     # The joined form: 4 clips of 10 tokens read as 2 clips of 20, plus a position embedding.
     joined = tuple(t.reshape(4, 10, *t.shape[2:]) for t in (metric, x, size))
     frame_pos = torch.randn(1, 2, 1, 8, generator=g).to(device)

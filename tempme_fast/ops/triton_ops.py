@@ -67,8 +67,9 @@ GROUPING_PAIRS_PER_THREAD = 8
 # Rows whose plan is sorted in registers (one int64 key a token, kernels/match.py): from
 # PLAN_SORT_MIN A tokens, where counting takes (Na / 64)^2 + Na / 64 >= 12 steps that each load and
 # reduce a 64 x 64 tile (about 3 us each on an H200 at the end of a ViT-B/16 join's match), against
-# Na' (Na' + 1) register-only compare-exchange stages of two bitonic sorts (Na' = log2 of the padded
-# row); up to PLAN_SORT_LIMIT. Shorter and longer rows, and float64 scores, count.
+# Na' (Na' + 1) / 2 register-only compare-exchange stages of one bitonic sort (Na' = log2 of the padded
+# row; the kept tokens then take one max and one prefix sum); up to PLAN_SORT_LIMIT. Shorter and
+# longer rows, and float64 scores, count.
 PLAN_SORT_MIN = 129
 PLAN_SORT_LIMIT = 2048
 # The plan's grouping by destination is sorted in registers up to this many keys (r + Nb + 1: 918 at
@@ -275,11 +276,11 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _group_block_width(r: int, na: int, nb: int) -> int:
+def _group_block_width(r: int, nb: int) -> int:
     """``GROUP_BLOCK`` of the grouping: the sort width for up to ``GROUP_SORT_LIMIT`` keys, 0 (count)
-    for wider rows and for indices that do not fit the sort's keys (``kernels/group.py``)."""
+    for wider rows and for indices that do not fit the sort's int32 keys (``kernels/group.py``)."""
     width = _next_power_of_2(r + nb + 1)
-    return width if width <= GROUP_SORT_LIMIT and na < 65536 and r < 32768 else 0
+    return width if width <= GROUP_SORT_LIMIT and r < 65535 and nb < 32767 else 0
 
 
 def _launch_match(metric: torch.Tensor, protected: int, group: int, r: int, plan: bool):
@@ -302,7 +303,7 @@ def _launch_match(metric: torch.Tensor, protected: int, group: int, r: int, plan
         na, nb, r, channels, a_start, b_start, group, protected, metric.shape[1], tiles.pop("B_PER"), splits,
         plan_rows.shape[1], metric.stride(0), metric.stride(1), metric.stride(2),
         TINY=torch.finfo(acc).tiny, PLAN=plan, SORT_BLOCK=_plan_sort_block(na, acc) if plan else 0,
-        GROUP_BLOCK=_group_block_width(r, na, nb) if plan else 0, **tiles,
+        GROUP_BLOCK=_group_block_width(r, nb) if plan else 0, **tiles,
     )
     return out
 
@@ -379,6 +380,20 @@ def merge_index(merged: torch.Tensor, dst: torch.Tensor, nb: int, dtype: torch.d
     return src, offsets
 
 
+def _writes_b_sizes(x: torch.Tensor, size: torch.Tensor) -> bool:
+    """Whether the merge forward writes the B tokens' merged sizes apart: only where ``size`` is not
+    in the accumulation dtype, in which the merge adds sizes and the backward divides by them."""
+    return size.dtype != accumulation_dtype(x.dtype)
+
+
+def merged_b_sizes(size_out: torch.Tensor, b_size: torch.Tensor, nb: int) -> torch.Tensor:
+    """The merged size of every B token ``[B', Nb]``, as :func:`merge_backward` takes it, from
+    :func:`merge_forward`'s ``size`` and ``b_size``: ``b_size`` where the forward wrote it, else a
+    view of the last ``Nb`` merged sizes (the B tokens come last in the output, and those sizes are
+    in the accumulation dtype, so they are the same numbers)."""
+    return b_size if b_size.numel() else size_out.flatten(1)[:, size_out.shape[1] - nb:]
+
+
 def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor,
                   kept: torch.Tensor, protected: int, group: int = 1, frame_pos: Optional[torch.Tensor] = None,
                   src: Optional[torch.Tensor] = None, offsets: Optional[torch.Tensor] = None,
@@ -403,7 +418,9 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
     Returns:
         ``x [B', N - r, D]`` (x's dtype), ``size`` (size's layout and dtype) and ``b_size [B', Nb]``
         float32 (float64 for float64 x), the merged size of every B token, for the backward; with
-        ``norm``, then ``ln [B', N - r, D]`` in x's dtype.
+        ``norm``, then ``ln [B', N - r, D]`` in x's dtype. Where ``size`` already has that dtype
+        (float32 sizes, 16-bit or float32 x: the model's case) the last Nb sizes returned are
+        exactly those, and ``b_size`` is empty instead of a second buffer (:func:`merged_b_sizes`).
     """
     rows, tokens, c = _joined_shape(x, protected, group)
     width = x.shape[2]
@@ -415,7 +432,9 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
     kept, src, offsets = _rows(kept), _rows(src), _rows(offsets)
     out = _new_output((rows, n_out, width), x.dtype, x.device)
     size_out = _new_output((rows, n_out) + tuple(size.shape[2:]), size.dtype, x.device)
-    b_size = _new_output((rows, nb), accumulation_dtype(x.dtype), x.device)
+    b_sizes = _writes_b_sizes(x, size)
+    b_size = (_new_output((rows, nb), accumulation_dtype(x.dtype), x.device) if b_sizes
+              else size_out.new_empty((0,)))
     pos = x if frame_pos is None else frame_pos.reshape(frame_pos.shape[1], width).contiguous()
     if norm is None:
         ln, ln_w, ln_b, eps = out, out, out, 0.0  # not read, not written
@@ -427,11 +446,11 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
     grid = (_cdiv(width, tiles["BLOCK_D"]), _cdiv(n_out, tiles["BLOCK_T"]), rows)
     res = x if residual is None else residual  # not read without a residual
     launch(_merge_fwd_kernel, grid,
-        x, res, size, pos, kept, src, offsets, out, size_out, b_size, ln_w, ln_b, ln, eps,
+        x, res, size, pos, kept, src, offsets, out, size_out, b_size if b_sizes else size_out, ln_w, ln_b, ln, eps,
         n_out, c, nk, nb, width, a_start, b_start, group, protected, x.shape[1], pos.shape[0],
         x.stride(0), x.stride(1), x.stride(2), res.stride(0), res.stride(1), res.stride(2),
         size.stride(0), size.stride(1), pos.stride(0), kept.stride(0), src.stride(0), offsets.stride(0),
-        HAS_RES=residual is not None, HAS_POS=frame_pos is not None, NORM=norm is not None, **tiles,
+        HAS_RES=residual is not None, HAS_POS=frame_pos is not None, NORM=norm is not None, B_SIZES=b_sizes, **tiles,
     )
     if norm is not None:
         return out, size_out, b_size, ln
@@ -519,7 +538,7 @@ def _merge_fwd_fake(x, size, merged, dst, kept, protected, group=1, frame_pos=No
     n_out = tokens - merged.shape[1]
     _, nb = split_sizes(tokens, c)
     return (x.new_empty((rows, n_out, x.shape[2])), size.new_empty((rows, n_out) + tuple(size.shape[2:])),
-            x.new_empty((rows, nb), dtype=accumulation_dtype(x.dtype)))
+            x.new_empty((rows, nb) if _writes_b_sizes(x, size) else (0,), dtype=accumulation_dtype(x.dtype)))
 
 
 @torch.library.custom_op("tempme::merge_norm_fwd", mutates_args=())
@@ -589,6 +608,11 @@ def _pos_grad(pos_part: torch.Tensor, pos_shape) -> Optional[torch.Tensor]:
     return grad_pos.reshape(shape).to(dtype)
 
 
+def _b_tokens(merged: torch.Tensor, kept: torch.Tensor, ctx) -> int:
+    """Nb of a merge from its plan and the protected tokens and clip length saved on ``ctx``."""
+    return ctx.tokens_in * ctx.group - ctx.protected * ctx.group - merged.shape[1] - kept.shape[1]
+
+
 class MergeFunction(torch.autograd.Function):
     """Size-weighted merge (optionally of joined clips plus a position embedding).
 
@@ -598,7 +622,7 @@ class MergeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, size, merged, dst, kept, protected: int, group: int, frame_pos, src, offsets):
         out, size_out, b_size = _merge_fwd(x, size, merged, dst, kept, protected, group, frame_pos, src, offsets)
-        ctx.save_for_backward(size, b_size, merged, dst, kept)
+        ctx.save_for_backward(size, size_out, b_size, merged, dst, kept)
         ctx.protected, ctx.group, ctx.tokens_in = protected, group, x.shape[1]
         ctx.pos_shape = None if frame_pos is None else (frame_pos.shape, frame_pos.dtype)
         ctx.mark_non_differentiable(size_out)
@@ -606,8 +630,9 @@ class MergeFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_size_out):
-        size, b_size, merged, dst, kept = ctx.saved_tensors
+        size, size_out, b_size, merged, dst, kept = ctx.saved_tensors
         pos_grad = ctx.pos_shape is not None and ctx.needs_input_grad[7]
+        b_size = merged_b_sizes(size_out, b_size, _b_tokens(merged, kept, ctx))
         grad_x, pos_part = _merge_bwd(grad_out, size, b_size, merged, dst, kept, ctx.protected, ctx.tokens_in,
                                       ctx.group, pos_grad)
         return (grad_x, None, None, None, None, None, None, _pos_grad(pos_part, ctx.pos_shape if pos_grad else None),
@@ -649,7 +674,7 @@ class MergeNormFunction(torch.autograd.Function):
                 residual, src, offsets):
         out, size_out, b_size, ln = _merge_norm_fwd(x, size, merged, dst, kept, weight, bias, eps, protected, group,
                                                     frame_pos, residual, src, offsets)
-        ctx.save_for_backward(size, b_size, merged, dst, kept, out, weight)
+        ctx.save_for_backward(size, size_out, b_size, merged, dst, kept, out, weight)
         ctx.protected, ctx.group, ctx.tokens_in, ctx.eps = protected, group, x.shape[1], eps
         ctx.pos_shape = None if frame_pos is None else (frame_pos.shape, frame_pos.dtype)
         ctx.mark_non_differentiable(size_out)
@@ -657,7 +682,8 @@ class MergeNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_size_out, grad_ln):
-        size, b_size, merged, dst, kept, out, weight = ctx.saved_tensors
+        size, size_out, b_size, merged, dst, kept, out, weight = ctx.saved_tensors
+        b_size = merged_b_sizes(size_out, b_size, _b_tokens(merged, kept, ctx))
         grad_w = grad_b = None
         if grad_ln is not None:
             grad_norm_in, grad_w, grad_b = layer_norm_backward(grad_ln, out, weight, ctx.eps)
