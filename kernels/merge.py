@@ -165,8 +165,10 @@ def _merge_fwd_kernel(
         tl.store(ln_rows[:, None] + offs_d[None, :], ln.to(ln_ptr.dtype.element_ty), mask=mask)
 
 
+# b_size is read one value per token, never as a vector: its alignment is not specialised either
+# (it is often a view into the forward's merged sizes at an odd offset, one variant per offset otherwise).
 @triton.jit(do_not_specialize=["N", "C", "NK", "NB", "A_START", "B_START", "N_IN", "TILES", "stride_sb",
-                               "stride_wb", "stride_mb", "stride_db", "stride_kb"])
+                               "stride_wb", "stride_mb", "stride_db", "stride_kb", "b_size_ptr"])
 def _merge_bwd_kernel(
     grad_out_ptr,  # [B', N - r, D] any strides
     size_ptr,  # [B' * GROUP, N_IN] or [B' * GROUP, N_IN, 1] any strides
