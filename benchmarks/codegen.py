@@ -426,7 +426,8 @@ def serial_steps(launch: Launch) -> Dict[str, int]:
     ``RANGES_PER_STEP``) and the plan: ``sort_stages`` compare-exchange stages of one bitonic sort
     held in registers (the kept tokens then take one max and one prefix sum, not counted), or
     ``count`` steps (A blocks squared) when the plan counts; then the
-    grouping by destination: ``group_stages`` of one sort of the ``r + Nb + 1`` keys, or
+    grouping by destination: ``group_stages`` of one sort of the ``r`` merged tokens (then one
+    histogram of their destinations and one prefix sum, not counted), or
     ``group_count`` steps (destination blocks x two passes over the r merged tokens). A merge
     program has no loop but its gather, whose trips (the most sources of one B token in its
     tile) depend on the plan.
@@ -464,7 +465,7 @@ def critical_path_table(steps, out=sys.stdout) -> None:
         match, merge = s["launches"][0], s["launches"][-1]
         m = serial_steps(match)
         plan = f"sort {m['sort_stages']} stages" if m["sort_stages"] else f"count {m['count']}"
-        grouping = f"sort {m['group_stages']} stages" if m["group_stages"] else f"count {m['group_count']}"
+        grouping = f"count {m['group_count']}" if m["group_count"] else f"sort {m['group_stages']} stages"
         programs = [launch.grid[0] * launch.grid[1] * launch.grid[2] for launch in (match, merge)]
         print(f"| {step.model} | {step.batch} | {s['dtype']} | {step.layer} | {step.stage} "
               f"| {step.rows // step.group} x {step.tokens * step.group}, {step.r} | {programs[0]} "

@@ -72,7 +72,8 @@ def _best_match_fwd_kernel(
     DOT_MODE: tl.constexpr,  # 0: tl.dot on the input dtype, 1: tl.dot in fp32, 2: broadcast-sum (fp64), 3: tf32x3
     PLAN: tl.constexpr,
     SORT_BLOCK: tl.constexpr,  # the plan's sort width, next_power_of_2(Na); 0: the plan counts (match.py)
-    GROUP_BLOCK: tl.constexpr,  # the grouping's sort width, next_power_of_2(R + NB + 1); 0: it counts (group.py)
+    GROUP_BLOCK: tl.constexpr,  # the grouping's sort width, next_power_of_2(R); 0: it counts (group.py)
+    GROUP_BINS: tl.constexpr,  # the grouping's histogram width, next_power_of_2(NB + 1)
 ):
     # Axis 0 runs fastest: the programs of one clip run side by side and share its B tokens in L2.
     split = tl.program_id(0) % SPLITS
@@ -138,7 +139,7 @@ def _best_match_fwd_kernel(
                 tl.debug_barrier()  # the combined row is read back by every thread below
                 plan_row = plan_ptr + row * PLAN_STRIDE
                 _plan_row(part_row, part_row + NA, plan_row, plan_row + R, plan_row + 2 * R, plan_row + R + NA,
-                          plan_row + 2 * R + NA, NA, NB, R, BLOCK_A, SORT_BLOCK, True, GROUP_BLOCK)
+                          plan_row + 2 * R + NA, NA, NB, R, BLOCK_A, SORT_BLOCK, True, GROUP_BLOCK, GROUP_BINS)
 
 
 # B ranges that one step of the combine reads: a [RANGES_PER_STEP, BLOCK_A] tile of partial results.

@@ -6,11 +6,9 @@ once per clip, each reducing program finds its sources in two loads instead of s
 clip's destinations, and sums them in a fixed order (no atomics, the same sums on every run).
 
 Two ways to write it for one clip:
-- ``_group_row_sorted``: one sort in registers of the ``R`` merged tokens together with one query
-  per destination ``j`` (``j << 16``, which sorts before every source of ``j``). A source's place
-  in the sorted row, less the queries before it, is its slot in ``src``; a query's place, less
-  the queries before it, is ``offsets[j]``. ``log2(w)^2`` register stages for a row of
-  ``w = next_power_of_2(R + NB + 1)``.
+- ``_group_row_sorted``: one sort in registers of the ``R`` merged tokens by (destination, rank),
+  which is ``src``, and one histogram of their destinations, whose exclusive prefix sum is
+  ``offsets``. ``log2(w) (log2(w) + 1) / 2`` register stages for ``w = next_power_of_2(R)``.
 - ``_group_rows_counted``: counting in ``BLOCK_J x BLOCK_K`` tiles (``_tile_counts``,
   ``_tile_sources``), for rows too wide to sort in registers, and for ``_merge_index_kernel``,
   which spreads the destination blocks over programs.
@@ -83,38 +81,35 @@ def _group_rows_counted(merged_row, dst_row, src_row, offsets_row, R, NB, BLOCK_
 
 
 @triton.jit
-def _group_row_sorted(merged_row, dst_row, src_row, offsets_row, R, NB, GROUP_BLOCK: tl.constexpr):
-    """The grouping of one clip by one sort of ``R + NB + 1 <= GROUP_BLOCK`` int32 keys.
+def _group_row_sorted(merged_row, dst_row, src_row, offsets_row, R, NB, GROUP_BLOCK: tl.constexpr,
+                      GROUP_BINS: tl.constexpr):
+    """The grouping of one clip by one sort of its ``R <= GROUP_BLOCK`` merged tokens and one
+    histogram of their destinations over ``NB + 1 <= GROUP_BINS`` bins.
 
-    A source (rank ``k``, destination ``d``) is ``d << 16 | (k + 1)``, the query of destination
-    ``j`` is ``j << 16``; keys are distinct, so the sort is the same on every run. The A token
-    does not ride in the key (32-bit keys sort in half the registers and shuffles of 64-bit ones):
-    a source's rank finds it in ``merged_row`` after the sort. Needs ``R < 2^16 - 1`` and
+    A source (rank ``k``, destination ``d``) sorts as the int32 key ``d << 16 | k``: the sorted row
+    is ``src`` itself (its A tokens read from ``merged_row`` at each key's rank), and the keys are
+    distinct, so the order is the same on every run. ``offsets`` is the exclusive prefix sum of the
+    destinations' counts (integer counts: exact in any order). Needs ``R <= 2^16`` and
     ``NB < 2^15 - 1`` (the launcher checks)."""
     offs = tl.arange(0, GROUP_BLOCK)
     is_src = offs < R
-    is_query = (offs >= R) & (offs < R + NB + 1)
     d = tl.load(dst_row + offs, mask=is_src, other=0).to(tl.int32)
-    key = tl.where(is_src, d * 65536 + offs + 1, (offs - R) * 65536)
-    key = tl.sort(tl.where(is_src | is_query, key, 2147483647), descending=False)
-    j = key >> 16
-    low = key & 65535  # the source's rank + 1; 0 for a query
-    live = offs < R + NB + 1  # padding sorts last
-    is_source = live & (low != 0)
-    a = tl.load(merged_row + low - 1, mask=is_source, other=0)
-    # Before a source of destination j sort the queries 0..j: its slot is its place less j + 1.
-    tl.store(src_row + offs - j - 1, a.to(src_row.dtype.element_ty), mask=is_source)
-    # Before the query of j sort the queries 0..j-1 and the sources of destinations below j.
-    tl.store(offsets_row + j, (offs - j).to(offsets_row.dtype.element_ty), mask=live & (low == 0))
+    key = tl.sort(tl.where(is_src, d * 65536 + offs, 2147483647), descending=False)  # padding sorts last
+    a = tl.load(merged_row + (key & 65535), mask=is_src, other=0)
+    tl.store(src_row + offs, a.to(src_row.dtype.element_ty), mask=is_src)
+    count = tl.histogram(d, GROUP_BINS, mask=is_src)
+    bins = tl.arange(0, GROUP_BINS)
+    tl.store(offsets_row + bins, (tl.cumsum(count, axis=0) - count).to(offsets_row.dtype.element_ty),
+             mask=bins < NB + 1)
 
 
 @triton.jit
-def _group_row(merged_row, dst_row, src_row, offsets_row, R, NB, GROUP_BLOCK: tl.constexpr, BLOCK_J: tl.constexpr,
-               BLOCK_K: tl.constexpr):
+def _group_row(merged_row, dst_row, src_row, offsets_row, R, NB, GROUP_BLOCK: tl.constexpr, GROUP_BINS: tl.constexpr,
+               BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
     """The grouping of one clip's ``R`` merged tokens (``merged_row``, rank order) by destination
     (``dst_row``, each below ``NB``): ``src_row [R]`` and ``offsets_row [NB + 1]``. Sorted in
     registers when ``GROUP_BLOCK > 0``, else counted in ``BLOCK_J x BLOCK_K`` tiles."""
     if GROUP_BLOCK > 0:
-        _group_row_sorted(merged_row, dst_row, src_row, offsets_row, R, NB, GROUP_BLOCK)
+        _group_row_sorted(merged_row, dst_row, src_row, offsets_row, R, NB, GROUP_BLOCK, GROUP_BINS)
     else:
         _group_rows_counted(merged_row, dst_row, src_row, offsets_row, R, NB, BLOCK_J, BLOCK_K)

@@ -81,7 +81,8 @@ def _plan_row_sorted(scores_row, dst_row, merged_row, merged_dst_row, kept_row, 
 
 @triton.jit
 def _plan_row(scores_row, dst_row, merged_row, merged_dst_row, kept_row, src_row, offsets_row, NA, NB, R,
-              BLOCK: tl.constexpr, SORT_BLOCK: tl.constexpr, GROUPING: tl.constexpr, GROUP_BLOCK: tl.constexpr):
+              BLOCK: tl.constexpr, SORT_BLOCK: tl.constexpr, GROUPING: tl.constexpr, GROUP_BLOCK: tl.constexpr,
+              GROUP_BINS: tl.constexpr):
     """Plan of one clip from its ``NA`` scores and best B tokens (``dst_row``: any int or float
     dtype holding integers); writes ``R`` merged A tokens (rank order) with their B tokens and the
     ``NA - R`` kept A tokens (increasing), all int64. Sorted in registers when ``SORT_BLOCK > 0``,
@@ -93,7 +94,7 @@ def _plan_row(scores_row, dst_row, merged_row, merged_dst_row, kept_row, src_row
         _plan_row_counting(scores_row, dst_row, merged_row, merged_dst_row, kept_row, NA, R, BLOCK)
     if GROUPING:
         tl.debug_barrier()  # the plan written above is read back by other threads of this program
-        _group_row(merged_row, merged_dst_row, src_row, offsets_row, R, NB, GROUP_BLOCK, BLOCK, BLOCK)
+        _group_row(merged_row, merged_dst_row, src_row, offsets_row, R, NB, GROUP_BLOCK, GROUP_BINS, BLOCK, BLOCK)
 
 
 @triton.jit(do_not_specialize=["NA", "R"])
@@ -110,4 +111,4 @@ def _match_plan_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     _plan_row(scores_ptr + row * NA, dst_ptr + row * NA, merged_ptr + row * R, merged_dst_ptr + row * R,
-              kept_ptr + row * (NA - R), merged_ptr, merged_ptr, NA, 0, R, BLOCK, SORT_BLOCK, False, 0)
+              kept_ptr + row * (NA - R), merged_ptr, merged_ptr, NA, 0, R, BLOCK, SORT_BLOCK, False, 0, 0)

@@ -257,7 +257,7 @@ def test_match_plan_paths_equal_reference(path, grouping, device, monkeypatch):
     if grouping == "counted":
         monkeypatch.setattr(triton_ops, "GROUP_SORT_LIMIT", 0)
     monkeypatch.setattr(triton_ops, "INTERPRETER_BLOCK", 16)
-    assert (triton_ops._group_block_width(30, 36) > 0) == (grouping == "sorted")
+    assert (triton_ops._grouping_widths(30, 36)["GROUP_BLOCK"] > 0) == (grouping == "sorted")
     metric = tie_free_metric(2, 75, 2, 24, torch.float32, "contiguous", device, seed=5)
     plan = triton_ops.match(metric, 30, 2)
     expected = ref.match(metric.cpu().double(), 30, 2)

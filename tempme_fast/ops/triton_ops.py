@@ -72,8 +72,9 @@ GROUPING_PAIRS_PER_THREAD = 8
 # longer rows, and float64 scores, count.
 PLAN_SORT_MIN = 129
 PLAN_SORT_LIMIT = 2048
-# The plan's grouping by destination is sorted in registers up to this many keys (r + Nb + 1: 918 at
-# ViT-L/14's widest join), counted in 64 x 64 tiles beyond (kernels/group.py).
+# The plan's grouping by destination sorts the r merged tokens in registers and takes a histogram of
+# their Nb destinations, each up to this width (r + Nb + 1 is 918 at ViT-L/14's widest join), and counts
+# in 64 x 64 tiles beyond (kernels/group.py).
 GROUP_SORT_LIMIT = 2048
 # Programs that keep a large GPU busy (2 per SM of an H100): below it, work is split further.
 GPU_FILL = 264
@@ -276,11 +277,15 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _group_block_width(r: int, nb: int) -> int:
-    """``GROUP_BLOCK`` of the grouping: the sort width for up to ``GROUP_SORT_LIMIT`` keys, 0 (count)
-    for wider rows and for indices that do not fit the sort's int32 keys (``kernels/group.py``)."""
-    width = _next_power_of_2(r + nb + 1)
-    return width if width <= GROUP_SORT_LIMIT and r < 65535 and nb < 32767 else 0
+def _grouping_widths(r: int, nb: int) -> Dict[str, int]:
+    """``GROUP_BLOCK`` (the sort width of the ``r`` merged tokens) and ``GROUP_BINS`` (the histogram
+    width of the ``Nb`` destinations and the end) of the grouping, each up to ``GROUP_SORT_LIMIT``;
+    ``GROUP_BLOCK = 0`` (count) for wider rows and for indices that do not fit the sort's int32 keys
+    (``kernels/group.py``)."""
+    block, bins = _next_power_of_2(r), _next_power_of_2(nb + 1)
+    if max(block, bins) <= GROUP_SORT_LIMIT and r <= 65536 and nb < 32767:
+        return {"GROUP_BLOCK": block, "GROUP_BINS": bins}
+    return {"GROUP_BLOCK": 0, "GROUP_BINS": 0}
 
 
 def _launch_match(metric: torch.Tensor, protected: int, group: int, r: int, plan: bool):
@@ -303,7 +308,7 @@ def _launch_match(metric: torch.Tensor, protected: int, group: int, r: int, plan
         na, nb, r, channels, a_start, b_start, group, protected, metric.shape[1], tiles.pop("B_PER"), splits,
         plan_rows.shape[1], metric.stride(0), metric.stride(1), metric.stride(2),
         TINY=torch.finfo(acc).tiny, PLAN=plan, SORT_BLOCK=_plan_sort_block(na, acc) if plan else 0,
-        GROUP_BLOCK=_group_block_width(r, nb) if plan else 0, **tiles,
+        **(_grouping_widths(r, nb) if plan else {"GROUP_BLOCK": 0, "GROUP_BINS": 0}), **tiles,
     )
     return out
 
