@@ -15,7 +15,8 @@ larger open_clip ViTs (``OTHER_HEAD_DIMS``); every residual add that takes the L
 
 ``--check`` exits non-zero on a spill, on a scalar 16-bit global access in a kernel that moves
 16-bit features, on more than 2 forward launches per merge step, or on more than one allocation
-per forward merge step besides its outputs (``tests/test_codegen.py`` runs it on a subset). Run it without ``TRITON_INTERPRET`` (the interpreter replaces the kernels).
+per forward merge step besides its outputs (``tests/test_codegen.py`` runs it on a subset). Run
+it without ``TRITON_INTERPRET`` (the interpreter replaces the kernels).
 """
 from __future__ import annotations
 

@@ -396,7 +396,7 @@ def merged_b_sizes(size_out: torch.Tensor, b_size: torch.Tensor, nb: int) -> tor
     :func:`merge_forward`'s ``size`` and ``b_size``: ``b_size`` where the forward wrote it, else a
     view of the last ``Nb`` merged sizes (the B tokens come last in the output, and those sizes are
     in the accumulation dtype, so they are the same numbers)."""
-    return b_size if b_size.numel() else size_out.flatten(1)[:, size_out.shape[1] - nb:]
+    return b_size if b_size.dim() == 2 else size_out.flatten(1)[:, size_out.shape[1] - nb:]
 
 
 def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor,
@@ -425,7 +425,8 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
         float32 (float64 for float64 x), the merged size of every B token, for the backward; with
         ``norm``, then ``ln [B', N - r, D]`` in x's dtype. Where ``size`` already has that dtype
         (float32 sizes, 16-bit or float32 x: the model's case) the last Nb sizes returned are
-        exactly those, and ``b_size`` is empty instead of a second buffer (:func:`merged_b_sizes`).
+        exactly those, and ``b_size`` is an empty ``[0]`` instead of a second buffer
+        (:func:`merged_b_sizes`).
     """
     rows, tokens, c = _joined_shape(x, protected, group)
     width = x.shape[2]
