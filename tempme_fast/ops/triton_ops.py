@@ -14,13 +14,13 @@ flow; the custom ops are taken while ``torch.compile`` traces or a dispatch mode
 (:mod:`.eager` says why).
 
 A merge step is two launches: the match (best match, plan, and the plan's merged tokens grouped by
-destination, ``match_forward``, all in one allocated buffer) and the merge (each output token
-gathers its grouped sources, ``merge_forward``, whose one workspace is the merged B tokens' sizes
-kept for the backward); the backward is one launch. ``merge_norm`` is the same two launches, its merge
-launch also writing the LayerNorm of the merged tokens (and, given a residual, reading ``x`` and the
-residual and merging their sum). Tile sizes and warps come from a fixed
-table of the shape (``_match_tiles``, ``_merge_tiles``, ``_merge_norm_tiles``), so results repeat
-bit for bit.
+destination, ``match_forward``, all in one allocated buffer, the step's one workspace) and the merge
+(each output token gathers its grouped sources, ``merge_forward``; the backward reads the B tokens'
+merged sizes from the merged sizes it returns, ``merged_b_sizes``); the backward is one launch.
+``merge_norm`` is the same two launches, its merge launch also writing the LayerNorm of the merged
+tokens (and, given a residual, reading ``x`` and the residual and merging their sum). Tile sizes
+and warps come from a fixed table of the shape (``_match_tiles``, ``_merge_tiles``,
+``_merge_norm_tiles``), so results repeat bit for bit.
 
 Every launcher takes ``group``: with ``group = g > 1`` its token tensors are the unjoined clips
 ``[B' * g, N_in, ...]`` and it works on the joined clips ``[B', g * N_in, ...]`` of
@@ -614,9 +614,9 @@ def _pos_grad(pos_part: torch.Tensor, pos_shape) -> Optional[torch.Tensor]:
     return grad_pos.reshape(shape).to(dtype)
 
 
-def _b_tokens(merged: torch.Tensor, kept: torch.Tensor, ctx) -> int:
-    """Nb of a merge from its plan and the protected tokens and clip length saved on ``ctx``."""
-    return ctx.tokens_in * ctx.group - ctx.protected * ctx.group - merged.shape[1] - kept.shape[1]
+def _b_tokens(ctx) -> int:
+    """Nb of the merge whose clip length, protected tokens and group are saved on ``ctx``."""
+    return split_sizes(ctx.tokens_in * ctx.group, ctx.protected * ctx.group)[1]
 
 
 class MergeFunction(torch.autograd.Function):
@@ -638,7 +638,7 @@ class MergeFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_size_out):
         size, size_out, b_size, merged, dst, kept = ctx.saved_tensors
         pos_grad = ctx.pos_shape is not None and ctx.needs_input_grad[7]
-        b_size = merged_b_sizes(size_out, b_size, _b_tokens(merged, kept, ctx))
+        b_size = merged_b_sizes(size_out, b_size, _b_tokens(ctx))
         grad_x, pos_part = _merge_bwd(grad_out, size, b_size, merged, dst, kept, ctx.protected, ctx.tokens_in,
                                       ctx.group, pos_grad)
         return (grad_x, None, None, None, None, None, None, _pos_grad(pos_part, ctx.pos_shape if pos_grad else None),
@@ -689,7 +689,7 @@ class MergeNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_size_out, grad_ln):
         size, size_out, b_size, merged, dst, kept, out, weight = ctx.saved_tensors
-        b_size = merged_b_sizes(size_out, b_size, _b_tokens(merged, kept, ctx))
+        b_size = merged_b_sizes(size_out, b_size, _b_tokens(ctx))
         grad_w = grad_b = None
         if grad_ln is not None:
             grad_norm_in, grad_w, grad_b = layer_norm_backward(grad_ln, out, weight, ctx.eps)
