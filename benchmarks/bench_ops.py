@@ -19,7 +19,11 @@ device time. On a CPU the wall time is the device time and those columns are abs
 ``--tiles SPEC...`` adds rows ``triton:SPEC``: the Triton ops with other tiles than the library's table
 (``merge:BTxBDxW``: the merge forward's token tile, feature slice and warps; ``match:BAxBBxBCxW-P``: the
 match's A, B and channel tiles, warps and products, ``P`` one of ``native`` (16-bit tl.dot), ``ieee``
-(float32 FMA), ``tf32x3``), to choose that table from measurements.
+(float32 FMA), ``tf32x3``), to choose that table from measurements; and ``plan:sort`` / ``plan:count``:
+the library's tiles with every float32 plan sorted in registers (up to ``PLAN_SORT_LIMIT`` A tokens) or
+every plan counted, to place ``triton_ops.PLAN_SORT_MIN`` where the two paths cross; ``norm:BTxW``: the
+token tile and warps of the merge that also writes the LayerNorm (``step_norm_fwd``, the model's merge;
+its programs span all features).
 """
 from __future__ import annotations
 
@@ -45,15 +49,24 @@ NORM_EPS = 1e-5
 DOT_MODES = {"native": 0, **triton_ops._FP32_DOT_MODES}
 
 
+# The plan paths of ``plan:PATH``: sort every float32 row the sort can hold, or count every row.
+PLAN_PATHS = {"sort": 1, "count": 0}
+
+
 def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
-    """``"merge:BTxBDxW"`` or ``"match:BAxBBxBCxW-P"`` as (op, launch parameters); a ValueError naming
-    ``--tiles`` otherwise."""
+    """``"merge:BTxBDxW"``, ``"match:BAxBBxBCxW-P"`` or ``"plan:PATH"`` as (op, launch parameters); a
+    ValueError naming ``--tiles`` otherwise."""
     kind, _, rest = spec.partition(":")
     sizes, _, product = rest.partition("-")
     parts = sizes.split("x")
-    fail = f"--tiles {spec!r}: give merge:BTxBDxW or match:BAxBBxBCxW-P (P: {', '.join(DOT_MODES)})"
+    fail = (f"--tiles {spec!r}: give merge:BTxBDxW, norm:BTxW, match:BAxBBxBCxW-P (P: {', '.join(DOT_MODES)}) "
+            f"or plan:PATH (PATH: {', '.join(PLAN_PATHS)})")
+    if kind == "plan" and rest in PLAN_PATHS:
+        return kind, {"SORT": PLAN_PATHS[rest]}
     if kind == "merge" and len(parts) == 3 and not product and all(p.isdigit() for p in parts):
         values = dict(zip(("BLOCK_T", "BLOCK_D", "num_warps"), map(int, parts)))
+    elif kind == "norm" and len(parts) == 2 and not product and all(p.isdigit() for p in parts):
+        values = dict(zip(("BLOCK_T", "num_warps"), map(int, parts)))
     elif kind == "match" and len(parts) == 4 and all(p.isdigit() for p in parts) and product in DOT_MODES:
         values = dict(zip(("BLOCK_A", "BLOCK_B", "BLOCK_C", "num_warps"), map(int, parts)))
         values["DOT_MODE"] = DOT_MODES[product]
@@ -69,10 +82,20 @@ def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
 def _tile_table(spec: str) -> Tuple[str, Callable[..., Dict[str, int]]]:
     """The ``triton_ops`` tile function that ``spec`` replaces, and its replacement."""
     kind, values = parse_tiles(spec)
+    if kind == "plan":
+        def sort_block(na, scores_dtype):
+            width = triton_ops._next_power_of_2(na)
+            sort = values["SORT"] and scores_dtype == torch.float32 and width <= triton_ops.PLAN_SORT_LIMIT
+            return width if sort else 0
+        return "_plan_sort_block", sort_block
     if kind == "merge":
         def tiles(rows, tokens, width, itemsize):
             return dict(values)
         return "_merge_fwd_tiles", tiles
+    if kind == "norm":
+        def norm_tiles(rows, tokens, width, itemsize, has_pos):
+            return dict(values, BLOCK_D=triton_ops._next_power_of_2(width))
+        return "_merge_norm_tiles", norm_tiles
 
     def tiles(rows, na, nb, channels, dtype):
         return dict(values, **triton_ops._match_split(rows, na, nb, values["BLOCK_A"], values["BLOCK_B"]))
@@ -289,8 +312,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rep-ms", type=float, default=100)
     parser.add_argument("--out", default=None, help="folder for bench_ops.json / .csv, written at the end")
     parser.add_argument("--tiles", nargs="+", default=[], metavar="SPEC",
-                        help="also time the Triton ops with these tiles (rows 'triton:SPEC'): merge:BTxBDxW or "
-                             "match:BAxBBxBCxW-P, P one of " + ", ".join(DOT_MODES))
+                        help="also time the Triton ops with these tiles (rows 'triton:SPEC'): merge:BTxBDxW, "
+                             "norm:BTxW, match:BAxBBxBCxW-P, P one of " + ", ".join(DOT_MODES) + "; or with every plan on "
+                             "one path: plan:" + " or plan:".join(PLAN_PATHS))
     add_row_log_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)

@@ -63,9 +63,18 @@ MATCH_TILES = ["match:64x32x16x4-tf32x3", "match:64x32x16x4-ieee", "match:64x64x
 # x stages); the first is the library's.
 ATTENTION_TILES = ["64x64x4x2", "64x64x4x3", "64x128x4x2", "64x32x4x2", "128x64x4x2", "128x64x8x2", "128x64x8x3",
                    "128x128x8x2"]
-# Where each sweep runs (model, batch, dtype) and its candidates; benchmarks.warm compiles them ahead.
-TILE_SWEEPS = {"attention": ("ViT-B-16", 16, "fp16", ATTENTION_TILES), "merge": ("ViT-B-16", 32, "fp16", MERGE_TILES),
-               "match": ("ViT-B-16", 32, "fp32", MATCH_TILES)}
+# Token tile x warps of the merge that also writes the LayerNorm (the model's merge after attention;
+# a program spans all 768 features, padded to 1024); the first is the library's at ViT-B/16.
+NORM_TILES = ["norm:4x4", "norm:2x4", "norm:1x4", "norm:4x8", "norm:2x8", "norm:8x8", "norm:1x2", "norm:8x4"]
+# The match's plan with every row sorted and every row counted, against the library's choice
+# (triton_ops.PLAN_SORT_MIN), where the plan is on the critical path: one video, rows of 23-428 A tokens.
+PLAN_PATHS = ["plan:sort", "plan:count"]
+# Where each sweep runs (models, batch, dtype) and its candidates; benchmarks.warm compiles them ahead.
+TILE_SWEEPS = {"attention": (("ViT-B-16",), 16, "fp16", ATTENTION_TILES),
+               "merge": (("ViT-B-16",), 32, "fp16", MERGE_TILES),
+               "match": (("ViT-B-16",), 32, "fp32", MATCH_TILES),
+               "norm": (("ViT-B-16",), 32, "fp16", NORM_TILES),
+               "plan": (("ViT-B-32", "ViT-B-16"), 1, "fp16", PLAN_PATHS)}
 
 
 @dataclass
@@ -97,8 +106,8 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         return [python, "-m", "pytest", *args]
 
     def sweep(kind):  # --models, --batches and --dtypes of a tile sweep
-        model, batch, sweep_dtype, _ = TILE_SWEEPS[kind]
-        return ["--models", model, "--batches", str(batch), "--dtypes", sweep_dtype]
+        models, batch, sweep_dtype, _ = TILE_SWEEPS[kind]
+        return ["--models", *models, "--batches", str(batch), "--dtypes", sweep_dtype]
 
     headline_variants = ["open_clip", "open_clip+graph", "tempme-eager", "tempme-torch", "tempme-triton",
                          "tempme-triton+graph"]
@@ -144,7 +153,11 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
            Stage("merge_tiles", bench("bench_ops", "merge_tiles", *sweep("merge"), "--impls", "triton",
                                       "--ops", "merge_fwd", "--tiles", *MERGE_TILES, "--rep-ms", "25"), 90, expect=60),
            Stage("match_tiles", bench("bench_ops", "match_tiles", *sweep("match"), "--impls", *fast,
-                                      "--ops", "best_match", "--tiles", *MATCH_TILES, "--rep-ms", "25"), 90, expect=60)]
+                                      "--ops", "best_match", "--tiles", *MATCH_TILES, "--rep-ms", "25"), 90, expect=60),
+           Stage("norm_tiles", bench("bench_ops", "norm_tiles", *sweep("norm"), "--impls", "triton",
+                                     "--ops", "step_norm_fwd", "--tiles", *NORM_TILES, "--rep-ms", "25"), 90, expect=50),
+           Stage("plan_paths", bench("bench_ops", "plan_paths", *sweep("plan"), "--impls", "triton",
+                                     "--ops", "match", "--tiles", *PLAN_PATHS, "--rep-ms", "25"), 60, expect=30)]
           if gpu else []),  # Triton's tiles: nothing to sweep in the interpreter
         # Sweeps. The compiled reference, compiled afresh per shape, at the headline shapes.
         Stage("ops_batches", bench("bench_ops", "batches", "--models", "ViT-B-32", "ViT-B-16",

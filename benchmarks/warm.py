@@ -20,7 +20,8 @@ Recorded:
 - ``attention``: ``benchmarks.bench_attention``'s Triton calls (``[B', H, N, d]`` views, forward,
   and forward with backward);
 - ``tiles``: the GPU suite's tile sweeps (``benchmarks.suite.TILE_SWEEPS``): the attention forward, the
-  merge forward and the match with each candidate's tiles, at the one model, batch and dtype of each sweep.
+  merge forward (with and without the LayerNorm) and the match with each candidate's tiles, and the
+  match with each plan path, at the models, batch and dtype of each sweep.
 
 Variants are compiled in the order given (dtypes, then models, then batches), so a run stopped
 early has compiled the first ones. A variant that fails to compile is counted and left to fail
@@ -94,8 +95,8 @@ def _tile_sweep_calls(model: str, batch: int, dtype_name: str) -> None:
     from .suite import TILE_SWEEPS
 
     dtype = DTYPES[dtype_name]
-    for kind, (at_model, at_batch, at_dtype, specs) in TILE_SWEEPS.items():
-        if (at_model, at_batch, at_dtype) != (model, batch, dtype_name):
+    for kind, (at_models, at_batch, at_dtype, specs) in TILE_SWEEPS.items():
+        if model not in at_models or (at_batch, at_dtype) != (batch, dtype_name):
             continue
         if kind == "attention":
             for s in attention_shapes(model, batch):
@@ -116,7 +117,11 @@ def _tile_sweep_calls(model: str, batch: int, dtype_name: str) -> None:
                     merged, dst, kept, src, offsets = triton_ops.match_forward(metric, s.r, s.protected)
                     if kind == "merge":
                         triton_ops.merge_forward(x, size, merged, dst, kept, s.protected, 1, None, src, offsets)
-                    else:
+                    elif kind == "norm" and s.stage != "cross":  # as bench_ops' step_norm_fwd
+                        weight = torch.empty(s.width, dtype=dtype, device="meta")
+                        triton_ops.merge_norm_forward(x, size, merged, dst, kept, weight, weight, 1e-5, s.protected,
+                                                      1, None, x, src, offsets)
+                    elif kind == "match":
                         triton_ops.best_match_forward(metric, s.protected)
 
 

@@ -131,16 +131,35 @@ def test_bench_ops_tiles_give_the_library_result(one_thread):
     size = torch.randint(1, 4, (3, 41, 1), generator=g).float()
     want_plan = ops.match(metric, 7, 1, backend="torch")
     want = ops.merge(x, size, want_plan, backend="torch")
-    originals = triton_ops._match_tiles, triton_ops._merge_fwd_tiles
-    for spec in ("match:16x16x16x4-ieee", "match:16x32x8x4-tf32x3", "merge:8x16x4", "merge:16x32x4"):
+    originals = (triton_ops._match_tiles, triton_ops._merge_fwd_tiles, triton_ops._plan_sort_block,
+                 triton_ops._merge_norm_tiles)
+    for spec in ("match:16x16x16x4-ieee", "match:16x32x8x4-tf32x3", "merge:8x16x4", "merge:16x32x4", "plan:sort",
+                 "plan:count"):
         with bench_ops.op_tiles(spec):
             plan = ops.match(metric, 7, 1, backend="triton")
             got = ops.merge(x, size, plan, backend="triton")
         for field in ("merged", "dst", "kept"):
             assert torch.equal(getattr(plan, field), getattr(want_plan, field)), (spec, field)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert (triton_ops._match_tiles, triton_ops._merge_fwd_tiles) == originals
-    for bad in ("merge:8x16", "match:16x16x16x4", "match:16x16x16x4-tf32", "merge:12x16x4", "attn:8x8x8"):
+    # The merge that also writes the LayerNorm (after the residual add), at other token tiles and warps.
+    weight, bias = torch.randn(24, generator=g), torch.randn(24, generator=g)
+    want_norm = ops.merge_norm(x, size, want_plan, weight, bias, 1e-5, residual=x.flip(1), backend="torch")
+    for spec in ("norm:1x4", "norm:8x8"):
+        with bench_ops.op_tiles(spec):
+            assert triton_ops._merge_norm_tiles(3, 34, 24, 4, False) == dict(BLOCK_T=int(spec[5]), BLOCK_D=32,
+                                                                            num_warps=int(spec[7]))
+            got = ops.merge_norm(x, size, want_plan, weight, bias, 1e-5, residual=x.flip(1), backend="triton")
+        for a, b in zip(got, want_norm):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert (triton_ops._match_tiles, triton_ops._merge_fwd_tiles, triton_ops._plan_sort_block,
+            triton_ops._merge_norm_tiles) == originals
+    # Each plan path takes its own path at this row (20 A tokens: below PLAN_SORT_MIN, so the library counts).
+    for spec, width in (("plan:sort", 32), ("plan:count", 0)):
+        with bench_ops.op_tiles(spec):
+            assert triton_ops._plan_sort_block(20, torch.float32) == width
+            assert triton_ops._plan_sort_block(20, torch.float64) == 0
+    for bad in ("merge:8x16", "match:16x16x16x4", "match:16x16x16x4-tf32", "merge:12x16x4", "attn:8x8x8", "plan:fast",
+                "plan:sort-ieee", "norm:4x4x4", "norm:3x4"):
         with pytest.raises(ValueError, match="--tiles"):
             bench_ops.parse_tiles(bad)
 

@@ -46,7 +46,7 @@ for sets in (["model"], ["ops"], ["attention"], ["model", "ops", "attention"]):
     kept = warm.distinct(launches, 90)
     out["+".join(sets)] = {"recorded": len(launches), "kernels": dict(Counter(l.kernel.fn.__name__ for l in kept)),
                            "keys": [list(codegen.variant_key(l, 90)) for l in kept]}
-again = warm.distinct(warm.record_launches(["ViT-B-32"], [1], ["fp16"]), 90)
+again = warm.distinct(warm.record_launches(["ViT-B-32"], [1], ["fp16"], ["model", "ops", "attention"]), 90)
 out["again"] = [list(codegen.variant_key(l, 90)) for l in again]
 print(json.dumps(out))
 """
@@ -77,10 +77,11 @@ import json
 from collections import Counter
 from benchmarks import suite, warm
 out = {}
-for kind, (model, batch, dtype, specs) in suite.TILE_SWEEPS.items():
-    kept = warm.distinct(warm.record_launches([model], [batch], [dtype], ["tiles"]), 90)
-    out[kind] = [len(specs), dict(Counter(l.kernel.fn.__name__ for l in kept))]
-out["elsewhere"] = len(warm.record_launches(["ViT-B-32"], [1], ["fp16"], ["tiles"]))
+for kind, (models, batch, dtype, specs) in suite.TILE_SWEEPS.items():
+    kept = warm.distinct(warm.record_launches(list(models), [batch], [dtype], ["tiles"]), 90)
+    out[kind] = [len(specs), dict(Counter(l.kernel.fn.__name__ for l in kept)),
+                 sorted({l.kwargs["SORT_BLOCK"] for l in kept if l.kwargs.get("PLAN")})]
+out["elsewhere"] = len(warm.record_launches(["ViT-B-32"], [4], ["fp16"], ["tiles"]))
 print(json.dumps(out))
 """
 
@@ -88,16 +89,22 @@ print(json.dumps(out))
 def test_records_each_tile_sweep_candidate(binder_api, tmp_path):
     """The ``tiles`` set compiles every candidate of the suite's tile sweeps at the sweep's shapes (and
     nothing at other shapes): one attention forward variant per candidate, at least one merge and one
-    match variant per candidate (the merge sweep's plans come from the library's match)."""
+    match variant per candidate (the merge sweeps' plans come from the library's match), and the
+    match with its plan on each path."""
     done = _python(TILES, tmp_path / "cache")
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.splitlines()[-1])
-    specs, kernels = out["attention"]
+    specs, kernels, _ = out["attention"]
     assert kernels == {"_attention_fwd_kernel": specs}
-    specs, kernels = out["merge"]
+    specs, kernels, _ = out["merge"]
     assert set(kernels) == {"_merge_fwd_kernel", "_best_match_fwd_kernel"} and kernels["_merge_fwd_kernel"] >= specs
-    specs, kernels = out["match"]
+    specs, kernels, _ = out["match"]
     assert set(kernels) == {"_best_match_fwd_kernel"} and kernels["_best_match_fwd_kernel"] >= specs
+    specs, kernels, _ = out["norm"]
+    assert set(kernels) == {"_merge_fwd_kernel", "_best_match_fwd_kernel"} and kernels["_merge_fwd_kernel"] >= specs
+    # The plan paths: the matches with the plan sorted (widths up to 512 at ViT-B/16's joins) and counted.
+    specs, kernels, sort_blocks = out["plan"]
+    assert set(kernels) == {"_best_match_fwd_kernel"} and 0 in sort_blocks and {32, 128, 512} <= set(sort_blocks)
     assert out["elsewhere"] == 0
 
 
