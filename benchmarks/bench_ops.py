@@ -17,19 +17,21 @@ device time. On a CPU the wall time is the device time and those columns are abs
     python -m benchmarks.bench_ops --device cpu --models ViT-B-32 --batches 1 --dtypes fp32  # CPU
 
 ``--tiles SPEC...`` adds rows ``triton:SPEC``: the Triton ops with other tiles than the library's table
-(``merge:BTxBDxW``: the merge forward's token tile, feature slice and warps; ``match:BAxBBxBCxW-P``: the
+(``merge:BTxBDxW``: the merge forward's token tile, feature slice and warps, and with ``-sN`` its gather
+of the merged sources software-pipelined over ``N`` stages (``SRC_STAGES``); ``match:BAxBBxBCxW-P``: the
 match's A, B and channel tiles, warps and products, ``P`` one of ``native`` (16-bit tl.dot), ``ieee``
 (float32 FMA), ``tf32x3``), to choose that table from measurements; and ``plan:sort`` / ``plan:count``:
 the library's tiles with every float32 plan sorted in registers (up to ``PLAN_SORT_LIMIT`` A tokens) or
 every plan counted, to place ``triton_ops.PLAN_SORT_MIN`` where the two paths cross; ``norm:BTxW``: the
 token tile and warps of the merge that also writes the LayerNorm (``step_norm_fwd``, the model's merge;
-its programs span all features).
+its programs span all features), also with ``-sN``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import functools
+import re
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -59,13 +61,14 @@ def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
     kind, _, rest = spec.partition(":")
     sizes, _, product = rest.partition("-")
     parts = sizes.split("x")
-    fail = (f"--tiles {spec!r}: give merge:BTxBDxW, norm:BTxW, match:BAxBBxBCxW-P (P: {', '.join(DOT_MODES)}) "
-            f"or plan:PATH (PATH: {', '.join(PLAN_PATHS)})")
+    fail = (f"--tiles {spec!r}: give merge:BTxBDxW[-sN], norm:BTxW[-sN], match:BAxBBxBCxW-P "
+            f"(P: {', '.join(DOT_MODES)}) or plan:PATH (PATH: {', '.join(PLAN_PATHS)})")
     if kind == "plan" and rest in PLAN_PATHS:
         return kind, {"SORT": PLAN_PATHS[rest]}
-    if kind == "merge" and len(parts) == 3 and not product and all(p.isdigit() for p in parts):
+    stages = re.fullmatch(r"s([1-9])", product)  # merge and norm: "-sN", the sources' gather in N stages
+    if kind == "merge" and len(parts) == 3 and (not product or stages) and all(p.isdigit() for p in parts):
         values = dict(zip(("BLOCK_T", "BLOCK_D", "num_warps"), map(int, parts)))
-    elif kind == "norm" and len(parts) == 2 and not product and all(p.isdigit() for p in parts):
+    elif kind == "norm" and len(parts) == 2 and (not product or stages) and all(p.isdigit() for p in parts):
         values = dict(zip(("BLOCK_T", "num_warps"), map(int, parts)))
     elif kind == "match" and len(parts) == 4 and all(p.isdigit() for p in parts) and product in DOT_MODES:
         values = dict(zip(("BLOCK_A", "BLOCK_B", "BLOCK_C", "num_warps"), map(int, parts)))
@@ -75,6 +78,8 @@ def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
     for name, value in values.items():
         if name != "DOT_MODE" and (value < 1 or value & (value - 1)):
             raise ValueError(f"--tiles {spec!r}: {name}={value} must be a power of two")
+    if stages:
+        values["SRC_STAGES"] = int(stages.group(1))
     return kind, values
 
 
@@ -312,8 +317,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rep-ms", type=float, default=100)
     parser.add_argument("--out", default=None, help="folder for bench_ops.json / .csv, written at the end")
     parser.add_argument("--tiles", nargs="+", default=[], metavar="SPEC",
-                        help="also time the Triton ops with these tiles (rows 'triton:SPEC'): merge:BTxBDxW, "
-                             "norm:BTxW, match:BAxBBxBCxW-P, P one of " + ", ".join(DOT_MODES) + "; or with every plan on "
+                        help="also time the Triton ops with these tiles (rows 'triton:SPEC'): merge:BTxBDxW[-sN], "
+                             "norm:BTxW[-sN] (-sN: the sources' gather pipelined over N stages), "
+                             "match:BAxBBxBCxW-P, P one of " + ", ".join(DOT_MODES) + "; or with every plan on "
                              "one path: plan:" + " or plan:".join(PLAN_PATHS))
     add_row_log_arguments(parser)
     args = parser.parse_args(argv)

@@ -102,6 +102,7 @@ def _merge_fwd_kernel(
     B_SIZES: tl.constexpr,  # write b_size; without it the backward reads the B tokens' sizes from size_out
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SRC_STAGES: tl.constexpr = 1,  # > 1: the gather of the sources software-pipelined over that many stages
 ):
     row = tl.program_id(2).to(tl.int64)
     ACC = b_size_ptr.dtype.element_ty
@@ -131,9 +132,11 @@ def _merge_fwd_kernel(
                           mask=mask, other=0.0).to(ACC)
     s_total = s_self
     acc = x_self * s_self[:, None]
-    # (Loading each source's index one step ahead, to overlap it with the previous source's rows,
-    # cost 14-28 registers on sm_90 and spilled 16-40 B in fp32 joins: the index load is an L2 hit.)
-    for t in range(0, max_count):
+    # (Loading each source's index one step ahead by hand, to overlap it with the previous source's
+    # rows, cost 14-28 registers on sm_90 and spilled 16-40 B in fp32 joins: the index load is an L2
+    # hit.) With SRC_STAGES > 1 Triton's pipeliner does it: the index and row loads of the next
+    # sources become asynchronous copies into shared memory, issued while this source is added.
+    for t in tl.range(0, max_count, num_stages=SRC_STAGES):
         has = t < count
         a = tl.load(src_row + lo + t, mask=has, other=0).to(tl.int32)
         a_clip, a_tok = _joined_token(row, A_START + 2 * a, GROUP, C_IN, N_IN)

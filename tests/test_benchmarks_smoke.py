@@ -133,8 +133,8 @@ def test_bench_ops_tiles_give_the_library_result(one_thread):
     want = ops.merge(x, size, want_plan, backend="torch")
     originals = (triton_ops._match_tiles, triton_ops._merge_fwd_tiles, triton_ops._plan_sort_block,
                  triton_ops._merge_norm_tiles)
-    for spec in ("match:16x16x16x4-ieee", "match:16x32x8x4-tf32x3", "merge:8x16x4", "merge:16x32x4", "plan:sort",
-                 "plan:count"):
+    for spec in ("match:16x16x16x4-ieee", "match:16x32x8x4-tf32x3", "merge:8x16x4", "merge:16x32x4", "merge:8x16x4-s3",
+                 "plan:sort", "plan:count"):
         with bench_ops.op_tiles(spec):
             plan = ops.match(metric, 7, 1, backend="triton")
             got = ops.merge(x, size, plan, backend="triton")
@@ -144,10 +144,10 @@ def test_bench_ops_tiles_give_the_library_result(one_thread):
     # The merge that also writes the LayerNorm (after the residual add), at other token tiles and warps.
     weight, bias = torch.randn(24, generator=g), torch.randn(24, generator=g)
     want_norm = ops.merge_norm(x, size, want_plan, weight, bias, 1e-5, residual=x.flip(1), backend="torch")
-    for spec in ("norm:1x4", "norm:8x8"):
+    for spec, stages in (("norm:1x4", {}), ("norm:8x8-s2", {"SRC_STAGES": 2})):
         with bench_ops.op_tiles(spec):
             assert triton_ops._merge_norm_tiles(3, 34, 24, 4, False) == dict(BLOCK_T=int(spec[5]), BLOCK_D=32,
-                                                                            num_warps=int(spec[7]))
+                                                                            num_warps=int(spec[7]), **stages)
             got = ops.merge_norm(x, size, want_plan, weight, bias, 1e-5, residual=x.flip(1), backend="triton")
         for a, b in zip(got, want_norm):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -159,7 +159,7 @@ def test_bench_ops_tiles_give_the_library_result(one_thread):
             assert triton_ops._plan_sort_block(20, torch.float32) == width
             assert triton_ops._plan_sort_block(20, torch.float64) == 0
     for bad in ("merge:8x16", "match:16x16x16x4", "match:16x16x16x4-tf32", "merge:12x16x4", "attn:8x8x8", "plan:fast",
-                "plan:sort-ieee", "norm:4x4x4", "norm:3x4"):
+                "plan:sort-ieee", "norm:4x4x4", "norm:3x4", "merge:8x16x4-s0", "norm:2x4-t3", "match:16x16x16x4-s2"):
         with pytest.raises(ValueError, match="--tiles"):
             bench_ops.parse_tiles(bad)
 

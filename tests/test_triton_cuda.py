@@ -116,6 +116,31 @@ def test_join_merge(f, n, c, group, r, dtype):
     torch.testing.assert_close(gpos.double(), ref_gpos, atol=4 * atol * (32 * n) ** 0.5, rtol=rtol)
 
 
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_pipelined_gather_writes_the_same_bits(stages, dtype, monkeypatch):
+    """The merge forward with its gather of the merged sources software-pipelined (``SRC_STAGES``, a
+    candidate of the GPU suite's tile sweeps) writes what the library's gather writes, bit for bit:
+    the same sums in the same order, with and without the LayerNorm and the residual add."""
+    g = torch.Generator(device="cuda").manual_seed(stages)
+    b, n, c, r = 192, 362, 2, 108
+    x = torch.randn(b, n, WIDTH, generator=g, device="cuda").to(dtype)
+    residual = torch.randn(b, n, WIDTH, generator=g, device="cuda").to(dtype)
+    size = torch.randint(1, 8, (b, n, 1), generator=g, device="cuda").float()
+    weight, bias = (torch.randn(WIDTH, generator=g, device="cuda").to(dtype) for _ in range(2))
+    plan = random_plan(b, n, c, r, g)  # destinations skewed: some B tokens gather many sources
+
+    def both():
+        return (*ops.merge(x, size, plan, backend="triton"),
+                *ops.merge_norm(x, size, plan, weight, bias, 1e-5, residual=residual, backend="triton"))
+    want = both()
+    for name in ("_merge_fwd_tiles", "_merge_norm_tiles"):
+        library = getattr(triton_ops, name)
+        monkeypatch.setattr(triton_ops, name, lambda *args, _tiles=library: dict(_tiles(*args), SRC_STAGES=stages))
+    for got, expected in zip(both(), want):
+        assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_deterministic(dtype):
     """Repeated forward and backward runs at ViT-B/16 12-frame size give the same bits."""
