@@ -53,6 +53,8 @@ KERNELS = {"triton_ops": ("_best_match_fwd_kernel", "_merge_fwd_kernel", "_merge
            "triton_norm": ("_add_norm_fwd_kernel",)}
 # ld/st.global with an optional vector width and an element type: the access width in bits.
 ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.([bfsu])(8|16|32|64)\b")
+# An asynchronous copy from global into shared memory (software-pipelined loads), with its size in bytes.
+ASYNC_COPY = re.compile(r"\bcp\.async\.c[ag]\.shared\.global(?:\.[a-z0-9]+)*\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
 
 
 @dataclass(frozen=True)
@@ -328,7 +330,8 @@ def _ptxas() -> str:
 
 
 def ptx_stats(ptx: str, arch: int) -> Dict[str, int]:
-    """Registers and spill bytes (``ptxas -v``), widest global access in bits and scalar 16-bit accesses."""
+    """Registers and spill bytes (``ptxas -v``), widest global access in bits and scalar 16-bit accesses
+    (loads, stores, and the asynchronous copies into shared memory of software-pipelined loops)."""
     suffix = "a" if arch == 90 else ""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
@@ -345,6 +348,10 @@ def ptx_stats(ptx: str, arch: int) -> Dict[str, int]:
         width = int(bits) * int(vec or 1)
         widest = max(widest, width)
         scalar16 += int(bits) == 16 and not vec
+    for size in ASYNC_COPY.findall(ptx):
+        width = 8 * int(size, 0)
+        widest = max(widest, width)
+        scalar16 += width == 16
     return {"regs": int(regs.group(1)) if regs else 0, "spill": sum(spills), "widest": widest,
             "scalar16": scalar16}
 
