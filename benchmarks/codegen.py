@@ -343,6 +343,14 @@ def ptx_stats(ptx: str, arch: int) -> Dict[str, int]:
         raise RuntimeError(f"ptxas failed for sm_{arch}: {done.stderr[-2000:]}")
     regs = re.search(r"Used (\d+) registers", done.stderr)
     spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", done.stderr)]
+    widest, scalar16 = access_widths(ptx)
+    return {"regs": int(regs.group(1)) if regs else 0, "spill": sum(spills), "widest": widest,
+            "scalar16": scalar16}
+
+
+def access_widths(ptx: str) -> Tuple[int, int]:
+    """``(widest, scalar16)``: the widest global access in bits and the count of scalar 16-bit ones,
+    over plain loads and stores and the asynchronous copies into shared memory."""
     widest, scalar16 = 0, 0
     for _, vec, _, bits in ACCESS.findall(ptx):
         width = int(bits) * int(vec or 1)
@@ -352,8 +360,7 @@ def ptx_stats(ptx: str, arch: int) -> Dict[str, int]:
         width = 8 * int(size, 0)
         widest = max(widest, width)
         scalar16 += width == 16
-    return {"regs": int(regs.group(1)) if regs else 0, "spill": sum(spills), "widest": widest,
-            "scalar16": scalar16}
+    return widest, scalar16
 
 
 # ---------------------------------------------------------------------------------------------

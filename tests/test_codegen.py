@@ -110,3 +110,15 @@ def test_access_widths_are_read_from_ptx():
            "ld.global.b64 %rd3, [%rd4];")
     widths = [(int(bits) * int(vec or 1), bool(vec)) for _, vec, _, bits in ACCESS.findall(ptx)]
     assert widths == [(128, True), (16, False), (64, False)]
+
+
+def test_access_widths_read_plain_and_asynchronous_copies():
+    """Software-pipelined loads are ``cp.async`` copies into shared memory: their size counts as an access."""
+    from benchmarks.codegen import access_widths
+
+    plain = "ld.global.v2.b32 {%r1, %r2}, [%rd1];\n\tst.global.b16 [%rd2], %rs1;\n"
+    assert access_widths(plain) == (64, 1)
+    copies = "cp.async.cg.shared.global [ %r81 + 0 ], [ %rd38 + 0 ], 0x10, %r82;\n" \
+             "cp.async.ca.shared.global [ %r9 + 0 ], [ %rd4 + 0 ], 2, %r5;\n"
+    assert access_widths(plain + copies) == (128, 2)
+    assert access_widths("") == (0, 0)
