@@ -16,15 +16,19 @@ device time. On a CPU the wall time is the device time and those columns are abs
     python -m benchmarks.bench_ops --out bench-out                      # GPU sweep
     python -m benchmarks.bench_ops --device cpu --models ViT-B-32 --batches 1 --dtypes fp32  # CPU
 
-``--tiles SPEC...`` adds rows ``triton:SPEC``: the Triton ops with other tiles than the library's table
-(``merge:BTxBDxW``: the merge forward's token tile, feature slice and warps, and with ``-sN`` its gather
-of the merged sources software-pipelined over ``N`` stages (``SRC_STAGES``); ``match:BAxBBxBCxW-P``: the
-match's A, B and channel tiles, warps and products, ``P`` one of ``native`` (16-bit tl.dot), ``ieee``
-(float32 FMA), ``tf32x3``), to choose that table from measurements; and ``plan:sort`` / ``plan:count``:
-the library's tiles with every float32 plan sorted in registers (up to ``PLAN_SORT_LIMIT`` A tokens) or
-every plan counted, to place ``triton_ops.PLAN_SORT_MIN`` where the two paths cross; ``norm:BTxW``: the
-token tile and warps of the merge that also writes the LayerNorm (``step_norm_fwd``, the model's merge;
-its programs span all features), also with ``-sN``.
+``--tiles SPEC...`` adds rows ``triton:SPEC``: the Triton ops with other tiles than the library's table,
+to choose that table from measurements:
+
+- ``merge:BTxBDxW``: the merge forward's token tile, feature slice and warps;
+- ``norm:BTxW``: the token tile and warps of the merge that also writes the LayerNorm
+  (``step_norm_fwd``, the model's merge; its programs span all features);
+- either with ``-sN``: its gather of the merged sources software-pipelined over ``N`` stages
+  (``SRC_STAGES``);
+- ``match:BAxBBxBCxW-P``: the match's A, B and channel tiles, warps and products, ``P`` one of
+  ``native`` (16-bit tl.dot), ``ieee`` (float32 FMA), ``tf32x3``;
+- ``plan:sort`` / ``plan:count``: the library's tiles with every float32 plan sorted in registers (up
+  to ``PLAN_SORT_LIMIT`` A tokens) or every plan counted, to place ``triton_ops.PLAN_SORT_MIN`` where
+  the two paths cross.
 """
 from __future__ import annotations
 
@@ -56,8 +60,8 @@ PLAN_PATHS = {"sort": 1, "count": 0}
 
 
 def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
-    """``"merge:BTxBDxW"``, ``"match:BAxBBxBCxW-P"`` or ``"plan:PATH"`` as (op, launch parameters); a
-    ValueError naming ``--tiles`` otherwise."""
+    """``"merge:BTxBDxW[-sN]"``, ``"norm:BTxW[-sN]"``, ``"match:BAxBBxBCxW-P"`` or ``"plan:PATH"`` as
+    (op, launch parameters); a ValueError naming ``--tiles`` otherwise."""
     kind, _, rest = spec.partition(":")
     sizes, _, product = rest.partition("-")
     parts = sizes.split("x")
