@@ -88,15 +88,14 @@ def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
 
 
 @functools.lru_cache(maxsize=None)  # made once per spec, not at every timed call
-def _tile_table(spec: str) -> Tuple[str, Callable[..., Dict[str, int]]]:
-    """The ``triton_ops`` tile function that ``spec`` replaces, and its replacement."""
+def _tile_table(spec: str) -> Tuple[str, object]:
+    """The ``triton_ops`` attribute that ``spec`` replaces (a tile function, or ``PLAN_SORT_MIN``),
+    and its replacement."""
     kind, values = parse_tiles(spec)
     if kind == "plan":
-        def sort_block(na, scores_dtype):
-            width = triton_ops._next_power_of_2(na)
-            sort = values["SORT"] and scores_dtype == torch.float32 and width <= triton_ops.PLAN_SORT_LIMIT
-            return width if sort else 0
-        return "_plan_sort_block", sort_block
+        # The library's choice (triton_ops._plan_sort_block) with its threshold moved: from 1 A token
+        # every row it can sort is sorted; beyond PLAN_SORT_LIMIT none is.
+        return "PLAN_SORT_MIN", 1 if values["SORT"] else triton_ops.PLAN_SORT_LIMIT + 1
     if kind == "merge":
         def tiles(rows, tokens, width, itemsize):
             return dict(values)

@@ -90,7 +90,7 @@ def _tile_sweep_calls(model: str, batch: int, dtype_name: str) -> None:
     from tempme_fast.ops import triton_attention, triton_ops
 
     from .bench_attention import attention_shapes, forward_tiles
-    from .bench_ops import op_tiles
+    from .bench_ops import NORM_EPS, op_tiles
     from .common import merge_shapes
     from .suite import TILE_SWEEPS
 
@@ -119,7 +119,7 @@ def _tile_sweep_calls(model: str, batch: int, dtype_name: str) -> None:
                         triton_ops.merge_forward(x, size, merged, dst, kept, s.protected, 1, None, src, offsets)
                     elif kind == "norm" and s.stage != "cross":  # as bench_ops' step_norm_fwd
                         weight = torch.empty(s.width, dtype=dtype, device="meta")
-                        triton_ops.merge_norm_forward(x, size, merged, dst, kept, weight, weight, 1e-5, s.protected,
+                        triton_ops.merge_norm_forward(x, size, merged, dst, kept, weight, weight, NORM_EPS, s.protected,
                                                       1, None, x, src, offsets)
                     elif kind == "match":
                         triton_ops.best_match_forward(metric, s.protected)

@@ -132,7 +132,7 @@ def test_bench_ops_tiles_give_the_library_result(one_thread):
     want_plan = ops.match(metric, 7, 1, backend="torch")
     want = ops.merge(x, size, want_plan, backend="torch")
     originals = (triton_ops._match_tiles, triton_ops._merge_fwd_tiles, triton_ops._plan_sort_block,
-                 triton_ops._merge_norm_tiles)
+                 triton_ops._merge_norm_tiles, triton_ops.PLAN_SORT_MIN)
     for spec in ("match:16x16x16x4-ieee", "match:16x32x8x4-tf32x3", "merge:8x16x4", "merge:16x32x4", "merge:8x16x4-s3",
                  "plan:sort", "plan:count"):
         with bench_ops.op_tiles(spec):
@@ -152,7 +152,7 @@ def test_bench_ops_tiles_give_the_library_result(one_thread):
         for a, b in zip(got, want_norm):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert (triton_ops._match_tiles, triton_ops._merge_fwd_tiles, triton_ops._plan_sort_block,
-            triton_ops._merge_norm_tiles) == originals
+            triton_ops._merge_norm_tiles, triton_ops.PLAN_SORT_MIN) == originals
     # Each plan path takes its own path at this row (20 A tokens: below PLAN_SORT_MIN, so the library counts).
     for spec, width in (("plan:sort", 32), ("plan:count", 0)):
         with bench_ops.op_tiles(spec):
