@@ -32,6 +32,7 @@ from tempme_fast.schedule import LayerPlan
 
 from .common import VIT_GEOMETRY, environment, failure, measure_ms, print_table
 from .devicetime import device_columns, host_columns, speedups
+from .oracle import check_attention
 
 IMPLS = ("sdpa", "fold", "triton", "sdpa-nobias", "eager")
 MODES = ("fwd", "fwdbwd")
@@ -119,8 +120,9 @@ def forward_tiles(spec: Optional[str]):
 
 
 def attention_fn(impl: str, mode: str, qkv: torch.Tensor, size: torch.Tensor, grad: torch.Tensor):
-    """A zero-argument callable running ``impl`` once (``mode`` ``fwd`` or ``fwdbwd``). ``triton:SPEC``
-    is the Triton kernel with the forward tiles of ``SPEC`` (:func:`forward_tiles`)."""
+    """A zero-argument callable running ``impl`` once (``mode`` ``fwd`` or ``fwdbwd``) and returning the
+    output (and, for ``fwdbwd``, the gradient of ``qkv``). ``triton:SPEC`` is the Triton kernel with the
+    forward tiles of ``SPEC`` (:func:`forward_tiles`)."""
     impl, _, tiles = impl.partition(":")
     backend = "triton" if impl == "triton" else "torch"
     name, bias = ("sdpa", None) if impl == "sdpa-nobias" else (impl, size)
@@ -131,9 +133,31 @@ def attention_fn(impl: str, mode: str, qkv: torch.Tensor, size: torch.Tensor, gr
         with forward_tiles(tiles or None):
             out = ops.attention(q, k, v, bias, impl=name, backend=backend)
         if mode == "fwdbwd":
-            torch.autograd.grad(out, leaf, grad)
+            return out, torch.autograd.grad(out, leaf, grad)[0]
         return out
     return run
+
+
+def check_case(impl: str, mode: str, s: AttentionShape, dtype: torch.dtype, device: torch.device) -> Dict[str, object]:
+    """The oracle's columns of one case (``benchmarks.oracle.check_attention``): ``impl`` run once more on the
+    timed inputs, its output (and gradients) against the float64 attention. A check that raises records why
+    and does not agree. ``eager`` gets its ``tol_ratio`` and no verdict: it is the released code's arithmetic,
+    whose logits and probabilities are rounded to the input dtype, not a path held to ``ATTENTION_TOL``."""
+    qkv, size, grad = make_inputs(s, dtype, device)
+    try:
+        result = attention_fn(impl, mode, qkv, size, grad)()
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        bias = None if impl == "sdpa-nobias" else size
+        if mode == "fwdbwd":
+            out, dqkv = result
+            columns = check_attention(q, k, v, bias, out, grad, dqkv.permute(2, 0, 3, 1, 4).unbind(0))
+        else:
+            columns = check_attention(q, k, v, bias, result)
+    except Exception as e:  # noqa: BLE001 (recorded in the row; the next case runs)
+        return {"agrees": False, "disagreement": f"the check raised {type(e).__name__}: {e}"[:300]}
+    if impl == "eager":
+        return {"tol_ratio": columns["tol_ratio"]}
+    return columns
 
 
 def available_impls(device: torch.device) -> List[str]:
@@ -158,8 +182,9 @@ def time_case(impl: str, mode: str, s: AttentionShape, dtype: torch.dtype, devic
 
 
 def run(device: torch.device, models, batches, dtypes, impls, modes, rep_ms: float = 100,
-        sink=None) -> List[Dict[str, object]]:
-    """Rows of every (shape, dtype, mode, impl); each is passed to ``sink`` as soon as it is measured."""
+        sink=None, check: bool = True) -> List[Dict[str, object]]:
+    """Rows of every (shape, dtype, mode, impl); each is passed to ``sink`` as soon as it is measured. With
+    ``check``, each row also says whether it agrees with the float64 attention (:func:`check_case`)."""
     rows = []
     for model in models:
         for batch in batches:
@@ -173,6 +198,8 @@ def run(device: torch.device, models, batches, dtypes, impls, modes, rep_ms: flo
                                 row.update(time_case(impl, mode, s, DTYPES[dtype_name], device, rep_ms))
                             except Exception as e:  # noqa: BLE001 (recorded in the row; the next case runs)
                                 row.update(failure(e))
+                            if check and "ms" in row:
+                                row.update(check_case(impl, mode, s, DTYPES[dtype_name], device))
                             base = row if impl == "sdpa" and "ms" in row else base
                             if "ms" in row:
                                 row.update(speedups(row, base, device, "speedup_vs_mask") if base else
@@ -194,6 +221,9 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--rep-ms", type=float, default=100)
     parser.add_argument("--jsonl", default=None, help="append one JSON line per row to this file")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="do not hold each row's output against the float64 attention (columns agrees, "
+                             "tol_ratio, disagreement)")
     parser.add_argument("--fwd-tiles", nargs="+", default=None, metavar="BMxBNxWxS",
                         help="time the Triton forward with these query and key tiles, warps and stages (rows "
                              "'triton:SPEC'), beside SDPA with the mask and without a bias; forward only")
@@ -216,14 +246,15 @@ def main(argv=None) -> int:
         os.fsync(out.fileno())
     try:
         rows = run(device, args.models, args.batches, args.dtypes, impls or available_impls(device),
-                   modes, args.rep_ms, sink if out else None)
+                   modes, args.rep_ms, sink if out else None, args.check)
     finally:
         if out:
             out.close()
     print(f"# proportional attention on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print_table(rows, ["model", "batch", "layer", "rows", "tokens", "dtype", "mode", "impl", "ms", "ms_p20", "ms_p80",
-                       "device_ms", "host_bound", "speedup_vs_mask", "speedup_vs_mask_eager", "error", "device_error"])
-    return int(any("error" in r for r in rows))
+                       "device_ms", "host_bound", "speedup_vs_mask", "speedup_vs_mask_eager", "agrees", "tol_ratio",
+                       "error", "device_error", "disagreement"])
+    return int(any("error" in r or r.get("agrees") is False for r in rows))
 
 
 if __name__ == "__main__":

@@ -47,10 +47,9 @@ from tempme_fast.ops import reference, triton_ops
 from .common import Compiled, MergeShape, RowLog, add_row_log_arguments, copy_bandwidth_gbs, environment, \
     failure, measure_ms, merge_shapes, print_table, write_results
 from .devicetime import basis_ms, device_columns, host_columns, speedups
+from .oracle import NORM_EPS, check_op, norm_inputs, upstream_grad
 
 OPS = ("best_match", "match", "merge_fwd", "merge_bwd", "step_fwd", "step_norm_fwd", "step_fwdbwd")
-# LayerNorm epsilon of the step_norm_fwd rows (open_clip's).
-NORM_EPS = 1e-5
 # The match kernel's DOT_MODE per product kind: 16-bit tl.dot, and the float32 ones the library knows.
 DOT_MODES = {"native": 0, **triton_ops._FP32_DOT_MODES}
 
@@ -195,7 +194,7 @@ def op_fn(op: str, impl: str, s: MergeShape, metric, x, size, compile_backend: s
             return (lambda: fn(metric, x, size)), fn
         return (lambda: ops.merge(x, size, ops.match(metric, s.r, s.protected, backend=backend), backend=backend)), fn
     xg = x.detach().requires_grad_(True)
-    grad = torch.randn(s.rows, s.tokens - s.r, s.width, device=x.device, dtype=x.dtype)
+    grad = upstream_grad(x, s.tokens - s.r)
     if op == "merge_bwd":
         out, _ = ops.merge(xg, size, plan, backend=backend)
         return (lambda: torch.autograd.grad(out, xg, grad, retain_graph=True)), fn
@@ -213,10 +212,8 @@ def step_norm_fn(backend: str, impl: str, s: MergeShape, metric, x, size, compil
                  compiled: Optional[Compiled]) -> Tuple[Callable[[], object], Optional[Compiled]]:
     """``op_fn`` of ``step_norm_fwd``: the encoder's step after attention, ``x + out`` merged and the
     ``ln_2`` of the result (``ops.merge_norm(..., residual=out)``: one merge launch on Triton; an add,
-    the merge and a LayerNorm on the reference). ``out`` is ``x`` rolled by one token."""
-    residual = x.roll(1, dims=1)
-    weight = torch.ones(s.width, device=x.device, dtype=x.dtype)
-    bias = torch.zeros(s.width, device=x.device, dtype=x.dtype)
+    the merge and a LayerNorm on the reference), on ``oracle.norm_inputs``."""
+    residual, weight, bias = norm_inputs(x)
     if impl == "torch.compile":
         compiled = compiled or Compiled(
             lambda m, xx, sz, res: reference.merge_norm(xx, sz, reference.match(m, s.r, s.protected), weight, bias,
@@ -227,6 +224,23 @@ def step_norm_fn(backend: str, impl: str, s: MergeShape, metric, x, size, compil
         plan = ops.match(metric, s.r, s.protected, backend=backend)
         return ops.merge_norm(x, size, plan, weight, bias, NORM_EPS, backend=backend, residual=residual)
     return step, None
+
+
+def check_row(op: str, impl: str, s: MergeShape, metric, x, size, fn: Callable[[], object]) -> Dict[str, object]:
+    """The oracle's columns of one timed case (``benchmarks.oracle``): ``fn`` called once more and its
+    output held against the float64 reference, the merges by the plan that the same backend (and tiles)
+    makes of ``metric``. A check that raises records why and does not agree."""
+    try:
+        out = fn()
+        plan = None
+        if op not in ("best_match", "match"):
+            spec = impl.split(":", 1)[1] if impl.startswith("triton:") else None
+            backend = "triton" if impl.startswith("triton") else "torch"
+            with op_tiles(spec):
+                plan = ops.match(metric, s.r, s.protected, backend=backend)
+        return check_op(op, s, metric, x, size, out, plan)
+    except Exception as e:  # noqa: BLE001 (recorded in the row; the next case runs)
+        return {"agrees": False, "disagreement": f"the check raised {type(e).__name__}: {e}"[:300]}
 
 
 def device_row(op: str, impl: str, s: MergeShape, dtype: torch.dtype, device: torch.device,
@@ -254,9 +268,10 @@ def bandwidth_columns(nbytes: int, ms: Optional[float], copy_gbs: Optional[float
 
 
 def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_at: Optional[str] = None,
-        rep_ms: float = 100, log: Optional[RowLog] = None, compile_backend: str = "inductor"
+        rep_ms: float = 100, log: Optional[RowLog] = None, compile_backend: str = "inductor", check: bool = True
         ) -> List[Dict[str, object]]:
     """Time every (shape, dtype, op, impl); ``compile_at`` ("ViT-B-16:32:fp16") limits torch.compile rows.
+    With ``check``, each row also says whether its op agrees with the float64 reference (:func:`check_row`).
 
     Each row goes to ``log`` as soon as it is measured, so a run stopped by a time limit keeps it. On a
     GPU the first row is the device-to-device copy bandwidth measured in this run; every bandwidth row
@@ -294,6 +309,8 @@ def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_
                                 log({**row, **failure(e)})
                                 continue
                             row.update(device_row(op, impl, s, dtype, device, compiled, compile_backend, rep_ms))
+                            if check:
+                                row.update(check_row(op, impl, s, metric, x, size, fn))
                             row.update(host_columns(row["ms"], row))
                             row.update(compiled.record() if compiled else {"compiled": False})
                             nbytes = op_bytes(op, s, x.element_size())
@@ -318,6 +335,9 @@ def main(argv=None) -> int:
                         help="only time torch.compile at this model:batch:dtype ('' for everywhere)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
     parser.add_argument("--rep-ms", type=float, default=100)
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="do not hold each row's output against the float64 reference (columns agrees, "
+                             "tol_ratio, near_ties, disagreement)")
     parser.add_argument("--out", default=None, help="folder for bench_ops.json / .csv, written at the end")
     parser.add_argument("--tiles", nargs="+", default=[], metavar="SPEC",
                         help="also time the Triton ops with these tiles (rows 'triton:SPEC'): merge:BTxBDxW[-sN], "
@@ -336,14 +356,15 @@ def main(argv=None) -> int:
     impls = [*impls, *(f"triton:{spec}" for spec in args.tiles)]
     env = environment(device)
     rows = run(device, args.models, args.batches, args.dtypes, impls, args.ops, args.compile_at or None, args.rep_ms,
-               RowLog(args.jsonl, "bench_ops", env, args.tag), args.compile_backend)
+               RowLog(args.jsonl, "bench_ops", env, args.tag), args.compile_backend, args.check)
     if args.out:
         write_results(args.out, "bench_ops", env, rows)
     print(f"# merge ops on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print_table([r for r in rows if r["op"] != "copy"],
                 ["model", "batch", "layer", "stage", "dtype", "op", "impl", "ms", "device_ms", "host_bound", "gbs",
-                 "frac_copy_bw", "speedup_vs_torch", "speedup_vs_torch_eager", "compiled", "error", "device_error"])
-    return int(any("error" in r for r in rows))
+                 "frac_copy_bw", "speedup_vs_torch", "speedup_vs_torch_eager", "compiled", "agrees", "tol_ratio",
+                 "near_ties", "error", "device_error", "disagreement"])
+    return int(any("error" in r or r.get("agrees") is False for r in rows))
 
 
 if __name__ == "__main__":

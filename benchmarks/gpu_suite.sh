@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One run on a CUDA machine within one time budget: the headline figures first, then the CUDA tests and
-# the sweeps (benchmarks/suite.py lists the stages). Every result is appended to OUTDIR as it is made;
+# One run on a CUDA machine within one time budget: the headline figures first, then the merge sweeps, the
+# profile, the CUDA tests and the other sweeps (benchmarks/suite.py lists the stages). Every result is appended to OUTDIR as it is made;
 # with --archive, PATH is kept a current .tar.gz of OUTDIR during the run and at its end.
 #
 #   bash benchmarks/gpu_suite.sh [--budget SECONDS] [--archive PATH] [--wheels DIR] [suite options] OUTDIR

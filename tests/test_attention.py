@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from tempme_fast import apply_tempme, encoder, ops
-from tempme_fast.ops import attention_impl, reference, triton_attention
+from tempme_fast.ops import accuracy, attention_impl, reference, triton_attention
 from kit import DTYPES
 from tiny import TINY_CONFIG, tiny_clip, video
 
 # Max-abs error allowed, relative to the largest reference value of the same tensor.
-TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
+TOLERANCE = accuracy.ATTENTION_TOL
 CANDIDATES = ("triton", "fold")
 
 

@@ -138,11 +138,11 @@ def test_pytest_results_are_written_one_line_per_test(tmp_path):
     assert lines[-1]["counts"] == {"passed": 1, "failed": 1, "skipped": 1, "error": 1}
 
 
-def test_the_stage_list_puts_the_headline_first_then_the_profile_and_the_tests_that_never_ran(tmp_path):
+def test_the_stage_list_puts_the_headline_first_then_the_merge_sweeps_the_profile_and_the_tests(tmp_path):
     stages = gpu_stages(str(tmp_path))
     names = [s.name for s in stages]
-    assert names[:8] == ["preflight", "warm", "model_headline", "ops_headline", "attention", "profile",
-                         "model_tests", "cuda_tests"]
+    assert names[:12] == ["preflight", "warm", "model_headline", "ops_headline", "merge_tiles", "norm_tiles",
+                          "plan_paths", "profile", "attention", "kernel_tests", "cuda_tests", "model_tests"]
     assert names[-1] == "plots" and stages[-1].final and not any(s.final for s in stages[:-1])
     # The warm-up compiles what the benchmarks launch: every model, batch and dtype they run.
     warm = stages[1].argv
@@ -156,15 +156,14 @@ def test_the_stage_list_puts_the_headline_first_then_the_profile_and_the_tests_t
     headline = stages[2].argv
     assert headline[headline.index("--batches") + 1:headline.index("--batches") + 3] == ["1", "16"]
     assert {"tempme-eager", "tempme-torch", "tempme-triton", "tempme-triton+graph"} <= set(headline)
-    profile = stages[5].argv
+    profile = stages[7].argv
     assert profile[profile.index("--cases") + 1:profile.index("--cases") + 3] == ["ViT-B-16:16", "ViT-B-32:1"]
-    # The test files the first H200 run never reached come right after the profile.
-    assert {"tests/test_graphs.py", "tests/test_model_triton.py", "tests/test_attention.py"} <= set(stages[6].argv)
+    assert {"tests/test_graphs.py", "tests/test_model_triton.py", "tests/test_attention.py"} <= set(stages[11].argv)
     for s in stages:
         if "benchmarks.bench_" in " ".join(s.argv) or "benchmarks.profile" in s.argv or "benchmarks.warm" in s.argv:
             assert s.argv[s.argv.index("--jsonl") + 1] == str(tmp_path / "rows.jsonl")
         assert 0 < s.expect <= s.cap  # every stage has a measured or estimated duration within its limit
-    # A first call with the default budget is expected to finish everything up to the CUDA tests after the profile.
+    # A first call with the default budget is expected to finish the headline and the merge sweeps.
     assert sum(s.expect for s in stages[:7]) + stages[-1].expect <= DEFAULT_BUDGET_S
     cpu = gpu_stages(str(tmp_path), device="cpu")
     assert all("triton" not in s.argv for s in cpu)  # no Triton impl asked for where it would be interpreted
@@ -272,8 +271,8 @@ def test_report_tables_come_from_the_archive(tmp_path, capsys):
     assert "| run | ops_headline | timeout | -15 | 60.2 | 60 |" in text
     assert "2950 GB/s (run, headline)" in text
     # Written before device times existed, on a GPU: its speed-up was the eager one.
-    assert "| run | headline | ViT-B-16 | 32 | - | - | - | step_fwd | triton | False | 0.25 | - | - | - | - | - " \
-           "| 6.5 |" in text
+    assert "| run | headline | ViT-B-16 | 32 | - | - | - | step_fwd | triton | False | - | 0.25 | - | - | - | - " \
+           "| - | 6.5 |" in text
     assert "| tests/a.py | 1 | 1 |" in text and "- tests/a.py::t2: failed" in text
 
 
@@ -314,9 +313,13 @@ def test_report_joins_the_calls_of_a_session_with_device_columns_and_the_profile
 
     ops_row = {"model": "ViT-B-16", "batch": 32, "dtype": "fp16", "layer": 10, "stage": "cross", "op": "merge_fwd",
                "impl": "triton", "compiled": False, "ms": 0.6, "device_ms": 0.05, "host_bound": True, "gbs": 2000.0,
-               "frac_copy_bw": 0.5, "speedup_vs_torch": 3.0, "speedup_vs_torch_eager": 1.5}
-    # A row written before device times existed: its speed-up is the eager one.
-    old_row = {k: v for k, v in ops_row.items() if not k.startswith(("device", "host", "speedup_vs_torch_"))}
+               "frac_copy_bw": 0.5, "speedup_vs_torch": 3.0, "speedup_vs_torch_eager": 1.5, "agrees": True,
+               "tol_ratio": 0.2, "near_ties": 0}
+    # A row written before device times and checks existed: its speed-up is the eager one.
+    old_row = {k: v for k, v in ops_row.items()
+               if not k.startswith(("device", "host", "speedup_vs_torch_", "agrees", "tol_ratio", "near_ties"))}
+    wrong_row = {**ops_row, "impl": "triton:merge:8x256x4-s3", "agrees": False, "tol_ratio": 40.0,
+                 "disagreement": "x: 40x its tolerance"}
     profile = [{"model": "ViT-B-32", "batch": 1, "dtype": "fp16", "variant": "tempme-triton", **r} for r in (
         {"kind": "kernel", "name": "_merge_fwd_kernel", "group": "merge/match", "calls": 15.0, "us": 90.0},
         {"kind": "kernel", "name": "sm90_xmma_gemm", "group": "GEMM", "calls": 48.0, "us": 400.0},
@@ -334,7 +337,7 @@ def test_report_joins_the_calls_of_a_session_with_device_columns_and_the_profile
                     "triton_cache_new": 2}],
                   [("warm", {"arch": 90, "jobs": 16, "variants": 187, "compiled": 187, "cache_hits": 0, "failed": 0,
                              "seconds": 20.5, "compile_s": 240.0, "stubs": True})]
-                  + [("bench_ops", ops_row)] + [("profile", r) for r in profile],
+                  + [("bench_ops", ops_row), ("bench_ops", wrong_row)] + [("profile", r) for r in profile],
                   [{"nodeid": "tests/a.py::t1", "outcome": "passed"},
                    {"nodeid": "tests/b.py::t2", "outcome": "passed"}])
     assert report.main([str(tmp_path / "call1"), str(tmp_path / "call2"), "--markdown"]) == 0
@@ -344,10 +347,14 @@ def test_report_joins_the_calls_of_a_session_with_device_columns_and_the_profile
     assert "| call2 | warm | ok | 0 | 21 | 90 | 374 |" in text and "| call2 | profile | ok | 0 | 30 | 70 | 2 |" in text
     assert "| call2 | 90 | 16 | 187 | 187 | 0 | 0 | 20.5 | 240 | True |" in text
     # The first call's row has no device time: dashes, never a number made up from the eager time.
-    assert "| call1 | headline | ViT-B-16 | 32 | fp16 | 10 | cross | merge_fwd | triton | False | 0.6 | - | - " \
+    assert "| call1 | headline | ViT-B-16 | 32 | fp16 | 10 | cross | merge_fwd | triton | False | - | 0.6 | - | - " \
            "| 2e+03 | 0.5 | - | 3 |" in text
-    assert "| call2 | headline | ViT-B-16 | 32 | fp16 | 10 | cross | merge_fwd | triton | False | 0.6 | 0.05 | True " \
-           "| 2e+03 | 0.5 | 3 | 1.5 |" in text
+    assert "| call2 | headline | ViT-B-16 | 32 | fp16 | 10 | cross | merge_fwd | triton | False | True | 0.6 | 0.05 " \
+           "| True | 2e+03 | 0.5 | 3 | 1.5 |" in text
+    # A row whose result was wrong is listed apart, with what failed.
+    assert "### Rows that do not agree with the float64 reference" in text
+    assert "| call2 | headline | ViT-B-16 | 32 | fp16 | 10 | merge_fwd | - | triton:merge:8x256x4-s3 | 40 " \
+           "| x: 40x its tolerance |" in text
     assert "### Where the forward's time goes" in text
     assert "| call2 | ViT-B-32 | 1 | fp16 | tempme-triton | 18.2 | 0.49 | 17.7 | 63 | 0.4 | 0.09 |" in text
     assert "| call2 | ViT-B-32 | 1 | fp16 | tempme-triton | sm90_xmma_gemm | GEMM | 48 | 400 |" in text

@@ -1,0 +1,144 @@
+"""Whether what a benchmark timed computed the right thing: each merge op's output against the float64
+reference, with the tolerances of ``tempme_fast.ops.accuracy``.
+
+A timed row is only worth its number if the kernel behind it is right, and on a GPU the benchmarks
+launch variants (tiles, plan paths, pipelined gathers) that no test there may have run. So every row of
+``bench_ops`` calls its op once more after timing and records:
+
+- ``agrees``: the plan is the float64 plan up to near-ties, its grouping by destination is exact, and
+  every merged value, size, LayerNorm and gradient is within tolerance of the float64 merge by that
+  plan (``accuracy.plan_agreement``, ``accuracy.tolerance_ratio``);
+- ``tol_ratio``: the largest error of those values over its tolerance (at most 1 when it agrees);
+- ``near_ties``: merged tokens whose index differs from the float64 plan's within ``SCORE_TOL``;
+- ``disagreement``: what failed first, when it does not agree.
+
+    columns = check_op("merge_fwd", s, metric, x, size, out, plan)
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from tempme_fast.ops import accuracy, reference
+from tempme_fast.ops.reference import MergePlan
+
+# The step_norm_fwd rows' LayerNorm epsilon (open_clip's).
+NORM_EPS = 1e-5
+
+
+def norm_inputs(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(residual, weight, bias)`` of a step_norm_fwd row: the attention output stands in as ``x`` rolled
+    by one token; the LayerNorm's weight and bias are ones and zeros."""
+    width = x.shape[-1]
+    return (x.roll(1, dims=1), torch.ones(width, device=x.device, dtype=x.dtype),
+            torch.zeros(width, device=x.device, dtype=x.dtype))
+
+
+def upstream_grad(x: torch.Tensor, tokens_out: int, seed: int = 7) -> torch.Tensor:
+    """The gradient of the merged tokens that the backward rows feed in: ``[B', tokens_out, D]``, seeded."""
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    return torch.randn(x.shape[0], tokens_out, x.shape[-1], device=x.device, dtype=x.dtype, generator=g)
+
+
+def _plan3(plan: MergePlan) -> MergePlan:
+    """``plan`` without its grouping (the reference merge never reads it)."""
+    return MergePlan(plan.merged, plan.dst, plan.kept, plan.tokens, plan.protected)
+
+
+class _Verdict:
+    """Collects the checks of one row: the first failure, the largest tolerance ratio, the near-ties."""
+
+    def __init__(self):
+        self.problem: Optional[str] = None
+        self.ratio = 0.0
+        self.near_ties = 0
+
+    def plan(self, report: Dict[str, object]) -> None:
+        self.near_ties += int(report["near_ties"])
+        if not report["agrees"] and self.problem is None:
+            self.problem = f"plan: {report['disagreement']}"
+
+    def values(self, what: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
+               table=None) -> None:
+        ratio = accuracy.tolerance_ratio(actual, expected, dtype, table)
+        self.ratio = max(self.ratio, ratio)
+        if ratio > 1 and self.problem is None:
+            self.problem = f"{what}: {ratio:.3g}x its tolerance"
+
+    def columns(self) -> Dict[str, object]:
+        out: Dict[str, object] = {"agrees": self.problem is None, "tol_ratio": self.ratio,
+                                  "near_ties": self.near_ties}
+        if self.problem:
+            out["disagreement"] = self.problem
+        return out
+
+
+def check_op(op: str, s, metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, out: Sequence[torch.Tensor],
+             plan: Optional[MergePlan] = None) -> Dict[str, object]:
+    """The ``agrees``, ``tol_ratio``, ``near_ties`` (and ``disagreement``) columns of ``op``'s output ``out``
+    on shape ``s`` (``benchmarks.common.MergeShape``) and inputs ``metric``, ``x``, ``size``.
+
+    ``out`` as the op returns it: ``best_match`` ``(scores, dst)``; ``match`` a plan (or its first three
+    fields); ``merge_fwd`` and ``step_fwd`` ``(x, size)``; ``step_norm_fwd`` ``(x, size, ln)`` of the
+    inputs of :func:`norm_inputs`; ``merge_bwd`` and ``step_fwdbwd`` ``(grad_x,)`` for
+    :func:`upstream_grad`. ``plan``: the plan the merge ops ran on (the same backend's, on ``metric``).
+    """
+    verdict = _Verdict()
+    scores = accuracy.cosine_scores(metric, s.protected)
+    if op == "best_match":
+        got, dst = out
+        best = scores.max(dim=-1).values
+        verdict.values("scores", got, best, metric.dtype, {metric.dtype: (accuracy.SCORE_TOL[metric.dtype], 0.0)})
+        lost = (best - scores.gather(2, dst.unsqueeze(-1)).squeeze(-1)).max().item() if dst.numel() else 0.0
+        if lost > accuracy.SCORE_TOL[metric.dtype] and verdict.problem is None:
+            verdict.problem = f"dst: a B token {lost:.3g} below the best"
+        verdict.near_ties += int((dst != scores.argmax(dim=-1)).sum().item())
+        return verdict.columns()
+    if op == "match":
+        plan = out if isinstance(out, MergePlan) else MergePlan(*out[:3], s.tokens, s.protected)
+    if plan is None:
+        raise ValueError(f"check_op({op!r}): give the plan the merge ran on")
+    verdict.plan(accuracy.plan_agreement(plan, metric, s.r, s.protected, scores))
+    if op == "match" or verdict.problem:
+        return verdict.columns()
+    plan = _plan3(plan)
+    if op in ("merge_fwd", "step_fwd", "step_norm_fwd"):
+        source = x + norm_inputs(x)[0] if op == "step_norm_fwd" else x  # the residual add, in x's dtype
+        want_x, want_size = reference.merge(source.double(), size.double(), plan)
+        verdict.values("x", out[0], want_x, x.dtype)
+        verdict.values("size", out[1], want_size, torch.float32)
+        if op == "step_norm_fwd":
+            _, weight, bias = norm_inputs(x)
+            verdict.values("ln", out[2], reference.layer_norm(out[0], weight, bias, NORM_EPS), x.dtype,
+                           accuracy.NORM_TOL)
+        return verdict.columns()
+    if op in ("merge_bwd", "step_fwdbwd"):
+        xd = x.double().requires_grad_(True)
+        merged, _ = reference.merge(xd, size.double(), plan)
+        (want,) = torch.autograd.grad(merged, xd, upstream_grad(x, s.tokens - s.r).double())
+        verdict.values("grad x", out[0], want, x.dtype)
+        return verdict.columns()
+    raise ValueError(f"check_op: unknown op {op!r}")
+
+
+def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Optional[torch.Tensor],
+                    out: torch.Tensor, upstream: Optional[torch.Tensor] = None,
+                    grads: Optional[Sequence[torch.Tensor]] = None) -> Dict[str, object]:
+    """The ``agrees`` and ``tol_ratio`` (and ``disagreement``) columns of an attention row: ``out`` (and,
+    given ``upstream``, the ``grads`` of q, k and v) against the float64 attention of ``q``, ``k``, ``v``
+    with the log-size bias of ``size`` (None: no bias), with ``accuracy.ATTENTION_TOL``."""
+    verdict = _Verdict()
+    leaves = [t.detach().double().requires_grad_(upstream is not None) for t in (q, k, v)]
+    want = reference.attention(*leaves, None if size is None else size.double(), "eager")
+    checks = [("out", out, want.detach())]
+    if upstream is not None:
+        checks += zip(("dq", "dk", "dv"), grads, torch.autograd.grad(want, leaves, upstream.double()))
+    for name, got, expected in checks:
+        ratio = accuracy.scaled_error_ratio(got, expected, q.dtype)
+        verdict.ratio = max(verdict.ratio, ratio)
+        if ratio > 1 and verdict.problem is None:
+            verdict.problem = f"{name}: {ratio:.3g}x its tolerance"
+    columns = verdict.columns()
+    del columns["near_ties"]
+    return columns

@@ -1,0 +1,194 @@
+"""The accuracy checks (``tempme_fast.ops.accuracy``) and the benchmarks' oracle (``benchmarks.oracle``):
+right outputs agree, and each kind of wrong output is caught and named."""
+import json
+
+import pytest
+import torch
+
+from benchmarks import bench_attention, bench_ops, oracle
+from benchmarks.common import MergeShape
+from benchmarks.rowlog import read_records
+from tempme_fast import ops
+from tempme_fast.ops import accuracy, triton_ops
+from tempme_fast.ops import reference as ref
+
+N, C, R = 61, 1, 17
+NA, NB = ref.split_sizes(N, C)
+SHAPE = MergeShape("test", 1, 0, "imgme", 3, N, C, 16, 24, R)
+
+
+def _inputs(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    metric = torch.randn(SHAPE.rows, N, SHAPE.channels, generator=g).to(dtype)
+    x = torch.randn(SHAPE.rows, N, SHAPE.width, generator=g).to(dtype)
+    size = torch.randint(1, 5, (SHAPE.rows, N, 1), generator=g).float()
+    return metric, x, size
+
+
+def _swap_last_merged_with_first_kept(plan, metric):
+    """A plan that merges the best kept token instead of the last merged one, each to its best B token."""
+    sim = accuracy.cosine_scores(metric, plan.protected)
+    best, dst = sim.max(dim=-1)
+    kept_best = best.gather(1, plan.kept).argmax(dim=1, keepdim=True)
+    top_kept = plan.kept.gather(1, kept_best)
+    merged = torch.cat([plan.merged[:, :-1], top_kept], dim=1)
+    kept = torch.cat([plan.kept[plan.kept != top_kept].view(plan.kept.shape[0], -1), plan.merged[:, -1:]], 1)
+    return plan._replace(merged=merged, dst=dst.gather(1, merged), kept=kept.sort(dim=1).values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_the_reference_plan_agrees_exactly(dtype):
+    metric, _, _ = _inputs(dtype)
+    report = accuracy.plan_agreement(ref.match(metric, R, C), metric, R, C)
+    assert report == {"agrees": True, "near_ties": 0}
+
+
+@pytest.mark.interpreter
+def test_the_triton_plan_and_its_grouping_agree():
+    metric, _, _ = _inputs()
+    plan = ops.match(metric, R, C, backend="triton")
+    assert plan.src is not None and accuracy.plan_agreement(plan, metric, R, C) == {"agrees": True, "near_ties": 0}
+
+
+def _bad_plans(plan, metric):
+    src, offsets = ref.group_sources(plan.merged, plan.dst, NB)
+    yield "joins a B token", plan._replace(dst=(plan.dst + 1) % NB)
+    yield "kept token scores", _swap_last_merged_with_first_kept(plan, metric)
+    yield "highest score first", plan._replace(merged=plan.merged.flip(1), dst=plan.dst.flip(1))
+    yield "not a partition", plan._replace(kept=plan.kept.clamp(max=plan.kept[:, :1]))
+    yield "kept is not increasing", plan._replace(kept=plan.kept.flip(1))
+    yield "dst outside", plan._replace(dst=plan.dst + NB)
+    yield "shapes", plan._replace(merged=plan.merged[:, 1:])
+    yield "grouping", plan._replace(src=src.flip(1), offsets=offsets)
+    yield "grouping", plan._replace(src=src, offsets=offsets.roll(1, dims=1))
+
+
+def test_each_wrong_plan_is_named():
+    metric, _, _ = _inputs()
+    plan = ref.match(metric, R, C)
+    src, offsets = ref.group_sources(plan.merged, plan.dst, NB)
+    assert accuracy.plan_agreement(plan._replace(src=src, offsets=offsets), metric, R, C)["agrees"]
+    for words, bad in _bad_plans(plan, metric):
+        report = accuracy.plan_agreement(bad, metric, R, C)
+        assert not report["agrees"] and words in report["disagreement"], (words, report)
+
+
+def test_near_ties_are_counted_not_refused():
+    """Two A tokens with the same metric vector tie exactly: either may be merged, and the one the plan
+    did not choose as the reference would counts as a near-tie."""
+    metric, _, _ = _inputs()
+    plan = ref.match(metric, R, C)
+    a_pos, _ = ref.split_positions(N, C)
+    last, first_kept = plan.merged[0, -1], plan.kept[0, 0]
+    metric[0, a_pos[first_kept]] = metric[0, a_pos[last]]  # a copy: the same score and best B token
+    plan = ref.match(metric, R, C)
+    i = int((plan.merged[0] == min(last, first_kept)).nonzero())
+    swapped = plan.merged.clone()
+    swapped[0, i] = max(last, first_kept)
+    kept = plan.kept.clone()
+    kept[0][kept[0] == max(last, first_kept)] = min(last, first_kept)
+    report = accuracy.plan_agreement(plan._replace(merged=swapped, kept=kept.sort(dim=1).values), metric, R, C)
+    assert report == {"agrees": True, "near_ties": 1}
+
+
+def test_tolerance_ratio():
+    want = torch.tensor([1.0, -2.0, 0.0])
+    assert accuracy.tolerance_ratio(want + 1e-6, want, torch.float32) == pytest.approx(1e-6 / 1e-5, rel=1e-3)  # at 0
+    assert accuracy.tolerance_ratio(want.half(), want, torch.float16) == 0.0
+    assert accuracy.tolerance_ratio(want + 1e-3, want, torch.float32) > 1
+    assert accuracy.tolerance_ratio(torch.tensor([float("nan"), 0, 0]), want, torch.float32) == float("inf")
+    assert accuracy.tolerance_ratio(want[:2], want, torch.float32) == float("inf")
+    assert accuracy.scaled_error_ratio(want + 1e-3, want, torch.float16) == pytest.approx(1e-3 / (3e-3 * 2), rel=1e-4)
+    assert accuracy.scaled_error_ratio(want * float("inf"), want, torch.float16) == float("inf")
+
+
+def _reference_outputs(op, metric, x, size):
+    """What ``op`` returns on the reference, with the upstream gradient and LayerNorm inputs of the oracle."""
+    plan = ref.match(metric, R, C)
+    if op == "best_match":
+        return ref.best_match(metric, C), None
+    if op == "match":
+        return plan, None
+    if op in ("merge_fwd", "step_fwd"):
+        return ref.merge(x, size, plan), plan
+    if op == "step_norm_fwd":
+        residual, weight, bias = oracle.norm_inputs(x)
+        return ref.merge_norm(x, size, plan, weight, bias, oracle.NORM_EPS, residual=residual), plan
+    xg = x.detach().requires_grad_(True)
+    out, _ = ref.merge(xg, size, plan)
+    return torch.autograd.grad(out, xg, oracle.upstream_grad(x, N - R)), plan
+
+
+def _spoiled(op, out):
+    """``out`` with one value moved well past its tolerance."""
+    if op == "best_match":
+        scores, dst = out
+        return scores, torch.where(torch.arange(dst.shape[1]) == 3, (dst + 1) % NB, dst)
+    first = out[0].clone()
+    first[1, 5, 7] += 0.05
+    return (first, *out[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("op", [op for op in bench_ops.OPS if op != "match"])
+def test_the_oracle_takes_the_reference_and_refuses_a_spoiled_output(op, dtype):
+    metric, x, size = _inputs(dtype)
+    out, plan = _reference_outputs(op, metric, x, size)
+    good = oracle.check_op(op, SHAPE, metric, x, size, out, plan)
+    assert good["agrees"] and good["tol_ratio"] <= 1 and good["near_ties"] == 0, good
+    bad = oracle.check_op(op, SHAPE, metric, x, size, _spoiled(op, out), plan)
+    assert not bad["agrees"] and bad["disagreement"].split(":")[0] in ("x", "grad x", "dst"), bad
+
+
+def test_the_oracle_names_a_wrong_size_and_layernorm():
+    metric, x, size = _inputs()
+    (merged, out_size, ln), plan = _reference_outputs("step_norm_fwd", metric, x, size)
+    for what, out in (("size", (merged, out_size + 1, ln)), ("ln", (merged, out_size, ln * 1.01))):
+        bad = oracle.check_op("step_norm_fwd", SHAPE, metric, x, size, out, plan)
+        assert bad["disagreement"].startswith(what + ":"), bad
+    bad = oracle.check_op("merge_fwd", SHAPE, metric, x, size, (merged, out_size), plan._replace(dst=plan.dst.flip(1)))
+    assert bad["disagreement"].startswith("plan:"), bad
+
+
+def test_bench_ops_rows_agree(tmp_path):
+    assert bench_ops.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
+                           "--impls", "torch", "--rep-ms", "1", "--jsonl", str(tmp_path / "r.jsonl")]) == 0
+    rows = read_records(str(tmp_path / "r.jsonl"))[1:]
+    assert len(rows) == 7 * 7 - 3  # no step_norm_fwd at the three joins
+    assert all(r["agrees"] is True and r["tol_ratio"] <= 1 and r["near_ties"] == 0 for r in rows), rows
+
+
+@pytest.mark.interpreter
+def test_a_wrong_kernel_fails_its_benchmark_row(tmp_path, monkeypatch):
+    """A Triton merge that writes one value wrong: its rows say so, and the run exits 1."""
+    real = triton_ops.merge
+
+    def merge(x, size, plan):
+        out, out_size = real(x, size, plan)
+        return out.index_add(1, torch.tensor([out.shape[1] - 1]), torch.ones_like(out[:, -1:])), out_size
+    monkeypatch.setattr(triton_ops, "merge", merge)
+    assert bench_ops.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
+                           "--impls", "torch", "triton", "--ops", "merge_fwd", "--rep-ms", "1",
+                           "--jsonl", str(tmp_path / "r.jsonl")]) == 1
+    rows = read_records(str(tmp_path / "r.jsonl"))[1:]
+    assert all(r["agrees"] is (r["impl"] == "torch") for r in rows)
+    assert all(r["disagreement"].startswith("x: ") for r in rows if r["impl"] == "triton")
+
+
+def test_bench_attention_rows_agree_and_a_wrong_one_does_not(tmp_path, monkeypatch):
+    out = tmp_path / "a.jsonl"
+    args = ["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32", "--impls", "sdpa",
+            "sdpa-nobias", "eager", "--rep-ms", "1", "--jsonl", str(out)]
+    assert bench_attention.main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 4 * 2 * 3 and all(r["tol_ratio"] <= 1 for r in rows)
+    # The released code's arithmetic is measured, not judged.
+    assert all(r["agrees"] is True for r in rows if r["impl"] != "eager")
+    assert not any("agrees" in r for r in rows if r["impl"] == "eager")
+    real = ops.attention
+    monkeypatch.setattr(ops, "attention", lambda q, k, v, size, **kw: real(q, k, v, size, **kw) * 1.01)
+    out.unlink()
+    assert bench_attention.main(args) == 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["agrees"] is False and r["disagreement"].startswith("out:") for r in rows if r["impl"] != "eager")
+    assert all(r["tol_ratio"] > 1 and "agrees" not in r for r in rows if r["impl"] == "eager")
