@@ -34,9 +34,14 @@ from tempme_fast.ops import launch
 from .common import Compiled, RowLog, add_row_log_arguments, environment, failure, measure_ms, print_table, \
     write_results
 from .devicetime import device_columns, host_columns
+from .oracle import check_embedding
 
 VARIANTS = ("open_clip", "open_clip+graph", "tempme-eager", "tempme-torch", "tempme-triton", "tempme-triton-jit",
             "tempme-triton+graph", "tempme-triton+compile")
+# The variant whose eager embeddings each inference row's are held against (benchmarks.oracle.check_embedding):
+# the Triton paths against the torch backend's, a graph replay of open_clip against open_clip.
+CHECKED_AGAINST = {"open_clip+graph": "open_clip", "tempme-triton": "tempme-torch", "tempme-triton-jit": "tempme-torch",
+                   "tempme-triton+graph": "tempme-torch", "tempme-triton+compile": "tempme-torch"}
 
 
 def _setting(variant: str, config: TempMeConfig):
@@ -165,10 +170,25 @@ def layer_device_ms(model: torch.nn.Module, video: torch.Tensor, rep_ms: float =
     return columns
 
 
+def embedding(model, config: TempMeConfig, variant: str, video: torch.Tensor) -> torch.Tensor:
+    """The embeddings of ``video`` by ``variant``'s setting, from one eager inference forward (not timed)."""
+    config, backend, attention, trim = _setting(variant, config)
+    apply_tempme(model, config, backend=backend, attention=attention, trim_last_block=trim)
+    try:
+        model.eval()
+        with torch.inference_mode():
+            return model.encode_video(video).clone()
+    finally:
+        remove_tempme(model)
+
+
 def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: torch.Tensor,
-                  rep_ms: float, compile_backend: str = "inductor") -> Dict[str, object]:
+                  rep_ms: float, compile_backend: str = "inductor",
+                  reference: Optional[torch.Tensor] = None) -> Dict[str, object]:
     """One row: timing, throughput, memory, FLOPs and tokens of ``variant``; ``compiled`` says whether
-    a torch.compile variant really ran a compiled graph (compiled afresh for this model and batch)."""
+    a torch.compile variant really ran a compiled graph (compiled afresh for this model and batch).
+    Given ``reference`` (the embeddings to agree with), an inference row also runs ``variant`` once more
+    and records ``agrees`` and ``rel_err`` (:func:`benchmarks.oracle.check_embedding`)."""
     config, backend, attention, trim = _setting(variant, config)
     apply_tempme(model, config, backend=backend, attention=attention, trim_last_block=trim)
     compiled = None
@@ -193,6 +213,11 @@ def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: t
                 model.zero_grad(set_to_none=True)
                 model.encode_video(video).float().square().sum().backward()
         timing = measure_ms(fn, video.device, rep_ms=rep_ms)
+        if reference is not None and mode == "infer":
+            try:
+                timing.update(check_embedding(fn(), reference, video.dtype))
+            except Exception as e:  # noqa: BLE001 (recorded in the row; the timing stands)
+                timing.update(agrees=False, disagreement=f"the check raised {type(e).__name__}: {e}"[:300])
         batch = video.shape[0]
         return {"variant": variant, "mode": mode, **timing, "videos_per_s": batch / (timing["ms"] * 1e-3),
                 "peak_mib": peak_memory_mb(fn, video.device), "gflops_per_video": model_flops(model).gflops,
@@ -215,14 +240,16 @@ def unmerged_gflops(model, frames: int) -> float:
 
 
 def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, config: TempMeConfig = TempMeConfig(),
-        log: Optional[RowLog] = None, compile_backend: str = "inductor", layer_times: bool = True):
+        log: Optional[RowLog] = None, compile_backend: str = "inductor", layer_times: bool = True,
+        check: bool = True):
     """Rows of every (model, dtype, batch, mode, variant), and per-layer times at the largest batch.
 
     Every row goes to ``log`` (bench ``bench_model``; per-layer rows ``bench_layers``; the last block in
     full and trimmed, ``bench_last_block``) as soon as it is measured, so a run stopped by a time limit
     keeps it. Beside the measured ``speedup_vs_open_clip``
     each row gives ``flops_bound_speedup``: unmerged FLOPs over the variant's, the most that removing
-    tokens alone can gain.
+    tokens alone can gain. With ``check``, the inference rows of ``CHECKED_AGAINST``'s variants say whether
+    their embeddings agree with their reference variant's (``agrees``, ``rel_err``).
     """
     log = log or RowLog(None, "bench_model", {})
     frames = config.frames
@@ -237,14 +264,19 @@ def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, conf
                 g = torch.Generator().manual_seed(batch)
                 video = torch.randn(batch, frames, 3, *model.visual.image_size, generator=g)
                 video = video.to(device=device, dtype=DTYPES[dtype_name])
+                references: Dict[str, torch.Tensor] = {}  # per model, dtype and batch, made when first asked
                 for mode in modes:
                     base_ms = None
                     for variant in variants:
                         if not runnable(variant, mode, device, compile_):
                             continue
                         row = {"model": name, "dtype": dtype_name, "batch": batch, "frames": frames}
+                        against = CHECKED_AGAINST.get(variant) if check and mode == "infer" else None
                         try:
-                            row.update(bench_variant(model, config, variant, mode, video, rep_ms, compile_backend))
+                            if against and against not in references:
+                                references[against] = embedding(model, config, against, video)
+                            row.update(bench_variant(model, config, variant, mode, video, rep_ms, compile_backend,
+                                                     references.get(against)))
                         except Exception as e:  # noqa: BLE001 (recorded in the row; the next variant runs)
                             rows.append(log({**row, "variant": variant, "mode": mode, **failure(e)}))
                             continue
@@ -293,6 +325,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
     parser.add_argument("--no-layer-times", action="store_true", help="skip the per-layer times")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="do not hold the Triton and graph-replayed embeddings to the torch backend's "
+                             "(columns agrees, rel_err)")
     parser.add_argument("--rep-ms", type=float, default=200)
     parser.add_argument("--out", default=None,
                         help="folder for bench_model.json/.csv and bench_layers.json/.csv, written at the end")
@@ -306,15 +341,15 @@ def main(argv=None) -> int:
     env = environment(device)
     rows, layer_rows = run(device, args.models, batches, dtypes, args.modes, args.variants, args.compile,
                            args.rep_ms, config_from_args(args), RowLog(args.jsonl, "bench_model", env, args.tag),
-                           args.compile_backend, not args.no_layer_times)
+                           args.compile_backend, not args.no_layer_times, args.check)
     if args.out:
         write_results(args.out, "bench_model", env, rows)
         write_results(args.out, "bench_layers", env, layer_rows)
     print(f"# video encoders on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print_table(rows, ["model", "dtype", "batch", "mode", "variant", "ms", "ms_p20", "ms_p80", "videos_per_s",
                        "peak_mib", "gflops_per_video", "tokens_per_video", "speedup_vs_open_clip",
-                       "flops_bound_speedup", "compiled", "error"])
-    return int(any("error" in r for r in rows + layer_rows))
+                       "flops_bound_speedup", "compiled", "agrees", "rel_err", "error", "disagreement"])
+    return int(any("error" in r or r.get("agrees") is False for r in rows + layer_rows))
 
 
 if __name__ == "__main__":

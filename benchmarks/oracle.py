@@ -12,6 +12,10 @@ launch variants (tiles, plan paths, pipelined gathers) that no test there may ha
 - ``near_ties``: merged tokens whose index differs from the float64 plan's within ``SCORE_TOL``;
 - ``disagreement``: what failed first, when it does not agree.
 
+``bench_attention`` rows hold attention to ``accuracy.ATTENTION_TOL`` the same way, and ``bench_model``'s
+inference rows hold each Triton (or graph-replayed) encoder's embeddings to the torch backend's (or
+open_clip's eager ones) with ``accuracy.EMBEDDING_TOL`` (columns ``agrees``, ``rel_err``).
+
     columns = check_op("merge_fwd", s, metric, x, size, out, plan)
 """
 from __future__ import annotations
@@ -142,3 +146,18 @@ def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Opt
     columns = verdict.columns()
     del columns["near_ties"]
     return columns
+
+
+def check_embedding(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> Dict[str, object]:
+    """The ``agrees``, ``rel_err`` (and ``disagreement``) columns of an encoder row: the largest relative L2
+    error of a video's embedding ``got [B, E]`` against ``want``, within ``accuracy.EMBEDDING_TOL[dtype]``."""
+    tol = accuracy.EMBEDDING_TOL[dtype]
+    if got.shape != want.shape or not torch.isfinite(got).all():
+        err = float("inf")
+    else:
+        g, w = got.double(), want.double()
+        err = ((g - w).norm(dim=-1) / w.norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)).max().item()
+    out: Dict[str, object] = {"agrees": err <= tol, "rel_err": err}
+    if err > tol:
+        out["disagreement"] = f"embedding: relative error {err:.3g} (EMBEDDING_TOL {tol:g})"
+    return out

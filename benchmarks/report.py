@@ -25,8 +25,8 @@ OPS_COLUMNS = ["run", "tag", "model", "batch", "dtype", "layer", "stage", "op", 
                "device_ms", "host_bound", "gbs", "frac_copy_bw", "speedup_vs_torch", "speedup_vs_torch_eager"]
 ATTENTION_COLUMNS = ["run", "model", "batch", "layer", "rows", "tokens", "dtype", "mode", "impl", "agrees", "ms",
                      "device_ms", "host_bound", "speedup_vs_mask", "speedup_vs_mask_eager"]
-MODEL_COLUMNS = ["run", "tag", "model", "dtype", "batch", "mode", "variant", "compiled", "ms", "videos_per_s",
-                 "peak_mib", "speedup_vs_open_clip", "flops_bound_speedup"]
+MODEL_COLUMNS = ["run", "tag", "model", "dtype", "batch", "mode", "variant", "compiled", "agrees", "ms",
+                 "videos_per_s", "peak_mib", "speedup_vs_open_clip", "flops_bound_speedup"]
 LAYER_COLUMNS = ["run", "model", "dtype", "batch", "variant", "layer", "ms", "device_ms", "host_bound"]
 LAST_BLOCK_COLUMNS = ["run", "model", "dtype", "batch", "layer", "full_ms", "trimmed_ms", "speedup"]
 WARM_COLUMNS = ["run", "arch", "jobs", "variants", "compiled", "cache_hits", "failed", "seconds", "compile_s", "stubs"]
@@ -170,13 +170,13 @@ def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequen
     attention = [r for r in rows if r.get("bench") == "attention"]
     if attention:
         section("Proportional attention", device_note, markdown(attention, ATTENTION_COLUMNS))
-    wrong = [r for r in ops + attention if r.get("agrees") is False]
-    if wrong:
-        section("Rows that do not agree with the float64 reference",
-                "Their times are of a wrong result (`benchmarks/oracle.py`): `disagreement` says what failed first.",
-                markdown(wrong, ["run", "tag", "model", "batch", "dtype", "layer", "op", "mode", "impl", "tol_ratio",
-                                 "disagreement"]))
     model = [r for r in rows if r.get("bench") == "bench_model"]
+    wrong = [r for r in ops + attention + model if r.get("agrees") is False]
+    if wrong:
+        section("Rows that do not agree with their reference",
+                "Their times are of a wrong result (`benchmarks/oracle.py`): `disagreement` says what failed first.",
+                markdown(wrong, ["run", "tag", "model", "batch", "dtype", "layer", "op", "mode", "impl", "variant",
+                                 "disagreement"]))
     if model:
         section("Whole encoder", "`+graph` variants are replayed from a CUDA graph: the device time of the "
                 "whole forward.", markdown(model, MODEL_COLUMNS))

@@ -192,3 +192,32 @@ def test_bench_attention_rows_agree_and_a_wrong_one_does_not(tmp_path, monkeypat
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(r["agrees"] is False and r["disagreement"].startswith("out:") for r in rows if r["impl"] != "eager")
     assert all(r["tol_ratio"] > 1 and "agrees" not in r for r in rows if r["impl"] == "eager")
+
+
+@pytest.mark.interpreter
+def test_bench_model_holds_the_triton_encoder_to_the_torch_one(tmp_path, tiny_model_file, monkeypatch):
+    """Inference rows of the Triton encoder carry its embeddings' error against the torch backend's; an encoder
+    whose attention writes wrong values fails its row (the Triton variants run here in the interpreter)."""
+    from benchmarks import bench_model
+    from tiny import TINY_ARGS
+
+    monkeypatch.setattr(bench_model, "runnable", lambda variant, mode, device, compile_: "graph" not in variant
+                        and "compile" not in variant and "jit" not in variant)
+    args = ["--device", "cpu", "--models", tiny_model_file, "--batches", "2", "--modes", "infer", "--rep-ms", "1",
+            "--variants", "tempme-torch", "tempme-triton", "--no-layer-times", "--jsonl", str(tmp_path / "m.jsonl"),
+            *TINY_ARGS]
+    assert bench_model.main(args) == 0
+    rows = {r["variant"]: r for r in read_records(str(tmp_path / "m.jsonl"))[1:]}
+    assert "agrees" not in rows["tempme-torch"]  # the reference itself
+    assert rows["tempme-triton"]["agrees"] is True and rows["tempme-triton"]["rel_err"] <= 1e-4
+    real = triton_ops.merge_norm
+
+    def merge_norm(*args, **kwargs):
+        x, size, ln = real(*args, **kwargs)
+        return x, size, ln * 1.5
+    monkeypatch.setattr(triton_ops, "merge_norm", merge_norm)
+    (tmp_path / "m.jsonl").unlink()
+    assert bench_model.main(args) == 1
+    rows = {r["variant"]: r for r in read_records(str(tmp_path / "m.jsonl"))[1:]}
+    assert rows["tempme-triton"]["agrees"] is False and rows["tempme-triton"]["rel_err"] > 1e-2
+    assert rows["tempme-triton"]["disagreement"].startswith("embedding: relative error")

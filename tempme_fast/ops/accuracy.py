@@ -12,7 +12,9 @@ Both backends compute in float32 (float64 input: float64) and round once to the 
 - a LayerNorm written by the merge is within :data:`NORM_TOL` of :func:`reference.layer_norm` of the
   merged tokens it came with;
 - an attention output or gradient is within :data:`ATTENTION_TOL` times the largest float64 value of
-  that tensor (at least 0.1) of the float64 attention (:func:`scaled_error_ratio`).
+  that tensor (at least 0.1) of the float64 attention (:func:`scaled_error_ratio`);
+- a video embedding of the encoder on the Triton backend is within :data:`EMBEDDING_TOL` (relative L2
+  error) of the torch backend's in the same dtype.
 
 The tests hold the fast paths to these bounds, and every benchmark row applies them to what it timed
 (``benchmarks.oracle``). Each check returns what it found instead of raising, so a caller can record it.
@@ -43,7 +45,12 @@ NORM_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bflo
 # the log-size bias to the input dtype.
 ATTENTION_TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
 
-__all__ = ["ATTENTION_TOL", "NORM_TOL", "SCORE_TOL", "VALUE_TOL", "cosine_scores", "plan_agreement",
+# Relative L2 error of a video embedding against the torch backend's in the same dtype (what the whole encoder
+# promises on the Triton backend): the two backends round their sums in other orders, and a merge that a
+# near-tie decides may go either way, so this is looser than float64 agreement.
+EMBEDDING_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float64: 1e-10}
+
+__all__ = ["ATTENTION_TOL", "EMBEDDING_TOL", "NORM_TOL", "SCORE_TOL", "VALUE_TOL", "cosine_scores", "plan_agreement",
            "scaled_error_ratio", "tolerance_ratio"]
 
 
