@@ -17,7 +17,7 @@ import tarfile
 import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .rowlog import read_records
 
@@ -109,6 +109,53 @@ def profile_columns(table: Sequence[Dict[str, object]]) -> List[str]:
     return ["run", *CASE_KEYS, "wall_ms", "kernel_ms", "host_ms", "launches", *groups]
 
 
+SWEEP_KEYS = ("run", "tag", "model", "batch", "dtype", "layer", "stage", "op")
+
+
+def _time(row: Dict[str, object]):
+    """A row's device time where it has one (a GPU), else its wall time (a CPU)."""
+    return row.get("device_ms") or row.get("ms")
+
+
+def sweep_tables(rows: Sequence[Dict[str, object]]) -> Tuple[List[Dict[str, object]], List[Dict[str, object]]]:
+    """What the ``--tiles`` sweeps of ``bench_ops`` (rows ``triton:SPEC`` beside the library's ``triton``)
+    say: per shape, the library's time and the fastest candidate that agrees with the float64 reference
+    (a row without the check counts as agreeing; one that disagrees never wins); and per sweep, each
+    candidate's summed time over the shapes where it and the library both ran, against the library's
+    sum over the same shapes (a candidate that disagrees anywhere is marked so)."""
+    groups: Dict[tuple, List[Dict[str, object]]] = defaultdict(list)
+    for r in rows:
+        if r.get("bench") == "bench_ops" and str(r.get("impl", "")).startswith("triton") and _time(r):
+            groups[tuple(r.get(k) for k in SWEEP_KEYS)].append(r)
+    per_shape, totals = [], {}
+    for key, group in groups.items():
+        library = next((r for r in group if r["impl"] == "triton"), None)
+        candidates = [r for r in group if r["impl"] != "triton"]
+        if library is None or not candidates:
+            continue
+        good = [r for r in candidates if r.get("agrees") is not False]
+        best = min(good, key=_time) if good else None
+        entry = dict(zip(SWEEP_KEYS, key))
+        entry.update(library_ms=_time(library), library_frac_copy_bw=library.get("frac_copy_bw"))
+        if best is not None:
+            entry.update(best=best["impl"].split(":", 1)[1], best_ms=_time(best),
+                         best_frac_copy_bw=best.get("frac_copy_bw"), speedup=_time(library) / _time(best))
+        per_shape.append(entry)
+        for r in candidates:
+            total = totals.setdefault((key[0], key[1], key[4], key[7], r["impl"]),
+                                      {"run": key[0], "tag": key[1], "dtype": key[4], "op": key[7],
+                                       "candidate": r["impl"].split(":", 1)[1], "shapes": 0, "candidate_ms": 0.0,
+                                       "library_ms": 0.0, "agrees": True})
+            total["shapes"] += 1
+            total["candidate_ms"] += _time(r)
+            total["library_ms"] += _time(library)
+            total["agrees"] = total["agrees"] and r.get("agrees") is not False
+    summed = sorted(totals.values(), key=lambda t: (t["run"], t["tag"], t["op"], t["candidate_ms"] / t["library_ms"]))
+    for t in summed:
+        t["speedup"] = t["library_ms"] / t["candidate_ms"]
+    return per_shape, summed
+
+
 def _tests_table(runs: Sequence[Run]):
     """Per file, the count of each outcome; a test run in several calls counts once, by its last outcome."""
     last: Dict[str, str] = {}
@@ -171,6 +218,16 @@ def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequen
     if attention:
         section("Proportional attention", device_note, markdown(attention, ATTENTION_COLUMNS))
     model = [r for r in rows if r.get("bench") == "bench_model"]
+    per_shape, summed = sweep_tables(ops)
+    if per_shape:
+        section("Tile sweeps: the fastest candidate per shape", "`bench_ops --tiles` rows against the library's "
+                "tiles (`triton`), device time where measured; only candidates that agree with the float64 "
+                "reference may win.", markdown(per_shape, [*SWEEP_KEYS, "library_ms", "best", "best_ms", "speedup",
+                                                            "library_frac_copy_bw", "best_frac_copy_bw"]))
+        section("Tile sweeps: each candidate over all its shapes", "Summed time over the shapes where the candidate "
+                "and the library both ran, fastest first; `agrees`: at every one of them.",
+                markdown(summed, ["run", "tag", "dtype", "op", "candidate", "shapes", "library_ms", "candidate_ms",
+                                  "speedup", "agrees"]))
     wrong = [r for r in ops + attention + model if r.get("agrees") is False]
     if wrong:
         section("Rows that do not agree with their reference",

@@ -389,3 +389,29 @@ def test_a_preflight_without_a_working_cached_launch_sends_later_stages_through_
     log = (out / "suite.log").read_text()
     assert ("launch env 0" in log) == fallback and ("launch env 1" in log) != fallback
     assert ("TEMPME_FAST_CACHED_LAUNCH=0 from here" in log) == fallback
+
+
+def test_report_picks_the_fastest_candidate_that_agrees(tmp_path, capsys):
+    """A sweep's winner per shape is the fastest candidate that agrees with float64: a faster one that does
+    not agree never wins, and its total is marked as not agreeing."""
+    from benchmarks import report
+
+    def row(layer, impl, device_ms, agrees=True):
+        return ("bench_ops", {"model": "ViT-B-16", "batch": 32, "dtype": "fp16", "layer": layer, "stage": "cross",
+                              "op": "merge_fwd", "impl": impl, "ms": 1.0, "device_ms": device_ms, "agrees": agrees,
+                              "frac_copy_bw": 0.1 / device_ms})
+    rows = [row(8, "triton", 0.2), row(8, "triton:merge:8x256x4", 0.1), row(8, "triton:merge:16x128x4-s3", 0.15),
+            row(10, "triton", 0.1), row(10, "triton:merge:8x256x4", 0.05, agrees=False),
+            row(10, "triton:merge:16x128x4-s3", 0.08)]
+    _suite_folder(tmp_path / "sweep", "NVIDIA H200, sm_90", [], rows, [])
+    per_shape, summed = report.sweep_tables(report.load(str(tmp_path / "sweep"), "s").rows)
+    assert [(e["layer"], e["best"]) for e in per_shape] == [(8, "merge:8x256x4"), (10, "merge:16x128x4-s3")]
+    assert per_shape[0]["speedup"] == pytest.approx(2.0) and per_shape[1]["best_frac_copy_bw"] == pytest.approx(1.25)
+    assert [(t["candidate"], t["shapes"], t["agrees"]) for t in summed] == [("merge:8x256x4", 2, False),
+                                                                           ("merge:16x128x4-s3", 2, True)]
+    assert summed[1]["speedup"] == pytest.approx(0.3 / 0.23)
+    assert report.main([str(tmp_path / "sweep"), "--markdown"]) == 0
+    text = capsys.readouterr().out
+    assert "### Tile sweeps: the fastest candidate per shape" in text
+    assert "| sweep | headline | ViT-B-16 | 32 | fp16 | 10 | cross | merge_fwd | 0.1 | merge:16x128x4-s3 | 0.08 " \
+           "| 1.25 | 1 | 1.25 |" in text

@@ -167,10 +167,15 @@ def test_a_wrong_kernel_fails_its_benchmark_row(tmp_path, monkeypatch):
         out, out_size = real(x, size, plan)
         return out.index_add(1, torch.tensor([out.shape[1] - 1]), torch.ones_like(out[:, -1:])), out_size
     monkeypatch.setattr(triton_ops, "merge", merge)
+    # Two shapes (an image merge and a join's), one timed call each: the interpreter is slow.
+    shapes = bench_ops.merge_shapes
+    monkeypatch.setattr(bench_ops, "merge_shapes", lambda model, batch: shapes(model, batch)[:2])
+    monkeypatch.setattr(bench_ops, "measure_ms", lambda fn, device, rep_ms: (fn(), {"ms": 1.0})[1])
     assert bench_ops.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
                            "--impls", "torch", "triton", "--ops", "merge_fwd", "--rep-ms", "1",
                            "--jsonl", str(tmp_path / "r.jsonl")]) == 1
     rows = read_records(str(tmp_path / "r.jsonl"))[1:]
+    assert {r["stage"] for r in rows} == {"imgme", "cross"} and len(rows) == 4
     assert all(r["agrees"] is (r["impl"] == "torch") for r in rows)
     assert all(r["disagreement"].startswith("x: ") for r in rows if r["impl"] == "triton")
 
@@ -203,6 +208,8 @@ def test_bench_model_holds_the_triton_encoder_to_the_torch_one(tmp_path, tiny_mo
 
     monkeypatch.setattr(bench_model, "runnable", lambda variant, mode, device, compile_: "graph" not in variant
                         and "compile" not in variant and "jit" not in variant)
+    # One timed call a row: the interpreter is slow, and the check is what this test is about.
+    monkeypatch.setattr(bench_model, "measure_ms", lambda fn, device, rep_ms: (fn(), {"ms": 1.0})[1])
     args = ["--device", "cpu", "--models", tiny_model_file, "--batches", "2", "--modes", "infer", "--rep-ms", "1",
             "--variants", "tempme-torch", "tempme-triton", "--no-layer-times", "--jsonl", str(tmp_path / "m.jsonl"),
             *TINY_ARGS]
