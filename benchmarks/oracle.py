@@ -45,34 +45,39 @@ def upstream_grad(x: torch.Tensor, tokens_out: int, seed: int = 7) -> torch.Tens
     return torch.randn(x.shape[0], tokens_out, x.shape[-1], device=x.device, dtype=x.dtype, generator=g)
 
 
-def _plan3(plan: MergePlan) -> MergePlan:
-    """``plan`` without its grouping (the reference merge never reads it)."""
-    return MergePlan(plan.merged, plan.dst, plan.kept, plan.tokens, plan.protected)
-
-
 class _Verdict:
-    """Collects the checks of one row: the first failure, the largest tolerance ratio, the near-ties."""
+    """Collects the checks of one row: the first failure, the largest tolerance ratio and, where plans
+    are compared (``ties``), the near-ties."""
 
-    def __init__(self):
+    def __init__(self, ties: bool = True):
         self.problem: Optional[str] = None
         self.ratio = 0.0
-        self.near_ties = 0
+        self.near_ties: Optional[int] = 0 if ties else None
+
+    def fail(self, problem: str) -> None:
+        """Record ``problem`` unless an earlier one is recorded already."""
+        if self.problem is None:
+            self.problem = problem
 
     def plan(self, report: Dict[str, object]) -> None:
         self.near_ties += int(report["near_ties"])
-        if not report["agrees"] and self.problem is None:
-            self.problem = f"plan: {report['disagreement']}"
+        if not report["agrees"]:
+            self.fail(f"plan: {report['disagreement']}")
+
+    def record(self, what: str, ratio: float) -> None:
+        """An error of ``ratio`` times its tolerance in ``what``."""
+        self.ratio = max(self.ratio, ratio)
+        if ratio > 1:
+            self.fail(f"{what}: {ratio:.3g}x its tolerance")
 
     def values(self, what: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
                table=None) -> None:
-        ratio = accuracy.tolerance_ratio(actual, expected, dtype, table)
-        self.ratio = max(self.ratio, ratio)
-        if ratio > 1 and self.problem is None:
-            self.problem = f"{what}: {ratio:.3g}x its tolerance"
+        self.record(what, accuracy.tolerance_ratio(actual, expected, dtype, table))
 
     def columns(self) -> Dict[str, object]:
-        out: Dict[str, object] = {"agrees": self.problem is None, "tol_ratio": self.ratio,
-                                  "near_ties": self.near_ties}
+        out: Dict[str, object] = {"agrees": self.problem is None, "tol_ratio": self.ratio}
+        if self.near_ties is not None:
+            out["near_ties"] = self.near_ties
         if self.problem:
             out["disagreement"] = self.problem
         return out
@@ -92,12 +97,12 @@ def check_op(op: str, s, metric: torch.Tensor, x: torch.Tensor, size: torch.Tens
     scores = accuracy.cosine_scores(metric, s.protected)
     if op == "best_match":
         got, dst = out
-        best = scores.max(dim=-1).values
+        best, best_dst = scores.max(dim=-1)
         verdict.values("scores", got, best, metric.dtype, {metric.dtype: (accuracy.SCORE_TOL[metric.dtype], 0.0)})
         lost = (best - scores.gather(2, dst.unsqueeze(-1)).squeeze(-1)).max().item() if dst.numel() else 0.0
-        if lost > accuracy.SCORE_TOL[metric.dtype] and verdict.problem is None:
-            verdict.problem = f"dst: a B token {lost:.3g} below the best"
-        verdict.near_ties += int((dst != scores.argmax(dim=-1)).sum().item())
+        if lost > accuracy.SCORE_TOL[metric.dtype]:
+            verdict.fail(f"dst: a B token {lost:.3g} below the best")
+        verdict.near_ties += int((dst != best_dst).sum().item())
         return verdict.columns()
     if op == "match":
         plan = out if isinstance(out, MergePlan) else MergePlan(*out[:3], s.tokens, s.protected)
@@ -106,15 +111,14 @@ def check_op(op: str, s, metric: torch.Tensor, x: torch.Tensor, size: torch.Tens
     verdict.plan(accuracy.plan_agreement(plan, metric, s.r, s.protected, scores))
     if op == "match" or verdict.problem:
         return verdict.columns()
-    plan = _plan3(plan)
     if op in ("merge_fwd", "step_fwd", "step_norm_fwd"):
-        source = x + norm_inputs(x)[0] if op == "step_norm_fwd" else x  # the residual add, in x's dtype
+        norm = norm_inputs(x) if op == "step_norm_fwd" else None
+        source = x + norm[0] if norm else x  # the residual add, in x's dtype
         want_x, want_size = reference.merge(source.double(), size.double(), plan)
         verdict.values("x", out[0], want_x, x.dtype)
         verdict.values("size", out[1], want_size, torch.float32)
-        if op == "step_norm_fwd":
-            _, weight, bias = norm_inputs(x)
-            verdict.values("ln", out[2], reference.layer_norm(out[0], weight, bias, NORM_EPS), x.dtype,
+        if norm:
+            verdict.values("ln", out[2], reference.layer_norm(out[0], *norm[1:], NORM_EPS), x.dtype,
                            accuracy.NORM_TOL)
         return verdict.columns()
     if op in ("merge_bwd", "step_fwdbwd"):
@@ -132,20 +136,15 @@ def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Opt
     """The ``agrees`` and ``tol_ratio`` (and ``disagreement``) columns of an attention row: ``out`` (and,
     given ``upstream``, the ``grads`` of q, k and v) against the float64 attention of ``q``, ``k``, ``v``
     with the log-size bias of ``size`` (None: no bias), with ``accuracy.ATTENTION_TOL``."""
-    verdict = _Verdict()
+    verdict = _Verdict(ties=False)
     leaves = [t.detach().double().requires_grad_(upstream is not None) for t in (q, k, v)]
     want = reference.attention(*leaves, None if size is None else size.double(), "eager")
     checks = [("out", out, want.detach())]
     if upstream is not None:
         checks += zip(("dq", "dk", "dv"), grads, torch.autograd.grad(want, leaves, upstream.double()))
     for name, got, expected in checks:
-        ratio = accuracy.scaled_error_ratio(got, expected, q.dtype)
-        verdict.ratio = max(verdict.ratio, ratio)
-        if ratio > 1 and verdict.problem is None:
-            verdict.problem = f"{name}: {ratio:.3g}x its tolerance"
-    columns = verdict.columns()
-    del columns["near_ties"]
-    return columns
+        verdict.record(name, accuracy.scaled_error_ratio(got, expected, q.dtype))
+    return verdict.columns()
 
 
 def check_embedding(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> Dict[str, object]:
