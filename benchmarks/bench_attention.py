@@ -221,12 +221,14 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--rep-ms", type=float, default=100)
     parser.add_argument("--jsonl", default=None, help="append one JSON line per row to this file")
+    parser.add_argument("--tag", default="", help="label stored in every JSON line (e.g. a suite stage)")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="do not hold each row's output against the float64 attention (columns agrees, "
                              "tol_ratio, disagreement)")
     parser.add_argument("--fwd-tiles", nargs="+", default=None, metavar="BMxBNxWxS",
                         help="time the Triton forward with these query and key tiles, warps and stages (rows "
-                             "'triton:SPEC'), beside SDPA with the mask and without a bias; forward only")
+                             "'triton:SPEC'), beside the library's (row 'triton') and SDPA with the mask and "
+                             "without a bias; forward only")
     args = parser.parse_args(argv)
     impls, modes = args.impls, args.modes
     if args.fwd_tiles:
@@ -235,13 +237,13 @@ def main(argv=None) -> int:
                 parse_tiles(spec)
         except ValueError as e:
             parser.error(str(e))
-        impls, modes = ["sdpa", "sdpa-nobias", *(f"triton:{spec}" for spec in args.fwd_tiles)], ["fwd"]
+        impls, modes = ["sdpa", "sdpa-nobias", "triton", *(f"triton:{spec}" for spec in args.fwd_tiles)], ["fwd"]
     device = torch.device(args.device)
     env = environment(device)
     out = open(args.jsonl, "a") if args.jsonl else None
 
     def sink(row):  # every row on disk before the next is measured: a run cut short keeps it
-        out.write(json.dumps({"bench": "attention", **env, **row}) + "\n")
+        out.write(json.dumps({"bench": "attention", **env, **({"tag": args.tag} if args.tag else {}), **row}) + "\n")
         out.flush()
         os.fsync(out.fileno())
     try:

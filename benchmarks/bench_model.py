@@ -33,13 +33,14 @@ from tempme_fast.ops import launch
 
 from .common import Compiled, RowLog, add_row_log_arguments, environment, failure, measure_ms, print_table, \
     write_results
-from .devicetime import device_columns, host_columns
-from .oracle import check_embedding
+from .devicetime import device_columns, enqueue_ms, host_columns
+from .oracle import check_embedding, check_gradients
 
 VARIANTS = ("open_clip", "open_clip+graph", "tempme-eager", "tempme-torch", "tempme-triton", "tempme-triton-jit",
             "tempme-triton+graph", "tempme-triton+compile")
-# The variant whose eager embeddings each inference row's are held against (benchmarks.oracle.check_embedding):
-# the Triton paths against the torch backend's, a graph replay of open_clip against open_clip.
+# The variant whose eager embeddings each inference row's are held against (benchmarks.oracle.check_embedding),
+# and whose gradients each training row's are (check_gradients): the Triton paths against the torch backend's,
+# a graph replay of open_clip against open_clip.
 CHECKED_AGAINST = {"open_clip+graph": "open_clip", "tempme-triton": "tempme-torch", "tempme-triton-jit": "tempme-torch",
                    "tempme-triton+graph": "tempme-torch", "tempme-triton+compile": "tempme-torch"}
 
@@ -170,25 +171,44 @@ def layer_device_ms(model: torch.nn.Module, video: torch.Tensor, rep_ms: float =
     return columns
 
 
-def embedding(model, config: TempMeConfig, variant: str, video: torch.Tensor) -> torch.Tensor:
-    """The embeddings of ``video`` by ``variant``'s setting, from one eager inference forward (not timed)."""
+def train_once(model, video: torch.Tensor) -> None:
+    """One training row's call: forward, a loss of every embedding, backward (gradients set afresh)."""
+    model.zero_grad(set_to_none=True)
+    model.encode_video(video).float().square().sum().backward()
+
+
+def gradients(model) -> Dict[str, torch.Tensor]:
+    """Every parameter's gradient (those that have one), by name, as copies."""
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def reference_result(model, config: TempMeConfig, variant: str, mode: str, video: torch.Tensor):
+    """What ``variant``'s setting computes from ``video``, untimed: for ``infer`` the embeddings of one eager
+    inference forward, for ``train`` the gradients of one :func:`train_once`."""
     config, backend, attention, trim = _setting(variant, config)
     apply_tempme(model, config, backend=backend, attention=attention, trim_last_block=trim)
     try:
+        if mode == "train":
+            model.train()
+            train_once(model, video)
+            return gradients(model)
         model.eval()
         with torch.inference_mode():
             return model.encode_video(video).clone()
     finally:
+        model.zero_grad(set_to_none=True)
         remove_tempme(model)
 
 
 def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: torch.Tensor,
                   rep_ms: float, compile_backend: str = "inductor",
-                  reference: Optional[torch.Tensor] = None) -> Dict[str, object]:
+                  reference=None) -> Dict[str, object]:
     """One row: timing, throughput, memory, FLOPs and tokens of ``variant``; ``compiled`` says whether
-    a torch.compile variant really ran a compiled graph (compiled afresh for this model and batch).
-    Given ``reference`` (the embeddings to agree with), an inference row also runs ``variant`` once more
-    and records ``agrees`` and ``rel_err`` (:func:`benchmarks.oracle.check_embedding`)."""
+    a torch.compile variant really ran a compiled graph (compiled afresh for this model and batch). On
+    CUDA, ``enqueue_ms`` is the host's own time per call (:func:`benchmarks.devicetime.enqueue_ms`).
+    Given ``reference`` (:func:`reference_result` of the variant to agree with), the row also runs
+    ``variant`` once more and records ``agrees`` and ``rel_err`` (:func:`benchmarks.oracle.check_embedding`,
+    in training :func:`benchmarks.oracle.check_gradients`)."""
     config, backend, attention, trim = _setting(variant, config)
     apply_tempme(model, config, backend=backend, attention=attention, trim_last_block=trim)
     compiled = None
@@ -210,12 +230,17 @@ def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: t
             model.train()
 
             def fn():
-                model.zero_grad(set_to_none=True)
-                model.encode_video(video).float().square().sum().backward()
+                train_once(model, video)
         timing = measure_ms(fn, video.device, rep_ms=rep_ms)
-        if reference is not None and mode == "infer":
+        if video.device.type == "cuda":
+            timing["enqueue_ms"] = enqueue_ms(fn, video.device)
+        if reference is not None:
             try:
-                timing.update(check_embedding(fn(), reference, video.dtype))
+                if mode == "train":
+                    fn()
+                    timing.update(check_gradients(gradients(model), reference, video.dtype))
+                else:
+                    timing.update(check_embedding(fn(), reference, video.dtype))
             except Exception as e:  # noqa: BLE001 (recorded in the row; the timing stands)
                 timing.update(agrees=False, disagreement=f"the check raised {type(e).__name__}: {e}"[:300])
         batch = video.shape[0]
@@ -248,8 +273,9 @@ def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, conf
     full and trimmed, ``bench_last_block``) as soon as it is measured, so a run stopped by a time limit
     keeps it. Beside the measured ``speedup_vs_open_clip``
     each row gives ``flops_bound_speedup``: unmerged FLOPs over the variant's, the most that removing
-    tokens alone can gain. With ``check``, the inference rows of ``CHECKED_AGAINST``'s variants say whether
-    their embeddings agree with their reference variant's (``agrees``, ``rel_err``).
+    tokens alone can gain. With ``check``, the rows of ``CHECKED_AGAINST``'s variants say whether their
+    embeddings (inference) or gradients (training) agree with their reference variant's (``agrees``,
+    ``rel_err``).
     """
     log = log or RowLog(None, "bench_model", {})
     frames = config.frames
@@ -264,17 +290,17 @@ def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, conf
                 g = torch.Generator().manual_seed(batch)
                 video = torch.randn(batch, frames, 3, *model.visual.image_size, generator=g)
                 video = video.to(device=device, dtype=DTYPES[dtype_name])
-                references: Dict[str, torch.Tensor] = {}  # per model, dtype and batch, made when first asked
+                references: Dict[tuple, object] = {}  # per model, dtype, batch and mode, made when first asked
                 for mode in modes:
                     base_ms = None
                     for variant in variants:
                         if not runnable(variant, mode, device, compile_):
                             continue
                         row = {"model": name, "dtype": dtype_name, "batch": batch, "frames": frames}
-                        against = CHECKED_AGAINST.get(variant) if check and mode == "infer" else None
+                        against = (CHECKED_AGAINST.get(variant), mode) if check else (None, mode)
                         try:
-                            if against and against not in references:
-                                references[against] = embedding(model, config, against, video)
+                            if against[0] and against not in references:
+                                references[against] = reference_result(model, config, against[0], mode, video)
                             row.update(bench_variant(model, config, variant, mode, video, rep_ms, compile_backend,
                                                      references.get(against)))
                         except Exception as e:  # noqa: BLE001 (recorded in the row; the next variant runs)
@@ -326,8 +352,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
     parser.add_argument("--no-layer-times", action="store_true", help="skip the per-layer times")
     parser.add_argument("--no-check", dest="check", action="store_false",
-                        help="do not hold the Triton and graph-replayed embeddings to the torch backend's "
-                             "(columns agrees, rel_err)")
+                        help="do not hold the Triton and graph-replayed embeddings (and the Triton gradients) to "
+                             "the torch backend's (columns agrees, rel_err)")
     parser.add_argument("--rep-ms", type=float, default=200)
     parser.add_argument("--out", default=None,
                         help="folder for bench_model.json/.csv and bench_layers.json/.csv, written at the end")
@@ -346,8 +372,8 @@ def main(argv=None) -> int:
         write_results(args.out, "bench_model", env, rows)
         write_results(args.out, "bench_layers", env, layer_rows)
     print(f"# video encoders on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
-    print_table(rows, ["model", "dtype", "batch", "mode", "variant", "ms", "ms_p20", "ms_p80", "videos_per_s",
-                       "peak_mib", "gflops_per_video", "tokens_per_video", "speedup_vs_open_clip",
+    print_table(rows, ["model", "dtype", "batch", "mode", "variant", "ms", "ms_p20", "ms_p80", "enqueue_ms",
+                       "videos_per_s", "peak_mib", "gflops_per_video", "tokens_per_video", "speedup_vs_open_clip",
                        "flops_bound_speedup", "compiled", "agrees", "rel_err", "error", "disagreement"])
     return int(any("error" in r or r.get("agrees") is False for r in rows + layer_rows))
 

@@ -6,6 +6,11 @@ state; gradients freed), from ``tempme_fast.bench.peak_memory_mb`` (CUDA allocat
 live tensors): for the whole step, and for forward + backward alone (activations and gradients, without
 the optimiser's parameter-sized temporaries, which dominate a full fine-tuning step at small batches).
 
+Each Triton row is checked: before any timed step changes the weights, one forward and backward on each
+backend gives every trainable parameter's gradient, and the Triton ones are held to the torch backend's with
+``tempme_fast.ops.accuracy.GRADIENT_TOL`` of the autocast dtype (columns ``agrees``, ``rel_err``; a row that
+does not agree makes the run exit 1; ``--no-check`` leaves it out).
+
     python -m benchmarks.bench_train --device cpu --threads 2 --json bench-train-cpu.json
     python -m benchmarks.bench_train --precision bf16 --batch 32 --json bench-train-gpu.json      # GPU
 """
@@ -17,7 +22,7 @@ import json
 import platform
 import statistics
 from datetime import datetime, timezone
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -29,6 +34,7 @@ from tempme_fast.train import (PRECISIONS, VideoTextForward, contrastive_loss, m
                                train_step)
 
 from .common import RowLog, add_row_log_arguments, environment
+from .oracle import check_gradients
 
 
 def _batch(model, batch: int, frames: int, context: int, device, seed: int = 0):
@@ -39,6 +45,33 @@ def _batch(model, batch: int, frames: int, context: int, device, seed: int = 0):
     tokens = torch.randint(1, vocab - 1, (batch, context), generator=g)
     tokens[:, context - 1] = vocab - 1  # EOT
     return video.to(device), tokens.to(device), torch.ones(batch, frames, dtype=torch.bool, device=device)
+
+
+def forward_backward(model, batch, autocast: Optional[torch.dtype], device: torch.device) -> None:
+    """Both towers forward (under ``autocast``), the contrastive loss, backward: a step without the optimiser."""
+    amp = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+    with amp:
+        outputs = VideoTextForward.encode(model, *batch)
+    contrastive_loss(*outputs).backward()
+
+
+def gradient_check(model, mode: str, config: TempMeConfig, batch, autocast: Optional[torch.dtype],
+                   device: torch.device, grad_checkpointing: bool = False) -> Dict[str, object]:
+    """The Triton backend's gradients against the torch backend's (``benchmarks.oracle.check_gradients``),
+    from one :func:`forward_backward` of each at the model's current weights."""
+    grads = {}
+    for backend in ("torch", "triton"):
+        apply_tempme(model, config, backend=backend)
+        try:
+            mark_trainable(model, mode)
+            set_grad_checkpointing(model, grad_checkpointing)
+            model.zero_grad(set_to_none=True)
+            forward_backward(model, batch, autocast, device)
+            grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        finally:
+            model.zero_grad(set_to_none=True)
+            remove_tempme(model)
+    return check_gradients(grads["triton"], grads["torch"], autocast or torch.float32)
 
 
 def bench(args, log: Optional[RowLog] = None) -> List[dict]:
@@ -60,6 +93,16 @@ def bench(args, log: Optional[RowLog] = None) -> List[dict]:
         if mode == "lora":
             add_lora(model, rank=8)
         batch = _batch(model, args.batch, args.frames, args.context_length, device)
+        checks = {}  # per TempMe config on the Triton backend, at the weights before any timed step
+        if getattr(args, "check", True):
+            for name, config, backend in variants:
+                if backend == "triton" and config.merges:
+                    try:
+                        checks[name] = gradient_check(model, mode, config, batch, autocast, device,
+                                                      args.grad_checkpointing)
+                    except Exception as e:  # noqa: BLE001 (recorded in the row; the timing still runs)
+                        checks[name] = {"agrees": False,
+                                        "disagreement": f"the check raised {type(e).__name__}: {e}"[:300]}
         for name, config, backend in variants:
             apply_tempme(model, config, backend=backend)
             try:
@@ -70,17 +113,11 @@ def bench(args, log: Optional[RowLog] = None) -> List[dict]:
                 def step():
                     return train_step(model, batch, opt, scaler=scaler, autocast_dtype=autocast)
 
-                def forward_backward():
-                    amp = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
-                    with amp:
-                        outputs = VideoTextForward.encode(model, *batch)
-                    contrastive_loss(*outputs).backward()
-
                 times = time_calls(step, device, args.repeats, args.warmup)
                 opt.zero_grad(set_to_none=True)
                 memory = peak_memory_mb(step, device)
                 opt.zero_grad(set_to_none=True)
-                activations = peak_memory_mb(forward_backward, device)
+                activations = peak_memory_mb(lambda: forward_backward(model, batch, autocast, device), device)
                 opt.zero_grad(set_to_none=True)
             finally:
                 remove_tempme(model)
@@ -94,22 +131,32 @@ def bench(args, log: Optional[RowLog] = None) -> List[dict]:
             row["speedup"] = base["step_ms"] / row["step_ms"]
             row["memory_ratio"] = row["peak_mem_mb"] / base["peak_mem_mb"]
             row["fwd_bwd_memory_ratio"] = row["fwd_bwd_mem_mb"] / base["fwd_bwd_mem_mb"]
+            if backend == "triton" and name in checks:
+                row.update(checks[name])
             rows.append(log(row))
             print(f"  {mode:4s} {name:8s} {rows[-1]['backend']:6s} {median:9.1f} ms  {memory:8.0f} MiB step  "
                   f"{activations:8.0f} MiB fwd+bwd", flush=True)
     return rows
 
 
+def _check_cell(row: dict) -> str:
+    """The gradient check of a row: ``-`` where none ran, else the largest relative error and the verdict."""
+    if "agrees" not in row:
+        return "-"
+    err = row.get("rel_err")
+    return ("agree" if row["agrees"] else "DISAGREE") + (f" ({err:.1e})" if err is not None else "")
+
+
 def format_table(rows: List[dict]) -> str:
     header = ("mode", "variant", "backend", "trainable", "step ms (min-max)", "videos/s", "speed-up",
-              "step peak MiB", "vs unmerged", "fwd+bwd MiB", "vs unmerged")
+              "step peak MiB", "vs unmerged", "fwd+bwd MiB", "vs unmerged", "gradients")
     lines = [header]
     for r in rows:
         lines.append((r["mode"], r["variant"], r["backend"], f"{r['trainable_params']:,}",
                       f"{r['step_ms']:.0f} ({r['step_min_ms']:.0f}-{r['step_max_ms']:.0f})",
                       f"{r['videos_per_s']:.2f}", f"{r['speedup']:.2f}x", f"{r['peak_mem_mb']:.0f}",
                       f"{100 * r['memory_ratio']:.0f}%", f"{r['fwd_bwd_mem_mb']:.0f}",
-                      f"{100 * r['fwd_bwd_memory_ratio']:.0f}%"))
+                      f"{100 * r['fwd_bwd_memory_ratio']:.0f}%", _check_cell(r)))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
@@ -132,6 +179,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--json", default=None, metavar="PATH", help="all rows in one JSON file, at the end")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="do not hold the Triton backend's gradients to the torch backend's (columns agrees, "
+                             "rel_err)")
     add_row_log_arguments(parser)
     add_config_arguments(parser)
     args = parser.parse_args(argv)
@@ -143,12 +193,15 @@ def main(argv=None) -> int:
           f"({torch.get_num_threads()} threads), torch {torch.__version__}", flush=True)
     rows = bench(args, RowLog(args.jsonl, "bench_train", environment(device), args.tag))
     print(format_table(rows))
+    for r in rows:
+        if r.get("agrees") is False:
+            print(f"  {r['mode']} {r['variant']} ({r['backend']}): {r['disagreement']}")
     if args.json:
         record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name,
                   "threads": torch.get_num_threads(), "torch": torch.__version__, "args": vars(args), "rows": rows}
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)
-    return 0
+    return int(any(r.get("agrees") is False for r in rows))
 
 
 if __name__ == "__main__":

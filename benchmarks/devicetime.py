@@ -150,6 +150,23 @@ def device_columns(make: Callable[[int], Callable[[], object]], set_bytes: int, 
         return {"device_error": failure(e)["error"]}
 
 
+def enqueue_ms(fn: Callable[[], object], device: torch.device, calls: int = 7) -> float:
+    """Median host milliseconds from the start of ``fn`` until it returns, each call started on an idle GPU
+    (synchronised before, not inside): the time the host takes to issue the call's work, apart from the
+    GPU's. An eager call is host-bound where this is above its device time, and then its time as called
+    is about this. The launch queue never fills in one forward, so the host never waits on the GPU."""
+    import time
+
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize(device)
+    return statistics.median(times)
+
+
 def host_columns(eager_ms: float, timing: Dict[str, object]) -> Dict[str, object]:
     """``eager_over_device`` and ``host_bound`` of a row that has a device time; nothing otherwise."""
     dev = timing.get("device_ms")

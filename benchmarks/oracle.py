@@ -12,9 +12,10 @@ launch variants (tiles, plan paths, pipelined gathers) that no test there may ha
 - ``near_ties``: merged tokens whose index differs from the float64 plan's within ``SCORE_TOL``;
 - ``disagreement``: what failed first, when it does not agree.
 
-``bench_attention`` rows hold attention to ``accuracy.ATTENTION_TOL`` the same way, and ``bench_model``'s
+``bench_attention`` rows hold attention to ``accuracy.ATTENTION_TOL`` the same way. ``bench_model``'s
 inference rows hold each Triton (or graph-replayed) encoder's embeddings to the torch backend's (or
-open_clip's eager ones) with ``accuracy.EMBEDDING_TOL`` (columns ``agrees``, ``rel_err``).
+open_clip's eager ones) with ``accuracy.EMBEDDING_TOL``, and its training rows (and ``bench_train``'s) the
+gradient of every parameter with ``accuracy.GRADIENT_TOL`` (columns ``agrees``, ``rel_err``).
 
     columns = check_op("merge_fwd", s, metric, x, size, out, plan)
 """
@@ -147,16 +148,33 @@ def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Opt
     return verdict.columns()
 
 
+def _relative_verdict(err: float, tol: float, what: str, table: str) -> Dict[str, object]:
+    out: Dict[str, object] = {"agrees": err <= tol, "rel_err": err}
+    if err > tol:
+        out["disagreement"] = f"{what}: relative error {err:.3g} ({table} {tol:g})"
+    return out
+
+
 def check_embedding(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> Dict[str, object]:
     """The ``agrees``, ``rel_err`` (and ``disagreement``) columns of an encoder row: the largest relative L2
     error of a video's embedding ``got [B, E]`` against ``want``, within ``accuracy.EMBEDDING_TOL[dtype]``."""
-    tol = accuracy.EMBEDDING_TOL[dtype]
-    if got.shape != want.shape or not torch.isfinite(got).all():
-        err = float("inf")
-    else:
-        g, w = got.double(), want.double()
-        err = ((g - w).norm(dim=-1) / w.norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)).max().item()
-    out: Dict[str, object] = {"agrees": err <= tol, "rel_err": err}
-    if err > tol:
-        out["disagreement"] = f"embedding: relative error {err:.3g} (EMBEDDING_TOL {tol:g})"
-    return out
+    err = accuracy.relative_error(got, want, dim=-1)
+    return _relative_verdict(err, accuracy.EMBEDDING_TOL[dtype], "embedding", "EMBEDDING_TOL")
+
+
+def check_gradients(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor], dtype: torch.dtype
+                    ) -> Dict[str, object]:
+    """The same columns for a training row: ``got`` and ``want`` map parameter names to their gradients after
+    one forward and backward; ``rel_err`` is the largest relative L2 error of one parameter's gradient, held to
+    ``accuracy.GRADIENT_TOL[dtype]``, and ``disagreement`` names that parameter. A parameter that has a
+    gradient on one side only fails the row."""
+    if got.keys() != want.keys():
+        odd = sorted(set(got) ^ set(want))
+        return {"agrees": False, "rel_err": float("inf"),
+                "disagreement": f"gradients: {len(odd)} parameters have one on one side only, e.g. {odd[0]}"}
+    worst, name = 0.0, None
+    for n, w in want.items():
+        err = accuracy.relative_error(got[n], w)
+        if name is None or err > worst:
+            worst, name = err, n
+    return _relative_verdict(worst, accuracy.GRADIENT_TOL[dtype], f"gradient of {name}", "GRADIENT_TOL")

@@ -25,12 +25,12 @@ OPS_COLUMNS = ["run", "tag", "model", "batch", "dtype", "layer", "stage", "op", 
                "device_ms", "host_bound", "gbs", "frac_copy_bw", "speedup_vs_torch", "speedup_vs_torch_eager"]
 ATTENTION_COLUMNS = ["run", "model", "batch", "layer", "rows", "tokens", "dtype", "mode", "impl", "agrees", "ms",
                      "device_ms", "host_bound", "speedup_vs_mask", "speedup_vs_mask_eager"]
-MODEL_COLUMNS = ["run", "tag", "model", "dtype", "batch", "mode", "variant", "compiled", "agrees", "ms",
+MODEL_COLUMNS = ["run", "tag", "model", "dtype", "batch", "mode", "variant", "compiled", "agrees", "ms", "enqueue_ms",
                  "videos_per_s", "peak_mib", "speedup_vs_open_clip", "flops_bound_speedup"]
 LAYER_COLUMNS = ["run", "model", "dtype", "batch", "variant", "layer", "ms", "device_ms", "host_bound"]
 LAST_BLOCK_COLUMNS = ["run", "model", "dtype", "batch", "layer", "full_ms", "trimmed_ms", "speedup"]
 WARM_COLUMNS = ["run", "arch", "jobs", "variants", "compiled", "cache_hits", "failed", "seconds", "compile_s", "stubs"]
-TRAIN_COLUMNS = ["run", "model", "batch", "precision", "mode", "variant", "backend", "step_ms", "speedup",
+TRAIN_COLUMNS = ["run", "model", "batch", "precision", "mode", "variant", "backend", "agrees", "step_ms", "speedup",
                  "peak_mem_mb", "memory_ratio"]
 CASE_KEYS = ("model", "batch", "dtype", "variant")
 KERNELS_PER_CASE = 8
@@ -109,7 +109,11 @@ def profile_columns(table: Sequence[Dict[str, object]]) -> List[str]:
     return ["run", *CASE_KEYS, "wall_ms", "kernel_ms", "host_ms", "launches", *groups]
 
 
+# The sweeps: per benchmark, the keys of one shape, the column a sweep's candidates are summed over with
+# the shape's keys left out (an op, a pass), and the columns each candidate carries into the read-out.
 SWEEP_KEYS = ("run", "tag", "model", "batch", "dtype", "layer", "stage", "op")
+ATTENTION_SWEEP_KEYS = ("run", "tag", "model", "batch", "dtype", "layer", "mode")
+SWEEPS = {"bench_ops": (SWEEP_KEYS, "op", ("frac_copy_bw",)), "attention": (ATTENTION_SWEEP_KEYS, "mode", ())}
 
 
 def _time(row: Dict[str, object]):
@@ -117,17 +121,28 @@ def _time(row: Dict[str, object]):
     return row.get("device_ms") or row.get("ms")
 
 
-def sweep_tables(rows: Sequence[Dict[str, object]]) -> Tuple[List[Dict[str, object]], List[Dict[str, object]]]:
-    """What the ``--tiles`` sweeps of ``bench_ops`` (rows ``triton:SPEC`` beside the library's ``triton``)
-    say: per shape, the library's time and the fastest candidate that agrees with the float64 reference
-    (a row without the check counts as agreeing; one that disagrees never wins); and per sweep, each
-    candidate's summed time over the shapes where it and the library both ran, against the library's
-    sum over the same shapes (a candidate that disagrees anywhere is marked so)."""
+def sweep_tables(rows: Sequence[Dict[str, object]], bench: str = "bench_ops"
+                 ) -> Tuple[List[Dict[str, object]], List[Dict[str, object]]]:
+    """What the tile sweeps of ``bench`` say: ``bench_ops --tiles`` or ``bench_attention --fwd-tiles``
+    (rows ``triton:SPEC`` beside the library's ``triton``). Per shape, the library's time and the fastest
+    candidate that agrees with the float64 reference (a row without the check counts as agreeing; one
+    that disagrees never wins); and per sweep, each candidate's summed time over the shapes where it and
+    the library both ran, against the library's sum over the same shapes (a candidate that disagrees
+    anywhere is marked so). Attention shapes also carry ``nobias_ms``: SDPA without a bias at that
+    shape, the time that proportional attention adds to."""
+    keys, over, extra = SWEEPS[bench]
     groups: Dict[tuple, List[Dict[str, object]]] = defaultdict(list)
+    floors: Dict[tuple, object] = {}
     for r in rows:
-        if r.get("bench") == "bench_ops" and str(r.get("impl", "")).startswith("triton") and _time(r):
-            groups[tuple(r.get(k) for k in SWEEP_KEYS)].append(r)
+        if r.get("bench") != bench:
+            continue
+        key = tuple(r.get(k) for k in keys)
+        if str(r.get("impl", "")).startswith("triton") and _time(r):
+            groups[key].append(r)
+        elif r.get("impl") == "sdpa-nobias" and _time(r):
+            floors[key] = _time(r)
     per_shape, totals = [], {}
+    summed_keys = ("run", "tag", "dtype", over)
     for key, group in groups.items():
         library = next((r for r in group if r["impl"] == "triton"), None)
         candidates = [r for r in group if r["impl"] != "triton"]
@@ -135,22 +150,26 @@ def sweep_tables(rows: Sequence[Dict[str, object]]) -> Tuple[List[Dict[str, obje
             continue
         good = [r for r in candidates if r.get("agrees") is not False]
         best = min(good, key=_time) if good else None
-        entry = dict(zip(SWEEP_KEYS, key))
-        entry.update(library_ms=_time(library), library_frac_copy_bw=library.get("frac_copy_bw"))
+        entry = dict(zip(keys, key))
+        entry.update(library_ms=_time(library), **{f"library_{c}": library.get(c) for c in extra})
+        if bench == "attention":
+            entry["nobias_ms"] = floors.get(key)
         if best is not None:
             entry.update(best=best["impl"].split(":", 1)[1], best_ms=_time(best),
-                         best_frac_copy_bw=best.get("frac_copy_bw"), speedup=_time(library) / _time(best))
+                         **{f"best_{c}": best.get(c) for c in extra}, speedup=_time(library) / _time(best))
         per_shape.append(entry)
+        shape = dict(zip(keys, key))
         for r in candidates:
-            total = totals.setdefault((key[0], key[1], key[4], key[7], r["impl"]),
-                                      {"run": key[0], "tag": key[1], "dtype": key[4], "op": key[7],
+            total = totals.setdefault(tuple(shape[k] for k in summed_keys) + (r["impl"],),
+                                      {**{k: shape[k] for k in summed_keys},
                                        "candidate": r["impl"].split(":", 1)[1], "shapes": 0, "candidate_ms": 0.0,
                                        "library_ms": 0.0, "agrees": True})
             total["shapes"] += 1
             total["candidate_ms"] += _time(r)
             total["library_ms"] += _time(library)
             total["agrees"] = total["agrees"] and r.get("agrees") is not False
-    summed = sorted(totals.values(), key=lambda t: (t["run"], t["tag"], t["op"], t["candidate_ms"] / t["library_ms"]))
+    summed = sorted(totals.values(), key=lambda t: (t["run"], t["tag"] or "", t[over],
+                                                    t["candidate_ms"] / t["library_ms"]))
     for t in summed:
         t["speedup"] = t["library_ms"] / t["candidate_ms"]
     return per_shape, summed
@@ -218,22 +237,28 @@ def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequen
     if attention:
         section("Proportional attention", device_note, markdown(attention, ATTENTION_COLUMNS))
     model = [r for r in rows if r.get("bench") == "bench_model"]
-    per_shape, summed = sweep_tables(ops)
-    if per_shape:
-        section("Tile sweeps: the fastest candidate per shape", "`bench_ops --tiles` rows against the library's "
+    for bench, what in (("bench_ops", "bench_ops --tiles"), ("attention", "bench_attention --fwd-tiles")):
+        per_shape, summed = sweep_tables(rows, bench)
+        if not per_shape:
+            continue
+        keys, over, extra = SWEEPS[bench]
+        floor = ["nobias_ms"] if bench == "attention" else []
+        section(f"Tile sweeps ({what}): the fastest candidate per shape", f"`{what}` rows against the library's "
                 "tiles (`triton`), device time where measured; only candidates that agree with the float64 "
-                "reference may win.", markdown(per_shape, [*SWEEP_KEYS, "library_ms", "best", "best_ms", "speedup",
-                                                            "library_frac_copy_bw", "best_frac_copy_bw"]))
-        section("Tile sweeps: each candidate over all its shapes", "Summed time over the shapes where the candidate "
-                "and the library both ran, fastest first; `agrees`: at every one of them.",
-                markdown(summed, ["run", "tag", "dtype", "op", "candidate", "shapes", "library_ms", "candidate_ms",
+                "reference may win." + (" `nobias_ms`: SDPA without a bias at the same shape." if floor else ""),
+                markdown(per_shape, [*keys, "library_ms", "best", "best_ms", "speedup", *floor,
+                                     *(f"{w}_{c}" for c in extra for w in ("library", "best"))]))
+        section(f"Tile sweeps ({what}): each candidate over all its shapes", "Summed time over the shapes where "
+                "the candidate and the library both ran, fastest first; `agrees`: at every one of them.",
+                markdown(summed, ["run", "tag", "dtype", over, "candidate", "shapes", "library_ms", "candidate_ms",
                                   "speedup", "agrees"]))
-    wrong = [r for r in ops + attention + model if r.get("agrees") is False]
+    train = [r for r in rows if r.get("bench") == "bench_train"]
+    wrong = [r for r in ops + attention + model + train if r.get("agrees") is False]
     if wrong:
         section("Rows that do not agree with their reference",
                 "Their times are of a wrong result (`benchmarks/oracle.py`): `disagreement` says what failed first.",
-                markdown(wrong, ["run", "tag", "model", "batch", "dtype", "layer", "op", "mode", "impl", "variant",
-                                 "disagreement"]))
+                markdown(wrong, ["run", "tag", "model", "batch", "dtype", "precision", "layer", "op", "mode", "impl",
+                                 "variant", "backend", "disagreement"]))
     if model:
         section("Whole encoder", "`+graph` variants are replayed from a CUDA graph: the device time of the "
                 "whole forward.", markdown(model, MODEL_COLUMNS))
@@ -246,7 +271,6 @@ def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequen
         section("Last block, in full and trimmed to its class tokens", "`full_ms`: every token through the block "
                 "(as the released code); `trimmed_ms`: the class tokens alone (the default); eager calls, host "
                 "included.", markdown(last, LAST_BLOCK_COLUMNS))
-    train = [r for r in rows if r.get("bench") == "bench_train"]
     if train:
         section("Training step", "", markdown(train, TRAIN_COLUMNS))
     profiled = [r for r in rows if r.get("bench") == "profile"]

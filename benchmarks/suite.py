@@ -63,8 +63,8 @@ MERGE_TILES = ["merge:32x256x8", "merge:32x128x8", "merge:32x128x4", "merge:16x2
 MATCH_TILES = ["match:64x32x16x4-tf32x3", "match:64x32x16x4-ieee", "match:64x64x16x8-ieee", "match:64x32x64x4-ieee",
                "match:64x64x32x8-tf32x3", "match:64x64x64x8-tf32x3"]
 # Forward tiles of the Triton attention timed by the attention_tiles stage (query tile x key tile x warps
-# x stages); the first is the library's.
-ATTENTION_TILES = ["64x64x4x2", "64x64x4x3", "64x128x4x2", "64x32x4x2", "128x64x4x2", "128x64x8x2", "128x64x8x3",
+# x stages), beside the library's own (64 x 64, 4 warps, 2 stages at ViT-B/16), which the stage times too.
+ATTENTION_TILES = ["64x64x4x3", "64x128x4x2", "64x32x4x2", "128x64x4x2", "128x64x8x2", "128x64x8x3",
                    "128x128x8x2"]
 # Token tile x warps of the merge that also writes the LayerNorm (the model's merge after attention;
 # a program spans all 768 features, padded to 1024); the first is the library's at ViT-B/16.
@@ -151,7 +151,8 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
               70, expect=35),
         # The proportional-attention candidates (mask, fold, Triton kernel) at ViT-B/16's shapes.
         Stage("attention", [python, "-m", "benchmarks.bench_attention", "--device", device, "--jsonl", rows,
-                            "--models", "ViT-B-16", "--batches", "16", "--dtypes", dtype, "--rep-ms", "25"],
+                            "--tag", "attention", "--models", "ViT-B-16", "--batches", "16", "--dtypes", dtype,
+                            "--rep-ms", "25"],
               80, expect=55),
         # The sorted plan and the histogram grouping have not run in a GPU test yet.
         Stage("kernel_tests", pytest("tests/test_triton_ops.py"), 170, expect=135),
@@ -165,7 +166,8 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         # tiles (64 x 64, 4 warps, 2 stages, chosen without a GPU), and the float32 match 0.28x-1.23x the
         # reference: candidates at the real shapes.
         *([Stage("attention_tiles", [python, "-m", "benchmarks.bench_attention", "--device", device, "--jsonl", rows,
-                                     *sweep("attention"), "--rep-ms", "25", "--fwd-tiles", *ATTENTION_TILES],
+                                     "--tag", "attention_tiles", *sweep("attention"), "--rep-ms", "25",
+                                     "--fwd-tiles", *ATTENTION_TILES],
                  90, expect=50),
            Stage("match_tiles", bench("bench_ops", "match_tiles", *sweep("match"), "--impls", *fast,
                                       "--ops", "best_match", "--tiles", *MATCH_TILES, "--rep-ms", "25"), 90, expect=60)]

@@ -353,7 +353,7 @@ def test_report_joins_the_calls_of_a_session_with_device_columns_and_the_profile
            "| True | 2e+03 | 0.5 | 3 | 1.5 |" in text
     # A row whose result was wrong is listed apart, with what failed.
     assert "### Rows that do not agree with their reference" in text
-    assert "| call2 | headline | ViT-B-16 | 32 | fp16 | 10 | merge_fwd | - | triton:merge:8x256x4-s3 | - " \
+    assert "| call2 | headline | ViT-B-16 | 32 | fp16 | - | 10 | merge_fwd | - | triton:merge:8x256x4-s3 | - | - " \
            "| x: 40x its tolerance |" in text
     assert "### Where the forward's time goes" in text
     assert "| call2 | ViT-B-32 | 1 | fp16 | tempme-triton | 18.2 | 0.49 | 17.7 | 63 | 0.4 | 0.09 |" in text
@@ -412,6 +412,32 @@ def test_report_picks_the_fastest_candidate_that_agrees(tmp_path, capsys):
     assert summed[1]["speedup"] == pytest.approx(0.3 / 0.23)
     assert report.main([str(tmp_path / "sweep"), "--markdown"]) == 0
     text = capsys.readouterr().out
-    assert "### Tile sweeps: the fastest candidate per shape" in text
+    assert "### Tile sweeps (bench_ops --tiles): the fastest candidate per shape" in text
     assert "| sweep | headline | ViT-B-16 | 32 | fp16 | 10 | cross | merge_fwd | 0.1 | merge:16x128x4-s3 | 0.08 " \
            "| 1.25 | 1 | 1.25 |" in text
+
+
+def test_report_reads_out_the_attention_sweep(tmp_path, capsys):
+    """The attention tile sweep reads out like the merge ones: per shape the fastest agreeing candidate against
+    the library's tiles, beside SDPA without a bias; rows of the attention stage (another tag) stay out of it."""
+    from benchmarks import report
+
+    def row(layer, impl, device_ms, agrees=True, tag="attention_tiles"):
+        return ("attention", {"tag": tag, "model": "ViT-B-16", "batch": 16, "dtype": "fp16", "layer": layer,
+                              "mode": "fwd", "impl": impl, "ms": 1.0, "device_ms": device_ms, "agrees": agrees})
+    rows = [row(1, "sdpa-nobias", 0.12), row(1, "triton", 0.29), row(1, "triton:128x64x8x3", 0.2),
+            row(1, "triton:64x32x4x2", 0.1, agrees=False), row(8, "sdpa-nobias", 0.07), row(8, "triton", 0.15),
+            row(8, "triton:128x64x8x3", 0.16), row(8, "triton:64x32x4x2", 0.12),
+            row(8, "triton", 0.01, tag="attention")]
+    _suite_folder(tmp_path / "att", "NVIDIA H200, sm_90", [], rows, [])
+    per_shape, summed = report.sweep_tables(report.load(str(tmp_path / "att"), "s").rows, "attention")
+    assert [(e["layer"], e["best"], e["nobias_ms"]) for e in per_shape] == [(1, "128x64x8x3", 0.12),
+                                                                           (8, "64x32x4x2", 0.07)]
+    assert per_shape[0]["library_ms"] == 0.29 and per_shape[1]["speedup"] == pytest.approx(1.25)
+    assert [(t["candidate"], t["mode"], t["agrees"]) for t in summed] == [("64x32x4x2", "fwd", False),
+                                                                         ("128x64x8x3", "fwd", True)]
+    assert summed[1]["speedup"] == pytest.approx(0.44 / 0.36)
+    assert report.main([str(tmp_path / "att"), "--markdown"]) == 0
+    text = capsys.readouterr().out
+    assert "### Tile sweeps (bench_attention --fwd-tiles): the fastest candidate per shape" in text
+    assert "Tile sweeps (bench_ops" not in text

@@ -228,3 +228,66 @@ def test_bench_model_holds_the_triton_encoder_to_the_torch_one(tmp_path, tiny_mo
     rows = {r["variant"]: r for r in read_records(str(tmp_path / "m.jsonl"))[1:]}
     assert rows["tempme-triton"]["agrees"] is False and rows["tempme-triton"]["rel_err"] > 1e-2
     assert rows["tempme-triton"]["disagreement"].startswith("embedding: relative error")
+
+
+@pytest.mark.interpreter
+def test_bench_model_holds_the_triton_gradients_to_the_torch_ones(tmp_path, tiny_model_file, monkeypatch):
+    """Training rows of the Triton encoder carry the largest error of a parameter's gradient against the torch
+    backend's; a backward that doubles the temporal position embedding's gradient (one small parameter among
+    many) fails its row and names it."""
+    from benchmarks import bench_model
+    from tiny import TINY_ARGS
+
+    monkeypatch.setattr(bench_model, "runnable", lambda variant, mode, device, compile_: variant in
+                        ("tempme-torch", "tempme-triton"))
+    monkeypatch.setattr(bench_model, "measure_ms", lambda fn, device, rep_ms: (fn(), {"ms": 1.0})[1])
+    args = ["--device", "cpu", "--models", tiny_model_file, "--batches", "2", "--modes", "train", "--rep-ms", "1",
+            "--no-layer-times", "--jsonl", str(tmp_path / "m.jsonl"), *TINY_ARGS]
+    assert bench_model.main(args) == 0
+    rows = {r["variant"]: r for r in read_records(str(tmp_path / "m.jsonl"))[1:]}
+    assert "agrees" not in rows["tempme-torch"]
+    assert rows["tempme-triton"]["agrees"] is True and rows["tempme-triton"]["rel_err"] <= 1e-5
+    real = triton_ops._merge_bwd
+
+    def merge_bwd(*args, **kwargs):
+        grad_x, pos_part = real(*args, **kwargs)
+        return grad_x, None if pos_part is None else 2 * pos_part
+    monkeypatch.setattr(triton_ops, "_merge_bwd", merge_bwd)
+    (tmp_path / "m.jsonl").unlink()
+    assert bench_model.main(args) == 1
+    row = {r["variant"]: r for r in read_records(str(tmp_path / "m.jsonl"))[1:]}["tempme-triton"]
+    assert row["agrees"] is False and row["rel_err"] == pytest.approx(1.0, rel=1e-3)
+    assert row["disagreement"].startswith("gradient of visual.tempme_frame_pos.")
+
+
+def test_gradient_check_names_a_missing_parameter():
+    g = {"a": torch.ones(3), "b": torch.ones(2)}
+    assert oracle.check_gradients(g, dict(g), torch.float16) == {"agrees": True, "rel_err": 0.0}
+    out = oracle.check_gradients({"a": g["a"]}, g, torch.float16)
+    assert out["agrees"] is False and "one side only, e.g. b" in out["disagreement"]
+    out = oracle.check_gradients({"a": g["a"], "b": torch.full((2,), float("nan"))}, g, torch.float16)
+    assert out["agrees"] is False and out["disagreement"].startswith("gradient of b")
+
+
+@pytest.mark.interpreter
+def test_bench_train_holds_the_triton_gradients_to_the_torch_ones(tmp_path, tiny_model_file, monkeypatch):
+    """The training-step benchmark checks its Triton row at the weights before any timed step; a merge backward
+    that drops half of every gradient fails it and the run."""
+    from benchmarks import bench_train
+    from tiny import TINY_ARGS
+
+    path = tmp_path / "rows.jsonl"
+    args = ["--device", "cpu", "--model", tiny_model_file, "--batch", "2", "--context-length", "8", "--modes",
+            "full", "--backends", "torch", "triton", "--repeats", "1", "--warmup", "0", "--jsonl", str(path),
+            *TINY_ARGS]
+    assert bench_train.main(args) == 0
+    rows = {r["backend"]: r for r in read_records(str(path))[1:]}
+    assert "agrees" not in rows["-"] and "agrees" not in rows["torch"]
+    assert rows["triton"]["agrees"] is True and rows["triton"]["rel_err"] <= 1e-4
+    real = triton_ops._merge_bwd
+    monkeypatch.setattr(triton_ops, "_merge_bwd", lambda *a, **k: (lambda gx, pos: (gx / 2, pos))(*real(*a, **k)))
+    path.unlink()
+    assert bench_train.main(args) == 1
+    row = {r["backend"]: r for r in read_records(str(path))[1:]}["triton"]
+    assert row["agrees"] is False and row["disagreement"].startswith("gradient of ")
+    assert bench_train.main([*args, "--no-check"]) == 0

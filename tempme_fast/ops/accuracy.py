@@ -14,7 +14,8 @@ Both backends compute in float32 (float64 input: float64) and round once to the 
 - an attention output or gradient is within :data:`ATTENTION_TOL` times the largest float64 value of
   that tensor (at least 0.1) of the float64 attention (:func:`scaled_error_ratio`);
 - a video embedding of the encoder on the Triton backend is within :data:`EMBEDDING_TOL` (relative L2
-  error) of the torch backend's in the same dtype.
+  error) of the torch backend's in the same dtype, and the gradient of each parameter after one forward
+  and backward within :data:`GRADIENT_TOL` (:func:`relative_error`).
 
 The tests hold the fast paths to these bounds, and every benchmark row applies them to what it timed
 (``benchmarks.oracle``). Each check returns what it found instead of raising, so a caller can record it.
@@ -49,9 +50,15 @@ ATTENTION_TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2,
 # promises on the Triton backend): the two backends round their sums in other orders, and a merge that a
 # near-tie decides may go either way, so this is looser than float64 agreement.
 EMBEDDING_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float64: 1e-10}
+# Relative L2 error of each parameter's gradient after one forward and backward of the encoder on the Triton
+# backend, against the torch backend's in the same dtype. The backward sums every token's contribution to a
+# weight, in other orders on the two backends, and the 16-bit gradients are rounded once more; on the tiny
+# test model the largest errors are 6e-7 (float32), 1.7e-3 (float16) and 2.9e-2 (bfloat16), so these bounds
+# leave room for a deeper model while a wrong gradient (a missing or doubled contribution) still fails.
+GRADIENT_TOL = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 2e-1, torch.float64: 1e-8}
 
-__all__ = ["ATTENTION_TOL", "EMBEDDING_TOL", "NORM_TOL", "SCORE_TOL", "VALUE_TOL", "cosine_scores", "plan_agreement",
-           "scaled_error_ratio", "tolerance_ratio"]
+__all__ = ["ATTENTION_TOL", "EMBEDDING_TOL", "GRADIENT_TOL", "NORM_TOL", "SCORE_TOL", "VALUE_TOL", "cosine_scores",
+           "plan_agreement", "relative_error", "scaled_error_ratio", "tolerance_ratio"]
 
 
 def cosine_scores(metric: torch.Tensor, protected: int) -> torch.Tensor:
@@ -76,6 +83,18 @@ def tolerance_ratio(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.d
     if a.numel() == 0:
         return 0.0
     return ((a - e).abs() / (atol + rtol * e.abs())).max().item()
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor, dim: Optional[int] = None) -> float:
+    """Largest relative L2 error ``|actual - expected| / |expected|`` (over ``dim``'s slices, else of the
+    whole tensor), in float64; 0 where both are zero; ``inf`` for a NaN or Inf, or a shape that differs."""
+    if actual.shape != expected.shape or not torch.isfinite(actual).all():
+        return float("inf")
+    if actual.numel() == 0:
+        return 0.0
+    a, e = actual.double(), expected.double()
+    norms = (lambda t: t.norm()) if dim is None else (lambda t: t.norm(dim=dim))
+    return (norms(a - e) / norms(e).clamp_min(torch.finfo(torch.float64).tiny)).max().item()
 
 
 def scaled_error_ratio(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, floor: float = 0.1) -> float:
