@@ -192,7 +192,8 @@ def _tests_table(runs: Sequence[Run]):
 
 def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequence[str]] = None) -> str:
     """The tables of ``runs``; with ``as_markdown``, headed and explained for BENCHMARKS.md's GPU section.
-    ``tags`` keeps only the rows of those suite stages (rows without a tag, such as attention's, stay)."""
+    ``tags`` keeps only the rows of those suite stages (rows without a tag stay: attention's, in runs
+    before its stages were tagged)."""
     out: List[str] = []
 
     def section(title: str, note: str, body: str) -> None:
