@@ -59,18 +59,25 @@ PLAN_PATHS = {"sort": 1, "count": 0}
 
 
 def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
-    """``"merge:BTxBDxW[-sN]"``, ``"norm:BTxW[-sN]"``, ``"match:BAxBBxBCxW-P"`` or ``"plan:PATH"`` as
-    (op, launch parameters); a ValueError naming ``--tiles`` otherwise."""
+    """``"merge:BTxBDxW[-sN|-gN]"``, ``"norm:BTxW[-sN]"``, ``"match:BAxBBxBCxW-P"`` or ``"plan:PATH"`` as
+    (op, launch parameters); a ValueError naming ``--tiles`` otherwise. ``-sN``: the merged sources gathered
+    one after another, software-pipelined over N stages (``SRC_STAGES``); ``-gN`` (merge only): N of a
+    tile's sources gathered at once and summed by a product (``SRC_BLOCK``; N and BT at least 16)."""
     kind, _, rest = spec.partition(":")
     sizes, _, product = rest.partition("-")
     parts = sizes.split("x")
-    fail = (f"--tiles {spec!r}: give merge:BTxBDxW[-sN], norm:BTxW[-sN], match:BAxBBxBCxW-P "
+    fail = (f"--tiles {spec!r}: give merge:BTxBDxW[-sN|-gN], norm:BTxW[-sN], match:BAxBBxBCxW-P "
             f"(P: {', '.join(DOT_MODES)}) or plan:PATH (PATH: {', '.join(PLAN_PATHS)})")
     if kind == "plan" and rest in PLAN_PATHS:
         return kind, {"SORT": PLAN_PATHS[rest]}
     stages = re.fullmatch(r"s([1-9])", product)  # merge and norm: "-sN", the sources' gather in N stages
-    if kind == "merge" and len(parts) == 3 and (not product or stages) and all(p.isdigit() for p in parts):
+    gather = re.fullmatch(r"g([0-9]+)", product) if kind == "merge" else None  # "-gN": N sources at once
+    if kind == "merge" and len(parts) == 3 and (not product or stages or gather) and all(p.isdigit() for p in parts):
         values = dict(zip(("BLOCK_T", "BLOCK_D", "num_warps"), map(int, parts)))
+        if gather:
+            values["SRC_BLOCK"] = int(gather.group(1))
+            if min(values["SRC_BLOCK"], values["BLOCK_T"]) < 16:  # tl.dot's smallest operands
+                raise ValueError(f"--tiles {spec!r}: a gather by product needs BT and N of at least 16")
     elif kind == "norm" and len(parts) == 2 and (not product or stages) and all(p.isdigit() for p in parts):
         values = dict(zip(("BLOCK_T", "num_warps"), map(int, parts)))
     elif kind == "match" and len(parts) == 4 and all(p.isdigit() for p in parts) and product in DOT_MODES:

@@ -18,6 +18,10 @@ block's ``ln_2``, twin ``reference.merge_norm``); its programs then span all fea
 With ``HAS_RES`` the forward merges ``x + residual`` (the block's residual add after attention),
 reading both and rounding their sum to x's dtype as the add would, so the sum is never written.
 
+A forward program sums each B token's sources one after another (``SRC_STAGES`` pipelines that
+gather), or, with ``SRC_BLOCK > 0``, gathers its tile's sources ``SRC_BLOCK`` at a time, all loads of a
+chunk independent of each other, and sums them into their destinations by one float32 product.
+
 With ``GROUP > 1`` the clip being merged is the ClipMe join of ``GROUP`` input clips: the kernels
 read (and the backward writes) the unjoined tensors through ``_joined_token`` and add the temporal
 position embedding of each token's source clip on the fly, so the joined copy is never written.
@@ -48,6 +52,24 @@ def _merge_index_kernel(
     row = tl.program_id(1).to(tl.int64)
     _group_block(merged_ptr + row * R, dst_ptr + row * R, src_ptr + row * R, offsets_ptr + row * (NB + 1), R, NB,
                  tl.program_id(0) * BLOCK_J, BLOCK_J, BLOCK_K)
+
+
+@triton.jit
+def _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, src_at, has, row, offs_d, mask_d, A_START, GROUP, C_IN, N_IN,
+                 CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd, stride_sb, stride_sn,
+                 stride_pc, ACC: tl.constexpr, HAS_RES: tl.constexpr, HAS_POS: tl.constexpr):
+    """The merged sources at pointers ``src_at`` into ``src`` (where ``has``): their sizes and feature slices
+    ``offs_d`` (with the residual and the position embedding added), in ``ACC``; 0 where not ``has``."""
+    a = tl.load(src_at, mask=has, other=0).to(tl.int32)
+    a_clip, a_tok = _joined_token(row, A_START + 2 * a, GROUP, C_IN, N_IN)
+    size = tl.load(size_ptr + a_clip * stride_sb + a_tok * stride_sn, mask=has, other=0).to(ACC)
+    mask_a = has[:, None] & mask_d[None, :]
+    xa = _token_rows(x_ptr, res_ptr, a_clip, a_tok, offs_d, mask_a, stride_xb, stride_xn, stride_xd, stride_rb,
+                     stride_rn, stride_rd, HAS_RES).to(ACC)
+    if HAS_POS:
+        xa += tl.load((pos_ptr + (a_clip % CLIPS) * stride_pc)[:, None] + offs_d[None, :], mask=mask_a,
+                      other=0.0).to(ACC)
+    return size, xa
 
 
 # Only the counts that change from layer to layer are left unspecialised, and the size strides
@@ -103,6 +125,7 @@ def _merge_fwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SRC_STAGES: tl.constexpr = 1,  # > 1: the gather of the sources software-pipelined over that many stages
+    SRC_BLOCK: tl.constexpr = 0,  # > 0: the tile's sources gathered SRC_BLOCK at a time and summed by a product
 ):
     row = tl.program_id(2).to(tl.int64)
     ACC = b_size_ptr.dtype.element_ty
@@ -132,23 +155,37 @@ def _merge_fwd_kernel(
                           mask=mask, other=0.0).to(ACC)
     s_total = s_self
     acc = x_self * s_self[:, None]
-    # (Loading each source's index one step ahead by hand, to overlap it with the previous source's
-    # rows, cost 14-28 registers on sm_90 and spilled 16-40 B in fp32 joins: the index load is an L2
-    # hit.) With SRC_STAGES > 1 Triton's pipeliner does it: the index and row loads of the next
-    # sources become asynchronous copies into shared memory, issued while this source is added.
-    for t in tl.range(0, max_count, num_stages=SRC_STAGES):
-        has = t < count
-        a = tl.load(src_row + lo + t, mask=has, other=0).to(tl.int32)
-        a_clip, a_tok = _joined_token(row, A_START + 2 * a, GROUP, C_IN, N_IN)
-        s = tl.load(size_ptr + a_clip * stride_sb + a_tok * stride_sn, mask=has, other=0).to(ACC)
-        mask_a = has[:, None] & mask_d[None, :]
-        xa = _token_rows(x_ptr, res_ptr, a_clip, a_tok, offs_d, mask_a, stride_xb, stride_xn, stride_xd, stride_rb,
-                         stride_rn, stride_rd, HAS_RES).to(ACC)
-        if HAS_POS:
-            xa += tl.load((pos_ptr + (a_clip % CLIPS) * stride_pc)[:, None] + offs_d[None, :],
-                          mask=mask_a, other=0.0).to(ACC)
-        acc += xa * s[:, None]
-        s_total += s
+    if SRC_BLOCK > 0:
+        # The tile's sources sit together in src (sorted by destination): src[first:last]. Each chunk
+        # of SRC_BLOCK is gathered in one go, with no load waiting on another source's, and summed into
+        # its destinations by a product with the [BLOCK_T, SRC_BLOCK] matrix of their sizes (a source's
+        # column holds its size in its destination's row, 0 elsewhere). The product runs on the FMA
+        # units in float32 (ieee), its sum over a chunk in source order, so each destination adds its
+        # sources in rank order, as the loop below does, and exact zeros for the others. An Inf in
+        # one source would make the other sums of its chunk NaN (0 * Inf).
+        first = tl.min(tl.where(is_b, lo, 2147483647), axis=0)
+        last = tl.max(tl.where(is_b, lo + count, 0), axis=0)
+        for k0 in range(first, last, SRC_BLOCK):
+            k = k0 + tl.arange(0, SRC_BLOCK)
+            s, xa = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, src_row + k, k < last, row, offs_d, mask_d,
+                                 A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
+                                 stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+            into = is_b[:, None] & (k[None, :] >= lo[:, None]) & (k[None, :] < (lo + count)[:, None])
+            w = tl.where(into, s[None, :], 0.0).to(ACC)
+            acc = tl.dot(w, xa, acc, input_precision="ieee")
+            s_total += tl.sum(w, axis=1)
+    else:
+        # (Loading each source's index one step ahead by hand, to overlap it with the previous source's
+        # rows, cost 14-28 registers on sm_90 and spilled 16-40 B in fp32 joins: the index load is an L2
+        # hit.) With SRC_STAGES > 1 Triton's pipeliner does it: the index and row loads of the next
+        # sources become asynchronous copies into shared memory, issued while this source is added.
+        for t in tl.range(0, max_count, num_stages=SRC_STAGES):
+            has = t < count
+            s, xa = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, src_row + lo + t, has, row, offs_d, mask_d,
+                                 A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
+                                 stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+            acc += xa * s[:, None]
+            s_total += s
     if tl.program_id(0) == 0:
         tl.store(size_out_ptr + row * N_OUT + offs_t, s_total.to(size_out_ptr.dtype.element_ty), mask=mask_t)
         if B_SIZES:

@@ -141,6 +141,35 @@ def test_pipelined_gather_writes_the_same_bits(stages, dtype, monkeypatch):
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("tiles", [(16, 128, 4, 16), (32, 256, 8, 32)], ids=["16x128x4-g16", "32x256x8-g32"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_gather_by_product_merges_as_the_library(tiles, dtype, monkeypatch):
+    """The merge forward with a tile's sources gathered SRC_BLOCK at a time and summed by a float32 product
+    (``merge:BTxBDxW-gN`` of the GPU suite's tile sweeps) writes the library's merged tokens within the
+    value tolerance and the same sizes, at a ViT-B/16 join's size with skewed destinations, with and
+    without the residual add, and the same bits on a second run."""
+    g = torch.Generator(device="cuda").manual_seed(tiles[0])
+    b, n, c, r = 32, 867, 12, 260
+    x = torch.randn(b, n, WIDTH, generator=g, device="cuda").to(dtype)
+    residual = torch.randn(b, n, WIDTH, generator=g, device="cuda").to(dtype)
+    size = torch.randint(1, 8, (b, n, 1), generator=g, device="cuda").float()
+    plan = random_plan(b, n, c, r, g)
+
+    def both():
+        return [triton_ops.merge_forward(x, size, *plan[:3], c)[:2],
+                triton_ops.merge_forward(x, size, *plan[:3], c, residual=residual)[:2]]
+    want = both()
+    block_t, block_d, warps, src_block = tiles
+    monkeypatch.setattr(triton_ops, "_merge_fwd_tiles", lambda *args: dict(BLOCK_T=block_t, BLOCK_D=block_d,
+                                                                           num_warps=warps, SRC_BLOCK=src_block))
+    got = both()
+    for (got_x, got_size), (want_x, want_size) in zip(got, want):
+        assert_close(got_x, want_x.double(), dtype, "merged x")
+        assert torch.equal(got_size, want_size)
+    for (again_x, _), (got_x, _) in zip(both(), got):
+        assert torch.equal(again_x, got_x)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_deterministic(dtype):
     """Repeated forward and backward runs at ViT-B/16 12-frame size give the same bits."""

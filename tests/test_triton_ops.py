@@ -505,6 +505,42 @@ def test_merge_wide_feature_slices(dtype, device, monkeypatch):
                  dtype, g)
 
 
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("kind", ["hub", "spread", "join"])
+def test_merge_gathered_by_product(kind, dtype, device, monkeypatch):
+    """The merge forward with each tile's sources gathered SRC_BLOCK at a time and summed by a product (a
+    candidate of the GPU suite's tile sweeps, ``merge:BTxBDxW-gN``): merged tokens all sent to 2 B tokens
+    (many chunks of 16 in one tile) or spread over all of them, against the float64 reference; and a ClipMe
+    join (sources read through the join, the position embedding and a residual added), against the
+    library's gather, which the join tests hold to the reference."""
+    library = triton_ops._merge_fwd_tiles
+
+    def by_product(*args):
+        return dict(library(*args), BLOCK_T=16, BLOCK_D=32, SRC_BLOCK=16)
+    g = torch.Generator().manual_seed(31)
+    if kind != "join":
+        x = make_tokens(3, 75, 40, dtype, "sliced", device, g)
+        monkeypatch.setattr(triton_ops, "_merge_fwd_tiles", by_product)
+        _check_merge(x, _sizes(3, 75, "BN1-fp32", dtype, device, g),
+                     random_plan(3, 75, 2, 30, device, g, hub=kind == "hub"), dtype, g)
+        return
+    f, group, n, c, d, r = 4, 2, 25, 1, 40, 20
+    x = make_tokens(2 * f, n, d, dtype, "contiguous", device, g)
+    residual = make_tokens(2 * f, n, d, dtype, "transposed", device, g)
+    size = _sizes(2 * f, n, "BN-fp32", dtype, device, g)
+    frame_pos = (0.1 * torch.randn(1, f, 1, d, generator=g)).to(dtype).to(device)
+    plan = random_plan(2 * f // group, n * group, c * group, r, device, g, hub=True)
+
+    def merge():
+        return triton_ops.merge_forward(x, size, plan.merged, plan.dst, plan.kept, c, group, frame_pos,
+                                        residual=residual)[:2]
+    want_x, want_size = merge()
+    monkeypatch.setattr(triton_ops, "_merge_fwd_tiles", by_product)
+    got_x, got_size = merge()
+    assert_close(got_x, want_x.double(), dtype, "merged x")
+    assert torch.equal(got_size, want_size)
+
+
 def test_join_merge_multi_tile(tiling, device):
     # fp16: x is also the metric, and the interpreter's bf16 tl.dot (the GPU path) is broken.
     x = tie_free_metric(8, 25, 1, 40, torch.float16, "sliced", device, seed=3, group=2).requires_grad_()
