@@ -142,7 +142,8 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         # headline. Every row is checked against float64 where it is timed (benchmarks.oracle), so these
         # come before the tests that would otherwise vouch for the kernels they launch.
         *([Stage("merge_tiles", bench("bench_ops", "merge_tiles", *sweep("merge"), "--impls", "triton",
-                                      "--ops", "merge_fwd", "--tiles", *MERGE_TILES, "--rep-ms", "25"), 140, expect=105),
+                                      "--ops", "merge_fwd", "--tiles", *MERGE_TILES, "--rep-ms", "25"),
+                 140, expect=105),
            Stage("norm_tiles", bench("bench_ops", "norm_tiles", *sweep("norm"), "--impls", "triton",
                                      "--ops", "step_norm_fwd", "--tiles", *NORM_TILES, "--rep-ms", "25"), 100, expect=60),
            Stage("plan_paths", bench("bench_ops", "plan_paths", *sweep("plan"), "--impls", "triton",
