@@ -160,9 +160,10 @@ def _merge_fwd_kernel(
         # of SRC_BLOCK is gathered in one go, with no load waiting on another source's, and summed into
         # its destinations by a product with the [BLOCK_T, SRC_BLOCK] matrix of their sizes (a source's
         # column holds its size in its destination's row, 0 elsewhere). The product runs on the FMA
-        # units in float32 (ieee), its sum over a chunk in source order, so each destination adds its
-        # sources in rank order, as the loop below does, and exact zeros for the others. An Inf in
-        # one source would make the other sums of its chunk NaN (0 * Inf).
+        # units in float32 (ieee) and accumulates onto each token's own row times its size; where it
+        # adds along the chunk in order (Triton's FMA product does), each destination adds its sources
+        # in rank order, as the loop below does, and exact zeros for the others. An Inf in one source
+        # would make the other sums of its chunk NaN (0 * Inf).
         first = tl.min(tl.where(is_b, lo, 2147483647), axis=0)
         last = tl.max(tl.where(is_b, lo + count, 0), axis=0)
         for k0 in range(first, last, SRC_BLOCK):
