@@ -32,7 +32,7 @@ from tempme_fast.schedule import LayerPlan
 
 from .common import VIT_GEOMETRY, environment, failure, measure_ms, print_table
 from .devicetime import device_columns, host_columns, speedups
-from .oracle import check_attention
+from .oracle import check_attention, check_raised
 
 IMPLS = ("sdpa", "fold", "triton", "sdpa-nobias", "eager")
 MODES = ("fwd", "fwdbwd")
@@ -154,7 +154,7 @@ def check_case(impl: str, mode: str, s: AttentionShape, dtype: torch.dtype, devi
         else:
             columns = check_attention(q, k, v, bias, result)
     except Exception as e:  # noqa: BLE001 (recorded in the row; the next case runs)
-        return {"agrees": False, "disagreement": f"the check raised {type(e).__name__}: {e}"[:300]}
+        return check_raised(e)
     if impl == "eager":
         return {"tol_ratio": columns["tol_ratio"]}
     return columns

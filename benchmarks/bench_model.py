@@ -34,7 +34,7 @@ from tempme_fast.ops import launch
 from .common import Compiled, RowLog, add_row_log_arguments, environment, failure, measure_ms, print_table, \
     write_results
 from .devicetime import device_columns, enqueue_ms, host_columns
-from .oracle import check_embedding, check_gradients
+from .oracle import check_embedding, check_gradients, check_raised, parameter_grads
 
 VARIANTS = ("open_clip", "open_clip+graph", "tempme-eager", "tempme-torch", "tempme-triton", "tempme-triton-jit",
             "tempme-triton+graph", "tempme-triton+compile")
@@ -177,11 +177,6 @@ def train_once(model, video: torch.Tensor) -> None:
     model.encode_video(video).float().square().sum().backward()
 
 
-def gradients(model) -> Dict[str, torch.Tensor]:
-    """Every parameter's gradient (those that have one), by name, as copies."""
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def reference_result(model, config: TempMeConfig, variant: str, mode: str, video: torch.Tensor):
     """What ``variant``'s setting computes from ``video``, untimed: for ``infer`` the embeddings of one eager
     inference forward, for ``train`` the gradients of one :func:`train_once`."""
@@ -191,7 +186,7 @@ def reference_result(model, config: TempMeConfig, variant: str, mode: str, video
         if mode == "train":
             model.train()
             train_once(model, video)
-            return gradients(model)
+            return parameter_grads(model)
         model.eval()
         with torch.inference_mode():
             return model.encode_video(video).clone()
@@ -238,11 +233,11 @@ def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: t
             try:
                 if mode == "train":
                     fn()
-                    timing.update(check_gradients(gradients(model), reference, video.dtype))
+                    timing.update(check_gradients(parameter_grads(model), reference, video.dtype))
                 else:
                     timing.update(check_embedding(fn(), reference, video.dtype))
             except Exception as e:  # noqa: BLE001 (recorded in the row; the timing stands)
-                timing.update(agrees=False, disagreement=f"the check raised {type(e).__name__}: {e}"[:300])
+                timing.update(check_raised(e))
         batch = video.shape[0]
         return {"variant": variant, "mode": mode, **timing, "videos_per_s": batch / (timing["ms"] * 1e-3),
                 "peak_mib": peak_memory_mb(fn, video.device), "gflops_per_video": model_flops(model).gflops,

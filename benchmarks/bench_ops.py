@@ -47,7 +47,7 @@ from tempme_fast.ops import reference, triton_ops
 from .common import Compiled, MergeShape, RowLog, add_row_log_arguments, copy_bandwidth_gbs, environment, \
     failure, measure_ms, merge_shapes, print_table, write_results
 from .devicetime import basis_ms, device_columns, host_columns, speedups
-from .oracle import NORM_EPS, check_op, norm_inputs, upstream_grad
+from .oracle import NORM_EPS, check_op, check_raised, norm_inputs, upstream_grad
 
 OPS = ("best_match", "match", "merge_fwd", "merge_bwd", "step_fwd", "step_norm_fwd", "step_fwdbwd")
 # The match kernel's DOT_MODE per product kind: 16-bit tl.dot, and the float32 ones the library knows.
@@ -247,7 +247,7 @@ def check_row(op: str, impl: str, s: MergeShape, metric, x, size, fn: Callable[[
                 plan = ops.match(metric, s.r, s.protected, backend=backend)
         return check_op(op, s, metric, x, size, out, plan)
     except Exception as e:  # noqa: BLE001 (recorded in the row; the next case runs)
-        return {"agrees": False, "disagreement": f"the check raised {type(e).__name__}: {e}"[:300]}
+        return check_raised(e)
 
 
 def device_row(op: str, impl: str, s: MergeShape, dtype: torch.dtype, device: torch.device,

@@ -34,7 +34,7 @@ from tempme_fast.train import (PRECISIONS, VideoTextForward, contrastive_loss, m
                                train_step)
 
 from .common import RowLog, add_row_log_arguments, environment
-from .oracle import check_gradients
+from .oracle import check_gradients, check_raised, parameter_grads
 
 
 def _batch(model, batch: int, frames: int, context: int, device, seed: int = 0):
@@ -67,7 +67,7 @@ def gradient_check(model, mode: str, config: TempMeConfig, batch, autocast: Opti
             set_grad_checkpointing(model, grad_checkpointing)
             model.zero_grad(set_to_none=True)
             forward_backward(model, batch, autocast, device)
-            grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            grads[backend] = parameter_grads(model)
         finally:
             model.zero_grad(set_to_none=True)
             remove_tempme(model)
@@ -101,8 +101,7 @@ def bench(args, log: Optional[RowLog] = None) -> List[dict]:
                         checks[name] = gradient_check(model, mode, config, batch, autocast, device,
                                                       args.grad_checkpointing)
                     except Exception as e:  # noqa: BLE001 (recorded in the row; the timing still runs)
-                        checks[name] = {"agrees": False,
-                                        "disagreement": f"the check raised {type(e).__name__}: {e}"[:300]}
+                        checks[name] = check_raised(e)
         for name, config, backend in variants:
             apply_tempme(model, config, backend=backend)
             try:

@@ -148,6 +148,16 @@ def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Opt
     return verdict.columns()
 
 
+def check_raised(e: Exception) -> Dict[str, object]:
+    """The columns of a row whose check raised ``e``: it does not agree, and says why (the timing stands)."""
+    return {"agrees": False, "disagreement": f"the check raised {type(e).__name__}: {e}"[:300]}
+
+
+def parameter_grads(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Every parameter's gradient (those that have one), by name, as copies: :func:`check_gradients`' input."""
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def _relative_verdict(err: float, tol: float, what: str, table: str) -> Dict[str, object]:
     out: Dict[str, object] = {"agrees": err <= tol, "rel_err": err}
     if err > tol:

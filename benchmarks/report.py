@@ -150,15 +150,14 @@ def sweep_tables(rows: Sequence[Dict[str, object]], bench: str = "bench_ops"
             continue
         good = [r for r in candidates if r.get("agrees") is not False]
         best = min(good, key=_time) if good else None
-        entry = dict(zip(keys, key))
-        entry.update(library_ms=_time(library), **{f"library_{c}": library.get(c) for c in extra})
+        shape = dict(zip(keys, key))
+        entry = dict(shape, library_ms=_time(library), **{f"library_{c}": library.get(c) for c in extra})
         if bench == "attention":
             entry["nobias_ms"] = floors.get(key)
         if best is not None:
             entry.update(best=best["impl"].split(":", 1)[1], best_ms=_time(best),
                          **{f"best_{c}": best.get(c) for c in extra}, speedup=_time(library) / _time(best))
         per_shape.append(entry)
-        shape = dict(zip(keys, key))
         for r in candidates:
             total = totals.setdefault(tuple(shape[k] for k in summed_keys) + (r["impl"],),
                                       {**{k: shape[k] for k in summed_keys},

@@ -69,29 +69,33 @@ def cosine_scores(metric: torch.Tensor, protected: int) -> torch.Tensor:
     return m[:, a_set] @ m[:, b_set].transpose(1, 2)
 
 
+def _unmeasurable(actual: torch.Tensor, expected: torch.Tensor) -> Optional[float]:
+    """The ratio of a comparison that needs no arithmetic: ``inf`` for a shape that differs or a NaN or Inf
+    in ``actual``, 0 for empty tensors; None otherwise."""
+    if actual.shape != expected.shape or not torch.isfinite(actual).all():
+        return float("inf")
+    return 0.0 if actual.numel() == 0 else None
+
+
 def tolerance_ratio(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
                     table: Optional[Dict[torch.dtype, Tuple[float, float]]] = None) -> float:
     """Largest ``|actual - expected| / (atol + rtol * |expected|)`` with ``(atol, rtol)`` of ``dtype`` in
     ``table`` (default :data:`VALUE_TOL`): at most 1 within tolerance; ``inf`` for a NaN, an Inf where
     ``expected`` is finite, or a shape that differs."""
-    if actual.shape != expected.shape:
-        return float("inf")
+    early = _unmeasurable(actual, expected)
+    if early is not None:
+        return early
     atol, rtol = (table or VALUE_TOL)[dtype]
     a, e = actual.double(), expected.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    if a.numel() == 0:
-        return 0.0
     return ((a - e).abs() / (atol + rtol * e.abs())).max().item()
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor, dim: Optional[int] = None) -> float:
     """Largest relative L2 error ``|actual - expected| / |expected|`` (over ``dim``'s slices, else of the
     whole tensor), in float64; 0 where both are zero; ``inf`` for a NaN or Inf, or a shape that differs."""
-    if actual.shape != expected.shape or not torch.isfinite(actual).all():
-        return float("inf")
-    if actual.numel() == 0:
-        return 0.0
+    early = _unmeasurable(actual, expected)
+    if early is not None:
+        return early
     a, e = actual.double(), expected.double()
     norms = (lambda t: t.norm()) if dim is None else (lambda t: t.norm(dim=dim))
     return (norms(a - e) / norms(e).clamp_min(torch.finfo(torch.float64).tiny)).max().item()
@@ -101,10 +105,9 @@ def scaled_error_ratio(actual: torch.Tensor, expected: torch.Tensor, dtype: torc
     """``max |actual - expected|`` over ``ATTENTION_TOL[dtype] * max(max |expected|, floor)``: at most 1
     within tolerance; ``inf`` for a NaN or Inf, or a shape that differs. ``floor``: where the true values
     are all near 0 (one token: its query's gradient), rounding still leaves a trace."""
-    if actual.shape != expected.shape or not torch.isfinite(actual).all():
-        return float("inf")
-    if actual.numel() == 0:
-        return 0.0
+    early = _unmeasurable(actual, expected)
+    if early is not None:
+        return early
     e = expected.double()
     err = (actual.double() - e).abs().max().item()
     return err / (ATTENTION_TOL[dtype] * max(e.abs().max().item(), floor))
