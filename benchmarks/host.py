@@ -11,9 +11,10 @@ float32) so that the CPU's arithmetic stays small; a merge step runs at the real
 arithmetic on the host).
 
 ``python -m benchmarks.host`` prints, for ViT-B/32 and ViT-B/16 at one video (default config,
-fp16, inference mode), per forward and per merge step: aten ops dispatched outside the kernels
-(with the most frequent ones), custom-op calls, Triton launches, tensor allocations and host
-microseconds with the launches stubbed. :func:`forward_counts` and :func:`step_counts` are what
+fp16), per inference forward, per training step (forward and backward, beside open_clip's own model
+of the same shape) and per merge step: aten ops dispatched outside the kernels (with the most
+frequent ones), custom-op calls, Triton launches, tensor allocations and host microseconds with the
+launches stubbed. :func:`forward_counts`, :func:`train_counts` and :func:`step_counts` are what
 ``tests/test_host.py`` checks against its budgets.
 
 Triton's own launch path (``JITFunction.run``: argument binding, specialisation, cache lookup)
@@ -382,18 +383,22 @@ def host_us(fn: Callable[[], object], repeats: int = 20, rounds: int = 5) -> flo
     return best
 
 
-def narrow_model(name: str, dtype: torch.dtype = torch.float16, width: int = 16,
-                 config: Optional[TempMeConfig] = None):
-    """``name``'s vision tower (depth, patch and image size: the same token schedule and the same
-    op sequence) at ``width`` channels in one head, with a one-layer text tower, patched with TempMe
-    (backend and attention "auto"). Narrow, so that the CPU's arithmetic adds little to the host time."""
+def narrow_clip(name: str, dtype: torch.dtype = torch.float16, width: int = 16):
+    """``name``'s CLIP with its vision tower (depth, patch and image size) at ``width`` channels in
+    one head and a one-layer text tower, unpatched: the op sequence of ``name`` at little arithmetic."""
     import open_clip
 
     cfg = open_clip.get_model_config(name)
     vision = dict(cfg["vision_cfg"], width=width, head_width=width)
     text = dict(cfg["text_cfg"], width=16, heads=1, layers=1, vocab_size=64)
-    model = open_clip.model.CLIP(cfg["embed_dim"], vision, text).to(dtype=dtype).eval()
-    return apply_tempme(model, config or TempMeConfig())
+    return open_clip.model.CLIP(cfg["embed_dim"], vision, text).to(dtype=dtype).eval()
+
+
+def narrow_model(name: str, dtype: torch.dtype = torch.float16, width: int = 16,
+                 config: Optional[TempMeConfig] = None):
+    """:func:`narrow_clip` patched with TempMe (backend and attention "auto"): the same token schedule
+    and op sequence as ``name``. Narrow, so that the CPU's arithmetic adds little to the host time."""
+    return apply_tempme(narrow_clip(name, dtype, width), config or TempMeConfig())
 
 
 def _encode(name: str, dtype: torch.dtype, videos: int) -> Callable[[], object]:
@@ -404,6 +409,31 @@ def _encode(name: str, dtype: torch.dtype, videos: int) -> Callable[[], object]:
         with torch.inference_mode():
             return model.encode_video(video)
     return forward
+
+
+def _train_step(name: str, variant: str, dtype: torch.dtype, videos: int) -> Callable[[], object]:
+    """One training call of ``variant`` ("tempme" or "open_clip", the latter encoding the frames as
+    images) as ``bench_model --modes train`` times it: gradients set afresh, forward, a loss of every
+    embedding, backward into every weight."""
+    model = (narrow_model if variant == "tempme" else narrow_clip)(name, dtype).train()
+    frames = TempMeConfig().frames
+    video = torch.randn(videos, frames, 3, *model.visual.image_size).to(dtype)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model.encode_video(video) if variant == "tempme" else model.encode_image(video.flatten(0, 1))
+        out.float().square().sum().backward()
+    return step
+
+
+def train_counts(name: str, variant: str = "tempme", videos: int = 1, dtype: torch.dtype = torch.float16,
+                 timed: bool = True, repeats: int = 3, rounds: int = 3) -> Counts:
+    """:func:`forward_counts` for one training step (:func:`_train_step`), forward and backward: the
+    counts in ``dtype``, the host time in float32."""
+    counts = count(_train_step(name, variant, dtype, videos))
+    if timed:
+        counts.host_us = host_us(_train_step(name, variant, torch.float32, videos), repeats, rounds)
+    return counts
 
 
 def forward_counts(name: str, videos: int = 1, dtype: torch.dtype = torch.float16, timed: bool = True,
@@ -507,6 +537,13 @@ def report(models: Sequence[str] = MODELS, dtype_name: str = "fp16", out=sys.std
             us = launch_us(fwd.calls)
             print(f"  launch path up to the C launcher (sm_90): Triton's JITFunction.run {us['triton']:.0f} us "
                   f"per forward, tempme_fast.ops.launch {us['cached']:.0f} us", file=out)
+        for variant in ("open_clip", "tempme"):
+            train = train_counts(name, variant, dtype=dtype)
+            print(f"training step, {variant}: aten ops {sum(train.aten.values())}, Triton launches "
+                  f"{sum(train.launches.values())}, allocations {train.allocations}, host {train.host_us:.0f} us "
+                  f"(launches stubbed)", file=out)
+            print(f"  aten: {_top(train.aten)}", file=out)
+            results.setdefault(name, {})[f"train_{variant}"] = train.row()
         print("| layer | stage | clips x tokens | r | grad | aten ops | custom ops | launches | allocations "
               "| host us |", file=out)
         print("|---" * 10 + "|", file=out)
@@ -521,7 +558,7 @@ def report(models: Sequence[str] = MODELS, dtype_name: str = "fp16", out=sys.std
                       f"| {sum(c.aten.values())} | {sum(c.custom.values())} | {sum(c.launches.values())} "
                       f"| {c.allocations} | {c.host_us:.0f} |", file=out, flush=True)
         print(file=out)
-        results[name] = {"forward": fwd.row(), "steps": steps}
+        results[name].update(forward=fwd.row(), steps=steps)
     return results
 
 

@@ -1,7 +1,9 @@
 """Where a forward's time goes: per-kernel device time, grouped, against the forward's wall time.
 
 ``torch.profiler`` (CUDA activity on a GPU) records a few inference forwards of the unmerged open_clip
-encoder and of TempMe (Triton merge ops, default attention). Rows, appended as measured (``--jsonl``):
+encoder and of TempMe (Triton merge ops, default attention); with ``--modes train``, training calls
+as ``bench_model --modes train`` times them (forward, backward into every weight; row key ``mode``).
+Rows, appended as measured (``--jsonl``):
 
 - ``kind: kernel``: one per kernel name (the 30 costliest; the rest in one ``(others)`` row):
   ``calls`` and ``us`` per forward, and its ``group``;
@@ -14,7 +16,8 @@ On a CPU there are no kernels: the rows hold the aten ops' own CPU time (``self`
 excluded) and ``kernel_ms`` is their sum, so the difference is the Python and dispatch time around them.
 
     python -m benchmarks.profile --jsonl rows.jsonl                              # GPU: ViT-B/16 x16, ViT-B/32 x1
-    python -m benchmarks.profile --device cpu --models ViT-B-32 --batches 1 --dtypes fp32
+    python -m benchmarks.profile --device cpu --cases ViT-B-32:1 --dtypes fp32
+    python -m benchmarks.profile --cases ViT-B-32:1 ViT-B-32:16 --modes train   # GPU: where training goes
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
 from tempme_fast.arguments import add_config_arguments, config_from_args
 from tempme_fast.loading import DTYPES, create_model, default_dtype_name
 
-from .bench_model import _setting
+from .bench_model import _setting, train_once
 from .common import RowLog, add_row_log_arguments, environment, failure, print_table
 from .devicetime import kernel_us
 from .report import profile_columns, profile_table
@@ -114,14 +117,18 @@ def summarise(times: Dict[str, Tuple[float, float]], wall: float, top: int = TOP
 
 
 def profile_variant(model, config: TempMeConfig, variant: str, video: torch.Tensor, forwards: int,
-                    repeats: int) -> Tuple[List[Dict[str, object]], List[Dict[str, object]], Dict[str, object]]:
-    """Kernel, group and forward rows of ``variant`` (``bench_model``'s names) on ``video``."""
+                    repeats: int, mode: str = "infer"
+                    ) -> Tuple[List[Dict[str, object]], List[Dict[str, object]], Dict[str, object]]:
+    """Kernel, group and forward rows of ``variant`` (``bench_model``'s names) on ``video``: inference
+    forwards (``mode`` "infer") or training calls ("train": ``bench_model.train_once``)."""
     config, backend, attention, trim = _setting(variant, config)
     apply_tempme(model, config, backend=backend, attention=attention, trim_last_block=trim)
     try:
-        model.eval()
+        model.train(mode == "train")
 
         def forward():
+            if mode == "train":
+                return train_once(model, video)
             with torch.inference_mode():
                 return model.encode_video(video)
         for _ in range(3):  # warm-up: compilation, autotuning, allocator growth stay out
@@ -129,13 +136,14 @@ def profile_variant(model, config: TempMeConfig, variant: str, video: torch.Tens
         wall = wall_ms(forward, video.device, repeats)
         return summarise(op_times_us(forward, video.device, forwards), wall)
     finally:
+        model.zero_grad(set_to_none=True)
         remove_tempme(model)
 
 
 def run(device: torch.device, cases: Sequence[Tuple[str, int]], dtypes: Sequence[str], variants: Sequence[str],
         forwards: int = 3, repeats: int = 10, config: TempMeConfig = TempMeConfig(),
-        log: Optional[RowLog] = None) -> List[Dict[str, object]]:
-    """Rows for every (model, batch) of ``cases``, dtype and variant; each goes to ``log`` when measured."""
+        log: Optional[RowLog] = None, modes: Sequence[str] = ("infer",)) -> List[Dict[str, object]]:
+    """Rows for every (model, batch) of ``cases``, dtype, mode and variant; each goes to ``log`` when measured."""
     log = log or RowLog(None, "profile", {})
     start = len(log.rows)
     models = {}
@@ -147,15 +155,17 @@ def run(device: torch.device, cases: Sequence[Tuple[str, int]], dtypes: Sequence
             g = torch.Generator().manual_seed(batch)
             video = torch.randn(batch, config.frames, 3, *model.visual.image_size, generator=g)
             video = video.to(device=device, dtype=DTYPES[dtype_name])
-            for variant in variants:
-                key = {"model": name, "batch": batch, "dtype": dtype_name, "variant": variant}
-                try:
-                    kernels, groups, forward = profile_variant(model, config, variant, video, forwards, repeats)
-                except Exception as e:  # noqa: BLE001 (recorded in the row; the next case runs)
-                    log({**key, "kind": "forward", **failure(e)})
-                    continue
-                for row in kernels + groups + [forward]:
-                    log({**key, **row})
+            for mode in modes:
+                for variant in variants:
+                    key = {"model": name, "batch": batch, "dtype": dtype_name, "variant": variant, "mode": mode}
+                    try:
+                        kernels, groups, forward = profile_variant(model, config, variant, video, forwards, repeats,
+                                                                   mode)
+                    except Exception as e:  # noqa: BLE001 (recorded in the row; the next case runs)
+                        log({**key, "kind": "forward", **failure(e)})
+                        continue
+                    for row in kernels + groups + [forward]:
+                        log({**key, **row})
     return log.rows[start:]
 
 
@@ -174,6 +184,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None, help="default: fp16 (CUDA), fp32 (CPU)")
     parser.add_argument("--variants", nargs="+", choices=("open_clip", "tempme-torch", "tempme-triton"), default=None,
                         help="default: open_clip and tempme-triton (CUDA), tempme-torch (CPU)")
+    parser.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer"],
+                        help="inference forwards, or training calls (forward and backward); default infer")
     parser.add_argument("--forwards", type=int, default=3, help="forwards under the profiler (default 3)")
     parser.add_argument("--repeats", type=int, default=10, help="synchronised forwards for the wall time")
     add_row_log_arguments(parser)
@@ -189,11 +201,11 @@ def main(argv=None) -> int:
     env = environment(device)
     rows = run(device, args.cases or [("ViT-B-16", 16), ("ViT-B-32", 1)], args.dtypes or [default_dtype_name(device)],
                variants, args.forwards, args.repeats, config_from_args(args),
-               RowLog(args.jsonl, "profile", env, args.tag))
+               RowLog(args.jsonl, "profile", env, args.tag), args.modes)
     print(f"# where the forward's time goes on {env['device']}, torch {env['torch']}, triton {env['triton']}, "
           f"{env['date']} ({'kernel device time' if cuda else 'aten ops, self CPU time'})")
     print_table([r for r in rows if r["kind"] == "kernel"],
-                ["model", "batch", "variant", "name", "group", "calls", "us"])
+                ["model", "batch", "mode", "variant", "name", "group", "calls", "us"])
     print()
     table = profile_table(rows)
     print_table(table, [c for c in profile_columns(table) if c != "run"] + ["error"])

@@ -90,13 +90,16 @@ def _eager_speedups_relabelled(row: Dict[str, object]) -> Dict[str, object]:
     return row
 
 
+# A profiled case: mode "train" (forward and backward) or "infer" (rows from before the mode: None).
+PROFILE_KEYS = ("run", *CASE_KEYS, "mode")
+
+
 def profile_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
-    """One row per profiled case (model, batch, dtype, variant): its forward summary, and each group's
+    """One row per profiled case (model, batch, dtype, variant, mode): its forward summary, and each group's
     milliseconds per forward as a column ``<group> ms``."""
     table: Dict[tuple, Dict[str, object]] = {}
     for r in rows:
-        entry = table.setdefault(tuple(r.get(k) for k in ("run",) + CASE_KEYS),
-                                 {k: r.get(k) for k in ("run",) + CASE_KEYS})
+        entry = table.setdefault(tuple(r.get(k) for k in PROFILE_KEYS), {k: r.get(k) for k in PROFILE_KEYS})
         if r.get("kind") == "forward":
             entry.update({k: r[k] for k in ("wall_ms", "kernel_ms", "host_ms", "launches", "error") if k in r})
         elif r.get("kind") == "group":
@@ -106,7 +109,7 @@ def profile_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
 
 def profile_columns(table: Sequence[Dict[str, object]]) -> List[str]:
     groups = list(dict.fromkeys(k for r in table for k in r if k.endswith(" ms")))
-    return ["run", *CASE_KEYS, "wall_ms", "kernel_ms", "host_ms", "launches", *groups]
+    return [*PROFILE_KEYS, "wall_ms", "kernel_ms", "host_ms", "launches", *groups]
 
 
 # The sweeps: per benchmark, the keys of one shape, the column a sweep's candidates are summed over with
@@ -282,11 +285,10 @@ def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequen
         top = []
         for case in table:
             kernels = [r for r in profiled if r.get("kind") == "kernel"
-                       and all(r.get(k) == case.get(k) for k in ("run",) + CASE_KEYS)]
+                       and all(r.get(k) == case.get(k) for k in PROFILE_KEYS)]
             top += sorted(kernels, key=lambda r: -r["us"])[:KERNELS_PER_CASE]
         if top:
-            section("Costliest kernels per forward", "", markdown(top, ["run", *CASE_KEYS, "name", "group", "calls",
-                                                                        "us"]))
+            section("Costliest kernels per forward", "", markdown(top, [*PROFILE_KEYS, "name", "group", "calls", "us"]))
     if any(run.tests for run in runs):
         table, columns, failed = _tests_table(runs)
         section("Tests", "Per file, each test counted once, by its last outcome over the calls.",

@@ -192,6 +192,9 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
                                    "--dtypes", dtype, "--modes", "train",
                                    "--variants", "open_clip", "tempme-eager", "tempme-torch", "tempme-triton",
                                    "--no-layer-times", "--rep-ms", "100"), 75, expect=41),
+        # The training rows above were 2-2.6x open_clip's at 1 and 16 videos, nearly the same at both: where it goes.
+        Stage("profile_train", bench("profile", "profile_train", "--cases", "ViT-B-32:1", "ViT-B-32:16",
+                                     "--modes", "train", "--dtypes", dtype), 60, expect=30),
         Stage("ops_compiled", bench("bench_ops", "compiled", "--models", "ViT-B-16", "--batches", "32",
                                     "--dtypes", dtype, "--impls", "torch", "torch.compile",
                                     "--ops", "step_fwd", "match", "--compile-at", "",

@@ -119,6 +119,21 @@ def test_profile_runs_on_a_cpu_with_op_times(tmp_path, tiny_model_file, capsys):
     assert "aten ops, self CPU time" in out and "wall_ms" in out
 
 
+def test_profile_of_training_calls_sees_the_backward(tmp_path, tiny_model_file):
+    path = tmp_path / "rows.jsonl"
+    assert profile.main(["--device", "cpu", "--cases", f"{tiny_model_file}:2", "--forwards", "1", "--repeats", "2",
+                         "--modes", "infer", "train", "--variants", "tempme-torch", "--jsonl", str(path),
+                         *TINY_ARGS]) == 0
+    _, *rows = read_records(str(path))
+    forward = {r["mode"]: r for r in rows if r["kind"] == "forward"}
+    assert set(forward) == {"infer", "train"} and not any("error" in r for r in forward.values())
+    names = {mode: {r["name"] for r in rows if r["kind"] == "kernel" and r["mode"] == mode} for mode in forward}
+    # The backward's own ops, and more launches than the forward alone.
+    assert any("backward" in n.lower() for n in names["train"]) and not any("backward" in n.lower()
+                                                                          for n in names["infer"])
+    assert forward["train"]["launches"] > forward["infer"]["launches"]
+
+
 def test_profile_refuses_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         profile.main(["--device", "cpu", "--cases", "ViT-B-16"])
@@ -240,3 +255,9 @@ def test_profile_on_a_gpu_sees_the_merge_kernels_and_the_host_share(tiny_model_f
     merge_kernels = {r["variant"] for r in rows if r["kind"] == "kernel" and "_merge_fwd_kernel" in r["name"]}
     assert merge_kernels == {"tempme-triton"}
     assert groups[("tempme-triton", "GEMM")] > 0 and groups[("tempme-triton", "attention")] > 0
+    train = profile.run(CUDA, [(tiny_model_file, 2)], ["fp16"], ["tempme-triton"], forwards=2, repeats=3,
+                        config=TINY_CONFIG, modes=["train"])
+    trained = {r["group"]: r["us"] for r in train if r["kind"] == "group"}
+    # The merge and attention backward kernels add to their groups (counted whether or not in the top rows).
+    assert trained["merge/match"] > groups[("tempme-triton", "merge/match")]
+    assert trained["attention"] > groups[("tempme-triton", "attention")]

@@ -159,6 +159,9 @@ def test_the_stage_list_puts_the_headline_first_then_the_merge_sweeps_the_profil
     profile = stages[7].argv
     assert profile[profile.index("--cases") + 1:profile.index("--cases") + 3] == ["ViT-B-16:16", "ViT-B-32:1"]
     assert {"tests/test_graphs.py", "tests/test_model_triton.py", "tests/test_attention.py"} <= set(stages[11].argv)
+    # Right after the training rows, the profile of training calls says where their time goes.
+    assert names.index("profile_train") == names.index("model_train") + 1
+    assert values(stages[names.index("profile_train")].argv, "--modes") == ["train"]
     for s in stages:
         if "benchmarks.bench_" in " ".join(s.argv) or "benchmarks.profile" in s.argv or "benchmarks.warm" in s.argv:
             assert s.argv[s.argv.index("--jsonl") + 1] == str(tmp_path / "rows.jsonl")
@@ -356,8 +359,8 @@ def test_report_joins_the_calls_of_a_session_with_device_columns_and_the_profile
     assert "| call2 | headline | ViT-B-16 | 32 | fp16 | - | 10 | merge_fwd | - | triton:merge:8x256x4-s3 | - | - " \
            "| x: 40x its tolerance |" in text
     assert "### Where the forward's time goes" in text
-    assert "| call2 | ViT-B-32 | 1 | fp16 | tempme-triton | 18.2 | 0.49 | 17.7 | 63 | 0.4 | 0.09 |" in text
-    assert "| call2 | ViT-B-32 | 1 | fp16 | tempme-triton | sm90_xmma_gemm | GEMM | 48 | 400 |" in text
+    assert "| call2 | ViT-B-32 | 1 | fp16 | tempme-triton | - | 18.2 | 0.49 | 17.7 | 63 | 0.4 | 0.09 |" in text
+    assert "| call2 | ViT-B-32 | 1 | fp16 | tempme-triton | - | sm90_xmma_gemm | GEMM | 48 | 400 |" in text
     # A test that failed in the first call and passed in the second counts once, as passed.
     assert "| tests/a.py | 1 |" in text and "| tests/b.py | 1 |" in text and "t1: failed" not in text
     assert report.main([str(tmp_path / "call1"), "--tags", "compiled"]) == 0

@@ -1,7 +1,7 @@
 """``ops.merge_norm``: the merge and the LayerNorm of its output (the block's ``ln_2``) in one op.
 
 The Triton forward writes the LayerNorm from the merge kernel's output stage; its backward
-composes the LayerNorm gradient (torch) with the merge's backward kernel. Checked against the
+composes the LayerNorm gradient (aten's) with the merge's backward kernel. Checked against the
 reference twin (``reference.merge_norm``) and, for the merged tokens, against float64.
 """
 import pytest
@@ -95,6 +95,54 @@ def test_merge_norm_gradients_match_reference(dtype, with_residual, device):
     for name, got, want in zip(names, grads["triton"], grads["torch"]):
         assert got.dtype == dtype and not got.isnan().any(), name
         torch.testing.assert_close(got, want, atol=atol * want.abs().max().item(), rtol=rtol, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("used", ["merged", "norm"])
+def test_merge_norm_gradient_through_one_output(used, device):
+    """An output the loss does not use gets no gradient (None, not zeros made for it): the other
+    output's gradients are still the reference's."""
+    b, n, c, d, r = 2, 50, 1, 64, 20
+    x, residual, size, plan, weight, bias = _residual_case(12, b, n, c, d, r, torch.float32, device)
+    grads = {}
+    for backend, dev in (("triton", device), ("torch", "cpu")):
+        leaves = [t.detach().to(dev).requires_grad_() for t in (x, weight, bias, residual)]
+        plan_dev = ref.MergePlan(*(t.to(dev) for t in plan[:3]), n, c)
+        out, _, ln = ops.merge_norm(leaves[0], size.to(dev), plan_dev, leaves[1], leaves[2], 1e-5, backend=backend,
+                                    residual=leaves[3])
+        (out if used == "merged" else ln).square().sum().backward()
+        grads[backend] = [None if t.grad is None else t.grad.cpu() for t in leaves]
+    for name, got, want in zip(("x", "weight", "bias", "residual"), grads["triton"], grads["torch"]):
+        if used == "merged" and name in ("weight", "bias"):
+            assert got is None, name  # the LayerNorm is not in the loss: no gradient at all
+            continue
+        torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype, weight_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                                 (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float16, torch.float32)],
+                         ids=["fp32", "fp64", "fp16", "bf16", "fp16-fp32-weight"])
+def test_layer_norm_backward_is_autograds_of_the_reference(dtype, weight_dtype, device):
+    """The backward of every Triton LayerNorm (merge_norm, join_merge_norm, add_norm) against autograd
+    through ``reference.layer_norm``: bit for bit where both run aten's kernels on the same float32
+    (or float64) tensors (the CPU; a weight wider than x), else within the gradient tolerance (CUDA
+    takes 16-bit tensors as they are)."""
+    g = torch.Generator().manual_seed(3)
+    x = (2 + 3 * torch.randn(3, 9, 48, generator=g)).to(dtype).to(device)
+    weight, bias = _norm_params(48, weight_dtype, device, g)
+    upstream = torch.randn(3, 9, 48, generator=g).to(dtype).to(device)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    ref.layer_norm(*leaves, 1e-5).backward(upstream)
+    got = triton_ops.layer_norm_backward(upstream, x, weight, 1e-5)
+    assert [t.dtype for t in got[1:]] == [weight_dtype] * 2
+    same_kernels = device == "cpu" or dtype in (torch.float32, torch.float64) or weight_dtype != dtype
+    for name, have, want in zip(("x", "weight", "bias"), got, (t.grad for t in leaves)):
+        have = have.to(want.dtype)
+        if same_kernels:
+            assert torch.equal(have, want), f"grad {name}"
+        else:
+            atol, rtol = GRAD_TOL[dtype]
+            torch.testing.assert_close(have, want, atol=atol * want.abs().max().item(), rtol=rtol, msg=f"grad {name}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())

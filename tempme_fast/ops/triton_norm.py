@@ -88,6 +88,7 @@ class AddNormFunction(torch.autograd.Function):
         out, ln = _add_norm_fwd(x, residual, weight, bias, eps)
         ctx.save_for_backward(out, weight)
         ctx.eps = eps
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros, no add
         return out, ln
 
     @staticmethod

@@ -632,10 +632,13 @@ class MergeFunction(torch.autograd.Function):
         ctx.protected, ctx.group, ctx.tokens_in = protected, group, x.shape[1]
         ctx.pos_shape = None if frame_pos is None else (frame_pos.shape, frame_pos.dtype)
         ctx.mark_non_differentiable(size_out)
+        ctx.set_materialize_grads(False)  # no zeros made for the sizes' (or an unused output's) gradient
         return out, size_out
 
     @staticmethod
     def backward(ctx, grad_out, grad_size_out):
+        if grad_out is None:
+            return (None,) * 10
         size, size_out, b_size, merged, dst, kept = ctx.saved_tensors
         pos_grad = ctx.pos_shape is not None and ctx.needs_input_grad[7]
         b_size = merged_b_sizes(size_out, b_size, _b_tokens(ctx))
@@ -647,22 +650,31 @@ class MergeFunction(torch.autograd.Function):
 
 def layer_norm_backward(grad_ln: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``reference.layer_norm(x, weight, bias, eps)`` from ``grad_ln``, in torch.
+    """Gradients of ``reference.layer_norm(x, weight, bias, eps)`` from ``grad_ln``: aten's LayerNorm
+    backward, as autograd runs it for the reference, in two kernels where a composition of
+    elementwise ops would make about twenty passes over ``x``'s size.
 
     ``x`` is the saved LayerNorm input ``[B', N, D]``: its statistics are recomputed (a read of ``x``
     in the backward, instead of a saved ``[B', N, 2]`` that the forward kernel would have to write).
-    Returns ``(grad_x, grad_weight, grad_bias)``: grad_x in the accumulation dtype, the others in
-    weight's dtype.
+    On CUDA, aten's LayerNorm takes 16-bit tensors as they are and keeps its statistics and sums in
+    float32; elsewhere its 16-bit statistics would be rounded, so 16-bit tensors (or a weight of
+    another dtype) are cast to the accumulation dtype first. Returns ``(grad_x, grad_weight,
+    grad_bias)``: grad_x in x's dtype on the first path and in the accumulation dtype on the
+    second (callers cast), the others in weight's dtype.
     """
     work = accumulation_dtype(x.dtype)
-    xw, g = x.to(work), grad_ln.to(work)
-    mean = xw.mean(dim=-1, keepdim=True)
-    rstd = torch.rsqrt(xw.var(dim=-1, unbiased=False, keepdim=True) + eps)
-    xhat = (xw - mean) * rstd
-    gxhat = g * weight.to(work)
-    grad_x = rstd * (gxhat - gxhat.mean(dim=-1, keepdim=True) - xhat * (gxhat * xhat).mean(dim=-1, keepdim=True))
-    dims = tuple(range(x.dim() - 1))
-    return grad_x, (g * xhat).sum(dim=dims).to(weight.dtype), g.sum(dim=dims).to(weight.dtype)
+    if not (x.dtype == grad_ln.dtype == weight.dtype and (x.dtype == work or x.is_cuda)):
+        x, grad_ln, w = (t if t.dtype == work else t.to(work) for t in (x, grad_ln, weight))
+    else:
+        w = weight
+    width = [x.shape[-1]]
+    _, mean, rstd = torch.ops.aten.native_layer_norm(x, width, None, None, eps)
+    # The bias argument only gives grad_bias its shape and dtype, which w has.
+    grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(grad_ln, x, width, mean, rstd, w, w,
+                                                                       [True, True, True])
+    if grad_w.dtype != weight.dtype:
+        grad_w, grad_b = grad_w.to(weight.dtype), grad_b.to(weight.dtype)
+    return grad_x, grad_w, grad_b
 
 
 class MergeNormFunction(torch.autograd.Function):
@@ -684,10 +696,13 @@ class MergeNormFunction(torch.autograd.Function):
         ctx.protected, ctx.group, ctx.tokens_in, ctx.eps = protected, group, x.shape[1], eps
         ctx.pos_shape = None if frame_pos is None else (frame_pos.shape, frame_pos.dtype)
         ctx.mark_non_differentiable(size_out)
+        ctx.set_materialize_grads(False)  # no zeros made for the sizes' (or an unused output's) gradient
         return out, size_out, ln
 
     @staticmethod
     def backward(ctx, grad_out, grad_size_out, grad_ln):
+        if grad_out is None and grad_ln is None:
+            return (None,) * 14
         size, size_out, b_size, merged, dst, kept, out, weight = ctx.saved_tensors
         b_size = merged_b_sizes(size_out, b_size, _b_tokens(ctx))
         grad_w = grad_b = None
