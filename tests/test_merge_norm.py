@@ -97,22 +97,23 @@ def test_merge_norm_gradients_match_reference(dtype, with_residual, device):
         torch.testing.assert_close(got, want, atol=atol * want.abs().max().item(), rtol=rtol, msg=f"grad {name}")
 
 
-@pytest.mark.parametrize("used", ["merged", "norm"])
+@pytest.mark.parametrize("used", ["merged", "norm", "norm-frozen"])
 def test_merge_norm_gradient_through_one_output(used, device):
     """An output the loss does not use gets no gradient (None, not zeros made for it): the other
-    output's gradients are still the reference's."""
+    output's gradients are still the reference's; a frozen LayerNorm gets none either."""
     b, n, c, d, r = 2, 50, 1, 64, 20
     x, residual, size, plan, weight, bias = _residual_case(12, b, n, c, d, r, torch.float32, device)
     grads = {}
     for backend, dev in (("triton", device), ("torch", "cpu")):
-        leaves = [t.detach().to(dev).requires_grad_() for t in (x, weight, bias, residual)]
+        leaves = [t.detach().to(dev).requires_grad_(used != "norm-frozen" or i in (0, 3))
+                  for i, t in enumerate((x, weight, bias, residual))]
         plan_dev = ref.MergePlan(*(t.to(dev) for t in plan[:3]), n, c)
         out, _, ln = ops.merge_norm(leaves[0], size.to(dev), plan_dev, leaves[1], leaves[2], 1e-5, backend=backend,
                                     residual=leaves[3])
         (out if used == "merged" else ln).square().sum().backward()
         grads[backend] = [None if t.grad is None else t.grad.cpu() for t in leaves]
     for name, got, want in zip(("x", "weight", "bias", "residual"), grads["triton"], grads["torch"]):
-        if used == "merged" and name in ("weight", "bias"):
+        if used != "norm" and name in ("weight", "bias"):
             assert got is None, name  # the LayerNorm is not in the loss: no gradient at all
             continue
         torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4, msg=f"grad {name}")
@@ -143,6 +144,9 @@ def test_layer_norm_backward_is_autograds_of_the_reference(dtype, weight_dtype, 
         else:
             atol, rtol = GRAD_TOL[dtype]
             torch.testing.assert_close(have, want, atol=atol * want.abs().max().item(), rtol=rtol, msg=f"grad {name}")
+    # Frozen weight and bias (LoRA): no column sums, the same input gradient.
+    frozen = triton_ops.layer_norm_backward(upstream, x, weight, 1e-5, (False, False))
+    assert frozen[1] is None and frozen[2] is None and torch.equal(frozen[0], got[0])
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())

@@ -96,7 +96,8 @@ class AddNormFunction(torch.autograd.Function):
         out, weight = ctx.saved_tensors
         grad, grad_w, grad_b = grad_out, None, None
         if grad_ln is not None:
-            grad_norm_in, grad_w, grad_b = triton_ops.layer_norm_backward(grad_ln, out, weight, ctx.eps)
+            grad_norm_in, grad_w, grad_b = triton_ops.layer_norm_backward(grad_ln, out, weight, ctx.eps,
+                                                                          ctx.needs_input_grad[2:4])
             grad = grad_norm_in if grad is None else grad + grad_norm_in
         grad = None if grad is None else grad.to(out.dtype)
         return grad, grad, grad_w, grad_b, None

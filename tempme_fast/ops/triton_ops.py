@@ -40,7 +40,7 @@ from tempme_kernels.best_match import _best_match_fwd_kernel
 from tempme_kernels.match import _match_plan_kernel
 from tempme_kernels.merge import _merge_bwd_kernel, _merge_fwd_kernel, _merge_index_kernel
 
-from .eager import custom_op_or, detached, needs_grad
+from .eager import cast, custom_op_or, detached, needs_grad
 from .launch import launch
 from .reference import MergePlan, accumulation_dtype, split_sizes, split_starts
 
@@ -648,8 +648,9 @@ class MergeFunction(torch.autograd.Function):
                 None, None)
 
 
-def layer_norm_backward(grad_ln: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
-                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def layer_norm_backward(grad_ln: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                        weight_grads: Tuple[bool, bool] = (True, True)
+                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients of ``reference.layer_norm(x, weight, bias, eps)`` from ``grad_ln``: aten's LayerNorm
     backward, as autograd runs it for the reference, in two kernels where a composition of
     elementwise ops would make about twenty passes over ``x``'s size.
@@ -660,21 +661,20 @@ def layer_norm_backward(grad_ln: torch.Tensor, x: torch.Tensor, weight: torch.Te
     float32; elsewhere its 16-bit statistics would be rounded, so 16-bit tensors (or a weight of
     another dtype) are cast to the accumulation dtype first. Returns ``(grad_x, grad_weight,
     grad_bias)``: grad_x in x's dtype on the first path and in the accumulation dtype on the
-    second (callers cast), the others in weight's dtype.
+    second (callers cast), the others in weight's dtype, or None where ``weight_grads`` (weight,
+    bias) says they are not needed (frozen LayerNorms, as in LoRA: no column sums over the tokens).
     """
     work = accumulation_dtype(x.dtype)
     if not (x.dtype == grad_ln.dtype == weight.dtype and (x.dtype == work or x.is_cuda)):
-        x, grad_ln, w = (t if t.dtype == work else t.to(work) for t in (x, grad_ln, weight))
+        x, grad_ln, w = (cast(t, work) for t in (x, grad_ln, weight))
     else:
         w = weight
     width = [x.shape[-1]]
     _, mean, rstd = torch.ops.aten.native_layer_norm(x, width, None, None, eps)
     # The bias argument only gives grad_bias its shape and dtype, which w has.
     grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(grad_ln, x, width, mean, rstd, w, w,
-                                                                       [True, True, True])
-    if grad_w.dtype != weight.dtype:
-        grad_w, grad_b = grad_w.to(weight.dtype), grad_b.to(weight.dtype)
-    return grad_x, grad_w, grad_b
+                                                                       [True, *weight_grads])
+    return grad_x, *(None if g is None else cast(g, weight.dtype) for g in (grad_w, grad_b))
 
 
 class MergeNormFunction(torch.autograd.Function):
@@ -707,7 +707,8 @@ class MergeNormFunction(torch.autograd.Function):
         b_size = merged_b_sizes(size_out, b_size, _b_tokens(ctx))
         grad_w = grad_b = None
         if grad_ln is not None:
-            grad_norm_in, grad_w, grad_b = layer_norm_backward(grad_ln, out, weight, ctx.eps)
+            grad_norm_in, grad_w, grad_b = layer_norm_backward(grad_ln, out, weight, ctx.eps,
+                                                               ctx.needs_input_grad[8:10])
             grad_out = grad_norm_in if grad_out is None else grad_out + grad_norm_in
         pos_grad = ctx.pos_shape is not None and ctx.needs_input_grad[7]
         grad_x, pos_part = _merge_bwd(grad_out.to(out.dtype), size, b_size, merged, dst, kept, ctx.protected,
