@@ -171,10 +171,11 @@ def layer_device_ms(model: torch.nn.Module, video: torch.Tensor, rep_ms: float =
     return columns
 
 
-def train_once(model, video: torch.Tensor) -> None:
-    """One training row's call: forward, a loss of every embedding, backward (gradients set afresh)."""
+def train_once(model, video: torch.Tensor, encode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+    """One training row's call: forward (``encode``, default ``model.encode_video``), a loss of every
+    embedding, backward (gradients set afresh)."""
     model.zero_grad(set_to_none=True)
-    model.encode_video(video).float().square().sum().backward()
+    (encode or model.encode_video)(video).float().square().sum().backward()
 
 
 def reference_result(model, config: TempMeConfig, variant: str, mode: str, video: torch.Tensor):

@@ -41,6 +41,7 @@ from torch.utils._pytree import tree_leaves
 from tempme_fast import TempMeConfig, apply_tempme, token_schedule
 from tempme_fast.loading import DTYPES
 
+from .bench_model import train_once
 from .common import VIT_GEOMETRY
 
 MODELS = ("ViT-B-32", "ViT-B-16")
@@ -419,11 +420,9 @@ def _train_step(name: str, variant: str, dtype: torch.dtype, videos: int) -> Cal
     frames = TempMeConfig().frames
     video = torch.randn(videos, frames, 3, *model.visual.image_size).to(dtype)
 
-    def step():
-        model.zero_grad(set_to_none=True)
-        out = model.encode_video(video) if variant == "tempme" else model.encode_image(video.flatten(0, 1))
-        out.float().square().sum().backward()
-    return step
+    def images(v: torch.Tensor) -> torch.Tensor:
+        return model.encode_image(v.flatten(0, 1))
+    return lambda: train_once(model, video, None if variant == "tempme" else images)
 
 
 def train_counts(name: str, variant: str = "tempme", videos: int = 1, dtype: torch.dtype = torch.float16,

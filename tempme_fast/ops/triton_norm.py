@@ -20,7 +20,7 @@ import triton.language as tl
 from tempme_kernels.norm import _add_norm_fwd_kernel
 
 from . import triton_ops
-from .eager import custom_op_or, needs_grad
+from .eager import cast, custom_op_or, needs_grad
 from .launch import launch
 
 __all__ = ["AddNormFunction", "add_norm", "add_norm_forward"]
@@ -99,7 +99,7 @@ class AddNormFunction(torch.autograd.Function):
             grad_norm_in, grad_w, grad_b = triton_ops.layer_norm_backward(grad_ln, out, weight, ctx.eps,
                                                                           ctx.needs_input_grad[2:4])
             grad = grad_norm_in if grad is None else grad + grad_norm_in
-        grad = None if grad is None else grad.to(out.dtype)
+        grad = None if grad is None else cast(grad, out.dtype)
         return grad, grad, grad_w, grad_b, None
 
 

@@ -666,9 +666,8 @@ def layer_norm_backward(grad_ln: torch.Tensor, x: torch.Tensor, weight: torch.Te
     """
     work = accumulation_dtype(x.dtype)
     if not (x.dtype == grad_ln.dtype == weight.dtype and (x.dtype == work or x.is_cuda)):
-        x, grad_ln, w = (cast(t, work) for t in (x, grad_ln, weight))
-    else:
-        w = weight
+        x, grad_ln = cast(x, work), cast(grad_ln, work)
+    w = cast(weight, x.dtype)
     width = [x.shape[-1]]
     _, mean, rstd = torch.ops.aten.native_layer_norm(x, width, None, None, eps)
     # The bias argument only gives grad_bias its shape and dtype, which w has.
@@ -711,7 +710,7 @@ class MergeNormFunction(torch.autograd.Function):
                                                                ctx.needs_input_grad[8:10])
             grad_out = grad_norm_in if grad_out is None else grad_out + grad_norm_in
         pos_grad = ctx.pos_shape is not None and ctx.needs_input_grad[7]
-        grad_x, pos_part = _merge_bwd(grad_out.to(out.dtype), size, b_size, merged, dst, kept, ctx.protected,
+        grad_x, pos_part = _merge_bwd(cast(grad_out, out.dtype), size, b_size, merged, dst, kept, ctx.protected,
                                       ctx.tokens_in, ctx.group, pos_grad)
         grad_pos = _pos_grad(pos_part, ctx.pos_shape if pos_grad else None)
         grad_res = grad_x if ctx.needs_input_grad[11] else None  # x + residual was merged: the same gradient
