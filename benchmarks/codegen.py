@@ -152,11 +152,12 @@ def step_inputs(step: Step, dtype: torch.dtype, device: str = "meta"):
     return metric, x, size, None
 
 
-def forward_step(step: Step, inputs):
+def forward_step(step: Step, inputs, stats: bool = False):
     """The forward launcher calls of one merge step as the model makes them: the match, then the
     merge, which also writes the LayerNorm that follows it (``ln_2`` after a merge after attention,
-    ``ln_1`` after a cross-clip merge); a merge after attention also adds the attention's residual
-    as it reads ``x``. Returns ``(out, b_size, plan)``."""
+    ``ln_1`` after a cross-clip merge) and, in training (``stats``), that LayerNorm's statistics; a
+    merge after attention also adds the attention's residual as it reads ``x``. Returns
+    ``(out, b_size, plan)``."""
     from tempme_fast.ops import triton_ops
 
     metric, x, size, frame_pos = inputs
@@ -164,16 +165,17 @@ def forward_step(step: Step, inputs):
     norm = (torch.empty(step.width, dtype=x.dtype, device=x.device),) * 2 + (1e-5,)
     residual = torch.empty_like(x) if step.group == 1 else None
     out, size_out, b_size = triton_ops.merge_forward(x, size, merged, dst, kept, step.protected, step.group,
-                                                     frame_pos, src, offsets, norm, residual)[:3]
+                                                     frame_pos, src, offsets, norm, residual, stats)[:3]
     return out, triton_ops.merged_b_sizes(size_out, b_size, offsets.shape[1] - 1), (merged, dst, kept)
 
 
 def run_step(step: Step, dtype: torch.dtype, device: str = "meta", backward: bool = True):
-    """The launcher calls of one merge step (match, merge and, optionally, the merge's backward)."""
+    """The launcher calls of one merge step (match, merge and, optionally, the merge's backward, after
+    the training forward's merge, which also writes the LayerNorm's statistics)."""
     from tempme_fast.ops import triton_ops
 
     inputs = step_inputs(step, dtype, device)
-    out, b_size, (merged, dst, kept) = forward_step(step, inputs)
+    out, b_size, (merged, dst, kept) = forward_step(step, inputs, stats=backward)
     _, _, size, frame_pos = inputs
     if backward:
         triton_ops.merge_backward(torch.empty_like(out), size, b_size, merged, dst, kept, step.protected,
@@ -261,20 +263,22 @@ def norm_steps(model: str, batch: int, config: TempMeConfig = TempMeConfig()) ->
                     NormStep(model, batch, last.layer, "mlp+ln_post", batch * last.clips_out, c, width)]
 
 
-def run_norm(step: NormStep, dtype: torch.dtype, device: str = "meta") -> None:
-    """The launcher call of one fused residual add and LayerNorm, on the layouts the encoder passes."""
+def run_norm(step: NormStep, dtype: torch.dtype, device: str = "meta", stats: bool = False) -> None:
+    """The launcher call of one fused residual add and LayerNorm, on the layouts the encoder passes;
+    in training (``stats``) it also writes the LayerNorm's statistics."""
     from tempme_fast.ops import triton_norm
 
     x = torch.empty(step.rows, step.view_of or step.tokens, step.width, dtype=dtype, device=device)[:, :step.tokens]
     residual = torch.empty(step.rows, step.tokens, step.width, dtype=dtype, device=device)
     weight = torch.empty(step.width, dtype=dtype, device=device)
-    triton_norm.add_norm_forward(x, residual, weight, weight, 1e-5)
+    triton_norm.add_norm_forward(x, residual, weight, weight, 1e-5, stats)
 
 
 def norm_launches(step: NormStep, dname: str) -> List["Launch"]:
     rec = Recorder("triton_norm")
     with rec.active():
         run_norm(step, DTYPES[dname])
+        run_norm(step, DTYPES[dname], stats=True)
     return rec.launches
 
 
@@ -398,7 +402,8 @@ def collect(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[str]
                                   "fwd_launches": len(fwd.launches),
                                   "bwd_launches": len(rec.launches) - len(fwd.launches),
                                   "allocations": fwd.allocations})
-                    add(rec.launches, batch, dname, f"{short} L{step.layer} {step.stage}")
+                    # Inference and training forward differ in the merge's LayerNorm statistics.
+                    add(fwd.launches + rec.launches, batch, dname, f"{short} L{step.layer} {step.stage}")
                 for att in attention_steps(model, batch) if "attention" in kernels else ():
                     kind = "class attn" if att[0].queries else "attn"
                     add(attention_launches(att, dname), batch, dname, f"{short} L{att[0].layer} {kind}")
@@ -426,9 +431,9 @@ def bound_args(launch: Launch) -> dict:
 def describe(launch: Launch) -> str:
     """The constexprs and specialised sizes that tell variants apart."""
     bound = bound_args(launch)
-    keys = [k for k in ("C", "D", "GROUP", "HAS_RES", "HAS_POS", "NORM", "POS_GRAD", "PLAN", "DOT_MODE", "HEAD_DIM",
-                        "HAS_BIAS", "LOG_BIAS", "STORE_LSE", "BIAS_GRAD", "DKDV", "BLOCK_A", "BLOCK_B", "BLOCK_C",
-                        "BLOCK_M", "BLOCK_N", "BLOCK_T", "BLOCK_D", "num_warps") if k in bound]
+    keys = [k for k in ("C", "D", "GROUP", "HAS_RES", "HAS_POS", "NORM", "STATS", "POS_GRAD", "PLAN", "DOT_MODE",
+                        "HEAD_DIM", "HAS_BIAS", "LOG_BIAS", "STORE_LSE", "BIAS_GRAD", "DKDV", "BLOCK_A", "BLOCK_B",
+                        "BLOCK_C", "BLOCK_M", "BLOCK_N", "BLOCK_T", "BLOCK_D", "num_warps") if k in bound]
     return " ".join(f"{k}={int(bound[k]) if isinstance(bound[k], bool) else bound[k]}" for k in keys)
 
 

@@ -125,7 +125,8 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         # Every Triton variant the benchmarks below launch, compiled on all cores into Triton's cache first
         # (the stages' expected seconds still include their own compiles: measured before this stage).
         # 33 s for 190 variants on the H200's 16 cores; the norm, plan and pipelined-gather candidates add
-        # 74 more (109 -> 183 tile-sweep variants).
+        # 74 more (109 -> 183 tile-sweep variants), the training forwards' LayerNorm statistics 33 (361 -> 394
+        # in all, sm_90).
         *([Stage("warm", [python, "-m", "benchmarks.warm", "--models", "ViT-B-32", "ViT-B-16",
                           "--batches", "1", "16", "32", "4", "64", "8", "128", "--dtypes", "fp16", "bf16", "fp32",
                           "--jsonl", rows, "--tag", "warm"], 90, expect=45)] if gpu else []),

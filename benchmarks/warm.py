@@ -13,8 +13,9 @@ match the real launches). On a CUDA machine each worker also builds the variant'
 Recorded:
 
 - ``model``: every merge step of the schedules (the match, then the merge with the LayerNorm
-  after it, forward and backward), every layer's attention (inference, training forward and
-  backward) and every residual add fused with the LayerNorm after it, as the encoder runs them;
+  after it, inference and training forward, backward), every layer's attention (inference,
+  training forward and backward) and every residual add fused with the LayerNorm after it
+  (inference and training), as the encoder runs them;
 - ``ops``: what ``benchmarks.bench_ops`` calls on top of that (best match alone, the merge without
   a LayerNorm and its backward, at its shapes);
 - ``attention``: ``benchmarks.bench_attention``'s Triton calls (``[B', H, N, d]`` views, forward,
@@ -64,11 +65,13 @@ def record_launches(models: Sequence[str], batches: Sequence[int], dtypes: Seque
                 for batch in batches:
                     if "model" in sets:
                         for step in codegen.schedule_steps(model, batch):
-                            codegen.run_step(step, dtype)
+                            codegen.run_step(step, dtype, backward=False)  # inference
+                            codegen.run_step(step, dtype)  # training: forward with statistics, backward
                         for step in codegen.attention_steps(model, batch):
                             codegen.run_attention(step, dtype)
                         for step in codegen.norm_steps(model, batch):
                             codegen.run_norm(step, dtype)
+                            codegen.run_norm(step, dtype, stats=True)
                     if model not in VIT_GEOMETRY:  # the op benchmarks have the ViT-B shapes only
                         continue
                     if "ops" in sets:

@@ -14,6 +14,8 @@ Both kernels give each program one tile of tokens and one ``BLOCK_D`` slice of t
 sizes, sources) is done once per program, not once per feature chunk, and a single clip still
 spreads over many SMs. With ``NORM`` the forward also writes the LayerNorm of its output (the
 block's ``ln_2``, twin ``reference.merge_norm``); its programs then span all features of a token.
+With ``STATS`` as well, it writes that LayerNorm's mean and reciprocal standard deviation per token,
+which the backward passes to aten's LayerNorm gradient instead of recomputing them.
 
 With ``HAS_RES`` the forward merges ``x + residual`` (the block's residual add after attention),
 reading both and rounding their sum to x's dtype as the add would, so the sum is never written.
@@ -30,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .group import _group_block
-from .norm import _norm_rows
+from .norm import _norm_rows, _store_stats
 from .tokens import _joined_token, _token_rows
 
 
@@ -94,6 +96,7 @@ def _merge_fwd_kernel(
     ln_w_ptr,  # [D] LayerNorm weight (read only if NORM)
     ln_b_ptr,  # [D] LayerNorm bias (read only if NORM)
     ln_ptr,  # [B', N - r, D] contiguous out if NORM: layer_norm(out)
+    stats_ptr,  # [2, B' * (N - r)] ACC out if STATS: the LayerNorm's mean and 1 / std per token, for its backward
     EPS,
     N_OUT,
     C,
@@ -126,6 +129,7 @@ def _merge_fwd_kernel(
     BLOCK_D: tl.constexpr,
     SRC_STAGES: tl.constexpr = 1,  # > 1: the gather of the sources software-pipelined over that many stages
     SRC_BLOCK: tl.constexpr = 0,  # > 0: the tile's sources gathered SRC_BLOCK at a time and summed by a product
+    STATS: tl.constexpr = False,  # with NORM: write the LayerNorm's statistics (training)
 ):
     row = tl.program_id(2).to(tl.int64)
     ACC = b_size_ptr.dtype.element_ty
@@ -201,9 +205,11 @@ def _merge_fwd_kernel(
         # The launcher gives a NORM program whole feature rows (BLOCK_D >= D, one feature slice), so
         # the LayerNorm of the merged tokens needs no second read of them. It normalises the rounded
         # output, as a LayerNorm reading it back would.
-        ln = _norm_rows(y, mask, offs_d, mask_d, ln_w_ptr, ln_b_ptr, D, EPS, ACC)
+        ln, mean, rstd = _norm_rows(y, mask, offs_d, mask_d, ln_w_ptr, ln_b_ptr, D, EPS, ACC)
         ln_rows = ln_ptr + row * N_OUT * D + offs_t.to(tl.int64) * D
         tl.store(ln_rows[:, None] + offs_d[None, :], ln.to(ln_ptr.dtype.element_ty), mask=mask)
+        if STATS:
+            _store_stats(stats_ptr, row * N_OUT + offs_t, mean, rstd, tl.num_programs(2) * N_OUT, mask_t)
 
 
 # b_size is read one value per token, never as a vector: its alignment is not specialised either

@@ -3,8 +3,9 @@
 Twin: ``tempme_fast.ops.reference.add_norm`` (and ``reference.layer_norm``). A transformer block
 ends with ``x + mlp(ln_2(x))`` and the next block starts with ``ln_1`` of that sum: as two ops the
 sum is written, then read back by the LayerNorm. ``_add_norm_fwd_kernel`` reads ``x`` and the
-residual once and writes both the sum and its LayerNorm. ``_norm_rows`` is the LayerNorm itself,
-shared with the merge kernel's output stage (``kernels/merge.py``, ``NORM``).
+residual once and writes both the sum and its LayerNorm, and with ``STATS`` the LayerNorm's
+statistics for its backward. ``_norm_rows`` is the LayerNorm itself, shared with the merge kernel's
+output stage (``kernels/merge.py``, ``NORM``).
 """
 import triton
 import triton.language as tl
@@ -16,14 +17,23 @@ from .tokens import _token_rows
 def _norm_rows(y, mask, offs_d, mask_d, w_ptr, b_ptr, D, EPS, ACC: tl.constexpr):
     """LayerNorm of the rows of ``y [BLOCK_T, BLOCK_D]`` (every feature of each row, ``BLOCK_D >= D``),
     in ``ACC``: it normalises ``y`` as given (already rounded to the stored dtype, as a LayerNorm
-    reading it back would)."""
+    reading it back would). Returns ``(ln, mean, rstd)``, the statistics per row in ``ACC``."""
     yf = tl.where(mask, y.to(ACC), 0.0)
     mean = tl.sum(yf, axis=1) / D
     centred = tl.where(mask, yf - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + EPS)
     w = tl.load(w_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
     b = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
-    return centred * rstd[:, None] * w[None, :] + b[None, :]
+    return centred * rstd[:, None] * w[None, :] + b[None, :], mean, rstd
+
+
+@triton.jit
+def _store_stats(stats_ptr, rows_at, mean, rstd, ROWS, mask):
+    """Writes a LayerNorm's statistics for its backward: ``mean`` at ``stats_ptr[rows_at]`` and
+    ``rstd`` at ``stats_ptr[ROWS + rows_at]`` (the ``[2, ROWS]`` layout of ``native_layer_norm``'s
+    two statistics outputs, side by side)."""
+    tl.store(stats_ptr + rows_at, mean, mask=mask)
+    tl.store(stats_ptr + ROWS + rows_at, rstd, mask=mask)
 
 
 # The row count and the tokens per clip change from layer to layer; D and the strides keep their
@@ -36,6 +46,7 @@ def _add_norm_fwd_kernel(
     b_ptr,  # [D] LayerNorm bias
     sum_ptr,  # [B', N, D] contiguous out: x + residual, rounded to x's dtype
     ln_ptr,  # [B', N, D] contiguous out: layer_norm(sum)
+    stats_ptr,  # [2, B' * N] ACC out if STATS: the LayerNorm's mean and 1 / std per token, for its backward
     ROWS,  # B' * N
     N,
     D,
@@ -49,6 +60,7 @@ def _add_norm_fwd_kernel(
     ACC: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    STATS: tl.constexpr = False,
 ):
     """One program per ``BLOCK_T`` tokens (of all clips, in order), each with all ``D`` features."""
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -60,5 +72,7 @@ def _add_norm_fwd_kernel(
                     stride_rd, True)
     out = (offs_t * D)[:, None] + offs_d[None, :]
     tl.store(sum_ptr + out, y, mask=mask)
-    ln = _norm_rows(y, mask, offs_d, mask_d, w_ptr, b_ptr, D, EPS, ACC)
+    ln, mean, rstd = _norm_rows(y, mask, offs_d, mask_d, w_ptr, b_ptr, D, EPS, ACC)
     tl.store(ln_ptr + out, ln.to(ln_ptr.dtype.element_ty), mask=mask)
+    if STATS:
+        _store_stats(stats_ptr, offs_t, mean, rstd, ROWS, offs_t < ROWS)

@@ -18,7 +18,7 @@ from tiny import TINY_CONFIG, tiny_clip, video
 # nan_outputs and tiling are fixtures: imported, pytest finds them in this module too.
 from test_triton_ops import DTYPES, make_tokens, nan_outputs, tiling  # noqa: F401,F811
 # The LayerNorm and gradient tolerances, and the parameters, of merge_norm's tests: the same LayerNorm.
-from test_merge_norm import GRAD_TOL, NORM_TOL, _norm_params
+from test_merge_norm import GRAD_TOL, NORM_TOL, _norm_params, assert_layer_norm_stats
 
 pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("nan_outputs")]
 
@@ -84,6 +84,19 @@ def test_add_norm_tiles_fit_the_gpu_tile():
         assert tiles["fp32"]["num_warps"] == 8
     for t in tiles.values():
         assert t["BLOCK_D"] >= 768
+
+
+@pytest.mark.parametrize("dtype", {**DTYPES, "fp64": torch.float64}.values(), ids=[*DTYPES, "fp64"])
+def test_add_norm_writes_the_layer_norm_statistics(dtype, device):
+    """With ``stats`` (a training forward) the launch also writes the LayerNorm's statistics of the
+    sum, which the backward uses instead of recomputing them; without, it returns the two outputs."""
+    g = torch.Generator().manual_seed(17)
+    x, residual = (make_tokens(3, 9, 80, dtype, layout, device, g) for layout in ("contiguous", "transposed"))
+    weight, bias = _norm_params(80, dtype, device, g)
+    out, ln, stats = triton_norm.add_norm_forward(x, residual, weight, bias, 1e-5, True)
+    assert_layer_norm_stats(stats, out, 1e-5, "add_norm")
+    plain = triton_norm.add_norm_forward(x, residual, weight, bias, 1e-5)
+    assert len(plain) == 2 and torch.equal(plain[0], out) and torch.equal(plain[1], ln)
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())

@@ -61,6 +61,44 @@ def test_merge_norm_matches_reference(b, n, c, d, r, dtype, layout, device):
                                atol=atol, rtol=rtol, msg="ln")
 
 
+# (atol scaled by the statistic's magnitude, rtol) of the statistics a LayerNorm kernel writes against
+# aten's LayerNorm of the same tokens: both sum in the accumulation dtype, in different orders.
+STATS_TOL = {torch.float64: (1e-12, 1e-12)}
+
+
+def assert_layer_norm_stats(stats, normed, eps, what):
+    """``stats [2, B', N, 1]`` (means, reciprocal standard deviations) are aten's LayerNorm statistics
+    of ``normed [B', N, D]`` (the rounded tokens the kernel normalised), in the accumulation dtype."""
+    work = ref.accumulation_dtype(normed.dtype)
+    assert stats.shape == (2, *normed.shape[:2], 1) and stats.dtype == work, what
+    assert stats[0].is_contiguous() and stats[1].is_contiguous(), what
+    _, mean, rstd = torch.ops.aten.native_layer_norm(normed.cpu().to(work), [normed.shape[-1]], None, None, eps)
+    atol, rtol = STATS_TOL.get(work, (1e-6, 1e-5))
+    for name, got, want in (("mean", stats[0], mean), ("rstd", stats[1], rstd)):
+        torch.testing.assert_close(got.cpu(), want, atol=atol * want.abs().max().item(), rtol=rtol,
+                                   msg=f"{what}: {name}")
+
+
+@pytest.mark.parametrize("dtype", {**DTYPES, "fp64": torch.float64}.values(), ids=[*DTYPES, "fp64"])
+@pytest.mark.parametrize("group", [1, 3], ids=["merge", "join"])
+def test_merge_norm_writes_the_layer_norm_statistics(dtype, group, device):
+    """With ``stats`` (what a training forward asks for) the launch also writes the LayerNorm's mean
+    and reciprocal standard deviation per merged token, which its backward passes to aten's
+    LayerNorm gradient instead of recomputing them; without, it writes and returns none."""
+    b, n, c, d, r = 2, 40, 1, 96, 11
+    g = torch.Generator().manual_seed(21)
+    x = make_tokens(b * group, n, d, dtype, "contiguous", device, g)
+    size = _sizes(b * group, n, "BN1-fp32", dtype, device, g)
+    weight, bias = _norm_params(d, dtype, device, g)
+    frame_pos = (torch.randn(1, group, 1, d, generator=g) * 0.1).to(dtype).to(device) if group > 1 else None
+    merged, dst, kept, src, offsets = triton_ops.match_forward(x, r, c, group)
+    args = (x, size, merged, dst, kept, weight, bias, 1e-5, c, group, frame_pos, None, src, offsets)
+    out, size_out, _, ln, stats = triton_ops.merge_norm_forward(*args, True)
+    assert_layer_norm_stats(stats, out, 1e-5, "merge_norm")
+    plain = triton_ops.merge_norm_forward(*args)
+    assert len(plain) == 4 and torch.equal(plain[0], out) and torch.equal(plain[3], ln)
+
+
 def _residual_case(seed, b, n, c, d, r, dtype, device, residual_layout="contiguous"):
     """``(x, residual, size, plan, weight, bias)`` of a merge step after attention (a hub plan)."""
     g = torch.Generator().manual_seed(seed)

@@ -3,9 +3,10 @@
 A block ends with ``x + mlp(ln_2(x))`` and the next block begins with ``ln_1`` of that sum; the last
 block's class tokens go from ``x + attn`` to ``ln_2`` and from ``x + mlp`` to ``ln_post``. Two ops
 there write the sum and read it back; ``_add_norm_fwd_kernel`` (``tempme_kernels.norm``) reads
-``x`` and the residual once and writes the sum and its LayerNorm. The backward is torch: the
-LayerNorm's gradient from the saved sum (``triton_ops.layer_norm_backward``) plus the sum's own
-gradient, which is also the gradient of ``x`` and of the residual.
+``x`` and the residual once and writes the sum and its LayerNorm (and, when a gradient is wanted,
+the LayerNorm's statistics). The backward is torch: the LayerNorm's gradient from the saved sum and
+statistics (``triton_ops.layer_norm_backward``) plus the sum's own gradient, which is also the
+gradient of ``x`` and of the residual.
 
 As in :mod:`.triton_ops`: an eager call runs the launcher directly and uses the autograd function
 only where a gradient can flow; ``tempme::add_norm_fwd`` (with a fake implementation) is taken
@@ -43,37 +44,45 @@ def _add_norm_tiles(tokens: int, width: int, itemsize: int) -> Dict[str, int]:
     return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=8 if itemsize > 2 else 4)
 
 
-def add_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(x + residual, layer_norm(x + residual))``, one launch.
+def add_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                     stats: bool = False) -> Tuple[torch.Tensor, ...]:
+    """``(x + residual, layer_norm(x + residual))`` and, with ``stats``, the LayerNorm's statistics,
+    one launch.
 
     Args:
         x, residual: ``[B', N, D]``, one float dtype, any strides.
         weight, bias: ``[D]`` LayerNorm parameters, any float dtype; eps: its epsilon.
+        stats: also write the LayerNorm's statistics, for its backward.
     Returns:
         Both ``[B', N, D]`` contiguous in x's dtype: the sum rounded as ``torch.add`` rounds it,
-        and its LayerNorm computed in float32 (float64 for float64 x) and rounded once.
+        and its LayerNorm computed in float32 (float64 for float64 x) and rounded once; with
+        ``stats`` then ``[2, B', N, 1]`` in that accumulation dtype (means, then reciprocal standard
+        deviations).
     """
     rows, tokens, width = x.shape
     out = _new_output((rows, tokens, width), x.dtype, x.device)
     ln = _new_output((rows, tokens, width), x.dtype, x.device)
+    stats_buf = triton_ops._layer_norm_stats(rows, tokens, x) if stats else ln  # not written without stats
     tiles = _add_norm_tiles(rows * tokens, width, x.dtype.itemsize)
     launch(_add_norm_fwd_kernel, (triton_ops._cdiv(rows * tokens, tiles["BLOCK_T"]),),
-           x, residual, weight.contiguous(), bias.contiguous(), out, ln, rows * tokens, tokens, width,
-           x.stride(0), x.stride(1), x.stride(2), residual.stride(0), residual.stride(1), residual.stride(2),
-           float(eps), ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, **tiles)
-    return out, ln
+           x, residual, weight.contiguous(), bias.contiguous(), out, ln, stats_buf, rows * tokens,
+           tokens, width, x.stride(0), x.stride(1), x.stride(2), residual.stride(0), residual.stride(1),
+           residual.stride(2), float(eps), ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, **tiles,
+           **({"STATS": True} if stats else {}))
+    return (out, ln, stats_buf) if stats else (out, ln)
 
 
 @torch.library.custom_op("tempme::add_norm_fwd", mutates_args=())
-def _add_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return add_norm_forward(x, residual, weight, bias, eps)
+def _add_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                     stats: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return triton_ops._stats_or_empty(add_norm_forward(x, residual, weight, bias, eps, stats), x, stats)
 
 
 @_add_norm_fwd_op.register_fake
-def _(x, residual, weight, bias, eps):
-    return x.new_empty(x.shape), x.new_empty(x.shape)
+def _(x, residual, weight, bias, eps, stats=False):
+    stats_shape = (2,) + tuple(x.shape[:2]) + (1,) if stats else (0,)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(stats_shape, dtype=acc)
 
 
 _add_norm_fwd = custom_op_or(add_norm_forward, "add_norm_fwd")
@@ -85,19 +94,19 @@ class AddNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps: float):
-        out, ln = _add_norm_fwd(x, residual, weight, bias, eps)
-        ctx.save_for_backward(out, weight)
+        out, ln, stats = _add_norm_fwd(x, residual, weight, bias, eps, True)
+        ctx.save_for_backward(out, weight, stats)
         ctx.eps = eps
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros, no add
         return out, ln
 
     @staticmethod
     def backward(ctx, grad_out, grad_ln):
-        out, weight = ctx.saved_tensors
+        out, weight, stats = ctx.saved_tensors
         grad, grad_w, grad_b = grad_out, None, None
         if grad_ln is not None:
             grad_norm_in, grad_w, grad_b = triton_ops.layer_norm_backward(grad_ln, out, weight, ctx.eps,
-                                                                          ctx.needs_input_grad[2:4])
+                                                                          ctx.needs_input_grad[2:4], stats)
             grad = grad_norm_in if grad is None else grad + grad_norm_in
         grad = None if grad is None else cast(grad, out.dtype)
         return grad, grad, grad_w, grad_b, None
@@ -108,4 +117,4 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias
     """:class:`AddNormFunction` where a gradient can flow; otherwise its forward alone, without a graph node."""
     if needs_grad(x, residual, weight, bias):
         return AddNormFunction.apply(x, residual, weight, bias, float(eps))
-    return _add_norm_fwd(x, residual, weight, bias, float(eps))
+    return _add_norm_fwd(x, residual, weight, bias, float(eps))[:2]

@@ -403,7 +403,7 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
                   kept: torch.Tensor, protected: int, group: int = 1, frame_pos: Optional[torch.Tensor] = None,
                   src: Optional[torch.Tensor] = None, offsets: Optional[torch.Tensor] = None,
                   norm: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
-                  residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+                  residual: Optional[torch.Tensor] = None, stats: bool = False) -> Tuple[torch.Tensor, ...]:
     """Size-weighted merge (of the joined clips when ``group > 1``), one launch.
 
     Args:
@@ -420,10 +420,13 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
             in the same launch (``reference.merge_norm``).
         residual: optional tensor of x's shape and dtype (any strides): the launch merges
             ``x + residual``, read from both, never written.
+        stats: with ``norm``, also write the LayerNorm's statistics, for its backward.
     Returns:
         ``x [B', N - r, D]`` (x's dtype), ``size`` (size's layout and dtype) and ``b_size [B', Nb]``
         float32 (float64 for float64 x), the merged size of every B token, for the backward; with
-        ``norm``, then ``ln [B', N - r, D]`` in x's dtype. Where ``size`` already has that dtype
+        ``norm``, then ``ln [B', N - r, D]`` in x's dtype, and with ``stats`` the statistics,
+        ``[2, B', N - r, 1]`` in the accumulation dtype (means, then reciprocal standard deviations,
+        each as ``native_layer_norm`` returns them). Where ``size`` already has that dtype
         (float32 sizes, 16-bit or float32 x: the model's case) the last Nb sizes returned are
         exactly those, and ``b_size`` is an empty ``[0]`` instead of a second buffer
         (:func:`merged_b_sizes`).
@@ -443,34 +446,50 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
               else size_out.new_empty((0,)))
     pos = x if frame_pos is None else frame_pos.reshape(frame_pos.shape[1], width).contiguous()
     if norm is None:
-        ln, ln_w, ln_b, eps = out, out, out, 0.0  # not read, not written
+        ln, ln_w, ln_b, eps, stats_buf = out, out, out, 0.0, out  # not read, not written
         tiles = _merge_fwd_tiles(rows, n_out, width, x.dtype.itemsize)
     else:
         ln_w, ln_b, eps = norm[0].contiguous(), norm[1].contiguous(), float(norm[2])
         ln = _new_output((rows, n_out, width), x.dtype, x.device)
+        stats_buf = _layer_norm_stats(rows, n_out, x) if stats else ln  # not written without stats
         tiles = _merge_norm_tiles(rows, n_out, width, x.dtype.itemsize, frame_pos is not None)
     grid = (_cdiv(width, tiles["BLOCK_D"]), _cdiv(n_out, tiles["BLOCK_T"]), rows)
     res = x if residual is None else residual  # not read without a residual
     launch(_merge_fwd_kernel, grid,
-        x, res, size, pos, kept, src, offsets, out, size_out, b_size if b_sizes else size_out, ln_w, ln_b, ln, eps,
+        x, res, size, pos, kept, src, offsets, out, size_out, b_size if b_sizes else size_out, ln_w, ln_b, ln,
+        stats_buf, eps,
         n_out, c, nk, nb, width, a_start, b_start, group, protected, x.shape[1], pos.shape[0],
         x.stride(0), x.stride(1), x.stride(2), res.stride(0), res.stride(1), res.stride(2),
         size.stride(0), size.stride(1), pos.stride(0), kept.stride(0), src.stride(0), offsets.stride(0),
         HAS_RES=residual is not None, HAS_POS=frame_pos is not None, NORM=norm is not None, B_SIZES=b_sizes, **tiles,
+        **({"STATS": True} if norm is not None and stats else {}),
     )
-    if norm is not None:
-        return out, size_out, b_size, ln
-    return out, size_out, b_size
+    if norm is None:
+        return out, size_out, b_size
+    return (out, size_out, b_size, ln, stats_buf) if stats else (out, size_out, b_size, ln)
+
+
+def _layer_norm_stats(rows: int, tokens: int, x: torch.Tensor) -> torch.Tensor:
+    """The buffer a LayerNorm launch writes its statistics to: ``[2, rows, tokens, 1]`` in the
+    accumulation dtype (``stats[0]`` the means, ``stats[1]`` the reciprocal standard deviations,
+    each laid out as ``native_layer_norm`` returns them)."""
+    return _new_output((2, rows, tokens, 1), accumulation_dtype(x.dtype), x.device)
+
+
+def _stats_or_empty(outputs: Tuple[torch.Tensor, ...], x: torch.Tensor, stats: bool) -> Tuple[torch.Tensor, ...]:
+    """A LayerNorm launcher's outputs for its custom op, whose outputs are fixed: an empty ``[0]``
+    in the statistics' place when the launcher wrote none."""
+    return outputs if stats else (*outputs, x.new_empty((0,), dtype=accumulation_dtype(x.dtype)))
 
 
 def merge_norm_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor,
                        kept: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, protected: int,
                        group: int = 1, frame_pos: Optional[torch.Tensor] = None,
                        residual: Optional[torch.Tensor] = None, src: Optional[torch.Tensor] = None,
-                       offsets: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+                       offsets: Optional[torch.Tensor] = None, stats: bool = False) -> Tuple[torch.Tensor, ...]:
     """:func:`merge_forward` with ``norm=(weight, bias, eps)``, in the argument order of ``tempme::merge_norm_fwd``."""
     return merge_forward(x, size, merged, dst, kept, protected, group, frame_pos, src, offsets,
-                         norm=(weight, bias, eps), residual=residual)
+                         norm=(weight, bias, eps), residual=residual, stats=stats)
 
 
 def merge_backward(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Tensor, merged: torch.Tensor,
@@ -552,17 +571,19 @@ def _merge_norm_fwd_op(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor
                        kept: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, protected: int,
                        group: int = 1, frame_pos: Optional[torch.Tensor] = None,
                        residual: Optional[torch.Tensor] = None, src: Optional[torch.Tensor] = None,
-                       offsets: Optional[torch.Tensor] = None
-                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return merge_norm_forward(x, size, merged, dst, kept, weight, bias, eps, protected, group, frame_pos, residual,
-                              src, offsets)
+                       offsets: Optional[torch.Tensor] = None, stats: bool = False
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _stats_or_empty(merge_norm_forward(x, size, merged, dst, kept, weight, bias, eps, protected, group,
+                                              frame_pos, residual, src, offsets, stats), x, stats)
 
 
 @_merge_norm_fwd_op.register_fake
 def _(x, size, merged, dst, kept, weight, bias, eps, protected, group=1, frame_pos=None, residual=None, src=None,
-      offsets=None):
+      offsets=None, stats=False):
     out, size_out, b_size = _merge_fwd_fake(x, size, merged, dst, kept, protected, group, frame_pos)
-    return out, size_out, b_size, torch.empty_like(out)
+    stats_shape = (2,) + tuple(out.shape[:2]) + (1,) if stats else (0,)
+    stats = out.new_empty(stats_shape, dtype=accumulation_dtype(x.dtype))
+    return out, size_out, b_size, torch.empty_like(out), stats
 
 
 @torch.library.custom_op("tempme::merge_bwd", mutates_args=())
@@ -649,27 +670,32 @@ class MergeFunction(torch.autograd.Function):
 
 
 def layer_norm_backward(grad_ln: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
-                        weight_grads: Tuple[bool, bool] = (True, True)
+                        weight_grads: Tuple[bool, bool] = (True, True), stats: Optional[torch.Tensor] = None
                         ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients of ``reference.layer_norm(x, weight, bias, eps)`` from ``grad_ln``: aten's LayerNorm
-    backward, as autograd runs it for the reference, in two kernels where a composition of
+    backward, as autograd runs it for the reference, in one kernel where a composition of
     elementwise ops would make about twenty passes over ``x``'s size.
 
-    ``x`` is the saved LayerNorm input ``[B', N, D]``: its statistics are recomputed (a read of ``x``
-    in the backward, instead of a saved ``[B', N, 2]`` that the forward kernel would have to write).
-    On CUDA, aten's LayerNorm takes 16-bit tensors as they are and keeps its statistics and sums in
-    float32; elsewhere its 16-bit statistics would be rounded, so 16-bit tensors (or a weight of
-    another dtype) are cast to the accumulation dtype first. Returns ``(grad_x, grad_weight,
-    grad_bias)``: grad_x in x's dtype on the first path and in the accumulation dtype on the
-    second (callers cast), the others in weight's dtype, or None where ``weight_grads`` (weight,
-    bias) says they are not needed (frozen LayerNorms, as in LoRA: no column sums over the tokens).
+    ``x`` is the saved LayerNorm input ``[B', N, D]``. ``stats`` are the statistics the forward
+    kernel wrote (``[2, B', N, 1]``: means, then reciprocal standard deviations, in the accumulation
+    dtype); without them they are recomputed by aten's LayerNorm (one more pass over ``x``, whose
+    normalised output is thrown away). On CUDA, aten's LayerNorm takes 16-bit tensors as they are
+    and keeps its statistics and sums in float32; elsewhere its 16-bit statistics would be rounded,
+    so 16-bit tensors (or a weight of another dtype) are cast to the accumulation dtype first.
+    Returns ``(grad_x, grad_weight, grad_bias)``: grad_x in x's dtype on the first path and in the
+    accumulation dtype on the second (callers cast), the others in weight's dtype, or None where
+    ``weight_grads`` (weight, bias) says they are not needed (frozen LayerNorms, as in LoRA: no
+    column sums over the tokens).
     """
     work = accumulation_dtype(x.dtype)
     if not (x.dtype == grad_ln.dtype == weight.dtype and (x.dtype == work or x.is_cuda)):
         x, grad_ln = cast(x, work), cast(grad_ln, work)
     w = cast(weight, x.dtype)
     width = [x.shape[-1]]
-    _, mean, rstd = torch.ops.aten.native_layer_norm(x, width, None, None, eps)
+    if stats is None:
+        _, mean, rstd = torch.ops.aten.native_layer_norm(x, width, None, None, eps)
+    else:
+        mean, rstd = stats
     # The bias argument only gives grad_bias its shape and dtype, which w has.
     grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(grad_ln, x, width, mean, rstd, w, w,
                                                                        [True, *weight_grads])
@@ -680,8 +706,8 @@ class MergeNormFunction(torch.autograd.Function):
     """Size-weighted merge (optionally of joined clips plus a position embedding, or of ``x`` plus a
     residual) and the LayerNorm of its output, forward in one launch.
 
-    The backward composes: the LayerNorm's gradient (in torch, from the saved merged tokens) is
-    added to the merged tokens' own gradient, which then goes through the merge's backward kernel.
+    The backward composes: the LayerNorm's gradient (aten's, from the saved merged tokens and the
+    statistics the forward kernel wrote) is added to the merged tokens' own gradient, which then goes through the merge's backward kernel.
     Differentiable in ``x``, ``frame_pos``, ``weight``, ``bias`` and ``residual`` (whose gradient
     is x's: they are summed before the merge).
     """
@@ -689,9 +715,9 @@ class MergeNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, size, merged, dst, kept, protected: int, group: int, frame_pos, weight, bias, eps: float,
                 residual, src, offsets):
-        out, size_out, b_size, ln = _merge_norm_fwd(x, size, merged, dst, kept, weight, bias, eps, protected, group,
-                                                    frame_pos, residual, src, offsets)
-        ctx.save_for_backward(size, size_out, b_size, merged, dst, kept, out, weight)
+        out, size_out, b_size, ln, stats = _merge_norm_fwd(x, size, merged, dst, kept, weight, bias, eps, protected,
+                                                           group, frame_pos, residual, src, offsets, True)
+        ctx.save_for_backward(size, size_out, b_size, merged, dst, kept, out, weight, stats)
         ctx.protected, ctx.group, ctx.tokens_in, ctx.eps = protected, group, x.shape[1], eps
         ctx.pos_shape = None if frame_pos is None else (frame_pos.shape, frame_pos.dtype)
         ctx.mark_non_differentiable(size_out)
@@ -702,12 +728,12 @@ class MergeNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_size_out, grad_ln):
         if grad_out is None and grad_ln is None:
             return (None,) * 14
-        size, size_out, b_size, merged, dst, kept, out, weight = ctx.saved_tensors
+        size, size_out, b_size, merged, dst, kept, out, weight, stats = ctx.saved_tensors
         b_size = merged_b_sizes(size_out, b_size, _b_tokens(ctx))
         grad_w = grad_b = None
         if grad_ln is not None:
             grad_norm_in, grad_w, grad_b = layer_norm_backward(grad_ln, out, weight, ctx.eps,
-                                                               ctx.needs_input_grad[8:10])
+                                                               ctx.needs_input_grad[8:10], stats)
             grad_out = grad_norm_in if grad_out is None else grad_out + grad_norm_in
         pos_grad = ctx.pos_shape is not None and ctx.needs_input_grad[7]
         grad_x, pos_part = _merge_bwd(cast(grad_out, out.dtype), size, b_size, merged, dst, kept, ctx.protected,
@@ -733,7 +759,7 @@ def _merge_norm_autograd(x, size, plan: MergePlan, group: int, frame_pos, weight
         return MergeNormFunction.apply(x, detached(size), plan.merged, plan.dst, plan.kept, c, group, frame_pos,
                                        weight, bias, eps, residual, plan.src, plan.offsets)
     out, size_out, _, ln = _merge_norm_fwd(x, size, plan.merged, plan.dst, plan.kept, weight, bias, eps, c, group,
-                                           frame_pos, residual, plan.src, plan.offsets)
+                                           frame_pos, residual, plan.src, plan.offsets)[:4]
     return out, size_out, ln
 
 
