@@ -75,7 +75,7 @@ def add_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
 @torch.library.custom_op("tempme::add_norm_fwd", mutates_args=())
 def _add_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                      stats: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return triton_ops._stats_or_empty(add_norm_forward(x, residual, weight, bias, eps, stats), x, stats)
+    return triton_ops._op_outputs(add_norm_forward(x, residual, weight, bias, eps, stats), x, stats)
 
 
 @_add_norm_fwd_op.register_fake

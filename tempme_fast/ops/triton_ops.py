@@ -40,7 +40,7 @@ from tempme_kernels.best_match import _best_match_fwd_kernel
 from tempme_kernels.match import _match_plan_kernel
 from tempme_kernels.merge import _merge_bwd_kernel, _merge_fwd_kernel, _merge_index_kernel
 
-from .eager import cast, custom_op_or, detached, needs_grad
+from .eager import cast, custom_op_or, detached, needs_grad, use_custom_ops
 from .launch import launch
 from .reference import MergePlan, accumulation_dtype, split_sizes, split_starts
 
@@ -391,12 +391,14 @@ def _writes_b_sizes(x: torch.Tensor, size: torch.Tensor) -> bool:
     return size.dtype != accumulation_dtype(x.dtype)
 
 
-def merged_b_sizes(size_out: torch.Tensor, b_size: torch.Tensor, nb: int) -> torch.Tensor:
+def merged_b_sizes(size_out: torch.Tensor, b_size: Optional[torch.Tensor], nb: int) -> torch.Tensor:
     """The merged size of every B token ``[B', Nb]``, as :func:`merge_backward` takes it, from
-    :func:`merge_forward`'s ``size`` and ``b_size``: ``b_size`` where the forward wrote it, else a
-    view of the last ``Nb`` merged sizes (the B tokens come last in the output, and those sizes are
-    in the accumulation dtype, so they are the same numbers)."""
-    return b_size if b_size.dim() == 2 else size_out.flatten(1)[:, size_out.shape[1] - nb:]
+    :func:`merge_forward`'s ``size`` and ``b_size``: ``b_size`` where the forward wrote it, else (None,
+    or the custom op's empty ``[0]``) a view of the last ``Nb`` merged sizes (the B tokens come last in
+    the output, and those sizes are in the accumulation dtype, so they are the same numbers)."""
+    if b_size is not None and b_size.dim() == 2:
+        return b_size
+    return size_out.flatten(1)[:, size_out.shape[1] - nb:]
 
 
 def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor,
@@ -428,8 +430,8 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
         ``[2, B', N - r, 1]`` in the accumulation dtype (means, then reciprocal standard deviations,
         each as ``native_layer_norm`` returns them). Where ``size`` already has that dtype
         (float32 sizes, 16-bit or float32 x: the model's case) the last Nb sizes returned are
-        exactly those, and ``b_size`` is an empty ``[0]`` instead of a second buffer
-        (:func:`merged_b_sizes`).
+        exactly those, and ``b_size`` is None instead of a second buffer (:func:`merged_b_sizes`;
+        the custom ops, whose outputs are tensors, return an empty ``[0]`` there).
     """
     rows, tokens, c = _joined_shape(x, protected, group)
     width = x.shape[2]
@@ -442,8 +444,7 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
     out = _new_output((rows, n_out, width), x.dtype, x.device)
     size_out = _new_output((rows, n_out) + tuple(size.shape[2:]), size.dtype, x.device)
     b_sizes = _writes_b_sizes(x, size)
-    b_size = (_new_output((rows, nb), accumulation_dtype(x.dtype), x.device) if b_sizes
-              else size_out.new_empty((0,)))
+    b_size = _new_output((rows, nb), accumulation_dtype(x.dtype), x.device) if b_sizes else None
     pos = x if frame_pos is None else frame_pos.reshape(frame_pos.shape[1], width).contiguous()
     if norm is None:
         ln, ln_w, ln_b, eps, stats_buf = out, out, out, 0.0, out  # not read, not written
@@ -476,10 +477,15 @@ def _layer_norm_stats(rows: int, tokens: int, x: torch.Tensor) -> torch.Tensor:
     return _new_output((2, rows, tokens, 1), accumulation_dtype(x.dtype), x.device)
 
 
-def _stats_or_empty(outputs: Tuple[torch.Tensor, ...], x: torch.Tensor, stats: bool) -> Tuple[torch.Tensor, ...]:
-    """A LayerNorm launcher's outputs for its custom op, whose outputs are fixed: an empty ``[0]``
-    in the statistics' place when the launcher wrote none."""
-    return outputs if stats else (*outputs, x.new_empty((0,), dtype=accumulation_dtype(x.dtype)))
+def _op_outputs(outputs: Tuple[Optional[torch.Tensor], ...], x: torch.Tensor, stats: bool = True
+                ) -> Tuple[torch.Tensor, ...]:
+    """A launcher's outputs as its custom op returns them, a fixed number of tensors: an empty ``[0]``
+    (in the accumulation dtype) for a merge's ``b_size`` that is None, and in the LayerNorm
+    statistics' place where none were asked for (``stats`` False)."""
+    def empty():  # one per output: a custom op's outputs may not alias each other
+        return x.new_empty((0,), dtype=accumulation_dtype(x.dtype))
+    outputs = tuple(empty() if t is None else t for t in outputs)
+    return outputs if stats else (*outputs, empty())
 
 
 def merge_norm_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor,
@@ -494,13 +500,13 @@ def merge_norm_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor
 
 def merge_backward(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Tensor, merged: torch.Tensor,
                    dst: torch.Tensor, kept: torch.Tensor, protected: int, tokens_in: int, group: int = 1,
-                   pos_grad: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                   pos_grad: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Gradient of :func:`merge_forward` with respect to ``x``, one launch.
 
     Returns ``grad_x [B' * group, tokens_in, D]`` in grad_out's dtype and, with ``pos_grad``,
     ``pos_part [B', tiles, group, D]`` (b_size's dtype): grad_x summed over each token tile per source
     clip, whose sum over clips of a video and tiles is the position embedding's gradient (otherwise
-    an empty tensor).
+    None; the custom op returns an empty tensor there).
     """
     rows, _, width = grad_out.shape
     tokens, c = tokens_in * group, protected * group
@@ -510,9 +516,9 @@ def merge_backward(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Ten
     grad_x = _new_output((rows * group, tokens_in, width), grad_out.dtype, grad_out.device)
     tiles = _merge_tiles(rows, tokens, width, grad_out.dtype.itemsize)
     n_tiles = _cdiv(tokens, tiles["BLOCK_T"])
-    pos_part = _new_output((rows, n_tiles, group, width) if pos_grad else (0,), b_size.dtype, grad_out.device)
+    pos_part = _new_output((rows, n_tiles, group, width), b_size.dtype, grad_out.device) if pos_grad else None
     launch(_merge_bwd_kernel, (_cdiv(width, tiles["BLOCK_D"]), n_tiles, rows),
-        grad_out, size, merged, dst, kept, b_size, grad_x, pos_part,
+        grad_out, size, merged, dst, kept, b_size, grad_x, grad_x if pos_part is None else pos_part,  # (not written)
         tokens, c, nk, nb, width, a_start, b_start, group, protected, tokens_in, n_tiles,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), size.stride(0), size.stride(1),
         b_size.stride(0), merged.stride(0), dst.stride(0), kept.stride(0), POS_GRAD=pos_grad, **tiles,
@@ -554,7 +560,7 @@ def _merge_fwd_op(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
                   kept: torch.Tensor, protected: int, group: int = 1, frame_pos: Optional[torch.Tensor] = None,
                   src: Optional[torch.Tensor] = None, offsets: Optional[torch.Tensor] = None
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return merge_forward(x, size, merged, dst, kept, protected, group, frame_pos, src, offsets)
+    return _op_outputs(merge_forward(x, size, merged, dst, kept, protected, group, frame_pos, src, offsets), x)
 
 
 @_merge_fwd_op.register_fake
@@ -573,8 +579,8 @@ def _merge_norm_fwd_op(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor
                        residual: Optional[torch.Tensor] = None, src: Optional[torch.Tensor] = None,
                        offsets: Optional[torch.Tensor] = None, stats: bool = False
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _stats_or_empty(merge_norm_forward(x, size, merged, dst, kept, weight, bias, eps, protected, group,
-                                              frame_pos, residual, src, offsets, stats), x, stats)
+    return _op_outputs(merge_norm_forward(x, size, merged, dst, kept, weight, bias, eps, protected, group,
+                                          frame_pos, residual, src, offsets, stats), x, stats)
 
 
 @_merge_norm_fwd_op.register_fake
@@ -590,7 +596,8 @@ def _(x, size, merged, dst, kept, weight, bias, eps, protected, group=1, frame_p
 def _merge_bwd_op(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Tensor, merged: torch.Tensor,
                   dst: torch.Tensor, kept: torch.Tensor, protected: int, tokens_in: int, group: int = 1,
                   pos_grad: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    return merge_backward(grad_out, size, b_size, merged, dst, kept, protected, tokens_in, group, pos_grad)
+    return _op_outputs(merge_backward(grad_out, size, b_size, merged, dst, kept, protected, tokens_in, group,
+                                      pos_grad), grad_out)
 
 
 @_merge_bwd_op.register_fake
@@ -617,12 +624,14 @@ _merge_bwd = custom_op_or(merge_backward, "merge_bwd")
 
 def _match(metric: torch.Tensor, r: int, protected: int, group: int = 1) -> MergePlan:
     """The :class:`MergePlan` of the (joined) clips, with its grouping by destination."""
-    buf = _match_call(detached(metric), r, protected, group)
+    # The launcher reads a metric that requires grad as it is (its outputs are indices); the custom op,
+    # which autograd would otherwise be asked to differentiate, gets it detached.
+    buf = _match_call(detached(metric) if use_custom_ops() else metric, r, protected, group)
     merged, dst, kept, src, offsets = _split_plan(buf, metric, r, protected, group)
     return MergePlan(merged, dst, kept, metric.shape[1] * group, protected * group, src, offsets)
 
 
-def _pos_grad(pos_part: torch.Tensor, pos_shape) -> Optional[torch.Tensor]:
+def _pos_grad(pos_part: Optional[torch.Tensor], pos_shape) -> Optional[torch.Tensor]:
     """The position embedding's gradient from the merge backward's per-tile partial sums, or None
     when ``pos_shape`` (``(shape, dtype)`` of ``frame_pos``) is None."""
     if pos_shape is None:
@@ -707,9 +716,9 @@ class MergeNormFunction(torch.autograd.Function):
     residual) and the LayerNorm of its output, forward in one launch.
 
     The backward composes: the LayerNorm's gradient (aten's, from the saved merged tokens and the
-    statistics the forward kernel wrote) is added to the merged tokens' own gradient, which then goes through the merge's backward kernel.
-    Differentiable in ``x``, ``frame_pos``, ``weight``, ``bias`` and ``residual`` (whose gradient
-    is x's: they are summed before the merge).
+    statistics the forward kernel wrote) is added to the merged tokens' own gradient, which then
+    goes through the merge's backward kernel. Differentiable in ``x``, ``frame_pos``, ``weight``,
+    ``bias`` and ``residual`` (whose gradient is x's: they are summed before the merge).
     """
 
     @staticmethod
