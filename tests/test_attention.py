@@ -313,6 +313,21 @@ def test_triton_attention_compiles_without_graph_breaks(device):
     torch.testing.assert_close(fn(q, k, v, size), candidate("triton")(q, k, v, size), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("bias_grad", [False, True], ids=["no-bias-grad", "bias-grad"])
+def test_attention_custom_ops_pass_opcheck(device, bias_grad):
+    """The ops torch.compile sees: schemas, fake implementations and outputs that alias nothing. Without
+    a bias gradient the launcher writes none and returns None; the op returns an empty tensor there."""
+    q, k, v, size, grad = make_inputs(1, 2, 9, 16, torch.float32, device)
+    bias = size.log().reshape(1, 9)
+    out, lse = torch.ops.tempme.attention_fwd(q, k, v, bias)
+    torch.library.opcheck(torch.ops.tempme.attention_fwd, (q, k, v, bias))
+    torch.library.opcheck(torch.ops.tempme.attention_bwd, (grad, q, k, v, bias, out, lse, bias_grad))
+    dbias = torch.ops.tempme.attention_bwd(grad, q, k, v, bias, out, lse, bias_grad)[3]
+    assert dbias.shape == ((1, 2, 9) if bias_grad else (0,))
+    assert (triton_attention.attention_backward(grad, q, k, v, bias, out, lse, bias_grad)[3] is None) != bias_grad
+
+
 # ---------------------------------------------------------------------------------------------
 # On a GPU, at real shapes
 # ---------------------------------------------------------------------------------------------

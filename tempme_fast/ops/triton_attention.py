@@ -156,7 +156,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: O
 
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, bias_grad: bool
-                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Gradients of :func:`attention_forward`.
 
     Args:
@@ -165,7 +165,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     Returns:
         ``dq`` (``[B', H, M, d]``), ``dk, dv`` (``[B', H, N, d]``), contiguous, q's dtype, and
         ``dbias [B', H, N]`` float32, each head's share of the bias gradient (sum over dim 1 for
-        ``[B', N]``), or an empty tensor when ``bias_grad`` is False.
+        ``[B', N]``), or None when ``bias_grad`` is False (the custom op returns an empty tensor).
     """
     q, k, v, grad_out = (_unit_channel_stride(t) for t in (q, k, v, grad_out))
     rows, heads, queries, head_dim = q.shape
@@ -173,7 +173,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     dq = _new_output((rows, heads, queries, head_dim), q.dtype, q.device)
     dk, dv = (_new_output((rows, heads, keys, head_dim), q.dtype, q.device) for _ in range(2))
     delta = _new_output((rows, heads, queries), torch.float32, q.device)
-    dbias = _new_output((rows, heads, keys) if bias_grad else (0,), torch.float32, q.device)
+    dbias = _new_output((rows, heads, keys), torch.float32, q.device) if bias_grad else None
     block_d, block_m, block_n = block_config(head_dim, max(queries, keys), backward=True,
                                              fp32=q.dtype == torch.float32)
     scale = 1.0 / math.sqrt(head_dim)
@@ -214,7 +214,8 @@ def _(q, k, v, bias):
 def _attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, bias_grad: bool
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(grad_out, q, k, v, bias, out, lse, bias_grad)
+    dq, dk, dv, dbias = attention_backward(grad_out, q, k, v, bias, out, lse, bias_grad)
+    return dq, dk, dv, q.new_empty((0,), dtype=torch.float32) if dbias is None else dbias
 
 
 @_attention_bwd_op.register_fake
