@@ -15,6 +15,10 @@ program per query tile; it also writes ``delta = rowsum(dO * O)``) and then the 
 (``DKDV=True``, one program per key tile, summing over all queries itself). The bias gradient is
 the column sum of ``dS``, written per head and summed over heads by the host.
 
+The backward writes dQ, dK and dV through strides: into per-head buffers, or into the three slices
+of one packed gradient of a q | k | v projection (the encoder's training path), which then needs no
+transposing and stacking of per-head gradients.
+
 The queries (``M`` a clip) and the keys (``N``) may differ in number: a block whose later layers read
 only some tokens' outputs (the class tokens of the last block) asks for those queries alone.
 
@@ -142,9 +146,9 @@ def _attention_bwd_kernel(
     do_ptr,  # [B', H, M, HEAD_DIM] any strides, unit channel stride: gradient of the output
     lse_ptr,  # [B', H, M] float32: the forward's log-sum-exp (log2 units)
     delta_ptr,  # [B', H, M] float32: rowsum(dO * O), written by the dQ pass, read by the dK/dV pass
-    dq_ptr,  # [B', H, M, HEAD_DIM] contiguous out (dQ pass)
-    dk_ptr,  # [B', H, N, HEAD_DIM] contiguous out (dK/dV pass)
-    dv_ptr,  # [B', H, N, HEAD_DIM] contiguous out (dK/dV pass)
+    dq_ptr,  # [B', H, M, HEAD_DIM] out (dQ pass), strides stride_gq*, unit channel stride
+    dk_ptr,  # [B', H, N, HEAD_DIM] out (dK/dV pass), strides stride_gk*, unit channel stride
+    dv_ptr,  # [B', H, N, HEAD_DIM] out (dK/dV pass), dk's strides
     dbias_ptr,  # [B', H, N] float32 out: this head's share of the bias gradient (dK/dV pass, if BIAS_GRAD)
     M,  # queries
     N,  # keys
@@ -154,6 +158,8 @@ def _attention_bwd_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_bb, stride_bn,
     stride_db, stride_dh, stride_dn,
+    stride_gqb, stride_gqh, stride_gqn,  # of dq: [B', H, M, d] contiguous, or a slice of a packed gradient
+    stride_gkb, stride_gkh, stride_gkn,  # of dk and dv
     QK_SCALE,  # softmax scale times log2(e)
     SM_SCALE,  # softmax scale
     HEAD_DIM: tl.constexpr,
@@ -165,15 +171,15 @@ def _attention_bwd_kernel(
     DKDV: tl.constexpr,  # False: the dQ pass (one program per query tile); True: the dK/dV pass (per key tile)
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
-    HEAD_ALIGN: tl.constexpr,  # a power of two dividing stride_qh, stride_kh, stride_vh and stride_dh
+    HEAD_ALIGN: tl.constexpr,  # a power of two dividing the head strides: stride_qh, ..., stride_dh, stride_g*h
 ):
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    query_base = bh.to(tl.int64) * M  # row of this (clip, head) in lse, delta and dQ
-    key_base = bh.to(tl.int64) * N  # in dK, dV and the bias gradient
+    query_base = bh.to(tl.int64) * M  # row of this (clip, head) in lse and delta
+    key_base = bh.to(tl.int64) * N  # in the bias gradient
     q_base = q_ptr + b * stride_qb + tl.multiple_of(h * stride_qh, HEAD_ALIGN)
     k_base = k_ptr + b * stride_kb + tl.multiple_of(h * stride_kh, HEAD_ALIGN)
     v_base = v_ptr + b * stride_vb + tl.multiple_of(h * stride_vh, HEAD_ALIGN)
@@ -196,8 +202,9 @@ def _attention_bwd_kernel(
             dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
             ds = p * (dp - delta[:, None])
             dq += _dot(ds.to(k.dtype), k, DOT_FP32, PRECISION)
-        rows = (query_base + offs_m.to(tl.int64)) * HEAD_DIM
-        tl.store(dq_ptr + rows[:, None] + offs_d[None, :], (dq * SM_SCALE).to(dq_ptr.dtype.element_ty),
+        dq_base = dq_ptr + b * stride_gqb + tl.multiple_of(h * stride_gqh, HEAD_ALIGN)
+        dq_rows = dq_base + offs_m.to(tl.int64) * stride_gqn
+        tl.store(dq_rows[:, None] + offs_d[None, :], (dq * SM_SCALE).to(dq_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_d[None, :])
     else:
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -225,9 +232,9 @@ def _attention_bwd_kernel(
             dk += _dot(ds_t.to(q.dtype), q, DOT_FP32, PRECISION)
             if BIAS_GRAD:
                 dbias += tl.sum(ds_t, axis=1)
-        rows = (key_base + offs_n.to(tl.int64)) * HEAD_DIM
+        rows = b * stride_gkb + tl.multiple_of(h * stride_gkh, HEAD_ALIGN) + offs_n.to(tl.int64) * stride_gkn
         mask = mask_n[:, None] & mask_d[None, :]
-        tl.store(dk_ptr + rows[:, None] + offs_d[None, :], (dk * SM_SCALE).to(dk_ptr.dtype.element_ty), mask=mask)
-        tl.store(dv_ptr + rows[:, None] + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
+        tl.store((dk_ptr + rows)[:, None] + offs_d[None, :], (dk * SM_SCALE).to(dk_ptr.dtype.element_ty), mask=mask)
+        tl.store((dv_ptr + rows)[:, None] + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
         if BIAS_GRAD:
             tl.store(dbias_ptr + key_base + offs_n, dbias, mask=mask_n)

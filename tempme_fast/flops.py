@@ -36,6 +36,17 @@ def _sdpa_bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwar
     return 5 * 2 * b * h * n * m * d
 
 
+def _packed_fwd(qkv_shape, heads, *args, **kwargs) -> int:
+    # tempme::self_attention_fwd(qkv [B', N, 3 D], heads, ...): the SDPA forward of its heads.
+    b, n, width = qkv_shape
+    return 2 * 2 * b * n * n * (width // 3)
+
+
+def _packed_bwd(grad_out_shape, qkv_shape, heads, *args, **kwargs) -> int:
+    b, n, width = qkv_shape
+    return 5 * 2 * b * n * n * (width // 3)
+
+
 def _native_mha(query_shape, key_shape, value_shape, embed_dim, num_heads, *args, **kwargs) -> int:
     b, n, d = query_shape
     return 2 * b * n * d * 3 * d + 4 * b * n * n * d + 2 * b * n * d * d
@@ -50,14 +61,16 @@ for _name, _fn in (("_scaled_dot_product_flash_attention_for_cpu", _sdpa_fwd),
 
 
 def _tempme_attention_flops() -> Dict[object, Callable]:
-    """Formulas for the Triton attention ops of ``tempme_fast.ops.triton_attention``
-    (their arguments start as SDPA's: ``q, k, v`` and ``grad_out, q, k, v``)."""
+    """Formulas for the Triton attention ops of ``tempme_fast.ops.triton_attention``: those on heads
+    (their arguments start as SDPA's: ``q, k, v`` and ``grad_out, q, k, v``) and those on the packed
+    projection (``qkv, heads`` and ``grad_out, qkv, heads``)."""
     try:
         from .ops import triton_attention  # noqa: F401  registers the ops, if triton is installed
     except ImportError:
         return {}
     found = {}
-    for name, fn in (("attention_fwd", _sdpa_fwd), ("attention_bwd", _sdpa_bwd)):
+    for name, fn in (("attention_fwd", _sdpa_fwd), ("attention_bwd", _sdpa_bwd),
+                     ("self_attention_fwd", _packed_fwd), ("self_attention_bwd", _packed_bwd)):
         try:
             found[getattr(torch.ops.tempme, name)] = fn
         except (AttributeError, RuntimeError):  # not registered: triton not imported, nothing to count

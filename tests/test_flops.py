@@ -74,3 +74,17 @@ def test_triton_attention_is_counted_as_sdpa():
             ops.attention(q, k, v, size, impl=impl).sum().backward()
         counts[impl] = counter.get_total_flops()
     assert counts["sdpa"] > 0 and counts["triton"] == counts["sdpa"]
+
+
+@pytest.mark.interpreter
+def test_triton_self_attention_is_counted_as_sdpa():
+    """So do the ops on the packed projection (the encoder's training and traced path)."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 9, 3 * 32, requires_grad=True)
+    size = torch.rand(2, 9) + 1
+    counts = {}
+    for impl in ("sdpa", "triton"):
+        with flop_counter() as counter:
+            ops.self_attention(qkv, 2, size, impl=impl)[0].sum().backward()
+        counts[impl] = counter.get_total_flops()
+    assert counts["sdpa"] > 0 and counts["triton"] == counts["sdpa"]

@@ -59,14 +59,23 @@ def test_triton_token_major_equals_the_split(device, dtype, rows, tokens, heads,
     assert not out.isnan().any()
     assert torch.equal(out, want_out) and torch.equal(keys, want_keys)
 
+    assert_packed_gradients_equal_the_split(qkv, size, heads)
+
+
+def assert_packed_gradients_equal_the_split(qkv, size, heads):
+    """The packed projection's gradient (``SelfAttentionFunction``: the kernels write dq, dk and dv into
+    one ``[B', N, 3 D]`` buffer) and the sizes' equal those through the heads' views, bit for bit."""
     grads = []
     for fn in (lambda a, s: ops.self_attention(a, heads, s, impl="triton", backend="triton")[0],
                lambda a, s: by_split(a, heads, s, "triton", "triton")[0]):
         leaf, s = qkv.detach().requires_grad_(), size.detach().requires_grad_()
-        fn(leaf, s).backward(torch.ones_like(out))
+        out = fn(leaf, s)
+        grads.append(type(out.grad_fn).__name__)
+        out.backward(torch.ones_like(out))
         grads.append((leaf.grad, s.grad))
-    assert s.grad.shape == size.shape
-    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    assert grads[0] == "SelfAttentionFunctionBackward", grads[0]
+    assert grads[3][1].shape == size.shape
+    assert torch.equal(grads[1][0], grads[3][0]) and torch.equal(grads[1][1], grads[3][1])
 
 
 def test_bad_inputs_name_the_argument():
@@ -97,3 +106,37 @@ def test_triton_token_major_equals_the_split_at_vit_b16_shapes(rows, tokens):
         out, keys = ops.self_attention(qkv, 12, size, keys=True)
         want_out, want_keys = by_split(qkv, 12, size, "triton", "auto")
     assert torch.equal(out, want_out) and torch.equal(keys, want_keys)
+    assert_packed_gradients_equal_the_split(qkv, size, 12)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("bias_grad", [False, True], ids=["no-bias-grad", "bias-grad"])
+def test_packed_custom_ops_pass_opcheck(device, bias_grad):
+    """``tempme::self_attention_fwd`` / ``_bwd``, what torch.compile and dispatch modes see: schemas,
+    fake implementations, outputs that alias nothing (an empty tensor for a bias gradient not asked for)."""
+    qkv, size = inputs(2, 9, 2, 16, torch.float32, device)
+    bias = size.log()
+    out, lse = torch.ops.tempme.self_attention_fwd(qkv, 2, bias)
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.tempme.self_attention_fwd, (qkv, 2, bias))
+    torch.library.opcheck(torch.ops.tempme.self_attention_bwd, (grad_out, qkv, 2, bias, out, lse, bias_grad))
+    dqkv, dbias = torch.ops.tempme.self_attention_bwd(grad_out, qkv, 2, bias, out, lse, bias_grad)
+    assert dqkv.shape == qkv.shape and dbias.shape == ((2, 2, 9) if bias_grad else (0,))
+
+
+@pytest.mark.interpreter
+def test_packed_training_path_compiles_without_graph_breaks(device):
+    """``torch.compile(fullgraph=True)`` through ``SelfAttentionFunction`` and its custom ops: the output
+    and the projection's gradient equal the eager ones."""
+    qkv, size = inputs(2, 9, 2, 16, torch.float32, device)
+
+    def attend(a):
+        return ops.self_attention(a, 2, size, impl="triton", backend="triton")[0]
+    grads = []
+    for fn in (attend, torch.compile(attend, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")):
+        leaf = qkv.detach().requires_grad_()
+        out = fn(leaf)
+        out.square().sum().backward()
+        grads.append((out.detach(), leaf.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-6)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from .eager import needs_grad, use_custom_ops
 
 IMPLS = ("auto", "sdpa", "eager", "fold", "triton")
 # What "auto" runs with a bias on the Triton backend (provisional until the GPU suite times both).
@@ -110,7 +111,10 @@ def self_attention(qkv: torch.Tensor, heads: int, size: Optional[torch.Tensor], 
         from . import triton_attention
 
         q, k, v = qkv.view(rows, tokens, 3, heads, width // heads).unbind(2)  # [B', N, H, d] each
-        out = triton_attention.sized_attention(q, k, v, size, token_major=True)
+        if needs_grad(qkv, size) or use_custom_ops():
+            out = triton_attention.self_attention(qkv, heads, size)  # the gradient written packed
+        else:
+            out = triton_attention.sized_attention(q, k, v, size, token_major=True)
         return out, (k.mean(dim=2) if keys else None)
     q, k, v = qkv.view(rows, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [B', H, N, d]
     out = attention(q, k, v, size, impl, triton_backend)

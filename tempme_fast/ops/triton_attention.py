@@ -5,7 +5,10 @@ here are the launchers ``attention_forward`` / ``attention_backward``, the custo
 ``tempme::attention_fwd`` and ``tempme::attention_bwd`` (with fake implementations, so
 ``torch.compile(fullgraph=True)`` traces through them), ``AttentionFunction``, and
 ``attention(q, k, v, bias)``, which ``tempme_fast.ops.attention_impl`` dispatches to (inputs are
-validated at ``tempme_fast.ops.attention``).
+validated at ``tempme_fast.ops.attention``). The encoder's self-attention, where a gradient is
+wanted, takes the packed q | k | v projection whole (``self_attention``, ``SelfAttentionFunction``,
+``tempme::self_attention_fwd`` / ``_bwd``): the backward writes the projection's gradient in one
+buffer, where views of the heads would leave autograd to transpose them and stack their gradients.
 
 The output is written in ``[B', N, H, d]`` memory order and returned as a ``[B', H, N, d]`` view:
 the encoder's next step (``out.transpose(1, 2).reshape(B', N, H * d)``) is then free.
@@ -23,8 +26,9 @@ from tempme_kernels.attention import _attention_bwd_kernel, _attention_fwd_kerne
 from .eager import cast, custom_op_or, needs_grad, use_custom_ops
 from .launch import launch
 
-__all__ = ["AttentionFunction", "DTYPES", "attention", "attention_backward", "attention_forward", "block_config",
-           "gpu_warps", "sized_attention"]
+__all__ = ["AttentionFunction", "DTYPES", "SelfAttentionFunction", "attention", "attention_backward",
+           "attention_forward", "block_config", "gpu_warps", "self_attention", "self_attention_backward",
+           "self_attention_forward", "sized_attention"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
@@ -167,30 +171,70 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         ``dbias [B', H, N]`` float32, each head's share of the bias gradient (sum over dim 1 for
         ``[B', N]``), or None when ``bias_grad`` is False (the custom op returns an empty tensor).
     """
-    q, k, v, grad_out = (_unit_channel_stride(t) for t in (q, k, v, grad_out))
     rows, heads, queries, head_dim = q.shape
     keys = k.shape[2]
     dq = _new_output((rows, heads, queries, head_dim), q.dtype, q.device)
     dk, dv = (_new_output((rows, heads, keys, head_dim), q.dtype, q.device) for _ in range(2))
+    # out: the [B', M, H, d] buffer the forward wrote
+    dbias = _backward_launches(grad_out, q, k, v, bias, out.transpose(1, 2), lse, bias_grad, dq, dk, dv, False)
+    return dq, dk, dv, dbias
+
+
+def self_attention_forward(qkv: torch.Tensor, heads: int, bias: Optional[torch.Tensor]
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_forward` of the heads of a packed ``qkv [B', N, 3 D]`` projection (q | k | v,
+    each ``H`` heads of ``d``), for a backward: ``(out [B', N, D], lse [B', H, N])``."""
+    rows, tokens, width = qkv.shape
+    q, k, v = qkv.view(rows, tokens, 3, heads, width // 3 // heads).unbind(2)
+    return attention_forward(q, k, v, bias, token_major=True)
+
+
+def self_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, heads: int, bias: Optional[torch.Tensor],
+                            out: torch.Tensor, lse: torch.Tensor, bias_grad: bool
+                            ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Gradients of :func:`self_attention_forward` from ``grad_out [B', N, D]`` (any strides):
+    ``dqkv [B', N, 3 D]`` in qkv's dtype, the packed projection's gradient, which the kernels write
+    in place (no per-head gradients to transpose and stack), and ``dbias`` as :func:`attention_backward`."""
+    rows, tokens, width = qkv.shape
+    head_dim = width // 3 // heads
+    q, k, v = qkv.view(rows, tokens, 3, heads, head_dim).unbind(2)
+    dqkv = _new_output((rows, tokens, 3, heads, head_dim), qkv.dtype, qkv.device)
+    dq, dk, dv = dqkv.unbind(2)
+    do = _unit_channel_stride(grad_out).view(rows, tokens, heads, head_dim)
+    dbias = _backward_launches(do, q, k, v, bias, out, lse, bias_grad, dq, dk, dv, True)
+    return dqkv.view(rows, tokens, width), dbias
+
+
+def _backward_launches(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, bias_grad: bool,
+                       dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, token_major: bool
+                       ) -> Optional[torch.Tensor]:
+    """The backward's two launches, writing ``dq``, ``dk`` and ``dv`` (any strides, unit channel
+    stride, laid out as q, k and v: ``[B', H, N, d]``, or ``[B', N, H, d]`` with ``token_major``;
+    dk and dv with the same strides). ``out`` is the ``[B', M, H * d]`` buffer the forward wrote.
+    Returns the per-head bias gradient ``[B', H, N]`` float32, or None without ``bias_grad``."""
+    q, k, v, grad_out = (_unit_channel_stride(t) for t in (q, k, v, grad_out))
+    token_axis, head_axis = (1, 2) if token_major else (2, 1)
+    rows, heads, head_dim = q.shape[0], q.shape[head_axis], q.shape[3]
+    queries, keys = q.shape[token_axis], k.shape[token_axis]
     delta = _new_output((rows, heads, queries), torch.float32, q.device)
     dbias = _new_output((rows, heads, keys), torch.float32, q.device) if bias_grad else None
     block_d, block_m, block_n = block_config(head_dim, max(queries, keys), backward=True,
                                              fp32=q.dtype == torch.float32)
     scale = 1.0 / math.sqrt(head_dim)
     bias_t, stride_bb, stride_bn = _bias_args(bias, q)
-    out = out.transpose(1, 2)  # the [B', M, H, d] buffer the forward wrote
+    strides = [_heads_first_strides(t, token_major) for t in (q, k, v, grad_out, dq, dk)]
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,
-                  BIAS_GRAD=bias_grad, HEAD_ALIGN=_head_align(*(t.stride(1) for t in (q, k, v, grad_out))),
+                  BIAS_GRAD=bias_grad, HEAD_ALIGN=_head_align(*(s[1] for s in strides)),
                   **_constexprs(q), **_launch_options(block_d, q.dtype == torch.float32))
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], stride_bb, stride_bn, *grad_out.stride()[:3],
-               scale * LOG2E, scale)
-    args = (q, k, v, bias_t, out, grad_out, lse, delta, dq, dk, dv, dbias if bias_grad else delta, queries, keys,
-            heads, *strides)
+    args = (q, k, v, bias_t, out, grad_out, lse, delta, dq, dk, dv, delta if dbias is None else dbias, queries, keys,
+            heads, *strides[0], *strides[1], *strides[2], stride_bb, stride_bn, *strides[3], *strides[4], *strides[5],
+            scale * LOG2E, scale)
     # The dQ pass writes delta, which the dK/dV pass reads: two launches in stream order.
     launch(_attention_bwd_kernel, (triton.cdiv(queries, block_m), rows * heads), *args, DKDV=False, **common)
     common["BLOCK_M"] = min(block_m, DKDV_QUERY_BLOCK)
     launch(_attention_bwd_kernel, (triton.cdiv(keys, block_n), rows * heads), *args, DKDV=True, **common)
-    return dq, dk, dv, dbias
+    return dbias
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,8 +269,35 @@ def _(grad_out, q, k, v, bias, out, lse, bias_grad):
             q.new_empty((rows, heads, keys) if bias_grad else (0,), dtype=torch.float32))
 
 
+@torch.library.custom_op("tempme::self_attention_fwd", mutates_args=())
+def _self_attention_fwd_op(qkv: torch.Tensor, heads: int, bias: Optional[torch.Tensor]
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    return self_attention_forward(qkv, heads, bias)
+
+
+@_self_attention_fwd_op.register_fake
+def _(qkv, heads, bias):
+    rows, tokens, width = qkv.shape
+    return qkv.new_empty((rows, tokens, width // 3)), qkv.new_empty((rows, heads, tokens), dtype=torch.float32)
+
+
+@torch.library.custom_op("tempme::self_attention_bwd", mutates_args=())
+def _self_attention_bwd_op(grad_out: torch.Tensor, qkv: torch.Tensor, heads: int, bias: Optional[torch.Tensor],
+                           out: torch.Tensor, lse: torch.Tensor, bias_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    dqkv, dbias = self_attention_backward(grad_out, qkv, heads, bias, out, lse, bias_grad)
+    return dqkv, qkv.new_empty((0,), dtype=torch.float32) if dbias is None else dbias
+
+
+@_self_attention_bwd_op.register_fake
+def _(grad_out, qkv, heads, bias, out, lse, bias_grad):
+    rows, tokens, _ = qkv.shape
+    return qkv.new_empty(qkv.shape), qkv.new_empty((rows, heads, tokens) if bias_grad else (0,), dtype=torch.float32)
+
+
 _attention_fwd = custom_op_or(attention_forward, "attention_fwd")
 _attention_bwd = custom_op_or(attention_backward, "attention_bwd")
+_self_attention_fwd = custom_op_or(self_attention_forward, "self_attention_fwd")
+_self_attention_bwd = custom_op_or(self_attention_backward, "self_attention_bwd")
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -245,6 +316,42 @@ class AttentionFunction(torch.autograd.Function):
         dq, dk, dv, dbias = _attention_bwd(grad_out, q, k, v, bias, out, lse, bias_grad)
         # Summing the heads' shares here (torch's reduction) keeps the kernels free of atomics.
         return dq, dk, dv, (dbias.sum(dim=1).view(bias.shape) if bias_grad else None)
+
+
+class SelfAttentionFunction(torch.autograd.Function):
+    """Attention of the heads of a packed ``qkv [B', N, 3 D]`` projection with a per-key bias,
+    differentiable in ``qkv`` and ``bias``: its gradient is written into one ``[B', N, 3 D]`` buffer
+    by the kernels, where :class:`AttentionFunction` on views of the heads would leave autograd to
+    transpose q, k and v and stack their gradients (a copy of the whole projection's gradient)."""
+
+    @staticmethod
+    def forward(ctx, qkv, bias, heads: int):
+        out, lse = _self_attention_fwd(qkv, heads, bias)
+        ctx.save_for_backward(qkv, bias, out, lse)
+        ctx.heads = heads
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, bias, out, lse = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[1]
+        dqkv, dbias = _self_attention_bwd(grad_out, qkv, ctx.heads, bias, out, lse, bias_grad)
+        return dqkv, (dbias.sum(dim=1).view(bias.shape) if bias_grad else None), None
+
+
+def self_attention(qkv: torch.Tensor, heads: int, size: Optional[torch.Tensor]) -> torch.Tensor:
+    """Proportional attention of the ``heads`` heads of a packed ``qkv [B', N, 3 D]`` projection
+    (``bias = log(size)``, or none for ``size=None``): ``[B', N, D]``, the heads concatenated, as
+    :func:`sized_attention` of its token-major views, and differentiable in ``qkv`` (and ``size``)
+    through :class:`SelfAttentionFunction` where a gradient can flow."""
+    bias = None if size is None else cast(size, torch.float32).log()
+    if needs_grad(qkv, bias):
+        return SelfAttentionFunction.apply(qkv, bias, heads)
+    if use_custom_ops():
+        return torch.ops.tempme.self_attention_fwd(qkv, heads, bias)[0]
+    rows, tokens, width = qkv.shape
+    q, k, v = qkv.view(rows, tokens, 3, heads, width // 3 // heads).unbind(2)
+    return sized_attention(q, k, v, size, token_major=True)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
