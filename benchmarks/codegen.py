@@ -211,11 +211,11 @@ def run_attention(step: AttentionStep, dtype: torch.dtype, device: str = "meta",
     """The attention launcher calls of one layer: the inference forward on token-major views of the
     packed q | k | v projection (``ops.self_attention``: the kernel reads the sizes and takes their
     log, and writes no log-sum-exp) and, optionally, the training forward and backward as the
-    autograd functions call them (``log(size)`` as the bias, no bias gradient: size needs none): on
-    the packed projection, whose gradient the backward writes packed (``SelfAttentionFunction``).
+    autograd functions call them (no bias gradient: size needs none): on the packed projection, whose
+    gradient the backward writes packed, the kernels taking the sizes' log (``SelfAttentionFunction``).
     A class-token step (``queries``) reads q from its own projection and k, v from the packed k | v
     one (``ops.query_attention``, as ``encoder.class_block_forward`` calls it); its training path
-    runs on ``[B', H, N, d]`` views (``AttentionFunction``)."""
+    runs on ``[B', H, N, d]`` views with ``log(size)`` as the bias (``AttentionFunction``)."""
     from tempme_fast.ops import triton_attention
 
     s, biased = step
@@ -229,8 +229,9 @@ def run_attention(step: AttentionStep, dtype: torch.dtype, device: str = "meta",
         q, k, v = qkv.view(s.rows, s.tokens, 3, s.heads, s.head_dim).unbind(2)
     triton_attention.attention_forward(q, k, v, bias, token_major=True, log_bias=biased, keep_lse=False)
     if backward and not s.queries:
-        out, lse = triton_attention.self_attention_forward(qkv, s.heads, bias)
-        triton_attention.self_attention_backward(torch.empty_like(out), qkv, s.heads, bias, out, lse, bias_grad=False)
+        out, lse = triton_attention.self_attention_forward(qkv, s.heads, bias, log_bias=biased)
+        triton_attention.self_attention_backward(torch.empty_like(out), qkv, s.heads, bias, out, lse, bias_grad=False,
+                                                 log_bias=biased)
     elif backward:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out, lse = triton_attention.attention_forward(q, k, v, bias)

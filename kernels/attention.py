@@ -141,7 +141,7 @@ def _attention_bwd_kernel(
     q_ptr,  # [B', H, M, HEAD_DIM] any strides, unit channel stride
     k_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
     v_ptr,  # [B', H, N, HEAD_DIM] any strides, unit channel stride
-    bias_ptr,  # [B', N] float32 (read only if HAS_BIAS)
+    bias_ptr,  # [B', N] float32, or with LOG_BIAS the sizes, any float (read only if HAS_BIAS)
     out_ptr,  # [B', M, H, HEAD_DIM] contiguous: the forward's output (dQ pass)
     do_ptr,  # [B', H, M, HEAD_DIM] any strides, unit channel stride: gradient of the output
     lse_ptr,  # [B', H, M] float32: the forward's log-sum-exp (log2 units)
@@ -167,6 +167,7 @@ def _attention_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    LOG_BIAS: tl.constexpr,  # bias_ptr holds the sizes: their log is taken here, as the forward took it
     BIAS_GRAD: tl.constexpr,
     DKDV: tl.constexpr,  # False: the dQ pass (one program per query tile); True: the dK/dV pass (per key tile)
     DOT_FP32: tl.constexpr,
@@ -197,7 +198,7 @@ def _attention_bwd_kernel(
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             k, v, s = _key_tiles(q, k_base, v_base, bias_base, start + tl.arange(0, BLOCK_N), offs_d, stride_kn,
-                                 stride_vn, stride_bn, N, QK_SCALE, HEAD_DIM, HAS_BIAS, False, DOT_FP32, PRECISION)
+                                 stride_vn, stride_bn, N, QK_SCALE, HEAD_DIM, HAS_BIAS, LOG_BIAS, DOT_FP32, PRECISION)
             p = tl.exp2(s - lse[:, None])
             dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
             ds = p * (dp - delta[:, None])
@@ -211,7 +212,7 @@ def _attention_bwd_kernel(
         mask_n = offs_n < N
         k = _tile(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM)
         v = _tile(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM)
-        key_bias = _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS, False)
+        key_bias = _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS, LOG_BIAS)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dbias = tl.zeros([BLOCK_N], dtype=tl.float32)

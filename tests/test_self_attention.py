@@ -140,3 +140,39 @@ def test_packed_training_path_compiles_without_graph_breaks(device):
         grads.append((out.detach(), leaf.grad))
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-6)
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten ops an eager call dispatches (the Triton ops run their launchers under it)."""
+
+    sees_eager_path = True
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=list(DTYPES))
+def test_packed_training_takes_the_sizes_log_in_the_kernels(device, dtype):
+    """Sizes that take no gradient (the encoder's) go to the kernels as they are, forward and backward,
+    which take their log as they read them: no ``log`` op, and the projection's gradient as with the
+    bias ``log(size)`` given (the sizes requiring grad), up to the rounding of the two logs."""
+    qkv, size = inputs(2, 37, 3, 16, dtype, device)
+    grads = []
+    for size_grad in (False, True):
+        leaf = qkv.detach().requires_grad_()
+        counted = _Ops()
+        with counted:
+            out = ops.self_attention(leaf, 3, size.detach().requires_grad_(size_grad), impl="triton",
+                                     backend="triton")[0]
+        assert ("log" in counted.names) == size_grad, counted.names
+        out.backward(torch.ones_like(out))
+        grads.append((out.detach(), leaf.grad))
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    for got, want in zip(grads[0], grads[1]):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())

@@ -180,35 +180,39 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     return dq, dk, dv, dbias
 
 
-def self_attention_forward(qkv: torch.Tensor, heads: int, bias: Optional[torch.Tensor]
+def self_attention_forward(qkv: torch.Tensor, heads: int, bias: Optional[torch.Tensor], log_bias: bool = False
                            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`attention_forward` of the heads of a packed ``qkv [B', N, 3 D]`` projection (q | k | v,
-    each ``H`` heads of ``d``), for a backward: ``(out [B', N, D], lse [B', H, N])``."""
+    each ``H`` heads of ``d``), for a backward: ``(out [B', N, D], lse [B', H, N])``. ``log_bias``:
+    ``bias`` holds the sizes, whose log the kernels take (the backward must be told the same)."""
     rows, tokens, width = qkv.shape
     q, k, v = qkv.view(rows, tokens, 3, heads, width // 3 // heads).unbind(2)
-    return attention_forward(q, k, v, bias, token_major=True)
+    return attention_forward(q, k, v, bias, token_major=True, log_bias=log_bias)
 
 
 def self_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, heads: int, bias: Optional[torch.Tensor],
-                            out: torch.Tensor, lse: torch.Tensor, bias_grad: bool
+                            out: torch.Tensor, lse: torch.Tensor, bias_grad: bool, log_bias: bool = False
                             ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Gradients of :func:`self_attention_forward` from ``grad_out [B', N, D]`` (any strides):
     ``dqkv [B', N, 3 D]`` in qkv's dtype, the packed projection's gradient, which the kernels write
-    in place (no per-head gradients to transpose and stack), and ``dbias`` as :func:`attention_backward`."""
+    in place (no per-head gradients to transpose and stack), and ``dbias`` as :func:`attention_backward`
+    (not with ``log_bias``: the sizes' gradient is not computed)."""
+    if log_bias and bias_grad:
+        raise ValueError("bias_grad=True needs the bias itself (log_bias=False): the sizes' gradient is not computed")
     rows, tokens, width = qkv.shape
     head_dim = width // 3 // heads
     q, k, v = qkv.view(rows, tokens, 3, heads, head_dim).unbind(2)
     dqkv = _new_output((rows, tokens, 3, heads, head_dim), qkv.dtype, qkv.device)
     dq, dk, dv = dqkv.unbind(2)
     do = _unit_channel_stride(grad_out).view(rows, tokens, heads, head_dim)
-    dbias = _backward_launches(do, q, k, v, bias, out, lse, bias_grad, dq, dk, dv, True)
+    dbias = _backward_launches(do, q, k, v, bias, out, lse, bias_grad, dq, dk, dv, True, log_bias)
     return dqkv.view(rows, tokens, width), dbias
 
 
 def _backward_launches(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, bias_grad: bool,
-                       dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, token_major: bool
-                       ) -> Optional[torch.Tensor]:
+                       dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, token_major: bool,
+                       log_bias: bool = False) -> Optional[torch.Tensor]:
     """The backward's two launches, writing ``dq``, ``dk`` and ``dv`` (any strides, unit channel
     stride, laid out as q, k and v: ``[B', H, N, d]``, or ``[B', N, H, d]`` with ``token_major``;
     dk and dv with the same strides). ``out`` is the ``[B', M, H * d]`` buffer the forward wrote.
@@ -225,7 +229,7 @@ def _backward_launches(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     bias_t, stride_bb, stride_bn = _bias_args(bias, q)
     strides = [_heads_first_strides(t, token_major) for t in (q, k, v, grad_out, dq, dk)]
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,
-                  BIAS_GRAD=bias_grad, HEAD_ALIGN=_head_align(*(s[1] for s in strides)),
+                  LOG_BIAS=log_bias, BIAS_GRAD=bias_grad, HEAD_ALIGN=_head_align(*(s[1] for s in strides)),
                   **_constexprs(q), **_launch_options(block_d, q.dtype == torch.float32))
     args = (q, k, v, bias_t, out, grad_out, lse, delta, dq, dk, dv, delta if dbias is None else dbias, queries, keys,
             heads, *strides[0], *strides[1], *strides[2], stride_bb, stride_bn, *strides[3], *strides[4], *strides[5],
@@ -270,26 +274,27 @@ def _(grad_out, q, k, v, bias, out, lse, bias_grad):
 
 
 @torch.library.custom_op("tempme::self_attention_fwd", mutates_args=())
-def _self_attention_fwd_op(qkv: torch.Tensor, heads: int, bias: Optional[torch.Tensor]
+def _self_attention_fwd_op(qkv: torch.Tensor, heads: int, bias: Optional[torch.Tensor], log_bias: bool = False
                            ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return self_attention_forward(qkv, heads, bias)
+    return self_attention_forward(qkv, heads, bias, log_bias)
 
 
 @_self_attention_fwd_op.register_fake
-def _(qkv, heads, bias):
+def _(qkv, heads, bias, log_bias=False):
     rows, tokens, width = qkv.shape
     return qkv.new_empty((rows, tokens, width // 3)), qkv.new_empty((rows, heads, tokens), dtype=torch.float32)
 
 
 @torch.library.custom_op("tempme::self_attention_bwd", mutates_args=())
 def _self_attention_bwd_op(grad_out: torch.Tensor, qkv: torch.Tensor, heads: int, bias: Optional[torch.Tensor],
-                           out: torch.Tensor, lse: torch.Tensor, bias_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    dqkv, dbias = self_attention_backward(grad_out, qkv, heads, bias, out, lse, bias_grad)
+                           out: torch.Tensor, lse: torch.Tensor, bias_grad: bool, log_bias: bool = False
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    dqkv, dbias = self_attention_backward(grad_out, qkv, heads, bias, out, lse, bias_grad, log_bias)
     return dqkv, qkv.new_empty((0,), dtype=torch.float32) if dbias is None else dbias
 
 
 @_self_attention_bwd_op.register_fake
-def _(grad_out, qkv, heads, bias, out, lse, bias_grad):
+def _(grad_out, qkv, heads, bias, out, lse, bias_grad, log_bias=False):
     rows, tokens, _ = qkv.shape
     return qkv.new_empty(qkv.shape), qkv.new_empty((rows, heads, tokens) if bias_grad else (0,), dtype=torch.float32)
 
@@ -325,30 +330,33 @@ class SelfAttentionFunction(torch.autograd.Function):
     transpose q, k and v and stack their gradients (a copy of the whole projection's gradient)."""
 
     @staticmethod
-    def forward(ctx, qkv, bias, heads: int):
-        out, lse = _self_attention_fwd(qkv, heads, bias)
+    def forward(ctx, qkv, bias, heads: int, log_bias: bool):
+        out, lse = _self_attention_fwd(qkv, heads, bias, log_bias)
         ctx.save_for_backward(qkv, bias, out, lse)
-        ctx.heads = heads
+        ctx.heads, ctx.log_bias = heads, log_bias
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         qkv, bias, out, lse = ctx.saved_tensors
-        bias_grad = bias is not None and ctx.needs_input_grad[1]
-        dqkv, dbias = _self_attention_bwd(grad_out, qkv, ctx.heads, bias, out, lse, bias_grad)
-        return dqkv, (dbias.sum(dim=1).view(bias.shape) if bias_grad else None), None
+        bias_grad = bias is not None and not ctx.log_bias and ctx.needs_input_grad[1]
+        dqkv, dbias = _self_attention_bwd(grad_out, qkv, ctx.heads, bias, out, lse, bias_grad, ctx.log_bias)
+        return dqkv, (dbias.sum(dim=1).view(bias.shape) if bias_grad else None), None, None
 
 
 def self_attention(qkv: torch.Tensor, heads: int, size: Optional[torch.Tensor]) -> torch.Tensor:
     """Proportional attention of the ``heads`` heads of a packed ``qkv [B', N, 3 D]`` projection
     (``bias = log(size)``, or none for ``size=None``): ``[B', N, D]``, the heads concatenated, as
     :func:`sized_attention` of its token-major views, and differentiable in ``qkv`` (and ``size``)
-    through :class:`SelfAttentionFunction` where a gradient can flow."""
-    bias = None if size is None else cast(size, torch.float32).log()
+    through :class:`SelfAttentionFunction` where a gradient can flow. Sizes that take no gradient (the
+    encoder's) go to the kernels as they are, forward and backward, which take their log as they
+    read them (as in inference): no ``log`` op, no bias tensor."""
+    log_bias = size is not None and not size.requires_grad
+    bias = size if log_bias or size is None else cast(size, torch.float32).log()
     if needs_grad(qkv, bias):
-        return SelfAttentionFunction.apply(qkv, bias, heads)
+        return SelfAttentionFunction.apply(qkv, bias, heads, log_bias)
     if use_custom_ops():
-        return torch.ops.tempme.self_attention_fwd(qkv, heads, bias)[0]
+        return torch.ops.tempme.self_attention_fwd(qkv, heads, bias, log_bias)[0]
     rows, tokens, width = qkv.shape
     q, k, v = qkv.view(rows, tokens, 3, heads, width // 3 // heads).unbind(2)
     return sized_attention(q, k, v, size, token_major=True)
