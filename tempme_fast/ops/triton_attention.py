@@ -350,16 +350,14 @@ def self_attention(qkv: torch.Tensor, heads: int, size: Optional[torch.Tensor]) 
     :func:`sized_attention` of its token-major views, and differentiable in ``qkv`` (and ``size``)
     through :class:`SelfAttentionFunction` where a gradient can flow. Sizes that take no gradient (the
     encoder's) go to the kernels as they are, forward and backward, which take their log as they
-    read them (as in inference): no ``log`` op, no bias tensor."""
+    read them (as in inference): no ``log`` op, no bias tensor. The encoder calls it where a gradient
+    can flow or the custom ops are taken; its eager inference calls :func:`sized_attention` on the
+    views it has already split (a call here without a gradient writes the log-sum-exp too)."""
     log_bias = size is not None and not size.requires_grad
     bias = size if log_bias or size is None else cast(size, torch.float32).log()
     if needs_grad(qkv, bias):
         return SelfAttentionFunction.apply(qkv, bias, heads, log_bias)
-    if use_custom_ops():
-        return torch.ops.tempme.self_attention_fwd(qkv, heads, bias, log_bias)[0]
-    rows, tokens, width = qkv.shape
-    q, k, v = qkv.view(rows, tokens, 3, heads, width // 3 // heads).unbind(2)
-    return sized_attention(q, k, v, size, token_major=True)
+    return _self_attention_fwd(qkv, heads, bias, log_bias)[0]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],

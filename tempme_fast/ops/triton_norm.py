@@ -80,9 +80,7 @@ def _add_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
 
 @_add_norm_fwd_op.register_fake
 def _(x, residual, weight, bias, eps, stats=False):
-    stats_shape = (2,) + tuple(x.shape[:2]) + (1,) if stats else (0,)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(stats_shape, dtype=acc)
+    return x.new_empty(x.shape), x.new_empty(x.shape), triton_ops._fake_stats(x, *x.shape[:2], stats)
 
 
 _add_norm_fwd = custom_op_or(add_norm_forward, "add_norm_fwd")

@@ -477,6 +477,12 @@ def _layer_norm_stats(rows: int, tokens: int, x: torch.Tensor) -> torch.Tensor:
     return _new_output((2, rows, tokens, 1), accumulation_dtype(x.dtype), x.device)
 
 
+def _fake_stats(x: torch.Tensor, rows: int, tokens: int, stats: bool) -> torch.Tensor:
+    """What a LayerNorm launcher's custom op returns in the statistics' place, for its fake
+    implementation: :func:`_layer_norm_stats`'s shape with ``stats``, else :func:`_op_outputs`' empty."""
+    return x.new_empty((2, rows, tokens, 1) if stats else (0,), dtype=accumulation_dtype(x.dtype))
+
+
 def _op_outputs(outputs: Tuple[Optional[torch.Tensor], ...], x: torch.Tensor, stats: bool = True
                 ) -> Tuple[torch.Tensor, ...]:
     """A launcher's outputs as its custom op returns them, a fixed number of tensors: an empty ``[0]``
@@ -587,9 +593,7 @@ def _merge_norm_fwd_op(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor
 def _(x, size, merged, dst, kept, weight, bias, eps, protected, group=1, frame_pos=None, residual=None, src=None,
       offsets=None, stats=False):
     out, size_out, b_size = _merge_fwd_fake(x, size, merged, dst, kept, protected, group, frame_pos)
-    stats_shape = (2,) + tuple(out.shape[:2]) + (1,) if stats else (0,)
-    stats = out.new_empty(stats_shape, dtype=accumulation_dtype(x.dtype))
-    return out, size_out, b_size, torch.empty_like(out), stats
+    return out, size_out, b_size, torch.empty_like(out), _fake_stats(x, *out.shape[:2], stats)
 
 
 @torch.library.custom_op("tempme::merge_bwd", mutates_args=())
