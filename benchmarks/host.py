@@ -14,7 +14,8 @@ arithmetic on the host).
 fp16), per inference forward, per training step (forward and backward, beside open_clip's own model
 of the same shape) and per merge step: aten ops dispatched outside the kernels (with the most
 frequent ones), custom-op calls, Triton launches, tensor allocations and host microseconds with the
-launches stubbed. :func:`forward_counts`, :func:`train_counts` and :func:`step_counts` are what
+launches stubbed; and per forward and training step the function calls made from Python
+(:func:`python_calls`). :func:`forward_counts`, :func:`train_counts` and :func:`step_counts` are what
 ``tests/test_host.py`` checks against its budgets.
 
 Triton's own launch path (``JITFunction.run``: argument binding, specialisation, cache lookup)
@@ -171,6 +172,52 @@ def gpu_like(counts: Optional[Counts] = None) -> Iterator[None]:
         for (module, name), value in zip(saved, originals):
             if value is not None:
                 setattr(module, name, value)
+
+
+class _PythonCalls:
+    """Counts the function calls made from Python (``sys.setprofile``: Python functions and the C
+    functions Python calls, such as ``Tensor.stride`` or ``torch.empty``) while it is installed. A call
+    of ``tempme_fast.ops.launch.launch`` counts as one: what happens inside it differs between a GPU,
+    the stubs and the interpreter, and :func:`launch_us` times it apart."""
+
+    def __init__(self):
+        from tempme_fast.ops import launch
+
+        self.calls = 0
+        self._launch_code = launch.launch.__code__
+        self._inside = 0
+
+    def __call__(self, frame, event, arg):
+        if event == "call":
+            if frame.f_code is self._launch_code:
+                if not self._inside:
+                    self.calls += 1
+                self._inside += 1
+            elif not self._inside:
+                self.calls += 1
+        elif event == "return":
+            if frame.f_code is self._launch_code:
+                self._inside -= 1
+        elif event == "c_call" and not self._inside:
+            self.calls += 1
+
+    def __enter__(self):
+        sys.setprofile(self)
+        return self
+
+    def __exit__(self, *exc):
+        sys.setprofile(None)
+
+
+def python_calls(fn: Callable[[], object]) -> int:
+    """Function calls made from Python in one call of ``fn`` (after one warm-up call), with the
+    launches stubbed (:class:`_PythonCalls`). On a GPU at small batch each is host time the GPU waits
+    for: the eager forward and the training step scale with this count more than with the aten ops."""
+    with gpu_like():
+        fn()
+        with _PythonCalls() as counter:
+            fn()
+    return counter.calls - 1  # the profiler's own __exit__ call
 
 
 def count(fn: Callable[[], object], counts: Optional[Counts] = None) -> Counts:
@@ -532,6 +579,7 @@ def report(models: Sequence[str] = MODELS, dtype_name: str = "fp16", out=sys.std
         if fwd.custom:
             print(f"  custom ops: {_top(fwd.custom)}", file=out)
         print(f"  launches: {_top(fwd.launches)}", file=out)
+        print(f"  function calls from Python (a launch as one): {python_calls(_encode(name, dtype, 1))}", file=out)
         if not _interpreter():
             us = launch_us(fwd.calls)
             print(f"  launch path up to the C launcher (sm_90): Triton's JITFunction.run {us['triton']:.0f} us "
@@ -542,7 +590,9 @@ def report(models: Sequence[str] = MODELS, dtype_name: str = "fp16", out=sys.std
                   f"{sum(train.launches.values())}, allocations {train.allocations}, host {train.host_us:.0f} us "
                   f"(launches stubbed)", file=out)
             print(f"  aten: {_top(train.aten)}", file=out)
-            results.setdefault(name, {})[f"train_{variant}"] = train.row()
+            calls = python_calls(_train_step(name, variant, dtype, 1))
+            print(f"  function calls from Python (a launch as one): {calls}", file=out)
+            results.setdefault(name, {})[f"train_{variant}"] = dict(train.row(), python_calls=calls)
         print("| layer | stage | clips x tokens | r | grad | aten ops | custom ops | launches | allocations "
               "| host us |", file=out)
         print("|---" * 10 + "|", file=out)

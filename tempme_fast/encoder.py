@@ -106,6 +106,12 @@ def _self_attention(attn: nn.MultiheadAttention, h: torch.Tensor, size: Optional
     return F.linear(out, attn.out_proj.weight, attn.out_proj.bias), metric
 
 
+def _layer_scale(scale: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``scale(x)``: a block's LayerScale, or open_clip's ``nn.Identity`` where it has none, whose call (a
+    module call of host time, twice a block) is skipped."""
+    return x if type(scale) is nn.Identity else scale(x)
+
+
 def _fusable_norm(norm: nn.Module) -> bool:
     """A LayerNorm over the last dim with weight and bias (open_clip's LayerNorm and LayerNormFp32),
     which :func:`ops.merge_norm` computes; any other norm runs as its module after the merge."""
@@ -218,12 +224,12 @@ def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos
     attn_size = size if options.prop_attn and merged else None
     out, keys = _self_attention(block.attn, h, attn_size, options.attention, options.backend, plan.r > 0)
     if plan.r:
-        x, size, sources, h = _merge_then_norm(x, block.ls_1(out), size, sources, keys, plan.r, c, block.ln_2,
-                                               options.backend)
+        x, size, sources, h = _merge_then_norm(x, _layer_scale(block.ls_1, out), size, sources, keys, plan.r, c,
+                                               block.ln_2, options.backend)
     else:
-        x = x + block.ls_1(out)
+        x = x + _layer_scale(block.ls_1, out)
         h = _layer_norm(block.ln_2, x)
-    x, normed = _block_output(x, block.ls_2(block.mlp(h)), next_norm, options.backend)
+    x, normed = _block_output(x, _layer_scale(block.ls_2, block.mlp(h)), next_norm, options.backend)
     return ClipState(x, size, c, sources, merged or plan.r > 0, normed)
 
 
@@ -247,9 +253,9 @@ def class_block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, fra
         raise ValueError("class_block_forward does not track sources (state.sources is set); use block_forward")
     x, size, c, _, merged, h = _block_input(block, state, plan, frame_pos, options)
     attn_size = size if options.prop_attn and merged else None
-    out = block.ls_1(_class_attention(block.attn, h, c, attn_size, options.attention, options.backend))
+    out = _layer_scale(block.ls_1, _class_attention(block.attn, h, c, attn_size, options.attention, options.backend))
     x, h = _add_then_norm(x[:, :c], out, block.ln_2, options.backend)
-    x, normed = _block_output(x, block.ls_2(block.mlp(h)), next_norm, options.backend)
+    x, normed = _block_output(x, _layer_scale(block.ls_2, block.mlp(h)), next_norm, options.backend)
     return ClipState(x, size[:, :c], c, None, merged or plan.r > 0, normed)
 
 

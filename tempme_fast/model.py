@@ -344,14 +344,16 @@ def block_function(model: nn.Module, layer: int, state: ClipState):
     return block_forward
 
 
-def next_norm(model: nn.Module, layer: int, forward) -> Optional[nn.Module]:
+def next_norm(model: nn.Module, layer: int, forward, steps: Optional[list] = None) -> Optional[nn.Module]:
     """The LayerNorm that reads the output of layer ``layer`` (run by ``forward``) next, for the block
     to apply with its last residual add (``ops.add_norm``), or None: the next block's ``ln_1`` unless
     that block joins clips (its cross-clip merge reads the sum itself); after the last block,
-    ``ln_post`` when the block is trimmed to the class tokens that :func:`encoder.frame_features` reads."""
-    layers = model.tempme.schedule.layers
-    if layer + 1 < len(layers):
-        return model.visual.transformer.resblocks[layer + 1].ln_1 if layers[layer + 1].group == 1 else None
+    ``ln_post`` when the block is trimmed to the class tokens that :func:`encoder.frame_features` reads.
+    ``steps``: ``list(layer_steps(model))``, when the caller has it."""
+    steps = list(layer_steps(model)) if steps is None else steps
+    if layer + 1 < len(steps):
+        block, plan, _ = steps[layer + 1]
+        return block.ln_1 if plan.group == 1 else None
     return model.visual.ln_post if forward is class_block_forward else None
 
 
@@ -363,10 +365,11 @@ def run_blocks(model: nn.Module, state: ClipState) -> ClipState:
     visual = model.visual
     options = encoder_options(model)
     use_checkpoint = visual.transformer.grad_checkpointing and torch.is_grad_enabled()
-    for i, (block, plan, pos) in enumerate(layer_steps(model)):
+    steps = list(layer_steps(model))
+    for i, (block, plan, pos) in enumerate(steps):
         forward = block_function(model, i, state)
         if use_checkpoint:
             state = checkpoint(forward, block, state, plan, pos, options, use_reentrant=False)
         else:
-            state = forward(block, state, plan, pos, options, next_norm(model, i, forward))
+            state = forward(block, state, plan, pos, options, next_norm(model, i, forward, steps))
     return state

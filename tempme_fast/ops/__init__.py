@@ -59,10 +59,25 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     return backend
 
 
+_TRITON_MODULES = {}
+
+
 def _triton_ops():
     # Imported lazily: importing triton compiles nothing, but it is slow and absent on some platforms.
-    from . import triton_ops
-    return triton_ops
+    # (Kept once imported: an import statement is several calls of host time at every op.)
+    module = _TRITON_MODULES.get("ops")
+    if module is None:
+        from . import triton_ops as module
+        _TRITON_MODULES["ops"] = module
+    return module
+
+
+def _triton_norm():
+    module = _TRITON_MODULES.get("norm")
+    if module is None:
+        from . import triton_norm as module
+        _TRITON_MODULES["norm"] = module
+    return module
 
 
 def best_match(metric: torch.Tensor, protected: int, backend: str = "auto", *,
@@ -181,9 +196,7 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias
     """
     check_add_norm(x, residual, weight, bias, eps, check_finite)
     if resolve_backend(backend, x) == "triton":
-        from . import triton_norm
-
-        return triton_norm.add_norm(x, residual, weight, bias, eps)
+        return _triton_norm().add_norm(x, residual, weight, bias, eps)
     return reference.add_norm(x, residual, weight, bias, eps)
 
 

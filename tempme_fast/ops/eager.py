@@ -18,7 +18,8 @@ from __future__ import annotations
 from typing import Callable, Optional, TypeVar
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode_stack, is_in_torch_dispatch_mode
+from torch.utils import _python_dispatch
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 __all__ = ["cast", "custom_op_or", "detached", "needs_grad", "use_custom_ops"]
 
@@ -29,7 +30,7 @@ def use_custom_ops() -> bool:
     """Whether a Triton op must be called through its ``torch.library`` custom op."""
     if torch.compiler.is_compiling():
         return True
-    if not is_in_torch_dispatch_mode():
+    if not _python_dispatch._is_in_torch_dispatch_mode:  # is_in_torch_dispatch_mode(), without the call
         return False
     stack = _get_current_dispatch_mode_stack()
     # An empty user stack with the flag set: only an infrastructure mode (fake tensors, tracing) is on.
@@ -48,7 +49,12 @@ def custom_op_or(launcher: Callable[..., T], name: str) -> Callable[..., T]:
 
 def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether autograd must record an op on ``tensors`` (grad mode on and one of them requires grad)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # (a loop, not any() of a generator: this runs at every op)
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def detached(t: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ the encoder's next step (``out.transpose(1, 2).reshape(B', N, H * d)``) is then 
 """
 import math
 import os
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -25,6 +25,8 @@ from tempme_kernels.attention import _attention_bwd_kernel, _attention_fwd_kerne
 
 from .eager import cast, custom_op_or, needs_grad, use_custom_ops
 from .launch import launch
+from .memo import forget_on_assign, remembered
+from .triton_ops import _cdiv
 
 __all__ = ["AttentionFunction", "DTYPES", "SelfAttentionFunction", "attention", "attention_backward",
            "attention_forward", "block_config", "gpu_warps", "self_attention", "self_attention_backward",
@@ -134,28 +136,46 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: O
         projection takes them); and ``lse [B', H, M]`` float32, each query's log-sum-exp in log2
         units (for the backward), or None without ``keep_lse``.
     """
-    q, k, v = (_unit_channel_stride(t) for t in (q, k, v))
+    q, k, v = _unit_channel_stride(q), _unit_channel_stride(k), _unit_channel_stride(v)
+    key = ("attention_fwd", q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype,
+           None if bias is None else bias.stride(), token_major, log_bias, keep_lse)
+    d = remembered(key, lambda: _forward_launch(q, k, v, bias, token_major, log_bias, keep_lse))
+    out = _new_output(d.out_shape, q.dtype, q.device)
+    lse = _new_output(d.lse_shape, torch.float32, q.device) if keep_lse else None
+    launch(_attention_fwd_kernel, d.grid, q, k, v, q if bias is None else bias, out, out if lse is None else lse,
+           *d.scalars, **d.meta)
+    return (out if token_major else out.transpose(1, 2)), lse
+
+
+class _AttentionLaunch(NamedTuple):
+    """What an attention launch needs beyond its tensors, from their signature (:mod:`.memo`)."""
+
+    out_shape: Tuple[int, ...]
+    lse_shape: Tuple[int, int, int]
+    grid: Tuple[int, int]
+    scalars: tuple  # the kernel's arguments after its tensors
+    meta: dict
+
+
+def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                    token_major: bool, log_bias: bool, keep_lse: bool) -> _AttentionLaunch:
     if token_major:
         rows, queries, heads, head_dim = q.shape
         keys = k.shape[1]
     else:
         rows, heads, queries, head_dim = q.shape
         keys = k.shape[2]
-    out = _new_output((rows, queries, heads * head_dim) if token_major else (rows, queries, heads, head_dim),
-                      q.dtype, q.device)
-    lse = _new_output((rows, heads, queries), torch.float32, q.device) if keep_lse else None
     block_d, block_m, block_n = block_config(head_dim, max(queries, keys), fp32=q.dtype == torch.float32)
     scale = 1.0 / math.sqrt(head_dim)
-    bias_t, stride_bb, stride_bn = _bias_args(bias, q)
+    _, stride_bb, stride_bn = _bias_args(bias, q)
     strides = [_heads_first_strides(t, token_major) for t in (q, k, v)]
-    launch(_attention_fwd_kernel, (triton.cdiv(queries, block_m), rows * heads),
-        q, k, v, bias_t, out, out if lse is None else lse, queries, keys, heads, *strides[0], *strides[1],
-        *strides[2], stride_bb, stride_bn, scale * LOG2E, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
-        BLOCK_N=block_n, HAS_BIAS=bias is not None, LOG_BIAS=log_bias, STORE_LSE=keep_lse,
-        HEAD_ALIGN=_head_align(*(s[1] for s in strides)),
-        **_constexprs(q), **_launch_options(block_d, q.dtype == torch.float32),
-    )
-    return (out if token_major else out.transpose(1, 2)), lse
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,
+                LOG_BIAS=log_bias, STORE_LSE=keep_lse, HEAD_ALIGN=_head_align(*(s[1] for s in strides)),
+                **_constexprs(q), **_launch_options(block_d, q.dtype == torch.float32))
+    return _AttentionLaunch(
+        (rows, queries, heads * head_dim) if token_major else (rows, queries, heads, head_dim),
+        (rows, heads, queries), (_cdiv(queries, block_m), rows * heads),
+        (queries, keys, heads, *strides[0], *strides[1], *strides[2], stride_bb, stride_bn, scale * LOG2E), meta)
 
 
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -217,28 +237,51 @@ def _backward_launches(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     stride, laid out as q, k and v: ``[B', H, N, d]``, or ``[B', N, H, d]`` with ``token_major``;
     dk and dv with the same strides). ``out`` is the ``[B', M, H * d]`` buffer the forward wrote.
     Returns the per-head bias gradient ``[B', H, N]`` float32, or None without ``bias_grad``."""
-    q, k, v, grad_out = (_unit_channel_stride(t) for t in (q, k, v, grad_out))
+    q, k, v = _unit_channel_stride(q), _unit_channel_stride(k), _unit_channel_stride(v)
+    grad_out = _unit_channel_stride(grad_out)
+    key = ("attention_bwd", q.shape, q.stride(), k.shape, k.stride(), v.stride(), grad_out.stride(), dq.stride(),
+           dk.stride(), q.dtype, None if bias is None else bias.stride(), bias_grad, token_major, log_bias)
+    d = remembered(key, lambda: _backward_launch(q, k, v, grad_out, bias, bias_grad, dq, dk, token_major, log_bias))
+    delta = _new_output(d.delta_shape, torch.float32, q.device)
+    dbias = _new_output(d.dbias_shape, torch.float32, q.device) if bias_grad else None
+    args = (q, k, v, q if bias is None else bias, out, grad_out, lse, delta, dq, dk, dv,
+            delta if dbias is None else dbias, *d.scalars)
+    # The dQ pass writes delta, which the dK/dV pass reads: two launches in stream order.
+    launch(_attention_bwd_kernel, d.grid_dq, *args, **d.meta_dq)
+    launch(_attention_bwd_kernel, d.grid_dkdv, *args, **d.meta_dkdv)
+    return dbias
+
+
+class _AttentionBackwardLaunch(NamedTuple):
+    delta_shape: Tuple[int, int, int]
+    dbias_shape: Tuple[int, int, int]
+    grid_dq: Tuple[int, int]
+    grid_dkdv: Tuple[int, int]
+    scalars: tuple  # the kernel's arguments after its tensors
+    meta_dq: dict
+    meta_dkdv: dict
+
+
+def _backward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
+                     bias: Optional[torch.Tensor], bias_grad: bool, dq: torch.Tensor, dk: torch.Tensor,
+                     token_major: bool, log_bias: bool) -> _AttentionBackwardLaunch:
     token_axis, head_axis = (1, 2) if token_major else (2, 1)
     rows, heads, head_dim = q.shape[0], q.shape[head_axis], q.shape[3]
     queries, keys = q.shape[token_axis], k.shape[token_axis]
-    delta = _new_output((rows, heads, queries), torch.float32, q.device)
-    dbias = _new_output((rows, heads, keys), torch.float32, q.device) if bias_grad else None
     block_d, block_m, block_n = block_config(head_dim, max(queries, keys), backward=True,
                                              fp32=q.dtype == torch.float32)
     scale = 1.0 / math.sqrt(head_dim)
-    bias_t, stride_bb, stride_bn = _bias_args(bias, q)
+    _, stride_bb, stride_bn = _bias_args(bias, q)
     strides = [_heads_first_strides(t, token_major) for t in (q, k, v, grad_out, dq, dk)]
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,
                   LOG_BIAS=log_bias, BIAS_GRAD=bias_grad, HEAD_ALIGN=_head_align(*(s[1] for s in strides)),
                   **_constexprs(q), **_launch_options(block_d, q.dtype == torch.float32))
-    args = (q, k, v, bias_t, out, grad_out, lse, delta, dq, dk, dv, delta if dbias is None else dbias, queries, keys,
-            heads, *strides[0], *strides[1], *strides[2], stride_bb, stride_bn, *strides[3], *strides[4], *strides[5],
-            scale * LOG2E, scale)
-    # The dQ pass writes delta, which the dK/dV pass reads: two launches in stream order.
-    launch(_attention_bwd_kernel, (triton.cdiv(queries, block_m), rows * heads), *args, DKDV=False, **common)
-    common["BLOCK_M"] = min(block_m, DKDV_QUERY_BLOCK)
-    launch(_attention_bwd_kernel, (triton.cdiv(keys, block_n), rows * heads), *args, DKDV=True, **common)
-    return dbias
+    scalars = (queries, keys, heads, *strides[0], *strides[1], *strides[2], stride_bb, stride_bn, *strides[3],
+               *strides[4], *strides[5], scale * LOG2E, scale)
+    return _AttentionBackwardLaunch(
+        (rows, heads, queries), (rows, heads, keys), (_cdiv(queries, block_m), rows * heads),
+        (_cdiv(keys, block_n), rows * heads), scalars, dict(common, DKDV=False),
+        dict(common, DKDV=True, BLOCK_M=min(block_m, DKDV_QUERY_BLOCK)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,3 +437,7 @@ def sized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Opt
     if not needs_grad(q, k, v, size) and not use_custom_ops():
         return attention_forward(q, k, v, size, token_major, log_bias=True, keep_lse=False)[0]
     return attention(q, k, v, cast(size, torch.float32).log(), token_major)
+
+
+# Assigning a tunable (GPU_FWD_BLOCKS, ...) or a function forgets the launch descriptions.
+forget_on_assign(__name__)

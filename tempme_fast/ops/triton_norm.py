@@ -23,6 +23,7 @@ from tempme_kernels.norm import _add_norm_fwd_kernel
 from . import triton_ops
 from .eager import cast, custom_op_or, needs_grad
 from .launch import launch
+from .memo import forget_on_assign, remembered
 
 __all__ = ["AddNormFunction", "add_norm", "add_norm_forward"]
 
@@ -59,17 +60,24 @@ def add_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
         ``stats`` then ``[2, B', N, 1]`` in that accumulation dtype (means, then reciprocal standard
         deviations).
     """
-    rows, tokens, width = x.shape
-    out = _new_output((rows, tokens, width), x.dtype, x.device)
-    ln = _new_output((rows, tokens, width), x.dtype, x.device)
-    stats_buf = triton_ops._layer_norm_stats(rows, tokens, x) if stats else ln  # not written without stats
-    tiles = _add_norm_tiles(rows * tokens, width, x.dtype.itemsize)
-    launch(_add_norm_fwd_kernel, (triton_ops._cdiv(rows * tokens, tiles["BLOCK_T"]),),
-           x, residual, weight.contiguous(), bias.contiguous(), out, ln, stats_buf, rows * tokens,
-           tokens, width, x.stride(0), x.stride(1), x.stride(2), residual.stride(0), residual.stride(1),
-           residual.stride(2), float(eps), ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, **tiles,
-           **({"STATS": True} if stats else {}))
+    key = ("add_norm_fwd", x.shape, x.stride(), residual.stride(), x.dtype, stats)
+    grid, scalars, meta = remembered(key, lambda: _add_norm_launch(x, residual, stats))
+    out = _new_output(x.shape, x.dtype, x.device)
+    ln = _new_output(x.shape, x.dtype, x.device)
+    stats_buf = triton_ops._layer_norm_stats(x.shape[0], x.shape[1], x) if stats else ln  # not written without stats
+    launch(_add_norm_fwd_kernel, grid, x, residual, weight.contiguous(), bias.contiguous(), out, ln, stats_buf,
+           *scalars, float(eps), **meta)
     return (out, ln, stats_buf) if stats else (out, ln)
+
+
+def _add_norm_launch(x: torch.Tensor, residual: torch.Tensor, stats: bool) -> Tuple[Tuple[int], tuple, dict]:
+    """``(grid, the integer arguments, the constexprs)`` of an add-norm launch, from its inputs' signature."""
+    rows, tokens, width = x.shape
+    tiles = _add_norm_tiles(rows * tokens, width, x.dtype.itemsize)
+    meta = dict(ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, **tiles,
+                **({"STATS": True} if stats else {}))
+    return ((triton_ops._cdiv(rows * tokens, tiles["BLOCK_T"]),),
+            (rows * tokens, tokens, width, *x.stride(), *residual.stride()), meta)
 
 
 @torch.library.custom_op("tempme::add_norm_fwd", mutates_args=())
@@ -116,3 +124,7 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias
     if needs_grad(x, residual, weight, bias):
         return AddNormFunction.apply(x, residual, weight, bias, float(eps))
     return _add_norm_fwd(x, residual, weight, bias, float(eps))[:2]
+
+
+# Assigning a function (as the tests do) forgets the launch descriptions.
+forget_on_assign(__name__)
