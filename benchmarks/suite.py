@@ -197,6 +197,14 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         # The training rows above were 2-2.6x open_clip's at 1 and 16 videos, nearly the same at both: where it goes.
         Stage("profile_train", bench("profile", "profile_train", "--cases", "ViT-B-32:1", "ViT-B-32:16",
                                      "--modes", "train", "--dtypes", dtype), 60, expect=30),
+        # The same training call compiled (the forward, and its backward through AOTAutograd): whether compiling
+        # takes away the host time the eager rows wait on, against open_clip compiled the same way. Each compiled
+        # row compiles afresh (about a minute each, expected; not yet measured).
+        Stage("train_compile", bench("bench_model", "train_compile", "--models", "ViT-B-32", "--batches", "16",
+                                     "--dtypes", dtype, "--modes", "train",
+                                     "--variants", "open_clip", "open_clip+compile", "tempme-triton",
+                                     "tempme-triton+compile", "--compile", "--compile-backend", compile_backend,
+                                     "--no-layer-times", "--rep-ms", "100"), 200, expect=150),
         Stage("ops_compiled", bench("bench_ops", "compiled", "--models", "ViT-B-16", "--batches", "32",
                                     "--dtypes", dtype, "--impls", "torch", "torch.compile",
                                     "--ops", "step_fwd", "match", "--compile-at", "",

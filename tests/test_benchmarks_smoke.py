@@ -74,6 +74,20 @@ def test_bench_model_smoke(tmp_path, tiny_model_file):
     assert last["layer"] == 3 and last["full_ms"] > 0 and last["trimmed_ms"] > 0
 
 
+def test_bench_model_times_compiled_training(tmp_path, tiny_model_file):
+    """A compiled variant in training compiles the forward once (one graph, its backward with it) and its
+    gradients are checked against the eager variant's."""
+    assert bench_model.main(["--device", "cpu", "--models", tiny_model_file, "--batches", "2", "--rep-ms", "1",
+                             "--modes", "train", "--variants", "open_clip", "open_clip+compile", "--compile",
+                             "--compile-backend", "aot_eager", "--no-layer-times",
+                             "--jsonl", str(tmp_path / "rows.jsonl"), *TINY_ARGS]) == 0
+    rows = {r["variant"]: r for r in read_records(str(tmp_path / "rows.jsonl"))[1:]}
+    assert rows.keys() == {"open_clip", "open_clip+compile"}
+    compiled = rows["open_clip+compile"]
+    assert compiled["mode"] == "train" and compiled["compiled"] and compiled["compiled_graphs"] == 1
+    assert compiled["agrees"] and compiled["ms"] > 0
+
+
 def test_bench_train_smoke(tmp_path, tiny_model_file):
     from benchmarks import bench_train
 

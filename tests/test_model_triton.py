@@ -66,6 +66,25 @@ def test_whole_model_compiles_without_graph_breaks(device, backend):
         torch.testing.assert_close(compiled(v), model.encode_video(v), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_whole_model_trains_compiled(device, backend):
+    """``torch.compile`` of ``encode_video`` in training (fullgraph; AOTAutograd compiles the backward through
+    the merge, attention and LayerNorm autograd functions): the gradients of eager training."""
+    model = apply_tempme(tiny_clip(), TINY_CONFIG, backend=backend).to(device).train()
+    v = video(2, 4).to(device)
+
+    def grads(encode):
+        model.zero_grad(set_to_none=True)
+        encode(v).float().square().sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    want = grads(model.encode_video)
+    compiled = torch.compile(model.encode_video, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    got = grads(compiled)
+    assert got.keys() == want.keys() and len(want) > 20
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("config", [TINY_CONFIG.replace(cross_ratio=0.0), TINY_CONFIG.replace(intra_ratio=0.0)],
                          ids=["no-cross-merge", "no-intra-merge"])
 def test_joins_without_a_merge_keep_token_order(device, config):
