@@ -11,6 +11,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchmarks import host
 from tempme_fast import ops
 
+
+def torch_version():
+    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
 # ViT-B/32 and ViT-B/16, one video, fp16, inference mode, default config (15 merges, 14 of them run:
 # the trimmed last block skips its merge; 11 biased attentions, which write no log-sum-exp in inference).
 # Measured when set: 231 aten ops, 0 custom ops, 49 launches, 174 allocations (245 aten ops while each
@@ -47,8 +52,10 @@ TRAIN_BUDGET = {"aten_ops": 1585, "custom_ops": 0, "launches": 85, "allocations"
 # 3419 per inference forward (open_clip's encode_image of the 12 frames: 1665) and 8079 per training step
 # (open_clip's: 4752; about 3270 of each are the step's own zero_grad, loss and backward call). Before the
 # launchers kept what they compute from their inputs' signature (tempme_fast.ops.memo), skipped the
-# LayerScale identities and reused the layer list and the imported modules: 5585 and 12039.
-PYTHON_CALLS = {"forward": 3419, "train": 8079}
+# LayerScale identities and reused the layer list and the imported modules: 5585 and 12039. The training
+# count includes torch's own Python around each autograd function (apply, the backward's glue), which torch
+# 2.11 spends more calls on: 8967 there (open_clip's: 4787); the forward's is 3419 with both.
+PYTHON_CALLS = {"forward": 3419, "train": 8079 if torch_version() >= (2, 14) else 8967}
 
 @pytest.fixture(scope="module")
 def forwards():
