@@ -253,6 +253,8 @@ def _backward_launches(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 
 class _AttentionBackwardLaunch(NamedTuple):
+    """What the backward's two launches need beyond their tensors, from their signature (:mod:`.memo`)."""
+
     delta_shape: Tuple[int, int, int]
     dbias_shape: Tuple[int, int, int]
     grid_dq: Tuple[int, int]

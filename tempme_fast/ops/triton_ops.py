@@ -589,6 +589,8 @@ def merge_backward(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Ten
 
 
 class _MergeBackwardLaunch(NamedTuple):
+    """What a merge backward launch needs beyond its tensors, from their signature (:mod:`.memo`)."""
+
     grad_x_shape: Tuple[int, int, int]
     pos_part_shape: Tuple[int, int, int, int]
     grid: Tuple[int, int, int]
