@@ -7,6 +7,8 @@ Variants (those that cannot run on the device are skipped):
   tempme-torch       reference TempMe (PyTorch merge ops, SDPA attention)
   tempme-triton      TempMe on the Triton merge ops
   tempme-triton-jit  the same, every kernel launched through Triton's JITFunction.run (no cached launch)
+  tempme-triton-mean the same with the keys averaged over heads by torch before each match (one more kernel
+                     a merge), where the match otherwise averages them as it loads them (+graph: replayed)
   tempme-triton+graph    the same, captured in a CUDA graph
   tempme-triton+compile  the same under torch.compile (opt-in: --compile)
 
@@ -29,7 +31,7 @@ from tempme_fast.encoder import block_forward, class_block_forward, embed_frames
 from tempme_fast.flops import model_flops
 from tempme_fast.loading import DTYPES, create_model, default_dtype_name
 from tempme_fast.model import block_function, encoder_options, layer_steps
-from tempme_fast.ops import launch
+from tempme_fast.ops import launch, triton_ops
 
 from .common import Compiled, RowLog, add_row_log_arguments, environment, failure, measure_ms, print_table, \
     write_results
@@ -37,12 +39,14 @@ from .devicetime import device_columns, enqueue_ms, host_columns
 from .oracle import check_embedding, check_gradients, check_raised, parameter_grads
 
 VARIANTS = ("open_clip", "open_clip+graph", "open_clip+compile", "tempme-eager", "tempme-torch", "tempme-triton",
-            "tempme-triton-jit", "tempme-triton+graph", "tempme-triton+compile")
+            "tempme-triton-jit", "tempme-triton-mean", "tempme-triton+graph", "tempme-triton-mean+graph",
+            "tempme-triton+compile")
 # The variant whose eager embeddings each inference row's are held against (benchmarks.oracle.check_embedding),
 # and whose gradients each training row's are (check_gradients): the Triton paths against the torch backend's,
 # a graph replay of open_clip against open_clip.
 CHECKED_AGAINST = {"open_clip+graph": "open_clip", "open_clip+compile": "open_clip", "tempme-triton": "tempme-torch",
-                   "tempme-triton-jit": "tempme-torch",
+                   "tempme-triton-jit": "tempme-torch", "tempme-triton-mean": "tempme-torch",
+                   "tempme-triton-mean+graph": "tempme-torch",
                    "tempme-triton+graph": "tempme-torch", "tempme-triton+compile": "tempme-torch"}
 
 
@@ -210,8 +214,11 @@ def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: t
     apply_tempme(model, config, backend=backend, attention=attention, trim_last_block=trim)
     compiled = None
     cached = launch.CACHED  # off already under TEMPME_FAST_CACHED_LAUNCH=0 (the suite's fallback)
+    heads_in_match = triton_ops.HEADS_IN_MATCH
     if variant.endswith("-jit"):
         launch.CACHED = False
+    if "-mean" in variant:
+        triton_ops.HEADS_IN_MATCH = False
     try:
         if mode == "infer":
             model.eval()
@@ -250,6 +257,7 @@ def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: t
                 **(compiled.record() if compiled else {"compiled": False})}
     finally:
         launch.CACHED = cached
+        triton_ops.HEADS_IN_MATCH = heads_in_match
         model.zero_grad(set_to_none=True)
         remove_tempme(model)
 

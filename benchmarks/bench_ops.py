@@ -45,7 +45,7 @@ from tempme_fast.loading import DTYPES
 from tempme_fast.ops import reference, triton_ops
 
 from .common import Compiled, MergeShape, RowLog, add_row_log_arguments, copy_bandwidth_gbs, environment, \
-    failure, measure_ms, merge_shapes, print_table, write_results
+    failure, measure_ms, merge_shapes, metric_tensor, print_table, write_results
 from .devicetime import basis_ms, device_columns, host_columns, speedups
 from .oracle import NORM_EPS, check_op, check_raised, norm_inputs, upstream_grad
 
@@ -154,7 +154,7 @@ def op_bytes(op: str, s: MergeShape, elt: int) -> int:
 
 def make_inputs(s: MergeShape, dtype: torch.dtype, device: torch.device, seed: int = 0):
     g = torch.Generator(device=device).manual_seed(seed)
-    metric = torch.randn(s.rows, s.tokens, s.channels, device=device, dtype=dtype, generator=g)
+    metric = metric_tensor(s.rows, s.tokens, s.channels, s.heads, dtype, device, g)
     x = torch.randn(s.rows, s.tokens, s.width, device=device, dtype=dtype, generator=g)
     size = torch.randint(1, 5, (s.rows, s.tokens, 1), device=device, generator=g).float()
     return metric, x, size
@@ -182,24 +182,28 @@ def op_fn(op: str, impl: str, s: MergeShape, metric, x, size, compile_backend: s
         return step_norm_fn(backend, impl, s, metric, x, size, compile_backend, compiled)
     if impl == "torch.compile" and compiled is None:
         if op == "best_match":
-            compiled = Compiled(lambda m: reference.best_match(m, s.protected), compile_backend)
+            compiled = Compiled(lambda m: reference.best_match(m, s.protected, s.heads), compile_backend)
         elif op == "match":
-            compiled = Compiled(lambda m: tuple(reference.match(m, s.r, s.protected))[:3], compile_backend)
+            compiled = Compiled(lambda m: tuple(reference.match(m, s.r, s.protected, s.heads))[:3], compile_backend)
         else:
-            compiled = Compiled(lambda m, xx, sz: reference.merge(xx, sz, reference.match(m, s.r, s.protected)),
+            compiled = Compiled(lambda m, xx, sz: reference.merge(xx, sz, reference.match(m, s.r, s.protected,
+                                                                                          s.heads)),
                                 compile_backend)
     fn = compiled
-    plan = ops.match(metric, s.r, s.protected, backend=backend)
+    plan = ops.match(metric, s.r, s.protected, backend=backend, heads=s.heads)
     if op == "best_match":
-        return ((lambda: fn(metric)) if fn else (lambda: ops.best_match(metric, s.protected, backend=backend))), fn
+        return ((lambda: fn(metric)) if fn else
+                (lambda: ops.best_match(metric, s.protected, backend=backend, heads=s.heads))), fn
     if op == "match":
-        return ((lambda: fn(metric)) if fn else (lambda: ops.match(metric, s.r, s.protected, backend=backend))), fn
+        return ((lambda: fn(metric)) if fn else
+                (lambda: ops.match(metric, s.r, s.protected, backend=backend, heads=s.heads))), fn
     if op == "merge_fwd":
         return (lambda: ops.merge(x, size, plan, backend=backend)), fn
     if op == "step_fwd":
         if fn:
             return (lambda: fn(metric, x, size)), fn
-        return (lambda: ops.merge(x, size, ops.match(metric, s.r, s.protected, backend=backend), backend=backend)), fn
+        return (lambda: ops.merge(x, size, ops.match(metric, s.r, s.protected, backend=backend, heads=s.heads),
+                                  backend=backend)), fn
     xg = x.detach().requires_grad_(True)
     grad = upstream_grad(x, s.tokens - s.r)
     if op == "merge_bwd":
@@ -210,7 +214,8 @@ def op_fn(op: str, impl: str, s: MergeShape, metric, x, size, compile_backend: s
         if fn:
             out, _ = fn(metric, xg, size)
         else:
-            out, _ = ops.merge(xg, size, ops.match(metric, s.r, s.protected, backend=backend), backend=backend)
+            out, _ = ops.merge(xg, size, ops.match(metric, s.r, s.protected, backend=backend, heads=s.heads),
+                               backend=backend)
         return torch.autograd.grad(out, xg, grad)
     return fwdbwd, fn
 
@@ -223,12 +228,12 @@ def step_norm_fn(backend: str, impl: str, s: MergeShape, metric, x, size, compil
     residual, weight, bias = norm_inputs(x)
     if impl == "torch.compile":
         compiled = compiled or Compiled(
-            lambda m, xx, sz, res: reference.merge_norm(xx, sz, reference.match(m, s.r, s.protected), weight, bias,
-                                                        NORM_EPS, residual=res), compile_backend)
+            lambda m, xx, sz, res: reference.merge_norm(xx, sz, reference.match(m, s.r, s.protected, s.heads),
+                                                        weight, bias, NORM_EPS, residual=res), compile_backend)
         return (lambda: compiled(metric, x, size, residual)), compiled
 
     def step():
-        plan = ops.match(metric, s.r, s.protected, backend=backend)
+        plan = ops.match(metric, s.r, s.protected, backend=backend, heads=s.heads)
         return ops.merge_norm(x, size, plan, weight, bias, NORM_EPS, backend=backend, residual=residual)
     return step, None
 
@@ -244,7 +249,7 @@ def check_row(op: str, impl: str, s: MergeShape, metric, x, size, fn: Callable[[
             spec = impl.split(":", 1)[1] if impl.startswith("triton:") else None
             backend = "triton" if impl.startswith("triton") else "torch"
             with op_tiles(spec):
-                plan = ops.match(metric, s.r, s.protected, backend=backend)
+                plan = ops.match(metric, s.r, s.protected, backend=backend, heads=s.heads)
         return check_op(op, s, metric, x, size, out, plan)
     except Exception as e:  # noqa: BLE001 (recorded in the row; the next case runs)
         return check_raised(e)

@@ -39,7 +39,7 @@ from tempme_fast import TempMeConfig, token_schedule
 from tempme_fast.loading import DTYPES
 
 from .bench_attention import AttentionShape, layer_attentions
-from .common import VIT_GEOMETRY
+from .common import VIT_GEOMETRY, metric_tensor
 
 # The benchmarks' (depth, tokens per frame, width, heads), plus ViT-L/14: compiling needs no model.
 GEOMETRY = {**VIT_GEOMETRY, "ViT-L-14": (24, 257, 1024, 16)}
@@ -73,6 +73,7 @@ class Step:
     channels: int
     width: int
     r: int
+    heads: int = 1  # the metric is averaged over this many channel groups (after attention: every head's keys)
 
 
 def schedule_steps(model: str, batch: int, config: TempMeConfig = TempMeConfig()) -> List[Step]:
@@ -85,7 +86,7 @@ def schedule_steps(model: str, batch: int, config: TempMeConfig = TempMeConfig()
                               p.group, width, width, p.r_cross))
         if p.r:
             steps.append(Step(model, batch, p.layer, p.kind, batch * p.clips_out, p.tokens_attn, p.protected_out,
-                              1, width // heads, width, p.r))
+                              1, width, width, p.r, heads))
     return steps
 
 
@@ -148,8 +149,7 @@ def step_inputs(step: Step, dtype: torch.dtype, device: str = "meta"):
     if step.group > 1:
         frame_pos = torch.empty(1, clips // step.batch, 1, step.width, dtype=dtype, device=device)
         return x, x, size, frame_pos
-    metric = torch.empty(clips, step.tokens, step.channels, dtype=dtype, device=device)
-    return metric, x, size, None
+    return metric_tensor(clips, step.tokens, step.channels, step.heads, dtype, device), x, size, None
 
 
 def forward_step(step: Step, inputs, stats: bool = False):
@@ -161,7 +161,7 @@ def forward_step(step: Step, inputs, stats: bool = False):
     from tempme_fast.ops import triton_ops
 
     metric, x, size, frame_pos = inputs
-    merged, dst, kept, src, offsets = triton_ops.match_forward(metric, step.r, step.protected, step.group)
+    merged, dst, kept, src, offsets = triton_ops.match_forward(metric, step.r, step.protected, step.group, step.heads)
     norm = (torch.empty(step.width, dtype=x.dtype, device=x.device),) * 2 + (1e-5,)
     residual = torch.empty_like(x) if step.group == 1 else None
     out, size_out, b_size = triton_ops.merge_forward(x, size, merged, dst, kept, step.protected, step.group,
@@ -437,9 +437,10 @@ def bound_args(launch: Launch) -> dict:
 def describe(launch: Launch) -> str:
     """The constexprs and specialised sizes that tell variants apart."""
     bound = bound_args(launch)
-    keys = [k for k in ("C", "D", "GROUP", "HAS_RES", "HAS_POS", "NORM", "STATS", "POS_GRAD", "PLAN", "DOT_MODE",
-                        "HEAD_DIM", "HAS_BIAS", "LOG_BIAS", "STORE_LSE", "BIAS_GRAD", "DKDV", "BLOCK_A", "BLOCK_B",
-                        "BLOCK_C", "BLOCK_M", "BLOCK_N", "BLOCK_T", "BLOCK_D", "num_warps") if k in bound]
+    keys = [k for k in ("C", "HEADS", "D", "GROUP", "HAS_RES", "HAS_POS", "NORM", "STATS", "POS_GRAD", "PLAN",
+                        "DOT_MODE", "HEAD_DIM", "HAS_BIAS", "LOG_BIAS", "STORE_LSE", "BIAS_GRAD", "DKDV", "BLOCK_A",
+                        "BLOCK_B", "BLOCK_C", "BLOCK_M", "BLOCK_N", "BLOCK_T", "BLOCK_D", "num_warps")
+            if k in bound and not (k == "HEADS" and bound[k] == 1)]  # (HEADS: a match averaging heads)
     return " ".join(f"{k}={int(bound[k]) if isinstance(bound[k], bool) else bound[k]}" for k in keys)
 
 

@@ -25,7 +25,8 @@ VIT_GEOMETRY = {"ViT-B-32": (12, 50, 768, 12), "ViT-B-16": (12, 197, 768, 12)}
 
 @dataclass(frozen=True)
 class MergeShape:
-    """One merge as TempMe runs it: ``rows`` clips of ``tokens`` tokens, metric width ``channels``."""
+    """One merge as TempMe runs it: ``rows`` clips of ``tokens`` tokens, metric width ``channels``,
+    matched on the mean of its ``heads`` channel groups (after attention: every head's keys)."""
 
     model: str
     batch: int
@@ -37,6 +38,7 @@ class MergeShape:
     channels: int
     width: int
     r: int
+    heads: int = 1
 
     @property
     def label(self) -> str:
@@ -51,15 +53,26 @@ def merge_shapes(model: str, batch: int, config: TempMeConfig = TempMeConfig()) 
     for p in schedule.layers:
         if p.layer == 0 and p.r:
             shapes.append(MergeShape(model, batch, p.layer, "imgme", batch * p.clips_out, p.tokens_attn,
-                                     p.protected_out, width // heads, width, p.r))
+                                     p.protected_out, width, width, p.r, heads))
         if p.group > 1:
             if p.r_cross:
                 shapes.append(MergeShape(model, batch, p.layer, "cross", batch * p.clips_out, p.tokens_joined,
                                          p.protected_out, width, width, p.r_cross))
             if p.r:
                 shapes.append(MergeShape(model, batch, p.layer, "intra", batch * p.clips_out, p.tokens_attn,
-                                         p.protected_out, width // heads, width, p.r))
+                                         p.protected_out, width, width, p.r, heads))
     return shapes
+
+
+def metric_tensor(rows: int, tokens: int, channels: int, heads: int, dtype: torch.dtype, device,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A merge's metric ``[rows, tokens, channels]`` as the model passes it (random with a
+    ``generator``, else uninitialised): after attention (``heads > 1``) every head's keys, a
+    token-major view of the ``q | k | v`` projection; a join's hidden states otherwise."""
+    shape = (rows, tokens, 3 * channels if heads > 1 else channels)
+    t = (torch.randn(shape, device=device, dtype=dtype, generator=generator) if generator is not None
+         else torch.empty(shape, device=device, dtype=dtype))
+    return t[..., channels:2 * channels] if heads > 1 else t
 
 
 def measure_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float = 25, rep_ms: float = 100,

@@ -19,7 +19,7 @@ OPS = ("best_match", "match", "merge_fwd", "merge_bwd", "step_fwd")
 
 def best_match_flops(s) -> int:
     na, nb = ops.split_sizes(s.tokens, s.protected)
-    return 2 * s.rows * na * nb * s.channels
+    return 2 * s.rows * na * nb * (s.channels // s.heads)  # products of the metric averaged over heads
 
 
 def table(model: str, batch: int, dtype: str, bandwidth: float, flops: float) -> str:
@@ -84,7 +84,7 @@ def norm_table(model: str, batch: int, dtype: str, bandwidth: float, flops: floa
         if not p.r:
             continue
         s = MergeShape(model, batch, p.layer, p.kind, batch * p.clips_out, p.tokens_attn, p.protected_out,
-                       width // heads, width, p.r)
+                       width, width, p.r, heads)
         cells = []
         for variant in NORM_VARIANTS:
             b = norm_step_bytes(s, elt, variant)

@@ -409,10 +409,10 @@ def launch_check_calls() -> List[tuple]:
         shape = (step.clips, step.tokens, 768)
         x = torch.zeros(step.clips * step.tokens * 768 + offset, dtype=dtype)[offset:].view(shape)
         size = torch.ones(step.clips, step.tokens, 1)
-        keys = torch.randn(step.clips, step.tokens, 64, dtype=dtype)
+        keys = torch.randn(step.clips, step.tokens, 3 * 768, dtype=dtype)[..., 768:1536]
         norm = torch.nn.LayerNorm(768, dtype=dtype)
         with torch.inference_mode():
-            calls += count(lambda: encoder._merge_then_norm(x, torch.zeros_like(x), size, None, keys, step.r,
+            calls += count(lambda: encoder._merge_then_norm(x, torch.zeros_like(x), size, None, keys, 12, step.r,
                                                             step.protected, norm, "auto")).calls
     return calls
 
@@ -541,11 +541,12 @@ def step_counts(step: MergeStep, width: int = 768, heads: int = 12, dtype: torch
         def run():
             return encoder._join_then_norm(x, size, step.group, step.protected, step.r, pos, norm, "auto")
     else:
-        keys = torch.empty(step.clips, step.tokens, width // heads, dtype=dtype, device="cpu")
+        keys = torch.empty(step.clips, step.tokens, 3 * width, dtype=dtype, device="cpu")[..., width:2 * width]
         residual = torch.empty_like(x)
 
         def run():
-            return encoder._merge_then_norm(x, residual, size, None, keys, step.r, step.protected, norm, "auto")
+            return encoder._merge_then_norm(x, residual, size, None, keys, heads, step.r, step.protected, norm,
+                                            "auto")
 
     def call():
         with contextlib.nullcontext() if grad else torch.inference_mode():

@@ -93,8 +93,10 @@ def check_op(op: str, s, metric: torch.Tensor, x: torch.Tensor, size: torch.Tens
     fields); ``merge_fwd`` and ``step_fwd`` ``(x, size)``; ``step_norm_fwd`` ``(x, size, ln)`` of the
     inputs of :func:`norm_inputs`; ``merge_bwd`` and ``step_fwdbwd`` ``(grad_x,)`` for
     :func:`upstream_grad`. ``plan``: the plan the merge ops ran on (the same backend's, on ``metric``).
+    The ops match on ``metric`` averaged over ``s.heads`` (``reference.head_mean``), and so does the check.
     """
     verdict = _Verdict()
+    metric = reference.head_mean(metric, s.heads)
     scores = accuracy.cosine_scores(metric, s.protected)
     if op == "best_match":
         got, dst = out

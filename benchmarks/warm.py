@@ -94,7 +94,7 @@ def _tile_sweep_calls(model: str, batch: int, dtype_name: str) -> None:
 
     from .bench_attention import attention_shapes, forward_tiles
     from .bench_ops import NORM_EPS, op_tiles
-    from .common import merge_shapes
+    from .common import merge_shapes, metric_tensor
     from .suite import TILE_SWEEPS
 
     dtype = DTYPES[dtype_name]
@@ -111,13 +111,13 @@ def _tile_sweep_calls(model: str, batch: int, dtype_name: str) -> None:
                         triton_attention.sized_attention(q, k, v, size)
             continue
         for s in merge_shapes(model, batch):
-            metric = torch.empty(s.rows, s.tokens, s.channels, dtype=dtype, device="meta")
+            metric = metric_tensor(s.rows, s.tokens, s.channels, s.heads, dtype, "meta")
             x = torch.empty(s.rows, s.tokens, s.width, dtype=dtype, device="meta")
             size = torch.empty(s.rows, s.tokens, 1, dtype=torch.float32, device="meta")
             for spec in specs:
                 with op_tiles(spec):
                     # As bench_ops.op_fn: the plan first, under the candidate's tiles too.
-                    merged, dst, kept, src, offsets = triton_ops.match_forward(metric, s.r, s.protected)
+                    merged, dst, kept, src, offsets = triton_ops.match_forward(metric, s.r, s.protected, 1, s.heads)
                     if kind == "merge":
                         triton_ops.merge_forward(x, size, merged, dst, kept, s.protected, 1, None, src, offsets)
                     elif kind == "norm" and s.stage != "cross":  # as bench_ops' step_norm_fwd
@@ -125,7 +125,7 @@ def _tile_sweep_calls(model: str, batch: int, dtype_name: str) -> None:
                         triton_ops.merge_norm_forward(x, size, merged, dst, kept, weight, weight, NORM_EPS, s.protected,
                                                       1, None, x, src, offsets)
                     elif kind == "match":
-                        triton_ops.best_match_forward(metric, s.protected)
+                        triton_ops.best_match_forward(metric, s.protected, 1, s.heads)
 
 
 def _bench_ops_calls(s, dtype) -> None:
@@ -135,11 +135,13 @@ def _bench_ops_calls(s, dtype) -> None:
 
     from tempme_fast.ops import triton_ops
 
-    metric = torch.empty(s.rows, s.tokens, s.channels, dtype=dtype, device="meta")
+    from .common import metric_tensor
+
+    metric = metric_tensor(s.rows, s.tokens, s.channels, s.heads, dtype, "meta")
     x = torch.empty(s.rows, s.tokens, s.width, dtype=dtype, device="meta")
     size = torch.empty(s.rows, s.tokens, 1, dtype=torch.float32, device="meta")
-    triton_ops.best_match_forward(metric, s.protected)
-    merged, dst, kept, src, offsets = triton_ops.match_forward(metric, s.r, s.protected)
+    triton_ops.best_match_forward(metric, s.protected, 1, s.heads)
+    merged, dst, kept, src, offsets = triton_ops.match_forward(metric, s.r, s.protected, 1, s.heads)
     out, size_out, b_size = triton_ops.merge_forward(x, size, merged, dst, kept, s.protected, 1, None, src, offsets)
     b_size = triton_ops.merged_b_sizes(size_out, b_size, offsets.shape[1] - 1)
     triton_ops.merge_backward(torch.empty_like(out), size, b_size, merged, dst, kept, s.protected, s.tokens)

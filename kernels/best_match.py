@@ -5,7 +5,9 @@ Twin: ``tempme_fast.ops.reference.best_match`` (and ``reference.match`` with ``P
 addressed by position: A token ``i`` sits at ``A_START + 2 * i`` and B token ``j`` at
 ``B_START + 2 * j`` of its clip, so the kernel reads the metric in place through its strides (no
 split, no normalised copy). With ``GROUP > 1`` the clip is the join of ``GROUP`` input clips, read
-through ``_joined_token`` without copying.
+through ``_joined_token`` without copying. With ``HEADS > 1`` the metric is the mean of ``HEADS``
+groups of ``C`` channels each (a multi-head attention's keys, token-major: the groups ``C`` channels
+apart), taken as the tiles are loaded, so the averaged keys are never written.
 
 Work split: a clip's A tokens are cut into blocks and its B tokens into ``SPLITS`` ranges, one
 program per (A block, B range), so a single clip at a late layer still fills many SMs. Each
@@ -40,9 +42,37 @@ def _dot_tile(a, b, DOT_MODE: tl.constexpr, ACC: tl.constexpr):
         return tl.sum(a.to(ACC)[:, None, :] * b.to(ACC)[None, :, :], axis=2)
 
 
+@triton.jit
+def _metric_tile(ptrs, mask, head_stride, HEADS: tl.constexpr, ACC: tl.constexpr, HEAD_STEP: tl.constexpr):
+    """The metric at ``ptrs`` (0 where not ``mask``), in its dtype. With ``HEADS > 1``: the mean of the
+    ``HEADS`` tiles ``head_stride`` elements apart, summed in ``ACC`` and scaled by ``1 / HEADS`` before
+    rounding to the metric's dtype, as torch's mean over heads (``reference.head_mean``)."""
+    if HEADS == 1:
+        m = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        total = tl.zeros(ptrs.shape, ACC)
+        # HEAD_STEP heads' loads issued together, a loop over such steps (triton_ops.HEAD_LOADS).
+        for h0 in range(0, HEADS, HEAD_STEP):
+            for h in tl.static_range(HEAD_STEP):
+                if HEADS % HEAD_STEP == 0:
+                    at = mask
+                else:
+                    at = mask & (h0 + h < HEADS)
+                total += tl.load(ptrs + (h0 + h) * head_stride, mask=at, other=0.0).to(ACC)
+        mean = total * (1.0 / HEADS)
+        if ptrs.dtype.element_ty == tl.bfloat16:
+            # Rounded to the nearest bfloat16 (ties to even) by hand, then converted exactly: the
+            # interpreter's conversion truncates, the GPU's rounds; both now give torch's mean.
+            bits = mean.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            mean = bits.to(tl.float32, bitcast=True)
+        m = mean.to(ptrs.dtype.element_ty)
+    return m
+
+
 @triton.jit(do_not_specialize=["NA", "NB", "R", "A_START", "B_START", "N_IN", "B_PER", "SPLITS", "PLAN_STRIDE"])
 def _best_match_fwd_kernel(
-    metric_ptr,  # [B' * GROUP, N_IN, C] any float dtype, any strides (a clip of N = GROUP * N_IN tokens)
+    metric_ptr,  # [B' * GROUP, N_IN, HEADS * C] any float dtype, any strides (a clip of N = GROUP * N_IN tokens)
     part_ptr,  # [B', SPLITS, 2, Na] float32 (float64 for a float64 metric) scratch: per-range best, argmax
     scores_ptr,  # [B', Na] part's dtype, contiguous out: best cosine similarity (unused with PLAN)
     dst_ptr,  # [B', Na] int64 contiguous out: B index of the best match (unused with PLAN)
@@ -74,6 +104,10 @@ def _best_match_fwd_kernel(
     SORT_BLOCK: tl.constexpr,  # the plan's sort width, next_power_of_2(Na); 0: the plan counts (match.py)
     GROUP_BLOCK: tl.constexpr,  # the grouping's sort width, next_power_of_2(R); 0: it counts (group.py)
     GROUP_BINS: tl.constexpr,  # the grouping's histogram width, next_power_of_2(NB + 1)
+    HEADS: tl.constexpr = 1,  # the metric is the mean of HEADS groups of C channels (C apart)
+    C_STAGES: tl.constexpr = 3,  # software-pipelining stages of the loops over channel chunks
+    A_KEPT: tl.constexpr = False,  # C <= BLOCK_C: the A tile is loaded once and kept for every B block
+    HEAD_STEP: tl.constexpr = 1,  # with HEADS > 1: heads loaded together, the rest of them a loop over such steps
 ):
     # Axis 0 runs fastest: the programs of one clip run side by side and share its B tokens in L2.
     split = tl.program_id(0) % SPLITS
@@ -83,38 +117,55 @@ def _best_match_fwd_kernel(
     mask_a = offs_a < NA
     a_clip, a_tok = _joined_token(row, A_START + 2 * offs_a, GROUP, C_IN, N_IN)
     a_rows = metric_ptr + a_clip * stride_mb + a_tok * stride_mn
+    head_stride = C * stride_mc
 
-    sq_a = tl.zeros([BLOCK_A], dtype=ACC)
-    # Software-pipelined (the next chunks' loads issued while this one is reduced): a loop of plain
-    # loads waits on memory once per chunk, 12 times over 768 channels before the first product,
-    # on the critical path at one video. Summing the squares inside the first B block's product
-    # loop instead took 64 -> 102 registers on sm_90 at the joins (4 -> 2 programs an SM).
-    for c0 in tl.range(0, C, BLOCK_C, num_stages=3):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        a = tl.load(a_rows[:, None] + offs_c[None, :] * stride_mc,
-                    mask=mask_a[:, None] & (offs_c[None, :] < C), other=0.0).to(ACC)
-        sq_a += tl.sum(a * a, axis=1)
+    if A_KEPT:
+        # One chunk: the A tile (averaged over heads once, not once per B block) stays in registers.
+        offs_c = tl.arange(0, BLOCK_C)
+        a_tile = _metric_tile(a_rows[:, None] + offs_c[None, :] * stride_mc, mask_a[:, None] & (offs_c[None, :] < C),
+                              head_stride, HEADS, ACC, HEAD_STEP)
+        sq_a = tl.sum(a_tile.to(ACC) * a_tile.to(ACC), axis=1)
+    else:
+        sq_a = tl.zeros([BLOCK_A], dtype=ACC)
+        # Software-pipelined (the next chunks' loads issued while this one is reduced): a loop of plain
+        # loads waits on memory once per chunk, 12 times over 768 channels before the first product,
+        # on the critical path at one video. Summing the squares inside the first B block's product
+        # loop instead took 64 -> 102 registers on sm_90 at the joins (4 -> 2 programs an SM).
+        for c0 in tl.range(0, C, BLOCK_C, num_stages=C_STAGES):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            a = _metric_tile(a_rows[:, None] + offs_c[None, :] * stride_mc, mask_a[:, None] & (offs_c[None, :] < C),
+                             head_stride, HEADS, ACC, HEAD_STEP).to(ACC)
+            sq_a += tl.sum(a * a, axis=1)
     # max(norm, tiny) as the reference: a zero row scores 0 against everything instead of NaN.
     inv_a = 1.0 / tl.maximum(tl.sqrt(sq_a), TINY)
 
     best = tl.full([BLOCK_A], float("-inf"), dtype=ACC)
     best_j = tl.zeros([BLOCK_A], dtype=tl.int32)
     b_end = tl.minimum(split * B_PER + B_PER, NB)
-    for b0 in range(split * B_PER, b_end, BLOCK_B):
+    # (Only an innermost loop is software-pipelined: with A_KEPT this one, whose B tiles C_STAGES buffers.)
+    for b0 in tl.range(split * B_PER, b_end, BLOCK_B, num_stages=C_STAGES):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < b_end
         b_clip, b_tok = _joined_token(row, B_START + 2 * offs_b, GROUP, C_IN, N_IN)
         b_rows = metric_ptr + b_clip * stride_mb + b_tok * stride_mn
-        dots = tl.zeros([BLOCK_A, BLOCK_B], dtype=ACC)
-        sq_b = tl.zeros([BLOCK_B], dtype=ACC)
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask_c = offs_c[None, :] < C
-            a = tl.load(a_rows[:, None] + offs_c[None, :] * stride_mc, mask=mask_a[:, None] & mask_c, other=0.0)
-            b = tl.load(b_rows[:, None] + offs_c[None, :] * stride_mc, mask=mask_b[:, None] & mask_c, other=0.0)
-            dots += _dot_tile(a, b, DOT_MODE, ACC)
-            bf = b.to(ACC)
-            sq_b += tl.sum(bf * bf, axis=1)
+        if A_KEPT:
+            b = _metric_tile(b_rows[:, None] + offs_c[None, :] * stride_mc, mask_b[:, None] & (offs_c[None, :] < C),
+                             head_stride, HEADS, ACC, HEAD_STEP)
+            dots = _dot_tile(a_tile, b, DOT_MODE, ACC)
+            sq_b = tl.sum(b.to(ACC) * b.to(ACC), axis=1)
+        else:
+            dots = tl.zeros([BLOCK_A, BLOCK_B], dtype=ACC)
+            sq_b = tl.zeros([BLOCK_B], dtype=ACC)
+            for c0 in tl.range(0, C, BLOCK_C, num_stages=C_STAGES):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                mask_c = offs_c[None, :] < C
+                a = _metric_tile(a_rows[:, None] + offs_c[None, :] * stride_mc, mask_a[:, None] & mask_c,
+                                 head_stride, HEADS, ACC, HEAD_STEP)
+                b = _metric_tile(b_rows[:, None] + offs_c[None, :] * stride_mc, mask_b[:, None] & mask_c,
+                                 head_stride, HEADS, ACC, HEAD_STEP)
+                dots += _dot_tile(a, b, DOT_MODE, ACC)
+                bf = b.to(ACC)
+                sq_b += tl.sum(bf * bf, axis=1)
         inv_b = 1.0 / tl.maximum(tl.sqrt(sq_b), TINY)
         sim = dots * inv_a[:, None] * inv_b[None, :]
         sim = tl.where(mask_b[None, :], sim, float("-inf"))

@@ -96,14 +96,17 @@ def embed_frames(visual: nn.Module, frames: torch.Tensor, track_videos: Optional
 
 def _self_attention(attn: nn.MultiheadAttention, h: torch.Tensor, size: Optional[torch.Tensor],
                     impl: str, backend: str, keys: bool):
-    """Multi-head self-attention with open_clip's weights; returns ``(out [B', N, D], keys [B', N, d])``
+    """Multi-head self-attention with open_clip's weights; returns ``(out [B', N, D], keys [B', N, D])``
     (keys None unless asked for).
 
-    The keys averaged over heads are the merge metric of every merge after attention.
+    ``keys`` are every head's keys, token-major: a view of the projection. Averaged over heads they
+    are the merge metric of the merge after attention, which :func:`ops.match` takes with
+    ``heads`` (on Triton, averaged as the match reads them, never written).
     """
     qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
-    out, metric = ops.self_attention(qkv, attn.num_heads, size, impl=impl, backend=backend, keys=keys)
-    return F.linear(out, attn.out_proj.weight, attn.out_proj.bias), metric
+    out, _ = ops.self_attention(qkv, attn.num_heads, size, impl=impl, backend=backend)
+    width = h.shape[-1]
+    return F.linear(out, attn.out_proj.weight, attn.out_proj.bias), (qkv[..., width:2 * width] if keys else None)
 
 
 def _layer_scale(scale: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -159,11 +162,12 @@ def _block_output(x: torch.Tensor, residual: torch.Tensor, next_norm: Optional[n
     return x, (next_norm, ln)
 
 
-def _merge_then_norm(x, residual, size, sources, metric, r, protected, norm: nn.Module, backend):
-    """The residual add after attention (``x + residual``), the merge, then the block's ``ln_2`` of
-    its output: ``(x, size, sources, ln)``. A LayerNorm goes into the merge op with the add (one
-    pass over the merged tokens on the Triton backend, which never writes the sum)."""
-    plan = ops.match(metric, r, protected, backend=backend)
+def _merge_then_norm(x, residual, size, sources, keys, heads, r, protected, norm: nn.Module, backend):
+    """The residual add after attention (``x + residual``), the merge matched on ``keys`` averaged
+    over ``heads``, then the block's ``ln_2`` of its output: ``(x, size, sources, ln)``. A LayerNorm
+    goes into the merge op with the add (one pass over the merged tokens on the Triton backend,
+    which never writes the sum)."""
+    plan = ops.match(keys, r, protected, backend=backend, heads=heads)
     if not _fusable_add(x, residual):
         x, residual = x + residual, None
     if _fusable_norm(norm):
@@ -224,8 +228,8 @@ def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos
     attn_size = size if options.prop_attn and merged else None
     out, keys = _self_attention(block.attn, h, attn_size, options.attention, options.backend, plan.r > 0)
     if plan.r:
-        x, size, sources, h = _merge_then_norm(x, _layer_scale(block.ls_1, out), size, sources, keys, plan.r, c,
-                                               block.ln_2, options.backend)
+        x, size, sources, h = _merge_then_norm(x, _layer_scale(block.ls_1, out), size, sources, keys,
+                                               block.attn.num_heads, plan.r, c, block.ln_2, options.backend)
     else:
         x = x + _layer_scale(block.ls_1, out)
         h = _layer_norm(block.ln_2, x)

@@ -208,6 +208,49 @@ def _check_grouping(plan, expected):
     assert torch.equal(plan.offsets.cpu(), offsets), "offsets"
 
 
+def tie_free_keys(b, n, c, heads, d, dtype, device, seed=0):
+    """Every head's keys ``[b, n, heads * d]`` as the encoder hands them to the match: a token-major
+    view of a ``q | k | v`` projection, whose mean over heads has no near-ties."""
+    for attempt in range(200):
+        g = torch.Generator().manual_seed(seed * 1000 + attempt)
+        qkv = torch.randn(b, n, 3 * heads * d, generator=g).to(dtype)
+        keys = qkv[..., heads * d:2 * heads * d]
+        sim = similarity64(ref.head_mean(keys, heads), c)
+        top2 = sim.topk(min(2, sim.shape[-1]), dim=-1).values
+        ranked = top2[..., 0].sort(dim=-1).values
+        if (top2[..., 0] - top2[..., -1]).min() > TIE_GAP and ranked.diff(dim=-1).min() > TIE_GAP:
+            return qkv.to(device)[..., heads * d:2 * heads * d]
+    raise AssertionError(f"no tie-free keys found for {(b, n, c, heads, d)}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("b, n, c, heads, d", [(3, 50, 1, 12, 16), (2, 41, 2, 4, 8), (1, 97, 12, 6, 16),
+                                               (2, 33, 1, 5, 24), (2, 29, 0, 3, 80)], ids=str)
+def test_match_averaging_heads(b, n, c, heads, d, dtype, tiling, device, monkeypatch):
+    """The match of the keys averaged over heads, taken as the kernel reads them (``heads=``), equals the
+    reference's match of ``head_mean``: index for index, every A tile kept (``d`` in one channel chunk) or
+    chunked, whole or partial steps of heads."""
+    if tiling == "gpu-tiles" and dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("the GPU's bf16 tl.dot path: the interpreter's bf16 tl.dot is broken (triton 3.8)")
+    keys = tie_free_keys(b, n, c, heads, d, dtype, device)
+    r = ref.max_r(n, c) // 2
+    mean = ref.head_mean(keys.cpu(), heads)
+    assert torch.equal(mean, keys.cpu().unflatten(-1, (heads, d)).mean(dim=2))
+    plan = ops.match(keys, r, c, backend="triton", heads=heads)
+    expected = ref.match(mean.double(), r, c)
+    for name in ("merged", "dst", "kept"):
+        assert torch.equal(getattr(plan, name).cpu(), getattr(expected, name)), name
+    _check_grouping(plan, expected)
+    scores, dst = ops.best_match(keys, c, backend="triton", heads=heads)
+    ref_scores, ref_dst = ref.best_match(mean.double(), c)
+    assert torch.equal(dst.cpu(), ref_dst)
+    assert (scores.double().cpu() - ref_scores).abs().max().item() <= SCORE_TOL[dtype]
+    # The torch backend takes the same mean, and so does the Triton path that averages before matching.
+    assert torch.equal(ops.match(keys, r, c, backend="torch", heads=heads).merged, ref.match(mean, r, c).merged)
+    monkeypatch.setattr(triton_ops, "HEADS_IN_MATCH", False)
+    assert torch.equal(ops.match(keys, r, c, backend="triton", heads=heads).merged.cpu(), expected.merged)
+
+
 @pytest.mark.parametrize("na, r, levels", [(1, 0, 3), (1, 1, 3), (17, 8, 3), (98, 49, 5), (98, 97, 2), (300, 150, 7)],
                          ids=lambda v: str(v))
 def test_match_plan_ties(na, r, levels, device):

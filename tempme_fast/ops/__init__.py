@@ -80,24 +80,28 @@ def _triton_norm():
     return module
 
 
-def best_match(metric: torch.Tensor, protected: int, backend: str = "auto", *,
+def best_match(metric: torch.Tensor, protected: int, backend: str = "auto", *, heads: int = 1,
                check_finite: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Best cosine match in set B for every token of set A.
 
     Args:
         metric: ``[B', N, C]`` float tensor (float16, bfloat16, float32, float64), any strides.
         protected: class tokens at the front, never matched, ``0 <= protected <= N - 2``.
+        heads: match on the mean of the metric's ``heads`` groups of ``C / heads`` channels
+            (``reference.head_mean``): pass a multi-head attention's keys, token-major
+            (``[B', N, heads * d]``, any strides), and the Triton kernel averages them as it reads
+            them, so the averaged keys are never written. ``C`` must be divisible by it.
         check_finite: also refuse a metric holding NaN or Inf (a host synchronisation).
     Returns:
         ``scores [B', Na]`` float32 (float64 for float64 input) and ``dst [B', Na]`` int64.
     """
-    check_metric(metric, protected, check_finite)
+    check_metric(metric, protected, check_finite, heads)
     if resolve_backend(backend, metric) == "triton":
-        return _triton_ops().best_match(metric, protected)
-    return reference.best_match(metric, protected)
+        return _triton_ops().best_match(metric, protected, heads)
+    return reference.best_match(metric, protected, heads)
 
 
-def match(metric: torch.Tensor, r: int, protected: int, backend: str = "auto", *,
+def match(metric: torch.Tensor, r: int, protected: int, backend: str = "auto", *, heads: int = 1,
           check_finite: bool = False) -> MergePlan:
     """Plan one bipartite merge that removes ``r`` tokens (no gradient flows through it).
 
@@ -105,6 +109,7 @@ def match(metric: torch.Tensor, r: int, protected: int, backend: str = "auto", *
         metric: ``[B', N, C]`` float tensor (float16, bfloat16, float32, float64), any strides.
         r: tokens to remove, ``0 <= r <= (N - protected) // 2``.
         protected: class tokens at the front, never merged, ``0 <= protected <= N - 2``.
+        heads: match on the mean of the metric's ``heads`` channel groups, as :func:`best_match`.
         check_finite: also refuse a metric holding NaN or Inf (a host synchronisation). A NaN
             metric has no well-defined ranking, so the two backends may plan differently.
     Returns:
@@ -112,11 +117,11 @@ def match(metric: torch.Tensor, r: int, protected: int, backend: str = "auto", *
         tokens grouped by destination, written in the same launch; its Triton merge then reads them
         instead of grouping the tokens itself. Its index tensors are row views of one buffer.
     """
-    check_metric(metric, protected, check_finite)
+    check_metric(metric, protected, check_finite, heads)
     check_r(r, metric.shape[1], protected)
     if resolve_backend(backend, metric) == "triton":
-        return _triton_ops().match(metric, r, protected)
-    return reference.match(metric, r, protected)
+        return _triton_ops().match(metric, r, protected, heads)
+    return reference.match(metric, r, protected, heads)
 
 
 def merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, backend: str = "auto", *,

@@ -130,9 +130,15 @@ def check_join(x: torch.Tensor, group: int, protected: int, frame_pos: Optional[
             raise ValueError(f"frame_pos is on {frame_pos.device} but x is on {x.device}")
 
 
-def check_metric(metric: torch.Tensor, protected: int, check_finite: bool) -> None:
-    """The metric of a match; with ``check_finite`` also its values."""
+def check_metric(metric: torch.Tensor, protected: int, check_finite: bool, heads: int = 1) -> None:
+    """The metric of a match, averaged over ``heads`` groups of its channels; with ``check_finite``
+    also its values."""
     check_tokens("metric", metric, protected)
+    if heads.__class__ is not int or heads < 1:  # (no call on the hot path: a merge step's host time)
+        check_int("heads", heads, 1)
+    if metric.shape[2] % heads:
+        raise ValueError(f"heads={heads} must divide the metric's {metric.shape[2]} channels (shape "
+                         f"{tuple(metric.shape)}): the metric is averaged over heads groups of equal width")
     if check_finite:
         assert_finite("metric", metric)
 

@@ -87,18 +87,26 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def best_match(metric: torch.Tensor, protected: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def head_mean(metric: torch.Tensor, heads: int) -> torch.Tensor:
+    """``metric [B', N, heads * d]`` averaged over its ``heads`` groups of ``d`` channels: ``[B', N, d]``
+    (the metric itself for one head). The merge metric after attention is the keys of a multi-head
+    attention averaged over heads; token-major keys hold head ``h`` in channels ``h d .. (h + 1) d``."""
+    return metric if heads == 1 else metric.unflatten(-1, (heads, -1)).mean(dim=2)
+
+
+def best_match(metric: torch.Tensor, protected: int, heads: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
     """For every A token, its best cosine similarity to a B token and that B token's index.
 
     Args:
         metric: ``[B', N, C]`` any float dtype; compared in float32 (float64 stays float64).
         protected: ``c``, class tokens at the front that take no part.
+        heads: compare :func:`head_mean` of the metric (``C`` divisible by it).
     Returns:
         ``scores [B', Na]`` (float32, or float64 for float64 input) and ``dst [B', Na]`` int64;
         on ties the lowest B index wins.
     """
     a_set, b_set = split_slices(protected)
-    metric = metric.to(accumulation_dtype(metric.dtype))
+    metric = head_mean(metric, heads).to(accumulation_dtype(metric.dtype))
     # Dividing by max(norm, tiny) equals plain division for every non-zero vector and keeps an
     # all-zero metric row finite (score 0) instead of NaN.
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
@@ -107,16 +115,17 @@ def best_match(metric: torch.Tensor, protected: int) -> Tuple[torch.Tensor, torc
     return best, dst
 
 
-def match(metric: torch.Tensor, r: int, protected: int) -> MergePlan:
+def match(metric: torch.Tensor, r: int, protected: int, heads: int = 1) -> MergePlan:
     """Bipartite soft matching: choose the ``r`` A tokens to merge and their destinations.
 
     Args:
         metric: ``[B', N, C]``.
         r: tokens to remove, ``0 <= r <= (N - c) // 2``.
         protected: ``c``.
+        heads: match on :func:`head_mean` of the metric.
     """
     with torch.no_grad():
-        scores, dst = best_match(metric, protected)
+        scores, dst = best_match(metric, protected, heads)
         # Highest score first; a stable sort keeps the lower A index first on ties.
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
         merged = order[:, :r]

@@ -43,7 +43,7 @@ from tempme_kernels.merge import _merge_bwd_kernel, _merge_fwd_kernel, _merge_in
 from .eager import cast, custom_op_or, detached, needs_grad, use_custom_ops
 from .launch import launch
 from .memo import forget_on_assign, remembered
-from .reference import MergePlan, accumulation_dtype, split_sizes, split_starts
+from .reference import MergePlan, accumulation_dtype, head_mean, split_sizes, split_starts
 
 __all__ = ["MergeFunction", "MergeNormFunction", "best_match", "best_match_forward", "join_merge",
            "join_merge_norm", "layer_norm_backward", "match", "match_buffer_forward", "match_forward",
@@ -85,6 +85,17 @@ GPU_FILL = 264
 # ViT-B/16 (32 videos, 768 channels) at about 5 TFLOP/s, 0.28x the float32 reference's matmul.
 FP32_PRODUCTS = "tf32x3"
 _FP32_DOT_MODES = {"ieee": 1, "tf32x3": 3}
+# A match that averages heads (the keys after attention) loads this many heads' tiles together at most
+# (the largest divisor of the head count up to it), the rest in a loop; MATCH_HEADS_MAXNREG caps the
+# registers a thread of its 8-warp programs (16-bit metrics): ptxas, left to itself, held one variant
+# (ViT-B/32 layer 10, fp16, sm_80) at 80 registers and spilled 8 B; capped at 128 it takes 107 and spills
+# nothing. (Capped at 128, the 4-warp float32 matches spill 8 B on sm_90: they take up to 136 without.)
+HEAD_LOADS = 4
+MATCH_HEADS_MAXNREG = 128
+# Whether the match averages the keys over heads as it loads them (True), or torch averages them first and
+# the match reads the mean (False: one more kernel and buffer a merge step, as before the match took
+# ``heads``; bench_model's ``tempme-triton-mean`` rows time that path against this one).
+HEADS_IN_MATCH = True
 
 
 def _interpreting() -> bool:
@@ -295,10 +306,10 @@ class _MatchLaunch(NamedTuple):
     meta: dict
 
 
-def _match_launch(shape, strides, dtype: torch.dtype, protected: int, group: int, r: int,
-                  plan: bool) -> _MatchLaunch:
+def _match_launch(shape, strides, dtype: torch.dtype, protected: int, group: int, r: int, plan: bool,
+                  heads: int) -> _MatchLaunch:
     rows, tokens, c = shape[0] // group, shape[1] * group, protected * group
-    channels = shape[2]
+    channels = shape[2] // heads
     na, nb, a_start, b_start = _positions(tokens, c)
     acc = accumulation_dtype(dtype)
     tiles = _match_tiles(rows, na, nb, channels, dtype)
@@ -307,14 +318,30 @@ def _match_launch(shape, strides, dtype: torch.dtype, protected: int, group: int
     scalars = (na, nb, r, channels, a_start, b_start, group, protected, shape[1], b_per, splits,
                plan_width if plan else na, *strides)
     meta = dict(TINY=torch.finfo(acc).tiny, PLAN=plan, SORT_BLOCK=_plan_sort_block(na, acc) if plan else 0,
-                **(_grouping_widths(r, nb) if plan else {"GROUP_BLOCK": 0, "GROUP_BINS": 0}), **tiles)
+                **(_grouping_widths(r, nb) if plan else {"GROUP_BLOCK": 0, "GROUP_BINS": 0}), **tiles,
+                **_head_meta(heads, channels, tiles["BLOCK_C"], tiles["num_warps"]))
     return _MatchLaunch(rows, na, acc, (rows, splits, 2, na), plan_width, (a_blocks * splits, rows), scalars, meta)
 
 
-def _launch_match(metric: torch.Tensor, protected: int, group: int, r: int, plan: bool):
+def _head_meta(heads: int, channels: int, block_c: int, num_warps: int) -> Dict[str, object]:
+    """The match kernel's ``HEADS``, ``C_STAGES``, ``A_KEPT``, ``HEAD_STEP`` and, averaging heads, its
+    register cap. For one head the loops over channel chunks are software-pipelined over 3 stages (as the
+    kernel's default); averaging heads, each stage would buffer ``HEADS`` tiles of A and of B in shared
+    memory (576 KB at ViT-B), so they are not, and where a head's channels are one chunk the averaged A
+    tile is kept for every B block rather than averaged again for each."""
+    if heads == 1:
+        return {"HEADS": 1, "C_STAGES": 3, "A_KEPT": False, "HEAD_STEP": 1}
+    step = max(s for s in range(1, min(heads, HEAD_LOADS) + 1) if heads % s == 0)
+    meta = {"HEADS": heads, "C_STAGES": 1, "A_KEPT": channels <= block_c, "HEAD_STEP": step}
+    if num_warps == 8:
+        meta["maxnreg"] = MATCH_HEADS_MAXNREG
+    return meta
+
+
+def _launch_match(metric: torch.Tensor, protected: int, group: int, r: int, plan: bool, heads: int = 1):
     shape, strides, dtype = metric.shape, metric.stride(), metric.dtype
-    d = remembered(("match", shape, strides, dtype, protected, group, r, plan),
-                   lambda: _match_launch(shape, strides, dtype, protected, group, r, plan))
+    d = remembered(("match", shape, strides, dtype, protected, group, r, plan, heads),
+                   lambda: _match_launch(shape, strides, dtype, protected, group, r, plan, heads))
     device = metric.device
     count, part = _match_scratch(device, d.rows, d.part_shape, d.acc)
     if plan:
@@ -327,24 +354,27 @@ def _launch_match(metric: torch.Tensor, protected: int, group: int, r: int, plan
     return out
 
 
-def best_match_forward(metric: torch.Tensor, protected: int, group: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+def best_match_forward(metric: torch.Tensor, protected: int, group: int = 1, heads: int = 1
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Best cosine match in B for every A token (one launch).
 
     Args:
         metric: ``[B' * group, N_in, C]`` float16/bfloat16/float32/float64, any strides.
         protected: class tokens at the front of each of those clips.
         group: clips joined into one before matching (1: no join).
+        heads: match on ``reference.head_mean(metric, heads)``, taken as the kernel loads the metric.
     Returns:
         ``scores [B', Na]`` float32 (float64 for float64 input), ``dst [B', Na]`` int64, for the
         joined clips of ``N = group * N_in`` tokens.
     """
-    return _launch_match(metric, protected, group, 0, plan=False)
+    return _launch_match(metric, protected, group, 0, False, heads)
 
 
-def match_buffer_forward(metric: torch.Tensor, r: int, protected: int, group: int = 1) -> torch.Tensor:
+def match_buffer_forward(metric: torch.Tensor, r: int, protected: int, group: int = 1, heads: int = 1
+                         ) -> torch.Tensor:
     """Best match, merge plan and the plan's grouping by destination in one launch, written to one
     int64 buffer ``[B', 2 r + Na + Nb + 1]`` (one allocation); :func:`match_forward` gives its parts."""
-    return _launch_match(metric, protected, group, r, plan=True)
+    return _launch_match(metric, protected, group, r, True, heads)
 
 
 def _split_plan(buf: torch.Tensor, metric: torch.Tensor, r: int, protected: int, group: int) -> Tuple[torch.Tensor, ...]:
@@ -357,12 +387,13 @@ def _split_plan(buf: torch.Tensor, metric: torch.Tensor, r: int, protected: int,
     return buf.split_with_sizes(widths, 1)
 
 
-def match_forward(metric: torch.Tensor, r: int, protected: int, group: int = 1) -> Tuple[torch.Tensor, ...]:
+def match_forward(metric: torch.Tensor, r: int, protected: int, group: int = 1, heads: int = 1
+                  ) -> Tuple[torch.Tensor, ...]:
     """Best match and merge plan in one launch: ``merged [B', r]``, ``merged_dst [B', r]``,
     ``kept [B', Na - r]``, as :func:`match_plan_forward` of :func:`best_match_forward`, then the
     merged tokens grouped by destination, ``src [B', r]`` and ``offsets [B', Nb + 1]``
     (``reference.group_sources``); all int64, views of the rows of one buffer."""
-    return _split_plan(match_buffer_forward(metric, r, protected, group), metric, r, protected, group)
+    return _split_plan(match_buffer_forward(metric, r, protected, group, heads), metric, r, protected, group)
 
 
 def match_plan_forward(scores: torch.Tensor, dst: torch.Tensor, r: int
@@ -618,12 +649,13 @@ def _merge_bwd_launch(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.
 # ---------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("tempme::best_match", mutates_args=())
-def _best_match_op(metric: torch.Tensor, protected: int, group: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
-    return best_match_forward(metric, protected, group)
+def _best_match_op(metric: torch.Tensor, protected: int, group: int = 1, heads: int = 1
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    return best_match_forward(metric, protected, group, heads)
 
 
 @_best_match_op.register_fake
-def _(metric, protected, group=1):
+def _(metric, protected, group=1, heads=1):
     rows, tokens, c = _joined_shape(metric, protected, group)
     na, _ = split_sizes(tokens, c)
     return (metric.new_empty((rows, na), dtype=accumulation_dtype(metric.dtype)),
@@ -631,13 +663,13 @@ def _(metric, protected, group=1):
 
 
 @torch.library.custom_op("tempme::match", mutates_args=())
-def _match_op(metric: torch.Tensor, r: int, protected: int, group: int = 1) -> torch.Tensor:
+def _match_op(metric: torch.Tensor, r: int, protected: int, group: int = 1, heads: int = 1) -> torch.Tensor:
     # One buffer: a custom op's outputs may not alias one another, so the parts are taken outside.
-    return match_buffer_forward(metric, r, protected, group)
+    return match_buffer_forward(metric, r, protected, group, heads)
 
 
 @_match_op.register_fake
-def _(metric, r, protected, group=1):
+def _(metric, r, protected, group=1, heads=1):
     rows, tokens, c = _joined_shape(metric, protected, group)
     return metric.new_empty((rows, sum(_plan_widths(r, *split_sizes(tokens, c)))), dtype=torch.int64)
 
@@ -707,11 +739,13 @@ _merge_norm_fwd = custom_op_or(merge_norm_forward, "merge_norm_fwd")
 _merge_bwd = custom_op_or(merge_backward, "merge_bwd")
 
 
-def _match(metric: torch.Tensor, r: int, protected: int, group: int = 1) -> MergePlan:
+def _match(metric: torch.Tensor, r: int, protected: int, group: int = 1, heads: int = 1) -> MergePlan:
     """The :class:`MergePlan` of the (joined) clips, with its grouping by destination."""
+    if heads > 1 and not HEADS_IN_MATCH:
+        metric, heads = head_mean(metric, heads), 1
     # The launcher reads a metric that requires grad as it is (its outputs are indices); the custom op,
     # which autograd would otherwise be asked to differentiate, gets it detached.
-    buf = _match_call(detached(metric) if use_custom_ops() else metric, r, protected, group)
+    buf = _match_call(detached(metric) if use_custom_ops() else metric, r, protected, group, heads)
     merged, dst, kept, src, offsets = _split_plan(buf, metric, r, protected, group)
     return MergePlan(merged, dst, kept, metric.shape[1] * group, protected * group, src, offsets)
 
@@ -861,15 +895,17 @@ def _merge_norm_autograd(x, size, plan: MergePlan, group: int, frame_pos, weight
     return out, size_out, ln
 
 
-def best_match(metric: torch.Tensor, protected: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def best_match(metric: torch.Tensor, protected: int, heads: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
     """``scores [B', Na]`` float32 (float64 for float64 metric), ``dst [B', Na]`` int64."""
-    return _best_match_call(metric, protected)
+    if heads > 1 and not HEADS_IN_MATCH:
+        metric, heads = head_mean(metric, heads), 1
+    return _best_match_call(metric, protected, 1, heads)
 
 
-def match(metric: torch.Tensor, r: int, protected: int) -> MergePlan:
+def match(metric: torch.Tensor, r: int, protected: int, heads: int = 1) -> MergePlan:
     """The :class:`MergePlan` that removes ``r`` tokens, index for index equal to ``reference.match``
     (and, in ``src`` and ``offsets``, its grouping by destination, for :func:`merge`)."""
-    return _match(metric, r, protected)
+    return _match(metric, r, protected, 1, heads)
 
 
 def merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> Tuple[torch.Tensor, torch.Tensor]:
