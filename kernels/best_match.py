@@ -51,14 +51,10 @@ def _metric_tile(ptrs, mask, head_stride, HEADS: tl.constexpr, ACC: tl.constexpr
         m = tl.load(ptrs, mask=mask, other=0.0)
     else:
         total = tl.zeros(ptrs.shape, ACC)
-        # HEAD_STEP heads' loads issued together, a loop over such steps (triton_ops.HEAD_LOADS).
+        # HEAD_STEP (a divisor of HEADS) heads' loads issued together, a loop over such steps.
         for h0 in range(0, HEADS, HEAD_STEP):
             for h in tl.static_range(HEAD_STEP):
-                if HEADS % HEAD_STEP == 0:
-                    at = mask
-                else:
-                    at = mask & (h0 + h < HEADS)
-                total += tl.load(ptrs + (h0 + h) * head_stride, mask=at, other=0.0).to(ACC)
+                total += tl.load(ptrs + (h0 + h) * head_stride, mask=mask, other=0.0).to(ACC)
         mean = total * (1.0 / HEADS)
         if ptrs.dtype.element_ty == tl.bfloat16:
             # Rounded to the nearest bfloat16 (ties to even) by hand, then converted exactly: the
@@ -107,7 +103,7 @@ def _best_match_fwd_kernel(
     HEADS: tl.constexpr = 1,  # the metric is the mean of HEADS groups of C channels (C apart)
     C_STAGES: tl.constexpr = 3,  # software-pipelining stages of the loops over channel chunks
     A_KEPT: tl.constexpr = False,  # C <= BLOCK_C: the A tile is loaded once and kept for every B block
-    HEAD_STEP: tl.constexpr = 1,  # with HEADS > 1: heads loaded together, the rest of them a loop over such steps
+    HEAD_STEP: tl.constexpr = 1,  # with HEADS > 1: heads loaded together (a divisor of HEADS), a loop of such steps
 ):
     # Axis 0 runs fastest: the programs of one clip run side by side and share its B tokens in L2.
     split = tl.program_id(0) % SPLITS

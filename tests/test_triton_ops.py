@@ -225,7 +225,7 @@ def tie_free_keys(b, n, c, heads, d, dtype, device, seed=0):
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("b, n, c, heads, d", [(3, 50, 1, 12, 16), (2, 41, 2, 4, 8), (1, 97, 12, 6, 16),
-                                               (2, 33, 1, 5, 24), (2, 29, 0, 3, 80)], ids=str)
+                                               (2, 33, 1, 5, 24), (2, 29, 0, 3, 80), (2, 29, 1, 16, 8)], ids=str)
 def test_match_averaging_heads(b, n, c, heads, d, dtype, tiling, device, monkeypatch):
     """The match of the keys averaged over heads, taken as the kernel reads them (``heads=``), equals the
     reference's match of ``head_mean``: index for index, every A tile kept (``d`` in one channel chunk) or
@@ -249,6 +249,17 @@ def test_match_averaging_heads(b, n, c, heads, d, dtype, tiling, device, monkeyp
     assert torch.equal(ops.match(keys, r, c, backend="torch", heads=heads).merged, ref.match(mean, r, c).merged)
     monkeypatch.setattr(triton_ops, "HEADS_IN_MATCH", False)
     assert torch.equal(ops.match(keys, r, c, backend="triton", heads=heads).merged.cpu(), expected.merged)
+
+
+@pytest.mark.parametrize("loads", [1, 2, 4, 5])
+def test_match_averaging_heads_in_steps(loads, device, monkeypatch):
+    """Ten heads loaded ``HEAD_LOADS`` at a time at most (steps of 1, 2, 2 and 5 heads): the same plan."""
+    monkeypatch.setattr(triton_ops, "HEAD_LOADS", loads)
+    keys = tie_free_keys(2, 45, 1, 10, 8, torch.float32, device, seed=loads)
+    expected = ref.match(ref.head_mean(keys.cpu(), 10).double(), 11, 1)
+    plan = ops.match(keys, 11, 1, backend="triton", heads=10)
+    for name in ("merged", "dst", "kept"):
+        assert torch.equal(getattr(plan, name).cpu(), getattr(expected, name)), name
 
 
 @pytest.mark.parametrize("na, r, levels", [(1, 0, 3), (1, 1, 3), (17, 8, 3), (98, 49, 5), (98, 97, 2), (300, 150, 7)],

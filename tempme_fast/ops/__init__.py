@@ -295,7 +295,9 @@ def self_attention(qkv: torch.Tensor, heads: int, size: Optional[torch.Tensor] =
         qkv: ``[B', N, 3 * D]``, as ``nn.MultiheadAttention``'s ``in_proj`` writes it (``heads``
             heads of ``d = D / heads`` channels in each of q, k and v).
         size, impl, backend: as :func:`attention`.
-        keys: also return the keys averaged over heads (the merge metric).
+        keys: also return the keys averaged over heads (the merge metric). To match on them without
+            writing the average, pass the keys ``qkv[..., D:2 * D]`` to :func:`match` with ``heads``
+            instead, as the encoder does: the Triton match averages them as it reads them.
     Returns:
         ``(out [B', N, D], keys [B', N, d] or None)``: ``out`` is :func:`attention` of the heads,
         concatenated in head order. Equal to splitting ``qkv`` into ``[B', H, N, d]`` tensors and

@@ -86,10 +86,12 @@ GPU_FILL = 264
 FP32_PRODUCTS = "tf32x3"
 _FP32_DOT_MODES = {"ieee": 1, "tf32x3": 3}
 # A match that averages heads (the keys after attention) loads this many heads' tiles together at most
-# (the largest divisor of the head count up to it), the rest in a loop; MATCH_HEADS_MAXNREG caps the
-# registers a thread of its 8-warp programs (16-bit metrics): ptxas, left to itself, held one variant
-# (ViT-B/32 layer 10, fp16, sm_80) at 80 registers and spilled 8 B; capped at 128 it takes 107 and spills
-# nothing. (Capped at 128, the 4-warp float32 matches spill 8 B on sm_90: they take up to 136 without.)
+# (the largest divisor of the head count up to it: 4 of ViT-B's 12), the rest in a loop, one wait on memory
+# a step. MATCH_HEADS_MAXNREG caps the registers a thread of its 8-warp programs (16-bit metrics): uncapped,
+# ptxas held one variant (ViT-B/32 layer 10, fp16, sm_80) at 80 registers with an 8 B spill; capped at 128,
+# none spills (105-127 registers). All 12 heads at once, capped, compile without a spill with triton 3.8's
+# ptxas but spill 144-944 B on sm_80 with triton 3.6's; uncapped they spilled 16-24 B there with 3.8's. The
+# 4-warp float32 matches are not capped: at 128 they spilled 8 B on sm_90, and they take up to 168 without.
 HEAD_LOADS = 4
 MATCH_HEADS_MAXNREG = 128
 # Whether the match averages the keys over heads as it loads them (True), or torch averages them first and
