@@ -6,6 +6,10 @@ state; gradients freed), from ``tempme_fast.bench.peak_memory_mb`` (CUDA allocat
 live tensors): for the whole step, and for forward + backward alone (activations and gradients, without
 the optimiser's parameter-sized temporaries, which dominate a full fine-tuning step at small batches).
 
+With ``--compile BACKEND`` every variant also runs compiled (row ``<variant>+compile``): both towers' forward
+under ``torch.compile`` and, through AOTAutograd, its backward, as ``TrainConfig(compile=BACKEND)`` trains;
+the compiling happens in the warm-up steps, and ``compiled_graphs`` says how many graphs ran.
+
 Each Triton row is checked: before any timed step changes the weights, one forward and backward on each
 backend gives every trainable parameter's gradient, and the Triton ones are held to the torch backend's with
 ``tempme_fast.ops.accuracy.GRADIENT_TOL`` of the autocast dtype (columns ``agrees``, ``rel_err``; a row that
@@ -33,7 +37,7 @@ from tempme_fast.lora import add_lora, mark_trainable
 from tempme_fast.train import (PRECISIONS, VideoTextForward, contrastive_loss, make_optimizer, set_grad_checkpointing,
                                train_step)
 
-from .common import RowLog, add_row_log_arguments, environment
+from .common import Compiled, RowLog, add_row_log_arguments, environment
 from .oracle import check_gradients, check_raised, parameter_grads
 
 
@@ -48,10 +52,12 @@ def _batch(model, batch: int, frames: int, context: int, device, seed: int = 0):
 
 
 def forward_backward(model, batch, autocast: Optional[torch.dtype], device: torch.device) -> None:
-    """Both towers forward (under ``autocast``), the contrastive loss, backward: a step without the optimiser."""
+    """Both towers forward (under ``autocast``), the contrastive loss, backward: a step without the optimiser.
+    ``model``: a CLIP, or a (compiled) :class:`VideoTextForward` of one."""
     amp = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
     with amp:
-        outputs = VideoTextForward.encode(model, *batch)
+        outputs = model(*batch) if isinstance(getattr(model, "_orig_mod", model), VideoTextForward) \
+            else VideoTextForward.encode(model, *batch)
     contrastive_loss(*outputs).backward()
 
 
@@ -86,6 +92,10 @@ def bench(args, log: Optional[RowLog] = None) -> List[dict]:
     backends = args.backends or default_backends(device)
     variants = [("unmerged", TempMeConfig.unmerged(args.frames), "torch")]
     variants += [("TempMe", config_from_args(args), b) for b in backends]
+    compile_backend = getattr(args, "compile", None)
+    runs = [(name, config, backend, False) for name, config, backend in variants]
+    if compile_backend:
+        runs += [(name + "+compile", config, backend, True) for name, config, backend in variants]
     rows = []
     for mode in args.modes:
         torch.manual_seed(0)
@@ -102,21 +112,24 @@ def bench(args, log: Optional[RowLog] = None) -> List[dict]:
                                                       args.grad_checkpointing)
                     except Exception as e:  # noqa: BLE001 (recorded in the row; the timing still runs)
                         checks[name] = check_raised(e)
-        for name, config, backend in variants:
+        for name, config, backend, compiled in runs:
             apply_tempme(model, config, backend=backend)
             try:
                 trainable = mark_trainable(model, mode)
                 set_grad_checkpointing(model, args.grad_checkpointing)
                 opt = make_optimizer(model, lr=1e-5)
+                # As TrainConfig(compile=...) trains: both towers' forward compiled, for this batch shape.
+                compiler = Compiled(VideoTextForward(model), compile_backend) if compiled else None
+                forward = compiler.fn if compiled else model
 
                 def step():
-                    return train_step(model, batch, opt, scaler=scaler, autocast_dtype=autocast)
+                    return train_step(forward, batch, opt, scaler=scaler, autocast_dtype=autocast)
 
-                times = time_calls(step, device, args.repeats, args.warmup)
+                times = time_calls(step, device, args.repeats, max(args.warmup, int(compiled)))
                 opt.zero_grad(set_to_none=True)
                 memory = peak_memory_mb(step, device)
                 opt.zero_grad(set_to_none=True)
-                activations = peak_memory_mb(lambda: forward_backward(model, batch, autocast, device), device)
+                activations = peak_memory_mb(lambda: forward_backward(forward, batch, autocast, device), device)
                 opt.zero_grad(set_to_none=True)
             finally:
                 remove_tempme(model)
@@ -125,7 +138,8 @@ def bench(args, log: Optional[RowLog] = None) -> List[dict]:
                    "precision": args.precision, "batch": args.batch, "model": args.model,
                    "trainable_params": trainable, "step_ms": median, "step_min_ms": min(times),
                    "step_max_ms": max(times), "videos_per_s": args.batch / (median / 1e3),
-                   "peak_mem_mb": memory, "fwd_bwd_mem_mb": activations}
+                   "peak_mem_mb": memory, "fwd_bwd_mem_mb": activations,
+                   **(compiler.record() if compiled else {})}
             base = next(r for r in rows + [row] if r["mode"] == mode and r["variant"] == "unmerged")
             row["speedup"] = base["step_ms"] / row["step_ms"]
             row["memory_ratio"] = row["peak_mem_mb"] / base["peak_mem_mb"]
@@ -133,7 +147,7 @@ def bench(args, log: Optional[RowLog] = None) -> List[dict]:
             if backend == "triton" and name in checks:
                 row.update(checks[name])
             rows.append(log(row))
-            print(f"  {mode:4s} {name:8s} {rows[-1]['backend']:6s} {median:9.1f} ms  {memory:8.0f} MiB step  "
+            print(f"  {mode:4s} {name:15s} {rows[-1]['backend']:6s} {median:9.1f} ms  {memory:8.0f} MiB step  "
                   f"{activations:8.0f} MiB fwd+bwd", flush=True)
     return rows
 
@@ -177,6 +191,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="also time every variant with both towers compiled by this torch.compile backend "
+                             "(rows <variant>+compile; the warm-up compiles)")
     parser.add_argument("--json", default=None, metavar="PATH", help="all rows in one JSON file, at the end")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="do not hold the Triton backend's gradients to the torch backend's (columns agrees, "

@@ -171,10 +171,10 @@ class Compiled:
             self.graphs += 1
             return inner(gm, example_inputs)
         self.backend = backend
-        self._fn = torch.compile(fn, backend=counting, dynamic=False)
+        self.fn = torch.compile(fn, backend=counting, dynamic=False)
 
     def __call__(self, *args):
-        return self._fn(*args)
+        return self.fn(*args)
 
     def record(self) -> Dict[str, object]:
         return {"compiled": self.graphs > 0, "compiled_graphs": self.graphs, "compile_backend": self.backend}

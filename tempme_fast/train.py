@@ -91,9 +91,15 @@ class VideoTextForward(nn.Module):
         return clip.encode_video(video, mask), clip.encode_text(tokens), clip.logit_scale
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile``'s and ``DistributedDataParallel``'s wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The CLIP inside a ``DistributedDataParallel`` / :class:`VideoTextForward` wrapper."""
-    model = getattr(model, "module", model)
+    """The CLIP inside ``torch.compile``, ``DistributedDataParallel`` and :class:`VideoTextForward` wrappers."""
+    model = _unwrapped(model)
     return model.clip if isinstance(model, VideoTextForward) else model
 
 
@@ -144,8 +150,9 @@ def train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer,
     """One optimisation step of the symmetric InfoNCE loss on one batch.
 
     Args:
-        model: a TempMe-patched CLIP in train mode, or ``DistributedDataParallel`` around
-            :class:`VideoTextForward` of one (:func:`tempme_fast.distributed.wrap_ddp`).
+        model: a TempMe-patched CLIP in train mode, or :class:`VideoTextForward` of one, wrapped in
+            ``DistributedDataParallel`` (:func:`tempme_fast.distributed.wrap_ddp`), ``torch.compile``
+            or both (compile outermost).
         batch: ``(video, tokens[, mask])`` or a dict with those keys (see :func:`unpack_batch`);
             moved to the model's device. Tokens shorter than the text tower's context are zero-padded.
         optimizer: over the trainable parameters; gradients are zeroed first.
@@ -169,7 +176,7 @@ def train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer,
     optimizer.zero_grad(set_to_none=True)
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     with amp:
-        if isinstance(getattr(model, "module", model), VideoTextForward):
+        if isinstance(_unwrapped(model), VideoTextForward):
             video_emb, text_emb, logit_scale = model(video, tokens, mask)
         else:
             video_emb, text_emb, logit_scale = VideoTextForward.encode(model, video, tokens, mask)

@@ -70,6 +70,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="compute dtype: autocast over fp32 weights (default: bf16 on CUDA, fp32 on CPU, where "
                         "bf16 autocast is many times slower); fp16 uses a grad scaler")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the training forward and backward (backend default: inductor); the first "
+                        "step compiles")
     g.add_argument("--seed", type=int, default=0, help="seeds the model init, data order and RNGs")
 
     g = parser.add_argument_group("output")
@@ -153,7 +156,7 @@ def _train_config(args, precision: str):
                        warmup=args.warmup, grad_clip=args.grad_clip, precision=precision,
                        grad_checkpointing=args.grad_checkpointing, lora_rank=args.lora_rank,
                        lora_scale=args.lora_scale, log_every=args.log_every, save_every=args.save_every or None,
-                       max_steps=args.max_steps)
+                       max_steps=args.max_steps, compile=args.compile)
 
 
 def _check_arguments(args) -> None:

@@ -63,6 +63,10 @@ class TrainConfig:
         steps_per_epoch: needed when the data has no ``len``.
         max_steps: stop after this many steps in all (the schedule still spans every epoch); for
             smoke runs and tests.
+        compile: a ``torch.compile`` backend (``"inductor"``, ``"aot_eager"``, ...; see
+            ``torch.compiler.list_backends()``) that compiles the training forward of both towers, and
+            through AOTAutograd its backward; None (default) trains eagerly. The first step, and the
+            first of each new batch size, compiles.
     """
 
     mode: str = "lora"
@@ -81,6 +85,7 @@ class TrainConfig:
     save_every: Optional[int] = DEFAULT_SAVE_EVERY
     steps_per_epoch: Optional[int] = None
     max_steps: Optional[int] = None
+    compile: Optional[str] = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -102,6 +107,11 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be {valid[name]}")
         self.betas = tuple(self.betas)
+        if self.compile is not None:
+            if not isinstance(self.compile, str) or self.compile not in torch.compiler.list_backends(exclude_tags=()):
+                raise ConfigError(f"compile={self.compile!r} is not a torch.compile backend; valid: None (eager) "
+                                  f"or a name torch.compiler.list_backends() gives: "
+                                  f"{', '.join(torch.compiler.list_backends())}")
 
 
 class Trainer:
@@ -139,7 +149,7 @@ class Trainer:
         self.trainable = mark_trainable(model, config.mode)
         set_grad_checkpointing(model, config.grad_checkpointing)
         self.device = next(model.parameters()).device
-        self.forward_model = distributed.wrap_ddp(VideoTextForward(model)) if self.world_size > 1 else model
+        self.forward_model = self._forward_model(model)
         self.optimizer = make_optimizer(model, config.lr, config.weight_decay, config.betas, config.eps)
         self.steps_per_epoch = self._steps_per_epoch()
         self.total_steps = self.steps_per_epoch * config.epochs
@@ -160,6 +170,18 @@ class Trainer:
             resume = auto if auto and os.path.isfile(auto) else None
         if resume:
             self.load_checkpoint(resume)
+
+    def _forward_model(self, model: nn.Module) -> nn.Module:
+        """What :func:`train_step` calls: the model, or :class:`VideoTextForward` of it wrapped in DDP (several
+        processes) and then compiled (``config.compile``; one graph per batch shape, not a dynamic one)."""
+        if self.world_size == 1 and self.config.compile is None:
+            return model
+        forward = VideoTextForward(model)
+        if self.world_size > 1:
+            forward = distributed.wrap_ddp(forward)
+        if self.config.compile is not None:
+            forward = torch.compile(forward, backend=self.config.compile, dynamic=False)
+        return forward
 
     @property
     def is_main(self) -> bool:

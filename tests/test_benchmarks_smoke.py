@@ -102,6 +102,21 @@ def test_bench_train_smoke(tmp_path, tiny_model_file):
     assert rows[0]["speedup"] == 1.0 and rows[1]["step_ms"] > 0 and rows[1]["peak_mem_mb"] > 0
 
 
+def test_bench_train_times_compiled_steps(tmp_path, tiny_model_file):
+    """``--compile``: every variant again with both towers compiled, as ``TrainConfig(compile=...)`` trains."""
+    from benchmarks import bench_train
+
+    path = tmp_path / "rows.jsonl"
+    assert bench_train.main(["--device", "cpu", "--model", tiny_model_file, "--batch", "2", "--context-length", "8",
+                             "--modes", "lora", "--repeats", "1", "--warmup", "0", "--jsonl", str(path),
+                             "--compile", "aot_eager", *TINY_ARGS]) == 0
+    _, *rows = read_records(str(path))
+    assert [r["variant"] for r in rows] == ["unmerged", "TempMe", "unmerged+compile", "TempMe+compile"]
+    for row in rows[2:]:
+        assert row["compiled"] and row["compiled_graphs"] == 1 and row["compile_backend"] == "aot_eager"
+        assert row["step_ms"] > 0 and row["fwd_bwd_mem_mb"] > 0
+
+
 def test_a_failing_case_costs_only_its_own_row(tmp_path, monkeypatch):
     real = bench_ops.op_fn
 

@@ -68,6 +68,9 @@ def _worker(rank, world, port, out_dir):
         videos, tokens = _pairs()
         for mode in MODES:
             out[mode] = _step(wrap_ddp(VideoTextForward(_model(mode))), (videos[SHARES[rank]], tokens[SHARES[rank]]))
+        # As Trainer(config=TrainConfig(compile=...)) wraps it under DDP: compiled around DDP.
+        compiled = torch.compile(wrap_ddp(VideoTextForward(_model("lora"))), backend="aot_eager", dynamic=False)
+        out["lora-compiled"] = _step(compiled, (videos[SHARES[rank]], tokens[SHARES[rank]]))
     finally:
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         cleanup()
@@ -96,10 +99,10 @@ def test_all_gather_with_grad_concatenates_and_routes_gradients(ranks):
         torch.testing.assert_close(grad, 2 * rows[:, None].expand(-1, 2))
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES + ("lora-compiled",))
 def test_ddp_equals_one_process_on_the_combined_batch(ranks, mode):
     torch.set_num_threads(1)
-    single = _step(_model(mode), _pairs())
+    single = _step(_model(mode.split("-")[0]), _pairs())
     for out in ranks:
         got = out[mode]
         assert got["loss"] == pytest.approx(single["loss"], rel=1e-6, abs=1e-6)

@@ -67,6 +67,22 @@ def test_bipartite_modes_match_twin(backend, device, class_token, distill_token,
 
 
 @pytest.mark.parametrize("class_token,distill_token", TOME_CASES, ids=["plain", "cls", "cls+dist"])
+def test_heads_match_on_the_keys_averaged_over_heads(backend, device, class_token, distill_token):
+    """``heads=H`` on every head's keys, token-major (a strided view, as an attention's packed projection
+    gives them): the merge of ToMe's metric, the keys averaged over heads."""
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(3, 21, 3, 4, 6, generator=g).to(device)  # [B, N, q|k|v, heads, d]
+    keys = qkv[:, :, 1].flatten(2)
+    x = torch.randn(3, 21, 5, generator=g).to(device)
+    metric = qkv[:, :, 1].mean(dim=2)
+    merge, unmerge = tome.bipartite_soft_matching(keys, 6, class_token, distill_token, backend=backend, heads=4)
+    groups = [twin.tome_groups(metric[b].cpu(), 6, class_token, distill_token) for b in range(3)]
+    _close(merge(x).cpu(), twin.reduce_groups(x.cpu(), groups, "mean"), torch.float32, "mean")
+    want, _ = tome.bipartite_soft_matching(metric, 6, class_token, distill_token, backend=backend)
+    assert torch.equal(merge(x), want(x))
+
+
+@pytest.mark.parametrize("class_token,distill_token", TOME_CASES, ids=["plain", "cls", "cls+dist"])
 @parametrize_dtypes(ALL_DTYPES)
 def test_merge_wavg_values_and_gradients(backend, device, class_token, distill_token, dtype):
     tokens, r = 11, 4
@@ -202,6 +218,9 @@ def test_foreign_merge_callable_gets_tomes_definition():
     (lambda m: tome.bipartite_soft_matching(m, 2, distill_token=True), "needs class_token"),
     (lambda m: tome.bipartite_soft_matching(m, 2, backend="cuda"), "backend"),
     (lambda m: tome.bipartite_soft_matching(m[:, :, :0], 2), "empty"),
+    (lambda m: tome.bipartite_soft_matching(m, 2, heads=3), "heads=3 must be >= 1 and divide the metric's 4"),
+    (lambda m: tome.bipartite_soft_matching(m, 0, heads=0), "heads=0 must be >= 1"),
+    (lambda m: tome.bipartite_soft_matching(m, 2, heads=2.0), "heads must be an int"),
     (lambda m: tome.bipartite_soft_matching(m, 2)[0](m[:, :5]), r"\[2, 8, C\]"),
     (lambda m: tome.bipartite_soft_matching(m, 2)[0](m, mode="max"), "mode"),
     (lambda m: tome.bipartite_soft_matching(m, 2)[1](m), "N_out"),

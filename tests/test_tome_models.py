@@ -139,6 +139,7 @@ def _twin_timm(model, images, r_list, protected, has_cls):
         attn = block.attn
         b, n, d = x.shape
         q, k, v = attn.qkv(block.norm1(x)).view(b, n, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(q), attn.k_norm(k)
         out = _attend(q, k, v, size).transpose(1, 2).reshape(b, n, d)
         x = x + block.ls1(attn.proj(out))
         x, size = _twin_merge(x, size, k.mean(1), r, protected, kept_by_score=not has_cls)
@@ -147,10 +148,11 @@ def _twin_timm(model, images, r_list, protected, has_cls):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["cls", "avg-no-cls", "registers"])
+@pytest.mark.parametrize("kind", ["cls", "avg-no-cls", "registers", "qk-norm"])
 def test_patch_timm_matches_twin(backend, kind, device, one_thread):
+    # qk-norm: the keys are normalised per head, so they are no longer a view of the projection.
     kwargs = {"cls": {}, "avg-no-cls": dict(class_token=False, global_pool="avg"),
-              "registers": dict(reg_tokens=2)}[kind]
+              "registers": dict(reg_tokens=2), "qk-norm": dict(qk_norm=True)}[kind]
     model = _tiny_timm(**kwargs)
     images = _images()
     protected, has_cls = model.num_prefix_tokens, kind != "avg-no-cls"

@@ -135,7 +135,7 @@ def _check_count(name: str, value) -> None:
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = False, distill_token: bool = False,
-                            *, backend: str = "auto") -> Tuple[Merge, Unmerge]:
+                            *, backend: str = "auto", heads: int = 1) -> Tuple[Merge, Unmerge]:
     """ToMe's balanced bipartite matching: remove ``r`` tokens of every row.
 
     Args:
@@ -143,6 +143,10 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = Fa
         r: tokens to remove; clamped to ``(N - protected) // 2`` as ToMe does, ``r <= 0`` is a no-op.
         class_token: token 0 is never merged. distill_token: token 1 (after the class token) neither;
             needs ``class_token`` (ToMe's output order assumes a class token in front of it).
+        heads: match on the mean of the metric's ``heads`` groups of ``C / heads`` channels. ToMe's
+            metric is the keys averaged over heads: pass the keys token-major (``[B', N, heads * d]``,
+            any strides) with ``heads`` instead of averaging them first, and on the Triton backend the
+            match averages them as it reads them (no mean kernel, the averaged keys never written).
     Returns:
         ``(merge, unmerge)``: ``merge(x, mode)`` gives ToMe's order: without a class token the kept
         A tokens by decreasing score then every B token; with one, the class token (then the
@@ -150,21 +154,25 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = Fa
     """
     _check_metric(metric, backend)
     _check_count("r", r)
+    _check_count("heads", heads)
+    if heads < 1 or metric.shape[2] % heads:
+        raise ValueError(f"heads={heads} must be >= 1 and divide the metric's {metric.shape[2]} channels")
     if distill_token and not class_token:
         raise ValueError("distill_token=True needs class_token=True: the distillation token is the one after "
                          "the class token (DeiT's layout)")
     protected = int(bool(class_token)) + int(bool(distill_token))
     return bipartite_plan(metric, min(r, (metric.shape[1] - protected) // 2), protected,
-                          kept_by_score=protected == 0, backend=backend)
+                          kept_by_score=protected == 0, backend=backend, heads=heads)
 
 
-def bipartite_plan(metric: torch.Tensor, r: int, protected: int, kept_by_score: bool, backend: str
-                   ) -> Tuple[Merge, Unmerge]:
+def bipartite_plan(metric: torch.Tensor, r: int, protected: int, kept_by_score: bool, backend: str,
+                   heads: int = 1) -> Tuple[Merge, Unmerge]:
     """TempMe's split (``protected`` tokens first, then A at even positions, B at odd) removing ``r``.
 
     Output order: the protected tokens, the kept A tokens (by decreasing score when
     ``kept_by_score``, ToMe's order without a class token; else increasing), then the B tokens.
-    ``r`` is already clamped; ``r <= 0`` is a no-op.
+    ``r`` is already clamped; ``r <= 0`` is a no-op. The match is on the mean of ``heads`` channel
+    groups of the metric (:func:`tempme_fast.ops.best_match`).
     """
     if r <= 0:
         return _nothing(backend)
@@ -172,10 +180,10 @@ def bipartite_plan(metric: torch.Tensor, r: int, protected: int, kept_by_score: 
     plan = None
     if not kept_by_score and ops.resolve_backend(backend, metric) == "triton":
         # Best match, plan and the grouping that the Triton merge reads: one launch.
-        plan = ops.match(metric, r, protected, backend="triton")
+        plan = ops.match(metric, r, protected, backend="triton", heads=heads)
         merged, merged_dst, kept = plan.merged, plan.dst, plan.kept
     else:
-        scores, dst = ops.best_match(metric, protected, backend=backend)
+        scores, dst = ops.best_match(metric, protected, backend=backend, heads=heads)
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
         merged, kept = order[:, :r], order[:, r:]
         merged_dst = dst.gather(1, merged)

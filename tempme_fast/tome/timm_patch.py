@@ -46,7 +46,9 @@ def prefix_tokens(model: nn.Module) -> Tuple[int, bool]:
 
 def timm_attention(attn: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """timm ``Attention`` with proportional attention; returns ``(out [B, N, C], keys [B, N, d])``.
+    """timm ``Attention`` with proportional attention; returns ``(out [B, N, C], keys [B, N, heads * d])``:
+    every head's keys, token-major (a view of the projection unless timm normalises them), which
+    ToMe's match averages over heads (``bipartite_plan(..., heads=attn.num_heads)``).
 
     ``size [B, N, 1]`` adds ``log(size)`` to the logits of every key (None: plain attention).
     """
@@ -63,16 +65,16 @@ def timm_attention(attn: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor
     out = getattr(attn, "norm", nn.Identity())(out)
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+    return attn.proj_drop(attn.proj(out)), k.transpose(1, 2).flatten(2)
 
 
 def _tome_block(block: nn.Module, x, size, source, r: int, protected: int, kept_by_score: bool,
                 prop_attn: bool, backend: str):
-    out, metric = timm_attention(block.attn, block.norm1(x), size if prop_attn else None)
+    out, keys = timm_attention(block.attn, block.norm1(x), size if prop_attn else None)
     x = x + block.drop_path1(block.ls1(out))
     r = min(r, (x.shape[1] - protected) // 2)
     if r > 0:
-        merge, _ = bipartite_plan(metric, r, protected, kept_by_score, backend)
+        merge, _ = bipartite_plan(keys, r, protected, kept_by_score, backend, heads=block.attn.num_heads)
         if source is not None:
             source = merge_source(merge, x, source)
         x, size = merge_wavg(merge, x, size)
