@@ -88,14 +88,19 @@ def test_bench_model_times_compiled_training(tmp_path, tiny_model_file):
     assert compiled["agrees"] and compiled["ms"] > 0
 
 
-def test_bench_train_smoke(tmp_path, tiny_model_file):
+def _bench_train(tmp_path, tiny_model_file, *extra):
+    """``bench_train`` on the tiny model, LoRA, one timed step: its environment record and rows."""
     from benchmarks import bench_train
 
     path = tmp_path / "rows.jsonl"
     assert bench_train.main(["--device", "cpu", "--model", tiny_model_file, "--batch", "2", "--context-length", "8",
                              "--modes", "lora", "--repeats", "1", "--warmup", "0", "--jsonl", str(path),
-                             "--tag", "train", *TINY_ARGS]) == 0
-    env, *rows = read_records(str(path))
+                             *extra, *TINY_ARGS]) == 0
+    return read_records(str(path))
+
+
+def test_bench_train_smoke(tmp_path, tiny_model_file):
+    env, *rows = _bench_train(tmp_path, tiny_model_file, "--tag", "train")
     assert env["bench"] == "bench_train" and env["environment"]["torch"]
     assert [(r["mode"], r["variant"], r["backend"]) for r in rows] == [("lora", "unmerged", "-"),
                                                                        ("lora", "TempMe", "torch")]
@@ -104,13 +109,7 @@ def test_bench_train_smoke(tmp_path, tiny_model_file):
 
 def test_bench_train_times_compiled_steps(tmp_path, tiny_model_file):
     """``--compile``: every variant again with both towers compiled, as ``TrainConfig(compile=...)`` trains."""
-    from benchmarks import bench_train
-
-    path = tmp_path / "rows.jsonl"
-    assert bench_train.main(["--device", "cpu", "--model", tiny_model_file, "--batch", "2", "--context-length", "8",
-                             "--modes", "lora", "--repeats", "1", "--warmup", "0", "--jsonl", str(path),
-                             "--compile", "aot_eager", *TINY_ARGS]) == 0
-    _, *rows = read_records(str(path))
+    _, *rows = _bench_train(tmp_path, tiny_model_file, "--compile", "aot_eager")
     assert [r["variant"] for r in rows] == ["unmerged", "TempMe", "unmerged+compile", "TempMe+compile"]
     for row in rows[2:]:
         assert row["compiled"] and row["compiled_graphs"] == 1 and row["compile_backend"] == "aot_eager"
