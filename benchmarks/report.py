@@ -177,6 +177,76 @@ def sweep_tables(rows: Sequence[Dict[str, object]], bench: str = "bench_ops"
     return per_shape, summed
 
 
+# The GPU targets (BENCHMARKS.md, "Targets after the second run"): the merge step against the PyTorch reference
+# and the merge forward against the copy bandwidth at ViT-B/16, fp16, 32 videos; the encoder against its FLOPs
+# bound at 16 videos; the graph-replayed encoder against graph-replayed open_clip at one video.
+TARGET_SHAPE = {"model": "ViT-B-16", "batch": 32, "dtype": "fp16"}
+TARGET_STEP_SPEEDUP = 5.0
+TARGET_MERGE_COPY = 0.60
+TARGET_BOUND_SHARE = 0.9
+TARGET_COLUMNS = ["target", "model", "measured", "needed", "status", "where"]
+
+
+def _status(measured, needed: float) -> str:
+    return "not measured" if measured is None else ("met" if measured >= needed else "missed")
+
+
+def _weakest(rows: Sequence[Dict[str, object]], value) -> Tuple[Optional[float], str]:
+    """The smallest ``value(row)`` over ``rows`` and where it is (layer and stage), or (None, "")."""
+    scored = [(value(r), r) for r in rows if value(r) is not None]
+    if not scored:
+        return None, ""
+    v, r = min(scored, key=lambda t: t[0])
+    return v, f"L{r.get('layer')} {r.get('stage')} ({len(scored)} shapes)"
+
+
+def targets_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+    """What ``rows`` say of each GPU target: the measured figure (the weakest shape's), what is needed, and
+    met / missed / not measured. The merge forward is read twice: at the library's tiles, and at the
+    fastest agreeing tile-sweep candidate of each shape (what adopting the sweep's winners would give)."""
+    at = [r for r in rows if r.get("bench") == "bench_ops" and all(r.get(k) == v for k, v in TARGET_SHAPE.items())]
+    steps = [r for r in at if r.get("op") == "step_fwd" and r.get("impl") == "triton"]
+    step, step_at = _weakest(steps, lambda r: r.get("speedup_vs_torch"))
+    merges = [r for r in at if r.get("op") == "merge_fwd" and r.get("impl") == "triton"]
+    merge, merge_at = _weakest(merges, lambda r: r.get("frac_copy_bw"))
+    swept: Dict[tuple, Dict[str, object]] = {}
+    for r in at:
+        if r.get("op") == "merge_fwd" and str(r.get("impl", "")).startswith("triton") \
+                and r.get("agrees") is not False and r.get("frac_copy_bw") is not None:
+            key = (r.get("run"), r.get("layer"), r.get("stage"))
+            if key not in swept or r["frac_copy_bw"] > swept[key]["frac_copy_bw"]:
+                swept[key] = r
+    best, best_at = _weakest(list(swept.values()), lambda r: r.get("frac_copy_bw"))
+    table = [
+        {"target": "merge step vs reference, every layer (32 videos, fp16)", "model": TARGET_SHAPE["model"],
+         "measured": step, "needed": TARGET_STEP_SPEEDUP, "where": step_at},
+        {"target": "merge forward, share of copy bandwidth (library tiles)", "model": TARGET_SHAPE["model"],
+         "measured": merge, "needed": TARGET_MERGE_COPY, "where": merge_at},
+        {"target": "merge forward, share of copy bandwidth (best agreeing tiles per shape)",
+         "model": TARGET_SHAPE["model"], "measured": best, "needed": TARGET_MERGE_COPY, "where": best_at}]
+    model_rows = [r for r in rows if r.get("bench") == "bench_model" and r.get("mode") == "infer" and r.get("ms")]
+    for name in sorted({r.get("model") for r in model_rows}):
+        mine = [r for r in model_rows if r.get("model") == name]
+        sixteen = [r for r in mine if r.get("batch") == 16 and str(r.get("variant", "")).startswith("tempme-triton")
+                   and r.get("speedup_vs_open_clip") and r.get("flops_bound_speedup")]
+        fastest = max(sixteen, key=lambda r: r["speedup_vs_open_clip"], default=None)
+        table.append({"target": "encoder at 16 videos, share of the FLOPs bound", "model": name,
+                      "measured": fastest and fastest["speedup_vs_open_clip"] / fastest["flops_bound_speedup"],
+                      "needed": TARGET_BOUND_SHARE, "where": fastest and (
+                          f"{fastest['variant']}: {fastest['speedup_vs_open_clip']:.2f}x of "
+                          f"{fastest['flops_bound_speedup']:.2f}x")})
+        one = {r.get("variant"): r["ms"] for r in mine if r.get("batch") == 1}
+        graphed = {v: ms for v, ms in one.items() if v.startswith("tempme-triton") and v.endswith("+graph")}
+        variant = min(graphed, key=graphed.get, default=None)
+        measured = one["open_clip+graph"] / graphed[variant] if variant and "open_clip+graph" in one else None
+        table.append({"target": "one video, graph-replayed: open_clip+graph ms over TempMe's", "model": name,
+                      "measured": measured, "needed": 1.0, "where": variant and measured and (
+                          f"{variant} {graphed[variant]:.3g} ms, open_clip+graph {one['open_clip+graph']:.3g} ms")})
+    for entry in table:
+        entry["status"] = _status(entry["measured"], entry["needed"])
+    return table
+
+
 def _tests_table(runs: Sequence[Run]):
     """Per file, the count of each outcome; a test run in several calls counts once, by its last outcome."""
     last: Dict[str, str] = {}
@@ -265,6 +335,9 @@ def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequen
     if model:
         section("Whole encoder", "`+graph` variants are replayed from a CUDA graph: the device time of the "
                 "whole forward.", markdown(model, MODEL_COLUMNS))
+    if ops or model:
+        section("GPU targets", "Each target's weakest shape in these rows; `not measured`: no row for it.",
+                markdown(targets_table(rows), TARGET_COLUMNS))
     layers = [r for r in rows if r.get("bench") == "bench_layers"]
     if layers:
         section("Time per layer", "`ms`: synchronised after each block (host included); `device_ms`: the block "

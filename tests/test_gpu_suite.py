@@ -444,3 +444,42 @@ def test_report_reads_out_the_attention_sweep(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "### Tile sweeps (bench_attention --fwd-tiles): the fastest candidate per shape" in text
     assert "Tile sweeps (bench_ops" not in text
+
+
+def test_report_reads_the_gpu_targets_from_the_rows(tmp_path, capsys):
+    """Each target from its rows: the weakest shape decides; the sweep's best agreeing tiles per shape are read
+    beside the library's; a target without rows is `not measured`, never met."""
+    from benchmarks import report
+
+    def op(layer, stage, name, impl, **values):
+        return ("bench_ops", {"model": "ViT-B-16", "batch": 32, "dtype": "fp16", "layer": layer, "stage": stage,
+                              "op": name, "impl": impl, "ms": 0.2, "device_ms": 0.1, "agrees": True, **values})
+
+    def model(batch, variant, ms, speedup=None, bound=1.52):
+        return ("bench_model", {"model": "ViT-B-32", "batch": batch, "dtype": "fp16", "mode": "infer",
+                                "variant": variant, "ms": ms, "speedup_vs_open_clip": speedup,
+                                "flops_bound_speedup": bound})
+    rows = [op(0, "imgme", "step_fwd", "triton", speedup_vs_torch=7.6), op(10, "cross", "step_fwd", "triton",
+                                                                            speedup_vs_torch=5.4),
+            op(0, "imgme", "merge_fwd", "triton", frac_copy_bw=0.40), op(10, "cross", "merge_fwd", "triton",
+                                                                         frac_copy_bw=0.15),
+            op(0, "imgme", "merge_fwd", "triton:merge:16x128x4", frac_copy_bw=0.70),
+            op(10, "cross", "merge_fwd", "triton:merge:16x128x4", frac_copy_bw=0.65),
+            op(10, "cross", "merge_fwd", "triton:merge:8x256x4", frac_copy_bw=0.90, agrees=False),
+            model(16, "open_clip", 6.7, 1.0, 1.0), model(16, "tempme-triton", 6.75, 0.99),
+            model(16, "tempme-triton+graph", 4.77, 1.41), model(1, "open_clip+graph", 1.07, 4.5, 1.0),
+            model(1, "tempme-triton+graph", 1.16, 4.2), model(1, "tempme-triton-mean+graph", 1.02, 4.8)]
+    _suite_folder(tmp_path / "t", "NVIDIA H200, sm_90", [], rows, [])
+    table = report.targets_table(report.load(str(tmp_path / "t"), "t").rows)
+    got = [(t["target"].split(",")[0], t["model"], t["measured"] and round(t["measured"], 3), t["status"])
+           for t in table]
+    assert got == [("merge step vs reference", "ViT-B-16", 5.4, "met"),
+                   ("merge forward", "ViT-B-16", 0.15, "missed"),
+                   ("merge forward", "ViT-B-16", 0.65, "met"),
+                   ("encoder at 16 videos", "ViT-B-32", round(1.41 / 1.52, 3), "met"),
+                   ("one video", "ViT-B-32", round(1.07 / 1.02, 3), "met")]
+    assert table[0]["where"] == "L10 cross (2 shapes)" and "tempme-triton-mean+graph 1.02 ms" in table[4]["where"]
+    models_only = report.targets_table([dict(r, bench=bench) for bench, r in rows[7:]])
+    assert [t["status"] for t in models_only] == ["not measured"] * 3 + ["met", "met"]
+    assert report.main([str(tmp_path / "t"), "--markdown"]) == 0
+    assert "### GPU targets" in capsys.readouterr().out
