@@ -225,7 +225,14 @@ def run_train(args) -> int:
             print(f"tempme train: {args.model}, mode={args.mode}, {trainer.trainable:,} of {total:,} parameters "
                   f"trainable, {trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch), global batch "
                   f"{args.batch_size} on {plural(info.world_size, 'process', 'processes')}, {precision}, device {info.device}")
-        history = trainer.fit()
+        try:
+            history = trainer.fit()
+        except Exception:
+            if info.rank == 0 and trainer.failure_checkpoint:
+                print(f"tempme train: step {trainer.step + 1} failed; checkpoint {trainer.failure_checkpoint} holds "
+                      f"step {trainer.step}/{trainer.total_steps}; once the cause is fixed, continue with:\n  "
+                      f"{_resume_command(args)}", flush=True)
+            raise
         if info.rank == 0 and history:
             last = history[-1]
             print(f"tempme train: step {last['step']}/{trainer.total_steps}, loss {last['loss']:.4f}")

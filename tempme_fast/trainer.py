@@ -162,6 +162,10 @@ class Trainer:
         # Set when fit() stopped early on Ctrl-C (SIGINT) after writing a checkpoint.
         self.interrupted = False
         self._stop_requested = False
+        # The checkpoint written when a step raised before the optimiser changed anything (None otherwise).
+        self.failure_checkpoint: Optional[str] = None
+        self._optimizer_stepped = False
+        self.optimizer.register_step_pre_hook(self._mark_stepped)
         self.history: List[dict] = []
         self._epoch_rng: Optional[dict] = None
         self._resume_rng: Optional[dict] = None
@@ -215,14 +219,15 @@ class Trainer:
         state = lora_state_dict(self.model) if self.config.mode == "lora" else self.model.state_dict()
         return {k: v.detach().cpu() for k, v in state.items()}
 
-    def checkpoint_state(self) -> dict:
+    def checkpoint_state(self, rng: Optional[dict] = None) -> dict:
+        """The training state; ``rng``: the random-number states to store (default: the current ones)."""
         return {
             "format": CHECKPOINT_FORMAT, "version": 1, "config": asdict(self.config),
             "lora": lora_config(self.model), "tempme": asdict(self.model.tempme.config),
             "model": self._model_state(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-            "total_steps": self.total_steps, "rng": rng_state(), "epoch_rng": self._epoch_rng,
+            "total_steps": self.total_steps, "rng": rng or rng_state(), "epoch_rng": self._epoch_rng,
             "world_size": self.world_size, "skipped_batches": self.skipped_batches,
         }
 
@@ -357,21 +362,56 @@ class Trainer:
         set_rng_state(self._resume_rng)
         return batches
 
+    def _mark_stepped(self, optimizer, args, kwargs) -> None:
+        self._optimizer_stepped = True
+
+    def _save_after_failure(self, rng: Optional[dict], error: BaseException) -> None:
+        """A step raised: write the state of the last completed step, if nothing of the failed one has
+        changed it, so that the run resumes from there and not from the last periodic checkpoint. ``rng``:
+        the random-number states as the failed step began. The error itself is raised again by the caller."""
+        if self.output_dir is None or not self.is_main or self.step == 0:
+            return
+        last = os.path.join(self.output_dir, self.CHECKPOINT)
+        if self._optimizer_stepped:
+            log.error("step %d failed inside the optimiser update (%s: %s); the weights may be half updated, so no "
+                      "checkpoint was written: the last one is %s", self.step + 1, type(error).__name__, error,
+                      last if os.path.isfile(last) else "none")
+            return
+        try:
+            # No barrier: the other processes may be failing, or waiting on this one.
+            atomic_save(self.checkpoint_state(rng), last)
+        except Exception as save_error:  # noqa: BLE001 (the step's error is the one to raise)
+            log.error("step %d failed (%s: %s), and writing its checkpoint failed too: %s", self.step + 1,
+                      type(error).__name__, error, save_error)
+            return
+        self.failure_checkpoint = last
+        log.error("step %d failed (%s: %s); wrote checkpoint %s at step %d (epoch %d, batch %d): once the cause "
+                  "is fixed, resume from it", self.step + 1, type(error).__name__, error, last, self.step,
+                  self.epoch, self.step_in_epoch)
+
     def _run_epoch(self, batches: Iterator, stop_at: int, bar) -> None:
         config = self.config
         while self.step_in_epoch < self.steps_per_epoch and self.step < stop_at:
-            if self._stop_agreed():
-                self.interrupted = True
-                return
-            batch = next(batches, None)
-            if batch is None:
-                break
-            if not self._usable(batch):
-                self.step_in_epoch += 1
-                continue
-            t0 = time.perf_counter()
-            result = train_step(self.forward_model, batch, self.optimizer, self.scaler, self.autocast_dtype,
-                                self.scheduler, config.grad_clip)
+            # The random-number states as this step begins: what a checkpoint of a failed step resumes from
+            # (about 0.1 ms; only where _save_after_failure may write).
+            rng = rng_state() if self.output_dir is not None and self.is_main and self.step > 0 else None
+            self._optimizer_stepped = False
+            try:
+                if self._stop_agreed():  # (a collective: it raises when another process has gone)
+                    self.interrupted = True
+                    return
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                if not self._usable(batch):
+                    self.step_in_epoch += 1
+                    continue
+                t0 = time.perf_counter()
+                result = train_step(self.forward_model, batch, self.optimizer, self.scaler, self.autocast_dtype,
+                                    self.scheduler, config.grad_clip)
+            except Exception as error:
+                self._save_after_failure(rng, error)
+                raise
             seconds = time.perf_counter() - t0
             self.step += 1
             self.step_in_epoch += 1

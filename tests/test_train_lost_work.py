@@ -112,3 +112,76 @@ def test_cli_ctrl_c_prints_how_to_resume(tiny_model_file, tmp_path, monkeypatch,
     assert main(command.split()[1:]) == 0
     log = [json.loads(line) for line in open(out / "train_log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and (out / "model.pt").exists()
+
+
+def _fail_at(monkeypatch, step, draw=True):
+    """Make train step ``step`` raise, after drawing a random number as a forward with dropout would."""
+    import tempme_fast.trainer as trainer_module
+
+    calls = []
+    real = trainer_module.train_step
+
+    def step_or_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            if draw:
+                torch.rand(1)
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_step", step_or_fail)
+
+
+def _shuffled_run(out, resume=False):
+    """2 epochs of 3 batches in an order drawn from the global RNG at each epoch's start."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(123)
+    data = DataLoader(TensorDataset(*_pairs(6)), batch_size=2, shuffle=True)
+    trainer = Trainer(_model(), data, TrainConfig(epochs=2, lr=5e-3, warmup=0.25, save_every=None),
+                      output_dir=out, progress=False, resume="auto" if resume else None)
+    return trainer
+
+
+def test_a_failed_step_leaves_a_checkpoint_of_the_last_one_that_resumes_exactly(tmp_path, monkeypatch, caplog):
+    whole = _shuffled_run(None).fit()
+    _fail_at(monkeypatch, 2)
+    cut = _shuffled_run(str(tmp_path))
+    with caplog.at_level(logging.ERROR, logger="tempme_fast"), pytest.raises(RuntimeError, match="simulated"):
+        cut.fit()
+    assert cut.failure_checkpoint == str(tmp_path / "last.pt")
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 1
+    assert "step 2 failed (RuntimeError: CUDA out of memory (simulated)); wrote checkpoint" in caplog.text
+    monkeypatch.undo()
+    rest = _shuffled_run(str(tmp_path), resume=True).fit()
+    # The failed step drew a random number; the checkpoint holds the states from before it, so the second
+    # epoch's order, and every loss, are those of the run that never failed.
+    assert [r["step"] for r in rest] == [2, 3, 4, 5, 6]
+    assert [r["loss"] for r in cut.history + rest] == [r["loss"] for r in whole]
+
+
+def test_a_step_that_fails_inside_the_optimiser_writes_no_checkpoint(tmp_path, caplog):
+    trainer = _shuffled_run(str(tmp_path))
+
+    def fail(optimizer, args, kwargs):
+        if trainer.step == 2:
+            raise RuntimeError("update failed")
+    trainer.optimizer.register_step_pre_hook(fail)
+    with caplog.at_level(logging.ERROR, logger="tempme_fast"), pytest.raises(RuntimeError, match="update failed"):
+        trainer.fit()
+    assert trainer.failure_checkpoint is None and not (tmp_path / "last.pt").exists()
+    assert "failed inside the optimiser update" in caplog.text and "the last one is none" in caplog.text
+
+
+def test_cli_prints_how_to_resume_after_a_failed_step(tiny_model_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _fail_at(monkeypatch, 3, draw=False)
+    with pytest.raises(RuntimeError, match="simulated"):
+        main(_train_argv(tiny_model_file, "--output", str(out)))
+    text = capsys.readouterr().out
+    assert f"step 3 failed; checkpoint {out / 'last.pt'} holds step 2/4" in text
+    command = text.split("continue with:\n", 1)[1].strip()
+    monkeypatch.undo()
+    assert main(command.split()[1:]) == 0
+    log = [json.loads(line) for line in open(out / "train_log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
