@@ -28,7 +28,10 @@ to choose that table from measurements:
   ``native`` (16-bit tl.dot), ``ieee`` (float32 FMA), ``tf32x3``;
 - ``plan:sort`` / ``plan:count``: the library's tiles with every float32 plan sorted in registers (up
   to ``PLAN_SORT_LIMIT`` A tokens) or every plan counted, to place ``triton_ops.PLAN_SORT_MIN`` where
-  the two paths cross.
+  the two paths cross;
+- ``heads:mean``: the library's tiles with the keys averaged over heads by torch before the match
+  (``triton_ops.HEADS_IN_MATCH = False``, one kernel more a merge after attention) instead of by the
+  match as it reads them, to choose between the two.
 """
 from __future__ import annotations
 
@@ -59,17 +62,20 @@ PLAN_PATHS = {"sort": 1, "count": 0}
 
 
 def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
-    """``"merge:BTxBDxW[-sN|-gN]"``, ``"norm:BTxW[-sN]"``, ``"match:BAxBBxBCxW-P"`` or ``"plan:PATH"`` as
-    (op, launch parameters); a ValueError naming ``--tiles`` otherwise. ``-sN``: the merged sources gathered
-    one after another, software-pipelined over N stages (``SRC_STAGES``); ``-gN`` (merge only): N of a
-    tile's sources gathered at once and summed by a product (``SRC_BLOCK``; N and BT at least 16)."""
+    """``"merge:BTxBDxW[-sN|-gN]"``, ``"norm:BTxW[-sN]"``, ``"match:BAxBBxBCxW-P"``, ``"plan:PATH"`` or
+    ``"heads:mean"`` as (op, launch parameters); a ValueError naming ``--tiles`` otherwise. ``-sN``: the
+    merged sources gathered one after another, software-pipelined over N stages (``SRC_STAGES``); ``-gN``
+    (merge only): N of a tile's sources gathered at once and summed by a product (``SRC_BLOCK``; N and BT
+    at least 16)."""
     kind, _, rest = spec.partition(":")
     sizes, _, product = rest.partition("-")
     parts = sizes.split("x")
     fail = (f"--tiles {spec!r}: give merge:BTxBDxW[-sN|-gN], norm:BTxW[-sN], match:BAxBBxBCxW-P "
-            f"(P: {', '.join(DOT_MODES)}) or plan:PATH (PATH: {', '.join(PLAN_PATHS)})")
+            f"(P: {', '.join(DOT_MODES)}), plan:PATH (PATH: {', '.join(PLAN_PATHS)}) or heads:mean")
     if kind == "plan" and rest in PLAN_PATHS:
         return kind, {"SORT": PLAN_PATHS[rest]}
+    if kind == "heads" and rest == "mean":
+        return kind, {"HEADS_IN_MATCH": 0}
     stages = re.fullmatch(r"s([1-9])", product)  # merge and norm: "-sN", the sources' gather in N stages
     gather = re.fullmatch(r"g([0-9]+)", product) if kind == "merge" else None  # "-gN": N sources at once
     if kind == "merge" and len(parts) == 3 and (not product or stages or gather) and all(p.isdigit() for p in parts):
@@ -95,9 +101,11 @@ def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
 
 @functools.lru_cache(maxsize=None)  # made once per spec, not at every timed call
 def _tile_table(spec: str) -> Tuple[str, object]:
-    """The ``triton_ops`` attribute that ``spec`` replaces (a tile function, or ``PLAN_SORT_MIN``),
-    and its replacement."""
+    """The ``triton_ops`` attribute that ``spec`` replaces (a tile function, ``PLAN_SORT_MIN`` or
+    ``HEADS_IN_MATCH``), and its replacement."""
     kind, values = parse_tiles(spec)
+    if kind == "heads":
+        return "HEADS_IN_MATCH", bool(values["HEADS_IN_MATCH"])
     if kind == "plan":
         # The library's choice (triton_ops._plan_sort_block) with its threshold moved: from 1 A token
         # every row it can sort is sorted; beyond PLAN_SORT_LIMIT none is.

@@ -181,6 +181,15 @@ def test_bench_ops_tiles_give_the_library_result(one_thread):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert (triton_ops._match_tiles, triton_ops._merge_fwd_tiles, triton_ops._plan_sort_block,
             triton_ops._merge_norm_tiles, triton_ops.PLAN_SORT_MIN) == originals
+    # heads:mean: the keys averaged by torch before the match, the same plan as the match that averages them.
+    keys = torch.randn(3, 41, 4, 3, 16, generator=g)[:, :, :, 1].flatten(2)  # 4 heads, a strided view
+    want_heads = ops.match(keys, 7, 1, backend="torch", heads=4)
+    with bench_ops.op_tiles("heads:mean"):
+        assert triton_ops.HEADS_IN_MATCH is False
+        got_heads = ops.match(keys, 7, 1, backend="triton", heads=4)
+    assert triton_ops.HEADS_IN_MATCH is True
+    for field in ("merged", "dst", "kept"):
+        assert torch.equal(getattr(got_heads, field), getattr(want_heads, field)), field
     # Each plan path takes its own path at this row (20 A tokens: below PLAN_SORT_MIN, so the library counts).
     for spec, width in (("plan:sort", 32), ("plan:count", 0)):
         with bench_ops.op_tiles(spec):
@@ -188,7 +197,8 @@ def test_bench_ops_tiles_give_the_library_result(one_thread):
             assert triton_ops._plan_sort_block(20, torch.float64) == 0
     for bad in ("merge:8x16", "match:16x16x16x4", "match:16x16x16x4-tf32", "merge:12x16x4", "attn:8x8x8", "plan:fast",
                 "plan:sort-ieee", "norm:4x4x4", "norm:3x4", "merge:8x16x4-s0", "norm:2x4-t3", "match:16x16x16x4-s2",
-                "merge:8x16x4-g16", "merge:16x16x4-g8", "merge:16x16x4-g24", "norm:4x4-g16", "merge:16x16x4-g"):
+                "merge:8x16x4-g16", "merge:16x16x4-g8", "merge:16x16x4-g24", "norm:4x4-g16", "merge:16x16x4-g",
+                "heads:sum", "heads:"):
         with pytest.raises(ValueError, match="--tiles"):
             bench_ops.parse_tiles(bad)
 
