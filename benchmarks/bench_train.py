@@ -34,8 +34,8 @@ from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
 from tempme_fast.bench import default_backends, peak_memory_mb, time_calls
 from tempme_fast.arguments import add_config_arguments, config_from_args
 from tempme_fast.lora import add_lora, mark_trainable
-from tempme_fast.train import (PRECISIONS, VideoTextForward, contrastive_loss, make_optimizer, set_grad_checkpointing,
-                               train_step)
+from tempme_fast.train import (PRECISIONS, VideoTextForward, _unwrapped, contrastive_loss, make_optimizer,
+                               set_grad_checkpointing, train_step)
 
 from .common import Compiled, RowLog, add_row_log_arguments, environment
 from .oracle import check_gradients, check_raised, parameter_grads
@@ -56,7 +56,7 @@ def forward_backward(model, batch, autocast: Optional[torch.dtype], device: torc
     ``model``: a CLIP, or a (compiled) :class:`VideoTextForward` of one."""
     amp = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
     with amp:
-        outputs = model(*batch) if isinstance(getattr(model, "_orig_mod", model), VideoTextForward) \
+        outputs = model(*batch) if isinstance(_unwrapped(model), VideoTextForward) \
             else VideoTextForward.encode(model, *batch)
     contrastive_loss(*outputs).backward()
 

@@ -14,8 +14,9 @@ from .reference import MergePlan, max_r, split_sizes
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-__all__ = ["FLOAT_DTYPES", "assert_finite", "check_attention", "check_int", "check_join", "check_join_merge",
-           "check_merge", "check_metric", "check_norm", "check_plan", "check_r", "check_self_attention", "check_size", "check_tokens"]
+__all__ = ["FLOAT_DTYPES", "assert_finite", "check_attention", "check_heads", "check_int", "check_join",
+           "check_join_merge", "check_merge", "check_metric", "check_norm", "check_plan", "check_r",
+           "check_self_attention", "check_size", "check_tokens"]
 
 
 def check_int(name: str, value, low: int, high: Optional[int] = None, what: str = "") -> None:
@@ -130,15 +131,20 @@ def check_join(x: torch.Tensor, group: int, protected: int, frame_pos: Optional[
             raise ValueError(f"frame_pos is on {frame_pos.device} but x is on {x.device}")
 
 
+def check_heads(heads, channels: int) -> None:
+    """``heads`` an int >= 1 that divides a metric's ``channels``: the heads a match averages it over."""
+    check_int("heads", heads, 1)
+    if channels % heads:
+        raise ValueError(f"heads={heads} must divide the metric's {channels} channels: the metric is averaged "
+                         f"over heads groups of equal width")
+
+
 def check_metric(metric: torch.Tensor, protected: int, check_finite: bool, heads: int = 1) -> None:
     """The metric of a match, averaged over ``heads`` groups of its channels; with ``check_finite``
     also its values."""
     check_tokens("metric", metric, protected)
-    if heads.__class__ is not int or heads < 1:  # (no call on the hot path: a merge step's host time)
-        check_int("heads", heads, 1)
-    if metric.shape[2] % heads:
-        raise ValueError(f"heads={heads} must divide the metric's {metric.shape[2]} channels (shape "
-                         f"{tuple(metric.shape)}): the metric is averaged over heads groups of equal width")
+    if heads.__class__ is not int or heads < 1 or metric.shape[2] % heads:  # (no call on the hot path)
+        check_heads(heads, metric.shape[2])
     if check_finite:
         assert_finite("metric", metric)
 

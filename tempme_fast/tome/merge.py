@@ -30,6 +30,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from .. import ops
+from ..ops.checks import check_heads
 from ..ops.reference import MergePlan, split_positions
 from . import reference
 from .reference import TokenMerge
@@ -154,9 +155,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = Fa
     """
     _check_metric(metric, backend)
     _check_count("r", r)
-    _check_count("heads", heads)
-    if heads < 1 or metric.shape[2] % heads:
-        raise ValueError(f"heads={heads} must be >= 1 and divide the metric's {metric.shape[2]} channels")
+    check_heads(heads, metric.shape[2])  # here too: r <= 0 never reaches the match that checks it
     if distill_token and not class_token:
         raise ValueError("distill_token=True needs class_token=True: the distillation token is the one after "
                          "the class token (DeiT's layout)")
