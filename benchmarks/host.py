@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import sys
 import time
 from collections import Counter, defaultdict
@@ -215,9 +216,23 @@ def python_calls(fn: Callable[[], object]) -> int:
     for: the eager forward and the training step scale with this count more than with the aten ops."""
     with gpu_like():
         fn()
-        with _PythonCalls() as counter:
+        with _collector_paused(), _PythonCalls() as counter:
             fn()
     return counter.calls - 1  # the profiler's own __exit__ call
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No garbage collection inside: a collection would run the callbacks in ``gc.callbacks`` (other
+    libraries install them, hypothesis for one) and count their calls as the forward's."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def count(fn: Callable[[], object], counts: Optional[Counts] = None) -> Counts:

@@ -4,6 +4,8 @@ On a GPU at small batch every aten op, custom-op call and launch is host time th
 The counts are exact and machine-independent (launches stubbed, so no GPU and no interpreter
 cost), so they are checked against fixed budgets; times are not (they depend on the machine).
 """
+import gc
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -194,3 +196,26 @@ def test_launch_descriptions_are_kept_and_forgotten_when_a_tunable_changes():
             assert not memo._MEMO
         finally:
             triton_ops.GPU_FILL = old
+
+
+def test_python_calls_leave_out_the_garbage_collectors_callbacks():
+    """A collection inside the counted call would count the callbacks other libraries put in
+    ``gc.callbacks`` (hypothesis has one): the count would depend on the tests run before."""
+
+    def make_cycles():
+        for _ in range(200):
+            cycle = []
+            cycle.append(cycle)
+
+    alone = host.python_calls(make_cycles)
+    seen = []
+    threshold = gc.get_threshold()
+    gc.callbacks.append(lambda phase, info: seen.append(phase))
+    gc.set_threshold(1)
+    try:
+        make_cycles()
+        assert seen, "no collection ran: the test would prove nothing"
+        assert host.python_calls(make_cycles) == alone
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.pop()
