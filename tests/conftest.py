@@ -12,6 +12,38 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# ``-n auto`` (pytest-xdist) starts at most this many workers, and at most one per core and per
+# GIB_PER_WORKER of available memory: a worker that builds the ViT-B models peaks near 3.3 GiB.
+MAX_WORKERS = 8
+GIB_PER_WORKER = 4
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _available_gib() -> float:
+    """Memory available to new processes (Linux's MemAvailable, page cache included), else unbounded."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return float("inf")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    return max(1, min(MAX_WORKERS, _cores(), int(_available_gib() // GIB_PER_WORKER)))
+
+
+# Each of N workers takes its share of the cores: N workers with a torch thread per core each would
+# keep every core switching between them.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    torch.set_num_threads(max(1, _cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 @pytest.fixture
 def device() -> str:
