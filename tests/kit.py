@@ -1,14 +1,30 @@
 """What the op and model tests share: the dtypes, their tolerances, NaN-filled outputs, one closeness
-check and the real-size shapes.
+check, the real-size shapes and the environment of a fresh process.
 
     from kit import DTYPES, VALUE_TOL, assert_close, parametrize_dtypes
 """
+import os
 from typing import Dict
 
 import pytest
 import torch
 
 from tempme_fast.ops import accuracy
+
+# The checkout: tests run tempme_fast and benchmarks from it in fresh processes too.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def process_env(interpret: bool = True, **extra: str) -> Dict[str, str]:
+    """The environment of a fresh Python process started by a test: the checkout first on PYTHONPATH,
+    ahead of what was there (a machine without pip keeps open_clip on it), and ``extra``. Without
+    ``interpret``, no TRITON_INTERPRET (which conftest.py sets on a machine without a GPU): the
+    process compiles real kernels."""
+    env = {k: v for k, v in os.environ.items() if interpret or k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
 
 # The activation dtypes the fast paths serve, by the short names the test ids use.
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

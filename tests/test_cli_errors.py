@@ -1,25 +1,22 @@
 """Mistakes a user makes on the command line end in one line on stderr and exit status 2, before
 any work; bugs keep their traceback."""
 import json
-import os
 import subprocess
 import sys
 import time
 
 import pytest
 
+from kit import ROOT, process_env
 from tempme_fast import errors
 from tempme_fast.cli import main
 from tiny import TINY_ARGS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _run(*argv, env=None, timeout=120):
     """``python -m tempme_fast ARGV`` in a fresh process: what a user sees."""
-    environ = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
     return subprocess.run([sys.executable, "-m", "tempme_fast", *argv], capture_output=True, text=True,
-                          env=environ, timeout=timeout, cwd=ROOT)
+                          env=process_env(**(env or {})), timeout=timeout, cwd=ROOT)
 
 
 def _one_line_error(result, command, *fragments):

@@ -3,21 +3,18 @@ traffic, at most two forward launches per merge step. No GPU needed: ``benchmark
 compiles the launches the ViT-B/32 schedule makes (batch 1 and 32) with Triton's ``GPUTarget`` and
 reads ``ptxas -v`` and the PTX. ``python -m benchmarks.codegen`` covers every model, dtype and sm_80 as well.
 """
-import os
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from kit import ROOT, process_env
 
 
 def _codegen(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     # A process of its own: TRITON_INTERPRET (set by conftest.py) swaps the kernels for the interpreter's.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "benchmarks.codegen", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "benchmarks.codegen", *args], cwd=ROOT, env=process_env(False),
                           capture_output=True, text=True, timeout=timeout)
 
 

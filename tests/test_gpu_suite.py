@@ -18,6 +18,7 @@ from benchmarks.rowlog import RowLog, read_rows
 from benchmarks.suite import DEFAULT_BUDGET_S, ROOT, Archiver, Stage, gpu_stages, plan_text, run_suite, \
     select_stages, triton_cache_entries
 from benchmarks.suite import main as suite_main
+from kit import process_env
 
 # A benchmark that never ends: one row every 50 ms through the real row log.
 SLOW_ROWS = """
@@ -125,7 +126,7 @@ def test_pytest_results_are_written_one_line_per_test(tmp_path):
         "def broken(): raise RuntimeError('setup broke')\n"
         "def test_setup_error(broken): pass\n")
     results = tmp_path / "tests.jsonl"
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = process_env()
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "benchmarks.testlog",
                     "--results-jsonl", str(results), "test_stub.py"], cwd=tmp_path, env=env, capture_output=True,
                    timeout=120)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 pytest.importorskip("av")
 
 from index_helpers import built, index_argv, make_video, refused, vectors_by_path  # noqa: F401 (built: a fixture)
+from kit import process_env
 from tempme_fast.cli import main
 from tempme_fast.index import IndexSpec, build_index, list_videos, load_contents, load_encoder, rank_share
 from tempme_fast.index import store
@@ -102,8 +103,7 @@ def test_resume_after_sigkill(built, tmp_path):
     """A real kill: SIGKILL once the first shard is committed, then --resume completes the index."""
     videos, reference, model, good = built
     out = tmp_path / "index"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    env = process_env(OMP_NUM_THREADS="1")
     argv = [sys.executable, "-m", "tempme_fast", *index_argv(videos, out, model, "--shard-size", "1",
                                                              "--batch-size", "1")]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -140,11 +140,9 @@ def test_two_processes_split_the_work(built, tmp_path):
     """RANK/WORLD_SIZE as torchrun sets them: disjoint shards whose union is the single-process index."""
     videos, reference, model, good = built
     out = tmp_path / "index"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", PYTHONPATH=root,
-                   OMP_NUM_THREADS="1")
+        env = process_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen([sys.executable, "-m", "tempme_fast", *index_argv(videos, out, model)],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=300) for p in procs]

@@ -5,23 +5,19 @@ Without a GPU the check runs Triton's own launch path on a stand-in sm_90 device
 swaps the kernels for the interpreter's, which ``launch`` passes straight to Triton. On a GPU the
 cached and uncached launches are compared by their outputs.
 """
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from kit import ROOT, process_env
 from tempme_fast import ops
 from tempme_fast.ops import launch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _python(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=process_env(False), capture_output=True, text=True,
                           timeout=timeout)
 
 

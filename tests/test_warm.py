@@ -10,15 +10,12 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from kit import ROOT, process_env
 
 
 def _env(cache_dir) -> dict:
     # A process of its own: TRITON_INTERPRET (set by conftest.py) swaps the kernels for the interpreter's.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    env["TRITON_CACHE_DIR"] = str(cache_dir)
-    return env
+    return process_env(False, TRITON_CACHE_DIR=str(cache_dir))
 
 
 def _python(code_or_args, cache_dir, timeout=600) -> subprocess.CompletedProcess:
