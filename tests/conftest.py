@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # ``-n auto`` (pytest-xdist) starts at most this many workers, and at most one per core and per
-# GIB_PER_WORKER of available memory: a worker that builds the ViT-B models peaks near 3.3 GiB.
+# GIB_PER_WORKER of available memory: a worker that builds the ViT-B models peaks near 3.1 GiB.
 MAX_WORKERS = 8
 GIB_PER_WORKER = 4
 
