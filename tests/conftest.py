@@ -41,8 +41,9 @@ def pytest_xdist_auto_num_workers(config):
 
 # Each of N workers takes its share of the cores: N workers with a torch thread per core each would
 # keep every core switching between them.
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    torch.set_num_threads(max(1, _cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, _cores() // _WORKERS))
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@
   fresh process, since cuBLAS reads that variable when it starts). Without them, PyTorch's fused
   attention backward and the torch backend's ``scatter_add`` may reorder float sums.
 """
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from kit import HALF_DTYPES, REAL_SHAPES, REAL_WIDTH, parametrize_dtypes
+from kit import HALF_DTYPES, REAL_SHAPES, REAL_WIDTH, ROOT, parametrize_dtypes, process_env
 from tempme_fast import TempMeConfig, apply_tempme, ops
 from tempme_fast.ops import reference as ref
 
@@ -115,11 +114,9 @@ _DETERMINISTIC_SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def deterministic_results():
-    env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8")
-    env.pop("TRITON_INTERPRET", None)
     done = subprocess.run([sys.executable, "-c", _DETERMINISTIC_SCRIPT, *[f"{b}:{d}" for b, d in _DETERMINISTIC_CASES]],
-                          env=env, capture_output=True, text=True, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                          env=process_env(False, CUBLAS_WORKSPACE_CONFIG=":4096:8"), capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
     results = dict(line[len("case "):].split(" ", 1) for line in done.stdout.splitlines() if line.startswith("case "))
     return results, done.stderr[-4000:]
 

@@ -1,14 +1,12 @@
 """benchmarks.shards and testlog's --shard: N processes split one collection, every test once."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
 from benchmarks.testlog import parse_shard
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from kit import ROOT
 
 TESTS = """
 import pytest
