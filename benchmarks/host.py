@@ -71,7 +71,8 @@ class Counts:
     launches: Counter = field(default_factory=Counter)
     allocations: int = 0
     host_us: float = 0.0
-    calls: List[tuple] = field(default_factory=list)  # (kernel, grid, args, kwargs) of every launch
+    # (kernel, grid, args, kwargs, via) of every launch; via: (launcher, tensors) when a Launcher launched it
+    calls: List[tuple] = field(default_factory=list)
 
     def row(self) -> Dict[str, object]:
         return {"aten_ops": sum(self.aten.values()), "custom_ops": sum(self.custom.values()),
@@ -141,7 +142,7 @@ def gpu_like(counts: Optional[Counts] = None) -> Iterator[None]:
 
         def run(*args, grid, warmup=False, **kwargs):
             counts.launches[name] += 1
-            counts.calls.append((kernel, grid, args, kwargs))
+            counts.calls.append((kernel, grid, args, kwargs, _launched_by()))
         return run
 
     def gpu_resolve(backend, tensor):
@@ -175,29 +176,44 @@ def gpu_like(counts: Optional[Counts] = None) -> Iterator[None]:
                 setattr(module, name, value)
 
 
+def _launched_by(depth: int = 6) -> Optional[tuple]:
+    """``(launcher, tensors)`` of the ``tempme_fast.ops.launch.Launcher`` call that a stubbed launch
+    came from, found among the calling frames (None: a plain ``launch`` or ``kernel[grid]`` call)."""
+    from tempme_fast.ops.launch import Launcher
+
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        if frame.f_code is Launcher.__call__.__code__:
+            return frame.f_locals["self"], frame.f_locals["tensors"]
+        frame = frame.f_back
+    return None
+
+
 class _PythonCalls:
     """Counts the function calls made from Python (``sys.setprofile``: Python functions and the C
     functions Python calls, such as ``Tensor.stride`` or ``torch.empty``) while it is installed. A call
-    of ``tempme_fast.ops.launch.launch`` counts as one: what happens inside it differs between a GPU,
-    the stubs and the interpreter, and :func:`launch_us` times it apart."""
+    of ``tempme_fast.ops.launch.launch`` or of a ``Launcher`` counts as one: what happens inside it
+    differs between a GPU, the stubs and the interpreter, and :func:`launch_us` times it apart."""
 
     def __init__(self):
         from tempme_fast.ops import launch
 
         self.calls = 0
-        self._launch_code = launch.launch.__code__
+        self._launch_codes = (launch.launch.__code__, launch.Launcher.__call__.__code__)
         self._inside = 0
 
     def __call__(self, frame, event, arg):
         if event == "call":
-            if frame.f_code is self._launch_code:
+            if frame.f_code in self._launch_codes:
                 if not self._inside:
                     self.calls += 1
                 self._inside += 1
             elif not self._inside:
                 self.calls += 1
         elif event == "return":
-            if frame.f_code is self._launch_code:
+            if frame.f_code in self._launch_codes:
                 self._inside -= 1
         elif event == "c_call" and not self._inside:
             self.calls += 1
@@ -341,13 +357,17 @@ def fake_device(log: Optional[list] = None, arch: int = 90, binds: Optional[Coun
 
 
 def _replay(calls: Sequence[tuple], cached: bool) -> None:
+    """Launch ``calls`` again: through Triton's path, or (``cached``) as the launchers did, through
+    their ``Launcher`` or ``tempme_fast.ops.launch.launch``."""
     from tempme_fast.ops.launch import launch
 
-    for kernel, grid, args, kwargs in calls:
-        if cached:
-            launch(kernel, grid, *args, **kwargs)
-        else:
+    for kernel, grid, args, kwargs, via in calls:
+        if not cached:
             kernel[grid](*args, **kwargs)
+        elif via is not None:
+            via[0](*via[1])
+        else:
+            launch(kernel, grid, *args, **kwargs)
 
 
 def launch_us(calls: Sequence[tuple], arch: int = 90, repeats: int = 20, rounds: int = 5) -> Dict[str, float]:
@@ -407,9 +427,12 @@ def launch_mismatches(calls: Sequence[tuple], arch: int = 90) -> Dict[str, objec
 
 def launch_check_calls() -> List[tuple]:
     """Launches that a cached launch must tell apart: ViT-B/32 and ViT-B/16 inference forwards (fp16),
-    a ViT-B/32 training forward and backward (float32), and one merge step whose inputs differ only
-    in their address modulo 16 or their dtype (fp16, bf16) from one another."""
+    a ViT-B/32 training forward and backward (float32), one merge step whose inputs differ only in
+    their address modulo 16 or their dtype (fp16, bf16) from one another (recorded in one pass, so
+    that its launches share their ``Launcher``), and a plan and grouping from given scores (the
+    plain ``launch``) at two addresses modulo 16."""
     from tempme_fast import encoder
+    from tempme_fast.ops import triton_ops
 
     calls = []
     for name in MODELS:
@@ -420,15 +443,31 @@ def launch_check_calls() -> List[tuple]:
     video = torch.randn(1, model.tempme.config.frames, 3, *model.visual.image_size)
     calls += count(lambda: model.encode_video(video).sum().backward()).calls
     step = next(s for s in merge_steps("ViT-B-32") if s.stage == "intra" and s.layer == 8)
+    steps = []
     for dtype, offset in ((torch.float16, 0), (torch.float16, 1), (torch.bfloat16, 0), (torch.float16, 8)):
         shape = (step.clips, step.tokens, 768)
         x = torch.zeros(step.clips * step.tokens * 768 + offset, dtype=dtype)[offset:].view(shape)
         size = torch.ones(step.clips, step.tokens, 1)
         keys = torch.randn(step.clips, step.tokens, 3 * 768, dtype=dtype)[..., 768:1536]
-        norm = torch.nn.LayerNorm(768, dtype=dtype)
+        steps.append((x, size, keys, torch.nn.LayerNorm(768, dtype=dtype)))
+
+    def merge_steps_of_each():
         with torch.inference_mode():
-            calls += count(lambda: encoder._merge_then_norm(x, torch.zeros_like(x), size, None, keys, 12, step.r,
-                                                            step.protected, norm, "auto")).calls
+            for x, size, keys, norm in steps:
+                encoder._merge_then_norm(x, torch.zeros_like(x), size, None, keys, 12, step.r, step.protected, norm,
+                                         "auto")
+    calls += count(merge_steps_of_each).calls
+    plans = []
+    for offset in (0, 1):
+        scores = torch.rand(step.clips * 24 + offset)[offset:].view(step.clips, 24)
+        dst = torch.randint(0, 24, (step.clips * 24 + offset,))[offset:].view(step.clips, 24)
+        plans.append((scores, dst))
+
+    def plans_of_each():
+        for scores, dst in plans:
+            merged, merged_dst, _ = triton_ops.match_plan_forward(scores, dst, step.r)
+            triton_ops.merge_index(merged_dst[:, 1:], merged[:, 1:], 24)
+    calls += count(plans_of_each).calls
     return calls
 
 
@@ -581,6 +620,12 @@ def _top(counter: Counter, n: int = 14) -> str:
     return ", ".join(f"{k} {v}" for k, v in counter.most_common(n))
 
 
+def _launch_path(calls: Sequence[tuple], per: str) -> str:
+    us = launch_us(calls)
+    return (f"Triton's JITFunction.run {us['triton']:.0f} us per {per}, tempme_fast.ops.launch {us['cached']:.0f} us "
+            f"({us['triton'] / us['cached']:.2f}x)")
+
+
 def report(models: Sequence[str] = MODELS, dtype_name: str = "fp16", out=sys.stdout) -> Dict[str, dict]:
     """Print per model the forward's counts and the per-step counts; return them by model."""
     dtype = DTYPES[dtype_name]
@@ -597,9 +642,7 @@ def report(models: Sequence[str] = MODELS, dtype_name: str = "fp16", out=sys.std
         print(f"  launches: {_top(fwd.launches)}", file=out)
         print(f"  function calls from Python (a launch as one): {python_calls(_encode(name, dtype, 1))}", file=out)
         if not _interpreter():
-            us = launch_us(fwd.calls)
-            print(f"  launch path up to the C launcher (sm_90): Triton's JITFunction.run {us['triton']:.0f} us "
-                  f"per forward, tempme_fast.ops.launch {us['cached']:.0f} us", file=out)
+            print(f"  launch path up to the C launcher (sm_90): {_launch_path(fwd.calls, 'forward')}", file=out)
         for variant in ("open_clip", "tempme"):
             train = train_counts(name, variant, dtype=dtype)
             print(f"training step, {variant}: aten ops {sum(train.aten.values())}, Triton launches "
@@ -608,6 +651,8 @@ def report(models: Sequence[str] = MODELS, dtype_name: str = "fp16", out=sys.std
             print(f"  aten: {_top(train.aten)}", file=out)
             calls = python_calls(_train_step(name, variant, dtype, 1))
             print(f"  function calls from Python (a launch as one): {calls}", file=out)
+            if variant == "tempme" and not _interpreter():
+                print(f"  launch path up to the C launcher (sm_90): {_launch_path(train.calls, 'step')}", file=out)
             results.setdefault(name, {})[f"train_{variant}"] = dict(train.row(), python_calls=calls)
         print("| layer | stage | clips x tokens | r | grad | aten ops | custom ops | launches | allocations "
               "| host us |", file=out)

@@ -107,10 +107,10 @@ def triton_launch() -> str:
 
 
 def cached_launch(launches: int = 2000) -> str:
-    """``tempme_fast.ops.launch`` on the GPU: the same one-block kernel launched through Triton's path and
-    through the cached one (all but the first launch of the variant skip Triton's binding), the result
-    checked, and the host microseconds per launch of each path (a kernel this small is bound by them).
-    "ok" starts the line only when every launch added its one."""
+    """``tempme_fast.ops.launch`` on the GPU: the same one-block kernel launched through Triton's path,
+    through the cached ``launch`` and through a ``Launcher`` (all but the first launch of the variant
+    skip Triton's binding), the result checked, and the host microseconds per launch of each path (a
+    kernel this small is bound by them). "ok" starts the line only when every launch added its one."""
     import time
 
     import torch
@@ -124,21 +124,26 @@ def cached_launch(launches: int = 2000) -> str:
     previous = launch.CACHED
     try:
         kernel, x = _add_one_kernel(), torch.zeros(100, device="cuda")
+        launcher = launch.Launcher(kernel, (1,), (100,), {"BLOCK": 128})
+        paths = {"Triton's path": lambda: launch.launch(kernel, (1,), x, 100, BLOCK=128),
+                 "cached": lambda: launch.launch(kernel, (1,), x, 100, BLOCK=128),
+                 "Launcher": lambda: launcher(x)}
         us = {}
-        for cached in (False, True, False, True):
-            launch.CACHED = cached
-            for _ in range(10):
-                launch.launch(kernel, (1,), x, 100, BLOCK=128)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(launches):
-                launch.launch(kernel, (1,), x, 100, BLOCK=128)
-            torch.cuda.synchronize()
-            us[cached] = min(us.get(cached, float("inf")), (time.perf_counter() - t0) / launches * 1e6)
-        expected = 4 * (launches + 10)
+        for _ in range(2):
+            for path, call in paths.items():
+                launch.CACHED = path != "Triton's path"
+                for _ in range(10):
+                    call()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(launches):
+                    call()
+                torch.cuda.synchronize()
+                us[path] = min(us.get(path, float("inf")), (time.perf_counter() - t0) / launches * 1e6)
+        expected = 2 * len(paths) * (launches + 10)
         if not bool((x == expected).all()):
             return f"WRONG RESULT (x = {x[0].item():.0f}, expected {expected})"
-        return f"ok (host us per launch: Triton's path {us[False]:.1f}, cached {us[True]:.1f})"
+        return "ok (host us per launch: " + ", ".join(f"{path} {t:.1f}" for path, t in us.items()) + ")"
     except Exception as e:  # the point is to record why it fails
         return f"FAILED ({type(e).__name__}: {str(e)[:500]})"
     finally:

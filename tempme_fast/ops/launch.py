@@ -13,6 +13,12 @@ no float constexpr that could be either.) A miss goes through ``kernel[grid]`` (
 keeps the compiled kernel it returns; a hit calls that kernel's launcher directly, with the
 arguments ``JITFunction.run`` passes it (every parameter in order, then the launch hooks).
 
+A :class:`Launcher` goes further for the launchers that keep a description per input signature
+(:mod:`.memo`): it holds the kernel with its grid, its non-tensor arguments and its constexprs, fixed
+when the description is built, and each call passes only the tensors. Its key is the launcher itself
+(by identity), the device, the tensors' dtypes and addresses modulo 16, and the two switches: what the
+rest of :func:`launch`'s key holds is the same at every call of one launcher, so it is left out.
+
 Triton's path is taken unchanged when the kernel is not a ``JITFunction`` (the interpreter), when
 its ``run`` is replaced on the instance (a stub or an instrumenting wrapper), when it has
 pre-run hooks, when a stage-inspection hook is set, when a global the kernel read at compile
@@ -20,11 +26,11 @@ time has changed (Triton then raises its own error), and while :data:`CACHED` is
 value is False when the environment sets ``TEMPME_FAST_CACHED_LAUNCH=0``).
 """
 import os
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
-__all__ = ["CACHED", "MAX_ENTRIES", "clear_cache", "launch"]
+__all__ = ["CACHED", "MAX_ENTRIES", "Launcher", "clear_cache", "launch"]
 
 # Off: every launch goes through kernel[grid](...), as without this module.
 CACHED = os.environ.get("TEMPME_FAST_CACHED_LAUNCH", "1") != "0"
@@ -67,6 +73,12 @@ def _rebound(bound: tuple) -> bool:
     return any(namespace.get(name, _MISSING) is not value for namespace, name, value in bound)
 
 
+def _through_triton(kernel, jit_function, knobs) -> bool:
+    """Whether a launch of ``kernel`` must take Triton's own path (see the module's docstring)."""
+    return (not CACHED or not isinstance(kernel, jit_function) or "run" in kernel.__dict__ or kernel.pre_run_hooks
+            or getattr(knobs.runtime, "add_stages_inspection_hook", None) is not None)
+
+
 def launch(kernel, grid: Sequence[int], *args, **meta) -> None:
     """``kernel[grid](*args, **meta)``, with Triton's per-call binding skipped for a variant seen before.
 
@@ -74,8 +86,7 @@ def launch(kernel, grid: Sequence[int], *args, **meta) -> None:
     launch options (``num_warps``, ...) by name. ``grid`` is a tuple of one to three program counts.
     """
     jit_function, driver, knobs = _triton or _modules()
-    if (not CACHED or not isinstance(kernel, jit_function) or "run" in kernel.__dict__ or kernel.pre_run_hooks
-            or getattr(knobs.runtime, "add_stages_inspection_hook", None) is not None):
+    if _through_triton(kernel, jit_function, knobs):
         kernel[grid](*args, **meta)
         return
     active = driver.active
@@ -96,6 +107,50 @@ def launch(kernel, grid: Sequence[int], *args, **meta) -> None:
     if entry is None or entry[0] is not kernel or entry[6] and _rebound(entry[6]):
         _remember(key, kernel, grid, args, meta)
         return
+    _run(entry, grid, args, active, device, knobs)
+
+
+class Launcher:
+    """``kernel[grid](*tensors, *scalars, **meta)`` for any ``tensors``: a kernel whose grid, non-tensor
+    arguments and constexprs (launch options included) are fixed, as a launcher's description fixes
+    them for one input signature. A call passes the tensors (every argument before ``scalars``) and
+    launches, through Triton the first time for a variant and directly after that (see the module's
+    docstring). ``scalars`` and ``meta`` must not change after construction.
+    """
+
+    __slots__ = ("kernel", "grid", "scalars", "meta")
+
+    def __init__(self, kernel, grid: Sequence[int], scalars: Sequence[object] = (), meta: Optional[dict] = None):
+        self.kernel, self.grid, self.scalars, self.meta = kernel, tuple(grid), tuple(scalars), dict(meta or {})
+
+    def __repr__(self) -> str:
+        name = getattr(getattr(self.kernel, "fn", self.kernel), "__name__", self.kernel)
+        return f"Launcher({name}, grid={self.grid}, scalars={self.scalars}, meta={self.meta})"
+
+    def __call__(self, *tensors) -> None:
+        kernel = self.kernel
+        jit_function, driver, knobs = _triton or _modules()
+        if _through_triton(kernel, jit_function, knobs):
+            kernel[self.grid](*tensors, *self.scalars, **self.meta)
+            return
+        active = driver.active
+        device = active.get_current_device()
+        try:  # self: by identity (it holds the kernel, grid, scalars and constexprs)
+            key = (self, device, *[t.data_ptr() & 15 for t in tensors], *[t.dtype for t in tensors],
+                   knobs.runtime.debug, knobs.compilation.instrumentation_mode)
+        except AttributeError:  # a non-tensor where a tensor was
+            kernel[self.grid](*tensors, *self.scalars, **self.meta)
+            return
+        entry = _CACHE.get(key)
+        args = (*tensors, *self.scalars)
+        if entry is None or entry[6] and _rebound(entry[6]):
+            _remember(key, kernel, self.grid, args, self.meta)
+            return
+        _run(entry, self.grid, args, active, device, knobs)
+
+
+def _run(entry: tuple, grid: Sequence[int], args: tuple, active, device, knobs) -> None:
+    """Launch a kept compiled kernel with ``args`` (every runtime parameter) and its constexprs."""
     _, run, function, packed, compiled, tail, _ = entry
     stream = active.get_current_stream(device)
     size = len(grid)

@@ -24,7 +24,7 @@ import triton
 from tempme_kernels.attention import _attention_bwd_kernel, _attention_fwd_kernel
 
 from .eager import cast, custom_op_or, needs_grad, use_custom_ops
-from .launch import launch
+from .launch import Launcher
 from .memo import forget_on_assign, remembered
 from .triton_ops import _cdiv
 
@@ -142,8 +142,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: O
     d = remembered(key, lambda: _forward_launch(q, k, v, bias, token_major, log_bias, keep_lse))
     out = _new_output(d.out_shape, q.dtype, q.device)
     lse = _new_output(d.lse_shape, torch.float32, q.device) if keep_lse else None
-    launch(_attention_fwd_kernel, d.grid, q, k, v, q if bias is None else bias, out, out if lse is None else lse,
-           *d.scalars, **d.meta)
+    d.launch(q, k, v, q if bias is None else bias, out, out if lse is None else lse)
     return (out if token_major else out.transpose(1, 2)), lse
 
 
@@ -152,9 +151,7 @@ class _AttentionLaunch(NamedTuple):
 
     out_shape: Tuple[int, ...]
     lse_shape: Tuple[int, int, int]
-    grid: Tuple[int, int]
-    scalars: tuple  # the kernel's arguments after its tensors
-    meta: dict
+    launch: Launcher  # takes the kernel's six tensors
 
 
 def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
@@ -174,8 +171,10 @@ def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opt
                 **_constexprs(q), **_launch_options(block_d, q.dtype == torch.float32))
     return _AttentionLaunch(
         (rows, queries, heads * head_dim) if token_major else (rows, queries, heads, head_dim),
-        (rows, heads, queries), (_cdiv(queries, block_m), rows * heads),
-        (queries, keys, heads, *strides[0], *strides[1], *strides[2], stride_bb, stride_bn, scale * LOG2E), meta)
+        (rows, heads, queries),
+        Launcher(_attention_fwd_kernel, (_cdiv(queries, block_m), rows * heads),
+                 (queries, keys, heads, *strides[0], *strides[1], *strides[2], stride_bb, stride_bn, scale * LOG2E),
+                 meta))
 
 
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -244,11 +243,11 @@ def _backward_launches(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     d = remembered(key, lambda: _backward_launch(q, k, v, grad_out, bias, bias_grad, dq, dk, token_major, log_bias))
     delta = _new_output(d.delta_shape, torch.float32, q.device)
     dbias = _new_output(d.dbias_shape, torch.float32, q.device) if bias_grad else None
-    args = (q, k, v, q if bias is None else bias, out, grad_out, lse, delta, dq, dk, dv,
-            delta if dbias is None else dbias, *d.scalars)
+    tensors = (q, k, v, q if bias is None else bias, out, grad_out, lse, delta, dq, dk, dv,
+               delta if dbias is None else dbias)
     # The dQ pass writes delta, which the dK/dV pass reads: two launches in stream order.
-    launch(_attention_bwd_kernel, d.grid_dq, *args, **d.meta_dq)
-    launch(_attention_bwd_kernel, d.grid_dkdv, *args, **d.meta_dkdv)
+    d.launch_dq(*tensors)
+    d.launch_dkdv(*tensors)
     return dbias
 
 
@@ -257,11 +256,8 @@ class _AttentionBackwardLaunch(NamedTuple):
 
     delta_shape: Tuple[int, int, int]
     dbias_shape: Tuple[int, int, int]
-    grid_dq: Tuple[int, int]
-    grid_dkdv: Tuple[int, int]
-    scalars: tuple  # the kernel's arguments after its tensors
-    meta_dq: dict
-    meta_dkdv: dict
+    launch_dq: Launcher  # the dQ pass (it writes delta); takes the kernel's twelve tensors
+    launch_dkdv: Launcher  # the dK/dV pass, after it
 
 
 def _backward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
@@ -281,9 +277,10 @@ def _backward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out
     scalars = (queries, keys, heads, *strides[0], *strides[1], *strides[2], stride_bb, stride_bn, *strides[3],
                *strides[4], *strides[5], scale * LOG2E, scale)
     return _AttentionBackwardLaunch(
-        (rows, heads, queries), (rows, heads, keys), (_cdiv(queries, block_m), rows * heads),
-        (_cdiv(keys, block_n), rows * heads), scalars, dict(common, DKDV=False),
-        dict(common, DKDV=True, BLOCK_M=min(block_m, DKDV_QUERY_BLOCK)))
+        (rows, heads, queries), (rows, heads, keys),
+        Launcher(_attention_bwd_kernel, (_cdiv(queries, block_m), rows * heads), scalars, dict(common, DKDV=False)),
+        Launcher(_attention_bwd_kernel, (_cdiv(keys, block_n), rows * heads), scalars,
+                 dict(common, DKDV=True, BLOCK_M=min(block_m, DKDV_QUERY_BLOCK))))
 
 
 # ---------------------------------------------------------------------------------------------

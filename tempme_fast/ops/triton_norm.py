@@ -22,7 +22,7 @@ from tempme_kernels.norm import _add_norm_fwd_kernel
 
 from . import triton_ops
 from .eager import cast, custom_op_or, needs_grad
-from .launch import launch
+from .launch import Launcher
 from .memo import forget_on_assign, remembered
 
 __all__ = ["AddNormFunction", "add_norm", "add_norm_forward"]
@@ -60,24 +60,24 @@ def add_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
         ``stats`` then ``[2, B', N, 1]`` in that accumulation dtype (means, then reciprocal standard
         deviations).
     """
-    key = ("add_norm_fwd", x.shape, x.stride(), residual.stride(), x.dtype, stats)
-    grid, scalars, meta = remembered(key, lambda: _add_norm_launch(x, residual, stats))
+    eps = float(eps)
+    key = ("add_norm_fwd", x.shape, x.stride(), residual.stride(), x.dtype, eps, stats)
+    launcher = remembered(key, lambda: _add_norm_launch(x, residual, eps, stats))
     out = _new_output(x.shape, x.dtype, x.device)
     ln = _new_output(x.shape, x.dtype, x.device)
     stats_buf = triton_ops._layer_norm_stats(x.shape[0], x.shape[1], x) if stats else ln  # not written without stats
-    launch(_add_norm_fwd_kernel, grid, x, residual, weight.contiguous(), bias.contiguous(), out, ln, stats_buf,
-           *scalars, float(eps), **meta)
+    launcher(x, residual, weight.contiguous(), bias.contiguous(), out, ln, stats_buf)
     return (out, ln, stats_buf) if stats else (out, ln)
 
 
-def _add_norm_launch(x: torch.Tensor, residual: torch.Tensor, stats: bool) -> Tuple[Tuple[int], tuple, dict]:
-    """``(grid, the integer arguments, the constexprs)`` of an add-norm launch, from its inputs' signature."""
+def _add_norm_launch(x: torch.Tensor, residual: torch.Tensor, eps: float, stats: bool) -> Launcher:
+    """The add-norm launch of an input signature: it takes the kernel's seven tensors."""
     rows, tokens, width = x.shape
     tiles = _add_norm_tiles(rows * tokens, width, x.dtype.itemsize)
     meta = dict(ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, **tiles,
                 **({"STATS": True} if stats else {}))
-    return ((triton_ops._cdiv(rows * tokens, tiles["BLOCK_T"]),),
-            (rows * tokens, tokens, width, *x.stride(), *residual.stride()), meta)
+    return Launcher(_add_norm_fwd_kernel, (triton_ops._cdiv(rows * tokens, tiles["BLOCK_T"]),),
+                    (rows * tokens, tokens, width, *x.stride(), *residual.stride(), eps), meta)
 
 
 @torch.library.custom_op("tempme::add_norm_fwd", mutates_args=())

@@ -41,7 +41,7 @@ from tempme_kernels.match import _match_plan_kernel
 from tempme_kernels.merge import _merge_bwd_kernel, _merge_fwd_kernel, _merge_index_kernel
 
 from .eager import cast, custom_op_or, detached, needs_grad, use_custom_ops
-from .launch import launch
+from .launch import Launcher, launch
 from .memo import forget_on_assign, remembered
 from .reference import MergePlan, accumulation_dtype, head_mean, split_sizes, split_starts
 
@@ -303,9 +303,7 @@ class _MatchLaunch(NamedTuple):
     acc: torch.dtype
     part_shape: Tuple[int, ...]  # the scratch's per-range partial results
     plan_width: int  # columns of the plan buffer (0 without a plan)
-    grid: Tuple[int, int]
-    scalars: tuple  # the kernel's arguments after its six tensors
-    meta: dict
+    launch: Launcher  # takes the kernel's six tensors
 
 
 def _match_launch(shape, strides, dtype: torch.dtype, protected: int, group: int, r: int, plan: bool,
@@ -322,7 +320,8 @@ def _match_launch(shape, strides, dtype: torch.dtype, protected: int, group: int
     meta = dict(TINY=torch.finfo(acc).tiny, PLAN=plan, SORT_BLOCK=_plan_sort_block(na, acc) if plan else 0,
                 **(_grouping_widths(r, nb) if plan else {"GROUP_BLOCK": 0, "GROUP_BINS": 0}), **tiles,
                 **_head_meta(heads, channels, tiles["BLOCK_C"], tiles["num_warps"]))
-    return _MatchLaunch(rows, na, acc, (rows, splits, 2, na), plan_width, (a_blocks * splits, rows), scalars, meta)
+    return _MatchLaunch(rows, na, acc, (rows, splits, 2, na), plan_width,
+                        Launcher(_best_match_fwd_kernel, (a_blocks * splits, rows), scalars, meta))
 
 
 def _head_meta(heads: int, channels: int, block_c: int, num_warps: int) -> Dict[str, object]:
@@ -352,7 +351,7 @@ def _launch_match(metric: torch.Tensor, protected: int, group: int, r: int, plan
     else:
         scores, dst = _new_output((d.rows, d.na), d.acc, device), _new_output((d.rows, d.na), torch.int64, device)
         out, plan_rows = (scores, dst), dst  # the plan's rows: not written without a plan
-    launch(_best_match_fwd_kernel, d.grid, metric, part, scores, dst, plan_rows, count, *d.scalars, **d.meta)
+    d.launch(metric, part, scores, dst, plan_rows, count)
     return out
 
 
@@ -488,12 +487,13 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
     if src is None or offsets is None:
         _, tokens, c = _joined_shape(x, protected, group)
         src, offsets = merge_index(merged, dst, split_sizes(tokens, c)[1], torch.int64)
+    eps = 0.0 if norm is None else float(norm[2])
     key = ("merge_fwd", x.shape, x.stride(), x.dtype, size.shape, size.stride(), size.dtype, merged.shape[1],
            kept.shape[1], kept.stride(), src.stride(), offsets.stride(),
-           None if frame_pos is None else frame_pos.shape, norm is None, stats,
+           None if frame_pos is None else frame_pos.shape, norm is None, eps, stats,
            None if residual is None else residual.stride(), protected, group)
     d = remembered(key, lambda: _merge_fwd_launch(x, size, merged, kept, src, offsets, protected, group, frame_pos,
-                                                  norm is not None, stats, residual))
+                                                  norm is not None, eps, stats, residual))
     if not d.unit_rows:
         kept, src, offsets = _rows(kept), _rows(src), _rows(offsets)
     device = x.device
@@ -502,15 +502,13 @@ def merge_forward(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst
     b_size = None if d.b_size_shape is None else _new_output(d.b_size_shape, d.acc, device)
     pos = x if frame_pos is None else frame_pos.reshape(d.pos_shape).contiguous()
     if norm is None:
-        ln, ln_w, ln_b, eps, stats_buf = out, out, out, 0.0, out  # not read, not written
+        ln, ln_w, ln_b, stats_buf = out, out, out, out  # not read, not written
     else:
-        ln_w, ln_b, eps = norm[0].contiguous(), norm[1].contiguous(), float(norm[2])
+        ln_w, ln_b = norm[0].contiguous(), norm[1].contiguous()
         ln = _new_output(d.out_shape, x.dtype, device)
         stats_buf = _new_output(d.stats_shape, d.acc, device) if stats else ln  # not written without stats
-    launch(_merge_fwd_kernel, d.grid,
-        x, x if residual is None else residual, size, pos, kept, src, offsets, out, size_out,
-        size_out if b_size is None else b_size, ln_w, ln_b, ln, stats_buf, eps, *d.scalars, **d.meta,
-    )
+    d.launch(x, x if residual is None else residual, size, pos, kept, src, offsets, out, size_out,
+             size_out if b_size is None else b_size, ln_w, ln_b, ln, stats_buf)
     if norm is None:
         return out, size_out, b_size
     return (out, size_out, b_size, ln, stats_buf) if stats else (out, size_out, b_size, ln)
@@ -526,14 +524,12 @@ class _MergeLaunch(NamedTuple):
     stats_shape: Tuple[int, ...]
     acc: torch.dtype
     pos_shape: Tuple[int, int]  # the position embedding as the kernel reads it, [F, D]
-    grid: Tuple[int, int, int]
-    scalars: tuple  # the kernel's arguments after EPS
-    meta: dict
+    launch: Launcher  # takes the kernel's fourteen tensors
 
 
 def _merge_fwd_launch(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, kept: torch.Tensor,
                       src: torch.Tensor, offsets: torch.Tensor, protected: int, group: int,
-                      frame_pos: Optional[torch.Tensor], norm: bool, stats: bool,
+                      frame_pos: Optional[torch.Tensor], norm: bool, eps: float, stats: bool,
                       residual: Optional[torch.Tensor]) -> _MergeLaunch:
     rows, tokens, c = _joined_shape(x, protected, group)
     width = x.shape[2]
@@ -550,14 +546,15 @@ def _merge_fwd_launch(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor,
     pos_shape = (x.shape[0], width) if frame_pos is None else (frame_pos.shape[1], width)
     pos_row_stride = x.stride(0) if frame_pos is None else width
     res_strides = x.stride() if residual is None else residual.stride()
-    scalars = (n_out, c, nk, nb, width, a_start, b_start, group, protected, x.shape[1], pos_shape[0],
+    scalars = (eps, n_out, c, nk, nb, width, a_start, b_start, group, protected, x.shape[1], pos_shape[0],
                *x.stride(), *res_strides, size.stride(0), size.stride(1), pos_row_stride, *row_strides)
     b_sizes = _writes_b_sizes(x, size)
     meta = dict(HAS_RES=residual is not None, HAS_POS=frame_pos is not None, NORM=norm, B_SIZES=b_sizes, **tiles,
                 **({"STATS": True} if norm and stats else {}))
     grid = (_cdiv(width, tiles["BLOCK_D"]), _cdiv(n_out, tiles["BLOCK_T"]), rows)
     return _MergeLaunch(unit_rows, (rows, n_out, width), (rows, n_out) + tuple(size.shape[2:]),
-                        (rows, nb) if b_sizes else None, (2, rows, n_out, 1), acc, pos_shape, grid, scalars, meta)
+                        (rows, nb) if b_sizes else None, (2, rows, n_out, 1), acc, pos_shape,
+                        Launcher(_merge_fwd_kernel, grid, scalars, meta))
 
 
 def _layer_norm_stats(rows: int, tokens: int, x: torch.Tensor) -> torch.Tensor:
@@ -614,10 +611,7 @@ def merge_backward(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Ten
                                                   group, pos_grad))
     grad_x = _new_output(d.grad_x_shape, grad_out.dtype, grad_out.device)
     pos_part = _new_output(d.pos_part_shape, b_size.dtype, grad_out.device) if pos_grad else None
-    launch(_merge_bwd_kernel, d.grid,
-        grad_out, size, merged, dst, kept, b_size, grad_x, grad_x if pos_part is None else pos_part,  # (not written)
-        *d.scalars, POS_GRAD=pos_grad, **d.tiles,
-    )
+    d.launch(grad_out, size, merged, dst, kept, b_size, grad_x, grad_x if pos_part is None else pos_part)  # (not written)
     return grad_x, pos_part
 
 
@@ -626,9 +620,7 @@ class _MergeBackwardLaunch(NamedTuple):
 
     grad_x_shape: Tuple[int, int, int]
     pos_part_shape: Tuple[int, int, int, int]
-    grid: Tuple[int, int, int]
-    scalars: tuple  # the kernel's arguments after its eight tensors
-    tiles: dict
+    launch: Launcher  # takes the kernel's eight tensors
 
 
 def _merge_bwd_launch(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Tensor, merged: torch.Tensor,
@@ -643,7 +635,8 @@ def _merge_bwd_launch(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.
     scalars = (tokens, c, nk, nb, width, a_start, b_start, group, protected, tokens_in, n_tiles, *grad_out.stride(),
                size.stride(0), size.stride(1), b_size.stride(0), merged.stride(0), dst.stride(0), kept.stride(0))
     return _MergeBackwardLaunch((rows * group, tokens_in, width), (rows, n_tiles, group, width),
-                                (_cdiv(width, tiles["BLOCK_D"]), n_tiles, rows), scalars, tiles)
+                                Launcher(_merge_bwd_kernel, (_cdiv(width, tiles["BLOCK_D"]), n_tiles, rows), scalars,
+                                         dict(POS_GRAD=pos_grad, **tiles)))
 
 
 # ---------------------------------------------------------------------------------------------
