@@ -611,7 +611,8 @@ def merge_backward(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Ten
                                                   group, pos_grad))
     grad_x = _new_output(d.grad_x_shape, grad_out.dtype, grad_out.device)
     pos_part = _new_output(d.pos_part_shape, b_size.dtype, grad_out.device) if pos_grad else None
-    d.launch(grad_out, size, merged, dst, kept, b_size, grad_x, grad_x if pos_part is None else pos_part)  # (not written)
+    d.launch(grad_out, size, merged, dst, kept, b_size, grad_x,
+             grad_x if pos_part is None else pos_part)  # (not written)
     return grad_x, pos_part
 
 
