@@ -214,14 +214,15 @@ def run_attention(step: AttentionStep, dtype: torch.dtype, device: str = "meta",
     autograd functions call them (no bias gradient: size needs none): on the packed projection, whose
     gradient the backward writes packed, the kernels taking the sizes' log (``SelfAttentionFunction``).
     A class-token step (``queries``) reads q from its own projection and k, v from the packed k | v
-    one (``ops.query_attention``, as ``encoder.class_block_forward`` calls it); its training path
-    runs on ``[B', H, N, d]`` views with ``log(size)`` as the bias (``AttentionFunction``)."""
+    one (``ops.query_attention``, as ``encoder.class_block_forward`` calls it); in training the
+    backward writes q's gradient and the packed k | v one's (``QueryAttentionFunction``)."""
     from tempme_fast.ops import triton_attention
 
     s, biased = step
     bias = torch.empty(s.rows, s.tokens, 1, dtype=torch.float32, device=device) if biased else None
     if s.queries:
-        q = torch.empty(s.rows, s.queries, s.heads, s.head_dim, dtype=dtype, device=device)
+        q_packed = torch.empty(s.rows, s.queries, s.heads * s.head_dim, dtype=dtype, device=device)
+        q = q_packed.view(s.rows, s.queries, s.heads, s.head_dim)
         kv = torch.empty(s.rows, s.tokens, 2 * s.heads * s.head_dim, dtype=dtype, device=device)
         k, v = kv.view(s.rows, s.tokens, 2, s.heads, s.head_dim).unbind(2)
     else:
@@ -233,10 +234,9 @@ def run_attention(step: AttentionStep, dtype: torch.dtype, device: str = "meta",
         triton_attention.self_attention_backward(torch.empty_like(out), qkv, s.heads, bias, out, lse, bias_grad=False,
                                                  log_bias=biased)
     elif backward:
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        out, lse = triton_attention.attention_forward(q, k, v, bias)
-        grad_out = torch.empty(s.rows, q.shape[2], s.heads, s.head_dim, dtype=dtype, device=device).transpose(1, 2)
-        triton_attention.attention_backward(grad_out, q, k, v, bias, out, lse, bias_grad=False)
+        out, lse = triton_attention.query_attention_forward(q_packed, kv, s.heads, bias, log_bias=biased)
+        triton_attention.query_attention_backward(torch.empty_like(out), q_packed, kv, s.heads, bias, out, lse,
+                                                  bias_grad=False, log_bias=biased)
 
 
 @dataclass(frozen=True)

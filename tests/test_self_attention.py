@@ -176,3 +176,97 @@ def test_packed_training_takes_the_sizes_log_in_the_kernels(device, dtype):
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     for got, want in zip(grads[0], grads[1]):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+# ``ops.query_attention(q, kv, heads, size)``: the trimmed last block's class tokens over every token's
+# packed k | v projection. In training its Triton path writes q's and kv's gradients whole
+# (``QueryAttentionFunction``), as the packed self-attention does.
+
+def query_inputs(rows, queries, tokens, heads, head_dim, dtype, device, seed=0):
+    qkv, size = inputs(rows, tokens, heads, head_dim, dtype, device, seed)
+    width = heads * head_dim
+    return qkv[:, :queries, :width].contiguous(), qkv[..., width:].contiguous(), size
+
+
+def query_by_split(q, kv, heads, size):
+    """The same attention through ``ops.attention`` on token-major views of the heads (the path the
+    class tokens took in training before: autograd transposes and stacks the heads' gradients)."""
+    rows, queries, width = q.shape
+    k, v = kv.view(rows, kv.shape[1], 2, heads, width // heads).unbind(2)
+    out = ops.attention(q.view(rows, queries, heads, width // heads).transpose(1, 2), k.transpose(1, 2),
+                        v.transpose(1, 2), size, impl="triton", backend="triton")
+    return out.transpose(1, 2).flatten(2)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=list(DTYPES))
+@pytest.mark.parametrize("rows, queries, tokens, heads, head_dim", [(2, 1, 37, 3, 16), (2, 6, 50, 2, 64)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("size_grad", [False, True], ids=["sizes", "sizes-grad"])
+def test_packed_query_attention_gradients_equal_the_split(device, dtype, rows, queries, tokens, heads, head_dim,
+                                                          size_grad, monkeypatch):
+    """Output and the gradients of q, kv (and size) as through the heads' views, every element
+    written: bit for bit where the sizes take a gradient (both take ``log(size)`` as a bias); where
+    they take none, no ``log`` op runs (the kernels take it) and the two logs' rounding is the
+    difference."""
+    def new_output(shape, dt, dev):  # an element the kernel never writes shows up as NaN
+        return torch.full(shape, float("nan"), dtype=dt, device=dev) if dt.is_floating_point else torch.empty(
+            shape, dtype=dt, device=dev)
+    monkeypatch.setattr(triton_attention, "_new_output", new_output)
+    q, kv, size = query_inputs(rows, queries, tokens, heads, head_dim, dtype, device)
+    results = []
+    for packed in (True, False):
+        leaves = q.detach().requires_grad_(), kv.detach().requires_grad_(), size.detach().requires_grad_(size_grad)
+        counted = _Ops()
+        with counted:
+            if packed:
+                out = ops.query_attention(*leaves[:2], heads, leaves[2], impl="triton", backend="triton")
+            else:
+                out = query_by_split(leaves[0], leaves[1], heads, leaves[2])
+        grad_fn = type(out.grad_fn).__name__
+        out.backward(torch.ones_like(out))
+        results.append((grad_fn, counted.names, out.detach(), *(t.grad for t in leaves)))
+    (fn, names, *got), (_, _, *want) = results
+    assert fn == "QueryAttentionFunctionBackward", fn
+    assert ("log" in names) == size_grad, names
+    assert not got[0].isnan().any() and not got[1].isnan().any() and not got[2].isnan().any()
+    tol = 0 if size_grad else {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None) == (a is got[3] and not size_grad)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("bias_grad", [False, True], ids=["no-bias-grad", "bias-grad"])
+def test_packed_query_custom_ops_pass_opcheck(device, bias_grad):
+    """``tempme::query_attention_fwd`` / ``_bwd``: schemas, fake implementations, outputs that alias
+    nothing (an empty tensor for a bias gradient not asked for)."""
+    q, kv, size = query_inputs(2, 3, 9, 2, 16, torch.float32, device)
+    bias = size.log()
+    out, lse = torch.ops.tempme.query_attention_fwd(q, kv, 2, bias)
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.tempme.query_attention_fwd, (q, kv, 2, bias))
+    torch.library.opcheck(torch.ops.tempme.query_attention_bwd, (grad_out, q, kv, 2, bias, out, lse, bias_grad))
+    dq, dkv, dbias = torch.ops.tempme.query_attention_bwd(grad_out, q, kv, 2, bias, out, lse, bias_grad)
+    assert dq.shape == q.shape and dkv.shape == kv.shape and dbias.shape == ((2, 2, 9) if bias_grad else (0,))
+    with pytest.raises(ValueError, match="bias_grad=True needs the bias itself"):
+        triton_attention.query_attention_backward(grad_out, q, kv, 2, size, out, lse, True, log_bias=True)
+
+
+@pytest.mark.interpreter
+def test_packed_query_training_path_compiles_without_graph_breaks(device):
+    """``torch.compile(fullgraph=True)`` through ``QueryAttentionFunction`` and its custom ops: the output
+    and the gradients of q and kv equal the eager ones."""
+    q, kv, size = query_inputs(2, 3, 9, 2, 16, torch.float32, device)
+
+    def attend(a, b):
+        return ops.query_attention(a, b, 2, size, impl="triton", backend="triton")
+    results = []
+    for fn in (attend, torch.compile(attend, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")):
+        leaves = q.detach().requires_grad_(), kv.detach().requires_grad_()
+        out = fn(*leaves)
+        out.square().sum().backward()
+        results.append((out.detach(), *(t.grad for t in leaves)))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

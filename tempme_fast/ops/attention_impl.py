@@ -125,14 +125,14 @@ def query_attention(q: torch.Tensor, kv: torch.Tensor, heads: int, size: Optiona
                     triton_backend: bool) -> torch.Tensor:
     """Multi-head attention of ``q [B', M, D]`` over the packed ``kv [B', N, 2 * D]``, on validated inputs
     (see ``tempme_fast.ops.query_attention``): ``[B', M, D]``, the heads concatenated. The Triton kernel
-    reads token-major views of both and writes that layout itself."""
+    reads token-major views of both and writes that layout itself, and in training writes the gradients
+    of ``q`` and of the packed ``kv`` whole."""
     rows, queries, width = q.shape
     tokens, head_dim = kv.shape[1], width // heads
     if choose(impl, q, size, triton_backend) == "triton":
         from . import triton_attention
 
-        k, v = kv.view(rows, tokens, 2, heads, head_dim).unbind(2)  # [B', N, H, d] each
-        return triton_attention.sized_attention(q.view(rows, queries, heads, head_dim), k, v, size, token_major=True)
+        return triton_attention.query_attention(q, kv, heads, size)
     k, v = kv.view(rows, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [B', H, N, d]
     out = attention(q.view(rows, queries, heads, head_dim).transpose(1, 2), k, v, size, impl, triton_backend)
     return out.transpose(1, 2).reshape(rows, queries, width)

@@ -228,6 +228,38 @@ def self_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, heads: in
     return dqkv.view(rows, tokens, width), dbias
 
 
+def query_attention_forward(q: torch.Tensor, kv: torch.Tensor, heads: int, bias: Optional[torch.Tensor],
+                            log_bias: bool = False, keep_lse: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`attention_forward` of the heads of ``q [B', M, D]`` over a packed ``kv [B', N, 2 D]``
+    projection (k | v, each ``H`` heads of ``d``): ``(out [B', M, D], lse [B', H, M])`` (lse None
+    without ``keep_lse``). ``log_bias``: ``bias`` holds the sizes, whose log the kernels take."""
+    rows, queries, width = q.shape
+    k, v = kv.view(rows, kv.shape[1], 2, heads, width // heads).unbind(2)
+    return attention_forward(q.view(rows, queries, heads, width // heads), k, v, bias, token_major=True,
+                             log_bias=log_bias, keep_lse=keep_lse)
+
+
+def query_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, heads: int,
+                             bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, bias_grad: bool,
+                             log_bias: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Gradients of :func:`query_attention_forward` from ``grad_out [B', M, D]`` (any strides):
+    ``dq [B', M, D]`` and ``dkv [B', N, 2 D]`` in q's dtype, the latter the packed projection's
+    gradient, which the kernels write in place, and ``dbias`` as :func:`attention_backward` (not
+    with ``log_bias``)."""
+    if log_bias and bias_grad:
+        raise ValueError("bias_grad=True needs the bias itself (log_bias=False): the sizes' gradient is not computed")
+    rows, queries, width = q.shape
+    tokens, head_dim = kv.shape[1], width // heads
+    k, v = kv.view(rows, tokens, 2, heads, head_dim).unbind(2)
+    dq = _new_output((rows, queries, heads, head_dim), q.dtype, q.device)
+    dkv = _new_output((rows, tokens, 2, heads, head_dim), kv.dtype, kv.device)
+    dk, dv = dkv.unbind(2)
+    do = _unit_channel_stride(grad_out).view(rows, queries, heads, head_dim)
+    dbias = _backward_launches(do, q.view(rows, queries, heads, head_dim), k, v, bias, out, lse, bias_grad, dq, dk,
+                               dv, True, log_bias)
+    return dq.view(rows, queries, width), dkv.view(rows, tokens, 2 * width), dbias
+
+
 def _backward_launches(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, bias_grad: bool,
                        dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, token_major: bool,
@@ -341,10 +373,39 @@ def _(grad_out, qkv, heads, bias, out, lse, bias_grad, log_bias=False):
     return qkv.new_empty(qkv.shape), qkv.new_empty((rows, heads, tokens) if bias_grad else (0,), dtype=torch.float32)
 
 
+@torch.library.custom_op("tempme::query_attention_fwd", mutates_args=())
+def _query_attention_fwd_op(q: torch.Tensor, kv: torch.Tensor, heads: int, bias: Optional[torch.Tensor],
+                            log_bias: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    return query_attention_forward(q, kv, heads, bias, log_bias)
+
+
+@_query_attention_fwd_op.register_fake
+def _(q, kv, heads, bias, log_bias=False):
+    rows, queries, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((rows, heads, queries), dtype=torch.float32)
+
+
+@torch.library.custom_op("tempme::query_attention_bwd", mutates_args=())
+def _query_attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, heads: int,
+                            bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, bias_grad: bool,
+                            log_bias: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dkv, dbias = query_attention_backward(grad_out, q, kv, heads, bias, out, lse, bias_grad, log_bias)
+    return dq, dkv, q.new_empty((0,), dtype=torch.float32) if dbias is None else dbias
+
+
+@_query_attention_bwd_op.register_fake
+def _(grad_out, q, kv, heads, bias, out, lse, bias_grad, log_bias=False):
+    rows, tokens, _ = kv.shape
+    return (q.new_empty(q.shape), q.new_empty(kv.shape),
+            q.new_empty((rows, heads, tokens) if bias_grad else (0,), dtype=torch.float32))
+
+
 _attention_fwd = custom_op_or(attention_forward, "attention_fwd")
 _attention_bwd = custom_op_or(attention_backward, "attention_bwd")
 _self_attention_fwd = custom_op_or(self_attention_forward, "self_attention_fwd")
 _self_attention_bwd = custom_op_or(self_attention_backward, "self_attention_bwd")
+_query_attention_fwd = custom_op_or(query_attention_forward, "query_attention_fwd")
+_query_attention_bwd = custom_op_or(query_attention_backward, "query_attention_bwd")
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -384,6 +445,44 @@ class SelfAttentionFunction(torch.autograd.Function):
         bias_grad = bias is not None and not ctx.log_bias and ctx.needs_input_grad[1]
         dqkv, dbias = _self_attention_bwd(grad_out, qkv, ctx.heads, bias, out, lse, bias_grad, ctx.log_bias)
         return dqkv, (dbias.sum(dim=1).view(bias.shape) if bias_grad else None), None, None
+
+
+class QueryAttentionFunction(torch.autograd.Function):
+    """Attention of the heads of ``q [B', M, D]`` over a packed ``kv [B', N, 2 D]`` projection with a
+    per-key bias, differentiable in ``q``, ``kv`` and ``bias``: the keys' and values' gradient is
+    written into one ``[B', N, 2 D]`` buffer by the kernels (as :class:`SelfAttentionFunction` does
+    for a packed ``q | k | v``), where :class:`AttentionFunction` on views of the heads would leave
+    autograd to transpose k and v and stack their gradients."""
+
+    @staticmethod
+    def forward(ctx, q, kv, bias, heads: int, log_bias: bool):
+        out, lse = _query_attention_fwd(q, kv, heads, bias, log_bias)
+        ctx.save_for_backward(q, kv, bias, out, lse)
+        ctx.heads, ctx.log_bias = heads, log_bias
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, kv, bias, out, lse = ctx.saved_tensors
+        bias_grad = bias is not None and not ctx.log_bias and ctx.needs_input_grad[2]
+        dq, dkv, dbias = _query_attention_bwd(grad_out, q, kv, ctx.heads, bias, out, lse, bias_grad, ctx.log_bias)
+        return dq, dkv, (dbias.sum(dim=1).view(bias.shape) if bias_grad else None), None, None
+
+
+def query_attention(q: torch.Tensor, kv: torch.Tensor, heads: int, size: Optional[torch.Tensor]) -> torch.Tensor:
+    """Proportional attention of the ``heads`` heads of ``q [B', M, D]`` over a packed ``kv [B', N, 2 D]``
+    projection (``bias = log(size)``, or none for ``size=None``): ``[B', M, D]``, the heads
+    concatenated, differentiable in ``q`` and ``kv`` (and ``size``) through
+    :class:`QueryAttentionFunction` where a gradient can flow, as :func:`self_attention` is for a
+    packed ``q | k | v``. Sizes that take no gradient go to the kernels as they are; an eager call
+    without a gradient writes no log-sum-exp."""
+    log_bias = size is not None and not size.requires_grad
+    bias = size if log_bias or size is None else cast(size, torch.float32).log()
+    if needs_grad(q, kv, bias):
+        return QueryAttentionFunction.apply(q, kv, bias, heads, log_bias)
+    if use_custom_ops():
+        return torch.ops.tempme.query_attention_fwd(q, kv, heads, bias, log_bias)[0]
+    return query_attention_forward(q, kv, heads, bias, log_bias, keep_lse=False)[0]
 
 
 def self_attention(qkv: torch.Tensor, heads: int, size: Optional[torch.Tensor]) -> torch.Tensor:
