@@ -213,7 +213,11 @@ def test_packed_query_attention_gradients_equal_the_split(device, dtype, rows, q
         return torch.full(shape, float("nan"), dtype=dt, device=dev) if dt.is_floating_point else torch.empty(
             shape, dtype=dt, device=dev)
     monkeypatch.setattr(triton_attention, "_new_output", new_output)
-    q, kv, size = query_inputs(rows, queries, tokens, heads, head_dim, dtype, device)
+    assert_packed_query_equals_the_split(*query_inputs(rows, queries, tokens, heads, head_dim, dtype, device), heads,
+                                         size_grad)
+
+
+def assert_packed_query_equals_the_split(q, kv, size, heads, size_grad):
     results = []
     for packed in (True, False):
         leaves = q.detach().requires_grad_(), kv.detach().requires_grad_(), size.detach().requires_grad_(size_grad)
@@ -230,11 +234,19 @@ def test_packed_query_attention_gradients_equal_the_split(device, dtype, rows, q
     assert fn == "QueryAttentionFunctionBackward", fn
     assert ("log" in names) == size_grad, names
     assert not got[0].isnan().any() and not got[1].isnan().any() and not got[2].isnan().any()
-    tol = 0 if size_grad else {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    tol = 0 if size_grad else {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[q.dtype]
     for a, b in zip(got, want):
         assert (a is None) == (b is None) == (a is got[3] and not size_grad)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("size_grad", [False, True], ids=["sizes", "sizes-grad"])
+def test_packed_query_attention_at_vit_b16_class_token_shapes(size_grad):
+    """The compiled kernels at a ViT-B/16 trimmed last block, 16 videos (12 class tokens a clip over its
+    tokens): as through the heads' views."""
+    assert_packed_query_equals_the_split(*query_inputs(16, 12, 547, 12, 64, torch.float16, "cuda"), 12, size_grad)
 
 
 @pytest.mark.interpreter
