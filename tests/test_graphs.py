@@ -46,3 +46,42 @@ def test_bench_replays_every_variant_from_a_graph():
     assert [row.backend for row in rows] == ["-", "triton"]
     assert all(row.latency_ms > 0 for row in rows)
     assert not hasattr(model, "tempme")
+
+
+def test_weights_watch_tells_a_replaced_or_moved_weight_from_an_in_place_update():
+    """What the graphed encoder checks before each replay (its graph reads the weights' captured addresses)."""
+    from tempme_fast.graphs import WeightsWatch
+
+    model = apply_tempme(tiny_clip(), TINY_CONFIG, backend="torch")
+    watch = WeightsWatch(model)
+    assert watch.changed() is None
+    with torch.no_grad():  # in place: the same memory, seen by a graph
+        model.visual.conv1.weight.mul_(2)
+    model.load_state_dict(model.state_dict())
+    assert watch.changed() is None
+    model.visual.ln_post.bias.data = model.visual.ln_post.bias.data.clone()  # what .to(...) and .half() do
+    assert watch.changed() == "bias"
+    watch = WeightsWatch(model)
+    model.visual.proj = torch.nn.Parameter(model.visual.proj.detach().clone())
+    assert watch.changed() == "proj"
+    watch = WeightsWatch(model)
+    model.load_state_dict(model.state_dict(), assign=True)
+    assert watch.changed() is not None
+    watch = WeightsWatch(model)
+    model.double()
+    assert watch.changed() is not None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_refuses_to_replay_over_moved_weights():
+    model = apply_tempme(tiny_clip(), TINY_CONFIG, backend="triton").to(device="cuda")
+    encoder = GraphedVideoEncoder(model, batch=1)
+    v = video(1, TINY_CONFIG.frames, seed=3).cuda()
+    with torch.no_grad():
+        model.visual.conv1.weight.mul_(0.5)  # in place: the replay sees it
+        want = model.encode_video(v)
+    torch.testing.assert_close(encoder(v), want, rtol=0, atol=0)
+    model.half()
+    with pytest.raises(RuntimeError, match="replaced or moved since this encoder captured"):
+        encoder(v)
