@@ -118,12 +118,14 @@ class _OpCounter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def gpu_like(counts: Optional[Counts] = None) -> Iterator[None]:
+def gpu_like(counts: Optional[Counts] = None, launchers: bool = False) -> Iterator[None]:
     """Run the Triton backend on CPU tensors as it runs on CUDA, with every launch stubbed.
 
     Inside: ``kernel.run`` of every Triton kernel records the launch (in ``counts.launches``) and
     returns; the launchers choose GPU tiles (not the interpreter's); ``resolve_backend`` takes
     ``"auto"`` to Triton and the attention's ``"auto"`` sees the Triton backend, as for CUDA tensors.
+    With ``launchers``, each recorded call also names the ``Launcher`` that made it (for a replay
+    through it); that look-up walks the calling frames, so the timed runs (:func:`host_us`) leave it out.
     """
     from tempme_fast import ops
     from tempme_fast.ops import attention_impl, triton_attention, triton_ops
@@ -142,7 +144,7 @@ def gpu_like(counts: Optional[Counts] = None) -> Iterator[None]:
 
         def run(*args, grid, warmup=False, **kwargs):
             counts.launches[name] += 1
-            counts.calls.append((kernel, grid, args, kwargs, _launched_by()))
+            counts.calls.append((kernel, grid, args, kwargs, _launched_by() if launchers else None))
         return run
 
     def gpu_resolve(backend, tensor):
@@ -254,7 +256,7 @@ def _collector_paused() -> Iterator[None]:
 def count(fn: Callable[[], object], counts: Optional[Counts] = None) -> Counts:
     """Ops, custom ops, launches and allocations of one call of ``fn`` (after one warm-up call)."""
     counts = Counts() if counts is None else counts
-    with gpu_like(counts):
+    with gpu_like(counts, launchers=True):
         fn()  # warm-up: imports, caches, the match scratch buffer
         counts.launches.clear()
         counts.calls.clear()

@@ -216,8 +216,6 @@ def self_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, heads: in
     ``dqkv [B', N, 3 D]`` in qkv's dtype, the packed projection's gradient, which the kernels write
     in place (no per-head gradients to transpose and stack), and ``dbias`` as :func:`attention_backward`
     (not with ``log_bias``: the sizes' gradient is not computed)."""
-    if log_bias and bias_grad:
-        raise ValueError("bias_grad=True needs the bias itself (log_bias=False): the sizes' gradient is not computed")
     rows, tokens, width = qkv.shape
     head_dim = width // 3 // heads
     q, k, v = qkv.view(rows, tokens, 3, heads, head_dim).unbind(2)
@@ -246,8 +244,6 @@ def query_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, kv: torch.
     ``dq [B', M, D]`` and ``dkv [B', N, 2 D]`` in q's dtype, the latter the packed projection's
     gradient, which the kernels write in place, and ``dbias`` as :func:`attention_backward` (not
     with ``log_bias``)."""
-    if log_bias and bias_grad:
-        raise ValueError("bias_grad=True needs the bias itself (log_bias=False): the sizes' gradient is not computed")
     rows, queries, width = q.shape
     tokens, head_dim = kv.shape[1], width // heads
     k, v = kv.view(rows, tokens, 2, heads, head_dim).unbind(2)
@@ -268,6 +264,8 @@ def _backward_launches(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     stride, laid out as q, k and v: ``[B', H, N, d]``, or ``[B', N, H, d]`` with ``token_major``;
     dk and dv with the same strides). ``out`` is the ``[B', M, H * d]`` buffer the forward wrote.
     Returns the per-head bias gradient ``[B', H, N]`` float32, or None without ``bias_grad``."""
+    if log_bias and bias_grad:
+        raise ValueError("bias_grad=True needs the bias itself (log_bias=False): the sizes' gradient is not computed")
     q, k, v = _unit_channel_stride(q), _unit_channel_stride(k), _unit_channel_stride(v)
     grad_out = _unit_channel_stride(grad_out)
     key = ("attention_bwd", q.shape, q.stride(), k.shape, k.stride(), v.stride(), grad_out.stride(), dq.stride(),
