@@ -21,8 +21,6 @@ it without ``TRITON_INTERPRET`` (the interpreter replaces the kernels).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import os
 import re
 import subprocess
@@ -37,6 +35,8 @@ import torch
 
 from tempme_fast import TempMeConfig, token_schedule
 from tempme_fast.loading import DTYPES
+# Recording and compiling launches (re-exported: benchmarks.warm and the tests use them from here).
+from tempme_fast.ops.recording import KERNELS, Launch, Recorder, compile_launch, variant_key  # noqa: F401
 
 from .bench_attention import AttentionShape, layer_attentions
 from .common import VIT_GEOMETRY, metric_tensor
@@ -47,10 +47,6 @@ ARCHS = (90, 80)
 # What a forward merge step returns (merged tokens, their sizes, the LayerNorm after them): every other
 # allocation of the step is workspace, of which --check allows one (the plan).
 STEP_OUTPUTS = 3
-# The kernels each launcher module runs; a Recorder stubs one module's at a time.
-KERNELS = {"triton_ops": ("_best_match_fwd_kernel", "_merge_fwd_kernel", "_merge_bwd_kernel"),
-           "triton_attention": ("_attention_fwd_kernel", "_attention_bwd_kernel"),
-           "triton_norm": ("_add_norm_fwd_kernel",)}
 # ld/st.global with an optional vector width and an element type: the access width in bits.
 ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.([bfsu])(8|16|32|64)\b")
 # An asynchronous copy from global into shared memory (software-pipelined loads), with its size in bytes.
@@ -88,57 +84,6 @@ def schedule_steps(model: str, batch: int, config: TempMeConfig = TempMeConfig()
             steps.append(Step(model, batch, p.layer, p.kind, batch * p.clips_out, p.tokens_attn, p.protected_out,
                               1, width, width, p.r, heads))
     return steps
-
-
-# ---------------------------------------------------------------------------------------------
-# Recording launches
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Launch:
-    kernel: object
-    grid: Tuple[int, ...]
-    args: tuple
-    kwargs: dict
-
-
-class Recorder:
-    """Replaces each kernel's ``run`` (what ``kernel[grid](...)`` calls) and ``_new_output`` of the
-    launchers in ``tempme_fast.ops.<module>`` (``triton_ops``: the merges, ``triton_attention``):
-    launches and allocations are recorded, nothing runs."""
-
-    def __init__(self, module: str = "triton_ops"):
-        self.module = module
-        self.launches: List[Launch] = []
-        self.allocations = 0
-
-    @contextlib.contextmanager
-    def active(self):
-        launchers = importlib.import_module(f"tempme_fast.ops.{self.module}")
-        names = KERNELS[self.module]
-        saved = {name: getattr(launchers, name).run for name in names}
-        new_output, interpreting = launchers._new_output, launchers._interpreting
-
-        def recorder(kernel):
-            def run(*args, grid, warmup=False, **kwargs):
-                grid = grid(kwargs) if callable(grid) else grid
-                self.launches.append(Launch(kernel, tuple(grid) + (1,) * (3 - len(grid)), args, kwargs))
-            return run
-
-        def counted_output(shape, dtype, device):
-            self.allocations += 1
-            return new_output(shape, dtype, device)
-
-        for name in names:
-            kernel = getattr(launchers, name)
-            kernel.run = recorder(kernel)
-        launchers._new_output, launchers._interpreting = counted_output, lambda: False
-        try:
-            yield self
-        finally:
-            for name, run in saved.items():
-                getattr(launchers, name).run = run
-            launchers._new_output, launchers._interpreting = new_output, interpreting
 
 
 def step_inputs(step: Step, dtype: torch.dtype, device: str = "meta"):
@@ -286,50 +231,6 @@ def norm_launches(step: NormStep, dname: str) -> List["Launch"]:
         run_norm(step, DTYPES[dname])
         run_norm(step, DTYPES[dname], stats=True)
     return rec.launches
-
-
-# ---------------------------------------------------------------------------------------------
-# Compiling a recorded launch for a GPU that is not here
-# ---------------------------------------------------------------------------------------------
-
-_BINDERS: Dict[tuple, tuple] = {}
-
-
-def _binder(kernel, target):
-    """``(backend, binder)`` of a Triton JIT function for ``target``: the same specialisation
-    (pointer alignment, divisibility by 16, ints equal to 1) that a launch on that GPU applies."""
-    from triton.compiler.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    key = (id(kernel), target.arch)
-    if key not in _BINDERS:
-        backend = make_backend(target)
-        _BINDERS[key] = backend, create_function_from_signature(kernel.signature, kernel.params, backend)
-    return _BINDERS[key]
-
-
-def variant_key(launch: Launch, arch: int):
-    """What makes two launches compile to the same binary (as Triton's own cache key)."""
-    from triton.backends.compiler import GPUTarget
-
-    backend, binder = _binder(launch.kernel, GPUTarget("cuda", arch, 32))
-    _, specialization, options = binder(*launch.args, **launch.kwargs)
-    return launch.kernel.fn.__name__, str(specialization), str(options)
-
-
-def compile_launch(launch: Launch, arch: int):
-    """The compiled kernel (PTX, cubin, metadata) of a recorded launch for ``sm_<arch>``."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import ASTSource
-
-    target = GPUTarget("cuda", arch, 32)
-    backend, binder = _binder(launch.kernel, target)
-    bound, specialization, options = binder(*launch.args, **launch.kwargs)
-    options, signature, constexprs, attrs = launch.kernel._pack_args(backend, launch.kwargs, bound,
-                                                                     specialization, options)
-    return triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=target,
-                          options=options.__dict__)
 
 
 def _ptxas() -> str:

@@ -50,6 +50,8 @@ STOP_GRACE_S = 10  # between SIGTERM and SIGKILL of a stage that ran out of time
 DEFAULT_BUDGET_S = 420
 # The CUDA test that benchmarks.warm compiles what the real launches look up (run with the CUDA tests).
 WARM_TEST = "tests/test_warm.py::test_after_warming_the_real_launches_compile_nothing"
+# The same for a model compiled ahead by the public tempme_fast.compile_kernels.
+PRECOMPILE_TEST = "tests/test_precompile.py::test_after_compiling_ahead_encode_video_and_its_backward_compile_nothing"
 # Processes per test stage on a GPU machine (16 cores): a test's time there is mostly compiling its
 # Triton variants, which takes one core (benchmarks.shards).
 TEST_SHARDS = 4
@@ -168,9 +170,9 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
               80, expect=55),
         # The sorted plan and the histogram grouping have not run in a GPU test yet.
         Stage("kernel_tests", pytest("tests/test_triton_ops.py"), 170, expect=135),
-        # With the check that the warm-up compiled what the real launches look up.
+        # With the checks that the warm-up and compile_kernels compiled what the real launches look up.
         Stage("cuda_tests", pytest("tests/test_triton_cuda.py", "tests/test_cuda_determinism.py",
-                                   "tests/test_add_norm.py", WARM_TEST), 130, expect=90),
+                                   "tests/test_add_norm.py", WARM_TEST, PRECOMPILE_TEST), 130, expect=100),
         # test_bench_profile.py checks this suite's own device timing and profile on the GPU.
         Stage("model_tests", pytest("tests/test_graphs.py", "tests/test_model_triton.py", "tests/test_attention.py",
                                     "tests/test_self_attention.py", "tests/test_bench_profile.py"), 150, expect=105),
@@ -227,7 +229,7 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
                                                ("test_triton_cuda", "test_cuda_determinism", "test_graphs",
                                                 "test_triton_ops", "test_model_triton", "test_attention",
                                                 "test_self_attention", "test_bench_profile", "test_add_norm")],
-                                    "--deselect", WARM_TEST),
+                                    "--deselect", WARM_TEST, "--deselect", PRECOMPILE_TEST),
               240, expect=240),
         Stage("plots", [python, "-m", "benchmarks.plots", out, "--to", os.path.join(out, "plots")], 20, final=True,
               expect=7),

@@ -37,13 +37,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import multiprocessing
 import os
 import sys
 import time
-from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 SETS = ("model", "ops", "attention", "tiles")
 
@@ -171,104 +168,27 @@ def _bench_attention_calls(s, dtype) -> None:
 
 def distinct(launches: list, arch: int) -> list:
     """The first launch of every distinct compiled variant for ``sm_<arch>``, in order."""
-    from . import codegen
+    from tempme_fast.precompile import distinct_launches
 
-    seen, kept = set(), []
-    for launch in launches:
-        key = codegen.variant_key(launch, arch)
-        if key not in seen:
-            seen.add(key)
-            kept.append(launch)
-    return kept
-
-
-# ---------------------------------------------------------------------------------------------
-# Compiling, in worker processes that each record the same list
-# ---------------------------------------------------------------------------------------------
-
-_WORK: Dict[str, object] = {}
-
-
-def _prepare(spec: tuple) -> None:
-    """Worker initializer: the variant list of ``spec = (models, batches, dtypes, sets, arch, stubs)``."""
-    models, batches, dtypes, sets, arch, stubs = spec
-    _WORK.update(launches=distinct(record_launches(models, batches, dtypes, sets), arch), arch=arch, stubs=stubs)
-
-
-def _compile(index: int) -> dict:
-    """Compile variant ``index`` of the worker's list (and its launcher stub); what happened."""
-    from triton import knobs
-
-    from . import codegen
-
-    launch = _WORK["launches"][index]
-    hits = []
-    previous = knobs.compilation.listener
-    knobs.compilation.listener = lambda **info: hits.append(bool(info.get("cache_hit")))
-    t0 = time.perf_counter()
-    result = {"index": index, "kernel": launch.kernel.fn.__name__}
-    try:
-        compiled = codegen.compile_launch(launch, _WORK["arch"])
-        result.update(ok=True, cache_hit=bool(hits) and all(hits))
-    except Exception as e:  # noqa: BLE001 (counted; the launch itself will report it)
-        compiled = None
-        result.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
-    finally:
-        knobs.compilation.listener = previous
-    if compiled is not None and _WORK["stubs"]:
-        # The kernel is cached whatever happens here: a stub that fails is built again at the launch.
-        try:
-            from triton.runtime.driver import driver
-
-            driver.active.launcher_cls(compiled.src, compiled.metadata)
-        except Exception as e:  # noqa: BLE001
-            result["stub_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    result["seconds"] = time.perf_counter() - t0
-    return result
+    return distinct_launches(launches, arch)
 
 
 def warm(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[str], sets: Sequence[str] = SETS,
          arch: Optional[int] = None, jobs: Optional[int] = None, stubs: Optional[bool] = None) -> dict:
-    """Compile every variant into Triton's cache; returns counts and times.
+    """Compile every variant into Triton's cache (``tempme_fast.precompile.compile_launches``: each distinct
+    variant once, in worker processes); returns counts and times.
 
     ``arch``: compute capability as an int (90 for sm_90); default the current CUDA device's.
     ``jobs``: worker processes (default: every core; 1 compiles in this process).
     ``stubs``: also build the launcher stubs (default: when compiling for the current CUDA device).
     """
-    import torch
+    from tempme_fast.precompile import compile_launches
 
-    here = None
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        here = 10 * major + minor
-    if arch is None:
-        if here is None:
-            raise ValueError("arch: no CUDA device here; give the compute capability to compile for (e.g. 90)")
-        arch = here
-    stubs = (arch == here) if stubs is None else stubs
-    jobs = jobs or os.cpu_count() or 1
     t0 = time.perf_counter()
-    spec = (tuple(models), tuple(batches), tuple(dtypes), tuple(sets), arch, stubs)
-    _prepare(spec)
-    launches = _WORK["launches"]
+    launches = record_launches(models, batches, dtypes, sets)
     recorded_s = time.perf_counter() - t0
-    if jobs == 1 or len(launches) <= 1:
-        results = [_compile(i) for i in range(len(launches))]
-    else:
-        # Spawned, not forked: the parent may hold a CUDA context, and each worker needs its own process state.
-        with ProcessPoolExecutor(min(jobs, len(launches)), mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_prepare, initargs=(spec,)) as pool:
-            results = list(pool.map(_compile, range(len(launches))))
-    failed = [r for r in results if not r["ok"]]
-    return {"arch": arch, "jobs": jobs, "stubs": stubs, "variants": len(launches),
-            "cache_hits": sum(r["ok"] and r["cache_hit"] for r in results),
-            "compiled": sum(r["ok"] and not r["cache_hit"] for r in results), "failed": len(failed),
-            "errors": [f"{r['kernel']}: {r['error']}" for r in failed[:5]],
-            "stubs_failed": sum("stub_error" in r for r in results),
-            "stub_errors": sorted({r["stub_error"] for r in results if "stub_error" in r})[:3],
-            "by_kernel": dict(Counter(r["kernel"] for r in results)),
-            "compile_s": round(sum(r["seconds"] for r in results), 2), "record_s": round(recorded_s, 2),
-            "seconds": round(time.perf_counter() - t0, 2)}
+    summary = compile_launches(launches, arch, jobs, stubs)
+    return {**summary, "record_s": round(recorded_s, 2), "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def main(argv=None) -> int:

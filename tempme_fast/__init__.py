@@ -12,6 +12,7 @@ from .graphs import GraphedVideoEncoder
 from .lora import add_lora, mark_trainable, merge_lora
 from .model import ScheduleClampWarning, TempMeSettings, apply_tempme, encode_video, remove_tempme, trace_sources
 from .official import load_official_checkpoint
+from .precompile import compile_kernels
 from .schedule import LayerPlan, TokenSchedule, token_schedule
 from .tome import apply_tome, remove_tome
 from .tracking import SourceMap
@@ -21,6 +22,6 @@ from .trainer import TrainConfig, Trainer
 __version__ = "0.1.0"
 
 __all__ = ["GraphedVideoEncoder", "LayerPlan", "ScheduleClampWarning", "SourceMap", "TempMeConfig", "TempMeSettings",
-           "TokenSchedule", "TrainConfig", "Trainer", "ViTGeometry", "add_lora", "apply_tempme", "apply_tome", "derive",
-           "encode_video", "load_official_checkpoint", "mark_trainable", "merge_lora", "ops", "remove_tempme",
-           "remove_tome", "token_schedule", "trace_sources", "train_step"]
+           "TokenSchedule", "TrainConfig", "Trainer", "ViTGeometry", "add_lora", "apply_tempme", "apply_tome",
+           "compile_kernels", "derive", "encode_video", "load_official_checkpoint", "mark_trainable", "merge_lora", "ops",
+           "remove_tempme", "remove_tome", "token_schedule", "trace_sources", "train_step"]

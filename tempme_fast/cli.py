@@ -1,5 +1,5 @@
-"""The ``tempme`` command: ``bench`` (the main job), ``eval``, ``train``, ``visualize``, ``index``, ``search``
-and ``schedule``."""
+"""The ``tempme`` command: ``bench`` (the main job), ``eval``, ``train``, ``visualize``, ``index``, ``search``,
+``schedule`` and ``compile``."""
 from __future__ import annotations
 
 import argparse
@@ -110,6 +110,34 @@ def _cmd_schedule(args) -> int:
     return 0
 
 
+def _cmd_compile(args) -> int:
+    from .loading import DTYPES, create_model
+    from .model import apply_tempme
+    from .outputs import plural
+    from .precompile import compile_kernels
+
+    config = config_from_args(args)
+    if args.arch is None and not torch.cuda.is_available():
+        raise ConfigError("--arch: no CUDA device here; give the compute capability to compile for "
+                          "(90: H100 and H200, 80: A100)")
+    # Random weights on the CPU: the weights' values do not change which kernels run, and nothing is run.
+    model = apply_tempme(create_model(args.model, None), config, backend="triton")
+    try:
+        summary = compile_kernels(model, args.batch, dtype=DTYPES[args.dtype], training=args.training,
+                                  arch=args.arch, jobs=args.jobs)
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(str(err)) from err
+    kernels = ", ".join(f"{k} {v}" for k, v in sorted(summary["by_kernel"].items()))
+    print(f"{args.model}, {config.frames} frames, {args.dtype}, batch {' '.join(map(str, args.batch))}"
+          f"{', training' if args.training else ''}: {plural(summary['variants'], 'kernel variant')} for "
+          f"sm_{summary['arch']} ({kernels}) of {summary['launches']} launches; {summary['compiled']} compiled, "
+          f"{summary['cache_hits']} already cached, {summary['failed']} failed, in {summary['seconds']:.1f} s with "
+          f"{plural(summary['jobs'], 'process', 'processes')}")
+    for error in summary["errors"]:
+        print(f"failed: {error}", file=sys.stderr)
+    return 1 if summary["failed"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="tempme", description=__doc__.replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tome-r", type=int, nargs="+", default=[8, 16], help="ToMe r values for --image")
     add_config_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
+
+    compile_ = sub.add_parser("compile", help="compile ahead, on every core, the Triton kernels that encode_video "
+                                              "launches, into Triton's cache")
+    compile_.add_argument("--model", default="ViT-B-32-quickgelu",
+                          help="open_clip model name or JSON model config (random weights: nothing is run)")
+    compile_.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="the model's dtype")
+    compile_.add_argument("--batch", type=positive_int, nargs="+", default=[1], help="videos per call, one or more")
+    compile_.add_argument("--training", action="store_true", help="also the training forward and backward")
+    compile_.add_argument("--arch", type=positive_int, default=None,
+                          help="compute capability to compile for, e.g. 90 (H100, H200) or 80 (A100); default: this "
+                               "machine's GPU")
+    compile_.add_argument("--jobs", type=positive_int, default=None, help="compiling processes (default: one per core)")
+    add_config_arguments(compile_)
+    compile_.set_defaults(func=_cmd_compile)
 
     from .retrieval.cli import add_eval_arguments, run_eval
     from .train_cli import add_train_arguments, run_train

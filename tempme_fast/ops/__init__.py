@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import attention_impl, reference
+from . import attention_impl, recording, reference
 from .attention_impl import IMPLS as ATTENTION_IMPLS
 from .checks import (FLOAT_DTYPES, assert_finite, check_add_norm, check_attention, check_join, check_join_merge,
                      check_merge, check_metric, check_norm, check_query_attention, check_r, check_residual,
@@ -47,11 +47,14 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     if backend == "auto":
-        return "triton" if tensor.is_cuda and triton_available() else "torch"
+        # (A meta tensor counts as CUDA while a model is recorded for compiling ahead: .recording.)
+        return "triton" if (tensor.is_cuda or recording.META_AS_GPU and tensor.is_meta) and triton_available() \
+            else "torch"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package; install it or use backend='torch'")
-        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if not (tensor.is_cuda or recording.META_AS_GPU and tensor.is_meta) and \
+                os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
                 f"backend='triton' got a tensor on {tensor.device}: Triton runs on CUDA tensors, or on "
                 f"the CPU only in interpreter mode (TRITON_INTERPRET=1 set before triton is imported); "
@@ -284,7 +287,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Optional[
     _check_attention_impl(impl, (q.dtype, k.dtype, v.dtype), "q, k, v")
     on_triton = resolve_backend("triton" if impl == "triton" else backend, q) == "triton"
     # "auto" takes the kernel on a GPU only: in the interpreter it is right but slow.
-    return attention_impl.attention(q, k, v, size, impl, on_triton and q.is_cuda)
+    on_gpu = q.is_cuda or recording.META_AS_GPU and q.is_meta
+    return attention_impl.attention(q, k, v, size, impl, on_triton and on_gpu)
 
 
 def self_attention(qkv: torch.Tensor, heads: int, size: Optional[torch.Tensor] = None, impl: str = "auto",
@@ -306,7 +310,8 @@ def self_attention(qkv: torch.Tensor, heads: int, size: Optional[torch.Tensor] =
     check_self_attention(qkv, heads, size)
     _check_attention_impl(impl, (qkv.dtype,), "qkv")
     on_triton = resolve_backend("triton" if impl == "triton" else backend, qkv) == "triton"
-    return attention_impl.self_attention(qkv, heads, size, impl, on_triton and qkv.is_cuda, keys)
+    on_gpu = qkv.is_cuda or recording.META_AS_GPU and qkv.is_meta
+    return attention_impl.self_attention(qkv, heads, size, impl, on_triton and on_gpu, keys)
 
 
 def query_attention(q: torch.Tensor, kv: torch.Tensor, heads: int, size: Optional[torch.Tensor] = None,
@@ -326,7 +331,8 @@ def query_attention(q: torch.Tensor, kv: torch.Tensor, heads: int, size: Optiona
     check_query_attention(q, kv, heads, size)
     _check_attention_impl(impl, (q.dtype,), "q and kv")
     on_triton = resolve_backend("triton" if impl == "triton" else backend, q) == "triton"
-    return attention_impl.query_attention(q, kv, heads, size, impl, on_triton and q.is_cuda)
+    on_gpu = q.is_cuda or recording.META_AS_GPU and q.is_meta
+    return attention_impl.query_attention(q, kv, heads, size, impl, on_triton and on_gpu)
 
 
 def _check_attention_impl(impl: str, dtypes, names: str) -> None:

@@ -40,6 +40,7 @@ from tempme_kernels.best_match import _best_match_fwd_kernel
 from tempme_kernels.match import _match_plan_kernel
 from tempme_kernels.merge import _merge_bwd_kernel, _merge_fwd_kernel, _merge_index_kernel
 
+from . import recording
 from .eager import cast, custom_op_or, detached, needs_grad, use_custom_ops
 from .launch import Launcher, launch
 from .memo import forget_on_assign, remembered
@@ -812,7 +813,8 @@ def layer_norm_backward(grad_ln: torch.Tensor, x: torch.Tensor, weight: torch.Te
     column sums over the tokens).
     """
     work = accumulation_dtype(x.dtype)
-    if not (x.dtype == grad_ln.dtype == weight.dtype and (x.dtype == work or x.is_cuda)):
+    on_gpu = x.is_cuda or recording.META_AS_GPU and x.is_meta
+    if not (x.dtype == grad_ln.dtype == weight.dtype and (x.dtype == work or on_gpu)):
         x, grad_ln = cast(x, work), cast(grad_ln, work)
     w = cast(weight, x.dtype)
     width = [x.shape[-1]]
