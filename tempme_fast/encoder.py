@@ -66,8 +66,8 @@ def patch_embed(conv: nn.Module, frames: torch.Tensor, as_matmul: Optional[bool]
     on an H200 (the GEMM itself is about 10 us of work). The product sums the same terms in another
     order; on the CPU the convolution runs as open_clip runs it.
     """
-    if as_matmul is None:
-        as_matmul = frames.is_cuda
+    if as_matmul is None:  # (meta tensors count as CUDA while a model's launches are recorded: ops.recording)
+        as_matmul = frames.is_cuda or ops.recording.META_AS_GPU and frames.is_meta
     if not (as_matmul and _patchify_conv(conv)):
         return conv(frames).flatten(2).transpose(1, 2)
     (ph, pw), (m, channels, height, width) = conv.kernel_size, frames.shape
