@@ -8,9 +8,10 @@ them on disk, so that cost comes back on every fresh machine or container.
 :func:`compile_kernels` runs the model once on meta tensors (a copy whose weights take no memory;
 nothing is computed and no device is touched) with every Triton launch recorded instead of run
 (:class:`~tempme_fast.ops.recording.Recorder`), then compiles each distinct variant in a pool of
-processes into Triton's on-disk cache, where the real launches find them. With ``arch`` it
-compiles for a GPU that is not here, e.g. while building a container image on a machine without
-one (Triton's cache folder, ``TRITON_CACHE_DIR``, then goes into the image).
+processes into Triton's on-disk cache, where the real launches find them. (Variants are looked up
+here while the cache has them; worker processes start from the first one it lacks, so a second call
+starts none.) With ``arch`` it compiles for a GPU that is not here, e.g. while building a container
+image on a machine without one (Triton's cache folder, ``TRITON_CACHE_DIR``, then goes into the image).
 
     model = open_clip.create_model("ViT-B-16", pretrained="openai").cuda().half()
     tempme_fast.apply_tempme(model, TempMeConfig.for_model(model, frames=12))
@@ -259,10 +260,17 @@ def compile_launches(launches: Sequence[Launch], arch: Optional[int] = None, job
     jobs = jobs or os.cpu_count() or 1
     t0 = time.perf_counter()
     work = [(_spec(launch), arch, stubs) for launch in distinct_launches(launches, arch)]
-    if jobs == 1 or len(work) <= 1:
-        results = [_compile(job) for job in work]
-    else:
-        results = _in_processes(work, min(jobs, len(work)))
+    # Here while Triton's cache has them (a second call costs no process starts), the rest in processes.
+    results: List[dict] = []
+    for job in work:
+        results.append(_compile(job))
+        if jobs > 1 and not (results[-1]["ok"] and results[-1]["cache_hit"]):
+            break
+    rest = work[len(results):]
+    if len(rest) > 1:
+        results += _in_processes(rest, min(jobs, len(rest)))
+    elif rest:
+        results.append(_compile(rest[0]))
     failed = [r for r in results if not r["ok"]]
     return {"arch": arch, "jobs": jobs, "stubs": stubs, "variants": len(work),
             "cache_hits": sum(r["ok"] and r["cache_hit"] for r in results),
