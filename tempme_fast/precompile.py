@@ -192,19 +192,26 @@ def _in_processes(work: List[tuple], jobs: int) -> List[dict]:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if isinstance(p, str) and p))
         code = "import sys; from tempme_fast.precompile import _worker; _worker(sys.argv[1], int(sys.argv[2]), " \
                "int(sys.argv[3]))"
-        procs = [subprocess.Popen([sys.executable, "-c", code, path, str(k), str(jobs)], env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in range(jobs)]
-        outputs = [p.communicate() for p in procs]
-    results: List[Optional[dict]] = [None] * len(work)
-    for proc, (out, err) in zip(procs, outputs):
-        for line in out.splitlines():
-            if line.startswith(RESULT):
-                r = json.loads(line[len(RESULT):])
-                results[r.pop("index")] = r
-        for index in range(procs.index(proc), len(work), jobs):
-            if results[index] is None:  # the worker died before this job
-                results[index] = {"kernel": work[index][0][1], "ok": False, "seconds": 0.0,
-                                  "error": f"worker exited with {proc.returncode}: {err.strip()[-300:]}"}
+        logs = [(os.path.join(folder, f"out{k}"), os.path.join(folder, f"err{k}")) for k in range(jobs)]
+        procs = []
+        for k, (out, err) in enumerate(logs):  # into files: a full pipe would stall a worker
+            with open(out, "w") as stdout, open(err, "w") as stderr:
+                procs.append(subprocess.Popen([sys.executable, "-c", code, path, str(k), str(jobs)], env=env,
+                                              stdout=stdout, stderr=stderr))
+        results: List[Optional[dict]] = [None] * len(work)
+        for k, (proc, (out, err)) in enumerate(zip(procs, logs)):
+            proc.wait()
+            with open(out) as f:
+                for line in f:
+                    if line.startswith(RESULT):
+                        r = json.loads(line[len(RESULT):])
+                        results[r.pop("index")] = r
+            for index in range(k, len(work), jobs):
+                if results[index] is None:  # the worker died before this job
+                    with open(err) as f:
+                        tail = f.read().strip()[-300:]
+                    results[index] = {"kernel": work[index][0][1], "ok": False, "seconds": 0.0,
+                                      "error": f"worker exited with {proc.returncode}: {tail}"}
     return results
 
 

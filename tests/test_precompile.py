@@ -196,3 +196,14 @@ def test_the_compile_command(binder_api, tiny_model_file, tmp_path):
                          "for (90: H100 and H200, 80: A100)"], lines
     refused = _tempme_compile(*args, env={**env, "TRITON_INTERPRET": "1"})
     assert refused.returncode == 2 and "tempme compile: error: TRITON_INTERPRET=1" in refused.stderr, refused.stderr
+
+
+def test_a_worker_that_dies_leaves_its_jobs_failed_with_the_reason():
+    from tempme_fast.precompile import _in_processes
+
+    job = (("no_such_kernels_module", "_kernel", (1, 1, 1), (), {}), 90, False)
+    results = _in_processes([job, job, job], 2)
+    assert [r["ok"] for r in results] == [False] * 3
+    for r in results:
+        assert r["kernel"] == "_kernel" and r["error"].startswith("worker exited with 1: "), r
+        assert "No module named 'no_such_kernels_module'" in r["error"], r
