@@ -16,6 +16,7 @@ from .arguments import (SCHEDULE_OPTIONS, Parser, add_config_arguments, add_dtyp
                         add_threads_argument, apply_threads, config_from_args, non_negative_int, positive_int)
 from .config import TempMeConfig
 from .errors import ConfigError, TempMeError, as_config_error
+from .loading import DTYPES
 from .ops import BACKENDS
 
 
@@ -29,7 +30,7 @@ def _load_average() -> Optional[float]:
 def _cmd_bench(args) -> int:
     from .bench import (bench_model, cpu_name, default_backends, format_table, noise_warnings, rows_as_dicts,
                         schedule_name)
-    from .loading import DTYPES, create_model, default_dtype_name, resolve_device
+    from .loading import create_model, default_dtype_name, resolve_device
     from .outputs import plural, prepare_output_file
 
     device = resolve_device(args.device)
@@ -111,7 +112,7 @@ def _cmd_schedule(args) -> int:
 
 
 def _cmd_compile(args) -> int:
-    from .loading import DTYPES, create_model
+    from .loading import create_model
     from .model import apply_tempme
     from .outputs import plural
     from .precompile import compile_kernels
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "launches, into Triton's cache")
     compile_.add_argument("--model", default="ViT-B-32-quickgelu",
                           help="open_clip model name or JSON model config (random weights: nothing is run)")
-    compile_.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="the model's dtype")
+    compile_.add_argument("--dtype", choices=tuple(DTYPES), default="fp16", help="the model's dtype")
     compile_.add_argument("--batch", type=positive_int, nargs="+", default=[1], help="videos per call, one or more")
     compile_.add_argument("--training", action="store_true", help="also the training forward and backward")
     compile_.add_argument("--arch", type=positive_int, default=None,

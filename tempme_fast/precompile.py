@@ -2,7 +2,7 @@
 
 With an empty Triton cache, the first ``encode_video`` on a GPU compiles each kernel variant it
 launches (one per set of dtypes, alignments and tiles: a few dozen per batch size, dtype and
-forward or training step), one after another, about 1-1.5 s of one CPU core each. Triton keeps
+forward or training step), one after another, about a second of one CPU core each. Triton keeps
 them on disk, so that cost comes back on every fresh machine or container.
 
 :func:`compile_kernels` runs the model once on meta tensors (a copy whose weights take no memory;
@@ -85,8 +85,7 @@ def record_launches(model: nn.Module, batch_sizes: Sequence[int] = (1,), dtype: 
                            "from a GPU's; record in a process without it (unset before triton is imported)")
     meta = _meta_copy(model, dtype)
     frames = model.tempme.config.frames
-    height, width = tuple(model.visual.image_size) if not isinstance(model.visual.image_size, int) \
-        else (model.visual.image_size,) * 2
+    height, width = tuple(model.visual.image_size)  # (open_clip keeps it as a pair)
     video_dtype = dtype or next(model.visual.parameters()).dtype
     recorders = [Recorder(m) for m in LAUNCHER_MODULES]
     for r in recorders[1:]:
@@ -130,9 +129,8 @@ def _launch(spec: tuple) -> Launch:
     for kind, *rest in args:
         if kind == "tensor":
             dtype, offset = getattr(torch, rest[0]), rest[1]
-            itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
             # A meta tensor's address is its offset in bytes from 0: the same alignment as the original.
-            values.append(torch.empty(16, dtype=dtype, device="meta")[offset // itemsize:])
+            values.append(torch.empty(16, dtype=dtype, device="meta")[offset // dtype.itemsize:])
         else:
             values.append(rest[0])
     return Launch(getattr(importlib.import_module(module), name), grid, tuple(values), kwargs)
