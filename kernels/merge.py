@@ -23,6 +23,10 @@ reading both and rounding their sum to x's dtype as the add would, so the sum is
 A forward program sums each B token's sources one after another (``SRC_STAGES`` pipelines that
 gather), or, with ``SRC_BLOCK > 0``, gathers its tile's sources ``SRC_BLOCK`` at a time, all loads of a
 chunk independent of each other, and sums them into their destinations by one float32 product.
+With ``SPLIT_T > 0`` (without ``NORM``) it first copies its tile's tokens that nothing merges into, in
+x's dtype, and then merges the B tokens that have sources ``SPLIT_T`` at a time: the float32 sums are
+held for ``SPLIT_T`` tokens instead of the whole tile, so a program takes fewer registers and more
+programs, each with its loads in flight, share an SM. Both paths write the same bits.
 
 With ``GROUP > 1`` the clip being merged is the ClipMe join of ``GROUP`` input clips: the kernels
 read (and the backward writes) the unjoined tensors through ``_joined_token`` and add the temporal
@@ -72,6 +76,68 @@ def _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, src_at, has, row, offs_d, ma
         xa += tl.load((pos_ptr + (a_clip % CLIPS) * stride_pc)[:, None] + offs_d[None, :], mask=mask_a,
                       other=0.0).to(ACC)
     return size, xa
+
+
+@triton.jit
+def _merge_sums(x_ptr, res_ptr, size_ptr, pos_ptr, src_row, row, clip, tok, mask_t, lo, count, max_count, offs_d,
+                mask_d, A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn,
+                stride_rd, stride_sb, stride_sn, stride_pc, ACC: tl.constexpr, HAS_RES: tl.constexpr,
+                HAS_POS: tl.constexpr, SRC_STAGES: tl.constexpr, SRC_BLOCK: tl.constexpr):
+    """Tokens ``(clip, tok)`` (where ``mask_t``), each with its sources ``src_row[lo:lo + count]``
+    (``max_count``: the most of them): the size-weighted sums and the summed sizes, in ``ACC``, and
+    the tokens' own rows (with the residual and the position embedding added). :func:`_merged` makes
+    the mean of them."""
+    mask = mask_t[:, None] & mask_d[None, :]
+    s_self = tl.load(size_ptr + clip * stride_sb + tok * stride_sn, mask=mask_t, other=1).to(ACC)
+    x_self = _token_rows(x_ptr, res_ptr, clip, tok, offs_d, mask, stride_xb, stride_xn, stride_xd, stride_rb,
+                         stride_rn, stride_rd, HAS_RES).to(ACC)
+    if HAS_POS:
+        x_self += tl.load((pos_ptr + (clip % CLIPS) * stride_pc)[:, None] + offs_d[None, :],
+                          mask=mask, other=0.0).to(ACC)
+    s_total = s_self
+    acc = x_self * s_self[:, None]
+    if SRC_BLOCK > 0:
+        # The tile's sources sit together in src (sorted by destination): src[first:last]. Each chunk
+        # of SRC_BLOCK is gathered in one go, with no load waiting on another source's, and summed into
+        # its destinations by a product with the [BLOCK_T, SRC_BLOCK] matrix of their sizes (a source's
+        # column holds its size in its destination's row, 0 elsewhere). The product runs on the FMA
+        # units in float32 (ieee) and accumulates onto each token's own row times its size; where it
+        # adds along the chunk in order (Triton's FMA product does), each destination adds its sources
+        # in rank order, as the loop below does, and exact zeros for the others. An Inf in one source
+        # would make the other sums of its chunk NaN (0 * Inf).
+        has_src = count > 0
+        first = tl.min(tl.where(has_src, lo, 2147483647), axis=0)
+        last = tl.max(tl.where(has_src, lo + count, 0), axis=0)
+        for k0 in range(first, last, SRC_BLOCK):
+            k = k0 + tl.arange(0, SRC_BLOCK)
+            s, xa = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, src_row + k, k < last, row, offs_d, mask_d,
+                                 A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
+                                 stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+            into = has_src[:, None] & (k[None, :] >= lo[:, None]) & (k[None, :] < (lo + count)[:, None])
+            w = tl.where(into, s[None, :], 0.0).to(ACC)
+            acc = tl.dot(w, xa, acc, input_precision="ieee")
+            s_total += tl.sum(w, axis=1)
+    else:
+        # (Loading each source's index one step ahead by hand, to overlap it with the previous source's
+        # rows, cost 14-28 registers on sm_90 and spilled 16-40 B in fp32 joins: the index load is an L2
+        # hit.) With SRC_STAGES > 1 Triton's pipeliner does it: the index and row loads of the next
+        # sources become asynchronous copies into shared memory, issued while this source is added.
+        for t in tl.range(0, max_count, num_stages=SRC_STAGES):
+            has = t < count
+            s, xa = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, src_row + lo + t, has, row, offs_d, mask_d,
+                                 A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
+                                 stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+            acc += xa * s[:, None]
+            s_total += s
+    return acc, s_total, x_self
+
+
+@triton.jit
+def _merged(acc, s_total, x_self, count):
+    """The size-weighted mean of the sums of :func:`_merge_sums`; tokens nothing merged into (class, kept,
+    untouched B) are copied, not divided."""
+    merged_into = count > 0
+    return tl.where(merged_into[:, None], acc / tl.where(merged_into, s_total, 1.0)[:, None], x_self)
 
 
 # Only the counts that change from layer to layer are left unspecialised, and the size strides
@@ -130,10 +196,13 @@ def _merge_fwd_kernel(
     SRC_STAGES: tl.constexpr = 1,  # > 1: the gather of the sources software-pipelined over that many stages
     SRC_BLOCK: tl.constexpr = 0,  # > 0: the tile's sources gathered SRC_BLOCK at a time and summed by a product
     STATS: tl.constexpr = False,  # with NORM: write the LayerNorm's statistics (training)
+    SPLIT_T: tl.constexpr = 0,  # > 0 (not with NORM): the copied tokens first, then the merged SPLIT_T at a time
 ):
+    tl.static_assert(SPLIT_T == 0 or not NORM and SRC_BLOCK == 0, "SPLIT_T takes neither NORM nor SRC_BLOCK")
     row = tl.program_id(2).to(tl.int64)
     ACC = b_size_ptr.dtype.element_ty
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tile = tl.program_id(1) * BLOCK_T
+    offs_t = tile + tl.arange(0, BLOCK_T)
     mask_t = offs_t < N_OUT
     is_kept = (offs_t >= C) & (offs_t < C + NK)
     is_b = (offs_t >= C + NK) & mask_t
@@ -150,66 +219,76 @@ def _merge_fwd_kernel(
 
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    mask = mask_t[:, None] & mask_d[None, :]
-    s_self = tl.load(size_ptr + clip * stride_sb + tok * stride_sn, mask=mask_t, other=1).to(ACC)
-    x_self = _token_rows(x_ptr, res_ptr, clip, tok, offs_d, mask, stride_xb, stride_xn, stride_xd, stride_rb,
-                         stride_rn, stride_rd, HAS_RES).to(ACC)
-    if HAS_POS:
-        x_self += tl.load((pos_ptr + (clip % CLIPS) * stride_pc)[:, None] + offs_d[None, :],
-                          mask=mask, other=0.0).to(ACC)
-    s_total = s_self
-    acc = x_self * s_self[:, None]
-    if SRC_BLOCK > 0:
-        # The tile's sources sit together in src (sorted by destination): src[first:last]. Each chunk
-        # of SRC_BLOCK is gathered in one go, with no load waiting on another source's, and summed into
-        # its destinations by a product with the [BLOCK_T, SRC_BLOCK] matrix of their sizes (a source's
-        # column holds its size in its destination's row, 0 elsewhere). The product runs on the FMA
-        # units in float32 (ieee) and accumulates onto each token's own row times its size; where it
-        # adds along the chunk in order (Triton's FMA product does), each destination adds its sources
-        # in rank order, as the loop below does, and exact zeros for the others. An Inf in one source
-        # would make the other sums of its chunk NaN (0 * Inf).
-        first = tl.min(tl.where(is_b, lo, 2147483647), axis=0)
-        last = tl.max(tl.where(is_b, lo + count, 0), axis=0)
-        for k0 in range(first, last, SRC_BLOCK):
-            k = k0 + tl.arange(0, SRC_BLOCK)
-            s, xa = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, src_row + k, k < last, row, offs_d, mask_d,
-                                 A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
-                                 stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
-            into = is_b[:, None] & (k[None, :] >= lo[:, None]) & (k[None, :] < (lo + count)[:, None])
-            w = tl.where(into, s[None, :], 0.0).to(ACC)
-            acc = tl.dot(w, xa, acc, input_precision="ieee")
-            s_total += tl.sum(w, axis=1)
+    if SPLIT_T > 0:
+        # First every token of the tile that nothing merges into, copied in x's dtype: no float32 copy
+        # of the tile is held, so a program needs fewer registers and more of them share an SM, each
+        # with its bytes in flight. Then the tile's B tokens SPLIT_T at a time; a block with sources
+        # merges them as the whole-tile path below does (the same sums in the same order).
+        copy = mask_t & (count == 0)
+        mask_c = copy[:, None] & mask_d[None, :]
+        y = _token_rows(x_ptr, res_ptr, clip, tok, offs_d, mask_c, stride_xb, stride_xn, stride_xd, stride_rb,
+                        stride_rn, stride_rd, HAS_RES)
+        if HAS_POS:
+            y = y.to(ACC) + tl.load((pos_ptr + (clip % CLIPS) * stride_pc)[:, None] + offs_d[None, :],
+                                    mask=mask_c, other=0.0).to(ACC)
+        out_rows = out_ptr + row * N_OUT * D + offs_t.to(tl.int64) * D
+        tl.store(out_rows[:, None] + offs_d[None, :], y.to(out_ptr.dtype.element_ty), mask=mask_c)
+        if tl.program_id(0) == 0:
+            s_self = tl.load(size_ptr + clip * stride_sb + tok * stride_sn, mask=copy, other=1).to(ACC)
+            tl.store(size_out_ptr + row * N_OUT + offs_t, s_self.to(size_out_ptr.dtype.element_ty), mask=copy)
+            if B_SIZES:
+                tl.store(b_size_ptr + row * NB + j, s_self, mask=copy & is_b)
+        end = tl.minimum(tile + BLOCK_T, N_OUT)
+        for first in range(tl.maximum(tile, C + NK), end, SPLIT_T):
+            # Whether a block has sources is read from the counts held (no wait on memory); only
+            # then are its offsets loaded again, from L1.
+            block_count = tl.max(tl.where((offs_t >= first) & (offs_t < first + SPLIT_T), count, 0), axis=0)
+            if block_count > 0:
+                offs_s = first + tl.arange(0, SPLIT_T)
+                j_s = offs_s - C - NK
+                in_tile = offs_s < end
+                lo_s = tl.load(offsets_row + j_s, mask=in_tile, other=0).to(tl.int32)
+                count_s = tl.load(offsets_row + j_s + 1, mask=in_tile, other=0).to(tl.int32) - lo_s
+                into = count_s > 0
+                clip_s, tok_s = _joined_token(row, tl.where(into, B_START + 2 * j_s, 0), GROUP, C_IN, N_IN)
+                acc, s_total, x_self = _merge_sums(x_ptr, res_ptr, size_ptr, pos_ptr, src_row, row, clip_s, tok_s,
+                                                   into, lo_s, count_s, block_count, offs_d, mask_d, A_START, GROUP,
+                                                   C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
+                                                   stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC,
+                                                   HAS_RES, HAS_POS, SRC_STAGES, 0)
+                y_s = _merged(acc, s_total, x_self, count_s)
+                rows_s = out_ptr + row * N_OUT * D + offs_s.to(tl.int64) * D
+                tl.store(rows_s[:, None] + offs_d[None, :], y_s.to(out_ptr.dtype.element_ty),
+                         mask=into[:, None] & mask_d[None, :])
+                if tl.program_id(0) == 0:
+                    tl.store(size_out_ptr + row * N_OUT + offs_s, s_total.to(size_out_ptr.dtype.element_ty),
+                             mask=into)
+                    if B_SIZES:
+                        tl.store(b_size_ptr + row * NB + j_s, s_total, mask=into)
     else:
-        # (Loading each source's index one step ahead by hand, to overlap it with the previous source's
-        # rows, cost 14-28 registers on sm_90 and spilled 16-40 B in fp32 joins: the index load is an L2
-        # hit.) With SRC_STAGES > 1 Triton's pipeliner does it: the index and row loads of the next
-        # sources become asynchronous copies into shared memory, issued while this source is added.
-        for t in tl.range(0, max_count, num_stages=SRC_STAGES):
-            has = t < count
-            s, xa = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, src_row + lo + t, has, row, offs_d, mask_d,
-                                 A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
-                                 stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
-            acc += xa * s[:, None]
-            s_total += s
-    if tl.program_id(0) == 0:
-        tl.store(size_out_ptr + row * N_OUT + offs_t, s_total.to(size_out_ptr.dtype.element_ty), mask=mask_t)
-        if B_SIZES:
-            tl.store(b_size_ptr + row * NB + j, s_total, mask=is_b)
-    # Tokens nothing merged into (class, kept, untouched B) are copied, not divided.
-    merged_into = count > 0
-    y = tl.where(merged_into[:, None], acc / tl.where(merged_into, s_total, 1.0)[:, None], x_self)
-    out_rows = out_ptr + row * N_OUT * D + offs_t.to(tl.int64) * D
-    y = y.to(out_ptr.dtype.element_ty)
-    tl.store(out_rows[:, None] + offs_d[None, :], y, mask=mask)
-    if NORM:
-        # The launcher gives a NORM program whole feature rows (BLOCK_D >= D, one feature slice), so
-        # the LayerNorm of the merged tokens needs no second read of them. It normalises the rounded
-        # output, as a LayerNorm reading it back would.
-        ln, mean, rstd = _norm_rows(y, mask, offs_d, mask_d, ln_w_ptr, ln_b_ptr, D, EPS, ACC)
-        ln_rows = ln_ptr + row * N_OUT * D + offs_t.to(tl.int64) * D
-        tl.store(ln_rows[:, None] + offs_d[None, :], ln.to(ln_ptr.dtype.element_ty), mask=mask)
-        if STATS:
-            _store_stats(stats_ptr, row * N_OUT + offs_t, mean, rstd, tl.num_programs(2) * N_OUT, mask_t)
+        acc, s_total, x_self = _merge_sums(x_ptr, res_ptr, size_ptr, pos_ptr, src_row, row, clip, tok, mask_t, lo,
+                                           count, max_count, offs_d, mask_d, A_START, GROUP, C_IN, N_IN, CLIPS,
+                                           stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd,
+                                           stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS, SRC_STAGES,
+                                           SRC_BLOCK)
+        if tl.program_id(0) == 0:
+            tl.store(size_out_ptr + row * N_OUT + offs_t, s_total.to(size_out_ptr.dtype.element_ty), mask=mask_t)
+            if B_SIZES:
+                tl.store(b_size_ptr + row * NB + j, s_total, mask=is_b)
+        y = _merged(acc, s_total, x_self, count)
+        out_rows = out_ptr + row * N_OUT * D + offs_t.to(tl.int64) * D
+        mask = mask_t[:, None] & mask_d[None, :]
+        y = y.to(out_ptr.dtype.element_ty)
+        tl.store(out_rows[:, None] + offs_d[None, :], y, mask=mask)
+        if NORM:
+            # The launcher gives a NORM program whole feature rows (BLOCK_D >= D, one feature slice), so
+            # the LayerNorm of the merged tokens needs no second read of them. It normalises the rounded
+            # output, as a LayerNorm reading it back would.
+            ln, mean, rstd = _norm_rows(y, mask, offs_d, mask_d, ln_w_ptr, ln_b_ptr, D, EPS, ACC)
+            ln_rows = ln_ptr + row * N_OUT * D + offs_t.to(tl.int64) * D
+            tl.store(ln_rows[:, None] + offs_d[None, :], ln.to(ln_ptr.dtype.element_ty), mask=mask)
+            if STATS:
+                _store_stats(stats_ptr, row * N_OUT + offs_t, mean, rstd, tl.num_programs(2) * N_OUT, mask_t)
 
 
 # b_size is read one value per token, never as a vector: its alignment is not specialised either

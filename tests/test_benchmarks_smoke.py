@@ -162,7 +162,8 @@ def test_bench_ops_tiles_give_the_library_result(one_thread):
     originals = (triton_ops._match_tiles, triton_ops._merge_fwd_tiles, triton_ops._plan_sort_block,
                  triton_ops._merge_norm_tiles, triton_ops.PLAN_SORT_MIN)
     for spec in ("match:16x16x16x4-ieee", "match:16x32x8x4-tf32x3", "merge:8x16x4", "merge:16x32x4", "merge:8x16x4-s3",
-                 "merge:16x16x4-g16", "merge:32x32x4-g32", "plan:sort", "plan:count"):
+                 "merge:16x16x4-g16", "merge:32x32x4-g32", "merge:16x16x4-p4", "merge:8x32x4-p8", "plan:sort",
+                 "plan:count"):
         with bench_ops.op_tiles(spec):
             plan = ops.match(metric, 7, 1, backend="triton")
             got = ops.merge(x, size, plan, backend="triton")
@@ -198,7 +199,8 @@ def test_bench_ops_tiles_give_the_library_result(one_thread):
     for bad in ("merge:8x16", "match:16x16x16x4", "match:16x16x16x4-tf32", "merge:12x16x4", "attn:8x8x8", "plan:fast",
                 "plan:sort-ieee", "norm:4x4x4", "norm:3x4", "merge:8x16x4-s0", "norm:2x4-t3", "match:16x16x16x4-s2",
                 "merge:8x16x4-g16", "merge:16x16x4-g8", "merge:16x16x4-g24", "norm:4x4-g16", "merge:16x16x4-g",
-                "heads:sum", "heads:"):
+                "heads:sum", "heads:", "merge:8x16x4-p16", "merge:8x16x4-p0", "merge:8x16x4-p3", "norm:4x4-p2",
+                "merge:8x16x4-p"):
         with pytest.raises(ValueError, match="--tiles"):
             bench_ops.parse_tiles(bad)
 

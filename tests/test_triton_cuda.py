@@ -141,6 +141,34 @@ def test_pipelined_gather_writes_the_same_bits(stages, dtype, monkeypatch):
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("tiles", [(32, 256, 8, 8), (32, 128, 4, 8), (16, 256, 4, 4)],
+                         ids=["32x256x8-p8", "32x128x4-p8", "16x256x4-p4"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_copies_first_writes_the_same_bits(tiles, dtype, monkeypatch):
+    """The merge forward that copies the tokens without sources first and merges the others ``SPLIT_T`` at a
+    time (``merge:BTxBDxW-pN`` of the GPU suite's tile sweeps) writes what the library's tiles write, bit for
+    bit, at a ViT-B/16 image merge (few sources a tile) and join (sources in most blocks, skewed), with and
+    without the residual add."""
+    g = torch.Generator(device="cuda").manual_seed(tiles[0] + tiles[3])
+    block_t, block_d, warps, split = tiles
+    for b, n, c, r in ((384, 197, 1, 2), (32, 867, 12, 260)):
+        x = torch.randn(b, n, WIDTH, generator=g, device="cuda").to(dtype)
+        residual = torch.randn(b, n, WIDTH, generator=g, device="cuda").to(dtype)
+        size = torch.randint(1, 8, (b, n, 1), generator=g, device="cuda").float()
+        plan = random_plan(b, n, c, r, g)
+
+        def both():
+            return [triton_ops.merge_forward(x, size, *plan[:3], c)[:2],
+                    triton_ops.merge_forward(x, size, *plan[:3], c, residual=residual)[:2]]
+        want = both()
+        with monkeypatch.context() as patched:
+            patched.setattr(triton_ops, "_merge_fwd_tiles", lambda *args: dict(BLOCK_T=block_t, BLOCK_D=block_d,
+                                                                               num_warps=warps, SPLIT_T=split))
+            got = both()
+        for (got_x, got_size), (want_x, want_size) in zip(got, want):
+            assert torch.equal(got_x, want_x) and torch.equal(got_size, want_size)
+
+
 @pytest.mark.parametrize("tiles", [(16, 128, 4, 16), (32, 256, 8, 32)], ids=["16x128x4-g16", "32x256x8-g32"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_gather_by_product_merges_as_the_library(tiles, dtype, monkeypatch):

@@ -595,6 +595,52 @@ def test_merge_gathered_by_product(kind, dtype, device, monkeypatch):
     assert torch.equal(got_size, want_size)
 
 
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("kind", ["hub", "spread", "join"])
+def test_merge_copies_first(kind, dtype, device, monkeypatch):
+    """The merge forward that copies a tile's tokens with no sources first and merges the rest ``SPLIT_T`` at
+    a time (a candidate of the GPU suite's tile sweeps, ``merge:BTxBDxW-pN``) writes the whole-tile path's
+    bits: merged tokens all sent to 2 B tokens or spread over all of them, with a feature slice narrower
+    than the features, against the float64 reference as well; and a ClipMe join (the position embedding
+    and a residual added, sources read through the join), with and without the B tokens' own sizes."""
+    library = triton_ops._merge_fwd_tiles
+
+    def whole(*args):
+        return dict(library(*args), BLOCK_T=16, BLOCK_D=32)
+
+    def split(*args):
+        return dict(whole(*args), SPLIT_T=4)
+    g = torch.Generator().manual_seed(33)
+    if kind != "join":
+        x = make_tokens(3, 75, 40, dtype, "sliced", device, g)
+        size = _sizes(3, 75, "BN1-fp32", dtype, device, g)
+        plan = random_plan(3, 75, 2, 30, device, g, hub=kind == "hub")
+        monkeypatch.setattr(triton_ops, "_merge_fwd_tiles", whole)
+        want = ops.merge(x, size, plan, backend="triton")
+        monkeypatch.setattr(triton_ops, "_merge_fwd_tiles", split)
+        _check_merge(x, size, plan, dtype, g)
+        for got, expected in zip(ops.merge(x, size, plan, backend="triton"), want):
+            assert torch.equal(got, expected)
+        return
+    f, group, n, c, d, r = 4, 2, 25, 1, 40, 20
+    x = make_tokens(2 * f, n, d, dtype, "contiguous", device, g)
+    residual = make_tokens(2 * f, n, d, dtype, "transposed", device, g)
+    frame_pos = (0.1 * torch.randn(1, f, 1, d, generator=g)).to(dtype).to(device)
+    plan = random_plan(2 * f // group, n * group, c * group, r, device, g, hub=True)
+    for size_dtype in (torch.float32, torch.float16):  # float16 sizes: the B tokens' sizes written apart
+        size = _sizes(2 * f, n, "BN-fp32", dtype, device, g).to(size_dtype)
+
+        def merge():
+            out, size_out, b_size = triton_ops.merge_forward(x, size, plan.merged, plan.dst, plan.kept, c, group,
+                                                             frame_pos, residual=residual)
+            return out, size_out, size_out if b_size is None else b_size
+        monkeypatch.setattr(triton_ops, "_merge_fwd_tiles", whole)
+        want = merge()
+        monkeypatch.setattr(triton_ops, "_merge_fwd_tiles", split)
+        for got, expected in zip(merge(), want):
+            assert torch.equal(got, expected)
+
+
 def test_join_merge_multi_tile(tiling, device):
     # fp16: x is also the metric, and the interpreter's bf16 tl.dot (the GPU path) is broken.
     x = tie_free_metric(8, 25, 1, 40, torch.float16, "sliced", device, seed=3, group=2).requires_grad_()
