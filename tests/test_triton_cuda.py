@@ -141,6 +141,20 @@ def test_pipelined_gather_writes_the_same_bits(stages, dtype, monkeypatch):
         assert torch.equal(got, expected)
 
 
+def _merge_forwards(b, n, c, r, dtype, generator):
+    """Random inputs of a merge of ``b`` clips of ``n`` tokens (``c`` class tokens, ``r`` merged, destinations
+    skewed) and a call of the merge forward on them, without and with a residual add: ``[(x, size)] * 2``."""
+    x = torch.randn(b, n, WIDTH, generator=generator, device="cuda").to(dtype)
+    residual = torch.randn(b, n, WIDTH, generator=generator, device="cuda").to(dtype)
+    size = torch.randint(1, 8, (b, n, 1), generator=generator, device="cuda").float()
+    plan = random_plan(b, n, c, r, generator)
+
+    def both():
+        return [triton_ops.merge_forward(x, size, *plan[:3], c)[:2],
+                triton_ops.merge_forward(x, size, *plan[:3], c, residual=residual)[:2]]
+    return both
+
+
 @pytest.mark.parametrize("tiles", [(32, 256, 8, 8), (32, 128, 4, 8), (16, 256, 4, 4)],
                          ids=["32x256x8-p8", "32x128x4-p8", "16x256x4-p4"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
@@ -152,14 +166,7 @@ def test_copies_first_writes_the_same_bits(tiles, dtype, monkeypatch):
     g = torch.Generator(device="cuda").manual_seed(tiles[0] + tiles[3])
     block_t, block_d, warps, split = tiles
     for b, n, c, r in ((384, 197, 1, 2), (32, 867, 12, 260)):
-        x = torch.randn(b, n, WIDTH, generator=g, device="cuda").to(dtype)
-        residual = torch.randn(b, n, WIDTH, generator=g, device="cuda").to(dtype)
-        size = torch.randint(1, 8, (b, n, 1), generator=g, device="cuda").float()
-        plan = random_plan(b, n, c, r, g)
-
-        def both():
-            return [triton_ops.merge_forward(x, size, *plan[:3], c)[:2],
-                    triton_ops.merge_forward(x, size, *plan[:3], c, residual=residual)[:2]]
+        both = _merge_forwards(b, n, c, r, dtype, g)
         want = both()
         with monkeypatch.context() as patched:
             patched.setattr(triton_ops, "_merge_fwd_tiles", lambda *args: dict(BLOCK_T=block_t, BLOCK_D=block_d,
@@ -177,15 +184,7 @@ def test_gather_by_product_merges_as_the_library(tiles, dtype, monkeypatch):
     value tolerance and the same sizes, at a ViT-B/16 join's size with skewed destinations, with and
     without the residual add, and the same bits on a second run."""
     g = torch.Generator(device="cuda").manual_seed(tiles[0])
-    b, n, c, r = 32, 867, 12, 260
-    x = torch.randn(b, n, WIDTH, generator=g, device="cuda").to(dtype)
-    residual = torch.randn(b, n, WIDTH, generator=g, device="cuda").to(dtype)
-    size = torch.randint(1, 8, (b, n, 1), generator=g, device="cuda").float()
-    plan = random_plan(b, n, c, r, g)
-
-    def both():
-        return [triton_ops.merge_forward(x, size, *plan[:3], c)[:2],
-                triton_ops.merge_forward(x, size, *plan[:3], c, residual=residual)[:2]]
+    both = _merge_forwards(32, 867, 12, 260, dtype, g)
     want = both()
     block_t, block_d, warps, src_block = tiles
     monkeypatch.setattr(triton_ops, "_merge_fwd_tiles", lambda *args: dict(BLOCK_T=block_t, BLOCK_D=block_d,
