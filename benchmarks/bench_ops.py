@@ -26,8 +26,9 @@ to choose that table from measurements:
   (``SRC_STAGES``);
 - ``merge:BTxBDxW-gN``: ``N`` of a tile's merged sources gathered at once and summed by a product
   (``SRC_BLOCK``);
-- ``merge:BTxBDxW-pN``: the tile's tokens that nothing merges into copied first, in the features' own
-  dtype, then its B tokens with sources merged ``N`` at a time (``SPLIT_T``: fewer registers a program);
+- either with ``-pN``: the tile's tokens that nothing merges into copied first (and normalised), in the
+  features' own dtype, then its B tokens with sources merged ``N`` at a time (``SPLIT_T``: fewer registers
+  a program);
 - ``match:BAxBBxBCxW-P``: the match's A, B and channel tiles, warps and products, ``P`` one of
   ``native`` (16-bit tl.dot), ``ieee`` (float32 FMA), ``tf32x3``;
 - ``plan:sort`` / ``plan:count``: the library's tiles with every float32 plan sorted in registers (up
@@ -66,16 +67,16 @@ PLAN_PATHS = {"sort": 1, "count": 0}
 
 
 def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
-    """``"merge:BTxBDxW[-sN|-gN|-pN]"``, ``"norm:BTxW[-sN]"``, ``"match:BAxBBxBCxW-P"``, ``"plan:PATH"`` or
+    """``"merge:BTxBDxW[-sN|-gN|-pN]"``, ``"norm:BTxW[-sN|-pN]"``, ``"match:BAxBBxBCxW-P"``, ``"plan:PATH"`` or
     ``"heads:mean"`` as (op, launch parameters); a ValueError naming ``--tiles`` otherwise. ``-sN``: the
     merged sources gathered one after another, software-pipelined over N stages (``SRC_STAGES``); ``-gN``
     (merge only): N of a tile's sources gathered at once and summed by a product (``SRC_BLOCK``; N and BT
-    at least 16); ``-pN`` (merge only): the tokens without sources copied first, the others merged N at a
-    time (``SPLIT_T``, a power of two up to BT)."""
+    at least 16); ``-pN``: the tokens without sources copied first, the others merged N at a time
+    (``SPLIT_T``, a power of two up to BT)."""
     kind, _, rest = spec.partition(":")
     sizes, _, product = rest.partition("-")
     parts = sizes.split("x")
-    fail = (f"--tiles {spec!r}: give merge:BTxBDxW[-sN|-gN|-pN], norm:BTxW[-sN], match:BAxBBxBCxW-P "
+    fail = (f"--tiles {spec!r}: give merge:BTxBDxW[-sN|-gN|-pN], norm:BTxW[-sN|-pN], match:BAxBBxBCxW-P "
             f"(P: {', '.join(DOT_MODES)}), plan:PATH (PATH: {', '.join(PLAN_PATHS)}) or heads:mean")
     if kind == "plan" and rest in PLAN_PATHS:
         return kind, {"SORT": PLAN_PATHS[rest]}
@@ -83,7 +84,7 @@ def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
         return kind, {"HEADS_IN_MATCH": 0}
     stages = re.fullmatch(r"s([1-9])", product)  # merge and norm: "-sN", the sources' gather in N stages
     gather = re.fullmatch(r"g([0-9]+)", product) if kind == "merge" else None  # "-gN": N sources at once
-    split = re.fullmatch(r"p([0-9]+)", product) if kind == "merge" else None  # "-pN": copies first, N merged at once
+    split = re.fullmatch(r"p([0-9]+)", product)  # merge and norm: "-pN", copies first, N merged at once
     if kind == "merge" and len(parts) == 3 and (not product or stages or gather or split) and \
             all(p.isdigit() for p in parts):
         values = dict(zip(("BLOCK_T", "BLOCK_D", "num_warps"), map(int, parts)))
@@ -91,17 +92,17 @@ def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
             values["SRC_BLOCK"] = int(gather.group(1))
             if min(values["SRC_BLOCK"], values["BLOCK_T"]) < 16:  # tl.dot's smallest operands
                 raise ValueError(f"--tiles {spec!r}: a gather by product needs BT and N of at least 16")
-        if split:
-            values["SPLIT_T"] = int(split.group(1))
-            if not 0 < values["SPLIT_T"] <= values["BLOCK_T"]:
-                raise ValueError(f"--tiles {spec!r}: the merged tokens' block N must be 1 to BT")
-    elif kind == "norm" and len(parts) == 2 and (not product or stages) and all(p.isdigit() for p in parts):
+    elif kind == "norm" and len(parts) == 2 and (not product or stages or split) and all(p.isdigit() for p in parts):
         values = dict(zip(("BLOCK_T", "num_warps"), map(int, parts)))
     elif kind == "match" and len(parts) == 4 and all(p.isdigit() for p in parts) and product in DOT_MODES:
         values = dict(zip(("BLOCK_A", "BLOCK_B", "BLOCK_C", "num_warps"), map(int, parts)))
         values["DOT_MODE"] = DOT_MODES[product]
     else:
         raise ValueError(fail)
+    if split:  # merge or norm (a match spec with one is refused above)
+        values["SPLIT_T"] = int(split.group(1))
+        if values["SPLIT_T"] > values["BLOCK_T"]:
+            raise ValueError(f"--tiles {spec!r}: the merged tokens' block N must be at most BT")
     for name, value in values.items():
         if name != "DOT_MODE" and (value < 1 or value & (value - 1)):
             raise ValueError(f"--tiles {spec!r}: {name}={value} must be a power of two")
@@ -372,7 +373,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="folder for bench_ops.json / .csv, written at the end")
     parser.add_argument("--tiles", nargs="+", default=[], metavar="SPEC",
                         help="also time the Triton ops with these tiles (rows 'triton:SPEC'): "
-                             "merge:BTxBDxW[-sN|-gN|-pN], norm:BTxW[-sN] (-sN: the sources' gather pipelined "
+                             "merge:BTxBDxW[-sN|-gN|-pN], norm:BTxW[-sN|-pN] (-sN: the sources' gather pipelined "
                              "over N stages; -gN: N sources gathered at once; -pN: tokens without sources copied "
                              "first, the others merged N at a time), "
                              "match:BAxBBxBCxW-P, P one of " + ", ".join(DOT_MODES) + "; or with every plan on "

@@ -23,10 +23,11 @@ reading both and rounding their sum to x's dtype as the add would, so the sum is
 A forward program sums each B token's sources one after another (``SRC_STAGES`` pipelines that
 gather), or, with ``SRC_BLOCK > 0``, gathers its tile's sources ``SRC_BLOCK`` at a time, all loads of a
 chunk independent of each other, and sums them into their destinations by one float32 product.
-With ``SPLIT_T > 0`` (without ``NORM``) it first copies its tile's tokens that nothing merges into, in
-x's dtype, and then merges the B tokens that have sources ``SPLIT_T`` at a time: the float32 sums are
-held for ``SPLIT_T`` tokens instead of the whole tile, so a program takes fewer registers and more
-programs, each with its loads in flight, share an SM. Both paths write the same bits.
+With ``SPLIT_T > 0`` it first copies its tile's tokens that nothing merges into, in x's dtype (with
+``NORM``, and writes their LayerNorm), and then merges the B tokens that have sources ``SPLIT_T`` at a
+time: the float32 sums are held for ``SPLIT_T`` tokens instead of the whole tile, so a program takes
+fewer registers and more programs, each with its loads in flight, share an SM. Both paths write the same
+bits.
 
 With ``GROUP > 1`` the clip being merged is the ClipMe join of ``GROUP`` input clips: the kernels
 read (and the backward writes) the unjoined tensors through ``_joined_token`` and add the temporal
@@ -140,6 +141,19 @@ def _merged(acc, s_total, x_self, count):
     return tl.where(merged_into[:, None], acc / tl.where(merged_into, s_total, 1.0)[:, None], x_self)
 
 
+@triton.jit
+def _store_norm(y, offs_t, mask_t, offs_d, mask_d, ln_w_ptr, ln_b_ptr, ln_ptr, stats_ptr, row, N_OUT, D, EPS,
+                ACC: tl.constexpr, STATS: tl.constexpr):
+    """Writes the LayerNorm of merged tokens ``offs_t`` (where ``mask_t``), ``y`` as stored (every feature:
+    ``BLOCK_D >= D``), and with ``STATS`` its statistics."""
+    mask = mask_t[:, None] & mask_d[None, :]
+    ln, mean, rstd = _norm_rows(y, mask, offs_d, mask_d, ln_w_ptr, ln_b_ptr, D, EPS, ACC)
+    ln_rows = ln_ptr + row * N_OUT * D + offs_t.to(tl.int64) * D
+    tl.store(ln_rows[:, None] + offs_d[None, :], ln.to(ln_ptr.dtype.element_ty), mask=mask)
+    if STATS:
+        _store_stats(stats_ptr, row * N_OUT + offs_t, mean, rstd, tl.num_programs(2) * N_OUT, mask_t)
+
+
 # Only the counts that change from layer to layer are left unspecialised, and the size strides
 # (sizes are read one per token, never as vectors): D and the x strides keep their divisibility
 # by 16, which is what lets the compiler emit 128-bit loads and stores along the features. CLIPS
@@ -196,9 +210,9 @@ def _merge_fwd_kernel(
     SRC_STAGES: tl.constexpr = 1,  # > 1: the gather of the sources software-pipelined over that many stages
     SRC_BLOCK: tl.constexpr = 0,  # > 0: the tile's sources gathered SRC_BLOCK at a time and summed by a product
     STATS: tl.constexpr = False,  # with NORM: write the LayerNorm's statistics (training)
-    SPLIT_T: tl.constexpr = 0,  # > 0 (not with NORM): the copied tokens first, then the merged SPLIT_T at a time
+    SPLIT_T: tl.constexpr = 0,  # > 0: the copied tokens first, then the merged ones SPLIT_T at a time
 ):
-    tl.static_assert(SPLIT_T == 0 or not NORM and SRC_BLOCK == 0, "SPLIT_T takes neither NORM nor SRC_BLOCK")
+    tl.static_assert(SPLIT_T == 0 or SRC_BLOCK == 0, "SPLIT_T does not take SRC_BLOCK")
     row = tl.program_id(2).to(tl.int64)
     ACC = b_size_ptr.dtype.element_ty
     tile = tl.program_id(1) * BLOCK_T
@@ -220,10 +234,10 @@ def _merge_fwd_kernel(
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     if SPLIT_T > 0:
-        # First every token of the tile that nothing merges into, copied in x's dtype: no float32 copy
-        # of the tile is held, so a program needs fewer registers and more of them share an SM, each
-        # with its bytes in flight. Then the tile's B tokens SPLIT_T at a time; a block with sources
-        # merges them as the whole-tile path below does (the same sums in the same order).
+        # First every token of the tile that nothing merges into, copied in x's dtype (and normalised):
+        # no float32 sums of the tile are held, so a program needs fewer registers and more of them share
+        # an SM, each with its bytes in flight. Then the tile's B tokens SPLIT_T at a time; a block with
+        # sources merges them as the whole-tile path below does (the same sums in the same order).
         copy = mask_t & (count == 0)
         mask_c = copy[:, None] & mask_d[None, :]
         y = _token_rows(x_ptr, res_ptr, clip, tok, offs_d, mask_c, stride_xb, stride_xn, stride_xd, stride_rb,
@@ -231,8 +245,12 @@ def _merge_fwd_kernel(
         if HAS_POS:
             y = y.to(ACC) + tl.load((pos_ptr + (clip % CLIPS) * stride_pc)[:, None] + offs_d[None, :],
                                     mask=mask_c, other=0.0).to(ACC)
+        y = y.to(out_ptr.dtype.element_ty)
         out_rows = out_ptr + row * N_OUT * D + offs_t.to(tl.int64) * D
-        tl.store(out_rows[:, None] + offs_d[None, :], y.to(out_ptr.dtype.element_ty), mask=mask_c)
+        tl.store(out_rows[:, None] + offs_d[None, :], y, mask=mask_c)
+        if NORM:
+            _store_norm(y, offs_t, copy, offs_d, mask_d, ln_w_ptr, ln_b_ptr, ln_ptr, stats_ptr, row, N_OUT, D, EPS,
+                        ACC, STATS)
         if tl.program_id(0) == 0:
             s_self = tl.load(size_ptr + clip * stride_sb + tok * stride_sn, mask=copy, other=1).to(ACC)
             tl.store(size_out_ptr + row * N_OUT + offs_t, s_self.to(size_out_ptr.dtype.element_ty), mask=copy)
@@ -256,10 +274,12 @@ def _merge_fwd_kernel(
                                                    C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
                                                    stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC,
                                                    HAS_RES, HAS_POS, SRC_STAGES, 0)
-                y_s = _merged(acc, s_total, x_self, count_s)
+                y_s = _merged(acc, s_total, x_self, count_s).to(out_ptr.dtype.element_ty)
                 rows_s = out_ptr + row * N_OUT * D + offs_s.to(tl.int64) * D
-                tl.store(rows_s[:, None] + offs_d[None, :], y_s.to(out_ptr.dtype.element_ty),
-                         mask=into[:, None] & mask_d[None, :])
+                tl.store(rows_s[:, None] + offs_d[None, :], y_s, mask=into[:, None] & mask_d[None, :])
+                if NORM:
+                    _store_norm(y_s, offs_s, into, offs_d, mask_d, ln_w_ptr, ln_b_ptr, ln_ptr, stats_ptr, row, N_OUT,
+                                D, EPS, ACC, STATS)
                 if tl.program_id(0) == 0:
                     tl.store(size_out_ptr + row * N_OUT + offs_s, s_total.to(size_out_ptr.dtype.element_ty),
                              mask=into)
@@ -284,11 +304,8 @@ def _merge_fwd_kernel(
             # The launcher gives a NORM program whole feature rows (BLOCK_D >= D, one feature slice), so
             # the LayerNorm of the merged tokens needs no second read of them. It normalises the rounded
             # output, as a LayerNorm reading it back would.
-            ln, mean, rstd = _norm_rows(y, mask, offs_d, mask_d, ln_w_ptr, ln_b_ptr, D, EPS, ACC)
-            ln_rows = ln_ptr + row * N_OUT * D + offs_t.to(tl.int64) * D
-            tl.store(ln_rows[:, None] + offs_d[None, :], ln.to(ln_ptr.dtype.element_ty), mask=mask)
-            if STATS:
-                _store_stats(stats_ptr, row * N_OUT + offs_t, mean, rstd, tl.num_programs(2) * N_OUT, mask_t)
+            _store_norm(y, offs_t, mask_t, offs_d, mask_d, ln_w_ptr, ln_b_ptr, ln_ptr, stats_ptr, row, N_OUT, D, EPS,
+                        ACC, STATS)
 
 
 # b_size is read one value per token, never as a vector: its alignment is not specialised either

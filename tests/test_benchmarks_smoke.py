@@ -173,7 +173,8 @@ def test_bench_ops_tiles_give_the_library_result(one_thread):
     # The merge that also writes the LayerNorm (after the residual add), at other token tiles and warps.
     weight, bias = torch.randn(24, generator=g), torch.randn(24, generator=g)
     want_norm = ops.merge_norm(x, size, want_plan, weight, bias, 1e-5, residual=x.flip(1), backend="torch")
-    for spec, stages in (("norm:1x4", {}), ("norm:8x8-s2", {"SRC_STAGES": 2})):
+    for spec, stages in (("norm:1x4", {}), ("norm:8x8-s2", {"SRC_STAGES": 2}), ("norm:4x4-p1", {"SPLIT_T": 1}),
+                         ("norm:8x8-p2", {"SPLIT_T": 2})):
         with bench_ops.op_tiles(spec):
             assert triton_ops._merge_norm_tiles(3, 34, 24, 4, False) == dict(BLOCK_T=int(spec[5]), BLOCK_D=32,
                                                                             num_warps=int(spec[7]), **stages)
@@ -199,8 +200,8 @@ def test_bench_ops_tiles_give_the_library_result(one_thread):
     for bad in ("merge:8x16", "match:16x16x16x4", "match:16x16x16x4-tf32", "merge:12x16x4", "attn:8x8x8", "plan:fast",
                 "plan:sort-ieee", "norm:4x4x4", "norm:3x4", "merge:8x16x4-s0", "norm:2x4-t3", "match:16x16x16x4-s2",
                 "merge:8x16x4-g16", "merge:16x16x4-g8", "merge:16x16x4-g24", "norm:4x4-g16", "merge:16x16x4-g",
-                "heads:sum", "heads:", "merge:8x16x4-p16", "merge:8x16x4-p0", "merge:8x16x4-p3", "norm:4x4-p2",
-                "merge:8x16x4-p"):
+                "heads:sum", "heads:", "merge:8x16x4-p16", "merge:8x16x4-p0", "merge:8x16x4-p3", "norm:4x4-p8",
+                "match:16x16x16x4-p2", "merge:8x16x4-p"):
         with pytest.raises(ValueError, match="--tiles"):
             bench_ops.parse_tiles(bad)
 

@@ -141,39 +141,50 @@ def test_pipelined_gather_writes_the_same_bits(stages, dtype, monkeypatch):
         assert torch.equal(got, expected)
 
 
-def _merge_forwards(b, n, c, r, dtype, generator):
+def _merge_forwards(b, n, c, r, dtype, generator, norm=False):
     """Random inputs of a merge of ``b`` clips of ``n`` tokens (``c`` class tokens, ``r`` merged, destinations
-    skewed) and a call of the merge forward on them, without and with a residual add: ``[(x, size)] * 2``."""
+    skewed) and a call of the merge forward on them, without and with a residual add: ``[(x, size)] * 2``;
+    with ``norm``, the merge with the LayerNorm after it and its statistics (the training forward), each
+    call ``(x, size, ln, stats)``."""
     x = torch.randn(b, n, WIDTH, generator=generator, device="cuda").to(dtype)
     residual = torch.randn(b, n, WIDTH, generator=generator, device="cuda").to(dtype)
     size = torch.randint(1, 8, (b, n, 1), generator=generator, device="cuda").float()
     plan = random_plan(b, n, c, r, generator)
+    ln = (torch.randn(WIDTH, generator=generator, device="cuda").to(dtype),
+          torch.randn(WIDTH, generator=generator, device="cuda").to(dtype), 1e-5) if norm else None
 
     def both():
-        return [triton_ops.merge_forward(x, size, *plan[:3], c)[:2],
-                triton_ops.merge_forward(x, size, *plan[:3], c, residual=residual)[:2]]
+        outs = [triton_ops.merge_forward(x, size, *plan[:3], c, norm=ln, stats=norm),
+                triton_ops.merge_forward(x, size, *plan[:3], c, norm=ln, residual=residual, stats=norm)]
+        return [(*out[:2], *out[3:]) for out in outs]  # b_size: None with float32 sizes
     return both
 
 
-@pytest.mark.parametrize("tiles", [(32, 256, 8, 8), (32, 128, 4, 8), (16, 256, 4, 4)],
-                         ids=["32x256x8-p8", "32x128x4-p8", "16x256x4-p4"])
+@pytest.mark.parametrize("spec", ["merge:32x256x8-p8", "merge:32x128x4-p8", "merge:16x256x4-p4", "norm:4x4-p1",
+                                  "norm:4x8-p1", "norm:8x8-p1"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_copies_first_writes_the_same_bits(tiles, dtype, monkeypatch):
+def test_copies_first_writes_the_same_bits(spec, dtype, monkeypatch):
     """The merge forward that copies the tokens without sources first and merges the others ``SPLIT_T`` at a
-    time (``merge:BTxBDxW-pN`` of the GPU suite's tile sweeps) writes what the library's tiles write, bit for
+    time (the ``-pN`` candidates of the GPU suite's tile sweeps) writes what the library's tiles write, bit for
     bit, at a ViT-B/16 image merge (few sources a tile) and join (sources in most blocks, skewed), with and
-    without the residual add."""
-    g = torch.Generator(device="cuda").manual_seed(tiles[0] + tiles[3])
-    block_t, block_d, warps, split = tiles
+    without the residual add; ``norm:`` with the LayerNorm after it and its statistics."""
+    g = torch.Generator(device="cuda").manual_seed(len(spec))
+    kind, sizes = spec.split(":")
+    numbers = [int(v) for v in sizes.replace("-p", "x").split("x")]
     for b, n, c, r in ((384, 197, 1, 2), (32, 867, 12, 260)):
-        both = _merge_forwards(b, n, c, r, dtype, g)
+        both = _merge_forwards(b, n, c, r, dtype, g, norm=kind == "norm")
         want = both()
         with monkeypatch.context() as patched:
-            patched.setattr(triton_ops, "_merge_fwd_tiles", lambda *args: dict(BLOCK_T=block_t, BLOCK_D=block_d,
-                                                                               num_warps=warps, SPLIT_T=split))
+            if kind == "merge":
+                patched.setattr(triton_ops, "_merge_fwd_tiles", lambda *args: dict(
+                    zip(("BLOCK_T", "BLOCK_D", "num_warps", "SPLIT_T"), numbers)))
+            else:
+                patched.setattr(triton_ops, "_merge_norm_tiles", lambda *args: dict(
+                    zip(("BLOCK_T", "num_warps", "SPLIT_T"), numbers), BLOCK_D=1024))
             got = both()
-        for (got_x, got_size), (want_x, want_size) in zip(got, want):
-            assert torch.equal(got_x, want_x) and torch.equal(got_size, want_size)
+        for got_outs, want_outs in zip(got, want):
+            assert len(got_outs) == len(want_outs) == (4 if kind == "norm" else 2)
+            assert all(torch.equal(a, e) for a, e in zip(got_outs, want_outs))
 
 
 @pytest.mark.parametrize("tiles", [(16, 128, 4, 16), (32, 256, 8, 32)], ids=["16x128x4-g16", "32x256x8-g32"])

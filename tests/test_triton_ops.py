@@ -599,30 +599,39 @@ def test_merge_gathered_by_product(kind, dtype, device, monkeypatch):
 @pytest.mark.parametrize("kind", ["hub", "spread", "join"])
 def test_merge_copies_first(kind, dtype, device, monkeypatch):
     """The merge forward that copies a tile's tokens with no sources first and merges the rest ``SPLIT_T`` at
-    a time (a candidate of the GPU suite's tile sweeps, ``merge:BTxBDxW-pN``) writes the whole-tile path's
-    bits: merged tokens all sent to 2 B tokens or spread over all of them, with a feature slice narrower
-    than the features, against the float64 reference as well; and a ClipMe join (the position embedding
-    and a residual added, sources read through the join), with and without the B tokens' own sizes."""
-    library = triton_ops._merge_fwd_tiles
+    a time (candidates of the GPU suite's tile sweeps, ``merge:BTxBDxW-pN`` and ``norm:BTxW-pN``) writes the
+    whole-tile path's bits, alone and with the LayerNorm after it (its statistics too): merged tokens all
+    sent to 2 B tokens or spread over all of them, with a feature slice narrower than the features (the
+    plain merge against the float64 reference as well); and a ClipMe join (the position embedding and a
+    residual added, sources read through the join), with and without the B tokens' own sizes."""
+    merge_tiles, norm_tiles = triton_ops._merge_fwd_tiles, triton_ops._merge_norm_tiles
 
-    def whole(*args):
-        return dict(library(*args), BLOCK_T=16, BLOCK_D=32)
-
-    def split(*args):
-        return dict(whole(*args), SPLIT_T=4)
+    def tiles(split):
+        extra = dict(SPLIT_T=split) if split else {}
+        monkeypatch.setattr(triton_ops, "_merge_fwd_tiles",
+                            lambda *args: dict(merge_tiles(*args), BLOCK_T=16, BLOCK_D=32, **extra))
+        monkeypatch.setattr(triton_ops, "_merge_norm_tiles", lambda *args: dict(norm_tiles(*args), BLOCK_T=8,
+                                                                                **extra))
     g = torch.Generator().manual_seed(33)
+    d = 40
+    norm = (torch.randn(d, generator=g).to(dtype).to(device), torch.randn(d, generator=g).to(dtype).to(device), 1e-5)
     if kind != "join":
-        x = make_tokens(3, 75, 40, dtype, "sliced", device, g)
+        x = make_tokens(3, 75, d, dtype, "sliced", device, g)
+        residual = make_tokens(3, 75, d, dtype, "transposed", device, g)
         size = _sizes(3, 75, "BN1-fp32", dtype, device, g)
         plan = random_plan(3, 75, 2, 30, device, g, hub=kind == "hub")
-        monkeypatch.setattr(triton_ops, "_merge_fwd_tiles", whole)
-        want = ops.merge(x, size, plan, backend="triton")
-        monkeypatch.setattr(triton_ops, "_merge_fwd_tiles", split)
+
+        def merges():
+            return (*ops.merge(x, size, plan, backend="triton"),
+                    *ops.merge_norm(x, size, plan, *norm, residual=residual, backend="triton"))
+        tiles(0)
+        want = merges()
+        tiles(4)
         _check_merge(x, size, plan, dtype, g)
-        for got, expected in zip(ops.merge(x, size, plan, backend="triton"), want):
+        for got, expected in zip(merges(), want):
             assert torch.equal(got, expected)
         return
-    f, group, n, c, d, r = 4, 2, 25, 1, 40, 20
+    f, group, n, c, r = 4, 2, 25, 1, 20
     x = make_tokens(2 * f, n, d, dtype, "contiguous", device, g)
     residual = make_tokens(2 * f, n, d, dtype, "transposed", device, g)
     frame_pos = (0.1 * torch.randn(1, f, 1, d, generator=g)).to(dtype).to(device)
@@ -630,15 +639,19 @@ def test_merge_copies_first(kind, dtype, device, monkeypatch):
     for size_dtype in (torch.float32, torch.float16):  # float16 sizes: the B tokens' sizes written apart
         size = _sizes(2 * f, n, "BN-fp32", dtype, device, g).to(size_dtype)
 
-        def merge():
-            out, size_out, b_size = triton_ops.merge_forward(x, size, plan.merged, plan.dst, plan.kept, c, group,
-                                                             frame_pos, residual=residual)
-            return out, size_out, size_out if b_size is None else b_size
-        monkeypatch.setattr(triton_ops, "_merge_fwd_tiles", whole)
-        want = merge()
-        monkeypatch.setattr(triton_ops, "_merge_fwd_tiles", split)
-        for got, expected in zip(merge(), want):
-            assert torch.equal(got, expected)
+        def merges():
+            alone = triton_ops.merge_forward(x, size, plan.merged, plan.dst, plan.kept, c, group, frame_pos,
+                                             residual=residual)
+            normed = triton_ops.merge_forward(x, size, plan.merged, plan.dst, plan.kept, c, group, frame_pos,
+                                              norm=norm, residual=residual, stats=True)
+            return [t for t in (*alone, *normed) if t is not None]  # b_size: None for float32 sizes
+        tiles(0)
+        want = merges()
+        tiles(2)
+        got = merges()
+        assert len(got) == len(want) == (8 if size_dtype == torch.float16 else 6)
+        for got_t, expected in zip(got, want):
+            assert torch.equal(got_t, expected)
 
 
 def test_join_merge_multi_tile(tiling, device):
