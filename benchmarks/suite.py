@@ -82,7 +82,7 @@ ATTENTION_TILES = ["64x64x4x3", "64x128x4x2", "64x32x4x2", "128x64x4x2", "128x64
 # "-p1": the tokens without sources copied (and normalised) first, the others one at a time (SPLIT_T): the
 # library's 4 x 4 takes 137-140 registers (sm_90, triton 3.6), 3 programs an SM with 36 KB of x and residual in
 # flight; 4 x 4 - p1 80 (6 programs, 72 KB; 8-24 B spilled), 4 x 8 - p1 62-64 (4 of 8 warps, 48 KB), 8 x 8 - p1
-# 78-80 (3, 72 KB). norm:8x4 (253-255 registers, 1 program an SM) made way for them.
+# 78-80 (3, 72 KB). norm:8x4 (253-255 registers: 2 programs of 4 warps an SM) made way.
 NORM_TILES = ["norm:4x4", "norm:2x4", "norm:1x4", "norm:4x8", "norm:2x8", "norm:8x8", "norm:1x2", "norm:4x8-s3",
               "norm:2x8-s3", "norm:4x4-p1", "norm:4x8-p1", "norm:8x8-p1", "heads:mean"]
 # The match's plan with every row sorted and every row counted, against the library's choice
