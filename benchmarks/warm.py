@@ -166,13 +166,6 @@ def _bench_attention_calls(s, dtype) -> None:
             torch.autograd.grad(out, qkv, torch.empty_like(out))
 
 
-def distinct(launches: list, arch: int) -> list:
-    """The first launch of every distinct compiled variant for ``sm_<arch>``, in order."""
-    from tempme_fast.precompile import distinct_launches
-
-    return distinct_launches(launches, arch)
-
-
 def warm(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[str], sets: Sequence[str] = SETS,
          arch: Optional[int] = None, jobs: Optional[int] = None, stubs: Optional[bool] = None) -> dict:
     """Compile every variant into Triton's cache (``tempme_fast.precompile.compile_launches``: each distinct

@@ -37,13 +37,14 @@ RECORD = """
 import json
 from collections import Counter
 from benchmarks import codegen, warm
+from tempme_fast.precompile import distinct_launches
 out = {}
 for sets in (["model"], ["ops"], ["attention"], ["model", "ops", "attention"]):
     launches = warm.record_launches(["ViT-B-32"], [1], ["fp16"], sets)
-    kept = warm.distinct(launches, 90)
+    kept = distinct_launches(launches, 90)
     out["+".join(sets)] = {"recorded": len(launches), "kernels": dict(Counter(l.kernel.fn.__name__ for l in kept)),
                            "keys": [list(codegen.variant_key(l, 90)) for l in kept]}
-again = warm.distinct(warm.record_launches(["ViT-B-32"], [1], ["fp16"], ["model", "ops", "attention"]), 90)
+again = distinct_launches(warm.record_launches(["ViT-B-32"], [1], ["fp16"], ["model", "ops", "attention"]), 90)
 out["again"] = [list(codegen.variant_key(l, 90)) for l in again]
 print(json.dumps(out))
 """
@@ -73,9 +74,10 @@ TILES = """
 import json
 from collections import Counter
 from benchmarks import suite, warm
+from tempme_fast.precompile import distinct_launches
 out = {}
 for kind, (models, batch, dtype, specs) in suite.TILE_SWEEPS.items():
-    kept = warm.distinct(warm.record_launches(list(models), [batch], [dtype], ["tiles"]), 90)
+    kept = distinct_launches(warm.record_launches(list(models), [batch], [dtype], ["tiles"]), 90)
     out[kind] = [len(specs), dict(Counter(l.kernel.fn.__name__ for l in kept)),
                  sorted({l.kwargs["SORT_BLOCK"] for l in kept if l.kwargs.get("PLAN")})]
 out["elsewhere"] = len(warm.record_launches(["ViT-B-32"], [4], ["fp16"], ["tiles"]))
