@@ -204,10 +204,11 @@ def _in_processes(work: List[tuple], jobs: int) -> List[dict]:
                     if line.startswith(RESULT):
                         r = json.loads(line[len(RESULT):])
                         results[r.pop("index")] = r
-            for index in range(k, len(work), jobs):
-                if results[index] is None:  # the worker died before this job
-                    with open(err) as f:
-                        tail = f.read().strip()[-300:]
+            lost = [index for index in range(k, len(work), jobs) if results[index] is None]
+            if lost:  # the worker died before these jobs
+                with open(err) as f:
+                    tail = f.read().strip()[-300:]
+                for index in lost:
                     results[index] = {"kernel": work[index][0][1], "ok": False, "seconds": 0.0,
                                       "error": f"worker exited with {proc.returncode}: {tail}"}
     return results
