@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -233,11 +233,52 @@ def norm_launches(step: NormStep, dname: str) -> List["Launch"]:
     return rec.launches
 
 
-def _ptxas() -> str:
+def _bundled(tool: str) -> str:
+    """A CUDA tool shipped with Triton (``ptxas``, ``nvdisasm``), else the one on the PATH."""
     import triton
 
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    return bundled if os.path.exists(bundled) else "ptxas"
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+    return bundled if os.path.exists(bundled) else tool
+
+
+def _ptxas() -> str:
+    return _bundled("ptxas")
+
+
+# One SASS instruction as nvdisasm prints it: its address, an optional predicate, the opcode; and a label.
+SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*;")
+SASS_LABEL = re.compile(r"^\s*\.(L_x_\d+):")
+# Tensor-core products: Hopper's warpgroup MMA, Ampere's warp MMA.
+TENSOR_OPS = ("HGMMA", "HMMA")
+SASS_BRANCH = re.compile(r"\bBRA\b.*?\.?(L_x_\d+)")
+
+
+def sass_loop(cubin: bytes) -> Counter:
+    """Opcodes of the longest loop in a kernel's machine code (``nvdisasm`` of the cubin): the
+    instructions from a label to the branch back to it, counted once, as one trip of the loop runs them.
+    For the attention kernels that is the walk over key (or query) tiles, so its length is the
+    instructions a warp issues per tile."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        done = subprocess.run([_bundled("nvdisasm"), "-c", path], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"nvdisasm failed: {done.stderr[-2000:]}")
+    opcodes, labels, best = [], {}, []
+    for line in done.stdout.splitlines():
+        label = SASS_LABEL.match(line)
+        if label:
+            labels[label.group(1)] = len(opcodes)
+        instruction = SASS_LINE.match(line)
+        if not instruction:
+            continue
+        opcodes.append(instruction.group(1))
+        branch = SASS_BRANCH.search(line)
+        if branch and instruction.group(1) == "BRA" and branch.group(1) in labels:
+            body = opcodes[labels[branch.group(1)]:]
+            best = body if len(body) > len(best) else best
+    return Counter(best)
 
 
 def ptx_stats(ptx: str, arch: int) -> Dict[str, int]:
@@ -432,13 +473,14 @@ def toolchain() -> str:
             f"torch {torch.__version__}")
 
 
-def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout, kernels=("merge", "attention", "norm")
-           ) -> List[str]:
-    """Print the tables; return the failures that ``--check`` exits on."""
+def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout, kernels=("merge", "attention", "norm"),
+           loops: bool = False) -> List[str]:
+    """Print the tables; return the failures that ``--check`` exits on. With ``loops``, also the
+    attention kernels' tile loops in machine code (:func:`sass_loop`)."""
     print(f"Compiled with {toolchain()}", file=out)
     print(file=out)
     variants, steps = collect(models, batches, dtypes, kernels)
-    failures = []
+    failures, loop_rows = [], []
     print("| kernel | dtype | variant | used at | programs B1 | programs B32 | sm | regs | spill B | smem B "
           "| widest access | scalar 16-bit |", file=out)
     print("|---" * 12 + "|", file=out)
@@ -456,11 +498,20 @@ def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout, kernels=("merge
                   f"| sm_{arch} | {stats['regs']} | {stats['spill']} | {smem} | {stats['widest']} bit "
                   f"| {stats['scalar16']} |", file=out, flush=True)
             label = f"{name} {v['dtype']} [{describe(launch)}] sm_{arch}"
+            if loops and name.startswith("_attention"):
+                ops = sass_loop(compiled.asm["cubin"])
+                loop_rows.append(f"| {name} | {v['dtype']} | {describe(launch)} | sm_{arch} | {sum(ops.values())} "
+                                 f"| {ops['MUFU']} | {sum(n for op, n in ops.items() if op in TENSOR_OPS)} |")
             if stats["spill"]:
                 failures.append(f"{label}: {stats['spill']} bytes of spills")
             if v["dtype"] in ("fp16", "bf16") and stats["scalar16"]:
                 failures.append(f"{label}: {stats['scalar16']} scalar 16-bit global accesses")
     print(file=out)
+    if loop_rows:
+        print("| kernel | dtype | variant | sm | loop instructions | of them MUFU | tensor-core |", file=out)
+        print("|---" * 7 + "|", file=out)
+        print("\n".join(loop_rows), file=out)
+        print(file=out)
     if not steps:
         return failures
     print("| model | batch | dtype | merges | fwd launches / step | bwd launches / step | fwd allocations / step "
@@ -495,12 +546,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         choices=["merge", "attention", "norm"],
                         help="the merge steps' kernels, the attention kernels (every layer's), the residual adds "
                              "fused with the LayerNorm after them; default: all")
+    parser.add_argument("--loops", action="store_true",
+                        help="also print the attention kernels' tile loops in machine code (nvdisasm): instructions "
+                             "a warp issues per tile, special-function (MUFU) and tensor-core ones among them")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 on spills, scalar 16-bit global accesses or > 2 forward launches per step")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles")
-    failures = report(args.models, args.batches, args.dtypes, args.archs, kernels=args.kernels)
+    failures = report(args.models, args.batches, args.dtypes, args.archs, kernels=args.kernels, loops=args.loops)
     for f in failures:
         print("FAIL", f, file=sys.stderr)
     return 1 if args.check and failures else 0

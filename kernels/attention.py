@@ -27,9 +27,19 @@ masked loads. ``HEAD_ALIGN`` is a power of two that divides every head stride (i
 head dim itself for q, k and v read as views of one packed projection. Triton proves only
 divisibility by 16 of an integer argument, so without it the head offset of a head dim of 72, 88
 or 104 would make every q, k, v and dO load a scalar one. Every ``tl.dot`` accumulates in float32.
+
+A thread holds 16 keys of a 64-key tile, so what it does per key counts: the sizes' log is the
+hardware's ``lg2.approx`` (one instruction a key, :func:`_log2`), not libdevice's ``log2f``, which made
+the forward's loop over key tiles 2.4x as long as without a bias (``benchmarks.codegen --loops``).
 """
+import os
+
 import triton
 import triton.language as tl
+
+# Whether the kernels are compiled to PTX: False in the interpreter, which is chosen before triton is
+# imported (see _log2).
+PTX_LOG2 = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 
 @triton.jit
@@ -49,13 +59,27 @@ def _tile(ptr, offs_t, offs_d, stride_t, N, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _log2(x):
+    """``log2`` of float32 ``x``. On a GPU the hardware's approximation (``lg2.approx.ftz.f32``, one
+    special-function instruction; absolute error about ``2**-22``, a subnormal ``x`` flushed to 0 and so
+    ``-inf``), where ``tl.log2`` is libdevice's ``log2f``: about 25 instructions and a branch, taken for
+    every key a thread holds in every key tile. The interpreter runs no PTX and takes ``tl.log2``."""
+    if PTX_LOG2:
+        y = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        y = tl.log2(x)
+    return y
+
+
+@triton.jit
 def _key_bias(bias_ptr, offs_n, stride_bn, N, HAS_BIAS: tl.constexpr, LOG_BIAS: tl.constexpr):
     """Bias of keys ``offs_n`` in log2 units; ``-inf`` past the last key, so padding gets no weight.
     With ``LOG_BIAS`` the kernel reads the sizes and takes their log itself."""
     LOG2E: tl.constexpr = 1.4426950408889634
     valid = offs_n < N
     if HAS_BIAS and LOG_BIAS:
-        b = tl.log2(tl.load(bias_ptr + offs_n * stride_bn, mask=valid, other=1.0).to(tl.float32))
+        b = _log2(tl.load(bias_ptr + offs_n * stride_bn, mask=valid, other=1.0).to(tl.float32))
     elif HAS_BIAS:
         b = tl.load(bias_ptr + offs_n * stride_bn, mask=valid, other=0.0).to(tl.float32) * LOG2E
     else:
@@ -68,11 +92,12 @@ def _key_tiles(q, k_base, v_base, bias_base, offs_n, offs_d, stride_kn, stride_v
                HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, LOG_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
                PRECISION: tl.constexpr):
     """K and V tiles of keys ``offs_n`` and the logits of queries ``q`` against them (log2 units, bias
-    added, ``-inf`` past the last key)."""
+    added by the same fused multiply-add in every pass, ``-inf`` past the last key)."""
     k = _tile(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM)
     v = _tile(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM)
-    s = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * QK_SCALE
-    return k, v, s + _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS, LOG_BIAS)[None, :]
+    s = _dot(q, tl.trans(k), DOT_FP32, PRECISION)
+    b = _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS, LOG_BIAS)
+    return k, v, tl.fma(s, QK_SCALE, tl.broadcast_to(b[None, :], s.shape))
 
 
 @triton.jit(do_not_specialize=["M", "N"])
@@ -225,7 +250,8 @@ def _attention_bwd_kernel(
             lse = tl.load(lse_ptr + query_base + offs_m, mask=mask_m, other=float("inf"))
             delta = tl.load(delta_ptr + query_base + offs_m, mask=mask_m, other=0.0)
             # Transposed tiles (keys x queries), so every product below reduces over a loaded axis.
-            s_t = _dot(k, tl.trans(q), DOT_FP32, PRECISION) * QK_SCALE + key_bias[:, None]
+            s_t = tl.fma(_dot(k, tl.trans(q), DOT_FP32, PRECISION), QK_SCALE,
+                         tl.broadcast_to(key_bias[:, None], (BLOCK_N, BLOCK_M)))
             p_t = tl.exp2(s_t - lse[None, :])
             dv += _dot(p_t.to(do.dtype), do, DOT_FP32, PRECISION)
             dp_t = _dot(v, tl.trans(do), DOT_FP32, PRECISION)

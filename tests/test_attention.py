@@ -174,6 +174,32 @@ def test_inference_takes_the_log_in_the_kernel(device, nan_outputs, dtype, size_
     assert_close_to([plain], truth(q, k, v, None, grad)[:1], dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_the_kernels_log_of_the_sizes_over_their_range(device, nan_outputs, dtype):
+    """Inference takes ``log(size)`` in the kernel (on a GPU by the hardware's ``lg2.approx``, in the
+    interpreter by ``tl.log2``). Sizes from 0 (the key gets no weight) through small fractions to ``1e30``
+    (the key takes all of it), over two key tiles, give the float64 reference's output. Runs on the GPU too."""
+    q, k, v, _, grad = make_inputs(3, 2, 70, 64, dtype, device, seed=5)
+    g = torch.Generator().manual_seed(6)
+    size = torch.empty(3, 70, 1)
+    size[0].uniform_(-9, -4, generator=g).exp_()  # 1.2e-4 .. 1.8e-2: a key of size 0 given 1e-3 would show
+    size[1].uniform_(-9, 9, generator=g).exp_()  # 1.2e-4 .. 8.1e3
+    size[2].uniform_(0, 3, generator=g).exp_()
+    size[0, 3] = size[0, 66] = size[2, 0] = 0.0  # in both tiles, and the first key of a row
+    size[2, 40] = 1e30
+    size = size.to(device)
+    with torch.no_grad():
+        out = candidate("triton")(q, k, v, size)
+    want = truth(q, k, v, size, grad)[:1]
+    assert_close_to([out], want, dtype)
+    # What the reference gives there: the keys of size 0 left out, the key of size 1e30 all its row sees.
+    keep = [i for i in range(70) if i not in (3, 66)]
+    q0, k0, v0 = (t[:1].double() for t in (q, k, v))
+    dropped = reference.attention(q0, k0[:, :, keep], v0[:, :, keep], size[:1, keep].double(), "eager")
+    assert (want[0][:1] - dropped).abs().max() < 1e-12
+    assert (want[0][2] - v[2, :, 40:41].double()).abs().max() < 1e-6
+
+
 @pytest.mark.interpreter
 def test_sizes_matter_more_than_the_tolerance(device):
     """The comparisons above could not pass with the bias ignored."""

@@ -25,13 +25,14 @@ def vit_b32_report():
 
     if not hasattr(jit, "create_function_from_signature") or not hasattr(jit.JITFunction, "_pack_args"):
         pytest.skip("this Triton lacks the binder API benchmarks.codegen compiles through")
-    return _codegen("--models", "ViT-B-32", "--dtypes", "bf16", "--archs", "90", "--check")
+    return _codegen("--models", "ViT-B-32", "--dtypes", "bf16", "--archs", "90", "--check", "--loops")
 
 
 def test_no_spills_no_scalar_16bit_access_two_forward_launches(vit_b32_report):
     done = vit_b32_report
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| _")]
+    rows = [row for row in rows if len(row) == 12]  # (not the attention loops' table, of 7 columns)
     kernels = {row[0].strip() for row in rows}
     assert kernels == {"_best_match_fwd_kernel", "_merge_fwd_kernel", "_merge_bwd_kernel", "_attention_fwd_kernel",
                        "_attention_bwd_kernel", "_add_norm_fwd_kernel"}, kernels
@@ -73,6 +74,26 @@ def test_no_spills_no_scalar_16bit_access_two_forward_launches(vit_b32_report):
         assert plan == "count" and steps <= 6, p
         grouping, stages = p[9].split()[:2]
         assert grouping == "sort" and 0 < int(stages) <= 21, p
+
+
+def test_the_size_bias_costs_the_attention_forward_few_instructions(vit_b32_report):
+    """The biased forward's loop over key tiles, in machine code, within 1.5x the instructions of the
+    unbiased one's. Each thread holds 16 keys of a 64-key tile, and libdevice's ``log2f`` of their sizes
+    (``tl.log2``) made that loop 2.4x as long (888 and 988 instructions against 416 and 410, triton 3.8
+    and 3.6): the kernel was bound by issuing it. ``lg2.approx`` is one instruction a key."""
+    done = vit_b32_report
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    loops = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| _attention")]
+    loops = [[c.strip() for c in row] for row in loops if len(row) == 7]
+    forward = {}
+    for kernel, _, variant, sm, instructions, mufu, tensor in loops:
+        if kernel == "_attention_fwd_kernel" and "HEAD_DIM=64 " in variant and "STORE_LSE=0" in variant:
+            forward[variant.split("HAS_BIAS=")[1][0]] = int(instructions), int(mufu), int(tensor)
+    assert set(forward) == {"0", "1"}, loops
+    (plain, plain_mufu, tensor), (biased, biased_mufu, biased_tensor) = forward["0"], forward["1"]
+    assert tensor == biased_tensor > 0, forward  # the loop found is the one with the products
+    assert biased <= 1.5 * plain, forward
+    assert biased_mufu <= plain_mufu + 16, forward  # one log a key the thread holds
 
 
 def test_check_fails_on_a_spill(monkeypatch, capsys):
