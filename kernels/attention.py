@@ -28,18 +28,12 @@ head dim itself for q, k and v read as views of one packed projection. Triton pr
 divisibility by 16 of an integer argument, so without it the head offset of a head dim of 72, 88
 or 104 would make every q, k, v and dO load a scalar one. Every ``tl.dot`` accumulates in float32.
 
-A thread holds 16 keys of a 64-key tile, so what it does per key counts: the sizes' log is the
-hardware's ``lg2.approx`` (one instruction a key, :func:`_log2`), not libdevice's ``log2f``, which made
+A thread holds 16 keys of a 64-key tile, so what it does per key counts: on an NVIDIA GPU the sizes' log
+is the hardware's ``lg2.approx`` (one instruction a key, :func:`_log2`), not libdevice's ``log2f``, which made
 the forward's loop over key tiles 2.4x as long as without a bias (``benchmarks.codegen --loops``).
 """
-import os
-
 import triton
 import triton.language as tl
-
-# Whether the kernels are compiled to PTX: False in the interpreter, which is chosen before triton is
-# imported (see _log2).
-PTX_LOG2 = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 
 @triton.jit
@@ -59,12 +53,13 @@ def _tile(ptr, offs_t, offs_d, stride_t, N, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _log2(x):
-    """``log2`` of float32 ``x``. On a GPU the hardware's approximation (``lg2.approx.ftz.f32``, one
-    special-function instruction; absolute error about ``2**-22``, a subnormal ``x`` flushed to 0 and so
-    ``-inf``), where ``tl.log2`` is libdevice's ``log2f``: about 25 instructions and a branch, taken for
-    every key a thread holds in every key tile. The interpreter runs no PTX and takes ``tl.log2``."""
-    if PTX_LOG2:
+def _log2(x, FAST_LOG: tl.constexpr):
+    """``log2`` of float32 ``x``. With ``FAST_LOG`` (an NVIDIA GPU) the hardware's approximation
+    (``lg2.approx.ftz.f32``, one special-function instruction; absolute error about ``2**-22``, a subnormal
+    ``x`` flushed to 0 and so ``-inf``), where ``tl.log2`` is libdevice's ``log2f``: about 25 instructions and
+    a branch, taken for every key a thread holds in every key tile. The interpreter runs no PTX and takes
+    ``tl.log2``."""
+    if FAST_LOG:
         y = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
                                       pack=1)
     else:
@@ -73,13 +68,14 @@ def _log2(x):
 
 
 @triton.jit
-def _key_bias(bias_ptr, offs_n, stride_bn, N, HAS_BIAS: tl.constexpr, LOG_BIAS: tl.constexpr):
+def _key_bias(bias_ptr, offs_n, stride_bn, N, HAS_BIAS: tl.constexpr, LOG_BIAS: tl.constexpr,
+              FAST_LOG: tl.constexpr):
     """Bias of keys ``offs_n`` in log2 units; ``-inf`` past the last key, so padding gets no weight.
     With ``LOG_BIAS`` the kernel reads the sizes and takes their log itself."""
     LOG2E: tl.constexpr = 1.4426950408889634
     valid = offs_n < N
     if HAS_BIAS and LOG_BIAS:
-        b = _log2(tl.load(bias_ptr + offs_n * stride_bn, mask=valid, other=1.0).to(tl.float32))
+        b = _log2(tl.load(bias_ptr + offs_n * stride_bn, mask=valid, other=1.0).to(tl.float32), FAST_LOG)
     elif HAS_BIAS:
         b = tl.load(bias_ptr + offs_n * stride_bn, mask=valid, other=0.0).to(tl.float32) * LOG2E
     else:
@@ -90,13 +86,13 @@ def _key_bias(bias_ptr, offs_n, stride_bn, N, HAS_BIAS: tl.constexpr, LOG_BIAS: 
 @triton.jit
 def _key_tiles(q, k_base, v_base, bias_base, offs_n, offs_d, stride_kn, stride_vn, stride_bn, N, QK_SCALE,
                HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, LOG_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
-               PRECISION: tl.constexpr):
+               PRECISION: tl.constexpr, FAST_LOG: tl.constexpr):
     """K and V tiles of keys ``offs_n`` and the logits of queries ``q`` against them (log2 units, bias
     added by the same fused multiply-add in every pass, ``-inf`` past the last key)."""
     k = _tile(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM)
     v = _tile(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM)
     s = _dot(q, tl.trans(k), DOT_FP32, PRECISION)
-    b = _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS, LOG_BIAS)
+    b = _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS, LOG_BIAS, FAST_LOG)
     return k, v, tl.fma(s, QK_SCALE, tl.broadcast_to(b[None, :], s.shape))
 
 
@@ -126,6 +122,7 @@ def _attention_fwd_kernel(
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
     HEAD_ALIGN: tl.constexpr,  # a power of two dividing stride_qh, stride_kh and stride_vh
+    FAST_LOG: tl.constexpr,  # the sizes' log by the hardware's lg2.approx (an NVIDIA GPU; see _log2)
 ):
     # Query tiles of one (clip, head) are adjacent in the grid, so their K and V stay in L2.
     bh = tl.program_id(1)
@@ -144,7 +141,8 @@ def _attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         _, v, s = _key_tiles(q, k_base, v_base, bias_base, start + tl.arange(0, BLOCK_N), offs_d, stride_kn,
-                             stride_vn, stride_bn, N, QK_SCALE, HEAD_DIM, HAS_BIAS, LOG_BIAS, DOT_FP32, PRECISION)
+                             stride_vn, stride_bn, N, QK_SCALE, HEAD_DIM, HAS_BIAS, LOG_BIAS, DOT_FP32, PRECISION,
+                             FAST_LOG)
         # Every query sees key 0 in the first tile, so m_new is finite from there on.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -198,6 +196,7 @@ def _attention_bwd_kernel(
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
     HEAD_ALIGN: tl.constexpr,  # a power of two dividing the head strides: stride_qh, ..., stride_dh, stride_g*h
+    FAST_LOG: tl.constexpr,  # as the forward's
 ):
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -223,7 +222,8 @@ def _attention_bwd_kernel(
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             k, v, s = _key_tiles(q, k_base, v_base, bias_base, start + tl.arange(0, BLOCK_N), offs_d, stride_kn,
-                                 stride_vn, stride_bn, N, QK_SCALE, HEAD_DIM, HAS_BIAS, LOG_BIAS, DOT_FP32, PRECISION)
+                                 stride_vn, stride_bn, N, QK_SCALE, HEAD_DIM, HAS_BIAS, LOG_BIAS, DOT_FP32,
+                                 PRECISION, FAST_LOG)
             p = tl.exp2(s - lse[:, None])
             dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
             ds = p * (dp - delta[:, None])
@@ -237,7 +237,7 @@ def _attention_bwd_kernel(
         mask_n = offs_n < N
         k = _tile(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM)
         v = _tile(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM)
-        key_bias = _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS, LOG_BIAS)
+        key_bias = _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS, LOG_BIAS, FAST_LOG)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dbias = tl.zeros([BLOCK_N], dtype=tl.float32)

@@ -200,6 +200,24 @@ def test_the_kernels_log_of_the_sizes_over_their_range(device, nan_outputs, dtyp
     assert (want[0][2] - v[2, :, 40:41].double()).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("hip", [None, "6.2"], ids=["nvidia", "rocm"])
+def test_the_fast_log_is_asked_for_on_nvidia_gpus_only(monkeypatch, hip):
+    """``FAST_LOG`` (inline PTX ``lg2.approx``) goes to the attention kernels where they compile for an NVIDIA
+    GPU; ROCm and the interpreter get ``tl.log2``. Launches stubbed (``benchmarks.host.gpu_like``), recorded."""
+    from benchmarks import host
+
+    monkeypatch.setattr(torch.version, "hip", hip)
+    q, k, v, size, grad = make_inputs(2, 2, 17, 64, torch.float16, "cpu")
+    counts = host.Counts()
+    with host.gpu_like(counts):
+        candidate("triton")(q, k, v, size)
+        forward_backward(candidate("triton"), q, k, v, size, grad)
+    launches = [kwargs for kernel, _, _, kwargs, _ in counts.calls if kernel.fn.__name__.startswith("_attention")]
+    assert len(launches) == 4  # inference forward; training forward, dQ and dK/dV passes
+    assert {kw["FAST_LOG"] for kw in launches} == {hip is None}
+    assert triton_attention._constexprs(q)["FAST_LOG"] is (not triton_attention._interpreting() and hip is None)
+
+
 @pytest.mark.interpreter
 def test_sizes_matter_more_than_the_tolerance(device):
     """The comparisons above could not pass with the bias ignored."""

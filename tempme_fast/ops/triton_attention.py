@@ -81,9 +81,11 @@ def block_config(head_dim: int, tokens: int, backward: bool = False, fp32: bool 
 
 
 def _constexprs(q: torch.Tensor) -> dict:
-    # Full-precision products for float32 inputs (the reference does not use TF32 either).
+    # Full-precision products for float32 inputs (the reference does not use TF32 either). FAST_LOG: the
+    # sizes' log by NVIDIA's lg2.approx instruction (inline PTX), not on ROCm and not in the interpreter.
     return {"DOT_FP32": _interpreting() and q.dtype != torch.float32,
-            "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}
+            "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+            "FAST_LOG": not _interpreting() and torch.version.hip is None}
 
 
 def _launch_options(block_d: int, fp32: bool) -> dict:
