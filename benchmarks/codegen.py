@@ -255,9 +255,10 @@ SASS_BRANCH = re.compile(r"\bBRA\b.*?\.?(L_x_\d+)")
 
 def sass_loop(cubin: bytes) -> Counter:
     """Opcodes of the longest loop in a kernel's machine code (``nvdisasm`` of the cubin): the
-    instructions from a label to the branch back to it, counted once, as one trip of the loop runs them.
-    For the attention kernels that is the walk over key (or query) tiles, so its length is the
-    instructions a warp issues per tile."""
+    instructions from a label to the branch back to it, counted once, as one trip of the loop runs them
+    (a kernel without a loop has 1: the branch to itself that follows its exit). For the attention kernels that is the walk over key (or query)
+    tiles, so its length is the instructions a warp issues per tile; for the merge forward, per source
+    gathered; for the match, per tile of B tokens."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
@@ -475,8 +476,8 @@ def toolchain() -> str:
 
 def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout, kernels=("merge", "attention", "norm"),
            loops: bool = False) -> List[str]:
-    """Print the tables; return the failures that ``--check`` exits on. With ``loops``, also the
-    attention kernels' tile loops in machine code (:func:`sass_loop`)."""
+    """Print the tables; return the failures that ``--check`` exits on. With ``loops``, also each
+    variant's main loop in machine code (:func:`sass_loop`)."""
     print(f"Compiled with {toolchain()}", file=out)
     print(file=out)
     variants, steps = collect(models, batches, dtypes, kernels)
@@ -498,7 +499,7 @@ def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout, kernels=("merge
                   f"| sm_{arch} | {stats['regs']} | {stats['spill']} | {smem} | {stats['widest']} bit "
                   f"| {stats['scalar16']} |", file=out, flush=True)
             label = f"{name} {v['dtype']} [{describe(launch)}] sm_{arch}"
-            if loops and name.startswith("_attention"):
+            if loops:
                 ops = sass_loop(compiled.asm["cubin"])
                 loop_rows.append(f"| {name} | {v['dtype']} | {describe(launch)} | sm_{arch} | {sum(ops.values())} "
                                  f"| {ops['MUFU']} | {sum(n for op, n in ops.items() if op in TENSOR_OPS)} |")
@@ -547,8 +548,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="the merge steps' kernels, the attention kernels (every layer's), the residual adds "
                              "fused with the LayerNorm after them; default: all")
     parser.add_argument("--loops", action="store_true",
-                        help="also print the attention kernels' tile loops in machine code (nvdisasm): instructions "
-                             "a warp issues per tile, special-function (MUFU) and tensor-core ones among them")
+                        help="also print each variant's main loop in machine code (nvdisasm): the instructions a "
+                             "warp issues per trip (an attention tile, a merge source, a match tile), the "
+                             "special-function (MUFU) and tensor-core ones among them")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 on spills, scalar 16-bit global accesses or > 2 forward launches per step")
     args = parser.parse_args(argv)

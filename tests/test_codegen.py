@@ -96,6 +96,23 @@ def test_the_size_bias_costs_the_attention_forward_few_instructions(vit_b32_repo
     assert biased_mufu <= plain_mufu + 16, forward  # one log a key the thread holds
 
 
+def test_a_merge_without_a_join_divides_nothing_per_source(vit_b32_report):
+    """The merge forward's loop over sources maps each source to its clip and token. Without a join (GROUP 1,
+    specialised into the code) that is the identity: no integer division (about 20 instructions, a
+    special-function reciprocal among them) in the loop, which was 441-546 instructions a source (16-bit,
+    triton 3.8) and is about 225, shorter than a join's (about 320), which still divides."""
+    done = vit_b32_report
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    loops = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
+             if line.startswith("| _merge_fwd_kernel")]
+    loops = [(row[2], int(row[4]), int(row[5])) for row in loops if len(row) == 7]
+    plain = [(n, mufu) for variant, n, mufu in loops if "GROUP=1 " in variant]
+    joins = [n for variant, n, _ in loops if "GROUP=1 " not in variant]
+    assert plain and joins, loops
+    assert all(mufu == 0 for _, mufu in plain), loops
+    assert max(n for n, _ in plain) < min(joins), loops
+
+
 def test_check_fails_on_a_spill(monkeypatch, capsys):
     """``--check`` is not a rubber stamp: a spill reported by ptxas fails it."""
     from benchmarks import codegen
