@@ -12,6 +12,8 @@ its merge launch (``NORM=1``); attention runs on token-major views of the packed
 the size bias from the first merge on, at every layer of the schedules and at the head dims of
 larger open_clip ViTs (``OTHER_HEAD_DIMS``); every residual add that takes the LayerNorm after it
 (``ops.add_norm``) runs at its shape and layout. ``--kernels merge``, ``attention`` or ``norm`` narrows it.
+``--loops`` adds each variant's main loop in machine code (``nvdisasm``, bundled with Triton): the
+instructions a warp issues per trip, the special-function and tensor-core ones among them.
 
 ``--check`` exits non-zero on a spill, on a scalar 16-bit global access in a kernel that moves
 16-bit features, on more than 2 forward launches per merge step, or on more than one allocation
@@ -256,9 +258,9 @@ SASS_BRANCH = re.compile(r"\bBRA\b.*?\.?(L_x_\d+)")
 def sass_loop(cubin: bytes) -> Counter:
     """Opcodes of the longest loop in a kernel's machine code (``nvdisasm`` of the cubin): the
     instructions from a label to the branch back to it, counted once, as one trip of the loop runs them
-    (a kernel without a loop has 1: the branch to itself that follows its exit). For the attention kernels that is the walk over key (or query)
-    tiles, so its length is the instructions a warp issues per tile; for the merge forward, per source
-    gathered; for the match, per tile of B tokens."""
+    (a kernel without a loop has 1: the branch to itself that follows its exit). For the attention
+    kernels that is the walk over key (or query) tiles, so its length is the instructions a warp issues
+    per tile; for the merge forward, per source gathered; for the match, per tile of B tokens."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
