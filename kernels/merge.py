@@ -74,8 +74,11 @@ def _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, src_at, has, row, offs_d, ma
     xa = _token_rows(x_ptr, res_ptr, a_clip, a_tok, offs_d, mask_a, stride_xb, stride_xn, stride_xd, stride_rb,
                      stride_rn, stride_rd, HAS_RES).to(ACC)
     if HAS_POS:
-        xa += tl.load((pos_ptr + (a_clip % CLIPS) * stride_pc)[:, None] + offs_d[None, :], mask=mask_a,
-                      other=0.0).to(ACC)
+        # The source's clip within its video: a_clip % CLIPS, which is (row * GROUP) % CLIPS plus the source's
+        # clip within the join (a join's clips are of one video: check_join), so the modulo by a count known
+        # at run time is one for all the program's sources, not one each.
+        frame = (row * GROUP) % CLIPS + (a_clip - row * GROUP)
+        xa += tl.load((pos_ptr + frame * stride_pc)[:, None] + offs_d[None, :], mask=mask_a, other=0.0).to(ACC)
     return size, xa
 
 
