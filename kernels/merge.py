@@ -62,6 +62,16 @@ def _merge_index_kernel(
 
 
 @triton.jit
+def _pos_rows(pos_ptr, row, clip, offs_d, mask, GROUP, CLIPS, stride_pc):
+    """Feature slice ``offs_d`` of the temporal position embedding of input clips ``clip`` of joined clip
+    ``row`` (0 where not ``mask``). A clip's place in its video is ``clip % CLIPS``; a join's ``GROUP`` clips
+    are of one video (``check_join`` requires it), so that is ``(row * GROUP) % CLIPS``, one for the program,
+    plus the clip's place in the join: no modulo a token (or a source) by a count known only at run time."""
+    frame = (row * GROUP) % CLIPS + (clip - row * GROUP)
+    return tl.load((pos_ptr + frame * stride_pc)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, src_at, has, row, offs_d, mask_d, A_START, GROUP, C_IN, N_IN,
                  CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd, stride_sb, stride_sn,
                  stride_pc, ACC: tl.constexpr, HAS_RES: tl.constexpr, HAS_POS: tl.constexpr):
@@ -74,11 +84,7 @@ def _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, src_at, has, row, offs_d, ma
     xa = _token_rows(x_ptr, res_ptr, a_clip, a_tok, offs_d, mask_a, stride_xb, stride_xn, stride_xd, stride_rb,
                      stride_rn, stride_rd, HAS_RES).to(ACC)
     if HAS_POS:
-        # The source's clip within its video: a_clip % CLIPS, which is (row * GROUP) % CLIPS plus the source's
-        # clip within the join (a join's clips are of one video: check_join), so the modulo by a count known
-        # at run time is one for all the program's sources, not one each.
-        frame = (row * GROUP) % CLIPS + (a_clip - row * GROUP)
-        xa += tl.load((pos_ptr + frame * stride_pc)[:, None] + offs_d[None, :], mask=mask_a, other=0.0).to(ACC)
+        xa += _pos_rows(pos_ptr, row, a_clip, offs_d, mask_a, GROUP, CLIPS, stride_pc).to(ACC)
     return size, xa
 
 
@@ -96,8 +102,7 @@ def _merge_sums(x_ptr, res_ptr, size_ptr, pos_ptr, src_row, row, clip, tok, mask
     x_self = _token_rows(x_ptr, res_ptr, clip, tok, offs_d, mask, stride_xb, stride_xn, stride_xd, stride_rb,
                          stride_rn, stride_rd, HAS_RES).to(ACC)
     if HAS_POS:
-        x_self += tl.load((pos_ptr + (clip % CLIPS) * stride_pc)[:, None] + offs_d[None, :],
-                          mask=mask, other=0.0).to(ACC)
+        x_self += _pos_rows(pos_ptr, row, clip, offs_d, mask, GROUP, CLIPS, stride_pc).to(ACC)
     s_total = s_self
     acc = x_self * s_self[:, None]
     if SRC_BLOCK > 0:
@@ -246,8 +251,7 @@ def _merge_fwd_kernel(
         y = _token_rows(x_ptr, res_ptr, clip, tok, offs_d, mask_c, stride_xb, stride_xn, stride_xd, stride_rb,
                         stride_rn, stride_rd, HAS_RES)
         if HAS_POS:
-            y = y.to(ACC) + tl.load((pos_ptr + (clip % CLIPS) * stride_pc)[:, None] + offs_d[None, :],
-                                    mask=mask_c, other=0.0).to(ACC)
+            y = y.to(ACC) + _pos_rows(pos_ptr, row, clip, offs_d, mask_c, GROUP, CLIPS, stride_pc).to(ACC)
         y = y.to(out_ptr.dtype.element_ty)
         out_rows = out_ptr + row * N_OUT * D + offs_t.to(tl.int64) * D
         tl.store(out_rows[:, None] + offs_d[None, :], y, mask=mask_c)
