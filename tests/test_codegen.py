@@ -76,6 +76,13 @@ def test_no_spills_no_scalar_16bit_access_two_forward_launches(vit_b32_report):
         assert grouping == "sort" and 0 < int(stages) <= 21, p
 
 
+def _loop_rows(report: str, kernel: str):
+    """``(variant, loop instructions, MUFU, tensor-core)`` of ``kernel``'s rows in the ``--loops`` table."""
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in report.splitlines()
+            if line.startswith(f"| {kernel} ")]
+    return [(row[2], int(row[4]), int(row[5]), int(row[6])) for row in rows if len(row) == 7]
+
+
 def test_the_size_bias_costs_the_attention_forward_few_instructions(vit_b32_report):
     """The biased forward's loop over key tiles, in machine code, within 1.5x the instructions of the
     unbiased one's. Each thread holds 16 keys of a 64-key tile, and libdevice's ``log2f`` of their sizes
@@ -83,12 +90,11 @@ def test_the_size_bias_costs_the_attention_forward_few_instructions(vit_b32_repo
     and 3.6): the kernel was bound by issuing it. ``lg2.approx`` is one instruction a key."""
     done = vit_b32_report
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    loops = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| _attention")]
-    loops = [[c.strip() for c in row] for row in loops if len(row) == 7]
+    loops = _loop_rows(done.stdout, "_attention_fwd_kernel")
     forward = {}
-    for kernel, _, variant, sm, instructions, mufu, tensor in loops:
-        if kernel == "_attention_fwd_kernel" and "HEAD_DIM=64 " in variant and "STORE_LSE=0" in variant:
-            forward[variant.split("HAS_BIAS=")[1][0]] = int(instructions), int(mufu), int(tensor)
+    for variant, instructions, mufu, tensor in loops:
+        if "HEAD_DIM=64 " in variant and "STORE_LSE=0" in variant:
+            forward[variant.split("HAS_BIAS=")[1][0]] = instructions, mufu, tensor
     assert set(forward) == {"0", "1"}, loops
     (plain, plain_mufu, tensor), (biased, biased_mufu, biased_tensor) = forward["0"], forward["1"]
     assert tensor == biased_tensor > 0, forward  # the loop found is the one with the products
@@ -103,11 +109,9 @@ def test_a_merge_without_a_join_divides_nothing_per_source(vit_b32_report):
     triton 3.8) and is about 225, shorter than a join's (about 320), which still divides."""
     done = vit_b32_report
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    loops = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
-             if line.startswith("| _merge_fwd_kernel")]
-    loops = [(row[2], int(row[4]), int(row[5])) for row in loops if len(row) == 7]
-    plain = [(n, mufu) for variant, n, mufu in loops if "GROUP=1 " in variant]
-    joins = [n for variant, n, _ in loops if "GROUP=1 " not in variant]
+    loops = _loop_rows(done.stdout, "_merge_fwd_kernel")
+    plain = [(n, mufu) for variant, n, mufu, _ in loops if "GROUP=1 " in variant]
+    joins = [n for variant, n, _, _ in loops if "GROUP=1 " not in variant]
     assert plain and joins, loops
     assert all(mufu == 0 for _, mufu in plain), loops
     assert max(n for n, _ in plain) < min(joins), loops
