@@ -13,7 +13,8 @@ the size bias from the first merge on, at every layer of the schedules and at th
 larger open_clip ViTs (``OTHER_HEAD_DIMS``); every residual add that takes the LayerNorm after it
 (``ops.add_norm``) runs at its shape and layout. ``--kernels merge``, ``attention`` or ``norm`` narrows it.
 ``--loops`` adds each variant's main loop in machine code (``nvdisasm``, bundled with Triton): the
-instructions a warp issues per trip, the special-function and tensor-core ones among them.
+instructions a warp issues per trip, the special-function, tensor-core and select (``FSEL``, ``SEL``: a
+mask applied to values) ones among them (for the attention kernels, the loop over full tiles).
 
 ``--check`` exits non-zero on a spill, on a scalar 16-bit global access in a kernel that moves
 16-bit features, on more than 2 forward launches per merge step, or on more than one allocation
@@ -255,12 +256,14 @@ TENSOR_OPS = ("HGMMA", "HMMA")
 SASS_BRANCH = re.compile(r"\bBRA\b.*?\.?(L_x_\d+)")
 
 
-def sass_loop(cubin: bytes) -> Counter:
-    """Opcodes of the longest loop in a kernel's machine code (``nvdisasm`` of the cubin): the
-    instructions from a label to the branch back to it, counted once, as one trip of the loop runs them
-    (a kernel without a loop has 1: the branch to itself that follows its exit). For the attention
-    kernels that is the walk over key (or query) tiles, so its length is the instructions a warp issues
-    per tile; for the merge forward, per source gathered; for the match, per tile of B tokens."""
+def sass_loop(cubin: bytes, first: bool = False) -> Counter:
+    """Opcodes of the longest loop in a kernel's machine code (``nvdisasm`` of the cubin), or with
+    ``first`` of the first one: the instructions from a label to the branch back to it, counted once, as
+    one trip of the loop runs them (a kernel without a loop has 1: the branch to itself that follows its
+    exit). For the attention kernels that is the walk over key (or query) tiles: the first loop, over the
+    full tiles, whose loads take no mask (a second loop of at most one trip takes the partial last tile).
+    Its length is the instructions a warp issues per tile; for the merge forward, per source gathered;
+    for the match, per tile of B tokens."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
@@ -280,6 +283,8 @@ def sass_loop(cubin: bytes) -> Counter:
         branch = SASS_BRANCH.search(line)
         if branch and instruction.group(1) == "BRA" and branch.group(1) in labels:
             body = opcodes[labels[branch.group(1)]:]
+            if first:
+                return Counter(body)
             best = body if len(body) > len(best) else best
     return Counter(best)
 
@@ -502,17 +507,18 @@ def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout, kernels=("merge
                   f"| {stats['scalar16']} |", file=out, flush=True)
             label = f"{name} {v['dtype']} [{describe(launch)}] sm_{arch}"
             if loops:
-                ops = sass_loop(compiled.asm["cubin"])
+                ops = sass_loop(compiled.asm["cubin"], first=name.startswith("_attention"))
                 loop_rows.append(f"| {name} | {v['dtype']} | {describe(launch)} | sm_{arch} | {sum(ops.values())} "
-                                 f"| {ops['MUFU']} | {sum(n for op, n in ops.items() if op in TENSOR_OPS)} |")
+                                 f"| {ops['MUFU']} | {sum(n for op, n in ops.items() if op in TENSOR_OPS)} "
+                                 f"| {ops['FSEL'] + ops['SEL']} |")
             if stats["spill"]:
                 failures.append(f"{label}: {stats['spill']} bytes of spills")
             if v["dtype"] in ("fp16", "bf16") and stats["scalar16"]:
                 failures.append(f"{label}: {stats['scalar16']} scalar 16-bit global accesses")
     print(file=out)
     if loop_rows:
-        print("| kernel | dtype | variant | sm | loop instructions | of them MUFU | tensor-core |", file=out)
-        print("|---" * 7 + "|", file=out)
+        print("| kernel | dtype | variant | sm | loop instructions | of them MUFU | tensor-core | selects |", file=out)
+        print("|---" * 8 + "|", file=out)
         print("\n".join(loop_rows), file=out)
         print(file=out)
     if not steps:

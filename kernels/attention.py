@@ -46,10 +46,16 @@ def _dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _tile(ptr, offs_t, offs_d, stride_t, N, HEAD_DIM: tl.constexpr):
-    """Load rows ``offs_t`` (``< N``) and channels ``offs_d`` (``< HEAD_DIM``) of a unit-stride tile, 0 elsewhere."""
-    mask = (offs_t < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    return tl.load(ptr + offs_t.to(tl.int64)[:, None] * stride_t + offs_d[None, :], mask=mask, other=0.0)
+def _tile(ptr, offs_t, offs_d, stride_t, N, HEAD_DIM: tl.constexpr, MASK_T: tl.constexpr = True):
+    """Load rows ``offs_t`` (``< N``) and channels ``offs_d`` (``< HEAD_DIM``) of a unit-stride tile, 0 elsewhere.
+    Without ``MASK_T`` every row is known to be ``< N`` and the head dim to fill ``offs_d``: no mask."""
+    ptrs = ptr + offs_t.to(tl.int64)[:, None] * stride_t + offs_d[None, :]
+    if MASK_T:
+        x = tl.load(ptrs, mask=(offs_t < N)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    else:
+        tl.static_assert(offs_d.shape[0] == HEAD_DIM, "an unmasked tile needs an unpadded head dim")
+        x = tl.load(ptrs)
+    return x
 
 
 @triton.jit
@@ -67,33 +73,66 @@ def _log2(x, FAST_LOG: tl.constexpr):
     return y
 
 
+@triton.constexpr_function
+def _unmasked_tiles(dtype, HEAD_DIM, BLOCK_D):
+    """Whether the kernels walk their full tiles in a loop without masks (16-bit operands, unpadded head dim)."""
+    return HEAD_DIM == BLOCK_D and dtype != tl.float32
+
+
 @triton.jit
 def _key_bias(bias_ptr, offs_n, stride_bn, N, HAS_BIAS: tl.constexpr, LOG_BIAS: tl.constexpr,
-              FAST_LOG: tl.constexpr):
+              FAST_LOG: tl.constexpr, MASK_T: tl.constexpr = True):
     """Bias of keys ``offs_n`` in log2 units; ``-inf`` past the last key, so padding gets no weight.
-    With ``LOG_BIAS`` the kernel reads the sizes and takes their log itself."""
+    With ``LOG_BIAS`` the kernel reads the sizes and takes their log itself. Without ``MASK_T`` every key
+    is known to be ``< N``."""
     LOG2E: tl.constexpr = 1.4426950408889634
     valid = offs_n < N
-    if HAS_BIAS and LOG_BIAS:
-        b = _log2(tl.load(bias_ptr + offs_n * stride_bn, mask=valid, other=1.0).to(tl.float32), FAST_LOG)
-    elif HAS_BIAS:
-        b = tl.load(bias_ptr + offs_n * stride_bn, mask=valid, other=0.0).to(tl.float32) * LOG2E
+    if HAS_BIAS:
+        ptrs = bias_ptr + offs_n * stride_bn
+        if MASK_T:
+            b = tl.load(ptrs, mask=valid, other=1.0 if LOG_BIAS else 0.0).to(tl.float32)
+        else:
+            b = tl.load(ptrs).to(tl.float32)
+        if LOG_BIAS:
+            b = _log2(b, FAST_LOG)
+        else:
+            b = b * LOG2E
     else:
         b = tl.zeros(offs_n.shape, dtype=tl.float32)
-    return tl.where(valid, b, float("-inf"))
+    if MASK_T:
+        b = tl.where(valid, b, float("-inf"))
+    return b
 
 
 @triton.jit
 def _key_tiles(q, k_base, v_base, bias_base, offs_n, offs_d, stride_kn, stride_vn, stride_bn, N, QK_SCALE,
                HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, LOG_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
-               PRECISION: tl.constexpr, FAST_LOG: tl.constexpr):
+               PRECISION: tl.constexpr, FAST_LOG: tl.constexpr, MASK_T: tl.constexpr = True):
     """K and V tiles of keys ``offs_n`` and the logits of queries ``q`` against them (log2 units, bias
-    added by the same fused multiply-add in every pass, ``-inf`` past the last key)."""
-    k = _tile(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM)
-    v = _tile(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM)
+    added by the same fused multiply-add in every pass, ``-inf`` past the last key). ``MASK_T`` as
+    :func:`_tile`'s: a tile of keys all ``< N`` needs no mask on its loads and logits."""
+    k = _tile(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM, MASK_T)
+    v = _tile(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM, MASK_T)
     s = _dot(q, tl.trans(k), DOT_FP32, PRECISION)
-    b = _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS, LOG_BIAS, FAST_LOG)
+    b = _key_bias(bias_base, offs_n, stride_bn, N, HAS_BIAS, LOG_BIAS, FAST_LOG, MASK_T)
     return k, v, tl.fma(s, QK_SCALE, tl.broadcast_to(b[None, :], s.shape))
+
+
+@triton.jit
+def _softmax_tile(q, m_i, l_i, acc, k_base, v_base, bias_base, offs_n, offs_d, stride_kn, stride_vn, stride_bn, N,
+                  QK_SCALE, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, LOG_BIAS: tl.constexpr,
+                  DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, FAST_LOG: tl.constexpr, MASK_T: tl.constexpr):
+    """One key tile of the online softmax: the running maximum ``m_i``, sum ``l_i`` and output ``acc``
+    after keys ``offs_n``."""
+    _, v, s = _key_tiles(q, k_base, v_base, bias_base, offs_n, offs_d, stride_kn, stride_vn, stride_bn, N, QK_SCALE,
+                         HEAD_DIM, HAS_BIAS, LOG_BIAS, DOT_FP32, PRECISION, FAST_LOG, MASK_T)
+    # Every query sees key 0 in the first tile, so m_new is finite from there on.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32, PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit(do_not_specialize=["M", "N"])
@@ -124,6 +163,7 @@ def _attention_fwd_kernel(
     HEAD_ALIGN: tl.constexpr,  # a power of two dividing stride_qh, stride_kh and stride_vh
     FAST_LOG: tl.constexpr,  # the sizes' log by the hardware's lg2.approx (an NVIDIA GPU; see _log2)
 ):
+    UNMASKED_TILES: tl.constexpr = _unmasked_tiles(q_ptr.dtype.element_ty, HEAD_DIM, BLOCK_D)
     # Query tiles of one (clip, head) are adjacent in the grid, so their K and V stay in L2.
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -139,17 +179,24 @@ def _attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(0, N, BLOCK_N):
-        _, v, s = _key_tiles(q, k_base, v_base, bias_base, start + tl.arange(0, BLOCK_N), offs_d, stride_kn,
-                             stride_vn, stride_bn, N, QK_SCALE, HEAD_DIM, HAS_BIAS, LOG_BIAS, DOT_FP32, PRECISION,
-                             FAST_LOG)
-        # Every query sees key 0 in the first tile, so m_new is finite from there on.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32, PRECISION)
-        m_i = m_new
+    # The full key tiles without masks (no predicate a key on the loads and the logits), then the last,
+    # partial one: the same tiles in the same order as one masked loop, so the same bits. The partial tile
+    # is a loop of at most one trip, not straight code after the loop: as straight code its loads are
+    # independent of the loop, and the compiler kept them live through it (98 -> 238 registers in the dQ
+    # pass at head dim 104, 304 B of spills in the float32 forward; sm_90, triton 3.6). Only for 16-bit
+    # operands and an unpadded head dim (UNMASKED_TILES): with a padded one two loops spilled 16 B on sm_80
+    # (triton 3.8, 64 x 32 tiles of 8 warps), and float32 products saved 2% of their loop for 2-3x the registers.
+    n_full = 0
+    if UNMASKED_TILES:
+        n_full = N - N % BLOCK_N
+        for start in range(0, n_full, BLOCK_N):
+            m_i, l_i, acc = _softmax_tile(q, m_i, l_i, acc, k_base, v_base, bias_base, start + tl.arange(0, BLOCK_N),
+                                          offs_d, stride_kn, stride_vn, stride_bn, N, QK_SCALE, HEAD_DIM, HAS_BIAS,
+                                          LOG_BIAS, DOT_FP32, PRECISION, FAST_LOG, False)
+    for start in range(n_full, N, BLOCK_N):
+        m_i, l_i, acc = _softmax_tile(q, m_i, l_i, acc, k_base, v_base, bias_base, start + tl.arange(0, BLOCK_N),
+                                      offs_d, stride_kn, stride_vn, stride_bn, N, QK_SCALE, HEAD_DIM, HAS_BIAS,
+                                      LOG_BIAS, DOT_FP32, PRECISION, FAST_LOG, True)
     acc = acc / l_i[:, None]
     mask_m = offs_m < M
     if STORE_LSE:
@@ -157,6 +204,47 @@ def _attention_fwd_kernel(
     out_rows = out_ptr + ((b * M + offs_m.to(tl.int64)) * H + h) * HEAD_DIM
     tl.store(out_rows[:, None] + offs_d[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask_m[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _dq_tile(q, do, lse, delta, dq, k_base, v_base, bias_base, offs_n, offs_d, stride_kn, stride_vn, stride_bn, N,
+             QK_SCALE, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, LOG_BIAS: tl.constexpr,
+             DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, FAST_LOG: tl.constexpr, MASK_T: tl.constexpr):
+    """``dq`` plus the contribution of keys ``offs_n`` (the dQ pass; unscaled)."""
+    k, v, s = _key_tiles(q, k_base, v_base, bias_base, offs_n, offs_d, stride_kn, stride_vn, stride_bn, N, QK_SCALE,
+                         HEAD_DIM, HAS_BIAS, LOG_BIAS, DOT_FP32, PRECISION, FAST_LOG, MASK_T)
+    p = tl.exp2(s - lse[:, None])
+    dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.to(k.dtype), k, DOT_FP32, PRECISION)
+
+
+@triton.jit
+def _dkdv_tile(k, v, key_bias, dk, dv, dbias, q_base, do_base, lse_row, delta_row, offs_m, offs_d, stride_qn,
+               stride_dn, M, QK_SCALE, HEAD_DIM: tl.constexpr, BIAS_GRAD: tl.constexpr, DOT_FP32: tl.constexpr,
+               PRECISION: tl.constexpr, MASK_T: tl.constexpr):
+    """``dk`` (unscaled), ``dv`` and ``dbias`` plus the contributions of queries ``offs_m`` (the dK/dV pass)."""
+    q = _tile(q_base, offs_m, offs_d, stride_qn, M, HEAD_DIM, MASK_T)
+    do = _tile(do_base, offs_m, offs_d, stride_dn, M, HEAD_DIM, MASK_T)
+    if MASK_T:
+        # Padding queries get lse = +inf, so their probabilities are exactly 0.
+        mask_m = offs_m < M
+        lse = tl.load(lse_row + offs_m, mask=mask_m, other=float("inf"))
+        delta = tl.load(delta_row + offs_m, mask=mask_m, other=0.0)
+    else:
+        lse = tl.load(lse_row + offs_m)
+        delta = tl.load(delta_row + offs_m)
+    # Transposed tiles (keys x queries), so every product below reduces over a loaded axis.
+    s_t = tl.fma(_dot(k, tl.trans(q), DOT_FP32, PRECISION), QK_SCALE,
+                 tl.broadcast_to(key_bias[:, None], (k.shape[0], q.shape[0])))
+    p_t = tl.exp2(s_t - lse[None, :])
+    dv += _dot(p_t.to(do.dtype), do, DOT_FP32, PRECISION)
+    dp_t = _dot(v, tl.trans(do), DOT_FP32, PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += _dot(ds_t.to(q.dtype), q, DOT_FP32, PRECISION)
+    if BIAS_GRAD:
+        dbias += tl.sum(ds_t, axis=1)
+    return dk, dv, dbias
 
 
 @triton.jit(do_not_specialize=["M", "N"])
@@ -198,6 +286,7 @@ def _attention_bwd_kernel(
     HEAD_ALIGN: tl.constexpr,  # a power of two dividing the head strides: stride_qh, ..., stride_dh, stride_g*h
     FAST_LOG: tl.constexpr,  # as the forward's
 ):
+    UNMASKED_TILES: tl.constexpr = _unmasked_tiles(q_ptr.dtype.element_ty, HEAD_DIM, BLOCK_D)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -220,14 +309,18 @@ def _attention_bwd_kernel(
         tl.store(delta_ptr + query_base + offs_m, delta, mask=mask_m)
         lse = tl.load(lse_ptr + query_base + offs_m, mask=mask_m, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start in range(0, N, BLOCK_N):
-            k, v, s = _key_tiles(q, k_base, v_base, bias_base, start + tl.arange(0, BLOCK_N), offs_d, stride_kn,
-                                 stride_vn, stride_bn, N, QK_SCALE, HEAD_DIM, HAS_BIAS, LOG_BIAS, DOT_FP32,
-                                 PRECISION, FAST_LOG)
-            p = tl.exp2(s - lse[:, None])
-            dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, DOT_FP32, PRECISION)
+        # Full key tiles unmasked, then the partial one (a loop of at most one trip), as the forward's.
+        n_full = 0
+        if UNMASKED_TILES:
+            n_full = N - N % BLOCK_N
+            for start in range(0, n_full, BLOCK_N):
+                dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, bias_base, start + tl.arange(0, BLOCK_N), offs_d,
+                              stride_kn, stride_vn, stride_bn, N, QK_SCALE, HEAD_DIM, HAS_BIAS, LOG_BIAS, DOT_FP32,
+                              PRECISION, FAST_LOG, False)
+        for start in range(n_full, N, BLOCK_N):
+            dq = _dq_tile(q, do, lse, delta, dq, k_base, v_base, bias_base, start + tl.arange(0, BLOCK_N), offs_d,
+                          stride_kn, stride_vn, stride_bn, N, QK_SCALE, HEAD_DIM, HAS_BIAS, LOG_BIAS, DOT_FP32,
+                          PRECISION, FAST_LOG, True)
         dq_base = dq_ptr + b * stride_gqb + tl.multiple_of(h * stride_gqh, HEAD_ALIGN)
         dq_rows = dq_base + offs_m.to(tl.int64) * stride_gqn
         tl.store(dq_rows[:, None] + offs_d[None, :], (dq * SM_SCALE).to(dq_ptr.dtype.element_ty),
@@ -241,24 +334,18 @@ def _attention_bwd_kernel(
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dbias = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for start in range(0, M, BLOCK_M):
-            offs_m = start + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < M
-            q = _tile(q_base, offs_m, offs_d, stride_qn, M, HEAD_DIM)
-            do = _tile(do_base, offs_m, offs_d, stride_dn, M, HEAD_DIM)
-            # Padding queries get lse = +inf, so their probabilities are exactly 0.
-            lse = tl.load(lse_ptr + query_base + offs_m, mask=mask_m, other=float("inf"))
-            delta = tl.load(delta_ptr + query_base + offs_m, mask=mask_m, other=0.0)
-            # Transposed tiles (keys x queries), so every product below reduces over a loaded axis.
-            s_t = tl.fma(_dot(k, tl.trans(q), DOT_FP32, PRECISION), QK_SCALE,
-                         tl.broadcast_to(key_bias[:, None], (BLOCK_N, BLOCK_M)))
-            p_t = tl.exp2(s_t - lse[None, :])
-            dv += _dot(p_t.to(do.dtype), do, DOT_FP32, PRECISION)
-            dp_t = _dot(v, tl.trans(do), DOT_FP32, PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += _dot(ds_t.to(q.dtype), q, DOT_FP32, PRECISION)
-            if BIAS_GRAD:
-                dbias += tl.sum(ds_t, axis=1)
+        # Full query tiles unmasked, then the partial one (a loop of at most one trip).
+        m_full = 0
+        if UNMASKED_TILES:
+            m_full = M - M % BLOCK_M
+            for start in range(0, m_full, BLOCK_M):
+                dk, dv, dbias = _dkdv_tile(k, v, key_bias, dk, dv, dbias, q_base, do_base, lse_ptr + query_base,
+                                           delta_ptr + query_base, start + tl.arange(0, BLOCK_M), offs_d, stride_qn,
+                                           stride_dn, M, QK_SCALE, HEAD_DIM, BIAS_GRAD, DOT_FP32, PRECISION, False)
+        for start in range(m_full, M, BLOCK_M):
+            dk, dv, dbias = _dkdv_tile(k, v, key_bias, dk, dv, dbias, q_base, do_base, lse_ptr + query_base,
+                                       delta_ptr + query_base, start + tl.arange(0, BLOCK_M), offs_d, stride_qn,
+                                       stride_dn, M, QK_SCALE, HEAD_DIM, BIAS_GRAD, DOT_FP32, PRECISION, True)
         rows = b * stride_gkb + tl.multiple_of(h * stride_gkh, HEAD_ALIGN) + offs_n.to(tl.int64) * stride_gkn
         mask = mask_n[:, None] & mask_d[None, :]
         tl.store((dk_ptr + rows)[:, None] + offs_d[None, :], (dk * SM_SCALE).to(dk_ptr.dtype.element_ty), mask=mask)

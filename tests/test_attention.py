@@ -136,18 +136,23 @@ def test_query_attention_refuses_bad_arguments(make, error, message):
 
 
 @pytest.mark.interpreter
-def test_fewer_queries_than_keys_over_many_tiles(device, nan_outputs, monkeypatch):
-    """16-token tiles: 2 query tiles against 5 key tiles (the forward, dQ and dK/dV loops), and the
-    inference forward that takes the log in the kernel."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("queries, keys", [(20, 70), (48, 64), (16, 16), (32, 70), (20, 64), (16, 5)])
+def test_fewer_queries_than_keys_over_many_tiles(queries, keys, dtype, device, nan_outputs, monkeypatch):
+    """16-token tiles: query tiles against key tiles (the forward, dQ and dK/dV loops), and the
+    inference forward that takes the log in the kernel. With 16-bit operands the loops walk the full
+    tiles without masks and then a partial last one: counts that fill whole tiles (no partial tile),
+    one full tile alone, one partial tile alone, and a mix; float32 walks them all masked."""
     monkeypatch.setattr(triton_attention, "INTERPRETER_BLOCK", 16)
     if device == "cuda":
         monkeypatch.setattr(triton_attention, "GPU_FWD_BLOCKS", {64: (16, 16)})
         monkeypatch.setattr(triton_attention, "GPU_BWD_BLOCKS", {64: (16, 16)})
-    q, k, v, size, grad = make_inputs(2, 2, 70, 64, torch.float32, device, seed=8, queries=20)
+        monkeypatch.setattr(triton_attention, "DKDV_QUERY_BLOCK", 16)
+    q, k, v, size, grad = make_inputs(2, 2, keys, 64, dtype, device, seed=8, queries=queries)
     want = truth(q, k, v, size, grad)
-    assert_close_to(forward_backward(candidate("triton"), q, k, v, size, grad), want, torch.float32)
+    assert_close_to(forward_backward(candidate("triton"), q, k, v, size, grad), want, dtype)
     with torch.no_grad():
-        assert_close_to([candidate("triton")(q, k, v, size)], want[:1], torch.float32)
+        assert_close_to([candidate("triton")(q, k, v, size)], want[:1], dtype)
 
 
 @pytest.mark.interpreter
