@@ -381,10 +381,13 @@ def test_attention_custom_ops_pass_opcheck(device, bias_grad):
 # On a GPU, at real shapes
 # ---------------------------------------------------------------------------------------------
 
-# (clips, heads, tokens, head dim): ViT-B/16 frame, a joined ViT-B/16 clip, ViT-L/14, ViT-H/14, ViT-B/32.
-CUDA_SHAPES = [(16, 12, 197, 64), (8, 12, 394, 64), (8, 16, 257, 64), (4, 16, 257, 80), (32, 12, 50, 64)]
-# The last block's class queries: ViT-B/16 and ViT-B/32 after the joins (12 class tokens a clip), ViT-L/14.
-CUDA_CLASS_SHAPES = [(16, 12, 12, 547, 64), (32, 12, 12, 107, 64), (8, 16, 12, 700, 64)]
+# (clips, heads, tokens, head dim): ViT-B/16 frame, a joined ViT-B/16 clip, ViT-L/14, ViT-H/14, ViT-B/32, and
+# 256 tokens: whole key and query tiles only (the kernels' loops over full tiles, and none over a partial one).
+CUDA_SHAPES = [(16, 12, 197, 64), (8, 12, 394, 64), (8, 16, 257, 64), (4, 16, 257, 80), (32, 12, 50, 64),
+               (4, 12, 256, 64)]
+# The last block's class queries: ViT-B/16 and ViT-B/32 after the joins (12 class tokens a clip), ViT-L/14,
+# and 12 queries against whole key tiles only.
+CUDA_CLASS_SHAPES = [(16, 12, 12, 547, 64), (32, 12, 12, 107, 64), (8, 16, 12, 700, 64), (8, 12, 12, 128, 64)]
 
 
 @pytest.mark.cuda
