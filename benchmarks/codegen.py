@@ -11,7 +11,8 @@ launchers' host time. Every merge runs as the model runs it, with the LayerNorm 
 its merge launch (``NORM=1``); attention runs on token-major views of the packed projection, with
 the size bias from the first merge on, at every layer of the schedules and at the head dims of
 larger open_clip ViTs (``OTHER_HEAD_DIMS``); every residual add that takes the LayerNorm after it
-(``ops.add_norm``) runs at its shape and layout. ``--kernels merge``, ``attention`` or ``norm`` narrows it.
+(``ops.add_norm``) runs at its shape and layout, and so does the embedding's ``ops.embed_norm``.
+``--kernels merge``, ``attention`` or ``norm`` narrows it.
 ``--loops`` adds each variant's main loop in machine code (``nvdisasm``, bundled with Triton): the
 instructions a warp issues per trip, the special-function, tensor-core and select (``FSEL``, ``SEL``: a
 mask applied to values) ones among them (for the attention kernels, the loop over full tiles).
@@ -204,13 +205,15 @@ class NormStep:
 
 
 def norm_steps(model: str, batch: int, config: TempMeConfig = TempMeConfig()) -> List[NormStep]:
-    """Every ``ops.add_norm`` of a forward (``model.run_blocks``): each block's MLP residual with the next
-    block's ``ln_1`` unless that block joins clips, and in the trimmed last block the class tokens'
-    attention residual with ``ln_2`` and their MLP residual with ``ln_post``."""
+    """The embedding's ``ops.embed_norm`` (class token, position embedding and ``ln_pre``, layer -1) and every
+    ``ops.add_norm`` of a forward (``model.run_blocks``): each block's MLP residual with the next block's
+    ``ln_1`` unless that block joins clips, and in the trimmed last block the class tokens' attention residual
+    with ``ln_2`` and their MLP residual with ``ln_post``."""
     depth, tokens, width, heads = GEOMETRY[model]
     layers = token_schedule(config, depth, tokens).layers
-    steps = [NormStep(model, batch, p.layer, "mlp+ln_1", batch * p.clips_out, p.tokens_out, width)
-             for p, after in zip(layers, layers[1:]) if after.group == 1]
+    steps = [NormStep(model, batch, -1, "embed+ln_pre", batch * config.frames, tokens, width)]
+    steps += [NormStep(model, batch, p.layer, "mlp+ln_1", batch * p.clips_out, p.tokens_out, width)
+              for p, after in zip(layers, layers[1:]) if after.group == 1]
     last = layers[-1]
     c = last.protected_out
     return steps + [NormStep(model, batch, last.layer, "attn+ln_2", batch * last.clips_out, c, width, last.tokens_attn),
@@ -219,9 +222,17 @@ def norm_steps(model: str, batch: int, config: TempMeConfig = TempMeConfig()) ->
 
 def run_norm(step: NormStep, dtype: torch.dtype, device: str = "meta", stats: bool = False) -> None:
     """The launcher call of one fused residual add and LayerNorm, on the layouts the encoder passes;
-    in training (``stats``) it also writes the LayerNorm's statistics."""
+    in training (``stats``) it also writes the LayerNorm's statistics. The embedding's step is the
+    inference call of ``embed_norm`` (class token, position embedding and ``ln_pre``)."""
     from tempme_fast.ops import triton_norm
 
+    if step.what == "embed+ln_pre":  # inference only: training runs the torch ops
+        if not stats:
+            # The patch embedding as the encoder makes it on CUDA: a matrix product's contiguous output.
+            patches = torch.empty(step.rows, step.tokens - 1, step.width, dtype=dtype, device=device)
+            table = torch.empty(step.tokens, step.width, dtype=dtype, device=device)
+            triton_norm.embed_norm_forward(patches, table[0], table, table[0], table[0], 1e-5)
+        return
     x = torch.empty(step.rows, step.view_of or step.tokens, step.width, dtype=dtype, device=device)[:, :step.tokens]
     residual = torch.empty(step.rows, step.tokens, step.width, dtype=dtype, device=device)
     weight = torch.empty(step.width, dtype=dtype, device=device)

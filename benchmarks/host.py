@@ -123,21 +123,23 @@ def gpu_like(counts: Optional[Counts] = None, launchers: bool = False) -> Iterat
 
     Inside: ``kernel.run`` of every Triton kernel records the launch (in ``counts.launches``) and
     returns; the launchers choose GPU tiles (not the interpreter's); ``resolve_backend`` takes
-    ``"auto"`` to Triton and the attention's ``"auto"`` sees the Triton backend, as for CUDA tensors.
+    ``"auto"`` to Triton, the attention's ``"auto"`` sees the Triton backend and the patch embedding is a
+    matrix product, as for CUDA tensors (so its output, which ``embed_norm`` reads, has CUDA's layout).
     With ``launchers``, each recorded call also names the ``Launcher`` that made it (for a replay
     through it); that look-up walks the calling frames, so the timed runs (:func:`host_us`) leave it out.
     """
-    from tempme_fast import ops
+    from tempme_fast import encoder, ops
     from tempme_fast.ops import attention_impl, triton_attention, triton_ops
 
     counts = Counts() if counts is None else counts
     kernels = _kernels()
     saved_runs = [k.__dict__.get("run") for k in kernels]
     saved = [(triton_ops, "_interpreting"), (triton_attention, "_interpreting"), (ops, "resolve_backend"),
-             (attention_impl, "attention"), (attention_impl, "self_attention"), (attention_impl, "query_attention")]
+             (attention_impl, "attention"), (attention_impl, "self_attention"), (attention_impl, "query_attention"),
+             (encoder, "patch_embed")]
     # (self_attention and query_attention: absent from older versions)
     originals = [getattr(m, n, None) for m, n in saved]
-    resolve, attend, self_attend, query_attend = originals[2:]
+    resolve, attend, self_attend, query_attend, embed = originals[2:]
 
     def stub(kernel):
         name = kernel.fn.__name__
@@ -159,10 +161,14 @@ def gpu_like(counts: Optional[Counts] = None, launchers: bool = False) -> Iterat
     def gpu_query_attention(q, kv, heads, size, impl, triton_backend):
         return query_attend(q, kv, heads, size, impl, True)
 
+    def gpu_patch_embed(conv, frames, as_matmul=None):
+        return embed(conv, frames, True)
+
     for k in kernels:
         k.run = stub(k)
     for (module, name), value, original in zip(saved, (lambda: False, lambda: False, gpu_resolve, gpu_attention,
-                                                       gpu_self_attention, gpu_query_attention), originals):
+                                                       gpu_self_attention, gpu_query_attention, gpu_patch_embed),
+                                               originals):
         if original is not None:
             setattr(module, name, value)
     try:

@@ -6,11 +6,16 @@ sum is written, then read back by the LayerNorm. ``_add_norm_fwd_kernel`` reads 
 residual once and writes both the sum and its LayerNorm, and with ``STATS`` the LayerNorm's
 statistics for its backward. ``_norm_rows`` is the LayerNorm itself, shared with the merge kernel's
 output stage (``kernels/merge.py``, ``NORM``).
+
+``_embed_norm_fwd_kernel`` (twin ``reference.embed_norm``) is the start of the vision tower: the class
+embedding before each frame's patch embeddings, the position embedding added, and ``ln_pre``. As torch
+ops that is a concatenation, an add and a LayerNorm, each writing a frame-sized tensor that the next reads
+back; the kernel reads the patch embeddings once and writes only the LayerNorm, the residual stream's start.
 """
 import triton
 import triton.language as tl
 
-from .tokens import _token_rows
+from .tokens import _rounded_sum, _token_rows
 
 
 @triton.jit
@@ -76,3 +81,40 @@ def _add_norm_fwd_kernel(
     tl.store(ln_ptr + out, ln.to(ln_ptr.dtype.element_ty), mask=mask)
     if STATS:
         _store_stats(stats_ptr, offs_t, mean, rstd, ROWS, offs_t < ROWS)
+
+
+@triton.jit(do_not_specialize=["ROWS", "N"])
+def _embed_norm_fwd_kernel(
+    patch_ptr,  # [M, N - 1, D] any strides: each frame's patch embeddings
+    cls_ptr,  # [D] contiguous, the patches' dtype: the class embedding
+    pos_ptr,  # [N, D] contiguous, the patches' dtype: the position embedding
+    w_ptr,  # [D] LayerNorm weight
+    b_ptr,  # [D] LayerNorm bias
+    ln_ptr,  # [M, N, D] contiguous out: layer_norm(cat([cls, patches]) + pos)
+    ROWS,  # M * N
+    N,
+    D,
+    stride_pb,
+    stride_pn,
+    stride_pd,
+    EPS,
+    ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One program per ``BLOCK_T`` tokens (of all frames, in order), each with all ``D`` features. Token 0
+    of a frame is the class embedding, token ``t > 0`` the frame's patch ``t - 1``; the position embedding
+    is added and rounded to the patches' dtype (as the add of torch tensors), then normalised."""
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask = (offs_t < ROWS)[:, None] & mask_d[None, :]
+    frame, tok = offs_t // N, offs_t % N
+    is_patch = (tok > 0)[:, None]
+    patch = tl.load((patch_ptr + frame * stride_pb + (tok - 1) * stride_pn)[:, None] + offs_d[None, :] * stride_pd,
+                    mask=mask & is_patch, other=0.0)
+    cls = tl.load(cls_ptr + offs_d, mask=mask_d, other=0.0)
+    pos = tl.load(pos_ptr + (tok * D)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    y = _rounded_sum(tl.where(is_patch, patch, cls[None, :]), pos)
+    ln, _, _ = _norm_rows(y, mask, offs_d, mask_d, w_ptr, b_ptr, D, EPS, ACC)
+    tl.store(ln_ptr + (offs_t * D)[:, None] + offs_d[None, :], ln.to(ln_ptr.dtype.element_ty), mask=mask)

@@ -35,8 +35,15 @@ def _token_rows(x_ptr, res_ptr, clip, tok, offs_d, mask, stride_xb, stride_xn, s
     if HAS_RES:
         res = tl.load((res_ptr + clip * stride_rb + tok * stride_rn)[:, None] + offs_d[None, :] * stride_rd,
                       mask=mask, other=0.0)
-        if x.dtype == tl.float64:
-            x = x + res
-        else:
-            x = (x.to(tl.float32) + res.to(tl.float32)).to(x.dtype)
+        x = _rounded_sum(x, res)
     return x
+
+
+@triton.jit
+def _rounded_sum(x, y):
+    """``x + y`` rounded to x's dtype as ``torch.add`` computes it (in float32 for 16-bit inputs)."""
+    if x.dtype == tl.float64:
+        s = x + y
+    else:
+        s = (x.to(tl.float32) + y.to(tl.float32)).to(x.dtype)
+    return s

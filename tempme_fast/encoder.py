@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops, tracking
-from .ops.eager import cast
+from .ops.eager import cast, needs_grad
 from .schedule import LayerPlan
 
 
@@ -77,16 +77,27 @@ def patch_embed(conv: nn.Module, frames: torch.Tensor, as_matmul: Optional[bool]
     return F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
 
 
-def embed_frames(visual: nn.Module, frames: torch.Tensor, track_videos: Optional[int] = None) -> ClipState:
+def embed_frames(visual: nn.Module, frames: torch.Tensor, track_videos: Optional[int] = None,
+                 backend: str = "torch") -> ClipState:
     """Patch embedding, class token, position embedding and ``ln_pre``: ``[M, 3, H, W]`` -> state.
 
-    ``track_videos=B`` (``M = B * T``) starts source tracking; None leaves it off.
+    ``track_videos=B`` (``M = B * T``) starts source tracking; None leaves it off. On the Triton backend,
+    where no gradient is wanted, the class token, position embedding and ``ln_pre`` are one op
+    (``ops.embed_norm``) if ``ln_pre`` is a LayerNorm with weight and bias and patch dropout drops nothing;
+    training runs open_clip's ops.
     """
     x = patch_embed(visual.conv1, cast(frames, visual.conv1.weight.dtype))
-    cls = cast(visual.class_embedding, x.dtype).expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1) + cast(visual.positional_embedding, x.dtype)
-    x = visual.patch_dropout(x)
-    x = _layer_norm(visual.ln_pre, x)
+    ln_pre = visual.ln_pre
+    if (backend != "torch" and ops.resolve_backend(backend, x) == "triton" and _fusable_norm(ln_pre)
+            and _drops_nothing(visual.patch_dropout)
+            and not needs_grad(x, visual.class_embedding, visual.positional_embedding, ln_pre.weight, ln_pre.bias)):
+        x = ops.embed_norm(x, visual.class_embedding, visual.positional_embedding, ln_pre.weight, ln_pre.bias,
+                           ln_pre.eps, "triton")
+    else:
+        cls = cast(visual.class_embedding, x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + cast(visual.positional_embedding, x.dtype)
+        x = visual.patch_dropout(x)
+        x = _layer_norm(ln_pre, x)
     size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=torch.float32)
     sources = None
     if track_videos is not None:
@@ -113,6 +124,12 @@ def _layer_scale(scale: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``scale(x)``: a block's LayerScale, or open_clip's ``nn.Identity`` where it has none, whose call (a
     module call of host time, twice a block) is skipped."""
     return x if type(scale) is nn.Identity else scale(x)
+
+
+def _drops_nothing(dropout: nn.Module) -> bool:
+    """Whether open_clip's patch dropout (``nn.Identity`` without one) passes every token: not in training, or
+    with a dropout probability of 0."""
+    return type(dropout) is nn.Identity or not dropout.training or getattr(dropout, "prob", None) == 0
 
 
 def _fusable_norm(norm: nn.Module) -> bool:

@@ -294,7 +294,8 @@ def encode_video(model: nn.Module, video: torch.Tensor, mask: Optional[torch.Ten
             tokens = settings.schedule.tokens_per_frame
             sources = source_map(initial_sources(b, t, tokens, video.device), t, t, tokens, 1)
     else:
-        state = run_blocks(model, embed_frames(visual, frames, track_videos=b if return_sources else None))
+        state = run_blocks(model, embed_frames(visual, frames, track_videos=b if return_sources else None,
+                                               backend=settings.backend))
         features = frame_features(visual, state, b)
         if return_sources:
             sources = source_map(state.sources, t, state.x.shape[0] // b, state.x.shape[1], state.protected)

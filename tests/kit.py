@@ -58,6 +58,19 @@ def parametrize_dtypes(table: Dict[str, torch.dtype] = DTYPES, name: str = "dtyp
     return pytest.mark.parametrize(name, list(table.values()), ids=list(table))
 
 
+def dtype_layout_cases(shapes, letters: str = "BND"):
+    """``pytest.param(*shape, dtype, layout)`` for every 3-dim ``shape`` and float dtype (float64 too), the memory
+    layouts (``test_triton_ops.make_tokens``) taking turns; ids such as ``B2-N50-D768-fp16-transposed``."""
+    layouts = ("contiguous", "transposed", "sliced")
+    cases = []
+    for i, shape in enumerate(shapes):
+        for name, dtype in {**DTYPES, "fp64": torch.float64}.items():
+            layout = layouts[(i + len(name)) % 3]
+            dims = "-".join(f"{letter}{n}" for letter, n in zip(letters, shape))
+            cases.append(pytest.param(*shape, dtype, layout, id=f"{dims}-{name}-{layout}"))
+    return cases
+
+
 def nan_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """A fresh buffer that no correct result matches: NaN for floats, a far negative sentinel for ints.
 

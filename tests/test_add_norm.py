@@ -14,6 +14,7 @@ from tempme_fast.encoder import block_forward, class_block_forward, embed_frames
 from tempme_fast.model import block_function, encoder_options, layer_steps, next_norm, run_blocks
 from tempme_fast.ops import reference as ref
 from tempme_fast.ops import triton_norm, triton_ops
+from kit import dtype_layout_cases
 from tiny import TINY_CONFIG, tiny_clip, video
 # nan_outputs and tiling are fixtures: imported, pytest finds them in this module too.
 from test_triton_ops import DTYPES, make_tokens, nan_outputs, tiling  # noqa: F401,F811
@@ -31,20 +32,10 @@ def _check_sum(got, x, residual, what):
         assert torch.equal(got, want), what
 
 
-def _cases():
-    # (B', N, D): one class token per clip (the trimmed last block), ViT widths, widths that are no
-    # power of two, a single row.
-    shapes = [(3, 1, 768), (2, 50, 768), (4, 7, 96), (1, 1, 1024), (2, 33, 80)]
-    layouts = ("contiguous", "transposed", "sliced")
-    cases = []
-    for i, (b, n, d) in enumerate(shapes):
-        for name, dtype in {**DTYPES, "fp64": torch.float64}.items():
-            layout = layouts[(i + len(name)) % 3]
-            cases.append(pytest.param(b, n, d, dtype, layout, id=f"B{b}-N{n}-D{d}-{name}-{layout}"))
-    return cases
-
-
-@pytest.mark.parametrize("b, n, d, dtype, layout", _cases())
+# (B', N, D): one class token per clip (the trimmed last block), ViT widths, widths that are no
+# power of two, a single row.
+@pytest.mark.parametrize("b, n, d, dtype, layout",
+                         dtype_layout_cases([(3, 1, 768), (2, 50, 768), (4, 7, 96), (1, 1, 1024), (2, 33, 80)]))
 def test_add_norm_matches_reference(b, n, d, dtype, layout, device):
     g = torch.Generator().manual_seed(b * n + d)
     x = make_tokens(b, n, d, dtype, layout, device, g)

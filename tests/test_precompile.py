@@ -102,7 +102,8 @@ def test_compiles_into_the_cache_where_a_second_call_finds_every_variant(binder_
     assert first["compiled"] == first["variants"] and first["cache_hits"] == 0
     assert second["cache_hits"] == second["variants"] and second["compiled"] == 0
     assert set(first["by_kernel"]) == {"_best_match_fwd_kernel", "_merge_fwd_kernel", "_merge_bwd_kernel",
-                                       "_attention_fwd_kernel", "_attention_bwd_kernel", "_add_norm_fwd_kernel"}
+                                       "_attention_fwd_kernel", "_attention_bwd_kernel", "_add_norm_fwd_kernel",
+                                       "_embed_norm_fwd_kernel"}
     assert first["arch"] == 90 and not first["stubs"]  # no launcher stubs for a GPU that is not here
 
 

@@ -21,15 +21,16 @@ import torch
 
 from . import attention_impl, recording, reference
 from .attention_impl import IMPLS as ATTENTION_IMPLS
-from .checks import (FLOAT_DTYPES, assert_finite, check_add_norm, check_attention, check_join, check_join_merge,
-                     check_merge, check_metric, check_norm, check_query_attention, check_r, check_residual,
-                     check_self_attention)
+from .checks import (FLOAT_DTYPES, assert_finite, check_add_norm, check_attention, check_embed_norm, check_join,
+                     check_join_merge, check_merge, check_metric, check_norm, check_query_attention, check_r,
+                     check_residual, check_self_attention)
+from .eager import needs_grad
 from .reference import MergePlan, max_r, split_positions, split_sizes
 
 BACKENDS = ("torch", "triton", "auto")
 
 __all__ = ["ATTENTION_IMPLS", "BACKENDS", "FLOAT_DTYPES", "MergePlan", "add_norm", "assert_finite", "attention",
-           "best_match",
+           "best_match", "embed_norm",
            "join_clips", "join_merge", "join_merge_norm", "match", "max_r", "merge", "merge_norm", "query_attention",
            "resolve_backend", "self_attention", "split_positions", "split_sizes", "triton_available"]
 
@@ -206,6 +207,35 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias
     if resolve_backend(backend, x) == "triton":
         return _triton_norm().add_norm(x, residual, weight, bias, eps)
     return reference.add_norm(x, residual, weight, bias, eps)
+
+
+def embed_norm(patches: torch.Tensor, class_embedding: torch.Tensor, positional_embedding: torch.Tensor,
+               weight: torch.Tensor, bias: torch.Tensor, eps: float, backend: str = "auto", *,
+               check_finite: bool = False) -> torch.Tensor:
+    """The start of a ViT's residual stream, one op: ``layer_norm(cat([class_embedding, patches]) +
+    positional_embedding)`` per frame (open_clip's class token, position embedding and ``ln_pre``).
+
+    Args:
+        patches: ``[M, P, D]`` float tensor, any strides: each frame's patch embeddings.
+        class_embedding: ``[D]``; positional_embedding: ``[P + 1, D]``; float, on the patches' device, cast
+            to their dtype first.
+        weight, bias: ``[D]`` float LayerNorm parameters; eps: its epsilon, ``> 0``.
+        check_finite: also refuse ``patches`` holding NaN or Inf (a host synchronisation).
+    Returns:
+        ``[M, P + 1, D]`` in the patches' dtype, as :func:`reference.embed_norm` (the sum rounded as torch's
+        add rounds it, the LayerNorm in float32 arithmetic, float64 for float64 patches, one rounding).
+
+    The Triton backend reads the patches once and writes the LayerNorm alone, in one launch, where torch
+    writes the concatenation and the sum and reads each back. It has no backward: where a gradient can flow
+    to any argument, both backends run the torch ops.
+    """
+    check_embed_norm(patches, class_embedding, positional_embedding, weight, bias, eps)
+    if check_finite:
+        assert_finite("patches", patches)
+    if resolve_backend(backend, patches) == "triton" and not needs_grad(patches, class_embedding,
+                                                                        positional_embedding, weight, bias):
+        return _triton_norm().embed_norm(patches, class_embedding, positional_embedding, weight, bias, eps)
+    return reference.embed_norm(patches, class_embedding, positional_embedding, weight, bias, eps)
 
 
 def join_clips(x: torch.Tensor, group: int, protected: int, frame_pos: Optional[torch.Tensor] = None,

@@ -229,6 +229,30 @@ def check_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
         assert_finite("x", x)
 
 
+def check_embed_norm(patches: torch.Tensor, class_embedding: torch.Tensor, positional_embedding: torch.Tensor,
+                     weight: torch.Tensor, bias: torch.Tensor, eps: float) -> None:
+    """Inputs of :func:`tempme_fast.ops.embed_norm`: ``patches [M, P, D]`` float with at least one frame and one
+    feature, ``class_embedding [D]`` and ``positional_embedding [P + 1, D]`` float on its device, LayerNorm
+    parameters for ``D``."""
+    _check_float_3d("patches", patches, "[M, P, D]")
+    if patches.shape[0] == 0 or patches.shape[2] == 0:
+        raise ValueError(f"patches is empty (shape {tuple(patches.shape)}); give M and D >= 1")
+    frames, count, width = patches.shape
+    for name, t, shape in (("class_embedding", class_embedding, (width,)),
+                           ("positional_embedding", positional_embedding, (count + 1, width))):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape {list(shape)}, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)} (the class token and {count} patches of "
+                             f"{width} features), got {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; valid: float32, float16, bfloat16, float64")
+        if t.device != patches.device:
+            raise ValueError(f"{name} is on {t.device} but patches is on {patches.device}; both must be on one "
+                             f"device")
+    check_norm(weight, bias, eps, patches)
+
+
 def check_join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, r: int,
                      frame_pos: Optional[torch.Tensor], check_finite: bool) -> None:
     """Inputs of :func:`tempme_fast.ops.join_merge`; with ``check_finite`` also the values of ``x``."""

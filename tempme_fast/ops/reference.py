@@ -198,6 +198,19 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias
     return x, layer_norm(x, weight, bias, eps)
 
 
+def embed_norm(patches: torch.Tensor, class_embedding: torch.Tensor, positional_embedding: torch.Tensor,
+               weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """The start of a ViT's residual stream: ``layer_norm(cat([class_embedding, patches]) + positional_embedding)``
+    per frame (open_clip's class token, position embedding and ``ln_pre``; see :func:`layer_norm`).
+
+    ``patches [M, P, D]``; ``class_embedding [D]`` and ``positional_embedding [P + 1, D]``, cast to the
+    patches' dtype first; returns ``[M, P + 1, D]`` in that dtype. Differentiable in every tensor argument.
+    """
+    cls = class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+    x = torch.cat([cls, patches], dim=1) + positional_embedding.to(patches.dtype)
+    return layer_norm(x, weight, bias, eps)
+
+
 def merge_norm(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, weight: torch.Tensor, bias: torch.Tensor,
                eps: float, residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`merge` (of ``x + residual`` with a residual: the block's residual add before it),

@@ -8,6 +8,10 @@ the LayerNorm's statistics). The backward is torch: the LayerNorm's gradient fro
 statistics (``triton_ops.layer_norm_backward``) plus the sum's own gradient, which is also the
 gradient of ``x`` and of the residual.
 
+``embed_norm_forward`` is the start of the vision tower in one launch (``_embed_norm_fwd_kernel``): the
+class token, the position embedding and ``ln_pre`` of each frame's patch embeddings. It has no backward of
+its own: where a gradient is wanted, ``ops.embed_norm`` runs the torch ops.
+
 As in :mod:`.triton_ops`: an eager call runs the launcher directly and uses the autograd function
 only where a gradient can flow; ``tempme::add_norm_fwd`` (with a fake implementation) is taken
 while ``torch.compile`` traces or a dispatch mode watches. The tile (tokens x every feature) and
@@ -18,14 +22,14 @@ from typing import Dict, Tuple
 import torch
 import triton.language as tl
 
-from tempme_kernels.norm import _add_norm_fwd_kernel
+from tempme_kernels.norm import _add_norm_fwd_kernel, _embed_norm_fwd_kernel
 
 from . import triton_ops
 from .eager import cast, custom_op_or, needs_grad
 from .launch import Launcher
 from .memo import forget_on_assign, remembered
 
-__all__ = ["AddNormFunction", "add_norm", "add_norm_forward"]
+__all__ = ["AddNormFunction", "add_norm", "add_norm_forward", "embed_norm", "embed_norm_forward"]
 
 
 def _interpreting() -> bool:
@@ -124,6 +128,53 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias
     if needs_grad(x, residual, weight, bias):
         return AddNormFunction.apply(x, residual, weight, bias, float(eps))
     return _add_norm_fwd(x, residual, weight, bias, float(eps))[:2]
+
+
+def embed_norm_forward(patches: torch.Tensor, class_embedding: torch.Tensor, positional_embedding: torch.Tensor,
+                       weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """``layer_norm(cat([class_embedding, patches]) + positional_embedding)`` per frame, one launch.
+
+    Args:
+        patches: ``[M, N - 1, D]`` float, any strides: each frame's patch embeddings.
+        class_embedding: ``[D]``; positional_embedding: ``[N, D]``; both cast to the patches' dtype first
+            (as the encoder casts them).
+        weight, bias: ``[D]`` LayerNorm parameters, any float dtype; eps: its epsilon.
+    Returns:
+        ``[M, N, D]`` contiguous in the patches' dtype: the sum rounded as torch's add rounds it, then its
+        LayerNorm computed in float32 (float64 for float64 patches) and rounded once.
+    """
+    eps = float(eps)
+    frames, _, width = patches.shape
+    tokens = positional_embedding.shape[0]
+    key = ("embed_norm_fwd", patches.shape, patches.stride(), patches.dtype, tokens, eps)
+    launcher = remembered(key, lambda: _embed_norm_launch(patches, tokens, eps))
+    ln = _new_output((frames, tokens, width), patches.dtype, patches.device)
+    launcher(patches, cast(class_embedding, patches.dtype).contiguous(),
+             cast(positional_embedding, patches.dtype).contiguous(), weight.contiguous(), bias.contiguous(), ln)
+    return ln
+
+
+def _embed_norm_launch(patches: torch.Tensor, tokens: int, eps: float) -> Launcher:
+    """The embed-norm launch of an input signature: it takes the kernel's six tensors."""
+    frames, _, width = patches.shape
+    tiles = _add_norm_tiles(frames * tokens, width, patches.dtype.itemsize)
+    meta = dict(ACC=tl.float64 if patches.dtype == torch.float64 else tl.float32, **tiles)
+    return Launcher(_embed_norm_fwd_kernel, (triton_ops._cdiv(frames * tokens, tiles["BLOCK_T"]),),
+                    (frames * tokens, tokens, width, *patches.stride(), eps), meta)
+
+
+@torch.library.custom_op("tempme::embed_norm_fwd", mutates_args=())
+def _embed_norm_fwd_op(patches: torch.Tensor, class_embedding: torch.Tensor, positional_embedding: torch.Tensor,
+                       weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return embed_norm_forward(patches, class_embedding, positional_embedding, weight, bias, eps)
+
+
+@_embed_norm_fwd_op.register_fake
+def _(patches, class_embedding, positional_embedding, weight, bias, eps):
+    return patches.new_empty((patches.shape[0], positional_embedding.shape[0], patches.shape[2]))
+
+
+embed_norm = custom_op_or(embed_norm_forward, "embed_norm_fwd")
 
 
 # Assigning a function (as the tests do) forgets the launch descriptions.

@@ -117,7 +117,8 @@ def tome_forward(visual: nn.Module, images: torch.Tensor):
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must have shape [B, 3, H, W], got {got}")
-    state = embed_frames(visual, images, track_videos=images.shape[0] if settings.trace_source else None)
+    state = embed_frames(visual, images, track_videos=images.shape[0] if settings.trace_source else None,
+                         backend=settings.backend)
     options = EncoderOptions(settings.backend, settings.prop_attn, "sdpa")
     use_checkpoint = getattr(visual.transformer, "grad_checkpointing", False) and torch.is_grad_enabled()
     for block, plan in zip(visual.transformer.resblocks, settings.layers):
