@@ -204,6 +204,10 @@ class NormStep:
     view_of: int = 0
 
 
+# The norm step of the embedding's ops.embed_norm (class token, position embedding and ln_pre), at layer -1.
+EMBED_STEP = "embed+ln_pre"
+
+
 def norm_steps(model: str, batch: int, config: TempMeConfig = TempMeConfig()) -> List[NormStep]:
     """The embedding's ``ops.embed_norm`` (class token, position embedding and ``ln_pre``, layer -1) and every
     ``ops.add_norm`` of a forward (``model.run_blocks``): each block's MLP residual with the next block's
@@ -211,7 +215,7 @@ def norm_steps(model: str, batch: int, config: TempMeConfig = TempMeConfig()) ->
     with ``ln_2`` and their MLP residual with ``ln_post``."""
     depth, tokens, width, heads = GEOMETRY[model]
     layers = token_schedule(config, depth, tokens).layers
-    steps = [NormStep(model, batch, -1, "embed+ln_pre", batch * config.frames, tokens, width)]
+    steps = [NormStep(model, batch, -1, EMBED_STEP, batch * config.frames, tokens, width)]
     steps += [NormStep(model, batch, p.layer, "mlp+ln_1", batch * p.clips_out, p.tokens_out, width)
               for p, after in zip(layers, layers[1:]) if after.group == 1]
     last = layers[-1]
@@ -226,7 +230,7 @@ def run_norm(step: NormStep, dtype: torch.dtype, device: str = "meta", stats: bo
     inference call of ``embed_norm`` (class token, position embedding and ``ln_pre``)."""
     from tempme_fast.ops import triton_norm
 
-    if step.what == "embed+ln_pre":  # inference only: training runs the torch ops
+    if step.what == EMBED_STEP:  # inference only: training runs the torch ops
         if not stats:
             # The patch embedding as the encoder makes it on CUDA: a matrix product's contiguous output.
             patches = torch.empty(step.rows, step.tokens - 1, step.width, dtype=dtype, device=device)

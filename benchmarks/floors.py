@@ -150,13 +150,15 @@ def add_norm_table(model: str, batch: int, dtype: str, bandwidth: float) -> str:
     """Bytes and time floors of every residual add that takes the LayerNorm after it (``ops.add_norm``):
     the add and the LayerNorm as two ops (read x and the residual, write the sum; read it back, write
     its LayerNorm) against one (read both, write both); the LayerNorm's weight and bias left out."""
-    from .codegen import norm_steps
+    from .codegen import EMBED_STEP, norm_steps
 
     elt = DTYPES[dtype].itemsize
     lines = [f"| add + LayerNorm ({model}, {batch} videos, {dtype}) | clips x tokens | two ops | one op "
              "(ops.add_norm) | saved |", "|---|---|---|---|---|"]
     totals = [0, 0]
     for s in norm_steps(model, batch):
+        if s.what == EMBED_STEP:  # no residual add: ops.embed_norm
+            continue
         one = s.rows * s.tokens * s.width * elt
         two_ops, fused = 5 * one, 4 * one
         totals[0] += two_ops
