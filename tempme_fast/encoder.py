@@ -88,7 +88,7 @@ def embed_frames(visual: nn.Module, frames: torch.Tensor, track_videos: Optional
     """
     x = patch_embed(visual.conv1, cast(frames, visual.conv1.weight.dtype))
     ln_pre = visual.ln_pre
-    if (backend != "torch" and ops.resolve_backend(backend, x) == "triton" and _fusable_norm(ln_pre)
+    if (ops.resolve_backend(backend, x) == "triton" and _fusable_norm(ln_pre)
             and _drops_nothing(visual.patch_dropout)
             and not needs_grad(x, visual.class_embedding, visual.positional_embedding, ln_pre.weight, ln_pre.bias)):
         x = ops.embed_norm(x, visual.class_embedding, visual.positional_embedding, ln_pre.weight, ln_pre.bias,
