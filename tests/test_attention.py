@@ -461,6 +461,7 @@ def test_bench_attention_writes_json_lines(tmp_path, capsys):
     assert "fold" in capsys.readouterr().out
 
 
+@pytest.mark.interpreter  # Triton on CPU tensors: skipped where TRITON_INTERPRET=1 is not set (a GPU machine)
 def test_bench_attention_sweeps_forward_tiles(tmp_path):
     """--fwd-tiles times the Triton forward per tile spec (rows ``triton:SPEC``) beside SDPA with the mask
     and without a bias; the library's tiles and launch options are back afterwards."""
