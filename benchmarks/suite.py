@@ -58,33 +58,32 @@ TEST_SHARDS = 4
 # Merge forward (token tile x feature slice x warps, "-s3": the gather of the merged sources pipelined
 # over 3 stages, "-gN": a tile's sources gathered N at a time and summed by a product, "-pN": the tokens
 # without sources copied first in their own dtype, the others merged N at a time; the first is the
-# library's at most 32-video shapes) and float32 match (A x B x channel
-# tiles x warps - products; the first is the library's, the second its float32-product tiles before,
-# timed in the H200's second run) candidates. The library's tiles compile to 119-128 registers (16-bit,
-# sm_90, triton 3.6): 2 programs of 8 warps an SM, 32 KB of features in flight; the "-p" ones to 56-64, 4 such
-# programs (8 of 4 warps), 64 KB. 32 x 128 x 8 and 64 x 128 x 8 (whole tiles) made way for them; 64 x 128 x 8
-# - p8 and 64 x 256 x 8 - p8 spilled (20 and 44 B at one shape) on sm_90 with triton 3.6.
-MERGE_TILES = ["merge:32x256x8", "merge:32x128x4", "merge:16x256x4", "merge:16x128x4", "merge:8x256x4",
-               "merge:4x1024x4", "merge:32x256x8-s3", "merge:16x128x4-s3", "merge:8x256x4-s3", "merge:16x128x4-g16",
-               "merge:16x256x4-g16", "merge:16x256x8-g32", "merge:32x256x8-g32", "merge:32x256x8-p8",
-               "merge:32x128x4-p8", "merge:16x256x4-p4"]
+# library's at most 32-video shapes, 8 x 256 x 4 since the H200's third run, where it was the fastest at layer 0
+# and the sweep stopped (the product gather's crash, mended since); the second the library's before) and
+# float32 match (A x B x channel tiles x warps - products; the first is the library's over a join's hidden
+# channels, the last its tiles over the keys averaged over heads) candidates. Around the winner: 8 x 128, 4 x 256
+# and 4 x 512 at 4 warps, 8 x 256 at 2. (32 x 256 x 8 - g32 made way: 40 B spilled on sm_90, triton 3.6.)
+MERGE_TILES = ["merge:8x256x4", "merge:32x256x8", "merge:16x256x4", "merge:16x128x4", "merge:8x128x4",
+               "merge:4x256x4", "merge:4x512x4", "merge:8x256x2", "merge:8x256x4-s3", "merge:16x128x4-g16",
+               "merge:16x256x4-g16", "merge:32x256x8-p8", "merge:16x256x4-p4",
+               "merge:8x256x4-p4"]
 MATCH_TILES = ["match:64x32x16x4-tf32x3", "match:64x32x16x4-ieee", "match:64x64x16x8-ieee", "match:64x32x64x4-ieee",
                "match:64x64x32x8-tf32x3", "match:64x64x64x8-tf32x3"]
 # Forward tiles of the Triton attention timed by the attention_tiles stage (query tile x key tile x warps
-# x stages), beside the library's own (64 x 64, 4 warps, 2 stages at ViT-B/16), which the stage times too.
-ATTENTION_TILES = ["64x64x4x3", "64x128x4x2", "64x32x4x2", "128x64x4x2", "128x64x8x2", "128x64x8x3",
-                   "128x128x8x2"]
+# x stages), beside the library's own (64 x 32, 4 warps, 2 stages at ViT-B/16 since the H200's third run, where
+# it beat the 64 x 64 before at every layer), which the stage times too.
+ATTENTION_TILES = ["64x64x4x2", "32x32x4x2", "64x32x4x3", "64x16x4x2", "128x32x4x2", "128x64x4x2", "128x32x8x2"]
 # Token tile x warps of the merge that also writes the LayerNorm (the model's merge after attention;
-# a program spans all 768 features, padded to 1024); the first is the library's at ViT-B/16.
+# a program spans all 768 features, padded to 1024); the first is the library's at ViT-B/16 (one token at 2
+# warps since the H200's third run, the fastest there at each layer), the second its tiles before.
 # heads:mean: the library's tiles with the keys averaged over heads by torch before the match (the path before
 # the match averaged them itself), here at 32 videos, where the match's 12 loads of every B tile may cost more
 # than the mean kernel it saves.
-# "-p1": the tokens without sources copied (and normalised) first, the others one at a time (SPLIT_T): the
-# library's 4 x 4 takes 137-140 registers (sm_90, triton 3.6), 3 programs an SM with 36 KB of x and residual in
-# flight; 4 x 4 - p1 80 (6 programs, 72 KB; 8-24 B spilled), 4 x 8 - p1 62-64 (4 of 8 warps, 48 KB), 8 x 8 - p1
-# 78-80 (3, 72 KB). norm:8x4 (253-255 registers: 2 programs of 4 warps an SM) made way.
-NORM_TILES = ["norm:4x4", "norm:2x4", "norm:1x4", "norm:4x8", "norm:2x8", "norm:8x8", "norm:1x2", "norm:4x8-s3",
-              "norm:2x8-s3", "norm:4x4-p1", "norm:4x8-p1", "norm:8x8-p1", "heads:mean"]
+# "-p1": the tokens without sources copied (and normalised) first, the others one at a time (SPLIT_T): 4 x 4 - p1
+# took 80 registers (sm_90, triton 3.6), 6 programs an SM with 72 KB of x and residual in flight (8-24 B spilled),
+# 4 x 8 - p1 62-64 (4 of 8 warps, 48 KB). Their LayerNorm may differ from the whole tile's in the last place.
+NORM_TILES = ["norm:1x2", "norm:4x4", "norm:1x1", "norm:2x2", "norm:1x4", "norm:2x4", "norm:4x8", "norm:4x4-p1",
+              "norm:4x8-p1", "heads:mean"]
 # The match's plan with every row sorted and every row counted, against the library's choice
 # (triton_ops.PLAN_SORT_MIN), where the plan is on the critical path: one video, rows of 23-428 A tokens;
 # and the keys averaged by torch first (heads:mean), at one video.

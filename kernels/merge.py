@@ -27,7 +27,8 @@ With ``SPLIT_T > 0`` it first copies its tile's tokens that nothing merges into,
 ``NORM``, and writes their LayerNorm), and then merges the B tokens that have sources ``SPLIT_T`` at a
 time: the float32 sums are held for ``SPLIT_T`` tokens instead of the whole tile, so a program takes
 fewer registers and more programs, each with its loads in flight, share an SM. Both paths write the same
-bits.
+merged tokens and sizes, bit for bit. The LayerNorm of ``NORM`` sums each row over a tile of another shape,
+whose reduction order the compiler chooses per layout: on a GPU its last place may differ between the paths.
 
 With ``GROUP > 1`` the clip being merged is the ClipMe join of ``GROUP`` input clips: the kernels
 read (and the backward writes) the unjoined tensors through ``_joined_token`` and add the temporal
@@ -115,8 +116,11 @@ def _merge_sums(x_ptr, res_ptr, size_ptr, pos_ptr, src_row, row, clip, tok, mask
         # in rank order, as the loop below does, and exact zeros for the others. An Inf in one source
         # would make the other sums of its chunk NaN (0 * Inf).
         has_src = count > 0
-        first = tl.min(tl.where(has_src, lo, 2147483647), axis=0)
         last = tl.max(tl.where(has_src, lo + count, 0), axis=0)
+        # A tile without sources runs no chunk: first == last == 0. (Not first = INT32_MAX: the
+        # pipeliner's prologue issues the second chunk's loads where first + SRC_BLOCK < last, and
+        # that sum wrapped negative, which read src before its start on the GPU.)
+        first = tl.minimum(tl.min(tl.where(has_src, lo, 2147483647), axis=0), last)
         for k0 in range(first, last, SRC_BLOCK):
             k = k0 + tl.arange(0, SRC_BLOCK)
             s, xa = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, src_row + k, k < last, row, offs_d, mask_d,

@@ -140,6 +140,30 @@ def test_the_oracle_takes_the_reference_and_refuses_a_spoiled_output(op, dtype):
     assert not bad["agrees"] and bad["disagreement"].split(":")[0] in ("x", "grad x", "dst"), bad
 
 
+@pytest.mark.interpreter
+def test_best_match_scores_take_either_rounding_of_the_head_mean():
+    """A metric averaged over 7 heads in float16: torch's mean and the Triton kernel's (a float32 sum in head
+    order, times float32 1/7, rounded once) land one unit in the last place apart in some elements, and
+    their scores then differ by more than SCORE_TOL. The oracle holds each score to the nearer rounding:
+    the kernel's output agrees; a score moved past the tolerance still fails."""
+    heads, per_head = 7, 16
+    g = torch.Generator().manual_seed(5)
+    metric = (1.5 * torch.randn(SHAPE.rows, N, heads * per_head, generator=g)).half()
+    shape = MergeShape("test", 1, 0, "imgme", SHAPE.rows, N, C, heads * per_head, 24, R, heads)
+    means = accuracy.head_means(metric, heads)
+    assert len(means) == 2 and (means[0] != means[1]).any()
+    scores, dst = ops.best_match(metric, C, backend="triton", heads=heads)
+    torch_best = accuracy.cosine_scores(means[0], C).max(dim=-1).values
+    kernel_best = accuracy.cosine_scores(means[1], C).max(dim=-1).values
+    assert (scores.double() - kernel_best).abs().max() <= accuracy.SCORE_TOL[torch.float16]
+    assert (scores.double() - torch_best).abs().max() > accuracy.SCORE_TOL[torch.float16]  # the case is met
+    good = oracle.check_op("best_match", shape, metric, None, None, (scores, dst))
+    assert good["agrees"] and good["tol_ratio"] <= 1, good
+    bad = oracle.check_op("best_match", shape, metric, None, None, (scores + 3e-5, dst))
+    assert not bad["agrees"] and bad["disagreement"].startswith("scores:"), bad
+    assert len(accuracy.head_means(metric.float(), heads)) == len(accuracy.head_means(metric, 1)) == 1
+
+
 def test_the_oracle_names_a_wrong_size_and_layernorm():
     metric, x, size = _inputs()
     (merged, out_size, ln), plan = _reference_outputs("step_norm_fwd", metric, x, size)

@@ -11,6 +11,7 @@ import torch
 from tempme_fast import ops
 from tempme_fast.ops import reference as ref
 from tempme_fast.ops import triton_ops
+from tempme_fast.ops.accuracy import NORM_TOL
 
 from kit import DTYPES, REAL_SHAPES, REAL_WIDTH, VALUE_TOL, assert_close, fill_outputs_with_nan
 
@@ -165,9 +166,12 @@ def _merge_forwards(b, n, c, r, dtype, generator, norm=False):
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_copies_first_writes_the_same_bits(spec, dtype, monkeypatch):
     """The merge forward that copies the tokens without sources first and merges the others ``SPLIT_T`` at a
-    time (the ``-pN`` candidates of the GPU suite's tile sweeps) writes what the library's tiles write, bit for
-    bit, at a ViT-B/16 image merge (few sources a tile) and join (sources in most blocks, skewed), with and
-    without the residual add; ``norm:`` with the LayerNorm after it and its statistics."""
+    time (the ``-pN`` candidates of the GPU suite's tile sweeps) writes the merged tokens and sizes that the
+    library's tiles write, bit for bit, at a ViT-B/16 image merge (few sources a tile) and join (sources in most
+    blocks, skewed), with and without the residual add. ``norm:`` also writes the LayerNorm after it and its
+    statistics: those sum each row over a tile of another shape (``SPLIT_T`` rows, or the whole tile), whose
+    reduction order on a GPU is not the library tiles' (the H200 showed last-place differences), so they are
+    held to the LayerNorm's tolerance against the library's, not to its bits."""
     g = torch.Generator(device="cuda").manual_seed(len(spec))
     kind, sizes = spec.split(":")
     numbers = [int(v) for v in sizes.replace("-p", "x").split("x")]
@@ -184,7 +188,12 @@ def test_copies_first_writes_the_same_bits(spec, dtype, monkeypatch):
             got = both()
         for got_outs, want_outs in zip(got, want):
             assert len(got_outs) == len(want_outs) == (4 if kind == "norm" else 2)
-            assert all(torch.equal(a, e) for a, e in zip(got_outs, want_outs))
+            assert torch.equal(got_outs[0], want_outs[0]) and torch.equal(got_outs[1], want_outs[1])
+            if kind == "norm":
+                atol, rtol = NORM_TOL[dtype]
+                torch.testing.assert_close(got_outs[2], want_outs[2], atol=atol, rtol=rtol)
+                atol, rtol = NORM_TOL[torch.float32]
+                torch.testing.assert_close(got_outs[3], want_outs[3], atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("tiles", [(16, 128, 4, 16), (32, 256, 8, 32)], ids=["16x128x4-g16", "32x256x8-g32"])

@@ -532,13 +532,18 @@ def test_multi_tile(n, c, d, r, tiling, device):
 def test_float32_match_products_on_a_gpu(monkeypatch):
     """A float32 metric's match takes tf32x3 products on a GPU (DOT_MODE 3), float32 FMA products with
     FP32_PRODUCTS="ieee" (1), at the same tiles; 16-bit metrics keep their own products; a bad setting
-    is named."""
+    is named. Over one chunk of at most 64 channels (keys averaged over heads), tf32x3 takes 64 x 64 x 64
+    tiles at 8 warps."""
     monkeypatch.setattr(triton_ops, "_interpreting", lambda: False)
     tiles = triton_ops._match_tiles(32, 433, 433, 768, torch.float32)
     assert tiles["DOT_MODE"] == 3 and (tiles["BLOCK_A"], tiles["BLOCK_B"], tiles["BLOCK_C"]) == (64, 32, 16)
+    assert tiles["num_warps"] == 4
+    one_chunk = triton_ops._match_tiles(32, 433, 433, 64, torch.float32)
+    assert (one_chunk["BLOCK_A"], one_chunk["BLOCK_B"], one_chunk["BLOCK_C"], one_chunk["num_warps"]) == (64, 64, 64, 8)
     assert triton_ops._match_tiles(32, 433, 433, 768, torch.float16)["DOT_MODE"] == 0
     monkeypatch.setattr(triton_ops, "FP32_PRODUCTS", "ieee")
     assert triton_ops._match_tiles(32, 433, 433, 768, torch.float32) == dict(tiles, DOT_MODE=1)
+    assert triton_ops._match_tiles(32, 433, 433, 64, torch.float32)["BLOCK_C"] == 16  # FMA products: 16 wide
     monkeypatch.setattr(triton_ops, "FP32_PRODUCTS", "tf32")
     with pytest.raises(ValueError, match="FP32_PRODUCTS='tf32'"):
         triton_ops._match_tiles(32, 433, 433, 768, torch.float32)
@@ -547,12 +552,17 @@ def test_float32_match_products_on_a_gpu(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_merge_wide_feature_slices(dtype, device, monkeypatch):
     """With programs to spare, the forward's GPU tiling doubles its feature slice to 256 for 16-bit
-    features (not for fp32, whose 128-wide slice spills on sm_80): here forced by a GPU that 1
-    program fills, on clips of 3 token tiles whose merged tokens all go to two B tokens."""
+    features, in 8-token tiles (not for fp32, whose 128-wide slice spills on sm_80): here forced by a GPU
+    that 1 program fills, on clips of 10 token tiles whose merged tokens all go to two B tokens."""
     monkeypatch.setattr(triton_ops, "_interpreting", lambda: False)
     monkeypatch.setattr(triton_ops, "GPU_FILL", 1)
-    assert triton_ops._merge_fwd_tiles(2, 80, 256, dtype.itemsize)["BLOCK_D"] == 256
+    assert triton_ops._merge_fwd_tiles(2, 80, 256, dtype.itemsize) == dict(BLOCK_T=8, BLOCK_D=256, num_warps=4)
     assert triton_ops._merge_fwd_tiles(2, 80, 256, 4)["BLOCK_D"] == 64
+    # With the LayerNorm: one token a program at 2 warps, but 4-token tiles at 8 warps for a join's.
+    assert triton_ops._merge_norm_tiles(2, 80, 768, dtype.itemsize, False) == dict(BLOCK_T=1, BLOCK_D=1024,
+                                                                                   num_warps=2)
+    assert triton_ops._merge_norm_tiles(2, 80, 768, dtype.itemsize, True) == dict(BLOCK_T=4, BLOCK_D=1024,
+                                                                                  num_warps=8)
     g = torch.Generator().manual_seed(21)
     x = make_tokens(2, 101, 256, dtype, "contiguous", device, g)
     _check_merge(x, _sizes(2, 101, "BN1-fp32", dtype, device, g), random_plan(2, 101, 1, 21, device, g, hub=True),

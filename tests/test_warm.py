@@ -167,7 +167,7 @@ WARM_THEN_LAUNCH = """
 import torch
 from triton import knobs
 from benchmarks import warm
-from benchmarks.common import merge_shapes
+from benchmarks.common import merge_shapes, metric_tensor
 from tempme_fast import ops
 
 summary = warm.warm(["ViT-B-32"], [2], ["fp16"], ["ops"], jobs=2)
@@ -176,11 +176,13 @@ misses = []
 knobs.compilation.listener = lambda **info: misses.append(info["src"].name) if not info["cache_hit"] else None
 for s in merge_shapes("ViT-B-32", 2):
     g = torch.Generator(device="cuda").manual_seed(0)
-    metric = torch.randn(s.rows, s.tokens, s.channels, device="cuda", dtype=torch.float16, generator=g)
+    # As bench_ops calls the ops: after attention, every head's keys in a view of the q | k | v projection.
+    metric = metric_tensor(s.rows, s.tokens, s.channels, s.heads, torch.float16, "cuda", g)
     x = torch.randn(s.rows, s.tokens, s.width, device="cuda", dtype=torch.float16, generator=g, requires_grad=True)
     size = torch.randint(1, 5, (s.rows, s.tokens, 1), device="cuda", generator=g).float()
-    ops.best_match(metric, s.protected, backend="triton")
-    out, _ = ops.merge(x, size, ops.match(metric, s.r, s.protected, backend="triton"), backend="triton")
+    ops.best_match(metric, s.protected, backend="triton", heads=s.heads)
+    plan = ops.match(metric, s.r, s.protected, backend="triton", heads=s.heads)
+    out, _ = ops.merge(x, size, plan, backend="triton")
     torch.autograd.grad(out, x, torch.randn_like(out))
 torch.cuda.synchronize()
 print("misses", misses)

@@ -2,7 +2,10 @@
 
 Both backends compute in float32 (float64 input: float64) and round once to the input dtype, so:
 
-- a cosine score is within :data:`SCORE_TOL` of the float64 score of the same (rounded) metric;
+- a cosine score is within :data:`SCORE_TOL` of the float64 score of the same (rounded) metric; a metric
+  averaged over heads is rounded once, after a float32 sum whose order is the backend's (and, for torch,
+  the device's): rarely an element lands one unit in the last place apart, which moves a score by up to
+  about 1e-4, so a score is held to the nearer of those roundings (:func:`head_means`);
 - a plan is the float64 plan wherever no near-tie decides it: each merged token joins a B token whose
   float64 score is within ``SCORE_TOL`` of its best, every merged token scores at least every kept one
   less ``SCORE_TOL``, and merged tokens come highest score first to within ``SCORE_TOL``; on a metric
@@ -29,6 +32,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from . import reference
 from .reference import MergePlan, group_sources, split_slices
 
 # (atol, rtol) of a merged value or gradient against float64: one rounding to the dtype on store, plus
@@ -58,7 +62,22 @@ EMBEDDING_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2,
 GRADIENT_TOL = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 2e-1, torch.float64: 1e-8}
 
 __all__ = ["ATTENTION_TOL", "EMBEDDING_TOL", "GRADIENT_TOL", "NORM_TOL", "SCORE_TOL", "VALUE_TOL", "cosine_scores",
-           "plan_agreement", "relative_error", "scaled_error_ratio", "tolerance_ratio"]
+           "head_means", "plan_agreement", "relative_error", "scaled_error_ratio", "tolerance_ratio"]
+
+
+def head_means(metric: torch.Tensor, heads: int) -> Tuple[torch.Tensor, ...]:
+    """The roundings of ``reference.head_mean(metric, heads)`` that the backends compute: torch's mean (the
+    torch backend; its summation order is the device's) and, for ``heads > 1``, the Triton kernels': a float32
+    sum over the heads in order, times float32 ``1 / heads``, rounded once to the metric's dtype. For
+    ``heads == 1``, or a metric already in float32 or float64 (no rounding after the sum), just torch's."""
+    torch_mean = reference.head_mean(metric, heads)
+    if heads == 1 or metric.dtype in (torch.float32, torch.float64):
+        return (torch_mean,)
+    per_head = metric.unflatten(-1, (heads, -1)).float()
+    total = per_head[..., 0, :]
+    for h in range(1, heads):
+        total = total + per_head[..., h, :]
+    return torch_mean, (total * torch.tensor(1.0 / heads, dtype=torch.float32)).to(metric.dtype)
 
 
 def cosine_scores(metric: torch.Tensor, protected: int) -> torch.Tensor:

@@ -64,6 +64,8 @@ GPU_BLOCK_MATCH = 64
 GPU_BLOCK_CHANNELS = 128
 # Elements of a merge-and-LayerNorm program's tile on a GPU (tokens x all features).
 NORM_TILE_ELEMENTS = 4096
+# Token tile of the merge forward's 16-bit programs on a GPU (_merge_fwd_tiles).
+MERGE_FWD_TOKENS = 8
 # (destination, merged token) pairs a thread compares in one step of merge_index's grouping on a GPU.
 GROUPING_PAIRS_PER_THREAD = 8
 # Rows whose plan is sorted in registers (one int64 key a token, kernels/match.py): from
@@ -92,7 +94,10 @@ _FP32_DOT_MODES = {"ieee": 1, "tf32x3": 3}
 # ptxas held one variant (ViT-B/32 layer 10, fp16, sm_80) at 80 registers with an 8 B spill; capped at 128,
 # none spills (105-127 registers). All 12 heads at once, capped, compile without a spill with triton 3.8's
 # ptxas but spill 144-944 B on sm_80 with triton 3.6's; uncapped they spilled 16-24 B there with 3.8's. The
-# 4-warp float32 matches are not capped: at 128 they spilled 8 B on sm_90, and they take up to 168 without.
+# 4-warp float32 matches are not capped: at 128 they spilled 8 B on sm_90, and they take up to 168 without;
+# nor are the 8-warp float32 ones over one chunk (tf32x3 products, _match_tiles): capped at 128, they spilled
+# 1.1-1.2 KB on sm_80 (mma.sync takes more registers than Hopper's wgmma); uncapped, 128-131 registers on sm_90
+# and 255 on sm_80, no spill.
 HEAD_LOADS = 4
 MATCH_HEADS_MAXNREG = 128
 # Whether the match averages the keys over heads as it loads them (True), or torch averages them first and
@@ -195,8 +200,17 @@ def _match_tiles(rows: int, na: int, nb: int, channels: int, dtype: torch.dtype)
     # chunks spill on sm_80 (404 B), 16-wide ones fit in 128 registers on sm_80 and sm_90. tf32x3
     # products keep these tiles: 84-188 registers, no spill (sm_80, sm_90; triton 3.6 and 3.8).
     block_c = min(_block(channels, cap), 16 if dot_mode == 2 or fp32_on_gpu else 64)
+    warps = 4 if fp32_on_gpu else 8
+    if fp32_on_gpu and dot_mode == 3 and channels <= cap:
+        # tf32x3 products over one chunk of at most 64 channels (the keys averaged over heads after
+        # attention, each A tile loaded once): 64 x 64 tiles at 8 warps ran 1.26x the 64 x 32 x 16 ones
+        # over the H200's sweep (ViT-B/16, 32 videos), 1.3-1.8x at every such layer; over a join's 768
+        # hidden channels they lost (0.83x at layer 8), so those keep the tiles above. The sweep ran them
+        # capped at 128 registers; uncapped (MATCH_HEADS_MAXNREG), triton 3.6 gives them 131 on sm_90: one
+        # program an SM, not two. The next sweep times them so.
+        block_b, block_c, warps = cap, _block(channels, cap), 8
     return dict(BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_C=block_c, DOT_MODE=dot_mode,
-                **_match_split(rows, na, nb, block_a, block_b), num_warps=4 if fp32_on_gpu else 8)
+                **_match_split(rows, na, nb, block_a, block_b), num_warps=warps)
 
 
 def _match_split(rows: int, na: int, nb: int, block_a: int, block_b: int) -> Dict[str, int]:
@@ -230,21 +244,22 @@ def _merge_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[str,
 
 
 def _merge_fwd_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[str, int]:
-    """``_merge_tiles`` for the merge forward: with programs to spare (4 x ``GPU_FILL`` at twice the
-    slice), twice as wide a feature slice. A forward program's time is a chain of dependent loads
-    (its grouping, then one gather per source), not its bytes: a wider slice halves the programs
-    that repeat the chain."""
+    """``_merge_tiles`` for the merge forward. A forward program's time is a chain of dependent loads (its
+    grouping, then one gather per source of its tile's busiest token), not its bytes, so 16-bit features
+    on a GPU take ``MERGE_FWD_TOKENS``-token tiles at 4 warps: more programs, each with a shorter chain,
+    have more loads in flight. Their feature slice is twice ``_merge_tiles``' where that still leaves
+    ``GPU_FILL`` programs (a wider slice halves the programs that repeat the chain). The H200's sweep at
+    ViT-B/16's image merge, 32 videos: 8 x 256 at 4 warps reached 0.84 of the copy bandwidth, against 0.65
+    for the 32 x 256 at 8 warps this took before, 0.81 for 16 x 128 and 0.77 for 16 x 256."""
     tiles = _merge_tiles(rows, tokens, width, itemsize)
-    wide = 2 * tiles["BLOCK_D"]
-    programs = rows * _cdiv(tokens, tiles["BLOCK_T"]) * _cdiv(width, wide)
     # 16-bit features only: a 128-wide fp32 slice spills on sm_80 (32 B at the ViT-B/16 joins).
-    if not _interpreting() and itemsize <= 2 and wide <= width and programs >= 4 * GPU_FILL:
+    if _interpreting() or itemsize > 2:
+        return tiles
+    block_t = min(tiles["BLOCK_T"], MERGE_FWD_TOKENS)
+    wide = 2 * tiles["BLOCK_D"]
+    if wide <= width and rows * _cdiv(tokens, block_t) * _cdiv(width, wide) >= GPU_FILL:
         tiles["BLOCK_D"] = wide
-    elif itemsize <= 2 and tiles["BLOCK_T"] >= 32:
-        # 32 x 128 16-bit tiles at 8 warps: ptxas holds them at 80 registers and spills 8-16 B of
-        # bf16 on sm_80; at 4 warps, 122-143 registers, no spill (the same elements in flight an SM).
-        tiles["num_warps"] = 4
-    return tiles
+    return dict(tiles, BLOCK_T=block_t, num_warps=4)
 
 
 def _source_block(r: int, block_j: int) -> int:
@@ -264,8 +279,14 @@ def _merge_norm_tiles(rows: int, tokens: int, width: int, itemsize: int, has_pos
     thread at 4 warps, 64 at 8) and spilled a few bytes rather than take more. 8 warps for 32-bit
     features (at 4 the image merge spilled 8 B on sm_90) and for joins, which add the position
     embedding (12 B on sm_80 and sm_90 at 4, triton 3.6's ptxas); 4 for the other 16-bit merges
-    (at 8 the bf16 ones spilled 10 B on sm_80 with that ptxas)."""
+    (at 8 the bf16 ones spilled 10 B on sm_80 with that ptxas).
+
+    16-bit merges without the position embedding take one token a program at 2 warps: on the H200 (ViT-B/16,
+    32 videos, layers 0 and 8-10) that ran 1.16x the 4 x 4 tiles over those layers, the fastest of the
+    sweep's tiles at each (0.72 of the copy bandwidth at layer 0, against 0.62); its grid is the tokens."""
     block_d = _next_power_of_2(width)
+    if not _interpreting() and itemsize <= 2 and not has_pos:
+        return dict(BLOCK_T=1, BLOCK_D=block_d, num_warps=2)
     cap = INTERPRETER_BLOCK if _interpreting() else max(1, NORM_TILE_ELEMENTS // block_d)
     block_t = max(1, min(_next_power_of_2(tokens), cap))
     return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=8 if itemsize > 2 or has_pos else 4)
@@ -320,22 +341,22 @@ def _match_launch(shape, strides, dtype: torch.dtype, protected: int, group: int
                plan_width if plan else na, *strides)
     meta = dict(TINY=torch.finfo(acc).tiny, PLAN=plan, SORT_BLOCK=_plan_sort_block(na, acc) if plan else 0,
                 **(_grouping_widths(r, nb) if plan else {"GROUP_BLOCK": 0, "GROUP_BINS": 0}), **tiles,
-                **_head_meta(heads, channels, tiles["BLOCK_C"], tiles["num_warps"]))
+                **_head_meta(heads, channels, tiles["BLOCK_C"], tiles["num_warps"], dtype))
     return _MatchLaunch(rows, na, acc, (rows, splits, 2, na), plan_width,
                         Launcher(_best_match_fwd_kernel, (a_blocks * splits, rows), scalars, meta))
 
 
-def _head_meta(heads: int, channels: int, block_c: int, num_warps: int) -> Dict[str, object]:
-    """The match kernel's ``HEADS``, ``C_STAGES``, ``A_KEPT``, ``HEAD_STEP`` and, averaging heads, its
-    register cap. For one head the loops over channel chunks are software-pipelined over 3 stages (as the
-    kernel's default); averaging heads, each stage would buffer ``HEADS`` tiles of A and of B in shared
-    memory (576 KB at ViT-B), so they are not, and where a head's channels are one chunk the averaged A
-    tile is kept for every B block rather than averaged again for each."""
+def _head_meta(heads: int, channels: int, block_c: int, num_warps: int, dtype: torch.dtype) -> Dict[str, object]:
+    """The match kernel's ``HEADS``, ``C_STAGES``, ``A_KEPT``, ``HEAD_STEP`` and, averaging heads over a
+    16-bit metric at 8 warps, its register cap. For one head the loops over channel chunks are
+    software-pipelined over 3 stages (as the kernel's default); averaging heads, each stage would buffer
+    ``HEADS`` tiles of A and of B in shared memory (576 KB at ViT-B), so they are not, and where a head's
+    channels are one chunk the averaged A tile is kept for every B block rather than averaged again for each."""
     if heads == 1:
         return {"HEADS": 1, "C_STAGES": 3, "A_KEPT": False, "HEAD_STEP": 1}
     step = max(s for s in range(1, min(heads, HEAD_LOADS) + 1) if heads % s == 0)
     meta = {"HEADS": heads, "C_STAGES": 1, "A_KEPT": channels <= block_c, "HEAD_STEP": step}
-    if num_warps == 8:
+    if num_warps == 8 and dtype.itemsize <= 2:
         meta["maxnreg"] = MATCH_HEADS_MAXNREG
     return meta
 
