@@ -9,6 +9,8 @@ Variants (those that cannot run on the device are skipped):
   tempme-triton-jit  the same, every kernel launched through Triton's JITFunction.run (no cached launch)
   tempme-triton-mean the same with the keys averaged over heads by torch before each match (one more kernel
                      a merge), where the match otherwise averages them as it loads them (+graph: replayed)
+  tempme-triton-mlp  the same with each block's c_fc and GELU as one Triton kernel (encoder.FUSED_MLP; 16-bit
+                     weights), where cuBLAS runs the product and a second kernel the activation (+graph: replayed)
   tempme-triton+graph    the same, captured in a CUDA graph
   tempme-triton+compile  the same under torch.compile (opt-in: --compile)
 
@@ -24,7 +26,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
+from tempme_fast import TempMeConfig, apply_tempme, encoder, remove_tempme
 from tempme_fast.bench import peak_memory_mb
 from tempme_fast.arguments import add_config_arguments, config_from_args
 from tempme_fast.encoder import block_forward, class_block_forward, embed_frames
@@ -39,14 +41,15 @@ from .devicetime import device_columns, enqueue_ms, host_columns
 from .oracle import check_embedding, check_gradients, check_raised, parameter_grads
 
 VARIANTS = ("open_clip", "open_clip+graph", "open_clip+compile", "tempme-eager", "tempme-torch", "tempme-triton",
-            "tempme-triton-jit", "tempme-triton-mean", "tempme-triton+graph", "tempme-triton-mean+graph",
-            "tempme-triton+compile")
+            "tempme-triton-jit", "tempme-triton-mean", "tempme-triton-mlp", "tempme-triton+graph",
+            "tempme-triton-mean+graph", "tempme-triton-mlp+graph", "tempme-triton+compile")
 # The variant whose eager embeddings each inference row's are held against (benchmarks.oracle.check_embedding),
 # and whose gradients each training row's are (check_gradients): the Triton paths against the torch backend's,
 # a graph replay of open_clip against open_clip.
 CHECKED_AGAINST = {"open_clip+graph": "open_clip", "open_clip+compile": "open_clip", "tempme-triton": "tempme-torch",
                    "tempme-triton-jit": "tempme-torch", "tempme-triton-mean": "tempme-torch",
-                   "tempme-triton-mean+graph": "tempme-torch",
+                   "tempme-triton-mean+graph": "tempme-torch", "tempme-triton-mlp": "tempme-torch",
+                   "tempme-triton-mlp+graph": "tempme-torch",
                    "tempme-triton+graph": "tempme-torch", "tempme-triton+compile": "tempme-torch"}
 
 
@@ -214,11 +217,13 @@ def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: t
     apply_tempme(model, config, backend=backend, attention=attention, trim_last_block=trim)
     compiled = None
     cached = launch.CACHED  # off already under TEMPME_FAST_CACHED_LAUNCH=0 (the suite's fallback)
-    heads_in_match = triton_ops.HEADS_IN_MATCH
+    heads_in_match, fused_mlp = triton_ops.HEADS_IN_MATCH, encoder.FUSED_MLP
     if variant.endswith("-jit"):
         launch.CACHED = False
     if "-mean" in variant:
         triton_ops.HEADS_IN_MATCH = False
+    if "-mlp" in variant:
+        encoder.FUSED_MLP = True
     try:
         if mode == "infer":
             model.eval()
@@ -257,7 +262,7 @@ def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: t
                 **(compiled.record() if compiled else {"compiled": False})}
     finally:
         launch.CACHED = cached
-        triton_ops.HEADS_IN_MATCH = heads_in_match
+        triton_ops.HEADS_IN_MATCH, encoder.FUSED_MLP = heads_in_match, fused_mlp
         model.zero_grad(set_to_none=True)
         remove_tempme(model)
 

@@ -11,8 +11,9 @@ launchers' host time. Every merge runs as the model runs it, with the LayerNorm 
 its merge launch (``NORM=1``); attention runs on token-major views of the packed projection, with
 the size bias from the first merge on, at every layer of the schedules and at the head dims of
 larger open_clip ViTs (``OTHER_HEAD_DIMS``); every residual add that takes the LayerNorm after it
-(``ops.add_norm``) runs at its shape and layout, and so does the embedding's ``ops.embed_norm``.
-``--kernels merge``, ``attention`` or ``norm`` narrows it.
+(``ops.add_norm``) runs at its shape and layout, and so does the embedding's ``ops.embed_norm``; every block's
+``c_fc`` and GELU run as one 16-bit ``ops.linear_act`` (what the encoder launches with ``encoder.FUSED_MLP``).
+``--kernels merge``, ``attention``, ``norm`` or ``mlp`` narrows it.
 ``--loops`` adds each variant's main loop in machine code (``nvdisasm``, bundled with Triton): the
 instructions a warp issues per trip, the special-function, tensor-core and select (``FSEL``, ``SEL``: a
 mask applied to values) ones among them (for the attention kernels, the loop over full tiles).
@@ -251,6 +252,47 @@ def norm_launches(step: NormStep, dname: str) -> List["Launch"]:
     return rec.launches
 
 
+@dataclass(frozen=True)
+class MlpStep:
+    """One block's ``c_fc`` and activation as ``ops.linear_act`` runs them (``encoder.FUSED_MLP``): ``rows``
+    tokens of ``width`` features into ``hidden``."""
+
+    model: str
+    batch: int
+    layer: int
+    rows: int
+    width: int
+    hidden: int
+
+
+def mlp_steps(model: str, batch: int, config: TempMeConfig = TempMeConfig()) -> List[MlpStep]:
+    """Every block's MLP input: the tokens after its merge, and the trimmed last block's class tokens."""
+    depth, tokens, width, heads = GEOMETRY[model]
+    layers = token_schedule(config, depth, tokens).layers
+    steps = [MlpStep(model, batch, p.layer, batch * p.clips_out * p.tokens_out, width, 4 * width) for p in layers[:-1]]
+    last = layers[-1]
+    return steps + [MlpStep(model, batch, last.layer, batch * last.clips_out * last.protected_out, width, 4 * width)]
+
+
+def run_mlp(step: MlpStep, dtype: torch.dtype, device: str = "meta") -> None:
+    """The launcher call of one block's fused ``c_fc`` and GELU, as the encoder makes it (16-bit weights only:
+    other dtypes run torch's ops)."""
+    from tempme_fast.ops import triton_linear
+
+    if dtype.itemsize != 2:
+        return
+    x = torch.empty(step.rows, step.width, dtype=dtype, device=device)
+    weight = torch.empty(step.hidden, step.width, dtype=dtype, device=device)
+    triton_linear.linear_act_forward(x, weight, weight[:, 0].contiguous(), "gelu")
+
+
+def mlp_launches(step: MlpStep, dname: str) -> List["Launch"]:
+    rec = Recorder("triton_linear")
+    with rec.active():
+        run_mlp(step, DTYPES[dname])
+    return rec.launches
+
+
 def _bundled(tool: str) -> str:
     """A CUDA tool shipped with Triton (``ptxas``, ``nvdisasm``), else the one on the PATH."""
     import triton
@@ -343,10 +385,11 @@ def access_widths(ptx: str) -> Tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 
 def collect(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[str],
-            kernels: Sequence[str] = ("merge", "attention", "norm")):
+            kernels: Sequence[str] = ("merge", "attention", "norm", "mlp")):
     """``(variants, steps)``: each distinct launch with the programs it runs per batch, and per
     merge step its forward/backward launches and allocations. ``kernels``: any of the merge steps'
-    kernels, the attention's (every layer, forward and backward) and the fused residual adds'."""
+    kernels, the attention's (every layer, forward and backward), the fused residual adds' and the fused
+    ``c_fc`` and GELU's (``mlp``)."""
     variants: Dict[tuple, dict] = {}
     steps = []
 
@@ -380,6 +423,8 @@ def collect(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[str]
                     add(attention_launches(att, dname), batch, dname, f"{short} L{att[0].layer} {kind}")
                 for norm in norm_steps(model, batch) if "norm" in kernels else ():
                     add(norm_launches(norm, dname), batch, dname, f"{short} L{norm.layer} {norm.what}")
+                for mlp in mlp_steps(model, batch) if "mlp" in kernels else ():
+                    add(mlp_launches(mlp, dname), batch, dname, f"{short} L{mlp.layer} c_fc+gelu")
     for batch in batches:
         for dname in dtypes:
             for att in head_dim_steps(batch) if "attention" in kernels else ():
@@ -496,7 +541,7 @@ def toolchain() -> str:
             f"torch {torch.__version__}")
 
 
-def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout, kernels=("merge", "attention", "norm"),
+def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout, kernels=("merge", "attention", "norm", "mlp"),
            loops: bool = False) -> List[str]:
     """Print the tables; return the failures that ``--check`` exits on. With ``loops``, also each
     variant's main loop in machine code (:func:`sass_loop`)."""
@@ -566,10 +611,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--archs", nargs="+", type=int, default=list(ARCHS), choices=list(ARCHS))
-    parser.add_argument("--kernels", nargs="+", default=["merge", "attention", "norm"],
-                        choices=["merge", "attention", "norm"],
+    parser.add_argument("--kernels", nargs="+", default=["merge", "attention", "norm", "mlp"],
+                        choices=["merge", "attention", "norm", "mlp"],
                         help="the merge steps' kernels, the attention kernels (every layer's), the residual adds "
-                             "fused with the LayerNorm after them; default: all")
+                             "fused with the LayerNorm after them, each block's c_fc fused with its GELU "
+                             "(16-bit; encoder.FUSED_MLP); default: all")
     parser.add_argument("--loops", action="store_true",
                         help="also print each variant's main loop in machine code (nvdisasm): the instructions a "
                              "warp issues per trip (an attention tile, a merge source, a match tile), the "

@@ -14,8 +14,9 @@ Recorded:
 
 - ``model``: every merge step of the schedules (the match, then the merge with the LayerNorm
   after it, inference and training forward, backward), every layer's attention (inference,
-  training forward and backward) and every residual add fused with the LayerNorm after it
-  (inference and training), as the encoder runs them;
+  training forward and backward), every residual add fused with the LayerNorm after it
+  (inference and training), as the encoder runs them, and every block's ``c_fc`` fused with its GELU
+  (16-bit: ``bench_model``'s ``tempme-triton-mlp`` rows);
 - ``ops``: what ``benchmarks.bench_ops`` calls on top of that (best match alone, the merge without
   a LayerNorm and its backward, at its shapes);
 - ``attention``: ``benchmarks.bench_attention``'s Triton calls (``[B', H, N, d]`` views, forward,
@@ -54,9 +55,10 @@ def record_launches(models: Sequence[str], batches: Sequence[int], dtypes: Seque
     from .bench_attention import attention_shapes
     from .common import VIT_GEOMETRY, merge_shapes
 
-    merges, attention, norms = (codegen.Recorder(m) for m in ("triton_ops", "triton_attention", "triton_norm"))
-    attention.launches = norms.launches = merges.launches  # one list: the order of the calls
-    with merges.active(), attention.active(), norms.active():
+    merges, attention, norms, linears = (codegen.Recorder(m) for m in ("triton_ops", "triton_attention", "triton_norm",
+                                                                       "triton_linear"))
+    attention.launches = norms.launches = linears.launches = merges.launches  # one list: the order of the calls
+    with merges.active(), attention.active(), norms.active(), linears.active():
         for name in dtypes:
             dtype = DTYPES[name]
             for model in models:
@@ -74,6 +76,8 @@ def record_launches(models: Sequence[str], batches: Sequence[int], dtypes: Seque
                         for step in codegen.norm_steps(model, batch):
                             codegen.run_norm(step, dtype)
                             codegen.run_norm(step, dtype, stats=True)
+                        for step in codegen.mlp_steps(model, batch):  # bench_model's tempme-triton-mlp rows
+                            codegen.run_mlp(step, dtype)
                     if model not in VIT_GEOMETRY:  # the op benchmarks have the ViT-B shapes only
                         continue
                     if "ops" in sets:

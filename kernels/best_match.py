@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .match import _plan_row
-from .tokens import _joined_token
+from .tokens import _bf16_nearest, _joined_token
 
 
 @triton.jit
@@ -57,11 +57,8 @@ def _metric_tile(ptrs, mask, head_stride, HEADS: tl.constexpr, ACC: tl.constexpr
                 total += tl.load(ptrs + (h0 + h) * head_stride, mask=mask, other=0.0).to(ACC)
         mean = total * (1.0 / HEADS)
         if ptrs.dtype.element_ty == tl.bfloat16:
-            # Rounded to the nearest bfloat16 (ties to even) by hand, then converted exactly: the
-            # interpreter's conversion truncates, the GPU's rounds; both now give torch's mean.
-            bits = mean.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            mean = bits.to(tl.float32, bitcast=True)
+            # Rounded to the nearest bfloat16 by hand, then converted exactly: torch's mean on both.
+            mean = _bf16_nearest(mean)
         m = mean.to(ptrs.dtype.element_ty)
     return m
 

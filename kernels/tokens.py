@@ -47,3 +47,12 @@ def _rounded_sum(x, y):
     else:
         s = (x.to(tl.float32) + y.to(tl.float32)).to(x.dtype)
     return s
+
+
+@triton.jit
+def _bf16_nearest(v):
+    """float32 ``v`` rounded to the nearest bfloat16 (ties to even), still as float32: converting that to
+    bfloat16 is then exact. The interpreter's conversion truncates, the GPU's rounds; this rounds in both."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)

@@ -41,6 +41,13 @@ class ClipState(NamedTuple):
     normed: Optional[Tuple[nn.Module, torch.Tensor]] = None
 
 
+# Whether each block's c_fc and activation run as one ops.linear_act on the Triton backend (16-bit weights, no
+# gradient; see _mlp). Off by default: that kernel replaces cuBLAS's product for c_fc, and whether the activation's
+# saved pass outweighs what the product may lose to cuBLAS is for a GPU run to say (tempme-triton-mlp rows of
+# benchmarks.bench_model).
+FUSED_MLP = False
+
+
 class EncoderOptions(NamedTuple):
     """Per-call switches of the encoder that are not part of the merge schedule."""
 
@@ -137,6 +144,30 @@ def _fusable_norm(norm: nn.Module) -> bool:
     which :func:`ops.merge_norm` computes; any other norm runs as its module after the merge."""
     return (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and norm.weight is not None
             and norm.bias is not None)
+
+
+def _mlp_activation(mlp: nn.Module) -> Optional[str]:
+    """``ops.linear_act``'s name for the activation of an open_clip MLP (``c_fc``, the activation, ``c_proj``:
+    ``nn.GELU`` exact or tanh, or open_clip's ``QuickGELU``), or None for any other MLP."""
+    children = list(mlp.named_children()) if isinstance(mlp, nn.Sequential) else []
+    if [name for name, _ in children] != ["c_fc", "gelu", "c_proj"] or not (
+            isinstance(mlp.c_fc, nn.Linear) and isinstance(mlp.c_proj, nn.Linear)):
+        return None
+    act = mlp.gelu
+    if type(act) is nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+    return "quick_gelu" if type(act).__name__ == "QuickGELU" else None
+
+
+def _mlp(mlp: nn.Module, h: torch.Tensor, backend: str) -> torch.Tensor:
+    """The block's MLP of ``h`` where :data:`FUSED_MLP` is set: on the Triton backend, for 16-bit inputs where
+    no gradient is wanted, ``c_fc`` and its activation run as one ``ops.linear_act``; otherwise (and for an
+    MLP of other layers) the module runs as it is."""
+    if h.dtype in (torch.float16, torch.bfloat16) and ops.resolve_backend(backend, h) == "triton":
+        act = _mlp_activation(mlp)
+        if act is not None and not needs_grad(h, mlp.c_fc.weight, mlp.c_fc.bias):
+            return mlp.c_proj(ops.linear_act(h, mlp.c_fc.weight, mlp.c_fc.bias, act, "triton"))
+    return mlp(h)
 
 
 def _layer_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -250,7 +281,8 @@ def block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, frame_pos
     else:
         x = x + _layer_scale(block.ls_1, out)
         h = _layer_norm(block.ln_2, x)
-    x, normed = _block_output(x, _layer_scale(block.ls_2, block.mlp(h)), next_norm, options.backend)
+    mlp = _mlp(block.mlp, h, options.backend) if FUSED_MLP else block.mlp(h)
+    x, normed = _block_output(x, _layer_scale(block.ls_2, mlp), next_norm, options.backend)
     return ClipState(x, size, c, sources, merged or plan.r > 0, normed)
 
 
@@ -276,7 +308,8 @@ def class_block_forward(block: nn.Module, state: ClipState, plan: LayerPlan, fra
     attn_size = size if options.prop_attn and merged else None
     out = _layer_scale(block.ls_1, _class_attention(block.attn, h, c, attn_size, options.attention, options.backend))
     x, h = _add_then_norm(x[:, :c], out, block.ln_2, options.backend)
-    x, normed = _block_output(x, _layer_scale(block.ls_2, block.mlp(h)), next_norm, options.backend)
+    mlp = _mlp(block.mlp, h, options.backend) if FUSED_MLP else block.mlp(h)
+    x, normed = _block_output(x, _layer_scale(block.ls_2, mlp), next_norm, options.backend)
     return ClipState(x, size[:, :c], c, None, merged or plan.r > 0, normed)
 
 

@@ -1,6 +1,8 @@
 """The benchmark scripts run end to end on a CPU at tiny sizes (their real runs are in BENCHMARKS.md)."""
 import json
 
+import pytest
+
 from benchmarks import bench_model, bench_ops
 from benchmarks.common import merge_shapes
 from benchmarks.rowlog import read_records
@@ -215,3 +217,26 @@ def test_bench_ops_tiles_rows(tmp_path):
     assert all(r["speedup_vs_torch"] > 0 for r in rows)
     # Each row's output was held against the float64 merge by its plan (benchmarks.oracle).
     assert all(r["agrees"] is True and 0 < r["tol_ratio"] <= 1 and r["near_ties"] == 0 for r in rows), rows
+
+
+@pytest.mark.interpreter
+def test_bench_model_mlp_variant_fuses_the_mlp_and_restores_the_switch(monkeypatch):
+    """``tempme-triton-mlp`` runs each block's c_fc and GELU as one linear_act (``encoder.FUSED_MLP``), and
+    leaves the switch as it found it."""
+    import torch
+
+    from tempme_fast import encoder
+    from tempme_fast.ops import triton_linear
+
+    calls = []
+    fused = triton_linear.linear_act
+    monkeypatch.setattr(triton_linear, "linear_act", lambda *a: calls.append(a[3]) or fused(*a))
+    model = tiny_clip().to(torch.float16)
+    clip = video(1, TINY_CONFIG.frames).to(torch.float16)
+    row = bench_model.bench_variant(model, TINY_CONFIG, "tempme-triton-mlp", "infer", clip, rep_ms=1)
+    act = encoder._mlp_activation(model.visual.transformer.resblocks[0].mlp)  # the tiny model's: QuickGELU
+    assert row["variant"] == "tempme-triton-mlp" and calls and set(calls) == {act} == {"quick_gelu"}
+    assert encoder.FUSED_MLP is False
+    calls.clear()
+    bench_model.bench_variant(model, TINY_CONFIG, "tempme-triton", "infer", clip, rep_ms=1)
+    assert calls == []

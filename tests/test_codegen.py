@@ -35,7 +35,8 @@ def test_no_spills_no_scalar_16bit_access_two_forward_launches(vit_b32_report):
     rows = [row for row in rows if len(row) == 12]  # (not the loops' table, of 8 columns)
     kernels = {row[0].strip() for row in rows}
     assert kernels == {"_best_match_fwd_kernel", "_merge_fwd_kernel", "_merge_bwd_kernel", "_attention_fwd_kernel",
-                       "_attention_bwd_kernel", "_add_norm_fwd_kernel", "_embed_norm_fwd_kernel"}, kernels
+                       "_attention_bwd_kernel", "_add_norm_fwd_kernel", "_embed_norm_fwd_kernel",
+                       "_linear_act_fwd_kernel"}, kernels
     assert done.stdout.startswith("Compiled with triton "), done.stdout[:200]
     # The model's merges write the LayerNorm that follows them: those variants are the ones compiled.
     fwd_variants = [row[2] for row in rows if row[0].strip() == "_merge_fwd_kernel"]

@@ -57,7 +57,7 @@ def test_records_the_model_the_op_and_the_attention_benchmarks_launches(binder_a
     model, ops, attention, every = (out[k] for k in ("model", "ops", "attention", "model+ops+attention"))
     assert set(model["kernels"]) == {"_best_match_fwd_kernel", "_merge_fwd_kernel", "_merge_bwd_kernel",
                                      "_attention_fwd_kernel", "_attention_bwd_kernel", "_add_norm_fwd_kernel",
-                                     "_embed_norm_fwd_kernel"}
+                                     "_embed_norm_fwd_kernel", "_linear_act_fwd_kernel"}
     assert set(ops["kernels"]) == {"_best_match_fwd_kernel", "_merge_fwd_kernel", "_merge_bwd_kernel"}
     assert set(attention["kernels"]) == {"_attention_fwd_kernel", "_attention_bwd_kernel"}
     # The op benchmark's merge without a LayerNorm (NORM=0) is not among the model's merges (NORM=1).

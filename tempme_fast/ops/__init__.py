@@ -22,15 +22,15 @@ import torch
 from . import attention_impl, recording, reference
 from .attention_impl import IMPLS as ATTENTION_IMPLS
 from .checks import (FLOAT_DTYPES, assert_finite, check_add_norm, check_attention, check_embed_norm, check_join,
-                     check_join_merge, check_merge, check_metric, check_norm, check_query_attention, check_r,
-                     check_residual, check_self_attention)
+                     check_join_merge, check_linear_act, check_merge, check_metric, check_norm, check_query_attention,
+                     check_r, check_residual, check_self_attention)
 from .eager import needs_grad
 from .reference import MergePlan, max_r, split_positions, split_sizes
 
 BACKENDS = ("torch", "triton", "auto")
 
 __all__ = ["ATTENTION_IMPLS", "BACKENDS", "FLOAT_DTYPES", "MergePlan", "add_norm", "assert_finite", "attention",
-           "best_match", "embed_norm",
+           "best_match", "embed_norm", "LINEAR_ACTIVATIONS", "linear_act",
            "join_clips", "join_merge", "join_merge_norm", "match", "max_r", "merge", "merge_norm", "query_attention",
            "resolve_backend", "self_attention", "split_positions", "split_sizes", "triton_available"]
 
@@ -81,6 +81,14 @@ def _triton_norm():
     if module is None:
         from . import triton_norm as module
         _TRITON_MODULES["norm"] = module
+    return module
+
+
+def _triton_linear():
+    module = _TRITON_MODULES.get("linear")
+    if module is None:
+        from . import triton_linear as module
+        _TRITON_MODULES["linear"] = module
     return module
 
 
@@ -236,6 +244,34 @@ def embed_norm(patches: torch.Tensor, class_embedding: torch.Tensor, positional_
                                                                         positional_embedding, weight, bias):
         return _triton_norm().embed_norm(patches, class_embedding, positional_embedding, weight, bias, eps)
     return reference.embed_norm(patches, class_embedding, positional_embedding, weight, bias, eps)
+
+
+# The activations of linear_act (names as reference.linear_act takes them).
+LINEAR_ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu")
+
+
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: str = "gelu",
+               backend: str = "auto") -> torch.Tensor:
+    """A linear layer and the activation after it, one op: ``act(F.linear(x, weight, bias))`` (the first half
+    of a transformer block's MLP: open_clip's ``c_fc`` and its activation module).
+
+    Args:
+        x: ``[..., K]`` float tensor, any strides.
+        weight: ``[N, K]``; bias: ``[N]`` or None; float, on x's device, cast to x's dtype first.
+        act: ``"none"``, ``"gelu"`` (``nn.GELU()``), ``"gelu_tanh"`` (``nn.GELU(approximate="tanh")``) or
+            ``"quick_gelu"`` (open_clip's ``QuickGELU``).
+    Returns:
+        ``[..., N]`` in x's dtype, as :func:`reference.linear_act` (the product plus bias rounded once, the
+        activation computed from that in float32, float64 for float64 ``x``, and rounded as torch rounds it).
+
+    The Triton backend applies the activation to each output tile before writing it, in one launch, where
+    torch writes the product, reads it back and writes the activation. It has no backward: where a gradient
+    can flow to any argument, both backends run the torch ops.
+    """
+    check_linear_act(x, weight, bias, act, LINEAR_ACTIVATIONS)
+    if resolve_backend(backend, x) == "triton" and not needs_grad(x, weight, bias):
+        return _triton_linear().linear_act(x, weight, bias, act)
+    return reference.linear_act(x, weight, bias, act)
 
 
 def join_clips(x: torch.Tensor, group: int, protected: int, frame_pos: Optional[torch.Tensor] = None,

@@ -253,6 +253,35 @@ def check_embed_norm(patches: torch.Tensor, class_embedding: torch.Tensor, posit
     check_norm(weight, bias, eps, patches)
 
 
+def check_linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: str,
+                     activations) -> None:
+    """Inputs of :func:`tempme_fast.ops.linear_act`: ``x [..., K]`` float with at least one row, ``weight [N, K]``
+    and ``bias [N]`` (or None) float on x's device, ``act`` one of ``activations``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor [..., K], got {type(x).__name__}")
+    if x.dim() < 2 or x.numel() == 0:
+        raise ValueError(f"x must be [..., K] with at least one row and one feature, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; valid: float32, float16, bfloat16, float64")
+    k = x.shape[-1]
+    for name, t, shape in (("weight", weight, None), ("bias", bias, None)):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; valid: float32, float16, bfloat16, float64")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; both must be on one device")
+    if weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape [N, {k}] (N >= 1; x has {k} features), got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape [{weight.shape[0]}] (one per output feature) or be None, "
+                         f"got {tuple(bias.shape)}")
+    if act not in activations:
+        raise ValueError(f"act={act!r}: valid: {', '.join(repr(a) for a in activations)}")
+
+
 def check_join_merge(x: torch.Tensor, size: torch.Tensor, group: int, protected: int, r: int,
                      frame_pos: Optional[torch.Tensor], check_finite: bool) -> None:
     """Inputs of :func:`tempme_fast.ops.join_merge`; with ``check_finite`` also the values of ``x``."""

@@ -33,7 +33,8 @@ META_AS_GPU = False
 KERNELS = {"triton_ops": ("_best_match_fwd_kernel", "_merge_fwd_kernel", "_merge_bwd_kernel", "_match_plan_kernel",
                           "_merge_index_kernel"),
            "triton_attention": ("_attention_fwd_kernel", "_attention_bwd_kernel"),
-           "triton_norm": ("_add_norm_fwd_kernel", "_embed_norm_fwd_kernel")}
+           "triton_norm": ("_add_norm_fwd_kernel", "_embed_norm_fwd_kernel"),
+           "triton_linear": ("_linear_act_fwd_kernel",)}
 
 
 @dataclass

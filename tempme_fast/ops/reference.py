@@ -211,6 +211,23 @@ def embed_norm(patches: torch.Tensor, class_embedding: torch.Tensor, positional_
     return layer_norm(x, weight, bias, eps)
 
 
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: str) -> torch.Tensor:
+    """``act(F.linear(x, weight, bias))`` as open_clip's MLP computes its hidden activations (``c_fc`` and the
+    activation module): ``act`` is ``"none"``, ``"gelu"`` (``nn.GELU()``), ``"gelu_tanh"``
+    (``nn.GELU(approximate="tanh")``) or ``"quick_gelu"`` (open_clip's ``QuickGELU``, ``x * sigmoid(1.702 x)``).
+    ``weight`` and ``bias`` are cast to x's dtype first. Differentiable in every tensor argument."""
+    y = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    if act == "gelu":
+        return F.gelu(y)
+    if act == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if act == "quick_gelu":
+        return y * torch.sigmoid(1.702 * y)
+    if act == "none":
+        return y
+    raise ValueError(f"act={act!r}: give 'none', 'gelu', 'gelu_tanh' or 'quick_gelu'")
+
+
 def merge_norm(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, weight: torch.Tensor, bias: torch.Tensor,
                eps: float, residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`merge` (of ``x + residual`` with a residual: the block's residual add before it),
