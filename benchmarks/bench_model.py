@@ -20,6 +20,7 @@ Variants (those that cannot run on the device are skipped):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from typing import Callable, Dict, List, Optional
@@ -215,9 +216,21 @@ def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: t
     in training :func:`benchmarks.oracle.check_gradients`)."""
     config, backend, attention, trim = _setting(variant, config)
     apply_tempme(model, config, backend=backend, attention=attention, trim_last_block=trim)
-    compiled = None
-    cached = launch.CACHED  # off already under TEMPME_FAST_CACHED_LAUNCH=0 (the suite's fallback)
-    heads_in_match, fused_mlp = triton_ops.HEADS_IN_MATCH, encoder.FUSED_MLP
+    try:
+        with variant_switches(variant):
+            return _bench_applied(model, variant, mode, video, rep_ms, compile_backend, reference)
+    finally:
+        model.zero_grad(set_to_none=True)
+        remove_tempme(model)
+
+
+@contextlib.contextmanager
+def variant_switches(variant: str):
+    """The library's module switches that ``variant`` names set for its duration, then restored: ``-jit`` the
+    cached launch off (``launch.CACHED``; off already under ``TEMPME_FAST_CACHED_LAUNCH=0``, the suite's
+    fallback), ``-mean`` the keys averaged by torch before the match (``triton_ops.HEADS_IN_MATCH``), ``-mlp``
+    each block's ``c_fc`` and GELU fused (``encoder.FUSED_MLP``)."""
+    saved = launch.CACHED, triton_ops.HEADS_IN_MATCH, encoder.FUSED_MLP
     if variant.endswith("-jit"):
         launch.CACHED = False
     if "-mean" in variant:
@@ -225,46 +238,50 @@ def bench_variant(model, config: TempMeConfig, variant: str, mode: str, video: t
     if "-mlp" in variant:
         encoder.FUSED_MLP = True
     try:
-        if mode == "infer":
-            model.eval()
-            if "compile" in variant:
-                compiled = Compiled(model.encode_video, compile_backend)
-            encode = compiled or model.encode_video
-
-            def step():
-                with torch.inference_mode():
-                    return encode(video)
-            fn = cuda_graph(step) if "graph" in variant else step
-        else:
-            model.train()
-            if "compile" in variant:  # the forward compiled, its backward too (AOTAutograd)
-                compiled = Compiled(model.encode_video, compile_backend)
-
-            def fn():
-                train_once(model, video, compiled)
-        timing = measure_ms(fn, video.device, rep_ms=rep_ms)
-        if video.device.type == "cuda":
-            timing["enqueue_ms"] = enqueue_ms(fn, video.device)
-        if reference is not None:
-            try:
-                if mode == "train":
-                    fn()
-                    timing.update(check_gradients(parameter_grads(model), reference, video.dtype))
-                else:
-                    timing.update(check_embedding(fn(), reference, video.dtype))
-            except Exception as e:  # noqa: BLE001 (recorded in the row; the timing stands)
-                timing.update(check_raised(e))
-        batch = video.shape[0]
-        return {"variant": variant, "mode": mode, **timing, "videos_per_s": batch / (timing["ms"] * 1e-3),
-                "peak_mib": peak_memory_mb(fn, video.device), "gflops_per_video": model_flops(model).gflops,
-                "gflops_executed": model_flops(model, executed=True).gflops,
-                "tokens_per_video": model.tempme.schedule.output_tokens,
-                **(compiled.record() if compiled else {"compiled": False})}
+        yield
     finally:
-        launch.CACHED = cached
-        triton_ops.HEADS_IN_MATCH, encoder.FUSED_MLP = heads_in_match, fused_mlp
-        model.zero_grad(set_to_none=True)
-        remove_tempme(model)
+        launch.CACHED, triton_ops.HEADS_IN_MATCH, encoder.FUSED_MLP = saved
+
+
+def _bench_applied(model, variant: str, mode: str, video: torch.Tensor, rep_ms: float, compile_backend: str,
+                   reference) -> Dict[str, object]:
+    """:func:`bench_variant`'s row, on a model patched for ``variant`` with its switches set."""
+    compiled = None
+    if mode == "infer":
+        model.eval()
+        if "compile" in variant:
+            compiled = Compiled(model.encode_video, compile_backend)
+        encode = compiled or model.encode_video
+
+        def step():
+            with torch.inference_mode():
+                return encode(video)
+        fn = cuda_graph(step) if "graph" in variant else step
+    else:
+        model.train()
+        if "compile" in variant:  # the forward compiled, its backward too (AOTAutograd)
+            compiled = Compiled(model.encode_video, compile_backend)
+
+        def fn():
+            train_once(model, video, compiled)
+    timing = measure_ms(fn, video.device, rep_ms=rep_ms)
+    if video.device.type == "cuda":
+        timing["enqueue_ms"] = enqueue_ms(fn, video.device)
+    if reference is not None:
+        try:
+            if mode == "train":
+                fn()
+                timing.update(check_gradients(parameter_grads(model), reference, video.dtype))
+            else:
+                timing.update(check_embedding(fn(), reference, video.dtype))
+        except Exception as e:  # noqa: BLE001 (recorded in the row; the timing stands)
+            timing.update(check_raised(e))
+    batch = video.shape[0]
+    return {"variant": variant, "mode": mode, **timing, "videos_per_s": batch / (timing["ms"] * 1e-3),
+            "peak_mib": peak_memory_mb(fn, video.device), "gflops_per_video": model_flops(model).gflops,
+            "gflops_executed": model_flops(model, executed=True).gflops,
+            "tokens_per_video": model.tempme.schedule.output_tokens,
+            **(compiled.record() if compiled else {"compiled": False})}
 
 
 def unmerged_gflops(model, frames: int) -> float:

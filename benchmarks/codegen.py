@@ -236,7 +236,9 @@ def run_norm(step: NormStep, dtype: torch.dtype, device: str = "meta", stats: bo
             # The patch embedding as the encoder makes it on CUDA: a matrix product's contiguous output.
             patches = torch.empty(step.rows, step.tokens - 1, step.width, dtype=dtype, device=device)
             table = torch.empty(step.tokens, step.width, dtype=dtype, device=device)
-            triton_norm.embed_norm_forward(patches, table[0], table, table[0], table[0], 1e-5)
+            # with the first block's ln_1 (model.first_norm), as encode_video runs it
+            triton_norm.embed_norm_forward(patches, table[0], table, table[0], table[0], 1e-5, table[0], table[0],
+                                           1e-5)
         return
     x = torch.empty(step.rows, step.view_of or step.tokens, step.width, dtype=dtype, device=device)[:, :step.tokens]
     residual = torch.empty(step.rows, step.tokens, step.width, dtype=dtype, device=device)

@@ -33,7 +33,7 @@ from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
 from tempme_fast.arguments import add_config_arguments, config_from_args
 from tempme_fast.loading import DTYPES, create_model, default_dtype_name
 
-from .bench_model import _setting, train_once
+from .bench_model import _setting, train_once, variant_switches
 from .common import RowLog, add_row_log_arguments, environment, failure, print_table
 from .devicetime import kernel_us
 from .report import profile_columns, profile_table
@@ -124,20 +124,26 @@ def profile_variant(model, config: TempMeConfig, variant: str, video: torch.Tens
     config, backend, attention, trim = _setting(variant, config)
     apply_tempme(model, config, backend=backend, attention=attention, trim_last_block=trim)
     try:
-        model.train(mode == "train")
-
-        def forward():
-            if mode == "train":
-                return train_once(model, video)
-            with torch.inference_mode():
-                return model.encode_video(video)
-        for _ in range(3):  # warm-up: compilation, autotuning, allocator growth stay out
-            forward()
-        wall = wall_ms(forward, video.device, repeats)
-        return summarise(op_times_us(forward, video.device, forwards), wall)
+        with variant_switches(variant):
+            return _profile_applied(model, video, forwards, repeats, mode)
     finally:
         model.zero_grad(set_to_none=True)
         remove_tempme(model)
+
+
+def _profile_applied(model, video: torch.Tensor, forwards: int, repeats: int, mode: str):
+    """:func:`profile_variant`'s rows, on a model patched for the variant with its switches set."""
+    model.train(mode == "train")
+
+    def forward():
+        if mode == "train":
+            return train_once(model, video)
+        with torch.inference_mode():
+            return model.encode_video(video)
+    for _ in range(3):  # warm-up: compilation, autotuning, allocator growth stay out
+        forward()
+    wall = wall_ms(forward, video.device, repeats)
+    return summarise(op_times_us(forward, video.device, forwards), wall)
 
 
 def run(device: torch.device, cases: Sequence[Tuple[str, int]], dtypes: Sequence[str], variants: Sequence[str],
@@ -182,8 +188,10 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", nargs="+", type=_case, default=None, metavar="MODEL:BATCH",
                         help="open_clip model name (or JSON config) and videos; default ViT-B-16:16 ViT-B-32:1")
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None, help="default: fp16 (CUDA), fp32 (CPU)")
-    parser.add_argument("--variants", nargs="+", choices=("open_clip", "tempme-torch", "tempme-triton"), default=None,
-                        help="default: open_clip and tempme-triton (CUDA), tempme-torch (CPU)")
+    parser.add_argument("--variants", nargs="+", choices=("open_clip", "tempme-torch", "tempme-triton",
+                                                          "tempme-triton-mlp"), default=None,
+                        help="default: open_clip and tempme-triton (CUDA), tempme-torch (CPU); tempme-triton-mlp: "
+                             "each block's c_fc and GELU in one kernel (bench_model's variant)")
     parser.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer"],
                         help="inference forwards, or training calls (forward and backward); default infer")
     parser.add_argument("--forwards", type=int, default=3, help="forwards under the profiler (default 3)")
@@ -196,8 +204,10 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     variants = args.variants or ["open_clip", "tempme-triton" if cuda else "tempme-torch"]
-    if not cuda and "tempme-triton" in variants:
-        parser.error("--variants tempme-triton needs --device cuda (the merge kernels do not run eagerly on a CPU)")
+    triton = [v for v in variants if v.startswith("tempme-triton")]
+    if not cuda and triton:
+        parser.error(f"--variants {' '.join(triton)} needs --device cuda (the merge kernels do not run eagerly on a "
+                     f"CPU)")
     env = environment(device)
     rows = run(device, args.cases or [("ViT-B-16", 16), ("ViT-B-32", 1)], args.dtypes or [default_dtype_name(device)],
                variants, args.forwards, args.repeats, config_from_args(args),

@@ -170,8 +170,11 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
           if gpu else []),  # Triton's tiles: nothing to sweep in the interpreter
         # Where the forward's time goes: kernels by group against the wall time. At one ViT-B/16 video the
         # graph-replayed encoder was 1.67 ms against open_clip's 1.55: its kernels say where.
+        # With the MLP's c_fc and GELU fused (encoder.FUSED_MLP): its kernel against cuBLAS's product and the GELU.
         Stage("profile", bench("profile", "profile", "--cases", "ViT-B-16:16", "ViT-B-32:1", "ViT-B-16:1",
-                               "--dtypes", dtype), 80, expect=45),
+                               "--dtypes", dtype,
+                               *(["--variants", "open_clip", "tempme-triton", "tempme-triton-mlp"] if gpu else [])),
+              90, expect=55),
         # The proportional-attention candidates (mask, fold, Triton kernel) at ViT-B/16's shapes.
         Stage("attention", [python, "-m", "benchmarks.bench_attention", "--device", device, "--jsonl", rows,
                             "--tag", "attention", "--models", "ViT-B-16", "--batches", "16", "--dtypes", dtype,

@@ -91,6 +91,9 @@ def _embed_norm_fwd_kernel(
     w_ptr,  # [D] LayerNorm weight
     b_ptr,  # [D] LayerNorm bias
     ln_ptr,  # [M, N, D] contiguous out: layer_norm(cat([cls, patches]) + pos)
+    w2_ptr,  # [D] the next LayerNorm's weight (read only if NEXT)
+    b2_ptr,  # [D] the next LayerNorm's bias (read only if NEXT)
+    next_ptr,  # [M, N, D] contiguous out if NEXT: that LayerNorm of ln as stored
     ROWS,  # M * N
     N,
     D,
@@ -98,13 +101,16 @@ def _embed_norm_fwd_kernel(
     stride_pn,
     stride_pd,
     EPS,
+    EPS2,
     ACC: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    NEXT: tl.constexpr = False,
 ):
     """One program per ``BLOCK_T`` tokens (of all frames, in order), each with all ``D`` features. Token 0
     of a frame is the class embedding, token ``t > 0`` the frame's patch ``t - 1``; the position embedding
-    is added and rounded to the patches' dtype (as the add of torch tensors), then normalised."""
+    is added and rounded to the patches' dtype (as the add of torch tensors), then normalised. With ``NEXT``
+    the LayerNorm that reads the result next (the first block's ``ln_1``) is applied to it as stored."""
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
@@ -117,4 +123,9 @@ def _embed_norm_fwd_kernel(
     pos = tl.load(pos_ptr + (tok * D)[:, None] + offs_d[None, :], mask=mask, other=0.0)
     y = _rounded_sum(tl.where(is_patch, patch, cls[None, :]), pos)
     ln, _, _ = _norm_rows(y, mask, offs_d, mask_d, w_ptr, b_ptr, D, EPS, ACC)
-    tl.store(ln_ptr + (offs_t * D)[:, None] + offs_d[None, :], ln.to(ln_ptr.dtype.element_ty), mask=mask)
+    ln = ln.to(ln_ptr.dtype.element_ty)
+    out = (offs_t * D)[:, None] + offs_d[None, :]
+    tl.store(ln_ptr + out, ln, mask=mask)
+    if NEXT:
+        h, _, _ = _norm_rows(ln, mask, offs_d, mask_d, w2_ptr, b2_ptr, D, EPS2, ACC)
+        tl.store(next_ptr + out, h.to(next_ptr.dtype.element_ty), mask=mask)

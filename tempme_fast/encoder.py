@@ -85,21 +85,28 @@ def patch_embed(conv: nn.Module, frames: torch.Tensor, as_matmul: Optional[bool]
 
 
 def embed_frames(visual: nn.Module, frames: torch.Tensor, track_videos: Optional[int] = None,
-                 backend: str = "torch") -> ClipState:
+                 backend: str = "torch", next_norm: Optional[nn.Module] = None) -> ClipState:
     """Patch embedding, class token, position embedding and ``ln_pre``: ``[M, 3, H, W]`` -> state.
 
     ``track_videos=B`` (``M = B * T``) starts source tracking; None leaves it off. On the Triton backend,
     where no gradient is wanted, the class token, position embedding and ``ln_pre`` are one op
     (``ops.embed_norm``) if ``ln_pre`` is a LayerNorm with weight and bias and patch dropout drops nothing;
-    training runs open_clip's ops.
+    training runs open_clip's ops. ``next_norm``: the LayerNorm that reads the result next (the first block's
+    ``ln_1``, see ``model.next_norm``); a fusable one goes into that op, and the state hands it on in
+    ``normed``.
     """
     x = patch_embed(visual.conv1, cast(frames, visual.conv1.weight.dtype))
-    ln_pre = visual.ln_pre
+    ln_pre, normed = visual.ln_pre, None
     if (ops.resolve_backend(backend, x) == "triton" and _fusable_norm(ln_pre)
             and _drops_nothing(visual.patch_dropout)
             and not needs_grad(x, visual.class_embedding, visual.positional_embedding, ln_pre.weight, ln_pre.bias)):
+        fuse_next = next_norm is not None and _fusable_norm(next_norm)
         x = ops.embed_norm(x, visual.class_embedding, visual.positional_embedding, ln_pre.weight, ln_pre.bias,
-                           ln_pre.eps, "triton")
+                           ln_pre.eps, "triton",
+                           next_norm=(next_norm.weight, next_norm.bias, next_norm.eps) if fuse_next else None)
+        if fuse_next:
+            x, h = x
+            normed = (next_norm, h)
     else:
         cls = cast(visual.class_embedding, x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + cast(visual.positional_embedding, x.dtype)
@@ -109,7 +116,7 @@ def embed_frames(visual: nn.Module, frames: torch.Tensor, track_videos: Optional
     sources = None
     if track_videos is not None:
         sources = tracking.initial_sources(track_videos, x.shape[0] // track_videos, x.shape[1], x.device)
-    return ClipState(x, size, 1, sources, merged=False)
+    return ClipState(x, size, 1, sources, merged=False, normed=normed)
 
 
 def _self_attention(attn: nn.MultiheadAttention, h: torch.Tensor, size: Optional[torch.Tensor],

@@ -295,7 +295,7 @@ def encode_video(model: nn.Module, video: torch.Tensor, mask: Optional[torch.Ten
             sources = source_map(initial_sources(b, t, tokens, video.device), t, t, tokens, 1)
     else:
         state = run_blocks(model, embed_frames(visual, frames, track_videos=b if return_sources else None,
-                                               backend=settings.backend))
+                                               backend=settings.backend, next_norm=first_norm(model)))
         features = frame_features(visual, state, b)
         if return_sources:
             sources = source_map(state.sources, t, state.x.shape[0] // b, state.x.shape[1], state.protected)
@@ -356,6 +356,17 @@ def next_norm(model: nn.Module, layer: int, forward, steps: Optional[list] = Non
         block, plan, _ = steps[layer + 1]
         return block.ln_1 if plan.group == 1 else None
     return model.visual.ln_post if forward is class_block_forward else None
+
+
+def first_norm(model: nn.Module) -> Optional[nn.Module]:
+    """The LayerNorm that reads the embedding's output (the first block's ``ln_1``, unless that block joins
+    clips), for ``embed_frames`` to apply in its op; None under gradient checkpointing, as :func:`run_blocks`
+    hands no LayerNorm on there."""
+    visual = model.visual
+    if visual.transformer.grad_checkpointing and torch.is_grad_enabled():
+        return None
+    # (next_norm(model, -1, None) without building the whole list of layer steps: host time at every call)
+    return visual.transformer.resblocks[0].ln_1 if model.tempme.schedule.layers[0].group == 1 else None
 
 
 def run_blocks(model: nn.Module, state: ClipState) -> ClipState:

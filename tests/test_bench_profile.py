@@ -138,9 +138,10 @@ def test_profile_refuses_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         profile.main(["--device", "cpu", "--cases", "ViT-B-16"])
     assert "give MODEL:BATCH with BATCH >= 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        profile.main(["--device", "cpu", "--variants", "tempme-triton"])
-    assert "needs --device cuda" in capsys.readouterr().err
+    for variant in ("tempme-triton", "tempme-triton-mlp"):
+        with pytest.raises(SystemExit):
+            profile.main(["--device", "cpu", "--variants", "open_clip", variant])
+        assert f"--variants {variant} needs --device cuda" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         profile.main(["--device", "cpu", "--forwards", "0"])
     assert "--forwards 0" in capsys.readouterr().err

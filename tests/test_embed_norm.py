@@ -48,6 +48,17 @@ def test_embed_norm_matches_reference(m, p, d, dtype, layout, device):
     torch.testing.assert_close(ln.cpu(), want, atol=atol, rtol=rtol)
     # The torch backend is the twin itself.
     assert torch.equal(ops.embed_norm(x.cpu(), cls.cpu(), pos.cpu(), weight.cpu(), bias.cpu(), 1e-5, "torch"), want)
+    # With the next LayerNorm (the first block's ln_1): the same first output, and that LayerNorm of it.
+    g = torch.Generator().manual_seed(d)
+    nxt = (torch.randn(d, generator=g).to(dtype).to(device), torch.randn(d, generator=g).to(dtype).to(device), 1e-6)
+    ln2, h = ops.embed_norm(x, cls, pos, weight, bias, 1e-5, backend="triton", next_norm=nxt)
+    assert torch.equal(ln2, ln) and h.shape == ln.shape and h.dtype == dtype and not h.isnan().any()
+    torch.testing.assert_close(h.cpu(), ref.layer_norm(ln2.cpu(), *(t.cpu() for t in nxt[:2]), 1e-6), atol=atol,
+                               rtol=rtol)
+    pair = ops.embed_norm(x.cpu(), cls.cpu(), pos.cpu(), weight.cpu(), bias.cpu(), 1e-5, "torch",
+                          next_norm=tuple(t.cpu() for t in nxt[:2]) + (1e-6,))
+    assert torch.equal(pair[0], want) and torch.equal(pair[1], ref.layer_norm(want, *(t.cpu() for t in nxt[:2]),
+                                                                              1e-6))
 
 
 def test_embed_norm_reads_each_token_where_it_is(tiling, device):
@@ -56,7 +67,7 @@ def test_embed_norm_reads_each_token_where_it_is(tiling, device):
     tables under 16-bit patches are cast first, as the encoder casts them."""
     x, cls, pos, weight, bias = _inputs(5, 11, 48, torch.float16, "transposed", device, seed=3,
                                         table_dtype=torch.float32)
-    ln = triton_norm.embed_norm(x, cls, pos, weight, bias, 1e-6)
+    (ln,) = triton_norm.embed_norm(x, cls, pos, weight, bias, 1e-6)
     want = ref.embed_norm(x.cpu(), cls.cpu(), pos.cpu(), weight.cpu(), bias.cpu(), 1e-6)
     torch.testing.assert_close(ln.cpu(), want, atol=NORM_TOL[torch.float16][0], rtol=NORM_TOL[torch.float16][1])
     # A frame's rows differ from another's only in their patches: the class token's row is the same.
@@ -98,8 +109,10 @@ def test_embed_norm_compiles_in_one_graph(device):
     (dict(weight=torch.ones(15)), r"weight must have shape \[D\] = \[16\]"),
     (dict(eps=0.0), "eps=0.0 must be a positive float"),
     (dict(backend="gpu"), "backend='gpu' is not one of"),
+    (dict(next_norm=(torch.ones(16), torch.zeros(16))), r"next_norm must be \(weight, bias, eps\)"),
+    (dict(next_norm=(torch.ones(15), torch.zeros(16), 1e-5)), r"weight must have shape \[D\] = \[16\]"),
 ], ids=["patches-rank", "patches-empty", "cls-shape", "pos-shape", "pos-dtype", "weight-shape", "eps-zero",
-        "backend"])
+        "backend", "next-norm-arity", "next-norm-weight"])
 def test_embed_norm_errors_name_the_argument(change, message):
     args = dict(patches=torch.randn(2, 10, 16), class_embedding=torch.randn(16),
                 positional_embedding=torch.randn(11, 16), weight=torch.ones(16), bias=torch.zeros(16), eps=1e-5,
@@ -156,3 +169,38 @@ def test_encode_video_on_triton_matches_torch_from_the_start(device):
         got = encode_video(model, v)
         want = encode_video(apply_tempme(model, TINY_CONFIG, backend="torch"), v)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_the_embedding_applies_the_first_blocks_ln_1(dtype, device, monkeypatch):
+    """``embed_frames(..., next_norm=ln_1)`` on the Triton backend hands ``(ln_1, ln_1(x))`` on in ``normed``,
+    from its one ``embed_norm``; ``encode_video`` passes the first block's ``ln_1`` (``model.first_norm``) and
+    that block reads it from the state, so it runs no LayerNorm of its own before attention (one
+    ``layer_norm`` call fewer). The torch backend, and a gradient, hand nothing on."""
+    from tempme_fast import encoder
+    from tempme_fast.model import first_norm
+
+    model = tiny_clip().to(device=device, dtype=dtype).eval()
+    ln_1 = model.visual.transformer.resblocks[0].ln_1
+    frames = video(2, 3, seed=7).flatten(0, 1).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        state = embed_frames(model.visual, frames, backend="triton", next_norm=ln_1)
+        assert state.normed is not None and state.normed[0] is ln_1
+        atol, rtol = NORM_TOL[dtype]
+        torch.testing.assert_close(state.normed[1], ref.layer_norm(state.x, ln_1.weight, ln_1.bias, ln_1.eps),
+                                   atol=atol, rtol=rtol)
+        assert torch.equal(state.x, embed_frames(model.visual, frames, backend="triton").x)
+        assert embed_frames(model.visual, frames, backend="torch", next_norm=ln_1).normed is None
+    assert embed_frames(model.visual, frames, backend="triton", next_norm=ln_1).normed is None  # a gradient flows
+    model = apply_tempme(model, TINY_CONFIG, backend="triton")
+    assert first_norm(model) is ln_1
+    v = video(2, TINY_CONFIG.frames, seed=8).to(device=device, dtype=dtype)
+    norms = []
+    layer_norm = encoder._layer_norm
+    monkeypatch.setattr(encoder, "_layer_norm", lambda norm, x: norms.append(norm) or layer_norm(norm, x))
+    with torch.no_grad():
+        encode_video(model, v)
+        assert ln_1 not in norms
+        norms.clear()
+        encode_video(apply_tempme(model, TINY_CONFIG, backend="torch"), v)
+    assert ln_1 in norms

@@ -282,3 +282,21 @@ def test_compile_reduce_overhead():
         out, size_out = compiled(metric, x, size)
     want, want_size = two_merges(metric, x, size)
     assert torch.equal(out, want) and torch.equal(size_out, want_size)
+
+
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("m", [36480, 547], ids=["ViT-B16-L0-x16", "ViT-B16-L10-x1"])
+def test_linear_act_at_the_mlps_shapes(m, dtype, act):
+    """``ops.linear_act`` at the c_fc of ViT-B/16 (768 -> 3072), at layer 0 of 16 videos (128 x 128 tiles) and
+    layer 10 of one (64 x 128): within twice the error of torch's own ops in the same dtype against float64,
+    and the same bits on a second call."""
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, 768, generator=g, device="cuda").to(dtype)
+    weight = (torch.randn(3072, 768, generator=g, device="cuda") / 768 ** 0.5).to(dtype)
+    bias = torch.randn(3072, generator=g, device="cuda").to(dtype)
+    got = ops.linear_act(x, weight, bias, act, backend="triton")
+    want = ref.linear_act(x.double(), weight.double(), bias.double(), act)
+    own = (ref.linear_act(x, weight, bias, act).double() - want).abs().max().item()
+    assert (got.double() - want).abs().max().item() <= 2 * own
+    assert torch.equal(ops.linear_act(x, weight, bias, act, backend="triton"), got)

@@ -219,7 +219,7 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias
 
 def embed_norm(patches: torch.Tensor, class_embedding: torch.Tensor, positional_embedding: torch.Tensor,
                weight: torch.Tensor, bias: torch.Tensor, eps: float, backend: str = "auto", *,
-               check_finite: bool = False) -> torch.Tensor:
+               next_norm: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None, check_finite: bool = False):
     """The start of a ViT's residual stream, one op: ``layer_norm(cat([class_embedding, patches]) +
     positional_embedding)`` per frame (open_clip's class token, position embedding and ``ln_pre``).
 
@@ -228,22 +228,33 @@ def embed_norm(patches: torch.Tensor, class_embedding: torch.Tensor, positional_
         class_embedding: ``[D]``; positional_embedding: ``[P + 1, D]``; float, on the patches' device, cast
             to their dtype first.
         weight, bias: ``[D]`` float LayerNorm parameters; eps: its epsilon, ``> 0``.
+        next_norm: ``(weight, bias, eps)`` of the LayerNorm that reads the result next (the first block's
+            ``ln_1``), or None.
         check_finite: also refuse ``patches`` holding NaN or Inf (a host synchronisation).
     Returns:
         ``[M, P + 1, D]`` in the patches' dtype, as :func:`reference.embed_norm` (the sum rounded as torch's
-        add rounds it, the LayerNorm in float32 arithmetic, float64 for float64 patches, one rounding).
+        add rounds it, the LayerNorm in float32 arithmetic, float64 for float64 patches, one rounding); with
+        ``next_norm``, the pair of it and its next LayerNorm.
 
-    The Triton backend reads the patches once and writes the LayerNorm alone, in one launch, where torch
-    writes the concatenation and the sum and reads each back. It has no backward: where a gradient can flow
-    to any argument, both backends run the torch ops.
+    The Triton backend reads the patches once and writes the LayerNorm alone (with ``next_norm``, the next
+    LayerNorm too), in one launch, where torch writes the concatenation and the sum and reads each back (and
+    reads the result back for the next LayerNorm). It has no backward: where a gradient can flow to any
+    argument, both backends run the torch ops.
     """
     check_embed_norm(patches, class_embedding, positional_embedding, weight, bias, eps)
+    if next_norm is not None:
+        if not isinstance(next_norm, (tuple, list)) or len(next_norm) != 3:
+            raise TypeError(f"next_norm must be (weight, bias, eps) of a LayerNorm or None, got {next_norm!r}")
+        check_norm(*next_norm, patches)
     if check_finite:
         assert_finite("patches", patches)
-    if resolve_backend(backend, patches) == "triton" and not needs_grad(patches, class_embedding,
-                                                                        positional_embedding, weight, bias):
-        return _triton_norm().embed_norm(patches, class_embedding, positional_embedding, weight, bias, eps)
-    return reference.embed_norm(patches, class_embedding, positional_embedding, weight, bias, eps)
+    grads = needs_grad(patches, class_embedding, positional_embedding, weight, bias,
+                       *(next_norm[:2] if next_norm is not None else ()))
+    if resolve_backend(backend, patches) == "triton" and not grads:
+        outs = _triton_norm().embed_norm(patches, class_embedding, positional_embedding, weight, bias, eps,
+                                         *(next_norm if next_norm is not None else ()))
+        return outs[0] if next_norm is None else tuple(outs)
+    return reference.embed_norm(patches, class_embedding, positional_embedding, weight, bias, eps, next_norm)
 
 
 # The activations of linear_act (names as reference.linear_act takes them).

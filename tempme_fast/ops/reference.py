@@ -199,16 +199,19 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias
 
 
 def embed_norm(patches: torch.Tensor, class_embedding: torch.Tensor, positional_embedding: torch.Tensor,
-               weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+               weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               next_norm: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None):
     """The start of a ViT's residual stream: ``layer_norm(cat([class_embedding, patches]) + positional_embedding)``
     per frame (open_clip's class token, position embedding and ``ln_pre``; see :func:`layer_norm`).
 
     ``patches [M, P, D]``; ``class_embedding [D]`` and ``positional_embedding [P + 1, D]``, cast to the
-    patches' dtype first; returns ``[M, P + 1, D]`` in that dtype. Differentiable in every tensor argument.
+    patches' dtype first; returns ``[M, P + 1, D]`` in that dtype, and with ``next_norm`` (``(weight, bias,
+    eps)`` of the LayerNorm that reads it next: the first block's ``ln_1``) the pair ``(x, layer_norm(x))``.
+    Differentiable in every tensor argument.
     """
     cls = class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
-    x = torch.cat([cls, patches], dim=1) + positional_embedding.to(patches.dtype)
-    return layer_norm(x, weight, bias, eps)
+    x = layer_norm(torch.cat([cls, patches], dim=1) + positional_embedding.to(patches.dtype), weight, bias, eps)
+    return x if next_norm is None else (x, layer_norm(x, *next_norm))
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: str) -> torch.Tensor:

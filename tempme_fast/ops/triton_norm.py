@@ -9,15 +9,16 @@ statistics (``triton_ops.layer_norm_backward``) plus the sum's own gradient, whi
 gradient of ``x`` and of the residual.
 
 ``embed_norm_forward`` is the start of the vision tower in one launch (``_embed_norm_fwd_kernel``): the
-class token, the position embedding and ``ln_pre`` of each frame's patch embeddings. It has no backward of
-its own: where a gradient is wanted, ``ops.embed_norm`` runs the torch ops.
+class token, the position embedding and ``ln_pre`` of each frame's patch embeddings, and, given its
+parameters, the first block's ``ln_1`` of the result. It has no backward of its own: where a gradient is
+wanted, ``ops.embed_norm`` runs the torch ops.
 
 As in :mod:`.triton_ops`: an eager call runs the launcher directly and uses the autograd function
 only where a gradient can flow; ``tempme::add_norm_fwd`` (with a fake implementation) is taken
 while ``torch.compile`` traces or a dispatch mode watches. The tile (tokens x every feature) and
 the warps come from the shape alone, so results repeat bit for bit.
 """
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton.language as tl
@@ -131,47 +132,59 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias
 
 
 def embed_norm_forward(patches: torch.Tensor, class_embedding: torch.Tensor, positional_embedding: torch.Tensor,
-                       weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """``layer_norm(cat([class_embedding, patches]) + positional_embedding)`` per frame, one launch.
+                       weight: torch.Tensor, bias: torch.Tensor, eps: float, next_weight: Optional[torch.Tensor] = None,
+                       next_bias: Optional[torch.Tensor] = None, next_eps: float = 0.0) -> List[torch.Tensor]:
+    """``layer_norm(cat([class_embedding, patches]) + positional_embedding)`` per frame, one launch; with
+    ``next_weight`` and ``next_bias``, also the LayerNorm that reads it next, in the same launch.
 
     Args:
         patches: ``[M, N - 1, D]`` float, any strides: each frame's patch embeddings.
         class_embedding: ``[D]``; positional_embedding: ``[N, D]``; both cast to the patches' dtype first
             (as the encoder casts them).
         weight, bias: ``[D]`` LayerNorm parameters, any float dtype; eps: its epsilon.
+        next_weight, next_bias, next_eps: the next LayerNorm's (the first block's ``ln_1``), or None.
     Returns:
-        ``[M, N, D]`` contiguous in the patches' dtype: the sum rounded as torch's add rounds it, then its
-        LayerNorm computed in float32 (float64 for float64 patches) and rounded once.
+        ``[ln]``, or with the next LayerNorm ``[ln, next]``: ``ln`` ``[M, N, D]`` contiguous in the patches'
+        dtype, the sum rounded as torch's add rounds it, then its LayerNorm computed in float32 (float64 for
+        float64 patches) and rounded once; ``next`` that LayerNorm of ``ln`` as stored, computed the same way.
     """
-    eps = float(eps)
+    eps, next_eps, has_next = float(eps), float(next_eps), next_weight is not None
     frames, _, width = patches.shape
     tokens = positional_embedding.shape[0]
-    key = ("embed_norm_fwd", patches.shape, patches.stride(), patches.dtype, tokens, eps)
-    launcher = remembered(key, lambda: _embed_norm_launch(patches, tokens, eps))
+    key = ("embed_norm_fwd", patches.shape, patches.stride(), patches.dtype, tokens, eps, next_eps, has_next)
+    launcher = remembered(key, lambda: _embed_norm_launch(patches, tokens, eps, next_eps, has_next))
     ln = _new_output((frames, tokens, width), patches.dtype, patches.device)
+    outs = [ln, _new_output((frames, tokens, width), patches.dtype, patches.device)] if has_next else [ln]
+    weight, bias = weight.contiguous(), bias.contiguous()
     launcher(patches, cast(class_embedding, patches.dtype).contiguous(),
-             cast(positional_embedding, patches.dtype).contiguous(), weight.contiguous(), bias.contiguous(), ln)
-    return ln
+             cast(positional_embedding, patches.dtype).contiguous(), weight, bias, ln,
+             next_weight.contiguous() if has_next else weight, next_bias.contiguous() if has_next else bias, outs[-1])
+    return outs
 
 
-def _embed_norm_launch(patches: torch.Tensor, tokens: int, eps: float) -> Launcher:
-    """The embed-norm launch of an input signature: it takes the kernel's six tensors."""
+def _embed_norm_launch(patches: torch.Tensor, tokens: int, eps: float, next_eps: float, has_next: bool) -> Launcher:
+    """The embed-norm launch of an input signature: it takes the kernel's nine tensors."""
     frames, _, width = patches.shape
     tiles = _add_norm_tiles(frames * tokens, width, patches.dtype.itemsize)
-    meta = dict(ACC=tl.float64 if patches.dtype == torch.float64 else tl.float32, **tiles)
+    meta = dict(ACC=tl.float64 if patches.dtype == torch.float64 else tl.float32, **tiles,
+                **({"NEXT": True} if has_next else {}))
     return Launcher(_embed_norm_fwd_kernel, (triton_ops._cdiv(frames * tokens, tiles["BLOCK_T"]),),
-                    (frames * tokens, tokens, width, *patches.stride(), eps), meta)
+                    (frames * tokens, tokens, width, *patches.stride(), eps, next_eps), meta)
 
 
 @torch.library.custom_op("tempme::embed_norm_fwd", mutates_args=())
 def _embed_norm_fwd_op(patches: torch.Tensor, class_embedding: torch.Tensor, positional_embedding: torch.Tensor,
-                       weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    return embed_norm_forward(patches, class_embedding, positional_embedding, weight, bias, eps)
+                       weight: torch.Tensor, bias: torch.Tensor, eps: float, next_weight: Optional[torch.Tensor] = None,
+                       next_bias: Optional[torch.Tensor] = None, next_eps: float = 0.0) -> List[torch.Tensor]:
+    return embed_norm_forward(patches, class_embedding, positional_embedding, weight, bias, eps, next_weight,
+                              next_bias, next_eps)
 
 
 @_embed_norm_fwd_op.register_fake
-def _(patches, class_embedding, positional_embedding, weight, bias, eps):
-    return patches.new_empty((patches.shape[0], positional_embedding.shape[0], patches.shape[2]))
+def _(patches, class_embedding, positional_embedding, weight, bias, eps, next_weight=None, next_bias=None,
+      next_eps=0.0):
+    shape = (patches.shape[0], positional_embedding.shape[0], patches.shape[2])
+    return [patches.new_empty(shape) for _ in range(1 if next_weight is None else 2)]
 
 
 embed_norm = custom_op_or(embed_norm_forward, "embed_norm_fwd")
