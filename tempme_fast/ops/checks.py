@@ -264,7 +264,7 @@ def check_linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; valid: float32, float16, bfloat16, float64")
     k = x.shape[-1]
-    for name, t, shape in (("weight", weight, None), ("bias", bias, None)):
+    for name, t in (("weight", weight), ("bias", bias)):
         if t is None and name == "bias":
             continue
         if not isinstance(t, torch.Tensor):

@@ -33,7 +33,7 @@ ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
 # GPU tiles of 16-bit products (rows x columns x K step, warps, stages of operands in shared memory): 128 x 128
 # at 8 warps, 4 stages (128 KB); 64 x 128 at 4 warps where those would leave fewer than GPU_FILL programs. Row
 # blocks are grouped by GROUP_M for L2 reuse. 128 x 256 tiles (8 warps, 3 stages) spilled 112-176 B on sm_90 in
-# the GELU's epilogue (255 registers); 128 x 128 holds 157 (sm_90) and 176 (sm_80) without a spill.
+# the GELU's epilogue (255 registers); 128 x 128 holds 155-156 (sm_90) and 176-178 (sm_80) without a spill.
 GPU_TILE = (128, 128, 64, 8, 4)
 GPU_SMALL_TILE = (64, 128, 64, 4, 4)
 GROUP_M = 8
