@@ -155,10 +155,14 @@ def _fusable_norm(norm: nn.Module) -> bool:
 
 def _mlp_activation(mlp: nn.Module) -> Optional[str]:
     """``ops.linear_act``'s name for the activation of an open_clip MLP (``c_fc``, the activation, ``c_proj``:
-    ``nn.GELU`` exact or tanh, or open_clip's ``QuickGELU``), or None for any other MLP."""
+    ``nn.GELU`` exact or tanh, or open_clip's ``QuickGELU``), or None for any other MLP: other layers, a
+    subclass of ``nn.Linear`` (a quantised or adapted layer computes something else from its weight), or a
+    forward hook on any of them (the fused op would skip it)."""
     children = list(mlp.named_children()) if isinstance(mlp, nn.Sequential) else []
     if [name for name, _ in children] != ["c_fc", "gelu", "c_proj"] or not (
-            isinstance(mlp.c_fc, nn.Linear) and isinstance(mlp.c_proj, nn.Linear)):
+            type(mlp.c_fc) is nn.Linear and type(mlp.c_proj) is nn.Linear):
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in (mlp, mlp.c_fc, mlp.gelu)):
         return None
     act = mlp.gelu
     if type(act) is nn.GELU:

@@ -153,7 +153,7 @@ def test_the_encoder_fuses_each_blocks_mlp(act, device, monkeypatch):
     assert len(calls) == len(blocks), calls
 
 
-def test_an_mlp_of_other_layers_runs_as_its_module():
+def test_an_mlp_of_other_layers_or_with_hooks_runs_as_its_module():
     mlp = nn.Sequential()
     mlp.add_module("c_fc", nn.Linear(4, 8))
     mlp.add_module("gelu", nn.GELU())
@@ -163,5 +163,16 @@ def test_an_mlp_of_other_layers_runs_as_its_module():
     assert encoder._mlp_activation(mlp) is None
     mlp.gelu = nn.GELU()
     mlp.add_module("ln", nn.LayerNorm(4))
+    assert encoder._mlp_activation(mlp) is None
+    del mlp.ln
+    assert encoder._mlp_activation(mlp) == "gelu"
+    handle = mlp.c_fc.register_forward_hook(lambda module, args, out: out * 2)  # the fused op would skip it
+    assert encoder._mlp_activation(mlp) is None
+    handle.remove()
+
+    class Adapted(nn.Linear):  # computes something else from its weight
+        def forward(self, x):
+            return super().forward(x) + 1
+    mlp.c_fc = Adapted(4, 8)
     assert encoder._mlp_activation(mlp) is None
     assert encoder._mlp_activation(nn.Linear(4, 4)) is None
