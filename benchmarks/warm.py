@@ -50,15 +50,13 @@ def record_launches(models: Sequence[str], batches: Sequence[int], dtypes: Seque
                     sets: Sequence[str] = SETS) -> list:
     """The launches (``codegen.Launch``) of ``sets`` in that order: dtypes, then models, then batches."""
     from tempme_fast.loading import DTYPES
+    from tempme_fast.ops.recording import recording_all
 
     from . import codegen
     from .bench_attention import attention_shapes
     from .common import VIT_GEOMETRY, merge_shapes
 
-    merges, attention, norms, linears = (codegen.Recorder(m) for m in ("triton_ops", "triton_attention", "triton_norm",
-                                                                       "triton_linear"))
-    attention.launches = norms.launches = linears.launches = merges.launches  # one list: the order of the calls
-    with merges.active(), attention.active(), norms.active(), linears.active():
+    with recording_all() as launches:  # every launcher module's, in the order of the calls
         for name in dtypes:
             dtype = DTYPES[name]
             for model in models:
@@ -88,7 +86,7 @@ def record_launches(models: Sequence[str], batches: Sequence[int], dtypes: Seque
                             _bench_attention_calls(shape, dtype)
                     if "tiles" in sets:
                         _tile_sweep_calls(model, batch, name)
-    return merges.launches
+    return launches
 
 
 def _tile_sweep_calls(model: str, batch: int, dtype_name: str) -> None:

@@ -23,7 +23,6 @@ batch size not given, autocast) compiles at its first call as it would have anyw
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import itertools
@@ -41,11 +40,9 @@ import torch
 from torch import nn
 
 from .ops import recording
-from .ops.recording import Launch, Recorder
+from .ops.recording import Launch
 
 __all__ = ["compile_kernels", "compile_launches", "distinct_launches", "record_launches"]
-
-LAUNCHER_MODULES = tuple(recording.KERNELS)
 
 
 def _meta_copy(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
@@ -87,15 +84,10 @@ def record_launches(model: nn.Module, batch_sizes: Sequence[int] = (1,), dtype: 
     frames = model.tempme.config.frames
     height, width = tuple(model.visual.image_size)  # (open_clip keeps it as a pair)
     video_dtype = dtype or next(model.visual.parameters()).dtype
-    recorders = [Recorder(m) for m in LAUNCHER_MODULES]
-    for r in recorders[1:]:
-        r.launches = recorders[0].launches  # one list: the order of the launches
     previous = recording.META_AS_GPU
     recording.META_AS_GPU = True
     try:
-        with contextlib.ExitStack() as stack:
-            for r in recorders:
-                stack.enter_context(r.active())
+        with recording.recording_all() as launches:
             for batch in batch_sizes:
                 video = torch.empty(batch, frames, 3, height, width, dtype=video_dtype, device="meta")
                 with torch.no_grad():
@@ -107,7 +99,7 @@ def record_launches(model: nn.Module, batch_sizes: Sequence[int] = (1,), dtype: 
                             torch.autograd.backward(out, torch.empty_like(out))
     finally:
         recording.META_AS_GPU = previous
-    return recorders[0].launches
+    return launches
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ import threading
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
-__all__ = ["KERNELS", "META_AS_GPU", "Launch", "Recorder", "binder_available", "compile_launch", "variant_key"]
+__all__ = ["KERNELS", "META_AS_GPU", "Launch", "Recorder", "binder_available", "compile_launch", "recording_all",
+           "variant_key"]
 
 # While True, the ops treat meta tensors as CUDA tensors wherever they choose a path by device.
 META_AS_GPU = False
@@ -96,6 +97,19 @@ class Recorder:
                 else:
                     kernel.run = run
             launchers._new_output, launchers._interpreting = new_output, interpreting
+
+
+@contextlib.contextmanager
+def recording_all():
+    """Every launcher module's launches (:data:`KERNELS`) recorded as :class:`Recorder` records them, into one
+    list in the order of the calls, which this yields."""
+    recorders = [Recorder(m) for m in KERNELS]
+    for r in recorders[1:]:
+        r.launches = recorders[0].launches
+    with contextlib.ExitStack() as stack:
+        for r in recorders:
+            stack.enter_context(r.active())
+        yield recorders[0].launches
 
 
 def binder_available() -> bool:
