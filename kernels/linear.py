@@ -18,6 +18,7 @@ numbered column by column, so programs that run together share their rows of ``x
 import triton
 import triton.language as tl
 
+from .best_match import _dot_tile
 from .tokens import _bf16_nearest
 
 
@@ -67,8 +68,8 @@ def _linear_act_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,  # K is a multiple of BLOCK_K
-    INTERPRETED: tl.constexpr = False,  # products in float32 (the interpreter's 16-bit tl.dot is wrong), and
-    #                                     bfloat16 rounded to nearest by hand (its conversion truncates)
+    DOT_MODE: tl.constexpr,  # the products (best_match._dot_tile's): 0 16-bit tl.dot, 1 float32, 2 float64
+    INTERPRETED: tl.constexpr = False,  # bfloat16 rounded to nearest by hand (the interpreter's conversion truncates)
 ):
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
@@ -97,12 +98,7 @@ def _linear_act_fwd_kernel(
         else:
             a = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & (k[None, :] < K), other=0.0)
             b = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & (k[None, :] < K), other=0.0)
-        if ACC == tl.float64:
-            acc += tl.sum(a.to(ACC)[:, None, :] * b.to(ACC)[None, :, :], axis=2)
-        elif INTERPRETED or x_ptr.dtype.element_ty == tl.float32:
-            acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, tl.trans(b), acc)
+        acc += _dot_tile(a, b, DOT_MODE, ACC)
     if HAS_BIAS:
         # Loaded in the accumulator's own layout (every row of the tile reads the same bias, from L1): a
         # [BLOCK_N] load takes the layout of the accumulator's columns, one 16-bit element a thread.

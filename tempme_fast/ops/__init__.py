@@ -25,7 +25,7 @@ from .checks import (FLOAT_DTYPES, assert_finite, check_add_norm, check_attentio
                      check_join_merge, check_linear_act, check_merge, check_metric, check_norm, check_query_attention,
                      check_r, check_residual, check_self_attention)
 from .eager import needs_grad
-from .reference import MergePlan, max_r, split_positions, split_sizes
+from .reference import LINEAR_ACTIVATIONS, MergePlan, max_r, split_positions, split_sizes
 
 BACKENDS = ("torch", "triton", "auto")
 
@@ -255,10 +255,6 @@ def embed_norm(patches: torch.Tensor, class_embedding: torch.Tensor, positional_
                                          *(next_norm if next_norm is not None else ()))
         return outs[0] if next_norm is None else tuple(outs)
     return reference.embed_norm(patches, class_embedding, positional_embedding, weight, bias, eps, next_norm)
-
-
-# The activations of linear_act (names as reference.linear_act takes them).
-LINEAR_ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu")
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: str = "gelu",

@@ -214,6 +214,10 @@ def embed_norm(patches: torch.Tensor, class_embedding: torch.Tensor, positional_
     return x if next_norm is None else (x, layer_norm(x, *next_norm))
 
 
+# The activations of linear_act, by name; the Triton kernel numbers them in this order (its ACT constexpr).
+LINEAR_ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu")
+
+
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: str) -> torch.Tensor:
     """``act(F.linear(x, weight, bias))`` as open_clip's MLP computes its hidden activations (``c_fc`` and the
     activation module): ``act`` is ``"none"``, ``"gelu"`` (``nn.GELU()``), ``"gelu_tanh"``
@@ -228,7 +232,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         return y * torch.sigmoid(1.702 * y)
     if act == "none":
         return y
-    raise ValueError(f"act={act!r}: give 'none', 'gelu', 'gelu_tanh' or 'quick_gelu'")
+    raise ValueError(f"act={act!r}: valid: {', '.join(repr(a) for a in LINEAR_ACTIVATIONS)}")
 
 
 def merge_norm(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, weight: torch.Tensor, bias: torch.Tensor,

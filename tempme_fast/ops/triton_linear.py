@@ -21,7 +21,7 @@ import torch
 
 from tempme_kernels.linear import _linear_act_fwd_kernel
 
-from . import triton_ops
+from . import reference, triton_ops
 from .eager import cast, custom_op_or
 from .launch import Launcher
 from .memo import forget_on_assign, remembered
@@ -29,7 +29,7 @@ from .memo import forget_on_assign, remembered
 __all__ = ["ACTIVATIONS", "linear_act", "linear_act_forward"]
 
 # The activations the kernel applies, by name (``ops.linear_act``'s ``act``), and its ACT constexpr.
-ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
+ACTIVATIONS = {name: i for i, name in enumerate(reference.LINEAR_ACTIVATIONS)}
 # GPU tiles of 16-bit products (rows x columns x K step, warps, stages of operands in shared memory): 128 x 128
 # at 8 warps, 4 stages (128 KB); 64 x 128 at 4 warps where those would leave fewer than GPU_FILL programs. Row
 # blocks are grouped by GROUP_M for L2 reuse. 128 x 256 tiles (8 warps, 3 stages) spilled 112-176 B on sm_90 in
@@ -101,8 +101,11 @@ def _linear_act_launch(rows: torch.Tensor, weight: torch.Tensor, has_bias: bool,
     (m, k), n = rows.shape, weight.shape[0]
     tiles = _linear_tiles(m, n, k, rows.dtype)
     grid = (triton_ops._cdiv(m, tiles["BLOCK_M"]) * triton_ops._cdiv(n, tiles["BLOCK_N"]),)
-    meta = dict(HAS_BIAS=has_bias, ACT=ACTIVATIONS[act], EVEN_K=k % tiles["BLOCK_K"] == 0, **tiles,
-                **({"INTERPRETED": True} if _interpreting() else {}))
+    # Products (DOT_MODE): float64 by broadcast sums, float32 ones in full precision (the reference takes no
+    # TF32), 16-bit ones on the tensor cores, but in float32 in the interpreter (its 16-bit tl.dot is wrong).
+    dot_mode = 2 if rows.dtype == torch.float64 else 1 if _interpreting() or rows.dtype == torch.float32 else 0
+    meta = dict(HAS_BIAS=has_bias, ACT=ACTIVATIONS[act], EVEN_K=k % tiles["BLOCK_K"] == 0, DOT_MODE=dot_mode,
+                **tiles, **({"INTERPRETED": True} if _interpreting() else {}))
     return Launcher(_linear_act_fwd_kernel, grid, (m, n, k, rows.stride(0), weight.stride(0)), meta)
 
 

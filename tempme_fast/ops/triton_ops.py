@@ -255,11 +255,10 @@ def _merge_fwd_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[
     # 16-bit features only: a 128-wide fp32 slice spills on sm_80 (32 B at the ViT-B/16 joins).
     if _interpreting() or itemsize > 2:
         return tiles
-    block_t = min(tiles["BLOCK_T"], MERGE_FWD_TOKENS)
-    wide = 2 * tiles["BLOCK_D"]
-    if wide <= width and rows * _cdiv(tokens, block_t) * _cdiv(width, wide) >= GPU_FILL:
-        tiles["BLOCK_D"] = wide
-    return dict(tiles, BLOCK_T=block_t, num_warps=4)
+    block_t, block_d = min(tiles["BLOCK_T"], MERGE_FWD_TOKENS), tiles["BLOCK_D"]
+    if 2 * block_d <= width and rows * _cdiv(tokens, block_t) * _cdiv(width, 2 * block_d) >= GPU_FILL:
+        block_d *= 2
+    return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
 
 
 def _source_block(r: int, block_j: int) -> int:
