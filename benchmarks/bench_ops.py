@@ -29,6 +29,9 @@ to choose that table from measurements:
 - either with ``-pN``: the tile's tokens that nothing merges into copied first (and normalised), in the
   features' own dtype, then its B tokens with sources merged ``N`` at a time (``SPLIT_T``: fewer registers
   a program);
+- either with ``-cN``: each token's sources gathered ``N`` (1, 2 or 4) a step, every load of a step issued
+  before a sum waits on one (``SRC_CHUNK``; the library's 1-token tiles take 4 where B tokens gather many
+  sources);
 - ``match:BAxBBxBCxW-P``: the match's A, B and channel tiles, warps and products, ``P`` one of
   ``native`` (16-bit tl.dot), ``ieee`` (float32 FMA), ``tf32x3``;
 - ``plan:sort`` / ``plan:count``: the library's tiles with every float32 plan sorted in registers (up
@@ -67,16 +70,17 @@ PLAN_PATHS = {"sort": 1, "count": 0}
 
 
 def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
-    """``"merge:BTxBDxW[-sN|-gN|-pN]"``, ``"norm:BTxW[-sN|-pN]"``, ``"match:BAxBBxBCxW-P"``, ``"plan:PATH"`` or
-    ``"heads:mean"`` as (op, launch parameters); a ValueError naming ``--tiles`` otherwise. ``-sN``: the
-    merged sources gathered one after another, software-pipelined over N stages (``SRC_STAGES``); ``-gN``
-    (merge only): N of a tile's sources gathered at once and summed by a product (``SRC_BLOCK``; N and BT
-    at least 16); ``-pN``: the tokens without sources copied first, the others merged N at a time
-    (``SPLIT_T``, a power of two up to BT)."""
+    """``"merge:BTxBDxW[-sN|-gN|-pN|-cN]"``, ``"norm:BTxW[-sN|-pN|-cN]"``, ``"match:BAxBBxBCxW-P"``,
+    ``"plan:PATH"`` or ``"heads:mean"`` as (op, launch parameters); a ValueError naming ``--tiles`` otherwise.
+    ``-sN``: the merged sources gathered one after another, software-pipelined over N stages (``SRC_STAGES``);
+    ``-gN`` (merge only): N of a tile's sources gathered at once and summed by a product (``SRC_BLOCK``; N and
+    BT at least 16); ``-pN``: the tokens without sources copied first, the others merged N at a time
+    (``SPLIT_T``, a power of two up to BT); ``-cN``: each token's sources gathered N at a time, unrolled
+    (``SRC_CHUNK``: 1, 2 or 4)."""
     kind, _, rest = spec.partition(":")
     sizes, _, product = rest.partition("-")
     parts = sizes.split("x")
-    fail = (f"--tiles {spec!r}: give merge:BTxBDxW[-sN|-gN|-pN], norm:BTxW[-sN|-pN], match:BAxBBxBCxW-P "
+    fail = (f"--tiles {spec!r}: give merge:BTxBDxW[-sN|-gN|-pN|-cN], norm:BTxW[-sN|-pN|-cN], match:BAxBBxBCxW-P "
             f"(P: {', '.join(DOT_MODES)}), plan:PATH (PATH: {', '.join(PLAN_PATHS)}) or heads:mean")
     if kind == "plan" and rest in PLAN_PATHS:
         return kind, {"SORT": PLAN_PATHS[rest]}
@@ -85,14 +89,16 @@ def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
     stages = re.fullmatch(r"s([1-9])", product)  # merge and norm: "-sN", the sources' gather in N stages
     gather = re.fullmatch(r"g([0-9]+)", product) if kind == "merge" else None  # "-gN": N sources at once
     split = re.fullmatch(r"p([0-9]+)", product)  # merge and norm: "-pN", copies first, N merged at once
-    if kind == "merge" and len(parts) == 3 and (not product or stages or gather or split) and \
+    chunk = re.fullmatch(r"c([124])", product)  # merge and norm: "-cN", N sources a step
+    if kind == "merge" and len(parts) == 3 and (not product or stages or gather or split or chunk) and \
             all(p.isdigit() for p in parts):
         values = dict(zip(("BLOCK_T", "BLOCK_D", "num_warps"), map(int, parts)))
         if gather:
             values["SRC_BLOCK"] = int(gather.group(1))
             if min(values["SRC_BLOCK"], values["BLOCK_T"]) < 16:  # tl.dot's smallest operands
                 raise ValueError(f"--tiles {spec!r}: a gather by product needs BT and N of at least 16")
-    elif kind == "norm" and len(parts) == 2 and (not product or stages or split) and all(p.isdigit() for p in parts):
+    elif kind == "norm" and len(parts) == 2 and (not product or stages or split or chunk) and \
+            all(p.isdigit() for p in parts):
         values = dict(zip(("BLOCK_T", "num_warps"), map(int, parts)))
     elif kind == "match" and len(parts) == 4 and all(p.isdigit() for p in parts) and product in DOT_MODES:
         values = dict(zip(("BLOCK_A", "BLOCK_B", "BLOCK_C", "num_warps"), map(int, parts)))
@@ -108,6 +114,9 @@ def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
             raise ValueError(f"--tiles {spec!r}: {name}={value} must be a power of two")
     if stages:
         values["SRC_STAGES"] = int(stages.group(1))
+    # Without -cN a candidate gathers one source a step, as the library did before SRC_CHUNK.
+    if kind in ("merge", "norm") and not gather:
+        values["SRC_CHUNK"] = int(chunk.group(1)) if chunk else 1
     return kind, values
 
 
@@ -123,11 +132,11 @@ def _tile_table(spec: str) -> Tuple[str, object]:
         # every row it can sort is sorted; beyond PLAN_SORT_LIMIT none is.
         return "PLAN_SORT_MIN", 1 if values["SORT"] else triton_ops.PLAN_SORT_LIMIT + 1
     if kind == "merge":
-        def tiles(rows, tokens, width, itemsize):
+        def tiles(rows, tokens, width, itemsize, many=False):
             return dict(values)
         return "_merge_fwd_tiles", tiles
     if kind == "norm":
-        def norm_tiles(rows, tokens, width, itemsize, has_pos):
+        def norm_tiles(rows, tokens, width, itemsize, has_pos, many=False):
             return dict(values, BLOCK_D=triton_ops._next_power_of_2(width))
         return "_merge_norm_tiles", norm_tiles
 
@@ -373,9 +382,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="folder for bench_ops.json / .csv, written at the end")
     parser.add_argument("--tiles", nargs="+", default=[], metavar="SPEC",
                         help="also time the Triton ops with these tiles (rows 'triton:SPEC'): "
-                             "merge:BTxBDxW[-sN|-gN|-pN], norm:BTxW[-sN|-pN] (-sN: the sources' gather pipelined "
-                             "over N stages; -gN: N sources gathered at once; -pN: tokens without sources copied "
-                             "first, the others merged N at a time), "
+                             "merge:BTxBDxW[-sN|-gN|-pN|-cN], norm:BTxW[-sN|-pN|-cN] (-sN: the sources' gather "
+                             "pipelined over N stages; -gN: N sources gathered at once; -pN: tokens without sources "
+                             "copied first, the others merged N at a time; -cN: a token's sources N a step), "
                              "match:BAxBBxBCxW-P, P one of " + ", ".join(DOT_MODES) + "; or with every plan on "
                              "one path: plan:" + " or plan:".join(PLAN_PATHS))
     add_row_log_arguments(parser)

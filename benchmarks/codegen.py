@@ -16,7 +16,9 @@ larger open_clip ViTs (``OTHER_HEAD_DIMS``); every residual add that takes the L
 ``--kernels merge``, ``attention``, ``norm`` or ``mlp`` narrows it.
 ``--loops`` adds each variant's main loop in machine code (``nvdisasm``, bundled with Triton): the
 instructions a warp issues per trip, the special-function, tensor-core and select (``FSEL``, ``SEL``: a
-mask applied to values) ones among them (for the attention kernels, the loop over full tiles).
+mask applied to values) ones among them (for the attention kernels, the loop over full tiles), and for the
+merge forward's gather the global-load latencies a trip waits out in turn against the sources it gathers
+(:func:`load_waits`: the chain that sets a merge's time where one B token gathers many sources).
 
 ``--check`` exits non-zero on a spill, on a scalar 16-bit global access in a kernel that moves
 16-bit features, on more than 2 forward launches per merge step, or on more than one allocation
@@ -315,14 +317,14 @@ TENSOR_OPS = ("HGMMA", "HMMA")
 SASS_BRANCH = re.compile(r"\bBRA\b.*?\.?(L_x_\d+)")
 
 
-def sass_loop(cubin: bytes, first: bool = False) -> Counter:
-    """Opcodes of the longest loop in a kernel's machine code (``nvdisasm`` of the cubin), or with
-    ``first`` of the first one: the instructions from a label to the branch back to it, counted once, as
+def sass_loop_lines(cubin: bytes, first: bool = False) -> List[str]:
+    """The instructions of the longest loop in a kernel's machine code (``nvdisasm`` of the cubin), or with
+    ``first`` of the first one, as nvdisasm prints them: from a label to the branch back to it, once, as
     one trip of the loop runs them (a kernel without a loop has 1: the branch to itself that follows its
     exit). For the attention kernels that is the walk over key (or query) tiles: the first loop, over the
     full tiles, whose loads take no mask (a second loop of at most one trip takes the partial last tile).
-    Its length is the instructions a warp issues per tile; for the merge forward, per source gathered;
-    for the match, per tile of B tokens."""
+    For the merge forward it is the gather of a token's sources (``SRC_CHUNK`` of them a trip); for the
+    match, a tile of B tokens."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
@@ -330,22 +332,96 @@ def sass_loop(cubin: bytes, first: bool = False) -> Counter:
         done = subprocess.run([_bundled("nvdisasm"), "-c", path], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"nvdisasm failed: {done.stderr[-2000:]}")
-    opcodes, labels, best = [], {}, []
+    lines, labels, best = [], {}, []
     for line in done.stdout.splitlines():
         label = SASS_LABEL.match(line)
         if label:
-            labels[label.group(1)] = len(opcodes)
+            labels[label.group(1)] = len(lines)
         instruction = SASS_LINE.match(line)
         if not instruction:
             continue
-        opcodes.append(instruction.group(1))
+        lines.append(line)
         branch = SASS_BRANCH.search(line)
         if branch and instruction.group(1) == "BRA" and branch.group(1) in labels:
-            body = opcodes[labels[branch.group(1)]:]
+            body = lines[labels[branch.group(1)]:]
             if first:
-                return Counter(body)
+                return body
             best = body if len(body) > len(best) else best
-    return Counter(best)
+    return best
+
+
+def sass_loop(cubin: bytes, first: bool = False) -> Counter:
+    """Opcodes of :func:`sass_loop_lines`: its length is the instructions a warp issues per trip."""
+    return Counter(SASS_LINE.match(line).group(1) for line in sass_loop_lines(cubin, first))
+
+
+# One instruction's guard predicate, opcode (with its modifiers) and operands.
+SASS_OPERANDS = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z0-9_.]+)\s*([^;]*);")
+SASS_REGISTER = re.compile(r"\b(U?R\d+|U?P\d)(\.64|\.128)?\b")
+SASS_PREDICATE = re.compile(r"!?U?P[T0-9]")
+# Opcodes whose first operand is read, not written (stores, branches, barriers).
+SASS_NO_DEST = ("BRA", "EXIT", "BAR", "RED", "MEMBAR", "DEPBAR", "NOP", "CALL", "RET", "WARPSYNC", "BSYNC", "BSSY",
+                "YIELD")
+
+
+def _registers(name: str, width: int) -> List[str]:
+    """``name`` (``R12``) and the ``width - 1`` registers after it: a 64- or 128-bit operand's."""
+    match = re.fullmatch(r"(U?R)(\d+)", name)
+    return [f"{match.group(1)}{int(match.group(2)) + k}" for k in range(width)] if match else [name]
+
+
+def sass_operands(line: str) -> Optional[Tuple[str, List[str], List[str]]]:
+    """``(opcode, registers written, registers read)`` of one instruction line, the guard predicate read."""
+    match = SASS_OPERANDS.match(line)
+    if not match:
+        return None
+    guard, opcode, rest = match.groups()
+    base = opcode.split(".")[0]
+    width = 4 if ".128" in opcode else 2 if (".64" in opcode or opcode.startswith("IMAD.WIDE") or base in (
+        "DADD", "DFMA", "DMUL") or base == "CS2R" and ".32" not in opcode) else 1
+    operands = [o.strip() for o in rest.split(",")] if rest.strip() else []
+    written, read = [], [guard.strip().lstrip("@!")] if guard else []
+    writes = not (base.startswith("ST") or base in SASS_NO_DEST)
+    for k, operand in enumerate(operands):
+        found = SASS_REGISTER.findall(operand)
+        if writes and k == 0 and found and re.fullmatch(r"U?[RP]\d+", operand):
+            written += _registers(found[0][0], width)
+            continue
+        if writes and 0 < k <= 2 and written and SASS_PREDICATE.fullmatch(operand) and all(
+                SASS_PREDICATE.fullmatch(o) for o in operands[1:k]):  # carry-out or second predicate
+            written += [] if operand.endswith("PT") else [operand]
+            continue
+        for name, suffix in found:
+            size = 4 if suffix == ".128" else 2 if suffix == ".64" else 1
+            read += _registers(name, width if base.startswith("ST") and k == len(operands) - 1 else size)
+    return opcode, written, read
+
+
+def load_waits(lines: Sequence[str], trips: int = 4) -> int:
+    """Global-load latencies one trip of a loop waits out in turn, as a warp issues it: in order, an
+    instruction issuing once the registers it reads are written and those it writes are free (read by
+    the instructions before it, and written by any load still in flight). A global load's result comes
+    one latency after it issues; every other result at once. Counted over the last of ``trips`` trips
+    run back to back, so that loads issued for the next trip count where they are waited on.
+
+    A load issued before the instruction that waits on another one is in flight with it: a gather whose
+    index, size and row loads are each waited on before the next is issued costs three latencies a
+    source; one that issues every load of a step before its first wait costs two a step (the index, then
+    the rows). Shared-memory loads and asynchronous copies are not counted."""
+    body = [parsed for parsed in map(sass_operands, lines) if parsed]
+    ready: Dict[str, int] = {}
+    last_read: Dict[str, int] = {}
+    now, ends = 0, []
+    for _ in range(trips):
+        for opcode, written, read in body:
+            now = max([now] + [ready.get(r, 0) for r in read] + [last_read.get(r, 0) for r in written]
+                      + [ready.get(r, 0) for r in written])
+            for r in read:
+                last_read[r] = max(last_read.get(r, 0), now)
+            for r in written:
+                ready[r] = now + (1 if opcode.startswith("LDG") else 0)
+        ends.append(now)
+    return ends[-1] - ends[-2]
 
 
 def ptx_stats(ptx: str, arch: int) -> Dict[str, int]:
@@ -449,10 +525,12 @@ def bound_args(launch: Launch) -> dict:
 def describe(launch: Launch) -> str:
     """The constexprs and specialised sizes that tell variants apart."""
     bound = bound_args(launch)
-    keys = [k for k in ("C", "HEADS", "D", "GROUP", "HAS_RES", "HAS_POS", "NORM", "STATS", "POS_GRAD", "PLAN",
-                        "DOT_MODE", "HEAD_DIM", "HAS_BIAS", "LOG_BIAS", "STORE_LSE", "BIAS_GRAD", "DKDV", "BLOCK_A",
-                        "BLOCK_B", "BLOCK_C", "BLOCK_M", "BLOCK_N", "BLOCK_T", "BLOCK_D", "num_warps")
-            if k in bound and not (k == "HEADS" and bound[k] == 1)]  # (HEADS: a match averaging heads)
+    keys = [k for k in ("C", "HEADS", "D", "GROUP", "HAS_RES", "HAS_POS", "NORM", "STATS", "NEXT", "ACT", "POS_GRAD",
+                        "PLAN", "DOT_MODE", "HEAD_DIM", "HAS_BIAS", "LOG_BIAS", "STORE_LSE", "BIAS_GRAD", "DKDV",
+                        "BLOCK_A", "BLOCK_B", "BLOCK_C", "BLOCK_M", "BLOCK_N", "BLOCK_T", "BLOCK_D", "SRC_CHUNK",
+                        "num_warps")
+            if k in bound and not (k == "HEADS" and bound[k] == 1)  # (HEADS: a match averaging heads)
+            and not (k == "SRC_CHUNK" and bound[k] == 1)]  # (SRC_CHUNK: a merge gathering sources in steps)
     return " ".join(f"{k}={int(bound[k]) if isinstance(bound[k], bool) else bound[k]}" for k in keys)
 
 
@@ -569,18 +647,24 @@ def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout, kernels=("merge
                   f"| {stats['scalar16']} |", file=out, flush=True)
             label = f"{name} {v['dtype']} [{describe(launch)}] sm_{arch}"
             if loops:
-                ops = sass_loop(compiled.asm["cubin"], first=name.startswith("_attention"))
+                body = sass_loop_lines(compiled.asm["cubin"], first=name.startswith("_attention"))
+                ops = Counter(SASS_LINE.match(line).group(1) for line in body)
+                waits = "-"
+                bound = bound_args(launch)
+                if name == "_merge_fwd_kernel" and not bound.get("SRC_BLOCK") and bound.get("SRC_STAGES", 1) == 1:
+                    waits = f"{load_waits(body)} / {bound.get('SRC_CHUNK', 1)}"  # (pipelined: copies, not loads)
                 loop_rows.append(f"| {name} | {v['dtype']} | {describe(launch)} | sm_{arch} | {sum(ops.values())} "
                                  f"| {ops['MUFU']} | {sum(n for op, n in ops.items() if op in TENSOR_OPS)} "
-                                 f"| {ops['FSEL'] + ops['SEL']} |")
+                                 f"| {ops['FSEL'] + ops['SEL']} | {waits} |")
             if stats["spill"]:
                 failures.append(f"{label}: {stats['spill']} bytes of spills")
             if v["dtype"] in ("fp16", "bf16") and stats["scalar16"]:
                 failures.append(f"{label}: {stats['scalar16']} scalar 16-bit global accesses")
     print(file=out)
     if loop_rows:
-        print("| kernel | dtype | variant | sm | loop instructions | of them MUFU | tensor-core | selects |", file=out)
-        print("|---" * 8 + "|", file=out)
+        print("| kernel | dtype | variant | sm | loop instructions | of them MUFU | tensor-core | selects "
+              "| load waits / sources a trip |", file=out)
+        print("|---" * 9 + "|", file=out)
         print("\n".join(loop_rows), file=out)
         print(file=out)
     if not steps:

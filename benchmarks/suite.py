@@ -57,16 +57,18 @@ PRECOMPILE_TEST = "tests/test_precompile.py::test_after_compiling_ahead_encode_v
 TEST_SHARDS = 4
 # Merge forward (token tile x feature slice x warps, "-s3": the gather of the merged sources pipelined
 # over 3 stages, "-gN": a tile's sources gathered N at a time and summed by a product, "-pN": the tokens
-# without sources copied first in their own dtype, the others merged N at a time; the first is the
-# library's at most 32-video shapes, 8 x 256 x 4 since the H200's third run, where it was the fastest at layer 0
-# and the sweep stopped (the product gather's crash, mended since); the second the library's before) and
-# float32 match (A x B x channel tiles x warps - products; the first is the library's over a join's hidden
-# channels, the last its tiles over the keys averaged over heads) candidates. Around the winner: 8 x 128, 4 x 256
-# and 4 x 512 at 4 warps, 8 x 256 at 2. (32 x 256 x 8 - g32 made way: 40 B spilled on sm_90, triton 3.6.)
-MERGE_TILES = ["merge:8x256x4", "merge:32x256x8", "merge:16x256x4", "merge:16x128x4", "merge:8x128x4",
-               "merge:4x256x4", "merge:4x512x4", "merge:8x256x2", "merge:8x256x4-s3", "merge:16x128x4-g16",
-               "merge:16x256x4-g16", "merge:32x256x8-p8", "merge:16x256x4-p4",
-               "merge:8x256x4-p4"]
+# without sources copied first in their own dtype, the others merged N at a time, "-cN": each token's
+# sources gathered N a step, every load of a step issued before a sum waits on one) and float32 match
+# (A x B x channel tiles x warps - products; the first is the library's over a join's hidden channels, the
+# last its tiles over the keys averaged over heads) candidates. The library's merge forward at 32 videos:
+# 8 x 256 x 4 where B tokens gather few sources (the image merges; the fastest at layer 0 in the H200's third
+# run, where the sweep stopped at the product gather's crash, mended since), one token a program over all
+# 768 features at 4 warps, 4 sources a step, where they gather many: "merge:8x256x4" is the library's tile
+# before (one source a step), "-c4" and "-c2" beside both. (Dropped for room: 4 x 512 x 4, 8 x 256 x 2 and
+# 8 x 256 x 4 - s3 and - p4; the pipelined gathers lost at layer 0, 0.46x-0.78x.)
+MERGE_TILES = ["merge:8x256x4", "merge:1x1024x4-c4", "merge:1x1024x4-c2", "merge:1x1024x2-c4", "merge:8x256x4-c4",
+               "merge:32x256x8", "merge:16x256x4", "merge:16x128x4", "merge:8x128x4", "merge:4x256x4",
+               "merge:16x128x4-g16", "merge:16x256x4-g16", "merge:32x256x8-p8", "merge:16x256x4-p4"]
 MATCH_TILES = ["match:64x32x16x4-tf32x3", "match:64x32x16x4-ieee", "match:64x64x16x8-ieee", "match:64x32x64x4-ieee",
                "match:64x64x32x8-tf32x3", "match:64x64x64x8-tf32x3"]
 # Forward tiles of the Triton attention timed by the attention_tiles stage (query tile x key tile x warps
@@ -74,16 +76,21 @@ MATCH_TILES = ["match:64x32x16x4-tf32x3", "match:64x32x16x4-ieee", "match:64x64x
 # it beat the 64 x 64 before at every layer), which the stage times too.
 ATTENTION_TILES = ["64x64x4x2", "32x32x4x2", "64x32x4x3", "64x16x4x2", "128x32x4x2", "128x64x4x2", "128x32x8x2"]
 # Token tile x warps of the merge that also writes the LayerNorm (the model's merge after attention;
-# a program spans all 768 features, padded to 1024); the first is the library's at ViT-B/16 (one token at 2
-# warps since the H200's third run, the fastest there at each layer), the second its tiles before.
+# a program spans all 768 features, padded to 1024); the first is the library's at ViT-B/16 before the
+# chunked gather (one token at 2 warps since the H200's third run, the fastest there at each layer, one source
+# a step), "-c4" the library's since where B tokens gather many sources (every merge of the sweep's shapes but
+# layer 0's), the next two around it.
 # heads:mean: the library's tiles with the keys averaged over heads by torch before the match (the path before
 # the match averaged them itself), here at 32 videos, where the match's 12 loads of every B tile may cost more
 # than the mean kernel it saves.
-# "-p1": the tokens without sources copied (and normalised) first, the others one at a time (SPLIT_T): 4 x 4 - p1
-# took 80 registers (sm_90, triton 3.6), 6 programs an SM with 72 KB of x and residual in flight (8-24 B spilled),
-# 4 x 8 - p1 62-64 (4 of 8 warps, 48 KB). Their LayerNorm may differ from the whole tile's in the last place.
-NORM_TILES = ["norm:1x2", "norm:4x4", "norm:1x1", "norm:2x2", "norm:1x4", "norm:2x4", "norm:4x8", "norm:4x4-p1",
-              "norm:4x8-p1", "heads:mean"]
+# "-p1": the tokens without sources copied (and normalised) first, the others one at a time (SPLIT_T): 4 x 8 - p1
+# took 62-64 registers (sm_90, triton 3.6), 4 programs an SM. Its LayerNorm may differ from the whole tile's in
+# the last place. (Dropped for room: 2 x 4, 4 x 8, 4 x 4 - p1.)
+NORM_TILES = ["norm:1x2", "norm:1x2-c4", "norm:1x4-c4", "norm:1x2-c2", "norm:4x4", "norm:1x1", "norm:2x2",
+              "norm:1x4", "norm:4x8-p1", "heads:mean"]
+# The same merge at one video, where a merge's time is the chain of loads of its busiest token's sources
+# (1.35 ms of kernels in one ViT-B/16 forward in the third run, 0.40 ms of them the match and the merge).
+NORM1_TILES = ["norm:1x2", "norm:1x2-c4", "norm:1x4-c4", "norm:1x2-c2", "norm:1x4-c2", "norm:4x4"]
 # The match's plan with every row sorted and every row counted, against the library's choice
 # (triton_ops.PLAN_SORT_MIN), where the plan is on the critical path: one video, rows of 23-428 A tokens;
 # and the keys averaged by torch first (heads:mean), at one video.
@@ -93,6 +100,7 @@ TILE_SWEEPS = {"attention": (("ViT-B-16",), 16, "fp16", ATTENTION_TILES),
                "merge": (("ViT-B-16",), 32, "fp16", MERGE_TILES),
                "match": (("ViT-B-16",), 32, "fp32", MATCH_TILES),
                "norm": (("ViT-B-16",), 32, "fp16", NORM_TILES),
+               "norm1": (("ViT-B-32", "ViT-B-16"), 1, "fp16", NORM1_TILES),  # (what "norm" sweeps, at one video)
                "plan": (("ViT-B-32", "ViT-B-16"), 1, "fp16", PLAN_PATHS)}
 
 
@@ -134,10 +142,10 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
     headline_variants = ["open_clip", "open_clip+graph", "tempme-eager", "tempme-torch", "tempme-triton",
                          "tempme-triton+graph", "tempme-triton-mean+graph", "tempme-triton-mlp+graph"]
     dtype = "fp16" if gpu else "fp32"
-    # cap: the most a stage may take; expect: what it took on the H200 with empty caches (suite run of
-    # benchmarks/results/gpu-h200, device timing added where it now runs), or an estimate where it never ran.
+    # cap: the most a stage may take; expect: what it took in the H200's third run (benchmarks/results/gpu-h200-3,
+    # after warm compiled its variants), or an estimate where it never ran or has grown since.
     return [
-        Stage("preflight", [python, "-m", "benchmarks.preflight", os.path.join(out, "environment.txt")], 40, expect=20),
+        Stage("preflight", [python, "-m", "benchmarks.preflight", os.path.join(out, "environment.txt")], 40, expect=15),
         # Every Triton variant the benchmarks below launch, compiled on all cores into Triton's cache first
         # (the stages' expected seconds still include their own compiles: measured before this stage).
         # 33 s for 190 variants on the H200's 16 cores; the norm, plan and pipelined-gather candidates add
@@ -145,28 +153,29 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         # in all, sm_90).
         *([Stage("warm", [python, "-m", "benchmarks.warm", "--models", "ViT-B-32", "ViT-B-16",
                           "--batches", "1", "16", "32", "4", "64", "8", "128", "--dtypes", "fp16", "bf16", "fp32",
-                          "--jsonl", rows, "--tag", "warm"], 90, expect=45)] if gpu else []),
+                          "--jsonl", rows, "--tag", "warm"], 90, expect=60)] if gpu else []),  # 56 s in the third run
         # Headline: whole encoder, both models, 1 and 16 videos, fp16 inference, every eager path.
         Stage("model_headline", bench("bench_model", "headline", "--models", "ViT-B-32", "ViT-B-16",
                                       "--batches", "1", "16", "--dtypes", dtype, "--modes", "infer",
                                       "--variants", *headline_variants, "--rep-ms", "100"), 110,
-              expect=70),  # 63 s measured with 7 variants (38.5 s in the third run); tempme-triton-mlp+graph added
+              expect=45),  # 38.5 s with 7 variants in the third run; tempme-triton-mlp+graph added
         # Headline: every merge op at the ViT-B/16 32-video shapes, reference against Triton, eager and device.
         # 50 s measured before step_norm_fwd (forward only, 8 of the 12 shapes) joined the ops: about +3 s.
         Stage("ops_headline", bench("bench_ops", "headline", "--models", "ViT-B-16", "--batches", "32",
-                                    "--dtypes", dtype, "--impls", *fast, "--rep-ms", "30"), 80, expect=53),
+                                    "--dtypes", dtype, "--impls", *fast, "--rep-ms", "30"), 80, expect=30),
         # The merge forward reached 0.15-0.40 of the copy bandwidth on the H200 (target 0.60): its tiles, with and
         # without the LayerNorm, and the plan's two paths at one video, at the real shapes, right after the
         # headline. Every row is checked against float64 where it is timed (benchmarks.oracle), so these
         # come before the tests that would otherwise vouch for the kernels they launch.
         *([Stage("merge_tiles", bench("bench_ops", "merge_tiles", *sweep("merge"), "--impls", "triton",
                                       "--ops", "merge_fwd", "--tiles", *MERGE_TILES, "--rep-ms", "25"),
-                 140, expect=102),  # 105 s estimated for 15 candidates (the third run's stopped at its crash)
+                 140, expect=45),  # 14 candidates at 7 shapes; norm_tiles' 13 at 4 took 19.7 s in the third run
            Stage("norm_tiles", bench("bench_ops", "norm_tiles", *sweep("norm"), "--impls", "triton",
                                      "--ops", "step_norm_fwd", "--tiles", *NORM_TILES, "--rep-ms", "25"), 100,
-                 expect=62),  # 66 s estimated for 11; 10 now (13 took 19.7 s in the third run, compiled by warm)
-           Stage("plan_paths", bench("bench_ops", "plan_paths", *sweep("plan"), "--impls", "triton",
-                                     "--ops", "match", "--tiles", *PLAN_PATHS, "--rep-ms", "25"), 75, expect=45)]
+                 expect=20),  # 13 candidates took 19.7 s in the third run (compiled by warm); 10 now
+           Stage("norm1_tiles", bench("bench_ops", "norm1_tiles", *sweep("norm1"), "--impls", "triton",
+                                      "--ops", "step_norm_fwd", "--tiles", *NORM1_TILES, "--rep-ms", "25"), 60,
+                 expect=25)]  # estimated: 6 candidates at 19 small shapes, compiled by warm
           if gpu else []),  # Triton's tiles: nothing to sweep in the interpreter
         # Where the forward's time goes: kernels by group against the wall time. At one ViT-B/16 video the
         # graph-replayed encoder was 1.67 ms against open_clip's 1.55: its kernels say where.
@@ -174,29 +183,33 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         Stage("profile", bench("profile", "profile", "--cases", "ViT-B-16:16", "ViT-B-32:1", "ViT-B-16:1",
                                "--dtypes", dtype,
                                *(["--variants", "open_clip", "tempme-triton", "tempme-triton-mlp"] if gpu else [])),
-              90, expect=55),
+              90, expect=25),  # 17.8 s in the third run; the fused MLP's profile added
         # The proportional-attention candidates (mask, fold, Triton kernel) at ViT-B/16's shapes.
         Stage("attention", [python, "-m", "benchmarks.bench_attention", "--device", device, "--jsonl", rows,
                             "--tag", "attention", "--models", "ViT-B-16", "--batches", "16", "--dtypes", dtype,
                             "--rep-ms", "25"],
-              80, expect=55),
+              80, expect=30),  # 25.8 s in the third run
         # The sorted plan and the histogram grouping have not run in a GPU test yet.
-        Stage("kernel_tests", pytest("tests/test_triton_ops.py"), 170, expect=135),
+        Stage("kernel_tests", pytest("tests/test_triton_ops.py"), 170, expect=10),  # 6.1 s in the third run
         # With the checks that the warm-up and compile_kernels compiled what the real launches look up.
         Stage("cuda_tests", pytest("tests/test_triton_cuda.py", "tests/test_cuda_determinism.py",
-                                   "tests/test_add_norm.py", WARM_TEST, PRECOMPILE_TEST), 130, expect=100),
+                                   "tests/test_add_norm.py", WARM_TEST, PRECOMPILE_TEST), 130, expect=110),
         # test_bench_profile.py checks this suite's own device timing and profile on the GPU.
         Stage("model_tests", pytest("tests/test_graphs.py", "tests/test_model_triton.py", "tests/test_attention.py",
-                                    "tests/test_self_attention.py", "tests/test_bench_profile.py"), 150, expect=105),
+                                    "tests/test_self_attention.py", "tests/test_bench_profile.py"), 150, expect=60),
         # The Triton attention forward took 2.2-2.3x flash attention's time on the H200 at its library
         # tiles (64 x 64, 4 warps, 2 stages, chosen without a GPU), and the float32 match 0.28x-1.23x the
         # reference: candidates at the real shapes.
         *([Stage("attention_tiles", [python, "-m", "benchmarks.bench_attention", "--device", device, "--jsonl", rows,
                                      "--tag", "attention_tiles", *sweep("attention"), "--rep-ms", "25",
                                      "--fwd-tiles", *ATTENTION_TILES],
-                 90, expect=50),
+                 90, expect=20),
            Stage("match_tiles", bench("bench_ops", "match_tiles", *sweep("match"), "--impls", *fast,
-                                      "--ops", "best_match", "--tiles", *MATCH_TILES, "--rep-ms", "25"), 90, expect=60)]
+                                      "--ops", "best_match", "--tiles", *MATCH_TILES, "--rep-ms", "25"), 90, expect=20),
+           # Measured in the third run (the sorted plan 1.04x over 14 shapes, not taken): after the sweeps that
+           # choose the library's tiles now.
+           Stage("plan_paths", bench("bench_ops", "plan_paths", *sweep("plan"), "--impls", "triton",
+                                     "--ops", "match", "--tiles", *PLAN_PATHS, "--rep-ms", "25"), 75, expect=20)]
           if gpu else []),
         # Sweeps. The compiled reference, compiled afresh per shape, at the headline shapes.
         Stage("ops_batches", bench("bench_ops", "batches", "--models", "ViT-B-32", "ViT-B-16",

@@ -102,9 +102,10 @@ def _tile_sweep_calls(model: str, batch: int, dtype_name: str) -> None:
     from .suite import TILE_SWEEPS
 
     dtype = DTYPES[dtype_name]
-    for kind, (at_models, at_batch, at_dtype, specs) in TILE_SWEEPS.items():
+    for name, (at_models, at_batch, at_dtype, specs) in TILE_SWEEPS.items():
         if model not in at_models or (at_batch, at_dtype) != (batch, dtype_name):
             continue
+        kind = name.rstrip("0123456789")  # norm1: the norm sweep at one video
         if kind == "attention":
             for s in attention_shapes(model, batch):
                 size = torch.empty(s.rows, s.tokens, 1, dtype=torch.float32, device="meta")

@@ -20,9 +20,11 @@ which the backward passes to aten's LayerNorm gradient instead of recomputing th
 With ``HAS_RES`` the forward merges ``x + residual`` (the block's residual add after attention),
 reading both and rounding their sum to x's dtype as the add would, so the sum is never written.
 
-A forward program sums each B token's sources one after another (``SRC_STAGES`` pipelines that
-gather), or, with ``SRC_BLOCK > 0``, gathers its tile's sources ``SRC_BLOCK`` at a time, all loads of a
-chunk independent of each other, and sums them into their destinations by one float32 product.
+A forward program sums each B token's sources one after another, ``SRC_CHUNK`` of them a step whose loads
+are all issued before its first sum (a warp issues in order: a step waits out one chain of dependent loads,
+not one a source), with scalars where a program has one token (``SRC_STAGES`` pipelines that gather); or,
+with ``SRC_BLOCK > 0``, it gathers its tile's sources ``SRC_BLOCK`` at a time, all loads of a chunk independent
+of each other, and sums them into their destinations by one float32 product.
 With ``SPLIT_T > 0`` it first copies its tile's tokens that nothing merges into, in x's dtype (with
 ``NORM``, and writes their LayerNorm), and then merges the B tokens that have sources ``SPLIT_T`` at a
 time: the float32 sums are held for ``SPLIT_T`` tokens instead of the whole tile, so a program takes
@@ -67,21 +69,23 @@ def _pos_rows(pos_ptr, row, clip, offs_d, mask, GROUP, CLIPS, stride_pc):
     """Feature slice ``offs_d`` of the temporal position embedding of input clips ``clip`` of joined clip
     ``row`` (0 where not ``mask``). A clip's place in its video is ``clip % CLIPS``; a join's ``GROUP`` clips
     are of one video (``check_join`` requires it), so that is ``(row * GROUP) % CLIPS``, one for the program,
-    plus the clip's place in the join: no modulo a token (or a source) by a count known only at run time."""
+    plus the clip's place in the join: no modulo a token (or a source) by a count known only at run time.
+    ``clip`` is a column, ``[T, 1]``."""
     frame = (row * GROUP) % CLIPS + (clip - row * GROUP)
-    return tl.load((pos_ptr + frame * stride_pc)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    return tl.load(pos_ptr + frame * stride_pc + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
 def _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, src_at, has, row, offs_d, mask_d, A_START, GROUP, C_IN, N_IN,
                  CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd, stride_sb, stride_sn,
                  stride_pc, ACC: tl.constexpr, HAS_RES: tl.constexpr, HAS_POS: tl.constexpr):
-    """The merged sources at pointers ``src_at`` into ``src`` (where ``has``): their sizes and feature slices
-    ``offs_d`` (with the residual and the position embedding added), in ``ACC``; 0 where not ``has``."""
+    """The merged sources at pointers ``src_at`` into ``src`` (where ``has``), a column ``[T, 1]`` or one
+    source (scalars): their sizes, of that shape, and feature slices ``offs_d`` (``[T, BLOCK_D]``, with the
+    residual and the position embedding added), in ``ACC``; 0 where not ``has``."""
     a = tl.load(src_at, mask=has, other=0).to(tl.int32)
     a_clip, a_tok = _joined_token(row, A_START + 2 * a, GROUP, C_IN, N_IN)
     size = tl.load(size_ptr + a_clip * stride_sb + a_tok * stride_sn, mask=has, other=0).to(ACC)
-    mask_a = has[:, None] & mask_d[None, :]
+    mask_a = has & mask_d[None, :]
     xa = _token_rows(x_ptr, res_ptr, a_clip, a_tok, offs_d, mask_a, stride_xb, stride_xn, stride_xd, stride_rb,
                      stride_rn, stride_rd, HAS_RES).to(ACC)
     if HAS_POS:
@@ -90,20 +94,33 @@ def _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, src_at, has, row, offs_d, ma
 
 
 @triton.jit
+def _added(acc, s_total, size, xa, ONE: tl.constexpr):
+    """``acc`` and ``s_total`` with one source of each token added: ``size`` a column (or, ``ONE`` token,
+    a scalar) and its rows ``xa``."""
+    acc += xa * size
+    if ONE:
+        s_total += size
+    else:
+        s_total += tl.sum(size, axis=1)
+    return acc, s_total
+
+
+@triton.jit
 def _merge_sums(x_ptr, res_ptr, size_ptr, pos_ptr, src_row, row, clip, tok, mask_t, lo, count, max_count, offs_d,
                 mask_d, A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn,
                 stride_rd, stride_sb, stride_sn, stride_pc, ACC: tl.constexpr, HAS_RES: tl.constexpr,
-                HAS_POS: tl.constexpr, SRC_STAGES: tl.constexpr, SRC_BLOCK: tl.constexpr):
+                HAS_POS: tl.constexpr, SRC_STAGES: tl.constexpr, SRC_BLOCK: tl.constexpr,
+                SRC_CHUNK: tl.constexpr):
     """Tokens ``(clip, tok)`` (where ``mask_t``), each with its sources ``src_row[lo:lo + count]``
     (``max_count``: the most of them): the size-weighted sums and the summed sizes, in ``ACC``, and
     the tokens' own rows (with the residual and the position embedding added). :func:`_merged` makes
     the mean of them."""
     mask = mask_t[:, None] & mask_d[None, :]
     s_self = tl.load(size_ptr + clip * stride_sb + tok * stride_sn, mask=mask_t, other=1).to(ACC)
-    x_self = _token_rows(x_ptr, res_ptr, clip, tok, offs_d, mask, stride_xb, stride_xn, stride_xd, stride_rb,
-                         stride_rn, stride_rd, HAS_RES).to(ACC)
+    x_self = _token_rows(x_ptr, res_ptr, clip[:, None], tok[:, None], offs_d, mask, stride_xb, stride_xn, stride_xd,
+                         stride_rb, stride_rn, stride_rd, HAS_RES).to(ACC)
     if HAS_POS:
-        x_self += _pos_rows(pos_ptr, row, clip, offs_d, mask, GROUP, CLIPS, stride_pc).to(ACC)
+        x_self += _pos_rows(pos_ptr, row, clip[:, None], offs_d, mask, GROUP, CLIPS, stride_pc).to(ACC)
     s_total = s_self
     acc = x_self * s_self[:, None]
     if SRC_BLOCK > 0:
@@ -123,11 +140,12 @@ def _merge_sums(x_ptr, res_ptr, size_ptr, pos_ptr, src_row, row, clip, tok, mask
         first = tl.minimum(tl.min(tl.where(has_src, lo, 2147483647), axis=0), last)
         for k0 in range(first, last, SRC_BLOCK):
             k = k0 + tl.arange(0, SRC_BLOCK)
-            s, xa = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, src_row + k, k < last, row, offs_d, mask_d,
-                                 A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
-                                 stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+            s, xa = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, src_row + k[:, None], (k < last)[:, None], row,
+                                 offs_d, mask_d, A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd,
+                                 stride_rb, stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES,
+                                 HAS_POS)
             into = has_src[:, None] & (k[None, :] >= lo[:, None]) & (k[None, :] < (lo + count)[:, None])
-            w = tl.where(into, s[None, :], 0.0).to(ACC)
+            w = tl.where(into, tl.sum(s, axis=1)[None, :], 0.0).to(ACC)
             acc = tl.dot(w, xa, acc, input_precision="ieee")
             s_total += tl.sum(w, axis=1)
     else:
@@ -135,13 +153,47 @@ def _merge_sums(x_ptr, res_ptr, size_ptr, pos_ptr, src_row, row, clip, tok, mask
         # rows, cost 14-28 registers on sm_90 and spilled 16-40 B in fp32 joins: the index load is an L2
         # hit.) With SRC_STAGES > 1 Triton's pipeliner does it: the index and row loads of the next
         # sources become asynchronous copies into shared memory, issued while this source is added.
-        for t in tl.range(0, max_count, num_stages=SRC_STAGES):
-            has = t < count
-            s, xa = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, src_row + lo + t, has, row, offs_d, mask_d,
-                                 A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
-                                 stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
-            acc += xa * s[:, None]
-            s_total += s
+        #
+        # A warp issues in order, so a load it waits on stalls every instruction after it. With
+        # SRC_CHUNK > 1 a step gathers that many sources of each token, every load of the step issued
+        # before any sum waits on one: a step costs one chain of dependent loads (index, then size and
+        # rows) where a source at a time costs one each, and a destination with 75 sources (ViT-B/16's
+        # last join, one video) waited on 150 loads in turn. The sums are the same, in the same order.
+        #
+        # One token a program (ONE) gathers with scalars. Gathered as a [T, 1] column, a source index
+        # is loaded once for each layout it feeds (the rows', the sizes' sum), and ptxas waits on
+        # each copy before loading the next (sm_90: three in turn a source at ViT-B/16's joins); a
+        # scalar has no layout, so it is loaded once.
+        tl.static_assert(SRC_CHUNK == 1 or SRC_CHUNK == 2 or SRC_CHUNK == 4, "SRC_CHUNK: 1, 2 or 4")
+        ONE: tl.constexpr = lo.shape[0] == 1
+        if ONE:  # (max_count is this token's count, 0 if it is not a B token)
+            at, limit = src_row + tl.sum(lo, axis=0), max_count
+        else:
+            at, limit = (src_row + lo)[:, None], count[:, None]
+        for t in tl.range(0, max_count, SRC_CHUNK, num_stages=SRC_STAGES):
+            s0, x0 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, at + t, t < limit, row, offs_d, mask_d,
+                                  A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
+                                  stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+            if SRC_CHUNK >= 2:
+                s1, x1 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, at + t + 1, t + 1 < limit, row, offs_d,
+                                      mask_d, A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd,
+                                      stride_rb, stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES,
+                                      HAS_POS)
+            if SRC_CHUNK >= 4:
+                s2, x2 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, at + t + 2, t + 2 < limit, row, offs_d,
+                                      mask_d, A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd,
+                                      stride_rb, stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES,
+                                      HAS_POS)
+                s3, x3 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, at + t + 3, t + 3 < limit, row, offs_d,
+                                      mask_d, A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd,
+                                      stride_rb, stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES,
+                                      HAS_POS)
+            acc, s_total = _added(acc, s_total, s0, x0, ONE)
+            if SRC_CHUNK >= 2:
+                acc, s_total = _added(acc, s_total, s1, x1, ONE)
+            if SRC_CHUNK >= 4:
+                acc, s_total = _added(acc, s_total, s2, x2, ONE)
+                acc, s_total = _added(acc, s_total, s3, x3, ONE)
     return acc, s_total, x_self
 
 
@@ -223,8 +275,10 @@ def _merge_fwd_kernel(
     SRC_BLOCK: tl.constexpr = 0,  # > 0: the tile's sources gathered SRC_BLOCK at a time and summed by a product
     STATS: tl.constexpr = False,  # with NORM: write the LayerNorm's statistics (training)
     SPLIT_T: tl.constexpr = 0,  # > 0: the copied tokens first, then the merged ones SPLIT_T at a time
+    SRC_CHUNK: tl.constexpr = 1,  # sources gathered a step, their loads issued together (not with SRC_BLOCK)
 ):
     tl.static_assert(SPLIT_T == 0 or SRC_BLOCK == 0, "SPLIT_T does not take SRC_BLOCK")
+    tl.static_assert(SRC_CHUNK == 1 or SRC_BLOCK == 0, "SRC_CHUNK does not take SRC_BLOCK")
     row = tl.program_id(2).to(tl.int64)
     ACC = b_size_ptr.dtype.element_ty
     tile = tl.program_id(1) * BLOCK_T
@@ -252,10 +306,10 @@ def _merge_fwd_kernel(
         # sources merges them as the whole-tile path below does (the same sums in the same order).
         copy = mask_t & (count == 0)
         mask_c = copy[:, None] & mask_d[None, :]
-        y = _token_rows(x_ptr, res_ptr, clip, tok, offs_d, mask_c, stride_xb, stride_xn, stride_xd, stride_rb,
-                        stride_rn, stride_rd, HAS_RES)
+        y = _token_rows(x_ptr, res_ptr, clip[:, None], tok[:, None], offs_d, mask_c, stride_xb, stride_xn, stride_xd,
+                        stride_rb, stride_rn, stride_rd, HAS_RES)
         if HAS_POS:
-            y = y.to(ACC) + _pos_rows(pos_ptr, row, clip, offs_d, mask_c, GROUP, CLIPS, stride_pc).to(ACC)
+            y = y.to(ACC) + _pos_rows(pos_ptr, row, clip[:, None], offs_d, mask_c, GROUP, CLIPS, stride_pc).to(ACC)
         y = y.to(out_ptr.dtype.element_ty)
         out_rows = out_ptr + row * N_OUT * D + offs_t.to(tl.int64) * D
         tl.store(out_rows[:, None] + offs_d[None, :], y, mask=mask_c)
@@ -284,7 +338,7 @@ def _merge_fwd_kernel(
                                                    into, lo_s, count_s, block_count, offs_d, mask_d, A_START, GROUP,
                                                    C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
                                                    stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC,
-                                                   HAS_RES, HAS_POS, SRC_STAGES, 0)
+                                                   HAS_RES, HAS_POS, SRC_STAGES, 0, SRC_CHUNK)
                 y_s = _merged(acc, s_total, x_self, count_s).to(out_ptr.dtype.element_ty)
                 rows_s = out_ptr + row * N_OUT * D + offs_s.to(tl.int64) * D
                 tl.store(rows_s[:, None] + offs_d[None, :], y_s, mask=into[:, None] & mask_d[None, :])
@@ -301,7 +355,7 @@ def _merge_fwd_kernel(
                                            count, max_count, offs_d, mask_d, A_START, GROUP, C_IN, N_IN, CLIPS,
                                            stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd,
                                            stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS, SRC_STAGES,
-                                           SRC_BLOCK)
+                                           SRC_BLOCK, SRC_CHUNK)
         if tl.program_id(0) == 0:
             tl.store(size_out_ptr + row * N_OUT + offs_t, s_total.to(size_out_ptr.dtype.element_ty), mask=mask_t)
             if B_SIZES:

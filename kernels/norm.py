@@ -73,8 +73,8 @@ def _add_norm_fwd_kernel(
     mask_d = offs_d < D
     mask = (offs_t < ROWS)[:, None] & mask_d[None, :]
     clip, tok = offs_t // N, offs_t % N
-    y = _token_rows(x_ptr, res_ptr, clip, tok, offs_d, mask, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn,
-                    stride_rd, True)
+    y = _token_rows(x_ptr, res_ptr, clip[:, None], tok[:, None], offs_d, mask, stride_xb, stride_xn, stride_xd,
+                    stride_rb, stride_rn, stride_rd, True)
     out = (offs_t * D)[:, None] + offs_d[None, :]
     tl.store(sum_ptr + out, y, mask=mask)
     ln, mean, rstd = _norm_rows(y, mask, offs_d, mask_d, w_ptr, b_ptr, D, EPS, ACC)

@@ -28,13 +28,12 @@ def _joined_token(row, pos, GROUP, C_IN, N_IN):
 @triton.jit
 def _token_rows(x_ptr, res_ptr, clip, tok, offs_d, mask, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn,
                 stride_rd, HAS_RES: tl.constexpr):
-    """Feature slice ``offs_d`` of tokens ``(clip, tok)`` of ``x``, or of ``x + residual`` rounded to
-    x's dtype (``HAS_RES``: as ``torch.add`` computes it, in float32 for 16-bit inputs)."""
-    x = tl.load((x_ptr + clip * stride_xb + tok * stride_xn)[:, None] + offs_d[None, :] * stride_xd, mask=mask,
-                other=0.0)
+    """Feature slice ``offs_d`` of tokens ``(clip, tok)`` (columns, ``[T, 1]``) of ``x``, or of ``x + residual``
+    rounded to x's dtype (``HAS_RES``: as ``torch.add`` computes it, in float32 for 16-bit inputs)."""
+    x = tl.load(x_ptr + clip * stride_xb + tok * stride_xn + offs_d[None, :] * stride_xd, mask=mask, other=0.0)
     if HAS_RES:
-        res = tl.load((res_ptr + clip * stride_rb + tok * stride_rn)[:, None] + offs_d[None, :] * stride_rd,
-                      mask=mask, other=0.0)
+        res = tl.load(res_ptr + clip * stride_rb + tok * stride_rn + offs_d[None, :] * stride_rd, mask=mask,
+                      other=0.0)
         x = _rounded_sum(x, res)
     return x
 

@@ -32,7 +32,7 @@ def test_no_spills_no_scalar_16bit_access_two_forward_launches(vit_b32_report):
     done = vit_b32_report
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| _")]
-    rows = [row for row in rows if len(row) == 12]  # (not the loops' table, of 8 columns)
+    rows = [row for row in rows if len(row) == 12]  # (not the loops' table, of 9 columns)
     kernels = {row[0].strip() for row in rows}
     assert kernels == {"_best_match_fwd_kernel", "_merge_fwd_kernel", "_merge_bwd_kernel", "_attention_fwd_kernel",
                        "_attention_bwd_kernel", "_add_norm_fwd_kernel", "_embed_norm_fwd_kernel",
@@ -77,11 +77,15 @@ def test_no_spills_no_scalar_16bit_access_two_forward_launches(vit_b32_report):
         assert grouping == "sort" and 0 < int(stages) <= 21, p
 
 
-def _loop_rows(report: str, kernel: str):
-    """``(variant, loop instructions, MUFU, tensor-core, selects)`` of ``kernel``'s rows in the ``--loops`` table."""
+def _loop_rows(report: str, kernel: str, waits: bool = False):
+    """``(variant, loop instructions, MUFU, tensor-core, selects)`` of ``kernel``'s rows in the ``--loops`` table;
+    with ``waits``, ``(variant, load waits, sources)`` of its rows that count them."""
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in report.splitlines()
             if line.startswith(f"| {kernel} ")]
-    return [(row[2], int(row[4]), int(row[5]), int(row[6]), int(row[7])) for row in rows if len(row) == 8]
+    rows = [row for row in rows if len(row) == 9]
+    if waits:
+        return [(row[2], *map(int, row[8].split(" / "))) for row in rows if row[8] != "-"]
+    return [(row[2], int(row[4]), int(row[5]), int(row[6]), int(row[7])) for row in rows]
 
 
 def test_the_size_bias_costs_the_attention_forward_few_instructions(vit_b32_report):
@@ -131,6 +135,55 @@ def test_a_merge_without_a_join_divides_nothing_per_source(vit_b32_report):
     assert plain and joins, loops
     assert all(mufu == 0 for _, mufu in plain), loops
     assert max(n for n, _ in plain) < min(joins), loops
+
+
+def test_the_merge_gathers_a_source_in_at_most_two_waits(vit_b32_report):
+    """The merge forward's gather as a warp issues it: one token a program gathers its sources as scalars, so a
+    source's index is loaded once and the gather waits on at most two loads in turn a source (its index, then
+    its size and rows; before, 4 after attention and 3 in a join, on each layout's copy of the index); the
+    library's tiles where B tokens gather many sources take 4 a step, at most 5 waits a step (about 1.25 a
+    source, against the 4 x 8 tiles' 3 in a join, whose chunks gained nothing there)."""
+    done = vit_b32_report
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = _loop_rows(done.stdout, "_merge_fwd_kernel", waits=True)
+    chunked = [(waits, sources) for variant, waits, sources in rows if "SRC_CHUNK=4" in variant]
+    single = [(waits, sources) for variant, waits, sources in rows if "SRC_CHUNK" not in variant]
+    assert chunked and single, rows
+    assert all(sources == 4 and 1 <= waits <= 5 for waits, sources in chunked), rows
+    assert all(sources == 1 and 1 <= waits <= 2 for waits, sources in single), rows
+    assert any("GROUP=2" in variant for variant, *_ in rows if "SRC_CHUNK=4" in variant), rows  # a join's
+
+
+def test_load_waits_follow_the_order_a_warp_issues_in():
+    """``codegen.load_waits`` on hand-written loops: loads issued before the first wait on one are in flight
+    together; a load waited on before the next is issued costs a latency of its own, and so does one whose
+    register another instruction still has to read first (a register reused)."""
+    from benchmarks.codegen import load_waits, sass_operands
+
+    def loop(*body):
+        return [f"        /*{16 * k:04x}*/                   {line} ;" for k, line in enumerate(body)]
+    assert sass_operands(loop("@!P0 LDG.E.128 R12, desc[UR20][R40.64+0x400]")[0]) == (
+        "LDG.E.128", ["R12", "R13", "R14", "R15"], ["P0", "UR20", "R40", "R41"])
+    assert sass_operands(loop("LEA R18, P0, R19, R2, 0x2")[0]) == ("LEA", ["R18", "P0"], ["R19", "R2"])
+    assert sass_operands(loop("STG.E.64 desc[UR4][R2.64], R8")[0])[1:] == ([], ["UR4", "R2", "R3", "R8", "R9"])
+    # An index, then the row it points at: two waits a trip.
+    chain = loop("LDG.E R4, desc[UR4][R2.64]", "LEA R6, R4, R10, 0x1", "LDG.E.128 R8, desc[UR4][R6.64]",
+                 "HADD2.F32 R20, -RZ, R8.H0_H0", "FADD R30, R20, R30", "BRA `(.L_x_1)")
+    assert load_waits(chain) == 2
+    # Two sources, each index and row loaded before any sum waits: still two waits a trip, for both.
+    together = loop("LDG.E R4, desc[UR4][R2.64]", "LDG.E R5, desc[UR4][R2.64+0x8]", "LEA R6, R4, R10, 0x1",
+                    "LEA R16, R5, R10, 0x1", "LDG.E.128 R8, desc[UR4][R6.64]", "LDG.E.128 R24, desc[UR4][R16.64]",
+                    "HADD2.F32 R20, -RZ, R8.H0_H0", "HADD2.F32 R21, -RZ, R24.H0_H0", "FADD R30, R20, R30",
+                    "FADD R30, R21, R30", "BRA `(.L_x_1)")
+    assert load_waits(together) == 2
+    # The second index loaded into the register the first one's use still reads: it waits for that use.
+    reused = loop("LDG.E R4, desc[UR4][R2.64]", "LEA R6, R4, R10, 0x1", "LDG.E R4, desc[UR4][R2.64+0x8]",
+                  "LEA R16, R4, R10, 0x1", "LDG.E.128 R8, desc[UR4][R6.64]", "LDG.E.128 R24, desc[UR4][R16.64]",
+                  "HADD2.F32 R20, -RZ, R8.H0_H0", "HADD2.F32 R21, -RZ, R24.H0_H0", "FADD R30, R20, R30",
+                  "FADD R30, R21, R30", "BRA `(.L_x_1)")
+    assert load_waits(reused) == 3
+    # A loop that loads nothing waits on nothing.
+    assert load_waits(loop("FADD R30, R20, R30", "BRA `(.L_x_1)")) == 0
 
 
 def test_check_fails_on_a_spill(monkeypatch, capsys):

@@ -143,7 +143,7 @@ def test_the_stage_list_puts_the_headline_first_then_the_merge_sweeps_the_profil
     stages = gpu_stages(str(tmp_path))
     names = [s.name for s in stages]
     assert names[:12] == ["preflight", "warm", "model_headline", "ops_headline", "merge_tiles", "norm_tiles",
-                          "plan_paths", "profile", "attention", "kernel_tests", "cuda_tests", "model_tests"]
+                          "norm1_tiles", "profile", "attention", "kernel_tests", "cuda_tests", "model_tests"]
     assert names[-1] == "plots" and stages[-1].final and not any(s.final for s in stages[:-1])
     # The warm-up compiles what the benchmarks launch: every model, batch and dtype they run.
     warm = stages[1].argv

@@ -110,6 +110,14 @@ def random_plan(b, n, c, r, device, generator, hub=False):
     return ref.MergePlan(merged.to(device), dst.to(device), kept.to(device), n, c)
 
 
+def _plan_with_counts(counts, n, c, device, generator):
+    """A plan whose row ``i`` sends ``counts[i][j]`` merged tokens to B token ``j`` (the same ``r`` a row),
+    its merged tokens in random order."""
+    dst = torch.stack([torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row)) for row in counts])
+    plan = random_plan(len(counts), n, c, dst.shape[1], device, generator)
+    return plan._replace(dst=dst[:, torch.randperm(dst.shape[1], generator=generator)].to(device))
+
+
 def plan_from_scores(scores, dst, r):
     """The reference's ranking (``reference.match``) applied to given scores."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
@@ -662,6 +670,91 @@ def test_merge_copies_first(kind, dtype, device, monkeypatch):
         assert len(got) == len(want) == (8 if size_dtype == torch.float16 else 6)
         for got_t, expected in zip(got, want):
             assert torch.equal(got_t, expected)
+
+
+@pytest.mark.parametrize("kind,dtype", [(kind, dtype) for kind in ("hub", "join") for dtype in DTYPES.values()]
+                         + [("spread", torch.float32)], ids=lambda v: str(v).replace("torch.", ""))
+def test_merge_gathers_chunks_of_sources(kind, dtype, device, monkeypatch):
+    """The merge forward that gathers each token's sources ``SRC_CHUNK`` (2 or 4) a step, and with one token a
+    program gathers them as scalars (the library's tiles where B tokens gather many sources, and the sweeps'
+    ``-cN`` candidates), writes the bits of the gather one source at a time over a tile of tokens: merged
+    tokens, sizes, the LayerNorm after the merge and its statistics. Merged tokens sent to a few B tokens (8
+    or 12 sources: whole steps; 7, 5, 3: steps with a remainder) or spread over all of them; a ClipMe join (the position
+    embedding and a residual added, sources read through the join), with float16 sizes for float32 tokens
+    (the B tokens' sizes written apart)."""
+    merge_tiles, norm_tiles = triton_ops._merge_fwd_tiles, triton_ops._merge_norm_tiles
+
+    def tiles(block_t, chunk):
+        monkeypatch.setattr(triton_ops, "_merge_fwd_tiles", lambda *args: dict(
+            merge_tiles(*args[:4]), BLOCK_T=block_t, BLOCK_D=32, SRC_CHUNK=chunk))
+        monkeypatch.setattr(triton_ops, "_merge_norm_tiles", lambda *args: dict(
+            norm_tiles(*args[:5]), BLOCK_T=block_t, SRC_CHUNK=chunk))
+    g = torch.Generator().manual_seed(35)
+    d = 40
+    norm = (torch.randn(d, generator=g).to(dtype).to(device), torch.randn(d, generator=g).to(dtype).to(device), 1e-5)
+    candidates = ((1, 1), (1, 4), (4, 2))
+    if kind != "join":
+        x = make_tokens(2, 51, d, dtype, "sliced", device, g)
+        residual = make_tokens(2, 51, d, dtype, "transposed", device, g)
+        size = _sizes(2, 51, "BN1-fp32", dtype, device, g)
+        plan = _plan_with_counts(((8, 7, 5), (12,) + (1,) * 8), 51, 2, device, g) if kind == "hub" else \
+            random_plan(2, 51, 2, 20, device, g)
+
+        def merges():
+            return (*ops.merge(x, size, plan, backend="triton"),
+                    *ops.merge_norm(x, size, plan, *norm, residual=residual, backend="triton"))
+        tiles(8, 1)
+        want = merges()
+        for block_t, chunk in candidates:
+            tiles(block_t, chunk)
+            for got, expected in zip(merges(), want):
+                assert torch.equal(got, expected), (block_t, chunk)
+        _check_merge(x, size, plan, dtype, g)
+        return
+    f, group, n, c = 4, 2, 15, 1
+    x = make_tokens(f, n, d, dtype, "contiguous", device, g)
+    residual = make_tokens(f, n, d, dtype, "transposed", device, g)
+    frame_pos = (0.1 * torch.randn(1, f, 1, d, generator=g)).to(dtype).to(device)
+    plan = _plan_with_counts(((8, 3, 1), (4, 4, 2, 2)), n * group, c * group, device, g)
+    size = _sizes(f, n, "BN-fp32", dtype, device, g).to(torch.float16 if dtype == torch.float32 else torch.float32)
+
+    def merges():
+        alone = triton_ops.merge_forward(x, size, plan.merged, plan.dst, plan.kept, c, group, frame_pos,
+                                         residual=residual)
+        normed = triton_ops.merge_forward(x, size, plan.merged, plan.dst, plan.kept, c, group, frame_pos,
+                                          norm=norm, residual=residual, stats=True)
+        return [t for t in (*alone, *normed) if t is not None]
+    tiles(8, 1)
+    want = merges()
+    assert len(want) == (8 if size.dtype == torch.float16 else 6)
+    for block_t, chunk in candidates:
+        tiles(block_t, chunk)
+        got = merges()
+        for got_t, expected in zip(got, want):
+            assert torch.equal(got_t, expected), (block_t, chunk)
+
+
+def test_merge_tiles_gather_many_sources(monkeypatch):
+    """On a GPU a merge whose B tokens gather many sources (every merge of the schedules but the image merges
+    of their first layers) takes one token a program over every feature, 128 bits a thread (256 for a 16-bit
+    merge after attention, at the 2 warps of its other tiles), its sources gathered 4 a step (2 for 32-bit
+    features); the others keep their tiles."""
+    monkeypatch.setattr(triton_ops, "_interpreting", lambda: False)
+    assert not triton_ops._many_sources(2, 98) and not triton_ops._many_sources(2, 24)  # ViT-B/16, B/32 layer 0
+    assert triton_ops._many_sources(25, 127) and triton_ops._many_sources(4, 24)  # their intra merges at layer 8
+    gather = dict(BLOCK_T=1, BLOCK_D=1024, SRC_CHUNK=4)
+    assert triton_ops._merge_fwd_tiles(32, 867, 768, 2, True) == dict(gather, num_warps=4)
+    assert triton_ops._merge_norm_tiles(32, 607, 768, 2, False, True) == dict(gather, num_warps=2)
+    assert triton_ops._merge_norm_tiles(32, 607, 768, 2, True, True) == dict(gather, num_warps=4)
+    assert triton_ops._merge_norm_tiles(32, 607, 1024, 2, True, True) == dict(gather, num_warps=4)  # ViT-L/14
+    for pos in (False, True):
+        assert triton_ops._merge_norm_tiles(32, 607, 768, 4, pos, True) == dict(gather, num_warps=8, SRC_CHUNK=2)
+        assert "SRC_CHUNK" not in triton_ops._merge_norm_tiles(32, 195, 768, 4, pos, False)
+    assert triton_ops._merge_fwd_tiles(32, 867, 768, 4, True) == dict(gather, num_warps=8, SRC_CHUNK=2)
+    assert "SRC_CHUNK" not in triton_ops._merge_fwd_tiles(32, 195, 768, 2, False)
+    assert "SRC_CHUNK" not in triton_ops._merge_fwd_tiles(32, 195, 768, 4, False)
+    assert triton_ops._merge_norm_tiles(32, 195, 768, 2, False, False) == dict(BLOCK_T=1, BLOCK_D=1024,
+                                                                               num_warps=2)
 
 
 def test_join_merge_multi_tile(tiling, device):

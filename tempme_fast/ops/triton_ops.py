@@ -82,6 +82,14 @@ PLAN_SORT_LIMIT = 2048
 GROUP_SORT_LIMIT = 2048
 # Programs that keep a large GPU busy (2 per SM of an H100): below it, work is split further.
 GPU_FILL = 264
+# A merge whose B tokens gather many sources (r >= Nb / MANY_SOURCES_DIVISOR merged tokens: every merge of the
+# schedules but the first layers' image merges, where r is 2) runs one token a program on a GPU, its sources
+# gathered MERGE_SRC_CHUNK[bytes a feature] a step: a warp waits on each step's loads once (index, then size
+# and rows) instead of once a source, and its busiest destination (75 sources at ViT-B/16's last join of one
+# video, random weights) sets the merge's time. Compiled for sm_90 and sm_80, a source then costs 0.5-1.75
+# waits in turn against 3-9 (benchmarks.codegen --loops); 4 float32 sources a step spilled on sm_80.
+MANY_SOURCES_DIVISOR = 8
+MERGE_SRC_CHUNK = {2: 4, 4: 2, 8: 2}
 # Products of a float32 metric's match on a GPU: "tf32x3" (three TF32 products of the operands' high and
 # low parts, on the tensor cores; within about 1e-7 of float32 products on unit vectors) or "ieee"
 # (float32 products on the FMA units). With "ieee" the H200 ran the match at the layer-10 join of
@@ -243,17 +251,38 @@ def _merge_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[str,
     return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=8 if block_t >= 32 else 4)
 
 
-def _merge_fwd_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[str, int]:
+def _many_sources(r: int, nb: int) -> bool:
+    """Whether a merge of ``r`` tokens into ``Nb`` B tokens gathers with :func:`_gather_tiles`."""
+    return r * MANY_SOURCES_DIVISOR >= nb
+
+
+def _gather_tiles(width: int, itemsize: int, bits_a_thread: int = 128) -> Dict[str, int]:
+    """One token a program, every feature (``next_power_of_2(D)``) at ``bits_a_thread`` a thread (at most 8
+    warps), its sources gathered ``MERGE_SRC_CHUNK`` a step."""
+    block_d = _next_power_of_2(width)
+    threads = block_d * itemsize * 8 // bits_a_thread
+    return dict(BLOCK_T=1, BLOCK_D=block_d, num_warps=max(1, min(8, threads // 32)),
+                SRC_CHUNK=MERGE_SRC_CHUNK[itemsize])
+
+
+def _merge_fwd_tiles(rows: int, tokens: int, width: int, itemsize: int, many: bool = False) -> Dict[str, int]:
     """``_merge_tiles`` for the merge forward. A forward program's time is a chain of dependent loads (its
     grouping, then one gather per source of its tile's busiest token), not its bytes, so 16-bit features
     on a GPU take ``MERGE_FWD_TOKENS``-token tiles at 4 warps: more programs, each with a shorter chain,
     have more loads in flight. Their feature slice is twice ``_merge_tiles``' where that still leaves
     ``GPU_FILL`` programs (a wider slice halves the programs that repeat the chain). The H200's sweep at
     ViT-B/16's image merge, 32 videos: 8 x 256 at 4 warps reached 0.84 of the copy bandwidth, against 0.65
-    for the 32 x 256 at 8 warps this took before, 0.81 for 16 x 128 and 0.77 for 16 x 256."""
+    for the 32 x 256 at 8 warps this took before, 0.81 for 16 x 128 and 0.77 for 16 x 256.
+
+    ``many`` (:func:`_many_sources`): the merge's time is its busiest token's sources: one program a token
+    over every feature at 128 bits a thread, its sources gathered ``MERGE_SRC_CHUNK`` a step."""
+    if _interpreting():
+        return _merge_tiles(rows, tokens, width, itemsize)
+    if many:
+        return _gather_tiles(width, itemsize)
     tiles = _merge_tiles(rows, tokens, width, itemsize)
     # 16-bit features only: a 128-wide fp32 slice spills on sm_80 (32 B at the ViT-B/16 joins).
-    if _interpreting() or itemsize > 2:
+    if itemsize > 2:
         return tiles
     block_t, block_d = min(tiles["BLOCK_T"], MERGE_FWD_TOKENS), tiles["BLOCK_D"]
     if 2 * block_d <= width and rows * _cdiv(tokens, block_t) * _cdiv(width, 2 * block_d) >= GPU_FILL:
@@ -269,7 +298,8 @@ def _source_block(r: int, block_j: int) -> int:
     return _block(r, max(16, GROUPING_PAIRS_PER_THREAD * 32 * 4 // block_j))
 
 
-def _merge_norm_tiles(rows: int, tokens: int, width: int, itemsize: int, has_pos: bool) -> Dict[str, int]:
+def _merge_norm_tiles(rows: int, tokens: int, width: int, itemsize: int, has_pos: bool,
+                      many: bool = False) -> Dict[str, int]:
     """Tiles of the merge forward that also writes the LayerNorm: a program spans every feature of
     its tokens (one slice of ``next_power_of_2(D)``), so its token tile shrinks to keep the tile at
     about 4096 elements (32 fp32 registers a thread per operand at 4 warps, 16 at 8).
@@ -282,8 +312,15 @@ def _merge_norm_tiles(rows: int, tokens: int, width: int, itemsize: int, has_pos
 
     16-bit merges without the position embedding take one token a program at 2 warps: on the H200 (ViT-B/16,
     32 videos, layers 0 and 8-10) that ran 1.16x the 4 x 4 tiles over those layers, the fastest of the
-    sweep's tiles at each (0.72 of the copy bandwidth at layer 0, against 0.62); its grid is the tokens."""
+    sweep's tiles at each (0.72 of the copy bandwidth at layer 0, against 0.62); its grid is the tokens.
+
+    Merges with ``many`` sources (:func:`_many_sources`) gather ``MERGE_SRC_CHUNK`` of them a step, one token a
+    program: 16-bit merges after attention at those 2 warps, joins and 32-bit merges at 128 bits a thread (4
+    and 8 warps at ViT-B/16: 80-94 and 48-64 registers on sm_90, where their 4 x 8 tiles took 95-100 and
+    113-128 and waited on each source's index three and six times in turn, once for each layout it fed)."""
     block_d = _next_power_of_2(width)
+    if not _interpreting() and many:
+        return _gather_tiles(width, itemsize, 256 if itemsize <= 2 and not has_pos else 128)
     if not _interpreting() and itemsize <= 2 and not has_pos:
         return dict(BLOCK_T=1, BLOCK_D=block_d, num_warps=2)
     cap = INTERPRETER_BLOCK if _interpreting() else max(1, NORM_TILE_ELEMENTS // block_d)
@@ -560,10 +597,11 @@ def _merge_fwd_launch(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor,
     unit_rows = kept.stride(-1) == src.stride(-1) == offsets.stride(-1) == 1
     row_strides = [_rows(t).stride(0) for t in (kept, src, offsets)]
     acc = accumulation_dtype(x.dtype)
+    many = _many_sources(r, nb)
     if norm:
-        tiles = _merge_norm_tiles(rows, n_out, width, x.dtype.itemsize, frame_pos is not None)
+        tiles = _merge_norm_tiles(rows, n_out, width, x.dtype.itemsize, frame_pos is not None, many)
     else:
-        tiles = _merge_fwd_tiles(rows, n_out, width, x.dtype.itemsize)
+        tiles = _merge_fwd_tiles(rows, n_out, width, x.dtype.itemsize, many)
     pos_shape = (x.shape[0], width) if frame_pos is None else (frame_pos.shape[1], width)
     pos_row_stride = x.stride(0) if frame_pos is None else width
     res_strides = x.stride() if residual is None else residual.stride()
