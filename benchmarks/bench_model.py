@@ -11,6 +11,8 @@ Variants (those that cannot run on the device are skipped):
                      a merge), where the match otherwise averages them as it loads them (+graph: replayed)
   tempme-triton-mlp  the same with each block's c_fc and GELU as one Triton kernel (encoder.FUSED_MLP; 16-bit
                      weights), where cuBLAS runs the product and a second kernel the activation (+graph: replayed)
+  tempme-triton-serial  the same with every merge gathering one source a step on its tiles before the chunked
+                     gather (triton_ops.MANY_SOURCES_DIVISOR = 0), where B tokens gather many (+graph: replayed)
   tempme-triton+graph    the same, captured in a CUDA graph
   tempme-triton+compile  the same under torch.compile (opt-in: --compile)
 
@@ -42,15 +44,17 @@ from .devicetime import device_columns, enqueue_ms, host_columns
 from .oracle import check_embedding, check_gradients, check_raised, parameter_grads
 
 VARIANTS = ("open_clip", "open_clip+graph", "open_clip+compile", "tempme-eager", "tempme-torch", "tempme-triton",
-            "tempme-triton-jit", "tempme-triton-mean", "tempme-triton-mlp", "tempme-triton+graph",
-            "tempme-triton-mean+graph", "tempme-triton-mlp+graph", "tempme-triton+compile")
+            "tempme-triton-jit", "tempme-triton-mean", "tempme-triton-mlp", "tempme-triton-serial",
+            "tempme-triton+graph", "tempme-triton-mean+graph", "tempme-triton-mlp+graph", "tempme-triton-serial+graph",
+            "tempme-triton+compile")
 # The variant whose eager embeddings each inference row's are held against (benchmarks.oracle.check_embedding),
 # and whose gradients each training row's are (check_gradients): the Triton paths against the torch backend's,
 # a graph replay of open_clip against open_clip.
 CHECKED_AGAINST = {"open_clip+graph": "open_clip", "open_clip+compile": "open_clip", "tempme-triton": "tempme-torch",
                    "tempme-triton-jit": "tempme-torch", "tempme-triton-mean": "tempme-torch",
                    "tempme-triton-mean+graph": "tempme-torch", "tempme-triton-mlp": "tempme-torch",
-                   "tempme-triton-mlp+graph": "tempme-torch",
+                   "tempme-triton-mlp+graph": "tempme-torch", "tempme-triton-serial": "tempme-torch",
+                   "tempme-triton-serial+graph": "tempme-torch",
                    "tempme-triton+graph": "tempme-torch", "tempme-triton+compile": "tempme-torch"}
 
 
@@ -229,18 +233,21 @@ def variant_switches(variant: str):
     """The library's module switches that ``variant`` names set for its duration, then restored: ``-jit`` the
     cached launch off (``launch.CACHED``; off already under ``TEMPME_FAST_CACHED_LAUNCH=0``, the suite's
     fallback), ``-mean`` the keys averaged by torch before the match (``triton_ops.HEADS_IN_MATCH``), ``-mlp``
-    each block's ``c_fc`` and GELU fused (``encoder.FUSED_MLP``)."""
-    saved = launch.CACHED, triton_ops.HEADS_IN_MATCH, encoder.FUSED_MLP
+    each block's ``c_fc`` and GELU fused (``encoder.FUSED_MLP``), ``-serial`` every merge gathering one source a
+    step (``triton_ops.MANY_SOURCES_DIVISOR = 0``)."""
+    saved = launch.CACHED, triton_ops.HEADS_IN_MATCH, encoder.FUSED_MLP, triton_ops.MANY_SOURCES_DIVISOR
     if variant.endswith("-jit"):
         launch.CACHED = False
     if "-mean" in variant:
         triton_ops.HEADS_IN_MATCH = False
     if "-mlp" in variant:
         encoder.FUSED_MLP = True
+    if "-serial" in variant:
+        triton_ops.MANY_SOURCES_DIVISOR = 0
     try:
         yield
     finally:
-        launch.CACHED, triton_ops.HEADS_IN_MATCH, encoder.FUSED_MLP = saved
+        launch.CACHED, triton_ops.HEADS_IN_MATCH, encoder.FUSED_MLP, triton_ops.MANY_SOURCES_DIVISOR = saved
 
 
 def _bench_applied(model, variant: str, mode: str, video: torch.Tensor, rep_ms: float, compile_backend: str,

@@ -189,9 +189,10 @@ def main(argv=None) -> int:
                         help="open_clip model name (or JSON config) and videos; default ViT-B-16:16 ViT-B-32:1")
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None, help="default: fp16 (CUDA), fp32 (CPU)")
     parser.add_argument("--variants", nargs="+", choices=("open_clip", "tempme-torch", "tempme-triton",
-                                                          "tempme-triton-mlp"), default=None,
+                                                          "tempme-triton-mlp", "tempme-triton-serial"), default=None,
                         help="default: open_clip and tempme-triton (CUDA), tempme-torch (CPU); tempme-triton-mlp: "
-                             "each block's c_fc and GELU in one kernel (bench_model's variant)")
+                             "each block's c_fc and GELU in one kernel; tempme-triton-serial: every merge gathering "
+                             "one source a step (bench_model's variants)")
     parser.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer"],
                         help="inference forwards, or training calls (forward and backward); default infer")
     parser.add_argument("--forwards", type=int, default=3, help="forwards under the profiler (default 3)")

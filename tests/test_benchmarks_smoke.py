@@ -221,6 +221,30 @@ def test_bench_ops_tiles_rows(tmp_path):
 
 
 @pytest.mark.interpreter
+def test_bench_model_serial_variant_gathers_one_source_a_step(monkeypatch):
+    """``tempme-triton-serial`` runs every merge on the tiles that gather one source a step
+    (``triton_ops.MANY_SOURCES_DIVISOR = 0``: no merge counts as one of many sources), ``tempme-triton`` the
+    library's, where the tiny model's later merges do; the switch is left as it was found."""
+    import torch
+
+    from tempme_fast.ops import triton_ops
+
+    many = []
+    library = triton_ops._many_sources
+    monkeypatch.setattr(triton_ops, "_many_sources", lambda r, nb: many.append(library(r, nb)) or many[-1])
+    model = tiny_clip()
+    clip = video(1, TINY_CONFIG.frames)
+    divisor = triton_ops.MANY_SOURCES_DIVISOR
+    with torch.no_grad():
+        bench_model.bench_variant(model, TINY_CONFIG, "tempme-triton-serial", "infer", clip, rep_ms=1)
+    assert many and not any(many)
+    assert triton_ops.MANY_SOURCES_DIVISOR == divisor > 0
+    many.clear()
+    with torch.no_grad():
+        bench_model.bench_variant(model, TINY_CONFIG, "tempme-triton", "infer", clip, rep_ms=1)
+    assert any(many)
+
+
 def test_bench_model_mlp_variant_fuses_the_mlp_and_restores_the_switch(monkeypatch):
     """``tempme-triton-mlp`` runs each block's c_fc and GELU as one linear_act (``encoder.FUSED_MLP``), and
     leaves the switch as it found it."""

@@ -252,8 +252,9 @@ def _merge_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[str,
 
 
 def _many_sources(r: int, nb: int) -> bool:
-    """Whether a merge of ``r`` tokens into ``Nb`` B tokens gathers with :func:`_gather_tiles`."""
-    return r * MANY_SOURCES_DIVISOR >= nb
+    """Whether a merge of ``r`` tokens into ``Nb`` B tokens gathers with :func:`_gather_tiles` (never with
+    ``MANY_SOURCES_DIVISOR = 0``: every merge on its tiles of one source a step)."""
+    return MANY_SOURCES_DIVISOR > 0 and r * MANY_SOURCES_DIVISOR >= nb
 
 
 def _gather_tiles(width: int, itemsize: int, bits_a_thread: int = 128) -> Dict[str, int]:
