@@ -16,7 +16,8 @@ Recorded:
   after it, inference and training forward, backward), every layer's attention (inference,
   training forward and backward), every residual add fused with the LayerNorm after it
   (inference and training), as the encoder runs them, and every block's ``c_fc`` fused with its GELU
-  (16-bit: ``bench_model``'s ``tempme-triton-mlp`` rows);
+  (16-bit: ``bench_model``'s ``tempme-triton-mlp`` rows) and its merges on the tiles of one source a step
+  (16-bit inference: its ``tempme-triton-serial`` rows);
 - ``ops``: what ``benchmarks.bench_ops`` calls on top of that (best match alone, the merge without
   a LayerNorm and its backward, at its shapes);
 - ``attention``: ``benchmarks.bench_attention``'s Triton calls (``[B', H, N, d]`` views, forward,
@@ -69,6 +70,8 @@ def record_launches(models: Sequence[str], batches: Sequence[int], dtypes: Seque
                                 # the keys averaged by torch first, the match reading the mean
                                 codegen.run_step(dataclasses.replace(step, channels=step.channels // step.heads,
                                                                      heads=1), dtype, backward=False)
+                            if name == "fp16":  # its tempme-triton-serial rows: one source a step
+                                _one_source_a_step(codegen.run_step, step, dtype, backward=False)
                         for step in codegen.attention_steps(model, batch):
                             codegen.run_attention(step, dtype)
                         for step in codegen.norm_steps(model, batch):
@@ -87,6 +90,19 @@ def record_launches(models: Sequence[str], batches: Sequence[int], dtypes: Seque
                     if "tiles" in sets:
                         _tile_sweep_calls(model, batch, name)
     return launches
+
+
+def _one_source_a_step(run, *args, **kwargs) -> None:
+    """``run(*args, **kwargs)`` with every merge on its tiles of one source a step (``bench_model``'s
+    ``-serial`` variants: ``triton_ops.MANY_SOURCES_DIVISOR = 0``)."""
+    from tempme_fast.ops import triton_ops
+
+    divisor = triton_ops.MANY_SOURCES_DIVISOR
+    triton_ops.MANY_SOURCES_DIVISOR = 0
+    try:
+        run(*args, **kwargs)
+    finally:
+        triton_ops.MANY_SOURCES_DIVISOR = divisor
 
 
 def _tile_sweep_calls(model: str, batch: int, dtype_name: str) -> None:
