@@ -6,7 +6,7 @@ Each reads shapes, dtypes and devices only, never values, so it costs no host sy
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -181,27 +181,18 @@ def check_merge(x: torch.Tensor, size: torch.Tensor, plan: MergePlan, check_fini
                              f"tokens a token stands for) must be positive")
 
 
-def _check_float_tensor(name: str, t, like: torch.Tensor, like_name: str, shape: Optional[Tuple[int, ...]] = None,
-                        shape_text: str = "", what: str = "") -> None:
-    """``t`` a float tensor on ``like``'s device and, given ``shape``, of that shape (``shape_text`` names it
-    in the messages, ``what`` says what it is): an error naming ``name`` and what would be valid otherwise."""
-    shape_text = shape_text or str(list(shape or ()))
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor" + (f" of shape {shape_text}" if shape is not None else "")
-                        + f", got {type(t).__name__}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {shape_text} ({what}), got {tuple(t.shape)}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; valid: float32, float16, bfloat16, float64")
-    if t.device != like.device:
-        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}; both must be on one device")
-
-
 def check_norm(weight: torch.Tensor, bias: torch.Tensor, eps: float, x: torch.Tensor) -> None:
     """LayerNorm parameters for ``x [B', N, D]``: ``weight`` and ``bias`` float ``[D]`` on x's device, ``eps > 0``."""
     width = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
-        _check_float_tensor(name, t, x, "x", (width,), f"[D] = [{width}]", "the features of x")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape [D] = [{width}], got {type(t).__name__}")
+        if tuple(t.shape) != (width,):
+            raise ValueError(f"{name} must have shape [D] = [{width}] (the features of x), got {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; valid: float32, float16, bfloat16, float64")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; both must be on one device")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps={eps!r} must be a positive float (LayerNorm's variance epsilon, e.g. 1e-5)")
 
@@ -249,8 +240,16 @@ def check_embed_norm(patches: torch.Tensor, class_embedding: torch.Tensor, posit
     frames, count, width = patches.shape
     for name, t, shape in (("class_embedding", class_embedding, (width,)),
                            ("positional_embedding", positional_embedding, (count + 1, width))):
-        _check_float_tensor(name, t, patches, "patches", shape,
-                            what=f"the class token and {count} patches of {width} features")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape {list(shape)}, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)} (the class token and {count} patches of "
+                             f"{width} features), got {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; valid: float32, float16, bfloat16, float64")
+        if t.device != patches.device:
+            raise ValueError(f"{name} is on {t.device} but patches is on {patches.device}; both must be on one "
+                             f"device")
     check_norm(weight, bias, eps, patches)
 
 
@@ -266,8 +265,14 @@ def check_linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         raise TypeError(f"x has dtype {x.dtype}; valid: float32, float16, bfloat16, float64")
     k = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None or name == "weight":
-            _check_float_tensor(name, t, x, "x")
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; valid: float32, float16, bfloat16, float64")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; both must be on one device")
     if weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] == 0:
         raise ValueError(f"weight must have shape [N, {k}] (N >= 1; x has {k} features), got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
