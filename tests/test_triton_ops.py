@@ -738,7 +738,7 @@ def test_merge_tiles_gather_many_sources(monkeypatch):
     """On a GPU a merge whose B tokens gather many sources (every merge of the schedules but the image merges
     of their first layers) takes one token a program over every feature, 128 bits a thread (256 for a 16-bit
     merge after attention, at the 2 warps of its other tiles), its sources gathered 4 a step (2 for 32-bit
-    features); the others keep their tiles."""
+    features); the others keep their tiles, and so do float64 merges."""
     monkeypatch.setattr(triton_ops, "_interpreting", lambda: False)
     assert not triton_ops._many_sources(2, 98) and not triton_ops._many_sources(2, 24)  # ViT-B/16, B/32 layer 0
     assert triton_ops._many_sources(25, 127) and triton_ops._many_sources(4, 24)  # their intra merges at layer 8
@@ -755,6 +755,9 @@ def test_merge_tiles_gather_many_sources(monkeypatch):
     assert "SRC_CHUNK" not in triton_ops._merge_fwd_tiles(32, 195, 768, 4, False)
     assert triton_ops._merge_norm_tiles(32, 195, 768, 2, False, False) == dict(BLOCK_T=1, BLOCK_D=1024,
                                                                                num_warps=2)
+    for pos in (False, True):  # float64 (checks, not speed) keeps its tiles
+        assert "SRC_CHUNK" not in triton_ops._merge_norm_tiles(32, 607, 768, 8, pos, True)
+    assert "SRC_CHUNK" not in triton_ops._merge_fwd_tiles(32, 867, 768, 8, True)
 
 
 def test_join_merge_multi_tile(tiling, device):

@@ -89,7 +89,7 @@ GPU_FILL = 264
 # video, random weights) sets the merge's time. Compiled for sm_90 and sm_80, a source then costs 0.5-1.75
 # waits in turn against 3-9 (benchmarks.codegen --loops); 4 float32 sources a step spilled on sm_80.
 MANY_SOURCES_DIVISOR = 8
-MERGE_SRC_CHUNK = {2: 4, 4: 2, 8: 2}
+MERGE_SRC_CHUNK = {2: 4, 4: 2}  # (float64 merges keep their tiles: one token at 8 warps spilled 28-36 B)
 # Products of a float32 metric's match on a GPU: "tf32x3" (three TF32 products of the operands' high and
 # low parts, on the tensor cores; within about 1e-7 of float32 products on unit vectors) or "ieee"
 # (float32 products on the FMA units). With "ieee" the H200 ran the match at the layer-10 join of
@@ -279,7 +279,7 @@ def _merge_fwd_tiles(rows: int, tokens: int, width: int, itemsize: int, many: bo
     over every feature at 128 bits a thread, its sources gathered ``MERGE_SRC_CHUNK`` a step."""
     if _interpreting():
         return _merge_tiles(rows, tokens, width, itemsize)
-    if many:
+    if many and itemsize in MERGE_SRC_CHUNK:
         return _gather_tiles(width, itemsize)
     tiles = _merge_tiles(rows, tokens, width, itemsize)
     # 16-bit features only: a 128-wide fp32 slice spills on sm_80 (32 B at the ViT-B/16 joins).
@@ -320,7 +320,7 @@ def _merge_norm_tiles(rows: int, tokens: int, width: int, itemsize: int, has_pos
     and 8 warps at ViT-B/16: 80-94 and 48-64 registers on sm_90, where their 4 x 8 tiles took 95-100 and
     113-128 and waited on each source's index three and six times in turn, once for each layout it fed)."""
     block_d = _next_power_of_2(width)
-    if not _interpreting() and many:
+    if not _interpreting() and many and itemsize in MERGE_SRC_CHUNK:
         return _gather_tiles(width, itemsize, 256 if itemsize <= 2 and not has_pos else 128)
     if not _interpreting() and itemsize <= 2 and not has_pos:
         return dict(BLOCK_T=1, BLOCK_D=block_d, num_warps=2)
