@@ -157,8 +157,9 @@ def _merge_sums(x_ptr, res_ptr, size_ptr, pos_ptr, src_row, row, clip, tok, mask
         # A warp issues in order, so a load it waits on stalls every instruction after it. With
         # SRC_CHUNK > 1 a step gathers that many sources of each token, every load of the step issued
         # before any sum waits on one: a step costs one chain of dependent loads (index, then size and
-        # rows) where a source at a time costs one each, and a destination with 75 sources (ViT-B/16's
-        # last join, one video) waited on 150 loads in turn. The sums are the same, in the same order.
+        # rows) where a source at a time costs one each; a destination with 75 sources (ViT-B/16's last
+        # join, one video) waited out some 300 load latencies in turn. The sums are the same, in the same
+        # order (benchmarks.codegen --loops counts the waits a step).
         #
         # One token a program (ONE) gathers with scalars. Gathered as a [T, 1] column, a source index
         # is loaded once for each layout it feeds (the rows', the sizes' sum), and ptxas waits on
