@@ -350,11 +350,6 @@ def sass_loop_lines(cubin: bytes, first: bool = False) -> List[str]:
     return best
 
 
-def sass_loop(cubin: bytes, first: bool = False) -> Counter:
-    """Opcodes of :func:`sass_loop_lines`: its length is the instructions a warp issues per trip."""
-    return Counter(SASS_LINE.match(line).group(1) for line in sass_loop_lines(cubin, first))
-
-
 # One instruction's guard predicate, opcode (with its modifiers) and operands.
 SASS_OPERANDS = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z0-9_.]+)\s*([^;]*);")
 SASS_REGISTER = re.compile(r"\b(U?R\d+|U?P\d)(\.64|\.128)?\b")
@@ -624,7 +619,7 @@ def toolchain() -> str:
 def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout, kernels=("merge", "attention", "norm", "mlp"),
            loops: bool = False) -> List[str]:
     """Print the tables; return the failures that ``--check`` exits on. With ``loops``, also each
-    variant's main loop in machine code (:func:`sass_loop`)."""
+    variant's main loop in machine code (:func:`sass_loop_lines`) and its opcodes."""
     print(f"Compiled with {toolchain()}", file=out)
     print(file=out)
     variants, steps = collect(models, batches, dtypes, kernels)

@@ -55,6 +55,7 @@ def record_launches(models: Sequence[str], batches: Sequence[int], dtypes: Seque
 
     from . import codegen
     from .bench_attention import attention_shapes
+    from .bench_model import variant_switches
     from .common import VIT_GEOMETRY, merge_shapes
 
     with recording_all() as launches:  # every launcher module's, in the order of the calls
@@ -71,7 +72,8 @@ def record_launches(models: Sequence[str], batches: Sequence[int], dtypes: Seque
                                 codegen.run_step(dataclasses.replace(step, channels=step.channels // step.heads,
                                                                      heads=1), dtype, backward=False)
                             if name == "fp16":  # its tempme-triton-serial rows: one source a step
-                                _one_source_a_step(codegen.run_step, step, dtype, backward=False)
+                                with variant_switches("tempme-triton-serial"):
+                                    codegen.run_step(step, dtype, backward=False)
                         for step in codegen.attention_steps(model, batch):
                             codegen.run_attention(step, dtype)
                         for step in codegen.norm_steps(model, batch):
@@ -90,19 +92,6 @@ def record_launches(models: Sequence[str], batches: Sequence[int], dtypes: Seque
                     if "tiles" in sets:
                         _tile_sweep_calls(model, batch, name)
     return launches
-
-
-def _one_source_a_step(run, *args, **kwargs) -> None:
-    """``run(*args, **kwargs)`` with every merge on its tiles of one source a step (``bench_model``'s
-    ``-serial`` variants: ``triton_ops.MANY_SOURCES_DIVISOR = 0``)."""
-    from tempme_fast.ops import triton_ops
-
-    divisor = triton_ops.MANY_SOURCES_DIVISOR
-    triton_ops.MANY_SOURCES_DIVISOR = 0
-    try:
-        run(*args, **kwargs)
-    finally:
-        triton_ops.MANY_SOURCES_DIVISOR = divisor
 
 
 def _tile_sweep_calls(model: str, batch: int, dtype_name: str) -> None:

@@ -320,10 +320,11 @@ def _merge_norm_tiles(rows: int, tokens: int, width: int, itemsize: int, has_pos
     and 8 warps at ViT-B/16: 80-94 and 48-64 registers on sm_90, where their 4 x 8 tiles took 95-100 and
     113-128 and waited on each source's index three and six times in turn, once for each layout it fed)."""
     block_d = _next_power_of_2(width)
-    if not _interpreting() and many and itemsize in MERGE_SRC_CHUNK:
-        return _gather_tiles(width, itemsize, 256 if itemsize <= 2 and not has_pos else 128)
-    if not _interpreting() and itemsize <= 2 and not has_pos:
-        return dict(BLOCK_T=1, BLOCK_D=block_d, num_warps=2)
+    if not _interpreting():
+        if many and itemsize in MERGE_SRC_CHUNK:
+            return _gather_tiles(width, itemsize, 256 if itemsize <= 2 and not has_pos else 128)
+        if itemsize <= 2 and not has_pos:
+            return dict(BLOCK_T=1, BLOCK_D=block_d, num_warps=2)
     cap = INTERPRETER_BLOCK if _interpreting() else max(1, NORM_TILE_ELEMENTS // block_d)
     block_t = max(1, min(_next_power_of_2(tokens), cap))
     return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=8 if itemsize > 2 or has_pos else 4)
