@@ -69,8 +69,8 @@ TEST_SHARDS = 4
 MERGE_TILES = ["merge:8x256x4", "merge:1x1024x4-c4", "merge:1x1024x4-c2", "merge:1x1024x2-c4", "merge:8x256x4-c4",
                "merge:32x256x8", "merge:16x256x4", "merge:16x128x4", "merge:8x128x4", "merge:4x256x4",
                "merge:16x128x4-g16", "merge:16x256x4-g16", "merge:32x256x8-p8", "merge:16x256x4-p4"]
-MATCH_TILES = ["match:64x32x16x4-tf32x3", "match:64x32x16x4-ieee", "match:64x64x16x8-ieee", "match:64x32x64x4-ieee",
-               "match:64x64x32x8-tf32x3", "match:64x64x64x8-tf32x3"]
+MATCH_TILES = ["match:64x64x64x8-native", "match:64x128x64x8-native", "match:128x64x64x8-native",
+               "match:128x128x64x8-native", "match:64x64x128x4-native", "match:64x64x64x4-native"]
 # Forward tiles of the Triton attention timed by the attention_tiles stage (query tile x key tile x warps
 # x stages), beside the library's own (64 x 32, 4 warps, 2 stages at ViT-B/16 since the H200's third run, where
 # it beat the 64 x 64 before at every layer), which the stage times too.
@@ -98,7 +98,7 @@ PLAN_PATHS = ["plan:sort", "plan:count", "heads:mean"]
 # Where each sweep runs (models, batch, dtype) and its candidates; benchmarks.warm compiles them ahead.
 TILE_SWEEPS = {"attention": (("ViT-B-16",), 16, "fp16", ATTENTION_TILES),
                "merge": (("ViT-B-16",), 32, "fp16", MERGE_TILES),
-               "match": (("ViT-B-16",), 32, "fp32", MATCH_TILES),
+               "match": (("ViT-B-16",), 32, "fp16", MATCH_TILES),
                "norm": (("ViT-B-16",), 32, "fp16", NORM_TILES),
                "norm1": (("ViT-B-32", "ViT-B-16"), 1, "fp16", NORM1_TILES),  # (what "norm" sweeps, at one video)
                "plan": (("ViT-B-32", "ViT-B-16"), 1, "fp16", PLAN_PATHS)}
@@ -201,15 +201,15 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         # test_bench_profile.py checks this suite's own device timing and profile on the GPU.
         Stage("model_tests", pytest("tests/test_graphs.py", "tests/test_model_triton.py", "tests/test_attention.py",
                                     "tests/test_self_attention.py", "tests/test_bench_profile.py"), 150, expect=60),
-        # The Triton attention forward took 2.2-2.3x flash attention's time on the H200 at its library
-        # tiles (64 x 64, 4 warps, 2 stages, chosen without a GPU), and the float32 match 0.28x-1.23x the
-        # reference: candidates at the real shapes.
-        *([Stage("attention_tiles", [python, "-m", "benchmarks.bench_attention", "--device", device, "--jsonl", rows,
+        # The 16-bit match over a join's hidden channels (0.15-0.28 of the copy bandwidth at 32 videos in the
+        # H200's third run) on its new tiles and the candidates around them; then the attention forward around
+        # the 64 x 32 tiles the third run's sweep chose.
+        *([Stage("match_tiles", bench("bench_ops", "match_tiles", *sweep("match"), "--impls", *fast,
+                                      "--ops", "best_match", "--tiles", *MATCH_TILES, "--rep-ms", "25"), 90, expect=20),
+           Stage("attention_tiles", [python, "-m", "benchmarks.bench_attention", "--device", device, "--jsonl", rows,
                                      "--tag", "attention_tiles", *sweep("attention"), "--rep-ms", "25",
                                      "--fwd-tiles", *ATTENTION_TILES],
                  90, expect=20),
-           Stage("match_tiles", bench("bench_ops", "match_tiles", *sweep("match"), "--impls", *fast,
-                                      "--ops", "best_match", "--tiles", *MATCH_TILES, "--rep-ms", "25"), 90, expect=20),
            # Measured in the third run (the sorted plan 1.04x over 14 shapes, not taken): after the sweeps that
            # choose the library's tiles now.
            Stage("plan_paths", bench("bench_ops", "plan_paths", *sweep("plan"), "--impls", "triton",

@@ -557,6 +557,23 @@ def test_float32_match_products_on_a_gpu(monkeypatch):
         triton_ops._match_tiles(32, 433, 433, 768, torch.float32)
 
 
+def test_16bit_match_over_hidden_channels_takes_128_wide_chunks_on_a_gpu(monkeypatch):
+    """A 16-bit match over a join's hidden channels walks them 128 at a time on a GPU (half the chunks of its
+    64 x 64 tiles, in turn in each program); over the 64 channels of keys averaged over heads, or a head dim
+    up to 255, it keeps one 64-wide chunk's tiles, and the interpreter and float32 keep theirs."""
+    for dtype in (torch.float16, torch.bfloat16):
+        monkeypatch.setattr(triton_ops, "_interpreting", lambda: False)
+        join = triton_ops._match_tiles(32, 433, 433, 768, dtype)
+        assert (join["BLOCK_A"], join["BLOCK_B"], join["BLOCK_C"], join["num_warps"], join["DOT_MODE"]) == \
+            (64, 64, 128, 8, 0)
+        assert triton_ops._match_tiles(1, 84, 84, 1024, dtype)["BLOCK_C"] == 128
+        for channels in (64, 80, 255):
+            assert triton_ops._match_tiles(32, 433, 433, channels, dtype)["BLOCK_C"] == 64, channels
+        assert triton_ops._match_tiles(32, 433, 433, 768, torch.float32)["BLOCK_C"] == 16
+        monkeypatch.setattr(triton_ops, "_interpreting", lambda: True)
+        assert triton_ops._match_tiles(32, 433, 433, 768, dtype)["BLOCK_C"] == 64
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_merge_wide_feature_slices(dtype, device, monkeypatch):
     """With programs to spare, the forward's GPU tiling doubles its feature slice to 256 for 16-bit

@@ -77,10 +77,13 @@ from collections import Counter
 from benchmarks import suite, warm
 from tempme_fast.precompile import distinct_launches
 out = {}
-for kind, (models, batch, dtype, specs) in suite.TILE_SWEEPS.items():
+sweeps = suite.TILE_SWEEPS
+for kind, (models, batch, dtype, specs) in sweeps.items():
+    suite.TILE_SWEEPS = {kind: sweeps[kind]}  # (sweeps at one model, batch and dtype are recorded together)
     kept = distinct_launches(warm.record_launches(list(models), [batch], [dtype], ["tiles"]), 90)
     out[kind] = [len(specs), dict(Counter(l.kernel.fn.__name__ for l in kept)),
                  sorted({l.kwargs["SORT_BLOCK"] for l in kept if l.kwargs.get("PLAN")})]
+suite.TILE_SWEEPS = sweeps
 out["elsewhere"] = len(warm.record_launches(["ViT-B-32"], [4], ["fp16"], ["tiles"]))
 print(json.dumps(out))
 """

@@ -61,6 +61,11 @@ INTERPRETER_BLOCK = 1024
 # benchmarks/codegen.py checks the result: no spills at any shape the schedules launch.
 GPU_BLOCK_TOKENS = 32
 GPU_BLOCK_MATCH = 64
+# Channel chunk of a 16-bit match on a GPU over at least twice as many channels: a join's hidden features, never
+# a head's keys. A match program walks the channels in turn (the A norms, then each B block's products), so at the
+# joins its time is about its chunks: 128 wide, half the chunks of 64 at 110-128 registers and 80 KB of shared
+# memory on sm_90 (64 KB on sm_80), 2 programs an SM as before (benchmarks/codegen.py).
+MATCH_BLOCK_C_16 = 128
 GPU_BLOCK_CHANNELS = 128
 # Elements of a merge-and-LayerNorm program's tile on a GPU (tokens x all features).
 NORM_TILE_ELEMENTS = 4096
@@ -208,6 +213,8 @@ def _match_tiles(rows: int, na: int, nb: int, channels: int, dtype: torch.dtype)
     # chunks spill on sm_80 (404 B), 16-wide ones fit in 128 registers on sm_80 and sm_90. tf32x3
     # products keep these tiles: 84-188 registers, no spill (sm_80, sm_90; triton 3.6 and 3.8).
     block_c = min(_block(channels, cap), 16 if dot_mode == 2 or fp32_on_gpu else 64)
+    if dot_mode == 0 and channels >= 2 * MATCH_BLOCK_C_16:
+        block_c = MATCH_BLOCK_C_16
     warps = 4 if fp32_on_gpu else 8
     if fp32_on_gpu and dot_mode == 3 and channels <= cap:
         # tf32x3 products over one chunk of at most 64 channels (the keys averaged over heads after
