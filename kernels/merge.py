@@ -22,7 +22,8 @@ reading both and rounding their sum to x's dtype as the add would, so the sum is
 
 A forward program sums each B token's sources one after another, ``SRC_CHUNK`` of them a step whose loads
 are all issued before its first sum (a warp issues in order: a step waits out one chain of dependent loads,
-not one a source), with scalars where a program has one token (``SRC_STAGES`` pipelines that gather); or,
+not one a source), with scalars where a program has one token, which loads a step's source indices during the
+step before (``SRC_STAGES`` pipelines that gather instead); or,
 with ``SRC_BLOCK > 0``, it gathers its tile's sources ``SRC_BLOCK`` at a time, all loads of a chunk independent
 of each other, and sums them into their destinations by one float32 product.
 With ``SPLIT_T > 0`` it first copies its tile's tokens that nothing merges into, in x's dtype (with
@@ -76,13 +77,19 @@ def _pos_rows(pos_ptr, row, clip, offs_d, mask, GROUP, CLIPS, stride_pc):
 
 
 @triton.jit
-def _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, src_at, has, row, offs_d, mask_d, A_START, GROUP, C_IN, N_IN,
-                 CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd, stride_sb, stride_sn,
-                 stride_pc, ACC: tl.constexpr, HAS_RES: tl.constexpr, HAS_POS: tl.constexpr):
-    """The merged sources at pointers ``src_at`` into ``src`` (where ``has``), a column ``[T, 1]`` or one
-    source (scalars): their sizes, of that shape, and feature slices ``offs_d`` (``[T, BLOCK_D]``, with the
-    residual and the position embedding added), in ``ACC``; 0 where not ``has``."""
-    a = tl.load(src_at, mask=has, other=0).to(tl.int32)
+def _index(src_at, k, limit):
+    """Source ``k`` of ``src_at`` (pointers into ``src``: a column ``[T, 1]``, or one token's, a scalar) as int32,
+    0 where ``k >= limit`` (the column's counts, or the token's)."""
+    return tl.load(src_at + k, mask=k < limit, other=0).to(tl.int32)
+
+
+@triton.jit
+def _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, a, has, row, offs_d, mask_d, A_START, GROUP, C_IN, N_IN, CLIPS,
+                 stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd, stride_sb, stride_sn, stride_pc,
+                 ACC: tl.constexpr, HAS_RES: tl.constexpr, HAS_POS: tl.constexpr):
+    """The merged A tokens ``a`` (where ``has``), a column ``[T, 1]`` or one source (scalars): their sizes, of
+    that shape, and feature slices ``offs_d`` (``[T, BLOCK_D]``, with the residual and the position embedding
+    added), in ``ACC``; 0 where not ``has``."""
     a_clip, a_tok = _joined_token(row, A_START + 2 * a, GROUP, C_IN, N_IN)
     size = tl.load(size_ptr + a_clip * stride_sb + a_tok * stride_sn, mask=has, other=0).to(ACC)
     mask_a = has & mask_d[None, :]
@@ -140,19 +147,20 @@ def _merge_sums(x_ptr, res_ptr, size_ptr, pos_ptr, src_row, row, clip, tok, mask
         first = tl.minimum(tl.min(tl.where(has_src, lo, 2147483647), axis=0), last)
         for k0 in range(first, last, SRC_BLOCK):
             k = k0 + tl.arange(0, SRC_BLOCK)
-            s, xa = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, src_row + k[:, None], (k < last)[:, None], row,
-                                 offs_d, mask_d, A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd,
-                                 stride_rb, stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES,
-                                 HAS_POS)
+            s, xa = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, _index(src_row, k[:, None], last),
+                                 (k < last)[:, None], row, offs_d, mask_d, A_START, GROUP, C_IN, N_IN, CLIPS,
+                                 stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd, stride_sb,
+                                 stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
             into = has_src[:, None] & (k[None, :] >= lo[:, None]) & (k[None, :] < (lo + count)[:, None])
             w = tl.where(into, tl.sum(s, axis=1)[None, :], 0.0).to(ACC)
             acc = tl.dot(w, xa, acc, input_precision="ieee")
             s_total += tl.sum(w, axis=1)
     else:
-        # (Loading each source's index one step ahead by hand, to overlap it with the previous source's
-        # rows, cost 14-28 registers on sm_90 and spilled 16-40 B in fp32 joins: the index load is an L2
-        # hit.) With SRC_STAGES > 1 Triton's pipeliner does it: the index and row loads of the next
-        # sources become asynchronous copies into shared memory, issued while this source is added.
+        # (In tiles of several tokens, loading each source's index one step ahead by hand, to overlap it with
+        # the previous source's rows, cost 14-28 registers on sm_90 and spilled 16-40 B in fp32 joins; one
+        # token a program does it, below.) With SRC_STAGES > 1 Triton's pipeliner does it: the index and row
+        # loads of the next sources become asynchronous copies into shared memory, issued while this source is
+        # added.
         #
         # A warp issues in order, so a load it waits on stalls every instruction after it. With
         # SRC_CHUNK > 1 a step gathers that many sources of each token, every load of the step issued
@@ -171,24 +179,43 @@ def _merge_sums(x_ptr, res_ptr, size_ptr, pos_ptr, src_row, row, clip, tok, mask
             at, limit = src_row + tl.sum(lo, axis=0), max_count
         else:
             at, limit = (src_row + lo)[:, None], count[:, None]
-        for t in tl.range(0, max_count, SRC_CHUNK, num_stages=SRC_STAGES):
-            s0, x0 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, at + t, t < limit, row, offs_d, mask_d,
-                                  A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
-                                  stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+        # One token a program (not pipelined) loads a step's indices during the step before, so a step waits on
+        # its rows only, not on its indices first: with them loaded in the step, ptxas waited out 5-6 latencies
+        # a step of 4 16-bit sources at the joins and 5 after attention (sm_90, triton 3.6), now 3.
+        AHEAD: tl.constexpr = ONE and SRC_STAGES == 1
+        if AHEAD:
+            i0 = _index(at, 0, limit)
             if SRC_CHUNK >= 2:
-                s1, x1 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, at + t + 1, t + 1 < limit, row, offs_d,
-                                      mask_d, A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd,
-                                      stride_rb, stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES,
-                                      HAS_POS)
+                i1 = _index(at, 1, limit)
             if SRC_CHUNK >= 4:
-                s2, x2 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, at + t + 2, t + 2 < limit, row, offs_d,
-                                      mask_d, A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd,
-                                      stride_rb, stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES,
-                                      HAS_POS)
-                s3, x3 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, at + t + 3, t + 3 < limit, row, offs_d,
-                                      mask_d, A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd,
-                                      stride_rb, stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES,
-                                      HAS_POS)
+                i2, i3 = _index(at, 2, limit), _index(at, 3, limit)
+        for t in tl.range(0, max_count, SRC_CHUNK, num_stages=SRC_STAGES):
+            if not AHEAD:
+                i0 = _index(at, t, limit)
+                if SRC_CHUNK >= 2:
+                    i1 = _index(at, t + 1, limit)
+                if SRC_CHUNK >= 4:
+                    i2, i3 = _index(at, t + 2, limit), _index(at, t + 3, limit)
+            s0, x0 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i0, t < limit, row, offs_d, mask_d, A_START,
+                                  GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn,
+                                  stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+            if SRC_CHUNK >= 2:
+                s1, x1 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i1, t + 1 < limit, row, offs_d, mask_d,
+                                      A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
+                                      stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+            if SRC_CHUNK >= 4:
+                s2, x2 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i2, t + 2 < limit, row, offs_d, mask_d,
+                                      A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
+                                      stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+                s3, x3 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i3, t + 3 < limit, row, offs_d, mask_d,
+                                      A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
+                                      stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+            if AHEAD:  # the next step's indices, loaded before this step's sums wait on its rows
+                i0 = _index(at, t + SRC_CHUNK, limit)
+                if SRC_CHUNK >= 2:
+                    i1 = _index(at, t + SRC_CHUNK + 1, limit)
+                if SRC_CHUNK >= 4:
+                    i2, i3 = _index(at, t + SRC_CHUNK + 2, limit), _index(at, t + SRC_CHUNK + 3, limit)
             acc, s_total = _added(acc, s_total, s0, x0, ONE)
             if SRC_CHUNK >= 2:
                 acc, s_total = _added(acc, s_total, s1, x1, ONE)

@@ -693,10 +693,11 @@ def test_merge_copies_first(kind, dtype, device, monkeypatch):
                          + [("spread", torch.float32)], ids=lambda v: str(v).replace("torch.", ""))
 def test_merge_gathers_chunks_of_sources(kind, dtype, device, monkeypatch):
     """The merge forward that gathers each token's sources ``SRC_CHUNK`` (2 or 4) a step, and with one token a
-    program gathers them as scalars (the library's tiles where B tokens gather many sources, and the sweeps'
-    ``-cN`` candidates), writes the bits of the gather one source at a time over a tile of tokens: merged
-    tokens, sizes, the LayerNorm after the merge and its statistics. Merged tokens sent to a few B tokens (8
-    or 12 sources: whole steps; 7, 5, 3: steps with a remainder) or spread over all of them; a ClipMe join (the position
+    program gathers them as scalars, each step's indices loaded during the step before (the library's tiles where
+    B tokens gather many sources, and the sweeps' ``-cN`` candidates), writes the bits of the gather one source at
+    a time over a tile of tokens: merged tokens, sizes, the LayerNorm after the merge and its statistics. Merged
+    tokens sent to a few B tokens (8 or 12 sources: whole steps; 7, 5, 3: steps with a remainder) or spread over
+    all of them; a ClipMe join (the position
     embedding and a residual added, sources read through the join), with float16 sizes for float32 tokens
     (the B tokens' sizes written apart)."""
     merge_tiles, norm_tiles = triton_ops._merge_fwd_tiles, triton_ops._merge_norm_tiles
@@ -709,7 +710,7 @@ def test_merge_gathers_chunks_of_sources(kind, dtype, device, monkeypatch):
     g = torch.Generator().manual_seed(35)
     d = 40
     norm = (torch.randn(d, generator=g).to(dtype).to(device), torch.randn(d, generator=g).to(dtype).to(device), 1e-5)
-    candidates = ((1, 1), (1, 4), (4, 2))
+    candidates = ((1, 1), (1, 2), (1, 4), (4, 2))
     if kind != "join":
         x = make_tokens(2, 51, d, dtype, "sliced", device, g)
         residual = make_tokens(2, 51, d, dtype, "transposed", device, g)
