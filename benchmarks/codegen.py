@@ -534,8 +534,8 @@ def serial_steps(launch: Launch) -> Dict[str, int]:
     kernel's loops: the critical-path model of ``BENCHMARKS.md``.
 
     ``main`` steps of every program (channel chunks for the A norms, then B blocks x channel
-    chunks), then in the last program of each clip ``combine`` (A blocks x B ranges /
-    ``RANGES_PER_STEP``) and the plan: ``sort_stages`` compare-exchange stages of one bitonic sort
+    chunks), then in the last program of each clip ``combine`` (blocks of ``COMBINE_BLOCK`` A tokens x B
+    ranges / ``RANGES_PER_STEP``) and the plan: ``sort_stages`` compare-exchange stages of one bitonic sort
     held in registers (the kept tokens then take one max and one prefix sum, not counted), or
     ``count`` steps (A blocks squared) when the plan counts; then the
     grouping by destination: ``group_stages`` of one sort of the ``r`` merged tokens (then one
@@ -553,7 +553,8 @@ def serial_steps(launch: Launch) -> Dict[str, int]:
     plan = bound["PLAN"]
     a_blocks = _cdiv(bound["NA"], bound["BLOCK_A"])
     main = _cdiv(bound["C"], bound["BLOCK_C"]) * (1 + _cdiv(bound["B_PER"], bound["BLOCK_B"]))
-    combine = a_blocks * _cdiv(bound["SPLITS"], int(RANGES_PER_STEP))
+    combine = _cdiv(bound["NA"], bound.get("COMBINE_BLOCK", bound["BLOCK_A"])) * _cdiv(bound["SPLITS"],
+                                                                                    int(RANGES_PER_STEP))
     out = {"main": main, "combine": combine if plan else 0}
     levels = bound["SORT_BLOCK"].bit_length() - 1
     out["sort_stages"] = levels * (levels + 1) // 2 if plan and bound["SORT_BLOCK"] else 0

@@ -101,6 +101,7 @@ def _best_match_fwd_kernel(
     C_STAGES: tl.constexpr = 3,  # software-pipelining stages of the loops over channel chunks
     A_KEPT: tl.constexpr = False,  # C <= BLOCK_C: the A tile is loaded once and kept for every B block
     HEAD_STEP: tl.constexpr = 1,  # with HEADS > 1: heads loaded together (a divisor of HEADS), a loop of such steps
+    COMBINE_BLOCK: tl.constexpr = 64,  # A tokens a step of the last program's combine of the B ranges
 ):
     # Axis 0 runs fastest: the programs of one clip run side by side and share its B tokens in L2.
     split = tl.program_id(0) % SPLITS
@@ -182,7 +183,7 @@ def _best_match_fwd_kernel(
         done = tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu")
         if done == tl.num_programs(0) - 1:
             tl.store(count_ptr + row, 0)
-            _combine_ranges(part_row, scores_ptr + row * NA, dst_ptr + row * NA, NA, SPLITS, BLOCK_A, PLAN)
+            _combine_ranges(part_row, scores_ptr + row * NA, dst_ptr + row * NA, NA, SPLITS, COMBINE_BLOCK, PLAN)
             if PLAN:
                 tl.debug_barrier()  # the combined row is read back by every thread below
                 plan_row = plan_ptr + row * PLAN_STRIDE

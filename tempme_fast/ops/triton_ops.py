@@ -112,6 +112,11 @@ _FP32_DOT_MODES = {"ieee": 1, "tf32x3": 3}
 # 1.1-1.2 KB on sm_80 (mma.sync takes more registers than Hopper's wgmma); uncapped, 128-131 registers on sm_90
 # and 255 on sm_80, no spill.
 HEAD_LOADS = 4
+# A tokens a step of the match's combine of its B ranges, at most, per warp (the clip's last program, on the
+# critical path): a row of up to 512 A tokens in one step at 8 warps, the loads of 8 ranges of it issued
+# together, not a step of 64 at a time, each waited on in turn (up to 7 at ViT-B/16's last join, one video).
+# 2 values of 8 ranges a token, 64 tokens a warp: 32 registers a thread.
+COMBINE_TOKENS_PER_WARP = 64
 MATCH_HEADS_MAXNREG = 128
 # Whether the match averages the keys over heads as it loads them (True), or torch averages them first and
 # the match reads the mean (False: one more kernel and buffer a merge step, as before the match took
@@ -385,6 +390,7 @@ def _match_launch(shape, strides, dtype: torch.dtype, protected: int, group: int
     scalars = (na, nb, r, channels, a_start, b_start, group, protected, shape[1], b_per, splits,
                plan_width if plan else na, *strides)
     meta = dict(TINY=torch.finfo(acc).tiny, PLAN=plan, SORT_BLOCK=_plan_sort_block(na, acc) if plan else 0,
+                COMBINE_BLOCK=_block(na, COMBINE_TOKENS_PER_WARP * tiles["num_warps"]),
                 **(_grouping_widths(r, nb) if plan else {"GROUP_BLOCK": 0, "GROUP_BINS": 0}), **tiles,
                 **_head_meta(heads, channels, tiles["BLOCK_C"], tiles["num_warps"], dtype))
     return _MatchLaunch(rows, na, acc, (rows, splits, 2, na), plan_width,
