@@ -84,6 +84,19 @@ def _index(src_at, k, limit):
 
 
 @triton.jit
+def _step_indices(src_at, t, limit, SRC_CHUNK: tl.constexpr):
+    """The indices of a gather step's ``SRC_CHUNK`` sources ``t, t + 1, ...`` (:func:`_index`), four of them: those
+    past the step's are the first again, not loaded."""
+    i0 = _index(src_at, t, limit)
+    i1, i2, i3 = i0, i0, i0
+    if SRC_CHUNK >= 2:
+        i1 = _index(src_at, t + 1, limit)
+    if SRC_CHUNK >= 4:
+        i2, i3 = _index(src_at, t + 2, limit), _index(src_at, t + 3, limit)
+    return i0, i1, i2, i3
+
+
+@triton.jit
 def _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, a, has, row, offs_d, mask_d, A_START, GROUP, C_IN, N_IN, CLIPS,
                  stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd, stride_sb, stride_sn, stride_pc,
                  ACC: tl.constexpr, HAS_RES: tl.constexpr, HAS_POS: tl.constexpr):
@@ -184,18 +197,10 @@ def _merge_sums(x_ptr, res_ptr, size_ptr, pos_ptr, src_row, row, clip, tok, mask
         # a step of 4 16-bit sources at the joins and 5 after attention (sm_90, triton 3.6), now 3.
         AHEAD: tl.constexpr = ONE and SRC_STAGES == 1
         if AHEAD:
-            i0 = _index(at, 0, limit)
-            if SRC_CHUNK >= 2:
-                i1 = _index(at, 1, limit)
-            if SRC_CHUNK >= 4:
-                i2, i3 = _index(at, 2, limit), _index(at, 3, limit)
+            i0, i1, i2, i3 = _step_indices(at, 0, limit, SRC_CHUNK)
         for t in tl.range(0, max_count, SRC_CHUNK, num_stages=SRC_STAGES):
             if not AHEAD:
-                i0 = _index(at, t, limit)
-                if SRC_CHUNK >= 2:
-                    i1 = _index(at, t + 1, limit)
-                if SRC_CHUNK >= 4:
-                    i2, i3 = _index(at, t + 2, limit), _index(at, t + 3, limit)
+                i0, i1, i2, i3 = _step_indices(at, t, limit, SRC_CHUNK)
             s0, x0 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i0, t < limit, row, offs_d, mask_d, A_START,
                                   GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn,
                                   stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
@@ -211,11 +216,7 @@ def _merge_sums(x_ptr, res_ptr, size_ptr, pos_ptr, src_row, row, clip, tok, mask
                                       A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
                                       stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
             if AHEAD:  # the next step's indices, loaded before this step's sums wait on its rows
-                i0 = _index(at, t + SRC_CHUNK, limit)
-                if SRC_CHUNK >= 2:
-                    i1 = _index(at, t + SRC_CHUNK + 1, limit)
-                if SRC_CHUNK >= 4:
-                    i2, i3 = _index(at, t + SRC_CHUNK + 2, limit), _index(at, t + SRC_CHUNK + 3, limit)
+                i0, i1, i2, i3 = _step_indices(at, t + SRC_CHUNK, limit, SRC_CHUNK)
             acc, s_total = _added(acc, s_total, s0, x0, ONE)
             if SRC_CHUNK >= 2:
                 acc, s_total = _added(acc, s_total, s1, x1, ONE)
