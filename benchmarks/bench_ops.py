@@ -32,6 +32,8 @@ to choose that table from measurements:
 - either with ``-cN``: each token's sources gathered ``N`` (1, 2 or 4) a step, every load of a step issued
   before a sum waits on one (``SRC_CHUNK``; the library's 1-token tiles take 4 where B tokens gather many
   sources);
+- ``-sN``, ``-pN`` and ``-cN`` together, in that order: ``merge:8x1024x4-p1-c4`` copies its 8 tokens'
+  rows first and gathers each B token's sources 4 a step (``-gN`` goes alone);
 - ``match:BAxBBxBCxW-P``: the match's A, B and channel tiles, warps and products, ``P`` one of
   ``native`` (16-bit tl.dot), ``ieee`` (float32 FMA), ``tf32x3``;
 - ``plan:sort`` / ``plan:count``: the library's tiles with every float32 plan sorted in registers (up
@@ -70,53 +72,59 @@ PLAN_PATHS = {"sort": 1, "count": 0}
 
 
 def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
-    """``"merge:BTxBDxW[-sN|-gN|-pN|-cN]"``, ``"norm:BTxW[-sN|-pN|-cN]"``, ``"match:BAxBBxBCxW-P"``,
+    """``"merge:BTxBDxW[-gN|[-sN][-pN][-cN]]"``, ``"norm:BTxW[-sN][-pN][-cN]"``, ``"match:BAxBBxBCxW-P"``,
     ``"plan:PATH"`` or ``"heads:mean"`` as (op, launch parameters); a ValueError naming ``--tiles`` otherwise.
     ``-sN``: the merged sources gathered one after another, software-pipelined over N stages (``SRC_STAGES``);
-    ``-gN`` (merge only): N of a tile's sources gathered at once and summed by a product (``SRC_BLOCK``; N and
-    BT at least 16); ``-pN``: the tokens without sources copied first, the others merged N at a time
+    ``-gN`` (merge only, alone): N of a tile's sources gathered at once and summed by a product (``SRC_BLOCK``;
+    N and BT at least 16); ``-pN``: the tokens without sources copied first, the others merged N at a time
     (``SPLIT_T``, a power of two up to BT); ``-cN``: each token's sources gathered N at a time, unrolled
-    (``SRC_CHUNK``: 1, 2 or 4)."""
+    (``SRC_CHUNK``: 1, 2 or 4). The suffixes go in that order, each at most once: ``merge:8x1024x4-p1-c4``."""
     kind, _, rest = spec.partition(":")
-    sizes, _, product = rest.partition("-")
+    sizes, dash, product = rest.partition("-")
     parts = sizes.split("x")
-    fail = (f"--tiles {spec!r}: give merge:BTxBDxW[-sN|-gN|-pN|-cN], norm:BTxW[-sN|-pN|-cN], match:BAxBBxBCxW-P "
-            f"(P: {', '.join(DOT_MODES)}), plan:PATH (PATH: {', '.join(PLAN_PATHS)}) or heads:mean")
+    fail = (f"--tiles {spec!r}: give merge:BTxBDxW[-gN|[-sN][-pN][-cN]], norm:BTxW[-sN][-pN][-cN], "
+            f"match:BAxBBxBCxW-P (P: {', '.join(DOT_MODES)}), plan:PATH (PATH: {', '.join(PLAN_PATHS)}) or heads:mean")
     if kind == "plan" and rest in PLAN_PATHS:
         return kind, {"SORT": PLAN_PATHS[rest]}
     if kind == "heads" and rest == "mean":
         return kind, {"HEADS_IN_MATCH": 0}
-    stages = re.fullmatch(r"s([1-9])", product)  # merge and norm: "-sN", the sources' gather in N stages
-    gather = re.fullmatch(r"g([0-9]+)", product) if kind == "merge" else None  # "-gN": N sources at once
-    split = re.fullmatch(r"p([0-9]+)", product)  # merge and norm: "-pN", copies first, N merged at once
-    chunk = re.fullmatch(r"c([124])", product)  # merge and norm: "-cN", N sources a step
-    if kind == "merge" and len(parts) == 3 and (not product or stages or gather or split or chunk) and \
-            all(p.isdigit() for p in parts):
+    # merge and norm: "-sN" the sources' gather in N stages, "-pN" copies first and N merged at once, "-cN" N
+    # sources a step, in that order, each at most once; merge alone: "-gN", N sources at once summed by a product
+    # (the kernel takes none of the others with it).
+    found = [re.fullmatch(r"([spcg])([0-9]+)", part) for part in product.split("-")] if dash else []
+    letters = "".join(m.group(1) if m else "?" for m in found)
+    given = {m.group(1): int(m.group(2)) for m in found if m}
+    stages, split, chunk, gather = (given.get(k) for k in "spcg")
+    # "spc" in that order, each at most once ("?": a part that is none of them), or "g" alone
+    suffixed = letters == "g" or letters == "".join(k for k in "spc" if k in letters)
+    if (stages is not None and not 1 <= stages <= 9) or chunk not in (None, 1, 2, 4) or \
+            (gather is not None and kind != "merge"):
+        suffixed = False
+    if kind == "merge" and len(parts) == 3 and suffixed and all(p.isdigit() for p in parts):
         values = dict(zip(("BLOCK_T", "BLOCK_D", "num_warps"), map(int, parts)))
-        if gather:
-            values["SRC_BLOCK"] = int(gather.group(1))
+        if gather is not None:
+            values["SRC_BLOCK"] = gather
             if min(values["SRC_BLOCK"], values["BLOCK_T"]) < 16:  # tl.dot's smallest operands
                 raise ValueError(f"--tiles {spec!r}: a gather by product needs BT and N of at least 16")
-    elif kind == "norm" and len(parts) == 2 and (not product or stages or split or chunk) and \
-            all(p.isdigit() for p in parts):
+    elif kind == "norm" and len(parts) == 2 and suffixed and all(p.isdigit() for p in parts):
         values = dict(zip(("BLOCK_T", "num_warps"), map(int, parts)))
     elif kind == "match" and len(parts) == 4 and all(p.isdigit() for p in parts) and product in DOT_MODES:
         values = dict(zip(("BLOCK_A", "BLOCK_B", "BLOCK_C", "num_warps"), map(int, parts)))
         values["DOT_MODE"] = DOT_MODES[product]
     else:
         raise ValueError(fail)
-    if split:  # merge or norm (a match spec with one is refused above)
-        values["SPLIT_T"] = int(split.group(1))
+    if split is not None:  # merge or norm (a match spec with one is refused above)
+        values["SPLIT_T"] = split
         if values["SPLIT_T"] > values["BLOCK_T"]:
             raise ValueError(f"--tiles {spec!r}: the merged tokens' block N must be at most BT")
     for name, value in values.items():
         if name != "DOT_MODE" and (value < 1 or value & (value - 1)):
             raise ValueError(f"--tiles {spec!r}: {name}={value} must be a power of two")
-    if stages:
-        values["SRC_STAGES"] = int(stages.group(1))
+    if stages is not None:
+        values["SRC_STAGES"] = stages
     # Without -cN a candidate gathers one source a step, as the library did before SRC_CHUNK.
-    if kind in ("merge", "norm") and not gather:
-        values["SRC_CHUNK"] = int(chunk.group(1)) if chunk else 1
+    if kind in ("merge", "norm") and gather is None:
+        values["SRC_CHUNK"] = chunk or 1
     return kind, values
 
 
@@ -382,9 +390,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="folder for bench_ops.json / .csv, written at the end")
     parser.add_argument("--tiles", nargs="+", default=[], metavar="SPEC",
                         help="also time the Triton ops with these tiles (rows 'triton:SPEC'): "
-                             "merge:BTxBDxW[-sN|-gN|-pN|-cN], norm:BTxW[-sN|-pN|-cN] (-sN: the sources' gather "
-                             "pipelined over N stages; -gN: N sources gathered at once; -pN: tokens without sources "
-                             "copied first, the others merged N at a time; -cN: a token's sources N a step), "
+                             "merge:BTxBDxW[-gN|[-sN][-pN][-cN]], norm:BTxW[-sN][-pN][-cN] (-sN: the sources' "
+                             "gather pipelined over N stages; -gN: N sources gathered at once; -pN: tokens without "
+                             "sources copied first, the others merged N at a time; -cN: a token's sources N a "
+                             "step), "
                              "match:BAxBBxBCxW-P, P one of " + ", ".join(DOT_MODES) + "; or with every plan on "
                              "one path: plan:" + " or plan:".join(PLAN_PATHS))
     add_row_log_arguments(parser)

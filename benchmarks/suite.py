@@ -64,10 +64,15 @@ TEST_SHARDS = 4
 # 8 x 256 x 4 where B tokens gather few sources (the image merges; the fastest at layer 0 in the H200's third
 # run, where the sweep stopped at the product gather's crash, mended since), one token a program over all
 # 768 features at 4 warps, 4 sources a step, where they gather many: "merge:8x256x4" is the library's tile
-# before (one source a step), "-c4" and "-c2" beside both. (Dropped for room: 4 x 512 x 4, 8 x 256 x 2 and
-# 8 x 256 x 4 - s3 and - p4; the pipelined gathers lost at layer 0, 0.46x-0.78x.)
+# before (one source a step), "-c4" and "-c2" beside both. "-p1-c4": a tile's rows without sources copied first
+# (many tokens' bytes in flight a program, in their own dtype), then each B token with sources alone, 4 a step:
+# 8 x 1024 x 4 (64 registers, sm_90, triton 3.6: 8 programs an SM, 12 KB of rows each) and 8 x 256 x 1 (64 at one
+# warp: 32 programs an SM, 4 KB each), against one token a program's 48 registers at 4 warps (10 programs an SM,
+# 1.5 KB each; its 1024 lanes a row pad 768 features). (Dropped for room: 4 x 512 x 4, 8 x 256 x 2 and
+# 8 x 256 x 4 - s3 and - p4, 32 x 256 x 8 (0.65 of the copy at layer 0, third run) and 16 x 256 x 4 (0.77); the
+# pipelined gathers lost at layer 0, 0.46x-0.78x.)
 MERGE_TILES = ["merge:8x256x4", "merge:1x1024x4-c4", "merge:1x1024x4-c2", "merge:1x1024x2-c4", "merge:8x256x4-c4",
-               "merge:32x256x8", "merge:16x256x4", "merge:16x128x4", "merge:8x128x4", "merge:4x256x4",
+               "merge:8x1024x4-p1-c4", "merge:8x256x1-p1-c4", "merge:16x128x4", "merge:8x128x4", "merge:4x256x4",
                "merge:16x128x4-g16", "merge:16x256x4-g16", "merge:32x256x8-p8", "merge:16x256x4-p4"]
 MATCH_TILES = ["match:64x64x64x8-native", "match:64x128x64x8-native", "match:128x64x64x8-native",
                "match:128x128x64x8-native", "match:64x64x128x4-native", "match:64x64x64x4-native"]
@@ -83,14 +88,17 @@ ATTENTION_TILES = ["64x64x4x2", "32x32x4x2", "64x32x4x3", "64x16x4x2", "128x32x4
 # heads:mean: the library's tiles with the keys averaged over heads by torch before the match (the path before
 # the match averaged them itself), here at 32 videos, where the match's 12 loads of every B tile may cost more
 # than the mean kernel it saves.
-# "-p1": the tokens without sources copied (and normalised) first, the others one at a time (SPLIT_T): 4 x 8 - p1
-# took 62-64 registers (sm_90, triton 3.6), 4 programs an SM. Its LayerNorm may differ from the whole tile's in
-# the last place. (Dropped for room: 2 x 4, 4 x 8, 4 x 4 - p1.)
+# "-p1": the tokens without sources copied (and normalised) first, the others one at a time (SPLIT_T): 4 x 4 - p1
+# ran 1.02x the library's one token at 2 warps at layer 0 in the third run, 0.95x at layers 8-10. Its LayerNorm may
+# differ from the whole tile's in the last place. "-p1-c4": those alone gathering 4 sources a step, as the library's
+# one token does: 4 x 4 - p1 - c4 takes 80 registers (sm_90, triton 3.6; 6 programs an SM, 4 tokens' rows each), the
+# library's one token 104 (9 programs, one token each), one token at 2 warps one source a step 64 (16 programs).
+# (Dropped for room: 2 x 4, 4 x 8, 1 x 4 and 4 x 8 - p1, all slower than 1 x 2 at every layer of the third run.)
 NORM_TILES = ["norm:1x2", "norm:1x2-c4", "norm:1x4-c4", "norm:1x2-c2", "norm:4x4", "norm:1x1", "norm:2x2",
-              "norm:1x4", "norm:4x8-p1", "heads:mean"]
+              "norm:4x4-p1", "norm:4x4-p1-c4", "heads:mean"]
 # The same merge at one video, where a merge's time is the chain of loads of its busiest token's sources
 # (1.35 ms of kernels in one ViT-B/16 forward in the third run, 0.40 ms of them the match and the merge).
-NORM1_TILES = ["norm:1x2", "norm:1x2-c4", "norm:1x4-c4", "norm:1x2-c2", "norm:1x4-c2", "norm:4x4"]
+NORM1_TILES = ["norm:1x2", "norm:1x2-c4", "norm:1x4-c4", "norm:1x2-c2", "norm:1x4-c2", "norm:4x4", "norm:4x4-p1-c4"]
 # The match's plan with every row sorted and every row counted, against the library's choice
 # (triton_ops.PLAN_SORT_MIN), where the plan is on the critical path: one video, rows of 23-428 A tokens;
 # and the keys averaged by torch first (heads:mean), at one video.
@@ -178,7 +186,7 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
                  expect=20),  # 13 candidates took 19.7 s in the third run (compiled by warm); 10 now
            Stage("norm1_tiles", bench("bench_ops", "norm1_tiles", *sweep("norm1"), "--impls", "triton",
                                       "--ops", "step_norm_fwd", "--tiles", *NORM1_TILES, "--rep-ms", "25"), 60,
-                 expect=25)]  # estimated: 6 candidates at 19 small shapes, compiled by warm
+                 expect=28)]  # estimated: 7 candidates at 19 small shapes, compiled by warm
           if gpu else []),  # Triton's tiles: nothing to sweep in the interpreter
         # Where the forward's time goes: kernels by group against the wall time. At one ViT-B/16 video the
         # graph-replayed encoder was 1.67 ms against open_clip's 1.55: its kernels say where.

@@ -161,30 +161,29 @@ def _merge_forwards(b, n, c, r, dtype, generator, norm=False):
     return both
 
 
-@pytest.mark.parametrize("spec", ["merge:32x256x8-p8", "merge:32x128x4-p8", "merge:16x256x4-p4", "norm:4x4-p1",
-                                  "norm:4x8-p1", "norm:8x8-p1"])
+@pytest.mark.parametrize("spec", ["merge:32x256x8-p8", "merge:32x128x4-p8", "merge:16x256x4-p4", "merge:8x1024x4-p1-c4",
+                                  "merge:8x256x1-p1-c4", "norm:4x4-p1", "norm:4x8-p1", "norm:8x8-p1", "norm:4x4-p1-c4"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_copies_first_writes_the_same_bits(spec, dtype, monkeypatch):
     """The merge forward that copies the tokens without sources first and merges the others ``SPLIT_T`` at a
-    time (the ``-pN`` candidates of the GPU suite's tile sweeps) writes the merged tokens and sizes that the
-    library's tiles write, bit for bit, at a ViT-B/16 image merge (few sources a tile) and join (sources in most
-    blocks, skewed), with and without the residual add. ``norm:`` also writes the LayerNorm after it and its
-    statistics: those sum each row over a tile of another shape (``SPLIT_T`` rows, or the whole tile), whose
-    reduction order on a GPU is not the library tiles' (the H200 showed last-place differences), so they are
-    held to the LayerNorm's tolerance against the library's, not to its bits."""
+    time (the ``-pN`` candidates of the GPU suite's tile sweeps; with ``-c4`` those gather 4 sources a step) writes
+    the merged tokens and sizes that the library's tiles write, bit for bit, at a ViT-B/16 image merge (few sources
+    a tile) and join (sources in most blocks, skewed), with and without the residual add. ``norm:`` also writes the
+    LayerNorm after it and its statistics: those sum each row over a tile of another shape (``SPLIT_T`` rows, or
+    the whole tile), whose reduction order on a GPU is not the library tiles' (the H200 showed last-place
+    differences), so they are held to the LayerNorm's tolerance against the library's, not to its bits."""
+    from benchmarks.bench_ops import parse_tiles
+
     g = torch.Generator(device="cuda").manual_seed(len(spec))
-    kind, sizes = spec.split(":")
-    numbers = [int(v) for v in sizes.replace("-p", "x").split("x")]
+    kind, tiles = parse_tiles(spec)
     for b, n, c, r in ((384, 197, 1, 2), (32, 867, 12, 260)):
         both = _merge_forwards(b, n, c, r, dtype, g, norm=kind == "norm")
         want = both()
         with monkeypatch.context() as patched:
             if kind == "merge":
-                patched.setattr(triton_ops, "_merge_fwd_tiles", lambda *args: dict(
-                    zip(("BLOCK_T", "BLOCK_D", "num_warps", "SPLIT_T"), numbers)))
+                patched.setattr(triton_ops, "_merge_fwd_tiles", lambda *args: dict(tiles))
             else:
-                patched.setattr(triton_ops, "_merge_norm_tiles", lambda *args: dict(
-                    zip(("BLOCK_T", "num_warps", "SPLIT_T"), numbers), BLOCK_D=1024))
+                patched.setattr(triton_ops, "_merge_norm_tiles", lambda *args: dict(tiles, BLOCK_D=1024))
             got = both()
         for got_outs, want_outs in zip(got, want):
             assert len(got_outs) == len(want_outs) == (4 if kind == "norm" else 2)

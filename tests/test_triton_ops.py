@@ -694,23 +694,25 @@ def test_merge_copies_first(kind, dtype, device, monkeypatch):
 def test_merge_gathers_chunks_of_sources(kind, dtype, device, monkeypatch):
     """The merge forward that gathers each token's sources ``SRC_CHUNK`` (2 or 4) a step, and with one token a
     program gathers them as scalars, each step's indices loaded during the step before (the library's tiles where
-    B tokens gather many sources, and the sweeps' ``-cN`` candidates), writes the bits of the gather one source at
-    a time over a tile of tokens: merged tokens, sizes, the LayerNorm after the merge and its statistics. Merged
-    tokens sent to a few B tokens (8 or 12 sources: whole steps; 7, 5, 3: steps with a remainder) or spread over
-    all of them; a ClipMe join (the position
+    B tokens gather many sources, and the sweeps' ``-cN`` candidates; with the tokens without sources copied
+    first, ``-p1-c4``), writes the bits of the gather one source at a time over a tile of tokens: merged tokens,
+    sizes, the LayerNorm after the merge and its statistics. Merged tokens sent to a few B tokens (8 or 12
+    sources: whole steps; 7, 5, 3: steps with a remainder) or spread over all of them; a ClipMe join (the position
     embedding and a residual added, sources read through the join), with float16 sizes for float32 tokens
     (the B tokens' sizes written apart)."""
     merge_tiles, norm_tiles = triton_ops._merge_fwd_tiles, triton_ops._merge_norm_tiles
 
-    def tiles(block_t, chunk):
+    def tiles(block_t, chunk, split=0):
+        extra = dict(SPLIT_T=split) if split else {}
         monkeypatch.setattr(triton_ops, "_merge_fwd_tiles", lambda *args: dict(
-            merge_tiles(*args[:4]), BLOCK_T=block_t, BLOCK_D=32, SRC_CHUNK=chunk))
+            merge_tiles(*args[:4]), BLOCK_T=block_t, BLOCK_D=32, SRC_CHUNK=chunk, **extra))
         monkeypatch.setattr(triton_ops, "_merge_norm_tiles", lambda *args: dict(
-            norm_tiles(*args[:5]), BLOCK_T=block_t, SRC_CHUNK=chunk))
+            norm_tiles(*args[:5]), BLOCK_T=block_t, SRC_CHUNK=chunk, **extra))
     g = torch.Generator().manual_seed(35)
     d = 40
     norm = (torch.randn(d, generator=g).to(dtype).to(device), torch.randn(d, generator=g).to(dtype).to(device), 1e-5)
-    candidates = ((1, 1), (1, 2), (1, 4), (4, 2))
+    # (tokens, sources a step, SPLIT_T): the last copies its 8 tokens first, then gathers each B token's alone
+    candidates = ((1, 1), (1, 2), (1, 4), (4, 2), (8, 4, 1))
     if kind != "join":
         x = make_tokens(2, 51, d, dtype, "sliced", device, g)
         residual = make_tokens(2, 51, d, dtype, "transposed", device, g)
@@ -723,10 +725,10 @@ def test_merge_gathers_chunks_of_sources(kind, dtype, device, monkeypatch):
                     *ops.merge_norm(x, size, plan, *norm, residual=residual, backend="triton"))
         tiles(8, 1)
         want = merges()
-        for block_t, chunk in candidates:
-            tiles(block_t, chunk)
+        for candidate in candidates:
+            tiles(*candidate)
             for got, expected in zip(merges(), want):
-                assert torch.equal(got, expected), (block_t, chunk)
+                assert torch.equal(got, expected), candidate
         _check_merge(x, size, plan, dtype, g)
         return
     f, group, n, c = 4, 2, 15, 1
@@ -745,11 +747,11 @@ def test_merge_gathers_chunks_of_sources(kind, dtype, device, monkeypatch):
     tiles(8, 1)
     want = merges()
     assert len(want) == (8 if size.dtype == torch.float16 else 6)
-    for block_t, chunk in candidates:
-        tiles(block_t, chunk)
+    for candidate in candidates:
+        tiles(*candidate)
         got = merges()
         for got_t, expected in zip(got, want):
-            assert torch.equal(got_t, expected), (block_t, chunk)
+            assert torch.equal(got_t, expected), candidate
 
 
 def test_merge_tiles_gather_many_sources(monkeypatch):
