@@ -18,7 +18,9 @@ larger open_clip ViTs (``OTHER_HEAD_DIMS``); every residual add that takes the L
 instructions a warp issues per trip, the special-function, tensor-core and select (``FSEL``, ``SEL``: a
 mask applied to values) ones among them (for the attention kernels, the loop over full tiles), and for the
 merge forward's gather the global-load latencies a trip waits out in turn against the sources it gathers
-(:func:`load_waits`: the chain that sets a merge's time where one B token gathers many sources).
+(:func:`load_waits`: the chain that sets a merge's time where one B token gathers many sources); for the match
+with its plan, those its clip's last program waits out in turn after its own B range (:func:`chain_waits` of
+:func:`tail_lines`: the clip's counter, the combine, the plan and the grouping, each loop counted once).
 
 ``--check`` exits non-zero on a spill, on a scalar 16-bit global access in a kernel that moves
 16-bit features, on more than 2 forward launches per merge step, or on more than one allocation
@@ -317,14 +319,8 @@ TENSOR_OPS = ("HGMMA", "HMMA")
 SASS_BRANCH = re.compile(r"\bBRA\b.*?\.?(L_x_\d+)")
 
 
-def sass_loop_lines(cubin: bytes, first: bool = False) -> List[str]:
-    """The instructions of the longest loop in a kernel's machine code (``nvdisasm`` of the cubin), or with
-    ``first`` of the first one, as nvdisasm prints them: from a label to the branch back to it, once, as
-    one trip of the loop runs them (a kernel without a loop has 1: the branch to itself that follows its
-    exit). For the attention kernels that is the walk over key (or query) tiles: the first loop, over the
-    full tiles, whose loads take no mask (a second loop of at most one trip takes the partial last tile).
-    For the merge forward it is the gather of a token's sources (``SRC_CHUNK`` of them a trip); for the
-    match, a tile of B tokens."""
+def sass_text(cubin: bytes) -> str:
+    """A kernel's machine code as ``nvdisasm`` (bundled with Triton) prints it."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
@@ -332,8 +328,19 @@ def sass_loop_lines(cubin: bytes, first: bool = False) -> List[str]:
         done = subprocess.run([_bundled("nvdisasm"), "-c", path], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"nvdisasm failed: {done.stderr[-2000:]}")
+    return done.stdout
+
+
+def sass_loop_lines(cubin: bytes, first: bool = False) -> List[str]:
+    """The instructions of the longest loop in a kernel's machine code (:func:`sass_text`), or with
+    ``first`` of the first one, as nvdisasm prints them: from a label to the branch back to it, once, as
+    one trip of the loop runs them (a kernel without a loop has 1: the branch to itself that follows its
+    exit). For the attention kernels that is the walk over key (or query) tiles: the first loop, over the
+    full tiles, whose loads take no mask (a second loop of at most one trip takes the partial last tile).
+    For the merge forward it is the gather of a token's sources (``SRC_CHUNK`` of them a trip); for the
+    match, a tile of B tokens."""
     lines, labels, best = [], {}, []
-    for line in done.stdout.splitlines():
+    for line in sass_text(cubin).splitlines():
         label = SASS_LABEL.match(line)
         if label:
             labels[label.group(1)] = len(lines)
@@ -377,9 +384,17 @@ def sass_operands(line: str) -> Optional[Tuple[str, List[str], List[str]]]:
     operands = [o.strip() for o in rest.split(",")] if rest.strip() else []
     written, read = [], [guard.strip().lstrip("@!")] if guard else []
     writes = not (base.startswith("ST") or base in SASS_NO_DEST)
+    # A predicate, then the register written (an atomic's "PT, R7, [address], R7", SHFL's "PT, R0, R7, ..."):
+    # both written.
+    lead = 1 if len(operands) > 1 and SASS_PREDICATE.fullmatch(operands[0]) and re.fullmatch(r"U?R\d+", operands[1]) \
+        else 0
+    if writes and lead:
+        written += [] if operands[0].endswith("PT") else [operands[0]]
     for k, operand in enumerate(operands):
         found = SASS_REGISTER.findall(operand)
-        if writes and k == 0 and found and re.fullmatch(r"U?[RP]\d+", operand):
+        if writes and k < lead:
+            continue
+        if writes and k == lead and found and re.fullmatch(r"U?[RP]\d+", operand):
             written += _registers(found[0][0], width)
             continue
         if writes and 0 < k <= 2 and written and SASS_PREDICATE.fullmatch(operand) and all(
@@ -390,6 +405,41 @@ def sass_operands(line: str) -> Optional[Tuple[str, List[str], List[str]]]:
             size = 4 if suffix == ".128" else 2 if suffix == ".64" else 1
             read += _registers(name, width if base.startswith("ST") and k == len(operands) - 1 else size)
     return opcode, written, read
+
+
+def tail_lines(cubin: bytes) -> List[str]:
+    """The instructions of a match kernel from its clip counter's atomic on, in the order nvdisasm prints
+    them: what the clip's last program runs after its own B range (the combine, the plan, the grouping)."""
+    lines = [line for line in sass_text(cubin).splitlines() if SASS_LINE.match(line)]
+    start = next((i for i, line in enumerate(lines) if SASS_LINE.match(line).group(1) == "ATOMG"), len(lines))
+    return lines[start:]
+
+
+def chain_waits(lines: Sequence[str]) -> int:
+    """Global-load latencies straight-line code waits out in turn, as :func:`load_waits` counts them, each
+    instruction run once (a loop's body as one trip); an atomic's result counts as a load's. For a match's
+    :func:`tail_lines`, the latencies between its last B range and its plan written, where the combine runs
+    one step (up to ``COMBINE_BLOCK`` A tokens) and the plan sorts."""
+    body = [parsed for parsed in map(sass_operands, lines) if parsed]
+    return _in_order(body, 1)[-1]
+
+
+def _in_order(body, trips: int) -> List[int]:
+    """Where each of ``trips`` back-to-back runs of ``body`` (parsed instructions) ends, in load latencies
+    (:func:`load_waits`): global loads and atomics take one, every other result none."""
+    ready: Dict[str, int] = {}
+    last_read: Dict[str, int] = {}
+    now, ends = 0, []
+    for _ in range(trips):
+        for opcode, written, read in body:
+            now = max([now] + [ready.get(r, 0) for r in read] + [last_read.get(r, 0) for r in written]
+                      + [ready.get(r, 0) for r in written])
+            for r in read:
+                last_read[r] = max(last_read.get(r, 0), now)
+            for r in written:
+                ready[r] = now + (1 if opcode.startswith(("LDG", "ATOMG")) else 0)
+        ends.append(now)
+    return ends
 
 
 def load_waits(lines: Sequence[str], trips: int = 4) -> int:
@@ -404,18 +454,7 @@ def load_waits(lines: Sequence[str], trips: int = 4) -> int:
     source; one that issues every load of a step before its first wait costs two a step (the index, then
     the rows). Shared-memory loads and asynchronous copies are not counted."""
     body = [parsed for parsed in map(sass_operands, lines) if parsed]
-    ready: Dict[str, int] = {}
-    last_read: Dict[str, int] = {}
-    now, ends = 0, []
-    for _ in range(trips):
-        for opcode, written, read in body:
-            now = max([now] + [ready.get(r, 0) for r in read] + [last_read.get(r, 0) for r in written]
-                      + [ready.get(r, 0) for r in written])
-            for r in read:
-                last_read[r] = max(last_read.get(r, 0), now)
-            for r in written:
-                ready[r] = now + (1 if opcode.startswith("LDG") else 0)
-        ends.append(now)
+    ends = _in_order(body, trips)
     return ends[-1] - ends[-2]
 
 
@@ -649,6 +688,8 @@ def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout, kernels=("merge
                 bound = bound_args(launch)
                 if name == "_merge_fwd_kernel" and not bound.get("SRC_BLOCK") and bound.get("SRC_STAGES", 1) == 1:
                     waits = f"{load_waits(body)} / {bound.get('SRC_CHUNK', 1)}"  # (pipelined: copies, not loads)
+                if name == "_best_match_fwd_kernel" and bound["PLAN"]:
+                    waits = f"tail {chain_waits(tail_lines(compiled.asm['cubin']))}"
                 loop_rows.append(f"| {name} | {v['dtype']} | {describe(launch)} | sm_{arch} | {sum(ops.values())} "
                                  f"| {ops['MUFU']} | {sum(n for op, n in ops.items() if op in TENSOR_OPS)} "
                                  f"| {ops['FSEL'] + ops['SEL']} | {waits} |")
@@ -659,7 +700,7 @@ def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout, kernels=("merge
     print(file=out)
     if loop_rows:
         print("| kernel | dtype | variant | sm | loop instructions | of them MUFU | tensor-core | selects "
-              "| load waits / sources a trip |", file=out)
+              "| load waits / sources a trip (match: its clip's tail) |", file=out)
         print("|---" * 9 + "|", file=out)
         print("\n".join(loop_rows), file=out)
         print(file=out)

@@ -86,17 +86,23 @@ def _group_row_sorted(merged_row, dst_row, src_row, offsets_row, R, NB, GROUP_BL
     """The grouping of one clip by one sort of its ``R <= GROUP_BLOCK`` merged tokens and one
     histogram of their destinations over ``NB + 1 <= GROUP_BINS`` bins.
 
-    A source (rank ``k``, destination ``d``) sorts as the int32 key ``d << 16 | k``: the sorted row
-    is ``src`` itself (its A tokens read from ``merged_row`` at each key's rank), and the keys are
-    distinct, so the order is the same on every run. ``offsets`` is the exclusive prefix sum of the
-    destinations' counts (integer counts: exact in any order). Needs ``R <= 2^16`` and
-    ``NB < 2^15 - 1`` (the launcher checks)."""
+    A source (rank ``k``, destination ``d``, A token ``a``) sorts as the key ``(d, k, a)``, its
+    fields ``GROUP_BINS``, ``GROUP_BLOCK`` and ``GROUP_BINS`` wide (``a < Na <= NB + 1``, the launcher
+    checks): the keys are distinct, so the order is the same on every run, and ``a`` rides in the key,
+    loaded with ``d`` instead of gathered at the sorted ranks after the sort (one wait on memory, not
+    two in turn). int32 keys where the three fields fit, int64 otherwise. ``offsets`` is the exclusive
+    prefix sum of the destinations' counts (integer counts: exact in any order)."""
     offs = tl.arange(0, GROUP_BLOCK)
     is_src = offs < R
     d = tl.load(dst_row + offs, mask=is_src, other=0).to(tl.int32)
-    key = tl.sort(tl.where(is_src, d * 65536 + offs, 2147483647), descending=False)  # padding sorts last
-    a = tl.load(merged_row + (key & 65535), mask=is_src, other=0)
-    tl.store(src_row + offs, a.to(src_row.dtype.element_ty), mask=is_src)
+    a = tl.load(merged_row + offs, mask=is_src, other=0)
+    if GROUP_BINS * GROUP_BLOCK * GROUP_BINS < 2147483648:
+        key = (d * GROUP_BLOCK + offs) * GROUP_BINS + a.to(tl.int32)
+        key = tl.sort(tl.where(is_src, key, 2147483647), descending=False)  # padding sorts last
+    else:
+        key = (d.to(tl.int64) * GROUP_BLOCK + offs) * GROUP_BINS + a.to(tl.int64)
+        key = tl.sort(tl.where(is_src, key, 9223372036854775807), descending=False)
+    tl.store(src_row + offs, (key & (GROUP_BINS - 1)).to(src_row.dtype.element_ty), mask=is_src)
     count = tl.histogram(d, GROUP_BINS, mask=is_src)
     bins = tl.arange(0, GROUP_BINS)
     tl.store(offsets_row + bins, (tl.cumsum(count, axis=0) - count).to(offsets_row.dtype.element_ty),

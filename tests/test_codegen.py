@@ -84,7 +84,7 @@ def _loop_rows(report: str, kernel: str, waits: bool = False):
             if line.startswith(f"| {kernel} ")]
     rows = [row for row in rows if len(row) == 9]
     if waits:
-        return [(row[2], *map(int, row[8].split(" / "))) for row in rows if row[8] != "-"]
+        return [(row[2], *map(int, row[8].split(" / "))) for row in rows if row[8] != "-" and " / " in row[8]]
     return [(row[2], int(row[4]), int(row[5]), int(row[6]), int(row[7])) for row in rows]
 
 
@@ -153,6 +153,37 @@ def test_the_merge_gathers_a_source_in_at_most_two_waits(vit_b32_report):
     assert all(sources == 4 and 1 <= waits <= 3 for waits, sources in chunked), rows
     assert all(sources == 1 and 1 <= waits <= 2 for waits, sources in single), rows
     assert any("GROUP=2" in variant for variant, *_ in rows if "SRC_CHUNK=4" in variant), rows  # a join's
+
+
+def test_the_match_tail_waits_on_memory_five_times_at_most(vit_b32_report):
+    """The clip's last match program, after its own B range, as a warp issues it: the clip's counter (an atomic),
+    the combine's loads of the ranges' results, the plan's loads of the combined row (scores with their best B
+    tokens: a sorted plan carries them in its keys; a counted one loads them with the scores, not after the
+    ranks), its counting's loads of the row, and the grouping's of the plan (destinations with their A tokens,
+    carried in its sort's keys). Six latencies in turn before the loads that waited on a sort or on the ranks
+    were issued with the others (ViT-B/32's plans count, every row below ``PLAN_SORT_MIN``; sorted ones wait 4)."""
+    done = vit_b32_report
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
+            if line.startswith("| _best_match_fwd_kernel ")]
+    tails = [(row[2], int(row[8].split("tail ")[1])) for row in rows if len(row) == 9 and "PLAN=1" in row[2]]
+    assert tails and all(1 <= waits <= 5 for _, waits in tails), tails
+
+
+def test_chain_waits_count_straight_code_once():
+    """``codegen.chain_waits``: each instruction once, an atomic's result waited on as a load's."""
+    from benchmarks.codegen import chain_waits
+
+    def code(*body):
+        return [f"        /*{16 * k:04x}*/                   {line} ;" for k, line in enumerate(body)]
+    # The counter's atomic, a branch on it, then two loads issued together and a store of their sum: two waits.
+    assert chain_waits(code("ATOMG.E.ADD.STRONG.GPU PT, R4, desc[UR4][R2.64], R5", "ISETP.NE.AND P0, PT, R4, R6, PT",
+                            "LDG.E R8, desc[UR4][R10.64]", "LDG.E R9, desc[UR4][R12.64]", "FADD R14, R8, R9",
+                            "STG.E desc[UR4][R16.64], R14")) == 2
+    # A load whose address is another load's result: one more.
+    assert chain_waits(code("LDG.E R8, desc[UR4][R10.64]", "LEA R12, R8, R20, 0x2", "LDG.E R9, desc[UR4][R12.64]",
+                            "STG.E desc[UR4][R16.64], R9")) == 2
+    assert chain_waits(code("FADD R14, R8, R9", "STG.E desc[UR4][R16.64], R14")) == 0
 
 
 def test_load_waits_follow_the_order_a_warp_issues_in():

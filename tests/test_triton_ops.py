@@ -306,12 +306,38 @@ def test_match_plan_signs_zeros_and_extremes(na, r, plan, device, monkeypatch):
         assert torch.equal(got.cpu(), want)
 
 
-@pytest.mark.parametrize("grouping", ["sorted", "counted"])
+def test_match_sorted_plan_orders_negative_best_scores(device, monkeypatch):
+    """The match's own sorted plan, whose int64 keys carry each A token's best B token in their low bits, on
+    rows where half the A tokens point away from every B token: their best scores are negative (the keys'
+    high bits negative), and they rank below the others as the reference's sort puts them, with their B tokens."""
+    monkeypatch.setattr(triton_ops, "PLAN_SORT_MIN", 1)
+    na = 37
+    for attempt in range(200):
+        g = torch.Generator().manual_seed(attempt)
+        metric = torch.randn(2, 75, 24, generator=g)
+        metric[:, 2:, 0] += 8.0  # every unprotected token leans along the first axis ...
+        metric[:, 2::4, 0] -= 16.0  # ... but every other A token (positions 2, 6, ...) the other way
+        sim = similarity64(metric, 2)
+        best = sim.max(dim=-1).values
+        top2 = sim.topk(2, dim=-1).values
+        if (top2[..., 0] - top2[..., 1]).min() > TIE_GAP and best.sort(dim=-1).values.diff(dim=-1).min() > TIE_GAP:
+            break
+    assert best.shape[-1] == na and min((best < 0).sum(), (best > 0).sum()) >= best.numel() // 3
+    plan = triton_ops.match(metric.to(device), 30, 2)
+    expected = ref.match(metric.double(), 30, 2)
+    for name in ("merged", "dst", "kept"):
+        assert torch.equal(getattr(plan, name).cpu(), getattr(expected, name)), name
+    _check_grouping(plan, expected)
+
+
+@pytest.mark.parametrize("grouping", ["sorted", "sorted-int64", "counted"])
 @pytest.mark.parametrize("path", ["sorted", "counted"])
 def test_match_plan_paths_equal_reference(path, grouping, device, monkeypatch):
     """The match kernel's plan in its last program per clip, by either path: sorted (forced here
     on a short row) and counted (float64 metrics, short and long rows), walked in 16-wide steps;
-    then its grouping by destination, sorted or (rows too wide to sort) counted in 16 x 16 tiles."""
+    then its grouping by destination, sorted (with int32 keys, and with the int64 keys of rows whose
+    key fields do not fit 31 bits: forced here by wider sort and histogram widths) or (rows too wide
+    to sort) counted in 16 x 16 tiles."""
     if path == "counted":
         monkeypatch.setattr(triton_ops, "PLAN_SORT_LIMIT", 0)
     else:
@@ -319,7 +345,9 @@ def test_match_plan_paths_equal_reference(path, grouping, device, monkeypatch):
     if grouping == "counted":
         monkeypatch.setattr(triton_ops, "GROUP_SORT_LIMIT", 0)
     monkeypatch.setattr(triton_ops, "INTERPRETER_BLOCK", 16)
-    assert (triton_ops._grouping_widths(30, 36)["GROUP_BLOCK"] > 0) == (grouping == "sorted")
+    assert (triton_ops._grouping_widths(30, 37, 36)["GROUP_BLOCK"] > 0) == grouping.startswith("sorted")
+    if grouping == "sorted-int64":  # 2048 * 512 * 2048 = 2^31 keys: int64
+        monkeypatch.setattr(triton_ops, "_grouping_widths", lambda r, na, nb: {"GROUP_BLOCK": 512, "GROUP_BINS": 2048})
     metric = tie_free_metric(2, 75, 2, 24, torch.float32, "contiguous", device, seed=5)
     plan = triton_ops.match(metric, 30, 2)
     expected = ref.match(metric.cpu().double(), 30, 2)

@@ -356,13 +356,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _grouping_widths(r: int, nb: int) -> Dict[str, int]:
+def _grouping_widths(r: int, na: int, nb: int) -> Dict[str, int]:
     """``GROUP_BLOCK`` (the sort width of the ``r`` merged tokens) and ``GROUP_BINS`` (the histogram
-    width of the ``Nb`` destinations and the end) of the grouping, each up to ``GROUP_SORT_LIMIT``;
-    ``GROUP_BLOCK = 0`` (count) for wider rows and for indices that do not fit the sort's int32 keys
-    (``kernels/group.py``)."""
-    block, bins = _next_power_of_2(r), _next_power_of_2(nb + 1)
-    if max(block, bins) <= GROUP_SORT_LIMIT and r <= 65536 and nb < 32767:
+    width of the ``Nb`` destinations and the end, also above every A token: the sort's keys hold one),
+    each up to ``GROUP_SORT_LIMIT``; ``GROUP_BLOCK = 0`` (count) for wider rows (``kernels/group.py``)."""
+    block, bins = _next_power_of_2(r), _next_power_of_2(max(nb + 1, na))
+    if max(block, bins) <= GROUP_SORT_LIMIT:
         return {"GROUP_BLOCK": block, "GROUP_BINS": bins}
     return {"GROUP_BLOCK": 0, "GROUP_BINS": 0}
 
@@ -389,9 +388,11 @@ def _match_launch(shape, strides, dtype: torch.dtype, protected: int, group: int
     plan_width = sum(_plan_widths(r, na, nb)) if plan else 0
     scalars = (na, nb, r, channels, a_start, b_start, group, protected, shape[1], b_per, splits,
                plan_width if plan else na, *strides)
-    meta = dict(TINY=torch.finfo(acc).tiny, PLAN=plan, SORT_BLOCK=_plan_sort_block(na, acc) if plan else 0,
+    # (A sorted plan carries each A token's best B token in its key's 16 low bits: nb <= 2^16.)
+    sort_block = _plan_sort_block(na, acc) if plan and nb <= 65536 else 0
+    meta = dict(TINY=torch.finfo(acc).tiny, PLAN=plan, SORT_BLOCK=sort_block,
                 COMBINE_BLOCK=_block(na, COMBINE_TOKENS_PER_WARP * tiles["num_warps"]),
-                **(_grouping_widths(r, nb) if plan else {"GROUP_BLOCK": 0, "GROUP_BINS": 0}), **tiles,
+                **(_grouping_widths(r, na, nb) if plan else {"GROUP_BLOCK": 0, "GROUP_BINS": 0}), **tiles,
                 **_head_meta(heads, channels, tiles["BLOCK_C"], tiles["num_warps"], dtype))
     return _MatchLaunch(rows, na, acc, (rows, splits, 2, na), plan_width,
                         Launcher(_best_match_fwd_kernel, (a_blocks * splits, rows), scalars, meta))
