@@ -87,11 +87,12 @@ def _group_row_sorted(merged_row, dst_row, src_row, offsets_row, R, NB, GROUP_BL
     histogram of their destinations over ``NB + 1 <= GROUP_BINS`` bins.
 
     A source (rank ``k``, destination ``d``, A token ``a``) sorts as the key ``(d, k, a)``, its
-    fields ``GROUP_BINS``, ``GROUP_BLOCK`` and ``GROUP_BINS`` wide (``a < Na <= NB + 1``, the launcher
-    checks): the keys are distinct, so the order is the same on every run, and ``a`` rides in the key,
-    loaded with ``d`` instead of gathered at the sorted ranks after the sort (one wait on memory, not
-    two in turn). int32 keys where the three fields fit, int64 otherwise. ``offsets`` is the exclusive
-    prefix sum of the destinations' counts (integer counts: exact in any order)."""
+    fields ``GROUP_BINS``, ``GROUP_BLOCK`` and ``GROUP_BINS`` wide (the launcher makes ``GROUP_BINS``
+    exceed every A token too): the keys are distinct, so the order is the same on every run, and
+    ``a`` rides in the key, loaded with ``d`` instead of gathered at the sorted ranks after the sort
+    (one wait on memory, not two in turn). int32 keys where the three fields fit, int64 otherwise.
+    ``offsets`` is the exclusive prefix sum of the destinations' counts (integer counts: exact in
+    any order)."""
     offs = tl.arange(0, GROUP_BLOCK)
     is_src = offs < R
     d = tl.load(dst_row + offs, mask=is_src, other=0).to(tl.int32)

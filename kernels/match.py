@@ -11,9 +11,10 @@ the whole row in registers (``tl.sort``, a bitonic network: ``O(log^2 Na)`` stag
 becomes one int64 key, its score's bits made order-preserving above ``2^16 - 1 - i`` and its best B
 token, so the keys are distinct and their descending order is the reference's order (higher score
 first, lower index first on ties), and a sorted key names both tokens. Float64 scores do not fit
-such a key next to an index, and a short row is ranked in a few steps anyway: those take ``_plan_row_counting``, where each A token finds its rank
-by counting, ``rank_i = #{j : s_j > s_i or (s_j == s_i and j < i)}`` (``(Na / BLOCK)^2`` steps,
-each loading and reducing a ``BLOCK x BLOCK`` tile). The launcher picks the path
+such a key next to an index, and a short row is ranked in a few steps anyway: those take
+``_plan_row_counting``, where each A token finds its rank by counting,
+``rank_i = #{j : s_j > s_i or (s_j == s_i and j < i)}`` (``(Na / BLOCK)^2`` steps, each loading and
+reducing a ``BLOCK x BLOCK`` tile). The launcher picks the path
 (``tempme_fast.ops.triton_ops.PLAN_SORT_MIN``).
 """
 import triton
