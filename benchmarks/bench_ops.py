@@ -95,11 +95,9 @@ def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
     letters = "".join(m.group(1) if m else "?" for m in found)
     given = {m.group(1): int(m.group(2)) for m in found if m}
     stages, split, chunk, gather = (given.get(k) for k in "spcg")
-    # "spc" in that order, each at most once ("?": a part that is none of them), or "g" alone
-    suffixed = letters == "g" or letters == "".join(k for k in "spc" if k in letters)
-    if (stages is not None and not 1 <= stages <= 9) or chunk not in (None, 1, 2, 4) or \
-            (gather is not None and kind != "merge"):
-        suffixed = False
+    # "spc" in that order, each at most once ("?": a part that is none of them), or "g" alone (merge only)
+    suffixed = (letters == "".join(k for k in "spc" if k in letters) or (letters == "g" and kind == "merge")) and \
+        (stages is None or 1 <= stages <= 9) and chunk in (None, 1, 2, 4)
     if kind == "merge" and len(parts) == 3 and suffixed and all(p.isdigit() for p in parts):
         values = dict(zip(("BLOCK_T", "BLOCK_D", "num_warps"), map(int, parts)))
         if gather is not None:
@@ -393,8 +391,7 @@ def main(argv=None) -> int:
                              "merge:BTxBDxW[-gN|[-sN][-pN][-cN]], norm:BTxW[-sN][-pN][-cN] (-sN: the sources' "
                              "gather pipelined over N stages; -gN: N sources gathered at once; -pN: tokens without "
                              "sources copied first, the others merged N at a time; -cN: a token's sources N a "
-                             "step), "
-                             "match:BAxBBxBCxW-P, P one of " + ", ".join(DOT_MODES) + "; or with every plan on "
+                             "step), match:BAxBBxBCxW-P, P one of " + ", ".join(DOT_MODES) + "; or with every plan on "
                              "one path: plan:" + " or plan:".join(PLAN_PATHS))
     add_row_log_arguments(parser)
     args = parser.parse_args(argv)

@@ -97,12 +97,10 @@ def _group_row_sorted(merged_row, dst_row, src_row, offsets_row, R, NB, GROUP_BL
     is_src = offs < R
     d = tl.load(dst_row + offs, mask=is_src, other=0).to(tl.int32)
     a = tl.load(merged_row + offs, mask=is_src, other=0)
-    if GROUP_BINS * GROUP_BLOCK * GROUP_BINS < 2147483648:
-        key = (d * GROUP_BLOCK + offs) * GROUP_BINS + a.to(tl.int32)
-        key = tl.sort(tl.where(is_src, key, 2147483647), descending=False)  # padding sorts last
-    else:
-        key = (d.to(tl.int64) * GROUP_BLOCK + offs) * GROUP_BINS + a.to(tl.int64)
-        key = tl.sort(tl.where(is_src, key, 9223372036854775807), descending=False)
+    KEYS: tl.constexpr = GROUP_BINS * GROUP_BLOCK * GROUP_BINS  # one past the largest key: the padding's
+    KEY: tl.constexpr = tl.int32 if KEYS < 2147483648 else tl.int64
+    key = (d.to(KEY) * GROUP_BLOCK + offs) * GROUP_BINS + a.to(KEY)
+    key = tl.sort(tl.where(is_src, key, KEYS), descending=False)  # padding sorts last
     tl.store(src_row + offs, (key & (GROUP_BINS - 1)).to(src_row.dtype.element_ty), mask=is_src)
     count = tl.histogram(d, GROUP_BINS, mask=is_src)
     bins = tl.arange(0, GROUP_BINS)

@@ -77,9 +77,9 @@ def _plan_row_sorted(scores_row, dst_row, merged_row, merged_dst_row, kept_row, 
         d = tl.load(dst_row + offs, mask=valid, other=0).to(tl.int64)
     else:
         d = offs.to(tl.int64) * 0
+    unsorted = _descending_key(s, offs, d)
     # Padding sorts last: the smallest int64, below every real key.
-    key = tl.where(valid, _descending_key(s, offs, d), -4611686018427387904 * 2)
-    key = tl.sort(key, descending=True)
+    key = tl.sort(tl.where(valid, unsorted, -4611686018427387904 * 2), descending=True)
     idx = 65535 - ((key >> 16) & 65535)
     if DST_IN_KEY:
         dst = key & 65535
@@ -91,7 +91,7 @@ def _plan_row_sorted(scores_row, dst_row, merged_row, merged_dst_row, kept_row, 
     # an A token is kept exactly when its key is below the R-th highest, and a prefix sum over the
     # row in index order places them.
     threshold = tl.max(tl.where(offs == R - 1, key, -4611686018427387904 * 2), axis=0)
-    is_kept = valid & ((_descending_key(s, offs, d) < threshold) | (R == 0))
+    is_kept = valid & ((unsorted < threshold) | (R == 0))
     place = tl.cumsum(is_kept.to(tl.int32), axis=0) - 1
     tl.store(kept_row + place, offs.to(tl.int64), mask=is_kept)
 
