@@ -164,11 +164,13 @@ def _attention_fwd_kernel(
     FAST_LOG: tl.constexpr,  # the sizes' log by the hardware's lg2.approx (an NVIDIA GPU; see _log2)
 ):
     UNMASKED_TILES: tl.constexpr = _unmasked_tiles(q_ptr.dtype.element_ty, HEAD_DIM, BLOCK_D)
-    # Query tiles of one (clip, head) are adjacent in the grid, so their K and V stay in L2.
-    bh = tl.program_id(1)
+    # Query tiles of one (clip, head) are adjacent in the grid, so their K and V stay in L2. One grid axis: any
+    # number of clips x heads (a second axis holds at most 65535).
+    tiles = tl.cdiv(M, BLOCK_M)
+    bh = tl.program_id(0) // tiles
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (tl.program_id(0) % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _tile(q_ptr + b * stride_qb + tl.multiple_of(h * stride_qh, HEAD_ALIGN), offs_m, offs_d, stride_qn, M,
               HEAD_DIM)
@@ -287,7 +289,13 @@ def _attention_bwd_kernel(
     FAST_LOG: tl.constexpr,  # as the forward's
 ):
     UNMASKED_TILES: tl.constexpr = _unmasked_tiles(q_ptr.dtype.element_ty, HEAD_DIM, BLOCK_D)
-    bh = tl.program_id(1)
+    # One grid axis, as the forward's: a (clip, head)'s query tiles (key tiles with DKDV) adjacent.
+    if DKDV:
+        tiles = tl.cdiv(N, BLOCK_N)
+    else:
+        tiles = tl.cdiv(M, BLOCK_M)
+    bh = tl.program_id(0) // tiles
+    tile = tl.program_id(0) % tiles
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -300,7 +308,7 @@ def _attention_bwd_kernel(
     do_base = do_ptr + b * stride_db + tl.multiple_of(h * stride_dh, HEAD_ALIGN)
     bias_base = bias_ptr + b * stride_bb
     if not DKDV:
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         q = _tile(q_base, offs_m, offs_d, stride_qn, M, HEAD_DIM)
         do = _tile(do_base, offs_m, offs_d, stride_dn, M, HEAD_DIM)
@@ -326,7 +334,7 @@ def _attention_bwd_kernel(
         tl.store(dq_rows[:, None] + offs_d[None, :], (dq * SM_SCALE).to(dq_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_d[None, :])
     else:
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         k = _tile(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM)
         v = _tile(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM)

@@ -63,7 +63,8 @@ def _metric_tile(ptrs, mask, head_stride, HEADS: tl.constexpr, ACC: tl.constexpr
     return m
 
 
-@triton.jit(do_not_specialize=["NA", "NB", "R", "A_START", "B_START", "N_IN", "B_PER", "SPLITS", "PLAN_STRIDE"])
+@triton.jit(do_not_specialize=["NA", "NB", "R", "A_START", "B_START", "N_IN", "B_PER", "SPLITS", "PLAN_STRIDE",
+                               "ROWS"])
 def _best_match_fwd_kernel(
     metric_ptr,  # [B' * GROUP, N_IN, HEADS * C] any float dtype, any strides (a clip of N = GROUP * N_IN tokens)
     part_ptr,  # [B', SPLITS, 2, Na] float32 (float64 for a float64 metric) scratch: per-range best, argmax
@@ -85,6 +86,7 @@ def _best_match_fwd_kernel(
     B_PER,  # B tokens per range, a multiple of BLOCK_B
     SPLITS,  # B ranges per clip: programs along axis 0 = A blocks x SPLITS
     PLAN_STRIDE,  # >= 2 R + NA + NB + 1
+    ROWS,  # clips, B': axes 1 and 2 of the grid hold them (axis 1 up to 65535), the programs past them return
     stride_mb,
     stride_mn,
     stride_mc,
@@ -103,11 +105,15 @@ def _best_match_fwd_kernel(
     HEAD_STEP: tl.constexpr = 1,  # with HEADS > 1: heads loaded together (a divisor of HEADS), a loop of such steps
     COMBINE_BLOCK: tl.constexpr = 64,  # A tokens a step of the last program's combine of the B ranges
 ):
-    # Axis 0 runs fastest: the programs of one clip run side by side and share its B tokens in L2.
-    split = tl.program_id(0) % SPLITS
-    row = tl.program_id(1).to(tl.int64)
+    # Axis 0 runs fastest: the programs of one clip run side by side and share its B tokens in L2. The clips
+    # take axes 1 and 2 (each holds at most 65535 programs).
+    item = tl.program_id(0)
+    split = item % SPLITS
+    row = tl.program_id(1).to(tl.int64) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
+    if row >= ROWS:
+        return
     ACC: tl.constexpr = part_ptr.dtype.element_ty
-    offs_a = (tl.program_id(0) // SPLITS) * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_a = (item // SPLITS) * BLOCK_A + tl.arange(0, BLOCK_A)
     mask_a = offs_a < NA
     a_clip, a_tok = _joined_token(row, A_START + 2 * offs_a, GROUP, C_IN, N_IN)
     a_rows = metric_ptr + a_clip * stride_mb + a_tok * stride_mn

@@ -9,10 +9,11 @@ gathers its sources itself, in a fixed order.
 Output order (as the spec): the ``c`` class tokens, the kept A tokens, then every B token.
 A token ``i`` sits at position ``A_START + 2 * i`` of its clip, B token ``j`` at ``B_START + 2 * j``.
 
-Both kernels give each program one tile of tokens and one ``BLOCK_D`` slice of the features
-(grid: feature slices fastest, then token tiles, then clips), so the per-token work (indices,
-sizes, sources) is done once per program, not once per feature chunk, and a single clip still
-spreads over many SMs. With ``NORM`` the forward also writes the LayerNorm of its output (the
+Both kernels give each program one tile of tokens and one ``BLOCK_D`` slice of the features (grid: clips
+on axis 0, which holds any number of them, then token tiles, from the last in the forward so that the B
+tokens, which gather the sources, start first, then feature slices), so the per-token work (indices, sizes,
+sources) is done once per program, not once per feature chunk, and a single clip still spreads over many
+SMs. With ``NORM`` the forward also writes the LayerNorm of its output (the
 block's ``ln_2``, twin ``reference.merge_norm``); its programs then span all features of a token.
 With ``STATS`` as well, it writes that LayerNorm's mean and reciprocal standard deviation per token,
 which the backward passes to aten's LayerNorm gradient instead of recomputing them.
@@ -59,10 +60,10 @@ def _merge_index_kernel(
     """The grouping of merged tokens by destination on its own, for a plan that does not carry it
     (the match kernel writes it with the plan) and for ops that reduce by destination outside
     ``_merge_fwd_kernel``. One program per (``BLOCK_J`` destinations, row): each writes the
-    offsets of its destinations and places their sources (grid: destination blocks fastest)."""
-    row = tl.program_id(1).to(tl.int64)
+    offsets of its destinations and places their sources (grid: clips on axis 0, any number of them)."""
+    row = tl.program_id(0).to(tl.int64)
     _group_block(merged_ptr + row * R, dst_ptr + row * R, src_ptr + row * R, offsets_ptr + row * (NB + 1), R, NB,
-                 tl.program_id(0) * BLOCK_J, BLOCK_J, BLOCK_K)
+                 tl.program_id(1) * BLOCK_J, BLOCK_J, BLOCK_K)
 
 
 @triton.jit
@@ -235,7 +236,7 @@ def _merged(acc, s_total, x_self, count):
 
 
 @triton.jit
-def _store_norm(y, offs_t, mask_t, offs_d, mask_d, ln_w_ptr, ln_b_ptr, ln_ptr, stats_ptr, row, N_OUT, D, EPS,
+def _store_norm(y, offs_t, mask_t, offs_d, mask_d, ln_w_ptr, ln_b_ptr, ln_ptr, stats_ptr, row, rows, N_OUT, D, EPS,
                 ACC: tl.constexpr, STATS: tl.constexpr):
     """Writes the LayerNorm of merged tokens ``offs_t`` (where ``mask_t``), ``y`` as stored (every feature:
     ``BLOCK_D >= D``), and with ``STATS`` its statistics."""
@@ -244,7 +245,7 @@ def _store_norm(y, offs_t, mask_t, offs_d, mask_d, ln_w_ptr, ln_b_ptr, ln_ptr, s
     ln_rows = ln_ptr + row * N_OUT * D + offs_t.to(tl.int64) * D
     tl.store(ln_rows[:, None] + offs_d[None, :], ln.to(ln_ptr.dtype.element_ty), mask=mask)
     if STATS:
-        _store_stats(stats_ptr, row * N_OUT + offs_t, mean, rstd, tl.num_programs(2) * N_OUT, mask_t)
+        _store_stats(stats_ptr, row * N_OUT + offs_t, mean, rstd, rows * N_OUT, mask_t)
 
 
 # Only the counts that change from layer to layer are left unspecialised, and the size strides
@@ -308,9 +309,16 @@ def _merge_fwd_kernel(
 ):
     tl.static_assert(SPLIT_T == 0 or SRC_BLOCK == 0, "SPLIT_T does not take SRC_BLOCK")
     tl.static_assert(SRC_CHUNK == 1 or SRC_BLOCK == 0, "SRC_CHUNK does not take SRC_BLOCK")
-    row = tl.program_id(2).to(tl.int64)
+    # Grid: clips fastest (axis 0, which holds any number of them), then token tiles from the last (the B
+    # tokens, which gather the sources, start first: a clip's longest chain of loads runs beside the copies of
+    # later programs, not after them), then feature slices.
+    row = tl.program_id(0).to(tl.int64)
+    rows = tl.num_programs(0)
+    first_slice = tl.program_id(2) == 0
     ACC = b_size_ptr.dtype.element_ty
-    tile = tl.program_id(1) * BLOCK_T
+    last = tl.num_programs(1) - 1 - tl.program_id(1)  # tiles from the last
+    tl.assume(last >= 0)  # (not known to the compiler: without it, triton 3.8 waits once more a source on sm_90)
+    tile = last * BLOCK_T
     offs_t = tile + tl.arange(0, BLOCK_T)
     mask_t = offs_t < N_OUT
     is_kept = (offs_t >= C) & (offs_t < C + NK)
@@ -326,7 +334,7 @@ def _merge_fwd_kernel(
     max_count = tl.max(count, axis=0)
     src_row = src_ptr + row * stride_gb
 
-    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     if SPLIT_T > 0:
         # First every token of the tile that nothing merges into, copied in x's dtype (and normalised):
@@ -343,9 +351,9 @@ def _merge_fwd_kernel(
         out_rows = out_ptr + row * N_OUT * D + offs_t.to(tl.int64) * D
         tl.store(out_rows[:, None] + offs_d[None, :], y, mask=mask_c)
         if NORM:
-            _store_norm(y, offs_t, copy, offs_d, mask_d, ln_w_ptr, ln_b_ptr, ln_ptr, stats_ptr, row, N_OUT, D, EPS,
-                        ACC, STATS)
-        if tl.program_id(0) == 0:
+            _store_norm(y, offs_t, copy, offs_d, mask_d, ln_w_ptr, ln_b_ptr, ln_ptr, stats_ptr, row, rows, N_OUT, D,
+                        EPS, ACC, STATS)
+        if first_slice:
             s_self = tl.load(size_ptr + clip * stride_sb + tok * stride_sn, mask=copy, other=1).to(ACC)
             tl.store(size_out_ptr + row * N_OUT + offs_t, s_self.to(size_out_ptr.dtype.element_ty), mask=copy)
             if B_SIZES:
@@ -372,9 +380,9 @@ def _merge_fwd_kernel(
                 rows_s = out_ptr + row * N_OUT * D + offs_s.to(tl.int64) * D
                 tl.store(rows_s[:, None] + offs_d[None, :], y_s, mask=into[:, None] & mask_d[None, :])
                 if NORM:
-                    _store_norm(y_s, offs_s, into, offs_d, mask_d, ln_w_ptr, ln_b_ptr, ln_ptr, stats_ptr, row, N_OUT,
-                                D, EPS, ACC, STATS)
-                if tl.program_id(0) == 0:
+                    _store_norm(y_s, offs_s, into, offs_d, mask_d, ln_w_ptr, ln_b_ptr, ln_ptr, stats_ptr, row, rows,
+                                N_OUT, D, EPS, ACC, STATS)
+                if first_slice:
                     tl.store(size_out_ptr + row * N_OUT + offs_s, s_total.to(size_out_ptr.dtype.element_ty),
                              mask=into)
                     if B_SIZES:
@@ -385,7 +393,7 @@ def _merge_fwd_kernel(
                                            stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd,
                                            stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS, SRC_STAGES,
                                            SRC_BLOCK, SRC_CHUNK)
-        if tl.program_id(0) == 0:
+        if first_slice:
             tl.store(size_out_ptr + row * N_OUT + offs_t, s_total.to(size_out_ptr.dtype.element_ty), mask=mask_t)
             if B_SIZES:
                 tl.store(b_size_ptr + row * NB + j, s_total, mask=is_b)
@@ -398,8 +406,8 @@ def _merge_fwd_kernel(
             # The launcher gives a NORM program whole feature rows (BLOCK_D >= D, one feature slice), so
             # the LayerNorm of the merged tokens needs no second read of them. It normalises the rounded
             # output, as a LayerNorm reading it back would.
-            _store_norm(y, offs_t, mask_t, offs_d, mask_d, ln_w_ptr, ln_b_ptr, ln_ptr, stats_ptr, row, N_OUT, D, EPS,
-                        ACC, STATS)
+            _store_norm(y, offs_t, mask_t, offs_d, mask_d, ln_w_ptr, ln_b_ptr, ln_ptr, stats_ptr, row, rows, N_OUT,
+                        D, EPS, ACC, STATS)
 
 
 # b_size is read one value per token, never as a vector: its alignment is not specialised either
@@ -441,9 +449,11 @@ def _merge_bwd_kernel(
 ):
     # Work item q covers one input token, in the order class | kept | B | merged: the items are a
     # permutation of the N input tokens, so every grad_x row is written exactly once, by a gather.
-    row = tl.program_id(2).to(tl.int64)
+    # Grid: clips (axis 0, any number of them), token tiles, feature slices.
+    tile = tl.program_id(1)
+    row = tl.program_id(0).to(tl.int64)
     ACC = b_size_ptr.dtype.element_ty
-    offs_q = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_q = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_q = offs_q < N
     is_kept = (offs_q >= C) & (offs_q < C + NK)
     is_b = (offs_q >= C + NK) & (offs_q < C + NK + NB)
@@ -464,7 +474,7 @@ def _merge_bwd_kernel(
     # s / s_total is exactly 1 for a B token nothing merged into, matching the forward's copy.
     w = tl.where(weighted, s / tl.where(weighted, s_total, 1.0), 1.0)
 
-    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     mask = mask_q[:, None] & mask_d[None, :]
     g = tl.load((grad_out_ptr + row * stride_gb + out_pos * stride_gn)[:, None] + offs_d[None, :] * stride_gd,
@@ -476,7 +486,7 @@ def _merge_bwd_kernel(
         # The position embedding of clip k was added to every token of clip k: its gradient is the
         # sum of their gradients. A tile spans at most a few clips; each gets its partial sum here
         # and the host adds the partials (TILES x fewer rows than grad_x, no atomics).
-        part = pos_part_ptr + ((row * TILES + tl.program_id(1)) * GROUP) * D
+        part = pos_part_ptr + ((row * TILES + tile) * GROUP) * D
         for k in range(0, GROUP):
             in_k = mask_q & (clip == row * GROUP + k)
             tl.store(part + k * D + offs_d, tl.sum(tl.where(in_k[:, None], g, 0.0), axis=0), mask=mask_d)

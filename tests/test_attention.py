@@ -420,6 +420,13 @@ def test_cuda_class_queries_equal_reference(nan_outputs, impl, shape):
 
 
 @pytest.mark.cuda
+def test_cuda_more_clips_and_heads_than_a_grid_axis_holds(nan_outputs):
+    """6000 clips of 12 heads: 72000 (clip, head) pairs, past the 65535 programs of a CUDA grid's second axis
+    (ViT-B's frames of 500 videos in one batch), forward and every gradient."""
+    assert_cuda_candidate_matches("triton", *make_inputs(6000, 12, 9, 16, torch.float16, "cuda"))
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cuda_fold_runs_on_the_flash_kernel(dtype):
     """The point of the fold: SDPA accepts it with only the FlashAttention backend enabled."""

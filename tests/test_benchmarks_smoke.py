@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from benchmarks import bench_model, bench_ops
+from benchmarks import bench_model, bench_ops, merge_order
 from benchmarks.common import merge_shapes
 from benchmarks.rowlog import read_records
 from tiny import TINY_ARGS, TINY_CONFIG, tiny_clip, video
@@ -267,3 +267,15 @@ def test_bench_model_mlp_variant_fuses_the_mlp_and_restores_the_switch(monkeypat
     calls.clear()
     bench_model.bench_variant(model, TINY_CONFIG, "tempme-triton", "infer", clip, rep_ms=1)
     assert calls == []
+
+
+def test_merge_order_places_the_b_tokens_first(tiny_model_file, capsys):
+    """Every merge's row: its clips' busiest B tokens start later in the grid order before than now."""
+    assert merge_order.main(["--model", tiny_model_file, "--videos", "2", "--all", *TINY_ARGS]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and
+            line[2].isdigit()]
+    assert rows
+    for row in rows:
+        before, now = (float(v) for v in row[4].split("->"))
+        assert now < before
+

@@ -80,6 +80,36 @@ def test_merge(b, n, c, ch, r, dtype):
     assert_close(x.grad, x64.grad, dtype, "grad x")
 
 
+def test_more_clips_than_a_grid_axis_holds():
+    """70000 clips, past the 65535 programs of a CUDA grid's second and third axes: the match (its plan and
+    grouping), the merge with and without its LayerNorm, and the merge's gradient, against the reference."""
+    g = torch.Generator(device="cuda").manual_seed(70000)
+    b, n, c, r, width = 70000, 11, 1, 3, 16
+    metric = torch.randn(b, n, 8, generator=g, device="cuda")
+    plan = ops.match(metric, r, c, backend="triton")
+    want = ref.match(metric.double(), r, c)
+    # (Random float32 metrics of 8 channels hold a few near-ties in 70000 clips: the plans agree on the others.)
+    same = (plan.merged == want.merged).all(dim=1) & (plan.dst == want.dst).all(dim=1)
+    assert same.float().mean() > 0.99
+    assert torch.equal(plan.kept[same], want.kept[same])
+    x = torch.randn(b, n, width, generator=g, device="cuda").half().requires_grad_()
+    size = torch.randint(1, 8, (b, n, 1), generator=g, device="cuda").float()
+    out, size_out = ops.merge(x, size, plan, backend="triton")
+    x64 = x.detach().double().requires_grad_()
+    ref_out, ref_size = ref.merge(x64, size.double(), plan)
+    assert_close(out, ref_out, torch.float16, "merged x")
+    assert_close(size_out, ref_size, torch.float32, "merged size")
+    grad = torch.randn(out.shape, generator=g, device="cuda").half()
+    out.backward(grad)
+    ref_out.backward(grad.double())
+    assert_close(x.grad, x64.grad, torch.float16, "grad x")
+    weight, bias = (torch.randn(width, generator=g, device="cuda").half() for _ in range(2))
+    _, _, ln = ops.merge_norm(x.detach(), size, plan, weight, bias, 1e-5, backend="triton")
+    _, _, ref_ln = ref.merge_norm(x64.detach(), size.double(), plan, weight.double(), bias.double(), 1e-5)
+    atol, rtol = NORM_TOL[torch.float16]
+    torch.testing.assert_close(ln.double(), ref_ln, atol=atol, rtol=rtol)
+
+
 # (clips per video before the join, tokens per clip, class tokens per clip, group, r): layers 8, 9, 10.
 JOINS = [
     pytest.param(12, 181, 1, 2, 108, id="F12-N181-c1-g2-r108"),

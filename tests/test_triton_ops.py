@@ -348,12 +348,17 @@ def test_match_plan_paths_equal_reference(path, grouping, device, monkeypatch):
     assert (triton_ops._grouping_widths(30, 37, 36)["GROUP_BLOCK"] > 0) == grouping.startswith("sorted")
     if grouping == "sorted-int64":  # 2048 * 512 * 2048 = 2^31 keys: int64
         monkeypatch.setattr(triton_ops, "_grouping_widths", lambda r, na, nb: {"GROUP_BLOCK": 512, "GROUP_BINS": 2048})
-    metric = tie_free_metric(2, 75, 2, 24, torch.float32, "contiguous", device, seed=5)
-    plan = triton_ops.match(metric, 30, 2)
-    expected = ref.match(metric.cpu().double(), 30, 2)
+    _check_plan(tie_free_metric(2, 75, 2, 24, torch.float32, "contiguous", device, seed=5), 30, 2)
+
+
+def _check_plan(metric, r, protected):
+    """The Triton match's plan and grouping on a tie-free ``metric`` equal the float64 reference's; the plan."""
+    plan = triton_ops.match(metric, r, protected)
+    expected = ref.match(metric.cpu().double(), r, protected)
     for name in ("merged", "dst", "kept"):
         assert torch.equal(getattr(plan, name).cpu(), getattr(expected, name)), name
     _check_grouping(plan, expected)
+    return plan
 
 
 @pytest.mark.parametrize("grouping", ["sorted", "counted"])
@@ -437,6 +442,19 @@ def test_merge_hub(dtype, device):
     x = make_tokens(2, 197, 64, dtype, "contiguous", device, g)
     size = _sizes(2, 197, "BN1-fp32", dtype, device, g)
     _check_merge(x, size, random_plan(2, 197, 1, 98, device, g, hub=True), dtype, g)
+
+
+def test_clips_and_tokens_past_a_grid_axis(device, monkeypatch):
+    """With 2 programs allowed along a grid's second and third axes (a GPU allows 65535): the match spreads 5 clips
+    over both (2 x 3, the sixth program returning at once) and the merge takes token tiles wide enough for 2 of
+    them an axis; plans, grouping, merged tokens and gradients as the reference's."""
+    monkeypatch.setattr(triton_ops, "GRID_AXIS_LIMIT", 2)
+    monkeypatch.setattr(triton_ops, "INTERPRETER_BLOCK", 8)
+    plan = _check_plan(tie_free_metric(5, 41, 1, 16, torch.float32, "contiguous", device, seed=9), 12, 1)
+    assert triton_ops._axis_tiles({"BLOCK_T": 8}, 41 - 12) == {"BLOCK_T": 16}
+    g = torch.Generator().manual_seed(9)
+    x = make_tokens(5, 41, 16, torch.float16, "contiguous", device, g)
+    _check_merge(x, _sizes(5, 41, "BN1-fp32", torch.float16, device, g), plan, torch.float16, g)
 
 
 def test_merge_r0_reorders(device):

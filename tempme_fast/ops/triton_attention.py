@@ -176,7 +176,7 @@ def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opt
     return _AttentionLaunch(
         (rows, queries, heads * head_dim) if token_major else (rows, queries, heads, head_dim),
         (rows, heads, queries),
-        Launcher(_attention_fwd_kernel, (_cdiv(queries, block_m), rows * heads),
+        Launcher(_attention_fwd_kernel, (_cdiv(queries, block_m) * rows * heads,),
                  (queries, keys, heads, *strides[0], *strides[1], *strides[2], stride_bb, stride_bn, scale * LOG2E),
                  meta))
 
@@ -312,8 +312,8 @@ def _backward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out
                *strides[4], *strides[5], scale * LOG2E, scale)
     return _AttentionBackwardLaunch(
         (rows, heads, queries), (rows, heads, keys),
-        Launcher(_attention_bwd_kernel, (_cdiv(queries, block_m), rows * heads), scalars, dict(common, DKDV=False)),
-        Launcher(_attention_bwd_kernel, (_cdiv(keys, block_n), rows * heads), scalars,
+        Launcher(_attention_bwd_kernel, (_cdiv(queries, block_m) * rows * heads,), scalars, dict(common, DKDV=False)),
+        Launcher(_attention_bwd_kernel, (_cdiv(keys, block_n) * rows * heads,), scalars,
                  dict(common, DKDV=True, BLOCK_M=min(block_m, DKDV_QUERY_BLOCK))))
 
 

@@ -87,6 +87,9 @@ PLAN_SORT_LIMIT = 2048
 GROUP_SORT_LIMIT = 2048
 # Programs that keep a large GPU busy (2 per SM of an H100): below it, work is split further.
 GPU_FILL = 264
+# Programs along a CUDA grid's second or third axis (the first holds 2^31 - 1): the kernels put clips (and clips
+# x heads) on the first, and the match splits them over the second and third.
+GRID_AXIS_LIMIT = 65535
 # A merge whose B tokens gather many sources (r >= Nb / MANY_SOURCES_DIVISOR merged tokens: every merge of the
 # schedules but the first layers' image merges, where r is 2) runs one token a program on a GPU, its sources
 # gathered MERGE_SRC_CHUNK[bytes a feature] a step: a warp waits on each step's loads once (index, then size
@@ -136,6 +139,14 @@ def _cdiv(a: int, b: int) -> int:
 
 def _next_power_of_2(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
+
+
+def _axis_tiles(tiles: Dict[str, int], tokens: int) -> Dict[str, int]:
+    """``tiles`` with ``BLOCK_T`` doubled until ``tokens`` take at most ``GRID_AXIS_LIMIT`` tiles (a merge's
+    second grid axis): only clips of more than 65535 tokens need it."""
+    while _cdiv(tokens, tiles["BLOCK_T"]) > GRID_AXIS_LIMIT:
+        tiles = dict(tiles, BLOCK_T=2 * tiles["BLOCK_T"])
+    return tiles
 
 
 def _block(n: int, gpu_cap: int, floor: int = 16) -> int:
@@ -387,7 +398,7 @@ def _match_launch(shape, strides, dtype: torch.dtype, protected: int, group: int
     splits, a_blocks, b_per = tiles.pop("SPLITS"), tiles.pop("A_BLOCKS"), tiles.pop("B_PER")
     plan_width = sum(_plan_widths(r, na, nb)) if plan else 0
     scalars = (na, nb, r, channels, a_start, b_start, group, protected, shape[1], b_per, splits,
-               plan_width if plan else na, *strides)
+               plan_width if plan else na, rows, *strides)
     # (A sorted plan carries each A token's best B token in its key's 16 low bits: nb <= 2^16.)
     sort_block = _plan_sort_block(na, acc) if plan and nb <= 65536 else 0
     meta = dict(TINY=torch.finfo(acc).tiny, PLAN=plan, SORT_BLOCK=sort_block,
@@ -395,7 +406,9 @@ def _match_launch(shape, strides, dtype: torch.dtype, protected: int, group: int
                 **(_grouping_widths(r, na, nb) if plan else {"GROUP_BLOCK": 0, "GROUP_BINS": 0}), **tiles,
                 **_head_meta(heads, channels, tiles["BLOCK_C"], tiles["num_warps"], dtype))
     return _MatchLaunch(rows, na, acc, (rows, splits, 2, na), plan_width,
-                        Launcher(_best_match_fwd_kernel, (a_blocks * splits, rows), scalars, meta))
+                        Launcher(_best_match_fwd_kernel,
+                                 (a_blocks * splits, min(rows, GRID_AXIS_LIMIT), _cdiv(rows, GRID_AXIS_LIMIT)),
+                                 scalars, meta))
 
 
 def _head_meta(heads: int, channels: int, block_c: int, num_warps: int, dtype: torch.dtype) -> Dict[str, object]:
@@ -505,7 +518,7 @@ def merge_index(merged: torch.Tensor, dst: torch.Tensor, nb: int, dtype: torch.d
     src = _new_output((rows, r), dtype, merged.device)
     offsets = _new_output((rows, nb + 1), dtype, merged.device)
     block_j = _block(nb + 1, GPU_BLOCK_TOKENS)
-    launch(_merge_index_kernel, (_cdiv(nb + 1, block_j), rows), merged, dst, src, offsets, r, nb,
+    launch(_merge_index_kernel, (rows, _cdiv(nb + 1, block_j)), merged, dst, src, offsets, r, nb,
            BLOCK_K=_source_block(r, block_j), BLOCK_J=block_j, num_warps=4)
     return src, offsets
 
@@ -618,6 +631,7 @@ def _merge_fwd_launch(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor,
         tiles = _merge_norm_tiles(rows, n_out, width, x.dtype.itemsize, frame_pos is not None, many)
     else:
         tiles = _merge_fwd_tiles(rows, n_out, width, x.dtype.itemsize, many)
+    tiles = _axis_tiles(tiles, n_out)
     pos_shape = (x.shape[0], width) if frame_pos is None else (frame_pos.shape[1], width)
     pos_row_stride = x.stride(0) if frame_pos is None else width
     res_strides = x.stride() if residual is None else residual.stride()
@@ -626,7 +640,7 @@ def _merge_fwd_launch(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor,
     b_sizes = _writes_b_sizes(x, size)
     meta = dict(HAS_RES=residual is not None, HAS_POS=frame_pos is not None, NORM=norm, B_SIZES=b_sizes, **tiles,
                 **({"STATS": True} if norm and stats else {}))
-    grid = (_cdiv(width, tiles["BLOCK_D"]), _cdiv(n_out, tiles["BLOCK_T"]), rows)
+    grid = (rows, _cdiv(n_out, tiles["BLOCK_T"]), _cdiv(width, tiles["BLOCK_D"]))
     return _MergeLaunch(unit_rows, (rows, n_out, width), (rows, n_out) + tuple(size.shape[2:]),
                         (rows, nb) if b_sizes else None, (2, rows, n_out, 1), acc, pos_shape,
                         Launcher(_merge_fwd_kernel, grid, scalars, meta))
@@ -706,12 +720,12 @@ def _merge_bwd_launch(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.
     tokens, c = tokens_in * group, protected * group
     nk = kept.shape[1]
     _, nb, a_start, b_start = _positions(tokens, c)
-    tiles = _merge_tiles(rows, tokens, width, grad_out.dtype.itemsize)
+    tiles = _axis_tiles(_merge_tiles(rows, tokens, width, grad_out.dtype.itemsize), tokens)
     n_tiles = _cdiv(tokens, tiles["BLOCK_T"])
     scalars = (tokens, c, nk, nb, width, a_start, b_start, group, protected, tokens_in, n_tiles, *grad_out.stride(),
                size.stride(0), size.stride(1), b_size.stride(0), merged.stride(0), dst.stride(0), kept.stride(0))
     return _MergeBackwardLaunch((rows * group, tokens_in, width), (rows, n_tiles, group, width),
-                                Launcher(_merge_bwd_kernel, (_cdiv(width, tiles["BLOCK_D"]), n_tiles, rows), scalars,
+                                Launcher(_merge_bwd_kernel, (rows, n_tiles, _cdiv(width, tiles["BLOCK_D"])), scalars,
                                          dict(POS_GRAD=pos_grad, **tiles)))
 
 
@@ -791,7 +805,7 @@ def _merge_bwd_op(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Tens
 @_merge_bwd_op.register_fake
 def _(grad_out, size, b_size, merged, dst, kept, protected, tokens_in, group=1, pos_grad=False):
     rows, _, width = grad_out.shape
-    tiles = _merge_tiles(rows, tokens_in * group, width, grad_out.dtype.itemsize)
+    tiles = _axis_tiles(_merge_tiles(rows, tokens_in * group, width, grad_out.dtype.itemsize), tokens_in * group)
     n_tiles = _cdiv(tokens_in * group, tiles["BLOCK_T"])
     return (grad_out.new_empty((rows * group, tokens_in, width)),
             b_size.new_empty((rows, n_tiles, group, width) if pos_grad else (0,)))
