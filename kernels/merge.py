@@ -10,10 +10,9 @@ Output order (as the spec): the ``c`` class tokens, the kept A tokens, then ever
 A token ``i`` sits at position ``A_START + 2 * i`` of its clip, B token ``j`` at ``B_START + 2 * j``.
 
 Both kernels give each program one tile of tokens and one ``BLOCK_D`` slice of the features (grid: clips
-on axis 0, which holds any number of them, then token tiles, from the last in the forward so that the B
-tokens, which gather the sources, start first, then feature slices), so the per-token work (indices, sizes,
-sources) is done once per program, not once per feature chunk, and a single clip still spreads over many
-SMs. With ``NORM`` the forward also writes the LayerNorm of its output (the
+on axis 0, which holds any number of them, then feature slices, then token tiles, from the last in the forward
+so that the B tokens, which gather the sources, start first), so the per-token work (indices, sizes, sources)
+is done once per program, not once per feature chunk, and a single clip still spreads over many SMs. With ``NORM`` the forward also writes the LayerNorm of its output (the
 block's ``ln_2``, twin ``reference.merge_norm``); its programs then span all features of a token.
 With ``STATS`` as well, it writes that LayerNorm's mean and reciprocal standard deviation per token,
 which the backward passes to aten's LayerNorm gradient instead of recomputing them.
@@ -309,14 +308,14 @@ def _merge_fwd_kernel(
 ):
     tl.static_assert(SPLIT_T == 0 or SRC_BLOCK == 0, "SPLIT_T does not take SRC_BLOCK")
     tl.static_assert(SRC_CHUNK == 1 or SRC_BLOCK == 0, "SRC_CHUNK does not take SRC_BLOCK")
-    # Grid: clips fastest (axis 0, which holds any number of them), then token tiles from the last (the B
-    # tokens, which gather the sources, start first: a clip's longest chain of loads runs beside the copies of
-    # later programs, not after them), then feature slices.
+    # Grid: clips fastest (axis 0, which holds any number of them), then feature slices, then token tiles from
+    # the last (the B tokens, which gather the sources, start first: a clip's longest chain of loads runs beside
+    # the copies of later programs, not after them).
     row = tl.program_id(0).to(tl.int64)
     rows = tl.num_programs(0)
-    first_slice = tl.program_id(2) == 0
+    first_slice = tl.program_id(1) == 0
     ACC = b_size_ptr.dtype.element_ty
-    last = tl.num_programs(1) - 1 - tl.program_id(1)  # tiles from the last
+    last = tl.num_programs(2) - 1 - tl.program_id(2)  # tiles from the last
     tl.assume(last >= 0)  # (not known to the compiler: without it, triton 3.8 waits once more a source on sm_90)
     tile = last * BLOCK_T
     offs_t = tile + tl.arange(0, BLOCK_T)
@@ -334,7 +333,7 @@ def _merge_fwd_kernel(
     max_count = tl.max(count, axis=0)
     src_row = src_ptr + row * stride_gb
 
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     if SPLIT_T > 0:
         # First every token of the tile that nothing merges into, copied in x's dtype (and normalised):
@@ -449,8 +448,8 @@ def _merge_bwd_kernel(
 ):
     # Work item q covers one input token, in the order class | kept | B | merged: the items are a
     # permutation of the N input tokens, so every grad_x row is written exactly once, by a gather.
-    # Grid: clips (axis 0, any number of them), token tiles, feature slices.
-    tile = tl.program_id(1)
+    # Grid: clips (axis 0, any number of them), feature slices, token tiles.
+    tile = tl.program_id(2)
     row = tl.program_id(0).to(tl.int64)
     ACC = b_size_ptr.dtype.element_ty
     offs_q = tile * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -474,7 +473,7 @@ def _merge_bwd_kernel(
     # s / s_total is exactly 1 for a B token nothing merged into, matching the forward's copy.
     w = tl.where(weighted, s / tl.where(weighted, s_total, 1.0), 1.0)
 
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     mask = mask_q[:, None] & mask_d[None, :]
     g = tl.load((grad_out_ptr + row * stride_gb + out_pos * stride_gn)[:, None] + offs_d[None, :] * stride_gd,

@@ -143,7 +143,7 @@ def _next_power_of_2(n: int) -> int:
 
 def _axis_tiles(tiles: Dict[str, int], tokens: int) -> Dict[str, int]:
     """``tiles`` with ``BLOCK_T`` doubled until ``tokens`` take at most ``GRID_AXIS_LIMIT`` tiles (a merge's
-    second grid axis): only clips of more than 65535 tokens need it."""
+    third grid axis): only clips of more than 65535 tokens need it."""
     while _cdiv(tokens, tiles["BLOCK_T"]) > GRID_AXIS_LIMIT:
         tiles = dict(tiles, BLOCK_T=2 * tiles["BLOCK_T"])
     return tiles
@@ -640,7 +640,7 @@ def _merge_fwd_launch(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor,
     b_sizes = _writes_b_sizes(x, size)
     meta = dict(HAS_RES=residual is not None, HAS_POS=frame_pos is not None, NORM=norm, B_SIZES=b_sizes, **tiles,
                 **({"STATS": True} if norm and stats else {}))
-    grid = (rows, _cdiv(n_out, tiles["BLOCK_T"]), _cdiv(width, tiles["BLOCK_D"]))
+    grid = (rows, _cdiv(width, tiles["BLOCK_D"]), _cdiv(n_out, tiles["BLOCK_T"]))
     return _MergeLaunch(unit_rows, (rows, n_out, width), (rows, n_out) + tuple(size.shape[2:]),
                         (rows, nb) if b_sizes else None, (2, rows, n_out, 1), acc, pos_shape,
                         Launcher(_merge_fwd_kernel, grid, scalars, meta))
@@ -725,7 +725,7 @@ def _merge_bwd_launch(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.
     scalars = (tokens, c, nk, nb, width, a_start, b_start, group, protected, tokens_in, n_tiles, *grad_out.stride(),
                size.stride(0), size.stride(1), b_size.stride(0), merged.stride(0), dst.stride(0), kept.stride(0))
     return _MergeBackwardLaunch((rows * group, tokens_in, width), (rows, n_tiles, group, width),
-                                Launcher(_merge_bwd_kernel, (rows, n_tiles, _cdiv(width, tiles["BLOCK_D"])), scalars,
+                                Launcher(_merge_bwd_kernel, (rows, _cdiv(width, tiles["BLOCK_D"]), n_tiles), scalars,
                                          dict(POS_GRAD=pos_grad, **tiles)))
 
 
