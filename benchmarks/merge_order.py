@@ -40,8 +40,8 @@ def recorded_plans(plans: List[Dict[str, object]]):
     def recording(metric, r, protected, heads=1):
         plan = match(metric, r, protected, heads)
         _, nb = reference.split_sizes(metric.shape[1], protected)
-        counts = torch.zeros(metric.shape[0], nb, dtype=torch.int64)
-        counts.scatter_add_(1, plan.dst.cpu(), torch.ones_like(plan.dst.cpu()))
+        dst = plan.dst.cpu()
+        counts = torch.zeros(metric.shape[0], nb, dtype=torch.int64).scatter_add_(1, dst, torch.ones_like(dst))
         plans.append(dict(rows=metric.shape[0], tokens=metric.shape[1], protected=protected, r=r, counts=counts))
         return plan
 
@@ -50,6 +50,12 @@ def recorded_plans(plans: List[Dict[str, object]]):
         yield plans
     finally:
         reference.match = match
+
+
+def copies(p: Dict[str, object]) -> int:
+    """A clip's output tokens before its B tokens: the class tokens and the kept A tokens."""
+    na, _ = reference.split_sizes(p["tokens"], p["protected"])
+    return p["protected"] + na - p["r"]
 
 
 def starts(p: Dict[str, object], b_first: bool) -> List[int]:
@@ -61,17 +67,15 @@ def starts(p: Dict[str, object], b_first: bool) -> List[int]:
     return [row * n_out + t for row in range(rows) for t in range(n_out)]
 
 
-def chains(p: Dict[str, object], args) -> List[float]:
-    """The model's time of each program, in the order of ``[row][output token]``."""
-    rows, c, r, counts = p["rows"], p["protected"], p["r"], p["counts"]
-    na, _ = reference.split_sizes(p["tokens"], c)
-    row_bytes = args.width * args.itemsize
+def chains(p: Dict[str, object], args, width: int) -> List[float]:
+    """The model's time of each program, in the order of ``[row][output token]``, for ``width`` features."""
+    row_bytes = width * args.itemsize
     share = args.slots / args.bandwidth  # us a byte, the bandwidth shared by every slot
     copy = args.fixed_us + args.latency_us + 3 * row_bytes * share  # read the row, write it and its LayerNorm
     times = []
-    for row in range(rows):
-        times += [copy] * (c + na - r)
-        for k in counts[row].tolist():
+    for row in range(p["rows"]):
+        times += [copy] * copies(p)
+        for k in p["counts"][row].tolist():
             extra = (args.latency_us + math.ceil(k / 4) * args.waits * args.latency_us + k * row_bytes * share
                      if k else 0.0)
             times.append(copy + extra)
@@ -89,19 +93,16 @@ def makespan(times: List[float], order: List[int], slots: int) -> float:
     return end
 
 
-def table(plans: List[Dict[str, object]], args) -> str:
+def table(plans: List[Dict[str, object]], args, width: int) -> str:
     lines = ["| merge | clips x tokens, r | busiest B token (sources) | each clip's busiest starts after "
              "(before -> now) | model, us (before -> now) |", "|---|---|---|---|---|"]
     for i, p in enumerate(plans):
         rows, n_out, counts = p["rows"], p["tokens"] - p["r"], p["counts"]
         total = rows * n_out
-        b0 = p["protected"] + reference.split_sizes(p["tokens"], p["protected"])[0] - p["r"]
-        busiest = [row * n_out + b0 + int(counts[row].argmax()) for row in range(rows)]
-        cells = []
+        busiest = [row * n_out + copies(p) + int(counts[row].argmax()) for row in range(rows)]
         orders = [starts(p, b_first) for b_first in (False, True)]
-        for order in orders:
-            cells.append(max(order[k] for k in busiest) / total)
-        times = chains(p, args)
+        cells = [max(order[k] for k in busiest) / total for order in orders]
+        times = chains(p, args, width)
         model = [makespan(times, order, args.slots) for order in orders]
         lines.append(f"| {i} | {rows} x {p['tokens']}, {p['r']} | {int(counts.max())} | {cells[0]:.2f} -> "
                      f"{cells[1]:.2f} | {model[0]:.1f} -> {model[1]:.1f} |")
@@ -129,14 +130,13 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     model = create_model(args.model).eval()
     apply_tempme(model, config_from_args(args), backend="torch")
-    args.width = model.visual.transformer.width
     video = torch.randn(args.videos, args.frames, 3, *model.visual.image_size)
     with torch.no_grad(), recorded_plans([]) as plans:
         model.encode_video(video)
     shown = [p for p in plans if args.all or int(p["counts"].max()) >= 4]
     print(f"# {args.model}, {args.videos} videos of {args.frames} frames, random weights, torch backend: "
           f"{len(shown)} of {len(plans)} merges")
-    print(table(shown, args))
+    print(table(shown, args, model.visual.transformer.width))
     return 0
 
 

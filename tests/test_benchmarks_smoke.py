@@ -278,4 +278,3 @@ def test_merge_order_places_the_b_tokens_first(tiny_model_file, capsys):
     for row in rows:
         before, now = (float(v) for v in row[4].split("->"))
         assert now < before
-

@@ -274,6 +274,11 @@ def _merge_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[str,
     return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=8 if block_t >= 32 else 4)
 
 
+def _merge_bwd_tiles(rows: int, tokens: int, width: int, itemsize: int) -> Dict[str, int]:
+    """The merge backward's tiles (its launcher's and its fake's): :func:`_merge_tiles` within a grid axis."""
+    return _axis_tiles(_merge_tiles(rows, tokens, width, itemsize), tokens)
+
+
 def _many_sources(r: int, nb: int) -> bool:
     """Whether a merge of ``r`` tokens into ``Nb`` B tokens gathers with :func:`_gather_tiles` (never with
     ``MANY_SOURCES_DIVISOR = 0``: every merge on its tiles of one source a step)."""
@@ -720,7 +725,7 @@ def _merge_bwd_launch(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.
     tokens, c = tokens_in * group, protected * group
     nk = kept.shape[1]
     _, nb, a_start, b_start = _positions(tokens, c)
-    tiles = _axis_tiles(_merge_tiles(rows, tokens, width, grad_out.dtype.itemsize), tokens)
+    tiles = _merge_bwd_tiles(rows, tokens, width, grad_out.dtype.itemsize)
     n_tiles = _cdiv(tokens, tiles["BLOCK_T"])
     scalars = (tokens, c, nk, nb, width, a_start, b_start, group, protected, tokens_in, n_tiles, *grad_out.stride(),
                size.stride(0), size.stride(1), b_size.stride(0), merged.stride(0), dst.stride(0), kept.stride(0))
@@ -805,7 +810,7 @@ def _merge_bwd_op(grad_out: torch.Tensor, size: torch.Tensor, b_size: torch.Tens
 @_merge_bwd_op.register_fake
 def _(grad_out, size, b_size, merged, dst, kept, protected, tokens_in, group=1, pos_grad=False):
     rows, _, width = grad_out.shape
-    tiles = _axis_tiles(_merge_tiles(rows, tokens_in * group, width, grad_out.dtype.itemsize), tokens_in * group)
+    tiles = _merge_bwd_tiles(rows, tokens_in * group, width, grad_out.dtype.itemsize)
     n_tiles = _cdiv(tokens_in * group, tiles["BLOCK_T"])
     return (grad_out.new_empty((rows * group, tokens_in, width)),
             b_size.new_empty((rows, n_tiles, group, width) if pos_grad else (0,)))
