@@ -49,7 +49,7 @@ import argparse
 import contextlib
 import functools
 import re
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -57,14 +57,23 @@ from tempme_fast import ops
 from tempme_fast.loading import DTYPES
 from tempme_fast.ops import reference, triton_ops
 
-from .common import Compiled, MergeShape, RowLog, add_row_log_arguments, copy_bandwidth_gbs, environment, \
-    failure, measure_ms, merge_shapes, metric_tensor, print_table, write_results
+from .common import Compiled, MergeShape, RowLog, add_row_log_arguments, copy_bandwidth_gbs, encoder_metrics, \
+    environment, failure, measure_ms, merge_shapes, metric_tensor, print_table, shifted_metric, source_counts, \
+    write_results
 from .devicetime import basis_ms, device_columns, host_columns, speedups
 from .oracle import NORM_EPS, check_op, check_raised, norm_inputs, upstream_grad
 
 OPS = ("best_match", "match", "merge_fwd", "merge_bwd", "step_fwd", "step_norm_fwd", "step_fwdbwd")
 # The match kernel's DOT_MODE per product kind: 16-bit tl.dot, and the float32 ones the library knows.
 DOT_MODES = {"native": 0, **triton_ops._FP32_DOT_MODES}
+
+
+# The ops whose Triton launches a ``merge:`` or ``norm:`` spec changes: a row of such a spec at another op would
+# time the library's tiles under the candidate's name, so none is made.
+TILE_OPS = {"merge": ("merge_fwd", "step_fwd", "step_fwdbwd"), "norm": ("step_norm_fwd",)}
+# Where a merge's metric comes from: random (``make_inputs``: a B token gathers 3-6 sources at most) or the
+# encoder's own (``common.encoder_metrics``: random weights, the plans' skew as the model's merges meet it).
+PLANS = ("random", "encoder")
 
 
 # The plan paths of ``plan:PATH``: sort every float32 row the sort can hold, or count every row.
@@ -187,9 +196,19 @@ def op_bytes(op: str, s: MergeShape, elt: int) -> int:
     return table[op]
 
 
-def make_inputs(s: MergeShape, dtype: torch.dtype, device: torch.device, seed: int = 0):
+def applies(impl: str, op: str) -> bool:
+    """Whether ``impl`` (``torch``, ``triton``, ``triton:SPEC``...) times ``op`` as its name says (:data:`TILE_OPS`)."""
+    kind = impl.split(":")[1] if impl.startswith("triton:") else None
+    return op in TILE_OPS.get(kind, (op,))
+
+
+def make_inputs(s: MergeShape, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                metrics: Optional[Dict[Tuple[int, str], torch.Tensor]] = None):
+    """``(metric, x, size)`` of one input set: the metric random, or, given ``metrics``
+    (:func:`common.encoder_metrics`), the encoder's for ``s`` with its clips rolled by ``seed``."""
     g = torch.Generator(device=device).manual_seed(seed)
-    metric = metric_tensor(s.rows, s.tokens, s.channels, s.heads, dtype, device, g)
+    metric = (metric_tensor(s.rows, s.tokens, s.channels, s.heads, dtype, device, g) if metrics is None else
+              shifted_metric(metrics[(s.layer, s.stage)], seed))
     x = torch.randn(s.rows, s.tokens, s.width, device=device, dtype=dtype, generator=g)
     size = torch.randint(1, 5, (s.rows, s.tokens, 1), device=device, generator=g).float()
     return metric, x, size
@@ -291,14 +310,15 @@ def check_row(op: str, impl: str, s: MergeShape, metric, x, size, fn: Callable[[
 
 
 def device_row(op: str, impl: str, s: MergeShape, dtype: torch.dtype, device: torch.device,
-               compiled: Optional[Compiled], compile_backend: str, rep_ms: float) -> Dict[str, object]:
-    """The device-time columns of one case (none on a CPU), over fresh random input sets; a failure
-    costs only these columns (``device_error``), not the eager figure already measured."""
+               compiled: Optional[Compiled], compile_backend: str, rep_ms: float,
+               metrics: Optional[Dict[Tuple[int, str], torch.Tensor]] = None) -> Dict[str, object]:
+    """The device-time columns of one case (none on a CPU), over fresh input sets (:func:`make_inputs`); a
+    failure costs only these columns (``device_error``), not the eager figure already measured."""
     if device.type != "cuda":
         return {}
 
     def make(i: int):
-        return op_fn(op, impl, s, *make_inputs(s, dtype, device, seed=1 + i), compile_backend, compiled)[0]
+        return op_fn(op, impl, s, *make_inputs(s, dtype, device, 1 + i, metrics), compile_backend, compiled)[0]
     elt = torch.tensor([], dtype=dtype).element_size()
     # One set: metric, x, sizes and the upstream gradient of the backward ops.
     set_bytes = s.rows * s.tokens * ((s.channels + s.width) * elt + 4) + s.rows * (s.tokens - s.r) * s.width * elt
@@ -314,11 +334,19 @@ def bandwidth_columns(nbytes: int, ms: Optional[float], copy_gbs: Optional[float
     return out
 
 
+def max_sources(s: MergeShape, metric: torch.Tensor) -> int:
+    """The most sources any B token of ``s`` gathers in the reference's plan of ``metric``."""
+    plan = reference.match(metric, s.r, s.protected, s.heads)
+    return int(source_counts(plan.dst, ops.split_sizes(s.tokens, s.protected)[1]).max()) if s.r else 0
+
+
 def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_at: Optional[str] = None,
-        rep_ms: float = 100, log: Optional[RowLog] = None, compile_backend: str = "inductor", check: bool = True
-        ) -> List[Dict[str, object]]:
+        rep_ms: float = 100, log: Optional[RowLog] = None, compile_backend: str = "inductor", check: bool = True,
+        plans: str = "random", layers: Optional[Sequence[int]] = None) -> List[Dict[str, object]]:
     """Time every (shape, dtype, op, impl); ``compile_at`` ("ViT-B-16:32:fp16") limits torch.compile rows.
     With ``check``, each row also says whether its op agrees with the float64 reference (:func:`check_row`).
+    ``plans`` (:data:`PLANS`): where the metrics come from; ``layers``: only the merges of these layers. Each row
+    names its ``plans`` and the most sources a B token of its plan gathers (``max_sources``).
 
     Each row goes to ``log`` as soon as it is measured, so a run stopped by a time limit keeps it. On a
     GPU the first row is the device-to-device copy bandwidth measured in this run; every bandwidth row
@@ -332,15 +360,22 @@ def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_
     start = len(log.rows)
     for model in models:
         for batch in batches:
+            encoder = {}  # dtype name -> the encoder's metrics at this model and batch, made when first needed
             for s in merge_shapes(model, batch):
+                if layers is not None and s.layer not in layers:
+                    continue
                 for dtype_name in dtypes:
                     dtype = DTYPES[dtype_name]
-                    metric, x, size = make_inputs(s, dtype, device)
+                    if plans == "encoder" and dtype_name not in encoder:
+                        encoder[dtype_name] = encoder_metrics(model, batch, dtype, device)
+                    metrics = encoder.get(dtype_name)
+                    metric, x, size = make_inputs(s, dtype, device, metrics=metrics)
+                    busiest = max_sources(s, metric)
                     for op in op_names:
                         if op == "step_norm_fwd" and s.stage == "cross":
                             continue  # a join's merge has no residual add before it (join_merge_norm)
                         base = None
-                        for impl in impls:
+                        for impl in filter(functools.partial(applies, op=op), impls):
                             if impl == "torch.compile":
                                 if op in ("merge_fwd", "merge_bwd"):
                                     continue  # the compiled rows time whole graphs: match and step
@@ -348,14 +383,15 @@ def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_
                                     continue
                             row = {"model": model, "batch": batch, "layer": s.layer, "stage": s.stage,
                                    "rows": s.rows, "tokens": s.tokens, "r": s.r, "dtype": dtype_name, "op": op,
-                                   "impl": impl}
+                                   "impl": impl, "plans": plans, "max_sources": busiest}
                             try:
                                 fn, compiled = op_fn(op, impl, s, metric, x, size, compile_backend)
                                 row.update(measure_ms(fn, device, rep_ms=rep_ms))
                             except Exception as e:  # noqa: BLE001 (recorded in the row; the next case runs)
                                 log({**row, **failure(e)})
                                 continue
-                            row.update(device_row(op, impl, s, dtype, device, compiled, compile_backend, rep_ms))
+                            row.update(device_row(op, impl, s, dtype, device, compiled, compile_backend, rep_ms,
+                                                  metrics))
                             if check:
                                 row.update(check_row(op, impl, s, metric, x, size, fn))
                             row.update(host_columns(row["ms"], row))
@@ -385,6 +421,11 @@ def main(argv=None) -> int:
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="do not hold each row's output against the float64 reference (columns agrees, "
                              "tol_ratio, near_ties, disagreement)")
+    parser.add_argument("--plans", choices=PLANS, default="random",
+                        help="the merges' metrics: random (a B token gathers 3-6 sources at most), or the encoder's "
+                             "own (random weights and frames, torch backend: up to 161 sources at ViT-B/16's last "
+                             "join, 32 videos)")
+    parser.add_argument("--layers", nargs="+", type=int, default=None, help="only the merges of these layers")
     parser.add_argument("--out", default=None, help="folder for bench_ops.json / .csv, written at the end")
     parser.add_argument("--tiles", nargs="+", default=[], metavar="SPEC",
                         help="also time the Triton ops with these tiles (rows 'triton:SPEC'): "
@@ -401,18 +442,23 @@ def main(argv=None) -> int:
             parse_tiles(spec)
     except ValueError as e:
         parser.error(str(e))
+    merging = sorted({s.layer for m in args.models for b in args.batches for s in merge_shapes(m, b)})
+    if args.layers is not None and not set(args.layers) <= set(merging):
+        parser.error(f"--layers {' '.join(map(str, args.layers))}: the merges benchmarked are at layers "
+                     f"{', '.join(map(str, merging))}")
     impls = args.impls or (["torch", "triton", "torch.compile"] if device.type == "cuda" else ["torch"])
     impls = [*impls, *(f"triton:{spec}" for spec in args.tiles)]
     env = environment(device)
     rows = run(device, args.models, args.batches, args.dtypes, impls, args.ops, args.compile_at or None, args.rep_ms,
-               RowLog(args.jsonl, "bench_ops", env, args.tag), args.compile_backend, args.check)
+               RowLog(args.jsonl, "bench_ops", env, args.tag), args.compile_backend, args.check, args.plans,
+               args.layers)
     if args.out:
         write_results(args.out, "bench_ops", env, rows)
     print(f"# merge ops on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print_table([r for r in rows if r["op"] != "copy"],
-                ["model", "batch", "layer", "stage", "dtype", "op", "impl", "ms", "device_ms", "host_bound", "gbs",
-                 "frac_copy_bw", "speedup_vs_torch", "speedup_vs_torch_eager", "compiled", "agrees", "tol_ratio",
-                 "near_ties", "error", "device_error", "disagreement"])
+                ["model", "batch", "layer", "stage", "dtype", "op", "impl", "max_sources", "ms", "device_ms",
+                 "host_bound", "gbs", "frac_copy_bw", "speedup_vs_torch", "speedup_vs_torch_eager", "compiled",
+                 "agrees", "tol_ratio", "near_ties", "error", "device_error", "disagreement"])
     return int(any("error" in r or r.get("agrees") is False for r in rows))
 
 

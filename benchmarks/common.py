@@ -1,6 +1,7 @@
 """What every benchmark here shares: shapes from the token schedule, timing, environment, output files."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -10,7 +11,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -73,6 +74,80 @@ def metric_tensor(rows: int, tokens: int, channels: int, heads: int, dtype: torc
     t = (torch.randn(shape, device=device, dtype=dtype, generator=generator) if generator is not None
          else torch.empty(shape, device=device, dtype=dtype))
     return t[..., channels:2 * channels] if heads > 1 else t
+
+
+def source_counts(dst: torch.Tensor, nb: int) -> torch.Tensor:
+    """Each clip's merged sources per B token, ``[rows, Nb]`` int64 on the CPU, from a plan's ``dst [rows, r]``."""
+    dst = dst.cpu()
+    return torch.zeros(dst.shape[0], nb, dtype=torch.int64).scatter_add_(1, dst, torch.ones_like(dst))
+
+
+@contextlib.contextmanager
+def recorded_matches(keep_metric: bool = False):
+    """Every plan that the reference's ``match`` makes inside the block (the torch backend's encoder: its merges
+    after attention and its joins), appended to the list it yields as a dict: the clips (``rows``), ``tokens``,
+    ``protected``, ``r``, ``heads``, each clip's sources per B token (``counts``, :func:`source_counts`) and,
+    with ``keep_metric``, the ``metric`` as the caller passed it (a view keeps its layout)."""
+    from tempme_fast.ops import reference
+
+    match, plans = reference.match, []
+
+    def recording(metric, r, protected, heads=1):
+        plan = match(metric, r, protected, heads)
+        _, nb = reference.split_sizes(metric.shape[1], protected)
+        plans.append(dict(rows=metric.shape[0], tokens=metric.shape[1], protected=protected, r=r, heads=heads,
+                          counts=source_counts(plan.dst, nb), **({"metric": metric} if keep_metric else {})))
+        return plan
+
+    reference.match = recording
+    try:
+        yield plans
+    finally:
+        reference.match = match
+
+
+def encoder_metrics(model: str, batch: int, dtype: torch.dtype, device, seed: int = 0,
+                    config: TempMeConfig = TempMeConfig()) -> Dict[Tuple[int, str], torch.Tensor]:
+    """The metric of each merge of :func:`merge_shapes` as the encoder makes it, by ``(layer, stage)``: open_clip's
+    ``model`` with random weights (``seed``) under TempMe on the torch backend, in ``dtype`` on ``device``,
+    encoding ``batch`` videos of random frames. Their plans are the encoder's: where random metrics send a B token
+    3-6 sources at most, a ViT-B/16 join of these sends one up to 161 (layer 10, 32 videos), so a merge's time
+    depends on its busiest tokens' chains of loads as it does in the encoder. (Random weights are not trained
+    ones: how skewed a trained model's plans are on real video is not known here.)"""
+    from tempme_fast import apply_tempme
+    from tempme_fast.loading import create_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = create_model(model).to(device=device, dtype=dtype)
+    apply_tempme(net, config, backend="torch")
+    g = torch.Generator().manual_seed(seed)
+    video = torch.randn(batch, config.frames, 3, *net.visual.image_size, generator=g).to(device=device, dtype=dtype)
+    with torch.no_grad(), recorded_matches(keep_metric=True) as plans:
+        net.encode_video(video)
+    metrics = {}
+    for s in merge_shapes(model, batch, config):
+        key = (s.rows, s.tokens, s.protected, s.r, s.heads)
+        found = next((i for i, p in enumerate(plans) if (p["rows"], p["tokens"], p["protected"], p["r"], p["heads"])
+                      == key), None)
+        if found is None:
+            raise ValueError(f"the {model} encoder made no merge of {s.rows} clips x {s.tokens} tokens, "
+                             f"{s.protected} protected, r={s.r}, heads={s.heads} ({s.label})")
+        metric = plans.pop(found)["metric"]
+        if not torch.isfinite(metric).all():
+            raise ValueError(f"the {model} encoder's metric at {s.label} is not finite in {dtype} (seed {seed}): "
+                             "its plans would be a non-finite score's, not the encoder's")
+        metrics[(s.layer, s.stage)] = metric
+    return metrics
+
+
+def shifted_metric(metric: torch.Tensor, shift: int) -> torch.Tensor:
+    """``metric`` with its clips rolled by ``shift`` (the same plans in another order: a fresh input set for device
+    timing), in the same layout (strides: a view of a projection stays one); ``metric`` itself for 0."""
+    if shift == 0:
+        return metric
+    out = torch.empty_strided(metric.shape, metric.stride(), dtype=metric.dtype, device=metric.device)
+    return out.copy_(metric.roll(shift, 0))
 
 
 def measure_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float = 25, rep_ms: float = 100,

@@ -18,7 +18,6 @@ for every step of 4 sources. The model is not a measurement; the GPU suite's pro
 from __future__ import annotations
 
 import argparse
-import contextlib
 import heapq
 import math
 from typing import Dict, List
@@ -30,26 +29,7 @@ from tempme_fast.arguments import add_config_arguments, config_from_args
 from tempme_fast.loading import create_model
 from tempme_fast.ops import reference
 
-
-@contextlib.contextmanager
-def recorded_plans(plans: List[Dict[str, object]]):
-    """Every plan :func:`reference.match` makes inside the block, appended to ``plans`` as a dict: the clips,
-    tokens, protected tokens, ``r`` and each clip's sources per B token (``counts [rows, Nb]``)."""
-    match = reference.match
-
-    def recording(metric, r, protected, heads=1):
-        plan = match(metric, r, protected, heads)
-        _, nb = reference.split_sizes(metric.shape[1], protected)
-        dst = plan.dst.cpu()
-        counts = torch.zeros(metric.shape[0], nb, dtype=torch.int64).scatter_add_(1, dst, torch.ones_like(dst))
-        plans.append(dict(rows=metric.shape[0], tokens=metric.shape[1], protected=protected, r=r, counts=counts))
-        return plan
-
-    reference.match = recording
-    try:
-        yield plans
-    finally:
-        reference.match = match
+from .common import recorded_matches
 
 
 def copies(p: Dict[str, object]) -> int:
@@ -131,7 +111,7 @@ def main(argv=None) -> int:
     model = create_model(args.model).eval()
     apply_tempme(model, config_from_args(args), backend="torch")
     video = torch.randn(args.videos, args.frames, 3, *model.visual.image_size)
-    with torch.no_grad(), recorded_plans([]) as plans:
+    with torch.no_grad(), recorded_matches() as plans:
         model.encode_video(video)
     shown = [p for p in plans if args.all or int(p["counts"].max()) >= 4]
     print(f"# {args.model}, {args.videos} videos of {args.frames} frames, random weights, torch backend: "

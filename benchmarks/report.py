@@ -21,8 +21,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .rowlog import read_records
 
-OPS_COLUMNS = ["run", "tag", "model", "batch", "dtype", "layer", "stage", "op", "impl", "compiled", "agrees", "ms",
-               "device_ms", "host_bound", "gbs", "frac_copy_bw", "speedup_vs_torch", "speedup_vs_torch_eager"]
+OPS_COLUMNS = ["run", "tag", "model", "batch", "dtype", "layer", "stage", "plans", "max_sources", "op", "impl",
+               "compiled", "agrees", "ms", "device_ms", "host_bound", "gbs", "frac_copy_bw", "speedup_vs_torch",
+               "speedup_vs_torch_eager"]
 ATTENTION_COLUMNS = ["run", "model", "batch", "layer", "rows", "tokens", "dtype", "mode", "impl", "agrees", "ms",
                      "device_ms", "host_bound", "speedup_vs_mask", "speedup_vs_mask_eager"]
 MODEL_COLUMNS = ["run", "tag", "model", "dtype", "batch", "mode", "variant", "compiled", "agrees", "ms", "enqueue_ms",
@@ -114,7 +115,7 @@ def profile_columns(table: Sequence[Dict[str, object]]) -> List[str]:
 
 # The sweeps: per benchmark, the keys of one shape, the column a sweep's candidates are summed over with
 # the shape's keys left out (an op, a pass), and the columns each candidate carries into the read-out.
-SWEEP_KEYS = ("run", "tag", "model", "batch", "dtype", "layer", "stage", "op")
+SWEEP_KEYS = ("run", "tag", "model", "batch", "dtype", "layer", "stage", "plans", "max_sources", "op")
 ATTENTION_SWEEP_KEYS = ("run", "tag", "model", "batch", "dtype", "layer", "mode")
 SWEEPS = {"bench_ops": (SWEEP_KEYS, "op", ("frac_copy_bw",)), "attention": (ATTENTION_SWEEP_KEYS, "mode", ())}
 
@@ -204,7 +205,9 @@ def targets_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
     """What ``rows`` say of each GPU target: the measured figure (the weakest shape's), what is needed, and
     met / missed / not measured. The merge forward is read twice: at the library's tiles, and at the
     fastest agreeing tile-sweep candidate of each shape (what adopting the sweep's winners would give)."""
-    at = [r for r in rows if r.get("bench") == "bench_ops" and all(r.get(k) == v for k, v in TARGET_SHAPE.items())]
+    # (On random metrics, as the targets were set: rows before bench_ops --plans have no "plans".)
+    at = [r for r in rows if r.get("bench") == "bench_ops" and all(r.get(k) == v for k, v in TARGET_SHAPE.items())
+          and r.get("plans", "random") == "random"]
     steps = [r for r in at if r.get("op") == "step_fwd" and r.get("impl") == "triton"]
     step, step_at = _weakest(steps, lambda r: r.get("speedup_vs_torch"))
     merges = [r for r in at if r.get("op") == "merge_fwd" and r.get("impl") == "triton"]

@@ -99,6 +99,19 @@ NORM_TILES = ["norm:1x2", "norm:1x2-c4", "norm:1x4-c4", "norm:1x2-c2", "norm:4x4
 # The same merge at one video, where a merge's time is the chain of loads of its busiest token's sources
 # (1.35 ms of kernels in one ViT-B/16 forward in the third run, 0.40 ms of them the match and the merge).
 NORM1_TILES = ["norm:1x2", "norm:1x2-c4", "norm:1x4-c4", "norm:1x2-c2", "norm:1x4-c2", "norm:4x4", "norm:4x4-p1-c4"]
+# The merge's candidates again on the encoder's own plans (bench_ops --plans encoder: the metrics of a ViT-B/16 with
+# random weights under TempMe, 32 videos), at the layers whose B tokens gather many sources there (8-10; layer 0
+# merges 2 tokens a frame either way): the sweeps above use random metrics, whose busiest B token gathers 3-6
+# sources, where the encoder's gather up to 161 (layer 10's join at 32 videos). A tile that wins on random plans
+# by copying fast may lose where one token's chain of loads sets the merge's time, and the library's tiles serve
+# the encoder. The merge forward: the library's tile before the chunked gather, its chunked twin, the one-token
+# gather 2 a step, the two copies-first tiles, and a tile's sources gathered 16 at once by a product; the merge
+# with its LayerNorm: one token at 2 warps one source a step and 2 a step, one token at 4 warps 4 a step, and the
+# 4-token tiles whole and copies-first. Each list is part of the random sweep's, which benchmarks.warm compiles.
+ENCODER_MERGE_TILES = ["merge:8x256x4", "merge:8x256x4-c4", "merge:1x1024x4-c2", "merge:8x1024x4-p1-c4",
+                       "merge:8x256x1-p1-c4", "merge:16x128x4-g16"]
+ENCODER_NORM_TILES = ["norm:1x2", "norm:1x2-c2", "norm:1x4-c4", "norm:4x4", "norm:4x4-p1-c4"]
+ENCODER_LAYERS = ["8", "9", "10"]
 # The match's plan with every row sorted and every row counted, against the library's choice
 # (triton_ops.PLAN_SORT_MIN), where the plan is on the critical path: one video, rows of 23-428 A tokens;
 # and the keys averaged by torch first (heads:mean), at one video.
@@ -184,9 +197,16 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
            Stage("norm_tiles", bench("bench_ops", "norm_tiles", *sweep("norm"), "--impls", "triton",
                                      "--ops", "step_norm_fwd", "--tiles", *NORM_TILES, "--rep-ms", "25"), 100,
                  expect=20),  # 13 candidates took 19.7 s in the third run (compiled by warm); 10 now
+           # At one video on the encoder's plans: there a merge's time is its busiest token's chain.
            Stage("norm1_tiles", bench("bench_ops", "norm1_tiles", *sweep("norm1"), "--impls", "triton",
-                                      "--ops", "step_norm_fwd", "--tiles", *NORM1_TILES, "--rep-ms", "25"), 60,
-                 expect=28)]  # estimated: 7 candidates at 19 small shapes, compiled by warm
+                                      "--ops", "step_norm_fwd", "--tiles", *NORM1_TILES, "--plans", "encoder",
+                                      "--rep-ms", "25"), 70,
+                 expect=35),  # estimated: 7 candidates at 19 small shapes, compiled by warm, and two encoders' runs
+           Stage("encoder_tiles", bench("bench_ops", "encoder_tiles", *sweep("merge"), "--impls", "triton",
+                                        "--ops", "merge_fwd", "step_norm_fwd", "--plans", "encoder",
+                                        "--layers", *ENCODER_LAYERS,
+                                        "--tiles", *ENCODER_MERGE_TILES, *ENCODER_NORM_TILES, "--rep-ms", "25"), 80,
+                 expect=35)]  # estimated: 60 rows (norm_tiles: 13 candidates at 4 shapes in 19.7 s) and one encoder run
           if gpu else []),  # Triton's tiles: nothing to sweep in the interpreter
         # Where the forward's time goes: kernels by group against the wall time. At one ViT-B/16 video the
         # graph-replayed encoder was 1.67 ms against open_clip's 1.55: its kernels say where.

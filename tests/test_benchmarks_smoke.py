@@ -278,3 +278,57 @@ def test_merge_order_places_the_b_tokens_first(tiny_model_file, capsys):
     for row in rows:
         before, now = (float(v) for v in row[4].split("->"))
         assert now < before
+
+
+def test_bench_ops_on_the_encoders_plans(tmp_path):
+    """``--plans encoder`` merges by the metrics the encoder makes (random weights): at ViT-B/32's layer-10 join
+    one B token gathers many more sources than random metrics send to any; ``--layers`` keeps those merges."""
+    counts = {}
+    for plans in ("random", "encoder"):
+        assert bench_ops.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
+                               "--ops", "merge_fwd", "--impls", "torch", "--plans", plans, "--layers", "9", "10",
+                               "--rep-ms", "1", "--jsonl", str(tmp_path / f"{plans}.jsonl")]) == 0
+        rows = read_records(str(tmp_path / f"{plans}.jsonl"))[1:]
+        assert {(r["layer"], r["stage"]) for r in rows} == {(9, "cross"), (9, "intra"), (10, "cross"), (10, "intra")}
+        assert all(r["plans"] == plans and r["agrees"] is True for r in rows)
+        counts[plans] = {(r["layer"], r["stage"]): r["max_sources"] for r in rows}
+    assert max(counts["random"].values()) <= 6 < 2 * max(counts["random"].values()) < counts["encoder"][(10, "cross")]
+    with pytest.raises(SystemExit):
+        bench_ops.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--layers", "3"])
+
+
+def test_the_encoders_metrics_are_its_merges_and_keep_their_layout():
+    """One metric per merge shape, as the encoder passed it (after attention: a view of the q | k | v
+    projection); rolled over clips for another input set, in the same layout, with the same plans in that order."""
+    import torch
+
+    from benchmarks.common import encoder_metrics, shifted_metric
+    from tempme_fast.ops import reference
+
+    shapes = merge_shapes("ViT-B-32", 1)
+    metrics = encoder_metrics("ViT-B-32", 1, torch.float32, "cpu")
+    assert set(metrics) == {(s.layer, s.stage) for s in shapes}
+    for s in shapes:
+        m = metrics[(s.layer, s.stage)]
+        assert m.shape == (s.rows, s.tokens, s.channels) and m.stride(-1) == 1
+        assert m.stride(1) == (3 * s.channels if s.heads > 1 else s.channels)
+        moved = shifted_metric(m, 1)
+        assert moved.stride() == m.stride() and shifted_metric(m, 0) is m
+        plan, again = reference.match(m, s.r, s.protected, s.heads), reference.match(moved, s.r, s.protected, s.heads)
+        assert torch.equal(again.dst, plan.dst.roll(1, 0)) and torch.equal(again.merged, plan.merged.roll(1, 0))
+
+
+@pytest.mark.interpreter
+def test_bench_ops_times_each_tile_spec_at_the_ops_it_tiles(tmp_path):
+    """A ``merge:`` spec makes rows of the merge forward only, a ``norm:`` spec of the merge with its LayerNorm
+    only: elsewhere they would time the library's tiles under their names."""
+    assert bench_ops.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
+                           "--ops", "merge_fwd", "step_norm_fwd", "--impls", "triton", "--layers", "10",
+                           "--tiles", "merge:8x64x4-c4", "norm:4x4-p1-c4", "--plans", "encoder", "--rep-ms", "1",
+                           "--jsonl", str(tmp_path / "r.jsonl")]) == 0
+    rows = read_records(str(tmp_path / "r.jsonl"))[1:]
+    assert sorted((r["op"], r["stage"], r["impl"]) for r in rows) == [
+        ("merge_fwd", "cross", "triton"), ("merge_fwd", "cross", "triton:merge:8x64x4-c4"),
+        ("merge_fwd", "intra", "triton"), ("merge_fwd", "intra", "triton:merge:8x64x4-c4"),
+        ("step_norm_fwd", "intra", "triton"), ("step_norm_fwd", "intra", "triton:norm:4x4-p1-c4")]
+    assert all(r["agrees"] is True for r in rows), rows

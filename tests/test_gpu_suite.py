@@ -15,8 +15,8 @@ import pytest
 
 from benchmarks.common import Compiled
 from benchmarks.rowlog import RowLog, read_rows
-from benchmarks.suite import DEFAULT_BUDGET_S, ROOT, Archiver, Stage, gpu_stages, plan_text, run_suite, \
-    select_stages, triton_cache_entries
+from benchmarks.suite import DEFAULT_BUDGET_S, ENCODER_MERGE_TILES, ENCODER_NORM_TILES, MERGE_TILES, NORM_TILES, \
+    ROOT, Archiver, Stage, gpu_stages, plan_text, run_suite, select_stages, triton_cache_entries
 from benchmarks.suite import main as suite_main
 from kit import process_env
 
@@ -142,11 +142,12 @@ def test_pytest_results_are_written_one_line_per_test(tmp_path):
 def test_the_stage_list_puts_the_headline_first_then_the_merge_sweeps_the_profile_and_the_tests(tmp_path):
     stages = gpu_stages(str(tmp_path))
     names = [s.name for s in stages]
-    assert names[:12] == ["preflight", "warm", "model_headline", "ops_headline", "merge_tiles", "norm_tiles",
-                          "norm1_tiles", "profile", "attention", "kernel_tests", "cuda_tests", "model_tests"]
+    assert names[:13] == ["preflight", "warm", "model_headline", "ops_headline", "merge_tiles", "norm_tiles",
+                          "norm1_tiles", "encoder_tiles", "profile", "attention", "kernel_tests", "cuda_tests",
+                          "model_tests"]
     # Then the 16-bit match's tiles (its joins ran at 0.15-0.28 of the copy), the plan's paths (its last program
     # shortened since the third run), the attention's.
-    assert names[12:15] == ["match_tiles", "plan_paths", "attention_tiles"]
+    assert names[13:16] == ["match_tiles", "plan_paths", "attention_tiles"]
     assert names[-1] == "plots" and stages[-1].final and not any(s.final for s in stages[:-1])
     # The warm-up compiles what the benchmarks launch: every model, batch and dtype they run.
     warm = stages[1].argv
@@ -160,9 +161,18 @@ def test_the_stage_list_puts_the_headline_first_then_the_merge_sweeps_the_profil
     headline = stages[2].argv
     assert headline[headline.index("--batches") + 1:headline.index("--batches") + 3] == ["1", "16"]
     assert {"tempme-eager", "tempme-torch", "tempme-triton", "tempme-triton+graph"} <= set(headline)
-    profile = stages[7].argv
+    profile = stages[8].argv
     assert profile[profile.index("--cases") + 1:profile.index("--cases") + 3] == ["ViT-B-16:16", "ViT-B-32:1"]
-    assert {"tests/test_graphs.py", "tests/test_model_triton.py", "tests/test_attention.py"} <= set(stages[11].argv)
+    assert {"tests/test_graphs.py", "tests/test_model_triton.py", "tests/test_attention.py"} <= set(stages[12].argv)
+    # The merge sweeps at one video, and a second time at 32 videos at layers 8-10, run on the encoder's own plans;
+    # their candidates are the random sweeps' (which benchmarks.warm compiles), each at the op it tiles.
+    for name in ("norm1_tiles", "encoder_tiles"):
+        assert values(stages[names.index(name)].argv, "--plans") == ["encoder"], name
+    encoder = stages[names.index("encoder_tiles")].argv
+    assert values(encoder, "--layers") == ["8", "9", "10"] and values(encoder, "--batches") == ["32"]
+    assert values(encoder, "--ops") == ["merge_fwd", "step_norm_fwd"]
+    assert set(values(encoder, "--tiles")) == set(ENCODER_MERGE_TILES + ENCODER_NORM_TILES)
+    assert set(ENCODER_MERGE_TILES) <= set(MERGE_TILES) and set(ENCODER_NORM_TILES) <= set(NORM_TILES)
     # Right after the training rows, the profile of training calls says where their time goes.
     assert names.index("profile_train") == names.index("model_train") + 1
     assert values(stages[names.index("profile_train")].argv, "--modes") == ["train"]
@@ -171,7 +181,7 @@ def test_the_stage_list_puts_the_headline_first_then_the_merge_sweeps_the_profil
             assert s.argv[s.argv.index("--jsonl") + 1] == str(tmp_path / "rows.jsonl")
         assert 0 < s.expect <= s.cap  # every stage has a measured or estimated duration within its limit
     # A first call with the default budget is expected to finish the headline and the merge sweeps.
-    assert sum(s.expect for s in stages[:7]) + stages[-1].expect <= DEFAULT_BUDGET_S
+    assert sum(s.expect for s in stages[:8]) + stages[-1].expect <= DEFAULT_BUDGET_S
     cpu = gpu_stages(str(tmp_path), device="cpu")
     assert all("triton" not in s.argv for s in cpu)  # no Triton impl asked for where it would be interpreted
     assert "warm" not in [s.name for s in cpu]  # nothing to compile for on a CPU
@@ -278,8 +288,8 @@ def test_report_tables_come_from_the_archive(tmp_path, capsys):
     assert "| run | ops_headline | timeout | -15 | 60.2 | 60 |" in text
     assert "2950 GB/s (run, headline)" in text
     # Written before device times existed, on a GPU: its speed-up was the eager one.
-    assert "| run | headline | ViT-B-16 | 32 | - | - | - | step_fwd | triton | False | - | 0.25 | - | - | - | - " \
-           "| - | 6.5 |" in text
+    assert "| run | headline | ViT-B-16 | 32 | - | - | - | - | - | step_fwd | triton | False | - | 0.25 | - | - | - " \
+           "| - | - | 6.5 |" in text
     assert "| tests/a.py | 1 | 1 |" in text and "- tests/a.py::t2: failed" in text
 
 
@@ -354,10 +364,10 @@ def test_report_joins_the_calls_of_a_session_with_device_columns_and_the_profile
     assert "| call2 | warm | ok | 0 | 21 | 90 | 374 |" in text and "| call2 | profile | ok | 0 | 30 | 70 | 2 |" in text
     assert "| call2 | 90 | 16 | 187 | 187 | 0 | 0 | 20.5 | 240 | True |" in text
     # The first call's row has no device time: dashes, never a number made up from the eager time.
-    assert "| call1 | headline | ViT-B-16 | 32 | fp16 | 10 | cross | merge_fwd | triton | False | - | 0.6 | - | - " \
-           "| 2e+03 | 0.5 | - | 3 |" in text
-    assert "| call2 | headline | ViT-B-16 | 32 | fp16 | 10 | cross | merge_fwd | triton | False | True | 0.6 | 0.05 " \
-           "| True | 2e+03 | 0.5 | 3 | 1.5 |" in text
+    assert "| call1 | headline | ViT-B-16 | 32 | fp16 | 10 | cross | - | - | merge_fwd | triton | False | - | 0.6 " \
+           "| - | - | 2e+03 | 0.5 | - | 3 |" in text
+    assert "| call2 | headline | ViT-B-16 | 32 | fp16 | 10 | cross | - | - | merge_fwd | triton | False | True " \
+           "| 0.6 | 0.05 | True | 2e+03 | 0.5 | 3 | 1.5 |" in text
     # A row whose result was wrong is listed apart, with what failed.
     assert "### Rows that do not agree with their reference" in text
     assert "| call2 | headline | ViT-B-16 | 32 | fp16 | - | 10 | merge_fwd | - | triton:merge:8x256x4-s3 | - | - " \
@@ -420,7 +430,8 @@ def test_report_picks_the_fastest_candidate_that_agrees(tmp_path, capsys):
     assert report.main([str(tmp_path / "sweep"), "--markdown"]) == 0
     text = capsys.readouterr().out
     assert "### Tile sweeps (bench_ops --tiles): the fastest candidate per shape" in text
-    assert "| sweep | headline | ViT-B-16 | 32 | fp16 | 10 | cross | merge_fwd | 0.1 | merge:16x128x4-s3 | 0.08 " \
+    assert "| sweep | headline | ViT-B-16 | 32 | fp16 | 10 | cross | - | - | merge_fwd | 0.1 " \
+           "| merge:16x128x4-s3 | 0.08 " \
            "| 1.25 | 1 | 1.25 |" in text
 
 
@@ -452,7 +463,8 @@ def test_report_reads_out_the_attention_sweep(tmp_path, capsys):
 
 def test_report_reads_the_gpu_targets_from_the_rows(tmp_path, capsys):
     """Each target from its rows: the weakest shape decides; the sweep's best agreeing tiles per shape are read
-    beside the library's; a target without rows is `not measured`, never met."""
+    beside the library's; a target without rows is `not measured`, never met; rows on the encoder's plans are not
+    the targets'."""
     from benchmarks import report
 
     def op(layer, stage, name, impl, **values):
@@ -470,6 +482,9 @@ def test_report_reads_the_gpu_targets_from_the_rows(tmp_path, capsys):
             op(0, "imgme", "merge_fwd", "triton:merge:16x128x4", frac_copy_bw=0.70),
             op(10, "cross", "merge_fwd", "triton:merge:16x128x4", frac_copy_bw=0.65),
             op(10, "cross", "merge_fwd", "triton:merge:8x256x4", frac_copy_bw=0.90, agrees=False),
+            # On the encoder's plans (bench_ops --plans encoder): not the targets' rows, which are on random ones.
+            op(10, "cross", "merge_fwd", "triton", frac_copy_bw=0.05, plans="encoder"),
+            op(10, "cross", "merge_fwd", "triton:merge:8x256x1-p1-c4", frac_copy_bw=0.95, plans="encoder"),
             model(16, "open_clip", 6.7, 1.0, 1.0), model(16, "tempme-triton", 6.75, 0.99),
             model(16, "tempme-triton+graph", 4.77, 1.41), model(1, "open_clip+graph", 1.07, 4.5, 1.0),
             model(1, "tempme-triton+graph", 1.16, 4.2), model(1, "tempme-triton-mean+graph", 1.02, 4.8)]
@@ -483,7 +498,7 @@ def test_report_reads_the_gpu_targets_from_the_rows(tmp_path, capsys):
                    ("encoder at 16 videos", "ViT-B-32", round(1.41 / 1.52, 3), "met"),
                    ("one video", "ViT-B-32", round(1.07 / 1.02, 3), "met")]
     assert table[0]["where"] == "L10 cross (2 shapes)" and "tempme-triton-mean+graph 1.02 ms" in table[4]["where"]
-    models_only = report.targets_table([dict(r, bench=bench) for bench, r in rows[7:]])
+    models_only = report.targets_table([dict(r, bench=bench) for bench, r in rows[9:]])
     assert [t["status"] for t in models_only] == ["not measured"] * 3 + ["met", "met"]
     assert report.main([str(tmp_path / "t"), "--markdown"]) == 0
     assert "### GPU targets" in capsys.readouterr().out
