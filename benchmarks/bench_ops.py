@@ -2,7 +2,9 @@
 
 Ops: ``best_match``, ``match`` (best match + plan), ``merge`` forward and backward, the whole merge step
 (match + merge), and the step as the encoder runs it after attention (``step_norm_fwd``: the residual
-add, match, merge and ``ln_2``; fused into the merge launch on Triton). Shapes come from the token
+add, match, merge and ``ln_2``; fused into the merge launch on Triton) and at a join (``join_norm_fwd``: the
+clips joined with their temporal position embedding, the match, the merge and ``ln_1``; the join and the
+LayerNorm fused into the merge launch on Triton). Shapes come from the token
 schedule (``common.merge_shapes``). Each row reports the median time with its 20th-80th percentile
 spread, the bytes the op must move at the least (each input read once, each output written once), the
 achieved GB/s and, on a GPU, the fraction of the measured device-to-device copy bandwidth.
@@ -21,7 +23,7 @@ to choose that table from measurements:
 
 - ``merge:BTxBDxW``: the merge forward's token tile, feature slice and warps;
 - ``norm:BTxW``: the token tile and warps of the merge that also writes the LayerNorm
-  (``step_norm_fwd``, the model's merge; its programs span all features);
+  (``step_norm_fwd`` and ``join_norm_fwd``, the model's merges; its programs span all features);
 - either with ``-sN``: its gather of the merged sources software-pipelined over ``N`` stages
   (``SRC_STAGES``);
 - ``merge:BTxBDxW-gN``: ``N`` of a tile's merged sources gathered at once and summed by a product
@@ -61,16 +63,16 @@ from .common import Compiled, MergeShape, RowLog, add_row_log_arguments, copy_ba
     environment, failure, measure_ms, merge_shapes, metric_tensor, print_table, shifted_metric, source_counts, \
     write_results
 from .devicetime import basis_ms, device_columns, host_columns, speedups
-from .oracle import NORM_EPS, check_op, check_raised, norm_inputs, upstream_grad
+from .oracle import NORM_EPS, check_op, check_raised, join_inputs, norm_inputs, upstream_grad
 
-OPS = ("best_match", "match", "merge_fwd", "merge_bwd", "step_fwd", "step_norm_fwd", "step_fwdbwd")
+OPS = ("best_match", "match", "merge_fwd", "merge_bwd", "step_fwd", "step_norm_fwd", "join_norm_fwd", "step_fwdbwd")
 # The match kernel's DOT_MODE per product kind: 16-bit tl.dot, and the float32 ones the library knows.
 DOT_MODES = {"native": 0, **triton_ops._FP32_DOT_MODES}
 
 
 # The ops whose Triton launches a ``merge:`` or ``norm:`` spec changes: a row of such a spec at another op would
 # time the library's tiles under the candidate's name, so none is made.
-TILE_OPS = {"merge": ("merge_fwd", "step_fwd", "step_fwdbwd"), "norm": ("step_norm_fwd",)}
+TILE_OPS = {"merge": ("merge_fwd", "step_fwd", "step_fwdbwd"), "norm": ("step_norm_fwd", "join_norm_fwd")}
 # Where a merge's metric comes from: random (``make_inputs``: a B token gathers 3-6 sources at most) or the
 # encoder's own (``common.encoder_metrics``: random weights, the plans' skew as the model's merges meet it).
 PLANS = ("random", "encoder")
@@ -191,6 +193,9 @@ def op_bytes(op: str, s: MergeShape, elt: int) -> int:
         # The model's step after attention: x and the attention's output read, the merged tokens and
         # their LayerNorm written, the LayerNorm's weight and bias read.
         "step_norm_fwd": metric + 2 * x_in + sizes + 2 * x_out + 2 * s.width * elt,
+        # The encoder's join: its clips read by the match and again by the merge, their temporal position
+        # embedding (one row a clip of a video), the merged tokens and their LayerNorm written.
+        "join_norm_fwd": metric + x_in + sizes + 2 * x_out + (2 + s.rows * s.group // s.batch) * s.width * elt,
         "step_fwdbwd": metric + 2 * (x_in + x_out) + sizes + plan,
     }
     return table[op]
@@ -234,6 +239,8 @@ def op_fn(op: str, impl: str, s: MergeShape, metric, x, size, compile_backend: s
     backend = "triton" if impl == "triton" else "torch"
     if op == "step_norm_fwd":
         return step_norm_fn(backend, impl, s, metric, x, size, compile_backend, compiled)
+    if op == "join_norm_fwd":
+        return join_norm_fn(backend, impl, s, metric, size, compile_backend, compiled)
     if impl == "torch.compile" and compiled is None:
         if op == "best_match":
             compiled = Compiled(lambda m: reference.best_match(m, s.protected, s.heads), compile_backend)
@@ -290,6 +297,22 @@ def step_norm_fn(backend: str, impl: str, s: MergeShape, metric, x, size, compil
         plan = ops.match(metric, s.r, s.protected, backend=backend, heads=s.heads)
         return ops.merge_norm(x, size, plan, weight, bias, NORM_EPS, backend=backend, residual=residual)
     return step, None
+
+
+def join_norm_fn(backend: str, impl: str, s: MergeShape, metric, size, compile_backend: str,
+                 compiled: Optional[Compiled]) -> Tuple[Callable[[], object], Optional[Compiled]]:
+    """``op_fn`` of ``join_norm_fwd``: the encoder's join, its clips joined with their position embedding, matched
+    on their hidden states, merged, and the ``ln_1`` of the result (``ops.join_merge_norm``: the match and one merge
+    launch on Triton), on ``oracle.join_inputs`` (whose join is ``metric``)."""
+    clips, sizes, frame_pos, weight, bias = join_inputs(s, metric, size)
+    group, protected = s.group, s.protected // s.group
+    if impl == "torch.compile":
+        compiled = compiled or Compiled(
+            lambda xx, sz, pos: reference.join_merge_norm(xx, sz, group, protected, s.r, weight, bias, NORM_EPS, pos),
+            compile_backend)
+        return (lambda: compiled(clips, sizes, frame_pos)), compiled
+    return (lambda: ops.join_merge_norm(clips, sizes, group, protected, s.r, weight, bias, NORM_EPS, frame_pos,
+                                        backend=backend)), None
 
 
 def check_row(op: str, impl: str, s: MergeShape, metric, x, size, fn: Callable[[], object]) -> Dict[str, object]:
@@ -373,7 +396,9 @@ def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_
                     busiest = max_sources(s, metric)
                     for op in op_names:
                         if op == "step_norm_fwd" and s.stage == "cross":
-                            continue  # a join's merge has no residual add before it (join_merge_norm)
+                            continue  # a join's merge has no residual add before it (join_norm_fwd times it)
+                        if op == "join_norm_fwd" and s.stage != "cross":
+                            continue  # only a join joins clips
                         base = None
                         for impl in filter(functools.partial(applies, op=op), impls):
                             if impl == "torch.compile":

@@ -27,7 +27,8 @@ VIT_GEOMETRY = {"ViT-B-32": (12, 50, 768, 12), "ViT-B-16": (12, 197, 768, 12)}
 @dataclass(frozen=True)
 class MergeShape:
     """One merge as TempMe runs it: ``rows`` clips of ``tokens`` tokens, metric width ``channels``,
-    matched on the mean of its ``heads`` channel groups (after attention: every head's keys)."""
+    matched on the mean of its ``heads`` channel groups (after attention: every head's keys); a join's
+    (``stage == "cross"``) clips each joined ``group`` clips of ``tokens / group`` tokens."""
 
     model: str
     batch: int
@@ -40,6 +41,7 @@ class MergeShape:
     width: int
     r: int
     heads: int = 1
+    group: int = 1
 
     @property
     def label(self) -> str:
@@ -58,7 +60,7 @@ def merge_shapes(model: str, batch: int, config: TempMeConfig = TempMeConfig()) 
         if p.group > 1:
             if p.r_cross:
                 shapes.append(MergeShape(model, batch, p.layer, "cross", batch * p.clips_out, p.tokens_joined,
-                                         p.protected_out, width, width, p.r_cross))
+                                         p.protected_out, width, width, p.r_cross, group=p.group))
             if p.r:
                 shapes.append(MergeShape(model, batch, p.layer, "intra", batch * p.clips_out, p.tokens_attn,
                                          p.protected_out, width, width, p.r, heads))

@@ -40,6 +40,25 @@ def norm_inputs(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
             torch.zeros(width, device=x.device, dtype=x.dtype))
 
 
+def join_inputs(s, metric: torch.Tensor, size: torch.Tensor
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x, size, frame_pos, weight, bias)`` of a join_norm_fwd row at join shape ``s``: the clips before the
+    join (``[rows * group, tokens / group, D]``) whose join is ``metric`` (a join matches on its joined hidden
+    states, so the plan is ``metric``'s), their sizes likewise, a seeded temporal position embedding
+    ``[1, F, 1, D]`` (``F`` clips a video before the join) in x's dtype, and the LayerNorm's ones and zeros."""
+    group, protected = s.group, s.protected // s.group
+
+    def unjoin(t: torch.Tensor) -> torch.Tensor:  # the inverse of reference.join_clips
+        cls = t[:, :s.protected].reshape(t.shape[0], group, protected, *t.shape[2:])
+        patches = t[:, s.protected:].reshape(t.shape[0], group, -1, *t.shape[2:])
+        return torch.cat([cls, patches], dim=2).reshape(t.shape[0] * group, -1, *t.shape[2:])
+    g = torch.Generator(device=metric.device).manual_seed(11)
+    frame_pos = 0.02 * torch.randn(1, s.rows * group // s.batch, 1, metric.shape[-1], device=metric.device,
+                                   generator=g)
+    _, weight, bias = norm_inputs(metric)
+    return unjoin(metric), unjoin(size), frame_pos.to(metric.dtype), weight, bias
+
+
 def upstream_grad(x: torch.Tensor, tokens_out: int, seed: int = 7) -> torch.Tensor:
     """The gradient of the merged tokens that the backward rows feed in: ``[B', tokens_out, D]``, seeded."""
     g = torch.Generator(device=x.device).manual_seed(seed)
@@ -91,10 +110,11 @@ def check_op(op: str, s, metric: torch.Tensor, x: torch.Tensor, size: torch.Tens
 
     ``out`` as the op returns it: ``best_match`` ``(scores, dst)``; ``match`` a plan (or its first three
     fields); ``merge_fwd`` and ``step_fwd`` ``(x, size)``; ``step_norm_fwd`` ``(x, size, ln)`` of the
-    inputs of :func:`norm_inputs`; ``merge_bwd`` and ``step_fwdbwd`` ``(grad_x,)`` for
-    :func:`upstream_grad`. ``plan``: the plan the merge ops ran on (the same backend's, on ``metric``).
-    The ops match on ``metric`` averaged over ``s.heads`` (``reference.head_mean``), and so does the check; best-match
-    scores are held to the nearer of that mean's roundings (``accuracy.head_means``).
+    inputs of :func:`norm_inputs`; ``join_norm_fwd`` ``(x, size, ln)`` of the inputs of :func:`join_inputs`;
+    ``merge_bwd`` and ``step_fwdbwd`` ``(grad_x,)`` for :func:`upstream_grad`. ``plan``: the plan the merge ops
+    ran on (the same backend's, on ``metric``). The ops match on ``metric`` averaged over ``s.heads``
+    (``reference.head_mean``), and so does the check; best-match scores are held to the nearer of that mean's
+    roundings (``accuracy.head_means``).
     """
     verdict = _Verdict()
     means = accuracy.head_means(metric, s.heads)
@@ -123,11 +143,21 @@ def check_op(op: str, s, metric: torch.Tensor, x: torch.Tensor, size: torch.Tens
     verdict.plan(accuracy.plan_agreement(plan, metric, s.r, s.protected, scores))
     if op == "match" or verdict.problem:
         return verdict.columns()
-    if op in ("merge_fwd", "step_fwd", "step_norm_fwd"):
+    if op in ("merge_fwd", "step_fwd", "step_norm_fwd", "join_norm_fwd"):
         norm = norm_inputs(x) if op == "step_norm_fwd" else None
         source = x + norm[0] if norm else x  # the residual add, in x's dtype
-        want_x, want_size = reference.merge(source.double(), size.double(), plan)
-        verdict.values("x", out[0], want_x, x.dtype)
+        sources = [source]
+        if op == "join_norm_fwd":
+            # The clips joined with their position embedding: added in x's dtype (the torch backend, as TempMe's
+            # code) or exactly (the Triton kernel adds it in float32 as it merges); each output is held to the
+            # nearer of the two.
+            clips, _, frame_pos, *weights = join_inputs(s, metric, size)
+            sources = [reference.join_clips(c, s.group, s.protected // s.group, p) for c, p in
+                       ((clips, frame_pos), (clips.double(), frame_pos.double()))]
+            norm = (None, *weights)
+        wants = [reference.merge(src.double(), size.double(), plan) for src in sources]
+        want_size = wants[0][1]
+        verdict.record("x", min(accuracy.tolerance_ratio(out[0], want, x.dtype) for want, _ in wants))
         verdict.values("size", out[1], want_size, torch.float32)
         if norm:
             verdict.values("ln", out[2], reference.layer_norm(out[0], *norm[1:], NORM_EPS), x.dtype,

@@ -85,17 +85,17 @@ ATTENTION_TILES = ["64x64x4x2", "32x32x4x2", "64x32x4x3", "64x16x4x2", "128x32x4
 # chunked gather (one token at 2 warps since the H200's third run, the fastest there at each layer, one source
 # a step), "-c4" the library's since where B tokens gather many sources (every merge of the sweep's shapes but
 # layer 0's), the next two around it.
-# heads:mean: the library's tiles with the keys averaged over heads by torch before the match (the path before
-# the match averaged them itself), here at 32 videos, where the match's 12 loads of every B tile may cost more
-# than the mean kernel it saves.
 # "-p1": the tokens without sources copied (and normalised) first, the others one at a time (SPLIT_T): 4 x 4 - p1
 # ran 1.02x the library's one token at 2 warps at layer 0 in the third run, 0.95x at layers 8-10. Its LayerNorm may
 # differ from the whole tile's in the last place. "-p1-c4": those alone gathering 4 sources a step, as the library's
 # one token does: 4 x 4 - p1 - c4 takes 80 registers (sm_90, triton 3.6; 6 programs an SM, 4 tokens' rows each), the
 # library's one token 104 (9 programs, one token each), one token at 2 warps one source a step 64 (16 programs).
-# (Dropped for room: 2 x 4, 4 x 8, 1 x 4 and 4 x 8 - p1, all slower than 1 x 2 at every layer of the third run.)
-NORM_TILES = ["norm:1x2", "norm:1x2-c4", "norm:1x4-c4", "norm:1x2-c2", "norm:4x4", "norm:1x1", "norm:2x2",
-              "norm:4x4-p1", "norm:4x4-p1-c4", "heads:mean"]
+# Each at the merges after attention and at the joins (join_norm_fwd: the position embedding added as it merges).
+# (Dropped for room: 2 x 4, 4 x 8, 1 x 4 and 4 x 8 - p1, all slower than 1 x 2 at every layer of the third run; 4 x 4,
+# the library's tile before that run, 1.12x-1.19x slower than 1 x 2 there; heads:mean, the keys averaged over heads
+# by torch before the match, 0.94x-0.98x the library's at each of the four shapes, kept at one video in plan_paths.)
+NORM_TILES = ["norm:1x2", "norm:1x2-c4", "norm:1x4-c4", "norm:1x2-c2", "norm:1x1", "norm:2x2", "norm:4x4-p1",
+              "norm:4x4-p1-c4"]
 # The same merge at one video, where a merge's time is the chain of loads of its busiest token's sources
 # (1.35 ms of kernels in one ViT-B/16 forward in the third run, 0.40 ms of them the match and the merge).
 NORM1_TILES = ["norm:1x2", "norm:1x2-c4", "norm:1x4-c4", "norm:1x2-c2", "norm:1x4-c2", "norm:4x4", "norm:4x4-p1-c4"]
@@ -106,11 +106,12 @@ NORM1_TILES = ["norm:1x2", "norm:1x2-c4", "norm:1x4-c4", "norm:1x2-c2", "norm:1x
 # by copying fast may lose where one token's chain of loads sets the merge's time, and the library's tiles serve
 # the encoder. The merge forward: the library's tile before the chunked gather, its chunked twin, the one-token
 # gather 2 a step, the two copies-first tiles, and a tile's sources gathered 16 at once by a product; the merge
-# with its LayerNorm: one token at 2 warps one source a step and 2 a step, one token at 4 warps 4 a step, and the
-# 4-token tiles whole and copies-first. Each list is part of the random sweep's, which benchmarks.warm compiles.
+# with its LayerNorm: one token at 2 warps one source a step and 2 a step, one token at 4 warps 4 a step, and
+# 4-token tiles copies-first, after attention and at the joins (join_norm_fwd: the encoder's busiest merges). Each
+# list is part of the random sweep's, which benchmarks.warm compiles.
 ENCODER_MERGE_TILES = ["merge:8x256x4", "merge:8x256x4-c4", "merge:1x1024x4-c2", "merge:8x1024x4-p1-c4",
                        "merge:8x256x1-p1-c4", "merge:16x128x4-g16"]
-ENCODER_NORM_TILES = ["norm:1x2", "norm:1x2-c2", "norm:1x4-c4", "norm:4x4", "norm:4x4-p1-c4"]
+ENCODER_NORM_TILES = ["norm:1x2", "norm:1x2-c2", "norm:1x4-c4", "norm:4x4-p1-c4"]
 ENCODER_LAYERS = ["8", "9", "10"]
 # The match's plan with every row sorted and every row counted, against the library's choice
 # (triton_ops.PLAN_SORT_MIN), where the plan is on the critical path: one video, rows of 23-428 A tokens;
@@ -195,18 +196,19 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
                                       "--ops", "merge_fwd", "--tiles", *MERGE_TILES, "--rep-ms", "25"),
                  140, expect=45),  # 14 candidates at 7 shapes; norm_tiles' 13 at 4 took 19.7 s in the third run
            Stage("norm_tiles", bench("bench_ops", "norm_tiles", *sweep("norm"), "--impls", "triton",
-                                     "--ops", "step_norm_fwd", "--tiles", *NORM_TILES, "--rep-ms", "25"), 100,
-                 expect=20),  # 13 candidates took 19.7 s in the third run (compiled by warm); 10 now
+                                     "--ops", "step_norm_fwd", "join_norm_fwd", "--tiles", *NORM_TILES,
+                                     "--rep-ms", "25"), 100,
+                 expect=25),  # 13 candidates at 4 shapes took 19.7 s in the third run (compiled by warm); 8 at 7 now
            # At one video on the encoder's plans: there a merge's time is its busiest token's chain.
            Stage("norm1_tiles", bench("bench_ops", "norm1_tiles", *sweep("norm1"), "--impls", "triton",
-                                      "--ops", "step_norm_fwd", "--tiles", *NORM1_TILES, "--plans", "encoder",
-                                      "--rep-ms", "25"), 70,
-                 expect=35),  # estimated: 7 candidates at 19 small shapes, compiled by warm, and two encoders' runs
+                                      "--ops", "step_norm_fwd", "join_norm_fwd", "--tiles", *NORM1_TILES,
+                                      "--plans", "encoder", "--rep-ms", "25"), 80,
+                 expect=45),  # estimated: 7 candidates at 14 small shapes, compiled by warm, and two encoders' runs
            Stage("encoder_tiles", bench("bench_ops", "encoder_tiles", *sweep("merge"), "--impls", "triton",
-                                        "--ops", "merge_fwd", "step_norm_fwd", "--plans", "encoder",
+                                        "--ops", "merge_fwd", "step_norm_fwd", "join_norm_fwd", "--plans", "encoder",
                                         "--layers", *ENCODER_LAYERS,
                                         "--tiles", *ENCODER_MERGE_TILES, *ENCODER_NORM_TILES, "--rep-ms", "25"), 80,
-                 expect=35)]  # estimated: 60 rows (norm_tiles: 13 candidates at 4 shapes in 19.7 s) and one encoder run
+                 expect=40)]  # estimated: 72 rows (norm_tiles: 13 candidates at 4 shapes in 19.7 s), one encoder run
           if gpu else []),  # Triton's tiles: nothing to sweep in the interpreter
         # Where the forward's time goes: kernels by group against the wall time. At one ViT-B/16 video the
         # graph-replayed encoder was 1.67 ms against open_clip's 1.55: its kernels say where.

@@ -19,12 +19,12 @@ Recorded:
   (16-bit: ``bench_model``'s ``tempme-triton-mlp`` rows) and its merges on the tiles of one source a step
   (16-bit inference: its ``tempme-triton-serial`` rows);
 - ``ops``: what ``benchmarks.bench_ops`` calls on top of that (best match alone, the merge without
-  a LayerNorm and its backward, at its shapes);
+  a LayerNorm and its backward, and the join with its LayerNorm, at its shapes);
 - ``attention``: ``benchmarks.bench_attention``'s Triton calls (``[B', H, N, d]`` views, forward,
   and forward with backward);
 - ``tiles``: the GPU suite's tile sweeps (``benchmarks.suite.TILE_SWEEPS``): the attention forward, the
-  merge forward (with and without the LayerNorm) and the match with each candidate's tiles, and the
-  match with each plan path, at the models, batch and dtype of each sweep.
+  merge forward (with and without the LayerNorm, after attention and at a join) and the match with each
+  candidate's tiles, and the match with each plan path, at the models, batch and dtype of each sweep.
 
 Variants are compiled in the order given (dtypes, then models, then batches), so a run stopped
 early has compiled the first ones. A variant that fails to compile is counted and left to fail
@@ -134,6 +134,8 @@ def _tile_sweep_calls(model: str, batch: int, dtype_name: str) -> None:
                         weight = torch.empty(s.width, dtype=dtype, device="meta")
                         triton_ops.merge_norm_forward(x, size, merged, dst, kept, weight, weight, NORM_EPS, s.protected,
                                                       1, None, x, src, offsets)
+                    elif kind == "norm":
+                        _join_call(s, dtype)
                     elif kind == "match":
                         triton_ops.best_match_forward(metric, s.protected, 1, s.heads)
 
@@ -155,6 +157,25 @@ def _bench_ops_calls(s, dtype) -> None:
     out, size_out, b_size = triton_ops.merge_forward(x, size, merged, dst, kept, s.protected, 1, None, src, offsets)
     b_size = triton_ops.merged_b_sizes(size_out, b_size, offsets.shape[1] - 1)
     triton_ops.merge_backward(torch.empty_like(out), size, b_size, merged, dst, kept, s.protected, s.tokens)
+    if s.stage == "cross":
+        _join_call(s, dtype)
+
+
+def _join_call(s, dtype) -> None:
+    """``bench_ops``' ``join_norm_fwd`` at join shape ``s``: the clips before the join, joined as they are merged,
+    with their position embedding and the LayerNorm after."""
+    import torch
+
+    from tempme_fast.ops import triton_ops
+
+    from .oracle import NORM_EPS
+
+    clips = torch.empty(s.rows * s.group, s.tokens // s.group, s.width, dtype=dtype, device="meta")
+    sizes = torch.empty(*clips.shape[:2], 1, dtype=torch.float32, device="meta")
+    frame_pos = torch.empty(1, s.rows * s.group // s.batch, 1, s.width, dtype=dtype, device="meta")
+    weight = torch.empty(s.width, dtype=dtype, device="meta")
+    triton_ops.join_merge_norm(clips, sizes, s.group, s.protected // s.group, s.r, frame_pos,
+                               (weight, weight, NORM_EPS))
 
 
 def _bench_attention_calls(s, dtype) -> None:

@@ -320,15 +320,34 @@ def test_the_encoders_metrics_are_its_merges_and_keep_their_layout():
 
 @pytest.mark.interpreter
 def test_bench_ops_times_each_tile_spec_at_the_ops_it_tiles(tmp_path):
-    """A ``merge:`` spec makes rows of the merge forward only, a ``norm:`` spec of the merge with its LayerNorm
-    only: elsewhere they would time the library's tiles under their names."""
+    """A ``merge:`` spec makes rows of the merge forward only, a ``norm:`` spec of the merges with their LayerNorm
+    only (after attention and at a join): elsewhere they would time the library's tiles under their names."""
     assert bench_ops.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
-                           "--ops", "merge_fwd", "step_norm_fwd", "--impls", "triton", "--layers", "10",
+                           "--ops", "merge_fwd", "step_norm_fwd", "join_norm_fwd", "--impls", "triton",
+                           "--layers", "10",
                            "--tiles", "merge:8x64x4-c4", "norm:4x4-p1-c4", "--plans", "encoder", "--rep-ms", "1",
                            "--jsonl", str(tmp_path / "r.jsonl")]) == 0
     rows = read_records(str(tmp_path / "r.jsonl"))[1:]
     assert sorted((r["op"], r["stage"], r["impl"]) for r in rows) == [
+        ("join_norm_fwd", "cross", "triton"), ("join_norm_fwd", "cross", "triton:norm:4x4-p1-c4"),
         ("merge_fwd", "cross", "triton"), ("merge_fwd", "cross", "triton:merge:8x64x4-c4"),
         ("merge_fwd", "intra", "triton"), ("merge_fwd", "intra", "triton:merge:8x64x4-c4"),
         ("step_norm_fwd", "intra", "triton"), ("step_norm_fwd", "intra", "triton:norm:4x4-p1-c4")]
     assert all(r["agrees"] is True for r in rows), rows
+
+
+def test_the_recorded_metrics_give_the_plans_the_encoder_made():
+    """A metric recorded at a match still gives that match's plan after the forward (nothing writes over it)."""
+    import torch
+
+    from benchmarks.common import recorded_matches, source_counts
+    from tempme_fast import apply_tempme
+    from tempme_fast.ops import reference
+
+    model = apply_tempme(tiny_clip(), TINY_CONFIG, backend="torch")
+    with torch.no_grad(), recorded_matches(keep_metric=True) as plans:
+        model.encode_video(video(2, TINY_CONFIG.frames))
+    assert {p["heads"] for p in plans} == {1, 2}  # joins and merges after attention
+    for p in plans:
+        plan = reference.match(p["metric"], p["r"], p["protected"], p["heads"])
+        assert torch.equal(source_counts(plan.dst, p["counts"].shape[1]), p["counts"])

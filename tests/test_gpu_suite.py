@@ -170,7 +170,9 @@ def test_the_stage_list_puts_the_headline_first_then_the_merge_sweeps_the_profil
         assert values(stages[names.index(name)].argv, "--plans") == ["encoder"], name
     encoder = stages[names.index("encoder_tiles")].argv
     assert values(encoder, "--layers") == ["8", "9", "10"] and values(encoder, "--batches") == ["32"]
-    assert values(encoder, "--ops") == ["merge_fwd", "step_norm_fwd"]
+    assert values(encoder, "--ops") == ["merge_fwd", "step_norm_fwd", "join_norm_fwd"]
+    for name in ("norm_tiles", "norm1_tiles"):  # the merges with their LayerNorm: after attention and at the joins
+        assert values(stages[names.index(name)].argv, "--ops") == ["step_norm_fwd", "join_norm_fwd"], name
     assert set(values(encoder, "--tiles")) == set(ENCODER_MERGE_TILES + ENCODER_NORM_TILES)
     assert set(ENCODER_MERGE_TILES) <= set(MERGE_TILES) and set(ENCODER_NORM_TILES) <= set(NORM_TILES)
     # Right after the training rows, the profile of training calls says where their time goes.

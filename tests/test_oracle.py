@@ -15,13 +15,15 @@ from tempme_fast.ops import reference as ref
 N, C, R = 61, 1, 17
 NA, NB = ref.split_sizes(N, C)
 SHAPE = MergeShape("test", 1, 0, "imgme", 3, N, C, 16, 24, R)
+# A join of 2 clips of 31 tokens (1 class token each), 3 joined clips of a video: its metric is the joined x.
+JOIN = MergeShape("test", 1, 8, "cross", 3, 62, 2, 24, 24, 17, group=2)
 
 
-def _inputs(dtype=torch.float32, seed=0):
+def _inputs(dtype=torch.float32, seed=0, shape=SHAPE):
     g = torch.Generator().manual_seed(seed)
-    metric = torch.randn(SHAPE.rows, N, SHAPE.channels, generator=g).to(dtype)
-    x = torch.randn(SHAPE.rows, N, SHAPE.width, generator=g).to(dtype)
-    size = torch.randint(1, 5, (SHAPE.rows, N, 1), generator=g).float()
+    metric = torch.randn(shape.rows, shape.tokens, shape.channels, generator=g).to(dtype)
+    x = torch.randn(shape.rows, shape.tokens, shape.width, generator=g).to(dtype)
+    size = torch.randint(1, 5, (shape.rows, shape.tokens, 1), generator=g).float()
     return metric, x, size
 
 
@@ -114,6 +116,11 @@ def _reference_outputs(op, metric, x, size):
     if op == "step_norm_fwd":
         residual, weight, bias = oracle.norm_inputs(x)
         return ref.merge_norm(x, size, plan, weight, bias, oracle.NORM_EPS, residual=residual), plan
+    if op == "join_norm_fwd":
+        clips, sizes, frame_pos, weight, bias = oracle.join_inputs(JOIN, metric, size)
+        *out, plan = ref.join_merge_norm(clips, sizes, JOIN.group, JOIN.protected // JOIN.group, JOIN.r, weight,
+                                         bias, oracle.NORM_EPS, frame_pos)
+        return out, plan
     xg = x.detach().requires_grad_(True)
     out, _ = ref.merge(xg, size, plan)
     return torch.autograd.grad(out, xg, oracle.upstream_grad(x, N - R)), plan
@@ -132,11 +139,12 @@ def _spoiled(op, out):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("op", [op for op in bench_ops.OPS if op != "match"])
 def test_the_oracle_takes_the_reference_and_refuses_a_spoiled_output(op, dtype):
-    metric, x, size = _inputs(dtype)
+    shape = JOIN if op == "join_norm_fwd" else SHAPE
+    metric, x, size = _inputs(dtype, shape=shape)
     out, plan = _reference_outputs(op, metric, x, size)
-    good = oracle.check_op(op, SHAPE, metric, x, size, out, plan)
+    good = oracle.check_op(op, shape, metric, x, size, out, plan)
     assert good["agrees"] and good["tol_ratio"] <= 1 and good["near_ties"] == 0, good
-    bad = oracle.check_op(op, SHAPE, metric, x, size, _spoiled(op, out), plan)
+    bad = oracle.check_op(op, shape, metric, x, size, _spoiled(op, out), plan)
     assert not bad["agrees"] and bad["disagreement"].split(":")[0] in ("x", "grad x", "dst"), bad
 
 
@@ -174,11 +182,32 @@ def test_the_oracle_names_a_wrong_size_and_layernorm():
     assert bad["disagreement"].startswith("plan:"), bad
 
 
+@pytest.mark.interpreter
+def test_the_join_is_held_to_either_rounding_of_its_position_embedding():
+    """The torch backend adds the position embedding in x's dtype before merging, the Triton kernel in float32 as
+    it merges: each agrees (with the nearer sum); a join that leaves the embedding out, or merges it twice, does
+    not."""
+    metric, x, size = _inputs(torch.float16, shape=JOIN)
+    clips, sizes, frame_pos, weight, bias = oracle.join_inputs(JOIN, metric, size)
+    assert torch.equal(ref.join_clips(clips, JOIN.group, 1), metric) and frame_pos.abs().max() > 0
+    plan = ref.match(metric, JOIN.r, JOIN.protected)
+    for backend in ("torch", "triton"):
+        *out, _ = ops.join_merge_norm(clips, sizes, 2, 1, JOIN.r, weight, bias, oracle.NORM_EPS, frame_pos,
+                                      backend=backend)
+        good = oracle.check_op("join_norm_fwd", JOIN, metric, x, size, out, plan)
+        assert good["agrees"], (backend, good)
+    for wrong in (torch.zeros_like(frame_pos), 2 * frame_pos):
+        *out, _ = ops.join_merge_norm(clips, sizes, 2, 1, JOIN.r, weight, bias, oracle.NORM_EPS, wrong,
+                                      backend="triton")
+        bad = oracle.check_op("join_norm_fwd", JOIN, metric, x, size, out, plan)
+        assert not bad["agrees"] and bad["disagreement"].startswith("x:"), bad
+
+
 def test_bench_ops_rows_agree(tmp_path):
     assert bench_ops.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
                            "--impls", "torch", "--rep-ms", "1", "--jsonl", str(tmp_path / "r.jsonl")]) == 0
     rows = read_records(str(tmp_path / "r.jsonl"))[1:]
-    assert len(rows) == 7 * 7 - 3  # no step_norm_fwd at the three joins
+    assert len(rows) == 8 * 7 - 3 - 4  # no step_norm_fwd at the three joins, join_norm_fwd only there
     assert all(r["agrees"] is True and r["tol_ratio"] <= 1 and r["near_ties"] == 0 for r in rows), rows
 
 
