@@ -178,6 +178,42 @@ def sweep_tables(rows: Sequence[Dict[str, object]], bench: str = "bench_ops"
     return per_shape, summed
 
 
+PLANS_COLUMNS = ["run", "model", "batch", "dtype", "op", "candidate", "shapes", "random_speedup", "encoder_speedup",
+                 "worst_speedup", "agrees"]
+
+
+def plans_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+    """Each ``bench_ops --tiles`` candidate timed on random plans and on the encoder's (``--plans encoder``), over
+    the shapes it ran at on both: the library's summed time over the candidate's, against the library's rows of
+    the same sweep, on each kind of plan, and the worse of the two (a tile to adopt should lose on neither),
+    fastest first; ``agrees``: at every one of those rows."""
+    sweeps: Dict[tuple, Dict[str, Dict[str, object]]] = defaultdict(dict)  # one shape of one sweep -> impl -> row
+    for r in rows:
+        if r.get("bench") == "bench_ops" and str(r.get("impl", "")).startswith("triton") and _time(r):
+            key = tuple(r.get(k) for k in ("run", "tag", "model", "batch", "dtype", "op", "layer", "stage"))
+            sweeps[key][r["impl"]] = r
+    # (run, model, batch, dtype, op, candidate) -> (layer, stage) -> plans -> (library ms, candidate ms, agrees)
+    pairs: Dict[tuple, Dict[tuple, Dict[str, tuple]]] = defaultdict(lambda: defaultdict(dict))
+    for (run, _, model, batch, dtype, op, layer, stage), impls in sweeps.items():
+        library = impls.get("triton")
+        for impl, r in impls.items():
+            if library is not None and impl != "triton":
+                pairs[(run, model, batch, dtype, op, impl.split(":", 1)[1])][(layer, stage)][
+                    r.get("plans", "random")] = (_time(library), _time(r), r.get("agrees") is not False)
+    table = []
+    for (run, model, batch, dtype, op, candidate), shapes in pairs.items():
+        both = [by for by in shapes.values() if {"random", "encoder"} <= set(by)]
+        if not both:
+            continue
+        speedups = {plans: sum(by[plans][0] for by in both) / sum(by[plans][1] for by in both)
+                    for plans in ("random", "encoder")}
+        table.append({"run": run, "model": model, "batch": batch, "dtype": dtype, "op": op, "candidate": candidate,
+                      "shapes": len(both), "random_speedup": speedups["random"],
+                      "encoder_speedup": speedups["encoder"], "worst_speedup": min(speedups.values()),
+                      "agrees": all(v[2] for by in both for v in by.values())})
+    return sorted(table, key=lambda t: (t["run"], t["model"], t["batch"], t["op"], -t["worst_speedup"]))
+
+
 # The GPU targets (BENCHMARKS.md, "Targets after the second run"): the merge step against the PyTorch reference
 # and the merge forward against the copy bandwidth at ViT-B/16, fp16, 32 videos; the encoder against its FLOPs
 # bound at 16 videos; the graph-replayed encoder against graph-replayed open_clip at one video.
@@ -328,6 +364,12 @@ def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequen
                 "the candidate and the library both ran, fastest first; `agrees`: at every one of them.",
                 markdown(summed, ["run", "tag", "dtype", over, "candidate", "shapes", "library_ms", "candidate_ms",
                                   "speedup", "agrees"]))
+    both_plans = plans_table(rows)
+    if both_plans:
+        section("Tile sweeps on random plans and on the encoder's", "Each candidate over the shapes it ran at "
+                "with random metrics and with the encoder's (`bench_ops --plans encoder`): the library's summed time "
+                "over the candidate's on each, and the worse of the two, fastest first.",
+                markdown(both_plans, PLANS_COLUMNS))
     train = [r for r in rows if r.get("bench") == "bench_train"]
     wrong = [r for r in ops + attention + model + train if r.get("agrees") is False]
     if wrong:

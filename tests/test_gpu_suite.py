@@ -504,3 +504,28 @@ def test_report_reads_the_gpu_targets_from_the_rows(tmp_path, capsys):
     assert [t["status"] for t in models_only] == ["not measured"] * 3 + ["met", "met"]
     assert report.main([str(tmp_path / "t"), "--markdown"]) == 0
     assert "### GPU targets" in capsys.readouterr().out
+
+
+def test_report_puts_each_candidate_on_random_and_encoder_plans_side_by_side(tmp_path, capsys):
+    """Over the shapes a candidate ran at on both kinds of plans, against the library's rows of the same sweep:
+    one that wins on random plans and loses on the encoder's ranks below one that wins a little on both."""
+    from benchmarks import report
+
+    def op(tag, layer, stage, impl, ms, plans=None, **values):
+        return ("bench_ops", {"model": "ViT-B-16", "batch": 32, "dtype": "fp16", "layer": layer, "stage": stage,
+                              "op": "merge_fwd", "impl": impl, "ms": 2 * ms, "device_ms": ms, "tag": tag,
+                              **({"plans": plans} if plans else {}), **values})
+    rows = [op("merge_tiles", 10, "cross", "triton", 0.10), op("merge_tiles", 10, "cross", "triton:merge:a", 0.05),
+            op("merge_tiles", 10, "cross", "triton:merge:b", 0.08),
+            op("merge_tiles", 0, "imgme", "triton", 0.20), op("merge_tiles", 0, "imgme", "triton:merge:a", 0.02),
+            op("encoder_tiles", 10, "cross", "triton", 0.30, "encoder"),
+            op("encoder_tiles", 10, "cross", "triton:merge:a", 0.60, "encoder"),
+            op("encoder_tiles", 10, "cross", "triton:merge:b", 0.24, "encoder", agrees=False),
+            op("encoder_tiles", 10, "cross", "triton:merge:c", 0.10, "encoder")]  # (c: never on random plans)
+    _suite_folder(tmp_path / "p", "NVIDIA H200, sm_90", [], rows, [])
+    table = report.plans_table(report.load(str(tmp_path / "p"), "p").rows)
+    got = [(t["candidate"], t["shapes"], round(t["random_speedup"], 3), round(t["encoder_speedup"], 3),
+            round(t["worst_speedup"], 3), t["agrees"]) for t in table]
+    assert got == [("merge:b", 1, 1.25, 1.25, 1.25, False), ("merge:a", 1, 2.0, 0.5, 0.5, True)]
+    assert report.main([str(tmp_path / "p"), "--markdown"]) == 0
+    assert "### Tile sweeps on random plans and on the encoder's" in capsys.readouterr().out
