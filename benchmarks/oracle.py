@@ -144,24 +144,22 @@ def check_op(op: str, s, metric: torch.Tensor, x: torch.Tensor, size: torch.Tens
     if op == "match" or verdict.problem:
         return verdict.columns()
     if op in ("merge_fwd", "step_fwd", "step_norm_fwd", "join_norm_fwd"):
-        norm = norm_inputs(x) if op == "step_norm_fwd" else None
-        source = x + norm[0] if norm else x  # the residual add, in x's dtype
-        sources = [source]
-        if op == "join_norm_fwd":
+        sources, ln = [x], ()  # what is merged, and the weight and bias of the LayerNorm the op writes
+        if op == "step_norm_fwd":
+            residual, *ln = norm_inputs(x)
+            sources = [x + residual]  # the residual add, in x's dtype
+        elif op == "join_norm_fwd":
             # The clips joined with their position embedding: added in x's dtype (the torch backend, as TempMe's
             # code) or exactly (the Triton kernel adds it in float32 as it merges); each output is held to the
             # nearer of the two.
-            clips, _, frame_pos, *weights = join_inputs(s, metric, size)
+            clips, _, frame_pos, *ln = join_inputs(s, metric, size)
             sources = [reference.join_clips(c, s.group, s.protected // s.group, p) for c, p in
                        ((clips, frame_pos), (clips.double(), frame_pos.double()))]
-            norm = (None, *weights)
         wants = [reference.merge(src.double(), size.double(), plan) for src in sources]
-        want_size = wants[0][1]
         verdict.record("x", min(accuracy.tolerance_ratio(out[0], want, x.dtype) for want, _ in wants))
-        verdict.values("size", out[1], want_size, torch.float32)
-        if norm:
-            verdict.values("ln", out[2], reference.layer_norm(out[0], *norm[1:], NORM_EPS), x.dtype,
-                           accuracy.NORM_TOL)
+        verdict.values("size", out[1], wants[0][1], torch.float32)
+        if ln:
+            verdict.values("ln", out[2], reference.layer_norm(out[0], *ln, NORM_EPS), x.dtype, accuracy.NORM_TOL)
         return verdict.columns()
     if op in ("merge_bwd", "step_fwdbwd"):
         xd = x.double().requires_grad_(True)
