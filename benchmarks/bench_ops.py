@@ -4,7 +4,8 @@ Ops: ``best_match``, ``match`` (best match + plan), ``merge`` forward and backwa
 (match + merge), and the step as the encoder runs it after attention (``step_norm_fwd``: the residual
 add, match, merge and ``ln_2``; fused into the merge launch on Triton) and at a join (``join_norm_fwd``: the
 clips joined with their temporal position embedding, the match, the merge and ``ln_1``; the join and the
-LayerNorm fused into the merge launch on Triton). Shapes come from the token
+LayerNorm fused into the merge launch on Triton; ``join_norm_fwdbwd`` adds its backward to the clips and the
+position embedding, as in training). Shapes come from the token
 schedule (``common.merge_shapes``). Each row reports the median time with its 20th-80th percentile
 spread, the bytes the op must move at the least (each input read once, each output written once), the
 achieved GB/s and, on a GPU, the fraction of the measured device-to-device copy bandwidth.
@@ -63,16 +64,20 @@ from .common import Compiled, MergeShape, RowLog, add_row_log_arguments, copy_ba
     environment, failure, measure_ms, merge_shapes, metric_tensor, print_table, shifted_metric, source_counts, \
     write_results
 from .devicetime import basis_ms, device_columns, host_columns, speedups
-from .oracle import NORM_EPS, check_op, check_raised, join_inputs, norm_inputs, upstream_grad
+from .oracle import NORM_EPS, check_op, check_raised, join_grads, join_inputs, norm_inputs, upstream_grad
 
-OPS = ("best_match", "match", "merge_fwd", "merge_bwd", "step_fwd", "step_norm_fwd", "join_norm_fwd", "step_fwdbwd")
+OPS = ("best_match", "match", "merge_fwd", "merge_bwd", "step_fwd", "step_norm_fwd", "join_norm_fwd",
+       "join_norm_fwdbwd", "step_fwdbwd")
+# The ops of a join only (the clips joined as they are merged): they run at the cross-clip shapes alone.
+JOIN_OPS = ("join_norm_fwd", "join_norm_fwdbwd")
 # The match kernel's DOT_MODE per product kind: 16-bit tl.dot, and the float32 ones the library knows.
 DOT_MODES = {"native": 0, **triton_ops._FP32_DOT_MODES}
 
 
 # The ops whose Triton launches a ``merge:`` or ``norm:`` spec changes: a row of such a spec at another op would
 # time the library's tiles under the candidate's name, so none is made.
-TILE_OPS = {"merge": ("merge_fwd", "step_fwd", "step_fwdbwd"), "norm": ("step_norm_fwd", "join_norm_fwd")}
+TILE_OPS = {"merge": ("merge_fwd", "step_fwd", "step_fwdbwd"),
+            "norm": ("step_norm_fwd", "join_norm_fwd", "join_norm_fwdbwd")}
 # Where a merge's metric comes from: random (``make_inputs``: a B token gathers 3-6 sources at most) or the
 # encoder's own (``common.encoder_metrics``: random weights, the plans' skew as the model's merges meet it).
 PLANS = ("random", "encoder")
@@ -196,6 +201,11 @@ def op_bytes(op: str, s: MergeShape, elt: int) -> int:
         # The encoder's join: its clips read by the match and again by the merge, their temporal position
         # embedding (one row a clip of a video), the merged tokens and their LayerNorm written.
         "join_norm_fwd": metric + x_in + sizes + 2 * x_out + (2 + s.rows * s.group // s.batch) * s.width * elt,
+        # Its backward on top: the gradients of the merged tokens and of their LayerNorm read, the merged tokens
+        # read again (the LayerNorm's gradient), the plan read, the clips' gradient written (the position
+        # embedding's, a row a clip of a video, is reduced from it as it is written).
+        "join_norm_fwdbwd": (metric + 2 * x_in + sizes + 5 * x_out + plan
+                             + (2 + 2 * s.rows * s.group // s.batch) * s.width * elt),
         "step_fwdbwd": metric + 2 * (x_in + x_out) + sizes + plan,
     }
     return table[op]
@@ -239,8 +249,8 @@ def op_fn(op: str, impl: str, s: MergeShape, metric, x, size, compile_backend: s
     backend = "triton" if impl == "triton" else "torch"
     if op == "step_norm_fwd":
         return step_norm_fn(backend, impl, s, metric, x, size, compile_backend, compiled)
-    if op == "join_norm_fwd":
-        return join_norm_fn(backend, impl, s, metric, size, compile_backend, compiled)
+    if op in JOIN_OPS:
+        return join_norm_fn(backend, impl, s, metric, size, compile_backend, compiled, op == "join_norm_fwdbwd")
     if impl == "torch.compile" and compiled is None:
         if op == "best_match":
             compiled = Compiled(lambda m: reference.best_match(m, s.protected, s.heads), compile_backend)
@@ -300,19 +310,35 @@ def step_norm_fn(backend: str, impl: str, s: MergeShape, metric, x, size, compil
 
 
 def join_norm_fn(backend: str, impl: str, s: MergeShape, metric, size, compile_backend: str,
-                 compiled: Optional[Compiled]) -> Tuple[Callable[[], object], Optional[Compiled]]:
+                 compiled: Optional[Compiled], grad: bool = False) -> Tuple[Callable[[], object], Optional[Compiled]]:
     """``op_fn`` of ``join_norm_fwd``: the encoder's join, its clips joined with their position embedding, matched
     on their hidden states, merged, and the ``ln_1`` of the result (``ops.join_merge_norm``: the match and one merge
-    launch on Triton), on ``oracle.join_inputs`` (whose join is ``metric``)."""
+    launch on Triton), on ``oracle.join_inputs`` (whose join is ``metric``).
+
+    With ``grad`` (``join_norm_fwdbwd``), as in training: that forward, then the gradients of the clips and of
+    the position embedding for ``oracle.join_grads`` on the merged tokens and on their LayerNorm (on Triton the
+    LayerNorm's gradient, aten's, and one merge backward launch, which reduces the embedding's gradient too);
+    it returns them and the merged tokens (detached), which the oracle's float64 backward starts from."""
     clips, sizes, frame_pos, weight, bias = join_inputs(s, metric, size)
     group, protected = s.group, s.protected // s.group
     if impl == "torch.compile":
         compiled = compiled or Compiled(
             lambda xx, sz, pos: reference.join_merge_norm(xx, sz, group, protected, s.r, weight, bias, NORM_EPS, pos),
             compile_backend)
-        return (lambda: compiled(clips, sizes, frame_pos)), compiled
-    return (lambda: ops.join_merge_norm(clips, sizes, group, protected, s.r, weight, bias, NORM_EPS, frame_pos,
-                                        backend=backend)), None
+        call = compiled
+    else:
+        def call(xx, sz, pos):
+            return ops.join_merge_norm(xx, sz, group, protected, s.r, weight, bias, NORM_EPS, pos, backend=backend)
+    if not grad:
+        return (lambda: call(clips, sizes, frame_pos)), compiled
+    clips.requires_grad_(True)
+    frame_pos.requires_grad_(True)
+    upstream = join_grads(s, metric)
+
+    def fwdbwd():
+        out, _, ln, _ = call(clips, sizes, frame_pos)
+        return (*torch.autograd.grad((out, ln), (clips, frame_pos), upstream), out.detach())
+    return fwdbwd, compiled
 
 
 def check_row(op: str, impl: str, s: MergeShape, metric, x, size, fn: Callable[[], object]) -> Dict[str, object]:
@@ -397,7 +423,7 @@ def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_
                     for op in op_names:
                         if op == "step_norm_fwd" and s.stage == "cross":
                             continue  # a join's merge has no residual add before it (join_norm_fwd times it)
-                        if op == "join_norm_fwd" and s.stage != "cross":
+                        if op in JOIN_OPS and s.stage != "cross":
                             continue  # only a join joins clips
                         base = None
                         for impl in filter(functools.partial(applies, op=op), impls):

@@ -59,6 +59,21 @@ def join_inputs(s, metric: torch.Tensor, size: torch.Tensor
     return unjoin(metric), unjoin(size), frame_pos.to(metric.dtype), weight, bias
 
 
+def join_grads(s, metric: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of a join_norm_fwdbwd row's merged tokens and of their LayerNorm (:func:`upstream_grad`,
+    seeded apart), at join shape ``s`` whose join is ``metric``."""
+    tokens_out = s.tokens - s.r
+    return upstream_grad(metric, tokens_out), upstream_grad(metric, tokens_out, seed=8)
+
+
+def _joined(s, clips: torch.Tensor, frame_pos: torch.Tensor) -> Sequence[torch.Tensor]:
+    """The clips joined with their position embedding two ways: added in x's dtype (the torch backend, as TempMe's
+    code) or exactly (the Triton kernel adds it in float32 as it merges); the oracle holds a merge of them to the
+    nearer of the two."""
+    return [reference.join_clips(c, s.group, s.protected // s.group, p) for c, p in
+            ((clips, frame_pos), (clips.double(), frame_pos.double()))]
+
+
 def upstream_grad(x: torch.Tensor, tokens_out: int, seed: int = 7) -> torch.Tensor:
     """The gradient of the merged tokens that the backward rows feed in: ``[B', tokens_out, D]``, seeded."""
     g = torch.Generator(device=x.device).manual_seed(seed)
@@ -94,6 +109,13 @@ class _Verdict:
                table=None) -> None:
         self.record(what, accuracy.tolerance_ratio(actual, expected, dtype, table))
 
+    def gradient(self, what: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+        """``accuracy.VALUE_TOL[dtype]`` with its absolute part times the largest ``|expected|``: a gradient
+        through a LayerNorm is a difference of terms several times its size, each rounded to ``dtype``."""
+        atol, rtol = accuracy.VALUE_TOL[dtype]
+        scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
+        self.values(what, actual, expected, dtype, {dtype: (atol * scale, rtol)})
+
     def columns(self) -> Dict[str, object]:
         out: Dict[str, object] = {"agrees": self.problem is None, "tol_ratio": self.ratio}
         if self.near_ties is not None:
@@ -111,8 +133,10 @@ def check_op(op: str, s, metric: torch.Tensor, x: torch.Tensor, size: torch.Tens
     ``out`` as the op returns it: ``best_match`` ``(scores, dst)``; ``match`` a plan (or its first three
     fields); ``merge_fwd`` and ``step_fwd`` ``(x, size)``; ``step_norm_fwd`` ``(x, size, ln)`` of the
     inputs of :func:`norm_inputs`; ``join_norm_fwd`` ``(x, size, ln)`` of the inputs of :func:`join_inputs`;
-    ``merge_bwd`` and ``step_fwdbwd`` ``(grad_x,)`` for :func:`upstream_grad`. ``plan``: the plan the merge ops
-    ran on (the same backend's, on ``metric``). The ops match on ``metric`` averaged over ``s.heads``
+    ``merge_bwd`` and ``step_fwdbwd`` ``(grad_x,)`` for :func:`upstream_grad`; ``join_norm_fwdbwd``
+    ``(grad_x, grad_frame_pos, x_merged)`` of :func:`join_inputs` for :func:`join_grads`, the backward held to
+    float64's from the merged tokens the op wrote (themselves held as ``join_norm_fwd``'s). ``plan``: the plan
+    the merge ops ran on (the same backend's, on ``metric``). The ops match on ``metric`` averaged over ``s.heads``
     (``reference.head_mean``), and so does the check; best-match scores are held to the nearer of that mean's
     roundings (``accuracy.head_means``).
     """
@@ -149,17 +173,29 @@ def check_op(op: str, s, metric: torch.Tensor, x: torch.Tensor, size: torch.Tens
             residual, *ln = norm_inputs(x)
             sources = [x + residual]  # the residual add, in x's dtype
         elif op == "join_norm_fwd":
-            # The clips joined with their position embedding: added in x's dtype (the torch backend, as TempMe's
-            # code) or exactly (the Triton kernel adds it in float32 as it merges); each output is held to the
-            # nearer of the two.
             clips, _, frame_pos, *ln = join_inputs(s, metric, size)
-            sources = [reference.join_clips(c, s.group, s.protected // s.group, p) for c, p in
-                       ((clips, frame_pos), (clips.double(), frame_pos.double()))]
+            sources = _joined(s, clips, frame_pos)
         wants = [reference.merge(src.double(), size.double(), plan) for src in sources]
         verdict.record("x", min(accuracy.tolerance_ratio(out[0], want, x.dtype) for want, _ in wants))
         verdict.values("size", out[1], wants[0][1], torch.float32)
         if ln:
             verdict.values("ln", out[2], reference.layer_norm(out[0], *ln, NORM_EPS), x.dtype, accuracy.NORM_TOL)
+        return verdict.columns()
+    if op == "join_norm_fwdbwd":
+        grad_x, grad_pos, merged = out
+        clips, _, frame_pos, weight, bias = join_inputs(s, metric, size)
+        verdict.record("x", min(accuracy.tolerance_ratio(merged, reference.merge(src.double(), size.double(), plan)[0],
+                                                         x.dtype) for src in _joined(s, clips, frame_pos)))
+        # The LayerNorm's gradient at the merged tokens the op wrote, added to theirs, through the float64 merge.
+        grad_out, grad_ln = (g.double() for g in join_grads(s, metric))
+        at = merged.double().requires_grad_(True)
+        (via_ln,) = torch.autograd.grad(reference.layer_norm(at, weight.double(), bias.double(), NORM_EPS), at,
+                                        grad_ln)
+        leaves = [clips.double().requires_grad_(True), frame_pos.double().requires_grad_(True)]
+        joined = reference.join_clips(leaves[0], s.group, s.protected // s.group, leaves[1])
+        wants = torch.autograd.grad(reference.merge(joined, size.double(), plan)[0], leaves, grad_out + via_ln)
+        verdict.gradient("grad x", grad_x, wants[0], x.dtype)
+        verdict.gradient("grad frame_pos", grad_pos, wants[1], x.dtype)
         return verdict.columns()
     if op in ("merge_bwd", "step_fwdbwd"):
         xd = x.double().requires_grad_(True)

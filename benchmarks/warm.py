@@ -19,7 +19,7 @@ Recorded:
   (16-bit: ``bench_model``'s ``tempme-triton-mlp`` rows) and its merges on the tiles of one source a step
   (16-bit inference: its ``tempme-triton-serial`` rows);
 - ``ops``: what ``benchmarks.bench_ops`` calls on top of that (best match alone, the merge without
-  a LayerNorm and its backward, and the join with its LayerNorm, at its shapes);
+  a LayerNorm and its backward, and the join with its LayerNorm, forward and backward, at its shapes);
 - ``attention``: ``benchmarks.bench_attention``'s Triton calls (``[B', H, N, d]`` views, forward,
   and forward with backward);
 - ``tiles``: the GPU suite's tile sweeps (``benchmarks.suite.TILE_SWEEPS``): the attention forward, the
@@ -141,8 +141,9 @@ def _tile_sweep_calls(model: str, batch: int, dtype_name: str) -> None:
 
 
 def _bench_ops_calls(s, dtype) -> None:
-    """``bench_ops``' Triton launcher calls at one shape: best match alone, and the merge without a
-    LayerNorm forward and backward (the match and the merge with one are the model's)."""
+    """``bench_ops``' Triton launcher calls at one shape: best match alone, the merge without a
+    LayerNorm forward and backward (the match and the merge with one are the model's), and at a join
+    the join with its LayerNorm, forward alone and with its backward."""
     import torch
 
     from tempme_fast.ops import triton_ops
@@ -158,24 +159,30 @@ def _bench_ops_calls(s, dtype) -> None:
     b_size = triton_ops.merged_b_sizes(size_out, b_size, offsets.shape[1] - 1)
     triton_ops.merge_backward(torch.empty_like(out), size, b_size, merged, dst, kept, s.protected, s.tokens)
     if s.stage == "cross":
-        _join_call(s, dtype)
+        _join_call(s, dtype, backward=True)
 
 
-def _join_call(s, dtype) -> None:
+def _join_call(s, dtype, backward: bool = False) -> None:
     """``bench_ops``' ``join_norm_fwd`` at join shape ``s``: the clips before the join, joined as they are merged,
-    with their position embedding and the LayerNorm after."""
+    with their position embedding and the LayerNorm after; with ``backward`` also its ``join_norm_fwdbwd``: the
+    training forward (which writes the LayerNorm's statistics) and the gradients of the clips and the embedding."""
     import torch
 
     from tempme_fast.ops import triton_ops
 
     from .oracle import NORM_EPS
 
-    clips = torch.empty(s.rows * s.group, s.tokens // s.group, s.width, dtype=dtype, device="meta")
-    sizes = torch.empty(*clips.shape[:2], 1, dtype=torch.float32, device="meta")
-    frame_pos = torch.empty(1, s.rows * s.group // s.batch, 1, s.width, dtype=dtype, device="meta")
-    weight = torch.empty(s.width, dtype=dtype, device="meta")
-    triton_ops.join_merge_norm(clips, sizes, s.group, s.protected // s.group, s.r, frame_pos,
-                               (weight, weight, NORM_EPS))
+    for grad in (False, True) if backward else (False,):
+        clips = torch.empty(s.rows * s.group, s.tokens // s.group, s.width, dtype=dtype, device="meta",
+                            requires_grad=grad)
+        sizes = torch.empty(*clips.shape[:2], 1, dtype=torch.float32, device="meta")
+        frame_pos = torch.empty(1, s.rows * s.group // s.batch, 1, s.width, dtype=dtype, device="meta",
+                                requires_grad=grad)
+        weight = torch.empty(s.width, dtype=dtype, device="meta")
+        out, _, ln, _ = triton_ops.join_merge_norm(clips, sizes, s.group, s.protected // s.group, s.r, frame_pos,
+                                                   (weight, weight, NORM_EPS))
+        if grad:
+            torch.autograd.grad((out, ln), (clips, frame_pos), (torch.empty_like(out), torch.empty_like(ln)))
 
 
 def _bench_attention_calls(s, dtype) -> None:

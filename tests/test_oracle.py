@@ -121,6 +121,12 @@ def _reference_outputs(op, metric, x, size):
         *out, plan = ref.join_merge_norm(clips, sizes, JOIN.group, JOIN.protected // JOIN.group, JOIN.r, weight,
                                          bias, oracle.NORM_EPS, frame_pos)
         return out, plan
+    if op == "join_norm_fwdbwd":
+        clips, sizes, frame_pos, weight, bias = oracle.join_inputs(JOIN, metric, size)
+        leaves = [clips.requires_grad_(True), frame_pos.requires_grad_(True)]
+        out, _, ln, plan = ref.join_merge_norm(clips, sizes, JOIN.group, JOIN.protected // JOIN.group, JOIN.r, weight,
+                                               bias, oracle.NORM_EPS, frame_pos)
+        return (*torch.autograd.grad((out, ln), leaves, oracle.join_grads(JOIN, metric)), out.detach()), plan
     xg = x.detach().requires_grad_(True)
     out, _ = ref.merge(xg, size, plan)
     return torch.autograd.grad(out, xg, oracle.upstream_grad(x, N - R)), plan
@@ -139,7 +145,7 @@ def _spoiled(op, out):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("op", [op for op in bench_ops.OPS if op != "match"])
 def test_the_oracle_takes_the_reference_and_refuses_a_spoiled_output(op, dtype):
-    shape = JOIN if op == "join_norm_fwd" else SHAPE
+    shape = JOIN if op in bench_ops.JOIN_OPS else SHAPE
     metric, x, size = _inputs(dtype, shape=shape)
     out, plan = _reference_outputs(op, metric, x, size)
     good = oracle.check_op(op, shape, metric, x, size, out, plan)
@@ -201,13 +207,20 @@ def test_the_join_is_held_to_either_rounding_of_its_position_embedding():
                                       backend="triton")
         bad = oracle.check_op("join_norm_fwd", JOIN, metric, x, size, out, plan)
         assert not bad["agrees"] and bad["disagreement"].startswith("x:"), bad
+    # The join's backward: the Triton op's gradients agree; a wrong position-embedding gradient, or merged tokens
+    # that are not the forward's, are named.
+    grad_x, grad_pos, merged = bench_ops.op_fn("join_norm_fwdbwd", "triton", JOIN, metric, x, size)[0]()
+    assert oracle.check_op("join_norm_fwdbwd", JOIN, metric, x, size, (grad_x, grad_pos, merged), plan)["agrees"]
+    for what, out in (("grad frame_pos", (grad_x, grad_pos * 1.05, merged)), ("x", (grad_x, grad_pos, merged + 0.05))):
+        bad = oracle.check_op("join_norm_fwdbwd", JOIN, metric, x, size, out, plan)
+        assert bad["disagreement"].startswith(what + ":"), bad
 
 
 def test_bench_ops_rows_agree(tmp_path):
     assert bench_ops.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
                            "--impls", "torch", "--rep-ms", "1", "--jsonl", str(tmp_path / "r.jsonl")]) == 0
     rows = read_records(str(tmp_path / "r.jsonl"))[1:]
-    assert len(rows) == 8 * 7 - 3 - 4  # no step_norm_fwd at the three joins, join_norm_fwd only there
+    assert len(rows) == 9 * 7 - 3 - 2 * 4  # no step_norm_fwd at the three joins, the join's two ops only there
     assert all(r["agrees"] is True and r["tol_ratio"] <= 1 and r["near_ties"] == 0 for r in rows), rows
 
 

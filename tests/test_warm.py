@@ -172,7 +172,7 @@ def test_refuses_the_interpreter_and_a_missing_arch(tmp_path):
 WARM_THEN_LAUNCH = """
 import torch
 from triton import knobs
-from benchmarks import warm
+from benchmarks import bench_ops, warm
 from benchmarks.common import merge_shapes, metric_tensor
 from tempme_fast import ops
 
@@ -190,6 +190,9 @@ for s in merge_shapes("ViT-B-32", 2):
     plan = ops.match(metric, s.r, s.protected, backend="triton", heads=s.heads)
     out, _ = ops.merge(x, size, plan, backend="triton")
     torch.autograd.grad(out, x, torch.randn_like(out))
+    if s.stage == "cross":  # bench_ops' join with its LayerNorm, forward alone and with its backward
+        for op in bench_ops.JOIN_OPS:
+            bench_ops.op_fn(op, "triton", s, *bench_ops.make_inputs(s, torch.float16, torch.device("cuda")))[0]()
 torch.cuda.synchronize()
 print("misses", misses)
 assert not misses, misses
