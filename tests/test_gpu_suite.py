@@ -3,6 +3,8 @@
 The stages here are stubs (a few lines of Python) so the tests take seconds; the real stage list is
 checked for shape only.
 """
+import argparse
+import importlib
 import json
 import os
 import signal
@@ -187,6 +189,44 @@ def test_the_stage_list_puts_the_headline_first_then_the_merge_sweeps_the_profil
     cpu = gpu_stages(str(tmp_path), device="cpu")
     assert all("triton" not in s.argv for s in cpu)  # no Triton impl asked for where it would be interpreted
     assert "warm" not in [s.name for s in cpu]  # nothing to compile for on a CPU
+
+
+class _Parsed(Exception):
+    """Raised where a stage's module has parsed its options: nothing past that runs."""
+
+
+def test_every_stage_parses_its_options_and_names_tests_that_exist(tmp_path, monkeypatch):
+    """A stage whose module refuses its options, or that runs a test file or test that is not there, would spend
+    its share of a GPU run on an error: each stage's command goes through its module's own parser (stopped
+    there), and each test path and test name it gives exists."""
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        real(self, args, namespace)
+        raise _Parsed
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    checked = set()
+    for s in gpu_stages(str(tmp_path)):
+        assert s.argv[1] == "-m" and s.argv[2].startswith("benchmarks."), s.name
+        module, args = s.argv[2], s.argv[3:]
+        if module == "benchmarks.shards":
+            for arg in args[args.index("--") + 1:]:
+                path, _, test = arg.removeprefix("--ignore=").partition("::")
+                if not path.startswith("tests"):
+                    continue
+                assert os.path.exists(os.path.join(ROOT, path)), (s.name, arg)
+                if test:
+                    with open(os.path.join(ROOT, path)) as f:
+                        assert f"def {test}(" in f.read(), (s.name, arg)
+        try:
+            importlib.import_module(module).main(args)
+        except _Parsed:
+            checked.add(module)
+            continue
+        except SystemExit as e:
+            pytest.fail(f"stage {s.name}: {module} refused its options (exit {e.code})")
+        pytest.fail(f"stage {s.name}: {module} ran past its parser")
+    assert {"benchmarks.bench_ops", "benchmarks.bench_model", "benchmarks.shards", "benchmarks.warm"} <= checked
 
 
 def test_only_and_skip_pick_stages_and_refuse_unknown_names(tmp_path):
