@@ -32,7 +32,7 @@ to choose that table from measurements:
 - either with ``-pN``: the tile's tokens that nothing merges into copied first (and normalised), in the
   features' own dtype, then its B tokens with sources merged ``N`` at a time (``SPLIT_T``: fewer registers
   a program);
-- either with ``-cN``: each token's sources gathered ``N`` (1, 2 or 4) a step, every load of a step issued
+- either with ``-cN``: each token's sources gathered ``N`` (1, 2, 4 or 8) a step, every load of a step issued
   before a sum waits on one (``SRC_CHUNK``; the library's 1-token tiles take 4 where B tokens gather many
   sources);
 - ``-sN``, ``-pN`` and ``-cN`` together, in that order: ``merge:8x1024x4-p1-c4`` copies its 8 tokens'
@@ -94,7 +94,7 @@ def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
     ``-gN`` (merge only, alone): N of a tile's sources gathered at once and summed by a product (``SRC_BLOCK``;
     N and BT at least 16); ``-pN``: the tokens without sources copied first, the others merged N at a time
     (``SPLIT_T``, a power of two up to BT); ``-cN``: each token's sources gathered N at a time, unrolled
-    (``SRC_CHUNK``: 1, 2 or 4). The suffixes go in that order, each at most once: ``merge:8x1024x4-p1-c4``."""
+    (``SRC_CHUNK``: 1, 2, 4 or 8). The suffixes go in that order, each at most once: ``merge:8x1024x4-p1-c4``."""
     kind, _, rest = spec.partition(":")
     sizes, dash, product = rest.partition("-")
     parts = sizes.split("x")
@@ -113,7 +113,7 @@ def parse_tiles(spec: str) -> Tuple[str, Dict[str, int]]:
     stages, split, chunk, gather = (given.get(k) for k in "spcg")
     # "spc" in that order, each at most once ("?": a part that is none of them), or "g" alone (merge only)
     suffixed = (letters == "".join(k for k in "spc" if k in letters) or (letters == "g" and kind == "merge")) and \
-        (stages is None or 1 <= stages <= 9) and chunk in (None, 1, 2, 4)
+        (stages is None or 1 <= stages <= 9) and chunk in (None, 1, 2, 4, 8)
     if kind == "merge" and len(parts) == 3 and suffixed and all(p.isdigit() for p in parts):
         values = dict(zip(("BLOCK_T", "BLOCK_D", "num_warps"), map(int, parts)))
         if gather is not None:

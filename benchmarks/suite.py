@@ -64,14 +64,19 @@ TEST_SHARDS = 4
 # 8 x 256 x 4 where B tokens gather few sources (the image merges; the fastest at layer 0 in the H200's third
 # run, where the sweep stopped at the product gather's crash, mended since), one token a program over all
 # 768 features at 4 warps, 4 sources a step, where they gather many: "merge:8x256x4" is the library's tile
-# before (one source a step), "-c4" and "-c2" beside both. "-p1-c4": a tile's rows without sources copied first
-# (many tokens' bytes in flight a program, in their own dtype), then each B token with sources alone, 4 a step:
+# before (one source a step), "-c4" beside it. One token a program at one warp over 256 features (3 programs a
+# token, 128-bit accesses) 4 a step, and over 128 features (6 programs, 64-bit) 8 a step: ptxas waits once a
+# step in both (sm_90 and sm_80, triton 3.6), a quarter and an eighth of a latency a source, where the library's
+# one token waits 2 a step of 4: for the long chains of the encoder's skewed plans. "-p1-c4": a tile's rows
+# without sources copied first (many tokens' bytes in flight a program, in their own dtype), then each B token
+# with sources alone, 4 a step:
 # 8 x 1024 x 4 (64 registers, sm_90, triton 3.6: 8 programs an SM, 12 KB of rows each) and 8 x 256 x 1 (64 at one
 # warp: 32 programs an SM, 4 KB each), against one token a program's 48 registers at 4 warps (10 programs an SM,
 # 1.5 KB each; its 1024 lanes a row pad 768 features). (Dropped for room: 4 x 512 x 4, 8 x 256 x 2 and
 # 8 x 256 x 4 - s3 and - p4, 32 x 256 x 8 (0.65 of the copy at layer 0, third run) and 16 x 256 x 4 (0.77); the
-# pipelined gathers lost at layer 0, 0.46x-0.78x.)
-MERGE_TILES = ["merge:8x256x4", "merge:1x1024x4-c4", "merge:1x1024x4-c2", "merge:1x1024x2-c4", "merge:8x256x4-c4",
+# pipelined gathers lost at layer 0, 0.46x-0.78x; one token at 4 warps 2 a step (2 waits a step: one a source) and
+# at 2 warps 4 a step (5 waits a step, and 8 B of spill on sm_90).)
+MERGE_TILES = ["merge:8x256x4", "merge:1x1024x4-c4", "merge:1x256x1-c4", "merge:1x128x1-c8", "merge:8x256x4-c4",
                "merge:8x1024x4-p1-c4", "merge:8x256x1-p1-c4", "merge:16x128x4", "merge:8x128x4", "merge:4x256x4",
                "merge:16x128x4-g16", "merge:16x256x4-g16", "merge:32x256x8-p8", "merge:16x256x4-p4"]
 MATCH_TILES = ["match:64x64x64x8-native", "match:64x128x64x8-native", "match:128x64x64x8-native",
@@ -84,7 +89,9 @@ ATTENTION_TILES = ["64x64x4x2", "32x32x4x2", "64x32x4x3", "64x16x4x2", "128x32x4
 # a program spans all 768 features, padded to 1024); the first is the library's at ViT-B/16 before the
 # chunked gather (one token at 2 warps since the H200's third run, the fastest there at each layer, one source
 # a step), "-c4" the library's since where B tokens gather many sources (every merge of the sweep's shapes but
-# layer 0's), the next two around it.
+# layer 0's: 2 warps after attention, 4 at the joins). "-c8": 8 sources a step (SRC_CHUNK = 8), at 4 warps (128-bit
+# accesses; sm_90, triton 3.6: 3 waits a step of 8 after attention, 1-2 at the joins, against the library's 3 and
+# 1-2 a step of 4) and at 8 warps (64-bit; 2 and 1-2 a step of 8).
 # "-p1": the tokens without sources copied (and normalised) first, the others one at a time (SPLIT_T): 4 x 4 - p1
 # ran 1.02x the library's one token at 2 warps at layer 0 in the third run, 0.95x at layers 8-10. Its LayerNorm may
 # differ from the whole tile's in the last place. "-p1-c4": those alone gathering 4 sources a step, as the library's
@@ -93,25 +100,26 @@ ATTENTION_TILES = ["64x64x4x2", "32x32x4x2", "64x32x4x3", "64x16x4x2", "128x32x4
 # Each at the merges after attention and at the joins (join_norm_fwd: the position embedding added as it merges).
 # (Dropped for room: 2 x 4, 4 x 8, 1 x 4 and 4 x 8 - p1, all slower than 1 x 2 at every layer of the third run; 4 x 4,
 # the library's tile before that run, 1.12x-1.19x slower than 1 x 2 there; heads:mean, the keys averaged over heads
-# by torch before the match, 0.94x-0.98x the library's at each of the four shapes, kept at one video in plan_paths.)
-NORM_TILES = ["norm:1x2", "norm:1x2-c4", "norm:1x4-c4", "norm:1x2-c2", "norm:1x1", "norm:2x2", "norm:4x4-p1",
+# by torch before the match, 0.94x-0.98x the library's at each of the four shapes, kept at one video in plan_paths;
+# one token at 2 warps 2 a step, and at one warp one a step, for the "-c8" tiles.)
+NORM_TILES = ["norm:1x2", "norm:1x2-c4", "norm:1x4-c4", "norm:1x4-c8", "norm:1x8-c8", "norm:2x2", "norm:4x4-p1",
               "norm:4x4-p1-c4"]
 # The same merge at one video, where a merge's time is the chain of loads of its busiest token's sources
 # (1.35 ms of kernels in one ViT-B/16 forward in the third run, 0.40 ms of them the match and the merge).
-NORM1_TILES = ["norm:1x2", "norm:1x2-c4", "norm:1x4-c4", "norm:1x2-c2", "norm:1x4-c2", "norm:4x4", "norm:4x4-p1-c4"]
+NORM1_TILES = ["norm:1x2", "norm:1x2-c4", "norm:1x4-c4", "norm:1x4-c8", "norm:1x8-c8", "norm:4x4", "norm:4x4-p1-c4"]
 # The merge's candidates again on the encoder's own plans (bench_ops --plans encoder: the metrics of a ViT-B/16 with
 # random weights under TempMe, 32 videos), at the layers whose B tokens gather many sources there (8-10; layer 0
 # merges 2 tokens a frame either way): the sweeps above use random metrics, whose busiest B token gathers 3-6
 # sources, where the encoder's gather up to 161 (layer 10's join at 32 videos). A tile that wins on random plans
 # by copying fast may lose where one token's chain of loads sets the merge's time, and the library's tiles serve
-# the encoder. The merge forward: the library's tile before the chunked gather, its chunked twin, the one-token
-# gather 2 a step, the two copies-first tiles, and a tile's sources gathered 16 at once by a product; the merge
-# with its LayerNorm: one token at 2 warps one source a step and 2 a step, one token at 4 warps 4 a step, and
-# 4-token tiles copies-first, after attention and at the joins (join_norm_fwd: the encoder's busiest merges). Each
-# list is part of the random sweep's, which benchmarks.warm compiles.
-ENCODER_MERGE_TILES = ["merge:8x256x4", "merge:8x256x4-c4", "merge:1x1024x4-c2", "merge:8x1024x4-p1-c4",
-                       "merge:8x256x1-p1-c4", "merge:16x128x4-g16"]
-ENCODER_NORM_TILES = ["norm:1x2", "norm:1x2-c2", "norm:1x4-c4", "norm:4x4-p1-c4"]
+# the encoder. The merge forward: the library's tile before the chunked gather, its chunked twin, one token a
+# program at one warp 4 and 8 a step, the two copies-first tiles, and a tile's sources gathered 16 at once by a
+# product; the merge with its LayerNorm: one token at 2 warps one source a step, one token at 4 warps 4 and 8 a
+# step and at 8 warps 8 a step, and 4-token tiles copies-first, after attention and at the joins (join_norm_fwd:
+# the encoder's busiest merges). Each list is part of the random sweep's, which benchmarks.warm compiles.
+ENCODER_MERGE_TILES = ["merge:8x256x4", "merge:8x256x4-c4", "merge:1x256x1-c4", "merge:1x128x1-c8",
+                       "merge:8x1024x4-p1-c4", "merge:8x256x1-p1-c4", "merge:16x128x4-g16"]
+ENCODER_NORM_TILES = ["norm:1x2", "norm:1x4-c4", "norm:1x4-c8", "norm:1x8-c8", "norm:4x4-p1-c4"]
 ENCODER_LAYERS = ["8", "9", "10"]
 # The match's plan with every row sorted and every row counted, against the library's choice
 # (triton_ops.PLAN_SORT_MIN), where the plan is on the critical path: one video, rows of 23-428 A tokens;
@@ -175,8 +183,8 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         # (the stages' expected seconds still include their own compiles: measured before this stage).
         # 33 s for 190 variants on the H200's 16 cores; the norm, plan and pipelined-gather candidates add
         # 74 more (109 -> 183 tile-sweep variants), the training forwards' LayerNorm statistics 33 (361 -> 394
-        # in all, sm_90); the third run compiled 444 in 56 s; 502 now (468 before the joins' norm candidates and
-        # bench_ops' join, forward and backward).
+        # in all, sm_90); the third run compiled 444 in 56 s; 495 now (468 before the joins' norm candidates and
+        # bench_ops' join, forward and backward, 502 before the 8-a-step candidates took the 2-a-step ones' place).
         *([Stage("warm", [python, "-m", "benchmarks.warm", "--models", "ViT-B-32", "ViT-B-16",
                           "--batches", "1", "16", "32", "4", "64", "8", "128", "--dtypes", "fp16", "bf16", "fp32",
                           "--jsonl", rows, "--tag", "warm"], 90, expect=65)] if gpu else []),  # 56 s in the third run
@@ -210,7 +218,7 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
                                         "--ops", "merge_fwd", "step_norm_fwd", "join_norm_fwd", "--plans", "encoder",
                                         "--layers", *ENCODER_LAYERS,
                                         "--tiles", *ENCODER_MERGE_TILES, *ENCODER_NORM_TILES, "--rep-ms", "25"), 80,
-                 expect=40)]  # estimated: 72 rows (norm_tiles: 13 candidates at 4 shapes in 19.7 s), one encoder run
+                 expect=47)]  # estimated: 84 rows (norm_tiles: 13 candidates at 4 shapes in 19.7 s), one encoder run
           if gpu else []),  # Triton's tiles: nothing to sweep in the interpreter
         # Where the forward's time goes: kernels by group against the wall time. At one ViT-B/16 video the
         # graph-replayed encoder was 1.67 ms against open_clip's 1.55: its kernels say where.

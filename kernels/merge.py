@@ -126,6 +126,27 @@ def _added(acc, s_total, size, xa, ONE: tl.constexpr):
 
 
 @triton.jit
+def _four_sources(x_ptr, res_ptr, size_ptr, pos_ptr, i0, i1, i2, i3, t, limit, row, offs_d, mask_d, A_START, GROUP,
+                  C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd, stride_sb,
+                  stride_sn, stride_pc, ACC: tl.constexpr, HAS_RES: tl.constexpr, HAS_POS: tl.constexpr):
+    """:func:`_source_rows` of sources ``t`` to ``t + 3`` (indices ``i0`` to ``i3``; none past ``limit``): the second
+    four of a step of 8, their loads issued one after another before any is waited on."""
+    s0, x0 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i0, t < limit, row, offs_d, mask_d, A_START, GROUP, C_IN,
+                          N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd, stride_sb,
+                          stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+    s1, x1 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i1, t + 1 < limit, row, offs_d, mask_d, A_START, GROUP,
+                          C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd,
+                          stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+    s2, x2 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i2, t + 2 < limit, row, offs_d, mask_d, A_START, GROUP,
+                          C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd,
+                          stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+    s3, x3 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i3, t + 3 < limit, row, offs_d, mask_d, A_START, GROUP,
+                          C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd,
+                          stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+    return s0, x0, s1, x1, s2, x2, s3, x3
+
+
+@triton.jit
 def _merge_sums(x_ptr, res_ptr, size_ptr, pos_ptr, src_row, row, clip, tok, mask_t, lo, count, max_count, offs_d,
                 mask_d, A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn,
                 stride_rd, stride_sb, stride_sn, stride_pc, ACC: tl.constexpr, HAS_RES: tl.constexpr,
@@ -186,7 +207,8 @@ def _merge_sums(x_ptr, res_ptr, size_ptr, pos_ptr, src_row, row, clip, tok, mask
         # is loaded once for each layout it feeds (the rows', the sizes' sum), and ptxas waits on
         # each copy before loading the next (sm_90: three in turn a source at ViT-B/16's joins); a
         # scalar has no layout, so it is loaded once.
-        tl.static_assert(SRC_CHUNK == 1 or SRC_CHUNK == 2 or SRC_CHUNK == 4, "SRC_CHUNK: 1, 2 or 4")
+        tl.static_assert(SRC_CHUNK == 1 or SRC_CHUNK == 2 or SRC_CHUNK == 4 or SRC_CHUNK == 8,
+                         "SRC_CHUNK: 1, 2, 4 or 8")
         ONE: tl.constexpr = lo.shape[0] == 1
         if ONE:  # (max_count is this token's count, 0 if it is not a B token)
             at, limit = src_row + tl.sum(lo, axis=0), max_count
@@ -196,11 +218,16 @@ def _merge_sums(x_ptr, res_ptr, size_ptr, pos_ptr, src_row, row, clip, tok, mask
         # its rows only, not on its indices first: with them loaded in the step, ptxas waited out 5-6 latencies
         # a step of 4 16-bit sources at the joins and 5 after attention (sm_90, triton 3.6), now 3.
         AHEAD: tl.constexpr = ONE and SRC_STAGES == 1
+        # (SRC_CHUNK = 8: a second four, i4-i7, beside the first, whose code is that of 4 a step.)
         if AHEAD:
             i0, i1, i2, i3 = _step_indices(at, 0, limit, SRC_CHUNK)
+            if SRC_CHUNK == 8:
+                i4, i5, i6, i7 = _step_indices(at, 4, limit, 4)
         for t in tl.range(0, max_count, SRC_CHUNK, num_stages=SRC_STAGES):
             if not AHEAD:
                 i0, i1, i2, i3 = _step_indices(at, t, limit, SRC_CHUNK)
+                if SRC_CHUNK == 8:
+                    i4, i5, i6, i7 = _step_indices(at, t + 4, limit, 4)
             s0, x0 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i0, t < limit, row, offs_d, mask_d, A_START,
                                   GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn,
                                   stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
@@ -215,14 +242,26 @@ def _merge_sums(x_ptr, res_ptr, size_ptr, pos_ptr, src_row, row, clip, tok, mask
                 s3, x3 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i3, t + 3 < limit, row, offs_d, mask_d,
                                       A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
                                       stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+            if SRC_CHUNK == 8:
+                s4, x4, s5, x5, s6, x6, s7, x7 = _four_sources(
+                    x_ptr, res_ptr, size_ptr, pos_ptr, i4, i5, i6, i7, t + 4, limit, row, offs_d, mask_d, A_START,
+                    GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd,
+                    stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
             if AHEAD:  # the next step's indices, loaded before this step's sums wait on its rows
                 i0, i1, i2, i3 = _step_indices(at, t + SRC_CHUNK, limit, SRC_CHUNK)
+                if SRC_CHUNK == 8:
+                    i4, i5, i6, i7 = _step_indices(at, t + SRC_CHUNK + 4, limit, 4)
             acc, s_total = _added(acc, s_total, s0, x0, ONE)
             if SRC_CHUNK >= 2:
                 acc, s_total = _added(acc, s_total, s1, x1, ONE)
             if SRC_CHUNK >= 4:
                 acc, s_total = _added(acc, s_total, s2, x2, ONE)
                 acc, s_total = _added(acc, s_total, s3, x3, ONE)
+            if SRC_CHUNK == 8:
+                acc, s_total = _added(acc, s_total, s4, x4, ONE)
+                acc, s_total = _added(acc, s_total, s5, x5, ONE)
+                acc, s_total = _added(acc, s_total, s6, x6, ONE)
+                acc, s_total = _added(acc, s_total, s7, x7, ONE)
     return acc, s_total, x_self
 
 
@@ -304,7 +343,7 @@ def _merge_fwd_kernel(
     SRC_BLOCK: tl.constexpr = 0,  # > 0: the tile's sources gathered SRC_BLOCK at a time and summed by a product
     STATS: tl.constexpr = False,  # with NORM: write the LayerNorm's statistics (training)
     SPLIT_T: tl.constexpr = 0,  # > 0: the copied tokens first, then the merged ones SPLIT_T at a time
-    SRC_CHUNK: tl.constexpr = 1,  # sources gathered a step, their loads issued together (not with SRC_BLOCK)
+    SRC_CHUNK: tl.constexpr = 1,  # sources a step (1, 2, 4, 8), their loads issued together (not with SRC_BLOCK)
 ):
     tl.static_assert(SPLIT_T == 0 or SRC_BLOCK == 0, "SPLIT_T does not take SRC_BLOCK")
     tl.static_assert(SRC_CHUNK == 1 or SRC_BLOCK == 0, "SRC_CHUNK does not take SRC_BLOCK")

@@ -165,7 +165,8 @@ def test_bench_ops_tiles_give_the_library_result(one_thread):
                  triton_ops._merge_norm_tiles, triton_ops.PLAN_SORT_MIN)
     for spec in ("match:16x16x16x4-ieee", "match:16x32x8x4-tf32x3", "merge:8x16x4", "merge:16x32x4", "merge:8x16x4-s3",
                  "merge:16x16x4-g16", "merge:32x32x4-g32", "merge:16x16x4-p4", "merge:8x32x4-p8", "merge:1x32x4-c4",
-                 "merge:4x16x4-c2", "merge:8x32x4-p1-c4", "merge:8x16x4-s2-p2-c2", "plan:sort", "plan:count"):
+                 "merge:4x16x4-c2", "merge:1x16x1-c8", "merge:8x32x4-p1-c4", "merge:8x16x4-s2-p2-c2", "plan:sort",
+                 "plan:count"):
         with bench_ops.op_tiles(spec):
             plan = ops.match(metric, 7, 1, backend="triton")
             got = ops.merge(x, size, plan, backend="triton")
@@ -177,7 +178,7 @@ def test_bench_ops_tiles_give_the_library_result(one_thread):
     want_norm = ops.merge_norm(x, size, want_plan, weight, bias, 1e-5, residual=x.flip(1), backend="torch")
     for spec, stages in (("norm:1x4", {}), ("norm:8x8-s2", {"SRC_STAGES": 2}), ("norm:4x4-p1", {"SPLIT_T": 1}),
                          ("norm:8x8-p2", {"SPLIT_T": 2}), ("norm:1x2-c4", {"SRC_CHUNK": 4}),
-                         ("norm:4x4-p1-c4", {"SPLIT_T": 1, "SRC_CHUNK": 4})):
+                         ("norm:4x4-p1-c4", {"SPLIT_T": 1, "SRC_CHUNK": 4}), ("norm:1x8-c8", {"SRC_CHUNK": 8})):
         with bench_ops.op_tiles(spec):
             assert triton_ops._merge_norm_tiles(3, 34, 24, 4, False) == dict(
                 dict(BLOCK_T=int(spec[5]), BLOCK_D=32, num_warps=int(spec[7]), SRC_CHUNK=1), **stages)
@@ -204,7 +205,7 @@ def test_bench_ops_tiles_give_the_library_result(one_thread):
                 "plan:sort-ieee", "norm:4x4x4", "norm:3x4", "merge:8x16x4-s0", "norm:2x4-t3", "match:16x16x16x4-s2",
                 "merge:8x16x4-g16", "merge:16x16x4-g8", "merge:16x16x4-g24", "norm:4x4-g16", "merge:16x16x4-g",
                 "heads:sum", "heads:", "merge:8x16x4-p16", "merge:8x16x4-p0", "merge:8x16x4-p3", "norm:4x4-p8",
-                "match:16x16x16x4-p2", "merge:8x16x4-p", "merge:8x16x4-c3", "norm:1x2-c8", "match:16x16x16x4-c2",
+                "match:16x16x16x4-p2", "merge:8x16x4-p", "merge:8x16x4-c3", "norm:1x2-c16", "match:16x16x16x4-c2",
                 "merge:8x16x4-c", "merge:8x16x4-c4-p1", "merge:8x16x4-p1-p1", "merge:16x16x4-g16-c4", "norm:4x4-p1-",
                 "merge:8x16x4--c4", "merge:8x16x4-", "norm:4x4-s2-s2", "merge:8x16x4-p1-x4"):
         with pytest.raises(ValueError, match="--tiles"):

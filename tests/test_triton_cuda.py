@@ -230,9 +230,10 @@ def test_copies_first_writes_the_same_bits(spec, dtype, monkeypatch):
 def test_chunked_gather_writes_the_same_bits(norm, dtype, monkeypatch):
     """The library's tiles where B tokens gather many sources (one token a program, its sources gathered 4 a
     step, as scalars) write the merged tokens and sizes of a tile of tokens that gathers one source at a time,
-    bit for bit, at a ViT-B/16 intra merge and join of 32 videos and that join at one video (destinations
-    skewed), with and without the residual add. With the LayerNorm, it and its statistics sum each row over
-    another layout (one token at 2 or 4 warps, or 4 tokens at 8), so they are held to its tolerance."""
+    bit for bit, and so do the sweeps' tiles that gather 8 a step (``SRC_CHUNK = 8``), at a ViT-B/16 intra merge
+    and join of 32 videos and that join at one video (destinations skewed), with and without the residual add.
+    With the LayerNorm, it and its statistics sum each row over another layout (one token at 2 or 4 warps, or 4
+    tokens at 8), so they are held to its tolerance."""
     g = torch.Generator(device="cuda").manual_seed(17)
     for b, n, c, r in ((32, 607, 12, 60), (32, 867, 12, 260), (1, 867, 12, 260)):
         both = _merge_forwards(b, n, c, r, dtype, g, norm=norm)
@@ -241,17 +242,20 @@ def test_chunked_gather_writes_the_same_bits(norm, dtype, monkeypatch):
         assert triton_ops._many_sources(r, nb)
         one_at_a_time = dict(BLOCK_T=4, BLOCK_D=1024, num_warps=8) if norm else \
             dict(BLOCK_T=8, BLOCK_D=256, num_warps=4)
-        with monkeypatch.context() as patched:
-            patched.setattr(triton_ops, "_merge_norm_tiles" if norm else "_merge_fwd_tiles",
-                            lambda *args: one_at_a_time)
-            got = both()
-        for got_outs, want_outs in zip(got, want):
-            assert torch.equal(got_outs[0], want_outs[0]) and torch.equal(got_outs[1], want_outs[1])
-            if norm:
-                atol, rtol = NORM_TOL[dtype]
-                torch.testing.assert_close(got_outs[2], want_outs[2], atol=atol, rtol=rtol)
-                atol, rtol = NORM_TOL[torch.float32]
-                torch.testing.assert_close(got_outs[3], want_outs[3], atol=atol, rtol=rtol)
+        eight_a_step = dict(BLOCK_T=1, BLOCK_D=1024, num_warps=4, SRC_CHUNK=8) if norm else \
+            dict(BLOCK_T=1, BLOCK_D=128, num_warps=1, SRC_CHUNK=8)
+        for tiles in (one_at_a_time, eight_a_step):
+            with monkeypatch.context() as patched:
+                patched.setattr(triton_ops, "_merge_norm_tiles" if norm else "_merge_fwd_tiles",
+                                lambda *args, tiles=tiles: tiles)
+                got = both()
+            for got_outs, want_outs in zip(got, want):
+                assert torch.equal(got_outs[0], want_outs[0]) and torch.equal(got_outs[1], want_outs[1]), tiles
+                if norm:
+                    atol, rtol = NORM_TOL[dtype]
+                    torch.testing.assert_close(got_outs[2], want_outs[2], atol=atol, rtol=rtol)
+                    atol, rtol = NORM_TOL[torch.float32]
+                    torch.testing.assert_close(got_outs[3], want_outs[3], atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("tiles", [(16, 128, 4, 16), (32, 256, 8, 32)], ids=["16x128x4-g16", "32x256x8-g32"])

@@ -738,7 +738,7 @@ def test_merge_copies_first(kind, dtype, device, monkeypatch):
 @pytest.mark.parametrize("kind,dtype", [(kind, dtype) for kind in ("hub", "join") for dtype in DTYPES.values()]
                          + [("spread", torch.float32)], ids=lambda v: str(v).replace("torch.", ""))
 def test_merge_gathers_chunks_of_sources(kind, dtype, device, monkeypatch):
-    """The merge forward that gathers each token's sources ``SRC_CHUNK`` (2 or 4) a step, and with one token a
+    """The merge forward that gathers each token's sources ``SRC_CHUNK`` (2, 4 or 8) a step, and with one token a
     program gathers them as scalars, each step's indices loaded during the step before (the library's tiles where
     B tokens gather many sources, and the sweeps' ``-cN`` candidates; with the tokens without sources copied
     first, ``-p1-c4``), writes the bits of the gather one source at a time over a tile of tokens: merged tokens,
@@ -758,7 +758,7 @@ def test_merge_gathers_chunks_of_sources(kind, dtype, device, monkeypatch):
     d = 40
     norm = (torch.randn(d, generator=g).to(dtype).to(device), torch.randn(d, generator=g).to(dtype).to(device), 1e-5)
     # (tokens, sources a step, SPLIT_T): the last copies its 8 tokens first, then gathers each B token's alone
-    candidates = ((1, 1), (1, 2), (1, 4), (4, 2), (8, 4, 1))
+    candidates = ((1, 1), (1, 2), (1, 4), (1, 8), (4, 2), (4, 8), (8, 4, 1), (8, 8, 1))
     if kind != "join":
         x = make_tokens(2, 51, d, dtype, "sliced", device, g)
         residual = make_tokens(2, 51, d, dtype, "transposed", device, g)
