@@ -109,6 +109,12 @@ class _Verdict:
                table=None) -> None:
         self.record(what, accuracy.tolerance_ratio(actual, expected, dtype, table))
 
+    def nearest(self, what: str, actual: torch.Tensor, wants: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+                dtype: torch.dtype) -> None:
+        """``actual`` held to the nearest of the merged tokens of ``wants`` (``reference.merge``'s outputs, one for
+        each way of making what is merged)."""
+        self.record(what, min(accuracy.tolerance_ratio(actual, want, dtype) for want, _ in wants))
+
     def gradient(self, what: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
         """``accuracy.VALUE_TOL[dtype]`` with its absolute part times the largest ``|expected|``: a gradient
         through a LayerNorm is a difference of terms several times its size, each rounded to ``dtype``."""
@@ -176,7 +182,7 @@ def check_op(op: str, s, metric: torch.Tensor, x: torch.Tensor, size: torch.Tens
             clips, _, frame_pos, *ln = join_inputs(s, metric, size)
             sources = _joined(s, clips, frame_pos)
         wants = [reference.merge(src.double(), size.double(), plan) for src in sources]
-        verdict.record("x", min(accuracy.tolerance_ratio(out[0], want, x.dtype) for want, _ in wants))
+        verdict.nearest("x", out[0], wants, x.dtype)
         verdict.values("size", out[1], wants[0][1], torch.float32)
         if ln:
             verdict.values("ln", out[2], reference.layer_norm(out[0], *ln, NORM_EPS), x.dtype, accuracy.NORM_TOL)
@@ -184,8 +190,8 @@ def check_op(op: str, s, metric: torch.Tensor, x: torch.Tensor, size: torch.Tens
     if op == "join_norm_fwdbwd":
         grad_x, grad_pos, merged = out
         clips, _, frame_pos, weight, bias = join_inputs(s, metric, size)
-        verdict.record("x", min(accuracy.tolerance_ratio(merged, reference.merge(src.double(), size.double(), plan)[0],
-                                                         x.dtype) for src in _joined(s, clips, frame_pos)))
+        verdict.nearest("x", merged, [reference.merge(src.double(), size.double(), plan)
+                                      for src in _joined(s, clips, frame_pos)], x.dtype)
         # The LayerNorm's gradient at the merged tokens the op wrote, added to theirs, through the float64 merge.
         grad_out, grad_ln = (g.double() for g in join_grads(s, metric))
         at = merged.double().requires_grad_(True)
