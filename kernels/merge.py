@@ -126,24 +126,41 @@ def _added(acc, s_total, size, xa, ONE: tl.constexpr):
 
 
 @triton.jit
-def _four_sources(x_ptr, res_ptr, size_ptr, pos_ptr, i0, i1, i2, i3, t, limit, row, offs_d, mask_d, A_START, GROUP,
+def _step_sources(x_ptr, res_ptr, size_ptr, pos_ptr, i0, i1, i2, i3, t, limit, row, offs_d, mask_d, A_START, GROUP,
                   C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd, stride_sb,
-                  stride_sn, stride_pc, ACC: tl.constexpr, HAS_RES: tl.constexpr, HAS_POS: tl.constexpr):
-    """:func:`_source_rows` of sources ``t`` to ``t + 3`` (indices ``i0`` to ``i3``; none past ``limit``): the second
-    four of a step of 8, their loads issued one after another before any is waited on."""
+                  stride_sn, stride_pc, ACC: tl.constexpr, HAS_RES: tl.constexpr, HAS_POS: tl.constexpr,
+                  SRC_CHUNK: tl.constexpr):
+    """:func:`_source_rows` of a gather step's sources ``t, t + 1, ...`` (indices ``i0``, ``i1``, ...; none past
+    ``limit``), four of them at most (as :func:`_step_indices`: those past the step's are the first again, not
+    loaded), their loads issued one after another before any is waited on: ``s0, x0, ..., s3, x3``."""
     s0, x0 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i0, t < limit, row, offs_d, mask_d, A_START, GROUP, C_IN,
                           N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd, stride_sb,
                           stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
-    s1, x1 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i1, t + 1 < limit, row, offs_d, mask_d, A_START, GROUP,
-                          C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd,
-                          stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
-    s2, x2 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i2, t + 2 < limit, row, offs_d, mask_d, A_START, GROUP,
-                          C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd,
-                          stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
-    s3, x3 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i3, t + 3 < limit, row, offs_d, mask_d, A_START, GROUP,
-                          C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd,
-                          stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+    s1, x1, s2, x2, s3, x3 = s0, x0, s0, x0, s0, x0
+    if SRC_CHUNK >= 2:
+        s1, x1 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i1, t + 1 < limit, row, offs_d, mask_d, A_START,
+                              GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn,
+                              stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+    if SRC_CHUNK >= 4:
+        s2, x2 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i2, t + 2 < limit, row, offs_d, mask_d, A_START,
+                              GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn,
+                              stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+        s3, x3 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i3, t + 3 < limit, row, offs_d, mask_d, A_START,
+                              GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn,
+                              stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
     return s0, x0, s1, x1, s2, x2, s3, x3
+
+
+@triton.jit
+def _step_added(acc, s_total, s0, x0, s1, x1, s2, x2, s3, x3, ONE: tl.constexpr, SRC_CHUNK: tl.constexpr):
+    """:func:`_added` of a step's sources from :func:`_step_sources`, in rank order."""
+    acc, s_total = _added(acc, s_total, s0, x0, ONE)
+    if SRC_CHUNK >= 2:
+        acc, s_total = _added(acc, s_total, s1, x1, ONE)
+    if SRC_CHUNK >= 4:
+        acc, s_total = _added(acc, s_total, s2, x2, ONE)
+        acc, s_total = _added(acc, s_total, s3, x3, ONE)
+    return acc, s_total
 
 
 @triton.jit
@@ -218,7 +235,7 @@ def _merge_sums(x_ptr, res_ptr, size_ptr, pos_ptr, src_row, row, clip, tok, mask
         # its rows only, not on its indices first: with them loaded in the step, ptxas waited out 5-6 latencies
         # a step of 4 16-bit sources at the joins and 5 after attention (sm_90, triton 3.6), now 3.
         AHEAD: tl.constexpr = ONE and SRC_STAGES == 1
-        # (SRC_CHUNK = 8: a second four, i4-i7, beside the first, whose code is that of 4 a step.)
+        # (SRC_CHUNK = 8: a second four, i4-i7, beside the first, each four gathered and added as 4 a step are.)
         if AHEAD:
             i0, i1, i2, i3 = _step_indices(at, 0, limit, SRC_CHUNK)
             if SRC_CHUNK == 8:
@@ -228,40 +245,22 @@ def _merge_sums(x_ptr, res_ptr, size_ptr, pos_ptr, src_row, row, clip, tok, mask
                 i0, i1, i2, i3 = _step_indices(at, t, limit, SRC_CHUNK)
                 if SRC_CHUNK == 8:
                     i4, i5, i6, i7 = _step_indices(at, t + 4, limit, 4)
-            s0, x0 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i0, t < limit, row, offs_d, mask_d, A_START,
-                                  GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn,
-                                  stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
-            if SRC_CHUNK >= 2:
-                s1, x1 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i1, t + 1 < limit, row, offs_d, mask_d,
-                                      A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
-                                      stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
-            if SRC_CHUNK >= 4:
-                s2, x2 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i2, t + 2 < limit, row, offs_d, mask_d,
-                                      A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
-                                      stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
-                s3, x3 = _source_rows(x_ptr, res_ptr, size_ptr, pos_ptr, i3, t + 3 < limit, row, offs_d, mask_d,
-                                      A_START, GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb,
-                                      stride_rn, stride_rd, stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+            s0, x0, s1, x1, s2, x2, s3, x3 = _step_sources(
+                x_ptr, res_ptr, size_ptr, pos_ptr, i0, i1, i2, i3, t, limit, row, offs_d, mask_d, A_START, GROUP,
+                C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd, stride_sb,
+                stride_sn, stride_pc, ACC, HAS_RES, HAS_POS, SRC_CHUNK)
             if SRC_CHUNK == 8:
-                s4, x4, s5, x5, s6, x6, s7, x7 = _four_sources(
+                s4, x4, s5, x5, s6, x6, s7, x7 = _step_sources(
                     x_ptr, res_ptr, size_ptr, pos_ptr, i4, i5, i6, i7, t + 4, limit, row, offs_d, mask_d, A_START,
                     GROUP, C_IN, N_IN, CLIPS, stride_xb, stride_xn, stride_xd, stride_rb, stride_rn, stride_rd,
-                    stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS)
+                    stride_sb, stride_sn, stride_pc, ACC, HAS_RES, HAS_POS, 4)
             if AHEAD:  # the next step's indices, loaded before this step's sums wait on its rows
                 i0, i1, i2, i3 = _step_indices(at, t + SRC_CHUNK, limit, SRC_CHUNK)
                 if SRC_CHUNK == 8:
                     i4, i5, i6, i7 = _step_indices(at, t + SRC_CHUNK + 4, limit, 4)
-            acc, s_total = _added(acc, s_total, s0, x0, ONE)
-            if SRC_CHUNK >= 2:
-                acc, s_total = _added(acc, s_total, s1, x1, ONE)
-            if SRC_CHUNK >= 4:
-                acc, s_total = _added(acc, s_total, s2, x2, ONE)
-                acc, s_total = _added(acc, s_total, s3, x3, ONE)
+            acc, s_total = _step_added(acc, s_total, s0, x0, s1, x1, s2, x2, s3, x3, ONE, SRC_CHUNK)
             if SRC_CHUNK == 8:
-                acc, s_total = _added(acc, s_total, s4, x4, ONE)
-                acc, s_total = _added(acc, s_total, s5, x5, ONE)
-                acc, s_total = _added(acc, s_total, s6, x6, ONE)
-                acc, s_total = _added(acc, s_total, s7, x7, ONE)
+                acc, s_total = _step_added(acc, s_total, s4, x4, s5, x5, s6, x6, s7, x7, ONE, 4)
     return acc, s_total, x_self
 
 
