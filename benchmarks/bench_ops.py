@@ -8,7 +8,9 @@ LayerNorm fused into the merge launch on Triton; ``join_norm_fwdbwd`` adds its b
 position embedding, as in training). Shapes come from the token
 schedule (``common.merge_shapes``). Each row reports the median time with its 20th-80th percentile
 spread, the bytes the op must move at the least (each input read once, each output written once), the
-achieved GB/s and, on a GPU, the fraction of the measured device-to-device copy bandwidth.
+achieved GB/s and, on a GPU, the fraction of the measured device-to-device copy bandwidth (``frac_copy_bw``,
+a 1 GiB copy). The merge forward and backward rows also carry ``frac_sized_copy``: the same against a copy of
+as many bytes timed the same way, which a small op's start and tail weigh on as they weigh on the op.
 
 On a GPU every case is timed twice: as called (``ms``: host work included) and replayed from a CUDA
 graph over input sets that exceed the L2 cache (``device_ms``: the GPU's own time, see
@@ -70,6 +72,8 @@ OPS = ("best_match", "match", "merge_fwd", "merge_bwd", "step_fwd", "step_norm_f
        "join_norm_fwdbwd", "step_fwdbwd")
 # The ops of a join only (the clips joined as they are merged): they run at the cross-clip shapes alone.
 JOIN_OPS = ("join_norm_fwd", "join_norm_fwdbwd")
+# Ops that only move their bytes: their rows are also held to a copy of as many bytes (frac_sized_copy).
+SIZED_COPY_OPS = ("merge_fwd", "merge_bwd")
 # The match kernel's DOT_MODE per product kind: 16-bit tl.dot, and the float32 ones the library knows.
 DOT_MODES = {"native": 0, **triton_ops._FP32_DOT_MODES}
 
@@ -374,13 +378,35 @@ def device_row(op: str, impl: str, s: MergeShape, dtype: torch.dtype, device: to
     return device_columns(make, set_bytes, device, rep_ms)
 
 
-def bandwidth_columns(nbytes: int, ms: Optional[float], copy_gbs: Optional[float]) -> Dict[str, object]:
-    """``gbs`` (and, given the run's copy bandwidth, ``frac_copy_bw``) from ``ms``; None without a time."""
+def bandwidth_columns(nbytes: int, ms: Optional[float], copy_gbs: Optional[float],
+                      sized_gbs: Optional[float] = None) -> Dict[str, object]:
+    """``gbs`` (and, given the run's copy bandwidth, ``frac_copy_bw``; given that of a copy of ``nbytes``,
+    ``frac_sized_copy``) from ``ms``; None without a time."""
     gbs = nbytes / (ms * 1e-3) / 1e9 if ms else None
     out = {"gbs": gbs}
     if copy_gbs:
         out.update(copy_gbs=copy_gbs, frac_copy_bw=gbs / copy_gbs if gbs else None)
+    if sized_gbs:
+        out.update(sized_copy_gbs=sized_gbs, frac_sized_copy=gbs / sized_gbs if gbs else None)
     return out
+
+
+def sized_copy_gbs(nbytes: int, dtype: torch.dtype, device: torch.device, rep_ms: float) -> Optional[float]:
+    """The bandwidth of a device-to-device copy that moves ``nbytes`` (half read, half written) in ``dtype``,
+    timed as the op rows are (graph replays over random input sets beyond the L2 cache); None on a CPU or
+    where it could not be timed. A 1 GiB copy (``copy_gbs``) runs long enough that its start and its last
+    wave cost nothing; an op of a few tens of MB pays both, and so does a copy of its size."""
+    if device.type != "cuda":
+        return None
+    elt = torch.tensor([], dtype=dtype).element_size()
+    numel = max(1, nbytes // (2 * elt))
+
+    def make(i: int):
+        src = torch.randn(numel, device=device).to(dtype)
+        dst = torch.empty_like(src)
+        return lambda: dst.copy_(src)
+    ms = device_columns(make, numel * elt, device, rep_ms).get("device_ms")
+    return 2 * numel * elt / (ms * 1e-3) / 1e9 if ms else None
 
 
 def max_sources(s: MergeShape, metric: torch.Tensor) -> int:
@@ -399,7 +425,8 @@ def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_
 
     Each row goes to ``log`` as soon as it is measured, so a run stopped by a time limit keeps it. On a
     GPU the first row is the device-to-device copy bandwidth measured in this run; every bandwidth row
-    is compared with it.
+    is compared with it, and the merge rows (:data:`SIZED_COPY_OPS`) also with a copy of their own bytes
+    (:func:`sized_copy_gbs`, timed once a size).
     """
     log = log or RowLog(None, "bench_ops", {})
     bandwidth = None
@@ -407,6 +434,7 @@ def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_
         bandwidth = copy_bandwidth_gbs(device)
         log({"op": "copy", "impl": "torch", "copy_gbs": bandwidth})
     start = len(log.rows)
+    sized: Dict[Tuple[int, torch.dtype], Optional[float]] = {}  # (bytes, dtype) -> a copy of as many bytes, GB/s
     for model in models:
         for batch in batches:
             encoder = {}  # dtype name -> the encoder's metrics at this model and batch, made when first needed
@@ -448,7 +476,10 @@ def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_
                             row.update(host_columns(row["ms"], row))
                             row.update(compiled.record() if compiled else {"compiled": False})
                             nbytes = op_bytes(op, s, x.element_size())
-                            row.update(bytes=nbytes, **bandwidth_columns(nbytes, basis_ms(row, device), bandwidth))
+                            if op in SIZED_COPY_OPS and (nbytes, dtype) not in sized:
+                                sized[(nbytes, dtype)] = sized_copy_gbs(nbytes, dtype, device, rep_ms)
+                            row.update(bytes=nbytes, **bandwidth_columns(nbytes, basis_ms(row, device), bandwidth,
+                                                                         sized.get((nbytes, dtype))))
                             if impl == "torch":
                                 base = row
                             row.update(speedups(row, base, device, "speedup_vs_torch") if base else
@@ -508,8 +539,8 @@ def main(argv=None) -> int:
     print(f"# merge ops on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print_table([r for r in rows if r["op"] != "copy"],
                 ["model", "batch", "layer", "stage", "dtype", "op", "impl", "max_sources", "ms", "device_ms",
-                 "host_bound", "gbs", "frac_copy_bw", "speedup_vs_torch", "speedup_vs_torch_eager", "compiled",
-                 "agrees", "tol_ratio", "near_ties", "error", "device_error", "disagreement"])
+                 "host_bound", "gbs", "frac_copy_bw", "frac_sized_copy", "speedup_vs_torch", "speedup_vs_torch_eager",
+                 "compiled", "agrees", "tol_ratio", "near_ties", "error", "device_error", "disagreement"])
     return int(any("error" in r or r.get("agrees") is False for r in rows))
 
 

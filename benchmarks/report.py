@@ -22,8 +22,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .rowlog import read_records
 
 OPS_COLUMNS = ["run", "tag", "model", "batch", "dtype", "layer", "stage", "plans", "max_sources", "op", "impl",
-               "compiled", "agrees", "ms", "device_ms", "host_bound", "gbs", "frac_copy_bw", "speedup_vs_torch",
-               "speedup_vs_torch_eager"]
+               "compiled", "agrees", "ms", "device_ms", "host_bound", "gbs", "frac_copy_bw", "frac_sized_copy",
+               "speedup_vs_torch", "speedup_vs_torch_eager"]
 ATTENTION_COLUMNS = ["run", "model", "batch", "layer", "rows", "tokens", "dtype", "mode", "impl", "agrees", "ms",
                      "device_ms", "host_bound", "speedup_vs_mask", "speedup_vs_mask_eager"]
 MODEL_COLUMNS = ["run", "tag", "model", "dtype", "batch", "mode", "variant", "compiled", "agrees", "ms", "enqueue_ms",
@@ -117,7 +117,8 @@ def profile_columns(table: Sequence[Dict[str, object]]) -> List[str]:
 # the shape's keys left out (an op, a pass), and the columns each candidate carries into the read-out.
 SWEEP_KEYS = ("run", "tag", "model", "batch", "dtype", "layer", "stage", "plans", "max_sources", "op")
 ATTENTION_SWEEP_KEYS = ("run", "tag", "model", "batch", "dtype", "layer", "mode")
-SWEEPS = {"bench_ops": (SWEEP_KEYS, "op", ("frac_copy_bw",)), "attention": (ATTENTION_SWEEP_KEYS, "mode", ())}
+SWEEPS = {"bench_ops": (SWEEP_KEYS, "op", ("frac_copy_bw", "frac_sized_copy")),
+          "attention": (ATTENTION_SWEEP_KEYS, "mode", ())}
 
 
 def _time(row: Dict[str, object]):
@@ -237,6 +238,16 @@ def _weakest(rows: Sequence[Dict[str, object]], value) -> Tuple[Optional[float],
     return v, f"L{r.get('layer')} {r.get('stage')} ({len(scored)} shapes)"
 
 
+def _weakest_copy(rows: Sequence[Dict[str, object]]) -> Tuple[Optional[float], str]:
+    """:func:`_weakest` over the merge rows' share of the copy bandwidth; where the weakest row was also held
+    to a copy of its own bytes, that share follows where it is."""
+    v, where = _weakest(rows, lambda r: r.get("frac_copy_bw"))
+    weakest = next((r for r in rows if v is not None and r.get("frac_copy_bw") == v), {})
+    if weakest.get("frac_sized_copy") is not None:
+        where += f"; {weakest['frac_sized_copy']:.2f} of a copy of as many bytes"
+    return v, where
+
+
 def targets_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
     """What ``rows`` say of each GPU target: the measured figure (the weakest shape's), what is needed, and
     met / missed / not measured. The merge forward is read twice: at the library's tiles, and at the
@@ -247,7 +258,7 @@ def targets_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
     steps = [r for r in at if r.get("op") == "step_fwd" and r.get("impl") == "triton"]
     step, step_at = _weakest(steps, lambda r: r.get("speedup_vs_torch"))
     merges = [r for r in at if r.get("op") == "merge_fwd" and r.get("impl") == "triton"]
-    merge, merge_at = _weakest(merges, lambda r: r.get("frac_copy_bw"))
+    merge, merge_at = _weakest_copy(merges)
     swept: Dict[tuple, Dict[str, object]] = {}
     for r in at:
         if r.get("op") == "merge_fwd" and str(r.get("impl", "")).startswith("triton") \
@@ -255,7 +266,7 @@ def targets_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
             key = (r.get("run"), r.get("layer"), r.get("stage"))
             if key not in swept or r["frac_copy_bw"] > swept[key]["frac_copy_bw"]:
                 swept[key] = r
-    best, best_at = _weakest(list(swept.values()), lambda r: r.get("frac_copy_bw"))
+    best, best_at = _weakest_copy(list(swept.values()))
     table = [
         {"target": "merge step vs reference, every layer (32 videos, fp16)", "model": TARGET_SHAPE["model"],
          "measured": step, "needed": TARGET_STEP_SPEEDUP, "where": step_at},

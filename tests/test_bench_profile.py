@@ -233,6 +233,10 @@ def test_bench_ops_and_attention_fill_device_columns_on_a_gpu():
     for r in rows:
         assert r["device_ms"] > 0 and r["device_basis"] in ("graph", "kernels") and isinstance(r["host_bound"], bool)
         assert r["gbs"] == pytest.approx(r["bytes"] / (r["device_ms"] * 1e-3) / 1e9)
+        # A merge of a few MB against a copy of as many bytes, timed once a size and dtype, and against 1 GiB's.
+        assert 0 < r["sized_copy_gbs"] and r["frac_sized_copy"] == pytest.approx(r["gbs"] / r["sized_copy_gbs"])
+        assert r["sized_copy_gbs"] == next(b["sized_copy_gbs"] for b in rows if b["bytes"] == r["bytes"])
+        assert r["frac_copy_bw"] == pytest.approx(r["gbs"] / r["copy_gbs"])
         assert r["speedup_vs_torch_eager"] == pytest.approx(
             next(b["ms"] for b in rows if b["impl"] == "torch" and b["op"] == r["op"] and b["layer"] == r["layer"]
                  and b["stage"] == r["stage"]) / r["ms"])

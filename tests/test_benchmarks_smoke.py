@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from benchmarks import bench_model, bench_ops, merge_order
 from benchmarks.common import merge_shapes
@@ -17,7 +18,8 @@ def test_bench_ops_smoke(tmp_path, capsys):
     assert {r["stage"] for r in rows} == {"imgme", "cross", "intra"}
     assert all(r["ms"] > 0 and r["gbs"] > 0 and r["impl"] == "torch" and r["compiled"] is False for r in rows)
     # On a CPU the wall time is the device time: no device-time columns, rather than copies of the wall time.
-    for key in ("device_ms", "host_bound", "eager_over_device", "speedup_vs_torch_eager", "device_error"):
+    for key in ("device_ms", "host_bound", "eager_over_device", "speedup_vs_torch_eager", "device_error",
+                "copy_gbs", "sized_copy_gbs", "frac_sized_copy"):
         assert not any(key in r for r in rows)
     assert all(r["speedup_vs_torch"] == 1.0 for r in rows)
     assert (tmp_path / "bench_ops.csv").exists() and "merge_fwd" in capsys.readouterr().out
@@ -25,6 +27,16 @@ def test_bench_ops_smoke(tmp_path, capsys):
     env, *lines = read_records(str(tmp_path / "rows.jsonl"))
     assert env["environment"]["torch"] and env["tag"] == "smoke"
     assert [{k: v for k, v in r.items() if k not in ("bench", "tag")} for r in lines] == rows
+
+
+def test_bandwidth_is_held_to_the_large_copy_and_to_a_copy_of_as_many_bytes():
+    assert bench_ops.bandwidth_columns(2_000_000, 0.002, 4000.0, 2000.0) == {
+        "gbs": pytest.approx(1000.0), "copy_gbs": 4000.0, "frac_copy_bw": pytest.approx(0.25),
+        "sized_copy_gbs": 2000.0, "frac_sized_copy": pytest.approx(0.5)}
+    assert bench_ops.bandwidth_columns(2_000_000, None, 4000.0, 2000.0)["frac_sized_copy"] is None
+    assert bench_ops.bandwidth_columns(2_000_000, 0.002, None) == {"gbs": pytest.approx(1000.0)}
+    # On a CPU the wall time is the device's, and there is no device copy to hold a row to.
+    assert bench_ops.sized_copy_gbs(1 << 20, torch.float16, torch.device("cpu"), rep_ms=1) is None
 
 
 def test_bench_ops_marks_each_compiled_row(tmp_path):

@@ -331,7 +331,7 @@ def test_report_tables_come_from_the_archive(tmp_path, capsys):
     assert "2950 GB/s (run, headline)" in text
     # Written before device times existed, on a GPU: its speed-up was the eager one.
     assert "| run | headline | ViT-B-16 | 32 | - | - | - | - | - | step_fwd | triton | False | - | 0.25 | - | - | - " \
-           "| - | - | 6.5 |" in text
+           "| - | - | - | 6.5 |" in text
     assert "| tests/a.py | 1 | 1 |" in text and "- tests/a.py::t2: failed" in text
 
 
@@ -372,11 +372,12 @@ def test_report_joins_the_calls_of_a_session_with_device_columns_and_the_profile
 
     ops_row = {"model": "ViT-B-16", "batch": 32, "dtype": "fp16", "layer": 10, "stage": "cross", "op": "merge_fwd",
                "impl": "triton", "compiled": False, "ms": 0.6, "device_ms": 0.05, "host_bound": True, "gbs": 2000.0,
-               "frac_copy_bw": 0.5, "speedup_vs_torch": 3.0, "speedup_vs_torch_eager": 1.5, "agrees": True,
-               "tol_ratio": 0.2, "near_ties": 0}
+               "frac_copy_bw": 0.5, "frac_sized_copy": 0.8, "speedup_vs_torch": 3.0, "speedup_vs_torch_eager": 1.5,
+               "agrees": True, "tol_ratio": 0.2, "near_ties": 0}
     # A row written before device times and checks existed: its speed-up is the eager one.
     old_row = {k: v for k, v in ops_row.items()
-               if not k.startswith(("device", "host", "speedup_vs_torch_", "agrees", "tol_ratio", "near_ties"))}
+               if not k.startswith(("device", "host", "speedup_vs_torch_", "agrees", "tol_ratio", "near_ties",
+                                     "frac_sized"))}
     wrong_row = {**ops_row, "impl": "triton:merge:8x256x4-s3", "agrees": False, "tol_ratio": 40.0,
                  "disagreement": "x: 40x its tolerance"}
     profile = [{"model": "ViT-B-32", "batch": 1, "dtype": "fp16", "variant": "tempme-triton", **r} for r in (
@@ -407,9 +408,9 @@ def test_report_joins_the_calls_of_a_session_with_device_columns_and_the_profile
     assert "| call2 | 90 | 16 | 187 | 187 | 0 | 0 | 20.5 | 240 | True |" in text
     # The first call's row has no device time: dashes, never a number made up from the eager time.
     assert "| call1 | headline | ViT-B-16 | 32 | fp16 | 10 | cross | - | - | merge_fwd | triton | False | - | 0.6 " \
-           "| - | - | 2e+03 | 0.5 | - | 3 |" in text
+           "| - | - | 2e+03 | 0.5 | - | - | 3 |" in text
     assert "| call2 | headline | ViT-B-16 | 32 | fp16 | 10 | cross | - | - | merge_fwd | triton | False | True " \
-           "| 0.6 | 0.05 | True | 2e+03 | 0.5 | 3 | 1.5 |" in text
+           "| 0.6 | 0.05 | True | 2e+03 | 0.5 | 0.8 | 3 | 1.5 |" in text
     # A row whose result was wrong is listed apart, with what failed.
     assert "### Rows that do not agree with their reference" in text
     assert "| call2 | headline | ViT-B-16 | 32 | fp16 | - | 10 | merge_fwd | - | triton:merge:8x256x4-s3 | - | - " \
@@ -520,7 +521,7 @@ def test_report_reads_the_gpu_targets_from_the_rows(tmp_path, capsys):
     rows = [op(0, "imgme", "step_fwd", "triton", speedup_vs_torch=7.6), op(10, "cross", "step_fwd", "triton",
                                                                             speedup_vs_torch=5.4),
             op(0, "imgme", "merge_fwd", "triton", frac_copy_bw=0.40), op(10, "cross", "merge_fwd", "triton",
-                                                                         frac_copy_bw=0.15),
+                                                                         frac_copy_bw=0.15, frac_sized_copy=0.2),
             op(0, "imgme", "merge_fwd", "triton:merge:16x128x4", frac_copy_bw=0.70),
             op(10, "cross", "merge_fwd", "triton:merge:16x128x4", frac_copy_bw=0.65),
             op(10, "cross", "merge_fwd", "triton:merge:8x256x4", frac_copy_bw=0.90, agrees=False),
@@ -540,6 +541,9 @@ def test_report_reads_the_gpu_targets_from_the_rows(tmp_path, capsys):
                    ("encoder at 16 videos", "ViT-B-32", round(1.41 / 1.52, 3), "met"),
                    ("one video", "ViT-B-32", round(1.07 / 1.02, 3), "met")]
     assert table[0]["where"] == "L10 cross (2 shapes)" and "tempme-triton-mean+graph 1.02 ms" in table[4]["where"]
+    # The weakest merge row's share of a copy of its own bytes follows where it is, where it was measured.
+    assert table[1]["where"] == "L10 cross (2 shapes); 0.20 of a copy of as many bytes"
+    assert table[2]["where"] == "L10 cross (2 shapes)"
     models_only = report.targets_table([dict(r, bench=bench) for bench, r in rows[9:]])
     assert [t["status"] for t in models_only] == ["not measured"] * 3 + ["met", "met"]
     assert report.main([str(tmp_path / "t"), "--markdown"]) == 0
