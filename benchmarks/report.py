@@ -229,23 +229,24 @@ def _status(measured, needed: float) -> str:
     return "not measured" if measured is None else ("met" if measured >= needed else "missed")
 
 
-def _weakest(rows: Sequence[Dict[str, object]], value) -> Tuple[Optional[float], str]:
-    """The smallest ``value(row)`` over ``rows`` and where it is (layer and stage), or (None, "")."""
+def _weakest(rows: Sequence[Dict[str, object]], value, detail=lambda r: "") -> Tuple[Optional[float], str]:
+    """The smallest ``value(row)`` over ``rows`` and where it is (layer and stage, then ``detail(row)``), or
+    (None, "")."""
     scored = [(value(r), r) for r in rows if value(r) is not None]
     if not scored:
         return None, ""
     v, r = min(scored, key=lambda t: t[0])
-    return v, f"L{r.get('layer')} {r.get('stage')} ({len(scored)} shapes)"
+    return v, f"L{r.get('layer')} {r.get('stage')} ({len(scored)} shapes){detail(r)}"
 
 
-def _weakest_copy(rows: Sequence[Dict[str, object]]) -> Tuple[Optional[float], str]:
-    """:func:`_weakest` over the merge rows' share of the copy bandwidth; where the weakest row was also held
-    to a copy of its own bytes, that share follows where it is."""
-    v, where = _weakest(rows, lambda r: r.get("frac_copy_bw"))
-    weakest = next((r for r in rows if v is not None and r.get("frac_copy_bw") == v), {})
-    if weakest.get("frac_sized_copy") is not None:
-        where += f"; {weakest['frac_sized_copy']:.2f} of a copy of as many bytes"
-    return v, where
+def _copy_share(row: Dict[str, object]) -> Optional[float]:
+    return row.get("frac_copy_bw")
+
+
+def _sized_copy_share(row: Dict[str, object]) -> str:
+    """A merge row's share of a copy of its own bytes, where it was measured, to follow where the row is."""
+    share = row.get("frac_sized_copy")
+    return "" if share is None else f"; {share:.2f} of a copy of as many bytes"
 
 
 def targets_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
@@ -258,7 +259,7 @@ def targets_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
     steps = [r for r in at if r.get("op") == "step_fwd" and r.get("impl") == "triton"]
     step, step_at = _weakest(steps, lambda r: r.get("speedup_vs_torch"))
     merges = [r for r in at if r.get("op") == "merge_fwd" and r.get("impl") == "triton"]
-    merge, merge_at = _weakest_copy(merges)
+    merge, merge_at = _weakest(merges, _copy_share, _sized_copy_share)
     swept: Dict[tuple, Dict[str, object]] = {}
     for r in at:
         if r.get("op") == "merge_fwd" and str(r.get("impl", "")).startswith("triton") \
@@ -266,7 +267,7 @@ def targets_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
             key = (r.get("run"), r.get("layer"), r.get("stage"))
             if key not in swept or r["frac_copy_bw"] > swept[key]["frac_copy_bw"]:
                 swept[key] = r
-    best, best_at = _weakest_copy(list(swept.values()))
+    best, best_at = _weakest(list(swept.values()), _copy_share, _sized_copy_share)
     table = [
         {"target": "merge step vs reference, every layer (32 videos, fp16)", "model": TARGET_SHAPE["model"],
          "measured": step, "needed": TARGET_STEP_SPEEDUP, "where": step_at},
