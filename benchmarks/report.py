@@ -215,6 +215,43 @@ def plans_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
     return sorted(table, key=lambda t: (t["run"], t["model"], t["batch"], t["op"], -t["worst_speedup"]))
 
 
+SCALING_COLUMNS = ["run", "model", "dtype", "layer", "stage", "op", "impl", "batches", "mb", "device_us",
+                   "frac_copy_bw", "fixed_us", "marginal_gbs", "frac_copy_marginal"]
+
+
+def scaling_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+    """Each op row of the library's Triton kernels (``bench_ops``, ``triton``, eager, on random plans) timed on the
+    GPU at two or more batch sizes, read as a fixed cost and a rate per byte: the line through its two largest batches,
+    ``device_us = fixed_us + bytes / marginal_gbs``. A row at 0.5 of the copy bandwidth whose marginal rate is
+    near the copy's loses its time to what it pays once (its start, its last partial wave); one whose marginal
+    rate is itself near 0.5 loses it to every byte. Shapes whose time did not grow with their bytes are left
+    out (no rate to read). Between the two batches the op's tiles may differ (they are chosen per shape)."""
+    shapes: Dict[tuple, Dict[object, Dict[str, object]]] = defaultdict(dict)
+    for r in rows:
+        if (r.get("bench") == "bench_ops" and r.get("impl") == "triton" and not r.get("compiled")
+                and r.get("plans", "random") == "random" and r.get("device_ms") and r.get("bytes")
+                and r.get("copy_gbs") and r.get("agrees") is not False):
+            key = tuple(r.get(k) for k in ("run", "model", "dtype", "layer", "stage", "op", "impl"))
+            shapes[key][r.get("batch")] = r
+    table = []
+    for key, by_batch in shapes.items():
+        if len(by_batch) < 2:
+            continue
+        small, large = (by_batch[b] for b in sorted(by_batch)[-2:])
+        extra_s = (large["device_ms"] - small["device_ms"]) * 1e-3
+        extra_bytes = large["bytes"] - small["bytes"]
+        if extra_s <= 0 or extra_bytes <= 0:
+            continue
+        marginal = extra_bytes / extra_s / 1e9
+        table.append({**dict(zip(("run", "model", "dtype", "layer", "stage", "op", "impl"), key)),
+                      "batches": f"{small['batch']},{large['batch']}", "mb": large["bytes"] / 1e6,
+                      "device_us": large["device_ms"] * 1e3, "frac_copy_bw": large.get("frac_copy_bw"),
+                      "fixed_us": (large["device_ms"] * 1e-3 - large["bytes"] / (marginal * 1e9)) * 1e6,
+                      "marginal_gbs": marginal, "frac_copy_marginal": marginal / large["copy_gbs"]})
+    return sorted(table, key=lambda t: tuple(str(t[k]) for k in ("run", "model", "dtype", "op", "impl"))
+                  + (t["layer"] if isinstance(t["layer"], int) else -1, str(t["stage"])))
+
+
 # The GPU targets (BENCHMARKS.md, "Targets after the second run"): the merge step against the PyTorch reference
 # and the merge forward against the copy bandwidth at ViT-B/16, fp16, 32 videos; the encoder against its FLOPs
 # bound at 16 videos; the graph-replayed encoder against graph-replayed open_clip at one video.
@@ -357,6 +394,13 @@ def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequen
     ops = [r for r in rows if r.get("bench") == "bench_ops" and r.get("op") != "copy"]
     if ops:
         section("Merge ops", device_note, markdown(ops, OPS_COLUMNS))
+    scaling = scaling_table(ops)
+    if scaling:
+        section("Merge ops across batch sizes: a fixed cost and a rate per byte", "Per shape, the line through "
+                "the device times of its two largest batches (`batches`): `fixed_us` is what the op pays once, "
+                "`marginal_gbs` what each further byte costs, `frac_copy_marginal` that rate over the run's copy "
+                "bandwidth; `mb`, `device_us` and `frac_copy_bw` are the larger batch's.",
+                markdown(scaling, SCALING_COLUMNS))
     attention = [r for r in rows if r.get("bench") == "attention"]
     if attention:
         section("Proportional attention", device_note, markdown(attention, ATTENTION_COLUMNS))

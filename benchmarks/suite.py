@@ -198,6 +198,12 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
         # added since: about +4 s.
         Stage("ops_headline", bench("bench_ops", "headline", "--models", "ViT-B-16", "--batches", "32",
                                     "--dtypes", dtype, "--impls", *fast, "--rep-ms", "30"), 80, expect=33),
+        # The merge forward again at 8 videos: with the headline's 32, each shape's time read as a fixed cost and a
+        # rate per byte (benchmarks.report's scaling table), which says whether a shortfall against the copy
+        # bandwidth is the kernel's per byte or what a kernel of that size pays once. 7 rows; about 10 s.
+        *([Stage("merge_scaling", bench("bench_ops", "scaling", "--models", "ViT-B-16", "--batches", "8",
+                                        "--dtypes", dtype, "--impls", "triton", "--ops", "merge_fwd",
+                                        "--rep-ms", "25"), 40, expect=10)] if gpu else []),
         # The merge forward reached 0.15-0.40 of the copy bandwidth on the H200 (target 0.60): its tiles, with and
         # without the LayerNorm, and the plan's two paths at one video, at the real shapes, right after the
         # headline. Every row is checked against float64 where it is timed (benchmarks.oracle), so these

@@ -144,12 +144,12 @@ def test_pytest_results_are_written_one_line_per_test(tmp_path):
 def test_the_stage_list_puts_the_headline_first_then_the_merge_sweeps_the_profile_and_the_tests(tmp_path):
     stages = gpu_stages(str(tmp_path))
     names = [s.name for s in stages]
-    assert names[:13] == ["preflight", "warm", "model_headline", "ops_headline", "merge_tiles", "norm_tiles",
-                          "norm1_tiles", "encoder_tiles", "profile", "attention", "kernel_tests", "cuda_tests",
-                          "model_tests"]
+    assert names[:14] == ["preflight", "warm", "model_headline", "ops_headline", "merge_scaling", "merge_tiles",
+                          "norm_tiles", "norm1_tiles", "encoder_tiles", "profile", "attention", "kernel_tests",
+                          "cuda_tests", "model_tests"]
     # Then the 16-bit match's tiles (its joins ran at 0.15-0.28 of the copy), the plan's paths (its last program
     # shortened since the third run), the attention's.
-    assert names[13:16] == ["match_tiles", "plan_paths", "attention_tiles"]
+    assert names[14:17] == ["match_tiles", "plan_paths", "attention_tiles"]
     assert names[-1] == "plots" and stages[-1].final and not any(s.final for s in stages[:-1])
     # The warm-up compiles what the benchmarks launch: every model, batch and dtype they run.
     warm = stages[1].argv
@@ -160,12 +160,17 @@ def test_the_stage_list_puts_the_headline_first_then_the_merge_sweeps_the_profil
             assert set(values(s.argv, "--models")) <= set(values(warm, "--models")), s.name
             assert set(values(s.argv, "--batches")) <= set(values(warm, "--batches")), s.name
             assert set(values(s.argv, "--dtypes")) <= set(values(warm, "--dtypes")), s.name
+    # The merge forward at a second batch beside the headline's, for the report's fixed cost and rate per byte.
+    scaling = stages[names.index("merge_scaling")].argv
+    assert values(scaling, "--models") == values(stages[3].argv, "--models") and values(scaling, "--batches") == ["8"]
+    assert values(scaling, "--ops") == ["merge_fwd"] and values(scaling, "--impls") == ["triton"]
     headline = stages[2].argv
     assert headline[headline.index("--batches") + 1:headline.index("--batches") + 3] == ["1", "16"]
     assert {"tempme-eager", "tempme-torch", "tempme-triton", "tempme-triton+graph"} <= set(headline)
-    profile = stages[8].argv
+    profile = stages[names.index("profile")].argv
     assert profile[profile.index("--cases") + 1:profile.index("--cases") + 3] == ["ViT-B-16:16", "ViT-B-32:1"]
-    assert {"tests/test_graphs.py", "tests/test_model_triton.py", "tests/test_attention.py"} <= set(stages[12].argv)
+    model_tests = stages[names.index("model_tests")].argv
+    assert {"tests/test_graphs.py", "tests/test_model_triton.py", "tests/test_attention.py"} <= set(model_tests)
     # The merge sweeps at one video, and a second time at 32 videos at layers 8-10, run on the encoder's own plans;
     # their candidates are the random sweeps' (which benchmarks.warm compiles), each at the op it tiles.
     for name in ("norm1_tiles", "encoder_tiles"):
@@ -185,7 +190,7 @@ def test_the_stage_list_puts_the_headline_first_then_the_merge_sweeps_the_profil
             assert s.argv[s.argv.index("--jsonl") + 1] == str(tmp_path / "rows.jsonl")
         assert 0 < s.expect <= s.cap  # every stage has a measured or estimated duration within its limit
     # A first call with the default budget is expected to finish the headline and the merge sweeps.
-    assert sum(s.expect for s in stages[:8]) + stages[-1].expect <= DEFAULT_BUDGET_S
+    assert sum(s.expect for s in stages[:names.index("profile")]) + stages[-1].expect <= DEFAULT_BUDGET_S
     cpu = gpu_stages(str(tmp_path), device="cpu")
     assert all("triton" not in s.argv for s in cpu)  # no Triton impl asked for where it would be interpreted
     assert "warm" not in [s.name for s in cpu]  # nothing to compile for on a CPU
@@ -573,3 +578,34 @@ def test_report_puts_each_candidate_on_random_and_encoder_plans_side_by_side(tmp
     assert got == [("merge:b", 1, 1.25, 1.25, 1.25, False), ("merge:a", 1, 2.0, 0.5, 0.5, True)]
     assert report.main([str(tmp_path / "p"), "--markdown"]) == 0
     assert "### Tile sweeps on random plans and on the encoder's" in capsys.readouterr().out
+
+
+def test_report_reads_each_shape_across_batches_as_a_fixed_cost_and_a_rate_per_byte(tmp_path, capsys):
+    """The line through a shape's two largest batches: 4 us once and 2 TB/s a byte, at a 4 TB/s copy, read back
+    as such; a shape timed at one batch, one whose time fell as its bytes grew, and the rows of the reference,
+    of sweep candidates, of compiled code and on the encoder's plans are left out."""
+    from benchmarks import report
+
+    def op(batch, ms, layer=10, stage="cross", impl="triton", **values):
+        mb = 2.0 * batch
+        return ("bench_ops", {"model": "ViT-B-16", "batch": batch, "dtype": "fp16", "layer": layer, "stage": stage,
+                              "op": "merge_fwd", "impl": impl, "ms": 2 * ms, "device_ms": ms, "bytes": mb * 1e6,
+                              "copy_gbs": 4000.0, "frac_copy_bw": mb * 1e6 / (ms * 1e-3) / 4e12, "agrees": True,
+                              **values})
+
+    def line(batch):  # 4 us once, then 2 TB/s
+        return 4e-3 + 2.0 * batch * 1e6 / 2e12 * 1e3
+    rows = [op(1, 0.050), op(8, line(8)), op(32, line(32)),  # (batch 1 is not on the line: only 8 and 32 count)
+            op(32, 0.001, impl="torch"), op(32, 0.001, impl="triton:merge:8x256x4"),
+            op(32, 0.001, compiled=True), op(32, 0.001, plans="encoder"),
+            op(32, line(32), layer=9),  # one batch only
+            op(8, 0.050, layer=8), op(32, 0.040, layer=8)]  # time fell
+    _suite_folder(tmp_path / "s", "NVIDIA H200, sm_90", [], rows, [])
+    table = report.scaling_table(report.load(str(tmp_path / "s"), "s").rows)
+    assert [(t["layer"], t["batches"]) for t in table] == [(10, "8,32")]
+    got = table[0]
+    assert got["fixed_us"] == pytest.approx(4.0) and got["marginal_gbs"] == pytest.approx(2000.0)
+    assert got["frac_copy_marginal"] == pytest.approx(0.5) and got["mb"] == pytest.approx(64.0)
+    assert got["device_us"] == pytest.approx(line(32) * 1e3)
+    assert report.main([str(tmp_path / "s"), "--markdown"]) == 0
+    assert "### Merge ops across batch sizes: a fixed cost and a rate per byte" in capsys.readouterr().out
