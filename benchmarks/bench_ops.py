@@ -372,7 +372,7 @@ def device_row(op: str, impl: str, s: MergeShape, dtype: torch.dtype, device: to
 
     def make(i: int):
         return op_fn(op, impl, s, *make_inputs(s, dtype, device, 1 + i, metrics), compile_backend, compiled)[0]
-    elt = torch.tensor([], dtype=dtype).element_size()
+    elt = dtype.itemsize
     # One set: metric, x, sizes and the upstream gradient of the backward ops.
     set_bytes = s.rows * s.tokens * ((s.channels + s.width) * elt + 4) + s.rows * (s.tokens - s.r) * s.width * elt
     return device_columns(make, set_bytes, device, rep_ms)
@@ -398,7 +398,7 @@ def sized_copy_gbs(nbytes: int, dtype: torch.dtype, device: torch.device, rep_ms
     wave cost nothing; an op of a few tens of MB pays both, and so does a copy of its size."""
     if device.type != "cuda":
         return None
-    elt = torch.tensor([], dtype=dtype).element_size()
+    elt = dtype.itemsize
     numel = max(1, nbytes // (2 * elt))
 
     def make(i: int):

@@ -215,8 +215,9 @@ def plans_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
     return sorted(table, key=lambda t: (t["run"], t["model"], t["batch"], t["op"], -t["worst_speedup"]))
 
 
-SCALING_COLUMNS = ["run", "model", "dtype", "layer", "stage", "op", "impl", "batches", "mb", "device_us",
-                   "frac_copy_bw", "fixed_us", "marginal_gbs", "frac_copy_marginal"]
+SCALING_KEYS = ("run", "model", "dtype", "layer", "stage", "op", "impl")  # one shape of one op, batches apart
+SCALING_COLUMNS = [*SCALING_KEYS, "batches", "mb", "device_us", "frac_copy_bw", "fixed_us", "marginal_gbs",
+                   "frac_copy_marginal"]
 
 
 def scaling_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
@@ -231,7 +232,7 @@ def scaling_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
         if (r.get("bench") == "bench_ops" and r.get("impl") == "triton" and not r.get("compiled")
                 and r.get("plans", "random") == "random" and r.get("device_ms") and r.get("bytes")
                 and r.get("copy_gbs") and r.get("agrees") is not False):
-            key = tuple(r.get(k) for k in ("run", "model", "dtype", "layer", "stage", "op", "impl"))
+            key = tuple(r.get(k) for k in SCALING_KEYS)
             shapes[key][r.get("batch")] = r
     table = []
     for key, by_batch in shapes.items():
@@ -243,7 +244,7 @@ def scaling_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
         if extra_s <= 0 or extra_bytes <= 0:
             continue
         marginal = extra_bytes / extra_s / 1e9
-        table.append({**dict(zip(("run", "model", "dtype", "layer", "stage", "op", "impl"), key)),
+        table.append({**dict(zip(SCALING_KEYS, key)),
                       "batches": f"{small['batch']},{large['batch']}", "mb": large["bytes"] / 1e6,
                       "device_us": large["device_ms"] * 1e3, "frac_copy_bw": large.get("frac_copy_bw"),
                       "fixed_us": (large["device_ms"] * 1e-3 - large["bytes"] / (marginal * 1e9)) * 1e6,
