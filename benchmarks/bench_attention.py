@@ -20,6 +20,7 @@ import contextlib
 import functools
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -31,11 +32,15 @@ from tempme_fast.ops import triton_attention
 from tempme_fast.schedule import LayerPlan
 
 from .common import VIT_GEOMETRY, environment, failure, measure_ms, print_table
+from .context import CONTEXT_LOST_EXIT, ContextLost, Resume, context_lost, exit_for_good
 from .devicetime import device_columns, host_columns, speedups
 from .oracle import check_attention, check_raised
 
 IMPLS = ("sdpa", "fold", "triton", "sdpa-nobias", "eager")
 MODES = ("fwd", "fwdbwd")
+# The fields that name a row and a candidate, for a stage resumed after a lost CUDA context (benchmarks.context).
+ROW_KEYS = ("model", "batch", "layer", "rows", "tokens", "queries", "dtype", "mode", "impl")
+CANDIDATE_KEYS = ("mode", "impl")
 
 
 @dataclass(frozen=True)
@@ -182,9 +187,12 @@ def time_case(impl: str, mode: str, s: AttentionShape, dtype: torch.dtype, devic
 
 
 def run(device: torch.device, models, batches, dtypes, impls, modes, rep_ms: float = 100,
-        sink=None, check: bool = True) -> List[Dict[str, object]]:
+        sink=None, check: bool = True, resume: Optional[Resume] = None) -> List[Dict[str, object]]:
     """Rows of every (shape, dtype, mode, impl); each is passed to ``sink`` as soon as it is measured. With
-    ``check``, each row also says whether it agrees with the float64 attention (:func:`check_case`)."""
+    ``check``, each row also says whether it agrees with the float64 attention (:func:`check_case`).
+    Where a row lost the CUDA context (:func:`context.context_lost`), it is passed on with ``context_lost`` and
+    :class:`context.ContextLost` is raised; ``resume`` skips the rows that earlier processes of the stage
+    logged, and every candidate of theirs that lost the context."""
     rows = []
     for model in models:
         for batch in batches:
@@ -194,6 +202,10 @@ def run(device: torch.device, models, batches, dtypes, impls, modes, rep_ms: flo
                         base = None
                         for impl in impls:
                             row = {**asdict(s), "dtype": dtype_name, "mode": mode, "impl": impl}
+                            if resume and resume.skip(row):
+                                found = resume.logged(row) if impl == "sdpa" else None
+                                base = found if found and "ms" in found else base
+                                continue
                             try:
                                 row.update(time_case(impl, mode, s, DTYPES[dtype_name], device, rep_ms))
                             except Exception as e:  # noqa: BLE001 (recorded in the row; the next case runs)
@@ -204,9 +216,15 @@ def run(device: torch.device, models, batches, dtypes, impls, modes, rep_ms: flo
                             if "ms" in row:
                                 row.update(speedups(row, base, device, "speedup_vs_mask") if base else
                                            {"speedup_vs_mask": None})
+                            lost = context_lost(device)
+                            if lost:
+                                row["context_lost"] = True
                             rows.append(row)
                             if sink:
                                 sink(row)
+                            if lost:
+                                raise ContextLost(f"{mode} {impl} at {s.model}, {s.batch} videos, layer {s.layer}, "
+                                                  f"{dtype_name}: {row.get('error', 'no error raised')}")
     return rows
 
 
@@ -229,7 +247,12 @@ def main(argv=None) -> int:
                         help="time the Triton forward with these query and key tiles, warps and stages (rows "
                              "'triton:SPEC'), beside the library's (row 'triton') and SDPA with the mask and "
                              "without a bias; forward only")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the rows that --jsonl already holds under --tag, and every candidate there that "
+                             "lost the CUDA context (a stage started again after a lost context: benchmarks.context)")
     args = parser.parse_args(argv)
+    if args.resume and not args.jsonl:
+        parser.error("--resume reads the rows of --jsonl: give --jsonl PATH")
     impls, modes = args.impls, args.modes
     if args.fwd_tiles:
         try:
@@ -240,6 +263,7 @@ def main(argv=None) -> int:
         impls, modes = ["sdpa", "sdpa-nobias", "triton", *(f"triton:{spec}" for spec in args.fwd_tiles)], ["fwd"]
     device = torch.device(args.device)
     env = environment(device)
+    resume = Resume(args.jsonl, "attention", args.tag, ROW_KEYS, CANDIDATE_KEYS) if args.resume else None
     out = open(args.jsonl, "a") if args.jsonl else None
 
     def sink(row):  # every row on disk before the next is measured: a run cut short keeps it
@@ -248,7 +272,11 @@ def main(argv=None) -> int:
         os.fsync(out.fileno())
     try:
         rows = run(device, args.models, args.batches, args.dtypes, impls or available_impls(device),
-                   modes, args.rep_ms, sink if out else None, args.check)
+                   modes, args.rep_ms, sink if out else None, args.check, resume)
+    except ContextLost as e:
+        print(f"# the CUDA context is lost after {e}; every row before it is kept: run again with --resume to go "
+              f"on (exit {CONTEXT_LOST_EXIT})", file=sys.stderr)
+        return CONTEXT_LOST_EXIT
     finally:
         if out:
             out.close()
@@ -260,4 +288,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_for_good(main())

@@ -54,6 +54,7 @@ import argparse
 import contextlib
 import functools
 import re
+import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -65,6 +66,7 @@ from tempme_fast.ops import reference, triton_ops
 from .common import Compiled, MergeShape, RowLog, add_row_log_arguments, copy_bandwidth_gbs, encoder_metrics, \
     environment, failure, measure_ms, merge_shapes, metric_tensor, print_table, shifted_metric, source_counts, \
     write_results
+from .context import CONTEXT_LOST_EXIT, ContextLost, Resume, context_lost, exit_for_good
 from .devicetime import basis_ms, device_columns, host_columns, speedups
 from .oracle import NORM_EPS, check_op, check_raised, join_grads, join_inputs, norm_inputs, upstream_grad
 
@@ -85,6 +87,12 @@ TILE_OPS = {"merge": ("merge_fwd", "step_fwd", "step_fwdbwd"),
 # Where a merge's metric comes from: random (``make_inputs``: a B token gathers 3-6 sources at most) or the
 # encoder's own (``common.encoder_metrics``: random weights, the plans' skew as the model's merges meet it).
 PLANS = ("random", "encoder")
+
+
+# The fields that name a row (a resumed stage skips the rows logged under them) and a candidate (a resumed stage
+# skips one that lost the CUDA context, at every later shape).
+ROW_KEYS = ("model", "batch", "layer", "stage", "dtype", "op", "impl", "plans")
+CANDIDATE_KEYS = ("op", "impl")
 
 
 # The plan paths of ``plan:PATH``: sort every float32 row the sort can hold, or count every row.
@@ -417,7 +425,8 @@ def max_sources(s: MergeShape, metric: torch.Tensor) -> int:
 
 def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_at: Optional[str] = None,
         rep_ms: float = 100, log: Optional[RowLog] = None, compile_backend: str = "inductor", check: bool = True,
-        plans: str = "random", layers: Optional[Sequence[int]] = None) -> List[Dict[str, object]]:
+        plans: str = "random", layers: Optional[Sequence[int]] = None,
+        resume: Optional[Resume] = None) -> List[Dict[str, object]]:
     """Time every (shape, dtype, op, impl); ``compile_at`` ("ViT-B-16:32:fp16") limits torch.compile rows.
     With ``check``, each row also says whether its op agrees with the float64 reference (:func:`check_row`).
     ``plans`` (:data:`PLANS`): where the metrics come from; ``layers``: only the merges of these layers. Each row
@@ -427,13 +436,26 @@ def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_
     GPU the first row is the device-to-device copy bandwidth measured in this run; every bandwidth row
     is compared with it, and the merge rows (:data:`SIZED_COPY_OPS`) also with a copy of their own bytes
     (:func:`sized_copy_gbs`, timed once a size).
+
+    After each row the CUDA context is probed (:func:`context.context_lost`): where a row lost it, the row is
+    kept with ``context_lost`` and :class:`context.ContextLost` is raised. ``resume`` (the rows earlier processes
+    of the stage logged) skips the rows measured already and every candidate that lost the context, and takes
+    the copy bandwidth from their copy row.
     """
     log = log or RowLog(None, "bench_ops", {})
-    bandwidth = None
-    if device.type == "cuda":
+    bandwidth = resume.value("copy_gbs", op="copy") if resume else None
+    if device.type == "cuda" and bandwidth is None:
         bandwidth = copy_bandwidth_gbs(device)
         log({"op": "copy", "impl": "torch", "copy_gbs": bandwidth})
     start = len(log.rows)
+
+    def keep(row: Dict[str, object]) -> None:
+        """Logs ``row``; raises ContextLost after it where the context is gone."""
+        lost = context_lost(device)
+        log({**row, "context_lost": True} if lost else row)
+        if lost:
+            raise ContextLost(f"{row['op']} {row['impl']} at {row['model']}, {row['batch']} videos, layer "
+                              f"{row['layer']} {row['stage']}, {row['dtype']}: {row.get('error', 'no error raised')}")
     sized: Dict[Tuple[int, torch.dtype], Optional[float]] = {}  # (bytes, dtype) -> a copy of as many bytes, GB/s
     for model in models:
         for batch in batches:
@@ -463,11 +485,15 @@ def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_
                             row = {"model": model, "batch": batch, "layer": s.layer, "stage": s.stage,
                                    "rows": s.rows, "tokens": s.tokens, "r": s.r, "dtype": dtype_name, "op": op,
                                    "impl": impl, "plans": plans, "max_sources": busiest}
+                            if resume and resume.skip(row):
+                                found = resume.logged(row) if impl == "torch" else None
+                                base = found if found and "error" not in found else base
+                                continue
                             try:
                                 fn, compiled = op_fn(op, impl, s, metric, x, size, compile_backend)
                                 row.update(measure_ms(fn, device, rep_ms=rep_ms))
                             except Exception as e:  # noqa: BLE001 (recorded in the row; the next case runs)
-                                log({**row, **failure(e)})
+                                keep({**row, **failure(e)})
                                 continue
                             row.update(device_row(op, impl, s, dtype, device, compiled, compile_backend, rep_ms,
                                                   metrics))
@@ -484,7 +510,7 @@ def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_
                                 base = row
                             row.update(speedups(row, base, device, "speedup_vs_torch") if base else
                                        {"speedup_vs_torch": None})
-                            log(row)
+                            keep(row)
     return log.rows[start:]
 
 
@@ -509,6 +535,9 @@ def main(argv=None) -> int:
                              "join, 32 videos)")
     parser.add_argument("--layers", nargs="+", type=int, default=None, help="only the merges of these layers")
     parser.add_argument("--out", default=None, help="folder for bench_ops.json / .csv, written at the end")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the rows that --jsonl already holds under --tag, and every candidate there that "
+                             "lost the CUDA context (a stage started again after a lost context: benchmarks.context)")
     parser.add_argument("--tiles", nargs="+", default=[], metavar="SPEC",
                         help="also time the Triton ops with these tiles (rows 'triton:SPEC'): "
                              "merge:BTxBDxW[-gN|[-sN][-pN][-cN]], norm:BTxW[-sN][-pN][-cN] (-sN: the sources' "
@@ -530,10 +559,18 @@ def main(argv=None) -> int:
                      f"{', '.join(map(str, merging))}")
     impls = args.impls or (["torch", "triton", "torch.compile"] if device.type == "cuda" else ["torch"])
     impls = [*impls, *(f"triton:{spec}" for spec in args.tiles)]
+    if args.resume and not args.jsonl:
+        parser.error("--resume reads the rows of --jsonl: give --jsonl PATH")
+    resume = Resume(args.jsonl, "bench_ops", args.tag, ROW_KEYS, CANDIDATE_KEYS) if args.resume else None
     env = environment(device)
-    rows = run(device, args.models, args.batches, args.dtypes, impls, args.ops, args.compile_at or None, args.rep_ms,
-               RowLog(args.jsonl, "bench_ops", env, args.tag), args.compile_backend, args.check, args.plans,
-               args.layers)
+    try:
+        rows = run(device, args.models, args.batches, args.dtypes, impls, args.ops, args.compile_at or None,
+                   args.rep_ms, RowLog(args.jsonl, "bench_ops", env, args.tag), args.compile_backend, args.check,
+                   args.plans, args.layers, resume)
+    except ContextLost as e:
+        print(f"# the CUDA context is lost after {e}; every row before it is kept: run again with --resume to go "
+              f"on (exit {CONTEXT_LOST_EXIT})", file=sys.stderr)
+        return CONTEXT_LOST_EXIT
     if args.out:
         write_results(args.out, "bench_ops", env, rows)
     print(f"# merge ops on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
@@ -545,4 +582,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_for_good(main())

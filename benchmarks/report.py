@@ -376,9 +376,12 @@ def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequen
     stages = [s for run in runs for s in run.stages]
     if stages:
         section("Stages", "Each call's stages: `timeout` was cut off at its limit (its rows are kept), "
-                "`skipped` found no time left; `triton_cache_new`: entries the stage added to Triton's cache "
-                "(kernel variants it compiled, launcher stubs it built).",
-                markdown(stages, ["run", "stage", "outcome", "rc", "seconds", "limit_s", "triton_cache_new"]))
+                "`skipped` found no time left; `restarts` (where a stage has some): processes started again with "
+                "`--resume` after one lost the CUDA context; `triton_cache_new`: entries the stage added to Triton's "
+                "cache (kernel variants it compiled, launcher stubs it built).",
+                markdown(stages, ["run", "stage", "outcome", "rc", "seconds", "limit_s",
+                                  *(["restarts"] if any("restarts" in s for s in stages) else []),
+                                  "triton_cache_new"]))
     rows = [r for run in runs for r in run.rows if not tags or r.get("tag") in (None, "", *tags)]
     warmed = [r for r in rows if r.get("bench") == "warm"]
     if warmed:
@@ -434,6 +437,13 @@ def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequen
                 "Their times are of a wrong result (`benchmarks/oracle.py`): `disagreement` says what failed first.",
                 markdown(wrong, ["run", "tag", "model", "batch", "dtype", "precision", "layer", "op", "mode", "impl",
                                  "variant", "backend", "disagreement"]))
+    lost = [r for r in ops + attention if r.get("context_lost")]
+    if lost:
+        section("Rows that lost the CUDA context", "After each of these rows the process could run nothing more on "
+                "the GPU (a kernel faulted); its stage went on in a new process without that candidate "
+                "(`benchmarks.context`).",
+                markdown(lost, ["run", "tag", "model", "batch", "dtype", "layer", "stage", "op", "mode", "impl",
+                                "error"]))
     if model:
         section("Whole encoder", "`+graph` variants are replayed from a CUDA graph: the device time of the "
                 "whole forward.", markdown(model, MODEL_COLUMNS))

@@ -9,6 +9,10 @@ processes compile on ``N`` cores. Output lines carry their shard's number. The e
 first non-zero one among the processes (0 when all passed; a shard left without tests, pytest's 5,
 counts as passed unless every shard is). Stopped by SIGTERM or SIGINT, it stops
 its processes first.
+
+A shard whose process lost its CUDA context (exit ``CONTEXT_LOST_EXIT``: a kernel faulted, and every later
+test there would fail with it) starts again with ``--skip-logged``, up to ``MAX_RESTARTS`` times: its tests
+without a result yet run in a fresh process (:mod:`benchmarks.context`). Such a shard counts as failed.
 """
 from __future__ import annotations
 
@@ -17,9 +21,12 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import List, Sequence
+from typing import Dict, List, Sequence
+
+from .context import CONTEXT_LOST_EXIT, MAX_RESTARTS
 
 NO_TESTS = 5  # pytest's exit status when nothing was collected (or all deselected)
+TESTS_FAILED = 1
 
 
 def shard_argv(pytest_args: Sequence[str], index: int, count: int, python: str = sys.executable) -> List[str]:
@@ -32,34 +39,70 @@ def _relay(pipe, prefix: bytes) -> None:
         sys.stdout.flush()
 
 
+class _Shard(threading.Thread):
+    """One shard's processes in turn: the first, then one more with ``--skip-logged`` after each that lost its
+    CUDA context (at most ``MAX_RESTARTS``); ``code`` is the shard's exit status when it is done."""
+
+    def __init__(self, pytest_args: Sequence[str], index: int, count: int):
+        super().__init__(daemon=True)
+        self.argv, self.index, self.count = shard_argv(pytest_args, index, count), index, count
+        self.proc = None
+        self.code = None
+        self.stopping = False
+
+    def run(self) -> None:
+        prefix, argv = f"[{self.index}] ".encode(), self.argv
+        for attempt in range(MAX_RESTARTS + 1):
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            _relay(self.proc.stdout, prefix)
+            code = self.proc.wait()
+            if code != CONTEXT_LOST_EXIT or self.stopping or attempt == MAX_RESTARTS:
+                break
+            _relay_line(prefix, f"the CUDA context is lost: this shard's tests without a result go on in a new "
+                                f"process ({attempt + 1} of at most {MAX_RESTARTS})")
+            argv = [*self.argv, "--skip-logged"]
+        # A shard that lost its context had a test fail (the one after which it was lost).
+        self.code = TESTS_FAILED if attempt and code in (0, NO_TESTS) else code
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _relay_line(prefix: bytes, text: str) -> None:
+    sys.stdout.buffer.write(prefix + text.encode() + b"\n")
+    sys.stdout.flush()
+
+
 def run(pytest_args: Sequence[str], count: int) -> int:
     if "benchmarks.testlog" not in pytest_args:
         raise ValueError("the pytest arguments must load the plugin that splits the tests: -p benchmarks.testlog")
-    procs = [subprocess.Popen(shard_argv(pytest_args, i, count), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for i in range(count)]
-    relays = [threading.Thread(target=_relay, args=(p.stdout, f"[{i}] ".encode()), daemon=True)
-              for i, p in enumerate(procs)]
-    for t in relays:
-        t.start()
+    shards = [_Shard(pytest_args, i, count) for i in range(count)]
+    for shard in shards:
+        shard.start()
 
     def stop(signum, frame):
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
+        for shard in shards:
+            shard.stop()
         raise SystemExit(128 + signum)
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous: Dict[int, object] = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        codes = [p.wait() for p in procs]
+        for shard in shards:
+            while shard.is_alive():  # (a join with a timeout: the signal handler runs in between)
+                shard.join(timeout=0.5)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for t in relays:
-        t.join(timeout=5)
+        for shard in shards:
+            shard.kill()
+    codes = [shard.code for shard in shards]
     if all(code == NO_TESTS for code in codes):
         return NO_TESTS
     return next((code for code in codes if code not in (0, NO_TESTS)), 0)

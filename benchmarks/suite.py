@@ -12,7 +12,9 @@ The plan printed at the start sets each stage's expected seconds (from the H200 
 budget; a measurement split into two calls runs the first with the default order and the second with ``--skip``
 naming the stages the first finished. A stage that
 runs out of time is stopped (SIGTERM to its process group, SIGKILL 10 s later); every row it measured
-is already on disk, because the benchmarks and the pytest plugin append one JSON line per result.
+is already on disk, because the benchmarks and the pytest plugin append one JSON line per result. A
+benchmark stage whose process lost its CUDA context (exit 75: a kernel faulted) goes on with ``--resume`` in
+a fresh process, in what is left of its limit (:mod:`benchmarks.context`); the test shards do the same.
 
 Output folder (few files; ``--archive`` keeps a ``.tar.gz`` of it up to date every ``--every`` seconds,
 after each stage and at the end, so the archive is the one file to carry back):
@@ -44,7 +46,13 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
+from .context import CONTEXT_LOST_EXIT, MAX_RESTARTS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Benchmarks that exit with CONTEXT_LOST_EXIT where a row lost the CUDA context and go on from there with
+# --resume (benchmarks.context): such a stage is started again, at most MAX_RESTARTS times, in what is left of
+# its limit. (The test stages restart their shards themselves: benchmarks.shards.)
+RESUMABLE = ("benchmarks.bench_ops", "benchmarks.bench_attention")
 STOP_GRACE_S = 10  # between SIGTERM and SIGKILL of a stage that ran out of time
 # One of two calls in a lease of 15 minutes of device time, which also pays for the machine's start.
 DEFAULT_BUDGET_S = 420
@@ -52,6 +60,9 @@ DEFAULT_BUDGET_S = 420
 WARM_TEST = "tests/test_warm.py::test_after_warming_the_real_launches_compile_nothing"
 # The same for a model compiled ahead by the public tempme_fast.compile_kernels.
 PRECOMPILE_TEST = "tests/test_precompile.py::test_after_compiling_ahead_encode_video_and_its_backward_compile_nothing"
+# A real kernel fault in a test shard: the test after it runs in a fresh process (benchmarks.context), checked
+# with the kernel tests, before the CUDA tests that lean on it.
+FAULT_TEST = "tests/test_context.py::test_a_kernel_fault_on_the_gpu_costs_its_shard_one_test"
 # Processes per test stage on a GPU machine (16 cores): a test's time there is mostly compiling its
 # Triton variants, which takes one core (benchmarks.shards).
 TEST_SHARDS = 4
@@ -143,6 +154,11 @@ class Stage:
     cap: float
     final: bool = False  # its time is kept back from the stages before it (the plots come out regardless)
     expect: float = 0.0  # seconds it is expected to take, for the plan printed at the start
+
+    @property
+    def resumable(self) -> bool:
+        """Whether the stage goes on with ``--resume`` after a process that lost the CUDA context."""
+        return "-m" in self.argv and self.argv[self.argv.index("-m") + 1] in RESUMABLE
 
 
 def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> List[Stage]:
@@ -240,7 +256,8 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
                             "--rep-ms", "25"],
               80, expect=30),  # 25.8 s in the third run
         # The sorted plan and the histogram grouping have not run in a GPU test yet.
-        Stage("kernel_tests", pytest("tests/test_triton_ops.py"), 170, expect=10),  # 6.1 s in the third run
+        # 6.1 s in the third run; the kernel fault's test (two pytest processes on one shard) about 10 s more.
+        Stage("kernel_tests", pytest("tests/test_triton_ops.py", FAULT_TEST), 170, expect=15),
         # With the checks that the warm-up and compile_kernels compiled what the real launches look up.
         Stage("cuda_tests", pytest("tests/test_triton_cuda.py", "tests/test_cuda_determinism.py",
                                    "tests/test_add_norm.py", WARM_TEST, PRECOMPILE_TEST), 130, expect=110),
@@ -304,7 +321,7 @@ def gpu_stages(out: str, device: str = "cuda", python: str = sys.executable) -> 
                                                ("test_triton_cuda", "test_cuda_determinism", "test_graphs",
                                                 "test_triton_ops", "test_model_triton", "test_attention",
                                                 "test_self_attention", "test_bench_profile", "test_add_norm")],
-                                    "--deselect", WARM_TEST, "--deselect", PRECOMPILE_TEST),
+                                    "--deselect", WARM_TEST, "--deselect", PRECOMPILE_TEST, "--deselect", FAULT_TEST),
               240, expect=240),
         Stage("plots", [python, "-m", "benchmarks.plots", out, "--to", os.path.join(out, "plots")], 20, final=True,
               expect=7),
@@ -416,6 +433,28 @@ def run_stage(stage: Stage, limit: float, log) -> dict:
     return {"rc": rc, "outcome": outcome, "seconds": round(time.monotonic() - t0, 1)}
 
 
+def run_resuming(stage: Stage, limit: float, log, min_stage_s: float = 5) -> dict:
+    """:func:`run_stage`, and for a :attr:`Stage.resumable` stage whose process exits with ``CONTEXT_LOST_EXIT``
+    (a row lost the CUDA context) the same command with ``--resume`` in what is left of ``limit``, up to
+    ``MAX_RESTARTS`` times: the rows after the lost one are measured in a fresh process. ``restarts`` counts
+    those processes and ``rcs`` holds every exit status; a stage that lost its context is never ``ok``."""
+    result = run_stage(stage, limit, log)
+    rcs, spent = [result["rc"]], result["seconds"]
+    while stage.resumable and result["rc"] == CONTEXT_LOST_EXIT and len(rcs) <= MAX_RESTARTS:
+        left = limit - spent
+        if left < min_stage_s:
+            break
+        _say(log, f"=== {stage.name}: the CUDA context is lost (exit {CONTEXT_LOST_EXIT}); again with --resume "
+                  f"({left:.0f} s left of its limit)\n")
+        result = run_stage(Stage(stage.name, [*stage.argv, "--resume"], stage.cap), left, log)
+        rcs.append(result["rc"])
+        spent += result["seconds"]
+    if len(rcs) == 1:
+        return result
+    outcome = result["outcome"] if result["outcome"] != "ok" else "failed"
+    return {**result, "outcome": outcome, "seconds": round(spent, 1), "restarts": len(rcs) - 1, "rcs": rcs}
+
+
 def _say(log, line: str) -> None:
     """``line`` into the suite's log and onto stdout, at once."""
     log.write(line.encode())
@@ -471,7 +510,7 @@ def run_suite(out: str, stages: Sequence[Stage], deadline: float, archive: Optio
                 else:
                     _say(log, f"=== {stage.name} (limit {limit:.0f} s of {remaining:.0f} s left)\n")
                     cached = triton_cache_entries()
-                    record.update(run_stage(stage, limit, log))
+                    record.update(run_resuming(stage, limit, log, min_stage_s))
                     after = triton_cache_entries()
                     record["triton_cache_new"] = None if after is None else after - (cached or 0)
                 _say(log, f"=== {stage.name}: {record['outcome']} (exit {record['rc']}) after {record['seconds']} s\n")

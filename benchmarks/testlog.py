@@ -11,14 +11,23 @@ each line is written whole, in one call.
 
 ``--shard I/N`` keeps every ``N``-th collected test from the ``I``-th (0-based) and deselects the rest,
 so ``N`` processes split one collection between them (:mod:`benchmarks.shards` starts them).
+
+After a test fails, the CUDA context is probed (where the process initialised CUDA): a lost one (a kernel
+faulted) would fail every later test of the process, so the run stops there, writes a ``context_lost`` line
+and exits with ``benchmarks.context.CONTEXT_LOST_EXIT``. ``--skip-logged`` deselects the tests that
+``--results-jsonl`` already holds a result for: :mod:`benchmarks.shards` starts such a shard again with it, and
+the rest of its tests run in a fresh process.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import pytest
+
+from benchmarks.context import CONTEXT_LOST_EXIT, context_lost, exit_for_good
 
 _REASON_HEAD_CHARS = 1000
 _REASON_TAIL_CHARS = 2000
@@ -29,6 +38,9 @@ def pytest_addoption(parser):
                      help="append one JSON line per finished test to PATH")
     parser.addoption("--shard", default=None, metavar="I/N",
                      help="run only every N-th collected test, starting from the I-th (0 <= I < N)")
+    parser.addoption("--skip-logged", action="store_true",
+                     help="deselect the tests that --results-jsonl already holds a result for (a shard started "
+                          "again after a lost CUDA context)")
 
 
 def parse_shard(text: str):
@@ -49,19 +61,47 @@ def _reason(longrepr) -> str:
     return text[:_REASON_HEAD_CHARS] + "\n[...]\n" + text[-_REASON_TAIL_CHARS:]
 
 
+def logged_nodeids(path: str):
+    """The tests that the results file ``path`` holds a result for (none if there is no such file)."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return set()
+    found = set()
+    for line in lines:
+        try:
+            found.add(json.loads(line).get("nodeid"))
+        except json.JSONDecodeError:  # a line cut off by a killed process
+            continue
+    return found - {None}
+
+
 def pytest_collection_modifyitems(config, items):
     text = config.getoption("shard")
-    if not text:
-        return
-    try:
-        index, count = parse_shard(text)
-    except ValueError as e:
-        raise pytest.UsageError(str(e)) from None
-    kept = [item for k, item in enumerate(items) if k % count == index]
-    dropped = [item for k, item in enumerate(items) if k % count != index]
+    keep = [True] * len(items)
+    if text:
+        try:
+            index, count = parse_shard(text)
+        except ValueError as e:
+            raise pytest.UsageError(str(e)) from None
+        keep = [k % count == index for k in range(len(items))]
+    if config.getoption("skip_logged"):
+        path = config.getoption("results_jsonl")
+        if not path:
+            raise pytest.UsageError("--skip-logged reads the results of --results-jsonl: give --results-jsonl PATH")
+        logged = logged_nodeids(path)
+        keep = [kept and item.nodeid not in logged for kept, item in zip(keep, items)]
+    dropped = [item for kept, item in zip(keep, items) if not kept]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
-    items[:] = kept
+        items[:] = [item for kept, item in zip(keep, items) if kept]
+
+
+def _context_lost() -> bool:
+    """Whether this process initialised CUDA and its context is lost (:func:`benchmarks.context.context_lost`)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and context_lost(torch.device("cuda"))
 
 
 class _Log:
@@ -113,10 +153,23 @@ def pytest_runtest_makereport(item, call):
         record["reason"] = _reason(report.longrepr)
     log.counts[result] = log.counts.get(result, 0) + 1
     log.write(record)
+    if report.failed and _context_lost():
+        # Every later test of this process would fail with the same error: stop, and let a fresh one go on.
+        item.config._context_lost = report.nodeid
+        item.session.shouldstop = f"the CUDA context is lost after {report.nodeid}"
+        log.write({"event": "context_lost", "nodeid": report.nodeid, "time": time.time()})
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if getattr(session.config, "_context_lost", None):
+        session.exitstatus = exitstatus = CONTEXT_LOST_EXIT
     log = getattr(session.config, "_results_jsonl", None)
     if log is not None:
         log.write({"event": "finish", "time": time.time(), "exitstatus": int(exitstatus), "counts": log.counts})
         log.close()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    if getattr(config, "_context_lost", None):  # the results are written: end before the faulted context's teardown
+        exit_for_good(CONTEXT_LOST_EXIT)

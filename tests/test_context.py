@@ -1,0 +1,246 @@
+"""A lost CUDA context costs a stage one row or one test (benchmarks.context), simulated on a CPU.
+
+The probe itself needs a faulted GPU; here it is replaced by one that says "lost" where a test wants it, and the
+rest (the row kept, the exit status, the stage or shard started again, what the new process skips) runs as it
+would on a GPU.
+"""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from benchmarks import bench_attention, bench_ops, report
+from benchmarks.context import CONTEXT_LOST_EXIT, MAX_RESTARTS, Resume, context_lost
+from benchmarks.rowlog import RowLog, read_rows
+from benchmarks.suite import Stage, run_suite
+from kit import ROOT
+
+
+def _lost_on_call(monkeypatch, module, calls):
+    """``module.context_lost`` says "lost" on its ``calls``-th call (1-based) and never otherwise."""
+    seen = []
+
+    def probe(device):
+        seen.append(device)
+        return len(seen) == calls
+    monkeypatch.setattr(module, "context_lost", probe)
+
+
+def test_a_cpu_context_is_never_lost():
+    import torch
+    assert not context_lost(torch.device("cpu")) and not context_lost("cpu")
+
+
+def test_resume_skips_rows_logged_under_the_tag_and_candidates_that_lost_the_context(tmp_path):
+    path = str(tmp_path / "rows.jsonl")
+    log = RowLog(path, "bench_ops", {}, "sweep")
+    log({"layer": 0, "op": "merge_fwd", "impl": "triton"})
+    log({"layer": 0, "op": "merge_fwd", "impl": "triton:a", "context_lost": True, "error": "illegal address"})
+    RowLog(path, "bench_ops", {}, "other")({"layer": 1, "op": "merge_fwd", "impl": "triton"})
+    resume = Resume(path, "bench_ops", "sweep", ("layer", "op", "impl"), ("op", "impl"))
+    assert resume.skip({"layer": 0, "op": "merge_fwd", "impl": "triton"})
+    assert not resume.skip({"layer": 1, "op": "merge_fwd", "impl": "triton"})  # (the other tag's row)
+    assert resume.skip({"layer": 5, "op": "merge_fwd", "impl": "triton:a"})  # the lost candidate, at any shape
+    assert not resume.skip({"layer": 5, "op": "merge_bwd", "impl": "triton:a"})
+    assert resume.logged({"layer": 0, "op": "merge_fwd", "impl": "triton"})["impl"] == "triton"
+    assert resume.value("error", impl="triton:a") == "illegal address" and resume.value("copy_gbs") is None
+    assert Resume(str(tmp_path / "absent.jsonl"), "bench_ops", "sweep", ("op",), ("op",)).rows == []
+
+
+def _ops_argv(path, *extra):
+    return ["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32", "--impls", "torch",
+            "--ops", "merge_fwd", "merge_bwd", "--no-check", "--rep-ms", "1", "--jsonl", path, "--tag", "t", *extra]
+
+
+def test_bench_ops_keeps_the_row_that_lost_the_context_and_resumes_after_it(tmp_path, monkeypatch):
+    """The third row loses the context: the process exits with CONTEXT_LOST_EXIT keeping three rows, the last
+    marked; resumed, it measures every row it had not, but none more of the candidate that lost it."""
+    path = str(tmp_path / "rows.jsonl")
+    _lost_on_call(monkeypatch, bench_ops, 3)
+    assert bench_ops.main(_ops_argv(path)) == CONTEXT_LOST_EXIT
+    first = read_rows(path, "bench_ops")
+    assert [r.get("context_lost", False) for r in first] == [False, False, True]
+    lost = first[-1]
+    assert (lost["op"], lost["impl"]) == ("merge_fwd", "torch")
+    assert (lost["layer"], lost["stage"]) != (first[0]["layer"], first[0]["stage"])
+
+    monkeypatch.setattr(bench_ops, "context_lost", lambda device: False)
+    assert bench_ops.main(_ops_argv(path, "--resume")) == 0
+    rows = read_rows(path, "bench_ops")
+    keys = [tuple(r[k] for k in bench_ops.ROW_KEYS) for r in rows]
+    assert len(keys) == len(set(keys))  # no row measured twice
+    later = rows[3:]
+    assert later and {r["op"] for r in later} == {"merge_bwd"}  # merge_fwd on torch lost the context
+    shapes = sorted({(r["layer"], r["stage"]) for r in rows})
+    assert sorted((r["layer"], r["stage"]) for r in rows if r["op"] == "merge_bwd") == shapes
+
+
+def test_resume_needs_the_rows_file(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_ops.main(["--device", "cpu", "--resume"])
+    assert e.value.code == 2 and "--resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench_attention.main(["--device", "cpu", "--resume"])
+    assert e.value.code == 2 and "--jsonl" in capsys.readouterr().err
+
+
+def test_bench_attention_resumes_after_a_lost_context(tmp_path, monkeypatch):
+    path = str(tmp_path / "rows.jsonl")
+    argv = ["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32", "--impls", "sdpa",
+            "fold", "--modes", "fwd", "--no-check", "--rep-ms", "1", "--jsonl", path, "--tag", "t"]
+    _lost_on_call(monkeypatch, bench_attention, 2)
+    assert bench_attention.main(argv) == CONTEXT_LOST_EXIT
+    first = read_rows(path, "attention")
+    assert [(r["impl"], r.get("context_lost", False)) for r in first] == [("sdpa", False), ("fold", True)]
+    monkeypatch.setattr(bench_attention, "context_lost", lambda device: False)
+    assert bench_attention.main([*argv, "--resume"]) == 0
+    later = read_rows(path, "attention")[2:]
+    assert later and {r["impl"] for r in later} == {"sdpa"}  # fold lost the context: none more of it
+    assert later[0]["layer"] != first[0]["layer"]
+
+
+# A stage that loses its context on its first process (and, with "always", on every one): the stub exits as
+# bench_ops does, and writes one line per process so the test counts them.
+LOSING = """
+import sys
+with open(sys.argv[1], "a") as f:
+    f.write(" ".join(sys.argv[2:]) + "\\n")
+always = "always" in sys.argv
+sys.exit(%d if always or "--resume" not in sys.argv else 0)
+""" % CONTEXT_LOST_EXIT
+
+
+@pytest.mark.parametrize("always", [False, True])
+def test_a_stage_that_lost_its_context_goes_on_with_resume(tmp_path, monkeypatch, always):
+    from benchmarks import suite
+
+    stub = tmp_path / "losing_stub.py"
+    stub.write_text(LOSING)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT}")
+    monkeypatch.setattr(suite, "RESUMABLE", ("losing_stub",))
+    calls = tmp_path / "calls.txt"
+    argv = [sys.executable, "-m", "losing_stub", str(calls), *(["always"] if always else [])]
+    stages = [Stage("sweep", argv, cap=60), Stage("plain", [sys.executable, "-c", f"exit({CONTEXT_LOST_EXIT})"], 60)]
+    out = tmp_path / "out"
+    assert run_suite(str(out), stages, deadline=time.time() + 120, min_stage_s=0.5) == 1
+    records = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
+    sweep, plain = records
+    attempts = MAX_RESTARTS + 1 if always else 2
+    assert len(calls.read_text().splitlines()) == attempts
+    assert all(line.endswith("--resume") for line in calls.read_text().splitlines()[1:])
+    assert sweep["restarts"] == attempts - 1 and len(sweep["rcs"]) == attempts
+    assert sweep["rcs"][-1] == (CONTEXT_LOST_EXIT if always else 0)
+    assert sweep["outcome"] == "failed"  # a candidate faulted: never ok, though the rest was measured
+    assert (plain["outcome"], plain["rc"], plain.get("restarts")) == ("failed", CONTEXT_LOST_EXIT, None)
+    assert "the CUDA context is lost" in (out / "suite.log").read_text()
+
+
+TESTS = """
+import pytest
+
+@pytest.mark.parametrize("k", range(7))
+def test_numbered(k):
+    assert {failing}
+"""
+# Every failure "loses the context", as a faulted kernel would.
+CONFTEST = """
+import benchmarks.testlog
+benchmarks.testlog._context_lost = lambda: True
+"""
+
+
+def _run_shards(tmp_path, failing):
+    (tmp_path / "test_numbered.py").write_text(TESTS.format(failing=failing))
+    (tmp_path / "conftest.py").write_text(CONFTEST)
+    results = tmp_path / "tests.jsonl"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.shards", "1", "--", "-q", "-p", "no:cacheprovider",
+                           "-p", "benchmarks.testlog", "--results-jsonl", str(results), "--rootdir", str(tmp_path),
+                           str(tmp_path / "test_numbered.py")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    return done, [line for line in lines if "nodeid" in line and "event" not in line], \
+        [line for line in lines if "event" in line]
+
+
+def test_a_shard_that_lost_its_context_runs_its_other_tests_in_a_new_process(tmp_path):
+    done, tests, events = _run_shards(tmp_path, "k != 2")
+    assert done.returncode == 1, done.stdout + done.stderr  # the test after which it was lost failed
+    assert sorted(t["nodeid"].split("[")[1].rstrip("]") for t in tests) == [str(k) for k in range(7)]
+    assert [t["outcome"] for t in tests].count("failed") == 1
+    assert [e["event"] for e in events] == ["start", "context_lost", "finish", "start", "finish"]
+    assert events[2]["exitstatus"] == CONTEXT_LOST_EXIT and "the CUDA context is lost" in done.stdout
+
+
+def test_a_shard_that_keeps_losing_its_context_stops_after_its_restarts(tmp_path):
+    done, tests, events = _run_shards(tmp_path, "False")
+    assert done.returncode == CONTEXT_LOST_EXIT
+    assert len(tests) == MAX_RESTARTS + 1 and {t["outcome"] for t in tests} == {"failed"}
+    assert sum(e["event"] == "context_lost" for e in events) == MAX_RESTARTS + 1
+
+
+def test_skip_logged_needs_the_results_file(tmp_path):
+    (tmp_path / "test_numbered.py").write_text(TESTS.format(failing="True"))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "benchmarks.testlog",
+                           "--skip-logged", "--rootdir", str(tmp_path), str(tmp_path / "test_numbered.py")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 4 and "--results-jsonl" in done.stdout + done.stderr
+
+
+def test_report_lists_the_rows_that_lost_the_context_and_the_restarts(tmp_path, capsys):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "stages.jsonl").write_text(json.dumps({"stage": "merge_tiles", "outcome": "failed", "rc": 0,
+                                                     "restarts": 1, "rcs": [CONTEXT_LOST_EXIT, 0]}) + "\n")
+    log = RowLog(str(folder / "rows.jsonl"), "bench_ops", {"device": "H200"}, "merge_tiles")
+    log({"model": "ViT-B-16", "batch": 32, "dtype": "fp16", "layer": 0, "stage": "imgme", "op": "merge_fwd",
+         "impl": "triton:merge:16x128x4-g16", "error": "AcceleratorError: an illegal memory access",
+         "context_lost": True})
+    assert report.main([str(folder), "--markdown"]) == 0
+    text = capsys.readouterr().out
+    assert "### Rows that lost the CUDA context" in text and "triton:merge:16x128x4-g16" in text
+    assert "| limit_s | restarts |" in text
+
+
+@pytest.mark.parametrize("code", [0, 1, CONTEXT_LOST_EXIT])
+def test_a_benchmark_ends_with_its_status_and_after_a_lost_context_at_once(code):
+    done = subprocess.run([sys.executable, "-c", "import atexit; from benchmarks.context import exit_for_good; "
+                           "atexit.register(print, 'torn down'); print('rows kept'); exit_for_good(%d)" % code],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == code and "rows kept" in done.stdout
+    assert ("torn down" in done.stdout) == (code != CONTEXT_LOST_EXIT)  # no teardown after a lost context
+
+
+# On a GPU: a real fault (a device-side assert: an index far out of bounds), not a stand-in for one.
+FAULTING_TESTS = """
+import torch
+
+def test_0_before():
+    assert torch.ones(2, device="cuda").sum().item() == 2
+
+def test_1_fault():
+    x = torch.zeros(4, device="cuda")
+    x[torch.tensor([1 << 30], device="cuda")].sum().item()
+
+def test_2_after():
+    assert torch.ones(2, device="cuda").sum().item() == 2
+"""
+
+
+@pytest.mark.cuda
+def test_a_kernel_fault_on_the_gpu_costs_its_shard_one_test(tmp_path):
+    """The probe finds the context of a process whose kernel faulted lost, and the test after the fault runs
+    (and passes) in a fresh process."""
+    path = tmp_path / "test_faulting.py"
+    path.write_text(FAULTING_TESTS)
+    results = tmp_path / "tests.jsonl"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.shards", "1", "--", "-q", "-p", "no:cacheprovider",
+                           "-p", "benchmarks.testlog", "--results-jsonl", str(results), "--rootdir", str(tmp_path),
+                           str(path)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    outcomes = [(t["nodeid"].split("::")[1], t["outcome"]) for t in lines if "nodeid" in t and "event" not in t]
+    assert outcomes == [("test_0_before", "passed"), ("test_1_fault", "failed"), ("test_2_after", "passed")], \
+        done.stdout + done.stderr
+    assert [e["nodeid"].split("::")[1] for e in lines if e.get("event") == "context_lost"] == ["test_1_fault"]
+    assert done.returncode == 1
