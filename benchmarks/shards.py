@@ -27,6 +27,7 @@ from .context import CONTEXT_LOST_EXIT, MAX_RESTARTS
 
 NO_TESTS = 5  # pytest's exit status when nothing was collected (or all deselected)
 TESTS_FAILED = 1
+INTERNAL_ERROR = 3  # (pytest's): a shard whose process could not be started or followed
 
 
 def shard_argv(pytest_args: Sequence[str], index: int, count: int, python: str = sys.executable) -> List[str]:
@@ -47,7 +48,7 @@ class _Shard(threading.Thread):
         super().__init__(daemon=True)
         self.argv, self.index, self.count = shard_argv(pytest_args, index, count), index, count
         self.proc = None
-        self.code = None
+        self.code = INTERNAL_ERROR  # until run() sets it
         self.stopping = False
 
     def run(self) -> None:
