@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import sys
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -40,6 +41,7 @@ from tempme_fast.ops import launch, triton_ops
 
 from .common import Compiled, RowLog, add_row_log_arguments, environment, failure, measure_ms, print_table, \
     write_results
+from .context import CONTEXT_LOST_EXIT, ContextLost, Resume, context_lost, exit_for_good
 from .devicetime import device_columns, enqueue_ms, host_columns
 from .oracle import check_embedding, check_gradients, check_raised, parameter_grads
 
@@ -47,6 +49,10 @@ VARIANTS = ("open_clip", "open_clip+graph", "open_clip+compile", "tempme-eager",
             "tempme-triton-jit", "tempme-triton-mean", "tempme-triton-mlp", "tempme-triton-serial",
             "tempme-triton+graph", "tempme-triton-mean+graph", "tempme-triton-mlp+graph", "tempme-triton-serial+graph",
             "tempme-triton+compile")
+# The fields that name a row, every bench's (a resumed stage skips the rows logged under them), and a variant (a
+# resumed stage skips one that lost the CUDA context, at every later model and batch): benchmarks.context.
+ROW_KEYS = ("bench", "model", "dtype", "batch", "mode", "variant")
+CANDIDATE_KEYS = ("bench", "mode", "variant")
 # The variant whose eager embeddings each inference row's are held against (benchmarks.oracle.check_embedding),
 # and whose gradients each training row's are (check_gradients): the Triton paths against the torch backend's,
 # a graph replay of open_clip against open_clip.
@@ -302,7 +308,7 @@ def unmerged_gflops(model, frames: int) -> float:
 
 def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, config: TempMeConfig = TempMeConfig(),
         log: Optional[RowLog] = None, compile_backend: str = "inductor", layer_times: bool = True,
-        check: bool = True):
+        check: bool = True, resume: Optional[Resume] = None):
     """Rows of every (model, dtype, batch, mode, variant), and per-layer times at the largest batch.
 
     Every row goes to ``log`` (bench ``bench_model``; per-layer rows ``bench_layers``; the last block in
@@ -312,8 +318,23 @@ def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, conf
     tokens alone can gain. With ``check``, the rows of ``CHECKED_AGAINST``'s variants say whether their
     embeddings (inference) or gradients (training) agree with their reference variant's (``agrees``,
     ``rel_err``).
+
+    After each row and each failure the CUDA context is probed (:func:`context.context_lost`): where it is lost,
+    the row is kept with ``context_lost`` and :class:`context.ContextLost` is raised. ``resume`` (the rows that
+    earlier processes of the stage logged, every bench's: :data:`ROW_KEYS`) skips the rows measured already, every
+    variant that lost the context, and the per-layer times logged already.
     """
     log = log or RowLog(None, "bench_model", {})
+
+    def keep(row: Dict[str, object], bench: Optional[str] = None) -> Dict[str, object]:
+        """``log(row, bench)``; raises ContextLost after it where the context is gone."""
+        lost = context_lost(device)
+        kept = log({**row, "context_lost": True} if lost else row, bench=bench)
+        if lost:
+            raise ContextLost(f"{row.get('mode', 'layer times')} {row.get('variant')} at {row.get('model')}, "
+                              f"{row.get('batch')} videos, {row.get('dtype')}: {row.get('error', 'no error raised')}")
+        return kept
+
     frames = config.frames
     variants = sorted(variants, key=VARIANTS.index)  # open_clip first: the other rows' speed-ups need it
     rows, layer_rows = [], []
@@ -333,6 +354,11 @@ def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, conf
                         if not runnable(variant, mode, device, compile_):
                             continue
                         row = {"model": name, "dtype": dtype_name, "batch": batch, "frames": frames}
+                        done = {"bench": "bench_model", **row, "mode": mode, "variant": variant}
+                        if resume and resume.skip(done):
+                            found = resume.logged(done) if variant == "open_clip" else None
+                            base_ms = found["ms"] if found and "ms" in found else base_ms
+                            continue
                         against = (CHECKED_AGAINST.get(variant), mode) if check else (None, mode)
                         try:
                             if against[0] and against not in references:
@@ -340,18 +366,21 @@ def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, conf
                             row.update(bench_variant(model, config, variant, mode, video, rep_ms, compile_backend,
                                                      references.get(against)))
                         except Exception as e:  # noqa: BLE001 (recorded in the row; the next variant runs)
-                            rows.append(log({**row, "variant": variant, "mode": mode, **failure(e)}))
+                            rows.append(keep({**row, "variant": variant, "mode": mode, **failure(e)}))
                             continue
                         if variant == "open_clip":
                             base_ms = row["ms"]
                         row["speedup_vs_open_clip"] = base_ms / row["ms"] if base_ms else None
                         row["flops_bound_speedup"] = bound_num / row["gflops_per_video"]
-                        rows.append(log(row))
+                        rows.append(keep(row))
                 # Time per layer, at the largest batch only: unmerged through the block loop vs TempMe.
                 if layer_times and batch == max(batches):
                     for label, layer_config, backend in (("unmerged", TempMeConfig.unmerged(frames), "torch"),
                                                          ("tempme", config,
                                                           "triton" if device.type == "cuda" else "torch")):
+                        if resume and resume.has(bench="bench_layers", model=name, dtype=dtype_name, batch=batch,
+                                                 variant=label):
+                            continue
                         apply_tempme(model, layer_config, backend=backend)
                         try:
                             times = layer_times_ms(model, video)
@@ -360,8 +389,8 @@ def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, conf
                                 log({"model": name, "dtype": dtype_name, "batch": batch,
                                      **last_block_ms(model, video)}, bench="bench_last_block")
                         except Exception as e:  # noqa: BLE001 (recorded; the next batch runs)
-                            layer_rows.append(log({"model": name, "dtype": dtype_name, "batch": batch,
-                                                   "variant": label, **failure(e)}, bench="bench_layers"))
+                            layer_rows.append(keep({"model": name, "dtype": dtype_name, "batch": batch,
+                                                    "variant": label, **failure(e)}, bench="bench_layers"))
                             times = []
                         finally:
                             remove_tempme(model)
@@ -393,6 +422,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rep-ms", type=float, default=200)
     parser.add_argument("--out", default=None,
                         help="folder for bench_model.json/.csv and bench_layers.json/.csv, written at the end")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the rows (and per-layer times) that --jsonl already holds under --tag, and every "
+                             "variant there that lost the CUDA context (a stage started again after a lost context: "
+                             "benchmarks.context)")
     add_row_log_arguments(parser)
     add_config_arguments(parser)
     args = parser.parse_args(argv)
@@ -400,10 +433,18 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     batches = args.batches or ([1, 16] if cuda else [2])
     dtypes = args.dtypes or [default_dtype_name(device)]
+    if args.resume and not args.jsonl:
+        parser.error("--resume reads the rows of --jsonl: give --jsonl PATH")
+    resume = Resume(args.jsonl, None, args.tag, ROW_KEYS, CANDIDATE_KEYS) if args.resume else None
     env = environment(device)
-    rows, layer_rows = run(device, args.models, batches, dtypes, args.modes, args.variants, args.compile,
-                           args.rep_ms, config_from_args(args), RowLog(args.jsonl, "bench_model", env, args.tag),
-                           args.compile_backend, not args.no_layer_times, args.check)
+    try:
+        rows, layer_rows = run(device, args.models, batches, dtypes, args.modes, args.variants, args.compile,
+                               args.rep_ms, config_from_args(args), RowLog(args.jsonl, "bench_model", env, args.tag),
+                               args.compile_backend, not args.no_layer_times, args.check, resume)
+    except ContextLost as e:
+        print(f"# the CUDA context is lost after {e}; every row before it is kept: run again with --resume to go "
+              f"on (exit {CONTEXT_LOST_EXIT})", file=sys.stderr)
+        return CONTEXT_LOST_EXIT
     if args.out:
         write_results(args.out, "bench_model", env, rows)
         write_results(args.out, "bench_layers", env, layer_rows)
@@ -415,4 +456,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_for_good(main())

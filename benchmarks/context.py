@@ -59,11 +59,12 @@ def exit_for_good(code: int) -> None:
 
 
 class Resume:
-    """What earlier processes of one stage logged under its ``tag`` in the JSON-lines file ``path``: a row is
-    done when a row of the same ``keys`` is there, and skipped as well when a row of the same ``group`` (for
-    example op and impl: one candidate) lost the CUDA context."""
+    """What earlier processes of one stage logged under its ``tag`` in the JSON-lines file ``path`` (the rows of
+    ``bench``, or of every bench with None: then ``bench`` is a field like the others): a row is done when a row
+    of the same ``keys`` is there, and skipped as well when a row of the same ``group`` (for example op and
+    impl: one candidate) lost the CUDA context."""
 
-    def __init__(self, path: str, bench: str, tag: str, keys: Sequence[str], group: Sequence[str]):
+    def __init__(self, path: str, bench: Optional[str], tag: str, keys: Sequence[str], group: Sequence[str]):
         self.keys, self.group = tuple(keys), tuple(group)
         try:
             self.rows: List[Dict[str, object]] = [r for r in read_rows(path, bench) if r.get("tag", "") == tag]
@@ -85,6 +86,10 @@ class Resume:
         key = self._key(row, self.keys)
         found = [r for r in self.rows if self._key(r, self.keys) == key]
         return found[-1] if found else None
+
+    def has(self, **match) -> bool:
+        """Whether a logged row's fields equal ``match``."""
+        return any(all(r.get(k) == v for k, v in match.items()) for r in self.rows)
 
     def value(self, field: str, **match) -> Optional[object]:
         """``field`` of the last logged row whose fields equal ``match`` (None if there is none)."""

@@ -11,11 +11,12 @@ import time
 
 import pytest
 
-from benchmarks import bench_attention, bench_ops, report
+from benchmarks import bench_attention, bench_model, bench_ops, report
 from benchmarks.context import CONTEXT_LOST_EXIT, MAX_RESTARTS, Resume, context_lost
 from benchmarks.rowlog import RowLog, read_rows
 from benchmarks.suite import Stage, run_suite
 from kit import ROOT
+from tiny import TINY_ARGS
 
 
 def _lost_on_call(monkeypatch, module, calls):
@@ -81,9 +82,10 @@ def test_resume_needs_the_rows_file(capsys):
     with pytest.raises(SystemExit) as e:
         bench_ops.main(["--device", "cpu", "--resume"])
     assert e.value.code == 2 and "--resume" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        bench_attention.main(["--device", "cpu", "--resume"])
-    assert e.value.code == 2 and "--jsonl" in capsys.readouterr().err
+    for module in (bench_attention, bench_model):
+        with pytest.raises(SystemExit) as e:
+            module.main(["--device", "cpu", "--resume"])
+        assert e.value.code == 2 and "--jsonl" in capsys.readouterr().err
 
 
 def test_bench_attention_resumes_after_a_lost_context(tmp_path, monkeypatch):
@@ -99,6 +101,30 @@ def test_bench_attention_resumes_after_a_lost_context(tmp_path, monkeypatch):
     later = read_rows(path, "attention")[2:]
     assert later and {r["impl"] for r in later} == {"sdpa"}  # fold lost the context: none more of it
     assert later[0]["layer"] != first[0]["layer"]
+
+
+def test_bench_model_resumes_after_a_lost_context_without_the_variant_that_lost_it(tmp_path, monkeypatch,
+                                                                                   tiny_model_file):
+    """tempme-torch loses the context at one video: resumed, the run measures open_clip at two (its speed-up
+    against a base measured there) and the per-layer times, and nothing of tempme-torch; resumed once more, it
+    measures nothing at all."""
+    path = str(tmp_path / "rows.jsonl")
+    argv = ["--device", "cpu", "--models", tiny_model_file, "--batches", "1", "2", "--modes", "infer", "--variants",
+            "open_clip", "tempme-torch", "--no-check", "--rep-ms", "1", "--jsonl", path, "--tag", "t", *TINY_ARGS]
+    _lost_on_call(monkeypatch, bench_model, 2)
+    assert bench_model.main(argv) == CONTEXT_LOST_EXIT
+    first = read_rows(path)
+    assert [(r["variant"], r["batch"], r.get("context_lost", False)) for r in first] == [
+        ("open_clip", 1, False), ("tempme-torch", 1, True)]
+    monkeypatch.setattr(bench_model, "context_lost", lambda device: False)
+    assert bench_model.main([*argv, "--resume"]) == 0
+    later = read_rows(path)[2:]
+    model_rows = [r for r in later if r["bench"] == "bench_model"]
+    assert [(r["variant"], r["batch"]) for r in model_rows] == [("open_clip", 2)]
+    assert model_rows[0]["speedup_vs_open_clip"] == 1.0
+    assert {r["variant"] for r in later if r["bench"] == "bench_layers"} == {"unmerged", "tempme"}
+    assert bench_model.main([*argv, "--resume"]) == 0
+    assert len(read_rows(path)) == len(first) + len(later)
 
 
 # A stage that loses its context on its first process (and, with "always", on every one): the stub exits as
