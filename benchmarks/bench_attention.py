@@ -32,7 +32,7 @@ from tempme_fast.ops import triton_attention
 from tempme_fast.schedule import LayerPlan
 
 from .common import VIT_GEOMETRY, environment, failure, measure_ms, print_table
-from .context import CONTEXT_LOST_EXIT, ContextLost, Resume, context_lost, exit_for_good
+from .context import CONTEXT_LOST_EXIT, ContextLost, Resume, exit_for_good, log_probed
 from .devicetime import device_columns, host_columns, speedups
 from .oracle import check_attention, check_raised
 
@@ -194,6 +194,11 @@ def run(device: torch.device, models, batches, dtypes, impls, modes, rep_ms: flo
     :class:`context.ContextLost` is raised; ``resume`` skips the rows that earlier processes of the stage
     logged, and every candidate of theirs that lost the context."""
     rows = []
+
+    def keep(row: Dict[str, object]) -> None:
+        rows.append(row)
+        if sink:
+            sink(row)
     for model in models:
         for batch in batches:
             for s in attention_shapes(model, batch):
@@ -216,15 +221,8 @@ def run(device: torch.device, models, batches, dtypes, impls, modes, rep_ms: flo
                             if "ms" in row:
                                 row.update(speedups(row, base, device, "speedup_vs_mask") if base else
                                            {"speedup_vs_mask": None})
-                            lost = context_lost(device)
-                            if lost:
-                                row["context_lost"] = True
-                            rows.append(row)
-                            if sink:
-                                sink(row)
-                            if lost:
-                                raise ContextLost(f"{mode} {impl} at {s.model}, {s.batch} videos, layer {s.layer}, "
-                                                  f"{dtype_name}: {row.get('error', 'no error raised')}")
+                            log_probed(device, keep, [row], lambda: f"{mode} {impl} at {s.model}, {s.batch} "
+                                                                    f"videos, layer {s.layer}, {dtype_name}")
     return rows
 
 

@@ -41,7 +41,7 @@ from tempme_fast.ops import launch, triton_ops
 
 from .common import Compiled, RowLog, add_row_log_arguments, environment, failure, measure_ms, print_table, \
     write_results
-from .context import CONTEXT_LOST_EXIT, ContextLost, Resume, context_lost, exit_for_good
+from .context import CONTEXT_LOST_EXIT, ContextLost, Resume, exit_for_good, log_probed
 from .devicetime import device_columns, enqueue_ms, host_columns
 from .oracle import check_embedding, check_gradients, check_raised, parameter_grads
 
@@ -328,12 +328,11 @@ def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, conf
 
     def keep(row: Dict[str, object], bench: Optional[str] = None) -> Dict[str, object]:
         """``log(row, bench)``; raises ContextLost after it where the context is gone."""
-        lost = context_lost(device)
-        kept = log({**row, "context_lost": True} if lost else row, bench=bench)
-        if lost:
-            raise ContextLost(f"{row.get('mode', 'layer times')} {row.get('variant')} at {row.get('model')}, "
-                              f"{row.get('batch')} videos, {row.get('dtype')}: {row.get('error', 'no error raised')}")
-        return kept
+        kept = []
+        log_probed(device, lambda r: kept.append(log(r, bench=bench)), [row],
+                   lambda: f"{row.get('mode', 'layer times')} {row['variant']} at {row['model']}, {row['batch']} "
+                           f"videos, {row['dtype']}")
+        return kept[0]
 
     frames = config.frames
     variants = sorted(variants, key=VARIANTS.index)  # open_clip first: the other rows' speed-ups need it

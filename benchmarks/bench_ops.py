@@ -66,7 +66,7 @@ from tempme_fast.ops import reference, triton_ops
 from .common import Compiled, MergeShape, RowLog, add_row_log_arguments, copy_bandwidth_gbs, encoder_metrics, \
     environment, failure, measure_ms, merge_shapes, metric_tensor, print_table, shifted_metric, source_counts, \
     write_results
-from .context import CONTEXT_LOST_EXIT, ContextLost, Resume, context_lost, exit_for_good
+from .context import CONTEXT_LOST_EXIT, ContextLost, Resume, exit_for_good, log_probed
 from .devicetime import basis_ms, device_columns, host_columns, speedups
 from .oracle import NORM_EPS, check_op, check_raised, join_grads, join_inputs, norm_inputs, upstream_grad
 
@@ -451,11 +451,8 @@ def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_
 
     def keep(row: Dict[str, object]) -> None:
         """Logs ``row``; raises ContextLost after it where the context is gone."""
-        lost = context_lost(device)
-        log({**row, "context_lost": True} if lost else row)
-        if lost:
-            raise ContextLost(f"{row['op']} {row['impl']} at {row['model']}, {row['batch']} videos, layer "
-                              f"{row['layer']} {row['stage']}, {row['dtype']}: {row.get('error', 'no error raised')}")
+        log_probed(device, log, [row], lambda: f"{row['op']} {row['impl']} at {row['model']}, {row['batch']} videos, "
+                                               f"layer {row['layer']} {row['stage']}, {row['dtype']}")
     sized: Dict[Tuple[int, torch.dtype], Optional[float]] = {}  # (bytes, dtype) -> a copy of as many bytes, GB/s
     for model in models:
         for batch in batches:

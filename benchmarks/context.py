@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .rowlog import read_rows
 
@@ -45,6 +45,18 @@ def context_lost(device) -> bool:
     except Exception:  # noqa: BLE001 (any error here means the context is gone)
         return True
     return False
+
+
+def log_probed(device, log: Callable[[Dict[str, object]], object], rows: Sequence[Dict[str, object]],
+               what: Callable[[], str]) -> None:
+    """Passes ``rows`` (one measurement's) to ``log``, after probing ``device``'s context: where it is lost, the last
+    row goes with ``context_lost: true`` and :class:`ContextLost` is raised after it, with ``what()`` (the
+    measurement, named for the message) and the row's error."""
+    lost = context_lost(device)
+    for k, row in enumerate(rows):
+        log({**row, "context_lost": True} if lost and k == len(rows) - 1 else row)
+    if lost:
+        raise ContextLost(f"{what()}: {rows[-1].get('error', 'no error raised')}")
 
 
 def exit_for_good(code: int) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
+import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -35,6 +36,7 @@ from tempme_fast.loading import DTYPES, create_model, default_dtype_name
 
 from .bench_model import _setting, train_once, variant_switches
 from .common import RowLog, add_row_log_arguments, environment, failure, print_table
+from .context import CONTEXT_LOST_EXIT, ContextLost, Resume, exit_for_good, log_probed
 from .devicetime import kernel_us
 from .report import profile_columns, profile_table
 
@@ -49,6 +51,10 @@ GROUPS: Tuple[Tuple[str, str], ...] = (
 )
 OTHER = "elementwise/other"
 TOP_KERNELS = 30
+# The fields that name a case (a resumed stage skips the cases logged) and a variant (a resumed stage skips one that
+# lost the CUDA context, at every later case): benchmarks.context.
+ROW_KEYS = ("model", "batch", "dtype", "variant", "mode")
+CANDIDATE_KEYS = ("mode", "variant")
 
 
 def group_of(name: str) -> str:
@@ -148,8 +154,12 @@ def _profile_applied(model, video: torch.Tensor, forwards: int, repeats: int, mo
 
 def run(device: torch.device, cases: Sequence[Tuple[str, int]], dtypes: Sequence[str], variants: Sequence[str],
         forwards: int = 3, repeats: int = 10, config: TempMeConfig = TempMeConfig(),
-        log: Optional[RowLog] = None, modes: Sequence[str] = ("infer",)) -> List[Dict[str, object]]:
-    """Rows for every (model, batch) of ``cases``, dtype, mode and variant; each goes to ``log`` when measured."""
+        log: Optional[RowLog] = None, modes: Sequence[str] = ("infer",),
+        resume: Optional[Resume] = None) -> List[Dict[str, object]]:
+    """Rows for every (model, batch) of ``cases``, dtype, mode and variant; each goes to ``log`` when measured.
+    After each case the CUDA context is probed (:func:`context.log_probed`): where it is lost, the case's last row
+    says so and :class:`context.ContextLost` is raised; ``resume`` skips the cases logged already and every variant
+    that lost the context."""
     log = log or RowLog(None, "profile", {})
     start = len(log.rows)
     models = {}
@@ -164,14 +174,15 @@ def run(device: torch.device, cases: Sequence[Tuple[str, int]], dtypes: Sequence
             for mode in modes:
                 for variant in variants:
                     key = {"model": name, "batch": batch, "dtype": dtype_name, "variant": variant, "mode": mode}
+                    if resume and resume.skip(key):
+                        continue
                     try:
                         kernels, groups, forward = profile_variant(model, config, variant, video, forwards, repeats,
                                                                    mode)
+                        found = [{**key, **row} for row in kernels + groups + [forward]]
                     except Exception as e:  # noqa: BLE001 (recorded in the row; the next case runs)
-                        log({**key, "kind": "forward", **failure(e)})
-                        continue
-                    for row in kernels + groups + [forward]:
-                        log({**key, **row})
+                        found = [{**key, "kind": "forward", **failure(e)}]
+                    log_probed(device, log, found, lambda: f"{mode} {variant} at {name}, {batch} videos, {dtype_name}")
     return log.rows[start:]
 
 
@@ -197,6 +208,9 @@ def main(argv=None) -> int:
                         help="inference forwards, or training calls (forward and backward); default infer")
     parser.add_argument("--forwards", type=int, default=3, help="forwards under the profiler (default 3)")
     parser.add_argument("--repeats", type=int, default=10, help="synchronised forwards for the wall time")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the cases that --jsonl already holds under --tag, and every variant there that "
+                             "lost the CUDA context (a stage started again after a lost context: benchmarks.context)")
     add_row_log_arguments(parser)
     add_config_arguments(parser)
     args = parser.parse_args(argv)
@@ -209,10 +223,18 @@ def main(argv=None) -> int:
     if not cuda and triton:
         parser.error(f"--variants {' '.join(triton)} needs --device cuda (the merge kernels do not run eagerly on a "
                      f"CPU)")
+    if args.resume and not args.jsonl:
+        parser.error("--resume reads the rows of --jsonl: give --jsonl PATH")
+    resume = Resume(args.jsonl, "profile", args.tag, ROW_KEYS, CANDIDATE_KEYS) if args.resume else None
     env = environment(device)
-    rows = run(device, args.cases or [("ViT-B-16", 16), ("ViT-B-32", 1)], args.dtypes or [default_dtype_name(device)],
-               variants, args.forwards, args.repeats, config_from_args(args),
-               RowLog(args.jsonl, "profile", env, args.tag), args.modes)
+    try:
+        rows = run(device, args.cases or [("ViT-B-16", 16), ("ViT-B-32", 1)],
+                   args.dtypes or [default_dtype_name(device)], variants, args.forwards, args.repeats,
+                   config_from_args(args), RowLog(args.jsonl, "profile", env, args.tag), args.modes, resume)
+    except ContextLost as e:
+        print(f"# the CUDA context is lost after {e}; every row before it is kept: run again with --resume to go "
+              f"on (exit {CONTEXT_LOST_EXIT})", file=sys.stderr)
+        return CONTEXT_LOST_EXIT
     print(f"# where the forward's time goes on {env['device']}, torch {env['torch']}, triton {env['triton']}, "
           f"{env['date']} ({'kernel device time' if cuda else 'aten ops, self CPU time'})")
     print_table([r for r in rows if r["kind"] == "kernel"],
@@ -224,4 +246,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_for_good(main())

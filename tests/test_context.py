@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from benchmarks import bench_attention, bench_model, bench_ops, report
+from benchmarks import bench_attention, bench_model, bench_ops, context, profile, report
 from benchmarks.context import CONTEXT_LOST_EXIT, MAX_RESTARTS, Resume, context_lost
 from benchmarks.rowlog import RowLog, read_rows
 from benchmarks.suite import Stage, run_suite
@@ -20,7 +20,8 @@ from tiny import TINY_ARGS
 
 
 def _lost_on_call(monkeypatch, module, calls):
-    """``module.context_lost`` says "lost" on its ``calls``-th call (1-based) and never otherwise."""
+    """``module.context_lost`` (the probe the benchmarks' rows go through) says "lost" on its ``calls``-th call
+    (1-based) and never otherwise."""
     seen = []
 
     def probe(device):
@@ -59,7 +60,7 @@ def test_bench_ops_keeps_the_row_that_lost_the_context_and_resumes_after_it(tmp_
     """The third row loses the context: the process exits with CONTEXT_LOST_EXIT keeping three rows, the last
     marked; resumed, it measures every row it had not, but none more of the candidate that lost it."""
     path = str(tmp_path / "rows.jsonl")
-    _lost_on_call(monkeypatch, bench_ops, 3)
+    _lost_on_call(monkeypatch, context, 3)
     assert bench_ops.main(_ops_argv(path)) == CONTEXT_LOST_EXIT
     first = read_rows(path, "bench_ops")
     assert [r.get("context_lost", False) for r in first] == [False, False, True]
@@ -67,7 +68,7 @@ def test_bench_ops_keeps_the_row_that_lost_the_context_and_resumes_after_it(tmp_
     assert (lost["op"], lost["impl"]) == ("merge_fwd", "torch")
     assert (lost["layer"], lost["stage"]) != (first[0]["layer"], first[0]["stage"])
 
-    monkeypatch.setattr(bench_ops, "context_lost", lambda device: False)
+    monkeypatch.setattr(context, "context_lost", lambda device: False)
     assert bench_ops.main(_ops_argv(path, "--resume")) == 0
     rows = read_rows(path, "bench_ops")
     keys = [tuple(r[k] for k in bench_ops.ROW_KEYS) for r in rows]
@@ -82,7 +83,7 @@ def test_resume_needs_the_rows_file(capsys):
     with pytest.raises(SystemExit) as e:
         bench_ops.main(["--device", "cpu", "--resume"])
     assert e.value.code == 2 and "--resume" in capsys.readouterr().err
-    for module in (bench_attention, bench_model):
+    for module in (bench_attention, bench_model, profile):
         with pytest.raises(SystemExit) as e:
             module.main(["--device", "cpu", "--resume"])
         assert e.value.code == 2 and "--jsonl" in capsys.readouterr().err
@@ -92,11 +93,11 @@ def test_bench_attention_resumes_after_a_lost_context(tmp_path, monkeypatch):
     path = str(tmp_path / "rows.jsonl")
     argv = ["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32", "--impls", "sdpa",
             "fold", "--modes", "fwd", "--no-check", "--rep-ms", "1", "--jsonl", path, "--tag", "t"]
-    _lost_on_call(monkeypatch, bench_attention, 2)
+    _lost_on_call(monkeypatch, context, 2)
     assert bench_attention.main(argv) == CONTEXT_LOST_EXIT
     first = read_rows(path, "attention")
     assert [(r["impl"], r.get("context_lost", False)) for r in first] == [("sdpa", False), ("fold", True)]
-    monkeypatch.setattr(bench_attention, "context_lost", lambda device: False)
+    monkeypatch.setattr(context, "context_lost", lambda device: False)
     assert bench_attention.main([*argv, "--resume"]) == 0
     later = read_rows(path, "attention")[2:]
     assert later and {r["impl"] for r in later} == {"sdpa"}  # fold lost the context: none more of it
@@ -111,12 +112,12 @@ def test_bench_model_resumes_after_a_lost_context_without_the_variant_that_lost_
     path = str(tmp_path / "rows.jsonl")
     argv = ["--device", "cpu", "--models", tiny_model_file, "--batches", "1", "2", "--modes", "infer", "--variants",
             "open_clip", "tempme-torch", "--no-check", "--rep-ms", "1", "--jsonl", path, "--tag", "t", *TINY_ARGS]
-    _lost_on_call(monkeypatch, bench_model, 2)
+    _lost_on_call(monkeypatch, context, 2)
     assert bench_model.main(argv) == CONTEXT_LOST_EXIT
     first = read_rows(path)
     assert [(r["variant"], r["batch"], r.get("context_lost", False)) for r in first] == [
         ("open_clip", 1, False), ("tempme-torch", 1, True)]
-    monkeypatch.setattr(bench_model, "context_lost", lambda device: False)
+    monkeypatch.setattr(context, "context_lost", lambda device: False)
     assert bench_model.main([*argv, "--resume"]) == 0
     later = read_rows(path)[2:]
     model_rows = [r for r in later if r["bench"] == "bench_model"]
@@ -125,6 +126,23 @@ def test_bench_model_resumes_after_a_lost_context_without_the_variant_that_lost_
     assert {r["variant"] for r in later if r["bench"] == "bench_layers"} == {"unmerged", "tempme"}
     assert bench_model.main([*argv, "--resume"]) == 0
     assert len(read_rows(path)) == len(first) + len(later)
+
+
+def test_profile_resumes_after_a_lost_context_without_the_variant_that_lost_it(tmp_path, monkeypatch,
+                                                                               tiny_model_file):
+    """A case's rows are logged together, the last one marked where the context was lost after it."""
+    path = str(tmp_path / "rows.jsonl")
+    argv = ["--device", "cpu", "--cases", f"{tiny_model_file}:1", f"{tiny_model_file}:2", "--forwards", "1",
+            "--repeats", "1", "--jsonl", path, "--tag", "t", *TINY_ARGS]
+    _lost_on_call(monkeypatch, context, 2)
+    assert profile.main(argv) == CONTEXT_LOST_EXIT
+    first = read_rows(path)
+    lost = [r for r in first if r.get("context_lost")]
+    assert len(lost) == 1 and lost[0] is first[-1] and (lost[0]["variant"], lost[0]["batch"]) == ("tempme-torch", 1)
+    assert {(r["variant"], r["batch"]) for r in first} == {("open_clip", 1), ("tempme-torch", 1)}
+    monkeypatch.setattr(context, "context_lost", lambda device: False)
+    assert profile.main([*argv, "--resume"]) == 0
+    assert {(r["variant"], r["batch"]) for r in read_rows(path)[len(first):]} == {("open_clip", 2)}
 
 
 # A stage that loses its context on its first process (and, with "always", on every one): the stub exits as
