@@ -15,6 +15,10 @@ backend gives every trainable parameter's gradient, and the Triton ones are held
 ``tempme_fast.ops.accuracy.GRADIENT_TOL`` of the autocast dtype (columns ``agrees``, ``rel_err``; a row that
 does not agree makes the run exit 1; ``--no-check`` leaves it out).
 
+A variant whose step raises costs its own row (``error``). After each row and each check that raised, the CUDA
+context is probed: where it is lost (a kernel faulted), the row is kept with ``context_lost`` and the process
+exits 75; ``--resume`` goes on from the rows logged, without the variant that lost it (``benchmarks.context``).
+
     python -m benchmarks.bench_train --device cpu --threads 2 --json bench-train-cpu.json
     python -m benchmarks.bench_train --precision bf16 --batch 32 --json bench-train-gpu.json      # GPU
 """
@@ -25,6 +29,7 @@ import contextlib
 import json
 import platform
 import statistics
+import sys
 from datetime import datetime, timezone
 from typing import Dict, List, Optional
 
@@ -37,8 +42,15 @@ from tempme_fast.lora import add_lora, mark_trainable
 from tempme_fast.train import (PRECISIONS, VideoTextForward, _unwrapped, contrastive_loss, make_optimizer,
                                set_grad_checkpointing, train_step)
 
-from .common import Compiled, RowLog, add_row_log_arguments, environment
+from . import context
+from .common import Compiled, RowLog, add_row_log_arguments, environment, failure
+from .context import CONTEXT_LOST_EXIT, ContextLost, Resume, exit_for_good, log_probed
 from .oracle import check_gradients, check_raised, parameter_grads
+
+# The fields that name a row (a resumed stage skips the rows logged under them), and a variant (a resumed stage
+# skips one that lost the CUDA context, in every later mode): benchmarks.context.
+ROW_KEYS = ("model", "batch", "precision", "mode", "variant", "backend")
+CANDIDATE_KEYS = ("variant", "backend")
 
 
 def _batch(model, batch: int, frames: int, context: int, device, seed: int = 0):
@@ -80,8 +92,11 @@ def gradient_check(model, mode: str, config: TempMeConfig, batch, autocast: Opti
     return check_gradients(grads["triton"], grads["torch"], autocast or torch.float32)
 
 
-def bench(args, log: Optional[RowLog] = None) -> List[dict]:
-    """One row per (mode, variant), each handed to ``log`` as soon as it is measured."""
+def bench(args, log: Optional[RowLog] = None, resume: Optional[Resume] = None) -> List[dict]:
+    """One row per (mode, variant), each handed to ``log`` as soon as it is measured. A variant whose step raises
+    gets a row with ``error``; where the CUDA context is lost after a row (or a check), that row is kept with
+    ``context_lost`` and :class:`context.ContextLost` is raised. ``resume`` skips the rows that earlier processes
+    of the stage logged (:data:`ROW_KEYS`) and every variant that lost the context."""
     from tempme_fast.loading import create_model
 
     log = log or RowLog(None, "bench_train", {})
@@ -96,8 +111,24 @@ def bench(args, log: Optional[RowLog] = None) -> List[dict]:
     runs = [(name, config, backend, False) for name, config, backend in variants]
     if compile_backend:
         runs += [(name + "+compile", config, backend, True) for name, config, backend in variants]
+
+    def named(mode: str, name: str, config: TempMeConfig, backend: str) -> Dict[str, object]:
+        """The fields that name a row (:data:`ROW_KEYS`)."""
+        return {"mode": mode, "variant": name, "backend": backend if config.merges else "-",
+                "precision": args.precision, "batch": args.batch, "model": args.model}
+
+    def keep(row: Dict[str, object]) -> Dict[str, object]:
+        """``log(row)``; raises ContextLost after it where the context is gone."""
+        kept = []
+        log_probed(device, lambda r: kept.append(log(r)), [row],
+                   lambda: f"{row['mode']} {row['variant']} ({row['backend']}) at {args.model}, batch {args.batch}")
+        return kept[0]
+
     rows = []
     for mode in args.modes:
+        todo = [r for r in runs if not (resume and resume.skip(named(mode, r[0], r[1], r[2])))]
+        if not todo:
+            continue
         torch.manual_seed(0)
         model = create_model(args.model, None, device=str(device), dtype=torch.float32).train()
         if mode == "lora":
@@ -106,13 +137,19 @@ def bench(args, log: Optional[RowLog] = None) -> List[dict]:
         checks = {}  # per TempMe config on the Triton backend, at the weights before any timed step
         if getattr(args, "check", True):
             for name, config, backend in variants:
-                if backend == "triton" and config.merges:
+                # (not for a variant that lost the context in an earlier process: its check may be what faulted)
+                if backend == "triton" and config.merges and any(r[0].startswith(name) and r[2] == backend
+                                                                 for r in todo) \
+                        and not (resume and resume.lost_by(named(mode, name, config, backend))):
                     try:
                         checks[name] = gradient_check(model, mode, config, batch, autocast, device,
                                                       args.grad_checkpointing)
                     except Exception as e:  # noqa: BLE001 (recorded in the row; the timing still runs)
                         checks[name] = check_raised(e)
-        for name, config, backend, compiled in runs:
+                        if context.context_lost(device):  # the check's variant faulted: its row says so
+                            keep({**named(mode, name, config, backend), **failure(e), **checks[name]})
+        for name, config, backend, compiled in todo:
+            row = named(mode, name, config, backend)
             apply_tempme(model, config, backend=backend)
             try:
                 trainable = mark_trainable(model, mode)
@@ -131,25 +168,34 @@ def bench(args, log: Optional[RowLog] = None) -> List[dict]:
                 opt.zero_grad(set_to_none=True)
                 activations = peak_memory_mb(lambda: forward_backward(forward, batch, autocast, device), device)
                 opt.zero_grad(set_to_none=True)
+            except Exception as e:  # noqa: BLE001 (recorded in the row; the next variant runs)
+                rows.append(keep({**row, **failure(e), **checks.get(name, {})}))
+                continue
             finally:
                 remove_tempme(model)
             median = statistics.median(times)
-            row = {"mode": mode, "variant": name, "backend": backend if config.merges else "-",
-                   "precision": args.precision, "batch": args.batch, "model": args.model,
-                   "trainable_params": trainable, "step_ms": median, "step_min_ms": min(times),
-                   "step_max_ms": max(times), "videos_per_s": args.batch / (median / 1e3),
-                   "peak_mem_mb": memory, "fwd_bwd_mem_mb": activations,
-                   **(compiler.record() if compiled else {})}
-            base = next(r for r in rows + [row] if r["mode"] == mode and r["variant"] == "unmerged")
-            row["speedup"] = base["step_ms"] / row["step_ms"]
-            row["memory_ratio"] = row["peak_mem_mb"] / base["peak_mem_mb"]
-            row["fwd_bwd_memory_ratio"] = row["fwd_bwd_mem_mb"] / base["fwd_bwd_mem_mb"]
+            row.update({"trainable_params": trainable, "step_ms": median, "step_min_ms": min(times),
+                        "step_max_ms": max(times), "videos_per_s": args.batch / (median / 1e3),
+                        "peak_mem_mb": memory, "fwd_bwd_mem_mb": activations,
+                        **(compiler.record() if compiled else {})})
+            base = _base_row(rows + [row], mode, resume and resume.logged(named(mode, *variants[0])))
+            if base:
+                row["speedup"] = base["step_ms"] / row["step_ms"]
+                row["memory_ratio"] = row["peak_mem_mb"] / base["peak_mem_mb"]
+                row["fwd_bwd_memory_ratio"] = row["fwd_bwd_mem_mb"] / base["fwd_bwd_mem_mb"]
             if backend == "triton" and name in checks:
                 row.update(checks[name])
-            rows.append(log(row))
+            rows.append(keep(row))
             print(f"  {mode:4s} {name:15s} {rows[-1]['backend']:6s} {median:9.1f} ms  {memory:8.0f} MiB step  "
                   f"{activations:8.0f} MiB fwd+bwd", flush=True)
     return rows
+
+
+def _base_row(rows: List[dict], mode: str, logged: Optional[dict]) -> Optional[dict]:
+    """The unmerged row of ``mode`` that was measured (in ``rows``, else ``logged`` by an earlier process of the
+    stage), the base of the speed-up and memory columns; None if it failed."""
+    found = [r for r in rows if r["mode"] == mode and r["variant"] == "unmerged"] + ([logged] if logged else [])
+    return next((r for r in found if "step_ms" in r), None)
 
 
 def _check_cell(row: dict) -> str:
@@ -160,16 +206,24 @@ def _check_cell(row: dict) -> str:
     return ("agree" if row["agrees"] else "DISAGREE") + (f" ({err:.1e})" if err is not None else "")
 
 
+def _ratio(row: dict, column: str, form: str) -> str:
+    """A column against the unmerged row, ``-`` where that row failed."""
+    return form.format(row[column]) if column in row else "-"
+
+
 def format_table(rows: List[dict]) -> str:
     header = ("mode", "variant", "backend", "trainable", "step ms (min-max)", "videos/s", "speed-up",
               "step peak MiB", "vs unmerged", "fwd+bwd MiB", "vs unmerged", "gradients")
     lines = [header]
     for r in rows:
+        if "error" in r:  # a step that raised: its row names the error
+            lines.append((r["mode"], r["variant"], r["backend"], f"error: {r['error']}"[:60], *[""] * 8))
+            continue
         lines.append((r["mode"], r["variant"], r["backend"], f"{r['trainable_params']:,}",
                       f"{r['step_ms']:.0f} ({r['step_min_ms']:.0f}-{r['step_max_ms']:.0f})",
-                      f"{r['videos_per_s']:.2f}", f"{r['speedup']:.2f}x", f"{r['peak_mem_mb']:.0f}",
-                      f"{100 * r['memory_ratio']:.0f}%", f"{r['fwd_bwd_mem_mb']:.0f}",
-                      f"{100 * r['fwd_bwd_memory_ratio']:.0f}%", _check_cell(r)))
+                      f"{r['videos_per_s']:.2f}", _ratio(r, "speedup", "{:.2f}x"), f"{r['peak_mem_mb']:.0f}",
+                      _ratio(r, "memory_ratio", "{:.0%}"), f"{r['fwd_bwd_mem_mb']:.0f}",
+                      _ratio(r, "fwd_bwd_memory_ratio", "{:.0%}"), _check_cell(r)))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
@@ -198,6 +252,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="do not hold the Triton backend's gradients to the torch backend's (columns agrees, "
                              "rel_err)")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the rows that --jsonl already holds under --tag, and every variant there that lost "
+                             "the CUDA context (a stage started again after a lost context: benchmarks.context)")
     add_row_log_arguments(parser)
     add_config_arguments(parser)
     args = parser.parse_args(argv)
@@ -207,7 +264,15 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     print(f"{args.model}, {args.frames} frames, batch {args.batch}, {args.precision}, {name} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}", flush=True)
-    rows = bench(args, RowLog(args.jsonl, "bench_train", environment(device), args.tag))
+    if args.resume and not args.jsonl:
+        parser.error("--resume reads the rows of --jsonl: give --jsonl PATH")
+    resume = Resume(args.jsonl, "bench_train", args.tag, ROW_KEYS, CANDIDATE_KEYS) if args.resume else None
+    try:
+        rows = bench(args, RowLog(args.jsonl, "bench_train", environment(device), args.tag), resume)
+    except ContextLost as e:
+        print(f"# the CUDA context is lost after {e}; every row before it is kept: run again with --resume to go "
+              f"on (exit {CONTEXT_LOST_EXIT})", file=sys.stderr)
+        return CONTEXT_LOST_EXIT
     print(format_table(rows))
     for r in rows:
         if r.get("agrees") is False:
@@ -217,8 +282,8 @@ def main(argv=None) -> int:
                   "threads": torch.get_num_threads(), "torch": torch.__version__, "args": vars(args), "rows": rows}
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)
-    return int(any(r.get("agrees") is False for r in rows))
+    return int(any("error" in r or r.get("agrees") is False for r in rows))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_for_good(main())

@@ -91,7 +91,11 @@ class Resume:
 
     def skip(self, row: Dict[str, object]) -> bool:
         """Whether ``row`` (its key fields filled) was measured already, or its candidate lost the context."""
-        return self._key(row, self.keys) in self.done or self._key(row, self.group) in self.lost
+        return self._key(row, self.keys) in self.done or self.lost_by(row)
+
+    def lost_by(self, row: Dict[str, object]) -> bool:
+        """Whether ``row``'s candidate (its group fields filled) lost the context in an earlier process."""
+        return self._key(row, self.group) in self.lost
 
     def logged(self, row: Dict[str, object]) -> Optional[Dict[str, object]]:
         """The last logged row of ``row``'s keys (None if there is none)."""

@@ -33,6 +33,9 @@ LAST_BLOCK_COLUMNS = ["run", "model", "dtype", "batch", "layer", "full_ms", "tri
 WARM_COLUMNS = ["run", "arch", "jobs", "variants", "compiled", "cache_hits", "failed", "seconds", "compile_s", "stubs"]
 TRAIN_COLUMNS = ["run", "model", "batch", "precision", "mode", "variant", "backend", "agrees", "step_ms", "speedup",
                  "peak_mem_mb", "memory_ratio"]
+# Those of the fields that name a row of any benchmark which the rows that lost the CUDA context have.
+LOST_COLUMNS = ["run", "tag", "bench", "model", "batch", "dtype", "precision", "layer", "stage", "op", "mode", "impl",
+                "variant", "backend", "error"]
 CASE_KEYS = ("model", "batch", "dtype", "variant")
 KERNELS_PER_CASE = 8
 
@@ -437,13 +440,12 @@ def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequen
                 "Their times are of a wrong result (`benchmarks/oracle.py`): `disagreement` says what failed first.",
                 markdown(wrong, ["run", "tag", "model", "batch", "dtype", "precision", "layer", "op", "mode", "impl",
                                  "variant", "backend", "disagreement"]))
-    lost = [r for r in ops + attention if r.get("context_lost")]
+    lost = [r for r in rows if r.get("context_lost")]  # every benchmark's: benchmarks.context
     if lost:
         section("Rows that lost the CUDA context", "After each of these rows the process could run nothing more on "
                 "the GPU (a kernel faulted); its stage went on in a new process without that candidate "
                 "(`benchmarks.context`).",
-                markdown(lost, ["run", "tag", "model", "batch", "dtype", "layer", "stage", "op", "mode", "impl",
-                                "error"]))
+                markdown(lost, [c for c in LOST_COLUMNS if any(c in r for r in lost)]))
     if model:
         section("Whole encoder", "`+graph` variants are replayed from a CUDA graph: the device time of the "
                 "whole forward.", markdown(model, MODEL_COLUMNS))

@@ -52,7 +52,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Benchmarks that exit with CONTEXT_LOST_EXIT where a row lost the CUDA context and go on from there with
 # --resume (benchmarks.context): such a stage is started again, at most MAX_RESTARTS times, in what is left of
 # its limit. (The test stages restart their shards themselves: benchmarks.shards.)
-RESUMABLE = ("benchmarks.bench_ops", "benchmarks.bench_attention", "benchmarks.bench_model", "benchmarks.profile")
+RESUMABLE = ("benchmarks.bench_ops", "benchmarks.bench_attention", "benchmarks.bench_model", "benchmarks.profile",
+             "benchmarks.bench_train")
 STOP_GRACE_S = 10  # between SIGTERM and SIGKILL of a stage that ran out of time
 # One of two calls in a lease of 15 minutes of device time, which also pays for the machine's start.
 DEFAULT_BUDGET_S = 420

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from benchmarks import bench_attention, bench_model, bench_ops, context, profile, report
+from benchmarks import bench_attention, bench_model, bench_ops, bench_train, context, profile, report
 from benchmarks.context import CONTEXT_LOST_EXIT, MAX_RESTARTS, Resume, context_lost
 from benchmarks.rowlog import RowLog, read_rows
 from benchmarks.suite import Stage, run_suite
@@ -145,6 +145,50 @@ def test_profile_resumes_after_a_lost_context_without_the_variant_that_lost_it(t
     assert {(r["variant"], r["batch"]) for r in read_rows(path)[len(first):]} == {("open_clip", 2)}
 
 
+def _train_argv(tiny_model_file, path, modes=("lora", "full")):
+    return ["--device", "cpu", "--model", tiny_model_file, "--batch", "2", "--context-length", "8", "--modes", *modes,
+            "--backends", "torch", "--repeats", "1", "--warmup", "0", "--jsonl", path, "--tag", "t",
+            *TINY_ARGS]
+
+
+def test_bench_train_resumes_after_a_lost_context_without_the_variant_that_lost_it(tmp_path, monkeypatch,
+                                                                                   tiny_model_file):
+    """TempMe loses the context in the LoRA step: resumed, the run measures the full step unmerged (its speed-up
+    against a base measured there) and no TempMe row at all; resumed once more, it measures nothing."""
+    path = str(tmp_path / "rows.jsonl")
+    argv = _train_argv(tiny_model_file, path)
+    _lost_on_call(monkeypatch, context, 2)
+    assert bench_train.main(argv) == CONTEXT_LOST_EXIT
+    first = read_rows(path)
+    assert [(r["mode"], r["variant"], r.get("context_lost", False)) for r in first] == [
+        ("lora", "unmerged", False), ("lora", "TempMe", True)]
+    monkeypatch.setattr(context, "context_lost", lambda device: False)
+    assert bench_train.main([*argv, "--resume"]) == 0
+    later = read_rows(path)[2:]
+    assert [(r["mode"], r["variant"]) for r in later] == [("full", "unmerged")] and later[0]["speedup"] == 1.0
+    assert bench_train.main([*argv, "--resume"]) == 0
+    assert len(read_rows(path)) == 3
+
+
+def test_bench_train_keeps_a_step_that_raised_as_its_own_row(tmp_path, monkeypatch, tiny_model_file):
+    """The unmerged step raises: its row names the error, the TempMe row is measured without a base to divide by,
+    and the run exits 1."""
+    real, calls = bench_train.time_calls, []
+
+    def time_calls(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(bench_train, "time_calls", time_calls)
+    path = str(tmp_path / "rows.jsonl")
+    assert bench_train.main(_train_argv(tiny_model_file, path, modes=["lora"])) == 1
+    rows = read_rows(path)
+    assert [(r["variant"], r.get("error")) for r in rows] == [("unmerged", "RuntimeError: out of memory"),
+                                                              ("TempMe", None)]
+    assert rows[1]["step_ms"] > 0 and "speedup" not in rows[1]
+
+
 # A stage that loses its context on its first process (and, with "always", on every one): the stub exits as
 # bench_ops does, and writes one line per process so the test counts them.
 LOSING = """
@@ -241,9 +285,14 @@ def test_report_lists_the_rows_that_lost_the_context_and_the_restarts(tmp_path, 
     log({"model": "ViT-B-16", "batch": 32, "dtype": "fp16", "layer": 0, "stage": "imgme", "op": "merge_fwd",
          "impl": "triton:merge:16x128x4-g16", "error": "AcceleratorError: an illegal memory access",
          "context_lost": True})
+    trained = RowLog(str(folder / "rows.jsonl"), "bench_train", {"device": "H200"}, "train")
+    trained({"model": "ViT-B-16", "batch": 32, "precision": "bf16", "mode": "lora", "variant": "TempMe+compile",
+             "backend": "triton", "error": "AcceleratorError: an illegal memory access", "context_lost": True})
     assert report.main([str(folder), "--markdown"]) == 0
     text = capsys.readouterr().out
     assert "### Rows that lost the CUDA context" in text and "triton:merge:16x128x4-g16" in text
+    section = text[text.index("### Rows that lost the CUDA context"):]
+    assert "| bench_train |" in section and "TempMe+compile" in section  # every benchmark's rows
     assert "| limit_s | restarts |" in text
 
 

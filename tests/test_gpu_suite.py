@@ -223,15 +223,19 @@ def test_every_stage_parses_its_options_and_names_tests_that_exist(tmp_path, mon
                 if test:
                     with open(os.path.join(ROOT, path)) as f:
                         assert f"def {test}(" in f.read(), (s.name, arg)
-        try:
-            importlib.import_module(module).main(args)
-        except _Parsed:
-            checked.add(module)
-            continue
-        except SystemExit as e:
-            pytest.fail(f"stage {s.name}: {module} refused its options (exit {e.code})")
-        pytest.fail(f"stage {s.name}: {module} ran past its parser")
+        # A resumable stage's restart after a lost CUDA context adds --resume (benchmarks.suite.run_resuming).
+        for extra in ([], ["--resume"]) if s.resumable else ([],):
+            try:
+                importlib.import_module(module).main([*args, *extra])
+            except _Parsed:
+                checked.add(module)
+                continue
+            except SystemExit as e:
+                pytest.fail(f"stage {s.name}: {module} refused its options {extra} (exit {e.code})")
+            pytest.fail(f"stage {s.name}: {module} ran past its parser")
     assert {"benchmarks.bench_ops", "benchmarks.bench_model", "benchmarks.shards", "benchmarks.warm"} <= checked
+    assert {s.name for s in gpu_stages(str(tmp_path)) if s.resumable} >= {"ops_headline", "model_headline", "profile",
+                                                                         "attention", "train_step"}
 
 
 def test_only_and_skip_pick_stages_and_refuse_unknown_names(tmp_path):
