@@ -20,7 +20,6 @@ import contextlib
 import functools
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -32,7 +31,7 @@ from tempme_fast.ops import triton_attention
 from tempme_fast.schedule import LayerPlan
 
 from .common import VIT_GEOMETRY, environment, failure, measure_ms, print_table
-from .context import CONTEXT_LOST_EXIT, ContextLost, Resume, exit_for_good, log_probed
+from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
 from .devicetime import device_columns, host_columns, speedups
 from .oracle import check_attention, check_raised
 
@@ -245,12 +244,9 @@ def main(argv=None) -> int:
                         help="time the Triton forward with these query and key tiles, warps and stages (rows "
                              "'triton:SPEC'), beside the library's (row 'triton') and SDPA with the mask and "
                              "without a bias; forward only")
-    parser.add_argument("--resume", action="store_true",
-                        help="skip the rows that --jsonl already holds under --tag, and every candidate there that "
-                             "lost the CUDA context (a stage started again after a lost context: benchmarks.context)")
+    add_resume_argument(parser)
     args = parser.parse_args(argv)
-    if args.resume and not args.jsonl:
-        parser.error("--resume reads the rows of --jsonl: give --jsonl PATH")
+    resume = resume_from(parser, args, "attention", ROW_KEYS, CANDIDATE_KEYS)
     impls, modes = args.impls, args.modes
     if args.fwd_tiles:
         try:
@@ -261,7 +257,6 @@ def main(argv=None) -> int:
         impls, modes = ["sdpa", "sdpa-nobias", "triton", *(f"triton:{spec}" for spec in args.fwd_tiles)], ["fwd"]
     device = torch.device(args.device)
     env = environment(device)
-    resume = Resume(args.jsonl, "attention", args.tag, ROW_KEYS, CANDIDATE_KEYS) if args.resume else None
     out = open(args.jsonl, "a") if args.jsonl else None
 
     def sink(row):  # every row on disk before the next is measured: a run cut short keeps it
@@ -272,9 +267,7 @@ def main(argv=None) -> int:
         rows = run(device, args.models, args.batches, args.dtypes, impls or available_impls(device),
                    modes, args.rep_ms, sink if out else None, args.check, resume)
     except ContextLost as e:
-        print(f"# the CUDA context is lost after {e}; every row before it is kept: run again with --resume to go "
-              f"on (exit {CONTEXT_LOST_EXIT})", file=sys.stderr)
-        return CONTEXT_LOST_EXIT
+        return stopped(e)
     finally:
         if out:
             out.close()

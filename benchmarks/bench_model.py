@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -41,7 +40,7 @@ from tempme_fast.ops import launch, triton_ops
 
 from .common import Compiled, RowLog, add_row_log_arguments, environment, failure, measure_ms, print_table, \
     write_results
-from .context import CONTEXT_LOST_EXIT, ContextLost, Resume, exit_for_good, log_probed
+from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
 from .devicetime import device_columns, enqueue_ms, host_columns
 from .oracle import check_embedding, check_gradients, check_raised, parameter_grads
 
@@ -421,10 +420,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rep-ms", type=float, default=200)
     parser.add_argument("--out", default=None,
                         help="folder for bench_model.json/.csv and bench_layers.json/.csv, written at the end")
-    parser.add_argument("--resume", action="store_true",
-                        help="skip the rows (and per-layer times) that --jsonl already holds under --tag, and every "
-                             "variant there that lost the CUDA context (a stage started again after a lost context: "
-                             "benchmarks.context)")
+    add_resume_argument(parser, "rows (and per-layer times)", "variant")
     add_row_log_arguments(parser)
     add_config_arguments(parser)
     args = parser.parse_args(argv)
@@ -432,18 +428,14 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     batches = args.batches or ([1, 16] if cuda else [2])
     dtypes = args.dtypes or [default_dtype_name(device)]
-    if args.resume and not args.jsonl:
-        parser.error("--resume reads the rows of --jsonl: give --jsonl PATH")
-    resume = Resume(args.jsonl, None, args.tag, ROW_KEYS, CANDIDATE_KEYS) if args.resume else None
+    resume = resume_from(parser, args, None, ROW_KEYS, CANDIDATE_KEYS)
     env = environment(device)
     try:
         rows, layer_rows = run(device, args.models, batches, dtypes, args.modes, args.variants, args.compile,
                                args.rep_ms, config_from_args(args), RowLog(args.jsonl, "bench_model", env, args.tag),
                                args.compile_backend, not args.no_layer_times, args.check, resume)
     except ContextLost as e:
-        print(f"# the CUDA context is lost after {e}; every row before it is kept: run again with --resume to go "
-              f"on (exit {CONTEXT_LOST_EXIT})", file=sys.stderr)
-        return CONTEXT_LOST_EXIT
+        return stopped(e)
     if args.out:
         write_results(args.out, "bench_model", env, rows)
         write_results(args.out, "bench_layers", env, layer_rows)

@@ -54,7 +54,6 @@ import argparse
 import contextlib
 import functools
 import re
-import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -66,7 +65,7 @@ from tempme_fast.ops import reference, triton_ops
 from .common import Compiled, MergeShape, RowLog, add_row_log_arguments, copy_bandwidth_gbs, encoder_metrics, \
     environment, failure, measure_ms, merge_shapes, metric_tensor, print_table, shifted_metric, source_counts, \
     write_results
-from .context import CONTEXT_LOST_EXIT, ContextLost, Resume, exit_for_good, log_probed
+from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
 from .devicetime import basis_ms, device_columns, host_columns, speedups
 from .oracle import NORM_EPS, check_op, check_raised, join_grads, join_inputs, norm_inputs, upstream_grad
 
@@ -532,9 +531,7 @@ def main(argv=None) -> int:
                              "join, 32 videos)")
     parser.add_argument("--layers", nargs="+", type=int, default=None, help="only the merges of these layers")
     parser.add_argument("--out", default=None, help="folder for bench_ops.json / .csv, written at the end")
-    parser.add_argument("--resume", action="store_true",
-                        help="skip the rows that --jsonl already holds under --tag, and every candidate there that "
-                             "lost the CUDA context (a stage started again after a lost context: benchmarks.context)")
+    add_resume_argument(parser)
     parser.add_argument("--tiles", nargs="+", default=[], metavar="SPEC",
                         help="also time the Triton ops with these tiles (rows 'triton:SPEC'): "
                              "merge:BTxBDxW[-gN|[-sN][-pN][-cN]], norm:BTxW[-sN][-pN][-cN] (-sN: the sources' "
@@ -556,18 +553,14 @@ def main(argv=None) -> int:
                      f"{', '.join(map(str, merging))}")
     impls = args.impls or (["torch", "triton", "torch.compile"] if device.type == "cuda" else ["torch"])
     impls = [*impls, *(f"triton:{spec}" for spec in args.tiles)]
-    if args.resume and not args.jsonl:
-        parser.error("--resume reads the rows of --jsonl: give --jsonl PATH")
-    resume = Resume(args.jsonl, "bench_ops", args.tag, ROW_KEYS, CANDIDATE_KEYS) if args.resume else None
+    resume = resume_from(parser, args, "bench_ops", ROW_KEYS, CANDIDATE_KEYS)
     env = environment(device)
     try:
         rows = run(device, args.models, args.batches, args.dtypes, impls, args.ops, args.compile_at or None,
                    args.rep_ms, RowLog(args.jsonl, "bench_ops", env, args.tag), args.compile_backend, args.check,
                    args.plans, args.layers, resume)
     except ContextLost as e:
-        print(f"# the CUDA context is lost after {e}; every row before it is kept: run again with --resume to go "
-              f"on (exit {CONTEXT_LOST_EXIT})", file=sys.stderr)
-        return CONTEXT_LOST_EXIT
+        return stopped(e)
     if args.out:
         write_results(args.out, "bench_ops", env, rows)
     print(f"# merge ops on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")

@@ -29,7 +29,6 @@ import contextlib
 import json
 import platform
 import statistics
-import sys
 from datetime import datetime, timezone
 from typing import Dict, List, Optional
 
@@ -44,7 +43,7 @@ from tempme_fast.train import (PRECISIONS, VideoTextForward, _unwrapped, contras
 
 from . import context
 from .common import Compiled, RowLog, add_row_log_arguments, environment, failure
-from .context import CONTEXT_LOST_EXIT, ContextLost, Resume, exit_for_good, log_probed
+from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
 from .oracle import check_gradients, check_raised, parameter_grads
 
 # The fields that name a row (a resumed stage skips the rows logged under them), and a variant (a resumed stage
@@ -252,9 +251,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="do not hold the Triton backend's gradients to the torch backend's (columns agrees, "
                              "rel_err)")
-    parser.add_argument("--resume", action="store_true",
-                        help="skip the rows that --jsonl already holds under --tag, and every variant there that lost "
-                             "the CUDA context (a stage started again after a lost context: benchmarks.context)")
+    add_resume_argument(parser, candidate="variant")
     add_row_log_arguments(parser)
     add_config_arguments(parser)
     args = parser.parse_args(argv)
@@ -264,15 +261,11 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     print(f"{args.model}, {args.frames} frames, batch {args.batch}, {args.precision}, {name} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}", flush=True)
-    if args.resume and not args.jsonl:
-        parser.error("--resume reads the rows of --jsonl: give --jsonl PATH")
-    resume = Resume(args.jsonl, "bench_train", args.tag, ROW_KEYS, CANDIDATE_KEYS) if args.resume else None
+    resume = resume_from(parser, args, "bench_train", ROW_KEYS, CANDIDATE_KEYS)
     try:
         rows = bench(args, RowLog(args.jsonl, "bench_train", environment(device), args.tag), resume)
     except ContextLost as e:
-        print(f"# the CUDA context is lost after {e}; every row before it is kept: run again with --resume to go "
-              f"on (exit {CONTEXT_LOST_EXIT})", file=sys.stderr)
-        return CONTEXT_LOST_EXIT
+        return stopped(e)
     print(format_table(rows))
     for r in rows:
         if r.get("agrees") is False:

@@ -59,6 +59,32 @@ def log_probed(device, log: Callable[[Dict[str, object]], object], rows: Sequenc
         raise ContextLost(f"{what()}: {rows[-1].get('error', 'no error raised')}")
 
 
+def add_resume_argument(parser, skipped: str = "rows", candidate: str = "candidate") -> None:
+    """A benchmark's ``--resume``: what the suite adds to its command to start it again after a lost context."""
+    parser.add_argument("--resume", action="store_true",
+                        help=f"skip the {skipped} that --jsonl already holds under --tag, and every {candidate} there "
+                             "that lost the CUDA context (a stage started again after a lost context: "
+                             "benchmarks.context)")
+
+
+def resume_from(parser, args, bench: Optional[str], keys: Sequence[str],
+                group: Sequence[str]) -> Optional["Resume"]:
+    """The :class:`Resume` that ``args.resume`` asks for, of ``args.jsonl`` under ``args.tag`` (None without it);
+    ``--resume`` without ``--jsonl`` is refused through ``parser``."""
+    if not args.resume:
+        return None
+    if not args.jsonl:
+        parser.error("--resume reads the rows of --jsonl: give --jsonl PATH")
+    return Resume(args.jsonl, bench, args.tag, keys, group)
+
+
+def stopped(error: ContextLost) -> int:
+    """The exit status of a benchmark that ``error`` stopped, after saying on stderr how to go on."""
+    print(f"# the CUDA context is lost after {error}; every row before it is kept: run again with --resume to go "
+          f"on (exit {CONTEXT_LOST_EXIT})", file=sys.stderr)
+    return CONTEXT_LOST_EXIT
+
+
 def exit_for_good(code: int) -> None:
     """Ends a benchmark's process with ``code``. After a lost context, at once (``os._exit``, output flushed): the
     rows are on disk, and tearing down a faulted context (freeing its memory, its streams) may abort and turn

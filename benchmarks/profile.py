@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -36,7 +35,7 @@ from tempme_fast.loading import DTYPES, create_model, default_dtype_name
 
 from .bench_model import _setting, train_once, variant_switches
 from .common import RowLog, add_row_log_arguments, environment, failure, print_table
-from .context import CONTEXT_LOST_EXIT, ContextLost, Resume, exit_for_good, log_probed
+from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
 from .devicetime import kernel_us
 from .report import profile_columns, profile_table
 
@@ -208,9 +207,7 @@ def main(argv=None) -> int:
                         help="inference forwards, or training calls (forward and backward); default infer")
     parser.add_argument("--forwards", type=int, default=3, help="forwards under the profiler (default 3)")
     parser.add_argument("--repeats", type=int, default=10, help="synchronised forwards for the wall time")
-    parser.add_argument("--resume", action="store_true",
-                        help="skip the cases that --jsonl already holds under --tag, and every variant there that "
-                             "lost the CUDA context (a stage started again after a lost context: benchmarks.context)")
+    add_resume_argument(parser, "cases", "variant")
     add_row_log_arguments(parser)
     add_config_arguments(parser)
     args = parser.parse_args(argv)
@@ -223,18 +220,14 @@ def main(argv=None) -> int:
     if not cuda and triton:
         parser.error(f"--variants {' '.join(triton)} needs --device cuda (the merge kernels do not run eagerly on a "
                      f"CPU)")
-    if args.resume and not args.jsonl:
-        parser.error("--resume reads the rows of --jsonl: give --jsonl PATH")
-    resume = Resume(args.jsonl, "profile", args.tag, ROW_KEYS, CANDIDATE_KEYS) if args.resume else None
+    resume = resume_from(parser, args, "profile", ROW_KEYS, CANDIDATE_KEYS)
     env = environment(device)
     try:
         rows = run(device, args.cases or [("ViT-B-16", 16), ("ViT-B-32", 1)],
                    args.dtypes or [default_dtype_name(device)], variants, args.forwards, args.repeats,
                    config_from_args(args), RowLog(args.jsonl, "profile", env, args.tag), args.modes, resume)
     except ContextLost as e:
-        print(f"# the CUDA context is lost after {e}; every row before it is kept: run again with --resume to go "
-              f"on (exit {CONTEXT_LOST_EXIT})", file=sys.stderr)
-        return CONTEXT_LOST_EXIT
+        return stopped(e)
     print(f"# where the forward's time goes on {env['device']}, torch {env['torch']}, triton {env['triton']}, "
           f"{env['date']} ({'kernel device time' if cuda else 'aten ops, self CPU time'})")
     print_table([r for r in rows if r["kind"] == "kernel"],
