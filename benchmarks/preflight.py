@@ -4,7 +4,8 @@ packages the tests and benchmarks import. On a GPU it also compiles and launches
 so a machine that cannot build launchers is found in seconds, not after the first stage times out, and
 launches it through ``tempme_fast.ops.launch`` both ways ("cached launch": the result, and the host
 microseconds per launch of Triton's path and of the cached one). When that line does not start with
-"ok", ``benchmarks.suite`` runs the later stages with ``TEMPME_FAST_CACHED_LAUNCH=0``.
+"ok", ``benchmarks.suite`` runs the later stages with ``TEMPME_FAST_CACHED_LAUNCH=0``. Last, it times the probe
+that the benchmarks run after every row (``benchmarks.context``) on the healthy context ("context probe").
 
     python -m benchmarks.preflight environment.txt
 """
@@ -150,6 +151,32 @@ def cached_launch(launches: int = 2000) -> str:
         launch.CACHED = previous
 
 
+def context_probe(probes: int = 200) -> str:
+    """``benchmarks.context.context_lost`` on the GPU's healthy context: that it says "not lost", and the host
+    microseconds one probe costs (the benchmarks run it after every row, outside the timed calls)."""
+    import time
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return "skipped (no CUDA device)"
+    from .context import context_lost
+
+    try:
+        device = torch.device("cuda")
+        torch.ones(1, device=device).add_(1).item()  # the context initialised, as after a benchmark's first row
+        lost = [context_lost(device) for _ in range(10)]
+        t0 = time.perf_counter()
+        for _ in range(probes):
+            lost.append(context_lost(device))
+        us = (time.perf_counter() - t0) / probes * 1e6
+    except Exception as e:  # the point is to record why it fails
+        return f"FAILED ({type(e).__name__}: {str(e)[:500]})"
+    if any(lost):
+        return f"WRONG RESULT (a healthy context probed as lost {sum(lost)} of {len(lost)} times)"
+    return f"ok (host us per probe: {us:.1f})"
+
+
 def collect() -> List[Tuple[str, str]]:
     facts = [("python", f"{platform.python_version()} at {sys.executable}"),
              ("platform", platform.platform()), ("cpu count", str(os.cpu_count()))]
@@ -160,6 +187,7 @@ def collect() -> List[Tuple[str, str]]:
         facts.append((f"${var}", os.environ.get(var, "unset")))
     facts.append(("triton launch", triton_launch()))
     facts.append(("cached launch", cached_launch()))
+    facts.append(("context probe", context_probe()))
     return facts
 
 

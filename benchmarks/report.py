@@ -373,7 +373,8 @@ def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequen
             torch_version, triton_version = (facts.get(k, "?").split(" ")[0] for k in ("torch", "triton"))
             out.append(f"{run.name}: Card: {card}; nvidia-smi: {facts.get('nvidia-smi', '?')}; "
                        f"torch {torch_version}, triton {triton_version}; "
-                       f"triton launch: {facts.get('triton launch', '?')}")
+                       f"triton launch: {facts.get('triton launch', '?')}"
+                       + "".join(f"; {k}: {facts[k]}" for k in ("cached launch", "context probe") if k in facts))
     if as_markdown:
         out.insert(0, f"## GPU results: {cards[0] if cards else 'card not recorded'}\n")
     stages = [s for run in runs for s in run.stages]

@@ -20,13 +20,13 @@ from tiny import TINY_ARGS
 
 
 def _lost_on_call(monkeypatch, module, calls):
-    """``module.context_lost`` (the probe the benchmarks' rows go through) says "lost" on its ``calls``-th call
-    (1-based) and never otherwise."""
+    """``module.context_lost`` (the probe the benchmarks' rows go through) says "lost" from its ``calls``-th call
+    (1-based) on, as a faulted context stays lost."""
     seen = []
 
     def probe(device):
         seen.append(device)
-        return len(seen) == calls
+        return len(seen) >= calls
     monkeypatch.setattr(module, "context_lost", probe)
 
 
@@ -168,6 +168,35 @@ def test_bench_train_resumes_after_a_lost_context_without_the_variant_that_lost_
     assert [(r["mode"], r["variant"]) for r in later] == [("full", "unmerged")] and later[0]["speedup"] == 1.0
     assert bench_train.main([*argv, "--resume"]) == 0
     assert len(read_rows(path)) == 3
+
+
+def test_bench_train_blames_a_gradient_check_that_lost_the_context_on_its_own_variant(tmp_path, monkeypatch,
+                                                                                      tiny_model_file):
+    """The Triton gradient check (run before any timed step) faults: the TempMe row keeps the check's error and the
+    mark, and nothing is timed. Resumed, the check does not run again (its compiled variant, a candidate of its own,
+    is timed without it), the variant that lost the context is skipped, and the rest is measured."""
+    checks = []
+
+    def gradient_check(*args, **kwargs):
+        checks.append(args[1])
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(bench_train, "gradient_check", gradient_check)
+    _lost_on_call(monkeypatch, context, 1)
+    path = str(tmp_path / "rows.jsonl")
+    argv = [a if a != "torch" else "triton" for a in _train_argv(tiny_model_file, path, modes=["lora"])]
+    argv += ["--compile", "eager"]
+    assert bench_train.main(argv) == CONTEXT_LOST_EXIT
+    first = read_rows(path)
+    assert checks == ["lora"] and [(r["mode"], r["variant"], r["backend"]) for r in first] == [
+        ("lora", "TempMe", "triton")]
+    assert first[0]["context_lost"] and not first[0]["agrees"] and "illegal memory access" in first[0]["error"]
+    assert "illegal memory access" in first[0]["disagreement"] and "step_ms" not in first[0]
+    monkeypatch.setattr(context, "context_lost", lambda device: False)
+    assert bench_train.main([*argv, "--resume"]) == 0
+    later = read_rows(path)[1:]
+    assert checks == ["lora"]
+    assert [r["variant"] for r in later] == ["unmerged", "unmerged+compile", "TempMe+compile"]
+    assert all(r["step_ms"] > 0 and "agrees" not in r and not r.get("context_lost") for r in later)
 
 
 def test_bench_train_keeps_a_step_that_raised_as_its_own_row(tmp_path, monkeypatch, tiny_model_file):
@@ -337,3 +366,10 @@ def test_a_kernel_fault_on_the_gpu_costs_its_shard_one_test(tmp_path):
         done.stdout + done.stderr
     assert [e["nodeid"].split("::")[1] for e in lines if e.get("event") == "context_lost"] == ["test_1_fault"]
     assert done.returncode == 1
+
+
+@pytest.mark.cuda
+def test_the_probe_finds_a_healthy_context_not_lost_and_says_what_it_costs():
+    from benchmarks.preflight import context_probe
+
+    assert context_probe(probes=20).startswith("ok (host us per probe: "), context_probe(probes=20)

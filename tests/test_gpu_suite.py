@@ -285,7 +285,7 @@ def test_gpu_suite_sh_runs_a_stage_and_archives(tmp_path):
     files = _members(archive)
     facts = files["out/environment.txt"]
     for key in ("python:", "torch:", "triton:", "C compiler:", "Python.h:", "torchvision:", "timm:",
-                "triton launch:"):
+                "triton launch:", "context probe: skipped (no CUDA device)"):
         assert key in facts
     assert "$TRITON_INTERPRET: unset" in facts  # the wrapper clears it
     assert "[setup] open_clip" in files["out/suite.log"]
@@ -320,7 +320,8 @@ def test_report_tables_come_from_the_archive(tmp_path, capsys):
 
     out = tmp_path / "run"
     out.mkdir()
-    (out / "environment.txt").write_text("gpu 0: NVIDIA H100 80GB HBM3, sm_90\ntorch: 2.11.0 at /x\n")
+    (out / "environment.txt").write_text("gpu 0: NVIDIA H100 80GB HBM3, sm_90\ntorch: 2.11.0 at /x\n"
+                                         "context probe: ok (host us per probe: 21.5)\n")
     (out / "stages.jsonl").write_text(json.dumps({"stage": "ops_headline", "outcome": "timeout", "rc": -15,
                                                   "seconds": 60.2, "limit_s": 60}) + "\n")
     ops = RowLog(str(out / "rows.jsonl"), "bench_ops", {"device": "H100"}, "headline")
@@ -335,7 +336,7 @@ def test_report_tables_come_from_the_archive(tmp_path, capsys):
         tar.add(out, arcname="run")
     assert report.main([str(archive)]) == 0
     text = capsys.readouterr().out
-    assert "Card: NVIDIA H100 80GB HBM3, sm_90" in text
+    assert "Card: NVIDIA H100 80GB HBM3, sm_90" in text and "; context probe: ok (host us per probe: 21.5)" in text
     assert "| run | ops_headline | timeout | -15 | 60.2 | 60 |" in text
     assert "2950 GB/s (run, headline)" in text
     # Written before device times existed, on a GPU: its speed-up was the eager one.
