@@ -83,6 +83,33 @@ def test_interpreted_kernels_go_straight_to_triton():
     assert not launch._CACHE
 
 
+class _Refused:
+    """A kernel as Triton's interpreter before 3.7 runs one under numpy 2.4: the launch fails inside it."""
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+        return run
+
+
+@pytest.mark.parametrize("interpreting", ["1", None])
+def test_an_interpreter_that_numpy_refuses_is_named_with_the_fix(monkeypatch, interpreting):
+    if interpreting:
+        monkeypatch.setenv("TRITON_INTERPRET", interpreting)
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for call in (lambda: launch.launch(_Refused(), (1,), torch.zeros(1)),
+                 lambda: launch.Launcher(_Refused(), (1,))(torch.zeros(1))):
+        if interpreting:  # named, with the versions and what to install
+            with pytest.raises(RuntimeError, match=r"interpreter of triton .* numpy .* Install numpy<2\.4, or "
+                                                   r"triton>=3\.7") as raised:
+                call()
+            assert isinstance(raised.value.__cause__, TypeError)
+        else:  # compiled kernels never meet it: the error passes unchanged
+            with pytest.raises(TypeError, match="only 0-dimensional"):
+                call()
+
+
 @pytest.mark.cuda
 def test_cached_launch_equals_tritons_launch_on_a_gpu():
     torch.manual_seed(0)

@@ -79,6 +79,27 @@ def _through_triton(kernel, jit_function, knobs) -> bool:
             or getattr(knobs.runtime, "add_stages_inspection_hook", None) is not None)
 
 
+# What NumPy 2.4 and later say when Triton's interpreter before 3.7 turns a one-element block into a Python int
+# (a loop bound computed in the kernel: most kernels here have one). The launch then fails with what to change.
+_NUMPY_REFUSED = "only 0-dimensional arrays can be converted to Python scalars"
+
+
+def _triton_path(kernel, grid: Sequence[int], args: tuple, meta: dict) -> None:
+    """``kernel[grid](*args, **meta)``, Triton's own launch path, with the interpreter's known failure named."""
+    try:
+        kernel[grid](*args, **meta)
+    except Exception as e:
+        if _NUMPY_REFUSED not in str(e) or os.environ.get("TRITON_INTERPRET") != "1":
+            raise
+        import numpy
+        import triton
+
+        raise RuntimeError(
+            f"TRITON_INTERPRET=1: the interpreter of triton {triton.__version__} cannot run these kernels with "
+            f"numpy {numpy.__version__} (it converts one-element blocks to Python ints, which numpy 2.4 refuses: "
+            f"{e}). Install numpy<2.4, or triton>=3.7, whose interpreter handles it.") from e
+
+
 def launch(kernel, grid: Sequence[int], *args, **meta) -> None:
     """``kernel[grid](*args, **meta)``, with Triton's per-call binding skipped for a variant seen before.
 
@@ -87,7 +108,7 @@ def launch(kernel, grid: Sequence[int], *args, **meta) -> None:
     """
     jit_function, driver, knobs = _triton or _modules()
     if _through_triton(kernel, jit_function, knobs):
-        kernel[grid](*args, **meta)
+        _triton_path(kernel, grid, args, meta)
         return
     active = driver.active
     device = active.get_current_device()
@@ -131,7 +152,7 @@ class Launcher:
         kernel = self.kernel
         jit_function, driver, knobs = _triton or _modules()
         if _through_triton(kernel, jit_function, knobs):
-            kernel[self.grid](*tensors, *self.scalars, **self.meta)
+            _triton_path(kernel, self.grid, (*tensors, *self.scalars), self.meta)
             return
         active = driver.active
         device = active.get_current_device()
