@@ -375,4 +375,5 @@ def test_a_kernel_fault_on_the_gpu_costs_its_shard_one_test(tmp_path):
 def test_the_probe_finds_a_healthy_context_not_lost_and_says_what_it_costs():
     from benchmarks.preflight import context_probe
 
-    assert context_probe(probes=20).startswith("ok (host us per probe: "), context_probe(probes=20)
+    line = context_probe(probes=20)
+    assert line.startswith("ok (host us per probe: "), line
