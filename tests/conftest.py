@@ -12,6 +12,48 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _patch_the_language_once_a_launch() -> None:
+    """Triton's interpreter patches ``triton.language`` for the interpreter at each launch (and undoes it after),
+    and again, undoing nothing, at every call of one ``@triton.jit`` function from another, where the launch's
+    patch already covers the modules those functions see: a quarter of the time of the merge kernels, which call
+    small jit functions in their loops. Here a nested call whose modules the launch patched skips it; the kernels
+    run the same patched language as before. Any other interpreter (no ``_patch_lang``, or one that does not
+    return a scope to undo) is left as it is."""
+    import inspect
+
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    real = getattr(interpreter, "_patch_lang", None)
+    if real is None or getattr(real, "once_a_launch", False):
+        return
+    covered = []  # per running launch: the modules its patch covers
+
+    def langs(fn):
+        return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+
+    def patch_lang(fn):
+        if covered and langs(fn) <= covered[-1]:
+            return interpreter._LangPatchScope()  # a nested call: nothing to patch, nothing to undo
+        scope = real(fn)
+        if covered or not hasattr(scope, "restore"):
+            return scope
+        covered.append(langs(fn))  # a launch: undone by the scope's restore at its end (or on its error)
+        undo = scope.restore
+
+        def restore():
+            covered.clear()
+            undo()
+        scope.restore = restore
+        return scope
+    patch_lang.once_a_launch = True
+    interpreter._patch_lang = patch_lang
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_the_language_once_a_launch()
+
 # ``-n auto`` (pytest-xdist) starts at most this many workers, and at most one per core and per
 # GIB_PER_WORKER of available memory: a worker that builds the ViT-B models peaks near 3.1 GiB.
 MAX_WORKERS = 8

@@ -4,6 +4,7 @@ check, the real-size shapes and the environment of a fresh process.
     from kit import DTYPES, VALUE_TOL, assert_close, parametrize_dtypes
 """
 import os
+import time
 from typing import Dict
 
 import pytest
@@ -51,6 +52,21 @@ REAL_SHAPES = [
 ]
 # The hidden width of those models.
 REAL_WIDTH = 768
+
+
+def timed_once(monkeypatch, *modules) -> None:
+    """Each of ``modules``' ``measure_ms`` (``benchmarks.common``'s, as the module imported it) calls its function
+    once and gives that call's wall time: for tests of what a benchmark runs, checks and records, not of its
+    figures. A row of a real-size kernel in the interpreter takes seconds a call, and the real one calls it at
+    least five times."""
+    def measure_ms(fn, device, warmup_ms=25, rep_ms=100, min_reps=3):
+        t0 = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - t0) * 1e3
+        return {"ms": ms, "ms_p20": ms, "ms_p80": ms}
+    for module in modules:
+        assert hasattr(module, "measure_ms"), f"{module.__name__} does not call measure_ms"
+        monkeypatch.setattr(module, "measure_ms", measure_ms)
 
 
 def parametrize_dtypes(table: Dict[str, torch.dtype] = DTYPES, name: str = "dtype"):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from tempme_fast import apply_tempme, encoder, ops
 from tempme_fast.ops import accuracy, attention_impl, reference, triton_attention
-from kit import DTYPES
+from kit import DTYPES, timed_once
 from tiny import TINY_CONFIG, tiny_clip, video
 
 # Max-abs error allowed, relative to the largest reference value of the same tensor.
@@ -469,7 +469,7 @@ def test_bench_attention_writes_json_lines(tmp_path, capsys):
 
 
 @pytest.mark.interpreter  # Triton on CPU tensors: skipped where TRITON_INTERPRET=1 is not set (a GPU machine)
-def test_bench_attention_sweeps_forward_tiles(tmp_path):
+def test_bench_attention_sweeps_forward_tiles(tmp_path, monkeypatch):
     """--fwd-tiles times the Triton forward per tile spec (rows ``triton:SPEC``) beside SDPA with the mask
     and without a bias; the library's tiles and launch options are back afterwards."""
     import json
@@ -479,6 +479,7 @@ def test_bench_attention_sweeps_forward_tiles(tmp_path):
 
     blocks, options = dict(triton_attention.GPU_FWD_BLOCKS), triton_attention._launch_options
     out = tmp_path / "tiles.jsonl"
+    timed_once(monkeypatch, bench_attention)
     assert bench_attention.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
                                  "--fwd-tiles", "128x64x8x3", "--rep-ms", "1", "--jsonl", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]

@@ -7,6 +7,7 @@ import torch
 from benchmarks import bench_model, bench_ops, merge_order
 from benchmarks.common import merge_shapes
 from benchmarks.rowlog import read_records
+from kit import timed_once
 from tiny import TINY_ARGS, TINY_CONFIG, tiny_clip, video
 
 
@@ -224,7 +225,8 @@ def test_bench_ops_tiles_give_the_library_result(one_thread):
             bench_ops.parse_tiles(bad)
 
 
-def test_bench_ops_tiles_rows(tmp_path):
+def test_bench_ops_tiles_rows(tmp_path, monkeypatch):
+    timed_once(monkeypatch, bench_ops)
     assert bench_ops.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
                            "--ops", "merge_fwd", "--impls", "torch", "--tiles", "merge:64x1024x4", "--rep-ms", "1",
                            "--jsonl", str(tmp_path / "r.jsonl")]) == 0
@@ -247,6 +249,7 @@ def test_bench_model_serial_variant_gathers_one_source_a_step(monkeypatch):
     many = []
     library = triton_ops._many_sources
     monkeypatch.setattr(triton_ops, "_many_sources", lambda r, nb: many.append(library(r, nb)) or many[-1])
+    timed_once(monkeypatch, bench_model)
     model = tiny_clip()
     clip = video(1, TINY_CONFIG.frames)
     divisor = triton_ops.MANY_SOURCES_DIVISOR
@@ -271,6 +274,7 @@ def test_bench_model_mlp_variant_fuses_the_mlp_and_restores_the_switch(monkeypat
     calls = []
     fused = triton_linear.linear_act
     monkeypatch.setattr(triton_linear, "linear_act", lambda *a: calls.append(a[3]) or fused(*a))
+    timed_once(monkeypatch, bench_model)
     model = tiny_clip().to(torch.float16)
     clip = video(1, TINY_CONFIG.frames).to(torch.float16)
     row = bench_model.bench_variant(model, TINY_CONFIG, "tempme-triton-mlp", "infer", clip, rep_ms=1)
@@ -332,19 +336,20 @@ def test_the_encoders_metrics_are_its_merges_and_keep_their_layout():
 
 
 @pytest.mark.interpreter
-def test_bench_ops_times_each_tile_spec_at_the_ops_it_tiles(tmp_path):
+def test_bench_ops_times_each_tile_spec_at_the_ops_it_tiles(tmp_path, monkeypatch):
     """A ``merge:`` spec makes rows of the merge forward only, a ``norm:`` spec of the merges with their LayerNorm
     only (after attention and at a join): elsewhere they would time the library's tiles under their names."""
+    timed_once(monkeypatch, bench_ops)  # (each row's check still runs its kernel)
     assert bench_ops.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
                            "--ops", "merge_fwd", "step_norm_fwd", "join_norm_fwd", "--impls", "triton",
                            "--layers", "10",
-                           "--tiles", "merge:8x64x4-c4", "norm:4x4-p1-c4", "--plans", "encoder", "--rep-ms", "1",
+                           "--tiles", "merge:8x256x4-c4", "norm:4x4-p1-c4", "--plans", "encoder", "--rep-ms", "1",
                            "--jsonl", str(tmp_path / "r.jsonl")]) == 0
     rows = read_records(str(tmp_path / "r.jsonl"))[1:]
     assert sorted((r["op"], r["stage"], r["impl"]) for r in rows) == [
         ("join_norm_fwd", "cross", "triton"), ("join_norm_fwd", "cross", "triton:norm:4x4-p1-c4"),
-        ("merge_fwd", "cross", "triton"), ("merge_fwd", "cross", "triton:merge:8x64x4-c4"),
-        ("merge_fwd", "intra", "triton"), ("merge_fwd", "intra", "triton:merge:8x64x4-c4"),
+        ("merge_fwd", "cross", "triton"), ("merge_fwd", "cross", "triton:merge:8x256x4-c4"),
+        ("merge_fwd", "intra", "triton"), ("merge_fwd", "intra", "triton:merge:8x256x4-c4"),
         ("step_norm_fwd", "intra", "triton"), ("step_norm_fwd", "intra", "triton:norm:4x4-p1-c4")]
     assert all(r["agrees"] is True for r in rows), rows
 

@@ -8,6 +8,7 @@ import torch
 from benchmarks import bench_attention, bench_ops, oracle
 from benchmarks.common import MergeShape
 from benchmarks.rowlog import read_records
+from kit import timed_once
 from tempme_fast import ops
 from tempme_fast.ops import accuracy, triton_ops
 from tempme_fast.ops import reference as ref
@@ -236,7 +237,7 @@ def test_a_wrong_kernel_fails_its_benchmark_row(tmp_path, monkeypatch):
     # Two shapes (an image merge and a join's), one timed call each: the interpreter is slow.
     shapes = bench_ops.merge_shapes
     monkeypatch.setattr(bench_ops, "merge_shapes", lambda model, batch: shapes(model, batch)[:2])
-    monkeypatch.setattr(bench_ops, "measure_ms", lambda fn, device, rep_ms: (fn(), {"ms": 1.0})[1])
+    timed_once(monkeypatch, bench_ops)
     assert bench_ops.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
                            "--impls", "torch", "triton", "--ops", "merge_fwd", "--rep-ms", "1",
                            "--jsonl", str(tmp_path / "r.jsonl")]) == 1
@@ -275,7 +276,7 @@ def test_bench_model_holds_the_triton_encoder_to_the_torch_one(tmp_path, tiny_mo
     monkeypatch.setattr(bench_model, "runnable", lambda variant, mode, device, compile_: "graph" not in variant
                         and "compile" not in variant and "jit" not in variant)
     # One timed call a row: the interpreter is slow, and the check is what this test is about.
-    monkeypatch.setattr(bench_model, "measure_ms", lambda fn, device, rep_ms: (fn(), {"ms": 1.0})[1])
+    timed_once(monkeypatch, bench_model)
     args = ["--device", "cpu", "--models", tiny_model_file, "--batches", "2", "--modes", "infer", "--rep-ms", "1",
             "--variants", "tempme-torch", "tempme-triton", "--no-layer-times", "--jsonl", str(tmp_path / "m.jsonl"),
             *TINY_ARGS]
@@ -306,7 +307,7 @@ def test_bench_model_holds_the_triton_gradients_to_the_torch_ones(tmp_path, tiny
 
     monkeypatch.setattr(bench_model, "runnable", lambda variant, mode, device, compile_: variant in
                         ("tempme-torch", "tempme-triton"))
-    monkeypatch.setattr(bench_model, "measure_ms", lambda fn, device, rep_ms: (fn(), {"ms": 1.0})[1])
+    timed_once(monkeypatch, bench_model)
     args = ["--device", "cpu", "--models", tiny_model_file, "--batches", "2", "--modes", "train", "--rep-ms", "1",
             "--no-layer-times", "--jsonl", str(tmp_path / "m.jsonl"), *TINY_ARGS]
     assert bench_model.main(args) == 0
@@ -342,6 +343,10 @@ def test_bench_train_holds_the_triton_gradients_to_the_torch_ones(tmp_path, tiny
     from benchmarks import bench_train
     from tiny import TINY_ARGS
 
+    # The check is the point here, not the steps: none is timed (each costs a Triton forward and backward in the
+    # interpreter).
+    monkeypatch.setattr(bench_train, "time_calls", lambda *args, **kwargs: [1.0])
+    monkeypatch.setattr(bench_train, "peak_memory_mb", lambda *args, **kwargs: 1.0)
     path = tmp_path / "rows.jsonl"
     args = ["--device", "cpu", "--model", tiny_model_file, "--batch", "2", "--context-length", "8", "--modes",
             "full", "--backends", "torch", "triton", "--repeats", "1", "--warmup", "0", "--jsonl", str(path),
