@@ -28,22 +28,24 @@ def _patch_the_language_once_a_launch() -> None:
     real = getattr(interpreter, "_patch_lang", None)
     if real is None or getattr(real, "once_a_launch", False):
         return
-    covered = []  # per running launch: the modules its patch covers
+    covered = None  # the modules that the running launch's patch covers (None between launches)
 
     def langs(fn):
         return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
 
     def patch_lang(fn):
-        if covered and langs(fn) <= covered[-1]:
+        nonlocal covered
+        if covered is not None and langs(fn) <= covered:
             return interpreter._LangPatchScope()  # a nested call: nothing to patch, nothing to undo
         scope = real(fn)
-        if covered or not hasattr(scope, "restore"):
+        if covered is not None or not hasattr(scope, "restore"):
             return scope
-        covered.append(langs(fn))  # a launch: undone by the scope's restore at its end (or on its error)
+        covered = langs(fn)  # a launch: undone by the scope's restore at its end (or on its error)
         undo = scope.restore
 
         def restore():
-            covered.clear()
+            nonlocal covered
+            covered = None
             undo()
         scope.restore = restore
         return scope

@@ -69,6 +69,13 @@ def timed_once(monkeypatch, *modules) -> None:
         monkeypatch.setattr(module, "measure_ms", measure_ms)
 
 
+def untimed_steps(monkeypatch, bench_train) -> None:
+    """``bench_train`` (the module) runs no timed step and no memory probe (each step costs a forward and backward,
+    in the interpreter): for tests of which rows and checks it runs. Every step takes 1 ms and 1 MiB."""
+    monkeypatch.setattr(bench_train, "time_calls", lambda *args, **kwargs: [1.0])
+    monkeypatch.setattr(bench_train, "peak_memory_mb", lambda *args, **kwargs: 1.0)
+
+
 def parametrize_dtypes(table: Dict[str, torch.dtype] = DTYPES, name: str = "dtype"):
     """``@pytest.mark.parametrize`` over the dtypes of ``table``, ids by their short names."""
     return pytest.mark.parametrize(name, list(table.values()), ids=list(table))

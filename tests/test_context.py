@@ -15,7 +15,7 @@ from benchmarks import bench_attention, bench_model, bench_ops, bench_train, con
 from benchmarks.context import CONTEXT_LOST_EXIT, MAX_RESTARTS, Resume, context_lost
 from benchmarks.rowlog import RowLog, read_rows
 from benchmarks.suite import Stage, run_suite
-from kit import ROOT
+from kit import ROOT, untimed_steps
 from tiny import TINY_ARGS
 
 
@@ -182,8 +182,7 @@ def test_bench_train_blames_a_gradient_check_that_lost_the_context_on_its_own_va
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
     monkeypatch.setattr(bench_train, "gradient_check", gradient_check)
     # Which rows and checks run is the point here: no step is run (compiling one in the interpreter takes 30 s).
-    monkeypatch.setattr(bench_train, "time_calls", lambda *args, **kwargs: [1.0])
-    monkeypatch.setattr(bench_train, "peak_memory_mb", lambda *args, **kwargs: 1.0)
+    untimed_steps(monkeypatch, bench_train)
     _lost_on_call(monkeypatch, context, 1)
     path = str(tmp_path / "rows.jsonl")
     argv = [a if a != "torch" else "triton" for a in _train_argv(tiny_model_file, path, modes=["lora"])]

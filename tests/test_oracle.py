@@ -8,7 +8,7 @@ import torch
 from benchmarks import bench_attention, bench_ops, oracle
 from benchmarks.common import MergeShape
 from benchmarks.rowlog import read_records
-from kit import timed_once
+from kit import timed_once, untimed_steps
 from tempme_fast import ops
 from tempme_fast.ops import accuracy, triton_ops
 from tempme_fast.ops import reference as ref
@@ -343,10 +343,7 @@ def test_bench_train_holds_the_triton_gradients_to_the_torch_ones(tmp_path, tiny
     from benchmarks import bench_train
     from tiny import TINY_ARGS
 
-    # The check is the point here, not the steps: none is timed (each costs a Triton forward and backward in the
-    # interpreter).
-    monkeypatch.setattr(bench_train, "time_calls", lambda *args, **kwargs: [1.0])
-    monkeypatch.setattr(bench_train, "peak_memory_mb", lambda *args, **kwargs: 1.0)
+    untimed_steps(monkeypatch, bench_train)  # the check is the point here, not the steps
     path = tmp_path / "rows.jsonl"
     args = ["--device", "cpu", "--model", tiny_model_file, "--batch", "2", "--context-length", "8", "--modes",
             "full", "--backends", "torch", "triton", "--repeats", "1", "--warmup", "0", "--jsonl", str(path),
