@@ -59,7 +59,7 @@ def timed_once(monkeypatch, *modules) -> None:
     once and gives that call's wall time: for tests of what a benchmark runs, checks and records, not of its
     figures. A row of a real-size kernel in the interpreter takes seconds a call, and the real one calls it at
     least five times."""
-    def measure_ms(fn, device, warmup_ms=25, rep_ms=100, min_reps=3):
+    def measure_ms(fn, *timing_args, **timing_kwargs):
         t0 = time.perf_counter()
         fn()
         ms = (time.perf_counter() - t0) * 1e3
