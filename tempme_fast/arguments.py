@@ -22,12 +22,12 @@ from .derive import add_budget_argument, derive_config
 from .errors import ConfigError, as_config_error
 from .loading import DTYPES, resolve_model
 from .ops import BACKENDS
-from .retrieval.data import MSRVTT_TRAIN_LIST
+from .retrieval.data import MSRVTT_TRAIN_LIST, load_split
 from .retrieval.video import DEFAULT_FPS, DEFAULT_FRAMES
 
 __all__ = ["Parser", "SCHEDULE_OPTIONS", "add_config_arguments", "add_data_arguments", "add_dtype_argument",
            "add_merge_argument", "add_model_arguments", "add_threads_argument", "apply_threads", "config_from_args",
-           "default_workers", "non_negative_int", "positive_float", "positive_int"]
+           "default_workers", "load_data_split", "non_negative_int", "positive_float", "positive_int"]
 
 # The TempMeConfig fields a command line may override (``frames`` comes with the data or --frames).
 SCHEDULE_OPTIONS = ("imgme_r", "clip_layers", "clip_groups", "cross_ratio", "intra_ratio")
@@ -179,3 +179,21 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         "min(4, CPU cores) - 1, here %(default)s)")
     g.add_argument("--max-videos", type=positive_int, default=None,
                    help="use only the first N videos (smoke runs; metrics then are not comparable)")
+
+
+def load_data_split(args):
+    """The split that the options of :func:`add_data_arguments` name, cut to ``--max-videos``.
+
+    Refused with a :class:`ConfigError` naming ``--data`` when it cannot be read, holds no caption, or
+    none of its video files exists; some missing files are the caller's to skip as unreadable.
+    """
+    with as_config_error(f"--data {args.data}"):
+        split = load_split(args.data, args.split, args.data_format, args.videos, args.train_list)
+    split = split.limit(args.max_videos)
+    if not split.captions:
+        raise ConfigError(f"--data {args.data}: the {args.split} split has no captions")
+    missing = split.missing_videos()
+    if len(missing) == len(split.videos):
+        raise ConfigError(f"--data {args.data}: none of the {len(missing)} video files exists, e.g. "
+                          f"{split.videos[missing[0]]}; check --data / --videos")
+    return split

@@ -1,16 +1,20 @@
-"""Files (checkpoints, index shards) that survive a crash, and the random-number states a resumed run restores.
+"""Files (checkpoints, index shards) that survive a crash, what reads them back, and the random-number
+states a resumed run restores.
 
-Both serve every writer of checkpoints (the trainer, :func:`tempme_fast.lora.save_lora`, ``tempme train``)
-without importing any of them.
+They serve every writer and reader of checkpoints (the trainer, :func:`tempme_fast.lora.save_lora`,
+``tempme train`` and ``tempme eval``) without importing any of them.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import random
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write", "rng_state", "set_rng_state"]
+from .errors import ConfigError
+
+__all__ = ["atomic_save", "atomic_write", "load_file", "rng_state", "set_rng_state"]
 
 
 def atomic_save(obj, path) -> None:
@@ -19,6 +23,23 @@ def atomic_save(obj, path) -> None:
     A crash at any point leaves the previous file or the new one, never a truncated one.
     """
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_file(path, what: str):
+    """``torch.load`` of an existing file ``path``, tensors only, onto the CPU.
+
+    A file that ``torch.load`` cannot read (not a torch file, truncated, or holding objects other than
+    tensors and plain values) raises :class:`tempme_fast.errors.ConfigError` that begins ``"{what} {path}:"``,
+    the option or argument that named it.
+    """
+    path = os.fspath(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if "weights only" in reason.lower():  # torch's paragraph that suggests weights_only=False
+            reason = "with weights_only=True it reads tensors and plain values only; this file holds something else"
+        raise ConfigError(f"{what} {path}: not a file torch.load can read ({reason})") from err
 
 
 def atomic_write(path, write) -> None:

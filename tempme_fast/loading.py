@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -148,12 +147,10 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
     """
     if not os.path.isfile(path):
         raise ConfigError(f"--checkpoint {path}: no such file")
+    from .checkpoint import load_file
     from .trainer import CHECKPOINT_FORMAT
 
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise ConfigError(f"--checkpoint {path}: not a file torch.load can read ({str(err).splitlines()[0]})") from err
+    obj = load_file(path, "--checkpoint")
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         folder = os.path.dirname(path) or "."
         raise ConfigError(f"--checkpoint {path} is a resumable training state (tempme train --resume takes it); "

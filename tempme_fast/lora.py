@@ -35,14 +35,13 @@ code does) would avoid that, but needs the attention forwards to call it. Merge 
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, load_file
 
 TOWERS = ("visual", "text")
 MODES = ("lora", "full")
@@ -292,10 +291,10 @@ def load_lora(model: nn.Module, path_or_obj, strict: bool = True) -> nn.Module:
     """Load a :func:`save_lora` file; adds LoRA of the saved rank/scale/towers if the model has none."""
     obj = path_or_obj
     if not isinstance(obj, dict):
-        obj = torch.load(os.fspath(obj), map_location="cpu", weights_only=True)
-    if obj.get("format") != LORA_FORMAT:
-        raise ValueError(f"not a LoRA file saved by save_lora (format={obj.get('format')!r}, "
-                         f"expected {LORA_FORMAT!r})")
+        obj = load_file(path_or_obj, "LoRA file")
+    format_ = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+    if format_ != LORA_FORMAT:
+        raise ValueError(f"not a LoRA file saved by save_lora (format={format_!r}, expected {LORA_FORMAT!r})")
     saved = obj["lora"]
     current = lora_config(model)
     if current is None:

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .checkpoint import load_file
 from .lora import add_lora, lora_config, remove_lora
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,9 @@ def _read(path_or_state_dict) -> Tuple[Dict[str, torch.Tensor], str]:
         where = os.fspath(path_or_state_dict)
         if not os.path.isfile(where):
             raise FileNotFoundError(f"checkpoint {where} does not exist")
-        obj = torch.load(where, map_location="cpu", weights_only=True)
+        obj = load_file(where, "checkpoint")
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a state dict of name -> tensor, found a {type(obj).__name__}")
     elif isinstance(path_or_state_dict, dict):
         obj, where = path_or_state_dict, "state dict"
     else:

@@ -25,8 +25,8 @@ import shlex
 import torch
 
 from .arguments import (add_config_arguments, add_data_arguments, add_merge_argument, add_model_arguments,
-                        add_threads_argument, apply_threads, config_from_args, non_negative_int, positive_float,
-                        positive_int)
+                        add_threads_argument, apply_threads, config_from_args, load_data_split, non_negative_int,
+                        positive_float, positive_int)
 from .errors import ConfigError, as_config_error
 from .outputs import plural
 from .train import DEFAULT_LR, PRECISIONS
@@ -107,11 +107,28 @@ def _build_model(args, device: torch.device) -> torch.nn.Module:
     apply_tempme(model, config_from_args(args), backend=args.backend)
     if args.official_checkpoint:
         from .official import load_official_checkpoint
-        load_official_checkpoint(model, args.official_checkpoint, strict=True)
+        with as_config_error(f"--official-checkpoint {args.official_checkpoint}"):
+            load_official_checkpoint(model, args.official_checkpoint, strict=True)
     return model.to(device)
 
 
-def _build_data(args, model, rank: int, world: int):
+def _load_split(args):
+    """The ``--data`` split (``None`` with ``--synthetic``): read before any model is built, so that a wrong
+    path or annotation file costs no model load and leaves no output folder behind."""
+    if args.synthetic is not None:
+        if args.synthetic < args.batch_size:
+            raise ConfigError(f"--synthetic {args.synthetic}: fewer pairs than one batch of --batch-size "
+                              f"{args.batch_size}")
+        return None
+    split = load_data_split(args)
+    if len(split.captions) < args.batch_size:  # one training item a caption
+        raise ConfigError(f"--data {args.data}: {len(split.captions)} captions, fewer than one batch of "
+                          f"--batch-size {args.batch_size}")
+    return split
+
+
+def _build_data(args, model, split, rank: int, world: int):
+    """The training batches: ``split`` from :func:`_load_split` as a sharded loader, or synthetic pairs."""
     from .retrieval.synthetic import SyntheticPairs
 
     if args.batch_size % world:
@@ -122,20 +139,13 @@ def _build_data(args, model, rank: int, world: int):
     import open_clip
     from torch.utils.data.distributed import DistributedSampler
 
-    from .retrieval.data import PairDataset, load_split, make_loader
+    from .retrieval.data import PairDataset, make_loader
     from .retrieval.video import VideoProcessor
 
-    with as_config_error(f"--data {args.data}"):
-        split = load_split(args.data, args.split, args.data_format, args.videos, args.train_list)
-    split = split.limit(args.max_videos)
-    if not split.captions:
-        raise ConfigError(f"--data {args.data}: the {args.split} split has no captions")
     name = args.model[:-len(".json")].rsplit("/", 1)[-1] if args.model.endswith(".json") else args.model
     fps = None if args.sample_fps == 0 else args.sample_fps
     dataset = PairDataset(split, VideoProcessor.for_model(model, args.frames, fps), open_clip.get_tokenizer(name),
                           args.context_length, captions="all", seed=args.seed)
-    if len(dataset) < args.batch_size:
-        raise ConfigError(f"--data {args.data}: {len(dataset)} captions, fewer than one batch of {args.batch_size}")
     # A DistributedSampler (also for one process) orders every epoch by seed + epoch: exact resumes.
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     return make_loader(dataset, args.batch_size // world, args.workers, sampler=sampler, drop_last=True,
@@ -159,15 +169,23 @@ def _train_config(args, precision: str):
                        max_steps=args.max_steps, compile=args.compile)
 
 
-def _check_arguments(args) -> None:
-    """Everything that can be checked before a model is built or a process group formed."""
-    from .loading import resolve_device
+def _check_arguments(args):
+    """Everything that can be checked before a model is built or a process group formed; returns the
+    ``--data`` split (``None`` with ``--synthetic``)."""
+    from .loading import resolve_device, resolve_model
     from .outputs import default_run_dir, prepare_output_dir
+    from .weights import check_pretrained
 
     if (args.data is None) == (args.synthetic is None):
         raise ConfigError("give exactly one of --data PATH and --synthetic N")
     if args.device != "auto":
         resolve_device(args.device)
+    name = resolve_model(args.model)[0]
+    if args.pretrained:
+        check_pretrained(name, args.pretrained)
+    if args.official_checkpoint and not os.path.isfile(args.official_checkpoint):
+        raise ConfigError(f"--official-checkpoint {args.official_checkpoint}: no such file (a checkpoint of the "
+                          f"released TempMe code)")
     config_from_args(args)
     _train_config(args, args.precision or "fp32")
     if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
@@ -176,10 +194,12 @@ def _check_arguments(args) -> None:
         raise ConfigError("--resume auto needs --output (it resumes <output>/last.pt)")
     if args.output is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("under torchrun give --output DIR: every process must write to the same folder")
+    split = _load_split(args)
     if args.output is None:
         args.output = default_run_dir("train")
         print(f"tempme train: writing to {args.output} (no --output given)")
     prepare_output_dir(args.output, "--output")
+    return split
 
 
 def _resume_command(args) -> str:
@@ -202,7 +222,7 @@ def run_train(args) -> int:
     from .lora import merge_lora, save_lora
     from .trainer import Trainer
 
-    _check_arguments(args)
+    split = _check_arguments(args)
     _setup_logging()
     apply_threads(args.threads)
     try:
@@ -217,14 +237,15 @@ def run_train(args) -> int:
             log.warning("training from RANDOM weights (no --pretrained or --official-checkpoint): fine for a "
                         "smoke test, not for a useful model; e.g. --pretrained openai")
         model = _build_model(args, info.device)
-        data = _build_data(args, model, info.rank, info.world_size)
+        data = _build_data(args, model, split, info.rank, info.world_size)
         trainer = Trainer(model, data, config, output_dir=args.output, progress=not args.no_progress,
                           resume=args.resume)
         if info.rank == 0:
             total = sum(p.numel() for p in model.parameters())
             print(f"tempme train: {args.model}, mode={args.mode}, {trainer.trainable:,} of {total:,} parameters "
                   f"trainable, {trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch), global batch "
-                  f"{args.batch_size} on {plural(info.world_size, 'process', 'processes')}, {precision}, device {info.device}")
+                  f"{args.batch_size} on {plural(info.world_size, 'process', 'processes')}, {precision}, "
+                  f"device {info.device}")
         try:
             history = trainer.fit()
         except Exception:

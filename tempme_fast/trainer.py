@@ -28,7 +28,7 @@ from torch import nn
 
 from . import distributed
 from .errors import ConfigError
-from .checkpoint import atomic_save, rng_state, set_rng_state
+from .checkpoint import atomic_save, load_file, rng_state, set_rng_state
 from .lora import MODES, add_lora, has_lora, load_lora_state_dict, lora_config, lora_state_dict, mark_trainable
 from .train import (DEFAULT_LR, PRECISIONS, VideoTextForward, cosine_schedule, make_optimizer, set_grad_checkpointing,
                     train_step, unpack_batch)
@@ -244,7 +244,7 @@ class Trainer:
 
     def load_checkpoint(self, path: str) -> None:
         """Restore model, optimiser, scheduler, scaler, step counters and RNG states."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_file(path, "checkpoint")
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ConfigError(f"{path} is not a checkpoint written by tempme_fast.trainer.Trainer")
         if state["config"]["mode"] != self.config.mode:

@@ -95,7 +95,8 @@ def test_output_paths_are_made_or_refused_before_the_run(tiny_model_file, tmp_pa
                                 ("bench", ["--json", str(tmp_path)], "is a folder; give a file path"),
                                 ("eval", ["--data", "d.csv", "--json", str(blocker / "x.json")],
                                  "cannot create the folder"),
-                                ("train", ["--synthetic", "4", "--output", str(blocker)], "is a file; give a folder")):
+                                ("train", ["--synthetic", "4", "--batch-size", "4", "--output", str(blocker)],
+                                 "is a file; give a folder")):
         with pytest.raises(SystemExit) as exit_:
             main([command, "--model", tiny_model_file, *argv])
         assert exit_.value.code == 2
@@ -157,6 +158,39 @@ def test_bad_model_and_checkpoint_files(tmp_path):
         load_checkpoint(None, str(garbage))
     with pytest.raises(errors.ConfigError, match="no such file"):
         load_checkpoint(None, str(tmp_path / "missing.pt"))
+
+
+def test_every_reader_of_torch_files_refuses_one_it_cannot_read(tmp_path):
+    """A file of another kind, and one whose pickle holds objects other than tensors and plain values,
+    are a ConfigError naming the argument and the file, not torch's traceback."""
+    import argparse
+
+    import torch
+
+    from tempme_fast.checkpoint import load_file
+    from tempme_fast.lora import load_lora
+    from tempme_fast.official import load_official_checkpoint
+    from tiny import tiny_clip
+
+    text = tmp_path / "captions.csv"
+    text.write_text("video_path,caption\n")
+    pickled = tmp_path / "namespace.pt"
+    torch.save(argparse.Namespace(lr=1e-3), pickled)
+    with pytest.raises(errors.ConfigError, match=r"^--resume .*captions.csv: not a file torch.load can read"):
+        load_file(text, "--resume")
+    with pytest.raises(errors.ConfigError, match=r"namespace.pt: not a file torch.load can read \(with weights_only="
+                                                 r"True it reads tensors and plain values only; this file holds"):
+        load_file(pickled, "--checkpoint")
+    with pytest.raises(errors.ConfigError, match=r"^LoRA file .*captions.csv: not a file torch.load can read"):
+        load_lora(None, text)
+    with pytest.raises(errors.ConfigError, match=r"^checkpoint .*captions.csv: not a file torch.load can read"):
+        load_official_checkpoint(tiny_clip(), str(text))
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(2), tensor)
+    with pytest.raises(ValueError, match=r"tensor.pt: expected a state dict of name -> tensor, found a Tensor"):
+        load_official_checkpoint(tiny_clip(), str(tensor))
+    with pytest.raises(ValueError, match=r"not a LoRA file saved by save_lora \(format='Tensor'"):
+        load_lora(None, tensor)
 
 
 def test_probe_of_an_unreachable_host_is_bounded():

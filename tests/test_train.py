@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -233,6 +234,33 @@ def test_cli_trains_on_synthetic_data_and_resumes(tmp_path, tiny_model_file, cap
 def test_cli_needs_data_or_synthetic():
     with pytest.raises(ConfigError, match="exactly one of --data PATH and --synthetic N"):
         _cli(["--epochs", "1"])
+
+
+@pytest.mark.parametrize("data, extra, message", [
+    ("missing.csv", [], "does not exist"),
+    ("notes.txt", [], "unknown annotation format '.txt'"),
+    ("empty.csv", [], "no rows"),
+    ("gone.csv", [], "none of the 2 video files exists"),
+    ("two.csv", ["--batch-size", "4"], "2 captions, fewer than one batch of --batch-size 4"),
+    (None, ["--synthetic", "3", "--batch-size", "4"], "--synthetic 3: fewer pairs than one batch of --batch-size 4"),
+])
+def test_cli_rejects_bad_data_before_building_a_model(tmp_path, monkeypatch, data, extra, message):
+    (tmp_path / "notes.txt").write_text("not annotations\n")
+    (tmp_path / "empty.csv").write_text("video_path,caption\n")
+    (tmp_path / "gone.csv").write_text(f"video_path,caption\n{tmp_path}/a.mp4,a dog\n{tmp_path}/b.mp4,a cat\n")
+    (tmp_path / "two.csv").write_text(f"video_path,caption\n{tmp_path}/c.mp4,a dog\n{tmp_path}/c.mp4,a cat\n")
+    (tmp_path / "c.mp4").write_bytes(b"")
+    from tempme_fast import train_cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the data were checked")
+    monkeypatch.setattr(train_cli, "_build_model", no_model)
+    out = tmp_path / "run"
+    where = [] if data is None else ["--data", str(tmp_path / data)]
+    prefix = "" if data is None else re.escape(f"--data {tmp_path / data}: ") + ".*"
+    with pytest.raises(ConfigError, match=prefix + re.escape(message)):
+        _cli(where + extra + ["--output", str(out), "--epochs", "1"])
+    assert not out.exists()
 
 
 def test_trainer_skips_batches_without_readable_videos():

@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 
 from ..arguments import (add_config_arguments, add_data_arguments, add_dtype_argument, add_merge_argument,
-                         add_model_arguments, config_from_args, positive_int)
-from ..errors import ConfigError, as_config_error
+                         add_model_arguments, config_from_args, load_data_split, positive_int)
+from ..errors import ConfigError
 from ..loading import DTYPES, create_model, default_dtype_name, load_checkpoint, resolve_device
 from ..model import apply_tempme
-from .data import load_split
 from .video import VideoProcessor
 
 log = logging.getLogger(__name__)
@@ -90,15 +89,7 @@ def run_eval(args) -> int:
     config_from_args(args)
     if args.json:
         prepare_output_file(args.json, "--json")
-    with as_config_error(f"--data {args.data}"):
-        split = load_split(args.data, args.split, args.data_format, args.videos, args.train_list)
-    split = split.limit(args.max_videos)
-    if not split.videos:
-        raise ConfigError(f"--data {args.data}: the split has no videos")
-    missing = split.missing_videos()
-    if len(missing) == len(split.videos):
-        raise ConfigError(f"--data {args.data}: none of the {len(missing)} video files exists, e.g. "
-                          f"{split.videos[missing[0]]}; check --data / --videos")
+    split = load_data_split(args)
     try:
         fps = None if args.sample_fps == 0 else args.sample_fps
         model = build_model(args)
