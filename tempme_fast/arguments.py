@@ -40,10 +40,10 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def default_workers() -> int:
+def default_workers(most: int = 3) -> int:
     """Video-decoding worker processes for this machine: one core per worker, one core left for the
-    main process, at most 3 (``min(4, cores) - 1``); 0 decodes in the main process."""
-    return max(0, min(4, os.cpu_count() or 1) - 1)
+    main process, at most ``most`` (``min(most, cores - 1)``); 0 decodes in the main process."""
+    return max(0, min(most, (os.cpu_count() or 1) - 1))
 
 
 def add_threads_argument(group) -> None:
@@ -176,7 +176,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=positive_int, default=16, help="videos per batch")
     g.add_argument("--workers", type=non_negative_int, default=default_workers(),
                    help="DataLoader worker processes decoding videos (0: in the main process; default: "
-                        "min(4, CPU cores) - 1, here %(default)s)")
+                        "min(3, CPU cores - 1), here %(default)s)")
     g.add_argument("--max-videos", type=positive_int, default=None,
                    help="use only the first N videos (smoke runs; metrics then are not comparable)")
 

@@ -220,6 +220,7 @@ def run_train(args) -> int:
     :class:`tempme_fast.errors.ConfigError` before any work starts (``tempme`` exits with 2)."""
     from . import distributed
     from .lora import merge_lora, save_lora
+    from .retrieval.evaluate import check_context_length
     from .trainer import Trainer
 
     split = _check_arguments(args)
@@ -237,6 +238,7 @@ def run_train(args) -> int:
             log.warning("training from RANDOM weights (no --pretrained or --official-checkpoint): fine for a "
                         "smoke test, not for a useful model; e.g. --pretrained openai")
         model = _build_model(args, info.device)
+        check_context_length(model, args.context_length)
         data = _build_data(args, model, split, info.rank, info.world_size)
         trainer = Trainer(model, data, config, output_dir=args.output, progress=not args.no_progress,
                           resume=args.resume)

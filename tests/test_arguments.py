@@ -43,9 +43,10 @@ def test_schedule_takes_the_model(capsys):
 def test_workers_default_fits_the_machine(monkeypatch):
     from tempme_fast import arguments
 
-    for cores, workers in ((None, 0), (1, 0), (2, 1), (4, 3), (64, 3)):
+    for cores, workers, index_workers in ((None, 0, 0), (1, 0, 0), (2, 1, 1), (4, 3, 3), (5, 3, 4), (64, 3, 4)):
         monkeypatch.setattr(arguments.os, "cpu_count", lambda: cores)
         assert arguments.default_workers() == workers
+        assert arguments.default_workers(most=4) == index_workers  # tempme index's
     assert _parse("eval").workers <= max(0, (__import__("os").cpu_count() or 1) - 1)
 
 

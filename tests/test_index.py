@@ -177,6 +177,11 @@ def test_bad_inputs_are_refused_with_a_reason(built, tmp_path, capsys):
                     "--resume", "--workers", "0", "--no-progress"])
     err = capsys.readouterr().err
     assert "another encoder" in err and "merge: index True, requested False" in err
+    # Text queries longer than the text tower's positions could never be encoded: refused before any video is.
+    fresh = tmp_path / "long_queries"
+    assert refused(index_argv(videos, fresh, model, "--context-length", "33"))
+    assert "context_length=33 (--context-length) exceeds the text tower's 32 positions" in capsys.readouterr().err
+    assert not (fresh / store.HEADER).exists() and not store.manifests(str(fresh))
 
 
 def test_out_that_cannot_be_written(built, tmp_path, capsys):

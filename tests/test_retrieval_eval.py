@@ -191,6 +191,19 @@ def test_eval_input_errors(msrvtt, tiny_config, tmp_path, capsys):
     assert "broken.mp4" in capsys.readouterr().err
 
 
+def test_a_context_length_past_the_text_tower_is_refused_before_any_video_is_encoded(msrvtt, tiny_config,
+                                                                                     monkeypatch):
+    from tempme_fast.retrieval import evaluate
+
+    def no_videos(*args, **kwargs):
+        raise AssertionError("videos were encoded before the context length was checked")
+    monkeypatch.setattr(evaluate, "encode_videos", no_videos)
+    with pytest.raises(ConfigError, match=r"context_length=33 \(--context-length\) exceeds the text tower's 32 "
+                                          r"positions; give at most 32"):
+        run_eval(eval_args("--data", str(msrvtt), "--model", tiny_config, "--context-length", "33", "--workers",
+                           "0", "--no-progress"))
+
+
 def test_lora_adapter_checkpoint(msrvtt, tiny_config, tmp_path):
     """A LoRA adapter (tempme_fast.lora's file format) evaluates to the numbers of the LoRA model."""
     lora = pytest.importorskip("tempme_fast.lora")

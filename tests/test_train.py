@@ -17,7 +17,7 @@ from tempme_fast.lora import add_lora, lora_layers, mark_trainable
 from tempme_fast.retrieval import SyntheticPairs
 from tempme_fast.train import contrastive_loss, cosine_schedule, make_optimizer, train_step, unpack_batch
 from tempme_fast.trainer import TrainConfig, Trainer
-from tiny import TINY_CONFIG, tiny_clip
+from tiny import TINY_ARGS, TINY_CONFIG, tiny_clip
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -261,6 +261,12 @@ def test_cli_rejects_bad_data_before_building_a_model(tmp_path, monkeypatch, dat
     with pytest.raises(ConfigError, match=prefix + re.escape(message)):
         _cli(where + extra + ["--output", str(out), "--epochs", "1"])
     assert not out.exists()
+
+
+def test_cli_refuses_a_context_length_past_the_text_tower(tmp_path, tiny_model_file):
+    with pytest.raises(ConfigError, match=r"context_length=40 \(--context-length\) exceeds the text tower's"):
+        _cli(["--model", tiny_model_file, "--synthetic", "4", "--batch-size", "4", "--context-length", "40",
+              "--output", str(tmp_path / "run"), "--no-progress", "--backend", "torch", *TINY_ARGS])
 
 
 def test_trainer_skips_batches_without_readable_videos():

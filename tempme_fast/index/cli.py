@@ -17,7 +17,7 @@ import json
 import sys
 
 from ..arguments import (SCHEDULE_OPTIONS, add_config_arguments, add_dtype_argument, add_merge_argument,
-                         add_model_arguments, config_from_args, non_negative_int, positive_int)
+                         add_model_arguments, config_from_args, default_workers, non_negative_int, positive_int)
 from ..errors import ConfigError
 from ..retrieval.video import DEFAULT_FPS
 from .vectors import KINDS
@@ -47,8 +47,9 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     g = parser.add_argument_group("throughput")
     g.add_argument("--batch-size", type=positive_int, default=8, help="videos per encoder call")
-    g.add_argument("--workers", type=non_negative_int, default=4,
-                   help="decoding worker processes (0: main process)")
+    g.add_argument("--workers", type=non_negative_int, default=default_workers(most=4),
+                   help="decoding worker processes (0: main process; default: min(4, CPU cores - 1), here "
+                        "%(default)s)")
     g.add_argument("--shard-size", type=positive_int, default=1000,
                    help="videos per shard: what a killed run can lose at most")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -59,7 +59,8 @@ def build_model(args) -> torch.nn.Module:
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint)
     if not args.pretrained and not args.checkpoint:
-        log.warning("no --pretrained and no --checkpoint: random weights, the metrics are meaningless")
+        log.warning("no --pretrained and no --checkpoint: random weights, so the embeddings (and any metric or "
+                    "search score from them) mean nothing")
     return model.to(device=device, dtype=dtype).eval()
 
 

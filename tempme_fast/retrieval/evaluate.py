@@ -100,15 +100,23 @@ def encode_videos(model: torch.nn.Module, split: RetrievalSplit, processor: Vide
             "wall_s": wall}
 
 
+def check_context_length(model: torch.nn.Module, context_length: int) -> None:
+    """Refuse text of ``context_length`` tokens that the text tower has no positions for (before the
+    videos are encoded, not after)."""
+    positions = getattr(model, "context_length", None)
+    if positions is not None and context_length > positions:
+        raise ConfigError(f"context_length={context_length} (--context-length) exceeds the text tower's "
+                          f"{positions} positions; give at most {positions}")
+
+
 @torch.no_grad()
 def encode_texts(model: torch.nn.Module, texts: Sequence[str], tokenizer: Callable, context_length: int = 32,
                  batch_size: int = 256, progress: bool = True) -> torch.Tensor:
     """``[N, D]`` float32 L2-normalised caption embeddings (CPU), ``context_length`` tokens each."""
     device, _ = _model_device_dtype(model)
+    check_context_length(model, context_length)
     model_length = getattr(model, "context_length", None)
     causal = getattr(model, "attn_mask", None) is not None
-    if model_length is not None and context_length > model_length:
-        raise ConfigError(f"context_length={context_length} exceeds the text tower's {model_length} positions")
     out = []
     for start in tqdm(range(0, len(texts), batch_size), unit="batch", desc="encode captions",
                       disable=not progress):
@@ -156,6 +164,7 @@ def evaluate_retrieval(model: torch.nn.Module, split: RetrievalSplit, processor:
         NoReadableVideos: when no video of the split could be read (the reasons are logged).
     """
     _check_model(model)
+    check_context_length(model, context_length)
     if ties not in TIES:
         raise ConfigError(f"ties={ties!r} is not one of {TIES}")
     if dsl and not (isinstance(dsl_temperature, (int, float)) and dsl_temperature > 0):
