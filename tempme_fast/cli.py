@@ -18,6 +18,7 @@ from .config import TempMeConfig
 from .errors import ConfigError, TempMeError, as_config_error
 from .loading import DTYPES
 from .ops import BACKENDS
+from .outputs import new_folders
 
 
 def _load_average() -> Optional[float]:
@@ -217,7 +218,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv  # the command as typed, for messages that repeat it (how to resume a run)
     try:
-        return args.func(args)
+        with new_folders() as made:  # a failed command leaves no empty output folder behind
+            status = args.func(args)
+            if status not in (0, None):
+                made.remove_empty()
+            return status
     except TempMeError as err:
         # Input the user can fix: one line. Anything else is a bug and keeps its traceback.
         message = " ".join(str(err).split("\n"))

@@ -1,16 +1,23 @@
 """Where the commands write, checked before the work starts so that no run ends unable to save.
 
 ``--json PATH`` files and ``--output DIR`` folders are made (with their parents) or refused up
-front; a refusal names the option and why.
+front; a refusal names the option and why. Inside :func:`new_folders`, the folders made that way (or by
+:func:`make_folders`) are removed again, while still empty, when the command fails: a refused run leaves
+nothing behind.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from contextvars import ContextVar
 from datetime import datetime, timezone
+from typing import Iterator, List, Optional
 
 from .errors import ConfigError
 
-__all__ = ["default_run_dir", "plural", "prepare_output_dir", "prepare_output_file"]
+__all__ = ["default_run_dir", "make_folders", "new_folders", "plural", "prepare_output_dir", "prepare_output_file"]
+
+_MADE: ContextVar[Optional[List[str]]] = ContextVar("tempme_made_folders", default=None)
 
 
 def plural(count: int, noun: str, many: str = "") -> str:
@@ -18,9 +25,31 @@ def plural(count: int, noun: str, many: str = "") -> str:
     return f"{count} {noun if count == 1 else (many or noun + 's')}"
 
 
+def _missing(folder: str) -> List[str]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing, folder = [], os.path.abspath(folder)
+    while not os.path.exists(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return missing
+
+
+def make_folders(folder: str) -> None:
+    """``os.makedirs(folder, exist_ok=True)`` (an ``OSError`` when it cannot), recording for
+    :func:`new_folders` the folders it made."""
+    missing = _missing(folder)
+    os.makedirs(folder, exist_ok=True)
+    made = _MADE.get()
+    if made is not None:
+        made.extend(reversed(missing))  # parents first; removed in the reverse order
+
+
 def _make_folder(folder: str, option: str) -> None:
     try:
-        os.makedirs(folder, exist_ok=True)
+        make_folders(folder)
     except OSError as err:
         raise ConfigError(f"{option}: cannot create the folder {folder} ({err.strerror or err})") from None
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -48,6 +77,40 @@ def prepare_output_dir(path: str, option: str) -> str:
         raise ConfigError(f"{option} {path} is a file; give a folder")
     _make_folder(path, f"{option} {path}")
     return path
+
+
+class _Made:
+    def __init__(self, folders: List[str]):
+        self.folders = folders
+
+    def remove_empty(self) -> None:
+        """Remove the folders made so far that are empty, deepest first; one that holds anything (a
+        checkpoint, a result) is kept, and so are its parents."""
+        for folder in reversed(self.folders):
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty (or gone)
+                pass
+        self.folders.clear()
+
+
+@contextlib.contextmanager
+def new_folders() -> Iterator[_Made]:
+    """Record the folders that :func:`prepare_output_file` and :func:`prepare_output_dir` make in this block.
+
+    An exception in the block removes those still empty; a command that fails by its exit status calls
+    ``remove_empty()`` on the yielded object. A folder that existed before is never removed.
+    """
+    folders: List[str] = []
+    token = _MADE.set(folders)
+    made = _Made(folders)
+    try:
+        yield made
+    except BaseException:
+        made.remove_empty()
+        raise
+    finally:
+        _MADE.reset(token)
 
 
 def default_run_dir(command: str, root: str = "runs") -> str:

@@ -104,6 +104,41 @@ def test_output_paths_are_made_or_refused_before_the_run(tiny_model_file, tmp_pa
         assert err.count("\n") == 1 and says in err and f"tempme {command}: error: " in err
 
 
+def test_a_refused_command_leaves_no_folder_behind(tiny_model_file, tmp_path, capsys):
+    """Folders made for --json and --output are removed again, while empty, when the command fails later."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for command, argv in (("eval", ["--data", str(tmp_path / "d.csv"), "--json", str(tmp_path / "e" / "f" / "x.json")]),
+                          ("train", ["--synthetic", "4", "--batch-size", "4", "--context-length", "40",
+                                     "--backend", "torch", "--output", str(tmp_path / "t" / "run"), *TINY_ARGS]),
+                          ("train", ["--synthetic", "4", "--batch-size", "4", "--context-length", "40",
+                                     "--backend", "torch", "--output", str(kept), *TINY_ARGS])):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--model", tiny_model_file, *argv])
+        assert exit_.value.code == 2, capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "tiny-vit.json"]  # kept: it was there before
+
+
+def test_new_folders_keeps_what_holds_a_file_and_what_was_there(tmp_path):
+    from tempme_fast.outputs import make_folders, new_folders, prepare_output_dir
+
+    (tmp_path / "old").mkdir()
+    with pytest.raises(KeyError), new_folders():
+        prepare_output_dir(str(tmp_path / "old" / "a" / "b"), "--output")
+        make_folders(str(tmp_path / "c" / "d"))
+        (tmp_path / "c" / "file").write_text("result")
+        raise KeyError("the command failed")
+    # old/a/b were made and are empty: removed; c holds a file: kept with it, only c/d went.
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["c", "c/file", "old"]
+    with new_folders() as made:
+        make_folders(str(tmp_path / "x" / "y"))
+    assert (tmp_path / "x" / "y").is_dir()  # no failure: kept
+    made.remove_empty()  # what a command that fails by its exit status calls
+    assert not (tmp_path / "x").exists()
+    make_folders(str(tmp_path / "z"))  # outside new_folders: nothing recorded, nothing removed
+    assert (tmp_path / "z").is_dir()
+
+
 def test_a_bug_keeps_its_traceback(monkeypatch):
     """Only input errors become one line: any other exception propagates."""
     import tempme_fast.bench as bench

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..checkpoint import atomic_write
 from ..errors import ConfigError
+from ..outputs import make_folders
 from .spec import IndexSpec, SpecMismatch, check_same_encoder
 
 FORMAT = "tempme-video-index"
@@ -50,7 +51,7 @@ def prepare_dir(path: str) -> None:
     """Create ``path/shards`` and prove it writable, or raise a ValueError that names ``--out``."""
     shards = os.path.join(path, SHARDS)
     try:
-        os.makedirs(shards, exist_ok=True)
+        make_folders(shards)  # removed again, while empty, when the command fails
         probe = os.path.join(shards, f".write-test-{os.getpid()}")
         with open(probe, "wb") as f:
             f.write(b"ok")
