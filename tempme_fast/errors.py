@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Tuple, Type
 
-__all__ = ["ConfigError", "TempMeError", "UnsupportedModelError", "WeightsUnavailableError", "as_config_error"]
+__all__ = ["ConfigError", "TempMeError", "UnsupportedModelError", "WeightsUnavailableError", "as_config_error",
+           "check_int"]
 
 
 class TempMeError(ValueError):
@@ -53,3 +54,9 @@ def as_config_error(what: str,
     except kinds as err:
         text = str(err)
         raise ConfigError(text if not what or text.startswith(what) else f"{what}: {text}") from err
+
+
+def check_int(name: str, value, minimum: int = 1) -> None:
+    """Refuse ``value`` unless it is an int (not a bool) ``>= minimum``, in a :class:`ConfigError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r} must be an int >= {minimum}")

@@ -1,5 +1,6 @@
 """`tempme search`: queries by video and by text against brute force, FAISS kinds, no FAISS, refusals."""
 import json
+import re
 import sys
 
 import numpy as np
@@ -84,6 +85,13 @@ def test_search_input_errors(built, tmp_path, capsys):
         main(["search", str(index), "a dog", "-k", "0"])
     assert refused(["search", str(index), "--like", str(tmp_path / "missing.mp4")])
     assert "missing.mp4" in capsys.readouterr().err
+    # A tuning option of another index type is refused, not ignored.
+    for argv, says in ((["--nprobe", "4"], "--nprobe tunes --index-type ivf, not --index-type exact"),
+                       (["--index-type", "ivf", "--ef-search", "8"], "--ef-search tunes --index-type hnsw, not "
+                                                                     "--index-type ivf"),
+                       (["--index-type", "hnsw", "--nlist", "2"], "--nlist tunes --index-type ivf")):
+        assert refused(["search", str(index), "a dog", *argv])
+        assert says in capsys.readouterr().err
 
 
 def _unit(n, d, seed=0):
@@ -158,6 +166,12 @@ def test_vector_search_errors():
         VectorSearch(vectors, "flat")
     with pytest.raises(ValueError, match="non-empty"):
         VectorSearch(vectors[:0])
+    # Checked before FAISS sees them: hnsw_m=0 aborts the process there, nprobe=0 fails at the first query.
+    for kind, options, says in (("hnsw", {"hnsw_m": 0}, "hnsw_m=0"), ("hnsw", {"ef_search": -1}, "ef_search=-1"),
+                                ("ivf", {"nprobe": 0}, "nprobe=0"), ("ivf", {"nprobe": 2.5}, "nprobe=2.5"),
+                                ("ivf", {"nlist": 0}, "nlist=0"), ("ivf", {"train_size": 0}, "train_size=0")):
+        with pytest.raises(ValueError, match=re.escape(says) + " must be an int >= 1"):
+            VectorSearch(vectors, kind, **options)
     search = VectorSearch(vectors, use_faiss=False)
     with pytest.raises(ValueError, match="k=0"):
         search.search(vectors[:1], 0)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
 from ..retrieval.evaluate import check_context_length
 from ..retrieval.video import VideoDecodeError, VideoProcessor
 from . import store
@@ -105,11 +105,6 @@ class _Timer:
                 "wait": f"{100 * self.wait / wall:.0f}%"}
 
 
-def _check_positive(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}={value!r} must be an int >= {minimum}")
-
-
 @torch.no_grad()
 def build_index(videos, out: str, spec: Optional[IndexSpec] = None, *, model: Optional[torch.nn.Module] = None,
                 resume: bool = False, batch_size: int = 8, workers: int = 4, shard_size: int = 1000,
@@ -132,8 +127,8 @@ def build_index(videos, out: str, spec: Optional[IndexSpec] = None, *, model: Op
         a summary dict: ``indexed``, ``failed``, ``already`` (recorded before), ``share``, ``total``,
         ``wall_s``, ``decode_s``, ``encode_s``, ``wait_s``, ``videos_per_s``, ``shards`` (written).
     """
-    _check_positive("batch_size", batch_size)
-    _check_positive("workers", workers, 0)
+    check_int("batch_size", batch_size)
+    check_int("workers", workers, 0)
     spec = (spec or IndexSpec()).resolved()
     env_rank, env_world, local_rank = launch_rank()
     rank = env_rank if rank is None else rank

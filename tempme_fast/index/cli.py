@@ -98,14 +98,30 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", type=positive_int, default=10, help="results to return")
     parser.add_argument("--index-type", choices=KINDS, default="exact",
                         help="exact inner product (default), or FAISS IVF / HNSW for large collections")
+    # Defaults in _TUNING: an option given for another --index-type is refused, not ignored.
     parser.add_argument("--nlist", type=positive_int, default=None, help="IVF cells (default about 4 sqrt(N))")
-    parser.add_argument("--nprobe", type=positive_int, default=16, help="IVF cells scanned per query")
-    parser.add_argument("--hnsw-m", type=positive_int, default=32, help="HNSW links per vector")
-    parser.add_argument("--ef-search", type=positive_int, default=128, help="HNSW search beam width")
+    parser.add_argument("--nprobe", type=positive_int, default=None, help="IVF cells scanned per query (default 16)")
+    parser.add_argument("--hnsw-m", type=positive_int, default=None, help="HNSW links per vector (default 32)")
+    parser.add_argument("--ef-search", type=positive_int, default=None, help="HNSW search beam width (default 128)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON lines")
     _runtime_arguments(parser.add_argument_group("encoder (model, weights and checkpoint default to the index's "
                                                  "own; naming different ones is refused)"))
     parser.set_defaults(model=None)
+
+
+# --index-type -> its tuning options and their defaults (None: chosen from the collection's size).
+_TUNING = {"exact": {}, "ivf": {"nlist": None, "nprobe": 16}, "hnsw": {"hnsw_m": 32, "ef_search": 128}}
+
+
+def _search_options(args) -> dict:
+    """The tuning options of ``--index-type``, with their defaults; one given for another type is refused."""
+    own = _TUNING[args.index_type]
+    for kind, options in _TUNING.items():
+        for name in options:
+            if name not in own and getattr(args, name) is not None:
+                raise ConfigError(f"--{name.replace('_', '-')} tunes --index-type {kind}, not "
+                                  f"--index-type {args.index_type}")
+    return {name: default if getattr(args, name) is None else getattr(args, name) for name, default in own.items()}
 
 
 def run_search(args) -> int:
@@ -118,6 +134,7 @@ def run_search(args) -> int:
     try:
         if (args.query is None) == (args.like is None):
             raise ConfigError("give either a text query or --like VIDEO (exactly one)")
+        options = _search_options(args)
         index_spec = IndexSpec.from_json(store.read_header(args.index)["spec"])
         given = {k: getattr(args, k) for k in ("model", "pretrained", "checkpoint") if getattr(args, k)}
         if "checkpoint" in given:
@@ -126,8 +143,6 @@ def run_search(args) -> int:
         if faiss_module() is None and args.index_type == "exact":
             print(f"note: FAISS is not installed; exact search runs in NumPy. For faster search and the IVF/HNSW "
                   f"indexes: {FAISS_HINT}", file=sys.stderr)
-        options = {"nlist": args.nlist, "nprobe": args.nprobe} if args.index_type == "ivf" else \
-            {"hnsw_m": args.hnsw_m, "ef_search": args.ef_search} if args.index_type == "hnsw" else {}
         index = VideoIndex.open(args.index, args.index_type, query_spec=query_spec, backend=args.backend,
                                 device=args.device, dtype=args.dtype, **options)
         hits = index.search_text(args.query, args.k) if args.query is not None else \

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from ..checkpoint import atomic_write
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
 
 KINDS = ("exact", "ivf", "hnsw")
 FAISS_HINT = "pip install faiss-cpu (or: pip install 'tempme-fast[search]')"
@@ -63,6 +63,12 @@ class VectorSearch:
                  use_faiss: Optional[bool] = None, seed: int = 0, cache: Optional[str] = None):
         if kind not in KINDS:
             raise ConfigError(f"kind={kind!r} is not one of {KINDS}")
+        # Checked here: FAISS aborts the process on hnsw_m=0 and fails at the first query on nprobe=0.
+        for name, value in (("nprobe", nprobe), ("hnsw_m", hnsw_m), ("ef_search", ef_search)):
+            check_int(name, value)
+        for name, value in (("nlist", nlist), ("train_size", train_size)):  # None: chosen from N
+            if value is not None:
+                check_int(name, value)
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[0] == 0:
             raise ConfigError(f"vectors must be a non-empty [N, D] array, got shape {vectors.shape}")
