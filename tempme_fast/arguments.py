@@ -27,7 +27,7 @@ from .retrieval.video import DEFAULT_FPS, DEFAULT_FRAMES
 
 __all__ = ["Parser", "SCHEDULE_OPTIONS", "add_config_arguments", "add_data_arguments", "add_dtype_argument",
            "add_merge_argument", "add_model_arguments", "add_threads_argument", "apply_threads", "config_from_args",
-           "default_workers", "load_data_split", "non_negative_int", "positive_float", "positive_int"]
+           "default_workers", "load_data_split", "non_negative_int", "positive_float", "positive_int", "unit_float"]
 
 # The TempMeConfig fields a command line may override (``frames`` comes with the data or --frames).
 SCHEDULE_OPTIONS = ("imgme_r", "clip_layers", "clip_groups", "cross_ratio", "intra_ratio")
@@ -80,6 +80,13 @@ def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
+def unit_float(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not a number in [0, 1]")
     return value
 
 

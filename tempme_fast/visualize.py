@@ -18,6 +18,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from .errors import ConfigError, as_config_error
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 __all__ = ["IMAGE_SUFFIXES", "add_visualize_arguments", "draw_merges", "load_frames", "run_visualize",
@@ -114,6 +116,13 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def _check_drawing(columns: Optional[int], alpha: float) -> None:
+    if columns is not None and (isinstance(columns, bool) or not isinstance(columns, int) or columns < 1):
+        raise ConfigError(f"columns={columns!r} must be an int >= 1 (frames per row) or None (up to 6)")
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"alpha={alpha} must be in [0, 1]")
+
+
 def draw_merges(images: np.ndarray, grid: np.ndarray, sizes: np.ndarray, *, columns: Optional[int] = None,
                 alpha: float = 0.55, all_tokens: bool = False, caption: str = "", scale: int = 1):
     """Draw frames with each final token's patches coloured; returns a ``PIL.Image``.
@@ -130,14 +139,11 @@ def draw_merges(images: np.ndarray, grid: np.ndarray, sizes: np.ndarray, *, colu
     """
     from PIL import Image, ImageDraw
 
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha={alpha} must be in [0, 1]")
+    _check_drawing(columns, alpha)
     n, height, width = images.shape[:3]
     if grid.shape[0] != n or height % grid.shape[1] or width % grid.shape[2]:
         raise ValueError(f"grid {grid.shape} does not tile {n} frames of {height}x{width} pixels")
-    columns = columns or min(n, 6)
-    if columns < 1:
-        raise ValueError(f"columns={columns} must be >= 1")
+    columns = min(n, 6) if columns is None else columns
     rows = -(-n // columns)
     ph, pw = height // grid.shape[1], width // grid.shape[2]
     colours = token_colours(len(sizes))
@@ -215,6 +221,7 @@ def visualize(model: torch.nn.Module, images: Sequence, *, columns: Optional[int
         ``(picture, sources)``: a ``PIL.Image`` and the :class:`~tempme_fast.tracking.SourceMap`
         of the (one-video) batch.
     """
+    _check_drawing(columns, alpha)  # before the model runs
     shown, grid, sources = _trace(model, images)
     picture = draw_merges(shown, grid, sources.sizes()[0].cpu().numpy(), columns=columns, alpha=alpha,
                           all_tokens=all_tokens, caption=caption)
@@ -227,7 +234,7 @@ def visualize(model: torch.nn.Module, images: Sequence, *, columns: Optional[int
 
 def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
     """Every option of ``tempme visualize`` (the schedule's knobs from ``add_config_arguments``)."""
-    from .arguments import add_config_arguments, add_dtype_argument, add_model_arguments
+    from .arguments import add_config_arguments, add_dtype_argument, add_model_arguments, positive_int, unit_float
 
     parser.add_argument("source", metavar="VIDEO_OR_FRAMES",
                         help="a video file (decoded with PyAV) or a folder of frame images")
@@ -241,8 +248,8 @@ def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sample-fps", type=float, default=1.0,
                    help="frames per second sampled from a video before uniform subsampling to --frames; "
                         "0 samples --frames uniformly over the whole video")
-    g.add_argument("--columns", type=int, default=None, help="frames per row (default: up to 6)")
-    g.add_argument("--alpha", type=float, default=0.55, help="opacity of the token colours, 0..1")
+    g.add_argument("--columns", type=positive_int, default=None, help="frames per row (default: up to 6)")
+    g.add_argument("--alpha", type=unit_float, default=0.55, help="opacity of the token colours, 0..1")
     g.add_argument("--all-tokens", action="store_true", help="also colour tokens that hold a single patch")
     add_config_arguments(parser)
 
@@ -250,7 +257,6 @@ def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
 def run_visualize(args) -> int:
     """``tempme visualize``: read frames, run the patched model with source tracking, write the PNG."""
     from .arguments import config_from_args
-    from .errors import ConfigError, as_config_error
     from .loading import DTYPES, create_model, default_dtype_name, load_checkpoint, resolve_device
     from .model import apply_tempme
     from .outputs import prepare_output_file

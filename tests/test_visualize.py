@@ -1,15 +1,20 @@
 """``tempme visualize``: frames in (a video file or an image folder), one PNG out, tokens coloured consistently."""
 import argparse
+import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from tempme_fast import apply_tempme
+from tempme_fast.cli import main
+from tempme_fast.errors import ConfigError
 from tempme_fast.retrieval import video as video_io
-from tempme_fast.visualize import add_visualize_arguments, draw_merges, load_frames, run_visualize, token_colours
+from tempme_fast.visualize import (add_visualize_arguments, draw_merges, load_frames, run_visualize, token_colours,
+                                   visualize)
 
-from tiny import TINY_ARGS
+from tiny import TINY_ARGS, TINY_CONFIG, tiny_clip
 
 
 def _frames(count, size=32):
@@ -58,8 +63,11 @@ def test_draw_merges_colours_each_token_the_same_in_every_frame():
     assert (picture[pad + label + 12, pad + 8] < 100).all()
     everything = np.asarray(draw_merges(images, grid, sizes, columns=2, alpha=alpha, all_tokens=True))
     assert (everything[pad + label + 12, pad + 4] == blend(0)).all()
-    with pytest.raises(ValueError, match="alpha=1.5 must be in"):
+    with pytest.raises(ConfigError, match="alpha=1.5 must be in"):
         draw_merges(images, grid, sizes, alpha=1.5)
+    for columns in (0, -2, 1.5, True):  # 0 is refused, not read as the default
+        with pytest.raises(ConfigError, match=re.escape(f"columns={columns!r} must be an int >= 1")):
+            draw_merges(images, grid, sizes, columns=columns)
     with pytest.raises(ValueError, match="does not tile"):
         draw_merges(images, grid[:1], sizes)
 
@@ -117,6 +125,24 @@ def test_visualize_errors(tmp_path, tiny_model_file, argv, message):
     args = _args(argv[0], "--model", tiny_model_file, "--out", str(tmp_path / "o.png"), *TINY_ARGS, *argv[1:])
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         run_visualize(args)
+
+
+def test_drawing_options_are_refused_before_the_model_runs(tmp_path, capsys):
+    for option, value, says in (("--alpha", "2", "argument --alpha: 2.0 is not a number in [0, 1]"),
+                                ("--alpha", "nan", "argument --alpha: nan is not a number in [0, 1]"),
+                                ("--columns", "0", "argument --columns: 0 is not a positive integer")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["visualize", str(tmp_path / "missing.mp4"), option, value])
+        assert exit_.value.code == 2 and says in capsys.readouterr().err
+    model = tiny_clip()
+    apply_tempme(model, TINY_CONFIG)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model ran before the options were checked")
+
+    model.visual.forward = never
+    with pytest.raises(ConfigError, match="alpha=-0.5 must be in"):
+        visualize(model, [], alpha=-0.5)
 
 
 def test_visualize_loads_a_checkpoint(tmp_path, tiny_model_file):
