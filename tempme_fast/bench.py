@@ -183,6 +183,7 @@ def bench_model(model: torch.nn.Module, config: TempMeConfig, *, batch: int, dev
     if cuda_graph and device.type != "cuda":
         raise ConfigError(f"cuda_graph (--cuda-graph) needs a CUDA device; the device is {device}")
     vit_geometry(model.visual)  # refuse a model TempMe cannot patch before reading its image size
+    backends = list(dict.fromkeys(backends))  # each named backend once
     model = model.to(device=device, dtype=dtype).eval()
     generator = torch.Generator().manual_seed(seed)
     video = torch.randn(batch, config.frames, 3, *model.visual.image_size, generator=generator)

@@ -28,6 +28,21 @@ def _load_average() -> Optional[float]:
         return None
 
 
+def _check_bench_mode(args) -> None:
+    """``--image`` times images with ToMe, the rest videos with TempMe: an option of the other mode is
+    refused, not ignored."""
+    if not args.image:
+        if args.tome_r is not None:
+            raise ConfigError("--tome-r sets ToMe's r for images: add --image (videos take the TempMe schedule "
+                              "options)")
+        return
+    video = [f"--{k.replace('_', '-')}" for k in (*SCHEDULE_OPTIONS, "budget") if getattr(args, k) is not None]
+    video += ["--frames"] * (args.frames != TempMeConfig().frames) + ["--full-last-block"] * args.full_last_block
+    if video:
+        raise ConfigError(f"{', '.join(video)} shape{'s' if len(video) == 1 else ''} the video encoder; --image "
+                          f"times encode_image (with --tome-r): leave {'it' if len(video) == 1 else 'them'} out")
+
+
 def _cmd_bench(args) -> int:
     from .bench import (bench_model, cpu_name, default_backends, format_table, noise_warnings, rows_as_dicts,
                         schedule_name)
@@ -40,6 +55,7 @@ def _cmd_bench(args) -> int:
     if args.cuda_graph and (args.image or device.type != "cuda"):
         raise ConfigError("--cuda-graph times video encoders on a CUDA device: "
                           + ("not with --image" if args.image else f"the device is {device}; pass --device cuda"))
+    _check_bench_mode(args)
     if args.image:
         from .tome.bench import run_image_bench
         return run_image_bench(args)
@@ -164,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.add_argument("--image", action="store_true",
                        help="time encode_image, unmerged against ToMe (--tome-r); --batch counts images")
-    bench.add_argument("--tome-r", type=int, nargs="+", default=[8, 16], help="ToMe r values for --image")
+    bench.add_argument("--tome-r", type=non_negative_int, nargs="+", default=None,
+                       help="ToMe r values for --image (default 8 16)")
     add_config_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
 

@@ -24,8 +24,8 @@ def test_variants_alternate_and_load_between_repetitions_cancels(monkeypatch, on
 
     monkeypatch.setattr(bench, "time_calls", fake_time_calls)
     rows = bench_model(model, TINY_CONFIG, batch=1, device=torch.device("cpu"),
-                       dtype=torch.float32, backends=["torch"], repeats=4, warmup=0, progress=False)
-    assert order == ["U", "T", "T", "U", "U", "T", "T", "U"]
+                       dtype=torch.float32, backends=["torch", "torch"], repeats=4, warmup=0, progress=False)
+    assert order == ["U", "T", "T", "U", "U", "T", "T", "U"]  # a backend named twice is timed once
     unmerged, tempme = rows
     assert tempme.speedup == pytest.approx(2.0) and tempme.speedup_min == pytest.approx(2.0)
     assert tempme.speedup_max == pytest.approx(2.0) and unmerged.speedup == 1.0

@@ -59,7 +59,13 @@ def test_subprocess_offline_pretrained_fails_fast(tmp_path):
     (["--device", "cpu", "--cuda-graph"], ["--cuda-graph times video encoders on a CUDA device",
                                            "the device is cpu"]),
     (["--device", "cpu", "--cuda-graph", "--image"], ["--cuda-graph", "not with --image"]),
-], ids=["tag", "file", "coca", "timm", "gpu-index", "frames", "graph-cpu", "graph-image"])
+    # An option of the other mode is refused, not ignored.
+    (["--tome-r", "4"], ["--tome-r sets ToMe's r for images: add --image"]),
+    (["--image", "--tome-r", "-1"], ["argument --tome-r: -1 is not an integer >= 0"]),
+    (["--image", "--frames", "8"], ["--frames shapes the video encoder; --image times encode_image"]),
+    (["--image", "--budget", "0.5", "--full-last-block"], ["--budget, --full-last-block shape the video encoder"]),
+], ids=["tag", "file", "coca", "timm", "gpu-index", "frames", "graph-cpu", "graph-image", "tome-r-video",
+        "tome-r-negative", "image-frames", "image-budget"])
 def test_bench_errors_in_one_line(argv, fragments, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "--no-progress", *argv])

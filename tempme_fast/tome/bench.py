@@ -17,11 +17,13 @@ from ..flops import flop_counter
 from ..outputs import plural
 from .open_clip_patch import apply_tome, remove_tome, tome_tokens
 
+DEFAULT_R = (8, 16)  # tempme bench --image's ToMe r values when --tome-r is not given
+
 
 def _variants(r_values: Sequence[int], backends: Sequence[str]):
     yield "open_clip (unmerged)", None, "-"
-    for r in r_values:
-        for backend in backends:
+    for r in dict.fromkeys(r_values):  # each value and backend once
+        for backend in dict.fromkeys(backends):
             yield f"ToMe r={r}", r, backend
 
 
@@ -90,15 +92,15 @@ def run_image_bench(args) -> int:
     import json
     import sys
 
+    from ..arguments import apply_threads
     from ..bench import cpu_name, default_backends
     from ..loading import DTYPES, create_model, default_dtype_name, resolve_device
 
     device = resolve_device(args.device)
     dtype_name = args.dtype or default_dtype_name(device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     model = create_model(args.model, args.pretrained, device=str(device), dtype=DTYPES[dtype_name])
-    rows = bench_images(model, args.tome_r, batch=args.batch, device=device, dtype=DTYPES[dtype_name],
+    rows = bench_images(model, args.tome_r or DEFAULT_R, batch=args.batch, device=device, dtype=DTYPES[dtype_name],
                         backends=args.backends or default_backends(device), repeats=args.repeats, warmup=args.warmup)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -108,8 +110,8 @@ def run_image_bench(args) -> int:
     print(format_image_table(rows))
     if args.json:
         from ..bench import rows_as_dicts
+        command = "tempme " + " ".join(getattr(args, "argv", None) or sys.argv[1:])
         with open(args.json, "w") as f:
-            json.dump({"command": "tempme " + " ".join(sys.argv[1:]), "model": args.model, "batch": args.batch,
-                       "dtype": dtype_name, "device": where, "load_average": load, "rows": rows_as_dicts(rows)},
-                      f, indent=2)
+            json.dump({"command": command, "model": args.model, "batch": args.batch, "dtype": dtype_name,
+                       "device": where, "load_average": load, "rows": rows_as_dicts(rows)}, f, indent=2)
     return 0
