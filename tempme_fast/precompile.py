@@ -24,11 +24,13 @@ batch size not given, autocast) compiles at its first call as it would have anyw
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import itertools
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tempfile
@@ -224,6 +226,28 @@ def _check_compilable() -> None:
                            "first launch instead")
 
 
+@functools.lru_cache(maxsize=None)
+def _ptxas_targets(path: str) -> frozenset:
+    text = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=30).stdout
+    return frozenset(int(n) for n in re.findall(r"'sm_(\d+)'", text))
+
+
+def compilable_archs() -> Optional[List[int]]:
+    """The compute capabilities (70 and up) that Triton can compile for here: those the ptxas it picks
+    for each one can target (read from that ptxas's ``--help``); None when that cannot be read. LLVM
+    aborts the whole process, rather than raising, on a target it does not know, so an ``arch`` outside
+    this list is refused before any kernel is compiled."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        tool = {arch: get_ptxas(arch).path for arch in (90, 100)}  # Triton picks its ptxas by arch
+        candidates = _ptxas_targets(tool[90]) | _ptxas_targets(tool[100])
+        found = sorted(a for a in candidates if a >= 70 and a in _ptxas_targets(get_ptxas(a).path))
+    except Exception:  # another Triton layout, no ptxas: the compile itself will say what is wrong
+        return None
+    return found or None
+
+
 def distinct_launches(launches: Sequence[Launch], arch: int) -> List[Launch]:
     """The first launch of every distinct compiled variant for ``sm_<arch>``, in order."""
     seen, kept = set(), []
@@ -254,6 +278,10 @@ def compile_launches(launches: Sequence[Launch], arch: Optional[int] = None, job
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise ValueError(f"jobs={jobs!r} must be an int >= 1")
     _check_compilable()
+    known = compilable_archs()
+    if known is not None and arch not in known:
+        raise ValueError(f"arch={arch}: Triton's ptxas cannot compile for sm_{arch}; valid: "
+                         f"{', '.join(map(str, known))}")
     stubs = (arch == here) if stubs is None else stubs
     jobs = jobs or os.cpu_count() or 1
     t0 = time.perf_counter()

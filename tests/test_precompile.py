@@ -197,6 +197,24 @@ def test_the_compile_command(binder_api, tiny_model_file, tmp_path):
                          "for (90: H100 and H200, 80: A100)"], lines
     refused = _tempme_compile(*args, env={**env, "TRITON_INTERPRET": "1"})
     assert refused.returncode == 2 and "tempme compile: error: TRITON_INTERPRET=1" in refused.stderr, refused.stderr
+    # A capability no ptxas of Triton's knows: one line (LLVM would abort the process at the first kernel).
+    from tempme_fast.precompile import compilable_archs
+
+    for arch in ("71", "200") if compilable_archs() is not None else ():
+        refused = _tempme_compile(*args[:-4], "--arch", arch, env=env)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert f"tempme compile: error: arch={arch}: Triton's ptxas cannot compile for sm_{arch}; valid: 70, " \
+               in refused.stderr, refused.stderr
+
+
+def test_compilable_archs_come_from_the_ptxas_triton_picks():
+    from tempme_fast.precompile import compilable_archs
+
+    known = compilable_archs()
+    if known is None:
+        pytest.skip("this Triton has no readable ptxas")
+    assert {70, 75, 80, 86, 89, 90, 100, 120} <= set(known) and not {71, 88, 200} & set(known)
+    assert known == sorted(known) and min(known) >= 70
 
 
 def test_a_worker_that_dies_leaves_its_jobs_failed_with_the_reason():
