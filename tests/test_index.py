@@ -177,6 +177,10 @@ def test_bad_inputs_are_refused_with_a_reason(built, tmp_path, capsys):
                     "--resume", "--workers", "0", "--no-progress"])
     err = capsys.readouterr().err
     assert "another encoder" in err and "merge: index True, requested False" in err
+    # The schedule's differing entries only, and advice for growing it (not for querying it).
+    assert refused(index_argv(videos, copy, model, "--resume", "--cross-ratio", "0.4"))
+    err = capsys.readouterr().err
+    assert "(config.cross_ratio: index 0.3, requested 0.4). Add videos with the settings it was built with" in err
     # Text queries longer than the text tower's positions could never be encoded: refused before any video is.
     fresh = tmp_path / "long_queries"
     assert refused(index_argv(videos, fresh, model, "--context-length", "33"))

@@ -92,20 +92,34 @@ class IndexSpec:
         a, b = self.resolved(), other.resolved()
         names = fields or ("model", "pretrained", "checkpoint_sha256", "merge", "config", "frames", "fps",
                            "context_length")
-        return [(n, getattr(a, n), getattr(b, n)) for n in names if getattr(a, n) != getattr(b, n)]
+        diffs = []
+        for n in names:
+            x, y = getattr(a, n), getattr(b, n)
+            if isinstance(x, dict) and isinstance(y, dict):  # the schedule: the entries that differ, but frames
+                diffs += [(f"{n}.{k}", x.get(k), y.get(k)) for k in dict.fromkeys([*x, *y])
+                          if x.get(k) != y.get(k) and k not in names]
+            elif x != y:
+                diffs.append((n, x, y))
+        return diffs
 
 
 class SpecMismatch(ConfigError):
     """A query or an added batch of videos would use another encoder than the index was built with."""
 
 
-def check_same_encoder(index_spec: IndexSpec, query_spec: IndexSpec, where: str, fields=None) -> None:
-    """Raise :class:`SpecMismatch` naming every differing field of ``query_spec`` and ``index_spec``."""
+QUERY_ADVICE = "Query it with the index's own settings (leave --model/--pretrained/--checkpoint out)"
+GROW_ADVICE = ("Add videos with the settings it was built with (its index.json records them: --model, --pretrained, "
+               "--checkpoint, --merge, the schedule, --frames, --sample-fps, --context-length)")
+
+
+def check_same_encoder(index_spec: IndexSpec, query_spec: IndexSpec, where: str, fields=None,
+                       advice: str = QUERY_ADVICE) -> None:
+    """Raise :class:`SpecMismatch` naming every differing field of ``query_spec`` and ``index_spec``, then
+    ``advice`` (what to do instead)."""
     diffs = index_spec.differences(query_spec, fields)
     if diffs:
         listed = "; ".join(f"{n}: index {a!r}, requested {b!r}" for n, a, b in diffs)
-        raise SpecMismatch(f"{where} was built with another encoder ({listed}). Query it with the index's own "
-                           f"settings (leave --model/--pretrained/--checkpoint out), or build a new index")
+        raise SpecMismatch(f"{where} was built with another encoder ({listed}). {advice}, or build a new index")
 
 
 def load_encoder(spec: IndexSpec, backend: str = "auto", device: str = "auto",

@@ -29,7 +29,7 @@ import numpy as np
 from ..checkpoint import atomic_write
 from ..errors import ConfigError
 from ..outputs import make_folders
-from .spec import IndexSpec, SpecMismatch, check_same_encoder
+from .spec import GROW_ADVICE, IndexSpec, SpecMismatch, check_same_encoder
 
 FORMAT = "tempme-video-index"
 VERSION = 1
@@ -85,7 +85,7 @@ def write_header(path: str, spec: IndexSpec, dim: int) -> None:
     spec = spec.resolved()
     if os.path.isfile(os.path.join(path, HEADER)):
         old = read_header(path)
-        check_same_encoder(IndexSpec.from_json(old["spec"]), spec, f"the index at {path}")
+        check_same_encoder(IndexSpec.from_json(old["spec"]), spec, f"the index at {path}", advice=GROW_ADVICE)
         if old["embed_dim"] != dim:
             raise SpecMismatch(f"the index at {path} holds {old['embed_dim']}-d embeddings, the model makes "
                                f"{dim}-d ones")
