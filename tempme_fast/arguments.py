@@ -11,6 +11,7 @@ so a command line names only what it changes.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import warnings
 from typing import Optional
@@ -27,7 +28,8 @@ from .retrieval.video import DEFAULT_FPS, DEFAULT_FRAMES
 
 __all__ = ["Parser", "SCHEDULE_OPTIONS", "add_config_arguments", "add_data_arguments", "add_dtype_argument",
            "add_merge_argument", "add_model_arguments", "add_threads_argument", "apply_threads", "config_from_args",
-           "default_workers", "load_data_split", "non_negative_int", "positive_float", "positive_int", "unit_float"]
+           "default_workers", "finite_float", "load_data_split", "non_negative_float", "non_negative_int",
+           "positive_float", "positive_int", "unit_float"]
 
 # The TempMeConfig fields a command line may override (``frames`` comes with the data or --frames).
 SCHEDULE_OPTIONS = ("imgme_r", "clip_layers", "clip_groups", "cross_ratio", "intra_ratio")
@@ -78,8 +80,22 @@ def non_negative_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive finite number")
+    return value
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{value} is not a finite number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{value} is not a finite number >= 0")
     return value
 
 
@@ -128,9 +144,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, frames: bool = True) -
                        help=f"layers that join clips (default {' '.join(map(str, d.clip_layers))}; none: no joins)")
     group.add_argument("--clip-groups", type=int, nargs="*", default=None,
                        help=f"clips joined at each of those layers (default {' '.join(map(str, d.clip_groups))})")
-    group.add_argument("--cross-ratio", type=float, default=None,
+    group.add_argument("--cross-ratio", type=finite_float, default=None,
                        help=f"share of tokens removed when clips join (default {d.cross_ratio})")
-    group.add_argument("--intra-ratio", type=float, default=None,
+    group.add_argument("--intra-ratio", type=finite_float, default=None,
                        help=f"share of tokens removed inside a clip (default {d.intra_ratio})")
     add_budget_argument(group)
 
@@ -160,23 +176,28 @@ def config_from_args(args: argparse.Namespace) -> TempMeConfig:
     return TempMeConfig(frames=args.frames, **overrides)
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options that pick the data and turn it into model inputs (shared by ``eval`` and ``train``)."""
+def add_data_arguments(parser: argparse.ArgumentParser, split: str = "test") -> None:
+    """Options that pick the data and turn it into model inputs (shared by ``eval`` and ``train``);
+    ``split``: the command's MSR-VTT split when ``--split`` is not given."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", required=True, metavar="PATH",
                    help="an MSR-VTT folder (CLIP4Clip layout: MSRVTT_JSFUSION_test.csv, MSRVTT_data.json, "
                         "MSRVTT_train.9k.csv, videos/) or a .csv/.jsonl of video_path,caption")
     g.add_argument("--data-format", choices=("auto", "msrvtt", "generic"), default="auto",
                    help="auto: a folder is MSR-VTT, a file is the generic layout")
-    g.add_argument("--split", choices=("test", "train"), default="test",
-                   help="MSR-VTT split: test = 1k-A (MSRVTT_JSFUSION_test.csv), train = --train-list")
-    g.add_argument("--train-list", default=MSRVTT_TRAIN_LIST, help="MSR-VTT training video list")
+    # None when not given: an MSR-VTT option given for generic data is refused (load_data_split), not ignored.
+    g.add_argument("--split", choices=("test", "train"), default=None,
+                   help=f"MSR-VTT split: test = 1k-A (MSRVTT_JSFUSION_test.csv), train = --train-list (default "
+                        f"{split})")
+    g.add_argument("--train-list", default=None,
+                   help=f"MSR-VTT training video list of --split train (default {MSRVTT_TRAIN_LIST})")
+    parser.set_defaults(command_split=split)
     g.add_argument("--videos", default=None, metavar="DIR",
                    help="video folder (MSR-VTT default: the first of <data>/videos/all, <data>/videos, "
                         "<data>/MSRVTT_Videos, <data>/MSRVTT/videos/all holding video*.mp4); for the "
                         "generic layout, the base of relative paths")
     g.add_argument("--frames", type=positive_int, default=DEFAULT_FRAMES, help="frames per video")
-    g.add_argument("--sample-fps", type=float, default=DEFAULT_FPS,
+    g.add_argument("--sample-fps", type=non_negative_float, default=DEFAULT_FPS,
                    help="frames per second to sample before uniform subsampling to --frames; "
                         "0 samples --frames uniformly over the whole video")
     g.add_argument("--context-length", type=positive_int, default=32, help="text tokens per caption")
@@ -194,11 +215,19 @@ def load_data_split(args):
     Refused with a :class:`ConfigError` naming ``--data`` when it cannot be read, holds no caption, or
     none of its video files exists; some missing files are the caller's to skip as unreadable.
     """
+    msrvtt = args.data_format == "msrvtt" or (args.data_format == "auto" and os.path.isdir(args.data))
+    given = [o for o, v in (("--split", args.split), ("--train-list", args.train_list)) if v is not None]
+    if given and not msrvtt:
+        raise ConfigError(f"{' and '.join(given)} pick{'s' if len(given) == 1 else ''} an MSR-VTT split; --data "
+                          f"{args.data} is a generic list, whose every row is used")
+    args.split = args.split or args.command_split
+    if args.train_list is not None and args.split != "train":
+        raise ConfigError(f"--train-list lists the videos of --split train; this is --split {args.split}")
     with as_config_error(f"--data {args.data}"):
-        split = load_split(args.data, args.split, args.data_format, args.videos, args.train_list)
+        split = load_split(args.data, args.split, args.data_format, args.videos, args.train_list or MSRVTT_TRAIN_LIST)
     split = split.limit(args.max_videos)
     if not split.captions:
-        raise ConfigError(f"--data {args.data}: the {args.split} split has no captions")
+        raise ConfigError(f"--data {args.data}: {'the ' + args.split + ' split' if msrvtt else 'it'} has no captions")
     missing = split.missing_videos()
     if len(missing) == len(split.videos):
         raise ConfigError(f"--data {args.data}: none of the {len(missing)} video files exists, e.g. "

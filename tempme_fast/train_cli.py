@@ -25,8 +25,8 @@ import shlex
 import torch
 
 from .arguments import (add_config_arguments, add_data_arguments, add_merge_argument, add_model_arguments,
-                        add_threads_argument, apply_threads, config_from_args, load_data_split, non_negative_int,
-                        positive_float, positive_int)
+                        add_threads_argument, apply_threads, config_from_args, finite_float, load_data_split,
+                        non_negative_float, non_negative_int, positive_float, positive_int)
 from .errors import ConfigError, as_config_error
 from .outputs import plural
 from .train import DEFAULT_LR, PRECISIONS
@@ -37,12 +37,12 @@ log = logging.getLogger(__name__)
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Every option of ``tempme train``: the retrieval data options, ``--synthetic``, model and recipe."""
-    add_data_arguments(parser)
+    add_data_arguments(parser, split="train")
     # --data is required for evaluation; here --synthetic may replace it (checked in run_train).
     for action in parser._actions:
         if action.dest == "data":
             action.required = False
-    parser.set_defaults(split="train", batch_size=128)
+    parser.set_defaults(batch_size=128)
     g = parser.add_argument_group("synthetic data")
     g.add_argument("--synthetic", type=positive_int, default=None, metavar="N",
                    help="train on N random video-caption pairs instead of --data (smoke runs, benchmarks)")
@@ -58,13 +58,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training (defaults: the TempMe recipe)")
     g.add_argument("--mode", choices=("lora", "full"), default="lora",
                    help="lora: LoRA on q/k/v of both towers + temporal position embeddings; full: every weight")
-    g.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank")
-    g.add_argument("--lora-scale", type=float, default=1.0, help="LoRA delta multiplier (1: the released code)")
+    # None when not given: with --mode full they are refused, not ignored.
+    g.add_argument("--lora-rank", type=positive_int, default=None, help="LoRA rank (default 8)")
+    g.add_argument("--lora-scale", type=finite_float, default=None,
+                   help="LoRA delta multiplier (default 1: the released code)")
     g.add_argument("--epochs", type=positive_int, default=5)
     g.add_argument("--lr", type=positive_float, default=None,
                    help=f"peak learning rate (default {DEFAULT_LR['lora']} for lora, {DEFAULT_LR['full']} for full)")
-    g.add_argument("--weight-decay", type=float, default=0.2, help="AdamW weight decay (matrices only)")
-    g.add_argument("--warmup", type=float, default=0.1, help="share of the steps spent in linear warm-up")
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.2, help="AdamW weight decay (matrices only)")
+    g.add_argument("--warmup", type=finite_float, default=0.1, help="share of the steps spent in linear warm-up")
     g.add_argument("--grad-clip", type=positive_float, default=None, help="clip the gradient norm to this")
     g.add_argument("--precision", "--dtype", choices=tuple(PRECISIONS), default=None,
                    help="compute dtype: autocast over fp32 weights (default: bf16 on CUDA, fp32 on CPU, where "
@@ -162,11 +164,15 @@ def _setup_logging() -> None:
 def _train_config(args, precision: str):
     from .trainer import TrainConfig
 
+    lora = {k: getattr(args, k) for k in ("lora_rank", "lora_scale") if getattr(args, k) is not None}
+    if lora and args.mode != "lora":
+        given = " and ".join("--" + k.replace("_", "-") for k in lora)
+        raise ConfigError(f"{given} set{'s' if len(lora) == 1 else ''} up LoRA: not with --mode {args.mode}, which "
+                          f"trains every weight")
     return TrainConfig(mode=args.mode, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                        warmup=args.warmup, grad_clip=args.grad_clip, precision=precision,
-                       grad_checkpointing=args.grad_checkpointing, lora_rank=args.lora_rank,
-                       lora_scale=args.lora_scale, log_every=args.log_every, save_every=args.save_every or None,
-                       max_steps=args.max_steps, compile=args.compile)
+                       grad_checkpointing=args.grad_checkpointing, log_every=args.log_every,
+                       save_every=args.save_every or None, max_steps=args.max_steps, compile=args.compile, **lora)
 
 
 def _check_arguments(args):
@@ -274,8 +280,8 @@ def run_train(args) -> int:
             from .checkpoint import atomic_save
             atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()},
                         os.path.join(args.output, "model.pt"))
-            print(f"tempme train: wrote {os.path.join(args.output, 'model.pt')} (LoRA merged; "
-                  f"tempme eval --checkpoint loads it)")
+            print(f"tempme train: wrote {os.path.join(args.output, 'model.pt')} ("
+                  f"{'LoRA merged; ' if args.mode == 'lora' else ''}tempme eval --checkpoint loads it)")
     finally:
         distributed.cleanup()
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -94,15 +95,18 @@ class TrainConfig:
             raise ConfigError(f"precision={self.precision!r} is not one of {tuple(PRECISIONS)}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.mode]
-        checks = [("epochs", self.epochs >= 1), ("lr", self.lr > 0), ("weight_decay", self.weight_decay >= 0),
+        checks = [("epochs", self.epochs >= 1), ("lr", 0 < self.lr < math.inf),
+                  ("weight_decay", 0 <= self.weight_decay < math.inf),
                   ("warmup", 0 <= self.warmup < 1), ("log_every", self.log_every >= 1),
                   ("save_every", self.save_every is None or self.save_every >= 1),
                   ("steps_per_epoch", self.steps_per_epoch is None or self.steps_per_epoch >= 1),
                   ("max_steps", self.max_steps is None or self.max_steps >= 1),
-                  ("grad_clip", self.grad_clip is None or self.grad_clip > 0), ("lora_rank", self.lora_rank >= 1)]
-        valid = {"epochs": ">= 1", "lr": "> 0", "weight_decay": ">= 0", "warmup": "in [0, 1)", "log_every": ">= 1",
-                 "save_every": ">= 1 or None", "steps_per_epoch": ">= 1 or None", "max_steps": ">= 1 or None",
-                 "grad_clip": "> 0 or None", "lora_rank": ">= 1"}
+                  ("grad_clip", self.grad_clip is None or self.grad_clip > 0), ("lora_rank", self.lora_rank >= 1),
+                  ("lora_scale", math.isfinite(self.lora_scale) and self.lora_scale != 0)]
+        valid = {"epochs": ">= 1", "lr": "finite and > 0", "weight_decay": "finite and >= 0", "warmup": "in [0, 1)",
+                 "log_every": ">= 1", "save_every": ">= 1 or None", "steps_per_epoch": ">= 1 or None",
+                 "max_steps": ">= 1 or None", "grad_clip": "> 0 or None", "lora_rank": ">= 1",
+                 "lora_scale": "a finite non-zero number"}
         for name, ok in checks:
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be {valid[name]}")

@@ -234,7 +234,8 @@ def visualize(model: torch.nn.Module, images: Sequence, *, columns: Optional[int
 
 def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
     """Every option of ``tempme visualize`` (the schedule's knobs from ``add_config_arguments``)."""
-    from .arguments import add_config_arguments, add_dtype_argument, add_model_arguments, positive_int, unit_float
+    from .arguments import (add_config_arguments, add_dtype_argument, add_model_arguments, non_negative_float,
+                            positive_int, unit_float)
 
     parser.add_argument("source", metavar="VIDEO_OR_FRAMES",
                         help="a video file (decoded with PyAV) or a folder of frame images")
@@ -245,7 +246,7 @@ def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
     add_dtype_argument(g)
     g.add_argument("--seed", type=int, default=0, help="seed of the random weights (without --pretrained)")
     g = parser.add_argument_group("frames and drawing")
-    g.add_argument("--sample-fps", type=float, default=1.0,
+    g.add_argument("--sample-fps", type=non_negative_float, default=1.0,
                    help="frames per second sampled from a video before uniform subsampling to --frames; "
                         "0 samples --frames uniformly over the whole video")
     g.add_argument("--columns", type=positive_int, default=None, help="frames per row (default: up to 6)")
@@ -261,8 +262,6 @@ def run_visualize(args) -> int:
     from .model import apply_tempme
     from .outputs import prepare_output_file
 
-    if args.sample_fps < 0:
-        raise ConfigError(f"--sample-fps {args.sample_fps} must be >= 0 (0: uniform over the whole video)")
     if not str(args.out).lower().endswith(".png"):
         raise ConfigError(f"--out {args.out}: write a .png file")
     prepare_output_file(args.out, "--out")

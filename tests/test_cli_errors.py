@@ -110,6 +110,42 @@ def test_output_paths_are_made_or_refused_before_the_run(tiny_model_file, tmp_pa
         assert err.count("\n") == 1 and says in err and f"tempme {command}: error: " in err
 
 
+@pytest.mark.parametrize("command, argv, says", [
+    ("eval", ["--split", "train"], "--split picks an MSR-VTT split; --data CSV is a generic list, whose every row"),
+    ("eval", ["--train-list", "t.csv"], "--train-list picks an MSR-VTT split"),
+    ("eval", ["--data", "DIR", "--train-list", "t.csv"], "--train-list lists the videos of --split train; this is "
+                                                         "--split test"),
+    ("train", ["--split", "test"], "--split picks an MSR-VTT split"),
+    ("eval", ["--dsl-temperature", "50"], "--dsl-temperature sets the dual-softmax re-ranking's temperature: add "
+                                          "--dsl"),
+    ("eval", ["--dsl", "--dsl-temperature", "inf"], "argument --dsl-temperature: inf is not a positive finite number"),
+    ("eval", ["--sample-fps", "nan"], "argument --sample-fps: nan is not a finite number >= 0"),
+    ("index", ["--sample-fps", "inf"], "argument --sample-fps: inf is not a finite number >= 0"),
+    ("eval", ["--cross-ratio", "nan"], "argument --cross-ratio: nan is not a finite number"),
+    ("train", ["--mode", "full", "--lora-rank", "4"], "--lora-rank sets up LoRA: not with --mode full"),
+    ("train", ["--lora-scale", "0"], "lora_scale=0.0 must be a finite non-zero number"),
+    ("train", ["--weight-decay", "-0.1"], "argument --weight-decay: -0.1 is not a finite number >= 0"),
+], ids=["eval-split-generic", "eval-train-list-generic", "eval-train-list-test", "train-split-generic",
+        "dsl-temperature-alone", "dsl-temperature-inf", "fps-nan", "index-fps-inf", "ratio-nan", "full-lora-rank",
+        "lora-scale-zero", "weight-decay"])
+def test_options_that_cannot_apply_are_refused(command, argv, says, tiny_model_file, tmp_path, capsys,
+                                               monkeypatch):
+    """An option that would be ignored, or a number no run can use, ends in one line before any model is built."""
+    from tempme_fast import loading
+
+    monkeypatch.setattr(loading, "create_model", lambda *a, **k: pytest.fail("a model was built"))
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("video_path,caption\nmissing.mp4,a cat\n")
+    argv = [{"CSV": str(csv), "DIR": str(tmp_path)}.get(a, a) for a in argv]
+    says = says.replace("CSV", str(csv))
+    where = {"eval": ["--data", str(csv)], "train": ["--data", str(csv), "--batch-size", "1"],
+             "index": [str(tmp_path), "--out", str(tmp_path / "index")]}[command]
+    with pytest.raises(SystemExit) as exit_:
+        main([command, *where, "--model", tiny_model_file, *argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and says in err, err
+
+
 def test_a_refused_command_leaves_no_folder_behind(tiny_model_file, tmp_path, capsys):
     """Folders made for --json and --output are removed again, while empty, when the command fails later."""
     kept = tmp_path / "kept"

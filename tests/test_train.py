@@ -190,6 +190,12 @@ def test_train_config_errors():
     with pytest.raises(ValueError, match=r"warmup=1.5 must be in \[0, 1\)"):
         TrainConfig(warmup=1.5)
     assert TrainConfig().lr == 6e-4 and TrainConfig(mode="full").lr == 1e-5
+    for field, value, says in (("lora_scale", 0.0, "a finite non-zero number"),
+                               ("lora_scale", float("nan"), "a finite non-zero number"),
+                               ("lr", float("inf"), "finite and > 0"),
+                               ("weight_decay", float("inf"), "finite and >= 0")):
+        with pytest.raises(ValueError, match=f"{field}={value!r} must be {says}"):
+            TrainConfig(**{field: value})
     with pytest.raises(TypeError, match="apply_tempme"):
         Trainer(tiny_clip(), [_pairs(2)], progress=False)
 

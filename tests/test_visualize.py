@@ -109,7 +109,6 @@ def test_visualize_a_frame_folder_with_padding(tmp_path, tiny_model_file, capsys
     (["missing.mp4"], "no such video file or frame folder"),
     (["EMPTY"], "the folder holds no images"),
     (["VIDEO", "--out", "x.jpg"], "--out x.jpg: write a .png file"),
-    (["VIDEO", "--sample-fps", "-1"], "--sample-fps -1.0 must be >= 0"),
     (["NOT_A_VIDEO"], "cannot open"),
     (["VIDEO", "--frames", "5"], "frames=5 is not divisible by the clip groups (2, 2)"),
 ])
@@ -127,8 +126,10 @@ def test_visualize_errors(tmp_path, tiny_model_file, argv, message):
         run_visualize(args)
 
 
-def test_drawing_options_are_refused_before_the_model_runs(tmp_path, capsys):
-    for option, value, says in (("--alpha", "2", "argument --alpha: 2.0 is not a number in [0, 1]"),
+def test_bad_options_are_refused_before_the_model_runs(tmp_path, capsys):
+    for option, value, says in (("--sample-fps", "-1", "argument --sample-fps: -1.0 is not a finite number >= 0"),
+                                ("--sample-fps", "nan", "argument --sample-fps: nan is not a finite number >= 0"),
+                                ("--alpha", "2", "argument --alpha: 2.0 is not a number in [0, 1]"),
                                 ("--alpha", "nan", "argument --alpha: nan is not a number in [0, 1]"),
                                 ("--columns", "0", "argument --columns: 0 is not a positive integer")):
         with pytest.raises(SystemExit) as exit_:

@@ -17,7 +17,8 @@ import json
 import sys
 
 from ..arguments import (SCHEDULE_OPTIONS, add_config_arguments, add_dtype_argument, add_merge_argument,
-                         add_model_arguments, config_from_args, default_workers, non_negative_int, positive_int)
+                         add_model_arguments, config_from_args, default_workers, non_negative_float,
+                         non_negative_int, positive_int)
 from ..errors import ConfigError
 from ..retrieval.video import DEFAULT_FPS
 from .vectors import KINDS
@@ -41,7 +42,7 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
                                   "queries must match them)")
     _runtime_arguments(g)
     add_merge_argument(g)
-    g.add_argument("--sample-fps", type=float, default=DEFAULT_FPS,
+    g.add_argument("--sample-fps", type=non_negative_float, default=DEFAULT_FPS,
                    help="sampling rate before uniform subsampling to --frames (0: uniform over the video)")
     g.add_argument("--context-length", type=positive_int, default=32, help="text tokens per query")
     add_config_arguments(parser)
@@ -59,8 +60,6 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
 def spec_from_args(args):
     from .spec import IndexSpec
 
-    if args.sample_fps < 0:
-        raise ConfigError(f"--sample-fps {args.sample_fps} must be >= 0 (0: uniform sampling)")
     if not args.merge and any(getattr(args, n) is not None for n in SCHEDULE_OPTIONS):
         raise ConfigError("--no-merge takes no schedule options (--imgme-r, --clip-layers, ...)")
     config = config_from_args(args)  # the released schedule, with any overrides; validated

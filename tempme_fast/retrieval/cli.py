@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..arguments import (add_config_arguments, add_data_arguments, add_dtype_argument, add_merge_argument,
-                         add_model_arguments, config_from_args, load_data_split, positive_int)
+                         add_model_arguments, config_from_args, load_data_split, positive_float, positive_int)
 from ..errors import ConfigError
 from ..loading import DTYPES, create_model, default_dtype_name, load_checkpoint, resolve_device
 from ..model import apply_tempme
@@ -41,7 +41,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("evaluation")
     g.add_argument("--dsl", action="store_true",
                    help="also report dual-softmax re-ranked metrics (labelled DSL, reported separately)")
-    g.add_argument("--dsl-temperature", type=float, default=100.0, help="DSL softmax temperature")
+    g.add_argument("--dsl-temperature", type=positive_float, default=None,
+                   help="DSL softmax temperature (default 100; with --dsl)")
     g.add_argument("--ties", choices=("pessimistic", "optimistic"), default="pessimistic",
                    help="how a match tied with other candidates ranks")
     g.add_argument("--text-batch-size", type=positive_int, default=256, help="captions per batch")
@@ -84,8 +85,8 @@ def run_eval(args) -> int:
     from ..outputs import prepare_output_file
     from .evaluate import NoReadableVideos, evaluate_retrieval, format_results
 
-    if args.sample_fps < 0:
-        raise ConfigError(f"--sample-fps {args.sample_fps} must be >= 0 (0: uniform over the whole video)")
+    if args.dsl_temperature is not None and not args.dsl:
+        raise ConfigError("--dsl-temperature sets the dual-softmax re-ranking's temperature: add --dsl")
     resolve_device(args.device)
     config_from_args(args)
     if args.json:
@@ -98,7 +99,7 @@ def run_eval(args) -> int:
         tokenizer = _tokenizer(Path(args.model).stem if args.model.endswith(".json") else args.model)
         result = evaluate_retrieval(model, split, processor, tokenizer, context_length=args.context_length,
                                     batch_size=args.batch_size, text_batch_size=args.text_batch_size,
-                                    workers=args.workers, dsl=args.dsl, dsl_temperature=args.dsl_temperature,
+                                    workers=args.workers, dsl=args.dsl, dsl_temperature=args.dsl_temperature or 100.0,
                                     ties=args.ties, progress=not args.no_progress)
     except NoReadableVideos as err:
         print(f"tempme eval: error: {err}", file=sys.stderr)
