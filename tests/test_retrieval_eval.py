@@ -148,6 +148,21 @@ def test_tempme_eval_end_to_end(msrvtt, tiny_config, tmp_path, capsys):
     assert result["settings"]["frames"] == 12 and result["settings"]["context_length"] == 32
 
 
+def test_random_weights_are_the_same_in_every_run(tiny_config):
+    """Without --pretrained the weights come from a fixed seed (a smoke run repeats its numbers), drawn without
+    moving the caller's random state."""
+    from tempme_fast.retrieval.cli import build_model
+
+    args = eval_args("--data", "unused", "--model", tiny_config)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = build_model(args).state_dict()
+    assert torch.equal(torch.get_rng_state(), state)  # nothing drawn from the caller's generator
+    torch.manual_seed(456)  # another caller state: the same weights
+    second = build_model(args).state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_checkpoint_and_baseline(msrvtt, tiny_config, tmp_path, capsys):
     """A saved TempMe checkpoint evaluates to the numbers of the model it came from; --no-merge costs more."""
     torch.manual_seed(0)

