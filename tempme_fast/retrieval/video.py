@@ -99,6 +99,12 @@ def sample_frame_indices(times: Sequence[float], frames: int = DEFAULT_FRAMES,
     return [candidates[i] for i in uniform_indices(len(candidates), frames)]
 
 
+def _ffmpeg_reason(exc) -> str:
+    """FFmpeg's own words for ``exc`` ("Invalid data found when processing input"), without PyAV's
+    ``[Errno N]`` prefix and the path that the caller's message already names."""
+    return getattr(exc, "strerror", None) or str(exc)
+
+
 def _frame_seconds(pts: Sequence[int], time_base) -> List[float]:
     return [float(p * time_base) for p in pts]
 
@@ -124,7 +130,7 @@ def read_frames(path: str, frames: int = DEFAULT_FRAMES, fps: Optional[float] = 
     try:
         container = av.open(path)
     except av.FFmpegError as exc:
-        raise VideoDecodeError(path, f"cannot open: {exc}") from None
+        raise VideoDecodeError(path, f"cannot open: {_ffmpeg_reason(exc)}") from None
     with container:
         if not container.streams.video:
             raise VideoDecodeError(path, "no video stream in the file")
@@ -132,7 +138,7 @@ def read_frames(path: str, frames: int = DEFAULT_FRAMES, fps: Optional[float] = 
         try:
             pts = [p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0]
         except av.FFmpegError as exc:
-            raise VideoDecodeError(path, f"cannot read packets: {exc}") from None
+            raise VideoDecodeError(path, f"cannot read packets: {_ffmpeg_reason(exc)}") from None
         if not pts:
             raise VideoDecodeError(path, "no video frames in the file")
         listed = stream.frames or 0
@@ -160,7 +166,7 @@ def read_frames(path: str, frames: int = DEFAULT_FRAMES, fps: Optional[float] = 
                         break
         except av.FFmpegError as exc:
             raise VideoDecodeError(path, f"decoding failed after {len(picked)} of {len(wanted)} sampled "
-                                         f"frames: {exc}") from None
+                                         f"frames: {_ffmpeg_reason(exc)}") from None
         if len(picked) < len(wanted):
             raise VideoDecodeError(path, f"decoded only {len(picked)} of {len(wanted)} sampled frames "
                                          f"(corrupt or truncated stream)")
