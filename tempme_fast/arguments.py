@@ -160,6 +160,10 @@ def config_from_args(args: argparse.Namespace) -> TempMeConfig:
     absent keep the released value.
     """
     if not getattr(args, "merge", True):
+        given = [f"--{k.replace('_', '-')}" for k in (*SCHEDULE_OPTIONS, "budget")
+                 if getattr(args, k, None) is not None]
+        if given:
+            raise ConfigError(f"--no-merge runs the unmerged model: leave out {', '.join(given)}")
         return TempMeConfig.unmerged(args.frames)
     overrides = {k: getattr(args, k) for k in SCHEDULE_OPTIONS if getattr(args, k, None) is not None}
     budget = getattr(args, "budget", None)

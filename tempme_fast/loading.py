@@ -159,7 +159,10 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
     if isinstance(obj, dict) and isinstance(obj.get("format"), str) and "lora" in obj["format"]:
         from . import lora
 
-        lora.load_lora(model, obj)
+        try:
+            lora.load_lora(model, obj)
+        except ValueError as err:  # ConfigErrors too: the message gains the option and file
+            raise ConfigError(f"--checkpoint {path}: {err}") from err
         lora.merge_lora(model)
         return
     state = _unwrap_state_dict(obj, path)
@@ -168,7 +171,9 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
     if unexpected:
         hint = " (pass the model.pt or lora.pt that tempme train writes, or a state dict of a patched model)"
         if any("tempme_frame_pos" in k for k in unexpected):
-            hint = " (TempMe temporal position embeddings: evaluate with --merge)"
+            hint = (" (TempMe temporal position embeddings of other joining layers: give the --frames and schedule "
+                    "it was trained with)" if any("tempme_frame_pos" in k for k in own) else
+                    " (TempMe temporal position embeddings: evaluate with --merge)")
         elif any("lora" in k.lower() or "parametrizations" in k for k in unexpected):
             hint = (" (LoRA weights: save the adapter with tempme_fast.lora.save_lora, or call "
                     "tempme_fast.lora.merge_lora(model) before saving the state dict)")

@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .checkpoint import atomic_save, load_file
+from .errors import ConfigError
 
 TOWERS = ("visual", "text")
 MODES = ("lora", "full")
@@ -267,13 +268,16 @@ def load_lora_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], stric
     own = lora_state_dict(model)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
+    hint = "(the --model, LoRA towers and TempMe schedule of the run that saved it?)"
     if strict and (missing or unexpected):
-        raise ValueError(f"LoRA state does not fit the model: missing {missing}, unexpected {unexpected} "
-                         f"(same rank, towers and TempMe config?)")
+        parts = [f"{len(keys)} {what}, e.g. {keys[:2]}" for what, keys in
+                 (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise ConfigError(f"LoRA state does not fit the model: {'; '.join(parts)} {hint}")
     wrong = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in state
              if k in own and state[k].shape != own[k].shape]
     if wrong:
-        raise ValueError(f"LoRA state shape mismatch: {wrong}")
+        raise ConfigError(f"LoRA state does not fit the model: {len(wrong)} shape mismatch(es), e.g. {wrong[0]} "
+                          f"{hint}")
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return missing, unexpected
 

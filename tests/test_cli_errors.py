@@ -125,9 +125,11 @@ def test_output_paths_are_made_or_refused_before_the_run(tiny_model_file, tmp_pa
     ("train", ["--mode", "full", "--lora-rank", "4"], "--lora-rank sets up LoRA: not with --mode full"),
     ("train", ["--lora-scale", "0"], "lora_scale=0.0 must be a finite non-zero number"),
     ("train", ["--weight-decay", "-0.1"], "argument --weight-decay: -0.1 is not a finite number >= 0"),
+    ("eval", ["--no-merge", "--imgme-r", "1"], "--no-merge runs the unmerged model: leave out --imgme-r"),
+    ("train", ["--no-merge", "--budget", "0.5"], "--no-merge runs the unmerged model: leave out --budget"),
 ], ids=["eval-split-generic", "eval-train-list-generic", "eval-train-list-test", "train-split-generic",
         "dsl-temperature-alone", "dsl-temperature-inf", "fps-nan", "index-fps-inf", "ratio-nan", "full-lora-rank",
-        "lora-scale-zero", "weight-decay"])
+        "lora-scale-zero", "weight-decay", "eval-no-merge-knob", "train-no-merge-budget"])
 def test_options_that_cannot_apply_are_refused(command, argv, says, tiny_model_file, tmp_path, capsys,
                                                monkeypatch):
     """An option that would be ignored, or a number no run can use, ends in one line before any model is built."""

@@ -1,11 +1,13 @@
 """LoRA on the fused q/k/v projection: start point, both towers, merge, save/load, trainable counts."""
 import copy
+import dataclasses
 
 import open_clip
 import pytest
 import torch
 
 from tempme_fast import TempMeConfig, apply_tempme
+from tempme_fast.errors import ConfigError
 from tempme_fast.lora import (add_lora, count_parameters, has_lora, load_lora, lora_config, lora_layers,
                               lora_state_dict, mark_trainable, merge_lora, remove_lora, save_lora)
 from tiny import TINY_CONFIG, tiny_clip, video
@@ -157,6 +159,13 @@ def test_save_and_load_lora_file(tmp_path):
     other = _lora_model(rank=3)
     with pytest.raises(ValueError, match="rank=3 scale=1.0 but the file holds rank=2 scale=2.0"):
         load_lora(other, path)
+    # Another schedule (other joining layers): counted, with two keys and what to check, not every key.
+    elsewhere = apply_tempme(tiny_clip(), dataclasses.replace(TINY_CONFIG, clip_layers=(1, 3)), backend="torch")
+    with pytest.raises(ConfigError) as info:
+        load_lora(elsewhere, path)
+    assert str(info.value) == ("LoRA state does not fit the model: 1 missing, e.g. ['visual.tempme_frame_pos.1']; "
+                               "1 unexpected, e.g. ['visual.tempme_frame_pos.2'] (the --model, LoRA towers and "
+                               "TempMe schedule of the run that saved it?)")
 
 
 def test_alpha_and_single_tower():

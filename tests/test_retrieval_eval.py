@@ -188,10 +188,14 @@ def test_checkpoint_and_baseline(msrvtt, tiny_config, tmp_path, capsys):
     merged_cost, base_cost = (json.loads(p.read_text())["cost"] for p in (merged, base))
     assert merged_cost["gflops_per_video"] < base_cost["gflops_per_video"]
 
-    # A TempMe checkpoint does not fit the unmerged model: the error says why.
+    # A TempMe checkpoint does not fit the unmerged model, nor one that joins clips at other layers: the error
+    # says why.
     with pytest.raises(ConfigError, match="--merge"):
         run_eval(eval_args("--data", str(msrvtt), "--model", tiny_config, "--checkpoint", str(ckpt),
                            "--no-merge", "--workers", "0", "--no-progress"))
+    with pytest.raises(ConfigError, match="of other joining layers: give the --frames and schedule it was trained"):
+        run_eval(eval_args("--data", str(msrvtt), "--model", tiny_config, "--checkpoint", str(ckpt),
+                           "--clip-layers", "7", "9", "10", "--workers", "0", "--no-progress"))
 
 
 def test_eval_input_errors(msrvtt, tiny_config, tmp_path, capsys):

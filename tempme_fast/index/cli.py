@@ -16,9 +16,8 @@ import dataclasses
 import json
 import sys
 
-from ..arguments import (SCHEDULE_OPTIONS, add_config_arguments, add_dtype_argument, add_merge_argument,
-                         add_model_arguments, config_from_args, default_workers, non_negative_float,
-                         non_negative_int, positive_int)
+from ..arguments import (add_config_arguments, add_dtype_argument, add_merge_argument, add_model_arguments,
+                         config_from_args, default_workers, non_negative_float, non_negative_int, positive_int)
 from ..errors import ConfigError
 from ..retrieval.video import DEFAULT_FPS
 from .vectors import KINDS
@@ -60,8 +59,6 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
 def spec_from_args(args):
     from .spec import IndexSpec
 
-    if not args.merge and any(getattr(args, n) is not None for n in SCHEDULE_OPTIONS):
-        raise ConfigError("--no-merge takes no schedule options (--imgme-r, --clip-layers, ...)")
     config = config_from_args(args)  # the released schedule, with any overrides; validated
     as_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
     return IndexSpec(model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, merge=args.merge,
