@@ -47,6 +47,11 @@ MIN_PAIRS = 2
 __all__ = ["CHECKPOINT_FORMAT", "DEFAULT_SAVE_EVERY", "MIN_PAIRS", "TrainConfig", "Trainer"]
 
 
+def _plain(value):
+    """A config value as a checkpoint compares it (tuples and lists alike)."""
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
 @dataclass
 class TrainConfig:
     """The training recipe. Defaults: the TempMe paper's (AdamW, lr 6e-4 for LoRA, weight decay
@@ -254,6 +259,14 @@ class Trainer:
         if state["config"]["mode"] != self.config.mode:
             raise ConfigError(f"{path} was trained with mode={state['config']['mode']!r}, this run has "
                              f"mode={self.config.mode!r}")
+        # The optimiser's state brings these back from the checkpoint: another value here would be ignored.
+        saved, ours = state["config"], asdict(self.config)
+        differ = [k for k in ("lr", "weight_decay", "betas", "eps") if _plain(saved.get(k)) != _plain(ours[k])]
+        if differ:
+            raise ConfigError(f"{path} was trained with {', '.join(f'{k}={_plain(saved.get(k))!r}' for k in differ)}; "
+                              f"this run has {', '.join(f'{k}={_plain(ours[k])!r}' for k in differ)}, which the "
+                              f"optimiser's restored state would override: resume with the run's own values, or "
+                              f"start a new run in another folder")
         if state["total_steps"] != self.total_steps:
             raise ConfigError(f"{path} plans {state['total_steps']} steps, this run {self.total_steps}: the data, "
                              f"batch size or epochs differ")

@@ -173,6 +173,13 @@ def test_resume_refuses_another_run(tmp_path):
     with pytest.raises(ValueError, match="mode='lora'"):
         Trainer(_model("full"), [_pairs(2)] * 4, TrainConfig(mode="full", epochs=2), output_dir=str(tmp_path),
                 progress=False, resume="auto")
+    # The restored optimiser would bring back the saved learning rate and weight decay: others are refused.
+    videos, tokens = _pairs(8)
+    data = DataLoader(TensorDataset(videos, tokens), batch_size=2, shuffle=True)
+    with pytest.raises(ValueError, match=r"trained with lr=0.005, weight_decay=0.2; this run has lr=0.001, "
+                                         r"weight_decay=0.5, which the optimiser's restored state would override"):
+        Trainer(_model(), data, TrainConfig(epochs=2, lr=1e-3, weight_decay=0.5, warmup=0.25),
+                output_dir=str(tmp_path), progress=False, resume="auto")
 
 
 def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
