@@ -50,9 +50,11 @@ def _vision_config(name: str, path: Optional[Path]) -> dict:
     if path is not None:
         with open(path) as f, as_config_error(f"--model {path}: not a JSON model config"):
             config = json.load(f)
-        if not isinstance(config, dict):
-            raise ConfigError(f"--model {path}: not a JSON model config (expected an object with vision_cfg)")
-        return config.get("vision_cfg") or {}
+        lacks = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(config, dict) or k not in config]
+        if lacks or not all(isinstance(config[k], dict) for k in ("vision_cfg", "text_cfg")):
+            raise ConfigError(f"--model {path}: not an open_clip model config (an object with embed_dim, vision_cfg "
+                              f"and text_cfg{'; it lacks ' + ', '.join(lacks) if lacks else ''})")
+        return config["vision_cfg"]
     return (open_clip.get_model_config(name) or {}).get("vision_cfg") or {}
 
 

@@ -1,6 +1,7 @@
 """Mistakes a user makes on the command line end in one line on stderr and exit status 2, before
 any work; bugs keep their traceback."""
 import json
+import re
 import subprocess
 import sys
 import time
@@ -231,6 +232,18 @@ def test_bad_model_and_checkpoint_files(tmp_path):
     broken.write_text("{not json")
     with pytest.raises(errors.ConfigError, match="broken.json: not a JSON model config"):
         create_model(str(broken))
+    # JSON, but not a model config: refused as such (it was a KeyError in `schedule`, open_clip's error in `bench`).
+    for name, text, says in (("part.json", '{"embed_dim": 8}', "; it lacks vision_cfg, text_cfg"),
+                             ("list.json", "[1, 2]", "; it lacks embed_dim, vision_cfg, text_cfg"),
+                             ("flat.json", '{"embed_dim": 8, "vision_cfg": 3, "text_cfg": {}}', "")):
+        (tmp_path / name).write_text(text)
+        for command in ("schedule", "bench"):
+            with pytest.raises(SystemExit) as exit_:
+                main([command, "--model", str(tmp_path / name)])
+            assert exit_.value.code == 2
+        with pytest.raises(errors.ConfigError, match=re.escape(f"{name}: not an open_clip model config (an object "
+                                                               f"with embed_dim, vision_cfg and text_cfg{says}")):
+            create_model(str(tmp_path / name))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00" * 64)
     with pytest.raises(errors.ConfigError, match="garbage.pt: not a file torch.load can read"):
