@@ -197,6 +197,17 @@ def test_out_that_cannot_be_written(built, tmp_path, capsys):
     assert f"--out {blocker / 'index'}" in err and "cannot write" in err
 
 
+def test_bad_sizes_are_refused_before_the_folder_or_the_model(built, tmp_path, monkeypatch):
+    from tempme_fast.index import build
+
+    videos, _, _, _ = built
+    monkeypatch.setattr(build, "load_encoder", lambda *a, **k: pytest.fail("the model was built"))
+    for option, value in (("batch_size", 0), ("workers", -1), ("shard_size", 0), ("shard_size", 2.5)):
+        with pytest.raises(ValueError, match=f"{option}={value!r} must be an int >= "):
+            build_index(str(videos), str(tmp_path / "index"), **{option: value})
+    assert not (tmp_path / "index").exists()
+
+
 def test_list_files_and_folders(tmp_path):
     (tmp_path / "sub").mkdir()
     for name in ("b.mp4", "a.MKV", "sub/c.webm", ".hidden.mp4", "readme.md"):

@@ -129,6 +129,7 @@ def build_index(videos, out: str, spec: Optional[IndexSpec] = None, *, model: Op
     """
     check_int("batch_size", batch_size)
     check_int("workers", workers, 0)
+    check_int("shard_size", shard_size)  # here, before a folder is made or a model loaded
     spec = (spec or IndexSpec()).resolved()
     env_rank, env_world, local_rank = launch_rank()
     rank = env_rank if rank is None else rank
