@@ -6,6 +6,7 @@ import pytest
 from tempme_fast import TempMeConfig, ops
 from tempme_fast.arguments import add_config_arguments, config_from_args
 from tempme_fast.cli import build_parser
+from tempme_fast.errors import ConfigError
 
 COMMANDS = {"bench": [], "eval": ["--data", "d"], "train": ["--synthetic", "4"], "visualize": ["v.mp4"],
             "schedule": []}
@@ -56,9 +57,10 @@ def test_defaults_give_the_released_schedule(command):
 
 
 @pytest.mark.parametrize("command", ["eval", "train"])
-def test_no_merge_is_the_unmerged_baseline_whatever_the_knobs(command):
-    assert config_from_args(_parse(command, "--no-merge", "--frames", "6", "--imgme-r", "3")) == \
-        TempMeConfig.unmerged(6)
+def test_no_merge_is_the_unmerged_baseline_and_takes_no_knob(command):
+    assert config_from_args(_parse(command, "--no-merge", "--frames", "6")) == TempMeConfig.unmerged(6)
+    with pytest.raises(ConfigError, match="--no-merge runs the unmerged model: leave out --imgme-r, --budget"):
+        config_from_args(_parse(command, "--no-merge", "--frames", "6", "--imgme-r", "3", "--budget", "0.5"))
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
