@@ -195,6 +195,15 @@ def test_out_that_cannot_be_written(built, tmp_path, capsys):
     assert refused(index_argv(videos, blocker / "index", model))
     err = capsys.readouterr().err
     assert f"--out {blocker / 'index'}" in err and "cannot write" in err
+    # The summary's file is checked before any video is encoded (it failed after all of them, in a traceback).
+    out = tmp_path / "index"
+    for where, says in ((blocker / "s.json", "cannot create the folder"), (out, "is the --out folder")):
+        assert refused(index_argv(videos, out, model, "--json", str(where)))
+        assert says in capsys.readouterr().err
+        assert not out.exists()
+    deep = tmp_path / "new" / "summary.json"
+    assert main(index_argv(videos, out, model, "--json", str(deep))) == 0
+    assert json.loads(deep.read_text())["indexed"] == len(good)
 
 
 def test_bad_sizes_are_refused_before_the_folder_or_the_model(built, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from ..arguments import (add_config_arguments, add_dtype_argument, add_merge_argument, add_model_arguments,
@@ -67,7 +68,13 @@ def spec_from_args(args):
 
 
 def run_index(args) -> int:
+    from ..outputs import prepare_output_file
     from .build import build_index
+
+    if args.json:
+        if os.path.abspath(args.json) == os.path.abspath(args.out):
+            raise ConfigError(f"--json {args.json} is the --out folder; give a file path (e.g. inside it)")
+        prepare_output_file(args.json, "--json")  # before the videos are encoded, not after
 
     # Input errors are ConfigErrors, which the tempme command prints in one line (exit 2).
     summary = build_index(args.videos, args.out, spec_from_args(args), resume=args.resume,
