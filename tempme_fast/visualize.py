@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import os
 import re
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -264,6 +265,9 @@ def run_visualize(args) -> int:
 
     if not str(args.out).lower().endswith(".png"):
         raise ConfigError(f"--out {args.out}: write a .png file")
+    if os.path.isdir(args.source) and os.path.dirname(os.path.abspath(args.out)) == os.path.abspath(args.source):
+        raise ConfigError(f"--out {args.out} is inside the frame folder {args.source}: it would overwrite a frame "
+                          f"or be read as one next time; write it elsewhere")
     prepare_output_file(args.out, "--out")
     config = config_from_args(args)
     device = resolve_device(args.device)

@@ -103,6 +103,12 @@ def test_visualize_a_frame_folder_with_padding(tmp_path, tiny_model_file, capsys
                                "--all-tokens", *TINY_ARGS)) == 0
     assert "3 frame(s) (+1 padded)" in capsys.readouterr().out
     assert Image.open(out).size[0] == 2 * (32 + 6) + 6
+    # The picture never lands among the frames: it would overwrite one, or be read as one next time.
+    for inside in ("frame_2.png", "merges.png"):
+        with pytest.raises(ConfigError, match="is inside the frame folder .*: it would overwrite a frame"):
+            run_visualize(_args(str(folder), "--out", str(folder / inside), "--model", tiny_model_file, *TINY_ARGS))
+    assert sorted(p.name for p in folder.iterdir()) == ["frame_1.png", "frame_10.png", "frame_2.png", "notes.txt"]
+    assert np.asarray(Image.open(folder / "frame_2.png"))[12, 8].tolist() == [220, 30, 30]
 
 
 @pytest.mark.parametrize("argv, message", [
