@@ -51,7 +51,7 @@ def _cmd_bench(args) -> int:
 
     device = resolve_device(args.device)
     if args.json:
-        prepare_output_file(args.json, "--json")
+        prepare_output_file(args.json, "--json", args)
     if args.cuda_graph and (args.image or device.type != "cuda"):
         raise ConfigError("--cuda-graph times video encoders on a CUDA device: "
                           + ("not with --image" if args.image else f"the device is {device}; pass --device cuda"))

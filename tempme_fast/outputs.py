@@ -56,13 +56,33 @@ def _make_folder(folder: str, option: str) -> None:
         raise ConfigError(f"{option}: the folder {folder} is not writable")
 
 
-def prepare_output_file(path: str, option: str) -> str:
+# What the commands read files through (argument -> how messages name it): an output file may not be one.
+INPUT_OPTIONS = {"data": "--data file", "videos": "video list", "source": "frames source", "model": "--model file",
+                 "pretrained": "--pretrained file", "checkpoint": "--checkpoint file",
+                 "official_checkpoint": "--official-checkpoint file", "resume": "--resume file", "like": "--like video"}
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def prepare_output_file(path: str, option: str, args=None) -> str:
     """Make ``path``'s folder and check a file can be written there; returns ``path``.
 
     Args:
         path: the file a command will write at its end.
         option: the option that named it (``--json``), for the message.
+        args: the command's parsed options: ``path`` may not be a file one of them reads
+            (:data:`INPUT_OPTIONS`), which the write would replace.
     """
+    for name, label in INPUT_OPTIONS.items() if args is not None else ():
+        given = getattr(args, name, None)
+        if isinstance(given, str) and os.path.isfile(given) and _same_file(path, given):
+            raise ConfigError(f"{option} {path} is the {label} the command reads; writing it would replace that "
+                              f"file: give another path")
     if os.path.isdir(path):
         raise ConfigError(f"{option} {path} is a folder; give a file path")
     _make_folder(os.path.dirname(os.path.abspath(path)), f"{option} {path}")

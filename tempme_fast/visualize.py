@@ -268,7 +268,7 @@ def run_visualize(args) -> int:
     if os.path.isdir(args.source) and os.path.dirname(os.path.abspath(args.out)) == os.path.abspath(args.source):
         raise ConfigError(f"--out {args.out} is inside the frame folder {args.source}: it would overwrite a frame "
                           f"or be read as one next time; write it elsewhere")
-    prepare_output_file(args.out, "--out")
+    prepare_output_file(args.out, "--out", args)
     config = config_from_args(args)
     device = resolve_device(args.device)
     with as_config_error(args.source):

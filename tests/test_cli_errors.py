@@ -149,6 +149,27 @@ def test_options_that_cannot_apply_are_refused(command, argv, says, tiny_model_f
     assert exit_.value.code == 2 and err.count("\n") == 1 and says in err, err
 
 
+def test_an_output_file_never_replaces_an_input(tiny_model_file, tmp_path, capsys):
+    """--json or --out naming a file the command reads (a typo away) is refused, and the file is kept."""
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("video_path,caption\nmissing.mp4,a cat\n")
+    listed = tmp_path / "videos.txt"
+    listed.write_text("missing.mp4\n")
+    model_text = open(tiny_model_file).read()
+    for command, argv, says in (
+            ("eval", ["--data", str(pairs), "--json", str(pairs)], "is the --data file the command reads"),
+            ("eval", ["--data", str(pairs), "--json", tiny_model_file], "is the --model file the command reads"),
+            ("bench", ["--json", tiny_model_file], "is the --model file the command reads"),
+            ("index", [str(listed), "--out", str(tmp_path / "i"), "--json", str(listed)],
+             "is the video list the command reads")):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--model", tiny_model_file, *argv])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and says in err and "writing it would replace that file" in err, err
+    assert pairs.read_text().startswith("video_path,caption") and listed.read_text() == "missing.mp4\n"
+    assert open(tiny_model_file).read() == model_text
+
+
 def test_a_refused_command_leaves_no_folder_behind(tiny_model_file, tmp_path, capsys):
     """Folders made for --json and --output are removed again, while empty, when the command fails later."""
     kept = tmp_path / "kept"

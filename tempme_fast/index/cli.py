@@ -74,7 +74,7 @@ def run_index(args) -> int:
     if args.json:
         if os.path.abspath(args.json) == os.path.abspath(args.out):
             raise ConfigError(f"--json {args.json} is the --out folder; give a file path (e.g. inside it)")
-        prepare_output_file(args.json, "--json")  # before the videos are encoded, not after
+        prepare_output_file(args.json, "--json", args)  # before the videos are encoded, not after
 
     # Input errors are ConfigErrors, which the tempme command prints in one line (exit 2).
     summary = build_index(args.videos, args.out, spec_from_args(args), resume=args.resume,

@@ -95,7 +95,7 @@ def run_eval(args) -> int:
     resolve_device(args.device)
     config_from_args(args)
     if args.json:
-        prepare_output_file(args.json, "--json")
+        prepare_output_file(args.json, "--json", args)
     split = load_data_split(args)
     try:
         fps = None if args.sample_fps == 0 else args.sample_fps
