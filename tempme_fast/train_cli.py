@@ -205,6 +205,14 @@ def _check_arguments(args):
         args.output = default_run_dir("train")
         print(f"tempme train: writing to {args.output} (no --output given)")
     prepare_output_dir(args.output, "--output")
+    if args.resume is None:  # a new run would replace another run's files
+        from .trainer import Trainer
+
+        held = [n for n in (Trainer.CHECKPOINT, Trainer.LOG, "model.pt", "lora.pt")
+                if os.path.exists(os.path.join(args.output, n))]
+        if held:
+            raise ConfigError(f"--output {args.output} already holds a training run ({', '.join(held)}); continue it "
+                              f"with --resume auto, or give another folder")
     return split
 
 

@@ -233,6 +233,11 @@ def test_cli_trains_on_synthetic_data_and_resumes(tmp_path, tiny_model_file, cap
             "--lr", "1e-3", "--output", str(out), "--no-progress", "--backend", "torch"]
     assert _cli(args + ["--max-steps", "3"]) == 0
     assert "trainable" in capsys.readouterr().out
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ConfigError, match=re.escape(f"--output {out} already holds a training run (last.pt, "
+                                                    f"train_log.jsonl, model.pt, lora.pt); continue it with --resume")):
+        _cli(args)  # a new run there would replace this one's files
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert _cli(args + ["--resume", "auto"]) == 0
     log = [json.loads(line) for line in open(out / "train_log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
