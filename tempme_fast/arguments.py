@@ -155,9 +155,9 @@ def config_from_args(args: argparse.Namespace) -> TempMeConfig:
     """The released schedule for ``args.frames`` with the knobs the command line set.
 
     ``--no-merge`` (``args.merge`` False) gives the unmerged baseline and refuses any knob or
-    ``--budget`` given with it; a parser without ``--merge`` always merges. ``--budget`` derives the schedule for ``args.model`` instead
-    (:meth:`TempMeConfig.for_model`) and cannot be combined with a knob. Knobs that are None or
-    absent keep the released value.
+    ``--budget`` given with it; a parser without ``--merge`` always merges. ``--budget`` derives the
+    schedule for ``args.model`` instead (:meth:`TempMeConfig.for_model`) and cannot be combined with a
+    knob. Knobs that are None or absent keep the released value.
     """
     if not getattr(args, "merge", True):
         given = [f"--{k.replace('_', '-')}" for k in (*SCHEDULE_OPTIONS, "budget")
