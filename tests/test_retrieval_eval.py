@@ -116,6 +116,21 @@ def test_no_readable_video_is_an_error(tmp_path):
                            lambda texts, context_length: None, progress=False)
 
 
+def test_settings_that_cannot_work_are_refused_before_any_video_is_decoded(tmp_path, tiny_config, monkeypatch):
+    from tempme_fast.retrieval import evaluate
+
+    monkeypatch.setattr(evaluate, "encode_videos", lambda *a, **k: pytest.fail("videos were encoded"))
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"video_path": "v.mp4", "caption": "x"}) + "\n")
+    split = load_split(tmp_path / "pairs.jsonl")
+    model = tempme_fast.apply_tempme(create_model(tiny_config), tempme_fast.TempMeConfig(frames=12))
+    tokenizer = lambda texts, context_length: None  # noqa: E731
+    with pytest.raises(ConfigError, match="text_batch_size=0 must be an int >= 1"):
+        evaluate_retrieval(model, split, VideoProcessor.for_model(model, 12), tokenizer, text_batch_size=0)
+    with pytest.raises(ConfigError, match="the processor samples 8 frames a video, the model's TempMeConfig takes "
+                                          "frames=12"):
+        evaluate_retrieval(model, split, VideoProcessor.for_model(model, 8), tokenizer)
+
+
 def eval_args(*argv):
     parser = argparse.ArgumentParser(prog="tempme eval")
     add_eval_arguments(parser)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
 from .data import RetrievalSplit, VideoDataset, make_loader, pad_tokens, report_skipped, tokenize
 from .metrics import TIES, retrieval_metrics
 from .video import VideoProcessor
@@ -165,6 +165,11 @@ def evaluate_retrieval(model: torch.nn.Module, split: RetrievalSplit, processor:
     """
     _check_model(model)
     check_context_length(model, context_length)
+    check_int("text_batch_size", text_batch_size)
+    config = getattr(getattr(model, "tempme", None), "config", None)
+    if config is not None and processor.frames != config.frames:  # else the first batch fails, after decoding
+        raise ConfigError(f"the processor samples {processor.frames} frames a video, the model's TempMeConfig takes "
+                          f"frames={config.frames}; build both with the same frames")
     if ties not in TIES:
         raise ConfigError(f"ties={ties!r} is not one of {TIES}")
     if dsl and not (isinstance(dsl_temperature, (int, float)) and dsl_temperature > 0):
