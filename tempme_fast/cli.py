@@ -244,6 +244,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Input the user can fix: one line. Anything else is a bug and keeps its traceback.
         message = " ".join(str(err).split("\n"))
         parser.exit(2, f"tempme {args.command}: error: {message}\n")
+    except KeyboardInterrupt:  # Ctrl-C: one line that says what was kept, not a traceback; 130 as shells give
+        print(f"tempme {args.command}: interrupted{_KEPT_ON_INTERRUPT.get(args.command, '')}", file=sys.stderr)
+        return 130
+
+
+# What an interrupted command leaves for the next run (tempme train's first Ctrl-C is its own: it checkpoints).
+_KEPT_ON_INTERRUPT = {
+    "index": "; the shards written so far are kept: run the same command with --resume to continue",
+    "train": "; any checkpoint written is kept: run the same command with --resume auto to continue",
+    "compile": "; the kernels compiled so far stay in Triton's cache",
+}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Mistakes a user makes on the command line end in one line on stderr and exit status 2, before
 any work; bugs keep their traceback."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -168,6 +169,20 @@ def test_an_output_file_never_replaces_an_input(tiny_model_file, tmp_path, capsy
         assert exit_.value.code == 2 and says in err and "writing it would replace that file" in err, err
     assert pairs.read_text().startswith("video_path,caption") and listed.read_text() == "missing.mp4\n"
     assert open(tiny_model_file).read() == model_text
+
+
+def test_ctrl_c_ends_in_one_line_that_says_what_is_kept(tmp_path, monkeypatch, capsys):
+    from tempme_fast.index import build
+
+    def interrupted(videos, out, *args, **kwargs):
+        os.makedirs(os.path.join(out, "shards"))  # what a run leaves before its first shard
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "build_index", interrupted)
+    out = tmp_path / "new" / "index"
+    assert main(["index", str(tmp_path), "--out", str(out)]) == 130
+    assert capsys.readouterr().err == ("tempme index: interrupted; the shards written so far are kept: run the same "
+                                       "command with --resume to continue\n")
 
 
 def test_a_refused_command_leaves_no_folder_behind(tiny_model_file, tmp_path, capsys):
