@@ -131,7 +131,8 @@ class Trainer:
             weights (mixed precision is autocast). In LoRA mode LoRA is added when missing.
         data: batches as the module docstring says, or a callable ``epoch -> iterable``.
         config: the recipe.
-        output_dir: where ``last.pt`` (checkpoint) and ``train_log.jsonl`` go; None saves nothing.
+        output_dir: where ``last.pt`` (checkpoint) and ``train_log.jsonl`` go; None saves nothing. A folder
+            that already holds them is refused unless ``resume`` continues that run.
         progress: a tqdm progress bar (on the first process only).
         resume: a checkpoint path to continue from (``"auto"``: ``output_dir/last.pt`` if present).
     Under ``torch.distributed`` (see :mod:`tempme_fast.distributed`) the model is wrapped in DDP,
@@ -148,6 +149,11 @@ class Trainer:
         if not hasattr(model, "encode_video"):
             raise TypeError(f"model is a {type(model).__name__} without encode_video; call "
                             f"tempme_fast.apply_tempme(model) first")
+        if output_dir and resume is None:  # a new run here would replace another's checkpoint and mix the logs
+            held = [n for n in (self.CHECKPOINT, self.LOG) if os.path.exists(os.path.join(output_dir, n))]
+            if held:
+                raise ConfigError(f"output_dir={output_dir} already holds a training run ({', '.join(held)}); "
+                                  f"resume='auto' continues it, or give another folder")
         self.model = model
         self.data = data
         self.output_dir = output_dir
@@ -181,6 +187,9 @@ class Trainer:
         if resume == "auto":
             auto = os.path.join(output_dir, self.CHECKPOINT) if output_dir else None
             resume = auto if auto and os.path.isfile(auto) else None
+            stale = os.path.join(output_dir, self.LOG) if output_dir and not resume else None
+            if stale and self.is_main and os.path.isfile(stale):
+                os.remove(stale)  # a run stopped before its first checkpoint: its steps run again, logged afresh
         if resume:
             self.load_checkpoint(resume)
 

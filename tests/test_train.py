@@ -173,6 +173,9 @@ def test_resume_refuses_another_run(tmp_path):
     with pytest.raises(ValueError, match="mode='lora'"):
         Trainer(_model("full"), [_pairs(2)] * 4, TrainConfig(mode="full", epochs=2), output_dir=str(tmp_path),
                 progress=False, resume="auto")
+    # Without resume, a new run would replace that checkpoint and append to its log.
+    with pytest.raises(ValueError, match=r"already holds a training run \(last.pt, train_log.jsonl\); resume='auto'"):
+        Trainer(_model(), [_pairs(2)] * 4, TrainConfig(epochs=2), output_dir=str(tmp_path), progress=False)
     # The restored optimiser would bring back the saved learning rate and weight decay: others are refused.
     videos, tokens = _pairs(8)
     data = DataLoader(TensorDataset(videos, tokens), batch_size=2, shuffle=True)
@@ -180,6 +183,16 @@ def test_resume_refuses_another_run(tmp_path):
                                          r"weight_decay=0.5, which the optimiser's restored state would override"):
         Trainer(_model(), data, TrainConfig(epochs=2, lr=1e-3, weight_decay=0.5, warmup=0.25),
                 output_dir=str(tmp_path), progress=False, resume="auto")
+
+
+def test_resume_auto_without_a_checkpoint_starts_a_fresh_log(tmp_path):
+    """A run stopped before its first checkpoint left only log lines: its steps run again, logged once."""
+    (tmp_path / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+    trainer = Trainer(_model(), [_pairs(2)] * 2, TrainConfig(epochs=1), output_dir=str(tmp_path), progress=False,
+                      resume="auto")
+    trainer.fit()
+    log = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2] and log[0]["loss"] != 9.0
 
 
 def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
