@@ -1,6 +1,7 @@
 """`tempme search`: queries by video and by text against brute force, FAISS kinds, no FAISS, refusals."""
 import json
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -139,6 +140,23 @@ def test_built_indexes_are_cached(built, tmp_path):
     videos, index, model, good = built
     hits = VideoIndex.open(str(index), "ivf", nlist=1).search_video(good[2], 2)
     assert hits[0].path == good[2] and len(list((index / "search").glob("ivf-*.faiss"))) == 1
+
+
+def test_an_approximate_search_that_returns_fewer_than_k_says_so(built, tmp_path, capsys):
+    pytest.importorskip("faiss")
+    videos, index, model, good = built
+    copy = tmp_path / "index"
+    shutil.copytree(index, copy)
+    # One cell a video, one cell scanned: one result, and a note on what to raise.
+    for argv, found, note in (
+            (["--index-type", "ivf", "--nlist", "5", "--nprobe", "1"], 1,
+             "note: 1 of the 3 results asked for: the IVF search reached no more videos; raise --nprobe"),
+            ([], 3, "")):  # exact search always fills k
+        assert main(["search", str(copy), "--like", good[0], "-k", "3", "--json", *argv]) == 0
+        printed = capsys.readouterr()
+        hits = [json.loads(line) for line in printed.out.splitlines()]
+        assert len(hits) == found and hits[0]["path"] == good[0]
+        assert (note in printed.err) if note else "note:" not in printed.err, printed.err
 
 
 def test_without_faiss(built, monkeypatch, capsys):

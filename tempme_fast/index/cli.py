@@ -154,6 +154,11 @@ def run_search(args) -> int:
         raise ConfigError(f"--like {err.path}: {err.reason}") from err
     except FaissMissing as err:
         raise ConfigError(str(err)) from err
+    wanted = min(args.k, len(index.contents.records))
+    if len(hits) < wanted:  # an approximate index scanned too little of the collection to fill k
+        more = "--nprobe (IVF cells scanned)" if args.index_type == "ivf" else "--ef-search (HNSW beam width)"
+        print(f"note: {len(hits)} of the {wanted} results asked for: the {args.index_type.upper()} search reached "
+              f"no more videos; raise {more}, or use --index-type exact", file=sys.stderr)
     if args.json:
         for hit in hits:
             print(json.dumps(hit.as_dict()))
