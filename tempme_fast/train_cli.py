@@ -208,8 +208,7 @@ def _check_arguments(args):
     if args.resume is None:  # a new run would replace another run's files
         from .trainer import Trainer
 
-        held = [n for n in (Trainer.CHECKPOINT, Trainer.LOG, "model.pt", "lora.pt")
-                if os.path.exists(os.path.join(args.output, n))]
+        held = Trainer.run_files(args.output, also=("model.pt", "lora.pt"))
         if held:
             raise ConfigError(f"--output {args.output} already holds a training run ({', '.join(held)}); continue it "
                               f"with --resume auto, or give another folder")

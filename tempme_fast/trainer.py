@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -143,6 +143,12 @@ class Trainer:
     CHECKPOINT = "last.pt"
     LOG = "train_log.jsonl"
 
+    @classmethod
+    def run_files(cls, folder: str, also: Sequence[str] = ()) -> List[str]:
+        """The files of a training run that ``folder`` already holds: ``last.pt``, ``train_log.jsonl``, then
+        those of ``also``, in that order."""
+        return [n for n in (cls.CHECKPOINT, cls.LOG, *also) if os.path.exists(os.path.join(folder, n))]
+
     def __init__(self, model: nn.Module, data, config: Optional[TrainConfig] = None,
                  output_dir: Optional[str] = None, progress: bool = True, resume: Optional[str] = None):
         self.config = config = config or TrainConfig()
@@ -150,7 +156,7 @@ class Trainer:
             raise TypeError(f"model is a {type(model).__name__} without encode_video; call "
                             f"tempme_fast.apply_tempme(model) first")
         if output_dir and resume is None:  # a new run here would replace another's checkpoint and mix the logs
-            held = [n for n in (self.CHECKPOINT, self.LOG) if os.path.exists(os.path.join(output_dir, n))]
+            held = self.run_files(output_dir)
             if held:
                 raise ConfigError(f"output_dir={output_dir} already holds a training run ({', '.join(held)}); "
                                   f"resume='auto' continues it, or give another folder")
