@@ -215,6 +215,22 @@ def _check_arguments(args):
     return split
 
 
+def _run_info(args, split) -> dict:
+    """What a resume of this run must give the same, beyond the training recipe and the schedule that the
+    checkpoint holds anyway (:class:`~tempme_fast.trainer.Trainer`'s ``run_info``). Weight files count by
+    their name and the data by its captions, so that moved files still resume."""
+    from .loading import resolve_model
+
+    def source(value):
+        return os.path.basename(value) if value and os.path.isfile(value) else value
+
+    data = f"--synthetic {args.synthetic}" if split is None else split.content_digest()
+    return {"--model": resolve_model(args.model)[0], "--pretrained": source(args.pretrained),
+            "--official-checkpoint": source(args.official_checkpoint), "--batch-size": args.batch_size,
+            "--seed": args.seed, "--context-length": args.context_length, "--sample-fps": args.sample_fps,
+            "data": data}
+
+
 def _resume_command(args) -> str:
     """The command line that continues this run (the one typed, when known, with its output and
     ``--resume auto``)."""
@@ -254,7 +270,7 @@ def run_train(args) -> int:
         check_context_length(model, args.context_length)
         data = _build_data(args, model, split, info.rank, info.world_size)
         trainer = Trainer(model, data, config, output_dir=args.output, progress=not args.no_progress,
-                          resume=args.resume)
+                          resume=args.resume, run_info=_run_info(args, split))
         if info.rank == 0:
             total = sum(p.numel() for p in model.parameters())
             print(f"tempme train: {args.model}, mode={args.mode}, {trainer.trainable:,} of {total:,} parameters "

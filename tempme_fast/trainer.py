@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -50,6 +50,16 @@ __all__ = ["CHECKPOINT_FORMAT", "DEFAULT_SAVE_EVERY", "MIN_PAIRS", "TrainConfig"
 def _plain(value):
     """A config value as a checkpoint compares it (tuples and lists alike)."""
     return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _refuse_differences(path: str, saved: Mapping[str, Any], ours: Mapping[str, Any], keys: Sequence[str],
+                        why: str) -> None:
+    """Refuse a resume from ``path`` where a value of ``keys`` differs between the checkpoint and this run."""
+    differ = [k for k in keys if _plain(saved.get(k)) != _plain(ours[k])]
+    if differ:
+        raise ConfigError(f"{path} was trained with {', '.join(f'{k}={_plain(saved.get(k))!r}' for k in differ)}; "
+                          f"this run has {', '.join(f'{k}={_plain(ours[k])!r}' for k in differ)}, {why}: resume "
+                          f"with the run's own values, or start a new run in another folder")
 
 
 @dataclass
@@ -135,6 +145,10 @@ class Trainer:
             that already holds them is refused unless ``resume`` continues that run.
         progress: a tqdm progress bar (on the first process only).
         resume: a checkpoint path to continue from (``"auto"``: ``output_dir/last.pt`` if present).
+        run_info: what else the run depends on that ``config`` and the model do not record, as plain
+            values (``tempme train`` gives the model's name and weights, the global batch size, the
+            seed, the data): stored in the checkpoints, and a resume where one of them differs from
+            the checkpoint's is refused, naming both values.
     Under ``torch.distributed`` (see :mod:`tempme_fast.distributed`) the model is wrapped in DDP,
     the loss covers every process's batch and only rank 0 writes files. Each process's ``data``
     must yield its own shard.
@@ -150,8 +164,12 @@ class Trainer:
         return [n for n in (cls.CHECKPOINT, cls.LOG, *also) if os.path.exists(os.path.join(folder, n))]
 
     def __init__(self, model: nn.Module, data, config: Optional[TrainConfig] = None,
-                 output_dir: Optional[str] = None, progress: bool = True, resume: Optional[str] = None):
+                 output_dir: Optional[str] = None, progress: bool = True, resume: Optional[str] = None,
+                 run_info: Optional[Mapping[str, Any]] = None):
         self.config = config = config or TrainConfig()
+        if run_info is not None and not (isinstance(run_info, Mapping) and all(isinstance(k, str) for k in run_info)):
+            raise TypeError(f"run_info must be a mapping with str keys, got {run_info!r}")
+        self.run_info = dict(run_info or {})
         if not hasattr(model, "encode_video"):
             raise TypeError(f"model is a {type(model).__name__} without encode_video; call "
                             f"tempme_fast.apply_tempme(model) first")
@@ -252,7 +270,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "total_steps": self.total_steps, "rng": rng or rng_state(), "epoch_rng": self._epoch_rng,
-            "world_size": self.world_size, "skipped_batches": self.skipped_batches,
+            "world_size": self.world_size, "skipped_batches": self.skipped_batches, "run": self.run_info,
         }
 
     def save_checkpoint(self, path: Optional[str] = None) -> Optional[str]:
@@ -275,13 +293,11 @@ class Trainer:
             raise ConfigError(f"{path} was trained with mode={state['config']['mode']!r}, this run has "
                              f"mode={self.config.mode!r}")
         # The optimiser's state brings these back from the checkpoint: another value here would be ignored.
-        saved, ours = state["config"], asdict(self.config)
-        differ = [k for k in ("lr", "weight_decay", "betas", "eps") if _plain(saved.get(k)) != _plain(ours[k])]
-        if differ:
-            raise ConfigError(f"{path} was trained with {', '.join(f'{k}={_plain(saved.get(k))!r}' for k in differ)}; "
-                              f"this run has {', '.join(f'{k}={_plain(ours[k])!r}' for k in differ)}, which the "
-                              f"optimiser's restored state would override: resume with the run's own values, or "
-                              f"start a new run in another folder")
+        _refuse_differences(path, state["config"], asdict(self.config), ("lr", "weight_decay", "betas", "eps"),
+                            "which the optimiser's restored state would override")
+        saved_run = state.get("run") or {}  # (absent from checkpoints of earlier releases)
+        _refuse_differences(path, saved_run, self.run_info, [k for k in self.run_info if k in saved_run],
+                            "and a resumed run must continue the same one")
         if state["total_steps"] != self.total_steps:
             raise ConfigError(f"{path} plans {state['total_steps']} steps, this run {self.total_steps}: the data, "
                              f"batch size or epochs differ")

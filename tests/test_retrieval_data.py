@@ -172,6 +172,18 @@ def test_msrvtt_train_split(msrvtt):
                                                       "video2#20", "video2#21", "video2#22"]
 
 
+def test_content_digest_ignores_where_the_files_lie(msrvtt, tmp_path):
+    split = load_msrvtt(msrvtt, "test")
+    digest = split.content_digest()
+    assert digest.startswith("4 captions of 4 videos, sha256 ") and len(digest.rsplit(" ", 1)[1]) == 16
+    moved = msrvtt.rename(tmp_path / "moved")
+    assert load_msrvtt(moved, "test").content_digest() == digest
+    assert split.limit(3).content_digest().startswith("3 captions of 3 videos")
+    changed = load_msrvtt(moved, "test")
+    changed.captions[0] = type(changed.captions[0])("ret0", "video7020", "a cat runs on the grass")
+    assert changed.content_digest() != digest and changed.content_digest().startswith("4 captions of 4 videos")
+
+
 def test_msrvtt_errors_name_what_is_missing(msrvtt, tmp_path):
     with pytest.raises(ValueError, match="split='val'"):
         load_msrvtt(msrvtt, "val")

@@ -185,6 +185,24 @@ def test_resume_refuses_another_run(tmp_path):
                 output_dir=str(tmp_path), progress=False, resume="auto")
 
 
+def test_resume_refuses_other_run_info(tmp_path):
+    """What the run depends on beyond the config (batch size, weights, data) must match its checkpoint."""
+    data = [_pairs(2)] * 4
+    Trainer(_model(), data, TrainConfig(epochs=1, max_steps=1), output_dir=str(tmp_path), progress=False,
+            run_info={"batch_size": 2, "weights": "openai"}).fit()
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["run"] == {"batch_size": 2, "weights": "openai"}
+    with pytest.raises(ValueError, match=r"trained with batch_size=2; this run has batch_size=3, and a resumed run "
+                                         r"must continue the same one: resume with the run's own values"):
+        Trainer(_model(), data, TrainConfig(epochs=1), output_dir=str(tmp_path), progress=False, resume="auto",
+                run_info={"batch_size": 3, "weights": "openai"})
+    # Keys that only one side has are not compared (a checkpoint of an earlier release has none).
+    trainer = Trainer(_model(), data, TrainConfig(epochs=1), output_dir=str(tmp_path), progress=False,
+                      resume="auto", run_info={"batch_size": 2, "seed": 1})
+    assert trainer.step == 1
+    with pytest.raises(TypeError, match="run_info must be a mapping with str keys"):
+        Trainer(_model(), data, TrainConfig(epochs=1), progress=False, run_info=[("batch_size", 2)])
+
+
 def test_resume_auto_without_a_checkpoint_starts_a_fresh_log(tmp_path):
     """A run stopped before its first checkpoint left only log lines: its steps run again, logged once."""
     (tmp_path / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")

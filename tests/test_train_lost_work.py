@@ -114,6 +114,27 @@ def test_cli_ctrl_c_prints_how_to_resume(tiny_model_file, tmp_path, monkeypatch,
     assert [r["step"] for r in log] == [1, 2, 3, 4] and (out / "model.pt").exists()
 
 
+def test_cli_resume_with_another_batch_size_seed_or_data_is_refused(tiny_model_file, tmp_path, capsys):
+    """16 pairs in batches of 4 make as many steps as 8 in batches of 2: the step count alone hid the change."""
+    out = str(tmp_path / "run")
+    assert main(_train_argv(tiny_model_file, "--output", out, "--max-steps", "1")) == 0
+    capsys.readouterr()
+    resume = ["--output", out, "--resume", "auto"]
+    argv = _train_argv(tiny_model_file, *resume)
+    at = argv.index("--synthetic")
+    other = argv[:at] + ["--synthetic", "16", "--batch-size", "4"] + argv[at + 4:]
+    for changed, fragment in ((other, "--batch-size=2, data='--synthetic 8'; this run has --batch-size=4, "
+                                      "data='--synthetic 16', and a resumed run must continue the same one"),
+                              (argv + ["--seed", "7"], "--seed=0; this run has --seed=7")):
+        with pytest.raises(SystemExit) as exit_:
+            main(changed)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and fragment in err, err
+    assert main(argv) == 0  # the same settings resume
+    log = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+
+
 def _fail_at(monkeypatch, step, draw=True):
     """Make train step ``step`` raise, after drawing a random number as a forward with dropout would."""
     import tempme_fast.trainer as trainer_module

@@ -23,6 +23,7 @@ to ``video_root`` when given. Rows naming the same video share it.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -90,6 +91,14 @@ class RetrievalSplit:
         keep = dict(list(self.videos.items())[:max_videos])
         captions = [c for c in self.captions if c.video_id in keep]
         return RetrievalSplit(self.name, keep, captions, self.source, list(self.notes))
+
+    def content_digest(self) -> str:
+        """Which captions of which videos, in order, in a few words: ``"N captions of M videos, sha256 <16
+        hex digits>"`` over the video ids and every caption's id, video and text. The files' locations are
+        left out, so a moved dataset keeps its digest."""
+        data = json.dumps([list(self.videos), [[c.caption_id, c.video_id, c.text] for c in self.captions]])
+        digest = hashlib.sha256(data.encode("utf-8")).hexdigest()[:16]
+        return f"{len(self.captions)} captions of {len(self.videos)} videos, sha256 {digest}"
 
     def missing_videos(self) -> List[str]:
         """Ids of videos whose file does not exist."""
