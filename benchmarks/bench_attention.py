@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from tempme_fast import TempMeConfig, ops, token_schedule
+from tempme_fast.arguments import positive_float, positive_int
 from tempme_fast.loading import DTYPES
 from tempme_fast.ops import triton_attention
 from tempme_fast.schedule import LayerPlan
@@ -229,12 +230,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", nargs="+", choices=VIT_GEOMETRY, default=["ViT-B-16"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--batches", nargs="+", type=positive_int, default=[1, 16])
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["fp16", "bf16"])
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=None,
                         help="default: all that run here (triton needs CUDA or TRITON_INTERPRET=1)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--rep-ms", type=float, default=100)
+    parser.add_argument("--rep-ms", type=positive_float, default=100)
     parser.add_argument("--jsonl", default=None, help="append one JSON line per row to this file")
     parser.add_argument("--tag", default="", help="label stored in every JSON line (e.g. a suite stage)")
     parser.add_argument("--no-check", dest="check", action="store_false",

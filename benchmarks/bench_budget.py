@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 import torch
 
 from tempme_fast import TempMeConfig, apply_tempme
+from tempme_fast.arguments import positive_int
 from tempme_fast.bench import time_calls
 from tempme_fast.derive import costed
 from tempme_fast.geometry import ViTGeometry
@@ -35,10 +36,11 @@ def variants(model_name: str, frames: int, budgets):
     return [(name, config, costed(geometry, config)) for name, config in out]
 
 
-def run(args) -> dict:
+def run(args, plans=None) -> dict:
+    """``plans``: :func:`variants` of ``args`` when the caller has them."""
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    plans = plans or variants(args.model, args.frames, args.budgets)
     base = create_model(args.model, None)
-    plans = variants(args.model, args.frames, args.budgets)
     models = [apply_tempme(copy.deepcopy(base), config, backend="torch") for _, config, _ in plans]
     video = torch.randn(args.batch, args.frames, 3, *base.visual.image_size,
                         generator=torch.Generator().manual_seed(0))
@@ -90,15 +92,19 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-32-quickgelu")
-    parser.add_argument("--frames", type=int, default=12)
+    parser.add_argument("--frames", type=positive_int, default=12)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5])
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--batch", type=positive_int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=7)
+    parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--json", default=None, metavar="PATH")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
-    record = run(args)
+    try:  # a model, frame count or budget that has no schedule: one line, before a model is built
+        plans = variants(args.model, args.frames, args.budgets)
+    except ValueError as err:
+        parser.error(str(err))
+    record = run(args, plans)
     print(f"{record['model']}, {record['frames']} frames, batch {record['batch']}, {record['threads']} threads, "
           f"{record['rounds']} interleaved rounds, load average {record['load_average_before'][0]:.1f} before, "
           f"{record['load_average_after'][0]:.1f} after")

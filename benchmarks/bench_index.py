@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import environment, print_table, write_results
+from tempme_fast.arguments import non_negative_int, positive_float, positive_int
 from tempme_fast.index import IndexSpec, VectorSearch, brute_force, build_index, load_encoder
 from tempme_fast.index.build import IndexDataset, collate_items
 from tempme_fast.index.store import index_size_bytes
@@ -147,22 +148,22 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="ViT-B-32-quickgelu")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None)
-    p.add_argument("--videos", type=int, default=24)
-    p.add_argument("--seconds", type=float, default=12.0)
-    p.add_argument("--size", type=int, nargs=2, default=(320, 240), metavar=("W", "H"))
-    p.add_argument("--fps", type=float, default=25.0)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
+    p.add_argument("--videos", type=positive_int, default=24)
+    p.add_argument("--seconds", type=positive_float, default=12.0)
+    p.add_argument("--size", type=positive_int, nargs=2, default=(320, 240), metavar=("W", "H"))
+    p.add_argument("--fps", type=positive_float, default=25.0)
+    p.add_argument("--batch", type=positive_int, default=4)
+    p.add_argument("--workers", type=non_negative_int, nargs="+", default=[0, 2, 4])
     p.add_argument("--video-dir", default=os.path.join(tempfile.gettempdir(), "tempme-bench-videos"))
-    p.add_argument("--query-sizes", type=int, nargs="*", default=[10_000, 1_000_000])
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--queries", type=int, default=50)
-    p.add_argument("--nlist", type=int, default=None, help="IVF cells (default about 4 sqrt(N))")
-    p.add_argument("--nprobe", type=int, default=16)
-    p.add_argument("--ivf-train-per-list", type=int, default=40, help="IVF k-means training vectors per cell")
+    p.add_argument("--query-sizes", type=positive_int, nargs="*", default=[10_000, 1_000_000])
+    p.add_argument("--dim", type=positive_int, default=512)
+    p.add_argument("--queries", type=positive_int, default=50)
+    p.add_argument("--nlist", type=positive_int, default=None, help="IVF cells (default about 4 sqrt(N))")
+    p.add_argument("--nprobe", type=positive_int, default=16)
+    p.add_argument("--ivf-train-per-list", type=positive_int, default=40, help="IVF k-means training vectors per cell")
     p.add_argument("--variants", nargs="+", default=["exact-numpy", "exact-faiss", "ivf", "hnsw"],
                    choices=["exact-numpy", "exact-faiss", "ivf", "hnsw"])
-    p.add_argument("--hnsw-max", type=int, default=100_000, help="largest collection to build HNSW for")
+    p.add_argument("--hnsw-max", type=non_negative_int, default=100_000, help="largest collection to build HNSW for")
     p.add_argument("--skip-pipeline", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

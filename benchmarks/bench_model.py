@@ -31,15 +31,15 @@ import torch
 
 from tempme_fast import TempMeConfig, apply_tempme, encoder, remove_tempme
 from tempme_fast.bench import peak_memory_mb
-from tempme_fast.arguments import add_config_arguments, config_from_args
+from tempme_fast.arguments import add_config_arguments, positive_float, positive_int
 from tempme_fast.encoder import block_forward, class_block_forward, embed_frames
 from tempme_fast.flops import model_flops
 from tempme_fast.loading import DTYPES, create_model, default_dtype_name
 from tempme_fast.model import block_function, encoder_options, layer_steps
 from tempme_fast.ops import launch, triton_ops
 
-from .common import Compiled, RowLog, add_row_log_arguments, environment, failure, measure_ms, print_table, \
-    write_results
+from .common import Compiled, RowLog, add_row_log_arguments, environment, failure, measure_ms, parsed_config, \
+    print_table, write_results
 from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
 from .devicetime import device_columns, enqueue_ms, host_columns
 from .oracle import check_embedding, check_gradients, check_raised, parameter_grads
@@ -407,7 +407,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-B-16"],
                         help="open_clip model names or JSON model configs")
-    parser.add_argument("--batches", nargs="+", type=int, default=None, help="default: 1 16 (CUDA), 2 (CPU)")
+    parser.add_argument("--batches", nargs="+", type=positive_int, default=None, help="default: 1 16 (CUDA), 2 (CPU)")
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None, help="default: fp16 (CUDA), fp32 (CPU)")
     parser.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
@@ -417,13 +417,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="do not hold the Triton and graph-replayed embeddings (and the Triton gradients) to "
                              "the torch backend's (columns agrees, rel_err)")
-    parser.add_argument("--rep-ms", type=float, default=200)
+    parser.add_argument("--rep-ms", type=positive_float, default=200)
     parser.add_argument("--out", default=None,
                         help="folder for bench_model.json/.csv and bench_layers.json/.csv, written at the end")
     add_resume_argument(parser, "rows (and per-layer times)", "variant")
     add_row_log_arguments(parser)
-    add_config_arguments(parser)
+    add_config_arguments(parser, budget=False)  # (one schedule for every --models entry)
     args = parser.parse_args(argv)
+    config = parsed_config(parser, args)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     batches = args.batches or ([1, 16] if cuda else [2])
@@ -432,7 +433,7 @@ def main(argv=None) -> int:
     env = environment(device)
     try:
         rows, layer_rows = run(device, args.models, batches, dtypes, args.modes, args.variants, args.compile,
-                               args.rep_ms, config_from_args(args), RowLog(args.jsonl, "bench_model", env, args.tag),
+                               args.rep_ms, config, RowLog(args.jsonl, "bench_model", env, args.tag),
                                args.compile_backend, not args.no_layer_times, args.check, resume)
     except ContextLost as e:
         return stopped(e)

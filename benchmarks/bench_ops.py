@@ -59,6 +59,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from tempme_fast import ops
+from tempme_fast.arguments import non_negative_int, positive_float, positive_int
 from tempme_fast.loading import DTYPES
 from tempme_fast.ops import reference, triton_ops
 
@@ -514,14 +515,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-B-16"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 128])
+    parser.add_argument("--batches", nargs="+", type=positive_int, default=[1, 8, 32, 128])
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["fp16"])
     parser.add_argument("--impls", nargs="+", choices=("torch", "triton", "torch.compile"), default=None)
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--compile-at", default="ViT-B-16:32:fp16",
                         help="only time torch.compile at this model:batch:dtype ('' for everywhere)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
-    parser.add_argument("--rep-ms", type=float, default=100)
+    parser.add_argument("--rep-ms", type=positive_float, default=100)
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="do not hold each row's output against the float64 reference (columns agrees, "
                              "tol_ratio, near_ties, disagreement)")
@@ -529,7 +530,8 @@ def main(argv=None) -> int:
                         help="the merges' metrics: random (a B token gathers 3-6 sources at most), or the encoder's "
                              "own (random weights and frames, torch backend: up to 161 sources at ViT-B/16's last "
                              "join, 32 videos)")
-    parser.add_argument("--layers", nargs="+", type=int, default=None, help="only the merges of these layers")
+    parser.add_argument("--layers", nargs="+", type=non_negative_int, default=None,
+                        help="only the merges of these layers")
     parser.add_argument("--out", default=None, help="folder for bench_ops.json / .csv, written at the end")
     add_resume_argument(parser)
     parser.add_argument("--tiles", nargs="+", default=[], metavar="SPEC",

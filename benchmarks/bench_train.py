@@ -36,13 +36,13 @@ import torch
 
 from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
 from tempme_fast.bench import default_backends, peak_memory_mb, time_calls
-from tempme_fast.arguments import add_config_arguments, config_from_args
+from tempme_fast.arguments import add_config_arguments, config_from_args, non_negative_int, positive_int
 from tempme_fast.lora import add_lora, mark_trainable
 from tempme_fast.train import (PRECISIONS, VideoTextForward, _unwrapped, contrastive_loss, make_optimizer,
                                set_grad_checkpointing, train_step)
 
 from . import context
-from .common import Compiled, RowLog, add_row_log_arguments, environment, failure
+from .common import Compiled, RowLog, add_row_log_arguments, environment, failure, parsed_config
 from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
 from .oracle import check_gradients, check_raised, parameter_grads
 
@@ -233,17 +233,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-32-quickgelu",
                         help="open_clip model name or JSON model config (random weights)")
-    parser.add_argument("--batch", type=int, default=2, help="videos (and captions) per step")
-    parser.add_argument("--context-length", type=int, default=32, help="caption tokens (zero-padded to 77)")
+    parser.add_argument("--batch", type=positive_int, default=2, help="videos (and captions) per step")
+    parser.add_argument("--context-length", type=positive_int, default=32, help="caption tokens (zero-padded to 77)")
     parser.add_argument("--modes", nargs="+", choices=("lora", "full"), default=["lora", "full"])
     parser.add_argument("--backends", nargs="+", choices=("torch", "triton"), default=None,
                         help="TempMe backends (default: torch, plus triton on CUDA)")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast precision")
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--warmup", type=non_negative_int, default=1)
     parser.add_argument("--compile", default=None, metavar="BACKEND",
                         help="also time every variant with both towers compiled by this torch.compile backend "
                              "(rows <variant>+compile; the warm-up compiles)")
@@ -255,6 +255,7 @@ def main(argv=None) -> int:
     add_row_log_arguments(parser)
     add_config_arguments(parser)
     args = parser.parse_args(argv)
+    parsed_config(parser, args)  # refused in one line here, before any model is built
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -43,6 +43,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from tempme_fast import TempMeConfig, token_schedule
+from tempme_fast.arguments import positive_int
 from tempme_fast.loading import DTYPES
 # Recording and compiling launches (re-exported: benchmarks.warm and the tests use them from here).
 from tempme_fast.ops.recording import KERNELS, Launch, Recorder, compile_launch, variant_key  # noqa: F401
@@ -731,7 +732,7 @@ def report(models, batches, dtypes, archs=ARCHS, out=sys.stdout, kernels=("merge
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.codegen", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(GEOMETRY), choices=list(GEOMETRY))
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--batches", nargs="+", type=positive_int, default=[1, 32])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--archs", nargs="+", type=int, default=list(ARCHS), choices=list(ARCHS))
     parser.add_argument("--kernels", nargs="+", default=["merge", "attention", "norm", "mlp"],

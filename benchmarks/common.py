@@ -16,7 +16,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from tempme_fast import TempMeConfig, token_schedule
+from tempme_fast.arguments import config_from_args
 from tempme_fast.bench import cpu_name
+from tempme_fast.errors import ConfigError
+from tempme_fast.loading import resolve_model
 
 from .rowlog import RowLog, add_row_log_arguments, read_records, read_rows  # noqa: F401 (the benchmarks' one import)
 
@@ -46,6 +49,17 @@ class MergeShape:
     @property
     def label(self) -> str:
         return f"{self.model} B{self.batch} L{self.layer} {self.stage}"
+
+
+def parsed_config(parser, args) -> TempMeConfig:
+    """The schedule the options of ``add_config_arguments`` give, or the parser's one-line error (exit 2);
+    ``args.model``, where the command has one, is checked too."""
+    try:
+        if getattr(args, "model", None) is not None:
+            resolve_model(args.model)
+        return config_from_args(args)
+    except ConfigError as err:
+        parser.error(str(err))
 
 
 def merge_shapes(model: str, batch: int, config: TempMeConfig = TempMeConfig()) -> List[MergeShape]:

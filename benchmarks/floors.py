@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from tempme_fast import ops
+from tempme_fast.arguments import positive_float, positive_int
 from tempme_fast.loading import DTYPES
 
 from .bench_ops import op_bytes
@@ -175,10 +176,10 @@ def add_norm_table(model: str, batch: int, dtype: str, bandwidth: float) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-16")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=positive_int, default=32)
     parser.add_argument("--dtype", choices=DTYPES, default="fp16")
-    parser.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s (H100 copy: about 3.0e12)")
-    parser.add_argument("--flops", type=float, default=7.9e14, help="FLOP/s of 16-bit matrix products")
+    parser.add_argument("--bandwidth", type=positive_float, default=3.0e12, help="bytes/s (H100 copy: about 3.0e12)")
+    parser.add_argument("--flops", type=positive_float, default=7.9e14, help="FLOP/s of 16-bit matrix products")
     parser.add_argument("--attention", action="store_true", help="also the attention layers' table")
     parser.add_argument("--norm", action="store_true",
                         help="also every post-attention merge with the residual add and ln_2 around it, unfused and "

@@ -25,11 +25,11 @@ from typing import Dict, List
 import torch
 
 from tempme_fast import apply_tempme
-from tempme_fast.arguments import add_config_arguments, config_from_args
+from tempme_fast.arguments import add_config_arguments, non_negative_float, positive_float, positive_int
 from tempme_fast.loading import create_model
 from tempme_fast.ops import reference
 
-from .common import recorded_matches
+from .common import parsed_config, recorded_matches
 
 
 def copies(p: Dict[str, object]) -> int:
@@ -92,24 +92,22 @@ def table(plans: List[Dict[str, object]], args, width: int) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-16")
-    parser.add_argument("--videos", type=int, default=16)
+    parser.add_argument("--videos", type=positive_int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--slots", type=int, default=660, help="programs resident at once (132 SMs x 5)")
-    parser.add_argument("--latency-us", type=float, default=0.25, help="one load latency waited in turn")
-    parser.add_argument("--waits", type=float, default=1.0, help="latencies a step of 4 sources")
-    parser.add_argument("--fixed-us", type=float, default=0.15, help="a program's cost besides its loads")
-    parser.add_argument("--bandwidth", type=float, default=4.2e6, help="bytes a microsecond (H200 copy)")
-    parser.add_argument("--itemsize", type=int, default=2, help="bytes a feature (fp16)")
+    parser.add_argument("--slots", type=positive_int, default=660, help="programs resident at once (132 SMs x 5)")
+    parser.add_argument("--latency-us", type=non_negative_float, default=0.25, help="one load latency waited in turn")
+    parser.add_argument("--waits", type=non_negative_float, default=1.0, help="latencies a step of 4 sources")
+    parser.add_argument("--fixed-us", type=non_negative_float, default=0.15, help="a program's cost besides its loads")
+    parser.add_argument("--bandwidth", type=positive_float, default=4.2e6, help="bytes a microsecond (H200 copy)")
+    parser.add_argument("--itemsize", type=positive_int, default=2, help="bytes a feature (fp16)")
     parser.add_argument("--all", action="store_true", help="every merge, not only those whose B tokens gather "
                         "at least 4 sources somewhere")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
-    for name, value in (("--videos", args.videos), ("--slots", args.slots)):
-        if value < 1:
-            parser.error(f"{name} must be at least 1, got {value}")
     torch.manual_seed(args.seed)
+    config = parsed_config(parser, args)
     model = create_model(args.model).eval()
-    apply_tempme(model, config_from_args(args), backend="torch")
+    apply_tempme(model, config, backend="torch")
     video = torch.randn(args.videos, args.frames, 3, *model.visual.image_size)
     with torch.no_grad(), recorded_matches() as plans:
         model.encode_video(video)

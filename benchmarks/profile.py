@@ -30,11 +30,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
-from tempme_fast.arguments import add_config_arguments, config_from_args
+from tempme_fast.arguments import add_config_arguments, positive_int
 from tempme_fast.loading import DTYPES, create_model, default_dtype_name
 
 from .bench_model import _setting, train_once, variant_switches
-from .common import RowLog, add_row_log_arguments, environment, failure, print_table
+from .common import RowLog, add_row_log_arguments, environment, failure, parsed_config, print_table
 from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
 from .devicetime import kernel_us
 from .report import profile_columns, profile_table
@@ -205,14 +205,13 @@ def main(argv=None) -> int:
                              "one source a step (bench_model's variants)")
     parser.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer"],
                         help="inference forwards, or training calls (forward and backward); default infer")
-    parser.add_argument("--forwards", type=int, default=3, help="forwards under the profiler (default 3)")
-    parser.add_argument("--repeats", type=int, default=10, help="synchronised forwards for the wall time")
+    parser.add_argument("--forwards", type=positive_int, default=3, help="forwards under the profiler (default 3)")
+    parser.add_argument("--repeats", type=positive_int, default=10, help="synchronised forwards for the wall time")
     add_resume_argument(parser, "cases", "variant")
     add_row_log_arguments(parser)
-    add_config_arguments(parser)
+    add_config_arguments(parser, budget=False)  # (one schedule for every --cases entry)
     args = parser.parse_args(argv)
-    if args.forwards < 1 or args.repeats < 1:
-        parser.error(f"--forwards {args.forwards} and --repeats {args.repeats} must be >= 1")
+    config = parsed_config(parser, args)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     variants = args.variants or ["open_clip", "tempme-triton" if cuda else "tempme-torch"]
@@ -225,7 +224,7 @@ def main(argv=None) -> int:
     try:
         rows = run(device, args.cases or [("ViT-B-16", 16), ("ViT-B-32", 1)],
                    args.dtypes or [default_dtype_name(device)], variants, args.forwards, args.repeats,
-                   config_from_args(args), RowLog(args.jsonl, "profile", env, args.tag), args.modes, resume)
+                   config, RowLog(args.jsonl, "profile", env, args.tag), args.modes, resume)
     except ContextLost as e:
         return stopped(e)
     print(f"# where the forward's time goes on {env['device']}, torch {env['torch']}, triton {env['triton']}, "

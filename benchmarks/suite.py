@@ -542,8 +542,9 @@ def main(argv=None) -> int:
                         help="leave these stages out (e.g. those a first call finished)")
     parser.add_argument("--list", action="store_true", help="print the stages and exit")
     args = parser.parse_args(argv)
-    if args.budget <= 0:
-        parser.error(f"--budget {args.budget} must be > 0 seconds")
+    for option, seconds in (("--budget", args.budget), ("--every", args.every)):
+        if not 0 < seconds < float("inf"):  # (argparse types of tempme_fast would import torch here)
+            parser.error(f"{option} {seconds} must be > 0 seconds")
     out = os.path.abspath(args.out)
     if args.archive and os.path.abspath(args.archive).startswith(out + os.sep):
         parser.error(f"--archive {args.archive} must be outside the output folder {args.out}")

@@ -240,6 +240,8 @@ def main(argv=None) -> int:
         parser.error(f"--batches {args.batches}: every batch must be >= 1")
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs {args.jobs} must be >= 1")
+    if min(args.batches) < 1:
+        parser.error(f"--batches {min(args.batches)}: a batch is at least 1 video")
     if args.arch is not None and args.arch < 70:
         parser.error(f"--arch {args.arch}: give a compute capability of 70 or more as an int (90 for sm_90)")
     try:

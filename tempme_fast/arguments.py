@@ -131,9 +131,10 @@ def add_merge_argument(group, baseline: str = "per-frame CLIP, the baseline") ->
                        help=f"TempMe's released merge schedule (--no-merge: {baseline})")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, frames: bool = True) -> None:
-    """The schedule's knobs (``--imgme-r``, ``--clip-layers``, ...), and ``--frames`` unless the data
-    options already define it."""
+def add_config_arguments(parser: argparse.ArgumentParser, frames: bool = True, budget: bool = True) -> None:
+    """The schedule's knobs (``--imgme-r``, ``--clip-layers``, ...), ``--frames`` unless the data
+    options already define it, and ``--budget`` unless the command has no single ``--model`` to derive
+    the schedule for."""
     d = TempMeConfig()
     group = parser.add_argument_group("TempMe schedule (defaults: the released ViT-B/32 schedule)")
     if frames:
@@ -148,7 +149,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, frames: bool = True) -
                        help=f"share of tokens removed when clips join (default {d.cross_ratio})")
     group.add_argument("--intra-ratio", type=finite_float, default=None,
                        help=f"share of tokens removed inside a clip (default {d.intra_ratio})")
-    add_budget_argument(group)
+    if budget:
+        add_budget_argument(group)
 
 
 def config_from_args(args: argparse.Namespace) -> TempMeConfig:

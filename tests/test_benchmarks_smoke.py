@@ -369,3 +369,40 @@ def test_the_recorded_metrics_give_the_plans_the_encoder_made():
     for p in plans:
         plan = reference.match(p["metric"], p["r"], p["protected"], p["heads"])
         assert torch.equal(source_counts(plan.dst, p["counts"].shape[1]), p["counts"])
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("bench_ops", ["--batches", "0"], "argument --batches: 0 is not a positive integer"),
+    ("bench_ops", ["--rep-ms", "nan"], "argument --rep-ms: nan is not a positive finite number"),
+    ("bench_model", ["--budget", "0.5"], "unrecognized arguments: --budget 0.5"),  # one schedule, several models
+    ("bench_model", ["--frames", "7"], "frames=7 is not divisible by the clip groups (2, 2, 3)"),
+    ("bench_train", ["--model", "nope"], "--model 'nope' is not an open_clip model name"),
+    ("bench_train", ["--batch", "0"], "argument --batch: 0 is not a positive integer"),
+    ("bench_train", ["--budget", "0.1"], "--budget 0.1: flops_ratio=0.1 cannot be met at 12 frames"),
+    ("bench_budget", ["--budgets", "2"], "flops_ratio=2.0 must be in (0, 1]"),
+    ("bench_budget", ["--frames", "7"], "flops_ratio=0.5 cannot be met at 7 frames"),
+    ("bench_index", ["--workers", "-1"], "argument --workers: -1 is not an integer >= 0"),
+    ("floors", ["--bandwidth", "-1"], "argument --bandwidth: -1.0 is not a positive finite number"),
+    ("merge_order", ["--videos", "0"], "argument --videos: 0 is not a positive integer"),
+    ("merge_order", ["--frames", "7"], "frames=7 is not divisible by the clip groups (2, 2, 3)"),
+    ("profile", ["--forwards", "0"], "argument --forwards: 0 is not a positive integer"),
+    ("suite", ["out", "--every", "0"], "--every 0.0 must be > 0 seconds"),
+], ids=lambda v: v if isinstance(v, str) and " " not in v else None)
+def test_benchmark_options_are_refused_in_one_line_before_any_work(module, argv, message, capsys, monkeypatch,
+                                                                   tmp_path):
+    """A count or a schedule that cannot be used ends in the parser's one line (exit 2): before, a zero batch or
+    a budget out of reach was a traceback, some only after a model was built or other rows had run."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)  # (the suite's output folder)
+
+    def built(*args, **kwargs):
+        raise AssertionError("a model was built before the options were checked")
+
+    script = importlib.import_module(f"benchmarks.{module}")
+    monkeypatch.setattr("tempme_fast.loading.create_model", built)
+    monkeypatch.setattr(script, "create_model", built, raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        script.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err.splitlines()[-1], err
