@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import environment, print_table, write_results
+from benchmarks.common import check_models, environment, parsed_device, print_table, write_results
 from tempme_fast.arguments import non_negative_int, positive_float, positive_int
 from tempme_fast.index import IndexSpec, VectorSearch, brute_force, build_index, load_encoder
 from tempme_fast.index.build import IndexDataset, collate_items
@@ -147,7 +147,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="ViT-B-32-quickgelu")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="default: fp16 on CUDA, fp32 on a CPU")
     p.add_argument("--videos", type=positive_int, default=24)
     p.add_argument("--seconds", type=positive_float, default=12.0)
     p.add_argument("--size", type=positive_int, nargs=2, default=(320, 240), metavar=("W", "H"))
@@ -167,8 +168,8 @@ def main(argv=None) -> None:
     p.add_argument("--skip-pipeline", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = parsed_device(p, args.device)
+    check_models(p, [args.model], "--model")
     env = environment(device)
     env["load_average"] = os.getloadavg()
     print(env, flush=True)

@@ -63,9 +63,9 @@ from tempme_fast.arguments import non_negative_int, positive_float, positive_int
 from tempme_fast.loading import DTYPES
 from tempme_fast.ops import reference, triton_ops
 
-from .common import Compiled, MergeShape, RowLog, add_row_log_arguments, copy_bandwidth_gbs, encoder_metrics, \
-    environment, failure, measure_ms, merge_shapes, metric_tensor, print_table, shifted_metric, source_counts, \
-    write_results
+from .common import VIT_GEOMETRY, Compiled, MergeShape, RowLog, add_row_log_arguments, copy_bandwidth_gbs, \
+    encoder_metrics, environment, failure, measure_ms, merge_shapes, metric_tensor, parsed_device, print_table, \
+    shifted_metric, source_counts, write_results
 from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
 from .devicetime import basis_ms, device_columns, host_columns, speedups
 from .oracle import NORM_EPS, check_op, check_raised, join_grads, join_inputs, norm_inputs, upstream_grad
@@ -87,6 +87,8 @@ TILE_OPS = {"merge": ("merge_fwd", "step_fwd", "step_fwdbwd"),
 # Where a merge's metric comes from: random (``make_inputs``: a B token gathers 3-6 sources at most) or the
 # encoder's own (``common.encoder_metrics``: random weights, the plans' skew as the model's merges meet it).
 PLANS = ("random", "encoder")
+# Where torch.compile rows are timed unless --compile-at says otherwise (compiling every case takes minutes).
+COMPILE_AT = "ViT-B-16:32:fp16"
 
 
 # The fields that name a row (a resumed stage skips the rows logged under them) and a candidate (a resumed stage
@@ -511,16 +513,32 @@ def run(device: torch.device, models, batches, dtypes, impls, op_names, compile_
     return log.rows[start:]
 
 
+def check_compile_at(parser, args, impls: Sequence[str]) -> Optional[str]:
+    """The one case of the sweep where torch.compile rows are timed (None: every case). A ``--compile-at``
+    that names no case of the sweep, or that is given without torch.compile rows, is refused: it would
+    leave the compiled rows out without a word."""
+    if args.compile_at is None:
+        return COMPILE_AT
+    if "torch.compile" not in impls:
+        parser.error(f"--compile-at {args.compile_at!r} places the torch.compile rows: add torch.compile to --impls")
+    swept = [f"{m}:{b}:{d}" for m in args.models for b in args.batches for d in args.dtypes]
+    if args.compile_at and args.compile_at not in swept:
+        parser.error(f"--compile-at {args.compile_at!r} is not a case of this sweep: give MODEL:BATCH:DTYPE of "
+                     f"--models, --batches and --dtypes ({', '.join(swept[:4])}{', ...' if len(swept) > 4 else ''}), "
+                     f"or '' for every case")
+    return args.compile_at or None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-B-16"])
+    parser.add_argument("--models", nargs="+", choices=VIT_GEOMETRY, default=["ViT-B-32", "ViT-B-16"])
     parser.add_argument("--batches", nargs="+", type=positive_int, default=[1, 8, 32, 128])
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["fp16"])
     parser.add_argument("--impls", nargs="+", choices=("torch", "triton", "torch.compile"), default=None)
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
-    parser.add_argument("--compile-at", default="ViT-B-16:32:fp16",
-                        help="only time torch.compile at this model:batch:dtype ('' for everywhere)")
+    parser.add_argument("--compile-at", default=None, metavar="MODEL:BATCH:DTYPE",
+                        help=f"only time torch.compile at this case (default {COMPILE_AT}; '' for everywhere)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
     parser.add_argument("--rep-ms", type=positive_float, default=100)
     parser.add_argument("--no-check", dest="check", action="store_false",
@@ -543,7 +561,7 @@ def main(argv=None) -> int:
                              "one path: plan:" + " or plan:".join(PLAN_PATHS))
     add_row_log_arguments(parser)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = parsed_device(parser, args.device)
     try:
         for spec in args.tiles:
             parse_tiles(spec)
@@ -555,10 +573,11 @@ def main(argv=None) -> int:
                      f"{', '.join(map(str, merging))}")
     impls = args.impls or (["torch", "triton", "torch.compile"] if device.type == "cuda" else ["torch"])
     impls = [*impls, *(f"triton:{spec}" for spec in args.tiles)]
+    compile_at = check_compile_at(parser, args, impls)
     resume = resume_from(parser, args, "bench_ops", ROW_KEYS, CANDIDATE_KEYS)
     env = environment(device)
     try:
-        rows = run(device, args.models, args.batches, args.dtypes, impls, args.ops, args.compile_at or None,
+        rows = run(device, args.models, args.batches, args.dtypes, impls, args.ops, compile_at,
                    args.rep_ms, RowLog(args.jsonl, "bench_ops", env, args.tag), args.compile_backend, args.check,
                    args.plans, args.layers, resume)
     except ContextLost as e:

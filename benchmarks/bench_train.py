@@ -42,7 +42,7 @@ from tempme_fast.train import (PRECISIONS, VideoTextForward, _unwrapped, contras
                                set_grad_checkpointing, train_step)
 
 from . import context
-from .common import Compiled, RowLog, add_row_log_arguments, environment, failure, parsed_config
+from .common import Compiled, RowLog, add_row_log_arguments, environment, failure, parsed_config, parsed_device
 from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
 from .oracle import check_gradients, check_raised, parameter_grads
 
@@ -256,6 +256,7 @@ def main(argv=None) -> int:
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     parsed_config(parser, args)  # refused in one line here, before any model is built
+    parsed_device(parser, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -19,7 +19,7 @@ from tempme_fast import TempMeConfig, token_schedule
 from tempme_fast.arguments import config_from_args
 from tempme_fast.bench import cpu_name
 from tempme_fast.errors import ConfigError
-from tempme_fast.loading import resolve_model
+from tempme_fast.loading import resolve_device, resolve_model
 
 from .rowlog import RowLog, add_row_log_arguments, read_records, read_rows  # noqa: F401 (the benchmarks' one import)
 
@@ -60,6 +60,24 @@ def parsed_config(parser, args) -> TempMeConfig:
         return config_from_args(args)
     except ConfigError as err:
         parser.error(str(err))
+
+
+def parsed_device(parser, name: str) -> torch.device:
+    """``--device`` (auto, cpu, cuda, cuda:N; a GPU that this machine has), or the parser's one-line error."""
+    try:
+        return resolve_device(name)
+    except ConfigError as err:
+        parser.error(str(err))
+
+
+def check_models(parser, names: Sequence[str], option: str) -> None:
+    """Each of ``names`` an open_clip model or JSON model config that TempMe patches, or the parser's
+    one-line error naming ``option``, before any model is built."""
+    for name in names:
+        try:
+            resolve_model(name)
+        except ConfigError as err:
+            parser.error(str(err).replace("--model", option, 1))  # (its message names --model)
 
 
 def merge_shapes(model: str, batch: int, config: TempMeConfig = TempMeConfig()) -> List[MergeShape]:

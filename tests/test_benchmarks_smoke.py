@@ -387,6 +387,16 @@ def test_the_recorded_metrics_give_the_plans_the_encoder_made():
     ("merge_order", ["--frames", "7"], "frames=7 is not divisible by the clip groups (2, 2, 3)"),
     ("profile", ["--forwards", "0"], "argument --forwards: 0 is not a positive integer"),
     ("suite", ["out", "--every", "0"], "--every 0.0 must be > 0 seconds"),
+    ("bench_ops", ["--device", "cpu", "--impls", "torch", "torch.compile", "--compile-at", "ViT-B-16:3:fp16"],
+     "--compile-at 'ViT-B-16:3:fp16' is not a case of this sweep"),
+    ("bench_ops", ["--device", "cpu", "--compile-at", "ViT-B-16:32:fp16"], "add torch.compile to --impls"),
+    ("bench_ops", ["--models", "ViT-X"], "argument --models: invalid choice: 'ViT-X'"),
+    ("bench_model", ["--models", "ViT-X"], "--models 'ViT-X' is not an open_clip model name"),
+    ("profile", ["--cases", "ViT-X:1"], "--cases 'ViT-X' is not an open_clip model name"),
+    ("bench_index", ["--model", "ViT-X"], "--model 'ViT-X' is not an open_clip model name"),
+    ("bench_index", ["--device", "tpu"], "--device 'tpu' is not a device; valid: auto, cpu, cuda, cuda:N"),
+    ("bench_attention", ["--device", "cuda:99"], "--device cuda:99: "),
+    ("bench_train", ["--device", "tpu"], "--device 'tpu' is not a device"),
 ], ids=lambda v: v if isinstance(v, str) and " " not in v else None)
 def test_benchmark_options_are_refused_in_one_line_before_any_work(module, argv, message, capsys, monkeypatch,
                                                                    tmp_path):
