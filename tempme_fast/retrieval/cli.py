@@ -89,6 +89,7 @@ def run_eval(args) -> int:
     """Run ``tempme eval`` with parsed ``args``; prints the table, writes ``--json``; returns the exit status."""
     from ..outputs import prepare_output_file
     from .evaluate import NoReadableVideos, evaluate_retrieval, format_results
+    from .metrics import DSL_TEMPERATURE
 
     if args.dsl_temperature is not None and not args.dsl:
         raise ConfigError("--dsl-temperature sets the dual-softmax re-ranking's temperature: add --dsl")
@@ -104,8 +105,9 @@ def run_eval(args) -> int:
         tokenizer = _tokenizer(Path(args.model).stem if args.model.endswith(".json") else args.model)
         result = evaluate_retrieval(model, split, processor, tokenizer, context_length=args.context_length,
                                     batch_size=args.batch_size, text_batch_size=args.text_batch_size,
-                                    workers=args.workers, dsl=args.dsl, dsl_temperature=args.dsl_temperature or 100.0,
-                                    ties=args.ties, progress=not args.no_progress)
+                                    workers=args.workers, dsl=args.dsl,
+                                    dsl_temperature=args.dsl_temperature or DSL_TEMPERATURE, ties=args.ties,
+                                    progress=not args.no_progress)
     except NoReadableVideos as err:
         print(f"tempme eval: error: {err}", file=sys.stderr)
         return 1

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, check_int
 from .data import RetrievalSplit, VideoDataset, make_loader, pad_tokens, report_skipped, tokenize
-from .metrics import TIES, retrieval_metrics
+from .metrics import DSL_TEMPERATURE, TIES, retrieval_metrics
 from .video import VideoProcessor
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def video_gflops(model: torch.nn.Module) -> Tuple[Optional[float], str]:
 def evaluate_retrieval(model: torch.nn.Module, split: RetrievalSplit, processor: VideoProcessor,
                        tokenizer: Callable, *, context_length: int = 32, batch_size: int = 16,
                        text_batch_size: int = 256, workers: int = 0, dsl: bool = False,
-                       dsl_temperature: float = 100.0, ties: str = "pessimistic",
+                       dsl_temperature: float = DSL_TEMPERATURE, ties: str = "pessimistic",
                        progress: bool = True) -> dict:
     """Encode ``split``, compute the similarity matrix, the metrics and the cost. JSON-ready dict.
 

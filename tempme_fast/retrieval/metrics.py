@@ -36,6 +36,8 @@ import numpy as np
 
 RECALL_KS = (1, 5, 10)
 TIES = ("pessimistic", "optimistic")
+# The dual softmax's temperature: CLIP's logit scale, as the re-ranking is usually run.
+DSL_TEMPERATURE = 100.0
 
 
 def _as_matrix(sim) -> np.ndarray:
@@ -137,7 +139,7 @@ def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def dual_softmax(sim, temperature: float = 100.0) -> Dict[str, np.ndarray]:
+def dual_softmax(sim, temperature: float = DSL_TEMPERATURE) -> Dict[str, np.ndarray]:
     """Dual-softmax re-ranked matrices, one per direction, both ``[queries, candidates]``.
 
     For text-to-video, ``sim[t, v] * softmax_t(temperature * sim[:, v])``: each video's scores are
@@ -157,7 +159,7 @@ def dual_softmax(sim, temperature: float = 100.0) -> Dict[str, np.ndarray]:
 
 
 def retrieval_metrics(sim, text_to_video: Optional[Sequence[int]] = None, ties: str = "pessimistic",
-                      dsl: bool = False, dsl_temperature: float = 100.0) -> Dict[str, Dict[str, float]]:
+                      dsl: bool = False, dsl_temperature: float = DSL_TEMPERATURE) -> Dict[str, Dict[str, float]]:
     """All metrics of a text-video similarity matrix.
 
     Args:
