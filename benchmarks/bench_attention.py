@@ -35,6 +35,7 @@ from .common import VIT_GEOMETRY, environment, failure, measure_ms, parsed_devic
 from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
 from .devicetime import device_columns, host_columns, speedups
 from .oracle import check_attention, check_raised
+from .rowlog import open_for_append
 
 IMPLS = ("sdpa", "fold", "triton", "sdpa-nobias", "eager")
 MODES = ("fwd", "fwdbwd")
@@ -258,7 +259,7 @@ def main(argv=None) -> int:
         impls, modes = ["sdpa", "sdpa-nobias", "triton", *(f"triton:{spec}" for spec in args.fwd_tiles)], ["fwd"]
     device = parsed_device(parser, args.device)
     env = environment(device)
-    out = open(args.jsonl, "a") if args.jsonl else None
+    out = open_for_append(args.jsonl) if args.jsonl else None
 
     def sink(row):  # every row on disk before the next is measured: a run cut short keeps it
         out.write(json.dumps({"bench": "attention", **env, **({"tag": args.tag} if args.tag else {}), **row}) + "\n")

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Dict, List, Optional
 
 
@@ -24,7 +25,7 @@ class RowLog:
         self._file = None
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self._file = open(path, "a")
+            self._file = open_for_append(path)
             self._append({"bench": bench, "tag": tag, "environment": env, "argv": sys.argv})
 
     def _append(self, record: Dict[str, object]) -> None:
@@ -40,6 +41,21 @@ class RowLog:
         return row
 
 
+def open_for_append(path: str):
+    """``open(path, "a")``, after ending a last line that a killed writer left without its line end: the
+    next line then starts a line of its own, instead of joining the broken one."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            broken = f.read(1) != b"\n"
+    except OSError:  # no such file, or an empty one
+        broken = False
+    f = open(path, "a")
+    if broken:
+        f.write("\n")
+    return f
+
+
 def add_row_log_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jsonl", default=None, metavar="PATH",
                         help="append every row to this JSON-lines file as soon as it is measured")
@@ -47,14 +63,19 @@ def add_row_log_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_records(path: str) -> List[Dict[str, object]]:
-    """Every line of a JSON-lines file written by ``RowLog``; a last line cut off by a killed process is skipped."""
+    """Every line of a JSON-lines file written by ``RowLog``. A last line cut off by a killed process (no line
+    end) is skipped quietly; any other line that is not JSON is skipped with a warning naming it."""
     records = []
     with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+        lines = f.readlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if line.endswith("\n") or number < len(lines):
+                warnings.warn(f"{path}:{number}: not a JSON line, skipped: {line.strip()[:80]!r}", stacklevel=2)
     return records
 
 

@@ -614,3 +614,18 @@ def test_report_reads_each_shape_across_batches_as_a_fixed_cost_and_a_rate_per_b
     assert got["device_us"] == pytest.approx(line(32) * 1e3)
     assert report.main([str(tmp_path / "s"), "--markdown"]) == 0
     assert "### Merge ops across batch sizes: a fixed cost and a rate per byte" in capsys.readouterr().out
+
+
+def test_rows_after_a_cut_off_line_start_a_line_of_their_own(tmp_path):
+    """A writer killed mid-line leaves a last line without its end: the next RowLog's lines are kept whole,
+    and a broken line anywhere but at the end is reported, not dropped without a word."""
+    from benchmarks.rowlog import RowLog, read_records
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"bench": "x", "row": 1}\n{"bench": "x", "ro')
+    assert read_records(str(path)) == [{"bench": "x", "row": 1}]  # a cut-off last line: skipped quietly
+    log = RowLog(str(path), "y", {"device": "cpu"})
+    log({"row": 2})
+    with pytest.warns(UserWarning, match=r"rows.jsonl:2: not a JSON line, skipped"):
+        records = read_records(str(path))
+    assert [r.get("row") for r in records] == [1, None, 2] and records[1]["environment"] == {"device": "cpu"}
