@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tarfile
 import tempfile
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -484,6 +486,20 @@ def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequen
     return "\n".join(out).lstrip("\n") + "\n"
 
 
+def extract(archive: str, target: str) -> None:
+    """Unpack ``archive`` into ``target``. One cut off (a copy that stopped early) gives the files before the
+    cut, the last of them maybe short, and a note on stderr: a row log's cut-off last line is skipped."""
+    extracted = 0
+    with tarfile.open(archive) as tar:
+        try:
+            for member in tar:
+                tar.extract(member, target, filter="data")
+                extracted += 1
+        except (EOFError, tarfile.ReadError, zlib.error) as err:
+            print(f"report: {archive} is cut off after {extracted} entries ({err}); the tables show what it holds",
+                  file=sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sources", nargs="+", help="suite output folders or their .tar.gz archives (one per call)")
@@ -499,9 +515,8 @@ def main(argv=None) -> int:
                 if not os.path.exists(source) or not tarfile.is_tarfile(source):
                     parser.error(f"source {source}: neither a folder nor a .tar.gz archive")
                 target = os.path.join(tmp, str(i))
-                with tarfile.open(source) as tar:
-                    tar.extractall(target, filter="data")
-                entries = os.listdir(target)
+                extract(source, target)
+                entries = os.listdir(target) if os.path.isdir(target) else []
                 if len(entries) != 1:
                     parser.error(f"source {source}: expected one folder in the archive, found {entries}")
                 folder = os.path.join(target, entries[0])

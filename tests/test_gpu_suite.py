@@ -345,6 +345,27 @@ def test_report_tables_come_from_the_archive(tmp_path, capsys):
     assert "| tests/a.py | 1 | 1 |" in text and "- tests/a.py::t2: failed" in text
 
 
+def test_report_reads_what_a_cut_off_archive_holds(tmp_path, capsys):
+    """A copy of an archive that stopped early gives the tables of the files before the cut, and a note."""
+    from benchmarks import report
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "environment.txt").write_text("gpu 0: NVIDIA H200, sm_90\n")
+    ops = RowLog(str(out / "rows.jsonl"), "bench_ops", {"device": "H200"}, "headline")
+    ops({"op": "copy", "impl": "torch", "copy_gbs": 4100.0})
+    (out / "zz_padding.bin").write_bytes(os.urandom(200_000))  # incompressible, archived last
+    archive = tmp_path / "run.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in ("environment.txt", "rows.jsonl", "zz_padding.bin"):
+            tar.add(out / name, arcname=f"run/{name}")
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(archive.read_bytes()[:100_000])
+    assert report.main([str(cut)]) == 0
+    captured = capsys.readouterr()
+    assert "cut.tar.gz is cut off after 2 entries" in captured.err and "4100 GB/s (run, headline)" in captured.out
+
+
 def test_a_suite_stopped_from_outside_stops_its_stage_and_archives_a_last_time(tmp_path):
     out, archive = tmp_path / "out", tmp_path / "a.tar.gz"
     driver = (
