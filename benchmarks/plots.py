@@ -121,6 +121,8 @@ def main(argv=None) -> int:
     parser.add_argument("folder")
     parser.add_argument("--to", default=None, help="folder for the PNGs (default: the input folder)")
     args = parser.parse_args(argv)
+    if not os.path.isdir(args.folder):
+        parser.error(f"folder {args.folder}: no such folder (a benchmark output folder with rows.jsonl)")
     try:
         import matplotlib  # noqa: F401
     except ImportError:

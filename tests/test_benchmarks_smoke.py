@@ -397,6 +397,7 @@ def test_the_recorded_metrics_give_the_plans_the_encoder_made():
     ("bench_index", ["--device", "tpu"], "--device 'tpu' is not a device; valid: auto, cpu, cuda, cuda:N"),
     ("bench_attention", ["--device", "cuda:99"], "--device cuda:99: "),
     ("bench_train", ["--device", "tpu"], "--device 'tpu' is not a device"),
+    ("plots", ["nope"], "folder nope: no such folder"),
 ], ids=lambda v: v if isinstance(v, str) and " " not in v else None)
 def test_benchmark_options_are_refused_in_one_line_before_any_work(module, argv, message, capsys, monkeypatch,
                                                                    tmp_path):
