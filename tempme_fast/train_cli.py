@@ -227,8 +227,8 @@ def _run_info(args, split) -> dict:
     data = f"--synthetic {args.synthetic}" if split is None else split.content_digest()
     return {"--model": resolve_model(args.model)[0], "--pretrained": source(args.pretrained),
             "--official-checkpoint": source(args.official_checkpoint), "--batch-size": args.batch_size,
-            "--seed": args.seed, "--context-length": args.context_length, "--sample-fps": args.sample_fps,
-            "data": data}
+            "--seed": args.seed, "--context-length": args.context_length,
+            "--sample-fps": None if split is None else args.sample_fps, "data": data}  # (no videos to sample)
 
 
 def _resume_command(args) -> str:
