@@ -256,10 +256,9 @@ def main(argv=None) -> int:
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     parsed_config(parser, args)  # refused in one line here, before any model is built
-    parsed_device(parser, args.device)
+    device = parsed_device(parser, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     print(f"{args.model}, {args.frames} frames, batch {args.batch}, {args.precision}, {name} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}", flush=True)

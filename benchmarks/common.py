@@ -54,9 +54,9 @@ class MergeShape:
 def parsed_config(parser, args) -> TempMeConfig:
     """The schedule the options of ``add_config_arguments`` give, or the parser's one-line error (exit 2);
     ``args.model``, where the command has one, is checked too."""
+    if getattr(args, "model", None) is not None:
+        check_models(parser, [args.model], "--model")
     try:
-        if getattr(args, "model", None) is not None:
-            resolve_model(args.model)
         return config_from_args(args)
     except ConfigError as err:
         parser.error(str(err))
