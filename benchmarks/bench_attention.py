@@ -31,7 +31,7 @@ from tempme_fast.loading import DTYPES
 from tempme_fast.ops import triton_attention
 from tempme_fast.schedule import LayerPlan
 
-from .common import VIT_GEOMETRY, environment, failure, measure_ms, parsed_device, print_table
+from .common import VIT_GEOMETRY, check_outputs, environment, failure, measure_ms, parsed_device, print_table
 from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
 from .devicetime import device_columns, host_columns, speedups
 from .oracle import check_attention, check_raised
@@ -258,6 +258,7 @@ def main(argv=None) -> int:
             parser.error(str(e))
         impls, modes = ["sdpa", "sdpa-nobias", "triton", *(f"triton:{spec}" for spec in args.fwd_tiles)], ["fwd"]
     device = parsed_device(parser, args.device)
+    check_outputs(parser, args)
     env = environment(device)
     out = open_for_append(args.jsonl) if args.jsonl else None
 

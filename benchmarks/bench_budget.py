@@ -28,6 +28,8 @@ from tempme_fast.derive import costed
 from tempme_fast.geometry import ViTGeometry
 from tempme_fast.loading import create_model
 
+from .common import check_outputs
+
 
 def variants(model_name: str, frames: int, budgets):
     geometry = ViTGeometry.from_name(model_name)
@@ -104,6 +106,7 @@ def main(argv=None) -> None:
         plans = variants(args.model, args.frames, args.budgets)
     except ValueError as err:
         parser.error(str(err))
+    check_outputs(parser, args)
     record = run(args, plans)
     print(f"{record['model']}, {record['frames']} frames, batch {record['batch']}, {record['threads']} threads, "
           f"{record['rounds']} interleaved rounds, load average {record['load_average_before'][0]:.1f} before, "

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import check_models, environment, parsed_device, print_table, write_results
+from benchmarks.common import check_models, check_outputs, environment, parsed_device, print_table, write_results
 from tempme_fast.arguments import non_negative_int, positive_float, positive_int
 from tempme_fast.index import IndexSpec, VectorSearch, brute_force, build_index, load_encoder
 from tempme_fast.index.build import IndexDataset, collate_items
@@ -170,6 +170,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     device = parsed_device(p, args.device)
     check_models(p, [args.model], "--model")
+    check_outputs(p, args)
     env = environment(device)
     env["load_average"] = os.getloadavg()
     print(env, flush=True)

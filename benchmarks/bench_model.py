@@ -38,8 +38,8 @@ from tempme_fast.loading import DTYPES, create_model, default_dtype_name
 from tempme_fast.model import block_function, encoder_options, layer_steps
 from tempme_fast.ops import launch, triton_ops
 
-from .common import Compiled, RowLog, add_row_log_arguments, check_models, environment, failure, measure_ms, \
-    parsed_config, parsed_device, print_table, write_results
+from .common import Compiled, RowLog, add_row_log_arguments, check_models, check_outputs, environment, failure, \
+    measure_ms, parsed_config, parsed_device, print_table, write_results
 from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
 from .devicetime import device_columns, enqueue_ms, host_columns
 from .oracle import check_embedding, check_gradients, check_raised, parameter_grads
@@ -427,6 +427,7 @@ def main(argv=None) -> int:
     config = parsed_config(parser, args)
     check_models(parser, args.models, "--models")
     device = parsed_device(parser, args.device)
+    check_outputs(parser, args)
     cuda = device.type == "cuda"
     batches = args.batches or ([1, 16] if cuda else [2])
     dtypes = args.dtypes or [default_dtype_name(device)]

@@ -63,9 +63,9 @@ from tempme_fast.arguments import non_negative_int, positive_float, positive_int
 from tempme_fast.loading import DTYPES
 from tempme_fast.ops import reference, triton_ops
 
-from .common import VIT_GEOMETRY, Compiled, MergeShape, RowLog, add_row_log_arguments, copy_bandwidth_gbs, \
-    encoder_metrics, environment, failure, measure_ms, merge_shapes, metric_tensor, parsed_device, print_table, \
-    shifted_metric, source_counts, write_results
+from .common import VIT_GEOMETRY, Compiled, MergeShape, RowLog, add_row_log_arguments, check_outputs, \
+    copy_bandwidth_gbs, encoder_metrics, environment, failure, measure_ms, merge_shapes, metric_tensor, parsed_device, \
+    print_table, shifted_metric, source_counts, write_results
 from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
 from .devicetime import basis_ms, device_columns, host_columns, speedups
 from .oracle import NORM_EPS, check_op, check_raised, join_grads, join_inputs, norm_inputs, upstream_grad
@@ -574,6 +574,7 @@ def main(argv=None) -> int:
     impls = args.impls or (["torch", "triton", "torch.compile"] if device.type == "cuda" else ["torch"])
     impls = [*impls, *(f"triton:{spec}" for spec in args.tiles)]
     compile_at = check_compile_at(parser, args, impls)
+    check_outputs(parser, args)
     resume = resume_from(parser, args, "bench_ops", ROW_KEYS, CANDIDATE_KEYS)
     env = environment(device)
     try:

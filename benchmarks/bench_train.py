@@ -42,7 +42,8 @@ from tempme_fast.train import (PRECISIONS, VideoTextForward, _unwrapped, contras
                                set_grad_checkpointing, train_step)
 
 from . import context
-from .common import Compiled, RowLog, add_row_log_arguments, environment, failure, parsed_config, parsed_device
+from .common import Compiled, RowLog, add_row_log_arguments, check_outputs, environment, failure, parsed_config, \
+    parsed_device
 from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
 from .oracle import check_gradients, check_raised, parameter_grads
 
@@ -257,6 +258,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     parsed_config(parser, args)  # refused in one line here, before any model is built
     device = parsed_device(parser, args.device)
+    check_outputs(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")

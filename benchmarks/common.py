@@ -80,6 +80,27 @@ def check_models(parser, names: Sequence[str], option: str) -> None:
             parser.error(str(err).replace("--model", option, 1))  # (its message names --model)
 
 
+def check_outputs(parser, args) -> None:
+    """The files and folder the script writes (``--json``, ``--jsonl``, ``--out``, where it has them), checked
+    before anything is measured, or the parser's one-line error: a path that cannot be written, or one file
+    named for both ``--json`` and ``--jsonl`` (the JSON written at the end would replace the rows kept as
+    they were measured), would otherwise be found only when the measurements are done."""
+    from tempme_fast.outputs import prepare_output_dir, prepare_output_file
+
+    files = [(option, getattr(args, option[2:], None)) for option in ("--json", "--jsonl")]
+    files = [(option, path) for option, path in files if isinstance(path, str) and path]
+    try:
+        if len(files) == 2 and os.path.realpath(files[0][1]) == os.path.realpath(files[1][1]):
+            raise ConfigError(f"--json {files[0][1]} is the --jsonl file: the JSON written at the end would replace "
+                              f"the rows appended as they were measured; give two paths")
+        for option, path in files:
+            prepare_output_file(path, option)
+        if getattr(args, "out", None):
+            prepare_output_dir(args.out, "--out")
+    except ConfigError as err:
+        parser.error(str(err))
+
+
 def merge_shapes(model: str, batch: int, config: TempMeConfig = TempMeConfig()) -> List[MergeShape]:
     """The first image-merging layer's merge and every joining layer's two merges, from the schedule."""
     depth, tokens, width, heads = VIT_GEOMETRY[model]

@@ -34,8 +34,8 @@ from tempme_fast.arguments import add_config_arguments, positive_int
 from tempme_fast.loading import DTYPES, create_model, default_dtype_name
 
 from .bench_model import _setting, train_once, variant_switches
-from .common import RowLog, add_row_log_arguments, check_models, environment, failure, parsed_config, parsed_device, \
-    print_table
+from .common import RowLog, add_row_log_arguments, check_models, check_outputs, environment, failure, parsed_config, \
+    parsed_device, print_table
 from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
 from .devicetime import kernel_us
 from .report import profile_columns, profile_table
@@ -215,6 +215,7 @@ def main(argv=None) -> int:
     config = parsed_config(parser, args)
     check_models(parser, [name for name, _ in args.cases or ()], "--cases")
     device = parsed_device(parser, args.device)
+    check_outputs(parser, args)
     cuda = device.type == "cuda"
     variants = args.variants or ["open_clip", "tempme-triton" if cuda else "tempme-torch"]
     triton = [v for v in variants if v.startswith("tempme-triton")]

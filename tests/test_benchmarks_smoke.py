@@ -398,6 +398,17 @@ def test_the_recorded_metrics_give_the_plans_the_encoder_made():
     ("bench_attention", ["--device", "cuda:99"], "--device cuda:99: "),
     ("bench_train", ["--device", "tpu"], "--device 'tpu' is not a device"),
     ("plots", ["nope"], "folder nope: no such folder"),
+    # Output paths, checked before the measurements rather than when they are done (a_file is a file).
+    ("bench_budget", ["--rounds", "1", "--json", "a_file/b.json"], "--json a_file/b.json: cannot create the folder"),
+    ("bench_train", ["--json", "rows.jsonl", "--jsonl", "rows.jsonl"], "--json rows.jsonl is the --jsonl file"),
+    ("bench_train", ["--json", "."], "--json . is a folder; give a file path"),
+    ("bench_ops", ["--device", "cpu", "--batches", "1", "--ops", "merge_fwd", "--layers", "0", "--rep-ms", "1", "--out",
+                   "a_file"], "--out a_file is a file; give a folder"),
+    ("bench_model", ["--device", "cpu", "--out", "a_file"], "--out a_file is a file; give a folder"),
+    ("bench_index", ["--device", "cpu", "--skip-pipeline", "--query-sizes", "100", "--out", "a_file/i"],
+     "--out a_file/i: cannot create the folder"),
+    ("profile", ["--device", "cpu", "--jsonl", "a_file/r.jsonl"], "--jsonl a_file/r.jsonl: cannot create the folder"),
+    ("bench_attention", ["--device", "cpu", "--jsonl", "a_file/r.jsonl"], "--jsonl a_file/r.jsonl: cannot create"),
 ], ids=lambda v: v if isinstance(v, str) and " " not in v else None)
 def test_benchmark_options_are_refused_in_one_line_before_any_work(module, argv, message, capsys, monkeypatch,
                                                                    tmp_path):
@@ -406,6 +417,7 @@ def test_benchmark_options_are_refused_in_one_line_before_any_work(module, argv,
     import importlib
 
     monkeypatch.chdir(tmp_path)  # (the suite's output folder)
+    (tmp_path / "a_file").write_text("x")
 
     def built(*args, **kwargs):
         raise AssertionError("a model was built before the options were checked")

@@ -197,10 +197,19 @@ def test_out_that_cannot_be_written(built, tmp_path, capsys):
     assert f"--out {blocker / 'index'}" in err and "cannot write" in err
     # The summary's file is checked before any video is encoded (it failed after all of them, in a traceback).
     out = tmp_path / "index"
-    for where, says in ((blocker / "s.json", "cannot create the folder"), (out, "is the --out folder")):
+    for where, says in ((blocker / "s.json", "cannot create the folder"), (out, "is the --out folder"),
+                        (out / "index.json", "(its header index.json)"), (out / "shards" / "s.json", "(shards/)"),
+                        (out / "search" / "s.json", "(search/)")):
         assert refused(index_argv(videos, out, model, "--json", str(where)))
         assert says in capsys.readouterr().err
         assert not out.exists()
+    # Nor, through a link, the header of an index that exists (the summary replaced it: the index was lost).
+    header = reference / "index.json"
+    before = header.read_bytes()
+    (tmp_path / "link.json").symlink_to(header)
+    assert refused(index_argv(videos, reference, model, "--json", str(tmp_path / "link.json")))
+    assert "is a file of the --out index (its header index.json)" in capsys.readouterr().err
+    assert header.read_bytes() == before
     deep = tmp_path / "new" / "summary.json"
     assert main(index_argv(videos, out, model, "--json", str(deep))) == 0
     assert json.loads(deep.read_text())["indexed"] == len(good)

@@ -70,10 +70,15 @@ def spec_from_args(args):
 def run_index(args) -> int:
     from ..outputs import prepare_output_file
     from .build import build_index
+    from .store import index_file_at
 
     if args.json:
-        if os.path.abspath(args.json) == os.path.abspath(args.out):
+        if os.path.realpath(args.json) == os.path.realpath(args.out):
             raise ConfigError(f"--json {args.json} is the --out folder; give a file path (e.g. inside it)")
+        owned = index_file_at(args.out, args.json)
+        if owned:
+            raise ConfigError(f"--json {args.json} is a file of the --out index ({owned}); writing it would "
+                              f"break the index: give another path, e.g. {os.path.join(args.out, 'summary.json')}")
         prepare_output_file(args.json, "--json", args)  # before the videos are encoded, not after
 
     # Input errors are ConfigErrors, which the tempme command prints in one line (exit 2).

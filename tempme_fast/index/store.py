@@ -35,6 +35,7 @@ FORMAT = "tempme-video-index"
 VERSION = 1
 HEADER = "index.json"
 SHARDS = "shards"
+SEARCH = "search"  # built search indexes, kept by search_cache_path
 _SHARD_RE = re.compile(r"^r(\d{4})-(\d{6})\.jsonl$")
 
 
@@ -59,6 +60,18 @@ def prepare_dir(path: str) -> None:
     except OSError as exc:
         raise ConfigError(f"--out {path}: cannot write the index there ({exc.strerror or exc}); choose a "
                          f"writable folder") from None
+
+
+def index_file_at(path: str, file: str) -> Optional[str]:
+    """What of the index folder ``path`` the file ``file`` would replace (``"its header index.json"``, ...),
+    or None where it is none of the index's own files. Links are followed; neither needs to exist."""
+    folder, target = os.path.realpath(path), os.path.realpath(file)
+    if target == os.path.join(folder, HEADER):
+        return f"its header {HEADER}"
+    for sub, what in ((SHARDS, "its shards"), (SEARCH, "its built search indexes")):
+        if target.startswith(os.path.join(folder, sub) + os.sep):
+            return f"{what} ({sub}/)"
+    return None
 
 
 def read_header(path: str) -> dict:
@@ -245,7 +258,7 @@ def search_cache_path(path: str, kind: str, options: dict) -> Optional[str]:
     """
     key = json.dumps([[os.path.basename(m), os.path.getsize(m)] for m in manifests(path)] + [kind, options],
                      sort_keys=True, default=str)
-    folder = os.path.join(path, "search")
+    folder = os.path.join(path, SEARCH)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError:  # a read-only index is still searchable; the index is then rebuilt per query
