@@ -1,6 +1,7 @@
 """Every command that README.md, BENCHMARKS.md and the modules' usage examples show (``tempme ...``,
-``python -m benchmarks.X ...``, ``torchrun ... -m tempme_fast ...``) still parses: an option renamed or removed, or a value a choice no longer
-takes, fails here instead of in the hands of whoever copies the line. Only the parsing is checked; nothing runs."""
+``python -m benchmarks.X ...``, ``torchrun ... -m tempme_fast ...``) still parses: an option renamed or
+removed, or a value a choice no longer takes, fails here instead of in the hands of whoever copies the line.
+Only the parsing is checked; nothing runs."""
 import argparse
 import importlib
 import os
