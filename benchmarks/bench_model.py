@@ -25,7 +25,7 @@ import argparse
 import contextlib
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 
@@ -38,8 +38,8 @@ from tempme_fast.loading import DTYPES, create_model, default_dtype_name
 from tempme_fast.model import block_function, encoder_options, layer_steps
 from tempme_fast.ops import launch, triton_ops
 
-from .common import Compiled, RowLog, add_row_log_arguments, check_models, check_outputs, environment, failure, \
-    measure_ms, parsed_config, parsed_device, print_table, write_results
+from .common import Compiled, RowLog, add_row_log_arguments, check_outputs, environment, failure, measure_ms, \
+    parsed_configs, parsed_device, print_table, write_results
 from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
 from .devicetime import device_columns, enqueue_ms, host_columns
 from .oracle import check_embedding, check_gradients, check_raised, parameter_grads
@@ -305,10 +305,12 @@ def unmerged_gflops(model, frames: int) -> float:
         remove_tempme(model)
 
 
-def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, config: TempMeConfig = TempMeConfig(),
-        log: Optional[RowLog] = None, compile_backend: str = "inductor", layer_times: bool = True,
+def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms,
+        config: Union[TempMeConfig, Mapping[str, TempMeConfig]] = TempMeConfig(), log: Optional[RowLog] = None,
+        compile_backend: str = "inductor", layer_times: bool = True,
         check: bool = True, resume: Optional[Resume] = None):
-    """Rows of every (model, dtype, batch, mode, variant), and per-layer times at the largest batch.
+    """Rows of every (model, dtype, batch, mode, variant), and per-layer times at the largest batch. ``config``:
+    one schedule for every model, or each model's (``--budget``, derived per model).
 
     Every row goes to ``log`` (bench ``bench_model``; per-layer rows ``bench_layers``; the last block in
     full and trimmed, ``bench_last_block``) as soon as it is measured, so a run stopped by a time limit
@@ -333,10 +335,12 @@ def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms, conf
                            f"videos, {row['dtype']}")
         return kept[0]
 
-    frames = config.frames
     variants = sorted(variants, key=VARIANTS.index)  # open_clip first: the other rows' speed-ups need it
     rows, layer_rows = [], []
+    configs = config
     for name in models:
+        config = configs[name] if isinstance(configs, Mapping) else configs
+        frames = config.frames
         base = create_model(name)
         bound_num = unmerged_gflops(base, frames)
         for dtype_name in dtypes:
@@ -422,10 +426,9 @@ def main(argv=None) -> int:
                         help="folder for bench_model.json/.csv and bench_layers.json/.csv, written at the end")
     add_resume_argument(parser, "rows (and per-layer times)", "variant")
     add_row_log_arguments(parser)
-    add_config_arguments(parser, budget=False)  # (one schedule for every --models entry)
+    add_config_arguments(parser)  # (--budget: each --models entry's own schedule)
     args = parser.parse_args(argv)
-    config = parsed_config(parser, args)
-    check_models(parser, args.models, "--models")
+    configs = parsed_configs(parser, args, args.models, "--models")
     device = parsed_device(parser, args.device)
     check_outputs(parser, args)
     cuda = device.type == "cuda"
@@ -435,7 +438,7 @@ def main(argv=None) -> int:
     env = environment(device)
     try:
         rows, layer_rows = run(device, args.models, batches, dtypes, args.modes, args.variants, args.compile,
-                               args.rep_ms, config, RowLog(args.jsonl, "bench_model", env, args.tag),
+                               args.rep_ms, configs, RowLog(args.jsonl, "bench_model", env, args.tag),
                                args.compile_backend, not args.no_layer_times, args.check, resume)
     except ContextLost as e:
         return stopped(e)

@@ -1,6 +1,7 @@
 """What every benchmark here shares: shapes from the token schedule, timing, environment, output files."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import json
@@ -60,6 +61,21 @@ def parsed_config(parser, args) -> TempMeConfig:
         return config_from_args(args)
     except ConfigError as err:
         parser.error(str(err))
+
+
+def parsed_configs(parser, args, names: Sequence[str], option: str) -> Dict[str, TempMeConfig]:
+    """The schedule of each model of ``names`` (given by ``option``): the one the schedule options give, or with
+    ``--budget`` the one derived for that model's depth and patch grid; or the parser's one-line error, before any
+    model is built. The models are checked first (:func:`check_models`)."""
+    check_models(parser, names, option)
+    configs = {}
+    for name in dict.fromkeys(names):
+        try:
+            configs[name] = config_from_args(argparse.Namespace(**{**vars(args), "model": name}))
+        except ConfigError as err:
+            derived = str(err).startswith(f"--budget {getattr(args, 'budget', None)}:")  # (for this model)
+            parser.error(f"{option} {name}: {err}" if derived else str(err))
+    return configs
 
 
 def parsed_device(parser, name: str) -> torch.device:

@@ -25,7 +25,7 @@ import argparse
 import re
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -34,8 +34,8 @@ from tempme_fast.arguments import add_config_arguments, positive_int
 from tempme_fast.loading import DTYPES, create_model, default_dtype_name
 
 from .bench_model import _setting, train_once, variant_switches
-from .common import RowLog, add_row_log_arguments, check_models, check_outputs, environment, failure, parsed_config, \
-    parsed_device, print_table
+from .common import RowLog, add_row_log_arguments, check_outputs, environment, failure, parsed_configs, parsed_device, \
+    print_table
 from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
 from .devicetime import kernel_us
 from .report import profile_columns, profile_table
@@ -153,19 +153,21 @@ def _profile_applied(model, video: torch.Tensor, forwards: int, repeats: int, mo
 
 
 def run(device: torch.device, cases: Sequence[Tuple[str, int]], dtypes: Sequence[str], variants: Sequence[str],
-        forwards: int = 3, repeats: int = 10, config: TempMeConfig = TempMeConfig(),
-        log: Optional[RowLog] = None, modes: Sequence[str] = ("infer",),
-        resume: Optional[Resume] = None) -> List[Dict[str, object]]:
+        forwards: int = 3, repeats: int = 10,
+        config: Union[TempMeConfig, Mapping[str, TempMeConfig]] = TempMeConfig(), log: Optional[RowLog] = None,
+        modes: Sequence[str] = ("infer",), resume: Optional[Resume] = None) -> List[Dict[str, object]]:
     """Rows for every (model, batch) of ``cases``, dtype, mode and variant; each goes to ``log`` when measured.
+    ``config``: one schedule for every model, or each model's (``--budget``, derived per model).
     After each case the CUDA context is probed (:func:`context.log_probed`): where it is lost, the case's last row
     says so and :class:`context.ContextLost` is raised; ``resume`` skips the cases logged already and every variant
     that lost the context."""
     log = log or RowLog(None, "profile", {})
     start = len(log.rows)
-    models = {}
+    models, configs = {}, config
     for name, batch in cases:
         if name not in models:
             models[name] = create_model(name)
+        config = configs[name] if isinstance(configs, Mapping) else configs
         for dtype_name in dtypes:
             model = models[name].to(device=device, dtype=DTYPES[dtype_name])
             g = torch.Generator().manual_seed(batch)
@@ -184,6 +186,9 @@ def run(device: torch.device, cases: Sequence[Tuple[str, int]], dtypes: Sequence
                         found = [{**key, "kind": "forward", **failure(e)}]
                     log_probed(device, log, found, lambda: f"{mode} {variant} at {name}, {batch} videos, {dtype_name}")
     return log.rows[start:]
+
+
+DEFAULT_CASES = [("ViT-B-16", 16), ("ViT-B-32", 1)]
 
 
 def _case(text: str) -> Tuple[str, int]:
@@ -210,10 +215,10 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=positive_int, default=10, help="synchronised forwards for the wall time")
     add_resume_argument(parser, "cases", "variant")
     add_row_log_arguments(parser)
-    add_config_arguments(parser, budget=False)  # (one schedule for every --cases entry)
+    add_config_arguments(parser)  # (--budget: each --cases model's own schedule)
     args = parser.parse_args(argv)
-    config = parsed_config(parser, args)
-    check_models(parser, [name for name, _ in args.cases or ()], "--cases")
+    args.cases = args.cases or DEFAULT_CASES
+    configs = parsed_configs(parser, args, [name for name, _ in args.cases], "--cases")
     device = parsed_device(parser, args.device)
     check_outputs(parser, args)
     cuda = device.type == "cuda"
@@ -225,9 +230,8 @@ def main(argv=None) -> int:
     resume = resume_from(parser, args, "profile", ROW_KEYS, CANDIDATE_KEYS)
     env = environment(device)
     try:
-        rows = run(device, args.cases or [("ViT-B-16", 16), ("ViT-B-32", 1)],
-                   args.dtypes or [default_dtype_name(device)], variants, args.forwards, args.repeats,
-                   config, RowLog(args.jsonl, "profile", env, args.tag), args.modes, resume)
+        rows = run(device, args.cases, args.dtypes or [default_dtype_name(device)], variants, args.forwards,
+                   args.repeats, configs, RowLog(args.jsonl, "profile", env, args.tag), args.modes, resume)
     except ContextLost as e:
         return stopped(e)
     print(f"# where the forward's time goes on {env['device']}, torch {env['torch']}, triton {env['triton']}, "

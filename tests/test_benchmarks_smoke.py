@@ -371,10 +371,47 @@ def test_the_recorded_metrics_give_the_plans_the_encoder_made():
         assert torch.equal(source_counts(plan.dst, p["counts"].shape[1]), p["counts"])
 
 
+@pytest.mark.parametrize("module", ["bench_model", "profile"])
+def test_a_budget_gives_each_model_its_own_schedule(module, monkeypatch, tmp_path):
+    """``--budget`` derives the schedule per model of ``--models`` / ``--cases`` (ViT-B/32 and ViT-B/16 differ in
+    depth and tokens); without it, every model runs the one schedule its options give."""
+    import importlib
+
+    from tempme_fast import TempMeConfig
+
+    monkeypatch.chdir(tmp_path)
+    script = importlib.import_module(f"benchmarks.{module}")
+    got = []
+
+    class Stop(Exception):
+        pass
+
+    def stand_in(*args, **kwargs):  # what the script would measure, without measuring it
+        got.append(args)
+        raise Stop
+
+    monkeypatch.setattr(script, "run", stand_in)
+    models = ["--models", "ViT-B-32", "ViT-B-16"] if module == "bench_model" else ["--cases", "ViT-B-32:1",
+                                                                                     "ViT-B-16:2"]
+    for extra in (["--budget", "0.6"], ["--clip-layers", "5", "7", "9"]):
+        got.clear()
+        with pytest.raises(Stop):
+            script.main(["--device", "cpu", *models, *extra])
+        configs = next(a for a in got[0] if isinstance(a, dict))
+        if extra[0] == "--budget":
+            want = {m: TempMeConfig.for_model(m, 12, flops_ratio=0.6) for m in ("ViT-B-32", "ViT-B-16")}
+            assert want["ViT-B-32"] != want["ViT-B-16"]
+        else:
+            want = dict.fromkeys(("ViT-B-32", "ViT-B-16"), TempMeConfig(clip_layers=(5, 7, 9)))
+        assert configs == want
+
+
 @pytest.mark.parametrize("module, argv, message", [
     ("bench_ops", ["--batches", "0"], "argument --batches: 0 is not a positive integer"),
     ("bench_ops", ["--rep-ms", "nan"], "argument --rep-ms: nan is not a positive finite number"),
-    ("bench_model", ["--budget", "0.5"], "unrecognized arguments: --budget 0.5"),  # one schedule, several models
+    ("bench_model", ["--models", "ViT-B-32", "ViT-B-16", "--budget", "0.4"],
+     "--models ViT-B-32: --budget 0.4: flops_ratio=0.4 cannot be met at 12 frames"),
+    ("profile", ["--budget", "0.5", "--imgme-r", "3"], "--budget derives the schedule; leave out --imgme-r"),
     ("bench_model", ["--frames", "7"], "frames=7 is not divisible by the clip groups (2, 2, 3)"),
     ("bench_train", ["--model", "nope"], "--model 'nope' is not an open_clip model name"),
     ("bench_train", ["--batch", "0"], "argument --batch: 0 is not a positive integer"),
