@@ -131,10 +131,9 @@ def add_merge_argument(group, baseline: str = "per-frame CLIP, the baseline") ->
                        help=f"TempMe's released merge schedule (--no-merge: {baseline})")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, frames: bool = True, budget: bool = True) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, frames: bool = True) -> None:
     """The schedule's knobs (``--imgme-r``, ``--clip-layers``, ...), ``--frames`` unless the data
-    options already define it, and ``--budget`` unless the command has no single ``--model`` to derive
-    the schedule for."""
+    options already define it, and ``--budget``, which derives the schedule for the command's model."""
     d = TempMeConfig()
     group = parser.add_argument_group("TempMe schedule (defaults: the released ViT-B/32 schedule)")
     if frames:
@@ -149,8 +148,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, frames: bool = True, b
                        help=f"share of tokens removed when clips join (default {d.cross_ratio})")
     group.add_argument("--intra-ratio", type=finite_float, default=None,
                        help=f"share of tokens removed inside a clip (default {d.intra_ratio})")
-    if budget:
-        add_budget_argument(group)
+    add_budget_argument(group)
 
 
 def config_from_args(args: argparse.Namespace) -> TempMeConfig:
