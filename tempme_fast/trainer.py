@@ -29,7 +29,7 @@ from torch import nn
 
 from . import distributed
 from .errors import ConfigError
-from .checkpoint import atomic_save, load_file, rng_state, set_rng_state
+from .checkpoint import atomic_save, atomic_write, load_file, rng_state, set_rng_state
 from .lora import MODES, add_lora, has_lora, load_lora_state_dict, lora_config, lora_state_dict, mark_trainable
 from .train import (DEFAULT_LR, PRECISIONS, VideoTextForward, cosine_schedule, make_optimizer, set_grad_checkpointing,
                     train_step, unpack_batch)
@@ -60,6 +60,26 @@ def _refuse_differences(path: str, saved: Mapping[str, Any], ours: Mapping[str, 
         raise ConfigError(f"{path} was trained with {', '.join(f'{k}={_plain(saved.get(k))!r}' for k in differ)}; "
                           f"this run has {', '.join(f'{k}={_plain(ours[k])!r}' for k in differ)}, {why}: resume "
                           f"with the run's own values, or start a new run in another folder")
+
+
+def _read_log(path: str) -> List[dict]:
+    """The step records of a training log. A last line that a killed run cut off is left out; any other line that
+    is not a step record is left out with a warning naming it."""
+    with open(path) as f:
+        lines = f.readlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        elif line.endswith("\n") or number < len(lines):
+            log.warning("%s:%d: not a step record, left out of the log: %r", path, number, line.strip()[:80])
+    return records
 
 
 @dataclass
@@ -319,10 +339,8 @@ class Trainer:
         log_path = os.path.join(self.output_dir, self.LOG) if self.output_dir else None
         if self.is_main and log_path and os.path.isfile(log_path):
             # A killed run may have logged steps past its last checkpoint; they will be run again.
-            with open(log_path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self.step]
-            with open(log_path, "w") as f:
-                f.writelines(kept)
+            kept = [r for r in _read_log(log_path) if r["step"] <= self.step]
+            atomic_write(log_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
         if self.is_main:
             log.info("resumed from checkpoint %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
                      self.step_in_epoch)

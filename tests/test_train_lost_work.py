@@ -206,3 +206,28 @@ def test_cli_prints_how_to_resume_after_a_failed_step(tiny_model_file, tmp_path,
     assert main(command.split()[1:]) == 0
     log = [json.loads(line) for line in open(out / "train_log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
+
+
+def test_resume_after_a_log_line_cut_off_by_a_kill(tmp_path, caplog):
+    """A kill in the middle of a log write leaves a last line without its end; the resume stopped at it with a
+    JSONDecodeError, so the run could not go on. It is now left out, and the log is rewritten whole or not at
+    all. A broken line elsewhere is left out with a warning naming it."""
+    data = [_pairs(2, seed) for seed in range(4)]
+    whole = Trainer(_model(), data, TrainConfig(epochs=1), progress=False).fit()
+    Trainer(_model(), data, TrainConfig(epochs=1, max_steps=2), output_dir=str(tmp_path), progress=False).fit()
+    log_file = tmp_path / Trainer.LOG
+    with open(log_file, "a") as f:
+        f.write('{"step": 3, "epoch": 0, "lo')  # the line of step 3, cut off (step 3 was not checkpointed)
+    with caplog.at_level(logging.WARNING, logger="tempme_fast"):
+        rest = Trainer(_model(), data, TrainConfig(epochs=1), output_dir=str(tmp_path), progress=False,
+                       resume="auto").fit()
+    assert [r["loss"] for r in rest] == [r["loss"] for r in whole[2:]]
+    assert [json.loads(line)["step"] for line in log_file.read_text().splitlines()] == [1, 2, 3, 4]
+    assert "not a step record" not in caplog.text  # (a cut-off last line is what a kill leaves)
+
+    lines = log_file.read_text().splitlines(keepends=True)
+    log_file.write_text(lines[0] + "garbage\n" + "".join(lines[1:]))
+    with caplog.at_level(logging.WARNING, logger="tempme_fast"):
+        Trainer(_model(), data, TrainConfig(epochs=1), output_dir=str(tmp_path), progress=False, resume="auto")
+    assert f"{log_file}:2: not a step record, left out of the log: 'garbage'" in caplog.text
+    assert log_file.read_text().splitlines(keepends=True) == lines
