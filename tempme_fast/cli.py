@@ -132,12 +132,16 @@ def _cmd_compile(args) -> int:
     from .loading import create_model
     from .model import apply_tempme
     from .outputs import plural
-    from .precompile import compile_kernels
+    from .precompile import check_compile_target, compile_kernels
 
     config = config_from_args(args)
     if args.arch is None and not torch.cuda.is_available():
         raise ConfigError("--arch: no CUDA device here; give the compute capability to compile for "
                           "(90: H100 and H200, 80: A100)")
+    try:  # before the model is built
+        check_compile_target(args.arch, args.jobs)
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(str(err)) from err
     # Random weights on the CPU: the weights' values do not change which kernels run, and nothing is run.
     model = apply_tempme(create_model(args.model, None), config, backend="triton")
     try:

@@ -44,7 +44,7 @@ from torch import nn
 from .ops import recording
 from .ops.recording import Launch
 
-__all__ = ["compile_kernels", "compile_launches", "distinct_launches", "record_launches"]
+__all__ = ["check_compile_target", "compile_kernels", "compile_launches", "distinct_launches", "record_launches"]
 
 
 def _meta_copy(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
@@ -259,20 +259,14 @@ def distinct_launches(launches: Sequence[Launch], arch: int) -> List[Launch]:
     return kept
 
 
-def compile_launches(launches: Sequence[Launch], arch: Optional[int] = None, jobs: Optional[int] = None,
-                     stubs: Optional[bool] = None) -> Dict[str, object]:
-    """Compile each distinct variant among ``launches`` into Triton's cache, ``jobs`` processes at a time.
-
-    ``arch``: compute capability as an int (90 for sm_90); default the current CUDA device's.
-    ``jobs``: worker processes (default: one per core; 1 compiles in this process).
-    ``stubs``: also build the launcher stubs (default: when compiling for the current CUDA device).
-    Returns counts (variants, compiled, cache hits, failed with the first errors, per kernel) and seconds.
-    """
-    here = _here()
+def check_compile_target(arch: Optional[int] = None, jobs: Optional[int] = None) -> int:
+    """The compute capability to compile for: ``arch``, or the current CUDA device's when None. Raises a
+    ValueError for an ``arch`` or ``jobs`` that cannot be used and a RuntimeError where nothing compiles here
+    (the interpreter, a Triton without the binder API), before any launch is recorded or model built."""
     if arch is None:
-        if here is None:
+        arch = _here()
+        if arch is None:
             raise ValueError("arch: no CUDA device here; give the compute capability to compile for (e.g. 90)")
-        arch = here
     if isinstance(arch, bool) or not isinstance(arch, int) or arch < 70:
         raise ValueError(f"arch={arch!r} must be a compute capability of 70 or more as an int (90 for sm_90)")
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
@@ -282,7 +276,20 @@ def compile_launches(launches: Sequence[Launch], arch: Optional[int] = None, job
     if known is not None and arch not in known:
         raise ValueError(f"arch={arch}: Triton's ptxas cannot compile for sm_{arch}; valid: "
                          f"{', '.join(map(str, known))}")
-    stubs = (arch == here) if stubs is None else stubs
+    return arch
+
+
+def compile_launches(launches: Sequence[Launch], arch: Optional[int] = None, jobs: Optional[int] = None,
+                     stubs: Optional[bool] = None) -> Dict[str, object]:
+    """Compile each distinct variant among ``launches`` into Triton's cache, ``jobs`` processes at a time.
+
+    ``arch``: compute capability as an int (90 for sm_90); default the current CUDA device's.
+    ``jobs``: worker processes (default: one per core; 1 compiles in this process).
+    ``stubs``: also build the launcher stubs (default: when compiling for the current CUDA device).
+    Returns counts (variants, compiled, cache hits, failed with the first errors, per kernel) and seconds.
+    """
+    arch = check_compile_target(arch, jobs)
+    stubs = (arch == _here()) if stubs is None else stubs
     jobs = jobs or os.cpu_count() or 1
     t0 = time.perf_counter()
     work = [(_spec(launch), arch, stubs) for launch in distinct_launches(launches, arch)]
@@ -331,7 +338,7 @@ def compile_kernels(model: nn.Module, batch_sizes: Sequence[int] = (1,), dtype: 
         ``failed`` and ``errors``, ``by_kernel``, ``launches`` recorded, ``seconds``.
     """
     _check_model(model)
-    _check_compilable()
+    arch = check_compile_target(arch, jobs)  # before the launches are recorded
     t0 = time.perf_counter()
     launches = record_launches(model, batch_sizes, dtype, training)
     recorded = time.perf_counter() - t0

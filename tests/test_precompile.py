@@ -130,6 +130,21 @@ def test_bad_arguments_name_what_is_valid():
         compile_launches([], arch=90)
 
 
+def test_the_compile_command_refuses_before_building_the_model(tiny_model_file, monkeypatch, capsys):
+    """Where nothing can be compiled (here the interpreter) or for an arch below 70, the command stops before it
+    builds the model and records its launches (a ViT-L/14 at several batches takes a while), not after."""
+    from tempme_fast import loading
+    from tempme_fast.cli import main
+    from tiny import TINY_ARGS
+
+    monkeypatch.setattr(loading, "create_model", lambda *a, **k: pytest.fail("the model was built"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # (read when compiling; on a GPU machine too)
+    for arch, says in (("90", "TRITON_INTERPRET=1 replaces the kernels"), ("7", "arch=7 must be a compute")):
+        with pytest.raises(SystemExit) as stop:
+            main(["compile", "--model", tiny_model_file, *TINY_ARGS, "--arch", arch])
+        assert stop.value.code == 2 and says in capsys.readouterr().err
+
+
 COMPILE_THEN_RUN = """
 import torch
 from triton import knobs
