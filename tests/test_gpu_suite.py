@@ -238,6 +238,40 @@ def test_every_stage_parses_its_options_and_names_tests_that_exist(tmp_path, mon
                                                                          "attention", "train_step"}
 
 
+def test_every_measuring_stage_passes_its_modules_checks_on_a_gpu(tmp_path, monkeypatch, capsys):
+    """Past the parser each script checks what the parser cannot (the schedule, the models, ``--compile-at`` against
+    its sweep, ``--layers``, the output paths): a stage refused there would also spend its share of a GPU run on
+    an error. Each measuring stage runs here as on the GPU (its device taken as CUDA) up to the environment
+    record that every script makes just before its first measurement."""
+    import torch
+
+    class Checked(Exception):
+        pass
+
+    def environment(*args, **kwargs):
+        raise Checked
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "a GPU")
+    checked = set()
+    for s in gpu_stages(str(tmp_path)):
+        module = importlib.import_module(s.argv[2])
+        if not hasattr(module, "environment"):  # (tests, warm-up, preflight, plots: no such checks)
+            continue
+        monkeypatch.setattr(module, "parsed_device", lambda parser, name: torch.device("cuda"), raising=False)
+        monkeypatch.setattr(module, "environment", environment)
+        for extra in ([], ["--resume"]) if s.resumable else ([],):
+            try:
+                module.main([*s.argv[3:], *extra])
+            except Checked:
+                checked.add(s.name)
+                continue
+            except SystemExit as e:
+                pytest.fail(f"stage {s.name}: {s.argv[2]} refused its options {extra} (exit {e.code}): "
+                            f"{capsys.readouterr().err.strip().splitlines()[-1:]}")
+            pytest.fail(f"stage {s.name}: {s.argv[2]} measured nothing")
+    assert {"model_headline", "ops_headline", "merge_tiles", "profile", "attention", "train_step"} <= checked
+
+
 def test_only_and_skip_pick_stages_and_refuse_unknown_names(tmp_path):
     stages = gpu_stages(str(tmp_path))
     picked = select_stages(stages, skip=["preflight", "model_headline", "plots"])
