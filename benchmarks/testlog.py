@@ -28,6 +28,7 @@ import time
 import pytest
 
 from benchmarks.context import CONTEXT_LOST_EXIT, context_lost, exit_for_good
+from benchmarks.rowlog import read_records
 
 _REASON_HEAD_CHARS = 1000
 _REASON_TAIL_CHARS = 2000
@@ -63,18 +64,9 @@ def _reason(longrepr) -> str:
 
 def logged_nodeids(path: str):
     """The tests that the results file ``path`` holds a result for (none if there is no such file)."""
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
+    if not os.path.isfile(path):
         return set()
-    found = set()
-    for line in lines:
-        try:
-            found.add(json.loads(line).get("nodeid"))
-        except json.JSONDecodeError:  # a line cut off by a killed process
-            continue
-    return found - {None}
+    return {record.get("nodeid") for record in read_records(path)} - {None}  # (a line cut off by a kill: left out)
 
 
 def pytest_collection_modifyitems(config, items):

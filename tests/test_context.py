@@ -376,3 +376,13 @@ def test_the_probe_finds_a_healthy_context_not_lost_and_says_what_it_costs():
 
     line = context_probe(probes=20)
     assert line.startswith("ok (host us per probe: "), line
+
+
+def test_logged_nodeids_leave_out_a_line_cut_off_by_a_kill(tmp_path):
+    from benchmarks.testlog import logged_nodeids
+
+    results = tmp_path / "tests.jsonl"
+    assert logged_nodeids(str(results)) == set()
+    results.write_text('{"nodeid": "tests/a.py::t1", "outcome": "passed"}\n{"env": 1}\n'
+                       '{"nodeid": "tests/a.py::t2", "outcome": "failed"}\n{"nodeid": "tests/a.py::t3", "outc')
+    assert logged_nodeids(str(results)) == {"tests/a.py::t1", "tests/a.py::t2"}
