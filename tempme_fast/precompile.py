@@ -172,6 +172,20 @@ def _worker(path: str, first: int, step: int) -> None:
         print(RESULT + json.dumps({**_compile(work[index]), "index": index}), flush=True)
 
 
+def _read_results(path: str) -> List[dict]:
+    """The result lines of a worker's output file; a line cut off where the worker was killed is left out (its
+    job then counts as lost, with the worker's exit status and error output)."""
+    found = []
+    with open(path) as f:
+        for line in f:
+            if line.startswith(RESULT):
+                try:
+                    found.append(json.loads(line[len(RESULT):]))
+                except ValueError:
+                    continue
+    return found
+
+
 def _in_processes(work: List[tuple], jobs: int) -> List[dict]:
     """``_compile`` of every job, spread over ``jobs`` new Python processes. Plain subprocesses, not a
     multiprocessing pool: a spawned pool imports the caller's main script again (a script without an
@@ -193,11 +207,8 @@ def _in_processes(work: List[tuple], jobs: int) -> List[dict]:
         results: List[Optional[dict]] = [None] * len(work)
         for k, (proc, (out, err)) in enumerate(zip(procs, logs)):
             proc.wait()
-            with open(out) as f:
-                for line in f:
-                    if line.startswith(RESULT):
-                        r = json.loads(line[len(RESULT):])
-                        results[r.pop("index")] = r
+            for r in _read_results(out):
+                results[r.pop("index")] = r
             lost = [index for index in range(k, len(work), jobs) if results[index] is None]
             if lost:  # the worker died before these jobs
                 with open(err) as f:

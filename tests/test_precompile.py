@@ -241,3 +241,14 @@ def test_a_worker_that_dies_leaves_its_jobs_failed_with_the_reason():
     for r in results:
         assert r["kernel"] == "_kernel" and r["error"].startswith("worker exited with 1: "), r
         assert "No module named 'no_such_kernels_module'" in r["error"], r
+
+
+def test_a_result_line_cut_off_by_a_killed_worker_counts_its_job_as_lost(tmp_path):
+    """A worker killed while it printed a result left a line that stopped ``tempme compile`` with a
+    JSONDecodeError; the line is now left out and its job reported lost, with the worker's exit and error."""
+    from tempme_fast.precompile import RESULT, _read_results
+
+    out = tmp_path / "out0"
+    out.write_text("ptxas info: something the compiler printed\n"
+                   + RESULT + '{"kernel": "_k", "ok": true, "index": 0}\n' + RESULT + '{"kernel": "_k", "o')
+    assert _read_results(str(out)) == [{"kernel": "_k", "ok": True, "index": 0}]
