@@ -29,6 +29,7 @@ from torch import nn
 
 from . import distributed
 from .errors import ConfigError
+from .outputs import prepare_output_dir
 from .checkpoint import atomic_save, atomic_write, load_file, rng_state, set_rng_state
 from .lora import MODES, add_lora, has_lora, load_lora_state_dict, lora_config, lora_state_dict, mark_trainable
 from .train import (DEFAULT_LR, PRECISIONS, VideoTextForward, cosine_schedule, make_optimizer, set_grad_checkpointing,
@@ -145,7 +146,12 @@ class TrainConfig:
         for name, ok in checks:
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be {valid[name]}")
-        self.betas = tuple(self.betas)
+        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ConfigError(f"betas={self.betas!r} must be two numbers in [0, 1) (AdamW's, e.g. (0.9, 0.98))")
+        self.betas = betas
+        if not (isinstance(self.eps, (int, float)) and 0 <= self.eps < math.inf):
+            raise ConfigError(f"eps={self.eps!r} must be finite and >= 0")
         if self.compile is not None:
             if not isinstance(self.compile, str) or self.compile not in torch.compiler.list_backends(exclude_tags=()):
                 raise ConfigError(f"compile={self.compile!r} is not a torch.compile backend; valid: None (eager) "
@@ -161,10 +167,12 @@ class Trainer:
             weights (mixed precision is autocast). In LoRA mode LoRA is added when missing.
         data: batches as the module docstring says, or a callable ``epoch -> iterable``.
         config: the recipe.
-        output_dir: where ``last.pt`` (checkpoint) and ``train_log.jsonl`` go; None saves nothing. A folder
-            that already holds them is refused unless ``resume`` continues that run.
+        output_dir: where ``last.pt`` (checkpoint) and ``train_log.jsonl`` go, made when missing; None saves
+            nothing. A folder that already holds them is refused unless ``resume`` continues that run, and so is
+            a place that cannot be written, before the first step.
         progress: a tqdm progress bar (on the first process only).
-        resume: a checkpoint path to continue from (``"auto"``: ``output_dir/last.pt`` if present).
+        resume: a checkpoint path to continue from (``"auto"``: ``output_dir/last.pt`` if present; it needs
+            ``output_dir``).
         run_info: what else the run depends on that ``config`` and the model do not record, as plain
             values (``tempme train`` gives the model's name and weights, the global batch size, the
             seed, the data): stored in the checkpoints, and a resume where one of them differs from
@@ -193,6 +201,11 @@ class Trainer:
         if not hasattr(model, "encode_video"):
             raise TypeError(f"model is a {type(model).__name__} without encode_video; call "
                             f"tempme_fast.apply_tempme(model) first")
+        if resume == "auto" and not output_dir:
+            raise ConfigError("resume='auto' continues the run in output_dir (its last.pt): give output_dir, or "
+                              "resume=<checkpoint path>")
+        if output_dir:  # found at the first step's log line otherwise, or at the first checkpoint
+            prepare_output_dir(output_dir, "output_dir")
         if output_dir and resume is None:  # a new run here would replace another's checkpoint and mix the logs
             held = self.run_files(output_dir)
             if held:

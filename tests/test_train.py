@@ -231,11 +231,30 @@ def test_train_config_errors():
     for field, value, says in (("lora_scale", 0.0, "a finite non-zero number"),
                                ("lora_scale", float("nan"), "a finite non-zero number"),
                                ("lr", float("inf"), "finite and > 0"),
-                               ("weight_decay", float("inf"), "finite and >= 0")):
-        with pytest.raises(ValueError, match=f"{field}={value!r} must be {says}"):
+                               ("weight_decay", float("inf"), "finite and >= 0"),
+                               # (AdamW's: an IndexError or TypeError when the optimiser was made, before)
+                               ("betas", (0.9,), "two numbers in"), ("betas", (1.0, 0.9), "two numbers in"),
+                               ("betas", "ab", "two numbers in"), ("eps", -1.0, "finite and >= 0"),
+                               ("eps", float("nan"), "finite and >= 0")):
+        with pytest.raises(ValueError, match=re.escape(f"{field}={value!r} must be {says}")):
             TrainConfig(**{field: value})
+    assert TrainConfig(betas=[0.9, 0.99]).betas == (0.9, 0.99)
     with pytest.raises(TypeError, match="apply_tempme"):
         Trainer(tiny_clip(), [_pairs(2)], progress=False)
+
+
+def test_trainer_refuses_an_output_dir_it_cannot_write_and_auto_resume_without_one(tmp_path):
+    """A file (or an unwritable place) as ``output_dir`` failed at the first step's log line; ``resume='auto'``
+    without an ``output_dir`` started a new run, silently."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for where, says in ((blocker, "is a file; give a folder"), (blocker / "run", "cannot create the folder")):
+        with pytest.raises(ValueError, match=f"output_dir {re.escape(str(where))}.*{says}"):
+            Trainer(_model(), [_pairs(2)], TrainConfig(epochs=1), output_dir=str(where), progress=False)
+    with pytest.raises(ValueError, match="resume='auto' continues the run in output_dir"):
+        Trainer(_model(), [_pairs(2)], TrainConfig(epochs=1), progress=False, resume="auto")
+    Trainer(_model(), [_pairs(2)], TrainConfig(epochs=1), output_dir=str(tmp_path / "new" / "run"), progress=False)
+    assert (tmp_path / "new" / "run").is_dir()
 
 
 def test_synthetic_pairs_shard_the_global_batch():
