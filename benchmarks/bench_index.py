@@ -37,12 +37,13 @@ from tempme_fast.retrieval.video import VideoProcessor, write_video
 
 
 def make_videos(folder: str, count: int, seconds: float, size, fps: float) -> list:
-    """``count`` moving-noise clips (cached: existing files are reused)."""
+    """``count`` moving-noise clips, cached: a file of the same size, length and rate, which its name gives, is
+    reused (a clip of other settings is never taken for one of these)."""
     os.makedirs(folder, exist_ok=True)
     width, height = size
     paths = []
     for k in range(count):
-        path = os.path.join(folder, f"clip{k:04d}.mp4")
+        path = os.path.join(folder, f"clip{k:04d}-{width}x{height}-{seconds:g}s-{fps:g}fps.mp4")
         if not os.path.exists(path):
             rng = np.random.default_rng(k)
             base = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)

@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end on a CPU at tiny sizes (their real runs are in BENCHMARKS.md)."""
 import json
+import os
 
 import pytest
 import torch
@@ -466,3 +467,17 @@ def test_benchmark_options_are_refused_in_one_line_before_any_work(module, argv,
         script.main(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err.splitlines()[-1], err
+
+
+def test_bench_index_never_reuses_clips_of_other_settings(tmp_path):
+    """The cached clips were named by their number alone: a run with longer or larger clips timed the clips an
+    earlier run had left, under its own settings."""
+    pytest.importorskip("av")
+    from benchmarks.bench_index import make_videos
+
+    short = make_videos(str(tmp_path), 2, 1.0, (32, 24), 4.0)
+    assert make_videos(str(tmp_path), 2, 1.0, (32, 24), 4.0) == short  # the same settings: cached
+    longer = make_videos(str(tmp_path), 2, 2.0, (32, 24), 4.0)
+    larger = make_videos(str(tmp_path), 1, 1.0, (48, 32), 4.0)
+    assert len({*short, *longer, *larger}) == 5 and all(os.path.isfile(p) for p in (*short, *longer, *larger))
+    assert os.path.getsize(longer[0]) > os.path.getsize(short[0])
