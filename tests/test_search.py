@@ -142,6 +142,24 @@ def test_built_indexes_are_cached(built, tmp_path):
     assert hits[0].path == good[2] and len(list((index / "search").glob("ivf-*.faiss"))) == 1
 
 
+def test_a_cached_search_index_is_never_used_for_other_vectors(built, tmp_path):
+    """The cache was named by the manifests' names and sizes: an index built again in place with other weights
+    (or other videos under the same paths) has the same manifests, and searched the old vectors."""
+    pytest.importorskip("faiss")
+    videos, index, model, good = built
+    copy = tmp_path / "index"
+    shutil.copytree(index, copy)
+    query = VideoIndex.open(str(copy), "exact").contents.vectors[:1].astype(np.float32)
+    VideoIndex.open(str(copy), "ivf", nlist=1)  # builds and keeps the IVF index
+    for npy in (copy / "shards").glob("*.npy"):
+        vectors = np.load(npy)
+        np.save(npy, vectors[::-1].copy())  # the same shapes and manifests, other vectors
+    exact = VideoIndex.open(str(copy), "exact").searcher.search(query, 3)[1]
+    ivf = VideoIndex.open(str(copy), "ivf", nlist=1)
+    np.testing.assert_array_equal(ivf.searcher.search(query, 3)[1], exact)
+    assert len(list((copy / "search").glob("ivf-*.faiss"))) == 1  # the stale one removed
+
+
 def test_an_approximate_search_that_returns_fewer_than_k_says_so(built, tmp_path, capsys):
     pytest.importorskip("faiss")
     videos, index, model, good = built

@@ -72,7 +72,7 @@ class VideoIndex:
             raise ConfigError(f"the index at {path} holds no readable video ({len(contents.failed)} failed); "
                              f"nothing to search")
         if kind != "exact":
-            search_options.setdefault("cache", store.search_cache_path(path, kind, search_options))
+            search_options.setdefault("cache", store.search_cache_path(path, kind, search_options, contents.vectors))
         index = cls(path, contents, VectorSearch(contents.vectors, kind, **search_options), backend, device,
                     dtype)
         if model is not None:

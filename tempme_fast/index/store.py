@@ -250,14 +250,15 @@ def index_size_bytes(path: str) -> Tuple[int, int]:
     return emb, man
 
 
-def search_cache_path(path: str, kind: str, options: dict) -> Optional[str]:
-    """Where the built ``kind`` search index of these shards and ``options`` is kept.
+def search_cache_path(path: str, kind: str, options: dict, vectors: np.ndarray) -> Optional[str]:
+    """Where the built ``kind`` search index of ``vectors`` (the index's, as loaded) and ``options`` is kept.
 
-    The name hashes the committed manifests (names and sizes) and the options, so an index that
-    grew, or other options, get a new file; older files of the same kind are removed.
+    The name hashes the vectors' bytes and the options, so an index that grew, was built again with other
+    weights or videos (its manifests alike), or other options, get a new file; older files of the same kind
+    are removed.
     """
-    key = json.dumps([[os.path.basename(m), os.path.getsize(m)] for m in manifests(path)] + [kind, options],
-                     sort_keys=True, default=str)
+    digest = hashlib.blake2b(np.ascontiguousarray(vectors).data, digest_size=16).hexdigest()
+    key = json.dumps([digest, list(vectors.shape), str(vectors.dtype), kind, options], sort_keys=True, default=str)
     folder = os.path.join(path, SEARCH)
     try:
         os.makedirs(folder, exist_ok=True)
