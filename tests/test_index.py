@@ -1,6 +1,7 @@
 """`tempme index`: shards and manifests, resume after a kill, growing an index, two processes, bad input."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ pytest.importorskip("av")
 from index_helpers import built, index_argv, make_video, refused, vectors_by_path  # noqa: F401 (built: a fixture)
 from kit import process_env
 from tempme_fast.cli import main
+from tempme_fast.errors import ConfigError
 from tempme_fast.index import IndexSpec, build_index, list_videos, load_contents, load_encoder, rank_share
 from tempme_fast.index import store
 from tempme_fast.retrieval.video import VideoProcessor
@@ -243,6 +245,16 @@ def test_list_files_and_folders(tmp_path):
         list_videos(str(tmp_path / "bad.csv"))
     with pytest.raises(ValueError, match="neither a folder nor a video list"):
         list_videos(str(tmp_path / "readme.md"))
+    # A header with spaces around its names reads as tempme eval reads it; a broken JSON line, or a
+    # video_path that is not a string, is refused naming its line (a JSONDecodeError or TypeError before).
+    (tmp_path / "spaced.csv").write_text("caption , video_path \nhi,b.mp4\n")
+    assert list_videos(str(tmp_path / "spaced.csv")) == [str(tmp_path / "b.mp4")]
+    for text, says in (('{"video_path": "b.mp4"}\n{"video_path": "c.mp4"\n', "broken.jsonl:2: not valid JSON"),
+                       ('{"video_path": null}\n', "broken.jsonl:1: each line must be an object with a 'video_path' "
+                                                   "string")):
+        (tmp_path / "broken.jsonl").write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            list_videos(str(tmp_path / "broken.jsonl"))
 
 
 @pytest.mark.parametrize("count", [0, 1, 5, 17])

@@ -217,6 +217,13 @@ def test_generic_csv_and_jsonl(tmp_path):
     write_csv(tmp_path / "bad.csv", ["path", "caption"], [["a.mp4", "x"]])
     with pytest.raises(ValueError, match="video_path"):
         load_generic(tmp_path / "bad.csv")
+    # A byte-order mark (some editors write one) is read past, as in a CSV; a null video_path is refused
+    # (it was looked for as a file named "None").
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(lines[1]).encode() + b"\n")
+    assert load_generic(tmp_path / "bom.jsonl").videos == {str(clips / "b.mp4"): str(clips / "b.mp4")}
+    (tmp_path / "null.jsonl").write_text(json.dumps({"video_path": None, "caption": "x"}) + "\n")
+    with pytest.raises(ValueError, match="null.jsonl:1: video_path must be a string, got None"):
+        load_generic(tmp_path / "null.jsonl")
     with pytest.raises(ValueError, match="unknown annotation format"):
         load_generic(tmp_path / "clips" / "a.mp4")
 

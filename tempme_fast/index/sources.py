@@ -27,16 +27,22 @@ def _from_list(path: str) -> List[str]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         if suffix == ".csv":
             reader = csv.DictReader(f)
-            if "video_path" not in (reader.fieldnames or []):
-                raise ConfigError(f"{path}: a CSV list needs a 'video_path' column, found {reader.fieldnames}")
-            entries = [row["video_path"] for row in reader]
+            columns = [(c or "").strip() for c in reader.fieldnames or []]  # (as tempme eval reads a CSV)
+            if "video_path" not in columns:
+                raise ConfigError(f"{path}: a CSV list needs a 'video_path' column, found {columns}")
+            at = list(reader.fieldnames)[columns.index("video_path")]
+            entries = [row[at] or "" for row in reader]
         elif suffix in (".jsonl", ".ndjson"):
             entries = []
             for line_no, line in enumerate(f, start=1):
                 if line.strip():
-                    row = json.loads(line)
-                    if not isinstance(row, dict) or "video_path" not in row:
-                        raise ConfigError(f"{path}:{line_no}: each line must be an object with 'video_path'")
+                    try:
+                        row = json.loads(line)
+                    except ValueError as err:
+                        raise ConfigError(f"{path}:{line_no}: not valid JSON ({err})") from None
+                    if not isinstance(row, dict) or not isinstance(row.get("video_path"), str):
+                        raise ConfigError(f"{path}:{line_no}: each line must be an object with a 'video_path' "
+                                          f"string")
                     entries.append(row["video_path"])
         else:
             entries = [line for line in f if not line.lstrip().startswith("#")]

@@ -216,7 +216,7 @@ def load_generic(path, video_root=None) -> RetrievalSplit:
         for row in _read_csv(path, ("video_path", "caption")):
             records.append(row)
     elif suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
             for line_no, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -237,7 +237,9 @@ def load_generic(path, video_root=None) -> RetrievalSplit:
     captions: List[Caption] = []
     for n, row in enumerate(records, start=1):
         where = f"{path}:{row.get('_line', n + 1)}"
-        video_path = str(row["video_path"]).strip()
+        if not isinstance(row["video_path"], str):  # (a null would be looked for as a file named None)
+            raise ValueError(f"{where}: video_path must be a string, got {row['video_path']!r}")
+        video_path = row["video_path"].strip()
         if not video_path:
             raise ValueError(f"{where}: empty video_path")
         video_id = str(row.get("video_id") or video_path).strip()
