@@ -1,5 +1,6 @@
 """`tempme search`: queries by video and by text against brute force, FAISS kinds, no FAISS, refusals."""
 import json
+import logging
 import re
 import shutil
 import sys
@@ -22,6 +23,27 @@ FP16_ATOL = 1e-3  # stored vectors are fp16
 def _search_json(capsys, *argv):
     assert main(["search", *argv, "--json"]) == 0
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_a_query_longer_than_the_text_length_is_searched_with_a_warning(built, caplog):
+    """CLIP reads a text's first ``context_length`` tokens; a longer query was cut without a word."""
+    import open_clip
+
+    from tempme_fast.retrieval.evaluate import encode_texts
+
+    videos, index, model, good = built
+    long = "a dog " * 30 + "catches a frisbee"
+    with caplog.at_level(logging.WARNING, logger="tempme_fast"):
+        search_index(str(index), "a dog catches a frisbee", k=1)
+        assert "longer than" not in caplog.text
+        search_index(str(index), long, k=1)
+    assert "the text is longer than 32 tokens, and only the first 32 are read (65 tokens: 'a dog a dog" in caplog.text
+    caplog.clear()
+    encoder, tokenizer = load_encoder(load_contents(str(index)).spec), open_clip.get_tokenizer("ViT-B-32")
+    with caplog.at_level(logging.WARNING, logger="tempme_fast"):
+        encode_texts(encoder, ["a dog", long, "a cat " * 9], tokenizer, context_length=16, progress=False)
+    assert "2 of 3 texts are longer than 16 tokens, and only the first 16 are read (64+ tokens: 'a dog a dog" \
+           in caplog.text and "the text tower takes up to 32 (context_length)" in caplog.text
 
 
 def test_a_video_finds_itself_first(built, capsys):

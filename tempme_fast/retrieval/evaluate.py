@@ -117,14 +117,25 @@ def encode_texts(model: torch.nn.Module, texts: Sequence[str], tokenizer: Callab
     check_context_length(model, context_length)
     model_length = getattr(model, "context_length", None)
     causal = getattr(model, "attn_mask", None) is not None
-    out = []
+    out, cut = [], []
     for start in tqdm(range(0, len(texts), batch_size), unit="batch", desc="encode captions",
                       disable=not progress):
-        tokens = tokenize(tokenizer, texts[start:start + batch_size], context_length)
+        batch = texts[start:start + batch_size]
+        # Tokenised again 4x as long: a text of more than context_length tokens has more non-padding ids.
+        whole = (tokenize(tokenizer, batch, 4 * context_length) != 0).sum(dim=1)
+        cut += [(text, int(n)) for text, n in zip(batch, whole) if n > context_length]
+        tokens = tokenize(tokenizer, batch, context_length)
         if causal and model_length is not None:
             tokens = pad_tokens(tokens, model_length)
         emb = model.encode_text(tokens.to(device))
         out.append(F.normalize(emb.float(), dim=-1).cpu())
+    if cut:
+        more = (f"; the text tower takes up to {model_length} (context_length)" if model_length and
+                model_length > context_length else "")
+        text, n = cut[0]
+        log.warning("%s longer than %d tokens, and only the first %d are read (%s tokens: %r)%s",
+                    "the text is" if len(texts) == 1 else f"{len(cut)} of {len(texts)} texts are", context_length,
+                    context_length, n if n < 4 * context_length else f"{n}+", text[:80], more)
     return torch.cat(out)
 
 
