@@ -110,6 +110,12 @@ def check_context_length(model: torch.nn.Module, context_length: int) -> None:
 
 
 @torch.no_grad()
+def _simple_tokenizer() -> type:
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer
+
+
 def encode_texts(model: torch.nn.Module, texts: Sequence[str], tokenizer: Callable, context_length: int = 32,
                  batch_size: int = 256, progress: bool = True) -> torch.Tensor:
     """``[N, D]`` float32 L2-normalised caption embeddings (CPU), ``context_length`` tokens each."""
@@ -118,12 +124,13 @@ def encode_texts(model: torch.nn.Module, texts: Sequence[str], tokenizer: Callab
     model_length = getattr(model, "context_length", None)
     causal = getattr(model, "attn_mask", None) is not None
     out, cut = [], []
+    counts = isinstance(tokenizer, _simple_tokenizer())  # (CLIP's BPE, which pads with 0; others not counted)
     for start in tqdm(range(0, len(texts), batch_size), unit="batch", desc="encode captions",
                       disable=not progress):
         batch = texts[start:start + batch_size]
-        # Tokenised again 4x as long: a text of more than context_length tokens has more non-padding ids.
-        whole = (tokenize(tokenizer, batch, 4 * context_length) != 0).sum(dim=1)
-        cut += [(text, int(n)) for text, n in zip(batch, whole) if n > context_length]
+        if counts:  # tokenised again 4x as long: a text of more than context_length tokens has more ids than 0s
+            whole = (tokenize(tokenizer, batch, 4 * context_length) != 0).sum(dim=1)
+            cut += [(text, int(n)) for text, n in zip(batch, whole) if n > context_length]
         tokens = tokenize(tokenizer, batch, context_length)
         if causal and model_length is not None:
             tokens = pad_tokens(tokens, model_length)
