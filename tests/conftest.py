@@ -56,6 +56,15 @@ def _patch_the_language_once_a_launch() -> None:
 if os.environ.get("TRITON_INTERPRET") == "1":
     _patch_the_language_once_a_launch()
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _modules_that_bind_create_model_imported():
+    """``tempme_fast.retrieval.cli`` binds ``loading.create_model`` by name when it is first imported, which the
+    ``tempme`` command does on its first call. Were that call inside a test that patches ``create_model`` (to
+    prove a command stops before it builds a model), the module would keep the stand-in for every later test of
+    that process: imported here, before any test runs."""
+    import tempme_fast.retrieval.cli  # noqa: F401
+
 # ``-n auto`` (pytest-xdist) starts at most this many workers, and at most one per core and per
 # GIB_PER_WORKER of available memory: a worker that builds the ViT-B models peaks near 3.1 GiB.
 MAX_WORKERS = 8
