@@ -41,7 +41,8 @@ def test_a_query_longer_than_the_text_length_is_searched_with_a_warning(built, c
     caplog.clear()
     encoder, tokenizer = load_encoder(load_contents(str(index)).spec), open_clip.get_tokenizer("ViT-B-32")
     with caplog.at_level(logging.WARNING, logger="tempme_fast"):
-        encode_texts(encoder, ["a dog", long, "a cat " * 9], tokenizer, context_length=16, progress=False)
+        texts = encode_texts(encoder, ["a dog", long, "a cat " * 9], tokenizer, context_length=16, progress=False)
+    assert texts.shape[0] == 3 and not texts.requires_grad  # (no autograd graph of the text tower is kept)
     assert "2 of 3 texts are longer than 16 tokens, and only the first 16 are read (64+ tokens: 'a dog a dog" \
            in caplog.text and "the text tower takes up to 32 (context_length)" in caplog.text
 

@@ -109,13 +109,13 @@ def check_context_length(model: torch.nn.Module, context_length: int) -> None:
                           f"{positions} positions; give at most {positions}")
 
 
-@torch.no_grad()
 def _simple_tokenizer() -> type:
     from open_clip.tokenizer import SimpleTokenizer
 
     return SimpleTokenizer
 
 
+@torch.no_grad()
 def encode_texts(model: torch.nn.Module, texts: Sequence[str], tokenizer: Callable, context_length: int = 32,
                  batch_size: int = 256, progress: bool = True) -> torch.Tensor:
     """``[N, D]`` float32 L2-normalised caption embeddings (CPU), ``context_length`` tokens each."""
