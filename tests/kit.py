@@ -3,6 +3,7 @@ check, the real-size shapes and the environment of a fresh process.
 
     from kit import DTYPES, VALUE_TOL, assert_close, parametrize_dtypes
 """
+import argparse
 import os
 import time
 from typing import Dict
@@ -67,6 +68,25 @@ def timed_once(monkeypatch, *modules) -> None:
     for module in modules:
         assert hasattr(module, "measure_ms"), f"{module.__name__} does not call measure_ms"
         monkeypatch.setattr(module, "measure_ms", measure_ms)
+
+
+class Parsed(Exception):
+    """Raised by ``ArgumentParser.parse_args`` under :func:`stop_at_parse` once a command's options parsed."""
+
+
+def stop_at_parse(monkeypatch) -> list:
+    """Make every ``ArgumentParser.parse_args`` raise :class:`Parsed` once it has parsed: a command's ``main``
+    then checks its options through its own parser and runs nothing past it. Returns the parsers that parsed,
+    in order (filled as they do)."""
+    real = argparse.ArgumentParser.parse_args
+    parsers = []
+
+    def parse_only(self, args=None, namespace=None):
+        parsers.append(self)
+        real(self, args, namespace)
+        raise Parsed
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    return parsers
 
 
 def untimed_steps(monkeypatch, bench_train) -> None:

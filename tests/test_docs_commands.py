@@ -10,6 +10,8 @@ import shlex
 
 import pytest
 
+from kit import Parsed, stop_at_parse
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ("README.md", "BENCHMARKS.md")
 # Words that stand for a value in the documents, and one such value.
@@ -77,26 +79,14 @@ def test_the_documents_show_commands_of_every_kind():
     assert len(COMMANDS) > 60
 
 
-class _Parsed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("doc, command", COMMANDS, ids=[f"{d}: {c[:60]}" for d, c in COMMANDS])
 def test_documented_command_parses(doc, command, monkeypatch, capsys):
     module, argv = to_argv(command)
-    parse = argparse.ArgumentParser.parse_args
-
-    parsers = []
-
-    def parse_only(self, args=None, namespace=None):
-        parsers.append(self)
-        raise _Parsed(parse(self, args, namespace))  # the command's first parse: stop there
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    parsers = stop_at_parse(monkeypatch)  # the command's first parse: stop there
     main = importlib.import_module(module).main
     try:
         main(argv)
-    except _Parsed:
+    except Parsed:
         return
     except SystemExit as stop:
         error = capsys.readouterr().err.strip()

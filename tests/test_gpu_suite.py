@@ -3,7 +3,6 @@
 The stages here are stubs (a few lines of Python) so the tests take seconds; the real stage list is
 checked for shape only.
 """
-import argparse
 import importlib
 import json
 import os
@@ -20,7 +19,7 @@ from benchmarks.rowlog import RowLog, read_rows
 from benchmarks.suite import DEFAULT_BUDGET_S, ENCODER_MERGE_TILES, ENCODER_NORM_TILES, MERGE_TILES, NORM_TILES, \
     ROOT, Archiver, Stage, gpu_stages, plan_text, run_suite, select_stages, triton_cache_entries
 from benchmarks.suite import main as suite_main
-from kit import process_env
+from kit import Parsed, process_env, stop_at_parse
 
 # A benchmark that never ends: one row every 50 ms through the real row log.
 SLOW_ROWS = """
@@ -196,20 +195,11 @@ def test_the_stage_list_puts_the_headline_first_then_the_merge_sweeps_the_profil
     assert "warm" not in [s.name for s in cpu]  # nothing to compile for on a CPU
 
 
-class _Parsed(Exception):
-    """Raised where a stage's module has parsed its options: nothing past that runs."""
-
-
 def test_every_stage_parses_its_options_and_names_tests_that_exist(tmp_path, monkeypatch):
     """A stage whose module refuses its options, or that runs a test file or test that is not there, would spend
     its share of a GPU run on an error: each stage's command goes through its module's own parser (stopped
     there), and each test path and test name it gives exists."""
-    real = argparse.ArgumentParser.parse_args
-
-    def parse_only(self, args=None, namespace=None):
-        real(self, args, namespace)
-        raise _Parsed
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    stop_at_parse(monkeypatch)
     checked = set()
     for s in gpu_stages(str(tmp_path)):
         assert s.argv[1] == "-m" and s.argv[2].startswith("benchmarks."), s.name
@@ -227,7 +217,7 @@ def test_every_stage_parses_its_options_and_names_tests_that_exist(tmp_path, mon
         for extra in ([], ["--resume"]) if s.resumable else ([],):
             try:
                 importlib.import_module(module).main([*args, *extra])
-            except _Parsed:
+            except Parsed:
                 checked.add(module)
                 continue
             except SystemExit as e:
