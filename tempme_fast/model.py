@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Type, Union
+from typing import Optional, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from .errors import UnsupportedModelError
 from .encoder import (ClipState, EncoderOptions, block_forward, class_block_forward, embed_frames, frame_features,
                       pool_frames)
 from .schedule import IMGME, TokenSchedule, token_schedule
+from .subclass import patched_class
 from .tracking import SourceMap, initial_sources, source_map
 
 ATTENTION_IMPLS = ops.ATTENTION_IMPLS
@@ -64,10 +65,8 @@ def vit_geometry(visual: nn.Module):
 
 
 def _tempme_class(cls: Type[nn.Module]) -> Type[nn.Module]:
-    """A subclass of the model's own class that adds ``encode_video`` (cached per class)."""
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"TempMe{cls.__name__}", (_TempMeMixin, cls), {"_tempme_original_class": cls})
-    return _CLASSES[cls]
+    """A subclass of the model's own class that adds ``encode_video`` (made once per class; it pickles)."""
+    return patched_class(_TempMeMixin, cls, "TempMe", "_tempme_original_class")
 
 
 class _TempMeMixin:
@@ -80,9 +79,6 @@ class _TempMeMixin:
         leaves them out).
         """
         return encode_video(self, video, mask, normalize, check_finite=check_finite, return_sources=return_sources)
-
-
-_CLASSES: Dict[type, type] = {}
 
 
 def apply_tempme(model: nn.Module, config: Optional[TempMeConfig] = None, backend: str = "auto",
@@ -114,7 +110,8 @@ def apply_tempme(model: nn.Module, config: Optional[TempMeConfig] = None, backen
         ``model``, now with ``encode_video``, ``model.tempme`` (the settings) and, when the config
         adds them, temporal position embeddings ``model.visual.tempme_frame_pos[str(layer)]`` of
         shape ``[1, clips_before_join, 1, width]`` (zero initialised, saved in the state dict).
-        ``encode_image`` and ``encode_text`` are unchanged.
+        ``encode_image`` and ``encode_text`` are unchanged. The patched model pickles whole
+        (``torch.save(model)``; loading it needs tempme_fast importable).
     """
     config = TempMeConfig() if config is None else config
     if not isinstance(config, TempMeConfig):

@@ -4,6 +4,7 @@ check, the real-size shapes and the environment of a fresh process.
     from kit import DTYPES, VALUE_TOL, assert_close, parametrize_dtypes
 """
 import argparse
+import io
 import os
 import time
 from typing import Dict
@@ -72,6 +73,18 @@ def timed_once(monkeypatch, *modules) -> None:
 
 class Parsed(Exception):
     """Raised by ``ArgumentParser.parse_args`` under :func:`stop_at_parse` once a command's options parsed."""
+
+
+def pickled_afresh(obj, monkeypatch):
+    """``obj`` through ``torch.save`` and ``torch.load``, loaded as a new process would: with no patched model
+    class (``tempme_fast.subclass``) made yet."""
+    import tempme_fast.subclass
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    monkeypatch.setattr(tempme_fast.subclass, "_CLASSES", {})
+    return torch.load(buffer, weights_only=False)
 
 
 def stop_at_parse(monkeypatch) -> list:

@@ -5,7 +5,7 @@ import open_clip
 import pytest
 import torch
 
-from kit import HALF_DTYPES, parametrize_dtypes
+from kit import HALF_DTYPES, parametrize_dtypes, pickled_afresh
 from spec_tempme import encode_video_spec
 from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
 from tempme_fast.encoder import embed_frames, frame_features
@@ -130,6 +130,21 @@ def test_state_dict_round_trip():
     v = video(2, 4)
     with torch.no_grad():
         torch.testing.assert_close(fresh.encode_video(v), model.encode_video(v), rtol=0, atol=0)
+
+
+def test_whole_patched_model_pickles(monkeypatch):
+    # torch.save(model) of a patched model failed: its class, made at run time, was not importable by name.
+    model = apply_tempme(tiny_clip(), TINY_CONFIG)
+    _randomise_frame_pos(model)
+    assert type(copy.deepcopy(model)) is type(model)
+    loaded = pickled_afresh(model, monkeypatch)
+    assert type(loaded).__name__ == "TempMeCLIP" and type(loaded) is not type(model)
+    assert loaded.tempme == model.tempme and isinstance(loaded, open_clip.CLIP)
+    v = video(2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_video(v), model.encode_video(v), rtol=0, atol=0)
+    assert type(apply_tempme(tiny_clip(), TINY_CONFIG)) is type(loaded)  # one class per original class
+    assert type(remove_tempme(loaded)) is open_clip.CLIP and not hasattr(loaded, "encode_video")
 
 
 @parametrize_dtypes(HALF_DTYPES)

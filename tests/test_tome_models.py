@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import tome_twin as twin
+from kit import pickled_afresh
 from tempme_fast import apply_tome, remove_tome
 from tempme_fast.tome import parse_r, patch_timm, unpatch_timm
 from tiny import tiny_clip
@@ -98,6 +99,20 @@ def test_apply_tome_is_reversible_and_r_zero_is_open_clip(one_thread):
     assert type(model.visual).__name__ == "VisionTransformer" and not hasattr(model.visual, "tome")
     with pytest.raises(ValueError, match="not patched"):
         remove_tome(model)
+
+
+def test_whole_tome_patched_models_pickle(monkeypatch, one_thread):
+    model, images = apply_tome(tiny_clip(), 3), _images()
+    loaded = pickled_afresh(model, monkeypatch)
+    assert type(loaded.visual).__name__ == "ToMeVisionTransformer" and loaded.visual.tome == model.visual.tome
+    vit = _tiny_timm()
+    patch_timm(vit, r=2)
+    loaded_vit = pickled_afresh(vit, monkeypatch)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images), model.encode_image(images))
+        assert torch.equal(loaded_vit(images), vit(images)) and loaded_vit.r == 2
+    assert type(remove_tome(loaded).visual).__name__ == "VisionTransformer"
+    assert type(unpatch_timm(loaded_vit)) is type(_tiny_timm())
 
 
 @pytest.mark.parametrize("r,match", [(-1, "r=-1"), ([1] * 5, "at most 4"), ((2, 3.0), "inflection"),

@@ -11,7 +11,7 @@ block to block explicitly; nothing is stored on the modules between calls except
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Type
+from typing import Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from .. import ops
 from ..encoder import EncoderOptions, block_forward, embed_frames
 from ..model import vit_geometry
 from ..schedule import LayerPlan
+from ..subclass import patched_class
 from .schedule import RSpec, clamped_r, parse_r
 
 TOME = "tome"
@@ -55,13 +56,8 @@ def _visual_of(model: nn.Module) -> nn.Module:
     return visual
 
 
-_CLASSES: Dict[type, type] = {}
-
-
 def _tome_class(cls: Type[nn.Module]) -> Type[nn.Module]:
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"ToMe{cls.__name__}", (_ToMeVisual, cls), {"_tome_original_class": cls})
-    return _CLASSES[cls]
+    return patched_class(_ToMeVisual, cls, "ToMe", "_tome_original_class")
 
 
 class _ToMeVisual:

@@ -12,13 +12,14 @@ keep their classes, so :func:`unpatch_timm` only restores the model's class.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Type
+from typing import Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..subclass import patched_class
 from .merge import bipartite_plan, merge_source, merge_wavg
 from .schedule import parse_r
 
@@ -102,13 +103,8 @@ class _ToMeTimm:
         return self.norm(x)
 
 
-_CLASSES: Dict[type, type] = {}
-
-
 def _tome_class(cls: Type[nn.Module]) -> Type[nn.Module]:
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"ToMe{cls.__name__}", (_ToMeTimm, cls), {"_tome_original_class": cls})
-    return _CLASSES[cls]
+    return patched_class(_ToMeTimm, cls, "ToMe", "_tome_original_class")
 
 
 def patch_timm(model: nn.Module, trace_source: bool = False, prop_attn: bool = True, *, r=0,
