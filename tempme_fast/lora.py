@@ -159,11 +159,11 @@ def add_lora(model: nn.Module, rank: int = 8, scale: Optional[float] = None, alp
         raise ValueError(f"rank={rank!r} must be a positive int (8 in the TempMe recipe)")
     if scale is not None and alpha is not None:
         raise ValueError(f"give scale={scale} or alpha={alpha} (scale = alpha / rank), not both")
-    if alpha is not None:
-        scale = float(alpha) / rank
-    scale = 1.0 if scale is None else scale
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
-        raise ValueError(f"scale={scale!r} must be a finite non-zero number")
+    name, value = ("alpha", alpha) if alpha is not None else ("scale", 1.0 if scale is None else scale)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
+        raise ValueError(f"{name}={value!r} must be a finite non-zero number"
+                         + (" (scale = alpha / rank)" if name == "alpha" else ""))
+    scale = value / rank if name == "alpha" else value
     towers = _check_towers(towers)
     if has_lora(model):
         raise ValueError(f"model already has LoRA ({lora_config(model)}); merge_lora(model) or "

@@ -180,6 +180,9 @@ def test_alpha_and_single_tower():
     (dict(rank=2.5), "rank=2.5 must be a positive int"),
     (dict(scale=1.0, alpha=4), "not both"),
     (dict(scale=float("nan")), "scale=nan must be a finite non-zero number"),
+    (dict(alpha="16"), r"alpha='16' must be a finite non-zero number \(scale = alpha / rank\)"),
+    (dict(alpha=float("inf")), "alpha=inf must be a finite"),
+    (dict(alpha=0), "alpha=0 must be"),
     (dict(towers=("vision",)), r"towers=\('vision',\) must be a non-empty subset of \('visual', 'text'\)"),
 ])
 def test_add_lora_errors(kwargs, message):
