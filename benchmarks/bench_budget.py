@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,7 @@ from tempme_fast.bench import time_calls
 from tempme_fast.derive import costed
 from tempme_fast.geometry import ViTGeometry
 from tempme_fast.loading import create_model
+from tempme_fast.outputs import write_json
 
 from .common import check_outputs
 
@@ -113,8 +113,7 @@ def main(argv=None) -> None:
           f"{record['load_average_after'][0]:.1f} after")
     print(format_rows(record))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=2)
+        write_json(args.json, record)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import statistics
 from datetime import datetime, timezone
@@ -38,6 +37,7 @@ from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
 from tempme_fast.bench import default_backends, peak_memory_mb, time_calls
 from tempme_fast.arguments import add_config_arguments, config_from_args, non_negative_int, positive_int
 from tempme_fast.lora import add_lora, mark_trainable
+from tempme_fast.outputs import write_json
 from tempme_fast.train import (PRECISIONS, VideoTextForward, _unwrapped, contrastive_loss, make_optimizer,
                                set_grad_checkpointing, train_step)
 
@@ -276,8 +276,7 @@ def main(argv=None) -> int:
     if args.json:
         record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name,
                   "threads": torch.get_num_threads(), "torch": torch.__version__, "args": vars(args), "rows": rows}
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=2)
+        write_json(args.json, record)
     return int(any("error" in r or r.get("agrees") is False for r in rows))
 
 

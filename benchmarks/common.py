@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import json
 import os
 import platform
 import statistics
@@ -21,6 +20,7 @@ from tempme_fast.arguments import config_from_args
 from tempme_fast.bench import cpu_name
 from tempme_fast.errors import ConfigError
 from tempme_fast.loading import resolve_device, resolve_model
+from tempme_fast.outputs import write_json
 
 from .rowlog import RowLog, add_row_log_arguments, read_records, read_rows  # noqa: F401 (the benchmarks' one import)
 
@@ -279,8 +279,7 @@ def environment(device: torch.device) -> Dict[str, object]:
 def write_results(out_dir: str, name: str, env: Dict[str, object], rows: Sequence[Dict[str, object]]) -> None:
     """``<name>.json`` (environment + rows) and ``<name>.csv`` (rows) in ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump({"environment": env, "rows": list(rows)}, f, indent=1)
+    write_json(os.path.join(out_dir, f"{name}.json"), {"environment": env, "rows": list(rows)}, indent=1)
     if rows:
         fields = list(dict.fromkeys(k for row in rows for k in row))
         with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:

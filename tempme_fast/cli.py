@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -47,7 +46,7 @@ def _cmd_bench(args) -> int:
     from .bench import (bench_model, cpu_name, default_backends, format_table, noise_warnings, rows_as_dicts,
                         schedule_name)
     from .loading import create_model, default_dtype_name, resolve_device
-    from .outputs import plural, prepare_output_file
+    from .outputs import plural, prepare_output_file, write_json
 
     device = resolve_device(args.device)
     if args.json:
@@ -98,8 +97,7 @@ def _cmd_bench(args) -> int:
             "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
             "rows": rows_as_dicts(rows),
         }
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=2)
+        write_json(args.json, record)
     return 0
 
 

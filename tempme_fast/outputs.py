@@ -1,13 +1,14 @@
 """Where the commands write, checked before the work starts so that no run ends unable to save.
 
 ``--json PATH`` files and ``--output DIR`` folders are made (with their parents) or refused up
-front; a refusal names the option and why. Inside :func:`new_folders`, the folders made that way (or by
+front; a refusal names the option and why. :func:`write_json` writes such a file whole or not at all. Inside :func:`new_folders`, the folders made that way (or by
 :func:`make_folders`) are removed again, while still empty, when the command fails: a refused run leaves
 nothing behind.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from contextvars import ContextVar
 from datetime import datetime, timezone
@@ -15,7 +16,8 @@ from typing import Iterator, List, Optional
 
 from .errors import ConfigError
 
-__all__ = ["default_run_dir", "make_folders", "new_folders", "plural", "prepare_output_dir", "prepare_output_file"]
+__all__ = ["default_run_dir", "make_folders", "new_folders", "plural", "prepare_output_dir", "prepare_output_file",
+           "write_json"]
 
 _MADE: ContextVar[Optional[List[str]]] = ContextVar("tempme_made_folders", default=None)
 
@@ -85,10 +87,31 @@ def prepare_output_file(path: str, option: str, args=None) -> str:
                               f"file: give another path")
     if os.path.isdir(path):
         raise ConfigError(f"{option} {path} is a folder; give a file path")
-    _make_folder(os.path.dirname(os.path.abspath(path)), f"{option} {path}")
-    if os.path.exists(path) and not os.access(path, os.W_OK):
+    target = os.path.realpath(path)
+    if not os.path.exists(target) or os.path.isfile(target):  # replaced by write_json: its folder must be writable
+        _make_folder(os.path.dirname(target), f"{option} {path}")
+    if os.path.exists(target) and not os.access(target, os.W_OK):
         raise ConfigError(f"{option} {path} exists and is not writable")
     return path
+
+
+def write_json(path: str, obj, indent: int = 2) -> None:
+    """Write ``obj`` as JSON to ``path``, whole or not at all.
+
+    The text is made before the file is touched, so a value JSON cannot hold leaves an earlier file as it
+    was. A regular file (or a new one) is replaced atomically (:func:`~tempme_fast.checkpoint.atomic_write`
+    on the file a link points to), so a kill mid-write leaves the earlier file; anything else, such as
+    ``/dev/stdout`` or a named pipe, is written in place.
+    """
+    from .checkpoint import atomic_write
+
+    data = (json.dumps(obj, indent=indent) + "\n").encode()
+    target = os.path.realpath(path)
+    if os.path.isfile(target) or not os.path.exists(target):
+        atomic_write(target, lambda f: f.write(data))
+    else:
+        with open(path, "wb") as f:
+            f.write(data)
 
 
 def prepare_output_dir(path: str, option: str) -> str:

@@ -3,6 +3,7 @@ any work; bugs keep their traceback."""
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -218,6 +219,49 @@ def test_new_folders_keeps_what_holds_a_file_and_what_was_there(tmp_path):
     assert not (tmp_path / "x").exists()
     make_folders(str(tmp_path / "z"))  # outside new_folders: nothing recorded, nothing removed
     assert (tmp_path / "z").is_dir()
+
+
+def test_json_outputs_are_written_whole_or_not_at_all(tiny_model_file, tmp_path, monkeypatch, capsys):
+    import threading
+
+    from tempme_fast.checkpoint import atomic_write
+    from tempme_fast.outputs import prepare_output_file, write_json
+
+    out = tmp_path / "bench.json"
+    out.write_text('{"earlier": "run"}')
+    argv = ["bench", "--model", tiny_model_file, "--batch", "1", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+            "--no-progress", "--json", str(out), *TINY_ARGS]
+
+    def killed_while_writing(path, write):  # the file is half written when the kill comes
+        def half(f):
+            f.write(b'{"command": ')
+            raise KeyboardInterrupt
+        atomic_write(path, half)
+
+    monkeypatch.setattr("tempme_fast.checkpoint.atomic_write", killed_while_writing)
+    assert main(argv) == 130
+    assert out.read_text() == '{"earlier": "run"}' and sorted(p.name for p in tmp_path.iterdir()) == [
+        "bench.json", "tiny-vit.json"]  # the earlier result, and no temporary file left
+    monkeypatch.undo()
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        write_json(str(out), {"rows": [object()]})
+    assert out.read_text() == '{"earlier": "run"}'
+    link = tmp_path / "link.json"
+    link.symlink_to(out)
+    write_json(str(link), {"rows": []})
+    assert link.is_symlink() and json.loads(out.read_text()) == {"rows": []}
+    # A pipe (as /dev/stdout can be) is written in place, and its folder need not be writable.
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    read = []
+    reader = threading.Thread(target=lambda: read.append(pipe.read_text()))
+    reader.start()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and os.fspath(p) != str(tmp_path))
+    assert prepare_output_file(str(pipe), "--json") == str(pipe)
+    write_json(str(pipe), {"x": 1})
+    reader.join(timeout=10)
+    assert read == ['{\n  "x": 1\n}\n'] and stat.S_ISFIFO(os.stat(pipe).st_mode)
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):

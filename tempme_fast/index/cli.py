@@ -68,7 +68,7 @@ def spec_from_args(args):
 
 
 def run_index(args) -> int:
-    from ..outputs import prepare_output_file
+    from ..outputs import prepare_output_file, write_json
     from .build import build_index
     from .store import index_file_at
 
@@ -94,8 +94,7 @@ def run_index(args) -> int:
           f"(worker time), encode {summary['encode_s']:.1f} s, waiting for decoded videos "
           f"{summary['wait_s']:.1f} s of {summary['wall_s']:.1f} s -> {args.out}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
+        write_json(args.json, summary)
     return 1 if summary["failed"] and not summary["indexed"] and not summary["already"] else 0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import platform
 import sys
@@ -87,7 +86,7 @@ def _tokenizer(model_name: str):
 
 def run_eval(args) -> int:
     """Run ``tempme eval`` with parsed ``args``; prints the table, writes ``--json``; returns the exit status."""
-    from ..outputs import prepare_output_file
+    from ..outputs import prepare_output_file, write_json
     from .evaluate import NoReadableVideos, evaluate_retrieval, format_results
     from .metrics import DSL_TEMPERATURE
 
@@ -122,6 +121,5 @@ def run_eval(args) -> int:
             "merge": args.merge, "backend": args.backend, "data": str(args.data), "split": args.split,
             "max_videos": args.max_videos, "torch": torch.__version__, "python": platform.python_version(),
         }
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return 0

@@ -14,7 +14,7 @@ import torch
 
 from ..bench import BenchRow, format_table, peak_memory_mb, set_speedups, time_calls
 from ..flops import flop_counter
-from ..outputs import plural
+from ..outputs import plural, write_json
 from .open_clip_patch import apply_tome, remove_tome, tome_tokens
 
 DEFAULT_R = (8, 16)  # tempme bench --image's ToMe r values when --tome-r is not given
@@ -89,7 +89,6 @@ def format_image_table(rows: Sequence[BenchRow]) -> str:
 def run_image_bench(args) -> int:
     """``tempme bench --image``: the bench command's model, device, dtype, batch and repeat options,
     with ``--tome-r`` (r values, default 8 and 16) in place of the TempMe schedule; ``--batch`` counts images."""
-    import json
     import sys
 
     from ..arguments import apply_threads
@@ -111,7 +110,6 @@ def run_image_bench(args) -> int:
     if args.json:
         from ..bench import rows_as_dicts
         command = "tempme " + " ".join(getattr(args, "argv", None) or sys.argv[1:])
-        with open(args.json, "w") as f:
-            json.dump({"command": command, "model": args.model, "batch": args.batch, "dtype": dtype_name,
-                       "device": where, "load_average": load, "rows": rows_as_dicts(rows)}, f, indent=2)
+        write_json(args.json, {"command": command, "model": args.model, "batch": args.batch, "dtype": dtype_name,
+                               "device": where, "load_average": load, "rows": rows_as_dicts(rows)})
     return 0
