@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import io
 import os
 import platform
 import statistics
@@ -18,6 +19,7 @@ import torch
 from tempme_fast import TempMeConfig, token_schedule
 from tempme_fast.arguments import config_from_args
 from tempme_fast.bench import cpu_name
+from tempme_fast.checkpoint import atomic_write
 from tempme_fast.errors import ConfigError
 from tempme_fast.loading import resolve_device, resolve_model
 from tempme_fast.outputs import write_json
@@ -277,15 +279,15 @@ def environment(device: torch.device) -> Dict[str, object]:
 
 
 def write_results(out_dir: str, name: str, env: Dict[str, object], rows: Sequence[Dict[str, object]]) -> None:
-    """``<name>.json`` (environment + rows) and ``<name>.csv`` (rows) in ``out_dir``."""
+    """``<name>.json`` (environment + rows) and ``<name>.csv`` (rows) in ``out_dir``, each whole or not at all."""
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, f"{name}.json"), {"environment": env, "rows": list(rows)}, indent=1)
     if rows:
-        fields = list(dict.fromkeys(k for row in rows for k in row))
-        with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(os.path.join(out_dir, f"{name}.csv"), lambda f: f.write(text.getvalue().encode()))
 
 
 def failure(error: BaseException) -> Dict[str, object]:
