@@ -100,6 +100,30 @@ def test_resume_after_a_kill_between_shard_files(built, tmp_path, monkeypatch):
     assert (again["already"], again["indexed"], again["shards"]) == (6, 0, [])
 
 
+def test_a_second_writer_of_a_rank_is_refused(built, tmp_path):
+    """Two writers of rank 0 would both number their shards from 0 and replace each other's."""
+    fcntl = pytest.importorskip("fcntl")
+    videos, reference, model, good = built
+    out = tmp_path / "index"
+    store.prepare_dir(str(out))
+    with open(out / "shards" / ".r0000.lock", "w") as other:  # what another running writer holds
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("4242\n")
+        other.flush()
+        with pytest.raises(ConfigError, match=f"--out {out}: process 4242 is writing this index as rank 0, and a "
+                                              f"second writer would replace its shards"):
+            build_index(str(videos), str(out), _spec(model), workers=0, progress=False)
+        assert store.manifests(str(out)) == []
+        # Another rank has a lock of its own.
+        summary = build_index(str(videos), str(out), _spec(model), workers=0, progress=False, rank=1, world_size=2)
+        assert summary["indexed"] + summary["failed"] == summary["share"] > 0
+    # The other writer has ended: rank 0 can write, and each run lets go of its lock when it ends.
+    for _ in range(2):
+        build_index(str(videos), str(out), _spec(model), resume=True, workers=0, progress=False, rank=0,
+                    world_size=2)
+    assert sorted(vectors_by_path(out)) == good and not (out / "shards" / ".r0000.lock").exists()
+
+
 @pytest.mark.slow  # two command-line runs in fresh processes
 def test_resume_after_sigkill(built, tmp_path):
     """A real kill: SIGKILL once the first shard is committed, then --resume completes the index."""

@@ -141,58 +141,59 @@ def build_index(videos, out: str, spec: Optional[IndexSpec] = None, *, model: Op
     share = rank_share(paths, rank, world_size)
 
     store.prepare_dir(out)
-    # Only this rank's own shards count here: the other processes of the same launch may already have
-    # committed theirs, and there is no collective to agree on "before".
-    existing = store.manifests(out, rank)
-    if existing and not resume:
-        raise ConfigError(f"--out {out} already holds an index ({len(existing)} shard(s) of process {rank}); "
-                         f"pass --resume (resume=True) to continue it or add videos, or choose another folder")
-    if os.path.isfile(os.path.join(out, store.HEADER)):
-        store.write_header(out, spec, store.read_header(out)["embed_dim"])  # refuses another encoder early
-    store.remove_stale_temporaries(out)
-    recorded = store.recorded_paths(out)
-    todo = [p for p in share if p not in recorded]
+    with store.writing(out, rank):  # one writer per rank: another would number its shards as this one does
+        # Only this rank's own shards count here: the other processes of the same launch may already have
+        # committed theirs, and there is no collective to agree on "before".
+        existing = store.manifests(out, rank)
+        if existing and not resume:
+            raise ConfigError(f"--out {out} already holds an index ({len(existing)} shard(s) of process {rank}); "
+                             f"pass --resume (resume=True) to continue it or add videos, or choose another folder")
+        if os.path.isfile(os.path.join(out, store.HEADER)):
+            store.write_header(out, spec, store.read_header(out)["embed_dim"])  # refuses another encoder early
+        store.remove_stale_temporaries(out)
+        recorded = store.recorded_paths(out)
+        todo = [p for p in share if p not in recorded]
 
-    if model is None:
-        if device == "auto" and world_size > 1 and torch.cuda.is_available():
-            device = f"cuda:{local_rank % torch.cuda.device_count()}"  # one GPU per process
-        model = load_encoder(spec, backend=backend, device=device, dtype=dtype)
-    check_context_length(model, spec.context_length)  # else no text query could ever be encoded
-    store.write_header(out, spec, embed_dim(model))
-    weight = model.visual.conv1.weight
-    processor = VideoProcessor.for_model(model, spec.frames, spec.fps)
-    writer = store.ShardWriter(out, rank, shard_size)
-    loader = DataLoader(IndexDataset(todo, processor), batch_size=batch_size, num_workers=workers,
-                        collate_fn=collate_items, pin_memory=weight.device.type == "cuda")
-    timer = _Timer()
-    failed = 0
-    desc = "index" if world_size == 1 else f"index rank {rank}/{world_size}"
-    with tqdm(total=len(todo), unit="video", desc=desc, disable=not progress or rank != 0) as bar:
-        batches = iter(loader)
-        while True:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            timer.wait += time.perf_counter() - t0
-            if batch is None:
-                break
-            items = batch["items"]
-            vectors = None
-            if "video" in batch:
+        if model is None:
+            if device == "auto" and world_size > 1 and torch.cuda.is_available():
+                device = f"cuda:{local_rank % torch.cuda.device_count()}"  # one GPU per process
+            model = load_encoder(spec, backend=backend, device=device, dtype=dtype)
+        check_context_length(model, spec.context_length)  # else no text query could ever be encoded
+        store.write_header(out, spec, embed_dim(model))
+        weight = model.visual.conv1.weight
+        processor = VideoProcessor.for_model(model, spec.frames, spec.fps)
+        writer = store.ShardWriter(out, rank, shard_size)
+        loader = DataLoader(IndexDataset(todo, processor), batch_size=batch_size, num_workers=workers,
+                            collate_fn=collate_items, pin_memory=weight.device.type == "cuda")
+        timer = _Timer()
+        failed = 0
+        desc = "index" if world_size == 1 else f"index rank {rank}/{world_size}"
+        with tqdm(total=len(todo), unit="video", desc=desc, disable=not progress or rank != 0) as bar:
+            batches = iter(loader)
+            while True:
                 t0 = time.perf_counter()
-                emb = model.encode_video(batch["video"].to(weight.device, weight.dtype, non_blocking=True),
-                                         batch["mask"].to(weight.device, non_blocking=True))
-                vectors = F.normalize(emb.float(), dim=-1).cpu().numpy()
-                timer.encode += time.perf_counter() - t0
-                frames = batch["mask"].sum(dim=1).tolist()
-                for it, n in zip((it for it in items if "error" not in it), frames):
-                    it["frames"] = n
-            timer.decode += sum(it["decode_s"] for it in items)
-            failed += sum("error" in it for it in items)
-            writer.add([_record(it) for it in items], vectors)
-            timer.done += len(items)
-            bar.update(len(items))
-            bar.set_postfix(timer.postfix(), refresh=False)
-    writer.flush()
+                batch = next(batches, None)
+                timer.wait += time.perf_counter() - t0
+                if batch is None:
+                    break
+                items = batch["items"]
+                vectors = None
+                if "video" in batch:
+                    t0 = time.perf_counter()
+                    emb = model.encode_video(batch["video"].to(weight.device, weight.dtype, non_blocking=True),
+                                             batch["mask"].to(weight.device, non_blocking=True))
+                    vectors = F.normalize(emb.float(), dim=-1).cpu().numpy()
+                    timer.encode += time.perf_counter() - t0
+                    frames = batch["mask"].sum(dim=1).tolist()
+                    for it, n in zip((it for it in items if "error" not in it), frames):
+                        it["frames"] = n
+                timer.decode += sum(it["decode_s"] for it in items)
+                failed += sum("error" in it for it in items)
+                writer.add([_record(it) for it in items], vectors)
+                timer.done += len(items)
+                bar.update(len(items))
+                bar.set_postfix(timer.postfix(), refresh=False)
+        writer.flush()
     wall = time.perf_counter() - timer.start
     summary = {"indexed": len(todo) - failed, "failed": failed, "already": len(share) - len(todo),
                "share": len(share), "total": len(paths), "rank": rank, "world_size": world_size,
