@@ -1,23 +1,26 @@
 """Where the commands write, checked before the work starts so that no run ends unable to save.
 
 ``--json PATH`` files and ``--output DIR`` folders are made (with their parents) or refused up
-front; a refusal names the option and why. :func:`write_json` writes such a file whole or not at all. Inside :func:`new_folders`, the folders made that way (or by
+front; a refusal names the option and why. Inside :func:`new_folders`, the folders made that way (or by
 :func:`make_folders`) are removed again, while still empty, when the command fails: a refused run leaves
-nothing behind.
+nothing behind. :func:`write_json` writes a file whole or not at all, and :func:`exclusive` keeps a second
+writer out of a folder that one is writing.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import warnings
 from contextvars import ContextVar
 from datetime import datetime, timezone
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 from .errors import ConfigError
 
-__all__ = ["default_run_dir", "make_folders", "new_folders", "plural", "prepare_output_dir", "prepare_output_file",
-           "write_json"]
+__all__ = ["default_run_dir", "exclusive", "make_folders", "new_folders", "plural", "prepare_output_dir",
+           "prepare_output_file", "write_json"]
 
 _MADE: ContextVar[Optional[List[str]]] = ContextVar("tempme_made_folders", default=None)
 
@@ -112,6 +115,62 @@ def write_json(path: str, obj, indent: int = 2) -> None:
     else:
         with open(path, "wb") as f:
             f.write(data)
+
+
+@contextlib.contextmanager
+def exclusive(lock: str, refusal: Callable[[str], str]) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock`` while the block runs, for one writer at a time.
+
+    A lock another process holds raises :class:`ConfigError` with ``refusal(holder)``, where ``holder``
+    is ``"process <pid>"`` (the lock file holds its holder's pid) or ``"another process"``. The lock is
+    ``flock``, so it goes with its process however that ends; the file is removed when the block ends. A
+    file system that cannot lock, or a system without ``fcntl``, runs the block unlocked, with a warning.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None
+    unlocked = "no fcntl here" if fcntl is None else None
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if not unlocked:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if unlocked or _still_at(fd, lock):
+                break  # else the holder before removed the file after this one opened it: lock the new one
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                unlocked = err.strerror or str(err)
+                continue
+            with open(lock, "rb") as f:
+                holder = f.read(32).decode(errors="replace").strip()
+            raise ConfigError(refusal(f"process {holder}" if holder.isdigit() else "another process")) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        if unlocked:
+            warnings.warn(f"{lock}: not locked ({unlocked}); run one writer at a time", stacklevel=3)
+        else:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock)  # while still holding it: a process that opened it meanwhile sees it gone and retries
+        os.close(fd)
+
+
+def _still_at(fd: int, path: str) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path``."""
+    try:
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    there = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def prepare_output_dir(path: str, option: str) -> str:

@@ -205,9 +205,11 @@ def _check_arguments(args):
         args.output = default_run_dir("train")
         print(f"tempme train: writing to {args.output} (no --output given)")
     prepare_output_dir(args.output, "--output")
-    if args.resume is None:  # a new run would replace another run's files
-        from .trainer import Trainer
+    from .trainer import Trainer
 
+    with Trainer.writing(args.output, f"--output {args.output}"):  # refused now, while another run trains there
+        pass
+    if args.resume is None:  # a new run would replace another run's files
         held = Trainer.run_files(args.output, also=("model.pt", "lora.pt"))
         if held:
             raise ConfigError(f"--output {args.output} already holds a training run ({', '.join(held)}); continue it "

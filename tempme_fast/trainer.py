@@ -29,7 +29,7 @@ from torch import nn
 
 from . import distributed
 from .errors import ConfigError
-from .outputs import prepare_output_dir
+from .outputs import exclusive, prepare_output_dir
 from .checkpoint import atomic_save, atomic_write, load_file, rng_state, set_rng_state
 from .lora import MODES, add_lora, has_lora, load_lora_state_dict, lora_config, lora_state_dict, mark_trainable
 from .train import (DEFAULT_LR, PRECISIONS, VideoTextForward, cosine_schedule, make_optimizer, set_grad_checkpointing,
@@ -184,6 +184,7 @@ class Trainer:
 
     CHECKPOINT = "last.pt"
     LOG = "train_log.jsonl"
+    LOCK = ".train.lock"  # held by the main process while it writes in output_dir (:meth:`writing`)
 
     @classmethod
     def run_files(cls, folder: str, also: Sequence[str] = ()) -> List[str]:
@@ -206,6 +207,8 @@ class Trainer:
                               "resume=<checkpoint path>")
         if output_dir:  # found at the first step's log line otherwise, or at the first checkpoint
             prepare_output_dir(output_dir, "output_dir")
+            with self.writing(output_dir):  # refused here, before anything is set up, while another run writes there
+                pass
         if output_dir and resume is None:  # a new run here would replace another's checkpoint and mix the logs
             held = self.run_files(output_dir)
             if held:
@@ -246,9 +249,23 @@ class Trainer:
             resume = auto if auto and os.path.isfile(auto) else None
             stale = os.path.join(output_dir, self.LOG) if output_dir and not resume else None
             if stale and self.is_main and os.path.isfile(stale):
-                os.remove(stale)  # a run stopped before its first checkpoint: its steps run again, logged afresh
+                with self.writing(output_dir):
+                    os.remove(stale)  # a run stopped before its first checkpoint: its steps run again, logged afresh
         if resume:
             self.load_checkpoint(resume)
+
+    @classmethod
+    def writing(cls, output_dir: Optional[str], label: Optional[str] = None):
+        """The lock of ``output_dir`` (:func:`~tempme_fast.outputs.exclusive` on ``output_dir/.train.lock``),
+        held by the main process while it writes there: a second run in the same folder, started while this
+        one trains, would replace its checkpoint and mix the logs, and is refused instead, its message
+        naming the folder as ``label`` (default ``output_dir=...``)."""
+        if not output_dir or distributed.rank() != 0 or os.environ.get("RANK", "0") != "0":  # (before torchrun's
+            return contextlib.nullcontext()                                                  # group is made too)
+        return exclusive(os.path.join(output_dir, cls.LOCK), lambda holder: (
+            f"{label or f'output_dir={output_dir}'}: {holder} is training in this folder, and a second run would "
+            f"replace its checkpoint and mix the logs; wait for it to end (then a resume continues it), or give "
+            f"another folder"))
 
     def _forward_model(self, model: nn.Module) -> nn.Module:
         """What :func:`train_step` calls: the model, or :class:`VideoTextForward` of it wrapped in DDP (several
@@ -521,7 +538,7 @@ class Trainer:
         # Log lines go through tqdm.write, so they do not tear the progress bar.
         redirect = logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext()
         self._stop_requested = self.interrupted = False
-        with redirect, contextlib.closing(bar), self._stop_on_interrupt():
+        with self.writing(self.output_dir), redirect, contextlib.closing(bar), self._stop_on_interrupt():
             while self.epoch < self.config.epochs and self.step < stop_at:
                 self._run_epoch(self._open_epoch(), stop_at, bar)
                 if self.interrupted:

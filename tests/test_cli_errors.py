@@ -264,6 +264,29 @@ def test_json_outputs_are_written_whole_or_not_at_all(tiny_model_file, tmp_path,
     assert read == ['{\n  "x": 1\n}\n'] and stat.S_ISFIFO(os.stat(pipe).st_mode)
 
 
+def test_exclusive_keeps_one_writer(tmp_path, monkeypatch):
+    fcntl = pytest.importorskip("fcntl")
+    from tempme_fast.outputs import exclusive
+
+    lock = tmp_path / ".lock"
+    lock.write_text("977\n")  # left by a killed writer: nobody holds it
+    with exclusive(str(lock), lambda holder: f"{holder} writes here"):
+        assert lock.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(errors.ConfigError, match=f"^process {os.getpid()} writes here$"):
+            with exclusive(str(lock), lambda holder: f"{holder} writes here"):
+                pass
+    assert not lock.exists()
+    with open(lock, "w") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(errors.ConfigError, match="^another process writes here$"):  # no pid written yet
+            with exclusive(str(lock), lambda holder: f"{holder} writes here"):
+                pass
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # as on Windows
+    with pytest.warns(UserWarning, match="not locked \\(no fcntl here\\); run one writer at a time"):
+        with exclusive(str(lock), lambda holder: f"{holder} writes here"):
+            pass
+
+
 def test_a_bug_keeps_its_traceback(monkeypatch):
     """Only input errors become one line: any other exception propagates."""
     import tempme_fast.bench as bench

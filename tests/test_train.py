@@ -213,6 +213,48 @@ def test_resume_auto_without_a_checkpoint_starts_a_fresh_log(tmp_path):
     assert [r["step"] for r in log] == [1, 2] and log[0]["loss"] != 9.0
 
 
+def _held_lock(path, pid="4242"):
+    """The lock file as another running writer holds it."""
+    fcntl = pytest.importorskip("fcntl")
+    other = open(path, "w")
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    other.write(f"{pid}\n")
+    other.flush()
+    return other
+
+
+def test_a_second_run_in_a_folder_that_one_trains_in_is_refused(tmp_path, tiny_model_file):
+    """Two runs writing one folder would replace each other's checkpoint and mix their logs."""
+    out = tmp_path / "run"
+    out.mkdir()
+    with _held_lock(out / Trainer.LOCK):
+        for resume in (None, "auto"):
+            with pytest.raises(ConfigError, match=f"output_dir={out}: process 4242 is training in this folder, and a "
+                                                  f"second run would replace its checkpoint and mix the logs"):
+                Trainer(_model(), [_pairs(2)] * 2, TrainConfig(epochs=1), output_dir=str(out), progress=False,
+                        resume=resume)
+        with pytest.raises(ConfigError, match=f"--output {out}: process 4242 is training in this folder"):
+            _cli(["--model", tiny_model_file, "--synthetic", "4", "--batch-size", "2", *TINY_ARGS, "--output",
+                  str(out), "--no-progress"])
+    assert os.listdir(out) == [Trainer.LOCK]  # the other writer's, left as a killed writer leaves it
+
+    # fit() holds the lock while it trains and lets go of it (and removes the file) at the end.
+    seen = []
+
+    def batches():
+        for batch in [_pairs(2)] * 2:
+            with pytest.raises(ConfigError, match=f"process {os.getpid()} is training"):
+                with Trainer.writing(str(out)):
+                    pass
+            seen.append(True)
+            yield batch
+
+    trainer = Trainer(_model(), batches(), TrainConfig(epochs=1, steps_per_epoch=2), output_dir=str(out),
+                      progress=False)
+    assert len(trainer.fit()) == 2 and seen == [True, True]
+    assert sorted(os.listdir(out)) == ["last.pt", "train_log.jsonl"]
+
+
 def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
     path = tmp_path / "ckpt.pt"
     atomic_save({"a": torch.ones(2)}, path)

@@ -17,23 +17,20 @@ would number its shards as the first does and replace them.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import glob
 import hashlib
 import json
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import ContextManager, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
 from ..checkpoint import atomic_write
 from ..errors import ConfigError
-from ..outputs import make_folders
+from ..outputs import exclusive, make_folders
 from .spec import GROW_ADVICE, IndexSpec, SpecMismatch, check_same_encoder
 
 FORMAT = "tempme-video-index"
@@ -67,65 +64,17 @@ def prepare_dir(path: str) -> None:
                          f"writable folder") from None
 
 
-@contextlib.contextmanager
-def writing(path: str, rank: int) -> Iterator[None]:
+def writing(path: str, rank: int) -> ContextManager[None]:
     """Hold rank ``rank``'s writer lock of the index at ``path`` (made by :func:`prepare_dir`) while the block runs.
 
     Two writers of one rank would both number their shards from the same count and each replace the other's
     (a second ``tempme index`` into the same ``--out`` while one runs, or two torchrun launches): the second
-    is refused, naming the first's process. The lock (``flock`` on ``shards/.r0000.lock``, which holds the
-    writer's pid and is removed when the block ends) goes with its process however that ends. A file system
-    that cannot lock, or a system without ``fcntl``, runs unlocked with a warning.
+    is refused, naming the first's process (:func:`~tempme_fast.outputs.exclusive` on ``shards/.r0000.lock``).
     """
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        fcntl = None
-    lock = os.path.join(path, SHARDS, f".r{rank:04d}.lock")
-    unlocked = "no fcntl here" if fcntl is None else None
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            if fcntl is not None and not unlocked:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if unlocked or _same_file(fd, lock):
-                break  # else the writer before removed the file, after this one opened it: lock the new one
-        except OSError as err:
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                unlocked = err.strerror or str(err)
-                os.close(fd)
-                continue
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise ConfigError(f"--out {path}: {'process ' + holder if holder.isdigit() else 'another process'} is "
-                              f"writing this index as rank {rank}, and a second writer would replace its shards; "
-                              f"wait for it to end (then --resume adds what it lacks), or index all the videos in "
-                              f"one run or as the ranks of one torchrun launch") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
-    try:
-        if unlocked:
-            warnings.warn(f"the index at {path} is written without a lock ({unlocked}): run one writer per rank")
-        else:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        if not unlocked:
-            os.remove(lock)  # while still holding it; a writer waiting on this file sees it gone and retries
-        os.close(fd)
-
-
-def _same_file(fd: int, path: str) -> bool:
-    """Whether the open file ``fd`` is still the file at ``path``."""
-    try:
-        here = os.stat(path)
-    except FileNotFoundError:
-        return False
-    there = os.fstat(fd)
-    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+    return exclusive(os.path.join(path, SHARDS, f".r{rank:04d}.lock"), lambda holder: (
+        f"--out {path}: {holder} is writing this index as rank {rank}, and a second writer would replace its "
+        f"shards; wait for it to end (then --resume adds what it lacks), or index all the videos in one run or as "
+        f"the ranks of one torchrun launch"))
 
 
 def index_file_at(path: str, file: str) -> Optional[str]:
