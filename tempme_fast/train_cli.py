@@ -138,16 +138,18 @@ def _build_data(args, model, split, rank: int, world: int):
     if args.synthetic is not None:
         return SyntheticPairs(args.synthetic, args.batch_size, args.frames, model.visual.image_size[0],
                               args.context_length, model.token_embedding.num_embeddings, args.seed, rank, world)
-    import open_clip
     from torch.utils.data.distributed import DistributedSampler
 
+    from .retrieval.cli import model_tokenizer
     from .retrieval.data import PairDataset, make_loader
+    from .retrieval.evaluate import check_tokenizer
     from .retrieval.video import VideoProcessor
 
-    name = args.model[:-len(".json")].rsplit("/", 1)[-1] if args.model.endswith(".json") else args.model
     fps = None if args.sample_fps == 0 else args.sample_fps
-    dataset = PairDataset(split, VideoProcessor.for_model(model, args.frames, fps), open_clip.get_tokenizer(name),
-                          args.context_length, captions="all", seed=args.seed)
+    tokenizer = model_tokenizer(args.model)
+    check_tokenizer(model, tokenizer, args.context_length)
+    dataset = PairDataset(split, VideoProcessor.for_model(model, args.frames, fps), tokenizer, args.context_length,
+                          captions="all", seed=args.seed)
     # A DistributedSampler (also for one process) orders every epoch by seed + epoch: exact resumes.
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     return make_loader(dataset, args.batch_size // world, args.workers, sampler=sampler, drop_last=True,

@@ -287,6 +287,33 @@ def test_exclusive_keeps_one_writer(tmp_path, monkeypatch):
             pass
 
 
+def test_a_tokenizer_the_text_tower_cannot_embed_is_refused_before_the_videos(tiny_model_file, tmp_path, capsys,
+                                                                                   monkeypatch):
+    # The tiny model embeds 1,000 token ids; open_clip's tokenizer for a config of its name is CLIP's (49,408):
+    # an IndexError, or a device-side assert on a GPU, after every video was encoded.
+    from tempme_fast.retrieval import evaluate
+
+    monkeypatch.setattr(evaluate, "encode_videos", lambda *a, **k: pytest.fail("videos were encoded"))
+    for k in range(2):
+        (tmp_path / f"v{k}.mp4").write_bytes(b"")
+    data = tmp_path / "pairs.csv"
+    data.write_text("video_path,caption\nv0.mp4,a dog\nv1.mp4,a cat\n")
+    listing = tmp_path / "videos.txt"
+    listing.write_text("v0.mp4\nv1.mp4\n")
+    common = ["--model", tiny_model_file, *TINY_ARGS, "--context-length", "12", "--workers", "0", "--no-progress"]
+    says = ("the tokenizer (SimpleTokenizer) makes token ids up to 49407, but the text tower's vocabulary has 1000 "
+            "(model.token_embedding): the model's config and its tokenizer do not match")
+    for command, argv in (("eval", ["--data", str(data)]),
+                          ("train", ["--data", str(data), "--batch-size", "2", "--output", str(tmp_path / "run")]),
+                          ("index", [str(listing), "--out", str(tmp_path / "index")])):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, *common, *argv])
+        assert exit_.value.code == 2, command
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"tempme {command}: error: {says}" in err, err
+    assert not (tmp_path / "index").exists() and not (tmp_path / "run").exists()
+
+
 def test_a_bug_keeps_its_traceback(monkeypatch):
     """Only input errors become one line: any other exception propagates."""
     import tempme_fast.bench as bench

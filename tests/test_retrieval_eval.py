@@ -129,6 +129,12 @@ def test_settings_that_cannot_work_are_refused_before_any_video_is_decoded(tmp_p
     with pytest.raises(ConfigError, match="the processor samples 8 frames a video, the model's TempMeConfig takes "
                                           "frames=12"):
         evaluate_retrieval(model, split, VideoProcessor.for_model(model, 8), tokenizer)
+    # A tokenizer of another vocabulary: an IndexError (a device-side assert on a GPU) once the videos were encoded.
+    with pytest.raises(ConfigError, match=r"the tokenizer \(function\) makes token ids up to 50000, but the text "
+                                          r"tower's vocabulary has 49408 \(model.token_embedding\): the model's "
+                                          r"config and its tokenizer do not match"):
+        evaluate_retrieval(model, split, VideoProcessor.for_model(model, 12),
+                           lambda texts, context_length: torch.full((len(texts), context_length), 50000))
 
 
 def eval_args(*argv):

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, check_int
-from ..retrieval.evaluate import check_context_length
+from ..retrieval.cli import model_tokenizer
+from ..retrieval.evaluate import check_tokenizer
 from ..retrieval.video import VideoDecodeError, VideoProcessor
 from . import store
 from .sources import launch_rank, list_videos, rank_share
@@ -158,7 +159,7 @@ def build_index(videos, out: str, spec: Optional[IndexSpec] = None, *, model: Op
             if device == "auto" and world_size > 1 and torch.cuda.is_available():
                 device = f"cuda:{local_rank % torch.cuda.device_count()}"  # one GPU per process
             model = load_encoder(spec, backend=backend, device=device, dtype=dtype)
-        check_context_length(model, spec.context_length)  # else no text query could ever be encoded
+        check_tokenizer(model, model_tokenizer(spec.model), spec.context_length)  # else no text query could be encoded
         store.write_header(out, spec, embed_dim(model))
         weight = model.visual.conv1.weight
         processor = VideoProcessor.for_model(model, spec.frames, spec.fps)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -117,11 +116,10 @@ class VideoIndex:
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """``[Q, D]`` float32 L2-normalised text embeddings from the index's model."""
-        from ..retrieval.cli import _tokenizer
+        from ..retrieval.cli import model_tokenizer
         from ..retrieval.evaluate import encode_texts
 
-        name = self.spec.model
-        tokenizer = _tokenizer(Path(name).stem if name.endswith(".json") else name)
+        tokenizer = model_tokenizer(self.spec.model)
         return encode_texts(self.model, list(texts), tokenizer, self.spec.context_length, progress=False).numpy()
 
     @torch.no_grad()

@@ -77,11 +77,13 @@ def _format_skipped(skipped, limit: int = 20) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(model_name: str):
-    # Building the BPE tables takes seconds; repeated runs in one process share them.
+def model_tokenizer(model: str):
+    """open_clip's tokenizer of ``--model`` (a model name, or a JSON config's file name once
+    :func:`~tempme_fast.loading.create_model` has registered it). Building the BPE tables takes seconds;
+    repeated runs in one process share them."""
     import open_clip
 
-    return open_clip.get_tokenizer(model_name)
+    return open_clip.get_tokenizer(Path(model).stem if model.endswith(".json") else model)
 
 
 def run_eval(args) -> int:
@@ -101,7 +103,7 @@ def run_eval(args) -> int:
         fps = None if args.sample_fps == 0 else args.sample_fps
         model = build_model(args)
         processor = VideoProcessor.for_model(model, args.frames, fps)
-        tokenizer = _tokenizer(Path(args.model).stem if args.model.endswith(".json") else args.model)
+        tokenizer = model_tokenizer(args.model)
         result = evaluate_retrieval(model, split, processor, tokenizer, context_length=args.context_length,
                                     batch_size=args.batch_size, text_batch_size=args.text_batch_size,
                                     workers=args.workers, dsl=args.dsl,

@@ -109,6 +109,28 @@ def check_context_length(model: torch.nn.Module, context_length: int) -> None:
                           f"{positions} positions; give at most {positions}")
 
 
+def check_tokens(model: torch.nn.Module, tokens: torch.Tensor, tokenizer: Callable) -> None:
+    """Refuse token ids from ``tokenizer`` that the text tower has no embedding for, which would be an
+    ``IndexError`` on the CPU and a device-side assert on a GPU: the model's config and its tokenizer
+    do not match. ``tokens`` are on the CPU (no synchronisation)."""
+    size = getattr(getattr(model, "token_embedding", None), "num_embeddings", None)
+    if size is None or tokens.numel() == 0:
+        return
+    top = int(tokens.max())
+    if top >= size:
+        raise ConfigError(f"the tokenizer ({type(tokenizer).__name__}) makes token ids up to {top}, but the text "
+                          f"tower's vocabulary has {size} (model.token_embedding): the model's config and its "
+                          f"tokenizer do not match (open_clip picks the tokenizer by the model's name, and a JSON "
+                          f"model config's text_cfg.hf_tokenizer_name when it gives one)")
+
+
+def check_tokenizer(model: torch.nn.Module, tokenizer: Callable, context_length: int) -> None:
+    """:func:`check_tokens` on the tokens of an empty text (its start and end tokens, which are CLIP's
+    largest ids), before any video is encoded; with :func:`check_context_length`."""
+    check_context_length(model, context_length)
+    check_tokens(model, tokenize(tokenizer, [""], context_length), tokenizer)
+
+
 def _simple_tokenizer() -> type:
     from open_clip.tokenizer import SimpleTokenizer
 
@@ -132,6 +154,7 @@ def encode_texts(model: torch.nn.Module, texts: Sequence[str], tokenizer: Callab
             whole = (tokenize(tokenizer, batch, 4 * context_length) != 0).sum(dim=1)
             cut += [(text, int(n)) for text, n in zip(batch, whole) if n > context_length]
         tokens = tokenize(tokenizer, batch, context_length)
+        check_tokens(model, tokens, tokenizer)
         if causal and model_length is not None:
             tokens = pad_tokens(tokens, model_length)
         emb = model.encode_text(tokens.to(device))
@@ -192,6 +215,7 @@ def evaluate_retrieval(model: torch.nn.Module, split: RetrievalSplit, processor:
         raise ConfigError(f"ties={ties!r} is not one of {TIES}")
     if dsl and not (isinstance(dsl_temperature, (int, float)) and dsl_temperature > 0):
         raise ConfigError(f"dsl_temperature={dsl_temperature!r} must be a positive number (100 is standard)")
+    check_tokenizer(model, tokenizer, context_length)
     was_training = model.training
     model.eval()
     try:
