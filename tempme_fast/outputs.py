@@ -139,12 +139,12 @@ def exclusive(lock: str, refusal: Callable[[str], str]) -> Iterator[None]:
             if unlocked or _still_at(fd, lock):
                 break  # else the holder before removed the file after this one opened it: lock the new one
         except OSError as err:
+            busy = err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+            holder = os.read(fd, 32).decode(errors="replace").strip() if busy else ""  # (before the holder ends)
             os.close(fd)
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            if not busy:
                 unlocked = err.strerror or str(err)
                 continue
-            with open(lock, "rb") as f:
-                holder = f.read(32).decode(errors="replace").strip()
             raise ConfigError(refusal(f"process {holder}" if holder.isdigit() else "another process")) from None
         except BaseException:
             os.close(fd)
