@@ -236,3 +236,20 @@ def test_vector_search_errors():
         search.search(vectors[:1], 0)
     with pytest.raises(ValueError, match="8-d"):
         search.search(np.zeros((1, 4), np.float32), 1)
+    # A NaN query (a model that overflowed) had no results from FAISS and NaN scores from the exact search.
+    queries = vectors[:3].copy()
+    queries[2, 1] = np.nan
+    for searcher in (search, VectorSearch(vectors)):
+        with pytest.raises(ValueError, match=r"queries hold NaN or Inf \(query 2 of 3\)"):
+            searcher.search(queries, 2)
+
+
+def test_vector_queries_may_be_tensors(built):
+    videos, index, model, good = built
+    opened = VideoIndex.open(str(index))
+    queries = torch.from_numpy(load_contents(str(index)).vectors[:2].astype(np.float32))
+    want = opened.search_vectors(queries.numpy(), k=3)
+    # model.encode_text's output as it comes: bf16, and part of an autograd graph.
+    got = opened.search_vectors(queries.bfloat16().requires_grad_(), k=3)
+    assert [[h.path for h in hits] for hits in got] == [[h.path for h in hits] for hits in want]
+    assert [hits[0].path for hits in got] == [r["path"] for r in load_contents(str(index)).records[:2]]

@@ -99,8 +99,11 @@ class VideoIndex:
             self.use_model(load_encoder(self.spec, self.backend, self.device, self.dtype))
         return self._model
 
-    def search_vectors(self, queries: np.ndarray, k: int = 10) -> List[List[SearchHit]]:
-        """Results for each query of ``queries [Q, D]`` (L2-normalised), best first."""
+    def search_vectors(self, queries, k: int = 10) -> List[List[SearchHit]]:
+        """Results for each query of ``queries [Q, D]`` (L2-normalised; a NumPy array or a tensor of any float
+        dtype and device, e.g. ``model.encode_text``'s), best first."""
+        if isinstance(queries, torch.Tensor):
+            queries = queries.detach().float().cpu().numpy()
         scores, ids = self.searcher.search(queries, k)
         out = []
         for row_scores, row_ids in zip(scores, ids):

@@ -125,6 +125,9 @@ class VectorSearch:
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ConfigError(f"queries have shape {queries.shape}; the index holds {self.dim}-d vectors")
+        finite = np.isfinite(queries).all(axis=1)
+        if not finite.all():  # no result would be right: FAISS returns none, the exact scores are all NaN
+            raise ConfigError(f"queries hold NaN or Inf (query {int(np.argmin(finite))} of {len(queries)})")
         k = min(k, len(self.vectors))
         if self.index is None:
             return brute_force(self.vectors, queries, k)
