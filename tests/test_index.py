@@ -124,6 +124,30 @@ def test_a_second_writer_of_a_rank_is_refused(built, tmp_path):
     assert sorted(vectors_by_path(out)) == good and not (out / "shards" / ".r0000.lock").exists()
 
 
+def test_a_nan_embedding_is_recorded_as_a_failure_not_indexed(built, tmp_path):
+    """An encoder that overflowed (fp16) for one video: that video is recorded with the reason, not searched."""
+    videos, reference, model, good = built
+    encoder = load_encoder(_spec(model))
+    encode = encoder.encode_video
+
+    def overflows_on_the_second(video, mask):
+        emb = encode(video, mask)
+        emb[1 % len(emb)] = float("nan")
+        return emb
+
+    encoder.encode_video = overflows_on_the_second
+    out = tmp_path / "index"
+    summary = build_index(str(videos), str(out), _spec(model), model=encoder, batch_size=2, workers=0,
+                          progress=False)
+    contents = load_contents(str(out))
+    nan = [r for r in contents.failed if "NaN or Inf embedding" in r["reason"]]
+    assert len(nan) == 3 and summary["failed"] == 4 and summary["indexed"] == 2  # 6 files, 2 a batch; 1 broken
+    assert np.isfinite(contents.vectors).all() and len(contents.vectors) == len(contents.records) == 2
+    want = vectors_by_path(reference)
+    for record, vector in zip(contents.records, contents.vectors):
+        np.testing.assert_allclose(vector, want[record["path"]], atol=FP16_ATOL, rtol=0)
+
+
 @pytest.mark.slow  # two command-line runs in fresh processes
 def test_resume_after_sigkill(built, tmp_path):
     """A real kill: SIGKILL once the first shard is committed, then --resume completes the index."""

@@ -16,6 +16,7 @@ import os
 import time
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -186,8 +187,13 @@ def build_index(videos, out: str, spec: Optional[IndexSpec] = None, *, model: Op
                     vectors = F.normalize(emb.float(), dim=-1).cpu().numpy()
                     timer.encode += time.perf_counter() - t0
                     frames = batch["mask"].sum(dim=1).tolist()
-                    for it, n in zip((it for it in items if "error" not in it), frames):
+                    finite = np.isfinite(vectors).all(axis=1)  # a NaN row would be searched as if it were one
+                    for it, n, ok in zip([it for it in items if "error" not in it], frames, finite):
                         it["frames"] = n
+                        if not ok:
+                            it["error"] = (f"the encoder made a NaN or Inf embedding ({weight.dtype}; an overflow "
+                                           f"is likeliest in float16: try --dtype bf16 or fp32)")
+                    vectors = vectors[finite] if finite.any() else None
                 timer.decode += sum(it["decode_s"] for it in items)
                 failed += sum("error" in it for it in items)
                 writer.add([_record(it) for it in items], vectors)
