@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Tuple, Type
 
-__all__ = ["ConfigError", "TempMeError", "UnsupportedModelError", "WeightsUnavailableError", "as_config_error",
-           "check_int"]
+__all__ = ["ConfigError", "TempMeError", "TrainingDiverged", "UnsupportedModelError", "WeightsUnavailableError",
+           "as_config_error", "check_int"]
 
 
 class TempMeError(ValueError):
@@ -36,6 +36,11 @@ class UnsupportedModelError(TempMeError, TypeError):
 
 class WeightsUnavailableError(ConfigError):
     """Pretrained weights that are neither cached nor downloadable from here (offline, unknown tag)."""
+
+
+class TrainingDiverged(TempMeError):
+    """Training made the loss or the weights NaN or Inf: the run's settings (learning rate, precision,
+    gradient clipping) let it diverge. No checkpoint is written from such weights."""
 
 
 @contextlib.contextmanager

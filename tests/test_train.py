@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from kit import HALF_DTYPES, parametrize_dtypes
 from tempme_fast import apply_tempme
 from tempme_fast.checkpoint import atomic_save
-from tempme_fast.errors import ConfigError
+from tempme_fast.errors import ConfigError, TrainingDiverged
 from tempme_fast.lora import add_lora, lora_layers, mark_trainable
 from tempme_fast.retrieval import SyntheticPairs
 from tempme_fast.train import contrastive_loss, cosine_schedule, make_optimizer, train_step, unpack_batch
@@ -253,6 +253,43 @@ def test_a_second_run_in_a_folder_that_one_trains_in_is_refused(tmp_path, tiny_m
                       progress=False)
     assert len(trainer.fit()) == 2 and seen == [True, True]
     assert sorted(os.listdir(out)) == ["last.pt", "train_log.jsonl"]
+
+
+def _nan_at(step, n=2):
+    """Batches whose ``step``-th (1-based) videos are NaN, as an overflow makes them."""
+    batches = [_pairs(n, seed=k) for k in range(4)]
+    batches[step - 1][0][:] = float("nan")
+    return batches
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, mode):
+    """A NaN loss whose gradients the optimiser applied: the run stops there, and no checkpoint of the NaN
+    weights replaces the last good one (before, training went on and the next save wrote them over it)."""
+    trainer = Trainer(_model(mode), _nan_at(3), TrainConfig(mode=mode, epochs=1, steps_per_epoch=4, save_every=1),
+                      output_dir=str(tmp_path), progress=False)
+    with pytest.raises(TrainingDiverged, match=rf"step 3: the loss is nan and the optimiser has applied its gradients, "
+                                               rf"so the weights are no longer usable and no checkpoint is written from "
+                                               rf"them; the last checkpoint written, {tmp_path}/last.pt, is kept"):
+        trainer.fit()
+    kept = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert kept["step"] == 2 and all(torch.isfinite(w).all() for w in kept["model"].values())
+    assert [json.loads(line)["step"] for line in open(tmp_path / "train_log.jsonl")] == [1, 2, 3]
+    # The weights went bad without a bad loss here (another process's batch, under DDP): not written either.
+    with torch.no_grad():
+        next(p for p in trainer.model.parameters() if p.requires_grad).fill_(float("inf"))
+    with pytest.raises(TrainingDiverged, match="step 3: the weights hold NaN or Inf"):
+        trainer.save_checkpoint()
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "train_log.jsonl"]
+
+
+def test_a_skipped_fp16_step_is_not_a_divergence(tmp_path):
+    """fp16 with a loss scaler: a non-finite step is skipped (the weights unchanged) and the run goes on."""
+    trainer = Trainer(_model(), _nan_at(2), TrainConfig(epochs=1, steps_per_epoch=4, precision="fp16"),
+                      progress=False)
+    assert trainer.scaler.is_enabled() and len(trainer.fit()) == 4
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
 def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
