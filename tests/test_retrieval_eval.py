@@ -184,6 +184,36 @@ def test_random_weights_are_the_same_in_every_run(tiny_config):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_a_nan_embedding_stops_the_evaluation_at_its_batch(msrvtt, monkeypatch):
+    """A model that overflows: named at the batch that shows it, not as a NaN similarity once all is encoded."""
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    oracle = Oracle({tuple(t.tolist()): k for k, t in enumerate(tokenizer(CAPTIONS, context_length=32))})
+    encode, batches = oracle.encode_video, []
+
+    def overflows_in_the_second_batch(video, mask):
+        batches.append(len(video))
+        emb = encode(video, mask)
+        if len(batches) == 2:
+            emb[-1] = float("inf")
+        return emb
+
+    monkeypatch.setattr(oracle, "encode_video", overflows_in_the_second_batch)
+    split = load_msrvtt(msrvtt)
+    with pytest.raises(ConfigError, match=r"the model made a NaN or Inf embedding for the video 'video\d+' \(1 of this "
+                                          r"batch of \d; the model runs in torch.float32"):
+        evaluate_retrieval(oracle, split, VideoProcessor(ToTensor(), frames=12), tokenizer, batch_size=2,
+                           progress=False)
+    assert len(batches) == 2  # stopped there
+    # Texts too: a text tower that overflows is named with the caption.
+    monkeypatch.setattr(oracle, "encode_video", encode)
+    monkeypatch.setattr(oracle, "encode_text", lambda tokens: torch.full((len(tokens), 8), float("nan")))
+    with pytest.raises(ConfigError, match=r"NaN or Inf embedding for the text '.+' \(4 of this batch of 4"):
+        evaluate_retrieval(oracle, split, VideoProcessor(ToTensor(), frames=12), tokenizer, batch_size=2,
+                           progress=False)
+
+
 def test_checkpoint_and_baseline(msrvtt, tiny_config, tmp_path, capsys):
     """A saved TempMe checkpoint evaluates to the numbers of the model it came from; --no-merge costs more."""
     torch.manual_seed(0)

@@ -53,6 +53,17 @@ def _check_model(model: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
+def check_finite_embeddings(embeddings: torch.Tensor, names: Sequence[str], what: str, dtype: torch.dtype) -> None:
+    """Refuse a NaN or Inf row of ``embeddings`` (CPU), naming its ``what`` from ``names``: every similarity
+    with it would be NaN, so the metrics could not be computed after all the encoding."""
+    finite = torch.isfinite(embeddings).all(dim=1)
+    if not bool(finite.all()):
+        i = int((~finite).nonzero()[0])
+        raise ConfigError(f"the model made a NaN or Inf embedding for the {what} {names[i]!r} ({int((~finite).sum())} "
+                          f"of this batch of {len(finite)}; the model runs in {dtype}, where an overflow is likeliest "
+                          f"in float16: try --dtype bf16 or fp32)")
+
+
 def encode_videos(model: torch.nn.Module, split: RetrievalSplit, processor: VideoProcessor,
                   batch_size: int = 16, workers: int = 0, progress: bool = True) -> dict:
     """Encode every video of ``split``.
@@ -84,6 +95,7 @@ def encode_videos(model: torch.nn.Module, split: RetrievalSplit, processor: Vide
                 _sync(device)
                 batch_times.append((count, time.perf_counter() - t0))
                 chunks.append(F.normalize(emb.float(), dim=-1).cpu())
+                check_finite_embeddings(chunks[-1], batch["video_id"], "video", dtype)
                 ids.extend(batch["video_id"])
             bar.update(count + len(batch["skipped"]))
             if batch["skipped"]:
@@ -159,6 +171,7 @@ def encode_texts(model: torch.nn.Module, texts: Sequence[str], tokenizer: Callab
             tokens = pad_tokens(tokens, model_length)
         emb = model.encode_text(tokens.to(device))
         out.append(F.normalize(emb.float(), dim=-1).cpu())
+        check_finite_embeddings(out[-1], batch, "text", emb.dtype)
     if cut:
         more = (f"; the text tower takes up to {model_length} (context_length)" if model_length and
                 model_length > context_length else "")
