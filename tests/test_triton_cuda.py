@@ -299,6 +299,31 @@ def test_deterministic(dtype):
             assert torch.equal(first, again)
 
 
+def test_two_streams_at_once():
+    """Matches launched on two streams without waiting for each other (two threads serving one GPU) give
+    what each gives alone: each stream has its own scratch (counters and partials) for the match kernel."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    # Late-layer shapes (3 joined clips of 645 tokens): few clips, so B is split into ranges whose partials
+    # and counters live in the scratch.
+    metrics = [torch.randn(2, 645, 64, generator=g, device="cuda", dtype=torch.float16) for _ in range(2)]
+    want = [ops.match(m, 193, 3, backend="triton") for m in metrics]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    got = [[], []]
+    for _ in range(50):
+        for k, stream in enumerate(streams):
+            with torch.cuda.stream(stream):
+                got[k].append(ops.match(metrics[k], 193, 3, backend="triton"))
+    torch.cuda.synchronize()
+    for k in range(2):
+        for plan in got[k]:
+            assert torch.equal(plan.merged, want[k].merged) and torch.equal(plan.dst, want[k].dst)
+            assert torch.equal(plan.kept, want[k].kept)
+    handles = {stream.cuda_stream for stream in streams}
+    assert len({key for key in triton_ops._SCRATCH if key[1] in handles}) == 2
+
+
 def test_cuda_graph_capture():
     """match + merge never read back to the host: the forward captures into a CUDA graph and replays."""
     g = torch.Generator(device="cuda").manual_seed(1)
