@@ -95,10 +95,10 @@ class GraphedVideoEncoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(self.graph):
             self.out = self._forward()
-        # The match kernel's scratch buffer (kept per device and stream by the Triton ops) is baked into the
+        # The match kernel's scratch buffer (kept per device and thread by the Triton ops) is baked into the
         # graph: hold it, so that a later eager call with larger shapes, which replaces it, cannot free it.
         triton_ops = sys.modules.get("tempme_fast.ops.triton_ops")
-        self._scratch = dict(triton_ops._SCRATCH) if triton_ops is not None else {}
+        self._scratch = dict(triton_ops.scratch_buffers()) if triton_ops is not None else {}
         self._weights = WeightsWatch(model.visual)  # all that encode_video reads
 
     def _forward(self) -> torch.Tensor:

@@ -282,22 +282,20 @@ def test_match_plan_ties(na, r, levels, device):
         assert torch.equal(got.cpu(), want)
 
 
-def test_each_stream_has_its_own_match_scratch(monkeypatch):
-    """Launches on two CUDA streams may run at once: a shared scratch would mix their counters and partials
-    (stream handles are made up here; tests/test_triton_cuda.py runs two real streams)."""
-    monkeypatch.setattr(triton_ops, "_SCRATCH", {})
-    monkeypatch.setattr(triton_ops, "_SCRATCH_VIEWS", {})
+def test_each_thread_has_its_own_match_scratch():
+    """Two threads serving one GPU, each on its own stream, may launch matches at once: a shared scratch would mix
+    their counters and partials (tests/test_triton_cuda.py runs two such threads on a GPU)."""
+    import threading
+
     cpu = torch.device("cpu")
-    first, _ = triton_ops._scratch_views(cpu, 11, 8, (4, 2), torch.float32)
-    assert triton_ops._scratch_views(cpu, 11, 8, (4, 2), torch.float32)[0] is first  # the same stream: reused
-    second, _ = triton_ops._scratch_views(cpu, 12, 8, (4, 2), torch.float32)
-    assert second.data_ptr() != first.data_ptr() and set(triton_ops._SCRATCH) == {(cpu, 11), (cpu, 12)}
-    # A stream made per call must not keep a buffer each: the oldest are let go.
-    for stream in range(100, 100 + 2 * triton_ops.MAX_SCRATCH_STREAMS):
-        triton_ops._scratch_views(cpu, stream, 8, (4, 2), torch.float32)
-    assert len(triton_ops._SCRATCH) == triton_ops.MAX_SCRATCH_STREAMS and (cpu, 11) not in triton_ops._SCRATCH
-    assert triton_ops._match_scratch(cpu, 8, (4, 2), torch.float32)[0].data_ptr() == \
-        triton_ops._SCRATCH[cpu, None][0].data_ptr()  # off CUDA: no stream
+    mine, _ = triton_ops._match_scratch(cpu, 8, (4, 2), torch.float32)
+    assert triton_ops._match_scratch(cpu, 8, (4, 2), torch.float32)[0] is mine  # the same thread: reused
+    theirs = []
+    worker = threading.Thread(target=lambda: theirs.append(triton_ops._match_scratch(cpu, 8, (4, 2), torch.float32)))
+    worker.start()
+    worker.join()
+    assert theirs[0][0].data_ptr() != mine.data_ptr()
+    assert triton_ops.scratch_buffers()[cpu][0].data_ptr() == mine.data_ptr()
 
 
 @pytest.mark.parametrize("plan", ["sorted", "counted"])

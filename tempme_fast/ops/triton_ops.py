@@ -32,6 +32,7 @@ alone, and every data-dependent loop bound is computed inside a kernel, so a for
 these ops can be captured in a CUDA graph.
 """
 import os
+import threading
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -159,55 +160,54 @@ def _new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-# The match kernel's scratch, one buffer per (device, CUDA stream): launches on one stream run one after another,
-# so they never use it at the same time, but launches on two streams (two threads serving one GPU, each with its
-# own stream) may, and would corrupt each other's counters and partials.
-_SCRATCH: Dict[tuple, Tuple[torch.Tensor, int]] = {}
-# Views of the scratch by (device, stream, rows, partials' shape, dtype): a schedule asks for the same few each
-# forward.
-_SCRATCH_VIEWS: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+# The match kernel's scratch, one buffer per device and thread. Launches on one stream run one after another, so
+# they never use it at the same time; two threads serving one GPU, each on its own stream, would, and would mix
+# each other's counters and partials, so each thread has its own. (One thread that launches on two streams without
+# making one wait for the other still shares it.) Not per stream: CUDA-graph capture and torch.compile's graphs
+# run on streams of their own, and would then make a buffer in their memory pool, which is theirs to reuse.
+_THREAD = threading.local()
 _COUNTER_BYTES = 4096  # room for 1024 int32 clip counters at the front of the scratch; the partials follow
-MAX_SCRATCH_STREAMS = 16  # buffers kept (the oldest is let go: a stream made per request must not grow memory)
 
 
-# The current stream of a CUDA device as a raw handle: a C function, no Python object (absent from CPU-only builds).
-_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+def scratch_buffers() -> Dict[torch.device, Tuple[torch.Tensor, int]]:
+    """This thread's match scratch, ``{device: (buffer, counter bytes)}`` (what a captured graph holds on to)."""
+    return _tables()[0]
+
+
+def _tables() -> Tuple[dict, dict]:
+    """This thread's ``(buffers by device, views by (device, rows, partials' shape, dtype))``."""
+    try:
+        return _THREAD.tables
+    except AttributeError:  # the thread's first match
+        _THREAD.tables = ({}, {})
+        return _THREAD.tables
 
 
 def _match_scratch(device: torch.device, rows: int, part_shape: Tuple[int, ...], dtype: torch.dtype
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(count [>= rows] int32, part [part_shape] dtype)`` for the match kernel on the current stream
-    (:func:`_scratch_views`); once they exist, a dictionary look-up and no Python call."""
-    stream = _RAW_STREAM(device.index) if device.type == "cuda" else None
-    views = _SCRATCH_VIEWS.get((device, stream, rows, part_shape, dtype))
-    return views if views is not None else _scratch_views(device, stream, rows, part_shape, dtype)
-
-
-def _scratch_views(device: torch.device, stream: Optional[int], rows: int, part_shape: Tuple[int, ...],
-                   dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(count, part)`` from the one buffer kept per device and ``stream`` (None off CUDA): its counters
-    are zero and every launch leaves them zero, and its partials are written before they are read, so a
-    step allocates nothing here once the buffer is large enough. A buffer is made on its own stream, so
-    the allocator hands its memory on, once it is let go, only to work that runs after it on that stream."""
-    views = _SCRATCH_VIEWS.get((device, stream, rows, part_shape, dtype))
+    """``(count [>= rows] int32, part [part_shape] dtype)`` for the match kernel, from this thread's buffer
+    for ``device``: its counters are zero and every launch leaves them zero, and its partials are written
+    before they are read, so a step allocates nothing here once the buffer is large enough."""
+    try:  # (attribute access and one look-up: no further call on the common path)
+        views = _THREAD.tables[1].get((device, rows, part_shape, dtype))
+    except AttributeError:
+        views = None
     if views is not None:  # the same views as last time: slicing and viewing are aten ops of host time
         return views
+    buffers, cache = _tables()
     part_bytes = dtype.itemsize * int(torch.Size(part_shape).numel())
-    buf, counter_bytes = _SCRATCH.get((device, stream), (None, 0))
+    buf, counter_bytes = buffers.get(device, (None, 0))
     if buf is None or 4 * rows > counter_bytes or buf.numel() < counter_bytes + part_bytes:
         # The counters stay zero only where no partials were ever written: grow both together.
         counter_bytes = max(_COUNTER_BYTES, _cdiv(4 * rows, 256) * 256)  # partials 256-byte aligned
         buf = torch.zeros(counter_bytes + 2 * part_bytes, dtype=torch.uint8, device=device)
-        _SCRATCH.pop((device, stream), None)
-        while len(_SCRATCH) >= MAX_SCRATCH_STREAMS:
-            del _SCRATCH[next(iter(_SCRATCH))]
-        _SCRATCH[device, stream] = buf, counter_bytes
-        _SCRATCH_VIEWS.clear()  # views of an old buffer, whose counters may not be zero any more, or let go
+        buffers[device] = buf, counter_bytes
+        cache.clear()  # views of the old buffer, whose counters may not be zero any more
     count = buf[:counter_bytes].view(torch.int32)
     part = buf[counter_bytes:counter_bytes + part_bytes].view(dtype).view(part_shape)
-    if len(_SCRATCH_VIEWS) >= 256:  # many shapes (varying batch sizes): keep the cache small
-        _SCRATCH_VIEWS.clear()
-    _SCRATCH_VIEWS[(device, stream, rows, part_shape, dtype)] = count, part
+    if len(cache) >= 256:  # many shapes (varying batch sizes): keep the cache small
+        cache.clear()
+    cache[(device, rows, part_shape, dtype)] = count, part
     return count, part
 
 
