@@ -118,6 +118,33 @@ def test_search_input_errors(built, tmp_path, capsys):
         assert says in capsys.readouterr().err
 
 
+def test_a_damaged_index_is_refused_in_one_line(built, tmp_path, capsys):
+    """Every file of an index is written whole; one edited or damaged by something else is named, with what to
+    do, where it was a traceback (KeyError, TypeError, JSONDecodeError, numpy's ValueError)."""
+    videos, index, model, good = built
+    header_edits = {"cut": lambda text: text[:40], "a list": lambda text: "[1]",
+                    "no embed_dim": lambda text: json.dumps({k: v for k, v in json.loads(text).items()
+                                                             if k != "embed_dim"}),
+                    "bad schedule": lambda text: text.replace('"imgme_r": 1', '"imgme_r": "x"')}
+    for what, edit in header_edits.items():
+        copy = tmp_path / what
+        shutil.copytree(index, copy)
+        (copy / "index.json").write_text(edit((copy / "index.json").read_text()))
+        assert refused(["search", str(copy), "a dog"]), what
+        err = capsys.readouterr().err
+        assert f"{copy / 'index.json'}: the index's header is damaged or was edited" in err and err.count("\n") == 1
+    shard = sorted((index / "shards").glob("*.jsonl"))[0].name
+    for what, damage in (("manifest", lambda c: (c / "shards" / shard).write_text('{"path": 3}\n')),
+                         ("vectors", lambda c: (c / "shards" / shard.replace(".jsonl", ".npy")).write_bytes(b"x"))):
+        copy = tmp_path / what
+        shutil.copytree(index, copy)
+        damage(copy)
+        assert refused(["search", str(copy), "a dog"]), what
+        err = capsys.readouterr().err
+        assert str(copy / "shards" / shard) in err and "run tempme index with --resume" in err, err
+        assert err.count("\n") == 1
+
+
 def _unit(n, d, seed=0):
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((20, d))

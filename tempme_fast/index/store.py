@@ -94,13 +94,29 @@ def read_header(path: str) -> dict:
     header = os.path.join(path, HEADER)
     if not os.path.isfile(header):
         raise ConfigError(f"{path} is not a video index (no {HEADER}); build one with `tempme index`")
-    with open(header) as f:
-        data = json.load(f)
+    damaged = (f"{header}: the index's header is damaged or was edited (it is written whole, by one rename), so "
+               f"its encoder is unknown; restore the file, or build the index again")
+    try:
+        with open(header, "rb") as f:
+            data = json.loads(f.read().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{damaged} (not JSON: {err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{damaged} (not a JSON object)")
     if data.get("format") != FORMAT:
         raise ConfigError(f"{header}: format {data.get('format')!r} is not {FORMAT!r}")
     if data.get("version") != VERSION:
         raise ConfigError(f"{header}: version {data.get('version')} is not supported (this library reads "
                          f"version {VERSION})")
+    dim, spec = data.get("embed_dim"), data.get("spec")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ConfigError(f"{damaged} (embed_dim={dim!r}, not a positive int)")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{damaged} (spec={spec!r}, not a JSON object)")
+    try:
+        IndexSpec.from_json(spec).tempme_config()
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{damaged} (its schedule: {err})") from None
     return data
 
 
@@ -131,8 +147,26 @@ def manifests(path: str, rank: Optional[int] = None) -> List[str]:
 
 
 def read_manifest(manifest: str) -> List[dict]:
-    with open(manifest) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a committed shard, or a ConfigError naming the line that is not one (a manifest is
+    written whole, by one rename: such a line was edited or damaged by something else)."""
+    rows = []
+    with open(manifest, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode())
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                row, why = None, f"not JSON: {err}"
+            else:
+                why = "" if isinstance(row, dict) and isinstance(row.get("path"), str) and \
+                    row.get("status") in ("ok", "error") else "not a record with a path and an ok/error status"
+            if why:
+                raise ConfigError(f"{manifest}:{number}: the shard's manifest is damaged or was edited ({why}); "
+                                  f"restore it, or delete the shard's .jsonl and .npy and run tempme index with "
+                                  f"--resume to encode its videos again")
+            rows.append(row)
+    return rows
 
 
 def recorded_paths(path: str) -> Dict[str, str]:
@@ -240,11 +274,18 @@ def load_contents(path: str) -> IndexContents:
         rows = read_manifest(manifest)
         ok = [r for r in rows if r["status"] == "ok"]
         vectors = np.zeros((0, dim), np.float16)
+        advice = (f"the index is damaged: restore the shard, or delete {os.path.basename(manifest)} and its .npy and "
+                  f"run tempme index with --resume to encode its videos again")
         if ok:
-            vectors = np.load(manifest[:-len(".jsonl")] + ".npy")
+            npy = manifest[:-len(".jsonl")] + ".npy"
+            try:
+                vectors = np.load(npy, allow_pickle=False)
+            except (OSError, ValueError) as err:  # missing, cut short, or not an array file
+                raise ConfigError(f"{manifest}: {len(ok)} readable videos but their vectors {npy} cannot be read "
+                                  f"({err}); {advice}") from None
         if vectors.shape != (len(ok), dim):
             raise ConfigError(f"{manifest}: {len(ok)} readable videos but the shard holds vectors of shape "
-                             f"{vectors.shape} (expected ({len(ok)}, {dim})); the index is damaged")
+                             f"{vectors.shape} (expected ({len(ok)}, {dim})); {advice}")
         keep = [i for i, r in enumerate(ok) if r["path"] not in seen]
         seen.update(r["path"] for r in rows)
         chunks.append(vectors[keep])
