@@ -214,6 +214,19 @@ def test_a_nan_embedding_stops_the_evaluation_at_its_batch(msrvtt, monkeypatch):
                            progress=False)
 
 
+def test_encoding_keeps_no_autograd_graph(msrvtt, tiny_config):
+    """encode_videos and encode_texts run without gradients (a helper put between a decorator and its function
+    took the decorator once): the embeddings of a model that trains are plain tensors."""
+    import open_clip
+
+    from tempme_fast.retrieval.evaluate import encode_texts, encode_videos
+
+    model = tempme_fast.apply_tempme(create_model(tiny_config)).train()
+    videos = encode_videos(model, load_msrvtt(msrvtt), VideoProcessor.for_model(model), batch_size=2, progress=False)
+    texts = encode_texts(model, CAPTIONS[:2], open_clip.get_tokenizer("ViT-B-32"), progress=False)
+    assert not videos["embeddings"].requires_grad and not texts.requires_grad and torch.is_grad_enabled()
+
+
 def test_checkpoint_and_baseline(msrvtt, tiny_config, tmp_path, capsys):
     """A saved TempMe checkpoint evaluates to the numbers of the model it came from; --no-merge costs more."""
     torch.manual_seed(0)

@@ -52,7 +52,6 @@ def _check_model(model: torch.nn.Module) -> None:
                         f"for per-frame CLIP)")
 
 
-@torch.no_grad()
 def check_finite_embeddings(embeddings: torch.Tensor, names: Sequence[str], what: str, dtype: torch.dtype) -> None:
     """Refuse a NaN or Inf row of ``embeddings`` (CPU), naming its ``what`` from ``names``: every similarity
     with it would be NaN, so the metrics could not be computed after all the encoding."""
@@ -64,6 +63,7 @@ def check_finite_embeddings(embeddings: torch.Tensor, names: Sequence[str], what
                           f"in float16: try --dtype bf16 or fp32)")
 
 
+@torch.no_grad()
 def encode_videos(model: torch.nn.Module, split: RetrievalSplit, processor: VideoProcessor,
                   batch_size: int = 16, workers: int = 0, progress: bool = True) -> dict:
     """Encode every video of ``split``.
