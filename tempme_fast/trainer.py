@@ -545,6 +545,18 @@ class Trainer:
             if config.save_every and self.step % config.save_every == 0:
                 self.save_checkpoint()
 
+    def _data_ran_out(self) -> None:
+        """The data ended before ``steps_per_epoch`` batches: an epoch with none is refused (a one-shot iterator,
+        such as a generator, is empty from its second epoch on), a short one is trained with a warning, since
+        the learning-rate schedule counts ``steps_per_epoch`` batches an epoch and so ends too early."""
+        where = (f"epoch {self.epoch} of the data ended after {self.step_in_epoch} of "
+                 f"steps_per_epoch={self.steps_per_epoch} batches")
+        if self.step_in_epoch == 0:
+            raise ConfigError(f"{where}: nothing to train on. A one-shot iterator (a generator) is empty after its "
+                              f"first epoch: give a DataLoader, a list, or a callable epoch -> batches")
+        log.warning("%s; the learning-rate schedule counts %d steps in all, so it will not run its course: give "
+                    "steps_per_epoch=%d, or data of that many batches", where, self.total_steps, self.step_in_epoch)
+
     def fit(self) -> List[dict]:
         """Train until the last epoch (or ``max_steps``); returns the per-step records
         ``{"step", "epoch", "loss", "lr", "videos_per_s", "seconds"}`` of this call.
@@ -569,6 +581,8 @@ class Trainer:
                 if self.interrupted:
                     self.save_checkpoint()
                     break
+                if self.step_in_epoch < self.steps_per_epoch and self.step < stop_at:
+                    self._data_ran_out()
                 # The epoch is over unless max_steps cut it short.
                 if self.step_in_epoch >= self.steps_per_epoch or self.step < stop_at:
                     self.epoch += 1

@@ -292,6 +292,29 @@ def test_a_skipped_fp16_step_is_not_a_divergence(tmp_path):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+def test_data_that_runs_out_is_not_trained_on_silently(caplog):
+    """Data shorter than steps_per_epoch: the schedule counts batches that never come. Before, a generator trained
+    its one epoch of many and the run reported every epoch done; a short list ended each epoch early unnoticed."""
+    def batches():
+        for k in range(2):
+            yield _pairs(2, seed=k)
+
+    trainer = Trainer(_model(), batches(), TrainConfig(epochs=3, steps_per_epoch=2), progress=False)
+    with pytest.raises(ConfigError, match=r"epoch 1 of the data ended after 0 of steps_per_epoch=2 batches: nothing "
+                                          r"to train on. A one-shot iterator \(a generator\) is empty after its first "
+                                          r"epoch"):
+        trainer.fit()
+    assert trainer.step == 2
+    trainer = Trainer(_model(), [_pairs(2, seed=k) for k in range(2)], TrainConfig(epochs=2, steps_per_epoch=3),
+                      progress=False)
+    with caplog.at_level("WARNING", logger="tempme_fast.trainer"):
+        assert len(trainer.fit()) == 4
+    short = [r.getMessage() for r in caplog.records if "of the data ended" in r.getMessage()]
+    assert short == [f"epoch {e} of the data ended after 2 of steps_per_epoch=3 batches; the learning-rate schedule "
+                     f"counts 6 steps in all, so it will not run its course: give steps_per_epoch=2, or data of that "
+                     f"many batches" for e in (0, 1)]
+
+
 def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
     path = tmp_path / "ckpt.pt"
     atomic_save({"a": torch.ones(2)}, path)
