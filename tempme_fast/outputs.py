@@ -12,6 +12,8 @@ import contextlib
 import errno
 import json
 import os
+import stat
+import sys
 import warnings
 from contextvars import ContextVar
 from datetime import datetime, timezone
@@ -90,12 +92,26 @@ def prepare_output_file(path: str, option: str, args=None) -> str:
                               f"file: give another path")
     if os.path.isdir(path):
         raise ConfigError(f"{option} {path} is a folder; give a file path")
-    target = os.path.realpath(path)
-    if not os.path.exists(target) or os.path.isfile(target):  # replaced by write_json: its folder must be writable
-        _make_folder(os.path.dirname(target), f"{option} {path}")
+    if _written_in_place(path):
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"{option} {path} is not writable")
+        return path
+    target = os.path.realpath(path)  # replaced by write_json: the folder it lies in must be writable
+    _make_folder(os.path.dirname(target), f"{option} {path}")
     if os.path.exists(target) and not os.access(target, os.W_OK):
         raise ConfigError(f"{option} {path} exists and is not writable")
     return path
+
+
+def _written_in_place(path: str) -> bool:
+    """Whether ``path`` is no plain file to replace but one to write into: ``/dev/stdout`` and the like (whose
+    link leads to a pipe or a terminal), a named pipe, a device."""
+    if os.path.abspath(path).startswith(("/dev/", "/proc/")):
+        return True
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:  # a new file (or a link to one), or one that cannot be (its folder is a file)
+        return False
 
 
 def write_json(path: str, obj, indent: int = 2) -> None:
@@ -103,18 +119,20 @@ def write_json(path: str, obj, indent: int = 2) -> None:
 
     The text is made before the file is touched, so a value JSON cannot hold leaves an earlier file as it
     was. A regular file (or a new one) is replaced atomically (:func:`~tempme_fast.checkpoint.atomic_write`
-    on the file a link points to), so a kill mid-write leaves the earlier file; anything else, such as
-    ``/dev/stdout`` or a named pipe, is written in place.
+    on the file a link points to), so a kill mid-write leaves the earlier file. ``/dev/stdout`` and the
+    like, a named pipe or a device are written into, after what the process printed (appended: with
+    ``--json /dev/stdout > file`` the JSON follows the table).
     """
     from .checkpoint import atomic_write
 
     data = (json.dumps(obj, indent=indent) + "\n").encode()
-    target = os.path.realpath(path)
-    if os.path.isfile(target) or not os.path.exists(target):
-        atomic_write(target, lambda f: f.write(data))
-    else:
-        with open(path, "wb") as f:
+    if _written_in_place(path):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with open(path, "ab") as f:
             f.write(data)
+    else:
+        atomic_write(os.path.realpath(path), lambda f: f.write(data))
 
 
 @contextlib.contextmanager

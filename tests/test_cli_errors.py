@@ -264,6 +264,20 @@ def test_json_outputs_are_written_whole_or_not_at_all(tiny_model_file, tmp_path,
     assert read == ['{\n  "x": 1\n}\n'] and stat.S_ISFIFO(os.stat(pipe).st_mode)
 
 
+def test_json_to_stdout_follows_the_table(tiny_model_file, tmp_path):
+    """``--json /dev/stdout``, into a pipe and into a file: the table, then the JSON. /dev/stdout leads to a pipe
+    that has no path to replace (a first atomic write failed there, after the whole run)."""
+    argv = ["bench", "--model", tiny_model_file, "--batch", "1", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+            "--no-progress", "--json", "/dev/stdout", *TINY_ARGS]
+    piped = _run(*argv)
+    with open(tmp_path / "all.txt", "w") as out:
+        subprocess.run([sys.executable, "-m", "tempme_fast", *argv], stdout=out, stderr=subprocess.DEVNULL,
+                       env=process_env(), timeout=120, cwd=ROOT, check=True)
+    for text in (piped.stdout, (tmp_path / "all.txt").read_text()):
+        table, _, record = text.partition("\n{")
+        assert "open_clip (unmerged)" in table and json.loads("{" + record)["batch"] == 1, piped.stderr
+
+
 def test_exclusive_keeps_one_writer(tmp_path, monkeypatch):
     fcntl = pytest.importorskip("fcntl")
     from tempme_fast.outputs import exclusive
