@@ -1,13 +1,12 @@
 """Which videos to index, and which of them each process of a multi-process run takes."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 from typing import List, Sequence, Tuple
 
-from ..errors import ConfigError
-from ..retrieval.data import VIDEO_EXTENSIONS
+from ..errors import ConfigError, as_config_error
+from ..retrieval.data import VIDEO_EXTENSIONS, read_csv
 
 LIST_SUFFIXES = (".txt", ".lst", ".csv", ".jsonl", ".ndjson")
 
@@ -24,16 +23,12 @@ def _from_folder(folder: str) -> List[str]:
 def _from_list(path: str) -> List[str]:
     base = os.path.dirname(os.path.abspath(path))
     suffix = os.path.splitext(path)[1].lower()
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        if suffix == ".csv":
-            reader = csv.DictReader(f)
-            columns = [(c or "").strip() for c in reader.fieldnames or []]  # (as tempme eval reads a CSV)
-            if "video_path" not in columns:
-                raise ConfigError(f"{path}: a CSV list needs a 'video_path' column, found {columns}")
-            at = list(reader.fieldnames)[columns.index("video_path")]
-            entries = [row[at] or "" for row in reader]
-        elif suffix in (".jsonl", ".ndjson"):
-            entries = []
+    if suffix == ".csv":  # as tempme eval reads one
+        with as_config_error(""):
+            entries = [row["video_path"] for row in read_csv(path, ("video_path",))]
+    elif suffix in (".jsonl", ".ndjson"):
+        entries = []
+        with open(path, encoding="utf-8-sig") as f:
             for line_no, line in enumerate(f, start=1):
                 if line.strip():
                     try:
@@ -44,7 +39,8 @@ def _from_list(path: str) -> List[str]:
                         raise ConfigError(f"{path}:{line_no}: each line must be an object with a 'video_path' "
                                           f"string")
                     entries.append(row["video_path"])
-        else:
+    else:
+        with open(path, encoding="utf-8-sig") as f:
             entries = [line for line in f if not line.lstrip().startswith("#")]
     entries = [os.path.expanduser(e.strip()) for e in entries if e and e.strip()]
     return [e if os.path.isabs(e) else os.path.join(base, e) for e in entries]

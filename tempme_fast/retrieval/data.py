@@ -136,7 +136,9 @@ def _video_path(folder: Path, video_id: str) -> str:
     return str(folder / f"{video_id}.mp4")
 
 
-def _read_csv(path: Path, required: Sequence[str]) -> List[Dict[str, str]]:
+def read_csv(path, required: Sequence[str]) -> List[Dict[str, str]]:
+    """The rows of a CSV file, column names and values stripped, once its header holds every ``required`` column
+    (a ValueError that names the file otherwise); a byte-order mark is tolerated."""
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
         reader = csv.DictReader(f)
         columns = [c.strip() for c in (reader.fieldnames or [])]
@@ -168,13 +170,13 @@ def load_msrvtt(root, split: str = "test", videos=None, train_list: str = MSRVTT
         raise FileNotFoundError(f"video folder {folder} does not exist")
     if split == "test":
         path = _find_file(root, MSRVTT_TEST_CSV, "MSR-VTT 1k-A test file")
-        rows = _read_csv(path, ("key", "video_id", "sentence"))
+        rows = read_csv(path, ("key", "video_id", "sentence"))
         captions = [Caption(r["key"], r["video_id"], r["sentence"]) for r in rows]
         source = str(path)
     else:
         list_path = _find_file(root, train_list, "MSR-VTT train list")
         json_path = _find_file(root, MSRVTT_TRAIN_JSON, "MSR-VTT caption file")
-        train_ids = {r["video_id"] for r in _read_csv(list_path, ("video_id",))}
+        train_ids = {r["video_id"] for r in read_csv(list_path, ("video_id",))}
         with open(json_path, encoding="utf-8") as f:
             data = json.load(f)
         if "sentences" not in data:
@@ -213,7 +215,7 @@ def load_generic(path, video_root=None) -> RetrievalSplit:
     suffix = path.suffix.lower()
     records = []
     if suffix == ".csv":
-        for row in _read_csv(path, ("video_path", "caption")):
+        for row in read_csv(path, ("video_path", "caption")):
             records.append(row)
     elif suffix in (".jsonl", ".ndjson"):
         with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
