@@ -146,6 +146,12 @@ def manifests(path: str, rank: Optional[int] = None) -> List[str]:
     return sorted(p for p in found if _SHARD_RE.match(os.path.basename(p)))
 
 
+def _redo_shard(manifest: str) -> str:
+    """What to do about a damaged shard."""
+    return (f"restore the shard, or delete {os.path.basename(manifest)} and its .npy and run tempme index with "
+            f"--resume to encode its videos again")
+
+
 def read_manifest(manifest: str) -> List[dict]:
     """The records of a committed shard, or a ConfigError naming the line that is not one (a manifest is
     written whole, by one rename: such a line was edited or damaged by something else)."""
@@ -163,8 +169,7 @@ def read_manifest(manifest: str) -> List[dict]:
                     row.get("status") in ("ok", "error") else "not a record with a path and an ok/error status"
             if why:
                 raise ConfigError(f"{manifest}:{number}: the shard's manifest is damaged or was edited ({why}); "
-                                  f"restore it, or delete the shard's .jsonl and .npy and run tempme index with "
-                                  f"--resume to encode its videos again")
+                                  f"{_redo_shard(manifest)}")
             rows.append(row)
     return rows
 
@@ -274,18 +279,17 @@ def load_contents(path: str) -> IndexContents:
         rows = read_manifest(manifest)
         ok = [r for r in rows if r["status"] == "ok"]
         vectors = np.zeros((0, dim), np.float16)
-        advice = (f"the index is damaged: restore the shard, or delete {os.path.basename(manifest)} and its .npy and "
-                  f"run tempme index with --resume to encode its videos again")
         if ok:
             npy = manifest[:-len(".jsonl")] + ".npy"
             try:
                 vectors = np.load(npy, allow_pickle=False)
             except (OSError, ValueError) as err:  # missing, cut short, or not an array file
                 raise ConfigError(f"{manifest}: {len(ok)} readable videos but their vectors {npy} cannot be read "
-                                  f"({err}); {advice}") from None
+                                  f"({err}); the index is damaged: {_redo_shard(manifest)}") from None
         if vectors.shape != (len(ok), dim):
             raise ConfigError(f"{manifest}: {len(ok)} readable videos but the shard holds vectors of shape "
-                             f"{vectors.shape} (expected ({len(ok)}, {dim})); {advice}")
+                             f"{vectors.shape} (expected ({len(ok)}, {dim})); the index is damaged: "
+                             f"{_redo_shard(manifest)}")
         keep = [i for i, r in enumerate(ok) if r["path"] not in seen]
         seen.update(r["path"] for r in rows)
         chunks.append(vectors[keep])
