@@ -22,7 +22,7 @@ from tempme_fast.bench import cpu_name
 from tempme_fast.checkpoint import atomic_write
 from tempme_fast.errors import ConfigError
 from tempme_fast.loading import resolve_device, resolve_model
-from tempme_fast.outputs import write_json
+from tempme_fast.outputs import prepare_output_dir, prepare_output_file, write_json
 
 from .rowlog import RowLog, add_row_log_arguments, read_records, read_rows  # noqa: F401 (the benchmarks' one import)
 
@@ -103,8 +103,6 @@ def check_outputs(parser, args) -> None:
     before anything is measured, or the parser's one-line error: a path that cannot be written, or one file
     named for both ``--json`` and ``--jsonl`` (the JSON written at the end would replace the rows kept as
     they were measured), would otherwise be found only when the measurements are done."""
-    from tempme_fast.outputs import prepare_output_dir, prepare_output_file
-
     files = [(option, getattr(args, option[2:], None)) for option in ("--json", "--jsonl")]
     files = [(option, path) for option, path in files if isinstance(path, str) and path]
     try:
