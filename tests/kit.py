@@ -75,6 +75,17 @@ class Parsed(Exception):
     """Raised by ``ArgumentParser.parse_args`` under :func:`stop_at_parse` once a command's options parsed."""
 
 
+def held_lock(path, pid: str = "4242"):
+    """The lock file ``path`` (``tempme_fast.outputs.exclusive``'s) as another running writer holds it, its pid
+    written (``pid=""``: not yet); the lock goes when the returned file is closed. Skips without ``fcntl``."""
+    fcntl = pytest.importorskip("fcntl")
+    other = open(path, "w")
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    other.write(f"{pid}\n" if pid else "")
+    other.flush()
+    return other
+
+
 def pickled_afresh(obj, monkeypatch):
     """``obj`` through ``torch.save`` and ``torch.load``, loaded as a new process would: with no patched model
     class (``tempme_fast.subclass``) made yet."""

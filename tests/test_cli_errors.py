@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from kit import ROOT, process_env
+from kit import ROOT, held_lock, process_env
 from tempme_fast import errors
 from tempme_fast.cli import main
 from tiny import TINY_ARGS
@@ -279,7 +279,7 @@ def test_json_to_stdout_follows_the_table(tiny_model_file, tmp_path):
 
 
 def test_exclusive_keeps_one_writer(tmp_path, monkeypatch):
-    fcntl = pytest.importorskip("fcntl")
+    pytest.importorskip("fcntl")
     from tempme_fast.outputs import exclusive
 
     lock = tmp_path / ".lock"
@@ -290,8 +290,7 @@ def test_exclusive_keeps_one_writer(tmp_path, monkeypatch):
             with exclusive(str(lock), lambda holder: f"{holder} writes here"):
                 pass
     assert not lock.exists()
-    with open(lock, "w") as other:
-        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with held_lock(lock, pid=""):
         with pytest.raises(errors.ConfigError, match="^another process writes here$"):  # no pid written yet
             with exclusive(str(lock), lambda holder: f"{holder} writes here"):
                 pass

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 pytest.importorskip("av")
 
 from index_helpers import built, index_argv, make_video, refused, vectors_by_path  # noqa: F401 (built: a fixture)
-from kit import process_env
+from kit import held_lock, process_env
 from tempme_fast.cli import main
 from tempme_fast.errors import ConfigError
 from tempme_fast.index import IndexSpec, build_index, list_videos, load_contents, load_encoder, rank_share
@@ -102,14 +102,10 @@ def test_resume_after_a_kill_between_shard_files(built, tmp_path, monkeypatch):
 
 def test_a_second_writer_of_a_rank_is_refused(built, tmp_path):
     """Two writers of rank 0 would both number their shards from 0 and replace each other's."""
-    fcntl = pytest.importorskip("fcntl")
     videos, reference, model, good = built
     out = tmp_path / "index"
     store.prepare_dir(str(out))
-    with open(out / "shards" / ".r0000.lock", "w") as other:  # what another running writer holds
-        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        other.write("4242\n")
-        other.flush()
+    with held_lock(out / "shards" / ".r0000.lock"):  # what another running writer holds
         with pytest.raises(ConfigError, match=f"--out {out}: process 4242 is writing this index as rank 0, and a "
                                               f"second writer would replace its shards"):
             build_index(str(videos), str(out), _spec(model), workers=0, progress=False)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from kit import HALF_DTYPES, parametrize_dtypes
+from kit import HALF_DTYPES, held_lock, parametrize_dtypes
 from tempme_fast import apply_tempme
 from tempme_fast.checkpoint import atomic_save
 from tempme_fast.errors import ConfigError, TrainingDiverged
@@ -213,21 +213,11 @@ def test_resume_auto_without_a_checkpoint_starts_a_fresh_log(tmp_path):
     assert [r["step"] for r in log] == [1, 2] and log[0]["loss"] != 9.0
 
 
-def _held_lock(path, pid="4242"):
-    """The lock file as another running writer holds it."""
-    fcntl = pytest.importorskip("fcntl")
-    other = open(path, "w")
-    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    other.write(f"{pid}\n")
-    other.flush()
-    return other
-
-
 def test_a_second_run_in_a_folder_that_one_trains_in_is_refused(tmp_path, tiny_model_file):
     """Two runs writing one folder would replace each other's checkpoint and mix their logs."""
     out = tmp_path / "run"
     out.mkdir()
-    with _held_lock(out / Trainer.LOCK):
+    with held_lock(out / Trainer.LOCK):
         for resume in (None, "auto"):
             with pytest.raises(ConfigError, match=f"output_dir={out}: process 4242 is training in this folder, and a "
                                                   f"second run would replace its checkpoint and mix the logs"):
