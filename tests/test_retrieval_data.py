@@ -228,6 +228,42 @@ def test_generic_csv_and_jsonl(tmp_path):
         load_generic(tmp_path / "clips" / "a.mp4")
 
 
+def test_one_video_file_is_one_video_however_its_rows_name_it(tmp_path):
+    # Two spellings of one file were two videos with equal embeddings: each caption tied with the twin, and the
+    # pessimistic rank halved R@1 without a word.
+    write_csv(tmp_path / "pairs.csv", ["video_path", "caption"], [
+        ["clips/a.mp4", "one"], ["./clips/a.mp4", "two"], [str(tmp_path / "clips" / "a.mp4"), "three"],
+        ["clips/../clips/b.mp4", "four"]])
+    split = load_generic(tmp_path / "pairs.csv")
+    assert split.videos == {"clips/a.mp4": str(tmp_path / "clips" / "a.mp4"),
+                            "clips/../clips/b.mp4": str(tmp_path / "clips/../clips/b.mp4")}
+    assert [c.video_id for c in split.captions] == ["clips/a.mp4"] * 3 + ["clips/../clips/b.mp4"]
+    # A row without video_id joins the video that named the file first; a second id for it is refused.
+    lines = [{"video_path": "a.mp4", "caption": "one", "video_id": "A"}, {"video_path": "./a.mp4", "caption": "two"}]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert [c.video_id for c in load_generic(tmp_path / "pairs.jsonl").captions] == ["A", "A"]
+    lines.append({"video_path": "a.mp4", "caption": "three", "video_id": "B"})
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:3: video_id 'B' names .*a.mp4, which .*pairs.jsonl:1 lists "
+                                         r"as video 'A'; give every row of one video file the same video_id"):
+        load_generic(tmp_path / "pairs.jsonl")
+
+
+def test_rows_a_list_cannot_hold_are_refused_at_their_line(tmp_path):
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"video_path": "a.mp4", "caption": []}) + "\n")
+    with pytest.raises(ValueError, match="empty.jsonl:1: the caption list is empty"):
+        load_generic(tmp_path / "empty.jsonl")
+    # An unquoted comma in a caption: the text past it was a list that .strip() failed on.
+    (tmp_path / "comma.csv").write_text("video_path,caption\na.mp4,a dog, running\n")
+    with pytest.raises(ValueError, match="comma.csv:2: 3 fields, the header has 2; put a field that holds a comma "
+                                         "in double quotes"):
+        load_generic(tmp_path / "comma.csv")
+    # Blank lines and a caption over two lines before the bad row: the line named is the bad row's own.
+    (tmp_path / "lines.csv").write_text('video_path,caption\n\na.mp4,"over\ntwo lines"\nb.mp4,\n')
+    with pytest.raises(ValueError, match="lines.csv:5: caption must be a non-empty string"):
+        load_generic(tmp_path / "lines.csv")
+
+
 # ---------------------------------------------------------------------------------------------
 # Loaders
 # ---------------------------------------------------------------------------------------------

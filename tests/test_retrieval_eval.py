@@ -15,7 +15,7 @@ import tempme_fast
 from tempme_fast.errors import ConfigError
 from tempme_fast.loading import create_model
 from tempme_fast.retrieval.cli import add_eval_arguments, run_eval
-from tempme_fast.retrieval.data import load_msrvtt, load_split
+from tempme_fast.retrieval.data import Caption, RetrievalSplit, load_msrvtt, load_split
 from tempme_fast.retrieval.evaluate import NoReadableVideos, evaluate_retrieval, format_results
 from tempme_fast.retrieval.video import VideoProcessor, write_video
 
@@ -135,6 +135,15 @@ def test_settings_that_cannot_work_are_refused_before_any_video_is_decoded(tmp_p
                                           r"config and its tokenizer do not match"):
         evaluate_retrieval(model, split, VideoProcessor.for_model(model, 12),
                            lambda texts, context_length: torch.full((len(texts), context_length), 50000))
+    # A temperature dual_softmax refuses (it did so once every video was encoded), and a video no caption names
+    # (the metrics found it only then, as a column number).
+    for bad in (float("inf"), True, 0):
+        with pytest.raises(ConfigError, match=f"dsl_temperature={bad!r} must be a positive finite number"):
+            evaluate_retrieval(model, split, VideoProcessor.for_model(model, 12), tokenizer, dsl=True,
+                               dsl_temperature=bad)
+    bare = RetrievalSplit("by-hand", {"v": "v.mp4", "w": "w.mp4"}, [Caption("c0", "v", "x")])
+    with pytest.raises(ConfigError, match=r"1 video\(s\) of by-hand have no caption, e.g. 'w' \(w.mp4\)"):
+        evaluate_retrieval(model, bare, VideoProcessor.for_model(model, 12), tokenizer)
 
 
 def eval_args(*argv):

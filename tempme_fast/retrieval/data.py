@@ -18,7 +18,8 @@ The annotation files may also sit in ``<root>/msrvtt_data/`` (the zip's own fold
 Generic layout: a ``.csv`` with a header holding ``video_path`` and ``caption`` (optional
 ``video_id``, ``caption_id``), or a ``.jsonl`` with one object per line with the same keys, where
 ``caption`` may also be a list of captions. Relative paths are relative to the file's folder, or
-to ``video_root`` when given. Rows naming the same video share it.
+to ``video_root`` when given. Rows naming the same video file share one video, however they spell its
+path; a row without ``video_id`` takes the id of the file's first row (else its ``video_path``).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import random
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -138,7 +139,9 @@ def _video_path(folder: Path, video_id: str) -> str:
 
 def read_csv(path, required: Sequence[str]) -> List[Dict[str, str]]:
     """The rows of a CSV file, column names and values stripped, once its header holds every ``required`` column
-    (a ValueError that names the file otherwise); a byte-order mark is tolerated."""
+    (a ValueError that names the file otherwise); a byte-order mark is tolerated. Each row also holds ``"_line"``,
+    the line of the file where it ends (blank lines and quoted line breaks counted). A row with more fields than
+    the header is a ValueError naming its line: an unquoted comma in a caption would otherwise be lost."""
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
         reader = csv.DictReader(f)
         columns = [c.strip() for c in (reader.fieldnames or [])]
@@ -146,7 +149,13 @@ def read_csv(path, required: Sequence[str]) -> List[Dict[str, str]]:
         if missing:
             raise ValueError(f"{path}: missing column(s) {missing}; the header must hold {list(required)}, "
                              f"found {columns}")
-        return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+        rows = []
+        for row in reader:
+            if None in row:  # (DictReader's key for the fields past the header's)
+                raise ValueError(f"{path}:{reader.line_num}: {len(columns) + len(row[None])} fields, the header "
+                                 f"has {len(columns)}; put a field that holds a comma in double quotes")
+            rows.append({**{k.strip(): (v or "").strip() for k, v in row.items()}, "_line": reader.line_num})
+        return rows
 
 
 def load_msrvtt(root, split: str = "test", videos=None, train_list: str = MSRVTT_TRAIN_LIST) -> RetrievalSplit:
@@ -236,19 +245,28 @@ def load_generic(path, video_root=None) -> RetrievalSplit:
     if not records:
         raise ValueError(f"{path}: no rows")
     videos: Dict[str, str] = {}
+    ids_of_files: Dict[str, Tuple[str, str]] = {}  # one file, one video: its real path -> (video id, first row)
     captions: List[Caption] = []
     for n, row in enumerate(records, start=1):
-        where = f"{path}:{row.get('_line', n + 1)}"
+        where = f"{path}:{row['_line']}"
         if not isinstance(row["video_path"], str):  # (a null would be looked for as a file named None)
             raise ValueError(f"{where}: video_path must be a string, got {row['video_path']!r}")
         video_path = row["video_path"].strip()
         if not video_path:
             raise ValueError(f"{where}: empty video_path")
-        video_id = str(row.get("video_id") or video_path).strip()
         resolved = _resolve(video_path, base)
-        if videos.setdefault(video_id, resolved) != resolved:
+        file = os.path.realpath(resolved)
+        named = str(row.get("video_id") or "").strip()
+        known_id, first = ids_of_files.setdefault(file, (named or video_path, where))
+        video_id = named or known_id
+        if video_id != known_id:  # (two columns of one video: each caption would tie with its twin)
+            raise ValueError(f"{where}: video_id {video_id!r} names {resolved}, which {first} lists as video "
+                             f"{known_id!r}; give every row of one video file the same video_id")
+        if os.path.realpath(videos.setdefault(video_id, resolved)) != file:
             raise ValueError(f"{where}: video_id {video_id!r} already names {videos[video_id]}, not {resolved}")
         texts = row["caption"] if isinstance(row["caption"], list) else [row["caption"]]
+        if not texts:  # (a video no caption describes has no place in the retrieval metrics)
+            raise ValueError(f"{where}: the caption list is empty; give each video at least one caption")
         for k, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"{where}: caption must be a non-empty string, got {text!r}")

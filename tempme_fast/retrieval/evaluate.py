@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, check_int
+from ..errors import ConfigError, as_config_error, check_int
 from .data import RetrievalSplit, VideoDataset, make_loader, pad_tokens, report_skipped, tokenize
-from .metrics import DSL_TEMPERATURE, TIES, retrieval_metrics
+from .metrics import DSL_TEMPERATURE, TIES, check_temperature, retrieval_metrics
 from .video import VideoProcessor
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,16 @@ def video_gflops(model: torch.nn.Module) -> Tuple[Optional[float], str]:
     return None, "tempme_fast.flops has no model_flops/video_flops"
 
 
+def check_every_video_described(split: RetrievalSplit) -> None:
+    """Refuse a split with a video that no caption names, before any video is encoded: video-to-text retrieval
+    has no right answer for it (a ConfigError naming the video)."""
+    described = {c.video_id for c in split.captions}
+    bare = [vid for vid in split.videos if vid not in described]
+    if bare:
+        raise ConfigError(f"{len(bare)} video(s) of {split.name} have no caption, e.g. {bare[0]!r} "
+                          f"({split.videos[bare[0]]}); give each video at least one caption or leave it out")
+
+
 def evaluate_retrieval(model: torch.nn.Module, split: RetrievalSplit, processor: VideoProcessor,
                        tokenizer: Callable, *, context_length: int = 32, batch_size: int = 16,
                        text_batch_size: int = 256, workers: int = 0, dsl: bool = False,
@@ -226,8 +236,10 @@ def evaluate_retrieval(model: torch.nn.Module, split: RetrievalSplit, processor:
                           f"frames={config.frames}; build both with the same frames")
     if ties not in TIES:
         raise ConfigError(f"ties={ties!r} is not one of {TIES}")
-    if dsl and not (isinstance(dsl_temperature, (int, float)) and dsl_temperature > 0):
-        raise ConfigError(f"dsl_temperature={dsl_temperature!r} must be a positive number (100 is standard)")
+    if dsl:
+        with as_config_error(""):
+            check_temperature(dsl_temperature, "dsl_temperature")
+    check_every_video_described(split)
     check_tokenizer(model, tokenizer, context_length)
     was_training = model.training
     model.eval()

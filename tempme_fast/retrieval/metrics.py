@@ -139,6 +139,12 @@ def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def check_temperature(value, name: str = "temperature") -> None:
+    """Refuse a dual-softmax temperature that is not a positive finite number, in a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive finite number (100 is standard)")
+
+
 def dual_softmax(sim, temperature: float = DSL_TEMPERATURE) -> Dict[str, np.ndarray]:
     """Dual-softmax re-ranked matrices, one per direction, both ``[queries, candidates]``.
 
@@ -149,9 +155,7 @@ def dual_softmax(sim, temperature: float = DSL_TEMPERATURE) -> Dict[str, np.ndar
     Returns:
         ``{"t2v": [num_texts, num_videos], "v2t": [num_videos, num_texts]}``.
     """
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
-            not np.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature={temperature!r} must be a positive finite number (100 is standard)")
+    check_temperature(temperature)
     sim = _as_matrix(sim)
     t2v = sim * _softmax(temperature * sim, axis=0)
     v2t = sim.T * _softmax(temperature * sim.T, axis=0)
