@@ -181,6 +181,15 @@ def add_lora(model: nn.Module, rank: int = 8, scale: Optional[float] = None, alp
     return added
 
 
+def _own_class(module: nn.Module) -> None:
+    """Give ``module`` a class of its own, the same as its parametrized one. ``copy.deepcopy`` of a parametrized
+    module shares that class (torch makes it at run time) between the copies, and ``remove_parametrizations``
+    deletes the weight's property from it: merging a copy's LoRA broke the original's attention."""
+    shared = type(module)
+    body = {k: v for k, v in vars(shared).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(shared.__name__, shared.__bases__, body)
+
+
 def _remove(model: nn.Module, leave_parametrized: bool) -> int:
     layers = lora_layers(model)
     if not layers:
@@ -192,6 +201,7 @@ def _remove(model: nn.Module, leave_parametrized: bool) -> int:
             raise ValueError(f"{name}.{_PARAM} has other parametrizations besides LoRA; remove them first")
         base = attn.parametrizations[_PARAM].original
         requires_grad = base.requires_grad
+        _own_class(attn)
         with torch.no_grad():
             parametrize.remove_parametrizations(attn, _PARAM, leave_parametrized=leave_parametrized)
         getattr(attn, _PARAM).requires_grad_(requires_grad)

@@ -118,6 +118,13 @@ def _checkpoint_lora(state: Dict[str, torch.Tensor], where: str) -> Tuple[Option
     return (ranks.pop() if ranks else None), tuple(t for t in ("visual", "text") if t in towers)
 
 
+def _few(items: List[str], shown: int = 5) -> str:
+    """A list of keys for an error line: all of a few, else how many and the first ``shown``."""
+    if len(items) <= shown:
+        return repr(items)
+    return f"{len(items)} ({', '.join(items[:shown])}, ...)"
+
+
 def _hint(unexpected: List[str], model: nn.Module) -> str:
     hints = []
     if any(k.endswith(_FRAME_POS) for k in unexpected):
@@ -184,11 +191,15 @@ def load_official_checkpoint(model: nn.Module, path_or_state_dict, strict: bool 
                           and not any(name == w.split(":")[0] for w in wrong)]
         if wrong:
             raise ValueError(f"{where}: {len(wrong)} shape mismatch(es) (another model size or TempMe "
-                             f"schedule?): {wrong}")
+                             f"schedule?): {_few(wrong)}")
+        if state and not any(k.startswith(PREFIX) for k in state):
+            raise ValueError(f"{where} holds no '{PREFIX}' key, so it is not a checkpoint of the released TempMe code: "
+                             f"an open_clip state dict (tempme_fast's own model.pt, or open_clip weights) loads with "
+                             f"--checkpoint (load_checkpoint) or --pretrained instead")
         if strict and (result.missing or result.unexpected):
-            raise ValueError(f"{where} does not fit the model: missing {result.missing}, unexpected "
-                             f"{result.unexpected}{_hint(result.unexpected, model)} (strict=False loads what fits "
-                             f"and returns these lists)")
+            raise ValueError(f"{where} does not fit the model: missing {_few(result.missing)}, unexpected "
+                             f"{_few(result.unexpected)}{_hint(result.unexpected, model)} (strict=False loads what "
+                             f"fits and returns these lists)")
     except BaseException:
         if result.added_lora:
             remove_lora(model)

@@ -34,6 +34,10 @@ from .trainer import DEFAULT_SAVE_EVERY
 
 log = logging.getLogger(__name__)
 
+# What a finished run writes beside its checkpoint and log: its weights (LoRA merged) and, in LoRA mode, the adapter.
+MODEL_FILE, LORA_FILE = "model.pt", "lora.pt"
+FINAL_FILES = (MODEL_FILE, LORA_FILE)
+
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Every option of ``tempme train``: the retrieval data options, ``--synthetic``, model and recipe."""
@@ -59,7 +63,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", choices=("lora", "full"), default="lora",
                    help="lora: LoRA on q/k/v of both towers + temporal position embeddings; full: every weight")
     # None when not given: with --mode full they are refused, not ignored.
-    g.add_argument("--lora-rank", type=positive_int, default=None, help="LoRA rank (default 8)")
+    g.add_argument("--lora-rank", type=positive_int, default=None,
+                   help="LoRA rank (default 8; with --official-checkpoint, its own)")
     g.add_argument("--lora-scale", type=finite_float, default=None,
                    help="LoRA delta multiplier (default 1: the released code)")
     g.add_argument("--epochs", type=positive_int, default=5)
@@ -211,11 +216,8 @@ def _check_arguments(args):
 
     with Trainer.writing(args.output, f"--output {args.output}"):  # refused now, while another run trains there
         pass
-    if args.resume is None:  # a new run would replace another run's files
-        held = Trainer.run_files(args.output, also=("model.pt", "lora.pt"))
-        if held:
-            raise ConfigError(f"--output {args.output} already holds a training run ({', '.join(held)}); continue it "
-                              f"with --resume auto, or give another folder")
+    # (a new run, or a resume of another run's checkpoint, would replace this folder's run's files)
+    Trainer.check_folder(args.output, args.resume, also=FINAL_FILES, labels=("--output ", "--resume auto"))
     return split
 
 
@@ -252,7 +254,7 @@ def run_train(args) -> int:
     the checkpoint and the command that resumes it). Bad input raises
     :class:`tempme_fast.errors.ConfigError` before any work starts (``tempme`` exits with 2)."""
     from . import distributed
-    from .lora import merge_lora, save_lora
+    from .lora import has_lora, merge_lora, save_lora
     from .retrieval.evaluate import check_context_length
     from .trainer import Trainer
 
@@ -302,13 +304,15 @@ def run_train(args) -> int:
             return 130
         if info.rank == 0:
             if args.mode == "lora":
-                save_lora(model, os.path.join(args.output, "lora.pt"))
+                save_lora(model, os.path.join(args.output, LORA_FILE))
+            merged = has_lora(model)  # (also in full mode, where an official checkpoint's LoRA trained too)
+            if merged:
                 merge_lora(model)
             from .checkpoint import atomic_save
             atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                        os.path.join(args.output, "model.pt"))
-            print(f"tempme train: wrote {os.path.join(args.output, 'model.pt')} ("
-                  f"{'LoRA merged; ' if args.mode == 'lora' else ''}tempme eval --checkpoint loads it)")
+                        os.path.join(args.output, MODEL_FILE))
+            print(f"tempme train: wrote {os.path.join(args.output, MODEL_FILE)} ("
+                  f"{'LoRA merged; ' if merged else ''}tempme eval --checkpoint loads it)")
     finally:
         distributed.cleanup()
     return 0

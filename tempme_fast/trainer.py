@@ -14,6 +14,7 @@ a callable ``epoch -> iterable``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -94,6 +95,9 @@ class TrainConfig:
     Attributes:
         mode: ``"lora"`` (LoRA rank ``lora_rank`` on q/k/v of both towers plus the temporal position
             embeddings train) or ``"full"`` (every weight trains).
+        lora_rank, lora_scale: of the LoRA that LoRA mode adds (default 8 and 1.0, the released code's); a
+            model that already has LoRA (an official checkpoint's) trains its own, and a value here that
+            differs from it is refused.
         lr: peak learning rate; None: 6e-4 for LoRA, 1e-5 for full fine-tuning (ours; the paper
             gives only the LoRA value).
         warmup: share of the total steps spent warming up linearly.
@@ -119,8 +123,8 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     precision: str = "fp32"
     grad_checkpointing: bool = False
-    lora_rank: int = 8
-    lora_scale: float = 1.0
+    lora_rank: Optional[int] = None
+    lora_scale: Optional[float] = None
     log_every: int = 10
     save_every: Optional[int] = DEFAULT_SAVE_EVERY
     steps_per_epoch: Optional[int] = None
@@ -140,12 +144,14 @@ class TrainConfig:
                   ("save_every", self.save_every is None or self.save_every >= 1),
                   ("steps_per_epoch", self.steps_per_epoch is None or self.steps_per_epoch >= 1),
                   ("max_steps", self.max_steps is None or self.max_steps >= 1),
-                  ("grad_clip", self.grad_clip is None or self.grad_clip > 0), ("lora_rank", self.lora_rank >= 1),
-                  ("lora_scale", math.isfinite(self.lora_scale) and self.lora_scale != 0)]
+                  ("grad_clip", self.grad_clip is None or self.grad_clip > 0),
+                  ("lora_rank", self.lora_rank is None or self.lora_rank >= 1),
+                  ("lora_scale", self.lora_scale is None
+                   or (math.isfinite(self.lora_scale) and self.lora_scale != 0))]
         valid = {"epochs": ">= 1", "lr": "finite and > 0", "weight_decay": "finite and >= 0", "warmup": "in [0, 1)",
                  "log_every": ">= 1", "save_every": ">= 1 or None", "steps_per_epoch": ">= 1 or None",
-                 "max_steps": ">= 1 or None", "grad_clip": "> 0 or None", "lora_rank": ">= 1",
-                 "lora_scale": "a finite non-zero number"}
+                 "max_steps": ">= 1 or None", "grad_clip": "> 0 or None", "lora_rank": ">= 1 or None",
+                 "lora_scale": "a finite non-zero number or None"}
         for name, ok in checks:
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be {valid[name]}")
@@ -195,6 +201,36 @@ class Trainer:
         those of ``also``, in that order."""
         return [n for n in (cls.CHECKPOINT, cls.LOG, *also) if os.path.exists(os.path.join(folder, n))]
 
+    @classmethod
+    def check_folder(cls, output_dir: str, resume: Optional[str], also: Sequence[str] = (),
+                     labels: Tuple[str, str] = ("output_dir=", "resume='auto'")) -> None:
+        """Refuse a run in ``output_dir`` that would replace another run's files there or mix the logs (a
+        :class:`ConfigError`): a new run (``resume`` None) in a folder that holds one; a resume of another
+        run's checkpoint into it; ``"auto"`` where the folder holds final weights (those of ``also``) but no
+        ``last.pt`` to continue from, so that a run would start over and replace them. ``labels``: how the
+        message names the folder and the automatic resume (the command line's are ``--output``, ``--resume
+        auto``)."""
+        held = cls.run_files(output_dir, also)
+        if not held:
+            return
+        where, auto = f"{labels[0]}{output_dir}", labels[1]
+        last = os.path.join(output_dir, cls.CHECKPOINT)
+        if resume is None:
+            raise ConfigError(f"{where} already holds a training run ({', '.join(held)}); continue it with {auto}, or "
+                              f"give another folder")
+        if resume == "auto":
+            final = [n for n in held if n in also]
+            if final and not os.path.isfile(last):
+                raise ConfigError(f"{where} holds a run's {' and '.join(final)} but no {cls.CHECKPOINT} to continue "
+                                  f"from: {auto} would train from the start and replace them; give another folder")
+            return
+        if not os.path.isfile(resume):
+            raise ConfigError(f"{resume}: no such checkpoint to resume from")
+        if not (os.path.isfile(last) and os.path.samefile(resume, last)):
+            raise ConfigError(f"{where} holds another run ({', '.join(held)}), which continuing {resume} there would "
+                              f"replace and mix into its log; continue that folder's own run with {auto}, or give "
+                              f"an empty folder")
+
     def __init__(self, model: nn.Module, data, config: Optional[TrainConfig] = None,
                  output_dir: Optional[str] = None, progress: bool = True, resume: Optional[str] = None,
                  run_info: Optional[Mapping[str, Any]] = None):
@@ -212,19 +248,15 @@ class Trainer:
             prepare_output_dir(output_dir, "output_dir")
             with self.writing(output_dir):  # refused here, before anything is set up, while another run writes there
                 pass
-        if output_dir and resume is None:  # a new run here would replace another's checkpoint and mix the logs
-            held = self.run_files(output_dir)
-            if held:
-                raise ConfigError(f"output_dir={output_dir} already holds a training run ({', '.join(held)}); "
-                                  f"resume='auto' continues it, or give another folder")
+            self.check_folder(output_dir, resume)
         self.model = model
         self.data = data
         self.output_dir = output_dir
         self.progress = progress
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
-        if config.mode == "lora" and not has_lora(model):
-            add_lora(model, rank=config.lora_rank, scale=config.lora_scale)
+        self.config = config = self._lora_settings(model, config)
         self.trainable = mark_trainable(model, config.mode)
+        self._refuse_half_weights(model)
         set_grad_checkpointing(model, config.grad_checkpointing)
         self.device = next(model.parameters()).device
         self.forward_model = self._forward_model(model)
@@ -257,6 +289,44 @@ class Trainer:
         if resume:
             self.load_checkpoint(resume)
 
+    @staticmethod
+    def _lora_settings(model: nn.Module, config: TrainConfig) -> TrainConfig:
+        """``config`` with the rank and scale of the LoRA this run trains: LoRA mode adds it when the model has
+        none (rank 8, scale 1.0 unless ``config`` says otherwise); a model's own LoRA is trained as it is, and
+        ``config`` values that differ from it are refused rather than ignored."""
+        current = lora_config(model)
+        if current is not None:
+            differ = {k: v for k, v in (("lora_rank", config.lora_rank), ("lora_scale", config.lora_scale))
+                      if v is not None and v != current[k[len("lora_"):]]}
+            if differ:
+                raise ConfigError(f"{', '.join(f'{k}={v!r}' for k, v in differ.items())}: the model already has LoRA "
+                                  f"of rank={current['rank']} scale={current['scale']} (an official checkpoint's, or "
+                                  f"added before), which this run trains; leave them unset, or remove_lora(model) "
+                                  f"first")
+            return dataclasses.replace(config, lora_rank=current["rank"], lora_scale=current["scale"])
+        if config.mode != "lora":
+            given = [k for k in ("lora_rank", "lora_scale") if getattr(config, k) is not None]
+            if given:
+                raise ConfigError(f"{' and '.join(f'{k}={getattr(config, k)!r}' for k in given)} set up LoRA: not "
+                                  f"with mode={config.mode!r}, which trains every weight")
+            return config
+        rank = 8 if config.lora_rank is None else config.lora_rank
+        scale = 1.0 if config.lora_scale is None else config.lora_scale
+        add_lora(model, rank=rank, scale=scale)
+        return dataclasses.replace(config, lora_rank=rank, lora_scale=scale)
+
+    @staticmethod
+    def _refuse_half_weights(model: nn.Module) -> None:
+        """AdamW on fp16 or bf16 weights rounds most updates away (an lr 1e-5 step is below half a bf16 ulp of
+        most weights), and the loss barely moves: such weights are refused. Mixed precision keeps float32
+        weights and autocasts (``precision``)."""
+        half = next(((n, p.dtype) for n, p in model.named_parameters()
+                     if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)), None)
+        if half is not None:
+            raise ConfigError(f"the trainable weight {half[0]} is {str(half[1]).replace('torch.', '')}: updates "
+                              f"this small would round away; give the model float32 weights (model.float()) and "
+                              f"precision='bf16' or 'fp16' for mixed precision")
+
     @classmethod
     def writing(cls, output_dir: Optional[str], label: Optional[str] = None):
         """The lock of ``output_dir`` (:func:`~tempme_fast.outputs.exclusive` on ``output_dir/.train.lock``),
@@ -287,13 +357,18 @@ class Trainer:
         return self.rank == 0
 
     def _steps_per_epoch(self) -> int:
-        if self.config.steps_per_epoch is not None:
-            return self.config.steps_per_epoch
         data = self.data(0) if callable(self.data) and not hasattr(self.data, "__iter__") else self.data
         try:
             n = len(data)
         except TypeError:
+            if self.config.steps_per_epoch is not None:
+                return self.config.steps_per_epoch
             raise ValueError("data has no len(); give TrainConfig(steps_per_epoch=...)") from None
+        if self.config.steps_per_epoch is not None:
+            if self.config.steps_per_epoch < n and self.is_main:
+                log.warning("steps_per_epoch=%d: each epoch trains on the first %d of the data's %d batches, the "
+                            "rest never", self.config.steps_per_epoch, self.config.steps_per_epoch, n)
+            return self.config.steps_per_epoch
         if n < 1:
             raise ValueError("data yields no batch (len(data) == 0)")
         return n
@@ -365,6 +440,15 @@ class Trainer:
         # The optimiser's state brings these back from the checkpoint: another value here would be ignored.
         _refuse_differences(path, state["config"], asdict(self.config), ("lr", "weight_decay", "betas", "eps"),
                             "which the optimiser's restored state would override")
+        _refuse_differences(path, state["config"], asdict(self.config), ("warmup",),
+                            "which the restored learning-rate schedule would jump to")
+        if (state["config"].get("precision") == "fp16") != (self.config.precision == "fp16"):
+            _refuse_differences(path, state["config"], asdict(self.config), ("precision",),
+                                "and fp16's loss scaler is part of the run's state")
+        for key in ("precision", "grad_clip"):  # (a change that may rescue a run: allowed, said)
+            if _plain(state["config"].get(key)) != _plain(getattr(self.config, key)) and self.is_main:
+                log.warning("%s was trained with %s=%r; it continues with %s=%r", path, key, state["config"].get(key),
+                            key, getattr(self.config, key))
         saved_run = state.get("run") or {}  # (absent from checkpoints of earlier releases)
         _refuse_differences(path, saved_run, self.run_info, [k for k in self.run_info if k in saved_run],
                             "and a resumed run must continue the same one")
@@ -465,7 +549,10 @@ class Trainer:
 
     def _open_epoch(self) -> Iterator:
         """The current epoch's batches, positioned after those a resumed checkpoint had consumed."""
+        resume_rng, self._resume_rng = self._resume_rng, None  # (the first epoch after a resume only)
         if self.step_in_epoch == 0:
+            if resume_rng is not None:  # resuming at an epoch's start: the RNG as the checkpoint left it
+                set_rng_state(resume_rng)
             self._epoch_rng = rng_state()
             return self._epoch_iter(self.epoch)
         # Resuming mid-epoch: replay the epoch's data order from its starting RNG, then the saved RNG.
@@ -475,7 +562,7 @@ class Trainer:
             if next(batches, None) is None:
                 raise ValueError(f"the data of epoch {self.epoch} has fewer than the {self.step_in_epoch} "
                                  f"batches the checkpoint had consumed")
-        set_rng_state(self._resume_rng)
+        set_rng_state(resume_rng)
         return batches
 
     def _mark_stepped(self, optimizer, args, kwargs) -> None:

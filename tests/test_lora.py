@@ -95,6 +95,24 @@ def test_merge_gives_the_same_embeddings_and_original_keys():
     torch.testing.assert_close(model.encode_image(v[0]).detach(), image_before, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("remove", [merge_lora, remove_lora], ids=["merge", "remove"])
+def test_merging_a_copy_leaves_the_original_lora_as_it_was(remove):
+    """A deepcopy shares torch's parametrized class with the original, and removing the copy's LoRA deleted
+    the weight from that class: the original's attention failed on every forward."""
+    model = _lora_model()
+    _randomise(model)
+    v, t = video(2, 4), _tokens()
+    before = _embed(model, v, t)
+    copied = copy.deepcopy(model)
+    remove(copied)
+    assert not has_lora(copied) and lora_config(model)["rank"] == 4
+    for a, b in zip(_embed(model, v, t), before):
+        assert torch.equal(a, b)
+    merge_lora(model)
+    for a, b in zip(_embed(model, v, t), before):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_remove_restores_the_base_weights():
     model = apply_tempme(tiny_clip(), TINY_CONFIG)
     state = copy.deepcopy(model.state_dict())

@@ -117,6 +117,22 @@ def test_missing_keys_are_reported():
                                       "clip.visual.transformer.resblocks.2.TVPt_Video_Positional_embedding"]
 
 
+def test_an_open_clip_state_dict_is_named_for_what_it_is_in_one_short_line():
+    """tempme_fast's own model.pt given as an official checkpoint listed every key of both sides (7 KB for
+    the tiny model, tens of KB for a ViT-B)."""
+    model = apply_tempme(tiny_clip(seed=5), TINY_CONFIG)
+    with pytest.raises(ValueError, match=r"holds no 'clip.' key, so it is not a checkpoint of the released TempMe "
+                                         r"code: an open_clip state dict .* loads with --checkpoint") as err:
+        load_official_checkpoint(model, tiny_clip(seed=0).state_dict())
+    assert len(str(err.value)) < 300 and not has_lora(model)
+    state, _, _ = _released_state()
+    state.update({f"module.clip.extra{i}": torch.zeros(1) for i in range(40)})
+    with pytest.raises(ValueError, match=r"unexpected 40 \(clip.extra0, clip.extra1, clip.extra2, clip.extra3, "
+                                         r"clip.extra4, ...\)") as err:
+        load_official_checkpoint(model, state)
+    assert len(str(err.value)) < 500
+
+
 def test_metadata_is_listed_as_ignored():
     state, _, _ = _released_state()
     state["module.clip.input_resolution"] = torch.tensor(32)

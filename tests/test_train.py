@@ -1,6 +1,7 @@
 """Loss, training step, Trainer (exact resume, atomic checkpoints), mixed precision, the CLI, Triton grads."""
 import argparse
 import json
+import logging
 import os
 import re
 
@@ -13,7 +14,7 @@ from kit import HALF_DTYPES, held_lock, parametrize_dtypes
 from tempme_fast import apply_tempme
 from tempme_fast.checkpoint import atomic_save
 from tempme_fast.errors import ConfigError, TrainingDiverged
-from tempme_fast.lora import add_lora, lora_layers, mark_trainable
+from tempme_fast.lora import add_lora, lora_config, lora_layers, mark_trainable
 from tempme_fast.retrieval import SyntheticPairs
 from tempme_fast.train import contrastive_loss, cosine_schedule, make_optimizer, train_step, unpack_batch
 from tempme_fast.trainer import TrainConfig, Trainer
@@ -151,13 +152,16 @@ def _resume_run(tmp_path, stop_at=None, resume=False):
     return trainer, history
 
 
-def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("stop_at", [5, 4], ids=["mid-epoch", "epoch-end"])
+def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(tmp_path, stop_at):
+    # At an epoch's end too: the next epoch's order was drawn from a fresh process's RNG, not the checkpoint's.
     full, full_history = _resume_run(tmp_path / "full")
     assert [r["step"] for r in full_history] == list(range(1, 9)) and full.epoch == 2
-    _, first = _resume_run(tmp_path / "cut", stop_at=5)  # stops mid-epoch, as a killed run
-    assert [r["step"] for r in first] == [1, 2, 3, 4, 5]
+    _, first = _resume_run(tmp_path / "cut", stop_at=stop_at)  # stops as a killed run
+    assert [r["step"] for r in first] == list(range(1, stop_at + 1))
+    torch.manual_seed(999)  # (what the process does before it resumes does not matter)
     resumed, rest = _resume_run(tmp_path / "cut", resume=True)
-    assert [r["step"] for r in rest] == [6, 7, 8]
+    assert [r["step"] for r in rest] == list(range(stop_at + 1, 9))
     # bitwise: same data order, optimiser moments, schedule and RNG
     assert [r["loss"] for r in first + rest] == [r["loss"] for r in full_history]
     assert [r["lr"] for r in first + rest] == [r["lr"] for r in full_history]
@@ -174,7 +178,8 @@ def test_resume_refuses_another_run(tmp_path):
         Trainer(_model("full"), [_pairs(2)] * 4, TrainConfig(mode="full", epochs=2), output_dir=str(tmp_path),
                 progress=False, resume="auto")
     # Without resume, a new run would replace that checkpoint and append to its log.
-    with pytest.raises(ValueError, match=r"already holds a training run \(last.pt, train_log.jsonl\); resume='auto'"):
+    with pytest.raises(ValueError, match=r"already holds a training run \(last.pt, train_log.jsonl\); continue it "
+                                         r"with resume='auto'"):
         Trainer(_model(), [_pairs(2)] * 4, TrainConfig(epochs=2), output_dir=str(tmp_path), progress=False)
     # The restored optimiser would bring back the saved learning rate and weight decay: others are refused.
     videos, tokens = _pairs(8)
@@ -183,6 +188,72 @@ def test_resume_refuses_another_run(tmp_path):
                                          r"weight_decay=0.5, which the optimiser's restored state would override"):
         Trainer(_model(), data, TrainConfig(epochs=2, lr=1e-3, weight_decay=0.5, warmup=0.25),
                 output_dir=str(tmp_path), progress=False, resume="auto")
+
+
+def test_resume_of_another_runs_checkpoint_into_a_folder_that_holds_a_run_is_refused(tmp_path, monkeypatch):
+    """It replaced that run's last.pt and spliced the two runs into one log."""
+    _resume_run(tmp_path / "x", stop_at=2)
+    _resume_run(tmp_path / "y", stop_at=3)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "x").iterdir()}
+    with pytest.raises(ConfigError, match=f"output_dir={tmp_path / 'x'} holds another run \\(last.pt, train_log.jsonl"
+                                          f"\\), which continuing {tmp_path / 'y' / 'last.pt'} there would replace"):
+        Trainer(_model(), [_pairs(2)] * 4, TrainConfig(epochs=2, lr=5e-3, warmup=0.25), output_dir=str(tmp_path / "x"),
+                progress=False, resume=str(tmp_path / "y" / "last.pt"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "x").iterdir()} == before
+    # The folder's own checkpoint, by any path, and another run's into an empty folder, resume.
+    monkeypatch.chdir(tmp_path)
+    for out, resume in (("x", "x/../x/last.pt"), ("z", "y/last.pt")):
+        trainer = Trainer(_model(), [_pairs(2)] * 4, TrainConfig(epochs=2, lr=5e-3, warmup=0.25), output_dir=out,
+                          progress=False, resume=resume)
+        assert trainer.step == {"x": 2, "z": 3}[out]
+
+
+def test_resume_refuses_a_schedule_or_loss_scaler_it_cannot_continue(tmp_path, caplog):
+    _resume_run(tmp_path, stop_at=2)
+    videos, tokens = _pairs(8)
+    data = DataLoader(TensorDataset(videos, tokens), batch_size=2, shuffle=True)
+    resume = dict(output_dir=str(tmp_path), progress=False, resume="auto")
+    # Another warm-up: the restored step meets the new schedule and the learning rate jumps.
+    with pytest.raises(ConfigError, match=r"trained with warmup=0.25; this run has warmup=0.5, which the restored "
+                                          r"learning-rate schedule would jump to"):
+        Trainer(_model(), data, TrainConfig(epochs=2, lr=5e-3, warmup=0.5), **resume)
+    # fp16 keeps a loss scaler that an fp32 checkpoint has none of (a raw GradScaler error before).
+    with pytest.raises(ConfigError, match=r"trained with precision='fp32'; this run has precision='fp16', and fp16's "
+                                          r"loss scaler is part of the run's state"):
+        Trainer(_model(), data, TrainConfig(epochs=2, lr=5e-3, warmup=0.25, precision="fp16"), **resume)
+    # A change that may rescue a run goes ahead, said.
+    with caplog.at_level(logging.WARNING, logger="tempme_fast"):
+        trainer = Trainer(_model(), data, TrainConfig(epochs=2, lr=5e-3, warmup=0.25, grad_clip=1.0), **resume)
+    assert trainer.step == 2 and "trained with grad_clip=None; it continues with grad_clip=1.0" in caplog.text
+
+
+def test_lora_settings_are_those_of_the_lora_that_trains():
+    """A model's own LoRA (an official checkpoint's) trained whatever lora_rank said, and the checkpoint
+    recorded lora_rank as given."""
+    trainer = Trainer(_model(), [_pairs(2)], TrainConfig(epochs=1), progress=False)
+    assert (trainer.config.lora_rank, trainer.config.lora_scale) == (4, 1.0)
+    with pytest.raises(ConfigError, match=r"lora_rank=8: the model already has LoRA of rank=4 scale=1.0"):
+        Trainer(_model(), [_pairs(2)], TrainConfig(epochs=1, lora_rank=8), progress=False)
+    with pytest.raises(ConfigError, match=r"lora_rank=4 and lora_scale=2.0 set up LoRA: not with mode='full'"):
+        Trainer(_model("full"), [_pairs(2)], TrainConfig(mode="full", lora_rank=4, lora_scale=2.0), progress=False)
+    config = TrainConfig(epochs=1)
+    trainer = Trainer(apply_tempme(tiny_clip(), TINY_CONFIG, backend="torch"), [_pairs(2)], config, progress=False)
+    assert lora_config(trainer.model)["rank"] == 8 and trainer.config.lora_rank == 8
+    assert config.lora_rank is None  # (the caller's config is left as it was)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_weights_are_refused(dtype):
+    """AdamW rounded most updates of 16-bit weights away: 4% of bf16 weights moved in 3 steps."""
+    with pytest.raises(ConfigError, match=f"the trainable weight .* is {str(dtype)[6:]}: updates this small would "
+                                          f"round away; give the model float32 weights"):
+        Trainer(_model("full").to(dtype), [_pairs(2)], TrainConfig(mode="full", epochs=1), progress=False)
+
+
+def test_steps_per_epoch_below_the_data_says_what_is_left_out(caplog):
+    with caplog.at_level(logging.WARNING, logger="tempme_fast"):
+        Trainer(_model(), [_pairs(2)] * 6, TrainConfig(epochs=1, steps_per_epoch=2), progress=False)
+    assert "steps_per_epoch=2: each epoch trains on the first 2 of the data's 6 batches, the rest never" in caplog.text
 
 
 def test_resume_refuses_other_run_info(tmp_path):

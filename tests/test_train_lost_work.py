@@ -231,3 +231,53 @@ def test_resume_after_a_log_line_cut_off_by_a_kill(tmp_path, caplog):
         Trainer(_model(), data, TrainConfig(epochs=1), output_dir=str(tmp_path), progress=False, resume="auto")
     assert f"{log_file}:2: not a step record, left out of the log: 'garbage'" in caplog.text
     assert log_file.read_text().splitlines(keepends=True) == lines
+
+
+def test_cli_keeps_a_finished_run_from_a_resume_that_would_replace_it(tiny_model_file, tmp_path, capsys):
+    """Two ways a finished run's files were replaced without a word: a resume of another run's checkpoint into its
+    folder (its log then held both runs), and --resume auto once its last.pt was deleted (it trained afresh)."""
+    x, y = str(tmp_path / "x"), str(tmp_path / "y")
+    assert main(_train_argv(tiny_model_file, "--output", x, "--max-steps", "2")) == 0
+    assert main(_train_argv(tiny_model_file, "--output", y, "--max-steps", "1", "--seed", "1")) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "x").iterdir()}
+    for extra, fragment in (
+            (["--seed", "1", "--resume", os.path.join(y, "last.pt")],
+             f"--output {x} holds another run (last.pt, train_log.jsonl, model.pt, lora.pt), which continuing "
+             f"{y}/last.pt there would replace and mix into its log; continue that folder's own run with --resume "
+             f"auto, or give an empty folder"),
+            (["--resume", "auto"], f"--output {x} holds a run's model.pt and lora.pt but no last.pt to continue from: "
+                                   f"--resume auto would train from the start and replace them")):
+        if extra[-1] == "auto":
+            os.remove(os.path.join(x, "last.pt"))
+            before.pop("last.pt")
+        with pytest.raises(SystemExit) as exit_:
+            main(_train_argv(tiny_model_file, "--output", x, *extra))
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and fragment in err, err
+        assert {p.name: p.read_bytes() for p in (tmp_path / "x").iterdir()} == before
+
+
+def test_cli_full_mode_from_an_official_checkpoint_writes_a_model_eval_loads(tiny_model_file, tmp_path, capsys):
+    """Its LoRA trained with every weight and was never merged: model.pt held parametrization keys that
+    `tempme eval --checkpoint` refused. A --lora-rank other than the checkpoint's was ignored."""
+    from tempme_fast import apply_tempme
+    from tempme_fast.loading import create_model, load_checkpoint
+    from tempme_fast.lora import add_lora
+    from tempme_fast.official import official_key_map
+    from tiny import TINY_CONFIG
+
+    released = apply_tempme(create_model(tiny_model_file), TINY_CONFIG)
+    add_lora(released, rank=4)
+    state = released.state_dict()
+    torch.save({name: state[key] for name, key in official_key_map(released).items()}, tmp_path / "official.pth")
+    official = ["--official-checkpoint", str(tmp_path / "official.pth")]
+    out = tmp_path / "full"
+    assert main(_train_argv(tiny_model_file, "--output", str(out), "--mode", "full", "--max-steps", "1",
+                            *official)) == 0
+    assert "LoRA merged; tempme eval --checkpoint loads it" in capsys.readouterr().out
+    load_checkpoint(apply_tempme(create_model(tiny_model_file), TINY_CONFIG), str(out / "model.pt"))
+    with pytest.raises(SystemExit) as exit_:
+        main(_train_argv(tiny_model_file, "--output", str(tmp_path / "rank"), "--lora-rank", "16", *official))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "lora_rank=16: the model already has LoRA of rank=4 scale=1.0" in err, err
