@@ -32,7 +32,7 @@ from . import distributed
 from .errors import ConfigError, TrainingDiverged
 from .outputs import exclusive, prepare_output_dir
 from .checkpoint import atomic_save, atomic_write, load_file, rng_state, set_rng_state
-from .lora import MODES, add_lora, has_lora, load_lora_state_dict, lora_config, lora_state_dict, mark_trainable
+from .lora import MODES, add_lora, load_lora_state_dict, lora_config, lora_state_dict, mark_trainable
 from .train import (DEFAULT_LR, PRECISIONS, VideoTextForward, cosine_schedule, make_optimizer, set_grad_checkpointing,
                     train_step, unpack_batch)
 
