@@ -132,7 +132,8 @@ def query_rows(args) -> list:
                 _, got = search.search(q[None], 10)
                 times.append(1000 * (time.perf_counter() - t0))
                 ids.append(got[0])
-            recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact_ids)])
+            # Out of min(10, n): a collection of fewer than 10 vectors has no more to return.
+            recall = np.mean([len(set(a) & set(b)) / min(10, n) for a, b in zip(ids, exact_ids)])
             times.sort()
             rows.append({"vectors": n, "dim": args.dim, "kind": kind, "library": lib,
                          "options": " ".join(f"{k}={v}" for k, v in options.items() if k != "use_faiss"),

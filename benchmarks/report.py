@@ -126,9 +126,14 @@ SWEEPS = {"bench_ops": (SWEEP_KEYS, "op", ("frac_copy_bw", "frac_sized_copy")),
           "attention": (ATTENTION_SWEEP_KEYS, "mode", ())}
 
 
-def _time(row: Dict[str, object]):
-    """A row's device time where it has one (a GPU), else its wall time (a CPU)."""
-    return row.get("device_ms") or row.get("ms")
+def _basis(row: Dict[str, object]) -> Optional[str]:
+    """The field a row's speed-ups are computed from, as ``benchmarks.devicetime.basis_ms`` chooses it: its device
+    time where it has one; its wall time where none was taken (a CPU, or a run before device timing); None where
+    its device timing failed (``device_error``): its eager time against another row's device time would count
+    the host's time on one side only."""
+    if row.get("device_ms"):
+        return "device_ms"
+    return None if "device_ms" in row or "device_error" in row or not row.get("ms") else "ms"
 
 
 def sweep_tables(rows: Sequence[Dict[str, object]], bench: str = "bench_ops"
@@ -139,7 +144,8 @@ def sweep_tables(rows: Sequence[Dict[str, object]], bench: str = "bench_ops"
     that disagrees never wins); and per sweep, each candidate's summed time over the shapes where it and
     the library both ran, against the library's sum over the same shapes (a candidate that disagrees
     anywhere is marked so). Attention shapes also carry ``nobias_ms``: SDPA without a bias at that
-    shape, the time that proportional attention adds to."""
+    shape, the time that proportional attention adds to. Times are device times where the rows have them, wall
+    times where none were taken (:func:`_basis`); a row whose device timing failed is left out."""
     keys, over, extra = SWEEPS[bench]
     groups: Dict[tuple, List[Dict[str, object]]] = defaultdict(list)
     floors: Dict[tuple, object] = {}
@@ -147,26 +153,31 @@ def sweep_tables(rows: Sequence[Dict[str, object]], bench: str = "bench_ops"
         if r.get("bench") != bench:
             continue
         key = tuple(r.get(k) for k in keys)
-        if str(r.get("impl", "")).startswith("triton") and _time(r):
+        if str(r.get("impl", "")).startswith("triton") and _basis(r):
             groups[key].append(r)
-        elif r.get("impl") == "sdpa-nobias" and _time(r):
-            floors[key] = _time(r)
+        elif r.get("impl") == "sdpa-nobias" and _basis(r):
+            floors[key] = r
     per_shape, totals = [], {}
     summed_keys = ("run", "tag", "dtype", over)
     for key, group in groups.items():
         library = next((r for r in group if r["impl"] == "triton"), None)
-        candidates = [r for r in group if r["impl"] != "triton"]
-        if library is None or not candidates:
+        if library is None:
+            continue
+        basis = _basis(library)
+        # Only candidates timed as the library was: a device time is never set against an eager one.
+        candidates = [r for r in group if r["impl"] != "triton" and _basis(r) == basis]
+        if not candidates:
             continue
         good = [r for r in candidates if r.get("agrees") is not False]
-        best = min(good, key=_time) if good else None
+        best = min(good, key=lambda r: r[basis]) if good else None
         shape = dict(zip(keys, key))
-        entry = dict(shape, library_ms=_time(library), **{f"library_{c}": library.get(c) for c in extra})
+        entry = dict(shape, library_ms=library[basis], **{f"library_{c}": library.get(c) for c in extra})
         if bench == "attention":
-            entry["nobias_ms"] = floors.get(key)
+            floor = floors.get(key)
+            entry["nobias_ms"] = floor[basis] if floor and _basis(floor) == basis else None
         if best is not None:
-            entry.update(best=best["impl"].split(":", 1)[1], best_ms=_time(best),
-                         **{f"best_{c}": best.get(c) for c in extra}, speedup=_time(library) / _time(best))
+            entry.update(best=best["impl"].split(":", 1)[1], best_ms=best[basis],
+                         **{f"best_{c}": best.get(c) for c in extra}, speedup=library[basis] / best[basis])
         per_shape.append(entry)
         for r in candidates:
             total = totals.setdefault(tuple(shape[k] for k in summed_keys) + (r["impl"],),
@@ -174,8 +185,8 @@ def sweep_tables(rows: Sequence[Dict[str, object]], bench: str = "bench_ops"
                                        "candidate": r["impl"].split(":", 1)[1], "shapes": 0, "candidate_ms": 0.0,
                                        "library_ms": 0.0, "agrees": True})
             total["shapes"] += 1
-            total["candidate_ms"] += _time(r)
-            total["library_ms"] += _time(library)
+            total["candidate_ms"] += r[basis]
+            total["library_ms"] += library[basis]
             total["agrees"] = total["agrees"] and r.get("agrees") is not False
     summed = sorted(totals.values(), key=lambda t: (t["run"], t["tag"] or "", t[over],
                                                     t["candidate_ms"] / t["library_ms"]))
@@ -192,20 +203,21 @@ def plans_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
     """Each ``bench_ops --tiles`` candidate timed on random plans and on the encoder's (``--plans encoder``), over
     the shapes it ran at on both: the library's summed time over the candidate's, against the library's rows of
     the same sweep, on each kind of plan, and the worse of the two (a tile to adopt should lose on neither),
-    fastest first; ``agrees``: at every one of those rows."""
+    fastest first; ``agrees``: at every one of those rows. Times as in :func:`sweep_tables`."""
     sweeps: Dict[tuple, Dict[str, Dict[str, object]]] = defaultdict(dict)  # one shape of one sweep -> impl -> row
     for r in rows:
-        if r.get("bench") == "bench_ops" and str(r.get("impl", "")).startswith("triton") and _time(r):
+        if r.get("bench") == "bench_ops" and str(r.get("impl", "")).startswith("triton") and _basis(r):
             key = tuple(r.get(k) for k in ("run", "tag", "model", "batch", "dtype", "op", "layer", "stage"))
             sweeps[key][r["impl"]] = r
     # (run, model, batch, dtype, op, candidate) -> (layer, stage) -> plans -> (library ms, candidate ms, agrees)
     pairs: Dict[tuple, Dict[tuple, Dict[str, tuple]]] = defaultdict(lambda: defaultdict(dict))
     for (run, _, model, batch, dtype, op, layer, stage), impls in sweeps.items():
         library = impls.get("triton")
+        basis = library and _basis(library)
         for impl, r in impls.items():
-            if library is not None and impl != "triton":
+            if basis and impl != "triton" and _basis(r) == basis:  # (never a device time over an eager one)
                 pairs[(run, model, batch, dtype, op, impl.split(":", 1)[1])][(layer, stage)][
-                    r.get("plans", "random")] = (_time(library), _time(r), r.get("agrees") is not False)
+                    r.get("plans", "random")] = (library[basis], r[basis], r.get("agrees") is not False)
     table = []
     for (run, model, batch, dtype, op, candidate), shapes in pairs.items():
         both = [by for by in shapes.values() if {"random", "encoder"} <= set(by)]
@@ -295,7 +307,8 @@ def _sized_copy_share(row: Dict[str, object]) -> str:
 def targets_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
     """What ``rows`` say of each GPU target: the measured figure (the weakest shape's), what is needed, and
     met / missed / not measured. The merge forward is read twice: at the library's tiles, and at the
-    fastest agreeing tile-sweep candidate of each shape (what adopting the sweep's winners would give)."""
+    fastest agreeing tile-sweep candidate of each shape (what adopting the sweep's winners would give). The
+    one-video target pairs times within one run, dtype and stage, and reads the best such pair."""
     # (On random metrics, as the targets were set: rows before bench_ops --plans have no "plans".)
     at = [r for r in rows if r.get("bench") == "bench_ops" and all(r.get(k) == v for k, v in TARGET_SHAPE.items())
           and r.get("plans", "random") == "random"]
@@ -329,13 +342,22 @@ def targets_table(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
                       "needed": TARGET_BOUND_SHARE, "where": fastest and (
                           f"{fastest['variant']}: {fastest['speedup_vs_open_clip']:.2f}x of "
                           f"{fastest['flops_bound_speedup']:.2f}x")})
-        one = {r.get("variant"): r["ms"] for r in mine if r.get("batch") == 1}
-        graphed = {v: ms for v, ms in one.items() if v.startswith("tempme-triton") and v.endswith("+graph")}
-        variant = min(graphed, key=graphed.get, default=None)
-        measured = one["open_clip+graph"] / graphed[variant] if variant and "open_clip+graph" in one else None
+        # Both times of a ratio from one run, dtype and stage: across runs it would compare two cards or builds.
+        ones: Dict[tuple, Dict[str, float]] = defaultdict(dict)
+        for r in mine:
+            if r.get("batch") == 1:
+                ones[(r.get("run"), r.get("dtype"), r.get("tag"))][r.get("variant")] = r["ms"]
+        paired = []
+        for (run, dtype, _), one in ones.items():
+            graphed = {v: ms for v, ms in one.items() if v.startswith("tempme-triton") and v.endswith("+graph")}
+            variant = min(graphed, key=graphed.get, default=None)
+            if variant and "open_clip+graph" in one:
+                paired.append((one["open_clip+graph"] / graphed[variant],
+                               f"{run}, {dtype}: {variant} {graphed[variant]:.3g} ms, "
+                               f"open_clip+graph {one['open_clip+graph']:.3g} ms"))
+        measured, where = max(paired, key=lambda p: p[0], default=(None, None))
         table.append({"target": "one video, graph-replayed: open_clip+graph ms over TempMe's", "model": name,
-                      "measured": measured, "needed": 1.0, "where": variant and measured and (
-                          f"{variant} {graphed[variant]:.3g} ms, open_clip+graph {one['open_clip+graph']:.3g} ms")})
+                      "measured": measured, "needed": 1.0, "where": where})
     for entry in table:
         entry["status"] = _status(entry["measured"], entry["needed"])
     return table
@@ -422,8 +444,9 @@ def report(runs: Sequence[Run], as_markdown: bool = False, tags: Optional[Sequen
         keys, over, extra = SWEEPS[bench]
         floor = ["nobias_ms"] if bench == "attention" else []
         section(f"Tile sweeps ({what}): the fastest candidate per shape", f"`{what}` rows against the library's "
-                "tiles (`triton`), device time where measured; only candidates that agree with the float64 "
-                "reference may win." + (" `nobias_ms`: SDPA without a bias at the same shape." if floor else ""),
+                "tiles (`triton`), device time where measured (a row whose device timing failed is left out); "
+                "only candidates that agree with the float64 reference may win."
+                + (" `nobias_ms`: SDPA without a bias at the same shape." if floor else ""),
                 markdown(per_shape, [*keys, "library_ms", "best", "best_ms", "speedup", *floor,
                                      *(f"{w}_{c}" for c in extra for w in ("library", "best"))]))
         section(f"Tile sweeps ({what}): each candidate over all its shapes", "Summed time over the shapes where "

@@ -6,6 +6,8 @@ They serve every writer and reader of checkpoints (the trainer, :func:`tempme_fa
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import pickle
 import random
@@ -14,7 +16,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["atomic_save", "atomic_write", "load_file", "rng_state", "set_rng_state"]
+__all__ = ["atomic_save", "atomic_write", "file_sha256", "load_file", "rng_state", "set_rng_state"]
 
 
 def atomic_save(obj, path) -> None:
@@ -40,6 +42,22 @@ def load_file(path, what: str):
         if "weights only" in reason.lower():  # torch's paragraph that suggests weights_only=False
             reason = "with weights_only=True it reads tensors and plain values only; this file holds something else"
         raise ConfigError(f"{what} {path}: not a file torch.load can read ({reason})") from err
+
+
+def file_sha256(path) -> str:
+    """Hex SHA-256 of a file's content: weights and checkpoints are recognised by it, not by their name or
+    place. Kept per (real path, size, modification time), so a file asked about again is not read again."""
+    st = os.stat(path)
+    return _sha256_of(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write(path, write) -> None:

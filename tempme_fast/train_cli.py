@@ -224,17 +224,24 @@ def _check_arguments(args):
 def _run_info(args, split) -> dict:
     """What a resume of this run must give the same, beyond the training recipe and the schedule that the
     checkpoint holds anyway (:class:`~tempme_fast.trainer.Trainer`'s ``run_info``). Weight files count by
-    their name and the data by its captions, so that moved files still resume."""
+    their name and content (downloads share a few names) and the data by its captions, so that moved files
+    still resume."""
+    from .checkpoint import file_sha256
     from .loading import resolve_model
 
     def source(value):
         return os.path.basename(value) if value and os.path.isfile(value) else value
 
     data = f"--synthetic {args.synthetic}" if split is None else split.content_digest()
-    return {"--model": resolve_model(args.model)[0], "--pretrained": source(args.pretrained),
+    info = {"--model": resolve_model(args.model)[0], "--pretrained": source(args.pretrained),
             "--official-checkpoint": source(args.official_checkpoint), "--batch-size": args.batch_size,
             "--seed": args.seed, "--context-length": args.context_length,
             "--sample-fps": None if split is None else args.sample_fps, "data": data}  # (no videos to sample)
+    for option in ("--pretrained", "--official-checkpoint"):  # (keys of their own: older checkpoints lack them)
+        value = getattr(args, option[2:].replace("-", "_"))
+        if value and os.path.isfile(value):
+            info[f"{option} sha256"] = file_sha256(value)
+    return info
 
 
 def _resume_command(args) -> str:

@@ -481,3 +481,16 @@ def test_bench_index_never_reuses_clips_of_other_settings(tmp_path):
     larger = make_videos(str(tmp_path), 1, 1.0, (48, 32), 4.0)
     assert len({*short, *longer, *larger}) == 5 and all(os.path.isfile(p) for p in (*short, *longer, *larger))
     assert os.path.getsize(longer[0]) > os.path.getsize(short[0])
+
+
+def test_bench_index_recall_counts_only_the_results_a_small_collection_has():
+    """Exact search over fewer than 10 vectors returns all of them: recall@10 is 1.0, not n/10 (it was divided
+    by 10 whatever the collection's size)."""
+    import argparse
+
+    from benchmarks.bench_index import query_rows
+
+    args = argparse.Namespace(query_sizes=[5, 12], dim=8, queries=3, variants=["exact-numpy"], nlist=None,
+                              nprobe=16, ivf_train_per_list=40, hnsw_max=100_000)
+    rows = query_rows(args)
+    assert [(r["vectors"], r["recall_at_10"]) for r in rows] == [(5, 1.0), (12, 1.0)]

@@ -605,6 +605,53 @@ def test_report_reads_the_gpu_targets_from_the_rows(tmp_path, capsys):
     assert "### GPU targets" in capsys.readouterr().out
 
 
+def test_report_pairs_the_one_video_times_within_one_run_and_dtype(tmp_path):
+    """The one-video target divides open_clip+graph by TempMe's time of the same run and dtype: over two runs
+    that each missed it, it divided one run's open_clip+graph by the other's TempMe time and read `met`."""
+    from benchmarks import report
+
+    def model(variant, ms, dtype="fp16"):
+        return ("bench_model", {"model": "ViT-B-16", "batch": 1, "dtype": dtype, "mode": "infer", "variant": variant,
+                                "ms": ms})
+    _suite_folder(tmp_path / "a", "NVIDIA H200, sm_90", [], [model("open_clip+graph", 1.0),
+                                                              model("tempme-triton-mlp+graph", 1.1),
+                                                              model("open_clip+graph", 3.0, "fp32")], [])
+    _suite_folder(tmp_path / "b", "NVIDIA H200, sm_90", [], [model("open_clip+graph", 2.0),
+                                                              model("tempme-triton+graph", 2.5)], [])
+    rows = [r for name in ("a", "b") for r in report.load(str(tmp_path / name), name).rows]
+    one = report.targets_table(rows)[-1]
+    assert one["target"].startswith("one video") and one["measured"] == pytest.approx(1.0 / 1.1)
+    assert one["status"] == "missed"
+    assert one["where"] == "a, fp16: tempme-triton-mlp+graph 1.1 ms, open_clip+graph 1 ms"
+
+
+def test_report_never_sets_an_eager_time_against_a_device_time(tmp_path):
+    """A sweep row whose device timing failed (`device_error`, its eager `ms` kept) is compared with nothing:
+    its eager time against another row's device time made a speed-up of the host's share. Rows of a run without
+    device times (a CPU) are still compared on their wall times."""
+    from benchmarks import report
+
+    def op(layer, impl, ms, device_ms=None, plans="random", tag="merge_tiles"):
+        timing = {"device_ms": device_ms} if device_ms else {"device_error": "RuntimeError: capture failed"}
+        return ("bench_ops", {"tag": tag, "model": "ViT-B-16", "batch": 32, "dtype": "fp16", "layer": layer,
+                              "stage": "cross", "plans": plans, "op": "merge_fwd", "impl": impl, "ms": ms,
+                              "agrees": True, **timing})
+    rows = [op(0, "triton", 0.30), op(0, "triton:merge:a", 0.31, 0.10),  # the library's device time failed
+            op(8, "triton", 0.6, 0.2), op(8, "triton:merge:a", 0.5, 0.1), op(8, "triton:merge:b", 0.05),
+            op(8, "triton", 0.9, plans="encoder", tag="encoder_tiles"),
+            op(8, "triton:merge:a", 0.8, 0.1, plans="encoder", tag="encoder_tiles")]
+    _suite_folder(tmp_path / "g", "NVIDIA H200, sm_90", [], rows, [])
+    loaded = report.load(str(tmp_path / "g"), "g").rows
+    per_shape, summed = report.sweep_tables(loaded)
+    assert [(e["layer"], e["best"], e["speedup"]) for e in per_shape] == [(8, "merge:a", pytest.approx(2.0))]
+    assert [(t["candidate"], t["shapes"], t["speedup"]) for t in summed] == [("merge:a", 1, pytest.approx(2.0))]
+    assert report.plans_table(loaded) == []  # on the encoder's plans the library has no device time
+    cpu = [{k: v for k, v in r.items() if not k.startswith("device")} for r in loaded
+           if r.get("layer") == 8 and r.get("plans") == "random"]
+    per_shape, _ = report.sweep_tables(cpu)
+    assert [(e["layer"], e["best"], e["speedup"]) for e in per_shape] == [(8, "merge:b", pytest.approx(12.0))]
+
+
 def test_report_puts_each_candidate_on_random_and_encoder_plans_side_by_side(tmp_path, capsys):
     """Over the shapes a candidate ran at on both kinds of plans, against the library's rows of the same sweep:
     one that wins on random plans and loses on the encoder's ranks below one that wins a little on both."""

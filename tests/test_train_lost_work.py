@@ -281,3 +281,22 @@ def test_cli_full_mode_from_an_official_checkpoint_writes_a_model_eval_loads(tin
         main(_train_argv(tiny_model_file, "--output", str(tmp_path / "rank"), "--lora-rank", "16", *official))
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "lora_rank=16: the model already has LoRA of rank=4 scale=1.0" in err, err
+
+
+def test_cli_resume_on_other_weights_of_the_same_name_is_refused(tiny_model_file, tmp_path, capsys):
+    """Weights counted by their file name only: an adapter continued on other base weights without a word."""
+    from tempme_fast.loading import create_model
+
+    weights, out = tmp_path / "open_clip_model.pt", str(tmp_path / "run")
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        torch.save(create_model(tiny_model_file).state_dict(), weights)
+        if seed == 1:
+            argv = _train_argv(tiny_model_file, "--output", out, "--pretrained", str(weights))
+            assert main(argv + ["--max-steps", "1"]) == 0
+            capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv + ["--resume", "auto"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert "trained with --pretrained sha256=" in err and "this run has --pretrained sha256=" in err, err

@@ -27,7 +27,7 @@ from ..retrieval.cli import model_tokenizer
 from ..retrieval.evaluate import check_tokenizer
 from ..retrieval.video import VideoDecodeError, VideoProcessor
 from . import store
-from .sources import launch_rank, list_videos, rank_share
+from .sources import launch_rank, list_videos, rank_share, unique_videos
 from .spec import IndexSpec, embed_dim, load_encoder
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ class IndexDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         path = self.paths[i]
         start = time.perf_counter()
-        item = {"path": path}
+        size, mtime_ns = store.file_state(path)  # (before decoding: a file replaced meanwhile is encoded again)
+        item = {"path": path, "size": size, "mtime_ns": mtime_ns}
         try:
             item["video"], item["mask"] = self.processor(path)
             item["duration"] = probe_duration(path)
@@ -85,11 +86,14 @@ def collate_items(items: List[dict]) -> dict:
     return batch
 
 
-def _record(item: dict) -> dict:
+def _record(item: dict, indexed_at: float) -> dict:
+    state = {"size": item["size"], "mtime_ns": item["mtime_ns"], "indexed_at": indexed_at}
     if "error" in item:
-        return {"path": item["path"], "status": "error", "reason": item["error"], "duration": None, "frames": 0}
+        return {"path": item["path"], "status": "error", "reason": item["error"], "duration": None, "frames": 0,
+                **state}
     frames = int(item["frames"])
-    return {"path": item["path"], "status": "ok", "reason": None, "duration": item["duration"], "frames": frames}
+    return {"path": item["path"], "status": "ok", "reason": None, "duration": item["duration"], "frames": frames,
+            **state}
 
 
 class _Timer:
@@ -121,12 +125,15 @@ def build_index(videos, out: str, spec: Optional[IndexSpec] = None, *, model: Op
         spec: the encoder; default ``IndexSpec()`` (ViT-B-32-quickgelu, random weights, released
             schedule). With an existing index, it must match the index's own.
         model: an already built model for ``spec`` (else built with :func:`load_encoder`).
-        resume: continue or grow an existing index, encoding only videos it does not record yet.
+        resume: continue or grow an existing index, encoding only videos it does not record yet, or whose
+            files changed since (their newest record is the one searched).
         rank, world_size: this process's share (default: from ``torchrun``'s variables).
         backend, device, dtype: where and how to encode (not part of the index's identity).
 
     Returns:
-        a summary dict: ``indexed``, ``failed``, ``already`` (recorded before), ``share``, ``total``,
+        a summary dict: ``indexed``, ``failed``, ``already`` (recorded before), ``changed`` (recorded before
+        and encoded again: their files changed since), ``gone`` (recorded, their files no longer exist),
+        ``share``, ``total``,
         ``wall_s``, ``decode_s``, ``encode_s``, ``wait_s``, ``videos_per_s``, ``shards`` (written).
     """
     check_int("batch_size", batch_size)
@@ -136,8 +143,7 @@ def build_index(videos, out: str, spec: Optional[IndexSpec] = None, *, model: Op
     env_rank, env_world, local_rank = launch_rank()
     rank = env_rank if rank is None else rank
     world_size = env_world if world_size is None else world_size
-    paths = list_videos(videos) if isinstance(videos, (str, os.PathLike)) else \
-        list(dict.fromkeys(os.path.abspath(os.fspath(p)) for p in videos))
+    paths = list_videos(videos) if isinstance(videos, (str, os.PathLike)) else unique_videos(videos)
     if not paths:
         raise ConfigError("videos: the list is empty")
     share = rank_share(paths, rank, world_size)
@@ -153,8 +159,18 @@ def build_index(videos, out: str, spec: Optional[IndexSpec] = None, *, model: Op
         if os.path.isfile(os.path.join(out, store.HEADER)):
             store.write_header(out, spec, store.read_header(out)["embed_dim"])  # refuses another encoder early
         store.remove_stale_temporaries(out)
-        recorded = store.recorded_paths(out)
-        todo = [p for p in share if p not in recorded]
+        # Each file by its real path: one reached through a link, or spelt another way, is the same video.
+        recorded = {os.path.realpath(p): r for p, r in store.newest_records(out).items()}
+        known = [p for p in share if os.path.realpath(p) in recorded]
+        changed = [p for p in known if store.changed_since(recorded[os.path.realpath(p)], p)]
+        todo = [p for p in share if os.path.realpath(p) not in recorded] + changed
+        gone = sorted(p for p, r in recorded.items() if r["status"] == "ok" and store.file_state(p)[0] is None)
+        if changed:
+            log.warning("%d indexed video(s) changed since (size or modification time), e.g. %s: encoded again",
+                        len(changed), changed[0])
+        if gone:
+            log.warning("%d indexed video(s) no longer exist, e.g. %s: search still returns them (build a new "
+                        "index to leave them out)", len(gone), gone[0])
 
         if model is None:
             if device == "auto" and world_size > 1 and torch.cuda.is_available():
@@ -196,13 +212,14 @@ def build_index(videos, out: str, spec: Optional[IndexSpec] = None, *, model: Op
                     vectors = vectors[finite] if finite.any() else None
                 timer.decode += sum(it["decode_s"] for it in items)
                 failed += sum("error" in it for it in items)
-                writer.add([_record(it) for it in items], vectors)
+                writer.add([_record(it, time.time()) for it in items], vectors)
                 timer.done += len(items)
                 bar.update(len(items))
                 bar.set_postfix(timer.postfix(), refresh=False)
         writer.flush()
     wall = time.perf_counter() - timer.start
     summary = {"indexed": len(todo) - failed, "failed": failed, "already": len(share) - len(todo),
+               "changed": len(changed), "gone": len(gone),
                "share": len(share), "total": len(paths), "rank": rank, "world_size": world_size,
                "wall_s": wall, "decode_s": timer.decode, "encode_s": timer.encode, "wait_s": timer.wait,
                "videos_per_s": len(todo) / wall if wall > 0 and todo else None, "shards": writer.written}

@@ -143,10 +143,7 @@ def run_search(args) -> int:
             raise ConfigError("give either a text query or --like VIDEO (exactly one)")
         options = _search_options(args)
         index_spec = IndexSpec.from_json(store.read_header(args.index)["spec"])
-        given = {k: getattr(args, k) for k in ("model", "pretrained", "checkpoint") if getattr(args, k)}
-        if "checkpoint" in given:
-            given["checkpoint_sha256"] = None  # hash the file the caller named
-        query_spec = dataclasses.replace(index_spec, **given)
+        query_spec = index_spec.naming_files(model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
         if faiss_module() is None and args.index_type == "exact":
             print(f"note: FAISS is not installed; exact search runs in NumPy. For faster search and the IVF/HNSW "
                   f"indexes: {FAISS_HINT}", file=sys.stderr)

@@ -49,6 +49,9 @@ class VideoIndex:
         self.path, self.contents, self.searcher = path, contents, searcher
         self.backend, self.device, self.dtype = backend, device, dtype
         self._model = None
+        # What builds the query encoder: the index's own spec, or the caller's that matched it (the files
+        # the caller named, which may lie elsewhere than those the index was built from).
+        self.encoder_spec = contents.spec
 
     @classmethod
     def open(cls, path: str, kind: str = "exact", *, query_spec: Optional[IndexSpec] = None,
@@ -74,6 +77,8 @@ class VideoIndex:
             search_options.setdefault("cache", store.search_cache_path(path, kind, search_options, contents.vectors))
         index = cls(path, contents, VectorSearch(contents.vectors, kind, **search_options), backend, device,
                     dtype)
+        if query_spec is not None:
+            index.encoder_spec = query_spec
         if model is not None:
             index.use_model(model)
         return index
@@ -96,7 +101,7 @@ class VideoIndex:
     @property
     def model(self) -> torch.nn.Module:
         if self._model is None:
-            self.use_model(load_encoder(self.spec, self.backend, self.device, self.dtype))
+            self.use_model(load_encoder(self.encoder_spec, self.backend, self.device, self.dtype))
         return self._model
 
     def search_vectors(self, queries, k: int = 10) -> List[List[SearchHit]]:
@@ -122,8 +127,9 @@ class VideoIndex:
         from ..retrieval.cli import model_tokenizer
         from ..retrieval.evaluate import encode_texts
 
-        tokenizer = model_tokenizer(self.spec.model)
-        return encode_texts(self.model, list(texts), tokenizer, self.spec.context_length, progress=False).numpy()
+        model = self.model  # (built first: building a JSON-configured model registers its tokenizer's config)
+        tokenizer = model_tokenizer(self.encoder_spec.model)
+        return encode_texts(model, list(texts), tokenizer, self.spec.context_length, progress=False).numpy()
 
     @torch.no_grad()
     def encode_video(self, path: str) -> np.ndarray:

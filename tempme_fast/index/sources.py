@@ -53,7 +53,7 @@ def list_videos(source: str) -> List[str]:
     path) or a list file: ``.txt``/``.lst`` with one path per line (``#`` starts a comment line),
     ``.csv`` with a ``video_path`` column, ``.jsonl`` with ``{"video_path": ...}`` lines. Relative
     paths in a list are relative to the list's folder. Listed files that do not exist are kept: the
-    indexer records them as unreadable.
+    indexer records them as unreadable. A file reached by two paths (a link) is listed once.
     """
     source = os.fspath(source)
     if os.path.isdir(source):
@@ -67,10 +67,23 @@ def list_videos(source: str) -> List[str]:
     else:
         raise ConfigError(f"{source} does not exist; pass a folder of videos or a list file "
                          f"({', '.join(LIST_SUFFIXES)})")
-    paths = list(dict.fromkeys(os.path.abspath(p) for p in paths))
+    paths = unique_videos(paths)
     if not paths:
         raise ConfigError(what)
     return paths
+
+
+def unique_videos(paths) -> List[str]:
+    """Absolute ``paths`` in order, each file once: a path that reaches an earlier one's file (through a link,
+    or spelt another way) is left out, else the index would hold that video twice and return it twice."""
+    seen, unique = set(), []
+    for path in paths:
+        path = os.path.abspath(os.fspath(path))
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            unique.append(path)
+    return unique
 
 
 def rank_share(paths: Sequence[str], rank: int, world_size: int) -> List[str]:

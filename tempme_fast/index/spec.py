@@ -9,28 +9,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from ..checkpoint import file_sha256
 from ..config import TempMeConfig
 from ..errors import ConfigError
 from ..retrieval.video import DEFAULT_FPS, DEFAULT_FRAMES
 
 # Fields a text query must share with the index (the text tower does not see the video schedule).
 TEXT_FIELDS = ("model", "pretrained", "checkpoint_sha256", "context_length")
+# The content hash of each field that may name a file: such a file counts by its content, wherever it lies.
+FILE_HASHES = {"model": "model_sha256", "pretrained": "pretrained_sha256", "checkpoint": "checkpoint_sha256"}
 
 
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of a file: a checkpoint is recognised by its content, not by where it lies."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _file(name: str, value: Optional[str]) -> bool:
+    """Whether ``value`` of the field ``name`` names a file (a JSON model config, a weights file, a checkpoint)
+    rather than an open_clip model name or pretrained tag."""
+    if not value:
+        return False
+    return value.endswith(".json") if name == "model" else name == "checkpoint" or os.path.isfile(value)
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,9 @@ class IndexSpec:
         model: open_clip model name or JSON model config path (as given to ``create_model``).
         pretrained: open_clip pretrained tag or weights file; None for random weights.
         checkpoint: a TempMe state dict or LoRA adapter loaded after patching (see ``tempme eval``).
-        checkpoint_sha256: the checkpoint's content hash, filled in by :meth:`resolved`.
+        model_sha256, pretrained_sha256, checkpoint_sha256: the content hash of each that is a file,
+            filled in by :meth:`resolved`; a file counts by its content, not by its name or place (indexes
+            of earlier releases lack the first two, and take the file as it is now).
         merge: TempMe's schedule (False: per-frame CLIP).
         config: the TempMe schedule as a dict of :class:`TempMeConfig` fields (None: the released
             schedule for ``frames``); filled in by :meth:`resolved`.
@@ -53,6 +56,8 @@ class IndexSpec:
     pretrained: Optional[str] = None
     checkpoint: Optional[str] = None
     checkpoint_sha256: Optional[str] = None
+    model_sha256: Optional[str] = None
+    pretrained_sha256: Optional[str] = None
     merge: bool = True
     config: Optional[dict] = field(default=None, compare=False)
     frames: int = DEFAULT_FRAMES
@@ -65,19 +70,32 @@ class IndexSpec:
         return TempMeConfig(frames=self.frames) if self.merge else TempMeConfig.unmerged(self.frames)
 
     def resolved(self) -> "IndexSpec":
-        """This spec with the schedule spelled out and the checkpoint hashed (what gets stored)."""
+        """This spec with the schedule spelled out, and each file named by its absolute path and hashed (what
+        gets stored: queries from any folder find the files, and a changed file is noticed)."""
         config = self.tempme_config()
         if config.frames != self.frames:
             raise ConfigError(f"config frames={config.frames} differs from frames={self.frames}")
-        digest = self.checkpoint_sha256
-        if self.checkpoint is not None and digest is None:
-            if not os.path.isfile(self.checkpoint):
-                raise ConfigError(f"checkpoint={self.checkpoint!r} is not a file")
-            digest = file_sha256(self.checkpoint)
+        files = {}
+        for name, hashed in FILE_HASHES.items():
+            value, digest = getattr(self, name), getattr(self, hashed)
+            if not _file(name, value):
+                continue
+            if digest is None:
+                if not os.path.isfile(value):
+                    raise ConfigError(f"{name}={value!r} is not a file")
+                digest = file_sha256(value)
+            files[name], files[hashed] = os.path.abspath(value), digest
         as_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
-        # A JSON model config is named by where it lies: absolute, so queries from anywhere find it.
-        model = os.path.abspath(self.model) if self.model.endswith(".json") else self.model
-        return dataclasses.replace(self, model=model, config=as_dict, checkpoint_sha256=digest)
+        return dataclasses.replace(self, config=as_dict, **files)
+
+    def naming_files(self, **files: Optional[str]) -> "IndexSpec":
+        """This spec with ``model``, ``pretrained`` or ``checkpoint`` replaced by the files (or names) given,
+        their content hashes to be taken from those files rather than kept from this spec."""
+        given = {k: v for k, v in files.items() if v}
+        unknown = set(given) - set(FILE_HASHES)
+        if unknown:
+            raise TypeError(f"naming_files takes {sorted(FILE_HASHES)}, not {sorted(unknown)}")
+        return dataclasses.replace(self, **given, **{FILE_HASHES[k]: None for k in given})
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,7 +113,12 @@ class IndexSpec:
         diffs = []
         for n in names:
             x, y = getattr(a, n), getattr(b, n)
-            if isinstance(x, dict) and isinstance(y, dict):  # the schedule: the entries that differ, but frames
+            hashed = FILE_HASHES.get(n)
+            hx, hy = (getattr(a, hashed), getattr(b, hashed)) if hashed else (None, None)
+            if hx and hy:  # two files: the same content wherever each lies, or another one
+                if hx != hy:
+                    diffs.append((n, f"{x} (sha256 {hx[:12]})", f"{y} (sha256 {hy[:12]})"))
+            elif isinstance(x, dict) and isinstance(y, dict):  # the schedule: the entries that differ, but frames
                 diffs += [(f"{n}.{k}", x.get(k), y.get(k)) for k in dict.fromkeys([*x, *y])
                           if x.get(k) != y.get(k) and k not in names]
             elif x != y:
@@ -131,16 +154,18 @@ def load_encoder(spec: IndexSpec, backend: str = "auto", device: str = "auto",
     from ..retrieval.cli import build_model
 
     spec = spec.resolved()
+    for name, hashed in FILE_HASHES.items():  # (before the model is built from them)
+        if _file(name, getattr(spec, name)) and file_sha256(getattr(spec, name)) != getattr(spec, hashed):
+            raise SpecMismatch(f"{name} {getattr(spec, name)} has changed since the index was built (its SHA-256 "
+                               f"differs); build a new index or restore the file")
     config = spec.tempme_config()
-    schedule = {k: getattr(config, k) for k in ("imgme_r", "clip_layers", "clip_groups", "cross_ratio",
-                                                 "intra_ratio")}
+    names = ("imgme_r", "clip_layers", "clip_groups", "cross_ratio", "intra_ratio")
+    # (the unmerged model takes no schedule: config_from_args refuses one given with merge off)
+    schedule = {k: getattr(config, k) if spec.merge else None for k in names}
     args = argparse.Namespace(model=spec.model, pretrained=spec.pretrained, checkpoint=spec.checkpoint,
                               merge=spec.merge, backend=backend, device=device, dtype=dtype,
                               frames=spec.frames, **schedule)
     model = build_model(args)  # random weights come from a fixed seed: the same at indexing and at query time
-    if spec.checkpoint is not None and file_sha256(spec.checkpoint) != spec.checkpoint_sha256:
-        raise SpecMismatch(f"checkpoint {spec.checkpoint} has changed since the index was built (its SHA-256 "
-                           f"differs); build a new index or restore the file")
     if model.tempme.config != config:
         raise SpecMismatch(f"the rebuilt model's schedule {model.tempme.config} differs from the index's "
                            f"{config}")

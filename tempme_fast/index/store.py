@@ -5,13 +5,16 @@ Layout of ``INDEX_DIR``::
     index.json                       format, version, the encoder (IndexSpec), embedding width
     shards/r0000-000000.npy          [n_ok, D] float16, L2-normalised video embeddings
     shards/r0000-000000.jsonl        one line per video of the shard, in order:
-                                     {"path", "status": "ok"|"error", "row", "duration", "frames", "reason"}
+                                     {"path", "status": "ok"|"error", "row", "duration", "frames", "reason",
+                                      "size", "mtime_ns", "indexed_at"}
 
 ``r0000`` is the writing process's rank, ``000000`` its shard counter. Every file is written under a
 temporary name and renamed into place (atomic on one file system); the manifest is renamed last,
 so a shard exists only once its manifest does. A run killed at any point leaves at most an orphan
 ``.npy`` or temporary file, which readers ignore and the next run overwrites or removes: nothing
-half-written is ever read. A video whose manifest line exists, readable or not, is not encoded again.
+half-written is ever read. A video whose manifest line exists, readable or not, is not encoded again
+unless its file has changed since (its size or modification time); the newest record of a path is the
+one that counts (``indexed_at``; records of earlier releases, without it, count as oldest).
 A writer holds ``shards/.r0000.lock`` (:func:`writing`) while it runs: a second writer of the same rank
 would number its shards as the first does and replace them.
 """
@@ -174,13 +177,38 @@ def read_manifest(manifest: str) -> List[dict]:
     return rows
 
 
-def recorded_paths(path: str) -> Dict[str, str]:
-    """``video path -> status`` of every video already in a committed shard."""
-    done: Dict[str, str] = {}
-    for manifest in manifests(path):
+def _newer(record: dict, order: int, than: Optional[Tuple[tuple, dict]]) -> Optional[tuple]:
+    """The key that makes ``record`` (of the ``order``-th manifest) the newest of its path, or None where
+    ``than`` (the newest so far: key and record) stays: the later ``indexed_at``, then the earlier manifest."""
+    key = (record.get("indexed_at") or 0.0, -order)
+    return key if than is None or key > than[0] else None
+
+
+def newest_records(path: str) -> Dict[str, dict]:
+    """``video path -> record`` of every video in a committed shard: its newest record."""
+    newest: Dict[str, Tuple[tuple, dict]] = {}
+    for order, manifest in enumerate(manifests(path)):
         for row in read_manifest(manifest):
-            done.setdefault(row["path"], row["status"])
-    return done
+            key = _newer(row, order, newest.get(row["path"]))
+            if key is not None:
+                newest[row["path"]] = (key, row)
+    return {p: row for p, (_, row) in newest.items()}
+
+
+def file_state(path: str) -> Tuple[Optional[int], Optional[int]]:
+    """``(size, mtime_ns)`` of the file at ``path``, ``(None, None)`` where there is none: what a record keeps
+    to tell, at a later ``--resume``, whether the file was replaced since it was indexed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None, None
+    return st.st_size, st.st_mtime_ns
+
+
+def changed_since(record: dict, path: str) -> bool:
+    """Whether the file at ``path`` differs from the one ``record`` was made from (never for records of
+    earlier releases, which kept no file state)."""
+    return "size" in record and file_state(path) != (record["size"], record.get("mtime_ns"))
 
 
 def remove_stale_temporaries(path: str) -> int:
@@ -268,14 +296,14 @@ class IndexContents:
 
 
 def load_contents(path: str) -> IndexContents:
-    """Read the header and every committed shard (manifest order); each path is counted once."""
+    """Read the header and every committed shard; each path counts once, by its newest record (a video
+    encoded again after its file changed), in manifest order."""
     header = read_header(path)
     dim = header["embed_dim"]
     chunks: List[np.ndarray] = []
-    records: List[dict] = []
-    failed: List[dict] = []
-    seen = set()
-    for manifest in manifests(path):
+    # path -> (key, record, (shard, row of its vectors)), the newest record of each path
+    newest: Dict[str, Tuple[tuple, dict, Tuple[int, int]]] = {}
+    for order, manifest in enumerate(manifests(path)):
         rows = read_manifest(manifest)
         ok = [r for r in rows if r["status"] == "ok"]
         vectors = np.zeros((0, dim), np.float16)
@@ -290,12 +318,19 @@ def load_contents(path: str) -> IndexContents:
             raise ConfigError(f"{manifest}: {len(ok)} readable videos but the shard holds vectors of shape "
                              f"{vectors.shape} (expected ({len(ok)}, {dim})); the index is damaged: "
                              f"{_redo_shard(manifest)}")
-        keep = [i for i, r in enumerate(ok) if r["path"] not in seen]
-        seen.update(r["path"] for r in rows)
-        chunks.append(vectors[keep])
-        records.extend(ok[i] for i in keep)
-        failed.extend(r for r in rows if r["status"] != "ok")
-    vectors = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float16)
+        chunks.append(vectors)
+        row = iter(range(len(ok)))
+        for r in rows:
+            where = (order, next(row) if r["status"] == "ok" else -1)
+            key = _newer(r, order, newest.get(r["path"]))
+            if key is not None:
+                newest[r["path"]] = (key, r, where)
+    kept = sorted(newest.values(), key=lambda entry: entry[2])  # (manifest order)
+    records = [r for _, r, _ in kept if r["status"] == "ok"]
+    failed = [r for _, r, _ in kept if r["status"] != "ok"]
+    picked = [chunks[shard][[i for _, r, (s, i) in kept if s == shard and r["status"] == "ok"]]
+              for shard in range(len(chunks))]
+    vectors = np.concatenate(picked) if picked else np.zeros((0, dim), np.float16)
     return IndexContents(header, vectors, records, failed)
 
 

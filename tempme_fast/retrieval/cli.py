@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -83,6 +84,8 @@ def model_tokenizer(model: str):
     repeated runs in one process share them."""
     import open_clip
 
+    if model.endswith(".json") and os.path.isfile(model):  # (its text_cfg may name a tokenizer of its own)
+        open_clip.add_model_config(model)
     return open_clip.get_tokenizer(Path(model).stem if model.endswith(".json") else model)
 
 
