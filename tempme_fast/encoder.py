@@ -147,10 +147,14 @@ def _drops_nothing(dropout: nn.Module) -> bool:
 
 
 def _fusable_norm(norm: nn.Module) -> bool:
-    """A LayerNorm over the last dim with weight and bias (open_clip's LayerNorm and LayerNormFp32),
-    which :func:`ops.merge_norm` computes; any other norm runs as its module after the merge."""
-    return (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and norm.weight is not None
-            and norm.bias is not None)
+    """A LayerNorm over the last dim with weight and bias (torch's, open_clip's LayerNorm and LayerNormFp32)
+    and no forward hook, which :func:`ops.merge_norm` computes; any other norm, a subclass with a forward of its
+    own among them, runs as its module after the merge."""
+    kind = type(norm)
+    return ((kind is nn.LayerNorm or (kind.__name__ in ("LayerNorm", "LayerNormFp32")
+                                      and kind.__module__ == "open_clip.transformer"))
+            and len(norm.normalized_shape) == 1 and norm.weight is not None and norm.bias is not None
+            and not norm._forward_hooks and not norm._forward_pre_hooks)
 
 
 def _mlp_activation(mlp: nn.Module) -> Optional[str]:
@@ -185,7 +189,8 @@ def _layer_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)``. open_clip's ``LayerNorm`` casts its result back to x's dtype even when it already
     has it; that cast is an aten op of host time per block, so it is skipped where it changes nothing."""
     kind = type(norm)
-    if kind is nn.LayerNorm or (kind.__name__ == "LayerNorm" and kind.__module__ == "open_clip.transformer"):
+    if (kind is nn.LayerNorm or (kind.__name__ == "LayerNorm" and kind.__module__ == "open_clip.transformer")) \
+            and not norm._forward_hooks and not norm._forward_pre_hooks:  # (a hooked norm is called, hooks and all)
         out = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         return cast(out, x.dtype)
     return norm(x)

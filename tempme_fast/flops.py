@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .encoder import block_forward, embed_frames, frame_features
 from .geometry import ViTGeometry
-from .model import block_function, encoder_options, layer_steps, trims_last_block
+from .model import block_function, encoder_options, layer_steps, tempme_settings, trims_last_block
 from .ops.reference import split_sizes
 from .schedule import TokenSchedule
 
@@ -147,8 +147,9 @@ def model_flops(model: torch.nn.Module, executed: bool = False) -> FlopsReport:
     """Analytic FLOPs per video of a model patched by ``apply_tempme``: TempMe's count (every block in
     full), or with ``executed`` what ``encode_video`` runs (the last block trimmed to its class tokens
     when ``apply_tempme(trim_last_block=True)``, the default)."""
+    settings = tempme_settings(model)
     class_last = executed and trims_last_block(model)
-    return schedule_flops(model.tempme.schedule, ViTGeometry.from_model(model), class_last=class_last)
+    return schedule_flops(settings.schedule, ViTGeometry.from_model(model), class_last=class_last)
 
 
 @torch.no_grad()
@@ -162,10 +163,11 @@ def measure_flops(model: torch.nn.Module, video: Optional[torch.Tensor] = None, 
         executed: run the blocks as ``encode_video`` does (the last one trimmed to its class tokens
             where the model says so); False runs every block in full, TempMe's count.
     """
+    settings = tempme_settings(model)
     visual = model.visual
     if video is None:
         ref = visual.conv1.weight
-        video = torch.randn(1, model.tempme.config.frames, 3, *visual.image_size, device=ref.device,
+        video = torch.randn(1, settings.config.frames, 3, *visual.image_size, device=ref.device,
                             dtype=ref.dtype)
     videos = video.shape[0]
     options = encoder_options(model)

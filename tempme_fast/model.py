@@ -133,6 +133,8 @@ def apply_tempme(model: nn.Module, config: Optional[TempMeConfig] = None, backen
         raise TypeError(f"model.visual has dtype {dtype}; valid: float32, float16, bfloat16, float64")
     schedule = token_schedule(config, depth, tokens)
     _warn_if_imgme_r_clamps(config, schedule)
+    if config.merges:
+        _warn_of_bypassed_hooks(visual)
     settings = TempMeSettings(config, schedule, backend, attention, check_finite, trim_last_block)
 
     current = getattr(model, "tempme", None)
@@ -153,6 +155,22 @@ def apply_tempme(model: nn.Module, config: Optional[TempMeConfig] = None, backen
     model.tempme = settings
     model.__class__ = _tempme_class(type(model))
     return model
+
+
+def _warn_of_bypassed_hooks(visual: nn.Module) -> None:
+    """Warn of forward hooks that ``encode_video`` cannot run: it computes the tower, its blocks and their
+    attention itself (merging between them), so only hooks on the patch embedding, the norms and the MLPs run
+    (those modules are then called as they are); ``encode_image`` runs them all."""
+    transformer = getattr(visual, "transformer", None)
+    named = [("visual", visual), ("visual.transformer", transformer)]
+    for i, block in enumerate(getattr(transformer, "resblocks", ())):
+        named += [(f"visual.transformer.resblocks.{i}", block),
+                  (f"visual.transformer.resblocks.{i}.attn", getattr(block, "attn", None))]
+    hooked = [name for name, m in named if m is not None and (m._forward_hooks or m._forward_pre_hooks)]
+    if hooked:
+        warnings.warn(f"encode_video does not run the forward hooks of {', '.join(hooked)}: it computes these "
+                      f"modules itself, merging tokens between them (encode_image runs them); hook the norms or the "
+                      f"MLPs, which it calls, or read encode_video's result", stacklevel=3)
 
 
 class ScheduleClampWarning(UserWarning):
@@ -179,6 +197,20 @@ def _warn_if_imgme_r_clamps(config: TempMeConfig, schedule: TokenSchedule) -> No
         f"imgme_r <= {largest} is never clamped", ScheduleClampWarning, stacklevel=3)
 
 
+def _not_patched(model: nn.Module) -> TypeError:
+    return TypeError(f"model is a {type(model).__name__} that apply_tempme has not patched; call "
+                     f"tempme_fast.apply_tempme(model) first")
+
+
+def tempme_settings(model: nn.Module) -> "TempMeSettings":
+    """What :func:`apply_tempme` attached to ``model`` (``model.tempme``), or a TypeError saying that it is not
+    patched."""
+    settings = getattr(model, "tempme", None)
+    if not isinstance(settings, TempMeSettings):
+        raise _not_patched(model)
+    return settings
+
+
 def remove_tempme(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_tempme`: the original class, no ``encode_video``, no added parameters."""
     if not isinstance(getattr(model, "tempme", None), TempMeSettings):
@@ -198,7 +230,10 @@ def check_video(model: nn.Module, video: torch.Tensor, mask: Optional[torch.Tens
     video) are read back to the host once, except while compiling or capturing a CUDA graph;
     ``check_finite=True`` adds one more read-back to look for NaN and Inf in ``video``.
     """
-    settings: TempMeSettings = model.tempme
+    try:
+        settings: TempMeSettings = model.tempme
+    except AttributeError:  # (no call on the way of a patched model: its settings are a plain attribute)
+        raise _not_patched(model) from None
     if not isinstance(video, torch.Tensor):
         raise TypeError(f"video must be a torch.Tensor, got {type(video).__name__}")
     if video.dim() != 5:
@@ -276,7 +311,10 @@ def encode_video(model: nn.Module, video: torch.Tensor, mask: Optional[torch.Ten
     retrieval loaders pad with zero frames at the end). A video's embedding never depends on the
     other videos in the batch.
     """
-    settings: TempMeSettings = model.tempme
+    try:
+        settings: TempMeSettings = model.tempme
+    except AttributeError:
+        raise _not_patched(model) from None
     check_finite = settings.check_finite if check_finite is None else check_finite
     check_video(model, video, mask, check_finite)
     visual = model.visual

@@ -66,6 +66,59 @@ def test_apply_errors():
     _raises(TypeError, "model.visual has dtype torch.complex64; valid: float32", lambda: apply_tempme(complex_model, TINY_CONFIG))
 
 
+def test_an_unpatched_model_is_named_not_an_attribute_error():
+    from tempme_fast import encode_video, flops, trace_sources
+
+    unpatched = tiny_clip()
+    for call in (lambda: encode_video(unpatched, video(1, 4)), lambda: trace_sources(unpatched, video(1, 4)),
+                 lambda: flops.model_flops(unpatched), lambda: flops.measure_flops(unpatched)):
+        _raises(TypeError, "model is a CLIP that apply_tempme has not patched; call tempme_fast.apply_tempme(model) "
+                           "first", call)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_norms_with_hooks_or_a_forward_of_their_own_run_in_encode_video(backend):
+    """A LayerNorm subclass was computed as a plain layer norm, and its hooks never ran."""
+    class Doubled(torch.nn.LayerNorm):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    plain = apply_tempme(tiny_clip(), TINY_CONFIG, backend=backend)
+    v = video(2, 4)
+    with torch.no_grad():
+        before = plain.encode_video(v)
+    calls = []
+
+    def halve(module, args, out):
+        calls.append(module)
+        return 0.5 * out
+
+    blocks = plain.visual.transformer.resblocks
+    handles = [blocks[1].ln_1.register_forward_hook(halve), blocks[3].ln_2.register_forward_hook(halve)]
+    with torch.no_grad():
+        hooked = plain.encode_video(v)
+    assert calls == [blocks[1].ln_1, blocks[3].ln_2] and (hooked - before).abs().max() > 1e-3
+    for handle in handles:
+        handle.remove()
+    custom = tiny_clip()
+    for block in custom.visual.transformer.resblocks:
+        norm = Doubled(block.ln_2.normalized_shape)
+        norm.load_state_dict(block.ln_2.state_dict())
+        block.ln_2 = norm
+    apply_tempme(custom, TINY_CONFIG, backend=backend)
+    with torch.no_grad():
+        doubled = custom.encode_video(v)
+    assert (doubled - before).abs().max() > 1e-3
+
+
+def test_hooks_that_encode_video_cannot_run_are_warned_of():
+    model = tiny_clip()
+    model.visual.transformer.resblocks[2].attn.register_forward_hook(lambda *args: None)
+    with pytest.warns(UserWarning, match=r"encode_video does not run the forward hooks of "
+                                         r"visual.transformer.resblocks.2.attn: it computes these modules itself"):
+        apply_tempme(model, TINY_CONFIG)
+
+
 def test_imgme_r_that_removes_more_tokens_than_a_frame_has_is_clamped_with_a_warning():
     """The spec clamps every merge to half of the unprotected tokens; a config that hits the clamp warns."""
     import warnings
@@ -218,8 +271,16 @@ X, SIZE = torch.randn(2, 10, 4), torch.ones(2, 10, 1)
     (lambda: ops.join_clips(torch.ones(6, 5, 3), 2, 1, torch.zeros(1, 2, 1, 4)), ValueError, "frame_pos must have shape"),
     (lambda: ops.join_clips(torch.ones(6, 5, 3), 2, 1, torch.zeros(1, 2, 1, 3, device="meta")), ValueError,
      "frame_pos is on meta but x is on cpu"),
+    # A frame_pos of another dtype than x: the torch backend promoted the result, the Triton one did not.
+    (lambda: ops.join_clips(torch.ones(6, 5, 3), 2, 1, torch.zeros(1, 2, 1, 3, dtype=torch.float16)), ValueError,
+     "frame_pos is torch.float16 but x is torch.float32: pass frame_pos.to(x.dtype)"),
+    (lambda: ops.join_merge(torch.ones(6, 5, 3), torch.ones(6, 5), 2, 1, 1, torch.zeros(1, 2, 1, 3, dtype=torch.float64)),
+     ValueError, "frame_pos is torch.float64 but x is torch.float32"),
     (lambda: ops.attention(torch.ones(2, 3, 4), torch.ones(2, 3, 4), torch.ones(2, 3, 4)), ValueError,
      "q must have shape [B', H, N, d] (4 dims)"),
+    # A v of another head width: "fold" and "triton" cut it to q's width (or read past its rows) without a word.
+    (lambda: ops.attention(torch.ones(2, 2, 3, 4), torch.ones(2, 2, 3, 4), torch.ones(2, 2, 3, 8)), ValueError,
+     "and all three sharing d"),
     (lambda: ops.attention(torch.ones(2, 2, 3, 4), torch.ones(2, 2, 5, 4), torch.ones(2, 2, 3, 4)), ValueError,
      "must agree"),
     (lambda: ops.attention(*[torch.ones(2, 2, 3, 4)] * 3, torch.ones(2, 4)), ValueError,

@@ -129,6 +129,9 @@ def check_join(x: torch.Tensor, group: int, protected: int, frame_pos: Optional[
                              f"divides the {x.shape[0]} clips; got {tuple(frame_pos.shape)}")
         if frame_pos.device != x.device:
             raise ValueError(f"frame_pos is on {frame_pos.device} but x is on {x.device}")
+        if frame_pos.dtype != x.dtype:  # (else the result's dtype would depend on the backend)
+            raise ValueError(f"frame_pos is {frame_pos.dtype} but x is {x.dtype}: pass frame_pos.to(x.dtype), as "
+                             f"the patched model does")
 
 
 def check_heads(heads, channels: int) -> None:
@@ -302,9 +305,9 @@ def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Opt
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape [B', H, N, d] (4 dims), got {tuple(t.shape)}")
-    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[3] != k.shape[3]:
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or not q.shape[3] == k.shape[3] == v.shape[3]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must agree: "
-                         f"[B', H, N, d] with k and v sharing N and q and k sharing d")
+                         f"[B', H, N, d] with k and v sharing N and all three sharing d")
     _check_attention_size(size, k.shape[0], k.shape[2], f"k {tuple(k.shape)}")
     devices = {t.device for t in (q, k, v) + ((size,) if size is not None else ())}
     if len(devices) > 1:
