@@ -357,18 +357,22 @@ class Trainer:
         return self.rank == 0
 
     def _steps_per_epoch(self) -> int:
-        data = self.data(0) if callable(self.data) and not hasattr(self.data, "__iter__") else self.data
+        factory = callable(self.data) and not hasattr(self.data, "__iter__")
+        given = self.config.steps_per_epoch
+        if given is not None and factory:  # (not called for its length: making an epoch's batches may cost)
+            return given
+        data = self.data(0) if factory else self.data
         try:
             n = len(data)
         except TypeError:
-            if self.config.steps_per_epoch is not None:
-                return self.config.steps_per_epoch
+            if given is not None:
+                return given
             raise ValueError("data has no len(); give TrainConfig(steps_per_epoch=...)") from None
-        if self.config.steps_per_epoch is not None:
-            if self.config.steps_per_epoch < n and self.is_main:
+        if given is not None:
+            if given < n and self.is_main:
                 log.warning("steps_per_epoch=%d: each epoch trains on the first %d of the data's %d batches, the "
-                            "rest never", self.config.steps_per_epoch, self.config.steps_per_epoch, n)
-            return self.config.steps_per_epoch
+                            "rest never", given, given, n)
+            return given
         if n < 1:
             raise ValueError("data yields no batch (len(data) == 0)")
         return n
@@ -555,7 +559,9 @@ class Trainer:
                 set_rng_state(resume_rng)
             self._epoch_rng = rng_state()
             return self._epoch_iter(self.epoch)
-        # Resuming mid-epoch: replay the epoch's data order from its starting RNG, then the saved RNG.
+        # Resuming mid-epoch: replay the epoch's data order from its starting RNG, then the saved RNG (or, when
+        # fit() runs again in this process after a Ctrl-C, the RNG as it stands).
+        resume_rng = resume_rng or rng_state()
         set_rng_state(self._epoch_rng)
         batches = self._epoch_iter(self.epoch)
         for _ in range(self.step_in_epoch):

@@ -54,6 +54,11 @@ def test_weights_and_model_configs_count_by_content(built, tmp_path, monkeypatch
     shutil.copy("weights.pt", "moved/w.pt")
     assert main(["search", "idx", "a dog", "-k", "1", "--pretrained", "moved/w.pt", "--json"]) == 0
     capsys.readouterr()
+    os.rename("weights.pt", "weights.bak")  # not named, and gone: said so in one line
+    assert refused(["search", "idx", "a dog"])
+    assert (f"pretrained {tmp_path / 'weights.pt'}, which the index was built with, is not there any more: name the "
+            f"file where it lies now (--pretrained)" in capsys.readouterr().err)
+    os.rename("weights.bak", "weights.pt")
 
     _weights("weights.pt", 2, "model.json")
     assert refused(["search", "idx", "a dog"])

@@ -92,6 +92,24 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_pa
     assert signal.getsignal(signal.SIGINT) is handler  # the handler is put back
 
 
+def test_fit_again_after_ctrl_c_continues_in_the_same_process(monkeypatch):
+    """The replay of the stopped epoch restored an RNG state that only a loaded checkpoint has: a TypeError."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def run():
+        torch.manual_seed(5)
+        data = DataLoader(TensorDataset(*_pairs(8)), batch_size=2, shuffle=True)
+        return Trainer(_model(), data, TrainConfig(epochs=2), progress=False)
+
+    whole = run().fit()
+    _interrupt_at(monkeypatch, 3)
+    cut = run()
+    first = cut.fit()
+    assert cut.interrupted and len(first) == 3
+    rest = cut.fit()
+    assert [r["loss"] for r in first + rest] == [r["loss"] for r in whole]
+
+
 def test_cli_ctrl_c_prints_how_to_resume(tiny_model_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     _interrupt_at(monkeypatch, 1)

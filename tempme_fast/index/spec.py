@@ -155,9 +155,15 @@ def load_encoder(spec: IndexSpec, backend: str = "auto", device: str = "auto",
 
     spec = spec.resolved()
     for name, hashed in FILE_HASHES.items():  # (before the model is built from them)
-        if _file(name, getattr(spec, name)) and file_sha256(getattr(spec, name)) != getattr(spec, hashed):
-            raise SpecMismatch(f"{name} {getattr(spec, name)} has changed since the index was built (its SHA-256 "
-                               f"differs); build a new index or restore the file")
+        value, digest = getattr(spec, name), getattr(spec, hashed)
+        if not (value and digest):  # (a name or tag, not a file)
+            continue
+        if not os.path.isfile(value):
+            raise ConfigError(f"{name} {value}, which the index was built with, is not there any more: name the "
+                              f"file where it lies now (--{name}), or restore it")
+        if file_sha256(value) != digest:
+            raise SpecMismatch(f"{name} {value} has changed since the index was built (its SHA-256 differs); build a "
+                               f"new index or restore the file")
     config = spec.tempme_config()
     names = ("imgme_r", "clip_layers", "clip_groups", "cross_ratio", "intra_ratio")
     # (the unmerged model takes no schedule: config_from_args refuses one given with merge off)

@@ -177,9 +177,9 @@ def read_manifest(manifest: str) -> List[dict]:
     return rows
 
 
-def _newer(record: dict, order: int, than: Optional[Tuple[tuple, dict]]) -> Optional[tuple]:
+def _newer(record: dict, order: int, than: Optional[tuple]) -> Optional[tuple]:
     """The key that makes ``record`` (of the ``order``-th manifest) the newest of its path, or None where
-    ``than`` (the newest so far: key and record) stays: the later ``indexed_at``, then the earlier manifest."""
+    ``than`` (the newest so far, its key first) stays: the later ``indexed_at``, then the earlier manifest."""
     key = (record.get("indexed_at") or 0.0, -order)
     return key if than is None or key > than[0] else None
 
