@@ -140,12 +140,27 @@ def _unwrap_state_dict(obj, path: str) -> dict:
     return obj
 
 
-def load_checkpoint(model: torch.nn.Module, path: str) -> None:
-    """Load ``path`` into a TempMe-patched model; errors name the keys that do not fit.
+def base_weights(model: str, pretrained: Optional[str]) -> dict:
+    """What a LoRA adapter trained on ``--model`` and ``--pretrained`` is a delta of (``lora.save_lora``'s
+    ``base``): the model's name, and its weights by their tag, or by their SHA-256 for a file, or none (random
+    weights). A tag and a file are not compared: the file may hold the tag's weights."""
+    name = resolve_model(model)[0]
+    if pretrained and os.path.isfile(pretrained):
+        from .checkpoint import file_sha256
+
+        return {"model": name, "pretrained_sha256": file_sha256(pretrained)}
+    return {"model": name, "pretrained": pretrained} if pretrained else \
+        {"model": name, "pretrained": None, "pretrained_sha256": None}
+
+
+def load_checkpoint(model: torch.nn.Module, path: str, base: Optional[dict] = None) -> str:
+    """Load ``path`` into a TempMe-patched model; errors name the keys that do not fit. Returns what it was:
+    ``"adapter"`` or ``"state_dict"``.
 
     ``path`` holds either a state dict of a patched model (full fine-tuning, or LoRA already merged)
     or a LoRA adapter written by ``tempme_fast.lora.save_lora``, which is loaded and merged into the
-    weights (``--pretrained`` then supplies the base weights).
+    weights (``--pretrained`` then supplies the base weights; ``base``, :func:`base_weights` of them, refuses
+    an adapter of other weights).
     """
     if not os.path.isfile(path):
         raise ConfigError(f"--checkpoint {path}: no such file")
@@ -162,11 +177,11 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
         from . import lora
 
         try:
-            lora.load_lora(model, obj)
+            lora.load_lora(model, obj, base=base)
         except ValueError as err:  # ConfigErrors too: the message gains the option and file
             raise ConfigError(f"--checkpoint {path}: {err}") from err
         lora.merge_lora(model)
-        return
+        return "adapter"
     state = _unwrap_state_dict(obj, path)
     own = model.state_dict()
     unexpected = [k for k in state if k not in own]
@@ -192,3 +207,4 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
     if missing:
         log.warning("--checkpoint %s lacks %d key(s) (kept from --pretrained/initialisation), e.g. %s",
                     path, len(missing), missing[:3])
+    return "state_dict"

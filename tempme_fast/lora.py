@@ -34,8 +34,10 @@ code does) would avoid that, but needs the attention forwards to call it. Merge 
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -47,6 +49,8 @@ from .errors import ConfigError
 TOWERS = ("visual", "text")
 MODES = ("lora", "full")
 LORA_FORMAT = "tempme_fast.lora"
+
+log = logging.getLogger(__name__)
 _PARAM = "in_proj_weight"
 _FRAME_POS = "tempme_frame_pos"
 
@@ -292,23 +296,74 @@ def load_lora_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], stric
     return missing, unexpected
 
 
-def save_lora(model: nn.Module, path) -> None:
-    """Save LoRA + ``tempme_frame_pos`` with the LoRA's rank, scale and towers (atomically)."""
+def _vision_sizes(model: nn.Module) -> Optional[dict]:
+    """The image tower's sizes (:class:`~tempme_fast.geometry.ViTGeometry`), None for a model they do not
+    describe."""
+    from .geometry import ViTGeometry
+
+    try:
+        return dataclasses.asdict(ViTGeometry.from_model(model))
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def _schedule(model: nn.Module) -> Optional[dict]:
+    settings = getattr(model, "tempme", None)
+    config = getattr(settings, "config", None)
+    return None if config is None else {k: list(v) if isinstance(v, tuple) else v
+                                        for k, v in dataclasses.asdict(config).items()}
+
+
+def save_lora(model: nn.Module, path, base: Optional[Mapping[str, Any]] = None) -> None:
+    """Save LoRA + ``tempme_frame_pos`` with the LoRA's rank, scale and towers (atomically), and what the adapter
+    is a delta of: the image tower's sizes, the TempMe schedule it trained under, and ``base``, the caller's
+    description of the base weights (``tempme train`` gives the model's name and its weights' tag or SHA-256),
+    which :func:`load_lora` compares."""
     config = lora_config(model)
     if config is None:
         raise ValueError("model has no LoRA to save (add_lora adds it)")
     state = {k: v.detach().cpu() for k, v in lora_state_dict(model).items()}
-    atomic_save({"format": LORA_FORMAT, "version": 1, "lora": config, "state_dict": state}, path)
+    atomic_save({"format": LORA_FORMAT, "version": 1, "lora": config, "state_dict": state,
+                 "vision": _vision_sizes(model), "tempme": _schedule(model),
+                 "base": None if base is None else dict(base)}, path)
 
 
-def load_lora(model: nn.Module, path_or_obj, strict: bool = True) -> nn.Module:
-    """Load a :func:`save_lora` file; adds LoRA of the saved rank/scale/towers if the model has none."""
+def check_adapter_fits(model: nn.Module, obj: Mapping[str, Any], base: Optional[Mapping[str, Any]] = None) -> None:
+    """Refuse a :func:`save_lora` adapter (``obj``) that is a delta of another model: another image tower (a
+    ViT-B/16 adapter has the shapes of a ViT-B/32 one), or, where both are known, other base weights than
+    ``base`` says the model has. A TempMe schedule other than the one it trained under is allowed, with a
+    warning. Files of earlier releases record none of these."""
+    saved, ours = obj.get("vision"), _vision_sizes(model)
+    if saved and ours and saved != ours:
+        differ = ", ".join(f"{k} {saved[k]} (the model's {ours.get(k)})" for k in saved if saved[k] != ours.get(k))
+        raise ValueError(f"the adapter was trained on another image tower: {differ}; load it into the model of its "
+                         f"run")
+    saved_base = obj.get("base")
+    if saved_base and base:
+        differ = [k for k in saved_base if k in base and saved_base[k] != base[k]]
+        if differ:
+            raise ValueError(f"the adapter is a delta of other weights: trained with "
+                             f"{', '.join(f'{k}={saved_base[k]!r}' for k in differ)}, this model has "
+                             f"{', '.join(f'{k}={base[k]!r}' for k in differ)}; load it onto the base of its run")
+    schedule, current = obj.get("tempme"), _schedule(model)
+    if schedule and current and schedule != current:
+        log.warning("the adapter trained under the TempMe schedule %s; the model runs %s",
+                    {k: v for k, v in schedule.items() if current.get(k) != v},
+                    {k: v for k, v in current.items() if schedule.get(k) != v})
+
+
+def load_lora(model: nn.Module, path_or_obj, strict: bool = True, base: Optional[Mapping[str, Any]] = None
+              ) -> nn.Module:
+    """Load a :func:`save_lora` file; adds LoRA of the saved rank/scale/towers if the model has none.
+    ``base``: what the model's base weights are, as :func:`save_lora` took it; an adapter of other weights, or
+    of another image tower, is refused (:func:`check_adapter_fits`)."""
     obj = path_or_obj
     if not isinstance(obj, dict):
         obj = load_file(path_or_obj, "LoRA file")
     format_ = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
     if format_ != LORA_FORMAT:
         raise ValueError(f"not a LoRA file saved by save_lora (format={format_!r}, expected {LORA_FORMAT!r})")
+    check_adapter_fits(model, obj, base)
     saved = obj["lora"]
     current = lora_config(model)
     if current is None:

@@ -261,6 +261,7 @@ def run_train(args) -> int:
     the checkpoint and the command that resumes it). Bad input raises
     :class:`tempme_fast.errors.ConfigError` before any work starts (``tempme`` exits with 2)."""
     from . import distributed
+    from .loading import base_weights
     from .lora import has_lora, merge_lora, save_lora
     from .retrieval.evaluate import check_context_length
     from .trainer import Trainer
@@ -311,7 +312,7 @@ def run_train(args) -> int:
             return 130
         if info.rank == 0:
             if args.mode == "lora":
-                save_lora(model, os.path.join(args.output, LORA_FILE))
+                save_lora(model, os.path.join(args.output, LORA_FILE), base=base_weights(args.model, args.pretrained))
             merged = has_lora(model)  # (also in full mode, where an official checkpoint's LoRA trained too)
             if merged:
                 merge_lora(model)

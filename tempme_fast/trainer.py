@@ -381,7 +381,9 @@ class Trainer:
         data = self.data
         if callable(data) and not hasattr(data, "__iter__"):
             return iter(data(epoch))
-        for holder in (data, getattr(data, "sampler", None), getattr(data, "batch_sampler", None)):
+        # (the dataset too: PairDataset draws its random captions per epoch)
+        for holder in (data, getattr(data, "sampler", None), getattr(data, "batch_sampler", None),
+                       getattr(data, "dataset", None)):
             if hasattr(holder, "set_epoch"):
                 holder.set_epoch(epoch)
         return iter(data)

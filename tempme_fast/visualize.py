@@ -259,7 +259,7 @@ def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
 def run_visualize(args) -> int:
     """``tempme visualize``: read frames, run the patched model with source tracking, write the PNG."""
     from .arguments import config_from_args
-    from .loading import DTYPES, create_model, default_dtype_name, load_checkpoint, resolve_device
+    from .loading import DTYPES, base_weights, create_model, default_dtype_name, load_checkpoint, resolve_device
     from .model import apply_tempme
     from .outputs import prepare_output_file
 
@@ -277,7 +277,7 @@ def run_visualize(args) -> int:
     model = create_model(args.model, args.pretrained, device="cpu")
     apply_tempme(model, config, backend=args.backend)
     if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
+        load_checkpoint(model, args.checkpoint, base_weights(args.model, args.pretrained))
     model = model.to(device=device, dtype=DTYPES[args.dtype or default_dtype_name(device)]).eval()
     shown, grid, sources = _trace(model, images)
     if args.checkpoint:

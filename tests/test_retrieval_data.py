@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("av")
 
-from tempme_fast.retrieval.data import (PairDataset, VideoDataset, collate, load_generic, load_msrvtt, load_split,
-                                        make_loader, pad_tokens)
+from tempme_fast.retrieval.data import (Caption, PairDataset, RetrievalSplit, VideoDataset, collate, load_generic,
+                                        load_msrvtt, load_split, make_loader, pad_tokens)
 from tempme_fast.retrieval.video import (VideoDecodeError, VideoProcessor, read_frames, sample_frame_indices,
                                          uniform_indices, write_video)
 
@@ -318,6 +318,30 @@ def test_pair_dataset_keeps_captions_with_their_videos(msrvtt):
     train = PairDataset(load_msrvtt(msrvtt, "train"), VideoProcessor(ToTensor(), frames=4), tokenizer,
                         captions="random", seed=0)
     assert len(train) == 2 and train[1]["caption_id"].startswith("video2#")
+
+
+def test_random_captions_are_drawn_per_epoch_alike_in_every_worker(tmp_path):
+    """Each DataLoader worker held a copy of one RNG in its starting state, made anew each epoch: every epoch drew
+    the same captions, and a resumed run drew others than the uninterrupted one."""
+    from torch.utils.data import DataLoader
+
+    videos = {f"v{k}": str(tmp_path / f"v{k}.mp4") for k in range(8)}  # (missing: the items carry their ids)
+    captions = [Caption(f"v{k}#{j}", f"v{k}", f"caption {j} of video {k}") for k in range(8) for j in range(5)]
+    pairs = PairDataset(RetrievalSplit("s", videos, captions), VideoProcessor(lambda im: im, frames=4),
+                        lambda texts, context_length: None, captions="random", seed=3)
+
+    def epoch(e, workers):
+        pairs.set_epoch(e)
+        loader = DataLoader(pairs, batch_size=4, num_workers=workers, collate_fn=lambda items: items)
+        return [it["caption_id"] for batch in loader for it in batch]
+
+    draws = [epoch(e, 0) for e in range(3)]
+    assert len({tuple(d) for d in draws}) == 3  # anew each epoch
+    assert [epoch(e, 2) for e in range(3)] == draws  # whichever process loads an item
+    again = PairDataset(RetrievalSplit("s", videos, captions), VideoProcessor(lambda im: im, frames=4),
+                        lambda texts, context_length: None, captions="random", seed=3)
+    again.set_epoch(2)
+    assert [again[i]["caption_id"] for i in range(8)] == draws[2]  # a resumed run's epoch 2
 
 
 def test_pad_tokens():

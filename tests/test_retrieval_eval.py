@@ -2,6 +2,7 @@
 import argparse
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch import nn
 pytest.importorskip("av")
 
 import tempme_fast
+from tempme_fast import TempMeConfig
 from tempme_fast.errors import ConfigError
 from tempme_fast.loading import create_model
 from tempme_fast.retrieval.cli import add_eval_arguments, run_eval
@@ -326,3 +328,43 @@ def test_lora_adapter_checkpoint(msrvtt, tiny_config, tmp_path):
     for key in ("t2v", "v2t"):
         for name, value in direct["metrics"][key].items():
             assert got[key][name] == pytest.approx(value), (key, name)
+
+
+def test_an_adapter_is_refused_on_another_model_or_base_and_warned_of_on_another_schedule(tiny_config, tmp_path,
+                                                                                          caplog):
+    """A lora.pt held only its rank, scale and tensors: a ViT-B/16 adapter loads into a ViT-B/32 (equal shapes),
+    onto other base weights or random ones, and evaluated without a word."""
+    from tempme_fast.loading import base_weights, load_checkpoint
+    from tempme_fast.lora import add_lora, save_lora
+
+    torch.manual_seed(1)
+    weights = tmp_path / "base.pt"
+    torch.save(create_model(tiny_config).state_dict(), weights)
+    model = tempme_fast.apply_tempme(create_model(tiny_config, str(weights)))
+    add_lora(model, rank=4)
+    adapter = str(tmp_path / "lora.pt")
+    save_lora(model, adapter, base=base_weights(tiny_config, str(weights)))
+
+    def fresh(config=None, image_size=None):
+        cfg = json.loads(json.dumps(TINY))
+        if image_size:
+            cfg["vision_cfg"]["image_size"] = image_size
+        path = tmp_path / f"tempme-tiny-{image_size or 'same'}.json"
+        path.write_text(json.dumps(cfg))
+        return tempme_fast.apply_tempme(create_model(str(path)), config), str(path)
+
+    other, _ = fresh()
+    assert load_checkpoint(other, adapter, base_weights(tiny_config, str(weights))) == "adapter"
+    # Another image tower with the same tensor shapes (128 px: 65 tokens a frame, as B/16 to B/32).
+    bigger, name = fresh(image_size=128)
+    with pytest.raises(ConfigError, match=r"--checkpoint .*lora.pt: the adapter was trained on another image tower: "
+                                          r"tokens_per_frame 17 \(the model's 65\)"):
+        load_checkpoint(bigger, adapter, base_weights(name, str(weights)))
+    torch.save(create_model(tiny_config).state_dict(), tmp_path / "other.pt")  # (other random weights)
+    for pretrained, says in ((None, "pretrained_sha256=None"), (str(tmp_path / "other.pt"), "pretrained_sha256='")):
+        with pytest.raises(ConfigError, match=f"the adapter is a delta of other weights: trained with "
+                                              f"pretrained_sha256='[0-9a-f]{{64}}', this model has {says}"):
+            load_checkpoint(fresh()[0], adapter, base_weights(tiny_config, pretrained))
+    with caplog.at_level(logging.WARNING, logger="tempme_fast"):
+        load_checkpoint(fresh(TempMeConfig(imgme_r=1))[0], adapter, base_weights(tiny_config, str(weights)))
+    assert "the adapter trained under the TempMe schedule {'imgme_r': 2}; the model runs {'imgme_r': 1}" in caplog.text

@@ -567,3 +567,16 @@ def test_compile_option_names_a_backend():
     assert _train_config(parser.parse_args(["--compile"]), "fp32").compile == "inductor"
     assert _train_config(parser.parse_args(["--compile", "aot_eager"]), "fp32").compile == "aot_eager"
     assert _train_config(parser.parse_args([]), "fp32").compile is None
+
+
+def test_the_dataset_of_a_dataloader_is_told_the_epoch():
+    """PairDataset draws its random captions per epoch: the Trainer tells a DataLoader's dataset which one."""
+    class Pairs(TensorDataset):
+        epochs = []
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+    data = DataLoader(Pairs(*_pairs(4)), batch_size=2)
+    Trainer(_model(), data, TrainConfig(epochs=2), progress=False).fit()
+    assert Pairs.epochs == [0, 1]

@@ -22,7 +22,7 @@ import torch
 from ..arguments import (add_config_arguments, add_data_arguments, add_dtype_argument, add_merge_argument,
                          add_model_arguments, config_from_args, load_data_split, positive_float, positive_int)
 from ..errors import ConfigError
-from ..loading import DTYPES, create_model, default_dtype_name, load_checkpoint, resolve_device
+from ..loading import DTYPES, base_weights, create_model, default_dtype_name, load_checkpoint, resolve_device
 from ..model import apply_tempme
 from .video import VideoProcessor
 
@@ -58,15 +58,17 @@ def build_model(args) -> torch.nn.Module:
     numbers and an index built with random weights can be queried."""
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype or default_dtype_name(device)]
+    loaded = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = create_model(args.model, args.pretrained, device="cpu", dtype=torch.float32)
         apply_tempme(model, config_from_args(args), backend=args.backend)  # may add parameters of its own
         if args.checkpoint:
-            load_checkpoint(model, args.checkpoint)
-    if not args.pretrained and not args.checkpoint:
-        log.warning("no --pretrained and no --checkpoint: random weights, so the embeddings (and any metric or "
-                    "search score from them) mean nothing")
+            loaded = load_checkpoint(model, args.checkpoint, base_weights(args.model, args.pretrained))
+    if not args.pretrained and loaded != "state_dict":
+        log.warning("%s random weights, so the embeddings (and any metric or search score from them) mean nothing",
+                    "no --pretrained and no --checkpoint:" if loaded is None else
+                    "no --pretrained: the --checkpoint LoRA adapter was merged onto")
     return model.to(device=device, dtype=dtype).eval()
 
 

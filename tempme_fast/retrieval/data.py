@@ -360,7 +360,10 @@ class PairDataset(Dataset):
     "tokens"}``.
 
     ``captions="all"`` makes one item per caption (the unfolded sentences, DRL's choice);
-    ``"random"`` one item per video with a caption drawn anew at each access.
+    ``"random"`` one item per video with one of its captions drawn for each epoch: the draw depends on
+    ``seed``, the epoch (:meth:`set_epoch`, which :class:`~tempme_fast.trainer.Trainer` calls on a
+    DataLoader's dataset) and the index only, so DataLoader workers draw alike and a resumed run draws
+    what the uninterrupted one did. Without ``set_epoch`` every epoch draws the same captions.
     """
 
     def __init__(self, split: RetrievalSplit, processor: VideoProcessor, tokenizer: Callable,
@@ -375,7 +378,13 @@ class PairDataset(Dataset):
         for c in split.captions:
             self.by_video.setdefault(c.video_id, []).append(c)
         self.video_ids = list(self.by_video)
-        self.rng = random.Random(seed)
+        # (None: a base drawn once here, so that runs differ; each draw still depends on epoch and index alone)
+        self.seed = random.SystemRandom().randrange(2 ** 63) if seed is None else seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the captions of epoch ``epoch`` (``captions="random"``)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.split.captions) if self.mode == "all" else len(self.video_ids)
@@ -384,7 +393,9 @@ class PairDataset(Dataset):
         if self.mode == "all":
             caption = self.split.captions[index]
         else:
-            caption = self.rng.choice(self.by_video[self.video_ids[index]])
+            # (a str seed is hashed the same way in every process, whatever PYTHONHASHSEED says)
+            draw = random.Random(f"{self.seed}:{self.epoch}:{index}")
+            caption = draw.choice(self.by_video[self.video_ids[index]])
         path = self.split.videos[caption.video_id]
         video, mask, error = _load_video(self.processor, path)
         item = {"index": index, "video_id": caption.video_id, "caption_id": caption.caption_id, "path": path}
