@@ -154,25 +154,28 @@ def add_config_arguments(parser: argparse.ArgumentParser, frames: bool = True) -
 def config_from_args(args: argparse.Namespace) -> TempMeConfig:
     """The released schedule for ``args.frames`` with the knobs the command line set.
 
-    ``--no-merge`` (``args.merge`` False) gives the unmerged baseline and refuses any knob or
-    ``--budget`` given with it; a parser without ``--merge`` always merges. ``--budget`` derives the
-    schedule for ``args.model`` instead (:meth:`TempMeConfig.for_model`) and cannot be combined with a
-    knob. Knobs that are None or absent keep the released value.
+    ``--no-merge`` (``args.merge`` False) gives the unmerged baseline and refuses any knob,
+    ``--derived`` or ``--budget`` given with it; a parser without ``--merge`` always merges. ``--derived``
+    and ``--budget`` derive the schedule for ``args.model`` instead (:meth:`TempMeConfig.for_model`, without
+    and within a FLOPs budget) and cannot be combined with a knob. Knobs that are None or absent keep the
+    released value.
     """
+    derived = getattr(args, "derived", False)
     if not getattr(args, "merge", True):
         given = [f"--{k.replace('_', '-')}" for k in (*SCHEDULE_OPTIONS, "budget")
-                 if getattr(args, k, None) is not None]
+                 if getattr(args, k, None) is not None] + (["--derived"] if derived else [])
         if given:
             raise ConfigError(f"--no-merge runs the unmerged model: leave out {', '.join(given)}")
         return TempMeConfig.unmerged(args.frames)
     overrides = {k: getattr(args, k) for k in SCHEDULE_OPTIONS if getattr(args, k, None) is not None}
     budget = getattr(args, "budget", None)
-    if budget is not None:
+    if budget is not None or derived:
+        option = "--derived" if budget is None else "--budget"
         if overrides:
             names = ", ".join("--" + k.replace("_", "-") for k in overrides)
-            raise ConfigError(f"--budget derives the schedule; leave out {names}")
+            raise ConfigError(f"{option} derives the schedule; leave out {names}")
         resolve_model(args.model)  # a model TempMe cannot patch is refused as such, before any sizes are read
-        with as_config_error(f"--budget {budget}"):
+        with as_config_error(option if budget is None else f"--budget {budget}"):
             return derive_config(args.model, frames=args.frames, flops_ratio=budget)
     for k in ("clip_layers", "clip_groups"):
         if k in overrides:

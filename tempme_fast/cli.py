@@ -113,13 +113,24 @@ def _cmd_schedule(args) -> int:
     geometry = ViTGeometry.from_name(args.model)
     sizes = {k: v for k, v in (("depth", args.depth), ("tokens_per_frame", args.tokens_per_frame)) if v}
     geometry = dataclasses.replace(geometry, **sizes)
-    if any(getattr(args, k) is not None for k in SCHEDULE_OPTIONS):
-        config = config_from_args(args)  # a hand-written schedule (refused together with --budget)
+    # What the other commands run with the same options: the released schedule with the knobs given, or the
+    # one derived for the model (--derived, --budget), here from its sizes as overridden.
+    knobs = [k for k in SCHEDULE_OPTIONS if getattr(args, k) is not None]
+    if args.budget is None and not args.derived:
+        config = config_from_args(args)
     else:
+        if knobs:
+            raise ConfigError(f"{'--derived' if args.budget is None else '--budget'} derives the schedule; leave out "
+                              f"{', '.join('--' + k.replace('_', '-') for k in knobs)}")
         with as_config_error(""):  # derive's messages name frames / flops_ratio and their valid range
             config = TempMeConfig.for_model(geometry, frames=args.frames, flops_ratio=args.budget)
     with as_config_error(""):  # a hand-written schedule that does not fit the model
         plan = costed(geometry, config)
+    kind = (f"derived within --budget {args.budget}" if args.budget is not None else
+            "derived for the model (--derived)" if args.derived else
+            "the released ViT-B/32 values" + (" with the options given" if knobs else "") +
+            " (what every command runs without --derived or --budget)")
+    print(f"schedule: {kind}")
     print(plan.schedule.describe())
     print(f"GFLOPs per video: {plan.gflops:.1f} (unmerged: {plan.unmerged_gflops:.1f}), ratio {plan.ratio:.3f}, "
           f"speed-up bound {plan.bound:.2f}x")

@@ -207,8 +207,13 @@ TempMeConfig.for_model = staticmethod(derive_config)
 
 
 def add_budget_argument(parser) -> None:
-    """``--budget RATIO``: derive the schedule from the model and frame count within that FLOPs share."""
+    """``--budget RATIO``: derive the schedule from the model and frame count within that FLOPs share;
+    ``--derived``: the schedule derived for the model and frame count, without a budget."""
     parser.add_argument("--budget", type=float, default=None, metavar="RATIO",
                         help="derive the schedule for --model and --frames whose predicted GFLOPs are the "
                              "largest at most RATIO of the unmerged model's (in (0, 1]), instead of the "
                              "schedule options")
+    parser.add_argument("--derived", action="store_true",
+                        help="derive the schedule for --model's depth and patch grid and --frames "
+                             "(TempMeConfig.for_model; the released one for ViT-B/32 at 12 frames), instead of "
+                             "the released ViT-B/32 values")

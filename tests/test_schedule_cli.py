@@ -29,10 +29,37 @@ def test_default_is_the_released_schedule_and_options_override_it(capsys):
     assert "layer 10  clipme   4 clips x  40 -> join 4: 160 -> 112 -> 101" in out
 
 
+def test_it_prints_what_the_other_commands_run_with_the_same_options(capsys):
+    """Without options it printed the schedule derived for the model, while every other command ran the released
+    ViT-B/32 values on it (ViT-B/16: 367 against 493 tokens)."""
+    out = _run(capsys, "--model", "ViT-B-16")
+    assert out.startswith("schedule: the released ViT-B/32 values (what every command runs without --derived or "
+                          "--budget)") and "493 tokens per video" in out
+    out = _run(capsys, "--model", "ViT-B-16", "--derived")
+    assert out.startswith("schedule: derived for the model (--derived)") and "367 tokens per video" in out
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True)
+    add_config_arguments(parser)
+    from tempme_fast.geometry import ViTGeometry
+
+    assert config_from_args(parser.parse_args(["--derived"])) == \
+        TempMeConfig.for_model(ViTGeometry.from_name("ViT-B-16"), frames=12)
+    assert config_from_args(parser.parse_args([])) == TempMeConfig()
+    for argv, message in ((["--derived", "--cross-ratio", "0.2"], "--derived derives the schedule; leave out "
+                                                                    "--cross-ratio"),
+                          (["--no-merge", "--derived"], "--no-merge runs the unmerged model: leave out --derived")):
+        with pytest.raises(ValueError, match=message):
+            config_from_args(parser.parse_args(argv))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--budget", "0.1"], r"flops_ratio=0.1 cannot be met .* \(valid: 0.430 <= flops_ratio <= 1\)"),
     (["--budget", "0.5", "--imgme-r", "3"], "--budget derives the schedule; leave out --imgme-r"),
-    (["--frames", "200"], r"frames=200 is outside .*valid: 1..128"),
+    (["--frames", "200", "--derived"], r"frames=200 is outside .*valid: 1..128"),
+    (["--frames", "200"], r"frames=200 is not divisible by the clip groups \(2, 2, 3\)"),
     (["--model", "RN50"], "RN50 is a ResNet, not a ViT with a class token"),
     (["--clip-layers", "12", "--clip-groups", "12"], r"clip_layers=\(12,\) reaches layer 12"),
 ])
