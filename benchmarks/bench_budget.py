@@ -28,7 +28,7 @@ from tempme_fast.geometry import ViTGeometry
 from tempme_fast.loading import create_model
 from tempme_fast.outputs import write_json
 
-from .common import check_outputs
+from .common import check_models, check_outputs
 
 
 def variants(model_name: str, frames: int, budgets):
@@ -102,6 +102,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", default=None, metavar="PATH")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
+    check_models(parser, [args.model], "--model")
     try:  # a model, frame count or budget that has no schedule: one line, before a model is built
         plans = variants(args.model, args.frames, args.budgets)
     except ValueError as err:

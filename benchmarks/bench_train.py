@@ -37,6 +37,7 @@ from tempme_fast import TempMeConfig, apply_tempme, remove_tempme
 from tempme_fast.bench import default_backends, peak_memory_mb, time_calls
 from tempme_fast.arguments import add_config_arguments, config_from_args, non_negative_int, positive_int
 from tempme_fast.lora import add_lora, mark_trainable
+from tempme_fast.loading import text_context_length
 from tempme_fast.outputs import write_json
 from tempme_fast.train import (PRECISIONS, VideoTextForward, _unwrapped, contrastive_loss, make_optimizer,
                                set_grad_checkpointing, train_step)
@@ -235,7 +236,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="ViT-B-32-quickgelu",
                         help="open_clip model name or JSON model config (random weights)")
     parser.add_argument("--batch", type=positive_int, default=2, help="videos (and captions) per step")
-    parser.add_argument("--context-length", type=positive_int, default=32, help="caption tokens (zero-padded to 77)")
+    parser.add_argument("--context-length", type=positive_int, default=32,
+                        help="caption tokens (zero-padded to the text tower's positions, 77 for OpenAI CLIP)")
     parser.add_argument("--modes", nargs="+", choices=("lora", "full"), default=["lora", "full"])
     parser.add_argument("--backends", nargs="+", choices=("torch", "triton"), default=None,
                         help="TempMe backends (default: torch, plus triton on CUDA)")
@@ -257,6 +259,10 @@ def main(argv=None) -> int:
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     parsed_config(parser, args)  # refused in one line here, before any model is built
+    positions = text_context_length(args.model)
+    if args.context_length > positions:
+        parser.error(f"--context-length {args.context_length} exceeds the {positions} token positions of "
+                     f"{args.model}'s text tower")
     device = parsed_device(parser, args.device)
     check_outputs(parser, args)
     if args.threads:

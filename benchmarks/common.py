@@ -20,7 +20,7 @@ from tempme_fast import TempMeConfig, token_schedule
 from tempme_fast.arguments import config_from_args
 from tempme_fast.bench import cpu_name
 from tempme_fast.checkpoint import atomic_write
-from tempme_fast.errors import ConfigError
+from tempme_fast.errors import ConfigError, TempMeError
 from tempme_fast.loading import resolve_device, resolve_model
 from tempme_fast.outputs import prepare_output_dir, prepare_output_file, write_json
 
@@ -94,7 +94,7 @@ def check_models(parser, names: Sequence[str], option: str) -> None:
     for name in names:
         try:
             resolve_model(name)
-        except ConfigError as err:
+        except TempMeError as err:  # (a name open_clip does not know, or a model TempMe cannot patch)
             parser.error(str(err).replace("--model", option, 1))  # (its message names --model)
 
 

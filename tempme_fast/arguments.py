@@ -22,7 +22,7 @@ from .config import TempMeConfig
 from .derive import add_budget_argument, derive_config
 from .errors import ConfigError, as_config_error
 from .loading import DTYPES, resolve_model
-from .ops import BACKENDS
+from .ops import BACKENDS, resolve_backend
 from .retrieval.data import MSRVTT_TRAIN_LIST, load_split
 from .retrieval.video import DEFAULT_FPS, DEFAULT_FRAMES
 
@@ -120,6 +120,16 @@ def add_model_arguments(group, *, checkpoint_help: Optional[str] = None, device_
     group.add_argument("--device", default=device_default, help=device_help)
     if backend:
         group.add_argument("--backend", choices=BACKENDS, default="auto", help="merge ops backend")
+
+
+def check_backend(backend: str, device: torch.device, option: str = "--backend") -> None:
+    """Refuse a merge-ops backend that cannot run on ``device`` (``triton`` on a CPU outside the interpreter, or
+    without the triton package) in a ConfigError naming ``option``, before a model is built: the first forward
+    found it, after the model was built and data decoded."""
+    try:
+        resolve_backend(backend, torch.empty(0, device=device))
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(f"{option} {backend}: {err}") from None
 
 
 def add_dtype_argument(group) -> None:

@@ -12,7 +12,8 @@ from typing import List, Optional
 import torch
 
 from .arguments import (SCHEDULE_OPTIONS, Parser, add_config_arguments, add_dtype_argument, add_model_arguments,
-                        add_threads_argument, apply_threads, config_from_args, non_negative_int, positive_int)
+                        add_threads_argument, apply_threads, check_backend, config_from_args, non_negative_int,
+                        positive_int)
 from .config import TempMeConfig
 from .errors import ConfigError, TempMeError, as_config_error
 from .loading import DTYPES
@@ -63,6 +64,8 @@ def _cmd_bench(args) -> int:
     config = config_from_args(args)
     threads = apply_threads(args.threads)
     backends = args.backends or default_backends(device)
+    for backend in backends:
+        check_backend(backend, device, "--backends")
     model = create_model(args.model, args.pretrained, device=str(device), dtype=dtype)
     load_before = _load_average()
     rows = bench_model(model, config, batch=args.batch, device=device, dtype=dtype, backends=backends,

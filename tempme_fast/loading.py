@@ -42,7 +42,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _vision_config(name: str, path: Optional[Path]) -> dict:
+def _model_config(name: str, path: Optional[Path]) -> dict:
     import json
 
     import open_clip
@@ -54,8 +54,18 @@ def _vision_config(name: str, path: Optional[Path]) -> dict:
         if lacks or not all(isinstance(config[k], dict) for k in ("vision_cfg", "text_cfg")):
             raise ConfigError(f"--model {path}: not an open_clip model config (an object with embed_dim, vision_cfg "
                               f"and text_cfg{'; it lacks ' + ', '.join(lacks) if lacks else ''})")
-        return config["vision_cfg"]
-    return (open_clip.get_model_config(name) or {}).get("vision_cfg") or {}
+        return config
+    return open_clip.get_model_config(name) or {}
+
+
+def _vision_config(name: str, path: Optional[Path]) -> dict:
+    return _model_config(name, path).get("vision_cfg") or {}
+
+
+def text_context_length(model: str) -> int:
+    """Token positions of ``--model``'s text tower, from its config alone (77 unless the config says)."""
+    name, path, _ = resolve_model(model)
+    return int((_model_config(name, path).get("text_cfg") or {}).get("context_length", 77))
 
 
 def check_model_config(name: str, vision: dict) -> None:

@@ -25,8 +25,8 @@ import shlex
 import torch
 
 from .arguments import (add_config_arguments, add_data_arguments, add_merge_argument, add_model_arguments,
-                        add_threads_argument, apply_threads, config_from_args, finite_float, load_data_split,
-                        non_negative_float, non_negative_int, positive_float, positive_int)
+                        add_threads_argument, apply_threads, check_backend, config_from_args, finite_float,
+                        load_data_split, non_negative_float, non_negative_int, positive_float, positive_int)
 from .errors import ConfigError, as_config_error
 from .outputs import plural
 from .train import DEFAULT_LR, PRECISIONS
@@ -191,8 +191,7 @@ def _check_arguments(args):
 
     if (args.data is None) == (args.synthetic is None):
         raise ConfigError("give exactly one of --data PATH and --synthetic N")
-    if args.device != "auto":
-        resolve_device(args.device)
+    check_backend(args.backend, resolve_device(args.device))  # ("auto": the device this process would take)
     name = resolve_model(args.model)[0]
     if args.pretrained:
         check_pretrained(name, args.pretrained)

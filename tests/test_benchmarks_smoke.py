@@ -436,6 +436,13 @@ def test_a_budget_gives_each_model_its_own_schedule(module, monkeypatch, tmp_pat
     ("bench_attention", ["--device", "cuda:99"], "--device cuda:99: "),
     ("bench_train", ["--device", "tpu"], "--device 'tpu' is not a device"),
     ("plots", ["nope"], "folder nope: no such folder"),
+    # A model TempMe cannot patch (an UnsupportedModelError, which is no ConfigError: a traceback before).
+    ("bench_budget", ["--model", "RN50"], "--model RN50 is a ResNet, not a ViT with a class token"),
+    ("bench_model", ["--models", "RN50"], "--models RN50 is a ResNet, not a ViT with a class token"),
+    ("bench_train", ["--model", "RN50"], "--model RN50 is a ResNet, not a ViT with a class token"),
+    ("profile", ["--cases", "RN50:1"], "--cases RN50 is a ResNet, not a ViT with a class token"),
+    ("bench_train", ["--context-length", "78"], "--context-length 78 exceeds the 77 token positions of "
+                                                "ViT-B-32-quickgelu's text tower"),
     # Output paths, checked before the measurements rather than when they are done (a_file is a file).
     ("bench_budget", ["--rounds", "1", "--json", "a_file/b.json"], "--json a_file/b.json: cannot create the folder"),
     ("bench_train", ["--json", "rows.jsonl", "--jsonl", "rows.jsonl"], "--json rows.jsonl is the --jsonl file"),

@@ -327,6 +327,28 @@ def test_a_tokenizer_the_text_tower_cannot_embed_is_refused_before_the_videos(ti
     assert not (tmp_path / "index").exists() and not (tmp_path / "run").exists()
 
 
+def test_the_triton_backend_on_a_cpu_outside_the_interpreter_is_refused_before_the_model(tiny_model_file, tmp_path,
+                                                                                         capsys, monkeypatch):
+    """It failed at the first forward, in a traceback, after the model was built (and, for eval, videos decoded)."""
+    from tempme_fast import loading
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(loading, "create_model", lambda *a, **k: pytest.fail("a model was built"))
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("video_path,caption\nmissing.mp4,a cat\n")
+    for command, argv in (("bench", ["--backends", "torch", "triton"]), ("eval", ["--data", str(csv), "--backend",
+                                                                                  "triton"]),
+                          ("train", ["--synthetic", "4", "--batch-size", "2", "--backend", "triton", "--output",
+                                     str(tmp_path / "run")])):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--model", tiny_model_file, "--device", "cpu", *argv])
+        err = capsys.readouterr().err
+        option = "--backends" if command == "bench" else "--backend"
+        assert exit_.value.code == 2 and err.count("\n") == 1, err
+        assert f"{option} triton: backend='triton' got a tensor on cpu: Triton runs on CUDA tensors, or on the CPU " \
+               f"only in interpreter mode" in err, err
+
+
 def test_a_bug_keeps_its_traceback(monkeypatch):
     """Only input errors become one line: any other exception propagates."""
     import tempme_fast.bench as bench

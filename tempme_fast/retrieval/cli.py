@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from ..arguments import (add_config_arguments, add_data_arguments, add_dtype_argument, add_merge_argument,
-                         add_model_arguments, config_from_args, load_data_split, positive_float, positive_int)
+                         add_model_arguments, check_backend, config_from_args, load_data_split, positive_float,
+                         positive_int)
 from ..errors import ConfigError
 from ..loading import DTYPES, base_weights, create_model, default_dtype_name, load_checkpoint, resolve_device
 from ..model import apply_tempme
@@ -57,6 +58,7 @@ def build_model(args) -> torch.nn.Module:
     state: every command builds the same model from the same options, so that a smoke run repeats its
     numbers and an index built with random weights can be queried."""
     device = resolve_device(args.device)
+    check_backend(args.backend, device)
     dtype = DTYPES[args.dtype or default_dtype_name(device)]
     loaded = None
     with torch.random.fork_rng(devices=[]):
@@ -99,7 +101,7 @@ def run_eval(args) -> int:
 
     if args.dsl_temperature is not None and not args.dsl:
         raise ConfigError("--dsl-temperature sets the dual-softmax re-ranking's temperature: add --dsl")
-    resolve_device(args.device)
+    check_backend(args.backend, resolve_device(args.device))  # (before the data is read)
     config_from_args(args)
     if args.json:
         prepare_output_file(args.json, "--json", args)
