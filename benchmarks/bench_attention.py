@@ -270,7 +270,7 @@ def main(argv=None) -> int:
         rows = run(device, args.models, args.batches, args.dtypes, impls or available_impls(device),
                    modes, args.rep_ms, sink if out else None, args.check, resume)
     except ContextLost as e:
-        return stopped(e)
+        return stopped(e, args.jsonl)
     finally:
         if out:
             out.close()

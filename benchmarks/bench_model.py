@@ -40,7 +40,7 @@ from tempme_fast.ops import launch, triton_ops
 
 from .common import Compiled, RowLog, add_row_log_arguments, check_outputs, environment, failure, measure_ms, \
     parsed_configs, parsed_device, print_table, write_results
-from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
+from .context import Resume, add_resume_argument, exit_for_good, keep_rows, log_probed, resume_from
 from .devicetime import device_columns, enqueue_ms, host_columns
 from .oracle import check_embedding, check_gradients, check_raised, parameter_grads
 
@@ -347,8 +347,17 @@ def run(device, models, batches, dtypes, modes, variants, compile_, rep_ms,
             model = base.to(device=device, dtype=DTYPES[dtype_name])
             for batch in batches:
                 g = torch.Generator().manual_seed(batch)
-                video = torch.randn(batch, frames, 3, *model.visual.image_size, generator=g)
-                video = video.to(device=device, dtype=DTYPES[dtype_name])
+                try:
+                    video = torch.randn(batch, frames, 3, *model.visual.image_size, generator=g)
+                    video = video.to(device=device, dtype=DTYPES[dtype_name])
+                except Exception as e:  # noqa: BLE001 (a batch too big for memory: each of its rows says so)
+                    row = {"model": name, "dtype": dtype_name, "batch": batch, "frames": frames}
+                    for mode in modes:
+                        for variant in variants:
+                            done = {"bench": "bench_model", **row, "mode": mode, "variant": variant}
+                            if runnable(variant, mode, device, compile_) and not (resume and resume.skip(done)):
+                                rows.append(keep({**row, "variant": variant, "mode": mode, **failure(e)}))
+                    continue
                 references: Dict[tuple, object] = {}  # per model, dtype, batch and mode, made when first asked
                 for mode in modes:
                     base_ms = None
@@ -436,15 +445,21 @@ def main(argv=None) -> int:
     dtypes = args.dtypes or [default_dtype_name(device)]
     resume = resume_from(parser, args, None, ROW_KEYS, CANDIDATE_KEYS)
     env = environment(device)
-    try:
-        rows, layer_rows = run(device, args.models, batches, dtypes, args.modes, args.variants, args.compile,
-                               args.rep_ms, configs, RowLog(args.jsonl, "bench_model", env, args.tag),
-                               args.compile_backend, not args.no_layer_times, args.check, resume)
-    except ContextLost as e:
-        return stopped(e)
-    if args.out:
+    log = RowLog(args.jsonl, "bench_model", env, args.tag)
+
+    def write(rows, layer_rows) -> Optional[str]:
+        if not args.out:
+            return None
         write_results(args.out, "bench_model", env, rows)
         write_results(args.out, "bench_layers", env, layer_rows)
+        return f"--out {args.out}"
+    try:
+        rows, layer_rows = run(device, args.models, batches, dtypes, args.modes, args.variants, args.compile,
+                               args.rep_ms, configs, log, args.compile_backend, not args.no_layer_times, args.check,
+                               resume)
+    except BaseException as e:  # (Ctrl-C too: the rows measured are written before it ends the run)
+        return keep_rows(e, args.jsonl, lambda: write(log.rows_of(), log.rows_of("bench_layers")))
+    write(rows, layer_rows)
     print(f"# video encoders on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print_table(rows, ["model", "dtype", "batch", "mode", "variant", "ms", "ms_p20", "ms_p80", "enqueue_ms",
                        "videos_per_s", "peak_mib", "gflops_per_video", "tokens_per_video", "speedup_vs_open_clip",

@@ -66,7 +66,7 @@ from tempme_fast.ops import reference, triton_ops
 from .common import VIT_GEOMETRY, Compiled, MergeShape, RowLog, add_row_log_arguments, check_outputs, \
     copy_bandwidth_gbs, encoder_metrics, environment, failure, measure_ms, merge_shapes, metric_tensor, parsed_device, \
     print_table, shifted_metric, source_counts, write_results
-from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
+from .context import Resume, add_resume_argument, exit_for_good, keep_rows, log_probed, resume_from
 from .devicetime import basis_ms, device_columns, host_columns, speedups
 from .oracle import NORM_EPS, check_op, check_raised, join_grads, join_inputs, norm_inputs, upstream_grad
 
@@ -577,14 +577,19 @@ def main(argv=None) -> int:
     check_outputs(parser, args)
     resume = resume_from(parser, args, "bench_ops", ROW_KEYS, CANDIDATE_KEYS)
     env = environment(device)
+    log = RowLog(args.jsonl, "bench_ops", env, args.tag)
+
+    def write(rows) -> Optional[str]:
+        if args.out:
+            write_results(args.out, "bench_ops", env, rows)
+            return f"--out {args.out}"
+        return None
     try:
         rows = run(device, args.models, args.batches, args.dtypes, impls, args.ops, compile_at,
-                   args.rep_ms, RowLog(args.jsonl, "bench_ops", env, args.tag), args.compile_backend, args.check,
-                   args.plans, args.layers, resume)
-    except ContextLost as e:
-        return stopped(e)
-    if args.out:
-        write_results(args.out, "bench_ops", env, rows)
+                   args.rep_ms, log, args.compile_backend, args.check, args.plans, args.layers, resume)
+    except BaseException as e:  # (Ctrl-C too: the rows measured are written before it ends the run)
+        return keep_rows(e, args.jsonl, lambda: write(log.rows_of()))
+    write(rows)
     print(f"# merge ops on {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print_table([r for r in rows if r["op"] != "copy"],
                 ["model", "batch", "layer", "stage", "dtype", "op", "impl", "max_sources", "ms", "device_ms",

@@ -45,7 +45,7 @@ from tempme_fast.train import (PRECISIONS, VideoTextForward, _unwrapped, contras
 from . import context
 from .common import Compiled, RowLog, add_row_log_arguments, check_outputs, environment, failure, parsed_config, \
     parsed_device
-from .context import ContextLost, Resume, add_resume_argument, exit_for_good, log_probed, resume_from, stopped
+from .context import Resume, add_resume_argument, exit_for_good, keep_rows, log_probed, resume_from
 from .oracle import check_gradients, check_raised, parameter_grads
 
 # The fields that name a row (a resumed stage skips the rows logged under them), and a variant (a resumed stage
@@ -271,18 +271,24 @@ def main(argv=None) -> int:
     print(f"{args.model}, {args.frames} frames, batch {args.batch}, {args.precision}, {name} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}", flush=True)
     resume = resume_from(parser, args, "bench_train", ROW_KEYS, CANDIDATE_KEYS)
+    log = RowLog(args.jsonl, "bench_train", environment(device), args.tag)
+
+    def write(rows) -> Optional[str]:
+        if not args.json:
+            return None
+        record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name,
+                  "threads": torch.get_num_threads(), "torch": torch.__version__, "args": vars(args), "rows": rows}
+        write_json(args.json, record)
+        return f"--json {args.json}"
     try:
-        rows = bench(args, RowLog(args.jsonl, "bench_train", environment(device), args.tag), resume)
-    except ContextLost as e:
-        return stopped(e)
+        rows = bench(args, log, resume)
+    except BaseException as e:  # (Ctrl-C too: the rows measured are written before it ends the run)
+        return keep_rows(e, args.jsonl, lambda: write(log.rows_of()))
     print(format_table(rows))
     for r in rows:
         if r.get("agrees") is False:
             print(f"  {r['mode']} {r['variant']} ({r['backend']}): {r['disagreement']}")
-    if args.json:
-        record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name,
-                  "threads": torch.get_num_threads(), "torch": torch.__version__, "args": vars(args), "rows": rows}
-        write_json(args.json, record)
+    write(rows)
     return int(any("error" in r or r.get("agrees") is False for r in rows))
 
 

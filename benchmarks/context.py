@@ -78,11 +78,28 @@ def resume_from(parser, args, bench: Optional[str], keys: Sequence[str],
     return Resume(args.jsonl, bench, args.tag, keys, group)
 
 
-def stopped(error: ContextLost) -> int:
-    """The exit status of a benchmark that ``error`` stopped, after saying on stderr how to go on."""
-    print(f"# the CUDA context is lost after {error}; every row before it is kept: run again with --resume to go "
-          f"on (exit {CONTEXT_LOST_EXIT})", file=sys.stderr)
+def stopped(error: ContextLost, jsonl: Optional[str] = None, written: Sequence[str] = ()) -> int:
+    """The exit status of a benchmark that ``error`` stopped, after saying on stderr where the rows measured before
+    it are (the ``jsonl`` row log, and the outputs ``written``, each named by its option) and how to go on."""
+    kept = ([f"--jsonl {jsonl}"] if jsonl else []) + list(written)
+    where = f"every row before it is kept ({', '.join(kept)})" if kept else \
+        "no row is kept (--jsonl keeps each row as it is measured)"
+    go_on = "run again with --resume to go on" if jsonl else "run again (with --jsonl, --resume goes on from a stop)"
+    print(f"# the CUDA context is lost after {error}; {where}: {go_on} (exit {CONTEXT_LOST_EXIT})", file=sys.stderr)
     return CONTEXT_LOST_EXIT
+
+
+def keep_rows(error: BaseException, jsonl: Optional[str], write: Callable[[], Optional[str]]) -> int:
+    """After ``error`` stopped a benchmark: write the rows measured so far where the run writes its results at the
+    end (``write``, which returns the option that names them, or None), then the exit status of a lost context
+    (:func:`stopped`), or ``error`` raised again, said where its rows went."""
+    written = write()
+    if isinstance(error, ContextLost):
+        return stopped(error, jsonl, [written] if written else [])
+    if written:
+        print(f"# {type(error).__name__} stopped the run; the rows measured before it are in {written}",
+              file=sys.stderr)
+    raise error
 
 
 def exit_for_good(code: int) -> None:

@@ -233,7 +233,7 @@ def main(argv=None) -> int:
         rows = run(device, args.cases, args.dtypes or [default_dtype_name(device)], variants, args.forwards,
                    args.repeats, configs, RowLog(args.jsonl, "profile", env, args.tag), args.modes, resume)
     except ContextLost as e:
-        return stopped(e)
+        return stopped(e, args.jsonl)
     print(f"# where the forward's time goes on {env['device']}, torch {env['torch']}, triton {env['triton']}, "
           f"{env['date']} ({'kernel device time' if cuda else 'aten ops, self CPU time'})")
     print_table([r for r in rows if r["kind"] == "kernel"],

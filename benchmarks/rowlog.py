@@ -22,6 +22,7 @@ class RowLog:
 
     def __init__(self, path: Optional[str], bench: str, env: Dict[str, object], tag: str = ""):
         self.bench, self.tag, self.rows = bench, tag, []
+        self._benches: List[str] = []  # (the bench each row of self.rows was logged under)
         self._file = None
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -36,9 +37,14 @@ class RowLog:
     def __call__(self, row: Dict[str, object], bench: Optional[str] = None) -> Dict[str, object]:
         """Keep ``row`` (and append it to the file, if there is one); returns it."""
         self.rows.append(row)
+        self._benches.append(bench or self.bench)
         if self._file:
             self._append({"bench": bench or self.bench, "tag": self.tag, **row})
         return row
+
+    def rows_of(self, bench: Optional[str] = None) -> List[Dict[str, object]]:
+        """The rows kept so far under ``bench`` (default: this log's own)."""
+        return [row for row, b in zip(self.rows, self._benches) if b == (bench or self.bench)]
 
 
 def open_for_append(path: str):

@@ -386,3 +386,37 @@ def test_logged_nodeids_leave_out_a_line_cut_off_by_a_kill(tmp_path):
     results.write_text('{"nodeid": "tests/a.py::t1", "outcome": "passed"}\n{"env": 1}\n'
                        '{"nodeid": "tests/a.py::t2", "outcome": "failed"}\n{"nodeid": "tests/a.py::t3", "outc')
     assert logged_nodeids(str(results)) == {"tests/a.py::t1", "tests/a.py::t2"}
+
+
+def test_rows_measured_before_a_stop_reach_the_outputs_written_at_the_end(tmp_path, monkeypatch, capsys):
+    """Without --jsonl, a lost context or any error ended bench_ops, bench_model and bench_train without writing
+    --out or --json, while the message said that every row was kept and --resume would go on (it refuses to
+    without --jsonl)."""
+    _lost_on_call(monkeypatch, context, 3)
+    out = tmp_path / "ops"
+    argv = _ops_argv(str(tmp_path / "x.jsonl"), "--out", str(out))
+    argv = argv[:argv.index("--jsonl")] + argv[argv.index("--tag"):]  # (no --jsonl)
+    assert bench_ops.main(argv) == CONTEXT_LOST_EXIT
+    rows = json.loads((out / "bench_ops.json").read_text())["rows"]
+    assert [r.get("context_lost", False) for r in rows] == [False, False, True]
+    err = capsys.readouterr().err
+    assert f"every row before it is kept (--out {out}): run again (with --jsonl, --resume goes on from a stop)" in err
+    monkeypatch.setattr(context, "context_lost", lambda device: False)
+
+    # Any other error (Ctrl-C here) after a row: the row is written, and the error raised again.
+    calls = []
+
+    def measured_then_stopped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return {"ms": 1.0, "gflops_per_video": 1.0}
+    monkeypatch.setattr(bench_model, "bench_variant", measured_then_stopped)
+    out = tmp_path / "model"
+    with pytest.raises(KeyboardInterrupt):
+        bench_model.main(["--device", "cpu", "--models", "ViT-B-32", "--batches", "1", "--dtypes", "fp32",
+                          "--modes", "infer", "--no-layer-times", "--no-check", "--rep-ms", "1", "--out", str(out)])
+    rows = json.loads((out / "bench_model.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["ms"] == 1.0
+    assert f"KeyboardInterrupt stopped the run; the rows measured before it are in --out {out}" in \
+        capsys.readouterr().err
