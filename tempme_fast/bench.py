@@ -7,6 +7,7 @@ then slows every variant alike instead of whichever was being timed as a block.
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import statistics
 import time
@@ -261,6 +262,14 @@ WIDE_SPREAD = 0.10
 # Other processes' load (in cores) beyond the cores a run leaves free that still counts as quiet:
 # a shell, an editor or a load average still decaying from a run just before.
 LOAD_SLACK = 0.5
+
+
+def load_average() -> Optional[float]:
+    """The 1-minute load average, None where the platform has none (Windows)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def noise_warnings(rows: Sequence[BenchRow], threads: int, load_before: Optional[float],

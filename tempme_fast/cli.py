@@ -21,13 +21,6 @@ from .ops import BACKENDS
 from .outputs import new_folders
 
 
-def _load_average() -> Optional[float]:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):  # not on Windows
-        return None
-
-
 def _check_bench_mode(args) -> None:
     """``--image`` times images with ToMe, the rest videos with TempMe: an option of the other mode is
     refused, not ignored."""
@@ -44,8 +37,8 @@ def _check_bench_mode(args) -> None:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import (bench_model, cpu_name, default_backends, format_table, noise_warnings, rows_as_dicts,
-                        schedule_name)
+    from .bench import (bench_model, cpu_name, default_backends, format_table, load_average, noise_warnings,
+                        rows_as_dicts, schedule_name)
     from .loading import create_model, default_dtype_name, resolve_device
     from .outputs import plural, prepare_output_file, write_json
 
@@ -67,11 +60,11 @@ def _cmd_bench(args) -> int:
     for backend in backends:
         check_backend(backend, device, "--backends")
     model = create_model(args.model, args.pretrained, device=str(device), dtype=dtype)
-    load_before = _load_average()
+    load_before = load_average()
     rows = bench_model(model, config, batch=args.batch, device=device, dtype=dtype, backends=backends,
                        repeats=args.repeats, warmup=args.warmup, progress=not args.no_progress,
                        cuda_graph=args.cuda_graph, full_last_block=args.full_last_block)
-    load_after = _load_average()
+    load_after = load_average()
     host_threads = 1 if device.type == "cuda" else threads
     warnings = noise_warnings(rows, host_threads, load_before, load_after, os.cpu_count())
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()

@@ -59,8 +59,10 @@ def bench_images(model: torch.nn.Module, r_values: Sequence[int], *, batch: int,
     for i, (_, r, backend) in enumerate(variants):
         _set(model, r, backend)
         time_calls(run, device, 0, warmup)
-    for _ in range(repeats):
-        for i, (_, r, backend) in enumerate(variants):
+    order = list(range(len(variants)))
+    for rep in range(repeats):  # (interleaved, in the opposite order every other time: as tempme bench's videos)
+        for i in (order if rep % 2 == 0 else order[::-1]):
+            _, r, backend = variants[i]
             _set(model, r, backend)
             times[i] += time_calls(run, device, 1, 0)
     rows = []
@@ -91,25 +93,35 @@ def run_image_bench(args) -> int:
     with ``--tome-r`` (r values, default 8 and 16) in place of the TempMe schedule; ``--batch`` counts images."""
     import sys
 
-    from ..arguments import apply_threads
-    from ..bench import cpu_name, default_backends
+    from ..arguments import apply_threads, check_backend
+    from ..bench import cpu_name, default_backends, load_average, noise_warnings
     from ..loading import DTYPES, create_model, default_dtype_name, resolve_device
 
     device = resolve_device(args.device)
     dtype_name = args.dtype or default_dtype_name(device)
-    apply_threads(args.threads)
+    threads = apply_threads(args.threads)
+    backends = args.backends or default_backends(device)
+    for backend in backends:
+        check_backend(backend, device, "--backends")
     model = create_model(args.model, args.pretrained, device=str(device), dtype=DTYPES[dtype_name])
+    load_before = load_average()
     rows = bench_images(model, args.tome_r or DEFAULT_R, batch=args.batch, device=device, dtype=DTYPES[dtype_name],
-                        backends=args.backends or default_backends(device), repeats=args.repeats, warmup=args.warmup)
+                        backends=backends, repeats=args.repeats, warmup=args.warmup)
+    load_after = load_average()
+    warnings = noise_warnings(rows, 1 if device.type == "cuda" else threads, load_before, load_after, os.cpu_count())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    load = "n/a" if load_before is None else f"{load_before:.2f} before, {load_after:.2f} after"
     print(f"{args.model}, batch of {plural(args.batch, 'image')}, {dtype_name}, {where} "
-          f"({plural(torch.get_num_threads(), 'thread')}), "
-          f"torch {torch.__version__}, load average {load}")
+          f"({plural(threads, 'thread')}), torch {torch.__version__}; variants interleaved, "
+          f"{plural(args.repeats, 'repetition')}; load average {load}")
     print(format_image_table(rows))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         from ..bench import rows_as_dicts
         command = "tempme " + " ".join(getattr(args, "argv", None) or sys.argv[1:])
         write_json(args.json, {"command": command, "model": args.model, "batch": args.batch, "dtype": dtype_name,
-                               "device": where, "load_average": load, "rows": rows_as_dicts(rows)})
+                               "device": where, "threads": threads, "repeats": args.repeats,
+                               "load_average": {"before": load_before, "after": load_after}, "warnings": warnings,
+                               "rows": rows_as_dicts(rows)})
     return 0
