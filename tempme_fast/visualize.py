@@ -131,7 +131,7 @@ def draw_merges(images: np.ndarray, grid: np.ndarray, sizes: np.ndarray, *, colu
     Args:
         images: ``[n, H, W, 3]`` uint8, the frames as the model saw them.
         grid: ``[n, H_p, W_p]`` int, the final token of every patch (``SourceMap.patch_grid()``).
-        sizes: ``[tokens]`` int, patches (and class tokens) each final token holds.
+        sizes: ``[tokens]`` int, patches each final token holds (:func:`shown_sizes`: of the frames drawn).
         columns: frames per row (default: up to 6).
         alpha: opacity of the colour fill, in ``[0, 1]``.
         all_tokens: also fill tokens that hold a single patch.
@@ -183,20 +183,25 @@ def draw_merges(images: np.ndarray, grid: np.ndarray, sizes: np.ndarray, *, colu
     return canvas
 
 
-def _caption(model_name: str, sources, shown_frames: int, weights: str, config) -> str:
-    """Two lines: the model, its weights and schedule; tokens in and out, and how many were merged."""
-    sizes = sources.sizes()[0]
-    sizes[sources.is_class_token()] = 0
-    grid = sources.patch_grid()[0, :shown_frames].flatten(1)
-    spans = [int((grid == k).any(dim=1).sum()) for k in range(sources.tokens)]
-    original = sources.assignment.shape[1] * sources.assignment.shape[2]
-    merged = int((sizes >= 2).sum())
-    across = sum(1 for k in range(sources.tokens) if spans[k] >= 2)
+def shown_sizes(grid: np.ndarray, tokens: int) -> np.ndarray:
+    """``[tokens]``: the patches of the drawn frames (``grid [n, H_p, W_p]``) each final token holds. What is
+    coloured: padding frames are not drawn, so a token that merged a shown patch only with padding holds one."""
+    return np.bincount(np.asarray(grid).ravel(), minlength=tokens)
+
+
+def _caption(model_name: str, sources, grid: np.ndarray, weights: str, config) -> str:
+    """Two lines: the model, its weights and schedule; tokens in and out, and how many of the drawn ones merged."""
+    shown = grid.shape[0]
+    sizes = shown_sizes(grid, sources.tokens)
+    spans = (np.stack([shown_sizes(frame[None], sources.tokens) for frame in grid]) > 0).sum(axis=0)
+    original = shown * sources.assignment.shape[2]
+    padded = config.frames - shown
     return (f"{model_name}, {weights}; TempMe imgme_r={config.imgme_r}, joins of {list(config.clip_groups)} at "
             f"layers {list(config.clip_layers)}\n"
-            f"{config.frames} frames: {original} tokens in, {sources.tokens} out. Coloured: the {merged} final tokens "
-            f"holding 2+ patches, one colour per token in every frame it reaches ({across} span several frames); "
-            f"uncoloured patches are tokens of their own.")
+            f"{shown} frames{f' (+{padded} padded, not drawn)' if padded else ''}: {original} tokens in, "
+            f"{sources.tokens} out. Coloured: the {int((sizes >= 2).sum())} final tokens holding 2+ of these patches, "
+            f"one colour per token in every frame it reaches ({int(((sizes >= 2) & (spans >= 2)).sum())} span several "
+            f"frames); uncoloured patches are tokens of their own.")
 
 
 def _trace(model: torch.nn.Module, images: Sequence):
@@ -224,7 +229,7 @@ def visualize(model: torch.nn.Module, images: Sequence, *, columns: Optional[int
     """
     _check_drawing(columns, alpha)  # before the model runs
     shown, grid, sources = _trace(model, images)
-    picture = draw_merges(shown, grid, sources.sizes()[0].cpu().numpy(), columns=columns, alpha=alpha,
+    picture = draw_merges(shown, grid, shown_sizes(grid, sources.tokens), columns=columns, alpha=alpha,
                           all_tokens=all_tokens, caption=caption)
     return picture, sources
 
@@ -286,9 +291,9 @@ def run_visualize(args) -> int:
         weights = f"{args.pretrained} weights"
     else:
         weights = f"RANDOM weights (seed {args.seed}, untrained)"
-    caption = _caption(Path(args.model).stem if args.model.endswith(".json") else args.model, sources, len(images),
+    caption = _caption(Path(args.model).stem if args.model.endswith(".json") else args.model, sources, grid,
                        weights, config)
-    picture = draw_merges(shown, grid, sources.sizes()[0].cpu().numpy(), columns=args.columns, alpha=args.alpha,
+    picture = draw_merges(shown, grid, shown_sizes(grid, sources.tokens), columns=args.columns, alpha=args.alpha,
                           all_tokens=args.all_tokens, caption=caption)
     out = Path(args.out)
     picture.save(out)

@@ -166,3 +166,21 @@ def test_visualize_loads_a_checkpoint(tmp_path, tiny_model_file):
     video = write_video(str(tmp_path / "v.mp4"), _frames(4), fps=1)
     assert run_visualize(_args(video, "--out", str(tmp_path / "o.png"), "--model", tiny_model_file,
                                "--checkpoint", str(tmp_path / "ckpt.pt"), *TINY_ARGS)) == 0
+
+
+def test_padding_frames_neither_colour_nor_count():
+    """With fewer frames than the schedule's, the caption counted the padding's tokens and the drawing filled a
+    patch as merged when its only partners were padding, which is never drawn."""
+    from tempme_fast.visualize import _caption, _trace, shown_sizes
+
+    model = apply_tempme(tiny_clip(), TINY_CONFIG, backend="torch").eval()
+    images = [Image.fromarray(f) for f in _frames(3)]
+    shown, grid, sources = _trace(model, images)
+    sizes = shown_sizes(grid, sources.tokens)
+    assert sizes.sum() == 3 * 16  # the drawn frames' patches, each once
+    whole = sources.sizes()[0].numpy()
+    whole[sources.is_class_token().numpy()] = 0
+    assert (sizes <= whole).all()
+    caption = _caption("tiny", sources, grid, "random weights", TINY_CONFIG)
+    assert f"3 frames (+1 padded, not drawn): 51 tokens in, {sources.tokens} out. Coloured: the " \
+           f"{int((sizes >= 2).sum())} final tokens holding 2+ of these patches" in caption
