@@ -381,12 +381,44 @@ class Trainer:
         data = self.data
         if callable(data) and not hasattr(data, "__iter__"):
             return iter(data(epoch))
+        self._set_epoch(data, epoch)
+        return iter(data)
+
+    @staticmethod
+    def _set_epoch(data, epoch: int) -> None:
         # (the dataset too: PairDataset draws its random captions per epoch)
         for holder in (data, getattr(data, "sampler", None), getattr(data, "batch_sampler", None),
                        getattr(data, "dataset", None)):
             if hasattr(holder, "set_epoch"):
                 holder.set_epoch(epoch)
-        return iter(data)
+
+    def _skip_loading(self, epoch: int, consumed: int) -> Optional[Iterator]:
+        """The batches of ``epoch`` after its first ``consumed``, without loading those (decoding every video a
+        resumed epoch had consumed took as long as the epoch), or None where that could change what the rest
+        holds. Called with the RNG as the epoch began; a DataLoader's order then comes from its batch sampler's
+        indices alone. Only where no worker makes items from its own random state (no workers, or a dataset that
+        says its items depend on their index alone, as PairDataset does): the remaining batches fall to other
+        workers than they did in the epoch that was cut."""
+        from torch.utils.data import DataLoader, IterableDataset
+
+        data = self.data
+        if not isinstance(data, DataLoader) or data.batch_sampler is None or isinstance(data.dataset, IterableDataset) \
+                or (data.num_workers and not getattr(data.dataset, "items_depend_on_index", False)):
+            return None
+        self._set_epoch(data, epoch)
+        start = rng_state()
+        torch.empty((), dtype=torch.int64).random_(generator=data.generator)  # (a DataLoader iterator's first draw)
+        order = list(data.batch_sampler)
+        if len(order) < consumed:
+            raise ValueError(f"the data of epoch {epoch} has fewer than the {consumed} batches the checkpoint had "
+                             f"consumed")
+        options = {"prefetch_factor": data.prefetch_factor} if data.num_workers else {}
+        rest = DataLoader(data.dataset, batch_sampler=order[consumed:], num_workers=data.num_workers,
+                          collate_fn=data.collate_fn, pin_memory=data.pin_memory, timeout=data.timeout,
+                          worker_init_fn=data.worker_init_fn, multiprocessing_context=data.multiprocessing_context,
+                          generator=data.generator, **options)
+        set_rng_state(start)  # (so its workers get the seeds the epoch's had)
+        return iter(rest)
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -565,11 +597,13 @@ class Trainer:
         # fit() runs again in this process after a Ctrl-C, the RNG as it stands).
         resume_rng = resume_rng or rng_state()
         set_rng_state(self._epoch_rng)
-        batches = self._epoch_iter(self.epoch)
-        for _ in range(self.step_in_epoch):
-            if next(batches, None) is None:
-                raise ValueError(f"the data of epoch {self.epoch} has fewer than the {self.step_in_epoch} "
-                                 f"batches the checkpoint had consumed")
+        batches = self._skip_loading(self.epoch, self.step_in_epoch)
+        if batches is None:
+            batches = self._epoch_iter(self.epoch)
+            for _ in range(self.step_in_epoch):
+                if next(batches, None) is None:
+                    raise ValueError(f"the data of epoch {self.epoch} has fewer than the {self.step_in_epoch} "
+                                     f"batches the checkpoint had consumed")
         set_rng_state(resume_rng)
         return batches
 

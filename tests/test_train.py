@@ -580,3 +580,30 @@ def test_the_dataset_of_a_dataloader_is_told_the_epoch():
     data = DataLoader(Pairs(*_pairs(4)), batch_size=2)
     Trainer(_model(), data, TrainConfig(epochs=2), progress=False).fit()
     assert Pairs.epochs == [0, 1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_mid_epoch_resume_skips_the_consumed_batches_without_loading_them(tmp_path, workers):
+    """The replay decoded every video the epoch had consumed (an epoch's worth of decoding near its end)."""
+    class Counted(TensorDataset):
+        items_depend_on_index = True  # (as PairDataset: no worker draws random numbers for an item)
+        loaded = []
+
+        def __getitem__(self, index):
+            Counted.loaded.append(index)
+            return super().__getitem__(index)
+
+    def run(out, stop_at=None, resume=False):
+        torch.manual_seed(123)
+        data = DataLoader(Counted(*_pairs(12)), batch_size=2, shuffle=True, num_workers=workers)
+        trainer = Trainer(_model(), data, TrainConfig(epochs=2, lr=5e-3, save_every=1, max_steps=stop_at),
+                          output_dir=str(out), progress=False, resume="auto" if resume else None)
+        return trainer.fit()
+
+    whole = run(tmp_path / "whole")
+    first = run(tmp_path / "cut", stop_at=10)  # 4 of epoch 1's 6 batches
+    Counted.loaded.clear()
+    rest = run(tmp_path / "cut", resume=True)
+    assert [r["loss"] for r in first + rest] == [r["loss"] for r in whole]
+    if not workers:  # (the workers' loads happen in their own processes)
+        assert len(Counted.loaded) == 2 * 2  # the 2 batches left, not the 4 consumed before them

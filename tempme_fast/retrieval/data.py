@@ -366,6 +366,11 @@ class PairDataset(Dataset):
     what the uninterrupted one did. Without ``set_epoch`` every epoch draws the same captions.
     """
 
+    # An item depends on its index (and the epoch) alone, in whichever DataLoader worker it is made: a resumed
+    # Trainer skips the batches an epoch had consumed without loading them (processors that draw random numbers
+    # would break this; VideoProcessor draws none).
+    items_depend_on_index = True
+
     def __init__(self, split: RetrievalSplit, processor: VideoProcessor, tokenizer: Callable,
                  context_length: int = 32, captions: str = "all", seed: Optional[int] = None):
         if captions not in ("all", "random"):
