@@ -22,7 +22,7 @@ from .config import TempMeConfig
 from .derive import add_budget_argument, derive_config
 from .errors import ConfigError, as_config_error
 from .loading import DTYPES, resolve_model
-from .ops import BACKENDS, resolve_backend
+from .ops import BACKENDS, resolve_backend, triton_available
 from .retrieval.data import MSRVTT_TRAIN_LIST, load_split
 from .retrieval.video import DEFAULT_FPS, DEFAULT_FRAMES
 
@@ -127,7 +127,11 @@ def check_backend(backend: str, device: torch.device, option: str = "--backend")
     without the triton package) in a ConfigError naming ``option``, before a model is built: the first forward
     found it, after the model was built and data decoded."""
     try:
-        resolve_backend(backend, torch.empty(0, device=device))
+        if device.type == "cpu":
+            resolve_backend(backend, torch.empty(0))
+        elif backend == "triton" and not triton_available():  # (no tensor on a GPU: that would open a CUDA context
+            # there, on the first GPU for every process of a torchrun launch that has not picked its own yet)
+            raise RuntimeError("backend='triton' needs the triton package; install it or use backend='torch'")
     except (ValueError, RuntimeError) as err:
         raise ConfigError(f"{option} {backend}: {err}") from None
 
