@@ -11,6 +11,8 @@ import hashlib
 import os
 import pickle
 import random
+import stat
+import struct
 
 import torch
 
@@ -37,7 +39,9 @@ def load_file(path, what: str):
     path = os.fspath(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+    # (the unpickler of other bytes, such as the text a failed download leaves, raises IndexError or KeyError)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, IndexError, KeyError, ValueError, UnicodeDecodeError,
+            struct.error) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         if "weights only" in reason.lower():  # torch's paragraph that suggests weights_only=False
             reason = "with weights_only=True it reads tensors and plain values only; this file holds something else"
@@ -61,9 +65,12 @@ def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
 
 
 def atomic_write(path, write) -> None:
-    """Call ``write(file)`` on ``.<name>.<pid>.tmp`` beside ``path``, fsync, then ``os.replace`` it to ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    """Call ``write(file)`` on ``.<name>.<pid>.tmp`` beside ``path``, fsync, then ``os.replace`` it to ``path``.
+
+    A ``path`` that is a link is written where it leads (the link stays a link), and a file that is replaced keeps
+    its permission bits (a private 0600 checkpoint is not made world-readable by the umask)."""
+    path = os.path.realpath(os.fspath(path))
+    folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
@@ -71,6 +78,10 @@ def atomic_write(path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        try:
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:  # (a new file: the umask's mode)
+            pass
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

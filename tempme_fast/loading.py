@@ -132,9 +132,47 @@ def create_model(model: str, pretrained: Optional[str] = None, device: str = "cp
     # OpenAI's weights were trained with QuickGELU; open_clip only warns when the model name lacks it.
     quick_gelu = bool(pretrained and not is_weights_file(pretrained)
                       and open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
-    net = open_clip.create_model(name, pretrained=pretrained or None, device=device, force_quick_gelu=quick_gelu)
+    if not (pretrained and is_weights_file(pretrained)):
+        net = open_clip.create_model(name, pretrained=pretrained or None, device=device, force_quick_gelu=quick_gelu)
+    else:
+        _warn_if_openai_file(name, pretrained)
+        try:
+            net = open_clip.create_model(name, pretrained=pretrained, device=device)
+        except Exception as err:  # noqa: BLE001 (whatever open_clip's reading of a user's file raises)
+            raise ConfigError(_unloadable_weights(name, pretrained, err)) from err
     vit_geometry(net.visual)
     return net.to(dtype=dtype).eval()
+
+
+def _unloadable_weights(name: str, path: str, err: BaseException) -> str:
+    """One line on a ``--pretrained`` file that open_clip could not load as ``name``'s weights."""
+    from .checkpoint import load_file
+
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+    # (load_state_dict's first line only says that it failed; the next one says how)
+    reason = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))),
+                  lines[0])[:200]
+    try:
+        state = load_file(path, "--pretrained")
+    except ConfigError as unreadable:
+        return str(unreadable) + (" (a TorchScript archive, not a state dict; --pretrained openai gets OpenAI's "
+                                  "weights as one)" if "torchscript" in str(err).lower() else "")
+    keys = list(state) if isinstance(state, dict) else []
+    if any("tempme_frame_pos" in str(k) or "lora" in str(k).lower() for k in keys):
+        return (f"--pretrained {path} holds a TempMe model or adapter (tempme train's model.pt or lora.pt): give it "
+                f"as --checkpoint, over the --pretrained weights it was trained from")
+    return f"--pretrained {path}: open_clip cannot load it as {name}'s weights ({reason}); another model's?"
+
+
+def _warn_if_openai_file(name: str, path: str) -> None:
+    """OpenAI CLIP was trained with QuickGELU, which a tag (``openai``) brings and a file cannot say: warn where
+    the file's path names OpenAI and ``name`` runs plain GELU."""
+    import open_clip
+
+    config = open_clip.get_model_config(name) or {}
+    if "openai" in path.lower() and not config.get("quick_gelu", False):
+        log.warning("--pretrained %s looks like OpenAI weights, which were trained with QuickGELU, but %s runs GELU: "
+                    "give --model %s-quickgelu (or --pretrained openai)", path, name, name)
 
 
 def _unwrap_state_dict(obj, path: str) -> dict:
@@ -197,7 +235,10 @@ def load_checkpoint(model: torch.nn.Module, path: str, base: Optional[dict] = No
     unexpected = [k for k in state if k not in own]
     if unexpected:
         hint = " (pass the model.pt or lora.pt that tempme train writes, or a state dict of a patched model)"
-        if any("tempme_frame_pos" in k for k in unexpected):
+        if any(k.startswith("clip.") or "TVPt_" in k for k in unexpected):
+            hint = (" (a checkpoint of the released TempMe code: tempme train --official-checkpoint and "
+                    "tempme_fast.load_official_checkpoint read it)")
+        elif any("tempme_frame_pos" in k for k in unexpected):
             hint = (" (TempMe temporal position embeddings of other joining layers: give the --frames and schedule "
                     "it was trained with)" if any("tempme_frame_pos" in k for k in own) else
                     " (TempMe temporal position embeddings: evaluate with --merge)")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Tuple, Type, Union
+from typing import List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -134,7 +134,7 @@ def apply_tempme(model: nn.Module, config: Optional[TempMeConfig] = None, backen
     schedule = token_schedule(config, depth, tokens)
     _warn_if_imgme_r_clamps(config, schedule)
     if config.merges:
-        _warn_of_bypassed_hooks(visual)
+        warn_of_bypassed_hooks([("visual", visual), *computed_blocks(visual, "visual.")], "encode_video")
     settings = TempMeSettings(config, schedule, backend, attention, check_finite, trim_last_block)
 
     current = getattr(model, "tempme", None)
@@ -157,20 +157,27 @@ def apply_tempme(model: nn.Module, config: Optional[TempMeConfig] = None, backen
     return model
 
 
-def _warn_of_bypassed_hooks(visual: nn.Module) -> None:
-    """Warn of forward hooks that ``encode_video`` cannot run: it computes the tower, its blocks and their
-    attention itself (merging between them), so only hooks on the patch embedding, the norms and the MLPs run
-    (those modules are then called as they are); ``encode_image`` runs them all."""
+def computed_blocks(visual: nn.Module, prefix: str = "") -> List[Tuple[str, nn.Module]]:
+    """``(name, module)`` of what the merging forwards compute themselves in an open_clip tower instead of calling:
+    its transformer, each block, its attention and the attention's output projection (read as weights)."""
     transformer = getattr(visual, "transformer", None)
-    named = [("visual", visual), ("visual.transformer", transformer)]
+    named = [(f"{prefix}transformer", transformer)]
     for i, block in enumerate(getattr(transformer, "resblocks", ())):
-        named += [(f"visual.transformer.resblocks.{i}", block),
-                  (f"visual.transformer.resblocks.{i}.attn", getattr(block, "attn", None))]
+        attn = getattr(block, "attn", None)
+        named += [(f"{prefix}transformer.resblocks.{i}", block), (f"{prefix}transformer.resblocks.{i}.attn", attn),
+                  (f"{prefix}transformer.resblocks.{i}.attn.out_proj", getattr(attn, "out_proj", None))]
+    return named
+
+
+def warn_of_bypassed_hooks(named: Sequence[Tuple[str, Optional[nn.Module]]], runner: str) -> None:
+    """Warn of forward hooks on the modules ``named`` that ``runner`` computes itself rather than calls, merging
+    tokens between them, so that the hooks never run; the patch embedding, the norms and the MLPs are called as
+    they are, hooks and all."""
     hooked = [name for name, m in named if m is not None and (m._forward_hooks or m._forward_pre_hooks)]
     if hooked:
-        warnings.warn(f"encode_video does not run the forward hooks of {', '.join(hooked)}: it computes these "
-                      f"modules itself, merging tokens between them (encode_image runs them); hook the norms or the "
-                      f"MLPs, which it calls, or read encode_video's result", stacklevel=3)
+        warnings.warn(f"{runner} does not run the forward hooks of {', '.join(hooked)}: it computes these modules "
+                      f"itself, merging tokens between them; hook the norms or the MLPs, which it calls, or read its "
+                      f"result", stacklevel=3)
 
 
 class ScheduleClampWarning(UserWarning):
@@ -322,6 +329,9 @@ def encode_video(model: nn.Module, video: torch.Tensor, mask: Optional[torch.Ten
     frames = video.flatten(0, 1)
     sources = None
     if not settings.config.merges:
+        if getattr(visual, "tome", None) is not None:  # (its forward would merge: no baseline, and sources untrue)
+            raise ValueError("model.visual is patched by apply_tome, so the unmerged TempMe config would merge with "
+                             "ToMe; remove_tome(model) first")
         # Per-frame CLIP through open_clip's own forward (its own attention path).
         features = visual(frames.to(visual.conv1.weight.dtype))
         features = (features[0] if isinstance(features, tuple) else features).view(b, t, -1)

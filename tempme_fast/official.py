@@ -140,6 +140,20 @@ def _hint(unexpected: List[str], model: nn.Module) -> str:
     return ("; " + "; ".join(hints)) if hints else ""
 
 
+def _check_quick_gelu(model: nn.Module) -> None:
+    """The released models are OpenAI CLIP, trained with QuickGELU: their weights in a model with plain GELU load
+    without a word and compute something else, so such a model is refused."""
+    towers = (("visual", getattr(getattr(model, "visual", None), "transformer", None)),
+              ("text", getattr(model, "transformer", None)))
+    for tower, transformer in towers:
+        blocks = getattr(transformer, "resblocks", None)
+        act = getattr(getattr(blocks[0], "mlp", None), "gelu", None) if blocks else None
+        if act is not None and type(act).__name__ != "QuickGELU":
+            raise ValueError(f"the model's {tower} tower runs {type(act).__name__}, but the released TempMe models are "
+                             f"OpenAI CLIP, trained with QuickGELU: build it as the -quickgelu model "
+                             f"(ViT-B-32-quickgelu, ViT-B-16-quickgelu) or with --pretrained openai")
+
+
 def load_official_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True) -> OfficialLoadResult:
     """Load a released-TempMe state dict into a model patched by :func:`tempme_fast.apply_tempme`.
 
@@ -157,6 +171,7 @@ def load_official_checkpoint(model: nn.Module, path_or_state_dict, strict: bool 
     """
     if not hasattr(model, "visual"):
         raise TypeError(f"model is a {type(model).__name__} without .visual; pass an open_clip CLIP model")
+    _check_quick_gelu(model)
     state, where = _read(path_or_state_dict)
     rank, towers = _checkpoint_lora(state, where)
     result = OfficialLoadResult(lora_rank=rank)

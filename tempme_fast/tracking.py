@@ -121,12 +121,16 @@ class SourceMap(NamedTuple):
     def patch_grid(self, grid: Optional[tuple] = None) -> torch.Tensor:
         """``[B, T, H_p, W_p]``: the final token of every patch, laid out as the image's patch grid.
 
-        ``grid`` is ``(H_p, W_p)``; by default the patches are taken to form a square.
+        ``grid`` is ``(H_p, W_p)`` (a model's ``visual.grid_size``); by default the patches are taken to form a
+        square, and a count that is no square is refused (12 patches could be 3 x 4 or 4 x 3).
         """
         patches = self.assignment[..., 1:]
         if grid is None:
             side = int(round(patches.shape[-1] ** 0.5))
-            grid = (side, patches.shape[-1] // max(side, 1))
+            if side * side != patches.shape[-1]:
+                raise ValueError(f"a frame's {patches.shape[-1]} patches form no square: give grid=(H_p, W_p), the "
+                                 f"model's visual.grid_size")
+            grid = (side, side)
         if grid[0] * grid[1] != patches.shape[-1]:
             raise ValueError(f"grid={tuple(grid)} does not hold the {patches.shape[-1]} patches of a frame")
         return patches.reshape(*patches.shape[:2], *grid)

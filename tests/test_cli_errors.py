@@ -448,6 +448,46 @@ def test_every_reader_of_torch_files_refuses_one_it_cannot_read(tmp_path):
         load_official_checkpoint(tiny_clip(), str(tensor))
     with pytest.raises(ValueError, match=r"not a LoRA file saved by save_lora \(format='Tensor'"):
         load_lora(None, tensor)
+    # What a failed download leaves: the unpickler raised IndexError or KeyError on it, past the ConfigError.
+    for body in ("Repository not found", "<html>404</html>", "{}", "hello"):
+        page = tmp_path / "page.pt"
+        page.write_text(body)
+        with pytest.raises(errors.ConfigError, match=r"^--checkpoint .*page.pt: not a file torch.load can read"):
+            load_file(page, "--checkpoint")
+
+
+def test_pretrained_files_open_clip_cannot_load_are_named_in_one_line(tiny_model_file, tmp_path, caplog):
+    """A weights file of another model, tempme's own model.pt, or another kind of file: open_clip's traceback."""
+    import logging
+
+    import torch
+
+    from tempme_fast import apply_tempme
+    from tempme_fast.loading import create_model
+    from tiny import TINY_CONFIG, tiny_clip
+
+    tempme = tmp_path / "model.pt"
+    torch.save(apply_tempme(create_model(tiny_model_file), TINY_CONFIG).state_dict(), tempme)
+    other = tmp_path / "other.pt"
+    torch.save(tiny_clip(width=32).state_dict(), other)
+    text = tmp_path / "weights.bin"
+    text.write_text("not weights")
+    for path, says in ((tempme, "holds a TempMe model or adapter (tempme train's model.pt or lora.pt): give it as "
+                                "--checkpoint"),
+                       (other, "open_clip cannot load it as tiny-vit's weights (size mismatch for "),
+                       (text, "not a file torch.load can read")):
+        with pytest.raises(errors.ConfigError, match=f"--pretrained {path}.*{re.escape(says)}"):
+            create_model(tiny_model_file, str(path))
+    # A file whose path names OpenAI, for a model that runs GELU: OpenAI CLIP was trained with QuickGELU.
+    gelu = tmp_path / "gelu.json"
+    gelu.write_text(open(tiny_model_file).read().replace('"quick_gelu": true', '"quick_gelu": false'))
+    openai = tmp_path / "vit_b32.openai"
+    openai.mkdir()
+    torch.save(create_model(str(gelu)).state_dict(), openai / "open_clip_model.pt")
+    with caplog.at_level(logging.WARNING, logger="tempme_fast"):
+        create_model(str(gelu), str(openai / "open_clip_model.pt"))
+    assert "looks like OpenAI weights, which were trained with QuickGELU, but gelu runs GELU: give --model " \
+           "gelu-quickgelu" in caplog.text
 
 
 def test_probe_of_an_unreachable_host_is_bounded():

@@ -133,6 +133,28 @@ def test_an_open_clip_state_dict_is_named_for_what_it_is_in_one_short_line():
     assert len(str(err.value)) < 500
 
 
+def test_a_model_without_quick_gelu_is_refused():
+    """The released models are OpenAI CLIP (QuickGELU): loaded into a GELU model they computed something else."""
+    state, _, _ = _released_state()
+    model = apply_tempme(tiny_clip(seed=5, quick_gelu=False), TINY_CONFIG)
+    with pytest.raises(ValueError, match="the model's visual tower runs GELU, but the released TempMe models are "
+                                         "OpenAI CLIP, trained with QuickGELU: build it as the -quickgelu model"):
+        load_official_checkpoint(model, state)
+    assert not has_lora(model)
+
+
+def test_a_released_checkpoint_given_as_a_tempme_checkpoint_is_named(tmp_path):
+    from tempme_fast.errors import ConfigError
+    from tempme_fast.loading import load_checkpoint
+
+    state, _, _ = _released_state(prefix="clip.")
+    path = str(tmp_path / "released.pth")
+    torch.save(state, path)
+    with pytest.raises(ConfigError, match=r"a checkpoint of the released TempMe code: tempme train "
+                                          r"--official-checkpoint and tempme_fast.load_official_checkpoint read it"):
+        load_checkpoint(apply_tempme(tiny_clip(seed=5), TINY_CONFIG), path)
+
+
 def test_metadata_is_listed_as_ignored():
     state, _, _ = _released_state()
     state["module.clip.input_resolution"] = torch.tensor(32)

@@ -212,6 +212,34 @@ def test_patch_timm_refuses_what_it_cannot_patch():
         unpatch_timm(model)
 
 
+def test_patch_timm_refuses_attention_of_another_layout_and_masks_in_one_line():
+    """DiffAttention (two softmaxes a head) passed the check and failed at the first forward in a reshape; a mask
+    tensor was compared with == and raised torch's "ambiguous" error instead of the refusal."""
+    try:
+        diff = _tiny_timm(attn_layer="diff")
+    except (TypeError, KeyError, ValueError, AssertionError):
+        diff = None  # (a timm without DiffAttention)
+    if diff is not None:
+        with pytest.raises(TypeError, match="block 0's attention is a DiffAttention whose qkv projection is not "
+                                            "3 x heads x head_dim wide"):
+            patch_timm(diff)
+    model = patch_timm(_tiny_timm(), r=1)
+    with pytest.raises(ValueError, match="a ToMe-patched timm model takes no attention mask"):
+        model.forward_features(torch.randn(1, 3, 32, 32), attn_mask=torch.ones(1, 17, 17, dtype=torch.bool))
+
+
+def test_hooks_a_tome_patch_cannot_run_are_warned_of():
+    model = _tiny_timm()
+    model.blocks[1].attn.register_forward_hook(lambda *args: None)
+    with pytest.warns(UserWarning, match="a ToMe-patched timm model does not run the forward hooks of blocks.1.attn"):
+        patch_timm(model)
+    clip = tiny_clip()
+    clip.visual.transformer.resblocks[0].attn.out_proj.register_forward_pre_hook(lambda *args: None)
+    with pytest.warns(UserWarning, match="a ToMe-patched tower does not run the forward hooks of "
+                                         "transformer.resblocks.0.attn.out_proj"):
+        apply_tome(clip, 2)
+
+
 def test_apply_tome_trains_with_gradient_checkpointing(one_thread):
     model = tiny_clip()
     images = _images()

@@ -164,3 +164,21 @@ def test_tracking_is_off_by_default_and_works_with_checkpointing():
     emb.sum().backward()
     assert v.grad is not None and torch.isfinite(v.grad).all()
     _check_partition(sources, 4, 17)
+
+
+def test_patch_grid_refuses_to_guess_a_grid_that_is_no_square():
+    """12 patches were laid out as 3 x 4 without a word, where the model's grid was 4 x 3."""
+    sources = tracking.SourceMap(torch.zeros(1, 2, 13, dtype=torch.long), 1, 13, 1)
+    with pytest.raises(ValueError, match="a frame's 12 patches form no square: give grid=\\(H_p, W_p\\)"):
+        sources.patch_grid()
+    assert sources.patch_grid((4, 3)).shape == (1, 2, 4, 3)
+
+
+def test_the_unmerged_config_refuses_a_tome_patched_tower():
+    from tempme_fast import apply_tome
+
+    model = apply_tempme(tiny_clip(), TempMeConfig.unmerged(4))
+    apply_tome(model, 2)  # its forward, which the unmerged config calls, now merges
+    with pytest.raises(ValueError, match="model.visual is patched by apply_tome, so the unmerged TempMe config would "
+                                         "merge with ToMe; remove_tome"):
+        model.encode_video(video(1, 4))

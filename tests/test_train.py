@@ -385,6 +385,20 @@ def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
     assert torch.equal(torch.load(path)["a"], torch.ones(2))
 
 
+def test_atomic_save_writes_through_a_link_and_keeps_the_mode(tmp_path):
+    """A linked last.pt became a regular file beside a stale target, and a 0600 checkpoint became 0644."""
+    (tmp_path / "big").mkdir()
+    target = tmp_path / "big" / "last.pt"
+    atomic_save({"step": 1}, target)
+    os.chmod(target, 0o600)
+    link = tmp_path / "last.pt"
+    link.symlink_to(target)
+    atomic_save({"step": 2}, link)
+    assert link.is_symlink() and torch.load(target, weights_only=True) == {"step": 2}
+    assert (target.stat().st_mode & 0o777) == 0o600
+    assert sorted(os.listdir(tmp_path / "big")) == ["last.pt"]  # (no temporary file left)
+
+
 def test_train_config_errors():
     with pytest.raises(ValueError, match="mode='half' is not one of"):
         TrainConfig(mode="half")

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..encoder import EncoderOptions, block_forward, embed_frames
-from ..model import vit_geometry
+from ..model import computed_blocks, vit_geometry, warn_of_bypassed_hooks
 from ..schedule import LayerPlan
 from ..subclass import patched_class
 from .schedule import RSpec, clamped_r, parse_r
@@ -89,6 +89,7 @@ def apply_tome(model: nn.Module, r: RSpec, prop_attn: bool = True, trace_source:
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
     r_list = parse_r(depth, r)
+    warn_of_bypassed_hooks(computed_blocks(visual), "a ToMe-patched tower")
     visual.tome = ToMeSettings(tuple(r_list), prop_attn, trace_source, backend, layer_plans(tokens, r_list))
     if not isinstance(visual, _ToMeVisual):
         visual.__class__ = _tome_class(type(visual))

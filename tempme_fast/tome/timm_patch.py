@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import ops
 from ..subclass import patched_class
+from ..model import warn_of_bypassed_hooks
 from .merge import bipartite_plan, merge_source, merge_wavg
 from .schedule import parse_r
 
@@ -36,6 +37,12 @@ def _check_model(model: nn.Module) -> None:
         if missing or not hasattr(block.attn, "qkv"):
             raise TypeError(f"block {i} is a {type(block).__name__} without {missing or ['attn.qkv']}: "
                             f"patch_timm supports timm's pre-norm Block with a fused qkv Attention")
+        attn = block.attn
+        heads = getattr(attn, "num_heads", None)
+        head_dim = getattr(attn, "head_dim", None) or (attn.qkv.in_features // heads if heads else None)
+        if not heads or getattr(attn.qkv, "out_features", None) != 3 * heads * head_dim:
+            raise TypeError(f"block {i}'s attention is a {type(attn).__name__} whose qkv projection is not "
+                            f"3 x heads x head_dim wide: patch_timm supports timm's Attention (one q, k and v a head)")
 
 
 def prefix_tokens(model: nn.Module) -> Tuple[int, bool]:
@@ -86,7 +93,7 @@ def _tome_block(block: nn.Module, x, size, source, r: int, protected: int, kept_
 class _ToMeTimm:
     def forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """timm's ``forward_features`` with a ToMe merge in every block (masks are not supported)."""
-        if args or any(v not in (None, False) for v in kwargs.values()):
+        if args or any(v is not None and v is not False for v in kwargs.values()):  # (not ==: v may be a tensor)
             raise ValueError("a ToMe-patched timm model takes no attention mask (merging changes the tokens)")
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         protected, has_cls = prefix_tokens(self)
@@ -126,6 +133,9 @@ def patch_timm(model: nn.Module, trace_source: bool = False, prop_attn: bool = T
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
     parse_r(len(model.blocks), r)  # a bad r fails here rather than at the first forward
+    warn_of_bypassed_hooks([("blocks", model.blocks)] + [
+        (f"blocks.{i}{part}", module) for i, block in enumerate(model.blocks)
+        for part, module in (("", block), (".attn", block.attn))], "a ToMe-patched timm model")
     model.r = r
     model._tome_trace_source, model._tome_prop_attn, model._tome_backend = trace_source, prop_attn, backend
     if not isinstance(model, _ToMeTimm):
