@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from typing import Optional
+import urllib.request
+from typing import Optional, Tuple
 from urllib.parse import urlparse
 
 from .errors import WeightsUnavailableError
@@ -51,9 +52,15 @@ def _reachable(host: str, port: int = 443, timeout: float = PROBE_SECONDS) -> Op
     return outcome.get("error", f"no answer within {timeout:.0f} s")
 
 
-def _proxy_host(default: str) -> str:
+def _first_hop(url: str) -> Tuple[str, int]:
+    """``(host, port)`` that a download of ``url`` connects to first: the HTTPS proxy at its own port (its scheme's
+    default without one), unless ``NO_PROXY`` lists the host; else the host at the URL's port (443)."""
+    parsed = urlparse(url)
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    return urlparse(proxy).hostname or default if proxy else default
+    if proxy and not urllib.request.proxy_bypass_environment(parsed.hostname or ""):
+        hop = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        return hop.hostname or parsed.hostname, hop.port or (443 if hop.scheme == "https" else 80)
+    return parsed.hostname, parsed.port or 443
 
 
 def _hf_cached(hf_hub: str) -> Optional[str]:
@@ -106,17 +113,18 @@ def check_pretrained(model_name: str, pretrained: str) -> None:
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE:
             raise WeightsUnavailableError(f"--pretrained {pretrained}: the weights of {where} are {cache} and "
                                           f"HF_HUB_OFFLINE is set; download them where there is a network, {alternative}")
-        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+        url = constants.ENDPOINT or "https://huggingface.co"
     elif cfg.get("url"):
         target = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"]))
         if os.path.isfile(target):
             return
         cache = f"not cached ({target})"
-        host = urlparse(cfg["url"]).hostname
+        url = cfg["url"]
     else:
         raise WeightsUnavailableError(f"--pretrained {pretrained}: open_clip lists no source for {where}; "
                                       f"{alternative}")
-    error = _reachable(_proxy_host(host))
+    host = urlparse(url).hostname
+    error = _reachable(*_first_hop(url))
     if error is not None:
         raise WeightsUnavailableError(f"--pretrained {pretrained}: the weights of {where} are {cache} and {host} "
                                       f"cannot be reached ({error}); download them where there is a network, "

@@ -92,6 +92,32 @@ def test_unreachable_download_host_fails_fast(monkeypatch, tmp_path):
     weights.check_pretrained("ViT-B-32-quickgelu", "openai")  # cached: no probe, no error
 
 
+def test_the_probe_goes_where_the_download_would(monkeypatch):
+    """Behind HTTPS_PROXY=http://proxy:3128 the probe knocked on proxy:443, found nothing and refused weights that
+    open_clip would have downloaded; NO_PROXY was not read."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    from tempme_fast import weights
+
+    endpoint = urlparse(constants.ENDPOINT)
+    direct = (endpoint.hostname, endpoint.port or 443)
+    probed = []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(weights, "_hf_cached", lambda hub: None)
+    monkeypatch.setattr(weights, "_reachable", lambda host, port=443, **k: probed.append((host, port)))
+    for proxy, no_proxy, hop in (("http://proxy.example:3128", "", ("proxy.example", 3128)),
+                                 ("proxy.example:8080", "", ("proxy.example", 8080)),
+                                 ("http://proxy.example:3128", endpoint.hostname, direct), ("", "", direct)):
+        monkeypatch.setenv("HTTPS_PROXY", proxy)
+        monkeypatch.setenv("NO_PROXY", no_proxy)
+        monkeypatch.delenv("https_proxy", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        weights.check_pretrained("ViT-B-32-quickgelu", "openai")
+        assert probed.pop() == hop
+
+
 def test_output_paths_are_made_or_refused_before_the_run(tiny_model_file, tmp_path, capsys):
     deep = tmp_path / "a" / "b" / "bench.json"
     assert main(["bench", "--model", tiny_model_file, "--batch", "1", "--repeats", "1", "--warmup", "0",
