@@ -334,3 +334,47 @@ def test_non_contiguous_ops_give_the_contiguous_answer(backend, layout):
         assert torch.equal(getattr(plan, name), getattr(want_plan, name)), name
     got = ops.merge(views[1], views[2], plan, backend=backend)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_what_carries_no_gradient_is_the_same_on_both_backends(backend):
+    """The reference merged gradients into sizes and kept the scores' graph; the Triton ops dropped both: the same
+    call gave two gradients. Sizes that require grad are refused, and scores carry none, on both."""
+    g = torch.Generator().manual_seed(0)
+    metric = torch.randn(2, 9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    scores, dst = ops.best_match(metric, 1, backend=backend)
+    assert not scores.requires_grad and not dst.requires_grad
+    x = torch.randn(2, 9, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    size = torch.ones(2, 9, dtype=torch.float64, requires_grad=True)
+    plan = ops.match(metric.detach(), 2, 1, backend=backend)
+    _raises(ValueError, "size requires grad, but a merge carries no gradient to token sizes (counts of tokens): "
+                        "pass size.detach()", lambda: ops.merge(x, size, plan, backend=backend))
+    with torch.no_grad():
+        ops.merge(x, size, plan, backend=backend)  # (nothing is recorded there)
+    out, _ = ops.merge(x, size.detach(), plan, backend=backend)
+    assert out.requires_grad
+
+
+def test_second_derivatives_through_the_triton_ops_are_refused():
+    """Their backward kernels build no graph: a gradient penalty lost its second-order terms without a word."""
+    g = torch.Generator().manual_seed(0)
+    metric = torch.randn(2, 9, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 9, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    size = torch.ones(2, 9, dtype=torch.float64)
+    plan = ops.match(metric, 2, 1, backend="triton")
+    outputs = {"merge": lambda: ops.merge(x, size, plan, backend="triton")[0],
+               "merge_norm": lambda: ops.merge_norm(x, size, plan, w, w, 1e-5, backend="triton")[2],
+               "attention": lambda: ops.attention(*(x.float().unsqueeze(1),) * 3, size.float(), impl="triton")}
+    for name, output in outputs.items():
+        loss = (output() * w).sin().sum()
+        _raises(RuntimeError, f"{name}: a second derivative through the Triton backend",
+                lambda: torch.autograd.grad(loss, x, create_graph=True))
+        torch.autograd.grad((output() * w).sin().sum(), x)  # (a first derivative alone: as before)
+    torch.autograd.grad((ops.merge(x, size, plan, backend="torch")[0] * w).sin().sum(), x, create_graph=True)
+
+
+def test_the_triton_backend_refuses_meta_tensors():
+    _raises(ValueError, "backend='triton' got a meta tensor, which has no data to run a kernel on",
+            lambda: ops.best_match(torch.randn(2, 9, 4, device="meta"), 1, backend="triton"))
+    assert ops.best_match(torch.randn(2, 9, 4, device="meta"), 1, backend="auto")[0].shape == (2, 4)

@@ -54,6 +54,9 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package; install it or use backend='torch'")
+        if tensor.is_meta and not recording.META_AS_GPU:  # (the interpreter would read its absent data)
+            raise ValueError("backend='triton' got a meta tensor, which has no data to run a kernel on; use "
+                             "backend='torch' or 'auto' (or torch's FakeTensorMode) to infer shapes")
         if not (tensor.is_cuda or recording.META_AS_GPU and tensor.is_meta) and \
                 os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
@@ -105,12 +108,14 @@ def best_match(metric: torch.Tensor, protected: int, backend: str = "auto", *, h
             them, so the averaged keys are never written. ``C`` must be divisible by it.
         check_finite: also refuse a metric holding NaN or Inf (a host synchronisation).
     Returns:
-        ``scores [B', Na]`` float32 (float64 for float64 input) and ``dst [B', Na]`` int64.
+        ``scores [B', Na]`` float32 (float64 for float64 input) and ``dst [B', Na]`` int64; neither carries a
+        gradient, on either backend (the scores order a plan: the Triton kernel writes them without a graph).
     """
     check_metric(metric, protected, check_finite, heads)
     if resolve_backend(backend, metric) == "triton":
         return _triton_ops().best_match(metric, protected, heads)
-    return reference.best_match(metric, protected, heads)
+    scores, dst = reference.best_match(metric, protected, heads)
+    return scores.detach(), dst
 
 
 def match(metric: torch.Tensor, r: int, protected: int, backend: str = "auto", *, heads: int = 1,

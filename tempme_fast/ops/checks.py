@@ -75,6 +75,9 @@ def check_size(size: torch.Tensor, x: torch.Tensor, rows: str) -> None:
     if size.shape[:2] != x.shape[:2] or size.dim() not in (2, 3) or (size.dim() == 3 and size.shape[2] != 1):
         raise ValueError(f"size must have shape [{rows}, N] or [{rows}, N, 1] matching x {tuple(x.shape)}, "
                          f"got {tuple(size.shape)}")
+    if size.requires_grad and torch.is_grad_enabled():  # (the Triton merge takes none, the reference one did)
+        raise ValueError("size requires grad, but a merge carries no gradient to token sizes (counts of tokens): "
+                         "pass size.detach()")
 
 
 def check_plan(plan, rows: int, tokens: int) -> None:

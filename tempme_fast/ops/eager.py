@@ -21,7 +21,7 @@ import torch
 from torch.utils import _python_dispatch
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-__all__ = ["cast", "custom_op_or", "detached", "needs_grad", "use_custom_ops"]
+__all__ = ["cast", "custom_op_or", "detached", "needs_grad", "refuse_second_order", "use_custom_ops"]
 
 T = TypeVar("T")
 
@@ -55,6 +55,15 @@ def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
         if t is not None and t.requires_grad:
             return True
     return False
+
+
+def refuse_second_order(op: str) -> None:
+    """Raise for a second derivative through the Triton ``op``: its backward runs kernels that build no graph, so
+    a ``create_graph=True`` gradient (a gradient penalty) would lose its second-order terms without a word. A
+    backward checks ``torch.is_grad_enabled()`` (True there only under ``create_graph``) before calling this."""
+    raise RuntimeError(f"{op}: a second derivative through the Triton backend (torch.autograd.grad(..., "
+                       f"create_graph=True), as a gradient penalty takes) is not supported; compute it with "
+                       f"backend='torch' (attention: impl='eager' or 'sdpa')")
 
 
 def detached(t: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import triton
 
 from tempme_kernels.attention import _attention_bwd_kernel, _attention_fwd_kernel
 
-from .eager import cast, custom_op_or, needs_grad, use_custom_ops
+from .eager import cast, custom_op_or, needs_grad, refuse_second_order, use_custom_ops
 from .launch import Launcher
 from .memo import forget_on_assign, remembered
 from .triton_ops import _cdiv
@@ -422,6 +422,8 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, bias, out, lse = ctx.saved_tensors
+        if torch.is_grad_enabled() and needs_grad(grad_out, q, k, v, bias):
+            refuse_second_order("attention")
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = _attention_bwd(grad_out, q, k, v, bias, out, lse, bias_grad)
         # Summing the heads' shares here (torch's reduction) keeps the kernels free of atomics.
@@ -444,6 +446,8 @@ class SelfAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         qkv, bias, out, lse = ctx.saved_tensors
+        if torch.is_grad_enabled() and needs_grad(grad_out, qkv, bias):
+            refuse_second_order("self_attention")
         bias_grad = bias is not None and not ctx.log_bias and ctx.needs_input_grad[1]
         dqkv, dbias = _self_attention_bwd(grad_out, qkv, ctx.heads, bias, out, lse, bias_grad, ctx.log_bias)
         return dqkv, (dbias.sum(dim=1).view(bias.shape) if bias_grad else None), None, None
@@ -466,6 +470,8 @@ class QueryAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, kv, bias, out, lse = ctx.saved_tensors
+        if torch.is_grad_enabled() and needs_grad(grad_out, q, kv, bias):
+            refuse_second_order("query_attention")
         bias_grad = bias is not None and not ctx.log_bias and ctx.needs_input_grad[2]
         dq, dkv, dbias = _query_attention_bwd(grad_out, q, kv, ctx.heads, bias, out, lse, bias_grad, ctx.log_bias)
         return dq, dkv, (dbias.sum(dim=1).view(bias.shape) if bias_grad else None), None, None

@@ -42,7 +42,7 @@ from tempme_kernels.match import _match_plan_kernel
 from tempme_kernels.merge import _merge_bwd_kernel, _merge_fwd_kernel, _merge_index_kernel
 
 from . import recording
-from .eager import cast, custom_op_or, detached, needs_grad, use_custom_ops
+from .eager import cast, custom_op_or, detached, needs_grad, refuse_second_order, use_custom_ops
 from .launch import Launcher, launch
 from .memo import forget_on_assign, remembered
 from .reference import MergePlan, accumulation_dtype, head_mean, split_sizes, split_starts
@@ -899,6 +899,8 @@ class MergeFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_size_out):
         if grad_out is None:
             return (None,) * 10
+        if torch.is_grad_enabled() and needs_grad(grad_out):  # (the merge is linear: only through grad_out)
+            refuse_second_order("merge")
         size, size_out, b_size, merged, dst, kept = ctx.saved_tensors
         pos_grad = ctx.pos_shape is not None and ctx.needs_input_grad[7]
         b_size = merged_b_sizes(size_out, b_size, _b_tokens(ctx))
@@ -973,6 +975,8 @@ class MergeNormFunction(torch.autograd.Function):
         if grad_out is None and grad_ln is None:
             return (None,) * 14
         size, size_out, b_size, merged, dst, kept, out, weight, stats = ctx.saved_tensors
+        if torch.is_grad_enabled() and needs_grad(grad_out, grad_ln, out, weight):
+            refuse_second_order("merge_norm")
         b_size = merged_b_sizes(size_out, b_size, _b_tokens(ctx))
         grad_w = grad_b = None
         if grad_ln is not None:
