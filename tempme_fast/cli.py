@@ -30,7 +30,8 @@ def _check_bench_mode(args) -> None:
                               "options)")
         return
     video = [f"--{k.replace('_', '-')}" for k in (*SCHEDULE_OPTIONS, "budget") if getattr(args, k) is not None]
-    video += ["--frames"] * (args.frames != TempMeConfig().frames) + ["--full-last-block"] * args.full_last_block
+    video += ["--derived"] * args.derived + ["--frames"] * (args.frames != TempMeConfig().frames)
+    video += ["--full-last-block"] * args.full_last_block
     if video:
         raise ConfigError(f"{', '.join(video)} shape{'s' if len(video) == 1 else ''} the video encoder; --image "
                           f"times encode_image (with --tome-r): leave {'it' if len(video) == 1 else 'them'} out")

@@ -86,6 +86,10 @@ def check_model_config(name: str, vision: dict) -> None:
     if vision.get("pool_type", "tok") != "tok":
         raise UnsupportedModelError(f"--model {name} pools with pool_type={vision['pool_type']!r}, not the class "
                                     f"token; {need}")
+    if vision.get("patch_dropout", 0):
+        raise UnsupportedModelError(f"--model {name} drops patches in training (patch_dropout="
+                                    f"{vision['patch_dropout']}), which the merge schedule's token counts cannot "
+                                    f"follow; set it to 0 in the config")
 
 
 def resolve_model(model: str) -> Tuple[str, Optional[Path], dict]:
@@ -105,8 +109,26 @@ def resolve_model(model: str) -> Tuple[str, Optional[Path], dict]:
         raise ConfigError(f"--model {model!r} is not an open_clip model name (see open_clip.list_models()) "
                           f"nor a .json model config file")
     vision = _vision_config(name, path)
+    if path is not None:
+        _check_config_keys(path)
     check_model_config(name, vision)
     return name, path, vision
+
+
+def _check_config_keys(path: Path) -> None:
+    """Refuse a JSON model config whose towers hold a key open_clip does not take (a misspelt ``patch_szie``, or
+    one of another open_clip version), naming it, where open_clip's TypeError came when the model was built."""
+    import dataclasses
+
+    import open_clip
+
+    config = _model_config(path.stem, path)
+    for tower, cls in (("vision_cfg", open_clip.model.CLIPVisionCfg), ("text_cfg", open_clip.model.CLIPTextCfg)):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config[tower]) - known)
+        if unknown:
+            raise ConfigError(f"--model {path}: {tower} holds {unknown}, which this open_clip's {cls.__name__} does "
+                              f"not take (misspelt, or of another open_clip version)")
 
 
 def create_model(model: str, pretrained: Optional[str] = None, device: str = "cpu",

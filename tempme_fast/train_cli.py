@@ -123,6 +123,11 @@ def _load_split(args):
     """The ``--data`` split (``None`` with ``--synthetic``): read before any model is built, so that a wrong
     path or annotation file costs no model load and leaves no output folder behind."""
     if args.synthetic is not None:
+        data = [f"--{k.replace('_', '-')}" for k in ("split", "train_list", "videos", "max_videos")
+                if getattr(args, k) is not None] + ["--data-format"] * (args.data_format != "auto")
+        if data:
+            raise ConfigError(f"{', '.join(data)} pick{'s' if len(data) == 1 else ''} videos of --data: not with "
+                              f"--synthetic, whose pairs are random")
         if args.synthetic < args.batch_size:
             raise ConfigError(f"--synthetic {args.synthetic}: fewer pairs than one batch of --batch-size "
                               f"{args.batch_size}")

@@ -375,6 +375,32 @@ def test_the_triton_backend_on_a_cpu_outside_the_interpreter_is_refused_before_t
                f"only in interpreter mode" in err, err
 
 
+def test_model_configs_and_ignored_options_are_refused_in_one_line(tiny_model_file, tmp_path, capsys, monkeypatch):
+    """A misspelt key in a JSON model config was open_clip's traceback; patch dropout in a config was refused only
+    after its weights were read (and `tempme schedule` printed a plan for it); `train --synthetic` ignored the data
+    options, and `bench --image` ignored --derived."""
+    from tempme_fast import loading
+
+    config = json.loads(open(tiny_model_file).read())
+    typo = dict(config, vision_cfg={**config["vision_cfg"], "patch_szie": 8})
+    dropout = dict(config, vision_cfg={**config["vision_cfg"], "patch_dropout": 0.5})
+    for name, body in (("typo", typo), ("dropout", dropout)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(body))
+    monkeypatch.setattr(loading, "create_model", lambda *a, **k: pytest.fail("a model was built"))
+    for argv, says in (
+            (["schedule", "--model", str(tmp_path / "typo.json")],
+             "vision_cfg holds ['patch_szie'], which this open_clip's CLIPVisionCfg does not take"),
+            (["schedule", "--model", str(tmp_path / "dropout.json")], "drops patches in training (patch_dropout=0.5)"),
+            (["train", "--model", tiny_model_file, "--synthetic", "4", "--batch-size", "2", "--split", "test",
+              "--max-videos", "1", "--output", str(tmp_path / "run")],
+             "--split, --max-videos pick videos of --data: not with --synthetic"),
+            (["bench", "--image", "--model", tiny_model_file, "--derived"], "--derived shapes the video encoder")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and says in err, err
+
+
 def test_a_bug_keeps_its_traceback(monkeypatch):
     """Only input errors become one line: any other exception propagates."""
     import tempme_fast.bench as bench
