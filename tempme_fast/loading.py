@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
@@ -58,10 +58,6 @@ def _model_config(name: str, path: Optional[Path]) -> dict:
     return open_clip.get_model_config(name) or {}
 
 
-def _vision_config(name: str, path: Optional[Path]) -> dict:
-    return _model_config(name, path).get("vision_cfg") or {}
-
-
 def text_context_length(model: str) -> int:
     """Token positions of ``--model``'s text tower, from its config alone (77 unless the config says)."""
     name, path, _ = resolve_model(model)
@@ -108,21 +104,22 @@ def resolve_model(model: str) -> Tuple[str, Optional[Path], dict]:
     elif name not in open_clip.list_models():
         raise ConfigError(f"--model {model!r} is not an open_clip model name (see open_clip.list_models()) "
                           f"nor a .json model config file")
-    vision = _vision_config(name, path)
+    config = _model_config(name, path)
     if path is not None:
-        _check_config_keys(path)
+        _check_config_keys(path, config)
+    vision = config.get("vision_cfg") or {}
     check_model_config(name, vision)
     return name, path, vision
 
 
-def _check_config_keys(path: Path) -> None:
-    """Refuse a JSON model config whose towers hold a key open_clip does not take (a misspelt ``patch_szie``, or
-    one of another open_clip version), naming it, where open_clip's TypeError came when the model was built."""
+def _check_config_keys(path: Path, config: dict) -> None:
+    """Refuse a JSON model config (``config``, read from ``path``) whose towers hold a key open_clip does not take
+    (a misspelt ``patch_szie``, or one of another open_clip version), naming it, where open_clip's TypeError came
+    when the model was built."""
     import dataclasses
 
     import open_clip
 
-    config = _model_config(path.stem, path)
     for tower, cls in (("vision_cfg", open_clip.model.CLIPVisionCfg), ("text_cfg", open_clip.model.CLIPTextCfg)):
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(config[tower]) - known)
@@ -223,14 +220,16 @@ def base_weights(model: str, pretrained: Optional[str]) -> dict:
         {"model": name, "pretrained": None, "pretrained_sha256": None}
 
 
-def load_checkpoint(model: torch.nn.Module, path: str, base: Optional[dict] = None) -> str:
+def load_checkpoint(model: torch.nn.Module, path: str,
+                    base: Optional[Union[dict, Callable[[], dict]]] = None) -> str:
     """Load ``path`` into a TempMe-patched model; errors name the keys that do not fit. Returns what it was:
     ``"adapter"`` or ``"state_dict"``.
 
     ``path`` holds either a state dict of a patched model (full fine-tuning, or LoRA already merged)
     or a LoRA adapter written by ``tempme_fast.lora.save_lora``, which is loaded and merged into the
     weights (``--pretrained`` then supplies the base weights; ``base``, :func:`base_weights` of them, refuses
-    an adapter of other weights).
+    an adapter of other weights; a callable is asked only for an adapter, so that a state dict's load hashes
+    no weights file).
     """
     if not os.path.isfile(path):
         raise ConfigError(f"--checkpoint {path}: no such file")
@@ -247,7 +246,7 @@ def load_checkpoint(model: torch.nn.Module, path: str, base: Optional[dict] = No
         from . import lora
 
         try:
-            lora.load_lora(model, obj, base=base)
+            lora.load_lora(model, obj, base=base() if callable(base) else base)
         except ValueError as err:  # ConfigErrors too: the message gains the option and file
             raise ConfigError(f"--checkpoint {path}: {err}") from err
         lora.merge_lora(model)

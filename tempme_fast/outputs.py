@@ -132,7 +132,7 @@ def write_json(path: str, obj, indent: int = 2) -> None:
         with open(path, "ab") as f:
             f.write(data)
     else:
-        atomic_write(os.path.realpath(path), lambda f: f.write(data))
+        atomic_write(path, lambda f: f.write(data))  # (which writes through a link to its file)
 
 
 @contextlib.contextmanager

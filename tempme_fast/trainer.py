@@ -67,6 +67,11 @@ def _refuse_differences(path: str, saved: Mapping[str, Any], ours: Mapping[str, 
                           f"with the run's own values, or start a new run in another folder")
 
 
+def _too_short(epoch: int, consumed: int) -> ValueError:
+    """A resumed epoch's data that holds fewer batches than its checkpoint had consumed."""
+    return ValueError(f"the data of epoch {epoch} has fewer than the {consumed} batches the checkpoint had consumed")
+
+
 def _read_log(path: str) -> List[dict]:
     """The step records of a training log. A last line that a killed run cut off is left out; any other line that
     is not a step record is left out with a warning naming it."""
@@ -410,8 +415,7 @@ class Trainer:
         torch.empty((), dtype=torch.int64).random_(generator=data.generator)  # (a DataLoader iterator's first draw)
         order = list(data.batch_sampler)
         if len(order) < consumed:
-            raise ValueError(f"the data of epoch {epoch} has fewer than the {consumed} batches the checkpoint had "
-                             f"consumed")
+            raise _too_short(epoch, consumed)
         options = {"prefetch_factor": data.prefetch_factor} if data.num_workers else {}
         rest = DataLoader(data.dataset, batch_sampler=order[consumed:], num_workers=data.num_workers,
                           collate_fn=data.collate_fn, pin_memory=data.pin_memory, timeout=data.timeout,
@@ -602,8 +606,7 @@ class Trainer:
             batches = self._epoch_iter(self.epoch)
             for _ in range(self.step_in_epoch):
                 if next(batches, None) is None:
-                    raise ValueError(f"the data of epoch {self.epoch} has fewer than the {self.step_in_epoch} "
-                                     f"batches the checkpoint had consumed")
+                    raise _too_short(self.epoch, self.step_in_epoch)
         set_rng_state(resume_rng)
         return batches
 

@@ -282,7 +282,7 @@ def run_visualize(args) -> int:
     model = create_model(args.model, args.pretrained, device="cpu")
     apply_tempme(model, config, backend=args.backend)
     if args.checkpoint:
-        load_checkpoint(model, args.checkpoint, base_weights(args.model, args.pretrained))
+        load_checkpoint(model, args.checkpoint, lambda: base_weights(args.model, args.pretrained))
     model = model.to(device=device, dtype=DTYPES[args.dtype or default_dtype_name(device)]).eval()
     shown, grid, sources = _trace(model, images)
     if args.checkpoint:

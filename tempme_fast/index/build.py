@@ -161,9 +161,9 @@ def build_index(videos, out: str, spec: Optional[IndexSpec] = None, *, model: Op
         store.remove_stale_temporaries(out)
         # Each file by its real path: one reached through a link, or spelt another way, is the same video.
         recorded = {os.path.realpath(p): r for p, r in store.newest_records(out).items()}
-        known = [p for p in share if os.path.realpath(p) in recorded]
-        changed = [p for p in known if store.changed_since(recorded[os.path.realpath(p)], p)]
-        todo = [p for p in share if os.path.realpath(p) not in recorded] + changed
+        real = {p: os.path.realpath(p) for p in share}
+        changed = [p for p in share if real[p] in recorded and store.changed_since(recorded[real[p]], p)]
+        todo = [p for p in share if real[p] not in recorded] + changed
         gone = sorted(p for p, r in recorded.items() if r["status"] == "ok" and store.file_state(p)[0] is None)
         if changed:
             log.warning("%d indexed video(s) changed since (size or modification time), e.g. %s: encoded again",

@@ -328,8 +328,11 @@ def load_contents(path: str) -> IndexContents:
     kept = sorted(newest.values(), key=lambda entry: entry[2])  # (manifest order)
     records = [r for _, r, _ in kept if r["status"] == "ok"]
     failed = [r for _, r, _ in kept if r["status"] != "ok"]
-    picked = [chunks[shard][[i for _, r, (s, i) in kept if s == shard and r["status"] == "ok"]]
-              for shard in range(len(chunks))]
+    rows_of: List[List[int]] = [[] for _ in chunks]  # (one pass: a scan per shard would be shards x videos)
+    for _, r, (shard, i) in kept:
+        if r["status"] == "ok":
+            rows_of[shard].append(i)
+    picked = [chunk[rows] for chunk, rows in zip(chunks, rows_of)]
     vectors = np.concatenate(picked) if picked else np.zeros((0, dim), np.float16)
     return IndexContents(header, vectors, records, failed)
 

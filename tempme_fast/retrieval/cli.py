@@ -66,7 +66,7 @@ def build_model(args) -> torch.nn.Module:
         model = create_model(args.model, args.pretrained, device="cpu", dtype=torch.float32)
         apply_tempme(model, config_from_args(args), backend=args.backend)  # may add parameters of its own
         if args.checkpoint:
-            loaded = load_checkpoint(model, args.checkpoint, base_weights(args.model, args.pretrained))
+            loaded = load_checkpoint(model, args.checkpoint, lambda: base_weights(args.model, args.pretrained))
     if not args.pretrained and loaded != "state_dict":
         log.warning("%s random weights, so the embeddings (and any metric or search score from them) mean nothing",
                     "no --pretrained and no --checkpoint:" if loaded is None else
